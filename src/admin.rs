@@ -1,0 +1,81 @@
+//! The admin plane: health, readiness and Prometheus metrics, on its own listener.
+//!
+//! It listens separately from the data plane (loopback by default) so that probes and scrapes
+//! never share a port, a TLS setup or a failure mode with callers' data. `/readyz` is ready only
+//! when the policies and keys are loaded (they are, or the gateway would not have started) and
+//! the audit log's last write succeeded: a gateway that cannot audit is not ready for traffic.
+//! Later capabilities (rights requests, revocation, the security console) mount here too.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::error::GatewayError;
+use crate::gateway::{Gateway, problem_response};
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once; later calls reuse it.
+pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ])
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Answers one admin-plane request.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes>> {
+    let rid = format!("{:032x}", rand::random::<u128>());
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(
+            StatusCode::OK,
+            "application/json",
+            "{\"status\":\"ok\"}".into(),
+        ),
+        (&Method::GET, "/readyz") => {
+            if gw.audit.is_healthy() {
+                let body = format!(
+                    "{{\"status\":\"ready\",\"policies\":{}}}",
+                    gw.policy.policy_count()
+                );
+                text(StatusCode::OK, "application/json", body)
+            } else {
+                problem_response(&GatewayError::AuditUnavailable, &rid)
+            }
+        }
+        (&Method::GET, "/metrics") => match metrics_handle() {
+            Some(h) => text(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => problem_response(&GatewayError::Internal("no metrics recorder".into()), &rid),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics") => {
+            problem_response(&GatewayError::MethodNotAllowed, &rid)
+        }
+        _ => problem_response(&GatewayError::RouteNotFound, &rid),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

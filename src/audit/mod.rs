@@ -1,0 +1,21 @@
+//! The access log behind "no audit, no data": a hash-chained, append-only JSON-lines log that a
+//! response carrying personal data waits on before it leaves the gateway.
+//!
+//! Owns: the record schema and its hash-chained line encoding ([`record`]), the on-disk layout
+//! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
+//! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
+//! durability and failure handling ([`writer`]), and offline chain verification ([`verify`]).
+//!
+//! Does not own: deciding what to record or when a request must wait for it (the request
+//! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,
+//! or retention: segment sealing, the subject index, subject-access lookups and pruning come
+//! later and build on the segment layout kept here.
+
+pub mod record;
+mod segment;
+pub mod verify;
+pub mod writer;
+
+pub use record::{AuditRecord, Caller, Decision, RecordKind};
+pub use verify::{VerifyError, VerifyReport, verify_dir};
+pub use writer::{AuditError, AuditLog, AuditSettings, Durability};

@@ -1,0 +1,309 @@
+//! Offline verification of an audit directory: walks every segment in order, line by line, and
+//! reports the first place where the hash chain shows a record altered, deleted, inserted or
+//! reordered. It only reports; repairing a torn tail is the writer's job on open.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::Path;
+
+use super::record::{GENESIS_HASH, LineError, decode_line};
+use super::segment::list_segments;
+
+/// What a successful verification covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub segments: usize,
+    pub records: u64,
+    /// 0 for an empty log.
+    pub last_seq: u64,
+    /// The genesis hash (64 zeros) for an empty log.
+    pub last_hash: String,
+}
+
+/// Where and how the chain breaks. `line` is 1-based within `segment`; `seq` is the sequence
+/// number the chain expects at that position (the line's own may be the damaged part).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("`{segment}` line {line} (seq {seq}): hash mismatch (record altered)")]
+    HashMismatch {
+        segment: String,
+        line: u64,
+        seq: u64,
+    },
+    #[error(
+        "`{segment}` line {line} (seq {seq}): prev does not match the previous record's hash \
+         (record deleted, inserted or reordered)"
+    )]
+    BrokenLink {
+        segment: String,
+        line: u64,
+        seq: u64,
+    },
+    #[error("`{segment}` line {line} (seq {seq}): sequence gap, the line says seq {found}")]
+    SequenceGap {
+        segment: String,
+        line: u64,
+        seq: u64,
+        found: u64,
+    },
+    #[error("`{segment}` line {line} (seq {seq}): malformed record: {reason}")]
+    Malformed {
+        segment: String,
+        line: u64,
+        seq: u64,
+        reason: String,
+    },
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Verifies every segment in `dir`, streaming so memory stays bounded by the longest line.
+pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
+    let io_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| VerifyError::Io { path, source }
+    };
+    let segments = list_segments(dir).map_err(io_err(dir))?;
+    let mut records = 0;
+    let mut last_seq = 0;
+    let mut last_hash = GENESIS_HASH.to_owned();
+    let mut buf = Vec::new();
+    for (_, path) in &segments {
+        let segment = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let mut line = 0;
+        loop {
+            buf.clear();
+            if reader.read_until(b'\n', &mut buf).map_err(io_err(path))? == 0 {
+                break;
+            }
+            line += 1;
+            let seq = last_seq + 1;
+            let malformed = |reason: String| VerifyError::Malformed {
+                segment: segment.clone(),
+                line,
+                seq,
+                reason,
+            };
+            let Some(text) = buf.strip_suffix(b"\n") else {
+                return Err(malformed("torn final line (no trailing newline)".into()));
+            };
+            let head = match decode_line(text) {
+                Ok(head) => head,
+                Err(LineError::Malformed(reason)) => return Err(malformed(reason)),
+                Err(LineError::HashMismatch) => {
+                    return Err(VerifyError::HashMismatch { segment, line, seq });
+                }
+            };
+            // Link before sequence: a deleted or moved record shows as a broken link, which
+            // names the real problem better than the gap it also leaves.
+            if head.prev != last_hash {
+                return Err(VerifyError::BrokenLink { segment, line, seq });
+            }
+            if head.seq != seq {
+                let found = head.seq;
+                return Err(VerifyError::SequenceGap {
+                    segment,
+                    line,
+                    seq,
+                    found,
+                });
+            }
+            (records, last_seq, last_hash) = (records + 1, head.seq, head.hash);
+        }
+    }
+    Ok(VerifyReport {
+        segments: segments.len(),
+        records,
+        last_seq,
+        last_hash,
+    })
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use crate::audit::record::encode_line;
+    use crate::audit::record::tests::sample;
+    use crate::audit::segment::segment_name;
+
+    /// Writes a valid chain directly, `per_segment[i]` records into segment `i + 1`.
+    fn write_chain(dir: &Path, per_segment: &[usize]) -> Vec<Vec<String>> {
+        let (mut seq, mut prev) = (1, GENESIS_HASH.to_owned());
+        let mut all = Vec::new();
+        for (i, &n) in per_segment.iter().enumerate() {
+            let mut lines = Vec::new();
+            for _ in 0..n {
+                let line = encode_line(seq, &prev, &sample(seq)).unwrap();
+                lines.push(String::from_utf8(line.bytes).unwrap());
+                (seq, prev) = (seq + 1, line.hash);
+            }
+            std::fs::write(dir.join(segment_name(i as u64 + 1)), lines.concat()).unwrap();
+            all.push(lines);
+        }
+        all
+    }
+
+    fn rewrite(dir: &Path, segment: u64, lines: &[String]) {
+        std::fs::write(dir.join(segment_name(segment)), lines.concat()).unwrap();
+    }
+
+    #[test]
+    fn empty_and_valid_directories_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            (report.segments, report.records, report.last_seq),
+            (0, 0, 0)
+        );
+        assert_eq!(report.last_hash, GENESIS_HASH);
+
+        write_chain(dir.path(), &[3, 0, 4]);
+        std::fs::write(dir.path().join("notes.txt"), "not a segment").unwrap();
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            (report.segments, report.records, report.last_seq),
+            (3, 7, 7)
+        );
+    }
+
+    #[test]
+    fn changed_byte_is_a_hash_mismatch_naming_segment_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(dir.path(), &[2, 3]);
+        lines[1][1] = lines[1][1].replace("subj-4", "subj-5");
+        rewrite(dir.path(), 2, &lines[1]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::HashMismatch { segment, line: 2, seq: 4 }
+                if segment == "seg-00000002.jsonl"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("`seg-00000002.jsonl` line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deleted_line_is_a_broken_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(dir.path(), &[4]);
+        lines[0].remove(1);
+        rewrite(dir.path(), 1, &lines[0]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::BrokenLink {
+                    line: 2,
+                    seq: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn deleted_first_line_and_missing_segment_are_broken_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(dir.path(), &[2, 2, 2]);
+        std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::BrokenLink { segment, line: 1, seq: 3 }
+                if segment == "seg-00000003.jsonl"),
+            "{err:?}"
+        );
+        lines[0].remove(0);
+        rewrite(dir.path(), 1, &lines[0]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::BrokenLink {
+                    line: 1,
+                    seq: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn swapped_lines_are_caught_at_the_first_moved_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(dir.path(), &[5]);
+        lines[0].swap(2, 3);
+        rewrite(dir.path(), 1, &lines[0]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::BrokenLink {
+                    line: 3,
+                    seq: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn renumbered_but_linked_line_is_a_sequence_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = encode_line(1, GENESIS_HASH, &sample(1)).unwrap();
+        let second = encode_line(3, &first.hash, &sample(2)).unwrap();
+        std::fs::write(
+            dir.path().join(segment_name(1)),
+            [first.bytes, second.bytes].concat(),
+        )
+        .unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::SequenceGap {
+                    line: 2,
+                    seq: 2,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn truncated_and_garbage_lines_are_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(dir.path(), &[3]);
+        let torn = lines[0][2][..40].to_owned();
+        lines[0][2] = torn;
+        rewrite(dir.path(), 1, &lines[0]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Malformed { line: 3, seq: 3, reason, .. }
+                if reason.contains("torn")),
+            "{err:?}"
+        );
+
+        lines[0][2] = "not json at all\n".into();
+        rewrite(dir.path(), 1, &lines[0]);
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::Malformed { line: 3, .. }),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,461 @@
+//! The audit writer: appends records to the current segment with group commit, acknowledges
+//! each record only once it is durable, and turns disk failures into refusals (never into
+//! silently lost records) until the disk is writable again.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{AuditRecord, encode_line};
+use super::segment::{resume, segment_name, sync_dir};
+
+/// When a batch counts as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// `fdatasync` before the batch is acknowledged: survives power loss.
+    Fsync,
+    /// Acknowledged after `write(2)` only: survives a gateway crash, not a kernel crash.
+    PageCache,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// Most records per group commit.
+    pub max_batch: usize,
+    /// Roll to a new segment once the current one has grown past this size.
+    pub segment_max_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    #[error("audit log is shut down")]
+    Closed,
+}
+
+type Reply = oneshot::Sender<Result<u64, AuditError>>;
+
+struct Pending {
+    record: AuditRecord,
+    reply: Reply,
+}
+
+/// Handle to the audit log; cheap to clone, all clones feed the same writer thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` once shut down. Appends clone the sender so none is held across an await here.
+    tx: Mutex<Option<mpsc::Sender<Pending>>>,
+    healthy: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the directory, finds the newest segment, reads its last line to
+    /// recover the chain head (last hash and next sequence number); a torn final line left by a
+    /// crash is truncated away (and logged) so appends continue a valid chain. Spawns the writer
+    /// on a dedicated thread because blocking file IO must not run on tokio workers.
+    pub fn open(settings: AuditSettings) -> anyhow::Result<AuditLog> {
+        let healthy = Arc::new(AtomicBool::new(true));
+        // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
+        let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
+        let writer = Writer::open(settings, Arc::clone(&healthy))?;
+        let thread = std::thread::Builder::new()
+            .name("wardgate-audit".into())
+            .spawn(move || writer.run(rx))
+            .context("cannot start the audit writer thread")?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                healthy,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Queues one record and resolves when it is durable per the durability mode, returning its
+    /// sequence number; `Err(Unavailable)` if the batch containing it could not be written.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let tx = lock(&self.inner.tx).clone().ok_or(AuditError::Closed)?;
+        let (reply, done) = oneshot::channel();
+        tx.send(Pending { record, reply })
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        drop(tx);
+        done.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// True when the last write attempt succeeded (or nothing has been attempted yet).
+    pub fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting, writes and syncs everything queued, joins the writer thread.
+    pub async fn shutdown(&self) {
+        // The writer drains the queue and exits once the last sender is gone.
+        drop(lock(&self.inner.tx).take());
+        let Some(thread) = lock(&self.inner.thread).take() else {
+            return;
+        };
+        if !matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::error!("audit writer thread ended abnormally");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    dir: PathBuf,
+    durability: Durability,
+    max_batch: usize,
+    segment_max_bytes: u64,
+    segment: u64,
+    /// Closed after a failure so the next batch reopens the segment by path.
+    file: Option<File>,
+    /// Bytes of the current segment holding acknowledged records; anything beyond is debris.
+    len: u64,
+    /// The current segment's directory entry may not be durable yet.
+    dir_dirty: bool,
+    next_seq: u64,
+    last_hash: String,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn open(settings: AuditSettings, healthy: Arc<AtomicBool>) -> anyhow::Result<Writer> {
+        let dir = settings.dir;
+        let resume = resume(&dir, settings.segment_max_bytes)?;
+        let mut writer = Writer {
+            dir,
+            durability: settings.durability,
+            max_batch: settings.max_batch.max(1),
+            segment_max_bytes: settings.segment_max_bytes,
+            segment: resume.segment,
+            file: None,
+            len: resume.len,
+            dir_dirty: resume.new_segment,
+            next_seq: resume.next_seq,
+            last_hash: resume.last_hash,
+            healthy,
+        };
+        // Fail at startup, not on the first request, if the segment cannot be opened.
+        writer
+            .ensure_open()
+            .context("cannot open the current audit segment")?;
+        if writer.dir_dirty {
+            sync_dir(&writer.dir).context("cannot sync the audit directory")?;
+            writer.dir_dirty = false;
+        }
+        tracing::info!(dir = %writer.dir.display(), segment = writer.segment,
+            next_seq = writer.next_seq, "audit log opened");
+        Ok(writer)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+        if self.durability == Durability::PageCache
+            && let Err(e) = self.sync_all()
+        {
+            tracing::error!(error = %e, "cannot sync the audit log at shutdown");
+        }
+        tracing::info!(next_seq = self.next_seq, "audit writer stopped");
+    }
+
+    /// Writes one batch with a single write and a single sync, then answers every waiter.
+    fn commit(&mut self, batch: Vec<Pending>) {
+        let mut buf = Vec::new();
+        let mut waiting = Vec::with_capacity(batch.len());
+        let (mut seq, mut hash) = (self.next_seq, self.last_hash.clone());
+        for Pending { record, reply } in batch {
+            match encode_line(seq, &hash, &record) {
+                Ok(line) => {
+                    buf.extend_from_slice(&line.bytes);
+                    waiting.push((reply, seq));
+                    (seq, hash) = (seq + 1, line.hash);
+                }
+                Err(e) => {
+                    metrics::counter!("wardgate_audit_failures_total").increment(1);
+                    let why = format!("record cannot be encoded: {e}");
+                    let _ = reply.send(Err(AuditError::Unavailable(why)));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        match self.write_batch(&buf) {
+            Ok(()) => {
+                metrics::histogram!("wardgate_audit_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
+                self.len += buf.len() as u64;
+                (self.next_seq, self.last_hash) = (seq, hash);
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(segment = self.segment, "audit log writable again");
+                }
+                for (reply, seq) in waiting {
+                    let _ = reply.send(Ok(seq));
+                }
+                if self.len >= self.segment_max_bytes {
+                    // Lazily: the new file is created by the next batch, so a roll costs nothing
+                    // until there is something to write.
+                    self.file = None;
+                    (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
+                }
+            }
+            Err(e) => {
+                metrics::counter!("wardgate_audit_failures_total").increment(waiting.len() as u64);
+                self.discard_failed_batch();
+                if self.healthy.swap(false, Ordering::AcqRel) {
+                    tracing::error!(error = %e, segment = self.segment,
+                        "audit log write failed; refusing audited requests until it recovers");
+                } else {
+                    tracing::debug!(error = %e, "audit log write failed again");
+                }
+                let why = e.to_string();
+                for (reply, _) in waiting {
+                    let _ = reply.send(Err(AuditError::Unavailable(why.clone())));
+                }
+            }
+        }
+    }
+
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        let fsync = self.durability == Durability::Fsync;
+        let file = self.ensure_open()?;
+        file.write_all(buf)?;
+        if fsync {
+            file.sync_data()?;
+            if self.dir_dirty {
+                sync_dir(&self.dir)?;
+                self.dir_dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a failed batch count as never written, so the chain continues from the last
+    /// acknowledged record.
+    fn discard_failed_batch(&mut self) {
+        if let Some(file) = self.file.take()
+            && let Err(e) = file.set_len(self.len)
+        {
+            // `ensure_open` retries the truncation before anything else is written.
+            tracing::debug!(error = %e, "cannot truncate a failed audit batch yet");
+        }
+    }
+
+    fn ensure_open(&mut self) -> io::Result<&mut File> {
+        if let Some(ref mut file) = self.file {
+            return Ok(file);
+        }
+        let path = self.dir.join(segment_name(self.segment));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let actual = file.metadata()?.len();
+        if actual > self.len {
+            file.set_len(self.len)?;
+        } else if actual < self.len {
+            // Appending now would hide the loss behind a valid-looking chain.
+            return Err(io::Error::other(format!(
+                "`{}` is shorter than its acknowledged records ({actual} < {} bytes)",
+                path.display(),
+                self.len
+            )));
+        }
+        Ok(self.file.insert(file))
+    }
+
+    fn sync_all(&mut self) -> io::Result<()> {
+        if let Some(file) = &self.file {
+            file.sync_data()?;
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use crate::audit::record::tests::sample;
+    use crate::audit::segment::list_segments;
+    use crate::audit::verify_dir;
+    use std::path::Path;
+
+    fn settings(dir: &Path, durability: Durability, segment_max_bytes: u64) -> AuditSettings {
+        AuditSettings {
+            dir: dir.to_owned(),
+            durability,
+            max_batch: 64,
+            segment_max_bytes,
+        }
+    }
+
+    fn lines(dir: &Path) -> Vec<String> {
+        let mut all = Vec::new();
+        for (_, path) in list_segments(dir).unwrap() {
+            let text = std::fs::read_to_string(path).unwrap();
+            all.extend(text.lines().map(str::to_owned));
+        }
+        all
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_form_one_gapless_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        assert!(log.is_healthy());
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(sample(i)).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        log.shutdown().await;
+        assert_eq!(lines(dir.path()).len(), 200);
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            (report.segments, report.records, report.last_seq),
+            (1, 200, 200)
+        );
+        assert!(matches!(
+            log.append(sample(0)).await,
+            Err(AuditError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn reopen_continues_the_chain_and_repairs_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        for i in 1..=3 {
+            assert_eq!(log.append(sample(i)).await.unwrap(), i);
+        }
+        let before = verify_dir(dir.path()).unwrap();
+        drop(log);
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        assert_eq!(log.append(sample(4)).await.unwrap(), 4);
+        log.shutdown().await;
+        let fourth: serde_json::Value = serde_json::from_str(&lines(dir.path())[3]).unwrap();
+        assert_eq!(fourth["prev"], before.last_hash.as_str());
+
+        // A crash in the middle of `write(2)` leaves a line without its newline.
+        let path = dir.path().join(segment_name(1));
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"seq":5,"prev":"00"#).unwrap();
+        drop(file);
+        assert!(verify_dir(dir.path()).is_err());
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        assert_eq!(log.append(sample(5)).await.unwrap(), 5);
+        log.shutdown().await;
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 5);
+    }
+
+    #[tokio::test]
+    async fn rolling_spreads_the_chain_over_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // One at a time, so batches stay small and several segments fill up.
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 2000)).unwrap();
+        for i in 1..=40 {
+            log.append(sample(i)).await.unwrap();
+        }
+        log.shutdown().await;
+        let report = verify_dir(dir.path()).unwrap();
+        assert!(report.segments > 2, "{report:?}");
+        assert_eq!(report.records, 40);
+
+        // A restart lands in the newest segment (or a fresh one) and keeps the chain.
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 2000)).unwrap();
+        assert_eq!(log.append(sample(41)).await.unwrap(), 41);
+        log.shutdown().await;
+        assert_eq!(verify_dir(dir.path()).unwrap().last_seq, 41);
+    }
+
+    #[tokio::test]
+    async fn page_cache_mode_writes_the_same_format() {
+        let (fast, safe) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let records: Vec<_> = (1..=5).map(sample).collect();
+        for (dir, durability) in [(&fast, Durability::PageCache), (&safe, Durability::Fsync)] {
+            let log = AuditLog::open(settings(dir.path(), durability, 64 << 20)).unwrap();
+            for record in &records {
+                log.append(record.clone()).await.unwrap();
+            }
+            log.shutdown().await;
+        }
+        assert_eq!(verify_dir(fast.path()).unwrap().records, 5);
+        assert_eq!(lines(fast.path()), lines(safe.path()));
+    }
+
+    /// A segment that cannot be written must refuse the batch, leave no trace of it in the
+    /// chain, and recover on its own once the path is writable again.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn write_failure_refuses_then_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        // One record per segment, so every append opens the next segment by path.
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 1)).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        let next = dir.path().join(segment_name(2));
+        std::os::unix::fs::symlink("/dev/full", &next).unwrap();
+
+        for i in 2..=3 {
+            let err = log.append(sample(i)).await.unwrap_err();
+            assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+            assert!(!log.is_healthy());
+        }
+
+        std::fs::remove_file(&next).unwrap();
+        assert_eq!(log.append(sample(4)).await.unwrap(), 2);
+        assert!(log.is_healthy());
+        assert_eq!(log.append(sample(5)).await.unwrap(), 3);
+        log.shutdown().await;
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!((report.records, report.last_seq), (3, 3));
+        assert!(!lines(dir.path()).iter().any(|l| l.contains("req-2")));
+    }
+}

@@ -1,0 +1,278 @@
+//! Authentication: a bearer JWT becomes a validated [`Principal`], or an [`AuthFailure`].
+//!
+//! Keys are loaded once at start from PEM files and a JWKS file; a key that cannot be read or
+//! parsed stops the gateway. Each key is pinned to one asymmetric algorithm, and a token must name
+//! its key by `kid` and use exactly that key's algorithm, which closes algorithm confusion (an
+//! HS256 token "signed" with a public key's bytes) and `alg: none` before any crypto runs.
+//! `iss`, `aud`, `exp` and `nbf` are required, numeric where they are times, with a bounded
+//! leeway. This module knows nothing of purposes or policies beyond checking that a token's
+//! role, areas and purposes name things the catalogue and area register define.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AuthConfig;
+use crate::error::AuthFailure;
+
+/// A caller whose token verified and whose claims make sense.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Principal {
+    pub subject: String,
+    pub token_id: String,
+    pub role: String,
+    pub unit: String,
+    /// Area ids (GSS codes, polling districts `LA/PD`, party units) the caller may work in.
+    pub areas: Vec<String>,
+    pub purposes: Vec<String>,
+    pub expires_at: i64,
+    /// When the role or grant behind the token ends, if the issuer says so.
+    pub grant_expires_at: Option<i64>,
+}
+
+/// The claims wardgate reads. `exp`/`nbf` are checked by jsonwebtoken and read again here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub jti: String,
+    pub exp: i64,
+    pub nbf: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    pub role: String,
+    pub org_unit: String,
+    pub areas: Vec<String>,
+    pub purposes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_expires: Option<i64>,
+}
+
+/// What a token's claims may name; anything else is refused.
+#[derive(Debug, Clone, Default)]
+pub struct KnownNames {
+    pub roles: HashSet<String>,
+    pub areas: HashSet<String>,
+    pub purposes: HashSet<String>,
+}
+
+struct TrustedKey {
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens against the configured keys. Built once at start.
+pub struct Verifier {
+    keys: HashMap<String, TrustedKey>,
+    allowed: Vec<Algorithm>,
+    issuers: Vec<String>,
+    audience: String,
+    leeway_secs: u64,
+    known: KnownNames,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+impl Verifier {
+    /// Loads every configured key; a missing or malformed key file is a start-up error naming it.
+    pub fn from_config(cfg: &AuthConfig, known: KnownNames) -> anyhow::Result<Verifier> {
+        let mut keys = HashMap::new();
+        for k in &cfg.keys {
+            let pem = fs::read(&k.public_key_file).with_context(|| {
+                format!(
+                    "key `{}`: cannot read `{}`",
+                    k.kid,
+                    k.public_key_file.display()
+                )
+            })?;
+            let key = match k.algorithm {
+                Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                _ => DecodingKey::from_rsa_pem(&pem),
+            }
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "key `{}`: `{}` is not a {:?} public key in PEM form: {e}",
+                    k.kid,
+                    k.public_key_file.display(),
+                    k.algorithm
+                )
+            })?;
+            if keys
+                .insert(
+                    k.kid.clone(),
+                    TrustedKey {
+                        algorithm: k.algorithm,
+                        key,
+                    },
+                )
+                .is_some()
+            {
+                bail!("key id `{}` is configured twice", k.kid);
+            }
+        }
+        if let Some(path) = &cfg.jwks_file {
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
+            let set: JwkSet = serde_json::from_str(&text)
+                .with_context(|| format!("JWKS file `{}` is not a JWK set", path.display()))?;
+            for jwk in &set.keys {
+                let kid = jwk.common.key_id.clone().with_context(|| {
+                    format!("JWKS file `{}`: every key needs a `kid`", path.display())
+                })?;
+                let algorithm = jwk_algorithm(jwk).with_context(|| {
+                    format!(
+                        "JWKS file `{}`: key `{kid}` has no usable `alg`",
+                        path.display()
+                    )
+                })?;
+                if !cfg.algorithms.contains(&algorithm) {
+                    bail!(
+                        "JWKS key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
+                    );
+                }
+                let key = DecodingKey::from_jwk(jwk)
+                    .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
+                if keys
+                    .insert(kid.clone(), TrustedKey { algorithm, key })
+                    .is_some()
+                {
+                    bail!("key id `{kid}` is configured twice");
+                }
+            }
+        }
+        Ok(Verifier {
+            keys,
+            allowed: cfg.algorithms.clone(),
+            issuers: cfg.issuers.clone(),
+            audience: cfg.audience.clone(),
+            leeway_secs: cfg.leeway.as_secs(),
+            known,
+        })
+    }
+
+    /// Verifies a raw `Authorization` header value (`None` if the header was absent).
+    pub fn verify_header(&self, header: Option<&[u8]>, now: i64) -> Result<Principal, AuthFailure> {
+        let header = header.ok_or(AuthFailure::MissingToken)?;
+        let header = std::str::from_utf8(header).map_err(|_| AuthFailure::MalformedHeader)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthFailure::MalformedHeader)?
+            .trim();
+        if token.is_empty() {
+            return Err(AuthFailure::MissingToken);
+        }
+        self.verify(token, now)
+    }
+
+    /// Verifies a compact JWT.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Principal, AuthFailure> {
+        let header = peek_header(token)?;
+        let alg = header.alg.ok_or(AuthFailure::MalformedToken)?;
+        let alg: Algorithm = alg.parse().map_err(|_| AuthFailure::DisallowedAlgorithm)?;
+        if !self.allowed.contains(&alg) {
+            return Err(AuthFailure::DisallowedAlgorithm);
+        }
+        let kid = header.kid.ok_or(AuthFailure::UnknownKey)?;
+        let trusted = self.keys.get(&kid).ok_or(AuthFailure::UnknownKey)?;
+        if trusted.algorithm != alg {
+            return Err(AuthFailure::DisallowedAlgorithm);
+        }
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        validation.set_issuer(&self.issuers);
+        validation.set_audience(&[&self.audience]);
+        let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
+            .map_err(|e| classify(e.kind()))?;
+        self.principal(data.claims, now)
+    }
+
+    fn principal(&self, c: Claims, now: i64) -> Result<Principal, AuthFailure> {
+        let blank = |s: &str| s.trim().is_empty();
+        if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
+            return Err(AuthFailure::InvalidClaims);
+        }
+        if !self.known.roles.contains(&c.role)
+            || c.areas.iter().any(|a| !self.known.areas.contains(a))
+            || c.purposes.iter().any(|p| !self.known.purposes.contains(p))
+        {
+            return Err(AuthFailure::InvalidClaims);
+        }
+        if c.grant_expires.is_some_and(|g| g <= now) {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(Principal {
+            subject: c.sub,
+            token_id: c.jti,
+            role: c.role,
+            unit: c.org_unit,
+            areas: c.areas,
+            purposes: c.purposes,
+            expires_at: c.exp,
+            grant_expires_at: c.grant_expires,
+        })
+    }
+}
+
+/// Reads the JOSE header without trusting it, so refusals can say which check failed.
+fn peek_header(token: &str) -> Result<RawHeader, AuthFailure> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthFailure::MalformedToken);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(h.trim_end_matches('='))
+        .map_err(|_| AuthFailure::MalformedToken)?;
+    serde_json::from_slice(&bytes).map_err(|_| AuthFailure::MalformedToken)
+}
+
+fn classify(kind: &ErrorKind) -> AuthFailure {
+    match kind {
+        ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+        ErrorKind::ExpiredSignature => AuthFailure::Expired,
+        ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => AuthFailure::DisallowedAlgorithm,
+        ErrorKind::MissingRequiredClaim(_)
+        | ErrorKind::InvalidClaimFormat(_)
+        | ErrorKind::InvalidSubject
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => AuthFailure::InvalidClaims,
+        // A token whose parts do not decode, or whose signature bytes are not a signature.
+        _ => AuthFailure::MalformedToken,
+    }
+}
+
+fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::KeyAlgorithm;
+    match jwk.common.key_algorithm? {
+        KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+        KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+        KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "auth_tests.rs"]
+mod tests;

@@ -1,0 +1,252 @@
+//! The information asset register (seeds §11) and the purpose catalogue, as configuration.
+//!
+//! For each dataset: its owner and source, the collection it serves, which field identifies the
+//! data subject, how a record's area is found, and the category of every field. For each
+//! category: its lawful basis and retention. For each purpose: its lawful basis. This module
+//! only describes data; which purpose may see which category is decided by Cedar policies over
+//! these categories (`policies/`), never here. A field the register does not classify is never
+//! disclosed: the filter strips it and counts it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purpose {
+    /// UK GDPR Article 6 basis: `public_task`, `consent`, `contract`, `legal_obligation`,
+    /// `legitimate_interests`.
+    pub lawful_basis: String,
+    pub basis_detail: String,
+    #[serde(default)]
+    pub special_category_condition: Option<String>,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Category {
+    pub description: String,
+    pub lawful_basis: String,
+    pub retention: String,
+    #[serde(default)]
+    pub special: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteRoute {
+    pub description: String,
+    /// Field name -> category; a body may carry only these keys.
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    pub description: String,
+    pub owner: String,
+    pub source: String,
+    /// The path segment after the dataset name, e.g. `electors` in `/voter/electors`.
+    pub collection: String,
+    pub subject_field: String,
+    /// How a record's area id is built from its fields, e.g. `{local_authority}/{polling_district}`.
+    pub area: String,
+    pub markers_field: Option<String>,
+    pub flags_field: Option<String>,
+    pub consents_field: Option<String>,
+    /// The date a phone number was last screened against the Telephone Preference Service.
+    pub tps_field: Option<String>,
+    /// How old a TPS check may be before live calls stop (28 days is the usual screening cycle).
+    #[serde(default = "default_tps_days")]
+    pub tps_max_age_days: u32,
+    /// Query parameters a caller may use to narrow a listing.
+    #[serde(default)]
+    pub filters: Vec<String>,
+    #[serde(default = "default_per_page")]
+    pub max_per_page: u32,
+    pub fields: BTreeMap<String, String>,
+    #[serde(default)]
+    pub writes: BTreeMap<String, WriteRoute>,
+}
+
+fn default_per_page() -> u32 {
+    1000
+}
+
+fn default_tps_days() -> u32 {
+    28
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub roles: BTreeMap<String, String>,
+    pub purposes: BTreeMap<String, Purpose>,
+    pub categories: BTreeMap<String, Category>,
+    pub datasets: BTreeMap<String, Dataset>,
+}
+
+impl Catalog {
+    pub fn load(path: &Path) -> anyhow::Result<Catalog> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read asset register `{}`", path.display()))?;
+        Catalog::parse(&text).with_context(|| format!("in asset register `{}`", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Catalog> {
+        let c: Catalog = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        const BASES: [&str; 5] = [
+            "public_task",
+            "consent",
+            "contract",
+            "legal_obligation",
+            "legitimate_interests",
+        ];
+        for (id, p) in &self.purposes {
+            if !BASES.contains(&p.lawful_basis.as_str()) {
+                bail!(
+                    "purpose `{id}` has lawful basis `{}`, not one of {BASES:?}",
+                    p.lawful_basis
+                );
+            }
+        }
+        for (id, c) in &self.categories {
+            if !BASES.contains(&c.lawful_basis.as_str()) {
+                bail!(
+                    "category `{id}` has lawful basis `{}`, not one of {BASES:?}",
+                    c.lawful_basis
+                );
+            }
+        }
+        for (name, d) in &self.datasets {
+            let known = |f: &str, what: &str| -> anyhow::Result<()> {
+                if d.fields.contains_key(f) {
+                    Ok(())
+                } else {
+                    bail!("dataset `{name}`: {what} `{f}` is not one of its fields")
+                }
+            };
+            for (field, cat) in &d.fields {
+                if !self.categories.contains_key(cat) {
+                    bail!("dataset `{name}`: field `{field}` has unknown category `{cat}`");
+                }
+            }
+            known(&d.subject_field, "subject_field")?;
+            for f in area_template_fields(&d.area)? {
+                known(&f, "area template field")?;
+            }
+            for f in [
+                &d.markers_field,
+                &d.flags_field,
+                &d.consents_field,
+                &d.tps_field,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                known(f, "attribute field")?;
+            }
+            for f in &d.filters {
+                known(f, "filter")?;
+            }
+            for (w, route) in &d.writes {
+                for (field, cat) in &route.fields {
+                    if !self.categories.contains_key(cat) {
+                        bail!(
+                            "dataset `{name}` write `{w}`: field `{field}` has unknown category `{cat}`"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Category names used by a dataset's fields and writes (what field policies decide on).
+    pub fn categories_of(&self, dataset: &Dataset) -> BTreeSet<String> {
+        dataset
+            .fields
+            .values()
+            .chain(dataset.writes.values().flat_map(|w| w.fields.values()))
+            .cloned()
+            .collect()
+    }
+
+    /// Purposes, categories and roles as Cedar entities, in Cedar's JSON form.
+    pub fn cedar_entities(&self) -> Vec<serde_json::Value> {
+        let purposes = self.purposes.iter().map(|(id, p)| {
+            serde_json::json!({
+                "uid": { "type": "Wardgate::Purpose", "id": id },
+                "attrs": { "lawful_basis": p.lawful_basis },
+                "parents": [],
+            })
+        });
+        let categories = self.categories.iter().map(|(id, c)| {
+            serde_json::json!({
+                "uid": { "type": "Wardgate::FieldCategory", "id": id },
+                "attrs": { "special": c.special },
+                "parents": [],
+            })
+        });
+        purposes.chain(categories).collect()
+    }
+}
+
+/// The field names in an area template like `{local_authority}/{polling_district}`.
+pub fn area_template_fields(template: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..]
+            .find('}')
+            .with_context(|| format!("area template `{template}` has an unclosed `{{`"))?;
+        out.push(rest[start + 1..start + end].to_owned());
+        rest = &rest[start + end + 1..];
+    }
+    if out.is_empty() {
+        bail!("area template `{template}` names no field");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fields_are_found_in_order() {
+        assert_eq!(
+            area_template_fields("{local_authority}/{polling_district}").unwrap(),
+            vec!["local_authority".to_owned(), "polling_district".to_owned()]
+        );
+        assert!(area_template_fields("{oops").is_err());
+        assert!(area_template_fields("plain").is_err());
+    }
+
+    #[test]
+    fn the_shipped_register_is_valid() {
+        let text = include_str!("../config/catalog.toml");
+        let c = Catalog::parse(text).unwrap();
+        assert!(c.purposes.contains_key("canvassing"));
+        assert!(c.datasets.contains_key("voter"));
+    }
+
+    #[test]
+    fn an_unclassified_category_is_refused_by_name() {
+        let text = include_str!("../config/catalog.toml").replacen(
+            "first_name = \"identity\"",
+            "first_name = \"mystery\"",
+            1,
+        );
+        let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+        assert!(err.contains("mystery"), "{err}");
+    }
+}

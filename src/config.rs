@@ -1,0 +1,415 @@
+//! The gateway's configuration: one TOML file, parsed once at the edge into typed values.
+//!
+//! This is the only module that reads the configuration file. Every string that means
+//! something (an address, a duration, a URL, a path) becomes its typed form here, so the rest of
+//! the crate never parses configuration again. Unknown keys are errors (`deny_unknown_fields`):
+//! a misspelt `durabilty` must stop the gateway, not silently fall back to a default. Relative
+//! paths are resolved against the directory of the configuration file. Reading the files those
+//! paths name (keys, policies, catalogue) belongs to the modules that own them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+use crate::audit::Durability;
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub signing: Option<SigningConfig>,
+    pub policy_dir: PathBuf,
+    pub catalog_file: PathBuf,
+    pub areas_file: PathBuf,
+    pub audit: AuditConfig,
+    pub redis_url: Option<String>,
+    pub datasets: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// `None` only when the file says `plaintext = true`.
+    pub tls: Option<TlsFiles>,
+    pub data_dir: PathBuf,
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub issuers: Vec<String>,
+    pub audience: String,
+    pub leeway: Duration,
+    pub algorithms: Vec<Algorithm>,
+    pub keys: Vec<KeyFile>,
+    pub jwks_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyFile {
+    pub kid: String,
+    pub algorithm: Algorithm,
+    pub public_key_file: PathBuf,
+}
+
+/// A private key that `wardgate token` may sign with (demos, tests, break-glass tooling).
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    pub kid: String,
+    pub algorithm: Algorithm,
+    pub private_key_file: PathBuf,
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    pub max_batch: usize,
+    pub segment_max_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub base: http::Uri,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    /// Sent upstream as `Authorization`; the caller's own header never is.
+    pub authorization: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file `{}`", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Config::parse(&text, &base).with_context(|| format!("in config file `{}`", path.display()))
+    }
+
+    /// Parses configuration text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        raw.resolve(base)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    auth: RawAuth,
+    signing: Option<RawSigning>,
+    policy: RawDir,
+    catalog: RawFile,
+    geography: RawFile,
+    audit: RawAudit,
+    redis: Option<RawRedis>,
+    datasets: BTreeMap<String, RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    admin_listen: Option<String>,
+    data_dir: PathBuf,
+    #[serde(default)]
+    plaintext: bool,
+    tls: Option<RawTls>,
+    max_request_bytes: Option<usize>,
+    max_response_bytes: Option<usize>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    issuers: Vec<String>,
+    audience: String,
+    leeway: Option<String>,
+    algorithms: Vec<String>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    jwks_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    kid: String,
+    algorithm: String,
+    public_key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    kid: String,
+    algorithm: String,
+    private_key_file: PathBuf,
+    issuer: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDir {
+    dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: Option<PathBuf>,
+    durability: Durability,
+    max_batch: Option<usize>,
+    segment_max_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    upstream: String,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    authorization_file: Option<PathBuf>,
+}
+
+/// Maximum leeway we accept: more would make `exp` meaningless.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+impl RawConfig {
+    fn resolve(self, base: &Path) -> anyhow::Result<Config> {
+        let at = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let server = self.server.resolve(&at)?;
+        let auth = self.auth.resolve(&at)?;
+        let signing = match self.signing {
+            Some(s) => Some(SigningConfig {
+                algorithm: parse_algorithm(&s.algorithm, "signing.algorithm")?,
+                kid: s.kid,
+                private_key_file: at(&s.private_key_file),
+                issuer: s.issuer,
+            }),
+            None => None,
+        };
+        let audit = AuditConfig {
+            dir: self
+                .audit
+                .dir
+                .map(|d| at(&d))
+                .unwrap_or_else(|| server.data_dir.join("audit")),
+            durability: self.audit.durability,
+            max_batch: self.audit.max_batch.unwrap_or(1024).max(1),
+            segment_max_bytes: self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
+        };
+        let mut datasets = BTreeMap::new();
+        for (name, raw) in self.datasets {
+            let cfg = raw.resolve(&name, &at)?;
+            datasets.insert(name, cfg);
+        }
+        if datasets.is_empty() {
+            bail!("`datasets` names no upstream datastore");
+        }
+        Ok(Config {
+            server,
+            auth,
+            signing,
+            policy_dir: at(&self.policy.dir),
+            catalog_file: at(&self.catalog.file),
+            areas_file: at(&self.geography.file),
+            audit,
+            redis_url: self.redis.map(|r| r.url),
+            datasets,
+        })
+    }
+}
+
+impl RawServer {
+    fn resolve(self, at: &dyn Fn(&Path) -> PathBuf) -> anyhow::Result<ServerConfig> {
+        let listen = parse_addr(&self.listen, "server.listen")?;
+        let admin_listen = parse_addr(
+            self.admin_listen.as_deref().unwrap_or("127.0.0.1:9901"),
+            "server.admin_listen",
+        )?;
+        let tls = match (self.plaintext, self.tls) {
+            (false, Some(t)) => Some(TlsFiles {
+                cert_file: at(&t.cert_file),
+                key_file: at(&t.key_file),
+            }),
+            (false, None) => bail!(
+                "`server.tls` is missing: give `cert_file` and `key_file`, or set `server.plaintext = true` explicitly"
+            ),
+            (true, Some(_)) => {
+                bail!("`server.plaintext = true` and `server.tls` contradict each other")
+            }
+            (true, None) => None,
+        };
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            tls,
+            data_dir: at(&self.data_dir),
+            max_request_bytes: self.max_request_bytes.unwrap_or(64 * 1024),
+            max_response_bytes: self.max_response_bytes.unwrap_or(64 * 1024 * 1024),
+            shutdown_grace: parse_duration(
+                self.shutdown_grace.as_deref().unwrap_or("20s"),
+                "server.shutdown_grace",
+            )?,
+        })
+    }
+}
+
+impl RawAuth {
+    fn resolve(self, at: &dyn Fn(&Path) -> PathBuf) -> anyhow::Result<AuthConfig> {
+        if self.issuers.is_empty() {
+            bail!("`auth.issuers` is empty: name at least one trusted token issuer");
+        }
+        let leeway = parse_duration(self.leeway.as_deref().unwrap_or("30s"), "auth.leeway")?;
+        if leeway > MAX_LEEWAY {
+            bail!(
+                "`auth.leeway` is {}s; at most {}s is allowed",
+                leeway.as_secs(),
+                MAX_LEEWAY.as_secs()
+            );
+        }
+        let algorithms = self
+            .algorithms
+            .iter()
+            .map(|a| parse_algorithm(a, "auth.algorithms"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if algorithms.is_empty() {
+            bail!("`auth.algorithms` is empty");
+        }
+        let mut keys = Vec::new();
+        for k in self.keys {
+            let algorithm = parse_algorithm(&k.algorithm, "auth.keys.algorithm")?;
+            if !algorithms.contains(&algorithm) {
+                bail!(
+                    "key `{}` uses `{}`, which `auth.algorithms` does not allow",
+                    k.kid,
+                    k.algorithm
+                );
+            }
+            keys.push(KeyFile {
+                kid: k.kid,
+                algorithm,
+                public_key_file: at(&k.public_key_file),
+            });
+        }
+        if keys.is_empty() && self.jwks_file.is_none() {
+            bail!("no token verification keys: give `auth.keys` or `auth.jwks_file`");
+        }
+        Ok(AuthConfig {
+            issuers: self.issuers,
+            audience: self.audience,
+            leeway,
+            algorithms,
+            keys,
+            jwks_file: self.jwks_file.map(|p| at(&p)),
+        })
+    }
+}
+
+impl RawUpstream {
+    fn resolve(self, name: &str, at: &dyn Fn(&Path) -> PathBuf) -> anyhow::Result<UpstreamConfig> {
+        let key = format!("datasets.{name}.upstream");
+        let base: http::Uri = self
+            .upstream
+            .parse()
+            .map_err(|e| anyhow::anyhow!("`{key}` = `{}`: {e}", self.upstream))?;
+        if base.scheme_str() != Some("http") || base.authority().is_none() {
+            bail!(
+                "`{key}` = `{}` must be an absolute http:// URL",
+                self.upstream
+            );
+        }
+        let authorization = match self.authorization_file {
+            Some(p) => {
+                let p = at(&p);
+                let v = std::fs::read_to_string(&p).with_context(|| {
+                    format!(
+                        "`datasets.{name}.authorization_file`: cannot read `{}`",
+                        p.display()
+                    )
+                })?;
+                Some(v.trim().to_owned())
+            }
+            None => None,
+        };
+        Ok(UpstreamConfig {
+            base,
+            connect_timeout: parse_duration(
+                self.connect_timeout.as_deref().unwrap_or("2s"),
+                &format!("datasets.{name}.connect_timeout"),
+            )?,
+            response_timeout: parse_duration(
+                self.response_timeout.as_deref().unwrap_or("15s"),
+                &format!("datasets.{name}.response_timeout"),
+            )?,
+            authorization,
+        })
+    }
+}
+
+fn parse_addr(v: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("`{key}` = `{v}` is not an address like `127.0.0.1:8443`"))
+}
+
+fn parse_duration(v: &str, key: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("`{key}` = `{v}`: {e}"))
+}
+
+/// Only asymmetric algorithms: a shared secret in a gateway config is a forgery kit.
+pub fn parse_algorithm(v: &str, key: &str) -> anyhow::Result<Algorithm> {
+    match v {
+        "RS256" => Ok(Algorithm::RS256),
+        "ES256" => Ok(Algorithm::ES256),
+        "EdDSA" => Ok(Algorithm::EdDSA),
+        other => bail!("`{key}`: `{other}` is not allowed; use RS256, ES256 or EdDSA"),
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

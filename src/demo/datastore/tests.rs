@@ -1,0 +1,422 @@
+//! Tests of the demo datastore over a real socket on 127.0.0.1:0, with hyper's client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::super::data::{DemoData, GenSettings, generate};
+use super::{Datastore, serve};
+
+const AREAS: &str = include_str!("../../../config/areas.toml");
+
+struct Running {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    data: DemoData,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+async fn start() -> Running {
+    let settings = GenSettings {
+        electors: 1500,
+        members: 300,
+        ..GenSettings::default()
+    };
+    let data = generate(&settings, AREAS).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let store = Datastore::new(data.clone());
+    let task = tokio::spawn(serve(listener, store, async move {
+        let _ = stopped.await;
+    }));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    Running {
+        base,
+        client,
+        data,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        let resp = self
+            .client
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let content_type = resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// Every record of a listing, following `next_page`.
+    async fn all(&self, path: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut page = 1;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let reply = self
+                .get(&format!("{path}{sep}per_page=1000&page={page}"))
+                .await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            let body = reply.json();
+            out.extend(body["records"].as_array().unwrap().iter().cloned());
+            match body["next_page"].as_u64() {
+                Some(next) => page = next,
+                None => return out,
+            }
+        }
+    }
+
+    fn electors_where(&self, keep: impl Fn(&Value) -> bool) -> Vec<&Value> {
+        self.data.electors.iter().filter(|r| keep(r)).collect()
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+        done.unwrap().unwrap().unwrap();
+    }
+}
+
+fn ids(records: &[Value], key: &str) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r[key].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn assert_problem(reply: &Reply, status: StatusCode) {
+    assert_eq!(
+        reply.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.content_type, "application/problem+json");
+    let body = reply.json();
+    assert_eq!(body["type"], "about:blank");
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+}
+
+#[tokio::test]
+async fn pages_walk_every_record_once_in_id_order() {
+    let s = start().await;
+    let first = s.get("/electors").await;
+    assert_eq!(
+        (first.status, first.content_type.as_str()),
+        (StatusCode::OK, "application/json")
+    );
+    let first = first.json();
+    assert_eq!(first["records"].as_array().unwrap().len(), 100);
+    assert_eq!(
+        (
+            first["page"].clone(),
+            first["per_page"].clone(),
+            first["next_page"].clone()
+        ),
+        (json!(1), json!(100), json!(2))
+    );
+    let every = s.all("/electors").await;
+    let got = ids(&every, "elector_id");
+    let mut want = ids(&s.data.electors, "elector_id");
+    want.sort();
+    assert_eq!(got, want);
+    let third = s.get("/electors?page=3&per_page=7").await.json();
+    assert_eq!(
+        ids(third["records"].as_array().unwrap(), "elector_id"),
+        want[14..21]
+    );
+    let past = s.get("/electors?page=99&per_page=1000").await.json();
+    assert_eq!(
+        (past["records"].clone(), past["next_page"].clone()),
+        (json!([]), Value::Null)
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn areas_and_filters_narrow_to_the_scope() {
+    let s = start().await;
+    let scope = ["E08000035/CGW1", "E08000035/KSC4"];
+    let got = s.all(&format!("/electors?areas={}", scope.join(","))).await;
+    let want = s.electors_where(|r| {
+        let id = format!(
+            "{}/{}",
+            r["local_authority"].as_str().unwrap(),
+            r["polling_district"].as_str().unwrap()
+        );
+        scope.contains(&id.as_str())
+    });
+    assert!(!want.is_empty());
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got.windows(2)
+            .all(|w| w[0]["elector_id"].as_str() < w[1]["elector_id"].as_str())
+    );
+    // Scope and filter combine; an empty scope matches nothing; unknown districts match nothing.
+    let east = s
+        .all("/electors?areas=E08000035/CGW1,E08000035/KSC4&constituency=E14001320")
+        .await;
+    assert!(!east.is_empty() && east.iter().all(|r| r["polling_district"] == "CGW1"));
+    assert!(s.all("/electors?areas=").await.is_empty());
+    assert!(s.all("/electors?areas=E05011391").await.is_empty());
+    let ward = s.all("/electors?ward=E05999001").await;
+    assert_eq!(
+        ward.len(),
+        s.electors_where(|r| r["ward"] == "E05999001").len()
+    );
+    let pd = s
+        .all("/electors?local_authority=E09000025&polling_district=FGN2")
+        .await;
+    assert!(!pd.is_empty() && pd.iter().all(|r| r["polling_district"] == "FGN2"));
+    let postcode = s.all("/electors?postcode=ls%2015").await;
+    assert!(!postcode.is_empty());
+    assert!(
+        postcode
+            .iter()
+            .all(|r| r["postcode"].as_str().unwrap().starts_with("LS15 "))
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn fields_project_each_record_and_unknown_fields_are_refused() {
+    let s = start().await;
+    let page = s
+        .get("/electors?fields=surname,postcode&per_page=5")
+        .await
+        .json();
+    for r in page["records"].as_array().unwrap() {
+        let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["elector_id", "surname", "postcode"]);
+    }
+    let one = s.get("/electors/VF-0000003?fields=ward").await.json();
+    assert_eq!(one["record"].as_object().unwrap().len(), 2);
+    let member = s.get("/members/M-000001?fields=branch").await.json();
+    assert_eq!(
+        member["record"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["membership_number", "branch"]
+    );
+    assert_problem(
+        &s.get("/electors?fields=surname,shoe_size").await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert_problem(
+        &s.get("/members?fields=markers").await,
+        StatusCode::BAD_REQUEST,
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_problem_documents() {
+    let s = start().await;
+    let repeated = s.get("/electors?ward=E05011391&ward=E05013911").await;
+    assert_problem(&repeated, StatusCode::BAD_REQUEST);
+    assert_eq!(repeated.json()["title"], "bad request");
+    for bad in [
+        "/electors?colour=red",
+        "/electors?polling_district=CGW1",
+        "/electors?per_page=1001",
+        "/electors?page=0",
+        "/electors?ward=",
+        "/electors/export?page=2",
+        "/members?ward=E05011391",
+        "/electors/VF-0000001?ward=E05011391",
+    ] {
+        assert_problem(&s.get(bad).await, StatusCode::BAD_REQUEST);
+    }
+    assert_problem(&s.get("/electors/VF-9999999").await, StatusCode::NOT_FOUND);
+    assert_problem(&s.get("/voters").await, StatusCode::NOT_FOUND);
+    let wrong = s.call(Method::DELETE, "/electors", None).await;
+    assert_problem(&wrong, StatusCode::METHOD_NOT_ALLOWED);
+    assert_problem(
+        &s.get("/electors/VF-0000001/canvass").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    let health = s.get("/healthz").await;
+    assert_eq!(
+        (health.status, health.json()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn canvass_writes_are_read_back() {
+    let s = start().await;
+    let target =
+        s.electors_where(|r| r["markers"] == json!([]) && r["flags"] == json!([]))[0]["elector_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let path = format!("/electors/{target}/canvass");
+    let update = json!({
+        "voting_intention": "DK",
+        "canvass_issues": ["housing", "transport"],
+        "last_canvassed": "2026-12-02",
+        "flags_add": ["do_not_contact"],
+    });
+    let written = s.call(Method::POST, &path, Some(update)).await;
+    assert_eq!(written.status, StatusCode::OK);
+    assert_eq!(written.json()["record"]["voting_intention"], "DK");
+    let read = s.get(&format!("/electors/{target}")).await.json()["record"].clone();
+    assert_eq!(read, written.json()["record"]);
+    assert_eq!(read["canvass_issues"], json!(["housing", "transport"]));
+    assert_eq!(read["last_canvassed"], "2026-12-02");
+    assert_eq!(read["flags"], json!(["do_not_contact"]));
+    for bad in [
+        json!({"voting_intention": "MAYBE"}),
+        json!({"flags_add": ["deceased"]}),
+        json!({"last_canvassed": "2 December"}),
+        json!({"surname": "Changed"}),
+        json!(["not", "an", "object"]),
+    ] {
+        assert_problem(
+            &s.call(Method::POST, &path, Some(bad)).await,
+            StatusCode::BAD_REQUEST,
+        );
+    }
+    let anonymous = s.electors_where(|r| r["markers"] == json!(["N"]))[0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let anonymous = format!("/electors/{anonymous}/canvass");
+    let refused = s
+        .call(
+            Method::POST,
+            &anonymous,
+            Some(json!({"voting_intention": "LAB"})),
+        )
+        .await;
+    assert_problem(&refused, StatusCode::CONFLICT);
+    let missing = s
+        .call(
+            Method::POST,
+            "/electors/VF-9999999/canvass",
+            Some(json!({})),
+        )
+        .await;
+    assert_problem(&missing, StatusCode::NOT_FOUND);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn export_streams_exactly_the_filtered_records() {
+    let s = start().await;
+    for (query, want) in [
+        (
+            "ward=E05999001",
+            s.electors_where(|r| r["ward"] == "E05999001").len(),
+        ),
+        (
+            "areas=E09000025/FGN1,E06000060/IVR2&fields=surname",
+            s.all("/electors?areas=E09000025/FGN1,E06000060/IVR2")
+                .await
+                .len(),
+        ),
+        ("", s.data.electors.len()),
+    ] {
+        let reply = s.get(&format!("/electors/export?{query}")).await;
+        assert_eq!(
+            (reply.status, reply.content_type.as_str()),
+            (StatusCode::OK, "application/x-ndjson")
+        );
+        let text = String::from_utf8(reply.body.to_vec()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), want, "export?{query}");
+        assert!(
+            lines
+                .windows(2)
+                .all(|w| w[0]["elector_id"].as_str() < w[1]["elector_id"].as_str())
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn members_narrow_by_party_unit_or_district() {
+    let s = start().await;
+    let clp = s.all("/members?areas=CLP-LEEDS-EAST").await;
+    let want = s
+        .data
+        .members
+        .iter()
+        .filter(|m| m["clp"] == "CLP-LEEDS-EAST")
+        .count();
+    assert_eq!(clp.len(), want);
+    let branch = s.all("/members?branch=BR-IVER&status=active").await;
+    assert!(
+        branch
+            .iter()
+            .all(|m| m["branch"] == "BR-IVER" && m["status"] == "active")
+    );
+    let pd = s.all("/members?areas=E08000037/SAL1,BR-IVER").await;
+    let want = s
+        .data
+        .members
+        .iter()
+        .filter(|m| m["polling_district"] == "SAL1" || m["branch"] == "BR-IVER")
+        .count();
+    assert_eq!(pd.len(), want);
+    let one = s.get("/members/M-000002").await.json();
+    assert_eq!(one["record"]["membership_number"], "M-000002");
+    s.stop().await;
+}

@@ -1,0 +1,285 @@
+//! The request path's one error type and its one mapping to HTTP.
+//!
+//! Every way a data request can fail is a variant of [`GatewayError`]; [`GatewayError::status`]
+//! and [`GatewayError::problem`] are the only places that turn one into a status code and an
+//! `application/problem+json` body (RFC 9457). The mapping is an exhaustive `match` with no
+//! wildcard arm, so a new failure cannot reach a caller without someone deciding what it says.
+//! Internal detail (file paths, upstream addresses, parser positions) is logged by the caller of
+//! this module and never put in a body.
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// Why a bearer token was refused. The text names the check that failed, never which keys exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    MissingToken,
+    MalformedHeader,
+    MalformedToken,
+    DisallowedAlgorithm,
+    UnknownKey,
+    BadSignature,
+    WrongIssuer,
+    WrongAudience,
+    Expired,
+    NotYetValid,
+    InvalidClaims,
+    Revoked,
+}
+
+impl AuthFailure {
+    /// Stable machine-readable reason, used in the audit log and the problem `type`.
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthFailure::MissingToken => "token_missing",
+            AuthFailure::MalformedHeader => "authorization_header_malformed",
+            AuthFailure::MalformedToken => "token_malformed",
+            AuthFailure::DisallowedAlgorithm => "token_algorithm_not_allowed",
+            AuthFailure::UnknownKey => "token_key_unknown",
+            AuthFailure::BadSignature => "token_signature_invalid",
+            AuthFailure::WrongIssuer => "token_issuer_invalid",
+            AuthFailure::WrongAudience => "token_audience_invalid",
+            AuthFailure::Expired => "token_expired",
+            AuthFailure::NotYetValid => "token_not_yet_valid",
+            AuthFailure::InvalidClaims => "token_claims_invalid",
+            AuthFailure::Revoked => "token_revoked",
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            AuthFailure::MissingToken => "the request carries no `Authorization: Bearer` token",
+            AuthFailure::MalformedHeader => "the `Authorization` header is not `Bearer <token>`",
+            AuthFailure::MalformedToken => "the bearer token is not a well-formed JWT",
+            AuthFailure::DisallowedAlgorithm => {
+                "the token's signing algorithm is not one this gateway accepts"
+            }
+            AuthFailure::UnknownKey => "the token names no signing key this gateway trusts",
+            AuthFailure::BadSignature => "the token's signature does not verify",
+            AuthFailure::WrongIssuer => "the token was not issued by a trusted issuer",
+            AuthFailure::WrongAudience => "the token is not meant for this gateway",
+            AuthFailure::Expired => "the token has expired",
+            AuthFailure::NotYetValid => "the token is not valid yet",
+            AuthFailure::InvalidClaims => {
+                "the token's claims are missing or malformed (exp, nbf, role, areas, purposes)"
+            }
+            AuthFailure::Revoked => "the token has been revoked",
+        }
+    }
+}
+
+/// Everything that can go wrong between accepting a data request and answering it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unauthenticated: {}", .0.code())]
+    Unauthenticated(AuthFailure),
+    #[error("no purpose declared")]
+    PurposeMissing,
+    #[error("unknown purpose `{0}`")]
+    PurposeUnknown(String),
+    #[error("purpose `{0}` not granted to this token")]
+    PurposeNotGranted(String),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("forbidden by policy")]
+    Forbidden { policy_ids: Vec<String> },
+    #[error("not found")]
+    NotFound,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream response too large")]
+    UpstreamTooLarge,
+    #[error("upstream response malformed: {0}")]
+    UpstreamMalformed(String),
+    #[error("upstream answered {0}")]
+    UpstreamStatus(u16),
+    #[error("audit log unavailable")]
+    AuditUnavailable,
+    #[error("quota exceeded")]
+    QuotaExceeded,
+    #[error("shared controls are stale")]
+    ControlsStale,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// An RFC 9457 problem document, plus the two extensions wardgate always adds.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy_ids: Vec<String>,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::PurposeMissing
+            | GatewayError::PurposeUnknown(_)
+            | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::PurposeNotGranted(_) | GatewayError::Forbidden { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamTooLarge
+            | GatewayError::UpstreamMalformed(_)
+            | GatewayError::UpstreamStatus(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::AuditUnavailable | GatewayError::ControlsStale => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable machine-readable reason: the audit log's `reason` and the problem `type` suffix.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::Unauthenticated(f) => f.code(),
+            GatewayError::PurposeMissing => "purpose_missing",
+            GatewayError::PurposeUnknown(_) => "purpose_unknown",
+            GatewayError::PurposeNotGranted(_) => "purpose_not_granted",
+            GatewayError::RouteNotFound => "route_not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::Forbidden { .. } => "forbidden_by_policy",
+            GatewayError::NotFound => "not_found",
+            GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamTooLarge => "upstream_response_too_large",
+            GatewayError::UpstreamMalformed(_) => "upstream_response_malformed",
+            GatewayError::UpstreamStatus(_) => "upstream_error",
+            GatewayError::AuditUnavailable => "audit_unavailable",
+            GatewayError::QuotaExceeded => "quota_exceeded",
+            GatewayError::ControlsStale => "controls_stale",
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            GatewayError::Unauthenticated(_) => "unauthenticated",
+            GatewayError::PurposeMissing
+            | GatewayError::PurposeUnknown(_)
+            | GatewayError::BadRequest(_) => "bad request",
+            GatewayError::PurposeNotGranted(_) | GatewayError::Forbidden { .. } => "forbidden",
+            GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
+            GatewayError::MethodNotAllowed => "method not allowed",
+            GatewayError::PayloadTooLarge => "payload too large",
+            GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamTooLarge
+            | GatewayError::UpstreamMalformed(_)
+            | GatewayError::UpstreamStatus(_) => "bad gateway",
+            GatewayError::UpstreamTimeout => "gateway timeout",
+            GatewayError::AuditUnavailable | GatewayError::ControlsStale => "service unavailable",
+            GatewayError::QuotaExceeded => "too many records",
+            GatewayError::Internal(_) => "internal error",
+        }
+    }
+
+    /// What the caller is told. Upstream and internal detail stays in the server log.
+    fn detail(&self) -> String {
+        match self {
+            GatewayError::Unauthenticated(f) => f.detail().to_owned(),
+            GatewayError::PurposeMissing => {
+                "every data request must declare one purpose in the `X-Purpose` header".to_owned()
+            }
+            GatewayError::PurposeUnknown(p) => format!("`{p}` is not a purpose in the catalogue"),
+            GatewayError::PurposeNotGranted(p) => {
+                format!("this token does not grant the purpose `{p}`")
+            }
+            GatewayError::RouteNotFound => "no data route matches this path".to_owned(),
+            GatewayError::MethodNotAllowed => "this route does not accept that method".to_owned(),
+            GatewayError::BadRequest(why) => why.clone(),
+            GatewayError::Forbidden { .. } => {
+                "the policies in force do not permit this request for the declared purpose"
+                    .to_owned()
+            }
+            GatewayError::NotFound => "no record you may see has that id".to_owned(),
+            GatewayError::PayloadTooLarge => {
+                "the request body exceeds the configured limit".to_owned()
+            }
+            GatewayError::UpstreamUnavailable => "the datastore could not be reached".to_owned(),
+            GatewayError::UpstreamTimeout => "the datastore did not answer in time".to_owned(),
+            GatewayError::UpstreamTooLarge => {
+                "the datastore's answer exceeds the configured limit".to_owned()
+            }
+            GatewayError::UpstreamMalformed(_) => {
+                "the datastore's answer could not be checked, so nothing of it is disclosed"
+                    .to_owned()
+            }
+            GatewayError::UpstreamStatus(s) => format!("the datastore answered with status {s}"),
+            GatewayError::AuditUnavailable => {
+                "the access log cannot be written, so no data is disclosed; retry shortly"
+                    .to_owned()
+            }
+            GatewayError::QuotaExceeded => {
+                "you have been disclosed more records than your role allows in this period"
+                    .to_owned()
+            }
+            GatewayError::ControlsStale => {
+                "rights requests and revocations cannot be confirmed current; retry shortly"
+                    .to_owned()
+            }
+            GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),
+        }
+    }
+
+    pub fn problem(&self, request_id: &str) -> Problem {
+        Problem {
+            kind: format!("urn:wardgate:problem:{}", self.code().replace('_', "-")),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            request_id: request_id.to_owned(),
+            policy_ids: if let GatewayError::Forbidden { policy_ids } = self {
+                policy_ids.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_never_carry_internal_detail() {
+        let err = GatewayError::UpstreamMalformed("expected `,` at line 3 of 10.0.0.7".into());
+        let p = err.problem("r1");
+        assert!(!p.detail.contains("10.0.0.7"));
+        assert_eq!(p.status, 502);
+        assert_eq!(p.kind, "urn:wardgate:problem:upstream-response-malformed");
+    }
+
+    #[test]
+    fn forbidden_names_policy_ids() {
+        let err = GatewayError::Forbidden {
+            policy_ids: vec!["geo.out-of-area".into()],
+        };
+        let p = err.problem("r2");
+        assert_eq!(p.policy_ids, vec!["geo.out-of-area".to_owned()]);
+        assert_eq!(err.status(), StatusCode::FORBIDDEN);
+    }
+}

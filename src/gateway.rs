@@ -1,0 +1,588 @@
+//! The data plane's pipeline, top to bottom: authenticate, route, purpose, authorize, forward,
+//! filter, audit, answer.
+//!
+//! [`handle`] is the outer handler: it always answers, and it is the only place a response
+//! leaves. It runs [`process`], which does the steps and records what it learns in a
+//! [`Trail`]; then it writes the audit record built from that trail and waits until the record
+//! is durable. Only then is the response released; if the record cannot be written the caller
+//! gets 503 and none of the data (no audit, no data). Errors become problem documents through
+//! `error.rs`, in one place.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
+use crate::auth::{Principal, Verifier};
+use crate::catalog::{Catalog, Dataset};
+use crate::error::GatewayError;
+use crate::filter::{self, FilterContext, RecordDecision};
+use crate::geography::Geography;
+use crate::policy::{Ask, PolicyEngine, RecordAttrs};
+use crate::proxy::{Upstream, Upstreams};
+use crate::routes::{self, Route, RouteKind};
+
+/// Above this many polling districts the narrowing list would cost more than it saves.
+const MAX_NARROWING_AREAS: usize = 500;
+
+/// Everything the request path needs, built once at start and shared.
+pub struct Gateway {
+    pub catalog: Catalog,
+    pub geography: Geography,
+    pub verifier: Verifier,
+    pub policy: PolicyEngine,
+    pub upstreams: Upstreams,
+    pub audit: AuditLog,
+    pub max_request_bytes: usize,
+}
+
+/// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
+#[derive(Default)]
+pub struct Trail {
+    caller: Option<Principal>,
+    purpose: Option<String>,
+    lawful_basis: Option<String>,
+    dataset: Option<String>,
+    route: Option<String>,
+    policy_ids: BTreeSet<String>,
+    subjects: Vec<String>,
+    fields: BTreeSet<String>,
+    rows_withheld: u64,
+    written: Vec<String>,
+}
+
+/// The outer handler: always answers, and never before the audit record is durable.
+pub async fn handle<B>(gw: &Gateway, req: Request<B>, client: SocketAddr) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut trail = Trail::default();
+    let result = process(gw, req, &request_id, &mut trail).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status(),
+    };
+    let record = audit_record(
+        &trail,
+        &result,
+        &request_id,
+        client,
+        &method,
+        &path,
+        status,
+        started,
+    );
+    let dataset = trail.dataset.clone().unwrap_or_else(|| "none".to_owned());
+    let purpose = trail.purpose.clone().unwrap_or_else(|| "none".to_owned());
+    let response = match gw.audit.append(record).await {
+        Ok(_) => match result {
+            Ok(body) => json_response(StatusCode::OK, body, &request_id),
+            Err(e) => problem_response(&e, &request_id),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, request_id, "audit record not durable; withholding response");
+            problem_response(&GatewayError::AuditUnavailable, &request_id)
+        }
+    };
+    let decision = match (response.status(), trail.caller.is_some()) {
+        (StatusCode::OK, _) => "allow",
+        (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => "deny",
+        _ => "error",
+    };
+    let labels = [
+        ("dataset", dataset.clone()),
+        ("purpose", purpose),
+        ("decision", decision.to_owned()),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("wardgate_requests_total", &labels).increment(1);
+    metrics::histogram!("wardgate_request_duration_seconds", "dataset" => dataset.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("wardgate_rows_withheld_total", "dataset" => dataset)
+        .increment(trail.rows_withheld);
+    response
+}
+
+/// The inner handler: the steps, in order. Returns the body to disclose.
+async fn process<B>(
+    gw: &Gateway,
+    req: Request<B>,
+    request_id: &str,
+    trail: &mut Trail,
+) -> Result<Bytes, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // 1. Who is asking.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let principal = gw
+        .verifier
+        .verify_header(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            now,
+        )
+        .map_err(GatewayError::Unauthenticated)?;
+    trail.caller = Some(principal.clone());
+
+    // 2. What they ask for: only routes the register declares.
+    let route = routes::resolve(
+        &gw.catalog,
+        req.method(),
+        req.uri().path(),
+        req.uri().query(),
+    )?;
+    trail.dataset = Some(route.dataset.clone());
+    trail.route = Some(route.id());
+    let dataset = gw
+        .catalog
+        .datasets
+        .get(&route.dataset)
+        .ok_or(GatewayError::RouteNotFound)?;
+
+    // 3. Why: one declared purpose, known to the catalogue and granted to the token.
+    let purpose = declared_purpose(req.headers())?;
+    let entry = gw
+        .catalog
+        .purposes
+        .get(&purpose)
+        .ok_or_else(|| GatewayError::PurposeUnknown(purpose.clone()))?;
+    trail.purpose = Some(purpose.clone());
+    trail.lawful_basis = Some(entry.lawful_basis.clone());
+    if !principal.purposes.contains(&purpose) {
+        return Err(GatewayError::PurposeNotGranted(purpose));
+    }
+
+    // 4. May this request happen at all.
+    let ask = gw
+        .policy
+        .ask(&principal, &purpose, &entry.lawful_basis)
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let verdict = gw
+        .policy
+        .decide_request(&ask, route.action(), &route.dataset);
+    trail.policy_ids.extend(verdict.policy_ids.iter().cloned());
+    if !verdict.allowed {
+        return Err(GatewayError::Forbidden {
+            policy_ids: verdict.policy_ids,
+        });
+    }
+
+    // 5. Forward, then filter what comes back.
+    let upstream = gw
+        .upstreams
+        .get(&route.dataset)
+        .ok_or(GatewayError::RouteNotFound)?;
+    let mut decider = Decider::new(gw, &ask, &route.dataset, dataset);
+    let cx = FilterContext {
+        dataset,
+        today: filter::today(),
+        register_flags: &|_| None,
+    };
+    match &route.kind {
+        RouteKind::List => {
+            let query = upstream_query(gw, &route, &principal);
+            let path = format!("/{}?{query}", dataset.collection);
+            let resp = upstream.send(Method::GET, &path, None, request_id).await?;
+            let body = expect_json(resp.status, resp.json, resp.body)?;
+            let (out, d) =
+                filter::filter_page(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            trail.absorb(d, &decider);
+            Ok(Bytes::from(out))
+        }
+        RouteKind::Read { id } => {
+            let body = fetch_one(upstream, dataset, id, request_id).await?;
+            let (out, d) =
+                filter::filter_single(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            trail.absorb(d, &decider);
+            out.map(Bytes::from).ok_or(GatewayError::NotFound)
+        }
+        RouteKind::Write { id, write } => {
+            let body = read_body(req, gw.max_request_bytes).await?;
+            let written = check_write(
+                gw, &ask, dataset, &route, write, id, &body, &cx, upstream, request_id,
+            )
+            .await?;
+            trail.written = written;
+            let path = format!("/{}/{id}/{write}", dataset.collection);
+            let resp = upstream
+                .send(Method::POST, &path, Some(body), request_id)
+                .await?;
+            let body = expect_json(resp.status, resp.json, resp.body)?;
+            let (out, d) =
+                filter::filter_single(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            trail.absorb(d, &decider);
+            Ok(out
+                .map(Bytes::from)
+                .unwrap_or_else(|| Bytes::from_static(b"{\"record\":null}")))
+        }
+    }
+}
+
+/// Memoises record decisions per distinct attribute combination, for one request.
+struct Decider<'a> {
+    gw: &'a Gateway,
+    ask: &'a Ask,
+    name: &'a str,
+    categories: BTreeSet<String>,
+    memo: HashMap<RecordAttrs, Arc<RecordDecision>>,
+    policy_ids: BTreeSet<String>,
+}
+
+impl<'a> Decider<'a> {
+    fn new(gw: &'a Gateway, ask: &'a Ask, name: &'a str, dataset: &Dataset) -> Self {
+        let categories = dataset.fields.values().cloned().collect();
+        Decider {
+            gw,
+            ask,
+            name,
+            categories,
+            memo: HashMap::new(),
+            policy_ids: BTreeSet::new(),
+        }
+    }
+
+    fn decide(&mut self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
+        if let Some(d) = self.memo.get(attrs) {
+            return d.clone();
+        }
+        let verdict = self
+            .gw
+            .policy
+            .decide_record(self.ask, self.name, attrs, false);
+        self.policy_ids.extend(verdict.policy_ids.iter().cloned());
+        let categories = if verdict.allowed {
+            self.gw
+                .policy
+                .allowed_categories(self.ask, self.name, attrs, &self.categories, false)
+        } else {
+            Default::default()
+        };
+        let d = Arc::new(RecordDecision {
+            allowed: verdict.allowed,
+            categories,
+        });
+        self.memo.insert(attrs.clone(), d.clone());
+        d
+    }
+}
+
+impl Trail {
+    fn absorb(&mut self, d: filter::Disclosure, decider: &Decider) {
+        self.subjects = d.subjects;
+        self.fields = d.fields;
+        self.rows_withheld = d.rows_withheld;
+        self.policy_ids.extend(decider.policy_ids.iter().cloned());
+        if d.unclassified_fields > 0 {
+            metrics::counter!("wardgate_unclassified_fields_total")
+                .increment(d.unclassified_fields);
+        }
+        if d.malformed_rows > 0 {
+            metrics::counter!("wardgate_malformed_records_total").increment(d.malformed_rows);
+        }
+    }
+}
+
+/// Caller filters, paging, and the narrowing the caller did not ask for: their own areas.
+fn upstream_query(gw: &Gateway, route: &Route, principal: &Principal) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let mut parts: Vec<String> = route
+        .filters
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect();
+    if let Some(p) = route.page {
+        parts.push(format!("page={p}"));
+    }
+    if let Some(p) = route.per_page {
+        parts.push(format!("per_page={p}"));
+    }
+    let mut areas: BTreeSet<String> = gw.geography.areas_under(&principal.areas);
+    if areas.len() <= MAX_NARROWING_AREAS {
+        // An empty grant narrows to nothing at all rather than to everything.
+        if areas.is_empty() {
+            areas.insert("none".to_owned());
+        }
+        parts.push(format!(
+            "areas={}",
+            areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
+        ));
+    }
+    parts.join("&")
+}
+
+async fn fetch_one(
+    upstream: &Upstream,
+    dataset: &Dataset,
+    id: &str,
+    request_id: &str,
+) -> Result<Bytes, GatewayError> {
+    let resp = upstream
+        .send(
+            Method::GET,
+            &format!("/{}/{id}", dataset.collection),
+            None,
+            request_id,
+        )
+        .await?;
+    if resp.status == StatusCode::NOT_FOUND {
+        return Err(GatewayError::NotFound);
+    }
+    expect_json(resp.status, resp.json, resp.body)
+}
+
+/// A write names only fields the register declares for it, each of a category the purpose may
+/// write, about a record the caller may write to. Returns the field names written.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pipeline's state, spelt out"
+)]
+async fn check_write(
+    gw: &Gateway,
+    ask: &Ask,
+    dataset: &Dataset,
+    route: &Route,
+    write: &str,
+    id: &str,
+    body: &Bytes,
+    cx: &FilterContext<'_>,
+    upstream: &Upstream,
+    request_id: &str,
+) -> Result<Vec<String>, GatewayError> {
+    let spec = dataset
+        .writes
+        .get(write)
+        .ok_or(GatewayError::RouteNotFound)?;
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::BadRequest("the body must be a JSON object".to_owned()))?;
+    let unknown: Vec<&str> = fields
+        .keys()
+        .filter(|k| !spec.fields.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(GatewayError::BadRequest(format!(
+            "unknown fields for this write: `{}`",
+            unknown.join("`, `")
+        )));
+    }
+    if fields.is_empty() {
+        return Err(GatewayError::BadRequest(
+            "the body names no field to write".to_owned(),
+        ));
+    }
+    let target = fetch_one(upstream, dataset, id, request_id).await?;
+    let single: serde_json::Value = serde_json::from_slice(&target)
+        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
+    let raw =
+        serde_json::to_vec(&single["record"]).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let rec: filter::RawRecord = serde_json::from_slice(&raw)
+        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
+    // A target we cannot classify, or may not write to, is indistinguishable from a missing one.
+    let (_, attrs) = filter::record_attrs(&rec, cx).ok_or(GatewayError::NotFound)?;
+    if !gw
+        .policy
+        .decide_record(ask, &route.dataset, &attrs, true)
+        .allowed
+    {
+        return Err(GatewayError::NotFound);
+    }
+    let wanted: BTreeSet<String> = fields
+        .keys()
+        .filter_map(|k| spec.fields.get(k).cloned())
+        .collect();
+    let allowed = gw
+        .policy
+        .allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
+    let refused: Vec<&str> = fields
+        .keys()
+        .filter(|k| spec.fields.get(*k).is_none_or(|c| !allowed.contains(c)))
+        .map(String::as_str)
+        .collect();
+    if !refused.is_empty() {
+        return Err(GatewayError::BadRequest(format!(
+            "the declared purpose may not write: `{}`",
+            refused.join("`, `")
+        )));
+    }
+    Ok(fields.keys().cloned().collect())
+}
+
+async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge),
+        Err(e) => Err(GatewayError::BadRequest(format!(
+            "the request body could not be read: {e}"
+        ))),
+    }
+}
+
+fn expect_json(status: StatusCode, json: bool, body: Bytes) -> Result<Bytes, GatewayError> {
+    if status != StatusCode::OK {
+        tracing::warn!(status = status.as_u16(), "upstream answered with an error");
+        return Err(GatewayError::UpstreamStatus(status.as_u16()));
+    }
+    if !json {
+        return Err(GatewayError::UpstreamMalformed(
+            "response is not application/json".to_owned(),
+        ));
+    }
+    Ok(body)
+}
+
+fn malformed(e: filter::FilterError) -> GatewayError {
+    tracing::warn!(error = %e, "upstream body could not be filtered; disclosing nothing");
+    GatewayError::UpstreamMalformed(e.to_string())
+}
+
+fn declared_purpose(headers: &HeaderMap) -> Result<String, GatewayError> {
+    let mut values = headers.get_all("x-purpose").iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return Err(if headers.contains_key("x-purpose") {
+            GatewayError::BadRequest(
+                "declare exactly one purpose: `X-Purpose` is given more than once".to_owned(),
+            )
+        } else {
+            GatewayError::PurposeMissing
+        });
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| GatewayError::PurposeUnknown("<not text>".to_owned()))?
+        .trim();
+    if v.is_empty() {
+        return Err(GatewayError::PurposeMissing);
+    }
+    Ok(v.to_owned())
+}
+
+/// Accepts a caller's `X-Request-Id` if it is short and plain; otherwise makes one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| routes::valid_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "assembles one flat record from the request's parts"
+)]
+fn audit_record(
+    trail: &Trail,
+    result: &Result<Bytes, GatewayError>,
+    request_id: &str,
+    client: SocketAddr,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    started: Instant,
+) -> AuditRecord {
+    let (decision, reason) = match result {
+        Ok(_) => (Decision::Allow, None),
+        Err(
+            e @ (GatewayError::Unauthenticated(_)
+            | GatewayError::Forbidden { .. }
+            | GatewayError::PurposeNotGranted(_)),
+        ) => (Decision::Deny, Some(e.code().to_owned())),
+        Err(e) => (Decision::Error, Some(e.code().to_owned())),
+    };
+    let disclosed = result.is_ok();
+    AuditRecord {
+        ts: AuditRecord::now_ts(),
+        request_id: request_id.to_owned(),
+        kind: RecordKind::Access,
+        caller: trail.caller.as_ref().map(|p| Caller {
+            subject: p.subject.clone(),
+            role: p.role.clone(),
+            unit: p.unit.clone(),
+            token_id: p.token_id.clone(),
+        }),
+        client_addr: Some(client.ip().to_string()),
+        purpose: trail.purpose.clone(),
+        lawful_basis: trail.lawful_basis.clone(),
+        dataset: trail.dataset.clone(),
+        route: trail.route.clone(),
+        method: method.to_string(),
+        path: path.to_owned(),
+        decision,
+        policy_ids: trail.policy_ids.iter().cloned().collect(),
+        reason,
+        status: status.as_u16(),
+        subjects: if disclosed {
+            trail.subjects.clone()
+        } else {
+            Vec::new()
+        },
+        fields: if disclosed {
+            trail.fields.iter().cloned().collect()
+        } else {
+            Vec::new()
+        },
+        rows_withheld: trail.rows_withheld,
+        latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        detail: (!trail.written.is_empty())
+            .then(|| serde_json::json!({ "written": trail.written })),
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes, request_id: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The one place an error becomes a response.
+pub fn problem_response(err: &GatewayError, request_id: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&err.problem(request_id)).unwrap_or_default();
+    let mut resp = json_response(err.status(), Bytes::from(body), request_id);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let GatewayError::Unauthenticated(_) = err {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wardgate\""),
+        );
+    }
+    resp
+}

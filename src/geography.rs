@@ -1,0 +1,255 @@
+//! The area register: polling districts and every unit they belong to, as a DAG.
+//!
+//! Since the 2024 boundaries a polling district has several parents (ward, constituency, local
+//! authority, party branch), and a ward may straddle two constituencies, so scope is a DAG, not a
+//! tree. This module loads `config/areas.toml`, refuses unknown parents and cycles, and answers
+//! two questions: which polling districts lie under a set of grants (for query narrowing), and
+//! what the areas look like as Cedar entities (so policies can write `area in grants`).
+//! It does not decide anything: policies do.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The kinds of area, from the atomic polling district upwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AreaKind {
+    Nation,
+    Region,
+    LocalAuthority,
+    Constituency,
+    Ward,
+    PollingDistrict,
+    Clp,
+    Branch,
+}
+
+impl AreaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AreaKind::Nation => "nation",
+            AreaKind::Region => "region",
+            AreaKind::LocalAuthority => "local_authority",
+            AreaKind::Constituency => "constituency",
+            AreaKind::Ward => "ward",
+            AreaKind::PollingDistrict => "polling_district",
+            AreaKind::Clp => "clp",
+            AreaKind::Branch => "branch",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Area {
+    pub id: String,
+    pub kind: AreaKind,
+    pub name: String,
+    #[serde(default)]
+    pub parents: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AreasFile {
+    area: Vec<Area>,
+}
+
+/// The validated area DAG.
+#[derive(Debug, Clone)]
+pub struct Geography {
+    areas: BTreeMap<String, Area>,
+    /// Every area id -> every area under it, itself included.
+    under: HashMap<String, BTreeSet<String>>,
+}
+
+impl Geography {
+    pub fn load(path: &Path) -> anyhow::Result<Geography> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read area register `{}`", path.display()))?;
+        Geography::parse(&text).with_context(|| format!("in area register `{}`", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Geography> {
+        let file: AreasFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut areas = BTreeMap::new();
+        for a in file.area {
+            if a.id.trim().is_empty() {
+                bail!("an area has an empty `id`");
+            }
+            if let Some(prev) = areas.insert(a.id.clone(), a) {
+                bail!("area `{}` is defined twice", prev.id);
+            }
+        }
+        for a in areas.values() {
+            for p in &a.parents {
+                if !areas.contains_key(p) {
+                    bail!("area `{}` names parent `{p}`, which is not defined", a.id);
+                }
+            }
+            if a.kind == AreaKind::PollingDistrict && !a.id.contains('/') {
+                bail!("polling district `{}` must be identified as `LA/PD`", a.id);
+            }
+        }
+        let under = index_descendants(&areas)?;
+        Ok(Geography { areas, under })
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.areas.contains_key(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Area> {
+        self.areas.get(id)
+    }
+
+    pub fn areas(&self) -> impl Iterator<Item = &Area> {
+        self.areas.values()
+    }
+
+    /// Every area under any of `grants`, the grants included: what a caller's scope covers.
+    /// This is what narrowing sends upstream; policies still decide every record.
+    pub fn areas_under<'a>(
+        &self,
+        grants: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for g in grants {
+            if let Some(ds) = self.under.get(g) {
+                out.extend(ds.iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// The polling districts under any of `grants`.
+    pub fn districts_under<'a>(
+        &self,
+        grants: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeSet<String> {
+        let mut out = self.areas_under(grants);
+        out.retain(|id| {
+            self.areas
+                .get(id)
+                .is_some_and(|a| a.kind == AreaKind::PollingDistrict)
+        });
+        out
+    }
+
+    /// The areas as Cedar entities (`Wardgate::Area`), parents included, in Cedar's JSON form.
+    pub fn cedar_entities(&self) -> Vec<serde_json::Value> {
+        self.areas
+            .values()
+            .map(|a| {
+                serde_json::json!({
+                    "uid": { "type": "Wardgate::Area", "id": a.id },
+                    "attrs": { "kind": a.kind.as_str(), "name": a.name },
+                    "parents": a.parents.iter()
+                        .map(|p| serde_json::json!({ "type": "Wardgate::Area", "id": p }))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Walks up from every area, which also proves the graph has no cycle.
+fn index_descendants(
+    areas: &BTreeMap<String, Area>,
+) -> anyhow::Result<HashMap<String, BTreeSet<String>>> {
+    let mut under: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for pd in areas.values() {
+        let mut stack: Vec<(&str, usize)> = vec![(pd.id.as_str(), 0)];
+        while let Some((id, depth)) = stack.pop() {
+            if depth > areas.len() {
+                bail!("the area register has a cycle through `{id}`");
+            }
+            under
+                .entry(id.to_owned())
+                .or_default()
+                .insert(pd.id.clone());
+            if let Some(a) = areas.get(id) {
+                stack.extend(a.parents.iter().map(|p| (p.as_str(), depth + 1)));
+            }
+        }
+    }
+    Ok(under)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+        [[area]]
+        id = "E08000035"
+        kind = "local_authority"
+        name = "Leeds"
+        [[area]]
+        id = "E05011391"
+        kind = "ward"
+        name = "Cross Gates & Whinmoor"
+        parents = ["E08000035"]
+        [[area]]
+        id = "E14001320"
+        kind = "constituency"
+        name = "Leeds East"
+        [[area]]
+        id = "E14999001"
+        kind = "constituency"
+        name = "Illustrative"
+        [[area]]
+        id = "E08000035/CGW1"
+        kind = "polling_district"
+        name = "CGW1"
+        parents = ["E05011391", "E14001320"]
+        [[area]]
+        id = "E08000035/CGW2"
+        kind = "polling_district"
+        name = "CGW2"
+        parents = ["E05011391", "E14999001"]
+    "#;
+
+    #[test]
+    fn a_straddling_ward_covers_districts_in_both_constituencies() {
+        let g = Geography::parse(SAMPLE).unwrap();
+        let ward = g.districts_under([&"E05011391".to_owned()]);
+        assert_eq!(ward.len(), 2);
+        let east = g.districts_under([&"E14001320".to_owned()]);
+        assert_eq!(
+            east.into_iter().collect::<Vec<_>>(),
+            vec!["E08000035/CGW1".to_owned()]
+        );
+        assert_eq!(g.districts_under([&"E08000035".to_owned()]).len(), 2);
+    }
+
+    #[test]
+    fn unknown_parent_is_refused_with_its_name() {
+        let bad = SAMPLE.replace("\"E14999001\"]", "\"E14000000\"]");
+        let err = Geography::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("E14000000"), "{err}");
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        let bad = SAMPLE.replace(
+            "name = \"Leeds\"",
+            "name = \"Leeds\"\n        parents = [\"E05011391\"]",
+        );
+        assert!(
+            Geography::parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("cycle")
+        );
+    }
+
+    #[test]
+    fn unknown_grants_cover_nothing() {
+        let g = Geography::parse(SAMPLE).unwrap();
+        assert!(g.districts_under([&"E05000000".to_owned()]).is_empty());
+    }
+}

@@ -1,0 +1,43 @@
+//! wardgate: a data-access gateway that makes a political party's data protection promises
+//! executable.
+//!
+//! It sits in front of the voter file and the membership database. On every request it
+//! authenticates the caller, decides with Cedar policies whether the declared purpose, its
+//! lawful basis, the caller's areas and each record's restriction flags allow it, forwards the
+//! query (narrowed to the caller's areas), drops records and strips fields the purpose may not
+//! see, and releases the answer only once a tamper-evident audit record of exactly what was
+//! disclosed is durable.
+//!
+//! Modules in request-path order (the README's Architecture section has the diagram):
+//! - [`config`]: the TOML file, parsed once into typed values.
+//! - [`startup`]: load and check everything, then run the listeners.
+//! - [`server`]: listeners, TLS, graceful shutdown.
+//! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
+//! - [`auth`]: bearer JWT to [`auth::Principal`].
+//! - [`routes`]: the only paths and query parameters that may reach a datastore.
+//! - [`catalog`]: the information asset register and purpose catalogue.
+//! - [`geography`]: the area DAG.
+//! - [`policy`]: Cedar, loaded and validated at start.
+//! - [`proxy`]: the upstream client.
+//! - [`filter`]: row and field filtering over raw JSON.
+//! - [`audit`]: the durable, hash-chained access log.
+//! - [`error`]: the request path's one error type and its mapping to problem+json.
+//! - [`admin`]: health, readiness, metrics.
+//! - [`token`], [`demo`]: minting tokens and the embedded demo.
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod filter;
+pub mod gateway;
+pub mod geography;
+pub mod policy;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod startup;
+pub mod token;

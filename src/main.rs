@@ -1,0 +1,250 @@
+//! The `wardgate` command: argument parsing and dispatch only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use wardgate::auth::Claims;
+use wardgate::config::Config;
+use wardgate::token::Signer;
+use wardgate::{audit, demo, startup};
+
+#[derive(Parser)]
+#[command(
+    name = "wardgate",
+    version,
+    about = "A purpose-limiting, auditing gateway for voter and membership data"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the data and admin planes with a configuration file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the embedded demo: synthetic datastores, personas and tokens, no external services.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        #[arg(long, default_value = "wardgate-demo")]
+        data_dir: PathBuf,
+        /// How many synthetic electors to generate.
+        #[arg(long, default_value_t = 4000)]
+        electors: usize,
+    },
+    /// Check configuration, keys, area and asset registers, Cedar schema and policies; serve nothing.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Mint a signed token with the configuration's `[signing]` key (demos, tests, tooling).
+    Token {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        unit: String,
+        /// Comma-separated area ids (GSS codes, `LA/PD`, party units).
+        #[arg(long, value_delimiter = ',')]
+        areas: Vec<String>,
+        /// Comma-separated purposes.
+        #[arg(long, value_delimiter = ',')]
+        purposes: Vec<String>,
+        /// Lifetime, e.g. `8h`.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
+    /// Work with the audit log on disk.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of every segment; report the first broken record.
+    Verify {
+        /// The audit directory (default: the one the configuration names).
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => serve(config).await,
+        Command::Demo {
+            listen,
+            admin,
+            data_dir,
+            electors,
+        } => {
+            demo::run(
+                demo::DemoOptions {
+                    listen,
+                    admin,
+                    data_dir,
+                    electors,
+                },
+                shutdown_signal(),
+            )
+            .await
+        }
+        Command::Validate { config } => {
+            let cfg = Config::load(&config)?;
+            let checked = startup::check(&cfg)?;
+            println!(
+                "ok: `{}` is valid: {} policies, {} datasets, {} areas",
+                config.display(),
+                checked.policy.policy_count(),
+                checked.catalog.datasets.len(),
+                checked.geography.areas().count()
+            );
+            Ok(())
+        }
+        Command::Token {
+            config,
+            sub,
+            role,
+            unit,
+            areas,
+            purposes,
+            ttl,
+        } => {
+            let cfg = Config::load(&config)?;
+            let signing = cfg
+                .signing
+                .as_ref()
+                .context("the configuration has no `[signing]` key")?;
+            let signer = Signer::from_config(signing)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let ttl = i64::try_from(ttl.as_secs()).context("`--ttl` is too long")?;
+            let claims = Claims {
+                iss: signer.issuer.clone(),
+                aud: cfg.auth.audience.clone(),
+                sub,
+                jti: format!("{:032x}", rand::random::<u128>()),
+                exp: now + ttl,
+                nbf: now,
+                iat: Some(now),
+                role,
+                org_unit: unit,
+                areas,
+                purposes,
+                grant_expires: None,
+            };
+            println!("{}", signer.sign(&claims)?);
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { dir, config },
+        } => {
+            let dir = match (dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => Config::load(&c)?.audit.dir,
+                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
+            };
+            let report = audit::verify_dir(&dir)?;
+            println!(
+                "ok: {} records in {} segments verify; last seq {}, last hash {}",
+                report.records, report.segments, report.last_seq, report.last_hash
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = Config::load(&config)?;
+    let (gw, tls) = startup::build(&cfg)?;
+    let data = TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", cfg.server.listen))?;
+    let admin = TcpListener::bind(cfg.server.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", cfg.server.admin_listen))?;
+    tracing::info!(data = %cfg.server.listen, admin = %cfg.server.admin_listen, tls = tls.is_some(), "wardgate serving");
+    startup::run(
+        gw,
+        data,
+        admin,
+        tls,
+        shutdown_signal(),
+        cfg.server.shutdown_grace,
+    )
+    .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,397 @@
+//! Cedar: load and validate the policy pack at start, then answer decisions on the request path.
+//!
+//! At start every `policies/*.cedar` file is parsed, every policy must carry a unique `@id`
+//! (that id, not Cedar's generated one, is what 403 bodies and audit records name), and the
+//! whole set is validated in strict mode against `policies/*.cedarschema`. Any failure stops
+//! the gateway with `file:line:col` and the problem. On the request path a decision is allowed
+//! only if Cedar says Allow *and* evaluation raised no error: an erroring `forbid` is skipped by
+//! Cedar, and skipping a forbid must never let data out. This module decides; it does not know
+//! about HTTP, records on the wire or the audit log.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context as _, bail};
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityUid, PolicyId, PolicySet,
+    Request, Schema, ValidationMode, Validator,
+};
+use serde_json::{Value, json};
+
+use crate::auth::Principal;
+use crate::catalog::Catalog;
+use crate::geography::Geography;
+
+/// Reported when nothing permitted a request (Cedar's default deny has no policy id).
+pub const DEFAULT_DENY: &str = "default-deny";
+
+/// The request-level actions, one per kind of route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestAction {
+    List,
+    Read,
+    Write,
+    Export,
+}
+
+impl RequestAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestAction::List => "list",
+            RequestAction::Read => "read",
+            RequestAction::Write => "write",
+            RequestAction::Export => "export",
+        }
+    }
+}
+
+/// A decision and the ids of the policies that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub policy_ids: Vec<String>,
+}
+
+/// The policy-relevant attributes of one record, after merging the rights register.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordAttrs {
+    pub area: String,
+    pub markers: BTreeSet<String>,
+    pub flags: BTreeSet<String>,
+    pub consented: BTreeSet<String>,
+    pub tps_fresh: bool,
+}
+
+/// Who is asking and why: built once per request, reused for every decision in it.
+pub struct Ask {
+    caller: Value,
+    purpose: Value,
+    lawful_basis: String,
+    user: EntityUid,
+}
+
+/// The loaded, validated policy pack and the static entities it reasons over.
+pub struct PolicyEngine {
+    schema: Schema,
+    policies: PolicySet,
+    entities: Entities,
+    authorizer: Authorizer,
+}
+
+impl PolicyEngine {
+    /// Loads `dir/*.cedarschema` and `dir/*.cedar`; refuses to start on any problem.
+    pub fn load(
+        dir: &Path,
+        catalog: &Catalog,
+        geography: &Geography,
+    ) -> anyhow::Result<PolicyEngine> {
+        let schema = load_schema(dir)?;
+        let files = cedar_files(dir, "cedar")?;
+        if files.is_empty() {
+            bail!("no `*.cedar` policy files in `{}`", dir.display());
+        }
+        let mut policies = PolicySet::new();
+        let mut sources = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read policy file `{}`", file.display()))?;
+            add_file(&mut policies, file, &text)?;
+            sources.push((file.clone(), text));
+        }
+        validate(&schema, &policies, &sources)?;
+        let entities = static_entities(catalog, geography, &schema)?;
+        Ok(PolicyEngine {
+            schema,
+            policies,
+            entities,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.policies().count()
+    }
+
+    /// Prepares the per-request part of every context: the caller and the purpose.
+    pub fn ask(
+        &self,
+        principal: &Principal,
+        purpose: &str,
+        lawful_basis: &str,
+    ) -> anyhow::Result<Ask> {
+        let area = |id: &String| json!({ "__entity": { "type": "Wardgate::Area", "id": id } });
+        let purp = |id: &str| json!({ "__entity": { "type": "Wardgate::Purpose", "id": id } });
+        Ok(Ask {
+            caller: json!({
+                "role": principal.role,
+                "unit": principal.unit,
+                "grants": principal.areas.iter().map(area).collect::<Vec<_>>(),
+                "purposes": principal.purposes.iter().map(|p| purp(p)).collect::<Vec<_>>(),
+            }),
+            purpose: purp(purpose),
+            lawful_basis: lawful_basis.to_owned(),
+            user: uid("Wardgate::User", &principal.subject)?,
+        })
+    }
+
+    /// May this request happen at all?
+    pub fn decide_request(&self, ask: &Ask, action: RequestAction, dataset: &str) -> Verdict {
+        let ctx = json!({ "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis });
+        self.decide(ask, action.as_str(), "Wardgate::Dataset", dataset, ctx)
+    }
+
+    /// May this record leave (or, with `write`, be written)?
+    pub fn decide_record(
+        &self,
+        ask: &Ask,
+        dataset: &str,
+        record: &RecordAttrs,
+        write: bool,
+    ) -> Verdict {
+        let action = if write {
+            "write_record"
+        } else {
+            "disclose_record"
+        };
+        let ctx = json!({
+            "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
+            "record": record_json(record),
+        });
+        self.decide(ask, action, "Wardgate::Dataset", dataset, ctx)
+    }
+
+    /// Which of `categories` may this record disclose (or, with `write`, have written)?
+    pub fn allowed_categories<'a>(
+        &self,
+        ask: &Ask,
+        dataset: &str,
+        record: &RecordAttrs,
+        categories: impl IntoIterator<Item = &'a String>,
+        write: bool,
+    ) -> HashSet<String> {
+        let action = if write {
+            "write_field"
+        } else {
+            "disclose_field"
+        };
+        let record = record_json(record);
+        let dataset_ref = json!({ "__entity": { "type": "Wardgate::Dataset", "id": dataset } });
+        categories
+            .into_iter()
+            .filter(|cat| {
+                let ctx = json!({
+                    "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
+                    "dataset": dataset_ref, "record": record,
+                });
+                self.decide(ask, action, "Wardgate::FieldCategory", cat, ctx)
+                    .allowed
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn decide(&self, ask: &Ask, action: &str, rtype: &str, rid: &str, ctx: Value) -> Verdict {
+        match self.try_decide(ask, action, rtype, rid, ctx) {
+            Ok(v) => v,
+            Err(e) => {
+                // A request the schema rejects is a bug or an attack; either way, deny.
+                tracing::error!(error = %e, action, "policy request could not be built; denying");
+                Verdict {
+                    allowed: false,
+                    policy_ids: vec!["policy-error".to_owned()],
+                }
+            }
+        }
+    }
+
+    fn try_decide(
+        &self,
+        ask: &Ask,
+        action: &str,
+        rtype: &str,
+        rid: &str,
+        ctx: Value,
+    ) -> anyhow::Result<Verdict> {
+        let action = uid("Wardgate::Action", action)?;
+        let resource = uid(rtype, rid)?;
+        let context = Context::from_json_value(ctx, Some((&self.schema, &action)))?;
+        let request = Request::new(
+            ask.user.clone(),
+            action,
+            resource,
+            context,
+            Some(&self.schema),
+        )?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &self.entities);
+        let mut policy_ids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        if !errors.is_empty() {
+            tracing::error!(?errors, "policy evaluation error; denying");
+            policy_ids.push("policy-error".to_owned());
+            return Ok(Verdict {
+                allowed: false,
+                policy_ids,
+            });
+        }
+        let allowed = response.decision() == CedarDecision::Allow;
+        if !allowed && policy_ids.is_empty() {
+            policy_ids.push(DEFAULT_DENY.to_owned());
+        }
+        policy_ids.sort();
+        Ok(Verdict {
+            allowed,
+            policy_ids,
+        })
+    }
+}
+
+fn uid(t: &str, id: &str) -> anyhow::Result<EntityUid> {
+    let t = cedar_policy::EntityTypeName::from_str(t)?;
+    Ok(EntityUid::from_type_name_and_id(
+        t,
+        cedar_policy::EntityId::new(id),
+    ))
+}
+
+fn record_json(r: &RecordAttrs) -> Value {
+    json!({
+        "area": { "__entity": { "type": "Wardgate::Area", "id": r.area } },
+        "markers": r.markers, "flags": r.flags, "consented": r.consented, "tps_fresh": r.tps_fresh,
+    })
+}
+
+fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read policy directory `{}`", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in rd {
+        let path = entry
+            .with_context(|| format!("cannot list `{}`", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == ext) && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn load_schema(dir: &Path) -> anyhow::Result<Schema> {
+    let files = cedar_files(dir, "cedarschema")?;
+    let [file] = files.as_slice() else {
+        bail!(
+            "expected exactly one `*.cedarschema` file in `{}`, found {}",
+            dir.display(),
+            files.len()
+        );
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read schema `{}`", file.display()))?;
+    let (schema, warnings) = Schema::from_cedarschema_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}", locate(file, &text, &e)))?;
+    for w in warnings {
+        tracing::warn!(file = %file.display(), "schema warning: {w}");
+    }
+    Ok(schema)
+}
+
+/// Parses one file and re-identifies its policies by their `@id` annotation.
+fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<()> {
+    let parsed =
+        PolicySet::from_str(text).map_err(|e| anyhow::anyhow!("{}", locate(file, text, &e)))?;
+    if parsed.templates().next().is_some() {
+        bail!("`{}`: policy templates are not supported", file.display());
+    }
+    for policy in parsed.policies() {
+        let Some(id) = policy.annotation("id").filter(|s| !s.trim().is_empty()) else {
+            bail!(
+                "`{}`: every policy needs an `@id(\"...\")` annotation; this one has none:\n{policy}",
+                file.display()
+            );
+        };
+        if set.policy(&PolicyId::new(id)).is_some() {
+            bail!("`{}`: policy id `{id}` is used twice", file.display());
+        }
+        set.add(policy.new_id(PolicyId::new(id)))
+            .map_err(|e| anyhow::anyhow!("`{}`: policy `{id}`: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
+fn validate(
+    schema: &Schema,
+    policies: &PolicySet,
+    sources: &[(PathBuf, String)],
+) -> anyhow::Result<()> {
+    let result = Validator::new(schema.clone()).validate(policies, ValidationMode::Strict);
+    let mut problems = Vec::new();
+    for err in result.validation_errors() {
+        let id = err.policy_id().to_string();
+        let (file, text) = sources
+            .iter()
+            .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
+            .map(|(f, t)| (f.as_path(), t.as_str()))
+            .unwrap_or((Path::new("<policies>"), ""));
+        problems.push(format!("{} (policy `{id}`)", locate(file, text, err)));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "policies fail strict validation against the schema:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// `file:line:col: message` from a Cedar diagnostic's first label.
+fn locate(file: &Path, text: &str, diag: &(dyn miette::Diagnostic + Send + Sync)) -> String {
+    let mut msg = diag.to_string();
+    if let Some(help) = diag.help() {
+        msg.push_str(&format!(" (help: {help})"));
+    }
+    // Parse errors nest the useful detail in related diagnostics.
+    if let Some(related) = diag.related() {
+        for r in related {
+            msg.push_str(&format!("; {r}"));
+        }
+    }
+    let offset = diag.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+    match offset {
+        Some(off) if off <= text.len() => {
+            let before = &text[..off];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("{}:{line}:{col}: {msg}", file.display())
+        }
+        _ => format!("{}: {msg}", file.display()),
+    }
+}
+
+fn static_entities(
+    catalog: &Catalog,
+    geography: &Geography,
+    schema: &Schema,
+) -> anyhow::Result<Entities> {
+    let mut all = geography.cedar_entities();
+    all.extend(catalog.cedar_entities());
+    all.extend(catalog.datasets.keys().map(
+        |d| json!({ "uid": { "type": "Wardgate::Dataset", "id": d }, "attrs": {}, "parents": [] }),
+    ));
+    Entities::from_json_value(Value::Array(all), Some(schema))
+        .context("the area register and catalogue do not fit the Cedar schema")
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

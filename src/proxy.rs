@@ -1,0 +1,149 @@
+//! The upstream side: one pooled HTTP client per datastore, with hygiene and hard limits.
+//!
+//! Requests to a datastore are built here from scratch rather than copied from the caller's:
+//! only the path and query the route table produced, `Accept`, `Content-Type` for writes, the
+//! request id, and the datastore's own credential from config. The caller's `Authorization`,
+//! cookies and hop-by-hop headers therefore never reach a datastore. Connect and response
+//! timeouts map to 502/504, and a body over the configured size is refused (502) rather than
+//! buffered without bound. This module forwards bytes; it does not look inside them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::UpstreamConfig;
+use crate::error::GatewayError;
+
+/// What came back from a datastore, fully read and size-checked.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub json: bool,
+    pub body: Bytes,
+}
+
+pub struct Upstream {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    response_timeout: Duration,
+    authorization: Option<HeaderValue>,
+    max_response_bytes: usize,
+}
+
+/// Every configured datastore by dataset name.
+pub struct Upstreams {
+    by_dataset: BTreeMap<String, Upstream>,
+}
+
+impl Upstreams {
+    pub fn new(
+        cfg: &BTreeMap<String, UpstreamConfig>,
+        max_response_bytes: usize,
+    ) -> anyhow::Result<Upstreams> {
+        let mut by_dataset = BTreeMap::new();
+        for (name, u) in cfg {
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(u.connect_timeout));
+            connector.set_nodelay(true);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(64)
+                .build(connector);
+            let authorization = match &u.authorization {
+                Some(v) => Some(HeaderValue::from_str(v).map_err(|_| {
+                    anyhow::anyhow!(
+                        "`datasets.{name}.authorization_file` is not a valid header value"
+                    )
+                })?),
+                None => None,
+            };
+            let base = u.base.to_string().trim_end_matches('/').to_owned();
+            by_dataset.insert(
+                name.clone(),
+                Upstream {
+                    base,
+                    client,
+                    response_timeout: u.response_timeout,
+                    authorization,
+                    max_response_bytes,
+                },
+            );
+        }
+        Ok(Upstreams { by_dataset })
+    }
+
+    pub fn get(&self, dataset: &str) -> Option<&Upstream> {
+        self.by_dataset.get(dataset)
+    }
+}
+
+impl Upstream {
+    /// Sends `method path_and_query` (with an optional JSON body) and reads the answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        request_id: &str,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        let uri = format!("{}{path_and_query}", self.base);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header(header::ACCEPT, "application/json")
+            .header("x-request-id", request_id);
+        if let Some(auth) = &self.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(body.unwrap_or_default())).map_err(|e| {
+            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
+        })?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                tracing::warn!(error = %e, uri, "upstream request failed");
+                GatewayError::UpstreamUnavailable
+            })?;
+            let status = resp.status();
+            let json = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| {
+                    ct.starts_with("application/json") || ct.starts_with("application/problem+json")
+                });
+            if resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|n| n > self.max_response_bytes)
+            {
+                return Err(GatewayError::UpstreamTooLarge);
+            }
+            let body = Limited::new(resp.into_body(), self.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        GatewayError::UpstreamTooLarge
+                    } else {
+                        tracing::warn!(error = %e, uri, "upstream body failed");
+                        GatewayError::UpstreamUnavailable
+                    }
+                })?
+                .to_bytes();
+            Ok(UpstreamResponse { status, json, body })
+        };
+        tokio::time::timeout(self.response_timeout, exchange)
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?
+    }
+}

@@ -1,0 +1,198 @@
+//! The route table: which paths and query strings may reach a datastore at all.
+//!
+//! Routes come from the asset register: for a dataset `voter` with collection `electors`,
+//! `GET /voter/electors` lists, `GET /voter/electors/{id}` reads one record and
+//! `POST /voter/electors/{id}/{write}` records a write the register declares. Nothing else is forwarded: an unknown path is 404,
+//! a known path with the wrong method is 405. Query parameters are parsed here, once: only the
+//! dataset's declared filters plus paging, each at most once, with values from a small
+//! alphabet, so that no operator syntax, list or encoded trick can widen what a caller asks
+//! for. The gateway adds its own narrowing parameters after this, which callers cannot send.
+
+use std::collections::BTreeMap;
+
+use percent_encoding::percent_decode_str;
+
+use crate::catalog::Catalog;
+use crate::error::GatewayError;
+use crate::policy::RequestAction;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteKind {
+    List,
+    Read { id: String },
+    Write { id: String, write: String },
+}
+
+/// A request that matched a route, with its validated query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dataset: String,
+    pub kind: RouteKind,
+    /// Validated caller filters, in a stable order.
+    pub filters: BTreeMap<String, String>,
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl Route {
+    pub fn action(&self) -> RequestAction {
+        match self.kind {
+            RouteKind::List => RequestAction::List,
+            RouteKind::Read { .. } => RequestAction::Read,
+            RouteKind::Write { .. } => RequestAction::Write,
+        }
+    }
+
+    /// The id the audit log and metrics use, e.g. `voter.list` or `voter.write.canvass`.
+    pub fn id(&self) -> String {
+        match &self.kind {
+            RouteKind::List => format!("{}.list", self.dataset),
+            RouteKind::Read { .. } => format!("{}.read", self.dataset),
+            RouteKind::Write { write, .. } => format!("{}.write.{write}", self.dataset),
+        }
+    }
+}
+
+const MAX_VALUE_LEN: usize = 64;
+
+/// Matches `method path?query` against the register's routes.
+pub fn resolve(
+    catalog: &Catalog,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Route, GatewayError> {
+    // Percent-escapes in a path are never needed for our ids, and are how `..` gets smuggled.
+    if path.contains('%') || path.contains("//") {
+        return Err(GatewayError::RouteNotFound);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (dataset_name, rest) = match segments.as_slice() {
+        [d, rest @ ..] if !rest.is_empty() => (*d, rest),
+        _ => return Err(GatewayError::RouteNotFound),
+    };
+    let dataset = catalog
+        .datasets
+        .get(dataset_name)
+        .ok_or(GatewayError::RouteNotFound)?;
+    let kind = match rest {
+        [c] if *c == dataset.collection => RouteKind::List,
+        [c, id] if *c == dataset.collection && valid_id(id) => RouteKind::Read {
+            id: (*id).to_owned(),
+        },
+        [c, id, w]
+            if *c == dataset.collection && valid_id(id) && dataset.writes.contains_key(*w) =>
+        {
+            RouteKind::Write {
+                id: (*id).to_owned(),
+                write: (*w).to_owned(),
+            }
+        }
+        _ => return Err(GatewayError::RouteNotFound),
+    };
+    let wanted = match kind {
+        RouteKind::Write { .. } => http::Method::POST,
+        RouteKind::List | RouteKind::Read { .. } => http::Method::GET,
+    };
+    if *method != wanted {
+        return Err(GatewayError::MethodNotAllowed);
+    }
+    let mut route = Route {
+        dataset: dataset_name.to_owned(),
+        kind,
+        filters: BTreeMap::new(),
+        page: None,
+        per_page: None,
+    };
+    let allowed_filters = match route.kind {
+        RouteKind::List => dataset.filters.as_slice(),
+        RouteKind::Read { .. } | RouteKind::Write { .. } => &[],
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(raw_name)?;
+        let value = decode(raw_value)?;
+        let duplicate = || {
+            GatewayError::BadRequest(format!("query parameter `{name}` is given more than once"))
+        };
+        match name.as_str() {
+            "page" if route.kind == RouteKind::List => {
+                if route
+                    .page
+                    .replace(number(&name, &value, u32::MAX)?)
+                    .is_some()
+                {
+                    return Err(duplicate());
+                }
+            }
+            "per_page" if route.kind == RouteKind::List => {
+                if route
+                    .per_page
+                    .replace(number(&name, &value, dataset.max_per_page)?)
+                    .is_some()
+                {
+                    return Err(duplicate());
+                }
+            }
+            f if allowed_filters.iter().any(|a| a == f) => {
+                check_value(&name, &value)?;
+                if route.filters.insert(name.clone(), value).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            _ => {
+                return Err(GatewayError::BadRequest(format!(
+                    "query parameter `{name}` is not accepted on this route"
+                )));
+            }
+        }
+    }
+    Ok(route)
+}
+
+/// Subject ids: letters, digits, `-` and `_`; nothing that could become a path or a query.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_VALUE_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn decode(raw: &str) -> Result<String, GatewayError> {
+    let spaced = raw.replace('+', " ");
+    percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| GatewayError::BadRequest("a query parameter is not valid UTF-8".to_owned()))
+}
+
+/// Filter values are codes, names and postcodes: nothing that is syntax anywhere downstream.
+fn check_value(name: &str, value: &str) -> Result<(), GatewayError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_VALUE_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'-' | b'_' | b'/' | b'.'))
+        && !value.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::BadRequest(format!(
+            "query parameter `{name}` must be 1 to {MAX_VALUE_LEN} letters, digits, spaces or `-_/.`"
+        )))
+    }
+}
+
+fn number(name: &str, value: &str, max: u32) -> Result<u32, GatewayError> {
+    match value.parse::<u32>() {
+        Ok(n) if n >= 1 && n <= max => Ok(n),
+        _ => Err(GatewayError::BadRequest(format!(
+            "query parameter `{name}` must be a whole number from 1 to {max}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[path = "routes_tests.rs"]
+mod tests;

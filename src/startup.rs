@@ -1,0 +1,140 @@
+//! Start-up: turn a validated [`Config`] into a running gateway, or refuse to start.
+//!
+//! [`build`] loads everything the request path needs (area register, asset register, keys,
+//! Cedar schema and policies, the audit log) and fails with a message naming the file and the
+//! problem if any of it is wrong; `wardgate validate` runs exactly this without serving.
+//! [`run`] takes its listeners and shutdown signal as inputs, so a test can start the whole
+//! gateway on port 0, and flushes the audit log only after the last connection has drained.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::{AuditLog, AuditSettings};
+use crate::auth::{KnownNames, Verifier};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::geography::Geography;
+use crate::policy::PolicyEngine;
+use crate::proxy::Upstreams;
+use crate::{admin, gateway, server};
+
+/// Everything loaded and checked except the audit log, which `validate` must not open.
+pub struct Checked {
+    pub catalog: Catalog,
+    pub geography: Geography,
+    pub verifier: Verifier,
+    pub policy: PolicyEngine,
+    pub upstreams: Upstreams,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Loads and validates every file the configuration names.
+pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
+    let geography = Geography::load(&cfg.areas_file)?;
+    let catalog = Catalog::load(&cfg.catalog_file)?;
+    for name in catalog.datasets.keys() {
+        if !cfg.datasets.contains_key(name) {
+            anyhow::bail!(
+                "the asset register describes dataset `{name}`, but `datasets.{name}` gives no upstream"
+            );
+        }
+    }
+    for name in cfg.datasets.keys() {
+        if !catalog.datasets.contains_key(name) {
+            anyhow::bail!(
+                "`datasets.{name}` is not in the asset register `{}`",
+                cfg.catalog_file.display()
+            );
+        }
+    }
+    let known = KnownNames {
+        roles: catalog.roles.keys().cloned().collect(),
+        areas: geography.areas().map(|a| a.id.clone()).collect(),
+        purposes: catalog.purposes.keys().cloned().collect(),
+    };
+    let verifier = Verifier::from_config(&cfg.auth, known)?;
+    let policy = PolicyEngine::load(&cfg.policy_dir, &catalog, &geography)?;
+    let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
+    let tls = match &cfg.server.tls {
+        Some(t) => Some(server::tls_acceptor(&t.cert_file, &t.key_file)?),
+        None => None,
+    };
+    Ok(Checked {
+        catalog,
+        geography,
+        verifier,
+        policy,
+        upstreams,
+        tls,
+    })
+}
+
+/// Loads everything and opens the audit log.
+pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)> {
+    let c = check(cfg)?;
+    let audit = AuditLog::open(AuditSettings {
+        dir: cfg.audit.dir.clone(),
+        durability: cfg.audit.durability,
+        max_batch: cfg.audit.max_batch,
+        segment_max_bytes: cfg.audit.segment_max_bytes,
+    })
+    .with_context(|| format!("cannot open the audit log in `{}`", cfg.audit.dir.display()))?;
+    let gw = Gateway {
+        catalog: c.catalog,
+        geography: c.geography,
+        verifier: c.verifier,
+        policy: c.policy,
+        upstreams: c.upstreams,
+        audit,
+        max_request_bytes: cfg.server.max_request_bytes,
+    };
+    Ok((Arc::new(gw), c.tls))
+}
+
+/// Serves the data and admin planes until `shutdown` resolves, then drains and flushes the log.
+pub async fn run(
+    gw: Arc<Gateway>,
+    data: TcpListener,
+    admin_listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    admin::metrics_handle();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let gw_admin = gw.clone();
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        None,
+        move |req, _peer| admin::handle(gw_admin.clone(), req),
+        stopped(stop_rx.clone()),
+        grace,
+    ));
+    let gw_data = gw.clone();
+    let data_task = tokio::spawn(server::serve(
+        data,
+        tls,
+        move |req, peer| {
+            let gw = gw_data.clone();
+            async move { gateway::handle(&gw, req, peer).await }
+        },
+        stopped(stop_rx),
+        grace,
+    ));
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let data_result = data_task.await.context("data plane task failed")?;
+    let admin_result = admin_task.await.context("admin plane task failed")?;
+    gw.audit.shutdown().await;
+    tracing::info!("audit log flushed; stopped");
+    data_result.and(admin_result)
+}
