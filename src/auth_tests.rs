@@ -1,1 +1,55 @@
+//! Header peeking and claim checks; the full matrix of token failures runs end to end in
+//! `tests/auth_e2e.rs`.
 
+use super::*;
+
+#[test]
+fn peek_reads_alg_and_kid_without_trusting_them() {
+    let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"k"}"#);
+    let head = peek_header(&format!("{h}.e30.")).unwrap();
+    assert_eq!(head.alg.as_deref(), Some("none"));
+    assert_eq!(head.kid.as_deref(), Some("k"));
+    for bad in ["", "a.b", "a.b.c.d", "!!!.e30.x"] {
+        assert!(peek_header(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn claims_naming_unknown_things_are_refused() {
+    let v = Verifier {
+        keys: HashMap::new(),
+        allowed: vec![Algorithm::ES256],
+        issuers: vec!["i".into()],
+        audience: "a".into(),
+        leeway_secs: 0,
+        known: KnownNames {
+            roles: ["canvasser".to_owned()].into(),
+            areas: ["E05011391".to_owned()].into(),
+            purposes: ["canvassing".to_owned()].into(),
+        },
+    };
+    let claims = |role: &str, area: &str, purpose: &str| Claims {
+        iss: "i".into(),
+        aud: "a".into(),
+        sub: "s".into(),
+        jti: "j".into(),
+        exp: 10,
+        nbf: 0,
+        iat: None,
+        role: role.into(),
+        org_unit: "u".into(),
+        areas: vec![area.into()],
+        purposes: vec![purpose.into()],
+        grant_expires: None,
+    };
+    assert!(v.principal(claims("canvasser", "E05011391", "canvassing"), 5).is_ok());
+    assert_eq!(v.principal(claims("admin", "E05011391", "canvassing"), 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(claims("canvasser", "E92000001", "canvassing"), 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(claims("canvasser", "E05011391", "sale"), 5), Err(AuthFailure::InvalidClaims));
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.grant_expires = Some(4);
+    assert_eq!(v.principal(c, 5), Err(AuthFailure::Expired));
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.sub = " ".into();
+    assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
+}

@@ -1,1 +1,80 @@
+//! Configuration parsing: typed at the edge, unknown keys and bad values named.
 
+use super::*;
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+data_dir = "/var/lib/wardgate"
+[server.tls]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+[auth]
+issuers = ["https://sso.example"]
+audience = "wardgate"
+algorithms = ["ES256"]
+[[auth.keys]]
+kid = "k1"
+algorithm = "ES256"
+public_key_file = "keys/k1.pem"
+[policy]
+dir = "policies"
+[catalog]
+file = "catalog.toml"
+[geography]
+file = "areas.toml"
+[audit]
+durability = "fsync"
+[datasets.voter]
+upstream = "http://127.0.0.1:7001"
+"#;
+
+fn parse(text: &str) -> anyhow::Result<Config> {
+    Config::parse(text, Path::new("/etc/wardgate"))
+}
+
+fn err(text: &str) -> String {
+    format!("{:#}", parse(text).unwrap_err())
+}
+
+#[test]
+fn defaults_and_relative_paths() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.policy_dir, Path::new("/etc/wardgate/policies"));
+    assert_eq!(c.audit.dir, Path::new("/var/lib/wardgate/audit"));
+    assert_eq!(c.auth.leeway, Duration::from_secs(30));
+    assert_eq!(c.datasets["voter"].response_timeout, Duration::from_secs(15));
+    assert!(c.server.tls.is_some());
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    assert!(err(&MINIMAL.replace("durability", "durabilty")).contains("durabilty"));
+    assert!(err(&format!("{MINIMAL}\n[surprise]\nx = 1\n")).contains("surprise"));
+}
+
+#[test]
+fn bad_values_are_named() {
+    assert!(err(&MINIMAL.replace("127.0.0.1:8443", "localhost")).contains("server.listen"));
+    assert!(err(&MINIMAL.replace("http://127.0.0.1:7001", "ftp://x")).contains("datasets.voter.upstream"));
+    assert!(err(&MINIMAL.replace("[auth]", "[auth]\nleeway = \"1h\"")).contains("auth.leeway"));
+    assert!(err(&MINIMAL.replace("algorithms = [\"ES256\"]", "algorithms = [\"HS256\"]")).contains("HS256"));
+    assert!(err(&MINIMAL.replace("\"fsync\"", "\"sometimes\"")).contains("sometimes"));
+}
+
+#[test]
+fn tls_is_required_unless_plaintext_is_explicit() {
+    let no_tls = MINIMAL.replace("[server.tls]\ncert_file = \"tls/cert.pem\"\nkey_file = \"tls/key.pem\"\n", "");
+    assert!(err(&no_tls).contains("server.tls"));
+    let plain = no_tls.replace("data_dir = \"/var/lib/wardgate\"", "data_dir = \"/var/lib/wardgate\"\nplaintext = true");
+    assert!(parse(&plain).unwrap().server.tls.is_none());
+    let both = MINIMAL.replace("data_dir = \"/var/lib/wardgate\"", "data_dir = \"/var/lib/wardgate\"\nplaintext = true");
+    assert!(err(&both).contains("contradict"));
+}
+
+#[test]
+fn a_key_must_use_an_allowed_algorithm() {
+    let text = MINIMAL.replace("algorithm = \"ES256\"", "algorithm = \"RS256\"");
+    assert!(err(&text).contains("k1"));
+}

@@ -1,1 +1,110 @@
+//! Filter tests over bytes: what leaves, what is counted, and fail-closed parsing.
 
+use std::collections::HashMap;
+
+use super::*;
+use crate::catalog::Catalog;
+
+fn dataset() -> Dataset {
+    Catalog::parse(include_str!("../config/catalog.toml")).unwrap().datasets["voter"].clone()
+}
+
+fn cx(ds: &Dataset) -> FilterContext<'_> {
+    FilterContext { dataset: ds, today: days_from_iso_date("2026-11-23").unwrap(), register_flags: &|_| None }
+}
+
+fn record(id: &str, pd: &str, extra: &str) -> String {
+    format!(
+        r#"{{"elector_id":"{id}","local_authority":"E08000035","polling_district":"{pd}","first_name":"Ann","surname":"Lee","email":"a@example.org","markers":[],"flags":[],"consents":{{"email":{{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null}},"sms":null}},"tps_checked_at":"2026-11-01"{extra}}}"#
+    )
+}
+
+/// Allows records in CGW1 only, and the identity + identifier categories.
+fn decide(a: &RecordAttrs) -> Arc<RecordDecision> {
+    Arc::new(RecordDecision {
+        allowed: a.area == "E08000035/CGW1" && !a.markers.contains("N"),
+        categories: ["identifier", "identity"].iter().map(|s| (*s).to_owned()).collect(),
+    })
+}
+
+#[test]
+fn rows_out_of_scope_are_dropped_and_fields_stripped() {
+    let ds = dataset();
+    let body = format!(r#"{{"records":[{},{}],"page":1,"per_page":2,"next_page":null}}"#, record("VF-1", "CGW1", ""), record("VF-2", "CGW9", ""));
+    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["records"].as_array().unwrap().len(), 1);
+    assert_eq!(v["records"][0], serde_json::json!({"elector_id":"VF-1","first_name":"Ann","surname":"Lee"}));
+    assert_eq!(v["page"], 1);
+    assert_eq!(d.subjects, vec!["VF-1".to_owned()]);
+    assert_eq!(d.fields.iter().cloned().collect::<Vec<_>>(), vec!["elector_id", "first_name", "surname"]);
+    assert_eq!(d.rows_withheld, 1);
+}
+
+#[test]
+fn unclassified_fields_never_leave() {
+    let ds = dataset();
+    let body = format!(r#"{{"records":[{}]}}"#, record("VF-1", "CGW1", r#","shadow_notes":"secret""#));
+    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut |_| {
+        Arc::new(RecordDecision { allowed: true, categories: ds.fields.values().cloned().collect() })
+    })
+    .unwrap();
+    assert!(!String::from_utf8_lossy(&out).contains("secret"));
+    assert_eq!(d.unclassified_fields, 1);
+}
+
+#[test]
+fn a_record_missing_a_policy_attribute_is_withheld() {
+    let ds = dataset();
+    let no_flags = record("VF-1", "CGW1", "").replace(r#""flags":[],"#, "");
+    let bad_markers = record("VF-2", "CGW1", "").replace(r#""markers":[]"#, r#""markers":"N""#);
+    let no_area = record("VF-3", "CGW1", "").replace(r#""polling_district":"CGW1","#, "");
+    let body = format!(r#"{{"records":[{no_flags},{bad_markers},{no_area}]}}"#);
+    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
+    assert_eq!((d.rows_withheld, d.malformed_rows), (3, 3));
+}
+
+#[test]
+fn malformed_bodies_are_errors_not_pass_through() {
+    let ds = dataset();
+    for body in [&b"{"[..], b"[]", b"{\"rows\":[]}", b"{\"records\":{}}", b"not json", b"{\"records\":[1]}"] {
+        assert!(filter_page(body, &cx(&ds), &mut decide).is_err(), "{:?}", String::from_utf8_lossy(body));
+    }
+    assert!(filter_single(b"{\"records\":[]}", &cx(&ds), &mut decide).is_err());
+}
+
+#[test]
+fn consent_and_tps_are_read_from_the_record() {
+    let ds = dataset();
+    let withdrawn = record("VF-1", "CGW1", "").replace(r#""withdrawn_at":null"#, r#""withdrawn_at":"2026-01-01T00:00:00Z""#);
+    let stale_tps = record("VF-2", "CGW1", "").replace("2026-11-01", "2026-01-01");
+    let mut seen = HashMap::new();
+    for (id, r) in [("VF-1", withdrawn), ("VF-2", stale_tps), ("VF-3", record("VF-3", "CGW1", ""))] {
+        let rec: RawRecord = serde_json::from_str(&r).unwrap();
+        let (_, attrs) = record_attrs(&rec, &cx(&ds)).unwrap();
+        seen.insert(id, attrs);
+    }
+    assert!(seen["VF-1"].consented.is_empty());
+    assert!(seen["VF-2"].consented.contains("email") && !seen["VF-2"].tps_fresh);
+    assert!(seen["VF-3"].tps_fresh);
+}
+
+#[test]
+fn register_flags_are_merged_into_the_record_flags() {
+    let ds = dataset();
+    let register = |id: &str| (id == "VF-1").then(|| vec!["restricted".to_owned()]);
+    let cx = FilterContext { dataset: &ds, today: 0, register_flags: &register };
+    let text = record("VF-1", "CGW1", "");
+    let rec: RawRecord = serde_json::from_str(&text).unwrap();
+    assert!(record_attrs(&rec, &cx).unwrap().1.flags.contains("restricted"));
+}
+
+#[test]
+fn escaped_keys_and_values_survive_byte_for_byte() {
+    let ds = dataset();
+    let body = r#"{"record":{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","surname":"O\"Neil \u00e9","markers":[],"flags":[],"consents":{},"tps_checked_at":null}}"#;
+    let (out, _) = filter_single(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.unwrap()).unwrap();
+    assert_eq!(v["record"]["surname"], "O\"Neil é");
+}

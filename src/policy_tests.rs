@@ -1,1 +1,244 @@
+//! Policy tests, data first: one request per file under `policies/tests/{allow,deny}/`, each
+//! checked for its decision and for the policy ids that decided it. Plus start-up refusals.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::*;
+use crate::auth::Principal;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fixture {
+    description: String,
+    caller: FixtureCaller,
+    purpose: String,
+    /// list | read | write | export | disclose_record | write_record | disclose_field | write_field
+    action: String,
+    dataset: String,
+    /// For disclose_field / write_field.
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    record: Option<FixtureRecord>,
+    /// Every id here must be among the deciding policies.
+    #[serde(default)]
+    expect_policies: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureCaller {
+    role: String,
+    #[serde(default = "default_unit")]
+    unit: String,
+    areas: Vec<String>,
+    purposes: Vec<String>,
+}
+
+fn default_unit() -> String {
+    "TEST-UNIT".to_owned()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureRecord {
+    area: String,
+    #[serde(default)]
+    markers: BTreeSet<String>,
+    #[serde(default)]
+    flags: BTreeSet<String>,
+    #[serde(default)]
+    consented: BTreeSet<String>,
+    #[serde(default)]
+    tps_fresh: bool,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub(crate) fn shipped_engine() -> (PolicyEngine, Catalog, Geography) {
+    let catalog = Catalog::load(&repo().join("config/catalog.toml")).unwrap();
+    let geography = Geography::load(&repo().join("config/areas.toml")).unwrap();
+    let engine = PolicyEngine::load(&repo().join("policies"), &catalog, &geography).unwrap();
+    (engine, catalog, geography)
+}
+
+fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let f: Fixture = serde_json::from_str(&text).map_err(|e| format!("bad fixture: {e}"))?;
+    let principal = Principal {
+        subject: "fixture".into(),
+        token_id: "t".into(),
+        role: f.caller.role,
+        unit: f.caller.unit,
+        areas: f.caller.areas,
+        purposes: f.caller.purposes,
+        expires_at: i64::MAX,
+        grant_expires_at: None,
+    };
+    let basis = shipped_engine().1.purposes.get(&f.purpose).map(|p| p.lawful_basis.clone()).unwrap_or_default();
+    let ask = engine.ask(&principal, &f.purpose, &basis).map_err(|e| e.to_string())?;
+    let record = f.record.map(|r| RecordAttrs {
+        area: r.area,
+        markers: r.markers,
+        flags: r.flags,
+        consented: r.consented,
+        tps_fresh: r.tps_fresh,
+    });
+    let need_record = || record.clone().ok_or_else(|| format!("{}: needs a `record`", f.description));
+    let verdict = match f.action.as_str() {
+        "list" => engine.decide_request(&ask, RequestAction::List, &f.dataset),
+        "read" => engine.decide_request(&ask, RequestAction::Read, &f.dataset),
+        "write" => engine.decide_request(&ask, RequestAction::Write, &f.dataset),
+        "export" => engine.decide_request(&ask, RequestAction::Export, &f.dataset),
+        "disclose_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, false),
+        "write_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, true),
+        a @ ("disclose_field" | "write_field") => {
+            let cat = f.category.clone().ok_or("field actions need a `category`")?;
+            let ctx = json!({
+                "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
+                "dataset": { "__entity": { "type": "Wardgate::Dataset", "id": f.dataset } },
+                "record": record_json(&need_record()?),
+            });
+            engine.decide(&ask, a, "Wardgate::FieldCategory", &cat, ctx)
+        }
+        other => return Err(format!("unknown action `{other}`")),
+    };
+    for id in &f.expect_policies {
+        if !verdict.policy_ids.contains(id) {
+            return Err(format!("{}: expected policy `{id}` among {:?}", f.description, verdict.policy_ids));
+        }
+    }
+    Ok(verdict)
+}
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = repo().join("policies/tests").join(kind);
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_fixture_gets_its_expected_decision() {
+    let (engine, _, _) = shipped_engine();
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for (kind, want) in [("allow", true), ("deny", false)] {
+        for path in fixtures(kind) {
+            count += 1;
+            match run_fixture(&engine, &path) {
+                Ok(v) if v.allowed == want => {}
+                Ok(v) => failures.push(format!("{}: expected {kind}, got {:?}", path.display(), v)),
+                Err(e) => failures.push(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {count} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(count > 0, "no policy fixtures found");
+}
+
+#[test]
+fn every_policy_file_is_exercised_by_some_fixture() {
+    let (engine, _, _) = shipped_engine();
+    let mut seen = BTreeSet::new();
+    for kind in ["allow", "deny"] {
+        for path in fixtures(kind) {
+            if let Ok(v) = run_fixture(&engine, &path) {
+                seen.extend(v.policy_ids);
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for file in cedar_files(&repo().join("policies"), "cedar").unwrap() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let ids: Vec<&str> = text.split("@id(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        if !ids.iter().any(|id| seen.contains(*id)) {
+            missing.push(file.display().to_string());
+        }
+    }
+    assert!(missing.is_empty(), "no fixture decides by any policy of: {missing:?}");
+}
+
+fn load_with(replace_file: &str, text: &str) -> anyhow::Result<PolicyEngine> {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(repo().join("policies")).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.path().join(replace_file), text).unwrap();
+    let (_, catalog, geography) = shipped_engine();
+    PolicyEngine::load(dir.path(), &catalog, &geography)
+}
+
+#[test]
+fn a_syntax_error_names_file_and_line() {
+    let err = load_with("broken.cedar", "@id(\"x\")\npermit (principal, action, resource)\nwhen { context.caller.role == };\n")
+        .err()
+        .unwrap();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("broken.cedar:3:"), "{msg}");
+}
+
+#[test]
+fn a_schema_violation_names_file_and_policy() {
+    let err = load_with("typo.cedar", "@id(\"typo\")\npermit (principal, action, resource)\nwhen { context.caller.rolle == \"dpo\" };\n")
+        .err()
+        .unwrap();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("typo.cedar") && msg.contains("`typo`"), "{msg}");
+}
+
+#[test]
+fn a_policy_without_an_id_is_refused() {
+    let err = load_with("anon.cedar", "permit (principal, action, resource);\n").err().unwrap();
+    assert!(format!("{err:#}").contains("@id"));
+}
+
+#[test]
+fn duplicate_ids_are_refused() {
+    let err = load_with("dup.cedar", "@id(\"purpose.granted\")\nforbid (principal, action, resource);\n").err().unwrap();
+    assert!(format!("{err:#}").contains("used twice"));
+}
+
+#[test]
+fn an_evaluation_error_denies_even_when_a_permit_matches() {
+    // An attribute lookup on an area the entity store does not hold is an evaluation error:
+    // Cedar skips the erroring forbid and would allow (the permit matches by equality); the
+    // engine must deny instead.
+    let engine = load_with(
+        "zz_error.cedar",
+        "@id(\"zz.error\")\nforbid (principal, action == Wardgate::Action::\"disclose_record\", resource)\nwhen { context.record.area.kind == \"ward\" };\n",
+    )
+    .unwrap();
+    let (_, catalog, _) = shipped_engine();
+    let p = Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "councillor".into(),
+        unit: "u".into(),
+        areas: vec!["GHOST".into()],
+        purposes: vec!["canvassing".into()],
+        expires_at: i64::MAX,
+        grant_expires_at: None,
+    };
+    let ask = engine.ask(&p, "canvassing", &catalog.purposes["canvassing"].lawful_basis).unwrap();
+    let rec = RecordAttrs {
+        area: "GHOST".into(),
+        markers: BTreeSet::new(),
+        flags: BTreeSet::new(),
+        consented: BTreeSet::new(),
+        tps_fresh: false,
+    };
+    let v = engine.decide_record(&ask, "voter", &rec, false);
+    assert!(!v.allowed);
+    assert!(v.policy_ids.contains(&"policy-error".to_owned()), "{v:?}");
+}

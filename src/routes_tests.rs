@@ -1,1 +1,80 @@
+//! Route table tests: only declared paths, only declared parameters, nothing that widens.
 
+use super::*;
+
+fn catalog() -> Catalog {
+    Catalog::parse(include_str!("../config/catalog.toml")).unwrap()
+}
+
+fn get(path: &str, query: Option<&str>) -> Result<Route, GatewayError> {
+    resolve(&catalog(), &http::Method::GET, path, query)
+}
+
+#[test]
+fn declared_routes_resolve() {
+    let r = get("/voter/electors", Some("ward=E05011391&page=2&per_page=50")).unwrap();
+    assert_eq!(r.kind, RouteKind::List);
+    assert_eq!(r.filters.get("ward").map(String::as_str), Some("E05011391"));
+    assert_eq!((r.page, r.per_page), (Some(2), Some(50)));
+    assert_eq!(r.id(), "voter.list");
+    let r = get("/membership/members/M-000001", None).unwrap();
+    assert_eq!(r.kind, RouteKind::Read { id: "M-000001".into() });
+    let r = resolve(&catalog(), &http::Method::POST, "/voter/electors/VF-0000001/canvass", None).unwrap();
+    assert_eq!(r.id(), "voter.write.canvass");
+    assert_eq!(r.action(), RequestAction::Write);
+}
+
+#[test]
+fn postcodes_with_spaces_decode() {
+    let r = get("/voter/electors", Some("postcode=LS15+8AB")).unwrap();
+    assert_eq!(r.filters["postcode"], "LS15 8AB");
+    let r = get("/voter/electors", Some("postcode=LS15%208AB")).unwrap();
+    assert_eq!(r.filters["postcode"], "LS15 8AB");
+}
+
+#[test]
+fn undeclared_paths_and_methods_are_refused() {
+    for p in ["/", "/voter", "/voter/", "/voter/members", "/nope/electors", "/voter/electors/a/b/c", "/voter/electors/x/delete", "//voter/electors", "/voter/electors/%2e%2e"] {
+        assert!(matches!(get(p, None), Err(GatewayError::RouteNotFound)), "{p}");
+    }
+    assert!(matches!(resolve(&catalog(), &http::Method::POST, "/voter/electors", None), Err(GatewayError::MethodNotAllowed)));
+    assert!(matches!(get("/voter/electors/VF-1/canvass", None), Err(GatewayError::MethodNotAllowed)));
+}
+
+#[test]
+fn nothing_can_widen_the_query() {
+    let bad = [
+        "areas=E92000001",
+        "fields=email",
+        "ward=E05011391&ward=E05013911",
+        "ward=E05011391%2CE05013911",
+        "ward=E05011391%26areas%3DE92000001",
+        "ward=%00",
+        "ward=E05011391;E05013911",
+        "ward=*",
+        "ward=",
+        "postcode=../../etc",
+        "page=0",
+        "page=-1",
+        "per_page=1001",
+        "per_page=10&per_page=20",
+        "ward[$ne]=x",
+        "ward__in=a",
+        "%77ard=E05011391&ward=E05013911",
+        "ward=%ff",
+    ];
+    for q in bad {
+        assert!(matches!(get("/voter/electors", Some(q)), Err(GatewayError::BadRequest(_))), "{q}");
+    }
+    // A read takes no parameters at all.
+    assert!(matches!(get("/voter/electors/VF-1", Some("ward=x")), Err(GatewayError::BadRequest(_))));
+}
+
+#[test]
+fn ids_are_plain() {
+    assert!(valid_id("VF-0000001"));
+    assert!(valid_id("M_1"));
+    for bad in ["", "a/b", "a.b", "a b", "..", "a%2f", &"x".repeat(65)] {
+        assert!(!valid_id(bad), "{bad}");
+    }
+}

@@ -18,6 +18,9 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// The genesis hash (64 zeros) for an empty log.
     pub last_hash: String,
+    /// The newest segment ends in a line with no newline: a write cut short by a crash. It
+    /// was never acknowledged, so no response depended on it; the writer trims it on open.
+    pub torn_tail: bool,
 }
 
 /// Where and how the chain breaks. `line` is 1-based within `segment`; `seq` is the sequence
@@ -72,7 +75,8 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
     let mut last_seq = 0;
     let mut last_hash = GENESIS_HASH.to_owned();
     let mut buf = Vec::new();
-    for (_, path) in &segments {
+    let mut torn_tail = false;
+    for (index, (_, path)) in segments.iter().enumerate() {
         let segment = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -92,6 +96,11 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                 reason,
             };
             let Some(text) = buf.strip_suffix(b"\n") else {
+                // Only the newest segment may end mid-line: the chain continues past older ones.
+                if index + 1 == segments.len() {
+                    torn_tail = true;
+                    break;
+                }
                 return Err(malformed("torn final line (no trailing newline)".into()));
             };
             let head = match decode_line(text) {
@@ -123,6 +132,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
         records,
         last_seq,
         last_hash,
+        torn_tail,
     })
 }
 
@@ -287,7 +297,7 @@ mod tests {
     #[test]
     fn truncated_and_garbage_lines_are_malformed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut lines = write_chain(dir.path(), &[3]);
+        let mut lines = write_chain(dir.path(), &[3, 1]);
         let torn = lines[0][2][..40].to_owned();
         lines[0][2] = torn;
         rewrite(dir.path(), 1, &lines[0]);
@@ -297,6 +307,16 @@ mod tests {
                 if reason.contains("torn")),
             "{err:?}"
         );
+
+        // At the very end of the log a torn line is a crash's unacknowledged write: reported,
+        // not an error, and the records before it still verify.
+        let tail = tempfile::tempdir().unwrap();
+        let mut lines = write_chain(tail.path(), &[3]);
+        lines[0][2] = lines[0][2][..40].to_owned();
+        rewrite(tail.path(), 1, &lines[0]);
+        let report = verify_dir(tail.path()).unwrap();
+        assert!(report.torn_tail);
+        assert_eq!(report.records, 2);
 
         lines[0][2] = "not json at all\n".into();
         rewrite(dir.path(), 1, &lines[0]);

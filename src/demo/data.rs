@@ -17,7 +17,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use time::{Date, Duration};
 
 pub use membership::{MEMBER_KEYS, member};
@@ -275,46 +275,15 @@ fn day_between<R: Rng + ?Sized>(rng: &mut R, from: Date, to: Date) -> Date {
     from + Duration::days(rng.random_range(0..=span))
 }
 
-fn timestamp<R: Rng + ?Sized>(rng: &mut R, day: Date) -> String {
-    let (h, m, s) = (
-        rng.random_range(8..21),
-        rng.random_range(0..60),
-        rng.random_range(0..60),
-    );
-    format!("{day}T{h:02}:{m:02}:{s:02}Z")
-}
-
 fn round3(x: f64) -> f64 {
     (x.clamp(0.0, 1.0) * 1000.0).round() / 1000.0
-}
-
-/// A consent record per channel: null without the contact detail or without consent.
-fn consents<R: Rng + ?Sized>(rng: &mut R, channels: &[(&str, bool)]) -> Value {
-    let mut out = Map::new();
-    for &(channel, reachable) in channels {
-        let record = if reachable && rng.random_bool(0.6) {
-            let given = day_between(rng, ymd(2025, 1, 1), ymd(2025, 12, 31));
-            let withdrawn = rng.random_bool(0.15).then(|| {
-                let later = given + Duration::days(rng.random_range(1..=330));
-                timestamp(rng, later)
-            });
-            json!({
-                "given_at": timestamp(rng, given),
-                "source": pick(rng, &["doorstep", "web_form", "event"]),
-                "withdrawn_at": withdrawn,
-            })
-        } else {
-            Value::Null
-        };
-        out.insert(channel.to_owned(), record);
-    }
-    Value::Object(out)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const AREAS: &str = include_str!("../../config/areas.toml");
 

@@ -26,13 +26,16 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::data::{DemoData, INTENTION_CODES, ISSUES};
+use super::data::{
+    DemoData, GenSettings, INTENTION_CODES, ISSUES, polling_districts, stream_electors,
+    stream_members,
+};
 
 mod table;
 #[cfg(test)]
 mod tests;
 
-use table::{Filter, Kind, Projected, Query, Table};
+use table::{Filter, Kind, Query, Table, write_record};
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
 
@@ -45,10 +48,31 @@ pub struct Datastore {
 
 impl Datastore {
     pub fn new(data: DemoData) -> Self {
+        Datastore::from_records(data.electors, data.members)
+    }
+
+    /// Builds the store one record at a time: with [`stream_electors`] and [`stream_members`]
+    /// no more than one generated `Value` is alive at once, which is how to serve millions.
+    pub fn from_records(
+        electors: impl IntoIterator<Item = Value>,
+        members: impl IntoIterator<Item = Value>,
+    ) -> Self {
         Datastore {
-            electors: Arc::new(RwLock::new(Table::new("elector_id", data.electors))),
-            members: Arc::new(RwLock::new(Table::new("membership_number", data.members))),
+            electors: Arc::new(RwLock::new(Table::new("elector_id", electors))),
+            members: Arc::new(RwLock::new(Table::new("membership_number", members))),
         }
+    }
+
+    /// Generates the synthetic dataset straight into a store (see [`Datastore::from_records`]).
+    pub fn generate(settings: &GenSettings, areas_toml: &str) -> anyhow::Result<Self> {
+        let districts = polling_districts(areas_toml)?;
+        if districts.is_empty() {
+            anyhow::bail!("the area register defines no polling districts to put electors in");
+        }
+        Ok(Datastore::from_records(
+            stream_electors(settings, &districts),
+            stream_members(settings, &districts),
+        ))
     }
 }
 
@@ -87,11 +111,13 @@ pub async fn serve(
                     let store = store.clone();
                     async move { Ok::<_, Infallible>(route(req, store).await) }
                 });
-                let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "demo datastore: connection ended with an error");
+                        tracing::debug!(error = %e, "demo datastore: connection error");
                     }
                 });
             }
@@ -178,12 +204,15 @@ impl Problem {
             .canonical_reason()
             .unwrap_or("error")
             .to_lowercase();
-        let body = json!({"type": "about:blank", "title": title, "status": self.status.as_u16(), "detail": self.detail});
-        let mut resp = respond(
-            self.status,
-            "application/problem+json",
-            full(serde_json::to_vec(&body)),
-        );
+        let body = json!({
+            "type": "about:blank",
+            "title": title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let body = Full::new(Bytes::from(body)).boxed();
+        let mut resp = respond(self.status, "application/problem+json", body);
         if let Some(allow) = self.allow {
             resp.headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));
@@ -192,8 +221,13 @@ impl Problem {
     }
 }
 
-fn full(bytes: Result<Vec<u8>, serde_json::Error>) -> ResponseBody {
-    Full::new(Bytes::from(bytes.unwrap_or_else(|_| b"{}".to_vec()))).boxed()
+/// A `200 OK` with a JSON body already written out.
+fn json_ok(body: Vec<u8>) -> Response<ResponseBody> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        Full::new(Bytes::from(body)).boxed(),
+    )
 }
 
 fn respond(
@@ -211,15 +245,12 @@ fn respond(
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<ResponseBody> {
-    respond(status, "application/json", full(serde_json::to_vec(body)))
-}
-
-#[derive(Serialize)]
-struct Page<'a> {
-    records: Vec<Projected<'a>>,
-    page: usize,
-    per_page: usize,
-    next_page: Option<usize>,
+    let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    respond(
+        status,
+        "application/json",
+        Full::new(Bytes::from(body)).boxed(),
+    )
 }
 
 /// Filters `/electors` and `/electors/export` accept.
@@ -250,26 +281,25 @@ fn list(lock: &RwLock<Table>, query: &str, kind: Kind) -> Result<Response<Respon
         .candidates(&table)
         .filter(|&pos| filter.matches(&table, pos))
         .skip(skip);
-    let records = hits
+    let mut out = b"{\"records\":[".to_vec();
+    for (n, row) in hits
         .by_ref()
         .take(per_page)
-        .filter_map(|pos| table.records.get(pos))
-        .map(|record| Projected {
-            record,
-            fields: fields.as_ref(),
-            id_key: table.id_key,
-        })
-        .collect();
-    let next_page = hits.next().map(|_| page + 1);
-    Ok(json_response(
-        StatusCode::OK,
-        &Page {
-            records,
-            page,
-            per_page,
-            next_page,
-        },
-    ))
+        .filter_map(|pos| table.rows.get(pos))
+        .enumerate()
+    {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_record(&mut out, row, fields.as_ref(), table.id_key);
+    }
+    let next_page = match hits.next() {
+        Some(_) => (page + 1).to_string(),
+        None => "null".to_owned(),
+    };
+    let tail = format!("],\"page\":{page},\"per_page\":{per_page},\"next_page\":{next_page}}}");
+    out.extend_from_slice(tail.as_bytes());
+    Ok(json_ok(out))
 }
 
 fn one(
@@ -280,22 +310,16 @@ fn one(
 ) -> Result<Response<ResponseBody>, Problem> {
     let fields = Query::parse(query, &["fields"])?.fields(kind)?;
     let table = read(lock);
-    let record = table.by_id.get(id).and_then(|&pos| table.records.get(pos));
-    let Some(record) = record else {
+    let Some(row) = table.by_id.get(id).and_then(|&pos| table.rows.get(pos)) else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             format!("no record `{id}`"),
         ));
     };
-    let projected = Projected {
-        record,
-        fields: fields.as_ref(),
-        id_key: table.id_key,
-    };
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "record": projected }),
-    ))
+    let mut out = b"{\"record\":".to_vec();
+    write_record(&mut out, row, fields.as_ref(), table.id_key);
+    out.push(b'}');
+    Ok(json_ok(out))
 }
 
 /// The body of an export: NDJSON chunks arriving through a bounded channel.
@@ -331,22 +355,16 @@ fn export(lock: &Arc<RwLock<Table>>, query: &str) -> Result<Response<ResponseBod
             let mut chunk = Vec::with_capacity(EXPORT_CHUNK + 4096);
             let done = {
                 let table = read(&lock);
-                while chunk.len() < EXPORT_CHUNK && pos < table.records.len() {
+                while chunk.len() < EXPORT_CHUNK && pos < table.rows.len() {
                     if filter.matches(&table, pos)
-                        && let Some(record) = table.records.get(pos)
+                        && let Some(row) = table.rows.get(pos)
                     {
-                        let projected = Projected {
-                            record,
-                            fields: fields.as_ref(),
-                            id_key: table.id_key,
-                        };
-                        if serde_json::to_writer(&mut chunk, &projected).is_ok() {
-                            chunk.push(b'\n');
-                        }
+                        write_record(&mut chunk, row, fields.as_ref(), table.id_key);
+                        chunk.push(b'\n');
                     }
                     pos += 1;
                 }
-                pos >= table.records.len()
+                pos >= table.rows.len()
             };
             if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
                 return; // the client went away
@@ -400,20 +418,21 @@ async fn canvass(
     }
     let mut table = write(lock);
     let pos = table.by_id.get(id).copied();
-    let Some(record) = pos
-        .and_then(|pos| table.records.get_mut(pos))
-        .and_then(Value::as_object_mut)
-    else {
+    let Some(row) = pos.and_then(|pos| table.rows.get_mut(pos)) else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             format!("no record `{id}`"),
         ));
     };
-    if record
-        .get("markers")
-        .and_then(Value::as_array)
-        .is_some_and(|m| m.iter().any(|x| x == "N"))
-    {
+    let mut record: serde_json::Map<String, Value> =
+        serde_json::from_str(&row.json).map_err(|_| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored record is corrupt",
+            )
+        })?;
+    let markers = record.get("markers").and_then(Value::as_array);
+    if markers.is_some_and(|m| m.iter().any(|x| x == "N")) {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "an anonymous entry cannot hold canvass data",
@@ -433,7 +452,11 @@ async fn canvass(
             record.insert(key, value);
         }
     }
-    Ok(json_response(StatusCode::OK, &json!({ "record": record })))
+    let json = serde_json::to_string(&record)
+        .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the record"))?;
+    let body = format!("{{\"record\":{json}}}").into_bytes();
+    row.json = json.into();
+    Ok(json_ok(body))
 }
 
 fn is_date(s: &str) -> bool {

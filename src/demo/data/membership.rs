@@ -4,8 +4,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use time::{Date, Duration};
 
-use super::people::{Person, email, mobile};
-use super::{DistrictInfo, consents, day_between, flags, pick, weighted, ymd};
+use super::people::{Person, consents, email, mobile};
+use super::{DistrictInfo, day_between, flags, pick, weighted, ymd};
 
 /// The keys of a membership record, in order.
 pub const MEMBER_KEYS: &[&str] = &[

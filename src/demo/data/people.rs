@@ -1,10 +1,12 @@
 //! The parts of a person both demo stores share: names, addresses in the right streets and
-//! postcodes for each ward, and contact details in Ofcom's fictional (drama) number ranges.
+//! postcodes for each ward, contact details in Ofcom's fictional (drama) number ranges, and
+//! the consent records that go with them.
 
 use rand::Rng;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
+use time::{Date, Duration};
 
-use super::DistrictInfo;
+use super::{DistrictInfo, day_between, pick, ymd};
 
 const FIRST_NAMES: &str =
     "Oliver, Amelia, George, Isla, Harry, Olivia, Jack, Emily, Thomas, Sophie,
@@ -200,11 +202,11 @@ impl Person {
         let house = (slot % PER_STREET) / 2 + 1 + (street_no / streets) * PER_STREET;
         let street = item(loc.streets, street_no);
         let address_line1 = match slot % 2 {
-            0 if loc.flats && house % 3 == 0 => format!("Flat A, {house} {street}"),
-            _ if loc.flats && house % 3 == 0 => format!("Flat B, {house} {street}"),
+            0 if loc.flats && house.is_multiple_of(3) => format!("Flat A, {house} {street}"),
+            _ if loc.flats && house.is_multiple_of(3) => format!("Flat B, {house} {street}"),
             _ => format!("{house} {street}"),
         };
-        let address_line2 = if street_no % 2 == 0 {
+        let address_line2 = if street_no.is_multiple_of(2) {
             item(loc.localities, street_no / 2)
         } else {
             ""
@@ -278,4 +280,36 @@ pub(super) fn mobile<R: Rng + ?Sized>(rng: &mut R) -> String {
 /// A landline in the ward's drama range, e.g. `0113 496 0123`.
 pub(super) fn landline<R: Rng + ?Sized>(rng: &mut R, ward: &str) -> String {
     format!("{}{:03}", locale(ward).landline, rng.random_range(0..1000))
+}
+
+/// A consent record per channel: null without the contact detail or without consent.
+pub(super) fn consents<R: Rng + ?Sized>(rng: &mut R, channels: &[(&str, bool)]) -> Value {
+    let mut out = Map::new();
+    for &(channel, reachable) in channels {
+        let record = if reachable && rng.random_bool(0.6) {
+            let given = day_between(rng, ymd(2025, 1, 1), ymd(2025, 12, 31));
+            let withdrawn = rng.random_bool(0.15).then(|| {
+                let later = given + Duration::days(rng.random_range(1..=330));
+                timestamp(rng, later)
+            });
+            json!({
+                "given_at": timestamp(rng, given),
+                "source": pick(rng, &["doorstep", "web_form", "event"]),
+                "withdrawn_at": withdrawn,
+            })
+        } else {
+            Value::Null
+        };
+        out.insert(channel.to_owned(), record);
+    }
+    Value::Object(out)
+}
+
+fn timestamp<R: Rng + ?Sized>(rng: &mut R, day: Date) -> String {
+    let (h, m, s) = (
+        rng.random_range(8..21),
+        rng.random_range(0..60),
+        rng.random_range(0..60),
+    );
+    format!("{day}T{h:02}:{m:02}:{s:02}Z")
 }

@@ -3,8 +3,8 @@
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::people::{Person, email, landline, mobile};
-use super::{DistrictInfo, consents, day_between, flags, round3, some_of, weighted, ymd};
+use super::people::{Person, consents, email, landline, mobile};
+use super::{DistrictInfo, day_between, flags, round3, some_of, weighted, ymd};
 
 pub(super) const REGISTER_EDITION: &str = "2026-12";
 
@@ -123,8 +123,8 @@ pub fn elector<R: Rng + ?Sized>(
         attainer.then(|| day_between(rng, ymd(2027, 1, 1), ymd(2027, 11, 30)).to_string());
     let (postal, proxy) = match rng.random::<f64>() {
         _ if under_16 => (false, false),
-        r if overseas => (r < 0.7, r >= 0.7 && r < 0.95),
-        r => (r < 0.2, r >= 0.2 && r < 0.21),
+        r if overseas => (r < 0.7, (0.7..0.95).contains(&r)),
+        r => (r < 0.2, (0.2..0.21).contains(&r)),
     };
 
     // Who may vote where: overseas electors only at Westminster, peers and EU citizens only

@@ -4,84 +4,139 @@
 use std::collections::{HashMap, HashSet};
 
 use percent_encoding::percent_decode_str;
-use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::super::data::{ELECTOR_KEYS, MEMBER_KEYS};
 use super::Problem;
 
-/// One dataset: records in id order, with an id index and a polling-district index.
+/// Area and status values a request can filter on, held interned per row.
+const UNITS: [&str; 7] = [
+    "local_authority",
+    "polling_district",
+    "ward",
+    "constituency",
+    "branch",
+    "clp",
+    "status",
+];
+const LA: usize = 0;
+const PD: usize = 1;
+const BRANCH: usize = 4;
+const CLP: usize = 5;
+
+/// One record: its JSON text, kept serialised (a few times smaller than a `Value`, and a page
+/// of whole records is then a copy), plus the values filters look at.
+pub(super) struct Row {
+    pub json: Box<str>,
+    units: [u32; UNITS.len()],
+    /// Postcode upper-cased without spaces, for prefix matching.
+    postcode: Box<str>,
+    district: u32,
+}
+
+/// One dataset: rows in id order, with an id index and a polling-district index.
 pub(super) struct Table {
     pub id_key: &'static str,
-    pub records: Vec<Value>,
-    pub by_id: HashMap<String, usize>,
-    /// Every `LA/PD` seen, and which of them each record is in.
-    districts: HashMap<String, usize>,
-    district_of: Vec<usize>,
-    /// Per district: positions of its records, ascending.
+    pub rows: Vec<Row>,
+    pub by_id: HashMap<Box<str>, usize>,
+    /// Interned filter values.
+    names: HashMap<Box<str>, u32>,
+    /// `(local authority, polling district)` -> district number, and each district's rows.
+    districts: HashMap<(u32, u32), usize>,
     in_district: Vec<Vec<usize>>,
 }
 
-pub(super) fn text<'a>(record: &'a Value, key: &str) -> &'a str {
+fn text<'a>(record: &'a Value, key: &str) -> &'a str {
     record.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
+fn normalise_postcode(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_uppercase()
+}
+
 impl Table {
-    pub fn new(id_key: &'static str, mut records: Vec<Value>) -> Table {
-        records.sort_by(|a, b| text(a, id_key).cmp(text(b, id_key)));
+    /// Builds a table one record at a time, so a streamed dataset is never held as `Value`s.
+    pub fn new(id_key: &'static str, records: impl IntoIterator<Item = Value>) -> Table {
+        let mut names: HashMap<Box<str>, u32> = HashMap::new();
+        let mut keyed: Vec<(Box<str>, Row)> = Vec::new();
+        for record in records {
+            let Ok(json) = serde_json::to_string(&record) else {
+                continue;
+            };
+            let units = UNITS.map(|key| {
+                let next = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                *names.entry(text(&record, key).into()).or_insert(next)
+            });
+            let row = Row {
+                json: json.into(),
+                units,
+                postcode: normalise_postcode(text(&record, "postcode")).into(),
+                district: 0,
+            };
+            keyed.push((text(&record, id_key).into(), row));
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
         let mut table = Table {
             id_key,
-            by_id: HashMap::with_capacity(records.len()),
+            rows: Vec::with_capacity(keyed.len()),
+            by_id: HashMap::with_capacity(keyed.len()),
+            names,
             districts: HashMap::new(),
-            district_of: Vec::with_capacity(records.len()),
             in_district: Vec::new(),
-            records: Vec::new(),
         };
-        for (pos, r) in records.iter().enumerate() {
-            table.by_id.insert(text(r, id_key).to_owned(), pos);
-            let key = format!(
-                "{}/{}",
-                text(r, "local_authority"),
-                text(r, "polling_district")
-            );
+        for (pos, (id, mut row)) in keyed.into_iter().enumerate() {
             let next = table.districts.len();
-            let d = *table.districts.entry(key).or_insert(next);
+            let d = *table
+                .districts
+                .entry((row.units[LA], row.units[PD]))
+                .or_insert(next);
             if d == table.in_district.len() {
                 table.in_district.push(Vec::new());
             }
-            table.district_of.push(d);
             if let Some(list) = table.in_district.get_mut(d) {
                 list.push(pos);
             }
+            row.district = u32::try_from(d).unwrap_or(u32::MAX);
+            table.by_id.insert(id, pos);
+            table.rows.push(row);
         }
-        table.records = records;
         table
+    }
+
+    fn name(&self, value: &str) -> Option<u32> {
+        self.names.get(value).copied()
+    }
+
+    /// The district number of an `LA/PD` id.
+    fn district(&self, id: &str) -> Option<usize> {
+        let (la, pd) = id.split_once('/')?;
+        self.districts
+            .get(&(self.name(la)?, self.name(pd)?))
+            .copied()
     }
 }
 
-/// A record, or only the requested keys of it (plus its id), without copying it.
-pub(super) struct Projected<'a> {
-    pub record: &'a Value,
-    pub fields: Option<&'a HashSet<String>>,
-    pub id_key: &'static str,
-}
-
-impl Serialize for Projected<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match (self.fields, self.record.as_object()) {
-            (Some(fields), Some(obj)) => {
-                let mut map = s.serialize_map(None)?;
-                for (k, v) in obj
-                    .iter()
-                    .filter(|(k, _)| *k == self.id_key || fields.contains(*k))
-                {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-            _ => self.record.serialize(s),
-        }
+/// Appends a row's record, whole or only the `fields` keys (its id always kept), as JSON.
+pub(super) fn write_record(
+    out: &mut Vec<u8>,
+    row: &Row,
+    fields: Option<&HashSet<String>>,
+    id_key: &str,
+) {
+    let Some(fields) = fields else {
+        out.extend_from_slice(row.json.as_bytes());
+        return;
+    };
+    let record: Map<String, Value> = serde_json::from_str(&row.json).unwrap_or_default();
+    let kept: Map<String, Value> = record
+        .into_iter()
+        .filter(|(k, _)| k == id_key || fields.contains(k))
+        .collect();
+    if serde_json::to_writer(&mut *out, &kept).is_err() {
+        out.extend_from_slice(b"{}");
     }
 }
 
@@ -93,6 +148,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// Parameters that must equal a record's value of the same name.
     fn filters(self) -> &'static [&'static str] {
         match self {
             Kind::Electors => &[
@@ -179,11 +235,12 @@ fn comma_list(v: &str) -> impl Iterator<Item = &str> {
 /// The record filters of one request, resolved against one table.
 pub(super) struct Filter {
     kind: Kind,
-    equal: Vec<(&'static str, String)>,
-    /// Normalised (upper case, no spaces) postcode prefix.
+    /// Unit slot and interned value; `None` is a value no record has.
+    equal: Vec<(usize, Option<u32>)>,
+    /// Normalised postcode prefix.
     postcode: Option<String>,
-    /// `areas=`: the table's districts it names, and (members only) party unit ids.
-    areas: Option<(Vec<bool>, HashSet<String>)>,
+    /// `areas=`: the table's districts it names, and (members only) the party units it names.
+    areas: Option<(Vec<bool>, HashSet<u32>)>,
 }
 
 impl Filter {
@@ -194,68 +251,63 @@ impl Filter {
                 "`polling_district` needs `local_authority`: codes are only unique within one",
             ));
         }
+        let slot = |key: &str| UNITS.iter().position(|u| *u == key).unwrap_or_default();
         let equal = kind
             .filters()
             .iter()
-            .filter_map(|k| p.get(*k).map(|v| (*k, v.clone())))
+            .filter_map(|k| p.get(*k).map(|v| (slot(k), table.name(v))))
             .collect();
-        let postcode = p
-            .get("postcode")
-            .map(|v| v.chars().filter(|c| !c.is_whitespace()).collect::<String>());
         let areas = p.get("areas").map(|list| {
-            let ids: HashSet<String> = comma_list(list).map(str::to_owned).collect();
             let mut named = vec![false; table.in_district.len()];
-            for id in &ids {
-                if let Some(&d) = table.districts.get(id)
-                    && let Some(slot) = named.get_mut(d)
+            let mut units = HashSet::new();
+            for id in comma_list(list) {
+                if let Some(d) = table.district(id)
+                    && let Some(on) = named.get_mut(d)
                 {
-                    *slot = true;
+                    *on = true;
                 }
+                units.extend(table.name(id));
             }
-            (named, ids)
+            (named, units)
         });
+        let postcode = p.get("postcode").map(|v| normalise_postcode(v));
         Ok(Filter {
             kind,
             equal,
-            postcode: postcode.map(|p| p.to_uppercase()),
+            postcode,
             areas,
         })
     }
 
     pub fn matches(&self, table: &Table, pos: usize) -> bool {
-        let Some(r) = table.records.get(pos) else {
+        let Some(row) = table.rows.get(pos) else {
             return false;
         };
-        if !self.equal.iter().all(|(k, v)| text(r, k) == v) {
+        let unit = |slot: usize| row.units.get(slot).copied();
+        if !self
+            .equal
+            .iter()
+            .all(|(slot, want)| want.is_some() && unit(*slot) == *want)
+        {
             return false;
         }
-        if let Some(prefix) = &self.postcode {
-            let mut have = text(r, "postcode")
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .map(|c| c.to_ascii_uppercase());
-            if !prefix.chars().all(|c| have.next() == Some(c)) {
-                return false;
-            }
+        if let Some(prefix) = &self.postcode
+            && !row.postcode.starts_with(prefix.as_str())
+        {
+            return false;
         }
         match &self.areas {
             None => true,
-            Some((named, ids)) => {
-                let in_district = table
-                    .district_of
-                    .get(pos)
-                    .and_then(|d| named.get(*d))
-                    .copied()
-                    .unwrap_or(false);
-                in_district
-                    || (self.kind == Kind::Members
-                        && (ids.contains(text(r, "branch")) || ids.contains(text(r, "clp"))))
+            Some((named, units)) => {
+                let in_district = named.get(row.district as usize).copied().unwrap_or(false);
+                let in_unit = |slot| unit(slot).is_some_and(|u| units.contains(&u));
+                in_district || (self.kind == Kind::Members && (in_unit(BRANCH) || in_unit(CLP)))
             }
         }
     }
 
-    /// Record positions worth testing, in id order: only the named districts' records when
-    /// `areas=` can narrow by district alone (electors), else every record.
+    /// Row positions worth testing, in id order: only the named districts' rows when
+    /// `areas=` narrows by district alone (electors), else every row.
     pub fn candidates(&self, table: &Table) -> Box<dyn Iterator<Item = usize>> {
         match &self.areas {
             Some((named, _)) if self.kind == Kind::Electors => {
@@ -268,7 +320,7 @@ impl Filter {
                 positions.sort_unstable();
                 Box::new(positions.into_iter())
             }
-            _ => Box::new(0..table.records.len()),
+            _ => Box::new(0..table.rows.len()),
         }
     }
 }

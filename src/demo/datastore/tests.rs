@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::super::data::{DemoData, GenSettings, generate};
+use super::super::data::{DemoData, ELECTOR_KEYS, GenSettings, generate};
 use super::{Datastore, serve};
 
 const AREAS: &str = include_str!("../../../config/areas.toml");
@@ -418,5 +418,48 @@ async fn members_narrow_by_party_unit_or_district() {
     assert_eq!(pd.len(), want);
     let one = s.get("/members/M-000002").await.json();
     assert_eq!(one["record"]["membership_number"], "M-000002");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamed_store_serves_the_same_records_in_the_same_key_order() {
+    let s = start().await;
+    let settings = GenSettings {
+        electors: 1500,
+        members: 300,
+        ..GenSettings::default()
+    };
+    let streamed = Datastore::generate(&settings, AREAS).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, streamed, async move {
+        let _ = stopped.await;
+    }));
+    let other = Running {
+        base,
+        client: s.client.clone(),
+        data: s.data.clone(),
+        stop,
+        task,
+    };
+    for path in [
+        "/electors/export",
+        "/members?per_page=1000",
+        "/electors/VF-0001234",
+    ] {
+        assert_eq!(s.get(path).await.body, other.get(path).await.body, "{path}");
+    }
+    let text =
+        String::from_utf8(s.get("/electors/export?ward=E05013911").await.body.to_vec()).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let keys: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ELECTOR_KEYS);
+    other.stop().await;
     s.stop().await;
 }

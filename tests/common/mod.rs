@@ -1,0 +1,251 @@
+//! Test harness: the whole gateway on port 0 in front of a real upstream, plus a tiny client.
+//!
+//! `spawn_app` goes through the same start-up path as `wardgate serve` (config file, keys,
+//! registers, policies, audit log), using the demo's materialised files in a temp dir. Tests
+//! build their configuration in code and never touch the process environment.
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness")]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use wardgate::config::Config;
+use wardgate::demo::{self, data, datastore};
+use wardgate::token::Signer;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstream: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub audit_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub signer: Signer,
+    pub private_pem: String,
+    pub tokens: std::collections::BTreeMap<String, String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    store_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+pub struct AppOptions {
+    /// Use this upstream instead of starting the synthetic datastore.
+    pub upstream: Option<SocketAddr>,
+    /// Put the audit log here (e.g. a tiny tmpfs) instead of in the temp dir.
+    pub audit_dir: Option<PathBuf>,
+    pub electors: Option<usize>,
+    /// Edit the configuration before start-up.
+    pub tweak: Option<fn(&mut Config)>,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+pub async fn start_datastore(electors: usize) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let settings = data::GenSettings { electors, ..data::GenSettings::default() };
+    let generated = data::generate(&settings, demo::AREAS).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(datastore::serve(listener, datastore::Datastore::new(generated), async {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
+    let (upstream, store_stop) = match opts.upstream {
+        Some(u) => (u, None),
+        None => {
+            let (a, s) = start_datastore(opts.electors.unwrap_or(1500)).await;
+            (a, Some(s))
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
+    let config_path = demo::materialise(dir.path(), addr, admin_addr, upstream).unwrap();
+    let mut cfg = Config::load(&config_path).unwrap();
+    if let Some(a) = &opts.audit_dir {
+        cfg.audit.dir = a.clone();
+    }
+    cfg.server.shutdown_grace = std::time::Duration::from_secs(5);
+    if let Some(t) = opts.tweak {
+        t(&mut cfg);
+    }
+    let audit_dir = cfg.audit.dir.clone();
+    let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
+    let signer = Signer::from_config(cfg.signing.as_ref().unwrap()).unwrap();
+    let private_pem = std::fs::read_to_string(&cfg.signing.as_ref().unwrap().private_key_file).unwrap();
+    let tokens = demo::mint_tokens(&signer, now()).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(wardgate::startup::run(
+        gw,
+        data,
+        admin,
+        tls,
+        async {
+            let _ = rx.await;
+        },
+        cfg.server.shutdown_grace,
+    ));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    TestApp {
+        addr,
+        admin: admin_addr,
+        upstream,
+        dir,
+        audit_dir,
+        config_path,
+        signer,
+        private_pem,
+        tokens,
+        client,
+        stop: Some(tx),
+        task: Some(task),
+        store_stop,
+    }
+}
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl TestApp {
+    pub fn token(&self, persona: &str) -> String {
+        self.tokens.get(persona).unwrap_or_else(|| panic!("no persona `{persona}`")).clone()
+    }
+
+    /// Claims a valid demo token would carry, for tests that then break one thing.
+    pub fn claims(&self, role: &str, areas: &[&str], purposes: &[&str]) -> Value {
+        let now = now();
+        json!({
+            "iss": demo::ISSUER, "aud": demo::AUDIENCE, "sub": format!("test-{role}"),
+            "jti": format!("{:032x}", rand::random::<u128>()),
+            "exp": now + 600, "nbf": now - 5, "iat": now,
+            "role": role, "org_unit": "TEST-UNIT", "areas": areas, "purposes": purposes,
+        })
+    }
+
+    /// Signs arbitrary claims with the demo key (ES256) under `kid`.
+    pub fn sign_raw(&self, claims: &Value, kid: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.private_pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    pub fn sign(&self, claims: &Value) -> String {
+        self.sign_raw(claims, demo::KID)
+    }
+
+    pub fn public_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join(format!("keys/{}.pub.pem", demo::KID))).unwrap()
+    }
+
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>, purpose: Option<&str>) -> Resp {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = Vec::new();
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        if let Some(p) = purpose {
+            headers.push(("x-purpose", p));
+        }
+        self.request(Method::GET, path, &headers, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, purpose: &str, body: &str) -> Resp {
+        let auth = format!("Bearer {token}");
+        let headers = [("authorization", auth.as_str()), ("x-purpose", purpose), ("content-type", "application/json")];
+        self.request(Method::POST, path, &headers, Some(body)).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Resp {
+        let req = Request::builder()
+            .uri(format!("http://{}{path}", self.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    }
+
+    /// Every audit record on disk, in order.
+    pub fn audit_records(&self) -> Vec<Value> {
+        read_audit(&self.audit_dir)
+    }
+
+    /// The audit record of one request id (panics if absent).
+    pub fn audit_for(&self, resp: &Resp) -> Value {
+        let rid = resp.headers.get("x-request-id").and_then(|v| v.to_str().ok()).expect("response has x-request-id").to_owned();
+        self.audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == rid.as_str())
+            .unwrap_or_else(|| panic!("no audit record for request `{rid}`"))
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        if let Some(s) = self.store_stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub fn read_audit(dir: &Path) -> Vec<Value> {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    segs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seg-") && n.ends_with(".jsonl")));
+    segs.sort();
+    let mut out = Vec::new();
+    for s in segs {
+        for line in std::fs::read_to_string(&s).unwrap().lines() {
+            if let Ok(v) = serde_json::from_str(line) {
+                out.push(v);
+            }
+        }
+    }
+    out
+}

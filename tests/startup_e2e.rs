@@ -1,0 +1,114 @@
+//! The binary refuses to start on bad policies, schema violations, missing keys and unknown
+//! config keys, naming the file and the problem; `validate` checks the same without serving.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wardgate")
+}
+
+/// A complete, valid configuration directory (the demo's files), with a free port.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let cfg = wardgate::demo::materialise(dir.path(), addr, addr, upstream).unwrap();
+    (dir, cfg)
+}
+
+fn run(args: &[&str], cfg: &Path) -> (bool, String) {
+    let out = Command::new(bin()).args(args).arg("--config").arg(cfg).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn validate_accepts_the_shipped_files() {
+    let (_d, cfg) = setup();
+    let (ok, out) = run(&["validate"], &cfg);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok:"), "{out}");
+}
+
+#[test]
+fn the_annotated_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/wardgate.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    // Its keys and TLS files are placeholders for an operator's own; check that it parses.
+    let err = wardgate::config::Config::parse(&text, example.parent().unwrap());
+    assert!(err.is_ok(), "{:#}", err.unwrap_err());
+}
+
+#[test]
+fn an_invalid_policy_stops_serve_naming_file_and_line() {
+    let (d, cfg) = setup();
+    std::fs::write(d.path().join("policies/broken.cedar"), "@id(\"b\")\npermit (principal, action, resource)\nwhen { context. };\n").unwrap();
+    for cmd in ["serve", "validate"] {
+        let (ok, out) = run(&[cmd], &cfg);
+        assert!(!ok);
+        assert!(out.contains("broken.cedar:3:"), "{cmd}: {out}");
+    }
+}
+
+#[test]
+fn a_policy_failing_schema_validation_stops_serve() {
+    let (d, cfg) = setup();
+    std::fs::write(
+        d.path().join("policies/typo.cedar"),
+        "@id(\"typo.role\")\npermit (principal, action, resource)\nwhen { context.caller.rol == \"dpo\" };\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(out.contains("typo.cedar") && out.contains("typo.role") && out.contains("strict validation"), "{out}");
+}
+
+#[test]
+fn a_missing_key_file_stops_serve_naming_it() {
+    let (d, cfg) = setup();
+    std::fs::remove_file(d.path().join(format!("keys/{}.pub.pem", wardgate::demo::KID))).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(out.contains("demo-es256.pub.pem") && out.contains("cannot read"), "{out}");
+}
+
+#[test]
+fn a_malformed_key_file_stops_serve_naming_it() {
+    let (d, cfg) = setup();
+    std::fs::write(d.path().join(format!("keys/{}.pub.pem", wardgate::demo::KID)), "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(out.contains("demo-es256.pub.pem"), "{out}");
+}
+
+#[test]
+fn an_unknown_config_key_stops_serve_naming_it() {
+    let (_d, cfg) = setup();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("durability = \"fsync\"", "durabilty = \"fsync\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(out.contains("durabilty") && out.contains("wardgate.toml"), "{out}");
+}
+
+#[test]
+fn a_bad_address_and_a_missing_tls_section_are_named() {
+    let (_d, cfg) = setup();
+    let orig = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, orig.replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"localhost:ninety\"")).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok && out.contains("server.admin_listen"), "{out}");
+    std::fs::write(&cfg, orig.replace("plaintext = true\n", "")).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok && out.contains("server.tls"), "{out}");
+}
+
+#[test]
+fn a_shared_secret_algorithm_is_refused() {
+    let (_d, cfg) = setup();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("algorithms = [\"ES256\"]", "algorithms = [\"ES256\", \"HS256\"]");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out) = run(&["validate"], &cfg);
+    assert!(!ok && out.contains("HS256"), "{out}");
+}
