@@ -42,10 +42,22 @@ fn claims_naming_unknown_things_are_refused() {
         purposes: vec![purpose.into()],
         grant_expires: None,
     };
-    assert!(v.principal(claims("canvasser", "E05011391", "canvassing"), 5).is_ok());
-    assert_eq!(v.principal(claims("admin", "E05011391", "canvassing"), 5), Err(AuthFailure::InvalidClaims));
-    assert_eq!(v.principal(claims("canvasser", "E92000001", "canvassing"), 5), Err(AuthFailure::InvalidClaims));
-    assert_eq!(v.principal(claims("canvasser", "E05011391", "sale"), 5), Err(AuthFailure::InvalidClaims));
+    assert!(
+        v.principal(claims("canvasser", "E05011391", "canvassing"), 5)
+            .is_ok()
+    );
+    assert_eq!(
+        v.principal(claims("admin", "E05011391", "canvassing"), 5),
+        Err(AuthFailure::InvalidClaims)
+    );
+    assert_eq!(
+        v.principal(claims("canvasser", "E92000001", "canvassing"), 5),
+        Err(AuthFailure::InvalidClaims)
+    );
+    assert_eq!(
+        v.principal(claims("canvasser", "E05011391", "sale"), 5),
+        Err(AuthFailure::InvalidClaims)
+    );
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.grant_expires = Some(4);
     assert_eq!(v.principal(c, 5), Err(AuthFailure::Expired));

@@ -44,7 +44,10 @@ fn defaults_and_relative_paths() {
     assert_eq!(c.policy_dir, Path::new("/etc/wardgate/policies"));
     assert_eq!(c.audit.dir, Path::new("/var/lib/wardgate/audit"));
     assert_eq!(c.auth.leeway, Duration::from_secs(30));
-    assert_eq!(c.datasets["voter"].response_timeout, Duration::from_secs(15));
+    assert_eq!(
+        c.datasets["voter"].response_timeout,
+        Duration::from_secs(15)
+    );
     assert!(c.server.tls.is_some());
 }
 
@@ -57,19 +60,34 @@ fn unknown_keys_are_named() {
 #[test]
 fn bad_values_are_named() {
     assert!(err(&MINIMAL.replace("127.0.0.1:8443", "localhost")).contains("server.listen"));
-    assert!(err(&MINIMAL.replace("http://127.0.0.1:7001", "ftp://x")).contains("datasets.voter.upstream"));
+    assert!(
+        err(&MINIMAL.replace("http://127.0.0.1:7001", "ftp://x"))
+            .contains("datasets.voter.upstream")
+    );
     assert!(err(&MINIMAL.replace("[auth]", "[auth]\nleeway = \"1h\"")).contains("auth.leeway"));
-    assert!(err(&MINIMAL.replace("algorithms = [\"ES256\"]", "algorithms = [\"HS256\"]")).contains("HS256"));
+    assert!(
+        err(&MINIMAL.replace("algorithms = [\"ES256\"]", "algorithms = [\"HS256\"]"))
+            .contains("HS256")
+    );
     assert!(err(&MINIMAL.replace("\"fsync\"", "\"sometimes\"")).contains("sometimes"));
 }
 
 #[test]
 fn tls_is_required_unless_plaintext_is_explicit() {
-    let no_tls = MINIMAL.replace("[server.tls]\ncert_file = \"tls/cert.pem\"\nkey_file = \"tls/key.pem\"\n", "");
+    let no_tls = MINIMAL.replace(
+        "[server.tls]\ncert_file = \"tls/cert.pem\"\nkey_file = \"tls/key.pem\"\n",
+        "",
+    );
     assert!(err(&no_tls).contains("server.tls"));
-    let plain = no_tls.replace("data_dir = \"/var/lib/wardgate\"", "data_dir = \"/var/lib/wardgate\"\nplaintext = true");
+    let plain = no_tls.replace(
+        "data_dir = \"/var/lib/wardgate\"",
+        "data_dir = \"/var/lib/wardgate\"\nplaintext = true",
+    );
     assert!(parse(&plain).unwrap().server.tls.is_none());
-    let both = MINIMAL.replace("data_dir = \"/var/lib/wardgate\"", "data_dir = \"/var/lib/wardgate\"\nplaintext = true");
+    let both = MINIMAL.replace(
+        "data_dir = \"/var/lib/wardgate\"",
+        "data_dir = \"/var/lib/wardgate\"\nplaintext = true",
+    );
     assert!(err(&both).contains("contradict"));
 }
 

@@ -6,11 +6,18 @@ use super::*;
 use crate::catalog::Catalog;
 
 fn dataset() -> Dataset {
-    Catalog::parse(include_str!("../config/catalog.toml")).unwrap().datasets["voter"].clone()
+    Catalog::parse(include_str!("../config/catalog.toml"))
+        .unwrap()
+        .datasets["voter"]
+        .clone()
 }
 
 fn cx(ds: &Dataset) -> FilterContext<'_> {
-    FilterContext { dataset: ds, today: days_from_iso_date("2026-11-23").unwrap(), register_flags: &|_| None }
+    FilterContext {
+        dataset: ds,
+        today: days_from_iso_date("2026-11-23").unwrap(),
+        register_flags: &|_| None,
+    }
 }
 
 fn record(id: &str, pd: &str, extra: &str) -> String {
@@ -23,30 +30,49 @@ fn record(id: &str, pd: &str, extra: &str) -> String {
 fn decide(a: &RecordAttrs) -> Arc<RecordDecision> {
     Arc::new(RecordDecision {
         allowed: a.area == "E08000035/CGW1" && !a.markers.contains("N"),
-        categories: ["identifier", "identity"].iter().map(|s| (*s).to_owned()).collect(),
+        categories: ["identifier", "identity"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
     })
 }
 
 #[test]
 fn rows_out_of_scope_are_dropped_and_fields_stripped() {
     let ds = dataset();
-    let body = format!(r#"{{"records":[{},{}],"page":1,"per_page":2,"next_page":null}}"#, record("VF-1", "CGW1", ""), record("VF-2", "CGW9", ""));
+    let body = format!(
+        r#"{{"records":[{},{}],"page":1,"per_page":2,"next_page":null}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW9", "")
+    );
     let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["records"].as_array().unwrap().len(), 1);
-    assert_eq!(v["records"][0], serde_json::json!({"elector_id":"VF-1","first_name":"Ann","surname":"Lee"}));
+    assert_eq!(
+        v["records"][0],
+        serde_json::json!({"elector_id":"VF-1","first_name":"Ann","surname":"Lee"})
+    );
     assert_eq!(v["page"], 1);
     assert_eq!(d.subjects, vec!["VF-1".to_owned()]);
-    assert_eq!(d.fields.iter().cloned().collect::<Vec<_>>(), vec!["elector_id", "first_name", "surname"]);
+    assert_eq!(
+        d.fields.iter().cloned().collect::<Vec<_>>(),
+        vec!["elector_id", "first_name", "surname"]
+    );
     assert_eq!(d.rows_withheld, 1);
 }
 
 #[test]
 fn unclassified_fields_never_leave() {
     let ds = dataset();
-    let body = format!(r#"{{"records":[{}]}}"#, record("VF-1", "CGW1", r#","shadow_notes":"secret""#));
+    let body = format!(
+        r#"{{"records":[{}]}}"#,
+        record("VF-1", "CGW1", r#","shadow_notes":"secret""#)
+    );
     let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut |_| {
-        Arc::new(RecordDecision { allowed: true, categories: ds.fields.values().cloned().collect() })
+        Arc::new(RecordDecision {
+            allowed: true,
+            categories: ds.fields.values().cloned().collect(),
+        })
     })
     .unwrap();
     assert!(!String::from_utf8_lossy(&out).contains("secret"));
@@ -68,8 +94,19 @@ fn a_record_missing_a_policy_attribute_is_withheld() {
 #[test]
 fn malformed_bodies_are_errors_not_pass_through() {
     let ds = dataset();
-    for body in [&b"{"[..], b"[]", b"{\"rows\":[]}", b"{\"records\":{}}", b"not json", b"{\"records\":[1]}"] {
-        assert!(filter_page(body, &cx(&ds), &mut decide).is_err(), "{:?}", String::from_utf8_lossy(body));
+    for body in [
+        &b"{"[..],
+        b"[]",
+        b"{\"rows\":[]}",
+        b"{\"records\":{}}",
+        b"not json",
+        b"{\"records\":[1]}",
+    ] {
+        assert!(
+            filter_page(body, &cx(&ds), &mut decide).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
     }
     assert!(filter_single(b"{\"records\":[]}", &cx(&ds), &mut decide).is_err());
 }
@@ -77,10 +114,17 @@ fn malformed_bodies_are_errors_not_pass_through() {
 #[test]
 fn consent_and_tps_are_read_from_the_record() {
     let ds = dataset();
-    let withdrawn = record("VF-1", "CGW1", "").replace(r#""withdrawn_at":null"#, r#""withdrawn_at":"2026-01-01T00:00:00Z""#);
+    let withdrawn = record("VF-1", "CGW1", "").replace(
+        r#""withdrawn_at":null"#,
+        r#""withdrawn_at":"2026-01-01T00:00:00Z""#,
+    );
     let stale_tps = record("VF-2", "CGW1", "").replace("2026-11-01", "2026-01-01");
     let mut seen = HashMap::new();
-    for (id, r) in [("VF-1", withdrawn), ("VF-2", stale_tps), ("VF-3", record("VF-3", "CGW1", ""))] {
+    for (id, r) in [
+        ("VF-1", withdrawn),
+        ("VF-2", stale_tps),
+        ("VF-3", record("VF-3", "CGW1", "")),
+    ] {
         let rec: RawRecord = serde_json::from_str(&r).unwrap();
         let (_, attrs) = record_attrs(&rec, &cx(&ds)).unwrap();
         seen.insert(id, attrs);
@@ -94,10 +138,20 @@ fn consent_and_tps_are_read_from_the_record() {
 fn register_flags_are_merged_into_the_record_flags() {
     let ds = dataset();
     let register = |id: &str| (id == "VF-1").then(|| vec!["restricted".to_owned()]);
-    let cx = FilterContext { dataset: &ds, today: 0, register_flags: &register };
+    let cx = FilterContext {
+        dataset: &ds,
+        today: 0,
+        register_flags: &register,
+    };
     let text = record("VF-1", "CGW1", "");
     let rec: RawRecord = serde_json::from_str(&text).unwrap();
-    assert!(record_attrs(&rec, &cx).unwrap().1.flags.contains("restricted"));
+    assert!(
+        record_attrs(&rec, &cx)
+            .unwrap()
+            .1
+            .flags
+            .contains("restricted")
+    );
 }
 
 #[test]

@@ -8,9 +8,8 @@
 //! gets 503 and none of the data (no audit, no data). Errors become problem documents through
 //! `error.rs`, in one place.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,10 +19,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::{Principal, Verifier};
 use crate::catalog::{Catalog, Dataset};
+use crate::decisions::{Decider, DecisionCache, asker_key};
 use crate::error::GatewayError;
-use crate::filter::{self, FilterContext, RecordDecision};
+use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
-use crate::policy::{Ask, PolicyEngine, RecordAttrs};
+use crate::policy::{Ask, PolicyEngine};
 use crate::proxy::{Upstream, Upstreams};
 use crate::routes::{self, Route, RouteKind};
 
@@ -38,6 +38,9 @@ pub struct Gateway {
     pub policy: PolicyEngine,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
+    pub decisions: DecisionCache,
+    /// Field categories per dataset: what field decisions are asked about.
+    pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
 }
 
@@ -185,7 +188,19 @@ where
         .upstreams
         .get(&route.dataset)
         .ok_or(GatewayError::RouteNotFound)?;
-    let mut decider = Decider::new(gw, &ask, &route.dataset, dataset);
+    let categories = gw
+        .categories
+        .get(&route.dataset)
+        .ok_or(GatewayError::RouteNotFound)?;
+    let asker = asker_key(&principal, &purpose, &entry.lawful_basis);
+    let mut decider = Decider::new(
+        &gw.policy,
+        &gw.decisions,
+        &ask,
+        asker,
+        &route.dataset,
+        categories,
+    );
     let cx = FilterContext {
         dataset,
         today: filter::today(),
@@ -228,54 +243,6 @@ where
                 .map(Bytes::from)
                 .unwrap_or_else(|| Bytes::from_static(b"{\"record\":null}")))
         }
-    }
-}
-
-/// Memoises record decisions per distinct attribute combination, for one request.
-struct Decider<'a> {
-    gw: &'a Gateway,
-    ask: &'a Ask,
-    name: &'a str,
-    categories: BTreeSet<String>,
-    memo: HashMap<RecordAttrs, Arc<RecordDecision>>,
-    policy_ids: BTreeSet<String>,
-}
-
-impl<'a> Decider<'a> {
-    fn new(gw: &'a Gateway, ask: &'a Ask, name: &'a str, dataset: &Dataset) -> Self {
-        let categories = dataset.fields.values().cloned().collect();
-        Decider {
-            gw,
-            ask,
-            name,
-            categories,
-            memo: HashMap::new(),
-            policy_ids: BTreeSet::new(),
-        }
-    }
-
-    fn decide(&mut self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
-        if let Some(d) = self.memo.get(attrs) {
-            return d.clone();
-        }
-        let verdict = self
-            .gw
-            .policy
-            .decide_record(self.ask, self.name, attrs, false);
-        self.policy_ids.extend(verdict.policy_ids.iter().cloned());
-        let categories = if verdict.allowed {
-            self.gw
-                .policy
-                .allowed_categories(self.ask, self.name, attrs, &self.categories, false)
-        } else {
-            Default::default()
-        };
-        let d = Arc::new(RecordDecision {
-            allowed: verdict.allowed,
-            categories,
-        });
-        self.memo.insert(attrs.clone(), d.clone());
-        d
     }
 }
 
@@ -419,7 +386,12 @@ async fn check_write(
             refused.join("`, `")
         )));
     }
-    Ok(fields.keys().cloned().collect())
+    Ok(fields
+        .keys()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect())
 }
 
 async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>

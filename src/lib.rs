@@ -18,6 +18,7 @@
 //! - [`catalog`]: the information asset register and purpose catalogue.
 //! - [`geography`]: the area DAG.
 //! - [`policy`]: Cedar, loaded and validated at start.
+//! - [`decisions`]: record decisions memoised per distinct attribute combination.
 //! - [`proxy`]: the upstream client.
 //! - [`filter`]: row and field filtering over raw JSON.
 //! - [`audit`]: the durable, hash-chained access log.
@@ -30,6 +31,7 @@ pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod decisions;
 pub mod demo;
 pub mod error;
 pub mod filter;

@@ -192,7 +192,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 report.records, report.segments, report.last_seq, report.last_hash
             );
             if report.torn_tail {
-                println!("note: the newest segment ends in a torn line (a write cut short by a crash, never acknowledged); the gateway trims it on start");
+                println!(
+                    "note: the newest segment ends in a torn line (a write cut short by a crash, never acknowledged); the gateway trims it on start"
+                );
             }
             Ok(())
         }

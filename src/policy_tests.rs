@@ -80,8 +80,15 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         expires_at: i64::MAX,
         grant_expires_at: None,
     };
-    let basis = shipped_engine().1.purposes.get(&f.purpose).map(|p| p.lawful_basis.clone()).unwrap_or_default();
-    let ask = engine.ask(&principal, &f.purpose, &basis).map_err(|e| e.to_string())?;
+    let basis = shipped_engine()
+        .1
+        .purposes
+        .get(&f.purpose)
+        .map(|p| p.lawful_basis.clone())
+        .unwrap_or_default();
+    let ask = engine
+        .ask(&principal, &f.purpose, &basis)
+        .map_err(|e| e.to_string())?;
     let record = f.record.map(|r| RecordAttrs {
         area: r.area,
         markers: r.markers,
@@ -89,7 +96,11 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         consented: r.consented,
         tps_fresh: r.tps_fresh,
     });
-    let need_record = || record.clone().ok_or_else(|| format!("{}: needs a `record`", f.description));
+    let need_record = || {
+        record
+            .clone()
+            .ok_or_else(|| format!("{}: needs a `record`", f.description))
+    };
     let verdict = match f.action.as_str() {
         "list" => engine.decide_request(&ask, RequestAction::List, &f.dataset),
         "read" => engine.decide_request(&ask, RequestAction::Read, &f.dataset),
@@ -98,7 +109,10 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         "disclose_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, false),
         "write_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, true),
         a @ ("disclose_field" | "write_field") => {
-            let cat = f.category.clone().ok_or("field actions need a `category`")?;
+            let cat = f
+                .category
+                .clone()
+                .ok_or("field actions need a `category`")?;
             let ctx = json!({
                 "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
                 "dataset": { "__entity": { "type": "Wardgate::Dataset", "id": f.dataset } },
@@ -110,7 +124,10 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
     };
     for id in &f.expect_policies {
         if !verdict.policy_ids.contains(id) {
-            return Err(format!("{}: expected policy `{id}` among {:?}", f.description, verdict.policy_ids));
+            return Err(format!(
+                "{}: expected policy `{id}` among {:?}",
+                f.description, verdict.policy_ids
+            ));
         }
     }
     Ok(verdict)
@@ -119,7 +136,11 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
 fn fixtures(kind: &str) -> Vec<PathBuf> {
     let dir = repo().join("policies/tests").join(kind);
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
         .unwrap_or_default();
     out.sort();
     out
@@ -140,7 +161,12 @@ fn every_fixture_gets_its_expected_decision() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {count} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {count} fixtures failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(count > 0, "no policy fixtures found");
 }
 
@@ -158,12 +184,19 @@ fn every_policy_file_is_exercised_by_some_fixture() {
     let mut missing = Vec::new();
     for file in cedar_files(&repo().join("policies"), "cedar").unwrap() {
         let text = std::fs::read_to_string(&file).unwrap();
-        let ids: Vec<&str> = text.split("@id(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        let ids: Vec<&str> = text
+            .split("@id(\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .collect();
         if !ids.iter().any(|id| seen.contains(*id)) {
             missing.push(file.display().to_string());
         }
     }
-    assert!(missing.is_empty(), "no fixture decides by any policy of: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "no fixture decides by any policy of: {missing:?}"
+    );
 }
 
 fn load_with(replace_file: &str, text: &str) -> anyhow::Result<PolicyEngine> {
@@ -181,9 +214,12 @@ fn load_with(replace_file: &str, text: &str) -> anyhow::Result<PolicyEngine> {
 
 #[test]
 fn a_syntax_error_names_file_and_line() {
-    let err = load_with("broken.cedar", "@id(\"x\")\npermit (principal, action, resource)\nwhen { context.caller.role == };\n")
-        .err()
-        .unwrap();
+    let err = load_with(
+        "broken.cedar",
+        "@id(\"x\")\npermit (principal, action, resource)\nwhen { context.caller.role == };\n",
+    )
+    .err()
+    .unwrap();
     let msg = format!("{err:#}");
     assert!(msg.contains("broken.cedar:3:"), "{msg}");
 }
@@ -194,18 +230,28 @@ fn a_schema_violation_names_file_and_policy() {
         .err()
         .unwrap();
     let msg = format!("{err:#}");
-    assert!(msg.contains("typo.cedar") && msg.contains("`typo`"), "{msg}");
+    assert!(
+        msg.contains("typo.cedar") && msg.contains("`typo`"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_policy_without_an_id_is_refused() {
-    let err = load_with("anon.cedar", "permit (principal, action, resource);\n").err().unwrap();
+    let err = load_with("anon.cedar", "permit (principal, action, resource);\n")
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("@id"));
 }
 
 #[test]
 fn duplicate_ids_are_refused() {
-    let err = load_with("dup.cedar", "@id(\"purpose.granted\")\nforbid (principal, action, resource);\n").err().unwrap();
+    let err = load_with(
+        "dup.cedar",
+        "@id(\"purpose.granted\")\nforbid (principal, action, resource);\n",
+    )
+    .err()
+    .unwrap();
     assert!(format!("{err:#}").contains("used twice"));
 }
 
@@ -230,7 +276,13 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
         expires_at: i64::MAX,
         grant_expires_at: None,
     };
-    let ask = engine.ask(&p, "canvassing", &catalog.purposes["canvassing"].lawful_basis).unwrap();
+    let ask = engine
+        .ask(
+            &p,
+            "canvassing",
+            &catalog.purposes["canvassing"].lawful_basis,
+        )
+        .unwrap();
     let rec = RecordAttrs {
         area: "GHOST".into(),
         markers: BTreeSet::new(),

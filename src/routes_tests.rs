@@ -18,8 +18,19 @@ fn declared_routes_resolve() {
     assert_eq!((r.page, r.per_page), (Some(2), Some(50)));
     assert_eq!(r.id(), "voter.list");
     let r = get("/membership/members/M-000001", None).unwrap();
-    assert_eq!(r.kind, RouteKind::Read { id: "M-000001".into() });
-    let r = resolve(&catalog(), &http::Method::POST, "/voter/electors/VF-0000001/canvass", None).unwrap();
+    assert_eq!(
+        r.kind,
+        RouteKind::Read {
+            id: "M-000001".into()
+        }
+    );
+    let r = resolve(
+        &catalog(),
+        &http::Method::POST,
+        "/voter/electors/VF-0000001/canvass",
+        None,
+    )
+    .unwrap();
     assert_eq!(r.id(), "voter.write.canvass");
     assert_eq!(r.action(), RequestAction::Write);
 }
@@ -34,11 +45,30 @@ fn postcodes_with_spaces_decode() {
 
 #[test]
 fn undeclared_paths_and_methods_are_refused() {
-    for p in ["/", "/voter", "/voter/", "/voter/members", "/nope/electors", "/voter/electors/a/b/c", "/voter/electors/x/delete", "//voter/electors", "/voter/electors/%2e%2e"] {
-        assert!(matches!(get(p, None), Err(GatewayError::RouteNotFound)), "{p}");
+    for p in [
+        "/",
+        "/voter",
+        "/voter/",
+        "/voter/members",
+        "/nope/electors",
+        "/voter/electors/a/b/c",
+        "/voter/electors/x/delete",
+        "//voter/electors",
+        "/voter/electors/%2e%2e",
+    ] {
+        assert!(
+            matches!(get(p, None), Err(GatewayError::RouteNotFound)),
+            "{p}"
+        );
     }
-    assert!(matches!(resolve(&catalog(), &http::Method::POST, "/voter/electors", None), Err(GatewayError::MethodNotAllowed)));
-    assert!(matches!(get("/voter/electors/VF-1/canvass", None), Err(GatewayError::MethodNotAllowed)));
+    assert!(matches!(
+        resolve(&catalog(), &http::Method::POST, "/voter/electors", None),
+        Err(GatewayError::MethodNotAllowed)
+    ));
+    assert!(matches!(
+        get("/voter/electors/VF-1/canvass", None),
+        Err(GatewayError::MethodNotAllowed)
+    ));
 }
 
 #[test]
@@ -64,10 +94,19 @@ fn nothing_can_widen_the_query() {
         "ward=%ff",
     ];
     for q in bad {
-        assert!(matches!(get("/voter/electors", Some(q)), Err(GatewayError::BadRequest(_))), "{q}");
+        assert!(
+            matches!(
+                get("/voter/electors", Some(q)),
+                Err(GatewayError::BadRequest(_))
+            ),
+            "{q}"
+        );
     }
     // A read takes no parameters at all.
-    assert!(matches!(get("/voter/electors/VF-1", Some("ward=x")), Err(GatewayError::BadRequest(_))));
+    assert!(matches!(
+        get("/voter/electors/VF-1", Some("ward=x")),
+        Err(GatewayError::BadRequest(_))
+    ));
 }
 
 #[test]

@@ -84,7 +84,15 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         segment_max_bytes: cfg.audit.segment_max_bytes,
     })
     .with_context(|| format!("cannot open the audit log in `{}`", cfg.audit.dir.display()))?;
+    let categories = c
+        .catalog
+        .datasets
+        .iter()
+        .map(|(n, d)| (n.clone(), d.fields.values().cloned().collect()))
+        .collect();
     let gw = Gateway {
+        decisions: Default::default(),
+        categories,
         catalog: c.catalog,
         geography: c.geography,
         verifier: c.verifier,

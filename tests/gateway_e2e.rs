@@ -1,6 +1,11 @@
 //! The data plane end to end over real sockets: allow, strip, withhold, deny, and every error
 //! mapping, each checked against what the audit log says was disclosed.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -22,22 +27,32 @@ fn assert_audit_matches_body(record: &Value, body: &Value) {
         Some(Value::Array(rs)) => rs.iter().collect(),
         _ => vec![&body["record"]],
     };
-    let ids: Vec<String> = records.iter().map(|r| r["elector_id"].as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect();
     let logged: Vec<String> = serde_json::from_value(record["subjects"].clone()).unwrap();
     assert_eq!(logged, ids, "audit subjects differ from the body");
-    let fields: BTreeSet<String> = records.iter().flat_map(|r| r.as_object().unwrap().keys().cloned()).collect();
+    let fields: BTreeSet<String> = records
+        .iter()
+        .flat_map(|r| r.as_object().unwrap().keys().cloned())
+        .collect();
     let logged: BTreeSet<String> = serde_json::from_value(record["fields"].clone()).unwrap();
     assert_eq!(logged, fields, "audit fields differ from the body");
 }
 
 /// Every record straight from the datastore, bypassing the gateway (the test's ground truth).
 async fn upstream_all(addr: SocketAddr) -> Vec<Value> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let mut out = Vec::new();
     for page in 1.. {
         let uri = format!("http://{addr}/electors?per_page=1000&page={page}");
         let resp = client.get(uri.parse().unwrap()).await.unwrap();
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
         out.extend(v["records"].as_array().unwrap().iter().cloned());
         if v["next_page"].is_null() {
@@ -50,7 +65,13 @@ async fn upstream_all(addr: SocketAddr) -> Vec<Value> {
 async fn all_pages(app: &common::TestApp, token: &str, purpose: &str, query: &str) -> Vec<Value> {
     let mut out = Vec::new();
     for page in 1.. {
-        let resp = app.get(&format!("/voter/electors?per_page=1000&page={page}{query}"), Some(token), Some(purpose)).await;
+        let resp = app
+            .get(
+                &format!("/voter/electors?per_page=1000&page={page}{query}"),
+                Some(token),
+                Some(purpose),
+            )
+            .await;
         assert_eq!(resp.status, 200, "{:?}", resp.body);
         let v = resp.json();
         assert_audit_matches_body(&app.audit_for(&resp), &v);
@@ -83,15 +104,27 @@ async fn a_canvasser_sees_their_districts_without_contact_details() {
 async fn a_councillor_gets_nothing_from_another_ward() {
     let app = spawn_app().await;
     let token = app.token("councillor");
-    let resp = app.get("/voter/electors?ward=E05013911", Some(&token), Some("canvassing")).await;
+    let resp = app
+        .get(
+            "/voter/electors?ward=E05013911",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["records"], json!([]));
     assert_audit_matches_body(&app.audit_for(&resp), &resp.json());
 
     // And fetching an out-of-ward elector by id discloses nothing either.
     let all = upstream_all(app.upstream).await;
-    let stranger = all.iter().find(|r| r["ward"] == "E05013911" && r["markers"] == json!([])).unwrap();
-    let path = format!("/voter/electors/{}", stranger["elector_id"].as_str().unwrap());
+    let stranger = all
+        .iter()
+        .find(|r| r["ward"] == "E05013911" && r["markers"] == json!([]))
+        .unwrap();
+    let path = format!(
+        "/voter/electors/{}",
+        stranger["elector_id"].as_str().unwrap()
+    );
     let resp = app.get(&path, Some(&token), Some("canvassing")).await;
     assert_eq!(resp.status, 404);
     assert!(!String::from_utf8_lossy(&resp.body).contains(stranger["surname"].as_str().unwrap()));
@@ -108,18 +141,36 @@ async fn anonymous_electors_and_under_16s_never_appear_for_anyone() {
     let hidden: BTreeSet<String> = truth
         .iter()
         .filter(|r| {
-            r["markers"].as_array().unwrap().contains(&json!("N")) || r["flags"].as_array().unwrap().contains(&json!("under_16"))
+            r["markers"].as_array().unwrap().contains(&json!("N"))
+                || r["flags"].as_array().unwrap().contains(&json!("under_16"))
         })
         .map(|r| r["elector_id"].as_str().unwrap().to_owned())
         .collect();
-    assert!(!hidden.is_empty(), "the synthetic data should contain anonymous electors and under-16s");
-    for (persona, purpose) in [("dpo", "sar_fulfilment"), ("analyst", "profiling"), ("councillor", "canvassing"), ("candidate", "gotv")] {
+    assert!(
+        !hidden.is_empty(),
+        "the synthetic data should contain anonymous electors and under-16s"
+    );
+    for (persona, purpose) in [
+        ("dpo", "sar_fulfilment"),
+        ("analyst", "profiling"),
+        ("councillor", "canvassing"),
+        ("candidate", "gotv"),
+    ] {
         let got = all_pages(&app, &app.token(persona), purpose, "").await;
         for r in &got {
-            assert!(!hidden.contains(r["elector_id"].as_str().unwrap()), "{persona}/{purpose} received {r}");
+            assert!(
+                !hidden.contains(r["elector_id"].as_str().unwrap()),
+                "{persona}/{purpose} received {r}"
+            );
         }
         for id in &hidden {
-            let resp = app.get(&format!("/voter/electors/{id}"), Some(&app.token(persona)), Some(purpose)).await;
+            let resp = app
+                .get(
+                    &format!("/voter/electors/{id}"),
+                    Some(&app.token(persona)),
+                    Some(purpose),
+                )
+                .await;
             assert_eq!(resp.status, 404, "{persona} fetched hidden {id}");
         }
     }
@@ -129,8 +180,11 @@ async fn anonymous_electors_and_under_16s_never_appear_for_anyone() {
 #[tokio::test]
 async fn email_sms_returns_an_email_only_with_live_consent() {
     let app = spawn_app().await;
-    let truth: std::collections::HashMap<String, Value> =
-        upstream_all(app.upstream).await.into_iter().map(|r| (r["elector_id"].as_str().unwrap().to_owned(), r)).collect();
+    let truth: std::collections::HashMap<String, Value> = upstream_all(app.upstream)
+        .await
+        .into_iter()
+        .map(|r| (r["elector_id"].as_str().unwrap().to_owned(), r))
+        .collect();
     let got = all_pages(&app, &app.token("councillor"), "email_sms", "").await;
     let mut emails = 0;
     for r in &got {
@@ -138,7 +192,10 @@ async fn email_sms_returns_an_email_only_with_live_consent() {
         if r.get("email").is_some() {
             emails += 1;
             let c = &src["consents"]["email"];
-            assert!(c.is_object() && !c["given_at"].is_null() && c["withdrawn_at"].is_null(), "email without live consent: {src}");
+            assert!(
+                c.is_object() && !c["given_at"].is_null() && c["withdrawn_at"].is_null(),
+                "email without live consent: {src}"
+            );
         }
         assert!(r.get("address_line1").is_none() && r.get("voting_intention").is_none());
     }
@@ -152,11 +209,21 @@ async fn a_restricted_subject_appears_only_for_rights_handling() {
     let truth = upstream_all(app.upstream).await;
     let restricted: Vec<String> = truth
         .iter()
-        .filter(|r| r["flags"].as_array().unwrap().contains(&json!("restricted")))
+        .filter(|r| {
+            r["flags"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("restricted"))
+        })
         .map(|r| r["elector_id"].as_str().unwrap().to_owned())
         .collect();
     assert!(!restricted.is_empty());
-    for (persona, purpose) in [("analyst", "profiling"), ("candidate", "canvassing"), ("candidate", "addressed_mail"), ("security", "breach_investigation")] {
+    for (persona, purpose) in [
+        ("analyst", "profiling"),
+        ("candidate", "canvassing"),
+        ("candidate", "addressed_mail"),
+        ("security", "breach_investigation"),
+    ] {
         let got: BTreeSet<String> = all_pages(&app, &app.token(persona), purpose, "")
             .await
             .iter()
@@ -166,9 +233,15 @@ async fn a_restricted_subject_appears_only_for_rights_handling() {
             assert!(!got.contains(id), "{persona}/{purpose} saw restricted {id}");
         }
     }
-    let dpo: BTreeSet<String> =
-        all_pages(&app, &app.token("dpo"), "sar_fulfilment", "").await.iter().map(|r| r["elector_id"].as_str().unwrap().to_owned()).collect();
-    assert!(restricted.iter().any(|id| dpo.contains(id)), "the DPO answering a SAR sees restricted records");
+    let dpo: BTreeSet<String> = all_pages(&app, &app.token("dpo"), "sar_fulfilment", "")
+        .await
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        restricted.iter().any(|id| dpo.contains(id)),
+        "the DPO answering a SAR sees restricted records"
+    );
     app.stop().await;
 }
 
@@ -177,22 +250,50 @@ async fn purpose_errors_are_400_and_403() {
     let app = spawn_app().await;
     let t = app.token("canvasser");
     let r = app.get("/voter/electors", Some(&t), None).await;
-    assert_eq!((r.status.as_u16(), r.json()["type"].as_str().unwrap()), (400, "urn:wardgate:problem:purpose-missing"));
-    let r = app.get("/voter/electors", Some(&t), Some("party_discipline")).await;
-    assert_eq!((r.status.as_u16(), r.json()["type"].as_str().unwrap()), (400, "urn:wardgate:problem:purpose-unknown"));
-    let r = app.get("/voter/electors", Some(&t), Some("profiling")).await;
-    assert_eq!((r.status.as_u16(), r.json()["type"].as_str().unwrap()), (403, "urn:wardgate:problem:purpose-not-granted"));
-    for resp in [&r] {
-        assert_eq!(app.audit_for(resp)["decision"], "deny");
-    }
+    assert_eq!(
+        (r.status.as_u16(), r.json()["type"].as_str().unwrap()),
+        (400, "urn:wardgate:problem:purpose-missing")
+    );
+    let r = app
+        .get("/voter/electors", Some(&t), Some("party_discipline"))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["type"].as_str().unwrap()),
+        (400, "urn:wardgate:problem:purpose-unknown")
+    );
+    let r = app
+        .get("/voter/electors", Some(&t), Some("profiling"))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["type"].as_str().unwrap()),
+        (403, "urn:wardgate:problem:purpose-not-granted")
+    );
+    assert_eq!(app.audit_for(&r)["decision"], "deny");
 
     // A token that lists a rights-handling purpose for a canvasser is still refused, by policy.
     let forged_scope = app.sign(&app.claims("canvasser", &["E05011391"], &["sar_fulfilment"]));
-    let r = app.get("/voter/electors", Some(&forged_scope), Some("sar_fulfilment")).await;
+    let r = app
+        .get(
+            "/voter/electors",
+            Some(&forged_scope),
+            Some("sar_fulfilment"),
+        )
+        .await;
     assert_eq!(r.status, 403);
     let body = r.json();
-    assert!(body["policy_ids"].as_array().unwrap().contains(&json!("purpose.rights-handling-dpo-only")), "{body}");
-    assert!(app.audit_for(&r)["policy_ids"].as_array().unwrap().contains(&json!("purpose.rights-handling-dpo-only")));
+    assert!(
+        body["policy_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("purpose.rights-handling-dpo-only")),
+        "{body}"
+    );
+    assert!(
+        app.audit_for(&r)["policy_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("purpose.rights-handling-dpo-only"))
+    );
     app.stop().await;
 }
 
@@ -217,10 +318,23 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
     for (path, status) in cases {
         let r = app.get(path, Some(&t), Some("canvassing")).await;
         assert_eq!(r.status.as_u16(), *status, "{path}: {:?}", r.body);
-        assert_eq!(r.headers["content-type"], "application/problem+json", "{path}");
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{path}"
+        );
         assert!(app.audit_for(&r)["status"] == *status);
     }
-    let r = app.request(Method::DELETE, "/voter/electors", &[("authorization", &format!("Bearer {t}")), ("x-purpose", "canvassing")], None).await;
+    let r = app
+        .request(
+            Method::DELETE,
+            "/voter/electors",
+            &[
+                ("authorization", &format!("Bearer {t}")),
+                ("x-purpose", "canvassing"),
+            ],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 405);
     app.stop().await;
 }
@@ -232,73 +346,157 @@ async fn writes_are_scoped_and_field_checked() {
     let truth = upstream_all(app.upstream).await;
     let mine = truth
         .iter()
-        .find(|r| r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([]))
+        .find(|r| {
+            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
+        })
         .unwrap();
     let id = mine["elector_id"].as_str().unwrap();
-    let r = app.post(&format!("/voter/electors/{id}/canvass"), &t, "canvassing", r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#).await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#,
+        )
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["record"]["voting_intention"], "LAB");
     assert!(r.json()["record"].get("email").is_none());
     let audit = app.audit_for(&r);
-    assert_eq!(audit["detail"]["written"], json!(["canvass_issues", "voting_intention"]));
+    assert_eq!(
+        audit["detail"]["written"],
+        json!(["canvass_issues", "voting_intention"])
+    );
     assert_eq!(audit["subjects"], json!([id]));
 
     // Mass assignment: a field the write does not declare is refused by name.
-    let r = app.post(&format!("/voter/electors/{id}/canvass"), &t, "canvassing", r#"{"voting_intention":"LAB","email":"x@y.z"}"#).await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            r#"{"voting_intention":"LAB","email":"x@y.z"}"#,
+        )
+        .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["detail"].as_str().unwrap().contains("`email`"));
     // A declared field the purpose may not write is refused by name too.
-    let r = app.post(&format!("/voter/electors/{id}/canvass"), &t, "gotv", r#"{"flags_add":["do_not_contact"]}"#).await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "gotv",
+            r#"{"flags_add":["do_not_contact"]}"#,
+        )
+        .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(r.json()["detail"].as_str().unwrap().contains("`flags_add`"));
     // Out of scope: looks like a missing record.
-    let other = truth.iter().find(|r| r["ward"] == "E05013911" && r["markers"] == json!([])).unwrap();
-    let r = app.post(&format!("/voter/electors/{}/canvass", other["elector_id"].as_str().unwrap()), &t, "canvassing", r#"{"voting_intention":"LAB"}"#).await;
+    let other = truth
+        .iter()
+        .find(|r| r["ward"] == "E05013911" && r["markers"] == json!([]))
+        .unwrap();
+    let r = app
+        .post(
+            &format!(
+                "/voter/electors/{}/canvass",
+                other["elector_id"].as_str().unwrap()
+            ),
+            &t,
+            "canvassing",
+            r#"{"voting_intention":"LAB"}"#,
+        )
+        .await;
     assert_eq!(r.status, 404);
     // Not JSON, and too large.
-    let r = app.post(&format!("/voter/electors/{id}/canvass"), &t, "canvassing", "not json").await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            "not json",
+        )
+        .await;
     assert_eq!(r.status, 400);
     let big = format!(r#"{{"canvass_issues":["{}"]}}"#, "x".repeat(100_000));
-    let r = app.post(&format!("/voter/electors/{id}/canvass"), &t, "canvassing", &big).await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            &big,
+        )
+        .await;
     assert_eq!(r.status, 413);
     app.stop().await;
 }
 
 /// A one-trick upstream: answers every request with `status`, `content_type` and `body`, or
 /// never answers at all when `hang` is set.
-async fn fake_upstream(status: u16, content_type: &'static str, body: &'static str, hang: bool) -> SocketAddr {
+async fn fake_upstream(
+    status: u16,
+    content_type: &'static str,
+    body: &'static str,
+    hang: bool,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| async move {
                     if hang {
                         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
                     }
-                    let mut resp = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    let mut resp =
+                        http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
                     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                    resp.headers_mut().insert("content-type", http::HeaderValue::from_static(content_type));
+                    resp.headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static(content_type));
                     Ok::<_, std::convert::Infallible>(resp)
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
     addr
 }
 
-async fn through(upstream: SocketAddr, tweak: Option<fn(&mut wardgate::config::Config)>) -> (common::TestApp, Resp) {
-    let app = spawn_app_with(AppOptions { upstream: Some(upstream), tweak, ..Default::default() }).await;
-    let resp = app.get("/voter/electors", Some(&app.token("councillor")), Some("canvassing")).await;
+async fn through(
+    upstream: SocketAddr,
+    tweak: Option<fn(&mut wardgate::config::Config)>,
+) -> (common::TestApp, Resp) {
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        tweak,
+        ..Default::default()
+    })
+    .await;
+    let resp = app
+        .get(
+            "/voter/electors",
+            Some(&app.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
     (app, resp)
 }
 
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     // Truncated JSON on a data route: nothing passes through unfiltered.
-    let up = fake_upstream(200, "application/json", r#"{"records":[{"elector_id":"VF-1","email":"leak@example.org""#, false).await;
+    let up = fake_upstream(
+        200,
+        "application/json",
+        r#"{"records":[{"elector_id":"VF-1","email":"leak@example.org""#,
+        false,
+    )
+    .await;
     let (app, r) = through(up, None).await;
     assert_eq!(r.status, 502);
     assert!(!String::from_utf8_lossy(&r.body).contains("leak@"));
@@ -313,14 +511,24 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     app.stop().await;
 
     // An upstream error status.
-    let up = fake_upstream(500, "application/json", r#"{"error":"db down at 10.0.0.7"}"#, false).await;
+    let up = fake_upstream(
+        500,
+        "application/json",
+        r#"{"error":"db down at 10.0.0.7"}"#,
+        false,
+    )
+    .await;
     let (app, r) = through(up, None).await;
     assert_eq!(r.status, 502);
     assert!(!String::from_utf8_lossy(&r.body).contains("10.0.0.7"));
     app.stop().await;
 
     // Nobody listening.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let (app, r) = through(closed, None).await;
     assert_eq!(r.status, 502);
     assert_eq!(app.audit_for(&r)["reason"], "upstream_unavailable");
@@ -328,11 +536,14 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
 
     // Accepts and never answers.
     let up = fake_upstream(200, "application/json", "{}", true).await;
-    let (app, r) = through(up, Some(|c| {
-        for u in c.datasets.values_mut() {
-            u.response_timeout = std::time::Duration::from_millis(300);
-        }
-    }))
+    let (app, r) = through(
+        up,
+        Some(|c| {
+            for u in c.datasets.values_mut() {
+                u.response_timeout = std::time::Duration::from_millis(300);
+            }
+        }),
+    )
     .await;
     assert_eq!(r.status, 504);
     assert_eq!(app.audit_for(&r)["reason"], "upstream_timeout");
@@ -354,30 +565,65 @@ async fn the_callers_authorization_never_reaches_the_datastore() {
     let addr = listener.local_addr().unwrap();
     let s = seen.clone();
     tokio::spawn(async move {
-        let Ok((stream, _)) = listener.accept().await else { return };
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let s = s.clone();
             async move {
-                s.lock().unwrap().extend(req.headers().iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or(""))));
+                s.lock().unwrap().extend(
+                    req.headers()
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or(""))),
+                );
                 s.lock().unwrap().push(format!("uri: {}", req.uri()));
-                let mut resp = http::Response::new(Full::new(Bytes::from_static(b"{\"records\":[]}")));
-                resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+                let mut resp =
+                    http::Response::new(Full::new(Bytes::from_static(b"{\"records\":[]}")));
+                resp.headers_mut().insert(
+                    "content-type",
+                    http::HeaderValue::from_static("application/json"),
+                );
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
     });
-    let app = spawn_app_with(AppOptions { upstream: Some(addr), ..Default::default() }).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(addr),
+        ..Default::default()
+    })
+    .await;
     let t = app.token("councillor");
     let r = app
-        .request(Method::GET, "/voter/electors", &[("authorization", &format!("Bearer {t}")), ("x-purpose", "canvassing"), ("cookie", "session=abc"), ("connection", "keep-alive, x-secret"), ("x-secret", "1")], None)
+        .request(
+            Method::GET,
+            "/voter/electors",
+            &[
+                ("authorization", &format!("Bearer {t}")),
+                ("x-purpose", "canvassing"),
+                ("cookie", "session=abc"),
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+            ],
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
     let seen = seen.lock().unwrap().clone();
-    assert!(!seen.iter().any(|h| h.starts_with("authorization") || h.starts_with("cookie") || h.starts_with("x-secret")), "{seen:?}");
+    assert!(
+        !seen.iter().any(|h| h.starts_with("authorization")
+            || h.starts_with("cookie")
+            || h.starts_with("x-secret")),
+        "{seen:?}"
+    );
     // Narrowing the caller did not ask for: their ward's polling districts.
     let uri = seen.iter().find(|h| h.starts_with("uri: ")).unwrap();
-    assert!(uri.contains("areas=") && uri.contains("E08000035%2FCGW1") && !uri.contains("E09000025"), "{uri}");
+    assert!(
+        uri.contains("areas=") && uri.contains("E08000035%2FCGW1") && !uri.contains("E09000025"),
+        "{uri}"
+    );
     app.stop().await;
 }
 
@@ -386,7 +632,13 @@ async fn admin_plane_reports_health_readiness_and_metrics() {
     let app = spawn_app().await;
     assert_eq!(app.admin_get("/healthz").await.status, 200);
     assert_eq!(app.admin_get("/readyz").await.status, 200);
-    let _ = app.get("/voter/electors", Some(&app.token("canvasser")), Some("canvassing")).await;
+    let _ = app
+        .get(
+            "/voter/electors",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
     let m = app.admin_get("/metrics").await;
     assert_eq!(m.status, 200);
     let text = String::from_utf8_lossy(&m.body);

@@ -1,6 +1,11 @@
 //! The binary refuses to start on bad policies, schema violations, missing keys and unknown
 //! config keys, naming the file and the problem; `validate` checks the same without serving.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,8 +24,16 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn run(args: &[&str], cfg: &Path) -> (bool, String) {
-    let out = Command::new(bin()).args(args).arg("--config").arg(cfg).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
+    let out = Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout),
+    )
 }
 
 #[test]
@@ -43,7 +56,11 @@ fn the_annotated_example_config_is_valid() {
 #[test]
 fn an_invalid_policy_stops_serve_naming_file_and_line() {
     let (d, cfg) = setup();
-    std::fs::write(d.path().join("policies/broken.cedar"), "@id(\"b\")\npermit (principal, action, resource)\nwhen { context. };\n").unwrap();
+    std::fs::write(
+        d.path().join("policies/broken.cedar"),
+        "@id(\"b\")\npermit (principal, action, resource)\nwhen { context. };\n",
+    )
+    .unwrap();
     for cmd in ["serve", "validate"] {
         let (ok, out) = run(&[cmd], &cfg);
         assert!(!ok);
@@ -61,22 +78,39 @@ fn a_policy_failing_schema_validation_stops_serve() {
     .unwrap();
     let (ok, out) = run(&["serve"], &cfg);
     assert!(!ok);
-    assert!(out.contains("typo.cedar") && out.contains("typo.role") && out.contains("strict validation"), "{out}");
+    assert!(
+        out.contains("typo.cedar")
+            && out.contains("typo.role")
+            && out.contains("strict validation"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_missing_key_file_stops_serve_naming_it() {
     let (d, cfg) = setup();
-    std::fs::remove_file(d.path().join(format!("keys/{}.pub.pem", wardgate::demo::KID))).unwrap();
+    std::fs::remove_file(
+        d.path()
+            .join(format!("keys/{}.pub.pem", wardgate::demo::KID)),
+    )
+    .unwrap();
     let (ok, out) = run(&["serve"], &cfg);
     assert!(!ok);
-    assert!(out.contains("demo-es256.pub.pem") && out.contains("cannot read"), "{out}");
+    assert!(
+        out.contains("demo-es256.pub.pem") && out.contains("cannot read"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_malformed_key_file_stops_serve_naming_it() {
     let (d, cfg) = setup();
-    std::fs::write(d.path().join(format!("keys/{}.pub.pem", wardgate::demo::KID)), "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap();
+    std::fs::write(
+        d.path()
+            .join(format!("keys/{}.pub.pem", wardgate::demo::KID)),
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
     let (ok, out) = run(&["serve"], &cfg);
     assert!(!ok);
     assert!(out.contains("demo-es256.pub.pem"), "{out}");
@@ -85,18 +119,30 @@ fn a_malformed_key_file_stops_serve_naming_it() {
 #[test]
 fn an_unknown_config_key_stops_serve_naming_it() {
     let (_d, cfg) = setup();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("durability = \"fsync\"", "durabilty = \"fsync\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("durability = \"fsync\"", "durabilty = \"fsync\"");
     std::fs::write(&cfg, text).unwrap();
     let (ok, out) = run(&["serve"], &cfg);
     assert!(!ok);
-    assert!(out.contains("durabilty") && out.contains("wardgate.toml"), "{out}");
+    assert!(
+        out.contains("durabilty") && out.contains("wardgate.toml"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_bad_address_and_a_missing_tls_section_are_named() {
     let (_d, cfg) = setup();
     let orig = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, orig.replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"localhost:ninety\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        orig.replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            "admin_listen = \"localhost:ninety\"",
+        ),
+    )
+    .unwrap();
     let (ok, out) = run(&["serve"], &cfg);
     assert!(!ok && out.contains("server.admin_listen"), "{out}");
     std::fs::write(&cfg, orig.replace("plaintext = true\n", "")).unwrap();
@@ -107,7 +153,10 @@ fn a_bad_address_and_a_missing_tls_section_are_named() {
 #[test]
 fn a_shared_secret_algorithm_is_refused() {
     let (_d, cfg) = setup();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("algorithms = [\"ES256\"]", "algorithms = [\"ES256\", \"HS256\"]");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "algorithms = [\"ES256\"]",
+        "algorithms = [\"ES256\", \"HS256\"]",
+    );
     std::fs::write(&cfg, text).unwrap();
     let (ok, out) = run(&["validate"], &cfg);
     assert!(!ok && out.contains("HS256"), "{out}");

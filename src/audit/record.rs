@@ -190,7 +190,6 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<LineHead, LineError> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;

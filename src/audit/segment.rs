@@ -147,7 +147,6 @@ fn last_newline(file: &mut File, before: u64) -> io::Result<Option<u64>> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
     use crate::audit::record::tests::sample;

@@ -137,7 +137,6 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
     use crate::audit::record::encode_line;

@@ -313,7 +313,6 @@ impl Writer {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
     use crate::audit::record::tests::sample;

@@ -280,7 +280,6 @@ fn round3(x: f64) -> f64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -319,6 +318,24 @@ mod tests {
             2,
             "Killingbeck & Seacroft straddles two constituencies"
         );
+    }
+
+    /// Party units must not make a district transitively part of another constituency.
+    #[test]
+    fn every_district_lies_in_exactly_its_own_constituency() {
+        let file: AreasFile = toml::from_str(AREAS).unwrap();
+        let rows: HashMap<&str, &AreaRow> = file.area.iter().map(|a| (a.id.as_str(), a)).collect();
+        for d in polling_districts(AREAS).unwrap() {
+            let (mut stack, mut found) = (vec![d.id.as_str()], Vec::new());
+            while let Some(id) = stack.pop() {
+                let row = rows[id];
+                if row.kind == "constituency" && !found.contains(&id) {
+                    found.push(id);
+                }
+                stack.extend(row.parents.iter().map(String::as_str));
+            }
+            assert_eq!(found, [d.constituency.as_str()], "{}", d.id);
+        }
     }
 
     #[test]

@@ -144,7 +144,6 @@ pub async fn run(
         electors: opts.electors,
         ..data::GenSettings::default()
     };
-    let generated = data::generate(&settings, AREAS)?;
     let store_listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot bind the demo datastore")?;
@@ -152,7 +151,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let store = tokio::spawn(datastore::serve(
         store_listener,
-        datastore::Datastore::new(generated),
+        datastore::Datastore::generate(&settings, AREAS)?,
         async {
             let _ = stop_rx.await;
         },

@@ -29,7 +29,8 @@ pub const PERSONAS: &[Persona] = &[
         name: "councillor",
         role: "councillor",
         unit: "BR-CROSS-GATES-WHINMOOR",
-        areas: &["E05011391"],
+        // Members sit at branch level, so engaging them needs the branch as well as the ward.
+        areas: &["E05011391", "BR-CROSS-GATES-WHINMOOR"],
         purposes: &[
             "canvassing",
             "gotv",

@@ -3,8 +3,16 @@
 //! `spawn_app` goes through the same start-up path as `wardgate serve` (config file, keys,
 //! registers, policies, audit log), using the demo's materialised files in a temp dir. Tests
 //! build their configuration in code and never touch the process environment.
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness"
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,19 +64,27 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
 pub async fn start_datastore(electors: usize) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let settings = data::GenSettings { electors, ..data::GenSettings::default() };
+    let settings = data::GenSettings {
+        electors,
+        ..data::GenSettings::default()
+    };
     let generated = data::generate(&settings, demo::AREAS).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(datastore::serve(listener, datastore::Datastore::new(generated), async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(datastore::serve(
+        listener,
+        datastore::Datastore::new(generated),
+        async {
+            let _ = rx.await;
+        },
+    ));
     (addr, tx)
 }
 
@@ -100,7 +116,8 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let audit_dir = cfg.audit.dir.clone();
     let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
     let signer = Signer::from_config(cfg.signing.as_ref().unwrap()).unwrap();
-    let private_pem = std::fs::read_to_string(&cfg.signing.as_ref().unwrap().private_key_file).unwrap();
+    let private_pem =
+        std::fs::read_to_string(&cfg.signing.as_ref().unwrap().private_key_file).unwrap();
     let tokens = demo::mint_tokens(&signer, now()).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(wardgate::startup::run(
@@ -137,7 +154,10 @@ pub fn now() -> i64 {
 
 impl TestApp {
     pub fn token(&self, persona: &str) -> String {
-        self.tokens.get(persona).unwrap_or_else(|| panic!("no persona `{persona}`")).clone()
+        self.tokens
+            .get(persona)
+            .unwrap_or_else(|| panic!("no persona `{persona}`"))
+            .clone()
     }
 
     /// Claims a valid demo token would carry, for tests that then break one thing.
@@ -167,15 +187,29 @@ impl TestApp {
         std::fs::read(self.dir.path().join(format!("keys/{}.pub.pem", demo::KID))).unwrap()
     }
 
-    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
-        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.addr));
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+            .unwrap();
         let resp = self.client.request(req).await.unwrap();
         let (parts, body) = resp.into_parts();
-        Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>, purpose: Option<&str>) -> Resp {
@@ -192,7 +226,11 @@ impl TestApp {
 
     pub async fn post(&self, path: &str, token: &str, purpose: &str, body: &str) -> Resp {
         let auth = format!("Bearer {token}");
-        let headers = [("authorization", auth.as_str()), ("x-purpose", purpose), ("content-type", "application/json")];
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("x-purpose", purpose),
+            ("content-type", "application/json"),
+        ];
         self.request(Method::POST, path, &headers, Some(body)).await
     }
 
@@ -203,7 +241,11 @@ impl TestApp {
             .unwrap();
         let resp = self.client.request(req).await.unwrap();
         let (parts, body) = resp.into_parts();
-        Resp { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
     }
 
     /// Every audit record on disk, in order.
@@ -213,7 +255,12 @@ impl TestApp {
 
     /// The audit record of one request id (panics if absent).
     pub fn audit_for(&self, resp: &Resp) -> Value {
-        let rid = resp.headers.get("x-request-id").and_then(|v| v.to_str().ok()).expect("response has x-request-id").to_owned();
+        let rid = resp
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("response has x-request-id")
+            .to_owned();
         self.audit_records()
             .into_iter()
             .find(|r| r["request_id"] == rid.as_str())
@@ -237,7 +284,11 @@ pub fn read_audit(dir: &Path) -> Vec<Value> {
     let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
-    segs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seg-") && n.ends_with(".jsonl")));
+    segs.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".jsonl"))
+    });
     segs.sort();
     let mut out = Vec::new();
     for s in segs {

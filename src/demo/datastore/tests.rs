@@ -1,7 +1,5 @@
 //! Tests of the demo datastore over a real socket on 127.0.0.1:0, with hyper's client.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: install what is missing, then format check, clippy with
+# warnings as errors, and every test (unit, policy fixtures, end to end). Run from anywhere:
+#   bash scripts/test.sh
+# Tests start their own servers on free ports; the audit "disk full" test mounts a small tmpfs,
+# which needs root (CI is root; elsewhere that one test says it skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mount >/dev/null || need_apt+=(mount)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing: ${need_apt[*]} (install them, or run as root to have this script do it)" >&2
+    exit 1
+  fi
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --all-targets --locked --no-fail-fast
