@@ -65,3 +65,60 @@ fn claims_naming_unknown_things_are_refused() {
     c.sub = " ".into();
     assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
 }
+
+#[test]
+fn keys_from_a_jwks_file_verify_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let kp = crate::token::generate_es256().unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("idp-1".into());
+    jwk.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::ES256);
+    let set = serde_json::json!({ "keys": [jwk] });
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, serde_json::to_vec(&set).unwrap()).unwrap();
+    let cfg = crate::config::AuthConfig {
+        issuers: vec!["https://idp".into()],
+        audience: "wardgate".into(),
+        leeway: std::time::Duration::from_secs(0),
+        algorithms: vec![Algorithm::ES256],
+        keys: vec![],
+        jwks_file: Some(path),
+    };
+    let known = KnownNames {
+        roles: ["canvasser".to_owned()].into(),
+        areas: ["E05011391".to_owned()].into(),
+        purposes: ["canvassing".to_owned()].into(),
+    };
+    let v = Verifier::from_config(&cfg, known).unwrap();
+    let signer = crate::token::Signer::from_pem(
+        "idp-1",
+        Algorithm::ES256,
+        kp.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = signer
+        .sign(&Claims {
+            iss: "https://idp".into(),
+            aud: "wardgate".into(),
+            sub: "s".into(),
+            jti: "j".into(),
+            exp: now + 60,
+            nbf: now - 1,
+            iat: None,
+            role: "canvasser".into(),
+            org_unit: "u".into(),
+            areas: vec!["E05011391".into()],
+            purposes: vec!["canvassing".into()],
+            grant_expires: None,
+        })
+        .unwrap();
+    assert_eq!(v.verify(&token, now).unwrap().subject, "s");
+
+    // A JWKS key with an algorithm the configuration does not allow stops start-up.
+    let mut cfg2 = cfg.clone();
+    cfg2.algorithms = vec![Algorithm::RS256];
+    assert!(Verifier::from_config(&cfg2, KnownNames::default()).is_err());
+}

@@ -147,3 +147,88 @@ async fn sigkill_under_load_loses_no_audit_record_of_a_sent_response() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_flushes_the_log() {
+    let (upstream, _store) = common::start_datastore(500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
+    // page-cache durability: records are acknowledged before fsync, so only a clean shutdown
+    // syncing the log proves the flush.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("durability = \"fsync\"", "durability = \"page-cache\"");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let config = wardgate::config::Config::load(&cfg).unwrap();
+    let signer = wardgate::token::Signer::from_config(config.signing.as_ref().unwrap()).unwrap();
+    let token = wardgate::demo::mint_tokens(&signer, common::now()).unwrap()["analyst"].clone();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !client
+        .get(format!("http://{admin}/readyz").parse().unwrap())
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "gateway did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Requests in flight when SIGTERM arrives.
+    let mut inflight = Vec::new();
+    for i in 0..6 {
+        let (client, token) = (client.clone(), token.clone());
+        inflight.push(tokio::spawn(async move {
+            let req = http::Request::get(format!(
+                "http://{listen}/voter/electors?per_page=1000&page={}",
+                1 + i % 4
+            ))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-purpose", "profiling")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+            let resp = client.request(req).await?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "wardgate exited with {status}");
+    let mut answered = 0;
+    for t in inflight {
+        if let Ok(Ok(s)) = t.await {
+            assert_eq!(s, 200);
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 0,
+        "requests in flight at SIGTERM should be finished, not dropped"
+    );
+    let records = common::read_audit(&config.audit.dir);
+    assert_eq!(
+        records.iter().filter(|r| r["status"] == 200).count(),
+        answered,
+        "every answered request is on disk"
+    );
+    let report = wardgate::audit::verify_dir(&config.audit.dir).unwrap();
+    assert!(!report.torn_tail);
+    // The listener is closed: new connections are refused.
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err());
+}
