@@ -10,7 +10,6 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -324,15 +323,16 @@ const FLAGS: [&str; 8] = [
     "under_16",
 ];
 
-fn arb_case() -> impl Strategy<
-    Value = (
-        String,
-        Vec<String>,
-        Vec<String>,
-        String,
-        Vec<(usize, Vec<usize>, bool, u8)>,
-    ),
-> {
+/// role, area grants, token purposes, declared purpose, records (index, extra flags, anonymous, consent bits)
+type Case = (
+    String,
+    Vec<String>,
+    Vec<String>,
+    String,
+    Vec<(usize, Vec<usize>, bool, u8)>,
+);
+
+fn arb_case() -> impl Strategy<Value = Case> {
     let w = world();
     let areas: Vec<String> = w.geography.areas().map(|a| a.id.clone()).collect();
     let purposes: Vec<String> = w.catalog.purposes.keys().cloned().collect();
@@ -359,7 +359,7 @@ fn mutate(mut r: Value, flags: &[usize], anonymous: bool, consent: u8) -> Value 
     for f in flags {
         r["flags"].as_array_mut().unwrap().push(json!(FLAGS[*f]));
     }
-    if anonymous && consent % 7 == 0 {
+    if anonymous && consent.is_multiple_of(7) {
         r["markers"] = json!(["N"]);
     }
     // Flip consent states and TPS dates around, including withdrawals.
@@ -382,15 +382,7 @@ fn mutate(mut r: Value, flags: &[usize], anonymous: bool, consent: u8) -> Value 
 }
 
 /// One case; returns whether anything was disclosed (so the run can prove it exercised data).
-fn check_case(
-    (role, areas, purposes, purpose, picks): (
-        String,
-        Vec<String>,
-        Vec<String>,
-        String,
-        Vec<(usize, Vec<usize>, bool, u8)>,
-    ),
-) -> Result<bool, TestCaseError> {
+fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, TestCaseError> {
     let w = world();
     // Steer most cases onto the interesting path (a purpose the role may use, granted by the
     // token, over areas that hold some of the records); the rest stay fully random.
