@@ -18,6 +18,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# Datasette (PyPI) is the real third-party datastore of tests/datasette_e2e.rs.
+if ! command -v datasette >/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check datasette
+  command -v datasette >/dev/null || export PATH="$(python3 -m site --user-base)/bin:$PATH"
+fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 

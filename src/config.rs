@@ -91,6 +91,30 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// Sent upstream as `Authorization`; the caller's own header never is.
     pub authorization: Option<String>,
+    /// Which API the datastore speaks.
+    pub dialect: Dialect,
+}
+
+/// The datastore APIs wardgate knows how to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dialect {
+    /// wardgate's datastore API (the demo datastore): `/{collection}`, `/{collection}/{id}`.
+    Wardgate,
+    /// Datasette serving SQLite: a canned query for listings, the row API for reads; read-only.
+    Datasette(DatasetteApi),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetteApi {
+    pub database: String,
+    pub table: String,
+    /// A canned query taking `:limit`, `:offset`, `:areas` (a JSON array of area ids, or empty)
+    /// and one parameter per filter the asset register declares.
+    pub list_query: String,
+    /// Columns holding JSON text that Datasette should return as JSON (`_json=`).
+    #[serde(default)]
+    pub json_columns: Vec<String>,
 }
 
 impl Config {
@@ -207,6 +231,9 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     authorization_file: Option<PathBuf>,
+    #[serde(default)]
+    dialect: Option<String>,
+    datasette: Option<DatasetteApi>,
 }
 
 /// Maximum leeway we accept: more would make `exp` meaningless.
@@ -376,7 +403,24 @@ impl RawUpstream {
             }
             None => None,
         };
+        let dialect = match (
+            self.dialect.as_deref().unwrap_or("wardgate"),
+            self.datasette,
+        ) {
+            ("wardgate", None) => Dialect::Wardgate,
+            ("datasette", Some(api)) => Dialect::Datasette(api),
+            ("datasette", None) => bail!(
+                "`datasets.{name}.dialect = \"datasette\"` needs a `[datasets.{name}.datasette]` table"
+            ),
+            ("wardgate", Some(_)) => {
+                bail!("`datasets.{name}.datasette` is set but `dialect` is not `datasette`")
+            }
+            (other, _) => {
+                bail!("`datasets.{name}.dialect` = `{other}`: use `wardgate` or `datasette`")
+            }
+        };
         Ok(UpstreamConfig {
+            dialect,
             base,
             connect_timeout: parse_duration(
                 self.connect_timeout.as_deref().unwrap_or("2s"),

@@ -82,10 +82,23 @@ impl<'a> RawRecord<'a> {
     }
 }
 
+/// How an upstream wraps the records it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// wardgate's own datastore API: `{"records": [...], "page", "per_page", "next_page"}` and
+    /// `{"record": {...}}`.
+    Records,
+    /// Datasette: `{"rows": [...], ...}` for pages and single rows. Paging is by limit and
+    /// offset, so the page numbers come from the request.
+    Rows { page: u32, per_page: u32 },
+}
+
 #[derive(Deserialize)]
 struct Page<'a> {
-    #[serde(borrow)]
-    records: Vec<RawRecord<'a>>,
+    #[serde(borrow, default)]
+    records: Option<Vec<RawRecord<'a>>>,
+    #[serde(borrow, default)]
+    rows: Option<Vec<RawRecord<'a>>>,
     #[serde(borrow, default)]
     page: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -96,23 +109,37 @@ struct Page<'a> {
 
 #[derive(Deserialize)]
 struct Single<'a> {
-    #[serde(borrow)]
-    record: RawRecord<'a>,
+    #[serde(borrow, default)]
+    record: Option<RawRecord<'a>>,
+    #[serde(borrow, default)]
+    rows: Option<Vec<RawRecord<'a>>>,
 }
 
-/// Filters a page `{"records": [...], "page", "per_page", "next_page"}`.
+fn malformed(what: &str) -> FilterError {
+    FilterError::Malformed(format!("no {what} in the body"))
+}
+
+/// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`.
 pub fn filter_page(
     body: &[u8],
+    envelope: Envelope,
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
 ) -> Result<(Vec<u8>, Disclosure), FilterError> {
     let page: Page =
         serde_json::from_slice(body).map_err(|e| FilterError::Malformed(e.to_string()))?;
+    let records = match envelope {
+        Envelope::Records => page
+            .records
+            .as_ref()
+            .ok_or_else(|| malformed("`records`"))?,
+        Envelope::Rows { .. } => page.rows.as_ref().ok_or_else(|| malformed("`rows`"))?,
+    };
     let mut out = Vec::with_capacity(body.len());
     let mut d = Disclosure::default();
     out.extend_from_slice(b"{\"records\":[");
     let mut first = true;
-    for rec in &page.records {
+    for rec in records {
         let start = out.len();
         if !first {
             out.push(b',');
@@ -124,32 +151,59 @@ pub fn filter_page(
         }
     }
     out.push(b']');
-    for (name, v) in [
-        ("page", page.page),
-        ("per_page", page.per_page),
-        ("next_page", page.next_page),
-    ] {
-        if let Some(v) = v {
-            out.extend_from_slice(format!(",\"{name}\":").as_bytes());
-            out.extend_from_slice(v.get().as_bytes());
+    match envelope {
+        Envelope::Records => {
+            for (name, v) in [
+                ("page", page.page),
+                ("per_page", page.per_page),
+                ("next_page", page.next_page),
+            ] {
+                if let Some(v) = v {
+                    out.extend_from_slice(format!(",\"{name}\":").as_bytes());
+                    out.extend_from_slice(v.get().as_bytes());
+                }
+            }
+        }
+        Envelope::Rows { page, per_page } => {
+            // A full page may have a successor; a short one is the last.
+            let full = u32::try_from(records.len()).is_ok_and(|n| n >= per_page);
+            let next = if full {
+                (page + 1).to_string()
+            } else {
+                "null".to_owned()
+            };
+            out.extend_from_slice(
+                format!(",\"page\":{page},\"per_page\":{per_page},\"next_page\":{next}").as_bytes(),
+            );
         }
     }
     out.push(b'}');
     Ok((out, d))
 }
 
-/// Filters `{"record": {...}}`; `None` when the record may not leave.
+/// Filters one record; `None` when it may not leave (or, for `rows`, there is none).
 pub fn filter_single(
     body: &[u8],
+    envelope: Envelope,
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
 ) -> Result<(Option<Vec<u8>>, Disclosure), FilterError> {
     let single: Single =
         serde_json::from_slice(body).map_err(|e| FilterError::Malformed(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len());
     let mut d = Disclosure::default();
+    let record = match (envelope, &single.record, &single.rows) {
+        (Envelope::Records, Some(r), _) => r,
+        (Envelope::Records, None, _) => return Err(malformed("`record`")),
+        (Envelope::Rows { .. }, _, Some(rows)) => match rows.as_slice() {
+            [] => return Ok((None, d)),
+            [r] => r,
+            _ => return Err(FilterError::Malformed("several rows for one id".to_owned())),
+        },
+        (Envelope::Rows { .. }, _, None) => return Err(malformed("`rows`")),
+    };
+    let mut out = Vec::with_capacity(body.len());
     out.extend_from_slice(b"{\"record\":");
-    if !write_record(&single.record, cx, decide, &mut out, &mut d) {
+    if !write_record(record, cx, decide, &mut out, &mut d) {
         return Ok((None, d));
     }
     out.push(b'}');
@@ -270,8 +324,10 @@ struct Consent {
 
 /// Channels with consent given and not withdrawn (§5.2.1, §10.3.7).
 fn consented_channels(v: &RawValue) -> Option<BTreeSet<String>> {
-    let map: std::collections::BTreeMap<String, Option<Consent>> =
+    // `null` means no consent recorded on any channel.
+    let map: Option<std::collections::BTreeMap<String, Option<Consent>>> =
         serde_json::from_str(v.get()).ok()?;
+    let map = map.unwrap_or_default();
     Some(
         map.into_iter()
             .filter(|(_, c)| {

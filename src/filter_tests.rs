@@ -45,7 +45,7 @@ fn rows_out_of_scope_are_dropped_and_fields_stripped() {
         record("VF-1", "CGW1", ""),
         record("VF-2", "CGW9", "")
     );
-    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["records"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -68,7 +68,7 @@ fn unclassified_fields_never_leave() {
         r#"{{"records":[{}]}}"#,
         record("VF-1", "CGW1", r#","shadow_notes":"secret""#)
     );
-    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut |_| {
+    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |_| {
         Arc::new(RecordDecision {
             allowed: true,
             categories: ds.fields.values().cloned().collect(),
@@ -86,7 +86,7 @@ fn a_record_missing_a_policy_attribute_is_withheld() {
     let bad_markers = record("VF-2", "CGW1", "").replace(r#""markers":[]"#, r#""markers":"N""#);
     let no_area = record("VF-3", "CGW1", "").replace(r#""polling_district":"CGW1","#, "");
     let body = format!(r#"{{"records":[{no_flags},{bad_markers},{no_area}]}}"#);
-    let (out, d) = filter_page(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
     assert_eq!((d.rows_withheld, d.malformed_rows), (3, 3));
 }
@@ -103,12 +103,20 @@ fn malformed_bodies_are_errors_not_pass_through() {
         b"{\"records\":[1]}",
     ] {
         assert!(
-            filter_page(body, &cx(&ds), &mut decide).is_err(),
+            filter_page(body, Envelope::Records, &cx(&ds), &mut decide).is_err(),
             "{:?}",
             String::from_utf8_lossy(body)
         );
     }
-    assert!(filter_single(b"{\"records\":[]}", &cx(&ds), &mut decide).is_err());
+    assert!(
+        filter_single(
+            b"{\"records\":[]}",
+            Envelope::Records,
+            &cx(&ds),
+            &mut decide
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -158,7 +166,73 @@ fn register_flags_are_merged_into_the_record_flags() {
 fn escaped_keys_and_values_survive_byte_for_byte() {
     let ds = dataset();
     let body = r#"{"record":{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","surname":"O\"Neil \u00e9","markers":[],"flags":[],"consents":{},"tps_checked_at":null}}"#;
-    let (out, _) = filter_single(body.as_bytes(), &cx(&ds), &mut decide).unwrap();
+    let (out, _) =
+        filter_single(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.unwrap()).unwrap();
     assert_eq!(v["record"]["surname"], "O\"Neil é");
+}
+
+#[test]
+fn datasette_rows_become_the_same_envelope() {
+    let ds = dataset();
+    let body = format!(
+        r#"{{"ok":true,"rows":[{},{}],"truncated":false}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW1", "")
+    );
+    let (out, d) = filter_page(
+        body.as_bytes(),
+        Envelope::Rows {
+            page: 3,
+            per_page: 2,
+        },
+        &cx(&ds),
+        &mut decide,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (
+            v["page"].as_u64(),
+            v["per_page"].as_u64(),
+            v["next_page"].as_u64()
+        ),
+        (Some(3), Some(2), Some(4))
+    );
+    assert_eq!(d.subjects.len(), 2);
+    let (out, _) = filter_page(
+        body.as_bytes(),
+        Envelope::Rows {
+            page: 1,
+            per_page: 5,
+        },
+        &cx(&ds),
+        &mut decide,
+    )
+    .unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["next_page"].is_null());
+    // A wardgate envelope where rows were expected is malformed, not an empty page.
+    assert!(
+        filter_page(
+            b"{\"records\":[]}",
+            Envelope::Rows {
+                page: 1,
+                per_page: 5
+            },
+            &cx(&ds),
+            &mut decide
+        )
+        .is_err()
+    );
+    let (none, _) = filter_single(
+        b"{\"rows\":[]}",
+        Envelope::Rows {
+            page: 1,
+            per_page: 1,
+        },
+        &cx(&ds),
+        &mut decide,
+    )
+    .unwrap();
+    assert!(none.is_none());
 }

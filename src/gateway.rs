@@ -20,6 +20,7 @@ use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::{Principal, Verifier};
 use crate::catalog::{Catalog, Dataset};
 use crate::decisions::{Decider, DecisionCache, asker_key};
+use crate::dialect;
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
@@ -208,36 +209,37 @@ where
     };
     match &route.kind {
         RouteKind::List => {
-            let query = upstream_query(gw, &route, &principal);
-            let path = format!("/{}?{query}", dataset.collection);
+            let areas = narrowing(gw, &principal);
+            let (path, envelope) =
+                dialect::list(&upstream.dialect, dataset, &route, areas.as_ref());
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
-            let (out, d) =
-                filter::filter_page(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            let (out, d) = filter::filter_page(&body, envelope, &cx, &mut |a| decider.decide(a))
+                .map_err(malformed)?;
             trail.absorb(d, &decider);
             Ok(Bytes::from(out))
         }
         RouteKind::Read { id } => {
-            let body = fetch_one(upstream, dataset, id, request_id).await?;
-            let (out, d) =
-                filter::filter_single(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+            let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
+                .map_err(malformed)?;
             trail.absorb(d, &decider);
             out.map(Bytes::from).ok_or(GatewayError::NotFound)
         }
         RouteKind::Write { id, write } => {
+            let (path, envelope) = dialect::write(&upstream.dialect, dataset, id, write)?;
             let body = read_body(req, gw.max_request_bytes).await?;
             let written = check_write(
                 gw, &ask, dataset, &route, write, id, &body, &cx, upstream, request_id,
             )
             .await?;
             trail.written = written;
-            let path = format!("/{}/{id}/{write}", dataset.collection);
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
-            let (out, d) =
-                filter::filter_single(&body, &cx, &mut |a| decider.decide(a)).map_err(malformed)?;
+            let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
+                .map_err(malformed)?;
             trail.absorb(d, &decider);
             Ok(out
                 .map(Bytes::from)
@@ -262,34 +264,17 @@ impl Trail {
     }
 }
 
-/// Caller filters, paging, and the narrowing the caller did not ask for: their own areas.
-fn upstream_query(gw: &Gateway, route: &Route, principal: &Principal) -> String {
-    let enc = |s: &str| {
-        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
-    let mut parts: Vec<String> = route
-        .filters
-        .iter()
-        .map(|(k, v)| format!("{k}={}", enc(v)))
-        .collect();
-    if let Some(p) = route.page {
-        parts.push(format!("page={p}"));
+/// The areas to narrow a listing to: the caller's scope, unless it is too wide to be worth
+/// sending. An empty scope narrows to nothing at all rather than to everything.
+fn narrowing(gw: &Gateway, principal: &Principal) -> Option<BTreeSet<String>> {
+    let mut areas = gw.geography.areas_under(&principal.areas);
+    if areas.len() > MAX_NARROWING_AREAS {
+        return None;
     }
-    if let Some(p) = route.per_page {
-        parts.push(format!("per_page={p}"));
+    if areas.is_empty() {
+        areas.insert("none".to_owned());
     }
-    let mut areas: BTreeSet<String> = gw.geography.areas_under(&principal.areas);
-    if areas.len() <= MAX_NARROWING_AREAS {
-        // An empty grant narrows to nothing at all rather than to everything.
-        if areas.is_empty() {
-            areas.insert("none".to_owned());
-        }
-        parts.push(format!(
-            "areas={}",
-            areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
-        ));
-    }
-    parts.join("&")
+    Some(areas)
 }
 
 async fn fetch_one(
@@ -297,19 +282,13 @@ async fn fetch_one(
     dataset: &Dataset,
     id: &str,
     request_id: &str,
-) -> Result<Bytes, GatewayError> {
-    let resp = upstream
-        .send(
-            Method::GET,
-            &format!("/{}/{id}", dataset.collection),
-            None,
-            request_id,
-        )
-        .await?;
+) -> Result<(Bytes, filter::Envelope), GatewayError> {
+    let (path, envelope) = dialect::read(&upstream.dialect, dataset, id);
+    let resp = upstream.send(Method::GET, &path, None, request_id).await?;
     if resp.status == StatusCode::NOT_FOUND {
         return Err(GatewayError::NotFound);
     }
-    expect_json(resp.status, resp.json, resp.body)
+    Ok((expect_json(resp.status, resp.json, resp.body)?, envelope))
 }
 
 /// A write names only fields the register declares for it, each of a category the purpose may
@@ -352,7 +331,7 @@ async fn check_write(
             "the body names no field to write".to_owned(),
         ));
     }
-    let target = fetch_one(upstream, dataset, id, request_id).await?;
+    let (target, _) = fetch_one(upstream, dataset, id, request_id).await?;
     let single: serde_json::Value = serde_json::from_slice(&target)
         .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
     let raw =

@@ -19,6 +19,7 @@
 //! - [`geography`]: the area DAG.
 //! - [`policy`]: Cedar, loaded and validated at start.
 //! - [`decisions`]: record decisions memoised per distinct attribute combination.
+//! - [`dialect`]: how each kind of datastore is asked (wardgate's API, Datasette).
 //! - [`proxy`]: the upstream client.
 //! - [`filter`]: row and field filtering over raw JSON.
 //! - [`audit`]: the durable, hash-chained access log.
@@ -33,6 +34,7 @@ pub mod catalog;
 pub mod config;
 pub mod decisions;
 pub mod demo;
+pub mod dialect;
 pub mod error;
 pub mod filter;
 pub mod gateway;

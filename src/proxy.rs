@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Dialect, UpstreamConfig};
 use crate::error::GatewayError;
 
 /// What came back from a datastore, fully read and size-checked.
@@ -29,6 +29,7 @@ pub struct UpstreamResponse {
 }
 
 pub struct Upstream {
+    pub dialect: Dialect,
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
     response_timeout: Duration,
@@ -67,6 +68,7 @@ impl Upstreams {
             by_dataset.insert(
                 name.clone(),
                 Upstream {
+                    dialect: u.dialect.clone(),
                     base,
                     client,
                     response_timeout: u.response_timeout,

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use wardgate::auth::Principal;
 use wardgate::catalog::Catalog;
 use wardgate::decisions::{Decider, DecisionCache, asker_key};
-use wardgate::filter::{FilterContext, filter_page};
+use wardgate::filter::{Envelope, FilterContext, filter_page};
 use wardgate::geography::Geography;
 use wardgate::policy::PolicyEngine;
 
@@ -459,7 +459,8 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         today: wardgate::filter::today(),
         register_flags: &|_| None,
     };
-    let (out, disclosure) = filter_page(&body, &cx, &mut |a| decider.decide(a)).unwrap();
+    let (out, disclosure) =
+        filter_page(&body, Envelope::Records, &cx, &mut |a| decider.decide(a)).unwrap();
     let out: Value = serde_json::from_slice(&out).unwrap();
     let kept = out["records"].as_array().unwrap();
     if !request_ok {

@@ -167,7 +167,10 @@ fn wardgate_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) 
         today: filter::today(),
         register_flags: &|_| None,
     };
-    let (out, d) = filter::filter_page(body, &cx, &mut |a| decider.decide(a)).unwrap();
+    let (out, d) = filter::filter_page(body, filter::Envelope::Records, &cx, &mut |a| {
+        decider.decide(a)
+    })
+    .unwrap();
     black_box(d);
     out
 }

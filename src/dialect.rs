@@ -1,0 +1,140 @@
+//! How each kind of datastore is asked: the upstream path and parameters for a resolved route,
+//! and the envelope its answer comes in.
+//!
+//! Everything sent upstream is built here from validated values (the route's filters and
+//! paging, the ids the route table accepted, and the gateway's own narrowing set), each
+//! percent-encoded; nothing of the caller's query string is copied. This module builds
+//! requests; it neither sends them (`proxy.rs`) nor reads answers (`filter.rs`).
+
+use std::collections::BTreeSet;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::catalog::Dataset;
+use crate::config::Dialect;
+use crate::error::GatewayError;
+use crate::filter::Envelope;
+use crate::routes::Route;
+
+/// The page size a listing gets when the caller names none.
+pub const DEFAULT_PER_PAGE: u32 = 100;
+
+/// Everything but RFC 3986's unreserved characters is escaped (Datasette redirects a path
+/// whose unreserved characters arrive escaped).
+const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+fn enc(s: &str) -> String {
+    utf8_percent_encode(s, ESCAPE).to_string()
+}
+
+/// The upstream path and query for a listing; `areas` narrows to the caller's scope
+/// (`None`: too wide to be worth sending).
+pub fn list(
+    dialect: &Dialect,
+    dataset: &Dataset,
+    route: &Route,
+    areas: Option<&BTreeSet<String>>,
+) -> (String, Envelope) {
+    match dialect {
+        Dialect::Wardgate => {
+            let mut parts: Vec<String> = route
+                .filters
+                .iter()
+                .map(|(k, v)| format!("{k}={}", enc(v)))
+                .collect();
+            if let Some(p) = route.page {
+                parts.push(format!("page={p}"));
+            }
+            if let Some(p) = route.per_page {
+                parts.push(format!("per_page={p}"));
+            }
+            if let Some(areas) = areas {
+                parts.push(format!(
+                    "areas={}",
+                    areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
+                ));
+            }
+            (
+                format!("/{}?{}", dataset.collection, parts.join("&")),
+                Envelope::Records,
+            )
+        }
+        Dialect::Datasette(api) => {
+            let page = route.page.unwrap_or(1);
+            let per_page = route.per_page.unwrap_or(DEFAULT_PER_PAGE);
+            let offset = u64::from(page - 1) * u64::from(per_page);
+            let mut parts = vec![
+                "_shape=objects".to_owned(),
+                format!("limit={per_page}"),
+                format!("offset={offset}"),
+            ];
+            parts.extend(api.json_columns.iter().map(|c| format!("_json={}", enc(c))));
+            // A canned query needs every named parameter; an empty one means "not filtered".
+            for f in &dataset.filters {
+                parts.push(format!(
+                    "{f}={}",
+                    enc(route.filters.get(f).map(String::as_str).unwrap_or(""))
+                ));
+            }
+            let areas = areas
+                .map(|a| serde_json::to_string(a).unwrap_or_default())
+                .unwrap_or_default();
+            parts.push(format!("areas={}", enc(&areas)));
+            let path = format!(
+                "/{}/{}.json?{}",
+                enc(&api.database),
+                enc(&api.list_query),
+                parts.join("&")
+            );
+            (path, Envelope::Rows { page, per_page })
+        }
+    }
+}
+
+/// The upstream path for one record by id (ids are plain: `routes::valid_id`).
+pub fn read(dialect: &Dialect, dataset: &Dataset, id: &str) -> (String, Envelope) {
+    match dialect {
+        Dialect::Wardgate => (format!("/{}/{id}", dataset.collection), Envelope::Records),
+        Dialect::Datasette(api) => {
+            let json: Vec<String> = api
+                .json_columns
+                .iter()
+                .map(|c| format!("&_json={}", enc(c)))
+                .collect();
+            let path = format!(
+                "/{}/{}/{id}.json?_shape=objects{}",
+                enc(&api.database),
+                enc(&api.table),
+                json.concat()
+            );
+            (
+                path,
+                Envelope::Rows {
+                    page: 1,
+                    per_page: 1,
+                },
+            )
+        }
+    }
+}
+
+/// The upstream path for a declared write.
+pub fn write(
+    dialect: &Dialect,
+    dataset: &Dataset,
+    id: &str,
+    write: &str,
+) -> Result<(String, Envelope), GatewayError> {
+    match dialect {
+        Dialect::Wardgate => Ok((
+            format!("/{}/{id}/{write}", dataset.collection),
+            Envelope::Records,
+        )),
+        // Datasette deployments here are read-only replicas of the register.
+        Dialect::Datasette(_) => Err(GatewayError::MethodNotAllowed),
+    }
+}

@@ -1,0 +1,247 @@
+//! wardgate in front of a real third-party datastore: Datasette (from PyPI) serving the same
+//! synthetic voter file from SQLite, with narrowing in Datasette's own query parameters. The
+//! same policies must give the same disclosures as against the demo datastore.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{AppOptions, TestApp, spawn_app_with};
+use wardgate::config::{DatasetteApi, Dialect};
+
+const ELECTORS: usize = 900;
+
+struct Datasette(Child);
+
+impl Drop for Datasette {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_datasette(dir: &Path) -> Option<(Datasette, std::net::SocketAddr)> {
+    let settings = wardgate::demo::data::GenSettings {
+        electors: ELECTORS,
+        ..Default::default()
+    };
+    let data = wardgate::demo::data::generate(&settings, wardgate::demo::AREAS).unwrap();
+    let jsonl = dir.join("electors.jsonl");
+    let mut f = std::fs::File::create(&jsonl).unwrap();
+    for r in &data.electors {
+        writeln!(f, "{r}").unwrap();
+    }
+    drop(f);
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/datasette");
+    let db = dir.join("voter.db");
+    let loaded = Command::new("python3")
+        .arg(here.join("load.py"))
+        .arg(&jsonl)
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(loaded.success(), "loading SQLite failed");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let child = Command::new("datasette")
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &addr.port().to_string(),
+            "--metadata",
+        ])
+        .arg(here.join("metadata.json"))
+        .args([
+            "--setting",
+            "max_returned_rows",
+            "1000",
+            "--setting",
+            "sql_time_limit_ms",
+            "10000",
+        ])
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let guard = Datasette(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "datasette did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((guard, addr))
+}
+
+fn use_datasette(c: &mut wardgate::config::Config) {
+    c.datasets.get_mut("voter").unwrap().dialect = Dialect::Datasette(DatasetteApi {
+        database: "voter".into(),
+        table: "electors".into(),
+        list_query: "electors_page".into(),
+        json_columns: ["markers", "flags", "turnout", "canvass_issues", "consents"]
+            .map(String::from)
+            .to_vec(),
+    });
+}
+
+/// subject id -> sorted field names, over every page.
+async fn disclosed(
+    app: &TestApp,
+    persona: &str,
+    purpose: &str,
+    query: &str,
+) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for page in 1.. {
+        let resp = app
+            .get(
+                &format!("/voter/electors?per_page=250&page={page}{query}"),
+                Some(&app.token(persona)),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(resp.status, 200, "{persona}/{purpose}: {:?}", resp.body);
+        let v = resp.json();
+        let audit = app.audit_for(&resp);
+        let ids: Vec<String> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            audit["subjects"],
+            serde_json::json!(ids),
+            "audit lists exactly the disclosed subjects"
+        );
+        for r in v["records"].as_array().unwrap() {
+            let mut fields: Vec<String> = r.as_object().unwrap().keys().cloned().collect();
+            fields.sort();
+            out.insert(r["elector_id"].as_str().unwrap().to_owned(), fields);
+        }
+        if v["next_page"].is_null() {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_policies_give_the_same_disclosures_through_datasette() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_datasette, addr)) = start_datasette(dir.path()) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "datasette is not installed under CI (scripts/test.sh installs it)"
+        );
+        eprintln!("skipping: datasette not installed (pip install datasette)");
+        return;
+    };
+    let demo = spawn_app_with(AppOptions {
+        electors: Some(ELECTORS),
+        ..Default::default()
+    })
+    .await;
+    let ds = spawn_app_with(AppOptions {
+        upstream: Some(addr),
+        tweak: Some(use_datasette),
+        ..Default::default()
+    })
+    .await;
+    // Same personas and keys are not shared between the two apps; each mints its own tokens.
+    let cases = [
+        ("canvasser", "canvassing", ""),
+        ("councillor", "email_sms", ""),
+        (
+            "councillor",
+            "canvassing",
+            "&polling_district=CGW3&local_authority=E08000035",
+        ),
+        ("candidate", "gotv", "&postcode=LS15"),
+        ("analyst", "profiling", ""),
+        ("dpo", "sar_fulfilment", "&ward=E05013911"),
+        ("mp_caseworker", "casework", ""),
+    ];
+    let mut total = 0;
+    for (persona, purpose, query) in cases {
+        let a = disclosed(&demo, persona, purpose, query).await;
+        let b = disclosed(&ds, persona, purpose, query).await;
+        assert!(
+            !a.is_empty(),
+            "{persona}/{purpose}{query} discloses something"
+        );
+        assert_eq!(
+            a, b,
+            "{persona}/{purpose}{query}: demo datastore and Datasette disagree"
+        );
+        total += a.len();
+    }
+    // Single reads agree too, including the ones that must not be found.
+    let sample: Vec<String> = disclosed(&demo, "dpo", "sar_fulfilment", "")
+        .await
+        .keys()
+        .take(5)
+        .cloned()
+        .collect();
+    for id in sample
+        .iter()
+        .map(String::as_str)
+        .chain(["VF-0000003", "VF-9999999"])
+    {
+        for (persona, purpose) in [("councillor", "canvassing"), ("dpo", "sar_fulfilment")] {
+            let ra = demo
+                .get(
+                    &format!("/voter/electors/{id}"),
+                    Some(&demo.token(persona)),
+                    Some(purpose),
+                )
+                .await;
+            let rb = ds
+                .get(
+                    &format!("/voter/electors/{id}"),
+                    Some(&ds.token(persona)),
+                    Some(purpose),
+                )
+                .await;
+            assert_eq!(ra.status, rb.status, "{persona} reading {id}");
+            if ra.status == 200 {
+                let keys = |r: &common::Resp| {
+                    r.json()["record"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(keys(&ra), keys(&rb));
+            }
+        }
+    }
+    // Datasette deployments are read-only through the gateway.
+    let w = ds
+        .post(
+            &format!("/voter/electors/{}/canvass", sample[0]),
+            &ds.token("canvasser"),
+            "canvassing",
+            r#"{"voting_intention":"LAB"}"#,
+        )
+        .await;
+    assert_eq!(w.status, 405);
+    eprintln!("{total} disclosures compared across {} cases", cases.len());
+    demo.stop().await;
+    ds.stop().await;
+}
