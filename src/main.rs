@@ -46,10 +46,14 @@ enum Command {
         #[arg(long, default_value_t = 4000)]
         electors: usize,
     },
-    /// Check configuration, keys, area and asset registers, Cedar schema and policies; serve nothing.
+    /// Check configuration, keys, area and asset registers, Cedar schema and policies, and that
+    /// every field each datastore returns is in the asset register; serve nothing.
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not contact the datastores (skips the unclassified-field check).
+        #[arg(long)]
+        offline: bool,
     },
     /// Mint a signed token with the configuration's `[signing]` key (demos, tests, tooling).
     Token {
@@ -132,9 +136,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Validate { config } => {
+        Command::Validate { config, offline } => {
             let cfg = Config::load(&config)?;
             let checked = startup::check(&cfg)?;
+            if !offline {
+                let unknown = startup::probe_upstreams(&checked).await?;
+                if !unknown.is_empty() {
+                    anyhow::bail!(
+                        "the datastores return fields the asset register `{}` does not classify: `{}` (they are stripped at run time; classify them)",
+                        cfg.catalog_file.display(),
+                        unknown.join("`, `")
+                    );
+                }
+            }
             println!(
                 "ok: `{}` is valid: {} policies, {} datasets, {} areas",
                 config.display(),

@@ -74,6 +74,59 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     })
 }
 
+/// Asks every datastore for one page and lists the fields it returns that the asset register
+/// does not classify (`dataset.field`). Such fields are stripped at run time anyway; this makes
+/// the gap visible before it is, so the register can be completed.
+pub async fn probe_upstreams(c: &Checked) -> anyhow::Result<Vec<String>> {
+    let mut unknown = Vec::new();
+    for (name, dataset) in &c.catalog.datasets {
+        let upstream = c
+            .upstreams
+            .get(name)
+            .with_context(|| format!("no upstream for `{name}`"))?;
+        let route = crate::routes::Route {
+            dataset: name.clone(),
+            kind: crate::routes::RouteKind::List,
+            filters: Default::default(),
+            page: Some(1),
+            per_page: Some(50),
+        };
+        let (path, envelope) = crate::dialect::list(&upstream.dialect, dataset, &route, None);
+        let resp = upstream
+            .send(http::Method::GET, &path, None, "wardgate-validate")
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot probe datastore `{name}`: {e} (use `--offline` to skip probing)"
+                )
+            })?;
+        if resp.status != http::StatusCode::OK {
+            anyhow::bail!("probing datastore `{name}`: it answered {}", resp.status);
+        }
+        let body: serde_json::Value = serde_json::from_slice(&resp.body)
+            .with_context(|| format!("probing datastore `{name}`: the answer is not JSON"))?;
+        let key = match envelope {
+            crate::filter::Envelope::Records => "records",
+            crate::filter::Envelope::Rows { .. } => "rows",
+        };
+        let records = body[key]
+            .as_array()
+            .with_context(|| format!("probing datastore `{name}`: no `{key}` in the answer"))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for r in records {
+            if let Some(obj) = r.as_object() {
+                seen.extend(
+                    obj.keys()
+                        .filter(|k| !dataset.fields.contains_key(*k))
+                        .cloned(),
+                );
+            }
+        }
+        unknown.extend(seen.into_iter().map(|f| format!("{name}.{f}")));
+    }
+    Ok(unknown)
+}
+
 /// Loads everything and opens the audit log.
 pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)> {
     let c = check(cfg)?;

@@ -39,9 +39,55 @@ fn run(args: &[&str], cfg: &Path) -> (bool, String) {
 #[test]
 fn validate_accepts_the_shipped_files() {
     let (_d, cfg) = setup();
-    let (ok, out) = run(&["validate"], &cfg);
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
     assert!(ok, "{out}");
     assert!(out.contains("ok:"), "{out}");
+    // Without --offline it probes the datastores, and there is none at 127.0.0.1:9.
+    let (ok, out) = run(&["validate"], &cfg);
+    assert!(!ok && out.contains("cannot probe datastore"), "{out}");
+}
+
+/// A real datastore serving the synthetic data, optionally with one unclassified field added.
+async fn datastore(extra_field: bool) -> std::net::SocketAddr {
+    let settings = wardgate::demo::data::GenSettings {
+        electors: 200,
+        members: 50,
+        ..Default::default()
+    };
+    let mut data = wardgate::demo::data::generate(&settings, wardgate::demo::AREAS).unwrap();
+    if extra_field {
+        data.electors[3]["shadow_notes"] =
+            serde_json::json!("leans our way, ask about the divorce");
+    }
+    let store = wardgate::demo::datastore::Datastore::from_records(data.electors, data.members);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(wardgate::demo::datastore::serve(
+        listener,
+        store,
+        std::future::pending(),
+    ));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_fails_when_a_datastore_returns_an_unclassified_field() {
+    for (extra, want_ok) in [(false, true), (true, false)] {
+        let upstream = datastore(extra).await;
+        let dir = tempfile::tempdir().unwrap();
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let cfg = wardgate::demo::materialise(dir.path(), addr, addr, upstream).unwrap();
+        let (ok, out) = tokio::task::spawn_blocking(move || run(&["validate"], &cfg))
+            .await
+            .unwrap();
+        assert_eq!(ok, want_ok, "{out}");
+        if !want_ok {
+            assert!(
+                out.contains("`voter.shadow_notes`") && out.contains("catalog.toml"),
+                "{out}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -61,10 +107,10 @@ fn an_invalid_policy_stops_serve_naming_file_and_line() {
         "@id(\"b\")\npermit (principal, action, resource)\nwhen { context. };\n",
     )
     .unwrap();
-    for cmd in ["serve", "validate"] {
-        let (ok, out) = run(&[cmd], &cfg);
+    for cmd in [&["serve"][..], &["validate", "--offline"][..]] {
+        let (ok, out) = run(cmd, &cfg);
         assert!(!ok);
-        assert!(out.contains("broken.cedar:3:"), "{cmd}: {out}");
+        assert!(out.contains("broken.cedar:3:"), "{cmd:?}: {out}");
     }
 }
 
@@ -158,6 +204,6 @@ fn a_shared_secret_algorithm_is_refused() {
         "algorithms = [\"ES256\", \"HS256\"]",
     );
     std::fs::write(&cfg, text).unwrap();
-    let (ok, out) = run(&["validate"], &cfg);
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
     assert!(!ok && out.contains("HS256"), "{out}");
 }
