@@ -40,8 +40,15 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
 }
 
 /// Answers one admin-plane request.
-pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let rid = format!("{:032x}", rand::random::<u128>());
+    if crate::rights::owns(req.uri().path()) {
+        return crate::rights::handle(&gw, req, &rid).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(
             StatusCode::OK,
@@ -49,7 +56,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes
             "{\"status\":\"ok\"}".into(),
         ),
         (&Method::GET, "/readyz") => {
-            if gw.audit.is_healthy() {
+            if gw.audit.is_healthy() && gw.controls.check_fresh().is_ok() {
                 let body = format!(
                     "{{\"status\":\"ready\",\"policies\":{}}}",
                     gw.policy.policy_count()

@@ -32,6 +32,8 @@ pub struct Principal {
     pub areas: Vec<String>,
     pub purposes: Vec<String>,
     pub expires_at: i64,
+    /// When the token was issued (`iat`, else `nbf`): revoking a subject revokes older tokens.
+    pub issued_at: i64,
     /// When the role or grant behind the token ends, if the issuer says so.
     pub grant_expires_at: Option<i64>,
 }
@@ -224,6 +226,7 @@ impl Verifier {
             areas: c.areas,
             purposes: c.purposes,
             expires_at: c.exp,
+            issued_at: c.iat.unwrap_or(c.nbf),
             grant_expires_at: c.grant_expires,
         })
     }

@@ -28,7 +28,7 @@ pub struct Config {
     pub catalog_file: PathBuf,
     pub areas_file: PathBuf,
     pub audit: AuditConfig,
-    pub redis_url: Option<String>,
+    pub redis: Option<crate::controls::RedisSettings>,
     pub datasets: BTreeMap<String, UpstreamConfig>,
 }
 
@@ -222,6 +222,9 @@ struct RawAudit {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: String,
+    staleness_bound: Option<String>,
+    resync_interval: Option<String>,
+    stream: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -285,7 +288,21 @@ impl RawConfig {
             catalog_file: at(&self.catalog.file),
             areas_file: at(&self.geography.file),
             audit,
-            redis_url: self.redis.map(|r| r.url),
+            redis: match self.redis {
+                Some(r) => Some(crate::controls::RedisSettings {
+                    staleness_bound: parse_duration(
+                        r.staleness_bound.as_deref().unwrap_or("10s"),
+                        "redis.staleness_bound",
+                    )?,
+                    resync_interval: parse_duration(
+                        r.resync_interval.as_deref().unwrap_or("60s"),
+                        "redis.resync_interval",
+                    )?,
+                    stream: r.stream.unwrap_or_else(|| "wardgate:controls".to_owned()),
+                    url: r.url,
+                }),
+                None => None,
+            },
             datasets,
         })
     }

@@ -228,10 +228,16 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     if let Some(extra) = (cx.register_flags)(&subject) {
         flags.extend(extra);
     }
-    let consented = match &ds.consents_field {
+    let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
         Some(f) => consented_channels(rec.get(f)?)?,
     };
+    // A withdrawal in the rights register outranks a consent still on the record (§10.3.7).
+    for f in &flags {
+        if let Some(channel) = f.strip_prefix("consent_withdrawn_") {
+            consented.remove(channel);
+        }
+    }
     let tps_fresh = match &ds.tps_field {
         None => false,
         Some(f) => tps_fresh(rec.get(f)?, cx.today, ds.tps_max_age_days)?,

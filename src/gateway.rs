@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::{Principal, Verifier};
 use crate::catalog::{Catalog, Dataset};
+use crate::controls::Controls;
 use crate::decisions::{Decider, DecisionCache, asker_key};
 use crate::dialect;
 use crate::error::GatewayError;
@@ -39,6 +40,7 @@ pub struct Gateway {
     pub policy: PolicyEngine,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
+    pub controls: Controls,
     pub decisions: DecisionCache,
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
@@ -140,6 +142,13 @@ where
         )
         .map_err(GatewayError::Unauthenticated)?;
     trail.caller = Some(principal.clone());
+    // Rights requests and revocations must be current before anything is decided.
+    gw.controls.check_fresh()?;
+    if gw.controls.is_revoked(&principal) {
+        return Err(GatewayError::Unauthenticated(
+            crate::error::AuthFailure::Revoked,
+        ));
+    }
 
     // 2. What they ask for: only routes the register declares.
     let route = routes::resolve(
@@ -205,7 +214,7 @@ where
     let cx = FilterContext {
         dataset,
         today: filter::today(),
-        register_flags: &|_| None,
+        register_flags: &|subject| gw.controls.flags(subject),
     };
     match &route.kind {
         RouteKind::List => {

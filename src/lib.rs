@@ -14,6 +14,7 @@
 //! - [`server`]: listeners, TLS, graceful shutdown.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
+//! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
 //! - [`routes`]: the only paths and query parameters that may reach a datastore.
 //! - [`catalog`]: the information asset register and purpose catalogue.
 //! - [`geography`]: the area DAG.
@@ -24,7 +25,7 @@
 //! - [`filter`]: row and field filtering over raw JSON.
 //! - [`audit`]: the durable, hash-chained access log.
 //! - [`error`]: the request path's one error type and its mapping to problem+json.
-//! - [`admin`]: health, readiness, metrics.
+//! - [`admin`]: health, readiness, metrics; [`rights`]: the rights register and revocation endpoints.
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;
@@ -32,6 +33,7 @@ pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod controls;
 pub mod decisions;
 pub mod demo;
 pub mod dialect;
@@ -41,6 +43,7 @@ pub mod gateway;
 pub mod geography;
 pub mod policy;
 pub mod proxy;
+pub mod rights;
 pub mod routes;
 pub mod server;
 pub mod startup;

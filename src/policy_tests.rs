@@ -78,6 +78,7 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         areas: f.caller.areas,
         purposes: f.caller.purposes,
         expires_at: i64::MAX,
+        issued_at: 0,
         grant_expires_at: None,
     };
     let basis = shipped_engine()
@@ -274,6 +275,7 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
         areas: vec!["GHOST".into()],
         purposes: vec!["canvassing".into()],
         expires_at: i64::MAX,
+        issued_at: 0,
         grant_expires_at: None,
     };
     let ask = engine

@@ -143,7 +143,10 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         .iter()
         .map(|(n, d)| (n.clone(), d.fields.values().cloned().collect()))
         .collect();
+    let controls = crate::controls::Controls::open(&cfg.server.data_dir, cfg.redis.clone())
+        .context("cannot open the shared controls")?;
     let gw = Gateway {
+        controls,
         decisions: Default::default(),
         categories,
         catalog: c.catalog,

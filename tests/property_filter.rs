@@ -416,6 +416,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         areas,
         purposes,
         expires_at: i64::MAX,
+        issued_at: 0,
         grant_expires_at: None,
     };
     let records: Vec<Value> = picks

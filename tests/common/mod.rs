@@ -39,6 +39,7 @@ pub struct TestApp {
     pub signer: Signer,
     pub private_pem: String,
     pub tokens: std::collections::BTreeMap<String, String>,
+    pub redis: Option<wardgate::controls::RedisSettings>,
     client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -54,6 +55,10 @@ pub struct AppOptions {
     pub electors: Option<usize>,
     /// Edit the configuration before start-up.
     pub tweak: Option<fn(&mut Config)>,
+    /// Share controls through this Redis (with a short staleness bound and resync interval).
+    pub redis: Option<String>,
+    /// Use another app's signing keys, so tokens work on both (replicas of one deployment).
+    pub keys_from: Option<PathBuf>,
 }
 
 pub struct Resp {
@@ -105,7 +110,21 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
     let config_path = demo::materialise(dir.path(), addr, admin_addr, upstream).unwrap();
+    if let Some(from) = &opts.keys_from {
+        for f in std::fs::read_dir(from.join("keys")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.path().join("keys").join(f.file_name().unwrap())).unwrap();
+        }
+    }
     let mut cfg = Config::load(&config_path).unwrap();
+    if let Some(url) = &opts.redis {
+        cfg.redis = Some(wardgate::controls::RedisSettings {
+            url: url.clone(),
+            staleness_bound: std::time::Duration::from_secs(2),
+            resync_interval: std::time::Duration::from_secs(1),
+            stream: "wardgate:controls".to_owned(),
+        });
+    }
     if let Some(a) = &opts.audit_dir {
         cfg.audit.dir = a.clone();
     }
@@ -114,6 +133,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         t(&mut cfg);
     }
     let audit_dir = cfg.audit.dir.clone();
+    let redis = cfg.redis.clone();
     let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
     let signer = Signer::from_config(cfg.signing.as_ref().unwrap()).unwrap();
     let private_pem =
@@ -141,6 +161,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         signer,
         private_pem,
         tokens,
+        redis,
         client,
         stop: Some(tx),
         task: Some(task),
@@ -265,6 +286,69 @@ impl TestApp {
             .into_iter()
             .find(|r| r["request_id"] == rid.as_str())
             .unwrap_or_else(|| panic!("no audit record for request `{rid}`"))
+    }
+
+    pub async fn admin_post(&self, path: &str, token: &str, body: &str) -> Resp {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{path}", self.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    pub async fn admin_get_with(&self, path: &str, token: &str) -> Resp {
+        let req = Request::builder()
+            .uri(format!("http://{}{path}", self.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    /// Stops the gateway and starts it again on the same data directory and configuration.
+    pub async fn restart(mut self) -> TestApp {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        let mut cfg = Config::load(&self.config_path).unwrap();
+        cfg.audit.dir = self.audit_dir.clone();
+        cfg.redis = self.redis.clone();
+        let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = data.local_addr().unwrap();
+        self.admin = admin.local_addr().unwrap();
+        let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.task = Some(tokio::spawn(wardgate::startup::run(
+            gw,
+            data,
+            admin,
+            tls,
+            async {
+                let _ = rx.await;
+            },
+            std::time::Duration::from_secs(5),
+        )));
+        self.stop = Some(tx);
+        self
     }
 
     pub async fn stop(mut self) {

@@ -1,0 +1,318 @@
+//! Shared controls: the rights register and token revocations, the same on every replica.
+//!
+//! A rights request (restriction, erasure, objection, consent withdrawal: seeds §10.3) or a
+//! revocation is an [`Event`]. Events are kept three ways: in this replica's in-memory mirror
+//! ([`Snapshot`], read on the request path without any I/O), in a local append-only journal
+//! (`DATA_DIR/controls.jsonl`, fsynced: survives a Redis restart or `FLUSHALL`), and, when Redis
+//! is configured, in a Redis Stream that every replica follows, so an event placed on one
+//! replica reaches the others within the stream's blocking-read latency. Folding the same
+//! events in any order gives the same state: per (subject, kind) the latest event wins, by
+//! time and then id. Only this module and its children talk to Redis.
+//!
+//! Fail closed: with Redis configured, a replica that has not heard from Redis for longer than
+//! the staleness bound answers data requests with 503 until it has resynchronised.
+
+mod journal;
+mod sync;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Principal;
+use crate::error::GatewayError;
+
+pub use sync::RedisSettings;
+
+/// Restriction kinds the register accepts (DOMAIN.md §6). `consent_withdrawn_<channel>` strips
+/// that channel's contact field; the others are flags policies read.
+pub const KINDS: &[&str] = &[
+    "restricted",
+    "erasure_requested",
+    "objects_direct_marketing",
+    "objects_profiling",
+    "para22_notice",
+    "deceased",
+    "do_not_contact",
+    "consent_withdrawn_email",
+    "consent_withdrawn_sms",
+    "consent_withdrawn_phone",
+];
+
+/// One change to the shared controls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Random, unique: replays and re-publications are recognised by it.
+    pub id: String,
+    /// Unix milliseconds when it was made.
+    pub at: i64,
+    /// Who made it (subject of the admin's token) and why.
+    pub by: String,
+    pub reason: String,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    Place {
+        subject: String,
+        kind: String,
+        reference: String,
+    },
+    Lift {
+        subject: String,
+        kind: String,
+        reference: String,
+    },
+    RevokeToken {
+        token_id: String,
+    },
+    /// Every token of `subject` issued at or before `at` stops working.
+    RevokeSubject {
+        subject: String,
+    },
+}
+
+/// An active restriction, as the DPO sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub kind: String,
+    pub reference: String,
+    pub placed_by: String,
+    pub placed_at: i64,
+    pub reason: String,
+}
+
+/// The folded state of every event seen.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (subject, kind) -> the latest event about it.
+    latest: HashMap<(String, String), Event>,
+    revoked_tokens: HashSet<String>,
+    /// subject -> tokens issued at or before this (unix seconds) are revoked.
+    revoked_subjects: HashMap<String, i64>,
+    seen: HashSet<String>,
+}
+
+impl Snapshot {
+    /// Applies one event; false if it was already applied.
+    pub fn apply(&mut self, e: &Event) -> bool {
+        if !self.seen.insert(e.id.clone()) {
+            return false;
+        }
+        match &e.change {
+            Change::Place { subject, kind, .. } | Change::Lift { subject, kind, .. } => {
+                let key = (subject.clone(), kind.clone());
+                let newer = self
+                    .latest
+                    .get(&key)
+                    .is_none_or(|old| (e.at, &e.id) > (old.at, &old.id));
+                if newer {
+                    self.latest.insert(key, e.clone());
+                }
+            }
+            Change::RevokeToken { token_id } => {
+                self.revoked_tokens.insert(token_id.clone());
+            }
+            Change::RevokeSubject { subject } => {
+                let secs = e.at.div_euclid(1000);
+                let entry = self.revoked_subjects.entry(subject.clone()).or_insert(secs);
+                *entry = (*entry).max(secs);
+            }
+        }
+        true
+    }
+
+    pub fn placements(&self, subject: &str) -> Vec<Placement> {
+        let mut out: Vec<Placement> = self
+            .latest
+            .iter()
+            .filter(|((s, _), _)| s == subject)
+            .filter_map(|((_, kind), e)| match &e.change {
+                Change::Place { reference, .. } => Some(Placement {
+                    kind: kind.clone(),
+                    reference: reference.clone(),
+                    placed_by: e.by.clone(),
+                    placed_at: e.at,
+                    reason: e.reason.clone(),
+                }),
+                Change::Lift { .. } | Change::RevokeToken { .. } | Change::RevokeSubject { .. } => {
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.kind.cmp(&b.kind));
+        out
+    }
+}
+
+/// The controls a replica enforces: a mirror, a journal, and optionally Redis.
+#[derive(Clone)]
+pub struct Controls {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    snapshot: RwLock<Snapshot>,
+    /// Flags per subject, rebuilt on change so the request path reads a ready answer.
+    flags: RwLock<HashMap<String, Vec<String>>>,
+    journal: journal::Journal,
+    redis: Option<sync::Redis>,
+    staleness_bound: Duration,
+    /// When the mirror last heard from Redis; `None` until the first full resynchronisation.
+    last_synced: RwLock<Option<Instant>>,
+}
+
+impl Controls {
+    /// Opens the journal under `data_dir` and, if configured, joins the shared Redis stream.
+    /// Must run inside a tokio runtime when Redis is configured (it spawns the sync task).
+    pub fn open(data_dir: &Path, redis: Option<RedisSettings>) -> anyhow::Result<Controls> {
+        let journal = journal::Journal::open(&data_dir.join("controls.jsonl"))?;
+        let mut snapshot = Snapshot::default();
+        for e in &journal.events() {
+            snapshot.apply(e);
+        }
+        let staleness_bound = redis
+            .as_ref()
+            .map(|r| r.staleness_bound)
+            .unwrap_or(Duration::MAX);
+        let redis = match redis {
+            Some(settings) => Some(sync::Redis::connect(settings)?),
+            None => None,
+        };
+        let controls = Controls {
+            inner: Arc::new(Inner {
+                snapshot: RwLock::new(snapshot),
+                flags: RwLock::new(HashMap::new()),
+                journal,
+                redis,
+                staleness_bound,
+                last_synced: RwLock::new(None),
+            }),
+        };
+        controls.rebuild_flags();
+        if controls.inner.redis.is_some() {
+            sync::spawn(controls.clone());
+        }
+        Ok(controls)
+    }
+
+    /// Fail closed: with Redis, a mirror older than the staleness bound serves no data.
+    pub fn check_fresh(&self) -> Result<(), GatewayError> {
+        if self.inner.redis.is_none() {
+            return Ok(());
+        }
+        let last = self
+            .inner
+            .last_synced
+            .read()
+            .map(|t| *t)
+            .map_err(|_| GatewayError::ControlsStale)?;
+        match last {
+            Some(t) if t.elapsed() <= self.inner.staleness_bound => Ok(()),
+            _ => Err(GatewayError::ControlsStale),
+        }
+    }
+
+    pub fn is_revoked(&self, p: &Principal) -> bool {
+        let Ok(s) = self.inner.snapshot.read() else {
+            return true;
+        };
+        s.revoked_tokens.contains(&p.token_id)
+            || s.revoked_subjects
+                .get(&p.subject)
+                .is_some_and(|&before| p.issued_at <= before)
+    }
+
+    /// The register's flags for one data subject, if any.
+    pub fn flags(&self, subject: &str) -> Option<Vec<String>> {
+        self.inner.flags.read().ok()?.get(subject).cloned()
+    }
+
+    pub fn placements(&self, subject: &str) -> Vec<Placement> {
+        self.inner
+            .snapshot
+            .read()
+            .map(|s| s.placements(subject))
+            .unwrap_or_default()
+    }
+
+    /// Records a change: journal (fsync) first, then Redis (if configured), then the mirror.
+    /// An error means the change did not take effect anywhere but possibly this journal,
+    /// from where it is republished at the next resynchronisation.
+    pub async fn record(&self, event: Event) -> anyhow::Result<()> {
+        self.inner.journal.append(&event)?;
+        if let Some(r) = &self.inner.redis {
+            r.publish(&event).await?;
+        }
+        self.absorb(std::slice::from_ref(&event))?;
+        Ok(())
+    }
+
+    /// Applies events learnt from elsewhere (Redis): journal the new ones, update the mirror.
+    fn absorb(&self, events: &[Event]) -> anyhow::Result<()> {
+        let mut fresh = Vec::new();
+        {
+            let mut s = self
+                .inner
+                .snapshot
+                .write()
+                .map_err(|_| anyhow::anyhow!("controls lock poisoned"))?;
+            for e in events {
+                if s.apply(e) {
+                    fresh.push(e.clone());
+                }
+            }
+        }
+        for e in &fresh {
+            self.inner.journal.append_if_new(e)?;
+        }
+        if !fresh.is_empty() {
+            self.rebuild_flags();
+        }
+        Ok(())
+    }
+
+    fn mark_synced(&self) {
+        if let Ok(mut t) = self.inner.last_synced.write() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    fn journal_events(&self) -> Vec<Event> {
+        self.inner.journal.events()
+    }
+
+    fn rebuild_flags(&self) {
+        let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if let Ok(s) = self.inner.snapshot.read() {
+            for ((subject, kind), e) in &s.latest {
+                if matches!(e.change, Change::Place { .. }) {
+                    flags.entry(subject.clone()).or_default().push(kind.clone());
+                }
+            }
+        }
+        if let Ok(mut f) = self.inner.flags.write() {
+            *f = flags.into_iter().collect();
+        }
+    }
+}
+
+/// A new event id and the current time in unix milliseconds.
+pub fn stamp() -> (String, i64) {
+    let ms = time::OffsetDateTime::now_utc()
+        .unix_timestamp_nanos()
+        .div_euclid(1_000_000);
+    (
+        format!("{:032x}", rand::random::<u128>()),
+        i64::try_from(ms).unwrap_or(i64::MAX),
+    )
+}
+
+#[cfg(test)]
+mod tests;

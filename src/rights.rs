@@ -1,0 +1,329 @@
+//! The admin plane's rights and revocation endpoints: who may change the shared controls, and
+//! the audit record of every change.
+//!
+//! `GET /rights/{subject}` and `POST /rights/{subject}` (place) and `POST /rights/{subject}/lift`
+//! are the data protection officer's; `POST /revocations` is the DPO's and the security team's.
+//! Callers authenticate with the same bearer tokens as the data plane. Every change is written
+//! to the audit log, with who made it and why, *before* it takes effect: if the log cannot be
+//! written the change is refused (503), so no change is ever unlogged. Reads of the register are
+//! audited too (the register is itself personal data).
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+
+use crate::audit::{AuditRecord, Caller, Decision, RecordKind};
+use crate::auth::Principal;
+use crate::controls::{Change, Event, KINDS, stamp};
+use crate::error::{AuthFailure, GatewayError};
+use crate::gateway::{Gateway, problem_response};
+use crate::routes::valid_id;
+
+const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Placement {
+    kind: String,
+    reference: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revocation {
+    token_id: Option<String>,
+    subject: Option<String>,
+    reason: String,
+}
+
+/// True if this module answers `path`.
+pub fn owns(path: &str) -> bool {
+    path.starts_with("/rights/") || path == "/revocations"
+}
+
+pub async fn handle<B>(gw: &Gateway, req: Request<B>, request_id: &str) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let caller = gw
+        .verifier
+        .verify_header(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            now,
+        )
+        .and_then(|p| {
+            if gw.controls.is_revoked(&p) {
+                Err(AuthFailure::Revoked)
+            } else {
+                Ok(p)
+            }
+        });
+    let principal = match caller {
+        Ok(p) => p,
+        Err(f) => {
+            return refuse(
+                gw,
+                None,
+                &method,
+                &path,
+                GatewayError::Unauthenticated(f),
+                request_id,
+            )
+            .await;
+        }
+    };
+    let outcome = route(&principal, req, &method, &path).await;
+    match outcome {
+        Err(e) => refuse(gw, Some(&principal), &method, &path, e, request_id).await,
+        Ok(Action::Read(subject)) => {
+            let body = serde_json::json!({ "subject": subject, "restrictions": gw.controls.placements(&subject) });
+            let detail = serde_json::json!({ "read_register_of": subject });
+            respond(
+                gw, &principal, &method, &path, request_id, detail, None, body,
+            )
+            .await
+        }
+        Ok(Action::Change(event)) => {
+            let detail = serde_json::to_value(&event).unwrap_or_default();
+            tracing::info!(by = %principal.subject, change = %detail, "shared controls change requested");
+            let body = serde_json::json!({ "recorded": event });
+            respond(
+                gw,
+                &principal,
+                &method,
+                &path,
+                request_id,
+                detail,
+                Some(event),
+                body,
+            )
+            .await
+        }
+    }
+}
+
+enum Action {
+    Read(String),
+    Change(Event),
+}
+
+async fn route<B>(
+    p: &Principal,
+    req: Request<B>,
+    method: &Method,
+    path: &str,
+) -> Result<Action, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let forbidden = |id: &str| GatewayError::Forbidden {
+        policy_ids: vec![id.to_owned()],
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["rights", subject]) if valid_id(subject) => {
+            if p.role != "dpo" {
+                return Err(forbidden("admin.rights-dpo-only"));
+            }
+            Ok(Action::Read((*subject).to_owned()))
+        }
+        (&Method::POST, ["rights", subject, rest @ ..])
+            if valid_id(subject) && matches!(rest, [] | ["lift"]) =>
+        {
+            if p.role != "dpo" {
+                return Err(forbidden("admin.rights-dpo-only"));
+            }
+            let b: Placement = body(req).await?;
+            if !KINDS.contains(&b.kind.as_str()) {
+                return Err(GatewayError::BadRequest(format!(
+                    "`{}` is not a restriction kind; use one of {KINDS:?}",
+                    b.kind
+                )));
+            }
+            need_text("reference", &b.reference)?;
+            need_text("reason", &b.reason)?;
+            let subject = (*subject).to_owned();
+            let change = if rest.is_empty() {
+                Change::Place {
+                    subject,
+                    kind: b.kind,
+                    reference: b.reference,
+                }
+            } else {
+                Change::Lift {
+                    subject,
+                    kind: b.kind,
+                    reference: b.reference,
+                }
+            };
+            Ok(Action::Change(event(p, b.reason, change)))
+        }
+        (&Method::POST, ["revocations"]) => {
+            if p.role != "dpo" && p.role != "security" {
+                return Err(forbidden("admin.revocation-dpo-or-security"));
+            }
+            let b: Revocation = body(req).await?;
+            need_text("reason", &b.reason)?;
+            let change = match (b.token_id, b.subject) {
+                (Some(t), None) if valid_id(&t) => Change::RevokeToken { token_id: t },
+                (None, Some(s)) if !s.trim().is_empty() && s.len() <= 128 => {
+                    Change::RevokeSubject { subject: s }
+                }
+                _ => {
+                    return Err(GatewayError::BadRequest(
+                        "give exactly one of `token_id` or `subject`".to_owned(),
+                    ));
+                }
+            };
+            Ok(Action::Change(event(p, b.reason, change)))
+        }
+        (_, ["rights", ..] | ["revocations"]) => Err(GatewayError::MethodNotAllowed),
+        _ => Err(GatewayError::RouteNotFound),
+    }
+}
+
+fn event(p: &Principal, reason: String, change: Change) -> Event {
+    let (id, at) = stamp();
+    Event {
+        id,
+        at,
+        by: p.subject.clone(),
+        reason,
+        change,
+    }
+}
+
+fn need_text(name: &str, v: &str) -> Result<(), GatewayError> {
+    if v.trim().is_empty() || v.len() > 2000 {
+        return Err(GatewayError::BadRequest(format!(
+            "`{name}` is required (at most 2000 characters)"
+        )));
+    }
+    Ok(())
+}
+
+async fn body<T: serde::de::DeserializeOwned, B>(req: Request<B>) -> Result<T, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| GatewayError::PayloadTooLarge)?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| GatewayError::BadRequest(format!("the body is not the expected JSON: {e}")))
+}
+
+fn record(p: Option<&Principal>, method: &Method, path: &str, request_id: &str) -> AuditRecord {
+    AuditRecord {
+        ts: AuditRecord::now_ts(),
+        request_id: request_id.to_owned(),
+        kind: RecordKind::Admin,
+        caller: p.map(|p| Caller {
+            subject: p.subject.clone(),
+            role: p.role.clone(),
+            unit: p.unit.clone(),
+            token_id: p.token_id.clone(),
+        }),
+        client_addr: None,
+        purpose: None,
+        lawful_basis: None,
+        dataset: None,
+        route: Some(format!(
+            "admin{}",
+            path.split('/').take(2).collect::<Vec<_>>().join(".")
+        )),
+        method: method.to_string(),
+        path: path.to_owned(),
+        decision: Decision::Allow,
+        policy_ids: Vec::new(),
+        reason: None,
+        status: 200,
+        subjects: Vec::new(),
+        fields: Vec::new(),
+        rows_withheld: 0,
+        latency_us: 0,
+        detail: None,
+    }
+}
+
+async fn refuse(
+    gw: &Gateway,
+    p: Option<&Principal>,
+    method: &Method,
+    path: &str,
+    e: GatewayError,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let mut r = record(p, method, path, request_id);
+    r.decision = match e {
+        GatewayError::Unauthenticated(_) | GatewayError::Forbidden { .. } => Decision::Deny,
+        _ => Decision::Error,
+    };
+    r.reason = Some(e.code().to_owned());
+    r.status = e.status().as_u16();
+    if let GatewayError::Forbidden { policy_ids } = &e {
+        r.policy_ids = policy_ids.clone();
+    }
+    match gw.audit.append(r).await {
+        Ok(_) => problem_response(&e, request_id),
+        Err(_) => problem_response(&GatewayError::AuditUnavailable, request_id),
+    }
+}
+
+/// Audit first, then apply: a change that cannot be logged does not happen.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flat admin record from the request's parts"
+)]
+async fn respond(
+    gw: &Gateway,
+    p: &Principal,
+    method: &Method,
+    path: &str,
+    request_id: &str,
+    detail: serde_json::Value,
+    change: Option<Event>,
+    body: serde_json::Value,
+) -> Response<Full<Bytes>> {
+    let mut r = record(Some(p), method, path, request_id);
+    r.detail = Some(detail);
+    if gw.audit.append(r).await.is_err() {
+        return problem_response(&GatewayError::AuditUnavailable, request_id);
+    }
+    if let Some(event) = change
+        && let Err(e) = gw.controls.record(event).await
+    {
+        tracing::error!(error = %e, request_id, "control change not recorded");
+        let mut failed = record(Some(p), method, path, request_id);
+        failed.decision = Decision::Error;
+        failed.status = 503;
+        failed.reason = Some("controls_unavailable".to_owned());
+        let _ = gw.audit.append(failed).await;
+        return problem_response(&GatewayError::ControlsStale, request_id);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}

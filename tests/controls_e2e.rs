@@ -1,0 +1,359 @@
+//! Shared controls across replicas, against a real `redis-server` started on a free port:
+//! a restriction or revocation placed on one replica is enforced by another; a restriction
+//! survives FLUSHALL and a replica restart; with Redis down, replicas serve within the staleness
+//! bound, then answer 503 without data, then recover by themselves. Latencies are measured and
+//! printed, not asserted (the deadlines below only stop a broken test from hanging).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{AppOptions, TestApp, spawn_app_with};
+
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn flushall(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls until `check` holds; returns how long it took.
+async fn until<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "gave up waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+async fn replica(
+    upstream: std::net::SocketAddr,
+    redis: &RedisServer,
+    keys_from: Option<&TestApp>,
+) -> TestApp {
+    spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// An ordinary elector in the councillor's ward.
+async fn visible_elector(app: &TestApp) -> String {
+    let r = app
+        .get(
+            "/voter/electors?per_page=50",
+            Some(&app.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_placed_on_one_replica_is_enforced_by_the_other() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    let b = replica(upstream, &redis, Some(&a)).await;
+    until("replica b ready", || async {
+        b.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let id = visible_elector(&b).await;
+    let path = format!("/voter/electors/{id}");
+    assert_eq!(
+        b.get(&path, Some(&b.token("councillor")), Some("canvassing"))
+            .await
+            .status,
+        200
+    );
+
+    let placed = a
+        .admin_post(&format!("/rights/{id}"), &a.token("dpo"), r#"{"kind":"restricted","reference":"RR-2026-0042","reason":"Art 18 request by letter"}"#)
+        .await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
+    let took = until("restriction enforced on b", || async {
+        b.get(&path, Some(&b.token("councillor")), Some("canvassing"))
+            .await
+            .status
+            == 404
+    })
+    .await;
+    eprintln!(
+        "restriction placed on replica a enforced on replica b after {} ms",
+        took.as_millis()
+    );
+    // Rights handling still sees the record, and the register says who placed it and why.
+    assert_eq!(
+        b.get(&path, Some(&b.token("dpo")), Some("sar_fulfilment"))
+            .await
+            .status,
+        200
+    );
+    let reg = b
+        .admin_get_with(&format!("/rights/{id}"), &b.token("dpo"))
+        .await;
+    assert_eq!(reg.json()["restrictions"][0]["reference"], "RR-2026-0042");
+    assert_eq!(reg.json()["restrictions"][0]["placed_by"], "demo-dpo");
+    // The change is in a's audit log with who and why.
+    let change = a
+        .audit_records()
+        .into_iter()
+        .find(|r| r["kind"] == "admin" && r["path"] == format!("/rights/{id}"))
+        .unwrap();
+    assert_eq!(change["caller"]["role"], "dpo");
+    assert_eq!(change["detail"]["reason"], "Art 18 request by letter");
+
+    // Only the DPO may place restrictions, and a refusal is audited too.
+    let denied = a
+        .admin_post(
+            &format!("/rights/{id}/lift"),
+            &a.token("security"),
+            r#"{"kind":"restricted","reference":"x","reason":"y"}"#,
+        )
+        .await;
+    assert_eq!(denied.status, 403);
+    // Lifting restores it everywhere.
+    let lifted = a
+        .admin_post(
+            &format!("/rights/{id}/lift"),
+            &a.token("dpo"),
+            r#"{"kind":"restricted","reference":"RR-2026-0042","reason":"request withdrawn"}"#,
+        )
+        .await;
+    assert_eq!(lifted.status, 200);
+    until("lift reaches b", || async {
+        b.get(&path, Some(&b.token("councillor")), Some("canvassing"))
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // Revocation: the security team revokes the councillor everywhere.
+    let revoked = a
+        .admin_post(
+            "/revocations",
+            &a.token("security"),
+            r#"{"subject":"demo-councillor","reason":"laptop stolen"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    let took = until("revocation enforced on b", || async {
+        b.get(
+            "/voter/electors",
+            Some(&a.token("councillor")),
+            Some("canvassing"),
+        )
+        .await
+        .status
+            == 401
+    })
+    .await;
+    eprintln!(
+        "revocation placed on replica a enforced on replica b after {} ms",
+        took.as_millis()
+    );
+    let r = b
+        .get(
+            "/voter/electors",
+            Some(&a.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_survives_flushall_and_a_replica_restart() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    until("a ready", || async {
+        a.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let id = visible_elector(&a).await;
+    let placed = a
+        .admin_post(
+            &format!("/rights/{id}"),
+            &a.token("dpo"),
+            r#"{"kind":"restricted","reference":"RR-1","reason":"Art 18"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, 200);
+    redis.flushall();
+    let a = a.restart().await;
+    until("a ready after restart", || async {
+        a.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let path = format!("/voter/electors/{id}");
+    assert_eq!(
+        a.get(&path, Some(&a.token("councillor")), Some("canvassing"))
+            .await
+            .status,
+        404,
+        "the journal restored the restriction"
+    );
+    // A brand-new replica (empty data dir) learns it from the stream a republished.
+    let c = replica(upstream, &redis, Some(&a)).await;
+    until("c learns the restriction", || async {
+        c.get(&path, Some(&c.token("councillor")), Some("canvassing"))
+            .await
+            .status
+            == 404
+    })
+    .await;
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
+    let mut redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    until("a ready", || async {
+        a.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let token = a.token("councillor");
+    redis.stop();
+    let down = Instant::now();
+    // Within the staleness bound (2 s here) the mirror still serves.
+    let r = a
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let stale_after = until("fail closed", || async {
+        a.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await
+        .status
+            == 503
+    })
+    .await;
+    let r = a
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert!(!String::from_utf8_lossy(&r.body).contains("records"));
+    assert_eq!(a.admin_get("/readyz").await.status, 503);
+    eprintln!(
+        "redis down: the mirror served for {} ms, then 503 (bound 2000 ms); {} ms since redis stopped",
+        stale_after.as_millis(),
+        down.elapsed().as_millis()
+    );
+    let _again = RedisServer::start_on(redis.port);
+    let recovered = until("recover", || async {
+        a.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await
+        .status
+            == 200
+    })
+    .await;
+    eprintln!(
+        "redis back: replica recovered after {} ms without a restart",
+        recovered.as_millis()
+    );
+    a.stop().await;
+}
