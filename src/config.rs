@@ -29,6 +29,8 @@ pub struct Config {
     pub areas_file: PathBuf,
     pub audit: AuditConfig,
     pub redis: Option<crate::controls::RedisSettings>,
+    /// Records per principal per hour and per day, by role; roles not listed are unlimited.
+    pub quotas: std::collections::HashMap<String, crate::controls::Limits>,
     pub datasets: BTreeMap<String, UpstreamConfig>,
 }
 
@@ -144,6 +146,8 @@ struct RawConfig {
     geography: RawFile,
     audit: RawAudit,
     redis: Option<RawRedis>,
+    #[serde(default)]
+    quotas: std::collections::HashMap<String, crate::controls::Limits>,
     datasets: BTreeMap<String, RawUpstream>,
 }
 
@@ -303,6 +307,7 @@ impl RawConfig {
                 }),
                 None => None,
             },
+            quotas: self.quotas,
             datasets,
         })
     }

@@ -92,7 +92,12 @@ where
     let purpose = trail.purpose.clone().unwrap_or_else(|| "none".to_owned());
     let response = match gw.audit.append(record).await {
         Ok(_) => match result {
-            Ok(body) => json_response(StatusCode::OK, body, &request_id),
+            Ok(body) => {
+                if let Some(p) = &trail.caller {
+                    gw.controls.count(p, trail.subjects.len() as u64);
+                }
+                json_response(StatusCode::OK, body, &request_id)
+            }
             Err(e) => problem_response(&e, &request_id),
         },
         Err(e) => {
@@ -192,6 +197,8 @@ where
             policy_ids: verdict.policy_ids,
         });
     }
+    // A principal past their role's allowance gets nothing more this window.
+    gw.controls.check_quota(&principal).await?;
 
     // 5. Forward, then filter what comes back.
     let upstream = gw
@@ -472,7 +479,8 @@ fn audit_record(
         Err(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::PurposeNotGranted(_)),
+            | GatewayError::PurposeNotGranted(_)
+            | GatewayError::QuotaExceeded),
         ) => (Decision::Deny, Some(e.code().to_owned())),
         Err(e) => (Decision::Error, Some(e.code().to_owned())),
     };

@@ -52,6 +52,11 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
             );
         }
     }
+    for role in cfg.quotas.keys() {
+        if !catalog.roles.contains_key(role) {
+            anyhow::bail!("`quotas.{role}` names a role the asset register does not define");
+        }
+    }
     let known = KnownNames {
         roles: catalog.roles.keys().cloned().collect(),
         areas: geography.areas().map(|a| a.id.clone()).collect(),
@@ -143,8 +148,12 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         .iter()
         .map(|(n, d)| (n.clone(), d.fields.values().cloned().collect()))
         .collect();
-    let controls = crate::controls::Controls::open(&cfg.server.data_dir, cfg.redis.clone())
-        .context("cannot open the shared controls")?;
+    let controls = crate::controls::Controls::open(
+        &cfg.server.data_dir,
+        cfg.redis.clone(),
+        cfg.quotas.clone(),
+    )
+    .context("cannot open the shared controls")?;
     let gw = Gateway {
         controls,
         decisions: Default::default(),

@@ -357,3 +357,90 @@ async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     );
     a.stop().await;
 }
+
+fn small_quota(c: &mut wardgate::config::Config) {
+    c.quotas.insert(
+        "councillor".into(),
+        wardgate::controls::Limits {
+            per_hour: 60,
+            per_day: 1000,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_over_quota_gets_429_on_every_replica() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let opts = |keys: Option<std::path::PathBuf>| AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: keys,
+        tweak: Some(small_quota),
+        ..Default::default()
+    };
+    let a = spawn_app_with(opts(None)).await;
+    let b = spawn_app_with(opts(Some(a.dir.path().to_path_buf()))).await;
+    until("ready", || async {
+        a.admin_get("/readyz").await.status == 200 && b.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let token = a.token("councillor");
+    let mut disclosed = 0;
+    let mut page = 1;
+    loop {
+        let r = a
+            .get(
+                &format!("/voter/electors?per_page=50&page={page}"),
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        if r.status == 429 {
+            assert_eq!(r.json()["type"], "urn:wardgate:problem:quota-exceeded");
+            let audit = a.audit_for(&r);
+            assert_eq!(
+                (audit["status"].as_u64(), audit["decision"].as_str()),
+                (Some(429), Some("deny"))
+            );
+            break;
+        }
+        assert_eq!(r.status, 200);
+        disclosed += r.json()["records"].as_array().unwrap().len();
+        page += 1;
+        assert!(page < 20, "quota never reached");
+    }
+    assert!(
+        disclosed >= 60,
+        "refused only once the allowance was used: {disclosed}"
+    );
+    // The other replica refuses too: it has never served this principal, so it asks Redis once.
+    let took = until("b refuses", || async {
+        b.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await
+        .status
+            == 429
+    })
+    .await;
+    eprintln!(
+        "over quota on replica a after {disclosed} records; replica b refused after {} ms",
+        took.as_millis()
+    );
+    // Another councillor is unaffected.
+    assert_eq!(
+        b.get(
+            "/voter/electors?per_page=5",
+            Some(&b.token("canvasser")),
+            Some("canvassing")
+        )
+        .await
+        .status,
+        200
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -13,6 +13,7 @@
 //! the staleness bound answers data requests with 503 until it has resynchronised.
 
 mod journal;
+mod quota;
 mod sync;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Principal;
 use crate::error::GatewayError;
 
+pub use quota::Limits;
 pub use sync::RedisSettings;
 
 /// Restriction kinds the register accepts (DOMAIN.md §6). `consent_withdrawn_<channel>` strips
@@ -164,6 +166,9 @@ struct Inner {
     journal: journal::Journal,
     redis: Option<sync::Redis>,
     staleness_bound: Duration,
+    quotas: quota::Quotas,
+    /// For the rare quota look-up on the request path (a principal this replica has not seen).
+    quota_conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// When the mirror last heard from Redis; `None` until the first full resynchronisation.
     last_synced: RwLock<Option<Instant>>,
 }
@@ -171,7 +176,11 @@ struct Inner {
 impl Controls {
     /// Opens the journal under `data_dir` and, if configured, joins the shared Redis stream.
     /// Must run inside a tokio runtime when Redis is configured (it spawns the sync task).
-    pub fn open(data_dir: &Path, redis: Option<RedisSettings>) -> anyhow::Result<Controls> {
+    pub fn open(
+        data_dir: &Path,
+        redis: Option<RedisSettings>,
+        quotas: HashMap<String, Limits>,
+    ) -> anyhow::Result<Controls> {
         let journal = journal::Journal::open(&data_dir.join("controls.jsonl"))?;
         let mut snapshot = Snapshot::default();
         for e in &journal.events() {
@@ -181,6 +190,7 @@ impl Controls {
             .as_ref()
             .map(|r| r.staleness_bound)
             .unwrap_or(Duration::MAX);
+        let quotas = quota::Quotas::new(quotas, redis.is_some());
         let redis = match redis {
             Some(settings) => Some(sync::Redis::connect(settings)?),
             None => None,
@@ -192,12 +202,15 @@ impl Controls {
                 journal,
                 redis,
                 staleness_bound,
+                quotas,
+                quota_conn: tokio::sync::Mutex::new(None),
                 last_synced: RwLock::new(None),
             }),
         };
         controls.rebuild_flags();
         if controls.inner.redis.is_some() {
             sync::spawn(controls.clone());
+            sync::spawn_quota_flush(controls.clone());
         }
         Ok(controls)
     }
@@ -227,6 +240,28 @@ impl Controls {
             || s.revoked_subjects
                 .get(&p.subject)
                 .is_some_and(|&before| p.issued_at <= before)
+    }
+
+    /// 429 when the principal has already been disclosed their role's allowance.
+    pub async fn check_quota(&self, p: &Principal) -> Result<(), GatewayError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match &self.inner.redis {
+            None => self.inner.quotas.check(p, now, None).await,
+            Some(r) => {
+                let mut guard = self.inner.quota_conn.lock().await;
+                if guard.is_none() {
+                    *guard = r.connection().await.ok();
+                }
+                self.inner.quotas.check(p, now, guard.as_mut()).await
+            }
+        }
+    }
+
+    /// Counts records disclosed to `p`.
+    pub fn count(&self, p: &Principal, n: u64) {
+        self.inner
+            .quotas
+            .add(p, n, time::OffsetDateTime::now_utc().unix_timestamp());
     }
 
     /// The register's flags for one data subject, if any.

@@ -52,6 +52,13 @@ impl Redis {
         })
     }
 
+    pub async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
+        self.client
+            .get_multiplexed_async_connection_with_config(&config())
+            .await
+            .context("cannot reach Redis")
+    }
+
     /// Adds one event to the shared stream.
     pub async fn publish(&self, e: &Event) -> anyhow::Result<()> {
         let json = serde_json::to_string(e)?;
@@ -122,6 +129,28 @@ pub fn spawn(controls: Controls) {
                     next_full = Instant::now();
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
+            }
+        }
+    });
+}
+
+/// Flushes quota increments and refreshes shared totals every `quota::FLUSH_EVERY`.
+pub fn spawn_quota_flush(controls: Controls) {
+    tokio::spawn(async move {
+        let mut conn: Option<MultiplexedConnection> = None;
+        loop {
+            tokio::time::sleep(super::quota::FLUSH_EVERY).await;
+            let Some(redis) = controls.inner.redis.as_ref() else {
+                return;
+            };
+            if conn.is_none() {
+                conn = redis.connection().await.ok();
+            }
+            if let Some(c) = conn.as_mut()
+                && let Err(e) = controls.inner.quotas.flush(c).await
+            {
+                tracing::warn!(error = %e, "quota flush failed; will retry");
+                conn = None;
             }
         }
     });

@@ -70,7 +70,7 @@ fn replays_are_ignored() {
 #[tokio::test]
 async fn the_journal_survives_a_restart_and_revocations_apply() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Controls::open(dir.path(), None).unwrap();
+    let c = Controls::open(dir.path(), None, Default::default()).unwrap();
     c.record(place("a", 1, "restricted")).await.unwrap();
     c.record(ev(
         "t",
@@ -91,7 +91,7 @@ async fn the_journal_survives_a_restart_and_revocations_apply() {
     .await
     .unwrap();
     drop(c);
-    let c = Controls::open(dir.path(), None).unwrap();
+    let c = Controls::open(dir.path(), None, Default::default()).unwrap();
     assert_eq!(c.flags("VF-1"), Some(vec!["restricted".to_owned()]));
     let p = |token: &str, sub: &str, iat: i64| Principal {
         subject: sub.into(),
@@ -111,4 +111,48 @@ async fn the_journal_survives_a_restart_and_revocations_apply() {
     );
     assert!(!c.is_revoked(&p("tok-3", "alice", 11)), "issued after it");
     assert!(c.check_fresh().is_ok(), "no Redis: nothing can be stale");
+}
+
+#[tokio::test]
+async fn quotas_count_per_principal_and_refuse_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [(
+        "councillor".to_owned(),
+        Limits {
+            per_hour: 60,
+            per_day: 1000,
+        },
+    )]
+    .into_iter()
+    .collect();
+    let c = Controls::open(dir.path(), None, limits).unwrap();
+    let p = |sub: &str, role: &str| Principal {
+        subject: sub.into(),
+        token_id: "t".into(),
+        role: role.into(),
+        unit: "u".into(),
+        areas: vec![],
+        purposes: vec![],
+        expires_at: 0,
+        issued_at: 0,
+        grant_expires_at: None,
+    };
+    let alice = p("alice", "councillor");
+    assert!(c.check_quota(&alice).await.is_ok());
+    c.count(&alice, 50);
+    assert!(c.check_quota(&alice).await.is_ok(), "50 of 60");
+    c.count(&alice, 50);
+    assert!(matches!(
+        c.check_quota(&alice).await,
+        Err(GatewayError::QuotaExceeded)
+    ));
+    assert!(
+        c.check_quota(&p("bob", "councillor")).await.is_ok(),
+        "per principal"
+    );
+    c.count(&p("dana", "dpo"), 1_000_000);
+    assert!(
+        c.check_quota(&p("dana", "dpo")).await.is_ok(),
+        "roles without limits are unlimited"
+    );
 }

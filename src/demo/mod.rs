@@ -125,6 +125,23 @@ file = "areas.toml"
 dir = "audit"
 durability = "fsync"
 
+# Records per principal per hour and per day, by role: a walk sheet is a few hundred.
+[quotas.canvasser]
+per_hour = 2000
+per_day = 8000
+[quotas.councillor]
+per_hour = 5000
+per_day = 20000
+[quotas.candidate]
+per_hour = 20000
+per_day = 80000
+[quotas.mp_caseworker]
+per_hour = 1000
+per_day = 5000
+[quotas.clp_secretary]
+per_hour = 5000
+per_day = 20000
+
 [datasets.voter]
 upstream = "http://{upstream}"
 [datasets.membership]

@@ -1,0 +1,179 @@
+//! Record quotas: how many records a principal may be disclosed per hour and per day, by role.
+//!
+//! A canvasser needs walk sheets, not the register: a principal over their role's limit gets
+//! 429 until the window turns. Counts are per subject and per window (the hour, the day). On one
+//! replica they are plain counters; with Redis they are shared: each replica batches its own
+//! increments and flushes them every [`FLUSH_EVERY`] with `INCRBY`, and reads back the global
+//! totals of every principal it has served recently, so an over-quota principal is refused on
+//! every replica. The only request that waits on Redis is the first from a principal a replica
+//! has not seen in a while (it fetches their totals once); the steady state reads memory.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+
+use crate::auth::Principal;
+use crate::error::GatewayError;
+
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// A principal not seen for this long is no longer refreshed from Redis.
+const ACTIVE_FOR: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub per_hour: u64,
+    pub per_day: u64,
+}
+
+/// (subject, window) -> counts.
+#[derive(Default)]
+struct Counts {
+    /// The best known total: the last global total read, plus what this replica added since.
+    totals: HashMap<String, u64>,
+    /// Added here and not yet flushed to Redis.
+    pending: HashMap<String, u64>,
+    /// Keys to refresh from Redis, with when they were last used.
+    active: HashMap<String, Instant>,
+}
+
+pub struct Quotas {
+    limits: HashMap<String, Limits>,
+    counts: Mutex<Counts>,
+    shared: bool,
+}
+
+fn keys(subject: &str, now: i64) -> [(String, u64); 2] {
+    [
+        (
+            format!("wardgate:quota:{subject}:h:{}", now.div_euclid(3600)),
+            7200,
+        ),
+        (
+            format!("wardgate:quota:{subject}:d:{}", now.div_euclid(86_400)),
+            172_800,
+        ),
+    ]
+}
+
+impl Quotas {
+    pub fn new(limits: HashMap<String, Limits>, shared: bool) -> Quotas {
+        Quotas {
+            limits,
+            counts: Mutex::new(Counts::default()),
+            shared,
+        }
+    }
+
+    /// Whether the principal may be disclosed more records now. With `conn`, totals this
+    /// replica has never seen are fetched once from Redis.
+    pub async fn check(
+        &self,
+        p: &Principal,
+        now: i64,
+        conn: Option<&mut MultiplexedConnection>,
+    ) -> Result<(), GatewayError> {
+        let Some(limits) = self.limits.get(&p.role).copied() else {
+            return Ok(());
+        };
+        let [(hour, _), (day, _)] = keys(&p.subject, now);
+        let unknown = {
+            let mut c = self
+                .counts
+                .lock()
+                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+            let t = Instant::now();
+            c.active.insert(hour.clone(), t);
+            c.active.insert(day.clone(), t);
+            self.shared && !c.totals.contains_key(&hour)
+        };
+        if unknown && let Some(conn) = conn {
+            let got: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::cmd("MGET")
+                .arg(&hour)
+                .arg(&day)
+                .query_async(conn)
+                .await;
+            if let Ok((h, d)) = got {
+                let mut c = self
+                    .counts
+                    .lock()
+                    .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+                let ph = c.pending.get(&hour).copied().unwrap_or(0);
+                let pd = c.pending.get(&day).copied().unwrap_or(0);
+                c.totals.insert(hour.clone(), h.unwrap_or(0) + ph);
+                c.totals.insert(day.clone(), d.unwrap_or(0) + pd);
+            }
+        }
+        let c = self
+            .counts
+            .lock()
+            .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+        let used = |k: &str| c.totals.get(k).copied().unwrap_or(0);
+        if used(&hour) >= limits.per_hour || used(&day) >= limits.per_day {
+            return Err(GatewayError::QuotaExceeded);
+        }
+        Ok(())
+    }
+
+    /// Counts `n` records disclosed to `p`.
+    pub fn add(&self, p: &Principal, n: u64, now: i64) {
+        if n == 0 || !self.limits.contains_key(&p.role) {
+            return;
+        }
+        if let Ok(mut c) = self.counts.lock() {
+            for (k, _) in keys(&p.subject, now) {
+                *c.totals.entry(k.clone()).or_default() += n;
+                if self.shared {
+                    *c.pending.entry(k).or_default() += n;
+                }
+            }
+        }
+    }
+
+    /// One batch: push pending increments, read back every active principal's totals.
+    pub async fn flush(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let (pending, active) = {
+            let Ok(mut c) = self.counts.lock() else {
+                return Ok(());
+            };
+            c.active.retain(|_, seen| seen.elapsed() < ACTIVE_FOR);
+            let current: Vec<String> = c.active.keys().cloned().collect();
+            (std::mem::take(&mut c.pending), current)
+        };
+        let ttl: HashMap<String, u64> = pending
+            .keys()
+            .map(|k| (k.clone(), if k.contains(":h:") { 7200 } else { 172_800 }))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (k, n) in &pending {
+            pipe.cmd("INCRBY").arg(k).arg(*n).ignore();
+            pipe.cmd("EXPIRE")
+                .arg(k)
+                .arg(ttl.get(k).copied().unwrap_or(172_800))
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(conn).await {
+            // Keep the increments for the next attempt rather than losing them.
+            if let Ok(mut c) = self.counts.lock() {
+                for (k, n) in pending {
+                    *c.pending.entry(k).or_default() += n;
+                }
+            }
+            return Err(e);
+        }
+        if active.is_empty() {
+            return Ok(());
+        }
+        let totals: Vec<Option<u64>> = redis::cmd("MGET").arg(&active).query_async(conn).await?;
+        if let Ok(mut c) = self.counts.lock() {
+            for (k, t) in active.into_iter().zip(totals) {
+                let local = c.pending.get(&k).copied().unwrap_or(0);
+                c.totals.insert(k, t.unwrap_or(0) + local);
+            }
+        }
+        Ok(())
+    }
+}
