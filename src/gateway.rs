@@ -40,6 +40,8 @@ pub struct Gateway {
     pub policy: PolicyEngine,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
+    /// Where the audit log lives, for subject access reports.
+    pub audit_dir: std::path::PathBuf,
     pub controls: Controls,
     pub decisions: DecisionCache,
     /// Field categories per dataset: what field decisions are asked about.

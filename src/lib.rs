@@ -26,6 +26,7 @@
 //! - [`audit`]: the durable, hash-chained access log.
 //! - [`error`]: the request path's one error type and its mapping to problem+json.
 //! - [`admin`]: health, readiness, metrics; [`rights`]: the rights register and revocation endpoints.
+//! - [`sar`]: the subject access report, from the log's subject index.
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;
@@ -45,6 +46,7 @@ pub mod policy;
 pub mod proxy;
 pub mod rights;
 pub mod routes;
+pub mod sar;
 pub mod server;
 pub mod startup;
 pub mod token;

@@ -75,6 +75,15 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
     },
+    /// Subject access report (§10.2): every disclosure of SUBJECT, as JSON and HTML files.
+    Sar {
+        subject: String,
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to write `sar-SUBJECT.json` and `sar-SUBJECT.html`.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Work with the audit log on disk.
     Audit {
         #[command(subcommand)]
@@ -190,6 +199,46 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 grant_expires: None,
             };
             println!("{}", signer.sign(&claims)?);
+            Ok(())
+        }
+        Command::Sar {
+            subject,
+            config,
+            out,
+        } => {
+            if !wardgate::routes::valid_id(&subject) {
+                anyhow::bail!("`{subject}` is not a subject id (letters, digits, `-`, `_`)");
+            }
+            let cfg = Config::load(&config)?;
+            let catalog = wardgate::catalog::Catalog::load(&cfg.catalog_file)?;
+            let controls =
+                wardgate::controls::Controls::open(&cfg.server.data_dir, None, Default::default())?;
+            let report = wardgate::sar::build(
+                &cfg.audit.dir,
+                &catalog,
+                &subject,
+                controls.placements(&subject),
+            )
+            .with_context(|| {
+                format!("cannot read the audit log in `{}`", cfg.audit.dir.display())
+            })?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create `{}`", out.display()))?;
+            let json = out.join(format!("sar-{subject}.json"));
+            let html = out.join(format!("sar-{subject}.html"));
+            std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("cannot write `{}`", json.display()))?;
+            std::fs::write(&html, wardgate::sar::html(&report))
+                .with_context(|| format!("cannot write `{}`", html.display()))?;
+            println!(
+                "{} disclosures of `{subject}` ({} segments: {} through their index, {} scanned); wrote `{}` and `{}`",
+                report.disclosures.len(),
+                report.lookup.segments,
+                report.lookup.segments_indexed,
+                report.lookup.segments_scanned,
+                json.display(),
+                html.display()
+            );
             Ok(())
         }
         Command::Audit {

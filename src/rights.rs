@@ -40,7 +40,7 @@ struct Revocation {
 
 /// True if this module answers `path`.
 pub fn owns(path: &str) -> bool {
-    path.starts_with("/rights/") || path == "/revocations"
+    path.starts_with("/rights/") || path.starts_with("/sar/") || path == "/revocations"
 }
 
 pub async fn handle<B>(gw: &Gateway, req: Request<B>, request_id: &str) -> Response<Full<Bytes>>
@@ -91,6 +91,46 @@ where
             )
             .await
         }
+        Ok(Action::Report { subject, html }) => {
+            let report = match crate::sar::build(
+                &gw.audit_dir,
+                &gw.catalog,
+                &subject,
+                gw.controls.placements(&subject),
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "subject access report failed");
+                    let err = GatewayError::Internal(e.to_string());
+                    return refuse(gw, Some(&principal), &method, &path, err, request_id).await;
+                }
+            };
+            let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
+            let mut r = record(Some(&principal), &method, &path, request_id);
+            r.detail = Some(detail);
+            if gw.audit.append(r).await.is_err() {
+                return problem_response(&GatewayError::AuditUnavailable, request_id);
+            }
+            let (body, ct) = if html {
+                (
+                    crate::sar::html(&report).into_bytes(),
+                    "text/html; charset=utf-8",
+                )
+            } else {
+                (
+                    serde_json::to_vec_pretty(&report).unwrap_or_default(),
+                    "application/json",
+                )
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+            resp.headers_mut().insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            resp
+        }
         Ok(Action::Change(event)) => {
             let detail = serde_json::to_value(&event).unwrap_or_default();
             tracing::info!(by = %principal.subject, change = %detail, "shared controls change requested");
@@ -112,6 +152,7 @@ where
 
 enum Action {
     Read(String),
+    Report { subject: String, html: bool },
     Change(Event),
 }
 
@@ -135,6 +176,19 @@ where
                 return Err(forbidden("admin.rights-dpo-only"));
             }
             Ok(Action::Read((*subject).to_owned()))
+        }
+        (&Method::GET, ["sar", subject]) if valid_id(subject) => {
+            if p.role != "dpo" {
+                return Err(forbidden("admin.sar-dpo-only"));
+            }
+            let html = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "format=html"));
+            Ok(Action::Report {
+                subject: (*subject).to_owned(),
+                html,
+            })
         }
         (&Method::POST, ["rights", subject, rest @ ..])
             if valid_id(subject) && matches!(rest, [] | ["lift"]) =>
@@ -186,7 +240,7 @@ where
             };
             Ok(Action::Change(event(p, b.reason, change)))
         }
-        (_, ["rights", ..] | ["revocations"]) => Err(GatewayError::MethodNotAllowed),
+        (_, ["rights", ..] | ["revocations"] | ["sar", ..]) => Err(GatewayError::MethodNotAllowed),
         _ => Err(GatewayError::RouteNotFound),
     }
 }

@@ -155,6 +155,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
     )
     .context("cannot open the shared controls")?;
     let gw = Gateway {
+        audit_dir: cfg.audit.dir.clone(),
         controls,
         decisions: Default::default(),
         categories,

@@ -4,13 +4,16 @@
 //! Owns: the record schema and its hash-chained line encoding ([`record`]), the on-disk layout
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
-//! durability and failure handling ([`writer`]), and offline chain verification ([`verify`]).
+//! durability and failure handling ([`writer`]), sealing finished segments with a subject index
+//! ([`index`]), finding one subject's records ([`reader`]), and offline chain verification
+//! ([`verify`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
 //! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,
-//! or retention: segment sealing, the subject index, subject-access lookups and pruning come
-//! later and build on the segment layout kept here.
+//! or what a subject access report says (`sar.rs`).
 
+pub mod index;
+pub mod reader;
 pub mod record;
 mod segment;
 pub mod verify;

@@ -56,6 +56,14 @@ pub enum VerifyError {
         seq: u64,
         reason: String,
     },
+    #[error(
+        "`{segment}`: its seal says {sealed}, the segment says {found} (segment replaced or truncated)"
+    )]
+    SealMismatch {
+        segment: String,
+        sealed: String,
+        found: String,
+    },
     #[error("cannot read `{path}`: {source}")]
     Io {
         path: String,
@@ -76,10 +84,11 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
     let mut last_hash = GENESIS_HASH.to_owned();
     let mut buf = Vec::new();
     let mut torn_tail = false;
-    for (index, (_, path)) in segments.iter().enumerate() {
+    for (index, (number, path)) in segments.iter().enumerate() {
         let segment = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let (seq_before, hash_before) = (last_seq, last_hash.clone());
         let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
         let mut line = 0;
         loop {
@@ -125,6 +134,30 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                 });
             }
             (records, last_seq, last_hash) = (records + 1, head.seq, head.hash);
+        }
+        // A sealed segment must still span exactly what its seal recorded.
+        if let Some(seal) = super::index::read_seal(dir, *number) {
+            let found = format!(
+                "seq {}..={} from {} to {}",
+                seq_before + 1,
+                last_seq,
+                &hash_before[..12.min(hash_before.len())],
+                &last_hash[..12.min(last_hash.len())]
+            );
+            let sealed = format!(
+                "seq {}..={} from {} to {}",
+                seal.first_seq,
+                seal.last_seq,
+                &seal.first_prev[..12.min(seal.first_prev.len())],
+                &seal.last_hash[..12.min(seal.last_hash.len())]
+            );
+            if found != sealed {
+                return Err(VerifyError::SealMismatch {
+                    segment,
+                    sealed,
+                    found,
+                });
+            }
         }
     }
     Ok(VerifyReport {

@@ -128,6 +128,19 @@ impl AuditLog {
     }
 }
 
+fn seal_in_background(dir: PathBuf, segments: Vec<u64>) {
+    std::thread::spawn(move || {
+        for n in segments {
+            match super::index::seal(&dir, n) {
+                Ok(s) => tracing::info!(segment = n, records = s.records, "audit segment sealed"),
+                Err(e) => {
+                    tracing::error!(segment = n, error = %e, "cannot seal audit segment; lookups will scan it")
+                }
+            }
+        }
+    });
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -177,6 +190,16 @@ impl Writer {
         }
         tracing::info!(dir = %writer.dir.display(), segment = writer.segment,
             next_seq = writer.next_seq, "audit log opened");
+        // Segments finished before a crash may lack their seal.
+        let unsealed: Vec<u64> = super::segment::list_segments(&writer.dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| *n < writer.segment && super::index::read_seal(&writer.dir, *n).is_none())
+            .collect();
+        if !unsealed.is_empty() {
+            seal_in_background(writer.dir.clone(), unsealed);
+        }
         Ok(writer)
     }
 
@@ -237,7 +260,9 @@ impl Writer {
                 }
                 if self.len >= self.segment_max_bytes {
                     // Lazily: the new file is created by the next batch, so a roll costs nothing
-                    // until there is something to write.
+                    // until there is something to write. The finished segment is sealed off the
+                    // writer thread: sealing reads it once, and appends must not wait for that.
+                    seal_in_background(self.dir.clone(), vec![self.segment]);
                     self.file = None;
                     (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
                 }

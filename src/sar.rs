@@ -1,0 +1,311 @@
+//! The subject access report (seeds §10.2): every disclosure of one person's data, when, to
+//! whom, why, under which lawful basis, which fields, from which dataset, with the supplementary
+//! information the asset register holds (purposes, recipients, retention, sources).
+//!
+//! The disclosures come from the audit log through its subject index (`audit::reader`); the
+//! rest from the catalogue. This module assembles and renders (JSON and a readable HTML page);
+//! it neither reads configuration nor decides who may ask (the CLI and the admin plane do).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::audit::reader::{LookupStats, records_mentioning};
+use crate::catalog::Catalog;
+use crate::controls::Placement;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub subject: String,
+    pub generated_at: String,
+    pub disclosures: Vec<Disclosure>,
+    pub purposes: Vec<PurposeUse>,
+    pub recipients: Vec<Recipient>,
+    pub datasets: Vec<Source>,
+    pub retention: Vec<Retention>,
+    pub restrictions: Vec<Placement>,
+    pub lookup: LookupStats,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Disclosure {
+    pub ts: String,
+    pub request_id: String,
+    pub recipient_subject: String,
+    pub recipient_role: String,
+    pub recipient_unit: String,
+    pub purpose: String,
+    pub lawful_basis: String,
+    pub dataset: String,
+    pub route: String,
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PurposeUse {
+    pub purpose: String,
+    pub description: String,
+    pub lawful_basis: String,
+    pub basis_detail: String,
+    pub special_category_condition: Option<String>,
+    pub disclosures: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Recipient {
+    pub role: String,
+    pub description: String,
+    pub disclosures: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Source {
+    pub dataset: String,
+    pub description: String,
+    pub owner: String,
+    pub source: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Retention {
+    pub category: String,
+    pub description: String,
+    pub retention: String,
+}
+
+fn text(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_owned()
+}
+
+/// Builds the report for `subject` from the audit log in `audit_dir`.
+pub fn build(
+    audit_dir: &Path,
+    catalog: &Catalog,
+    subject: &str,
+    restrictions: Vec<Placement>,
+) -> std::io::Result<Report> {
+    let (records, lookup) = records_mentioning(audit_dir, subject)?;
+    let disclosures: Vec<Disclosure> = records
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["status"] == 200)
+        .map(|r| Disclosure {
+            ts: text(r, "ts"),
+            request_id: text(r, "request_id"),
+            recipient_subject: text(&r["caller"], "subject"),
+            recipient_role: text(&r["caller"], "role"),
+            recipient_unit: text(&r["caller"], "unit"),
+            purpose: text(r, "purpose"),
+            lawful_basis: text(r, "lawful_basis"),
+            dataset: text(r, "dataset"),
+            route: text(r, "route"),
+            fields: r["fields"]
+                .as_array()
+                .map(|f| {
+                    f.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    let mut by_purpose: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut datasets: BTreeSet<&str> = BTreeSet::new();
+    let mut categories: BTreeSet<String> = BTreeSet::new();
+    for d in &disclosures {
+        *by_purpose.entry(&d.purpose).or_default() += 1;
+        *by_role.entry(&d.recipient_role).or_default() += 1;
+        datasets.insert(&d.dataset);
+        if let Some(ds) = catalog.datasets.get(&d.dataset) {
+            categories.extend(d.fields.iter().filter_map(|f| ds.fields.get(f).cloned()));
+        }
+    }
+    let purposes = by_purpose
+        .into_iter()
+        .map(|(p, n)| {
+            let entry = catalog.purposes.get(p);
+            PurposeUse {
+                purpose: p.to_owned(),
+                description: entry.map(|e| e.description.clone()).unwrap_or_default(),
+                lawful_basis: entry.map(|e| e.lawful_basis.clone()).unwrap_or_default(),
+                basis_detail: entry.map(|e| e.basis_detail.clone()).unwrap_or_default(),
+                special_category_condition: entry
+                    .and_then(|e| e.special_category_condition.clone()),
+                disclosures: n,
+            }
+        })
+        .collect();
+    let recipients = by_role
+        .into_iter()
+        .map(|(r, n)| Recipient {
+            role: r.to_owned(),
+            description: catalog.roles.get(r).cloned().unwrap_or_default(),
+            disclosures: n,
+        })
+        .collect();
+    let datasets = datasets
+        .into_iter()
+        .filter_map(|d| {
+            catalog.datasets.get(d).map(|ds| Source {
+                dataset: d.to_owned(),
+                description: ds.description.clone(),
+                owner: ds.owner.clone(),
+                source: ds.source.clone(),
+            })
+        })
+        .collect();
+    let retention = categories
+        .into_iter()
+        .filter_map(|c| {
+            catalog.categories.get(&c).map(|cat| Retention {
+                description: cat.description.clone(),
+                retention: cat.retention.clone(),
+                category: c,
+            })
+        })
+        .collect();
+    Ok(Report {
+        subject: subject.to_owned(),
+        generated_at: crate::audit::AuditRecord::now_ts(),
+        disclosures,
+        purposes,
+        recipients,
+        datasets,
+        retention,
+        restrictions,
+        lookup,
+    })
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// A self-contained HTML page a data protection officer can send or print.
+pub fn html(r: &Report) -> String {
+    let mut rows = String::new();
+    for d in &r.disclosures {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{} ({})<br><small>{}</small></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            esc(&d.ts),
+            esc(&d.recipient_role),
+            esc(&d.recipient_unit),
+            esc(&d.recipient_subject),
+            esc(&d.purpose),
+            esc(&d.lawful_basis),
+            esc(&d.dataset),
+            esc(&d.fields.join(", ")),
+        ));
+    }
+    let list = |items: Vec<String>| {
+        items
+            .into_iter()
+            .map(|i| format!("<li>{i}</li>"))
+            .collect::<String>()
+    };
+    let purposes = list(
+        r.purposes
+            .iter()
+            .map(|p| {
+                format!(
+                    "<b>{}</b>: {} &mdash; {} ({}){}; {} disclosure(s)",
+                    esc(&p.purpose),
+                    esc(&p.description),
+                    esc(&p.lawful_basis),
+                    esc(&p.basis_detail),
+                    p.special_category_condition
+                        .as_deref()
+                        .map(|c| format!("; special category condition: {}", esc(c)))
+                        .unwrap_or_default(),
+                    p.disclosures
+                )
+            })
+            .collect(),
+    );
+    let recipients = list(
+        r.recipients
+            .iter()
+            .map(|x| {
+                format!(
+                    "<b>{}</b>: {}; {} disclosure(s)",
+                    esc(&x.role),
+                    esc(&x.description),
+                    x.disclosures
+                )
+            })
+            .collect(),
+    );
+    let sources = list(
+        r.datasets
+            .iter()
+            .map(|s| {
+                format!(
+                    "<b>{}</b>: {}; owner: {}; source: {}",
+                    esc(&s.dataset),
+                    esc(&s.description),
+                    esc(&s.owner),
+                    esc(&s.source)
+                )
+            })
+            .collect(),
+    );
+    let retention = list(
+        r.retention
+            .iter()
+            .map(|c| {
+                format!(
+                    "<b>{}</b> ({}): {}",
+                    esc(&c.description),
+                    esc(&c.category),
+                    esc(&c.retention)
+                )
+            })
+            .collect(),
+    );
+    let restrictions = if r.restrictions.is_empty() {
+        "<li>none</li>".to_owned()
+    } else {
+        list(
+            r.restrictions
+                .iter()
+                .map(|p| {
+                    format!(
+                        "<b>{}</b> since {} (reference {}, placed by {})",
+                        esc(&p.kind),
+                        p.placed_at,
+                        esc(&p.reference),
+                        esc(&p.placed_by)
+                    )
+                })
+                .collect(),
+        )
+    };
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Subject access report: {subject}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;width:100%}}td,th{{border:1px solid #bbb;padding:.3rem .5rem;vertical-align:top;text-align:left}}th{{background:#eee}}</style>
+</head><body>
+<h1>Subject access report</h1>
+<p>Data subject: <b>{subject}</b>. Generated {generated} from the access log (Information Governance Policy §10.2).</p>
+<h2>Disclosures ({count})</h2>
+<table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
+<tbody>
+{rows}</tbody></table>
+<h2>Purposes and lawful bases</h2><ul>{purposes}</ul>
+<h2>Recipients</h2><ul>{recipients}</ul>
+<h2>Where the data came from</h2><ul>{sources}</ul>
+<h2>How long it is kept</h2><ul>{retention}</ul>
+<h2>Restrictions in force</h2><ul>{restrictions}</ul>
+</body></html>
+"#,
+        subject = esc(&r.subject),
+        generated = esc(&r.generated_at),
+        count = r.disclosures.len(),
+    )
+}

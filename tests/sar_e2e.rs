@@ -1,0 +1,239 @@
+//! Subject access: after traffic that disclosed a subject in a known set of responses, the
+//! report lists exactly those disclosures, found through the sealed segments' subject index;
+//! and tampering with a sealed segment is reported with the segment and record.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{AppOptions, spawn_app_with};
+use serde_json::Value;
+
+fn small_segments(c: &mut wardgate::config::Config) {
+    c.audit.segment_max_bytes = 24 * 1024;
+}
+
+fn ids_in(body: &Value) -> Vec<String> {
+    match body.get("records") {
+        Some(Value::Array(rs)) => rs
+            .iter()
+            .filter_map(|r| r["elector_id"].as_str().map(str::to_owned))
+            .collect(),
+        _ => body["record"]["elector_id"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(small_segments),
+        electors: Some(1200),
+        ..Default::default()
+    })
+    .await;
+    // The subject: an ordinary elector in the councillor's ward.
+    let first = app
+        .get(
+            "/voter/electors?per_page=10",
+            Some(&app.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    let subject = ids_in(&first.json())[3].clone();
+    // That first page disclosed the subject too.
+    let mut expected = BTreeSet::from([first.headers["x-request-id"].to_str().unwrap().to_owned()]);
+    let mut requests = 0;
+    // A mixed load: pages and reads by several personas and purposes, some of which disclose
+    // the subject and many of which do not.
+    let traffic: &[(&str, &str, &str)] = &[
+        (
+            "councillor",
+            "canvassing",
+            "/voter/electors?per_page=25&page={p}",
+        ),
+        (
+            "canvasser",
+            "canvassing",
+            "/voter/electors?per_page=25&page={p}",
+        ),
+        ("candidate", "gotv", "/voter/electors?per_page=50&page={p}"),
+        (
+            "analyst",
+            "profiling",
+            "/voter/electors?per_page=100&page={p}",
+        ),
+        (
+            "councillor",
+            "email_sms",
+            "/voter/electors?per_page=40&page={p}",
+        ),
+        ("dpo", "sar_fulfilment", "/voter/electors/{s}"),
+        ("mp_caseworker", "casework", "/voter/electors/{s}"),
+        ("councillor", "canvassing", "/voter/electors?ward=E05013911"),
+    ];
+    for round in 0..3 {
+        for (persona, purpose, template) in traffic {
+            for p in 1..=4 {
+                let path = template
+                    .replace("{p}", &p.to_string())
+                    .replace("{s}", &subject);
+                let r = app
+                    .get(&path, Some(&app.token(persona)), Some(purpose))
+                    .await;
+                requests += 1;
+                if r.status == 200 && ids_in(&r.json()).contains(&subject) {
+                    expected.insert(r.headers["x-request-id"].to_str().unwrap().to_owned());
+                }
+                if template.contains("{s}") && p > 1 + round {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        expected.len() >= 5,
+        "the load should disclose the subject several times, got {}",
+        expected.len()
+    );
+
+    // Wait for the finished segments to be sealed (it happens off the writer thread).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dir = app.audit_dir.clone();
+    loop {
+        let segs = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            .count();
+        let seals = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seal.json"))
+            .count();
+        if segs > 2 && seals + 1 >= segs {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "segments were not sealed ({segs} segments, {seals} seals)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let catalog = wardgate::catalog::Catalog::load(&app.dir.path().join("catalog.toml")).unwrap();
+    let report = wardgate::sar::build(&dir, &catalog, &subject, vec![]).unwrap();
+    let listed: BTreeSet<String> = report
+        .disclosures
+        .iter()
+        .map(|d| d.request_id.clone())
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "the report must list exactly the responses that disclosed {subject}"
+    );
+    assert!(report.lookup.segments_indexed >= 2, "{:?}", report.lookup);
+    let scanned = wardgate::audit::reader::scan_all(&dir, &subject).unwrap();
+    assert!(
+        report.lookup.lines_read < scanned.1.lines_read,
+        "the index reads only matching lines of sealed segments: {:?} vs {:?}",
+        report.lookup,
+        scanned.1
+    );
+    assert_eq!(
+        scanned.0.len(),
+        report.disclosures.len() + scanned.0.iter().filter(|r| r["status"] != 200).count()
+    );
+    eprintln!(
+        "{requests} requests, {} disclosed {subject}; lookup {:?}; full scan read {} lines",
+        expected.len(),
+        report.lookup,
+        scanned.1.lines_read
+    );
+    assert!(
+        report
+            .purposes
+            .iter()
+            .any(|p| p.purpose == "canvassing" && p.basis_detail.contains("democratic engagement"))
+    );
+    assert!(report.recipients.iter().any(|r| r.role == "councillor"));
+    assert!(report.retention.iter().any(|r| r.category == "identity"));
+    assert!(wardgate::sar::html(&report).contains(&subject));
+
+    // The same report from the admin plane, to the DPO only, and the retrieval is audited.
+    let denied = app
+        .admin_get_with(&format!("/sar/{subject}"), &app.token("security"))
+        .await;
+    assert_eq!(denied.status, 403);
+    let resp = app
+        .admin_get_with(&format!("/sar/{subject}"), &app.token("dpo"))
+        .await;
+    assert_eq!(resp.status, 200);
+    let via_admin: BTreeSet<String> = resp.json()["disclosures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(via_admin, expected);
+    let html = app
+        .admin_get_with(&format!("/sar/{subject}?format=html"), &app.token("dpo"))
+        .await;
+    assert!(String::from_utf8_lossy(&html.body).contains("<table>"));
+    let audited = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["detail"]["subject_access_report_for"] == subject.as_str())
+        .count();
+    assert_eq!(audited, 2);
+
+    // And the CLI agrees.
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .args(["sar", &subject, "--config"])
+        .arg(&app.config_path)
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let json: Value = serde_json::from_slice(
+        &std::fs::read(out.path().join(format!("sar-{subject}.json"))).unwrap(),
+    )
+    .unwrap();
+    let via_cli: BTreeSet<String> = json["disclosures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    // The CLI reads the log after the admin retrievals, which disclosed nothing about the subject.
+    assert_eq!(via_cli, expected);
+
+    // Tampering with a sealed segment: one changed byte is found, with segment and line.
+    let seg = dir.join("seg-00000002.jsonl");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.iter().position(|b| *b == b'"').unwrap() + 1 + bytes.len() / 2 % 50;
+    bytes[at] = if bytes[at] == b'a' { b'b' } else { b'a' };
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = wardgate::audit::verify_dir(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("seg-00000002.jsonl") && err.contains("line"),
+        "{err}"
+    );
+    app.stop().await;
+}
