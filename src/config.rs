@@ -84,6 +84,10 @@ pub struct AuditConfig {
     pub durability: Durability,
     pub max_batch: usize,
     pub segment_max_bytes: u64,
+    /// Sealed segments whose newest record is older than this are pruned (none: keep all).
+    pub retention: Option<Duration>,
+    /// How often `serve` prunes.
+    pub prune_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +224,8 @@ struct RawAudit {
     durability: Durability,
     max_batch: Option<usize>,
     segment_max_bytes: Option<u64>,
+    retention: Option<String>,
+    prune_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +281,14 @@ impl RawConfig {
             durability: self.audit.durability,
             max_batch: self.audit.max_batch.unwrap_or(1024).max(1),
             segment_max_bytes: self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
+            retention: match &self.audit.retention {
+                Some(r) => Some(parse_duration(r, "audit.retention")?),
+                None => None,
+            },
+            prune_interval: parse_duration(
+                self.audit.prune_interval.as_deref().unwrap_or("1h"),
+                "audit.prune_interval",
+            )?,
         };
         let mut datasets = BTreeMap::new();
         for (name, raw) in self.datasets {

@@ -42,6 +42,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Where the audit log lives, for subject access reports.
     pub audit_dir: std::path::PathBuf,
+    /// (audit dir, retention, prune interval) when the log has a retention period.
+    pub retention: Option<(std::path::PathBuf, std::time::Duration, std::time::Duration)>,
     pub controls: Controls,
     pub decisions: DecisionCache,
     /// Field categories per dataset: what field decisions are asked about.

@@ -93,6 +93,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Remove sealed segments older than `audit.retention`, recording the prune in the log.
+    /// Runs inside `serve` on its own schedule; use this when the gateway is stopped.
+    Prune {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Verify the hash chain of every segment; report the first broken record.
     Verify {
         /// The audit directory (default: the one the configuration names).
@@ -239,6 +245,31 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 json.display(),
                 html.display()
             );
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Prune { config },
+        } => {
+            let cfg = Config::load(&config)?;
+            let keep = cfg
+                .audit
+                .retention
+                .context("`audit.retention` is not set: nothing is ever pruned")?;
+            let log = audit::AuditLog::open(audit::AuditSettings {
+                dir: cfg.audit.dir.clone(),
+                durability: cfg.audit.durability,
+                max_batch: cfg.audit.max_batch,
+                segment_max_bytes: cfg.audit.segment_max_bytes,
+            })?;
+            let pruned = audit::prune::prune_and_record(&log, &cfg.audit.dir, keep).await;
+            log.shutdown().await;
+            match pruned? {
+                Some(p) => println!(
+                    "pruned segments {}..={} ({} records, through seq {}); the log records the prune",
+                    p.first_segment, p.last_segment, p.records, p.last_pruned_seq
+                ),
+                None => println!("nothing older than the retention period"),
+            }
             Ok(())
         }
         Command::Audit {

@@ -156,6 +156,10 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
     .context("cannot open the shared controls")?;
     let gw = Gateway {
         audit_dir: cfg.audit.dir.clone(),
+        retention: cfg
+            .audit
+            .retention
+            .map(|r| (cfg.audit.dir.clone(), r, cfg.audit.prune_interval)),
         controls,
         decisions: Default::default(),
         categories,
@@ -179,6 +183,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
+    let retention = gw.retention.clone();
     admin::metrics_handle();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -203,7 +208,23 @@ pub async fn run(
         stopped(stop_rx),
         grace,
     ));
+    let pruner = retention.map(|(dir, keep, every)| {
+        let log = gw.audit.clone();
+        tokio::spawn(async move {
+            loop {
+                match crate::audit::prune::prune_and_record(&log, &dir, keep).await {
+                    Ok(Some(p)) => tracing::info!(segments = ?(p.first_segment, p.last_segment), records = p.records, "audit log pruned"),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "audit prune failed"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
     shutdown.await;
+    if let Some(p) = pruner {
+        p.abort();
+    }
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
     let data_result = data_task.await.context("data plane task failed")?;

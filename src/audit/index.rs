@@ -34,6 +34,9 @@ pub struct Seal {
     /// The hash the first record links back to (the previous segment's last hash).
     pub first_prev: String,
     pub last_hash: String,
+    /// The newest record's time: what retention compares against.
+    #[serde(default)]
+    pub last_ts: String,
     pub records: u64,
     pub subject_mentions: u64,
     pub sealed_at: String,
@@ -63,6 +66,8 @@ pub fn subject_key(subject: &str) -> u64 {
 
 #[derive(Deserialize)]
 struct Head {
+    #[serde(default)]
+    ts: String,
     seq: u64,
     prev: String,
     hash: String,
@@ -77,7 +82,8 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
     let mut entries: Vec<(u64, u64)> = Vec::new();
     let (mut offset, mut line) = (0u64, Vec::new());
     let mut first: Option<(u64, String)> = None;
-    let (mut last_seq, mut last_hash, mut records) = (0, String::new(), 0);
+    let (mut last_seq, mut last_hash, mut records, mut last_ts) =
+        (0, String::new(), 0, String::new());
     loop {
         line.clear();
         let read = reader.read_until(b'\n', &mut line)?;
@@ -90,7 +96,7 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
             first = Some((head.seq, head.prev.clone()));
         }
         entries.extend(head.subjects.iter().map(|s| (subject_key(s), offset)));
-        (last_seq, last_hash, records) = (head.seq, head.hash, records + 1);
+        (last_seq, last_hash, records, last_ts) = (head.seq, head.hash, records + 1, head.ts);
         offset += read as u64;
     }
     entries.sort_unstable();
@@ -109,6 +115,7 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
         last_seq,
         first_prev,
         last_hash,
+        last_ts,
         records,
         subject_mentions: entries.len() as u64,
         sealed_at: super::AuditRecord::now_ts(),

@@ -5,7 +5,7 @@
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
-//! ([`index`]), finding one subject's records ([`reader`]), and offline chain verification
+//! ([`index`]), finding one subject's records ([`reader`]), retention ([`prune`]), and offline chain verification
 //! ([`verify`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
@@ -13,6 +13,7 @@
 //! or what a subject access report says (`sar.rs`).
 
 pub mod index;
+pub mod prune;
 pub mod reader;
 pub mod record;
 mod segment;

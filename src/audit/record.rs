@@ -77,12 +77,16 @@ pub enum Decision {
 impl AuditRecord {
     /// The current time as RFC 3339 UTC with millisecond precision, e.g. `2025-01-31T09:15:02.123Z`.
     pub fn now_ts() -> String {
+        Self::ts_of(OffsetDateTime::now_utc())
+    }
+
+    /// `at` in the log's one timestamp format (so timestamps compare correctly as text).
+    pub fn ts_of(now: OffsetDateTime) -> String {
         let format = format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
         );
         // Only years outside 0..=9999 can fail to format; a clock that far off still must not
         // stop the audit trail, so fall back to the full RFC 3339 form.
-        let now = OffsetDateTime::now_utc();
         now.format(format)
             .or_else(|_| now.format(&time::format_description::well_known::Rfc3339))
             .unwrap_or_else(|_| now.unix_timestamp().to_string())

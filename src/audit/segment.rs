@@ -72,6 +72,12 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
             break;
         }
     }
+    // Everything before the oldest remaining segment may have been pruned: resume from the anchor.
+    if next_seq == 1
+        && let Some(anchor) = super::prune::read_anchor(dir)
+    {
+        (next_seq, last_hash) = (anchor.last_pruned_seq + 1, anchor.last_pruned_hash);
+    }
     let segment = segments.last().map_or(1, |(n, _)| *n);
     let new_segment = segments.is_empty();
     let resume = Resume {

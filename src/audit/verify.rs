@@ -80,8 +80,11 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
     };
     let segments = list_segments(dir).map_err(io_err(dir))?;
     let mut records = 0;
-    let mut last_seq = 0;
-    let mut last_hash = GENESIS_HASH.to_owned();
+    // After pruning, the chain resumes from the anchor rather than from genesis.
+    let (mut last_seq, mut last_hash) = match super::prune::read_anchor(dir) {
+        Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
+        None => (0, GENESIS_HASH.to_owned()),
+    };
     let mut buf = Vec::new();
     let mut torn_tail = false;
     for (index, (number, path)) in segments.iter().enumerate() {

@@ -161,11 +161,27 @@ struct Writer {
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
+    /// Held for the writer's life: two processes appending to one log would fork the chain.
+    _lock: File,
 }
 
 impl Writer {
     fn open(settings: AuditSettings, healthy: Arc<AtomicBool>) -> anyhow::Result<Writer> {
         let dir = settings.dir;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create audit directory `{}`", dir.display()))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .with_context(|| format!("cannot open the lock file in `{}`", dir.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "the audit log `{}` is in use by another wardgate process (one writer per log)",
+                dir.display()
+            );
+        }
         let resume = resume(&dir, settings.segment_max_bytes)?;
         let mut writer = Writer {
             dir,
@@ -179,6 +195,7 @@ impl Writer {
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
+            _lock: lock,
         };
         // Fail at startup, not on the first request, if the segment cannot be opened.
         writer

@@ -1,0 +1,204 @@
+//! Retention: whole sealed segments older than the retention period are removed, leaving an
+//! anchor so the chain that remains still verifies.
+//!
+//! The log is personal data, so it is kept for a defined period and no longer (seeds §9). Only
+//! sealed segments whose newest record is older than the cut-off go, oldest first and without
+//! gaps, never the segment being written. Before anything is deleted the anchor
+//! `pruned.json` (the last pruned sequence number and hash, and what was pruned) is written and
+//! synced; verification then starts the chain from the anchor instead of from genesis. The
+//! caller records the prune in the log itself, so the log says what it no longer holds.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::index::{index_path, read_seal, seal_path};
+use super::segment::list_segments;
+
+/// Where the remaining chain starts, and the history of what was pruned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub last_pruned_seq: u64,
+    pub last_pruned_hash: String,
+    pub pruned_segments: u64,
+    pub pruned_records: u64,
+}
+
+/// What one prune removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub first_segment: u64,
+    pub last_segment: u64,
+    pub records: u64,
+    pub last_pruned_seq: u64,
+    pub last_pruned_hash: String,
+}
+
+pub fn read_anchor(dir: &Path) -> Option<Anchor> {
+    serde_json::from_slice(&std::fs::read(dir.join("pruned.json")).ok()?).ok()
+}
+
+/// Removes sealed segments whose last record is older than `cutoff` (RFC 3339, compared as
+/// text: the log writes one fixed UTC format). `None` when nothing was old enough.
+pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
+    let segments = list_segments(dir)?;
+    let newest = segments.last().map(|(n, _)| *n);
+    let mut doomed = Vec::new();
+    for (n, _) in &segments {
+        if Some(*n) == newest {
+            break;
+        }
+        // Stop at the first segment that is unsealed or still within retention: no gaps.
+        match read_seal(dir, *n) {
+            Some(seal) if !seal.last_ts.is_empty() && seal.last_ts.as_str() < cutoff => {
+                doomed.push(seal)
+            }
+            _ => break,
+        }
+    }
+    let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
+        return Ok(None);
+    };
+    let mut anchor = read_anchor(dir).unwrap_or_default();
+    let records: u64 = doomed.iter().map(|s| s.records).sum();
+    anchor.last_pruned_seq = last.last_seq;
+    anchor.last_pruned_hash = last.last_hash.clone();
+    anchor.pruned_segments += doomed.len() as u64;
+    anchor.pruned_records += records;
+    let tmp = dir.join("pruned.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&anchor)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join("pruned.json"))?;
+    for s in &doomed {
+        for p in [
+            dir.join(super::segment::segment_name(s.segment)),
+            index_path(dir, s.segment),
+            seal_path(dir, s.segment),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow::anyhow!("cannot remove `{}`: {e}", p.display())),
+            }
+        }
+    }
+    super::segment::sync_dir(dir)?;
+    Ok(Some(Pruned {
+        first_segment: first.segment,
+        last_segment: last.segment,
+        records,
+        last_pruned_seq: last.last_seq,
+        last_pruned_hash: last.last_hash.clone(),
+    }))
+}
+
+/// Prunes what is older than `retention` and records the prune in the log itself.
+pub async fn prune_and_record(
+    log: &super::AuditLog,
+    dir: &Path,
+    retention: std::time::Duration,
+) -> anyhow::Result<Option<Pruned>> {
+    let cutoff = time::OffsetDateTime::now_utc() - retention;
+    let cutoff = super::AuditRecord::ts_of(cutoff);
+    let dir_owned = dir.to_path_buf();
+    let pruned = tokio::task::spawn_blocking(move || prune(&dir_owned, &cutoff)).await??;
+    if let Some(p) = &pruned {
+        let record = super::AuditRecord {
+            ts: super::AuditRecord::now_ts(),
+            request_id: format!("{:032x}", rand::random::<u128>()),
+            kind: super::RecordKind::System,
+            caller: None,
+            client_addr: None,
+            purpose: None,
+            lawful_basis: Some("legal_obligation".to_owned()),
+            dataset: None,
+            route: Some("audit.prune".to_owned()),
+            method: "PRUNE".to_owned(),
+            path: String::new(),
+            decision: super::Decision::Allow,
+            policy_ids: Vec::new(),
+            reason: Some("retention".to_owned()),
+            status: 200,
+            subjects: Vec::new(),
+            fields: Vec::new(),
+            rows_withheld: 0,
+            latency_us: 0,
+            detail: Some(serde_json::to_value(p)?),
+        };
+        log.append(record).await.map_err(|e| {
+            anyhow::anyhow!("pruned, but the prune record could not be written: {e}")
+        })?;
+    }
+    Ok(pruned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::tests::sample;
+    use crate::audit::{AuditLog, AuditRecord, AuditSettings, Durability, verify_dir};
+
+    #[tokio::test]
+    async fn only_sealed_segments_past_retention_go_and_the_chain_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || AuditSettings {
+            dir: dir.path().to_owned(),
+            durability: Durability::Fsync,
+            max_batch: 8,
+            segment_max_bytes: 2048,
+        };
+        let log = AuditLog::open(settings()).unwrap();
+        // Old records first (eight years ago), then recent ones; small segments roll often.
+        for i in 0..40u64 {
+            let mut r = sample(i + 1);
+            r.ts = if i < 20 {
+                format!("2018-03-01T10:00:{:02}.000Z", i)
+            } else {
+                AuditRecord::now_ts()
+            };
+            log.append(r).await.unwrap();
+        }
+        let segments: Vec<u64> = list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(segments.len() > 4, "{segments:?}");
+        for n in &segments[..segments.len() - 1] {
+            crate::audit::index::seal(dir.path(), *n).unwrap();
+        }
+        let before = verify_dir(dir.path()).unwrap();
+        let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
+        let pruned = prune_and_record(&log, dir.path(), seven_years)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pruned.first_segment, 1);
+        assert!(
+            pruned.records > 0 && pruned.records <= 20,
+            "only old records go: {pruned:?}"
+        );
+        // Nothing newer than the cut-off was removed, and what remains verifies from the anchor.
+        let after = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            after.last_seq,
+            before.last_seq + 1,
+            "the prune itself is recorded"
+        );
+        assert!(
+            prune_and_record(&log, dir.path(), seven_years)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        log.shutdown().await;
+        drop(log);
+        // A restart continues the chain past the pruned history.
+        let log = AuditLog::open(settings()).unwrap();
+        log.append(sample(99)).await.unwrap();
+        log.shutdown().await;
+        assert!(verify_dir(dir.path()).is_ok());
+        let anchor = read_anchor(dir.path()).unwrap();
+        assert_eq!(anchor.last_pruned_seq, pruned.last_pruned_seq);
+    }
+}
