@@ -50,6 +50,7 @@ where
 {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let caller = gw
         .verifier
@@ -98,7 +99,11 @@ where
                 &subject,
                 gw.controls.placements(&subject),
             ) {
-                Ok(r) => r,
+                Ok(mut r) => {
+                    r.current_data =
+                        current_data(gw, &subject, authorization.as_ref(), request_id).await;
+                    r
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "subject access report failed");
                     let err = GatewayError::Internal(e.to_string());
@@ -243,6 +248,37 @@ where
         (_, ["rights", ..] | ["revocations"] | ["sar", ..]) => Err(GatewayError::MethodNotAllowed),
         _ => Err(GatewayError::RouteNotFound),
     }
+}
+
+/// The subject's records as held now, fetched through the data plane's own pipeline with the
+/// DPO's token under `sar_fulfilment`, so each fetch is authorized and audited like any other.
+async fn current_data(
+    gw: &Gateway,
+    subject: &str,
+    authorization: Option<&http::HeaderValue>,
+    request_id: &str,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(auth) = authorization else {
+        return out;
+    };
+    for (name, dataset) in &gw.catalog.datasets {
+        let req = Request::get(format!("/{name}/{}/{subject}", dataset.collection))
+            .header(header::AUTHORIZATION, auth.clone())
+            .header("x-purpose", "sar_fulfilment")
+            .header("x-request-id", format!("{request_id}-{name}"))
+            .body(http_body_util::Empty::<Bytes>::new());
+        let Ok(req) = req else { continue };
+        let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let resp = crate::gateway::handle(gw, req, peer).await;
+        if resp.status() == StatusCode::OK
+            && let Ok(body) = resp.into_body().collect().await
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
+        {
+            out.insert(name.clone(), v["record"].clone());
+        }
+    }
+    out
 }
 
 fn event(p: &Principal, reason: String, change: Change) -> Event {

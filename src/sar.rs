@@ -26,6 +26,9 @@ pub struct Report {
     pub datasets: Vec<Source>,
     pub retention: Vec<Retention>,
     pub restrictions: Vec<Placement>,
+    /// The data held now, per dataset, as the DPO sees it under `sar_fulfilment` (filled by the
+    /// admin plane, which fetches it through the gateway; empty from the offline CLI).
+    pub current_data: BTreeMap<String, Value>,
     pub lookup: LookupStats,
 }
 
@@ -175,6 +178,7 @@ pub fn build(
         datasets,
         retention,
         restrictions,
+        current_data: BTreeMap::new(),
         lookup,
     })
 }
@@ -286,6 +290,20 @@ pub fn html(r: &Report) -> String {
                 .collect(),
         )
     };
+    let current = if r.current_data.is_empty() {
+        "<p>Not included in this report (fetch it through the admin plane).</p>".to_owned()
+    } else {
+        r.current_data
+            .iter()
+            .map(|(d, v)| {
+                format!(
+                    "<h3>{}</h3><pre>{}</pre>",
+                    esc(d),
+                    esc(&serde_json::to_string_pretty(v).unwrap_or_default())
+                )
+            })
+            .collect()
+    };
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Subject access report: {subject}</title>
@@ -302,6 +320,7 @@ pub fn html(r: &Report) -> String {
 <h2>Where the data came from</h2><ul>{sources}</ul>
 <h2>How long it is kept</h2><ul>{retention}</ul>
 <h2>Restrictions in force</h2><ul>{restrictions}</ul>
+<h2>Data held now</h2>{current}
 </body></html>
 "#,
         subject = esc(&r.subject),

@@ -179,6 +179,11 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .admin_get_with(&format!("/sar/{subject}"), &app.token("dpo"))
         .await;
     assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.json()["current_data"]["voter"]["elector_id"],
+        subject.as_str(),
+        "the data held now, under sar_fulfilment"
+    );
     let via_admin: BTreeSet<String> = resp.json()["disclosures"]
         .as_array()
         .unwrap()
@@ -196,6 +201,14 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .filter(|r| r["detail"]["subject_access_report_for"] == subject.as_str())
         .count();
     assert_eq!(audited, 2);
+    // Fetching the current data went through the data plane, so it is audited like any access.
+    assert!(
+        app.audit_records()
+            .iter()
+            .any(|r| r["purpose"] == "sar_fulfilment"
+                && r["route"] == "voter.read"
+                && r["subjects"][0] == subject.as_str())
+    );
 
     // And the CLI agrees.
     let out = tempfile::tempdir().unwrap();
@@ -221,8 +234,26 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .iter()
         .map(|d| d["request_id"].as_str().unwrap().to_owned())
         .collect();
-    // The CLI reads the log after the admin retrievals, which disclosed nothing about the subject.
-    assert_eq!(via_cli, expected);
+    // The CLI reads the log after the two admin retrievals, whose fetches of the data held now
+    // were themselves disclosures to the DPO under sar_fulfilment: exactly those are added.
+    let sar_fetches: BTreeSet<String> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| {
+            r["purpose"] == "sar_fulfilment"
+                && r["request_id"].as_str().unwrap().ends_with("-voter")
+                && r["status"] == 200
+        })
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sar_fetches.len(), 2);
+    assert_eq!(
+        via_cli,
+        expected
+            .union(&sar_fetches)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    );
 
     // Tampering with a sealed segment: one changed byte is found, with segment and line.
     let seg = dir.join("seg-00000002.jsonl");
