@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
 use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::{Principal, Verifier};
@@ -25,9 +25,9 @@ use crate::dialect;
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
-use crate::policy::{Ask, PolicyEngine};
+use crate::policy::PolicyEngine;
 use crate::proxy::{Upstream, Upstreams};
-use crate::routes::{self, Route, RouteKind};
+use crate::routes::{self, RouteKind};
 
 /// Above this many polling districts the narrowing list would cost more than it saves.
 const MAX_NARROWING_AREAS: usize = 500;
@@ -248,8 +248,8 @@ where
         }
         RouteKind::Write { id, write } => {
             let (path, envelope) = dialect::write(&upstream.dialect, dataset, id, write)?;
-            let body = read_body(req, gw.max_request_bytes).await?;
-            let written = check_write(
+            let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
+            let written = crate::writes::check_write(
                 gw, &ask, dataset, &route, write, id, &body, &cx, upstream, request_id,
             )
             .await?;
@@ -297,7 +297,7 @@ fn narrowing(gw: &Gateway, principal: &Principal) -> Option<BTreeSet<String>> {
     Some(areas)
 }
 
-async fn fetch_one(
+pub(crate) async fn fetch_one(
     upstream: &Upstream,
     dataset: &Dataset,
     id: &str,
@@ -313,109 +313,11 @@ async fn fetch_one(
 
 /// A write names only fields the register declares for it, each of a category the purpose may
 /// write, about a record the caller may write to. Returns the field names written.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the pipeline's state, spelt out"
-)]
-async fn check_write(
-    gw: &Gateway,
-    ask: &Ask,
-    dataset: &Dataset,
-    route: &Route,
-    write: &str,
-    id: &str,
-    body: &Bytes,
-    cx: &FilterContext<'_>,
-    upstream: &Upstream,
-    request_id: &str,
-) -> Result<Vec<String>, GatewayError> {
-    let spec = dataset
-        .writes
-        .get(write)
-        .ok_or(GatewayError::RouteNotFound)?;
-    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|_| GatewayError::BadRequest("the body must be a JSON object".to_owned()))?;
-    let unknown: Vec<&str> = fields
-        .keys()
-        .filter(|k| !spec.fields.contains_key(*k))
-        .map(String::as_str)
-        .collect();
-    if !unknown.is_empty() {
-        return Err(GatewayError::BadRequest(format!(
-            "unknown fields for this write: `{}`",
-            unknown.join("`, `")
-        )));
-    }
-    if fields.is_empty() {
-        return Err(GatewayError::BadRequest(
-            "the body names no field to write".to_owned(),
-        ));
-    }
-    let (target, _) = fetch_one(upstream, dataset, id, request_id).await?;
-    let single: serde_json::Value = serde_json::from_slice(&target)
-        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
-    let raw =
-        serde_json::to_vec(&single["record"]).map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let rec: filter::RawRecord = serde_json::from_slice(&raw)
-        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
-    // A target we cannot classify, or may not write to, is indistinguishable from a missing one.
-    let (_, attrs) = filter::record_attrs(&rec, cx).ok_or(GatewayError::NotFound)?;
-    if !gw
-        .policy
-        .decide_record(ask, &route.dataset, &attrs, true)
-        .allowed
-    {
-        return Err(GatewayError::NotFound);
-    }
-    let wanted: BTreeSet<String> = fields
-        .keys()
-        .filter_map(|k| spec.fields.get(k).cloned())
-        .collect();
-    let allowed = gw
-        .policy
-        .allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
-    let refused: Vec<&str> = fields
-        .keys()
-        .filter(|k| spec.fields.get(*k).is_none_or(|c| !allowed.contains(c)))
-        .map(String::as_str)
-        .collect();
-    if !refused.is_empty() {
-        return Err(GatewayError::BadRequest(format!(
-            "the declared purpose may not write: `{}`",
-            refused.join("`, `")
-        )));
-    }
-    Ok(fields
-        .keys()
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect())
-}
-
-async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>
-where
-    B: hyper::body::Body<Data = Bytes> + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    if req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|n| n > limit)
-    {
-        return Err(GatewayError::PayloadTooLarge);
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge),
-        Err(e) => Err(GatewayError::BadRequest(format!(
-            "the request body could not be read: {e}"
-        ))),
-    }
-}
-
-fn expect_json(status: StatusCode, json: bool, body: Bytes) -> Result<Bytes, GatewayError> {
+pub(crate) fn expect_json(
+    status: StatusCode,
+    json: bool,
+    body: Bytes,
+) -> Result<Bytes, GatewayError> {
     if status != StatusCode::OK {
         tracing::warn!(status = status.as_u16(), "upstream answered with an error");
         return Err(GatewayError::UpstreamStatus(status.as_u16()));
@@ -428,7 +330,7 @@ fn expect_json(status: StatusCode, json: bool, body: Bytes) -> Result<Bytes, Gat
     Ok(body)
 }
 
-fn malformed(e: filter::FilterError) -> GatewayError {
+pub(crate) fn malformed(e: filter::FilterError) -> GatewayError {
     tracing::warn!(error = %e, "upstream body could not be filtered; disclosing nothing");
     GatewayError::UpstreamMalformed(e.to_string())
 }

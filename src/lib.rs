@@ -21,6 +21,7 @@
 //! - [`policy`]: Cedar, loaded and validated at start.
 //! - [`decisions`]: record decisions memoised per distinct attribute combination.
 //! - [`dialect`]: how each kind of datastore is asked (wardgate's API, Datasette).
+//! - [`writes`]: what a write body may carry.
 //! - [`proxy`]: the upstream client.
 //! - [`filter`]: row and field filtering over raw JSON.
 //! - [`audit`]: the durable, hash-chained access log.
@@ -50,3 +51,4 @@ pub mod sar;
 pub mod server;
 pub mod startup;
 pub mod token;
+pub mod writes;

@@ -1,0 +1,123 @@
+//! Writes from canvassing tools: what a write body may carry, checked before it is forwarded.
+//!
+//! A write names only fields its route declares in the asset register (no mass assignment),
+//! each of a category the declared purpose may write (Cedar `write_field`), about a record the
+//! caller may write to (`write_record`: in scope, no restriction in the way). Anything else is
+//! refused by name, before the datastore sees the body. The pipeline itself stays in
+//! `gateway.rs`; this module only answers "may this body be written".
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::{BodyExt, Limited};
+
+use crate::catalog::Dataset;
+use crate::error::GatewayError;
+use crate::filter::{self, FilterContext};
+use crate::gateway::{Gateway, fetch_one, malformed};
+use crate::policy::Ask;
+use crate::proxy::Upstream;
+use crate::routes::Route;
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pipeline's state, spelt out"
+)]
+pub(crate) async fn check_write(
+    gw: &Gateway,
+    ask: &Ask,
+    dataset: &Dataset,
+    route: &Route,
+    write: &str,
+    id: &str,
+    body: &Bytes,
+    cx: &FilterContext<'_>,
+    upstream: &Upstream,
+    request_id: &str,
+) -> Result<Vec<String>, GatewayError> {
+    let spec = dataset
+        .writes
+        .get(write)
+        .ok_or(GatewayError::RouteNotFound)?;
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::BadRequest("the body must be a JSON object".to_owned()))?;
+    let unknown: Vec<&str> = fields
+        .keys()
+        .filter(|k| !spec.fields.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(GatewayError::BadRequest(format!(
+            "unknown fields for this write: `{}`",
+            unknown.join("`, `")
+        )));
+    }
+    if fields.is_empty() {
+        return Err(GatewayError::BadRequest(
+            "the body names no field to write".to_owned(),
+        ));
+    }
+    let (target, _) = fetch_one(upstream, dataset, id, request_id).await?;
+    let single: serde_json::Value = serde_json::from_slice(&target)
+        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
+    let raw =
+        serde_json::to_vec(&single["record"]).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let rec: filter::RawRecord = serde_json::from_slice(&raw)
+        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
+    // A target we cannot classify, or may not write to, is indistinguishable from a missing one.
+    let (_, attrs) = filter::record_attrs(&rec, cx).ok_or(GatewayError::NotFound)?;
+    if !gw
+        .policy
+        .decide_record(ask, &route.dataset, &attrs, true)
+        .allowed
+    {
+        return Err(GatewayError::NotFound);
+    }
+    let wanted: BTreeSet<String> = fields
+        .keys()
+        .filter_map(|k| spec.fields.get(k).cloned())
+        .collect();
+    let allowed = gw
+        .policy
+        .allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
+    let refused: Vec<&str> = fields
+        .keys()
+        .filter(|k| spec.fields.get(*k).is_none_or(|c| !allowed.contains(c)))
+        .map(String::as_str)
+        .collect();
+    if !refused.is_empty() {
+        return Err(GatewayError::BadRequest(format!(
+            "the declared purpose may not write: `{}`",
+            refused.join("`, `")
+        )));
+    }
+    Ok(fields
+        .keys()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
+pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge),
+        Err(e) => Err(GatewayError::BadRequest(format!(
+            "the request body could not be read: {e}"
+        ))),
+    }
+}
