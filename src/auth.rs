@@ -78,6 +78,48 @@ pub struct Verifier {
     audience: String,
     leeway_secs: u64,
     known: KnownNames,
+    cache: TokenCache,
+}
+
+/// Tokens that verified recently: a caller sends the same token with every request, and an
+/// ES256 verification costs more than the rest of a small request. An entry is used only while
+/// the token itself is valid (before `exp` and `grant_expires`, without leeway) and for at most
+/// [`CACHE_FOR`]; the key is the whole token, so nothing but the same bytes can hit it.
+/// Revocation is checked on every request regardless (`controls`).
+#[derive(Default)]
+pub struct TokenCache {
+    entries: std::sync::Mutex<HashMap<String, (Principal, i64)>>,
+}
+
+const CACHE_FOR: i64 = 300;
+const CACHE_MAX: usize = 20_000;
+
+impl TokenCache {
+    fn get(&self, token: &str, now: i64) -> Option<Principal> {
+        let entries = self.entries.lock().ok()?;
+        let (p, until) = entries.get(token)?;
+        (now < *until).then(|| p.clone())
+    }
+
+    fn put(&self, token: &str, p: &Principal, now: i64) {
+        let until = [
+            p.expires_at,
+            p.grant_expires_at.unwrap_or(i64::MAX),
+            now + CACHE_FOR,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(now);
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHE_MAX {
+                entries.retain(|_, (_, u)| *u > now);
+                if entries.len() >= CACHE_MAX {
+                    entries.clear();
+                }
+            }
+            entries.insert(token.to_owned(), (p.clone(), until));
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -161,6 +203,7 @@ impl Verifier {
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
             known,
+            cache: TokenCache::default(),
         })
     }
 
@@ -181,6 +224,15 @@ impl Verifier {
 
     /// Verifies a compact JWT.
     pub fn verify(&self, token: &str, now: i64) -> Result<Principal, AuthFailure> {
+        if let Some(p) = self.cache.get(token, now) {
+            return Ok(p);
+        }
+        let principal = self.verify_uncached(token, now)?;
+        self.cache.put(token, &principal, now);
+        Ok(principal)
+    }
+
+    fn verify_uncached(&self, token: &str, now: i64) -> Result<Principal, AuthFailure> {
         let header = peek_header(token)?;
         let alg = header.alg.ok_or(AuthFailure::MalformedToken)?;
         let alg: Algorithm = alg.parse().map_err(|_| AuthFailure::DisallowedAlgorithm)?;

@@ -22,6 +22,7 @@ fn claims_naming_unknown_things_are_refused() {
         issuers: vec!["i".into()],
         audience: "a".into(),
         leeway_secs: 0,
+        cache: TokenCache::default(),
         known: KnownNames {
             roles: ["canvasser".to_owned()].into(),
             areas: ["E05011391".to_owned()].into(),
@@ -121,4 +122,33 @@ fn keys_from_a_jwks_file_verify_tokens() {
     let mut cfg2 = cfg.clone();
     cfg2.algorithms = vec![Algorithm::RS256];
     assert!(Verifier::from_config(&cfg2, KnownNames::default()).is_err());
+}
+
+#[test]
+fn the_token_cache_never_outlives_the_token() {
+    let cache = TokenCache::default();
+    let p = Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "r".into(),
+        unit: "u".into(),
+        areas: vec![],
+        purposes: vec![],
+        expires_at: 1_000,
+        issued_at: 0,
+        grant_expires_at: Some(900),
+    };
+    cache.put("tok", &p, 100);
+    assert_eq!(
+        cache.get("tok", 101).map(|p| p.subject),
+        Some("s".to_owned())
+    );
+    assert!(cache.get("tok", 400).is_none(), "at most CACHE_FOR seconds");
+    cache.put("tok", &p, 800);
+    assert!(cache.get("tok", 850).is_some());
+    assert!(
+        cache.get("tok", 900).is_none(),
+        "not past the end of the grant"
+    );
+    assert!(cache.get("tok2", 101).is_none(), "only the same bytes hit");
 }

@@ -109,9 +109,9 @@ where
             problem_response(&GatewayError::AuditUnavailable, &request_id)
         }
     };
-    let decision = match (response.status(), trail.caller.is_some()) {
-        (StatusCode::OK, _) => "allow",
-        (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => "deny",
+    let decision = match response.status() {
+        StatusCode::OK => "allow",
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => "deny",
         _ => "error",
     };
     let labels = [
