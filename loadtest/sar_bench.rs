@@ -4,17 +4,27 @@
 //! 10 million records).
 //!
 //!   cargo run --release --example sar_bench -- --dir /var/tmp/wardgate-sar --records 10000000
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark tool")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark tool"
+)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use wardgate::audit::{AuditLog, AuditRecord, AuditSettings, Caller, Decision, Durability, RecordKind};
+use wardgate::audit::{
+    AuditLog, AuditRecord, AuditSettings, Caller, Decision, Durability, RecordKind,
+};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_owned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// A plausible access record: most are pages of a walk sheet, some reads, some refusals.
@@ -23,9 +33,15 @@ fn record(rng: &mut rand_chacha::ChaCha8Rng, n: u64, electors: u64) -> AuditReco
     let subjects: Vec<String> = if refused {
         Vec::new()
     } else {
-        let page = if rng.random_bool(0.3) { 1 } else { rng.random_range(5..25) };
+        let page = if rng.random_bool(0.3) {
+            1
+        } else {
+            rng.random_range(5..25)
+        };
         let start = rng.random_range(0..electors);
-        (0..page).map(|i| format!("VF-{:07}", (start + i * 7) % electors)).collect()
+        (0..page)
+            .map(|i| format!("VF-{:07}", (start + i * 7) % electors))
+            .collect()
     };
     AuditRecord {
         ts: "2026-11-23T10:00:00.000Z".to_owned(),
@@ -44,11 +60,25 @@ fn record(rng: &mut rand_chacha::ChaCha8Rng, n: u64, electors: u64) -> AuditReco
         route: Some("voter.list".into()),
         method: "GET".into(),
         path: "/voter/electors".into(),
-        decision: if refused { Decision::Deny } else { Decision::Allow },
+        decision: if refused {
+            Decision::Deny
+        } else {
+            Decision::Allow
+        },
         policy_ids: vec!["geo.within-grants".into(), "purpose.granted".into()],
         reason: refused.then(|| "forbidden_by_policy".to_owned()),
         status: if refused { 403 } else { 200 },
-        fields: if refused { vec![] } else { vec!["elector_id".into(), "first_name".into(), "surname".into(), "address_line1".into(), "postcode".into()] },
+        fields: if refused {
+            vec![]
+        } else {
+            vec![
+                "elector_id".into(),
+                "first_name".into(),
+                "surname".into(),
+                "address_line1".into(),
+                "postcode".into(),
+            ]
+        },
         subjects,
         rows_withheld: 0,
         latency_us: 900,
@@ -66,12 +96,23 @@ async fn main() {
     let dir = PathBuf::from(arg("--dir", "/var/tmp/wardgate-sar-bench"));
     let records: u64 = arg("--records", "10000000").parse().unwrap();
     let electors: u64 = arg("--electors", "2000000").parse().unwrap();
-    let existing = wardgate::audit::verify_dir(&dir).map(|r| r.records).unwrap_or(0);
+    let existing = wardgate::audit::verify_dir(&dir)
+        .map(|r| r.records)
+        .unwrap_or(0);
     if existing < records {
         let _ = std::fs::remove_dir_all(&dir);
-        eprintln!("generating {records} audit records in {} ...", dir.display());
+        eprintln!(
+            "generating {records} audit records in {} ...",
+            dir.display()
+        );
         let started = Instant::now();
-        let log = AuditLog::open(AuditSettings { dir: dir.clone(), durability: Durability::PageCache, max_batch: 4096, segment_max_bytes: 64 << 20 }).unwrap();
+        let log = AuditLog::open(AuditSettings {
+            dir: dir.clone(),
+            durability: Durability::PageCache,
+            max_batch: 4096,
+            segment_max_bytes: 64 << 20,
+        })
+        .unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let mut inflight = tokio::task::JoinSet::new();
         for n in 0..records {
@@ -86,12 +127,23 @@ async fn main() {
         }
         while inflight.join_next().await.is_some() {}
         log.shutdown().await;
-        eprintln!("generated in {:.1} s; waiting for the last segments to be sealed ...", started.elapsed().as_secs_f64());
+        eprintln!(
+            "generated in {:.1} s; waiting for the last segments to be sealed ...",
+            started.elapsed().as_secs_f64()
+        );
     }
     // Seal whatever is still unsealed (the writer seals in the background).
     let segments: Vec<u64> = std::fs::read_dir(&dir)
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("seg-")?.strip_suffix(".jsonl")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("seg-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()
+        })
         .collect();
     let newest = segments.iter().copied().max().unwrap_or(0);
     for n in &segments {
@@ -99,8 +151,16 @@ async fn main() {
             wardgate::audit::index::seal(&dir, *n).unwrap();
         }
     }
-    let bytes: u64 = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
-    println!("log: {records} records, {} segments, {:.2} GB on disk (segments + indexes)", segments.len(), bytes as f64 / 1e9);
+    let bytes: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "log: {records} records, {} segments, {:.2} GB on disk (segments + indexes)",
+        segments.len(),
+        bytes as f64 / 1e9
+    );
 
     let subjects = ["VF-0000007", "VF-0123456", "VF-1999993"];
     for s in subjects {
@@ -112,10 +172,19 @@ async fn main() {
             times.push(t.elapsed());
             found = r.len();
         }
-        println!("indexed lookup {s}: {found} records, median {:.1} ms of 5 runs", median(times).as_secs_f64() * 1e3);
+        println!(
+            "indexed lookup {s}: {found} records, median {:.1} ms of 5 runs",
+            median(times).as_secs_f64() * 1e3
+        );
     }
     let t = Instant::now();
     let (r, stats) = wardgate::audit::reader::scan_all(&dir, subjects[0]).unwrap();
     let scan = t.elapsed();
-    println!("full scan {}: {} records, {:.1} s ({} lines read)", subjects[0], r.len(), scan.as_secs_f64(), stats.lines_read);
+    println!(
+        "full scan {}: {} records, {:.1} s ({} lines read)",
+        subjects[0],
+        r.len(),
+        scan.as_secs_f64(),
+        stats.lines_read
+    );
 }

@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""The load-test harness behind loadtest/run.sh (issue 7). Run through run.sh, which installs
+nginx and wrk and builds wardgate first; this file only measures.
+
+1. Synthetic data: starts `wardgate demo` briefly, asks its datastore (the upstream its config
+   names) for pages of 10, 100 and 1,000 electors in the caller's scope, saves them as files.
+2. Starts, on loopback only: nginx serving those files as the upstream (`/electors?per_page=N`
+   answers with the N-record page), nginx `proxy_pass` in front of it (upstream keepalive), and
+   `wardgate serve` in front of it with the demo's config (token, Cedar, filtering, audit with
+   `durability = "fsync"`, then `"page-cache"`).
+3. Per page size and target: wrk saturation run (after a warm-up) for requests/s and latency,
+   CPU time per request of the server under test from /proc/PID/stat; then a fixed-rate run at
+   half of nginx proxy_pass's saturation rate (fixedrate.py) for latency.
+4. Prints the table and writes JSON.
+
+Core pinning: the server under test on core 1 (the upstream nginx itself when it is the target),
+everything else (upstream nginx, wrk, the fixed-rate generator) on core 0.
+Every process started here is stopped here (by its pid), also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HOME_WARD = "E05011391"  # the councillor persona's ward (src/demo/personas.rs)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = ["direct", "nginx_proxy", "wardgate_fsync", "wardgate_page_cache"]
+LABELS = {
+    "direct": "upstream direct (nginx static)",
+    "nginx_proxy": "nginx proxy_pass",
+    "wardgate_fsync": "wardgate, fsync audit",
+    "wardgate_page_cache": "wardgate, page-cache audit",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[loadtest {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Every child process this run started, stopped by pid at the end."""
+
+    def __init__(self, pidfile: Path) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pidfile = pidfile
+
+    def start(self, name: str, argv: list[str], core: int | None, logfile: Path, env=None) -> subprocess.Popen:
+        if core is not None:
+            argv = ["taskset", "-c", str(core)] + argv
+        out = open(logfile, "ab")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out.close()
+        self.procs[name] = p
+        self._write_pids()
+        return p
+
+    def _write_pids(self) -> None:
+        # Only live children: run.sh's exit trap kills what is listed here, and nothing else.
+        self.pidfile.write_text("".join(f"{p.pid}\n" for p in self.procs.values()))
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is not None:
+            self._write_pids()
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{name} (pid {p.pid}) did not stop in {timeout:.0f}s; killing it")
+            p.kill()
+            p.wait(timeout=10)
+        self._write_pids()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None) -> None:
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                r.read()
+                return
+        except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+            last = e
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s: {last}")
+
+
+def fetch(url: str, headers: dict | None = None, timeout: float = 30.0) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process (all threads, live and exited), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # after the comm field: state is fields[0]; utime and stime are stat fields 14 and 15
+    return int(fields[11]) + int(fields[12])
+
+
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of all CPUs together since boot (everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def repin(pid: int, core: int) -> None:
+    # -a: every thread of the process, not only the main one.
+    subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def make_pages(args, procs: Procs, work: Path) -> tuple[dict, Path, dict]:
+    """Runs `wardgate demo` just long enough to take pages from its datastore and its files."""
+    demo_dir = work / "demo"
+    listen, admin = free_port(), free_port()
+    log(f"generating {args.electors} synthetic electors with `wardgate demo`")
+    procs.start(
+        "demo",
+        [args.bin, "demo", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+         "--data-dir", str(demo_dir), "--electors", str(args.electors)],
+        None,
+        work / "demo.log",
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    wait_http(f"http://127.0.0.1:{admin}/healthz", timeout=120)
+    cfg_text = (demo_dir / "wardgate.toml").read_text()
+    upstream = re.search(r'^upstream = "http://([^"]+)"', cfg_text, re.M)
+    if not upstream:
+        raise RuntimeError("demo config names no upstream")
+    upstream = upstream.group(1)
+    www = work / "www"
+    www.mkdir()
+    pages = {}
+    for n in args.sizes:
+        query = f"per_page={n}&page=1"
+        if args.persona == "councillor":
+            query += f"&ward={HOME_WARD}"
+        status, headers, body = fetch(f"http://{upstream}/electors?{query}")
+        doc = json.loads(body)
+        got = len(doc["records"])
+        if status != 200 or got != n:
+            raise RuntimeError(f"demo datastore gave {got} records (status {status}) for {query}; "
+                               f"raise --electors")
+        (www / f"electors-{n}.json").write_bytes(body)
+        pages[n] = {"records": n, "bytes": len(body)}
+        log(f"page of {n} records: {len(body)} bytes")
+    tokens = json.loads((demo_dir / "tokens.json").read_text())
+    procs.stop("demo")
+    return pages, www, tokens
+
+
+def nginx_conf(prefix: Path, body: str) -> Path:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""# written by loadtest/harness.py
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+{body}
+}}
+""")
+    return conf
+
+
+def start_upstream(procs: Procs, work: Path, www: Path, port: int, sizes: list[int]) -> subprocess.Popen:
+    mapping = "\n".join(f"        {n} /electors-{n}.json;" for n in sizes)
+    conf = nginx_conf(work / "nginx-upstream", f"""
+    # `/electors?per_page=N&...` answers with the N-record page; other parameters are ignored.
+    map $arg_per_page $page_file {{
+        default /electors-100.json;
+{mapping}
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location = /electors {{
+            types {{ }}
+            default_type application/json;
+            try_files $page_file =404;
+        }}
+        location / {{ return 404; }}
+    }}""")
+    p = procs.start("upstream", ["nginx", "-c", str(conf), "-p", str(work / "nginx-upstream")], 0,
+                    work / "nginx-upstream.log")
+    wait_http(f"http://127.0.0.1:{port}/electors?per_page={sizes[0]}", timeout=20)
+    return p
+
+
+def start_nginx_proxy(procs: Procs, work: Path, port: int, upstream_port: int) -> subprocess.Popen:
+    conf = nginx_conf(work / "nginx-proxy", f"""
+    upstream store {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://store;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # Enough memory buffers to hold a 1,000-record page: no temp files on disk.
+            proxy_buffer_size 16k;
+            proxy_buffers 128 16k;
+            proxy_busy_buffers_size 256k;
+            proxy_max_temp_file_size 0;
+        }}
+    }}""")
+    p = procs.start("nginx_proxy", ["nginx", "-c", str(conf), "-p", str(work / "nginx-proxy")], 1,
+                    work / "nginx-proxy.log")
+    return p
+
+
+def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream_port: int, tag: str) -> Path:
+    demo_dir = work / "demo"
+    text = (demo_dir / "wardgate.toml").read_text()
+    text = re.sub(r'^listen = ".*"$', f'listen = "127.0.0.1:{port}"', text, flags=re.M)
+    text = re.sub(r'^admin_listen = ".*"$', f'admin_listen = "127.0.0.1:{admin}"', text, flags=re.M)
+    text = re.sub(r'^upstream = ".*"$', f'upstream = "http://127.0.0.1:{upstream_port}"', text, flags=re.M)
+    text, n = re.subn(r'^dir = "audit"$', f'dir = "audit-{tag}"', text, flags=re.M)
+    if n != 1:
+        raise RuntimeError("demo config: cannot find the audit dir line")
+    text, n = re.subn(r'^durability = ".*"$', f'durability = "{durability}"', text, flags=re.M)
+    if n != 1:
+        raise RuntimeError("demo config: cannot find the durability line")
+    # One token at thousands of requests per second is far over any role's record quota (the
+    # councillor's is 5,000 records an hour): raise the limits so the load is answered, not
+    # refused with 429. The quota check itself still runs on every request.
+    text = re.sub(r"^per_(hour|day) = \d+$", r"per_\1 = 1000000000000", text, flags=re.M)
+    path = demo_dir / f"wardgate-{tag}.toml"
+    path.write_text(text)
+    return path
+
+
+def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    port, admin = free_port(), free_port()
+    cfg = wardgate_config(work, durability, port, admin, upstream_port, name)
+    p = procs.start(name, [args.bin, "serve", "--config", str(cfg)], 1, work / f"{name}.log",
+                    env={**os.environ, "RUST_LOG": "warn"})
+    wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60)
+    return p, port
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def preflight(url: str, headers: dict, expect_records: int | None) -> dict:
+    status, h, body = fetch(url, headers)
+    ctype = h.get("content-type", "")
+    if status != 200 or not ctype.startswith("application/json"):
+        raise RuntimeError(f"{url}: status {status}, content-type {ctype!r}: {body[:300]!r}")
+    doc = json.loads(body)
+    kept = len(doc["records"])
+    if expect_records is not None and kept != expect_records:
+        raise RuntimeError(f"{url}: {kept} records, expected {expect_records}")
+    return {"response_bytes": len(body), "records_out": kept}
+
+
+def run_wrk(args, work: Path, url: str, env: dict, seconds: float, out: Path) -> dict:
+    argv = ["taskset", "-c", "0", "wrk", "-t", str(args.wrk_threads), "-c", str(args.connections),
+            "-d", f"{seconds:g}s", "--timeout", "10s", "--latency", "-s", str(HERE / "wrk_report.lua"), url]
+    e = {**os.environ, **env, "WRK_OUT": str(out)}
+    r = subprocess.run(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=seconds + 60)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout.decode(errors='replace')}")
+    return json.loads(out.read_text())
+
+
+def saturation(args, work: Path, target: str, n: int, url: str, env: dict, server: subprocess.Popen,
+               upstream: subprocess.Popen) -> dict:
+    log(f"{target:<20} {n:>5} records: warm-up {args.warmup:g}s, measure {args.duration:g}s")
+    run_wrk(args, work, url, env, args.warmup, work / f"wrk-warm-{target}-{n}.json")
+    up_same = upstream.pid == server.pid
+    m0 = machine_busy_ticks()
+    c0, u0, ch0, t0 = cpu_ticks(server.pid), cpu_ticks(upstream.pid), children_cpu(), time.monotonic()
+    w = run_wrk(args, work, url, env, args.duration, work / f"wrk-{target}-{n}.json")
+    c1, u1, ch1, t1 = cpu_ticks(server.pid), cpu_ticks(upstream.pid), children_cpu(), time.monotonic()
+    m1 = machine_busy_ticks()
+    wall = t1 - t0
+    ours = (c1 - c0) / CLK_TCK + (0 if up_same else (u1 - u0) / CLK_TCK) + (ch1 - ch0)
+    # Whatever else kept the two cores busy meanwhile (other builds; also loopback softirq time
+    # the kernel charges to no process, so a few percent is normal).
+    other = max(0.0, (m1 - m0) / CLK_TCK - ours) / wall
+    reqs = max(1, w["requests"])
+    cpu = (c1 - c0) / CLK_TCK
+    secs = w["duration_us"] / 1e6
+    errors = sum(w["errors"].values())
+    if errors:
+        log(f"  !! {errors} errors: {w['errors']}")
+    res = {
+        "requests": w["requests"],
+        "rps": w["requests"] / secs,
+        "latency_us": w["latency_us"],
+        "errors": w["errors"],
+        "proxy_cpu_s": cpu,
+        "cpu_us_per_req": cpu / reqs * 1e6,
+        "proxy_core_util": cpu / wall,
+        "upstream_cpu_us_per_req": None if up_same else (u1 - u0) / CLK_TCK / reqs * 1e6,
+        "wrk_cpu_s": ch1 - ch0,
+        "load_core_util": ((0 if up_same else (u1 - u0) / CLK_TCK) + (ch1 - ch0)) / wall,
+        "mb_per_s_out": w["bytes"] / secs / 1e6,
+        "other_load_cores": other,
+    }
+    if other > args.max_other_load:
+        log(f"  !! other processes kept {other:.2f} cores busy during this run: figures are disturbed")
+    log(f"  {res['rps']:9.0f} req/s  p50 {res['latency_us']['p50'] / 1000:7.2f} ms  "
+        f"p99 {res['latency_us']['p99'] / 1000:7.2f} ms  {res['cpu_us_per_req']:7.1f} us CPU/req  "
+        f"core1 {res['proxy_core_util']:.0%} core0 {res['load_core_util']:.0%} other {other:.2f}")
+    return res
+
+
+def fixed_rate(args, work: Path, target: str, n: int, url: str, headers: dict, rate: float,
+               server: subprocess.Popen) -> dict:
+    log(f"{target:<20} {n:>5} records: fixed rate {rate:.0f}/s for {args.fixed_duration:g}s")
+    argv = ["taskset", "-c", "0", sys.executable, str(HERE / "fixedrate.py"), "--url", url,
+            "--rate", f"{rate:.3f}", "--duration", f"{args.fixed_duration:g}", "--warmup", "2",
+            "--connections", str(args.fixed_connections)]
+    for k, v in headers.items():
+        argv += ["--header", f"{k}: {v}"]
+    c0, g0, t0 = cpu_ticks(server.pid), children_cpu(), time.monotonic()
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=args.fixed_duration + 60)
+    c1, g1, t1 = cpu_ticks(server.pid), children_cpu(), time.monotonic()
+    if r.returncode != 0:
+        raise RuntimeError(f"fixedrate.py failed: {r.stderr.decode(errors='replace')}")
+    res = json.loads(r.stdout)
+    res["proxy_core_util"] = (c1 - c0) / CLK_TCK / (t1 - t0)
+    # The generator's own CPU per request it completed: its limit on core 0.
+    res["generator_cpu_us_per_req"] = (g1 - g0) / max(1, res["completed"]) * 1e6
+    lat = res["latency_us"]
+    log(f"  achieved {res['achieved_rate']:.0f}/s  p50 {lat.get('p50', 0) / 1000:.2f} ms  "
+        f"p99 {lat.get('p99', 0) / 1000:.2f} ms  p99.9 {lat.get('p999', 0) / 1000:.2f} ms  "
+        f"send lag p99 {res['send_lag_us'].get('p99', 0) / 1000:.2f} ms  non2xx {res['non2xx']}  "
+        f"unfinished {res['unfinished']}")
+    return res
+
+
+def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: int) -> str | None:
+    """`perf record` (DWARF call graphs) of the server under wrk load; writes a short summary:
+    time per thread, the hottest functions by self time, and wardgate's own functions by
+    inclusive time. Returns the summary's path, or None if perf is missing or not permitted."""
+    if not shutil.which("perf"):
+        log("perf not installed; no profile")
+        return None
+    data = work / "perf.data"
+    secs = 5
+    log(f"profiling pid {pid} with perf for {secs}s under wrk load ({n} records)")
+    rec = subprocess.Popen(["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(pid),
+                            "-o", str(data), "--", "sleep", str(secs)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        run_wrk(args, work, url, env, secs + 2, work / "wrk-profile.json")
+    finally:
+        _, err = rec.communicate(timeout=60)
+    if rec.returncode != 0 or not data.exists():
+        log(f"perf record failed: {err.decode(errors='replace')[-500:]}")
+        return None
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, errors="replace", timeout=600).stdout
+    samples: list[list[str]] = []
+    cur: list[str] = []
+    for line in script.splitlines():
+        if not line.strip():
+            if cur:
+                samples.append(cur)
+            cur = []
+        elif line[0] in " \t":
+            parts = line.strip().split(None, 1)
+            cur.append(re.sub(r"\+0x[0-9a-f]+$", "", parts[1] if len(parts) > 1 else "?"))
+        else:
+            cur = [line.split()[0]]
+    if cur:
+        samples.append(cur)
+    total = max(1, len(samples))
+    threads, leaf, incl = {}, {}, {}
+    for smp in samples:
+        threads[smp[0]] = threads.get(smp[0], 0) + 1
+        frames = smp[1:]
+        if frames:
+            leaf[frames[0]] = leaf.get(frames[0], 0) + 1
+        for name in {f for f in frames if f.startswith("wardgate::") or f.startswith("<wardgate::")}:
+            incl[name] = incl.get(name, 0) + 1
+
+    def top(d: dict, k: int) -> str:
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        return "\n".join(f"  {100 * v / total:5.1f}%  {name[:140]}" for name, v in rows)
+
+    out = results / f"profile-wardgate-{n}.txt"
+    out.write_text(
+        f"# perf record -F 499 --call-graph dwarf on `wardgate serve` (fsync audit), {n}-record pages,\n"
+        f"# wrk -c {args.connections}, {len(samples)} samples over {secs}s. Percent of all samples.\n\n"
+        f"threads:\n{top(threads, 10)}\n\n"
+        f"self time (leaf function):\n{top(leaf, 30)}\n\n"
+        f"wardgate functions, inclusive time (callees included):\n{top(incl, 30)}\n")
+    log(f"profile written to {out}")
+    return str(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def table(result: dict) -> str:
+    lines = []
+    sat = result["saturation"]
+    fixed = result.get("fixed_rate", {})
+    hdr = (f"{'records':>7}  {'target':<28} {'req/s':>9} {'x ngx':>6} {'p50 ms':>8} {'x ngx':>6} "
+           f"{'p99 ms':>8} {'x ngx':>6} {'p99.9 ms':>9} {'x ngx':>6} {'CPU us/req':>10} {'x ngx':>6} {'core1':>6} {'core0':>6} {'other':>6} {'errors':>7}")
+    lines.append(f"Saturation (wrk -t{result['config']['wrk_threads']} -c{result['config']['connections']}, "
+                 f"{result['config']['duration_s']:g}s after {result['config']['warmup_s']:g}s warm-up; "
+                 f"'x ngx' = ratio to nginx proxy_pass; core1 = server under test busy, core0 = load side busy, "
+                 f"other = cores kept busy by other processes; errors = non-2xx and socket errors, which must be 0)")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for n in result["config"]["sizes"]:
+        base = sat.get(str(n), {}).get("nginx_proxy")
+        for t in TARGETS:
+            r = sat.get(str(n), {}).get(t)
+            if not r:
+                continue
+            L, B = r["latency_us"], (base or {}).get("latency_us", {})
+
+            def f(x, fmt):
+                return "-" if x is None else format(x, fmt)
+
+            lines.append(
+                f"{n:>7}  {LABELS[t]:<28} {r['rps']:>9.0f} {f(ratio(r['rps'], base and base['rps']), '6.2f')} "
+                f"{L['p50'] / 1e3:>8.2f} {f(ratio(L['p50'], B.get('p50')), '6.2f')} "
+                f"{L['p99'] / 1e3:>8.2f} {f(ratio(L['p99'], B.get('p99')), '6.2f')} "
+                f"{L['p999'] / 1e3:>9.2f} {f(ratio(L['p999'], B.get('p999')), '6.2f')} "
+                f"{r['cpu_us_per_req']:>10.1f} {f(ratio(r['cpu_us_per_req'], base and base['cpu_us_per_req']), '6.2f')} "
+                f"{r['proxy_core_util']:>6.0%} {r['load_core_util']:>6.0%} {r.get('other_load_cores', 0):>6.2f} "
+                f"{sum(r['errors'].values()):>7}")
+        lines.append("")
+    if fixed:
+        lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.py, "
+                     f"{result['config']['fixed_duration_s']:g}s after 2s warm-up; latency from each "
+                     f"request's scheduled instant; 'added' = minus the direct upstream's)")
+        hdr2 = (f"{'records':>7}  {'target':<28} {'rate/s':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} "
+                f"{'p99.9 ms':>9} {'added p50':>10} {'added p99':>10} {'svc p99':>8} {'lag p99':>8} {'non2xx':>7}")
+        lines.append(hdr2)
+        lines.append("-" * len(hdr2))
+        for n in result["config"]["sizes"]:
+            direct = fixed.get(str(n), {}).get("direct")
+            for t in TARGETS:
+                r = fixed.get(str(n), {}).get(t)
+                if not r:
+                    continue
+                L = r["latency_us"]
+                if not L:
+                    lines.append(f"{n:>7}  {LABELS[t]:<28} {r['target_rate']:>8.0f} no answers in the measured window")
+                    continue
+                ref = fixed.get(str(n), {}).get(f"direct_at_{t}") or direct
+                D = (ref or {}).get("latency_us", {})
+                same_rate = ref and abs(ref["target_rate"] - r["target_rate"]) < 1
+                add50 = L["p50"] - D["p50"] if D and same_rate else None
+                add99 = L["p99"] - D["p99"] if D and same_rate else None
+                mark = "*" if r.get("half_nginx_rate_overloads") else " "
+                lag_mark = "!" if r["send_lag_us"].get("p99", 0) > 2000 else " "
+                lines.append(
+                    f"{n:>7}  {LABELS[t]:<28} {r['target_rate']:>7.0f}{mark} {r['achieved_rate']:>9.0f} "
+                    f"{L['p50'] / 1e3:>8.2f} {L['p99'] / 1e3:>8.2f} {L['p999'] / 1e3:>9.2f} "
+                    f"{'-' if add50 is None else format(add50 / 1e3, '10.2f'):>10} "
+                    f"{'-' if add99 is None else format(add99 / 1e3, '10.2f'):>10} "
+                    f"{r['service_latency_us']['p99'] / 1e3:>8.2f} {r['send_lag_us']['p99'] / 1e3:>7.2f}{lag_mark} "
+                    f"{r['non2xx'] + r['errors'] + r['unfinished']:>7}")
+            lines.append("")
+        lines.append("* half of nginx's rate is above this target's saturation rate, so it ran at half its "
+                     "own saturation rate, and 'added' is against the direct upstream at that same rate. svc = latency from the "
+                     "actual send; lag = how late the generator sent (its own limit). ! = the generator fell over 2 ms "
+                     "behind (core 0 saturated by it and the upstream): that row's latency is overstated.")
+    return "\n".join(lines)
+
+
+def machine_info(args) -> dict:
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+
+    cpu = None
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:  # noqa: BLE001
+        pass
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "nginx": out(["nginx", "-v"]),
+        "wrk": (out(["wrk", "-v"]) or "").splitlines()[0] if out(["wrk", "-v"]) else None,
+        "python": platform.python_version(),
+        "wardgate_commit": out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "wardgate_tree_dirty": bool(out(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])),
+        "wardgate_bin": args.bin,
+        "audit_fs": out(["df", "-T", "--output=fstype,source", str(args.work)]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="wardgate load test (see loadtest/README.md)")
+    ap.add_argument("--bin", required=True, help="the release wardgate binary")
+    ap.add_argument("--work", required=True, help="scratch directory (config, pages, audit logs)")
+    ap.add_argument("--results", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument("--sizes", default="10,100,1000")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--persona", default="analyst", choices=["analyst", "councillor"])
+    ap.add_argument("--electors", type=int, default=8000,
+                    help="demo electors (the councillor's ward holds 5 of 36 districts: 8000 give "
+                         "a full 1,000-record ward page)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of wrk warm-up before each")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections")
+    ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--fixed-duration", type=float, default=10.0, help="0 skips the fixed-rate runs")
+    ap.add_argument("--fixed-connections", type=int, default=64)
+    ap.add_argument("--max-other-load", type=float, default=0.15,
+                    help="warn when other processes use more than this many cores during a run")
+    ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
+    args = ap.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    targets = [t for t in args.targets.split(",") if t]
+    for t in targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t}")
+    if "nginx_proxy" not in targets:
+        ap.error("nginx_proxy is the reference; keep it in --targets")
+    if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 60 or not 0 <= args.fixed_duration <= 120:
+        ap.error("durations out of bounds (each run at most 120 s)")
+    if (os.cpu_count() or 1) < 2:
+        ap.error("needs two cores: the server under test on core 1, the load on core 0")
+    purpose = {"analyst": "profiling", "councillor": "canvassing"}[args.persona]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    procs = Procs(work / "pids")
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    result = {
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(args),
+        "config": {
+            "sizes": args.sizes, "persona": args.persona, "purpose": purpose, "duration_s": args.duration,
+            "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": args.wrk_threads,
+            "fixed_duration_s": args.fixed_duration, "fixed_connections": args.fixed_connections,
+            "electors": args.electors,
+            "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate.py on core 0 "
+                       "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
+        },
+        "pages": {}, "saturation": {}, "fixed_rate": {}, "profile": None,
+    }
+    try:
+        pages, www, tokens = make_pages(args, procs, work)
+        result["pages"] = {str(k): v for k, v in pages.items()}
+        token = tokens[args.persona]
+        wg_headers = {"Authorization": f"Bearer {token}", "X-Purpose": purpose}
+        env = {"WG_TOKEN": token, "WG_PURPOSE": purpose}
+        up_port, px_port = free_port(), free_port()
+        upstream = start_upstream(procs, work, www, up_port, args.sizes)
+        sat, fixed = result["saturation"], result["fixed_rate"]
+        for n in args.sizes:
+            sat[str(n)] = {}
+            fixed[str(n)] = {}
+
+        def measure(target: str, server: subprocess.Popen, base_url: str, path_of, expect_all: bool):
+            for n in args.sizes:
+                url = base_url + path_of(n)
+                pre = preflight(url, wg_headers, n if expect_all else None)
+                pre["response_bytes_in"] = pages[n]["bytes"]
+                r = saturation(args, work, target, n, url, env, server, upstream)
+                r.update(pre)
+                sat[str(n)][target] = r
+            if args.fixed_duration > 0:
+                for n in args.sizes:
+                    ref = sat[str(n)].get("nginx_proxy")
+                    if not ref:
+                        continue
+                    rate, own = ref["rps"] / 2, sat[str(n)][target]["rps"]
+                    if rate <= 0.9 * own:
+                        r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, rate, server)
+                        r["rate_basis"] = "half nginx proxy_pass saturation"
+                    else:
+                        # Past this target's capacity the queue only grows: no latency to measure.
+                        # Measure at half its own saturation rate instead, and say so.
+                        log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over this "
+                            f"target's saturation ({own:.0f}/s); fixed rate at {own / 2:.0f}/s instead")
+                        r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, own / 2, server)
+                        r["rate_basis"] = "half own saturation (half nginx's rate is above it)"
+                        r["half_nginx_rate_overloads"] = True
+                    fixed[str(n)][target] = r
+
+        store_path = lambda n: f"/electors?per_page={n}"  # noqa: E731
+        gw_path = (lambda n: f"/voter/electors?per_page={n}") if args.persona == "analyst" else \
+            (lambda n: f"/voter/electors?per_page={n}&ward={HOME_WARD}")
+
+        # nginx proxy_pass first: its saturation rate sets everyone's fixed rate.
+        nginx_px = start_nginx_proxy(procs, work, px_port, up_port)
+        wait_http(f"http://127.0.0.1:{px_port}{store_path(args.sizes[0])}", timeout=20)
+        measure("nginx_proxy", nginx_px, f"http://127.0.0.1:{px_port}", store_path, True)
+        procs.stop("nginx_proxy")
+
+        if "direct" in targets:
+            repin(upstream.pid, 1)
+            try:
+                measure("direct", upstream, f"http://127.0.0.1:{up_port}", store_path, True)
+            finally:
+                repin(upstream.pid, 0)
+
+        for target, durability in [("wardgate_fsync", "fsync"), ("wardgate_page_cache", "page-cache")]:
+            if target not in targets:
+                continue
+            gw, port = start_wardgate(args, procs, work, target, durability, up_port)
+            measure(target, gw, f"http://127.0.0.1:{port}", gw_path, False)
+            if args.profile and target == "wardgate_fsync":
+                n = 100 if 100 in args.sizes else args.sizes[0]
+                result["profile"] = profile(args, work, gw.pid, f"http://127.0.0.1:{port}{gw_path(n)}",
+                                            env, results_path.parent, n)
+            procs.stop(target)
+
+        # Where a target ran at its own (lower) rate, the direct upstream at that same rate, so
+        # that the added latency compares like with like.
+        if "direct" in targets and args.fixed_duration > 0:
+            repin(upstream.pid, 1)
+            try:
+                for n in args.sizes:
+                    for t in TARGETS:
+                        r = fixed[str(n)].get(t)
+                        if r and r.get("half_nginx_rate_overloads"):
+                            d = fixed_rate(args, work, "direct", n, f"http://127.0.0.1:{up_port}{store_path(n)}",
+                                           wg_headers, r["target_rate"], upstream)
+                            d["rate_basis"] = f"same rate as {t}"
+                            fixed[str(n)][f"direct_at_{t}"] = d
+            finally:
+                repin(upstream.pid, 0)
+        procs.stop("upstream")
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything this run started")
+        procs.stop_all()
+        return 130
+    finally:
+        procs.stop_all()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    text = table(result)
+    result["table"] = text.splitlines()
+    results_path.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(f"wardgate load test: persona {args.persona}, purpose {purpose}; pages "
+          + ", ".join(f"{n} records = {pages[n]['bytes']} B" for n in args.sizes))
+    print(text)
+    print(f"results: {results_path}  (took {result['elapsed_s']:.0f}s)")
+    bad = [f"{n}/{t}" for n, by in result["saturation"].items() for t, r in by.items() if sum(r["errors"].values())]
+    bad += [f"{n}/{t} (fixed rate)" for n, by in result["fixed_rate"].items() for t, r in by.items()
+            if r["non2xx"] or r["errors"] or r["unfinished"]]
+    if bad:
+        print(f"INVALID: these runs had errors or non-2xx answers, so their figures mean nothing: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
