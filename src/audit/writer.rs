@@ -176,7 +176,14 @@ impl Writer {
             .write(true)
             .open(dir.join("LOCK"))
             .with_context(|| format!("cannot open the lock file in `{}`", dir.display()))?;
-        if lock.try_lock().is_err() {
+        // A writer of this process that is shutting down releases the lock when its thread ends;
+        // wait a moment for that, but not for another process that holds it.
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while lock.try_lock().is_err() {
+            if Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
             anyhow::bail!(
                 "the audit log `{}` is in use by another wardgate process (one writer per log)",
                 dir.display()
@@ -411,6 +418,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_second_writer_on_the_same_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        let second = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20));
+        assert!(second.unwrap_err().to_string().contains("in use"));
+        first.shutdown().await;
+        assert!(AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).is_ok());
+    }
+
+    #[tokio::test]
     async fn reopen_continues_the_chain_and_repairs_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
@@ -418,6 +435,7 @@ mod tests {
             assert_eq!(log.append(sample(i)).await.unwrap(), i);
         }
         let before = verify_dir(dir.path()).unwrap();
+        log.shutdown().await;
         drop(log);
         let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
         assert_eq!(log.append(sample(4)).await.unwrap(), 4);
