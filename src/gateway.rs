@@ -140,24 +140,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // 1. Who is asking.
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let principal = gw
-        .verifier
-        .verify_header(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-            now,
-        )
-        .map_err(GatewayError::Unauthenticated)?;
-    trail.caller = Some(principal.clone());
-    // Rights requests and revocations must be current before anything is decided.
-    gw.controls.check_fresh()?;
-    if gw.controls.is_revoked(&principal) {
-        return Err(GatewayError::Unauthenticated(
-            crate::error::AuthFailure::Revoked,
-        ));
-    }
+    let principal = authenticate(gw, req.headers(), trail)?;
 
     // 2. What they ask for: only routes the register declares.
     let route = routes::resolve(
@@ -269,6 +252,11 @@ where
 }
 
 impl Trail {
+    /// The authenticated caller, once known.
+    pub fn caller(&self) -> Option<&Principal> {
+        self.caller.as_ref()
+    }
+
     fn absorb(&mut self, d: filter::Disclosure, decider: &Decider) {
         self.subjects = d.subjects;
         self.fields = d.fields;
@@ -282,6 +270,31 @@ impl Trail {
             metrics::counter!("wardgate_malformed_records_total").increment(d.malformed_rows);
         }
     }
+}
+
+/// A verified, unrevoked caller, for the data and the admin plane alike. Revocations are only
+/// as good as the mirror holding them, so a stale mirror answers 503 before anything else.
+pub fn authenticate(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    trail: &mut Trail,
+) -> Result<Principal, GatewayError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let principal = gw
+        .verifier
+        .verify_header(
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            now,
+        )
+        .map_err(GatewayError::Unauthenticated)?;
+    trail.caller = Some(principal.clone());
+    gw.controls.check_fresh()?;
+    if gw.controls.is_revoked(&principal) {
+        return Err(GatewayError::Unauthenticated(
+            crate::error::AuthFailure::Revoked,
+        ));
+    }
+    Ok(principal)
 }
 
 /// The areas to narrow a listing to: the caller's scope, unless it is too wide to be worth

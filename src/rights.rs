@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::audit::{AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::Principal;
 use crate::controls::{Change, Event, KINDS, stamp};
-use crate::error::{AuthFailure, GatewayError};
+use crate::error::GatewayError;
 use crate::gateway::{Gateway, problem_response};
 use crate::routes::valid_id;
 
@@ -51,35 +51,10 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let caller = gw
-        .verifier
-        .verify_header(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-            now,
-        )
-        .and_then(|p| {
-            if gw.controls.is_revoked(&p) {
-                Err(AuthFailure::Revoked)
-            } else {
-                Ok(p)
-            }
-        });
-    let principal = match caller {
+    let mut trail = crate::gateway::Trail::default();
+    let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
         Ok(p) => p,
-        Err(f) => {
-            return refuse(
-                gw,
-                None,
-                &method,
-                &path,
-                GatewayError::Unauthenticated(f),
-                request_id,
-            )
-            .await;
-        }
+        Err(e) => return refuse(gw, trail.caller(), &method, &path, e, request_id).await,
     };
     let outcome = route(&principal, req, &method, &path).await;
     match outcome {
