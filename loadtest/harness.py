@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -331,8 +330,26 @@ def run_wrk(args, work: Path, url: str, env: dict, seconds: float, out: Path) ->
     return json.loads(out.read_text())
 
 
+def wait_quiet(args) -> None:
+    """On a shared machine: wait (at most --wait-quiet seconds) until other processes leave the
+    cores alone, judged over one-second windows while nothing of ours is under load."""
+    if args.wait_quiet <= 0:
+        return
+    end = time.monotonic() + args.wait_quiet
+    while True:
+        m0 = machine_busy_ticks()
+        time.sleep(1.0)
+        busy = (machine_busy_ticks() - m0) / CLK_TCK
+        if busy <= args.max_other_load or time.monotonic() >= end:
+            if busy > args.max_other_load:
+                log(f"  machine still busy ({busy:.2f} cores) after {args.wait_quiet:g}s; measuring anyway")
+            return
+        log(f"  machine busy ({busy:.2f} cores used by others); waiting")
+
+
 def saturation(args, work: Path, target: str, n: int, url: str, env: dict, server: subprocess.Popen,
                upstream: subprocess.Popen) -> dict:
+    wait_quiet(args)
     log(f"{target:<20} {n:>5} records: warm-up {args.warmup:g}s, measure {args.duration:g}s")
     run_wrk(args, work, url, env, args.warmup, work / f"wrk-warm-{target}-{n}.json")
     up_same = upstream.pid == server.pid
@@ -376,6 +393,7 @@ def saturation(args, work: Path, target: str, n: int, url: str, env: dict, serve
 
 def fixed_rate(args, work: Path, target: str, n: int, url: str, headers: dict, rate: float,
                server: subprocess.Popen) -> dict:
+    wait_quiet(args)
     log(f"{target:<20} {n:>5} records: fixed rate {rate:.0f}/s for {args.fixed_duration:g}s")
     argv = ["taskset", "-c", "0", sys.executable, str(HERE / "fixedrate.py"), "--url", url,
             "--rate", f"{rate:.3f}", "--duration", f"{args.fixed_duration:g}", "--warmup", "2",
@@ -564,7 +582,7 @@ def machine_info(args) -> dict:
         "wardgate_commit": out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "wardgate_tree_dirty": bool(out(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])),
         "wardgate_bin": args.bin,
-        "audit_fs": out(["df", "-T", "--output=fstype,source", str(args.work)]),
+        "audit_fs": " ".join((out(["df", "--output=fstype,source", str(args.work)]) or "").split()[2:]),
     }
 
 
@@ -587,6 +605,8 @@ def main() -> int:
     ap.add_argument("--fixed-connections", type=int, default=64)
     ap.add_argument("--max-other-load", type=float, default=0.15,
                     help="warn when other processes use more than this many cores during a run")
+    ap.add_argument("--wait-quiet", type=float, default=0.0,
+                    help="before each run, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]

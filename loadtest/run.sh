@@ -36,9 +36,10 @@ if [ ${#need[@]} -gt 0 ]; then
     chmod +x /usr/sbin/policy-rc.d
     made_policy=1
   fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+  rc=0
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || rc=$?
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  [ "$rc" = 0 ] || { echo "apt-get failed ($rc)" >&2; exit "$rc"; }
 fi
 export PATH="$PATH:/usr/sbin"
 # The fixed-rate generator is plain Python; uvloop (PyPI) makes it cheaper per request. Optional.
