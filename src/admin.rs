@@ -4,7 +4,8 @@
 //! never share a port, a TLS setup or a failure mode with callers' data. `/readyz` is ready only
 //! when the policies and keys are loaded (they are, or the gateway would not have started) and
 //! the audit log's last write succeeded: a gateway that cannot audit is not ready for traffic.
-//! Later capabilities (rights requests, revocation, the security console) mount here too.
+//! Rights requests and revocation (`rights.rs`) and the security console (`watch/console.rs`)
+//! mount here too.
 
 use std::sync::{Arc, OnceLock};
 
@@ -15,6 +16,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, problem_response};
+use crate::watch::console::boxed;
+use crate::watch::feed::FeedBody;
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -40,12 +43,24 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
 }
 
 /// Answers one admin-plane request.
-pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes>>
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<FeedBody>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let rid = format!("{:032x}", rand::random::<u128>());
+    if crate::watch::console::owns(req.uri().path()) {
+        return crate::watch::console::handle(&gw, req, &rid).await;
+    }
+    boxed(plain(gw, req, rid).await)
+}
+
+/// Everything but the console, whose live feed is the one streamed body.
+async fn plain<B>(gw: Arc<Gateway>, req: Request<B>, rid: String) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if crate::rights::owns(req.uri().path()) {
         return crate::rights::handle(&gw, req, &rid).await;
     }

@@ -32,6 +32,8 @@ pub struct Config {
     /// Records per principal per hour and per day, by role; roles not listed are unlimited.
     pub quotas: std::collections::HashMap<String, crate::controls::Limits>,
     pub datasets: BTreeMap<String, UpstreamConfig>,
+    /// Breach detection rules and the breach log.
+    pub watch: crate::watch::settings::WatchSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +155,8 @@ struct RawConfig {
     #[serde(default)]
     quotas: std::collections::HashMap<String, crate::controls::Limits>,
     datasets: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    watch: crate::watch::settings::RawWatch,
 }
 
 #[derive(Deserialize)]
@@ -298,7 +302,9 @@ impl RawConfig {
         if datasets.is_empty() {
             bail!("`datasets` names no upstream datastore");
         }
+        let watch = self.watch.resolve(&server.data_dir, &at)?;
         Ok(Config {
+            watch,
             server,
             auth,
             signing,

@@ -45,6 +45,8 @@ pub struct Gateway {
     /// (audit dir, retention, prune interval) when the log has a retention period.
     pub retention: Option<(std::path::PathBuf, std::time::Duration, std::time::Duration)>,
     pub controls: Controls,
+    /// Breach detection, the breach log and the live feed.
+    pub watch: crate::watch::Watch,
     pub decisions: DecisionCache,
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
@@ -63,6 +65,8 @@ pub struct Trail {
     subjects: Vec<String>,
     fields: BTreeSet<String>,
     rows_withheld: u64,
+    /// Why the one record asked for by id was withheld, for breach detection.
+    withheld_target: Option<&'static str>,
     written: Vec<String>,
 }
 
@@ -224,8 +228,21 @@ where
         }
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
-            let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
-                .map_err(malformed)?;
+            let mut refused = None;
+            let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| {
+                let verdict = decider.decide(a);
+                if !verdict.allowed {
+                    refused = Some(a.clone());
+                }
+                verdict
+            })
+            .map_err(malformed)?;
+            if out.is_none() && d.rows_withheld > 0 {
+                trail.withheld_target = Some(match &refused {
+                    Some(attrs) => withheld_why(gw, &principal, attrs),
+                    None => "malformed",
+                });
+            }
             trail.absorb(d, &decider);
             out.map(Bytes::from).ok_or(GatewayError::NotFound)
         }
@@ -295,6 +312,29 @@ pub fn authenticate(
         ));
     }
     Ok(principal)
+}
+
+/// Why policy withheld a record the caller named by id, most serious first. Only breach
+/// detection reads this; the policies alone decide what is withheld. The markers are the ones
+/// DOMAIN.md says are never disclosed (`N`, anonymous; `under_16`).
+fn withheld_why(
+    gw: &Gateway,
+    principal: &Principal,
+    attrs: &crate::policy::RecordAttrs,
+) -> &'static str {
+    if attrs.markers.contains("N") || attrs.flags.contains("under_16") {
+        "protected"
+    } else if !gw
+        .geography
+        .areas_under(&principal.areas)
+        .contains(&attrs.area)
+    {
+        "out_of_area"
+    } else if !attrs.flags.is_empty() {
+        "restricted"
+    } else {
+        "policy"
+    }
 }
 
 /// The areas to narrow a listing to: the caller's scope, unless it is too wide to be worth
@@ -436,6 +476,7 @@ fn audit_record(
             Vec::new()
         },
         rows_withheld: trail.rows_withheld,
+        withheld_target: trail.withheld_target.map(str::to_owned),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         detail: (!trail.written.is_empty())
             .then(|| serde_json::json!({ "written": trail.written })),

@@ -28,6 +28,8 @@
 //! - [`error`]: the request path's one error type and its mapping to problem+json.
 //! - [`admin`]: health, readiness, metrics; [`rights`]: the rights register and revocation endpoints.
 //! - [`sar`]: the subject access report, from the log's subject index.
+//! - [`watch`]: breach detection over the audit stream, the breach log, the live feed and the
+//!   security console.
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;
@@ -51,4 +53,5 @@ pub mod sar;
 pub mod server;
 pub mod startup;
 pub mod token;
+pub mod watch;
 pub mod writes;

@@ -176,7 +176,7 @@ where
             if p.role != "dpo" {
                 return Err(forbidden("admin.rights-dpo-only"));
             }
-            let b: Placement = body(req).await?;
+            let b: Placement = read_json(req).await?;
             if !KINDS.contains(&b.kind.as_str()) {
                 return Err(GatewayError::BadRequest(format!(
                     "`{}` is not a restriction kind; use one of {KINDS:?}",
@@ -205,7 +205,7 @@ where
             if p.role != "dpo" && p.role != "security" {
                 return Err(forbidden("admin.revocation-dpo-or-security"));
             }
-            let b: Revocation = body(req).await?;
+            let b: Revocation = read_json(req).await?;
             need_text("reason", &b.reason)?;
             let change = match (b.token_id, b.subject) {
                 (Some(t), None) if valid_id(&t) => Change::RevokeToken { token_id: t },
@@ -267,7 +267,7 @@ fn event(p: &Principal, reason: String, change: Change) -> Event {
     }
 }
 
-fn need_text(name: &str, v: &str) -> Result<(), GatewayError> {
+pub(crate) fn need_text(name: &str, v: &str) -> Result<(), GatewayError> {
     if v.trim().is_empty() || v.len() > 2000 {
         return Err(GatewayError::BadRequest(format!(
             "`{name}` is required (at most 2000 characters)"
@@ -276,7 +276,9 @@ fn need_text(name: &str, v: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
-async fn body<T: serde::de::DeserializeOwned, B>(req: Request<B>) -> Result<T, GatewayError>
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned, B>(
+    req: Request<B>,
+) -> Result<T, GatewayError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -290,7 +292,12 @@ where
         .map_err(|e| GatewayError::BadRequest(format!("the body is not the expected JSON: {e}")))
 }
 
-fn record(p: Option<&Principal>, method: &Method, path: &str, request_id: &str) -> AuditRecord {
+pub(crate) fn record(
+    p: Option<&Principal>,
+    method: &Method,
+    path: &str,
+    request_id: &str,
+) -> AuditRecord {
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
@@ -318,12 +325,13 @@ fn record(p: Option<&Principal>, method: &Method, path: &str, request_id: &str) 
         subjects: Vec::new(),
         fields: Vec::new(),
         rows_withheld: 0,
+        withheld_target: None,
         latency_us: 0,
         detail: None,
     }
 }
 
-async fn refuse(
+pub(crate) async fn refuse(
     gw: &Gateway,
     p: Option<&Principal>,
     method: &Method,

@@ -57,6 +57,13 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
             anyhow::bail!("`quotas.{role}` names a role the asset register does not define");
         }
     }
+    for (rule, role) in cfg.watch.roles() {
+        if !catalog.roles.contains_key(role) {
+            anyhow::bail!(
+                "`watch.rules.{rule}.limits.{role}` names a role the asset register does not define"
+            );
+        }
+    }
     let known = KnownNames {
         roles: catalog.roles.keys().cloned().collect(),
         areas: geography.areas().map(|a| a.id.clone()).collect(),
@@ -154,7 +161,10 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         cfg.quotas.clone(),
     )
     .context("cannot open the shared controls")?;
+    let watch = crate::watch::Watch::open(cfg.watch.clone(), &audit)
+        .context("cannot open breach detection")?;
     let gw = Gateway {
+        watch,
         audit_dir: cfg.audit.dir.clone(),
         retention: cfg
             .audit
@@ -221,10 +231,14 @@ pub async fn run(
             }
         })
     });
+    let detector = tokio::spawn(crate::watch::run(gw.clone()));
     shutdown.await;
     if let Some(p) = pruner {
         p.abort();
     }
+    // Live feeds end first, or they would hold the admin plane's drain open.
+    gw.watch.stop();
+    let _ = detector.await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
     let data_result = data_task.await.context("data plane task failed")?;

@@ -489,6 +489,7 @@ fn audit_record(subjects: usize) -> AuditRecord {
         subjects: (0..subjects).map(|i| format!("EL-{i:08}")).collect(),
         fields: vec!["elector_id".to_owned(), "support_score".to_owned()],
         rows_withheld: 3,
+        withheld_target: None,
         latency_us: 850,
         detail: None,
     }

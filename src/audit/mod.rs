@@ -22,4 +22,4 @@ pub mod writer;
 
 pub use record::{AuditRecord, Caller, Decision, RecordKind};
 pub use verify::{VerifyError, VerifyReport, verify_dir};
-pub use writer::{AuditError, AuditLog, AuditSettings, Durability};
+pub use writer::{AuditError, AuditLog, AuditSettings, Durability, Logged};

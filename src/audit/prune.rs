@@ -122,6 +122,7 @@ pub async fn prune_and_record(
             subjects: Vec::new(),
             fields: Vec::new(),
             rows_withheld: 0,
+            withheld_target: None,
             latency_us: 0,
             detail: Some(serde_json::to_value(p)?),
         };

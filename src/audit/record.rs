@@ -44,6 +44,11 @@ pub struct AuditRecord {
     /// Field names disclosed (or written), sorted and deduplicated by the caller.
     pub fields: Vec<String>,
     pub rows_withheld: u64,
+    /// When the one record a caller asked for by id was withheld, why: `protected` (anonymous
+    /// elector or under-16), `restricted` (a restriction flag), `out_of_area` or `policy`.
+    /// Breach detection reads it; the caller only ever sees 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld_target: Option<String>,
     pub latency_us: u64,
     /// Admin actions: what changed and why.
     pub detail: Option<serde_json::Value>,
@@ -223,6 +228,7 @@ pub(crate) mod tests {
             subjects: vec![format!("subj-{n}")],
             fields: vec!["name".into(), "ward".into()],
             rows_withheld: 0,
+            withheld_target: None,
             latency_us: 1234,
             detail: None,
         }

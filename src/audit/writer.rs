@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::record::{AuditRecord, encode_line};
 use super::segment::{resume, segment_name, sync_dir};
@@ -46,6 +46,19 @@ pub enum AuditError {
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
+/// A record that is now durable, with its sequence number: what the breach detector and the
+/// live feed read. Only acknowledged records are published, so nothing is seen that the log
+/// does not hold.
+#[derive(Debug)]
+pub struct Logged {
+    pub seq: u64,
+    pub record: AuditRecord,
+}
+
+/// How many durable records a slow subscriber may fall behind before it misses some (and is
+/// told how many, see [`broadcast::error::RecvError::Lagged`]).
+const PUBLISH_CAPACITY: usize = 65_536;
+
 struct Pending {
     record: AuditRecord,
     reply: Reply,
@@ -62,6 +75,7 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Pending>>>,
     healthy: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    published: broadcast::Sender<Arc<Logged>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -81,7 +95,8 @@ impl AuditLog {
         let healthy = Arc::new(AtomicBool::new(true));
         // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
         let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
-        let writer = Writer::open(settings, Arc::clone(&healthy))?;
+        let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
+        let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
@@ -91,6 +106,7 @@ impl AuditLog {
                 tx: Mutex::new(Some(tx)),
                 healthy,
                 thread: Mutex::new(Some(thread)),
+                published,
             }),
         })
     }
@@ -105,6 +121,11 @@ impl AuditLog {
             .map_err(|_| AuditError::Closed)?;
         drop(tx);
         done.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Every record acknowledged from now on, in sequence order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Logged>> {
+        self.inner.published.subscribe()
     }
 
     /// True when the last write attempt succeeded (or nothing has been attempted yet).
@@ -161,12 +182,17 @@ struct Writer {
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
+    published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
 }
 
 impl Writer {
-    fn open(settings: AuditSettings, healthy: Arc<AtomicBool>) -> anyhow::Result<Writer> {
+    fn open(
+        settings: AuditSettings,
+        healthy: Arc<AtomicBool>,
+        published: broadcast::Sender<Arc<Logged>>,
+    ) -> anyhow::Result<Writer> {
         let dir = settings.dir;
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create audit directory `{}`", dir.display()))?;
@@ -202,6 +228,7 @@ impl Writer {
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
+            published,
             _lock: lock,
         };
         // Fail at startup, not on the first request, if the segment cannot be opened.
@@ -255,7 +282,7 @@ impl Writer {
             match encode_line(seq, &hash, &record) {
                 Ok(line) => {
                     buf.extend_from_slice(&line.bytes);
-                    waiting.push((reply, seq));
+                    waiting.push((reply, seq, record));
                     (seq, hash) = (seq + 1, line.hash);
                 }
                 Err(e) => {
@@ -279,8 +306,13 @@ impl Writer {
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::warn!(segment = self.segment, "audit log writable again");
                 }
-                for (reply, seq) in waiting {
+                let publish = self.published.receiver_count() > 0;
+                for (reply, seq, record) in waiting {
                     let _ = reply.send(Ok(seq));
+                    if publish {
+                        // Err only when nobody listens any more.
+                        let _ = self.published.send(Arc::new(Logged { seq, record }));
+                    }
                 }
                 if self.len >= self.segment_max_bytes {
                     // Lazily: the new file is created by the next batch, so a roll costs nothing
@@ -301,7 +333,7 @@ impl Writer {
                     tracing::debug!(error = %e, "audit log write failed again");
                 }
                 let why = e.to_string();
-                for (reply, _) in waiting {
+                for (reply, _, _) in waiting {
                     let _ = reply.send(Err(AuditError::Unavailable(why.clone())));
                 }
             }

@@ -1,0 +1,324 @@
+//! The breach log: every alert, its containment and each classification the security team
+//! gives it, appended as JSON lines and synced before the action counts.
+//!
+//! Seeds §13.4 asks for a log of every potential breach, reportable or near miss; §13.8-13.9
+//! give 72 hours from awareness to report. An alert is "awareness": its `report_by` is
+//! `detected_at` plus 72 hours. Nothing is rewritten: a reclassification is a new line, and
+//! the file read from the top gives each alert's current state and its whole history. Each
+//! alert is also written to the audit log as a system record, so its existence is covered by
+//! the audit chain.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::Caller;
+
+use super::settings::{Mode, Rule};
+
+/// How long the party has from awareness to report (§13.8).
+pub const REPORT_WITHIN_HOURS: i64 = 72;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Alert {
+    pub id: String,
+    pub rule: Rule,
+    pub mode: Mode,
+    pub summary: String,
+    /// Who the alert is about, when the caller was authenticated.
+    pub principal: Option<Caller>,
+    /// The principal's subject, or `addr:IP`.
+    pub key: String,
+    pub client_addr: Option<String>,
+    /// Audit record sequence numbers.
+    pub evidence: Vec<u64>,
+    /// When the gateway became aware: the reporting clock starts here.
+    pub detected_at: String,
+    pub report_by: String,
+    #[serde(default)]
+    pub containment: Option<Containment>,
+    /// The latest classification; the file keeps every one.
+    #[serde(default)]
+    pub classification: Option<Classification>,
+    #[serde(default)]
+    pub history: Vec<Classification>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Containment {
+    pub token_id: String,
+    pub at: String,
+    /// `revoked`, or why revocation failed.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Likely to result in a risk to people's rights and freedoms: report to the ICO.
+    Reportable,
+    /// Logged, not reported.
+    NearMiss,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Classification {
+    pub class: Class,
+    pub note: String,
+    pub by: String,
+    pub role: String,
+    pub at: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "entry", rename_all = "snake_case")]
+enum Entry {
+    Alert(Box<Alert>),
+    Contained {
+        alert_id: String,
+        containment: Containment,
+    },
+    Classified {
+        alert_id: String,
+        classification: Classification,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BreachError {
+    #[error("no alert `{0}`")]
+    NotFound(String),
+    #[error("the breach log cannot be written: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct BreachLog {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+struct State {
+    file: File,
+    /// In detection order.
+    alerts: Vec<Alert>,
+}
+
+impl BreachLog {
+    /// Opens (creating) the log and reads it back. A torn last line (a crash mid-append) is
+    /// cut off; any other line that does not parse stops the start, naming the line.
+    pub fn open(path: &Path) -> anyhow::Result<BreachLog> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        }
+        let mut alerts: Vec<Alert> = Vec::new();
+        let mut good_len = 0u64;
+        if path.exists() {
+            let f = File::open(path)
+                .with_context(|| format!("cannot read the breach log `{}`", path.display()))?;
+            let mut reader = BufReader::new(f);
+            let mut line = String::new();
+            let mut n = 0;
+            loop {
+                line.clear();
+                let read = reader.read_line(&mut line)?;
+                if read == 0 {
+                    break;
+                }
+                n += 1;
+                if !line.ends_with('\n') {
+                    tracing::warn!(line = n, "breach log ends with a torn line; cutting it off");
+                    break;
+                }
+                let entry: Entry = serde_json::from_str(&line).with_context(|| {
+                    format!("breach log `{}` line {n} is not an entry", path.display())
+                })?;
+                apply(&mut alerts, entry);
+                good_len += read as u64;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the breach log `{}`", path.display()))?;
+        file.set_len(good_len)?;
+        Ok(BreachLog {
+            path: path.to_owned(),
+            state: Mutex::new(State { file, alerts }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a new alert (blocking: call off the async workers).
+    pub fn add(&self, alert: Alert) -> Result<(), BreachError> {
+        self.append(Entry::Alert(Box::new(alert)))
+    }
+
+    pub fn contain(&self, alert_id: &str, containment: Containment) -> Result<Alert, BreachError> {
+        self.append_for(alert_id, |id| Entry::Contained {
+            alert_id: id,
+            containment,
+        })
+    }
+
+    pub fn classify(
+        &self,
+        alert_id: &str,
+        classification: Classification,
+    ) -> Result<Alert, BreachError> {
+        self.append_for(alert_id, |id| Entry::Classified {
+            alert_id: id,
+            classification,
+        })
+    }
+
+    /// Every alert, newest first.
+    pub fn alerts(&self) -> Vec<Alert> {
+        let s = self.lock();
+        s.alerts.iter().rev().cloned().collect()
+    }
+
+    fn append_for(
+        &self,
+        alert_id: &str,
+        entry: impl FnOnce(String) -> Entry,
+    ) -> Result<Alert, BreachError> {
+        let mut s = self.lock();
+        if !s.alerts.iter().any(|a| a.id == alert_id) {
+            return Err(BreachError::NotFound(alert_id.to_owned()));
+        }
+        write(&mut s, entry(alert_id.to_owned()))?;
+        s.alerts
+            .iter()
+            .find(|a| a.id == alert_id)
+            .cloned()
+            .ok_or_else(|| BreachError::NotFound(alert_id.to_owned()))
+    }
+
+    fn append(&self, entry: Entry) -> Result<(), BreachError> {
+        let mut s = self.lock();
+        write(&mut s, entry)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes and syncs the line, then applies it: state never runs ahead of the file.
+fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
+    let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.file.write_all(&line)?;
+    s.file.sync_data()?;
+    apply(&mut s.alerts, entry);
+    Ok(())
+}
+
+fn apply(alerts: &mut Vec<Alert>, entry: Entry) {
+    match entry {
+        Entry::Alert(a) => alerts.push(*a),
+        Entry::Contained {
+            alert_id,
+            containment,
+        } => {
+            if let Some(a) = alerts.iter_mut().find(|a| a.id == alert_id) {
+                a.containment = Some(containment);
+            }
+        }
+        Entry::Classified {
+            alert_id,
+            classification,
+        } => {
+            if let Some(a) = alerts.iter_mut().find(|a| a.id == alert_id) {
+                a.history.push(classification.clone());
+                a.classification = Some(classification);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(id: &str) -> Alert {
+        Alert {
+            id: id.to_owned(),
+            rule: Rule::Volume,
+            mode: Mode::Alert,
+            summary: "2000 records".into(),
+            principal: None,
+            key: "cllr".into(),
+            client_addr: None,
+            evidence: vec![1, 2],
+            detected_at: "2026-01-01T00:00:00.000Z".into(),
+            report_by: "2026-01-04T00:00:00.000Z".into(),
+            containment: None,
+            classification: None,
+            history: Vec::new(),
+        }
+    }
+
+    fn class(c: Class, note: &str) -> Classification {
+        Classification {
+            class: c,
+            note: note.into(),
+            by: "sec".into(),
+            role: "security".into(),
+            at: "2026-01-01T01:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn survives_reopen_keeps_history_and_cuts_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.jsonl");
+        {
+            let log = BreachLog::open(&path).unwrap();
+            log.add(alert("A1")).unwrap();
+            log.add(alert("A2")).unwrap();
+            log.classify("A1", class(Class::NearMiss, "testing"))
+                .unwrap();
+            let a = log
+                .classify("A1", class(Class::Reportable, "on reflection"))
+                .unwrap();
+            assert_eq!(a.history.len(), 2);
+            assert!(matches!(
+                log.classify("A9", class(Class::NearMiss, "x")),
+                Err(BreachError::NotFound(_))
+            ));
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"entry\":\"alert\",\"id\":").unwrap();
+        drop(f);
+        let log = BreachLog::open(&path).unwrap();
+        let alerts = log.alerts();
+        assert_eq!(
+            alerts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["A2", "A1"]
+        );
+        let a1 = &alerts[1];
+        assert_eq!(a1.classification.as_ref().unwrap().class, Class::Reportable);
+        assert_eq!(a1.history[0].class, Class::NearMiss);
+        log.add(alert("A3")).unwrap();
+        assert_eq!(BreachLog::open(&path).unwrap().alerts().len(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_line_in_the_middle_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.jsonl");
+        std::fs::write(&path, "not json\n{}\n").unwrap();
+        let err = format!("{:#}", BreachLog::open(&path).err().unwrap());
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

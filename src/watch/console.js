@@ -1,0 +1,241 @@
+// The security console. It holds the officer's token in memory only and talks to the admin
+// plane's JSON endpoints with it; every value is inserted as text, never as markup.
+'use strict';
+
+const state = { token: null, alerts: new Map(), volumes: new Map(), firstMinute: 0, feedAbort: null };
+const COLOURS = ['#c0392b', '#2471a3', '#1e8449', '#b9770e', '#7d3c98', '#117a65', '#515a5a', '#a04000'];
+const MAX_FEED_ROWS = 200;
+const $ = (s) => document.querySelector(s);
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === 'class') e.className = v;
+    else if (k.startsWith('data-')) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c ?? ''));
+  return e;
+}
+
+function status(text, error) {
+  const s = $('#status');
+  s.textContent = text;
+  s.className = error ? 'error' : '';
+}
+
+async function api(path, options) {
+  const opts = options || {};
+  const headers = Object.assign({ Authorization: 'Bearer ' + state.token }, opts.headers || {});
+  const resp = await fetch(path, Object.assign({}, opts, { headers }));
+  if (!resp.ok) {
+    let detail = resp.statusText;
+    try { const p = await resp.json(); detail = p.detail || p.title || detail; } catch (_) { /* not JSON */ }
+    throw new Error(resp.status + ': ' + detail);
+  }
+  return resp.json();
+}
+
+async function connect(event) {
+  event.preventDefault();
+  state.token = $('#token').value.trim();
+  if (state.feedAbort) state.feedAbort.abort();
+  try {
+    const log = await api('/alerts');
+    state.alerts = new Map(log.alerts.map((a) => [a.id, a]));
+    renderAlerts();
+    const v = await api('/volumes');
+    state.firstMinute = Math.floor(Date.parse(v.first_minute) / 60000);
+    state.volumes = new Map(v.principals.map((p) => [p.principal, { role: p.role, counts: p.counts }]));
+    renderChart();
+    status('Connected. Watching live.');
+    follow();
+  } catch (e) {
+    status('Cannot connect: ' + e.message, true);
+  }
+}
+
+// The live feed over fetch (EventSource cannot send an Authorization header).
+async function follow() {
+  const abort = new AbortController();
+  state.feedAbort = abort;
+  try {
+    const resp = await fetch('/events', { headers: { Authorization: 'Bearer ' + state.token }, signal: abort.signal });
+    if (!resp.ok) throw new Error(resp.status + ' ' + resp.statusText);
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let i;
+      while ((i = buf.indexOf('\n\n')) >= 0) {
+        onEvent(buf.slice(0, i));
+        buf = buf.slice(i + 2);
+      }
+    }
+    status('Feed ended; reconnecting…', true);
+  } catch (e) {
+    if (abort.signal.aborted) return;
+    status('Feed interrupted (' + e.message + '); reconnecting…', true);
+  }
+  setTimeout(() => { if (state.feedAbort === abort) follow(); }, 2000);
+}
+
+function onEvent(chunk) {
+  let kind = 'message';
+  let data = '';
+  for (const line of chunk.split('\n')) {
+    if (line.startsWith('event: ')) kind = line.slice(7);
+    else if (line.startsWith('data: ')) data += line.slice(6);
+  }
+  if (!data) return;
+  const d = JSON.parse(data);
+  if (kind === 'access') onAccess(d);
+  else if (kind === 'alert') { state.alerts.set(d.id, d); renderAlerts(); }
+  else if (kind === 'lagged') status('The feed skipped ' + d.missed + ' events (too busy); the audit log has them all.', true);
+}
+
+function onAccess(d) {
+  const row = el('tr', { class: d.decision },
+    el('td', {}, d.ts.slice(11, 23)), el('td', {}, d.principal || d.client_addr || '—'), el('td', {}, d.role || ''),
+    el('td', {}, d.purpose || ''), el('td', {}, d.dataset || ''), el('td', {}, d.route || d.kind),
+    el('td', {}, d.decision), el('td', {}, String(d.records)), el('td', {}, d.reason || ''));
+  const feed = $('#feed');
+  feed.prepend(row);
+  while (feed.rows.length > MAX_FEED_ROWS) feed.deleteRow(-1);
+  if (d.principal && d.decision === 'allow' && d.records > 0) {
+    const minute = Math.floor(Date.parse(d.ts) / 60000);
+    shiftTo(minute);
+    const s = state.volumes.get(d.principal) || { role: d.role, counts: new Array(60).fill(0) };
+    s.counts[minute - state.firstMinute] += d.records;
+    state.volumes.set(d.principal, s);
+    renderChart();
+  }
+}
+
+// Keeps the chart's sixty minutes ending at `minute`.
+function shiftTo(minute) {
+  const first = minute - 59;
+  const by = first - state.firstMinute;
+  if (by <= 0) return;
+  for (const s of state.volumes.values()) {
+    s.counts = s.counts.slice(Math.min(by, 60)).concat(new Array(Math.min(by, 60)).fill(0));
+  }
+  state.firstMinute = first;
+}
+
+function remaining(reportBy) {
+  const ms = Date.parse(reportBy) - Date.now();
+  if (ms <= 0) return 'OVERDUE';
+  const h = Math.floor(ms / 3600000);
+  const m = Math.floor((ms % 3600000) / 60000);
+  const s = Math.floor((ms % 60000) / 1000);
+  return h + 'h ' + String(m).padStart(2, '0') + 'm ' + String(s).padStart(2, '0') + 's';
+}
+
+function renderAlerts() {
+  const all = [...state.alerts.values()].sort((a, b) => b.detected_at.localeCompare(a.detected_at));
+  const open = all.filter((a) => !a.classification);
+  const tbody = $('#alerts');
+  tbody.replaceChildren();
+  if (open.length === 0) tbody.append(el('tr', { class: 'empty' }, el('td', { colSpan: 8 }, 'No open alerts.')));
+  for (const a of open) {
+    const cls = el('select', { class: 'classify-class' },
+      el('option', { value: 'reportable' }, 'reportable'), el('option', { value: 'near_miss' }, 'near miss'));
+    const note = el('input', { class: 'classify-note', placeholder: 'note (required)' });
+    const classify = el('button', { class: 'classify', type: 'button' }, 'Classify');
+    classify.addEventListener('click', () => doClassify(a.id, cls.value, note.value));
+    const token = a.principal && a.principal.token_id;
+    const contained = a.containment ? a.containment.outcome : null;
+    const revoke = el('button', { class: 'revoke', type: 'button', disabled: !token || contained === 'revoked' },
+      contained === 'revoked' ? 'Token revoked' : 'Revoke token');
+    revoke.addEventListener('click', () => doRevoke(a.id, token));
+    tbody.append(el('tr', { class: 'alert', 'data-id': a.id },
+      el('td', {}, a.id), el('td', {}, a.rule), el('td', {}, a.principal ? a.principal.subject + ' (' + a.principal.role + ')' : a.key),
+      el('td', {}, a.summary), el('td', {}, a.evidence.length + ' audit records'),
+      el('td', { class: 'deadline', 'data-report-by': a.report_by }, remaining(a.report_by)),
+      el('td', {}, cls, note, classify), el('td', {}, revoke)));
+  }
+  const log = $('#log');
+  log.replaceChildren();
+  for (const a of all) {
+    const c = a.classification;
+    log.append(el('tr', { 'data-id': a.id },
+      el('td', {}, a.id), el('td', {}, a.detected_at), el('td', {}, a.report_by), el('td', {}, a.rule),
+      el('td', {}, a.principal ? a.principal.subject : a.key),
+      el('td', {}, a.containment ? a.containment.outcome : ''),
+      el('td', { class: c ? 'class-' + c.class : '' }, c ? c.class.replace('_', ' ') : 'open'),
+      el('td', {}, c ? c.note : ''), el('td', {}, c ? c.by : '')));
+  }
+}
+
+async function doClassify(id, cls, note) {
+  try {
+    const a = await api('/alerts/' + encodeURIComponent(id) + '/classify', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ class: cls, note }),
+    });
+    state.alerts.set(a.id, a);
+    renderAlerts();
+    status('Alert ' + id + ' classified as ' + cls.replace('_', ' ') + '.');
+  } catch (e) {
+    status('Not classified: ' + e.message, true);
+  }
+}
+
+async function doRevoke(id, tokenId) {
+  try {
+    await api('/revocations', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ token_id: tokenId, reason: 'revoked from the security console for alert ' + id }),
+    });
+    const a = state.alerts.get(id);
+    if (a) { a.containment = { token_id: tokenId, at: new Date().toISOString(), outcome: 'revoked' }; renderAlerts(); }
+    status('Token ' + tokenId + ' revoked on every replica.');
+  } catch (e) {
+    status('Not revoked: ' + e.message, true);
+  }
+}
+
+function renderChart() {
+  const svg = $('#chart');
+  const ns = 'http://www.w3.org/2000/svg';
+  svg.replaceChildren();
+  const series = [...state.volumes.entries()]
+    .map(([p, s]) => [p, s, s.counts.reduce((x, y) => x + y, 0)])
+    .filter((x) => x[2] > 0).sort((a, b) => b[2] - a[2]).slice(0, COLOURS.length);
+  const max = Math.max(1, ...series.flatMap(([, s]) => s.counts));
+  const legend = $('#legend');
+  legend.replaceChildren();
+  series.forEach(([p, s, total], i) => {
+    const points = s.counts.map((n, x) => (x * 640 / 59).toFixed(1) + ',' + (195 - n * 185 / max).toFixed(1)).join(' ');
+    const line = document.createElementNS(ns, 'polyline');
+    line.setAttribute('points', points);
+    line.setAttribute('fill', 'none');
+    line.setAttribute('stroke', COLOURS[i]);
+    line.setAttribute('stroke-width', '2');
+    line.setAttribute('data-principal', p);
+    svg.append(line);
+    const item = el('li', {}, p + ' (' + s.role + '): ' + total + ' records');
+    item.style.setProperty('--c', COLOURS[i]);
+    legend.append(item);
+  });
+  const label = document.createElementNS(ns, 'text');
+  label.setAttribute('x', '4');
+  label.setAttribute('y', '14');
+  label.setAttribute('font-size', '11');
+  label.textContent = 'peak ' + max + ' records/min';
+  svg.append(label);
+}
+
+setInterval(() => {
+  for (const td of document.querySelectorAll('td.deadline')) {
+    const left = remaining(td.dataset.reportBy);
+    td.textContent = left;
+    td.classList.toggle('overdue', left === 'OVERDUE');
+  }
+}, 1000);
+
+document.addEventListener('DOMContentLoaded', () => {
+  $('#login').addEventListener('submit', connect);
+});

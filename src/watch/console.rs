@@ -1,0 +1,242 @@
+//! The security console's admin-plane endpoints.
+//!
+//! - `GET /console`, `/console.js`, `/console.css`: the page itself. It carries no data, so it
+//!   needs no token; everything it shows comes from the endpoints below, which it calls with
+//!   the bearer token the officer pastes in (held in the page's memory only, never a cookie,
+//!   so no other site can make the browser act with it).
+//! - `GET /alerts`: the breach log, newest first.
+//! - `POST /alerts/{id}/classify` `{"class": "reportable"|"near_miss", "note": "..."}`.
+//! - `GET /events?principal=&dataset=&purpose=&decision=&kind=`: the live feed (SSE).
+//! - `GET /volumes`: records per principal per minute over the last hour.
+//!
+//! All but the page need a token with the `security` or `dpo` role, and every call is audited
+//! (a classification before it is written). Revocation is `POST /revocations` (`rights.rs`).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde::Deserialize;
+
+use crate::error::GatewayError;
+use crate::gateway::{Gateway, problem_response};
+use crate::rights::{need_text, read_json, record, refuse};
+
+use super::breach::{BreachError, Class, Classification};
+use super::feed::{self, FeedBody};
+
+const PAGE: &str = include_str!("console.html");
+const SCRIPT: &str = include_str!("console.js");
+const STYLE: &str = include_str!("console.css");
+
+/// Only these roles see the console's data.
+const ROLES: [&str; 2] = ["security", "dpo"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassifyBody {
+    class: Class,
+    note: String,
+}
+
+/// True if this module answers `path`.
+pub fn owns(path: &str) -> bool {
+    matches!(
+        path,
+        "/console" | "/console.js" | "/console.css" | "/alerts" | "/events" | "/volumes"
+    ) || path.starts_with("/alerts/")
+}
+
+pub async fn handle<B>(gw: &Gateway, req: Request<B>, request_id: &str) -> Response<FeedBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/console") => return asset(PAGE, "text/html; charset=utf-8"),
+        (&Method::GET, "/console.js") => return asset(SCRIPT, "text/javascript; charset=utf-8"),
+        (&Method::GET, "/console.css") => return asset(STYLE, "text/css; charset=utf-8"),
+        (_, "/console" | "/console.js" | "/console.css") => {
+            return boxed(problem_response(
+                &GatewayError::MethodNotAllowed,
+                request_id,
+            ));
+        }
+        _ => {}
+    }
+    let mut trail = crate::gateway::Trail::default();
+    let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
+        Ok(p) => p,
+        Err(e) => {
+            return boxed(refuse(gw, trail.caller(), &method, &path, e, request_id).await);
+        }
+    };
+    let fail = |e| refuse(gw, Some(&principal), &method, &path, e, request_id);
+    if !ROLES.contains(&principal.role.as_str()) {
+        let e = GatewayError::Forbidden {
+            policy_ids: vec!["admin.console-security-or-dpo".to_owned()],
+        };
+        return boxed(fail(e).await);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let audited = |detail: serde_json::Value| {
+        let mut r = record(Some(&principal), &method, &path, request_id);
+        r.detail = Some(detail);
+        gw.audit.append(r)
+    };
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["events"]) => {
+            let filter = match feed::Filter::parse(req.uri().query()) {
+                Ok(f) => f,
+                Err(e) => return boxed(fail(e).await),
+            };
+            let detail = serde_json::json!({ "opened_live_feed": req.uri().query().unwrap_or("") });
+            if audited(detail).await.is_err() {
+                return boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    request_id,
+                ));
+            }
+            let (rx, stop) = gw.watch.subscribe();
+            let mut resp = Response::new(feed::stream(rx, filter, stop));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            resp
+        }
+        (&Method::GET, ["alerts"]) => {
+            if audited(serde_json::json!({ "read_breach_log": true }))
+                .await
+                .is_err()
+            {
+                return boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    request_id,
+                ));
+            }
+            json(&serde_json::json!({
+                "alerts": gw.watch.breach.alerts(),
+                "report_within_hours": super::breach::REPORT_WITHIN_HOURS,
+            }))
+        }
+        (&Method::GET, ["volumes"]) => {
+            if audited(serde_json::json!({ "read_volumes": true }))
+                .await
+                .is_err()
+            {
+                return boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    request_id,
+                ));
+            }
+            json(&gw.watch.volumes())
+        }
+        (&Method::POST, ["alerts", id, "classify"]) => {
+            let id = (*id).to_owned();
+            let b: ClassifyBody = match read_json(req).await {
+                Ok(b) => b,
+                Err(e) => return boxed(fail(e).await),
+            };
+            if let Err(e) = need_text("note", &b.note) {
+                return boxed(fail(e).await);
+            }
+            if !gw.watch.breach.alerts().iter().any(|a| a.id == id) {
+                return boxed(fail(GatewayError::NotFound).await);
+            }
+            let classification = Classification {
+                class: b.class,
+                note: b.note,
+                by: principal.subject.clone(),
+                role: principal.role.clone(),
+                at: crate::audit::AuditRecord::now_ts(),
+            };
+            let detail =
+                serde_json::json!({ "classified_alert": id, "classification": classification });
+            if audited(detail).await.is_err() {
+                return boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    request_id,
+                ));
+            }
+            let log = gw.watch.breach.clone();
+            let written =
+                tokio::task::spawn_blocking(move || log.classify(&id, classification)).await;
+            match written {
+                Ok(Ok(alert)) => {
+                    gw.watch.publish(super::alert_event(
+                        "alert",
+                        &alert.key,
+                        serde_json::to_string(&alert).unwrap_or_default(),
+                    ));
+                    json(&alert)
+                }
+                Ok(Err(BreachError::NotFound(_))) => {
+                    boxed(problem_response(&GatewayError::NotFound, request_id))
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "classification not written to the breach log");
+                    boxed(problem_response(
+                        &GatewayError::AuditUnavailable,
+                        request_id,
+                    ))
+                }
+                Err(e) => boxed(problem_response(
+                    &GatewayError::Internal(e.to_string()),
+                    request_id,
+                )),
+            }
+        }
+        (_, ["events"] | ["alerts", ..] | ["volumes"]) => {
+            boxed(fail(GatewayError::MethodNotAllowed).await)
+        }
+        _ => boxed(fail(GatewayError::RouteNotFound).await),
+    }
+}
+
+/// A buffered response as the admin plane's body type.
+pub fn boxed(resp: Response<Full<Bytes>>) -> Response<FeedBody> {
+    resp.map(|b| b.map_err(|never: Infallible| match never {}).boxed_unsync())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<FeedBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(v).unwrap_or_default(),
+    )));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    boxed(resp)
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<FeedBody> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    boxed(resp)
+}

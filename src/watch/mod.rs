@@ -1,0 +1,354 @@
+//! Breach detection and the security console: the security team sees misuse as it happens.
+//!
+//! Owns: the detection rules over durable audit records ([`rules`], configured by
+//! [`settings`]), the breach log of alerts and classifications ([`breach`]), the live feed of
+//! access events and alerts ([`feed`]), containment (revoking the offending token through the
+//! shared controls) and the console's admin-plane endpoints ([`console`]).
+//!
+//! The detector reads the audit writer's stream of acknowledged records, so it sees exactly
+//! what the log holds, after it is durable, and never delays a response. Each replica watches
+//! its own records.
+//!
+//! Does not own: what is audited (the request pipeline), revocation itself (`controls`), or
+//! authenticating the console's callers (`gateway::authenticate`).
+
+pub mod breach;
+pub mod console;
+pub mod feed;
+pub mod rules;
+pub mod settings;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+
+use crate::audit::{AuditRecord, Decision, Logged, RecordKind};
+use crate::controls::{Change, Event};
+use crate::gateway::Gateway;
+
+use breach::{Alert, BreachLog, Containment};
+use feed::FeedEvent;
+use rules::{Detector, Finding};
+use settings::{Mode, WatchSettings};
+
+/// Events a slow feed subscriber may fall behind by before it is told it missed some.
+const FEED_CAPACITY: usize = 4096;
+/// Minutes of per-principal volume the console charts.
+const VOLUME_MINUTES: i64 = 60;
+
+/// Detection state shared by the detector task and the admin plane.
+pub struct Watch {
+    pub settings: WatchSettings,
+    pub breach: Arc<BreachLog>,
+    feed: broadcast::Sender<Arc<FeedEvent>>,
+    /// Taken by the detector task when it starts; subscribed at build so nothing is missed.
+    records: Mutex<Option<broadcast::Receiver<Arc<Logged>>>>,
+    volumes: Mutex<Volumes>,
+    stopping: watch::Sender<bool>,
+}
+
+impl Watch {
+    /// Opens the breach log and subscribes to the audit log's acknowledged records.
+    pub fn open(settings: WatchSettings, audit: &crate::audit::AuditLog) -> anyhow::Result<Watch> {
+        let breach = Arc::new(BreachLog::open(&settings.breach_log)?);
+        Ok(Watch {
+            settings,
+            breach,
+            feed: broadcast::channel(FEED_CAPACITY).0,
+            records: Mutex::new(Some(audit.subscribe())),
+            volumes: Mutex::new(Volumes::default()),
+            stopping: watch::channel(false).0,
+        })
+    }
+
+    /// A new live-feed subscription and the signal that ends it.
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<FeedEvent>>, watch::Receiver<bool>) {
+        (self.feed.subscribe(), self.stopping.subscribe())
+    }
+
+    /// Ends feeds and the detector (at shutdown, before connections drain).
+    pub fn stop(&self) {
+        let _ = self.stopping.send(true);
+    }
+
+    fn publish(&self, e: FeedEvent) {
+        // Err only when nobody is watching.
+        let _ = self.feed.send(Arc::new(e));
+    }
+
+    /// Records per principal per minute over the last hour, busiest first.
+    pub fn volumes(&self) -> serde_json::Value {
+        let now = rules::now_millis() / 60_000;
+        lock(&self.volumes).snapshot(now)
+    }
+}
+
+/// Runs the rules over this replica's records until the gateway stops.
+pub async fn run(gw: Arc<Gateway>) {
+    let Some(mut rx) = lock(&gw.watch.records).take() else {
+        return;
+    };
+    let mut stop = gw.watch.stopping.subscribe();
+    let mut detector = Detector::new(gw.watch.settings.clone());
+    loop {
+        let logged = tokio::select! {
+            r = rx.recv() => r,
+            _ = stop.changed() => break,
+        };
+        let logged = match logged {
+            Ok(l) => l,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                metrics::counter!("wardgate_watch_missed_records_total").increment(n);
+                tracing::error!(
+                    missed = n,
+                    "breach detection fell behind the audit log; {n} records were not examined"
+                );
+                gw.watch.publish(FeedEvent {
+                    kind: "lagged",
+                    id: 0,
+                    principal: None,
+                    dataset: None,
+                    purpose: None,
+                    decision: None,
+                    data: json!({ "missed": n }).to_string(),
+                });
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        gw.watch.publish(feed::access_event(&logged));
+        lock(&gw.watch.volumes).observe(&logged.record);
+        for finding in detector.observe(logged.seq, &logged.record) {
+            act(&gw, finding, "local").await;
+        }
+    }
+}
+
+/// Does what a finding's mode says: count it, alert on it, or alert and contain.
+pub async fn act(gw: &Gateway, f: Finding, scope: &'static str) {
+    metrics::counter!("wardgate_watch_findings_total",
+        "rule" => f.rule.name(), "mode" => mode_name(f.mode), "scope" => scope)
+    .increment(1);
+    if f.mode == Mode::Off {
+        return;
+    }
+    if f.mode == Mode::Monitor {
+        tracing::info!(rule = %f.rule, principal = %f.key, summary = %f.summary, scope, "rule matched (monitor only)");
+        let data = json!({ "rule": f.rule, "principal": f.key, "summary": f.summary, "evidence": f.evidence, "scope": scope });
+        gw.watch
+            .publish(alert_event("match", &f.key, data.to_string()));
+        return;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let report_by = now + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
+    let alert = Alert {
+        id: format!("A-{}-{:04x}", now.unix_timestamp(), rand::random::<u16>()),
+        rule: f.rule,
+        mode: f.mode,
+        summary: if scope == "shared" {
+            format!("{} (across replicas)", f.summary)
+        } else {
+            f.summary.clone()
+        },
+        principal: f.caller.clone(),
+        key: f.key.clone(),
+        client_addr: f.client_addr.clone(),
+        evidence: f.evidence.clone(),
+        detected_at: AuditRecord::ts_of(now),
+        report_by: AuditRecord::ts_of(report_by),
+        containment: None,
+        classification: None,
+        history: Vec::new(),
+    };
+    tracing::warn!(alert = %alert.id, rule = %f.rule, principal = %f.key, summary = %alert.summary, "breach alert");
+    let log = gw.watch.breach.clone();
+    let stored = alert.clone();
+    match tokio::task::spawn_blocking(move || log.add(stored)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            metrics::counter!("wardgate_breach_log_failures_total").increment(1);
+            tracing::error!(error = %e, alert = %alert.id, "alert not written to the breach log");
+        }
+        Err(e) => tracing::error!(error = %e, "breach log writer task failed"),
+    }
+    let mut record = system_record("breach_alert");
+    record.detail = serde_json::to_value(&alert).ok();
+    if let Err(e) = gw.audit.append(record).await {
+        tracing::error!(error = %e, alert = %alert.id, "alert not written to the audit log");
+    }
+    gw.watch.publish(alert_event(
+        "alert",
+        &alert.key,
+        serde_json::to_string(&alert).unwrap_or_default(),
+    ));
+    if f.mode == Mode::Contain {
+        contain(gw, alert).await;
+    }
+}
+
+/// Revokes the alert's token on every replica, logging the change before it takes effect.
+async fn contain(gw: &Gateway, alert: Alert) {
+    let Some(token_id) = alert.principal.as_ref().map(|c| c.token_id.clone()) else {
+        tracing::warn!(alert = %alert.id, "nothing to contain: the caller was not authenticated");
+        return;
+    };
+    let (id, at) = crate::controls::stamp();
+    let event = Event {
+        id,
+        at,
+        by: "wardgate-watch".to_owned(),
+        reason: format!("containment for alert {}: {}", alert.id, alert.summary),
+        change: Change::RevokeToken {
+            token_id: token_id.clone(),
+        },
+    };
+    let mut record = system_record("breach_containment");
+    record.detail = serde_json::to_value(&event).ok();
+    let outcome = match gw.audit.append(record).await {
+        Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
+        Ok(_) => match gw.controls.record(event).await {
+            Ok(()) => "revoked".to_owned(),
+            Err(e) => format!("not revoked: {e}"),
+        },
+    };
+    tracing::warn!(alert = %alert.id, token_id, outcome, "containment");
+    let containment = Containment {
+        token_id,
+        at: AuditRecord::now_ts(),
+        outcome,
+    };
+    let log = gw.watch.breach.clone();
+    let id = alert.id.clone();
+    if let Ok(Ok(updated)) =
+        tokio::task::spawn_blocking(move || log.contain(&id, containment)).await
+    {
+        gw.watch.publish(alert_event(
+            "alert",
+            &updated.key,
+            serde_json::to_string(&updated).unwrap_or_default(),
+        ));
+    }
+}
+
+fn alert_event(kind: &'static str, principal: &str, data: String) -> FeedEvent {
+    FeedEvent {
+        kind,
+        id: 0,
+        principal: Some(principal.to_owned()),
+        dataset: None,
+        purpose: None,
+        decision: None,
+        data,
+    }
+}
+
+/// A record of something wardgate itself did.
+fn system_record(what: &str) -> AuditRecord {
+    AuditRecord {
+        ts: AuditRecord::now_ts(),
+        request_id: format!("{:032x}", rand::random::<u128>()),
+        kind: RecordKind::System,
+        caller: None,
+        client_addr: None,
+        purpose: None,
+        lawful_basis: None,
+        dataset: None,
+        route: Some(format!("watch.{what}")),
+        method: "-".to_owned(),
+        path: "-".to_owned(),
+        decision: Decision::Allow,
+        policy_ids: Vec::new(),
+        reason: Some(what.to_owned()),
+        status: 0,
+        subjects: Vec::new(),
+        fields: Vec::new(),
+        rows_withheld: 0,
+        withheld_target: None,
+        latency_us: 0,
+        detail: None,
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Off => "off",
+        Mode::Monitor => "monitor",
+        Mode::Alert => "alert",
+        Mode::Contain => "contain",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Records disclosed per principal per minute.
+#[derive(Default)]
+struct Volumes {
+    by: HashMap<String, (String, VecDeque<(i64, u64)>)>,
+}
+
+impl Volumes {
+    fn observe(&mut self, r: &AuditRecord) {
+        let (Some(c), Decision::Allow, n @ 1..) = (&r.caller, r.decision, r.subjects.len()) else {
+            return;
+        };
+        let minute = rules::ts_millis(&r.ts).unwrap_or_else(rules::now_millis) / 60_000;
+        let (_, buckets) = self
+            .by
+            .entry(c.subject.clone())
+            .or_insert_with(|| (c.role.clone(), VecDeque::new()));
+        match buckets.back_mut() {
+            Some((m, count)) if *m == minute => *count += n as u64,
+            _ => buckets.push_back((minute, n as u64)),
+        }
+        while buckets
+            .front()
+            .is_some_and(|(m, _)| *m <= minute - VOLUME_MINUTES)
+        {
+            buckets.pop_front();
+        }
+        if self.by.len() > 10_000 {
+            self.by
+                .retain(|_, (_, b)| b.back().is_some_and(|(m, _)| *m > minute - VOLUME_MINUTES));
+        }
+    }
+
+    fn snapshot(&self, now_minute: i64) -> serde_json::Value {
+        let first = now_minute - VOLUME_MINUTES + 1;
+        let mut series: Vec<(u64, serde_json::Value)> = self
+            .by
+            .iter()
+            .filter_map(|(who, (role, buckets))| {
+                let mut counts = vec![0u64; VOLUME_MINUTES as usize];
+                for (m, n) in buckets {
+                    if let Some(slot) = usize::try_from(m - first)
+                        .ok()
+                        .and_then(|i| counts.get_mut(i))
+                    {
+                        *slot += n;
+                    }
+                }
+                let total: u64 = counts.iter().sum();
+                (total > 0).then(|| {
+                    (
+                        total,
+                        json!({ "principal": who, "role": role, "total": total, "counts": counts }),
+                    )
+                })
+            })
+            .collect();
+        series.sort_by_key(|s| std::cmp::Reverse(s.0));
+        series.truncate(10);
+        json!({
+            "first_minute": AuditRecord::ts_of(
+                time::OffsetDateTime::from_unix_timestamp(first * 60)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+            ),
+            "minutes": VOLUME_MINUTES,
+            "principals": series.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -1,0 +1,407 @@
+//! The detection rules: a pure state machine over durable audit records.
+//!
+//! [`Detector::observe`] takes one record (with its sequence number, the evidence an alert
+//! cites) and returns the rules it made match. Time is the record's own timestamp, never the
+//! wall clock, so a replay of the log or a test script gives the same findings. Each rule keeps
+//! a sliding window per principal (or per client address when the caller is unknown); once a
+//! rule matches for someone it stays quiet for them for the cooldown, then counts afresh.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::audit::{AuditRecord, Caller, Decision, RecordKind};
+
+use super::settings::{Mode, Rule, RuleSettings, WatchSettings, Zone};
+
+/// An alert cites at most this many audit records (the most recent).
+const MAX_EVIDENCE: usize = 500;
+/// Sweep idle windows after this many observations, so memory follows the active principals.
+const SWEEP_EVERY: u64 = 10_000;
+
+/// One rule matching for one principal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub rule: Rule,
+    pub mode: Mode,
+    /// The principal's subject, or `addr:IP` when the caller is not known.
+    pub key: String,
+    pub caller: Option<Caller>,
+    pub client_addr: Option<String>,
+    /// Sequence numbers of the audit records that make the case.
+    pub evidence: Vec<u64>,
+    pub summary: String,
+    /// When the last piece of evidence was recorded, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+#[derive(Default)]
+struct Window {
+    items: VecDeque<(i64, u64, u64)>,
+    total: u64,
+}
+
+impl Window {
+    fn push(&mut self, at: i64, seq: u64, weight: u64, span_ms: i64) -> u64 {
+        self.items.push_back((at, seq, weight));
+        self.total += weight;
+        self.evict(at - span_ms);
+        self.total
+    }
+
+    fn evict(&mut self, before: i64) {
+        while let Some(&(t, _, w)) = self.items.front() {
+            if t >= before {
+                break;
+            }
+            self.items.pop_front();
+            self.total -= w;
+        }
+    }
+
+    fn evidence(&self) -> Vec<u64> {
+        let skip = self.items.len().saturating_sub(MAX_EVIDENCE);
+        self.items.iter().skip(skip).map(|(_, s, _)| *s).collect()
+    }
+}
+
+/// A run of reads in sequential id order.
+struct Run {
+    last: u64,
+    started: i64,
+    seqs: Vec<u64>,
+}
+
+pub struct Detector {
+    settings: WatchSettings,
+    windows: HashMap<(Rule, String), Window>,
+    quiet_until: HashMap<(Rule, String), i64>,
+    /// Per token id: when it was seen from which address.
+    addresses: HashMap<String, VecDeque<(i64, String, u64)>>,
+    runs: HashMap<String, Run>,
+    observed: u64,
+}
+
+impl Detector {
+    pub fn new(settings: WatchSettings) -> Detector {
+        Detector {
+            settings,
+            windows: HashMap::new(),
+            quiet_until: HashMap::new(),
+            addresses: HashMap::new(),
+            runs: HashMap::new(),
+            observed: 0,
+        }
+    }
+
+    /// Feeds one durable record; returns what it made match.
+    pub fn observe(&mut self, seq: u64, rec: &AuditRecord) -> Vec<Finding> {
+        if rec.kind != RecordKind::Access {
+            return Vec::new();
+        }
+        let at = ts_millis(&rec.ts).unwrap_or_else(now_millis);
+        self.observed += 1;
+        if self.observed.is_multiple_of(SWEEP_EVERY) {
+            self.sweep(at);
+        }
+        let ev = Event::of(seq, rec, at);
+        let mut out = Vec::new();
+        let disclosed = if rec.decision == Decision::Allow {
+            rec.subjects.len() as u64
+        } else {
+            0
+        };
+        if disclosed > 0 {
+            self.count(Rule::Volume, &ev, disclosed, &mut out, |n, t, w| {
+                format!("{n} records disclosed within {w} (the role's norm is under {t})")
+            });
+            let large = self.settings.rule(Rule::LargeExport);
+            if large.mode != Mode::Off && disclosed >= large.threshold_for(ev.role()) {
+                let summary = format!(
+                    "one response disclosed {disclosed} records (a walk sheet is under {})",
+                    large.threshold_for(ev.role())
+                );
+                self.raise(Rule::LargeExport, &ev, vec![seq], summary, &mut out);
+            }
+            if self.outside_hours(at) {
+                self.count(Rule::UnusualHours, &ev, disclosed, &mut out, |n, _, w| {
+                    format!("{n} records disclosed outside working hours within {w}")
+                });
+            }
+        }
+        if rec.decision == Decision::Deny {
+            self.count(Rule::DeniedBurst, &ev, 1, &mut out, |n, _, w| {
+                format!("{n} refused requests within {w}")
+            });
+        }
+        match rec.withheld_target.as_deref() {
+            Some("out_of_area") => self.count(Rule::OutOfArea, &ev, 1, &mut out, |n, _, w| {
+                format!("{n} records outside the caller's areas asked for by id within {w}")
+            }),
+            Some("protected" | "restricted") => {
+                self.count(Rule::ProtectedSubject, &ev, 1, &mut out, |n, _, w| {
+                    format!("{n} attempts on anonymous, under-16 or restricted subjects within {w}")
+                })
+            }
+            _ => {}
+        }
+        if matches!(
+            rec.reason.as_deref(),
+            Some("token_revoked" | "token_expired")
+        ) {
+            self.count(Rule::EndedGrant, &ev, 1, &mut out, |n, _, w| {
+                format!("{n} requests with a revoked or ended token within {w}")
+            });
+        }
+        self.addresses(&ev, &mut out);
+        self.enumeration(rec, &ev, &mut out);
+        out
+    }
+
+    /// Adds `weight` to the rule's window for this principal; matches at the threshold.
+    fn count(
+        &mut self,
+        rule: Rule,
+        ev: &Event,
+        weight: u64,
+        out: &mut Vec<Finding>,
+        describe: impl Fn(u64, u64, String) -> String,
+    ) {
+        let s = self.settings.rule(rule);
+        if s.mode == Mode::Off {
+            return;
+        }
+        let threshold = s.threshold_for(ev.role());
+        let span = millis(s);
+        let key = (rule, ev.key.clone());
+        let window = self.windows.entry(key.clone()).or_default();
+        let total = window.push(ev.at, ev.seq, weight, span);
+        if total < threshold {
+            return;
+        }
+        let evidence = window.evidence();
+        let summary = describe(
+            total,
+            threshold,
+            humantime::format_duration(s.window).to_string(),
+        );
+        if self.raise(rule, ev, evidence, summary, out) {
+            self.windows.remove(&key);
+        }
+    }
+
+    fn addresses(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        let s = self.settings.rule(Rule::ManyAddresses);
+        let (Some(caller), Some(addr)) = (&ev.caller, &ev.addr) else {
+            return;
+        };
+        if s.mode == Mode::Off {
+            return;
+        }
+        let (span, threshold) = (millis(s), s.threshold_for(None));
+        let seen = self.addresses.entry(caller.token_id.clone()).or_default();
+        seen.push_back((ev.at, addr.clone(), ev.seq));
+        while seen.front().is_some_and(|(t, _, _)| *t < ev.at - span) {
+            seen.pop_front();
+        }
+        let distinct: HashSet<&str> = seen.iter().map(|(_, a, _)| a.as_str()).collect();
+        if (distinct.len() as u64) < threshold {
+            return;
+        }
+        let mut addrs: Vec<&str> = distinct.into_iter().collect();
+        addrs.sort_unstable();
+        let summary = format!(
+            "one token used from {} addresses within {}: {}",
+            addrs.len(),
+            humantime::format_duration(s.window),
+            addrs.join(", ")
+        );
+        let skip = seen.len().saturating_sub(MAX_EVIDENCE);
+        let evidence = seen.iter().skip(skip).map(|(_, _, q)| *q).collect();
+        if self.raise(Rule::ManyAddresses, ev, evidence, summary, out) {
+            self.addresses.remove(&caller.token_id);
+        }
+    }
+
+    /// Reads by id whose numeric part goes up one (or a few, past withheld ids) at a time.
+    fn enumeration(&mut self, rec: &AuditRecord, ev: &Event, out: &mut Vec<Finding>) {
+        let s = self.settings.rule(Rule::Enumeration);
+        if s.mode == Mode::Off || !rec.route.as_deref().is_some_and(|r| r.ends_with(".read")) {
+            return;
+        }
+        let Some(n) = trailing_number(&rec.path) else {
+            return;
+        };
+        let (span, threshold) = (millis(s), s.threshold_for(None));
+        let run = self.runs.entry(ev.key.clone()).or_insert(Run {
+            last: n,
+            started: ev.at,
+            seqs: Vec::new(),
+        });
+        let follows = n > run.last && n - run.last <= 3 && ev.at - run.started <= span;
+        if !follows {
+            *run = Run {
+                last: n,
+                started: ev.at,
+                seqs: Vec::new(),
+            };
+        }
+        run.last = n;
+        run.seqs.push(ev.seq);
+        if (run.seqs.len() as u64) < threshold {
+            return;
+        }
+        let summary = format!(
+            "{} records read one by one in sequential id order",
+            run.seqs.len()
+        );
+        let skip = run.seqs.len().saturating_sub(MAX_EVIDENCE);
+        let evidence = run.seqs[skip..].to_vec();
+        if self.raise(Rule::Enumeration, ev, evidence, summary, out) {
+            self.runs.remove(&ev.key);
+        }
+    }
+
+    /// Records a finding unless the rule is quiet for this principal; true if raised.
+    fn raise(
+        &mut self,
+        rule: Rule,
+        ev: &Event,
+        evidence: Vec<u64>,
+        summary: String,
+        out: &mut Vec<Finding>,
+    ) -> bool {
+        let key = (rule, ev.key.clone());
+        if self.quiet_until.get(&key).is_some_and(|t| ev.at < *t) {
+            return false;
+        }
+        let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
+        self.quiet_until.insert(key, ev.at.saturating_add(cooldown));
+        out.push(Finding {
+            rule,
+            mode: self.settings.rule(rule).mode,
+            key: ev.key.clone(),
+            caller: ev.caller.clone(),
+            client_addr: ev.addr.clone(),
+            evidence,
+            summary,
+            at_ms: ev.at,
+        });
+        true
+    }
+
+    fn outside_hours(&self, at: i64) -> bool {
+        let (start, end) = self.settings.rule(Rule::UnusualHours).hours;
+        let m = local_minute(at, self.settings.zone);
+        let inside = if start < end {
+            start <= m && m < end
+        } else {
+            m >= start || m < end
+        };
+        !inside
+    }
+
+    fn sweep(&mut self, now: i64) {
+        let longest = self.settings.rules.values().map(millis).max().unwrap_or(0);
+        let horizon = now - longest;
+        self.windows.retain(|_, w| {
+            w.evict(horizon);
+            !w.items.is_empty()
+        });
+        self.quiet_until.retain(|_, t| *t > now);
+        self.addresses
+            .retain(|_, seen| seen.back().is_some_and(|(t, _, _)| *t >= horizon));
+        self.runs.retain(|_, r| r.started >= horizon);
+    }
+}
+
+/// What the rules need from one record.
+struct Event {
+    seq: u64,
+    at: i64,
+    key: String,
+    caller: Option<Caller>,
+    addr: Option<String>,
+}
+
+impl Event {
+    fn of(seq: u64, rec: &AuditRecord, at: i64) -> Event {
+        let key = match (&rec.caller, &rec.client_addr) {
+            (Some(c), _) => c.subject.clone(),
+            (None, Some(a)) => format!("addr:{a}"),
+            (None, None) => "unknown".to_owned(),
+        };
+        Event {
+            seq,
+            at,
+            key,
+            caller: rec.caller.clone(),
+            addr: rec.client_addr.clone(),
+        }
+    }
+
+    fn role(&self) -> Option<&str> {
+        self.caller.as_ref().map(|c| c.role.as_str())
+    }
+}
+
+fn millis(s: &RuleSettings) -> i64 {
+    i64::try_from(s.window.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn trailing_number(path: &str) -> Option<u64> {
+    let last = path.rsplit('/').find(|s| !s.is_empty())?;
+    let digits: String = last
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.get(digits.len().saturating_sub(18)..)?.parse().ok()
+}
+
+/// Unix milliseconds of a log timestamp (`2025-01-31T09:15:02.123Z`).
+pub fn ts_millis(ts: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+pub fn now_millis() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}
+
+/// Minutes after local midnight at `at_ms`.
+pub fn local_minute(at_ms: i64, zone: Zone) -> u32 {
+    let Ok(utc) = time::OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000)) else {
+        return 0;
+    };
+    let offset = match zone {
+        Zone::Utc => 0,
+        Zone::EuropeLondon if british_summer_time(utc) => 60,
+        Zone::EuropeLondon => 0,
+    };
+    (u32::from(utc.hour()) * 60 + u32::from(utc.minute()) + offset) % (24 * 60)
+}
+
+/// BST runs from 01:00 UTC on the last Sunday of March to 01:00 UTC on the last Sunday of
+/// October (the Summer Time Order 2002).
+fn british_summer_time(utc: time::OffsetDateTime) -> bool {
+    let last_sunday_0100 = |month: time::Month| {
+        let last = time::Date::from_calendar_date(utc.year(), month, 31).ok()?;
+        let back = last.weekday().number_days_from_sunday();
+        let day = last.checked_sub(time::Duration::days(i64::from(back)))?;
+        Some(day.with_hms(1, 0, 0).ok()?.assume_utc())
+    };
+    match (
+        last_sunday_0100(time::Month::March),
+        last_sunday_0100(time::Month::October),
+    ) {
+        (Some(start), Some(end)) => start <= utc && utc < end,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+#[path = "rules_tests.rs"]
+mod tests;

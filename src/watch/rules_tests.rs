@@ -1,0 +1,324 @@
+//! Each rule against a scripted sequence of audit records: it matches the misuse it describes,
+//! stays quiet for normal traffic just under its threshold, and respects its mode and cooldown.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::audit::record::tests::sample;
+
+/// 2026-06-10 (BST) 10:00 UTC = 11:00 in London.
+const SUMMER_MORNING: i64 = 1_781_085_600_000;
+
+fn detector() -> Detector {
+    Detector::new(WatchSettings::defaults(Path::new("/tmp")))
+}
+
+fn with(f: impl FnOnce(&mut WatchSettings)) -> Detector {
+    let mut s = WatchSettings::defaults(Path::new("/tmp"));
+    f(&mut s);
+    Detector::new(s)
+}
+
+fn ts(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+    AuditRecord::ts_of(t)
+}
+
+/// A listing by `who` (a councillor) at `ms` that disclosed `n` records.
+fn listing(who: &str, ms: i64, n: usize) -> AuditRecord {
+    let mut r = sample(0);
+    r.ts = ts(ms);
+    if let Some(c) = r.caller.as_mut() {
+        c.subject = who.to_owned();
+        c.role = "councillor".to_owned();
+        c.token_id = format!("tok-{who}");
+    }
+    r.client_addr = Some("10.0.0.1".into());
+    r.subjects = (0..n).map(|i| format!("E{i:06}")).collect();
+    r
+}
+
+fn read(who: &str, ms: i64, id: &str, withheld: Option<&str>) -> AuditRecord {
+    let mut r = listing(who, ms, usize::from(withheld.is_none()));
+    r.route = Some("voter.read".into());
+    r.path = format!("/voter/electors/{id}");
+    if let Some(w) = withheld {
+        r.withheld_target = Some(w.to_owned());
+        r.status = 404;
+        r.decision = Decision::Error;
+        r.reason = Some("not_found".into());
+    }
+    r
+}
+
+fn denied(who: Option<&str>, ms: i64, reason: &str) -> AuditRecord {
+    let mut r = listing(who.unwrap_or("x"), ms, 0);
+    if who.is_none() {
+        r.caller = None;
+    }
+    r.decision = Decision::Deny;
+    r.status = if reason.starts_with("token") {
+        401
+    } else {
+        403
+    };
+    r.reason = Some(reason.to_owned());
+    r
+}
+
+fn run(d: &mut Detector, records: Vec<AuditRecord>) -> Vec<Finding> {
+    records
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| d.observe(i as u64 + 1, r))
+        .collect()
+}
+
+fn rules(f: &[Finding]) -> Vec<Rule> {
+    f.iter().map(|f| f.rule).collect()
+}
+
+#[test]
+fn scraping_a_ward_is_a_volume_alert_naming_the_records() {
+    let mut d = detector();
+    // 25 pages of 100 in 25 seconds: far faster and further than a walk sheet.
+    let pages = (0..25)
+        .map(|i| listing("cllr", SUMMER_MORNING + i * 1000, 100))
+        .collect();
+    let f = run(&mut d, pages);
+    assert_eq!(rules(&f), vec![Rule::Volume]);
+    assert_eq!(f[0].key, "cllr");
+    assert_eq!(f[0].evidence, (1..=20).collect::<Vec<u64>>());
+    assert!(f[0].summary.contains("2000 records"), "{}", f[0].summary);
+    assert_eq!(f[0].caller.as_ref().unwrap().token_id, "tok-cllr");
+}
+
+#[test]
+fn a_canvassing_day_stays_quiet() {
+    let mut d = detector();
+    let mut day = Vec::new();
+    // Twenty canvassers, each with a 150-elector walk sheet every 20 minutes for eight hours,
+    // reading back a few electors by id (not in order) and recording doorstep results.
+    for minute in (0..480).step_by(20) {
+        for c in 0..20 {
+            let who = format!("canvasser-{c}");
+            let at = SUMMER_MORNING + (minute * 60 + c) * 1000;
+            day.push(listing(&who, at, 150));
+            for k in [7, 3, 11] {
+                day.push(read(
+                    &who,
+                    at + k * 1000,
+                    &format!("E{:06}", k * 37 + c),
+                    None,
+                ));
+            }
+        }
+    }
+    assert_eq!(run(&mut d, day), vec![]);
+}
+
+#[test]
+fn volume_is_per_principal_and_per_window() {
+    let mut d = detector();
+    // Two principals at 1,500 each: neither over 2,000.
+    let mut recs = Vec::new();
+    for i in 0..15 {
+        recs.push(listing("a", SUMMER_MORNING + i * 1000, 100));
+        recs.push(listing("b", SUMMER_MORNING + i * 1000, 100));
+    }
+    // 1,500 more for `a`, but eleven minutes later: the first 1,500 have left the window.
+    for i in 0..15 {
+        recs.push(listing("a", SUMMER_MORNING + 660_000 + i * 1000, 100));
+    }
+    assert_eq!(run(&mut d, recs), vec![]);
+}
+
+#[test]
+fn large_export_matches_on_one_response() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![
+            listing("c", SUMMER_MORNING, 499),
+            listing("c", SUMMER_MORNING + 1, 500),
+        ],
+    );
+    assert_eq!(rules(&f), vec![Rule::LargeExport]);
+    assert_eq!(f[0].evidence, vec![2]);
+}
+
+#[test]
+fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        (0..20)
+            .map(|i| denied(None, SUMMER_MORNING + i * 100, "token_signature_invalid"))
+            .collect(),
+    );
+    assert_eq!(rules(&f), vec![Rule::DeniedBurst]);
+    assert_eq!(f[0].key, "addr:10.0.0.1");
+    let mut d = detector();
+    let quiet = (0..19)
+        .map(|i| denied(Some("p"), SUMMER_MORNING + i * 100, "forbidden_by_policy"))
+        .collect();
+    assert_eq!(run(&mut d, quiet), vec![]);
+}
+
+#[test]
+fn out_of_area_and_protected_targets_match() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![
+            read("p", SUMMER_MORNING, "E000001", Some("out_of_area")),
+            read("p", SUMMER_MORNING + 1000, "E000500", Some("out_of_area")),
+            read("p", SUMMER_MORNING + 2000, "E000900", Some("out_of_area")),
+        ],
+    );
+    assert_eq!(rules(&f), vec![Rule::OutOfArea]);
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![read("q", SUMMER_MORNING, "E000042", Some("protected"))],
+    );
+    assert_eq!(rules(&f), vec![Rule::ProtectedSubject]);
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![read("q", SUMMER_MORNING, "E000042", Some("policy"))],
+    );
+    assert_eq!(f, vec![]);
+}
+
+#[test]
+fn ended_tokens_match() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        (0..5)
+            .map(|i| denied(Some("gone"), SUMMER_MORNING + i * 1000, "token_revoked"))
+            .collect(),
+    );
+    assert_eq!(rules(&f), vec![Rule::EndedGrant]);
+}
+
+#[test]
+fn one_token_from_many_addresses() {
+    let mut d = detector();
+    let recs = (0..4)
+        .map(|i| {
+            let mut r = listing("roamer", SUMMER_MORNING + i * 60_000, 10);
+            r.client_addr = Some(format!("192.0.2.{i}"));
+            r
+        })
+        .collect();
+    let f = run(&mut d, recs);
+    assert_eq!(rules(&f), vec![Rule::ManyAddresses]);
+    assert!(f[0].summary.contains("192.0.2.3"));
+    // Three addresses, repeatedly: a phone moving between wifi and mobile data is fine.
+    let mut d = detector();
+    let recs = (0..30)
+        .map(|i| {
+            let mut r = listing("phone", SUMMER_MORNING + i * 60_000, 10);
+            r.client_addr = Some(format!("192.0.2.{}", i % 3));
+            r
+        })
+        .collect();
+    assert_eq!(run(&mut d, recs), vec![]);
+}
+
+#[test]
+fn unusual_hours_are_read_in_london_time() {
+    // 2026-01-15 22:30 UTC is 22:30 GMT: outside 07:00-21:00.
+    let winter_night = 1_768_516_200_000;
+    let mut d = detector();
+    let f = run(&mut d, vec![listing("owl", winter_night, 100)]);
+    assert_eq!(rules(&f), vec![Rule::UnusualHours]);
+    // 2026-06-10 06:30 UTC is 07:30 BST: inside.
+    let summer_morning = 1_781_073_000_000;
+    let mut d = detector();
+    assert_eq!(
+        run(&mut d, vec![listing("lark", summer_morning, 100)]),
+        vec![]
+    );
+    // The same instant read in UTC is 06:30: outside.
+    let mut d = with(|s| s.zone = crate::watch::settings::Zone::Utc);
+    let f = run(&mut d, vec![listing("lark", summer_morning, 100)]);
+    assert_eq!(rules(&f), vec![Rule::UnusualHours]);
+}
+
+#[test]
+fn british_summer_time_changes_on_the_last_sundays() {
+    // 2026: BST from 29 March 01:00 UTC to 25 October 01:00 UTC.
+    let at = |s: &str| ts_millis(s).unwrap();
+    let m = |s: &str| local_minute(at(s), Zone::EuropeLondon);
+    assert_eq!(m("2026-03-29T00:59:00.000Z"), 59);
+    assert_eq!(m("2026-03-29T01:00:00.000Z"), 120);
+    assert_eq!(m("2026-10-25T00:59:00.000Z"), 119);
+    assert_eq!(m("2026-10-25T01:00:00.000Z"), 60);
+}
+
+#[test]
+fn sequential_reads_are_enumeration_and_shuffled_reads_are_not() {
+    let mut d = detector();
+    let recs = (0..20)
+        .map(|i| {
+            read(
+                "enum",
+                SUMMER_MORNING + i * 500,
+                &format!("E{:06}", 1000 + i),
+                None,
+            )
+        })
+        .collect();
+    let f = run(&mut d, recs);
+    assert_eq!(rules(&f), vec![Rule::Enumeration]);
+    assert_eq!(f[0].evidence.len(), 20);
+    let mut d = detector();
+    let recs = (0..40)
+        .map(|i| {
+            read(
+                "shuffle",
+                SUMMER_MORNING + i * 500,
+                &format!("E{:06}", (i * 7919) % 1000),
+                None,
+            )
+        })
+        .collect();
+    assert_eq!(run(&mut d, recs), vec![]);
+}
+
+#[test]
+fn modes_and_cooldown() {
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::LargeExport) {
+            r.mode = Mode::Off;
+        }
+        if let Some(r) = s.rules.get_mut(&Rule::Volume) {
+            r.mode = Mode::Monitor;
+        }
+        s.cooldown = Duration::from_secs(60);
+    });
+    let f = run(
+        &mut d,
+        vec![
+            listing("m", SUMMER_MORNING, 3000),
+            listing("m", SUMMER_MORNING + 10_000, 3000),
+            listing("m", SUMMER_MORNING + 61_000, 3000),
+        ],
+    );
+    // Large export is off; volume reports in monitor mode, once per cooldown.
+    assert_eq!(rules(&f), vec![Rule::Volume, Rule::Volume]);
+    assert!(f.iter().all(|f| f.mode == Mode::Monitor));
+    assert_eq!(f[1].evidence, vec![2, 3]);
+}
+
+#[test]
+fn admin_records_are_not_access() {
+    let mut d = detector();
+    let mut r = listing("dpo", SUMMER_MORNING, 5000);
+    r.kind = RecordKind::Admin;
+    assert_eq!(d.observe(1, &r), vec![]);
+}

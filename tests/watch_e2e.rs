@@ -1,0 +1,750 @@
+//! Breach detection end to end against the demo: each rule raised by a scripted scenario of
+//! real requests, none by a normal canvassing day, containment revoking the token, the live
+//! feed, and classification. Working hours are set around "now" (or away from it) so the
+//! outcome does not depend on when the suite runs.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{AppOptions, TestApp, spawn_app_with};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use wardgate::config::Config;
+use wardgate::watch::rules::{local_minute, now_millis};
+use wardgate::watch::settings::{Mode, Rule};
+
+const WARD: &str = "E05011391";
+
+/// Working hours from an hour ago to two hours ahead: the scenario happens in the daytime.
+fn daytime(cfg: &mut Config) {
+    let now = local_minute(now_millis(), cfg.watch.zone);
+    set_hours(cfg, (now + 1440 - 60) % 1440, (now + 120) % 1440);
+}
+
+/// Working hours that start in two hours and end ten hours later: now is after hours.
+fn night(cfg: &mut Config) {
+    let now = local_minute(now_millis(), cfg.watch.zone);
+    set_hours(cfg, (now + 120) % 1440, (now + 720) % 1440);
+}
+
+fn set_hours(cfg: &mut Config, start: u32, end: u32) {
+    cfg.watch.rules.get_mut(&Rule::UnusualHours).unwrap().hours = (start, end);
+}
+
+fn contain_scrapers(cfg: &mut Config) {
+    daytime(cfg);
+    cfg.watch.rules.get_mut(&Rule::Volume).unwrap().mode = Mode::Contain;
+}
+
+async fn app(tweak: fn(&mut Config)) -> TestApp {
+    spawn_app_with(AppOptions {
+        electors: Some(6000),
+        tweak: Some(tweak),
+        ..AppOptions::default()
+    })
+    .await
+}
+
+/// A token for `sub` with the given role, areas and purposes.
+fn token(app: &TestApp, sub: &str, role: &str, areas: &[&str], purposes: &[&str]) -> String {
+    let mut c = app.claims(role, areas, purposes);
+    c["sub"] = json!(sub);
+    app.sign(&c)
+}
+
+async fn alerts(app: &TestApp) -> Vec<Value> {
+    let r = app.admin_get_with("/alerts", &app.token("security")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.json()["alerts"].as_array().unwrap().clone()
+}
+
+/// Polls the breach log until `rule` fires for `principal`; returns the alert and how long it took.
+async fn wait_for_alert(app: &TestApp, rule: &str, principal: &str) -> (Value, Duration) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Some(a) = alerts(app)
+            .await
+            .into_iter()
+            .find(|a| a["rule"] == rule && a["key"] == principal)
+        {
+            return (a, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "no `{rule}` alert for `{principal}`; alerts: {:#}",
+        json!(alerts(app).await)
+    );
+}
+
+/// Pages through the caller's area 100 records at a time, starting again at the end, until
+/// `records` have been disclosed. Returns the request ids of the pages.
+async fn scrape(app: &TestApp, token: &str, records: usize) -> Vec<String> {
+    let (mut seen, mut page, mut ids) = (0, 1, Vec::new());
+    while seen < records {
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=100&page={page}"),
+                Some(token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let n = r.json()["records"].as_array().unwrap().len();
+        ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
+        seen += n;
+        page = if n < 100 { 1 } else { page + 1 };
+    }
+    ids
+}
+
+/// Every elector in the upstream, straight from the datastore.
+async fn upstream_electors(app: &TestApp) -> Vec<Value> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut out = Vec::new();
+    for page in 1.. {
+        let uri = format!("http://{}/electors?per_page=1000&page={page}", app.upstream);
+        let resp = client.get(uri.parse().unwrap()).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let records = v["records"].as_array().unwrap();
+        if records.is_empty() {
+            break;
+        }
+        out.extend(records.iter().cloned());
+    }
+    out
+}
+
+fn breach_log(app: &TestApp) -> Vec<Value> {
+    std::fs::read_to_string(app.dir.path().join("breach-log.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraping_a_ward_raises_an_alert_within_seconds_citing_the_pages() {
+    let app = app(daytime).await;
+    let councillor = app.token("councillor");
+    let pages = scrape(&app, &councillor, 3000).await;
+    let last_page = Instant::now();
+    let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
+    let latency = last_page.elapsed();
+    println!(
+        "scraping alert visible {} ms after the last page ({} pages)",
+        latency.as_millis(),
+        pages.len()
+    );
+    assert_eq!(alert["principal"]["role"], "councillor");
+    assert_eq!(alert["mode"], "alert");
+    assert!(alert["classification"].is_null());
+    // Detected now, to be reported within 72 hours.
+    let detected = time::OffsetDateTime::parse(
+        alert["detected_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let report_by = time::OffsetDateTime::parse(
+        alert["report_by"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(report_by - detected, time::Duration::hours(72));
+    // The evidence is exactly audit records of this councillor's pages.
+    let records = app.audit_records();
+    let evidence: Vec<u64> = alert["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(evidence.len() >= 20, "{evidence:?}");
+    for seq in &evidence {
+        let r = records.iter().find(|r| r["seq"] == *seq).unwrap();
+        assert_eq!(r["caller"]["subject"], "demo-councillor");
+        assert!(pages.contains(&r["request_id"].as_str().unwrap().to_owned()));
+    }
+    // In the breach log on disk, and in the audit chain as a system record.
+    let log = breach_log(&app);
+    assert!(
+        log.iter()
+            .any(|e| e["entry"] == "alert" && e["id"] == alert["id"])
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["reason"] == "breach_alert" && r["detail"]["id"] == alert["id"])
+    );
+    // One alert per cooldown, however long the scrape goes on.
+    scrape(&app, &councillor, 1500).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let volume_alerts = alerts(&app)
+        .await
+        .into_iter()
+        .filter(|a| a["rule"] == "volume")
+        .count();
+    assert_eq!(volume_alerts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_canvassing_day_raises_no_alert() {
+    let app = app(daytime).await;
+    let electors = upstream_electors(&app).await;
+    let in_ward: Vec<&Value> = electors
+        .iter()
+        .filter(|e| {
+            ["CGW1", "CGW2"].contains(&e["polling_district"].as_str().unwrap_or(""))
+                && e["markers"].as_array().is_some_and(|m| m.is_empty())
+                && e["flags"].as_array().is_some_and(|f| f.is_empty())
+        })
+        .collect();
+    assert!(in_ward.len() > 100, "{} electors to canvass", in_ward.len());
+    // Twelve canvassers: two walk sheets each, a few electors looked up, doorstep results.
+    for c in 0..12 {
+        let t = token(
+            &app,
+            &format!("canvasser-{c}"),
+            "canvasser",
+            &["E08000035/CGW1", "E08000035/CGW2"],
+            &["canvassing", "gotv"],
+        );
+        for page in [c % 3 + 1, c % 3 + 2] {
+            let r = app
+                .get(
+                    &format!("/voter/electors?per_page=80&page={page}"),
+                    Some(&t),
+                    Some("canvassing"),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        for k in 0..5 {
+            let e = in_ward[(c * 7 + k * 13) % in_ward.len()];
+            let id = e["elector_id"].as_str().unwrap();
+            if k < 3 {
+                let r = app
+                    .get(
+                        &format!("/voter/electors/{id}"),
+                        Some(&t),
+                        Some("canvassing"),
+                    )
+                    .await;
+                assert!(r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND);
+            }
+            let r = app
+                .post(
+                    &format!("/voter/electors/{id}/canvass"),
+                    &t,
+                    "canvassing",
+                    r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#,
+                )
+                .await;
+            assert!(
+                r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND,
+                "{:?}",
+                r.body
+            );
+        }
+    }
+    // The councillor's casework and a walk sheet of their own.
+    let cllr = app.token("councillor");
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&cllr),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The detector handles records in log order, so once a later request shows in the live
+    // feed, everything before it has been examined.
+    let marker = token(
+        &app,
+        "marker",
+        "canvasser",
+        &["E08000035/CGW1"],
+        &["canvassing"],
+    );
+    feed_until(
+        &app,
+        "?principal=marker",
+        &app.token("security"),
+        async {
+            app.get(
+                "/voter/electors?per_page=1",
+                Some(&marker),
+                Some("canvassing"),
+            )
+            .await;
+        },
+        |t| t.contains("\"principal\":\"marker\""),
+    )
+    .await;
+    assert_eq!(alerts(&app).await, Vec::<Value>::new());
+    assert!(breach_log(&app).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_fires_on_its_scenario() {
+    let app = app(daytime).await;
+    let electors = upstream_electors(&app).await;
+    let local = ["E08000035/CGW1", "E08000035/CGW2"];
+    let canvasser = |sub: &str| token(&app, sub, "canvasser", &local, &["canvassing"]);
+
+    // An export larger than a walk sheet.
+    let t = token(
+        &app,
+        "exporter",
+        "councillor",
+        &["E14001320"],
+        &["canvassing"],
+    );
+    let r = app
+        .get(
+            "/voter/electors?per_page=1000",
+            Some(&t),
+            Some("canvassing"),
+        )
+        .await;
+    let n = r.json()["records"].as_array().unwrap().len();
+    assert!(n >= 500, "the constituency page held only {n} records");
+    wait_for_alert(&app, "large_export", "exporter").await;
+
+    // Probing: twenty requests for a purpose the token does not grant.
+    let t = canvasser("prober");
+    for _ in 0..20 {
+        let r = app
+            .get("/voter/electors", Some(&t), Some("profiling"))
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    }
+    wait_for_alert(&app, "denied_burst", "prober").await;
+
+    // Reading electors of another ward by id: withheld (404), and noticed.
+    let t = canvasser("wanderer");
+    let elsewhere: Vec<&str> = electors
+        .iter()
+        .filter(|e| e["ward"] != WARD && e["markers"].as_array().is_some_and(|m| m.is_empty()))
+        .take(3)
+        .map(|e| e["elector_id"].as_str().unwrap())
+        .collect();
+    for id in &elsewhere {
+        let r = app
+            .get(
+                &format!("/voter/electors/{id}"),
+                Some(&t),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    wait_for_alert(&app, "out_of_area", "wanderer").await;
+
+    // Asking for an anonymous elector by id: 404 to the caller, an alert for the team.
+    let anonymous = electors
+        .iter()
+        .find(|e| e["markers"].as_array().unwrap().iter().any(|m| m == "N"))
+        .expect("the demo register has anonymous electors");
+    let t = canvasser("curious");
+    let r = app
+        .get(
+            &format!(
+                "/voter/electors/{}",
+                anonymous["elector_id"].as_str().unwrap()
+            ),
+            Some(&t),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(!String::from_utf8_lossy(&r.body).contains("anonymous"));
+    wait_for_alert(&app, "protected_subject", "curious").await;
+
+    // A revoked token that keeps trying.
+    let claims = {
+        let mut c = app.claims("canvasser", &local, &["canvassing"]);
+        c["sub"] = json!("revoked-user");
+        c
+    };
+    let t = app.sign(&claims);
+    let r = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            &json!({ "token_id": claims["jti"], "reason": "laptop stolen" }).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    for _ in 0..5 {
+        let r = app
+            .get("/voter/electors", Some(&t), Some("canvassing"))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    wait_for_alert(&app, "ended_grant", "revoked-user").await;
+
+    // One token from four addresses within the hour.
+    let t = canvasser("roamer");
+    for host in 2..=5u8 {
+        let status = get_from(&app, IpAddr::from([127, 0, 0, host]), &t).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    wait_for_alert(&app, "many_addresses", "roamer").await;
+
+    // Reading the register one id after another.
+    let t = token(
+        &app,
+        "enumerator",
+        "councillor",
+        &["E08000035"],
+        &["canvassing"],
+    );
+    for i in 1..=20 {
+        let r = app
+            .get(
+                &format!("/voter/electors/VF-{i:07}"),
+                Some(&t),
+                Some("canvassing"),
+            )
+            .await;
+        assert!(r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND);
+    }
+    wait_for_alert(&app, "enumeration", "enumerator").await;
+
+    // Nothing fired for anyone else, and each scenario fired only its own rule.
+    let by: Vec<(String, String)> = alerts(&app)
+        .await
+        .iter()
+        .map(|a| {
+            (
+                a["rule"].as_str().unwrap().to_owned(),
+                a["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (rule, who) in &by {
+        let expected = match who.as_str() {
+            "exporter" => "large_export",
+            "prober" => "denied_burst",
+            "wanderer" => "out_of_area",
+            "curious" => "protected_subject",
+            "revoked-user" => "ended_grant",
+            "roamer" => "many_addresses",
+            // Reading ids in order also reaches other areas' and protected electors.
+            "enumerator" if rule == "out_of_area" || rule == "protected_subject" => rule,
+            "enumerator" => "enumeration",
+            other => panic!("unexpected alert for `{other}`: {rule}"),
+        };
+        assert_eq!(rule, expected, "{by:?}");
+    }
+}
+
+/// A data-plane GET from a given local address (loopback has all of 127/8).
+async fn get_from(app: &TestApp, local: IpAddr, token: &str) -> StatusCode {
+    let mut http = HttpConnector::new();
+    http.set_local_address(Some(local));
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(http);
+    let req = Request::get(format!("http://{}/voter/electors?per_page=10", app.addr))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-purpose", "canvassing")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client.request(req).await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disclosures_after_hours_are_noticed() {
+    let app = app(night).await;
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&app.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.json()["records"].as_array().unwrap().len() >= 100);
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    assert!(
+        alert["summary"]
+            .as_str()
+            .unwrap()
+            .contains("outside working hours")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containment_revokes_the_scrapers_token_everywhere() {
+    let app = app(contain_scrapers).await;
+    let councillor = app.token("councillor");
+    // Page on as a scraper would; the token stops working part way.
+    let mut refused = None;
+    for page in 1..=60 {
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=100&page={}", page % 15 + 1),
+                Some(&councillor),
+                Some("canvassing"),
+            )
+            .await;
+        if r.status != StatusCode::OK {
+            refused = Some((page, r));
+            break;
+        }
+        // Slow enough for detection to overtake the scraper, as it would over a network.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (page, r) = refused.expect("the scraper was never stopped");
+    println!("containment stopped the scraper at page {page}");
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
+    let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
+    assert_eq!(alert["mode"], "contain");
+    // Other callers are untouched.
+    let r = app
+        .get(
+            "/voter/electors?per_page=10",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The breach log and the audit log both say what was done and why.
+    let contained = alerts(&app)
+        .await
+        .into_iter()
+        .find(|a| a["id"] == alert["id"])
+        .unwrap();
+    assert_eq!(contained["containment"]["outcome"], "revoked");
+    let records = app.audit_records();
+    let change = records
+        .iter()
+        .find(|r| r["reason"] == "breach_containment")
+        .unwrap();
+    assert_eq!(change["detail"]["by"], "wardgate-watch");
+    assert!(
+        change["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(alert["id"].as_str().unwrap())
+    );
+}
+
+/// Reads SSE frames from the admin plane until `until` holds for the text so far.
+async fn feed_until(
+    app: &TestApp,
+    query: &str,
+    token: &str,
+    trigger: impl std::future::Future<Output = ()>,
+    until: impl Fn(&str) -> bool,
+) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/events{query}", app.admin))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    // The first frame is the greeting: the subscription exists before the trigger runs.
+    let hello = body.frame().await.unwrap().unwrap();
+    assert!(hello.data_ref().is_some());
+    trigger.await;
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !until(&text) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("feed never showed it; got {text}"))
+            .unwrap()
+            .unwrap();
+        if let Some(d) = frame.data_ref() {
+            text.push_str(std::str::from_utf8(d).unwrap());
+        }
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_feed_streams_filtered_access_events_without_subject_ids() {
+    let app = app(daytime).await;
+    let canvasser = app.token("canvasser");
+    let councillor = app.token("councillor");
+    let text = feed_until(
+        &app,
+        "?principal=demo-canvasser",
+        &app.token("security"),
+        async {
+            let r = app
+                .get(
+                    "/voter/electors?per_page=5",
+                    Some(&councillor),
+                    Some("canvassing"),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            let r = app
+                .get(
+                    "/voter/electors?per_page=5",
+                    Some(&canvasser),
+                    Some("canvassing"),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+        },
+        |t| t.contains("\"principal\":\"demo-canvasser\""),
+    )
+    .await;
+    assert!(text.contains("event: access"), "{text}");
+    assert!(!text.contains("demo-councillor"), "{text}");
+    assert!(text.contains("\"records\":5"), "{text}");
+    assert!(
+        !text.contains("VF-"),
+        "the feed must not carry subject ids: {text}"
+    );
+
+    // Denials only.
+    let text = feed_until(
+        &app,
+        "?decision=deny",
+        &app.token("dpo"),
+        async {
+            app.get("/voter/electors", Some(&canvasser), Some("canvassing"))
+                .await;
+            app.get("/voter/electors", Some(&canvasser), Some("profiling"))
+                .await;
+        },
+        |t| t.contains("\"decision\":\"deny\""),
+    )
+    .await;
+    assert!(!text.contains("\"decision\":\"allow\""), "{text}");
+
+    // Opening the feed is itself audited.
+    assert!(
+        app.audit_records()
+            .iter()
+            .any(|r| r["detail"]["opened_live_feed"] == "decision=deny")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_for_security_and_dpo_only_and_classification_is_kept() {
+    let app = app(daytime).await;
+    // The page itself carries no data and a strict content security policy.
+    let page = app.admin_get("/console").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    // Its data needs a security or DPO token.
+    assert_eq!(
+        app.admin_get("/alerts").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    for who in ["canvasser", "councillor", "analyst"] {
+        let r = app.admin_get_with("/alerts", &app.token(who)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{who}");
+        let r = app.admin_get_with("/events", &app.token(who)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{who}");
+    }
+    let r = app
+        .admin_get_with("/events?colour=red", &app.token("security"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    scrape(&app, &app.token("councillor"), 2100).await;
+    let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
+    let id = alert["id"].as_str().unwrap();
+    let sec = app.token("security");
+    let path = format!("/alerts/{id}/classify");
+    for (body, status) in [
+        (r#"{"class":"reportable"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"class":"maybe","note":"x"}"#, StatusCode::BAD_REQUEST),
+        (
+            r#"{"class":"near_miss","note":"  "}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        assert_eq!(
+            app.admin_post(&path, &sec, body).await.status,
+            status,
+            "{body}"
+        );
+    }
+    let r = app
+        .admin_post(
+            "/alerts/A-0-0000/classify",
+            &sec,
+            r#"{"class":"near_miss","note":"x"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .admin_post(
+            &path,
+            &app.token("canvasser"),
+            r#"{"class":"near_miss","note":"x"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .admin_post(
+            &path,
+            &sec,
+            r#"{"class":"near_miss","note":"load test by the councillor's office"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = app
+        .admin_post(
+            &path,
+            &app.token("dpo"),
+            r#"{"class":"reportable","note":"no load test was booked"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let a = r.json();
+    assert_eq!(a["classification"]["class"], "reportable");
+    assert_eq!(a["classification"]["by"], "demo-dpo");
+    assert_eq!(a["history"].as_array().unwrap().len(), 2);
+    // Both judgements are in the breach log and the audit log.
+    let classified: Vec<Value> = breach_log(&app)
+        .into_iter()
+        .filter(|e| e["entry"] == "classified")
+        .collect();
+    assert_eq!(classified.len(), 2);
+    let audited = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["detail"]["classified_alert"] == id)
+        .count();
+    assert_eq!(audited, 2);
+    // And they survive a restart.
+    let app = app.restart().await;
+    let a = alerts(&app)
+        .await
+        .into_iter()
+        .find(|a| a["id"] == id)
+        .unwrap();
+    assert_eq!(a["classification"]["class"], "reportable");
+}
