@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it: install what is missing, then format check, clippy with
 # warnings as errors, and every test (unit, policy fixtures, end to end). Run from anywhere:
 #   bash scripts/test.sh
-# Tests start their own servers on free ports; the audit "disk full" test mounts a small tmpfs,
+# Tests start their own servers (and a headless browser) on free ports; the audit "disk full" test mounts a small tmpfs,
 # which needs root (CI is root; elsewhere that one test says it skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v mount >/dev/null || need_apt+=(mount)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# Headless Chromium and its WebDriver, for the security console's browser test.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
