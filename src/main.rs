@@ -99,6 +99,33 @@ enum AuditCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the last records and follow the log as it grows (Ctrl-C to stop).
+    Tail {
+        /// The audit directory (default: the one the configuration names).
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How many existing records to print first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Print what is there and stop instead of following.
+        #[arg(long)]
+        no_follow: bool,
+        /// Print the log's own JSON lines instead of one-line summaries.
+        #[arg(long)]
+        json: bool,
+        /// Only this principal (token subject).
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        purpose: Option<String>,
+        /// allow, deny or error.
+        #[arg(long)]
+        decision: Option<String>,
+    },
     /// Verify the hash chain of every segment; report the first broken record.
     Verify {
         /// The audit directory (default: the one the configuration names).
@@ -271,6 +298,52 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 None => println!("nothing older than the retention period"),
             }
             Ok(())
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    dir,
+                    config,
+                    lines,
+                    no_follow,
+                    json,
+                    principal,
+                    dataset,
+                    purpose,
+                    decision,
+                },
+        } => {
+            let dir = match (dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => Config::load(&c)?.audit.dir,
+                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
+            };
+            let query: Vec<String> = [
+                ("principal", principal),
+                ("dataset", dataset),
+                ("purpose", purpose),
+                ("decision", decision),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| {
+                v.map(|v| {
+                    format!(
+                        "{k}={}",
+                        percent_encoding::utf8_percent_encode(
+                            &v,
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    )
+                })
+            })
+            .collect();
+            let filter = wardgate::watch::feed::Filter::parse(Some(&query.join("&")))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut print = |l: &str| println!("{l}");
+            audit::tail::tail(&dir, lines, !no_follow, &filter, json, &mut print, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
         }
         Command::Audit {
             command: AuditCommand::Verify { dir, config },

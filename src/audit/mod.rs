@@ -5,8 +5,8 @@
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
-//! ([`index`]), finding one subject's records ([`reader`]), retention ([`prune`]), and offline chain verification
-//! ([`verify`]).
+//! ([`index`]), finding one subject's records ([`reader`]), retention ([`prune`]), offline chain verification
+//! ([`verify`]) and following the log in a terminal ([`tail`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
 //! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,
@@ -17,6 +17,7 @@ pub mod prune;
 pub mod reader;
 pub mod record;
 mod segment;
+pub mod tail;
 pub mod verify;
 pub mod writer;
 

@@ -127,6 +127,7 @@ pub fn instructions(listen: SocketAddr, admin: SocketAddr, dir: &Path) -> String
         r#"wardgate demo is running.
   data plane  {base}
   admin plane http://{admin}   (/healthz /readyz /metrics)
+  console     http://{admin}/console   (paste the `security` or `dpo` token)
   tokens      {t}   (personas: canvasser councillor candidate mp_caseworker clp_secretary analyst dpo security)
   audit log   {audit}   (verify: wardgate audit verify --dir {audit})
 
@@ -148,7 +149,11 @@ A doorstep write, and one that tries to set a field canvassing may not write (40
        -d '{{"voting_intention":"LAB","canvass_issues":["housing"]}}' "{base}/voter/electors/ID/canvass" | jq .
   (take an ID from the first listing)
 
-Then look at what was recorded:  tail -n 3 {audit}/seg-*.jsonl | jq .
+Then look at what was recorded:  wardgate audit tail --dir {audit}
+(or: cargo run --release -- audit tail --dir {audit})
+
+Breach detection: page through the ward far faster than canvassing needs, and watch the console
+  for p in $(seq 1 30); do curl -s -o /dev/null -H "Authorization: Bearer {councillor}" -H "X-Purpose: canvassing" "{base}/voter/electors?per_page=100&page=$(( p % 4 + 1 ))"; done
 "#,
         canvasser = tok("canvasser"),
         councillor = tok("councillor"),
