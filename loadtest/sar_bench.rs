@@ -112,6 +112,7 @@ async fn main() {
             durability: Durability::PageCache,
             max_batch: 4096,
             segment_max_bytes: 64 << 20,
+            seal_client_addr: false,
         })
         .unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);

@@ -88,6 +88,8 @@ pub struct AuditConfig {
     pub segment_max_bytes: u64,
     /// Sealed segments whose newest record is older than this are pruned (none: keep all).
     pub retention: Option<Duration>,
+    /// How long client addresses stay readable (`None`: as long as the record).
+    pub client_addr_retention: Option<Duration>,
     /// How often `serve` prunes.
     pub prune_interval: Duration,
 }
@@ -229,6 +231,7 @@ struct RawAudit {
     max_batch: Option<usize>,
     segment_max_bytes: Option<u64>,
     retention: Option<String>,
+    client_addr_retention: Option<String>,
     prune_interval: Option<String>,
 }
 
@@ -288,6 +291,13 @@ impl RawConfig {
             retention: match &self.audit.retention {
                 Some(r) => Some(parse_duration(r, "audit.retention")?),
                 None => None,
+            },
+            client_addr_retention: match self.audit.client_addr_retention.as_deref() {
+                Some("off") => None,
+                other => Some(parse_duration(
+                    other.unwrap_or("90days"),
+                    "audit.client_addr_retention",
+                )?),
             },
             prune_interval: parse_duration(
                 self.audit.prune_interval.as_deref().unwrap_or("1h"),

@@ -44,6 +44,8 @@ pub struct Gateway {
     pub audit_dir: std::path::PathBuf,
     /// (audit dir, retention, prune interval) when the log has a retention period.
     pub retention: Option<(std::path::PathBuf, std::time::Duration, std::time::Duration)>,
+    /// (audit dir, client address retention, prune interval) when addresses are sealed.
+    pub addr_retention: Option<(std::path::PathBuf, std::time::Duration, std::time::Duration)>,
     pub controls: Controls,
     /// Breach detection, the breach log and the live feed.
     pub watch: crate::watch::Watch,

@@ -83,6 +83,9 @@ enum Command {
         /// Where to write `sar-SUBJECT.json` and `sar-SUBJECT.html`.
         #[arg(long, default_value = ".")]
         out: PathBuf,
+        /// The request's reference (e.g. `SAR-2026-0142`), recorded with the retrieval.
+        #[arg(long)]
+        reference: Option<String>,
     },
     /// Work with the audit log on disk.
     Audit {
@@ -238,6 +241,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             subject,
             config,
             out,
+            reference,
         } => {
             if !wardgate::routes::valid_id(&subject) {
                 anyhow::bail!("`{subject}` is not a subject id (letters, digits, `-`, `_`)");
@@ -255,6 +259,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             .with_context(|| {
                 format!("cannot read the audit log in `{}`", cfg.audit.dir.display())
             })?;
+            // The report is itself a disclosure: it is audited before it is written out.
+            audit_cli_report(&cfg, &subject, report.disclosures.len(), reference).await?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create `{}`", out.display()))?;
             let json = out.join(format!("sar-{subject}.json"));
@@ -287,6 +293,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 durability: cfg.audit.durability,
                 max_batch: cfg.audit.max_batch,
                 segment_max_bytes: cfg.audit.segment_max_bytes,
+                seal_client_addr: false,
             })?;
             let pruned = audit::prune::prune_and_record(&log, &cfg.audit.dir, keep).await;
             log.shutdown().await;
@@ -366,6 +373,69 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Appends the audit record of a subject access report produced on the command line. Only a
+/// stopped gateway's log can be appended to (one writer per log); while the gateway runs, the
+/// admin plane's `GET /sar/{subject}` produces and audits the same report.
+async fn audit_cli_report(
+    cfg: &Config,
+    subject: &str,
+    disclosures: usize,
+    reference: Option<String>,
+) -> anyhow::Result<()> {
+    let log = audit::AuditLog::open(audit::AuditSettings {
+        dir: cfg.audit.dir.clone(),
+        durability: audit::Durability::Fsync,
+        max_batch: 1,
+        segment_max_bytes: cfg.audit.segment_max_bytes,
+        seal_client_addr: false,
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\nthe report must be audited, and the running gateway owns the log: ask its admin plane instead \
+             (`curl -H \"Authorization: Bearer $DPO_TOKEN\" http://ADMIN/sar/{subject}?format=html`)"
+        )
+    })?;
+    let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let record = audit::AuditRecord {
+        ts: audit::AuditRecord::now_ts(),
+        request_id: format!("{:032x}", rand::random::<u128>()),
+        kind: audit::RecordKind::Admin,
+        caller: Some(audit::Caller {
+            subject: format!("local:{operator}"),
+            role: "operator".to_owned(),
+            unit: "-".to_owned(),
+            token_id: "-".to_owned(),
+        }),
+        client_addr: None,
+        purpose: Some("sar_fulfilment".to_owned()),
+        lawful_basis: None,
+        dataset: None,
+        route: Some("cli.sar".to_owned()),
+        method: "-".to_owned(),
+        path: "-".to_owned(),
+        decision: audit::Decision::Allow,
+        policy_ids: Vec::new(),
+        reason: None,
+        status: 0,
+        subjects: Vec::new(),
+        fields: Vec::new(),
+        rows_withheld: 0,
+        withheld_target: None,
+        latency_us: 0,
+        detail: Some(serde_json::json!({
+            "subject_access_report_for": subject,
+            "disclosures": disclosures,
+            "reference": reference,
+            "via": "wardgate sar",
+        })),
+    };
+    let appended = log.append(record).await;
+    log.shutdown().await;
+    appended
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("the report's audit record could not be written: {e}"))
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {

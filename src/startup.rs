@@ -147,6 +147,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         durability: cfg.audit.durability,
         max_batch: cfg.audit.max_batch,
         segment_max_bytes: cfg.audit.segment_max_bytes,
+        seal_client_addr: cfg.audit.client_addr_retention.is_some(),
     })
     .with_context(|| format!("cannot open the audit log in `{}`", cfg.audit.dir.display()))?;
     let categories = c
@@ -161,11 +162,19 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         cfg.quotas.clone(),
     )
     .context("cannot open the shared controls")?;
-    let watch = crate::watch::Watch::open(cfg.watch.clone(), &audit)
-        .context("cannot open breach detection")?;
+    let watch = crate::watch::Watch::open(
+        cfg.watch.clone(),
+        &audit,
+        cfg.redis.as_ref().map(|r| r.url.as_str()),
+    )
+    .context("cannot open breach detection")?;
     let gw = Gateway {
         watch,
         audit_dir: cfg.audit.dir.clone(),
+        addr_retention: cfg
+            .audit
+            .client_addr_retention
+            .map(|r| (cfg.audit.dir.clone(), r, cfg.audit.prune_interval)),
         retention: cfg
             .audit
             .retention
@@ -194,6 +203,7 @@ pub async fn run(
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
     let retention = gw.retention.clone();
+    let addr_retention = gw.addr_retention.clone();
     admin::metrics_handle();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -218,14 +228,29 @@ pub async fn run(
         stopped(stop_rx),
         grace,
     ));
-    let pruner = retention.map(|(dir, keep, every)| {
+    let pruner = (retention.is_some() || addr_retention.is_some()).then(|| {
         let log = gw.audit.clone();
         tokio::spawn(async move {
+            let every = [&retention, &addr_retention]
+                .into_iter()
+                .flatten()
+                .map(|(_, _, every)| *every)
+                .min()
+                .unwrap_or(std::time::Duration::from_secs(3600));
             loop {
-                match crate::audit::prune::prune_and_record(&log, &dir, keep).await {
-                    Ok(Some(p)) => tracing::info!(segments = ?(p.first_segment, p.last_segment), records = p.records, "audit log pruned"),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "audit prune failed"),
+                if let Some((dir, keep, _)) = &retention {
+                    match crate::audit::prune::prune_and_record(&log, dir, *keep).await {
+                        Ok(Some(p)) => tracing::info!(segments = ?(p.first_segment, p.last_segment), records = p.records, "audit log pruned"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "audit prune failed"),
+                    }
+                }
+                if let Some((dir, keep, _)) = &addr_retention {
+                    match crate::audit::prune::shred_and_record(&log, dir, *keep).await {
+                        Ok(Some(days)) => tracing::info!(?days, "client addresses of these days are now unreadable"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "client address shredding failed"),
+                    }
                 }
                 tokio::time::sleep(every).await;
             }

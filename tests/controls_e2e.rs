@@ -444,3 +444,68 @@ async fn a_principal_over_quota_gets_429_on_every_replica() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_spread_over_two_replicas_is_seen_across_them_and_alerted_once() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(6000).await;
+    let a = replica(upstream, &redis, None).await;
+    let b = replica(upstream, &redis, Some(&a)).await;
+    let token = a.token("councillor");
+    // A load balancer alternates the pages: each replica alone sees about 1,200 records,
+    // under the councillor's norm of 2,000 in ten minutes; together they see 2,400.
+    let mut per_replica = [0usize; 2];
+    for page in 0..24 {
+        let app = if page % 2 == 0 { &a } else { &b };
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=100&page={}", page / 2 % 8 + 1),
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        per_replica[page % 2] += r.json()["records"].as_array().unwrap().len();
+    }
+    assert!(per_replica.iter().all(|n| *n < 2000) && per_replica.iter().sum::<usize>() >= 2000);
+    let took = until("a cross-replica volume alert", || async {
+        !volume_alerts(&a).await.is_empty() || !volume_alerts(&b).await.is_empty()
+    })
+    .await;
+    println!(
+        "cross-replica scraping alert {} ms after the last page ({per_replica:?} records per replica)",
+        took.as_millis()
+    );
+    // Give a second detector every chance to raise a duplicate, then count.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut all = volume_alerts(&a).await;
+    all.extend(volume_alerts(&b).await);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    let alert = &all[0];
+    assert!(
+        alert["summary"]
+            .as_str()
+            .unwrap()
+            .contains("across replicas")
+    );
+    assert_eq!(alert["key"], "demo-councillor");
+    // The evidence names records in both replicas' logs.
+    let replicas: std::collections::BTreeSet<&str> = alert["evidence_refs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().rsplit_once('#').unwrap().0)
+        .collect();
+    assert_eq!(replicas.len(), 2, "{alert:#}");
+}
+
+async fn volume_alerts(app: &TestApp) -> Vec<serde_json::Value> {
+    let r = app.admin_get_with("/alerts", &app.token("security")).await;
+    r.json()["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["rule"] == "volume")
+        .cloned()
+        .collect()
+}

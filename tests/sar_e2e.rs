@@ -36,7 +36,7 @@ fn ids_in(body: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
-    let app = spawn_app_with(AppOptions {
+    let mut app = spawn_app_with(AppOptions {
         tweak: Some(small_segments),
         electors: Some(1200),
         ..Default::default()
@@ -210,20 +210,39 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
                 && r["subjects"][0] == subject.as_str())
     );
 
-    // And the CLI agrees.
+    // And the CLI agrees. While the gateway runs it owns the log, so the CLI (which must audit
+    // the retrieval) refuses and points at the admin plane; once stopped, the CLI works.
     let out = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .args(["sar", &subject, "--config"])
-        .arg(&app.config_path)
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let config_path = app.config_path.clone();
+    let cli = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"))
+            .args(["sar", &subject, "--reference", "SAR-2026-0142", "--config"])
+            .arg(&config_path)
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap()
+    };
+    let refused = cli();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("/sar/"));
+    assert!(!out.path().join(format!("sar-{subject}.json")).exists());
+    let audit_dir = app.audit_dir.clone();
+    let records_before = app.audit_records();
+    app.halt().await;
+    let status = cli();
     assert!(
         status.status.success(),
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
+    let cli_record = common::read_audit(&audit_dir).pop().unwrap();
+    assert_eq!(cli_record["route"], "cli.sar");
+    assert_eq!(
+        cli_record["detail"]["subject_access_report_for"],
+        subject.as_str()
+    );
+    assert_eq!(cli_record["detail"]["reference"], "SAR-2026-0142");
     let json: Value = serde_json::from_slice(
         &std::fs::read(out.path().join(format!("sar-{subject}.json"))).unwrap(),
     )
@@ -236,8 +255,7 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .collect();
     // The CLI reads the log after the two admin retrievals, whose fetches of the data held now
     // were themselves disclosures to the DPO under sar_fulfilment: exactly those are added.
-    let sar_fetches: BTreeSet<String> = app
-        .audit_records()
+    let sar_fetches: BTreeSet<String> = records_before
         .into_iter()
         .filter(|r| {
             r["purpose"] == "sar_fulfilment"

@@ -405,6 +405,25 @@ async fn each_rule_fires_on_its_scenario() {
         assert_eq!(status, StatusCode::OK);
     }
     wait_for_alert(&app, "many_addresses", "roamer").await;
+    // On disk the addresses are sealed (shredded after audit.client_addr_retention); the
+    // detector saw them in the clear, and they read back while their day's key exists.
+    let sealed: Vec<String> = app
+        .audit_records()
+        .iter()
+        .filter(|r| r["caller"]["subject"] == "roamer")
+        .map(|r| r["client_addr"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sealed.len(), 4);
+    for (i, s) in sealed.iter().enumerate() {
+        assert!(
+            s.starts_with("sealed:v1:") && !s.contains("127.0.0."),
+            "{s}"
+        );
+        assert_eq!(
+            wardgate::audit::addr::reveal(&app.audit_dir, s).as_deref(),
+            Some(format!("127.0.0.{}", i + 2).as_str())
+        );
+    }
 
     // Reading the register one id after another.
     let t = token(

@@ -513,6 +513,7 @@ fn bench_audit(c: &mut Criterion) {
             durability,
             max_batch: 1024,
             segment_max_bytes: 64 * 1024 * 1024,
+            seal_client_addr: false,
         })
         .unwrap();
         // A lone request: its own commit (and fsync) each time.

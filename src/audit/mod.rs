@@ -12,6 +12,7 @@
 //! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,
 //! or what a subject access report says (`sar.rs`).
 
+pub mod addr;
 pub mod index;
 pub mod prune;
 pub mod reader;

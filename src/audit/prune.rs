@@ -103,34 +103,62 @@ pub async fn prune_and_record(
     let dir_owned = dir.to_path_buf();
     let pruned = tokio::task::spawn_blocking(move || prune(&dir_owned, &cutoff)).await??;
     if let Some(p) = &pruned {
-        let record = super::AuditRecord {
-            ts: super::AuditRecord::now_ts(),
-            request_id: format!("{:032x}", rand::random::<u128>()),
-            kind: super::RecordKind::System,
-            caller: None,
-            client_addr: None,
-            purpose: None,
-            lawful_basis: Some("legal_obligation".to_owned()),
-            dataset: None,
-            route: Some("audit.prune".to_owned()),
-            method: "PRUNE".to_owned(),
-            path: String::new(),
-            decision: super::Decision::Allow,
-            policy_ids: Vec::new(),
-            reason: Some("retention".to_owned()),
-            status: 200,
-            subjects: Vec::new(),
-            fields: Vec::new(),
-            rows_withheld: 0,
-            withheld_target: None,
-            latency_us: 0,
-            detail: Some(serde_json::to_value(p)?),
-        };
+        let mut record = system_record("audit.prune", "retention");
+        record.detail = Some(serde_json::to_value(p)?);
         log.append(record).await.map_err(|e| {
             anyhow::anyhow!("pruned, but the prune record could not be written: {e}")
         })?;
     }
     Ok(pruned)
+}
+
+/// Shreds the address keys of days older than `keep` and records that it did. `None` when no
+/// day was old enough.
+pub async fn shred_and_record(
+    log: &super::AuditLog,
+    dir: &Path,
+    keep: std::time::Duration,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let keep_from = super::AuditRecord::ts_of(time::OffsetDateTime::now_utc() - keep);
+    let keep_from = keep_from.get(..10).unwrap_or_default().to_owned();
+    let dir_owned = dir.to_path_buf();
+    let days =
+        tokio::task::spawn_blocking(move || super::addr::shred(&dir_owned, &keep_from)).await??;
+    if days.is_empty() {
+        return Ok(None);
+    }
+    let mut record = system_record("audit.shred_client_addrs", "client_addr_retention");
+    record.detail = Some(serde_json::json!({ "client_addresses_unreadable_for_days": days }));
+    log.append(record)
+        .await
+        .map_err(|e| anyhow::anyhow!("shredded, but the shred record could not be written: {e}"))?;
+    Ok(Some(days))
+}
+
+fn system_record(route: &str, reason: &str) -> super::AuditRecord {
+    super::AuditRecord {
+        ts: super::AuditRecord::now_ts(),
+        request_id: format!("{:032x}", rand::random::<u128>()),
+        kind: super::RecordKind::System,
+        caller: None,
+        client_addr: None,
+        purpose: None,
+        lawful_basis: Some("legal_obligation".to_owned()),
+        dataset: None,
+        route: Some(route.to_owned()),
+        method: "PRUNE".to_owned(),
+        path: String::new(),
+        decision: super::Decision::Allow,
+        policy_ids: Vec::new(),
+        reason: Some(reason.to_owned()),
+        status: 200,
+        subjects: Vec::new(),
+        fields: Vec::new(),
+        rows_withheld: 0,
+        withheld_target: None,
+        latency_us: 0,
+        detail: None,
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +175,7 @@ mod tests {
             durability: Durability::Fsync,
             max_batch: 8,
             segment_max_bytes: 2048,
+            seal_client_addr: false,
         };
         let log = AuditLog::open(settings()).unwrap();
         // Old records first (eight years ago), then recent ones; small segments roll often.

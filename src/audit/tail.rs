@@ -80,7 +80,7 @@ pub async fn tail(
         }
         let mut older: Vec<String> = lines
             .iter()
-            .filter_map(|l| render(l, filter, raw))
+            .filter_map(|l| render(dir, l, filter, raw))
             .collect();
         older.append(&mut matching);
         matching = older;
@@ -92,7 +92,7 @@ pub async fn tail(
         out(text);
     }
     let mut show = |line: &str| {
-        if let Some(text) = render(line, filter, raw) {
+        if let Some(text) = render(dir, line, filter, raw) {
             out(&text);
         }
     };
@@ -154,13 +154,17 @@ fn read_new(
 }
 
 /// The text to print for one log line, or `None` if the filter excludes it.
-fn render(line: &str, filter: &Filter, raw: bool) -> Option<String> {
+fn render(dir: &Path, line: &str, filter: &Filter, raw: bool) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Seq {
         seq: u64,
     }
     let seq = serde_json::from_str::<Seq>(line).ok()?.seq;
-    let record: AuditRecord = serde_json::from_str(line).ok()?;
+    let mut record: AuditRecord = serde_json::from_str(line).ok()?;
+    // Sealed addresses read back while their day's key exists (audit/addr.rs).
+    record.client_addr = record
+        .client_addr
+        .map(|a| super::addr::reveal(dir, &a).unwrap_or_else(|| "<shredded>".to_owned()));
     let logged = Logged { seq, record };
     if !filter.matches(&access_event(&logged)) {
         return None;
@@ -188,6 +192,7 @@ mod tests {
             durability: Durability::PageCache,
             max_batch: 1,
             segment_max_bytes: 2_000,
+            seal_client_addr: false,
         })
         .unwrap();
         for i in 0..3 {

@@ -34,6 +34,9 @@ pub struct AuditSettings {
     pub max_batch: usize,
     /// Roll to a new segment once the current one has grown past this size.
     pub segment_max_bytes: u64,
+    /// Write client addresses sealed under a per-day key (see `addr.rs`), so they can be
+    /// shredded before the rest of the record.
+    pub seal_client_addr: bool,
 }
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -172,6 +175,7 @@ struct Writer {
     durability: Durability,
     max_batch: usize,
     segment_max_bytes: u64,
+    sealer: Option<super::addr::Sealer>,
     segment: u64,
     /// Closed after a failure so the next batch reopens the segment by path.
     file: Option<File>,
@@ -216,11 +220,15 @@ impl Writer {
             );
         }
         let resume = resume(&dir, settings.segment_max_bytes)?;
+        let sealer = settings
+            .seal_client_addr
+            .then(|| super::addr::Sealer::new(&dir));
         let mut writer = Writer {
             dir,
             durability: settings.durability,
             max_batch: settings.max_batch.max(1),
             segment_max_bytes: settings.segment_max_bytes,
+            sealer,
             segment: resume.segment,
             file: None,
             len: resume.len,
@@ -278,8 +286,34 @@ impl Writer {
         let mut buf = Vec::new();
         let mut waiting = Vec::with_capacity(batch.len());
         let (mut seq, mut hash) = (self.next_seq, self.last_hash.clone());
-        for Pending { record, reply } in batch {
-            match encode_line(seq, &hash, &record) {
+        for Pending { mut record, reply } in batch {
+            // On disk the address is sealed; subscribers keep the plain one.
+            let plain = match (&mut self.sealer, record.client_addr.take()) {
+                (Some(sealer), Some(addr)) => {
+                    let day = record.ts.get(..10).unwrap_or("0000-00-00").to_owned();
+                    match sealer.seal(&addr, &day) {
+                        Ok(sealed) => {
+                            record.client_addr = Some(sealed);
+                            Some(addr)
+                        }
+                        Err(e) => {
+                            metrics::counter!("wardgate_audit_failures_total").increment(1);
+                            let why = format!("client address cannot be sealed: {e}");
+                            let _ = reply.send(Err(AuditError::Unavailable(why)));
+                            continue;
+                        }
+                    }
+                }
+                (_, addr) => {
+                    record.client_addr = addr;
+                    None
+                }
+            };
+            let encoded = encode_line(seq, &hash, &record);
+            if plain.is_some() {
+                record.client_addr = plain;
+            }
+            match encoded {
                 Ok(line) => {
                     buf.extend_from_slice(&line.bytes);
                     waiting.push((reply, seq, record));
@@ -407,6 +441,7 @@ mod tests {
             durability,
             max_batch: 64,
             segment_max_bytes,
+            seal_client_addr: false,
         }
     }
 

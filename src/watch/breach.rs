@@ -34,8 +34,11 @@ pub struct Alert {
     /// The principal's subject, or `addr:IP`.
     pub key: String,
     pub client_addr: Option<String>,
-    /// Audit record sequence numbers.
+    /// Audit record sequence numbers in this replica's log.
     pub evidence: Vec<u64>,
+    /// Evidence across replicas, as `REPLICA#SEQ` (alerts of the shared detector).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence_refs: Vec<String>,
     /// When the gateway became aware: the reporting clock starts here.
     pub detected_at: String,
     pub report_by: String,
@@ -260,6 +263,7 @@ mod tests {
             key: "cllr".into(),
             client_addr: None,
             evidence: vec![1, 2],
+            evidence_refs: Vec::new(),
             detected_at: "2026-01-01T00:00:00.000Z".into(),
             report_by: "2026-01-04T00:00:00.000Z".into(),
             containment: None,

@@ -7,7 +7,8 @@
 //!
 //! The detector reads the audit writer's stream of acknowledged records, so it sees exactly
 //! what the log holds, after it is durable, and never delays a response. Each replica watches
-//! its own records.
+//! its own records; with Redis, one replica at a time also watches all replicas' accesses
+//! through a shared stream ([`shared`]), and each alert is raised once for the deployment.
 //!
 //! Does not own: what is audited (the request pipeline), revocation itself (`controls`), or
 //! authenticating the console's callers (`gateway::authenticate`).
@@ -17,6 +18,7 @@ pub mod console;
 pub mod feed;
 pub mod rules;
 pub mod settings;
+pub mod shared;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,15 +47,28 @@ pub struct Watch {
     feed: broadcast::Sender<Arc<FeedEvent>>,
     /// Taken by the detector task when it starts; subscribed at build so nothing is missed.
     records: Mutex<Option<broadcast::Receiver<Arc<Logged>>>>,
+    /// The shared stream, when Redis is configured.
+    pub shared: Option<Arc<shared::Shared>>,
     volumes: Mutex<Volumes>,
     stopping: watch::Sender<bool>,
 }
 
 impl Watch {
     /// Opens the breach log and subscribes to the audit log's acknowledged records.
-    pub fn open(settings: WatchSettings, audit: &crate::audit::AuditLog) -> anyhow::Result<Watch> {
+    pub fn open(
+        settings: WatchSettings,
+        audit: &crate::audit::AuditLog,
+        redis_url: Option<&str>,
+    ) -> anyhow::Result<Watch> {
         let breach = Arc::new(BreachLog::open(&settings.breach_log)?);
+        let shared = match redis_url {
+            Some(url) if settings.shared => {
+                Some(Arc::new(shared::Shared::new(url, &settings.shared_stream)?))
+            }
+            _ => None,
+        };
         Ok(Watch {
+            shared,
             settings,
             breach,
             feed: broadcast::channel(FEED_CAPACITY).0,
@@ -92,6 +107,17 @@ pub async fn run(gw: Arc<Gateway>) {
     };
     let mut stop = gw.watch.stopping.subscribe();
     let mut detector = Detector::new(gw.watch.settings.clone());
+    if let Some(sh) = &gw.watch.shared {
+        tokio::spawn(shared::publish_loop(
+            sh.clone(),
+            gw.watch.stopping.subscribe(),
+        ));
+        tokio::spawn(shared::lead_loop(
+            gw.clone(),
+            sh.clone(),
+            gw.watch.stopping.subscribe(),
+        ));
+    }
     loop {
         let logged = tokio::select! {
             r = rx.recv() => r,
@@ -120,14 +146,21 @@ pub async fn run(gw: Arc<Gateway>) {
         };
         gw.watch.publish(feed::access_event(&logged));
         lock(&gw.watch.volumes).observe(&logged.record);
-        for finding in detector.observe(logged.seq, &logged.record) {
-            act(&gw, finding, "local").await;
+        let Some(observation) = rules::Observation::of(&logged.record) else {
+            continue;
+        };
+        if let Some(sh) = &gw.watch.shared {
+            sh.publish(logged.seq, &observation);
+        }
+        for finding in detector.observe_access(logged.seq, &observation) {
+            act(&gw, finding, "local", Vec::new()).await;
         }
     }
 }
 
-/// Does what a finding's mode says: count it, alert on it, or alert and contain.
-pub async fn act(gw: &Gateway, f: Finding, scope: &'static str) {
+/// Does what a finding's mode says: count it, alert on it, or alert and contain. `refs` name
+/// the evidence as `REPLICA#SEQ` when it spans replicas (the shared detector).
+pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String>) {
     metrics::counter!("wardgate_watch_findings_total",
         "rule" => f.rule.name(), "mode" => mode_name(f.mode), "scope" => scope)
     .increment(1);
@@ -139,6 +172,14 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str) {
         let data = json!({ "rule": f.rule, "principal": f.key, "summary": f.summary, "evidence": f.evidence, "scope": scope });
         gw.watch
             .publish(alert_event("match", &f.key, data.to_string()));
+        return;
+    }
+    if let Some(sh) = &gw.watch.shared
+        && !sh
+            .first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)
+            .await
+    {
+        tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
         return;
     }
     let now = time::OffsetDateTime::now_utc();
@@ -155,7 +196,12 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str) {
         principal: f.caller.clone(),
         key: f.key.clone(),
         client_addr: f.client_addr.clone(),
-        evidence: f.evidence.clone(),
+        evidence: if refs.is_empty() {
+            f.evidence.clone()
+        } else {
+            Vec::new()
+        },
+        evidence_refs: refs,
         detected_at: AuditRecord::ts_of(now),
         report_by: AuditRecord::ts_of(report_by),
         containment: None,

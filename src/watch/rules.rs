@@ -17,6 +17,42 @@ const MAX_EVIDENCE: usize = 500;
 /// Sweep idle windows after this many observations, so memory follows the active principals.
 const SWEEP_EVERY: u64 = 10_000;
 
+/// What the rules read from one audit record: small enough to share between replicas (no
+/// subject ids, only how many were disclosed).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Observation {
+    pub ts: String,
+    pub caller: Option<Caller>,
+    pub client_addr: Option<String>,
+    pub decision: Decision,
+    pub disclosed: u64,
+    pub withheld_target: Option<String>,
+    pub reason: Option<String>,
+    pub route: Option<String>,
+    pub path: String,
+}
+
+impl Observation {
+    /// `None` for records that are not data access (admin actions, system events).
+    pub fn of(rec: &AuditRecord) -> Option<Observation> {
+        (rec.kind == RecordKind::Access).then(|| Observation {
+            ts: rec.ts.clone(),
+            caller: rec.caller.clone(),
+            client_addr: rec.client_addr.clone(),
+            decision: rec.decision,
+            disclosed: if rec.decision == Decision::Allow {
+                rec.subjects.len() as u64
+            } else {
+                0
+            },
+            withheld_target: rec.withheld_target.clone(),
+            reason: rec.reason.clone(),
+            route: rec.route.clone(),
+            path: rec.path.clone(),
+        })
+    }
+}
+
 /// One rule matching for one principal.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
@@ -94,9 +130,14 @@ impl Detector {
 
     /// Feeds one durable record; returns what it made match.
     pub fn observe(&mut self, seq: u64, rec: &AuditRecord) -> Vec<Finding> {
-        if rec.kind != RecordKind::Access {
-            return Vec::new();
+        match Observation::of(rec) {
+            Some(o) => self.observe_access(seq, &o),
+            None => Vec::new(),
         }
+    }
+
+    /// Feeds one access; `seq` is what the findings cite as evidence.
+    pub fn observe_access(&mut self, seq: u64, rec: &Observation) -> Vec<Finding> {
         let at = ts_millis(&rec.ts).unwrap_or_else(now_millis);
         self.observed += 1;
         if self.observed.is_multiple_of(SWEEP_EVERY) {
@@ -104,11 +145,7 @@ impl Detector {
         }
         let ev = Event::of(seq, rec, at);
         let mut out = Vec::new();
-        let disclosed = if rec.decision == Decision::Allow {
-            rec.subjects.len() as u64
-        } else {
-            0
-        };
+        let disclosed = rec.disclosed;
         if disclosed > 0 {
             self.count(Rule::Volume, &ev, disclosed, &mut out, |n, t, w| {
                 format!("{n} records disclosed within {w} (the role's norm is under {t})")
@@ -222,7 +259,7 @@ impl Detector {
     }
 
     /// Reads by id whose numeric part goes up one (or a few, past withheld ids) at a time.
-    fn enumeration(&mut self, rec: &AuditRecord, ev: &Event, out: &mut Vec<Finding>) {
+    fn enumeration(&mut self, rec: &Observation, ev: &Event, out: &mut Vec<Finding>) {
         let s = self.settings.rule(Rule::Enumeration);
         if s.mode == Mode::Off || !rec.route.as_deref().is_some_and(|r| r.ends_with(".read")) {
             return;
@@ -323,7 +360,7 @@ struct Event {
 }
 
 impl Event {
-    fn of(seq: u64, rec: &AuditRecord, at: i64) -> Event {
+    fn of(seq: u64, rec: &Observation, at: i64) -> Event {
         let key = match (&rec.caller, &rec.client_addr) {
             (Some(c), _) => c.subject.clone(),
             (None, Some(a)) => format!("addr:{a}"),

@@ -175,6 +175,10 @@ pub struct WatchSettings {
     pub cooldown: Duration,
     pub zone: Zone,
     pub rules: BTreeMap<Rule, RuleSettings>,
+    /// With Redis: also detect over every replica's accesses (see `shared.rs`).
+    pub shared: bool,
+    /// The Redis stream the replicas share accesses through.
+    pub shared_stream: String,
 }
 
 impl WatchSettings {
@@ -185,6 +189,8 @@ impl WatchSettings {
             cooldown: Duration::from_secs(3600),
             zone: Zone::EuropeLondon,
             rules: Rule::ALL.into_iter().map(|r| (r, r.defaults())).collect(),
+            shared: true,
+            shared_stream: "wardgate:access".to_owned(),
         }
     }
 
@@ -213,6 +219,8 @@ pub struct RawWatch {
     breach_log: Option<PathBuf>,
     cooldown: Option<String>,
     timezone: Option<String>,
+    shared: Option<bool>,
+    shared_stream: Option<String>,
     #[serde(default)]
     rules: BTreeMap<String, toml::Table>,
 }
@@ -241,6 +249,15 @@ impl RawWatch {
         }
         if let Some(c) = self.cooldown {
             s.cooldown = duration(&c).context("`watch.cooldown`")?;
+        }
+        if let Some(b) = self.shared {
+            s.shared = b;
+        }
+        if let Some(k) = self.shared_stream {
+            if k.trim().is_empty() {
+                bail!("`watch.shared_stream` is empty");
+            }
+            s.shared_stream = k;
         }
         s.zone = match self.timezone.as_deref() {
             None | Some("Europe/London") => Zone::EuropeLondon,

@@ -352,14 +352,19 @@ impl TestApp {
     }
 
     pub async fn stop(mut self) {
+        self.halt().await;
+        if let Some(s) = self.store_stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Stops the gateway (draining, flushing the log) but keeps its files for inspection.
+    pub async fn halt(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
             t.await.unwrap().unwrap();
-        }
-        if let Some(s) = self.store_stop.take() {
-            let _ = s.send(());
         }
     }
 }

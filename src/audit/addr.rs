@@ -1,0 +1,184 @@
+//! Client addresses on a shorter retention than the rest of the log, by crypto-shredding.
+//!
+//! A client address is needed to investigate a breach (seeds §13), not to answer a subject
+//! access request, so it is kept for `audit.client_addr_retention` (default 90 days) while the
+//! record around it stays for the whole retention period. Deleting bytes from the middle of a
+//! hash-chained log would break the chain, so instead each address is written encrypted
+//! (ChaCha20-Poly1305) under a key for its UTC day, kept in `AUDIT_DIR/addr-keys/DAY.key`.
+//! When a day passes the address retention its key file is deleted: the ciphertext stays, the
+//! chain still verifies, and the addresses can no longer be read by anyone.
+//!
+//! On disk an address reads `sealed:v1:DAY:HEX(nonce || ciphertext)`. The breach detector and
+//! the live feed see the plain address (they read records in memory, before they are written);
+//! `wardgate audit tail` shows it while its day's key exists.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+
+const PREFIX: &str = "sealed:v1:";
+const KEY_DIR: &str = "addr-keys";
+
+/// Seals addresses for the writer; holds today's key.
+pub struct Sealer {
+    dir: PathBuf,
+    keys: HashMap<String, LessSafeKey>,
+}
+
+impl Sealer {
+    pub fn new(audit_dir: &Path) -> Sealer {
+        Sealer {
+            dir: audit_dir.join(KEY_DIR),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// `addr` encrypted under the key of `day` (`YYYY-MM-DD`), creating that key if needed.
+    pub fn seal(&mut self, addr: &str, day: &str) -> std::io::Result<String> {
+        if !self.keys.contains_key(day) {
+            let key = load_or_create(&self.dir, day)?;
+            // One day's key at a time is enough for a writer that moves forward in time.
+            self.keys.clear();
+            self.keys.insert(day.to_owned(), key);
+        }
+        let key = self
+            .keys
+            .get(day)
+            .ok_or_else(|| std::io::Error::other("address key vanished"))?;
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let mut buf = addr.as_bytes().to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce_bytes),
+            Aad::from(day.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| std::io::Error::other("cannot seal a client address"))?;
+        let mut out = nonce_bytes.to_vec();
+        out.extend_from_slice(&buf);
+        Ok(format!("{PREFIX}{day}:{}", hex::encode(out)))
+    }
+}
+
+/// The plain address of a sealed one, while its day's key exists; plain text passes through.
+pub fn reveal(audit_dir: &Path, stored: &str) -> Option<String> {
+    let Some(rest) = stored.strip_prefix(PREFIX) else {
+        return Some(stored.to_owned());
+    };
+    let (day, hexed) = rest.split_once(':')?;
+    let raw = std::fs::read(key_path(&audit_dir.join(KEY_DIR), day)?).ok()?;
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &raw).ok()?);
+    let bytes = hex::decode(hexed).ok()?;
+    let (nonce, sealed) = bytes.split_at_checked(NONCE_LEN)?;
+    let mut sealed = sealed.to_vec();
+    let plain = key
+        .open_in_place(
+            Nonce::try_assume_unique_for_key(nonce).ok()?,
+            Aad::from(day.as_bytes()),
+            &mut sealed,
+        )
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
+}
+
+/// Deletes the keys of days before `keep_from` (`YYYY-MM-DD`); returns the days shredded.
+pub fn shred(audit_dir: &Path, keep_from: &str) -> std::io::Result<Vec<String>> {
+    let dir = audit_dir.join(KEY_DIR);
+    let mut days = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(days),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(day) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".key"))
+            .filter(|d| valid_day(d))
+        else {
+            continue;
+        };
+        if day < keep_from {
+            days.push(day.to_owned());
+        }
+    }
+    days.sort();
+    for day in &days {
+        if let Some(p) = key_path(&dir, day) {
+            std::fs::remove_file(p)?;
+        }
+    }
+    if !days.is_empty() {
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    Ok(days)
+}
+
+fn valid_day(d: &str) -> bool {
+    d.len() == 10
+        && d.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
+fn key_path(dir: &Path, day: &str) -> Option<PathBuf> {
+    valid_day(day).then(|| dir.join(format!("{day}.key")))
+}
+
+fn load_or_create(dir: &Path, day: &str) -> std::io::Result<LessSafeKey> {
+    let path = key_path(dir, day).ok_or_else(|| std::io::Error::other("bad day"))?;
+    let raw = match std::fs::read(&path) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            let raw: [u8; 32] = rand::random();
+            let tmp = dir.join(format!(".{day}.key.tmp"));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&raw)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            raw.to_vec()
+        }
+        Err(e) => return Err(e),
+    };
+    UnboundKey::new(&CHACHA20_POLY1305, &raw)
+        .map(LessSafeKey::new)
+        .map_err(|_| std::io::Error::other(format!("`{}` is not a key", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_addresses_read_back_until_their_day_is_shredded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Sealer::new(dir.path());
+        let a = s.seal("192.0.2.7", "2026-01-01").unwrap();
+        let b = s.seal("192.0.2.7", "2026-01-02").unwrap();
+        assert!(a.starts_with("sealed:v1:2026-01-01:") && !a.contains("192.0.2.7"));
+        // Fresh nonce each time: the same address does not give the same text.
+        assert_ne!(s.seal("192.0.2.7", "2026-01-02").unwrap(), b);
+        assert_eq!(reveal(dir.path(), &a).as_deref(), Some("192.0.2.7"));
+        assert_eq!(reveal(dir.path(), "10.0.0.1").as_deref(), Some("10.0.0.1"));
+        // A different day's key, or a changed byte, does not open it.
+        let moved = a.replace("2026-01-01", "2026-01-02");
+        assert_eq!(reveal(dir.path(), &moved), None);
+        assert_eq!(shred(dir.path(), "2026-01-02").unwrap(), vec!["2026-01-01"]);
+        assert_eq!(reveal(dir.path(), &a), None);
+        assert_eq!(reveal(dir.path(), &b).as_deref(), Some("192.0.2.7"));
+        assert!(shred(dir.path(), "2026-01-02").unwrap().is_empty());
+        // A writer restarted the same day reuses that day's key.
+        let mut again = Sealer::new(dir.path());
+        let c = again.seal("198.51.100.1", "2026-01-02").unwrap();
+        assert_eq!(reveal(dir.path(), &c).as_deref(), Some("198.51.100.1"));
+    }
+}

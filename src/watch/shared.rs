@@ -1,0 +1,332 @@
+//! Cross-replica detection over a shared Redis stream.
+//!
+//! Behind a load balancer a scraper's pages are spread over every replica, and each replica's
+//! own detector may see too little to match. So, when Redis is configured, every replica also
+//! appends a compact [`Observation`] of each access (who, decision, how many records; never
+//! subject ids) to the stream `watch.shared_stream`, capped at about a million entries. One
+//! replica at a time holds a lease (`STREAM:leader`, renewed every second, lost after five) and
+//! reads the stream through the consumer group `detect`, runs the same rules over every
+//! replica's accesses and acknowledges each entry once examined. A new leader first claims
+//! what its predecessor read but never acknowledged, so a leader that dies mid-batch loses
+//! nothing. Its detector starts with empty windows.
+//!
+//! An alert for one rule and principal is raised once for the whole deployment: whichever
+//! detector (a replica's own or the shared one) first sets `STREAM:alerted:RULE:PRINCIPAL`
+//! (`NX`, expiring after the cooldown) raises it. If Redis cannot be asked, the alert is
+//! raised anyway: a duplicate is better than a miss.
+//!
+//! The request path never waits on any of this: publishing is a bounded queue drained by a
+//! background task, and entries that do not fit while Redis is away are dropped and counted
+//! (`wardgate_watch_shared_dropped_total`); each replica's own detector still sees them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::gateway::Gateway;
+
+use super::rules::{Detector, Observation};
+use super::settings::Rule;
+
+const QUEUE: usize = 16_384;
+const BATCH: usize = 512;
+const STREAM_MAX_LEN: u64 = 1_000_000;
+const LEASE_MS: u64 = 5_000;
+const GROUP: &str = "detect";
+/// Evidence references kept for the shared detector's windows.
+const MAX_REFS: usize = 1_000_000;
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    /// The replica whose audit log holds the record.
+    r: String,
+    /// Its sequence number there.
+    s: u64,
+    o: Observation,
+}
+
+pub struct Shared {
+    client: redis::Client,
+    stream: String,
+    pub replica: String,
+    tx: mpsc::Sender<String>,
+    rx: std::sync::Mutex<Option<mpsc::Receiver<String>>>,
+}
+
+impl Shared {
+    pub fn new(url: &str, stream: &str) -> anyhow::Result<Shared> {
+        let client = redis::Client::open(url)?;
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "wardgate".to_owned());
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Ok(Shared {
+            client,
+            stream: stream.to_owned(),
+            replica: format!(
+                "{host}-{}-{:04x}",
+                std::process::id(),
+                rand::random::<u16>()
+            ),
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        })
+    }
+
+    /// Queues one access for the shared stream; never waits.
+    pub fn publish(&self, seq: u64, o: &Observation) {
+        let entry = Entry {
+            r: self.replica.clone(),
+            s: seq,
+            o: o.clone(),
+        };
+        let Ok(json) = serde_json::to_string(&entry) else {
+            return;
+        };
+        if self.tx.try_send(json).is_err() {
+            metrics::counter!("wardgate_watch_shared_dropped_total").increment(1);
+        }
+    }
+
+    /// True if this caller should raise the alert (the first across replicas, or Redis away).
+    pub async fn first_to_alert(&self, rule: Rule, key: &str, cooldown: Duration) -> bool {
+        let Ok(mut conn) = self.connection().await else {
+            return true;
+        };
+        let flag = format!("{}:alerted:{rule}:{key}", self.stream);
+        let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&flag)
+            .arg(&self.replica)
+            .arg("NX")
+            .arg("PX")
+            .arg(
+                u64::try_from(cooldown.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .query_async(&mut conn)
+            .await;
+        !matches!(set, Ok(None))
+    }
+
+    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(3));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+}
+
+/// Drains the publish queue into the stream in pipelined batches until `stop`.
+pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(mut rx) = shared.rx.lock().ok().and_then(|mut r| r.take()) else {
+        return;
+    };
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return },
+            _ = stop.changed() => return,
+        }
+        if conn.is_none() {
+            conn = shared.connection().await.ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            metrics::counter!("wardgate_watch_shared_dropped_total").increment(batch.len() as u64);
+            batch.clear();
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for json in batch.drain(..) {
+            pipe.cmd("XADD")
+                .arg(&shared.stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(STREAM_MAX_LEN)
+                .arg("*")
+                .arg("e")
+                .arg(json)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(c).await {
+            tracing::warn!(error = %e, "cannot publish accesses to the shared stream");
+            metrics::counter!("wardgate_watch_shared_dropped_total").increment(1);
+            conn = None;
+        }
+    }
+}
+
+/// Takes the lease when it is free and, while holding it, runs the rules over every
+/// replica's accesses.
+pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut leading: Option<Leader> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let step = async {
+            let mut conn = shared.connection().await?;
+            if !hold_lease(&shared, &mut conn).await? {
+                leading = None;
+                return Ok::<_, redis::RedisError>(false);
+            }
+            let leader = match leading.as_mut() {
+                Some(l) => l,
+                None => {
+                    tracing::info!(replica = %shared.replica, "leading cross-replica breach detection");
+                    let _: redis::RedisResult<()> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&shared.stream)
+                        .arg(GROUP)
+                        .arg("$")
+                        .arg("MKSTREAM")
+                        .query_async(&mut conn)
+                        .await;
+                    let mut l = Leader::new(&gw);
+                    // What the previous leader read but never acknowledged comes first.
+                    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                        .arg(&shared.stream)
+                        .arg(GROUP)
+                        .arg(&shared.replica)
+                        .arg(0)
+                        .arg("0-0")
+                        .arg("COUNT")
+                        .arg(10_000)
+                        .query_async(&mut conn)
+                        .await?;
+                    l.examine(&gw, &shared, &mut conn, claimed.claimed).await?;
+                    leading.insert(l)
+                }
+            };
+            let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&shared.replica)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&shared.stream)
+                .arg(">")
+                .query_async(&mut conn)
+                .await?;
+            let ids = read
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                .unwrap_or_default();
+            leader.examine(&gw, &shared, &mut conn, ids).await?;
+            Ok(true)
+        };
+        let pause = match step.await {
+            Ok(true) => Duration::ZERO,
+            Ok(false) => Duration::from_secs(1),
+            Err(e) => {
+                tracing::debug!(error = %e, "cross-replica detection: Redis unavailable");
+                leading = None;
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `SET NX PX` to take the lease, `PEXPIRE` to keep it; true while this replica holds it.
+async fn hold_lease(shared: &Shared, conn: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
+    let key = format!("{}:leader", shared.stream);
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&shared.replica)
+        .arg("NX")
+        .arg("PX")
+        .arg(LEASE_MS)
+        .query_async(conn)
+        .await?;
+    if taken.is_some() {
+        return Ok(true);
+    }
+    let holder: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+    if holder.as_deref() == Some(shared.replica.as_str()) {
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(&key)
+            .arg(LEASE_MS)
+            .query_async(conn)
+            .await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// The shared detector and the evidence references its windows cite.
+struct Leader {
+    detector: Detector,
+    next: u64,
+    refs: HashMap<u64, String>,
+    order: VecDeque<u64>,
+}
+
+impl Leader {
+    fn new(gw: &Gateway) -> Leader {
+        Leader {
+            detector: Detector::new(gw.watch.settings.clone()),
+            next: 0,
+            refs: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    async fn examine(
+        &mut self,
+        gw: &Gateway,
+        shared: &Shared,
+        conn: &mut MultiplexedConnection,
+        ids: Vec<redis::streams::StreamId>,
+    ) -> redis::RedisResult<()> {
+        for sid in &ids {
+            let Some(entry) = sid
+                .get::<String>("e")
+                .and_then(|j| serde_json::from_str::<Entry>(&j).ok())
+            else {
+                continue;
+            };
+            self.next += 1;
+            self.refs
+                .insert(self.next, format!("{}#{}", entry.r, entry.s));
+            self.order.push_back(self.next);
+            if self.order.len() > MAX_REFS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.refs.remove(&old);
+            }
+            for f in self.detector.observe_access(self.next, &entry.o) {
+                let refs = f
+                    .evidence
+                    .iter()
+                    .filter_map(|n| self.refs.get(n).cloned())
+                    .collect();
+                super::act(gw, f, "shared", refs).await;
+            }
+        }
+        if !ids.is_empty() {
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&shared.stream).arg(GROUP);
+            for sid in &ids {
+                ack.arg(&sid.id);
+            }
+            let _: i64 = ack.query_async(conn).await?;
+        }
+        Ok(())
+    }
+}
