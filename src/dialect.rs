@@ -33,6 +33,37 @@ fn enc(s: &str) -> String {
 
 /// The upstream path and query for a listing; `areas` narrows to the caller's scope
 /// (`None`: too wide to be worth sending).
+/// The upstream request for a streamed export (NDJSON, one record per line), or `None` when
+/// the datastore has no such API (Datasette's row API pages; export through it is refused).
+pub fn export(
+    dialect: &Dialect,
+    dataset: &Dataset,
+    route: &Route,
+    areas: Option<&BTreeSet<String>>,
+) -> Option<String> {
+    match dialect {
+        Dialect::Wardgate => {
+            let mut parts: Vec<String> = route
+                .filters
+                .iter()
+                .map(|(k, v)| format!("{k}={}", enc(v)))
+                .collect();
+            if let Some(areas) = areas {
+                parts.push(format!(
+                    "areas={}",
+                    areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
+                ));
+            }
+            Some(format!(
+                "/{}/export?{}",
+                dataset.collection,
+                parts.join("&")
+            ))
+        }
+        Dialect::Datasette(_) => None,
+    }
+}
+
 pub fn list(
     dialect: &Dialect,
     dataset: &Dataset,

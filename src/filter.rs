@@ -210,6 +210,23 @@ pub fn filter_single(
     Ok((Some(out), d))
 }
 
+/// Filters one NDJSON line (one record) of an export onto `out`, followed by a newline when
+/// it may leave. A line that is not a JSON object fails the whole export (fail closed).
+pub fn filter_line(
+    line: &[u8],
+    cx: &FilterContext,
+    decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    out: &mut Vec<u8>,
+    d: &mut Disclosure,
+) -> Result<(), FilterError> {
+    let record: RawRecord =
+        serde_json::from_slice(line).map_err(|e| FilterError::Malformed(e.to_string()))?;
+    if write_record(&record, cx, decide, out, d) {
+        out.push(b'\n');
+    }
+    Ok(())
+}
+
 /// The attributes policies decide on, or `None` if any is missing or malformed.
 pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, RecordAttrs)> {
     let ds = cx.dataset;

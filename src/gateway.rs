@@ -72,8 +72,22 @@ pub struct Trail {
     written: Vec<String>,
 }
 
+/// A data-plane response body: buffered, or an export's stream of audited chunks.
+pub type DataBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// What a successful request discloses.
+enum Reply {
+    Body(Bytes),
+    Export(Box<crate::export::Plan>),
+}
+
 /// The outer handler: always answers, and never before the audit record is durable.
-pub async fn handle<B>(gw: &Gateway, req: Request<B>, client: SocketAddr) -> Response<Full<Bytes>>
+pub async fn handle<B>(
+    gw: &std::sync::Arc<Gateway>,
+    req: Request<B>,
+    client: SocketAddr,
+) -> Response<DataBody>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -88,9 +102,9 @@ where
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
-    let record = audit_record(
+    let mut record = audit_record(
         &trail,
-        &result,
+        result.as_ref().err(),
         &request_id,
         client,
         &method,
@@ -100,19 +114,44 @@ where
     );
     let dataset = trail.dataset.clone().unwrap_or_else(|| "none".to_owned());
     let purpose = trail.purpose.clone().unwrap_or_else(|| "none".to_owned());
+    let template = matches!(result, Ok(Reply::Export(_))).then(|| {
+        record.detail = Some(serde_json::json!({ "export": "started" }));
+        record.clone()
+    });
     let response = match gw.audit.append(record).await {
-        Ok(_) => match result {
-            Ok(body) => {
+        Ok(_) => match (result, template) {
+            (Ok(Reply::Body(body)), _) => {
                 if let Some(p) = &trail.caller {
                     gw.controls.count(p, trail.subjects.len() as u64);
                 }
-                json_response(StatusCode::OK, body, &request_id)
+                boxed(json_response(StatusCode::OK, body, &request_id))
             }
-            Err(e) => problem_response(&e, &request_id),
+            (Ok(Reply::Export(plan)), Some(template)) => {
+                let body = crate::export::start(gw.clone(), *plan, template);
+                let mut resp = Response::new(body);
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-ndjson"),
+                );
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
+                    h.insert("x-request-id", v);
+                }
+                resp
+            }
+            (Ok(Reply::Export(_)), None) => boxed(problem_response(
+                &GatewayError::Internal("export without its audit template".to_owned()),
+                &request_id,
+            )),
+            (Err(e), _) => boxed(problem_response(&e, &request_id)),
         },
         Err(e) => {
             tracing::error!(error = %e, request_id, "audit record not durable; withholding response");
-            problem_response(&GatewayError::AuditUnavailable, &request_id)
+            boxed(problem_response(
+                &GatewayError::AuditUnavailable,
+                &request_id,
+            ))
         }
     };
     let decision = match response.status() {
@@ -134,13 +173,19 @@ where
     response
 }
 
-/// The inner handler: the steps, in order. Returns the body to disclose.
+/// A buffered response as a data-plane body.
+pub fn boxed(resp: Response<Full<Bytes>>) -> Response<DataBody> {
+    use http_body_util::BodyExt;
+    resp.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+/// The inner handler: the steps, in order. Returns what to disclose.
 async fn process<B>(
     gw: &Gateway,
     req: Request<B>,
     request_id: &str,
     trail: &mut Trail,
-) -> Result<Bytes, GatewayError>
+) -> Result<Reply, GatewayError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -203,6 +248,20 @@ where
         .get(&route.dataset)
         .ok_or(GatewayError::RouteNotFound)?;
     let asker = asker_key(&principal, &purpose, &entry.lawful_basis);
+    if route.kind == RouteKind::Export {
+        let areas = narrowing(gw, &principal);
+        let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_ref()).ok_or_else(
+            || GatewayError::BadRequest("this dataset's datastore offers no export".to_owned()),
+        )?;
+        let body = upstream.open_stream(&path, request_id).await?;
+        return Ok(Reply::Export(Box::new(crate::export::Plan {
+            body,
+            principal,
+            ask,
+            asker,
+            dataset: route.dataset.clone(),
+        })));
+    }
     let mut decider = Decider::new(
         &gw.policy,
         &gw.decisions,
@@ -226,8 +285,9 @@ where
             let (out, d) = filter::filter_page(&body, envelope, &cx, &mut |a| decider.decide(a))
                 .map_err(malformed)?;
             trail.absorb(d, &decider);
-            Ok(Bytes::from(out))
+            Ok(Reply::Body(Bytes::from(out)))
         }
+        RouteKind::Export => Err(GatewayError::RouteNotFound),
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
             let mut refused = None;
@@ -246,7 +306,8 @@ where
                 });
             }
             trail.absorb(d, &decider);
-            out.map(Bytes::from).ok_or(GatewayError::NotFound)
+            out.map(|o| Reply::Body(Bytes::from(o)))
+                .ok_or(GatewayError::NotFound)
         }
         RouteKind::Write { id, write } => {
             let (path, envelope) = dialect::write(&upstream.dialect, dataset, id, write)?;
@@ -263,9 +324,9 @@ where
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
                 .map_err(malformed)?;
             trail.absorb(d, &decider);
-            Ok(out
-                .map(Bytes::from)
-                .unwrap_or_else(|| Bytes::from_static(b"{\"record\":null}")))
+            Ok(Reply::Body(out.map(Bytes::from).unwrap_or_else(|| {
+                Bytes::from_static(b"{\"record\":null}")
+            })))
         }
     }
 }
@@ -427,7 +488,7 @@ fn request_id(headers: &HeaderMap) -> String {
 )]
 fn audit_record(
     trail: &Trail,
-    result: &Result<Bytes, GatewayError>,
+    error: Option<&GatewayError>,
     request_id: &str,
     client: SocketAddr,
     method: &Method,
@@ -435,17 +496,17 @@ fn audit_record(
     status: StatusCode,
     started: Instant,
 ) -> AuditRecord {
-    let (decision, reason) = match result {
-        Ok(_) => (Decision::Allow, None),
-        Err(
+    let (decision, reason) = match error {
+        None => (Decision::Allow, None),
+        Some(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
             | GatewayError::PurposeNotGranted(_)
             | GatewayError::QuotaExceeded),
         ) => (Decision::Deny, Some(e.code().to_owned())),
-        Err(e) => (Decision::Error, Some(e.code().to_owned())),
+        Some(e) => (Decision::Error, Some(e.code().to_owned())),
     };
-    let disclosed = result.is_ok();
+    let disclosed = error.is_none();
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),

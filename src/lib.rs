@@ -24,6 +24,7 @@
 //! - [`writes`]: what a write body may carry.
 //! - [`proxy`]: the upstream client.
 //! - [`filter`]: row and field filtering over raw JSON.
+//! - [`export`]: streamed exports, filtered line by line and audited chunk by chunk.
 //! - [`audit`]: the durable, hash-chained access log.
 //! - [`error`]: the request path's one error type and its mapping to problem+json.
 //! - [`admin`]: health, readiness, metrics; [`rights`]: the rights register and revocation endpoints.
@@ -42,6 +43,7 @@ pub mod decisions;
 pub mod demo;
 pub mod dialect;
 pub mod error;
+pub mod export;
 pub mod filter;
 pub mod gateway;
 pub mod geography;

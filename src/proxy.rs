@@ -148,4 +148,52 @@ impl Upstream {
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
     }
+
+    /// Asks for a streamed NDJSON answer; returns its body once the headers say 200 and
+    /// `application/x-ndjson`. The response timeout covers the headers; the body is read by
+    /// the caller, a line at a time, with no size limit (that is the point of an export).
+    pub async fn open_stream(
+        &self,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> Result<hyper::body::Incoming, GatewayError> {
+        let uri = format!("{}{path_and_query}", self.base);
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(&uri)
+            .header(header::ACCEPT, "application/x-ndjson")
+            .header("x-request-id", request_id);
+        if let Some(auth) = &self.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| {
+            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
+        })?;
+        let resp = tokio::time::timeout(self.response_timeout, self.client.request(req))
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?
+            .map_err(|e| {
+                tracing::warn!(error = %e, uri, "upstream request failed");
+                GatewayError::UpstreamUnavailable
+            })?;
+        if resp.status() != StatusCode::OK {
+            tracing::warn!(
+                status = resp.status().as_u16(),
+                uri,
+                "upstream export refused"
+            );
+            return Err(GatewayError::UpstreamStatus(resp.status().as_u16()));
+        }
+        let ndjson = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
+        if !ndjson {
+            return Err(GatewayError::UpstreamMalformed(
+                "export is not application/x-ndjson".to_owned(),
+            ));
+        }
+        Ok(resp.into_body())
+    }
 }

@@ -43,7 +43,11 @@ pub fn owns(path: &str) -> bool {
     path.starts_with("/rights/") || path.starts_with("/sar/") || path == "/revocations"
 }
 
-pub async fn handle<B>(gw: &Gateway, req: Request<B>, request_id: &str) -> Response<Full<Bytes>>
+pub async fn handle<B>(
+    gw: &std::sync::Arc<Gateway>,
+    req: Request<B>,
+    request_id: &str,
+) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -228,7 +232,7 @@ where
 /// The subject's records as held now, fetched through the data plane's own pipeline with the
 /// DPO's token under `sar_fulfilment`, so each fetch is authorized and audited like any other.
 async fn current_data(
-    gw: &Gateway,
+    gw: &std::sync::Arc<Gateway>,
     subject: &str,
     authorization: Option<&http::HeaderValue>,
     request_id: &str,

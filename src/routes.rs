@@ -19,8 +19,15 @@ use crate::policy::RequestAction;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteKind {
     List,
-    Read { id: String },
-    Write { id: String, write: String },
+    /// `GET /{dataset}/{collection}/export`: every matching record, streamed.
+    Export,
+    Read {
+        id: String,
+    },
+    Write {
+        id: String,
+        write: String,
+    },
 }
 
 /// A request that matched a route, with its validated query.
@@ -38,6 +45,7 @@ impl Route {
     pub fn action(&self) -> RequestAction {
         match self.kind {
             RouteKind::List => RequestAction::List,
+            RouteKind::Export => RequestAction::Export,
             RouteKind::Read { .. } => RequestAction::Read,
             RouteKind::Write { .. } => RequestAction::Write,
         }
@@ -47,6 +55,7 @@ impl Route {
     pub fn id(&self) -> String {
         match &self.kind {
             RouteKind::List => format!("{}.list", self.dataset),
+            RouteKind::Export => format!("{}.export", self.dataset),
             RouteKind::Read { .. } => format!("{}.read", self.dataset),
             RouteKind::Write { write, .. } => format!("{}.write.{write}", self.dataset),
         }
@@ -77,6 +86,8 @@ pub fn resolve(
         .ok_or(GatewayError::RouteNotFound)?;
     let kind = match rest {
         [c] if *c == dataset.collection => RouteKind::List,
+        // `export` is a route, so no record with that id can be read.
+        [c, "export"] if *c == dataset.collection => RouteKind::Export,
         [c, id] if *c == dataset.collection && valid_id(id) => RouteKind::Read {
             id: (*id).to_owned(),
         },
@@ -92,7 +103,7 @@ pub fn resolve(
     };
     let wanted = match kind {
         RouteKind::Write { .. } => http::Method::POST,
-        RouteKind::List | RouteKind::Read { .. } => http::Method::GET,
+        RouteKind::List | RouteKind::Export | RouteKind::Read { .. } => http::Method::GET,
     };
     if *method != wanted {
         return Err(GatewayError::MethodNotAllowed);
@@ -105,7 +116,7 @@ pub fn resolve(
         per_page: None,
     };
     let allowed_filters = match route.kind {
-        RouteKind::List => dataset.filters.as_slice(),
+        RouteKind::List | RouteKind::Export => dataset.filters.as_slice(),
         RouteKind::Read { .. } | RouteKind::Write { .. } => &[],
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {

@@ -1,0 +1,210 @@
+//! Streamed exports: a whole constituency (or more) through the filter, in bounded memory.
+//!
+//! `GET /{dataset}/{collection}/export` asks the datastore for NDJSON and answers NDJSON. Each
+//! upstream line is one record; it is filtered as it arrives (geography, flags, markers,
+//! fields) and appended to the current chunk. A chunk (about [`CHUNK_BYTES`]) is released
+//! only after an audit record listing exactly its subjects and fields is durable: no audit,
+//! no data, chunk by chunk. The request's own record (written before the headers) says the
+//! export started; the last one says how it ended. Memory is a chunk being filled, two
+//! chunks waiting for the client, and one partial line, whatever the size of the export.
+//!
+//! Once the headers have gone a failure cannot become a problem document, so it ends the
+//! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
+//! as an error) after an audit record of why: a line that is not a record, the upstream
+//! failing, the audit log failing, or the caller's quota running out. Nothing after the
+//! failure is disclosed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::mpsc;
+
+use crate::audit::{AuditRecord, Decision};
+use crate::auth::Principal;
+use crate::decisions::Decider;
+use crate::filter::{self, Disclosure, FilterContext};
+use crate::gateway::{DataBody, Gateway};
+use crate::policy::Ask;
+
+/// Release (and audit) the filtered output in chunks of about this size.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// A longer upstream line is not a record.
+const MAX_LINE: usize = 1 << 20;
+
+/// Everything the export needs once the request has been authorized and the upstream has
+/// answered 200.
+pub struct Plan {
+    pub body: hyper::body::Incoming,
+    pub principal: Principal,
+    pub ask: Ask,
+    pub asker: u64,
+    pub dataset: String,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Starts the export; the returned body carries each chunk once it is audited. `template` is
+/// the request's audit record, which chunk records copy.
+pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
+    tokio::spawn(async move {
+        let mut run = Run {
+            gw: &gw,
+            template,
+            tx: &tx,
+            chunks: 0,
+            records: 0,
+        };
+        let outcome = run.stream(plan).await;
+        run.finish(outcome).await;
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r.map(Frame::data), rx))
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
+struct Run<'a> {
+    gw: &'a Gateway,
+    template: AuditRecord,
+    tx: &'a mpsc::Sender<Result<Bytes, BoxError>>,
+    chunks: u64,
+    records: u64,
+}
+
+impl Run<'_> {
+    async fn stream(&mut self, plan: Plan) -> Result<(), String> {
+        let gw = self.gw;
+        let dataset = gw
+            .catalog
+            .datasets
+            .get(&plan.dataset)
+            .ok_or("unknown dataset")?;
+        let categories = gw.categories.get(&plan.dataset).ok_or("unknown dataset")?;
+        let mut decider = Decider::new(
+            &gw.policy,
+            &gw.decisions,
+            &plan.ask,
+            plan.asker,
+            &plan.dataset,
+            categories,
+        );
+        let cx = FilterContext {
+            dataset,
+            today: filter::today(),
+            register_flags: &|subject| gw.controls.flags(subject),
+        };
+        let mut body = plan.body;
+        let mut partial: Vec<u8> = Vec::new();
+        let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
+        let mut d = Disclosure::default();
+        loop {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let frame = frame.map_err(|e| format!("upstream failed mid-export: {e}"))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            partial.extend_from_slice(data);
+            let mut start = 0;
+            while let Some(i) = partial[start..].iter().position(|b| *b == b'\n') {
+                let line = &partial[start..start + i];
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    filter::filter_line(line, &cx, &mut |a| decider.decide(a), &mut out, &mut d)
+                        .map_err(|e| e.to_string())?;
+                }
+                start += i + 1;
+            }
+            partial.drain(..start);
+            if partial.len() > MAX_LINE {
+                return Err("an upstream line is longer than any record".to_owned());
+            }
+            if out.len() >= CHUNK_BYTES {
+                self.release(&plan.principal, &mut out, &mut d, &decider)
+                    .await?;
+            }
+        }
+        if !partial.iter().all(u8::is_ascii_whitespace) {
+            filter::filter_line(&partial, &cx, &mut |a| decider.decide(a), &mut out, &mut d)
+                .map_err(|e| e.to_string())?;
+        }
+        self.release(&plan.principal, &mut out, &mut d, &decider)
+            .await
+    }
+
+    /// Audits the chunk's subjects, waits until that is durable, then hands the chunk on.
+    async fn release(
+        &mut self,
+        principal: &Principal,
+        out: &mut Vec<u8>,
+        d: &mut Disclosure,
+        decider: &Decider<'_>,
+    ) -> Result<(), String> {
+        if out.is_empty() && d.rows_withheld == 0 {
+            return Ok(());
+        }
+        self.gw
+            .controls
+            .check_quota(principal)
+            .await
+            .map_err(|e| e.code().to_owned())?;
+        let disclosed = std::mem::take(d);
+        let n = disclosed.subjects.len() as u64;
+        let mut record = self.template.clone();
+        record.ts = AuditRecord::now_ts();
+        record.subjects = disclosed.subjects;
+        record.fields = disclosed.fields.into_iter().collect();
+        record.rows_withheld = disclosed.rows_withheld;
+        let mut ids: std::collections::BTreeSet<String> =
+            self.template.policy_ids.iter().cloned().collect();
+        ids.extend(decider.policy_ids.iter().cloned());
+        record.policy_ids = ids.into_iter().collect();
+        record.detail = Some(serde_json::json!({ "export_chunk": self.chunks + 1 }));
+        self.gw
+            .audit
+            .append(record)
+            .await
+            .map_err(|_| "audit_unavailable".to_owned())?;
+        self.gw.controls.count(principal, n);
+        self.chunks += 1;
+        self.records += n;
+        let chunk = Bytes::from(std::mem::replace(
+            out,
+            Vec::with_capacity(CHUNK_BYTES + MAX_LINE),
+        ));
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(Ok(chunk))
+            .await
+            .map_err(|_| "client_went_away".to_owned())
+    }
+
+    /// The export's last audit record; on failure, the stream is cut after it.
+    async fn finish(self, outcome: Result<(), String>) {
+        let mut record = self.template.clone();
+        record.ts = AuditRecord::now_ts();
+        let summary = serde_json::json!({ "chunks": self.chunks, "records": self.records });
+        match &outcome {
+            Ok(()) => record.detail = Some(serde_json::json!({ "export_complete": summary })),
+            Err(why) => {
+                record.decision = Decision::Error;
+                record.reason = Some("export_aborted".to_owned());
+                record.detail =
+                    Some(serde_json::json!({ "export_aborted": why, "before": summary }));
+                metrics::counter!("wardgate_exports_aborted_total").increment(1);
+                tracing::warn!(request_id = %record.request_id, why, "export aborted");
+            }
+        }
+        if let Err(e) = self.gw.audit.append(record).await {
+            tracing::error!(error = %e, "export's closing audit record not written");
+        }
+        if let Err(why) = outcome {
+            let _ = self.tx.send(Err(why.into())).await;
+        }
+    }
+}

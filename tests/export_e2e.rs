@@ -1,0 +1,247 @@
+//! Streamed exports end to end: the export discloses exactly what paging would, chunk by
+//! chunk audited with exactly the subjects each chunk carried, only to national roles, and a
+//! datastore that sends something that is not a record gets nothing through.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use bytes::Bytes;
+use common::{AppOptions, TestApp, spawn_app_with};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+/// The export's body, or the error that cut it short (with what had arrived).
+async fn export(
+    app: &TestApp,
+    token: &str,
+    query: &str,
+) -> (StatusCode, Result<Vec<Value>, String>) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/voter/electors/export{query}", app.addr))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status();
+    match resp.into_body().collect().await {
+        Ok(b) => {
+            let bytes = b.to_bytes();
+            if status != StatusCode::OK {
+                return (status, Err(String::from_utf8_lossy(&bytes).into_owned()));
+            }
+            let lines = std::str::from_utf8(&bytes)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (status, Ok(lines))
+        }
+        Err(e) => (status, Err(format!("body cut short: {e}"))),
+    }
+}
+
+fn ids(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_discloses_what_paging_would_audited_chunk_by_chunk() {
+    let app = spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        ..AppOptions::default()
+    })
+    .await;
+    let analyst = app.token("analyst");
+    let (status, body) = export(&app, &analyst, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let exported = body.unwrap();
+    assert!(exported.len() > 15_000, "{} records", exported.len());
+
+    // The same principal paging through the same listing sees exactly the same records, with
+    // exactly the same fields.
+    let mut paged = Vec::new();
+    for page in 1.. {
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=1000&page={page}"),
+                Some(&analyst),
+                Some("profiling"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let records = r.json()["records"].as_array().unwrap().clone();
+        if records.is_empty() {
+            break;
+        }
+        paged.extend(records);
+    }
+    assert_eq!(exported, paged);
+    // Nothing about an anonymous elector or an under-16, in any form.
+    for r in &exported {
+        assert!(
+            !r["markers"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|x| x == "N"))
+        );
+        assert!(
+            !r["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "under_16"))
+        );
+    }
+
+    // The log: a start, chunks whose subjects are exactly what left, and an end.
+    let records: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    assert_eq!(records[0]["detail"]["export"], "started");
+    assert_eq!(records[0]["subjects"].as_array().unwrap().len(), 0);
+    let chunks: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["detail"]["export_chunk"].is_u64())
+        .collect();
+    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+    let audited: Vec<String> = chunks
+        .iter()
+        .flat_map(|r| r["subjects"].as_array().unwrap())
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(audited, ids(&exported));
+    let last = records.last().unwrap();
+    assert_eq!(
+        last["detail"]["export_complete"]["records"].as_u64(),
+        Some(exported.len() as u64)
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|r| r["request_id"] == records[0]["request_id"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_for_national_roles_and_take_no_paging() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let councillor = app.token("councillor");
+    let r = app
+        .get(
+            "/voter/electors/export",
+            Some(&councillor),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.json()["policy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "dataset.export-national-roles-only")
+    );
+    let r = app
+        .get(
+            "/voter/electors/export?per_page=10",
+            Some(&app.token("analyst")),
+            Some("profiling"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Filters narrow an export as they narrow a listing.
+    let (status, body) = export(&app, &app.token("analyst"), "?ward=E05011391").await;
+    assert_eq!(status, StatusCode::OK);
+    let body = body.unwrap();
+    assert!(!body.is_empty());
+    assert!(body.iter().all(|r| r["ward"] == "E05011391"));
+}
+
+/// A datastore whose export turns into garbage after `good` records.
+async fn bad_datastore(good: String) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let good = good.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = format!("{good}this is not a record\n{good}");
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/x-ndjson")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_that_is_not_a_record_stops_the_export_and_nothing_after_it_leaves() {
+    // Real records to start with, taken from the demo datastore through the analyst's export.
+    let real = spawn_app_with(AppOptions::default()).await;
+    let (_, body) = export(&real, &real.token("analyst"), "?ward=E05011391").await;
+    let upstream_lines: String = {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let uri = format!("http://{}/electors/export?ward=E05011391", real.upstream);
+        let resp = client.get(uri.parse().unwrap()).await.unwrap();
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    assert!(!body.unwrap().is_empty());
+    let upstream = bad_datastore(upstream_lines).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let (status, body) = export(&app, &app.token("analyst"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let err = body.unwrap_err();
+    assert!(err.contains("cut short"), "{err}");
+    // The bad line came before the first chunk was full: nothing was released, nothing audited
+    // as disclosed, and the log says why the export ended.
+    let records: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    let disclosed: usize = records
+        .iter()
+        .map(|r| r["subjects"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(disclosed, 0);
+    let last = records.last().unwrap();
+    assert_eq!(last["reason"], "export_aborted");
+    assert_eq!(last["decision"], "error");
+}
