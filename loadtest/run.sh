@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # wardgate's load test, in one command (issue 7; see loadtest/README.md):
 #   bash loadtest/run.sh [harness options, e.g. --sizes 100 --duration 5 --profile]
+#   bash loadtest/run.sh --export [--records 1000000]   (the streamed-export benchmark, export.py)
 # Installs nginx and wrk with apt-get if missing (as root), builds wardgate in release mode,
 # generates synthetic pages with `wardgate demo`, then measures the upstream direct, nginx
 # proxy_pass, and wardgate with fsync and with page-cache audit, side by side, on loopback only.
@@ -22,6 +23,7 @@ need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null || need+=(wrk)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -76,4 +78,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 say "scratch directory $work"
-python3 "$here/harness.py" --bin "$bin" --work "$work" "$@"
+program=harness.py
+if [ "${1:-}" = "--export" ]; then
+  program=export.py
+  shift
+fi
+python3 "$here/$program" --bin "$bin" --work "$work" "$@"

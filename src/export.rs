@@ -100,6 +100,7 @@ impl Run<'_> {
         let mut partial: Vec<u8> = Vec::new();
         let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
         let mut d = Disclosure::default();
+        let mut layout = filter::FieldPlan::default();
         loop {
             let Some(frame) = body.frame().await else {
                 break;
@@ -113,8 +114,15 @@ impl Run<'_> {
             while let Some(i) = partial[start..].iter().position(|b| *b == b'\n') {
                 let line = &partial[start..start + i];
                 if !line.iter().all(u8::is_ascii_whitespace) {
-                    filter::filter_line(line, &cx, &mut |a| decider.decide(a), &mut out, &mut d)
-                        .map_err(|e| e.to_string())?;
+                    filter::filter_line(
+                        line,
+                        &cx,
+                        &mut |a| decider.decide(a),
+                        &mut layout,
+                        &mut out,
+                        &mut d,
+                    )
+                    .map_err(|e| e.to_string())?;
                 }
                 start += i + 1;
             }
@@ -125,11 +133,20 @@ impl Run<'_> {
             if out.len() >= CHUNK_BYTES {
                 self.release(&plan.principal, &mut out, &mut d, &decider)
                     .await?;
+                // Each chunk's record names the fields it carried: start the layouts afresh.
+                layout = filter::FieldPlan::default();
             }
         }
         if !partial.iter().all(u8::is_ascii_whitespace) {
-            filter::filter_line(&partial, &cx, &mut |a| decider.decide(a), &mut out, &mut d)
-                .map_err(|e| e.to_string())?;
+            filter::filter_line(
+                &partial,
+                &cx,
+                &mut |a| decider.decide(a),
+                &mut layout,
+                &mut out,
+                &mut d,
+            )
+            .map_err(|e| e.to_string())?;
         }
         self.release(&plan.principal, &mut out, &mut d, &decider)
             .await

@@ -137,6 +137,7 @@ pub fn filter_page(
     };
     let mut out = Vec::with_capacity(body.len());
     let mut d = Disclosure::default();
+    let mut plan = FieldPlan::default();
     out.extend_from_slice(b"{\"records\":[");
     let mut first = true;
     for rec in records {
@@ -144,7 +145,7 @@ pub fn filter_page(
         if !first {
             out.push(b',');
         }
-        if write_record(rec, cx, decide, &mut out, &mut d) {
+        if write_record(rec, cx, decide, &mut plan, &mut out, &mut d) {
             first = false;
         } else {
             out.truncate(start);
@@ -203,7 +204,14 @@ pub fn filter_single(
     };
     let mut out = Vec::with_capacity(body.len());
     out.extend_from_slice(b"{\"record\":");
-    if !write_record(record, cx, decide, &mut out, &mut d) {
+    if !write_record(
+        record,
+        cx,
+        decide,
+        &mut FieldPlan::default(),
+        &mut out,
+        &mut d,
+    ) {
         return Ok((None, d));
     }
     out.push(b'}');
@@ -216,12 +224,13 @@ pub fn filter_line(
     line: &[u8],
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    plan: &mut FieldPlan,
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> Result<(), FilterError> {
     let record: RawRecord =
         serde_json::from_slice(line).map_err(|e| FilterError::Malformed(e.to_string()))?;
-    if write_record(&record, cx, decide, out, d) {
+    if write_record(&record, cx, decide, plan, out, d) {
         out.push(b'\n');
     }
     Ok(())
@@ -271,10 +280,61 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     ))
 }
 
+/// Which of a record's fields leave, remembered for the last field layout and decision: the
+/// records of one page or export nearly always share both, so the per-field register and
+/// category lookups run once per layout instead of once per record.
+#[derive(Default)]
+pub struct FieldPlan {
+    decision: Option<Arc<RecordDecision>>,
+    names: Vec<String>,
+    keep: Vec<bool>,
+    /// Fields of this layout the asset register does not classify (never written out).
+    unclassified: u64,
+}
+
+impl FieldPlan {
+    /// True if the plan was made for exactly these field names, in order, and this decision.
+    fn fits(&self, rec: &RawRecord, verdict: &Arc<RecordDecision>) -> bool {
+        self.decision
+            .as_ref()
+            .is_some_and(|d| Arc::ptr_eq(d, verdict))
+            && self.names.len() == rec.0.len()
+            && self.names.iter().zip(&rec.0).all(|(a, (b, _))| a == b)
+    }
+
+    fn make(
+        &mut self,
+        rec: &RawRecord,
+        cx: &FilterContext,
+        verdict: &Arc<RecordDecision>,
+        d: &mut Disclosure,
+    ) {
+        self.decision = Some(Arc::clone(verdict));
+        self.names.clear();
+        self.keep.clear();
+        self.unclassified = 0;
+        for (name, _) in &rec.0 {
+            let keep = match cx.dataset.fields.get(name.as_ref()) {
+                Some(category) => verdict.categories.contains(category),
+                None => {
+                    self.unclassified += 1;
+                    false
+                }
+            };
+            if keep && !d.fields.contains(name.as_ref()) {
+                d.fields.insert(name.to_string());
+            }
+            self.names.push(name.to_string());
+            self.keep.push(keep);
+        }
+    }
+}
+
 fn write_record(
     rec: &RawRecord,
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    plan: &mut FieldPlan,
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> bool {
@@ -288,14 +348,14 @@ fn write_record(
         d.rows_withheld += 1;
         return false;
     }
+    if !plan.fits(rec, &verdict) {
+        plan.make(rec, cx, &verdict, d);
+    }
+    d.unclassified_fields += plan.unclassified;
     out.push(b'{');
     let mut first = true;
-    for (name, value) in &rec.0 {
-        let Some(category) = cx.dataset.fields.get(name.as_ref()) else {
-            d.unclassified_fields += 1;
-            continue;
-        };
-        if !verdict.categories.contains(category) {
+    for ((name, value), keep) in rec.0.iter().zip(&plan.keep) {
+        if !keep {
             continue;
         }
         if !first {
@@ -308,9 +368,6 @@ fn write_record(
         }
         out.push(b':');
         out.extend_from_slice(value.get().as_bytes());
-        if !d.fields.contains(name.as_ref()) {
-            d.fields.insert(name.to_string());
-        }
     }
     out.push(b'}');
     d.subjects.push(subject);

@@ -177,15 +177,36 @@ impl PolicyEngine {
         };
         let record = record_json(record);
         let dataset_ref = json!({ "__entity": { "type": "Wardgate::Dataset", "id": dataset } });
+        let ctx = json!({
+            "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
+            "dataset": dataset_ref, "record": record,
+        });
+        // One context for every category: parsing and validating it is most of the cost.
+        let prepared = uid("Wardgate::Action", action).and_then(|action| {
+            let context = Context::from_json_value(ctx, Some((&self.schema, &action)))?;
+            Ok((action, context))
+        });
+        let (action, context) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // No field leaves on a request the schema rejects (fail closed).
+                tracing::error!(error = %e, action, "field policy request could not be built; denying");
+                return HashSet::new();
+            }
+        };
         categories
             .into_iter()
             .filter(|cat| {
-                let ctx = json!({
-                    "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
-                    "dataset": dataset_ref, "record": record,
+                let verdict = uid("Wardgate::FieldCategory", cat).and_then(|resource| {
+                    self.authorize(ask, action.clone(), resource, context.clone())
                 });
-                self.decide(ask, action, "Wardgate::FieldCategory", cat, ctx)
-                    .allowed
+                match verdict {
+                    Ok(v) => v.allowed,
+                    Err(e) => {
+                        tracing::error!(error = %e, "field policy request could not be built; denying");
+                        false
+                    }
+                }
             })
             .cloned()
             .collect()
@@ -216,6 +237,17 @@ impl PolicyEngine {
         let action = uid("Wardgate::Action", action)?;
         let resource = uid(rtype, rid)?;
         let context = Context::from_json_value(ctx, Some((&self.schema, &action)))?;
+        self.authorize(ask, action, resource, context)
+    }
+
+    /// One Cedar decision on a prepared request; any evaluation error denies.
+    fn authorize(
+        &self,
+        ask: &Ask,
+        action: EntityUid,
+        resource: EntityUid,
+        context: Context,
+    ) -> anyhow::Result<Verdict> {
         let request = Request::new(
             ask.user.clone(),
             action,

@@ -121,6 +121,25 @@ async fn an_export_discloses_what_paging_would_audited_chunk_by_chunk() {
         .map(|s| s.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(audited, ids(&exported));
+    // Each chunk's record names exactly the fields its records carried.
+    let mut offset = 0;
+    for chunk in &chunks {
+        let n = chunk["subjects"].as_array().unwrap().len();
+        let mut carried: Vec<String> = exported[offset..offset + n]
+            .iter()
+            .flat_map(|r| r.as_object().unwrap().keys().cloned())
+            .collect();
+        carried.sort();
+        carried.dedup();
+        let named: Vec<String> = chunk["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(named, carried);
+        offset += n;
+    }
     let last = records.last().unwrap();
     assert_eq!(
         last["detail"]["export_complete"]["records"].as_u64(),
