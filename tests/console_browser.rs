@@ -243,5 +243,11 @@ async fn an_alert_appears_live_and_is_contained_and_classified_in_the_browser() 
         .expect("classification in the breach log");
     assert_eq!(classified["classification"]["class"], "near_miss");
     assert_eq!(classified["classification"]["by"], "demo-security");
+    assert!(
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .any(|e| e["entry"] == "contained" && e["alert_id"] == id.as_str()),
+        "the console's revocation is recorded against the alert"
+    );
     c.close().await.unwrap();
 }

@@ -758,6 +758,48 @@ async fn the_console_is_for_security_and_dpo_only_and_classification_is_kept() {
         .filter(|r| r["detail"]["classified_alert"] == id)
         .count();
     assert_eq!(audited, 2);
+    // Containment from the console: audited, applied on every replica, kept with the alert.
+    let contain = format!("/alerts/{id}/contain");
+    assert_eq!(
+        app.admin_post(&contain, &sec, r#"{"reason":""}"#)
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        app.admin_post(&contain, &app.token("canvasser"), r#"{"reason":"x"}"#)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let r = app
+        .admin_post(
+            &contain,
+            &sec,
+            r#"{"reason":"the councillor's office cannot explain it"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["containment"]["outcome"], "revoked");
+    let r = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&app.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        breach_log(&app)
+            .iter()
+            .any(|e| e["entry"] == "contained" && e["alert_id"] == id)
+    );
+    assert!(
+        app.audit_records()
+            .iter()
+            .any(|r| r["detail"]["contained_alert"] == id
+                && r["caller"]["subject"] == "demo-security")
+    );
     // And they survive a restart.
     let app = app.restart().await;
     let a = alerts(&app)

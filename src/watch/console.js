@@ -185,12 +185,12 @@ async function doClassify(id, cls, note) {
 
 async function doRevoke(id, tokenId) {
   try {
-    await api('/revocations', {
+    const a = await api('/alerts/' + encodeURIComponent(id) + '/contain', {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ token_id: tokenId, reason: 'revoked from the security console for alert ' + id }),
+      body: JSON.stringify({ reason: 'revoked from the security console' }),
     });
-    const a = state.alerts.get(id);
-    if (a) { a.containment = { token_id: tokenId, at: new Date().toISOString(), outcome: 'revoked' }; renderAlerts(); }
+    state.alerts.set(a.id, a);
+    renderAlerts();
     status('Token ' + tokenId + ' revoked on every replica.');
   } catch (e) {
     status('Not revoked: ' + e.message, true);

@@ -6,6 +6,8 @@
 //!   so no other site can make the browser act with it).
 //! - `GET /alerts`: the breach log, newest first.
 //! - `POST /alerts/{id}/classify` `{"class": "reportable"|"near_miss", "note": "..."}`.
+//! - `POST /alerts/{id}/contain` `{"reason": "..."}`: revoke the alert's token on every replica
+//!   and record the containment against the alert.
 //! - `GET /events?principal=&dataset=&purpose=&decision=&kind=`: the live feed (SSE).
 //! - `GET /volumes`: records per principal per minute over the last hour.
 //!
@@ -32,6 +34,12 @@ const STYLE: &str = include_str!("console.css");
 
 /// Only these roles see the console's data.
 const ROLES: [&str; 2] = ["security", "dpo"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainBody {
+    reason: String,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +197,46 @@ where
                 }
                 Err(e) => boxed(problem_response(
                     &GatewayError::Internal(e.to_string()),
+                    request_id,
+                )),
+            }
+        }
+        (&Method::POST, ["alerts", id, "contain"]) => {
+            let id = (*id).to_owned();
+            let b: ContainBody = match read_json(req).await {
+                Ok(b) => b,
+                Err(e) => return boxed(fail(e).await),
+            };
+            if let Err(e) = need_text("reason", &b.reason) {
+                return boxed(fail(e).await);
+            }
+            let Some(alert) = gw.watch.breach.alerts().into_iter().find(|a| a.id == id) else {
+                return boxed(fail(GatewayError::NotFound).await);
+            };
+            let Some(token_id) = alert.principal.as_ref().map(|c| c.token_id.clone()) else {
+                let e = GatewayError::BadRequest(
+                    "the alert names no token (its caller was not authenticated)".to_owned(),
+                );
+                return boxed(fail(e).await);
+            };
+            let reason = format!("alert {id}: {}", b.reason);
+            let event = super::revocation(&token_id, &principal.subject, &reason);
+            let detail = serde_json::json!({ "contained_alert": id, "change": event });
+            if audited(detail).await.is_err() {
+                return boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    request_id,
+                ));
+            }
+            let outcome = super::revoke(gw, event).await;
+            if outcome != "revoked" {
+                tracing::error!(alert = %id, outcome, "containment failed");
+                return boxed(problem_response(&GatewayError::ControlsStale, request_id));
+            }
+            match super::record_containment(gw, &id, token_id, outcome).await {
+                Some(alert) => json(&alert),
+                None => boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
                     request_id,
                 )),
             }

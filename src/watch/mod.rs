@@ -240,41 +240,71 @@ async fn contain(gw: &Gateway, alert: Alert) {
         tracing::warn!(alert = %alert.id, "nothing to contain: the caller was not authenticated");
         return;
     };
-    let (id, at) = crate::controls::stamp();
-    let event = Event {
-        id,
-        at,
-        by: "wardgate-watch".to_owned(),
-        reason: format!("containment for alert {}: {}", alert.id, alert.summary),
-        change: Change::RevokeToken {
-            token_id: token_id.clone(),
-        },
-    };
+    let reason = format!("containment for alert {}: {}", alert.id, alert.summary);
+    let event = revocation(&token_id, "wardgate-watch", &reason);
     let mut record = system_record("breach_containment");
     record.detail = serde_json::to_value(&event).ok();
     let outcome = match gw.audit.append(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
-        Ok(_) => match gw.controls.record(event).await {
-            Ok(()) => "revoked".to_owned(),
-            Err(e) => format!("not revoked: {e}"),
-        },
+        Ok(_) => revoke(gw, event).await,
     };
     tracing::warn!(alert = %alert.id, token_id, outcome, "containment");
+    record_containment(gw, &alert.id, token_id, outcome).await;
+}
+
+/// The shared-controls event that revokes `token_id`.
+pub(crate) fn revocation(token_id: &str, by: &str, reason: &str) -> Event {
+    let (id, at) = crate::controls::stamp();
+    Event {
+        id,
+        at,
+        by: by.to_owned(),
+        reason: reason.to_owned(),
+        change: Change::RevokeToken {
+            token_id: token_id.to_owned(),
+        },
+    }
+}
+
+/// Applies an (already audited) revocation; returns the outcome for the breach log.
+pub(crate) async fn revoke(gw: &Gateway, event: Event) -> String {
+    match gw.controls.record(event).await {
+        Ok(()) => "revoked".to_owned(),
+        Err(e) => format!("not revoked: {e}"),
+    }
+}
+
+/// Adds the containment to the alert in the breach log and shows it in the live feed.
+pub(crate) async fn record_containment(
+    gw: &Gateway,
+    alert_id: &str,
+    token_id: String,
+    outcome: String,
+) -> Option<Alert> {
     let containment = Containment {
         token_id,
         at: AuditRecord::now_ts(),
         outcome,
     };
     let log = gw.watch.breach.clone();
-    let id = alert.id.clone();
-    if let Ok(Ok(updated)) =
-        tokio::task::spawn_blocking(move || log.contain(&id, containment)).await
-    {
-        gw.watch.publish(alert_event(
-            "alert",
-            &updated.key,
-            serde_json::to_string(&updated).unwrap_or_default(),
-        ));
+    let id = alert_id.to_owned();
+    match tokio::task::spawn_blocking(move || log.contain(&id, containment)).await {
+        Ok(Ok(updated)) => {
+            gw.watch.publish(alert_event(
+                "alert",
+                &updated.key,
+                serde_json::to_string(&updated).unwrap_or_default(),
+            ));
+            Some(updated)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, alert = alert_id, "containment not written to the breach log");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "breach log writer task failed");
+            None
+        }
     }
 }
 
