@@ -7,7 +7,9 @@
 //! purpose and its basis, the dataset, and the record's area, markers, flags (including the
 //! rights register's), consents and TPS freshness. A change to any of those is a different key,
 //! so a memoised decision cannot outlive a change of the record's flags; the policies are fixed
-//! for the life of the process (a reload builds a new engine and so a new cache).
+//! for the life of the process (a reload builds a new engine and so a new cache). Request-level
+//! decisions (may this caller list this dataset for this purpose at all?) are memoised the same
+//! way, keyed by every claim and the purpose.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::auth::Principal;
 use crate::filter::RecordDecision;
-use crate::policy::{Ask, PolicyEngine, RecordAttrs};
+use crate::policy::{Ask, PolicyEngine, RecordAttrs, RequestAction, Verdict};
 
 /// Past this many entries the cache starts again: simple, bounded, and still near-perfect for
 /// the few thousand combinations real traffic produces.
@@ -28,10 +30,69 @@ struct Key {
     attrs: RecordAttrs,
 }
 
+/// Everything a request-level decision reads: who (the principal's subject and every claim
+/// policies see), why, the action and the dataset. No time, no record.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct RequestKey {
+    subject: String,
+    role: String,
+    unit: String,
+    areas: Vec<String>,
+    purposes: Vec<String>,
+    purpose: String,
+    lawful_basis: String,
+    action: RequestAction,
+    dataset: String,
+}
+
 /// The shared cache; lives beside the policy engine whose answers it holds.
 #[derive(Default)]
 pub struct DecisionCache {
     entries: Mutex<HashMap<Key, Arc<Cached>>>,
+    requests: Mutex<HashMap<RequestKey, Verdict>>,
+}
+
+impl DecisionCache {
+    /// The request-level decision, evaluated once per distinct caller, purpose, action and
+    /// dataset. Keyed by the exact values (not a hash of them), so two callers never share
+    /// an answer by accident; bounded like the record cache.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the decision's inputs, spelled out"
+    )]
+    pub fn request(
+        &self,
+        engine: &PolicyEngine,
+        ask: &Ask,
+        p: &Principal,
+        purpose: &str,
+        lawful_basis: &str,
+        action: RequestAction,
+        dataset: &str,
+    ) -> Verdict {
+        let key = RequestKey {
+            subject: p.subject.clone(),
+            role: p.role.clone(),
+            unit: p.unit.clone(),
+            areas: p.areas.clone(),
+            purposes: p.purposes.clone(),
+            purpose: purpose.to_owned(),
+            lawful_basis: lawful_basis.to_owned(),
+            action,
+            dataset: dataset.to_owned(),
+        };
+        if let Some(v) = self.requests.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return v;
+        }
+        let verdict = engine.decide_request(ask, action, dataset);
+        if let Ok(mut m) = self.requests.lock() {
+            if m.len() >= MAX_ENTRIES {
+                m.clear();
+            }
+            m.insert(key, verdict.clone());
+        }
+        verdict
+    }
 }
 
 struct Cached {
@@ -137,5 +198,64 @@ impl<'a> Decider<'a> {
             }),
             policy_ids: verdict.policy_ids,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tests::shipped_engine;
+
+    fn principal(role: &str, purposes: &[&str]) -> Principal {
+        Principal {
+            subject: format!("p-{role}"),
+            token_id: "t".into(),
+            role: role.into(),
+            unit: "U".into(),
+            areas: vec!["E05011391".into()],
+            purposes: purposes.iter().map(|p| (*p).to_owned()).collect(),
+            expires_at: i64::MAX,
+            issued_at: 0,
+            grant_expires_at: None,
+        }
+    }
+
+    #[test]
+    fn memoised_request_decisions_equal_fresh_ones_for_every_caller_purpose_and_action() {
+        let (engine, catalog, _) = shipped_engine();
+        let cache = DecisionCache::default();
+        let mut allowed = 0;
+        for role in ["canvasser", "councillor", "analyst", "dpo"] {
+            for (purpose, entry) in &catalog.purposes {
+                let p = principal(role, &[purpose.as_str()]);
+                let ask = engine.ask(&p, purpose, &entry.lawful_basis).unwrap();
+                for action in [
+                    RequestAction::List,
+                    RequestAction::Read,
+                    RequestAction::Write,
+                    RequestAction::Export,
+                ] {
+                    for dataset in ["voter", "membership"] {
+                        let fresh = engine.decide_request(&ask, action, dataset);
+                        for _ in 0..2 {
+                            let memo = cache.request(
+                                &engine,
+                                &ask,
+                                &p,
+                                purpose,
+                                &entry.lawful_basis,
+                                action,
+                                dataset,
+                            );
+                            assert_eq!(memo, fresh, "{role} {purpose} {action:?} {dataset}");
+                        }
+                        allowed += usize::from(fresh.allowed);
+                    }
+                }
+            }
+        }
+        // Both answers occur, so the comparison means something.
+        assert!(allowed > 0 && allowed < 4 * catalog.purposes.len() * 8);
+        assert!(cache.requests.lock().unwrap().len() > 100);
     }
 }

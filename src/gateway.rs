@@ -226,9 +226,15 @@ where
         .policy
         .ask(&principal, &purpose, &entry.lawful_basis)
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let verdict = gw
-        .policy
-        .decide_request(&ask, route.action(), &route.dataset);
+    let verdict = gw.decisions.request(
+        &gw.policy,
+        &ask,
+        &principal,
+        &purpose,
+        &entry.lawful_basis,
+        route.action(),
+        &route.dataset,
+    );
     trail.policy_ids.extend(verdict.policy_ids.iter().cloned());
     if !verdict.allowed {
         return Err(GatewayError::Forbidden {

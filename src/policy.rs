@@ -426,4 +426,4 @@ fn static_entities(
 
 #[cfg(test)]
 #[path = "policy_tests.rs"]
-mod tests;
+pub(crate) mod tests;
