@@ -280,53 +280,85 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     ))
 }
 
-/// Which of a record's fields leave, remembered for the last field layout and decision: the
-/// records of one page or export nearly always share both, so the per-field register and
-/// category lookups run once per layout instead of once per record.
+/// Which of a record's fields leave, remembered per decision and field layout: a page or an
+/// export has a handful of distinct decisions and (nearly always) one layout, so the
+/// per-field register and category lookups run once per decision instead of once per record.
 #[derive(Default)]
 pub struct FieldPlan {
-    decision: Option<Arc<RecordDecision>>,
+    plans: Vec<Plan>,
+}
+
+/// Past this many plans (distinct decisions) start again: bounded, and far above real pages.
+const MAX_PLANS: usize = 64;
+
+struct Plan {
+    decision: Arc<RecordDecision>,
     names: Vec<String>,
     keep: Vec<bool>,
     /// Fields of this layout the asset register does not classify (never written out).
     unclassified: u64,
 }
 
-impl FieldPlan {
-    /// True if the plan was made for exactly these field names, in order, and this decision.
-    fn fits(&self, rec: &RawRecord, verdict: &Arc<RecordDecision>) -> bool {
-        self.decision
-            .as_ref()
-            .is_some_and(|d| Arc::ptr_eq(d, verdict))
-            && self.names.len() == rec.0.len()
-            && self.names.iter().zip(&rec.0).all(|(a, (b, _))| a == b)
+impl Plan {
+    fn fits(&self, rec: &RawRecord) -> bool {
+        self.names.len() == rec.0.len() && self.names.iter().zip(&rec.0).all(|(a, (b, _))| a == b)
     }
+}
 
-    fn make(
+impl FieldPlan {
+    /// The plan for this record under this decision, made (and its field names added to the
+    /// disclosure) the first time the pair is seen.
+    fn get(
         &mut self,
         rec: &RawRecord,
         cx: &FilterContext,
         verdict: &Arc<RecordDecision>,
         d: &mut Disclosure,
-    ) {
-        self.decision = Some(Arc::clone(verdict));
-        self.names.clear();
-        self.keep.clear();
-        self.unclassified = 0;
+    ) -> &Plan {
+        let found = self
+            .plans
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.decision, verdict) && p.fits(rec));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                if self.plans.len() >= MAX_PLANS {
+                    self.plans.clear();
+                }
+                self.plans.push(Self::make(rec, cx, verdict, d));
+                self.plans.len() - 1
+            }
+        };
+        &self.plans[i]
+    }
+
+    fn make(
+        rec: &RawRecord,
+        cx: &FilterContext,
+        verdict: &Arc<RecordDecision>,
+        d: &mut Disclosure,
+    ) -> Plan {
+        let mut plan = Plan {
+            decision: Arc::clone(verdict),
+            names: Vec::with_capacity(rec.0.len()),
+            keep: Vec::with_capacity(rec.0.len()),
+            unclassified: 0,
+        };
         for (name, _) in &rec.0 {
             let keep = match cx.dataset.fields.get(name.as_ref()) {
                 Some(category) => verdict.categories.contains(category),
                 None => {
-                    self.unclassified += 1;
+                    plan.unclassified += 1;
                     false
                 }
             };
             if keep && !d.fields.contains(name.as_ref()) {
                 d.fields.insert(name.to_string());
             }
-            self.names.push(name.to_string());
-            self.keep.push(keep);
+            plan.names.push(name.to_string());
+            plan.keep.push(keep);
         }
+        plan
     }
 }
 
@@ -348,9 +380,7 @@ fn write_record(
         d.rows_withheld += 1;
         return false;
     }
-    if !plan.fits(rec, &verdict) {
-        plan.make(rec, cx, &verdict, d);
-    }
+    let plan = plan.get(rec, cx, &verdict, d);
     d.unclassified_fields += plan.unclassified;
     out.push(b'{');
     let mut first = true;

@@ -144,7 +144,10 @@ pub async fn run(gw: Arc<Gateway>) {
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        gw.watch.publish(feed::access_event(&logged));
+        // The feed's summary is built only while someone is watching.
+        if gw.watch.feed.receiver_count() > 0 {
+            gw.watch.publish(feed::access_event(&logged));
+        }
         lock(&gw.watch.volumes).observe(&logged.record);
         let Some(observation) = rules::Observation::of(&logged.record) else {
             continue;
@@ -372,10 +375,13 @@ impl Volumes {
             return;
         };
         let minute = rules::ts_millis(&r.ts).unwrap_or_else(rules::now_millis) / 60_000;
-        let (_, buckets) = self
-            .by
-            .entry(c.subject.clone())
-            .or_insert_with(|| (c.role.clone(), VecDeque::new()));
+        if !self.by.contains_key(&c.subject) {
+            self.by
+                .insert(c.subject.clone(), (c.role.clone(), VecDeque::new()));
+        }
+        let Some((_, buckets)) = self.by.get_mut(&c.subject) else {
+            return;
+        };
         match buckets.back_mut() {
             Some((m, count)) if *m == minute => *count += n as u64,
             _ => buckets.push_back((minute, n as u64)),

@@ -6,7 +6,7 @@
 //! a sliding window per principal (or per client address when the caller is unknown); once a
 //! rule matches for someone it stays quiet for them for the cooldown, then counts afresh.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::audit::{AuditRecord, Caller, Decision, RecordKind};
 
@@ -99,6 +99,34 @@ impl Window {
     }
 }
 
+/// Where one token has been used from within the window, with a count per address so the
+/// number of distinct addresses is known without rescanning.
+#[derive(Default)]
+struct Seen {
+    events: VecDeque<(i64, String, u64)>,
+    counts: HashMap<String, usize>,
+}
+
+impl Seen {
+    fn push(&mut self, at: i64, addr: &str, seq: u64, span_ms: i64) {
+        self.events.push_back((at, addr.to_owned(), seq));
+        *self.counts.entry(addr.to_owned()).or_default() += 1;
+        while let Some((t, _, _)) = self.events.front() {
+            if *t >= at - span_ms {
+                break;
+            }
+            if let Some((_, old, _)) = self.events.pop_front()
+                && let Some(n) = self.counts.get_mut(&old)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// A run of reads in sequential id order.
 struct Run {
     last: u64,
@@ -111,7 +139,7 @@ pub struct Detector {
     windows: HashMap<(Rule, String), Window>,
     quiet_until: HashMap<(Rule, String), i64>,
     /// Per token id: when it was seen from which address.
-    addresses: HashMap<String, VecDeque<(i64, String, u64)>>,
+    addresses: HashMap<String, Seen>,
     runs: HashMap<String, Run>,
     observed: u64,
 }
@@ -211,7 +239,7 @@ impl Detector {
         let key = (rule, ev.key.clone());
         let window = self.windows.entry(key.clone()).or_default();
         let total = window.push(ev.at, ev.seq, weight, span);
-        if total < threshold {
+        if total < threshold || self.quiet_until.get(&key).is_some_and(|t| ev.at < *t) {
             return;
         }
         let evidence = window.evidence();
@@ -235,15 +263,11 @@ impl Detector {
         }
         let (span, threshold) = (millis(s), s.threshold_for(None));
         let seen = self.addresses.entry(caller.token_id.clone()).or_default();
-        seen.push_back((ev.at, addr.clone(), ev.seq));
-        while seen.front().is_some_and(|(t, _, _)| *t < ev.at - span) {
-            seen.pop_front();
-        }
-        let distinct: HashSet<&str> = seen.iter().map(|(_, a, _)| a.as_str()).collect();
-        if (distinct.len() as u64) < threshold {
+        seen.push(ev.at, addr, ev.seq, span);
+        if (seen.counts.len() as u64) < threshold {
             return;
         }
-        let mut addrs: Vec<&str> = distinct.into_iter().collect();
+        let mut addrs: Vec<&str> = seen.counts.keys().map(String::as_str).collect();
         addrs.sort_unstable();
         let summary = format!(
             "one token used from {} addresses within {}: {}",
@@ -251,8 +275,8 @@ impl Detector {
             humantime::format_duration(s.window),
             addrs.join(", ")
         );
-        let skip = seen.len().saturating_sub(MAX_EVIDENCE);
-        let evidence = seen.iter().skip(skip).map(|(_, _, q)| *q).collect();
+        let skip = seen.events.len().saturating_sub(MAX_EVIDENCE);
+        let evidence = seen.events.iter().skip(skip).map(|(_, _, q)| *q).collect();
         if self.raise(Rule::ManyAddresses, ev, evidence, summary, out) {
             self.addresses.remove(&caller.token_id);
         }
@@ -345,7 +369,7 @@ impl Detector {
         });
         self.quiet_until.retain(|_, t| *t > now);
         self.addresses
-            .retain(|_, seen| seen.back().is_some_and(|(t, _, _)| *t >= horizon));
+            .retain(|_, seen| seen.events.back().is_some_and(|(t, _, _)| *t >= horizon));
         self.runs.retain(|_, r| r.started >= horizon);
     }
 }
