@@ -17,14 +17,11 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AppOptions, TestApp, spawn_app_with};
+use common::{AppOptions, daytime, scrape, spawn_app_with};
 use fantoccini::{Client, ClientBuilder, Locator};
 use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
-use wardgate::config::Config;
-use wardgate::watch::rules::{local_minute, now_millis};
-use wardgate::watch::settings::Rule;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -40,12 +37,6 @@ impl Drop for Driver {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn daytime(cfg: &mut Config) {
-    let now = local_minute(now_millis(), cfg.watch.zone);
-    cfg.watch.rules.get_mut(&Rule::UnusualHours).unwrap().hours =
-        ((now + 1440 - 60) % 1440, (now + 120) % 1440);
 }
 
 async fn browser() -> Option<(Driver, Client)> {
@@ -115,23 +106,6 @@ async fn wait_text(c: &Client, css: &str, text: &str) -> String {
             panic!("no `{css}` containing {text:?} on the page:\n{page}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn scrape(app: &TestApp, token: &str, records: usize) {
-    let (mut seen, mut page) = (0, 1);
-    while seen < records {
-        let r = app
-            .get(
-                &format!("/voter/electors?per_page=100&page={page}"),
-                Some(token),
-                Some("canvassing"),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-        let n = r.json()["records"].as_array().unwrap().len();
-        seen += n;
-        page = if n < 100 { 1 } else { page + 1 };
     }
 }
 

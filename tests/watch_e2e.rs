@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{AppOptions, TestApp, spawn_app_with};
+use common::{AppOptions, TestApp, daytime, scrape, set_hours, spawn_app_with};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -28,20 +28,10 @@ use wardgate::watch::settings::{Mode, Rule};
 
 const WARD: &str = "E05011391";
 
-/// Working hours from an hour ago to two hours ahead: the scenario happens in the daytime.
-fn daytime(cfg: &mut Config) {
-    let now = local_minute(now_millis(), cfg.watch.zone);
-    set_hours(cfg, (now + 1440 - 60) % 1440, (now + 120) % 1440);
-}
-
 /// Working hours that start in two hours and end ten hours later: now is after hours.
 fn night(cfg: &mut Config) {
     let now = local_minute(now_millis(), cfg.watch.zone);
     set_hours(cfg, (now + 120) % 1440, (now + 720) % 1440);
-}
-
-fn set_hours(cfg: &mut Config, start: u32, end: u32) {
-    cfg.watch.rules.get_mut(&Rule::UnusualHours).unwrap().hours = (start, end);
 }
 
 fn contain_scrapers(cfg: &mut Config) {
@@ -88,27 +78,6 @@ async fn wait_for_alert(app: &TestApp, rule: &str, principal: &str) -> (Value, D
         "no `{rule}` alert for `{principal}`; alerts: {:#}",
         json!(alerts(app).await)
     );
-}
-
-/// Pages through the caller's area 100 records at a time, starting again at the end, until
-/// `records` have been disclosed. Returns the request ids of the pages.
-async fn scrape(app: &TestApp, token: &str, records: usize) -> Vec<String> {
-    let (mut seen, mut page, mut ids) = (0, 1, Vec::new());
-    while seen < records {
-        let r = app
-            .get(
-                &format!("/voter/electors?per_page=100&page={page}"),
-                Some(token),
-                Some("canvassing"),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-        let n = r.json()["records"].as_array().unwrap().len();
-        ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
-        seen += n;
-        page = if n < 100 { 1 } else { page + 1 };
-    }
-    ids
 }
 
 /// Every elector in the upstream, straight from the datastore.

@@ -135,30 +135,13 @@ pub async fn shred_and_record(
     Ok(Some(days))
 }
 
+/// The log's own record of a retention step.
 fn system_record(route: &str, reason: &str) -> super::AuditRecord {
-    super::AuditRecord {
-        ts: super::AuditRecord::now_ts(),
-        request_id: format!("{:032x}", rand::random::<u128>()),
-        kind: super::RecordKind::System,
-        caller: None,
-        client_addr: None,
-        purpose: None,
-        lawful_basis: Some("legal_obligation".to_owned()),
-        dataset: None,
-        route: Some(route.to_owned()),
-        method: "PRUNE".to_owned(),
-        path: String::new(),
-        decision: super::Decision::Allow,
-        policy_ids: Vec::new(),
-        reason: Some(reason.to_owned()),
-        status: 200,
-        subjects: Vec::new(),
-        fields: Vec::new(),
-        rows_withheld: 0,
-        withheld_target: None,
-        latency_us: 0,
-        detail: None,
-    }
+    let mut r = super::AuditRecord::system(route, reason);
+    r.lawful_basis = Some("legal_obligation".to_owned());
+    r.method = "PRUNE".to_owned();
+    r.status = 200;
+    r
 }
 
 #[cfg(test)]

@@ -80,6 +80,34 @@ pub enum Decision {
 }
 
 impl AuditRecord {
+    /// A record of something wardgate itself did (pruning, an alert, a containment): no caller,
+    /// no request; the caller fills in `detail` and anything else it knows.
+    pub fn system(route: &str, reason: &str) -> AuditRecord {
+        AuditRecord {
+            ts: AuditRecord::now_ts(),
+            request_id: format!("{:032x}", rand::random::<u128>()),
+            kind: RecordKind::System,
+            caller: None,
+            client_addr: None,
+            purpose: None,
+            lawful_basis: None,
+            dataset: None,
+            route: Some(route.to_owned()),
+            method: "-".to_owned(),
+            path: String::new(),
+            decision: Decision::Allow,
+            policy_ids: Vec::new(),
+            reason: Some(reason.to_owned()),
+            status: 0,
+            subjects: Vec::new(),
+            fields: Vec::new(),
+            rows_withheld: 0,
+            withheld_target: None,
+            latency_us: 0,
+            detail: None,
+        }
+    }
+
     /// The current time as RFC 3339 UTC with millisecond precision, e.g. `2025-01-31T09:15:02.123Z`.
     pub fn now_ts() -> String {
         Self::ts_of(OffsetDateTime::now_utc())

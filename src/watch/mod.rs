@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
-use crate::audit::{AuditRecord, Decision, Logged, RecordKind};
+use crate::audit::{AuditRecord, Decision, Logged};
 use crate::controls::{Change, Event};
 use crate::gateway::Gateway;
 
@@ -323,31 +323,9 @@ fn alert_event(kind: &'static str, principal: &str, data: String) -> FeedEvent {
     }
 }
 
-/// A record of something wardgate itself did.
+/// A record of something the detector did.
 fn system_record(what: &str) -> AuditRecord {
-    AuditRecord {
-        ts: AuditRecord::now_ts(),
-        request_id: format!("{:032x}", rand::random::<u128>()),
-        kind: RecordKind::System,
-        caller: None,
-        client_addr: None,
-        purpose: None,
-        lawful_basis: None,
-        dataset: None,
-        route: Some(format!("watch.{what}")),
-        method: "-".to_owned(),
-        path: "-".to_owned(),
-        decision: Decision::Allow,
-        policy_ids: Vec::new(),
-        reason: Some(what.to_owned()),
-        status: 0,
-        subjects: Vec::new(),
-        fields: Vec::new(),
-        rows_withheld: 0,
-        withheld_target: None,
-        latency_us: 0,
-        detail: None,
-    }
+    AuditRecord::system(&format!("watch.{what}"), what)
 }
 
 fn mode_name(m: Mode) -> &'static str {

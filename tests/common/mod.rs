@@ -389,3 +389,41 @@ pub fn read_audit(dir: &Path) -> Vec<Value> {
     }
     out
 }
+
+// ---- breach detection scenarios (watch_e2e, console_browser)
+
+/// Working hours from an hour ago to two hours ahead: the scenario happens in the daytime.
+pub fn daytime(cfg: &mut Config) {
+    let now =
+        wardgate::watch::rules::local_minute(wardgate::watch::rules::now_millis(), cfg.watch.zone);
+    set_hours(cfg, (now + 1440 - 60) % 1440, (now + 120) % 1440);
+}
+
+pub fn set_hours(cfg: &mut Config, start: u32, end: u32) {
+    cfg.watch
+        .rules
+        .get_mut(&wardgate::watch::settings::Rule::UnusualHours)
+        .unwrap()
+        .hours = (start, end);
+}
+
+/// Pages through the caller's area 100 records at a time, starting again at the end, until
+/// `records` have been disclosed. Returns the request ids of the pages.
+pub async fn scrape(app: &TestApp, token: &str, records: usize) -> Vec<String> {
+    let (mut seen, mut page, mut ids) = (0, 1, Vec::new());
+    while seen < records {
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=100&page={page}"),
+                Some(token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let n = r.json()["records"].as_array().unwrap().len();
+        ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
+        seen += n;
+        page = if n < 100 { 1 } else { page + 1 };
+    }
+    ids
+}
