@@ -33,6 +33,25 @@ fn enc(s: &str) -> String {
 
 /// The upstream path and query for a listing; `areas` narrows to the caller's scope
 /// (`None`: too wide to be worth sending).
+/// The caller's validated filters as wardgate-API query parameters, in a stable order.
+fn filter_params(route: &Route) -> Vec<String> {
+    route
+        .filters
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect()
+}
+
+/// The narrowing areas as one wardgate-API query parameter.
+fn areas_param(areas: Option<&BTreeSet<String>>) -> Option<String> {
+    areas.map(|areas| {
+        format!(
+            "areas={}",
+            areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
+        )
+    })
+}
+
 /// The upstream request for a streamed export (NDJSON, one record per line), or `None` when
 /// the datastore has no such API (Datasette's row API pages; export through it is refused).
 pub fn export(
@@ -43,17 +62,8 @@ pub fn export(
 ) -> Option<String> {
     match dialect {
         Dialect::Wardgate => {
-            let mut parts: Vec<String> = route
-                .filters
-                .iter()
-                .map(|(k, v)| format!("{k}={}", enc(v)))
-                .collect();
-            if let Some(areas) = areas {
-                parts.push(format!(
-                    "areas={}",
-                    areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
-                ));
-            }
+            let mut parts = filter_params(route);
+            parts.extend(areas_param(areas));
             Some(format!(
                 "/{}/export?{}",
                 dataset.collection,
@@ -72,23 +82,14 @@ pub fn list(
 ) -> (String, Envelope) {
     match dialect {
         Dialect::Wardgate => {
-            let mut parts: Vec<String> = route
-                .filters
-                .iter()
-                .map(|(k, v)| format!("{k}={}", enc(v)))
-                .collect();
+            let mut parts = filter_params(route);
             if let Some(p) = route.page {
                 parts.push(format!("page={p}"));
             }
             if let Some(p) = route.per_page {
                 parts.push(format!("per_page={p}"));
             }
-            if let Some(areas) = areas {
-                parts.push(format!(
-                    "areas={}",
-                    areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
-                ));
-            }
+            parts.extend(areas_param(areas));
             (
                 format!("/{}?{}", dataset.collection, parts.join("&")),
                 Envelope::Records,

@@ -320,11 +320,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     decision,
                 },
         } => {
-            let dir = match (dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(&c)?.audit.dir,
-                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
-            };
+            let dir = audit_dir(dir, config)?;
             let query: Vec<String> = [
                 ("principal", principal),
                 ("dataset", dataset),
@@ -355,11 +351,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Audit {
             command: AuditCommand::Verify { dir, config },
         } => {
-            let dir = match (dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(&c)?.audit.dir,
-                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
-            };
+            let dir = audit_dir(dir, config)?;
             let report = audit::verify_dir(&dir)?;
             println!(
                 "ok: {} records in {} segments verify; last seq {}, last hash {}",
@@ -372,6 +364,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `--dir`, or the audit directory `--config` names.
+fn audit_dir(dir: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match (dir, config) {
+        (Some(d), _) => Ok(d),
+        (None, Some(c)) => Ok(Config::load(&c)?.audit.dir),
+        (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
     }
 }
 
@@ -398,39 +399,21 @@ async fn audit_cli_report(
         )
     })?;
     let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    let record = audit::AuditRecord {
-        ts: audit::AuditRecord::now_ts(),
-        request_id: format!("{:032x}", rand::random::<u128>()),
-        kind: audit::RecordKind::Admin,
-        caller: Some(audit::Caller {
-            subject: format!("local:{operator}"),
-            role: "operator".to_owned(),
-            unit: "-".to_owned(),
-            token_id: "-".to_owned(),
-        }),
-        client_addr: None,
-        purpose: Some("sar_fulfilment".to_owned()),
-        lawful_basis: None,
-        dataset: None,
-        route: Some("cli.sar".to_owned()),
-        method: "-".to_owned(),
-        path: "-".to_owned(),
-        decision: audit::Decision::Allow,
-        policy_ids: Vec::new(),
-        reason: None,
-        status: 0,
-        subjects: Vec::new(),
-        fields: Vec::new(),
-        rows_withheld: 0,
-        withheld_target: None,
-        latency_us: 0,
-        detail: Some(serde_json::json!({
-            "subject_access_report_for": subject,
-            "disclosures": disclosures,
-            "reference": reference,
-            "via": "wardgate sar",
-        })),
-    };
+    let mut record = audit::AuditRecord::system("cli.sar", "subject_access_report");
+    record.kind = audit::RecordKind::Admin;
+    record.caller = Some(audit::Caller {
+        subject: format!("local:{operator}"),
+        role: "operator".to_owned(),
+        unit: "-".to_owned(),
+        token_id: "-".to_owned(),
+    });
+    record.purpose = Some("sar_fulfilment".to_owned());
+    record.detail = Some(serde_json::json!({
+        "subject_access_report_for": subject,
+        "disclosures": disclosures,
+        "reference": reference,
+        "via": "wardgate sar",
+    }));
     let appended = log.append(record).await;
     log.shutdown().await;
     appended

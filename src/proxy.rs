@@ -86,6 +86,32 @@ impl Upstreams {
 }
 
 impl Upstream {
+    /// An upstream request built from scratch: the caller's headers never reach a datastore,
+    /// only `Accept`, the request id, the configured credential and, with a body, its type.
+    fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        accept: &'static str,
+        body: Option<Bytes>,
+        request_id: &str,
+    ) -> Result<Request<Full<Bytes>>, GatewayError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::ACCEPT, accept)
+            .header("x-request-id", request_id);
+        if let Some(auth) = &self.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        req.body(Full::new(body.unwrap_or_default())).map_err(|e| {
+            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
+        })
+    }
+
     /// Sends `method path_and_query` (with an optional JSON body) and reads the answer.
     pub async fn send(
         &self,
@@ -95,20 +121,7 @@ impl Upstream {
         request_id: &str,
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = format!("{}{path_and_query}", self.base);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(&uri)
-            .header(header::ACCEPT, "application/json")
-            .header("x-request-id", request_id);
-        if let Some(auth) = &self.authorization {
-            req = req.header(header::AUTHORIZATION, auth.clone());
-        }
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = req.body(Full::new(body.unwrap_or_default())).map_err(|e| {
-            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
-        })?;
+        let req = self.request(method, &uri, "application/json", body, request_id)?;
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 tracing::warn!(error = %e, uri, "upstream request failed");
@@ -158,17 +171,7 @@ impl Upstream {
         request_id: &str,
     ) -> Result<hyper::body::Incoming, GatewayError> {
         let uri = format!("{}{path_and_query}", self.base);
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(&uri)
-            .header(header::ACCEPT, "application/x-ndjson")
-            .header("x-request-id", request_id);
-        if let Some(auth) = &self.authorization {
-            req = req.header(header::AUTHORIZATION, auth.clone());
-        }
-        let req = req.body(Full::new(Bytes::new())).map_err(|e| {
-            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
-        })?;
+        let req = self.request(Method::GET, &uri, "application/x-ndjson", None, request_id)?;
         let resp = tokio::time::timeout(self.response_timeout, self.client.request(req))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
