@@ -4,7 +4,7 @@
 //! Everything sent upstream is built here from validated values (the route's filters and
 //! paging, the ids the route table accepted, and the gateway's own narrowing set), each
 //! percent-encoded; nothing of the caller's query string is copied. This module builds
-//! requests; it neither sends them (`proxy.rs`) nor reads answers (`filter.rs`).
+//! requests; it neither sends them (`proxy.rs`) nor reads answers (`filter/`).
 
 use std::collections::BTreeSet;
 

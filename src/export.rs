@@ -100,7 +100,7 @@ impl Run<'_> {
         let mut partial: Vec<u8> = Vec::new();
         let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
         let mut d = Disclosure::default();
-        let mut layout = filter::FieldPlan::default();
+        let mut memo = filter::Memo::default();
         loop {
             let Some(frame) = body.frame().await else {
                 break;
@@ -118,7 +118,7 @@ impl Run<'_> {
                         line,
                         &cx,
                         &mut |a| decider.decide(a),
-                        &mut layout,
+                        &mut memo,
                         &mut out,
                         &mut d,
                     )
@@ -133,8 +133,8 @@ impl Run<'_> {
             if out.len() >= CHUNK_BYTES {
                 self.release(&plan.principal, &mut out, &mut d, &decider)
                     .await?;
-                // Each chunk's record names the fields it carried: start the layouts afresh.
-                layout = filter::FieldPlan::default();
+                // Each chunk's record names the fields it carried: start the field plans afresh.
+                memo.new_chunk();
             }
         }
         if !partial.iter().all(u8::is_ascii_whitespace) {
@@ -142,7 +142,7 @@ impl Run<'_> {
                 &partial,
                 &cx,
                 &mut |a| decider.decide(a),
-                &mut layout,
+                &mut memo,
                 &mut out,
                 &mut d,
             )

@@ -6,7 +6,7 @@ use super::*;
 use crate::catalog::Catalog;
 
 fn dataset() -> Dataset {
-    Catalog::parse(include_str!("../config/catalog.toml"))
+    Catalog::parse(include_str!("../../config/catalog.toml"))
         .unwrap()
         .datasets["voter"]
         .clone()
@@ -235,4 +235,115 @@ fn datasette_rows_become_the_same_envelope() {
     )
     .unwrap();
     assert!(none.is_none());
+}
+
+#[test]
+fn records_alike_in_every_policy_input_share_one_decision() {
+    let ds = dataset();
+    // Different subjects, consent timestamps and TPS dates, same attributes: one decision.
+    let alike = [
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW1", "").replace("2025-01-01T00:00:00Z", "2024-06-30T09:15:00Z"),
+        record("VF-3", "CGW1", "").replace("2026-11-01", "2026-11-20"),
+    ];
+    // A different district, a stale TPS check, a withdrawn consent: one decision each.
+    let different = [
+        record("VF-4", "CGW9", ""),
+        record("VF-5", "CGW1", "").replace("2026-11-01", "2026-01-01"),
+        record("VF-6", "CGW1", "").replace(
+            r#""withdrawn_at":null"#,
+            r#""withdrawn_at":"2026-01-01T00:00:00Z""#,
+        ),
+    ];
+    let body = format!(
+        r#"{{"records":[{}]}}"#,
+        alike
+            .iter()
+            .chain(&different)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut asked = Vec::new();
+    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+        asked.push(a.clone());
+        decide(a)
+    })
+    .unwrap();
+    assert_eq!(asked.len(), 4, "{asked:#?}");
+    assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3", "VF-5", "VF-6"]);
+}
+
+#[test]
+fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
+    let ds = dataset();
+    let register = |id: &str| (id == "VF-2").then(|| vec!["restricted".to_owned()]);
+    let cx = FilterContext {
+        dataset: &ds,
+        today: days_from_iso_date("2026-11-23").unwrap(),
+        register_flags: &register,
+    };
+    let body = format!(
+        r#"{{"records":[{},{},{}]}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW1", ""),
+        record("VF-3", "CGW1", "")
+    );
+    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
+        Arc::new(RecordDecision {
+            allowed: !a.flags.contains("restricted"),
+            categories: HashSet::new(),
+        })
+    })
+    .unwrap();
+    assert_eq!(d.subjects, ["VF-1", "VF-3"]);
+    assert_eq!(d.rows_withheld, 1);
+}
+
+#[test]
+fn a_malformed_record_does_not_spoil_its_well_formed_lookalikes() {
+    let ds = dataset();
+    // Same fingerprint inputs, but one subject id is unusable: only that record is withheld.
+    let body = format!(
+        r#"{{"records":[{},{},{}]}}"#,
+        record("VF-1", "CGW1", ""),
+        record("", "CGW1", ""),
+        record("VF-3", "CGW1", "")
+    );
+    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert_eq!(d.subjects, ["VF-1", "VF-3"]);
+    assert_eq!((d.rows_withheld, d.malformed_rows), (1, 1));
+    // And the other way round: a malformed fingerprint is remembered as malformed.
+    let bad = record("VF-4", "CGW1", "")
+        .replace(r#""tps_checked_at":"2026-11-01""#, r#""tps_checked_at":7"#);
+    let body = format!(r#"{{"records":[{bad},{}]}}"#, bad.replace("VF-4", "VF-5"));
+    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert!(d.subjects.is_empty());
+    assert_eq!(d.malformed_rows, 2);
+}
+
+#[test]
+fn subject_ids_read_as_before() {
+    let ds = dataset();
+    for (raw, want) in [
+        (r#""VF-1""#, Some("VF-1")),
+        (r#""V\u0046-1""#, Some("VF-1")),
+        ("42", Some("42")),
+        ("-7", Some("-7")),
+        ("1.5", Some("1.5")),
+        (r#""""#, None),
+        ("null", None),
+        ("true", None),
+        ("[1]", None),
+    ] {
+        let text = format!(
+            r#"{{"elector_id":{raw},"local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}}"#
+        );
+        let rec: RawRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            record_attrs(&rec, &cx(&ds)).map(|(s, _)| s).as_deref(),
+            want,
+            "{raw}"
+        );
+    }
 }
