@@ -11,9 +11,11 @@
 //! decisions (may this caller list this dataset for this purpose at all?) are memoised the same
 //! way, keyed by every claim and the purpose.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
+
+use foldhash::fast::RandomState;
 
 use crate::auth::Principal;
 use crate::filter::RecordDecision;
@@ -23,6 +25,8 @@ use crate::policy::{Ask, PolicyEngine, RecordAttrs, RequestAction, Verdict};
 /// the few thousand combinations real traffic produces.
 const MAX_ENTRIES: usize = 100_000;
 
+/// A record decision's inputs; for field categories, `attrs` is the engine's projection
+/// (only what field policies read).
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     asker: u64,
@@ -48,8 +52,9 @@ struct RequestKey {
 /// The shared cache; lives beside the policy engine whose answers it holds.
 #[derive(Default)]
 pub struct DecisionCache {
-    entries: Mutex<HashMap<Key, Arc<Cached>>>,
-    requests: Mutex<HashMap<RequestKey, Verdict>>,
+    entries: Mutex<HashMap<Key, Arc<Cached>, RandomState>>,
+    categories: Mutex<HashMap<Key, HashSet<String>, RandomState>>,
+    requests: Mutex<HashMap<RequestKey, Verdict, RandomState>>,
 }
 
 impl DecisionCache {
@@ -108,7 +113,7 @@ pub struct Decider<'a> {
     asker: u64,
     dataset: &'a str,
     categories: &'a BTreeSet<String>,
-    local: HashMap<RecordAttrs, Arc<RecordDecision>>,
+    local: HashMap<RecordAttrs, Arc<RecordDecision>, RandomState>,
     pub policy_ids: BTreeSet<String>,
 }
 
@@ -143,7 +148,7 @@ impl<'a> Decider<'a> {
             asker,
             dataset,
             categories,
-            local: HashMap::new(),
+            local: HashMap::default(),
             policy_ids: BTreeSet::new(),
         }
     }
@@ -181,13 +186,41 @@ impl<'a> Decider<'a> {
         cached.decision.clone()
     }
 
+    /// The categories this record may disclose, shared by every record whose attributes the
+    /// field policies cannot tell apart (most often: the same record in another area).
+    fn categories(&self, attrs: &RecordAttrs) -> HashSet<String> {
+        let key = Key {
+            asker: self.asker,
+            dataset: self.dataset.to_owned(),
+            attrs: self.engine.field_projection(attrs, false),
+        };
+        let known = self
+            .cache
+            .categories
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned());
+        if let Some(known) = known {
+            return known;
+        }
+        let categories =
+            self.engine
+                .allowed_categories(self.ask, self.dataset, attrs, self.categories, false);
+        if let Ok(mut m) = self.cache.categories.lock() {
+            if m.len() >= MAX_ENTRIES {
+                m.clear();
+            }
+            m.insert(key, categories.clone());
+        }
+        categories
+    }
+
     fn evaluate(&self, attrs: &RecordAttrs) -> Cached {
         let verdict = self
             .engine
             .decide_record(self.ask, self.dataset, attrs, false);
         let categories = if verdict.allowed {
-            self.engine
-                .allowed_categories(self.ask, self.dataset, attrs, self.categories, false)
+            self.categories(attrs)
         } else {
             Default::default()
         };

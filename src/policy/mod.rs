@@ -8,6 +8,8 @@
 //! Cedar, and skipping a forbid must never let data out. This module decides; it does not know
 //! about HTTP, records on the wire or the audit log.
 
+mod scope;
+
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -15,7 +17,7 @@ use std::str::FromStr;
 use anyhow::{Context as _, bail};
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, EntityUid, PolicyId, PolicySet,
-    Request, Schema, ValidationMode, Validator,
+    Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde_json::{Value, json};
 
@@ -63,10 +65,12 @@ pub struct RecordAttrs {
     pub tps_fresh: bool,
 }
 
-/// Who is asking and why: built once per request, reused for every decision in it.
+/// Who is asking and why: built once per request, reused for every decision in it. The
+/// context's caller, purpose and lawful basis are built as Cedar expressions directly (no
+/// JSON in between: parsing a JSON context was most of a decision's cost).
 pub struct Ask {
-    caller: Value,
-    purpose: Value,
+    caller: RestrictedExpression,
+    purpose: RestrictedExpression,
     lawful_basis: String,
     user: EntityUid,
 }
@@ -75,6 +79,10 @@ pub struct Ask {
 pub struct PolicyEngine {
     schema: Schema,
     policies: PolicySet,
+    /// The same policies split by the action and resource they can apply to.
+    scoped: scope::Scoped,
+    /// What the field policies read of a record: `[disclose_field, write_field]`.
+    field_reads: [scope::RecordReads; 2],
     entities: Entities,
     authorizer: Authorizer,
 }
@@ -101,9 +109,16 @@ impl PolicyEngine {
         }
         validate(&schema, &policies, &sources)?;
         let entities = static_entities(catalog, geography, &schema)?;
+        let scoped = scope::Scoped::build(&policies, schema.actions(), &entities)?;
+        let reads = |action| -> anyhow::Result<scope::RecordReads> {
+            scope::RecordReads::of(&policies, &uid("Wardgate::Action", action)?, &entities)
+        };
+        let field_reads = [reads("disclose_field")?, reads("write_field")?];
         Ok(PolicyEngine {
             schema,
             policies,
+            scoped,
+            field_reads,
             entities,
             authorizer: Authorizer::new(),
         })
@@ -120,16 +135,34 @@ impl PolicyEngine {
         purpose: &str,
         lawful_basis: &str,
     ) -> anyhow::Result<Ask> {
-        let area = |id: &String| json!({ "__entity": { "type": "Wardgate::Area", "id": id } });
-        let purp = |id: &str| json!({ "__entity": { "type": "Wardgate::Purpose", "id": id } });
+        let entities = |t: &str, ids: &[String]| -> anyhow::Result<RestrictedExpression> {
+            let uids = ids
+                .iter()
+                .map(|id| Ok(RestrictedExpression::new_entity_uid(uid(t, id)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(RestrictedExpression::new_set(uids))
+        };
+        let caller = RestrictedExpression::new_record([
+            (
+                "role".to_owned(),
+                RestrictedExpression::new_string(principal.role.clone()),
+            ),
+            (
+                "unit".to_owned(),
+                RestrictedExpression::new_string(principal.unit.clone()),
+            ),
+            (
+                "grants".to_owned(),
+                entities("Wardgate::Area", &principal.areas)?,
+            ),
+            (
+                "purposes".to_owned(),
+                entities("Wardgate::Purpose", &principal.purposes)?,
+            ),
+        ])?;
         Ok(Ask {
-            caller: json!({
-                "role": principal.role,
-                "unit": principal.unit,
-                "grants": principal.areas.iter().map(area).collect::<Vec<_>>(),
-                "purposes": principal.purposes.iter().map(|p| purp(p)).collect::<Vec<_>>(),
-            }),
-            purpose: purp(purpose),
+            caller,
+            purpose: RestrictedExpression::new_entity_uid(uid("Wardgate::Purpose", purpose)?),
             lawful_basis: lawful_basis.to_owned(),
             user: uid("Wardgate::User", &principal.subject)?,
         })
@@ -137,8 +170,16 @@ impl PolicyEngine {
 
     /// May this request happen at all?
     pub fn decide_request(&self, ask: &Ask, action: RequestAction, dataset: &str) -> Verdict {
-        let ctx = json!({ "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis });
-        self.decide(ask, action.as_str(), "Wardgate::Dataset", dataset, ctx)
+        self.decide(|| {
+            let resource = uid("Wardgate::Dataset", dataset)?;
+            let context = ask.context([])?;
+            self.authorize(
+                ask,
+                uid("Wardgate::Action", action.as_str())?,
+                resource,
+                context,
+            )
+        })
     }
 
     /// May this record leave (or, with `write`, be written)?
@@ -154,11 +195,33 @@ impl PolicyEngine {
         } else {
             "disclose_record"
         };
-        let ctx = json!({
-            "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
-            "record": record_json(record),
-        });
-        self.decide(ask, action, "Wardgate::Dataset", dataset, ctx)
+        self.decide(|| {
+            let resource = uid("Wardgate::Dataset", dataset)?;
+            let context = ask.context([("record", record_expr(record)?)])?;
+            self.authorize(ask, uid("Wardgate::Action", action)?, resource, context)
+        })
+    }
+
+    /// May this record disclose (or, with `write`, have written) this field category? With
+    /// the deciding policies, for the policy tests; the request path asks for all categories
+    /// at once with `allowed_categories`.
+    pub fn decide_field(
+        &self,
+        ask: &Ask,
+        dataset: &str,
+        record: &RecordAttrs,
+        category: &str,
+        write: bool,
+    ) -> Verdict {
+        self.decide(|| {
+            let (action, context) = self.field_request(ask, dataset, record, write)?;
+            self.authorize(
+                ask,
+                action,
+                uid("Wardgate::FieldCategory", category)?,
+                context,
+            )
+        })
     }
 
     /// Which of `categories` may this record disclose (or, with `write`, have written)?
@@ -170,35 +233,26 @@ impl PolicyEngine {
         categories: impl IntoIterator<Item = &'a String>,
         write: bool,
     ) -> HashSet<String> {
-        let action = if write {
-            "write_field"
-        } else {
-            "disclose_field"
-        };
-        let record = record_json(record);
-        let dataset_ref = json!({ "__entity": { "type": "Wardgate::Dataset", "id": dataset } });
-        let ctx = json!({
-            "caller": ask.caller, "purpose": ask.purpose, "lawful_basis": ask.lawful_basis,
-            "dataset": dataset_ref, "record": record,
-        });
-        // One context for every category: parsing and validating it is most of the cost.
-        let prepared = uid("Wardgate::Action", action).and_then(|action| {
-            let context = Context::from_json_value(ctx, Some((&self.schema, &action)))?;
-            Ok((action, context))
-        });
-        let (action, context) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                // No field leaves on a request the schema rejects (fail closed).
-                tracing::error!(error = %e, action, "field policy request could not be built; denying");
-                return HashSet::new();
-            }
-        };
+        // One context for every category, checked against the schema once.
+        let (action, context) =
+            match self
+                .field_request(ask, dataset, record, write)
+                .and_then(|(action, context)| {
+                    context.validate(&self.schema, &action)?;
+                    Ok((action, context))
+                }) {
+                Ok(p) => p,
+                Err(e) => {
+                    // No field leaves on a request the schema rejects (fail closed).
+                    tracing::error!(error = %e, "field policy request could not be built; denying");
+                    return HashSet::new();
+                }
+            };
         categories
             .into_iter()
             .filter(|cat| {
                 let verdict = uid("Wardgate::FieldCategory", cat).and_then(|resource| {
-                    self.authorize(ask, action.clone(), resource, context.clone())
+                    self.authorize_checked(ask, action.clone(), resource, context.clone(), None)
                 });
                 match verdict {
                     Ok(v) => v.allowed,
@@ -212,12 +266,65 @@ impl PolicyEngine {
             .collect()
     }
 
-    fn decide(&self, ask: &Ask, action: &str, rtype: &str, rid: &str, ctx: Value) -> Verdict {
-        match self.try_decide(ask, action, rtype, rid, ctx) {
+    /// The part of a record's attributes that field policies read (the rest emptied): records
+    /// with the same projection get the same field decisions from `allowed_categories`.
+    pub fn field_projection(&self, record: &RecordAttrs, write: bool) -> RecordAttrs {
+        let reads = &self.field_reads[usize::from(write)];
+        let keep = |attr: &str| reads.reads(attr);
+        RecordAttrs {
+            area: if keep("area") {
+                record.area.clone()
+            } else {
+                String::new()
+            },
+            markers: if keep("markers") {
+                record.markers.clone()
+            } else {
+                BTreeSet::new()
+            },
+            flags: if keep("flags") {
+                record.flags.clone()
+            } else {
+                BTreeSet::new()
+            },
+            consented: if keep("consented") {
+                record.consented.clone()
+            } else {
+                BTreeSet::new()
+            },
+            tps_fresh: keep("tps_fresh") && record.tps_fresh,
+        }
+    }
+
+    fn field_request(
+        &self,
+        ask: &Ask,
+        dataset: &str,
+        record: &RecordAttrs,
+        write: bool,
+    ) -> anyhow::Result<(EntityUid, Context)> {
+        let action = if write {
+            "write_field"
+        } else {
+            "disclose_field"
+        };
+        let context = ask.context([
+            (
+                "dataset",
+                RestrictedExpression::new_entity_uid(uid("Wardgate::Dataset", dataset)?),
+            ),
+            ("record", record_expr(record)?),
+        ])?;
+        Ok((uid("Wardgate::Action", action)?, context))
+    }
+
+    /// Runs a decision; a request that cannot be built denies.
+    fn decide(&self, decision: impl FnOnce() -> anyhow::Result<Verdict>) -> Verdict {
+        match decision() {
             Ok(v) => v,
             Err(e) => {
                 // A request the schema rejects is a bug or an attack; either way, deny.
-                tracing::error!(error = %e, action, "policy request could not be built; denying");
+                tracing::error!(error = %e, "policy request could not be built; denying");
                 Verdict {
                     allowed: false,
                     policy_ids: vec!["policy-error".to_owned()],
@@ -226,21 +333,7 @@ impl PolicyEngine {
         }
     }
 
-    fn try_decide(
-        &self,
-        ask: &Ask,
-        action: &str,
-        rtype: &str,
-        rid: &str,
-        ctx: Value,
-    ) -> anyhow::Result<Verdict> {
-        let action = uid("Wardgate::Action", action)?;
-        let resource = uid(rtype, rid)?;
-        let context = Context::from_json_value(ctx, Some((&self.schema, &action)))?;
-        self.authorize(ask, action, resource, context)
-    }
-
-    /// One Cedar decision on a prepared request; any evaluation error denies.
+    /// One Cedar decision on a request checked against the schema; any evaluation error denies.
     fn authorize(
         &self,
         ask: &Ask,
@@ -248,16 +341,26 @@ impl PolicyEngine {
         resource: EntityUid,
         context: Context,
     ) -> anyhow::Result<Verdict> {
-        let request = Request::new(
-            ask.user.clone(),
-            action,
-            resource,
-            context,
-            Some(&self.schema),
-        )?;
+        self.authorize_checked(ask, action, resource, context, Some(&self.schema))
+    }
+
+    /// One Cedar decision; `schema: None` only for a context already checked against it.
+    fn authorize_checked(
+        &self,
+        ask: &Ask,
+        action: EntityUid,
+        resource: EntityUid,
+        context: Context,
+        schema: Option<&Schema>,
+    ) -> anyhow::Result<Verdict> {
+        let policies = self
+            .scoped
+            .get(&action, &resource)
+            .unwrap_or(&self.policies);
+        let request = Request::new(ask.user.clone(), action, resource, context, schema)?;
         let response = self
             .authorizer
-            .is_authorized(&request, &self.policies, &self.entities);
+            .is_authorized(&request, policies, &self.entities);
         let mut policy_ids: Vec<String> = response
             .diagnostics()
             .reason()
@@ -288,6 +391,29 @@ impl PolicyEngine {
     }
 }
 
+impl Ask {
+    /// The context every action shares (caller, purpose, lawful basis) plus `extra`.
+    fn context<const N: usize>(
+        &self,
+        extra: [(&str, RestrictedExpression); N],
+    ) -> anyhow::Result<Context> {
+        let shared = [
+            ("caller", self.caller.clone()),
+            ("purpose", self.purpose.clone()),
+            (
+                "lawful_basis",
+                RestrictedExpression::new_string(self.lawful_basis.clone()),
+            ),
+        ];
+        Ok(Context::from_pairs(
+            shared
+                .into_iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_owned(), v)),
+        )?)
+    }
+}
+
 fn uid(t: &str, id: &str) -> anyhow::Result<EntityUid> {
     let t = cedar_policy::EntityTypeName::from_str(t)?;
     Ok(EntityUid::from_type_name_and_id(
@@ -296,11 +422,23 @@ fn uid(t: &str, id: &str) -> anyhow::Result<EntityUid> {
     ))
 }
 
-fn record_json(r: &RecordAttrs) -> Value {
-    json!({
-        "area": { "__entity": { "type": "Wardgate::Area", "id": r.area } },
-        "markers": r.markers, "flags": r.flags, "consented": r.consented, "tps_fresh": r.tps_fresh,
-    })
+fn record_expr(r: &RecordAttrs) -> anyhow::Result<RestrictedExpression> {
+    let strings = |set: &BTreeSet<String>| {
+        RestrictedExpression::new_set(set.iter().cloned().map(RestrictedExpression::new_string))
+    };
+    Ok(RestrictedExpression::new_record([
+        (
+            "area".to_owned(),
+            RestrictedExpression::new_entity_uid(uid("Wardgate::Area", &r.area)?),
+        ),
+        ("markers".to_owned(), strings(&r.markers)),
+        ("flags".to_owned(), strings(&r.flags)),
+        ("consented".to_owned(), strings(&r.consented)),
+        (
+            "tps_fresh".to_owned(),
+            RestrictedExpression::new_bool(r.tps_fresh),
+        ),
+    ])?)
 }
 
 fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
@@ -425,5 +563,17 @@ fn static_entities(
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
+impl PolicyEngine {
+    /// The same engine evaluating every request against the whole pack, to check the index.
+    pub(crate) fn unscoped(mut self) -> PolicyEngine {
+        self.scoped = scope::Scoped::default();
+        self
+    }
+
+    pub(crate) fn field_reads(&self, write: bool) -> &scope::RecordReads {
+        &self.field_reads[usize::from(write)]
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod tests;
