@@ -90,13 +90,18 @@ impl DecisionCache {
             return v;
         }
         let verdict = engine.decide_request(ask, action, dataset);
-        if let Ok(mut m) = self.requests.lock() {
-            if m.len() >= MAX_ENTRIES {
-                m.clear();
-            }
-            m.insert(key, verdict.clone());
-        }
+        remember(&self.requests, key, verdict.clone());
         verdict
+    }
+}
+
+/// Inserts into a bounded shared map (a poisoned lock only costs the memo).
+fn remember<K: Eq + Hash, V>(map: &Mutex<HashMap<K, V, RandomState>>, key: K, value: V) {
+    if let Ok(mut m) = map.lock() {
+        if m.len() >= MAX_ENTRIES {
+            m.clear();
+        }
+        m.insert(key, value);
     }
 }
 
@@ -172,12 +177,7 @@ impl<'a> Decider<'a> {
             Some(c) => c,
             None => {
                 let c = Arc::new(self.evaluate(attrs));
-                if let Ok(mut m) = self.cache.entries.lock() {
-                    if m.len() >= MAX_ENTRIES {
-                        m.clear();
-                    }
-                    m.insert(key, c.clone());
-                }
+                remember(&self.cache.entries, key, c.clone());
                 c
             }
         };
@@ -206,12 +206,7 @@ impl<'a> Decider<'a> {
         let categories =
             self.engine
                 .allowed_categories(self.ask, self.dataset, attrs, self.categories, false);
-        if let Ok(mut m) = self.cache.categories.lock() {
-            if m.len() >= MAX_ENTRIES {
-                m.clear();
-            }
-            m.insert(key, categories.clone());
-        }
+        remember(&self.cache.categories, key, categories.clone());
         categories
     }
 

@@ -270,29 +270,15 @@ impl PolicyEngine {
     /// with the same projection get the same field decisions from `allowed_categories`.
     pub fn field_projection(&self, record: &RecordAttrs, write: bool) -> RecordAttrs {
         let reads = &self.field_reads[usize::from(write)];
-        let keep = |attr: &str| reads.reads(attr);
+        fn kept<T: Clone + Default>(read: bool, value: &T) -> T {
+            if read { value.clone() } else { T::default() }
+        }
         RecordAttrs {
-            area: if keep("area") {
-                record.area.clone()
-            } else {
-                String::new()
-            },
-            markers: if keep("markers") {
-                record.markers.clone()
-            } else {
-                BTreeSet::new()
-            },
-            flags: if keep("flags") {
-                record.flags.clone()
-            } else {
-                BTreeSet::new()
-            },
-            consented: if keep("consented") {
-                record.consented.clone()
-            } else {
-                BTreeSet::new()
-            },
-            tps_fresh: keep("tps_fresh") && record.tps_fresh,
+            area: kept(reads.reads("area"), &record.area),
+            markers: kept(reads.reads("markers"), &record.markers),
+            flags: kept(reads.reads("flags"), &record.flags),
+            consented: kept(reads.reads("consented"), &record.consented),
+            tps_fresh: reads.reads("tps_fresh") && record.tps_fresh,
         }
     }
 
