@@ -3,22 +3,25 @@
 //!
 //! A page of 500 electors from one ward has a handful of distinct attribute combinations, so
 //! it needs a handful of evaluations. Decisions are shared across requests in a bounded cache
-//! keyed by everything a decision depends on: the caller's role, unit, grants and purposes, the
+//! keyed by everything a decision depends on: the caller's id, role, unit, grants and purposes, the
 //! purpose and its basis, the dataset, and the record's area, markers, flags (including the
 //! rights register's), consents and TPS freshness. A change to any of those is a different key,
 //! so a memoised decision cannot outlive a change of the record's flags; the policies are fixed
 //! for the life of the process (a reload builds a new engine and so a new cache). Request-level
 //! decisions (may this caller list this dataset for this purpose at all?) are memoised the same
-//! way, keyed by every claim and the purpose.
+//! way, keyed by every claim and the purpose. The filter's own memos (`MemoPool`), which map a
+//! record's attribute fingerprint straight to its decision, are kept here too, per caller,
+//! purpose and dataset.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex};
 
 use foldhash::fast::RandomState;
 
 use crate::auth::Principal;
-use crate::filter::RecordDecision;
+use crate::filter::MAX_KEPT_DECISIONS;
+use crate::filter::{Memo, RecordDecision};
 use crate::policy::{Ask, PolicyEngine, RecordAttrs, RequestAction, Verdict};
 
 /// Past this many entries the cache starts again: simple, bounded, and still near-perfect for
@@ -52,9 +55,11 @@ struct RequestKey {
 /// The shared cache; lives beside the policy engine whose answers it holds.
 #[derive(Default)]
 pub struct DecisionCache {
-    entries: Mutex<HashMap<Key, Arc<Cached>, RandomState>>,
+    entries: Mutex<HashMap<Key, Arc<RecordDecision>, RandomState>>,
     categories: Mutex<HashMap<Key, HashSet<String>, RandomState>>,
     requests: Mutex<HashMap<RequestKey, Verdict, RandomState>>,
+    /// The filter's memos, kept between pages.
+    pub memos: MemoPool,
 }
 
 impl DecisionCache {
@@ -105,12 +110,7 @@ fn remember<K: Eq + Hash, V>(map: &Mutex<HashMap<K, V, RandomState>>, key: K, va
     }
 }
 
-struct Cached {
-    decision: Arc<RecordDecision>,
-    policy_ids: Vec<String>,
-}
-
-/// One request's view: a local memo in front of the shared cache, collecting deciding policy ids.
+/// One request's view of the shared cache, for one caller, purpose and dataset.
 pub struct Decider<'a> {
     engine: &'a PolicyEngine,
     cache: &'a DecisionCache,
@@ -118,23 +118,23 @@ pub struct Decider<'a> {
     asker: u64,
     dataset: &'a str,
     categories: &'a BTreeSet<String>,
-    local: HashMap<RecordAttrs, Arc<RecordDecision>, RandomState>,
-    pub policy_ids: BTreeSet<String>,
 }
 
-/// A stable fingerprint of everything about the caller and purpose a decision can depend on.
+/// A fingerprint of everything about the caller and purpose a decision can depend on. The
+/// subject is in it because it is the Cedar principal, which a policy may name. The hash is
+/// keyed at random per process, so no one can choose claims that collide with another's.
 pub fn asker_key(p: &Principal, purpose: &str, lawful_basis: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    (
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one((
+        &p.subject,
         &p.role,
         &p.unit,
         &p.areas,
         &p.purposes,
         purpose,
         lawful_basis,
-    )
-        .hash(&mut h);
-    h.finish()
+    ))
 }
 
 impl<'a> Decider<'a> {
@@ -153,15 +153,12 @@ impl<'a> Decider<'a> {
             asker,
             dataset,
             categories,
-            local: HashMap::default(),
-            policy_ids: BTreeSet::new(),
         }
     }
 
+    /// The decision for a record with these attributes (its `policy_ids` name the policies
+    /// that made it). The filter's memo asks once per distinct fingerprint.
     pub fn decide(&mut self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
-        if let Some(d) = self.local.get(attrs) {
-            return d.clone();
-        }
         let key = Key {
             asker: self.asker,
             dataset: self.dataset.to_owned(),
@@ -173,17 +170,11 @@ impl<'a> Decider<'a> {
             .lock()
             .ok()
             .and_then(|m| m.get(&key).cloned());
-        let cached = match cached {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(self.evaluate(attrs));
-                remember(&self.cache.entries, key, c.clone());
-                c
-            }
-        };
-        self.policy_ids.extend(cached.policy_ids.iter().cloned());
-        self.local.insert(attrs.clone(), cached.decision.clone());
-        cached.decision.clone()
+        cached.unwrap_or_else(|| {
+            let decision = Arc::new(self.evaluate(attrs));
+            remember(&self.cache.entries, key, decision.clone());
+            decision
+        })
     }
 
     /// The categories this record may disclose, shared by every record whose attributes the
@@ -210,7 +201,7 @@ impl<'a> Decider<'a> {
         categories
     }
 
-    fn evaluate(&self, attrs: &RecordAttrs) -> Cached {
+    fn evaluate(&self, attrs: &RecordAttrs) -> RecordDecision {
         let verdict = self
             .engine
             .decide_record(self.ask, self.dataset, attrs, false);
@@ -219,12 +210,82 @@ impl<'a> Decider<'a> {
         } else {
             Default::default()
         };
-        Cached {
-            decision: Arc::new(RecordDecision {
-                allowed: verdict.allowed,
-                categories,
-            }),
+        RecordDecision {
+            allowed: verdict.allowed,
+            categories,
             policy_ids: verdict.policy_ids,
+        }
+    }
+}
+
+/// Filter memos kept between pages, one per (caller, purpose, dataset), so that a caller's
+/// second page of the same streets costs a fingerprint and a lookup per record. A memo is
+/// taken out for one page (no lock while filtering) and put back after; a caller paging in
+/// parallel gets a second memo. Bounded in number, each bounded in size.
+#[derive(Default)]
+pub struct MemoPool {
+    kept: Mutex<HashMap<(u64, String), Vec<Memo>, RandomState>>,
+}
+
+/// Memos kept at once, across all callers (each at most `MAX_KEPT_DECISIONS` fingerprints).
+const MAX_KEPT_MEMOS: usize = 64;
+
+impl MemoPool {
+    /// This caller's memo for this dataset, or a new one.
+    pub fn take(&self, asker: u64, dataset: &str) -> Lease<'_> {
+        let key = (asker, dataset.to_owned());
+        let kept = self
+            .kept
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&key).and_then(Vec::pop));
+        Lease {
+            pool: self,
+            memo: kept.unwrap_or_else(|| Memo::with_limit(MAX_KEPT_DECISIONS)),
+            key: Some(key),
+        }
+    }
+
+    fn put_back(&self, key: (u64, String), memo: Memo) {
+        let Ok(mut m) = self.kept.lock() else {
+            return;
+        };
+        if m.values().map(Vec::len).sum::<usize>() >= MAX_KEPT_MEMOS {
+            // Make room by forgetting some other caller's memos (whichever the map yields).
+            if let Some(other) = m.keys().find(|k| **k != key).cloned() {
+                m.remove(&other);
+            } else {
+                return;
+            }
+        }
+        m.entry(key).or_default().push(memo);
+    }
+}
+
+/// A memo out of the pool; it goes back when dropped.
+pub struct Lease<'a> {
+    pool: &'a MemoPool,
+    key: Option<(u64, String)>,
+    memo: Memo,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Memo;
+    fn deref(&self) -> &Memo {
+        &self.memo
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Memo {
+        &mut self.memo
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.pool.put_back(key, std::mem::take(&mut self.memo));
         }
     }
 }
@@ -246,6 +307,48 @@ mod tests {
             issued_at: 0,
             grant_expires_at: None,
         }
+    }
+
+    #[test]
+    fn memos_come_back_warm_per_caller_and_dataset_and_stay_bounded() {
+        use crate::filter::{Envelope, FilterContext, filter_page};
+        let (_, catalog, _) = shipped_engine();
+        let cx = FilterContext {
+            dataset: &catalog.datasets["voter"],
+            today: crate::filter::today(),
+            register_flags: &|_| None,
+        };
+        let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}]}"#;
+        let pool = MemoPool::default();
+        // How many decisions a page asks for through this memo.
+        let asks = |memo: &mut Memo| {
+            let mut asked = 0;
+            let mut decide = |_: &RecordAttrs| {
+                asked += 1;
+                Arc::new(RecordDecision {
+                    allowed: true,
+                    categories: HashSet::new(),
+                    policy_ids: Vec::new(),
+                })
+            };
+            filter_page(body, Envelope::Records, &cx, &mut decide, memo).unwrap();
+            asked
+        };
+        assert_eq!(asks(&mut pool.take(1, "voter")), 1);
+        assert_eq!(asks(&mut pool.take(1, "voter")), 0, "back warm");
+        assert_eq!(asks(&mut pool.take(2, "voter")), 1, "another caller");
+        assert_eq!(asks(&mut pool.take(1, "membership")), 1, "another dataset");
+        {
+            // Two pages at once for one caller: the second gets a memo of its own.
+            let (mut a, mut b) = (pool.take(1, "voter"), pool.take(1, "voter"));
+            assert_eq!((asks(&mut a), asks(&mut b)), (0, 1));
+        }
+        for asker in 100..300 {
+            drop(pool.take(asker, "voter"));
+        }
+        let kept = pool.kept.lock().unwrap();
+        assert!(kept.values().map(Vec::len).sum::<usize>() <= MAX_KEPT_MEMOS);
+        assert!(kept.contains_key(&(299, "voter".to_owned())));
     }
 
     #[test]

@@ -131,9 +131,8 @@ impl Run<'_> {
                 return Err("an upstream line is longer than any record".to_owned());
             }
             if out.len() >= CHUNK_BYTES {
-                self.release(&plan.principal, &mut out, &mut d, &decider)
-                    .await?;
-                // Each chunk's record names the fields it carried: start the field plans afresh.
+                self.release(&plan.principal, &mut out, &mut d).await?;
+                // Each chunk's record names the fields and policies its own records used.
                 memo.new_chunk();
             }
         }
@@ -148,8 +147,7 @@ impl Run<'_> {
             )
             .map_err(|e| e.to_string())?;
         }
-        self.release(&plan.principal, &mut out, &mut d, &decider)
-            .await
+        self.release(&plan.principal, &mut out, &mut d).await
     }
 
     /// Audits the chunk's subjects, waits until that is durable, then hands the chunk on.
@@ -158,7 +156,6 @@ impl Run<'_> {
         principal: &Principal,
         out: &mut Vec<u8>,
         d: &mut Disclosure,
-        decider: &Decider<'_>,
     ) -> Result<(), String> {
         if out.is_empty() && d.rows_withheld == 0 {
             return Ok(());
@@ -175,9 +172,8 @@ impl Run<'_> {
         record.subjects = disclosed.subjects;
         record.fields = disclosed.fields.into_iter().collect();
         record.rows_withheld = disclosed.rows_withheld;
-        let mut ids: std::collections::BTreeSet<String> =
-            self.template.policy_ids.iter().cloned().collect();
-        ids.extend(decider.policy_ids.iter().cloned());
+        let mut ids = disclosed.policy_ids;
+        ids.extend(self.template.policy_ids.iter().cloned());
         record.policy_ids = ids.into_iter().collect();
         record.detail = Some(serde_json::json!({ "export_chunk": self.chunks + 1 }));
         self.gw

@@ -288,9 +288,11 @@ where
                 dialect::list(&upstream.dialect, dataset, &route, areas.as_ref());
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
-            let (out, d) = filter::filter_page(&body, envelope, &cx, &mut |a| decider.decide(a))
-                .map_err(malformed)?;
-            trail.absorb(d, &decider);
+            let mut memo = gw.decisions.memos.take(asker, &route.dataset);
+            let decide = &mut |a: &_| decider.decide(a);
+            let (out, d) =
+                filter::filter_page(&body, envelope, &cx, decide, &mut memo).map_err(malformed)?;
+            trail.absorb(d);
             Ok(Reply::Body(Bytes::from(out)))
         }
         RouteKind::Export => Err(GatewayError::RouteNotFound),
@@ -311,7 +313,7 @@ where
                     None => "malformed",
                 });
             }
-            trail.absorb(d, &decider);
+            trail.absorb(d);
             out.map(|o| Reply::Body(Bytes::from(o)))
                 .ok_or(GatewayError::NotFound)
         }
@@ -329,7 +331,7 @@ where
             let body = expect_json(resp.status, resp.json, resp.body)?;
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
                 .map_err(malformed)?;
-            trail.absorb(d, &decider);
+            trail.absorb(d);
             Ok(Reply::Body(out.map(Bytes::from).unwrap_or_else(|| {
                 Bytes::from_static(b"{\"record\":null}")
             })))
@@ -343,11 +345,11 @@ impl Trail {
         self.caller.as_ref()
     }
 
-    fn absorb(&mut self, d: filter::Disclosure, decider: &Decider) {
+    fn absorb(&mut self, d: filter::Disclosure) {
         self.subjects = d.subjects;
         self.fields = d.fields;
         self.rows_withheld = d.rows_withheld;
-        self.policy_ids.extend(decider.policy_ids.iter().cloned());
+        self.policy_ids.extend(d.policy_ids);
         if d.unclassified_fields > 0 {
             metrics::counter!("wardgate_unclassified_fields_total")
                 .increment(d.unclassified_fields);

@@ -460,11 +460,23 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         today: wardgate::filter::today(),
         register_flags: &|_| None,
     };
-    let (out, disclosure) =
-        filter_page(&body, Envelope::Records, &cx, &mut |a| decider.decide(a)).unwrap();
+    // The caller's memo as the gateway keeps it: earlier cases' pages for the same caller and
+    // purpose have filled it.
+    let mut memo = w
+        .cache
+        .memos
+        .take(asker_key(&principal, &purpose, &basis), "voter");
+    let (out, disclosure) = filter_page(
+        &body,
+        Envelope::Records,
+        &cx,
+        &mut |a| decider.decide(a),
+        &mut memo,
+    )
+    .unwrap();
     let out: Value = serde_json::from_slice(&out).unwrap();
     let kept = out["records"].as_array().unwrap();
-    same_as_one_by_one(&body, &records, &cx, &mut |a| decider.decide(a))?;
+    same_as_one_by_one(&body, &records, &cx, &mut |a| decider.decide(a), &mut memo)?;
     if !request_ok {
         // The gateway answers 403 before filtering; nothing here would leave at all.
         return Ok(false);
@@ -494,9 +506,10 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
     Ok(!kept.is_empty())
 }
 
-/// The page filter remembers decisions and field plans across records; filtering each record
-/// alone (nothing to remember) must give exactly the same records, fields and bytes, also
-/// when the rights register flags some subjects and not their lookalikes.
+/// The page filter remembers decisions and field plans across records and pages; filtering
+/// each record alone (nothing to remember) must give exactly the same records, fields, bytes
+/// and deciding policies, also when the rights register flags some subjects and not their
+/// lookalikes, and when it changes between two pages through the same memo.
 fn same_as_one_by_one(
     body: &[u8],
     records: &[Value],
@@ -504,6 +517,7 @@ fn same_as_one_by_one(
     decide: &mut dyn FnMut(
         &wardgate::policy::RecordAttrs,
     ) -> std::sync::Arc<wardgate::filter::RecordDecision>,
+    memo: &mut wardgate::filter::Memo,
 ) -> Result<(), TestCaseError> {
     let flagged = |id: &str| {
         id.ends_with('0').then(|| {
@@ -518,10 +532,12 @@ fn same_as_one_by_one(
             register_flags: register,
             ..*cx
         };
-        let (page, d) = filter_page(body, Envelope::Records, &cx, decide).unwrap();
+        let (page, d) = filter_page(body, Envelope::Records, &cx, decide, memo).unwrap();
         let page: Value = serde_json::from_slice(&page).unwrap();
         let mut alone = Vec::new();
         let mut subjects = Vec::new();
+        let mut fields = BTreeSet::new();
+        let mut policy_ids = BTreeSet::new();
         for r in records {
             let single = serde_json::to_vec(&json!({ "record": r })).unwrap();
             let (out, d) = filter_single(&single, Envelope::Records, &cx, decide).unwrap();
@@ -530,9 +546,13 @@ fn same_as_one_by_one(
                 alone.push(v["record"].clone());
             }
             subjects.extend(d.subjects);
+            fields.extend(d.fields);
+            policy_ids.extend(d.policy_ids);
         }
         prop_assert_eq!(page["records"].as_array().unwrap(), &alone);
         prop_assert_eq!(&d.subjects, &subjects);
+        prop_assert_eq!(&d.fields, &fields);
+        prop_assert_eq!(&d.policy_ids, &policy_ids);
     }
     Ok(())
 }

@@ -10,11 +10,11 @@
 //! memo skip the reading for every record but the first of each kind.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{FilterContext, RawRecord};
@@ -201,40 +201,45 @@ struct Consent<'a> {
     withdrawn_at: Option<Text<'a>>,
 }
 
-#[derive(Deserialize)]
-struct Channel<'a>(#[serde(borrow)] Text<'a>);
+/// A consents object as `(channel, consent given and not withdrawn)` in wire order.
+struct Channels<'a>(Vec<(Cow<'a, str>, bool)>);
 
-impl PartialEq for Channel<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.0 == other.0.0
-    }
-}
-impl Eq for Channel<'_> {}
-impl PartialOrd for Channel<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Channel<'_> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.0.cmp(&other.0.0)
+impl<'de: 'a, 'a> Deserialize<'de> for Channels<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Channels<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("consents by channel")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+                let mut out = Vec::new();
+                while let Some((k, c)) = m.next_entry::<Text<'de>, Option<Consent<'de>>>()? {
+                    let live = c.is_some_and(|c| c.given_at.is_some() && c.withdrawn_at.is_none());
+                    out.push((k.0, live));
+                }
+                Ok(Channels(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
 /// Channels with consent given and not withdrawn (§5.2.1, §10.3.7), in order.
 fn consented_channels(v: &RawValue) -> Option<Vec<Cow<'_, str>>> {
     // `null` means no consent recorded on any channel; a channel named twice keeps its last.
-    let map: Option<BTreeMap<Channel, Option<Consent>>> = serde_json::from_str(v.get()).ok()?;
-    Some(
-        map.unwrap_or_default()
-            .into_iter()
-            .filter(|(_, c)| {
-                c.as_ref()
-                    .is_some_and(|c| c.given_at.is_some() && c.withdrawn_at.is_none())
-            })
-            .map(|(k, _)| k.0.0)
-            .collect(),
-    )
+    let channels: Option<Channels> = serde_json::from_str(v.get()).ok()?;
+    let mut all = channels.map_or_else(Vec::new, |c| c.0);
+    all.sort_by(|a, b| a.0.cmp(&b.0)); // stable: a repeated channel's last stays last
+    let mut out = Vec::with_capacity(all.len());
+    let mut rest = all.into_iter().peekable();
+    while let Some((channel, live)) = rest.next() {
+        let repeated = rest.peek().is_some_and(|(next, _)| *next == channel);
+        if live && !repeated {
+            out.push(channel);
+        }
+    }
+    Some(out)
 }
 
 fn tps_fresh(v: &RawValue, today: i64, max_age_days: u32) -> Option<bool> {

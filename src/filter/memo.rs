@@ -1,5 +1,5 @@
-//! What the filter remembers between the records of one page or export, so that the per-record
-//! work is a parse, a fingerprint, two lookups and a copy.
+//! What the filter remembers between records, and between pages for the same caller, purpose
+//! and dataset, so that the per-record work is a parse, a fingerprint, two lookups and a copy.
 //!
 //! - **Decisions per fingerprint.** A page of 100 electors from one district has a handful of
 //!   distinct attribute fingerprints (see `attrs::fingerprint`); the attributes are read and
@@ -9,8 +9,12 @@
 //!   the decision and the field names in order, so the register and category lookups run once
 //!   per pair, and each kept field's name is written out as JSON once.
 //!
-//! Both are bounded; an export starts its field plans afresh at each audited chunk (so that each
-//! chunk's audit record names the fields that chunk carried) but keeps its decisions.
+//! A memo is only ever used for one caller, purpose and dataset (the gateway keeps one per
+//! triple, `decisions::MemoPool`), and the policies are fixed for its life, so a fingerprint
+//! is everything else a decision depends on. Both maps are bounded. What a memo hit must
+//! still report is reported per *chunk* (a page, or an export's audited chunk): the first time
+//! a chunk uses a decision its policy ids join the disclosure, and the first time it uses a
+//! plan its field names do, so each audit record names exactly what its own records carried.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,21 +25,31 @@ use crate::policy::RecordAttrs;
 /// Past this many fingerprints the decision memo starts again (a whole constituency's export
 /// has a few thousand).
 const MAX_DECISIONS: usize = 65_536;
+/// For memos kept between pages (many of them are kept at once).
+pub const MAX_KEPT_DECISIONS: usize = 4_096;
 /// Past this many plans (distinct decisions and layouts) start again: far above real pages.
 const MAX_PLANS: usize = 64;
 
-#[derive(Default)]
 pub struct Memo {
-    /// `None`: records with this fingerprint are malformed.
-    decisions: HashMap<Box<[u8]>, Option<Arc<RecordDecision>>, foldhash::fast::RandomState>,
+    decisions: HashMap<Box<[u8]>, Entry, foldhash::fast::RandomState>,
+    max_decisions: usize,
     /// One `Arc` per distinct decision value, so that plans can be found by pointer.
     distinct: Vec<Arc<RecordDecision>>,
     key: Vec<u8>,
     plans: Vec<Plan>,
+    /// The current chunk's number; entries and plans note the last chunk that used them.
+    chunk: u64,
+}
+
+struct Entry {
+    /// `None`: records with this fingerprint are malformed.
+    decision: Option<Arc<RecordDecision>>,
+    used: u64,
 }
 
 pub(super) struct Plan {
     decision: Arc<RecordDecision>,
+    used: u64,
     names: Vec<String>,
     /// Per field in layout order: its name as a JSON key with the colon (`"name":`) when it
     /// leaves, `None` when it does not.
@@ -44,11 +58,30 @@ pub(super) struct Plan {
     pub(super) unclassified: u64,
 }
 
+impl Default for Memo {
+    fn default() -> Self {
+        Memo::with_limit(MAX_DECISIONS)
+    }
+}
+
 impl Memo {
-    /// Forgets the field plans, so that the next records add their field names to the
-    /// disclosure again; decisions are kept.
+    /// A memo that remembers at most `max_decisions` fingerprints.
+    pub fn with_limit(max_decisions: usize) -> Self {
+        Memo {
+            decisions: HashMap::default(),
+            max_decisions,
+            distinct: Vec::new(),
+            key: Vec::new(),
+            plans: Vec::new(),
+            // Above every `used` a new entry or plan starts with.
+            chunk: 1,
+        }
+    }
+
+    /// Starts a chunk: the next records report their decisions' policy ids and their plans'
+    /// field names to the disclosure again. What the memo knows is kept.
     pub fn new_chunk(&mut self) {
-        self.plans.clear();
+        self.chunk += 1;
     }
 
     /// The decision for this record of `subject`, or `None` when its attributes are missing or
@@ -59,17 +92,26 @@ impl Memo {
         cx: &FilterContext,
         subject: &str,
         decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+        d: &mut Disclosure,
     ) -> Option<Arc<RecordDecision>> {
         attrs::fingerprint(rec, cx, subject, &mut self.key);
-        if let Some(known) = self.decisions.get(self.key.as_slice()) {
-            return known.clone();
+        if let Some(known) = self.decisions.get_mut(self.key.as_slice()) {
+            if known.used != self.chunk {
+                known.used = self.chunk;
+                report_ids(known.decision.as_deref(), d);
+            }
+            return known.decision.clone();
         }
         let decision = attrs::record_attrs(rec, cx).map(|(_, a)| self.same(decide(&a)));
-        if self.decisions.len() >= MAX_DECISIONS {
+        report_ids(decision.as_deref(), d);
+        if self.decisions.len() >= self.max_decisions {
             self.decisions.clear();
         }
-        self.decisions
-            .insert(self.key.as_slice().into(), decision.clone());
+        let entry = Entry {
+            decision: decision.clone(),
+            used: self.chunk,
+        };
+        self.decisions.insert(self.key.as_slice().into(), entry);
         decision
     }
 
@@ -107,11 +149,29 @@ impl Memo {
                 if self.plans.len() >= MAX_PLANS {
                     self.plans.clear();
                 }
-                self.plans.push(Plan::make(rec, cx, verdict, d));
+                self.plans.push(Plan::make(rec, cx, verdict));
                 self.plans.len() - 1
             }
         };
-        &self.plans[i]
+        let plan = &mut self.plans[i];
+        if plan.used != self.chunk {
+            plan.used = self.chunk;
+            let kept = plan.names.iter().zip(&plan.keys);
+            for (name, _) in kept.filter(|(_, key)| key.is_some()) {
+                if !d.fields.contains(name) {
+                    d.fields.insert(name.clone());
+                }
+            }
+        }
+        plan
+    }
+}
+
+fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
+    for id in decision.map_or(&[][..], |v| &v.policy_ids) {
+        if !d.policy_ids.contains(id) {
+            d.policy_ids.insert(id.clone());
+        }
     }
 }
 
@@ -120,14 +180,10 @@ impl Plan {
         self.names.len() == rec.0.len() && self.names.iter().zip(&rec.0).all(|(a, (b, _))| a == b)
     }
 
-    fn make(
-        rec: &RawRecord,
-        cx: &FilterContext,
-        verdict: &Arc<RecordDecision>,
-        d: &mut Disclosure,
-    ) -> Plan {
+    fn make(rec: &RawRecord, cx: &FilterContext, verdict: &Arc<RecordDecision>) -> Plan {
         let mut plan = Plan {
             decision: Arc::clone(verdict),
+            used: 0,
             names: Vec::with_capacity(rec.0.len()),
             keys: Vec::with_capacity(rec.0.len()),
             unclassified: 0,
@@ -140,12 +196,8 @@ impl Plan {
                     false
                 }
             };
-            let key = keep.then(|| json_key(name)).flatten();
-            if key.is_some() && !d.fields.contains(name.as_ref()) {
-                d.fields.insert(name.to_string());
-            }
             plan.names.push(name.to_string());
-            plan.keys.push(key);
+            plan.keys.push(keep.then(|| json_key(name)).flatten());
         }
         plan
     }

@@ -13,7 +13,7 @@ mod attrs;
 mod memo;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
-pub use memo::Memo;
+pub use memo::{MAX_KEPT_DECISIONS, Memo};
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
@@ -33,6 +33,8 @@ pub struct RecordDecision {
     pub allowed: bool,
     /// Field categories this record may disclose.
     pub categories: HashSet<String>,
+    /// The policies that decided (for the audit record), sorted.
+    pub policy_ids: Vec<String>,
 }
 
 /// What left, for the audit log and metrics.
@@ -40,6 +42,8 @@ pub struct RecordDecision {
 pub struct Disclosure {
     pub subjects: Vec<String>,
     pub fields: BTreeSet<String>,
+    /// The policies behind the decisions applied, whether the record left or not.
+    pub policy_ids: BTreeSet<String>,
     pub rows_withheld: u64,
     pub malformed_rows: u64,
     pub unclassified_fields: u64,
@@ -65,21 +69,9 @@ pub struct RawRecord<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawRecord<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = RawRecord<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
-                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(32));
-                while let Some((k, v)) = m.next_entry::<attrs::Text<'de>, &'de RawValue>()? {
-                    out.push((k.0, v));
-                }
-                Ok(RawRecord(out))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
+        let mut fields = Vec::with_capacity(32);
+        serde::de::DeserializeSeed::deserialize(FieldsSeed(&mut fields), d)?;
+        Ok(RawRecord(fields))
     }
 }
 
@@ -98,20 +90,6 @@ pub enum Envelope {
     /// Datasette: `{"rows": [...], ...}` for pages and single rows. Paging is by limit and
     /// offset, so the page numbers come from the request.
     Rows { page: u32, per_page: u32 },
-}
-
-#[derive(Deserialize)]
-struct Page<'a> {
-    #[serde(borrow, default)]
-    records: Option<Vec<RawRecord<'a>>>,
-    #[serde(borrow, default)]
-    rows: Option<Vec<RawRecord<'a>>>,
-    #[serde(borrow, default)]
-    page: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    per_page: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    next_page: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -134,44 +112,44 @@ fn malformed(what: &str) -> FilterError {
 }
 
 /// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`.
+/// `memo` may come from earlier pages for the same caller, purpose and dataset (see `Memo`).
+/// Records are filtered as the page is parsed, through one reused field list.
 pub fn filter_page(
     body: &[u8],
     envelope: Envelope,
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    memo: &mut Memo,
 ) -> Result<(Vec<u8>, Disclosure), FilterError> {
-    let page: Page = parse(body)?;
-    let records = match envelope {
-        Envelope::Records => page
-            .records
-            .as_ref()
-            .ok_or_else(|| malformed("`records`"))?,
-        Envelope::Rows { .. } => page.rows.as_ref().ok_or_else(|| malformed("`rows`"))?,
+    let text = std::str::from_utf8(body).map_err(|e| FilterError::Malformed(e.to_string()))?;
+    let mut run = PageRun {
+        envelope,
+        cx,
+        decide,
+        memo,
+        out: Vec::with_capacity(body.len()),
+        d: Disclosure::default(),
+        records: None,
+        paging: [None; 3],
     };
-    let mut out = Vec::with_capacity(body.len());
-    let mut d = Disclosure::default();
-    let mut memo = Memo::default();
-    out.extend_from_slice(b"{\"records\":[");
-    let mut first = true;
-    for rec in records {
-        let start = out.len();
-        if !first {
-            out.push(b',');
-        }
-        if write_record(rec, cx, decide, &mut memo, &mut out, &mut d) {
-            first = false;
-        } else {
-            out.truncate(start);
-        }
-    }
+    run.memo.new_chunk();
+    run.out.extend_from_slice(b"{\"records\":[");
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(&mut run, &mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| FilterError::Malformed(e.to_string()))?;
+    let (records, paging) = (run.records, run.paging);
+    let (mut out, d) = (run.out, run.d);
+    let records = records.ok_or_else(|| {
+        malformed(match envelope {
+            Envelope::Records => "`records`",
+            Envelope::Rows { .. } => "`rows`",
+        })
+    })?;
     out.push(b']');
     match envelope {
         Envelope::Records => {
-            for (name, v) in [
-                ("page", page.page),
-                ("per_page", page.per_page),
-                ("next_page", page.next_page),
-            ] {
+            for (name, v) in ["page", "per_page", "next_page"].iter().zip(paging) {
                 if let Some(v) = v {
                     out.extend_from_slice(format!(",\"{name}\":").as_bytes());
                     out.extend_from_slice(v.get().as_bytes());
@@ -180,7 +158,7 @@ pub fn filter_page(
         }
         Envelope::Rows { page, per_page } => {
             // A full page may have a successor; a short one is the last.
-            let full = u32::try_from(records.len()).is_ok_and(|n| n >= per_page);
+            let full = u32::try_from(records).is_ok_and(|n| n >= per_page);
             let next = if full {
                 (page + 1).to_string()
             } else {
@@ -195,7 +173,133 @@ pub fn filter_page(
     Ok((out, d))
 }
 
-/// Filters one record; `None` when it may not leave (or, for `rows`, there is none).
+/// One page being filtered as it is parsed: the envelope object's visitor.
+struct PageRun<'r, 'a> {
+    envelope: Envelope,
+    cx: &'r FilterContext<'a>,
+    decide: &'r mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    memo: &'r mut Memo,
+    out: Vec<u8>,
+    d: Disclosure,
+    /// How many records the page held, once its record array has been read.
+    records: Option<usize>,
+    /// `page`, `per_page` and `next_page` as sent (wardgate's own envelope).
+    paging: [Option<&'r RawValue>; 3],
+}
+
+impl<'de: 'r, 'r> serde::de::DeserializeSeed<'de> for &mut PageRun<'r, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de: 'r, 'r> Visitor<'de> for &mut PageRun<'r, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a page of records")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
+        use serde::de::Error;
+        let records_key = match self.envelope {
+            Envelope::Records => "records",
+            Envelope::Rows { .. } => "rows",
+        };
+        let paging = match self.envelope {
+            Envelope::Records => &["page", "per_page", "next_page"][..],
+            Envelope::Rows { .. } => &[],
+        };
+        while let Some(key) = m.next_key::<attrs::Text<'de>>()? {
+            let key = key.0.as_ref();
+            if key == records_key {
+                if self.records.is_some() {
+                    return Err(M::Error::duplicate_field("records"));
+                }
+                let mut fields = Vec::with_capacity(32);
+                let n = m.next_value_seed(RecordsSeed {
+                    run: &mut *self,
+                    fields: &mut fields,
+                })?;
+                self.records = Some(n);
+            } else if let Some(i) = paging.iter().position(|p| *p == key) {
+                if self.paging[i].is_some() {
+                    return Err(M::Error::duplicate_field("page"));
+                }
+                self.paging[i] = Some(m.next_value::<&'de RawValue>()?);
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The record array: each record is read into `fields` (reused) and filtered onto the output.
+struct RecordsSeed<'s, 'r, 'a, 'de> {
+    run: &'s mut PageRun<'r, 'a>,
+    fields: &'s mut Vec<(Cow<'de, str>, &'de RawValue)>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RecordsSeed<'_, '_, '_, 'de> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordsSeed<'_, '_, '_, 'de> {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of records")
+    }
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
+        let run = self.run;
+        let mut rec = RawRecord(std::mem::take(self.fields));
+        let mut n = 0;
+        let mut first = true;
+        while seq.next_element_seed(FieldsSeed(&mut rec.0))?.is_some() {
+            n += 1;
+            let start = run.out.len();
+            if !first {
+                run.out.push(b',');
+            }
+            if write_record(&rec, run.cx, run.decide, run.memo, &mut run.out, &mut run.d) {
+                first = false;
+            } else {
+                run.out.truncate(start);
+            }
+        }
+        *self.fields = rec.0;
+        Ok(n)
+    }
+}
+
+/// One record's `(name, raw value)` pairs, into a reused list.
+struct FieldsSeed<'f, 'de>(&'f mut Vec<(Cow<'de, str>, &'de RawValue)>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldsSeed<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsSeed<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
+        self.0.clear();
+        while let Some((k, v)) = m.next_entry::<attrs::Text<'de>, &'de RawValue>()? {
+            self.0.push((k.0, v));
+        }
+        Ok(())
+    }
+}
+
+/// Filters one record; `None` when it may not leave (or, for `rows`, there is none). `decide`
+/// is always asked about the record (a fresh memo), so a caller can see why it was refused.
 pub fn filter_single(
     body: &[u8],
     envelope: Envelope,
@@ -249,7 +353,7 @@ fn write_record(
     d: &mut Disclosure,
 ) -> bool {
     let decided = attrs::subject(rec, cx)
-        .and_then(|subject| Some((memo.decision(rec, cx, &subject, decide)?, subject)));
+        .and_then(|subject| Some((memo.decision(rec, cx, &subject, decide, d)?, subject)));
     let Some((verdict, subject)) = decided else {
         d.rows_withheld += 1;
         d.malformed_rows += 1;

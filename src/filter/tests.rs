@@ -26,6 +26,16 @@ fn record(id: &str, pd: &str, extra: &str) -> String {
     )
 }
 
+/// `filter_page` with a memo of its own.
+fn page(
+    body: &[u8],
+    envelope: Envelope,
+    cx: &FilterContext,
+    decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+) -> Result<(Vec<u8>, Disclosure), FilterError> {
+    filter_page(body, envelope, cx, decide, &mut Memo::default())
+}
+
 /// Allows records in CGW1 only, and the identity + identifier categories.
 fn decide(a: &RecordAttrs) -> Arc<RecordDecision> {
     Arc::new(RecordDecision {
@@ -34,6 +44,7 @@ fn decide(a: &RecordAttrs) -> Arc<RecordDecision> {
             .iter()
             .map(|s| (*s).to_owned())
             .collect(),
+        policy_ids: vec![format!("area-{}", a.area)],
     })
 }
 
@@ -45,7 +56,7 @@ fn rows_out_of_scope_are_dropped_and_fields_stripped() {
         record("VF-1", "CGW1", ""),
         record("VF-2", "CGW9", "")
     );
-    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["records"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -68,10 +79,11 @@ fn unclassified_fields_never_leave() {
         r#"{{"records":[{}]}}"#,
         record("VF-1", "CGW1", r#","shadow_notes":"secret""#)
     );
-    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |_| {
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |_| {
         Arc::new(RecordDecision {
             allowed: true,
             categories: ds.fields.values().cloned().collect(),
+            policy_ids: Vec::new(),
         })
     })
     .unwrap();
@@ -86,7 +98,7 @@ fn a_record_missing_a_policy_attribute_is_withheld() {
     let bad_markers = record("VF-2", "CGW1", "").replace(r#""markers":[]"#, r#""markers":"N""#);
     let no_area = record("VF-3", "CGW1", "").replace(r#""polling_district":"CGW1","#, "");
     let body = format!(r#"{{"records":[{no_flags},{bad_markers},{no_area}]}}"#);
-    let (out, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
     assert_eq!((d.rows_withheld, d.malformed_rows), (3, 3));
 }
@@ -101,9 +113,17 @@ fn malformed_bodies_are_errors_not_pass_through() {
         b"{\"records\":{}}",
         b"not json",
         b"{\"records\":[1]}",
+        b"{\"records\":null}",
+        b"{\"records\":[],\"records\":[]}",
+        b"{\"records\":[],\"page\":1,\"page\":2}",
+        b"{\"records\":[]} trailing",
+        b"{\"records\":[{\"a\":1},]}",
+        b"{\"records\":[{\"a\":1}]",
+        b"{\"records\":[],\"other\":[1,}",
+        b"{\"records\":[{\"a\":\"\xff\"}]}",
     ] {
         assert!(
-            filter_page(body, Envelope::Records, &cx(&ds), &mut decide).is_err(),
+            page(body, Envelope::Records, &cx(&ds), &mut decide).is_err(),
             "{:?}",
             String::from_utf8_lossy(body)
         );
@@ -180,7 +200,7 @@ fn datasette_rows_become_the_same_envelope() {
         record("VF-1", "CGW1", ""),
         record("VF-2", "CGW1", "")
     );
-    let (out, d) = filter_page(
+    let (out, d) = page(
         body.as_bytes(),
         Envelope::Rows {
             page: 3,
@@ -200,7 +220,7 @@ fn datasette_rows_become_the_same_envelope() {
         (Some(3), Some(2), Some(4))
     );
     assert_eq!(d.subjects.len(), 2);
-    let (out, _) = filter_page(
+    let (out, _) = page(
         body.as_bytes(),
         Envelope::Rows {
             page: 1,
@@ -213,7 +233,7 @@ fn datasette_rows_become_the_same_envelope() {
     assert!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["next_page"].is_null());
     // A wardgate envelope where rows were expected is malformed, not an empty page.
     assert!(
-        filter_page(
+        page(
             b"{\"records\":[]}",
             Envelope::Rows {
                 page: 1,
@@ -265,7 +285,7 @@ fn records_alike_in_every_policy_input_share_one_decision() {
             .join(",")
     );
     let mut asked = Vec::new();
-    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+    let (_, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
         asked.push(a.clone());
         decide(a)
     })
@@ -289,10 +309,11 @@ fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
         record("VF-2", "CGW1", ""),
         record("VF-3", "CGW1", "")
     );
-    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
+    let (_, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
         Arc::new(RecordDecision {
             allowed: !a.flags.contains("restricted"),
             categories: HashSet::new(),
+            policy_ids: Vec::new(),
         })
     })
     .unwrap();
@@ -310,14 +331,14 @@ fn a_malformed_record_does_not_spoil_its_well_formed_lookalikes() {
         record("", "CGW1", ""),
         record("VF-3", "CGW1", "")
     );
-    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let (_, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     assert_eq!(d.subjects, ["VF-1", "VF-3"]);
     assert_eq!((d.rows_withheld, d.malformed_rows), (1, 1));
     // And the other way round: a malformed fingerprint is remembered as malformed.
     let bad = record("VF-4", "CGW1", "")
         .replace(r#""tps_checked_at":"2026-11-01""#, r#""tps_checked_at":7"#);
     let body = format!(r#"{{"records":[{bad},{}]}}"#, bad.replace("VF-4", "VF-5"));
-    let (_, d) = filter_page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let (_, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     assert!(d.subjects.is_empty());
     assert_eq!(d.malformed_rows, 2);
 }
@@ -345,5 +366,202 @@ fn subject_ids_read_as_before() {
             want,
             "{raw}"
         );
+    }
+}
+
+/// A memo kept between pages, as the gateway keeps one per caller, purpose and dataset.
+mod kept_between_pages {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn two_districts() -> String {
+        format!(
+            r#"{{"records":[{},{},{}]}}"#,
+            record("VF-1", "CGW1", ""),
+            record("VF-2", "CGW9", ""),
+            record("VF-3", "CGW1", "")
+        )
+    }
+
+    #[test]
+    fn a_second_page_reports_the_same_fields_and_policies_without_asking_again() {
+        let ds = dataset();
+        let mut memo = Memo::default();
+        let mut asked = 0;
+        let mut counted = |a: &RecordAttrs| {
+            asked += 1;
+            decide(a)
+        };
+        let body = two_districts();
+        let (out1, d1) = filter_page(
+            body.as_bytes(),
+            Envelope::Records,
+            &cx(&ds),
+            &mut counted,
+            &mut memo,
+        )
+        .unwrap();
+        let (out2, d2) = filter_page(
+            body.as_bytes(),
+            Envelope::Records,
+            &cx(&ds),
+            &mut counted,
+            &mut memo,
+        )
+        .unwrap();
+        assert_eq!(asked, 2, "one decision per fingerprint, then none");
+        assert_eq!(out1, out2);
+        assert_eq!(d1, d2);
+        assert_eq!(
+            d2.fields.iter().collect::<Vec<_>>(),
+            ["elector_id", "first_name", "surname"]
+        );
+        // The withheld record's deciding policy is named too: it decided what did not leave.
+        assert_eq!(
+            d2.policy_ids.iter().collect::<Vec<_>>(),
+            ["area-E08000035/CGW1", "area-E08000035/CGW9"]
+        );
+    }
+
+    #[test]
+    fn a_page_names_only_what_its_own_records_used() {
+        let ds = dataset();
+        let mut memo = Memo::default();
+        let only_cgw9 = format!(r#"{{"records":[{}]}}"#, record("VF-2", "CGW9", ""));
+        filter_page(
+            two_districts().as_bytes(),
+            Envelope::Records,
+            &cx(&ds),
+            &mut decide,
+            &mut memo,
+        )
+        .unwrap();
+        let (out, d) = filter_page(
+            only_cgw9.as_bytes(),
+            Envelope::Records,
+            &cx(&ds),
+            &mut decide,
+            &mut memo,
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
+        assert!(d.fields.is_empty(), "{d:?}");
+        assert_eq!(
+            d.policy_ids.iter().collect::<Vec<_>>(),
+            ["area-E08000035/CGW9"]
+        );
+    }
+
+    #[test]
+    fn a_register_flag_added_between_pages_withholds_the_record_at_once() {
+        let ds = dataset();
+        let flagged: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let register = |id: &str| {
+            let f = flagged.lock().unwrap();
+            f.iter()
+                .any(|s| s == id)
+                .then(|| vec!["restricted".to_owned()])
+        };
+        let cx = FilterContext {
+            dataset: &ds,
+            today: days_from_iso_date("2026-11-23").unwrap(),
+            register_flags: &register,
+        };
+        let mut by_flags = |a: &RecordAttrs| {
+            Arc::new(RecordDecision {
+                allowed: !a.flags.contains("restricted"),
+                categories: ["identifier".to_owned()].into(),
+                policy_ids: Vec::new(),
+            })
+        };
+        let mut memo = Memo::default();
+        let body = two_districts();
+        let (_, d) = filter_page(
+            body.as_bytes(),
+            Envelope::Records,
+            &cx,
+            &mut by_flags,
+            &mut memo,
+        )
+        .unwrap();
+        assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3"]);
+        flagged.lock().unwrap().push("VF-3".to_owned());
+        let (out, d) = filter_page(
+            body.as_bytes(),
+            Envelope::Records,
+            &cx,
+            &mut by_flags,
+            &mut memo,
+        )
+        .unwrap();
+        assert_eq!(d.subjects, ["VF-1", "VF-2"]);
+        assert!(!String::from_utf8(out).unwrap().contains("VF-3"));
+    }
+
+    #[test]
+    fn a_stale_tps_check_tomorrow_is_a_different_fingerprint() {
+        let ds = dataset();
+        // Checked 28 days before "today": fresh today, stale once today moves on.
+        let rec = record("VF-1", "CGW1", "").replace("2026-11-01", "2026-10-26");
+        let body = format!(r#"{{"records":[{rec}]}}"#);
+        let mut memo = Memo::default();
+        let mut tps = Vec::new();
+        for today in ["2026-11-23", "2027-01-23"] {
+            let cx = FilterContext {
+                dataset: &ds,
+                today: days_from_iso_date(today).unwrap(),
+                register_flags: &|_| None,
+            };
+            filter_page(
+                body.as_bytes(),
+                Envelope::Records,
+                &cx,
+                &mut |a| {
+                    tps.push(a.tps_fresh);
+                    decide(a)
+                },
+                &mut memo,
+            )
+            .unwrap();
+        }
+        assert_eq!(tps, [true, false]);
+    }
+}
+
+#[test]
+fn a_channel_named_twice_keeps_its_last_consent() {
+    let ds = dataset();
+    let given = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":null}"#;
+    let withdrawn = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":"2026-01-01T00:00:00Z"}"#;
+    let consents = |c: &str| {
+        record("VF-1", "CGW1", "").replace(
+            r#""consents":{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#,
+            &format!(r#""consents":{c}"#),
+        )
+    };
+    let cases = [
+        (
+            format!(r#"{{"email":{given},"email":{withdrawn}}}"#),
+            vec![],
+        ),
+        (
+            format!(r#"{{"email":{withdrawn},"email":{given}}}"#),
+            vec!["email"],
+        ),
+        (
+            format!(r#"{{"sms":{given},"email":{withdrawn},"post":{given},"email":null}}"#),
+            vec!["post", "sms"],
+        ),
+        ("null".to_owned(), vec![]),
+    ];
+    for (c, expected) in cases {
+        let body = format!(r#"{{"records":[{}]}}"#, consents(&c));
+        let mut seen = Vec::new();
+        page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+            seen.push(a.consented.iter().cloned().collect::<Vec<_>>());
+            decide(a)
+        })
+        .unwrap();
+        assert_eq!(seen, [expected], "{c}");
     }
 }
