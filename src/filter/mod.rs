@@ -1,10 +1,11 @@
 //! Row and field filtering over an upstream body, without building a document tree.
 //!
-//! A page is read as records of `(field name, raw JSON value)` pairs borrowed from the body:
-//! only the handful of policy-relevant fields (area, markers, flags, consents, TPS date,
-//! subject id) are parsed (`attrs`). `decide` is asked once per distinct attribute fingerprint
-//! and field plans are made once per decision (`memo`); kept fields are copied out byte for
-//! byte. A field the asset register does not classify is never written out. A record whose
+//! A page is filtered as it is parsed, record by record, each read as `(field name, raw JSON
+//! value)` pairs borrowed from the body: only the handful of policy-relevant fields (area,
+//! markers, flags, consents, TPS date, subject id) are parsed (`attrs`). `decide` is asked once
+//! per distinct attribute fingerprint and field plans are made once per decision (`memo`, which
+//! a caller's pages share); kept fields are copied out byte for byte. Nothing is written out
+//! unless the whole body parses. A field the asset register does not classify is never written out. A record whose
 //! policy attributes are missing or malformed is withheld (fail closed) and counted. This
 //! module is pure: bytes and a decision function in, bytes and a disclosure summary out; it
 //! knows nothing of Cedar or HTTP.
