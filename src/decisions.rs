@@ -158,7 +158,7 @@ impl<'a> Decider<'a> {
 
     /// The decision for a record with these attributes (its `policy_ids` name the policies
     /// that made it). The filter's memo asks once per distinct fingerprint.
-    pub fn decide(&mut self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
+    pub fn decide(&self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
         let key = Key {
             asker: self.asker,
             dataset: self.dataset.to_owned(),

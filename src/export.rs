@@ -83,7 +83,7 @@ impl Run<'_> {
             .get(&plan.dataset)
             .ok_or("unknown dataset")?;
         let categories = gw.categories.get(&plan.dataset).ok_or("unknown dataset")?;
-        let mut decider = Decider::new(
+        let decider = Decider::new(
             &gw.policy,
             &gw.decisions,
             &plan.ask,

@@ -268,7 +268,7 @@ where
             dataset: route.dataset.clone(),
         })));
     }
-    let mut decider = Decider::new(
+    let decider = Decider::new(
         &gw.policy,
         &gw.decisions,
         &ask,

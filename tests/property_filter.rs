@@ -447,7 +447,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
             .allowed;
     let dataset = &w.catalog.datasets["voter"];
     let categories: BTreeSet<String> = dataset.fields.values().cloned().collect();
-    let mut decider = Decider::new(
+    let decider = Decider::new(
         &w.engine,
         &w.cache,
         &ask,

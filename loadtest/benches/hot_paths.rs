@@ -172,7 +172,7 @@ fn page_body(records: &[&Value]) -> Vec<u8> {
 #[inline(never)] // a symbol of its own, for `instructions.sh`
 fn wardgate_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) -> Vec<u8> {
     let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    let mut decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
+    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
     let cx = FilterContext {
         dataset: fx.dataset(),
         today: filter::today(),
@@ -192,7 +192,7 @@ fn wardgate_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) 
 #[inline(never)] // a symbol of its own, for `instructions.sh`
 fn naive_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) -> Vec<u8> {
     let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    let mut decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
+    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
     let mut local: HashMap<RecordAttrs, Arc<RecordDecision>> = HashMap::new();
     let ds = fx.dataset();
     let today = filter::today();

@@ -36,6 +36,25 @@ fn page(
     filter_page(body, envelope, cx, decide, &mut Memo::default())
 }
 
+/// `filter_page` of a wardgate envelope through `memo` (as the gateway's pooled memo).
+fn page_through(
+    body: &str,
+    cx: &FilterContext,
+    decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+    memo: &mut Memo,
+) -> (Vec<u8>, Disclosure) {
+    filter_page(body.as_bytes(), Envelope::Records, cx, decide, memo).unwrap()
+}
+
+/// A decision with no policy ids.
+fn verdict(allowed: bool, categories: &[&str]) -> Arc<RecordDecision> {
+    Arc::new(RecordDecision {
+        allowed,
+        categories: categories.iter().map(|c| (*c).to_owned()).collect(),
+        policy_ids: Vec::new(),
+    })
+}
+
 /// Allows records in CGW1 only, and the identity + identifier categories.
 fn decide(a: &RecordAttrs) -> Arc<RecordDecision> {
     Arc::new(RecordDecision {
@@ -310,11 +329,7 @@ fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
         record("VF-3", "CGW1", "")
     );
     let (_, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
-        Arc::new(RecordDecision {
-            allowed: !a.flags.contains("restricted"),
-            categories: HashSet::new(),
-            policy_ids: Vec::new(),
-        })
+        verdict(!a.flags.contains("restricted"), &[])
     })
     .unwrap();
     assert_eq!(d.subjects, ["VF-1", "VF-3"]);
@@ -393,22 +408,8 @@ mod kept_between_pages {
             decide(a)
         };
         let body = two_districts();
-        let (out1, d1) = filter_page(
-            body.as_bytes(),
-            Envelope::Records,
-            &cx(&ds),
-            &mut counted,
-            &mut memo,
-        )
-        .unwrap();
-        let (out2, d2) = filter_page(
-            body.as_bytes(),
-            Envelope::Records,
-            &cx(&ds),
-            &mut counted,
-            &mut memo,
-        )
-        .unwrap();
+        let (out1, d1) = page_through(&body, &cx(&ds), &mut counted, &mut memo);
+        let (out2, d2) = page_through(&body, &cx(&ds), &mut counted, &mut memo);
         assert_eq!(asked, 2, "one decision per fingerprint, then none");
         assert_eq!(out1, out2);
         assert_eq!(d1, d2);
@@ -428,22 +429,8 @@ mod kept_between_pages {
         let ds = dataset();
         let mut memo = Memo::default();
         let only_cgw9 = format!(r#"{{"records":[{}]}}"#, record("VF-2", "CGW9", ""));
-        filter_page(
-            two_districts().as_bytes(),
-            Envelope::Records,
-            &cx(&ds),
-            &mut decide,
-            &mut memo,
-        )
-        .unwrap();
-        let (out, d) = filter_page(
-            only_cgw9.as_bytes(),
-            Envelope::Records,
-            &cx(&ds),
-            &mut decide,
-            &mut memo,
-        )
-        .unwrap();
+        page_through(&two_districts(), &cx(&ds), &mut decide, &mut memo);
+        let (out, d) = page_through(&only_cgw9, &cx(&ds), &mut decide, &mut memo);
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
         assert!(d.fields.is_empty(), "{d:?}");
         assert_eq!(
@@ -467,33 +454,14 @@ mod kept_between_pages {
             today: days_from_iso_date("2026-11-23").unwrap(),
             register_flags: &register,
         };
-        let mut by_flags = |a: &RecordAttrs| {
-            Arc::new(RecordDecision {
-                allowed: !a.flags.contains("restricted"),
-                categories: ["identifier".to_owned()].into(),
-                policy_ids: Vec::new(),
-            })
-        };
+        let mut by_flags =
+            |a: &RecordAttrs| verdict(!a.flags.contains("restricted"), &["identifier"]);
         let mut memo = Memo::default();
         let body = two_districts();
-        let (_, d) = filter_page(
-            body.as_bytes(),
-            Envelope::Records,
-            &cx,
-            &mut by_flags,
-            &mut memo,
-        )
-        .unwrap();
+        let (_, d) = page_through(&body, &cx, &mut by_flags, &mut memo);
         assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3"]);
         flagged.lock().unwrap().push("VF-3".to_owned());
-        let (out, d) = filter_page(
-            body.as_bytes(),
-            Envelope::Records,
-            &cx,
-            &mut by_flags,
-            &mut memo,
-        )
-        .unwrap();
+        let (out, d) = page_through(&body, &cx, &mut by_flags, &mut memo);
         assert_eq!(d.subjects, ["VF-1", "VF-2"]);
         assert!(!String::from_utf8(out).unwrap().contains("VF-3"));
     }
