@@ -61,10 +61,10 @@ pub(crate) async fn check_write(
     let (target, _) = fetch_one(upstream, dataset, id, request_id).await?;
     let single: serde_json::Value = serde_json::from_slice(&target)
         .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
-    let raw =
-        serde_json::to_vec(&single["record"]).map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let rec: filter::RawRecord = serde_json::from_slice(&raw)
-        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
+    // (Read into a `Value` first, a field named twice keeps its last value, as a reader would.)
+    let raw = serde_json::to_string(&single["record"])
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let rec = filter::RawRecord::parse(&raw).map_err(malformed)?;
     // A target we cannot classify, or may not write to, is indistinguishable from a missing one.
     let (_, attrs) = filter::record_attrs(&rec, cx).ok_or(GatewayError::NotFound)?;
     if !gw

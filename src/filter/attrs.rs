@@ -10,13 +10,13 @@
 //! memo skip the reading for every record but the first of each kind.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
+use serde::de::{Deserializer, Visitor};
 
+use super::scan::Scan;
 use super::{FilterContext, RawRecord};
 use crate::policy::RecordAttrs;
 
@@ -59,7 +59,7 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     let strings = |field: &Option<String>| -> Option<BTreeSet<String>> {
         match field {
             None => Some(BTreeSet::new()),
-            Some(f) => serde_json::from_str::<Vec<String>>(rec.get(f)?.get())
+            Some(f) => serde_json::from_str::<Vec<String>>(rec.get(f)?)
                 .ok()
                 .map(|v| v.into_iter().collect()),
         }
@@ -69,12 +69,9 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     if let Some(extra) = (cx.register_flags)(&subject) {
         flags.extend(extra);
     }
-    let mut consented: BTreeSet<String> = match &ds.consents_field {
+    let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
-        Some(f) => consented_channels(rec.get(f)?)?
-            .into_iter()
-            .map(Cow::into_owned)
-            .collect(),
+        Some(f) => consented_channels(rec.get(f)?)?,
     };
     // A withdrawal in the rights register outranks a consent still on the record (§10.3.7).
     for f in &flags {
@@ -109,11 +106,11 @@ pub fn fingerprint(rec: &RawRecord, cx: &FilterContext, subject: &str, key: &mut
         let Some(end) = rest[start..].find('}').map(|e| start + e) else {
             break;
         };
-        put(key, rec.get(&rest[start + 1..end]).map(|v| v.get()));
+        put(key, rec.get(&rest[start + 1..end]));
         rest = &rest[end + 1..];
     }
     for field in [&ds.markers_field, &ds.flags_field].into_iter().flatten() {
-        put(key, rec.get(field).map(|v| v.get()));
+        put(key, rec.get(field));
     }
     match (cx.register_flags)(subject) {
         None => key.push(0),
@@ -126,14 +123,23 @@ pub fn fingerprint(rec: &RawRecord, cx: &FilterContext, subject: &str, key: &mut
         }
     }
     if let Some(field) = &ds.consents_field {
-        match rec.get(field).map(consented_channels) {
+        // Every channel in wire order with its state (the reading is a function of that):
+        // each as 1, name, state; then 0.
+        match rec.get(field) {
             None => key.push(0),
-            Some(None) => key.push(2),
-            Some(Some(channels)) => {
+            Some(v) => {
+                let mark = key.len();
                 key.push(1);
-                count(key, channels.len());
-                for c in &channels {
-                    put(key, Some(c));
+                let read = channel_states(v, |channel, live| {
+                    key.push(1);
+                    put(key, Some(&channel));
+                    key.push(u8::from(live));
+                });
+                if read.is_some() {
+                    key.push(0);
+                } else {
+                    key.truncate(mark);
+                    key.push(2);
                 }
             }
         }
@@ -166,8 +172,7 @@ fn count(key: &mut Vec<u8>, n: usize) {
 }
 
 /// A non-empty string or a number, as text; anything else is `None`.
-fn scalar(v: &RawValue) -> Option<Cow<'_, str>> {
-    let raw = v.get().trim_start();
+fn scalar(raw: &str) -> Option<Cow<'_, str>> {
     match raw.as_bytes().first()? {
         b'"' => serde_json::from_str::<Text>(raw)
             .ok()
@@ -193,76 +198,97 @@ fn area_of(rec: &RawRecord, template: &str) -> Option<String> {
     Some(out)
 }
 
-#[derive(Deserialize)]
-struct Consent<'a> {
-    #[serde(borrow)]
-    given_at: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    withdrawn_at: Option<Text<'a>>,
-}
-
-/// A consents object as `(channel, consent given and not withdrawn)` in wire order.
-struct Channels<'a>(Vec<(Cow<'a, str>, bool)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Channels<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Channels<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("consents by channel")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
-                let mut out = Vec::new();
-                while let Some((k, c)) = m.next_entry::<Text<'de>, Option<Consent<'de>>>()? {
-                    let live = c.is_some_and(|c| c.given_at.is_some() && c.withdrawn_at.is_none());
-                    out.push((k.0, live));
-                }
-                Ok(Channels(out))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-/// Channels with consent given and not withdrawn (§5.2.1, §10.3.7), in order.
-fn consented_channels(v: &RawValue) -> Option<Vec<Cow<'_, str>>> {
-    // `null` means no consent recorded on any channel; a channel named twice keeps its last.
-    let channels: Option<Channels> = serde_json::from_str(v.get()).ok()?;
-    let mut all = channels.map_or_else(Vec::new, |c| c.0);
-    all.sort_by(|a, b| a.0.cmp(&b.0)); // stable: a repeated channel's last stays last
-    let mut out = Vec::with_capacity(all.len());
-    let mut rest = all.into_iter().peekable();
-    while let Some((channel, live)) = rest.next() {
-        let repeated = rest.peek().is_some_and(|(next, _)| *next == channel);
-        if live && !repeated {
-            out.push(channel);
+/// Each channel of a consents value in wire order, with whether consent was given there and
+/// not withdrawn (§5.2.1, §10.3.7); `None` when the value is not `null` (no consent on any
+/// channel) or an object of channels, each `null` or `{"given_at", "withdrawn_at", ...}` with
+/// those two `null` or a string, neither named twice.
+fn channel_states<'a>(v: &'a str, mut each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
+    let mut scan = Scan::new(v);
+    if !scan.null().ok()? {
+        scan.begin_object().ok()?;
+        let mut first = true;
+        while let Some(channel) = scan.next_key(&mut first).ok()? {
+            let live = !scan.null().ok()? && consent_live(&mut scan)?;
+            each(channel, live);
         }
     }
-    Some(out)
+    scan.end().ok()
 }
 
-fn tps_fresh(v: &RawValue, today: i64, max_age_days: u32) -> Option<bool> {
-    let checked: Option<Text> = serde_json::from_str(v.get()).ok()?;
-    let Some(checked) = checked else {
-        return Some(false);
+/// One channel's consent object: given (`given_at` a string) and not withdrawn
+/// (`withdrawn_at` absent or `null`).
+fn consent_live(scan: &mut Scan) -> Option<bool> {
+    let (mut given, mut withdrawn) = (None, None);
+    scan.begin_object().ok()?;
+    let mut first = true;
+    while let Some(key) = scan.next_key(&mut first).ok()? {
+        let slot = match key.as_ref() {
+            "given_at" => &mut given,
+            "withdrawn_at" => &mut withdrawn,
+            _ => {
+                scan.value().ok()?;
+                continue;
+            }
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = match scan.value().ok()?.as_bytes().first() {
+            Some(b'n') => Some(false),
+            Some(b'"') => Some(true),
+            _ => return None,
+        };
+    }
+    Some(given == Some(true) && withdrawn != Some(true))
+}
+
+/// The channels with live consent; a channel named twice keeps its last state.
+fn consented_channels(v: &str) -> Option<BTreeSet<String>> {
+    let mut last = BTreeMap::new();
+    channel_states(v, |channel, live| {
+        last.insert(channel, live);
+    })?;
+    Some(
+        (last.into_iter().filter(|(_, live)| *live))
+            .map(|(channel, _)| channel.into_owned())
+            .collect(),
+    )
+}
+
+fn tps_fresh(v: &str, today: i64, max_age_days: u32) -> Option<bool> {
+    let days = match v.as_bytes().first()? {
+        b'n' if v == "null" => return Some(false),
+        // The common case: a date without escapes.
+        b'"' if !v.contains('\\') => days_from_iso_date(v.get(1..v.len() - 1)?)?,
+        b'"' => days_from_iso_date(&serde_json::from_str::<String>(v).ok()?)?,
+        _ => return None,
     };
-    let days = days_from_iso_date(&checked.0)?;
     Some(today - days <= i64::from(max_age_days) && days <= today)
 }
 
 /// Days since 1970-01-01 for `YYYY-MM-DD`.
 pub fn days_from_iso_date(s: &str) -> Option<i64> {
+    // `YYYY-MM-DD` exactly, read directly; anything else goes through `time`'s parser.
+    if let [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = *s.as_bytes() {
+        let digits = [y0, y1, y2, y3, m0, m1, d0, d1];
+        if digits.iter().all(u8::is_ascii_digit) {
+            let n = |ds: &[u8]| ds.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+            let year = i32::from(n(&digits[..4]));
+            let month = time::Month::try_from(u8::try_from(n(&digits[4..6])).ok()?).ok()?;
+            let day = u8::try_from(n(&digits[6..])).ok()?;
+            let date = time::Date::from_calendar_date(year, month, day).ok()?;
+            return Some(days_since_epoch(date));
+        }
+    }
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    let date = time::Date::parse(s, &fmt).ok()?;
-    Some(
-        i64::from(date.to_julian_day())
-            - i64::from(time::macros::date!(1970 - 01 - 01).to_julian_day()),
-    )
+    Some(days_since_epoch(time::Date::parse(s, &fmt).ok()?))
+}
+
+fn days_since_epoch(date: time::Date) -> i64 {
+    i64::from(date.to_julian_day()) - i64::from(time::macros::date!(1970 - 01 - 01).to_julian_day())
 }
 
 /// Days since 1970-01-01 now.
 pub fn today() -> i64 {
-    let now = time::OffsetDateTime::now_utc().date();
-    i64::from(now.to_julian_day()) - i64::from(time::macros::date!(1970 - 01 - 01).to_julian_day())
+    days_since_epoch(time::OffsetDateTime::now_utc().date())
 }

@@ -56,6 +56,9 @@ pub(super) struct Plan {
     pub(super) keys: Vec<Option<Box<[u8]>>>,
     /// Fields of this layout the asset register does not classify (never written out).
     pub(super) unclassified: u64,
+    /// The layout names a field twice: its records are malformed, never written out (the
+    /// attributes were read from the first, a reader of the output might take the second).
+    pub(super) duplicate_names: bool,
 }
 
 impl Default for Memo {
@@ -187,6 +190,7 @@ impl Plan {
             names: Vec::with_capacity(rec.0.len()),
             keys: Vec::with_capacity(rec.0.len()),
             unclassified: 0,
+            duplicate_names: rec.has_duplicate_names(),
         };
         for (name, _) in &rec.0 {
             let keep = match cx.dataset.fields.get(name.as_ref()) {

@@ -1,32 +1,30 @@
 //! Row and field filtering over an upstream body, without building a document tree.
 //!
-//! A page is filtered as it is parsed, record by record, each read as `(field name, raw JSON
-//! value)` pairs borrowed from the body: only the handful of policy-relevant fields (area,
-//! markers, flags, consents, TPS date, subject id) are parsed (`attrs`). `decide` is asked once
-//! per distinct attribute fingerprint and field plans are made once per decision (`memo`, which
-//! a caller's pages share); kept fields are copied out byte for byte. Nothing is written out
-//! unless the whole body parses. A field the asset register does not classify is never written out. A record whose
-//! policy attributes are missing or malformed is withheld (fail closed) and counted. This
-//! module is pure: bytes and a decision function in, bytes and a disclosure summary out; it
-//! knows nothing of Cedar or HTTP.
+//! A page is filtered as it is scanned (`scan`: a validating JSON scanner), record by record,
+//! each read as `(field name, raw JSON value)` pairs borrowed from the body: only the handful
+//! of policy-relevant fields (area, markers, flags, consents, TPS date, subject id) are parsed
+//! (`attrs`). `decide` is asked once per distinct attribute fingerprint and field plans are
+//! made once per decision (`memo`, which a caller's pages share); kept fields are copied out
+//! byte for byte. Nothing is written out unless the whole body is valid JSON. A field the
+//! asset register does not classify is never written out. A record whose policy attributes are
+//! missing or malformed, or that names a field twice, is withheld (fail closed) and counted.
+//! This module is pure: bytes and a decision function in, bytes and a disclosure summary out;
+//! it knows nothing of Cedar or HTTP.
 
 mod attrs;
 mod memo;
+mod scan;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
-use std::fmt;
 use std::sync::Arc;
-
-use serde::Deserialize;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 
 use crate::catalog::Dataset;
 use crate::policy::RecordAttrs;
+use scan::{Scan, ScanError};
 
 /// What policy decided for one distinct combination of record attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,21 +63,47 @@ pub struct FilterContext<'a> {
     pub register_flags: &'a (dyn Fn(&str) -> Option<Vec<String>> + Sync),
 }
 
-/// One record as `(name, raw value)` pairs in wire order, borrowed from the body.
-pub struct RawRecord<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+/// One record as `(name, raw JSON value)` pairs in wire order, borrowed from the body. Every
+/// value has been checked as JSON (`scan`); keys are decoded.
+pub struct RawRecord<'a>(pub Vec<(Cow<'a, str>, &'a str)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawRecord<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut fields = Vec::with_capacity(32);
-        serde::de::DeserializeSeed::deserialize(FieldsSeed(&mut fields), d)?;
-        Ok(RawRecord(fields))
+impl<'a> RawRecord<'a> {
+    /// A whole text that is one JSON object.
+    pub fn parse(text: &'a str) -> Result<Self, FilterError> {
+        let mut scan = Scan::new(text);
+        let mut rec = RawRecord(Vec::with_capacity(32));
+        read_fields(&mut scan, &mut rec.0)?;
+        scan.end()?;
+        Ok(rec)
+    }
+
+    /// The first value named `name`. (A record that names a field twice is never written
+    /// out: see `Plan::duplicate_names`.)
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+
+    /// Whether some field is named twice: such a record is malformed (which of the two would
+    /// a reader take?).
+    pub fn has_duplicate_names(&self) -> bool {
+        let mut seen = HashSet::with_capacity(self.0.len());
+        !self.0.iter().all(|(k, _)| seen.insert(k.as_ref()))
     }
 }
 
-impl<'a> RawRecord<'a> {
-    fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+/// Reads the object that comes next into `fields` (cleared first).
+fn read_fields<'a>(
+    scan: &mut Scan<'a>,
+    fields: &mut Vec<(Cow<'a, str>, &'a str)>,
+) -> Result<(), ScanError> {
+    fields.clear();
+    scan.begin_object()?;
+    let mut first = true;
+    while let Some(key) = scan.next_key(&mut first)? {
+        let value = scan.value()?;
+        fields.push((key, value));
     }
+    Ok(())
 }
 
 /// How an upstream wraps the records it returns.
@@ -93,28 +117,28 @@ pub enum Envelope {
     Rows { page: u32, per_page: u32 },
 }
 
-#[derive(Deserialize)]
-struct Single<'a> {
-    #[serde(borrow, default)]
-    record: Option<RawRecord<'a>>,
-    #[serde(borrow, default)]
-    rows: Option<Vec<RawRecord<'a>>>,
+impl From<ScanError> for FilterError {
+    fn from(e: ScanError) -> Self {
+        FilterError::Malformed(e.to_string())
+    }
 }
 
-/// Parses JSON after checking the bytes are UTF-8 once, up front (parsing from bytes would
-/// check every raw value again as it is borrowed).
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FilterError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| FilterError::Malformed(e.to_string()))?;
-    serde_json::from_str(text).map_err(|e| FilterError::Malformed(e.to_string()))
+fn utf8(body: &[u8]) -> Result<&str, FilterError> {
+    std::str::from_utf8(body).map_err(|e| FilterError::Malformed(e.to_string()))
 }
 
 fn malformed(what: &str) -> FilterError {
     FilterError::Malformed(format!("no {what} in the body"))
 }
 
+fn duplicate(what: &str) -> FilterError {
+    FilterError::Malformed(format!("`{what}` twice in the body"))
+}
+
 /// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`.
 /// `memo` may come from earlier pages for the same caller, purpose and dataset (see `Memo`).
-/// Records are filtered as the page is parsed, through one reused field list.
+/// Records are filtered as the page is scanned, each read into one reused field list; nothing
+/// is returned unless the whole body is valid JSON.
 pub fn filter_page(
     body: &[u8],
     envelope: Envelope,
@@ -122,38 +146,59 @@ pub fn filter_page(
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
     memo: &mut Memo,
 ) -> Result<(Vec<u8>, Disclosure), FilterError> {
-    let text = std::str::from_utf8(body).map_err(|e| FilterError::Malformed(e.to_string()))?;
-    let mut run = PageRun {
-        envelope,
-        cx,
-        decide,
-        memo,
-        out: Vec::with_capacity(body.len()),
-        d: Disclosure::default(),
-        records: None,
-        paging: [None; 3],
+    let (records_key, paging_keys) = match envelope {
+        Envelope::Records => ("records", &["page", "per_page", "next_page"][..]),
+        Envelope::Rows { .. } => ("rows", &[][..]),
     };
-    run.memo.new_chunk();
-    run.out.extend_from_slice(b"{\"records\":[");
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde::de::DeserializeSeed::deserialize(&mut run, &mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| FilterError::Malformed(e.to_string()))?;
-    let (records, paging) = (run.records, run.paging);
-    let (mut out, d) = (run.out, run.d);
-    let records = records.ok_or_else(|| {
-        malformed(match envelope {
-            Envelope::Records => "`records`",
-            Envelope::Rows { .. } => "`rows`",
-        })
-    })?;
+    let mut scan = Scan::new(utf8(body)?);
+    let mut out = Vec::with_capacity(body.len());
+    let mut d = Disclosure::default();
+    let mut records = None;
+    let mut paging = [None; 3];
+    memo.new_chunk();
+    out.extend_from_slice(b"{\"records\":[");
+    scan.begin_object()?;
+    let mut first_key = true;
+    while let Some(key) = scan.next_key(&mut first_key)? {
+        if key == records_key {
+            if records.is_some() {
+                return Err(duplicate(records_key));
+            }
+            let mut rec = RawRecord(Vec::with_capacity(32));
+            let (mut n, mut first, mut none_out) = (0, true, true);
+            scan.begin_array()?;
+            while scan.next_element(&mut first)? {
+                read_fields(&mut scan, &mut rec.0)?;
+                n += 1;
+                let start = out.len();
+                if !none_out {
+                    out.push(b',');
+                }
+                if write_record(&rec, cx, decide, memo, &mut out, &mut d) {
+                    none_out = false;
+                } else {
+                    out.truncate(start);
+                }
+            }
+            records = Some(n);
+        } else if let Some(i) = paging_keys.iter().position(|p| *p == key) {
+            if paging[i].is_some() {
+                return Err(duplicate(paging_keys[i]));
+            }
+            paging[i] = Some(scan.value()?);
+        } else {
+            scan.value()?;
+        }
+    }
+    scan.end()?;
+    let records = records.ok_or_else(|| malformed(&format!("`{records_key}`")))?;
     out.push(b']');
     match envelope {
         Envelope::Records => {
-            for (name, v) in ["page", "per_page", "next_page"].iter().zip(paging) {
+            for (name, v) in paging_keys.iter().zip(paging) {
                 if let Some(v) = v {
                     out.extend_from_slice(format!(",\"{name}\":").as_bytes());
-                    out.extend_from_slice(v.get().as_bytes());
+                    out.extend_from_slice(v.as_bytes());
                 }
             }
         }
@@ -174,131 +219,6 @@ pub fn filter_page(
     Ok((out, d))
 }
 
-/// One page being filtered as it is parsed: the envelope object's visitor.
-struct PageRun<'r, 'a> {
-    envelope: Envelope,
-    cx: &'r FilterContext<'a>,
-    decide: &'r mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
-    memo: &'r mut Memo,
-    out: Vec<u8>,
-    d: Disclosure,
-    /// How many records the page held, once its record array has been read.
-    records: Option<usize>,
-    /// `page`, `per_page` and `next_page` as sent (wardgate's own envelope).
-    paging: [Option<&'r RawValue>; 3],
-}
-
-impl<'de: 'r, 'r> serde::de::DeserializeSeed<'de> for &mut PageRun<'r, '_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de: 'r, 'r> Visitor<'de> for &mut PageRun<'r, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a page of records")
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
-        use serde::de::Error;
-        let records_key = match self.envelope {
-            Envelope::Records => "records",
-            Envelope::Rows { .. } => "rows",
-        };
-        let paging = match self.envelope {
-            Envelope::Records => &["page", "per_page", "next_page"][..],
-            Envelope::Rows { .. } => &[],
-        };
-        while let Some(key) = m.next_key::<attrs::Text<'de>>()? {
-            let key = key.0.as_ref();
-            if key == records_key {
-                if self.records.is_some() {
-                    return Err(M::Error::duplicate_field("records"));
-                }
-                let mut fields = Vec::with_capacity(32);
-                let n = m.next_value_seed(RecordsSeed {
-                    run: &mut *self,
-                    fields: &mut fields,
-                })?;
-                self.records = Some(n);
-            } else if let Some(i) = paging.iter().position(|p| *p == key) {
-                if self.paging[i].is_some() {
-                    return Err(M::Error::duplicate_field("page"));
-                }
-                self.paging[i] = Some(m.next_value::<&'de RawValue>()?);
-            } else {
-                m.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The record array: each record is read into `fields` (reused) and filtered onto the output.
-struct RecordsSeed<'s, 'r, 'a, 'de> {
-    run: &'s mut PageRun<'r, 'a>,
-    fields: &'s mut Vec<(Cow<'de, str>, &'de RawValue)>,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for RecordsSeed<'_, '_, '_, 'de> {
-    type Value = usize;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for RecordsSeed<'_, '_, '_, 'de> {
-    type Value = usize;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of records")
-    }
-    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
-        let run = self.run;
-        let mut rec = RawRecord(std::mem::take(self.fields));
-        let mut n = 0;
-        let mut first = true;
-        while seq.next_element_seed(FieldsSeed(&mut rec.0))?.is_some() {
-            n += 1;
-            let start = run.out.len();
-            if !first {
-                run.out.push(b',');
-            }
-            if write_record(&rec, run.cx, run.decide, run.memo, &mut run.out, &mut run.d) {
-                first = false;
-            } else {
-                run.out.truncate(start);
-            }
-        }
-        *self.fields = rec.0;
-        Ok(n)
-    }
-}
-
-/// One record's `(name, raw value)` pairs, into a reused list.
-struct FieldsSeed<'f, 'de>(&'f mut Vec<(Cow<'de, str>, &'de RawValue)>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for FieldsSeed<'_, 'de> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FieldsSeed<'_, 'de> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
-        self.0.clear();
-        while let Some((k, v)) = m.next_entry::<attrs::Text<'de>, &'de RawValue>()? {
-            self.0.push((k.0, v));
-        }
-        Ok(())
-    }
-}
-
 /// Filters one record; `None` when it may not leave (or, for `rows`, there is none). `decide`
 /// is always asked about the record (a fresh memo), so a caller can see why it was refused.
 pub fn filter_single(
@@ -307,21 +227,56 @@ pub fn filter_single(
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
 ) -> Result<(Option<Vec<u8>>, Disclosure), FilterError> {
-    let single: Single = parse(body)?;
-    let mut d = Disclosure::default();
-    let record = match (envelope, &single.record, &single.rows) {
-        (Envelope::Records, Some(r), _) => r,
-        (Envelope::Records, None, _) => return Err(malformed("`record`")),
-        (Envelope::Rows { .. }, _, Some(rows)) => match rows.as_slice() {
-            [] => return Ok((None, d)),
-            [r] => r,
-            _ => return Err(FilterError::Malformed("several rows for one id".to_owned())),
-        },
-        (Envelope::Rows { .. }, _, None) => return Err(malformed("`rows`")),
+    let wanted = match envelope {
+        Envelope::Records => "record",
+        Envelope::Rows { .. } => "rows",
     };
+    let mut scan = Scan::new(utf8(body)?);
+    let mut d = Disclosure::default();
+    let mut record = RawRecord(Vec::with_capacity(32));
+    // `None`: the key is absent; `Some(false)`: present, but no record (`null`, no rows).
+    let mut found = None;
+    scan.begin_object()?;
+    let mut first_key = true;
+    while let Some(key) = scan.next_key(&mut first_key)? {
+        if key != wanted {
+            scan.value()?;
+            continue;
+        }
+        if found.is_some() {
+            return Err(duplicate(wanted));
+        }
+        if scan.null()? {
+            return Err(malformed(&format!("`{wanted}`")));
+        }
+        match envelope {
+            Envelope::Records => {
+                read_fields(&mut scan, &mut record.0)?;
+                found = Some(true);
+            }
+            Envelope::Rows { .. } => {
+                let (mut n, mut first) = (0, true);
+                scan.begin_array()?;
+                while scan.next_element(&mut first)? {
+                    if n > 0 {
+                        return Err(FilterError::Malformed("several rows for one id".to_owned()));
+                    }
+                    read_fields(&mut scan, &mut record.0)?;
+                    n += 1;
+                }
+                found = Some(n > 0);
+            }
+        }
+    }
+    scan.end()?;
+    match found {
+        None => return Err(malformed(&format!("`{wanted}`"))),
+        Some(false) => return Ok((None, d)),
+        Some(true) => {}
+    }
     let mut out = Vec::with_capacity(body.len());
     out.extend_from_slice(b"{\"record\":");
-    if !write_record(record, cx, decide, &mut Memo::default(), &mut out, &mut d) {
+    if !write_record(&record, cx, decide, &mut Memo::default(), &mut out, &mut d) {
         return Ok((None, d));
     }
     out.push(b'}');
@@ -338,7 +293,7 @@ pub fn filter_line(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> Result<(), FilterError> {
-    let record: RawRecord = parse(line)?;
+    let record = RawRecord::parse(utf8(line)?)?;
     if write_record(&record, cx, decide, memo, out, d) {
         out.push(b'\n');
     }
@@ -365,6 +320,11 @@ fn write_record(
         return false;
     }
     let plan = memo.plan(rec, cx, &verdict, d);
+    if plan.duplicate_names {
+        d.rows_withheld += 1;
+        d.malformed_rows += 1;
+        return false;
+    }
     d.unclassified_fields += plan.unclassified;
     out.push(b'{');
     let mut first = true;
@@ -377,7 +337,7 @@ fn write_record(
         }
         first = false;
         out.extend_from_slice(key);
-        out.extend_from_slice(value.get().as_bytes());
+        out.extend_from_slice(value.as_bytes());
     }
     out.push(b'}');
     d.subjects.push(subject.into_owned());

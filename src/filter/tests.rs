@@ -123,6 +123,37 @@ fn a_record_missing_a_policy_attribute_is_withheld() {
 }
 
 #[test]
+fn a_record_naming_a_field_twice_is_withheld() {
+    // An anonymous elector whose flags or markers come twice: a reader of the output would
+    // take the last, the attributes were read from the first. Neither may leave, whichever
+    // copy is the restrictive one, and neither spoils its well-formed lookalike.
+    let ds = dataset();
+    let twice = [
+        record("VF-1", "CGW1", r#","markers":["N"]"#),
+        record("VF-2", "CGW1", r#","flags":["anonymous"]"#),
+        record("VF-3", "CGW1", r#","surname":"Other""#),
+        record("VF-4", "CGW1", r#","polling_district":"CGW2""#),
+        record("VF-5", "CGW1", "").replace(r#""markers":[]"#, r#""markers":["N"],"markers":[]"#),
+    ];
+    let fine = record("VF-6", "CGW1", "");
+    let body = format!(r#"{{"records":[{},{fine}]}}"#, twice.join(","));
+    let mut memo = Memo::default();
+    for _ in 0..2 {
+        let (out, d) = page_through(&body, &cx(&ds), &mut decide, &mut memo);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(d.subjects, ["VF-6"], "{out}");
+        // VF-5's first copy already refuses it: withheld by policy, not as malformed.
+        assert_eq!((d.rows_withheld, d.malformed_rows), (5, 4));
+        assert!(!out.contains("VF-1") && !out.contains("Other"), "{out}");
+    }
+    let single = format!(r#"{{"record":{}}}"#, twice[1]);
+    let (out, d) =
+        filter_single(single.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert!(out.is_none());
+    assert_eq!(d.malformed_rows, 1);
+}
+
+#[test]
 fn malformed_bodies_are_errors_not_pass_through() {
     let ds = dataset();
     for body in [
@@ -172,7 +203,7 @@ fn consent_and_tps_are_read_from_the_record() {
         ("VF-2", stale_tps),
         ("VF-3", record("VF-3", "CGW1", "")),
     ] {
-        let rec: RawRecord = serde_json::from_str(&r).unwrap();
+        let rec = RawRecord::parse(&r).unwrap();
         let (_, attrs) = record_attrs(&rec, &cx(&ds)).unwrap();
         seen.insert(id, attrs);
     }
@@ -191,7 +222,7 @@ fn register_flags_are_merged_into_the_record_flags() {
         register_flags: &register,
     };
     let text = record("VF-1", "CGW1", "");
-    let rec: RawRecord = serde_json::from_str(&text).unwrap();
+    let rec = RawRecord::parse(&text).unwrap();
     assert!(
         record_attrs(&rec, &cx)
             .unwrap()
@@ -375,7 +406,7 @@ fn subject_ids_read_as_before() {
         let text = format!(
             r#"{{"elector_id":{raw},"local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}}"#
         );
-        let rec: RawRecord = serde_json::from_str(&text).unwrap();
+        let rec = RawRecord::parse(&text).unwrap();
         assert_eq!(
             record_attrs(&rec, &cx(&ds)).map(|(s, _)| s).as_deref(),
             want,
@@ -531,5 +562,71 @@ fn a_channel_named_twice_keeps_its_last_consent() {
         })
         .unwrap();
         assert_eq!(seen, [expected], "{c}");
+    }
+}
+
+#[test]
+fn consents_that_cannot_be_read_withhold_the_record() {
+    let ds = dataset();
+    let with = |c: &str| {
+        record("VF-1", "CGW1", "").replace(
+            r#""consents":{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#,
+            &format!(r#""consents":{c}"#),
+        )
+    };
+    for bad in [
+        r#"{"email":{"given_at":"2025-01-01","given_at":null}}"#,
+        r#"{"email":{"given_at":null,"withdrawn_at":null,"withdrawn_at":"2026-01-01"}}"#,
+        r#"{"email":{"given_at":1}}"#,
+        r#"{"email":{"given_at":"2025-01-01","withdrawn_at":true}}"#,
+        r#"{"email":["2025-01-01",null]}"#,
+        r#"{"email":"yes"}"#,
+        r#"["email"]"#,
+        r#""email""#,
+        "true",
+    ] {
+        let body = format!(r#"{{"records":[{}]}}"#, with(bad));
+        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#, "{bad}");
+        assert_eq!(d.malformed_rows, 1, "{bad}");
+    }
+    // Other keys of a consent are not read, and a consent without `given_at` is none.
+    let fine = r#"{"email":{"source":{"nested":[1]},"given_at":"2025-01-01"},"sms":{"withdrawn_at":null}}"#;
+    let body = format!(r#"{{"records":[{}]}}"#, with(fine));
+    let mut seen = Vec::new();
+    page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+        seen.push(a.consented.iter().cloned().collect::<Vec<_>>());
+        decide(a)
+    })
+    .unwrap();
+    assert_eq!(seen, [vec!["email"]]);
+}
+
+#[test]
+fn dates_read_directly_read_as_the_date_parser_reads_them() {
+    let parse = |s: &str| {
+        let fmt = time::macros::format_description!("[year]-[month]-[day]");
+        time::Date::parse(s, &fmt).ok().map(|d| {
+            i64::from(d.to_julian_day())
+                - i64::from(time::macros::date!(1970 - 01 - 01).to_julian_day())
+        })
+    };
+    let mut cases = vec![
+        "2026-11-23", "1970-01-01", "0000-01-01", "9999-12-31", "2024-02-29", "2023-02-29",
+        "2026-00-10", "2026-13-01", "2026-04-31", "2026-04-00", "2026-1-01", "2026/11/23",
+        "+2026-11-23", "2026-11-23T00:00:00Z", "", "abcd-ef-gh", "2026-11-2٣",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    for y in [1900, 2000, 2023, 2024] {
+        for m in 0..=13 {
+            for d in 0..=32 {
+                cases.push(format!("{y:04}-{m:02}-{d:02}"));
+            }
+        }
+    }
+    for s in &cases {
+        assert_eq!(days_from_iso_date(s), parse(s), "{s:?}");
     }
 }

@@ -1,0 +1,431 @@
+//! A validating JSON scanner for the filter: it walks a body token by token and hands out
+//! object keys (decoded) and values as raw JSON text borrowed from the body, without building
+//! anything. Everything it hands out has been checked against RFC 8259's grammar first, the
+//! way `serde_json` checks what it skips: strings without control characters and with valid
+//! escapes, numbers in JSON's own form, the three literals. Nesting is limited to 127 levels
+//! (`serde_json` refuses the 128th when it builds values, though it skips raw values at any
+//! depth; a body nested deeper is refused here, never passed on). The caller walks objects and arrays with `next_key` and
+//! `next_element`; a value it does not look into is skipped with `value`, which is where almost
+//! every byte of a page goes, eight bytes at a time inside strings.
+//!
+//! Keys are decoded as `serde_json` decodes them (a key with escapes goes through it); values
+//! are never decoded here. The text is already UTF-8 (`&str`), and every position the scanner
+//! stops at is an ASCII byte, so every slice it hands out is whole characters.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// The 128th level of nesting is refused.
+const MAX_DEPTH: u32 = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanError {
+    what: &'static str,
+    at: usize,
+}
+
+impl fmt::Display for ScanError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+type Result<T> = std::result::Result<T, ScanError>;
+
+pub struct Scan<'a> {
+    text: &'a str,
+    pos: usize,
+    depth: u32,
+    /// One bit per open level, set for an object (levels below `MAX_DEPTH`).
+    objects: u128,
+}
+
+impl<'a> Scan<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Scan {
+            text,
+            pos: 0,
+            depth: 0,
+            objects: 0,
+        }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn fail<T>(&self, what: &'static str) -> Result<T> {
+        Err(ScanError { what, at: self.pos })
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.pos).copied()
+    }
+
+    fn ws(&mut self) {
+        let b = self.bytes();
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = b.get(self.pos) {
+            self.pos += 1;
+        }
+    }
+
+    /// Skips whitespace and takes `byte`, or fails with `what`.
+    fn expect(&mut self, byte: u8, what: &'static str) -> Result<()> {
+        self.ws();
+        if self.peek() != Some(byte) {
+            return self.fail(what);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn open(&mut self, object: bool) -> Result<()> {
+        if self.depth + 1 >= MAX_DEPTH {
+            return self.fail("nesting too deep");
+        }
+        if object {
+            self.objects |= 1 << self.depth;
+        } else {
+            self.objects &= !(1 << self.depth);
+        }
+        self.depth += 1;
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn in_object(&self) -> bool {
+        self.depth > 0 && self.objects & (1 << (self.depth - 1)) != 0
+    }
+
+    /// Enters the object that must come next.
+    pub fn begin_object(&mut self) -> Result<()> {
+        self.ws();
+        if self.peek() != Some(b'{') {
+            return self.fail("expected an object");
+        }
+        self.open(true)
+    }
+
+    /// Enters the array that must come next.
+    pub fn begin_array(&mut self) -> Result<()> {
+        self.ws();
+        if self.peek() != Some(b'[') {
+            return self.fail("expected an array");
+        }
+        self.open(false)
+    }
+
+    /// The next key of the object just entered, its colon taken; `None` (the object left) at
+    /// its end. `first` is the caller's: true until the first call for this object.
+    pub fn next_key(&mut self, first: &mut bool) -> Result<Option<Cow<'a, str>>> {
+        if !self.more(b'}', first)? {
+            return Ok(None);
+        }
+        self.ws();
+        let key = self.key()?;
+        self.expect(b':', "expected `:` after an object key")?;
+        Ok(Some(key))
+    }
+
+    /// Whether the array just entered has another element; at its end it is left.
+    pub fn next_element(&mut self, first: &mut bool) -> Result<bool> {
+        self.more(b']', first)
+    }
+
+    /// After an item (or at the start): a comma means another, the closing byte the end.
+    fn more(&mut self, close: u8, first: &mut bool) -> Result<bool> {
+        self.ws();
+        match self.peek() {
+            Some(b) if b == close => {
+                self.pos += 1;
+                self.depth -= 1;
+                Ok(false)
+            }
+            Some(b',') if !*first => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ if *first => {
+                *first = false;
+                Ok(true)
+            }
+            _ => self.fail(if close == b'}' {
+                "expected `,` or `}` in an object"
+            } else {
+                "expected `,` or `]` in an array"
+            }),
+        }
+    }
+
+    /// The next value as raw JSON text, checked and skipped.
+    pub fn value(&mut self) -> Result<&'a str> {
+        self.ws();
+        let start = self.pos;
+        let base = self.depth;
+        loop {
+            // At a value.
+            match self.peek() {
+                Some(b'{') => {
+                    self.open(true)?;
+                    self.ws();
+                    if self.peek() == Some(b'}') {
+                        self.pos += 1;
+                        self.depth -= 1;
+                    } else {
+                        self.nested_key()?;
+                        continue;
+                    }
+                }
+                Some(b'[') => {
+                    self.open(false)?;
+                    self.ws();
+                    if self.peek() == Some(b']') {
+                        self.pos += 1;
+                        self.depth -= 1;
+                    } else {
+                        continue;
+                    }
+                }
+                _ => self.scalar()?,
+            }
+            // After a value: close what ends here, until the next value or the start level.
+            loop {
+                if self.depth == base {
+                    return Ok(&self.text[start..self.pos]);
+                }
+                self.ws();
+                let object = self.in_object();
+                match self.peek() {
+                    Some(b',') => {
+                        self.pos += 1;
+                        self.ws();
+                        if object {
+                            self.nested_key()?;
+                        }
+                        break;
+                    }
+                    Some(b'}') if object => {
+                        self.pos += 1;
+                        self.depth -= 1;
+                    }
+                    Some(b']') if !object => {
+                        self.pos += 1;
+                        self.depth -= 1;
+                    }
+                    _ => {
+                        return self.fail(if object {
+                            "expected `,` or `}` in an object"
+                        } else {
+                            "expected `,` or `]` in an array"
+                        });
+                    }
+                }
+            }
+            self.ws();
+        }
+    }
+
+    /// A key inside a skipped value (checked, not decoded) and its colon.
+    fn nested_key(&mut self) -> Result<()> {
+        if self.peek() != Some(b'"') {
+            return self.fail("expected an object key");
+        }
+        self.string()?;
+        self.expect(b':', "expected `:` after an object key")?;
+        self.ws();
+        Ok(())
+    }
+
+    /// Takes a `null` if one comes next.
+    pub fn null(&mut self) -> Result<bool> {
+        self.ws();
+        let null = self.bytes()[self.pos..].starts_with(b"null");
+        if null {
+            self.pos += 4;
+        }
+        Ok(null)
+    }
+
+    /// The end of the body: nothing but whitespace may follow.
+    pub fn end(&mut self) -> Result<()> {
+        self.ws();
+        if self.pos != self.text.len() {
+            return self.fail("trailing characters");
+        }
+        Ok(())
+    }
+
+    fn scalar(&mut self) -> Result<()> {
+        match self.peek() {
+            Some(b'"') => self.string().map(drop),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            None => self.fail("unexpected end of the body"),
+            Some(_) => self.fail("expected a value"),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<()> {
+        if !self.bytes()[self.pos..].starts_with(word) {
+            return self.fail("expected a value");
+        }
+        self.pos += word.len();
+        Ok(())
+    }
+
+    fn number(&mut self) -> Result<()> {
+        let b = self.bytes();
+        let digits = |mut at: usize| {
+            while b.get(at).is_some_and(u8::is_ascii_digit) {
+                at += 1;
+            }
+            at
+        };
+        let mut at = self.pos;
+        if b.get(at) == Some(&b'-') {
+            at += 1;
+        }
+        match b.get(at) {
+            Some(b'0') => at += 1,
+            Some(b'1'..=b'9') => at = digits(at + 1),
+            _ => {
+                return Err(ScanError {
+                    what: "invalid number",
+                    at,
+                });
+            }
+        }
+        if b.get(at) == Some(&b'.') {
+            let end = digits(at + 1);
+            if end == at + 1 {
+                return Err(ScanError {
+                    what: "invalid number",
+                    at: end,
+                });
+            }
+            at = end;
+        }
+        if let Some(b'e' | b'E') = b.get(at) {
+            at += 1;
+            if let Some(b'+' | b'-') = b.get(at) {
+                at += 1;
+            }
+            let end = digits(at);
+            if end == at {
+                return Err(ScanError {
+                    what: "invalid number",
+                    at,
+                });
+            }
+            at = end;
+        }
+        self.pos = at;
+        Ok(())
+    }
+
+    /// A key of an object being walked: borrowed when it has no escapes, decoded (as
+    /// `serde_json` decodes keys, refusing lone surrogates) when it has.
+    fn key(&mut self) -> Result<Cow<'a, str>> {
+        let start = self.pos;
+        if self.peek() != Some(b'"') {
+            return self.fail("expected an object key");
+        }
+        let escaped = self.string()?;
+        let raw = &self.text[start..self.pos];
+        if !escaped {
+            return Ok(Cow::Borrowed(&raw[1..raw.len() - 1]));
+        }
+        serde_json::from_str::<String>(raw)
+            .map(Cow::Owned)
+            .map_err(|_| ScanError {
+                what: "invalid escape in an object key",
+                at: start,
+            })
+    }
+
+    /// A string from its opening quote to past its closing one; whether it has escapes.
+    fn string(&mut self) -> Result<bool> {
+        let b = self.bytes();
+        let mut at = self.pos + 1;
+        let mut escaped = false;
+        loop {
+            at = special(b, at);
+            match b.get(at) {
+                Some(b'"') => {
+                    self.pos = at + 1;
+                    return Ok(escaped);
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    match b.get(at + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => at += 2,
+                        Some(b'u') => {
+                            let hex = b.get(at + 2..at + 6);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                return Err(ScanError {
+                                    what: "invalid escape in a string",
+                                    at,
+                                });
+                            }
+                            at += 6;
+                        }
+                        _ => {
+                            return Err(ScanError {
+                                what: "invalid escape in a string",
+                                at,
+                            });
+                        }
+                    }
+                }
+                Some(_) => {
+                    return Err(ScanError {
+                        what: "control character in a string",
+                        at,
+                    });
+                }
+                None => {
+                    return Err(ScanError {
+                        what: "unterminated string",
+                        at,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The position of the first `"`, `\` or control character at or after `at` (or the end),
+/// eight bytes at a time.
+fn special(b: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = b.get(at..at + 8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        // A byte's high bit is set where it is zero (or, above the first such byte, possibly
+        // by borrow: only the lowest is used) or below 0x20.
+        let hits = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (w.wrapping_sub(ONES * 0x20) & !w);
+        let hits = hits & HIGH;
+        if hits != 0 {
+            return at + (hits.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while let Some(&c) = b.get(at) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            return at;
+        }
+        at += 1;
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests;

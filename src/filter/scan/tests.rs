@@ -1,0 +1,239 @@
+//! The scanner against `serde_json`, the reading it replaces: the same texts are accepted and
+//! refused, and an accepted record reads as the same keys and raw values. Generated objects are
+//! valid JSON with every kind of token and whitespace, then mutated byte by byte.
+
+use std::fmt;
+
+use proptest::prelude::*;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::Scan;
+
+/// What `serde_json` makes of a text that should be one object: its keys and raw values.
+fn reference(text: &str) -> Option<Vec<(String, String)>> {
+    struct Fields;
+    impl<'de> Visitor<'de> for Fields {
+        type Value = Vec<(String, String)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+            let mut out = Vec::new();
+            while let Some((k, v)) = m.next_entry::<String, &'de RawValue>()? {
+                out.push((k, v.get().to_owned()));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = (&mut de).deserialize_map(Fields).ok()?;
+    de.end().ok()?;
+    Some(fields)
+}
+
+fn scanned(text: &str) -> Option<Vec<(String, String)>> {
+    let mut scan = Scan::new(text);
+    let mut out = Vec::new();
+    scan.begin_object().ok()?;
+    let mut first = true;
+    while let Some(k) = scan.next_key(&mut first).ok()? {
+        out.push((k.into_owned(), scan.value().ok()?.to_owned()));
+    }
+    scan.end().ok()?;
+    Some(out)
+}
+
+fn ws() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => Just(String::new()),
+        1 => "[ \t\n\r]{1,3}",
+    ]
+}
+
+/// A JSON string with every kind of escape but a lone surrogate (which `serde_json` refuses in
+/// a key: the mutations make those).
+fn string() -> impl Strategy<Value = String> {
+    r#""([a-zA-Z0-9 éß€_-]|\\["\\/bfnrt]|\\u00[0-9a-fA-F]{2}|\\u[0-9a-cA-C][0-9a-fA-F]{3}|\\u[dD][89abAB][0-9a-f]{2}\\u[dD][c-fC-F][0-9a-f]{2}){0,12}""#
+}
+
+fn leaf() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+        Just("false".to_owned()),
+        "-?(0|[1-9][0-9]{0,5})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?",
+        string(),
+    ]
+}
+
+fn value() -> impl Strategy<Value = String> {
+    leaf().prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec((ws(), inner.clone(), ws()), 0..5).prop_map(|items| {
+                let items: Vec<String> = items.into_iter().map(|(a, v, b)| a + &v + &b).collect();
+                format!("[{}]", items.join(","))
+            }),
+            prop::collection::vec((ws(), string(), ws(), inner, ws()), 0..5).prop_map(|items| {
+                let items: Vec<String> = (items.into_iter())
+                    .map(|(a, k, b, v, c)| format!("{a}{k}{b}:{v}{c}"))
+                    .collect();
+                format!("{{{}}}", items.join(","))
+            }),
+        ]
+    })
+}
+
+fn object() -> impl Strategy<Value = String> {
+    (
+        ws(),
+        prop::collection::vec((ws(), string(), ws(), ws(), value(), ws()), 0..8),
+        ws(),
+    )
+        .prop_map(|(lead, fields, trail)| {
+            let fields: Vec<String> = (fields.into_iter())
+                .map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}"))
+                .collect();
+            format!("{lead}{{{}}}{trail}", fields.join(","))
+        })
+}
+
+/// Characters a mutation puts in: JSON's structure, escapes, number parts, whitespace JSON
+/// does and does not allow, and control characters.
+const PIECES: &[&str] = &[
+    "\"", "\\", "{", "}", "[", "]", ",", ":", "0", "1", "-", "+", ".", "e", "E", "u", "n", "t",
+    "f", " ", "\t", "\n", "\r", "\u{0b}", "\u{0c}", "\u{a0}", "\u{1}", "\u{1f}", "\u{7f}", "é",
+    "null", "true", "\\u", "\\ud800",
+];
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Insert(prop::sample::Index, usize),
+    Delete(prop::sample::Index),
+    Replace(prop::sample::Index, usize),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let piece = 0..PIECES.len();
+    prop_oneof![
+        (any::<prop::sample::Index>(), piece.clone()).prop_map(|(i, p)| Mutation::Insert(i, p)),
+        any::<prop::sample::Index>().prop_map(Mutation::Delete),
+        (any::<prop::sample::Index>(), piece).prop_map(|(i, p)| Mutation::Replace(i, p)),
+    ]
+}
+
+fn mutate(text: &str, mutations: &[Mutation]) -> String {
+    let mut chars: Vec<String> = text.chars().map(String::from).collect();
+    for m in mutations {
+        let len = chars.len();
+        match m {
+            Mutation::Insert(i, p) => chars.insert(i.index(len + 1), PIECES[*p].to_owned()),
+            Mutation::Delete(i) if len > 0 => {
+                chars.remove(i.index(len));
+            }
+            Mutation::Replace(i, p) if len > 0 => chars[i.index(len)] = PIECES[*p].to_owned(),
+            _ => {}
+        }
+    }
+    chars.concat()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn valid_objects_read_as_serde_json_reads_them(text in object()) {
+        let want = reference(&text);
+        prop_assert!(want.is_some(), "the generator made invalid JSON: {text}");
+        prop_assert_eq!(scanned(&text), want, "{}", text);
+    }
+
+    #[test]
+    fn mutated_objects_are_accepted_and_refused_as_serde_json_does(
+        text in object(),
+        mutations in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let text = mutate(&text, &mutations);
+        prop_assert_eq!(scanned(&text), reference(&text), "{:?}", text);
+    }
+}
+
+#[test]
+fn nesting_is_limited_to_127_levels() {
+    // The object itself is one level; its value adds the rest. `serde_json` skips a raw value
+    // at any depth; the scanner refuses the 128th level (what `serde_json` refuses when it
+    // builds values), so a body nested deeper is an error, never passed on.
+    let nested = |depth: usize, open: &str, close: &str| {
+        format!("{{\"a\":{}1{}}}", open.repeat(depth), close.repeat(depth))
+    };
+    for (open, close) in [("[", "]"), ("{\"k\":", "}")] {
+        for depth in [1, 2, 100, 125, 126] {
+            let text = nested(depth, open, close);
+            assert!(scanned(&text).is_some(), "{open} x {depth}");
+            assert_eq!(scanned(&text), reference(&text), "{open} x {depth}");
+        }
+        for depth in [127, 128, 200, 100_000] {
+            let text = nested(depth, open, close);
+            assert!(scanned(&text).is_none(), "{open} x {depth}");
+        }
+    }
+}
+
+#[test]
+fn corner_cases_read_as_serde_json_reads_them() {
+    let cases = [
+        r#"{}"#,
+        r#" { } "#,
+        r#"{"a":1}"#,
+        r#"{"a":-0}"#,
+        r#"{"a":01}"#,
+        r#"{"a":1.}"#,
+        r#"{"a":.5}"#,
+        r#"{"a":1e}"#,
+        r#"{"a":1e+}"#,
+        r#"{"a":1E-7}"#,
+        r#"{"a":-}"#,
+        r#"{"a":+1}"#,
+        r#"{"a":1e999999}"#,
+        r#"{"a":123456789012345678901234567890}"#,
+        r#"{"a":tru}"#,
+        r#"{"a":nul}"#,
+        r#"{"a":nulll}"#,
+        r#"{"a":"\u00e9\n\/"}"#,
+        r#"{"a":"\ud800"}"#,
+        r#"{"\ud800":1}"#,
+        r#"{"\ud83d\ude00":1}"#,
+        r#"{"a\"b":1}"#,
+        r#"{"a":"\x"}"#,
+        r#"{"a":"\u12"}"#,
+        "{\"a\":\"\t\"}",
+        "{\"a\":\"\u{7f}\"}",
+        r#"{"a":1,}"#,
+        r#"{,"a":1}"#,
+        r#"{"a" 1}"#,
+        r#"{"a":1 "b":2}"#,
+        r#"{"a":[1,]}"#,
+        r#"{"a":[,1]}"#,
+        r#"{"a":{"b":1,}}"#,
+        r#"{"a":{"b"}}"#,
+        r#"{"a":{1:2}}"#,
+        r#"{"a":1}x"#,
+        r#"{"a":1}}"#,
+        r#"{"a":1"#,
+        r#"{"a":"#,
+        r#"{"a""#,
+        r#"{"a"#,
+        r#"{"#,
+        "",
+        "[]",
+        "null",
+        r#"{"a":1,"a":2}"#,
+        "{\"a\":1}\u{a0}",
+        "{\"a\":\u{0c}1}",
+        r#"{"a":"12345678\"9"}"#,
+        r#"{"a":"12345678901234567890\\"}"#,
+    ];
+    for text in cases {
+        assert_eq!(scanned(text), reference(text), "{text:?}");
+    }
+}
