@@ -6,7 +6,8 @@
 //! percent-encoded; nothing of the caller's query string is copied. This module builds
 //! requests; it neither sends them (`proxy.rs`) nor reads answers (`filter/`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
@@ -31,8 +32,58 @@ fn enc(s: &str) -> String {
     utf8_percent_encode(s, ESCAPE).to_string()
 }
 
-/// The upstream path and query for a listing; `areas` narrows to the caller's scope
-/// (`None`: too wide to be worth sending).
+/// A caller's narrowing set, rendered once as each dialect's query parameter (the gateway
+/// keeps one per grant set, `gateway::Narrowings`, so a request does not render it again).
+#[derive(Debug)]
+pub struct Narrowing {
+    /// `areas=a,b,...` for wardgate's API.
+    wardgate: String,
+    /// `areas=<JSON array>` for a Datasette canned query.
+    datasette: String,
+}
+
+impl Narrowing {
+    pub fn new(areas: &BTreeSet<String>) -> Self {
+        let list: Vec<String> = areas.iter().map(|a| enc(a)).collect();
+        let json = serde_json::to_string(areas).unwrap_or_default();
+        Narrowing {
+            wardgate: format!("areas={}", list.join(",")),
+            datasette: format!("areas={}", enc(&json)),
+        }
+    }
+}
+
+/// Narrowings by grant set (the areas a token names, as it names them), made once: the
+/// geography is fixed for the process's life. Bounded; past the bound it starts again.
+#[derive(Default)]
+pub struct Narrowings(Mutex<HashMap<Vec<String>, Option<Arc<Narrowing>>>>);
+
+const MAX_NARROWINGS: usize = 4096;
+
+impl Narrowings {
+    pub fn get(
+        &self,
+        grants: &[String],
+        make: impl FnOnce() -> Option<Narrowing>,
+    ) -> Option<Arc<Narrowing>> {
+        if let Some(known) = self.lock().get(grants) {
+            return known.clone();
+        }
+        let made = make().map(Arc::new);
+        let mut map = self.lock();
+        if map.len() >= MAX_NARROWINGS {
+            map.clear();
+        }
+        map.insert(grants.to_vec(), made.clone());
+        made
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<String>, Option<Arc<Narrowing>>>> {
+        // The map is only ever a cache of pure results: a poisoned one is still right.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The caller's validated filters as wardgate-API query parameters, in a stable order.
 fn filter_params(route: &Route) -> Vec<String> {
     route
@@ -42,28 +93,19 @@ fn filter_params(route: &Route) -> Vec<String> {
         .collect()
 }
 
-/// The narrowing areas as one wardgate-API query parameter.
-fn areas_param(areas: Option<&BTreeSet<String>>) -> Option<String> {
-    areas.map(|areas| {
-        format!(
-            "areas={}",
-            areas.iter().map(|a| enc(a)).collect::<Vec<_>>().join(",")
-        )
-    })
-}
-
 /// The upstream request for a streamed export (NDJSON, one record per line), or `None` when
 /// the datastore has no such API (Datasette's row API pages; export through it is refused).
+/// `narrowing` narrows to the caller's scope (`None`: too wide to be worth sending).
 pub fn export(
     dialect: &Dialect,
     dataset: &Dataset,
     route: &Route,
-    areas: Option<&BTreeSet<String>>,
+    narrowing: Option<&Narrowing>,
 ) -> Option<String> {
     match dialect {
         Dialect::Wardgate => {
             let mut parts = filter_params(route);
-            parts.extend(areas_param(areas));
+            parts.extend(narrowing.map(|n| n.wardgate.clone()));
             Some(format!(
                 "/{}/export?{}",
                 dataset.collection,
@@ -74,11 +116,13 @@ pub fn export(
     }
 }
 
+/// The upstream path and query for a listing; `narrowing` narrows to the caller's scope
+/// (`None`: too wide to be worth sending).
 pub fn list(
     dialect: &Dialect,
     dataset: &Dataset,
     route: &Route,
-    areas: Option<&BTreeSet<String>>,
+    narrowing: Option<&Narrowing>,
 ) -> (String, Envelope) {
     match dialect {
         Dialect::Wardgate => {
@@ -89,7 +133,7 @@ pub fn list(
             if let Some(p) = route.per_page {
                 parts.push(format!("per_page={p}"));
             }
-            parts.extend(areas_param(areas));
+            parts.extend(narrowing.map(|n| n.wardgate.clone()));
             (
                 format!("/{}?{}", dataset.collection, parts.join("&")),
                 Envelope::Records,
@@ -112,10 +156,7 @@ pub fn list(
                     enc(route.filters.get(f).map(String::as_str).unwrap_or(""))
                 ));
             }
-            let areas = areas
-                .map(|a| serde_json::to_string(a).unwrap_or_default())
-                .unwrap_or_default();
-            parts.push(format!("areas={}", enc(&areas)));
+            parts.push(narrowing.map_or_else(|| "areas=".to_owned(), |n| n.datasette.clone()));
             let path = format!(
                 "/{}/{}.json?{}",
                 enc(&api.database),

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use crate::auth::{Principal, Verifier};
 use crate::catalog::{Catalog, Dataset};
 use crate::controls::Controls;
 use crate::decisions::{Decider, DecisionCache, asker_key};
-use crate::dialect;
+use crate::dialect::{self, Narrowing};
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
@@ -50,6 +51,7 @@ pub struct Gateway {
     /// Breach detection, the breach log and the live feed.
     pub watch: crate::watch::Watch,
     pub decisions: DecisionCache,
+    pub narrowings: dialect::Narrowings,
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
@@ -256,9 +258,10 @@ where
     let asker = asker_key(&principal, &purpose, &entry.lawful_basis);
     if route.kind == RouteKind::Export {
         let areas = narrowing(gw, &principal);
-        let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_ref()).ok_or_else(
-            || GatewayError::BadRequest("this dataset's datastore offers no export".to_owned()),
-        )?;
+        let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_deref())
+            .ok_or_else(|| {
+                GatewayError::BadRequest("this dataset's datastore offers no export".to_owned())
+            })?;
         let body = upstream.open_stream(&path, request_id).await?;
         return Ok(Reply::Export(Box::new(crate::export::Plan {
             body,
@@ -285,7 +288,7 @@ where
         RouteKind::List => {
             let areas = narrowing(gw, &principal);
             let (path, envelope) =
-                dialect::list(&upstream.dialect, dataset, &route, areas.as_ref());
+                dialect::list(&upstream.dialect, dataset, &route, areas.as_deref());
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
             let mut memo = gw.decisions.memos.take(asker, &route.dataset);
@@ -410,15 +413,17 @@ fn withheld_why(
 
 /// The areas to narrow a listing to: the caller's scope, unless it is too wide to be worth
 /// sending. An empty scope narrows to nothing at all rather than to everything.
-fn narrowing(gw: &Gateway, principal: &Principal) -> Option<BTreeSet<String>> {
-    let mut areas = gw.geography.areas_under(&principal.areas);
-    if areas.len() > MAX_NARROWING_AREAS {
-        return None;
-    }
-    if areas.is_empty() {
-        areas.insert("none".to_owned());
-    }
-    Some(areas)
+fn narrowing(gw: &Gateway, principal: &Principal) -> Option<Arc<Narrowing>> {
+    gw.narrowings.get(&principal.areas, || {
+        let mut areas = gw.geography.areas_under(&principal.areas);
+        if areas.len() > MAX_NARROWING_AREAS {
+            return None;
+        }
+        if areas.is_empty() {
+            areas.insert("none".to_owned());
+        }
+        Some(Narrowing::new(&areas))
+    })
 }
 
 pub(crate) async fn fetch_one(

@@ -181,6 +181,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
             .map(|r| (cfg.audit.dir.clone(), r, cfg.audit.prune_interval)),
         controls,
         decisions: Default::default(),
+        narrowings: Default::default(),
         categories,
         catalog: c.catalog,
         geography: c.geography,
