@@ -18,7 +18,7 @@ mod sync;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -266,7 +266,13 @@ impl Controls {
 
     /// The register's flags for one data subject, if any.
     pub fn flags(&self, subject: &str) -> Option<Vec<String>> {
-        self.inner.flags.read().ok()?.get(subject).cloned()
+        // A poisoned lock still holds a whole map (it is only ever replaced whole): reading
+        // it is better than reading no flags at all, which would fail open.
+        let flags = self.inner.flags.read();
+        flags
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(subject)
+            .cloned()
     }
 
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
@@ -325,16 +331,22 @@ impl Controls {
 
     fn rebuild_flags(&self) {
         let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        if let Ok(s) = self.inner.snapshot.read() {
+        {
+            // Never an empty map for a poisoned lock: that would lift every flag at once.
+            let s = self.inner.snapshot.read();
+            let s = s.unwrap_or_else(PoisonError::into_inner);
             for ((subject, kind), e) in &s.latest {
                 if matches!(e.change, Change::Place { .. }) {
                     flags.entry(subject.clone()).or_default().push(kind.clone());
                 }
             }
         }
-        if let Ok(mut f) = self.inner.flags.write() {
-            *f = flags.into_iter().collect();
-        }
+        let mut f = self
+            .inner
+            .flags
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *f = flags.into_iter().collect();
     }
 }
 
