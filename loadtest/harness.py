@@ -274,7 +274,8 @@ def start_nginx_proxy(procs: Procs, work: Path, port: int, upstream_port: int) -
     return p
 
 
-def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream_port: int, tag: str) -> Path:
+def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream_port: int, tag: str,
+                    commit_window: str | None = None) -> Path:
     demo_dir = work / "demo"
     text = (demo_dir / "wardgate.toml").read_text()
     text = re.sub(r'^listen = ".*"$', f'listen = "127.0.0.1:{port}"', text, flags=re.M)
@@ -283,7 +284,8 @@ def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream
     text, n = re.subn(r'^dir = "audit"$', f'dir = "audit-{tag}"', text, flags=re.M)
     if n != 1:
         raise RuntimeError("demo config: cannot find the audit dir line")
-    text, n = re.subn(r'^durability = ".*"$', f'durability = "{durability}"', text, flags=re.M)
+    window = f'\ncommit_window = "{commit_window}"' if commit_window else ""
+    text, n = re.subn(r'^durability = ".*"$', f'durability = "{durability}"{window}', text, flags=re.M)
     if n != 1:
         raise RuntimeError("demo config: cannot find the durability line")
     # One token at thousands of requests per second is far over any role's record quota (the
@@ -295,13 +297,31 @@ def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream
     return path
 
 
-def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
+                   upstream_port: int) -> tuple[subprocess.Popen, int, int]:
     port, admin = free_port(), free_port()
-    cfg = wardgate_config(work, durability, port, admin, upstream_port, name)
+    cfg = wardgate_config(work, durability, port, admin, upstream_port, name,
+                          getattr(args, "commit_window", None))
     p = procs.start(name, [args.bin, "serve", "--config", str(cfg)], 1, work / f"{name}.log",
                     env={**os.environ, "RUST_LOG": "warn"})
     wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60)
-    return p, port
+    return p, port, admin
+
+
+def audit_commits(admin: int | None) -> tuple[float, float] | None:
+    """(records, commits) so far, from wardgate's own metrics (the batch-size histogram)."""
+    if admin is None:
+        return None
+    try:
+        _, _, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+    except Exception:  # noqa: BLE001 - a figure we can do without
+        return None
+    got = {}
+    for line in body.decode().splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"wardgate_audit_batch_records_{part} "):
+                got[part] = float(line.split()[1])
+    return (got["sum"], got["count"]) if len(got) == 2 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,16 +368,18 @@ def wait_quiet(args) -> None:
 
 
 def saturation(args, work: Path, target: str, n: int, url: str, env: dict, server: subprocess.Popen,
-               upstream: subprocess.Popen) -> dict:
+               upstream: subprocess.Popen, admin: int | None = None) -> dict:
     wait_quiet(args)
     log(f"{target:<20} {n:>5} records: warm-up {args.warmup:g}s, measure {args.duration:g}s")
     run_wrk(args, work, url, env, args.warmup, work / f"wrk-warm-{target}-{n}.json")
     up_same = upstream.pid == server.pid
+    a0 = audit_commits(admin)
     m0 = machine_busy_ticks()
     c0, u0, ch0, t0 = cpu_ticks(server.pid), cpu_ticks(upstream.pid), children_cpu(), time.monotonic()
     w = run_wrk(args, work, url, env, args.duration, work / f"wrk-{target}-{n}.json")
     c1, u1, ch1, t1 = cpu_ticks(server.pid), cpu_ticks(upstream.pid), children_cpu(), time.monotonic()
     m1 = machine_busy_ticks()
+    a1 = audit_commits(admin)
     wall = t1 - t0
     ours = (c1 - c0) / CLK_TCK + (0 if up_same else (u1 - u0) / CLK_TCK) + (ch1 - ch0)
     # Whatever else kept the two cores busy meanwhile (other builds; also loopback softirq time
@@ -382,12 +404,15 @@ def saturation(args, work: Path, target: str, n: int, url: str, env: dict, serve
         "load_core_util": ((0 if up_same else (u1 - u0) / CLK_TCK) + (ch1 - ch0)) / wall,
         "mb_per_s_out": w["bytes"] / secs / 1e6,
         "other_load_cores": other,
+        # Audit records per group commit (one write, and in fsync mode one fdatasync, each).
+        "audit_records_per_commit": (a1[0] - a0[0]) / (a1[1] - a0[1]) if a0 and a1 and a1[1] > a0[1] else None,
     }
     if other > args.max_other_load:
         log(f"  !! other processes kept {other:.2f} cores busy during this run: figures are disturbed")
     log(f"  {res['rps']:9.0f} req/s  p50 {res['latency_us']['p50'] / 1000:7.2f} ms  "
         f"p99 {res['latency_us']['p99'] / 1000:7.2f} ms  {res['cpu_us_per_req']:7.1f} us CPU/req  "
-        f"core1 {res['proxy_core_util']:.0%} core0 {res['load_core_util']:.0%} other {other:.2f}")
+        f"core1 {res['proxy_core_util']:.0%} core0 {res['load_core_util']:.0%} other {other:.2f}"
+        + (f"  audit {res['audit_records_per_commit']:.1f} records/commit" if res["audit_records_per_commit"] else ""))
     return res
 
 
@@ -492,11 +517,12 @@ def table(result: dict) -> str:
     sat = result["saturation"]
     fixed = result.get("fixed_rate", {})
     hdr = (f"{'records':>7}  {'target':<28} {'req/s':>9} {'x ngx':>6} {'p50 ms':>8} {'x ngx':>6} "
-           f"{'p99 ms':>8} {'x ngx':>6} {'p99.9 ms':>9} {'x ngx':>6} {'CPU us/req':>10} {'x ngx':>6} {'core1':>6} {'core0':>6} {'other':>6} {'errors':>7}")
+           f"{'p99 ms':>8} {'x ngx':>6} {'p99.9 ms':>9} {'x ngx':>6} {'CPU us/req':>10} {'x ngx':>6} {'core1':>6} {'core0':>6} {'other':>6} {'errors':>7} {'rec/commit':>10}")
     lines.append(f"Saturation (wrk -t{result['config']['wrk_threads']} -c{result['config']['connections']}, "
                  f"{result['config']['duration_s']:g}s after {result['config']['warmup_s']:g}s warm-up; "
                  f"'x ngx' = ratio to nginx proxy_pass; core1 = server under test busy, core0 = load side busy, "
-                 f"other = cores kept busy by other processes; errors = non-2xx and socket errors, which must be 0)")
+                 f"other = cores kept busy by other processes; errors = non-2xx and socket errors, which must be 0; "
+                 f"rec/commit = audit records per group commit, from wardgate's metrics)")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for n in result["config"]["sizes"]:
@@ -517,9 +543,9 @@ def table(result: dict) -> str:
                 f"{L['p999'] / 1e3:>9.2f} {f(ratio(L['p999'], B.get('p999')), '6.2f')} "
                 f"{r['cpu_us_per_req']:>10.1f} {f(ratio(r['cpu_us_per_req'], base and base['cpu_us_per_req']), '6.2f')} "
                 f"{r['proxy_core_util']:>6.0%} {r['load_core_util']:>6.0%} {r.get('other_load_cores', 0):>6.2f} "
-                f"{sum(r['errors'].values()):>7}")
+                f"{sum(r['errors'].values()):>7} {f(r.get('audit_records_per_commit'), '10.1f'):>10}")
         lines.append("")
-    if fixed:
+    if any(fixed.values()):
         lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.py, "
                      f"{result['config']['fixed_duration_s']:g}s after 2s warm-up; latency from each "
                      f"request's scheduled instant; 'added' = minus the direct upstream's)")
@@ -608,6 +634,8 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=0.0,
                     help="before each run, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
+    ap.add_argument("--commit-window", default=None,
+                    help="wardgate's audit.commit_window (default: the gateway's own default)")
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     targets = [t for t in args.targets.split(",") if t]
@@ -658,12 +686,13 @@ def main() -> int:
             sat[str(n)] = {}
             fixed[str(n)] = {}
 
-        def measure(target: str, server: subprocess.Popen, base_url: str, path_of, expect_all: bool):
+        def measure(target: str, server: subprocess.Popen, base_url: str, path_of, expect_all: bool,
+                    admin: int | None = None):
             for n in args.sizes:
                 url = base_url + path_of(n)
                 pre = preflight(url, wg_headers, n if expect_all else None)
                 pre["response_bytes_in"] = pages[n]["bytes"]
-                r = saturation(args, work, target, n, url, env, server, upstream)
+                r = saturation(args, work, target, n, url, env, server, upstream, admin)
                 r.update(pre)
                 sat[str(n)][target] = r
             if args.fixed_duration > 0:
@@ -705,8 +734,8 @@ def main() -> int:
         for target, durability in [("wardgate_fsync", "fsync"), ("wardgate_page_cache", "page-cache")]:
             if target not in targets:
                 continue
-            gw, port = start_wardgate(args, procs, work, target, durability, up_port)
-            measure(target, gw, f"http://127.0.0.1:{port}", gw_path, False)
+            gw, port, admin = start_wardgate(args, procs, work, target, durability, up_port)
+            measure(target, gw, f"http://127.0.0.1:{port}", gw_path, False, admin)
             if args.profile and target == "wardgate_fsync":
                 n = 100 if 100 in args.sizes else args.sizes[0]
                 result["profile"] = profile(args, work, gw.pid, f"http://127.0.0.1:{port}{gw_path(n)}",

@@ -111,6 +111,7 @@ async fn main() {
             dir: dir.clone(),
             durability: Durability::PageCache,
             max_batch: 4096,
+            commit_window: std::time::Duration::ZERO,
             segment_max_bytes: 64 << 20,
             seal_client_addr: false,
         })

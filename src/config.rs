@@ -85,6 +85,8 @@ pub struct AuditConfig {
     pub dir: PathBuf,
     pub durability: Durability,
     pub max_batch: usize,
+    /// How long an fsync group commit may wait for more records under load.
+    pub commit_window: Duration,
     pub segment_max_bytes: u64,
     /// Sealed segments whose newest record is older than this are pruned (none: keep all).
     pub retention: Option<Duration>,
@@ -229,6 +231,7 @@ struct RawAudit {
     dir: Option<PathBuf>,
     durability: Durability,
     max_batch: Option<usize>,
+    commit_window: Option<String>,
     segment_max_bytes: Option<u64>,
     retention: Option<String>,
     client_addr_retention: Option<String>,
@@ -287,6 +290,7 @@ impl RawConfig {
                 .unwrap_or_else(|| server.data_dir.join("audit")),
             durability: self.audit.durability,
             max_batch: self.audit.max_batch.unwrap_or(1024).max(1),
+            commit_window: commit_window(self.audit.commit_window.as_deref())?,
             segment_max_bytes: self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
             retention: match &self.audit.retention {
                 Some(r) => Some(parse_duration(r, "audit.retention")?),
@@ -490,6 +494,18 @@ impl RawUpstream {
 fn parse_addr(v: &str, key: &str) -> anyhow::Result<SocketAddr> {
     v.parse()
         .map_err(|_| anyhow::anyhow!("`{key}` = `{v}` is not an address like `127.0.0.1:8443`"))
+}
+
+/// `audit.commit_window`: default 3 ms, at most 100 ms (every request under load may wait it).
+fn commit_window(v: Option<&str>) -> anyhow::Result<Duration> {
+    let window = parse_duration(v.unwrap_or("3ms"), "audit.commit_window")?;
+    if window > Duration::from_millis(100) {
+        bail!(
+            "`audit.commit_window` = `{}`: at most 100ms",
+            v.unwrap_or_default()
+        );
+    }
+    Ok(window)
 }
 
 fn parse_duration(v: &str, key: &str) -> anyhow::Result<Duration> {

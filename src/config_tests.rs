@@ -49,6 +49,27 @@ fn defaults_and_relative_paths() {
         Duration::from_secs(15)
     );
     assert!(c.server.tls.is_some());
+    assert_eq!(c.audit.commit_window, Duration::from_millis(3));
+}
+
+#[test]
+fn the_commit_window_is_bounded() {
+    let with = |w: &str| {
+        MINIMAL.replace(
+            r#"durability = "fsync""#,
+            &format!("durability = \"fsync\"\ncommit_window = \"{w}\""),
+        )
+    };
+    assert_eq!(
+        parse(&with("0s")).unwrap().audit.commit_window,
+        Duration::ZERO
+    );
+    assert_eq!(
+        parse(&with("250us")).unwrap().audit.commit_window,
+        Duration::from_micros(250)
+    );
+    assert!(err(&with("2s")).contains("at most 100ms"));
+    assert!(err(&with("soon")).contains("audit.commit_window"));
 }
 
 #[test]

@@ -95,6 +95,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let started = Instant::now();
+    let coming = gw.audit.expect();
     let request_id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -120,6 +121,7 @@ where
         record.detail = Some(serde_json::json!({ "export": "started" }));
         record.clone()
     });
+    drop(coming);
     let response = match gw.audit.append(record).await {
         Ok(_) => match (result, template) {
             (Ok(Reply::Body(body)), _) => {

@@ -292,6 +292,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 dir: cfg.audit.dir.clone(),
                 durability: cfg.audit.durability,
                 max_batch: cfg.audit.max_batch,
+                commit_window: cfg.audit.commit_window,
                 segment_max_bytes: cfg.audit.segment_max_bytes,
                 seal_client_addr: false,
             })?;
@@ -389,6 +390,7 @@ async fn audit_cli_report(
         dir: cfg.audit.dir.clone(),
         durability: audit::Durability::Fsync,
         max_batch: 1,
+        commit_window: std::time::Duration::ZERO,
         segment_max_bytes: cfg.audit.segment_max_bytes,
         seal_client_addr: false,
     })

@@ -146,6 +146,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         dir: cfg.audit.dir.clone(),
         durability: cfg.audit.durability,
         max_batch: cfg.audit.max_batch,
+        commit_window: cfg.audit.commit_window,
         segment_max_bytes: cfg.audit.segment_max_bytes,
         seal_client_addr: cfg.audit.client_addr_retention.is_some(),
     })

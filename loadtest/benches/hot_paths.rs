@@ -521,6 +521,7 @@ fn bench_audit(c: &mut Criterion) {
             dir: dir.path().join("audit"),
             durability,
             max_batch: 1024,
+            commit_window: std::time::Duration::ZERO,
             segment_max_bytes: 64 * 1024 * 1024,
             seal_client_addr: false,
         })

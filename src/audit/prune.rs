@@ -157,6 +157,7 @@ mod tests {
             dir: dir.path().to_owned(),
             durability: Durability::Fsync,
             max_batch: 8,
+            commit_window: std::time::Duration::ZERO,
             segment_max_bytes: 2048,
             seal_client_addr: false,
         };

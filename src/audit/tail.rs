@@ -191,6 +191,7 @@ mod tests {
             dir: dir.path().to_owned(),
             durability: Durability::PageCache,
             max_batch: 1,
+            commit_window: std::time::Duration::ZERO,
             segment_max_bytes: 2_000,
             seal_client_addr: false,
         })

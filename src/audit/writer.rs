@@ -5,10 +5,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -32,6 +32,9 @@ pub struct AuditSettings {
     pub durability: Durability,
     /// Most records per group commit.
     pub max_batch: usize,
+    /// In `fsync` mode, how long a group commit may wait for the records the recent arrival
+    /// rate says are coming (zero: never wait). See `Writer::gather`.
+    pub commit_window: Duration,
     /// Roll to a new segment once the current one has grown past this size.
     pub segment_max_bytes: u64,
     /// Write client addresses sealed under a per-day key (see `addr.rs`), so they can be
@@ -62,6 +65,9 @@ pub struct Logged {
 /// told how many, see [`broadcast::error::RecvError::Lagged`]).
 const PUBLISH_CAPACITY: usize = 65_536;
 
+/// The shortest nap of a group commit waiting for records.
+const GATHER_MIN_NAP: Duration = Duration::from_micros(20);
+
 struct Pending {
     record: AuditRecord,
     reply: Reply,
@@ -74,6 +80,8 @@ pub struct AuditLog {
 }
 
 struct Inner {
+    /// Requests that will append a record and have not yet (see `AuditLog::expect`).
+    coming: Arc<AtomicUsize>,
     /// `None` once shut down. Appends clone the sender so none is held across an await here.
     tx: Mutex<Option<mpsc::Sender<Pending>>>,
     healthy: Arc<AtomicBool>,
@@ -99,19 +107,30 @@ impl AuditLog {
         // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
         let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
-        let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
+        let coming = Arc::new(AtomicUsize::new(0));
+        let mut writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
+        writer.coming = Arc::clone(&coming);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
         Ok(AuditLog {
             inner: Arc::new(Inner {
+                coming,
                 tx: Mutex::new(Some(tx)),
                 healthy,
                 thread: Mutex::new(Some(thread)),
                 published,
             }),
         })
+    }
+
+    /// Says a record is on its way: a request is being processed and will append one. Hold
+    /// the guard until the record is appended (or will not be): a group commit under load
+    /// waits for such records, and only while there are some (`Writer::gather`).
+    pub fn expect(&self) -> Coming {
+        self.inner.coming.fetch_add(1, Ordering::Relaxed);
+        Coming(Arc::clone(&self.inner.coming))
     }
 
     /// Queues one record and resolves when it is durable per the durability mode, returning its
@@ -152,6 +171,15 @@ impl AuditLog {
     }
 }
 
+/// A record on its way (`AuditLog::expect`); dropping it says it is no longer coming.
+pub struct Coming(Arc<AtomicUsize>);
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn seal_in_background(dir: PathBuf, segments: Vec<u64>) {
     std::thread::spawn(move || {
         for n in segments {
@@ -174,6 +202,13 @@ struct Writer {
     dir: PathBuf,
     durability: Durability,
     max_batch: usize,
+    commit_window: Duration,
+    /// Records per second arriving, smoothed over recent commits.
+    arrival_rate: f64,
+    /// When the last commit began.
+    last_commit: Option<Instant>,
+    /// Records on their way (`AuditLog::expect`).
+    coming: Arc<AtomicUsize>,
     segment_max_bytes: u64,
     sealer: Option<super::addr::Sealer>,
     segment: u64,
@@ -208,10 +243,10 @@ impl Writer {
             .with_context(|| format!("cannot open the lock file in `{}`", dir.display()))?;
         // A writer of this process that is shutting down releases the lock when its thread ends;
         // wait a moment for that, but not for another process that holds it.
-        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(2);
         while lock.try_lock().is_err() {
             if Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
             anyhow::bail!(
@@ -227,6 +262,10 @@ impl Writer {
             dir,
             durability: settings.durability,
             max_batch: settings.max_batch.max(1),
+            commit_window: settings.commit_window,
+            arrival_rate: 0.0,
+            last_commit: None,
+            coming: Arc::default(),
             segment_max_bytes: settings.segment_max_bytes,
             sealer,
             segment: resume.segment,
@@ -265,11 +304,13 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
+            self.drain(&mut rx, &mut batch);
+            self.gather(&mut rx, &mut batch);
+            let now = Instant::now();
+            if let Some(last) = self.last_commit.replace(now) {
+                let seconds = now.duration_since(last).as_secs_f64().max(1e-6);
+                let sample = batch.len() as f64 / seconds;
+                self.arrival_rate += (sample - self.arrival_rate) * 0.25;
             }
             self.commit(batch);
         }
@@ -279,6 +320,40 @@ impl Writer {
             tracing::error!(error = %e, "cannot sync the audit log at shutdown");
         }
         tracing::info!(next_seq = self.next_seq, "audit writer stopped");
+    }
+
+    /// Takes whatever is queued, up to `max_batch`.
+    fn drain(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+        while batch.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Group commit sized to the load (PostgreSQL's `commit_delay` with `commit_siblings`).
+    /// Each `fdatasync` costs about the same whatever it carries, so when records are arriving
+    /// at two or more per `commit_window` and other requests are still on their way
+    /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
+    /// arrival rate says the window brings, looking again after each expected gap. Under light
+    /// load, or with nothing else coming, nobody waits; page-cache mode never does.
+    fn gather(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+        if self.durability != Durability::Fsync || self.commit_window.is_zero() {
+            return;
+        }
+        let expected = self.arrival_rate * self.commit_window.as_secs_f64();
+        let want = (expected as usize).min(self.max_batch);
+        let deadline = Instant::now() + self.commit_window;
+        while batch.len() < want && self.coming.load(Ordering::Relaxed) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let gap = Duration::try_from_secs_f64(1.0 / self.arrival_rate).unwrap_or(left);
+            std::thread::sleep(gap.max(GATHER_MIN_NAP).min(left));
+            self.drain(rx, batch);
+        }
     }
 
     /// Writes one batch with a single write and a single sync, then answers every waiter.
@@ -440,6 +515,7 @@ mod tests {
             dir: dir.to_owned(),
             durability,
             max_batch: 64,
+            commit_window: Duration::ZERO,
             segment_max_bytes,
             seal_client_addr: false,
         }
@@ -482,6 +558,52 @@ mod tests {
             log.append(sample(0)).await,
             Err(AuditError::Closed)
         ));
+    }
+
+    /// A writer with `arrival_rate` records per second behind it, and a feeder thread that
+    /// queues `later` records, 5 ms apart, once `gather` has started waiting; `siblings`: other
+    /// requests say records are coming until the feeder is done.
+    fn gathered(durability: Durability, arrival_rate: f64, later: u64, siblings: bool) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), durability, 64 << 20);
+        s.commit_window = Duration::from_secs(1);
+        let published = broadcast::channel(16).0;
+        let mut writer = Writer::open(s, Arc::new(AtomicBool::new(true)), published).unwrap();
+        writer.arrival_rate = arrival_rate;
+        // Others on their way until the feeder has queued its records.
+        writer
+            .coming
+            .store(usize::from(siblings), Ordering::Relaxed);
+        let coming = Arc::clone(&writer.coming);
+        let pending = |i| Pending {
+            record: sample(i),
+            reply: oneshot::channel().0,
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let feeder = std::thread::spawn(move || {
+            for i in 0..later {
+                std::thread::sleep(Duration::from_millis(5));
+                tx.blocking_send(pending(i + 2)).unwrap();
+            }
+            coming.store(0, Ordering::Relaxed);
+        });
+        let mut batch = vec![pending(1)];
+        writer.gather(&mut rx, &mut batch);
+        feeder.join().unwrap();
+        batch.len()
+    }
+
+    #[test]
+    fn a_commit_under_load_waits_for_the_records_the_rate_says_are_coming() {
+        // Four records per second over a 1 s window: four expected, the one in hand and three
+        // that arrive while it waits (it stops once they are in, not at the deadline).
+        assert_eq!(gathered(Durability::Fsync, 4.0, 3, true), 4);
+        // Under two records per window nobody waits: the later records go in the next commit.
+        assert_eq!(gathered(Durability::Fsync, 1.5, 3, true), 1);
+        // Nor with no other request on its way, whatever the rate.
+        assert_eq!(gathered(Durability::Fsync, 4.0, 3, false), 1);
+        // Page-cache mode has no fsync to share and never waits.
+        assert_eq!(gathered(Durability::PageCache, 4.0, 3, true), 1);
     }
 
     #[tokio::test]

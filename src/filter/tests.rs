@@ -587,7 +587,11 @@ fn consents_that_cannot_be_read_withhold_the_record() {
     ] {
         let body = format!(r#"{{"records":[{}]}}"#, with(bad));
         let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#, "{bad}");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"records":[]}"#,
+            "{bad}"
+        );
         assert_eq!(d.malformed_rows, 1, "{bad}");
     }
     // Other keys of a consent are not read, and a consent without `given_at` is none.
@@ -612,9 +616,23 @@ fn dates_read_directly_read_as_the_date_parser_reads_them() {
         })
     };
     let mut cases = vec![
-        "2026-11-23", "1970-01-01", "0000-01-01", "9999-12-31", "2024-02-29", "2023-02-29",
-        "2026-00-10", "2026-13-01", "2026-04-31", "2026-04-00", "2026-1-01", "2026/11/23",
-        "+2026-11-23", "2026-11-23T00:00:00Z", "", "abcd-ef-gh", "2026-11-2٣",
+        "2026-11-23",
+        "1970-01-01",
+        "0000-01-01",
+        "9999-12-31",
+        "2024-02-29",
+        "2023-02-29",
+        "2026-00-10",
+        "2026-13-01",
+        "2026-04-31",
+        "2026-04-00",
+        "2026-1-01",
+        "2026/11/23",
+        "+2026-11-23",
+        "2026-11-23T00:00:00Z",
+        "",
+        "abcd-ef-gh",
+        "2026-11-2٣",
     ]
     .into_iter()
     .map(str::to_owned)
