@@ -110,23 +110,19 @@ impl Run<'_> {
                 continue;
             };
             partial.extend_from_slice(data);
-            let mut start = 0;
-            while let Some(i) = partial[start..].iter().position(|b| *b == b'\n') {
-                let line = &partial[start..start + i];
-                if !line.iter().all(u8::is_ascii_whitespace) {
-                    filter::filter_line(
-                        line,
-                        &cx,
-                        &mut |a| decider.decide(a),
-                        &mut memo,
-                        &mut out,
-                        &mut d,
-                    )
-                    .map_err(|e| e.to_string())?;
-                }
-                start += i + 1;
+            // Every whole line so far, in one go; the rest waits for the next frame.
+            if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+                filter::filter_lines(
+                    &partial[..end],
+                    &cx,
+                    &mut |a| decider.decide(a),
+                    &mut memo,
+                    &mut out,
+                    &mut d,
+                )
+                .map_err(|e| e.to_string())?;
+                partial.drain(..=end);
             }
-            partial.drain(..start);
             if partial.len() > MAX_LINE {
                 return Err("an upstream line is longer than any record".to_owned());
             }
@@ -136,17 +132,15 @@ impl Run<'_> {
                 memo.new_chunk();
             }
         }
-        if !partial.iter().all(u8::is_ascii_whitespace) {
-            filter::filter_line(
-                &partial,
-                &cx,
-                &mut |a| decider.decide(a),
-                &mut memo,
-                &mut out,
-                &mut d,
-            )
-            .map_err(|e| e.to_string())?;
-        }
+        filter::filter_lines(
+            &partial,
+            &cx,
+            &mut |a| decider.decide(a),
+            &mut memo,
+            &mut out,
+            &mut d,
+        )
+        .map_err(|e| e.to_string())?;
         self.release(&plan.principal, &mut out, &mut d).await
     }
 

@@ -180,7 +180,8 @@ fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
 
 impl Plan {
     fn fits(&self, rec: &RawRecord) -> bool {
-        self.names.len() == rec.0.len() && self.names.iter().zip(&rec.0).all(|(a, (b, _))| a == b)
+        self.names.len() == rec.0.len()
+            && (self.names.iter().zip(&rec.0)).all(|(a, (b, _))| super::same_name(a, b))
     }
 
     fn make(rec: &RawRecord, cx: &FilterContext, verdict: &Arc<RecordDecision>) -> Plan {

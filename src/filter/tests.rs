@@ -648,3 +648,68 @@ fn dates_read_directly_read_as_the_date_parser_reads_them() {
         assert_eq!(days_from_iso_date(s), parse(s), "{s:?}");
     }
 }
+
+#[test]
+fn field_names_compare_as_strings_do() {
+    let names = [
+        "",
+        "a",
+        "b",
+        "ab",
+        "ba",
+        "elector_id",
+        "elector_ie",
+        "flags",
+        "flagz",
+        "12345678",
+        "12345679",
+        "123456789",
+        "123456788",
+        "consents_é",
+        "consents_e",
+        "markers",
+    ];
+    for a in names {
+        for b in names {
+            assert_eq!(same_name(a, b), a == b, "{a:?} {b:?}");
+        }
+    }
+}
+
+#[test]
+fn export_lines_are_filtered_one_by_one_and_a_bad_one_fails_them_all() {
+    let ds = dataset();
+    let (a, b) = (record("VF-1", "CGW1", ""), record("VF-2", "CGW2", ""));
+    let c = record("VF-3", "CGW1", "").replace("Ann", "Zoë");
+    // Blank lines, a CRLF line ending and a last line without its newline.
+    let text = format!("{a}\n\n  \n{b}\r\n{c}");
+    let (mut out, mut d) = (Vec::new(), Disclosure::default());
+    let mut memo = Memo::default();
+    filter_lines(
+        text.as_bytes(),
+        &cx(&ds),
+        &mut decide,
+        &mut memo,
+        &mut out,
+        &mut d,
+    )
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(d.subjects, ["VF-1", "VF-3"]);
+    assert_eq!(d.rows_withheld, 1);
+    assert_eq!(out.lines().count(), 2);
+    assert!(out.ends_with('\n') && out.contains("Zoë") && !out.contains("VF-2"));
+    for bad in ["[1]", "{\"a\":1} {}", "{\"a\":", "not json", "{\"a\":1},"] {
+        let text = format!("{a}\n{bad}\n{c}\n");
+        let (mut out, mut d) = (Vec::new(), Disclosure::default());
+        let got = filter_lines(
+            text.as_bytes(),
+            &cx(&ds),
+            &mut decide,
+            &mut memo,
+            &mut out,
+            &mut d,
+        );
+        assert!(got.is_err(), "{bad}");
+    }
+}
