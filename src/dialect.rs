@@ -211,3 +211,33 @@ pub fn write(
         Dialect::Datasette(_) => Err(GatewayError::MethodNotAllowed),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_set_is_narrowed_once_and_rendered_for_each_dialect() {
+        let cache = Narrowings::default();
+        let mut made = 0;
+        let areas: BTreeSet<String> = ["E08000035/CGW1".to_owned(), "E05011391".to_owned()].into();
+        let grants = ["E05011391".to_owned()];
+        for _ in 0..3 {
+            let got = cache.get(&grants, || {
+                made += 1;
+                Some(Narrowing::new(&areas))
+            });
+            let got = got.unwrap();
+            assert_eq!(got.wardgate, "areas=E05011391,E08000035%2FCGW1");
+            assert_eq!(
+                got.datasette,
+                format!("areas={}", enc(r#"["E05011391","E08000035/CGW1"]"#))
+            );
+        }
+        assert_eq!(made, 1);
+        // Another grant set is its own entry; too wide a scope is remembered as no narrowing.
+        let wide = ["E92000001".to_owned()];
+        assert!(cache.get(&wide, || None).is_none());
+        assert!(cache.get(&wide, || panic!("made again")).is_none());
+    }
+}
