@@ -13,7 +13,7 @@
 
 mod attrs;
 mod memo;
-mod scan;
+pub(crate) mod scan;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
 pub use memo::{MAX_KEPT_DECISIONS, Memo};

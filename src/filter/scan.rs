@@ -9,7 +9,8 @@
 //! every byte of a page goes, eight bytes at a time inside strings.
 //!
 //! Keys are decoded as `serde_json` decodes them (a key with escapes goes through it); values
-//! are never decoded here. The text is already UTF-8 (`&str`), and every position the scanner
+//! are not, unless asked for as a string (`text`). The audit log's seal reads its lines with it
+//! too. The text is already UTF-8 (`&str`), and every position the scanner
 //! stops at is an ASCII byte, so every slice it hands out is whole characters.
 
 use std::borrow::Cow;
@@ -325,8 +326,17 @@ impl<'a> Scan<'a> {
         Ok(())
     }
 
-    /// A key of an object being walked: borrowed when it has no escapes, decoded (as
-    /// `serde_json` decodes keys, refusing lone surrogates) when it has.
+    /// A string value, decoded as keys are.
+    pub fn text(&mut self) -> Result<Cow<'a, str>> {
+        self.ws();
+        if self.peek() != Some(b'"') {
+            return self.fail("expected a string");
+        }
+        self.key()
+    }
+
+    /// A key of an object being walked (or a string value, `text`): borrowed when it has no
+    /// escapes, decoded (as `serde_json` decodes keys, refusing lone surrogates) when it has.
     fn key(&mut self) -> Result<Cow<'a, str>> {
         let start = self.pos;
         if self.peek() != Some(b'"') {
@@ -340,7 +350,7 @@ impl<'a> Scan<'a> {
         serde_json::from_str::<String>(raw)
             .map(Cow::Owned)
             .map_err(|_| ScanError {
-                what: "invalid escape in an object key",
+                what: "invalid escape in a string",
                 at: start,
             })
     }
