@@ -102,16 +102,22 @@ impl Run<'_> {
         let mut d = Disclosure::default();
         let mut memo = filter::Memo::default();
         loop {
-            let Some(frame) = body.frame().await else {
-                break;
+            let frame = body.frame().await;
+            let done = frame.is_none();
+            if let Some(frame) = frame {
+                let frame = frame.map_err(|e| format!("upstream failed mid-export: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    partial.extend_from_slice(data);
+                }
+            }
+            // Every whole line so far (at the end, what is left too), in one go; the rest
+            // waits for the next frame.
+            let whole = if done {
+                Some(partial.len())
+            } else {
+                partial.iter().rposition(|b| *b == b'\n')
             };
-            let frame = frame.map_err(|e| format!("upstream failed mid-export: {e}"))?;
-            let Some(data) = frame.data_ref() else {
-                continue;
-            };
-            partial.extend_from_slice(data);
-            // Every whole line so far, in one go; the rest waits for the next frame.
-            if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+            if let Some(end) = whole {
                 filter::filter_lines(
                     &partial[..end],
                     &cx,
@@ -121,7 +127,10 @@ impl Run<'_> {
                     &mut d,
                 )
                 .map_err(|e| e.to_string())?;
-                partial.drain(..=end);
+                partial.drain(..(end + 1).min(partial.len()));
+            }
+            if done {
+                break;
             }
             if partial.len() > MAX_LINE {
                 return Err("an upstream line is longer than any record".to_owned());
@@ -132,15 +141,6 @@ impl Run<'_> {
                 memo.new_chunk();
             }
         }
-        filter::filter_lines(
-            &partial,
-            &cx,
-            &mut |a| decider.decide(a),
-            &mut memo,
-            &mut out,
-            &mut d,
-        )
-        .map_err(|e| e.to_string())?;
         self.release(&plan.principal, &mut out, &mut d).await
     }
 

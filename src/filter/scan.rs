@@ -166,24 +166,17 @@ impl<'a> Scan<'a> {
         loop {
             // At a value.
             match self.peek() {
-                Some(b'{') => {
-                    self.open(true)?;
+                Some(open @ (b'{' | b'[')) => {
+                    let object = open == b'{';
+                    self.open(object)?;
                     self.ws();
-                    if self.peek() == Some(b'}') {
+                    if self.peek() == Some(if object { b'}' } else { b']' }) {
                         self.pos += 1;
                         self.depth -= 1;
                     } else {
-                        self.nested_key()?;
-                        continue;
-                    }
-                }
-                Some(b'[') => {
-                    self.open(false)?;
-                    self.ws();
-                    if self.peek() == Some(b']') {
-                        self.pos += 1;
-                        self.depth -= 1;
-                    } else {
+                        if object {
+                            self.nested_key()?;
+                        }
                         continue;
                     }
                 }

@@ -683,33 +683,26 @@ fn export_lines_are_filtered_one_by_one_and_a_bad_one_fails_them_all() {
     let c = record("VF-3", "CGW1", "").replace("Ann", "Zoë");
     // Blank lines, a CRLF line ending and a last line without its newline.
     let text = format!("{a}\n\n  \n{b}\r\n{c}");
-    let (mut out, mut d) = (Vec::new(), Disclosure::default());
     let mut memo = Memo::default();
-    filter_lines(
-        text.as_bytes(),
-        &cx(&ds),
-        &mut decide,
-        &mut memo,
-        &mut out,
-        &mut d,
-    )
-    .unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let mut lines = |text: &str| {
+        let (mut out, mut d) = (Vec::new(), Disclosure::default());
+        let cx = cx(&ds);
+        filter_lines(
+            text.as_bytes(),
+            &cx,
+            &mut decide,
+            &mut memo,
+            &mut out,
+            &mut d,
+        )
+        .map(|()| (String::from_utf8(out).unwrap(), d))
+    };
+    let (out, d) = lines(&text).unwrap();
     assert_eq!(d.subjects, ["VF-1", "VF-3"]);
     assert_eq!(d.rows_withheld, 1);
     assert_eq!(out.lines().count(), 2);
     assert!(out.ends_with('\n') && out.contains("Zoë") && !out.contains("VF-2"));
     for bad in ["[1]", "{\"a\":1} {}", "{\"a\":", "not json", "{\"a\":1},"] {
-        let text = format!("{a}\n{bad}\n{c}\n");
-        let (mut out, mut d) = (Vec::new(), Disclosure::default());
-        let got = filter_lines(
-            text.as_bytes(),
-            &cx(&ds),
-            &mut decide,
-            &mut memo,
-            &mut out,
-            &mut d,
-        );
-        assert!(got.is_err(), "{bad}");
+        assert!(lines(&format!("{a}\n{bad}\n{c}\n")).is_err(), "{bad}");
     }
 }
