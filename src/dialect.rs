@@ -33,7 +33,7 @@ fn enc(s: &str) -> String {
 }
 
 /// A caller's narrowing set, rendered once as each dialect's query parameter (the gateway
-/// keeps one per grant set, `gateway::Narrowings`, so a request does not render it again).
+/// keeps one per grant set in `Narrowings`, so a request does not render it again).
 #[derive(Debug)]
 pub struct Narrowing {
     /// `areas=a,b,...` for wardgate's API.

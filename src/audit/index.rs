@@ -19,11 +19,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-use crate::filter::scan::Scan;
 use sha2::{Digest, Sha256};
 
 use super::segment::segment_name;
+use crate::filter::scan::Scan;
 
 const MAGIC: &[u8; 8] = b"WGIDX001";
 const ENTRY: u64 = 16;

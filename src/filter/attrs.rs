@@ -4,47 +4,17 @@
 //! template), markers, flags (with the rights register's), consented channels and TPS
 //! freshness. `fingerprint` writes down exactly the inputs that reading depends on, byte for
 //! byte where they repeat across records (area fields, marker and flag arrays, register flags)
-//! and as the canonical reading where they do not (consents carry per-record timestamps, the
-//! TPS check a per-record date). Two records with the same fingerprint therefore have the same
+//! and as what is read where they do not (consents carry per-record timestamps: each channel
+//! and its state, in wire order; the TPS check a per-record date: fresh or not). Two records with the same fingerprint therefore have the same
 //! attributes, so a decision made for one is the decision for the other; that is what lets the
 //! memo skip the reading for every record but the first of each kind.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-
-use serde::Deserialize;
-use serde::de::{Deserializer, Visitor};
 
 use super::scan::Scan;
 use super::{FilterContext, RawRecord};
 use crate::policy::RecordAttrs;
-
-/// A JSON string borrowed from the body when it has no escapes, owned when it has.
-/// (serde's own `Cow<str>` always allocates.)
-pub struct Text<'a>(pub Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Cow<'de, str>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
-                Ok(Cow::Borrowed(s))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(s.to_owned()))
-            }
-            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(s))
-            }
-        }
-        d.deserialize_str(V).map(Text)
-    }
-}
 
 /// The record's subject id, or `None` if it is missing or not a non-empty string or a number.
 pub fn subject<'a>(rec: &RawRecord<'a>, cx: &FilterContext) -> Option<Cow<'a, str>> {
@@ -174,15 +144,20 @@ fn count(key: &mut Vec<u8>, n: usize) {
 /// A non-empty string or a number, as text; anything else is `None`.
 fn scalar(raw: &str) -> Option<Cow<'_, str>> {
     match raw.as_bytes().first()? {
-        b'"' => serde_json::from_str::<Text>(raw)
-            .ok()
-            .map(|t| t.0)
-            .filter(|s| !s.is_empty()),
+        b'"' => string(raw).filter(|s| !s.is_empty()),
         b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(raw)
             .ok()
             .map(|n| Cow::Owned(n.to_string())),
         _ => None,
     }
+}
+
+/// A raw value that is one JSON string, decoded (borrowed when it has no escapes).
+fn string(raw: &str) -> Option<Cow<'_, str>> {
+    let mut scan = Scan::new(raw);
+    let text = scan.text().ok()?;
+    scan.end().ok()?;
+    Some(text)
 }
 
 fn area_of(rec: &RawRecord, template: &str) -> Option<String> {
@@ -256,13 +231,10 @@ fn consented_channels(v: &str) -> Option<BTreeSet<String>> {
 }
 
 fn tps_fresh(v: &str, today: i64, max_age_days: u32) -> Option<bool> {
-    let days = match v.as_bytes().first()? {
-        b'n' if v == "null" => return Some(false),
-        // The common case: a date without escapes.
-        b'"' if !v.contains('\\') => days_from_iso_date(v.get(1..v.len() - 1)?)?,
-        b'"' => days_from_iso_date(&serde_json::from_str::<String>(v).ok()?)?,
-        _ => return None,
-    };
+    if v == "null" {
+        return Some(false);
+    }
+    let days = days_from_iso_date(&string(v)?)?;
     Some(today - days <= i64::from(max_age_days) && days <= today)
 }
 
