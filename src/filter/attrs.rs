@@ -14,34 +14,86 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::scan::Scan;
 use super::{FilterContext, RawRecord};
+use crate::catalog::Dataset;
 use crate::policy::RecordAttrs;
 
+/// Where a record's policy fields are: the index in its field list of each (the first field
+/// of the name; `None` when absent). The same for every record with the same field names in
+/// the same order, so the memo finds them once per layout.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Roles {
+    subject: Option<usize>,
+    /// One per field of the area template, in order.
+    area: Vec<Option<usize>>,
+    markers: Option<usize>,
+    flags: Option<usize>,
+    consents: Option<usize>,
+    tps: Option<usize>,
+}
+
+impl Roles {
+    pub(super) fn find(rec: &RawRecord, ds: &Dataset) -> Roles {
+        let at = |field: &Option<String>| rec.position(field.as_deref()?);
+        Roles {
+            subject: rec.position(&ds.subject_field),
+            area: placeholders(&ds.area)
+                .map(|name| rec.position(name))
+                .collect(),
+            markers: at(&ds.markers_field),
+            flags: at(&ds.flags_field),
+            consents: at(&ds.consents_field),
+            tps: at(&ds.tps_field),
+        }
+    }
+}
+
+/// The field names in an area template, in order (the catalog has checked the template).
+fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    let mut rest = template;
+    std::iter::from_fn(move || {
+        let start = rest.find('{')?;
+        let end = start + rest[start..].find('}')?;
+        let name = &rest[start + 1..end];
+        rest = &rest[end + 1..];
+        Some(name)
+    })
+}
+
 /// The record's subject id, or `None` if it is missing or not a non-empty string or a number.
-pub fn subject<'a>(rec: &RawRecord<'a>, cx: &FilterContext) -> Option<Cow<'a, str>> {
-    scalar(rec.get(&cx.dataset.subject_field)?)
+pub(super) fn subject<'a>(rec: &RawRecord<'a>, at: &Roles) -> Option<Cow<'a, str>> {
+    scalar(rec.value(at.subject)?)
 }
 
 /// The attributes policies decide on, or `None` if any is missing or malformed.
 pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, RecordAttrs)> {
+    read(rec, &Roles::find(rec, cx.dataset), cx)
+}
+
+/// `record_attrs` with the fields found.
+pub(super) fn read(
+    rec: &RawRecord,
+    at: &Roles,
+    cx: &FilterContext,
+) -> Option<(String, RecordAttrs)> {
     let ds = cx.dataset;
-    let subject = subject(rec, cx)?.into_owned();
-    let area = area_of(rec, &ds.area)?;
-    let strings = |field: &Option<String>| -> Option<BTreeSet<String>> {
+    let subject = subject(rec, at)?.into_owned();
+    let area = area_of(rec, at, &ds.area)?;
+    let strings = |field: &Option<String>, at: Option<usize>| -> Option<BTreeSet<String>> {
         match field {
             None => Some(BTreeSet::new()),
-            Some(f) => serde_json::from_str::<Vec<String>>(rec.get(f)?)
+            Some(_) => serde_json::from_str::<Vec<String>>(rec.value(at)?)
                 .ok()
                 .map(|v| v.into_iter().collect()),
         }
     };
-    let markers = strings(&ds.markers_field)?;
-    let mut flags = strings(&ds.flags_field)?;
+    let markers = strings(&ds.markers_field, at.markers)?;
+    let mut flags = strings(&ds.flags_field, at.flags)?;
     if let Some(extra) = (cx.register_flags)(&subject) {
         flags.extend(extra);
     }
     let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
-        Some(f) => consented_channels(rec.get(f)?)?,
+        Some(_) => consented_channels(rec.value(at.consents)?)?,
     };
     // A withdrawal in the rights register outranks a consent still on the record (§10.3.7).
     for f in &flags {
@@ -51,7 +103,7 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
     }
     let tps_fresh = match &ds.tps_field {
         None => false,
-        Some(f) => tps_fresh(rec.get(f)?, cx.today, ds.tps_max_age_days)?,
+        Some(_) => tps_fresh(rec.value(at.tps)?, cx.today, ds.tps_max_age_days)?,
     };
     Some((
         subject,
@@ -68,19 +120,22 @@ pub fn record_attrs(rec: &RawRecord, cx: &FilterContext) -> Option<(String, Reco
 /// Writes onto `key` every input `record_attrs` reads for a record of `subject` (the subject
 /// id itself is not an input of the attributes, only of the register lookup). Each part is
 /// tagged and length-prefixed, so no two different inputs write the same bytes.
-pub fn fingerprint(rec: &RawRecord, cx: &FilterContext, subject: &str, key: &mut Vec<u8>) {
+pub(super) fn fingerprint(
+    rec: &RawRecord,
+    at: &Roles,
+    cx: &FilterContext,
+    subject: &str,
+    key: &mut Vec<u8>,
+) {
     let ds = cx.dataset;
     key.clear();
-    let mut rest = ds.area.as_str();
-    while let Some(start) = rest.find('{') {
-        let Some(end) = rest[start..].find('}').map(|e| start + e) else {
-            break;
-        };
-        put(key, rec.get(&rest[start + 1..end]));
-        rest = &rest[end + 1..];
+    for &field in &at.area {
+        put(key, rec.value(field));
     }
-    for field in [&ds.markers_field, &ds.flags_field].into_iter().flatten() {
-        put(key, rec.get(field));
+    for (field, at) in [(&ds.markers_field, at.markers), (&ds.flags_field, at.flags)] {
+        if field.is_some() {
+            put(key, rec.value(at));
+        }
     }
     match (cx.register_flags)(subject) {
         None => key.push(0),
@@ -92,10 +147,10 @@ pub fn fingerprint(rec: &RawRecord, cx: &FilterContext, subject: &str, key: &mut
             }
         }
     }
-    if let Some(field) = &ds.consents_field {
+    if ds.consents_field.is_some() {
         // Every channel in wire order with its state (the reading is a function of that):
         // each as 1, name, state; then 0.
-        match rec.get(field) {
+        match rec.value(at.consents) {
             None => key.push(0),
             Some(v) => {
                 let mark = key.len();
@@ -114,8 +169,8 @@ pub fn fingerprint(rec: &RawRecord, cx: &FilterContext, subject: &str, key: &mut
             }
         }
     }
-    if let Some(field) = &ds.tps_field {
-        key.push(match rec.get(field) {
+    if ds.tps_field.is_some() {
+        key.push(match rec.value(at.tps) {
             None => 0,
             Some(v) => match tps_fresh(v, cx.today, ds.tps_max_age_days) {
                 None => 2,
@@ -160,13 +215,14 @@ fn string(raw: &str) -> Option<Cow<'_, str>> {
     Some(text)
 }
 
-fn area_of(rec: &RawRecord, template: &str) -> Option<String> {
+fn area_of(rec: &RawRecord, at: &Roles, template: &str) -> Option<String> {
     let mut out = String::with_capacity(template.len() + 16);
     let mut rest = template;
+    let mut fields = at.area.iter();
     while let Some(start) = rest.find('{') {
         let end = start + rest[start..].find('}')?;
         out.push_str(&rest[..start]);
-        out.push_str(&scalar(rec.get(&rest[start + 1..end])?)?);
+        out.push_str(&scalar(rec.value(*fields.next()?)?)?);
         rest = &rest[end + 1..];
     }
     out.push_str(rest);

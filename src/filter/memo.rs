@@ -5,9 +5,13 @@
 //!   distinct attribute fingerprints (see `attrs::fingerprint`); the attributes are read and
 //!   `decide` is asked once per fingerprint, and every other record with that fingerprint gets
 //!   the same answer, including "malformed" (withheld, fail closed).
+//! - **Layouts.** A record's field names in order are its layout; records of a page almost
+//!   always share one. Where the policy fields are, which fields the asset register classifies
+//!   and whether a name repeats are found once per layout; a record read right after one of
+//!   the same layout (`RawRecord::repeats`) is placed without comparing its names again.
 //! - **Field plans per decision and layout.** Which of a record's fields leave depends only on
-//!   the decision and the field names in order, so the register and category lookups run once
-//!   per pair, and each kept field's name is written out as JSON once.
+//!   the decision and the layout, so the category lookups run once per pair, and each kept
+//!   field's name is written out as JSON once.
 //!
 //! A memo is only ever used for one caller, purpose and dataset (the gateway keeps one per
 //! triple, `decisions::MemoPool`), and the policies are fixed for its life, so a fingerprint
@@ -16,10 +20,12 @@
 //! a chunk uses a decision its policy ids join the disclosure, and the first time it uses a
 //! plan its field names do, so each audit record names exactly what its own records carried.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Disclosure, FilterContext, RawRecord, RecordDecision, attrs};
+use super::attrs::{self, Roles};
+use super::{Disclosure, FilterContext, RawRecord, RecordDecision};
 use crate::policy::RecordAttrs;
 
 /// Past this many fingerprints the decision memo starts again (a whole constituency's export
@@ -27,7 +33,7 @@ use crate::policy::RecordAttrs;
 const MAX_DECISIONS: usize = 65_536;
 /// For memos kept between pages (many of them are kept at once).
 pub const MAX_KEPT_DECISIONS: usize = 4_096;
-/// Past this many plans (distinct decisions and layouts) start again: far above real pages.
+/// Past this many layouts, or plans for one layout, start again: far above real pages.
 const MAX_PLANS: usize = 64;
 
 pub struct Memo {
@@ -36,7 +42,10 @@ pub struct Memo {
     /// One `Arc` per distinct decision value, so that plans can be found by pointer.
     distinct: Vec<Arc<RecordDecision>>,
     key: Vec<u8>,
-    plans: Vec<Plan>,
+    layouts: Vec<Layout>,
+    /// The layout of the last record placed, and which record that was (its list, and its
+    /// number in the list).
+    last: Option<(usize, u64, u64)>,
     /// The current chunk's number; entries and plans note the last chunk that used them.
     chunk: u64,
 }
@@ -47,18 +56,41 @@ struct Entry {
     used: u64,
 }
 
-pub(super) struct Plan {
-    decision: Arc<RecordDecision>,
-    used: u64,
+/// What the memo knows of one layout.
+struct Layout {
     names: Vec<String>,
-    /// Per field in layout order: its name as a JSON key with the colon (`"name":`) when it
-    /// leaves, `None` when it does not.
-    pub(super) keys: Vec<Option<Box<[u8]>>>,
-    /// Fields of this layout the asset register does not classify (never written out).
-    pub(super) unclassified: u64,
+    roles: Roles,
+    /// Per field, its category in the asset register; `None` for a field it does not classify
+    /// (never written out).
+    categories: Vec<Option<String>>,
+    unclassified: u64,
     /// The layout names a field twice: its records are malformed, never written out (the
     /// attributes were read from the first, a reader of the output might take the second).
-    pub(super) duplicate_names: bool,
+    duplicate_names: bool,
+    plans: Vec<Plan>,
+}
+
+struct Plan {
+    decision: Arc<RecordDecision>,
+    used: u64,
+    /// Per field in layout order: its name as a JSON key with the colon (`"name":`) when it
+    /// leaves, `None` when it does not.
+    keys: Vec<Option<Box<[u8]>>>,
+}
+
+/// What becomes of one record.
+pub(super) enum Judged<'m, 'a> {
+    /// Its policy attributes are missing or malformed, or it names a field twice: withheld.
+    Malformed,
+    /// Policy refuses it.
+    Refused,
+    /// It leaves with the fields that have a key here (per field in wire order, `"name":`).
+    Leaves {
+        subject: Cow<'a, str>,
+        keys: &'m [Option<Box<[u8]>>],
+        /// Its fields the asset register does not classify (never written out).
+        unclassified: u64,
+    },
 }
 
 impl Default for Memo {
@@ -75,7 +107,8 @@ impl Memo {
             max_decisions,
             distinct: Vec::new(),
             key: Vec::new(),
-            plans: Vec::new(),
+            layouts: Vec::new(),
+            last: None,
             // Above every `used` a new entry or plan starts with.
             chunk: 1,
         }
@@ -87,17 +120,93 @@ impl Memo {
         self.chunk += 1;
     }
 
+    /// Decides what becomes of `rec`: its layout, subject, decision and plan.
+    pub(super) fn judge<'a>(
+        &mut self,
+        rec: &RawRecord<'a>,
+        cx: &FilterContext,
+        decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
+        d: &mut Disclosure,
+    ) -> Judged<'_, 'a> {
+        let layout = self.place(rec, cx);
+        let Some(subject) = attrs::subject(rec, &self.layouts[layout].roles) else {
+            return Judged::Malformed;
+        };
+        let Some(verdict) = self.decision(layout, rec, cx, &subject, decide, d) else {
+            return Judged::Malformed;
+        };
+        if !verdict.allowed {
+            return Judged::Refused;
+        }
+        if self.layouts[layout].duplicate_names {
+            return Judged::Malformed;
+        }
+        let chunk = self.chunk;
+        let l = &mut self.layouts[layout];
+        let found = l
+            .plans
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.decision, &verdict));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                if l.plans.len() >= MAX_PLANS {
+                    l.plans.clear();
+                }
+                let plan = l.plan(verdict);
+                l.plans.push(plan);
+                l.plans.len() - 1
+            }
+        };
+        let plan = &mut l.plans[i];
+        if plan.used != chunk {
+            plan.used = chunk;
+            let kept = l.names.iter().zip(&plan.keys);
+            for (name, _) in kept.filter(|(_, key)| key.is_some()) {
+                if !d.fields.contains(name) {
+                    d.fields.insert(name.clone());
+                }
+            }
+        }
+        Judged::Leaves {
+            subject,
+            keys: &plan.keys,
+            unclassified: l.unclassified,
+        }
+    }
+
+    /// The index of `rec`'s layout, made the first time it is seen.
+    fn place(&mut self, rec: &RawRecord, cx: &FilterContext) -> usize {
+        let layout = match self.last {
+            Some((l, list, n)) if rec.repeats && rec.list == list && rec.count == n + 1 => l,
+            _ => match self.layouts.iter().position(|l| l.fits(rec)) {
+                Some(l) => l,
+                None => {
+                    if self.layouts.len() >= MAX_PLANS {
+                        self.layouts.clear();
+                    }
+                    self.layouts.push(Layout::make(rec, cx));
+                    self.layouts.len() - 1
+                }
+            },
+        };
+        self.last = Some((layout, rec.list, rec.count));
+        layout
+    }
+
     /// The decision for this record of `subject`, or `None` when its attributes are missing or
     /// malformed.
-    pub(super) fn decision(
+    fn decision(
         &mut self,
+        layout: usize,
         rec: &RawRecord,
         cx: &FilterContext,
         subject: &str,
         decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
         d: &mut Disclosure,
     ) -> Option<Arc<RecordDecision>> {
-        attrs::fingerprint(rec, cx, subject, &mut self.key);
+        let roles = &self.layouts[layout].roles;
+        attrs::fingerprint(rec, roles, cx, subject, &mut self.key);
         if let Some(known) = self.decisions.get_mut(self.key.as_slice()) {
             if known.used != self.chunk {
                 known.used = self.chunk;
@@ -105,7 +214,8 @@ impl Memo {
             }
             return known.decision.clone();
         }
-        let decision = attrs::record_attrs(rec, cx).map(|(_, a)| self.same(decide(&a)));
+        let read = attrs::read(rec, roles, cx);
+        let decision = read.map(|(_, a)| self.same(decide(&a)));
         report_ids(decision.as_deref(), d);
         if self.decisions.len() >= self.max_decisions {
             self.decisions.clear();
@@ -132,42 +242,6 @@ impl Memo {
         self.distinct.push(Arc::clone(&decision));
         decision
     }
-
-    /// The plan for this record under this decision, made (and its field names added to the
-    /// disclosure) the first time the pair is seen.
-    pub(super) fn plan(
-        &mut self,
-        rec: &RawRecord,
-        cx: &FilterContext,
-        verdict: &Arc<RecordDecision>,
-        d: &mut Disclosure,
-    ) -> &Plan {
-        let found = self
-            .plans
-            .iter()
-            .position(|p| Arc::ptr_eq(&p.decision, verdict) && p.fits(rec));
-        let i = match found {
-            Some(i) => i,
-            None => {
-                if self.plans.len() >= MAX_PLANS {
-                    self.plans.clear();
-                }
-                self.plans.push(Plan::make(rec, cx, verdict));
-                self.plans.len() - 1
-            }
-        };
-        let plan = &mut self.plans[i];
-        if plan.used != self.chunk {
-            plan.used = self.chunk;
-            let kept = plan.names.iter().zip(&plan.keys);
-            for (name, _) in kept.filter(|(_, key)| key.is_some()) {
-                if !d.fields.contains(name) {
-                    d.fields.insert(name.clone());
-                }
-            }
-        }
-        plan
-    }
 }
 
 fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
@@ -178,33 +252,44 @@ fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
     }
 }
 
-impl Plan {
+impl Layout {
     fn fits(&self, rec: &RawRecord) -> bool {
-        self.names.len() == rec.0.len()
-            && (self.names.iter().zip(&rec.0)).all(|(a, (b, _))| super::same_name(a, b))
+        self.names.len() == rec.fields.len()
+            && (self.names.iter().zip(&rec.fields)).all(|(a, (b, _))| super::same_name(a, b))
     }
 
-    fn make(rec: &RawRecord, cx: &FilterContext, verdict: &Arc<RecordDecision>) -> Plan {
-        let mut plan = Plan {
-            decision: Arc::clone(verdict),
-            used: 0,
-            names: Vec::with_capacity(rec.0.len()),
-            keys: Vec::with_capacity(rec.0.len()),
-            unclassified: 0,
+    fn make(rec: &RawRecord, cx: &FilterContext) -> Layout {
+        let categories: Vec<_> = (rec.fields.iter())
+            .map(|(name, _)| cx.dataset.fields.get(name.as_ref()).cloned())
+            .collect();
+        Layout {
+            names: rec
+                .fields
+                .iter()
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            roles: Roles::find(rec, cx.dataset),
+            unclassified: categories.iter().filter(|c| c.is_none()).count() as u64,
+            categories,
             duplicate_names: rec.has_duplicate_names(),
-        };
-        for (name, _) in &rec.0 {
-            let keep = match cx.dataset.fields.get(name.as_ref()) {
-                Some(category) => verdict.categories.contains(category),
-                None => {
-                    plan.unclassified += 1;
-                    false
-                }
-            };
-            plan.names.push(name.to_string());
-            plan.keys.push(keep.then(|| json_key(name)).flatten());
+            plans: Vec::new(),
         }
-        plan
+    }
+
+    fn plan(&self, decision: Arc<RecordDecision>) -> Plan {
+        let keys = (self.names.iter().zip(&self.categories))
+            .map(|(name, category)| {
+                let keep = category
+                    .as_ref()
+                    .is_some_and(|c| decision.categories.contains(c));
+                keep.then(|| json_key(name)).flatten()
+            })
+            .collect();
+        Plan {
+            decision,
+            used: 0,
+            keys,
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! A page is filtered as it is scanned (`scan`: a validating JSON scanner), record by record,
 //! each read as `(field name, raw JSON value)` pairs borrowed from the body: only the handful
 //! of policy-relevant fields (area, markers, flags, consents, TPS date, subject id) are parsed
-//! (`attrs`). `decide` is asked once per distinct attribute fingerprint and field plans are
-//! made once per decision (`memo`, which a caller's pages share); kept fields are copied out
-//! byte for byte. Nothing is written out unless the whole body is valid JSON. A field the
+//! (`attrs`). A record that repeats the keys of the one before it (as a page's records do) has
+//! them taken by comparing bytes, and where its policy fields are is known from its layout.
+//! `decide` is asked once per distinct attribute fingerprint and field plans are made once per
+//! decision and layout (`memo`, which a caller's pages share); kept fields are copied out byte
+//! for byte. Nothing is written out unless the whole body is valid JSON. A field the
 //! asset register does not classify is never written out. A record whose policy attributes are
 //! missing or malformed, or that names a field twice, is withheld (fail closed) and counted.
 //! This module is pure: bytes and a decision function in, bytes and a disclosure summary out;
@@ -16,15 +18,17 @@ mod memo;
 pub(crate) mod scan;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
+use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::catalog::Dataset;
 use crate::policy::RecordAttrs;
-use scan::{Scan, ScanError};
+use scan::{Scan, ScanError, Written};
 
 /// What policy decided for one distinct combination of record attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,33 +68,85 @@ pub struct FilterContext<'a> {
 }
 
 /// One record as `(name, raw JSON value)` pairs in wire order, borrowed from the body. Every
-/// value has been checked as JSON (`scan`); keys are decoded.
-pub struct RawRecord<'a>(pub Vec<(Cow<'a, str>, &'a str)>);
+/// value has been checked as JSON (`scan`); keys are decoded. One list is reused for a body's
+/// records, and it remembers how the last one wrote its keys: records of a page almost always
+/// repeat them, and a key that repeats is taken by comparing bytes (`Scan::next_key_as`).
+pub struct RawRecord<'a> {
+    fields: Vec<(Cow<'a, str>, &'a str)>,
+    /// Each key of the last record as written, where it had no escapes.
+    written: Vec<Option<Written<'a>>>,
+    /// The keys are, in order, exactly those of the record read before into this list.
+    repeats: bool,
+    /// This list (unique in the process) and how many records have been read into it: a memo
+    /// trusts `repeats` only for the record right after the one it last placed.
+    list: u64,
+    count: u64,
+}
 
 impl<'a> RawRecord<'a> {
+    fn new() -> Self {
+        static LISTS: AtomicU64 = AtomicU64::new(0);
+        RawRecord {
+            fields: Vec::with_capacity(32),
+            written: Vec::with_capacity(32),
+            repeats: false,
+            list: LISTS.fetch_add(1, Ordering::Relaxed),
+            count: 0,
+        }
+    }
+
     /// A whole text that is one JSON object.
     pub fn parse(text: &'a str) -> Result<Self, FilterError> {
         let mut scan = Scan::new(text);
-        let mut rec = RawRecord(Vec::with_capacity(32));
-        read_fields(&mut scan, &mut rec.0)?;
+        let mut rec = RawRecord::new();
+        rec.read(&mut scan)?;
         scan.end()?;
         Ok(rec)
     }
 
-    /// The first value named `name`. (A record that names a field twice is never written
-    /// out: see `Plan::duplicate_names`.)
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.0
-            .iter()
-            .find(|(k, _)| same_name(k, name))
-            .map(|(_, v)| *v)
+    /// Reads the object that comes next in place of the record before.
+    fn read(&mut self, scan: &mut Scan<'a>) -> Result<(), ScanError> {
+        self.fields.clear();
+        self.repeats = false;
+        self.count += 1;
+        let mut repeats = true;
+        scan.begin_object()?;
+        let mut first = true;
+        let mut i = 0;
+        while let Some(key) =
+            scan.next_key_as(&mut first, self.written.get(i).copied().flatten())?
+        {
+            let value = scan.value()?;
+            repeats &= key.expected;
+            match self.written.get_mut(i) {
+                Some(w) => *w = key.written,
+                None => self.written.push(key.written),
+            }
+            self.fields.push((key.name, value));
+            i += 1;
+        }
+        repeats &= i == self.written.len();
+        self.written.truncate(i);
+        self.repeats = repeats;
+        Ok(())
+    }
+
+    /// The index of the first field named `name`. (A record that names a field twice is never
+    /// written out: see `memo::Layout`.)
+    fn position(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|(k, _)| same_name(k, name))
+    }
+
+    /// The value of the field at `at`.
+    fn value(&self, at: Option<usize>) -> Option<&'a str> {
+        self.fields.get(at?).map(|(_, v)| *v)
     }
 
     /// Whether some field is named twice: such a record is malformed (which of the two would
     /// a reader take?).
-    pub fn has_duplicate_names(&self) -> bool {
-        let mut seen = HashSet::with_capacity(self.0.len());
-        !self.0.iter().all(|(k, _)| seen.insert(k.as_ref()))
+    fn has_duplicate_names(&self) -> bool {
+        let mut seen = HashSet::with_capacity(self.fields.len());
+        !self.fields.iter().all(|(k, _)| seen.insert(k.as_ref()))
     }
 }
 
@@ -98,7 +154,11 @@ impl<'a> RawRecord<'a> {
 /// record's names (plan and attribute lookups) was a twentieth of a page's time.
 #[inline]
 fn same_name(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
+    same_bytes(a.as_bytes(), b.as_bytes())
+}
+
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -106,21 +166,6 @@ fn same_name(a: &str, b: &str) -> bool {
     let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
     (&mut x).zip(&mut y).all(|(p, q)| word(p) == word(q))
         && x.remainder().iter().zip(y.remainder()).all(|(p, q)| p == q)
-}
-
-/// Reads the object that comes next into `fields` (cleared first).
-fn read_fields<'a>(
-    scan: &mut Scan<'a>,
-    fields: &mut Vec<(Cow<'a, str>, &'a str)>,
-) -> Result<(), ScanError> {
-    fields.clear();
-    scan.begin_object()?;
-    let mut first = true;
-    while let Some(key) = scan.next_key(&mut first)? {
-        let value = scan.value()?;
-        fields.push((key, value));
-    }
-    Ok(())
 }
 
 /// How an upstream wraps the records it returns.
@@ -181,11 +226,11 @@ pub fn filter_page(
             if records.is_some() {
                 return Err(duplicate(records_key));
             }
-            let mut rec = RawRecord(Vec::with_capacity(32));
+            let mut rec = RawRecord::new();
             let (mut n, mut first, mut none_out) = (0, true, true);
             scan.begin_array()?;
             while scan.next_element(&mut first)? {
-                read_fields(&mut scan, &mut rec.0)?;
+                rec.read(&mut scan)?;
                 n += 1;
                 let start = out.len();
                 if !none_out {
@@ -250,7 +295,7 @@ pub fn filter_single(
     };
     let mut scan = Scan::new(utf8(body)?);
     let mut d = Disclosure::default();
-    let mut record = RawRecord(Vec::with_capacity(32));
+    let mut record = RawRecord::new();
     // `None`: the key is absent; `Some(false)`: present, but no record (`null`, no rows).
     let mut found = None;
     scan.begin_object()?;
@@ -268,7 +313,7 @@ pub fn filter_single(
         }
         match envelope {
             Envelope::Records => {
-                read_fields(&mut scan, &mut record.0)?;
+                record.read(&mut scan)?;
                 found = Some(true);
             }
             Envelope::Rows { .. } => {
@@ -278,7 +323,7 @@ pub fn filter_single(
                     if n > 0 {
                         return Err(FilterError::Malformed("several rows for one id".to_owned()));
                     }
-                    read_fields(&mut scan, &mut record.0)?;
+                    record.read(&mut scan)?;
                     n += 1;
                 }
                 found = Some(n > 0);
@@ -312,13 +357,13 @@ pub fn filter_lines(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> Result<(), FilterError> {
-    let mut record = RawRecord(Vec::with_capacity(32));
+    let mut record = RawRecord::new();
     for line in utf8(text)?.split('\n') {
         if line.bytes().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
         let mut scan = Scan::new(line);
-        read_fields(&mut scan, &mut record.0)?;
+        record.read(&mut scan)?;
         scan.end()?;
         if write_record(&record, cx, decide, memo, out, d) {
             out.push(b'\n');
@@ -335,27 +380,26 @@ fn write_record(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> bool {
-    let decided = attrs::subject(rec, cx)
-        .and_then(|subject| Some((memo.decision(rec, cx, &subject, decide, d)?, subject)));
-    let Some((verdict, subject)) = decided else {
-        d.rows_withheld += 1;
-        d.malformed_rows += 1;
-        return false;
+    let (subject, keys, unclassified) = match memo.judge(rec, cx, decide, d) {
+        Judged::Malformed => {
+            d.rows_withheld += 1;
+            d.malformed_rows += 1;
+            return false;
+        }
+        Judged::Refused => {
+            d.rows_withheld += 1;
+            return false;
+        }
+        Judged::Leaves {
+            subject,
+            keys,
+            unclassified,
+        } => (subject, keys, unclassified),
     };
-    if !verdict.allowed {
-        d.rows_withheld += 1;
-        return false;
-    }
-    let plan = memo.plan(rec, cx, &verdict, d);
-    if plan.duplicate_names {
-        d.rows_withheld += 1;
-        d.malformed_rows += 1;
-        return false;
-    }
-    d.unclassified_fields += plan.unclassified;
+    d.unclassified_fields += unclassified;
     out.push(b'{');
     let mut first = true;
-    for ((_, value), key) in rec.0.iter().zip(&plan.keys) {
+    for ((_, value), key) in rec.fields.iter().zip(keys) {
         let Some(key) = key else {
             continue;
         };

@@ -33,6 +33,22 @@ impl fmt::Display for ScanError {
 
 type Result<T> = std::result::Result<T, ScanError>;
 
+/// An object key as `next_key_as` hands it out.
+pub struct Key<'a> {
+    pub name: Cow<'a, str>,
+    /// How it was written, when it had no escapes: what the next record's key may be expected
+    /// to be (`next_key_as`).
+    pub written: Option<Written<'a>>,
+    /// It was the key expected.
+    pub expected: bool,
+}
+
+/// A key as written in the body, quotes included, that the scanner has read as one whole
+/// string without escapes. Only the scanner makes one, which is what lets `next_key_as` take a
+/// key by comparing bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Written<'a>(&'a str);
+
 pub struct Scan<'a> {
     text: &'a str,
     pos: usize,
@@ -119,11 +135,44 @@ impl<'a> Scan<'a> {
     /// The next key of the object just entered, its colon taken; `None` (the object left) at
     /// its end. `first` is the caller's: true until the first call for this object.
     pub fn next_key(&mut self, first: &mut bool) -> Result<Option<Cow<'a, str>>> {
+        Ok(self.next_key_as(first, None)?.map(|k| k.name))
+    }
+
+    /// `next_key`, expecting the key to be written as `expected` (a key read before, from the
+    /// same kind of record): when the body's next bytes are exactly those, the key is taken
+    /// without scanning it again.
+    pub fn next_key_as(
+        &mut self,
+        first: &mut bool,
+        expected: Option<Written<'a>>,
+    ) -> Result<Option<Key<'a>>> {
         if !self.more(b'}', first)? {
             return Ok(None);
         }
         self.ws();
-        let key = self.key()?;
+        let start = self.pos;
+        let key = match expected {
+            // `w` was scanned as a whole string without escapes (only `Scan` makes a
+            // `Written`): the same bytes here are the same string, ending at the same place.
+            Some(w) if prefix(&self.bytes()[start..], w.0.as_bytes()) => {
+                self.pos += w.0.len();
+                Key {
+                    name: Cow::Borrowed(&w.0[1..w.0.len() - 1]),
+                    written: Some(w),
+                    expected: true,
+                }
+            }
+            _ => {
+                let name = self.key()?;
+                let written =
+                    matches!(name, Cow::Borrowed(_)).then(|| Written(&self.text[start..self.pos]));
+                Key {
+                    name,
+                    written,
+                    expected: false,
+                }
+            }
+        };
         self.expect(b':', "expected `:` after an object key")?;
         Ok(Some(key))
     }
@@ -397,6 +446,13 @@ impl<'a> Scan<'a> {
             }
         }
     }
+}
+
+/// Whether `b` starts with `p` (inlined: keys are short, and a call into `memcmp` per key
+/// costs more than the comparison).
+#[inline]
+fn prefix(b: &[u8], p: &[u8]) -> bool {
+    b.get(..p.len()).is_some_and(|b| super::same_bytes(b, p))
 }
 
 /// The position of the first `"`, `\` or control character at or after `at` (or the end),

@@ -44,6 +44,34 @@ fn scanned(text: &str) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
+/// `scanned` for `second`, read right after `first` (both in one text, as a page's records
+/// are) with the keys `first` wrote as the ones expected (`next_key_as`).
+fn scanned_expecting(first: &str, second: &str) -> Option<Vec<(String, String)>> {
+    let text = format!("{first} {second}");
+    let mut scan = Scan::new(&text);
+    let mut written = Vec::new();
+    scan.begin_object().ok()?;
+    let mut more = true;
+    while let Some(k) = scan.next_key_as(&mut more, None).ok()? {
+        written.push(k.written);
+        scan.value().ok()?;
+    }
+    let mut out = Vec::new();
+    let mut expected = 0;
+    scan.begin_object().ok()?;
+    let mut more = true;
+    while let Some(k) =
+        (scan.next_key_as(&mut more, written.get(out.len()).copied().flatten())).ok()?
+    {
+        expected += usize::from(k.expected);
+        out.push((k.name.into_owned(), scan.value().ok()?.to_owned()));
+    }
+    scan.end().ok()?;
+    // The keys that were taken as expected are the ones `first` wrote there.
+    assert!(expected <= written.len());
+    Some(out)
+}
+
 fn ws() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => Just(String::new()),
@@ -155,6 +183,59 @@ proptest! {
     ) {
         let text = mutate(&text, &mutations);
         prop_assert_eq!(scanned(&text), reference(&text), "{:?}", text);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// A record after another reads its keys by comparing bytes with the ones before where it
+    /// can: what it reads, accepts and refuses must not change.
+    #[test]
+    fn expected_keys_read_as_serde_json_reads_them(
+        first in object(),
+        mutations in prop::collection::vec(mutation(), 0..4),
+    ) {
+        prop_assume!(reference(&first).is_some());
+        let second = mutate(&first, &mutations);
+        prop_assert_eq!(
+            scanned_expecting(&first, &second),
+            reference(&second),
+            "{:?} after {:?}",
+            second,
+            first
+        );
+    }
+}
+
+#[test]
+fn expected_keys_are_taken_only_when_written_the_same() {
+    // Each pair: the key before, the key now; the same name may be written differently.
+    let cases = [
+        (r#""ward""#, r#""ward""#, true),
+        (r#""ward""#, r#""ward2""#, false),
+        (r#""ward2""#, r#""ward""#, false),
+        (r#""ward""#, r#""war\u0064""#, false),
+        (r#""war\u0064""#, r#""ward""#, false),
+        (r#""ward""#, r#""ward" "#, true),
+    ];
+    for (before, now, taken) in cases {
+        let text = format!("{{{before}:1}} {{{now}:2}}");
+        let mut scan = Scan::new(&text);
+        scan.begin_object().unwrap();
+        let mut more = true;
+        let written = scan.next_key_as(&mut more, None).unwrap().unwrap().written;
+        scan.value().unwrap();
+        assert!(scan.next_key(&mut more).unwrap().is_none());
+        scan.begin_object().unwrap();
+        let mut more = true;
+        let key = scan.next_key_as(&mut more, written).unwrap().unwrap();
+        assert_eq!(key.expected, taken, "{now} after {before}");
+        assert_eq!(
+            key.name,
+            serde_json::from_str::<String>(now.trim()).unwrap()
+        );
+        assert_eq!(scan.value().unwrap(), "2");
     }
 }
 
