@@ -105,8 +105,9 @@ where
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
+    let disclosed = trail.subjects.len() as u64;
     let mut record = audit_record(
-        &trail,
+        &mut trail,
         result.as_ref().err(),
         &request_id,
         client,
@@ -126,7 +127,7 @@ where
         Ok(_) => match (result, template) {
             (Ok(Reply::Body(body)), _) => {
                 if let Some(p) = &trail.caller {
-                    gw.controls.count(p, trail.subjects.len() as u64);
+                    gw.controls.count(p, disclosed);
                 }
                 boxed(json_response(StatusCode::OK, body, &request_id))
             }
@@ -501,8 +502,9 @@ fn request_id(headers: &HeaderMap) -> String {
     clippy::too_many_arguments,
     reason = "assembles one flat record from the request's parts"
 )]
+/// The request's audit record; the disclosed subjects move into it from the trail.
 fn audit_record(
-    trail: &Trail,
+    trail: &mut Trail,
     error: Option<&GatewayError>,
     request_id: &str,
     client: SocketAddr,
@@ -544,7 +546,7 @@ fn audit_record(
         reason,
         status: status.as_u16(),
         subjects: if disclosed {
-            trail.subjects.clone()
+            std::mem::take(&mut trail.subjects)
         } else {
             Vec::new()
         },

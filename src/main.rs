@@ -13,6 +13,12 @@ use wardgate::config::Config;
 use wardgate::token::Signer;
 use wardgate::{audit, demo, startup};
 
+/// mimalloc rather than glibc's malloc: a request's buffers and its audit record are made on a
+/// runtime worker and freed on the audit writer's thread, and glibc serialises such frees on
+/// the allocating arena's lock (futex waits and context switches in the load test's profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wardgate",

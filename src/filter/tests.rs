@@ -674,6 +674,16 @@ fn field_names_compare_as_strings_do() {
             assert_eq!(same_name(a, b), a == b, "{a:?} {b:?}");
         }
     }
+    // Every length up to five words, with one byte changed at every position.
+    for n in 0..40 {
+        let a: String = ('a'..='z').cycle().take(n).collect();
+        assert!(same_name(&a, &a.clone()));
+        for at in 0..n {
+            let mut b = a.clone().into_bytes();
+            b[at] = b'_';
+            assert!(!same_name(&a, std::str::from_utf8(&b).unwrap()), "{n} {at}");
+        }
+    }
 }
 
 #[test]
