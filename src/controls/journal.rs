@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context;
 
@@ -62,11 +62,11 @@ impl Journal {
         })
     }
 
+    /// Every event journalled. A poisoned lock still gives them all: an empty list would have
+    /// the sync task republish nothing the shared stream has lost.
     pub fn events(&self) -> Vec<Event> {
-        self.state
-            .lock()
-            .map(|s| s.events.clone())
-            .unwrap_or_default()
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.events.clone()
     }
 
     /// Appends and syncs; an event already journalled is not written twice.
@@ -91,5 +91,38 @@ impl Journal {
         s.ids.insert(e.id.clone());
         s.events.push(e.clone());
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poisoned_lock_still_gives_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("controls.jsonl")).unwrap();
+        let event = Event {
+            id: "e1".to_owned(),
+            at: 1,
+            by: "dpo".to_owned(),
+            reason: "objection".to_owned(),
+            change: super::super::Change::Place {
+                subject: "VF-1".to_owned(),
+                kind: "objects_profiling".to_owned(),
+                reference: "R-1".to_owned(),
+            },
+        };
+        journal.append(&event).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _held = journal.state.lock().unwrap();
+                panic!("poison the journal's lock");
+            })
+            .join()
+            .unwrap_err();
+        });
+        assert!(journal.state.is_poisoned());
+        assert_eq!(journal.events(), vec![event]);
     }
 }
