@@ -337,8 +337,8 @@ impl Writer {
     /// at two or more per `commit_window` and other requests are still on their way
     /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
     /// arrival rate says the window brings, napping for as long as the missing ones should take
-    /// and looking again (until the window closes) if some are late. Under light
-    /// load, or with nothing else coming, nobody waits; page-cache mode never does.
+    /// and looking again (until the window closes) if some are late. Under light load, or with
+    /// nothing else coming, nobody waits; page-cache mode never does.
     fn gather(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
         if self.durability != Durability::Fsync || self.commit_window.is_zero() {
             return;

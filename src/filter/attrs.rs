@@ -5,16 +5,17 @@
 //! freshness. `fingerprint` writes down exactly the inputs that reading depends on, byte for
 //! byte where they repeat across records (area fields, marker and flag arrays, register flags)
 //! and as what is read where they do not (consents carry per-record timestamps: each channel
-//! and its state, in wire order; the TPS check a per-record date: fresh or not). Two records with the same fingerprint therefore have the same
-//! attributes, so a decision made for one is the decision for the other; that is what lets the
-//! memo skip the reading for every record but the first of each kind.
+//! and its state, in wire order; the TPS check a per-record date: fresh or not). Two records
+//! with the same fingerprint therefore have the same attributes, so a decision made for one is
+//! the decision for the other; that is what lets the memo skip the reading for every record
+//! but the first of each kind.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::scan::Scan;
 use super::{FilterContext, RawRecord};
-use crate::catalog::Dataset;
+use crate::catalog::{Dataset, area_template_fields};
 use crate::policy::RecordAttrs;
 
 /// Where a record's policy fields are: the index in its field list of each (the first field
@@ -36,7 +37,9 @@ impl Roles {
         let at = |field: &Option<String>| rec.position(field.as_deref()?);
         Roles {
             subject: rec.position(&ds.subject_field),
-            area: placeholders(&ds.area)
+            // The catalog checked the template at start; were it unreadable, no area could be
+            // built and every record would be withheld.
+            area: (area_template_fields(&ds.area).unwrap_or_default().iter())
                 .map(|name| rec.position(name))
                 .collect(),
             markers: at(&ds.markers_field),
@@ -45,18 +48,6 @@ impl Roles {
             tps: at(&ds.tps_field),
         }
     }
-}
-
-/// The field names in an area template, in order (the catalog has checked the template).
-fn placeholders(template: &str) -> impl Iterator<Item = &str> {
-    let mut rest = template;
-    std::iter::from_fn(move || {
-        let start = rest.find('{')?;
-        let end = start + rest[start..].find('}')?;
-        let name = &rest[start + 1..end];
-        rest = &rest[end + 1..];
-        Some(name)
-    })
 }
 
 /// The record's subject id, or `None` if it is missing or not a non-empty string or a number.

@@ -776,24 +776,11 @@ fn records_of_many_layouts_filter_as_each_does_alone() {
         (0..n).flat_map(|i| [i, i, (i + 3) % n]).collect(),
         (0..3 * n).map(|i| (i * 7) % n).collect(),
     ];
+    let envelope = |items: Vec<&str>| format!(r#"{{"records":[{}]}}"#, items.join(","));
     let mut kept = Memo::default();
     for order in &orders {
-        let body = format!(
-            r#"{{"records":[{}]}}"#,
-            order
-                .iter()
-                .map(|&i| records[i].as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let want = format!(
-            r#"{{"records":[{}]}}"#,
-            order
-                .iter()
-                .filter_map(|&i| alone[i].as_deref())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let body = envelope(order.iter().map(|&i| records[i].as_str()).collect());
+        let want = envelope(order.iter().filter_map(|&i| alone[i].as_deref()).collect());
         for memo in [&mut Memo::default(), &mut kept] {
             let (out, d) = page_through(&body, &cx(&ds), &mut decide, memo);
             assert_eq!(String::from_utf8(out).unwrap(), want, "order {order:?}");
