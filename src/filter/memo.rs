@@ -10,8 +10,8 @@
 //!   and whether a name repeats are found once per layout; a record read right after one of
 //!   the same layout (`RawRecord::repeats`) is placed without comparing its names again.
 //! - **Field plans per decision and layout.** Which of a record's fields leave depends only on
-//!   the decision and the layout, so the category lookups run once per pair, and each kept
-//!   field's name is written out as JSON once.
+//!   the decision and the layout, so the category lookups run once per pair, and the fields
+//!   that leave are found as runs of consecutive fields, each copied out in one piece.
 //!
 //! A memo is only ever used for one caller, purpose and dataset (the gateway keeps one per
 //! triple, `decisions::MemoPool`), and the policies are fixed for its life, so a fingerprint
@@ -73,9 +73,10 @@ struct Layout {
 struct Plan {
     decision: Arc<RecordDecision>,
     used: u64,
-    /// Per field in layout order: its name as a JSON key with the colon (`"name":`) when it
-    /// leaves, `None` when it does not.
-    keys: Vec<Option<Box<[u8]>>>,
+    /// Per field in layout order: whether it leaves.
+    kept: Vec<bool>,
+    /// The fields that leave as runs of consecutive fields, `(first, last)` indexes.
+    runs: Vec<(usize, usize)>,
 }
 
 /// What becomes of one record.
@@ -84,10 +85,10 @@ pub(super) enum Judged<'m, 'a> {
     Malformed,
     /// Policy refuses it.
     Refused,
-    /// It leaves with the fields that have a key here (per field in wire order, `"name":`).
+    /// It leaves with these runs of consecutive fields (`(first, last)` indexes, in order).
     Leaves {
         subject: Cow<'a, str>,
-        keys: &'m [Option<Box<[u8]>>],
+        runs: &'m [(usize, usize)],
         /// Its fields the asset register does not classify (never written out).
         unclassified: u64,
     },
@@ -161,8 +162,8 @@ impl Memo {
         let plan = &mut l.plans[i];
         if plan.used != chunk {
             plan.used = chunk;
-            let kept = l.names.iter().zip(&plan.keys);
-            for (name, _) in kept.filter(|(_, key)| key.is_some()) {
+            let kept = l.names.iter().zip(&plan.kept);
+            for (name, _) in kept.filter(|(_, kept)| **kept) {
                 if !d.fields.contains(name) {
                     d.fields.insert(name.clone());
                 }
@@ -170,7 +171,7 @@ impl Memo {
         }
         Judged::Leaves {
             subject,
-            keys: &plan.keys,
+            runs: &plan.runs,
             unclassified: l.unclassified,
         }
     }
@@ -277,25 +278,25 @@ impl Layout {
     }
 
     fn plan(&self, decision: Arc<RecordDecision>) -> Plan {
-        let keys = (self.names.iter().zip(&self.categories))
-            .map(|(name, category)| {
-                let keep = category
+        let kept: Vec<bool> = (self.categories.iter())
+            .map(|category| {
+                category
                     .as_ref()
-                    .is_some_and(|c| decision.categories.contains(c));
-                keep.then(|| json_key(name)).flatten()
+                    .is_some_and(|c| decision.categories.contains(c))
             })
             .collect();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, _) in kept.iter().enumerate().filter(|(_, k)| **k) {
+            match runs.last_mut() {
+                Some((_, last)) if *last + 1 == i => *last = i,
+                _ => runs.push((i, i)),
+            }
+        }
         Plan {
             decision,
             used: 0,
-            keys,
+            kept,
+            runs,
         }
     }
-}
-
-/// `"name":`, escaped as JSON.
-fn json_key(name: &str) -> Option<Box<[u8]>> {
-    let mut out = serde_json::to_vec(name).ok()?;
-    out.push(b':');
-    Some(out.into_boxed_slice())
 }

@@ -73,6 +73,11 @@ pub struct FilterContext<'a> {
 /// repeat them, and a key that repeats is taken by comparing bytes (`Scan::next_key_as`).
 pub struct RawRecord<'a> {
     fields: Vec<(Cow<'a, str>, &'a str)>,
+    /// The text the record was read from, and per field where it starts (its key's opening
+    /// quote) and ends (after its value) in that text: consecutive fields that leave are
+    /// copied out as one run of bytes.
+    text: &'a str,
+    spans: Vec<(usize, usize)>,
     /// Each key of the last record as written, where it had no escapes.
     written: Vec<Option<Written<'a>>>,
     /// The keys are, in order, exactly those of the record read before into this list.
@@ -88,6 +93,8 @@ impl<'a> RawRecord<'a> {
         static LISTS: AtomicU64 = AtomicU64::new(0);
         RawRecord {
             fields: Vec::with_capacity(32),
+            text: "",
+            spans: Vec::with_capacity(32),
             written: Vec::with_capacity(32),
             repeats: false,
             list: LISTS.fetch_add(1, Ordering::Relaxed),
@@ -107,6 +114,8 @@ impl<'a> RawRecord<'a> {
     /// Reads the object that comes next in place of the record before.
     fn read(&mut self, scan: &mut Scan<'a>) -> Result<(), ScanError> {
         self.fields.clear();
+        self.spans.clear();
+        self.text = scan.text_scanned();
         self.repeats = false;
         self.count += 1;
         let mut repeats = true;
@@ -123,6 +132,7 @@ impl<'a> RawRecord<'a> {
                 None => self.written.push(key.written),
             }
             self.fields.push((key.name, value));
+            self.spans.push((key.at, scan.pos()));
             i += 1;
         }
         repeats &= i == self.written.len();
@@ -403,7 +413,7 @@ fn write_record(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> bool {
-    let (subject, keys, unclassified) = match memo.judge(rec, cx, decide, d) {
+    let (subject, runs, unclassified) = match memo.judge(rec, cx, decide, d) {
         Judged::Malformed => {
             d.rows_withheld += 1;
             d.malformed_rows += 1;
@@ -415,23 +425,20 @@ fn write_record(
         }
         Judged::Leaves {
             subject,
-            keys,
+            runs,
             unclassified,
-        } => (subject, keys, unclassified),
+        } => (subject, runs, unclassified),
     };
     d.unclassified_fields += unclassified;
+    // Each run of consecutive fields that leave is copied as written, with the commas and
+    // any whitespace between them: the scanner has checked every byte of it.
     out.push(b'{');
-    let mut first = true;
-    for ((_, value), key) in rec.fields.iter().zip(keys) {
-        let Some(key) = key else {
-            continue;
-        };
-        if !first {
+    for (n, &(first, last)) in runs.iter().enumerate() {
+        if n > 0 {
             out.push(b',');
         }
-        first = false;
-        out.extend_from_slice(key);
-        out.extend_from_slice(value.as_bytes());
+        let (start, end) = (rec.spans[first].0, rec.spans[last].1);
+        out.extend_from_slice(&rec.text.as_bytes()[start..end]);
     }
     out.push(b'}');
     d.subjects.push(subject.into_owned());

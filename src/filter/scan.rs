@@ -41,6 +41,8 @@ pub struct Key<'a> {
     pub written: Option<Written<'a>>,
     /// It was the key expected.
     pub expected: bool,
+    /// Where it starts in the text (its opening quote).
+    pub at: usize,
 }
 
 /// A key as written in the body, quotes included, that the scanner has read as one whole
@@ -160,6 +162,7 @@ impl<'a> Scan<'a> {
                     name: Cow::Borrowed(&w.0[1..w.0.len() - 1]),
                     written: Some(w),
                     expected: true,
+                    at: start,
                 }
             }
             _ => {
@@ -170,11 +173,22 @@ impl<'a> Scan<'a> {
                     name,
                     written,
                     expected: false,
+                    at: start,
                 }
             }
         };
         self.expect(b':', "expected `:` after an object key")?;
         Ok(Some(key))
+    }
+
+    /// The text being scanned.
+    pub fn text_scanned(&self) -> &'a str {
+        self.text
+    }
+
+    /// How far the scan has got: the byte after the last thing taken.
+    pub fn pos(&self) -> usize {
+        self.pos
     }
 
     /// Whether the array just entered has another element; at its end it is left.

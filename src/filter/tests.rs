@@ -788,3 +788,29 @@ fn records_of_many_layouts_filter_as_each_does_alone() {
         }
     }
 }
+
+/// Consecutive fields that leave are copied as one run of the record's own bytes: whitespace,
+/// escaped names and stripped neighbours that look like kept fields must not change what
+/// leaves, and nothing between two runs may leak.
+#[test]
+fn runs_of_kept_fields_leave_whole_and_nothing_between_them() {
+    let ds = dataset();
+    let body = "{\"records\":[ {\n  \"elector_id\" : \"VF-1\" ,\t\"local_authority\":\"E08000035\",\
+        \"polling_district\":\"CGW1\", \"first_name\"  :  \"Ann\" ,\
+        \"email\":\"\\\"surname\\\":\\\"leak\\\"\",\
+        \"\\u0073urname\":\"Lee\",\"markers\":[],\"flags\":[],\
+        \"address_line1\":{\"first_name\":\"leak\"},\"consents\":{},\"tps_checked_at\":null,\
+        \"first_name_note\":\"leak\" } ]}";
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains("leak"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["records"],
+        serde_json::json!([{"elector_id":"VF-1","first_name":"Ann","surname":"Lee"}])
+    );
+    assert_eq!(d.subjects, vec!["VF-1".to_owned()]);
+    // Written as the upstream wrote them: two runs, and the second keeps its spacing.
+    assert!(text.contains(r#""elector_id" : "VF-1","#), "{text}");
+    assert!(text.contains(r#""first_name"  :  "Ann""#), "{text}");
+}
