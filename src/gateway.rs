@@ -282,10 +282,11 @@ where
         &route.dataset,
         categories,
     );
+    let flags = gw.controls.register_flags();
     let cx = FilterContext {
         dataset,
         today: filter::today(),
-        register_flags: &|subject| gw.controls.flags(subject),
+        register_flags: &|subject| flags.get(subject),
     };
     match &route.kind {
         RouteKind::List => {

@@ -161,8 +161,9 @@ pub struct Controls {
 
 struct Inner {
     snapshot: RwLock<Snapshot>,
-    /// Flags per subject, rebuilt on change so the request path reads a ready answer.
-    flags: RwLock<HashMap<String, Vec<String>>>,
+    /// Flags per subject, rebuilt (and replaced whole) on change so the request path reads a
+    /// ready answer.
+    flags: RwLock<Arc<HashMap<String, Vec<String>>>>,
     journal: journal::Journal,
     redis: Option<sync::Redis>,
     staleness_bound: Duration,
@@ -198,7 +199,7 @@ impl Controls {
         let controls = Controls {
             inner: Arc::new(Inner {
                 snapshot: RwLock::new(snapshot),
-                flags: RwLock::new(HashMap::new()),
+                flags: RwLock::new(Arc::default()),
                 journal,
                 redis,
                 staleness_bound,
@@ -266,13 +267,17 @@ impl Controls {
 
     /// The register's flags for one data subject, if any.
     pub fn flags(&self, subject: &str) -> Option<Vec<String>> {
+        self.register_flags().get(subject)
+    }
+
+    /// The register's flags for every subject as they stand now: what a page is filtered
+    /// against, read once rather than under the lock for each of its records. A flag placed
+    /// after this is read applies from the next page.
+    pub fn register_flags(&self) -> RegisterFlags {
         // A poisoned lock still holds a whole map (it is only ever replaced whole): reading
         // it is better than reading no flags at all, which would fail open.
         let flags = self.inner.flags.read();
-        flags
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(subject)
-            .cloned()
+        RegisterFlags(Arc::clone(&flags.unwrap_or_else(PoisonError::into_inner)))
     }
 
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
@@ -346,7 +351,17 @@ impl Controls {
             .flags
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *f = flags.into_iter().collect();
+        *f = Arc::new(flags.into_iter().collect());
+    }
+}
+
+/// The rights register's flags per subject at one moment (`Controls::register_flags`).
+pub struct RegisterFlags(Arc<HashMap<String, Vec<String>>>);
+
+impl RegisterFlags {
+    /// The flags on `subject`, if any.
+    pub fn get(&self, subject: &str) -> Option<Vec<String>> {
+        self.0.get(subject).cloned()
     }
 }
 
