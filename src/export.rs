@@ -91,11 +91,7 @@ impl Run<'_> {
             &plan.dataset,
             categories,
         );
-        let cx = FilterContext {
-            dataset,
-            today: filter::today(),
-            register_flags: &|subject| gw.controls.flags(subject),
-        };
+        let today = filter::today();
         let mut body = plan.body;
         let mut partial: Vec<u8> = Vec::new();
         let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
@@ -118,6 +114,13 @@ impl Run<'_> {
                 partial.iter().rposition(|b| *b == b'\n')
             };
             if let Some(end) = whole {
+                // The rights register as it stands for this frame's records.
+                let flags = gw.controls.register_flags();
+                let cx = FilterContext {
+                    dataset,
+                    today,
+                    register_flags: &|subject| flags.get(subject),
+                };
                 filter::filter_lines(
                     &partial[..end],
                     &cx,
