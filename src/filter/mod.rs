@@ -429,18 +429,28 @@ fn write_record(
             unclassified,
         } => (subject, runs, unclassified),
     };
-    d.unclassified_fields += unclassified;
     // Each run of consecutive fields that leave is copied as written, with the commas and
     // any whitespace between them: the scanner has checked every byte of it.
+    let mark = out.len();
     out.push(b'{');
     for (n, &(first, last)) in runs.iter().enumerate() {
         if n > 0 {
             out.push(b',');
         }
-        let (start, end) = (rec.spans[first].0, rec.spans[last].1);
-        out.extend_from_slice(&rec.text.as_bytes()[start..end]);
+        let run = (rec.spans.get(first).zip(rec.spans.get(last)))
+            .and_then(|(a, b)| rec.text.as_bytes().get(a.0..b.1));
+        let Some(run) = run else {
+            // A plan that does not fit the record (it cannot happen: a record is only placed
+            // in its own layout) withholds it rather than write something else.
+            out.truncate(mark);
+            d.rows_withheld += 1;
+            d.malformed_rows += 1;
+            return false;
+        };
+        out.extend_from_slice(run);
     }
     out.push(b'}');
+    d.unclassified_fields += unclassified;
     d.subjects.push(subject.into_owned());
     true
 }
