@@ -6,12 +6,12 @@
 //! written before version 2 of the format used the first 8 bytes of SHA-256; both are read).
 //! The key only spreads ids over the array; it protects nothing (an id is a short string that
 //! any hash of it gives away), so it is the cheapest well-defined hash: hashing millions of
-//! mentions with SHA-256 was 40% of sealing a segment. A lookup is a binary search with `pread` (about 23 reads for 5 million entries) and then one
-//! read per matching record; a key collision only costs reading a line whose `subjects` do not
-//! contain the id, which the reader checks. Why a sorted array rather than a Bloom filter: a
-//! filter only says "maybe here" and still forces a scan of the segment, while the array gives
-//! the offsets directly, at a size (16 bytes per subject mention) that is small next to the
-//! records themselves. The seal `seg-N.seal.json` lets verification start at any segment and
+//! mentions with SHA-256 was 40% of sealing a segment. A lookup is a binary search with
+//! `pread` (about 23 reads for 5 million entries) and then one read per matching record; a key
+//! collision only costs reading a line whose `subjects` do not contain the id, which the
+//! reader checks. Why a sorted array rather than a Bloom filter: a filter only says "maybe
+//! here" and still forces a scan of the segment, while the array gives the offsets directly,
+//! at a size (16 bytes per subject mention) that is small next to the records themselves. The seal `seg-N.seal.json` lets verification start at any segment and
 //! detect a changed boundary. Both are written to a temporary name, synced and renamed, so a
 //! crash leaves either a whole file or none (and the segment is sealed again on the next open).
 
