@@ -346,7 +346,9 @@ impl Writer {
     /// at two or more per `commit_window` and other requests are still on their way
     /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
     /// arrival rate says the window brings, napping for as long as the missing ones should take
-    /// and looking again (until the window closes) if some are late. Under light load, or with
+    /// and looking again (until the window closes) if some are late. Saturated with large
+    /// requests (`SATURATED_SIBLINGS` on their way, too few per window), it waits up to
+    /// `SATURATED_WINDOWS` windows for `SATURATED_BATCH` records. Under light load, or with
     /// nothing else coming, nobody waits; page-cache mode never does.
     fn gather(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
         if self.durability != Durability::Fsync || self.commit_window.is_zero() {
@@ -364,7 +366,8 @@ impl Writer {
             window = needed
                 .min(self.commit_window * SATURATED_WINDOWS)
                 .max(window);
-            want = (self.arrival_rate * window.as_secs_f64()) as usize;
+            // Rounded: `needed` is the time for exactly `SATURATED_BATCH` at this rate.
+            want = (self.arrival_rate * window.as_secs_f64()).round() as usize;
         }
         let want = want.min(self.max_batch);
         let deadline = Instant::now() + window;
