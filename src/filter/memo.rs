@@ -73,8 +73,6 @@ struct Layout {
 struct Plan {
     decision: Arc<RecordDecision>,
     used: u64,
-    /// Per field in layout order: whether it leaves.
-    kept: Vec<bool>,
     /// The fields that leave as runs of consecutive fields, `(first, last)` indexes.
     runs: Vec<(usize, usize)>,
 }
@@ -162,8 +160,11 @@ impl Memo {
         let plan = &mut l.plans[i];
         if plan.used != chunk {
             plan.used = chunk;
-            let kept = l.names.iter().zip(&plan.kept);
-            for (name, _) in kept.filter(|(_, kept)| **kept) {
+            let kept = plan
+                .runs
+                .iter()
+                .flat_map(|&(first, last)| l.names.get(first..=last).unwrap_or_default());
+            for name in kept {
                 if !d.fields.contains(name) {
                     d.fields.insert(name.clone());
                 }
@@ -278,15 +279,13 @@ impl Layout {
     }
 
     fn plan(&self, decision: Arc<RecordDecision>) -> Plan {
-        let kept: Vec<bool> = (self.categories.iter())
-            .map(|category| {
-                category
-                    .as_ref()
-                    .is_some_and(|c| decision.categories.contains(c))
-            })
-            .collect();
+        let kept = (self.categories.iter().enumerate()).filter(|(_, category)| {
+            category
+                .as_ref()
+                .is_some_and(|c| decision.categories.contains(c))
+        });
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, _) in kept.iter().enumerate().filter(|(_, k)| **k) {
+        for (i, _) in kept {
             match runs.last_mut() {
                 Some((_, last)) if *last + 1 == i => *last = i,
                 _ => runs.push((i, i)),
@@ -295,7 +294,6 @@ impl Layout {
         Plan {
             decision,
             used: 0,
-            kept,
             runs,
         }
     }
