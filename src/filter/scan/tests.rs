@@ -217,7 +217,10 @@ fn expected_keys_are_taken_only_when_written_the_same() {
         (r#""ward2""#, r#""ward""#, false),
         (r#""ward""#, r#""war\u0064""#, false),
         (r#""war\u0064""#, r#""ward""#, false),
-        (r#""ward""#, r#""ward" "#, true),
+        // The colon is part of what is compared.
+        (r#""ward""#, r#""ward" "#, false),
+        (r#""ward" "#, r#""ward" "#, true),
+        (r#""ward" "#, r#""ward""#, false),
     ];
     for (before, now, taken) in cases {
         let text = format!("{{{before}:1}} {{{now}:2}}");
