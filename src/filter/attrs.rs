@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scan::Scan;
+use super::scan::{Scan, ScanError};
 use super::{FilterContext, RawRecord};
 use crate::catalog::{Dataset, area_template_fields};
 use crate::policy::RecordAttrs;
@@ -28,7 +28,7 @@ pub(super) struct Roles {
     area: Vec<Option<usize>>,
     markers: Option<usize>,
     flags: Option<usize>,
-    consents: Option<usize>,
+    pub(super) consents: Option<usize>,
     tps: Option<usize>,
 }
 
@@ -141,16 +141,18 @@ pub(super) fn fingerprint(
     if ds.consents_field.is_some() {
         // Every channel in wire order with its state (the reading is a function of that):
         // each as 1, name, state; then 0.
-        match rec.value(at.consents) {
-            None => key.push(0),
-            Some(v) => {
+        match (rec.value(at.consents), rec.consents_taken(at.consents)) {
+            (None, _) => key.push(0),
+            // Read as the record was scanned (`take_consents`): the same bytes.
+            (Some(_), Some(Some(states))) => {
+                key.push(1);
+                key.extend_from_slice(states);
+            }
+            (Some(_), Some(None)) => key.push(2),
+            (Some(v), None) => {
                 let mark = key.len();
                 key.push(1);
-                let read = channel_states(v, |channel, live| {
-                    key.push(1);
-                    put(key, Some(&channel));
-                    key.push(u8::from(live));
-                });
+                let read = channel_states(v, |channel, live| put_channel(key, &channel, live));
                 if read.is_some() {
                     key.push(0);
                 } else {
@@ -224,17 +226,53 @@ fn area_of(rec: &RawRecord, at: &Roles, template: &str) -> Option<String> {
 /// not withdrawn (§5.2.1, §10.3.7); `None` when the value is not `null` (no consent on any
 /// channel) or an object of channels, each `null` or `{"given_at", "withdrawn_at", ...}` with
 /// those two `null` or a string, neither named twice.
-fn channel_states<'a>(v: &'a str, mut each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
+fn channel_states<'a>(v: &'a str, each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
     let mut scan = Scan::new(v);
+    channel_states_at(&mut scan, each)?;
+    scan.end().ok()
+}
+
+/// `channel_states` of the value that comes next in `scan`, which it takes.
+fn channel_states_at<'a>(
+    scan: &mut Scan<'a>,
+    mut each: impl FnMut(Cow<'a, str>, bool),
+) -> Option<()> {
     if !scan.null().ok()? {
         scan.begin_object().ok()?;
         let mut first = true;
         while let Some(channel) = scan.next_key(&mut first).ok()? {
-            let live = !scan.null().ok()? && consent_live(&mut scan)?;
+            let live = !scan.null().ok()? && consent_live(scan)?;
             each(channel, live);
         }
     }
-    scan.end().ok()
+    Some(())
+}
+
+/// The consents value that comes next in `scan`, taken, with its channel states written onto
+/// `states` as `fingerprint` writes them (whether they could be read: `false` leaves `states`
+/// empty). The record reader reads a consents field this way as it scans it, so that the
+/// fingerprint does not scan the value a second time.
+pub(super) fn take_consents<'a>(
+    scan: &mut Scan<'a>,
+    states: &mut Vec<u8>,
+) -> Result<(&'a str, bool), ScanError> {
+    states.clear();
+    let (value, read) = scan.value_read(|scan| {
+        channel_states_at(scan, |channel, live| put_channel(states, &channel, live))
+    })?;
+    if read.is_some() {
+        states.push(0);
+    } else {
+        states.clear();
+    }
+    Ok((value, read.is_some()))
+}
+
+/// One channel and its state, as the fingerprint writes it.
+fn put_channel(key: &mut Vec<u8>, channel: &str, live: bool) {
+    key.push(1);
+    put(key, Some(channel));
+    key.push(u8::from(live));
 }
 
 /// One channel's consent object: given (`given_at` a string) and not withdrawn

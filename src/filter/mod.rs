@@ -86,10 +86,21 @@ pub struct RawRecord<'a> {
     /// trusts `repeats` only for the record right after the one it last placed.
     list: u64,
     count: u64,
+    /// The dataset's consents field, whose channel states are read as it is scanned
+    /// (`attrs::take_consents`): every record's fingerprint needs them, and reading them
+    /// apart scans the value a second time (a tenth of a page's instructions).
+    consents_field: Option<Box<str>>,
+    /// Where this record's first field of that name is, whether its states could be read,
+    /// and the states as the fingerprint writes them.
+    consents: Option<(usize, bool)>,
+    consent_states: Vec<u8>,
+    /// Where the last record had it.
+    consents_before: Option<usize>,
 }
 
 impl<'a> RawRecord<'a> {
-    fn new() -> Self {
+    /// A list for records of `ds` (`None`: of no dataset in particular).
+    fn new(ds: Option<&Dataset>) -> Self {
         static LISTS: AtomicU64 = AtomicU64::new(0);
         RawRecord {
             fields: Vec::with_capacity(32),
@@ -99,13 +110,17 @@ impl<'a> RawRecord<'a> {
             repeats: false,
             list: LISTS.fetch_add(1, Ordering::Relaxed),
             count: 0,
+            consents_field: ds.and_then(|ds| ds.consents_field.as_deref().map(Box::from)),
+            consents: None,
+            consent_states: Vec::new(),
+            consents_before: None,
         }
     }
 
     /// A whole text that is one JSON object.
     pub fn parse(text: &'a str) -> Result<Self, FilterError> {
         let mut scan = Scan::new(text);
-        let mut rec = RawRecord::new();
+        let mut rec = RawRecord::new(None);
         rec.read(&mut scan)?;
         scan.end()?;
         Ok(rec)
@@ -122,10 +137,25 @@ impl<'a> RawRecord<'a> {
         scan.begin_object()?;
         let mut first = true;
         let mut i = 0;
+        self.consents = None;
         while let Some(key) =
             scan.next_key_as(&mut first, self.written.get(i).copied().flatten())?
         {
-            let value = scan.value()?;
+            // The consents field: where the last record had it, as a key written as there,
+            // or a key of its name (the first only).
+            let consents = self.consents.is_none()
+                && match &self.consents_field {
+                    None => false,
+                    Some(_) if key.expected && self.consents_before == Some(i) => true,
+                    Some(name) => same_name(&key.name, name),
+                };
+            let value = if consents {
+                let (value, read) = attrs::take_consents(scan, &mut self.consent_states)?;
+                self.consents = Some((i, read));
+                value
+            } else {
+                scan.value()?
+            };
             repeats &= key.expected;
             match self.written.get_mut(i) {
                 Some(w) => *w = key.written,
@@ -138,7 +168,20 @@ impl<'a> RawRecord<'a> {
         repeats &= i == self.written.len();
         self.written.truncate(i);
         self.repeats = repeats;
+        self.consents_before = self.consents.map(|(at, _)| at);
         Ok(())
+    }
+
+    /// The consents states read as the field at `at` was scanned (`take_consents`): `None`
+    /// when that field was not read so; `Some(None)` when its value is not in the shape of
+    /// consents.
+    fn consents_taken(&self, at: Option<usize>) -> Option<Option<&[u8]>> {
+        match self.consents {
+            Some((taken, read)) if Some(taken) == at => {
+                Some(read.then_some(self.consent_states.as_slice()))
+            }
+            _ => None,
+        }
     }
 
     /// The index of the first field named `name`. (A record that names a field twice is never
@@ -259,7 +302,7 @@ pub fn filter_page(
             if records.is_some() {
                 return Err(duplicate(records_key));
             }
-            let mut rec = RawRecord::new();
+            let mut rec = RawRecord::new(Some(cx.dataset));
             let (mut n, mut first, mut none_out) = (0, true, true);
             scan.begin_array()?;
             while scan.next_element(&mut first)? {
@@ -328,7 +371,7 @@ pub fn filter_single(
     };
     let mut scan = Scan::new(utf8(body)?);
     let mut d = Disclosure::default();
-    let mut record = RawRecord::new();
+    let mut record = RawRecord::new(Some(cx.dataset));
     // `None`: the key is absent; `Some(false)`: present, but no record (`null`, no rows).
     let mut found = None;
     scan.begin_object()?;
@@ -390,7 +433,7 @@ pub fn filter_lines(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> Result<(), FilterError> {
-    let mut record = RawRecord::new();
+    let mut record = RawRecord::new(Some(cx.dataset));
     for line in utf8(text)?.split('\n') {
         if line.bytes().all(|b| b.is_ascii_whitespace()) {
             continue;

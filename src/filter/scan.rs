@@ -60,6 +60,7 @@ pub struct Written<'a> {
     name: &'a str,
 }
 
+#[derive(Clone)]
 pub struct Scan<'a> {
     text: &'a str,
     pos: usize,
@@ -250,6 +251,28 @@ impl<'a> Scan<'a> {
         // Most values are scalars: no levels to keep.
         self.scalar()?;
         Ok(&self.text[start..self.pos])
+    }
+
+    /// The next value as raw JSON text, checked and skipped, and what `read` makes of it:
+    /// `read` walks the value with this scanner's own methods (so every byte it takes is
+    /// checked) and answers `None` where the value is not in the shape it reads. It is tried
+    /// on a copy of the scanner; unless it took exactly one whole value (it answered, and
+    /// left the scanner at the level it started), the value is skipped as `value` does and
+    /// `read`'s answer is `None`.
+    pub fn value_read<T>(
+        &mut self,
+        read: impl FnOnce(&mut Scan<'a>) -> Option<T>,
+    ) -> Result<(&'a str, Option<T>)> {
+        self.ws();
+        let start = self.pos;
+        let mut trial = self.clone();
+        match read(&mut trial) {
+            Some(t) if trial.depth == self.depth && trial.pos > start => {
+                *self = trial;
+                Ok((&self.text[start..self.pos], Some(t)))
+            }
+            _ => Ok((self.value()?, None)),
+        }
     }
 
     /// An object or array value from `start` (its opening byte) to its end.

@@ -606,6 +606,76 @@ fn consents_that_cannot_be_read_withhold_the_record() {
     assert_eq!(seen, [vec!["email"]]);
 }
 
+/// A page's records have their consents read as they are scanned (`attrs::take_consents`);
+/// the fingerprint is then exactly the one read from the value apart (a record parsed alone
+/// reads it so), whatever the value, wherever the field and however its key is written.
+#[test]
+fn consents_read_while_scanning_fingerprint_as_read_apart() {
+    let ds = dataset();
+    let cx = cx(&ds);
+    let usual = r#""consents":{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#;
+    let given = r#"{"given_at":"2025-01-01","withdrawn_at":null}"#;
+    let values = [
+        format!(r#"{{"email":{given},"sms":null}}"#),
+        format!(r#"{{"email":{given},"email":null}}"#),
+        format!(
+            r#"{{"sms":{given},"post":{{"given_at":"2025-01-01","withdrawn_at":"2026-01-01"}}}}"#
+        ),
+        format!(r#" {{ "email" : {given} , "sms" : null }} "#),
+        "null".to_owned(),
+        "{}".to_owned(),
+        // Not in the shape of consents: valid JSON all the same.
+        r#"{"email":{"given_at":1}}"#.to_owned(),
+        r#"{"email":{"given_at":"2025-01-01","given_at":null}}"#.to_owned(),
+        r#"{"email":["2025-01-01",null]}"#.to_owned(),
+        r#"["email"]"#.to_owned(),
+        "true".to_owned(),
+        r#""email""#.to_owned(),
+    ];
+    let mut records = Vec::new();
+    for v in &values {
+        let here = record("VF-1", "CGW1", "");
+        records.push(here.replace(usual, &format!(r#""consents":{v}"#)));
+        // The same value again (the key now expected where it was), then elsewhere in the
+        // record, then under an escaped key, then named twice.
+        records.push(here.replace(usual, &format!(r#""consents":{v}"#)));
+        records.push(here.replace(&format!(",{usual}"), "").replacen(
+            '{',
+            &format!(r#"{{"consents":{v},"#),
+            1,
+        ));
+        records.push(here.replace(usual, &format!(r#""cons\u0065nts":{v}"#)));
+        records.push(here.replace(usual, &format!(r#""consents":{v},"consents":null"#)));
+    }
+    let text = format!("[{}]", records.join(","));
+    let mut scan = Scan::new(&text);
+    let mut rec = RawRecord::new(Some(&ds));
+    scan.begin_array().unwrap();
+    let (mut first, mut n, mut taken) = (true, 0, 0);
+    while scan.next_element(&mut first).unwrap() {
+        rec.read(&mut scan).unwrap();
+        let roles = attrs::Roles::find(&rec, &ds);
+        taken += usize::from(rec.consents_taken(roles.consents).is_some());
+        let mut key = Vec::new();
+        attrs::fingerprint(&rec, &roles, &cx, "VF-1", &mut key);
+        let alone = RawRecord::parse(&records[n]).unwrap();
+        assert!(alone.consents_taken(roles.consents).is_none());
+        let mut apart = Vec::new();
+        attrs::fingerprint(
+            &alone,
+            &attrs::Roles::find(&alone, &ds),
+            &cx,
+            "VF-1",
+            &mut apart,
+        );
+        assert_eq!(key, apart, "{}", records[n]);
+        n += 1;
+    }
+    assert_eq!(n, records.len());
+    // Every record had its consents read as it was scanned.
+    assert_eq!(taken, records.len());
+}
+
 #[test]
 fn dates_read_directly_read_as_the_date_parser_reads_them() {
     let parse = |s: &str| {
@@ -724,7 +794,7 @@ fn a_record_repeats_the_one_before_only_with_the_same_keys_in_order() {
     let text = r#"[{"a":1,"b":"x"},{"a":2,"b":"y"},{"a":3,"c":1},{"a":3,"c":1,"d":2},{"a":3,"c":1},
         {"a":1},{"\u0061":1},{"a":1,"a":2},{"a":1,"a":2},{}]"#;
     let mut scan = Scan::new(text);
-    let mut rec = RawRecord::new();
+    let mut rec = RawRecord::new(None);
     scan.begin_array().unwrap();
     let mut first = true;
     let mut got = vec![];
