@@ -131,7 +131,10 @@ def main() -> int:
                 perf = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-e", "cpu-clock", "--call-graph", "dwarf,32768",
                                          "-p", str(wg.pid), "-o", str(work / "perf.data")])
                 time.sleep(0.5)
+            ticks = h.cpu_ticks(wg.pid)
             r = download(url, headers, out)
+            # How busy wardgate's core was: near 100% means wardgate was the bottleneck.
+            r["wardgate_core_busy"] = (h.cpu_ticks(wg.pid) - ticks) / h.CLK_TCK / r["seconds"]
             if perf is not None:
                 perf.send_signal(2)
                 perf.wait(timeout=120)
@@ -163,10 +166,11 @@ def main() -> int:
         audit_ok = audited == ids_out and complete is not None
         base = rows[0]["seconds"]
         print()
-        print(f"{'':34}{'seconds':>9}{'MB/s in':>9}{'MB/s out':>10}{'records out':>13}{'x direct':>10}")
+        print(f"{'':34}{'seconds':>9}{'MB/s in':>9}{'MB/s out':>10}{'records out':>13}{'x direct':>10}"
+              f"{'wardgate core':>15}")
         for r in rows:
             print(f"{r['name']:34}{r['seconds']:9.2f}{r['mb_in_per_s']:9.0f}{r['mb_out_per_s']:10.0f}"
-                  f"{r['records_out']:13,}{base / r['seconds']:10.2f}")
+                  f"{r['records_out']:13,}{base / r['seconds']:10.2f}{r['wardgate_core_busy']:14.0%}")
         wr = rows[-1]
         print(f"\nwardgate peak resident memory: {wr['peak_rss_bytes'] / 2**20:.1f} MiB over the whole run "
               f"({wr['idle_peak_rss_bytes'] / 2**20:.1f} MiB before the export)")
