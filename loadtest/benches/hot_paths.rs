@@ -465,9 +465,90 @@ fn bench_filter(c: &mut Criterion, fx: &Fixture, cache: &DecisionCache) {
                     })
                 },
             );
+            if *n == 1000 {
+                bench_export_lines(&mut g, fx, caller, cache, body, &id);
+            }
         }
     }
     g.finish();
+}
+
+/// The export's path over the same records: NDJSON lines, filtered in whole lines as frames
+/// of the upstream body arrive (`export.rs`), with one memo for the export, warm from the
+/// records before (an export of a constituency has read thousands before these). In one
+/// piece, and in small (16 KiB) frames, to price the per-frame part against `filter_page`.
+fn bench_export_lines(
+    g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    fx: &Fixture,
+    caller: &Asker,
+    cache: &DecisionCache,
+    body: &[u8],
+    id: &str,
+) {
+    let page: Value = serde_json::from_slice(body).unwrap();
+    let mut lines = Vec::new();
+    for r in page["records"].as_array().unwrap() {
+        serde_json::to_writer(&mut lines, r).unwrap();
+        lines.push(b'\n');
+    }
+    g.throughput(Throughput::Bytes(lines.len() as u64));
+    for (label, frame) in [
+        ("export_lines_whole", lines.len()),
+        ("export_lines_16k", 16 << 10),
+    ] {
+        let mut memo = filter::Memo::default();
+        g.bench_with_input(BenchmarkId::new(label, id), &lines, |b, lines| {
+            b.iter(|| wardgate_lines(fx, caller, cache, black_box(lines), frame, &mut memo))
+        });
+    }
+}
+
+/// `export.rs`'s loop without the network: whole lines of each frame, the rest carried over.
+fn wardgate_lines(
+    fx: &Fixture,
+    c: &Asker,
+    cache: &DecisionCache,
+    lines: &[u8],
+    frame: usize,
+    memo: &mut filter::Memo,
+) -> Vec<u8> {
+    let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
+    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
+    let cx = FilterContext {
+        dataset: fx.dataset(),
+        today: filter::today(),
+        register_flags: &|_| None,
+    };
+    memo.new_chunk();
+    let mut d = filter::Disclosure::default();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut partial = Vec::new();
+    for piece in lines.chunks(frame) {
+        partial.extend_from_slice(piece);
+        if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+            filter::filter_lines(
+                &partial[..end],
+                &cx,
+                &mut |a| decider.decide(a),
+                memo,
+                &mut out,
+                &mut d,
+            )
+            .unwrap();
+            partial.drain(..end + 1);
+        }
+    }
+    filter::filter_lines(
+        &partial,
+        &cx,
+        &mut |a| decider.decide(a),
+        memo,
+        &mut out,
+        &mut d,
+    )
+    .unwrap();
+    black_box(d);
+    out
 }
 
 fn audit_record(subjects: usize) -> AuditRecord {
