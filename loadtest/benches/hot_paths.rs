@@ -522,31 +522,26 @@ fn wardgate_lines(
     memo.new_chunk();
     let mut d = filter::Disclosure::default();
     let mut out = Vec::with_capacity(lines.len());
+    let mut run = |text: &[u8]| {
+        filter::filter_lines(
+            text,
+            &cx,
+            &mut |a| decider.decide(a),
+            memo,
+            &mut out,
+            &mut d,
+        )
+        .unwrap()
+    };
     let mut partial = Vec::new();
     for piece in lines.chunks(frame) {
         partial.extend_from_slice(piece);
         if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
-            filter::filter_lines(
-                &partial[..end],
-                &cx,
-                &mut |a| decider.decide(a),
-                memo,
-                &mut out,
-                &mut d,
-            )
-            .unwrap();
+            run(&partial[..end]);
             partial.drain(..end + 1);
         }
     }
-    filter::filter_lines(
-        &partial,
-        &cx,
-        &mut |a| decider.decide(a),
-        memo,
-        &mut out,
-        &mut d,
-    )
-    .unwrap();
+    run(&partial);
     black_box(d);
     out
 }

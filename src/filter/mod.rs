@@ -141,12 +141,14 @@ impl<'a> RawRecord<'a> {
         while let Some(key) =
             scan.next_key_as(&mut first, self.written.get(i).copied().flatten())?
         {
-            // The consents field: where the last record had it, as a key written as there,
-            // or a key of its name (the first only).
+            // The consents field (its first key of that name): a key written as the last
+            // record's at this place is it only where that record's was (a key repeated
+            // further on makes the record malformed, and the fingerprint then reads the value
+            // apart); any other key, by its name.
             let consents = self.consents.is_none()
                 && match &self.consents_field {
                     None => false,
-                    Some(_) if key.expected && self.consents_before == Some(i) => true,
+                    Some(_) if key.expected => self.consents_before == Some(i),
                     Some(name) => same_name(&key.name, name),
                 };
             let value = if consents {
