@@ -69,6 +69,32 @@ impl Fixture {
     fn dataset(&self) -> &Dataset {
         &self.catalog.datasets[DATASET]
     }
+
+    /// `c`'s decisions through the real engine, in front of `cache`.
+    fn decider<'a>(&'a self, c: &'a Asker, cache: &'a DecisionCache) -> Decider<'a> {
+        let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
+        Decider::new(
+            &self.policy,
+            cache,
+            &c.ask,
+            asker,
+            DATASET,
+            &self.categories,
+        )
+    }
+
+    /// The filter's context for the dataset today, with an empty rights register.
+    fn filter_context(&self) -> FilterContext<'_> {
+        FilterContext {
+            dataset: self.dataset(),
+            today: filter::today(),
+            register_flags: &no_register_flags,
+        }
+    }
+}
+
+fn no_register_flags(_: &str) -> Option<Vec<String>> {
+    None
 }
 
 fn now() -> i64 {
@@ -171,13 +197,9 @@ fn page_body(records: &[&Value]) -> Vec<u8> {
 /// first page) in front of the shared decision cache, then `filter_page` over the raw bytes.
 #[inline(never)] // a symbol of its own, for `instructions.sh`
 fn wardgate_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) -> Vec<u8> {
+    let decider = fx.decider(c, cache);
+    let cx = fx.filter_context();
     let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
-    let cx = FilterContext {
-        dataset: fx.dataset(),
-        today: filter::today(),
-        register_flags: &|_| None,
-    };
     let mut memo = cache.memos.take(asker, DATASET);
     let decide = &mut |a: &_| decider.decide(a);
     let (out, d) =
@@ -191,8 +213,7 @@ fn wardgate_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) 
 /// per distinct attributes within the page, in front of the same shared cache.
 #[inline(never)] // a symbol of its own, for `instructions.sh`
 fn naive_filter(fx: &Fixture, c: &Asker, cache: &DecisionCache, body: &[u8]) -> Vec<u8> {
-    let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
+    let decider = fx.decider(c, cache);
     let mut local: HashMap<RecordAttrs, Arc<RecordDecision>> = HashMap::new();
     let ds = fx.dataset();
     let today = filter::today();
@@ -332,8 +353,7 @@ fn first_decision(
 ) -> Arc<RecordDecision> {
     let page: Value = serde_json::from_slice(body).unwrap();
     let (_, attrs) = value_attrs(&page["records"][0], fx.dataset(), filter::today()).unwrap();
-    let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories).decide(&attrs)
+    fx.decider(c, cache).decide(&attrs)
 }
 
 // ---- benchmark groups ----
@@ -407,19 +427,9 @@ fn bench_cedar(c: &mut Criterion, fx: &Fixture) {
             })
         });
         let cache = DecisionCache::default();
-        let asker = asker_key(&caller.principal, caller.purpose, &caller.lawful_basis);
         g.bench_function(BenchmarkId::new("memo_shared_hit", caller.label), |b| {
             b.iter_batched_ref(
-                || {
-                    Decider::new(
-                        &fx.policy,
-                        &cache,
-                        &caller.ask,
-                        asker,
-                        DATASET,
-                        &fx.categories,
-                    )
-                },
+                || fx.decider(caller, &cache),
                 |d| d.decide(black_box(&attrs)),
                 criterion::BatchSize::SmallInput,
             )
@@ -448,11 +458,7 @@ fn bench_filter(c: &mut Criterion, fx: &Fixture, cache: &DecisionCache) {
                 BenchmarkId::new("filter_page_constant_decision", &id),
                 body,
                 |b, body| {
-                    let cx = FilterContext {
-                        dataset: fx.dataset(),
-                        today: filter::today(),
-                        register_flags: &|_| None,
-                    };
+                    let cx = fx.filter_context();
                     b.iter(|| {
                         filter::filter_page(
                             black_box(body),
@@ -512,13 +518,8 @@ fn wardgate_lines(
     frame: usize,
     memo: &mut filter::Memo,
 ) -> Vec<u8> {
-    let asker = asker_key(&c.principal, c.purpose, &c.lawful_basis);
-    let decider = Decider::new(&fx.policy, cache, &c.ask, asker, DATASET, &fx.categories);
-    let cx = FilterContext {
-        dataset: fx.dataset(),
-        today: filter::today(),
-        register_flags: &|_| None,
-    };
+    let decider = fx.decider(c, cache);
+    let cx = fx.filter_context();
     memo.new_chunk();
     let mut d = filter::Disclosure::default();
     let mut out = Vec::with_capacity(lines.len());
