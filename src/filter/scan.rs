@@ -245,12 +245,55 @@ impl<'a> Scan<'a> {
     pub fn value(&mut self) -> Result<&'a str> {
         self.ws();
         let start = self.pos;
-        if let Some(b'{' | b'[') = self.peek() {
-            return self.nested(start);
+        match self.peek() {
+            Some(b'[') if self.flat_array().is_some() => {}
+            Some(b'{' | b'[') => return self.nested(start),
+            // Most values are scalars: no levels to keep.
+            _ => self.scalar()?,
         }
-        // Most values are scalars: no levels to keep.
-        self.scalar()?;
         Ok(&self.text[start..self.pos])
+    }
+
+    /// An array of scalars, taken whole (a record's arrays are almost all lists of codes:
+    /// markers, flags, elections voted in), without `nested`'s bookkeeping of levels; `None`,
+    /// the scanner where it was, for anything else (an element that is an object or an
+    /// array, a malformed one), which `nested` then reads or refuses.
+    #[inline(always)]
+    fn flat_array(&mut self) -> Option<()> {
+        let start = self.pos;
+        let taken = (|| {
+            if self.depth + 1 >= MAX_DEPTH {
+                return None;
+            }
+            self.pos += 1;
+            self.ws();
+            if self.peek() == Some(b']') {
+                self.pos += 1;
+                return Some(());
+            }
+            loop {
+                if let Some(b'{' | b'[') = self.peek() {
+                    return None;
+                }
+                self.scalar().ok()?;
+                self.ws();
+                match self.peek() {
+                    Some(b',') => {
+                        self.pos += 1;
+                        self.ws();
+                    }
+                    Some(b']') => {
+                        self.pos += 1;
+                        return Some(());
+                    }
+                    _ => return None,
+                }
+            }
+        })();
+        if taken.is_none() {
+            self.pos = start;
+        }
+        taken
     }
 
     /// The next value as raw JSON text, checked and skipped, and what `read` makes of it:
