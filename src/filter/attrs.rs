@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scan::{Scan, ScanError};
+use super::scan::{Scan, ScanError, Written};
 use super::{FilterContext, RawRecord};
 use crate::catalog::{Dataset, area_template_fields};
 use crate::policy::RecordAttrs;
@@ -228,21 +228,68 @@ fn area_of(rec: &RawRecord, at: &Roles, template: &str) -> Option<String> {
 /// those two `null` or a string, neither named twice.
 fn channel_states<'a>(v: &'a str, each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
     let mut scan = Scan::new(v);
-    channel_states_at(&mut scan, each)?;
+    channel_states_at(&mut scan, &mut ConsentKeys::default(), each)?;
     scan.end().ok()
 }
 
-/// `channel_states` of the value that comes next in `scan`, which it takes.
+/// The keys of the last consents value read, as written: its channels' in order, and those of
+/// their consent objects (the same few in the same order on every channel), each with which
+/// of the two read it is. The next record's consents almost always repeat them, and a key
+/// that repeats is taken by comparing bytes (`Scan::next_key_as`), its name not compared
+/// again: without this, reading consents was a sixth of a page's instructions.
+#[derive(Debug, Default)]
+pub(super) struct ConsentKeys<'a> {
+    channels: Vec<Option<Written<'a>>>,
+    inner: Vec<Option<(Written<'a>, Slot)>>,
+}
+
+/// What a key of a consent object is to `consent_live`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Given,
+    Withdrawn,
+    Other,
+}
+
+impl Slot {
+    fn of(name: &str) -> Slot {
+        match name {
+            "given_at" => Slot::Given,
+            "withdrawn_at" => Slot::Withdrawn,
+            _ => Slot::Other,
+        }
+    }
+}
+
+/// Notes the key read at `i` of a list of expected keys.
+fn note<T>(list: &mut Vec<Option<T>>, i: usize, key: Option<T>) {
+    match list.get_mut(i) {
+        Some(k) => *k = key,
+        None => list.push(key),
+    }
+}
+
+/// `channel_states` of the value that comes next in `scan`, which it takes; `keys` are those
+/// of the consents read before (a hint: a key is only taken as expected where its bytes are
+/// the same) and are replaced with this value's.
 fn channel_states_at<'a>(
     scan: &mut Scan<'a>,
+    keys: &mut ConsentKeys<'a>,
     mut each: impl FnMut(Cow<'a, str>, bool),
 ) -> Option<()> {
     if !scan.null().ok()? {
         scan.begin_object().ok()?;
         let mut first = true;
-        while let Some(channel) = scan.next_key(&mut first).ok()? {
-            let live = !scan.null().ok()? && consent_live(scan)?;
-            each(channel, live);
+        let mut i = 0;
+        loop {
+            let expected = keys.channels.get(i).copied().flatten();
+            let Some(channel) = scan.next_key_as(&mut first, expected).ok()? else {
+                break;
+            };
+            note(&mut keys.channels, i, channel.written);
+            i += 1;
+            let live = !scan.null().ok()? && consent_live(scan, &mut keys.inner)?;
+            each(channel.name, live);
         }
     }
     Some(())
@@ -254,11 +301,14 @@ fn channel_states_at<'a>(
 /// fingerprint does not scan the value a second time.
 pub(super) fn take_consents<'a>(
     scan: &mut Scan<'a>,
+    keys: &mut ConsentKeys<'a>,
     states: &mut Vec<u8>,
 ) -> Result<(&'a str, bool), ScanError> {
     states.clear();
     let (value, read) = scan.value_read(|scan| {
-        channel_states_at(scan, |channel, live| put_channel(states, &channel, live))
+        channel_states_at(scan, keys, |channel, live| {
+            put_channel(states, &channel, live)
+        })
     })?;
     if read.is_some() {
         states.push(0);
@@ -276,16 +326,33 @@ fn put_channel(key: &mut Vec<u8>, channel: &str, live: bool) {
 }
 
 /// One channel's consent object: given (`given_at` a string) and not withdrawn
-/// (`withdrawn_at` absent or `null`).
-fn consent_live(scan: &mut Scan) -> Option<bool> {
+/// (`withdrawn_at` absent or `null`). `keys`: as in `channel_states_at`.
+fn consent_live<'a>(
+    scan: &mut Scan<'a>,
+    keys: &mut Vec<Option<(Written<'a>, Slot)>>,
+) -> Option<bool> {
     let (mut given, mut withdrawn) = (None, None);
     scan.begin_object().ok()?;
     let mut first = true;
-    while let Some(key) = scan.next_key(&mut first).ok()? {
-        let slot = match key.as_ref() {
-            "given_at" => &mut given,
-            "withdrawn_at" => &mut withdrawn,
-            _ => {
+    let mut i = 0;
+    loop {
+        let expected = keys.get(i).copied().flatten();
+        let Some(key) = scan
+            .next_key_as(&mut first, expected.map(|(w, _)| w))
+            .ok()?
+        else {
+            break;
+        };
+        let slot = match expected {
+            Some((_, slot)) if key.expected => slot,
+            _ => Slot::of(&key.name),
+        };
+        note(keys, i, key.written.map(|w| (w, slot)));
+        i += 1;
+        let slot = match slot {
+            Slot::Given => &mut given,
+            Slot::Withdrawn => &mut withdrawn,
+            Slot::Other => {
                 scan.value().ok()?;
                 continue;
             }

@@ -94,6 +94,8 @@ pub struct RawRecord<'a> {
     /// and the states as the fingerprint writes them.
     consents: Option<(usize, bool)>,
     consent_states: Vec<u8>,
+    /// The keys of the last consents value read, as written.
+    consent_keys: attrs::ConsentKeys<'a>,
     /// Where the last record had it.
     consents_before: Option<usize>,
 }
@@ -113,6 +115,7 @@ impl<'a> RawRecord<'a> {
             consents_field: ds.and_then(|ds| ds.consents_field.as_deref().map(Box::from)),
             consents: None,
             consent_states: Vec::new(),
+            consent_keys: attrs::ConsentKeys::default(),
             consents_before: None,
         }
     }
@@ -152,7 +155,8 @@ impl<'a> RawRecord<'a> {
                     Some(name) => same_name(&key.name, name),
                 };
             let value = if consents {
-                let (value, read) = attrs::take_consents(scan, &mut self.consent_states)?;
+                let (value, read) =
+                    attrs::take_consents(scan, &mut self.consent_keys, &mut self.consent_states)?;
                 self.consents = Some((i, read));
                 value
             } else {

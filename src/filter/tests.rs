@@ -622,6 +622,14 @@ fn consents_read_while_scanning_fingerprint_as_read_apart() {
             r#"{{"sms":{given},"post":{{"given_at":"2025-01-01","withdrawn_at":"2026-01-01"}}}}"#
         ),
         format!(r#" {{ "email" : {given} , "sms" : null }} "#),
+        // The keys of the value before in another order, spacing or spelling: each is read
+        // by its name, not as the one expected at its place (`attrs::ConsentKeys`).
+        r#"{"email":{"withdrawn_at":"2026-01-01","given_at":"2025-01-01"},"sms":null}"#.to_owned(),
+        r#"{"sms":null,"email":{"given_at" : "2025-01-01","withdrawn_at" :null}}"#.to_owned(),
+        r#"{"sms":{"given_atx":"2025-01-01","given_at":null},"email":{"withdrawn_at":null}}"#
+            .to_owned(),
+        r#"{"sms":{"given_at":null,"withdrawn_at":"2025-01-01","given_at":"2025-01-01"}}"#
+            .to_owned(),
         "null".to_owned(),
         "{}".to_owned(),
         // Not in the shape of consents: valid JSON all the same.
