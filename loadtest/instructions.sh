@@ -17,7 +17,9 @@ fixtures=("$@")
     councillor_canvassing/100 councillor_canvassing/1000)
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/loadtest}
-bin=$(cargo bench --bench hot_paths --no-run --message-format=json 2>/dev/null |
+# HOT_PATHS_BIN: count with this benchmark binary instead of building one (to compare builds).
+bin=${HOT_PATHS_BIN:-}
+[ -n "$bin" ] || bin=$(cargo bench --bench hot_paths --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
