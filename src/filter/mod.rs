@@ -163,7 +163,9 @@ impl<'a> RawRecord<'a> {
                 scan.value()?
             };
             repeats &= key.expected;
+            // A key taken as expected is written as the one noted (the same bytes).
             match self.written.get_mut(i) {
+                Some(_) if key.expected => {}
                 Some(w) => *w = key.written,
                 None => self.written.push(key.written),
             }
