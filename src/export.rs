@@ -32,6 +32,11 @@ use crate::policy::Ask;
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// A longer upstream line is not a record.
 const MAX_LINE: usize = 1 << 20;
+/// Whole lines are filtered once at least this much has arrived (or at the end), not frame
+/// by frame: each call of the filter starts its field list afresh, so the first record of
+/// each call has its keys scanned and its layout found again, and upstream frames can be
+/// as small as a few records.
+const FILTER_BATCH: usize = 256 << 10;
 
 /// Everything the export needs once the request has been authorized and the upstream has
 /// answered 200.
@@ -106,12 +111,15 @@ impl Run<'_> {
                     partial.extend_from_slice(data);
                 }
             }
-            // Every whole line so far (at the end, what is left too), in one go; the rest
-            // waits for the next frame.
+            // Once a batch has arrived, every whole line in it (at the end, what is left
+            // too), in one go; the rest waits for the next frame. (After that, what is left
+            // is at most one line, which `MAX_LINE` bounds.)
             let whole = if done {
                 Some(partial.len())
-            } else {
+            } else if partial.len() >= FILTER_BATCH {
                 partial.iter().rposition(|b| *b == b'\n')
+            } else {
+                None
             };
             if let Some(end) = whole {
                 // The rights register as it stands for this frame's records.
