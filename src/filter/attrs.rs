@@ -185,8 +185,16 @@ fn put(key: &mut Vec<u8>, part: Option<&str>) {
     }
 }
 
-fn count(key: &mut Vec<u8>, n: usize) {
-    key.extend_from_slice(&(n as u64).to_le_bytes());
+/// `n` in LEB128: seven bits a byte, low first, the high bit set on every byte but the last.
+/// No such encoding is the start of another, so lengths written this way keep the parts
+/// apart as fixed-width ones would, in one byte for any part under 128 bytes: the key is
+/// hashed and compared for every record, and fixed eight-byte lengths were most of it.
+fn count(key: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        key.push((n & 0x7f) as u8 | 0x80);
+        n >>= 7;
+    }
+    key.push(n as u8);
 }
 
 /// A non-empty string or a number, as text; anything else is `None`.
@@ -437,6 +445,44 @@ mod tests {
     use super::{string, string_scanned};
 
     /// The shortcut for strings without escapes reads every text as the scanner does.
+    /// Lengths are written so that none is the start of another (what keeps a fingerprint's
+    /// parts apart).
+    #[test]
+    fn lengths_are_prefix_free() {
+        let ns = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            300,
+            16_383,
+            16_384,
+            1 << 20,
+            usize::MAX,
+        ];
+        let written: Vec<Vec<u8>> = (ns.iter())
+            .map(|&n| {
+                let mut v = Vec::new();
+                super::count(&mut v, n);
+                v
+            })
+            .collect();
+        assert_eq!(written[0], [0]);
+        assert_eq!(written[2], [0x7f]);
+        assert_eq!(written[3], [0x80, 0x01]);
+        for (i, a) in written.iter().enumerate() {
+            for (j, b) in written.iter().enumerate() {
+                assert!(
+                    i == j || !b.starts_with(a),
+                    "{} is a prefix of {}",
+                    ns[i],
+                    ns[j]
+                );
+            }
+        }
+    }
+
     #[test]
     fn strings_read_directly_read_as_scanned() {
         for raw in [
