@@ -117,7 +117,7 @@ impl Run<'_> {
             let whole = if done {
                 Some(partial.len())
             } else if partial.len() >= FILTER_BATCH {
-                partial.iter().rposition(|b| *b == b'\n')
+                memchr::memrchr(b'\n', &partial)
             } else {
                 None
             };
