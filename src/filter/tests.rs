@@ -892,3 +892,36 @@ fn runs_of_kept_fields_leave_whole_and_nothing_between_them() {
     assert!(text.contains(r#""elector_id" : "VF-1","#), "{text}");
     assert!(text.contains(r#""first_name"  :  "Ann""#), "{text}");
 }
+
+/// The body's text is checked as `std` checks it, and refused with `std`'s account of where.
+#[test]
+fn bodies_are_utf8_exactly_as_std_reads_it() {
+    let mut cases: Vec<Vec<u8>> = [
+        &b"{\"a\":\"plain\"}"[..],
+        "{\"a\":\"Zoë, Łódź, 東京, 🗳\"}".as_bytes(),
+        b"\xff",
+        b"\xc0\xaf",             // overlong
+        b"\xe0\x80\xaf",         // overlong
+        b"\xed\xa0\x80",         // a surrogate
+        b"\xf4\x90\x80\x80",     // above U+10FFFF
+        b"\xe6\x9d\xb1\xe4\xba", // cut short
+        b"",
+    ]
+    .iter()
+    .map(|c| c.to_vec())
+    .collect();
+    // Each one at every offset of a long ASCII run (the vector path works in blocks).
+    for c in cases.clone() {
+        for at in [0, 1, 15, 31, 63, 64, 65, 100] {
+            let mut long = vec![b'x'; 130];
+            long.splice(at..at, c.iter().copied());
+            cases.push(long);
+        }
+    }
+    for c in &cases {
+        match std::str::from_utf8(c) {
+            Ok(s) => assert_eq!(utf8(c), Ok(s)),
+            Err(e) => assert_eq!(utf8(c), Err(FilterError::Malformed(e.to_string()))),
+        }
+    }
+}
