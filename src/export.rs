@@ -36,7 +36,7 @@ const MAX_LINE: usize = 1 << 20;
 /// by frame: each call of the filter starts its field list afresh, so the first record of
 /// each call has its keys scanned and its layout found again, and upstream frames can be
 /// as small as a few records.
-const FILTER_BATCH: usize = 256 << 10;
+pub const FILTER_BATCH: usize = 256 << 10;
 
 /// Everything the export needs once the request has been authorized and the upstream has
 /// answered 200.

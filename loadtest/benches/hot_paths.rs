@@ -479,10 +479,11 @@ fn bench_filter(c: &mut Criterion, fx: &Fixture, cache: &DecisionCache) {
     g.finish();
 }
 
-/// The export's path over the same records: NDJSON lines, filtered in whole lines as frames
-/// of the upstream body arrive (`export.rs`), with one memo for the export, warm from the
+/// The export's path over the same records: NDJSON lines, filtered in whole lines as the
+/// upstream body's frames gather (`export.rs`), with one memo for the export, warm from the
 /// records before (an export of a constituency has read thousands before these). In one
-/// piece, and in small (16 KiB) frames, to price the per-frame part against `filter_page`.
+/// piece, and arriving in small (16 KiB) frames filtered in `export::FILTER_BATCH` batches as
+/// the export does, to price the per-line and per-batch parts against `filter_page`.
 fn bench_export_lines(
     g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     fx: &Fixture,
@@ -509,7 +510,8 @@ fn bench_export_lines(
     }
 }
 
-/// `export.rs`'s loop without the network: whole lines of each frame, the rest carried over.
+/// `export.rs`'s loop without the network: once a batch has gathered, its whole lines; the
+/// rest carried over.
 fn wardgate_lines(
     fx: &Fixture,
     c: &Asker,
@@ -537,6 +539,9 @@ fn wardgate_lines(
     let mut partial = Vec::new();
     for piece in lines.chunks(frame) {
         partial.extend_from_slice(piece);
+        if partial.len() < wardgate::export::FILTER_BATCH {
+            continue;
+        }
         if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
             run(&partial[..end]);
             partial.drain(..end + 1);
