@@ -280,14 +280,6 @@ impl Slot {
     }
 }
 
-/// Notes the key read at `i` of a list of expected keys.
-fn note<T>(list: &mut Vec<Option<T>>, i: usize, key: Option<T>) {
-    match list.get_mut(i) {
-        Some(k) => *k = key,
-        None => list.push(key),
-    }
-}
-
 /// `channel_states` of the value that comes next in `scan`, which it takes; `keys` are those
 /// of the consents read before (a hint: a key is only taken as expected where its bytes are
 /// the same) and are replaced with this value's.
@@ -306,7 +298,7 @@ fn channel_states_at<'a>(
                 break;
             };
             if !channel.expected {
-                note(&mut keys.channels, i, channel.written);
+                super::note(&mut keys.channels, i, channel.written);
             }
             i += 1;
             let live = !scan.null().ok()? && consent_live(scan, &mut keys.inner)?;
@@ -369,7 +361,7 @@ fn consent_live<'a>(
             _ => Slot::of(&key.name),
         };
         if !key.expected {
-            note(keys, i, key.written.map(|w| (w, slot)));
+            super::note(keys, i, key.written.map(|w| (w, slot)));
         }
         i += 1;
         let slot = match slot {
@@ -444,7 +436,6 @@ pub fn today() -> i64 {
 mod tests {
     use super::{string, string_scanned};
 
-    /// The shortcut for strings without escapes reads every text as the scanner does.
     /// Lengths are written so that none is the start of another (what keeps a fingerprint's
     /// parts apart).
     #[test]
@@ -483,6 +474,7 @@ mod tests {
         }
     }
 
+    /// The shortcut for strings without escapes reads every text as the scanner does.
     #[test]
     fn strings_read_directly_read_as_scanned() {
         for raw in [

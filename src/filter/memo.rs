@@ -54,7 +54,6 @@ pub struct Memo {
 /// nearly all are (a few dozen bytes), so that a lookup reads the table and not then a
 /// separate allocation too. In an export, whose stream pushes the map out of the cache,
 /// comparing the key in that allocation was 3.5% of the profile.
-#[derive(Clone)]
 enum Key {
     Inline { len: u8, bytes: [u8; INLINE_KEY] },
     Heap(Box<[u8]>),

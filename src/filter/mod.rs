@@ -164,10 +164,8 @@ impl<'a> RawRecord<'a> {
             };
             repeats &= key.expected;
             // A key taken as expected is written as the one noted (the same bytes).
-            match self.written.get_mut(i) {
-                Some(_) if key.expected => {}
-                Some(w) => *w = key.written,
-                None => self.written.push(key.written),
+            if !key.expected {
+                note(&mut self.written, i, key.written);
             }
             self.fields.push((key.name, value));
             self.spans.push((key.at, scan.pos()));
@@ -208,6 +206,14 @@ impl<'a> RawRecord<'a> {
     fn has_duplicate_names(&self) -> bool {
         let mut seen = HashSet::with_capacity(self.fields.len());
         !self.fields.iter().all(|(k, _)| seen.insert(k.as_ref()))
+    }
+}
+
+/// Notes how the key at `i` of a record (or of its consents) was written, for the next one.
+fn note<T>(list: &mut Vec<Option<T>>, i: usize, written: Option<T>) {
+    match list.get_mut(i) {
+        Some(w) => *w = written,
+        None => list.push(written),
     }
 }
 
