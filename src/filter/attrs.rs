@@ -174,12 +174,19 @@ pub(super) fn fingerprint(
     }
 }
 
+#[inline]
 fn put(key: &mut Vec<u8>, part: Option<&str>) {
     match part {
         None => key.push(0),
         Some(s) => {
-            key.push(1);
-            count(key, s.len());
+            match u8::try_from(s.len()) {
+                // Nearly every part: its tag and length in one write.
+                Ok(n) if n < 0x80 => key.extend_from_slice(&[1, n]),
+                _ => {
+                    key.push(1);
+                    count(key, s.len());
+                }
+            }
             key.extend_from_slice(s.as_bytes());
         }
     }
@@ -412,11 +419,31 @@ pub fn days_from_iso_date(s: &str) -> Option<i64> {
         let digits = [y0, y1, y2, y3, m0, m1, d0, d1];
         if digits.iter().all(u8::is_ascii_digit) {
             let n = |ds: &[u8]| ds.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-            let year = i32::from(n(&digits[..4]));
-            let month = time::Month::try_from(u8::try_from(n(&digits[4..6])).ok()?).ok()?;
-            let day = u8::try_from(n(&digits[6..])).ok()?;
-            let date = time::Date::from_calendar_date(year, month, day).ok()?;
-            return Some(days_since_epoch(date));
+            let (year, month, day) = (
+                i64::from(n(&digits[..4])),
+                i64::from(n(&digits[4..6])),
+                i64::from(n(&digits[6..])),
+            );
+            let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+            let month_days = match month {
+                1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+                4 | 6 | 9 | 11 => 30,
+                2 if leap => 29,
+                2 => 28,
+                _ => return None,
+            };
+            if !(1..=month_days).contains(&day) {
+                return None;
+            }
+            // Days from the civil date (H. Hinnant's `days_from_civil`, years from March so
+            // that the leap day ends one): a TPS date is read for every record, and building
+            // a `time::Date` for it was a sixtieth of a page.
+            let y = if month <= 2 { year - 1 } else { year };
+            let era = y.div_euclid(400);
+            let year_of_era = y - era * 400;
+            let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+            let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+            return Some(era * 146_097 + day_of_era - 719_468);
         }
     }
     let fmt = time::macros::format_description!("[year]-[month]-[day]");

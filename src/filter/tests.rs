@@ -715,7 +715,9 @@ fn dates_read_directly_read_as_the_date_parser_reads_them() {
     .into_iter()
     .map(str::to_owned)
     .collect::<Vec<_>>();
-    for y in [1900, 2000, 2023, 2024] {
+    for y in [
+        0, 1, 4, 100, 399, 400, 1600, 1900, 1969, 1970, 2000, 2023, 2024, 2100, 9999,
+    ] {
         for m in 0..=13 {
             for d in 0..=32 {
                 cases.push(format!("{y:04}-{m:02}-{d:02}"));
