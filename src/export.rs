@@ -36,7 +36,21 @@ const MAX_LINE: usize = 1 << 20;
 /// by frame: each call of the filter starts its field list afresh, so the first record of
 /// each call has its keys scanned and its layout found again, and upstream frames can be
 /// as small as a few records.
-pub const FILTER_BATCH: usize = 256 << 10;
+const FILTER_BATCH: usize = 256 << 10;
+
+/// How much of `partial` (the upstream body gathered and not yet filtered) to filter now:
+/// once a batch has gathered, its whole lines, in one go; at the end (`done`), all of it;
+/// otherwise nothing yet. What is left after a batch is at most one line, which `MAX_LINE`
+/// bounds.
+pub fn ready(partial: &[u8], done: bool) -> Option<usize> {
+    if done {
+        Some(partial.len())
+    } else if partial.len() >= FILTER_BATCH {
+        memchr::memrchr(b'\n', partial)
+    } else {
+        None
+    }
+}
 
 /// Everything the export needs once the request has been authorized and the upstream has
 /// answered 200.
@@ -111,18 +125,8 @@ impl Run<'_> {
                     partial.extend_from_slice(data);
                 }
             }
-            // Once a batch has arrived, every whole line in it (at the end, what is left
-            // too), in one go; the rest waits for the next frame. (After that, what is left
-            // is at most one line, which `MAX_LINE` bounds.)
-            let whole = if done {
-                Some(partial.len())
-            } else if partial.len() >= FILTER_BATCH {
-                memchr::memrchr(b'\n', &partial)
-            } else {
-                None
-            };
-            if let Some(end) = whole {
-                // The rights register as it stands for this frame's records.
+            if let Some(end) = ready(&partial, done) {
+                // The rights register as it stands for this batch's records.
                 let flags = gw.controls.register_flags();
                 let cx = FilterContext {
                     dataset,

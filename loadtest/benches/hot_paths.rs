@@ -482,7 +482,7 @@ fn bench_filter(c: &mut Criterion, fx: &Fixture, cache: &DecisionCache) {
 /// The export's path over the same records: NDJSON lines, filtered in whole lines as the
 /// upstream body's frames gather (`export.rs`), with one memo for the export, warm from the
 /// records before (an export of a constituency has read thousands before these). In one
-/// piece, and arriving in small (16 KiB) frames filtered in `export::FILTER_BATCH` batches as
+/// piece, and arriving in small (16 KiB) frames filtered in batches (`export::ready`) as
 /// the export does, to price the per-line and per-batch parts against `filter_page`.
 fn bench_export_lines(
     g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
@@ -510,8 +510,7 @@ fn bench_export_lines(
     }
 }
 
-/// `export.rs`'s loop without the network: once a batch has gathered, its whole lines; the
-/// rest carried over.
+/// `export.rs`'s loop without the network (`export::ready` says what to filter when).
 fn wardgate_lines(
     fx: &Fixture,
     c: &Asker,
@@ -539,15 +538,14 @@ fn wardgate_lines(
     let mut partial = Vec::new();
     for piece in lines.chunks(frame) {
         partial.extend_from_slice(piece);
-        if partial.len() < wardgate::export::FILTER_BATCH {
-            continue;
-        }
-        if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+        if let Some(end) = wardgate::export::ready(&partial, false) {
             run(&partial[..end]);
             partial.drain(..end + 1);
         }
     }
-    run(&partial);
+    if let Some(end) = wardgate::export::ready(&partial, true) {
+        run(&partial[..end]);
+    }
     black_box(d);
     out
 }

@@ -131,8 +131,7 @@ pub(super) fn fingerprint(
     match (cx.register_flags)(subject) {
         None => key.push(0),
         Some(extra) => {
-            key.push(1);
-            count(key, extra.len());
+            head(key, 1, extra.len());
             for f in &extra {
                 put(key, Some(f));
             }
@@ -179,29 +178,29 @@ fn put(key: &mut Vec<u8>, part: Option<&str>) {
     match part {
         None => key.push(0),
         Some(s) => {
-            match u8::try_from(s.len()) {
-                // Nearly every part: its tag and length in one write.
-                Ok(n) if n < 0x80 => key.extend_from_slice(&[1, n]),
-                _ => {
-                    key.push(1);
-                    count(key, s.len());
-                }
-            }
+            head(key, 1, s.len());
             key.extend_from_slice(s.as_bytes());
         }
     }
 }
 
-/// `n` in LEB128: seven bits a byte, low first, the high bit set on every byte but the last.
-/// No such encoding is the start of another, so lengths written this way keep the parts
-/// apart as fixed-width ones would, in one byte for any part under 128 bytes: the key is
-/// hashed and compared for every record, and fixed eight-byte lengths were most of it.
-fn count(key: &mut Vec<u8>, mut n: usize) {
+/// A part's `tag` and then `n` (its length, or how many parts follow) in LEB128: seven bits a
+/// byte, low first, the high bit set on every byte but the last; both in one write. No such
+/// encoding is the start of another, so lengths written this way keep the parts apart as
+/// fixed-width ones would, in one byte for any part under 128 bytes: the key is hashed and
+/// compared for every record, and fixed eight-byte lengths were most of it.
+fn head(key: &mut Vec<u8>, tag: u8, mut n: usize) {
+    // The tag and at most ten bytes for a 64-bit length.
+    let mut bytes = [0u8; 11];
+    bytes[0] = tag;
+    let mut len = 1;
     while n >= 0x80 {
-        key.push((n & 0x7f) as u8 | 0x80);
+        bytes[len] = (n & 0x7f) as u8 | 0x80;
         n >>= 7;
+        len += 1;
     }
-    key.push(n as u8);
+    bytes[len] = n as u8;
+    key.extend_from_slice(&bytes[..=len]);
 }
 
 /// A non-empty string or a number, as text; anything else is `None`.
@@ -482,8 +481,9 @@ mod tests {
         let written: Vec<Vec<u8>> = (ns.iter())
             .map(|&n| {
                 let mut v = Vec::new();
-                super::count(&mut v, n);
-                v
+                super::head(&mut v, 1, n);
+                assert_eq!(v[0], 1);
+                v.split_off(1)
             })
             .collect();
         assert_eq!(written[0], [0]);
