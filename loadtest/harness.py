@@ -10,7 +10,7 @@ nginx and wrk and builds wardgate first; this file only measures.
    `durability = "fsync"`, then `"page-cache"`).
 3. Per page size and target: wrk saturation run (after a warm-up) for requests/s and latency,
    CPU time per request of the server under test from /proc/PID/stat; then a fixed-rate run at
-   half of nginx proxy_pass's saturation rate (fixedrate.py) for latency.
+   half of nginx proxy_pass's saturation rate (loadtest/fixedrate.rs, compiled) for latency.
 4. Prints the table and writes JSON.
 
 Core pinning: the server under test on core 1 (the upstream nginx itself when it is the target),
@@ -420,7 +420,7 @@ def fixed_rate(args, work: Path, target: str, n: int, url: str, headers: dict, r
                server: subprocess.Popen) -> dict:
     wait_quiet(args)
     log(f"{target:<20} {n:>5} records: fixed rate {rate:.0f}/s for {args.fixed_duration:g}s")
-    argv = ["taskset", "-c", "0", sys.executable, str(HERE / "fixedrate.py"), "--url", url,
+    argv = ["taskset", "-c", "0", args.fixedrate, "--url", url,
             "--rate", f"{rate:.3f}", "--duration", f"{args.fixed_duration:g}", "--warmup", "2",
             "--connections", str(args.fixed_connections)]
     for k, v in headers.items():
@@ -430,7 +430,7 @@ def fixed_rate(args, work: Path, target: str, n: int, url: str, headers: dict, r
                        timeout=args.fixed_duration + 60)
     c1, g1, t1 = cpu_ticks(server.pid), children_cpu(), time.monotonic()
     if r.returncode != 0:
-        raise RuntimeError(f"fixedrate.py failed: {r.stderr.decode(errors='replace')}")
+        raise RuntimeError(f"fixedrate failed: {r.stderr.decode(errors='replace')}")
     res = json.loads(r.stdout)
     res["proxy_core_util"] = (c1 - c0) / CLK_TCK / (t1 - t0)
     # The generator's own CPU per request it completed: its limit on core 0.
@@ -546,7 +546,7 @@ def table(result: dict) -> str:
                 f"{sum(r['errors'].values()):>7} {f(r.get('audit_records_per_commit'), '10.1f'):>10}")
         lines.append("")
     if any(fixed.values()):
-        lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.py, "
+        lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.rs, "
                      f"{result['config']['fixed_duration_s']:g}s after 2s warm-up; latency from each "
                      f"request's scheduled instant; 'added' = minus the direct upstream's)")
         hdr2 = (f"{'records':>7}  {'target':<28} {'rate/s':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} "
@@ -615,6 +615,8 @@ def machine_info(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description="wardgate load test (see loadtest/README.md)")
     ap.add_argument("--bin", required=True, help="the release wardgate binary")
+    ap.add_argument("--fixedrate", required=True,
+                    help="the fixed-rate generator (cargo build --release --example fixedrate)")
     ap.add_argument("--work", required=True, help="scratch directory (config, pages, audit logs)")
     ap.add_argument("--results", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--sizes", default="10,100,1000")
@@ -668,7 +670,7 @@ def main() -> int:
             "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "fixed_duration_s": args.fixed_duration, "fixed_connections": args.fixed_connections,
             "electors": args.electors,
-            "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate.py on core 0 "
+            "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate on core 0 "
                        "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
         },
         "pages": {}, "saturation": {}, "fixed_rate": {}, "profile": None,

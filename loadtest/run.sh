@@ -9,6 +9,7 @@
 #
 # Environment:
 #   WARDGATE_BIN         use this wardgate binary instead of building one
+#   FIXEDRATE_BIN        use this fixed-rate generator (examples/fixedrate) instead of building one
 #   CARGO_TARGET_DIR     where to build (default: target/loadtest, apart from debug builds)
 #   LOADTEST_BUILD_JOBS  cargo -j for the build (default: 1, to leave a core to others)
 #   LOADTEST_KEEP_WORK=1 keep the scratch directory (configs, pages, logs, audit segments)
@@ -44,22 +45,31 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$rc" = 0 ] || { echo "apt-get failed ($rc)" >&2; exit "$rc"; }
 fi
 export PATH="$PATH:/usr/sbin"
-# The fixed-rate generator is plain Python; uvloop (PyPI) makes it cheaper per request. Optional.
-if ! python3 -c 'import uvloop' 2>/dev/null; then
-  say "installing uvloop for the fixed-rate generator (optional; asyncio is used without it)"
-  python3 -m pip install -q uvloop >/dev/null 2>&1 || say "uvloop not installed; using asyncio"
-fi
 
-# ---- 2. wardgate, release build
+# ---- 2. wardgate and the fixed-rate generator, release builds
+target_dir=${CARGO_TARGET_DIR:-$repo/target/loadtest}
+build() {
+  say "building $* (release) into $target_dir"
+  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release "$@" -j "${LOADTEST_BUILD_JOBS:-1}")
+}
 if [ -n "${WARDGATE_BIN:-}" ]; then
   bin=$WARDGATE_BIN
 else
-  target_dir=${CARGO_TARGET_DIR:-$repo/target/loadtest}
-  say "building wardgate (release) into $target_dir"
-  (cd "$repo" && CARGO_TARGET_DIR="$target_dir" cargo build --release --bin wardgate -j "${LOADTEST_BUILD_JOBS:-1}")
+  build --bin wardgate
   bin=$target_dir/release/wardgate
 fi
 [ -x "$bin" ] || { echo "no wardgate binary at $bin" >&2; exit 1; }
+fixedrate_args=()
+if [ "${1:-}" != "--export" ]; then
+  if [ -n "${FIXEDRATE_BIN:-}" ]; then
+    fixedrate=$FIXEDRATE_BIN
+  else
+    build --example fixedrate
+    fixedrate=$target_dir/release/examples/fixedrate
+  fi
+  [ -x "$fixedrate" ] || { echo "no fixed-rate generator at $fixedrate" >&2; exit 1; }
+  fixedrate_args=(--fixedrate "$fixedrate")
+fi
 
 # ---- 3. measure; the harness stops what it starts, and so does this trap if it cannot
 work=$(mktemp -d "${TMPDIR:-/tmp}/wardgate-loadtest.XXXXXX")
@@ -83,4 +93,4 @@ if [ "${1:-}" = "--export" ]; then
   program=export.py
   shift
 fi
-python3 "$here/$program" --bin "$bin" --work "$work" "$@"
+python3 "$here/$program" --bin "$bin" "${fixedrate_args[@]}" --work "$work" "$@"
