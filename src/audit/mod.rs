@@ -5,7 +5,7 @@
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
-//! ([`index`]), finding one subject's records ([`reader`]), retention ([`prune`]), offline chain verification
+//! ([`index`]) on a low-priority thread (private `seal_queue` module), finding one subject's records ([`reader`]), retention ([`prune`]), offline chain verification
 //! ([`verify`]) and following the log in a terminal ([`tail`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
@@ -17,6 +17,7 @@ pub mod index;
 pub mod prune;
 pub mod reader;
 pub mod record;
+mod seal_queue;
 mod segment;
 pub mod tail;
 pub mod verify;

@@ -14,6 +14,7 @@ use anyhow::Context;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::record::{AuditRecord, encode_line};
+use super::seal_queue::SealQueue;
 use super::segment::{resume, segment_name, sync_dir};
 
 /// When a batch counts as written.
@@ -189,19 +190,6 @@ impl Drop for Coming {
     }
 }
 
-fn seal_in_background(dir: PathBuf, segments: Vec<u64>) {
-    std::thread::spawn(move || {
-        for n in segments {
-            match super::index::seal(&dir, n) {
-                Ok(s) => tracing::info!(segment = n, records = s.records, "audit segment sealed"),
-                Err(e) => {
-                    tracing::error!(segment = n, error = %e, "cannot seal audit segment; lookups will scan it")
-                }
-            }
-        }
-    });
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -220,6 +208,8 @@ struct Writer {
     coming: Arc<AtomicUsize>,
     segment_max_bytes: u64,
     sealer: Option<super::addr::Sealer>,
+    /// Finished segments go here to be sealed off this thread.
+    seal_queue: SealQueue,
     segment: u64,
     /// Closed after a failure so the next batch reopens the segment by path.
     file: Option<File>,
@@ -267,6 +257,8 @@ impl Writer {
         let sealer = settings
             .seal_client_addr
             .then(|| super::addr::Sealer::new(&dir));
+        let seal_queue = SealQueue::start(dir.clone())
+            .context("cannot start the audit segment sealing thread")?;
         let mut writer = Writer {
             dir,
             durability: settings.durability,
@@ -277,6 +269,7 @@ impl Writer {
             coming: Arc::default(),
             segment_max_bytes: settings.segment_max_bytes,
             sealer,
+            seal_queue,
             segment: resume.segment,
             file: None,
             len: resume.len,
@@ -304,8 +297,8 @@ impl Writer {
             .map(|(n, _)| n)
             .filter(|n| *n < writer.segment && super::index::read_seal(&writer.dir, *n).is_none())
             .collect();
-        if !unsealed.is_empty() {
-            seal_in_background(writer.dir.clone(), unsealed);
+        for n in unsealed {
+            writer.seal_queue.push(n);
         }
         Ok(writer)
     }
@@ -456,7 +449,7 @@ impl Writer {
                     // Lazily: the new file is created by the next batch, so a roll costs nothing
                     // until there is something to write. The finished segment is sealed off the
                     // writer thread: sealing reads it once, and appends must not wait for that.
-                    seal_in_background(self.dir.clone(), vec![self.segment]);
+                    self.seal_queue.push(self.segment);
                     self.file = None;
                     (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
                 }
