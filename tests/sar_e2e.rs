@@ -107,8 +107,9 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         expected.len()
     );
 
-    // Wait for the finished segments to be sealed (it happens off the writer thread).
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Wait for the finished segments to be sealed (it happens off the writer thread, under
+    // SCHED_IDLE: only when the machine has a moment, which on a busy CI machine can be late).
+    let deadline = Instant::now() + Duration::from_secs(60);
     let dir = app.audit_dir.clone();
     loop {
         let segs = std::fs::read_dir(&dir)

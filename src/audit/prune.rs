@@ -178,8 +178,17 @@ mod tests {
             .map(|(n, _)| n)
             .collect();
         assert!(segments.len() > 4, "{segments:?}");
+        // The writer's sealing thread seals every finished segment; wait for it (sealing here
+        // as well would race it for the same temporary file).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         for n in &segments[..segments.len() - 1] {
-            crate::audit::index::seal(dir.path(), *n).unwrap();
+            while crate::audit::index::read_seal(dir.path(), *n).is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "segment {n} not sealed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
         }
         let before = verify_dir(dir.path()).unwrap();
         let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);

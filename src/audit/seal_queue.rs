@@ -3,13 +3,16 @@
 //! CPU priority than the request path.
 //!
 //! Why the priority: sealing a 64 MiB segment reads every line and sorts a few million index
-//! entries, some hundreds of milliseconds of CPU at once, and a gateway given one core (as in
-//! the load test) shared it evenly between that and its requests. At [`NICE_OFFSET`] the
-//! scheduler gives the seal about a tenth of a busy core and all of an idle one, which still
-//! keeps up with a saturated gateway's segments (one every few seconds). Seals still show in
-//! the tail: at half of the saturation rate, 100-record pages, the load test's page-cache p99
-//! was 1.4 ms when no segment filled during the run and 2.8-4.2 ms when one did; the disk
-//! writes of the index are paced for the same reason (see `index::seal`).
+//! entries, some hundreds of milliseconds of CPU. A gateway given one core (as in the load test)
+//! shared it with the seal, and requests that arrived during one of the seal's time slices
+//! waited for the slice to end: at half of the saturation rate, 100-record pages, the load
+//! test's page-cache p99 was 1.4 ms when no segment filled during the run and 4.2 ms when one
+//! did. A nice value of +10 did not help (2.1-4.8 ms): the scheduler picked the seal less often
+//! but still let each slice run 1-4 ms (seen in `perf sched timehist`). Under `SCHED_IDLE` the
+//! seal runs only when nothing else wants the core and a request's wakeup takes the core back
+//! at once: 1.4-1.6 ms with seals during the run (two runs each, alternating). The cost: a gateway saturated for long seals slowly (it gets a fraction of a
+//! percent of a busy core), and lookups scan the segments still waiting here until it catches
+//! up. The index's disk writes are paced for the same reason (see `index::seal`).
 //!
 //! Does not own: when a segment is finished (the writer says) or what sealing writes
 //! ([`index`]).
@@ -19,10 +22,6 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use super::index;
-
-/// How much nicer than the gateway the sealing thread is (the nice value rises by this much,
-/// capped at 19): weight 110 against the request path's 1024 in Linux's scheduler.
-pub const NICE_OFFSET: i32 = 10;
 
 /// The queue of segments to seal, and the thread that seals them. Dropping it lets the thread
 /// finish what is queued and end.
@@ -66,14 +65,16 @@ impl SealQueue {
     }
 }
 
-/// Raises this thread's nice value by [`NICE_OFFSET`]. Raising it needs no privilege; if it
-/// fails anyway, sealing still works, only at the request path's priority.
+/// Puts this thread under `SCHED_IDLE`, which needs no privilege. If that fails anyway, sealing
+/// still works, only at the request path's priority.
 fn lower_priority() {
-    let me = Some(rustix::thread::gettid());
-    let raised = rustix::process::getpriority_process(me)
-        .and_then(|now| rustix::process::setpriority_process(me, (now + NICE_OFFSET).min(19)));
-    if let Err(e) = raised {
-        tracing::warn!(error = %e, "cannot lower the sealing thread's priority");
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, thread_native_id,
+        unix::set_thread_priority_and_policy,
+    };
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+        tracing::warn!(error = %e, "cannot put the sealing thread under SCHED_IDLE");
     }
 }
 
@@ -82,48 +83,57 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// The nice value (field 19 of `/proc/self/task/TID/stat`) of this process's threads named
-    /// `name`.
-    fn nice_of_threads(name: &str) -> Vec<i32> {
+    /// The scheduling policy in a `/proc/.../stat` text (field 41; state is field 3, the first
+    /// after the command's closing parenthesis).
+    fn policy_in(stat: &str) -> u32 {
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+    }
+
+    /// The scheduling policies of this process's threads named `name`.
+    fn policy_of_threads(name: &str) -> Vec<u32> {
         let mut found = vec![];
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim_end() != name {
-                continue;
+            // A thread of another test may end between listing and reading: skip it.
+            if comm.trim_end() == name
+                && let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
+            {
+                found.push(policy_in(&stat));
             }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-            // After the command's closing parenthesis: state is field 3, nice field 19.
-            let rest = &stat[stat.rfind(')').unwrap() + 2..];
-            let nice = rest.split(' ').nth(19 - 3).unwrap().parse().unwrap();
-            found.push(nice);
         }
         found
     }
 
+    /// `SCHED_IDLE` in `<linux/sched.h>`.
+    const SCHED_IDLE: u32 = 5;
+
     #[test]
-    fn seals_queued_segments_on_a_thread_nicer_than_the_request_path() {
+    fn seals_queued_segments_on_a_thread_that_yields_to_requests() {
         let dir = tempfile::tempdir().unwrap();
-        let mine = rustix::process::getpriority_process(None).unwrap();
         // Named apart from the seal threads of other tests' writers running alongside.
         let name = "seal-test";
         let queue = SealQueue::start_named(dir.path().to_path_buf(), name).unwrap();
         // Segment 1 does not exist: the seal fails, is logged, and the thread goes on.
         queue.push(1);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let nice = loop {
-            let seen = nice_of_threads(name);
-            if seen.iter().any(|n| *n != mine) || Instant::now() > deadline {
+        let policy = loop {
+            let seen = policy_of_threads(name);
+            if seen == [SCHED_IDLE] || Instant::now() > deadline {
                 break seen;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        assert_eq!(nice, vec![(mine + NICE_OFFSET).min(19)]);
+        assert_eq!(policy, [SCHED_IDLE]);
+        // This thread (the request path's stand-in) keeps the ordinary policy.
+        let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        assert_eq!(policy_in(&own), 0);
         // The thread ends once the queue is dropped.
         drop(queue);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !nice_of_threads(name).is_empty() && Instant::now() < deadline {
+        while !policy_of_threads(name).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(nice_of_threads(name).is_empty());
+        assert!(policy_of_threads(name).is_empty());
     }
 }
