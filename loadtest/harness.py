@@ -580,8 +580,9 @@ def table(result: dict) -> str:
             lines.append("")
         lines.append("* half of nginx's rate is above this target's saturation rate, so it ran at half its "
                      "own saturation rate, and 'added' is against the direct upstream at that same rate. svc = latency from the "
-                     "actual send; lag = how late the generator sent (its own limit). ! = the generator fell over 2 ms "
-                     "behind (core 0 saturated by it and the upstream): that row's latency is overstated.")
+                     "actual send; lag = how long after its instant a request went out. ! = lag p99 over 2 ms: "
+                     "either every connection was held by a stalled server (then svc is high too) or core 0 "
+                     "(generator and upstream) was saturated, which overstates that row's latency.")
     return "\n".join(lines)
 
 
