@@ -19,7 +19,8 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 
 use super::index;
 
@@ -27,7 +28,13 @@ use super::index;
 /// finish what is queued and end.
 pub struct SealQueue {
     tx: mpsc::Sender<u64>,
+    /// Segments queued and not yet sealed (or failed), also the gauge [`BACKLOG_GAUGE`].
+    backlog: Arc<AtomicUsize>,
 }
+
+/// How many finished segments wait to be sealed: near zero unless the gateway has been kept
+/// at full CPU (then seals wait for a moment of idle, and lookups scan the waiting segments).
+pub const BACKLOG_GAUGE: &str = "wardgate_audit_seal_backlog";
 
 impl SealQueue {
     pub fn start(dir: PathBuf) -> io::Result<SealQueue> {
@@ -36,6 +43,8 @@ impl SealQueue {
 
     fn start_named(dir: PathBuf, thread: &str) -> io::Result<SealQueue> {
         let (tx, rx) = mpsc::channel::<u64>();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let left = Arc::clone(&backlog);
         std::thread::Builder::new()
             .name(thread.into())
             .spawn(move || {
@@ -48,13 +57,17 @@ impl SealQueue {
                         Err(e) => tracing::error!(segment = n, error = %e,
                             "cannot seal audit segment; lookups will scan it"),
                     }
+                    let now = left.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                    metrics::gauge!(BACKLOG_GAUGE).set(now as f64);
                 }
             })?;
-        Ok(SealQueue { tx })
+        Ok(SealQueue { tx, backlog })
     }
 
     /// Queues segment `n`, which will not be written again.
     pub fn push(&self, n: u64) {
+        let now = self.backlog.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(BACKLOG_GAUGE).set(now as f64);
         if self.tx.send(n).is_err() {
             // Only if the thread panicked: the segment is sealed on the next start.
             tracing::error!(
@@ -125,6 +138,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(policy, [SCHED_IDLE]);
+        // The failed seal is no longer waiting; nor are two more once they are done (a count
+        // that missed either side would never come back to zero).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the backlog never emptied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        queue.push(2);
+        queue.push(3);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the backlog never emptied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // This thread (the request path's stand-in) keeps the ordinary policy.
         let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
         assert_eq!(policy_in(&own), 0);
