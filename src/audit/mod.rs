@@ -5,8 +5,9 @@
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
-//! ([`index`]) on a low-priority thread (private `seal_queue` module), finding one subject's records ([`reader`]), retention ([`prune`]), offline chain verification
-//! ([`verify`]) and following the log in a terminal ([`tail`]).
+//! ([`index`]) on a low-priority thread (private `seal_queue` module), finding one subject's
+//! records ([`reader`]), retention ([`prune`]), offline chain verification ([`verify`]) and
+//! following the log in a terminal ([`tail`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
 //! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,

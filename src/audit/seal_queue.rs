@@ -10,9 +10,10 @@
 //! did. A nice value of +10 did not help (2.1-4.8 ms): the scheduler picked the seal less often
 //! but still let each slice run 1-4 ms (seen in `perf sched timehist`). Under `SCHED_IDLE` the
 //! seal runs only when nothing else wants the core and a request's wakeup takes the core back
-//! at once: 1.4-1.6 ms with seals during the run (two runs each, alternating). The cost: a gateway saturated for long seals slowly (it gets a fraction of a
-//! percent of a busy core), and lookups scan the segments still waiting here until it catches
-//! up. The index's disk writes are paced for the same reason (see `index::seal`).
+//! at once: 1.4-1.6 ms with seals during the run (two runs each, alternating). The cost: a
+//! gateway saturated for long seals slowly (it gets a fraction of a percent of a busy core),
+//! and lookups scan the segments still waiting here until it catches up ([`BACKLOG_GAUGE`]
+//! counts them). The index's disk writes are paced for the same reason (see `index::seal`).
 //!
 //! Does not own: when a segment is finished (the writer says) or what sealing writes
 //! ([`index`]).
