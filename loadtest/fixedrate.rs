@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -354,8 +354,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             .register(&mut stream, Token(i), Interest::READABLE)?;
         streams.push(stream);
     }
-    let streams = Arc::new(streams);
-    let request: Arc<[u8]> = target.request.into();
+    let request = target.request;
 
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let t0 = Instant::now() + Duration::from_millis(50);
@@ -363,7 +362,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     let last_instant = t0 + Duration::from_secs_f64(args.warmup + args.duration);
     let deadline = last_instant + Duration::from_secs_f64(args.grace);
     let measured_total = (args.rate * args.duration).round() as u64;
-    let shared = Arc::new(Mutex::new(Shared {
+    let shared = Mutex::new(Shared {
         slots: vec![
             Slot {
                 in_flight: None,
@@ -383,50 +382,22 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         sched_lat: Vec::with_capacity(measured_total as usize + 16),
         send_lat: Vec::with_capacity(measured_total as usize + 16),
         send_lag: Vec::with_capacity(measured_total as usize + 16),
-    }));
-    let stop = Arc::new(AtomicBool::new(false));
+    });
+    let stop = AtomicBool::new(false);
 
-    let reader = {
-        let (shared, streams, request, stop) = (
-            Arc::clone(&shared),
-            Arc::clone(&streams),
-            Arc::clone(&request),
-            Arc::clone(&stop),
-        );
-        thread::Builder::new()
+    // The reader lives only as long as this scope: it borrows what the scheduler uses.
+    let framing = thread::scope(|scope| -> anyhow::Result<Option<String>> {
+        let reader = thread::Builder::new()
             .name("fixedrate-reader".into())
-            .spawn(move || read_answers(poll, &shared, &streams, &request, &stop))?
-    };
-
-    // The scheduler: each instant in turn, slept to, queued and sent if a connection is free.
-    let mut scheduled = 0;
-    while scheduled < total {
-        let at = t0 + interval.mul_f64(scheduled as f64);
-        let now = Instant::now();
-        if now > deadline {
-            break;
-        }
-        if at > now {
-            thread::sleep(at - now);
-        }
-        let mut s = lock(&shared);
-        s.queue.push_back(at);
-        s.dispatch(&streams, &request);
-        scheduled += 1;
-    }
-    // Then the stragglers, until every request sent is answered or failed, or the deadline.
-    while Instant::now() < deadline {
-        let s = lock(&shared);
-        if s.completed + s.errors >= scheduled {
-            break;
-        }
-        drop(s);
-        thread::sleep(Duration::from_millis(2));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let framing = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("fixedrate: the reader thread panicked"))?;
+            .spawn_scoped(scope, || {
+                read_answers(poll, &shared, &streams, &request, &stop)
+            })?;
+        schedule(&shared, &streams, &request, total, t0, interval, deadline);
+        stop.store(true, Ordering::Relaxed);
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("fixedrate: the reader thread panicked"))
+    })?;
 
     let mut s = lock(&shared);
     let unfinished = total.saturating_sub(s.completed + s.errors);
@@ -454,6 +425,42 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         out["framing_error"] = json!(problem);
     }
     Ok(out)
+}
+
+/// The scheduler: each instant in turn, slept to, queued and sent if a connection is free;
+/// then the stragglers, until every request sent is answered or failed, or the deadline.
+fn schedule(
+    shared: &Mutex<Shared>,
+    streams: &[TcpStream],
+    request: &[u8],
+    total: u64,
+    t0: Instant,
+    interval: Duration,
+    deadline: Instant,
+) {
+    let mut scheduled = 0;
+    while scheduled < total {
+        let at = t0 + interval.mul_f64(scheduled as f64);
+        let now = Instant::now();
+        if now > deadline {
+            break;
+        }
+        if at > now {
+            thread::sleep(at - now);
+        }
+        let mut s = lock(shared);
+        s.queue.push_back(at);
+        s.dispatch(streams, request);
+        scheduled += 1;
+    }
+    while Instant::now() < deadline {
+        let s = lock(shared);
+        if s.completed + s.errors >= scheduled {
+            break;
+        }
+        drop(s);
+        thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// The reader thread: answers in, latencies recorded, freed connections handed the queue.
