@@ -325,6 +325,13 @@ pub(super) fn take_consents<'a>(
 ) -> Result<(&'a str, bool), ScanError> {
     states.clear();
     let (value, read) = scan.value_read(|scan| {
+        // Nearly always the last record's keys, written the same way.
+        let mut again = scan.clone();
+        if channel_states_again(&mut again, keys, states).is_some() {
+            *scan = again;
+            return Some(());
+        }
+        states.clear();
         channel_states_at(scan, keys, |channel, live| {
             put_channel(states, &channel, live)
         })
@@ -335,6 +342,41 @@ pub(super) fn take_consents<'a>(
         states.clear();
     }
     Ok((value, read.is_some()))
+}
+
+/// `channel_states_at` for a consents value whose keys (its channels', and those of every
+/// consent object in it) are, in order, those of the last one read, written the same way:
+/// each is taken by comparing its bytes, and the keys noted stay as they are. `None` at the
+/// first difference and at anything malformed (the caller then reads the value from its
+/// start with `channel_states_at`, which notes its keys or refuses it).
+fn channel_states_again<'a>(
+    scan: &mut Scan<'a>,
+    keys: &ConsentKeys<'a>,
+    states: &mut Vec<u8>,
+) -> Option<()> {
+    if scan.null().ok()? {
+        return Some(());
+    }
+    scan.begin_object().ok()?;
+    for (i, channel) in keys.channels.iter().enumerate() {
+        let channel = (*channel)?;
+        scan.key_written(i == 0, channel)?;
+        let live = if scan.null().ok()? {
+            false
+        } else {
+            let (mut given, mut withdrawn) = (None, None);
+            scan.begin_object().ok()?;
+            for (j, inner) in keys.inner.iter().enumerate() {
+                let (key, slot) = (*inner)?;
+                scan.key_written(j == 0, key)?;
+                take_slot(scan, slot, &mut given, &mut withdrawn)?;
+            }
+            scan.end_object().then_some(())?;
+            given == Some(true) && withdrawn != Some(true)
+        };
+        put_channel(states, channel.name(), live);
+    }
+    scan.end_object().then_some(())
 }
 
 /// One channel and its state, as the fingerprint writes it.
@@ -370,24 +412,39 @@ fn consent_live<'a>(
             super::note(keys, i, key.written.map(|w| (w, slot)));
         }
         i += 1;
-        let slot = match slot {
-            Slot::Given => &mut given,
-            Slot::Withdrawn => &mut withdrawn,
-            Slot::Other => {
-                scan.value().ok()?;
-                continue;
-            }
-        };
-        if slot.is_some() {
-            return None;
-        }
-        *slot = match scan.value().ok()?.as_bytes().first() {
-            Some(b'n') => Some(false),
-            Some(b'"') => Some(true),
-            _ => return None,
-        };
+        take_slot(scan, slot, &mut given, &mut withdrawn)?;
     }
     Some(given == Some(true) && withdrawn != Some(true))
+}
+
+/// The value of a consent object's key read as `slot`: whether `given_at` or `withdrawn_at`
+/// is a string (`null`: not), noted once (`None`, malformed, for a second or any other kind of
+/// value); any other key's value is skipped.
+#[inline(always)]
+fn take_slot(
+    scan: &mut Scan,
+    slot: Slot,
+    given: &mut Option<bool>,
+    withdrawn: &mut Option<bool>,
+) -> Option<()> {
+    let slot = match slot {
+        Slot::Given => given,
+        Slot::Withdrawn => withdrawn,
+        Slot::Other => {
+            scan.value_start().ok()?;
+            return Some(());
+        }
+    };
+    if slot.is_some() {
+        return None;
+    }
+    let at = scan.value_start().ok()?;
+    *slot = match scan.text_scanned().as_bytes().get(at) {
+        Some(b'n') => Some(false),
+        Some(b'"') => Some(true),
+        _ => return None,
+    };
+    Some(())
 }
 
 /// The channels with live consent; a channel named twice keeps its last state.

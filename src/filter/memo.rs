@@ -309,20 +309,16 @@ fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
 
 impl Layout {
     fn fits(&self, rec: &RawRecord) -> bool {
-        self.names.len() == rec.fields.len()
-            && (self.names.iter().zip(&rec.fields)).all(|(a, (b, _))| super::same_name(a, b))
+        self.names.len() == rec.names.len()
+            && (self.names.iter().zip(&rec.names)).all(|(a, b)| super::same_name(a, b))
     }
 
     fn make(rec: &RawRecord, cx: &FilterContext) -> Layout {
-        let categories: Vec<_> = (rec.fields.iter())
-            .map(|(name, _)| cx.dataset.fields.get(name.as_ref()).cloned())
+        let categories: Vec<_> = (rec.names.iter())
+            .map(|name| cx.dataset.fields.get(name.as_ref()).cloned())
             .collect();
         Layout {
-            names: rec
-                .fields
-                .iter()
-                .map(|(name, _)| name.to_string())
-                .collect(),
+            names: rec.names.iter().map(|name| name.to_string()).collect(),
             roles: Roles::find(rec, cx.dataset),
             unclassified: categories.iter().filter(|c| c.is_none()).count() as u64,
             categories,

@@ -1,10 +1,11 @@
 //! Row and field filtering over an upstream body, without building a document tree.
 //!
 //! A page is filtered as it is scanned (`scan`: a validating JSON scanner), record by record,
-//! each read as `(field name, raw JSON value)` pairs borrowed from the body: only the handful
-//! of policy-relevant fields (area, markers, flags, consents, TPS date, subject id) are parsed
-//! (`attrs`). A record that repeats the keys of the one before it (as a page's records do) has
-//! them taken by comparing bytes, and where its policy fields are is known from its layout.
+//! each read as its field names and where each raw JSON value lies in the body: only the
+//! handful of policy-relevant fields (area, markers, flags, consents, TPS date, subject id) are
+//! parsed (`attrs`). A record that repeats the keys of the one before it (as a page's records
+//! do) is read by comparing each key's bytes with that one's, and where its policy fields are
+//! is known from its layout.
 //! `decide` is asked once per distinct attribute fingerprint and field plans are made once per
 //! decision and layout (`memo`, which a caller's pages share); kept fields are copied out byte
 //! for byte. Nothing is written out unless the whole body is valid JSON. A field the
@@ -67,17 +68,17 @@ pub struct FilterContext<'a> {
     pub register_flags: &'a (dyn Fn(&str) -> Option<Vec<String>> + Sync),
 }
 
-/// One record as `(name, raw JSON value)` pairs in wire order, borrowed from the body. Every
-/// value has been checked as JSON (`scan`); keys are decoded. One list is reused for a body's
-/// records, and it remembers how the last one wrote its keys: records of a page almost always
-/// repeat them, and a key that repeats is taken by comparing bytes (`Scan::next_key_as`).
+/// One record as its field names (decoded) and where each field is in the text it was read
+/// from, borrowed from the body. Every value has been checked as JSON (`scan`). One list is
+/// reused for a body's records, and it remembers how the last one wrote its keys: records of a
+/// page almost always repeat them, and such a record is read by comparing each key's bytes with
+/// the last one's (`read_again`), its names left as they were.
 pub struct RawRecord<'a> {
-    fields: Vec<(Cow<'a, str>, &'a str)>,
-    /// The text the record was read from, and per field where it starts (its key's opening
-    /// quote) and ends (after its value) in that text: consecutive fields that leave are
-    /// copied out as one run of bytes.
+    names: Vec<Cow<'a, str>>,
+    /// The text the record was read from, and per field where it is in that text:
+    /// consecutive fields that leave are copied out as one run of bytes.
     text: &'a str,
-    spans: Vec<(usize, usize)>,
+    spans: Vec<Span>,
     /// Each key of the last record as written, where it had no escapes.
     written: Vec<Option<Written<'a>>>,
     /// The keys are, in order, exactly those of the record read before into this list.
@@ -100,12 +101,21 @@ pub struct RawRecord<'a> {
     consents_before: Option<usize>,
 }
 
+/// Where one field of a record is in its text: its key's opening quote, its value's first
+/// byte, and the byte after its value.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    key: usize,
+    value: usize,
+    end: usize,
+}
+
 impl<'a> RawRecord<'a> {
     /// A list for records of `ds` (`None`: of no dataset in particular).
     fn new(ds: Option<&Dataset>) -> Self {
         static LISTS: AtomicU64 = AtomicU64::new(0);
         RawRecord {
-            fields: Vec::with_capacity(32),
+            names: Vec::with_capacity(32),
             text: "",
             spans: Vec::with_capacity(32),
             written: Vec::with_capacity(32),
@@ -131,11 +141,54 @@ impl<'a> RawRecord<'a> {
 
     /// Reads the object that comes next in place of the record before.
     fn read(&mut self, scan: &mut Scan<'a>) -> Result<(), ScanError> {
-        self.fields.clear();
-        self.spans.clear();
         self.text = scan.text_scanned();
-        self.repeats = false;
         self.count += 1;
+        // Nearly every record of a page: its keys written as the last one's, byte for byte.
+        if !self.written.is_empty() && self.written.iter().all(Option::is_some) {
+            let start = scan.clone();
+            if self.read_again(scan).is_some() {
+                self.repeats = true;
+                return Ok(());
+            }
+            *scan = start;
+        }
+        self.read_any(scan)
+    }
+
+    /// Reads a record whose keys are, in order, the last record's written the same way: each
+    /// key is taken by comparing its bytes (and its colon) with the last one's, and the names
+    /// stay as they are. `None` at the first difference and at anything malformed: the caller
+    /// then reads the record again from its start with `read_any`, which says what is wrong.
+    /// (Consents keys noted meanwhile are only hints, checked byte for byte where used.)
+    fn read_again(&mut self, scan: &mut Scan<'a>) -> Option<()> {
+        self.spans.clear();
+        self.consents = None;
+        scan.begin_object().ok()?;
+        for (i, written) in self.written.iter().enumerate() {
+            let key = scan.key_written(i == 0, (*written)?)?;
+            let value = if self.consents_before == Some(i) {
+                let (value, read) =
+                    attrs::take_consents(scan, &mut self.consent_keys, &mut self.consent_states)
+                        .ok()?;
+                self.consents = Some((i, read));
+                scan.pos() - value.len()
+            } else {
+                scan.value_start().ok()?
+            };
+            self.spans.push(Span {
+                key,
+                value,
+                end: scan.pos(),
+            });
+        }
+        scan.end_object().then_some(())
+    }
+
+    /// Reads any object, noting how its keys are written for the next.
+    fn read_any(&mut self, scan: &mut Scan<'a>) -> Result<(), ScanError> {
+        self.names.clear();
+        self.spans.clear();
+        self.repeats = false;
         let mut repeats = true;
         scan.begin_object()?;
         let mut first = true;
@@ -167,8 +220,13 @@ impl<'a> RawRecord<'a> {
             if !key.expected {
                 note(&mut self.written, i, key.written);
             }
-            self.fields.push((key.name, value));
-            self.spans.push((key.at, scan.pos()));
+            self.names.push(key.name);
+            let end = scan.pos();
+            self.spans.push(Span {
+                key: key.at,
+                value: end - value.len(),
+                end,
+            });
             i += 1;
         }
         repeats &= i == self.written.len();
@@ -193,19 +251,20 @@ impl<'a> RawRecord<'a> {
     /// The index of the first field named `name`. (A record that names a field twice is never
     /// written out: see `memo::Layout`.)
     fn position(&self, name: &str) -> Option<usize> {
-        self.fields.iter().position(|(k, _)| same_name(k, name))
+        self.names.iter().position(|k| same_name(k, name))
     }
 
     /// The value of the field at `at`.
     fn value(&self, at: Option<usize>) -> Option<&'a str> {
-        self.fields.get(at?).map(|(_, v)| *v)
+        let span = self.spans.get(at?)?;
+        self.text.get(span.value..span.end)
     }
 
     /// Whether some field is named twice: such a record is malformed (which of the two would
     /// a reader take?).
     fn has_duplicate_names(&self) -> bool {
-        let mut seen = HashSet::with_capacity(self.fields.len());
-        !self.fields.iter().all(|(k, _)| seen.insert(k.as_ref()))
+        let mut seen = HashSet::with_capacity(self.names.len());
+        !self.names.iter().all(|k| seen.insert(k.as_ref()))
     }
 }
 
@@ -505,7 +564,7 @@ fn write_record(
             out.push(b',');
         }
         let run = (rec.spans.get(first).zip(rec.spans.get(last)))
-            .and_then(|(a, b)| rec.text.as_bytes().get(a.0..b.1));
+            .and_then(|(a, b)| rec.text.as_bytes().get(a.key..b.end));
         let Some(run) = run else {
             // A plan that does not fit the record (it cannot happen: a record is only placed
             // in its own layout) withholds it rather than write something else.

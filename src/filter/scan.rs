@@ -60,6 +60,13 @@ pub struct Written<'a> {
     name: &'a str,
 }
 
+impl<'a> Written<'a> {
+    /// The key itself.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+}
+
 #[derive(Clone)]
 pub struct Scan<'a> {
     text: &'a str,
@@ -199,6 +206,40 @@ impl<'a> Scan<'a> {
         }))
     }
 
+    /// The next key of the object being walked, taken when it and its colon are written
+    /// exactly as `w` (after the comma that must come before it unless it is the `first`):
+    /// where it starts. `None` otherwise, the scanner left somewhere on the way (a caller
+    /// falls back to `next_key_as` from a copy). What `next_key_as` does for a key expected,
+    /// without the rest; the same bytes are accepted.
+    #[inline(always)]
+    pub fn key_written(&mut self, first: bool, w: Written<'a>) -> Option<usize> {
+        self.ws();
+        if !first {
+            if self.peek() != Some(b',') {
+                return None;
+            }
+            self.pos += 1;
+            self.ws();
+        }
+        let start = self.pos;
+        if !prefix(&self.bytes()[start..], w.text.as_bytes()) {
+            return None;
+        }
+        self.pos += w.text.len();
+        Some(start)
+    }
+
+    /// Leaves the object being walked if it ends here (its `}` next, after whitespace).
+    pub fn end_object(&mut self) -> bool {
+        self.ws();
+        if self.peek() != Some(b'}') || !self.in_object() {
+            return false;
+        }
+        self.pos += 1;
+        self.depth -= 1;
+        true
+    }
+
     /// The text being scanned.
     pub fn text_scanned(&self) -> &'a str {
         self.text
@@ -243,15 +284,25 @@ impl<'a> Scan<'a> {
     /// The next value as raw JSON text, checked and skipped.
     #[inline(always)]
     pub fn value(&mut self) -> Result<&'a str> {
+        let start = self.value_start()?;
+        Ok(&self.text[start..self.pos])
+    }
+
+    /// The next value, checked and skipped: where it starts (it ends where the scanner now
+    /// is). For a caller that keeps positions, not text: slicing a `str` checks both ends.
+    #[inline(always)]
+    pub fn value_start(&mut self) -> Result<usize> {
         self.ws();
         let start = self.pos;
         match self.peek() {
             Some(b'[') if self.flat_array().is_some() => {}
-            Some(b'{' | b'[') => return self.nested(start),
+            Some(b'{' | b'[') => {
+                self.nested(start)?;
+            }
             // Most values are scalars: no levels to keep.
             _ => self.scalar()?,
         }
-        Ok(&self.text[start..self.pos])
+        Ok(start)
     }
 
     /// An array of scalars, taken whole (a record's arrays are almost all lists of codes:
