@@ -185,22 +185,19 @@ fn put(key: &mut Vec<u8>, part: Option<&str>) {
 }
 
 /// A part's `tag` and then `n` (its length, or how many parts follow) in LEB128: seven bits a
-/// byte, low first, the high bit set on every byte but the last; both in one write. No such
-/// encoding is the start of another, so lengths written this way keep the parts apart as
-/// fixed-width ones would, in one byte for any part under 128 bytes: the key is hashed and
-/// compared for every record, and fixed eight-byte lengths were most of it.
+/// byte, low first, the high bit set on every byte but the last. No such encoding is the start
+/// of another, so lengths written this way keep the parts apart as fixed-width ones would, in
+/// one byte for any part under 128 bytes: the key is hashed and compared for every record, and
+/// fixed eight-byte lengths were most of it. Pushed byte by byte: copying a two-byte array of
+/// variable length called `memcpy`, a sixtieth of a page.
+#[inline]
 fn head(key: &mut Vec<u8>, tag: u8, mut n: usize) {
-    // The tag and at most ten bytes for a 64-bit length.
-    let mut bytes = [0u8; 11];
-    bytes[0] = tag;
-    let mut len = 1;
+    key.push(tag);
     while n >= 0x80 {
-        bytes[len] = (n & 0x7f) as u8 | 0x80;
+        key.push((n & 0x7f) as u8 | 0x80);
         n >>= 7;
-        len += 1;
     }
-    bytes[len] = n as u8;
-    key.extend_from_slice(&bytes[..=len]);
+    key.push(n as u8);
 }
 
 /// A non-empty string or a number, as text; anything else is `None`.
