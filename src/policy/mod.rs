@@ -10,14 +10,15 @@
 
 mod scope;
 
-use std::collections::{BTreeSet, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context as _, bail};
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, EntityUid, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde_json::{Value, json};
 
@@ -400,8 +401,21 @@ impl Ask {
     }
 }
 
+/// An entity of type `t`. Each type name is parsed once per thread: Cedar parses a name with
+/// its whole grammar, and the same handful were parsed again on every request (3% of a
+/// 10-record request's instructions). Callers name types by literals, so the map stays small.
 fn uid(t: &str, id: &str) -> anyhow::Result<EntityUid> {
-    let t = cedar_policy::EntityTypeName::from_str(t)?;
+    thread_local! {
+        static TYPES: RefCell<HashMap<String, EntityTypeName>> = RefCell::new(HashMap::new());
+    }
+    let t = TYPES.with_borrow_mut(|types| -> anyhow::Result<EntityTypeName> {
+        if let Some(known) = types.get(t) {
+            return Ok(known.clone());
+        }
+        let parsed = EntityTypeName::from_str(t)?;
+        types.insert(t.to_owned(), parsed.clone());
+        Ok(parsed)
+    })?;
     Ok(EntityUid::from_type_name_and_id(
         t,
         cedar_policy::EntityId::new(id),
