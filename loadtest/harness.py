@@ -504,6 +504,72 @@ def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: i
     return str(out)
 
 
+def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers: dict,
+                 results: Path) -> dict:
+    """User-space instructions per request of wardgate (page-cache audit, everything else on)
+    under callgrind: a figure the machine's load does not move, for comparing two builds on a
+    shared machine whose timings move by a third from run to run. Per page size: warm-up
+    requests first (caches, memo, connection pool), then `--instructions` requests on one
+    keep-alive connection with instrumentation on, dumped and divided. Every thread counts
+    (the audit writer's encoding and hashing too); the kernel does not."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        log("valgrind not installed (apt-get install valgrind); no instruction counts")
+        return {}
+    import http.client
+    port, admin = free_port(), free_port()
+    cfg = wardgate_config(work, "page-cache", port, admin, up_port, "callgrind",
+                          getattr(args, "commit_window", None))
+    out = work / "callgrind.out"
+    p = procs.start("wardgate_callgrind",
+                    ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+                     args.bin, "serve", "--config", str(cfg)], 1, work / "wardgate_callgrind.log",
+                    env={**os.environ, "RUST_LOG": "warn"})
+    counts = {}
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=300)
+
+        def control(*flags: str) -> None:
+            subprocess.run(["callgrind_control", *flags, str(p.pid)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+        for n in args.sizes:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+            def get(k: int) -> None:
+                for _ in range(k):
+                    conn.request("GET", path_of(n), headers=headers)
+                    r = conn.getresponse()
+                    r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"callgrind run: status {r.status} at {n} records")
+
+            get(20)
+            control("--instr=on")
+            get(args.instructions)
+            control("--instr=off")
+            before = set(work.glob(f"callgrind.out.{p.pid}*"))
+            control("--dump")
+            deadline = time.monotonic() + 60
+            while not (dumped := set(work.glob(f"callgrind.out.{p.pid}*")) - before):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("callgrind did not write its dump")
+                time.sleep(0.2)
+            conn.close()
+            dump = max(dumped, key=lambda f: f.stat().st_mtime)
+            time.sleep(0.5)  # the dump is written whole before the next command is taken
+            # `totals:` is the dump's count (its `summary:` line can be 0 on a dump on request).
+            total = next(int(line.split()[1]) for line in dump.read_text().splitlines()
+                         if line.startswith("totals:"))
+            kept = results / f"callgrind-wardgate-{n}.out"
+            shutil.copy(dump, kept)
+            counts[str(n)] = {"instructions_per_request": total // args.instructions,
+                              "requests": args.instructions, "callgrind_file": str(kept)}
+            log(f"wardgate (callgrind) {n:>5} records: {total // args.instructions:,} instructions/request")
+    finally:
+        procs.stop("wardgate_callgrind", timeout=120)
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -637,6 +703,9 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=0.0,
                     help="before each run, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="also count wardgate's instructions per request over N requests under "
+                         "callgrind (page-cache audit), per page size; 0: not")
     ap.add_argument("--commit-window", default=None,
                     help="wardgate's audit.commit_window (default: the gateway's own default)")
     args = ap.parse_args()
@@ -649,6 +718,8 @@ def main() -> int:
         ap.error("nginx_proxy is the reference; keep it in --targets")
     if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 60 or not 0 <= args.fixed_duration <= 120:
         ap.error("durations out of bounds (each run at most 120 s)")
+    if not 0 <= args.instructions <= 10_000:
+        ap.error("--instructions: at most 10,000 requests (callgrind runs them ~50 times slower)")
     if (os.cpu_count() or 1) < 2:
         ap.error("needs two cores: the server under test on core 1, the load on core 0")
     purpose = {"analyst": "profiling", "councillor": "canvassing"}[args.persona]
@@ -674,7 +745,7 @@ def main() -> int:
             "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate on core 0 "
                        "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
         },
-        "pages": {}, "saturation": {}, "fixed_rate": {}, "profile": None,
+        "pages": {}, "saturation": {}, "fixed_rate": {}, "profile": None, "instructions": {},
     }
     try:
         pages, www, tokens = make_pages(args, procs, work)
@@ -745,6 +816,10 @@ def main() -> int:
                                             env, results_path.parent, n)
             procs.stop(target)
 
+        if args.instructions > 0:
+            result["instructions"] = instructions(args, procs, work, up_port, gw_path, wg_headers,
+                                                  results_path.parent)
+
         # Where a target ran at its own (lower) rate, the direct upstream at that same rate, so
         # that the added latency compares like with like.
         if "direct" in targets and args.fixed_duration > 0:
@@ -775,6 +850,10 @@ def main() -> int:
     print(f"wardgate load test: persona {args.persona}, purpose {purpose}; pages "
           + ", ".join(f"{n} records = {pages[n]['bytes']} B" for n in args.sizes))
     print(text)
+    if result["instructions"]:
+        print("\nInstructions per request, wardgate with page-cache audit (callgrind, user space, all threads; "
+              "valgrind hides SHA-NI, so the audit chain's SHA-256 runs in software here): "
+              + ", ".join(f"{n} records {r['instructions_per_request']:,}" for n, r in result["instructions"].items()))
     print(f"results: {results_path}  (took {result['elapsed_s']:.0f}s)")
     bad = [f"{n}/{t}" for n, by in result["saturation"].items() for t, r in by.items() if sum(r["errors"].values())]
     bad += [f"{n}/{t} (fixed rate)" for n, by in result["fixed_rate"].items() for t, r in by.items()

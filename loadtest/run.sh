@@ -26,6 +26,8 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+# Only for --instructions N (instructions per request under callgrind).
+case " $* " in *" --instructions "*) command -v valgrind >/dev/null || need+=(valgrind) ;; esac
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing: ${need[*]}; install them, or run this as root to have it done" >&2
