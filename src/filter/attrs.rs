@@ -189,7 +189,7 @@ fn put(key: &mut Vec<u8>, part: Option<&str>) {
 /// of another, so lengths written this way keep the parts apart as fixed-width ones would, in
 /// one byte for any part under 128 bytes: the key is hashed and compared for every record, and
 /// fixed eight-byte lengths were most of it. Pushed byte by byte: copying a two-byte array of
-/// variable length called `memcpy`, a sixtieth of a page.
+/// variable length called `memcpy`, over a hundredth of a page.
 #[inline]
 fn head(key: &mut Vec<u8>, tag: u8, mut n: usize) {
     key.push(tag);
@@ -369,7 +369,7 @@ fn channel_states_again<'a>(
                 take_slot(scan, slot, &mut given, &mut withdrawn)?;
             }
             scan.end_object().then_some(())?;
-            given == Some(true) && withdrawn != Some(true)
+            live(given, withdrawn)
         };
         put_channel(states, channel.name(), live);
     }
@@ -411,7 +411,12 @@ fn consent_live<'a>(
         i += 1;
         take_slot(scan, slot, &mut given, &mut withdrawn)?;
     }
-    Some(given == Some(true) && withdrawn != Some(true))
+    Some(live(given, withdrawn))
+}
+
+/// Consent given and not withdrawn (§5.2.1, §10.3.7), from what `take_slot` noted.
+fn live(given: Option<bool>, withdrawn: Option<bool>) -> bool {
+    given == Some(true) && withdrawn != Some(true)
 }
 
 /// The value of a consent object's key read as `slot`: whether `given_at` or `withdrawn_at`

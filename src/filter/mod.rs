@@ -74,6 +74,8 @@ pub struct FilterContext<'a> {
 /// page almost always repeat them, and such a record is read by comparing each key's bytes with
 /// the last one's (`read_again`), its names left as they were.
 pub struct RawRecord<'a> {
+    /// The field names in wire order, decoded; left from the record before where its keys
+    /// repeat (`read_again`).
     names: Vec<Cow<'a, str>>,
     /// The text the record was read from, and per field where it is in that text:
     /// consecutive fields that leave are copied out as one run of bytes.
