@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -515,7 +516,6 @@ def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers:
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         log("valgrind not installed (apt-get install valgrind); no instruction counts")
         return {}
-    import http.client
     port, admin = free_port(), free_port()
     cfg = wardgate_config(work, "page-cache", port, admin, up_port, "callgrind",
                           getattr(args, "commit_window", None))
@@ -549,17 +549,19 @@ def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers:
             control("--instr=off")
             before = set(work.glob(f"callgrind.out.{p.pid}*"))
             control("--dump")
-            deadline = time.monotonic() + 60
-            while not (dumped := set(work.glob(f"callgrind.out.{p.pid}*")) - before):
+            conn.close()
+            # The dump's last line is `totals:` (its `summary:` line can be 0 on a dump on
+            # request): read it once the new file has it, so a half-written one is not read.
+            deadline, total = time.monotonic() + 60, None
+            while total is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("callgrind did not write its dump")
                 time.sleep(0.2)
-            conn.close()
-            dump = max(dumped, key=lambda f: f.stat().st_mtime)
-            time.sleep(0.5)  # the dump is written whole before the next command is taken
-            # `totals:` is the dump's count (its `summary:` line can be 0 on a dump on request).
-            total = next(int(line.split()[1]) for line in dump.read_text().splitlines()
-                         if line.startswith("totals:"))
+                for dump in set(work.glob(f"callgrind.out.{p.pid}*")) - before:
+                    totals = [line for line in dump.read_text().splitlines() if line.startswith("totals:")]
+                    if totals:
+                        total = int(totals[0].split()[1])
+                        break
             kept = results / f"callgrind-wardgate-{n}.out"
             shutil.copy(dump, kept)
             counts[str(n)] = {"instructions_per_request": total // args.instructions,
