@@ -83,6 +83,9 @@ pub struct RawRecord<'a> {
     spans: Vec<Span>,
     /// Each key of the last record as written, where it had no escapes.
     written: Vec<Option<Written<'a>>>,
+    /// Every one of them had none (and there is at least one): the next record may be read by
+    /// comparison alone (`read_again`).
+    comparable: bool,
     /// The keys are, in order, exactly those of the record read before into this list.
     repeats: bool,
     /// This list (unique in the process) and how many records have been read into it: a memo
@@ -121,6 +124,7 @@ impl<'a> RawRecord<'a> {
             text: "",
             spans: Vec::with_capacity(32),
             written: Vec::with_capacity(32),
+            comparable: false,
             repeats: false,
             list: LISTS.fetch_add(1, Ordering::Relaxed),
             count: 0,
@@ -146,7 +150,7 @@ impl<'a> RawRecord<'a> {
         self.text = scan.text_scanned();
         self.count += 1;
         // Nearly every record of a page: its keys written as the last one's, byte for byte.
-        if !self.written.is_empty() && self.written.iter().all(Option::is_some) {
+        if self.comparable {
             let start = scan.clone();
             if self.read_again(scan).is_some() {
                 self.repeats = true;
@@ -233,6 +237,7 @@ impl<'a> RawRecord<'a> {
         }
         repeats &= i == self.written.len();
         self.written.truncate(i);
+        self.comparable = i > 0 && self.written.iter().all(Option::is_some);
         self.repeats = repeats;
         self.consents_before = self.consents.map(|(at, _)| at);
         Ok(())
