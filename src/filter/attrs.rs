@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scan::{Scan, ScanError, Written};
+use super::scan::{self, Scan, ScanError, Written};
 use super::{FilterContext, RawRecord};
 use crate::catalog::{Dataset, area_template_fields};
 use crate::policy::RecordAttrs;
@@ -216,7 +216,7 @@ fn string(raw: &str) -> Option<Cow<'_, str>> {
     // Quotes around text with no quote, backslash or control character: a string that is
     // its own text (every subject id and date, read once per record).
     if let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"'))
-        && !inner.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
+        && scan::special(inner.as_bytes(), 0) == inner.len()
     {
         return Some(Cow::Borrowed(inner));
     }

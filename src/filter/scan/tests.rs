@@ -321,3 +321,27 @@ fn corner_cases_read_as_serde_json_reads_them() {
         assert_eq!(scanned(text), reference(text), "{text:?}");
     }
 }
+
+/// Every byte that ends a string's plain run (a quote, a backslash, a control character), and
+/// bytes either side of the control range, at every position of strings up to 40 bytes long:
+/// the scanner looks sixteen bytes at a time, so the ends and the edges of each step matter.
+#[test]
+fn every_special_byte_is_found_wherever_it_falls() {
+    let specials = ["\\\"", "\\n", "\\u0041", "\u{1}", "\u{1f}", "\"", "\\"];
+    let plain = [" ", "\u{7f}", "é", "€", "~"];
+    for len in 0..40 {
+        for at in 0..=len {
+            for insert in specials.iter().chain(&plain) {
+                let mut s = "a".repeat(len);
+                s.insert_str(at, insert);
+                let text = format!(r#"{{"k":"{s}","after":1}}"#);
+                assert_eq!(scanned(&text), reference(&text), "{text:?}");
+                let key = format!(r#"{{"{s}":1}}"#);
+                assert_eq!(scanned(&key), reference(&key), "{key:?}");
+            }
+        }
+        // Unterminated at each length: the end of the body comes first.
+        let text = format!(r#"{{"k":"{}"#, "a".repeat(len));
+        assert_eq!(scanned(&text), None, "{text:?}");
+    }
+}
