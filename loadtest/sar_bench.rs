@@ -79,7 +79,7 @@ fn record(rng: &mut rand_chacha::ChaCha8Rng, n: u64, electors: u64) -> AuditReco
                 "postcode".into(),
             ]
         },
-        subjects,
+        subjects: subjects.into(),
         rows_withheld: 0,
         withheld_target: None,
         latency_us: 900,

@@ -66,7 +66,7 @@ pub struct Trail {
     dataset: Option<String>,
     route: Option<String>,
     policy_ids: BTreeSet<String>,
-    subjects: Vec<String>,
+    subjects: filter::Subjects,
     fields: BTreeSet<String>,
     rows_withheld: u64,
     /// Why the one record asked for by id was withheld, for breach detection.
@@ -549,7 +549,7 @@ fn audit_record(
         subjects: if disclosed {
             std::mem::take(&mut trail.subjects)
         } else {
-            Vec::new()
+            filter::Subjects::default()
         },
         fields: if disclosed {
             trail.fields.iter().cloned().collect()

@@ -326,7 +326,7 @@ pub(crate) fn record(
         policy_ids: Vec::new(),
         reason: None,
         status: 200,
-        subjects: Vec::new(),
+        subjects: Default::default(),
         fields: Vec::new(),
         rows_withheld: 0,
         withheld_target: None,

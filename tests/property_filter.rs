@@ -545,7 +545,7 @@ fn same_as_one_by_one(
                 let v: Value = serde_json::from_slice(&out).unwrap();
                 alone.push(v["record"].clone());
             }
-            subjects.extend(d.subjects);
+            subjects.extend(d.subjects.iter().map(str::to_owned));
             fields.extend(d.fields);
             policy_ids.extend(d.policy_ids);
         }

@@ -40,7 +40,7 @@ pub struct AuditRecord {
     pub reason: Option<String>,
     pub status: u16,
     /// Subject ids disclosed (or written).
-    pub subjects: Vec<String>,
+    pub subjects: crate::filter::Subjects,
     /// Field names disclosed (or written), sorted and deduplicated by the caller.
     pub fields: Vec<String>,
     pub rows_withheld: u64,
@@ -99,7 +99,7 @@ impl AuditRecord {
             policy_ids: Vec::new(),
             reason: Some(reason.to_owned()),
             status: 0,
-            subjects: Vec::new(),
+            subjects: Default::default(),
             fields: Vec::new(),
             rows_withheld: 0,
             withheld_target: None,
@@ -253,7 +253,7 @@ pub(crate) mod tests {
             policy_ids: vec!["p1".into()],
             reason: None,
             status: 200,
-            subjects: vec![format!("subj-{n}")],
+            subjects: vec![format!("subj-{n}")].into(),
             fields: vec!["name".into(), "ward".into()],
             rows_withheld: 0,
             withheld_target: None,

@@ -17,10 +17,12 @@
 mod attrs;
 mod memo;
 pub(crate) mod scan;
+mod subjects;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
 use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
+pub use subjects::Subjects;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
@@ -44,7 +46,7 @@ pub struct RecordDecision {
 /// What left, for the audit log and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Disclosure {
-    pub subjects: Vec<String>,
+    pub subjects: Subjects,
     pub fields: BTreeSet<String>,
     /// The policies behind the decisions applied, whether the record left or not.
     pub policy_ids: BTreeSet<String>,
@@ -594,7 +596,7 @@ fn write_record(
     }
     out.push(b'}');
     d.unclassified_fields += unclassified;
-    d.subjects.push(subject.into_owned());
+    d.subjects.push(&subject);
     true
 }
 

@@ -1,0 +1,157 @@
+//! The subject ids one response discloses, in the order they left, kept in one buffer: a
+//! page's hundred ids as a hundred `String`s were a hundred allocations on the request's
+//! thread and a hundred frees on the audit writer's. On the wire (the audit line) they are a
+//! JSON array of strings, as a `Vec<String>` would be.
+
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeSeq, Serializer};
+
+#[derive(Default, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    /// Every id, one after another.
+    text: String,
+    /// Where each id ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl Subjects {
+    pub fn push(&mut self, id: &str) {
+        self.text.push_str(id);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The ids in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.ends.len()).map(|i| {
+            let start = i.checked_sub(1).and_then(|j| self.ends.get(j)).copied();
+            let end = self.ends.get(i).copied().unwrap_or_default();
+            self.text.get(start.unwrap_or(0)..end).unwrap_or_default()
+        })
+    }
+
+    /// Appends every id of `other`, in order.
+    pub fn append(&mut self, other: &Subjects) {
+        for id in other {
+            self.push(id);
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Subjects {
+    type Item = &'a str;
+    type IntoIter = Box<dyn ExactSizeIterator<Item = &'a str> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Subjects {
+    fn from_iter<I: IntoIterator<Item = S>>(ids: I) -> Self {
+        let mut all = Subjects::default();
+        for id in ids {
+            all.push(id.as_ref());
+        }
+        all
+    }
+}
+
+impl<S: AsRef<str>> From<Vec<S>> for Subjects {
+    fn from(ids: Vec<S>) -> Self {
+        ids.into_iter().collect()
+    }
+}
+
+impl<S: AsRef<str>> PartialEq<[S]> for Subjects {
+    fn eq(&self, other: &[S]) -> bool {
+        self.len() == other.len() && self.iter().zip(other).all(|(a, b)| a == b.as_ref())
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> PartialEq<[S; N]> for Subjects {
+    fn eq(&self, other: &[S; N]) -> bool {
+        *self == other[..]
+    }
+}
+
+impl<S: AsRef<str>> PartialEq<Vec<S>> for Subjects {
+    fn eq(&self, other: &Vec<S>) -> bool {
+        *self == other[..]
+    }
+}
+
+impl fmt::Debug for Subjects {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Subjects {
+    fn serialize<Z: Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for id in self {
+            seq.serialize_element(id)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Subjects {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> Visitor<'de> for Ids {
+            type Value = Subjects;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of subject ids")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Subjects, A::Error> {
+                let mut all = Subjects::default();
+                while let Some(id) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+                    all.push(&id);
+                }
+                Ok(all)
+            }
+        }
+        d.deserialize_seq(Ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_read_back_in_order_and_encode_as_a_list_of_strings() {
+        let ids = ["VF-1", "", "VF-22", "é\"q", "VF-1"];
+        let all: Subjects = ids.iter().collect();
+        assert_eq!(all.len(), 5);
+        assert_eq!(all.iter().collect::<Vec<_>>(), ids);
+        assert_eq!(all, ids);
+        assert_ne!(all, ids[..4]);
+        let json = serde_json::to_string(&all).unwrap();
+        assert_eq!(json, serde_json::to_string(&ids).unwrap());
+        let back: Subjects = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, all);
+        assert_eq!(format!("{all:?}"), format!("{ids:?}"));
+        assert!(serde_json::from_str::<Subjects>(r#"["a",1]"#).is_err());
+        let empty = Subjects::default();
+        assert!(empty.is_empty());
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "[]");
+        let mut joined = Subjects::default();
+        joined.append(&all);
+        joined.append(&empty);
+        joined.append(&all);
+        assert_eq!(joined.len(), 10);
+        assert_eq!(joined.iter().nth(7), Some("VF-22"));
+    }
+}
