@@ -43,6 +43,11 @@ HOME_WARD = "E05011391"  # the councillor persona's ward (src/demo/personas.rs)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TARGETS = ["direct", "nginx_proxy", "wardgate_fsync", "wardgate_page_cache"]
+# The fixed-rate test runs a target at half of nginx's saturation rate only when that is at
+# most this share of the target's own: saturation moves by a quarter between runs on a shared
+# machine, and at 0.85 of it a run on a slower minute queued (p50 0.5 s): a queue's length,
+# not a latency. Above it, the target runs at half its own rate instead (marked `*`).
+FIXED_RATE_MAX_SHARE = 0.6
 LABELS = {
     "direct": "upstream direct (nginx static)",
     "nginx_proxy": "nginx proxy_pass",
@@ -777,16 +782,17 @@ def main() -> int:
                     if not ref:
                         continue
                     rate, own = ref["rps"] / 2, sat[str(n)][target]["rps"]
-                    if rate <= 0.9 * own:
+                    if rate <= FIXED_RATE_MAX_SHARE * own:
                         r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, rate, server)
                         r["rate_basis"] = "half nginx proxy_pass saturation"
                     else:
                         # Past this target's capacity the queue only grows: no latency to measure.
                         # Measure at half its own saturation rate instead, and say so.
-                        log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over this "
-                            f"target's saturation ({own:.0f}/s); fixed rate at {own / 2:.0f}/s instead")
+                        log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over "
+                            f"{FIXED_RATE_MAX_SHARE} of this target's saturation ({own:.0f}/s); "
+                            f"fixed rate at {own / 2:.0f}/s instead")
                         r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, own / 2, server)
-                        r["rate_basis"] = "half own saturation (half nginx's rate is above it)"
+                        r["rate_basis"] = f"half own saturation (half nginx's rate is above {FIXED_RATE_MAX_SHARE} of it)"
                         r["half_nginx_rate_overloads"] = True
                     fixed[str(n)][target] = r
 
