@@ -31,12 +31,8 @@ impl Subjects {
     }
 
     /// The ids in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        (0..self.ends.len()).map(|i| {
-            let start = i.checked_sub(1).and_then(|j| self.ends.get(j)).copied();
-            let end = self.ends.get(i).copied().unwrap_or_default();
-            self.text.get(start.unwrap_or(0)..end).unwrap_or_default()
-        })
+    pub fn iter(&self) -> Iter<'_> {
+        Iter { all: self, next: 0 }
     }
 
     /// Appends every id of `other`, in order.
@@ -47,12 +43,39 @@ impl Subjects {
     }
 }
 
+/// The ids of a `Subjects`, in order.
+pub struct Iter<'a> {
+    all: &'a Subjects,
+    next: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let end = *self.all.ends.get(self.next)?;
+        let start = match self.next.checked_sub(1) {
+            Some(before) => self.all.ends.get(before).copied().unwrap_or(0),
+            None => 0,
+        };
+        self.next += 1;
+        self.all.text.get(start..end)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.all.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
 impl<'a> IntoIterator for &'a Subjects {
     type Item = &'a str;
-    type IntoIter = Box<dyn ExactSizeIterator<Item = &'a str> + 'a>;
+    type IntoIter = Iter<'a>;
 
-    fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
     }
 }
 
