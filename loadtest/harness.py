@@ -786,7 +786,7 @@ def main() -> int:
                         r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, rate, server)
                         r["rate_basis"] = "half nginx proxy_pass saturation"
                     else:
-                        # Past this target's capacity the queue only grows: no latency to measure.
+                        # Near this target's capacity the queue grows: no latency to measure.
                         # Measure at half its own saturation rate instead, and say so.
                         log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over "
                             f"{FIXED_RATE_MAX_SHARE} of this target's saturation ({own:.0f}/s); "

@@ -32,39 +32,34 @@ impl Subjects {
 
     /// The ids in order.
     pub fn iter(&self) -> Iter<'_> {
-        Iter { all: self, next: 0 }
-    }
-
-    /// Appends every id of `other`, in order.
-    pub fn append(&mut self, other: &Subjects) {
-        for id in other {
-            self.push(id);
+        Iter {
+            text: &self.text,
+            ends: self.ends.iter(),
+            start: 0,
         }
     }
 }
 
 /// The ids of a `Subjects`, in order.
 pub struct Iter<'a> {
-    all: &'a Subjects,
-    next: usize,
+    text: &'a str,
+    ends: std::slice::Iter<'a, usize>,
+    /// Where the next id starts: the end of the one before.
+    start: usize,
 }
 
 impl<'a> Iterator for Iter<'a> {
     type Item = &'a str;
 
     fn next(&mut self) -> Option<&'a str> {
-        let end = *self.all.ends.get(self.next)?;
-        let start = match self.next.checked_sub(1) {
-            Some(before) => self.all.ends.get(before).copied().unwrap_or(0),
-            None => 0,
-        };
-        self.next += 1;
-        self.all.text.get(start..end)
+        let end = *self.ends.next()?;
+        let id = self.text.get(self.start..end);
+        self.start = end;
+        id
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.all.len() - self.next;
-        (left, Some(left))
+        self.ends.size_hint()
     }
 }
 
@@ -170,10 +165,7 @@ mod tests {
         let empty = Subjects::default();
         assert!(empty.is_empty());
         assert_eq!(serde_json::to_string(&empty).unwrap(), "[]");
-        let mut joined = Subjects::default();
-        joined.append(&all);
-        joined.append(&empty);
-        joined.append(&all);
+        let joined: Subjects = all.iter().chain(&empty).chain(&all).collect();
         assert_eq!(joined.len(), 10);
         assert_eq!(joined.iter().nth(7), Some("VF-22"));
     }
