@@ -9,8 +9,10 @@ nginx and wrk and builds wardgate first; this file only measures.
    `wardgate serve` in front of it with the demo's config (token, Cedar, filtering, audit with
    `durability = "fsync"`, then `"page-cache"`).
 3. Per page size and target: wrk saturation run (after a warm-up) for requests/s and latency,
-   CPU time per request of the server under test from /proc/PID/stat; then a fixed-rate run at
+   CPU time per request of the server under test from /proc/PID/stat, in `--rounds` rounds
+   that alternate the targets (medians; ratios to nginx per round); then a fixed-rate run at
    half of nginx proxy_pass's saturation rate (loadtest/fixedrate.rs, compiled) for latency.
+   `--compare-bin` adds a second wardgate build as one more target, for A/B comparisons.
 4. Prints the table and writes JSON.
 
 Core pinning: the server under test on core 1 (the upstream nginx itself when it is the target),
@@ -42,7 +44,7 @@ REPO = HERE.parent
 HOME_WARD = "E05011391"  # the councillor persona's ward (src/demo/personas.rs)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TARGETS = ["direct", "nginx_proxy", "wardgate_fsync", "wardgate_page_cache"]
+TARGETS = ["direct", "nginx_proxy", "wardgate_fsync", "wardgate_page_cache", "compare_fsync"]
 # The fixed-rate test runs a target at half of nginx's saturation rate only when that is at
 # most this share of the target's own: saturation moves by a quarter between runs on a shared
 # machine, and at 0.85 of it a run on a slower minute queued (p50 0.5 s): a queue's length,
@@ -53,6 +55,13 @@ LABELS = {
     "nginx_proxy": "nginx proxy_pass",
     "wardgate_fsync": "wardgate, fsync audit",
     "wardgate_page_cache": "wardgate, page-cache audit",
+    "compare_fsync": "--compare-bin, fsync audit",
+}
+# The wardgate targets: (durability, which binary).
+WARDGATES = {
+    "wardgate_fsync": ("fsync", "bin"),
+    "wardgate_page_cache": ("page-cache", "bin"),
+    "compare_fsync": ("fsync", "compare_bin"),
 }
 
 
@@ -304,11 +313,11 @@ def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream
 
 
 def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
-                   upstream_port: int) -> tuple[subprocess.Popen, int, int]:
+                   upstream_port: int, binary: str) -> tuple[subprocess.Popen, int, int]:
     port, admin = free_port(), free_port()
     cfg = wardgate_config(work, durability, port, admin, upstream_port, name,
                           getattr(args, "commit_window", None))
-    p = procs.start(name, [args.bin, "serve", "--config", str(cfg)], 1, work / f"{name}.log",
+    p = procs.start(name, [binary, "serve", "--config", str(cfg)], 1, work / f"{name}.log",
                     env={**os.environ, "RUST_LOG": "warn"})
     wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60)
     return p, port, admin
@@ -577,6 +586,40 @@ def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers:
     return counts
 
 
+def median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def combine(runs: list[dict], nginx_runs: list[dict]) -> dict:
+    """One target's saturation runs at one page size (one per round) as one row: the median of
+    each figure, and the median of the per-round ratios to nginx proxy_pass, each taken
+    against the nginx run of the same round (a ratio of medians would pair a fast minute of
+    one with a slow minute of the other). One run is itself."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    pct = runs[0]["latency_us"].keys()
+    row = {
+        "requests": sum(r["requests"] for r in runs),
+        "latency_us": {k: median([r["latency_us"][k] for r in runs]) for k in pct},
+        "errors": {k: sum(r["errors"].get(k, 0) for r in runs) for k in runs[0]["errors"]},
+    }
+    for k in ("rps", "proxy_cpu_s", "cpu_us_per_req", "proxy_core_util", "upstream_cpu_us_per_req",
+              "wrk_cpu_s", "load_core_util", "mb_per_s_out", "audit_records_per_commit"):
+        row[k] = median([r.get(k) for r in runs])
+    row["other_load_cores"] = max(r["other_load_cores"] for r in runs)
+    per_round = [ratio(r["rps"], b["rps"]) for r, b in zip(runs, nginx_runs)]
+    row["rps_ratio_per_round"] = per_round
+    row["rps_ratio"] = median(per_round)
+    row["cpu_ratio"] = median([ratio(r["cpu_us_per_req"], b["cpu_us_per_req"])
+                               for r, b in zip(runs, nginx_runs)])
+    row["rounds"] = runs
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -610,13 +653,25 @@ def table(result: dict) -> str:
                 return "-" if x is None else format(x, fmt)
 
             lines.append(
-                f"{n:>7}  {LABELS[t]:<28} {r['rps']:>9.0f} {f(ratio(r['rps'], base and base['rps']), '6.2f')} "
+                f"{n:>7}  {LABELS[t]:<28} {r['rps']:>9.0f} {f(r.get('rps_ratio', ratio(r['rps'], base and base['rps'])), '6.2f')} "
                 f"{L['p50'] / 1e3:>8.2f} {f(ratio(L['p50'], B.get('p50')), '6.2f')} "
                 f"{L['p99'] / 1e3:>8.2f} {f(ratio(L['p99'], B.get('p99')), '6.2f')} "
                 f"{L['p999'] / 1e3:>9.2f} {f(ratio(L['p999'], B.get('p999')), '6.2f')} "
-                f"{r['cpu_us_per_req']:>10.1f} {f(ratio(r['cpu_us_per_req'], base and base['cpu_us_per_req']), '6.2f')} "
+                f"{r['cpu_us_per_req']:>10.1f} {f(r.get('cpu_ratio', ratio(r['cpu_us_per_req'], base and base['cpu_us_per_req'])), '6.2f')} "
                 f"{r['proxy_core_util']:>6.0%} {r['load_core_util']:>6.0%} {r.get('other_load_cores', 0):>6.2f} "
                 f"{sum(r['errors'].values()):>7} {f(r.get('audit_records_per_commit'), '10.1f'):>10}")
+        lines.append("")
+    rounds = result["config"].get("rounds", 1)
+    if rounds > 1:
+        lines.append(f"{rounds} rounds, the targets alternating: every figure is the median of the rounds; "
+                     f"'x ngx' for req/s and CPU is the median of each round's ratio to that round's nginx "
+                     f"run. req/s ratio per round:")
+        for n in result["config"]["sizes"]:
+            for t in TARGETS:
+                r = sat.get(str(n), {}).get(t)
+                if r and t != "nginx_proxy" and r.get("rps_ratio_per_round"):
+                    lines.append(f"{n:>7}  {LABELS[t]:<28} "
+                                 + " ".join(f"{x:.2f}" for x in r["rps_ratio_per_round"]))
         lines.append("")
     if any(fixed.values()):
         lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.rs, "
@@ -694,7 +749,7 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="scratch directory (config, pages, audit logs)")
     ap.add_argument("--results", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--sizes", default="10,100,1000")
-    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--targets", default=",".join(t for t in TARGETS if t != "compare_fsync"))
     ap.add_argument("--persona", default="analyst", choices=["analyst", "councillor"])
     ap.add_argument("--electors", type=int, default=8000,
                     help="demo electors (the councillor's ward holds 5 of 36 districts: 8000 give "
@@ -713,6 +768,12 @@ def main() -> int:
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="also count wardgate's instructions per request over N requests under "
                          "callgrind (page-cache audit), per page size; 0: not")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="saturation rounds, the targets alternating (order rotated each round); the "
+                         "table shows medians and each round's ratio to nginx (default 1)")
+    ap.add_argument("--compare-bin", default=None, metavar="PATH",
+                    help="another wardgate binary, measured as one more target (fsync audit) beside "
+                         "--bin's, in the same rounds: an A/B of two builds on one noisy machine")
     ap.add_argument("--commit-window", default=None,
                     help="wardgate's audit.commit_window (default: the gateway's own default)")
     args = ap.parse_args()
@@ -723,6 +784,14 @@ def main() -> int:
             ap.error(f"unknown target {t}")
     if "nginx_proxy" not in targets:
         ap.error("nginx_proxy is the reference; keep it in --targets")
+    if args.compare_bin and "compare_fsync" not in targets:
+        targets.append("compare_fsync")
+    if "compare_fsync" in targets and not args.compare_bin:
+        ap.error("target compare_fsync needs --compare-bin PATH")
+    if args.compare_bin and not os.access(args.compare_bin, os.X_OK):
+        ap.error(f"--compare-bin {args.compare_bin}: not an executable file")
+    if not 1 <= args.rounds <= 50:
+        ap.error("--rounds: 1 to 50")
     if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 60 or not 0 <= args.fixed_duration <= 120:
         ap.error("durations out of bounds (each run at most 120 s)")
     if not 0 <= args.instructions <= 10_000:
@@ -748,6 +817,7 @@ def main() -> int:
             "sizes": args.sizes, "persona": args.persona, "purpose": purpose, "duration_s": args.duration,
             "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "fixed_duration_s": args.fixed_duration, "fixed_connections": args.fixed_connections,
+            "rounds": args.rounds, "compare_bin": args.compare_bin,
             "electors": args.electors,
             "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate on core 0 "
                        "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
@@ -766,63 +836,93 @@ def main() -> int:
         for n in args.sizes:
             sat[str(n)] = {}
             fixed[str(n)] = {}
-
-        def measure(target: str, server: subprocess.Popen, base_url: str, path_of, expect_all: bool,
-                    admin: int | None = None):
-            for n in args.sizes:
-                url = base_url + path_of(n)
-                pre = preflight(url, wg_headers, n if expect_all else None)
-                pre["response_bytes_in"] = pages[n]["bytes"]
-                r = saturation(args, work, target, n, url, env, server, upstream, admin)
-                r.update(pre)
-                sat[str(n)][target] = r
-            if args.fixed_duration > 0:
-                for n in args.sizes:
-                    ref = sat[str(n)].get("nginx_proxy")
-                    if not ref:
-                        continue
-                    rate, own = ref["rps"] / 2, sat[str(n)][target]["rps"]
-                    if rate <= FIXED_RATE_MAX_SHARE * own:
-                        r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, rate, server)
-                        r["rate_basis"] = "half nginx proxy_pass saturation"
-                    else:
-                        # Near this target's capacity the queue grows: no latency to measure.
-                        # Measure at half its own saturation rate instead, and say so.
-                        log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over "
-                            f"{FIXED_RATE_MAX_SHARE} of this target's saturation ({own:.0f}/s); "
-                            f"fixed rate at {own / 2:.0f}/s instead")
-                        r = fixed_rate(args, work, target, n, base_url + path_of(n), wg_headers, own / 2, server)
-                        r["rate_basis"] = f"half own saturation (half nginx's rate is above {FIXED_RATE_MAX_SHARE} of it)"
-                        r["half_nginx_rate_overloads"] = True
-                    fixed[str(n)][target] = r
-
         store_path = lambda n: f"/electors?per_page={n}"  # noqa: E731
         gw_path = (lambda n: f"/voter/electors?per_page={n}") if args.persona == "analyst" else \
             (lambda n: f"/voter/electors?per_page={n}&ward={HOME_WARD}")
 
-        # nginx proxy_pass first: its saturation rate sets everyone's fixed rate.
+        # Every server under test is started first and kept up (idle ones cost nothing), so
+        # that the rounds can alternate between them. Per target: process, base URL, path,
+        # whether every record comes back, admin port.
+        servers = {}
         nginx_px = start_nginx_proxy(procs, work, px_port, up_port)
         wait_http(f"http://127.0.0.1:{px_port}{store_path(args.sizes[0])}", timeout=20)
-        measure("nginx_proxy", nginx_px, f"http://127.0.0.1:{px_port}", store_path, True)
-        procs.stop("nginx_proxy")
-
+        servers["nginx_proxy"] = (nginx_px, f"http://127.0.0.1:{px_port}", store_path, True, None)
         if "direct" in targets:
-            repin(upstream.pid, 1)
-            try:
-                measure("direct", upstream, f"http://127.0.0.1:{up_port}", store_path, True)
-            finally:
-                repin(upstream.pid, 0)
+            servers["direct"] = (upstream, f"http://127.0.0.1:{up_port}", store_path, True, None)
+        for target, (durability, which) in WARDGATES.items():
+            if target in targets:
+                gw, port, admin = start_wardgate(args, procs, work, target, durability, up_port,
+                                                 getattr(args, which))
+                servers[target] = (gw, f"http://127.0.0.1:{port}", gw_path, False, admin)
 
-        for target, durability in [("wardgate_fsync", "fsync"), ("wardgate_page_cache", "page-cache")]:
-            if target not in targets:
-                continue
-            gw, port, admin = start_wardgate(args, procs, work, target, durability, up_port)
-            measure(target, gw, f"http://127.0.0.1:{port}", gw_path, False, admin)
-            if args.profile and target == "wardgate_fsync":
-                n = 100 if 100 in args.sizes else args.sizes[0]
-                result["profile"] = profile(args, work, gw.pid, f"http://127.0.0.1:{port}{gw_path(n)}",
-                                            env, results_path.parent, n)
-            procs.stop(target)
+        def pinned(target: str):
+            """For `direct` the upstream nginx is the server under test: on core 1 meanwhile."""
+            class Pin:
+                def __enter__(self):
+                    if target == "direct":
+                        repin(upstream.pid, 1)
+
+                def __exit__(self, *exc):
+                    if target == "direct":
+                        repin(upstream.pid, 0)
+            return Pin()
+
+        # Saturation, in rounds: each round runs every target once per page size, nginx
+        # proxy_pass first in the first round and the order rotated in each later one, so that
+        # a machine that slows down or speeds up meanwhile moves every target alike.
+        order = [t for t in TARGETS if t in servers]
+        runs = {str(n): {t: [] for t in order} for n in args.sizes}
+        checked = set()
+        for rnd in range(args.rounds):
+            turn = order[rnd % len(order):] + order[:rnd % len(order)]
+            if args.rounds > 1:
+                log(f"round {rnd + 1} of {args.rounds}: {', '.join(turn)}")
+            for n in args.sizes:
+                for target in turn:
+                    server, base, path_of, expect_all, admin = servers[target]
+                    url = base + path_of(n)
+                    with pinned(target):
+                        if (target, n) not in checked:
+                            pre = preflight(url, wg_headers, n if expect_all else None)
+                            pre["response_bytes_in"] = pages[n]["bytes"]
+                            checked.add((target, n))
+                            runs[str(n)][target].append(pre)
+                        r = saturation(args, work, target, n, url, env, server, upstream, admin)
+                    runs[str(n)][target].append(r)
+        for n in args.sizes:
+            pre = {t: rs.pop(0) for t, rs in runs[str(n)].items()}
+            for target, rs in runs[str(n)].items():
+                sat[str(n)][target] = {**combine(rs, runs[str(n)]["nginx_proxy"]), **pre[target]}
+
+        # Fixed rate: half of nginx's (median) saturation rate, per target.
+        if args.fixed_duration > 0:
+            for target in order:
+                server, base, path_of, _, _ = servers[target]
+                for n in args.sizes:
+                    rate, own = sat[str(n)]["nginx_proxy"]["rps"] / 2, sat[str(n)][target]["rps"]
+                    with pinned(target):
+                        if rate <= FIXED_RATE_MAX_SHARE * own:
+                            r = fixed_rate(args, work, target, n, base + path_of(n), wg_headers, rate, server)
+                            r["rate_basis"] = "half nginx proxy_pass saturation"
+                        else:
+                            # Near this target's capacity the queue grows: no latency to measure.
+                            # Measure at half its own saturation rate instead, and say so.
+                            log(f"{target:<20} {n:>5} records: half nginx's rate ({rate:.0f}/s) is over "
+                                f"{FIXED_RATE_MAX_SHARE} of this target's saturation ({own:.0f}/s); "
+                                f"fixed rate at {own / 2:.0f}/s instead")
+                            r = fixed_rate(args, work, target, n, base + path_of(n), wg_headers, own / 2, server)
+                            r["rate_basis"] = (f"half own saturation (half nginx's rate is above "
+                                               f"{FIXED_RATE_MAX_SHARE} of it)")
+                            r["half_nginx_rate_overloads"] = True
+                    fixed[str(n)][target] = r
+
+        if args.profile and "wardgate_fsync" in servers:
+            gw, base, path_of, _, _ = servers["wardgate_fsync"]
+            n = 100 if 100 in args.sizes else args.sizes[0]
+            result["profile"] = profile(args, work, gw.pid, base + path_of(n), env, results_path.parent, n)
+        for target in servers:
+            if target != "direct":
+                procs.stop(target)
 
         if args.instructions > 0:
             result["instructions"] = instructions(args, procs, work, up_port, gw_path, wg_headers,
