@@ -339,6 +339,30 @@ def audit_commits(admin: int | None) -> tuple[float, float] | None:
     return (got["sum"], got["count"]) if len(got) == 2 else None
 
 
+def seal_backlog(admin: int) -> float | None:
+    """Finished audit segments waiting to be sealed, from wardgate's own metrics."""
+    try:
+        _, _, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+    except Exception:  # noqa: BLE001 - a figure we can do without
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith("wardgate_audit_seal_backlog "):
+            return float(line.split()[1])
+    return None
+
+
+def settle(admins: list[int], timeout: float = 120.0) -> None:
+    """What one run leaves behind must not be charged to the next, which shares its core: the
+    page-cache target's dirty audit pages (written back by the kernel some seconds later) and
+    finished segments still being sealed by an idle wardgate. Flushes the first, waits for the
+    second."""
+    os.sync()
+    end = time.monotonic() + timeout
+    for admin in admins:
+        while (seal_backlog(admin) or 0) > 0 and time.monotonic() < end:
+            time.sleep(0.2)
+
+
 # ---------------------------------------------------------------------------------------------
 # measurement
 
@@ -603,7 +627,8 @@ def combine(runs: list[dict], nginx_runs: list[dict]) -> dict:
         return dict(runs[0])
     pct = runs[0]["latency_us"].keys()
     row = {
-        "requests": sum(r["requests"] for r in runs),
+        "requests": median([r["requests"] for r in runs]),
+        "requests_total": sum(r["requests"] for r in runs),
         "latency_us": {k: median([r["latency_us"][k] for r in runs]) for k in pct},
         "errors": {k: sum(r["errors"].get(k, 0) for r in runs) for k in runs[0]["errors"]},
     }
@@ -671,7 +696,7 @@ def table(result: dict) -> str:
                 r = sat.get(str(n), {}).get(t)
                 if r and t != "nginx_proxy" and r.get("rps_ratio_per_round"):
                     lines.append(f"{n:>7}  {LABELS[t]:<28} "
-                                 + " ".join(f"{x:.2f}" for x in r["rps_ratio_per_round"]))
+                                 + " ".join("-" if x is None else f"{x:.2f}" for x in r["rps_ratio_per_round"]))
         lines.append("")
     if any(fixed.values()):
         lines.append(f"Fixed rate (half of nginx proxy_pass's saturation rate; fixedrate.rs, "
@@ -840,8 +865,9 @@ def main() -> int:
         gw_path = (lambda n: f"/voter/electors?per_page={n}") if args.persona == "analyst" else \
             (lambda n: f"/voter/electors?per_page={n}&ward={HOME_WARD}")
 
-        # Every server under test is started first and kept up (idle ones cost nothing), so
-        # that the rounds can alternate between them. Per target: process, base URL, path,
+        # Every server under test is started first and kept up, so that the rounds can
+        # alternate between them; what an idle one still does (sealing, the kernel's writeback
+        # of its audit pages) is settled before each run (`settle`). Per target: process, base URL, path,
         # whether every record comes back, admin port.
         servers = {}
         nginx_px = start_nginx_proxy(procs, work, px_port, up_port)
@@ -870,7 +896,8 @@ def main() -> int:
         # Saturation, in rounds: each round runs every target once per page size, nginx
         # proxy_pass first in the first round and the order rotated in each later one, so that
         # a machine that slows down or speeds up meanwhile moves every target alike.
-        order = [t for t in TARGETS if t in servers]
+        order = ["nginx_proxy"] + [t for t in TARGETS if t in servers and t != "nginx_proxy"]
+        admins = [admin for (_, _, _, _, admin) in servers.values() if admin is not None]
         runs = {str(n): {t: [] for t in order} for n in args.sizes}
         checked = set()
         for rnd in range(args.rounds):
@@ -881,6 +908,7 @@ def main() -> int:
                 for target in turn:
                     server, base, path_of, expect_all, admin = servers[target]
                     url = base + path_of(n)
+                    settle(admins)
                     with pinned(target):
                         if (target, n) not in checked:
                             pre = preflight(url, wg_headers, n if expect_all else None)
@@ -900,6 +928,7 @@ def main() -> int:
                 server, base, path_of, _, _ = servers[target]
                 for n in args.sizes:
                     rate, own = sat[str(n)]["nginx_proxy"]["rps"] / 2, sat[str(n)][target]["rps"]
+                    settle(admins)
                     with pinned(target):
                         if rate <= FIXED_RATE_MAX_SHARE * own:
                             r = fixed_rate(args, work, target, n, base + path_of(n), wg_headers, rate, server)
