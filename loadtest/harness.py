@@ -867,8 +867,8 @@ def main() -> int:
 
         # Every server under test is started first and kept up, so that the rounds can
         # alternate between them; what an idle one still does (sealing, the kernel's writeback
-        # of its audit pages) is settled before each run (`settle`). Per target: process, base URL, path,
-        # whether every record comes back, admin port.
+        # of its audit pages) is settled before each run (`settle`). Per target: process,
+        # base URL, path, whether every record comes back, admin port.
         servers = {}
         nginx_px = start_nginx_proxy(procs, work, px_port, up_port)
         wait_http(f"http://127.0.0.1:{px_port}{store_path(args.sizes[0])}", timeout=20)
