@@ -23,6 +23,7 @@ Every process started here is stopped here (by its pid), also on error or Ctrl-C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import http.client
 import json
@@ -881,17 +882,17 @@ def main() -> int:
                                                  getattr(args, which))
                 servers[target] = (gw, f"http://127.0.0.1:{port}", gw_path, False, admin)
 
+        @contextlib.contextmanager
         def pinned(target: str):
             """For `direct` the upstream nginx is the server under test: on core 1 meanwhile."""
-            class Pin:
-                def __enter__(self):
-                    if target == "direct":
-                        repin(upstream.pid, 1)
-
-                def __exit__(self, *exc):
-                    if target == "direct":
-                        repin(upstream.pid, 0)
-            return Pin()
+            if target != "direct":
+                yield
+                return
+            repin(upstream.pid, 1)
+            try:
+                yield
+            finally:
+                repin(upstream.pid, 0)
 
         # Saturation, in rounds: each round runs every target once per page size, nginx
         # proxy_pass first in the first round and the order rotated in each later one, so that
@@ -960,8 +961,7 @@ def main() -> int:
         # Where a target ran at its own (lower) rate, the direct upstream at that same rate, so
         # that the added latency compares like with like.
         if "direct" in targets and args.fixed_duration > 0:
-            repin(upstream.pid, 1)
-            try:
+            with pinned("direct"):
                 for n in args.sizes:
                     for t in TARGETS:
                         r = fixed[str(n)].get(t)
@@ -970,8 +970,6 @@ def main() -> int:
                                            wg_headers, r["target_rate"], upstream)
                             d["rate_basis"] = f"same rate as {t}"
                             fixed[str(n)][f"direct_at_{t}"] = d
-            finally:
-                repin(upstream.pid, 0)
         procs.stop("upstream")
     except KeyboardInterrupt:
         log("interrupted; stopping everything this run started")
