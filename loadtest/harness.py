@@ -324,32 +324,31 @@ def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
     return p, port, admin
 
 
+def wardgate_metrics(admin: int) -> dict[str, float]:
+    """wardgate's own metrics (its admin `/metrics`, Prometheus text), unlabelled samples by
+    name; empty if they cannot be read (figures we can do without)."""
+    try:
+        _, _, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+    except Exception:  # noqa: BLE001 - a figure we can do without
+        return {}
+    got = {}
+    for line in body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name and not name.startswith("#") and "{" not in name:
+            try:
+                got[name] = float(value.split()[0])
+            except (ValueError, IndexError):
+                pass
+    return got
+
+
 def audit_commits(admin: int | None) -> tuple[float, float] | None:
     """(records, commits) so far, from wardgate's own metrics (the batch-size histogram)."""
     if admin is None:
         return None
-    try:
-        _, _, body = fetch(f"http://127.0.0.1:{admin}/metrics")
-    except Exception:  # noqa: BLE001 - a figure we can do without
-        return None
-    got = {}
-    for line in body.decode().splitlines():
-        for part in ("sum", "count"):
-            if line.startswith(f"wardgate_audit_batch_records_{part} "):
-                got[part] = float(line.split()[1])
-    return (got["sum"], got["count"]) if len(got) == 2 else None
-
-
-def seal_backlog(admin: int) -> float | None:
-    """Finished audit segments waiting to be sealed, from wardgate's own metrics."""
-    try:
-        _, _, body = fetch(f"http://127.0.0.1:{admin}/metrics")
-    except Exception:  # noqa: BLE001 - a figure we can do without
-        return None
-    for line in body.decode().splitlines():
-        if line.startswith("wardgate_audit_seal_backlog "):
-            return float(line.split()[1])
-    return None
+    m = wardgate_metrics(admin)
+    records, commits = m.get("wardgate_audit_batch_records_sum"), m.get("wardgate_audit_batch_records_count")
+    return None if records is None or commits is None else (records, commits)
 
 
 def settle(admins: list[int], timeout: float = 120.0) -> None:
@@ -360,7 +359,8 @@ def settle(admins: list[int], timeout: float = 120.0) -> None:
     os.sync()
     end = time.monotonic() + timeout
     for admin in admins:
-        while (seal_backlog(admin) or 0) > 0 and time.monotonic() < end:
+        while wardgate_metrics(admin).get("wardgate_audit_seal_backlog", 0) > 0 \
+                and time.monotonic() < end:
             time.sleep(0.2)
 
 
