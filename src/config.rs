@@ -101,6 +101,10 @@ pub struct UpstreamConfig {
     pub base: http::Uri,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Idle keep-alive connections kept open to the datastore: at least as many as requests
+    /// to it run at once at peak, or the pool closes connections it will need a moment
+    /// later and opens new ones (a TCP handshake and a lingering socket per request).
+    pub idle_connections: usize,
     /// Sent upstream as `Authorization`; the caller's own header never is.
     pub authorization: Option<String>,
     /// Which API the datastore speaks.
@@ -253,11 +257,16 @@ struct RawUpstream {
     upstream: String,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    idle_connections: Option<usize>,
     authorization_file: Option<PathBuf>,
     #[serde(default)]
     dialect: Option<String>,
     datasette: Option<DatasetteApi>,
 }
+
+/// `datasets.*.idle_connections` when not set: well above the concurrency one gateway
+/// process serves a datastore at (a few hundred requests in flight at saturation).
+const DEFAULT_IDLE_CONNECTIONS: usize = 1024;
 
 /// Maximum leeway we accept: more would make `exp` meaningless.
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
@@ -486,6 +495,14 @@ impl RawUpstream {
                 self.response_timeout.as_deref().unwrap_or("15s"),
                 &format!("datasets.{name}.response_timeout"),
             )?,
+            idle_connections: match self.idle_connections {
+                None => DEFAULT_IDLE_CONNECTIONS,
+                Some(0) => bail!(
+                    "`datasets.{name}.idle_connections` = 0: at least 1 (every request would \
+                     open a new connection to the datastore)"
+                ),
+                Some(n) => n,
+            },
             authorization,
         })
     }

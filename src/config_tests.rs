@@ -50,6 +50,18 @@ fn defaults_and_relative_paths() {
     );
     assert!(c.server.tls.is_some());
     assert_eq!(c.audit.commit_window, Duration::from_millis(3));
+    assert_eq!(c.datasets["voter"].idle_connections, 1024);
+}
+
+#[test]
+fn idle_connections_are_at_least_one() {
+    let with = |n: &str| MINIMAL.replace("7001\"", &format!("7001\"\nidle_connections = {n}"));
+    assert_eq!(
+        parse(&with("8")).unwrap().datasets["voter"].idle_connections,
+        8
+    );
+    assert!(err(&with("0")).contains("datasets.voter.idle_connections"));
+    assert!(err(&with("-1")).contains("idle_connections"));
 }
 
 #[test]

@@ -54,7 +54,7 @@ impl Upstreams {
             connector.set_nodelay(true);
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(64)
+                .pool_max_idle_per_host(u.idle_connections)
                 .build(connector);
             let authorization = match &u.authorization {
                 Some(v) => Some(HeaderValue::from_str(v).map_err(|_| {
@@ -198,5 +198,104 @@ impl Upstream {
             ));
         }
         Ok(resp.into_body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection pool against a real HTTP server that counts the connections it accepts.
+
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::Barrier;
+
+    use super::*;
+
+    /// A datastore that answers `{}` once `wave` requests are in flight at once (so each wave
+    /// needs that many connections), counting the connections it accepts.
+    async fn datastore(wave: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(wave));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let barrier = barrier.clone();
+                let service = service_fn(move |_req| {
+                    let barrier = barrier.clone();
+                    async move {
+                        barrier.wait().await;
+                        let resp = http::Response::builder()
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from_static(b"{}")))
+                            .unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        (base, accepted)
+    }
+
+    fn upstream(base: &str, idle_connections: usize) -> Upstreams {
+        let cfg = UpstreamConfig {
+            base: base.parse().unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
+            idle_connections,
+            authorization: None,
+            dialect: Dialect::Wardgate,
+        };
+        Upstreams::new(&BTreeMap::from([("voter".to_owned(), cfg)]), 1 << 20).unwrap()
+    }
+
+    async fn wave(upstreams: &Upstreams, n: usize) {
+        let up = upstreams.get("voter").unwrap();
+        let ids: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let answers = futures_util::future::join_all(
+            ids.iter()
+                .map(|id| up.send(Method::GET, "/electors", None, id)),
+        )
+        .await;
+        for a in answers {
+            assert_eq!(a.unwrap().status, StatusCode::OK);
+        }
+        // The connections go back to the pool as their tasks see the responses end.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_up_to_the_idle_limit_are_reused() {
+        const CONCURRENT: usize = 100;
+        let (base, accepted) = datastore(CONCURRENT).await;
+        let upstreams = upstream(&base, CONCURRENT);
+        wave(&upstreams, CONCURRENT).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), CONCURRENT);
+        wave(&upstreams, CONCURRENT).await;
+        wave(&upstreams, CONCURRENT).await;
+        // Every later wave ran on the connections the first one opened.
+        assert_eq!(accepted.load(Ordering::SeqCst), CONCURRENT);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_idle_limit_connections_are_closed_and_opened_again() {
+        const CONCURRENT: usize = 100;
+        let (base, accepted) = datastore(CONCURRENT).await;
+        let upstreams = upstream(&base, 10);
+        wave(&upstreams, CONCURRENT).await;
+        wave(&upstreams, CONCURRENT).await;
+        // The second wave found ten connections kept and opened the other ninety again.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2 * CONCURRENT - 10);
     }
 }
