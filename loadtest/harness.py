@@ -212,7 +212,7 @@ def make_pages(args, procs: Procs, work: Path) -> tuple[dict, Path, dict]:
     return pages, www, tokens
 
 
-def nginx_conf(prefix: Path, body: str) -> Path:
+def nginx_conf(prefix: Path, body: str, cork: bool = False) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""# written by loadtest/harness.py
@@ -231,7 +231,7 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     sendfile on;
-    tcp_nopush on;
+    tcp_nopush {"on" if cork else "off"};
     tcp_nodelay on;
     keepalive_timeout 120s;
     keepalive_requests 10000000;
@@ -241,7 +241,14 @@ http {{
     return conf
 
 
-def start_upstream(procs: Procs, work: Path, www: Path, port: int, sizes: list[int]) -> subprocess.Popen:
+def start_upstream(procs: Procs, work: Path, www: Path, port: int, sizes: list[int],
+                   cork: bool) -> subprocess.Popen:
+    """The upstream: nginx serving the pages as a datastore API would, each response sent as it
+    is written (`tcp_nodelay`, no `tcp_nopush`). With `cork` (`--upstream-cork`) it holds partial
+    frames back as a static-file server does (`tcp_nopush`, TCP_CORK): then about one in a
+    hundred of wardgate's upstream answers at saturation waits for the reader's delayed-ACK timer
+    (40 ms; the kernel's `TcpExtDelayedACKs` counts them), which nginx proxy_pass reading the
+    same upstream does not."""
     mapping = "\n".join(f"        {n} /electors-{n}.json;" for n in sizes)
     conf = nginx_conf(work / "nginx-upstream", f"""
     # `/electors?per_page=N&...` answers with the N-record page; other parameters are ignored.
@@ -258,7 +265,7 @@ def start_upstream(procs: Procs, work: Path, www: Path, port: int, sizes: list[i
             try_files $page_file =404;
         }}
         location / {{ return 404; }}
-    }}""")
+    }}""", cork=cork)
     p = procs.start("upstream", ["nginx", "-c", str(conf), "-p", str(work / "nginx-upstream")], 0,
                     work / "nginx-upstream.log")
     wait_http(f"http://127.0.0.1:{port}/electors?per_page={sizes[0]}", timeout=20)
@@ -800,6 +807,9 @@ def main() -> int:
     ap.add_argument("--compare-bin", default=None, metavar="PATH",
                     help="another wardgate binary, measured as one more target (fsync audit) beside "
                          "--bin's, in the same rounds: an A/B of two builds on one noisy machine")
+    ap.add_argument("--upstream-cork", action="store_true",
+                    help="the upstream nginx with tcp_nopush (TCP_CORK), as a static-file server; "
+                         "default off, as a datastore API answers (see start_upstream)")
     ap.add_argument("--commit-window", default=None,
                     help="wardgate's audit.commit_window (default: the gateway's own default)")
     args = ap.parse_args()
@@ -843,7 +853,7 @@ def main() -> int:
             "sizes": args.sizes, "persona": args.persona, "purpose": purpose, "duration_s": args.duration,
             "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "fixed_duration_s": args.fixed_duration, "fixed_connections": args.fixed_connections,
-            "rounds": args.rounds, "compare_bin": args.compare_bin,
+            "rounds": args.rounds, "compare_bin": args.compare_bin, "upstream_cork": args.upstream_cork,
             "electors": args.electors,
             "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate on core 0 "
                        "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
@@ -857,7 +867,7 @@ def main() -> int:
         wg_headers = {"Authorization": f"Bearer {token}", "X-Purpose": purpose}
         env = {"WG_TOKEN": token, "WG_PURPOSE": purpose}
         up_port, px_port = free_port(), free_port()
-        upstream = start_upstream(procs, work, www, up_port, args.sizes)
+        upstream = start_upstream(procs, work, www, up_port, args.sizes, args.upstream_cork)
         sat, fixed = result["saturation"], result["fixed_rate"]
         for n in args.sizes:
             sat[str(n)] = {}
