@@ -246,9 +246,9 @@ def start_upstream(procs: Procs, work: Path, www: Path, port: int, sizes: list[i
     """The upstream: nginx serving the pages as a datastore API would, each response sent as it
     is written (`tcp_nodelay`, no `tcp_nopush`). With `cork` (`--upstream-cork`) it holds partial
     frames back as a static-file server does (`tcp_nopush`, TCP_CORK): then about one in a
-    hundred of wardgate's upstream answers at saturation waits for the reader's delayed-ACK timer
-    (40 ms; the kernel's `TcpExtDelayedACKs` counts them), which nginx proxy_pass reading the
-    same upstream does not."""
+    hundred answers at saturation waits for the reader's delayed-ACK timer (40 ms; the kernel's
+    `TcpExtDelayedACKs` counts them), read by wardgate or by wrk (direct) alike, though not by
+    nginx proxy_pass."""
     mapping = "\n".join(f"        {n} /electors-{n}.json;" for n in sizes)
     conf = nginx_conf(work / "nginx-upstream", f"""
     # `/electors?per_page=N&...` answers with the N-record page; other parameters are ignored.
