@@ -351,7 +351,9 @@ impl Writer {
         }
         let mut window = self.commit_window;
         let mut want = (self.arrival_rate * window.as_secs_f64()) as usize;
-        if want < SATURATED_BATCH && self.coming.load(Ordering::Relaxed) >= SATURATED_SIBLINGS {
+        let coming = self.coming.load(Ordering::Relaxed);
+        let saturated = coming >= SATURATED_SIBLINGS;
+        if want < SATURATED_BATCH && saturated {
             // Many requests coming, but too slowly for the window (1,000-record pages at
             // saturation: about 600 a second). Waiting costs the waiting requests some latency
             // and the core nothing, while a sync per record or two cost 11-15% of the
@@ -367,12 +369,9 @@ impl Writer {
         // Saturated, never wait for more than half of the requests in flight: the other half
         // keeps the core busy while this batch syncs. (Waiting for nearly all of them, 10-record
         // pages left the core idle for each `fdatasync`, 31% of the time.)
-        let coming = self.coming.load(Ordering::Relaxed);
-        let want = if coming >= SATURATED_SIBLINGS {
-            want.min((batch.len() + coming) / 2)
-        } else {
-            want
-        };
+        if saturated {
+            want = want.min((batch.len() + coming) / 2);
+        }
         let want = want.min(self.max_batch);
         let deadline = Instant::now() + window;
         while batch.len() < want && self.coming.load(Ordering::Relaxed) > 0 {
