@@ -114,7 +114,7 @@ def main() -> int:
                     work / "nginx-upstream.log")
         h.wait_http(f"http://127.0.0.1:{up_port}/electors/export", timeout=20)
         h.start_nginx_proxy(procs, work, proxy_port, up_port)
-        wg, wg_port, _ = h.start_wardgate(args, procs, work, "wardgate_fsync", "fsync", up_port)
+        wg, wg_port, _ = h.start_wardgate(args, procs, work, "wardgate_fsync", "fsync", up_port, args.bin)
         rss_idle = vm(wg.pid, "VmHWM")
 
         auth = {"Authorization": f"Bearer {tokens['analyst']}", "X-Purpose": "profiling"}

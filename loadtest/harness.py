@@ -418,7 +418,8 @@ def saturation(args, work: Path, target: str, n: int, url: str, env: dict, serve
                upstream: subprocess.Popen, admin: int | None = None) -> dict:
     wait_quiet(args)
     log(f"{target:<20} {n:>5} records: warm-up {args.warmup:g}s, measure {args.duration:g}s")
-    run_wrk(args, work, url, env, args.warmup, work / f"wrk-warm-{target}-{n}.json")
+    if args.warmup > 0:  # wrk refuses `-d 0s`
+        run_wrk(args, work, url, env, args.warmup, work / f"wrk-warm-{target}-{n}.json")
     up_same = upstream.pid == server.pid
     a0 = audit_commits(admin)
     m0 = machine_busy_ticks()

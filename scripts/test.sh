@@ -3,7 +3,8 @@
 # warnings as errors, and every test (unit, policy fixtures, end to end). Run from anywhere:
 #   bash scripts/test.sh
 # Tests start their own servers (and a headless browser) on free ports; the audit "disk full" test mounts a small tmpfs,
-# which needs root (CI is root; elsewhere that one test says it skipped).
+# which needs root (CI is root; elsewhere that one test says it skipped). The load-test smoke
+# test (tests/loadtest_smoke.rs) has loadtest/run.sh install nginx and wrk the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
