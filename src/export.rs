@@ -4,9 +4,12 @@
 //! upstream line is one record; it is filtered as it arrives (geography, flags, markers,
 //! fields) and appended to the current chunk. A chunk (about [`CHUNK_BYTES`]) is released
 //! only after an audit record listing exactly its subjects and fields is durable: no audit,
-//! no data, chunk by chunk. The request's own record (written before the headers) says the
-//! export started; the last one says how it ended. Memory is a chunk being filled, two
-//! chunks waiting for the client, and one partial line, whatever the size of the export.
+//! no data, chunk by chunk. That record is queued as soon as the chunk is full, and the next
+//! chunk is filtered while the log writes and syncs it (the sync would otherwise leave the
+//! core idle between chunks). The request's own record (written before the headers) says the
+//! export started; the last one says how it ended. Memory is a chunk being filled, one
+//! waiting for its record to be durable, two waiting for the client, and one partial line,
+//! whatever the size of the export.
 //!
 //! Once the headers have gone a failure cannot become a problem document, so it ends the
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
@@ -21,7 +24,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
-use crate::audit::{AuditRecord, Decision};
+use crate::audit::{Ack, AuditRecord, Decision};
 use crate::auth::Principal;
 use crate::decisions::Decider;
 use crate::filter::{self, Disclosure, FilterContext};
@@ -73,11 +76,16 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             gw: &gw,
             template,
             tx: &tx,
+            queued: 0,
+            waiting: None,
             chunks: 0,
             records: 0,
         };
         let outcome = run.stream(plan).await;
-        run.finish(outcome).await;
+        // The chunk queued last still goes once its record is durable, whatever ended the
+        // stream after it: it came before the failure, as it would have without the overlap.
+        let handed_on = run.hand_on().await;
+        run.finish(outcome.and(handed_on)).await;
     });
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|r| (r.map(Frame::data), rx))
@@ -89,7 +97,18 @@ struct Run<'a> {
     gw: &'a Gateway,
     template: AuditRecord,
     tx: &'a mpsc::Sender<Result<Bytes, BoxError>>,
+    /// Chunk records queued so far (each chunk's record carries its number).
+    queued: u64,
+    /// The chunk released last, waiting for its record to be durable before it goes.
+    waiting: Option<Waiting>,
+    /// Chunks (and their records) whose audit records are durable and that have gone.
     chunks: u64,
+    records: u64,
+}
+
+struct Waiting {
+    ack: Ack,
+    chunk: Bytes,
     records: u64,
 }
 
@@ -159,7 +178,8 @@ impl Run<'_> {
         self.release(&plan.principal, &mut out, &mut d).await
     }
 
-    /// Audits the chunk's subjects, waits until that is durable, then hands the chunk on.
+    /// Queues the audit record of the chunk's subjects and leaves the chunk waiting for it to
+    /// be durable, once the chunk before (whose record was queued earlier) has gone.
     async fn release(
         &mut self,
         principal: &Principal,
@@ -184,24 +204,46 @@ impl Run<'_> {
         let mut ids = disclosed.policy_ids;
         ids.extend(self.template.policy_ids.iter().cloned());
         record.policy_ids = ids.into_iter().collect();
-        record.detail = Some(serde_json::json!({ "export_chunk": self.chunks + 1 }));
-        self.gw
+        self.queued += 1;
+        record.detail = Some(serde_json::json!({ "export_chunk": self.queued }));
+        let ack = self
+            .gw
             .audit
-            .append(record)
+            .submit(record)
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
+        // Counted as queued, so that the next chunk's quota check sees these records.
         self.gw.controls.count(principal, n);
-        self.chunks += 1;
-        self.records += n;
         let chunk = Bytes::from(std::mem::replace(
             out,
             Vec::with_capacity(CHUNK_BYTES + MAX_LINE),
         ));
-        if chunk.is_empty() {
+        self.hand_on().await?;
+        self.waiting = Some(Waiting {
+            ack,
+            chunk,
+            records: n,
+        });
+        Ok(())
+    }
+
+    /// Hands the waiting chunk on to the client once its audit record is durable; if that
+    /// record could not be written, the chunk never goes.
+    async fn hand_on(&mut self) -> Result<(), String> {
+        let Some(w) = self.waiting.take() else {
+            return Ok(());
+        };
+        w.ack
+            .durable()
+            .await
+            .map_err(|_| "audit_unavailable".to_owned())?;
+        self.chunks += 1;
+        self.records += w.records;
+        if w.chunk.is_empty() {
             return Ok(());
         }
         self.tx
-            .send(Ok(chunk))
+            .send(Ok(w.chunk))
             .await
             .map_err(|_| "client_went_away".to_owned())
     }

@@ -10,38 +10,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::{AppOptions, spawn_app_with};
-
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Writes until the filesystem is full.
-fn fill(dir: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
-    let block = vec![0u8; 4096];
-    while f.write_all(&block).is_ok() && f.sync_all().is_ok() {}
-}
+use common::{AppOptions, Tmpfs, fill, spawn_app_with};
 
 #[tokio::test]
 async fn a_full_disk_means_503_and_no_data_then_recovery_without_restart() {

@@ -11,7 +11,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{AppOptions, TestApp, spawn_app_with};
+use common::{AppOptions, TestApp, Tmpfs, fill, read_audit, spawn_app_with};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -263,4 +263,83 @@ async fn a_line_that_is_not_a_record_stops_the_export_and_nothing_after_it_leave
     let last = records.last().unwrap();
     assert_eq!(last["reason"], "export_aborted");
     assert_eq!(last["decision"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_fills_mid_export_cuts_it_after_the_last_durable_chunk() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("audit");
+    let Some(_tmpfs) = Tmpfs::mount(&mount, "2m") else {
+        // Mounting needs root; CI runs as root, so there this must not be skipped silently.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs for the audit log under CI"
+        );
+        eprintln!("skipping: cannot mount tmpfs (not root)");
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        audit_dir: Some(mount.clone()),
+        ..AppOptions::default()
+    })
+    .await;
+    // Room for the export's first record and about three chunks' (each lists some 2,400
+    // subjects, about 35 KB), of the seven or so the whole export takes.
+    fill(&mount);
+    let filler = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.join("filler"))
+        .unwrap();
+    let full = filler.metadata().unwrap().len();
+    filler.set_len(full.saturating_sub(100 << 10)).unwrap();
+    drop(filler);
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
+        .header("authorization", format!("Bearer {}", app.token("analyst")))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut received = Vec::new();
+    let cut = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    received.extend_from_slice(data);
+                }
+            }
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(cut, "the export must be cut short when its log is full");
+    let received: Vec<Value> = std::str::from_utf8(&received)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !received.is_empty() && received.len() < 15_000,
+        "{} records arrived: the room left should take some chunks, not all",
+        received.len()
+    );
+
+    // Exactly the records whose chunk records are durable arrived, in order: none before its
+    // record, none after the first record that could not be written.
+    std::fs::remove_file(mount.join("filler")).unwrap();
+    let report = wardgate::audit::verify_dir(&mount).unwrap();
+    let records = read_audit(&mount);
+    assert_eq!(report.records as usize, records.len());
+    let audited: Vec<String> = records
+        .iter()
+        .filter(|r| r["route"] == "voter.export" && r["detail"]["export_chunk"].is_u64())
+        .flat_map(|r| r["subjects"].as_array().unwrap())
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(audited, ids(&received));
 }

@@ -26,4 +26,4 @@ pub mod writer;
 
 pub use record::{AuditRecord, Caller, Decision, RecordKind};
 pub use verify::{VerifyError, VerifyReport, verify_dir};
-pub use writer::{AuditError, AuditLog, AuditSettings, Durability, Logged};
+pub use writer::{Ack, AuditError, AuditLog, AuditSettings, Durability, Logged};

@@ -83,6 +83,18 @@ struct Pending {
     reply: Reply,
 }
 
+/// A record queued with `AuditLog::submit`: `durable` says when (and whether) it is.
+#[must_use = "a submitted record is not known to be durable until its Ack says so"]
+pub struct Ack(oneshot::Receiver<Result<u64, AuditError>>);
+
+impl Ack {
+    /// Resolves when the record is durable per the durability mode, with its sequence number;
+    /// `Err(Unavailable)` if the batch containing it could not be written.
+    pub async fn durable(self) -> Result<u64, AuditError> {
+        self.0.await.unwrap_or(Err(AuditError::Closed))
+    }
+}
+
 /// Handle to the audit log; cheap to clone, all clones feed the same writer thread.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -146,13 +158,19 @@ impl AuditLog {
     /// Queues one record and resolves when it is durable per the durability mode, returning its
     /// sequence number; `Err(Unavailable)` if the batch containing it could not be written.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        self.submit(record).await?.durable().await
+    }
+
+    /// Queues one record and resolves as soon as the writer has it, with the acknowledgement
+    /// to wait on before disclosing what the record lists: a caller with other work to do
+    /// meanwhile (an export filtering its next chunk) overlaps it with the write and sync.
+    pub async fn submit(&self, record: AuditRecord) -> Result<Ack, AuditError> {
         let tx = lock(&self.inner.tx).clone().ok_or(AuditError::Closed)?;
         let (reply, done) = oneshot::channel();
         tx.send(Pending { record, reply })
             .await
             .map_err(|_| AuditError::Closed)?;
-        drop(tx);
-        done.await.unwrap_or(Err(AuditError::Closed))
+        Ok(Ack(done))
     }
 
     /// Every record acknowledged from now on, in sequence order.
