@@ -127,7 +127,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
 #[test]
 fn the_token_cache_never_outlives_the_token() {
     let cache = TokenCache::default();
-    let p = Principal {
+    let p = std::sync::Arc::new(Principal {
         subject: "s".into(),
         token_id: "t".into(),
         role: "r".into(),
@@ -137,11 +137,13 @@ fn the_token_cache_never_outlives_the_token() {
         expires_at: 1_000,
         issued_at: 0,
         grant_expires_at: Some(900),
-    };
+    });
     cache.put("tok", &p, 100);
-    assert_eq!(
-        cache.get("tok", 101).map(|p| p.subject),
-        Some("s".to_owned())
+    let hit = cache.get("tok", 101);
+    assert_eq!(hit.as_ref().map(|p| p.subject.as_str()), Some("s"));
+    assert!(
+        hit.is_some_and(|hit| std::sync::Arc::ptr_eq(&hit, &p)),
+        "a hit is the principal cached, not a copy"
     );
     assert!(cache.get("tok", 400).is_none(), "at most CACHE_FOR seconds");
     cache.put("tok", &p, 800);

@@ -59,7 +59,7 @@ pub fn ready(partial: &[u8], done: bool) -> Option<usize> {
 /// answered 200.
 pub struct Plan {
     pub body: hyper::body::Incoming,
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     pub ask: Ask,
     pub asker: u64,
     pub dataset: String,

@@ -60,7 +60,7 @@ pub struct Gateway {
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
 #[derive(Default)]
 pub struct Trail {
-    caller: Option<Principal>,
+    caller: Option<Arc<Principal>>,
     purpose: Option<String>,
     lawful_basis: Option<String>,
     dataset: Option<String>,
@@ -349,7 +349,7 @@ where
 impl Trail {
     /// The authenticated caller, once known.
     pub fn caller(&self) -> Option<&Principal> {
-        self.caller.as_ref()
+        self.caller.as_deref()
     }
 
     fn absorb(&mut self, d: filter::Disclosure) {
@@ -373,7 +373,7 @@ pub fn authenticate(
     gw: &Gateway,
     headers: &HeaderMap,
     trail: &mut Trail,
-) -> Result<Principal, GatewayError> {
+) -> Result<Arc<Principal>, GatewayError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let principal = gw
         .verifier
@@ -382,7 +382,7 @@ pub fn authenticate(
             now,
         )
         .map_err(GatewayError::Unauthenticated)?;
-    trail.caller = Some(principal.clone());
+    trail.caller = Some(Arc::clone(&principal));
     gw.controls.check_fresh()?;
     if gw.controls.is_revoked(&principal) {
         return Err(GatewayError::Unauthenticated(

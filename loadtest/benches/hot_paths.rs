@@ -46,7 +46,7 @@ const PAGE_SIZES: [usize; 2] = [100, 1000];
 struct Asker {
     label: &'static str,
     purpose: &'static str,
-    principal: Principal,
+    principal: std::sync::Arc<Principal>,
     lawful_basis: String,
     ask: Ask,
     pages: Vec<(usize, Vec<u8>)>,
