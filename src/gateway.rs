@@ -503,7 +503,8 @@ fn request_id(headers: &HeaderMap) -> String {
     clippy::too_many_arguments,
     reason = "assembles one flat record from the request's parts"
 )]
-/// The request's audit record; the disclosed subjects move into it from the trail.
+/// The request's audit record; what it lists (subjects, fields, policies, route) moves into
+/// it from the trail, which keeps only what the metrics and the quota read afterwards.
 fn audit_record(
     trail: &mut Trail,
     error: Option<&GatewayError>,
@@ -537,13 +538,13 @@ fn audit_record(
         }),
         client_addr: Some(client.ip().to_string()),
         purpose: trail.purpose.clone(),
-        lawful_basis: trail.lawful_basis.clone(),
+        lawful_basis: trail.lawful_basis.take(),
         dataset: trail.dataset.clone(),
-        route: trail.route.clone(),
+        route: trail.route.take(),
         method: method.to_string(),
         path: path.to_owned(),
         decision,
-        policy_ids: trail.policy_ids.iter().cloned().collect(),
+        policy_ids: std::mem::take(&mut trail.policy_ids).into_iter().collect(),
         reason,
         status: status.as_u16(),
         subjects: if disclosed {
@@ -552,7 +553,7 @@ fn audit_record(
             filter::Subjects::default()
         },
         fields: if disclosed {
-            trail.fields.iter().cloned().collect()
+            std::mem::take(&mut trail.fields).into_iter().collect()
         } else {
             Vec::new()
         },
