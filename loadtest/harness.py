@@ -45,7 +45,7 @@ REPO = HERE.parent
 HOME_WARD = "E05011391"  # the councillor persona's ward (src/demo/personas.rs)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TARGETS = ["direct", "nginx_proxy", "wardgate_fsync", "wardgate_page_cache", "compare_fsync"]
+TARGETS = ["direct", "nginx_proxy", "passthrough", "wardgate_fsync", "wardgate_page_cache", "compare_fsync"]
 # The fixed-rate test runs a target at half of nginx's saturation rate only when that is at
 # most this share of the target's own: saturation moves by a quarter between runs on a shared
 # machine, and at 0.85 of it a run on a slower minute queued (p50 0.5 s): a queue's length,
@@ -54,6 +54,7 @@ FIXED_RATE_MAX_SHARE = 0.6
 LABELS = {
     "direct": "upstream direct (nginx static)",
     "nginx_proxy": "nginx proxy_pass",
+    "passthrough": "wardgate's stack, no checks",
     "wardgate_fsync": "wardgate, fsync audit",
     "wardgate_page_cache": "wardgate, page-cache audit",
     "compare_fsync": "--compare-bin, fsync audit",
@@ -318,6 +319,14 @@ def wardgate_config(work: Path, durability: str, port: int, admin: int, upstream
     path = demo_dir / f"wardgate-{tag}.toml"
     path.write_text(text)
     return path
+
+
+def start_passthrough(args, procs: Procs, work: Path, port: int, upstream_port: int) -> subprocess.Popen:
+    """examples/passthrough: wardgate's listener, upstream client and runtime with nothing
+    checked, so the table separates the HTTP stack's cost from enforcement's."""
+    return procs.start("passthrough", [args.passthrough, "--listen", f"127.0.0.1:{port}",
+                                       "--upstream", f"http://127.0.0.1:{upstream_port}"], 1,
+                       work / "passthrough.log", env={**os.environ, "RUST_LOG": "warn"})
 
 
 def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
@@ -780,6 +789,9 @@ def main() -> int:
     ap.add_argument("--bin", required=True, help="the release wardgate binary")
     ap.add_argument("--fixedrate", required=True,
                     help="the fixed-rate generator (cargo build --release --example fixedrate)")
+    ap.add_argument("--passthrough", default=None,
+                    help="wardgate's stack without enforcement (cargo build --release --example "
+                         "passthrough), for the passthrough target")
     ap.add_argument("--work", required=True, help="scratch directory (config, pages, audit logs)")
     ap.add_argument("--results", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--sizes", default="10,100,1000")
@@ -825,6 +837,8 @@ def main() -> int:
         targets.append("compare_fsync")
     if "compare_fsync" in targets and not args.compare_bin:
         ap.error("target compare_fsync needs --compare-bin PATH")
+    if "passthrough" in targets and not (args.passthrough and os.access(args.passthrough, os.X_OK)):
+        ap.error("target passthrough needs --passthrough PATH (run.sh builds it)")
     if args.compare_bin and not os.access(args.compare_bin, os.X_OK):
         ap.error(f"--compare-bin {args.compare_bin}: not an executable file")
     if not 1 <= args.rounds <= 50:
@@ -885,6 +899,11 @@ def main() -> int:
         nginx_px = start_nginx_proxy(procs, work, px_port, up_port)
         wait_http(f"http://127.0.0.1:{px_port}{store_path(args.sizes[0])}", timeout=20)
         servers["nginx_proxy"] = (nginx_px, f"http://127.0.0.1:{px_port}", store_path, True, None)
+        if "passthrough" in targets:
+            pt_port = free_port()
+            pt = start_passthrough(args, procs, work, pt_port, up_port)
+            wait_http(f"http://127.0.0.1:{pt_port}{store_path(args.sizes[0])}", timeout=20)
+            servers["passthrough"] = (pt, f"http://127.0.0.1:{pt_port}", store_path, True, None)
         if "direct" in targets:
             servers["direct"] = (upstream, f"http://127.0.0.1:{up_port}", store_path, True, None)
         for target, (durability, which) in WARDGATES.items():

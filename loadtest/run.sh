@@ -10,6 +10,7 @@
 # Environment:
 #   WARDGATE_BIN         use this wardgate binary instead of building one
 #   FIXEDRATE_BIN        use this fixed-rate generator (examples/fixedrate) instead of building one
+#   PASSTHROUGH_BIN      use this build of examples/passthrough (wardgate's stack, no checks)
 #   CARGO_TARGET_DIR     where to build (default: target/loadtest, apart from debug builds)
 #   LOADTEST_BUILD_JOBS  cargo -j for the build (default: 1, to leave a core to others)
 #   LOADTEST_KEEP_WORK=1 keep the scratch directory (configs, pages, logs, audit segments)
@@ -63,14 +64,15 @@ fi
 [ -x "$bin" ] || { echo "no wardgate binary at $bin" >&2; exit 1; }
 fixedrate_args=()
 if [ "${1:-}" != "--export" ]; then
-  if [ -n "${FIXEDRATE_BIN:-}" ]; then
-    fixedrate=$FIXEDRATE_BIN
-  else
-    build --example fixedrate
-    fixedrate=$target_dir/release/examples/fixedrate
-  fi
+  examples=()
+  [ -n "${FIXEDRATE_BIN:-}" ] || examples+=(--example fixedrate)
+  [ -n "${PASSTHROUGH_BIN:-}" ] || examples+=(--example passthrough)
+  [ ${#examples[@]} -eq 0 ] || build "${examples[@]}"
+  fixedrate=${FIXEDRATE_BIN:-$target_dir/release/examples/fixedrate}
+  passthrough=${PASSTHROUGH_BIN:-$target_dir/release/examples/passthrough}
   [ -x "$fixedrate" ] || { echo "no fixed-rate generator at $fixedrate" >&2; exit 1; }
-  fixedrate_args=(--fixedrate "$fixedrate")
+  [ -x "$passthrough" ] || { echo "no passthrough proxy at $passthrough" >&2; exit 1; }
+  fixedrate_args=(--fixedrate "$fixedrate" --passthrough "$passthrough")
 fi
 
 # ---- 3. measure; the harness stops what it starts, and so does this trap if it cannot

@@ -20,12 +20,12 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `examples/fixedrate` of this build, beside this test's own binary (`target/debug/deps/..`):
-/// `cargo test --all-targets`, the test command, builds it.
-fn fixedrate() -> PathBuf {
+/// An example of this build (`fixedrate`, `passthrough`), beside this test's own binary
+/// (`target/debug/deps/..`): `cargo test --all-targets`, the test command, builds them.
+fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    profile_dir.join("examples").join("fixedrate")
+    profile_dir.join("examples").join(name)
 }
 
 fn have(cmd: &str) -> bool {
@@ -50,7 +50,8 @@ fn run_sh(args: &[&str], work: &Path) -> std::process::Output {
         .arg(repo().join("loadtest/run.sh"))
         .args(args)
         .env("WARDGATE_BIN", env!("CARGO_BIN_EXE_wardgate"))
-        .env("FIXEDRATE_BIN", fixedrate())
+        .env("FIXEDRATE_BIN", example("fixedrate"))
+        .env("PASSTHROUGH_BIN", example("passthrough"))
         .env("TMPDIR", work)
         .output()
         .unwrap();
@@ -80,11 +81,13 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
         eprintln!("skipped: one of {tools:?} is missing and this is not root to install it");
         return;
     }
-    assert!(
-        fixedrate().exists(),
-        "no {} (cargo test --all-targets builds the examples)",
-        fixedrate().display()
-    );
+    for name in ["fixedrate", "passthrough"] {
+        assert!(
+            example(name).exists(),
+            "no {} (cargo test --all-targets builds the examples)",
+            example(name).display()
+        );
+    }
     let work = tempfile::tempdir().unwrap();
 
     // The side-by-side load test: every target, one page size, a second each.
@@ -111,6 +114,7 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
     for target in [
         "direct",
         "nginx_proxy",
+        "passthrough",
         "wardgate_fsync",
         "wardgate_page_cache",
     ] {
