@@ -442,6 +442,21 @@ impl Tmpfs {
             .is_ok_and(|s| s.success());
         ok.then(|| Tmpfs(dir.to_path_buf()))
     }
+
+    /// `mount`, or `None` with a note that the test skipped; mounting needs root, and CI runs
+    /// as root, so there a failure to mount fails the test instead of skipping it silently.
+    pub fn mount_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let mounted = Tmpfs::mount(dir, size);
+        if mounted.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a tmpfs at {} under CI",
+                dir.display()
+            );
+            eprintln!("skipping: cannot mount a tmpfs (not root)");
+        }
+        mounted
+    }
 }
 
 impl Drop for Tmpfs {
