@@ -34,5 +34,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo build --examples"
+# tests/loadtest_smoke.rs runs the load test with these (cargo test builds examples as tests,
+# under hashed names, not as the binaries loadtest/run.sh takes).
+cargo build --examples --locked
 echo "== cargo test"
 cargo test --all-targets --locked --no-fail-fast

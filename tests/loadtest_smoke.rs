@@ -21,7 +21,8 @@ fn repo() -> PathBuf {
 }
 
 /// An example of this build (`fixedrate`, `passthrough`), beside this test's own binary
-/// (`target/debug/deps/..`): `cargo test --all-targets`, the test command, builds them.
+/// (`target/debug/deps/..`): the test command (`scripts/test.sh`) builds them first with
+/// `cargo build --examples`.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
@@ -84,7 +85,7 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
     for name in ["fixedrate", "passthrough"] {
         assert!(
             example(name).exists(),
-            "no {} (cargo test --all-targets builds the examples)",
+            "no {} (`cargo build --examples` builds it, as scripts/test.sh does)",
             example(name).display()
         );
     }
