@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{Method, Request, Response, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use wardgate::config::{Dialect, UpstreamConfig};
@@ -58,36 +58,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )]);
     let upstreams = Arc::new(Upstreams::new(&cfg, 64 << 20)?);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    anyhow::ensure!(upstreams.get("store").is_some(), "no upstream configured");
     let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
         let upstreams = Arc::clone(&upstreams);
         async move {
-            let path = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let answer = match upstreams.get("store") {
-                Some(up) => up.send(Method::GET, &path, None, "passthrough").await,
-                None => return status(500),
+                Some(up) => up.send(Method::GET, path, None, "passthrough").await.ok(),
+                None => None,
             };
-            match answer {
-                Ok(r) => Response::builder()
-                    .status(r.status)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(r.body))
-                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
-                Err(_) => status(502),
-            }
+            let (status, body) = answer.map_or((StatusCode::BAD_GATEWAY, Bytes::new()), |r| {
+                (r.status, r.body)
+            });
+            let mut resp = Response::new(Full::new(body));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
         }
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     wardgate::server::serve(listener, None, handler, shutdown, Duration::from_secs(1)).await
-}
-
-fn status(code: u16) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    r
 }
