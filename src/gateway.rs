@@ -122,8 +122,15 @@ where
         record.detail = Some(serde_json::json!({ "export": "started" }));
         record.clone()
     });
+    // Queued before the request stops counting as on its way, so that a group commit napping
+    // for records wakes when the last one is in the queue (`Writer::gather`).
+    let queued = gw.audit.submit(record).await;
     drop(coming);
-    let response = match gw.audit.append(record).await {
+    let appended = match queued {
+        Ok(ack) => ack.durable().await,
+        Err(e) => Err(e),
+    };
+    let response = match appended {
         Ok(_) => match (result, template) {
             (Ok(Reply::Body(body)), _) => {
                 if let Some(p) = &trail.caller {

@@ -6,8 +6,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -103,7 +103,7 @@ pub struct AuditLog {
 
 struct Inner {
     /// Requests that will append a record and have not yet (see `AuditLog::expect`).
-    coming: Arc<AtomicUsize>,
+    coming: Arc<Inflight>,
     /// `None` once shut down. Appends clone the sender so none is held across an await here.
     tx: Mutex<Option<mpsc::Sender<Pending>>>,
     healthy: Arc<AtomicBool>,
@@ -129,9 +129,8 @@ impl AuditLog {
         // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
         let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
-        let coming = Arc::new(AtomicUsize::new(0));
-        let mut writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
-        writer.coming = Arc::clone(&coming);
+        let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
+        let coming = Arc::clone(&writer.coming);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
@@ -148,11 +147,11 @@ impl AuditLog {
     }
 
     /// Says a record is on its way: a request is being processed and will append one. Hold
-    /// the guard until the record is appended (or will not be): a group commit under load
-    /// waits for such records, and only while there are some (`Writer::gather`).
+    /// the guard until the record is queued (or will not be): a group commit under load waits
+    /// for such records, and only while there are some (`Writer::gather`); dropping the last
+    /// guard wakes it.
     pub fn expect(&self) -> Coming {
-        self.inner.coming.fetch_add(1, Ordering::Relaxed);
-        Coming(Arc::clone(&self.inner.coming))
+        Coming::new(&self.inner.coming)
     }
 
     /// Queues one record and resolves when it is durable per the durability mode, returning its
@@ -199,12 +198,38 @@ impl AuditLog {
     }
 }
 
+/// Requests on their way to the log (`AuditLog::expect`), and the writer thread, woken by the
+/// last of them from a group commit's nap (`Writer::gather`): once nothing is on its way,
+/// waiting on would only be for requests that have not arrived.
+#[derive(Default)]
+struct Inflight {
+    count: AtomicUsize,
+    /// The writer is napping for records.
+    napping: AtomicBool,
+    writer: OnceLock<Thread>,
+}
+
 /// A record on its way (`AuditLog::expect`); dropping it says it is no longer coming.
-pub struct Coming(Arc<AtomicUsize>);
+pub struct Coming(Arc<Inflight>);
+
+impl Coming {
+    fn new(inflight: &Arc<Inflight>) -> Coming {
+        inflight.count.fetch_add(1, Ordering::Relaxed);
+        Coming(Arc::clone(inflight))
+    }
+}
 
 impl Drop for Coming {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // Sequentially consistent with the writer's `napping` then `count`: either it sees
+        // the count at zero and does not nap, or this sees it napping and wakes it.
+        let inflight = &self.0;
+        if inflight.count.fetch_sub(1, Ordering::SeqCst) == 1
+            && inflight.napping.load(Ordering::SeqCst)
+            && let Some(writer) = inflight.writer.get()
+        {
+            writer.unpark();
+        }
     }
 }
 
@@ -223,7 +248,7 @@ struct Writer {
     /// When the last commit began.
     last_commit: Option<Instant>,
     /// Records on their way (`AuditLog::expect`).
-    coming: Arc<AtomicUsize>,
+    coming: Arc<Inflight>,
     segment_max_bytes: u64,
     sealer: Option<super::addr::Sealer>,
     /// Finished segments go here to be sealed off this thread.
@@ -357,19 +382,19 @@ impl Writer {
     /// at two or more per `commit_window` and other requests are still on their way
     /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
     /// arrival rate says the window brings, napping for as long as the missing ones should take
-    /// and looking again (until the window closes) if some are late. Saturated with large
-    /// requests (`SATURATED_SIBLINGS` on their way, too few per window), it waits up to
-    /// `SATURATED_WINDOWS` windows for `SATURATED_BATCH` records; saturated, it never waits for
-    /// more than half of the requests in flight, so that the rest keep the core busy while the
-    /// batch syncs. Under light load, or with nothing else coming, nobody waits; page-cache mode
-    /// never does.
+    /// (below saturation, or until nothing is on its way any more) and looking again (until
+    /// the window closes) if some are late. Saturated with large requests (`SATURATED_SIBLINGS` on their way, too
+    /// few per window), it waits up to `SATURATED_WINDOWS` windows for `SATURATED_BATCH`
+    /// records; saturated, it never waits for more than half of the requests in flight, so that
+    /// the rest keep the core busy while the batch syncs. Under light load, or with nothing
+    /// else coming, nobody waits; page-cache mode never does.
     fn gather(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
         if self.durability != Durability::Fsync || self.commit_window.is_zero() {
             return;
         }
         let mut window = self.commit_window;
         let mut want = (self.arrival_rate * window.as_secs_f64()) as usize;
-        let coming = self.coming.load(Ordering::Relaxed);
+        let coming = self.coming.count.load(Ordering::Relaxed);
         let saturated = coming >= SATURATED_SIBLINGS;
         if want < SATURATED_BATCH && saturated {
             // Many requests coming, but too slowly for the window (1,000-record pages at
@@ -392,7 +417,7 @@ impl Writer {
         }
         let want = want.min(self.max_batch);
         let deadline = Instant::now() + window;
-        while batch.len() < want && self.coming.load(Ordering::Relaxed) > 0 {
+        while batch.len() < want && self.coming.count.load(Ordering::Relaxed) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -400,10 +425,35 @@ impl Writer {
             // One nap for as long as the missing records should take (a nap per expected gap
             // was a wake-up and two context switches per record, 3% of a saturated core).
             let missing = (want - batch.len()) as f64;
-            let nap = Duration::try_from_secs_f64(missing / self.arrival_rate).unwrap_or(left);
-            std::thread::sleep(nap.max(GATHER_MIN_NAP).min(left));
+            let nap = Duration::try_from_secs_f64(missing / self.arrival_rate)
+                .unwrap_or(left)
+                .max(GATHER_MIN_NAP)
+                .min(left);
+            if saturated {
+                // The clients whose answers just went are about to send again: the forecast
+                // holds even while none is in flight. (Woken then, commits carried 15 records
+                // instead of 22 at 100-record pages.)
+                std::thread::sleep(nap);
+            } else {
+                self.nap_while_coming(nap);
+            }
             self.drain(rx, batch);
         }
+    }
+
+    /// Naps for `nap`, or until the last request on its way has queued its record: below
+    /// saturation the rest of the forecast is of requests that have not arrived, and sleeping
+    /// on held every record of the batch for most of a window (the fixed-rate p50 at 10-record
+    /// pages was 3.4 ms, 1.1 ms woken).
+    fn nap_while_coming(&self, nap: Duration) {
+        let inflight = &self.coming;
+        inflight.writer.get_or_init(std::thread::current);
+        inflight.napping.store(true, Ordering::SeqCst);
+        if inflight.count.load(Ordering::SeqCst) > 0 {
+            // May return early (a wake-up meant for an earlier nap): the caller looks again.
+            std::thread::park_timeout(nap);
+        }
+        inflight.napping.store(false, Ordering::Relaxed);
     }
 
     /// Writes one batch with a single write and a single sync, then answers every waiter.
@@ -610,6 +660,13 @@ mod tests {
         ));
     }
 
+    fn pending(i: u64) -> Pending {
+        Pending {
+            record: sample(i),
+            reply: oneshot::channel().0,
+        }
+    }
+
     /// A writer with `arrival_rate` records per second behind it, and a feeder thread that
     /// queues `later` records, 5 ms apart, once `gather` has started waiting; `siblings`: how
     /// many other requests say records are coming until the feeder is done.
@@ -632,19 +689,14 @@ mod tests {
         let mut writer = Writer::open(s, Arc::new(AtomicBool::new(true)), published).unwrap();
         writer.arrival_rate = arrival_rate;
         // Others on their way until the feeder has queued its records.
-        writer.coming.store(siblings, Ordering::Relaxed);
-        let coming = Arc::clone(&writer.coming);
-        let pending = |i| Pending {
-            record: sample(i),
-            reply: oneshot::channel().0,
-        };
+        let others: Vec<Coming> = (0..siblings).map(|_| Coming::new(&writer.coming)).collect();
         let (tx, mut rx) = mpsc::channel(16);
         let feeder = std::thread::spawn(move || {
             for i in 0..later {
                 std::thread::sleep(Duration::from_millis(5));
                 tx.blocking_send(pending(in_hand + i + 1)).unwrap();
             }
-            coming.store(0, Ordering::Relaxed);
+            drop(others);
         });
         let mut batch: Vec<Pending> = (1..=in_hand).map(pending).collect();
         writer.gather(&mut rx, &mut batch);
@@ -676,6 +728,38 @@ mod tests {
             gathered(Durability::PageCache, 4.0, 3, SATURATED_SIBLINGS),
             1
         );
+    }
+
+    #[test]
+    fn a_commit_stops_waiting_once_nothing_is_on_its_way() {
+        // One record a second over a one-minute window: sixty expected, so the commit naps for
+        // the fifty-nine missing, with one other request on its way. Once that one has handed
+        // in its record nothing else is coming, and the commit goes with the two instead of
+        // sleeping out the minute (before, every record of a batch below saturation waited
+        // for requests that had not arrived).
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), Durability::Fsync, 64 << 20);
+        s.commit_window = Duration::from_secs(60);
+        let published = broadcast::channel(16).0;
+        let mut writer = Writer::open(s, Arc::new(AtomicBool::new(true)), published).unwrap();
+        writer.arrival_rate = 1.0;
+        let inflight = Arc::clone(&writer.coming);
+        let other = Coming::new(&inflight);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (gathered, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut batch = vec![pending(1)];
+            writer.gather(&mut rx, &mut batch);
+            gathered.send(batch.len()).unwrap();
+        });
+        while !inflight.napping.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.blocking_send(pending(2)).unwrap();
+        drop(other);
+        // A bound on liveness, not a timing: the wake-up takes microseconds, the nap a minute.
+        assert_eq!(done.recv_timeout(Duration::from_secs(20)), Ok(2));
+        drop(tx);
     }
 
     #[tokio::test]
