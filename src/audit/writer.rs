@@ -383,11 +383,12 @@ impl Writer {
     /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
     /// arrival rate says the window brings, napping for as long as the missing ones should take
     /// (below saturation, or until nothing is on its way any more) and looking again (until
-    /// the window closes) if some are late. Saturated with large requests (`SATURATED_SIBLINGS` on their way, too
-    /// few per window), it waits up to `SATURATED_WINDOWS` windows for `SATURATED_BATCH`
-    /// records; saturated, it never waits for more than half of the requests in flight, so that
-    /// the rest keep the core busy while the batch syncs. Under light load, or with nothing
-    /// else coming, nobody waits; page-cache mode never does.
+    /// the window closes) if some are late. Saturated with large requests
+    /// (`SATURATED_SIBLINGS` on their way, too few per window), it waits up to
+    /// `SATURATED_WINDOWS` windows for `SATURATED_BATCH` records; saturated, it never waits for
+    /// more than half of the requests in flight, so that the rest keep the core busy while the
+    /// batch syncs. Under light load, or with nothing else coming, nobody waits; page-cache
+    /// mode never does.
     fn gather(&self, rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
         if self.durability != Durability::Fsync || self.commit_window.is_zero() {
             return;
