@@ -382,7 +382,7 @@ impl Writer {
     /// at two or more per `commit_window` and other requests are still on their way
     /// (`AuditLog::expect`), a commit waits, at most the window, for as many records as the
     /// arrival rate says the window brings, napping for as long as the missing ones should take
-    /// (below saturation, or until nothing is on its way any more) and looking again (until
+    /// (or, below saturation, until nothing is on its way any more) and looking again (until
     /// the window closes) if some are late. Saturated with large requests
     /// (`SATURATED_SIBLINGS` on their way, too few per window), it waits up to
     /// `SATURATED_WINDOWS` windows for `SATURATED_BATCH` records; saturated, it never waits for
