@@ -311,12 +311,12 @@ mod tests {
 
     #[test]
     fn memos_come_back_warm_per_caller_and_dataset_and_stay_bounded() {
-        use crate::filter::{Envelope, FilterContext, filter_page};
+        use crate::filter::{Envelope, FilterContext, RegisterFlags, filter_page};
         let (_, catalog, _) = shipped_engine();
         let cx = FilterContext {
             dataset: &catalog.datasets["voter"],
             today: crate::filter::today(),
-            register_flags: &|_| None,
+            register: &RegisterFlags::EMPTY,
         };
         let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}]}"#;
         let pool = MemoPool::default();

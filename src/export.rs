@@ -146,11 +146,11 @@ impl Run<'_> {
             }
             if let Some(end) = ready(&partial, done) {
                 // The rights register as it stands for this batch's records.
-                let flags = gw.controls.register_flags();
+                let register = gw.controls.register_flags();
                 let cx = FilterContext {
                     dataset,
                     today,
-                    register_flags: &|subject| flags.get(subject),
+                    register: &register,
                 };
                 filter::filter_lines(
                     &partial[..end],

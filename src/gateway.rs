@@ -289,11 +289,11 @@ where
         &route.dataset,
         categories,
     );
-    let flags = gw.controls.register_flags();
+    let register = gw.controls.register_flags();
     let cx = FilterContext {
         dataset,
         today: filter::today(),
-        register_flags: &|subject| flags.get(subject),
+        register: &register,
     };
     match &route.kind {
         RouteKind::List => {

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use wardgate::auth::Principal;
 use wardgate::catalog::Catalog;
 use wardgate::decisions::{Decider, DecisionCache, asker_key};
-use wardgate::filter::{Envelope, FilterContext, filter_page, filter_single};
+use wardgate::filter::{Envelope, FilterContext, RegisterFlags, filter_page, filter_single};
 use wardgate::geography::Geography;
 use wardgate::policy::PolicyEngine;
 
@@ -458,7 +458,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
     let cx = FilterContext {
         dataset,
         today: wardgate::filter::today(),
-        register_flags: &|_| None,
+        register: &RegisterFlags::EMPTY,
     };
     // The caller's memo as the gateway keeps it: earlier cases' pages for the same caller and
     // purpose have filled it.
@@ -519,19 +519,18 @@ fn same_as_one_by_one(
     ) -> std::sync::Arc<wardgate::filter::RecordDecision>,
     memo: &mut wardgate::filter::Memo,
 ) -> Result<(), TestCaseError> {
-    let flagged = |id: &str| {
-        id.ends_with('0').then(|| {
-            vec![
-                "restricted".to_owned(),
-                "consent_withdrawn_email".to_owned(),
-            ]
+    // The page's subjects whose ids end in 0, and not the others: some of those share a source
+    // record, and so all of the id but its suffix, with a flagged one.
+    let flagged: RegisterFlags = (records.iter())
+        .filter_map(|r| r["elector_id"].as_str())
+        .filter(|id| id.ends_with('0'))
+        .map(|id| {
+            let flags = ["restricted", "consent_withdrawn_email"];
+            (id.to_owned(), flags.map(str::to_owned).to_vec())
         })
-    };
-    for register in [cx.register_flags, &flagged] {
-        let cx = FilterContext {
-            register_flags: register,
-            ..*cx
-        };
+        .collect();
+    for register in [cx.register, &flagged] {
+        let cx = FilterContext { register, ..*cx };
         let (page, d) = filter_page(body, Envelope::Records, &cx, decide, memo).unwrap();
         let page: Value = serde_json::from_slice(&page).unwrap();
         let mut alone = Vec::new();

@@ -33,7 +33,7 @@ use wardgate::catalog::{Catalog, Dataset};
 use wardgate::config::{AuthConfig, Config};
 use wardgate::decisions::{Decider, DecisionCache, asker_key};
 use wardgate::demo::{self, data};
-use wardgate::filter::{self, FilterContext, RecordDecision};
+use wardgate::filter::{self, FilterContext, RecordDecision, RegisterFlags};
 use wardgate::policy::{Ask, PolicyEngine, RecordAttrs, RequestAction};
 use wardgate::token::Signer;
 
@@ -63,6 +63,8 @@ struct Fixture {
     categories: BTreeSet<String>,
     tokens: BTreeMap<String, String>,
     callers: Vec<Asker>,
+    /// The rights register the filter reads (`register`).
+    register: RegisterFlags,
 }
 
 impl Fixture {
@@ -83,19 +85,31 @@ impl Fixture {
         )
     }
 
-    /// The filter's context for the dataset today, with an empty rights register.
+    /// The filter's context for the dataset today, with the fixture's rights register.
     fn filter_context(&self) -> FilterContext<'_> {
         FilterContext {
             dataset: self.dataset(),
             today: filter::today(),
-            register_flags: &no_register_flags,
+            register: &self.register,
         }
     }
 }
 
-fn no_register_flags(_: &str) -> Option<Vec<String>> {
-    None
+/// A rights register of `REGISTER_SUBJECTS` flagged electors, none of them on the benchmark's
+/// pages: what every record pays to be looked up in a register of a realistic size (a few per
+/// cent of a constituency's electors carry an objection, a restriction or a withdrawn
+/// consent), while the pages' decisions, and so the output, stay the naive approach's.
+fn register() -> RegisterFlags {
+    (0..REGISTER_SUBJECTS)
+        .map(|i| {
+            let kind = wardgate::controls::KINDS[i % wardgate::controls::KINDS.len()];
+            (format!("VF-{:07}", 9_000_000 + i), vec![kind.to_owned()])
+        })
+        .collect()
 }
+
+/// Flagged subjects in the benchmark's rights register.
+const REGISTER_SUBJECTS: usize = 2_000;
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -169,6 +183,7 @@ fn fixture() -> Fixture {
         categories,
         tokens,
         callers,
+        register: register(),
     }
 }
 

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Principal;
 use crate::error::GatewayError;
+pub use crate::filter::RegisterFlags;
 
 pub use quota::Limits;
 pub use sync::RedisSettings;
@@ -163,7 +164,7 @@ struct Inner {
     snapshot: RwLock<Snapshot>,
     /// Flags per subject, rebuilt (and replaced whole) on change so the request path reads a
     /// ready answer.
-    flags: RwLock<Arc<HashMap<String, Vec<String>>>>,
+    flags: RwLock<RegisterFlags>,
     journal: journal::Journal,
     redis: Option<sync::Redis>,
     staleness_bound: Duration,
@@ -199,7 +200,7 @@ impl Controls {
         let controls = Controls {
             inner: Arc::new(Inner {
                 snapshot: RwLock::new(snapshot),
-                flags: RwLock::new(Arc::default()),
+                flags: RwLock::new(RegisterFlags::default()),
                 journal,
                 redis,
                 staleness_bound,
@@ -267,7 +268,7 @@ impl Controls {
 
     /// The register's flags for one data subject, if any.
     pub fn flags(&self, subject: &str) -> Option<Vec<String>> {
-        self.register_flags().get(subject)
+        self.register_flags().get(subject).map(<[String]>::to_vec)
     }
 
     /// The register's flags for every subject as they stand now: what a page is filtered
@@ -277,7 +278,7 @@ impl Controls {
         // A poisoned lock still holds a whole map (it is only ever replaced whole): reading
         // it is better than reading no flags at all, which would fail open.
         let flags = self.inner.flags.read();
-        RegisterFlags(Arc::clone(&flags.unwrap_or_else(PoisonError::into_inner)))
+        flags.unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
@@ -351,17 +352,7 @@ impl Controls {
             .flags
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *f = Arc::new(flags.into_iter().collect());
-    }
-}
-
-/// The rights register's flags per subject at one moment (`Controls::register_flags`).
-pub struct RegisterFlags(Arc<HashMap<String, Vec<String>>>);
-
-impl RegisterFlags {
-    /// The flags on `subject`, if any.
-    pub fn get(&self, subject: &str) -> Option<Vec<String>> {
-        self.0.get(subject).cloned()
+        *f = flags.into_iter().collect();
     }
 }
 

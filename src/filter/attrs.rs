@@ -79,8 +79,8 @@ pub(super) fn read(
     };
     let markers = strings(&ds.markers_field, at.markers)?;
     let mut flags = strings(&ds.flags_field, at.flags)?;
-    if let Some(extra) = (cx.register_flags)(&subject) {
-        flags.extend(extra);
+    if let Some(extra) = cx.register.get(&subject) {
+        flags.extend(extra.iter().cloned());
     }
     let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
@@ -128,11 +128,11 @@ pub(super) fn fingerprint(
             put(key, rec.value(at));
         }
     }
-    match (cx.register_flags)(subject) {
+    match cx.register.get(subject) {
         None => key.push(0),
         Some(extra) => {
             head(key, 1, extra.len());
-            for f in &extra {
+            for f in extra {
                 put(key, Some(f));
             }
         }

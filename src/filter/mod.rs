@@ -16,12 +16,14 @@
 
 mod attrs;
 mod memo;
+mod register;
 pub(crate) mod scan;
 mod subjects;
 
 pub use attrs::{days_from_iso_date, record_attrs, today};
 use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
+pub use register::RegisterFlags;
 pub use subjects::Subjects;
 
 use std::borrow::Cow;
@@ -66,8 +68,8 @@ pub struct FilterContext<'a> {
     pub dataset: &'a Dataset,
     /// Days since 1970-01-01 today, for the TPS freshness check.
     pub today: i64,
-    /// Extra flags per subject id, from the rights register.
-    pub register_flags: &'a (dyn Fn(&str) -> Option<Vec<String>> + Sync),
+    /// Extra flags per subject id, from the rights register (asked about every record).
+    pub register: &'a RegisterFlags,
 }
 
 /// One record as its field names (decoded) and where each field is in the text it was read

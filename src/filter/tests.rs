@@ -16,8 +16,15 @@ fn cx(ds: &Dataset) -> FilterContext<'_> {
     FilterContext {
         dataset: ds,
         today: days_from_iso_date("2026-11-23").unwrap(),
-        register_flags: &|_| None,
+        register: &RegisterFlags::EMPTY,
     }
+}
+
+/// A register that restricts `subjects`.
+fn restricted(subjects: &[&str]) -> RegisterFlags {
+    (subjects.iter())
+        .map(|s| (s.to_string(), vec!["restricted".to_owned()]))
+        .collect()
 }
 
 fn record(id: &str, pd: &str, extra: &str) -> String {
@@ -215,11 +222,11 @@ fn consent_and_tps_are_read_from_the_record() {
 #[test]
 fn register_flags_are_merged_into_the_record_flags() {
     let ds = dataset();
-    let register = |id: &str| (id == "VF-1").then(|| vec!["restricted".to_owned()]);
+    let register = restricted(&["VF-1"]);
     let cx = FilterContext {
         dataset: &ds,
         today: 0,
-        register_flags: &register,
+        register: &register,
     };
     let text = record("VF-1", "CGW1", "");
     let rec = RawRecord::parse(&text).unwrap();
@@ -347,11 +354,11 @@ fn records_alike_in_every_policy_input_share_one_decision() {
 #[test]
 fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
     let ds = dataset();
-    let register = |id: &str| (id == "VF-2").then(|| vec!["restricted".to_owned()]);
+    let register = restricted(&["VF-2"]);
     let cx = FilterContext {
         dataset: &ds,
         today: days_from_iso_date("2026-11-23").unwrap(),
-        register_flags: &register,
+        register: &register,
     };
     let body = format!(
         r#"{{"records":[{},{},{}]}}"#,
@@ -418,7 +425,6 @@ fn subject_ids_read_as_before() {
 /// A memo kept between pages, as the gateway keeps one per caller, purpose and dataset.
 mod kept_between_pages {
     use super::*;
-    use std::sync::Mutex;
 
     fn two_districts() -> String {
         format!(
@@ -473,26 +479,20 @@ mod kept_between_pages {
     #[test]
     fn a_register_flag_added_between_pages_withholds_the_record_at_once() {
         let ds = dataset();
-        let flagged: Mutex<Vec<String>> = Mutex::new(Vec::new());
-        let register = |id: &str| {
-            let f = flagged.lock().unwrap();
-            f.iter()
-                .any(|s| s == id)
-                .then(|| vec!["restricted".to_owned()])
-        };
-        let cx = FilterContext {
+        // The register as each page reads it (`Controls::register_flags`): empty, then VF-3's.
+        let (before, after) = (RegisterFlags::EMPTY, restricted(&["VF-3"]));
+        let cx = |register| FilterContext {
             dataset: &ds,
             today: days_from_iso_date("2026-11-23").unwrap(),
-            register_flags: &register,
+            register,
         };
         let mut by_flags =
             |a: &RecordAttrs| verdict(!a.flags.contains("restricted"), &["identifier"]);
         let mut memo = Memo::default();
         let body = two_districts();
-        let (_, d) = page_through(&body, &cx, &mut by_flags, &mut memo);
+        let (_, d) = page_through(&body, &cx(&before), &mut by_flags, &mut memo);
         assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3"]);
-        flagged.lock().unwrap().push("VF-3".to_owned());
-        let (out, d) = page_through(&body, &cx, &mut by_flags, &mut memo);
+        let (out, d) = page_through(&body, &cx(&after), &mut by_flags, &mut memo);
         assert_eq!(d.subjects, ["VF-1", "VF-2"]);
         assert!(!String::from_utf8(out).unwrap().contains("VF-3"));
     }
@@ -509,7 +509,7 @@ mod kept_between_pages {
             let cx = FilterContext {
                 dataset: &ds,
                 today: days_from_iso_date(today).unwrap(),
-                register_flags: &|_| None,
+                register: &RegisterFlags::EMPTY,
             };
             filter_page(
                 body.as_bytes(),
