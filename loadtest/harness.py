@@ -500,10 +500,73 @@ def fixed_rate(args, work: Path, target: str, n: int, url: str, headers: dict, r
     return res
 
 
+# What a request costs the kernel and the scheduler, counted by `perf stat` (`--profile`): the
+# socket calls any proxy makes, the audit commit's, and the wake-ups between threads.
+STAT_EVENTS = [f"syscalls:sys_enter_{call}" for call in
+               ("recvfrom", "writev", "write", "fdatasync", "futex", "epoll_wait", "epoll_pwait",
+                "clock_nanosleep", "sched_yield")] + ["context-switches", "cpu-migrations"]
+
+
+def thread_switches(pid: int) -> dict[str, list[int]]:
+    """Voluntary and involuntary context switches so far, summed per thread name."""
+    out: dict[str, list[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # the thread has ended
+        sums = out.setdefault(name, [0, 0])
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "voluntary_ctxt_switches":
+                sums[0] += int(value)
+            elif key == "nonvoluntary_ctxt_switches":
+                sums[1] += int(value)
+    return out
+
+
+def per_request_counts(args, work: Path, pid: int, url: str, env: dict, secs: int) -> str:
+    """System calls and context switches per request under wrk load: `perf stat` over `secs`
+    seconds of a `secs + 2`-second wrk run (its requests in those seconds taken at its mean
+    rate), and each thread's switches from /proc over the whole run. Tracepoints the kernel
+    lacks are left out; without any (no tracefs, perf not permitted) only /proc's figures."""
+    def counts(events: list[str]) -> bool:
+        return subprocess.run(["perf", "stat", "-x", ",", "-e", ",".join(events), "--", "true"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    events = STAT_EVENTS if counts(STAT_EVENTS) else [e for e in STAT_EVENTS if counts([e])]
+    before = thread_switches(pid)
+    stat = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(events), "-p", str(pid), "--",
+                             "sleep", str(secs)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wrk = run_wrk(args, work, url, env, secs + 2, work / "wrk-counts.json")
+    finally:
+        _, err = stat.communicate(timeout=60)
+    after = thread_switches(pid)
+    requests = max(1, wrk["requests"])
+    in_window = max(1.0, requests / (wrk["duration_us"] / 1e6) * secs)
+    lines = [f"per request (perf stat -e ... -p PID over {secs}s of wrk -c {args.connections}, "
+             f"~{in_window:,.0f} requests at wrk's mean rate):"]
+    for row in err.decode(errors="replace").splitlines():
+        fields = row.split(",")
+        if len(fields) > 2 and fields[0].strip().isdigit():
+            lines.append(f"  {int(fields[0]) / in_window:8.2f}  {fields[2]}")
+    if len(lines) == 1:
+        lines.append(f"  (perf stat counted nothing: {err.decode(errors='replace')[-300:]!r})")
+    lines.append(f"context switches per request per thread name (/proc, {requests:,} requests): "
+                 "voluntary, involuntary")
+    for name in sorted(after):
+        v0, i0 = before.get(name, [0, 0])
+        v1, i1 = after[name]
+        lines.append(f"  {(v1 - v0) / requests:8.3f} {(i1 - i0) / requests:8.3f}  {name}")
+    return "\n".join(lines) + "\n"
+
+
 def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: int) -> str | None:
     """`perf record` (DWARF call graphs) of the server under wrk load; writes a short summary:
     time per thread, the hottest functions by self time, and wardgate's own functions by
-    inclusive time. Returns the summary's path, or None if perf is missing or not permitted."""
+    inclusive time; then system calls and context switches per request (`per_request_counts`).
+    Returns the summary's path, or None if perf is missing or not permitted."""
     if not shutil.which("perf"):
         log("perf not installed; no profile")
         return None
@@ -550,13 +613,15 @@ def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: i
         rows = sorted(d.items(), key=lambda kv: -kv[1])[:k]
         return "\n".join(f"  {100 * v / total:5.1f}%  {name[:140]}" for name, v in rows)
 
+    counts = per_request_counts(args, work, pid, url, env, secs)
     out = results / f"profile-wardgate-{n}.txt"
     out.write_text(
         f"# perf record -F 499 --call-graph dwarf on `wardgate serve` (fsync audit), {n}-record pages,\n"
         f"# wrk -c {args.connections}, {len(samples)} samples over {secs}s. Percent of all samples.\n\n"
         f"threads:\n{top(threads, 10)}\n\n"
         f"self time (leaf function):\n{top(leaf, 30)}\n\n"
-        f"wardgate functions, inclusive time (callees included):\n{top(incl, 30)}\n")
+        f"wardgate functions, inclusive time (callees included):\n{top(incl, 30)}\n\n"
+        f"{counts}")
     log(f"profile written to {out}")
     return str(out)
 
