@@ -23,6 +23,7 @@ Every process started here is stopped here (by its pid), also on error or Ctrl-C
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import http.client
@@ -36,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -340,6 +342,47 @@ def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
     return p, port, admin
 
 
+# Restriction kinds the rights register is loaded with (`--register`), in turn.
+REGISTER_KINDS = ["objects_profiling", "consent_withdrawn_email", "restricted", "do_not_contact",
+                  "objects_direct_marketing", "consent_withdrawn_sms", "deceased"]
+
+
+def register_subjects(args) -> list[str]:
+    """`--register` subjects for the rights register: one in 40 of the synthetic electors (so
+    about 2.5% of every page's records are flagged), the rest ids no page holds; a register's
+    size is what its lookup costs, a page's flagged share what its decisions do."""
+    on_pages = [f"VF-{i:07d}" for i in range(40, args.electors + 1, 40)][:args.register]
+    return on_pages + [f"VF-{9_000_000 + i:07d}" for i in range(args.register - len(on_pages))]
+
+
+def place_register(args, admin: int, dpo_token: str) -> None:
+    """Loads the rights register of a wardgate just started, through its admin API as a DPO
+    places flags (`POST /rights/{subject}`: journalled and audited, like any placement), eight
+    at a time."""
+    subjects = register_subjects(args)
+    if not subjects:
+        return
+    t0 = time.monotonic()
+    local = threading.local()
+
+    def place(k: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+        body = json.dumps({"kind": REGISTER_KINDS[k % len(REGISTER_KINDS)], "reference": f"LT-{k}",
+                           "reason": "load test: a register of realistic size"})
+        local.conn.request("POST", f"/rights/{subjects[k]}", body=body,
+                           headers={"Authorization": f"Bearer {dpo_token}",
+                                    "Content-Type": "application/json"})
+        r = local.conn.getresponse()
+        r.read()
+        if r.status // 100 != 2:
+            raise RuntimeError(f"placing a flag on {subjects[k]}: HTTP {r.status}")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(place, range(len(subjects))))
+    log(f"  rights register: {len(subjects)} subjects flagged in {time.monotonic() - t0:.1f}s")
+
+
 def wardgate_metrics(admin: int) -> dict[str, float]:
     """wardgate's own metrics (its admin `/metrics`, Prometheus text), unlabelled samples by
     name; empty if they cannot be read (figures we can do without)."""
@@ -627,7 +670,7 @@ def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: i
 
 
 def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers: dict,
-                 results: Path) -> dict:
+                 dpo_token: str, results: Path) -> dict:
     """User-space instructions per request of wardgate (page-cache audit, everything else on)
     under callgrind: a figure the machine's load does not move, for comparing two builds on a
     shared machine whose timings move by a third from run to run. Per page size: warm-up
@@ -648,6 +691,7 @@ def instructions(args, procs: Procs, work: Path, up_port: int, path_of, headers:
     counts = {}
     try:
         wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=300)
+        place_register(args, admin, dpo_token)
 
         def control(*flags: str) -> None:
             subprocess.run(["callgrind_control", *flags, str(p.pid)], check=True,
@@ -875,6 +919,9 @@ def main() -> int:
                     help="warn when other processes use more than this many cores during a run")
     ap.add_argument("--wait-quiet", type=float, default=0.0,
                     help="before each run, wait up to this many seconds for other processes to go idle")
+    ap.add_argument("--register", type=int, default=2000, metavar="N",
+                    help="subjects flagged in each wardgate's rights register before it is measured "
+                         "(one in 40 of the electors, the rest on no page; 0: an empty register)")
     ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="also count wardgate's instructions per request over N requests under "
@@ -934,7 +981,7 @@ def main() -> int:
             "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "fixed_duration_s": args.fixed_duration, "fixed_connections": args.fixed_connections,
             "rounds": args.rounds, "compare_bin": args.compare_bin, "upstream_cork": args.upstream_cork,
-            "electors": args.electors,
+            "electors": args.electors, "register": args.register,
             "pinning": "server under test on core 1; upstream nginx, wrk and fixedrate on core 0 "
                        "(for 'direct' the upstream nginx itself is the server under test, on core 1)",
         },
@@ -975,6 +1022,7 @@ def main() -> int:
             if target in targets:
                 gw, port, admin = start_wardgate(args, procs, work, target, durability, up_port,
                                                  getattr(args, which))
+                place_register(args, admin, tokens["dpo"])
                 servers[target] = (gw, f"http://127.0.0.1:{port}", gw_path, False, admin)
 
         @contextlib.contextmanager
@@ -1051,7 +1099,7 @@ def main() -> int:
 
         if args.instructions > 0:
             result["instructions"] = instructions(args, procs, work, up_port, gw_path, wg_headers,
-                                                  results_path.parent)
+                                                  tokens["dpo"], results_path.parent)
 
         # Where a target ran at its own (lower) rate, the direct upstream at that same rate, so
         # that the added latency compares like with like.
