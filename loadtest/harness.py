@@ -12,7 +12,8 @@ nginx and wrk and builds wardgate first; this file only measures.
    CPU time per request of the server under test from /proc/PID/stat, in `--rounds` rounds
    that alternate the targets (medians; ratios to nginx per round); then a fixed-rate run at
    half of nginx proxy_pass's saturation rate (loadtest/fixedrate.rs, compiled) for latency.
-   `--compare-bin` adds a second wardgate build as one more target, for A/B comparisons.
+   `--compare-bin` adds a second wardgate build as one more target per audit mode, for A/B
+   comparisons.
 4. Prints the table and writes JSON.
 
 Core pinning: the server under test on core 1 (the upstream nginx itself when it is the target),
@@ -47,7 +48,10 @@ REPO = HERE.parent
 HOME_WARD = "E05011391"  # the councillor persona's ward (src/demo/personas.rs)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TARGETS = ["direct", "nginx_proxy", "passthrough", "wardgate_fsync", "wardgate_page_cache", "compare_fsync"]
+TARGETS = ["direct", "nginx_proxy", "passthrough", "wardgate_fsync", "wardgate_page_cache", "compare_fsync",
+           "compare_page_cache"]
+# Measured only beside `--compare-bin`.
+COMPARE_TARGETS = ("compare_fsync", "compare_page_cache")
 # The fixed-rate test runs a target at half of nginx's saturation rate only when that is at
 # most this share of the target's own: saturation moves by a quarter between runs on a shared
 # machine, and at 0.85 of it a run on a slower minute queued (p50 0.5 s): a queue's length,
@@ -60,12 +64,14 @@ LABELS = {
     "wardgate_fsync": "wardgate, fsync audit",
     "wardgate_page_cache": "wardgate, page-cache audit",
     "compare_fsync": "--compare-bin, fsync audit",
+    "compare_page_cache": "--compare-bin, page-cache",
 }
 # The wardgate targets: (durability, which binary).
 WARDGATES = {
     "wardgate_fsync": ("fsync", "bin"),
     "wardgate_page_cache": ("page-cache", "bin"),
     "compare_fsync": ("fsync", "compare_bin"),
+    "compare_page_cache": ("page-cache", "compare_bin"),
 }
 
 
@@ -904,7 +910,7 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="scratch directory (config, pages, audit logs)")
     ap.add_argument("--results", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--sizes", default="10,100,1000")
-    ap.add_argument("--targets", default=",".join(t for t in TARGETS if t != "compare_fsync"))
+    ap.add_argument("--targets", default=",".join(t for t in TARGETS if t not in COMPARE_TARGETS))
     ap.add_argument("--persona", default="analyst", choices=["analyst", "councillor"])
     ap.add_argument("--electors", type=int, default=8000,
                     help="demo electors (the councillor's ward holds 5 of 36 districts: 8000 give "
@@ -930,8 +936,9 @@ def main() -> int:
                     help="saturation rounds, the targets alternating (order rotated each round); the "
                          "table shows medians and each round's ratio to nginx (default 1)")
     ap.add_argument("--compare-bin", default=None, metavar="PATH",
-                    help="another wardgate binary, measured as one more target (fsync audit) beside "
-                         "--bin's, in the same rounds: an A/B of two builds on one noisy machine")
+                    help="another wardgate binary, measured as one more target in each audit mode "
+                         "--bin's is (fsync, page-cache) in the same rounds: an A/B of two builds on "
+                         "one noisy machine")
     ap.add_argument("--upstream-cork", action="store_true",
                     help="the upstream nginx with tcp_nopush (TCP_CORK), as a static-file server; "
                          "default off, as a datastore API answers (see start_upstream)")
@@ -945,10 +952,13 @@ def main() -> int:
             ap.error(f"unknown target {t}")
     if "nginx_proxy" not in targets:
         ap.error("nginx_proxy is the reference; keep it in --targets")
-    if args.compare_bin and "compare_fsync" not in targets:
-        targets.append("compare_fsync")
-    if "compare_fsync" in targets and not args.compare_bin:
-        ap.error("target compare_fsync needs --compare-bin PATH")
+    # The other build in each audit mode --bin is measured in.
+    for mode, compare in (("wardgate_fsync", "compare_fsync"), ("wardgate_page_cache", "compare_page_cache")):
+        if args.compare_bin and mode in targets and compare not in targets:
+            targets.append(compare)
+    for compare in COMPARE_TARGETS:
+        if compare in targets and not args.compare_bin:
+            ap.error(f"target {compare} needs --compare-bin PATH")
     if "passthrough" in targets and not (args.passthrough and os.access(args.passthrough, os.X_OK)):
         ap.error("target passthrough needs --passthrough PATH (run.sh builds it)")
     if args.compare_bin and not os.access(args.compare_bin, os.X_OK):
