@@ -85,7 +85,8 @@ pub struct AuditConfig {
     pub dir: PathBuf,
     pub durability: Durability,
     pub max_batch: usize,
-    /// How long an fsync group commit may wait for more records under load.
+    /// How long a group commit may wait for more records under load (page-cache mode: only
+    /// when saturated).
     pub commit_window: Duration,
     pub segment_max_bytes: u64,
     /// Sealed segments whose newest record is older than this are pruned (none: keep all).
