@@ -336,23 +336,29 @@ impl Controls {
     }
 
     fn rebuild_flags(&self) {
+        // The snapshot stays read-locked until the new map is in place: released earlier, a
+        // rebuild racing another (a Redis event and a local placement at once) could install
+        // its older map over the newer one, and a flag just placed would be missing until the
+        // next change (fail open). Never an empty map for a poisoned lock either: that would
+        // lift every flag at once.
+        let s = self.inner.snapshot.read();
+        let s = s.unwrap_or_else(PoisonError::into_inner);
         let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        {
-            // Never an empty map for a poisoned lock: that would lift every flag at once.
-            let s = self.inner.snapshot.read();
-            let s = s.unwrap_or_else(PoisonError::into_inner);
-            for ((subject, kind), e) in &s.latest {
-                if matches!(e.change, Change::Place { .. }) {
-                    flags.entry(subject.clone()).or_default().push(kind.clone());
-                }
+        for ((subject, kind), e) in &s.latest {
+            if matches!(e.change, Change::Place { .. }) {
+                flags.entry(subject.clone()).or_default().push(kind.clone());
             }
         }
+        // Built before the write lock: requests read the old map meanwhile.
+        let register: RegisterFlags = flags.into_iter().collect();
         let mut f = self
             .inner
             .flags
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *f = flags.into_iter().collect();
+        *f = register;
+        drop(f);
+        drop(s);
     }
 }
 
