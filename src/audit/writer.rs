@@ -33,8 +33,9 @@ pub struct AuditSettings {
     pub durability: Durability,
     /// Most records per group commit.
     pub max_batch: usize,
-    /// In `fsync` mode, how long a group commit may wait for the records the recent arrival
-    /// rate says are coming (zero: never wait). See `Writer::gather`.
+    /// How long a group commit may wait for the records the recent arrival rate says are
+    /// coming (zero: never wait; `page-cache` mode waits only when saturated). See
+    /// `Writer::gather`.
     pub commit_window: Duration,
     /// Roll to a new segment once the current one has grown past this size.
     pub segment_max_bytes: u64,
@@ -402,7 +403,9 @@ impl Writer {
         let fsync = self.durability == Durability::Fsync;
         if !fsync && !saturated {
             // Page-cache mode has no sync to share: a commit is one `write`, and waiting for
-            // company only pays where the core is short of time.
+            // company only pays where the core is short of time. (In flight counts requests
+            // still waiting on their datastore too: behind a slow one, a commit may nap up to
+            // a window while the core has time. The wait is bounded by the window either way.)
             return;
         }
         if want < SATURATED_BATCH && saturated && fsync {
