@@ -16,7 +16,7 @@ mod journal;
 mod quota;
 mod sync;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -343,14 +343,21 @@ impl Controls {
         // lift every flag at once.
         let s = self.inner.snapshot.read();
         let s = s.unwrap_or_else(PoisonError::into_inner);
-        let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut flags: HashMap<&str, Vec<String>> = HashMap::new();
         for ((subject, kind), e) in &s.latest {
             if matches!(e.change, Change::Place { .. }) {
-                flags.entry(subject.clone()).or_default().push(kind.clone());
+                flags.entry(subject).or_default().push(kind.clone());
             }
         }
-        // Built before the write lock: requests read the old map meanwhile.
-        let register: RegisterFlags = flags.into_iter().collect();
+        // Built before the write lock: requests read the old map meanwhile. Each subject's
+        // kinds sorted, so that the same flags read the same in every rebuild (the filter's
+        // memo keys on them; `latest` iterates in no fixed order).
+        let register: RegisterFlags = (flags.into_iter())
+            .map(|(subject, mut kinds)| {
+                kinds.sort_unstable();
+                (subject.to_owned(), kinds)
+            })
+            .collect();
         let mut f = self
             .inner
             .flags

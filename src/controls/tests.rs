@@ -200,3 +200,20 @@ fn concurrent_placements_all_take_effect() {
         }
     }
 }
+
+/// A subject's flags read in one order whatever order they were placed in (the filter's memo
+/// keys on them).
+#[test]
+fn a_subjects_flags_read_in_one_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controls::open(dir.path(), None, Default::default()).unwrap();
+    for (id, kind) in [
+        ("a", "restricted"),
+        ("b", "deceased"),
+        ("c", "objects_profiling"),
+    ] {
+        c.absorb(&[place(id, 1, kind)]).unwrap();
+    }
+    let sorted = ["deceased", "objects_profiling", "restricted"].map(str::to_owned);
+    assert_eq!(c.register_flags().get("VF-1"), Some(&sorted[..]));
+}
