@@ -359,7 +359,7 @@ mod tests {
         for role in ["canvasser", "councillor", "analyst", "dpo"] {
             for (purpose, entry) in &catalog.purposes {
                 let p = principal(role, &[purpose.as_str()]);
-                let ask = engine.ask(&p, purpose, &entry.lawful_basis).unwrap();
+                let ask = engine.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
                 for action in [
                     RequestAction::List,
                     RequestAction::Read,
@@ -388,5 +388,49 @@ mod tests {
         // Both answers occur, so the comparison means something.
         assert!(allowed > 0 && allowed < 4 * catalog.purposes.len() * 8);
         assert!(cache.requests.lock().unwrap().len() > 100);
+    }
+
+    /// A request whose decisions are all memoised never builds its Cedar request: that is
+    /// what makes the `Ask` per request cheap. The answers are the ones first computed.
+    #[test]
+    fn memoised_decisions_leave_the_ask_unbuilt() {
+        let (engine, catalog, _) = shipped_engine();
+        let cache = DecisionCache::default();
+        let basis = &catalog.purposes["canvassing"].lawful_basis;
+        let p = principal("councillor", &["canvassing"]);
+        let ask = || engine.ask(Arc::new(p.clone()), "canvassing", basis);
+        let categories: BTreeSet<String> =
+            catalog.datasets["voter"].fields.values().cloned().collect();
+        let attrs = RecordAttrs {
+            area: "E05011391".into(),
+            markers: BTreeSet::new(),
+            flags: BTreeSet::new(),
+            consented: BTreeSet::new(),
+            tps_fresh: false,
+        };
+        let asker = asker_key(&p, "canvassing", basis);
+        let decide = |ask: &Ask| {
+            let request = cache.request(
+                &engine,
+                ask,
+                &p,
+                "canvassing",
+                basis,
+                RequestAction::List,
+                "voter",
+            );
+            let record =
+                Decider::new(&engine, &cache, ask, asker, "voter", &categories).decide(&attrs);
+            (request, record)
+        };
+        let first = ask();
+        assert!(!first.is_built());
+        let answers = decide(&first);
+        assert!(first.is_built());
+        // Both allowed, with fields: the memo holds a real answer, not a default.
+        assert!(answers.0.allowed && answers.1.allowed && !answers.1.categories.is_empty());
+        let second = ask();
+        assert_eq!(decide(&second), answers);
+        assert!(!second.is_built());
     }
 }

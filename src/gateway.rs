@@ -236,8 +236,7 @@ where
     // 4. May this request happen at all.
     let ask = gw
         .policy
-        .ask(&principal, &purpose, &entry.lawful_basis)
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        .ask(Arc::clone(&principal), &purpose, &entry.lawful_basis);
     let verdict = gw.decisions.request(
         &gw.policy,
         &ask,

@@ -10,6 +10,7 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -440,7 +441,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
 
     let basis = w.catalog.purposes[&purpose].lawful_basis.clone();
     // The request-level gate first, exactly as the gateway runs it.
-    let ask = w.engine.ask(&principal, &purpose, &basis).unwrap();
+    let ask = w.engine.ask(Arc::new(principal.clone()), &purpose, &basis);
     let request_ok = principal.purposes.contains(&purpose)
         && w.engine
             .decide_request(&ask, wardgate::policy::RequestAction::List, "voter")

@@ -155,8 +155,7 @@ fn fixture() -> Fixture {
         let lawful_basis = catalog.purposes[purpose].lawful_basis.clone();
         let ask = checked
             .policy
-            .ask(&principal, purpose, &lawful_basis)
-            .unwrap();
+            .ask(Arc::clone(&principal), purpose, &lawful_basis);
         let pages = PAGE_SIZES
             .iter()
             .map(|&n| {
@@ -411,9 +410,11 @@ fn bench_cedar(c: &mut Criterion, fx: &Fixture) {
         let (_, attrs) = value_attrs(&page["records"][0], ds, filter::today()).unwrap();
         g.bench_function(BenchmarkId::new("policy_ask", caller.label), |b| {
             b.iter(|| {
-                fx.policy
-                    .ask(&caller.principal, caller.purpose, &caller.lawful_basis)
-                    .unwrap()
+                fx.policy.ask(
+                    Arc::clone(&caller.principal),
+                    caller.purpose,
+                    &caller.lawful_basis,
+                )
             })
         });
         g.bench_function(BenchmarkId::new("decide_request", caller.label), |b| {

@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, bail};
 use cedar_policy::{
@@ -66,13 +67,23 @@ pub struct RecordAttrs {
     pub tps_fresh: bool,
 }
 
-/// Who is asking and why: built once per request, reused for every decision in it. The
-/// context's caller, purpose and lawful basis are built as Cedar expressions directly (no
-/// JSON in between: parsing a JSON context was most of a decision's cost).
+/// Who is asking and why, for every decision of one request. The Cedar side of it (the
+/// context's caller and purpose, built as Cedar expressions directly: parsing a JSON context
+/// was most of a decision's cost) is built on the first decision that needs it, and most
+/// requests need none: their request and record decisions are all memoised (`decisions`),
+/// and building and dropping those expressions on every request was 2.5% of a 100-record
+/// request's CPU.
 pub struct Ask {
+    principal: Arc<Principal>,
+    purpose: String,
+    lawful_basis: String,
+    cedar: OnceLock<Result<CedarAsk, String>>,
+}
+
+/// The Cedar expressions of an `Ask`.
+struct CedarAsk {
     caller: RestrictedExpression,
     purpose: RestrictedExpression,
-    lawful_basis: String,
     user: EntityUid,
 }
 
@@ -129,44 +140,14 @@ impl PolicyEngine {
         self.policies.policies().count()
     }
 
-    /// Prepares the per-request part of every context: the caller and the purpose.
-    pub fn ask(
-        &self,
-        principal: &Principal,
-        purpose: &str,
-        lawful_basis: &str,
-    ) -> anyhow::Result<Ask> {
-        let entities = |t: &str, ids: &[String]| -> anyhow::Result<RestrictedExpression> {
-            let uids = ids
-                .iter()
-                .map(|id| Ok(RestrictedExpression::new_entity_uid(uid(t, id)?)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(RestrictedExpression::new_set(uids))
-        };
-        let caller = RestrictedExpression::new_record([
-            (
-                "role".to_owned(),
-                RestrictedExpression::new_string(principal.role.clone()),
-            ),
-            (
-                "unit".to_owned(),
-                RestrictedExpression::new_string(principal.unit.clone()),
-            ),
-            (
-                "grants".to_owned(),
-                entities("Wardgate::Area", &principal.areas)?,
-            ),
-            (
-                "purposes".to_owned(),
-                entities("Wardgate::Purpose", &principal.purposes)?,
-            ),
-        ])?;
-        Ok(Ask {
-            caller,
-            purpose: RestrictedExpression::new_entity_uid(uid("Wardgate::Purpose", purpose)?),
+    /// Who is asking and why: the per-request part of every context (built on first use).
+    pub fn ask(&self, principal: Arc<Principal>, purpose: &str, lawful_basis: &str) -> Ask {
+        Ask {
+            principal,
+            purpose: purpose.to_owned(),
             lawful_basis: lawful_basis.to_owned(),
-            user: uid("Wardgate::User", &principal.subject)?,
-        })
+            cedar: OnceLock::new(),
+        }
     }
 
     /// May this request happen at all?
@@ -344,7 +325,7 @@ impl PolicyEngine {
             .scoped
             .get(&action, &resource)
             .unwrap_or(&self.policies);
-        let request = Request::new(ask.user.clone(), action, resource, context, schema)?;
+        let request = Request::new(ask.user()?, action, resource, context, schema)?;
         let response = self
             .authorizer
             .is_authorized(&request, policies, &self.entities);
@@ -379,14 +360,37 @@ impl PolicyEngine {
 }
 
 impl Ask {
+    /// The Cedar side, built the first time a decision needs it. A failure to build it is
+    /// kept and denies every decision of the request that needs it (`PolicyEngine::decide`).
+    fn cedar(&self) -> anyhow::Result<&CedarAsk> {
+        self.cedar
+            .get_or_init(|| {
+                CedarAsk::new(&self.principal, &self.purpose).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Whether the Cedar side has been built (for tests of the memoised path).
+    #[cfg(test)]
+    pub(crate) fn is_built(&self) -> bool {
+        self.cedar.get().is_some()
+    }
+
+    /// The principal the decisions are about.
+    fn user(&self) -> anyhow::Result<EntityUid> {
+        Ok(self.cedar()?.user.clone())
+    }
+
     /// The context every action shares (caller, purpose, lawful basis) plus `extra`.
     fn context<const N: usize>(
         &self,
         extra: [(&str, RestrictedExpression); N],
     ) -> anyhow::Result<Context> {
+        let cedar = self.cedar()?;
         let shared = [
-            ("caller", self.caller.clone()),
-            ("purpose", self.purpose.clone()),
+            ("caller", cedar.caller.clone()),
+            ("purpose", cedar.purpose.clone()),
             (
                 "lawful_basis",
                 RestrictedExpression::new_string(self.lawful_basis.clone()),
@@ -398,6 +402,41 @@ impl Ask {
                 .chain(extra)
                 .map(|(k, v)| (k.to_owned(), v)),
         )?)
+    }
+}
+
+impl CedarAsk {
+    fn new(principal: &Principal, purpose: &str) -> anyhow::Result<CedarAsk> {
+        let entities = |t: &str, ids: &[String]| -> anyhow::Result<RestrictedExpression> {
+            let uids = ids
+                .iter()
+                .map(|id| Ok(RestrictedExpression::new_entity_uid(uid(t, id)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(RestrictedExpression::new_set(uids))
+        };
+        let caller = RestrictedExpression::new_record([
+            (
+                "role".to_owned(),
+                RestrictedExpression::new_string(principal.role.clone()),
+            ),
+            (
+                "unit".to_owned(),
+                RestrictedExpression::new_string(principal.unit.clone()),
+            ),
+            (
+                "grants".to_owned(),
+                entities("Wardgate::Area", &principal.areas)?,
+            ),
+            (
+                "purposes".to_owned(),
+                entities("Wardgate::Purpose", &principal.purposes)?,
+            ),
+        ])?;
+        Ok(CedarAsk {
+            caller,
+            purpose: RestrictedExpression::new_entity_uid(uid("Wardgate::Purpose", purpose)?),
+            user: uid("Wardgate::User", &principal.subject)?,
+        })
     }
 }
 

@@ -87,9 +87,7 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         .get(&f.purpose)
         .map(|p| p.lawful_basis.clone())
         .unwrap_or_default();
-    let ask = engine
-        .ask(&principal, &f.purpose, &basis)
-        .map_err(|e| e.to_string())?;
+    let ask = engine.ask(Arc::new(principal.clone()), &f.purpose, &basis);
     let record = f.record.map(|r| RecordAttrs {
         area: r.area,
         markers: r.markers,
@@ -273,13 +271,11 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
         issued_at: 0,
         grant_expires_at: None,
     };
-    let ask = engine
-        .ask(
-            &p,
-            "canvassing",
-            &catalog.purposes["canvassing"].lawful_basis,
-        )
-        .unwrap();
+    let ask = engine.ask(
+        Arc::new(p),
+        "canvassing",
+        &catalog.purposes["canvassing"].lawful_basis,
+    );
     let rec = RecordAttrs {
         area: "GHOST".into(),
         markers: BTreeSet::new(),
@@ -346,7 +342,7 @@ fn the_scoped_pack_decides_exactly_as_the_whole_pack() {
                 issued_at: 0,
                 grant_expires_at: None,
             };
-            let ask = scoped.ask(&p, purpose, &entry.lawful_basis).unwrap();
+            let ask = scoped.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
             for (dataset, ds) in &catalog.datasets {
                 for action in [RequestAction::List, RequestAction::Write] {
                     let v = scoped.decide_request(&ask, action, dataset);
@@ -396,7 +392,7 @@ fn field_policies_read_no_area_and_records_apart_only_in_area_get_the_same_field
                 issued_at: 0,
                 grant_expires_at: None,
             };
-            let ask = engine.ask(&p, purpose, &entry.lawful_basis).unwrap();
+            let ask = engine.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
             let categories: BTreeSet<String> =
                 catalog.datasets["voter"].fields.values().cloned().collect();
             let record = |area: &str| RecordAttrs {
