@@ -421,17 +421,12 @@ fn withheld_why(
     }
 }
 
-/// The areas to narrow a listing to: the caller's scope, unless it is too wide to be worth
-/// sending. An empty scope narrows to nothing at all rather than to everything.
+/// The areas to narrow a listing to (`Geography::narrowing`), rendered once per grant set.
 fn narrowing(gw: &Gateway, principal: &Principal) -> Option<Arc<Narrowing>> {
     gw.narrowings.get(&principal.areas, || {
-        let mut areas = gw.geography.areas_under(&principal.areas);
-        if areas.len() > MAX_NARROWING_AREAS {
-            return None;
-        }
-        if areas.is_empty() {
-            areas.insert("none".to_owned());
-        }
+        let areas = gw
+            .geography
+            .narrowing(&principal.areas, MAX_NARROWING_AREAS)?;
         Some(Narrowing::new(&areas))
     })
 }

@@ -565,30 +565,32 @@ async fn the_callers_authorization_never_reaches_the_datastore() {
     let addr = listener.local_addr().unwrap();
     let s = seen.clone();
     tokio::spawn(async move {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        while let Ok((stream, _)) = listener.accept().await {
             let s = s.clone();
-            async move {
-                s.lock().unwrap().extend(
-                    req.headers()
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or(""))),
-                );
-                s.lock().unwrap().push(format!("uri: {}", req.uri()));
-                let mut resp =
-                    http::Response::new(Full::new(Bytes::from_static(b"{\"records\":[]}")));
-                resp.headers_mut().insert(
-                    "content-type",
-                    http::HeaderValue::from_static("application/json"),
-                );
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-        });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-            .await;
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        s.lock().unwrap().extend(
+                            req.headers()
+                                .iter()
+                                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or(""))),
+                        );
+                        s.lock().unwrap().push(format!("uri: {}", req.uri()));
+                        let mut resp =
+                            http::Response::new(Full::new(Bytes::from_static(b"{\"records\":[]}")));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
     });
     let app = spawn_app_with(AppOptions {
         upstream: Some(addr),
@@ -611,19 +613,33 @@ async fn the_callers_authorization_never_reaches_the_datastore() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let seen = seen.lock().unwrap().clone();
+    let headers = seen.lock().unwrap().clone();
     assert!(
-        !seen.iter().any(|h| h.starts_with("authorization")
+        !headers.iter().any(|h| h.starts_with("authorization")
             || h.starts_with("cookie")
             || h.starts_with("x-secret")),
-        "{seen:?}"
+        "{headers:?}"
     );
     // Narrowing the caller did not ask for: their ward's polling districts.
-    let uri = seen.iter().find(|h| h.starts_with("uri: ")).unwrap();
+    let uri = headers.iter().find(|h| h.starts_with("uri: ")).unwrap();
     assert!(
         uri.contains("areas=") && uri.contains("E08000035%2FCGW1") && !uri.contains("E09000025"),
         "{uri}"
     );
+    // A national caller's scope is the whole area register: nothing to narrow, so no list of
+    // every area (the filter still checks each record's area).
+    seen.lock().unwrap().clear();
+    let r = app
+        .get(
+            "/voter/electors",
+            Some(&app.token("analyst")),
+            Some("profiling"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let headers = seen.lock().unwrap().clone();
+    let uri = headers.iter().find(|h| h.starts_with("uri: ")).unwrap();
+    assert!(!uri.contains("areas="), "{uri}");
     app.stop().await;
 }
 
