@@ -21,7 +21,7 @@
 //! plan its field names do, so each audit record names exactly what its own records carried.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::attrs::{self, Roles};
@@ -128,6 +128,8 @@ struct Plan {
     used: u64,
     /// The fields that leave as runs of consecutive fields, `(first, last)` indexes.
     runs: Vec<(usize, usize)>,
+    /// Their names, as the disclosure reports them.
+    fields: BTreeSet<String>,
 }
 
 /// What becomes of one record.
@@ -213,13 +215,15 @@ impl Memo {
         let plan = &mut l.plans[i];
         if plan.used != chunk {
             plan.used = chunk;
-            let kept = plan
-                .runs
-                .iter()
-                .flat_map(|&(first, last)| l.names.get(first..=last).unwrap_or_default());
-            for name in kept {
-                if !d.fields.contains(name) {
-                    d.fields.insert(name.clone());
+            if d.fields.is_empty() {
+                // A chunk's first plan, and nearly always its only one: a copy of the tree
+                // rather than a search and an insert per name (4% of a 10-record request).
+                d.fields = plan.fields.clone();
+            } else {
+                for name in &plan.fields {
+                    if !d.fields.contains(name) {
+                        d.fields.insert(name.clone());
+                    }
                 }
             }
         }
@@ -340,10 +344,15 @@ impl Layout {
                 _ => runs.push((i, i)),
             }
         }
+        let fields = (runs.iter())
+            .flat_map(|&(first, last)| self.names.get(first..=last).unwrap_or_default())
+            .cloned()
+            .collect();
         Plan {
             decision,
             used: 0,
             runs,
+            fields,
         }
     }
 }
