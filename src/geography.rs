@@ -137,11 +137,12 @@ impl Geography {
         max: usize,
     ) -> Option<BTreeSet<String>> {
         let areas = self.areas_under(grants);
+        if areas.is_empty() {
+            // First: an empty register's whole is empty too, and must not read as everything.
+            return Some(BTreeSet::from(["none".to_owned()]));
+        }
         if areas.len() > max || areas.len() == self.areas.len() {
             return None;
-        }
-        if areas.is_empty() {
-            return Some(BTreeSet::from(["none".to_owned()]));
         }
         Some(areas)
     }
@@ -291,6 +292,9 @@ mod tests {
         // Nothing known granted: narrowed to nothing, not to everything.
         let none = g.narrowing(&grant(&["E05000000"]), 500).unwrap();
         assert_eq!(none, BTreeSet::from(["none".to_owned()]));
+        // An empty register: nothing is everything, and still narrows to nothing.
+        let empty = Geography::parse("area = []").unwrap();
+        assert_eq!(empty.narrowing(&grant(&["E05000000"]), 500), Some(none));
     }
 
     #[test]

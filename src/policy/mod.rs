@@ -365,7 +365,7 @@ impl Ask {
     fn cedar(&self) -> anyhow::Result<&CedarAsk> {
         self.cedar
             .get_or_init(|| {
-                CedarAsk::new(&self.principal, &self.purpose).map_err(|e| e.to_string())
+                CedarAsk::new(&self.principal, &self.purpose).map_err(|e| format!("{e:#}"))
             })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e}"))
@@ -406,6 +406,7 @@ impl Ask {
 }
 
 impl CedarAsk {
+    /// The caller as Cedar sees them (role, unit, grants, purposes), the purpose and the user.
     fn new(principal: &Principal, purpose: &str) -> anyhow::Result<CedarAsk> {
         let entities = |t: &str, ids: &[String]| -> anyhow::Result<RestrictedExpression> {
             let uids = ids

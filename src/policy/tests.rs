@@ -421,3 +421,68 @@ fn field_policies_read_no_area_and_records_apart_only_in_area_get_the_same_field
     }
     assert!(compared > 100);
 }
+
+/// An ask whose Cedar side cannot be built denies every decision that needs it (fail closed):
+/// the request, the record and every field category. The same questions with an ask that
+/// builds are allowed, so the denials are the failure's.
+#[test]
+fn an_ask_that_cannot_be_built_denies_everything() {
+    let (engine, catalog, _) = shipped_engine();
+    let basis = &catalog.purposes["canvassing"].lawful_basis;
+    let p = Arc::new(Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "councillor".into(),
+        unit: "U".into(),
+        areas: vec!["E05011391".into()],
+        purposes: vec!["canvassing".into()],
+        expires_at: i64::MAX,
+        issued_at: 0,
+        grant_expires_at: None,
+    });
+    let categories: BTreeSet<String> = catalog.datasets["voter"].fields.values().cloned().collect();
+    let record = RecordAttrs {
+        area: "E05011391".into(),
+        markers: BTreeSet::new(),
+        flags: BTreeSet::new(),
+        consented: BTreeSet::new(),
+        tps_fresh: false,
+    };
+    let working = engine.ask(Arc::clone(&p), "canvassing", basis);
+    assert!(
+        engine
+            .decide_request(&working, RequestAction::List, "voter")
+            .allowed
+    );
+    assert!(
+        engine
+            .decide_record(&working, "voter", &record, false)
+            .allowed
+    );
+    assert!(
+        !engine
+            .allowed_categories(&working, "voter", &record, &categories, false)
+            .is_empty()
+    );
+
+    let broken = engine.ask(p, "canvassing", basis);
+    assert!(broken.cedar.set(Err("cannot be built".to_owned())).is_ok());
+    let request = engine.decide_request(&broken, RequestAction::List, "voter");
+    assert!(!request.allowed);
+    assert_eq!(request.policy_ids, ["policy-error"]);
+    let rec = engine.decide_record(&broken, "voter", &record, false);
+    assert!(!rec.allowed);
+    assert_eq!(rec.policy_ids, ["policy-error"]);
+    assert!(
+        engine
+            .allowed_categories(&broken, "voter", &record, &categories, false)
+            .is_empty()
+    );
+    for category in &categories {
+        let field = engine.decide_field(&broken, "voter", &record, category, false);
+        assert!(
+            !field.allowed && field.policy_ids == ["policy-error"],
+            "{category}"
+        );
+    }
+}
