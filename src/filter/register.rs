@@ -1,8 +1,9 @@
 //! The rights register's flags per subject at one moment, as the filter reads them: every
 //! record's subject is looked up, flagged or not, so the lookup is a foldhash probe answered
 //! with the list the map holds (std's SipHash map, cloning a flagged subject's list, cost 232
-//! instructions a record with a 2,000-subject register; this, 63: `loadtest/instructions.sh`). `Controls` builds one whenever the register changes and hands each request a clone
-//! (an `Arc`), so a page is filtered against one state of the register throughout.
+//! instructions a record with a 2,000-subject register; this, 63: `loadtest/instructions.sh`).
+//! `Controls` builds one whenever the register changes and hands each request a clone (an
+//! `Arc`), so a page is filtered against one state of the register throughout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
