@@ -622,66 +622,107 @@ def per_request_counts(args, work: Path, pid: int, url: str, env: dict, secs: in
     return "\n".join(lines) + "\n"
 
 
-def profile(args, work: Path, pid: int, url: str, env: dict, results: Path, n: int) -> str | None:
+# Where a sample's kernel stack says its time went: the first of these functions found in it
+# names the system call (or the kernel's own work) it belongs to.
+KERNEL_PATHS = [
+    ("socket receive", ("__sys_recvfrom", "sock_recvmsg", "tcp_recvmsg", "sock_read_iter")),
+    ("socket send", ("do_writev", "sock_write_iter", "tcp_sendmsg", "do_sendfile")),
+    ("fdatasync", ("do_fsync", "__x64_sys_fdatasync")),
+    ("file write", ("ksys_write",)),
+    ("futex", ("futex",)),
+    ("epoll", ("epoll",)),
+    ("page fault", ("exc_page_fault",)),
+    ("scheduler", ("__schedule",)),
+]
+
+
+def kernel_path(frames: list[str]) -> str:
+    for label, marks in KERNEL_PATHS:
+        if any(m in f for f in frames for m in marks):
+            return label
+    return "other kernel"
+
+
+def profile(args, work: Path, target: str, pid: int, url: str, env: dict, results: Path,
+            n: int) -> str | None:
     """`perf record` (DWARF call graphs) of the server under wrk load; writes a short summary:
-    time per thread, the hottest functions by self time, and wardgate's own functions by
-    inclusive time; then system calls and context switches per request (`per_request_counts`).
-    Returns the summary's path, or None if perf is missing or not permitted."""
+    CPU time a request by thread, user space against the kernel by system call (so that a
+    wardgate profile can be set against nginx's); the hottest functions by self time, and
+    wardgate's own functions by inclusive time; then system calls and context switches per
+    request (`per_request_counts`). Returns the summary's path, or None if perf is missing or
+    not permitted."""
     if not shutil.which("perf"):
         log("perf not installed; no profile")
         return None
-    data = work / "perf.data"
-    secs = 5
-    log(f"profiling pid {pid} with perf for {secs}s under wrk load ({n} records)")
-    rec = subprocess.Popen(["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(pid),
+    data = work / f"perf-{target}.data"
+    secs, hz = args.profile_seconds, 499
+    log(f"profiling {target} (pid {pid}) with perf for {secs}s under wrk load ({n} records)")
+    rec = subprocess.Popen(["perf", "record", "-F", str(hz), "--call-graph", "dwarf,16384", "-p", str(pid),
                             "-o", str(data), "--", "sleep", str(secs)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        run_wrk(args, work, url, env, secs + 2, work / "wrk-profile.json")
+        wrk = run_wrk(args, work, url, env, secs + 2, work / "wrk-profile.json")
     finally:
         _, err = rec.communicate(timeout=60)
     if rec.returncode != 0 or not data.exists():
         log(f"perf record failed: {err.decode(errors='replace')[-500:]}")
         return None
-    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, errors="replace", timeout=600).stdout
-    samples: list[list[str]] = []
-    cur: list[str] = []
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym,dso"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            errors="replace", timeout=600).stdout
+    # Each sample: its thread's name, then (function, in the kernel) from the leaf up.
+    samples: list[tuple[str, list[tuple[str, bool]]]] = []
+    cur: tuple[str, list[tuple[str, bool]]] | None = None
     for line in script.splitlines():
         if not line.strip():
             if cur:
                 samples.append(cur)
-            cur = []
-        elif line[0] in " \t":
-            parts = line.strip().split(None, 1)
-            cur.append(re.sub(r"\+0x[0-9a-f]+$", "", parts[1] if len(parts) > 1 else "?"))
-        else:
-            cur = [line.split()[0]]
+            cur = None
+        elif line[0] in " \t" and cur is not None:
+            m = re.match(r"\s*[0-9a-f]+ (.*?)(?: \((.*)\))?\s*$", line)
+            sym, dso = (m.group(1), m.group(2) or "") if m else ("?", "")
+            cur[1].append((re.sub(r"\+0x[0-9a-f]+$", "", sym), "kernel" in dso))
+        elif line[0] not in " \t":
+            cur = (line.split()[0], [])
     if cur:
         samples.append(cur)
     total = max(1, len(samples))
-    threads, leaf, incl = {}, {}, {}
-    for smp in samples:
-        threads[smp[0]] = threads.get(smp[0], 0) + 1
-        frames = smp[1:]
+    threads, leaf, incl, where = {}, {}, {}, {}
+    for comm, frames in samples:
+        threads[comm] = threads.get(comm, 0) + 1
         if frames:
-            leaf[frames[0]] = leaf.get(frames[0], 0) + 1
-        for name in {f for f in frames if f.startswith("wardgate::") or f.startswith("<wardgate::")}:
+            leaf[frames[0][0]] = leaf.get(frames[0][0], 0) + 1
+        for name in {f for f, _ in frames if f.startswith("wardgate::") or f.startswith("<wardgate::")}:
             incl[name] = incl.get(name, 0) + 1
+        kernel = [f for f, k in frames if k]
+        key = (comm, kernel_path(kernel) if kernel else "user space")
+        where[key] = where.get(key, 0) + 1
+    # Microseconds a request: samples at `hz` over the requests wrk made in the window.
+    in_window = max(1.0, wrk["requests"] / (wrk["duration_us"] / 1e6) * secs)
+    us = 1e6 / hz / in_window
 
     def top(d: dict, k: int) -> str:
         rows = sorted(d.items(), key=lambda kv: -kv[1])[:k]
         return "\n".join(f"  {100 * v / total:5.1f}%  {name[:140]}" for name, v in rows)
 
+    def spent(d: dict, k: int) -> str:
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        return "\n".join(f"  {100 * v / total:5.1f}%  {v * us:7.1f} us  {comm:<16} {what}"
+                         for (comm, what), v in rows)
+
     counts = per_request_counts(args, work, pid, url, env, secs)
-    out = results / f"profile-wardgate-{n}.txt"
+    ours = (f"wardgate functions, inclusive time (callees included):\n{top(incl, 30)}\n\n"
+            if incl else "")
+    out = results / f"profile-{target}-{n}.txt"
     out.write_text(
-        f"# perf record -F 499 --call-graph dwarf on `wardgate serve` (fsync audit), {n}-record pages,\n"
-        f"# wrk -c {args.connections}, {len(samples)} samples over {secs}s. Percent of all samples.\n\n"
+        f"# perf record -F {hz} --call-graph dwarf on {LABELS[target]}, {n}-record pages,\n"
+        f"# wrk -c {args.connections}, {len(samples)} samples over {secs}s (~{in_window:,.0f} requests "
+        f"at wrk's mean rate). Percent of all samples.\n\n"
         f"threads:\n{top(threads, 10)}\n\n"
+        f"CPU time a request by thread, user space or the kernel by system call (sampled):\n"
+        f"{spent(where, 16)}\n  {len(samples) * us:7.1f} us in all\n\n"
         f"self time (leaf function):\n{top(leaf, 30)}\n\n"
-        f"wardgate functions, inclusive time (callees included):\n{top(incl, 30)}\n\n"
-        f"{counts}")
+        f"{ours}{counts}")
     log(f"profile written to {out}")
     return str(out)
 
@@ -940,7 +981,10 @@ def main() -> int:
                     help="subjects flagged in the rights register every wardgate reads (placed once, "
                          "before the first is measured; one in 40 of the electors, the rest on no page; "
                          "0: an empty register)")
-    ap.add_argument("--profile", action="store_true", help="perf-profile wardgate (fsync) at 100 records")
+    ap.add_argument("--profile", action="store_true",
+                    help="perf-profile every target but direct at 100 records")
+    ap.add_argument("--profile-seconds", type=int, default=5,
+                    help="how long each --profile recording (and its perf stat count) lasts")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="also count wardgate's instructions per request over N requests under "
                          "callgrind (page-cache audit), per page size; 0: not")
@@ -1111,10 +1155,15 @@ def main() -> int:
                             r["half_nginx_rate_overloads"] = True
                     fixed[str(n)][target] = r
 
-        if args.profile and "wardgate_fsync" in servers:
-            gw, base, path_of, _, _ = servers["wardgate_fsync"]
+        if args.profile:
+            # Every target that proxies: the two audit modes side by side, and nginx and the
+            # passthrough for the kernel's share of a proxied request and the HTTP stack's.
             n = 100 if 100 in args.sizes else args.sizes[0]
-            result["profile"] = profile(args, work, gw.pid, base + path_of(n), env, results_path.parent, n)
+            result["profile"] = {}
+            for target in [t for t in servers if t != "direct"]:
+                gw, base, path_of, _, _ = servers[target]
+                result["profile"][target] = profile(args, work, target, gw.pid, base + path_of(n), env,
+                                                    results_path.parent, n)
         for target in servers:
             if target != "direct":
                 procs.stop(target)

@@ -105,6 +105,9 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
             "0",
             "--fixed-duration",
             "1",
+            "--profile",
+            "--profile-seconds",
+            "1",
             "--results",
             results.to_str().unwrap(),
         ],
@@ -130,6 +133,26 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
         "no fixed-rate run: {}",
         r["fixed_rate"]
     );
+    // The profiles (where perf runs): each proxy's CPU time a request, user space against the
+    // kernel by system call, from samples that were taken.
+    let perf = Command::new("perf").arg("--version").output();
+    if perf.is_ok_and(|o| o.status.success()) {
+        for target in [
+            "nginx_proxy",
+            "passthrough",
+            "wardgate_fsync",
+            "wardgate_page_cache",
+        ] {
+            let path = r["profile"][target].as_str().unwrap_or_else(|| {
+                panic!("{target}: no profile: {}", r["profile"]);
+            });
+            let text = std::fs::read_to_string(path).unwrap();
+            assert!(
+                text.contains("CPU time a request") && text.contains(" user space"),
+                "{target}: {text}"
+            );
+        }
+    }
 
     // The export benchmark: the audit check (the chunk records list exactly the records that
     // came out) is part of its exit status; the results say so too.
