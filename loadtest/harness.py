@@ -626,7 +626,7 @@ def per_request_counts(args, work: Path, pid: int, url: str, env: dict, secs: in
 # names the system call (or the kernel's own work) it belongs to.
 KERNEL_PATHS = [
     ("socket receive", ("__sys_recvfrom", "sock_recvmsg", "tcp_recvmsg", "sock_read_iter")),
-    ("socket send", ("do_writev", "sock_write_iter", "tcp_sendmsg", "do_sendfile")),
+    ("socket send", ("sock_write_iter", "tcp_sendmsg", "do_sendfile")),
     ("fdatasync", ("do_fsync", "__x64_sys_fdatasync")),
     ("file write", ("ksys_write",)),
     ("futex", ("futex",)),
@@ -679,9 +679,14 @@ def profile(args, work: Path, target: str, pid: int, url: str, env: dict, result
                 samples.append(cur)
             cur = None
         elif line[0] in " \t" and cur is not None:
-            m = re.match(r"\s*[0-9a-f]+ (.*?)(?: \((.*)\))?\s*$", line)
-            sym, dso = (m.group(1), m.group(2) or "") if m else ("?", "")
-            cur[1].append((re.sub(r"\+0x[0-9a-f]+$", "", sym), "kernel" in dso))
+            # `ip sym (dso)`; a symbol may hold parentheses and spaces, a dso does not. The
+            # kernel's frames are those at kernel addresses (the upper half on x86-64),
+            # whatever perf could name them, short of the last 4,095: the markers a call
+            # chain holds between its parts (`PERF_CONTEXT_USER` and the like, and -1).
+            m = re.match(r"\s*([0-9a-f]+) (.*?)(?: \([^()]*\))?\s*$", line)
+            ip = int(m.group(1), 16) if m else 0
+            sym, kernel = (m.group(2) if m else "?"), 1 << 63 <= ip < (1 << 64) - 4095
+            cur[1].append((re.sub(r"\+0x[0-9a-f]+$", "", sym), kernel))
         elif line[0] not in " \t":
             cur = (line.split()[0], [])
     if cur:
@@ -982,7 +987,7 @@ def main() -> int:
                          "before the first is measured; one in 40 of the electors, the rest on no page; "
                          "0: an empty register)")
     ap.add_argument("--profile", action="store_true",
-                    help="perf-profile every target but direct at 100 records")
+                    help="perf-profile every target but direct at 100 records (or the first size)")
     ap.add_argument("--profile-seconds", type=int, default=5,
                     help="how long each --profile recording (and its perf stat count) lasts")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
@@ -1025,6 +1030,8 @@ def main() -> int:
         ap.error("durations out of bounds (each run at most 120 s)")
     if not 0 <= args.instructions <= 10_000:
         ap.error("--instructions: at most 10,000 requests (callgrind runs them ~50 times slower)")
+    if not 1 <= args.profile_seconds <= 60:
+        ap.error("--profile-seconds: 1 to 60")
     if (os.cpu_count() or 1) < 2:
         ap.error("needs two cores: the server under test on core 1, the load on core 0")
     purpose = {"analyst": "profiling", "councillor": "canvassing"}[args.persona]

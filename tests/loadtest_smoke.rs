@@ -133,8 +133,9 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
         "no fixed-rate run: {}",
         r["fixed_rate"]
     );
-    // The profiles (where perf runs): each proxy's CPU time a request, user space against the
-    // kernel by system call, from samples that were taken.
+    // The profiles (where perf runs): each proxy's CPU time a request, with a row for its
+    // user space, from samples that were taken. Outside CI a perf that may not record (not
+    // root, a container) leaves them out.
     let perf = Command::new("perf").arg("--version").output();
     if perf.is_ok_and(|o| o.status.success()) {
         for target in [
@@ -143,14 +144,26 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
             "wardgate_fsync",
             "wardgate_page_cache",
         ] {
-            let path = r["profile"][target].as_str().unwrap_or_else(|| {
-                panic!("{target}: no profile: {}", r["profile"]);
-            });
+            let Some(path) = r["profile"][target].as_str() else {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{target}: no profile: {}",
+                    r["profile"]
+                );
+                eprintln!("{target}: perf could not record here; no profile checked");
+                continue;
+            };
             let text = std::fs::read_to_string(path).unwrap();
-            assert!(
-                text.contains("CPU time a request") && text.contains(" user space"),
-                "{target}: {text}"
-            );
+            let samples: u64 = text
+                .split(" samples over ")
+                .next()
+                .and_then(|head| head.rsplit(' ').next())
+                .and_then(|n| n.replace(',', "").parse().ok())
+                .unwrap_or(0);
+            let user_space = text.lines().any(|l| {
+                l.trim_end().ends_with(" user space") && l.split_whitespace().nth(2) == Some("us")
+            });
+            assert!(samples > 0 && user_space, "{target}: {text}");
         }
     }
 
