@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scan::{self, Scan, ScanError, Written};
+use super::scan::{self, Gap, Scan, ScanError, Written};
 use super::{FilterContext, RawRecord};
 use crate::catalog::{Dataset, area_template_fields};
 use crate::policy::RecordAttrs;
@@ -258,11 +258,15 @@ fn channel_states<'a>(v: &'a str, each: impl FnMut(Cow<'a, str>, bool)) -> Optio
 /// their consent objects (the same few in the same order on every channel), each with which
 /// of the two read it is. The next record's consents almost always repeat them, and a key
 /// that repeats is taken by comparing bytes (`Scan::next_key_as`), its name not compared
-/// again: without this, reading consents was a sixth of a page's instructions.
+/// again: without this, reading consents was a sixth of a page's instructions. Each is noted
+/// with its separator and whitespace too (`Gap`), which is how `channel_states_again` takes
+/// a whole value written as the last one was.
 #[derive(Debug, Default)]
 pub(super) struct ConsentKeys<'a> {
     channels: Vec<Option<Written<'a>>>,
+    channel_gaps: Vec<Option<Gap<'a>>>,
     inner: Vec<Option<(Written<'a>, Slot)>>,
+    inner_gaps: Vec<Option<(Gap<'a>, Slot)>>,
 }
 
 /// What a key of a consent object is to `consent_live`.
@@ -297,14 +301,15 @@ fn channel_states_at<'a>(
         let mut i = 0;
         loop {
             let expected = keys.channels.get(i).copied().flatten();
-            let Some(channel) = scan.next_key_as(&mut first, expected).ok()? else {
+            let Some((channel, gap)) = scan.next_key_gap(&mut first, expected).ok()? else {
                 break;
             };
             if !channel.expected {
                 super::note(&mut keys.channels, i, channel.written);
             }
+            super::note(&mut keys.channel_gaps, i, gap);
             i += 1;
-            let live = !scan.null().ok()? && consent_live(scan, &mut keys.inner)?;
+            let live = !scan.null().ok()? && consent_live(scan, keys)?;
             each(channel.name, live);
         }
     }
@@ -355,17 +360,17 @@ fn channel_states_again<'a>(
         return Some(());
     }
     scan.begin_object().ok()?;
-    for (i, channel) in keys.channels.iter().enumerate() {
+    for channel in &keys.channel_gaps {
         let channel = (*channel)?;
-        scan.key_written(i == 0, channel)?;
+        scan.gap_written(channel)?;
         let live = if scan.null().ok()? {
             false
         } else {
             let (mut given, mut withdrawn) = (None, None);
             scan.begin_object().ok()?;
-            for (j, inner) in keys.inner.iter().enumerate() {
+            for inner in &keys.inner_gaps {
                 let (key, slot) = (*inner)?;
-                scan.key_written(j == 0, key)?;
+                scan.gap_written(key)?;
                 take_slot(scan, slot, &mut given, &mut withdrawn)?;
             }
             scan.end_object().then_some(())?;
@@ -384,19 +389,17 @@ fn put_channel(key: &mut Vec<u8>, channel: &str, live: bool) {
 }
 
 /// One channel's consent object: given (`given_at` a string) and not withdrawn
-/// (`withdrawn_at` absent or `null`). `keys`: as in `channel_states_at`.
-fn consent_live<'a>(
-    scan: &mut Scan<'a>,
-    keys: &mut Vec<Option<(Written<'a>, Slot)>>,
-) -> Option<bool> {
+/// (`withdrawn_at` absent or `null`). `keys`: as in `channel_states_at` (its consent objects'
+/// keys).
+fn consent_live<'a>(scan: &mut Scan<'a>, keys: &mut ConsentKeys<'a>) -> Option<bool> {
     let (mut given, mut withdrawn) = (None, None);
     scan.begin_object().ok()?;
     let mut first = true;
     let mut i = 0;
     loop {
-        let expected = keys.get(i).copied().flatten();
-        let Some(key) = scan
-            .next_key_as(&mut first, expected.map(|(w, _)| w))
+        let expected = keys.inner.get(i).copied().flatten();
+        let Some((key, gap)) = scan
+            .next_key_gap(&mut first, expected.map(|(w, _)| w))
             .ok()?
         else {
             break;
@@ -406,8 +409,9 @@ fn consent_live<'a>(
             _ => Slot::of(&key.name),
         };
         if !key.expected {
-            super::note(keys, i, key.written.map(|w| (w, slot)));
+            super::note(&mut keys.inner, i, key.written.map(|w| (w, slot)));
         }
+        super::note(&mut keys.inner_gaps, i, gap.map(|g| (g, slot)));
         i += 1;
         take_slot(scan, slot, &mut given, &mut withdrawn)?;
     }

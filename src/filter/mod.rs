@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::catalog::Dataset;
 use crate::policy::RecordAttrs;
-use scan::{Scan, ScanError, Written};
+use scan::{Gap, Scan, ScanError, Written};
 
 /// What policy decided for one distinct combination of record attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +87,10 @@ pub struct RawRecord<'a> {
     spans: Vec<Span>,
     /// Each key of the last record as written, where it had no escapes.
     written: Vec<Option<Written<'a>>>,
-    /// Every one of them had none (and there is at least one): the next record may be read by
+    /// And each with its separator and whitespace: what lay between the value before it (or
+    /// the record's opening) and its own value.
+    gaps: Vec<Option<Gap<'a>>>,
+    /// Every key had no escapes (and there is at least one): the next record may be read by
     /// comparison alone (`read_again`).
     comparable: bool,
     /// The keys are, in order, exactly those of the record read before into this list.
@@ -128,6 +131,7 @@ impl<'a> RawRecord<'a> {
             text: "",
             spans: Vec::with_capacity(32),
             written: Vec::with_capacity(32),
+            gaps: Vec::with_capacity(32),
             comparable: false,
             repeats: false,
             list: LISTS.fetch_add(1, Ordering::Relaxed),
@@ -166,16 +170,17 @@ impl<'a> RawRecord<'a> {
     }
 
     /// Reads a record whose keys are, in order, the last record's written the same way: each
-    /// key is taken by comparing its bytes (and its colon) with the last one's, and the names
-    /// stay as they are. `None` at the first difference and at anything malformed: the caller
-    /// then reads the record again from its start with `read_any`, which says what is wrong.
+    /// key is taken by comparing its bytes, with its comma, its colon and the whitespace around
+    /// them, with the last one's (`Scan::gap_written`), and the names stay as they are. `None`
+    /// at the first difference and at anything malformed: the caller then reads the record
+    /// again from its start with `read_any`, which says what is wrong.
     /// (Consents keys noted meanwhile are only hints, checked byte for byte where used.)
     fn read_again(&mut self, scan: &mut Scan<'a>) -> Option<()> {
         self.spans.clear();
         self.consents = None;
         scan.begin_object().ok()?;
-        for (i, written) in self.written.iter().enumerate() {
-            let key = scan.key_written(i == 0, (*written)?)?;
+        for (i, gap) in self.gaps.iter().enumerate() {
+            let key = scan.gap_written((*gap)?)?;
             let value = if self.consents_before == Some(i) {
                 let (value, read) =
                     attrs::take_consents(scan, &mut self.consent_keys, &mut self.consent_states)
@@ -204,8 +209,8 @@ impl<'a> RawRecord<'a> {
         let mut first = true;
         let mut i = 0;
         self.consents = None;
-        while let Some(key) =
-            scan.next_key_as(&mut first, self.written.get(i).copied().flatten())?
+        while let Some((key, gap)) =
+            scan.next_key_gap(&mut first, self.written.get(i).copied().flatten())?
         {
             // The consents field (its first key of that name): a key written as the last
             // record's at this place is it only where that record's was (a key repeated
@@ -230,6 +235,7 @@ impl<'a> RawRecord<'a> {
             if !key.expected {
                 note(&mut self.written, i, key.written);
             }
+            note(&mut self.gaps, i, gap);
             self.names.push(key.name);
             let end = scan.pos();
             self.spans.push(Span {
@@ -241,7 +247,8 @@ impl<'a> RawRecord<'a> {
         }
         repeats &= i == self.written.len();
         self.written.truncate(i);
-        self.comparable = i > 0 && self.written.iter().all(Option::is_some);
+        self.gaps.truncate(i);
+        self.comparable = i > 0 && self.gaps.iter().all(Option::is_some);
         self.repeats = repeats;
         self.consents_before = self.consents.map(|(at, _)| at);
         Ok(())

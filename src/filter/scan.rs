@@ -62,7 +62,21 @@ pub struct Written<'a> {
     name: &'a str,
 }
 
-impl<'a> Written<'a> {
+/// What lies between one value of an object and the next (or the object's opening and its
+/// first value): the comma unless it is the first, the key and its colon, and the whitespace
+/// around them, as `next_key_gap` took it with a key written without escapes. Only the scanner
+/// makes one: the same bytes at the same place in another object of the same kind are the same
+/// separator and key, which is what lets `gap_written` take them by comparing bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Gap<'a> {
+    text: &'a str,
+    /// Where the key's opening quote is in `text`.
+    key: usize,
+    /// The key itself, between the quotes.
+    name: &'a str,
+}
+
+impl<'a> Gap<'a> {
     /// The key itself.
     pub fn name(&self) -> &'a str {
         self.name
@@ -208,27 +222,43 @@ impl<'a> Scan<'a> {
         }))
     }
 
-    /// The next key of the object being walked, taken when it and its colon are written
-    /// exactly as `w` (after the comma that must come before it unless it is the `first`):
-    /// where it starts. `None` otherwise, the scanner left somewhere on the way (a caller
-    /// falls back to `next_key_as` from a copy). What `next_key_as` does for a key expected,
-    /// without the rest; the same bytes are accepted.
+    /// `next_key_as`, then the whitespace after the colon, with what was taken from where the
+    /// scanner was (just after the last value, or the object's opening) up to the value: a
+    /// `Gap` where the key had no escapes, for `gap_written` to take in the next object.
     #[inline(always)]
-    pub fn key_written(&mut self, first: bool, w: Written<'a>) -> Option<usize> {
+    pub fn next_key_gap(
+        &mut self,
+        first: &mut bool,
+        expected: Option<Written<'a>>,
+    ) -> Result<Option<(Key<'a>, Option<Gap<'a>>)>> {
+        let from = self.pos;
+        let Some(key) = self.next_key_as(first, expected)? else {
+            return Ok(None);
+        };
         self.ws();
-        if !first {
-            if self.peek() != Some(b',') {
-                return None;
-            }
-            self.pos += 1;
-            self.ws();
-        }
-        let start = self.pos;
-        if !prefix(&self.bytes()[start..], w.text.as_bytes()) {
+        let gap = key.written.map(|w| Gap {
+            text: &self.text[from..self.pos],
+            key: key.at - from,
+            name: w.name,
+        });
+        Ok(Some((key, gap)))
+    }
+
+    /// The next key of the object being walked, taken with its separator and the whitespace
+    /// around it when the bytes here are exactly `g`'s (`g` is from the same place in an
+    /// object of the same kind: the first key's only for a first key): where the key starts.
+    /// `None` otherwise, the scanner where it was. One comparison for what took five steps
+    /// when the key alone was compared (whitespace, the comma, whitespace, the key and its
+    /// colon, whitespace: most bodies have a space after the comma and after the colon); a
+    /// 100-record page's filter went from 726k instructions to 691k.
+    #[inline(always)]
+    pub fn gap_written(&mut self, g: Gap<'a>) -> Option<usize> {
+        let at = self.pos;
+        if !prefix(&self.bytes()[at..], g.text.as_bytes()) {
             return None;
         }
-        self.pos += w.text.len();
-        Some(start)
+        self.pos += g.text.len();
+        Some(at + g.key)
     }
 
     /// Leaves the object being walked if it ends here (its `}` next, after whitespace).
