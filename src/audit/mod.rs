@@ -1,7 +1,8 @@
 //! The access log behind "no audit, no data": a hash-chained, append-only JSON-lines log that a
 //! response carrying personal data waits on before it leaves the gateway.
 //!
-//! Owns: the record schema and its hash-chained line encoding ([`record`]), the on-disk layout
+//! Owns: the record schema and its hash-chained line encoding ([`record`], its JSON written
+//! directly by the private `json` module), the on-disk layout
 //! (segment files `seg-NNNNNNNN.jsonl` in one directory, one record per line, each line carrying
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
@@ -15,6 +16,7 @@
 
 pub mod addr;
 pub mod index;
+mod json;
 pub mod prune;
 pub mod reader;
 pub mod record;

@@ -143,13 +143,14 @@ pub(crate) fn encode_line(
     prev: &str,
     record: &AuditRecord,
 ) -> serde_json::Result<EncodedLine> {
-    let fields = serde_json::to_vec(record)?;
-    // A struct always serialises as a non-empty object, so `fields` is `{"ts":...}`; splicing
-    // keeps `seq` and `prev` first without an order-preserving map.
-    let rest = fields.get(1..).unwrap_or_default();
-    let mut body = Vec::with_capacity(fields.len() + 100 + HASH_SUFFIX_LEN);
-    body.extend_from_slice(format!(r#"{{"seq":{seq},"prev":"{prev}","#).as_bytes());
-    body.extend_from_slice(rest);
+    // `seq` and `prev` first, then the record's fields as `serde_json` writes them (`json`).
+    let mut body = Vec::with_capacity(1024 + 16 * record.subjects.len());
+    body.extend_from_slice(br#"{"seq":"#);
+    body.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    body.extend_from_slice(br#","prev":""#);
+    body.extend_from_slice(prev.as_bytes());
+    body.extend_from_slice(br#"","#);
+    super::json::fields(&mut body, record)?;
     let hash = hex::encode(Sha256::digest(&body));
     body.pop(); // the closing `}`, re-added after the hash
     body.extend_from_slice(HASH_PREFIX);

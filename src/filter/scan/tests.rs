@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::Scan;
+use super::{Scan, special};
 
 /// What `serde_json` makes of a text that should be one object: its keys and raw values.
 fn reference(text: &str) -> Option<Vec<(String, String)>> {
@@ -343,5 +343,28 @@ fn every_special_byte_is_found_wherever_it_falls() {
         // Unterminated at each length: the end of the body comes first.
         let text = format!(r#"{{"k":"{}"#, "a".repeat(len));
         assert_eq!(scanned(&text), None, "{text:?}");
+    }
+}
+
+/// `special` on a text that ends where its search does (the audit line's strings, each a text
+/// of its own): every byte at every position of texts up to 40 bytes, searched from every
+/// start, found where a byte-at-a-time search finds it; none, the end.
+#[test]
+fn special_finds_what_a_byte_at_a_time_search_finds_up_to_the_end() {
+    let naive = |b: &[u8], from: usize| {
+        (from..b.len())
+            .find(|&i| b[i] == b'"' || b[i] == b'\\' || b[i] < 0x20)
+            .unwrap_or(b.len().max(from))
+    };
+    for len in 0..40 {
+        for at in 0..len {
+            for byte in 0..=0x7fu8 {
+                let mut b = vec![b'a'; len];
+                b[at] = byte;
+                for from in 0..=len {
+                    assert_eq!(special(&b, from), naive(&b, from), "{b:?} from {from}");
+                }
+            }
+        }
     }
 }
