@@ -176,7 +176,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Whether `b` is shorter than sixteen bytes and has none JSON escapes, in one vector step on
+/// Whether `b` is at most sixteen bytes long and has no byte JSON escapes, in one vector step on
 /// a copy padded with spaces (`special` goes a byte at a time where fewer than sixteen are
 /// left, about eight instructions a byte, and is inlined in the filter, where a padded step
 /// cost more than it saved).

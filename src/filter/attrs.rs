@@ -312,6 +312,8 @@ fn channel_states_at<'a>(
             let live = !scan.null().ok()? && consent_live(scan, keys)?;
             each(channel.name, live);
         }
+        // A value with fewer channels than the last: the next is compared with this one's.
+        keys.channel_gaps.truncate(i);
     }
     Some(())
 }
@@ -415,6 +417,7 @@ fn consent_live<'a>(scan: &mut Scan<'a>, keys: &mut ConsentKeys<'a>) -> Option<b
         i += 1;
         take_slot(scan, slot, &mut given, &mut withdrawn)?;
     }
+    keys.inner_gaps.truncate(i);
     Some(live(given, withdrawn))
 }
 
