@@ -829,7 +829,13 @@ fn a_record_repeats_the_one_before_only_with_the_same_keys_in_order() {
 fn a_record_read_after_another_reads_as_it_does_alone() {
     let ds = dataset();
     let cx = cx(&ds);
-    let base = record("VF-1", "CGW1", "");
+    // Numbers and literals end where the byte after them says: a record that repeats one up to
+    // its last digit or letter must not be read as repeating it.
+    let base = record(
+        "VF-1",
+        "CGW1",
+        r#","support_score":0.5,"postal_voter":true,"support_decile":5"#,
+    );
     let sub = |from: &str, to: &str| {
         assert!(base.contains(from), "{from}");
         base.replacen(from, to, 1)
@@ -882,6 +888,20 @@ fn a_record_read_after_another_reads_as_it_does_alone() {
         sub(r#""surname":"Lee","#, r#""surname":"Lee" "#),
         sub(r#""Lee""#, "Lee"),
         sub(r#""sms":null"#, r#""sms":nul"#),
+        sub("0.5,", "0.55,"),
+        sub("0.5,", "0.5e1,"),
+        sub("0.5,", "0.5 ,"),
+        sub("0.5,", "0.,"),
+        sub(":5}", ":50}"),
+        sub(":5}", ":5 }"),
+        sub(":5}", ":5.0}"),
+        sub(":5}", ":5"),
+        sub(":true,", ":truex,"),
+        sub(":true,", ":true1,"),
+        sub(r#""markers":[]"#, r#""markers":[] "#),
+        sub(r#""markers":[]"#, r#""markers":[],"#),
+        sub(r#"{"email":{"given"#, r#"{"email":{"given_at":null,"given"#),
+        sub(r#""VF-1""#, r#""VF-1"""#),
         sub(r#""sms":null"#, r#""sms":null,"#),
         format!("{base},"),
         base[..base.len() - 1].to_owned(),

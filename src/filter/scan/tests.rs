@@ -9,6 +9,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{Scan, special};
+use crate::filter::RawRecord;
 
 /// What `serde_json` makes of a text that should be one object: its keys and raw values.
 fn reference(text: &str) -> Option<Vec<(String, String)>> {
@@ -113,6 +114,22 @@ fn scanned_gapped(first: &str, second: &str) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
+/// `scanned` for `second`, read by the filter's record reader right after `first` (both in
+/// one text, as a page's records are): by its keys compared with `first`'s, with their
+/// separators, where they repeat them (`RawRecord::read_again`), in full from its start where
+/// not.
+fn read_after(first: &str, second: &str) -> Option<Vec<(String, String)>> {
+    let text = format!("{first} {second}");
+    let mut scan = Scan::new(&text);
+    let mut rec = RawRecord::new(None);
+    rec.read(&mut scan).ok()?;
+    rec.read(&mut scan).ok()?;
+    scan.end().ok()?;
+    (0..rec.names.len())
+        .map(|i| Some((rec.names[i].to_string(), rec.value(Some(i))?.to_owned())))
+        .collect()
+}
+
 fn ws() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => Just(String::new()),
@@ -154,9 +171,19 @@ fn value() -> impl Strategy<Value = String> {
 }
 
 fn object() -> impl Strategy<Value = String> {
+    object_keyed(string())
+}
+
+/// An object whose keys are mostly plain names, as records' are (a record with an escaped key
+/// is never read by comparison).
+fn record() -> impl Strategy<Value = String> {
+    object_keyed(prop_oneof![4 => "\"[a-z_]{1,10}\"", 1 => string()])
+}
+
+fn object_keyed(key: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
     (
         ws(),
-        prop::collection::vec((ws(), string(), ws(), ws(), value(), ws()), 0..8),
+        prop::collection::vec((ws(), key, ws(), ws(), value(), ws()), 0..8),
         ws(),
     )
         .prop_map(|(lead, fields, trail)| {
@@ -258,6 +285,30 @@ proptest! {
         let second = mutate(&first, &mutations);
         prop_assert_eq!(
             scanned_gapped(&first, &second),
+            reference(&second),
+            "{:?} after {:?}",
+            second,
+            first
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The record reader itself, a record after another: a digit more after a number, a
+    /// letter after a literal, a byte changed anywhere in a separator, a key or a value, must
+    /// read (or be refused) as `serde_json` reads the record alone. (Keys are mostly plain
+    /// names, as records' are: a record with an escaped key is never read by comparison.)
+    #[test]
+    fn records_read_after_another_read_as_serde_json_reads_them(
+        first in record(),
+        mutations in prop::collection::vec(mutation(), 0..3),
+    ) {
+        prop_assume!(reference(&first).is_some());
+        let second = mutate(&first, &mutations);
+        prop_assert_eq!(
+            read_after(&first, &second),
             reference(&second),
             "{:?} after {:?}",
             second,
