@@ -18,7 +18,7 @@ type KeyValues = Vec<(String, String)>;
 fn reference(text: &str) -> Option<KeyValues> {
     struct Fields;
     impl<'de> Visitor<'de> for Fields {
-        type Value = Vec<(String, String)>;
+        type Value = KeyValues;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object")
         }
@@ -36,7 +36,7 @@ fn reference(text: &str) -> Option<KeyValues> {
     Some(fields)
 }
 
-fn scanned(text: &str) -> Option<Vec<(String, String)>> {
+fn scanned(text: &str) -> Option<KeyValues> {
     let mut scan = Scan::new(text);
     let mut out = Vec::new();
     scan.begin_object().ok()?;
@@ -50,7 +50,7 @@ fn scanned(text: &str) -> Option<Vec<(String, String)>> {
 
 /// `scanned` for `second`, read right after `first` (both in one text, as a page's records
 /// are) with the keys `first` wrote as the ones expected (`next_key_as`).
-fn scanned_expecting(first: &str, second: &str) -> Option<Vec<(String, String)>> {
+fn scanned_expecting(first: &str, second: &str) -> Option<KeyValues> {
     let text = format!("{first} {second}");
     let mut scan = Scan::new(&text);
     let mut written = Vec::new();
@@ -79,7 +79,7 @@ fn scanned_expecting(first: &str, second: &str) -> Option<Vec<(String, String)>>
 /// `scanned_expecting` for keys taken with their separators (`Scan::gap_written`), as
 /// `RawRecord::read_again` takes them: the second object read by the first one's gaps where
 /// every one of them is there, and in full from its start where not.
-fn scanned_gapped(first: &str, second: &str) -> Option<Vec<(String, String)>> {
+fn scanned_gapped(first: &str, second: &str) -> Option<KeyValues> {
     let text = format!("{first} {second}");
     let mut scan = Scan::new(&text);
     let mut gaps = Vec::new();
@@ -121,7 +121,7 @@ fn scanned_gapped(first: &str, second: &str) -> Option<Vec<(String, String)>> {
 /// one text, as a page's records are): by its keys compared with `first`'s, with their
 /// separators, where they repeat them (`RawRecord::read_again`), in full from its start where
 /// not.
-fn read_after(first: &str, second: &str) -> Option<Vec<(String, String)>> {
+fn read_after(first: &str, second: &str) -> Option<KeyValues> {
     let text = format!("{first} {second}");
     let mut scan = Scan::new(&text);
     let mut rec = RawRecord::new(None);
