@@ -34,12 +34,15 @@ const MAX_DECISIONS: usize = 65_536;
 /// For memos kept between pages (many of them are kept at once).
 pub const MAX_KEPT_DECISIONS: usize = 4_096;
 /// Past this many layouts, or plans for one layout, start again: far above real pages.
-const MAX_PLANS: usize = 64;
+pub(super) const MAX_PLANS: usize = 64;
 
 pub struct Memo {
     decisions: HashMap<Key, Entry, foldhash::fast::RandomState>,
     max_decisions: usize,
-    /// One `Arc` per distinct decision value, so that plans can be found by pointer.
+    /// Each distinct decision value once: entries and plans name a decision by its index
+    /// here, so that plans are found by a comparison of numbers, and a record's decision is
+    /// looked at where it is kept rather than an `Arc` cloned and dropped for it (two atomic
+    /// operations a record). Cleared only with every entry and plan that indexes it.
     distinct: Vec<Arc<RecordDecision>>,
     key: Vec<u8>,
     layouts: Vec<Layout>,
@@ -104,8 +107,9 @@ impl PartialEq for Key {
 impl Eq for Key {}
 
 struct Entry {
-    /// `None`: records with this fingerprint are malformed.
-    decision: Option<Arc<RecordDecision>>,
+    /// The decision's index in `Memo::distinct`; `None`: records with this fingerprint are
+    /// malformed.
+    decision: Option<usize>,
     used: u64,
 }
 
@@ -124,7 +128,8 @@ struct Layout {
 }
 
 struct Plan {
-    decision: Arc<RecordDecision>,
+    /// The decision's index in `Memo::distinct`.
+    decision: usize,
     used: u64,
     /// The fields that leave as runs of consecutive fields, `(first, last)` indexes.
     runs: Vec<(usize, usize)>,
@@ -186,7 +191,12 @@ impl Memo {
         let Some(subject) = attrs::subject(rec, &self.layouts[layout].roles) else {
             return Judged::Malformed;
         };
-        let Some(verdict) = self.decision(layout, rec, cx, &subject, decide, d) else {
+        let Some(decided) = self.decision(layout, rec, cx, &subject, decide, d) else {
+            return Judged::Malformed;
+        };
+        let Some(verdict) = self.distinct.get(decided) else {
+            // An index always names a kept decision (they are cleared together); were it
+            // not so, the record is withheld.
             return Judged::Malformed;
         };
         if !verdict.allowed {
@@ -197,17 +207,14 @@ impl Memo {
         }
         let chunk = self.chunk;
         let l = &mut self.layouts[layout];
-        let found = l
-            .plans
-            .iter()
-            .position(|p| Arc::ptr_eq(&p.decision, &verdict));
+        let found = l.plans.iter().position(|p| p.decision == decided);
         let i = match found {
             Some(i) => i,
             None => {
                 if l.plans.len() >= MAX_PLANS {
                     l.plans.clear();
                 }
-                let plan = l.plan(verdict);
+                let plan = l.plan(decided, verdict);
                 l.plans.push(plan);
                 l.plans.len() - 1
             }
@@ -253,8 +260,8 @@ impl Memo {
         layout
     }
 
-    /// The decision for this record of `subject`, or `None` when its attributes are missing or
-    /// malformed.
+    /// The decision for this record of `subject` (its index in `distinct`), or `None` when its
+    /// attributes are missing or malformed.
     fn decision(
         &mut self,
         layout: usize,
@@ -263,43 +270,58 @@ impl Memo {
         subject: &str,
         decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
         d: &mut Disclosure,
-    ) -> Option<Arc<RecordDecision>> {
+    ) -> Option<usize> {
         let roles = &self.layouts[layout].roles;
         attrs::fingerprint(rec, roles, cx, subject, &mut self.key);
         if let Some(known) = self.decisions.get_mut(self.key.as_slice()) {
             if known.used != self.chunk {
                 known.used = self.chunk;
-                report_ids(known.decision.as_deref(), d);
+                report_ids(
+                    known
+                        .decision
+                        .and_then(|i| self.distinct.get(i))
+                        .map(Arc::as_ref),
+                    d,
+                );
             }
-            return known.decision.clone();
+            return known.decision;
         }
         let read = attrs::read(rec, roles, cx);
         let decision = read.map(|(_, a)| self.same(decide(&a)));
-        report_ids(decision.as_deref(), d);
+        report_ids(
+            decision.and_then(|i| self.distinct.get(i)).map(Arc::as_ref),
+            d,
+        );
         if self.decisions.len() >= self.max_decisions {
             self.decisions.clear();
         }
         let entry = Entry {
-            decision: decision.clone(),
+            decision,
             used: self.chunk,
         };
         self.decisions.insert(Key::new(&self.key), entry);
         decision
     }
 
-    /// The one `Arc` for this decision's value: different attributes often get the same
-    /// decision (a handful per page), and they should share their field plans.
-    fn same(&mut self, decision: Arc<RecordDecision>) -> Arc<RecordDecision> {
-        let known = (self.distinct.iter().find(|d| Arc::ptr_eq(d, &decision)))
-            .or_else(|| self.distinct.iter().find(|d| *d == &decision));
+    /// The index in `distinct` of this decision's value: different attributes often get the
+    /// same decision (a handful per page), and they should share their field plans. Past
+    /// `MAX_PLANS` values the memo starts again, entries and plans with them, so that no index
+    /// outlives what it names.
+    fn same(&mut self, decision: Arc<RecordDecision>) -> usize {
+        let known = (self.distinct.iter().position(|d| Arc::ptr_eq(d, &decision)))
+            .or_else(|| self.distinct.iter().position(|d| *d == decision));
         if let Some(known) = known {
-            return Arc::clone(known);
+            return known;
         }
         if self.distinct.len() >= MAX_PLANS {
             self.distinct.clear();
+            self.decisions.clear();
+            for layout in &mut self.layouts {
+                layout.plans.clear();
+            }
         }
-        self.distinct.push(Arc::clone(&decision));
-        decision
+        self.distinct.push(decision);
+        self.distinct.len() - 1
     }
 }
 
@@ -331,11 +353,11 @@ impl Layout {
         }
     }
 
-    fn plan(&self, decision: Arc<RecordDecision>) -> Plan {
+    fn plan(&self, decision: usize, verdict: &RecordDecision) -> Plan {
         let kept = (self.categories.iter().enumerate()).filter(|(_, category)| {
             category
                 .as_ref()
-                .is_some_and(|c| decision.categories.contains(c))
+                .is_some_and(|c| verdict.categories.contains(c))
         });
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, _) in kept {

@@ -1101,3 +1101,76 @@ fn names_differing_anywhere_are_told_apart() {
         assert!(!same_bytes(&a, &longer), "{len} against one longer");
     }
 }
+
+/// The memo keeps each distinct decision once and names it by its place; past its bound it
+/// starts again, and a record must then never be judged by a decision or a plan made for
+/// another. A page with many more distinct decisions than the bound, through a fresh and a
+/// kept memo, in several orders, must leave and report exactly what its records do alone.
+#[test]
+fn more_distinct_decisions_than_the_memo_keeps_filter_as_each_does_alone() {
+    let ds = dataset();
+    // One decision per district: its own policy id, and one of three outcomes.
+    let decide = |a: &RecordAttrs| {
+        let n: usize = a.area.trim_start_matches("E08000035/D").parse().unwrap();
+        Arc::new(RecordDecision {
+            allowed: !n.is_multiple_of(3),
+            categories: match n % 2 {
+                0 => vec!["identifier".to_owned()],
+                _ => vec!["identifier".to_owned(), "identity".to_owned()],
+            }
+            .into_iter()
+            .collect(),
+            policy_ids: vec![format!("district-{n}")],
+        })
+    };
+    let n = 3 * super::memo::MAX_PLANS + 7;
+    let records: Vec<String> = (0..n)
+        .map(|i| record(&format!("VF-{i}"), &format!("D{i}"), ""))
+        .collect();
+    let alone: Vec<(Option<String>, Disclosure)> = (records.iter())
+        .map(|r| {
+            let body = format!(r#"{{"record":{r}}}"#);
+            let (out, d) = filter_single(body.as_bytes(), Envelope::Records, &cx(&ds), &mut {
+                decide
+            })
+            .unwrap();
+            (
+                out.map(|o| String::from_utf8(o[10..o.len() - 1].to_vec()).unwrap()),
+                d,
+            )
+        })
+        .collect();
+    assert_eq!(alone.iter().filter(|(o, _)| o.is_some()).count(), 2 * n / 3);
+    let orders: [Vec<usize>; 3] = [
+        (0..n).collect(),
+        (0..n).rev().collect(),
+        (0..2 * n).map(|i| (i * 7) % n).collect(),
+    ];
+    let envelope = |items: Vec<&str>| format!(r#"{{"records":[{}]}}"#, items.join(","));
+    let mut kept = Memo::default();
+    for order in &orders {
+        let body = envelope(order.iter().map(|&i| records[i].as_str()).collect());
+        let want = envelope(
+            order
+                .iter()
+                .filter_map(|&i| alone[i].0.as_deref())
+                .collect(),
+        );
+        let fields: BTreeSet<String> = (order.iter())
+            .flat_map(|&i| alone[i].1.fields.iter().cloned())
+            .collect();
+        let ids: BTreeSet<String> = (order.iter())
+            .flat_map(|&i| alone[i].1.policy_ids.iter().cloned())
+            .collect();
+        for memo in [&mut Memo::default(), &mut kept] {
+            let (out, d) = page_through(&body, &cx(&ds), &mut { decide }, memo);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "order {order:?}");
+            assert_eq!(d.fields, fields);
+            assert_eq!(d.policy_ids, ids);
+            assert_eq!(
+                d.rows_withheld,
+                order.iter().filter(|&&i| i.is_multiple_of(3)).count() as u64
+            );
+        }
+    }
+}
