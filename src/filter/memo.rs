@@ -276,22 +276,13 @@ impl Memo {
         if let Some(known) = self.decisions.get_mut(self.key.as_slice()) {
             if known.used != self.chunk {
                 known.used = self.chunk;
-                report_ids(
-                    known
-                        .decision
-                        .and_then(|i| self.distinct.get(i))
-                        .map(Arc::as_ref),
-                    d,
-                );
+                report_ids(&self.distinct, known.decision, d);
             }
             return known.decision;
         }
         let read = attrs::read(rec, roles, cx);
         let decision = read.map(|(_, a)| self.same(decide(&a)));
-        report_ids(
-            decision.and_then(|i| self.distinct.get(i)).map(Arc::as_ref),
-            d,
-        );
+        report_ids(&self.distinct, decision, d);
         if self.decisions.len() >= self.max_decisions {
             self.decisions.clear();
         }
@@ -325,7 +316,9 @@ impl Memo {
     }
 }
 
-fn report_ids(decision: Option<&RecordDecision>, d: &mut Disclosure) {
+/// Adds the policy ids of the decision at `decision` in `distinct` (if any) to the disclosure.
+fn report_ids(distinct: &[Arc<RecordDecision>], decision: Option<usize>, d: &mut Disclosure) {
+    let decision = decision.and_then(|i| distinct.get(i));
     for id in decision.map_or(&[][..], |v| &v.policy_ids) {
         if !d.policy_ids.contains(id) {
             d.policy_ids.insert(id.clone());
