@@ -19,6 +19,8 @@
 //! still report is reported per *chunk* (a page, or an export's audited chunk): the first time
 //! a chunk uses a decision its policy ids join the disclosure, and the first time it uses a
 //! plan its field names do, so each audit record names exactly what its own records carried.
+//! Both are marked on the decision and the plan, not on the fingerprint: a page has dozens of
+//! fingerprints and a handful of decisions.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -37,19 +39,23 @@ pub const MAX_KEPT_DECISIONS: usize = 4_096;
 pub(super) const MAX_PLANS: usize = 64;
 
 pub struct Memo {
-    decisions: HashMap<Key, Entry, foldhash::fast::RandomState>,
+    /// Per fingerprint, the decision's index in `distinct`; `None`: records with this
+    /// fingerprint are malformed.
+    decisions: HashMap<Key, Option<usize>, foldhash::fast::RandomState>,
     max_decisions: usize,
     /// Each distinct decision value once: entries and plans name a decision by its index
     /// here, so that plans are found by a comparison of numbers, and a record's decision is
     /// looked at where it is kept rather than an `Arc` cloned and dropped for it (two atomic
     /// operations a record). Cleared only with every entry and plan that indexes it.
     distinct: Vec<Arc<RecordDecision>>,
+    /// Per decision in `distinct`, the last chunk that reported its policy ids.
+    reported: Vec<u64>,
     key: Vec<u8>,
     layouts: Vec<Layout>,
     /// The layout of the last record placed, and which record that was (its list, and its
     /// number in the list).
     last: Option<(usize, u64, u64)>,
-    /// The current chunk's number; entries and plans note the last chunk that used them.
+    /// The current chunk's number; decisions and plans note the last chunk that reported them.
     chunk: u64,
 }
 
@@ -106,13 +112,6 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
-struct Entry {
-    /// The decision's index in `Memo::distinct`; `None`: records with this fingerprint are
-    /// malformed.
-    decision: Option<usize>,
-    used: u64,
-}
-
 /// What the memo knows of one layout.
 struct Layout {
     names: Vec<String>,
@@ -165,10 +164,11 @@ impl Memo {
             decisions: HashMap::default(),
             max_decisions,
             distinct: Vec::new(),
+            reported: Vec::new(),
             key: Vec::new(),
             layouts: Vec::new(),
             last: None,
-            // Above every `used` a new entry or plan starts with.
+            // Above every chunk a new decision or plan is marked as last reported in.
             chunk: 1,
         }
     }
@@ -273,25 +273,40 @@ impl Memo {
     ) -> Option<usize> {
         let roles = &self.layouts[layout].roles;
         attrs::fingerprint(rec, roles, cx, subject, &mut self.key);
-        if let Some(known) = self.decisions.get_mut(self.key.as_slice()) {
-            if known.used != self.chunk {
-                known.used = self.chunk;
-                report_ids(&self.distinct, known.decision, d);
+        let decision = match self.decisions.get(self.key.as_slice()) {
+            Some(&known) => known,
+            None => {
+                let read = attrs::read(rec, roles, cx);
+                let decision = read.map(|(_, a)| self.same(decide(&a)));
+                if self.decisions.len() >= self.max_decisions {
+                    self.decisions.clear();
+                }
+                self.decisions.insert(Key::new(&self.key), decision);
+                decision
             }
-            return known.decision;
-        }
-        let read = attrs::read(rec, roles, cx);
-        let decision = read.map(|(_, a)| self.same(decide(&a)));
-        report_ids(&self.distinct, decision, d);
-        if self.decisions.len() >= self.max_decisions {
-            self.decisions.clear();
-        }
-        let entry = Entry {
-            decision,
-            used: self.chunk,
         };
-        self.decisions.insert(Key::new(&self.key), entry);
+        if let Some(i) = decision {
+            self.report(i, d);
+        }
         decision
+    }
+
+    /// Adds the policy ids of the decision at `i` in `distinct` to the disclosure, unless
+    /// this chunk has already.
+    fn report(&mut self, i: usize, d: &mut Disclosure) {
+        let (Some(decision), Some(reported)) = (self.distinct.get(i), self.reported.get_mut(i))
+        else {
+            return;
+        };
+        if *reported == self.chunk {
+            return;
+        }
+        *reported = self.chunk;
+        for id in &decision.policy_ids {
+            if !d.policy_ids.contains(id) {
+                d.policy_ids.insert(id.clone());
+            }
+        }
     }
 
     /// The index in `distinct` of this decision's value: different attributes often get the
@@ -306,23 +321,16 @@ impl Memo {
         }
         if self.distinct.len() >= MAX_PLANS {
             self.distinct.clear();
+            self.reported.clear();
             self.decisions.clear();
             for layout in &mut self.layouts {
                 layout.plans.clear();
             }
         }
         self.distinct.push(decision);
+        // Never reported: every chunk is above 0.
+        self.reported.push(0);
         self.distinct.len() - 1
-    }
-}
-
-/// Adds the policy ids of the decision at `decision` in `distinct` (if any) to the disclosure.
-fn report_ids(distinct: &[Arc<RecordDecision>], decision: Option<usize>, d: &mut Disclosure) {
-    let decision = decision.and_then(|i| distinct.get(i));
-    for id in decision.map_or(&[][..], |v| &v.policy_ids) {
-        if !d.policy_ids.contains(id) {
-            d.policy_ids.insert(id.clone());
-        }
     }
 }
 
