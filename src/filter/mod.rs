@@ -377,6 +377,10 @@ fn duplicate(what: &str) -> FilterError {
     FilterError::Malformed(format!("`{what}` twice in the body"))
 }
 
+/// At most this many subject ids are made room for ahead of a page's records (past it, the
+/// list grows as it fills).
+const MAX_IDS_RESERVED: usize = 4_096;
+
 /// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`.
 /// `memo` may come from earlier pages for the same caller, purpose and dataset (see `Memo`).
 /// Records are filtered as the page is scanned, each read into one reused field list; nothing
@@ -410,6 +414,7 @@ pub fn filter_page(
             let (mut n, mut first, mut none_out) = (0, true, true);
             scan.begin_array()?;
             while scan.next_element(&mut first)? {
+                let at = scan.pos();
                 rec.read(&mut scan)?;
                 n += 1;
                 let start = out.len();
@@ -417,6 +422,13 @@ pub fn filter_page(
                     out.push(b',');
                 }
                 if write_record(&rec, cx, decide, memo, &mut out, &mut d) {
+                    if none_out {
+                        // Room for the ids of as many records again as the rest of the
+                        // body would hold were they all this one's size.
+                        let each = (scan.pos() - at).max(1);
+                        let rest = (body.len() - scan.pos()) / each;
+                        d.subjects.reserve_like_last(rest.min(MAX_IDS_RESERVED));
+                    }
                     none_out = false;
                 } else {
                     out.truncate(start);
