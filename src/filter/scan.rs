@@ -474,7 +474,7 @@ impl<'a> Scan<'a> {
     /// Takes a `null` if one comes next.
     pub fn null(&mut self) -> Result<bool> {
         self.ws();
-        let null = self.bytes()[self.pos..].starts_with(b"null");
+        let null = prefix(&self.bytes()[self.pos..], b"null");
         if null {
             self.pos += 4;
         }
@@ -503,8 +503,10 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// `true`, `false` or `null` (compared as whole words, `prefix`: a call into `memcmp`
+    /// for four bytes cost more than the comparison).
     fn literal(&mut self, word: &[u8]) -> Result<()> {
-        if !self.bytes()[self.pos..].starts_with(word) {
+        if !prefix(&self.bytes()[self.pos..], word) {
             return self.fail("expected a value");
         }
         self.pos += word.len();
