@@ -423,7 +423,7 @@ pub fn filter_page(
                 }
                 if write_record(&rec, cx, decide, memo, &mut out, &mut d) {
                     if none_out {
-                        // Room for the ids of as many records again as the rest of the
+                        // Room for the ids of as many more records as the rest of the
                         // body would hold were they all this one's size.
                         let each = (scan.pos() - at).max(1);
                         let rest = (body.len() - scan.pos()) / each;
