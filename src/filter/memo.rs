@@ -47,9 +47,7 @@ pub struct Memo {
     /// here, so that plans are found by a comparison of numbers, and a record's decision is
     /// looked at where it is kept rather than an `Arc` cloned and dropped for it (two atomic
     /// operations a record). Cleared only with every entry and plan that indexes it.
-    distinct: Vec<Arc<RecordDecision>>,
-    /// Per decision in `distinct`, the last chunk that reported its policy ids.
-    reported: Vec<u64>,
+    distinct: Vec<Distinct>,
     key: Vec<u8>,
     layouts: Vec<Layout>,
     /// The layout of the last record placed, and which record that was (its list, and its
@@ -112,6 +110,12 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
+/// One distinct decision value, and the last chunk that reported its policy ids.
+struct Distinct {
+    decision: Arc<RecordDecision>,
+    reported: u64,
+}
+
 /// What the memo knows of one layout.
 struct Layout {
     names: Vec<String>,
@@ -164,7 +168,6 @@ impl Memo {
             decisions: HashMap::default(),
             max_decisions,
             distinct: Vec::new(),
-            reported: Vec::new(),
             key: Vec::new(),
             layouts: Vec::new(),
             last: None,
@@ -194,7 +197,7 @@ impl Memo {
         let Some(decided) = self.decision(layout, rec, cx, &subject, decide, d) else {
             return Judged::Malformed;
         };
-        let Some(verdict) = self.distinct.get(decided) else {
+        let Some(verdict) = self.distinct.get(decided).map(|k| &k.decision) else {
             // An index always names a kept decision (they are cleared together); were it
             // not so, the record is withheld.
             return Judged::Malformed;
@@ -294,15 +297,14 @@ impl Memo {
     /// Adds the policy ids of the decision at `i` in `distinct` to the disclosure, unless
     /// this chunk has already.
     fn report(&mut self, i: usize, d: &mut Disclosure) {
-        let (Some(decision), Some(reported)) = (self.distinct.get(i), self.reported.get_mut(i))
-        else {
+        let Some(kept) = self.distinct.get_mut(i) else {
             return;
         };
-        if *reported == self.chunk {
+        if kept.reported == self.chunk {
             return;
         }
-        *reported = self.chunk;
-        for id in &decision.policy_ids {
+        kept.reported = self.chunk;
+        for id in &kept.decision.policy_ids {
             if !d.policy_ids.contains(id) {
                 d.policy_ids.insert(id.clone());
             }
@@ -314,22 +316,24 @@ impl Memo {
     /// `MAX_PLANS` values the memo starts again, entries and plans with them, so that no index
     /// outlives what it names.
     fn same(&mut self, decision: Arc<RecordDecision>) -> usize {
-        let known = (self.distinct.iter().position(|d| Arc::ptr_eq(d, &decision)))
-            .or_else(|| self.distinct.iter().position(|d| *d == decision));
+        let known = (self.distinct.iter())
+            .position(|k| Arc::ptr_eq(&k.decision, &decision))
+            .or_else(|| self.distinct.iter().position(|k| k.decision == decision));
         if let Some(known) = known {
             return known;
         }
         if self.distinct.len() >= MAX_PLANS {
             self.distinct.clear();
-            self.reported.clear();
             self.decisions.clear();
             for layout in &mut self.layouts {
                 layout.plans.clear();
             }
         }
-        self.distinct.push(decision);
-        // Never reported: every chunk is above 0.
-        self.reported.push(0);
+        self.distinct.push(Distinct {
+            decision,
+            // Never reported: every chunk is above 0.
+            reported: 0,
+        });
         self.distinct.len() - 1
     }
 }
