@@ -33,7 +33,7 @@ pub struct Principal {
     pub areas: Vec<String>,
     pub purposes: Vec<String>,
     pub expires_at: i64,
-    /// When the token was issued (`iat`, else `nbf`): revoking a subject revokes older tokens.
+    /// When the token was issued (`iat`): revoking a subject revokes the tokens issued before.
     pub issued_at: i64,
     /// When the role or grant behind the token ends, if the issuer says so.
     pub grant_expires_at: Option<i64>,
@@ -48,8 +48,9 @@ pub struct Claims {
     pub jti: String,
     pub exp: i64,
     pub nbf: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<i64>,
+    /// Required: revoking a subject revokes the tokens issued before it, which a token
+    /// without an issue time (or with one in the future) would slip past.
+    pub iat: i64,
     pub role: String,
     pub org_unit: String,
     pub areas: Vec<String>,
@@ -230,6 +231,14 @@ impl Verifier {
         self.verify(token, now)
     }
 
+    /// Whether a verified caller's token or grant has ended by `now`, as verification would
+    /// judge it (`exp` with the configured leeway, `grant_expires` without): a long answer
+    /// (an export) asks again before each part it releases.
+    pub fn ended(&self, p: &Principal, now: i64) -> bool {
+        p.expires_at.saturating_add(self.leeway_secs as i64) < now
+            || p.grant_expires_at.is_some_and(|g| g <= now)
+    }
+
     /// Verifies a compact JWT.
     pub fn verify(&self, token: &str, now: i64) -> Result<Arc<Principal>, AuthFailure> {
         if let Some(p) = self.cache.get(token, now) {
@@ -256,7 +265,7 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         validation.set_issuer(&self.issuers);
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
@@ -278,6 +287,10 @@ impl Verifier {
         if c.grant_expires.is_some_and(|g| g <= now) {
             return Err(AuthFailure::Expired);
         }
+        // Issued in the future: a revocation of the subject placed now would not cover it.
+        if c.iat > now.saturating_add(self.leeway_secs as i64) {
+            return Err(AuthFailure::InvalidClaims);
+        }
         Ok(Principal {
             subject: c.sub,
             token_id: c.jti,
@@ -286,7 +299,7 @@ impl Verifier {
             areas: c.areas,
             purposes: c.purposes,
             expires_at: c.exp,
-            issued_at: c.iat.unwrap_or(c.nbf),
+            issued_at: c.iat,
             grant_expires_at: c.grant_expires,
         })
     }

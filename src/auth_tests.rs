@@ -36,7 +36,7 @@ fn claims_naming_unknown_things_are_refused() {
         jti: "j".into(),
         exp: 10,
         nbf: 0,
-        iat: None,
+        iat: 0,
         role: role.into(),
         org_unit: "u".into(),
         areas: vec![area.into()],
@@ -62,6 +62,10 @@ fn claims_naming_unknown_things_are_refused() {
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.grant_expires = Some(4);
     assert_eq!(v.principal(c, 5), Err(AuthFailure::Expired));
+    // Issued after `now`: a revocation of the subject placed now would not reach it.
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.iat = 6;
+    assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
     assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
@@ -108,7 +112,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
             jti: "j".into(),
             exp: now + 60,
             nbf: now - 1,
-            iat: None,
+            iat: now,
             role: "canvasser".into(),
             org_unit: "u".into(),
             areas: vec!["E05011391".into()],

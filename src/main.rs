@@ -233,7 +233,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 jti: format!("{:032x}", rand::random::<u128>()),
                 exp: now + ttl,
                 nbf: now,
-                iat: Some(now),
+                iat: now,
                 role,
                 org_unit: unit,
                 areas,

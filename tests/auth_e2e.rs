@@ -156,6 +156,26 @@ async fn every_token_failure_is_refused_and_audited() {
     )
     .await;
 
+    // Without an issue time, or with one in the future, revoking the subject could not
+    // reach the token: refused.
+    let mut c = claims.clone();
+    c.as_object_mut().unwrap().remove("iat");
+    expect_401(
+        &app,
+        app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
+        "token_claims_invalid",
+    )
+    .await;
+
+    let mut c = claims.clone();
+    c["iat"] = json!(common::now() + 3600);
+    expect_401(
+        &app,
+        app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
+        "token_claims_invalid",
+    )
+    .await;
+
     let unknown_kid = app.sign_raw(&claims, "no-such-key");
     expect_401(
         &app,
