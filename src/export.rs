@@ -11,11 +11,17 @@
 //! waiting for its record to be durable, two waiting for the client, and one partial line,
 //! whatever the size of the export.
 //!
+//! Before each chunk's record is written, and again before the chunk goes, the caller must
+//! still stand (`gateway::standing`): a revocation (containment's included), the token or its
+//! grant ending, or the shared-state mirror going stale stops the export at the next chunk.
+//! A chunk whose record was already written when that is seen does not go; the closing
+//! record counts the chunks that went, so the log never says less than was disclosed.
+//!
 //! Once the headers have gone a failure cannot become a problem document, so it ends the
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
 //! as an error) after an audit record of why: a line that is not a record, the upstream
-//! failing, the audit log failing, or the caller's quota running out. Nothing after the
-//! failure is disclosed.
+//! failing, the audit log failing, the caller no longer standing, or the caller's quota
+//! running out. Nothing after the failure is disclosed.
 
 use std::sync::Arc;
 
@@ -81,10 +87,12 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             chunks: 0,
             records: 0,
         };
+        let principal = Arc::clone(&plan.principal);
         let outcome = run.stream(plan).await;
         // The chunk queued last still goes once its record is durable, whatever ended the
-        // stream after it: it came before the failure, as it would have without the overlap.
-        let handed_on = run.hand_on().await;
+        // stream after it (it came before the failure, as it would have without the
+        // overlap), unless the caller no longer stands.
+        let handed_on = run.hand_on(&principal).await;
         run.finish(outcome.and(handed_on)).await;
     });
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -189,6 +197,7 @@ impl Run<'_> {
         if out.is_empty() && d.rows_withheld == 0 {
             return Ok(());
         }
+        self.still_standing(principal)?;
         self.gw
             .controls
             .check_quota(principal)
@@ -218,7 +227,7 @@ impl Run<'_> {
             out,
             Vec::with_capacity(CHUNK_BYTES + MAX_LINE),
         ));
-        self.hand_on().await?;
+        self.hand_on(principal).await?;
         self.waiting = Some(Waiting {
             ack,
             chunk,
@@ -227,9 +236,17 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Hands the waiting chunk on to the client once its audit record is durable; if that
-    /// record could not be written, the chunk never goes.
-    async fn hand_on(&mut self) -> Result<(), String> {
+    /// Whether the caller may still be answered (`gateway::standing`): asked before each
+    /// chunk's record is written and again before the chunk goes, so that a revocation, the
+    /// token's end or a stale mirror stops the export at the next chunk.
+    fn still_standing(&self, principal: &Principal) -> Result<(), String> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())
+    }
+
+    /// Hands the waiting chunk on to the client once its audit record is durable, if the
+    /// caller still stands; if that record could not be written, the chunk never goes.
+    async fn hand_on(&mut self, principal: &Principal) -> Result<(), String> {
         let Some(w) = self.waiting.take() else {
             return Ok(());
         };
@@ -237,6 +254,7 @@ impl Run<'_> {
             .durable()
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
+        self.still_standing(principal)?;
         self.chunks += 1;
         self.records += w.records;
         if w.chunk.is_empty() {

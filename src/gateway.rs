@@ -389,13 +389,25 @@ pub fn authenticate(
         )
         .map_err(GatewayError::Unauthenticated)?;
     trail.caller = Some(Arc::clone(&principal));
-    gw.controls.check_fresh()?;
-    if gw.controls.is_revoked(&principal) {
-        return Err(GatewayError::Unauthenticated(
-            crate::error::AuthFailure::Revoked,
-        ));
-    }
+    standing(gw, &principal, now)?;
     Ok(principal)
+}
+
+/// Whether a verified caller may still be answered at `now`: the mirror holding revocations
+/// is within its staleness bound, the token is not revoked, and neither it nor its grant has
+/// ended. Asked on every request, and again before each part of an export leaves, so that a
+/// revocation (containment's included), a token's end or a stale mirror stops an export
+/// already under way.
+pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {
+    use crate::error::AuthFailure;
+    gw.controls.check_fresh()?;
+    if gw.controls.is_revoked(principal) {
+        return Err(GatewayError::Unauthenticated(AuthFailure::Revoked));
+    }
+    if gw.verifier.ended(principal, now) {
+        return Err(GatewayError::Unauthenticated(AuthFailure::Expired));
+    }
+    Ok(())
 }
 
 /// Why policy withheld a record the caller named by id, most serious first. Only breach

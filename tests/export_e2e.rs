@@ -12,6 +12,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{AppOptions, TestApp, Tmpfs, fill, read_audit, spawn_app_with};
+use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -336,4 +337,133 @@ async fn an_audit_log_that_fills_mid_export_cuts_it_after_the_last_durable_chunk
         .map(|s| s.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(audited, ids(&received));
+}
+
+/// A datastore whose export sends `first`, then waits for `go` before sending `rest`.
+async fn paused_datastore(
+    first: String,
+    rest: String,
+    go: std::sync::Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |_req| {
+            let parts = [(first.clone(), None), (rest.clone(), Some(go.clone()))];
+            let frames = futures_util::stream::iter(parts).then(|(text, wait)| async move {
+                if let Some(go) = wait {
+                    go.notified().await;
+                }
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(text)))
+            });
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/x-ndjson")
+                        .body(http_body_util::StreamBody::new(frames))
+                        .unwrap(),
+                )
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    addr
+}
+
+/// Containment must reach an export already under way: once the caller is revoked, not one
+/// more chunk leaves, not even the one whose record was written before the revocation was
+/// seen, and the log says how the export ended and how much had gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
+    // Real lines of 10,000 electors: three or four chunks of the analyst's output.
+    let (real, _stop) = common::start_datastore(10_000).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("http://{real}/electors/export");
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let all = resp.into_body().collect().await.unwrap().to_bytes();
+    let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
+    assert_eq!(lines.len(), 10_000);
+    // Enough for two chunks before the pause: the first goes once the second is queued.
+    let cut = lines.len() * 3 / 4;
+    let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let upstream = paused_datastore(join(&lines[..cut]), join(&lines[cut..]), go.clone()).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+
+    let analyst = app.token("analyst");
+    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
+        .header("authorization", format!("Bearer {analyst}"))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut received = Vec::new();
+    while !received.ends_with(b"\n") || received.is_empty() {
+        let frame = body.frame().await.unwrap().unwrap();
+        received.extend_from_slice(frame.data_ref().unwrap());
+    }
+    let revoked = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    go.notify_one();
+    let cut_short = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(
+        cut_short,
+        "a revoked caller's export must not end as complete"
+    );
+    let received: Vec<Value> = std::str::from_utf8(&received)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let records: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    let chunks: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["detail"]["export_chunk"].is_u64())
+        .collect();
+    assert!(chunks.len() >= 2, "{} chunk records", chunks.len());
+    // Only the first chunk went: the second's record was written before the revocation,
+    // and it still did not go.
+    let first: Vec<String> = chunks[0]["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids(&received), first);
+    let last = records.last().unwrap();
+    assert_eq!(last["reason"], "export_aborted", "{last}");
+    assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
+    assert_eq!(last["detail"]["before"]["chunks"], 1, "{last}");
+    assert_eq!(
+        last["detail"]["before"]["records"],
+        received.len() as u64,
+        "{last}"
+    );
 }
