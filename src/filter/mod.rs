@@ -377,11 +377,27 @@ fn duplicate(what: &str) -> FilterError {
     FilterError::Malformed(format!("`{what}` twice in the body"))
 }
 
+/// A paging value as the datastore API gives it: a whole number, or `null` for the last
+/// page's `next_page`. It is passed on as it came, so anything else (an object, or a string
+/// cursor that could spell out a record's values) would leave unfiltered: the page is refused.
+fn paging_value<'a>(name: &str, v: &'a str) -> Result<&'a str, FilterError> {
+    let whole = (1..=10).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit());
+    if whole || (name == "next_page" && v == "null") {
+        Ok(v)
+    } else {
+        Err(FilterError::Malformed(format!(
+            "`{name}` is not a whole number{}",
+            if name == "next_page" { " or null" } else { "" }
+        )))
+    }
+}
+
 /// At most this many subject ids are made room for ahead of a page's records (past it, the
 /// list grows as it fills).
 const MAX_IDS_RESERVED: usize = 4_096;
 
-/// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`.
+/// Filters a page; the answer is always `{"records": [...], "page", "per_page", "next_page"}`,
+/// the paging values whole numbers (`next_page` may be `null`) or the page is refused.
 /// `memo` may come from earlier pages for the same caller, purpose and dataset (see `Memo`).
 /// Records are filtered as the page is scanned, each read into one reused field list; nothing
 /// is returned unless the whole body is valid JSON.
@@ -439,7 +455,7 @@ pub fn filter_page(
             if paging[i].is_some() {
                 return Err(duplicate(paging_keys[i]));
             }
-            paging[i] = Some(scan.value()?);
+            paging[i] = Some(paging_value(paging_keys[i], scan.value()?)?);
         } else {
             scan.value()?;
         }

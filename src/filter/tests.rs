@@ -178,6 +178,16 @@ fn malformed_bodies_are_errors_not_pass_through() {
         b"{\"records\":[{\"a\":1}]",
         b"{\"records\":[],\"other\":[1,}",
         b"{\"records\":[{\"a\":\"\xff\"}]}",
+        // Paging values pass on as they come, so only whole numbers (and a last page's
+        // `null`) may: a cursor could spell out a withheld record's values.
+        b"{\"records\":[],\"next_page\":{\"after\":\"Lee\",\"id\":\"VF-9\"}}",
+        b"{\"records\":[],\"next_page\":\"Lee|VF-9\"}",
+        b"{\"records\":[],\"next_page\":[2]}",
+        b"{\"records\":[],\"next_page\":1.5}",
+        b"{\"records\":[],\"page\":-1}",
+        b"{\"records\":[],\"page\":null}",
+        b"{\"records\":[],\"per_page\":\"50\"}",
+        b"{\"records\":[],\"per_page\":1e3}",
     ] {
         assert!(
             page(body, Envelope::Records, &cx(&ds), &mut decide).is_err(),
