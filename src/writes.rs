@@ -58,15 +58,13 @@ pub(crate) async fn check_write(
             "the body names no field to write".to_owned(),
         ));
     }
-    let (target, _) = fetch_one(upstream, dataset, id, request_id).await?;
-    let single: serde_json::Value = serde_json::from_slice(&target)
-        .map_err(|e| malformed(filter::FilterError::Malformed(e.to_string())))?;
-    // (Read into a `Value` first, a field named twice keeps its last value, as a reader would.)
-    let raw = serde_json::to_string(&single["record"])
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let rec = filter::RawRecord::parse(&raw).map_err(malformed)?;
-    // A target we cannot classify, or may not write to, is indistinguishable from a missing one.
-    let (_, attrs) = filter::record_attrs(&rec, cx).ok_or(GatewayError::NotFound)?;
+    let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+    // Read as a read of the record would be (the filter's scanner: a field named twice, or a
+    // record that cannot be classified, is one the caller may not see). A target we cannot
+    // classify, or may not write to, is indistinguishable from a missing one.
+    let attrs = filter::single_attrs(&target, envelope, cx)
+        .map_err(malformed)?
+        .ok_or(GatewayError::NotFound)?;
     if !gw
         .policy
         .decide_record(ask, &route.dataset, &attrs, true)

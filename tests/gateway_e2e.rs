@@ -467,6 +467,60 @@ async fn fake_upstream(
     addr
 }
 
+/// A write's target is read as a read of it would be: a datastore record that names
+/// `markers` twice (anonymous first, then not) is one the filter withholds, so no write may
+/// reach it (a reader keeping the first value would see canvass returns on an anonymous
+/// elector). It answers as a missing record.
+#[tokio::test]
+async fn a_write_target_naming_a_field_twice_is_not_found() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let mine = truth
+        .iter()
+        .find(|r| {
+            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
+        })
+        .unwrap()
+        .clone();
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let text = serde_json::to_string(&mine).unwrap();
+    let twice = text.replacen(r#""markers":[]"#, r#""markers":["N"],"markers":[]"#, 1);
+    assert_ne!(twice, text);
+    let body: &'static str = Box::leak(format!(r#"{{"record":{twice}}}"#).into_boxed_str());
+    let upstream = fake_upstream(200, "application/json", body, false).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    let t = app.token("canvasser");
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            r#"{"voting_intention":"LAB"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    // The same record named once is a target like any other.
+    let once: &'static str = Box::leak(format!(r#"{{"record":{text}}}"#).into_boxed_str());
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(fake_upstream(200, "application/json", once, false).await),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &app.token("canvasser"),
+            "canvassing",
+            r#"{"voting_intention":"LAB"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
 async fn through(
     upstream: SocketAddr,
     tweak: Option<fn(&mut wardgate::config::Config)>,

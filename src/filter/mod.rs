@@ -497,12 +497,48 @@ pub fn filter_single(
     cx: &FilterContext,
     decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
 ) -> Result<(Option<Vec<u8>>, Disclosure), FilterError> {
+    let mut d = Disclosure::default();
+    let Some(record) = read_single(body, envelope, cx)? else {
+        return Ok((None, d));
+    };
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(b"{\"record\":");
+    if !write_record(&record, cx, decide, &mut Memo::default(), &mut out, &mut d) {
+        return Ok((None, d));
+    }
+    out.push(b'}');
+    Ok((Some(out), d))
+}
+
+/// The policy attributes of the one record a body names, read as `filter_single` reads it:
+/// `None` when there is none, or when it cannot be classified or names a field twice (a
+/// record the filter would withhold is not one a write may target either).
+pub fn single_attrs(
+    body: &[u8],
+    envelope: Envelope,
+    cx: &FilterContext,
+) -> Result<Option<RecordAttrs>, FilterError> {
+    let Some(record) = read_single(body, envelope, cx)? else {
+        return Ok(None);
+    };
+    if record.has_duplicate_names() {
+        return Ok(None);
+    }
+    Ok(attrs::record_attrs(&record, cx).map(|(_, a)| a))
+}
+
+/// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at
+/// most one); `None` when the datastore says there is none.
+fn read_single<'a>(
+    body: &'a [u8],
+    envelope: Envelope,
+    cx: &FilterContext<'a>,
+) -> Result<Option<RawRecord<'a>>, FilterError> {
     let wanted = match envelope {
         Envelope::Records => "record",
         Envelope::Rows { .. } => "rows",
     };
     let mut scan = Scan::new(utf8(body)?);
-    let mut d = Disclosure::default();
     let mut record = RawRecord::new(Some(cx.dataset));
     // `None`: the key is absent; `Some(false)`: present, but no record (`null`, no rows).
     let mut found = None;
@@ -540,17 +576,9 @@ pub fn filter_single(
     }
     scan.end()?;
     match found {
-        None => return Err(malformed(&format!("`{wanted}`"))),
-        Some(false) => return Ok((None, d)),
-        Some(true) => {}
+        None => Err(malformed(&format!("`{wanted}`"))),
+        Some(found) => Ok(found.then_some(record)),
     }
-    let mut out = Vec::with_capacity(body.len());
-    out.extend_from_slice(b"{\"record\":");
-    if !write_record(&record, cx, decide, &mut Memo::default(), &mut out, &mut d) {
-        return Ok((None, d));
-    }
-    out.push(b'}');
-    Ok((Some(out), d))
 }
 
 /// Filters the NDJSON lines of an export's `text` (whole lines; the last may lack its newline;

@@ -1184,3 +1184,49 @@ fn more_distinct_decisions_than_the_memo_keeps_filter_as_each_does_alone() {
         }
     }
 }
+
+#[test]
+fn a_single_records_attributes_are_read_as_the_filter_reads_it() {
+    let ds = dataset();
+    let one = record("VF-1", "CGW1", "");
+    let attrs = single_attrs(
+        format!(r#"{{"record":{one}}}"#).as_bytes(),
+        Envelope::Records,
+        &cx(&ds),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(attrs.area, "E08000035/CGW1");
+    assert!(attrs.markers.is_empty());
+    // Named twice, anonymous first: withheld by the filter, so no attributes to write by.
+    let twice = one.replace(r#""markers":[]"#, r#""markers":["N"],"markers":[]"#);
+    assert_ne!(twice, one);
+    for body in [
+        format!(r#"{{"record":{twice}}}"#),
+        r#"{"rows":[]}"#.to_owned(),
+    ] {
+        let envelope = if body.starts_with(r#"{"rows""#) {
+            Envelope::Rows {
+                page: 1,
+                per_page: 1,
+            }
+        } else {
+            Envelope::Records
+        };
+        assert_eq!(
+            single_attrs(body.as_bytes(), envelope, &cx(&ds)).unwrap(),
+            None,
+            "{body}"
+        );
+    }
+    for bad in [
+        r#"{"record":null}"#,
+        r#"{"other":1}"#,
+        r#"{"record":{},"record":{}}"#,
+    ] {
+        assert!(
+            single_attrs(bad.as_bytes(), Envelope::Records, &cx(&ds)).is_err(),
+            "{bad}"
+        );
+    }
+}
