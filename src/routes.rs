@@ -86,13 +86,17 @@ pub fn resolve(
         .ok_or(GatewayError::RouteNotFound)?;
     let kind = match rest {
         [c] if *c == dataset.collection => RouteKind::List,
-        // `export` is a route, so no record with that id can be read.
+        // `export` is a route, so no record with that id can be read or written (a write's
+        // check reads its target: `export` would ask the datastore for a whole export).
         [c, "export"] if *c == dataset.collection => RouteKind::Export,
         [c, id] if *c == dataset.collection && valid_id(id) => RouteKind::Read {
             id: (*id).to_owned(),
         },
         [c, id, w]
-            if *c == dataset.collection && valid_id(id) && dataset.writes.contains_key(*w) =>
+            if *c == dataset.collection
+                && valid_id(id)
+                && *id != "export"
+                && dataset.writes.contains_key(*w) =>
         {
             RouteKind::Write {
                 id: (*id).to_owned(),

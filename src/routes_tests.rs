@@ -33,6 +33,16 @@ fn declared_routes_resolve() {
     .unwrap();
     assert_eq!(r.id(), "voter.write.canvass");
     assert_eq!(r.action(), RequestAction::Write);
+    // `export` names the export route, never a record: not a write's target either.
+    assert!(matches!(
+        resolve(
+            &catalog(),
+            &http::Method::POST,
+            "/voter/electors/export/canvass",
+            None
+        ),
+        Err(GatewayError::RouteNotFound)
+    ));
 }
 
 #[test]
