@@ -135,6 +135,16 @@ impl Upstream {
                 .is_some_and(|ct| {
                     ct.starts_with("application/json") || ct.starts_with("application/problem+json")
                 });
+            // Only a 200 JSON answer is ever read (`gateway::expect_json` refuses the rest by
+            // status and type alone): anything else is neither waited for nor buffered (its
+            // connection is dropped rather than drained).
+            if status != StatusCode::OK || !json {
+                return Ok(UpstreamResponse {
+                    status,
+                    json,
+                    body: Bytes::new(),
+                });
+            }
             if resp
                 .headers()
                 .get(header::CONTENT_LENGTH)

@@ -603,6 +603,42 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     assert_eq!(app.audit_for(&r)["reason"], "upstream_timeout");
     app.stop().await;
 
+    // An error status whose body never ends: answered by its status, the body not waited
+    // for (with the timeout the test sets, waiting for it would be a 504).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
+                          transfer-encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            });
+        }
+    });
+    let (app, r) = through(
+        up,
+        Some(|c| {
+            for u in c.datasets.values_mut() {
+                u.response_timeout = std::time::Duration::from_secs(30);
+            }
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(app.audit_for(&r)["reason"], "upstream_error");
+    app.stop().await;
+
     // Larger than the configured bound.
     let up = fake_upstream(200, "application/json", r#"{"records":[],"padding":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#, false).await;
     let (app, r) = through(up, Some(|c| c.server.max_response_bytes = 64)).await;
