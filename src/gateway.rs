@@ -100,7 +100,7 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut trail = Trail::default();
-    let result = process(gw, req, &request_id, &mut trail).await;
+    let result = process(gw, req, &request_id, client, &mut trail).await;
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
@@ -196,6 +196,7 @@ async fn process<B>(
     gw: &Gateway,
     req: Request<B>,
     request_id: &str,
+    client: SocketAddr,
     trail: &mut Trail,
 ) -> Result<Reply, GatewayError>
 where
@@ -332,12 +333,14 @@ where
         }
         RouteKind::Write { id, write } => {
             let (path, envelope) = dialect::write(&upstream.dialect, dataset, id, write)?;
+            let asked = req.uri().path().to_owned();
             let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
             let written = crate::writes::check_write(
                 gw, &ask, dataset, &route, write, id, &body, &cx, upstream, request_id,
             )
             .await?;
             trail.written = written;
+            log_intent(gw, trail, request_id, client, &asked, id).await?;
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
@@ -512,6 +515,58 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
 }
 
+/// A write's record, durable before the datastore sees the body: a write the log cannot hold
+/// does not happen (503), and one whose answer's record is then lost (the log failing, the
+/// caller going away) is still in the log, naming its target and the fields it carried.
+async fn log_intent(
+    gw: &Gateway,
+    trail: &Trail,
+    request_id: &str,
+    client: SocketAddr,
+    path: &str,
+    target: &str,
+) -> Result<(), GatewayError> {
+    let mut subjects = filter::Subjects::default();
+    subjects.push(target);
+    let record = AuditRecord {
+        ts: AuditRecord::now_ts(),
+        request_id: request_id.to_owned(),
+        kind: RecordKind::Access,
+        caller: caller_of(trail),
+        client_addr: Some(client.ip().to_string()),
+        purpose: trail.purpose.clone(),
+        lawful_basis: trail.lawful_basis.clone(),
+        dataset: trail.dataset.clone(),
+        route: trail.route.clone(),
+        method: Method::POST.to_string(),
+        path: path.to_owned(),
+        decision: Decision::Allow,
+        policy_ids: trail.policy_ids.iter().cloned().collect(),
+        reason: None,
+        // Not answered yet: the answer's own record carries its status.
+        status: 0,
+        subjects,
+        fields: trail.written.clone(),
+        rows_withheld: 0,
+        withheld_target: None,
+        latency_us: 0,
+        detail: Some(serde_json::json!({ "write": "intended" })),
+    };
+    gw.audit.append(record).await.map(drop).map_err(|e| {
+        tracing::error!(error = %e, request_id, "write's audit record not durable; not forwarded");
+        GatewayError::AuditUnavailable
+    })
+}
+
+fn caller_of(trail: &Trail) -> Option<Caller> {
+    trail.caller.as_ref().map(|p| Caller {
+        subject: p.subject.clone(),
+        role: p.role.clone(),
+        unit: p.unit.clone(),
+        token_id: p.token_id.clone(),
+    })
+}
+
 #[expect(
     clippy::too_many_arguments,
     reason = "assembles one flat record from the request's parts"
@@ -543,12 +598,7 @@ fn audit_record(
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
         kind: RecordKind::Access,
-        caller: trail.caller.as_ref().map(|p| Caller {
-            subject: p.subject.clone(),
-            role: p.role.clone(),
-            unit: p.unit.clone(),
-            token_id: p.token_id.clone(),
-        }),
+        caller: caller_of(trail),
         client_addr: Some(client.ip().to_string()),
         purpose: trail.purpose.clone(),
         lawful_basis: trail.lawful_basis.take(),

@@ -10,7 +10,10 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{AppOptions, Tmpfs, fill, spawn_app_with};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn a_full_disk_means_503_and_no_data_then_recovery_without_restart() {
@@ -110,5 +113,113 @@ async fn a_full_disk_means_503_and_no_data_then_recovery_without_restart() {
         "refused requests left no durable record"
     );
     assert_eq!(refused, 5);
+    app.stop().await;
+}
+
+/// No audit, no write either: a write is logged before the datastore sees it, so once the log
+/// cannot be written a write answers 503 and the datastore's record is as it was.
+#[tokio::test]
+async fn a_write_the_log_cannot_hold_never_reaches_the_datastore() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("audit");
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(&mount, "256k") else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        audit_dir: Some(mount.clone()),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("canvasser");
+    let page = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(page.status, 200);
+    let id = page.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let write = |day: u32| {
+        let (app, token, id) = (&app, &token, &id);
+        async move {
+            app.post(
+                &format!("/voter/electors/{id}/canvass"),
+                token,
+                "canvassing",
+                &format!(r#"{{"last_canvassed":"2026-11-{day:02}"}}"#),
+            )
+            .await
+        }
+    };
+    let stored = || async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let uri = format!("http://{}/electors/{id}", app.upstream);
+        let resp = client.get(uri.parse().unwrap()).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<Value>(&body).unwrap()["record"]["last_canvassed"].clone()
+    };
+    let ok = write(1).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(stored().await, json!("2026-11-01"));
+    // The write's record made before forwarding, and the answer's, both name the target and
+    // the field written.
+    let rid = ok.headers["x-request-id"].to_str().unwrap().to_owned();
+    let both: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["request_id"] == rid.as_str())
+        .collect();
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert_eq!(both[0]["detail"], json!({"write": "intended"}));
+    for r in &both {
+        assert_eq!(r["subjects"], json!([id]));
+        assert_eq!(r["decision"], "allow");
+    }
+    assert_eq!(both[0]["fields"], json!(["last_canvassed"]));
+    assert_eq!(both[1]["detail"], json!({"written": ["last_canvassed"]}));
+
+    fill(&mount);
+    // The segment's last page may hold a few more records. A write whose record before
+    // forwarding was durable may reach the datastore even if the answer's record then is not
+    // (503, and the log still names it); once the log holds nothing more, no write does.
+    let (mut stored_day, mut refused_unwritten) = (1, 0);
+    for day in 2..=28 {
+        let r = write(day).await;
+        let now = stored().await;
+        if r.status == 200 {
+            assert_eq!(now, json!(format!("2026-11-{day:02}")));
+            stored_day = day;
+            continue;
+        }
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:audit-unavailable");
+        let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        let intent_logged = app.audit_records().iter().any(|a| {
+            a["request_id"] == rid.as_str() && a["detail"] == json!({"write": "intended"})
+        });
+        if now == json!(format!("2026-11-{day:02}")) {
+            assert!(
+                intent_logged,
+                "a write reached the datastore with no durable record of it"
+            );
+            stored_day = day;
+        } else {
+            assert_eq!(now, json!(format!("2026-11-{stored_day:02}")));
+            refused_unwritten += 1;
+            if refused_unwritten == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused_unwritten, 3,
+        "a full disk should stop writes within a page of records"
+    );
     app.stop().await;
 }

@@ -33,9 +33,15 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// `None` for records that are not data access (admin actions, system events).
+    /// `None` for records that are not data access (admin actions, system events) and for a
+    /// write's record made before it is forwarded (`"write": "intended"`): the answer's own
+    /// record is the access, so a write counts once.
     pub fn of(rec: &AuditRecord) -> Option<Observation> {
-        (rec.kind == RecordKind::Access).then(|| Observation {
+        let intended_write = rec
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.get("write").and_then(|w| w.as_str()) == Some("intended"));
+        (rec.kind == RecordKind::Access && !intended_write).then(|| Observation {
             ts: rec.ts.clone(),
             caller: rec.caller.clone(),
             client_addr: rec.client_addr.clone(),

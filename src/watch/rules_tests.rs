@@ -322,3 +322,16 @@ fn admin_records_are_not_access() {
     r.kind = RecordKind::Admin;
     assert_eq!(d.observe(1, &r), vec![]);
 }
+
+#[test]
+fn a_writes_record_before_forwarding_is_not_a_second_access() {
+    let r = listing("c", SUMMER_MORNING, 1);
+    assert!(Observation::of(&r).is_some());
+    let mut intent = r.clone();
+    intent.detail = Some(serde_json::json!({ "write": "intended" }));
+    assert!(Observation::of(&intent).is_none());
+    // Any other detail is an access like any other.
+    let mut answered = r;
+    answered.detail = Some(serde_json::json!({ "written": ["last_canvassed"] }));
+    assert!(Observation::of(&answered).is_some());
+}

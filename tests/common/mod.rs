@@ -274,7 +274,8 @@ impl TestApp {
         read_audit(&self.audit_dir)
     }
 
-    /// The audit record of one request id (panics if absent).
+    /// The audit record of one request id, its last if it has several (a write's record
+    /// before forwarding, then the answer's; panics if absent).
     pub fn audit_for(&self, resp: &Resp) -> Value {
         let rid = resp
             .headers
@@ -284,7 +285,7 @@ impl TestApp {
             .to_owned();
         self.audit_records()
             .into_iter()
-            .find(|r| r["request_id"] == rid.as_str())
+            .rfind(|r| r["request_id"] == rid.as_str())
             .unwrap_or_else(|| panic!("no audit record for request `{rid}`"))
     }
 
