@@ -231,12 +231,13 @@ impl Verifier {
         self.verify(token, now)
     }
 
-    /// Whether a verified caller's token or grant has ended by `now`, as verification would
-    /// judge it (`exp` with the configured leeway, `grant_expires` without): a long answer
-    /// (an export) asks again before each part it releases.
-    pub fn ended(&self, p: &Principal, now: i64) -> bool {
-        p.expires_at.saturating_add(self.leeway_secs as i64) < now
-            || p.grant_expires_at.is_some_and(|g| g <= now)
+    /// The last second at which a verified caller's token is still accepted, as verification
+    /// judges it (`exp` with the configured leeway, `grant_expires` without): a long answer
+    /// (an export, the live feed) asks again before each part it releases.
+    pub fn ends_at(&self, p: &Principal) -> i64 {
+        let exp = p.expires_at.saturating_add(self.leeway_secs as i64);
+        p.grant_expires_at
+            .map_or(exp, |g| exp.min(g.saturating_sub(1)))
     }
 
     /// Verifies a compact JWT.

@@ -158,3 +158,34 @@ fn the_token_cache_never_outlives_the_token() {
     );
     assert!(cache.get("tok2", 101).is_none(), "only the same bytes hit");
 }
+
+#[test]
+fn a_token_ends_where_verification_would_refuse_it() {
+    let v = Verifier {
+        keys: HashMap::new(),
+        allowed: vec![Algorithm::ES256],
+        issuers: vec!["i".into()],
+        audience: "a".into(),
+        leeway_secs: 30,
+        cache: TokenCache::default(),
+        known: KnownNames::default(),
+    };
+    let mut p = Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "r".into(),
+        unit: "u".into(),
+        areas: vec![],
+        purposes: vec![],
+        expires_at: 1_000,
+        issued_at: 0,
+        grant_expires_at: None,
+    };
+    // `exp` with the leeway, as jsonwebtoken accepts it (refused once `exp < now - leeway`).
+    assert_eq!(v.ends_at(&p), 1_030);
+    // `grant_expires` without: refused from that second on.
+    p.grant_expires_at = Some(900);
+    assert_eq!(v.ends_at(&p), 899);
+    p.grant_expires_at = Some(5_000);
+    assert_eq!(v.ends_at(&p), 1_030);
+}

@@ -402,15 +402,8 @@ pub fn authenticate(
 /// revocation (containment's included), a token's end or a stale mirror stops an export
 /// already under way.
 pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {
-    use crate::error::AuthFailure;
-    gw.controls.check_fresh()?;
-    if gw.controls.is_revoked(principal) {
-        return Err(GatewayError::Unauthenticated(AuthFailure::Revoked));
-    }
-    if gw.verifier.ended(principal, now) {
-        return Err(GatewayError::Unauthenticated(AuthFailure::Expired));
-    }
-    Ok(())
+    gw.controls
+        .standing(principal, gw.verifier.ends_at(principal), now)
 }
 
 /// Why policy withheld a record the caller named by id, most serious first. Only breach

@@ -632,6 +632,55 @@ async fn the_live_feed_streams_filtered_access_events_without_subject_ids() {
     );
 }
 
+/// A revoked reader's live feed ends: the next event (or heartbeat) finds the reader no
+/// longer standing, and the stream closes instead of carrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_readers_live_feed_ends() {
+    let app = app(daytime).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/events", app.admin))
+        .header("authorization", format!("Bearer {}", app.token("dpo")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().data_ref().is_some());
+    let revoked = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-dpo","reason":"device lost"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    let councillor = app.token("councillor");
+    let r = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&councillor),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let mut after = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame.unwrap().data_ref() {
+                after.push_str(std::str::from_utf8(d).unwrap());
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the feed went on after its reader was revoked: {after}"
+    );
+    // Events recorded before the revocation took effect (the feed's opening, the revocation's
+    // own record) may have gone; the councillor's request after it did not.
+    assert!(!after.contains("demo-councillor"), "{after}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_is_for_security_and_dpo_only_and_classification_is_kept() {
     let app = app(daytime).await;

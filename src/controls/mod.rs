@@ -234,6 +234,21 @@ impl Controls {
         }
     }
 
+    /// Whether a verified caller may still be answered at `now`: the mirror is within its
+    /// staleness bound, the token is not revoked, and `now` is not past `ends_at`
+    /// (`Verifier::ends_at`). See `gateway::standing`.
+    pub fn standing(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
+        use crate::error::AuthFailure;
+        self.check_fresh()?;
+        if self.is_revoked(p) {
+            return Err(GatewayError::Unauthenticated(AuthFailure::Revoked));
+        }
+        if now > ends_at {
+            return Err(GatewayError::Unauthenticated(AuthFailure::Expired));
+        }
+        Ok(())
+    }
+
     pub fn is_revoked(&self, p: &Principal) -> bool {
         let Ok(s) = self.inner.snapshot.read() else {
             return true;

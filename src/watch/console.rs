@@ -15,6 +15,7 @@
 //! (a classification before it is written). Revocation is `POST /revocations` (`rights.rs`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -109,7 +110,13 @@ where
                 ));
             }
             let (rx, stop) = gw.watch.subscribe();
-            let mut resp = Response::new(feed::stream(rx, filter, stop));
+            let (controls, reader) = (gw.controls.clone(), Arc::clone(&principal));
+            let ends_at = gw.verifier.ends_at(&principal);
+            let stands: feed::Stands = Box::new(move || {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                controls.standing(&reader, ends_at, now).is_ok()
+            });
+            let mut resp = Response::new(feed::stream(rx, filter, stop, stands));
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,

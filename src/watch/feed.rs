@@ -135,21 +135,29 @@ impl Filter {
 
 pub type FeedBody = UnsyncBoxBody<Bytes, Infallible>;
 
-/// The `text/event-stream` body: matching events as they happen, until the gateway stops.
+/// Whether the feed's reader may still be answered (`gateway::standing`), asked before each
+/// frame.
+pub type Stands = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// The `text/event-stream` body: matching events as they happen, until the gateway stops or
+/// the reader no longer stands (revoked, the token ended, the mirror stale: the stream ends,
+/// and the browser's reconnection is refused as any request would be).
 pub fn stream(
     rx: broadcast::Receiver<Arc<FeedEvent>>,
     filter: Filter,
     stop: watch::Receiver<bool>,
+    stands: Stands,
 ) -> FeedBody {
     let hello = Bytes::from_static(b"retry: 2000\n: wardgate live feed\n\n");
-    let state = (rx, filter, stop, Some(hello));
-    let events =
-        futures_util::stream::unfold(state, |(mut rx, filter, mut stop, hello)| async move {
+    let state = (rx, filter, stop, stands, Some(hello));
+    let events = futures_util::stream::unfold(
+        state,
+        |(mut rx, filter, mut stop, stands, hello)| async move {
             if let Some(h) = hello {
-                return Some((Ok(Frame::data(h)), (rx, filter, stop, None)));
+                return Some((Ok(Frame::data(h)), (rx, filter, stop, stands, None)));
             }
             loop {
-                if *stop.borrow() {
+                if *stop.borrow() || !stands() {
                     return None;
                 }
                 let next = tokio::select! {
@@ -157,9 +165,12 @@ pub fn stream(
                     _ = stop.changed() => return None,
                     () = tokio::time::sleep(HEARTBEAT) => {
                         let beat = Bytes::from_static(b": keep-alive\n\n");
-                        return Some((Ok(Frame::data(beat)), (rx, filter, stop, None)));
+                        return Some((Ok(Frame::data(beat)), (rx, filter, stop, stands, None)));
                     }
                 };
+                if !stands() {
+                    return None;
+                }
                 let frame = match next {
                     Ok(e) if filter.matches(&e) => {
                         format!("event: {}\nid: {}\ndata: {}\n\n", e.kind, e.id, e.data)
@@ -172,10 +183,11 @@ pub fn stream(
                 };
                 return Some((
                     Ok(Frame::data(Bytes::from(frame))),
-                    (rx, filter, stop, None),
+                    (rx, filter, stop, stands, None),
                 ));
             }
-        });
+        },
+    );
     StreamBody::new(events).boxed_unsync()
 }
 
@@ -225,7 +237,13 @@ mod tests {
     async fn the_stream_sends_matching_events_and_ends_at_shutdown() {
         let (tx, rx) = broadcast::channel(16);
         let (stop_tx, stop) = watch::channel(false);
-        let mut body = stream(rx, Filter::parse(Some("decision=deny")).unwrap(), stop);
+        let stands: Stands = Box::new(|| true);
+        let mut body = stream(
+            rx,
+            Filter::parse(Some("decision=deny")).unwrap(),
+            stop,
+            stands,
+        );
         tx.send(Arc::new(event("a", "allow"))).unwrap();
         tx.send(Arc::new(event("b", "deny"))).unwrap();
         let mut seen = String::new();
@@ -236,6 +254,29 @@ mod tests {
         assert!(seen.contains("event: access\nid: 1\ndata: {}"), "{seen}");
         assert_eq!(seen.matches("event:").count(), 1);
         stop_tx.send(true).unwrap();
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_once_its_reader_no_longer_stands() {
+        let (tx, rx) = broadcast::channel(16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let standing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still = Arc::clone(&standing);
+        let stands: Stands = Box::new(move || still.load(std::sync::atomic::Ordering::SeqCst));
+        let mut body = stream(rx, Filter::parse(None).unwrap(), stop, stands);
+        let hello = body.frame().await.unwrap().unwrap();
+        assert!(hello.data_ref().is_some());
+        tx.send(Arc::new(event("a", "allow"))).unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(
+            std::str::from_utf8(frame.data_ref().unwrap())
+                .unwrap()
+                .contains("event: access")
+        );
+        // Revoked while waiting: the next event is not sent, the stream ends.
+        standing.store(false, std::sync::atomic::Ordering::SeqCst);
+        tx.send(Arc::new(event("b", "allow"))).unwrap();
         assert!(body.frame().await.is_none());
     }
 }
