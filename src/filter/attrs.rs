@@ -11,7 +11,7 @@
 //! but the first of each kind.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::scan::{self, Gap, Scan, ScanError, Written};
 use super::{FilterContext, RawRecord};
@@ -246,8 +246,8 @@ fn area_of(rec: &RawRecord, at: &Roles, template: &str) -> Option<String> {
 
 /// Each channel of a consents value in wire order, with whether consent was given there and
 /// not withdrawn (§5.2.1, §10.3.7); `None` when the value is not `null` (no consent on any
-/// channel) or an object of channels, each `null` or `{"given_at", "withdrawn_at", ...}` with
-/// those two `null` or a string, neither named twice.
+/// channel) or an object of channels, none named twice, each `null` or `{"given_at",
+/// "withdrawn_at", ...}` with those two `null` or a string, neither named twice.
 fn channel_states<'a>(v: &'a str, each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
     let mut scan = Scan::new(v);
     channel_states_at(&mut scan, &mut ConsentKeys::default(), each)?;
@@ -299,11 +299,20 @@ fn channel_states_at<'a>(
         scan.begin_object().ok()?;
         let mut first = true;
         let mut i = 0;
+        let mut named: Vec<Cow<'a, str>> = Vec::new();
         loop {
             let expected = keys.channels.get(i).copied().flatten();
             let Some((channel, gap)) = scan.next_key_gap(&mut first, expected).ok()? else {
                 break;
             };
+            if named.contains(&channel.name) {
+                // A channel named twice is no more readable than a record's field named
+                // twice (one reader takes the first, another the last): the record is
+                // withheld. Nothing noted is left for `channel_states_again` to take it by.
+                keys.channel_gaps.clear();
+                return None;
+            }
+            named.push(channel.name.clone());
             if !channel.expected {
                 super::note(&mut keys.channels, i, channel.written);
             }
@@ -456,17 +465,15 @@ fn take_slot(
     Some(())
 }
 
-/// The channels with live consent; a channel named twice keeps its last state.
+/// The channels with live consent.
 fn consented_channels(v: &str) -> Option<BTreeSet<String>> {
-    let mut last = BTreeMap::new();
+    let mut consented = BTreeSet::new();
     channel_states(v, |channel, live| {
-        last.insert(channel, live);
+        if live {
+            consented.insert(channel.into_owned());
+        }
     })?;
-    Some(
-        (last.into_iter().filter(|(_, live)| *live))
-            .map(|(channel, _)| channel.into_owned())
-            .collect(),
-    )
+    Some(consented)
 }
 
 fn tps_fresh(v: &str, today: i64, max_age_days: u32) -> Option<bool> {

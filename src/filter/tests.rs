@@ -538,41 +538,54 @@ mod kept_between_pages {
 }
 
 #[test]
-fn a_channel_named_twice_keeps_its_last_consent() {
+fn a_channel_named_twice_withholds_the_record() {
     let ds = dataset();
     let given = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":null}"#;
     let withdrawn = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":"2026-01-01T00:00:00Z"}"#;
-    let consents = |c: &str| {
-        record("VF-1", "CGW1", "").replace(
+    let consents = |id: &str, c: &str| {
+        record(id, "CGW1", "").replace(
             r#""consents":{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#,
             &format!(r#""consents":{c}"#),
         )
     };
-    let cases = [
-        (
-            format!(r#"{{"email":{given},"email":{withdrawn}}}"#),
-            vec![],
-        ),
-        (
-            format!(r#"{{"email":{withdrawn},"email":{given}}}"#),
-            vec!["email"],
-        ),
-        (
-            format!(r#"{{"sms":{given},"email":{withdrawn},"post":{given},"email":null}}"#),
-            vec!["post", "sms"],
-        ),
-        ("null".to_owned(), vec![]),
+    let twice = [
+        format!(r#"{{"email":{given},"email":{withdrawn}}}"#),
+        format!(r#"{{"email":{withdrawn},"email":{given}}}"#),
+        format!(r#"{{"sms":{given},"email":{withdrawn},"post":{given},"email":null}}"#),
+        r#"{"email":null,"\u0065mail":null}"#.to_owned(),
     ];
-    for (c, expected) in cases {
-        let body = format!(r#"{{"records":[{}]}}"#, consents(&c));
-        let mut seen = Vec::new();
-        page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
-            seen.push(a.consented.iter().cloned().collect::<Vec<_>>());
-            decide(a)
-        })
-        .unwrap();
-        assert_eq!(seen, [expected], "{c}");
+    let once = format!(r#"{{"email":{given},"sms":{withdrawn}}}"#);
+    for c in &twice {
+        // Alone, twice in a row (the second read as the first was written), and after a
+        // record whose channels it starts with.
+        for ids in [&["VF-1"][..], &["VF-1", "VF-2"], &["VF-3", "VF-1", "VF-2"]] {
+            let recs: Vec<String> = ids
+                .iter()
+                .map(|id| consents(id, if *id == "VF-3" { &once } else { c }))
+                .collect();
+            let body = format!(r#"{{"records":[{}]}}"#, recs.join(","));
+            let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let out_ids: Vec<&str> = v["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["elector_id"].as_str().unwrap())
+                .collect();
+            let expected: Vec<&str> = ids.iter().copied().filter(|i| *i == "VF-3").collect();
+            assert_eq!(out_ids, expected, "{c} {ids:?}");
+            assert_eq!(d.malformed_rows, (ids.len() - expected.len()) as u64, "{c}");
+        }
     }
+    // Named once, each channel reads as written.
+    let body = format!(r#"{{"records":[{}]}}"#, consents("VF-1", &once));
+    let mut seen = Vec::new();
+    page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+        seen.push(a.consented.iter().cloned().collect::<Vec<_>>());
+        decide(a)
+    })
+    .unwrap();
+    assert_eq!(seen, [vec!["email".to_owned()]]);
 }
 
 #[test]
