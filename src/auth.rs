@@ -200,6 +200,15 @@ impl Verifier {
                     bail!("key id `{kid}` is configured twice");
                 }
             }
+            // A gateway that would refuse every token is a configuration error, not a
+            // gateway: stop here and say where.
+            if keys.is_empty() {
+                bail!(
+                    "JWKS file `{}` holds no keys, and `[[auth.keys]]` names none: no token could \
+                     ever verify",
+                    path.display()
+                );
+            }
         }
         Ok(Verifier {
             keys,

@@ -126,6 +126,20 @@ fn keys_from_a_jwks_file_verify_tokens() {
     let mut cfg2 = cfg.clone();
     cfg2.algorithms = vec![Algorithm::RS256];
     assert!(Verifier::from_config(&cfg2, KnownNames::default()).is_err());
+
+    // So does a JWKS file with no keys (and no PEM keys beside it): it says which file.
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"{"keys":[]}"#).unwrap();
+    let mut cfg3 = cfg.clone();
+    cfg3.jwks_file = Some(empty.clone());
+    let err = Verifier::from_config(&cfg3, KnownNames::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("holds no keys") && err.contains(&empty.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
