@@ -15,7 +15,8 @@
 //! still stand (`gateway::standing`): a revocation (containment's included), the token or its
 //! grant ending, or the shared-state mirror going stale stops the export at the next chunk.
 //! A chunk whose record was already written when that is seen does not go; the closing
-//! record counts the chunks that went, so the log never says less than was disclosed.
+//! record (a `deny` with the token's reason) counts the chunks that went, always the first ones, and
+//! the chunk records written, so the log never says less than was disclosed.
 //!
 //! Once the headers have gone a failure cannot become a problem document, so it ends the
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
@@ -254,28 +255,48 @@ impl Run<'_> {
             .durable()
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
+        if w.chunk.is_empty() {
+            self.still_standing(principal)?;
+            self.chunks += 1;
+            self.records += w.records;
+            return Ok(());
+        }
+        // A place on the connection first, then the check: waiting for a slow client must not
+        // come between the caller standing and the chunk going.
+        let slot = self
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| "client_went_away".to_owned())?;
         self.still_standing(principal)?;
         self.chunks += 1;
         self.records += w.records;
-        if w.chunk.is_empty() {
-            return Ok(());
-        }
-        self.tx
-            .send(Ok(w.chunk))
-            .await
-            .map_err(|_| "client_went_away".to_owned())
+        slot.send(Ok(w.chunk));
+        Ok(())
     }
 
     /// The export's last audit record; on failure, the stream is cut after it.
     async fn finish(self, outcome: Result<(), String>) {
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();
-        let summary = serde_json::json!({ "chunks": self.chunks, "records": self.records });
+        // `chunks_recorded`: chunk records written, which may exceed the chunks that went
+        // when the caller stopped standing (`chunks`, always the first ones).
+        let summary = serde_json::json!({
+            "chunks": self.chunks,
+            "records": self.records,
+            "chunks_recorded": self.queued,
+        });
         match &outcome {
             Ok(()) => record.detail = Some(serde_json::json!({ "export_complete": summary })),
             Err(why) => {
-                record.decision = Decision::Error;
-                record.reason = Some("export_aborted".to_owned());
+                // A caller who no longer stands is refused as a request would be, with the
+                // same reason (breach detection's `ended_grant` reads it); anything else,
+                // a stale mirror included, is an error.
+                (record.decision, record.reason) = match why.as_str() {
+                    "token_revoked" | "token_expired" => (Decision::Deny, Some(why.clone())),
+                    "controls_stale" => (Decision::Error, Some(why.clone())),
+                    _ => (Decision::Error, Some("export_aborted".to_owned())),
+                };
                 record.detail =
                     Some(serde_json::json!({ "export_aborted": why, "before": summary }));
                 metrics::counter!("wardgate_exports_aborted_total").increment(1);
