@@ -289,8 +289,24 @@ impl Slot {
 
 /// `channel_states` of the value that comes next in `scan`, which it takes; `keys` are those
 /// of the consents read before (a hint: a key is only taken as expected where its bytes are
-/// the same) and are replaced with this value's.
+/// the same) and are replaced with this value's. A value that cannot be read leaves no keys
+/// noted (a half-noted layout, this value's first keys and the last one's rest, could let
+/// `channel_states_again` take a value this reading refuses, such as one naming a channel
+/// twice).
 fn channel_states_at<'a>(
+    scan: &mut Scan<'a>,
+    keys: &mut ConsentKeys<'a>,
+    each: impl FnMut(Cow<'a, str>, bool),
+) -> Option<()> {
+    let read = channel_states_noting(scan, keys, each);
+    if read.is_none() {
+        keys.channel_gaps.clear();
+        keys.inner_gaps.clear();
+    }
+    read
+}
+
+fn channel_states_noting<'a>(
     scan: &mut Scan<'a>,
     keys: &mut ConsentKeys<'a>,
     mut each: impl FnMut(Cow<'a, str>, bool),
@@ -308,8 +324,7 @@ fn channel_states_at<'a>(
             if named.contains(&channel.name) {
                 // A channel named twice is no more readable than a record's field named
                 // twice (one reader takes the first, another the last): the record is
-                // withheld. Nothing noted is left for `channel_states_again` to take it by.
-                keys.channel_gaps.clear();
+                // withheld.
                 return None;
             }
             named.push(channel.name.clone());

@@ -1243,3 +1243,38 @@ fn a_single_records_attributes_are_read_as_the_filter_reads_it() {
         );
     }
 }
+
+/// A consents value that cannot be read leaves no half-noted layout behind: the fast path
+/// (`channel_states_again`, taking a value written as the last one was) must not then accept
+/// a value naming a channel twice by matching this value's first keys and the one before's
+/// rest.
+#[test]
+fn a_consents_value_that_cannot_be_read_leaves_no_layout_to_take_the_next_by() {
+    let given = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":null}"#;
+    let withdrawn = r#"{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":"2026-01-01T00:00:00Z"}"#;
+    let a = format!(r#"{{"email":{given},"sms":{given}}}"#);
+    let b = r#"{"sms":{"given_at":1}}"#.to_owned();
+    let c = format!(r#"{{"sms":{withdrawn},"sms":{given}}}"#);
+    let mut keys = attrs::ConsentKeys::default();
+    let mut states = Vec::new();
+    let mut read = |v: &'static str| {
+        let mut scan = Scan::new(v);
+        attrs::take_consents(&mut scan, &mut keys, &mut states)
+            .unwrap()
+            .1
+    };
+    let (a, b, c): (&'static str, &'static str, &'static str) = (
+        Box::leak(a.into_boxed_str()),
+        Box::leak(b.into_boxed_str()),
+        Box::leak(c.into_boxed_str()),
+    );
+    assert!(read(a));
+    assert!(!read(b));
+    assert!(
+        !read(c),
+        "a channel named twice was taken by a half-noted layout"
+    );
+    // And after a value read whole, the same holds.
+    assert!(read(a));
+    assert!(!read(c));
+}
