@@ -510,7 +510,8 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// A write's record, durable before the datastore sees the body: a write the log cannot hold
 /// does not happen (503), and one whose answer's record is then lost (the log failing, the
-/// caller going away) is still in the log, naming its target and the fields it carried.
+/// caller going away) is still in the log, naming its target and (in `detail.written`, as the
+/// answer's record does) the fields it carried; `fields`, what was disclosed, is empty.
 async fn log_intent(
     gw: &Gateway,
     trail: &Trail,
@@ -519,6 +520,10 @@ async fn log_intent(
     path: &str,
     target: &str,
 ) -> Result<(), GatewayError> {
+    // Reading the target took a round trip to the datastore: the caller must still stand.
+    if let Some(p) = &trail.caller {
+        standing(gw, p, time::OffsetDateTime::now_utc().unix_timestamp())?;
+    }
     let mut subjects = filter::Subjects::default();
     subjects.push(target);
     let record = AuditRecord {
@@ -539,11 +544,11 @@ async fn log_intent(
         // Not answered yet: the answer's own record carries its status.
         status: 0,
         subjects,
-        fields: trail.written.clone(),
+        fields: Vec::new(),
         rows_withheld: 0,
         withheld_target: None,
         latency_us: 0,
-        detail: Some(serde_json::json!({ "write": "intended" })),
+        detail: Some(serde_json::json!({ "write": "intended", "written": trail.written })),
     };
     gw.audit.append(record).await.map(drop).map_err(|e| {
         tracing::error!(error = %e, request_id, "write's audit record not durable; not forwarded");

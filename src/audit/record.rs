@@ -54,6 +54,16 @@ pub struct AuditRecord {
     pub detail: Option<serde_json::Value>,
 }
 
+impl AuditRecord {
+    /// A write's record made before it is forwarded (`gateway::log_intent`): it names the
+    /// target and the fields to be written, and discloses nothing.
+    pub fn is_write_intent(&self) -> bool {
+        self.detail
+            .as_ref()
+            .is_some_and(|d| d.get("write").and_then(|w| w.as_str()) == Some("intended"))
+    }
+}
+
 /// The authenticated caller, as named by its token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Caller {

@@ -352,6 +352,10 @@ impl Volumes {
         let (Some(c), Decision::Allow, n @ 1..) = (&r.caller, r.decision, r.subjects.len()) else {
             return;
         };
+        // A write's record before forwarding discloses nothing; its answer's record counts.
+        if r.is_write_intent() {
+            return;
+        }
         let minute = rules::ts_millis(&r.ts).unwrap_or_else(rules::now_millis) / 60_000;
         if !self.by.contains_key(&c.subject) {
             self.by

@@ -33,20 +33,17 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// `None` for records that are not data access (admin actions, system events) and for a
-    /// write's record made before it is forwarded (`"write": "intended"`): the answer's own
-    /// record is the access, so a write counts once.
+    /// `None` for records that are not data access (admin actions, system events). A write's
+    /// record made before it is forwarded (`AuditRecord::is_write_intent`) is an access that
+    /// discloses nothing (the answer's record counts what the write disclosed), so that a
+    /// caller who goes away before the answer is still seen acting.
     pub fn of(rec: &AuditRecord) -> Option<Observation> {
-        let intended_write = rec
-            .detail
-            .as_ref()
-            .is_some_and(|d| d.get("write").and_then(|w| w.as_str()) == Some("intended"));
-        (rec.kind == RecordKind::Access && !intended_write).then(|| Observation {
+        (rec.kind == RecordKind::Access).then(|| Observation {
             ts: rec.ts.clone(),
             caller: rec.caller.clone(),
             client_addr: rec.client_addr.clone(),
             decision: rec.decision,
-            disclosed: if rec.decision == Decision::Allow {
+            disclosed: if rec.decision == Decision::Allow && !rec.is_write_intent() {
                 rec.subjects.len() as u64
             } else {
                 0

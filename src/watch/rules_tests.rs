@@ -324,14 +324,16 @@ fn admin_records_are_not_access() {
 }
 
 #[test]
-fn a_writes_record_before_forwarding_is_not_a_second_access() {
+fn a_writes_record_before_forwarding_discloses_nothing() {
     let r = listing("c", SUMMER_MORNING, 1);
-    assert!(Observation::of(&r).is_some());
+    assert_eq!(Observation::of(&r).unwrap().disclosed, 1);
     let mut intent = r.clone();
-    intent.detail = Some(serde_json::json!({ "write": "intended" }));
-    assert!(Observation::of(&intent).is_none());
+    intent.detail = Some(serde_json::json!({ "write": "intended", "written": ["last_canvassed"] }));
+    assert!(intent.is_write_intent());
+    assert_eq!(Observation::of(&intent).unwrap().disclosed, 0);
     // Any other detail is an access like any other.
     let mut answered = r;
     answered.detail = Some(serde_json::json!({ "written": ["last_canvassed"] }));
-    assert!(Observation::of(&answered).is_some());
+    assert!(!answered.is_write_intent());
+    assert_eq!(Observation::of(&answered).unwrap().disclosed, 1);
 }
