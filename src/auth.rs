@@ -33,7 +33,9 @@ pub struct Principal {
     pub areas: Vec<String>,
     pub purposes: Vec<String>,
     pub expires_at: i64,
-    /// When the token was issued (`iat`): revoking a subject revokes the tokens issued before.
+    /// The earliest the token may have been issued: `iat` less the leeway allowed for the
+    /// issuer's clock. Revoking a subject revokes every token issued up to that moment, so an
+    /// issuer whose clock runs ahead (by up to the leeway) cannot mint one that escapes.
     pub issued_at: i64,
     /// When the role or grant behind the token ends, if the issuer says so.
     pub grant_expires_at: Option<i64>,
@@ -275,6 +277,7 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
+        // (`iat` is required by `Claims` itself: jsonwebtoken checks only some of these.)
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         validation.set_issuer(&self.issuers);
         validation.set_audience(&[&self.audience]);
@@ -309,7 +312,7 @@ impl Verifier {
             areas: c.areas,
             purposes: c.purposes,
             expires_at: c.exp,
-            issued_at: c.iat,
+            issued_at: c.iat.saturating_sub(self.leeway_secs as i64),
             grant_expires_at: c.grant_expires,
         })
     }

@@ -203,3 +203,43 @@ fn a_token_ends_where_verification_would_refuse_it() {
     p.grant_expires_at = Some(5_000);
     assert_eq!(v.ends_at(&p), 1_030);
 }
+
+#[test]
+fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
+    let v = Verifier {
+        keys: HashMap::new(),
+        allowed: vec![Algorithm::ES256],
+        issuers: vec!["i".into()],
+        audience: "a".into(),
+        leeway_secs: 30,
+        cache: TokenCache::default(),
+        known: KnownNames {
+            roles: ["canvasser".to_owned()].into(),
+            areas: ["E05011391".to_owned()].into(),
+            purposes: ["canvassing".to_owned()].into(),
+        },
+    };
+    let claims = |iat: i64| Claims {
+        iss: "i".into(),
+        aud: "a".into(),
+        sub: "s".into(),
+        jti: "j".into(),
+        exp: 10_000,
+        nbf: 0,
+        iat,
+        role: "canvasser".into(),
+        org_unit: "u".into(),
+        areas: vec!["E05011391".into()],
+        purposes: vec!["canvassing".into()],
+        grant_expires: None,
+    };
+    // An issuer 20 s ahead: accepted, and issued no later than a revocation placed now
+    // (`issued_at <= now`) would need.
+    let p = v.principal(claims(1_020), 1_000).unwrap();
+    assert_eq!(p.issued_at, 990);
+    // Beyond the leeway: refused.
+    assert_eq!(
+        v.principal(claims(1_031), 1_000),
+        Err(AuthFailure::InvalidClaims)
+    );
+}
