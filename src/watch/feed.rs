@@ -164,6 +164,9 @@ pub fn stream(
                     r = rx.recv() => r,
                     _ = stop.changed() => return None,
                     () = tokio::time::sleep(HEARTBEAT) => {
+                        if !stands() {
+                            return None;
+                        }
                         let beat = Bytes::from_static(b": keep-alive\n\n");
                         return Some((Ok(Frame::data(beat)), (rx, filter, stop, stands, None)));
                     }
