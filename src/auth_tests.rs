@@ -14,27 +14,32 @@ fn peek_reads_alg_and_kid_without_trusting_them() {
     }
 }
 
-#[test]
-fn claims_naming_unknown_things_are_refused() {
-    let v = Verifier {
+/// A verifier with no keys (claims are checked directly) that knows one role, area and
+/// purpose.
+fn verifier(leeway_secs: u64) -> Verifier {
+    Verifier {
         keys: HashMap::new(),
         allowed: vec![Algorithm::ES256],
         issuers: vec!["i".into()],
         audience: "a".into(),
-        leeway_secs: 0,
+        leeway_secs,
         cache: TokenCache::default(),
         known: KnownNames {
             roles: ["canvasser".to_owned()].into(),
             areas: ["E05011391".to_owned()].into(),
             purposes: ["canvassing".to_owned()].into(),
         },
-    };
-    let claims = |role: &str, area: &str, purpose: &str| Claims {
+    }
+}
+
+/// Claims naming these, issued at 0 and valid until 10,000.
+fn claims(role: &str, area: &str, purpose: &str) -> Claims {
+    Claims {
         iss: "i".into(),
         aud: "a".into(),
         sub: "s".into(),
         jti: "j".into(),
-        exp: 10,
+        exp: 10_000,
         nbf: 0,
         iat: 0,
         role: role.into(),
@@ -42,7 +47,12 @@ fn claims_naming_unknown_things_are_refused() {
         areas: vec![area.into()],
         purposes: vec![purpose.into()],
         grant_expires: None,
-    };
+    }
+}
+
+#[test]
+fn claims_naming_unknown_things_are_refused() {
+    let v = verifier(0);
     assert!(
         v.principal(claims("canvasser", "E05011391", "canvassing"), 5)
             .is_ok()
@@ -175,15 +185,7 @@ fn the_token_cache_never_outlives_the_token() {
 
 #[test]
 fn a_token_ends_where_verification_would_refuse_it() {
-    let v = Verifier {
-        keys: HashMap::new(),
-        allowed: vec![Algorithm::ES256],
-        issuers: vec!["i".into()],
-        audience: "a".into(),
-        leeway_secs: 30,
-        cache: TokenCache::default(),
-        known: KnownNames::default(),
-    };
+    let v = verifier(30);
     let mut p = Principal {
         subject: "s".into(),
         token_id: "t".into(),
@@ -206,32 +208,10 @@ fn a_token_ends_where_verification_would_refuse_it() {
 
 #[test]
 fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
-    let v = Verifier {
-        keys: HashMap::new(),
-        allowed: vec![Algorithm::ES256],
-        issuers: vec!["i".into()],
-        audience: "a".into(),
-        leeway_secs: 30,
-        cache: TokenCache::default(),
-        known: KnownNames {
-            roles: ["canvasser".to_owned()].into(),
-            areas: ["E05011391".to_owned()].into(),
-            purposes: ["canvassing".to_owned()].into(),
-        },
-    };
+    let v = verifier(30);
     let claims = |iat: i64| Claims {
-        iss: "i".into(),
-        aud: "a".into(),
-        sub: "s".into(),
-        jti: "j".into(),
-        exp: 10_000,
-        nbf: 0,
         iat,
-        role: "canvasser".into(),
-        org_unit: "u".into(),
-        areas: vec!["E05011391".into()],
-        purposes: vec!["canvassing".into()],
-        grant_expires: None,
+        ..claims("canvasser", "E05011391", "canvassing")
     };
     // An issuer 20 s ahead: accepted, and issued no later than a revocation placed now
     // (`issued_at <= now`) would need.
