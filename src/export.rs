@@ -255,23 +255,20 @@ impl Run<'_> {
             .durable()
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
-        if w.chunk.is_empty() {
-            self.still_standing(principal)?;
-            self.chunks += 1;
-            self.records += w.records;
-            return Ok(());
-        }
         // A place on the connection first, then the check: waiting for a slow client must not
         // come between the caller standing and the chunk going.
-        let slot = self
-            .tx
-            .reserve()
-            .await
-            .map_err(|_| "client_went_away".to_owned())?;
+        let slot = if w.chunk.is_empty() {
+            None
+        } else {
+            let slot = self.tx.reserve().await;
+            Some(slot.map_err(|_| "client_went_away".to_owned())?)
+        };
         self.still_standing(principal)?;
         self.chunks += 1;
         self.records += w.records;
-        slot.send(Ok(w.chunk));
+        if let Some(slot) = slot {
+            slot.send(Ok(w.chunk));
+        }
         Ok(())
     }
 

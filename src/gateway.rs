@@ -524,44 +524,36 @@ async fn log_intent(
     if let Some(p) = &trail.caller {
         standing(gw, p, time::OffsetDateTime::now_utc().unix_timestamp())?;
     }
+    // Assembled as the answer's record is, from what the pipeline has learnt so far, with
+    // the target as its one subject and nothing disclosed yet.
     let mut subjects = filter::Subjects::default();
     subjects.push(target);
-    let record = AuditRecord {
-        ts: AuditRecord::now_ts(),
-        request_id: request_id.to_owned(),
-        kind: RecordKind::Access,
-        caller: caller_of(trail),
-        client_addr: Some(client.ip().to_string()),
+    let mut so_far = Trail {
+        caller: trail.caller.clone(),
         purpose: trail.purpose.clone(),
         lawful_basis: trail.lawful_basis.clone(),
         dataset: trail.dataset.clone(),
         route: trail.route.clone(),
-        method: Method::POST.to_string(),
-        path: path.to_owned(),
-        decision: Decision::Allow,
-        policy_ids: trail.policy_ids.iter().cloned().collect(),
-        reason: None,
-        // Not answered yet: the answer's own record carries its status.
-        status: 0,
+        policy_ids: trail.policy_ids.clone(),
         subjects,
-        fields: Vec::new(),
-        rows_withheld: 0,
-        withheld_target: None,
-        latency_us: 0,
-        detail: Some(serde_json::json!({ "write": "intended", "written": trail.written })),
+        ..Trail::default()
     };
+    let mut record = audit_record(
+        &mut so_far,
+        None,
+        request_id,
+        client,
+        &Method::POST,
+        path,
+        StatusCode::OK,
+        Instant::now(),
+    );
+    // Not answered yet: the answer's own record carries its status.
+    record.status = 0;
+    record.detail = Some(serde_json::json!({ "write": "intended", "written": trail.written }));
     gw.audit.append(record).await.map(drop).map_err(|e| {
         tracing::error!(error = %e, request_id, "write's audit record not durable; not forwarded");
         GatewayError::AuditUnavailable
-    })
-}
-
-fn caller_of(trail: &Trail) -> Option<Caller> {
-    trail.caller.as_ref().map(|p| Caller {
-        subject: p.subject.clone(),
-        role: p.role.clone(),
-        unit: p.unit.clone(),
-        token_id: p.token_id.clone(),
     })
 }
 
@@ -596,7 +588,12 @@ fn audit_record(
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
         kind: RecordKind::Access,
-        caller: caller_of(trail),
+        caller: trail.caller.as_ref().map(|p| Caller {
+            subject: p.subject.clone(),
+            role: p.role.clone(),
+            unit: p.unit.clone(),
+            token_id: p.token_id.clone(),
+        }),
         client_addr: Some(client.ip().to_string()),
         purpose: trail.purpose.clone(),
         lawful_basis: trail.lawful_basis.take(),
