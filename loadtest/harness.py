@@ -204,7 +204,9 @@ def make_pages(args, procs: Procs, work: Path) -> tuple[dict, Path, dict]:
     www.mkdir()
     pages = {}
     for n in args.sizes:
-        query = f"per_page={n}&page=1"
+        # As a datastore answers wardgate (which asks every listing to leave out the entries
+        # it never discloses, `exclude=protected`), so the pages hold none of them.
+        query = f"per_page={n}&page=1&exclude=protected"
         if args.persona == "councillor":
             query += f"&ward={HOME_WARD}"
         status, headers, body = fetch(f"http://{upstream}/electors?{query}")

@@ -205,6 +205,10 @@ impl Run<'_> {
             .await
             .map_err(|e| e.code().to_owned())?;
         let disclosed = std::mem::take(d);
+        crate::gateway::never_disclosed_sent(
+            self.template.dataset.as_deref().unwrap_or("none"),
+            disclosed.never_disclosed_rows,
+        );
         let n = disclosed.subjects.len() as u64;
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();

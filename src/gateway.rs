@@ -306,6 +306,7 @@ where
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
                 filter::filter_page(&body, envelope, &cx, decide, &mut memo).map_err(malformed)?;
+            never_disclosed_sent(&route.dataset, d.never_disclosed_rows);
             trail.absorb(d);
             Ok(Reply::Body(Bytes::from(out)))
         }
@@ -406,6 +407,37 @@ pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), Gat
         .standing(principal, gw.verifier.ends_at(principal), now)
 }
 
+/// A datastore asked to leave out the entries never disclosed (`exclude=protected`, or a
+/// Datasette canned query that should) sent `n` of them in a listing or an export. The filter
+/// withheld them, but a page's length and `next_page` then count them (DOMAIN.md: not even
+/// that an anonymous entry exists). The datastore breaks its contract, and the operator is
+/// told: always by a metric, and by an error in the log at most once a minute (a datastore
+/// that ignores the parameter would otherwise write one a request).
+pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+    if n == 0 {
+        return;
+    }
+    metrics::counter!("wardgate_upstream_never_disclosed_total", "dataset" => dataset.to_owned())
+        .increment(n);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let last = LOGGED.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 60
+        && LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::error!(
+            dataset,
+            records = n,
+            "the datastore sent anonymous electors or under-16s in a listing or export it was \
+             asked to leave them out of: they were withheld, but paging can count them \
+             (README: Datastores)"
+        );
+    }
+}
+
 /// Why policy withheld a record the caller named by id, most serious first. Only breach
 /// detection reads this; the policies alone decide what is withheld. The markers are the ones
 /// DOMAIN.md says are never disclosed (`N`, anonymous; `under_16`).
@@ -414,7 +446,7 @@ fn withheld_why(
     principal: &Principal,
     attrs: &crate::policy::RecordAttrs,
 ) -> &'static str {
-    if attrs.markers.contains("N") || attrs.flags.contains("under_16") {
+    if attrs.never_disclosed() {
         "protected"
     } else if !gw
         .geography

@@ -753,3 +753,150 @@ async fn admin_plane_reports_health_readiness_and_metrics() {
     assert_eq!(app.admin_get("/nope").await.status, 404);
     app.stop().await;
 }
+
+/// A datastore that answers every request with `body` (a 200 JSON page) after `delay`.
+async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let mut resp = http::Response::new(Full::new(body));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Paging one record at a time through a polling district cannot count its anonymous electors
+/// or under-16s: the gateway asks the datastore to leave the entries it never discloses out
+/// before it pages (`exclude=protected`), so the pages walked are exactly the district's other
+/// entries (a page left empty by another withholding, which DOMAIN.md does not hide, is one of
+/// them). Before, every protected entry was an empty page with a next page after it.
+#[tokio::test]
+async fn paging_one_by_one_cannot_count_anonymous_electors_or_under_16s() {
+    let app = spawn_app_with(AppOptions {
+        electors: Some(6000),
+        ..Default::default()
+    })
+    .await;
+    let truth = upstream_all(app.upstream).await;
+    let has = |r: &Value, list: &str, v: &str| r[list].as_array().unwrap().contains(&json!(v));
+    let protected = |r: &Value| has(r, "markers", "N") || has(r, "flags", "under_16");
+    let mut districts: std::collections::BTreeMap<(String, String), (usize, Vec<String>)> =
+        Default::default();
+    for r in truth.iter().filter(|r| r["ward"] == "E05011391") {
+        let key = (
+            r["local_authority"].as_str().unwrap().to_owned(),
+            r["polling_district"].as_str().unwrap().to_owned(),
+        );
+        let entry = districts.entry(key).or_default();
+        if protected(r) {
+            entry.1.push(r["elector_id"].as_str().unwrap().to_owned());
+        } else {
+            entry.0 += 1;
+        }
+    }
+    let ((la, pd), (open, hidden)) = districts
+        .into_iter()
+        .max_by_key(|(_, (_, hidden))| hidden.len())
+        .unwrap();
+    assert!(
+        !hidden.is_empty() && open > 0,
+        "the ward's districts hold no protected entry beside others: this proves nothing"
+    );
+    let token = app.token("councillor");
+    let mut pages = 0;
+    for page in 1.. {
+        let r = app
+            .get(
+                &format!(
+                    "/voter/electors?per_page=1&page={page}&local_authority={la}&polling_district={pd}"
+                ),
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        pages += 1;
+        let v = r.json();
+        for rec in v["records"].as_array().unwrap() {
+            assert!(!hidden.contains(&rec["elector_id"].as_str().unwrap().to_owned()));
+        }
+        if v["next_page"].is_null() {
+            break;
+        }
+        assert!(pages <= open + hidden.len(), "paging does not end");
+    }
+    assert_eq!(
+        pages,
+        open,
+        "{la}/{pd}: {open} entries may be paged, {} never disclosed",
+        hidden.len()
+    );
+    app.stop().await;
+}
+
+/// A datastore that ignores `exclude=protected` still has its anonymous electors withheld,
+/// and the operator is told: the page that brought one counts it in
+/// `wardgate_upstream_never_disclosed_total` (the page's shape then counts it too, which only
+/// the datastore can mend).
+#[tokio::test]
+async fn a_datastore_sending_never_disclosed_entries_is_caught() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let anonymous = truth.iter().find(|r| r["markers"] == json!(["N"])).unwrap();
+    let open = truth
+        .iter()
+        .find(|r| r["markers"] == json!([]) && r["flags"] == json!([]))
+        .unwrap();
+    let page = json!({"records": [anonymous, open], "page": 1, "per_page": 2, "next_page": null});
+    let upstream = delayed_upstream(
+        Bytes::from(page.to_string()),
+        std::time::Duration::from_millis(0),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .get(
+            "/voter/electors?per_page=2",
+            Some(&app.token("analyst")),
+            Some("profiling"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ids: Vec<Value> = r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["elector_id"].clone())
+        .collect();
+    assert_eq!(ids, [open["elector_id"].clone()]);
+    let text = String::from_utf8_lossy(&app.admin_get("/metrics").await.body).into_owned();
+    let counted = text
+        .lines()
+        .find(|l| l.starts_with("wardgate_upstream_never_disclosed_total{dataset=\"voter\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n >= 1.0), "{text}");
+    app.stop().await;
+}

@@ -268,7 +268,10 @@ fn list(lock: &RwLock<Table>, query: &str, kind: Kind) -> Result<Response<Respon
         Kind::Electors => ELECTOR_FILTERS,
         Kind::Members => &["branch", "clp", "status", "areas"],
     };
-    let q = Query::parse(query, &[filters, &["fields", "page", "per_page"]].concat())?;
+    let q = Query::parse(
+        query,
+        &[filters, &["fields", "page", "per_page", "exclude"]].concat(),
+    )?;
     let (page, per_page) = (
         q.number("page", 1, 10_000_000)?,
         q.number("per_page", 100, 1000)?,
@@ -342,7 +345,7 @@ impl Body for ChannelBody {
 const EXPORT_CHUNK: usize = 64 * 1024;
 
 fn export(lock: &Arc<RwLock<Table>>, query: &str) -> Result<Response<ResponseBody>, Problem> {
-    let q = Query::parse(query, &[ELECTOR_FILTERS, &["fields"]].concat())?;
+    let q = Query::parse(query, &[ELECTOR_FILTERS, &["fields", "exclude"]].concat())?;
     let fields = q.fields(Kind::Electors)?;
     let filter = Filter::new(&q, Kind::Electors, &read(lock))?;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
@@ -455,6 +458,7 @@ async fn canvass(
     let json = serde_json::to_string(&record)
         .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the record"))?;
     let body = format!("{{\"record\":{json}}}").into_bytes();
+    row.protected = table::protected(&Value::Object(record));
     row.json = json.into();
     Ok(json_ok(body))
 }

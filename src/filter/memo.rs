@@ -39,9 +39,8 @@ pub const MAX_KEPT_DECISIONS: usize = 4_096;
 pub(super) const MAX_PLANS: usize = 64;
 
 pub struct Memo {
-    /// Per fingerprint, the decision's index in `distinct`; `None`: records with this
-    /// fingerprint are malformed.
-    decisions: HashMap<Key, Option<usize>, foldhash::fast::RandomState>,
+    /// Per fingerprint, its decision; `None`: records with this fingerprint are malformed.
+    decisions: HashMap<Key, Option<Decided>, foldhash::fast::RandomState>,
     max_decisions: usize,
     /// Each distinct decision value once: entries and plans name a decision by its index
     /// here, so that plans are found by a comparison of numbers, and a record's decision is
@@ -110,6 +109,15 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
+/// What a fingerprint was decided: the decision's index in `Memo::distinct`, and whether its
+/// records are ones never disclosed (`RecordAttrs::never_disclosed`), which a datastore asked
+/// to leave them out should not have sent.
+#[derive(Clone, Copy)]
+struct Decided {
+    decision: usize,
+    never_disclosed: bool,
+}
+
 /// One distinct decision value, and the last chunk that reported its policy ids.
 struct Distinct {
     decision: Arc<RecordDecision>,
@@ -144,8 +152,8 @@ struct Plan {
 pub(super) enum Judged<'m, 'a> {
     /// Its policy attributes are missing or malformed, or it names a field twice: withheld.
     Malformed,
-    /// Policy refuses it.
-    Refused,
+    /// Policy refuses it; `never_disclosed`: it is an entry never disclosed in any form.
+    Refused { never_disclosed: bool },
     /// It leaves with these runs of consecutive fields (`(first, last)` indexes, in order).
     Leaves {
         subject: Cow<'a, str>,
@@ -194,7 +202,11 @@ impl Memo {
         let Some(subject) = attrs::subject(rec, &self.layouts[layout].roles) else {
             return Judged::Malformed;
         };
-        let Some(decided) = self.decision(layout, rec, cx, &subject, decide, d) else {
+        let Some(Decided {
+            decision: decided,
+            never_disclosed,
+        }) = self.decision(layout, rec, cx, &subject, decide, d)
+        else {
             return Judged::Malformed;
         };
         let Some(verdict) = self.distinct.get(decided).map(|k| &k.decision) else {
@@ -203,7 +215,7 @@ impl Memo {
             return Judged::Malformed;
         };
         if !verdict.allowed {
-            return Judged::Refused;
+            return Judged::Refused { never_disclosed };
         }
         if self.layouts[layout].duplicate_names {
             return Judged::Malformed;
@@ -263,8 +275,8 @@ impl Memo {
         layout
     }
 
-    /// The decision for this record of `subject` (its index in `distinct`), or `None` when its
-    /// attributes are missing or malformed.
+    /// The decision for this record of `subject`, or `None` when its attributes are missing
+    /// or malformed.
     fn decision(
         &mut self,
         layout: usize,
@@ -273,14 +285,17 @@ impl Memo {
         subject: &str,
         decide: &mut dyn FnMut(&RecordAttrs) -> Arc<RecordDecision>,
         d: &mut Disclosure,
-    ) -> Option<usize> {
+    ) -> Option<Decided> {
         let roles = &self.layouts[layout].roles;
         attrs::fingerprint(rec, roles, cx, subject, &mut self.key);
         let decision = match self.decisions.get(self.key.as_slice()) {
             Some(&known) => known,
             None => {
                 let read = attrs::read(rec, roles, cx);
-                let decision = read.map(|(_, a)| self.same(decide(&a)));
+                let decision = read.map(|(_, a)| Decided {
+                    decision: self.same(decide(&a)),
+                    never_disclosed: a.never_disclosed(),
+                });
                 if self.decisions.len() >= self.max_decisions {
                     self.decisions.clear();
                 }
@@ -288,8 +303,8 @@ impl Memo {
                 decision
             }
         };
-        if let Some(i) = decision {
-            self.report(i, d);
+        if let Some(decided) = decision {
+            self.report(decided.decision, d);
         }
         decision
     }

@@ -53,6 +53,9 @@ pub struct Disclosure {
     /// The policies behind the decisions applied, whether the record left or not.
     pub policy_ids: BTreeSet<String>,
     pub rows_withheld: u64,
+    /// Of those, entries never disclosed in any form (`RecordAttrs::never_disclosed`): a
+    /// datastore asked to leave them out of listings and exports should have sent none.
+    pub never_disclosed_rows: u64,
     pub malformed_rows: u64,
     pub unclassified_fields: u64,
 }
@@ -629,8 +632,9 @@ fn write_record(
             d.malformed_rows += 1;
             return false;
         }
-        Judged::Refused => {
+        Judged::Refused { never_disclosed } => {
             d.rows_withheld += 1;
+            d.never_disclosed_rows += u64::from(never_disclosed);
             return false;
         }
         Judged::Leaves {

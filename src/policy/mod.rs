@@ -67,6 +67,16 @@ pub struct RecordAttrs {
     pub tps_fresh: bool,
 }
 
+impl RecordAttrs {
+    /// An entry DOMAIN.md says is never disclosed in any form: an anonymous elector (marker
+    /// `N`) or an under-16 (flag `under_16`). The policies forbid them (`markers.cedar`); this
+    /// names them for what is not a decision: why a read was refused (breach detection) and
+    /// whether a datastore sent one it was asked to leave out.
+    pub fn never_disclosed(&self) -> bool {
+        self.markers.contains("N") || self.flags.contains("under_16")
+    }
+}
+
 /// Who is asking and why, for every decision of one request. The Cedar side of it (the
 /// context's caller and purpose, built as Cedar expressions directly: parsing a JSON context
 /// was most of a decision's cost) is built on the first decision that needs it, and most

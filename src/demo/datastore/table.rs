@@ -32,6 +32,9 @@ pub(super) struct Row {
     /// Postcode upper-cased without spaces, for prefix matching.
     postcode: Box<str>,
     district: u32,
+    /// An entry never disclosed (marker `N`, flag `under_16`), left out where a request says
+    /// `exclude=protected`.
+    pub protected: bool,
 }
 
 /// One dataset: rows in id order, with an id index and a polling-district index.
@@ -48,6 +51,18 @@ pub(super) struct Table {
 
 fn text<'a>(record: &'a Value, key: &str) -> &'a str {
     record.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Whether a record is an entry the gateway never discloses: an anonymous elector (marker
+/// `N`) or an under-16 (flag `under_16`).
+pub(super) fn protected(record: &Value) -> bool {
+    let has = |list: &str, v: &str| {
+        record
+            .get(list)
+            .and_then(Value::as_array)
+            .is_some_and(|l| l.iter().any(|x| x == v))
+    };
+    has("markers", "N") || has("flags", "under_16")
 }
 
 fn normalise_postcode(s: &str) -> String {
@@ -75,6 +90,7 @@ impl Table {
                 units,
                 postcode: normalise_postcode(text(&record, "postcode")).into(),
                 district: 0,
+                protected: protected(&record),
             };
             keyed.push((text(&record, id_key).into(), row));
         }
@@ -241,6 +257,8 @@ pub(super) struct Filter {
     postcode: Option<String>,
     /// `areas=`: the table's districts it names, and (members only) the party units it names.
     areas: Option<(Vec<bool>, HashSet<u32>)>,
+    /// `exclude=protected`: leave out the entries the gateway never discloses, before paging.
+    exclude_protected: bool,
 }
 
 impl Filter {
@@ -271,11 +289,21 @@ impl Filter {
             (named, units)
         });
         let postcode = p.get("postcode").map(|v| normalise_postcode(v));
+        let exclude_protected = match p.get("exclude").map(String::as_str) {
+            None => false,
+            Some("protected") => true,
+            Some(other) => {
+                return Err(Problem::bad(format!(
+                    "`exclude` knows only `protected`, not `{other}`"
+                )));
+            }
+        };
         Ok(Filter {
             kind,
             equal,
             postcode,
             areas,
+            exclude_protected,
         })
     }
 
@@ -283,6 +311,9 @@ impl Filter {
         let Some(row) = table.rows.get(pos) else {
             return false;
         };
+        if self.exclude_protected && row.protected {
+            return false;
+        }
         let unit = |slot: usize| row.units.get(slot).copied();
         if !self
             .equal

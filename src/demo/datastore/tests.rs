@@ -353,6 +353,66 @@ async fn canvass_writes_are_read_back() {
     s.stop().await;
 }
 
+/// `exclude=protected` leaves anonymous electors and under-16s out before paging, in
+/// listings and exports alike: pages count only the others. Anything but `protected` is a 400.
+#[tokio::test]
+async fn exclude_protected_leaves_the_never_disclosed_out_before_paging() {
+    let s = start().await;
+    let ward = |r: &Value| r["ward"] == "E05011391";
+    let protected = |r: &Value| {
+        r["markers"].as_array().unwrap().contains(&json!("N"))
+            || r["flags"].as_array().unwrap().contains(&json!("under_16"))
+    };
+    let ids = |rs: &[Value]| -> Vec<String> {
+        rs.iter()
+            .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut want: Vec<String> = s
+        .electors_where(|r| ward(r) && !protected(r))
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect();
+    want.sort();
+    let hidden = s.electors_where(|r| ward(r) && protected(r)).len();
+    assert!(
+        hidden > 0,
+        "the ward holds no protected entry: this proves nothing"
+    );
+    let listed = s.all("/electors?ward=E05011391&exclude=protected").await;
+    assert_eq!(ids(&listed), want);
+    assert_eq!(
+        s.all("/electors?ward=E05011391").await.len(),
+        want.len() + hidden
+    );
+    // Paged one by one, no page is spent on a protected entry.
+    let last = s
+        .get(&format!(
+            "/electors?ward=E05011391&exclude=protected&per_page=1&page={}",
+            want.len()
+        ))
+        .await
+        .json();
+    assert_eq!(
+        ids(last["records"].as_array().unwrap()),
+        [want[want.len() - 1].clone()]
+    );
+    assert!(last["next_page"].is_null());
+    let reply = s
+        .get("/electors/export?ward=E05011391&exclude=protected")
+        .await;
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ids(&lines), want);
+    for path in ["/electors?exclude=anonymous", "/electors/export?exclude="] {
+        assert_eq!(s.get(path).await.status, StatusCode::BAD_REQUEST, "{path}");
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn export_streams_exactly_the_filtered_records() {
     let s = start().await;
