@@ -55,6 +55,41 @@ pub struct Gateway {
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
+    /// Requests whose pipeline is running (`handle_to_end`), for shutdown to wait on.
+    pub in_flight: InFlight,
+}
+
+/// How many requests are being handled, and a wake-up for when none is: a request whose
+/// caller has gone is no longer any connection's, so the server's drain does not wait for it.
+#[derive(Default)]
+pub struct InFlight {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request being handled, counted until it is dropped.
+struct Running(Arc<Gateway>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let f = &self.0.in_flight;
+        if f.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            f.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    /// Resolves once no request is being handled.
+    pub async fn idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.running.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
@@ -82,6 +117,46 @@ pub type DataBody =
 enum Reply {
     Body(Bytes),
     Export(Box<crate::export::Plan>),
+}
+
+/// `handle` in a task of its own, as the data plane runs every request: a caller who hangs
+/// up mid-request drops only the wait for the answer, and the pipeline still runs to its end,
+/// so every request leaves its audit record (a write forwarded before the caller went has its
+/// answer's record too). A panic in the pipeline answers 500 instead of ending the connection.
+/// Shutdown waits for these (`InFlight::idle`) before the audit log is flushed.
+pub async fn handle_to_end<B>(
+    gw: Arc<Gateway>,
+    req: Request<B>,
+    client: SocketAddr,
+) -> Response<DataBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let asked_id = req.headers().get("x-request-id").cloned();
+    gw.in_flight
+        .running
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let running = Running(Arc::clone(&gw));
+    let task = tokio::spawn(async move {
+        let _running = running;
+        handle(&gw, req, client).await
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            let mut headers = HeaderMap::new();
+            if let Some(id) = asked_id {
+                headers.insert("x-request-id", id);
+            }
+            let request_id = request_id(&headers);
+            tracing::error!(error = %e, request_id, "request handler failed");
+            boxed(problem_response(
+                &GatewayError::Internal("the request's handler failed".to_owned()),
+                &request_id,
+            ))
+        }
+    }
 }
 
 /// The outer handler: always answers, and never before the audit record is durable.

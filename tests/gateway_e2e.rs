@@ -783,6 +783,57 @@ async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> SocketAddr
     addr
 }
 
+/// A caller who hangs up before the answer does not take the request's audit record with it:
+/// the pipeline runs to its end in a task of its own, so the page fetched and filtered for
+/// them is recorded (a 200 listing its subjects) though it never left. Before, the server
+/// dropped the handler with the connection, and the request left no record at all.
+#[tokio::test]
+async fn a_caller_who_hangs_up_mid_request_still_leaves_its_record() {
+    use tokio::io::AsyncWriteExt;
+    let real = spawn_app().await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("http://{}/electors?per_page=20", real.upstream);
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let page = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let upstream = delayed_upstream(page, std::time::Duration::from_millis(800)).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "GET /voter/electors?per_page=20 HTTP/1.1\r\nhost: wardgate\r\n\
+         authorization: Bearer {}\r\nx-purpose: profiling\r\nx-request-id: hung-up-1\r\n\r\n",
+        app.token("analyst")
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(stream);
+    let mut record = None;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        record = app
+            .audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == "hung-up-1");
+        if record.is_some() {
+            break;
+        }
+    }
+    let record = record.expect("the hung-up request left no audit record");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["decision"], "allow", "{record}");
+    assert!(
+        !record["subjects"].as_array().unwrap().is_empty(),
+        "{record}"
+    );
+}
+
 /// Paging one record at a time through a polling district cannot count its anonymous electors
 /// or under-16s: the gateway asks the datastore to leave the entries it never discloses out
 /// before it pages (`exclude=protected`), so the pages walked are exactly the district's other
