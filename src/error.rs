@@ -109,6 +109,10 @@ pub enum GatewayError {
     ControlsStale,
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller closed the connection before the answer (only ever audited: there is no one
+    /// to send it to).
+    #[error("the caller closed the connection")]
+    ClientClosed,
 }
 
 /// An RFC 9457 problem document, plus the two extensions wardgate always adds.
@@ -147,6 +151,10 @@ impl GatewayError {
             }
             GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // nginx's "client closed request": no standard status says it.
+            GatewayError::ClientClosed => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
@@ -172,6 +180,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded => "quota_exceeded",
             GatewayError::ControlsStale => "controls_stale",
             GatewayError::Internal(_) => "internal_error",
+            GatewayError::ClientClosed => "client_closed",
         }
     }
 
@@ -193,6 +202,7 @@ impl GatewayError {
             GatewayError::AuditUnavailable | GatewayError::ControlsStale => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
             GatewayError::Internal(_) => "internal error",
+            GatewayError::ClientClosed => "client closed request",
         }
     }
 
@@ -241,6 +251,7 @@ impl GatewayError {
                     .to_owned()
             }
             GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),
+            GatewayError::ClientClosed => "the connection was closed before the answer".to_owned(),
         }
     }
 

@@ -55,41 +55,6 @@ pub struct Gateway {
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
-    /// Requests whose pipeline is running (`handle_to_end`), for shutdown to wait on.
-    pub in_flight: InFlight,
-}
-
-/// How many requests are being handled, and a wake-up for when none is: a request whose
-/// caller has gone is no longer any connection's, so the server's drain does not wait for it.
-#[derive(Default)]
-pub struct InFlight {
-    running: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-/// One request being handled, counted until it is dropped.
-struct Running(Arc<Gateway>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let f = &self.0.in_flight;
-        if f.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            f.idle.notify_waiters();
-        }
-    }
-}
-
-impl InFlight {
-    /// Resolves once no request is being handled.
-    pub async fn idle(&self) {
-        loop {
-            let idle = self.idle.notified();
-            if self.running.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
 }
 
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
@@ -119,46 +84,6 @@ enum Reply {
     Export(Box<crate::export::Plan>),
 }
 
-/// `handle` in a task of its own, as the data plane runs every request: a caller who hangs
-/// up mid-request drops only the wait for the answer, and the pipeline still runs to its end,
-/// so every request leaves its audit record (a write forwarded before the caller went has its
-/// answer's record too). A panic in the pipeline answers 500 instead of ending the connection.
-/// Shutdown waits for these (`InFlight::idle`) before the audit log is flushed.
-pub async fn handle_to_end<B>(
-    gw: Arc<Gateway>,
-    req: Request<B>,
-    client: SocketAddr,
-) -> Response<DataBody>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let asked_id = req.headers().get("x-request-id").cloned();
-    gw.in_flight
-        .running
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let running = Running(Arc::clone(&gw));
-    let task = tokio::spawn(async move {
-        let _running = running;
-        handle(&gw, req, client).await
-    });
-    match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            let mut headers = HeaderMap::new();
-            if let Some(id) = asked_id {
-                headers.insert("x-request-id", id);
-            }
-            let request_id = request_id(&headers);
-            tracing::error!(error = %e, request_id, "request handler failed");
-            boxed(problem_response(
-                &GatewayError::Internal("the request's handler failed".to_owned()),
-                &request_id,
-            ))
-        }
-    }
-}
-
 /// The outer handler: always answers, and never before the audit record is durable.
 pub async fn handle<B>(
     gw: &std::sync::Arc<Gateway>,
@@ -174,15 +99,25 @@ where
     let request_id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let mut trail = Trail::default();
-    let result = process(gw, req, &request_id, client, &mut trail).await;
+    let mut unanswered = Unanswered {
+        gw,
+        request_id: &request_id,
+        client,
+        method: &method,
+        path: &path,
+        started,
+        trail: Trail::default(),
+        armed: true,
+    };
+    let result = process(gw, req, &request_id, client, &mut unanswered.trail).await;
+    let trail = &mut unanswered.trail;
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
     let disclosed = trail.subjects.len() as u64;
     let mut record = audit_record(
-        &mut trail,
+        trail,
         result.as_ref().err(),
         &request_id,
         client,
@@ -200,6 +135,7 @@ where
     // Queued before the request stops counting as on its way, so that a group commit napping
     // for records wakes when the last one is in the queue (`Writer::gather`).
     let queued = gw.audit.submit(record).await;
+    unanswered.armed = false;
     drop(coming);
     let appended = match queued {
         Ok(ack) => ack.durable().await,
@@ -258,6 +194,45 @@ where
     metrics::counter!("wardgate_rows_withheld_total", "dataset" => dataset)
         .increment(trail.rows_withheld);
     response
+}
+
+/// A request whose audit record is not yet queued. Dropped so, its caller hung up: the server
+/// drops the handler with the connection, mid-pipeline (waiting on the datastore, say), and the
+/// record the pipeline would have written is written here instead: an error,
+/// `client_closed`, disclosing nothing (nothing left), with what the trail knew: who, why,
+/// which dataset and route, the fields a write named. So every request leaves a record, and a
+/// write forwarded before its caller went has one after its intent. Queued without waiting (a
+/// drop cannot wait; `AuditLog::queue_detached`), before shutdown flushes the log.
+struct Unanswered<'a> {
+    gw: &'a Gateway,
+    request_id: &'a str,
+    client: SocketAddr,
+    method: &'a Method,
+    path: &'a str,
+    started: Instant,
+    trail: Trail,
+    /// Cleared once the request's own record is queued (or failed to be).
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let gone = GatewayError::ClientClosed;
+        let record = audit_record(
+            &mut self.trail,
+            Some(&gone),
+            self.request_id,
+            self.client,
+            self.method,
+            self.path,
+            gone.status(),
+            self.started,
+        );
+        self.gw.audit.queue_detached(record);
+    }
 }
 
 /// A buffered response as a data-plane body.

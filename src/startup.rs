@@ -191,7 +191,6 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         upstreams: c.upstreams,
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
-        in_flight: Default::default(),
     };
     Ok((Arc::new(gw), c.tls))
 }
@@ -224,7 +223,10 @@ pub async fn run(
     let data_task = tokio::spawn(server::serve(
         data,
         tls,
-        move |req, peer| gateway::handle_to_end(gw_data.clone(), req, peer),
+        move |req, peer| {
+            let gw = gw_data.clone();
+            async move { gateway::handle(&gw, req, peer).await }
+        },
         stopped(stop_rx),
         grace,
     ));
@@ -268,13 +270,6 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let data_result = data_task.await.context("data plane task failed")?;
     let admin_result = admin_task.await.context("admin plane task failed")?;
-    // Requests whose callers hung up still finish and write their records.
-    if tokio::time::timeout(grace, gw.in_flight.idle())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over with requests still being handled");
-    }
     gw.audit.shutdown().await;
     tracing::info!("audit log flushed; stopped");
     data_result.and(admin_result)

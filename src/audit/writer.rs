@@ -173,6 +173,38 @@ impl AuditLog {
         Ok(Ack(done))
     }
 
+    /// Queues one record without waiting, for a caller that cannot wait (a drop): at once
+    /// when the queue has room, else from a task of its own. Whether it becomes durable is not
+    /// reported; failures are logged.
+    pub fn queue_detached(&self, record: AuditRecord) {
+        let Some(tx) = lock(&self.inner.tx).clone() else {
+            tracing::error!(
+                request_id = record.request_id,
+                "audit log closed; record lost"
+            );
+            return;
+        };
+        let (reply, _) = oneshot::channel();
+        match tx.try_send(Pending { record, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(pending)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        runtime.spawn(async move {
+                            if tx.send(pending).await.is_err() {
+                                tracing::error!("audit log closed; record lost");
+                            }
+                        });
+                    }
+                    Err(_) => tracing::error!("audit queue full and no runtime; record lost"),
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit log closed; record lost");
+            }
+        }
+    }
+
     /// Every record acknowledged from now on, in sequence order.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Logged>> {
         self.inner.published.subscribe()
