@@ -199,9 +199,10 @@ impl Run<'_> {
             return Ok(());
         }
         self.still_standing(principal)?;
-        self.gw
+        let _hold = self
+            .gw
             .controls
-            .check_quota(principal)
+            .check_quota(principal, d.subjects.len() as u64)
             .await
             .map_err(|e| e.code().to_owned())?;
         let disclosed = std::mem::take(d);

@@ -72,6 +72,8 @@ pub struct Trail {
     /// Why the one record asked for by id was withheld, for breach detection.
     withheld_target: Option<&'static str>,
     written: Vec<String>,
+    /// Records held against the caller's quota until the request ends.
+    quota: crate::controls::QuotaHold,
 }
 
 /// A data-plane response body: buffered, or an export's stream of audited chunks.
@@ -303,8 +305,18 @@ where
             policy_ids: verdict.policy_ids,
         });
     }
-    // A principal past their role's allowance gets nothing more this window.
-    gw.controls.check_quota(&principal).await?;
+    // A principal past their role's allowance gets nothing more this window; as many records
+    // as this request may disclose are held for it meanwhile (parallel requests see them).
+    let may_disclose = match &route.kind {
+        RouteKind::List => route.per_page.unwrap_or(dialect::DEFAULT_PER_PAGE),
+        RouteKind::Read { .. } | RouteKind::Write { .. } => 1,
+        // Each chunk is checked and held on its own.
+        RouteKind::Export => 0,
+    };
+    trail.quota = gw
+        .controls
+        .check_quota(&principal, u64::from(may_disclose))
+        .await?;
 
     // 5. Forward, then filter what comes back.
     let upstream = gw

@@ -509,3 +509,47 @@ async fn volume_alerts(app: &TestApp) -> Vec<serde_json::Value> {
         .cloned()
         .collect()
 }
+
+/// A scraper cannot outrun its quota by asking in parallel: each request holds as many records
+/// as it may disclose from its check until it ends, so requests sent at once see each other.
+/// Six 50-record pages at once against an allowance of 60 an hour, the datastore slow enough
+/// that none has ended before the last is checked: two may go (the second starts at 50 held,
+/// under 60), the other four get 429. Before, all six passed the check on a count of nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_requests_cannot_outrun_the_quota() {
+    let (store, _stop) = common::start_datastore(800).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let uri = format!("http://{store}/electors?per_page=50&ward=E05011391");
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let page = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let upstream = common::delayed_upstream(page, std::time::Duration::from_millis(1500)).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        tweak: Some(small_quota),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("councillor");
+    let asks = (0..6).map(|_| {
+        app.get(
+            "/voter/electors?per_page=50",
+            Some(&token),
+            Some("canvassing"),
+        )
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status.as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
+    let disclosed: usize = answers
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.json()["records"].as_array().unwrap().len())
+        .sum();
+    assert!(disclosed > 0 && disclosed <= 100, "{disclosed}");
+    app.stop().await;
+}

@@ -754,35 +754,6 @@ async fn admin_plane_reports_health_readiness_and_metrics() {
     app.stop().await;
 }
 
-/// A datastore that answers every request with `body` (a 200 JSON page) after `delay`.
-async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        let mut resp = http::Response::new(Full::new(body));
-                        resp.headers_mut().insert(
-                            "content-type",
-                            http::HeaderValue::from_static("application/json"),
-                        );
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// A caller who hangs up before the answer does not take the request's audit record with it:
 /// the server drops the handler with the connection (here while it waits on the datastore),
 /// and the record is written as the handler goes: an error, `client_closed`, who asked and
@@ -799,7 +770,7 @@ async fn a_caller_who_hangs_up_mid_request_still_leaves_its_record() {
         .await
         .unwrap()
         .to_bytes();
-    let upstream = delayed_upstream(page, std::time::Duration::from_millis(800)).await;
+    let upstream = common::delayed_upstream(page, std::time::Duration::from_millis(800)).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
         ..Default::default()
@@ -918,7 +889,7 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
         .find(|r| r["markers"] == json!([]) && r["flags"] == json!([]))
         .unwrap();
     let page = json!({"records": [anonymous, open], "page": 1, "per_page": 2, "next_page": null});
-    let upstream = delayed_upstream(
+    let upstream = common::delayed_upstream(
         Bytes::from(page.to_string()),
         std::time::Duration::from_millis(0),
     )

@@ -160,6 +160,18 @@ pub struct Controls {
     inner: Arc<Inner>,
 }
 
+/// Records reserved for a request under way (`Controls::check_quota`), given back when dropped.
+#[derive(Default)]
+pub struct QuotaHold(Option<(Arc<Inner>, quota::Held)>);
+
+impl Drop for QuotaHold {
+    fn drop(&mut self) {
+        if let Some((inner, held)) = &self.0 {
+            inner.quotas.release(held);
+        }
+    }
+}
+
 struct Inner {
     snapshot: RwLock<Snapshot>,
     /// Flags per subject, rebuilt (and replaced whole) on change so the request path reads a
@@ -259,19 +271,30 @@ impl Controls {
                 .is_some_and(|&before| p.issued_at <= before)
     }
 
-    /// 429 when the principal has already been disclosed their role's allowance.
-    pub async fn check_quota(&self, p: &Principal) -> Result<(), GatewayError> {
+    /// 429 when the principal has already been disclosed their role's allowance, counting
+    /// what their requests under way have reserved; otherwise `reserve` records (as many as
+    /// the request may disclose) are held for it until the returned hold is dropped, once its
+    /// disclosure is counted (`count`).
+    pub async fn check_quota(
+        &self,
+        p: &Principal,
+        reserve: u64,
+    ) -> Result<QuotaHold, GatewayError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        match &self.inner.redis {
-            None => self.inner.quotas.check(p, now, None).await,
+        let held = match &self.inner.redis {
+            None => self.inner.quotas.check(p, now, None, reserve).await,
             Some(r) => {
                 let mut guard = self.inner.quota_conn.lock().await;
                 if guard.is_none() {
                     *guard = r.connection().await.ok();
                 }
-                self.inner.quotas.check(p, now, guard.as_mut()).await
+                self.inner
+                    .quotas
+                    .check(p, now, guard.as_mut(), reserve)
+                    .await
             }
-        }
+        }?;
+        Ok(QuotaHold(held.map(|h| (Arc::clone(&self.inner), h))))
     }
 
     /// Counts records disclosed to `p`.

@@ -7,6 +7,13 @@
 //! totals of every principal it has served recently, so an over-quota principal is refused on
 //! every replica. The only request that waits on Redis is the first from a principal a replica
 //! has not seen in a while (it fetches their totals once); the steady state reads memory.
+//!
+//! A request reserves, when it is checked, as many records as it may disclose (its page size),
+//! and gives them back when it ends, its disclosure counted by then: requests sent in parallel
+//! each see the others' reservations, so together they cannot pass the check on a total none
+//! of them has added to yet. A principal may still go over by one request's worth, as one
+//! request alone always could. Reservations are this replica's own: replicas learn each
+//! other's counts every flush, not each other's requests under way.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -38,6 +45,16 @@ struct Counts {
     pending: HashMap<String, u64>,
     /// Keys to refresh from Redis, with when they were last used.
     active: HashMap<String, Instant>,
+    /// Records reserved by requests under way on this replica (never flushed).
+    reserved: HashMap<String, u64>,
+}
+
+/// Records a request reserved at its check (`Quotas::check`), to give back with
+/// `Quotas::release` when it ends.
+#[derive(Debug)]
+pub struct Held {
+    keys: [String; 2],
+    n: u64,
 }
 
 pub struct Quotas {
@@ -68,16 +85,19 @@ impl Quotas {
         }
     }
 
-    /// Whether the principal may be disclosed more records now. With `conn`, totals this
-    /// replica has never seen are fetched once from Redis.
+    /// Whether the principal may be disclosed more records now, counting what requests under
+    /// way have reserved; if so, `reserve` more are reserved for this one (`None`: its role has
+    /// no limits, or nothing was reserved). With `conn`, totals this replica has never seen are
+    /// fetched once from Redis.
     pub async fn check(
         &self,
         p: &Principal,
         now: i64,
         conn: Option<&mut MultiplexedConnection>,
-    ) -> Result<(), GatewayError> {
+        reserve: u64,
+    ) -> Result<Option<Held>, GatewayError> {
         let Some(limits) = self.limits.get(&p.role).copied() else {
-            return Ok(());
+            return Ok(None);
         };
         let [(hour, _), (day, _)] = keys(&p.subject, now);
         let unknown = {
@@ -107,15 +127,41 @@ impl Quotas {
                 c.totals.insert(day.clone(), d.unwrap_or(0) + pd);
             }
         }
-        let c = self
+        let mut c = self
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-        let used = |k: &str| c.totals.get(k).copied().unwrap_or(0);
-        if used(&hour) >= limits.per_hour || used(&day) >= limits.per_day {
+        let used = |c: &Counts, k: &str| {
+            c.totals.get(k).copied().unwrap_or(0) + c.reserved.get(k).copied().unwrap_or(0)
+        };
+        if used(&c, &hour) >= limits.per_hour || used(&c, &day) >= limits.per_day {
             return Err(GatewayError::QuotaExceeded);
         }
-        Ok(())
+        if reserve == 0 {
+            return Ok(None);
+        }
+        for k in [&hour, &day] {
+            *c.reserved.entry(k.clone()).or_default() += reserve;
+        }
+        Ok(Some(Held {
+            keys: [hour, day],
+            n: reserve,
+        }))
+    }
+
+    /// Gives back what a request reserved.
+    pub fn release(&self, held: &Held) {
+        let Ok(mut c) = self.counts.lock() else {
+            return;
+        };
+        for k in &held.keys {
+            if let Some(r) = c.reserved.get_mut(k) {
+                *r = r.saturating_sub(held.n);
+                if *r == 0 {
+                    c.reserved.remove(k);
+                }
+            }
+        }
     }
 
     /// Counts `n` records disclosed to `p`.

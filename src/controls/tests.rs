@@ -138,23 +138,44 @@ async fn quotas_count_per_principal_and_refuse_past_the_limit() {
         grant_expires_at: None,
     };
     let alice = p("alice", "councillor");
-    assert!(c.check_quota(&alice).await.is_ok());
+    assert!(c.check_quota(&alice, 0).await.is_ok());
     c.count(&alice, 50);
-    assert!(c.check_quota(&alice).await.is_ok(), "50 of 60");
+    assert!(c.check_quota(&alice, 0).await.is_ok(), "50 of 60");
     c.count(&alice, 50);
     assert!(matches!(
-        c.check_quota(&alice).await,
+        c.check_quota(&alice, 0).await,
         Err(GatewayError::QuotaExceeded)
     ));
     assert!(
-        c.check_quota(&p("bob", "councillor")).await.is_ok(),
+        c.check_quota(&p("bob", "councillor"), 0).await.is_ok(),
         "per principal"
     );
     c.count(&p("dana", "dpo"), 1_000_000);
     assert!(
-        c.check_quota(&p("dana", "dpo")).await.is_ok(),
+        c.check_quota(&p("dana", "dpo"), 1_000).await.is_ok(),
         "roles without limits are unlimited"
     );
+    // Requests under way hold what they may disclose: two pages of 25 in flight at once
+    // leave bob 10 of 60, a third is refused before either has counted a record; as they
+    // end (having disclosed less) the rest is free again.
+    let bob = p("bob", "councillor");
+    let first = c.check_quota(&bob, 25).await.unwrap();
+    let second = c.check_quota(&bob, 25).await.unwrap();
+    assert!(c.check_quota(&bob, 25).await.is_ok(), "50 held of 60");
+    let third = c.check_quota(&bob, 25).await;
+    assert!(third.is_ok());
+    assert!(
+        matches!(
+            c.check_quota(&bob, 25).await,
+            Err(GatewayError::QuotaExceeded)
+        ),
+        "75 held of 60: refused though nothing is counted yet"
+    );
+    for hold in [first, second, third.unwrap()] {
+        c.count(&bob, 5);
+        drop(hold);
+    }
+    assert!(c.check_quota(&bob, 25).await.is_ok(), "15 disclosed of 60");
 }
 
 /// Placements arriving at once on several threads (the Redis follower and local `POST

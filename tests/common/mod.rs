@@ -476,3 +476,32 @@ pub fn fill(dir: &Path) {
     let block = vec![0u8; 4096];
     while f.write_all(&block).is_ok() && f.sync_all().is_ok() {}
 }
+
+/// A datastore that answers every request with `body` (a 200 JSON page) after `delay`.
+pub async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let mut resp = http::Response::new(Full::new(body));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
