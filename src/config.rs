@@ -247,6 +247,7 @@ struct RawAudit {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: String,
+    key_file: PathBuf,
     staleness_bound: Option<String>,
     resync_interval: Option<String>,
     stream: Option<String>,
@@ -347,6 +348,7 @@ impl RawConfig {
                         "redis.resync_interval",
                     )?,
                     stream: r.stream.unwrap_or_else(|| "wardgate:controls".to_owned()),
+                    key_file: at(&r.key_file),
                     url: r.url,
                 }),
                 None => None,

@@ -553,3 +553,94 @@ async fn parallel_requests_cannot_outrun_the_quota() {
     assert!(disclosed > 0 && disclosed <= 100, "{disclosed}");
     app.stop().await;
 }
+
+/// Who can write to Redis but does not hold `redis.key_file` cannot lift a restriction: a
+/// lift forged from the placement's own entry (a newer time, a new id), once without a
+/// signature and once with a wrong one, is refused and counted, and the record stays
+/// withheld. Before entries were signed, the lift applied on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_entry_written_without_the_key_is_refused() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    until("a ready", || async {
+        a.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let id = visible_elector(&a).await;
+    let placed = a
+        .admin_post(
+            &format!("/rights/{id}"),
+            &a.token("dpo"),
+            r#"{"kind":"restricted","reference":"RR-7","reason":"Art 18"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
+    let path = format!("/voter/electors/{id}");
+    let councillor = |app: &TestApp| app.token("councillor");
+    assert_eq!(
+        a.get(&path, Some(&councillor(&a)), Some("canvassing"))
+            .await
+            .status,
+        404
+    );
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let stream: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("wardgate:controls")
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    let placement: serde_json::Value = serde_json::from_str(
+        &stream
+            .ids
+            .iter()
+            .filter_map(|e| e.get::<String>("event"))
+            .find(|json| json.contains(&id))
+            .expect("the placement is in the stream"),
+    )
+    .unwrap();
+    for (n, mac) in [(1, None), (2, Some("00".repeat(32)))] {
+        let mut lift = placement.clone();
+        lift["change"] = "lift".into();
+        lift["id"] = format!("forged-{n}").into();
+        lift["at"] = (placement["at"].as_i64().unwrap() + 1000 * n).into();
+        let mut add = redis::cmd("XADD");
+        add.arg("wardgate:controls")
+            .arg("*")
+            .arg("event")
+            .arg(lift.to_string());
+        if let Some(mac) = &mac {
+            add.arg("mac").arg(mac);
+        }
+        let _: String = add.query(&mut conn).unwrap();
+    }
+    until("both forgeries refused", || async {
+        let m = a.admin_get("/metrics").await;
+        String::from_utf8_lossy(&m.body)
+            .lines()
+            .find(|l| l.starts_with("wardgate_controls_unsigned_entries_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    assert_eq!(
+        a.get(&path, Some(&councillor(&a)), Some("canvassing"))
+            .await
+            .status,
+        404,
+        "a forged lift took effect"
+    );
+    // A replica starting now reads the whole stream: the placement, not the forgeries.
+    let b = replica(upstream, &redis, Some(&a)).await;
+    until("b learns the restriction", || async {
+        b.get(&path, Some(&councillor(&b)), Some("canvassing"))
+            .await
+            .status
+            == 404
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -162,6 +162,29 @@ fn a_malformed_key_file_stops_serve_naming_it() {
     assert!(out.contains("demo-es256.pub.pem"), "{out}");
 }
 
+/// The shared controls' signing key is checked at start: missing, or too short to be a
+/// secret, stops `serve` naming the file.
+#[test]
+fn a_missing_or_short_controls_key_stops_serve_naming_it() {
+    let (d, cfg) = setup();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[redis]\nurl = \"redis://127.0.0.1:9\"\nkey_file = \"keys/controls.key\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("controls.key") && out.contains("cannot read"),
+        "{out}"
+    );
+    std::fs::write(d.path().join("keys/controls.key"), "not-a-secret\n").unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("controls.key") && out.contains("at least 32"),
+        "{out}"
+    );
+}
+
 #[test]
 fn an_unknown_config_key_stops_serve_naming_it() {
     let (_d, cfg) = setup();

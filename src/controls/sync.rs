@@ -6,6 +6,10 @@
 //! resynchronisation (`XRANGE` of the whole stream) runs at start, after any error, and every
 //! `resync_interval`; it also republishes any journalled event the stream has lost (after a
 //! Redis restart without persistence, or `FLUSHALL`). The request path never waits on Redis.
+//!
+//! Every entry carries an HMAC-SHA256 of its event under a key the replicas share
+//! (`redis.key_file`), and an entry without a valid one is refused (logged and counted): who
+//! can write to Redis but does not hold the key cannot lift a restriction or revoke anyone.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -25,11 +29,17 @@ pub struct RedisSettings {
     pub resync_interval: Duration,
     /// The stream's key; replicas sharing controls must share it.
     pub stream: String,
+    /// The secret the replicas sign and check the stream's entries with (at least 32 bytes).
+    pub key_file: std::path::PathBuf,
 }
+
+/// The key file's shortest acceptable content.
+const MIN_KEY_BYTES: usize = 32;
 
 pub struct Redis {
     client: redis::Client,
     settings: RedisSettings,
+    key: ring::hmac::Key,
     publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
@@ -45,9 +55,24 @@ impl Redis {
     pub fn connect(settings: RedisSettings) -> anyhow::Result<Redis> {
         let client = redis::Client::open(settings.url.as_str())
             .with_context(|| format!("`redis.url` = `{}` is not a Redis URL", settings.url))?;
+        let file = &settings.key_file;
+        let text = std::fs::read(file)
+            .with_context(|| format!("cannot read `redis.key_file` `{}`", file.display()))?;
+        let secret = text.trim_ascii();
+        if secret.len() < MIN_KEY_BYTES {
+            anyhow::bail!(
+                "`redis.key_file` `{}` holds {} bytes; the shared controls' key needs at least \
+                 {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32 > {}`)",
+                file.display(),
+                secret.len(),
+                file.display()
+            );
+        }
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
         Ok(Redis {
             client,
             settings,
+            key,
             publisher: tokio::sync::Mutex::new(None),
         })
     }
@@ -59,9 +84,20 @@ impl Redis {
             .context("cannot reach Redis")
     }
 
-    /// Adds one event to the shared stream.
+    /// An event's signature, as its stream entry carries it (`mac`).
+    fn sign(&self, json: &str) -> String {
+        hex::encode(ring::hmac::sign(&self.key, json.as_bytes()))
+    }
+
+    /// Whether `mac` is `json`'s signature (compared in constant time).
+    fn signed(&self, json: &str, mac: &str) -> bool {
+        hex::decode(mac).is_ok_and(|m| ring::hmac::verify(&self.key, json.as_bytes(), &m).is_ok())
+    }
+
+    /// Adds one event to the shared stream, signed.
     pub async fn publish(&self, e: &Event) -> anyhow::Result<()> {
         let json = serde_json::to_string(e)?;
+        let mac = self.sign(&json);
         let mut guard = self.publisher.lock().await;
         if guard.is_none() {
             *guard = Some(
@@ -79,6 +115,8 @@ impl Redis {
             .arg("*")
             .arg("event")
             .arg(&json)
+            .arg("mac")
+            .arg(&mac)
             .query_async(conn)
             .await;
         if let Err(e) = added {
@@ -156,17 +194,29 @@ pub fn spawn_quota_flush(controls: Controls) {
     });
 }
 
-fn decode(ids: &[redis::streams::StreamId]) -> Vec<Event> {
-    ids.iter()
-        .filter_map(|s| s.get::<String>("event"))
-        .filter_map(|json| match serde_json::from_str::<Event>(&json) {
-            Ok(e) => Some(e),
+/// The stream entries' events, those with a valid signature only.
+fn decode(redis: &Redis, ids: &[redis::streams::StreamId]) -> Vec<Event> {
+    let mut out = Vec::with_capacity(ids.len());
+    for entry in ids {
+        let json = entry.get::<String>("event").unwrap_or_default();
+        let mac = entry.get::<String>("mac").unwrap_or_default();
+        if !redis.signed(&json, &mac) {
+            metrics::counter!("wardgate_controls_unsigned_entries_total").increment(1);
+            tracing::error!(
+                entry = entry.id,
+                "controls: refusing a stream entry without a valid signature (written by \
+                 something that does not hold `redis.key_file`)"
+            );
+            continue;
+        }
+        match serde_json::from_str::<Event>(&json) {
+            Ok(e) => out.push(e),
             Err(err) => {
                 tracing::warn!(error = %err, "controls: ignoring an unreadable stream entry");
-                None
             }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
 /// Reads the whole stream, absorbs it, republishes what it lacks; returns the last entry id.
@@ -181,7 +231,7 @@ async fn full_resync(
         .arg("+")
         .query_async(c)
         .await?;
-    let events = decode(&reply.ids);
+    let events = decode(redis, &reply.ids);
     let mut last = reply
         .ids
         .last()
@@ -200,11 +250,14 @@ async fn full_resync(
             "controls: the shared stream lost events; republishing from the journal"
         );
         for e in &missing {
+            let json = serde_json::to_string(e)?;
             last = redis::cmd("XADD")
                 .arg(&redis.settings.stream)
                 .arg("*")
                 .arg("event")
-                .arg(serde_json::to_string(e)?)
+                .arg(&json)
+                .arg("mac")
+                .arg(redis.sign(&json))
                 .query_async(c)
                 .await?;
         }
@@ -231,7 +284,7 @@ async fn follow(
         if let Some(last) = key.ids.last() {
             *last_id = last.id.clone();
         }
-        controls.absorb(&decode(&key.ids))?;
+        controls.absorb(&decode(redis, &key.ids))?;
     }
     Ok(())
 }

@@ -118,7 +118,14 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     }
     let mut cfg = Config::load(&config_path).unwrap();
     if let Some(url) = &opts.redis {
+        // Replicas share it as they share signing keys (`keys_from` copies `keys/`).
+        let key_file = dir.path().join("keys").join("controls.key");
+        if !key_file.exists() {
+            let key: [u8; 32] = rand::random();
+            std::fs::write(&key_file, hex::encode(key)).unwrap();
+        }
         cfg.redis = Some(wardgate::controls::RedisSettings {
+            key_file,
             url: url.clone(),
             staleness_bound: std::time::Duration::from_secs(2),
             resync_interval: std::time::Duration::from_secs(1),
