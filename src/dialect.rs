@@ -138,9 +138,12 @@ pub fn list(
             if let Some(p) = route.page {
                 parts.push(format!("page={p}"));
             }
-            if let Some(p) = route.per_page {
-                parts.push(format!("per_page={p}"));
-            }
+            // Always named: the quota holds this many for the request, whatever the
+            // datastore's own default.
+            parts.push(format!(
+                "per_page={}",
+                route.per_page.unwrap_or(DEFAULT_PER_PAGE)
+            ));
             parts.extend(narrowing.map(|n| n.wardgate.clone()));
             parts.push(EXCLUDE_PROTECTED.to_owned());
             (

@@ -199,7 +199,7 @@ impl Run<'_> {
             return Ok(());
         }
         self.still_standing(principal)?;
-        let _hold = self
+        let hold = self
             .gw
             .controls
             .check_quota(principal, d.subjects.len() as u64)
@@ -227,8 +227,10 @@ impl Run<'_> {
             .submit(record)
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
-        // Counted as queued, so that the next chunk's quota check sees these records.
+        // Counted as queued, so that the next chunk's quota check sees these records (and
+        // no longer as held: the hold is given back as they are counted).
         self.gw.controls.count(principal, n);
+        drop(hold);
         let chunk = Bytes::from(std::mem::replace(
             out,
             Vec::with_capacity(CHUNK_BYTES + MAX_LINE),

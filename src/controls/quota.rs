@@ -45,7 +45,9 @@ struct Counts {
     pending: HashMap<String, u64>,
     /// Keys to refresh from Redis, with when they were last used.
     active: HashMap<String, Instant>,
-    /// Records reserved by requests under way on this replica (never flushed).
+    /// Records reserved by requests under way on this replica, per subject (never flushed):
+    /// counted against whichever window is current, so a request checked just before the
+    /// hour turns still holds against the next one, where its records will be counted.
     reserved: HashMap<String, u64>,
 }
 
@@ -53,7 +55,7 @@ struct Counts {
 /// `Quotas::release` when it ends.
 #[derive(Debug)]
 pub struct Held {
-    keys: [String; 2],
+    subject: String,
     n: u64,
 }
 
@@ -131,20 +133,17 @@ impl Quotas {
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-        let used = |c: &Counts, k: &str| {
-            c.totals.get(k).copied().unwrap_or(0) + c.reserved.get(k).copied().unwrap_or(0)
-        };
-        if used(&c, &hour) >= limits.per_hour || used(&c, &day) >= limits.per_day {
+        let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
+        let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
+        if used(&hour) >= limits.per_hour || used(&day) >= limits.per_day {
             return Err(GatewayError::QuotaExceeded);
         }
         if reserve == 0 {
             return Ok(None);
         }
-        for k in [&hour, &day] {
-            *c.reserved.entry(k.clone()).or_default() += reserve;
-        }
+        *c.reserved.entry(p.subject.clone()).or_default() += reserve;
         Ok(Some(Held {
-            keys: [hour, day],
+            subject: p.subject.clone(),
             n: reserve,
         }))
     }
@@ -154,12 +153,10 @@ impl Quotas {
         let Ok(mut c) = self.counts.lock() else {
             return;
         };
-        for k in &held.keys {
-            if let Some(r) = c.reserved.get_mut(k) {
-                *r = r.saturating_sub(held.n);
-                if *r == 0 {
-                    c.reserved.remove(k);
-                }
+        if let Some(r) = c.reserved.get_mut(&held.subject) {
+            *r = r.saturating_sub(held.n);
+            if *r == 0 {
+                c.reserved.remove(&held.subject);
             }
         }
     }
