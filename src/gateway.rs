@@ -198,11 +198,12 @@ where
     response
 }
 
-/// A request whose audit record is not yet queued. Dropped so, its caller hung up: the server
-/// drops the handler with the connection, mid-pipeline (waiting on the datastore, say), and the
-/// record the pipeline would have written is written here instead: an error,
-/// `client_closed`, disclosing nothing (nothing left), with what the trail knew: who, why,
-/// which dataset and route, the fields a write named. So every request leaves a record, and a
+/// A request whose audit record is not yet queued. Dropped so, its caller hung up (or the
+/// server ended the connection past the shutdown grace period): the server drops the handler
+/// with the connection, mid-pipeline (waiting on the datastore, say), and the record the
+/// pipeline would have written is written here instead: an error, `client_closed` (or
+/// `internal_error` when a panic drops it), disclosing nothing (nothing left), with what the
+/// trail knew: who, why, which dataset and route, the fields a write named. So every request leaves a record, and a
 /// write forwarded before its caller went has one after its intent. Queued without waiting (a
 /// drop cannot wait; `AuditLog::queue_detached`), before shutdown flushes the log.
 struct Unanswered<'a> {
@@ -222,7 +223,12 @@ impl Drop for Unanswered<'_> {
         if !self.armed {
             return;
         }
-        let gone = GatewayError::ClientClosed;
+        // Dropped by a panic in the pipeline rather than by the connection going.
+        let gone = if std::thread::panicking() {
+            GatewayError::Internal("the request's handler panicked".to_owned())
+        } else {
+            GatewayError::ClientClosed
+        };
         let record = audit_record(
             &mut self.trail,
             Some(&gone),

@@ -3,8 +3,9 @@
 //!
 //! This module knows nothing of policy or data: it hands each request and the peer address to
 //! a handler and writes back what the handler returns. On shutdown it stops accepting, lets
-//! in-flight requests finish (bounded by a grace period), and returns, so the caller can flush
-//! the audit log after the last response has been decided.
+//! in-flight requests finish (bounded by a grace period), then ends the connections still open
+//! (dropping their handlers, which record what they leave unanswered) and returns, so the
+//! caller can flush the audit log after the last record has been queued.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,8 +71,12 @@ where
 {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
+    // Every connection's task, so that those still open after the grace period are ended
+    // here, before the caller flushes the log, rather than with the runtime, after it.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -96,7 +101,7 @@ where
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
@@ -106,7 +111,7 @@ where
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let stream = match tokio::time::timeout(
                         Duration::from_secs(10),
                         acceptor.accept(stream),
@@ -134,5 +139,7 @@ where
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     Ok(())
 }

@@ -66,6 +66,8 @@ pub struct Logged {
 /// How many durable records a slow subscriber may fall behind before it misses some (and is
 /// told how many, see [`broadcast::error::RecvError::Lagged`]).
 const PUBLISH_CAPACITY: usize = 65_536;
+/// Records waiting, each in a task of its own, for room in a full queue (`queue_detached`).
+const MAX_DETACHED: usize = 4_096;
 
 /// The shortest nap of a group commit waiting for records.
 const GATHER_MIN_NAP: Duration = Duration::from_micros(20);
@@ -174,9 +176,12 @@ impl AuditLog {
     }
 
     /// Queues one record without waiting, for a caller that cannot wait (a drop): at once
-    /// when the queue has room, else from a task of its own. Whether it becomes durable is not
-    /// reported; failures are logged.
+    /// when the queue has room, else from a task of its own, at most `MAX_DETACHED` of them
+    /// at a time (a stalled disk must not turn hung-up requests into unbounded memory): past
+    /// that the record is lost, logged and counted (`wardgate_audit_failures_total`). Whether
+    /// it becomes durable is not reported.
     pub fn queue_detached(&self, record: AuditRecord) {
+        static WAITING: AtomicUsize = AtomicUsize::new(0);
         let Some(tx) = lock(&self.inner.tx).clone() else {
             tracing::error!(
                 request_id = record.request_id,
@@ -188,15 +193,25 @@ impl AuditLog {
         match tx.try_send(Pending { record, reply }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(pending)) => {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
+                let runtime = tokio::runtime::Handle::try_current();
+                let room = WAITING.fetch_add(1, Ordering::AcqRel) < MAX_DETACHED;
+                match runtime {
+                    Ok(runtime) if room => {
                         runtime.spawn(async move {
                             if tx.send(pending).await.is_err() {
                                 tracing::error!("audit log closed; record lost");
                             }
+                            WAITING.fetch_sub(1, Ordering::AcqRel);
                         });
                     }
-                    Err(_) => tracing::error!("audit queue full and no runtime; record lost"),
+                    _ => {
+                        WAITING.fetch_sub(1, Ordering::AcqRel);
+                        metrics::counter!("wardgate_audit_failures_total").increment(1);
+                        tracing::error!(
+                            request_id = pending.record.request_id,
+                            "audit queue full; the record of a request left unanswered is lost"
+                        );
+                    }
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
