@@ -72,6 +72,9 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     let verifier = Verifier::from_config(&cfg.auth, known)?;
     let policy = PolicyEngine::load(&cfg.policy_dir, &catalog, &geography)?;
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
+    if let Some(r) = &cfg.redis {
+        crate::controls::load_key(r)?;
+    }
     let tls = match &cfg.server.tls {
         Some(t) => Some(server::tls_acceptor(&t.cert_file, &t.key_file)?),
         None => None,

@@ -177,12 +177,14 @@ fn a_missing_or_short_controls_key_stops_serve_naming_it() {
         "{out}"
     );
     std::fs::write(d.path().join("keys/controls.key"), "not-a-secret\n").unwrap();
-    let (ok, out) = run(&["serve"], &cfg);
-    assert!(!ok);
-    assert!(
-        out.contains("controls.key") && out.contains("at least 32"),
-        "{out}"
-    );
+    for args in [&["serve"][..], &["validate", "--offline"]] {
+        let (ok, out) = run(args, &cfg);
+        assert!(!ok, "{args:?}");
+        assert!(
+            out.contains("controls.key") && out.contains("at least 32"),
+            "{args:?}: {out}"
+        );
+    }
 }
 
 #[test]

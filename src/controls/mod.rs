@@ -28,7 +28,7 @@ use crate::error::GatewayError;
 pub use crate::filter::RegisterFlags;
 
 pub use quota::Limits;
-pub use sync::RedisSettings;
+pub use sync::{RedisSettings, load_key};
 
 /// Restriction kinds the register accepts (DOMAIN.md §6). `consent_withdrawn_<channel>` strips
 /// that channel's contact field; the others are flags policies read.

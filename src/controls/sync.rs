@@ -36,10 +36,32 @@ pub struct RedisSettings {
 /// The key file's shortest acceptable content.
 const MIN_KEY_BYTES: usize = 32;
 
+/// The shared controls' signing key from `redis.key_file` (its content, surrounding
+/// whitespace trimmed): an error naming the file when it cannot be read or is too short.
+pub fn load_key(settings: &RedisSettings) -> anyhow::Result<ring::hmac::Key> {
+    let file = &settings.key_file;
+    let text = std::fs::read(file)
+        .with_context(|| format!("cannot read `redis.key_file` `{}`", file.display()))?;
+    let secret = text.trim_ascii();
+    if secret.len() < MIN_KEY_BYTES {
+        anyhow::bail!(
+            "`redis.key_file` `{}` holds {} bytes; the shared controls' key needs at least \
+             {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32 > {}`)",
+            file.display(),
+            secret.len(),
+            file.display()
+        );
+    }
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+}
+
 pub struct Redis {
     client: redis::Client,
     settings: RedisSettings,
     key: ring::hmac::Key,
+    /// Stream entries already refused: a full resynchronisation reads them again, and
+    /// logging and counting each once keeps the count an alarm (bounded: past it, once more).
+    refused: std::sync::Mutex<HashSet<String>>,
     publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
@@ -55,24 +77,12 @@ impl Redis {
     pub fn connect(settings: RedisSettings) -> anyhow::Result<Redis> {
         let client = redis::Client::open(settings.url.as_str())
             .with_context(|| format!("`redis.url` = `{}` is not a Redis URL", settings.url))?;
-        let file = &settings.key_file;
-        let text = std::fs::read(file)
-            .with_context(|| format!("cannot read `redis.key_file` `{}`", file.display()))?;
-        let secret = text.trim_ascii();
-        if secret.len() < MIN_KEY_BYTES {
-            anyhow::bail!(
-                "`redis.key_file` `{}` holds {} bytes; the shared controls' key needs at least \
-                 {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32 > {}`)",
-                file.display(),
-                secret.len(),
-                file.display()
-            );
-        }
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let key = load_key(&settings)?;
         Ok(Redis {
             client,
             settings,
             key,
+            refused: Default::default(),
             publisher: tokio::sync::Mutex::new(None),
         })
     }
@@ -84,14 +94,33 @@ impl Redis {
             .context("cannot reach Redis")
     }
 
+    /// What is signed: the stream's name and the event, so that an entry cannot be replayed
+    /// into another deployment's stream that happens to share the key.
+    fn signed_text(&self, json: &str) -> Vec<u8> {
+        [self.settings.stream.as_bytes(), b"\n", json.as_bytes()].concat()
+    }
+
     /// An event's signature, as its stream entry carries it (`mac`).
     fn sign(&self, json: &str) -> String {
-        hex::encode(ring::hmac::sign(&self.key, json.as_bytes()))
+        hex::encode(ring::hmac::sign(&self.key, &self.signed_text(json)))
     }
 
     /// Whether `mac` is `json`'s signature (compared in constant time).
     fn signed(&self, json: &str, mac: &str) -> bool {
-        hex::decode(mac).is_ok_and(|m| ring::hmac::verify(&self.key, json.as_bytes(), &m).is_ok())
+        hex::decode(mac)
+            .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
+    }
+
+    /// Notes a refused entry; true the first time.
+    fn first_refusal(&self, entry: &str) -> bool {
+        const MAX_REMEMBERED: usize = 100_000;
+        let Ok(mut refused) = self.refused.lock() else {
+            return true;
+        };
+        if refused.len() >= MAX_REMEMBERED {
+            refused.clear();
+        }
+        refused.insert(entry.to_owned())
     }
 
     /// Adds one event to the shared stream, signed.
@@ -201,12 +230,14 @@ fn decode(redis: &Redis, ids: &[redis::streams::StreamId]) -> Vec<Event> {
         let json = entry.get::<String>("event").unwrap_or_default();
         let mac = entry.get::<String>("mac").unwrap_or_default();
         if !redis.signed(&json, &mac) {
-            metrics::counter!("wardgate_controls_unsigned_entries_total").increment(1);
-            tracing::error!(
-                entry = entry.id,
-                "controls: refusing a stream entry without a valid signature (written by \
-                 something that does not hold `redis.key_file`)"
-            );
+            if redis.first_refusal(&entry.id) {
+                metrics::counter!("wardgate_controls_unsigned_entries_total").increment(1);
+                tracing::error!(
+                    entry = entry.id,
+                    "controls: refusing a stream entry without a valid signature (written by \
+                     something that does not hold `redis.key_file`, or signed with another key)"
+                );
+            }
             continue;
         }
         match serde_json::from_str::<Event>(&json) {
