@@ -91,6 +91,13 @@ impl Narrowings {
     }
 }
 
+/// A listing's page size: the caller's, else the default within the dataset's maximum.
+pub fn per_page(dataset: &Dataset, route: &Route) -> u32 {
+    route
+        .per_page
+        .unwrap_or(DEFAULT_PER_PAGE.min(dataset.max_per_page))
+}
+
 /// The caller's validated filters as wardgate-API query parameters, in a stable order.
 fn filter_params(route: &Route) -> Vec<String> {
     route
@@ -140,10 +147,7 @@ pub fn list(
             }
             // Always named: the quota holds this many for the request, whatever the
             // datastore's own default.
-            parts.push(format!(
-                "per_page={}",
-                route.per_page.unwrap_or(DEFAULT_PER_PAGE)
-            ));
+            parts.push(format!("per_page={}", per_page(dataset, route)));
             parts.extend(narrowing.map(|n| n.wardgate.clone()));
             parts.push(EXCLUDE_PROTECTED.to_owned());
             (
@@ -153,7 +157,7 @@ pub fn list(
         }
         Dialect::Datasette(api) => {
             let page = route.page.unwrap_or(1);
-            let per_page = route.per_page.unwrap_or(DEFAULT_PER_PAGE);
+            let per_page = per_page(dataset, route);
             let offset = u64::from(page - 1) * u64::from(per_page);
             let mut parts = vec![
                 "_shape=objects".to_owned(),

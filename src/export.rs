@@ -78,7 +78,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// the request's audit record, which chunk records copy.
 pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
+    // Shutdown waits for the export's last records (`AuditLog::settle`).
+    let appending = gw.audit.appender();
     tokio::spawn(async move {
+        let _appending = appending;
         let mut run = Run {
             gw: &gw,
             template,

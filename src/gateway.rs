@@ -314,7 +314,7 @@ where
     // A principal past their role's allowance gets nothing more this window; as many records
     // as this request may disclose are held for it meanwhile (parallel requests see them).
     let may_disclose = match &route.kind {
-        RouteKind::List => route.per_page.unwrap_or(dialect::DEFAULT_PER_PAGE),
+        RouteKind::List => dialect::per_page(dataset, &route),
         RouteKind::Read { .. } | RouteKind::Write { .. } => 1,
         // Each chunk is checked and held on its own.
         RouteKind::Export => 0,

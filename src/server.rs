@@ -76,8 +76,9 @@ where
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
+            // Finished connections are reaped as they finish, busy or idle.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

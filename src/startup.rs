@@ -273,6 +273,11 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let data_result = data_task.await.context("data plane task failed")?;
     let admin_result = admin_task.await.context("admin plane task failed")?;
+    // What the ended connections leave behind (their handlers' records, HTTP/2 requests in
+    // tasks of their own, exports' closing records) goes into the log before it closes.
+    if !gw.audit.settle(grace).await {
+        tracing::warn!("records still on their way after the grace period; closing the log");
+    }
     gw.audit.shutdown().await;
     tracing::info!("audit log flushed; stopped");
     data_result.and(admin_result)

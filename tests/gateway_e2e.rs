@@ -923,3 +923,58 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
     assert!(counted.is_some_and(|n| n >= 1.0), "{text}");
     app.stop().await;
 }
+
+fn short_grace(c: &mut wardgate::config::Config) {
+    c.server.shutdown_grace = std::time::Duration::from_millis(300);
+}
+
+/// A request still waiting on its datastore when the shutdown grace period ends is recorded
+/// before the log closes: the server ends the connection, the handler's guard queues its
+/// `client_closed` record, and shutdown waits for it. Before, the connection outlived the
+/// flushed log and the request left no record.
+#[tokio::test]
+async fn a_request_cut_off_by_shutdown_is_recorded_before_the_log_closes() {
+    let real = spawn_app().await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("http://{}/electors?per_page=5", real.upstream);
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let page = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let upstream = common::delayed_upstream(page, std::time::Duration::from_secs(30)).await;
+    let mut app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        tweak: Some(short_grace),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("analyst");
+    let addr = app.addr;
+    let asked = tokio::spawn(async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /voter/electors?per_page=5 HTTP/1.1\r\nhost: wardgate\r\n\
+             authorization: Bearer {token}\r\nx-purpose: profiling\r\nx-request-id: cut-off-1\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer).await;
+        answer
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.halt().await;
+    let record = app
+        .audit_records()
+        .into_iter()
+        .find(|r| r["request_id"] == "cut-off-1")
+        .expect("the request cut off by shutdown left no record");
+    assert_eq!(record["reason"], "client_closed", "{record}");
+    assert_eq!(record["subjects"], json!([]), "{record}");
+    // Nothing was answered: the connection ended without a response.
+    let answer = asked.await.unwrap();
+    assert!(!String::from_utf8_lossy(&answer).contains("elector_id"));
+}

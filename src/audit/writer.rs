@@ -109,6 +109,10 @@ struct Inner {
     coming: Arc<Inflight>,
     /// `None` once shut down. Appends clone the sender so none is held across an await here.
     tx: Mutex<Option<mpsc::Sender<Pending>>>,
+    /// Tasks that will append records (`appender`), and records waiting for room in the
+    /// queue (`queue_detached`): `settle` waits for both.
+    appenders: AtomicUsize,
+    detached: AtomicUsize,
     healthy: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     published: broadcast::Sender<Arc<Logged>>,
@@ -142,6 +146,8 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 coming,
                 tx: Mutex::new(Some(tx)),
+                appenders: AtomicUsize::new(0),
+                detached: AtomicUsize::new(0),
                 healthy,
                 thread: Mutex::new(Some(thread)),
                 published,
@@ -175,13 +181,39 @@ impl AuditLog {
         Ok(Ack(done))
     }
 
+    /// Says a task will append records until the returned guard is dropped (an export):
+    /// `settle` waits for it before the log is shut down.
+    pub fn appender(&self) -> Appender {
+        Appender::counting(&self.inner, |i| &i.appenders)
+    }
+
+    /// Waits, at most `within`, until no request's record is still on its way (`expect`), no
+    /// appender is running and no detached record is waiting for room: what shutdown waits
+    /// for before it closes the queue, so that the connections it has just ended (their
+    /// handlers recording what they leave unanswered, HTTP/2 requests in tasks of their own,
+    /// exports writing their closing records) are in the log. False if time ran out.
+    pub async fn settle(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let busy = self.inner.coming.count.load(Ordering::Acquire)
+                + self.inner.appenders.load(Ordering::Acquire)
+                + self.inner.detached.load(Ordering::Acquire);
+            if busy == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Queues one record without waiting, for a caller that cannot wait (a drop): at once
     /// when the queue has room, else from a task of its own, at most `MAX_DETACHED` of them
     /// at a time (a stalled disk must not turn hung-up requests into unbounded memory): past
     /// that the record is lost, logged and counted (`wardgate_audit_failures_total`). Whether
     /// it becomes durable is not reported.
     pub fn queue_detached(&self, record: AuditRecord) {
-        static WAITING: AtomicUsize = AtomicUsize::new(0);
         let Some(tx) = lock(&self.inner.tx).clone() else {
             tracing::error!(
                 request_id = record.request_id,
@@ -194,18 +226,19 @@ impl AuditLog {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(pending)) => {
                 let runtime = tokio::runtime::Handle::try_current();
-                let room = WAITING.fetch_add(1, Ordering::AcqRel) < MAX_DETACHED;
+                let waiting = Appender::counting(&self.inner, |i| &i.detached);
+                let room = self.inner.detached.load(Ordering::Acquire) <= MAX_DETACHED;
                 match runtime {
                     Ok(runtime) if room => {
                         runtime.spawn(async move {
+                            let _waiting = waiting;
                             if tx.send(pending).await.is_err() {
                                 tracing::error!("audit log closed; record lost");
                             }
-                            WAITING.fetch_sub(1, Ordering::AcqRel);
                         });
                     }
                     _ => {
-                        WAITING.fetch_sub(1, Ordering::AcqRel);
+                        drop(waiting);
                         metrics::counter!("wardgate_audit_failures_total").increment(1);
                         tracing::error!(
                             request_id = pending.record.request_id,
@@ -255,6 +288,23 @@ struct Inflight {
     /// The writer is napping for records.
     napping: AtomicBool,
     writer: OnceLock<Thread>,
+}
+
+/// A task that will append records (`AuditLog::appender`), or a record waiting for room
+/// (`queue_detached`), counted until dropped.
+pub struct Appender(Arc<Inner>, fn(&Inner) -> &AtomicUsize);
+
+impl Appender {
+    fn counting(inner: &Arc<Inner>, counter: fn(&Inner) -> &AtomicUsize) -> Appender {
+        counter(inner).fetch_add(1, Ordering::AcqRel);
+        Appender(Arc::clone(inner), counter)
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        (self.1)(&self.0).fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A record on its way (`AuditLog::expect`); dropping it says it is no longer coming.
