@@ -518,14 +518,7 @@ async fn volume_alerts(app: &TestApp) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_requests_cannot_outrun_the_quota() {
     let (store, _stop) = common::start_datastore(800).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let uri = format!("http://{store}/electors?per_page=50&ward=E05011391");
-    let resp = client.get(uri.parse().unwrap()).await.unwrap();
-    let page = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
+    let page = common::datastore_body(store, "/electors?per_page=50&ward=E05011391").await;
     let upstream = common::delayed_upstream(page, std::time::Duration::from_millis(1500)).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),

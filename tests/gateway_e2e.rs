@@ -762,14 +762,7 @@ async fn admin_plane_reports_health_readiness_and_metrics() {
 async fn a_caller_who_hangs_up_mid_request_still_leaves_its_record() {
     use tokio::io::AsyncWriteExt;
     let real = spawn_app().await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let uri = format!("http://{}/electors?per_page=20", real.upstream);
-    let resp = client.get(uri.parse().unwrap()).await.unwrap();
-    let page = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
+    let page = common::datastore_body(real.upstream, "/electors?per_page=20").await;
     let upstream = common::delayed_upstream(page, std::time::Duration::from_millis(800)).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
@@ -935,14 +928,7 @@ fn short_grace(c: &mut wardgate::config::Config) {
 #[tokio::test]
 async fn a_request_cut_off_by_shutdown_is_recorded_before_the_log_closes() {
     let real = spawn_app().await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let uri = format!("http://{}/electors?per_page=5", real.upstream);
-    let resp = client.get(uri.parse().unwrap()).await.unwrap();
-    let page = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
+    let page = common::datastore_body(real.upstream, "/electors?per_page=5").await;
     let upstream = common::delayed_upstream(page, std::time::Duration::from_secs(30)).await;
     let mut app = spawn_app_with(AppOptions {
         upstream: Some(upstream),

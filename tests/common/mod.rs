@@ -512,3 +512,11 @@ pub async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> Socket
     });
     addr
 }
+
+/// A datastore's answer to `GET path` as bytes (a page to serve again from a fake datastore).
+pub async fn datastore_body(addr: SocketAddr, path: &str) -> Bytes {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let uri = format!("http://{addr}{path}");
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
