@@ -203,9 +203,10 @@ where
 /// with the connection, mid-pipeline (waiting on the datastore, say), and the record the
 /// pipeline would have written is written here instead: an error, `client_closed` (or
 /// `internal_error` when a panic drops it), disclosing nothing (nothing left), with what the
-/// trail knew: who, why, which dataset and route, the fields a write named. So every request leaves a record, and a
-/// write forwarded before its caller went has one after its intent. Queued without waiting (a
-/// drop cannot wait; `AuditLog::queue_detached`), before shutdown flushes the log.
+/// trail knew: who, why, which dataset and route, the fields a write named. So every request
+/// leaves a record, and a write forwarded before its caller went has one after its intent.
+/// Queued without waiting (a drop cannot wait; `AuditLog::queue_detached`); shutdown waits for
+/// it (`AuditLog::settle`) before it closes the log.
 struct Unanswered<'a> {
     gw: &'a Gateway,
     request_id: &'a str,

@@ -7,9 +7,10 @@
 //! `resync_interval`; it also republishes any journalled event the stream has lost (after a
 //! Redis restart without persistence, or `FLUSHALL`). The request path never waits on Redis.
 //!
-//! Every entry carries an HMAC-SHA256 of its event under a key the replicas share
-//! (`redis.key_file`), and an entry without a valid one is refused (logged and counted): who
-//! can write to Redis but does not hold the key cannot lift a restriction or revoke anyone.
+//! Every entry carries an HMAC-SHA256 of the stream's name and its event under a key the
+//! replicas share (`redis.key_file`), and an entry without a valid one is refused (logged and
+//! counted once): who can write to Redis but does not hold the key cannot lift a restriction
+//! or revoke anyone.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
