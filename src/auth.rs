@@ -4,6 +4,8 @@
 //! parsed stops the gateway. Each key is pinned to one asymmetric algorithm, and a token must name
 //! its key by `kid` and use exactly that key's algorithm, which closes algorithm confusion (an
 //! HS256 token "signed" with a public key's bytes) and `alg: none` before any crypto runs.
+//! Each key also answers for one issuer: a token's `iss` must be the issuer of the key that
+//! signed it, so one trusted identity provider cannot sign as another.
 //! `iss`, `aud`, `exp` and `nbf` are required, numeric where they are times, with a bounded
 //! leeway. This module knows nothing of purposes or policies beyond checking that a token's
 //! role, areas and purposes name things the catalogue and area register define.
@@ -72,13 +74,14 @@ pub struct KnownNames {
 struct TrustedKey {
     algorithm: Algorithm,
     key: DecodingKey,
+    /// The one issuer whose tokens this key verifies.
+    issuer: String,
 }
 
 /// Verifies tokens against the configured keys. Built once at start.
 pub struct Verifier {
     keys: HashMap<String, TrustedKey>,
     allowed: Vec<Algorithm>,
-    issuers: Vec<String>,
     audience: String,
     leeway_secs: u64,
     known: KnownNames,
@@ -166,6 +169,7 @@ impl Verifier {
                     TrustedKey {
                         algorithm: k.algorithm,
                         key,
+                        issuer: k.issuer.clone(),
                     },
                 )
                 .is_some()
@@ -196,7 +200,14 @@ impl Verifier {
                 let key = DecodingKey::from_jwk(jwk)
                     .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
                 if keys
-                    .insert(kid.clone(), TrustedKey { algorithm, key })
+                    .insert(
+                        kid.clone(),
+                        TrustedKey {
+                            algorithm,
+                            key,
+                            issuer: cfg.jwks_issuer.clone(),
+                        },
+                    )
                     .is_some()
                 {
                     bail!("key id `{kid}` is configured twice");
@@ -215,7 +226,6 @@ impl Verifier {
         Ok(Verifier {
             keys,
             allowed: cfg.algorithms.clone(),
-            issuers: cfg.issuers.clone(),
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
             known,
@@ -279,7 +289,8 @@ impl Verifier {
         validation.validate_nbf = true;
         // (`iat` is required by `Claims` itself: jsonwebtoken checks only some of these.)
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
-        validation.set_issuer(&self.issuers);
+        // The signing key's own issuer, not any trusted one (`config::key_issuer`).
+        validation.set_issuer(&[&trusted.issuer]);
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
             .map_err(|e| classify(e.kind()))?;

@@ -20,7 +20,6 @@ fn verifier(leeway_secs: u64) -> Verifier {
     Verifier {
         keys: HashMap::new(),
         allowed: vec![Algorithm::ES256],
-        issuers: vec!["i".into()],
         audience: "a".into(),
         leeway_secs,
         cache: TokenCache::default(),
@@ -99,6 +98,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
         algorithms: vec![Algorithm::ES256],
         keys: vec![],
         jwks_file: Some(path),
+        jwks_issuer: "https://idp".into(),
     };
     let known = KnownNames {
         roles: ["canvasser".to_owned()].into(),
@@ -221,5 +221,79 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     assert_eq!(
         v.principal(claims(1_031), 1_000),
         Err(AuthFailure::InvalidClaims)
+    );
+}
+
+/// Two trusted identity providers, each with its own key: a token verifies only under the
+/// issuer of the key that signed it, so the partner's key cannot mint the party's own tokens.
+#[test]
+fn a_key_signs_only_for_its_own_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (party, partner) = ("https://sso.party", "https://sso.partner");
+    let mut keys = Vec::new();
+    let mut signers = HashMap::new();
+    for (kid, issuer) in [("party-1", party), ("partner-1", partner)] {
+        let kp = crate::token::generate_es256().unwrap();
+        let path = dir.path().join(format!("{kid}.pem"));
+        std::fs::write(&path, &kp.public_pem).unwrap();
+        keys.push(crate::config::KeyFile {
+            kid: kid.into(),
+            algorithm: Algorithm::ES256,
+            public_key_file: path,
+            issuer: issuer.into(),
+        });
+        let signer = crate::token::Signer::from_pem(
+            kid,
+            Algorithm::ES256,
+            kp.private_pem.as_bytes(),
+            issuer,
+        )
+        .unwrap();
+        signers.insert(kid, signer);
+    }
+    let cfg = crate::config::AuthConfig {
+        issuers: vec![party.into(), partner.into()],
+        audience: "wardgate".into(),
+        leeway: std::time::Duration::from_secs(0),
+        algorithms: vec![Algorithm::ES256],
+        keys,
+        jwks_file: None,
+        jwks_issuer: String::new(),
+    };
+    let known = KnownNames {
+        roles: ["canvasser".to_owned()].into(),
+        areas: ["E05011391".to_owned()].into(),
+        purposes: ["canvassing".to_owned()].into(),
+    };
+    let v = Verifier::from_config(&cfg, known).unwrap();
+    let token = |kid: &str, iss: &str| {
+        signers[kid]
+            .sign(&Claims {
+                iss: iss.into(),
+                aud: "wardgate".into(),
+                sub: format!("{kid} as {iss}"),
+                jti: "j".into(),
+                exp: now + 60,
+                nbf: now - 1,
+                iat: now,
+                role: "canvasser".into(),
+                org_unit: "u".into(),
+                areas: vec!["E05011391".into()],
+                purposes: vec!["canvassing".into()],
+                grant_expires: None,
+            })
+            .unwrap()
+    };
+    assert!(v.verify(&token("party-1", party), now).is_ok());
+    assert!(v.verify(&token("partner-1", partner), now).is_ok());
+    // Both issuers are trusted, but neither key answers for the other's.
+    assert_eq!(
+        v.verify(&token("partner-1", party), now).err(),
+        Some(AuthFailure::WrongIssuer)
+    );
+    assert_eq!(
+        v.verify(&token("party-1", partner), now).err(),
+        Some(AuthFailure::WrongIssuer)
     );
 }

@@ -62,6 +62,8 @@ pub struct AuthConfig {
     pub algorithms: Vec<Algorithm>,
     pub keys: Vec<KeyFile>,
     pub jwks_file: Option<PathBuf>,
+    /// The issuer whose tokens the JWKS file's keys verify (one of `issuers`).
+    pub jwks_issuer: String,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,9 @@ pub struct KeyFile {
     pub kid: String,
     pub algorithm: Algorithm,
     pub public_key_file: PathBuf,
+    /// The one issuer (of `AuthConfig::issuers`) whose tokens this key verifies: another
+    /// issuer's key cannot sign for it.
+    pub issuer: String,
 }
 
 /// A private key that `wardgate token` may sign with (demos, tests, break-glass tooling).
@@ -199,6 +204,7 @@ struct RawAuth {
     #[serde(default)]
     keys: Vec<RawKey>,
     jwks_file: Option<PathBuf>,
+    jwks_issuer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +213,7 @@ struct RawKey {
     kid: String,
     algorithm: String,
     public_key_file: PathBuf,
+    issuer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -425,15 +432,24 @@ impl RawAuth {
                     k.algorithm
                 );
             }
+            let issuer = key_issuer(&self.issuers, k.issuer, &format!("key `{}`", k.kid))?;
             keys.push(KeyFile {
                 kid: k.kid,
                 algorithm,
                 public_key_file: at(&k.public_key_file),
+                issuer,
             });
         }
         if keys.is_empty() && self.jwks_file.is_none() {
             bail!("no token verification keys: give `auth.keys` or `auth.jwks_file`");
         }
+        if self.jwks_file.is_none() && self.jwks_issuer.is_some() {
+            bail!("`auth.jwks_issuer` is set but `auth.jwks_file` is not");
+        }
+        let jwks_issuer = match self.jwks_file {
+            Some(_) => key_issuer(&self.issuers, self.jwks_issuer, "`auth.jwks_file`")?,
+            None => String::new(),
+        };
         Ok(AuthConfig {
             issuers: self.issuers,
             audience: self.audience,
@@ -441,7 +457,33 @@ impl RawAuth {
             algorithms,
             keys,
             jwks_file: self.jwks_file.map(|p| at(&p)),
+            jwks_issuer,
         })
+    }
+}
+
+/// The issuer a verification key (or the JWKS file's keys) answers for: the one it names,
+/// which must be trusted, or the only trusted issuer. With several trusted issuers each key
+/// must name its own: a key that verified every issuer's tokens would let one identity
+/// provider (or whoever holds its key) sign as another.
+fn key_issuer(issuers: &[String], named: Option<String>, what: &str) -> anyhow::Result<String> {
+    match (named, issuers) {
+        (Some(i), _) if issuers.contains(&i) => Ok(i),
+        (Some(i), _) => bail!(
+            "{what} names issuer `{i}`, which `auth.issuers` does not list ({})",
+            issuers.join(", ")
+        ),
+        (None, [only]) => Ok(only.clone()),
+        (None, _) => bail!(
+            "{what} names no issuer, and `auth.issuers` lists {}: give it `{}` so that one \
+             issuer's key cannot sign for another",
+            issuers.len(),
+            if what.starts_with("key") {
+                "issuer"
+            } else {
+                "auth.jwks_issuer"
+            }
+        ),
     }
 }
 

@@ -129,3 +129,52 @@ fn a_key_must_use_an_allowed_algorithm() {
     let text = MINIMAL.replace("algorithm = \"ES256\"", "algorithm = \"RS256\"");
     assert!(err(&text).contains("k1"));
 }
+
+#[test]
+fn each_key_answers_for_one_trusted_issuer() {
+    // One trusted issuer: a key that names none answers for it.
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.auth.keys[0].issuer, "https://sso.example");
+
+    // Two: a key must say which, and it must be one of them.
+    let two = MINIMAL.replace(
+        r#"issuers = ["https://sso.example"]"#,
+        r#"issuers = ["https://sso.example", "https://partner.example"]"#,
+    );
+    let e = err(&two);
+    assert!(
+        e.contains("key `k1` names no issuer") && e.contains("lists 2"),
+        "{e}"
+    );
+    let named = |i: &str| two.replace("keys/k1.pem\"", &format!("keys/k1.pem\"\nissuer = \"{i}\""));
+    let c = parse(&named("https://partner.example")).unwrap();
+    assert_eq!(c.auth.keys[0].issuer, "https://partner.example");
+    let e = err(&named("https://elsewhere.example"));
+    assert!(
+        e.contains(
+            "key `k1` names issuer `https://elsewhere.example`, which `auth.issuers` does not list"
+        ),
+        "{e}"
+    );
+
+    // The JWKS file's keys likewise, and `jwks_issuer` means nothing without the file.
+    let e = err(&named("https://partner.example").replace(
+        "[[auth.keys]]",
+        "jwks_file = \"keys/jwks.json\"\n[[auth.keys]]",
+    ));
+    assert!(e.contains("`auth.jwks_file` names no issuer"), "{e}");
+    let c = parse(&named("https://partner.example").replace(
+        "[[auth.keys]]",
+        "jwks_file = \"keys/jwks.json\"\njwks_issuer = \"https://sso.example\"\n[[auth.keys]]",
+    ))
+    .unwrap();
+    assert_eq!(c.auth.jwks_issuer, "https://sso.example");
+    let e = err(&MINIMAL.replace(
+        "[[auth.keys]]",
+        "jwks_issuer = \"https://sso.example\"\n[[auth.keys]]",
+    ));
+    assert!(
+        e.contains("`auth.jwks_issuer` is set but `auth.jwks_file` is not"),
+        "{e}"
+    );
+}
