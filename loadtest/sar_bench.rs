@@ -46,6 +46,7 @@ fn record(rng: &mut rand_chacha::ChaCha8Rng, n: u64, electors: u64) -> AuditReco
     AuditRecord {
         ts: "2026-11-23T10:00:00.000Z".to_owned(),
         request_id: format!("{n:032x}"),
+        client_request_id: None,
         kind: RecordKind::Access,
         caller: Some(Caller {
             subject: format!("user-{}", rng.random_range(0..5000)),

@@ -60,6 +60,8 @@ pub struct Gateway {
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
 #[derive(Default)]
 pub struct Trail {
+    /// The caller's own `X-Request-Id`, if it sent a plain one (`request_ids`).
+    client_request_id: Option<String>,
     caller: Option<Arc<Principal>>,
     purpose: Option<String>,
     lawful_basis: Option<String>,
@@ -98,7 +100,7 @@ where
 {
     let started = Instant::now();
     let coming = gw.audit.expect();
-    let request_id = request_id(req.headers());
+    let (request_id, client_request_id) = request_ids(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut unanswered = Unanswered {
@@ -108,7 +110,10 @@ where
         method: &method,
         path: &path,
         started,
-        trail: Trail::default(),
+        trail: Trail {
+            client_request_id,
+            ..Trail::default()
+        },
         armed: true,
     };
     let result = process(gw, req, &request_id, client, &mut unanswered.trail).await;
@@ -599,14 +604,18 @@ fn declared_purpose(headers: &HeaderMap) -> Result<String, GatewayError> {
     Ok(v.to_owned())
 }
 
-/// Accepts a caller's `X-Request-Id` if it is short and plain; otherwise makes one.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
+/// The request's own id, always made here (random, so unique: audit records, the datastore's
+/// logs and the answer's `X-Request-Id` share it), and the caller's `X-Request-Id` if it is
+/// short and plain, kept beside it in the audit record. Taken as the id, a caller's could
+/// repeat another request's, and a write's intent record and its answer's would no longer
+/// pair one to one.
+fn request_ids(headers: &HeaderMap) -> (String, Option<String>) {
+    let client = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| routes::valid_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
+        .map(str::to_owned);
+    (format!("{:032x}", rand::random::<u128>()), client)
 }
 
 /// A write's record, durable before the datastore sees the body: a write the log cannot hold
@@ -630,6 +639,7 @@ async fn log_intent(
     let mut subjects = filter::Subjects::default();
     subjects.push(target);
     let mut so_far = Trail {
+        client_request_id: trail.client_request_id.clone(),
         caller: trail.caller.clone(),
         purpose: trail.purpose.clone(),
         lawful_basis: trail.lawful_basis.clone(),
@@ -688,6 +698,7 @@ fn audit_record(
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
+        client_request_id: trail.client_request_id.clone(),
         kind: RecordKind::Access,
         caller: trail.caller.as_ref().map(|p| Caller {
             subject: p.subject.clone(),

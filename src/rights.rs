@@ -305,6 +305,7 @@ pub(crate) fn record(
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
+        client_request_id: None,
         kind: RecordKind::Admin,
         caller: p.map(|p| Caller {
             subject: p.subject.clone(),

@@ -754,6 +754,62 @@ async fn admin_plane_reports_health_readiness_and_metrics() {
     app.stop().await;
 }
 
+/// A caller's `X-Request-Id` is kept for correlation, never used as the record's id: two
+/// requests sending the same one get ids of their own (in the answer and the log), each record
+/// names the caller's id beside its own, and an id that is not short and plain is not kept.
+/// Before, the caller's id was the record's, so records could share one.
+#[tokio::test]
+async fn a_caller_cannot_choose_the_id_its_requests_are_logged_under() {
+    let app = spawn_app().await;
+    let token = format!("Bearer {}", app.token("analyst"));
+    let ask = |id: &'static str| {
+        let headers = [
+            ("authorization", token.as_str()),
+            ("x-purpose", "profiling"),
+            ("x-request-id", id),
+        ];
+        let app = &app;
+        async move {
+            let r = app
+                .request(Method::GET, "/voter/electors?per_page=2", &headers, None)
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            r.headers["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    let first = ask("mine-1").await;
+    let second = ask("mine-1").await;
+    let odd = ask("not plain!").await;
+    assert_ne!(first, "mine-1");
+    assert_ne!(first, second);
+    let records = app.audit_records();
+    let mine: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["client_request_id"] == "mine-1")
+        .collect();
+    let ids: BTreeSet<&str> = mine
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([first.as_str(), second.as_str()]),
+        "{mine:?}"
+    );
+    let odd = records
+        .iter()
+        .find(|r| r["request_id"] == odd.as_str())
+        .expect("a record for the request with the odd id");
+    assert!(odd.get("client_request_id").is_none(), "{odd}");
+    // Every request id in the log is its own.
+    let all: Vec<&str> = records
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), all.len());
+    app.stop().await;
+}
+
 /// A caller who hangs up before the answer does not take the request's audit record with it:
 /// the server drops the handler with the connection (here while it waits on the datastore),
 /// and the record is written as the handler goes: an error, `client_closed`, who asked and
@@ -784,7 +840,7 @@ async fn a_caller_who_hangs_up_mid_request_still_leaves_its_record() {
         record = app
             .audit_records()
             .into_iter()
-            .find(|r| r["request_id"] == "hung-up-1");
+            .find(|r| r["client_request_id"] == "hung-up-1");
         if record.is_some() {
             break;
         }
@@ -956,7 +1012,7 @@ async fn a_request_cut_off_by_shutdown_is_recorded_before_the_log_closes() {
     let record = app
         .audit_records()
         .into_iter()
-        .find(|r| r["request_id"] == "cut-off-1")
+        .find(|r| r["client_request_id"] == "cut-off-1")
         .expect("the request cut off by shutdown left no record");
     assert_eq!(record["reason"], "client_closed", "{record}");
     assert_eq!(record["subjects"], json!([]), "{record}");

@@ -577,6 +577,7 @@ fn audit_record(subjects: usize) -> AuditRecord {
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: format!("{:032x}", 0xfeed_u128),
+        client_request_id: None,
         kind: RecordKind::Access,
         caller: Some(Caller {
             subject: "demo-analyst".to_owned(),

@@ -18,6 +18,7 @@ pub(crate) fn fields(out: &mut Vec<u8>, record: &AuditRecord) -> serde_json::Res
     let AuditRecord {
         ts,
         request_id,
+        client_request_id,
         kind,
         caller,
         client_addr,
@@ -42,6 +43,10 @@ pub(crate) fn fields(out: &mut Vec<u8>, record: &AuditRecord) -> serde_json::Res
     string(out, ts);
     out.extend_from_slice(br#","request_id":"#);
     string(out, request_id);
+    if let Some(id) = client_request_id {
+        out.extend_from_slice(br#","client_request_id":"#);
+        string(out, id);
+    }
     out.extend_from_slice(br#","kind":"#);
     out.extend_from_slice(match kind {
         RecordKind::Access => br#""access""#,
@@ -266,7 +271,8 @@ mod tests {
         /// Whatever a record holds, its fields are written as `serde_json` writes them.
         #[test]
         fn a_record_is_written_as_serde_json_writes_it(
-            (ts, request_id, method, path) in (text(), text(), text(), text()),
+            (ts, request_id, client_request_id, method, path)
+                in (text(), text(), maybe(), text(), text()),
             (client_addr, purpose, lawful_basis, dataset, route, reason, withheld_target)
                 in (maybe(), maybe(), maybe(), maybe(), maybe(), maybe(), maybe()),
             (kind, decision) in (0..3u8, 0..3u8),
@@ -282,6 +288,7 @@ mod tests {
             let record = AuditRecord {
                 ts,
                 request_id,
+                client_request_id,
                 kind: [RecordKind::Access, RecordKind::Admin, RecordKind::System][usize::from(kind)],
                 caller,
                 client_addr,

@@ -21,7 +21,13 @@ pub struct AuditRecord {
     /// RFC 3339 UTC with millisecond precision, see [`AuditRecord::now_ts`]. Set by the caller
     /// so it reflects when the request was handled, not when the writer got to it.
     pub ts: String,
+    /// The gateway's own id for the request, unique: sent back in `X-Request-Id` and to the
+    /// datastore.
     pub request_id: String,
+    /// The `X-Request-Id` the caller sent, when short and plain: to find a request from the
+    /// caller's own logs. Never the record's id: a caller could repeat another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     pub kind: RecordKind,
     /// `None` when authentication failed.
     pub caller: Option<Caller>,
@@ -96,6 +102,7 @@ impl AuditRecord {
         AuditRecord {
             ts: AuditRecord::now_ts(),
             request_id: format!("{:032x}", rand::random::<u128>()),
+            client_request_id: None,
             kind: RecordKind::System,
             caller: None,
             client_addr: None,
@@ -246,6 +253,7 @@ pub(crate) mod tests {
         AuditRecord {
             ts: AuditRecord::now_ts(),
             request_id: format!("req-{n}"),
+            client_request_id: None,
             kind: RecordKind::Access,
             caller: Some(Caller {
                 subject: "alice".into(),
