@@ -406,6 +406,9 @@ impl RawAuth {
         if self.issuers.is_empty() {
             bail!("`auth.issuers` is empty: name at least one trusted token issuer");
         }
+        if self.issuers.iter().any(|i| i.trim().is_empty()) {
+            bail!("`auth.issuers` has a blank entry: a token's `iss` must name its issuer");
+        }
         let leeway = parse_duration(self.leeway.as_deref().unwrap_or("30s"), "auth.leeway")?;
         if leeway > MAX_LEEWAY {
             bail!(

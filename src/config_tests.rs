@@ -136,6 +136,13 @@ fn each_key_answers_for_one_trusted_issuer() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.auth.keys[0].issuer, "https://sso.example");
 
+    // A blank issuer would let a token name none.
+    let e = err(&MINIMAL.replace(
+        r#"issuers = ["https://sso.example"]"#,
+        r#"issuers = ["https://sso.example", " "]"#,
+    ));
+    assert!(e.contains("`auth.issuers` has a blank entry"), "{e}");
+
     // Two: a key must say which, and it must be one of them.
     let two = MINIMAL.replace(
         r#"issuers = ["https://sso.example"]"#,

@@ -242,6 +242,9 @@ async fn current_data(
         return out;
     };
     for (name, dataset) in &gw.catalog.datasets {
+        // Sent as a caller's request id: the fetch's record keeps it (`client_request_id`),
+        // naming the admin request it serves (dataset names are short, so it stays within
+        // the 64 characters kept).
         let req = Request::get(format!("/{name}/{}/{subject}", dataset.collection))
             .header(header::AUTHORIZATION, auth.clone())
             .header("x-purpose", "sar_fulfilment")
