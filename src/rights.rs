@@ -7,6 +7,12 @@
 //! to the audit log, with who made it and why, *before* it takes effect: if the log cannot be
 //! written the change is refused (503), so no change is ever unlogged. Reads of the register are
 //! audited too (the register is itself personal data).
+//!
+//! Each action also serves one purpose of the catalogue (`ADMIN_PURPOSES`), which the caller's
+//! token must grant, as on the data plane: a subject access report `sar_fulfilment`, placing or
+//! lifting an erasure request `erasure`, any other flag (and reading the register)
+//! `restriction`, a revocation `breach_investigation`. Its audit records name that purpose and
+//! its lawful basis: reading the log and the register is processing personal data too.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -21,6 +27,47 @@ use crate::gateway::{Gateway, problem_response};
 use crate::routes::valid_id;
 
 const MAX_BODY: usize = 16 * 1024;
+
+/// The purposes the admin plane acts under; the catalogue must define them (`startup::check`).
+pub const ADMIN_PURPOSES: [&str; 4] = [
+    "sar_fulfilment",
+    "erasure",
+    "restriction",
+    "breach_investigation",
+];
+
+/// The purpose an admin action serves and its lawful basis, once the caller's token is known
+/// to grant it: stamped on the action's audit records.
+pub(crate) struct Under {
+    purpose: &'static str,
+    lawful_basis: Option<String>,
+}
+
+impl Under {
+    /// Checks that `p`'s token grants `purpose` (403 `purpose_not_granted` otherwise).
+    pub(crate) fn purpose(
+        gw: &Gateway,
+        p: &Principal,
+        purpose: &'static str,
+    ) -> Result<Under, GatewayError> {
+        if !p.purposes.iter().any(|g| g == purpose) {
+            return Err(GatewayError::PurposeNotGranted(purpose.to_owned()));
+        }
+        Ok(Under {
+            purpose,
+            lawful_basis: gw
+                .catalog
+                .purposes
+                .get(purpose)
+                .map(|x| x.lawful_basis.clone()),
+        })
+    }
+
+    pub(crate) fn mark(&self, r: &mut AuditRecord) {
+        r.purpose = Some(self.purpose.to_owned());
+        r.lawful_basis.clone_from(&self.lawful_basis);
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,18 +107,28 @@ where
         Ok(p) => p,
         Err(e) => return refuse(gw, trail.caller(), &method, &path, e, request_id).await,
     };
-    let outcome = route(&principal, req, &method, &path).await;
-    match outcome {
-        Err(e) => refuse(gw, Some(&principal), &method, &path, e, request_id).await,
-        Ok(Action::Read(subject)) => {
+    let outcome = route(&principal, req, &method, &path)
+        .await
+        .and_then(|(action, purpose)| Ok((action, Under::purpose(gw, &principal, purpose)?)));
+    let (action, under) = match outcome {
+        Ok(acting) => acting,
+        Err(e) => return refuse(gw, Some(&principal), &method, &path, e, request_id).await,
+    };
+    let at = Place {
+        gw,
+        p: &principal,
+        method: &method,
+        path: &path,
+        request_id,
+        under: &under,
+    };
+    match action {
+        Action::Read(subject) => {
             let body = serde_json::json!({ "subject": subject, "restrictions": gw.controls.placements(&subject) });
             let detail = serde_json::json!({ "read_register_of": subject });
-            respond(
-                gw, &principal, &method, &path, request_id, detail, None, body,
-            )
-            .await
+            respond(&at, detail, None, body).await
         }
-        Ok(Action::Report { subject, html }) => {
+        Action::Report { subject, html } => {
             let report = match crate::sar::build(
                 &gw.audit_dir,
                 &gw.catalog,
@@ -91,6 +148,7 @@ where
             };
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
             let mut r = record(Some(&principal), &method, &path, request_id);
+            under.mark(&mut r);
             r.detail = Some(detail);
             if gw.audit.append(r).await.is_err() {
                 return problem_response(&GatewayError::AuditUnavailable, request_id);
@@ -115,21 +173,11 @@ where
             );
             resp
         }
-        Ok(Action::Change(event)) => {
+        Action::Change(event) => {
             let detail = serde_json::to_value(&event).unwrap_or_default();
             tracing::info!(by = %principal.subject, change = %detail, "shared controls change requested");
             let body = serde_json::json!({ "recorded": event });
-            respond(
-                gw,
-                &principal,
-                &method,
-                &path,
-                request_id,
-                detail,
-                Some(event),
-                body,
-            )
-            .await
+            respond(&at, detail, Some(event), body).await
         }
     }
 }
@@ -140,12 +188,13 @@ enum Action {
     Change(Event),
 }
 
+/// The action asked for and the purpose it serves.
 async fn route<B>(
     p: &Principal,
     req: Request<B>,
     method: &Method,
     path: &str,
-) -> Result<Action, GatewayError>
+) -> Result<(Action, &'static str), GatewayError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -159,7 +208,7 @@ where
             if p.role != "dpo" {
                 return Err(forbidden("admin.rights-dpo-only"));
             }
-            Ok(Action::Read((*subject).to_owned()))
+            Ok((Action::Read((*subject).to_owned()), "restriction"))
         }
         (&Method::GET, ["sar", subject]) if valid_id(subject) => {
             if p.role != "dpo" {
@@ -169,10 +218,13 @@ where
                 .uri()
                 .query()
                 .is_some_and(|q| q.split('&').any(|kv| kv == "format=html"));
-            Ok(Action::Report {
-                subject: (*subject).to_owned(),
-                html,
-            })
+            Ok((
+                Action::Report {
+                    subject: (*subject).to_owned(),
+                    html,
+                },
+                "sar_fulfilment",
+            ))
         }
         (&Method::POST, ["rights", subject, rest @ ..])
             if valid_id(subject) && matches!(rest, [] | ["lift"]) =>
@@ -189,6 +241,11 @@ where
             }
             need_text("reference", &b.reference)?;
             need_text("reason", &b.reason)?;
+            let purpose = if b.kind == "erasure_requested" {
+                "erasure"
+            } else {
+                "restriction"
+            };
             let subject = (*subject).to_owned();
             let change = if rest.is_empty() {
                 Change::Place {
@@ -203,7 +260,7 @@ where
                     reference: b.reference,
                 }
             };
-            Ok(Action::Change(event(p, b.reason, change)))
+            Ok((Action::Change(event(p, b.reason, change)), purpose))
         }
         (&Method::POST, ["revocations"]) => {
             if p.role != "dpo" && p.role != "security" {
@@ -222,7 +279,10 @@ where
                     ));
                 }
             };
-            Ok(Action::Change(event(p, b.reason, change)))
+            Ok((
+                Action::Change(event(p, b.reason, change)),
+                "breach_investigation",
+            ))
         }
         (_, ["rights", ..] | ["revocations"] | ["sar", ..]) => Err(GatewayError::MethodNotAllowed),
         _ => Err(GatewayError::RouteNotFound),
@@ -349,7 +409,9 @@ pub(crate) async fn refuse(
 ) -> Response<Full<Bytes>> {
     let mut r = record(p, method, path, request_id);
     r.decision = match e {
-        GatewayError::Unauthenticated(_) | GatewayError::Forbidden { .. } => Decision::Deny,
+        GatewayError::Unauthenticated(_)
+        | GatewayError::Forbidden { .. }
+        | GatewayError::PurposeNotGranted(_) => Decision::Deny,
         _ => Decision::Error,
     };
     r.reason = Some(e.code().to_owned());
@@ -363,22 +425,33 @@ pub(crate) async fn refuse(
     }
 }
 
+/// An admin request under way: who, what and why, for its records.
+struct Place<'a> {
+    gw: &'a Gateway,
+    p: &'a Principal,
+    method: &'a Method,
+    path: &'a str,
+    request_id: &'a str,
+    under: &'a Under,
+}
+
 /// Audit first, then apply: a change that cannot be logged does not happen.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one flat admin record from the request's parts"
-)]
 async fn respond(
-    gw: &Gateway,
-    p: &Principal,
-    method: &Method,
-    path: &str,
-    request_id: &str,
+    at: &Place<'_>,
     detail: serde_json::Value,
     change: Option<Event>,
     body: serde_json::Value,
 ) -> Response<Full<Bytes>> {
+    let Place {
+        gw,
+        p,
+        method,
+        path,
+        request_id,
+        under,
+    } = *at;
     let mut r = record(Some(p), method, path, request_id);
+    under.mark(&mut r);
     r.detail = Some(detail);
     if gw.audit.append(r).await.is_err() {
         return problem_response(&GatewayError::AuditUnavailable, request_id);
@@ -388,6 +461,7 @@ async fn respond(
     {
         tracing::error!(error = %e, request_id, "control change not recorded");
         let mut failed = record(Some(p), method, path, request_id);
+        under.mark(&mut failed);
         failed.decision = Decision::Error;
         failed.status = 503;
         failed.reason = Some("controls_unavailable".to_owned());

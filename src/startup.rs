@@ -52,6 +52,14 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
             );
         }
     }
+    for purpose in crate::rights::ADMIN_PURPOSES {
+        if !catalog.purposes.contains_key(purpose) {
+            anyhow::bail!(
+                "the admin plane acts under the purpose `{purpose}`, which the purpose catalogue `{}` does not define",
+                cfg.catalog_file.display()
+            );
+        }
+    }
     for role in cfg.quotas.keys() {
         if !catalog.roles.contains_key(role) {
             anyhow::bail!("`quotas.{role}` names a role the asset register does not define");

@@ -643,3 +643,79 @@ async fn a_stream_entry_written_without_the_key_is_refused() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The admin plane acts under purposes as the data plane does: the DPO's and the security
+/// team's roles are not enough without the purpose each action serves in the token, and the
+/// records of what they did name that purpose and its lawful basis.
+#[tokio::test]
+async fn admin_actions_need_the_purpose_they_serve() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let id = "VF-0000001";
+    let place = |kind: &str| {
+        format!(r#"{{"kind":"{kind}","reference":"RR-1","reason":"request by letter"}}"#)
+    };
+    let revoke = r#"{"subject":"demo-canvasser","reason":"lost laptop"}"#;
+    // A DPO whose token grants only legal claims, and a security officer granted nothing.
+    let dpo = app.sign(&app.claims("dpo", &["E92000001"], &["legal_claims"]));
+    let security = app.sign(&app.claims("security", &["E92000001"], &[]));
+    let refused = [
+        app.admin_get_with(&format!("/sar/{id}"), &dpo).await,
+        app.admin_get_with(&format!("/rights/{id}"), &dpo).await,
+        app.admin_post(&format!("/rights/{id}"), &dpo, &place("restricted"))
+            .await,
+        app.admin_post("/revocations", &dpo, revoke).await,
+        app.admin_get_with("/alerts", &security).await,
+        app.admin_get_with("/volumes", &security).await,
+        app.admin_post("/revocations", &security, revoke).await,
+    ];
+    for r in &refused {
+        assert_eq!(r.status, 403, "{:?}", r.body);
+        assert_eq!(
+            r.json()["type"],
+            "urn:wardgate:problem:purpose-not-granted",
+            "{:?}",
+            r.body
+        );
+    }
+    // Granted restriction but not erasure: an erasure request is out of reach, a restriction
+    // is not.
+    let restricting = app.sign(&app.claims("dpo", &["E92000001"], &["restriction"]));
+    let r = app
+        .admin_post(
+            &format!("/rights/{id}"),
+            &restricting,
+            &place("erasure_requested"),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    let r = app
+        .admin_post(&format!("/rights/{id}"), &restricting, &place("restricted"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        app.admin_get_with("/alerts", &app.token("security"))
+            .await
+            .status,
+        200
+    );
+    let records = app.audit_records();
+    let admin: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "admin").collect();
+    let denied: Vec<_> = admin
+        .iter()
+        .filter(|r| r["reason"] == "purpose_not_granted")
+        .collect();
+    assert_eq!(denied.len(), refused.len() + 1, "{admin:?}");
+    assert!(denied.iter().all(|r| r["decision"] == "deny"), "{denied:?}");
+    let placed = admin
+        .iter()
+        .find(|r| r["status"] == 200 && r["method"] == "POST")
+        .expect("the placement's record");
+    assert_eq!(placed["purpose"], "restriction", "{placed}");
+    assert_eq!(placed["lawful_basis"], "legal_obligation", "{placed}");
+    let watched = admin
+        .iter()
+        .find(|r| r["status"] == 200 && r["path"] == "/alerts")
+        .expect("the breach log read's record");
+    assert_eq!(watched["purpose"], "breach_investigation", "{watched}");
+    app.stop().await;
+}

@@ -11,8 +11,9 @@
 //! - `GET /events?principal=&dataset=&purpose=&decision=&kind=`: the live feed (SSE).
 //! - `GET /volumes`: records per principal per minute over the last hour.
 //!
-//! All but the page need a token with the `security` or `dpo` role, and every call is audited
-//! (a classification before it is written). Revocation is `POST /revocations` (`rights.rs`).
+//! All but the page need a token with the `security` or `dpo` role that grants the
+//! `breach_investigation` purpose, and every call is audited under it (a classification before
+//! it is written). Revocation is `POST /revocations` (`rights.rs`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use serde::Deserialize;
 
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, problem_response};
-use crate::rights::{need_text, read_json, record, refuse};
+use crate::rights::{Under, need_text, read_json, record, refuse};
 
 use super::breach::{BreachError, Class, Classification};
 use super::feed::{self, FeedBody};
@@ -90,9 +91,15 @@ where
         };
         return boxed(fail(e).await);
     }
+    // Watching the log, judging an alert and containing it are the breach investigation.
+    let under = match Under::purpose(gw, &principal, "breach_investigation") {
+        Ok(under) => under,
+        Err(e) => return boxed(fail(e).await),
+    };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let audited = |detail: serde_json::Value| {
         let mut r = record(Some(&principal), &method, &path, request_id);
+        under.mark(&mut r);
         r.detail = Some(detail);
         gw.audit.append(r)
     };
