@@ -266,7 +266,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 format!("cannot read the audit log in `{}`", cfg.audit.dir.display())
             })?;
             // The report is itself a disclosure: it is audited before it is written out.
-            audit_cli_report(&cfg, &subject, report.disclosures.len(), reference).await?;
+            let basis = catalog
+                .purposes
+                .get("sar_fulfilment")
+                .map(|p| p.lawful_basis.clone());
+            audit_cli_report(&cfg, &subject, report.disclosures.len(), reference, basis).await?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create `{}`", out.display()))?;
             let json = out.join(format!("sar-{subject}.json"));
@@ -391,6 +395,7 @@ async fn audit_cli_report(
     subject: &str,
     disclosures: usize,
     reference: Option<String>,
+    lawful_basis: Option<String>,
 ) -> anyhow::Result<()> {
     let log = audit::AuditLog::open(audit::AuditSettings {
         dir: cfg.audit.dir.clone(),
@@ -416,6 +421,7 @@ async fn audit_cli_report(
         token_id: "-".to_owned(),
     });
     record.purpose = Some("sar_fulfilment".to_owned());
+    record.lawful_basis = lawful_basis;
     record.detail = Some(serde_json::json!({
         "subject_access_report_for": subject,
         "disclosures": disclosures,

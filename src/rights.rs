@@ -105,14 +105,16 @@ where
     let mut trail = crate::gateway::Trail::default();
     let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
         Ok(p) => p,
-        Err(e) => return refuse(gw, trail.caller(), &method, &path, e, request_id).await,
+        Err(e) => return refuse(gw, trail.caller(), None, &method, &path, e, request_id).await,
     };
     let outcome = route(&principal, req, &method, &path)
         .await
         .and_then(|(action, purpose)| Ok((action, Under::purpose(gw, &principal, purpose)?)));
     let (action, under) = match outcome {
         Ok(acting) => acting,
-        Err(e) => return refuse(gw, Some(&principal), &method, &path, e, request_id).await,
+        Err(e) => {
+            return refuse(gw, Some(&principal), None, &method, &path, e, request_id).await;
+        }
     };
     let at = Place {
         gw,
@@ -143,7 +145,16 @@ where
                 Err(e) => {
                     tracing::error!(error = %e, "subject access report failed");
                     let err = GatewayError::Internal(e.to_string());
-                    return refuse(gw, Some(&principal), &method, &path, err, request_id).await;
+                    return refuse(
+                        gw,
+                        Some(&principal),
+                        Some(&under),
+                        &method,
+                        &path,
+                        err,
+                        request_id,
+                    )
+                    .await;
                 }
             };
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
@@ -399,15 +410,30 @@ pub(crate) fn record(
     }
 }
 
+/// Records and answers a refusal or failure: under the action's purpose once it is granted
+/// (`under`), or naming the purpose the token did not grant.
 pub(crate) async fn refuse(
     gw: &Gateway,
     p: Option<&Principal>,
+    under: Option<&Under>,
     method: &Method,
     path: &str,
     e: GatewayError,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
     let mut r = record(p, method, path, request_id);
+    match (under, &e) {
+        (Some(under), _) => under.mark(&mut r),
+        (None, GatewayError::PurposeNotGranted(purpose)) => {
+            r.lawful_basis = gw
+                .catalog
+                .purposes
+                .get(purpose)
+                .map(|x| x.lawful_basis.clone());
+            r.purpose = Some(purpose.clone());
+        }
+        (None, _) => {}
+    }
     r.decision = match e {
         GatewayError::Unauthenticated(_)
         | GatewayError::Forbidden { .. }

@@ -706,6 +706,25 @@ async fn admin_actions_need_the_purpose_they_serve() {
         .collect();
     assert_eq!(denied.len(), refused.len() + 1, "{admin:?}");
     assert!(denied.iter().all(|r| r["decision"] == "deny"), "{denied:?}");
+    // Each refusal names the purpose the token did not grant.
+    let missing: Vec<&str> = denied
+        .iter()
+        .map(|r| r["purpose"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            "sar_fulfilment",
+            "restriction",
+            "restriction",
+            "breach_investigation",
+            "breach_investigation",
+            "breach_investigation",
+            "breach_investigation",
+            "erasure",
+        ],
+        "{denied:?}"
+    );
     let placed = admin
         .iter()
         .find(|r| r["status"] == 200 && r["method"] == "POST")

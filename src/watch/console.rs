@@ -81,10 +81,10 @@ where
     let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
         Ok(p) => p,
         Err(e) => {
-            return boxed(refuse(gw, trail.caller(), &method, &path, e, request_id).await);
+            return boxed(refuse(gw, trail.caller(), None, &method, &path, e, request_id).await);
         }
     };
-    let fail = |e| refuse(gw, Some(&principal), &method, &path, e, request_id);
+    let fail = |e| refuse(gw, Some(&principal), None, &method, &path, e, request_id);
     if !ROLES.contains(&principal.role.as_str()) {
         let e = GatewayError::Forbidden {
             policy_ids: vec!["admin.console-security-or-dpo".to_owned()],
@@ -95,6 +95,18 @@ where
     let under = match Under::purpose(gw, &principal, "breach_investigation") {
         Ok(under) => under,
         Err(e) => return boxed(fail(e).await),
+    };
+    // From here on, failures too are recorded under the purpose.
+    let fail = |e| {
+        refuse(
+            gw,
+            Some(&principal),
+            Some(&under),
+            &method,
+            &path,
+            e,
+            request_id,
+        )
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let audited = |detail: serde_json::Value| {
@@ -245,7 +257,8 @@ where
             let outcome = super::revoke(gw, event).await;
             if outcome != "revoked" {
                 tracing::error!(alert = %id, outcome, "containment failed");
-                return boxed(problem_response(&GatewayError::ControlsStale, request_id));
+                // Recorded as `respond` records a revocation that did not take.
+                return boxed(fail(GatewayError::ControlsStale).await);
             }
             match super::record_containment(gw, &id, token_id, outcome).await {
                 Some(alert) => json(&alert),
