@@ -49,6 +49,19 @@ fn claims(role: &str, area: &str, purpose: &str) -> Claims {
     }
 }
 
+/// A canvasser's claims from `iss` for audience `wardgate`, valid for a minute from `now`.
+fn live_claims(iss: &str, sub: &str, now: i64) -> Claims {
+    Claims {
+        iss: iss.into(),
+        aud: "wardgate".into(),
+        sub: sub.into(),
+        exp: now + 60,
+        nbf: now - 1,
+        iat: now,
+        ..claims("canvasser", "E05011391", "canvassing")
+    }
+}
+
 #[test]
 fn claims_naming_unknown_things_are_refused() {
     let v = verifier(0);
@@ -114,22 +127,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
     )
     .unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = signer
-        .sign(&Claims {
-            iss: "https://idp".into(),
-            aud: "wardgate".into(),
-            sub: "s".into(),
-            jti: "j".into(),
-            exp: now + 60,
-            nbf: now - 1,
-            iat: now,
-            role: "canvasser".into(),
-            org_unit: "u".into(),
-            areas: vec!["E05011391".into()],
-            purposes: vec!["canvassing".into()],
-            grant_expires: None,
-        })
-        .unwrap();
+    let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
     assert_eq!(v.verify(&token, now).unwrap().subject, "s");
 
     // A JWKS key with an algorithm the configuration does not allow stops start-up.
@@ -269,20 +267,7 @@ fn a_key_signs_only_for_its_own_issuer() {
     let v = Verifier::from_config(&cfg, known).unwrap();
     let token = |kid: &str, iss: &str| {
         signers[kid]
-            .sign(&Claims {
-                iss: iss.into(),
-                aud: "wardgate".into(),
-                sub: format!("{kid} as {iss}"),
-                jti: "j".into(),
-                exp: now + 60,
-                nbf: now - 1,
-                iat: now,
-                role: "canvasser".into(),
-                org_unit: "u".into(),
-                areas: vec!["E05011391".into()],
-                purposes: vec!["canvassing".into()],
-                grant_expires: None,
-            })
+            .sign(&live_claims(iss, &format!("{kid} as {iss}"), now))
             .unwrap()
     };
     assert!(v.verify(&token("party-1", party), now).is_ok());
