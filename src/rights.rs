@@ -55,11 +55,7 @@ impl Under {
         }
         Ok(Under {
             purpose,
-            lawful_basis: gw
-                .catalog
-                .purposes
-                .get(purpose)
-                .map(|x| x.lawful_basis.clone()),
+            lawful_basis: lawful_basis(gw, purpose),
         })
     }
 
@@ -67,6 +63,14 @@ impl Under {
         r.purpose = Some(self.purpose.to_owned());
         r.lawful_basis.clone_from(&self.lawful_basis);
     }
+}
+
+/// The catalogue's lawful basis for `purpose`.
+fn lawful_basis(gw: &Gateway, purpose: &str) -> Option<String> {
+    gw.catalog
+        .purposes
+        .get(purpose)
+        .map(|p| p.lawful_basis.clone())
 }
 
 #[derive(Deserialize)]
@@ -425,11 +429,7 @@ pub(crate) async fn refuse(
     match (under, &e) {
         (Some(under), _) => under.mark(&mut r),
         (None, GatewayError::PurposeNotGranted(purpose)) => {
-            r.lawful_basis = gw
-                .catalog
-                .purposes
-                .get(purpose)
-                .map(|x| x.lawful_basis.clone());
+            r.lawful_basis = lawful_basis(gw, purpose);
             r.purpose = Some(purpose.clone());
         }
         (None, _) => {}
