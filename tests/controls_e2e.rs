@@ -115,6 +115,21 @@ async fn replica(
 }
 
 /// An ordinary elector in the councillor's ward.
+/// Waits until `app` answers `/readyz` with 200 (its shared controls caught up).
+async fn until_ready(what: &str, app: &TestApp) {
+    until(what, || async {
+        app.admin_get("/readyz").await.status == 200
+    })
+    .await;
+}
+
+/// The DPO places a `restricted` flag on `id` under `reference`.
+async fn restrict(app: &TestApp, id: &str, reference: &str) -> common::Resp {
+    let body = format!(r#"{{"kind":"restricted","reference":"{reference}","reason":"Art 18"}}"#);
+    app.admin_post(&format!("/rights/{id}"), &app.token("dpo"), &body)
+        .await
+}
+
 async fn visible_elector(app: &TestApp) -> String {
     let r = app
         .get(
@@ -136,10 +151,7 @@ async fn a_restriction_placed_on_one_replica_is_enforced_by_the_other() {
     let (upstream, _store) = common::start_datastore(800).await;
     let a = replica(upstream, &redis, None).await;
     let b = replica(upstream, &redis, Some(&a)).await;
-    until("replica b ready", || async {
-        b.admin_get("/readyz").await.status == 200
-    })
-    .await;
+    until_ready("replica b ready", &b).await;
     let id = visible_elector(&b).await;
     let path = format!("/voter/electors/{id}");
     assert_eq!(
@@ -252,25 +264,13 @@ async fn a_restriction_survives_flushall_and_a_replica_restart() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
     let a = replica(upstream, &redis, None).await;
-    until("a ready", || async {
-        a.admin_get("/readyz").await.status == 200
-    })
-    .await;
+    until_ready("a ready", &a).await;
     let id = visible_elector(&a).await;
-    let placed = a
-        .admin_post(
-            &format!("/rights/{id}"),
-            &a.token("dpo"),
-            r#"{"kind":"restricted","reference":"RR-1","reason":"Art 18"}"#,
-        )
-        .await;
+    let placed = restrict(&a, &id, "RR-1").await;
     assert_eq!(placed.status, 200);
     redis.flushall();
     let a = a.restart().await;
-    until("a ready after restart", || async {
-        a.admin_get("/readyz").await.status == 200
-    })
-    .await;
+    until_ready("a ready after restart", &a).await;
     let path = format!("/voter/electors/{id}");
     assert_eq!(
         a.get(&path, Some(&a.token("councillor")), Some("canvassing"))
@@ -297,10 +297,7 @@ async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     let mut redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
     let a = replica(upstream, &redis, None).await;
-    until("a ready", || async {
-        a.admin_get("/readyz").await.status == 200
-    })
-    .await;
+    until_ready("a ready", &a).await;
     let token = a.token("councillor");
     redis.stop();
     let down = Instant::now();
@@ -556,18 +553,9 @@ async fn a_stream_entry_written_without_the_key_is_refused() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
     let a = replica(upstream, &redis, None).await;
-    until("a ready", || async {
-        a.admin_get("/readyz").await.status == 200
-    })
-    .await;
+    until_ready("a ready", &a).await;
     let id = visible_elector(&a).await;
-    let placed = a
-        .admin_post(
-            &format!("/rights/{id}"),
-            &a.token("dpo"),
-            r#"{"kind":"restricted","reference":"RR-7","reason":"Art 18"}"#,
-        )
-        .await;
+    let placed = restrict(&a, &id, "RR-7").await;
     assert_eq!(placed.status, 200, "{:?}", placed.body);
     let path = format!("/voter/electors/{id}");
     let councillor = |app: &TestApp| app.token("councillor");
