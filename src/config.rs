@@ -34,6 +34,8 @@ pub struct Config {
     pub datasets: BTreeMap<String, UpstreamConfig>,
     /// Breach detection rules and the breach log.
     pub watch: crate::watch::settings::WatchSettings,
+    /// Small-cell suppression and the group limit for aggregates.
+    pub aggregates: crate::aggregate::Settings,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +173,36 @@ struct RawConfig {
     datasets: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     watch: crate::watch::settings::RawWatch,
+    #[serde(default)]
+    aggregates: RawAggregates,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAggregates {
+    min_cell: Option<u64>,
+    max_groups: Option<usize>,
+}
+
+impl RawAggregates {
+    fn resolve(self) -> anyhow::Result<crate::aggregate::Settings> {
+        let default = crate::aggregate::Settings::default();
+        let min_cell = self.min_cell.unwrap_or(default.min_cell);
+        if min_cell < 2 {
+            bail!(
+                "`aggregates.min_cell` is {min_cell}: it must be at least 2 (a cell of one record \
+                 is that person's values; 10 is the default)"
+            );
+        }
+        let max_groups = self.max_groups.unwrap_or(default.max_groups);
+        if max_groups == 0 {
+            bail!("`aggregates.max_groups` must be at least 1");
+        }
+        Ok(crate::aggregate::Settings {
+            min_cell,
+            max_groups,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -337,6 +369,7 @@ impl RawConfig {
         let watch = self.watch.resolve(&server.data_dir, &at)?;
         Ok(Config {
             watch,
+            aggregates: self.aggregates.resolve()?,
             server,
             auth,
             signing,

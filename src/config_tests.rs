@@ -54,6 +54,20 @@ fn defaults_and_relative_paths() {
 }
 
 #[test]
+fn aggregate_cells_of_one_are_refused() {
+    let d = parse(MINIMAL).unwrap().aggregates;
+    assert_eq!((d.min_cell, d.max_groups), (10, 10_000));
+    let with = |t: &str| format!("{MINIMAL}\n[aggregates]\n{t}\n");
+    let c = parse(&with("min_cell = 5\nmax_groups = 50")).unwrap();
+    assert_eq!((c.aggregates.min_cell, c.aggregates.max_groups), (5, 50));
+    for bad in ["min_cell = 1", "min_cell = 0"] {
+        assert!(err(&with(bad)).contains("`aggregates.min_cell`"), "{bad}");
+    }
+    assert!(err(&with("max_groups = 0")).contains("`aggregates.max_groups`"));
+    assert!(err(&with("min_cells = 5")).contains("min_cells"));
+}
+
+#[test]
 fn idle_connections_are_at_least_one() {
     let with = |n: &str| MINIMAL.replace("7001\"", &format!("7001\"\nidle_connections = {n}"));
     assert_eq!(

@@ -365,6 +365,7 @@ mod tests {
                     RequestAction::Read,
                     RequestAction::Write,
                     RequestAction::Export,
+                    RequestAction::Aggregate,
                 ] {
                     for dataset in ["voter", "membership"] {
                         let fresh = engine.decide_request(&ask, action, dataset);

@@ -55,6 +55,8 @@ pub struct Gateway {
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
+    /// Small-cell suppression and the group limit for aggregates.
+    pub aggregates: crate::aggregate::Settings,
 }
 
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
@@ -74,6 +76,8 @@ pub struct Trail {
     /// Why the one record asked for by id was withheld, for breach detection.
     withheld_target: Option<&'static str>,
     written: Vec<String>,
+    /// The audit record's `detail`, where the route has one (an aggregate's summary).
+    detail: Option<serde_json::Value>,
     /// Records held against the caller's quota until the request ends.
     quota: crate::controls::QuotaHold,
 }
@@ -324,6 +328,8 @@ where
         RouteKind::Read { .. } | RouteKind::Write { .. } => 1,
         // Each chunk is checked and held on its own.
         RouteKind::Export => 0,
+        // No record leaves.
+        RouteKind::Aggregate { .. } => 0,
     };
     trail.quota = gw
         .controls
@@ -385,6 +391,43 @@ where
             Ok(Reply::Body(Bytes::from(out)))
         }
         RouteKind::Export => Err(GatewayError::RouteNotFound),
+        RouteKind::Aggregate { by } => {
+            let areas = narrowing(gw, &principal);
+            let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_deref())
+                .ok_or_else(|| {
+                    GatewayError::BadRequest(
+                        "this dataset's datastore offers no export, which aggregates read"
+                            .to_owned(),
+                    )
+                })?;
+            let body = upstream.open_stream(&path, request_id).await?;
+            let counted = crate::aggregate::count(
+                body,
+                &route.dataset,
+                dataset,
+                &gw.controls,
+                by,
+                gw.aggregates,
+                &mut |a| decider.decide(a),
+            )
+            .await?;
+            // Reading a whole register takes a while: the caller must still stand when the
+            // answer is ready, as before each part of an export.
+            standing(
+                gw,
+                &principal,
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+            )?;
+            trail.fields = by.iter().cloned().collect();
+            trail.rows_withheld = counted.rows_withheld;
+            trail.policy_ids.extend(counted.policy_ids);
+            // The filters too (a record's `path` has no query): overlapping aggregates that
+            // could be subtracted from each other are visible in the log.
+            let mut summary = counted.summary;
+            summary["aggregate"]["filters"] = serde_json::json!(route.filters);
+            trail.detail = Some(summary);
+            Ok(Reply::Body(counted.body))
+        }
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
             let mut refused = None;
@@ -730,8 +773,9 @@ fn audit_record(
         rows_withheld: trail.rows_withheld,
         withheld_target: trail.withheld_target.map(str::to_owned),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        detail: (!trail.written.is_empty())
-            .then(|| serde_json::json!({ "written": trail.written })),
+        detail: trail.detail.take().or_else(|| {
+            (!trail.written.is_empty()).then(|| serde_json::json!({ "written": trail.written }))
+        }),
     }
 }
 

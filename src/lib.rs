@@ -34,6 +34,7 @@
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;
+pub mod aggregate;
 pub mod audit;
 pub mod auth;
 pub mod catalog;

@@ -1,8 +1,10 @@
 //! The route table: which paths and query strings may reach a datastore at all.
 //!
 //! Routes come from the asset register: for a dataset `voter` with collection `electors`,
-//! `GET /voter/electors` lists, `GET /voter/electors/{id}` reads one record and
-//! `POST /voter/electors/{id}/{write}` records a write the register declares. Nothing else is forwarded: an unknown path is 404,
+//! `GET /voter/electors` lists, `GET /voter/electors/export` streams every matching record,
+//! `GET /voter/electors/aggregate?by=ward` counts them per group, `GET /voter/electors/{id}`
+//! reads one record and `POST /voter/electors/{id}/{write}` records a write the register
+//! declares. Nothing else is forwarded: an unknown path is 404,
 //! a known path with the wrong method is 405. Query parameters are parsed here, once: only the
 //! dataset's declared filters plus paging, each at most once, with values from a small
 //! alphabet, so that no operator syntax, list or encoded trick can widen what a caller asks
@@ -21,6 +23,11 @@ pub enum RouteKind {
     List,
     /// `GET /{dataset}/{collection}/export`: every matching record, streamed.
     Export,
+    /// `GET /{dataset}/{collection}/aggregate?by=f[,g[,h]]`: how many matching records share
+    /// each combination of those fields' values; no record leaves (`aggregate.rs`).
+    Aggregate {
+        by: Vec<String>,
+    },
     Read {
         id: String,
     },
@@ -46,6 +53,7 @@ impl Route {
         match self.kind {
             RouteKind::List => RequestAction::List,
             RouteKind::Export => RequestAction::Export,
+            RouteKind::Aggregate { .. } => RequestAction::Aggregate,
             RouteKind::Read { .. } => RequestAction::Read,
             RouteKind::Write { .. } => RequestAction::Write,
         }
@@ -56,6 +64,7 @@ impl Route {
         match &self.kind {
             RouteKind::List => format!("{}.list", self.dataset),
             RouteKind::Export => format!("{}.export", self.dataset),
+            RouteKind::Aggregate { .. } => format!("{}.aggregate", self.dataset),
             RouteKind::Read { .. } => format!("{}.read", self.dataset),
             RouteKind::Write { write, .. } => format!("{}.write.{write}", self.dataset),
         }
@@ -63,6 +72,9 @@ impl Route {
 }
 
 const MAX_VALUE_LEN: usize = 64;
+/// An aggregate groups by at most this many fields: each one more splits the cells finer,
+/// and suppression hides more of them.
+pub const MAX_GROUP_FIELDS: usize = 3;
 
 /// Matches `method path?query` against the register's routes.
 pub fn resolve(
@@ -86,9 +98,11 @@ pub fn resolve(
         .ok_or(GatewayError::RouteNotFound)?;
     let kind = match rest {
         [c] if *c == dataset.collection => RouteKind::List,
-        // `export` is a route, so no record with that id can be read or written (a write's
-        // check reads its target: `export` would ask the datastore for a whole export).
+        // `export` and `aggregate` are routes, so no record with either id can be read or
+        // written (a write's check reads its target: `export` would ask the datastore for a
+        // whole export).
         [c, "export"] if *c == dataset.collection => RouteKind::Export,
+        [c, "aggregate"] if *c == dataset.collection => RouteKind::Aggregate { by: Vec::new() },
         [c, id] if *c == dataset.collection && valid_id(id) => RouteKind::Read {
             id: (*id).to_owned(),
         },
@@ -96,6 +110,7 @@ pub fn resolve(
             if *c == dataset.collection
                 && valid_id(id)
                 && *id != "export"
+                && *id != "aggregate"
                 && dataset.writes.contains_key(*w) =>
         {
             RouteKind::Write {
@@ -107,7 +122,10 @@ pub fn resolve(
     };
     let wanted = match kind {
         RouteKind::Write { .. } => http::Method::POST,
-        RouteKind::List | RouteKind::Export | RouteKind::Read { .. } => http::Method::GET,
+        RouteKind::List
+        | RouteKind::Export
+        | RouteKind::Aggregate { .. }
+        | RouteKind::Read { .. } => http::Method::GET,
     };
     if *method != wanted {
         return Err(GatewayError::MethodNotAllowed);
@@ -120,7 +138,9 @@ pub fn resolve(
         per_page: None,
     };
     let allowed_filters = match route.kind {
-        RouteKind::List | RouteKind::Export => dataset.filters.as_slice(),
+        RouteKind::List | RouteKind::Export | RouteKind::Aggregate { .. } => {
+            dataset.filters.as_slice()
+        }
         RouteKind::Read { .. } | RouteKind::Write { .. } => &[],
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -149,6 +169,15 @@ pub fn resolve(
                     return Err(duplicate());
                 }
             }
+            "by" if matches!(route.kind, RouteKind::Aggregate { .. }) => {
+                let fields = group_fields(&value, dataset)?;
+                if let RouteKind::Aggregate { by } = &mut route.kind {
+                    if !by.is_empty() {
+                        return Err(duplicate());
+                    }
+                    *by = fields;
+                }
+            }
             f if allowed_filters.iter().any(|a| a == f) => {
                 check_value(&name, &value)?;
                 if route.filters.insert(name.clone(), value).is_some() {
@@ -162,7 +191,41 @@ pub fn resolve(
             }
         }
     }
+    if matches!(&route.kind, RouteKind::Aggregate { by } if by.is_empty()) {
+        return Err(GatewayError::BadRequest(format!(
+            "an aggregate needs `by`: 1 to {MAX_GROUP_FIELDS} comma-separated fields to group by"
+        )));
+    }
     Ok(route)
+}
+
+/// The fields an aggregate groups by: 1 to `MAX_GROUP_FIELDS` distinct names, each one the
+/// asset register lists for the dataset (whether the caller's purpose may use a field is the
+/// policies' to say, record by record).
+fn group_fields(
+    value: &str,
+    dataset: &crate::catalog::Dataset,
+) -> Result<Vec<String>, GatewayError> {
+    let names: Vec<String> = value.split(',').map(str::to_owned).collect();
+    if names.len() > MAX_GROUP_FIELDS {
+        return Err(GatewayError::BadRequest(format!(
+            "`by` names at most {MAX_GROUP_FIELDS} fields"
+        )));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !dataset.fields.contains_key(name) {
+            return Err(GatewayError::BadRequest(format!(
+                "`by`: `{}` is not a field of this dataset",
+                name.chars().take(MAX_VALUE_LEN).collect::<String>()
+            )));
+        }
+        if names[..i].contains(name) {
+            return Err(GatewayError::BadRequest(format!(
+                "`by` names `{name}` twice"
+            )));
+        }
+    }
+    Ok(names)
 }
 
 /// Subject ids: letters, digits, `-` and `_`; nothing that could become a path or a query.

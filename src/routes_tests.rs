@@ -33,16 +33,30 @@ fn declared_routes_resolve() {
     .unwrap();
     assert_eq!(r.id(), "voter.write.canvass");
     assert_eq!(r.action(), RequestAction::Write);
-    // `export` names the export route, never a record: not a write's target either.
-    assert!(matches!(
-        resolve(
-            &catalog(),
-            &http::Method::POST,
-            "/voter/electors/export/canvass",
-            None
-        ),
-        Err(GatewayError::RouteNotFound)
-    ));
+    // `export` and `aggregate` name routes, never a record: not a write's target either.
+    for path in [
+        "/voter/electors/export/canvass",
+        "/voter/electors/aggregate/canvass",
+    ] {
+        assert!(matches!(
+            resolve(&catalog(), &http::Method::POST, path, None),
+            Err(GatewayError::RouteNotFound)
+        ));
+    }
+    let r = get(
+        "/voter/electors/aggregate",
+        Some("by=ward,voting_intention&ward=E05011391"),
+    )
+    .unwrap();
+    assert_eq!(
+        r.kind,
+        RouteKind::Aggregate {
+            by: vec!["ward".into(), "voting_intention".into()]
+        }
+    );
+    assert_eq!(r.id(), "voter.aggregate");
+    assert_eq!(r.action(), RequestAction::Aggregate);
+    assert_eq!(r.filters["ward"], "E05011391");
 }
 
 #[test]

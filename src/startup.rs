@@ -202,6 +202,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         upstreams: c.upstreams,
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
+        aggregates: cfg.aggregates,
     };
     Ok((Arc::new(gw), c.tls))
 }

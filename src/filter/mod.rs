@@ -269,6 +269,11 @@ impl<'a> RawRecord<'a> {
         }
     }
 
+    /// The value of the first field named `name`, as written.
+    pub fn field(&self, name: &str) -> Option<&'a str> {
+        self.value(self.position(name))
+    }
+
     /// The index of the first field named `name`. (A record that names a field twice is never
     /// written out: see `memo::Layout`.)
     fn position(&self, name: &str) -> Option<usize> {

@@ -37,6 +37,8 @@ pub enum RequestAction {
     Read,
     Write,
     Export,
+    /// Counts per group over every matching record; no record leaves (`aggregate.rs`).
+    Aggregate,
 }
 
 impl RequestAction {
@@ -46,6 +48,7 @@ impl RequestAction {
             RequestAction::Read => "read",
             RequestAction::Write => "write",
             RequestAction::Export => "export",
+            RequestAction::Aggregate => "aggregate",
         }
     }
 }

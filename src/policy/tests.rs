@@ -105,6 +105,7 @@ fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
         "read" => engine.decide_request(&ask, RequestAction::Read, &f.dataset),
         "write" => engine.decide_request(&ask, RequestAction::Write, &f.dataset),
         "export" => engine.decide_request(&ask, RequestAction::Export, &f.dataset),
+        "aggregate" => engine.decide_request(&ask, RequestAction::Aggregate, &f.dataset),
         "disclose_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, false),
         "write_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, true),
         a @ ("disclose_field" | "write_field") => {

@@ -1,0 +1,298 @@
+//! Aggregates: how many matching records share each combination of a few fields' values, with
+//! small cells suppressed. No record leaves; this is the only output the `research` purpose
+//! gets (DOMAIN.md §5: aggregate output only; `purpose.research-aggregate-only`).
+//!
+//! `GET /{dataset}/{collection}/aggregate?by=ward,voting_intention` reads the datastore's
+//! NDJSON export (the listing's filters, narrowed to the caller's scope, anonymous electors and
+//! under-16s left out by the datastore) and puts every line through the filter exactly as an
+//! export would. So a record the policies withhold from the purpose (out of scope,
+//! restricted, erasure requested, anonymous, under 16) counts nowhere, and a record counts in
+//! a cell only if every grouping field survives the field policies for it: a para 22 notice
+//! keeps that person's voting intention out of every count, as it keeps it out of every row.
+//!
+//! A cell of fewer than `min_cell` records is left out of the answer. The answer says how many
+//! cells were left out, never how many records they held, nor how many records were withheld
+//! or could not be grouped: any of those could be one person. The answer is one small JSON
+//! document. It leaves like any other answer, after its audit record is durable. That record
+//! names the grouping fields, the records counted and the cells shown and suppressed. It lists
+//! no subject: none is disclosed, and the log is personal data to be kept minimal.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use crate::catalog::Dataset;
+use crate::controls::Controls;
+use crate::error::GatewayError;
+use crate::filter::{self, Disclosure, FilterContext, RawRecord};
+use crate::policy::RecordAttrs;
+
+/// The operator's limits on aggregates (`[aggregates]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Cells of fewer records than this are suppressed (at least 2: a cell of one is one
+    /// person's values).
+    pub min_cell: u64,
+    /// An aggregate that would make more groups than this is refused: past it the grouping
+    /// is too fine to be an aggregate, and memory is bounded by it.
+    pub max_groups: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            min_cell: 10,
+            max_groups: 10_000,
+        }
+    }
+}
+
+/// A longer upstream line is not a record (as for exports).
+const MAX_LINE: usize = 1 << 20;
+
+/// What an aggregate found, for the answer and the audit record.
+pub struct Counted {
+    /// The answer: `{"by", "min_cell", "cells": [{"group": {...}, "records": n}], "suppressed_cells"}`.
+    pub body: Bytes,
+    /// Records the filter withheld (counted nowhere).
+    pub rows_withheld: u64,
+    /// The policies behind the record and field decisions.
+    pub policy_ids: BTreeSet<String>,
+    /// For the audit record's `detail`.
+    pub summary: Value,
+}
+
+/// Reads the datastore's export `body` through the filter and counts its records per group.
+pub async fn count(
+    body: hyper::body::Incoming,
+    dataset_name: &str,
+    dataset: &Dataset,
+    controls: &Controls,
+    by: &[String],
+    settings: Settings,
+    decide: &mut (dyn FnMut(&RecordAttrs) -> std::sync::Arc<filter::RecordDecision> + Send),
+) -> Result<Counted, GatewayError> {
+    let mut body = body;
+    let today = filter::today();
+    let mut memo = filter::Memo::default();
+    let mut groups = Groups::new(by, settings.max_groups);
+    let mut partial: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    let (mut rows_withheld, mut never_disclosed) = (0u64, 0u64);
+    let mut policy_ids = BTreeSet::new();
+    loop {
+        let frame = body.frame().await;
+        let done = frame.is_none();
+        if let Some(frame) = frame {
+            let frame = frame.map_err(|e| {
+                tracing::warn!(error = %e, "upstream failed mid-aggregate");
+                GatewayError::UpstreamUnavailable
+            })?;
+            if let Some(data) = frame.data_ref() {
+                partial.extend_from_slice(data);
+            }
+        }
+        if let Some(end) = crate::export::ready(&partial, done) {
+            let flags = controls.register_flags();
+            let cx = FilterContext {
+                dataset,
+                today,
+                register: &flags,
+            };
+            let mut d = Disclosure::default();
+            filter::filter_lines(&partial[..end], &cx, decide, &mut memo, &mut out, &mut d)
+                .map_err(|e| GatewayError::UpstreamMalformed(e.to_string()))?;
+            partial.drain(..(end + 1).min(partial.len()));
+            rows_withheld += d.rows_withheld;
+            never_disclosed += d.never_disclosed_rows;
+            policy_ids.extend(d.policy_ids);
+            // The filter's own output: one record per line, every value checked.
+            for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                groups.add(line)?;
+            }
+            out.clear();
+        }
+        if done {
+            break;
+        }
+        if partial.len() > MAX_LINE {
+            return Err(GatewayError::UpstreamMalformed(
+                "an upstream line is longer than any record".to_owned(),
+            ));
+        }
+    }
+    crate::gateway::never_disclosed_sent(dataset_name, never_disclosed);
+    let (body, summary) = groups.answer(settings.min_cell);
+    Ok(Counted {
+        body,
+        rows_withheld,
+        policy_ids,
+        summary,
+    })
+}
+
+/// Records counted per combination of the grouping fields' values.
+struct Groups<'b> {
+    by: &'b [String],
+    max: usize,
+    /// Each key: the values as canonical JSON text (`serde_json`'s), in `by`'s order.
+    counts: HashMap<Vec<String>, u64>,
+}
+
+impl<'b> Groups<'b> {
+    fn new(by: &'b [String], max: usize) -> Self {
+        Groups {
+            by,
+            max,
+            counts: HashMap::new(),
+        }
+    }
+
+    /// Counts one filtered record, if every grouping field left with it.
+    fn add(&mut self, line: &[u8]) -> Result<(), GatewayError> {
+        let bad = |e: &dyn std::fmt::Display| GatewayError::Internal(format!("filter output: {e}"));
+        let text = std::str::from_utf8(line).map_err(|e| bad(&e))?;
+        let record = RawRecord::parse(text).map_err(|e| bad(&e))?;
+        let mut key = Vec::with_capacity(self.by.len());
+        for name in self.by {
+            let Some(raw) = record.field(name) else {
+                return Ok(());
+            };
+            // Canonical, so that `"a"` and `"\u0061"` are one group.
+            let value: Value = serde_json::from_str(raw).map_err(|e| bad(&e))?;
+            key.push(value.to_string());
+        }
+        if let Some(n) = self.counts.get_mut(&key) {
+            *n += 1;
+        } else if self.counts.len() >= self.max {
+            return Err(GatewayError::BadRequest(format!(
+                "grouping by {} makes more than {} groups; group by fewer or coarser fields, or \
+                 filter the records first",
+                self.by.join(","),
+                self.max
+            )));
+        } else {
+            self.counts.insert(key, 1);
+        }
+        Ok(())
+    }
+
+    /// The answer, cells in the order of their values, and the audit record's summary.
+    fn answer(self, min_cell: u64) -> (Bytes, Value) {
+        let mut shown: Vec<(Vec<String>, u64)> = Vec::new();
+        let mut suppressed = 0u64;
+        let mut counted = 0u64;
+        for (key, n) in self.counts {
+            counted += n;
+            if n >= min_cell {
+                shown.push((key, n));
+            } else {
+                suppressed += 1;
+            }
+        }
+        shown.sort();
+        let in_cells: u64 = shown.iter().map(|(_, n)| n).sum();
+        let cells: Vec<Value> = shown
+            .iter()
+            .map(|(key, n)| {
+                let group: serde_json::Map<String, Value> = self
+                    .by
+                    .iter()
+                    .zip(key)
+                    .map(|(name, v)| (name.clone(), serde_json::from_str(v).unwrap_or(Value::Null)))
+                    .collect();
+                json!({ "group": group, "records": n })
+            })
+            .collect();
+        let body = json!({
+            "by": self.by,
+            "min_cell": min_cell,
+            "cells": cells,
+            "suppressed_cells": suppressed,
+        });
+        let summary = json!({ "aggregate": {
+            "by": self.by,
+            "min_cell": min_cell,
+            "records_counted": counted,
+            "records_in_cells": in_cells,
+            "cells": shown.len(),
+            "suppressed_cells": suppressed,
+        }});
+        (Bytes::from(body.to_string()), summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn groups_of(by: &[&str], lines: &[&str], max: usize) -> Result<Value, GatewayError> {
+        let by: Vec<String> = by.iter().map(|s| (*s).to_owned()).collect();
+        let mut g = Groups::new(&by, max);
+        for l in lines {
+            g.add(l.as_bytes())?;
+        }
+        let (body, _) = g.answer(2);
+        Ok(serde_json::from_slice(&body).unwrap())
+    }
+
+    #[test]
+    fn small_cells_are_suppressed_and_their_size_is_never_told() {
+        let lines = [
+            r#"{"ward":"A","vi":"lab"}"#,
+            r#"{"ward":"A","vi":"lab"}"#,
+            r#"{"ward":"A","vi":"con"}"#,
+            r#"{"ward":"B","vi":"lab"}"#,
+            r#"{"ward":"B","vi":"lab"}"#,
+            r#"{"ward":"B","vi":"lab"}"#,
+        ];
+        let v = groups_of(&["ward", "vi"], &lines, 100).unwrap();
+        assert_eq!(
+            v["cells"],
+            json!([
+                {"group": {"ward": "A", "vi": "lab"}, "records": 2},
+                {"group": {"ward": "B", "vi": "lab"}, "records": 3},
+            ])
+        );
+        assert_eq!(v["suppressed_cells"], 1);
+        // Nothing in the answer adds up to the suppressed cell's size.
+        assert!(v.get("records").is_none() && v.get("withheld").is_none());
+    }
+
+    #[test]
+    fn a_record_without_a_grouping_field_counts_nowhere() {
+        // As the filter leaves a record whose voting intention its field policies stripped.
+        let lines = [
+            r#"{"ward":"A"}"#,
+            r#"{"ward":"A","vi":"lab"}"#,
+            r#"{"ward":"A","vi":"lab"}"#,
+        ];
+        let v = groups_of(&["ward", "vi"], &lines, 100).unwrap();
+        assert_eq!(
+            v["cells"],
+            json!([{"group": {"ward": "A", "vi": "lab"}, "records": 2}])
+        );
+        assert_eq!(v["suppressed_cells"], 0);
+    }
+
+    #[test]
+    fn values_written_differently_are_one_group() {
+        let lines = [
+            r#"{"vi":"lab"}"#,
+            r#"{"vi":"l\u0061b"}"#,
+            r#"{"vi" : "lab" }"#,
+        ];
+        let v = groups_of(&["vi"], &lines, 100).unwrap();
+        assert_eq!(v["cells"], json!([{"group": {"vi": "lab"}, "records": 3}]));
+    }
+
+    #[test]
+    fn too_many_groups_are_refused() {
+        let lines = [r#"{"id":"1"}"#, r#"{"id":"2"}"#, r#"{"id":"3"}"#];
+        let err = groups_of(&["id"], &lines, 2).err().unwrap();
+        assert!(matches!(err, GatewayError::BadRequest(m) if m.contains("more than 2 groups")));
+    }
+}

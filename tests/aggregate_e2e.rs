@@ -1,0 +1,269 @@
+//! Research aggregates end to end: the research purpose gets counts per group and never a row,
+//! counts match the register read independently (without the entries the policies withhold
+//! from research), small cells never show, and a restriction takes a person out of every
+//! count at once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{TestApp, datastore_body, spawn_app};
+use http::StatusCode;
+use serde_json::Value;
+
+/// The default `aggregates.min_cell`.
+const MIN_CELL: u64 = 10;
+
+async fn aggregate(app: &TestApp, query: &str) -> common::Resp {
+    app.get(
+        &format!("/voter/electors/aggregate?{query}"),
+        Some(&app.token("analyst")),
+        Some("research"),
+    )
+    .await
+}
+
+/// `{group value: records}` from an answer grouped by one field.
+fn cells(resp: &common::Resp, field: &str) -> BTreeMap<String, u64> {
+    assert_eq!(resp.status, StatusCode::OK, "{:?}", resp.body);
+    resp.json()["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["group"][field].to_string(),
+                c["records"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn has(r: &Value, field: &str, value: &str) -> bool {
+    r[field]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == value))
+}
+
+/// The datastore's whole register, every entry, as the gateway never shows it.
+async fn register(app: &TestApp) -> Vec<Value> {
+    let body = datastore_body(app.upstream, "/electors/export").await;
+    std::str::from_utf8(&body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// What research may count, read off the register by DOMAIN.md's rules rather than the
+/// gateway's policies: never an anonymous elector or an under-16, nor anyone restricted or
+/// who asked for erasure (§6); with `opinion`, nor anyone whose para 22 notice stops the
+/// processing of their political opinions.
+fn expected(register: &[Value], field: &str, opinion: bool) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for r in register {
+        let never = has(r, "markers", "N") || has(r, "flags", "under_16");
+        let withheld = has(r, "flags", "restricted") || has(r, "flags", "erasure_requested");
+        if never || withheld || (opinion && has(r, "flags", "para22_notice")) {
+            continue;
+        }
+        if r.get(field).is_none() {
+            continue;
+        }
+        *counts.entry(r[field].to_string()).or_insert(0) += 1;
+    }
+    counts.retain(|_, n| *n >= MIN_CELL);
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn research_gets_counts_never_rows() {
+    let app = spawn_app().await;
+    let analyst = app.token("analyst");
+    // Row-level routes refuse the purpose, whoever asks.
+    let some_id = register(&app).await[0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        "/voter/electors".to_owned(),
+        "/voter/electors/export".to_owned(),
+        format!("/voter/electors/{some_id}"),
+    ] {
+        let r = app.get(&path, Some(&analyst), Some("research")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {:?}", r.body);
+        assert!(
+            r.json()["policy_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "purpose.research-aggregate-only"),
+            "{path}: {:?}",
+            r.body
+        );
+    }
+
+    // Counts per polling district: exactly the register's, less what research may not count.
+    let reg = register(&app).await;
+    let r = aggregate(&app, "by=polling_district").await;
+    let got = cells(&r, "polling_district");
+    assert!(!got.is_empty());
+    assert_eq!(got, expected(&reg, "polling_district", false));
+    let body = r.json();
+    assert_eq!(body["by"], serde_json::json!(["polling_district"]));
+    assert_eq!(body["min_cell"], MIN_CELL);
+    // The answer carries nothing but the groups and their counts.
+    for cell in body["cells"].as_array().unwrap() {
+        assert_eq!(cell.as_object().unwrap().len(), 2, "{cell}");
+        assert_eq!(cell["group"].as_object().unwrap().len(), 1, "{cell}");
+    }
+
+    // Voting intention: a para 22 notice keeps a person out of any count of it.
+    let r = aggregate(&app, "by=voting_intention").await;
+    assert_eq!(
+        cells(&r, "voting_intention"),
+        expected(&reg, "voting_intention", true)
+    );
+
+    // The audit record: research under its lawful basis, the grouping field, no subject.
+    let rec = app.audit_for(&r);
+    assert_eq!(rec["route"], "voter.aggregate");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["purpose"], "research");
+    assert_eq!(rec["lawful_basis"], "legitimate_interests");
+    assert_eq!(rec["subjects"], serde_json::json!([]));
+    assert_eq!(rec["fields"], serde_json::json!(["voting_intention"]));
+    let summary = &rec["detail"]["aggregate"];
+    let shown: u64 = cells(&r, "voting_intention").values().sum();
+    assert_eq!(summary["records_in_cells"], shown);
+    assert_eq!(summary["filters"], serde_json::json!({}));
+    assert!(summary["records_counted"].as_u64().unwrap() >= shown);
+    assert!(rec["rows_withheld"].as_u64().unwrap() > 0, "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
+    let app = spawn_app().await;
+    // Fields research may not see count nowhere: no person key or name leaves even as a
+    // group.
+    for field in ["elector_id", "surname", "email", "postcode"] {
+        let r = aggregate(&app, &format!("by={field}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{field}: {:?}", r.body);
+        let body = r.json();
+        assert_eq!(body["cells"], serde_json::json!([]), "{field}");
+        assert_eq!(body["suppressed_cells"], 0, "{field}");
+    }
+    // A score research may see, nearly one value per person: the cells of a few are
+    // suppressed.
+    let r = aggregate(&app, "ward=E05011391&by=support_score").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        app.audit_for(&r)["detail"]["aggregate"]["filters"],
+        serde_json::json!({"ward": "E05011391"})
+    );
+    let body = r.json();
+    assert!(body["suppressed_cells"].as_u64().unwrap() > 10, "{body}");
+    for cell in body["cells"].as_array().unwrap() {
+        assert!(cell["records"].as_u64().unwrap() >= MIN_CELL, "{cell}");
+    }
+    // Narrowed to a few households and split three ways, every cell shown still holds at
+    // least `min_cell` records.
+    let reg = register(&app).await;
+    let postcode = reg[0]["postcode"].as_str().unwrap().replace(' ', "+");
+    for query in [
+        format!("postcode={postcode}&by=voting_intention"),
+        "ward=E05011391&by=polling_district,voting_intention,support_decile".to_owned(),
+    ] {
+        let r = aggregate(&app, &query).await;
+        assert_eq!(r.status, StatusCode::OK, "{query}: {:?}", r.body);
+        for cell in r.json()["cells"].as_array().unwrap() {
+            assert!(
+                cell["records"].as_u64().unwrap() >= MIN_CELL,
+                "{query}: {cell}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_takes_a_person_out_of_every_count_at_once() {
+    let app = spawn_app().await;
+    let before = cells(
+        &aggregate(&app, "by=polling_district").await,
+        "polling_district",
+    );
+    // Someone in the largest district, so that the cell stays above the threshold.
+    let (district, n) = before.iter().max_by_key(|(_, n)| **n).unwrap();
+    let reg = register(&app).await;
+    let person = reg
+        .iter()
+        .find(|r| {
+            r["polling_district"] == serde_json::from_str::<Value>(district).unwrap()
+                && r["flags"].as_array().unwrap().is_empty()
+                && r["markers"].as_array().unwrap().is_empty()
+        })
+        .unwrap();
+    let body = r#"{"kind":"restricted","reference":"AGG-1","reason":"Art 18"}"#;
+    let placed = app
+        .admin_post(
+            &format!("/rights/{}", person["elector_id"].as_str().unwrap()),
+            &app.token("dpo"),
+            body,
+        )
+        .await;
+    assert!(placed.status.is_success(), "{:?}", placed.body);
+    let after = cells(
+        &aggregate(&app, "by=polling_district").await,
+        "polling_district",
+    );
+    assert_eq!(after[district], n - 1);
+    let others = |m: &BTreeMap<String, u64>| {
+        m.iter()
+            .filter(|(k, _)| *k != district)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(others(&after), others(&before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_aggregate_requests_get_clear_errors() {
+    let app = spawn_app().await;
+    for (query, says) in [
+        ("", "needs `by`"),
+        ("by=", "not a field"),
+        ("by=shoe_size", "not a field"),
+        ("by=ward,ward", "twice"),
+        (
+            "by=ward,constituency,polling_district,postcode",
+            "at most 3",
+        ),
+        ("by=ward&by=constituency", "more than once"),
+        ("by=ward&page=2", "not accepted"),
+        ("by=ward&ward=%3Bdrop", "must be"),
+    ] {
+        let r = aggregate(&app, query).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}: {:?}", r.body);
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{query}"
+        );
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains(says), "{query}: {detail}");
+    }
+    // A councillor may not use the purpose at all.
+    let r = app
+        .get(
+            "/voter/electors/aggregate?by=ward",
+            Some(&app.token("councillor")),
+            Some("research"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+}
