@@ -1,6 +1,7 @@
 //! Aggregates: how many matching records share each combination of a few fields' values, with
 //! small cells suppressed. No record leaves; this is the only output the `research` purpose
-//! gets (DOMAIN.md §5: aggregate output only; `purpose.research-aggregate-only`).
+//! gets, and only it gets one (DOMAIN.md §5: aggregate output only;
+//! `purpose.research-aggregate-only`, `purpose.aggregate-research-only`).
 //!
 //! `GET /{dataset}/{collection}/aggregate?by=ward,voting_intention` reads the datastore's
 //! NDJSON export (the listing's filters, narrowed to the caller's scope, anonymous electors and
@@ -10,12 +11,17 @@
 //! a cell only if every grouping field survives the field policies for it: a para 22 notice
 //! keeps that person's voting intention out of every count, as it keeps it out of every row.
 //!
-//! A cell of fewer than `min_cell` records is left out of the answer. The answer says how many
-//! cells were left out, never how many records they held, nor how many records were withheld
-//! or could not be grouped: any of those could be one person. The answer is one small JSON
-//! document. It leaves like any other answer, after its audit record is durable. That record
-//! names the grouping fields, the records counted and the cells shown and suppressed. It lists
-//! no subject: none is disclosed, and the log is personal data to be kept minimal.
+//! A cell of fewer than `min_cell` records is left out of the answer, and the others' counts
+//! are rounded to a multiple of `round_to`. The answer says nothing of the cells left out, nor
+//! how many records were withheld or could not be grouped: any of those could be one person,
+//! and rounding keeps two answers (grouped by a field, then by it and another) from being
+//! subtracted to learn them. Filters are by area only (`routes.rs`), so no population is
+//! smaller than a polling district.
+//!
+//! The answer is one small JSON document. It leaves like any other answer, after its audit
+//! record is durable. That record names the grouping fields and filters, and the exact
+//! figures: records counted, cells shown and left out. It lists no subject: none is
+//! disclosed, and the log is personal data to be kept minimal.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -36,8 +42,10 @@ pub struct Settings {
     /// person's values).
     pub min_cell: u64,
     /// An aggregate that would make more groups than this is refused: past it the grouping
-    /// is too fine to be an aggregate, and memory is bounded by it.
+    /// is too fine to be an aggregate, and memory is bounded by it (with `MAX_VALUE`).
     pub max_groups: usize,
+    /// Counts shown are rounded to the nearest multiple of this (1: exact).
+    pub round_to: u64,
 }
 
 impl Default for Settings {
@@ -45,17 +53,22 @@ impl Default for Settings {
         Settings {
             min_cell: 10,
             max_groups: 10_000,
+            round_to: 5,
         }
     }
 }
 
 /// A longer upstream line is not a record (as for exports).
 const MAX_LINE: usize = 1 << 20;
+/// A value longer than this (as canonical JSON) is not something to group by.
+const MAX_VALUE: usize = 256;
 
 /// What an aggregate found, for the answer and the audit record.
 pub struct Counted {
-    /// The answer: `{"by", "min_cell", "cells": [{"group": {...}, "records": n}], "suppressed_cells"}`.
+    /// The answer: `{"by", "min_cell", "rounded_to", "cells": [{"group": {...}, "records": n}]}`.
     pub body: Bytes,
+    /// Some cell was shown: the grouping fields left, in aggregate.
+    pub shown: bool,
     /// Records the filter withheld (counted nowhere).
     pub rows_withheld: u64,
     /// The policies behind the record and field decisions.
@@ -124,9 +137,10 @@ pub async fn count(
         }
     }
     crate::gateway::never_disclosed_sent(dataset_name, never_disclosed);
-    let (body, summary) = groups.answer(settings.min_cell);
+    let (body, shown, summary) = groups.answer(settings.min_cell, settings.round_to);
     Ok(Counted {
         body,
+        shown,
         rows_withheld,
         policy_ids,
         summary,
@@ -162,7 +176,13 @@ impl<'b> Groups<'b> {
             };
             // Canonical, so that `"a"` and `"\u0061"` are one group.
             let value: Value = serde_json::from_str(raw).map_err(|e| bad(&e))?;
-            key.push(value.to_string());
+            let value = value.to_string();
+            if value.len() > MAX_VALUE {
+                return Err(GatewayError::BadRequest(format!(
+                    "`{name}` has values too long to group by"
+                )));
+            }
+            key.push(value);
         }
         if let Some(n) = self.counts.get_mut(&key) {
             *n += 1;
@@ -179,8 +199,9 @@ impl<'b> Groups<'b> {
         Ok(())
     }
 
-    /// The answer, cells in the order of their values, and the audit record's summary.
-    fn answer(self, min_cell: u64) -> (Bytes, Value) {
+    /// The answer, cells in the order of their values; whether it shows any cell; and the
+    /// audit record's summary (with the exact figures).
+    fn answer(self, min_cell: u64, round_to: u64) -> (Bytes, bool, Value) {
         let mut shown: Vec<(Vec<String>, u64)> = Vec::new();
         let mut suppressed = 0u64;
         let mut counted = 0u64;
@@ -203,14 +224,14 @@ impl<'b> Groups<'b> {
                     .zip(key)
                     .map(|(name, v)| (name.clone(), serde_json::from_str(v).unwrap_or(Value::Null)))
                     .collect();
-                json!({ "group": group, "records": n })
+                json!({ "group": group, "records": round(*n, round_to) })
             })
             .collect();
         let body = json!({
             "by": self.by,
             "min_cell": min_cell,
+            "rounded_to": round_to,
             "cells": cells,
-            "suppressed_cells": suppressed,
         });
         let summary = json!({ "aggregate": {
             "by": self.by,
@@ -220,8 +241,14 @@ impl<'b> Groups<'b> {
             "cells": shown.len(),
             "suppressed_cells": suppressed,
         }});
-        (Bytes::from(body.to_string()), summary)
+        (Bytes::from(body.to_string()), !shown.is_empty(), summary)
     }
+}
+
+/// `n` to the nearest multiple of `to`, halves up (never below `to` for `n >= to`).
+fn round(n: u64, to: u64) -> u64 {
+    let to = to.max(1);
+    (n + to / 2) / to * to
 }
 
 #[cfg(test)]
@@ -235,7 +262,7 @@ mod tests {
         for l in lines {
             g.add(l.as_bytes())?;
         }
-        let (body, _) = g.answer(2);
+        let (body, _, _) = g.answer(2, 1);
         Ok(serde_json::from_slice(&body).unwrap())
     }
 
@@ -257,9 +284,10 @@ mod tests {
                 {"group": {"ward": "B", "vi": "lab"}, "records": 3},
             ])
         );
-        assert_eq!(v["suppressed_cells"], 1);
-        // Nothing in the answer adds up to the suppressed cell's size.
-        assert!(v.get("records").is_none() && v.get("withheld").is_none());
+        // Nothing in the answer tells of the suppressed cell.
+        let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["by", "cells", "min_cell", "rounded_to"]);
     }
 
     #[test]
@@ -275,7 +303,6 @@ mod tests {
             v["cells"],
             json!([{"group": {"ward": "A", "vi": "lab"}, "records": 2}])
         );
-        assert_eq!(v["suppressed_cells"], 0);
     }
 
     #[test]
@@ -287,6 +314,42 @@ mod tests {
         ];
         let v = groups_of(&["vi"], &lines, 100).unwrap();
         assert_eq!(v["cells"], json!([{"group": {"vi": "lab"}, "records": 3}]));
+    }
+
+    #[test]
+    fn counts_are_rounded_after_suppression() {
+        let by = vec!["w".to_owned()];
+        let mut g = Groups::new(&by, 100);
+        for (w, n) in [
+            ("a", 9),
+            ("b", 10),
+            ("c", 12),
+            ("d", 13),
+            ("e", 17),
+            ("f", 18),
+        ] {
+            for _ in 0..n {
+                g.add(format!(r#"{{"w":"{w}"}}"#).as_bytes()).unwrap();
+            }
+        }
+        let (body, shown, summary) = g.answer(10, 5);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let got: Vec<(String, u64)> = v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let w = c["group"]["w"].as_str().unwrap().to_owned();
+                (w, c["records"].as_u64().unwrap())
+            })
+            .collect();
+        let want = [("b", 10), ("c", 10), ("d", 15), ("e", 15), ("f", 20)];
+        assert_eq!(got, want.map(|(w, n)| (w.to_owned(), n)));
+        assert!(shown);
+        // The log keeps the exact figures.
+        assert_eq!(summary["aggregate"]["records_counted"], 79);
+        assert_eq!(summary["aggregate"]["records_in_cells"], 70);
+        assert_eq!(summary["aggregate"]["suppressed_cells"], 1);
     }
 
     #[test]

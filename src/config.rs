@@ -182,6 +182,7 @@ struct RawConfig {
 struct RawAggregates {
     min_cell: Option<u64>,
     max_groups: Option<usize>,
+    round_to: Option<u64>,
 }
 
 impl RawAggregates {
@@ -198,9 +199,14 @@ impl RawAggregates {
         if max_groups == 0 {
             bail!("`aggregates.max_groups` must be at least 1");
         }
+        let round_to = self.round_to.unwrap_or(default.round_to);
+        if round_to == 0 {
+            bail!("`aggregates.round_to` must be at least 1 (1: counts are exact)");
+        }
         Ok(crate::aggregate::Settings {
             min_cell,
             max_groups,
+            round_to,
         })
     }
 }

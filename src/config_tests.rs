@@ -56,7 +56,7 @@ fn defaults_and_relative_paths() {
 #[test]
 fn aggregate_cells_of_one_are_refused() {
     let d = parse(MINIMAL).unwrap().aggregates;
-    assert_eq!((d.min_cell, d.max_groups), (10, 10_000));
+    assert_eq!((d.min_cell, d.max_groups, d.round_to), (10, 10_000, 5));
     let with = |t: &str| format!("{MINIMAL}\n[aggregates]\n{t}\n");
     let c = parse(&with("min_cell = 5\nmax_groups = 50")).unwrap();
     assert_eq!((c.aggregates.min_cell, c.aggregates.max_groups), (5, 50));
@@ -64,6 +64,7 @@ fn aggregate_cells_of_one_are_refused() {
         assert!(err(&with(bad)).contains("`aggregates.min_cell`"), "{bad}");
     }
     assert!(err(&with("max_groups = 0")).contains("`aggregates.max_groups`"));
+    assert!(err(&with("round_to = 0")).contains("`aggregates.round_to`"));
     assert!(err(&with("min_cells = 5")).contains("min_cells"));
 }
 

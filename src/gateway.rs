@@ -392,6 +392,11 @@ where
         }
         RouteKind::Export => Err(GatewayError::RouteNotFound),
         RouteKind::Aggregate { by } => {
+            // What was asked, in the record even if the aggregate fails (a record's `path` has
+            // no query): overlapping aggregates that could be set against each other show in
+            // the log.
+            let asked = serde_json::json!({ "by": by, "filters": route.filters });
+            trail.detail = Some(serde_json::json!({ "aggregate": asked.clone() }));
             let areas = narrowing(gw, &principal);
             let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_deref())
                 .ok_or_else(|| {
@@ -418,13 +423,13 @@ where
                 &principal,
                 time::OffsetDateTime::now_utc().unix_timestamp(),
             )?;
-            trail.fields = by.iter().cloned().collect();
+            if counted.shown {
+                trail.fields = by.iter().cloned().collect();
+            }
             trail.rows_withheld = counted.rows_withheld;
             trail.policy_ids.extend(counted.policy_ids);
-            // The filters too (a record's `path` has no query): overlapping aggregates that
-            // could be subtracted from each other are visible in the log.
             let mut summary = counted.summary;
-            summary["aggregate"]["filters"] = serde_json::json!(route.filters);
+            summary["aggregate"]["filters"] = asked["filters"].clone();
             trail.detail = Some(summary);
             Ok(Reply::Body(counted.body))
         }

@@ -75,6 +75,8 @@ const MAX_VALUE_LEN: usize = 64;
 /// An aggregate groups by at most this many fields: each one more splits the cells finer,
 /// and suppression hides more of them.
 pub const MAX_GROUP_FIELDS: usize = 3;
+/// The asset register's category of area fields, the only ones an aggregate filters by.
+const AREA_CATEGORY: &str = "area";
 
 /// Matches `method path?query` against the register's routes.
 pub fn resolve(
@@ -137,11 +139,17 @@ pub fn resolve(
         page: None,
         per_page: None,
     };
-    let allowed_filters = match route.kind {
-        RouteKind::List | RouteKind::Export | RouteKind::Aggregate { .. } => {
-            dataset.filters.as_slice()
-        }
-        RouteKind::Read { .. } | RouteKind::Write { .. } => &[],
+    let allowed_filters: Vec<&String> = match route.kind {
+        RouteKind::List | RouteKind::Export => dataset.filters.iter().collect(),
+        // An aggregate narrows only by area: a filter on anything finer (a postcode is a few
+        // households) would make a population small enough to learn about its members from
+        // the counts.
+        RouteKind::Aggregate { .. } => dataset
+            .filters
+            .iter()
+            .filter(|f| dataset.fields.get(*f).is_some_and(|c| c == AREA_CATEGORY))
+            .collect(),
+        RouteKind::Read { .. } | RouteKind::Write { .. } => Vec::new(),
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -178,7 +186,7 @@ pub fn resolve(
                     *by = fields;
                 }
             }
-            f if allowed_filters.iter().any(|a| a == f) => {
+            f if allowed_filters.iter().any(|a| *a == f) => {
                 check_value(&name, &value)?;
                 if route.filters.insert(name.clone(), value).is_some() {
                     return Err(duplicate());

@@ -17,8 +17,9 @@ use common::{TestApp, datastore_body, spawn_app};
 use http::StatusCode;
 use serde_json::Value;
 
-/// The default `aggregates.min_cell`.
+/// The defaults of `aggregates.min_cell` and `aggregates.round_to`.
 const MIN_CELL: u64 = 10;
+const ROUND_TO: u64 = 5;
 
 async fn aggregate(app: &TestApp, query: &str) -> common::Resp {
     app.get(
@@ -64,8 +65,8 @@ async fn register(app: &TestApp) -> Vec<Value> {
 /// What research may count, read off the register by DOMAIN.md's rules rather than the
 /// gateway's policies: never an anonymous elector or an under-16, nor anyone restricted or
 /// who asked for erasure (§6); with `opinion`, nor anyone whose para 22 notice stops the
-/// processing of their political opinions.
-fn expected(register: &[Value], field: &str, opinion: bool) -> BTreeMap<String, u64> {
+/// processing of their political opinions. Every group, exactly.
+fn counted(register: &[Value], field: &str, opinion: bool) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
     for r in register {
         let never = has(r, "markers", "N") || has(r, "flags", "under_16");
@@ -78,8 +79,16 @@ fn expected(register: &[Value], field: &str, opinion: bool) -> BTreeMap<String, 
         }
         *counts.entry(r[field].to_string()).or_insert(0) += 1;
     }
-    counts.retain(|_, n| *n >= MIN_CELL);
     counts
+}
+
+/// The answer those counts make: cells of at least `MIN_CELL`, rounded to `ROUND_TO`.
+fn shown(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .filter(|(_, n)| **n >= MIN_CELL)
+        .map(|(k, n)| (k.clone(), (n + ROUND_TO / 2) / ROUND_TO * ROUND_TO))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,11 +122,17 @@ async fn research_gets_counts_never_rows() {
     let reg = register(&app).await;
     let r = aggregate(&app, "by=polling_district").await;
     let got = cells(&r, "polling_district");
-    assert!(!got.is_empty());
-    assert_eq!(got, expected(&reg, "polling_district", false));
+    let exact = counted(&reg, "polling_district", false);
+    assert!(got.len() > 10, "{got:?}");
+    assert_eq!(got, shown(&exact));
     let body = r.json();
     assert_eq!(body["by"], serde_json::json!(["polling_district"]));
     assert_eq!(body["min_cell"], MIN_CELL);
+    assert_eq!(body["rounded_to"], ROUND_TO);
+    // Nothing else: no word of the cells left out or of the records withheld.
+    let mut keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["by", "cells", "min_cell", "rounded_to"]);
     // The answer carries nothing but the groups and their counts.
     for cell in body["cells"].as_array().unwrap() {
         assert_eq!(cell.as_object().unwrap().len(), 2, "{cell}");
@@ -126,10 +141,8 @@ async fn research_gets_counts_never_rows() {
 
     // Voting intention: a para 22 notice keeps a person out of any count of it.
     let r = aggregate(&app, "by=voting_intention").await;
-    assert_eq!(
-        cells(&r, "voting_intention"),
-        expected(&reg, "voting_intention", true)
-    );
+    let exact = counted(&reg, "voting_intention", true);
+    assert_eq!(cells(&r, "voting_intention"), shown(&exact));
 
     // The audit record: research under its lawful basis, the grouping field, no subject.
     let rec = app.audit_for(&r);
@@ -139,11 +152,12 @@ async fn research_gets_counts_never_rows() {
     assert_eq!(rec["lawful_basis"], "legitimate_interests");
     assert_eq!(rec["subjects"], serde_json::json!([]));
     assert_eq!(rec["fields"], serde_json::json!(["voting_intention"]));
+    // The log keeps the exact figures the answer rounds.
     let summary = &rec["detail"]["aggregate"];
-    let shown: u64 = cells(&r, "voting_intention").values().sum();
-    assert_eq!(summary["records_in_cells"], shown);
+    assert_eq!(summary["records_counted"], exact.values().sum::<u64>());
+    let in_cells: u64 = exact.values().filter(|n| **n >= MIN_CELL).sum();
+    assert_eq!(summary["records_in_cells"], in_cells);
     assert_eq!(summary["filters"], serde_json::json!({}));
-    assert!(summary["records_counted"].as_u64().unwrap() >= shown);
     assert!(rec["rows_withheld"].as_u64().unwrap() > 0, "{rec}");
 }
 
@@ -157,7 +171,13 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
         assert_eq!(r.status, StatusCode::OK, "{field}: {:?}", r.body);
         let body = r.json();
         assert_eq!(body["cells"], serde_json::json!([]), "{field}");
-        assert_eq!(body["suppressed_cells"], 0, "{field}");
+        let summary = &app.audit_for(&r)["detail"]["aggregate"];
+        assert_eq!(summary["records_counted"], 0, "{field}");
+        assert_eq!(
+            app.audit_for(&r)["fields"],
+            serde_json::json!([]),
+            "{field}"
+        );
     }
     // A score research may see, nearly one value per person: the cells of a few are
     // suppressed.
@@ -167,37 +187,37 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
         app.audit_for(&r)["detail"]["aggregate"]["filters"],
         serde_json::json!({"ward": "E05011391"})
     );
+    let summary = &app.audit_for(&r)["detail"]["aggregate"];
+    assert!(
+        summary["suppressed_cells"].as_u64().unwrap() > 10,
+        "{summary}"
+    );
+    assert_eq!(r.json()["cells"], serde_json::json!([]));
+    // Split three ways within one ward: some cells show, some are left out, and every one
+    // shown holds at least `min_cell` records, its count rounded.
+    let r = aggregate(
+        &app,
+        "ward=E05011391&by=polling_district,voting_intention,support_decile",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let body = r.json();
-    assert!(body["suppressed_cells"].as_u64().unwrap() > 10, "{body}");
+    let summary = &app.audit_for(&r)["detail"]["aggregate"];
+    assert!(
+        summary["suppressed_cells"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
     for cell in body["cells"].as_array().unwrap() {
-        assert!(cell["records"].as_u64().unwrap() >= MIN_CELL, "{cell}");
-    }
-    // Narrowed to a few households and split three ways, every cell shown still holds at
-    // least `min_cell` records.
-    let reg = register(&app).await;
-    let postcode = reg[0]["postcode"].as_str().unwrap().replace(' ', "+");
-    for query in [
-        format!("postcode={postcode}&by=voting_intention"),
-        "ward=E05011391&by=polling_district,voting_intention,support_decile".to_owned(),
-    ] {
-        let r = aggregate(&app, &query).await;
-        assert_eq!(r.status, StatusCode::OK, "{query}: {:?}", r.body);
-        for cell in r.json()["cells"].as_array().unwrap() {
-            assert!(
-                cell["records"].as_u64().unwrap() >= MIN_CELL,
-                "{query}: {cell}"
-            );
-        }
+        let n = cell["records"].as_u64().unwrap();
+        assert!(n >= MIN_CELL && n % ROUND_TO == 0, "{cell}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restriction_takes_a_person_out_of_every_count_at_once() {
     let app = spawn_app().await;
-    let before = cells(
-        &aggregate(&app, "by=polling_district").await,
-        "polling_district",
-    );
+    let first = aggregate(&app, "by=polling_district").await;
+    let before = cells(&first, "polling_district");
     // Someone in the largest district, so that the cell stays above the threshold.
     let (district, n) = before.iter().max_by_key(|(_, n)| **n).unwrap();
     let reg = register(&app).await;
@@ -218,11 +238,21 @@ async fn a_restriction_takes_a_person_out_of_every_count_at_once() {
         )
         .await;
     assert!(placed.status.is_success(), "{:?}", placed.body);
-    let after = cells(
-        &aggregate(&app, "by=polling_district").await,
-        "polling_district",
+    let r = aggregate(&app, "by=polling_district").await;
+    let after = cells(&r, "polling_district");
+    // The answer rounds: the district's cell drops by a step or not at all; the log's exact
+    // count drops by one.
+    assert!(
+        after[district] == *n || after[district] == n - ROUND_TO,
+        "{n} then {}",
+        after[district]
     );
-    assert_eq!(after[district], n - 1);
+    let exact = |r: &common::Resp| {
+        app.audit_for(r)["detail"]["aggregate"]["records_counted"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(exact(&r), exact(&first) - 1);
     let others = |m: &BTreeMap<String, u64>| {
         m.iter()
             .filter(|(k, _)| *k != district)
@@ -247,6 +277,8 @@ async fn bad_aggregate_requests_get_clear_errors() {
         ("by=ward&by=constituency", "more than once"),
         ("by=ward&page=2", "not accepted"),
         ("by=ward&ward=%3Bdrop", "must be"),
+        // Area filters only: a postcode is a few households.
+        ("by=ward&postcode=LS15+8AB", "not accepted"),
     ] {
         let r = aggregate(&app, query).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}: {:?}", r.body);
@@ -257,13 +289,23 @@ async fn bad_aggregate_requests_get_clear_errors() {
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains(says), "{query}: {detail}");
     }
-    // A councillor may not use the purpose at all.
-    let r = app
-        .get(
-            "/voter/electors/aggregate?by=ward",
-            Some(&app.token("councillor")),
-            Some("research"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    // Research's alone: not the analyst's profiling, not a councillor's canvassing.
+    for (persona, purpose) in [("analyst", "profiling"), ("councillor", "canvassing")] {
+        let r = app
+            .get(
+                "/voter/electors/aggregate?by=ward",
+                Some(&app.token(persona)),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{persona}: {:?}", r.body);
+        let ids = r.json()["policy_ids"].clone();
+        assert!(
+            ids.as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "purpose.aggregate-research-only"),
+            "{persona}: {ids}"
+        );
+    }
 }

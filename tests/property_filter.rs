@@ -442,10 +442,14 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
     let basis = w.catalog.purposes[&purpose].lawful_basis.clone();
     // The request-level gate first, exactly as the gateway runs it.
     let ask = w.engine.ask(Arc::new(principal.clone()), &purpose, &basis);
+    // Research reads records only to count them (`aggregate.rs`, through this same filter).
+    let action = if purpose == "research" {
+        wardgate::policy::RequestAction::Aggregate
+    } else {
+        wardgate::policy::RequestAction::List
+    };
     let request_ok = principal.purposes.contains(&purpose)
-        && w.engine
-            .decide_request(&ask, wardgate::policy::RequestAction::List, "voter")
-            .allowed;
+        && w.engine.decide_request(&ask, action, "voter").allowed;
     let dataset = &w.catalog.datasets["voter"];
     let categories: BTreeSet<String> = dataset.fields.values().cloned().collect();
     let decider = Decider::new(
