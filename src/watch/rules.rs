@@ -219,6 +219,16 @@ impl Detector {
                 format!("{n} requests with a revoked or ended token within {w}")
             });
         }
+        if rec.decision == Decision::Allow
+            && rec
+                .route
+                .as_deref()
+                .is_some_and(|r| r.ends_with(".aggregate"))
+        {
+            self.count(Rule::AggregateSeries, &ev, 1, &mut out, |n, _, w| {
+                format!("{n} aggregates within {w}: answers that could be set against each other")
+            });
+        }
         self.addresses(&ev, &mut out);
         self.enumeration(rec, &ev, &mut out);
         out

@@ -205,6 +205,32 @@ fn ended_tokens_match() {
 }
 
 #[test]
+fn a_series_of_aggregates_matches_and_a_study_s_few_do_not() {
+    let aggregate = |i: i64| {
+        let mut r = listing("analyst-1", SUMMER_MORNING + i * 60_000, 0);
+        r.route = Some("voter.aggregate".into());
+        r.path = "/voter/electors/aggregate".into();
+        r
+    };
+    let mut d = detector();
+    assert_eq!(run(&mut d, (0..29).map(aggregate).collect()), vec![]);
+    let mut d = detector();
+    let f = run(&mut d, (0..30).map(aggregate).collect());
+    assert_eq!(rules(&f), vec![Rule::AggregateSeries]);
+    // Refused aggregates are the denied-burst rule's, and listings are not aggregates.
+    let mut d = detector();
+    let refused = (0..30).map(|i| {
+        let mut r = aggregate(i);
+        r.decision = Decision::Deny;
+        r
+    });
+    assert!(!rules(&run(&mut d, refused.collect())).contains(&Rule::AggregateSeries));
+    let mut d = detector();
+    let lists = (0..30).map(|i| listing("analyst-1", SUMMER_MORNING + i * 60_000, 0));
+    assert_eq!(run(&mut d, lists.collect()), vec![]);
+}
+
+#[test]
 fn one_token_from_many_addresses() {
     let mut d = detector();
     let recs = (0..4)

@@ -47,10 +47,13 @@ pub enum Rule {
     UnusualHours,
     /// Records read one by one in sequential id order.
     Enumeration,
+    /// Many aggregates from one principal: answers that could be set against each other to
+    /// narrow a small group's count (differencing).
+    AggregateSeries,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::Volume,
         Rule::LargeExport,
         Rule::DeniedBurst,
@@ -60,6 +63,7 @@ impl Rule {
         Rule::ManyAddresses,
         Rule::UnusualHours,
         Rule::Enumeration,
+        Rule::AggregateSeries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +77,7 @@ impl Rule {
             Rule::ManyAddresses => "many_addresses",
             Rule::UnusualHours => "unusual_hours",
             Rule::Enumeration => "enumeration",
+            Rule::AggregateSeries => "aggregate_series",
         }
     }
 
@@ -117,6 +122,8 @@ impl Rule {
             Rule::ManyAddresses => (minutes(60), 4, &[]),
             Rule::UnusualHours => (minutes(60), 100, &[]),
             Rule::Enumeration => (minutes(10), 20, &[]),
+            // A study asks for a handful of tables; differencing needs many overlapping ones.
+            Rule::AggregateSeries => (minutes(60), 30, &[]),
         };
         RuleSettings {
             mode: Mode::Alert,
