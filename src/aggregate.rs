@@ -15,8 +15,9 @@
 //! are rounded to a multiple of `round_to`. The answer says nothing of the cells left out, nor
 //! how many records were withheld or could not be grouped: any of those could be one person,
 //! and rounding keeps two answers (grouped by a field, then by it and another) from being
-//! subtracted to learn them. Filters are by area only (`routes.rs`), so no population is
-//! smaller than a polling district.
+//! subtracted to learn them (with `round_to` above 1). Filters are by area only
+//! (`routes.rs`), so no population filtered is smaller than a polling district; cells are
+//! smaller groups, of at least `min_cell`.
 //!
 //! The answer is one small JSON document. It leaves like any other answer, after its audit
 //! record is durable. That record names the grouping fields and filters, and the exact
@@ -60,7 +61,9 @@ impl Default for Settings {
 
 /// A longer upstream line is not a record (as for exports).
 const MAX_LINE: usize = 1 << 20;
-/// A value longer than this (as canonical JSON) is not something to group by.
+/// A value longer than this (as canonical JSON, quotes included) is not something to group
+/// by: its record counts nowhere, like one without the field (refusing the whole aggregate
+/// would tell that one record holds such a value).
 const MAX_VALUE: usize = 256;
 
 /// What an aggregate found, for the answer and the audit record.
@@ -153,6 +156,9 @@ struct Groups<'b> {
     max: usize,
     /// Each key: the values as canonical JSON text (`serde_json`'s), in `by`'s order.
     counts: HashMap<Vec<String>, u64>,
+    /// Records let out by the filter with no value to group by (field stripped or absent,
+    /// or a value too long): for the log only.
+    ungrouped: u64,
 }
 
 impl<'b> Groups<'b> {
@@ -161,6 +167,7 @@ impl<'b> Groups<'b> {
             by,
             max,
             counts: HashMap::new(),
+            ungrouped: 0,
         }
     }
 
@@ -172,15 +179,15 @@ impl<'b> Groups<'b> {
         let mut key = Vec::with_capacity(self.by.len());
         for name in self.by {
             let Some(raw) = record.field(name) else {
+                self.ungrouped += 1;
                 return Ok(());
             };
             // Canonical, so that `"a"` and `"\u0061"` are one group.
             let value: Value = serde_json::from_str(raw).map_err(|e| bad(&e))?;
             let value = value.to_string();
             if value.len() > MAX_VALUE {
-                return Err(GatewayError::BadRequest(format!(
-                    "`{name}` has values too long to group by"
-                )));
+                self.ungrouped += 1;
+                return Ok(());
             }
             key.push(value);
         }
@@ -238,6 +245,8 @@ impl<'b> Groups<'b> {
             "min_cell": min_cell,
             "records_counted": counted,
             "records_in_cells": in_cells,
+            "records_ungrouped": self.ungrouped,
+            "rounded_to": round_to,
             "cells": shown.len(),
             "suppressed_cells": suppressed,
         }});
@@ -350,6 +359,25 @@ mod tests {
         assert_eq!(summary["aggregate"]["records_counted"], 79);
         assert_eq!(summary["aggregate"]["records_in_cells"], 70);
         assert_eq!(summary["aggregate"]["suppressed_cells"], 1);
+    }
+
+    #[test]
+    fn a_value_too_long_to_group_by_counts_nowhere_and_fails_nothing() {
+        let long = "x".repeat(MAX_VALUE);
+        let lines = [
+            format!(r#"{{"vi":"{long}"}}"#),
+            r#"{"vi":"lab"}"#.to_owned(),
+            r#"{"vi":"lab"}"#.to_owned(),
+        ];
+        let by = vec!["vi".to_owned()];
+        let mut g = Groups::new(&by, 100);
+        for l in &lines {
+            g.add(l.as_bytes()).unwrap();
+        }
+        let (body, _, summary) = g.answer(2, 1);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["cells"], json!([{"group": {"vi": "lab"}, "records": 2}]));
+        assert_eq!(summary["aggregate"]["records_ungrouped"], 1);
     }
 
     #[test]

@@ -200,8 +200,12 @@ impl RawAggregates {
             bail!("`aggregates.max_groups` must be at least 1");
         }
         let round_to = self.round_to.unwrap_or(default.round_to);
-        if round_to == 0 {
-            bail!("`aggregates.round_to` must be at least 1 (1: counts are exact)");
+        if round_to == 0 || round_to > min_cell {
+            bail!(
+                "`aggregates.round_to` is {round_to}: it must be from 1 (exact counts, which \
+                 two answers can be subtracted to learn a left-out cell's size) to \
+                 `aggregates.min_cell` ({min_cell}; more would round cells shown to zero)"
+            );
         }
         Ok(crate::aggregate::Settings {
             min_cell,

@@ -65,6 +65,7 @@ fn aggregate_cells_of_one_are_refused() {
     }
     assert!(err(&with("max_groups = 0")).contains("`aggregates.max_groups`"));
     assert!(err(&with("round_to = 0")).contains("`aggregates.round_to`"));
+    assert!(err(&with("min_cell = 4\nround_to = 5")).contains("`aggregates.round_to` is 5"));
     assert!(err(&with("min_cells = 5")).contains("min_cells"));
 }
 

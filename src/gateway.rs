@@ -283,6 +283,13 @@ where
     )?;
     trail.dataset = Some(route.dataset.clone());
     trail.route = Some(route.id());
+    if let RouteKind::Aggregate { by } = &route.kind {
+        // What was asked, in the record whatever the outcome (a record's `path` has no
+        // query): aggregates that could be set against each other show in the log.
+        trail.detail = Some(serde_json::json!({
+            "aggregate": { "by": by, "filters": route.filters }
+        }));
+    }
     let dataset = gw
         .catalog
         .datasets
@@ -392,11 +399,6 @@ where
         }
         RouteKind::Export => Err(GatewayError::RouteNotFound),
         RouteKind::Aggregate { by } => {
-            // What was asked, in the record even if the aggregate fails (a record's `path` has
-            // no query): overlapping aggregates that could be set against each other show in
-            // the log.
-            let asked = serde_json::json!({ "by": by, "filters": route.filters });
-            trail.detail = Some(serde_json::json!({ "aggregate": asked.clone() }));
             let areas = narrowing(gw, &principal);
             let path = dialect::export(&upstream.dialect, dataset, &route, areas.as_deref())
                 .ok_or_else(|| {
@@ -429,7 +431,7 @@ where
             trail.rows_withheld = counted.rows_withheld;
             trail.policy_ids.extend(counted.policy_ids);
             let mut summary = counted.summary;
-            summary["aggregate"]["filters"] = asked["filters"].clone();
+            summary["aggregate"]["filters"] = serde_json::json!(route.filters);
             trail.detail = Some(summary);
             Ok(Reply::Body(counted.body))
         }

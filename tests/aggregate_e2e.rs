@@ -193,13 +193,9 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
         "{summary}"
     );
     assert_eq!(r.json()["cells"], serde_json::json!([]));
-    // Split three ways within one ward: some cells show, some are left out, and every one
+    // Split two ways within one ward: some cells show, some are left out, and every one
     // shown holds at least `min_cell` records, its count rounded.
-    let r = aggregate(
-        &app,
-        "ward=E05011391&by=polling_district,voting_intention,support_decile",
-    )
-    .await;
+    let r = aggregate(&app, "ward=E05011391&by=polling_district,voting_intention").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let body = r.json();
     let summary = &app.audit_for(&r)["detail"]["aggregate"];
@@ -207,7 +203,9 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
         summary["suppressed_cells"].as_u64().unwrap() > 0,
         "{summary}"
     );
-    for cell in body["cells"].as_array().unwrap() {
+    let shown = body["cells"].as_array().unwrap();
+    assert!(!shown.is_empty(), "{body}");
+    for cell in shown {
         let n = cell["records"].as_u64().unwrap();
         assert!(n >= MIN_CELL && n % ROUND_TO == 0, "{cell}");
     }
@@ -289,6 +287,15 @@ async fn bad_aggregate_requests_get_clear_errors() {
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains(says), "{query}: {detail}");
     }
+    // Nor a membership status: the membership store aggregates by branch or CLP only.
+    let r = app
+        .get(
+            "/membership/members/aggregate?by=branch&status=active",
+            Some(&app.token("analyst")),
+            Some("research"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
     // Research's alone: not the analyst's profiling, not a councillor's canvassing.
     for (persona, purpose) in [("analyst", "profiling"), ("councillor", "canvassing")] {
         let r = app
@@ -299,6 +306,12 @@ async fn bad_aggregate_requests_get_clear_errors() {
             )
             .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{persona}: {:?}", r.body);
+        // The refusal's record says what was asked.
+        assert_eq!(
+            app.audit_for(&r)["detail"]["aggregate"]["by"],
+            serde_json::json!(["ward"]),
+            "{persona}"
+        );
         let ids = r.json()["policy_ids"].clone();
         assert!(
             ids.as_array()
