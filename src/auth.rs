@@ -85,6 +85,8 @@ pub struct Verifier {
     audience: String,
     leeway_secs: u64,
     known: KnownNames,
+    /// The roles each listed issuer may issue (`auth.issuer_roles`); others issue any.
+    issuer_roles: HashMap<String, HashSet<String>>,
     cache: TokenCache,
 }
 
@@ -223,8 +225,19 @@ impl Verifier {
                 );
             }
         }
+        let mut issuer_roles = HashMap::new();
+        for (issuer, roles) in &cfg.issuer_roles {
+            if let Some(role) = roles.iter().find(|r| !known.roles.contains(*r)) {
+                bail!(
+                    "`auth.issuer_roles`: `{issuer}` is given role `{role}`, which the catalogue \
+                     does not define"
+                );
+            }
+            issuer_roles.insert(issuer.clone(), roles.iter().cloned().collect());
+        }
         Ok(Verifier {
             keys,
+            issuer_roles,
             allowed: cfg.algorithms.clone(),
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
@@ -294,10 +307,11 @@ impl Verifier {
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
             .map_err(|e| classify(e.kind()))?;
-        self.principal(data.claims, now)
+        self.principal(data.claims, &trusted.issuer, now)
     }
 
-    fn principal(&self, c: Claims, now: i64) -> Result<Principal, AuthFailure> {
+    /// The caller the verified claims of a token from `issuer` describe.
+    fn principal(&self, c: Claims, issuer: &str, now: i64) -> Result<Principal, AuthFailure> {
         let blank = |s: &str| s.trim().is_empty();
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
@@ -307,6 +321,15 @@ impl Verifier {
             || c.purposes.iter().any(|p| !self.known.purposes.contains(p))
         {
             return Err(AuthFailure::InvalidClaims);
+        }
+        // A partner's identity provider may be trusted for some roles only: its tokens for
+        // any other (a DPO's, say) are refused whatever else they say.
+        if self
+            .issuer_roles
+            .get(issuer)
+            .is_some_and(|roles| !roles.contains(&c.role))
+        {
+            return Err(AuthFailure::RoleNotFromIssuer);
         }
         if c.grant_expires.is_some_and(|g| g <= now) {
             return Err(AuthFailure::Expired);

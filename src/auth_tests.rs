@@ -22,6 +22,7 @@ fn verifier(leeway_secs: u64) -> Verifier {
         allowed: vec![Algorithm::ES256],
         audience: "a".into(),
         leeway_secs,
+        issuer_roles: HashMap::new(),
         cache: TokenCache::default(),
         known: KnownNames {
             roles: ["canvasser".to_owned()].into(),
@@ -66,31 +67,31 @@ fn live_claims(iss: &str, sub: &str, now: i64) -> Claims {
 fn claims_naming_unknown_things_are_refused() {
     let v = verifier(0);
     assert!(
-        v.principal(claims("canvasser", "E05011391", "canvassing"), 5)
+        v.principal(claims("canvasser", "E05011391", "canvassing"), "i", 5)
             .is_ok()
     );
     assert_eq!(
-        v.principal(claims("admin", "E05011391", "canvassing"), 5),
+        v.principal(claims("admin", "E05011391", "canvassing"), "i", 5),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(claims("canvasser", "E92000001", "canvassing"), 5),
+        v.principal(claims("canvasser", "E92000001", "canvassing"), "i", 5),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(claims("canvasser", "E05011391", "sale"), 5),
+        v.principal(claims("canvasser", "E05011391", "sale"), "i", 5),
         Err(AuthFailure::InvalidClaims)
     );
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.grant_expires = Some(4);
-    assert_eq!(v.principal(c, 5), Err(AuthFailure::Expired));
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::Expired));
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;
-    assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
-    assert_eq!(v.principal(c, 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
 }
 
 #[test]
@@ -112,6 +113,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
         keys: vec![],
         jwks_file: Some(path),
         jwks_issuer: "https://idp".into(),
+        issuer_roles: Default::default(),
     };
     let known = KnownNames {
         roles: ["canvasser".to_owned()].into(),
@@ -213,11 +215,11 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     };
     // An issuer 20 s ahead: accepted, and issued no later than a revocation placed now
     // (`issued_at <= now`) would need.
-    let p = v.principal(claims(1_020), 1_000).unwrap();
+    let p = v.principal(claims(1_020), "i", 1_000).unwrap();
     assert_eq!(p.issued_at, 990);
     // Beyond the leeway: refused.
     assert_eq!(
-        v.principal(claims(1_031), 1_000),
+        v.principal(claims(1_031), "i", 1_000),
         Err(AuthFailure::InvalidClaims)
     );
 }
@@ -258,13 +260,14 @@ fn a_key_signs_only_for_its_own_issuer() {
         keys,
         jwks_file: None,
         jwks_issuer: String::new(),
+        issuer_roles: Default::default(),
     };
-    let known = KnownNames {
-        roles: ["canvasser".to_owned()].into(),
+    let known = || KnownNames {
+        roles: ["canvasser".to_owned(), "dpo".to_owned()].into(),
         areas: ["E05011391".to_owned()].into(),
         purposes: ["canvassing".to_owned()].into(),
     };
-    let v = Verifier::from_config(&cfg, known).unwrap();
+    let v = Verifier::from_config(&cfg, known()).unwrap();
     let token = |kid: &str, iss: &str| {
         signers[kid]
             .sign(&live_claims(iss, &format!("{kid} as {iss}"), now))
@@ -281,4 +284,37 @@ fn a_key_signs_only_for_its_own_issuer() {
         v.verify(&token("party-1", partner), now).err(),
         Some(AuthFailure::WrongIssuer)
     );
+
+    // Trusted for canvassers only, the partner cannot mint a DPO; the party still can.
+    let limited = crate::config::AuthConfig {
+        issuer_roles: [(partner.to_owned(), vec!["canvasser".to_owned()])].into(),
+        ..cfg.clone()
+    };
+    let v = Verifier::from_config(&limited, known()).unwrap();
+    let as_role = |kid: &str, iss: &str, role: &str| {
+        let claims = Claims {
+            role: role.into(),
+            ..live_claims(iss, &format!("{role} from {kid}"), now)
+        };
+        signers[kid].sign(&claims).unwrap()
+    };
+    assert!(
+        v.verify(&as_role("partner-1", partner, "canvasser"), now)
+            .is_ok()
+    );
+    assert_eq!(
+        v.verify(&as_role("partner-1", partner, "dpo"), now).err(),
+        Some(AuthFailure::RoleNotFromIssuer)
+    );
+    assert!(v.verify(&as_role("party-1", party, "dpo"), now).is_ok());
+    // A role the catalogue does not define stops the start, naming it.
+    let unknown = crate::config::AuthConfig {
+        issuer_roles: [(partner.to_owned(), vec!["admiral".to_owned()])].into(),
+        ..cfg
+    };
+    let e = Verifier::from_config(&unknown, known())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("`admiral`") && e.contains(partner), "{e}");
 }

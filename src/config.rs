@@ -66,6 +66,10 @@ pub struct AuthConfig {
     pub jwks_file: Option<PathBuf>,
     /// The issuer whose tokens the JWKS file's keys verify (one of `issuers`).
     pub jwks_issuer: String,
+    /// The roles an issuer may issue, for the issuers listed; an issuer not listed may issue
+    /// any role the catalogue defines. (Role names are checked against the catalogue by
+    /// `auth::Verifier`, which knows it.)
+    pub issuer_roles: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +251,8 @@ struct RawAuth {
     keys: Vec<RawKey>,
     jwks_file: Option<PathBuf>,
     jwks_issuer: Option<String>,
+    #[serde(default)]
+    issuer_roles: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -496,7 +502,19 @@ impl RawAuth {
             Some(_) => key_issuer(&self.issuers, self.jwks_issuer, "`auth.jwks_file`")?,
             None => String::new(),
         };
+        for (issuer, roles) in &self.issuer_roles {
+            if !self.issuers.contains(issuer) {
+                bail!("`auth.issuer_roles` names `{issuer}`, which `auth.issuers` does not list");
+            }
+            if roles.is_empty() {
+                bail!(
+                    "`auth.issuer_roles` gives `{issuer}` no role: remove it from `auth.issuers` \
+                     to stop trusting it"
+                );
+            }
+        }
         Ok(AuthConfig {
+            issuer_roles: self.issuer_roles,
             issuers: self.issuers,
             audience: self.audience,
             leeway,

@@ -147,6 +147,26 @@ fn a_key_must_use_an_allowed_algorithm() {
 }
 
 #[test]
+fn issuer_roles_name_trusted_issuers_and_some_role() {
+    let with = |t: &str| {
+        MINIMAL.replace(
+            r#"issuers = ["https://sso.example"]"#,
+            &format!("issuers = [\"https://sso.example\"]\nissuer_roles = {t}"),
+        )
+    };
+    let c = parse(&with(r#"{ "https://sso.example" = ["canvasser"] }"#)).unwrap();
+    assert_eq!(c.auth.issuer_roles["https://sso.example"], ["canvasser"]);
+    assert!(parse(MINIMAL).unwrap().auth.issuer_roles.is_empty());
+    let e = err(&with(r#"{ "https://elsewhere" = ["canvasser"] }"#));
+    assert!(
+        e.contains("`https://elsewhere`, which `auth.issuers` does not list"),
+        "{e}"
+    );
+    let e = err(&with(r#"{ "https://sso.example" = [] }"#));
+    assert!(e.contains("gives `https://sso.example` no role"), "{e}");
+}
+
+#[test]
 fn each_key_answers_for_one_trusted_issuer() {
     // One trusted issuer: a key that names none answers for it.
     let c = parse(MINIMAL).unwrap();

@@ -24,6 +24,8 @@ pub enum AuthFailure {
     Expired,
     NotYetValid,
     InvalidClaims,
+    /// The token's issuer is not trusted to issue its role (`auth.issuer_roles`).
+    RoleNotFromIssuer,
     Revoked,
 }
 
@@ -42,6 +44,7 @@ impl AuthFailure {
             AuthFailure::Expired => "token_expired",
             AuthFailure::NotYetValid => "token_not_yet_valid",
             AuthFailure::InvalidClaims => "token_claims_invalid",
+            AuthFailure::RoleNotFromIssuer => "token_role_not_from_issuer",
             AuthFailure::Revoked => "token_revoked",
         }
     }
@@ -63,6 +66,7 @@ impl AuthFailure {
             AuthFailure::InvalidClaims => {
                 "the token's claims are missing or malformed (exp, nbf, role, areas, purposes)"
             }
+            AuthFailure::RoleNotFromIssuer => "the token's issuer is not trusted to issue its role",
             AuthFailure::Revoked => "the token has been revoked",
         }
     }
