@@ -211,6 +211,13 @@ impl Detector {
             }
             _ => {}
         }
+        if rec.reason.as_deref() == Some("token_role_not_from_issuer") {
+            self.count(Rule::IssuerOverreach, &ev, 1, &mut out, |n, _, w| {
+                format!(
+                    "{n} tokens within {w} signed by a trusted issuer for a role it may not issue"
+                )
+            });
+        }
         if matches!(
             rec.reason.as_deref(),
             Some("token_revoked" | "token_expired")
@@ -223,7 +230,7 @@ impl Detector {
             && rec
                 .route
                 .as_deref()
-                .is_some_and(|r| r.ends_with(".aggregate"))
+                .is_some_and(|r| matches!(r.split('.').collect::<Vec<_>>()[..], [_, "aggregate"]))
         {
             self.count(Rule::AggregateSeries, &ev, 1, &mut out, |n, _, w| {
                 format!("{n} aggregates within {w}: answers that could be set against each other")

@@ -228,6 +228,31 @@ fn a_series_of_aggregates_matches_and_a_study_s_few_do_not() {
     let mut d = detector();
     let lists = (0..30).map(|i| listing("analyst-1", SUMMER_MORNING + i * 60_000, 0));
     assert_eq!(run(&mut d, lists.collect()), vec![]);
+    // Nor is a write a dataset happens to call `aggregate`.
+    let mut d = detector();
+    let writes = (0..30).map(|i| {
+        let mut r = aggregate(i);
+        r.route = Some("voter.write.aggregate".into());
+        r
+    });
+    assert_eq!(run(&mut d, writes.collect()), vec![]);
+}
+
+#[test]
+fn one_token_minted_beyond_its_issuer_s_roles_matches_at_once() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![denied(None, SUMMER_MORNING, "token_role_not_from_issuer")],
+    );
+    assert_eq!(rules(&f), vec![Rule::IssuerOverreach]);
+    // Other refused tokens are not it.
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![denied(None, SUMMER_MORNING, "token_signature_invalid")],
+    );
+    assert_eq!(f, vec![]);
 }
 
 #[test]

@@ -50,10 +50,13 @@ pub enum Rule {
     /// Many aggregates from one principal: answers that could be set against each other to
     /// narrow a small group's count (differencing).
     AggregateSeries,
+    /// A token signed by a trusted issuer for a role that issuer may not issue
+    /// (`auth.issuer_roles`): a partner's identity provider minting a DPO, say.
+    IssuerOverreach,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::Volume,
         Rule::LargeExport,
         Rule::DeniedBurst,
@@ -64,6 +67,7 @@ impl Rule {
         Rule::UnusualHours,
         Rule::Enumeration,
         Rule::AggregateSeries,
+        Rule::IssuerOverreach,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Rule {
             Rule::UnusualHours => "unusual_hours",
             Rule::Enumeration => "enumeration",
             Rule::AggregateSeries => "aggregate_series",
+            Rule::IssuerOverreach => "issuer_overreach",
         }
     }
 
@@ -124,6 +129,8 @@ impl Rule {
             Rule::Enumeration => (minutes(10), 20, &[]),
             // A study asks for a handful of tables; differencing needs many overlapping ones.
             Rule::AggregateSeries => (minutes(60), 30, &[]),
+            // Never a mistake a caller makes: the issuer itself signed it.
+            Rule::IssuerOverreach => (minutes(60), 1, &[]),
         };
         RuleSettings {
             mode: Mode::Alert,
