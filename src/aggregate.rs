@@ -59,8 +59,6 @@ impl Default for Settings {
     }
 }
 
-/// A longer upstream line is not a record (as for exports).
-const MAX_LINE: usize = 1 << 20;
 /// A value longer than this (as canonical JSON, quotes included) is not something to group
 /// by: its record counts nowhere, like one without the field (refusing the whole aggregate
 /// would tell that one record holds such a value).
@@ -133,7 +131,8 @@ pub async fn count(
         if done {
             break;
         }
-        if partial.len() > MAX_LINE {
+        // A longer upstream line is not a record, as for exports.
+        if partial.len() > crate::export::MAX_LINE {
             return Err(GatewayError::UpstreamMalformed(
                 "an upstream line is longer than any record".to_owned(),
             ));

@@ -41,7 +41,7 @@ use crate::policy::Ask;
 /// Release (and audit) the filtered output in chunks of about this size.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// A longer upstream line is not a record.
-const MAX_LINE: usize = 1 << 20;
+pub(crate) const MAX_LINE: usize = 1 << 20;
 /// Whole lines are filtered once at least this much has arrived (or at the end), not frame
 /// by frame: each call of the filter starts its field list afresh, so the first record of
 /// each call has its keys scanned and its layout found again, and upstream frames can be
