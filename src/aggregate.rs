@@ -27,12 +27,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use crate::catalog::Dataset;
 use crate::controls::Controls;
 use crate::error::GatewayError;
+use crate::export::{Lines, LinesError};
 use crate::filter::{self, Disclosure, FilterContext, RawRecord};
 use crate::policy::RecordAttrs;
 
@@ -88,55 +88,38 @@ pub async fn count(
     settings: Settings,
     decide: &mut (dyn FnMut(&RecordAttrs) -> std::sync::Arc<filter::RecordDecision> + Send),
 ) -> Result<Counted, GatewayError> {
-    let mut body = body;
     let today = filter::today();
     let mut memo = filter::Memo::default();
     let mut groups = Groups::new(by, settings.max_groups);
-    let mut partial: Vec<u8> = Vec::new();
+    let mut lines = Lines::new(body);
     let mut out = Vec::new();
     let (mut rows_withheld, mut never_disclosed) = (0u64, 0u64);
     let mut policy_ids = BTreeSet::new();
-    loop {
-        let frame = body.frame().await;
-        let done = frame.is_none();
-        if let Some(frame) = frame {
-            let frame = frame.map_err(|e| {
-                tracing::warn!(error = %e, "upstream failed mid-aggregate");
-                GatewayError::UpstreamUnavailable
-            })?;
-            if let Some(data) = frame.data_ref() {
-                partial.extend_from_slice(data);
-            }
-        }
-        if let Some(end) = crate::export::ready(&partial, done) {
-            let flags = controls.register_flags();
-            let cx = FilterContext {
-                dataset,
-                today,
-                register: &flags,
-            };
-            let mut d = Disclosure::default();
-            filter::filter_lines(&partial[..end], &cx, decide, &mut memo, &mut out, &mut d)
-                .map_err(|e| GatewayError::UpstreamMalformed(e.to_string()))?;
-            partial.drain(..(end + 1).min(partial.len()));
-            rows_withheld += d.rows_withheld;
-            never_disclosed += d.never_disclosed_rows;
-            policy_ids.extend(d.policy_ids);
-            // The filter's own output: one record per line, every value checked.
-            for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                groups.add(line)?;
-            }
-            out.clear();
-        }
-        if done {
-            break;
+    while let Some(batch) = lines.next().await.map_err(|e| match e {
+        LinesError::Upstream(e) => {
+            tracing::warn!(error = %e, "upstream failed mid-aggregate");
+            GatewayError::UpstreamUnavailable
         }
         // A longer upstream line is not a record, as for exports.
-        if partial.len() > crate::export::MAX_LINE {
-            return Err(GatewayError::UpstreamMalformed(
-                "an upstream line is longer than any record".to_owned(),
-            ));
+        LinesError::TooLong => GatewayError::UpstreamMalformed(e.to_string()),
+    })? {
+        let flags = controls.register_flags();
+        let cx = FilterContext {
+            dataset,
+            today,
+            register: &flags,
+        };
+        let mut d = Disclosure::default();
+        filter::filter_lines(batch, &cx, decide, &mut memo, &mut out, &mut d)
+            .map_err(|e| GatewayError::UpstreamMalformed(e.to_string()))?;
+        rows_withheld += d.rows_withheld;
+        never_disclosed += d.never_disclosed_rows;
+        policy_ids.extend(d.policy_ids);
+        // The filter's own output: one record per line, every value checked.
+        for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            groups.add(line)?;
         }
+        out.clear();
     }
     crate::gateway::never_disclosed_sent(dataset_name, never_disclosed);
     let (body, shown, summary) = groups.answer(settings.min_cell, settings.round_to);

@@ -533,7 +533,7 @@ fn bench_export_lines(
     }
 }
 
-/// `export.rs`'s loop without the network (`export::ready` says what to filter when).
+/// `export::Lines` without the network (`export::ready` says what to filter when).
 fn wardgate_lines(
     fx: &Fixture,
     c: &Asker,
