@@ -62,6 +62,9 @@ pub struct Dataset {
     /// How old a TPS check may be before live calls stop (28 days is the usual screening cycle).
     #[serde(default = "default_tps_days")]
     pub tps_max_age_days: u32,
+    /// The day an elector turns 18 (an attainer; `null` for most). One more than two years
+    /// away is an under-16's: the record is never disclosed, whatever its flags say.
+    pub attainer_field: Option<String>,
     /// Query parameters a caller may use to narrow a listing.
     #[serde(default)]
     pub filters: Vec<String>,
@@ -148,6 +151,7 @@ impl Catalog {
                 &d.flags_field,
                 &d.consents_field,
                 &d.tps_field,
+                &d.attainer_field,
             ]
             .into_iter()
             .flatten()

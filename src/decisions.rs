@@ -318,7 +318,7 @@ mod tests {
             today: crate::filter::today(),
             register: &RegisterFlags::EMPTY,
         };
-        let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}]}"#;
+        let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null,"attainer_date":null}]}"#;
         let pool = MemoPool::default();
         // How many decisions a page asks for through this memo.
         let asks = |memo: &mut Memo| {

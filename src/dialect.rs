@@ -18,7 +18,7 @@ use crate::filter::Envelope;
 use crate::routes::Route;
 
 /// Asks a wardgate-API datastore to leave out, before it pages, the entries the gateway never
-/// discloses (marker `N`, flag `under_16`): the filter would withhold them anyway, but a page
+/// discloses (marker `N`, flag `under_16`, an attainer date more than two years away): the filter would withhold them anyway, but a page
 /// the datastore counted them in says by its length and `next_page` that they are there.
 /// Datasette's canned query must leave them out itself (README: Datastores). Either way the
 /// gateway still withholds any that come, and says so (`gateway::never_disclosed_sent`).

@@ -973,6 +973,83 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
     app.stop().await;
 }
 
+/// An under-16 the datastore did not flag is still never disclosed: the attainer date (the
+/// day the elector turns 18) says it, for every caller, the DPO's rights purposes included,
+/// and the datastore is caught sending it.
+#[tokio::test]
+async fn an_under_16_known_only_by_attainer_date_never_leaves() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let open = truth
+        .iter()
+        .find(|r| r["markers"] == json!([]) && r["flags"] == json!([]) && r["ward"] == "E05011391")
+        .unwrap();
+    // Fifteen: sixteen in a year, eighteen in three.
+    let mut child = open.clone();
+    child["elector_id"] = json!("VF-CHILD-1");
+    child["first_name"] = json!("Childname");
+    let today = time::OffsetDateTime::now_utc().date();
+    child["attainer_date"] = json!((today + time::Duration::days(3 * 365)).to_string());
+    let page = json!({"records": [child, open], "page": 1, "per_page": 2, "next_page": null});
+    let upstream = common::delayed_upstream(
+        Bytes::from(page.to_string()),
+        std::time::Duration::from_millis(0),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    for (role, purpose) in [
+        ("analyst", "profiling"),
+        ("dpo", "sar_fulfilment"),
+        ("dpo", "legal_claims"),
+        ("councillor", "canvassing"),
+    ] {
+        let r = app
+            .get(
+                "/voter/electors?per_page=2",
+                Some(&app.token(role)),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{role}/{purpose}: {:?}", r.body);
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(
+            !text.contains("VF-CHILD-1") && !text.contains("Childname"),
+            "{role}/{purpose}: {text}"
+        );
+        let ids: Vec<Value> = r.json()["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["elector_id"].clone())
+            .collect();
+        assert_eq!(ids, [open["elector_id"].clone()], "{role}/{purpose}");
+    }
+    let logged: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["route"] == "voter.list")
+        .collect();
+    assert_eq!(logged.len(), 4);
+    assert!(
+        logged
+            .iter()
+            .all(|r| r["subjects"] == json!([open["elector_id"]]))
+    );
+    let text = String::from_utf8_lossy(&app.admin_get("/metrics").await.body).into_owned();
+    let counted = text
+        .lines()
+        .find(|l| l.starts_with("wardgate_upstream_never_disclosed_total{dataset=\"voter\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n >= 4.0), "{text}");
+    app.stop().await;
+    real.stop().await;
+}
+
 fn short_grace(c: &mut wardgate::config::Config) {
     c.server.shutdown_grace = std::time::Duration::from_millis(300);
 }

@@ -180,6 +180,23 @@ fn live_consent(r: &Value, channel: &str) -> bool {
     c.is_object() && !c["given_at"].is_null() && c["withdrawn_at"].is_null()
 }
 
+/// Age today of whoever turns 18 on the attainer date, by birthday arithmetic (a birthday on
+/// 29 February counts as had on 1 March): `Some(None)` for no date, `None` for one that is
+/// not a date.
+fn age_from_attainer(v: &Value) -> Option<Option<i32>> {
+    let Some(s) = v.as_str() else {
+        return v.is_null().then_some(None);
+    };
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let turns_18 = time::Date::parse(s, &fmt).ok()?;
+    let today = time::OffsetDateTime::now_utc().date();
+    let birthday = (u8::from(turns_18.month()), turns_18.day());
+    let before_birthday = (u8::from(today.month()), today.day()) < birthday;
+    Some(Some(
+        today.year() - (turns_18.year() - 18) - i32::from(before_birthday),
+    ))
+}
+
 /// Why `field` of `r` may not go to this caller for this purpose, if it may not.
 fn reference_forbids(
     p: &Principal,
@@ -197,6 +214,11 @@ fn reference_forbids(
     }
     if markers.contains("N") || flags.contains("under_16") {
         return Some("anonymous or under 16".into());
+    }
+    match age_from_attainer(&r["attainer_date"]) {
+        None => return Some("attainer date unreadable".into()),
+        Some(Some(age)) if age < 16 => return Some(format!("aged {age} by attainer date")),
+        Some(_) => {}
     }
     let area = format!(
         "{}/{}",
@@ -378,6 +400,18 @@ fn mutate(mut r: Value, flags: &[usize], anonymous: bool, consent: u8) -> Value 
     }
     if consent & 0x40 != 0 {
         r["tps_checked_at"] = json!(time::OffsetDateTime::now_utc().date().to_string());
+    }
+    // Attainer dates around the sixteenth birthday (two years before the eighteenth), and
+    // one that is no date at all.
+    if consent & 0x80 != 0 {
+        let today = time::OffsetDateTime::now_utc().date();
+        r["attainer_date"] = match consent % 6 {
+            5 => json!("2028-02-30"),
+            k => json!(
+                (today + time::Duration::days([300, 729, 730, 731, 732][usize::from(k)]))
+                    .to_string()
+            ),
+        };
     }
     r
 }

@@ -298,7 +298,17 @@ fn value_attrs(rec: &Value, ds: &Dataset, today: i64) -> Option<(String, RecordA
         }
     };
     let markers = strings(&ds.markers_field)?;
-    let flags = strings(&ds.flags_field)?;
+    let mut flags = strings(&ds.flags_field)?;
+    if let Some(f) = &ds.attainer_field {
+        let under_16 = match rec.get(f)? {
+            Value::Null => false,
+            Value::String(s) => filter::under_16_on(s, today)?,
+            _ => return None,
+        };
+        if under_16 {
+            flags.insert("under_16".to_owned());
+        }
+    }
     let consented = match &ds.consents_field {
         None => BTreeSet::new(),
         Some(f) => rec

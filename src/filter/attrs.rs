@@ -1,11 +1,12 @@
 //! A record's policy attributes, read from its raw fields without building a document tree.
 //!
 //! `record_attrs` is the one reading of what policies decide on: the area (from the dataset's
-//! template), markers, flags (with the rights register's), consented channels and TPS
-//! freshness. `fingerprint` writes down exactly the inputs that reading depends on, byte for
+//! template), markers, flags (with the rights register's, and `under_16` where the attainer
+//! date says so whatever the flags say), consented channels and TPS freshness. `fingerprint` writes down exactly the inputs that reading depends on, byte for
 //! byte where they repeat across records (area fields, marker and flag arrays, register flags)
 //! and as what is read where they do not (consents carry per-record timestamps: each channel
-//! and its state, in wire order; the TPS check a per-record date: fresh or not). Two records
+//! and its state, in wire order; the TPS check and the attainer date per-record dates: fresh
+//! or not, under 16 or not). Two records
 //! with the same fingerprint therefore have the same attributes, so a decision made for one is
 //! the decision for the other; that is what lets the memo skip the reading for every record
 //! but the first of each kind.
@@ -30,6 +31,7 @@ pub(super) struct Roles {
     flags: Option<usize>,
     pub(super) consents: Option<usize>,
     tps: Option<usize>,
+    attainer: Option<usize>,
 }
 
 impl Roles {
@@ -46,6 +48,7 @@ impl Roles {
             flags: at(&ds.flags_field),
             consents: at(&ds.consents_field),
             tps: at(&ds.tps_field),
+            attainer: at(&ds.attainer_field),
         }
     }
 }
@@ -81,6 +84,12 @@ pub(super) fn read(
     let mut flags = strings(&ds.flags_field, at.flags)?;
     if let Some(extra) = cx.register.get(&subject) {
         flags.extend(extra.iter().cloned());
+    }
+    // DOMAIN.md: under-16s are never disclosed. The flag is the datastore's word for it; an
+    // attainer date two years or more away says it too, and a record that lacks the flag is
+    // withheld all the same (as one whose date cannot be read is).
+    if ds.attainer_field.is_some() && under_16_by_attainer(rec.value(at.attainer)?, cx.today)? {
+        flags.insert(UNDER_16.to_owned());
     }
     let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
@@ -165,6 +174,16 @@ pub(super) fn fingerprint(
         key.push(match rec.value(at.tps) {
             None => 0,
             Some(v) => match tps_fresh(v, cx.today, ds.tps_max_age_days) {
+                None => 2,
+                Some(false) => 3,
+                Some(true) => 4,
+            },
+        });
+    }
+    if ds.attainer_field.is_some() {
+        key.push(match rec.value(at.attainer) {
+            None => 0,
+            Some(v) => match under_16_by_attainer(v, cx.today) {
                 None => 2,
                 Some(false) => 3,
                 Some(true) => 4,
@@ -497,6 +516,33 @@ fn tps_fresh(v: &str, today: i64, max_age_days: u32) -> Option<bool> {
     }
     let days = days_from_iso_date(&string(v)?)?;
     Some(today - days <= i64::from(max_age_days) && days <= today)
+}
+
+/// The flag DOMAIN.md's never-disclosed under-16s carry (`RecordAttrs::never_disclosed`).
+const UNDER_16: &str = "under_16";
+
+/// Whether a raw attainer date (`null`, or the day the elector turns 18) is an under-16's;
+/// `None` when it is neither `null` nor a date.
+fn under_16_by_attainer(v: &str, today: i64) -> Option<bool> {
+    if v == "null" {
+        return Some(false);
+    }
+    under_16_on(&string(v)?, today)
+}
+
+/// Whether whoever turns 18 on `attainer` (`YYYY-MM-DD`) is under 16 on `today` (days since
+/// 1970-01-01): their sixteenth birthday, two years before, is still to come. A 29 February
+/// birthday falls on 1 March in a common year, the later day, so a doubt goes to the child.
+/// `None` when `attainer` is not a date.
+pub fn under_16_on(attainer: &str, today: i64) -> Option<bool> {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    let eighteenth = time::Date::parse(attainer, &fmt).ok()?;
+    let year = eighteenth.year() - 2;
+    let sixteenth = eighteenth
+        .replace_year(year)
+        .or_else(|_| time::Date::from_calendar_date(year, time::Month::March, 1))
+        .ok()?;
+    Some(today < days_since_epoch(sixteenth))
 }
 
 /// Days since 1970-01-01 for `YYYY-MM-DD`.

@@ -29,7 +29,7 @@ fn restricted(subjects: &[&str]) -> RegisterFlags {
 
 fn record(id: &str, pd: &str, extra: &str) -> String {
     format!(
-        r#"{{"elector_id":"{id}","local_authority":"E08000035","polling_district":"{pd}","first_name":"Ann","surname":"Lee","email":"a@example.org","markers":[],"flags":[],"consents":{{"email":{{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null}},"sms":null}},"tps_checked_at":"2026-11-01"{extra}}}"#
+        r#"{{"elector_id":"{id}","local_authority":"E08000035","polling_district":"{pd}","first_name":"Ann","surname":"Lee","email":"a@example.org","markers":[],"flags":[],"consents":{{"email":{{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null}},"sms":null}},"tps_checked_at":"2026-11-01","attainer_date":null{extra}}}"#
     )
 }
 
@@ -229,6 +229,74 @@ fn consent_and_tps_are_read_from_the_record() {
     assert!(seen["VF-3"].tps_fresh);
 }
 
+/// `record` with its attainer date (the day the elector turns 18) written as `raw`.
+fn attainer(id: &str, raw: &str) -> String {
+    record(id, "CGW1", "").replace(
+        r#""attainer_date":null"#,
+        &format!(r#""attainer_date":{raw}"#),
+    )
+}
+
+#[test]
+fn an_attainer_date_more_than_two_years_away_is_an_under_16s() {
+    // `cx`'s today is 2026-11-23.
+    let ds = dataset();
+    for (raw, under_16) in [
+        ("null", false),
+        (r#""2027-05-01""#, false),
+        // Sixteen today, and sixteen tomorrow.
+        (r#""2028-11-23""#, false),
+        (r#""2028-11-24""#, true),
+        (r#""2031-01-01""#, true),
+    ] {
+        let text = attainer("VF-1", raw);
+        let rec = RawRecord::parse(&text).unwrap();
+        let (_, attrs) = record_attrs(&rec, &cx(&ds)).unwrap();
+        assert_eq!(attrs.flags.contains("under_16"), under_16, "{raw}");
+        assert_eq!(attrs.never_disclosed(), under_16, "{raw}");
+    }
+    // A 29 February birthday falls on 1 March in a common year.
+    let day = |s: &str| days_from_iso_date(s).unwrap();
+    assert_eq!(under_16_on("2028-02-29", day("2026-02-28")), Some(true));
+    assert_eq!(under_16_on("2028-02-29", day("2026-03-01")), Some(false));
+    assert_eq!(under_16_on("2028-03-01", day("2026-02-28")), Some(true));
+}
+
+#[test]
+fn an_unreadable_or_missing_attainer_date_withholds_the_record() {
+    let ds = dataset();
+    let missing = record("VF-5", "CGW1", "").replace(r#","attainer_date":null"#, "");
+    let body = format!(
+        r#"{{"records":[{},{},{},{},{missing}]}}"#,
+        attainer("VF-1", r#""2028-02-30""#),
+        attainer("VF-2", r#""soon""#),
+        attainer("VF-3", "20281124"),
+        attainer("VF-4", r#"["2028-11-24"]"#),
+    );
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
+    assert_eq!((d.rows_withheld, d.malformed_rows), (5, 5));
+}
+
+#[test]
+fn an_under_16_by_attainer_date_is_counted_as_never_disclosed() {
+    // What breach detection and the datastore-contract metric read: the flag the datastore
+    // left off is put on, and the decision is asked with it.
+    let ds = dataset();
+    let body = format!(
+        r#"{{"records":[{},{}]}}"#,
+        attainer("VF-1", r#""2030-06-01""#),
+        attainer("VF-2", "null"),
+    );
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+        verdict(!a.flags.contains("under_16"), &["identifier"])
+    })
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["records"], serde_json::json!([{"elector_id": "VF-2"}]));
+    assert_eq!((d.rows_withheld, d.never_disclosed_rows), (1, 1));
+}
+
 #[test]
 fn register_flags_are_merged_into_the_record_flags() {
     let ds = dataset();
@@ -252,7 +320,7 @@ fn register_flags_are_merged_into_the_record_flags() {
 #[test]
 fn escaped_keys_and_values_survive_byte_for_byte() {
     let ds = dataset();
-    let body = r#"{"record":{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","surname":"O\"Neil \u00e9","markers":[],"flags":[],"consents":{},"tps_checked_at":null}}"#;
+    let body = r#"{"record":{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","surname":"O\"Neil \u00e9","markers":[],"flags":[],"consents":{},"tps_checked_at":null,"attainer_date":null}}"#;
     let (out, _) =
         filter_single(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.unwrap()).unwrap();
@@ -421,7 +489,7 @@ fn subject_ids_read_as_before() {
         ("[1]", None),
     ] {
         let text = format!(
-            r#"{{"elector_id":{raw},"local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null}}"#
+            r#"{{"elector_id":{raw},"local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null,"attainer_date":null}}"#
         );
         let rec = RawRecord::parse(&text).unwrap();
         assert_eq!(
@@ -1056,7 +1124,7 @@ fn runs_of_kept_fields_leave_whole_and_nothing_between_them() {
         \"polling_district\":\"CGW1\", \"first_name\"  :  \"Ann\" ,\
         \"email\":\"\\\"surname\\\":\\\"leak\\\"\",\
         \"\\u0073urname\":\"Lee\",\"markers\":[],\"flags\":[],\
-        \"address_line1\":{\"first_name\":\"leak\"},\"consents\":{},\"tps_checked_at\":null,\
+        \"address_line1\":{\"first_name\":\"leak\"},\"consents\":{},\"tps_checked_at\":null,\"attainer_date\":null,\
         \"first_name_note\":\"leak\" } ]}";
     let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     let text = String::from_utf8(out).unwrap();

@@ -54,7 +54,8 @@ fn text<'a>(record: &'a Value, key: &str) -> &'a str {
 }
 
 /// Whether a record is an entry the gateway never discloses: an anonymous elector (marker
-/// `N`) or an under-16 (flag `under_16`).
+/// `N`) or an under-16 (flag `under_16`, or an attainer date more than two years away, as the
+/// gateway reads it: `filter::under_16_on`).
 pub(super) fn protected(record: &Value) -> bool {
     let has = |list: &str, v: &str| {
         record
@@ -62,7 +63,11 @@ pub(super) fn protected(record: &Value) -> bool {
             .and_then(Value::as_array)
             .is_some_and(|l| l.iter().any(|x| x == v))
     };
-    has("markers", "N") || has("flags", "under_16")
+    let young = record
+        .get("attainer_date")
+        .and_then(Value::as_str)
+        .is_some_and(|d| crate::filter::under_16_on(d, crate::filter::today()) != Some(false));
+    has("markers", "N") || has("flags", "under_16") || young
 }
 
 fn normalise_postcode(s: &str) -> String {
