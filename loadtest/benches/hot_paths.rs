@@ -543,7 +543,8 @@ fn bench_export_lines(
     }
 }
 
-/// `export::Lines` without the network (`export::ready` says what to filter when).
+/// The batching of `export::Lines` (crate-private), without the network: `export::ready`
+/// says what to filter when.
 fn wardgate_lines(
     fx: &Fixture,
     c: &Asker,
