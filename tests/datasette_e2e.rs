@@ -30,15 +30,26 @@ impl Drop for Datasette {
     }
 }
 
-fn start_datasette(dir: &Path) -> Option<(Datasette, std::net::SocketAddr)> {
+/// The demo's synthetic voter file, as the demo datastore holds it.
+fn electors() -> Vec<serde_json::Value> {
     let settings = wardgate::demo::data::GenSettings {
         electors: ELECTORS,
         ..Default::default()
     };
-    let data = wardgate::demo::data::generate(&settings, wardgate::demo::AREAS).unwrap();
+    wardgate::demo::data::generate(&settings, wardgate::demo::AREAS)
+        .unwrap()
+        .electors
+}
+
+/// Datasette serving `electors` with `tests/datasette/metadata.json`, or `None` when it is not
+/// installed.
+fn start_datasette(
+    dir: &Path,
+    electors: &[serde_json::Value],
+) -> Option<(Datasette, std::net::SocketAddr)> {
     let jsonl = dir.join("electors.jsonl");
     let mut f = std::fs::File::create(&jsonl).unwrap();
-    for r in &data.electors {
+    for r in electors {
         writeln!(f, "{r}").unwrap();
     }
     drop(f);
@@ -143,12 +154,8 @@ async fn disclosed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_policies_give_the_same_disclosures_through_datasette() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_datasette, addr)) = start_datasette(dir.path()) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "datasette is not installed under CI (scripts/test.sh installs it)"
-        );
-        eprintln!("skipping: datasette not installed (pip install datasette)");
+    let Some((_datasette, addr)) = start_datasette(dir.path(), &electors()) else {
+        not_installed();
         return;
     };
     let demo = spawn_app_with(AppOptions {
@@ -244,4 +251,90 @@ async fn the_same_policies_give_the_same_disclosures_through_datasette() {
     eprintln!("{total} disclosures compared across {} cases", cases.len());
     demo.stop().await;
     ds.stop().await;
+}
+
+fn not_installed() {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "datasette is not installed under CI (scripts/test.sh installs it)"
+    );
+    eprintln!("skipping: datasette not installed (pip install datasette)");
+}
+
+/// The shipped canned query leaves out, before it pages, exactly the entries the gateway
+/// never discloses by their attainer date (`filter::under_16_on`, on today's UTC date): dates
+/// around the sixteenth birthday, the 28 and 29 February cases, and values that are no date.
+#[tokio::test]
+async fn the_canned_query_leaves_out_whom_the_attainer_date_says_is_under_16() {
+    let today = time::OffsetDateTime::now_utc().date();
+    let days = wardgate::filter::today();
+    let open = electors()
+        .into_iter()
+        .find(|r| r["markers"] == serde_json::json!([]) && r["flags"] == serde_json::json!([]))
+        .unwrap();
+    let mut values: Vec<serde_json::Value> = (-3..=3)
+        .map(|k| serde_json::json!((today + time::Duration::days(730 + k)).to_string()))
+        .collect();
+    for year in [today.year() + 1, today.year() + 2, today.year() + 3] {
+        for md in ["02-28", "02-29", "03-01"] {
+            values.push(serde_json::json!(format!("{year}-{md}")));
+        }
+    }
+    for junk in [
+        "",
+        "soon",
+        "-2030-11-24",
+        "2030-11-31",
+        "2030-02-29",
+        "20301124",
+    ] {
+        values.push(serde_json::json!(junk));
+    }
+    values.extend([serde_json::json!(20301124), serde_json::Value::Null]);
+    let rows: Vec<serde_json::Value> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut r = open.clone();
+            r["elector_id"] = serde_json::json!(format!("VF-T{i:03}"));
+            r["attainer_date"] = v.clone();
+            r
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_datasette, addr)) = start_datasette(dir.path(), &rows) else {
+        not_installed();
+        return;
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let uri = format!(
+        "http://{addr}/voter/electors_page.json?_shape=array&ward=&constituency=\
+         &local_authority=&polling_district=&postcode=&areas=&limit=1000&offset=0"
+    );
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    let listed: Vec<&str> = listed
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = rows
+        .iter()
+        .filter(|r| match &r["attainer_date"] {
+            serde_json::Value::Null => true,
+            serde_json::Value::String(d) => wardgate::filter::under_16_on(d, days) == Some(false),
+            _ => false,
+        })
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        expected.len() > 3 && expected.len() < rows.len() - 3,
+        "the dates straddle the boundary: {expected:?}"
+    );
+    assert_eq!(listed, expected, "attainer dates {values:?}");
 }

@@ -86,8 +86,8 @@ pub(super) fn read(
         flags.extend(extra.iter().cloned());
     }
     // DOMAIN.md: under-16s are never disclosed. The flag is the datastore's word for it; an
-    // attainer date two years or more away says it too, and a record that lacks the flag is
-    // withheld all the same (as one whose date cannot be read is).
+    // attainer date more than two years away (`under_16_on`) says it too, and a record that
+    // lacks the flag is withheld all the same (as one whose date cannot be read is).
     if ds.attainer_field.is_some() && under_16_by_attainer(rec.value(at.attainer)?, cx.today)? {
         flags.insert(UNDER_16.to_owned());
     }
@@ -530,57 +530,71 @@ fn under_16_by_attainer(v: &str, today: i64) -> Option<bool> {
     under_16_on(&string(v)?, today)
 }
 
-/// Whether whoever turns 18 on `attainer` (`YYYY-MM-DD`) is under 16 on `today` (days since
-/// 1970-01-01): their sixteenth birthday, two years before, is still to come. A 29 February
-/// birthday falls on 1 March in a common year, the later day, so a doubt goes to the child.
-/// `None` when `attainer` is not a date.
+/// Whether whoever turns 18 on `attainer` (exactly `YYYY-MM-DD`) is under 16 on `today` (days
+/// since 1970-01-01): their sixteenth birthday, two years before, is still to come. Where
+/// the day is in doubt it goes to the child: an eighteenth birthday on 29 February (a date
+/// no birth gives) puts the sixteenth on 1 March, and one on 28 February (where a child born
+/// on 29 February may be put) puts it on 29 February when that year has one. `None` when
+/// `attainer` is not a date.
 pub fn under_16_on(attainer: &str, today: i64) -> Option<bool> {
-    let fmt = time::macros::format_description!("[year]-[month]-[day]");
-    let eighteenth = time::Date::parse(attainer, &fmt).ok()?;
-    let year = eighteenth.year() - 2;
-    let sixteenth = eighteenth
-        .replace_year(year)
-        .or_else(|_| time::Date::from_calendar_date(year, time::Month::March, 1))
-        .ok()?;
-    Some(today < days_since_epoch(sixteenth))
+    let (year, month, day) = civil(attainer)?;
+    let year = year - 2;
+    let (month, day) = match (month, day) {
+        (2, 29) => (3, 1),
+        (2, 28) if leap(year) => (2, 29),
+        other => other,
+    };
+    Some(today < days_from_civil(year, month, day))
 }
 
 /// Days since 1970-01-01 for `YYYY-MM-DD`.
 pub fn days_from_iso_date(s: &str) -> Option<i64> {
     // `YYYY-MM-DD` exactly, read directly; anything else goes through `time`'s parser.
-    if let [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = *s.as_bytes() {
-        let digits = [y0, y1, y2, y3, m0, m1, d0, d1];
-        if digits.iter().all(u8::is_ascii_digit) {
-            let n = |ds: &[u8]| ds.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-            let (year, month, day) = (
-                i64::from(n(&digits[..4])),
-                i64::from(n(&digits[4..6])),
-                i64::from(n(&digits[6..])),
-            );
-            let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-            let month_days = match month {
-                1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-                4 | 6 | 9 | 11 => 30,
-                2 if leap => 29,
-                2 => 28,
-                _ => return None,
-            };
-            if !(1..=month_days).contains(&day) {
-                return None;
-            }
-            // Days from the civil date (H. Hinnant's `days_from_civil`, years from March so
-            // that the leap day ends one): a TPS date is read for every record, and building
-            // a `time::Date` for it was a sixtieth of a page.
-            let y = if month <= 2 { year - 1 } else { year };
-            let era = y.div_euclid(400);
-            let year_of_era = y - era * 400;
-            let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-            let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-            return Some(era * 146_097 + day_of_era - 719_468);
-        }
+    if let Some((year, month, day)) = civil(s) {
+        return Some(days_from_civil(year, month, day));
     }
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
     Some(days_since_epoch(time::Date::parse(s, &fmt).ok()?))
+}
+
+/// Year, month and day of a date written exactly `YYYY-MM-DD` (four digits, no sign), if it is
+/// one.
+fn civil(s: &str) -> Option<(i64, i64, i64)> {
+    let [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = *s.as_bytes() else {
+        return None;
+    };
+    let digits = [y0, y1, y2, y3, m0, m1, d0, d1];
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = |ds: &[u8]| ds.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+    let (year, month, day) = (n(&digits[..4]), n(&digits[4..6]), n(&digits[6..]));
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap(year) => 29,
+        2 => 28,
+        _ => return None,
+    };
+    (1..=month_days)
+        .contains(&day)
+        .then_some((year, month, day))
+}
+
+fn leap(year: i64) -> bool {
+    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+}
+
+/// Days from the civil date (H. Hinnant's `days_from_civil`, years from March so that the
+/// leap day ends one): a TPS date is read for every record, and building a `time::Date` for
+/// it was a sixtieth of a page.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 fn days_since_epoch(date: time::Date) -> i64 {

@@ -255,27 +255,56 @@ fn an_attainer_date_more_than_two_years_away_is_an_under_16s() {
         assert_eq!(attrs.flags.contains("under_16"), under_16, "{raw}");
         assert_eq!(attrs.never_disclosed(), under_16, "{raw}");
     }
-    // A 29 February birthday falls on 1 March in a common year.
+    // Where the day is in doubt it goes to the child: an eighteenth birthday on 29 February
+    // puts the sixteenth on 1 March; one on 28 February (where a child born on 29 February
+    // may be put) puts it on 29 February in a leap year, and leaves it in a common one.
     let day = |s: &str| days_from_iso_date(s).unwrap();
     assert_eq!(under_16_on("2028-02-29", day("2026-02-28")), Some(true));
     assert_eq!(under_16_on("2028-02-29", day("2026-03-01")), Some(false));
     assert_eq!(under_16_on("2028-03-01", day("2026-02-28")), Some(true));
+    assert_eq!(under_16_on("2030-02-28", day("2028-02-28")), Some(true));
+    assert_eq!(under_16_on("2030-02-28", day("2028-02-29")), Some(false));
+    assert_eq!(under_16_on("2029-02-28", day("2027-02-27")), Some(true));
+    assert_eq!(under_16_on("2029-02-28", day("2027-02-28")), Some(false));
+    // Only a date written exactly `YYYY-MM-DD` is one: no sign, no time, no other calendar.
+    for not_a_date in [
+        "-2030-11-24",
+        "+2030-11-24",
+        "2030-11-24T00:00:00Z",
+        "2030-11-31",
+        "30-11-24",
+        "",
+    ] {
+        assert_eq!(
+            under_16_on(not_a_date, day("2026-11-23")),
+            None,
+            "{not_a_date}"
+        );
+    }
 }
 
 #[test]
 fn an_unreadable_or_missing_attainer_date_withholds_the_record() {
     let ds = dataset();
     let missing = record("VF-5", "CGW1", "").replace(r#","attainer_date":null"#, "");
+    // Each after a readable one of the same layout: an unreadable date must not share its
+    // remembered decision.
     let body = format!(
-        r#"{{"records":[{},{},{},{},{missing}]}}"#,
+        r#"{{"records":[{},{},{},{},{},{},{missing}]}}"#,
+        attainer("VF-0", r#""2027-05-01""#),
         attainer("VF-1", r#""2028-02-30""#),
         attainer("VF-2", r#""soon""#),
         attainer("VF-3", "20281124"),
         attainer("VF-4", r#"["2028-11-24"]"#),
+        attainer("VF-6", r#""-2030-11-24""#),
     );
     let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
-    assert_eq!(String::from_utf8(out).unwrap(), r#"{"records":[]}"#);
-    assert_eq!((d.rows_withheld, d.malformed_rows), (5, 5));
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let kept: Vec<&str> = (v["records"].as_array().unwrap().iter())
+        .map(|r| r["elector_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, ["VF-0"]);
+    assert_eq!((d.rows_withheld, d.malformed_rows), (6, 6));
 }
 
 #[test]

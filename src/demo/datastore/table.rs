@@ -63,10 +63,14 @@ pub(super) fn protected(record: &Value) -> bool {
             .and_then(Value::as_array)
             .is_some_and(|l| l.iter().any(|x| x == v))
     };
-    let young = record
-        .get("attainer_date")
-        .and_then(Value::as_str)
-        .is_some_and(|d| crate::filter::under_16_on(d, crate::filter::today()) != Some(false));
+    // A date that cannot be read is left out too: the gateway withholds it.
+    let young = match record.get("attainer_date") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(d)) => {
+            crate::filter::under_16_on(d, crate::filter::today()) != Some(false)
+        }
+        Some(_) => true,
+    };
     has("markers", "N") || has("flags", "under_16") || young
 }
 

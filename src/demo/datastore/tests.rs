@@ -521,3 +521,19 @@ async fn a_streamed_store_serves_the_same_records_in_the_same_key_order() {
     other.stop().await;
     s.stop().await;
 }
+
+/// An attainer date that makes an under-16 (`filter::under_16_on`) is as protected as the
+/// flag, and one that is no date is left out too (the gateway withholds it as malformed).
+#[test]
+fn an_attainer_date_under_16_or_unreadable_is_protected() {
+    use super::table::protected;
+    let today = time::OffsetDateTime::now_utc().date();
+    let with = |v: Value| json!({"markers": [], "flags": [], "attainer_date": v});
+    let in_days = |n: i64| json!((today + time::Duration::days(n)).to_string());
+    assert!(!protected(&json!({"markers": [], "flags": []})));
+    assert!(!protected(&with(Value::Null)));
+    assert!(!protected(&with(in_days(300))));
+    assert!(protected(&with(in_days(3 * 365))));
+    assert!(protected(&with(json!("soon"))));
+    assert!(protected(&with(json!(20301124))));
+}
