@@ -523,6 +523,7 @@ const UNDER_16: &str = "under_16";
 
 /// Whether a raw attainer date (`null`, or the day the elector turns 18) is an under-16's;
 /// `None` when it is neither `null` nor a date.
+#[inline]
 fn under_16_by_attainer(v: &str, today: i64) -> Option<bool> {
     if v == "null" {
         return Some(false);
@@ -559,6 +560,7 @@ pub fn days_from_iso_date(s: &str) -> Option<i64> {
 
 /// Year, month and day of a date written exactly `YYYY-MM-DD` (four digits, no sign), if it is
 /// one.
+#[inline]
 fn civil(s: &str) -> Option<(i64, i64, i64)> {
     let [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = *s.as_bytes() else {
         return None;
@@ -581,6 +583,7 @@ fn civil(s: &str) -> Option<(i64, i64, i64)> {
         .then_some((year, month, day))
 }
 
+#[inline]
 fn leap(year: i64) -> bool {
     year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
 }
@@ -588,6 +591,7 @@ fn leap(year: i64) -> bool {
 /// Days from the civil date (H. Hinnant's `days_from_civil`, years from March so that the
 /// leap day ends one): a TPS date is read for every record, and building a `time::Date` for
 /// it was a sixtieth of a page.
+#[inline]
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
