@@ -938,16 +938,7 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
         .find(|r| r["markers"] == json!([]) && r["flags"] == json!([]))
         .unwrap();
     let page = json!({"records": [anonymous, open], "page": 1, "per_page": 2, "next_page": null});
-    let upstream = common::delayed_upstream(
-        Bytes::from(page.to_string()),
-        std::time::Duration::from_millis(0),
-    )
-    .await;
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(upstream),
-        ..Default::default()
-    })
-    .await;
+    let app = app_serving(&page).await;
     let r = app
         .get(
             "/voter/electors?per_page=2",
@@ -963,14 +954,19 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
         .map(|x| x["elector_id"].clone())
         .collect();
     assert_eq!(ids, [open["elector_id"].clone()]);
-    let text = String::from_utf8_lossy(&app.admin_get("/metrics").await.body).into_owned();
-    let counted = text
-        .lines()
-        .find(|l| l.starts_with("wardgate_upstream_never_disclosed_total{dataset=\"voter\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse::<f64>().ok());
-    assert!(counted.is_some_and(|n| n >= 1.0), "{text}");
+    assert!(never_disclosed_count(&app).await >= 1.0);
     app.stop().await;
+}
+
+/// An app whose datastore answers every request with `page`.
+async fn app_serving(page: &Value) -> common::TestApp {
+    let upstream =
+        common::delayed_upstream(Bytes::from(page.to_string()), std::time::Duration::ZERO).await;
+    spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await
 }
 
 /// `wardgate_upstream_never_disclosed_total` for the voter dataset (0 before any).
@@ -1001,16 +997,7 @@ async fn an_under_16_known_only_by_attainer_date_never_leaves() {
     let today = time::OffsetDateTime::now_utc().date();
     child["attainer_date"] = json!((today + time::Duration::days(3 * 365)).to_string());
     let page = json!({"records": [child, open], "page": 1, "per_page": 2, "next_page": null});
-    let upstream = common::delayed_upstream(
-        Bytes::from(page.to_string()),
-        std::time::Duration::from_millis(0),
-    )
-    .await;
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(upstream),
-        ..Default::default()
-    })
-    .await;
+    let app = app_serving(&page).await;
     let before = never_disclosed_count(&app).await;
     for (role, purpose) in [
         ("analyst", "profiling"),
