@@ -2,14 +2,14 @@
 //!
 //! `record_attrs` is the one reading of what policies decide on: the area (from the dataset's
 //! template), markers, flags (with the rights register's, and `under_16` where the attainer
-//! date says so whatever the flags say), consented channels and TPS freshness. `fingerprint` writes down exactly the inputs that reading depends on, byte for
-//! byte where they repeat across records (area fields, marker and flag arrays, register flags)
-//! and as what is read where they do not (consents carry per-record timestamps: each channel
-//! and its state, in wire order; the TPS check and the attainer date per-record dates: fresh
-//! or not, under 16 or not). Two records
-//! with the same fingerprint therefore have the same attributes, so a decision made for one is
-//! the decision for the other; that is what lets the memo skip the reading for every record
-//! but the first of each kind.
+//! date says so whatever the flags say), consented channels and TPS freshness. `fingerprint`
+//! writes down exactly the inputs that reading depends on, byte for byte where they repeat
+//! across records (area fields, marker and flag arrays, register flags) and as what is read
+//! where they do not (consents carry per-record timestamps: each channel and its state, in
+//! wire order; the TPS check and the attainer date are per-record dates: fresh or not, under
+//! 16 or not). Two records with the same fingerprint therefore have the same attributes, so a
+//! decision made for one is the decision for the other; that is what lets the memo skip the
+//! reading for every record but the first of each kind.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
