@@ -355,6 +355,40 @@ async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     a.stop().await;
 }
 
+/// A restriction the DPO places while Redis is away is journalled, so it takes effect on that
+/// replica at once (as it would after a restart), not when Redis comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica() {
+    let mut redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    until_ready("a ready", &a).await;
+    let id = visible_elector(&a).await;
+    let path = format!("/voter/electors/{id}");
+    let token = a.token("councillor");
+    let read = || a.get(&path, Some(&token), Some("canvassing"));
+    assert_eq!(read().await.status, 200);
+
+    redis.stop();
+    let down = Instant::now();
+    let placed = restrict(&a, &id, "SAR-away").await;
+    // Not on every replica yet: the DPO is told so.
+    assert_eq!(placed.status, 503, "{:?}", placed.body);
+    let r = read().await;
+    assert!(
+        down.elapsed() < Duration::from_secs(2),
+        "too slow to judge: the mirror went stale meanwhile"
+    );
+    assert_eq!(r.status, 404, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(!String::from_utf8_lossy(&r.body).contains(&id));
+
+    // Once Redis is back the placement is republished and stays.
+    let _again = RedisServer::start_on(redis.port);
+    until_ready("a caught up", &a).await;
+    assert_eq!(read().await.status, 404);
+    a.stop().await;
+}
+
 fn small_quota(c: &mut wardgate::config::Config) {
     c.quotas.insert(
         "councillor".into(),

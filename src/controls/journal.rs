@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -27,34 +27,49 @@ struct State {
 }
 
 impl Journal {
+    /// Reads every event journalled. A torn last line (a write cut short by a crash: no
+    /// newline after it) is cut off, so the next event starts a line of its own. Any other
+    /// line that does not read as an event stops the start: a restriction lost to a damaged
+    /// line would otherwise be lifted without anyone saying so.
     pub fn open(path: &Path) -> anyhow::Result<Journal> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create `{}`", dir.display()))?;
         }
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read `{}`", path.display())),
+        };
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let mut events = Vec::new();
-        if path.exists() {
-            let f =
-                File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-            for (n, line) in BufReader::new(f).lines().enumerate() {
-                let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Event>(&line) {
-                    Ok(e) => events.push(e),
-                    // A torn last line is a write cut by a crash; anything else is damage.
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), line = n + 1, error = %e, "skipping unreadable control event")
-                    }
-                }
+        for (n, line) in text[..whole].split(|&b| b == b'\n').enumerate() {
+            if line.trim_ascii().is_empty() {
+                continue;
             }
+            let event = serde_json::from_slice::<Event>(line).with_context(|| {
+                format!(
+                    "control journal `{}`, line {}, is damaged; the restrictions and revocations \
+                     it held cannot be trusted. Mend or remove that line (another replica's \
+                     journal, or the Redis stream, holds the same events) and start again",
+                    path.display(),
+                    n + 1
+                )
+            })?;
+            events.push(event);
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open `{}` for appending", path.display()))?;
+        if whole < text.len() {
+            tracing::warn!(file = %path.display(), torn_bytes = text.len() - whole,
+                "cutting off a control event torn by an interrupted write");
+            file.set_len(whole as u64)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("cannot repair `{}`", path.display()))?;
+        }
         let ids = events.iter().map(|e| e.id.clone()).collect();
         Ok(Journal {
             path: path.to_owned(),
@@ -84,10 +99,17 @@ impl Journal {
         }
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
-        s.file
-            .write_all(&line)
-            .and_then(|()| s.file.sync_data())
-            .with_context(|| format!("cannot append to `{}`", self.path.display()))?;
+        let before = s.file.metadata()?.len();
+        let written = s.file.write_all(&line).and_then(|()| s.file.sync_data());
+        if let Err(e) = written {
+            // Part of the line may be in the file: cut it off, or the next event would be
+            // written onto the end of it and both would be lost to the next start.
+            if let Err(cut) = s.file.set_len(before) {
+                tracing::error!(file = %self.path.display(), error = %cut,
+                    "cannot cut off a failed control event; the journal refuses to start until it is mended");
+            }
+            return Err(e).with_context(|| format!("cannot append to `{}`", self.path.display()));
+        }
         s.ids.insert(e.id.clone());
         s.events.push(e.clone());
         Ok(true)
@@ -98,12 +120,9 @@ impl Journal {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_poisoned_lock_still_gives_every_event() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(&dir.path().join("controls.jsonl")).unwrap();
-        let event = Event {
-            id: "e1".to_owned(),
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.to_owned(),
             at: 1,
             by: "dpo".to_owned(),
             reason: "objection".to_owned(),
@@ -112,7 +131,54 @@ mod tests {
                 kind: "objects_profiling".to_owned(),
                 reference: "R-1".to_owned(),
             },
-        };
+        }
+    }
+
+    fn line(e: &Event) -> String {
+        serde_json::to_string(e).unwrap() + "\n"
+    }
+
+    #[test]
+    fn a_torn_last_event_is_cut_off_so_the_next_one_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controls.jsonl");
+        let torn = &line(&event("e2"))[..20];
+        std::fs::write(&path, line(&event("e1")) + torn).unwrap();
+
+        let journal = Journal::open(&path).unwrap();
+        assert_eq!(journal.events(), vec![event("e1")]);
+        journal.append(&event("e3")).unwrap();
+        drop(journal);
+
+        let ids: Vec<String> = Journal::open(&path)
+            .unwrap()
+            .events()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["e1", "e3"]);
+    }
+
+    #[test]
+    fn a_damaged_event_before_the_last_stops_the_start_and_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controls.jsonl");
+        let glued = format!("{}{}", &line(&event("e2"))[..20], line(&event("e3")));
+        std::fs::write(&path, line(&event("e1")) + &glued + &line(&event("e4"))).unwrap();
+
+        let err = format!("{:#}", Journal::open(&path).err().unwrap());
+        assert!(
+            err.contains("line 2") && err.contains("controls.jsonl"),
+            "{err}"
+        );
+        assert!(err.contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn a_poisoned_lock_still_gives_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("controls.jsonl")).unwrap();
+        let event = event("e1");
         journal.append(&event).unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {

@@ -327,19 +327,22 @@ impl Controls {
             .unwrap_or_default()
     }
 
-    /// Records a change: journal (fsync) first, then Redis (if configured), then the mirror.
-    /// An error means the change did not take effect anywhere but possibly this journal,
-    /// from where it is republished at the next resynchronisation.
+    /// Records a change: journal (fsync) first, then this replica's mirror, then Redis (if
+    /// configured). Once journalled the change is in effect here, as it would be after a
+    /// restart (the journal is read at start): a revocation or a containment must not wait
+    /// for Redis on the very replica that made it. An error after the journal means the other
+    /// replicas have not heard of it yet; the next resynchronisation republishes it.
     pub async fn record(&self, event: Event) -> anyhow::Result<()> {
         self.inner.journal.append(&event)?;
+        self.absorb(std::slice::from_ref(&event))?;
         if let Some(r) = &self.inner.redis {
             r.publish(&event).await?;
         }
-        self.absorb(std::slice::from_ref(&event))?;
         Ok(())
     }
 
-    /// Applies events learnt from elsewhere (Redis): journal the new ones, update the mirror.
+    /// Applies events (learnt from Redis, or made here and journalled): journal the new ones,
+    /// update the mirror.
     fn absorb(&self, events: &[Event]) -> anyhow::Result<()> {
         let mut fresh = Vec::new();
         {
@@ -354,13 +357,15 @@ impl Controls {
                 }
             }
         }
-        for e in &fresh {
-            self.inner.journal.append_if_new(e)?;
-        }
+        // The mirror has them now, so the flags must follow even if the journal cannot take
+        // them: a later resynchronisation finds them already applied and rebuilds nothing.
+        let journalled = fresh
+            .iter()
+            .try_for_each(|e| self.inner.journal.append_if_new(e).map(drop));
         if !fresh.is_empty() {
             self.rebuild_flags();
         }
-        Ok(())
+        journalled
     }
 
     fn mark_synced(&self) {

@@ -264,7 +264,10 @@ async fn full_resync(
         .query_async(c)
         .await?;
     let events = decode(redis, &reply.ids);
-    let mut last = reply
+    // Following resumes after what this read saw, not after what it republishes: entries
+    // other replicas add meanwhile, and the republished ones, are then read like any other
+    // (the ones already applied change nothing).
+    let last = reply
         .ids
         .last()
         .map(|s| s.id.clone())
@@ -283,7 +286,7 @@ async fn full_resync(
         );
         for e in &missing {
             let json = serde_json::to_string(e)?;
-            last = redis::cmd("XADD")
+            let _: String = redis::cmd("XADD")
                 .arg(&redis.settings.stream)
                 .arg("*")
                 .arg("event")
