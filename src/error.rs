@@ -111,6 +111,10 @@ pub enum GatewayError {
     QuotaExceeded,
     #[error("shared controls are stale")]
     ControlsStale,
+    /// A rights change or revocation is journalled and in effect on this replica, but the
+    /// shared store could not be told: the other replicas learn of it when it is back.
+    #[error("control change not yet shared")]
+    ControlsNotShared,
     #[error("internal error: {0}")]
     Internal(String),
     /// The caller closed the connection before the answer (only ever audited: there is no one
@@ -150,9 +154,9 @@ impl GatewayError {
             | GatewayError::UpstreamMalformed(_)
             | GatewayError::UpstreamStatus(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::AuditUnavailable | GatewayError::ControlsStale => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::AuditUnavailable
+            | GatewayError::ControlsStale
+            | GatewayError::ControlsNotShared => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // nginx's "client closed request": no standard status says it.
@@ -183,6 +187,7 @@ impl GatewayError {
             GatewayError::AuditUnavailable => "audit_unavailable",
             GatewayError::QuotaExceeded => "quota_exceeded",
             GatewayError::ControlsStale => "controls_stale",
+            GatewayError::ControlsNotShared => "controls_not_shared",
             GatewayError::Internal(_) => "internal_error",
             GatewayError::ClientClosed => "client_closed",
         }
@@ -203,7 +208,9 @@ impl GatewayError {
             | GatewayError::UpstreamMalformed(_)
             | GatewayError::UpstreamStatus(_) => "bad gateway",
             GatewayError::UpstreamTimeout => "gateway timeout",
-            GatewayError::AuditUnavailable | GatewayError::ControlsStale => "service unavailable",
+            GatewayError::AuditUnavailable
+            | GatewayError::ControlsStale
+            | GatewayError::ControlsNotShared => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
             GatewayError::Internal(_) => "internal error",
             GatewayError::ClientClosed => "client closed request",
@@ -252,6 +259,12 @@ impl GatewayError {
             }
             GatewayError::ControlsStale => {
                 "rights requests and revocations cannot be confirmed current; retry shortly"
+                    .to_owned()
+            }
+            GatewayError::ControlsNotShared => {
+                "the change is recorded and in effect on this replica, but the shared store \
+                 could not be told; the other replicas learn of it when the store is back. Do \
+                 not repeat it"
                     .to_owned()
             }
             GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),

@@ -376,12 +376,6 @@ where
         &route.dataset,
         categories,
     );
-    let register = gw.controls.register_flags();
-    let cx = FilterContext {
-        dataset,
-        today: filter::today(),
-        register: &register,
-    };
     match &route.kind {
         RouteKind::List => {
             let areas = narrowing(gw, &principal);
@@ -389,6 +383,8 @@ where
                 dialect::list(&upstream.dialect, dataset, &route, areas.as_deref());
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
+            let register = register_now(gw, &principal)?;
+            let cx = FilterContext::new(dataset, &register);
             let mut memo = gw.decisions.memos.take(asker, &route.dataset);
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
@@ -437,6 +433,8 @@ where
         }
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+            let register = register_now(gw, &principal)?;
+            let cx = FilterContext::new(dataset, &register);
             let mut refused = None;
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| {
                 let verdict = decider.decide(a);
@@ -461,7 +459,7 @@ where
             let asked = req.uri().path().to_owned();
             let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
             let written = crate::writes::check_write(
-                gw, &ask, dataset, &route, write, id, &body, &cx, upstream, request_id,
+                gw, &ask, dataset, &route, write, id, &body, &principal, upstream, request_id,
             )
             .await?;
             trail.written = written;
@@ -470,6 +468,8 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
+            let register = register_now(gw, &principal)?;
+            let cx = FilterContext::new(dataset, &register);
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
                 .map_err(malformed)?;
             trail.absorb(d);
@@ -519,6 +519,22 @@ pub fn authenticate(
     trail.caller = Some(Arc::clone(&principal));
     standing(gw, &principal, now)?;
     Ok(principal)
+}
+
+/// The rights register's flags as they stand now, read once the caller is known still to
+/// stand: what a datastore's answer is judged against. Asked after the answer arrives, not
+/// when the request did, so that a slow datastore (or a wait for the quota) can neither carry
+/// a mirror past its staleness bound nor let a revocation or a flag placed meanwhile through.
+pub(crate) fn register_now(
+    gw: &Gateway,
+    principal: &Principal,
+) -> Result<filter::RegisterFlags, GatewayError> {
+    standing(
+        gw,
+        principal,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
+    Ok(gw.controls.register_flags())
 }
 
 /// Whether a verified caller may still be answered at `now`: the mirror holding revocations

@@ -492,7 +492,11 @@ async fn respond(
         failed.status = 503;
         failed.reason = Some("controls_unavailable".to_owned());
         let _ = gw.audit.append(failed).await;
-        return problem_response(&GatewayError::ControlsStale, request_id);
+        let answer = match e {
+            crate::controls::RecordError::NotShared(_) => GatewayError::ControlsNotShared,
+            crate::controls::RecordError::NotRecorded(_) => GatewayError::ControlsStale,
+        };
+        return problem_response(&answer, request_id);
     }
     let mut resp = Response::new(Full::new(Bytes::from(
         serde_json::to_vec(&body).unwrap_or_default(),

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Limited};
 
+use crate::auth::Principal;
 use crate::catalog::Dataset;
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
-use crate::gateway::{Gateway, fetch_one, malformed};
+use crate::gateway::{Gateway, fetch_one, malformed, register_now};
 use crate::policy::Ask;
 use crate::proxy::Upstream;
 use crate::routes::Route;
@@ -32,7 +33,7 @@ pub(crate) async fn check_write(
     write: &str,
     id: &str,
     body: &Bytes,
-    cx: &FilterContext<'_>,
+    principal: &Principal,
     upstream: &Upstream,
     request_id: &str,
 ) -> Result<Vec<String>, GatewayError> {
@@ -59,6 +60,8 @@ pub(crate) async fn check_write(
         ));
     }
     let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+    let register = register_now(gw, principal)?;
+    let cx = &FilterContext::new(dataset, &register);
     // Read as a read of the record would be (the filter's scanner: a field named twice, or a
     // record that cannot be classified, is one the caller may not see). A target we cannot
     // classify, or may not write to, is indistinguishable from a missing one.

@@ -372,8 +372,12 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     redis.stop();
     let down = Instant::now();
     let placed = restrict(&a, &id, "SAR-away").await;
-    // Not on every replica yet: the DPO is told so.
+    // Not on every replica yet: the DPO is told so, and told not to place it again.
     assert_eq!(placed.status, 503, "{:?}", placed.body);
+    assert_eq!(
+        placed.json()["type"],
+        "urn:wardgate:problem:controls-not-shared"
+    );
     let r = read().await;
     assert!(
         down.elapsed() < Duration::from_secs(2),
@@ -386,6 +390,81 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     let _again = RedisServer::start_on(redis.port);
     until_ready("a caught up", &a).await;
     assert_eq!(read().await.status, 404);
+    a.stop().await;
+}
+
+/// A datastore that takes `delay` over every answer: a TCP relay to `real` that holds back
+/// the first bytes answering each request it passes on.
+async fn slow_datastore(real: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(real).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let asked = Arc::new(AtomicBool::new(false));
+                let asking = Arc::clone(&asked);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        asking.store(true, Ordering::SeqCst);
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    if asked.swap(false, Ordering::SeqCst) {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The mirror must be within its staleness bound when an answer is judged, not only when the
+/// request arrived: a datastore slower than the bound cannot carry a stale mirror's verdicts
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_or_not_at_all() {
+    let mut redis = RedisServer::start();
+    let (real, _store) = common::start_datastore(800).await;
+    let slow = slow_datastore(real, Duration::from_secs(3)).await;
+    let a = replica(slow, &redis, None).await;
+    until_ready("a ready", &a).await;
+    let token = a.token("councillor");
+    let list = || {
+        a.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+    };
+
+    let r = list().await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+
+    redis.stop();
+    // Asked within the bound (2 s here), answered by the datastore after it.
+    let asked = Instant::now();
+    let r = list().await;
+    assert!(asked.elapsed() >= Duration::from_secs(3));
+    assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert!(!String::from_utf8_lossy(&r.body).contains("records"));
     a.stop().await;
 }
 

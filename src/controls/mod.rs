@@ -187,6 +187,18 @@ struct Inner {
     last_synced: RwLock<Option<Instant>>,
 }
 
+/// Why a change did not reach every replica.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Not journalled: it took effect nowhere.
+    #[error("not recorded: {0:#}")]
+    NotRecorded(anyhow::Error),
+    /// Journalled, so in effect on this replica (and republished to the others at the next
+    /// resynchronisation), but the others have not heard of it yet.
+    #[error("recorded on this replica only, until the shared store hears of it: {0:#}")]
+    NotShared(anyhow::Error),
+}
+
 impl Controls {
     /// Opens the journal under `data_dir` and, if configured, joins the shared Redis stream.
     /// Must run inside a tokio runtime when Redis is configured (it spawns the sync task).
@@ -332,13 +344,18 @@ impl Controls {
     /// restart (the journal is read at start): a revocation or a containment must not wait
     /// for Redis on the very replica that made it. An error after the journal means the other
     /// replicas have not heard of it yet; the next resynchronisation republishes it.
-    pub async fn record(&self, event: Event) -> anyhow::Result<()> {
-        self.inner.journal.append(&event)?;
-        self.absorb(std::slice::from_ref(&event))?;
+    pub async fn record(&self, event: Event) -> Result<(), RecordError> {
+        self.inner
+            .journal
+            .append(&event)
+            .map_err(RecordError::NotRecorded)?;
+        // Journalled: whatever follows, the change holds here from the next start on, so it
+        // holds here now too.
+        let applied = self.absorb(std::slice::from_ref(&event));
         if let Some(r) = &self.inner.redis {
-            r.publish(&event).await?;
+            r.publish(&event).await.map_err(RecordError::NotShared)?;
         }
-        Ok(())
+        applied.map_err(RecordError::NotShared)
     }
 
     /// Applies events (learnt from Redis, or made here and journalled): journal the new ones,

@@ -75,6 +75,17 @@ pub struct FilterContext<'a> {
     pub register: &'a RegisterFlags,
 }
 
+impl<'a> FilterContext<'a> {
+    /// Records of `dataset`, judged today against `register`.
+    pub fn new(dataset: &'a Dataset, register: &'a RegisterFlags) -> Self {
+        FilterContext {
+            dataset,
+            today: today(),
+            register,
+        }
+    }
+}
+
 /// One record as its field names (decoded) and where each field is in the text it was read
 /// from, borrowed from the body. Every value has been checked as JSON (`scan`). One list is
 /// reused for a body's records, and it remembers how the last one wrote its keys: records of a

@@ -273,6 +273,7 @@ pub(crate) fn revocation(token_id: &str, by: &str, reason: &str) -> Event {
 pub(crate) async fn revoke(gw: &Gateway, event: Event) -> String {
     match gw.controls.record(event).await {
         Ok(()) => "revoked".to_owned(),
+        Err(e @ crate::controls::RecordError::NotShared(_)) => format!("revoked: {e}"),
         Err(e) => format!("not revoked: {e}"),
     }
 }
