@@ -41,6 +41,11 @@ pub struct WriteRoute {
     pub description: String,
     /// Field name -> category; a body may carry only these keys.
     pub fields: BTreeMap<String, String>,
+    /// Field name -> the only strings it may carry (the field a string, or a list of
+    /// strings, each one of these). Where a category is too coarse for the write, e.g. a
+    /// canvasser may add `do_not_contact` to `flags` but no restriction the DPO places.
+    #[serde(default)]
+    pub values: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -169,6 +174,20 @@ impl Catalog {
                         );
                     }
                 }
+                for (field, allowed) in &route.values {
+                    if !route.fields.contains_key(field) {
+                        bail!(
+                            "dataset `{name}` write `{w}`: `values` names `{field}`, which is not \
+                             one of the write's `fields`"
+                        );
+                    }
+                    if allowed.is_empty() {
+                        bail!(
+                            "dataset `{name}` write `{w}`: `values.{field}` is empty; remove the \
+                             field from `fields` instead"
+                        );
+                    }
+                }
             }
         }
         Ok(())
@@ -241,6 +260,22 @@ mod tests {
         let c = Catalog::parse(text).unwrap();
         assert!(c.purposes.contains_key("canvassing"));
         assert!(c.datasets.contains_key("voter"));
+    }
+
+    #[test]
+    fn write_values_must_name_a_field_of_the_write_and_allow_something() {
+        let shipped = include_str!("../config/catalog.toml");
+        let line = "values = { flags_add = [\"do_not_contact\"] }";
+        assert!(shipped.contains(line));
+        let stray = shipped.replacen(line, "values = { flags = [\"do_not_contact\"] }", 1);
+        let err = format!("{:#}", Catalog::parse(&stray).unwrap_err());
+        assert!(
+            err.contains("write `canvass`") && err.contains("`flags`"),
+            "{err}"
+        );
+        let empty = shipped.replacen(line, "values = { flags_add = [] }", 1);
+        let err = format!("{:#}", Catalog::parse(&empty).unwrap_err());
+        assert!(err.contains("`values.flags_add` is empty"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub(crate) async fn check_write(
             "the body names no field to write".to_owned(),
         ));
     }
+    for (field, allowed) in &spec.values {
+        if let Some(value) = fields.get(field) {
+            only_values(field, value, allowed)?;
+        }
+    }
     let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
     let register = register_now(gw, principal)?;
     let cx = &FilterContext::new(dataset, &register);
@@ -99,6 +104,33 @@ pub(crate) async fn check_write(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect())
+}
+
+/// A field the asset register limits to some strings carries only those: one of them, or a
+/// list of them (`values` in the write's entry).
+fn only_values(
+    field: &str,
+    value: &serde_json::Value,
+    allowed: &[String],
+) -> Result<(), GatewayError> {
+    use serde_json::Value;
+    let given: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        one => vec![one],
+    };
+    let refused: Vec<String> = given
+        .into_iter()
+        .filter(|v| !v.as_str().is_some_and(|s| allowed.iter().any(|a| a == s)))
+        .map(Value::to_string)
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(GatewayError::BadRequest(format!(
+        "`{field}` may carry only `{}` through this write, not {}",
+        allowed.join("`, `"),
+        refused.join(", ")
+    )))
 }
 
 pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>

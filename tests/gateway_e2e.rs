@@ -391,6 +391,31 @@ async fn writes_are_scoped_and_field_checked() {
         .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(r.json()["detail"].as_str().unwrap().contains("`flags_add`"));
+    // A declared field carries only the values the register allows it: a canvasser may add
+    // "do not knock", never a restriction, an objection or an erasure flag, which are the
+    // DPO's to place. Refused by the gateway, whatever the datastore would have done.
+    for body in [
+        r#"{"flags_add":["restricted"]}"#,
+        r#"{"flags_add":["do_not_contact","erasure_requested"]}"#,
+        r#"{"flags_add":"objects_profiling"}"#,
+        r#"{"flags_add":[{"kind":"restricted"}]}"#,
+        r#"{"flags_add":[null]}"#,
+    ] {
+        let r = app
+            .post(
+                &format!("/voter/electors/{id}/canvass"),
+                &t,
+                "canvassing",
+                body,
+            )
+            .await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(
+            detail.contains("`flags_add` may carry only `do_not_contact`"),
+            "{body}: {detail}"
+        );
+    }
     // Out of scope: looks like a missing record.
     let other = truth
         .iter()
@@ -428,6 +453,17 @@ async fn writes_are_scoped_and_field_checked() {
         )
         .await;
     assert_eq!(r.status, 413);
+    // "Do not knock" itself goes through, and is written.
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &t,
+            "canvassing",
+            r#"{"flags_add":["do_not_contact"]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(app.audit_for(&r)["detail"]["written"], json!(["flags_add"]));
     app.stop().await;
 }
 
