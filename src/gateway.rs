@@ -460,6 +460,7 @@ where
             let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
             let written = crate::writes::check_write(
                 gw, &ask, dataset, &route, write, id, &body, &principal, upstream, request_id,
+                trail,
             )
             .await?;
             trail.written = written;
@@ -484,6 +485,17 @@ impl Trail {
     /// The authenticated caller, once known.
     pub fn caller(&self) -> Option<&Principal> {
         self.caller.as_deref()
+    }
+
+    /// The one record a read or a write named was withheld: why (what breach detection keys
+    /// on) and the policies that decided.
+    pub(crate) fn withhold_target(
+        &mut self,
+        why: &'static str,
+        policy_ids: impl IntoIterator<Item = String>,
+    ) {
+        self.withheld_target = Some(why);
+        self.policy_ids.extend(policy_ids);
     }
 
     fn absorb(&mut self, d: filter::Disclosure) {
@@ -581,7 +593,7 @@ pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
 /// Why policy withheld a record the caller named by id, most serious first. Only breach
 /// detection reads this; the policies alone decide what is withheld. The markers are the ones
 /// DOMAIN.md says are never disclosed (`N`, anonymous; `under_16`).
-fn withheld_why(
+pub(crate) fn withheld_why(
     gw: &Gateway,
     principal: &Principal,
     attrs: &crate::policy::RecordAttrs,

@@ -16,7 +16,7 @@ use crate::auth::Principal;
 use crate::catalog::Dataset;
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
-use crate::gateway::{Gateway, fetch_one, malformed, register_now};
+use crate::gateway::{Gateway, Trail, fetch_one, malformed, register_now, withheld_why};
 use crate::policy::Ask;
 use crate::proxy::Upstream;
 use crate::routes::Route;
@@ -36,6 +36,7 @@ pub(crate) async fn check_write(
     principal: &Principal,
     upstream: &Upstream,
     request_id: &str,
+    trail: &mut Trail,
 ) -> Result<Vec<String>, GatewayError> {
     let spec = dataset
         .writes
@@ -73,11 +74,10 @@ pub(crate) async fn check_write(
     let attrs = filter::single_attrs(&target, envelope, cx)
         .map_err(malformed)?
         .ok_or(GatewayError::NotFound)?;
-    if !gw
-        .policy
-        .decide_record(ask, &route.dataset, &attrs, true)
-        .allowed
-    {
+    // Refused as a read would be, and logged as one is (breach detection keys on why).
+    let verdict = gw.policy.decide_record(ask, &route.dataset, &attrs, true);
+    if !verdict.allowed {
+        trail.withhold_target(withheld_why(gw, principal, &attrs), verdict.policy_ids);
         return Err(GatewayError::NotFound);
     }
     let wanted: BTreeSet<String> = fields

@@ -433,6 +433,17 @@ async fn writes_are_scoped_and_field_checked() {
         )
         .await;
     assert_eq!(r.status, 404);
+    // Logged as a refused read of it would be: why, and the policy that decided.
+    let audit = app.audit_for(&r);
+    assert_eq!(audit["withheld_target"], "out_of_area", "{audit}");
+    assert!(
+        audit["policy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p != "purpose.granted"),
+        "{audit}"
+    );
     // Not JSON, and too large.
     let r = app
         .post(

@@ -323,6 +323,20 @@ async fn each_rule_fires_on_its_scenario() {
         assert_eq!(r.status, StatusCode::NOT_FOUND);
     }
     wait_for_alert(&app, "out_of_area", "wanderer").await;
+    // Writing to them is the same attempt, and noticed the same way.
+    let t = canvasser("far-writer");
+    for id in &elsewhere {
+        let r = app
+            .post(
+                &format!("/voter/electors/{id}/canvass"),
+                &t,
+                "canvassing",
+                r#"{"voting_intention":"LAB"}"#,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    wait_for_alert(&app, "out_of_area", "far-writer").await;
 
     // Asking for an anonymous elector by id: 404 to the caller, an alert for the team.
     let anonymous = electors
@@ -429,7 +443,7 @@ async fn each_rule_fires_on_its_scenario() {
         let expected = match who.as_str() {
             "exporter" => "large_export",
             "prober" => "denied_burst",
-            "wanderer" => "out_of_area",
+            "wanderer" | "far-writer" => "out_of_area",
             "curious" => "protected_subject",
             "revoked-user" => "ended_grant",
             "roamer" => "many_addresses",
