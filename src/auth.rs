@@ -316,6 +316,11 @@ impl Verifier {
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
         }
+        // Only ids the revocation endpoint can name: a token it could not revoke is not one
+        // to accept.
+        if !revocable_id(&c.sub) || !revocable_id(&c.jti) {
+            return Err(AuthFailure::InvalidClaims);
+        }
         if !self.known.roles.contains(&c.role)
             || c.areas.iter().any(|a| !self.known.areas.contains(a))
             || c.purposes.iter().any(|p| !self.known.purposes.contains(p))
@@ -394,6 +399,12 @@ fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
         KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
         _ => None,
     }
+}
+
+/// A subject or token id a revocation can name (`POST /revocations`): not blank, at most 256
+/// bytes. Tokens are accepted only with such ids, so that every token accepted can be revoked.
+pub fn revocable_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.len() <= 256
 }
 
 #[cfg(test)]

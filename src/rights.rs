@@ -284,13 +284,17 @@ where
             let b: Revocation = read_json(req).await?;
             need_text("reason", &b.reason)?;
             let change = match (b.token_id, b.subject) {
-                (Some(t), None) if valid_id(&t) => Change::RevokeToken { token_id: t },
-                (None, Some(s)) if !s.trim().is_empty() && s.len() <= 128 => {
+                (Some(t), None) if crate::auth::revocable_id(&t) => {
+                    Change::RevokeToken { token_id: t }
+                }
+                (None, Some(s)) if crate::auth::revocable_id(&s) => {
                     Change::RevokeSubject { subject: s }
                 }
                 _ => {
                     return Err(GatewayError::BadRequest(
-                        "give exactly one of `token_id` or `subject`".to_owned(),
+                        "give exactly one of `token_id` or `subject` (not blank, at most 256 \
+                         bytes, as in the token)"
+                            .to_owned(),
                     ));
                 }
             };

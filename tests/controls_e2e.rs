@@ -468,6 +468,43 @@ async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_o
     a.stop().await;
 }
 
+/// Whatever token id an identity provider uses, a token the gateway accepts is one the
+/// security team can revoke by its id; an id too long to revoke is refused up front.
+#[tokio::test]
+async fn every_token_accepted_can_be_revoked_by_its_id() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let mut claims = app.claims("councillor", &["E05011391"], &["canvassing"]);
+    claims["jti"] = serde_json::json!("AT.2026-12-05:7f3a/9b+c==");
+    let token = app.sign(&claims);
+    let list = || {
+        app.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+    };
+    assert_eq!(list().await.status, 200);
+    let revoke = serde_json::json!({"token_id": claims["jti"], "reason": "lost phone"});
+    let r = app
+        .admin_post("/revocations", &app.token("security"), &revoke.to_string())
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let r = list().await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
+
+    claims["jti"] = serde_json::json!("x".repeat(257));
+    let r = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&app.sign(&claims)),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
+    app.stop().await;
+}
+
 fn small_quota(c: &mut wardgate::config::Config) {
     c.quotas.insert(
         "councillor".into(),
