@@ -134,6 +134,7 @@ impl PolicyEngine {
         }
         validate(&schema, &policies, &sources)?;
         let entities = static_entities(catalog, geography, &schema)?;
+        names_known(&policies, &entities, &sources)?;
         let scoped = scope::Scoped::build(&policies, schema.actions(), &entities)?;
         let reads = |action| -> anyhow::Result<scope::RecordReads> {
             scope::RecordReads::of(&policies, &uid("Wardgate::Action", action)?, &entities)
@@ -571,6 +572,46 @@ fn validate(
     if !problems.is_empty() {
         bail!(
             "policies fail strict validation against the schema:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Every purpose, field category, area and dataset a policy names exists in the registers.
+/// Strict validation checks an entity's type, not its id, so a forbid naming a purpose renamed
+/// in the catalogue, or a category misspelt, would load and never fire (fail open).
+fn names_known(
+    policies: &PolicySet,
+    entities: &Entities,
+    sources: &[(PathBuf, String)],
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for policy in policies.policies() {
+        for named in policy.entity_literals() {
+            let kind = named.type_name().to_string();
+            // Actions are the schema's (validation checks them); callers are per request.
+            if kind == "Wardgate::Action" || kind == "Wardgate::User" {
+                continue;
+            }
+            if entities.get(&named).is_none() {
+                let id = policy.id().to_string();
+                let file = sources
+                    .iter()
+                    .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
+                    .map_or_else(|| "<policies>".to_owned(), |(f, _)| f.display().to_string());
+                problems.push(format!(
+                    "{file}: policy `{id}` names {named}, which neither the catalogue nor the \
+                     area register holds"
+                ));
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    if !problems.is_empty() {
+        bail!(
+            "policies name entities that do not exist, so they could never apply:\n  {}",
             problems.join("\n  ")
         );
     }

@@ -232,6 +232,31 @@ fn a_schema_violation_names_file_and_policy() {
 }
 
 #[test]
+fn a_policy_naming_a_category_or_purpose_no_register_holds_is_refused() {
+    let shipped = std::fs::read_to_string(repo().join("policies/restrictions.cedar")).unwrap();
+    let typo = shipped.replacen(
+        "FieldCategory::\"political_opinion\"",
+        "FieldCategory::\"political_opinions\"",
+        1,
+    );
+    assert_ne!(typo, shipped);
+    let msg = format!(
+        "{:#}",
+        load_with("restrictions.cedar", &typo).err().unwrap()
+    );
+    assert!(
+        msg.contains("restrictions.cedar") && msg.contains("political_opinions"),
+        "{msg}"
+    );
+    let stray = "@id(\"stray\")\nforbid (principal, action, resource)\nwhen { context.purpose == Wardgate::Purpose::\"canvasing\" };\n";
+    let msg = format!("{:#}", load_with("stray.cedar", stray).err().unwrap());
+    assert!(
+        msg.contains("stray.cedar: policy `stray`") && msg.contains("canvasing"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_policy_without_an_id_is_refused() {
     let err = load_with("anon.cedar", "permit (principal, action, resource);\n")
         .err()
