@@ -68,10 +68,10 @@ pub async fn tail(
         anyhow::bail!("`{}` holds no audit segments", dir.display());
     };
     // The backlog: newest segments first, until `last` matching records are found.
-    let (mut offset, mut pending) = (0u64, String::new());
+    let (mut offset, mut pending) = (0u64, Vec::new());
     let mut matching: Vec<String> = Vec::new();
     for (n, _) in segments.iter().rev() {
-        let (mut off, mut part, mut lines) = (0u64, String::new(), Vec::new());
+        let (mut off, mut part, mut lines) = (0u64, Vec::new(), Vec::new());
         read_new(dir, *n, &mut off, &mut part, &mut |l| {
             lines.push(l.to_owned())
         })?;
@@ -126,7 +126,7 @@ fn read_new(
     dir: &Path,
     segment: u64,
     offset: &mut u64,
-    pending: &mut String,
+    pending: &mut Vec<u8>,
     each: &mut dyn FnMut(&str),
 ) -> anyhow::Result<()> {
     let path = dir.join(super::segment::segment_name(segment));
@@ -139,17 +139,21 @@ fn read_new(
     let len = f.metadata()?.len();
     if len < *offset {
         // Truncated under us (a torn tail trimmed at start): read from the top again.
-        (*offset, *pending) = (0, String::new());
+        (*offset, *pending) = (0, Vec::new());
     }
     f.seek(SeekFrom::Start(*offset))?;
-    let mut buf = String::new();
-    let n = f.read_to_string(&mut buf)?;
+    // Bytes, not text: a read can end inside a character the writer has not finished.
+    let n = f.read_to_end(pending)?;
     *offset += n as u64;
-    pending.push_str(&buf);
-    while let Some(i) = pending.find('\n') {
-        let line: String = pending.drain(..=i).collect();
-        each(line.trim_end());
+    let mut start = 0;
+    while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
+        // Only a damaged line is not UTF-8; it is no record to show.
+        if let Ok(line) = std::str::from_utf8(&pending[start..start + i]) {
+            each(line.trim_end());
+        }
+        start += i + 1;
     }
+    pending.drain(..start);
     Ok(())
 }
 
@@ -247,5 +251,28 @@ mod tests {
         .unwrap();
         assert_eq!(only.len(), 1, "{only:#?}");
         assert!(only[0].contains("\"decision\":\"deny\"") && only[0].contains("\"seq\":4"));
+    }
+
+    /// A poll can end inside a record, even inside one of its characters: the complete lines
+    /// are shown, and the rest once it is whole.
+    #[test]
+    fn a_read_ending_inside_a_character_waits_for_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::audit::segment::segment_name(1));
+        let lines = "{\"a\":1}\n{\"b\":\"Ynys Môn\"}\n".as_bytes();
+        let cut = lines.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        std::fs::write(&path, &lines[..cut]).unwrap();
+        let (mut offset, mut pending, mut seen) = (0, Vec::new(), Vec::<String>::new());
+        read_new(dir.path(), 1, &mut offset, &mut pending, &mut |l| {
+            seen.push(l.to_owned())
+        })
+        .unwrap();
+        assert_eq!(seen, ["{\"a\":1}"]);
+        std::fs::write(&path, lines).unwrap();
+        read_new(dir.path(), 1, &mut offset, &mut pending, &mut |l| {
+            seen.push(l.to_owned())
+        })
+        .unwrap();
+        assert_eq!(seen, ["{\"a\":1}", "{\"b\":\"Ynys Môn\"}"]);
     }
 }
