@@ -87,7 +87,13 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
         next_seq,
         last_hash,
     };
-    if len > 0 && len >= segment_max_bytes {
+    // A sealed segment is finished whatever its size: its index lists every record in it,
+    // so appending would hide the new ones from lookups (a restart with a larger
+    // `segment_max_bytes`, after a roll whose next segment was not yet created).
+    let sealed = segments
+        .last()
+        .is_some_and(|(n, _)| super::index::seal_path(dir, *n).exists());
+    if sealed || (len > 0 && len >= segment_max_bytes) {
         return Ok(Resume {
             segment: segment + 1,
             len: 0,
@@ -197,6 +203,20 @@ mod tests {
     fn second_line_prefix(lines: &[u8]) -> Vec<u8> {
         let start = lines.iter().position(|&b| b == b'\n').unwrap() + 1;
         lines[start..start + 70_000].to_vec()
+    }
+
+    #[test]
+    fn a_sealed_segment_is_never_appended_to_whatever_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = encode_line(1, GENESIS_HASH, &sample(1)).unwrap();
+        std::fs::write(dir.path().join(segment_name(1)), &line.bytes).unwrap();
+        let r = resume(dir.path(), 1 << 20).unwrap();
+        assert_eq!((r.segment, r.next_seq, r.new_segment), (1, 2, false));
+
+        std::fs::write(super::super::index::seal_path(dir.path(), 1), b"{}").unwrap();
+        let r = resume(dir.path(), 1 << 20).unwrap();
+        assert_eq!((r.segment, r.len, r.new_segment), (2, 0, true));
+        assert_eq!((r.next_seq, r.last_hash), (2, line.hash));
     }
 
     #[test]
