@@ -191,16 +191,17 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// A self-contained HTML page a data protection officer can send or print.
+/// A self-contained HTML page a data protection officer can send or print. Recipients appear
+/// by role and organisation unit, as §10.2 asks, never as the individual volunteer or member of
+/// staff (their identity is theirs, and stays in the JSON report for the DPO's own inquiries).
 pub fn html(r: &Report) -> String {
     let mut rows = String::new();
     for d in &r.disclosures {
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{} ({})<br><small>{}</small></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             esc(&d.ts),
             esc(&d.recipient_role),
             esc(&d.recipient_unit),
-            esc(&d.recipient_subject),
             esc(&d.purpose),
             esc(&d.lawful_basis),
             esc(&d.dataset),

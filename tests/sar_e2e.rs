@@ -169,7 +169,18 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
     );
     assert!(report.recipients.iter().any(|r| r.role == "councillor"));
     assert!(report.retention.iter().any(|r| r.category == "identity"));
-    assert!(wardgate::sar::html(&report).contains(&subject));
+    let page = wardgate::sar::html(&report);
+    assert!(page.contains(&subject));
+    // To whom by role and unit, never the individual (their identity is theirs).
+    assert!(page.contains("councillor"));
+    for d in &report.disclosures {
+        assert!(!d.recipient_subject.is_empty());
+        assert!(
+            !page.contains(&d.recipient_subject),
+            "{}",
+            d.recipient_subject
+        );
+    }
 
     // The same report from the admin plane, to the DPO only, and the retrieval is audited.
     let denied = app
