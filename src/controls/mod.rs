@@ -18,7 +18,7 @@ mod sync;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -181,8 +181,9 @@ struct Inner {
     redis: Option<sync::Redis>,
     staleness_bound: Duration,
     quotas: quota::Quotas,
-    /// For the rare quota look-up on the request path (a principal this replica has not seen).
-    quota_conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// The quota flush task's connection, for the rare look-up on the request path (a
+    /// principal this replica has not seen); `None` while Redis is away.
+    quota_conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// When the mirror last heard from Redis; `None` until the first full resynchronisation.
     last_synced: RwLock<Option<Instant>>,
 }
@@ -229,7 +230,7 @@ impl Controls {
                 redis,
                 staleness_bound,
                 quotas,
-                quota_conn: tokio::sync::Mutex::new(None),
+                quota_conn: Mutex::new(None),
                 last_synced: RwLock::new(None),
             }),
         };
@@ -295,14 +296,14 @@ impl Controls {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let held = match &self.inner.redis {
             None => self.inner.quotas.check(p, now, None, reserve).await,
-            Some(r) => {
-                let mut guard = self.inner.quota_conn.lock().await;
-                if guard.is_none() {
-                    *guard = r.connection().await.ok();
-                }
+            Some(_) => {
+                // The flush task's connection (a handle to it: multiplexed, so cloning shares
+                // it). A request never connects, nor waits behind another that does: with
+                // Redis away, totals are this replica's own until it is back.
+                let mut conn = self.inner.quota_conn.lock().ok().and_then(|c| c.clone());
                 self.inner
                     .quotas
-                    .check(p, now, guard.as_mut(), reserve)
+                    .check(p, now, conn.as_mut(), reserve)
                     .await
             }
         }?;
@@ -383,6 +384,13 @@ impl Controls {
             self.rebuild_flags();
         }
         journalled
+    }
+
+    /// The connection quota checks fetch totals over (`None` while Redis is away).
+    fn share_quota_conn(&self, conn: Option<redis::aio::MultiplexedConnection>) {
+        if let Ok(mut c) = self.inner.quota_conn.lock() {
+            *c = conn;
+        }
     }
 
     fn mark_synced(&self) {

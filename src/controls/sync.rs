@@ -202,23 +202,27 @@ pub fn spawn(controls: Controls) {
     });
 }
 
-/// Flushes quota increments and refreshes shared totals every `quota::FLUSH_EVERY`.
+/// Flushes quota increments and refreshes shared totals every `quota::FLUSH_EVERY`, over the
+/// one connection quota checks also fetch a new principal's totals over (so no request ever
+/// waits for a connection to Redis).
 pub fn spawn_quota_flush(controls: Controls) {
     tokio::spawn(async move {
         let mut conn: Option<MultiplexedConnection> = None;
         loop {
-            tokio::time::sleep(super::quota::FLUSH_EVERY).await;
             let Some(redis) = controls.inner.redis.as_ref() else {
                 return;
             };
             if conn.is_none() {
                 conn = redis.connection().await.ok();
+                controls.share_quota_conn(conn.clone());
             }
+            tokio::time::sleep(super::quota::FLUSH_EVERY).await;
             if let Some(c) = conn.as_mut()
                 && let Err(e) = controls.inner.quotas.flush(c).await
             {
                 tracing::warn!(error = %e, "quota flush failed; will retry");
                 conn = None;
+                controls.share_quota_conn(None);
             }
         }
     });
