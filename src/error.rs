@@ -248,7 +248,12 @@ impl GatewayError {
                 "the datastore's answer could not be checked, so nothing of it is disclosed"
                     .to_owned()
             }
-            GatewayError::UpstreamStatus(s) => format!("the datastore answered with status {s}"),
+            // Not the status itself: before any scope check, a datastore's 410 or 451 for one
+            // id would tell any caller that this person exists and has exercised a right. The
+            // gateway's log has it (`upstream answered with an error`).
+            GatewayError::UpstreamStatus(_) => {
+                "the datastore could not answer; the gateway's log says how".to_owned()
+            }
             GatewayError::AuditUnavailable => {
                 "the access log cannot be written, so no data is disclosed; retry shortly"
                     .to_owned()

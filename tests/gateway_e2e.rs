@@ -624,6 +624,27 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     assert!(!String::from_utf8_lossy(&r.body).contains("10.0.0.7"));
     app.stop().await;
 
+    // A datastore's status for one id says nothing to the caller, who may not even be allowed
+    // to know the record exists: a 410 or a 451 would tell of a rights request.
+    let up = fake_upstream(451, "application/problem+json", "{}", false).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(up),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .get(
+            "/voter/electors/VF-0000001",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(!detail.contains("451"), "{detail}");
+    assert_eq!(app.audit_for(&r)["reason"], "upstream_error");
+    app.stop().await;
+
     // Nobody listening.
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
