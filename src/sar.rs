@@ -21,6 +21,9 @@ pub struct Report {
     pub subject: String,
     pub generated_at: String,
     pub disclosures: Vec<Disclosure>,
+    /// What was recorded about the person through the gateway (canvass returns, "do not
+    /// knock"): each write logged before it was forwarded. Its `fields` are those written.
+    pub writes: Vec<Disclosure>,
     pub purposes: Vec<PurposeUse>,
     pub recipients: Vec<Recipient>,
     pub datasets: Vec<Source>,
@@ -93,25 +96,15 @@ pub fn build(
     let disclosures: Vec<Disclosure> = records
         .iter()
         .filter(|r| r["decision"] == "allow" && r["status"] == 200)
-        .map(|r| Disclosure {
-            ts: text(r, "ts"),
-            request_id: text(r, "request_id"),
-            recipient_subject: text(&r["caller"], "subject"),
-            recipient_role: text(&r["caller"], "role"),
-            recipient_unit: text(&r["caller"], "unit"),
-            purpose: text(r, "purpose"),
-            lawful_basis: text(r, "lawful_basis"),
-            dataset: text(r, "dataset"),
-            route: text(r, "route"),
-            fields: r["fields"]
-                .as_array()
-                .map(|f| {
-                    f.iter()
-                        .filter_map(|s| s.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+        .map(|r| entry(r, &r["fields"]))
+        .collect();
+    // A write's own record, made before it is forwarded (`gateway::log_intent`): what the
+    // datastore was asked to record, whatever it answered (its answer may not name the
+    // person at all, when the record written is one the caller may no longer see).
+    let writes: Vec<Disclosure> = records
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["detail"]["write"] == "intended")
+        .map(|r| entry(r, &r["detail"]["written"]))
         .collect();
     let mut by_purpose: BTreeMap<&str, usize> = BTreeMap::new();
     let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
@@ -120,9 +113,17 @@ pub fn build(
     for d in &disclosures {
         *by_purpose.entry(&d.purpose).or_default() += 1;
         *by_role.entry(&d.recipient_role).or_default() += 1;
+    }
+    for d in disclosures.iter().chain(&writes) {
+        by_purpose.entry(&d.purpose).or_default();
         datasets.insert(&d.dataset);
         if let Some(ds) = catalog.datasets.get(&d.dataset) {
-            categories.extend(d.fields.iter().filter_map(|f| ds.fields.get(f).cloned()));
+            categories.extend(d.fields.iter().filter_map(|f| {
+                ds.fields
+                    .get(f)
+                    .or_else(|| ds.writes.values().find_map(|w| w.fields.get(f)))
+                    .cloned()
+            }));
         }
     }
     let purposes = by_purpose
@@ -173,6 +174,7 @@ pub fn build(
         subject: subject.to_owned(),
         generated_at: crate::audit::AuditRecord::now_ts(),
         disclosures,
+        writes,
         purposes,
         recipients,
         datasets,
@@ -181,6 +183,30 @@ pub fn build(
         current_data: BTreeMap::new(),
         lookup,
     })
+}
+
+/// One logged access to the person's data, with `fields` read from the record's `fields`
+/// (a disclosure) or its `detail.written` (a write).
+fn entry(r: &Value, fields: &Value) -> Disclosure {
+    Disclosure {
+        ts: text(r, "ts"),
+        request_id: text(r, "request_id"),
+        recipient_subject: text(&r["caller"], "subject"),
+        recipient_role: text(&r["caller"], "role"),
+        recipient_unit: text(&r["caller"], "unit"),
+        purpose: text(r, "purpose"),
+        lawful_basis: text(r, "lawful_basis"),
+        dataset: text(r, "dataset"),
+        route: text(r, "route"),
+        fields: fields
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -195,19 +221,24 @@ fn esc(s: &str) -> String {
 /// by role and organisation unit, as §10.2 asks, never as the individual volunteer or member of
 /// staff (their identity is theirs, and stays in the JSON report for the DPO's own inquiries).
 pub fn html(r: &Report) -> String {
-    let mut rows = String::new();
-    for d in &r.disclosures {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            esc(&d.ts),
-            esc(&d.recipient_role),
-            esc(&d.recipient_unit),
-            esc(&d.purpose),
-            esc(&d.lawful_basis),
-            esc(&d.dataset),
-            esc(&d.fields.join(", ")),
-        ));
-    }
+    let table = |entries: &[Disclosure]| {
+        let mut rows = String::new();
+        for d in entries {
+            rows.push_str(&format!(
+                "<tr><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(&d.ts),
+                esc(&d.recipient_role),
+                esc(&d.recipient_unit),
+                esc(&d.purpose),
+                esc(&d.lawful_basis),
+                esc(&d.dataset),
+                esc(&d.fields.join(", ")),
+            ));
+        }
+        rows
+    };
+    let rows = table(&r.disclosures);
+    let written = table(&r.writes);
     let list = |items: Vec<String>| {
         items
             .into_iter()
@@ -316,6 +347,10 @@ pub fn html(r: &Report) -> String {
 <table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
 <tbody>
 {rows}</tbody></table>
+<h2>Recorded about you ({written_count})</h2>
+<table><thead><tr><th>When</th><th>By whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields recorded</th></tr></thead>
+<tbody>
+{written}</tbody></table>
 <h2>Purposes and lawful bases</h2><ul>{purposes}</ul>
 <h2>Recipients</h2><ul>{recipients}</ul>
 <h2>Where the data came from</h2><ul>{sources}</ul>
@@ -327,5 +362,6 @@ pub fn html(r: &Report) -> String {
         subject = esc(&r.subject),
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
+        written_count = r.writes.len(),
     )
 }

@@ -302,3 +302,55 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
     );
     app.stop().await;
 }
+
+/// What was recorded about the person (canvass returns, "do not knock") is in the report,
+/// from each write's own record, whether or not its answer named them.
+#[tokio::test]
+async fn the_report_lists_what_was_recorded_about_the_subject() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let t = app.token("canvasser");
+    let page = app
+        .get("/voter/electors?per_page=20", Some(&t), Some("canvassing"))
+        .await;
+    let subject = page.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["markers"] == serde_json::json!([]))
+        .and_then(|r| r["elector_id"].as_str())
+        .unwrap()
+        .to_owned();
+    let path = format!("/voter/electors/{subject}/canvass");
+    for body in [
+        r#"{"voting_intention":"LAB"}"#,
+        r#"{"flags_add":["do_not_contact"]}"#,
+    ] {
+        let r = app.post(&path, &t, "canvassing", body).await;
+        assert_eq!(r.status, 200, "{body}: {:?}", r.body);
+    }
+
+    let dpo = app.token("dpo");
+    let r = app.admin_get_with(&format!("/sar/{subject}"), &dpo).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let writes = r.json()["writes"].as_array().unwrap().clone();
+    let fields: Vec<&Value> = writes.iter().map(|w| &w["fields"]).collect();
+    assert_eq!(
+        fields,
+        [
+            &serde_json::json!(["voting_intention"]),
+            &serde_json::json!(["flags_add"])
+        ]
+    );
+    for w in &writes {
+        assert_eq!(w["purpose"], "canvassing");
+        assert_eq!(w["recipient_role"], "canvasser");
+        assert_eq!(w["dataset"], "voter");
+    }
+    let html = app
+        .admin_get_with(&format!("/sar/{subject}?format=html"), &dpo)
+        .await;
+    let page = String::from_utf8_lossy(&html.body);
+    assert!(page.contains("Recorded about you (2)"), "{page}");
+    assert!(page.contains("voting_intention") && page.contains("flags_add"));
+    app.stop().await;
+}
