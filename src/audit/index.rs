@@ -147,6 +147,64 @@ fn head(line: &str) -> Result<Head<'_>, String> {
 
 /// Reads segment `n` once and writes its index and seal. Idempotent.
 pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
+    let (seal, entries) = derive(dir, n, subject_key)?;
+    write_atomically(&index_path(dir, n), |out| {
+        out.write_all(MAGIC)?;
+        out.write_all(&(entries.len() as u64).to_le_bytes())?;
+        for (i, e) in entries.iter().enumerate() {
+            if i % SYNC_EVERY_ENTRIES == SYNC_EVERY_ENTRIES - 1 {
+                out.flush()?;
+                let started = std::time::Instant::now();
+                out.get_ref().sync_data()?;
+                // Leave the disk to the audit writer for as long again (see the constant).
+                std::thread::sleep(started.elapsed());
+            }
+            out.write_all(&entry_bytes(*e))?;
+        }
+        Ok(())
+    })?;
+    let seal_json = serde_json::to_vec_pretty(&seal).map_err(io::Error::other)?;
+    write_atomically(&seal_path(dir, n), |out| out.write_all(&seal_json))?;
+    Ok(seal)
+}
+
+/// Whether segment `n`'s index lists exactly the subject mentions the segment holds, in
+/// whichever format it was written: once a segment is sealed, subject access reads only the
+/// records its index points at, so an index with an entry removed would hide a disclosure.
+/// `Ok(true)` when there is no index (lookups then read the whole segment).
+pub fn index_matches(dir: &Path, n: u64) -> io::Result<bool> {
+    let written = match std::fs::read(index_path(dir, n)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let key_of: fn(&str) -> u64 = match written.get(..8) {
+        Some(m) if m == MAGIC => subject_key,
+        Some(m) if m == MAGIC_SHA256 => subject_key_sha256,
+        _ => return Ok(false),
+    };
+    let (_, entries) = derive(dir, n, key_of)?;
+    let mut want = Vec::with_capacity(16 + entries.len() * ENTRY as usize);
+    want.extend_from_slice(&written[..8]);
+    want.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for e in entries {
+        want.extend_from_slice(&entry_bytes(e));
+    }
+    Ok(want == written)
+}
+
+/// One index entry as written: the key big-endian (so entries sort as bytes too), then the
+/// offset.
+fn entry_bytes(e: u128) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&((e >> 64) as u64).to_be_bytes());
+    b[8..].copy_from_slice(&(e as u64).to_le_bytes());
+    b
+}
+
+/// What sealing segment `n` derives from it: its seal (stamped now), and its index entries
+/// (`key << 64 | offset`, keys by `key_of`), sorted, each once.
+fn derive(dir: &Path, n: u64, key_of: fn(&str) -> u64) -> io::Result<(Seal, Vec<u128>)> {
     let path = dir.join(segment_name(n));
     let mut reader = BufReader::new(File::open(&path)?);
     // `key << 64 | offset`: one integer compare per step of the sort.
@@ -171,7 +229,7 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
         entries.extend(
             head.subjects
                 .iter()
-                .map(|s| u128::from(subject_key(s)) << 64 | at),
+                .map(|s| u128::from(key_of(s)) << 64 | at),
         );
         last_hash.clear();
         last_hash.push_str(&head.hash);
@@ -194,25 +252,7 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
         subject_mentions: entries.len() as u64,
         sealed_at: super::AuditRecord::now_ts(),
     };
-    write_atomically(&index_path(dir, n), |out| {
-        out.write_all(MAGIC)?;
-        out.write_all(&(entries.len() as u64).to_le_bytes())?;
-        for (i, e) in entries.iter().enumerate() {
-            if i % SYNC_EVERY_ENTRIES == SYNC_EVERY_ENTRIES - 1 {
-                out.flush()?;
-                let started = std::time::Instant::now();
-                out.get_ref().sync_data()?;
-                // Leave the disk to the audit writer for as long again (see the constant).
-                std::thread::sleep(started.elapsed());
-            }
-            out.write_all(&((e >> 64) as u64).to_be_bytes())?;
-            out.write_all(&(*e as u64).to_le_bytes())?;
-        }
-        Ok(())
-    })?;
-    let seal_json = serde_json::to_vec_pretty(&seal).map_err(io::Error::other)?;
-    write_atomically(&seal_path(dir, n), |out| out.write_all(&seal_json))?;
-    Ok(seal)
+    Ok((seal, entries))
 }
 
 /// Writes `path` through a temporary file that is synced and renamed into place.

@@ -64,6 +64,12 @@ pub enum VerifyError {
         sealed: String,
         found: String,
     },
+    #[error(
+        "`{segment}`: its subject index does not list the subjects the segment holds (index \
+         edited or replaced; subject access reads it). Delete `{index}` and the seal beside it: \
+         the next start seals the segment again"
+    )]
+    IndexMismatch { segment: String, index: String },
     #[error("cannot read `{path}`: {source}")]
     Io {
         path: String,
@@ -161,6 +167,13 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                     found,
                 });
             }
+            let index = super::index::index_path(dir, *number);
+            if !super::index::index_matches(dir, *number).map_err(io_err(&index))? {
+                let index = index
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                return Err(VerifyError::IndexMismatch { segment, index });
+            }
         }
     }
     Ok(VerifyReport {
@@ -198,6 +211,35 @@ mod tests {
 
     fn rewrite(dir: &Path, segment: u64, lines: &[String]) {
         std::fs::write(dir.join(segment_name(segment)), lines.concat()).unwrap();
+    }
+
+    /// Subject access trusts a sealed segment's index: one with a subject's entry taken out
+    /// (the count mended to match) must fail verification, not hide the disclosure.
+    #[test]
+    fn an_index_with_a_subject_taken_out_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        write_chain(dir.path(), &[3, 1]);
+        crate::audit::index::seal(dir.path(), 1).unwrap();
+        verify_dir(dir.path()).unwrap();
+        let found = crate::audit::reader::records_mentioning(dir.path(), "subj-2").unwrap();
+        assert_eq!(found.0.len(), 1);
+
+        let path = crate::audit::index::index_path(dir.path(), 1);
+        let idx = std::fs::read(&path).unwrap();
+        let key = crate::audit::index::subject_key("subj-2").to_be_bytes();
+        let entries: Vec<&[u8]> = idx[16..].chunks(16).filter(|e| e[..8] != key[..]).collect();
+        assert_eq!(entries.len(), 2);
+        let mut forged = idx[..8].to_vec();
+        forged.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        forged.extend(entries.concat());
+        std::fs::write(&path, forged).unwrap();
+        // The forgery works on lookups...
+        let found = crate::audit::reader::records_mentioning(dir.path(), "subj-2").unwrap();
+        assert!(found.0.is_empty());
+        // ...and verification names it.
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, VerifyError::IndexMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("seg-00000001.idx"), "{err}");
     }
 
     #[test]
