@@ -32,7 +32,18 @@ pub struct Report {
     /// The data held now, per dataset, as the DPO sees it under `sar_fulfilment` (filled by the
     /// admin plane, which fetches it through the gateway; empty from the offline CLI).
     pub current_data: BTreeMap<String, Value>,
+    /// How far back the log reaches, when older records have been pruned: a disclosure
+    /// before `held_from` is not in the report because the log no longer holds it.
+    pub coverage: Option<Coverage>,
     pub lookup: LookupStats,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Coverage {
+    /// Records removed under the retention policy (`audit prune`).
+    pub pruned_records: u64,
+    /// The time of the oldest record the log still holds (empty when it holds none).
+    pub held_from: String,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -181,7 +192,30 @@ pub fn build(
         retention,
         restrictions,
         current_data: BTreeMap::new(),
+        coverage: coverage(audit_dir),
         lookup,
+    })
+}
+
+/// `Some` once records have been pruned: how many, and from when the log holds the rest.
+fn coverage(audit_dir: &Path) -> Option<Coverage> {
+    use std::io::BufRead;
+    let anchor = crate::audit::prune::read_anchor(audit_dir)?;
+    let held_from = crate::audit::segment::list_segments(audit_dir)
+        .ok()
+        .and_then(|s| s.into_iter().next())
+        .and_then(|(_, path)| {
+            let mut line = Vec::new();
+            std::io::BufReader::new(std::fs::File::open(path).ok()?)
+                .read_until(b'\n', &mut line)
+                .ok()?;
+            let first: Value = serde_json::from_slice(&line).ok()?;
+            Some(text(&first, "ts"))
+        })
+        .unwrap_or_default();
+    Some(Coverage {
+        pruned_records: anchor.pruned_records,
+        held_from,
     })
 }
 
@@ -343,6 +377,7 @@ pub fn html(r: &Report) -> String {
 </head><body>
 <h1>Subject access report</h1>
 <p>Data subject: <b>{subject}</b>. Generated {generated} from the access log (Information Governance Policy §10.2).</p>
+{coverage}
 <h2>Disclosures ({count})</h2>
 <table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
 <tbody>
@@ -363,5 +398,49 @@ pub fn html(r: &Report) -> String {
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
         written_count = r.writes.len(),
+        coverage = r.coverage.as_ref().map_or_else(String::new, |c| format!(
+            "<p>The access log holds records from {} on: {} older records were removed under the \
+             retention policy, so anything disclosed or recorded before then is not listed.</p>",
+            esc(&c.held_from),
+            c.pruned_records
+        )),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::encode_line;
+    use crate::audit::record::tests::sample;
+    use crate::audit::segment::segment_name;
+
+    /// Once records have been pruned the report says from when the log holds the rest, so
+    /// that "no disclosures" is not read as "never disclosed".
+    #[test]
+    fn after_a_prune_the_report_says_how_far_back_the_log_reaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let mut oldest = sample(41);
+        oldest.ts = "2026-01-02T03:04:05.678Z".into();
+        let line = encode_line(41, &"ab".repeat(32), &oldest).unwrap();
+        std::fs::write(dir.path().join(segment_name(7)), &line.bytes).unwrap();
+        let report = build(dir.path(), &catalog, "subj-41", Vec::new()).unwrap();
+        assert_eq!(report.coverage, None);
+        assert!(!html(&report).contains("retention policy, so"));
+
+        let anchor = serde_json::json!({
+            "last_pruned_seq": 40, "last_pruned_hash": "ab".repeat(32),
+            "pruned_segments": 6, "pruned_records": 40,
+        });
+        std::fs::write(dir.path().join("pruned.json"), anchor.to_string()).unwrap();
+        let report = build(dir.path(), &catalog, "subj-41", Vec::new()).unwrap();
+        let coverage = report.coverage.as_ref().unwrap();
+        assert_eq!(coverage.held_from, "2026-01-02T03:04:05.678Z");
+        assert_eq!(coverage.pruned_records, 40);
+        let page = html(&report);
+        assert!(
+            page.contains("holds records from 2026-01-02T03:04:05.678Z on: 40 older records"),
+            "{page}"
+        );
+    }
 }

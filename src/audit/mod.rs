@@ -21,7 +21,7 @@ pub mod prune;
 pub mod reader;
 pub mod record;
 mod seal_queue;
-mod segment;
+pub(crate) mod segment;
 pub mod tail;
 pub mod verify;
 pub mod writer;
