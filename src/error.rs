@@ -91,6 +91,9 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("forbidden by policy")]
     Forbidden { policy_ids: Vec<String> },
+    /// A write names fields the declared purpose may not write (Cedar `write_field`).
+    #[error("fields the purpose may not write: {0:?}")]
+    WriteForbidden(Vec<String>),
     #[error("not found")]
     NotFound,
     #[error("request body too large")]
@@ -143,9 +146,9 @@ impl GatewayError {
             GatewayError::PurposeMissing
             | GatewayError::PurposeUnknown(_)
             | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::PurposeNotGranted(_) | GatewayError::Forbidden { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            GatewayError::PurposeNotGranted(_)
+            | GatewayError::Forbidden { .. }
+            | GatewayError::WriteForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -177,6 +180,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
+            GatewayError::WriteForbidden(_) => "write_forbidden",
             GatewayError::NotFound => "not_found",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
@@ -199,7 +203,9 @@ impl GatewayError {
             GatewayError::PurposeMissing
             | GatewayError::PurposeUnknown(_)
             | GatewayError::BadRequest(_) => "bad request",
-            GatewayError::PurposeNotGranted(_) | GatewayError::Forbidden { .. } => "forbidden",
+            GatewayError::PurposeNotGranted(_)
+            | GatewayError::Forbidden { .. }
+            | GatewayError::WriteForbidden(_) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
             GatewayError::MethodNotAllowed => "method not allowed",
             GatewayError::PayloadTooLarge => "payload too large",
@@ -235,6 +241,10 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
+            GatewayError::WriteForbidden(fields) => format!(
+                "the declared purpose may not write: `{}`",
+                fields.join("`, `")
+            ),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()

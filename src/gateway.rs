@@ -489,6 +489,11 @@ impl Trail {
 
     /// The one record a read or a write named was withheld: why (what breach detection keys
     /// on) and the policies that decided.
+    /// A write refused for fields its purpose may not write: which, in the audit record.
+    pub(crate) fn refuse_fields(&mut self, fields: &[String]) {
+        self.detail = Some(serde_json::json!({ "write": "refused", "refused": fields }));
+    }
+
     pub(crate) fn withhold_target(
         &mut self,
         why: &'static str,
@@ -767,6 +772,7 @@ fn audit_record(
         Some(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
+            | GatewayError::WriteForbidden(_)
             | GatewayError::PurposeNotGranted(_)
             | GatewayError::QuotaExceeded),
         ) => (Decision::Deny, Some(e.code().to_owned())),

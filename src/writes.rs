@@ -87,16 +87,15 @@ pub(crate) async fn check_write(
     let allowed = gw
         .policy
         .allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
-    let refused: Vec<&str> = fields
+    let refused: Vec<String> = fields
         .keys()
         .filter(|k| spec.fields.get(*k).is_none_or(|c| !allowed.contains(c)))
-        .map(String::as_str)
+        .cloned()
         .collect();
     if !refused.is_empty() {
-        return Err(GatewayError::BadRequest(format!(
-            "the declared purpose may not write: `{}`",
-            refused.join("`, `")
-        )));
+        // A refusal by policy, logged as one (breach detection counts refused requests).
+        trail.refuse_fields(&refused);
+        return Err(GatewayError::WriteForbidden(refused));
     }
     Ok(fields
         .keys()

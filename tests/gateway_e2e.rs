@@ -389,8 +389,13 @@ async fn writes_are_scoped_and_field_checked() {
             r#"{"flags_add":["do_not_contact"]}"#,
         )
         .await;
-    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:write-forbidden");
     assert!(r.json()["detail"].as_str().unwrap().contains("`flags_add`"));
+    // Logged as a refusal by policy, naming what was refused.
+    let audit = app.audit_for(&r);
+    assert_eq!(audit["decision"], "deny", "{audit}");
+    assert_eq!(audit["detail"]["refused"], json!(["flags_add"]), "{audit}");
     // A declared field carries only the values the register allows it: a canvasser may add
     // "do not knock", never a restriction, an objection or an erasure flag, which are the
     // DPO's to place. Refused by the gateway, whatever the datastore would have done.
