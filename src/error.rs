@@ -91,9 +91,11 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("forbidden by policy")]
     Forbidden { policy_ids: Vec<String> },
-    /// A write names fields the declared purpose may not write (Cedar `write_field`).
-    #[error("fields the purpose may not write: {0:?}")]
-    WriteForbidden(Vec<String>),
+    /// A write would write what its caller may not: fields of a category the declared
+    /// purpose may not write (Cedar `write_field`), or values the asset register does not allow
+    /// a field. Carries the detail, which names them.
+    #[error("write forbidden: {0}")]
+    WriteForbidden(String),
     #[error("not found")]
     NotFound,
     #[error("request body too large")]
@@ -241,10 +243,7 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
-            GatewayError::WriteForbidden(fields) => format!(
-                "the declared purpose may not write: `{}`",
-                fields.join("`, `")
-            ),
+            GatewayError::WriteForbidden(why) => why.clone(),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()

@@ -469,7 +469,12 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
-            let register = register_now(gw, &principal)?;
+            // The write is done. A caller who no longer stands (or a mirror gone stale during
+            // the round trip) is told so by seeing nothing of the record, not by an error
+            // that would have the write sent again.
+            let Ok(register) = register_now(gw, &principal) else {
+                return Ok(Reply::Body(Bytes::from_static(b"{\"record\":null}")));
+            };
             let cx = FilterContext::new(dataset, &register);
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
                 .map_err(malformed)?;
@@ -487,13 +492,18 @@ impl Trail {
         self.caller.as_deref()
     }
 
-    /// The one record a read or a write named was withheld: why (what breach detection keys
-    /// on) and the policies that decided.
-    /// A write refused for fields its purpose may not write: which, in the audit record.
-    pub(crate) fn refuse_fields(&mut self, fields: &[String]) {
-        self.detail = Some(serde_json::json!({ "write": "refused", "refused": fields }));
+    /// A write refused for what it would write (fields its purpose may not write, or values
+    /// a field may not carry): which fields, and any values refused, in the audit record.
+    pub(crate) fn refuse_write(&mut self, fields: &[String], values: &[String]) {
+        let mut detail = serde_json::json!({ "write": "refused", "refused": fields });
+        if !values.is_empty() {
+            detail["values"] = serde_json::json!(values);
+        }
+        self.detail = Some(detail);
     }
 
+    /// The one record a read or a write named was withheld: why (what breach detection keys
+    /// on) and the policies that decided.
     pub(crate) fn withhold_target(
         &mut self,
         why: &'static str,
@@ -636,7 +646,16 @@ pub(crate) async fn fetch_one(
 ) -> Result<(Bytes, filter::Envelope), GatewayError> {
     let (path, envelope) = dialect::read(&upstream.dialect, dataset, id);
     let resp = upstream.send(Method::GET, &path, None, request_id).await?;
-    if resp.status == StatusCode::NOT_FOUND {
+    // Before any scope check: whatever the datastore says of one id short of its record (404,
+    // or a 410 or 451 that would tell of a rights request) answers as an id the caller may
+    // not see. The status goes to the log only.
+    if resp.status.is_client_error() {
+        if resp.status != StatusCode::NOT_FOUND {
+            tracing::warn!(
+                status = resp.status.as_u16(),
+                "the datastore refused a read by id"
+            );
+        }
         return Err(GatewayError::NotFound);
     }
     Ok((expect_json(resp.status, resp.json, resp.body)?, envelope))

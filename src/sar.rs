@@ -42,7 +42,8 @@ pub struct Report {
 pub struct Coverage {
     /// Records removed under the retention policy (`audit prune`).
     pub pruned_records: u64,
-    /// The time of the oldest record the log still holds (empty when it holds none).
+    /// The time of the oldest record the log still holds (empty when it holds none it can
+    /// read).
     pub held_from: String,
 }
 
@@ -125,16 +126,22 @@ pub fn build(
         *by_purpose.entry(&d.purpose).or_default() += 1;
         *by_role.entry(&d.recipient_role).or_default() += 1;
     }
-    for d in disclosures.iter().chain(&writes) {
-        by_purpose.entry(&d.purpose).or_default();
+    for d in &disclosures {
         datasets.insert(&d.dataset);
         if let Some(ds) = catalog.datasets.get(&d.dataset) {
-            categories.extend(d.fields.iter().filter_map(|f| {
-                ds.fields
-                    .get(f)
-                    .or_else(|| ds.writes.values().find_map(|w| w.fields.get(f)))
-                    .cloned()
-            }));
+            categories.extend(d.fields.iter().filter_map(|f| ds.fields.get(f).cloned()));
+        }
+    }
+    for d in &writes {
+        by_purpose.entry(&d.purpose).or_default();
+        datasets.insert(&d.dataset);
+        // A written field's category is its write's (`{dataset}.write.{write}`).
+        let write = catalog.datasets.get(&d.dataset).and_then(|ds| {
+            let name = d.route.strip_prefix(&format!("{}.write.", d.dataset))?;
+            ds.writes.get(name)
+        });
+        if let Some(w) = write {
+            categories.extend(d.fields.iter().filter_map(|f| w.fields.get(f).cloned()));
         }
     }
     let purposes = by_purpose
@@ -201,16 +208,18 @@ pub fn build(
 fn coverage(audit_dir: &Path) -> Option<Coverage> {
     use std::io::BufRead;
     let anchor = crate::audit::prune::read_anchor(audit_dir)?;
+    // The oldest segment that yields a record: one may be empty, torn, or pruned since it was
+    // listed.
     let held_from = crate::audit::segment::list_segments(audit_dir)
-        .ok()
-        .and_then(|s| s.into_iter().next())
-        .and_then(|(_, path)| {
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|(_, path)| {
             let mut line = Vec::new();
             std::io::BufReader::new(std::fs::File::open(path).ok()?)
                 .read_until(b'\n', &mut line)
                 .ok()?;
             let first: Value = serde_json::from_slice(&line).ok()?;
-            Some(text(&first, "ts"))
+            Some(text(&first, "ts")).filter(|ts| !ts.is_empty())
         })
         .unwrap_or_default();
     Some(Coverage {
@@ -346,11 +355,10 @@ pub fn html(r: &Report) -> String {
                 .iter()
                 .map(|p| {
                     format!(
-                        "<b>{}</b> since {} (reference {}, placed by {})",
+                        "<b>{}</b> since {} (reference {})",
                         esc(&p.kind),
                         p.placed_at,
                         esc(&p.reference),
-                        esc(&p.placed_by)
                     )
                 })
                 .collect(),
@@ -382,7 +390,8 @@ pub fn html(r: &Report) -> String {
 <table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
 <tbody>
 {rows}</tbody></table>
-<h2>Recorded about you ({written_count})</h2>
+<h2>Writes about you ({written_count})</h2>
+<p>What tools sent through the gateway to be recorded about you (canvass returns, "do not knock"), each logged before the datastore received it; the datastore may have refused some.</p>
 <table><thead><tr><th>When</th><th>By whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields recorded</th></tr></thead>
 <tbody>
 {written}</tbody></table>
@@ -398,12 +407,18 @@ pub fn html(r: &Report) -> String {
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
         written_count = r.writes.len(),
-        coverage = r.coverage.as_ref().map_or_else(String::new, |c| format!(
-            "<p>The access log holds records from {} on: {} older records were removed under the \
-             retention policy, so anything disclosed or recorded before then is not listed.</p>",
-            esc(&c.held_from),
-            c.pruned_records
-        )),
+        coverage = r.coverage.as_ref().map_or_else(String::new, |c| {
+            let held = if c.held_from.is_empty() {
+                "The access log holds no records now".to_owned()
+            } else {
+                format!("The access log holds records from {} on", esc(&c.held_from))
+            };
+            format!(
+                "<p>{held}: {} older records were removed under the retention policy, so \
+                 anything disclosed or recorded before then is not listed.</p>",
+                c.pruned_records
+            )
+        }),
     )
 }
 

@@ -42,8 +42,11 @@ pub(crate) async fn check_write(
         .writes
         .get(write)
         .ok_or(GatewayError::RouteNotFound)?;
-    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|_| GatewayError::BadRequest("the body must be a JSON object".to_owned()))?;
+    let Fields(fields) = serde_json::from_slice(body).map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "the body must be a JSON object naming each field once ({e})"
+        ))
+    })?;
     let unknown: Vec<&str> = fields
         .keys()
         .filter(|k| !spec.fields.contains_key(*k))
@@ -61,8 +64,12 @@ pub(crate) async fn check_write(
         ));
     }
     for (field, allowed) in &spec.values {
-        if let Some(value) = fields.get(field) {
-            only_values(field, value, allowed)?;
+        if let Some(value) = fields.get(field)
+            && let Err((refused, why)) = only_values(field, value, allowed)
+        {
+            // A refusal by the asset register, logged as one (breach detection counts them).
+            trail.refuse_write(std::slice::from_ref(field), &refused);
+            return Err(GatewayError::WriteForbidden(why));
         }
     }
     let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
@@ -94,8 +101,11 @@ pub(crate) async fn check_write(
         .collect();
     if !refused.is_empty() {
         // A refusal by policy, logged as one (breach detection counts refused requests).
-        trail.refuse_fields(&refused);
-        return Err(GatewayError::WriteForbidden(refused));
+        trail.refuse_write(&refused, &[]);
+        return Err(GatewayError::WriteForbidden(format!(
+            "the declared purpose may not write: `{}`",
+            refused.join("`, `")
+        )));
     }
     Ok(fields
         .keys()
@@ -105,13 +115,43 @@ pub(crate) async fn check_write(
         .collect())
 }
 
+/// A write body's fields, each named once. `serde_json`'s own map keeps the last of a name
+/// written twice, while the body is forwarded as it came, and a datastore keeping the first
+/// would then write what was never checked: a name written twice (escapes decoded) is refused.
+struct Fields(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Once;
+        impl<'de> serde::de::Visitor<'de> for Once {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
+                let mut fields = serde_json::Map::new();
+                while let Some((name, value)) = a.next_entry::<String, serde_json::Value>()? {
+                    if fields.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "`{name}` is named twice"
+                        )));
+                    }
+                    fields.insert(name, value);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Once)
+    }
+}
+
 /// A field the asset register limits to some strings carries only those: one of them, or a
-/// list of them (`values` in the write's entry).
+/// list of them (`values` in the write's entry). Otherwise the values refused, and why.
 fn only_values(
     field: &str,
     value: &serde_json::Value,
     allowed: &[String],
-) -> Result<(), GatewayError> {
+) -> Result<(), (Vec<String>, String)> {
     use serde_json::Value;
     let given: Vec<&Value> = match value {
         Value::Array(items) => items.iter().collect(),
@@ -125,11 +165,12 @@ fn only_values(
     if refused.is_empty() {
         return Ok(());
     }
-    Err(GatewayError::BadRequest(format!(
+    let why = format!(
         "`{field}` may carry only `{}` through this write, not {}",
         allowed.join("`, `"),
         refused.join(", ")
-    )))
+    );
+    Err((refused, why))
 }
 
 pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>

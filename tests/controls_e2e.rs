@@ -378,6 +378,12 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
         placed.json()["type"],
         "urn:wardgate:problem:controls-not-shared"
     );
+    assert!(
+        a.audit_records()
+            .iter()
+            .any(|r| r["reason"] == "controls_not_shared" && r["status"] == 503),
+        "the placement's outcome is in the log as it is"
+    );
     let r = read().await;
     assert!(
         down.elapsed() < Duration::from_secs(2),

@@ -414,12 +414,34 @@ async fn writes_are_scoped_and_field_checked() {
                 body,
             )
             .await;
-        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        assert_eq!(r.status, 403, "{body}: {:?}", r.body);
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:write-forbidden");
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(
             detail.contains("`flags_add` may carry only `do_not_contact`"),
             "{body}: {detail}"
         );
+        let audit = app.audit_for(&r);
+        assert_eq!(audit["decision"], "deny", "{audit}");
+        assert_eq!(audit["detail"]["refused"], json!(["flags_add"]), "{audit}");
+    }
+    // A name written twice could have the datastore write what was never checked (its
+    // parser may keep the first, serde_json keeps the last): refused, escapes decoded.
+    for body in [
+        r#"{"flags_add":["restricted"],"flags_add":["do_not_contact"]}"#,
+        r#"{"flags_add":["do_not_contact"],"flags\u005fadd":["restricted"]}"#,
+    ] {
+        let r = app
+            .post(
+                &format!("/voter/electors/{id}/canvass"),
+                &t,
+                "canvassing",
+                body,
+            )
+            .await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("`flags_add` is named twice"), "{detail}");
     }
     // Out of scope: looks like a missing record.
     let other = truth
@@ -629,26 +651,30 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     assert!(!String::from_utf8_lossy(&r.body).contains("10.0.0.7"));
     app.stop().await;
 
-    // A datastore's status for one id says nothing to the caller, who may not even be allowed
-    // to know the record exists: a 410 or a 451 would tell of a rights request.
-    let up = fake_upstream(451, "application/problem+json", "{}", false).await;
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(up),
-        ..Default::default()
-    })
-    .await;
-    let r = app
-        .get(
-            "/voter/electors/VF-0000001",
-            Some(&app.token("canvasser")),
-            Some("canvassing"),
-        )
+    // A datastore's refusal of one id says nothing to the caller, who may not even be allowed
+    // to know the record exists: a 410 or a 451 (a rights request) answers as a 404 does.
+    let mut answers = Vec::new();
+    for status in [451, 410, 404] {
+        let up = fake_upstream(status, "application/problem+json", "{}", false).await;
+        let app = spawn_app_with(AppOptions {
+            upstream: Some(up),
+            ..Default::default()
+        })
         .await;
-    assert_eq!(r.status, 502);
-    let detail = r.json()["detail"].as_str().unwrap().to_owned();
-    assert!(!detail.contains("451"), "{detail}");
-    assert_eq!(app.audit_for(&r)["reason"], "upstream_error");
-    app.stop().await;
+        let r = app
+            .get(
+                "/voter/electors/VF-0000001",
+                Some(&app.token("canvasser")),
+                Some("canvassing"),
+            )
+            .await;
+        let mut problem = r.json();
+        problem["request_id"] = json!(null);
+        answers.push((r.status, problem, app.audit_for(&r)["reason"].clone()));
+        app.stop().await;
+    }
+    assert_eq!(answers[0].0, 404, "{answers:?}");
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
 
     // Nobody listening.
     let closed = TcpListener::bind("127.0.0.1:0")

@@ -330,8 +330,21 @@ async fn the_report_lists_what_was_recorded_about_the_subject() {
     }
 
     let dpo = app.token("dpo");
+    let placed = app
+        .admin_post(
+            &format!("/rights/{subject}"),
+            &dpo,
+            r#"{"kind":"objects_profiling","reference":"R-7","reason":"by letter"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
     let r = app.admin_get_with(&format!("/sar/{subject}"), &dpo).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    let placed_by = r.json()["restrictions"][0]["placed_by"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!placed_by.is_empty());
     let writes = r.json()["writes"].as_array().unwrap().clone();
     let fields: Vec<&Value> = writes.iter().map(|w| &w["fields"]).collect();
     assert_eq!(
@@ -350,7 +363,10 @@ async fn the_report_lists_what_was_recorded_about_the_subject() {
         .admin_get_with(&format!("/sar/{subject}?format=html"), &dpo)
         .await;
     let page = String::from_utf8_lossy(&html.body);
-    assert!(page.contains("Recorded about you (2)"), "{page}");
+    assert!(page.contains("Writes about you (2)"), "{page}");
     assert!(page.contains("voting_intention") && page.contains("flags_add"));
+    // The restriction is on the page, not who placed it (their identity is theirs).
+    assert!(page.contains("objects_profiling") && page.contains("R-7"));
+    assert!(!page.contains(&placed_by), "{placed_by}");
     app.stop().await;
 }

@@ -171,26 +171,35 @@ pub fn seal(dir: &Path, n: u64) -> io::Result<Seal> {
 /// Whether segment `n`'s index lists exactly the subject mentions the segment holds, in
 /// whichever format it was written: once a segment is sealed, subject access reads only the
 /// records its index points at, so an index with an entry removed would hide a disclosure.
-/// `Ok(true)` when there is no index (lookups then read the whole segment).
+/// `Ok(true)` when there is no index (lookups then read the whole segment). The file is read
+/// as it is compared, so memory is the rebuilt entries' (as when sealing), not twice more.
 pub fn index_matches(dir: &Path, n: u64) -> io::Result<bool> {
-    let written = match std::fs::read(index_path(dir, n)) {
-        Ok(b) => b,
+    let file = match File::open(index_path(dir, n)) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(e),
     };
-    let key_of: fn(&str) -> u64 = match written.get(..8) {
-        Some(m) if m == MAGIC => subject_key,
-        Some(m) if m == MAGIC_SHA256 => subject_key_sha256,
+    let mut written = BufReader::with_capacity(1 << 16, file);
+    let mut head = [0u8; 16];
+    if written.read_exact(&mut head).is_err() {
+        return Ok(false);
+    }
+    let (_, entries) = match &head[..8] {
+        m if m == MAGIC => derive(dir, n, subject_key)?,
+        m if m == MAGIC_SHA256 => derive(dir, n, subject_key_sha256)?,
         _ => return Ok(false),
     };
-    let (_, entries) = derive(dir, n, key_of)?;
-    let mut want = Vec::with_capacity(16 + entries.len() * ENTRY as usize);
-    want.extend_from_slice(&written[..8]);
-    want.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for e in entries {
-        want.extend_from_slice(&entry_bytes(e));
+    if head[8..] != (entries.len() as u64).to_le_bytes() {
+        return Ok(false);
     }
-    Ok(want == written)
+    let mut entry = [0u8; 16];
+    for e in entries {
+        if written.read_exact(&mut entry).is_err() || entry != entry_bytes(e) {
+            return Ok(false);
+        }
+    }
+    // Nothing after the last entry.
+    Ok(written.read(&mut entry)? == 0)
 }
 
 /// One index entry as written: the key big-endian (so entries sort as bytes too), then the
@@ -204,7 +213,7 @@ fn entry_bytes(e: u128) -> [u8; 16] {
 
 /// What sealing segment `n` derives from it: its seal (stamped now), and its index entries
 /// (`key << 64 | offset`, keys by `key_of`), sorted, each once.
-fn derive(dir: &Path, n: u64, key_of: fn(&str) -> u64) -> io::Result<(Seal, Vec<u128>)> {
+fn derive(dir: &Path, n: u64, key_of: impl Fn(&str) -> u64) -> io::Result<(Seal, Vec<u128>)> {
     let path = dir.join(segment_name(n));
     let mut reader = BufReader::new(File::open(&path)?);
     // `key << 64 | offset`: one integer compare per step of the sort.
@@ -371,6 +380,7 @@ mod tests {
         assert_eq!((sealed.records, sealed.last_seq), (40, 40));
         assert_eq!(lookup(dir.path(), 1, "VF-3").unwrap(), offsets);
         assert_eq!(lookup(dir.path(), 1, "VF-9").unwrap(), Vec::<u64>::new());
+        assert!(index_matches(dir.path(), 1).unwrap());
 
         // An index sealed by an earlier version (SHA-256 keys) is still read as written.
         let index = std::fs::read(index_path(dir.path(), 1)).unwrap();
@@ -400,10 +410,17 @@ mod tests {
         }
         std::fs::write(index_path(dir.path(), 1), &bytes).unwrap();
         assert_eq!(lookup(dir.path(), 1, "VF-3").unwrap(), offsets);
+        // Verification rebuilds it in its own format.
+        assert!(index_matches(dir.path(), 1).unwrap());
+        let mut extra = bytes.clone();
+        extra.extend_from_slice(&[0; 16]);
+        std::fs::write(index_path(dir.path(), 1), &extra).unwrap();
+        assert!(!index_matches(dir.path(), 1).unwrap());
 
         // A file that is not an index is no index: the reader falls back to scanning.
         bytes[..8].copy_from_slice(b"WGIDX999");
         std::fs::write(index_path(dir.path(), 1), &bytes).unwrap();
         assert_eq!(lookup(dir.path(), 1, "VF-3"), None);
+        assert!(!index_matches(dir.path(), 1).unwrap());
     }
 }

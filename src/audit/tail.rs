@@ -68,15 +68,13 @@ pub async fn tail(
         anyhow::bail!("`{}` holds no audit segments", dir.display());
     };
     // The backlog: newest segments first, until `last` matching records are found.
-    let (mut offset, mut pending) = (0u64, Vec::new());
+    let mut offset = 0u64;
     let mut matching: Vec<String> = Vec::new();
     for (n, _) in segments.iter().rev() {
-        let (mut off, mut part, mut lines) = (0u64, Vec::new(), Vec::new());
-        read_new(dir, *n, &mut off, &mut part, &mut |l| {
-            lines.push(l.to_owned())
-        })?;
+        let (mut off, mut lines) = (0u64, Vec::new());
+        read_new(dir, *n, &mut off, &mut |l| lines.push(l.to_owned()))?;
         if *n == segment {
-            (offset, pending) = (off, part);
+            offset = off;
         }
         let mut older: Vec<String> = lines
             .iter()
@@ -105,7 +103,7 @@ pub async fn tail(
             () = &mut stop => return Ok(()),
             () = tokio::time::sleep(POLL) => {}
         }
-        read_new(dir, segment, &mut offset, &mut pending, &mut show)?;
+        read_new(dir, segment, &mut offset, &mut show)?;
         // The writer rolled (perhaps several times): finish each segment, then the next.
         loop {
             let next = list_segments(dir)?
@@ -113,20 +111,20 @@ pub async fn tail(
                 .map(|(n, _)| n)
                 .find(|n| *n > segment);
             let Some(n) = next else { break };
-            read_new(dir, segment, &mut offset, &mut pending, &mut show)?;
+            read_new(dir, segment, &mut offset, &mut show)?;
             (segment, offset) = (n, 0);
-            pending.clear();
-            read_new(dir, segment, &mut offset, &mut pending, &mut show)?;
+            read_new(dir, segment, &mut offset, &mut show)?;
         }
     }
 }
 
-/// Reads complete lines appended to `segment` since `offset`.
+/// Reads the complete lines written to `segment` from `offset` on, and moves `offset` to the
+/// start of the first line not yet complete (read again, whole, at the next poll: bytes are
+/// never carried from one poll to the next, so a line is shown once, whole, or not at all).
 fn read_new(
     dir: &Path,
     segment: u64,
     offset: &mut u64,
-    pending: &mut Vec<u8>,
     each: &mut dyn FnMut(&str),
 ) -> anyhow::Result<()> {
     let path = dir.join(super::segment::segment_name(segment));
@@ -136,24 +134,22 @@ fn read_new(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("cannot read `{}`", path.display())),
     };
-    let len = f.metadata()?.len();
-    if len < *offset {
-        // Truncated under us (a torn tail trimmed at start): read from the top again.
-        (*offset, *pending) = (0, Vec::new());
-    }
+    // Cut back under us (a failed batch discarded, a torn tail trimmed at start), always to
+    // the end of a line: what was cut was never acknowledged. Go on from where it now ends.
+    *offset = (*offset).min(f.metadata()?.len());
     f.seek(SeekFrom::Start(*offset))?;
     // Bytes, not text: a read can end inside a character the writer has not finished.
-    let n = f.read_to_end(pending)?;
-    *offset += n as u64;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
     let mut start = 0;
-    while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
+    while let Some(i) = memchr::memchr(b'\n', &buf[start..]) {
         // Only a damaged line is not UTF-8; it is no record to show.
-        if let Ok(line) = std::str::from_utf8(&pending[start..start + i]) {
+        if let Ok(line) = std::str::from_utf8(&buf[start..start + i]) {
             each(line.trim_end());
         }
         start += i + 1;
     }
-    pending.drain(..start);
+    *offset += start as u64;
     Ok(())
 }
 
@@ -254,7 +250,9 @@ mod tests {
     }
 
     /// A poll can end inside a record, even inside one of its characters: the complete lines
-    /// are shown, and the rest once it is whole.
+    /// are shown, and the rest once it is whole. A segment cut back under the tail (a failed
+    /// batch discarded) and written again shows its new lines once each, whole, and not the
+    /// lines before the cut again.
     #[test]
     fn a_read_ending_inside_a_character_waits_for_the_rest() {
         let dir = tempfile::tempdir().unwrap();
@@ -262,17 +260,21 @@ mod tests {
         let lines = "{\"a\":1}\n{\"b\":\"Ynys Môn\"}\n".as_bytes();
         let cut = lines.iter().position(|&b| b == 0xC3).unwrap() + 1;
         std::fs::write(&path, &lines[..cut]).unwrap();
-        let (mut offset, mut pending, mut seen) = (0, Vec::new(), Vec::<String>::new());
-        read_new(dir.path(), 1, &mut offset, &mut pending, &mut |l| {
-            seen.push(l.to_owned())
-        })
-        .unwrap();
+        let (mut offset, mut seen) = (0, Vec::<String>::new());
+        let poll = |offset: &mut u64, seen: &mut Vec<String>| {
+            read_new(dir.path(), 1, offset, &mut |l| seen.push(l.to_owned())).unwrap();
+        };
+        poll(&mut offset, &mut seen);
         assert_eq!(seen, ["{\"a\":1}"]);
         std::fs::write(&path, lines).unwrap();
-        read_new(dir.path(), 1, &mut offset, &mut pending, &mut |l| {
-            seen.push(l.to_owned())
-        })
-        .unwrap();
+        poll(&mut offset, &mut seen);
         assert_eq!(seen, ["{\"a\":1}", "{\"b\":\"Ynys Môn\"}"]);
+
+        // Cut back to the first line, then written on past where it had ended.
+        std::fs::write(&path, "{\"a\":1}\n").unwrap();
+        poll(&mut offset, &mut seen);
+        std::fs::write(&path, "{\"a\":1}\n{\"d\":4}\n{\"e\":\"a longer line\"}\n").unwrap();
+        poll(&mut offset, &mut seen);
+        assert_eq!(seen[2..], ["{\"d\":4}", "{\"e\":\"a longer line\"}"]);
     }
 }

@@ -78,7 +78,8 @@ pub enum VerifyError {
     },
 }
 
-/// Verifies every segment in `dir`, streaming so memory stays bounded by the longest line.
+/// Verifies every segment in `dir`, streaming, so memory stays bounded by the longest line
+/// and, for a sealed segment, its subject index's entries rebuilt to check the index.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
     let io_err = |path: &Path| {
         let path = path.display().to_string();

@@ -24,13 +24,17 @@ struct State {
     file: File,
     events: Vec<Event>,
     ids: HashSet<String>,
+    /// A failed append could not be cut off: what follows would be glued onto it, so
+    /// nothing more is appended until a restart has mended the file.
+    broken: bool,
 }
 
 impl Journal {
-    /// Reads every event journalled. A torn last line (a write cut short by a crash: no
-    /// newline after it) is cut off, so the next event starts a line of its own. Any other
-    /// line that does not read as an event stops the start: a restriction lost to a damaged
-    /// line would otherwise be lifted without anyone saying so.
+    /// Reads every event journalled. A last line without its newline is a write cut short by
+    /// a crash, cut off so the next event starts a line of its own, unless it reads as a
+    /// whole event (a line mended by hand, say), which is kept and given its newline. Any
+    /// other line that does not read as an event stops the start: a restriction lost to a
+    /// damaged line would otherwise be lifted without anyone saying so.
     pub fn open(path: &Path) -> anyhow::Result<Journal> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -58,13 +62,19 @@ impl Journal {
             })?;
             events.push(event);
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open `{}` for appending", path.display()))?;
-        if whole < text.len() {
-            tracing::warn!(file = %path.display(), torn_bytes = text.len() - whole,
+        let tail = &text[whole..];
+        if let Ok(last) = serde_json::from_slice::<Event>(tail) {
+            file.write_all(b"\n")
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("cannot repair `{}`", path.display()))?;
+            events.push(last);
+        } else if !tail.is_empty() {
+            tracing::warn!(file = %path.display(), torn_bytes = tail.len(),
                 "cutting off a control event torn by an interrupted write");
             file.set_len(whole as u64)
                 .and_then(|()| file.sync_all())
@@ -73,7 +83,12 @@ impl Journal {
         let ids = events.iter().map(|e| e.id.clone()).collect();
         Ok(Journal {
             path: path.to_owned(),
-            state: Mutex::new(State { file, events, ids }),
+            state: Mutex::new(State {
+                file,
+                events,
+                ids,
+                broken: false,
+            }),
         })
     }
 
@@ -97,6 +112,12 @@ impl Journal {
         if s.ids.contains(&e.id) {
             return Ok(false);
         }
+        if s.broken {
+            anyhow::bail!(
+                "`{}` holds a failed append that could not be cut off; restart to mend it",
+                self.path.display()
+            );
+        }
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
         let before = s.file.metadata()?.len();
@@ -106,7 +127,8 @@ impl Journal {
             // written onto the end of it and both would be lost to the next start.
             if let Err(cut) = s.file.set_len(before) {
                 tracing::error!(file = %self.path.display(), error = %cut,
-                    "cannot cut off a failed control event; the journal refuses to start until it is mended");
+                    "cannot cut off a failed control event; no more are journalled until a restart");
+                s.broken = true;
             }
             return Err(e).with_context(|| format!("cannot append to `{}`", self.path.display()));
         }
@@ -157,6 +179,25 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(ids, ["e1", "e3"]);
+    }
+
+    #[test]
+    fn a_whole_last_event_without_its_newline_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controls.jsonl");
+        let mended = line(&event("e2"));
+        std::fs::write(&path, line(&event("e1")) + mended.trim_end()).unwrap();
+
+        let journal = Journal::open(&path).unwrap();
+        journal.append(&event("e3")).unwrap();
+        drop(journal);
+        let ids: Vec<String> = Journal::open(&path)
+            .unwrap()
+            .events()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["e1", "e2", "e3"]);
     }
 
     #[test]

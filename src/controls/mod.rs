@@ -376,10 +376,13 @@ impl Controls {
             }
         }
         // The mirror has them now, so the flags must follow even if the journal cannot take
-        // them: a later resynchronisation finds them already applied and rebuilds nothing.
-        let journalled = fresh
+        // them. Every event given is journalled if it is not yet (the journal knows its ids),
+        // not only the fresh ones: one the journal failed to take is taken at the next
+        // resynchronisation, which hands over the whole stream.
+        let journalled = events
             .iter()
-            .try_for_each(|e| self.inner.journal.append_if_new(e).map(drop));
+            .map(|e| self.inner.journal.append_if_new(e).map(drop))
+            .fold(Ok(()), Result::and);
         if !fresh.is_empty() {
             self.rebuild_flags();
         }

@@ -144,7 +144,7 @@ Deny: a purpose the token does not grant (403), and a purpose that does not exis
   curl -s -H "Authorization: Bearer {canvasser}" -H "X-Purpose: profiling" "{base}/voter/electors" | jq .
   curl -s -H "Authorization: Bearer {canvasser}" -H "X-Purpose: party_discipline" "{base}/voter/electors" | jq .
 
-A doorstep write, and one that tries to set a field canvassing may not write (400)
+A doorstep write, and one that tries to set a field canvassing may not write (403)
   curl -s -H "Authorization: Bearer {canvasser}" -H "X-Purpose: canvassing" -H "Content-Type: application/json" \
        -d '{{"voting_intention":"LAB","canvass_issues":["housing"]}}' "{base}/voter/electors/ID/canvass" | jq .
   (take an ID from the first listing)
