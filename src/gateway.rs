@@ -469,19 +469,35 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
-            // The write is done. A caller who no longer stands (or a mirror gone stale during
-            // the round trip) is told so by seeing nothing of the record, not by an error
-            // that would have the write sent again.
-            let Ok(register) = register_now(gw, &principal) else {
-                return Ok(Reply::Body(Bytes::from_static(b"{\"record\":null}")));
+            // The write is done. What follows only decides what of the record is shown back:
+            // when nothing may be (the caller no longer stands, the mirror went stale during
+            // the round trip, the answer cannot be read), the caller sees nothing of it, not an
+            // error that would have the write sent again; the record says why.
+            let nothing = |trail: &mut Trail, why: &str| {
+                trail.detail = Some(serde_json::json!({
+                    "written": trail.written, "shown": "nothing", "because": why
+                }));
+                Ok(Reply::Body(Bytes::from_static(b"{\"record\":null}")))
+            };
+            let register = match register_now(gw, &principal) {
+                Ok(r) => r,
+                Err(e) => return nothing(trail, e.code()),
             };
             let cx = FilterContext::new(dataset, &register);
-            let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a))
-                .map_err(malformed)?;
-            trail.absorb(d);
-            Ok(Reply::Body(out.map(Bytes::from).unwrap_or_else(|| {
-                Bytes::from_static(b"{\"record\":null}")
-            })))
+            match filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a)) {
+                Ok((out, d)) => {
+                    trail.absorb(d);
+                    Ok(Reply::Body(out.map(Bytes::from).unwrap_or_else(|| {
+                        Bytes::from_static(b"{\"record\":null}")
+                    })))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, request_id,
+                        "a written record's answer could not be read; nothing of it shown");
+                    metrics::counter!("wardgate_malformed_records_total").increment(1);
+                    nothing(trail, "upstream_response_malformed")
+                }
+            }
         }
     }
 }
@@ -493,13 +509,10 @@ impl Trail {
     }
 
     /// A write refused for what it would write (fields its purpose may not write, or values
-    /// a field may not carry): which fields, and any values refused, in the audit record.
-    pub(crate) fn refuse_write(&mut self, fields: &[String], values: &[String]) {
-        let mut detail = serde_json::json!({ "write": "refused", "refused": fields });
-        if !values.is_empty() {
-            detail["values"] = serde_json::json!(values);
-        }
-        self.detail = Some(detail);
+    /// a field may not carry): which fields, in the audit record. Never the values, which
+    /// the caller chose and could fill with anything (the log keeps field names only).
+    pub(crate) fn refuse_write(&mut self, fields: &[String]) {
+        self.detail = Some(serde_json::json!({ "write": "refused", "refused": fields }));
     }
 
     /// The one record a read or a write named was withheld: why (what breach detection keys
@@ -646,15 +659,14 @@ pub(crate) async fn fetch_one(
 ) -> Result<(Bytes, filter::Envelope), GatewayError> {
     let (path, envelope) = dialect::read(&upstream.dialect, dataset, id);
     let resp = upstream.send(Method::GET, &path, None, request_id).await?;
-    // Before any scope check: whatever the datastore says of one id short of its record (404,
-    // or a 410 or 451 that would tell of a rights request) answers as an id the caller may
-    // not see. The status goes to the log only.
-    if resp.status.is_client_error() {
+    // Before any scope check: what the datastore may say of one id short of its record (404,
+    // or a 403, 410 or 451 that would tell of a rights request) answers as an id the caller
+    // may not see, the status in the log only. Other errors (its credentials refused, its
+    // limits reached) are the datastore's failures and answer 502, as anywhere else.
+    if matches!(resp.status.as_u16(), 403 | 404 | 410 | 451) {
         if resp.status != StatusCode::NOT_FOUND {
-            tracing::warn!(
-                status = resp.status.as_u16(),
-                "the datastore refused a read by id"
-            );
+            tracing::warn!(status = resp.status.as_u16(), request_id, collection = %dataset.collection,
+                "the datastore refused a read by id; answered as not found");
         }
         return Err(GatewayError::NotFound);
     }

@@ -65,10 +65,10 @@ pub(crate) async fn check_write(
     }
     for (field, allowed) in &spec.values {
         if let Some(value) = fields.get(field)
-            && let Err((refused, why)) = only_values(field, value, allowed)
+            && let Err(why) = only_values(field, value, allowed)
         {
             // A refusal by the asset register, logged as one (breach detection counts them).
-            trail.refuse_write(std::slice::from_ref(field), &refused);
+            trail.refuse_write(std::slice::from_ref(field));
             return Err(GatewayError::WriteForbidden(why));
         }
     }
@@ -101,7 +101,7 @@ pub(crate) async fn check_write(
         .collect();
     if !refused.is_empty() {
         // A refusal by policy, logged as one (breach detection counts refused requests).
-        trail.refuse_write(&refused, &[]);
+        trail.refuse_write(&refused);
         return Err(GatewayError::WriteForbidden(format!(
             "the declared purpose may not write: `{}`",
             refused.join("`, `")
@@ -146,12 +146,8 @@ impl<'de> serde::Deserialize<'de> for Fields {
 }
 
 /// A field the asset register limits to some strings carries only those: one of them, or a
-/// list of them (`values` in the write's entry). Otherwise the values refused, and why.
-fn only_values(
-    field: &str,
-    value: &serde_json::Value,
-    allowed: &[String],
-) -> Result<(), (Vec<String>, String)> {
+/// list of them (`values` in the write's entry). Otherwise why not, for the caller only.
+fn only_values(field: &str, value: &serde_json::Value, allowed: &[String]) -> Result<(), String> {
     use serde_json::Value;
     let given: Vec<&Value> = match value {
         Value::Array(items) => items.iter().collect(),
@@ -165,12 +161,11 @@ fn only_values(
     if refused.is_empty() {
         return Ok(());
     }
-    let why = format!(
+    Err(format!(
         "`{field}` may carry only `{}` through this write, not {}",
         allowed.join("`, `"),
         refused.join(", ")
-    );
-    Err((refused, why))
+    ))
 }
 
 pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>

@@ -424,6 +424,12 @@ async fn writes_are_scoped_and_field_checked() {
         let audit = app.audit_for(&r);
         assert_eq!(audit["decision"], "deny", "{audit}");
         assert_eq!(audit["detail"]["refused"], json!(["flags_add"]), "{audit}");
+        // Field names only: what the caller tried to write stays out of the log.
+        let logged = audit.to_string();
+        assert!(
+            !logged.contains("restricted") && !logged.contains("objects_profiling"),
+            "{logged}"
+        );
     }
     // A name written twice could have the datastore write what was never checked (its
     // parser may keep the first, serde_json keeps the last): refused, escapes decoded.
@@ -513,6 +519,17 @@ async fn fake_upstream(
     body: &'static str,
     hang: bool,
 ) -> SocketAddr {
+    fake_upstream_posting(status, content_type, body, body, hang).await
+}
+
+/// `fake_upstream`, answering a POST with `posted` instead.
+async fn fake_upstream_posting(
+    status: u16,
+    content_type: &'static str,
+    body: &'static str,
+    posted: &'static str,
+    hang: bool,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -521,10 +538,15 @@ async fn fake_upstream(
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| async move {
                     if hang {
                         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
                     }
+                    let body = if req.method() == http::Method::POST {
+                        posted
+                    } else {
+                        body
+                    };
                     let mut resp =
                         http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
                     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -539,6 +561,62 @@ async fn fake_upstream(
         }
     });
     addr
+}
+
+/// A write the datastore took, but whose answer cannot be read, is answered as done with
+/// nothing of the record shown: an error would have the caller send the write again. Its
+/// record says what was written and why nothing was shown.
+#[tokio::test]
+async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let mine = truth
+        .iter()
+        .find(|r| {
+            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
+        })
+        .unwrap()
+        .clone();
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let target: &'static str = Box::leak(
+        format!(r#"{{"record":{}}}"#, serde_json::to_string(&mine).unwrap()).into_boxed_str(),
+    );
+    let upstream = fake_upstream_posting(
+        200,
+        "application/json",
+        target,
+        r#"{"record":{"elector_id":"#,
+        false,
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post(
+            &format!("/voter/electors/{id}/canvass"),
+            &app.token("canvasser"),
+            "canvassing",
+            r#"{"voting_intention":"LAB"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json(), json!({ "record": null }));
+    let audit = app.audit_for(&r);
+    assert_eq!(
+        audit["detail"]["because"], "upstream_response_malformed",
+        "{audit}"
+    );
+    assert_eq!(
+        audit["detail"]["written"],
+        json!(["voting_intention"]),
+        "{audit}"
+    );
+    assert_eq!(audit["subjects"], json!([]), "{audit}");
+    app.stop().await;
+    real.stop().await;
 }
 
 /// A write's target is read as a read of it would be: a datastore record that names
@@ -675,6 +753,23 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     }
     assert_eq!(answers[0].0, 404, "{answers:?}");
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    // Its own failures (credentials refused, limits reached) stay the datastore's: 502.
+    let up = fake_upstream(401, "application/problem+json", "{}", false).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(up),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .get(
+            "/voter/electors/VF-0000001",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(app.audit_for(&r)["reason"], "upstream_error");
+    app.stop().await;
 
     // Nobody listening.
     let closed = TcpListener::bind("127.0.0.1:0")

@@ -180,8 +180,14 @@ pub fn index_matches(dir: &Path, n: u64) -> io::Result<bool> {
         Err(e) => return Err(e),
     };
     let mut written = BufReader::with_capacity(1 << 16, file);
+    // A file too short is a mismatch; a disk that cannot be read is an error, not tampering.
+    let short = |r: io::Result<()>| match r {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(true),
+        Err(e) => Err(e),
+    };
     let mut head = [0u8; 16];
-    if written.read_exact(&mut head).is_err() {
+    if short(written.read_exact(&mut head))? {
         return Ok(false);
     }
     let (_, entries) = match &head[..8] {
@@ -194,7 +200,7 @@ pub fn index_matches(dir: &Path, n: u64) -> io::Result<bool> {
     }
     let mut entry = [0u8; 16];
     for e in entries {
-        if written.read_exact(&mut entry).is_err() || entry != entry_bytes(e) {
+        if short(written.read_exact(&mut entry))? || entry != entry_bytes(e) {
             return Ok(false);
         }
     }
