@@ -568,15 +568,7 @@ async fn fake_upstream_posting(
 /// record says what was written and why nothing was shown.
 #[tokio::test]
 async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error() {
-    let real = spawn_app().await;
-    let truth = upstream_all(real.upstream).await;
-    let mine = truth
-        .iter()
-        .find(|r| {
-            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
-        })
-        .unwrap()
-        .clone();
+    let mine = open_elector().await;
     let id = mine["elector_id"].as_str().unwrap().to_owned();
     let target: &'static str = Box::leak(
         format!(r#"{{"record":{}}}"#, serde_json::to_string(&mine).unwrap()).into_boxed_str(),
@@ -616,15 +608,11 @@ async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error(
     );
     assert_eq!(audit["subjects"], json!([]), "{audit}");
     app.stop().await;
-    real.stop().await;
 }
 
-/// A write's target is read as a read of it would be: a datastore record that names
-/// `markers` twice (anonymous first, then not) is one the filter withholds, so no write may
-/// reach it (a reader keeping the first value would see canvass returns on an anonymous
-/// elector). It answers as a missing record.
-#[tokio::test]
-async fn a_write_target_naming_a_field_twice_is_not_found() {
+/// An ordinary elector of CGW1 (the canvasser's district: a write target), as the synthetic
+/// datastore holds it: no markers, no flags.
+async fn open_elector() -> Value {
     let real = spawn_app().await;
     let truth = upstream_all(real.upstream).await;
     let mine = truth
@@ -634,6 +622,17 @@ async fn a_write_target_naming_a_field_twice_is_not_found() {
         })
         .unwrap()
         .clone();
+    real.stop().await;
+    mine
+}
+
+/// A write's target is read as a read of it would be: a datastore record that names
+/// `markers` twice (anonymous first, then not) is one the filter withholds, so no write may
+/// reach it (a reader keeping the first value would see canvass returns on an anonymous
+/// elector). It answers as a missing record.
+#[tokio::test]
+async fn a_write_target_naming_a_field_twice_is_not_found() {
+    let mine = open_elector().await;
     let id = mine["elector_id"].as_str().unwrap().to_owned();
     let text = serde_json::to_string(&mine).unwrap();
     let twice = text.replacen(r#""markers":[]"#, r#""markers":["N"],"markers":[]"#, 1);

@@ -156,6 +156,12 @@ mod tests {
         }
     }
 
+    /// The ids of the events a start reads from `path`.
+    fn ids_at_start(path: &Path) -> Vec<String> {
+        let journal = Journal::open(path).unwrap();
+        journal.events().into_iter().map(|e| e.id).collect()
+    }
+
     fn line(e: &Event) -> String {
         serde_json::to_string(e).unwrap() + "\n"
     }
@@ -172,13 +178,7 @@ mod tests {
         journal.append(&event("e3")).unwrap();
         drop(journal);
 
-        let ids: Vec<String> = Journal::open(&path)
-            .unwrap()
-            .events()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(ids, ["e1", "e3"]);
+        assert_eq!(ids_at_start(&path), ["e1", "e3"]);
     }
 
     #[test]
@@ -191,13 +191,7 @@ mod tests {
         let journal = Journal::open(&path).unwrap();
         journal.append(&event("e3")).unwrap();
         drop(journal);
-        let ids: Vec<String> = Journal::open(&path)
-            .unwrap()
-            .events()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(ids, ["e1", "e2", "e3"]);
+        assert_eq!(ids_at_start(&path), ["e1", "e2", "e3"]);
     }
 
     #[test]
