@@ -581,19 +581,7 @@ async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error(
         false,
     )
     .await;
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(upstream),
-        ..Default::default()
-    })
-    .await;
-    let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &app.token("canvasser"),
-            "canvassing",
-            r#"{"voting_intention":"LAB"}"#,
-        )
-        .await;
+    let (app, r) = canvass_through(upstream, &id).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json(), json!({ "record": null }));
     let audit = app.audit_for(&r);
@@ -639,29 +627,26 @@ async fn a_write_target_naming_a_field_twice_is_not_found() {
     assert_ne!(twice, text);
     let body: &'static str = Box::leak(format!(r#"{{"record":{twice}}}"#).into_boxed_str());
     let upstream = fake_upstream(200, "application/json", body, false).await;
+    let (app, r) = canvass_through(upstream, &id).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    app.stop().await;
+    // The same record named once is a target like any other.
+    let once: &'static str = Box::leak(format!(r#"{{"record":{text}}}"#).into_boxed_str());
+    let upstream = fake_upstream(200, "application/json", once, false).await;
+    let (app, r) = canvass_through(upstream, &id).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.stop().await;
+}
+
+/// An app in front of `upstream`, and the canvasser's doorstep write of a voting intention for
+/// elector `id` through it.
+async fn canvass_through(upstream: SocketAddr, id: &str) -> (common::TestApp, Resp) {
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
         ..Default::default()
     })
     .await;
-    let t = app.token("canvasser");
-    let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &t,
-            "canvassing",
-            r#"{"voting_intention":"LAB"}"#,
-        )
-        .await;
-    assert_eq!(r.status, 404, "{:?}", r.body);
-    // The same record named once is a target like any other.
-    let once: &'static str = Box::leak(format!(r#"{{"record":{text}}}"#).into_boxed_str());
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(fake_upstream(200, "application/json", once, false).await),
-        ..Default::default()
-    })
-    .await;
-    let r = app
+    let resp = app
         .post(
             &format!("/voter/electors/{id}/canvass"),
             &app.token("canvasser"),
@@ -669,7 +654,7 @@ async fn a_write_target_naming_a_field_twice_is_not_found() {
             r#"{"voting_intention":"LAB"}"#,
         )
         .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    (app, resp)
 }
 
 async fn through(
