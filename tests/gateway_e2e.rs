@@ -638,6 +638,25 @@ async fn a_write_target_naming_a_field_twice_is_not_found() {
     app.stop().await;
 }
 
+/// An app in front of a datastore that answers every request with `status`, and the
+/// canvasser's read of one elector by id through it.
+async fn read_refused_with(status: u16) -> (common::TestApp, Resp) {
+    let up = fake_upstream(status, "application/problem+json", "{}", false).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(up),
+        ..Default::default()
+    })
+    .await;
+    let resp = app
+        .get(
+            "/voter/electors/VF-0000001",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    (app, resp)
+}
+
 /// An app in front of `upstream`, and the canvasser's doorstep write of a voting intention for
 /// elector `id` through it.
 async fn canvass_through(upstream: SocketAddr, id: &str) -> (common::TestApp, Resp) {
@@ -717,19 +736,7 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     // to know the record exists: a 410 or a 451 (a rights request) answers as a 404 does.
     let mut answers = Vec::new();
     for status in [451, 410, 404] {
-        let up = fake_upstream(status, "application/problem+json", "{}", false).await;
-        let app = spawn_app_with(AppOptions {
-            upstream: Some(up),
-            ..Default::default()
-        })
-        .await;
-        let r = app
-            .get(
-                "/voter/electors/VF-0000001",
-                Some(&app.token("canvasser")),
-                Some("canvassing"),
-            )
-            .await;
+        let (app, r) = read_refused_with(status).await;
         let mut problem = r.json();
         problem["request_id"] = json!(null);
         answers.push((r.status, problem, app.audit_for(&r)["reason"].clone()));
@@ -738,19 +745,7 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     assert_eq!(answers[0].0, 404, "{answers:?}");
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
     // Its own failures (credentials refused, limits reached) stay the datastore's: 502.
-    let up = fake_upstream(401, "application/problem+json", "{}", false).await;
-    let app = spawn_app_with(AppOptions {
-        upstream: Some(up),
-        ..Default::default()
-    })
-    .await;
-    let r = app
-        .get(
-            "/voter/electors/VF-0000001",
-            Some(&app.token("canvasser")),
-            Some("canvassing"),
-        )
-        .await;
+    let (app, r) = read_refused_with(401).await;
     assert_eq!(r.status, 502);
     assert_eq!(app.audit_for(&r)["reason"], "upstream_error");
     app.stop().await;
