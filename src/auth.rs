@@ -5,7 +5,9 @@
 //! its key by `kid` and use exactly that key's algorithm, which closes algorithm confusion (an
 //! HS256 token "signed" with a public key's bytes) and `alg: none` before any crypto runs.
 //! Each key also answers for one issuer: a token's `iss` must be the issuer of the key that
-//! signed it, so one trusted identity provider cannot sign as another.
+//! signed it, so one trusted identity provider cannot sign as another, and each issuer but
+//! one names its callers behind its own prefix (`auth.subject_prefixes`), so none can name
+//! another's.
 //! `iss`, `aud`, `exp` and `nbf` are required, numeric where they are times, with a bounded
 //! leeway. This module knows nothing of purposes or policies beyond checking that a token's
 //! role, areas and purposes name things the catalogue and area register define.
@@ -87,6 +89,10 @@ pub struct Verifier {
     known: KnownNames,
     /// The roles each listed issuer may issue (`auth.issuer_roles`); others issue any.
     issuer_roles: HashMap<String, HashSet<String>>,
+    /// Each prefixed issuer's prefix (`auth.subject_prefixes`), and every non-empty one: a
+    /// subject named without a prefix may not begin with any of them.
+    subject_prefix: HashMap<String, String>,
+    prefixes: Vec<String>,
     cache: TokenCache,
 }
 
@@ -238,6 +244,11 @@ impl Verifier {
         Ok(Verifier {
             keys,
             issuer_roles,
+            subject_prefix: cfg.subject_prefixes.clone().into_iter().collect(),
+            prefixes: (cfg.subject_prefixes.values())
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
             allowed: cfg.algorithms.clone(),
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
@@ -316,9 +327,10 @@ impl Verifier {
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
         }
+        let subject = self.subject(issuer, c.sub)?;
         // Only ids the revocation endpoint can name: a token it could not revoke is not one
         // to accept.
-        if !revocable_id(&c.sub) || !revocable_id(&c.jti) {
+        if !revocable_id(&subject) || !revocable_id(&c.jti) {
             return Err(AuthFailure::InvalidClaims);
         }
         if !self.known.roles.contains(&c.role)
@@ -344,7 +356,7 @@ impl Verifier {
             return Err(AuthFailure::InvalidClaims);
         }
         Ok(Principal {
-            subject: c.sub,
+            subject,
             token_id: c.jti,
             role: c.role,
             unit: c.org_unit,
@@ -354,6 +366,21 @@ impl Verifier {
             issued_at: c.iat.saturating_sub(self.leeway_secs as i64),
             grant_expires_at: c.grant_expires,
         })
+    }
+}
+
+impl Verifier {
+    /// The caller `sub` names in `issuer`'s namespace: behind the issuer's prefix, if it has
+    /// one (`auth.subject_prefixes`). A subject named bare may not begin with another
+    /// issuer's prefix, or it would be that issuer's caller.
+    fn subject(&self, issuer: &str, sub: String) -> Result<String, AuthFailure> {
+        match self.subject_prefix.get(issuer).filter(|p| !p.is_empty()) {
+            Some(prefix) => Ok(format!("{prefix}{sub}")),
+            None if self.prefixes.iter().any(|p| sub.starts_with(p.as_str())) => {
+                Err(AuthFailure::InvalidClaims)
+            }
+            None => Ok(sub),
+        }
     }
 }
 

@@ -23,6 +23,8 @@ fn verifier(leeway_secs: u64) -> Verifier {
         audience: "a".into(),
         leeway_secs,
         issuer_roles: HashMap::new(),
+        subject_prefix: HashMap::new(),
+        prefixes: Vec::new(),
         cache: TokenCache::default(),
         known: KnownNames {
             roles: ["canvasser".to_owned()].into(),
@@ -114,6 +116,7 @@ fn keys_from_a_jwks_file_verify_tokens() {
         jwks_file: Some(path),
         jwks_issuer: "https://idp".into(),
         issuer_roles: Default::default(),
+        subject_prefixes: Default::default(),
     };
     let known = KnownNames {
         roles: ["canvasser".to_owned()].into(),
@@ -261,6 +264,7 @@ fn a_key_signs_only_for_its_own_issuer() {
         jwks_file: None,
         jwks_issuer: String::new(),
         issuer_roles: Default::default(),
+        subject_prefixes: Default::default(),
     };
     let known = || KnownNames {
         roles: ["canvasser".to_owned(), "dpo".to_owned()].into(),
@@ -317,4 +321,77 @@ fn a_key_signs_only_for_its_own_issuer() {
         .unwrap()
         .to_string();
     assert!(e.contains("`admiral`") && e.contains(partner), "{e}");
+}
+
+/// A partner's identity provider names its callers behind its own prefix, so it cannot sign
+/// as one of the party's own (audited, revoked and counted as them); nor can the party's
+/// provider name a subject in the partner's namespace.
+#[test]
+fn each_issuer_names_its_own_subjects() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (party, partner) = ("https://sso.party", "https://sso.partner");
+    let mut keys = Vec::new();
+    let mut signers = HashMap::new();
+    for (kid, issuer) in [("party-1", party), ("partner-1", partner)] {
+        let kp = crate::token::generate_es256().unwrap();
+        let path = dir.path().join(format!("{kid}.pem"));
+        std::fs::write(&path, &kp.public_pem).unwrap();
+        keys.push(crate::config::KeyFile {
+            kid: kid.into(),
+            algorithm: Algorithm::ES256,
+            public_key_file: path,
+            issuer: issuer.into(),
+        });
+        let signer = crate::token::Signer::from_pem(
+            kid,
+            Algorithm::ES256,
+            kp.private_pem.as_bytes(),
+            issuer,
+        )
+        .unwrap();
+        signers.insert(issuer, signer);
+    }
+    let cfg = crate::config::AuthConfig {
+        issuers: vec![party.into(), partner.into()],
+        audience: "wardgate".into(),
+        leeway: std::time::Duration::from_secs(0),
+        algorithms: vec![Algorithm::ES256],
+        keys,
+        jwks_file: None,
+        jwks_issuer: String::new(),
+        issuer_roles: Default::default(),
+        subject_prefixes: [(partner.to_owned(), "partner:".to_owned())].into(),
+    };
+    let known = KnownNames {
+        roles: ["canvasser".to_owned()].into(),
+        areas: ["E05011391".to_owned()].into(),
+        purposes: ["canvassing".to_owned()].into(),
+    };
+    let v = Verifier::from_config(&cfg, known).unwrap();
+    let from = |iss: &str, sub: &str| {
+        let token = signers[iss].sign(&live_claims(iss, sub, now)).unwrap();
+        v.verify(&token, now).map(|p| p.subject.clone())
+    };
+    // The same `sub` from each provider is two callers.
+    assert_eq!(from(party, "alice").unwrap(), "alice");
+    assert_eq!(from(partner, "alice").unwrap(), "partner:alice");
+    // The party's provider cannot name the partner's callers...
+    assert_eq!(
+        from(party, "partner:alice").err(),
+        Some(AuthFailure::InvalidClaims)
+    );
+    // ...and the partner's cannot step out of its namespace by naming a prefixed one.
+    assert_eq!(
+        from(partner, "partner:alice").unwrap(),
+        "partner:partner:alice"
+    );
+    // A prefixed subject must still be one `/revocations` can name (256 bytes at most).
+    let long = "b".repeat(256 - "partner:".len());
+    assert_eq!(from(partner, &long).unwrap(), format!("partner:{long}"));
+    assert_eq!(
+        from(partner, &format!("{long}b")).err(),
+        Some(AuthFailure::InvalidClaims)
+    );
+    assert!(from(party, &format!("{long}bbbbbbbb")).is_ok());
 }

@@ -70,6 +70,10 @@ pub struct AuthConfig {
     /// any role the catalogue defines. (Role names are checked against the catalogue by
     /// `auth::Verifier`, which knows it.)
     pub issuer_roles: BTreeMap<String, Vec<String>>,
+    /// Each listed issuer's subjects are its `sub` behind this prefix (`auth.subject_prefixes`),
+    /// so that no two identity providers can name the same caller. At most one issuer has
+    /// none; an empty prefix shares that issuer's namespace on purpose.
+    pub subject_prefixes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +257,8 @@ struct RawAuth {
     jwks_issuer: Option<String>,
     #[serde(default)]
     issuer_roles: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    subject_prefixes: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -513,8 +519,10 @@ impl RawAuth {
                 );
             }
         }
+        check_subject_prefixes(&self.issuers, &self.subject_prefixes)?;
         Ok(AuthConfig {
             issuer_roles: self.issuer_roles,
+            subject_prefixes: self.subject_prefixes,
             issuers: self.issuers,
             audience: self.audience,
             leeway,
@@ -524,6 +532,60 @@ impl RawAuth {
             jwks_issuer,
         })
     }
+}
+
+/// The longest subject prefix allowed: a prefixed subject must still fit a revocable id.
+const MAX_SUBJECT_PREFIX: usize = 64;
+
+/// `auth.subject_prefixes` gives every trusted issuer but one its own subject namespace: each
+/// prefix names a trusted issuer, is printable without spaces, and none begins another (or
+/// `p:` and `p:x:` would meet at `p:x:bob`). An issuer with no entry, or with an empty prefix,
+/// names subjects as they are; with several issuers at most one may be left without an entry,
+/// so two identity providers never share subjects unless the configuration says so.
+fn check_subject_prefixes(
+    issuers: &[String],
+    prefixes: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    for (issuer, prefix) in prefixes {
+        if !issuers.contains(issuer) {
+            bail!("`auth.subject_prefixes` names `{issuer}`, which `auth.issuers` does not list");
+        }
+        if prefix.len() > MAX_SUBJECT_PREFIX
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            bail!(
+                "`auth.subject_prefixes`: `{issuer}`'s prefix `{}` must be at most \
+                 {MAX_SUBJECT_PREFIX} bytes, without spaces or control characters",
+                prefix.escape_debug()
+            );
+        }
+        for (other, theirs) in prefixes {
+            if other != issuer && !theirs.is_empty() && prefix.starts_with(theirs.as_str()) {
+                bail!(
+                    "`auth.subject_prefixes`: `{issuer}`'s prefix `{prefix}` begins with \
+                     `{other}`'s `{theirs}`, so their subjects could meet: give each a prefix \
+                     that does not begin another"
+                );
+            }
+        }
+    }
+    let bare: Vec<&String> = issuers
+        .iter()
+        .filter(|i| !prefixes.contains_key(*i))
+        .collect();
+    if bare.len() > 1 {
+        let names = bare
+            .iter()
+            .map(|i| format!("`{i}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        bail!(
+            "`auth.issuers` {names} have no `auth.subject_prefixes` entry, so they would share one \
+             subject namespace (either could sign as the other's callers, in the audit log, \
+             revocations and quotas): give all but one a prefix (an empty one shares on purpose)"
+        );
+    }
+    Ok(())
 }
 
 /// The issuer a verification key (or the JWKS file's keys) answers for: the one it names,

@@ -182,7 +182,8 @@ fn each_key_answers_for_one_trusted_issuer() {
     // Two: a key must say which, and it must be one of them.
     let two = MINIMAL.replace(
         r#"issuers = ["https://sso.example"]"#,
-        r#"issuers = ["https://sso.example", "https://partner.example"]"#,
+        r#"issuers = ["https://sso.example", "https://partner.example"]
+subject_prefixes = { "https://partner.example" = "partner:" }"#,
     );
     let e = err(&two);
     assert!(
@@ -220,4 +221,61 @@ fn each_key_answers_for_one_trusted_issuer() {
         e.contains("`auth.jwks_issuer` is set but `auth.jwks_file` is not"),
         "{e}"
     );
+}
+
+#[test]
+fn subject_prefixes_keep_issuers_apart() {
+    let with = |issuers: &str, prefixes: &str| {
+        MINIMAL
+            .replace(
+                r#"issuers = ["https://sso.example"]"#,
+                &format!("issuers = {issuers}\nsubject_prefixes = {prefixes}"),
+            )
+            .replace(
+                "keys/k1.pem\"",
+                "keys/k1.pem\"\nissuer = \"https://sso.example\"",
+            )
+    };
+    let two = r#"["https://sso.example", "https://partner.example"]"#;
+    let c = parse(&with(two, r#"{ "https://partner.example" = "partner:" }"#)).unwrap();
+    assert_eq!(
+        c.auth.subject_prefixes["https://partner.example"],
+        "partner:"
+    );
+    assert!(parse(MINIMAL).unwrap().auth.subject_prefixes.is_empty());
+    // Two issuers naming subjects bare would share them.
+    let e = err(&with(two, "{}"));
+    assert!(
+        e.contains(
+            "`https://sso.example`, `https://partner.example` have no `auth.subject_prefixes`"
+        ),
+        "{e}"
+    );
+    // Unless the configuration says so, with an empty prefix.
+    let c = parse(&with(two, r#"{ "https://partner.example" = "" }"#)).unwrap();
+    assert_eq!(c.auth.subject_prefixes["https://partner.example"], "");
+    // A prefix beginning another's would let their subjects meet.
+    let three = r#"["https://sso.example", "https://partner.example", "https://other.example"]"#;
+    let e = err(&with(
+        three,
+        r#"{ "https://partner.example" = "p:", "https://other.example" = "p:x:" }"#,
+    ));
+    assert!(
+        e.contains(
+            "`https://other.example`'s prefix `p:x:` begins with `https://partner.example`'s `p:`"
+        ),
+        "{e}"
+    );
+    let e = err(&with(
+        three,
+        r#"{ "https://partner.example" = "p:", "https://other.example" = "p:" }"#,
+    ));
+    assert!(e.contains("begins with"), "{e}");
+    let e = err(&with(two, r#"{ "https://elsewhere" = "e:" }"#));
+    assert!(
+        e.contains("`https://elsewhere`, which `auth.issuers` does not list"),
+        "{e}"
+    );
+    let e = err(&with(two, r#"{ "https://partner.example" = "partner :" }"#));
+    assert!(e.contains("without spaces"), "{e}");
 }

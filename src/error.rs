@@ -64,7 +64,7 @@ impl AuthFailure {
             AuthFailure::Expired => "the token has expired",
             AuthFailure::NotYetValid => "the token is not valid yet",
             AuthFailure::InvalidClaims => {
-                "the token's claims are missing or malformed (exp, nbf, role, areas, purposes)"
+                "the token's claims are missing or malformed (sub, exp, nbf, role, areas, purposes)"
             }
             AuthFailure::RoleNotFromIssuer => "the token's issuer is not trusted to issue its role",
             AuthFailure::Revoked => "the token has been revoked",
