@@ -399,9 +399,14 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     a.stop().await;
 }
 
-/// A datastore that takes `delay` over every answer: a TCP relay to `real` that holds back
-/// the first bytes answering each request it passes on.
-async fn slow_datastore(real: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+/// A datastore that takes `delay` over every answer (or, with `posts_only`, every answer to a
+/// POST): a TCP relay to `real` that holds back the first bytes answering each request it
+/// passes on.
+async fn slow_datastore(
+    real: std::net::SocketAddr,
+    delay: Duration,
+    posts_only: bool,
+) -> std::net::SocketAddr {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -420,7 +425,9 @@ async fn slow_datastore(real: std::net::SocketAddr, delay: Duration) -> std::net
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                        asking.store(true, Ordering::SeqCst);
+                        if !posts_only || buf[..n].starts_with(b"POST ") {
+                            asking.store(true, Ordering::SeqCst);
+                        }
                         if to_server.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
@@ -448,7 +455,7 @@ async fn slow_datastore(real: std::net::SocketAddr, delay: Duration) -> std::net
 async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_or_not_at_all() {
     let mut redis = RedisServer::start();
     let (real, _store) = common::start_datastore(800).await;
-    let slow = slow_datastore(real, Duration::from_secs(3)).await;
+    let slow = slow_datastore(real, Duration::from_secs(3), false).await;
     let a = replica(slow, &redis, None).await;
     until_ready("a ready", &a).await;
     let token = a.token("councillor");
@@ -472,6 +479,89 @@ async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_o
     assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
     assert!(!String::from_utf8_lossy(&r.body).contains("records"));
     a.stop().await;
+}
+
+/// A caller revoked while the datastore is taking its write gets the write's answer as done
+/// (it was: an error would have it sent again) with nothing of the record shown, and the
+/// record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_revoked_during_a_write_sees_nothing_of_the_record_written() {
+    let (real, _store) = common::start_datastore(800).await;
+    let slow = slow_datastore(real, Duration::from_secs(3), true).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(slow),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("canvasser");
+    let walk = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(
+        walk.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&walk.body)
+    );
+    let id = walk.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/voter/electors/{id}/canvass");
+    let write = {
+        let (app, token, path) = (&app, token.clone(), path.clone());
+        async move {
+            app.post(&path, &token, "canvassing", r#"{"voting_intention":"LAB"}"#)
+                .await
+        }
+    };
+    let revoke = async {
+        // Once the write's intent is on record it is on its way to the datastore, which
+        // holds its answer for three seconds.
+        until("write intended", || async {
+            app.audit_records()
+                .iter()
+                .any(|r| r["detail"]["write"] == "intended")
+        })
+        .await;
+        app.admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-canvasser","reason":"phone stolen on the doorstep"}"#,
+        )
+        .await
+    };
+    let (r, revoked) = tokio::join!(write, revoke);
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json(), serde_json::json!({ "record": null }));
+    let audit = app.audit_for(&r);
+    assert_eq!(audit["detail"]["because"], "token_revoked", "{audit}");
+    assert_eq!(audit["detail"]["shown"], "nothing", "{audit}");
+    assert_eq!(
+        audit["detail"]["written"],
+        serde_json::json!(["voting_intention"]),
+        "{audit}"
+    );
+    assert_eq!(audit["fields"], serde_json::json!([]), "{audit}");
+    // The datastore took it.
+    let stored = common::datastore_body(real, &format!("/electors/{id}")).await;
+    let stored: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(stored["record"]["voting_intention"], "LAB", "{stored}");
+    // And the revoked caller gets no further.
+    let again = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(again.status, 401);
+    app.stop().await;
 }
 
 /// Whatever token id an identity provider uses, a token the gateway accepts is one the
