@@ -120,6 +120,10 @@ pub enum GatewayError {
     /// shared store could not be told: the other replicas learn of it when it is back.
     #[error("control change not yet shared")]
     ControlsNotShared,
+    /// A rights change or revocation that this replica's journal could not take: it is in
+    /// effect nowhere, and may be made again once the journal's disk is writable.
+    #[error("control change not recorded")]
+    ControlsNotRecorded,
     #[error("internal error: {0}")]
     Internal(String),
     /// The caller closed the connection before the answer (only ever audited: there is no one
@@ -161,7 +165,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
-            | GatewayError::ControlsNotShared => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::ControlsNotShared
+            | GatewayError::ControlsNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // nginx's "client closed request": no standard status says it.
@@ -194,6 +199,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded => "quota_exceeded",
             GatewayError::ControlsStale => "controls_stale",
             GatewayError::ControlsNotShared => "controls_not_shared",
+            GatewayError::ControlsNotRecorded => "controls_not_recorded",
             GatewayError::Internal(_) => "internal_error",
             GatewayError::ClientClosed => "client_closed",
         }
@@ -218,7 +224,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "gateway timeout",
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
-            | GatewayError::ControlsNotShared => "service unavailable",
+            | GatewayError::ControlsNotShared
+            | GatewayError::ControlsNotRecorded => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
             GatewayError::Internal(_) => "internal error",
             GatewayError::ClientClosed => "client closed request",
@@ -279,6 +286,11 @@ impl GatewayError {
                 "the change is recorded and in effect on this replica, but the shared store \
                  could not be told; the other replicas learn of it when the store is back. Do \
                  not repeat it"
+                    .to_owned()
+            }
+            GatewayError::ControlsNotRecorded => {
+                "the change could not be recorded (this replica cannot write its control \
+                 journal) and is in effect nowhere; make it again once the gateway is writable"
                     .to_owned()
             }
             GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),

@@ -489,22 +489,22 @@ async fn respond(
     if let Some(event) = change
         && let Err(e) = gw.controls.record(event).await
     {
-        let (answer, reason) = match e {
+        let answer = match e {
             crate::controls::RecordError::NotShared(_) => {
                 tracing::error!(error = %e, request_id,
                     "control change in effect here, not yet shared with the other replicas");
-                (GatewayError::ControlsNotShared, "controls_not_shared")
+                GatewayError::ControlsNotShared
             }
             crate::controls::RecordError::NotRecorded(_) => {
                 tracing::error!(error = %e, request_id, "control change not recorded");
-                (GatewayError::ControlsStale, "controls_unavailable")
+                GatewayError::ControlsNotRecorded
             }
         };
         let mut failed = record(Some(p), method, path, request_id);
         under.mark(&mut failed);
         failed.decision = Decision::Error;
         failed.status = 503;
-        failed.reason = Some(reason.to_owned());
+        failed.reason = Some(answer.code().to_owned());
         let _ = gw.audit.append(failed).await;
         return problem_response(&answer, request_id);
     }

@@ -481,6 +481,56 @@ async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_o
     a.stop().await;
 }
 
+/// A change this replica's journal cannot take is in effect nowhere, and the answer says so
+/// (503 `controls-not-recorded`, not a stale store). The part of its line the full disk took
+/// is cut off, so the change made again once there is room is journalled whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_journal_cannot_take_is_in_effect_nowhere_and_leaves_it_whole() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&data, "64k") else {
+        return;
+    };
+    // Blank lines (which the journal skips) to six bytes short of a page: the next event's
+    // line begins in a page the disk already holds and needs another.
+    let journal = data.join("controls.jsonl");
+    std::fs::write(&journal, " ".repeat(4089) + "\n").unwrap();
+    let app = spawn_app_with(AppOptions {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    })
+    .await;
+    let id = visible_elector(&app).await;
+    let token = app.token("councillor");
+    let path = format!("/voter/electors/{id}");
+    let read = || app.get(&path, Some(&token), Some("canvassing"));
+    assert_eq!(read().await.status, 200);
+
+    common::fill(&data);
+    let r = restrict(&app, &id, "SAR-2026-0117").await;
+    assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["type"],
+        "urn:wardgate:problem:controls-not-recorded"
+    );
+    let audit = app.audit_for(&r);
+    assert_eq!(audit["reason"], "controls_not_recorded", "{audit}");
+    assert_eq!(read().await.status, 200, "not in effect here either");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 4090);
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    assert_eq!(restrict(&app, &id, "SAR-2026-0117").await.status, 200);
+    assert_eq!(read().await.status, 404);
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{text}");
+    app.stop().await;
+}
+
 /// A caller revoked while the datastore is taking its write gets the write's answer as done
 /// (it was: an error would have it sent again) with nothing of the record shown, and the
 /// record says why.

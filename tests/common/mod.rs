@@ -52,6 +52,10 @@ pub struct AppOptions {
     pub upstream: Option<SocketAddr>,
     /// Put the audit log here (e.g. a tiny tmpfs) instead of in the temp dir.
     pub audit_dir: Option<PathBuf>,
+    /// Put the control journal here (`server.data_dir`, set after the rest of the
+    /// configuration has been resolved, so the audit log and breach log stay where they
+    /// were); `restart` does not keep it.
+    pub data_dir: Option<PathBuf>,
     pub electors: Option<usize>,
     /// Edit the configuration before start-up.
     pub tweak: Option<fn(&mut Config)>,
@@ -134,6 +138,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     }
     if let Some(a) = &opts.audit_dir {
         cfg.audit.dir = a.clone();
+    }
+    if let Some(d) = &opts.data_dir {
+        cfg.server.data_dir = d.clone();
     }
     cfg.server.shutdown_grace = std::time::Duration::from_secs(5);
     if let Some(t) = opts.tweak {
