@@ -9,6 +9,7 @@
 //! about HTTP, records on the wire or the audit log.
 
 mod scope;
+mod vocabulary;
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -135,6 +136,7 @@ impl PolicyEngine {
         validate(&schema, &policies, &sources)?;
         let entities = static_entities(catalog, geography, &schema)?;
         names_known(&policies, &entities, &sources)?;
+        vocabulary::literals_known(&policies, &vocabulary::Vocabulary::new(catalog), &sources)?;
         let scoped = scope::Scoped::build(&policies, schema.actions(), &entities)?;
         let reads = |action| -> anyhow::Result<scope::RecordReads> {
             scope::RecordReads::of(&policies, &uid("Wardgate::Action", action)?, &entities)
@@ -596,13 +598,10 @@ fn names_known(
             }
             if entities.get(&named).is_none() {
                 let id = policy.id().to_string();
-                let file = sources
-                    .iter()
-                    .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
-                    .map_or_else(|| "<policies>".to_owned(), |(f, _)| f.display().to_string());
                 problems.push(format!(
-                    "{file}: policy `{id}` names {named}, which neither the catalogue nor the \
-                     area register holds"
+                    "{}: policy `{id}` names {named}, which neither the catalogue nor the area \
+                     register holds",
+                    source_of(&id, sources)
                 ));
             }
         }
@@ -616,6 +615,14 @@ fn names_known(
         );
     }
     Ok(())
+}
+
+/// The file that holds the policy `@id(id)`, for messages.
+fn source_of(id: &str, sources: &[(PathBuf, String)]) -> String {
+    sources
+        .iter()
+        .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
+        .map_or_else(|| "<policies>".to_owned(), |(f, _)| f.display().to_string())
 }
 
 /// `file:line:col: message` from a Cedar diagnostic's first label.

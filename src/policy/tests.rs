@@ -256,6 +256,44 @@ fn a_policy_naming_a_category_or_purpose_no_register_holds_is_refused() {
     );
 }
 
+/// A flag, role or channel misspelt in a forbid would load and never fire: objectors
+/// profiled, with nothing to say so. Start-up refuses it, naming file, policy and word.
+#[test]
+fn a_policy_comparing_with_a_word_the_gateway_does_not_know_is_refused() {
+    let shipped = std::fs::read_to_string(repo().join("policies/restrictions.cedar")).unwrap();
+    let typo = shipped.replacen(
+        "flags.contains(\"objects_profiling\")",
+        "flags.contains(\"objects_profilng\")",
+        1,
+    );
+    assert_ne!(typo, shipped);
+    let msg = format!(
+        "{:#}",
+        load_with("restrictions.cedar", &typo).err().unwrap()
+    );
+    assert!(
+        msg.contains("restrictions.cedar: policy `")
+            && msg.contains("compares context.record.flags with \"objects_profilng\", not a flag"),
+        "{msg}"
+    );
+    for (condition, word) in [
+        (r#"context.caller.role == "councilor""#, "councilor"),
+        (r#"context.record.consented.contains("text")"#, "text"),
+        (r#"context.record.markers.containsAny(["n"])"#, "\"n\""),
+    ] {
+        let stray = format!(
+            "@id(\"stray\")\nforbid (principal, action == Wardgate::Action::\"disclose_record\", resource)\nwhen {{ {condition} }};\n"
+        );
+        let msg = format!("{:#}", load_with("stray.cedar", &stray).err().unwrap());
+        assert!(
+            msg.contains("stray.cedar: policy `stray` compares") && msg.contains(word),
+            "{msg}"
+        );
+    }
+    // The shipped pack's words are all known.
+    assert!(load_with("restrictions.cedar", &shipped).is_ok());
+}
+
 #[test]
 fn a_policy_without_an_id_is_refused() {
     let err = load_with("anon.cedar", "permit (principal, action, resource);\n")
