@@ -65,6 +65,10 @@ pub struct Claims {
     pub grant_expires: Option<i64>,
 }
 
+/// The prefix of the gateway's own callers (an operator's `wardgate sar` on the host is
+/// `local:USER`): no token names one.
+pub const LOCAL_PREFIX: &str = "local:";
+
 /// What a token's claims may name; anything else is refused.
 #[derive(Debug, Clone, Default)]
 pub struct KnownNames {
@@ -327,12 +331,6 @@ impl Verifier {
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
         }
-        let subject = self.subject(issuer, c.sub)?;
-        // Only ids the revocation endpoint can name: a token it could not revoke is not one
-        // to accept.
-        if !revocable_id(&subject) || !revocable_id(&c.jti) {
-            return Err(AuthFailure::InvalidClaims);
-        }
         if !self.known.roles.contains(&c.role)
             || c.areas.iter().any(|a| !self.known.areas.contains(a))
             || c.purposes.iter().any(|p| !self.known.purposes.contains(p))
@@ -348,6 +346,13 @@ impl Verifier {
         {
             return Err(AuthFailure::RoleNotFromIssuer);
         }
+        let subject = self.in_namespace(issuer, c.sub)?;
+        let token_id = self.in_namespace(issuer, c.jti)?;
+        // Only ids the revocation endpoint can name: a token it could not revoke is not one
+        // to accept.
+        if !revocable_id(&subject) || !revocable_id(&token_id) {
+            return Err(AuthFailure::InvalidClaims);
+        }
         if c.grant_expires.is_some_and(|g| g <= now) {
             return Err(AuthFailure::Expired);
         }
@@ -357,7 +362,7 @@ impl Verifier {
         }
         Ok(Principal {
             subject,
-            token_id: c.jti,
+            token_id,
             role: c.role,
             unit: c.org_unit,
             areas: c.areas,
@@ -370,16 +375,21 @@ impl Verifier {
 }
 
 impl Verifier {
-    /// The caller `sub` names in `issuer`'s namespace: behind the issuer's prefix, if it has
-    /// one (`auth.subject_prefixes`). A subject named bare may not begin with another
-    /// issuer's prefix, or it would be that issuer's caller.
-    fn subject(&self, issuer: &str, sub: String) -> Result<String, AuthFailure> {
+    /// A token's `sub` or `jti` in `issuer`'s namespace: behind the issuer's prefix, if it
+    /// has one (`auth.subject_prefixes`), so that the same name from two identity providers is
+    /// two callers (or tokens) in the audit log, revocations, quotas and breach detection. A
+    /// name given bare may not begin with another issuer's prefix, nor with the gateway's own
+    /// (`local:`, its operators'), or it would be theirs.
+    fn in_namespace(&self, issuer: &str, name: String) -> Result<String, AuthFailure> {
         match self.subject_prefix.get(issuer).filter(|p| !p.is_empty()) {
-            Some(prefix) => Ok(format!("{prefix}{sub}")),
-            None if self.prefixes.iter().any(|p| sub.starts_with(p.as_str())) => {
-                Err(AuthFailure::InvalidClaims)
+            Some(prefix) => Ok(format!("{prefix}{name}")),
+            None if std::iter::once(LOCAL_PREFIX)
+                .chain(self.prefixes.iter().map(String::as_str))
+                .any(|p| name.starts_with(p)) =>
+            {
+                Err(AuthFailure::NameNotFromIssuer)
             }
-            None => Ok(sub),
+            None => Ok(name),
         }
     }
 }

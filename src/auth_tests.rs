@@ -369,17 +369,35 @@ fn each_issuer_names_its_own_subjects() {
         purposes: ["canvassing".to_owned()].into(),
     };
     let v = Verifier::from_config(&cfg, known).unwrap();
-    let from = |iss: &str, sub: &str| {
-        let token = signers[iss].sign(&live_claims(iss, sub, now)).unwrap();
-        v.verify(&token, now).map(|p| p.subject.clone())
+    let verified = |iss: &str, sub: &str, jti: &str| {
+        let claims = Claims {
+            jti: jti.into(),
+            ..live_claims(iss, sub, now)
+        };
+        v.verify(&signers[iss].sign(&claims).unwrap(), now)
     };
+    let from = |iss: &str, sub: &str| verified(iss, sub, "t-1").map(|p| p.subject.clone());
     // The same `sub` from each provider is two callers.
     assert_eq!(from(party, "alice").unwrap(), "alice");
     assert_eq!(from(partner, "alice").unwrap(), "partner:alice");
-    // The party's provider cannot name the partner's callers...
+    // The party's provider cannot name the partner's callers, nor the gateway's own...
+    for theirs in ["partner:alice", "local:root"] {
+        assert_eq!(
+            from(party, theirs).err(),
+            Some(AuthFailure::NameNotFromIssuer),
+            "{theirs}"
+        );
+    }
+    // ...and token ids are kept apart the same way: revoking the partner's token `t-1`
+    // cannot revoke the party's, nor the other way round.
+    assert_eq!(verified(party, "alice", "t-1").unwrap().token_id, "t-1");
     assert_eq!(
-        from(party, "partner:alice").err(),
-        Some(AuthFailure::InvalidClaims)
+        verified(partner, "alice", "t-1").unwrap().token_id,
+        "partner:t-1"
+    );
+    assert_eq!(
+        verified(party, "alice", "partner:t-1").err(),
+        Some(AuthFailure::NameNotFromIssuer)
     );
     // ...and the partner's cannot step out of its namespace by naming a prefixed one.
     assert_eq!(

@@ -550,13 +550,24 @@ fn check_subject_prefixes(
         if !issuers.contains(issuer) {
             bail!("`auth.subject_prefixes` names `{issuer}`, which `auth.issuers` does not list");
         }
-        if prefix.len() > MAX_SUBJECT_PREFIX
-            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        if !prefix.is_empty()
+            && (prefix.len() > MAX_SUBJECT_PREFIX
+                || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+                || !prefix.ends_with(|c: char| c.is_ascii_punctuation()))
         {
             bail!(
                 "`auth.subject_prefixes`: `{issuer}`'s prefix `{}` must be at most \
-                 {MAX_SUBJECT_PREFIX} bytes, without spaces or control characters",
+                 {MAX_SUBJECT_PREFIX} bytes, without spaces or control characters, and end in \
+                 a separator such as `:` (a prefix `p` would take every bare subject beginning \
+                 with p from the other issuers)",
                 prefix.escape_debug()
+            );
+        }
+        let local = crate::auth::LOCAL_PREFIX;
+        if !prefix.is_empty() && (prefix.starts_with(local) || local.starts_with(prefix.as_str())) {
+            bail!(
+                "`auth.subject_prefixes`: `{issuer}`'s prefix `{prefix}` meets `{local}`, the \
+                 gateway's own operators' prefix: choose another"
             );
         }
         for (other, theirs) in prefixes {

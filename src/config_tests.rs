@@ -278,4 +278,15 @@ fn subject_prefixes_keep_issuers_apart() {
     );
     let e = err(&with(two, r#"{ "https://partner.example" = "partner :" }"#));
     assert!(e.contains("without spaces"), "{e}");
+    // Without a separator, `p` would take every bare subject beginning with p.
+    let e = err(&with(two, r#"{ "https://partner.example" = "p" }"#));
+    assert!(e.contains("end in a separator"), "{e}");
+    // The gateway's own operators are `local:`.
+    for local in ["local:", "local:x:", "l:"] {
+        let e = parse(&with(
+            two,
+            &format!(r#"{{ "https://partner.example" = "{local}" }}"#),
+        ));
+        assert_eq!(e.is_err(), local != "l:", "{local}: {:?}", e.as_ref().err());
+    }
 }

@@ -26,6 +26,9 @@ pub enum AuthFailure {
     InvalidClaims,
     /// The token's issuer is not trusted to issue its role (`auth.issuer_roles`).
     RoleNotFromIssuer,
+    /// The token's `sub` or `jti`, given bare, lies in another issuer's namespace (or the
+    /// gateway's own): `auth.subject_prefixes`.
+    NameNotFromIssuer,
     Revoked,
 }
 
@@ -45,6 +48,7 @@ impl AuthFailure {
             AuthFailure::NotYetValid => "token_not_yet_valid",
             AuthFailure::InvalidClaims => "token_claims_invalid",
             AuthFailure::RoleNotFromIssuer => "token_role_not_from_issuer",
+            AuthFailure::NameNotFromIssuer => "token_name_not_from_issuer",
             AuthFailure::Revoked => "token_revoked",
         }
     }
@@ -67,6 +71,9 @@ impl AuthFailure {
                 "the token's claims are missing or malformed (sub, exp, nbf, role, areas, purposes)"
             }
             AuthFailure::RoleNotFromIssuer => "the token's issuer is not trusted to issue its role",
+            AuthFailure::NameNotFromIssuer => {
+                "the token names a caller or token id in another issuer's namespace"
+            }
             AuthFailure::Revoked => "the token has been revoked",
         }
     }
@@ -290,7 +297,8 @@ impl GatewayError {
             }
             GatewayError::ControlsNotRecorded => {
                 "the change could not be recorded (this replica cannot write its control \
-                 journal) and is in effect nowhere; make it again once the gateway is writable"
+                 journal) and is in effect nowhere; make it again once the journal can be \
+                 written (the gateway's log says why; one it could not mend needs a restart)"
                     .to_owned()
             }
             GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),

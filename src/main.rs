@@ -415,7 +415,7 @@ async fn audit_cli_report(
     let mut record = audit::AuditRecord::system("cli.sar", "subject_access_report");
     record.kind = audit::RecordKind::Admin;
     record.caller = Some(audit::Caller {
-        subject: format!("local:{operator}"),
+        subject: format!("{}{operator}", wardgate::auth::LOCAL_PREFIX),
         role: "operator".to_owned(),
         unit: "-".to_owned(),
         token_id: "-".to_owned(),

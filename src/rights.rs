@@ -293,7 +293,8 @@ where
                 _ => {
                     return Err(GatewayError::BadRequest(
                         "give exactly one of `token_id` or `subject` (not blank, at most 256 \
-                         bytes, as in the token)"
+                         bytes, as the audit record's `caller` names them: with the issuer's \
+                         subject prefix, if it has one)"
                             .to_owned(),
                     ));
                 }

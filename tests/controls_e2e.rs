@@ -399,12 +399,19 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     a.stop().await;
 }
 
-/// A datastore that takes `delay` over every answer (or, with `posts_only`, every answer to a
-/// POST): a TCP relay to `real` that holds back the first bytes answering each request it
-/// passes on.
+/// How long `slow_datastore` holds an answer back.
+#[derive(Clone)]
+enum Hold {
+    For(Duration),
+    /// Until the test says (one answer per notification).
+    Until(std::sync::Arc<tokio::sync::Notify>),
+}
+
+/// A datastore that holds back every answer (or, with `posts_only`, every answer to a POST):
+/// a TCP relay to `real` that holds back the first bytes answering each request it passes on.
 async fn slow_datastore(
     real: std::net::SocketAddr,
-    delay: Duration,
+    hold: Hold,
     posts_only: bool,
 ) -> std::net::SocketAddr {
     use std::sync::Arc;
@@ -414,6 +421,7 @@ async fn slow_datastore(
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let hold = hold.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(real).await else {
                     return;
@@ -436,7 +444,10 @@ async fn slow_datastore(
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n @ 1..) = from_server.read(&mut buf).await {
                     if asked.swap(false, Ordering::SeqCst) {
-                        tokio::time::sleep(delay).await;
+                        match &hold {
+                            Hold::For(delay) => tokio::time::sleep(*delay).await,
+                            Hold::Until(release) => release.notified().await,
+                        }
                     }
                     if to_client.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -455,7 +466,7 @@ async fn slow_datastore(
 async fn an_answer_slower_than_the_staleness_bound_is_judged_on_a_fresh_mirror_or_not_at_all() {
     let mut redis = RedisServer::start();
     let (real, _store) = common::start_datastore(800).await;
-    let slow = slow_datastore(real, Duration::from_secs(3), false).await;
+    let slow = slow_datastore(real, Hold::For(Duration::from_secs(3)), false).await;
     let a = replica(slow, &redis, None).await;
     until_ready("a ready", &a).await;
     let token = a.token("councillor");
@@ -493,8 +504,21 @@ async fn a_change_the_journal_cannot_take_is_in_effect_nowhere_and_leaves_it_who
     };
     // Blank lines (which the journal skips) to six bytes short of a page: the next event's
     // line begins in a page the disk already holds and needs another.
+    let page = std::process::Command::new("getconf")
+        .arg("PAGESIZE")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8(o.stdout)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or(4096);
+    let padded = page as u64 - 6;
     let journal = data.join("controls.jsonl");
-    std::fs::write(&journal, " ".repeat(4089) + "\n").unwrap();
+    std::fs::write(&journal, " ".repeat(page - 7) + "\n").unwrap();
     let app = spawn_app_with(AppOptions {
         data_dir: Some(data.clone()),
         ..Default::default()
@@ -516,7 +540,7 @@ async fn a_change_the_journal_cannot_take_is_in_effect_nowhere_and_leaves_it_who
     let audit = app.audit_for(&r);
     assert_eq!(audit["reason"], "controls_not_recorded", "{audit}");
     assert_eq!(read().await.status, 200, "not in effect here either");
-    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 4090);
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), padded);
 
     std::fs::remove_file(data.join("filler")).unwrap();
     assert_eq!(restrict(&app, &id, "SAR-2026-0117").await.status, 200);
@@ -537,7 +561,8 @@ async fn a_change_the_journal_cannot_take_is_in_effect_nowhere_and_leaves_it_who
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_revoked_during_a_write_sees_nothing_of_the_record_written() {
     let (real, _store) = common::start_datastore(800).await;
-    let slow = slow_datastore(real, Duration::from_secs(3), true).await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let slow = slow_datastore(real, Hold::Until(release.clone()), true).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(slow),
         ..Default::default()
@@ -571,19 +596,22 @@ async fn a_caller_revoked_during_a_write_sees_nothing_of_the_record_written() {
     };
     let revoke = async {
         // Once the write's intent is on record it is on its way to the datastore, which
-        // holds its answer for three seconds.
+        // holds its answer until the revocation has been made.
         until("write intended", || async {
             app.audit_records()
                 .iter()
                 .any(|r| r["detail"]["write"] == "intended")
         })
         .await;
-        app.admin_post(
-            "/revocations",
-            &app.token("security"),
-            r#"{"subject":"demo-canvasser","reason":"phone stolen on the doorstep"}"#,
-        )
-        .await
+        let revoked = app
+            .admin_post(
+                "/revocations",
+                &app.token("security"),
+                r#"{"subject":"demo-canvasser","reason":"phone stolen on the doorstep"}"#,
+            )
+            .await;
+        release.notify_one();
+        revoked
     };
     let (r, revoked) = tokio::join!(write, revoke);
     assert_eq!(revoked.status, 200, "{:?}", revoked.body);

@@ -841,3 +841,63 @@ async fn the_console_is_for_security_and_dpo_only_and_classification_is_kept() {
         .unwrap();
     assert_eq!(a["classification"]["class"], "reportable");
 }
+
+/// A containment this replica cannot journal is in effect nowhere: the console says so (503
+/// `controls-not-recorded`, not a stale store), the breach log shows no containment and the
+/// token still works; made again once the journal can be written, it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&data, "64k") else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        data_dir: Some(data.clone()),
+        ..AppOptions::default()
+    })
+    .await;
+    let token = app.token("councillor");
+    let list = || {
+        app.get(
+            "/voter/electors?per_page=20",
+            Some(&token),
+            Some("canvassing"),
+        )
+    };
+    // Enough records after hours for the rule.
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    let contain = format!("/alerts/{}/contain", alert["id"].as_str().unwrap());
+    let sec = app.token("security");
+    let body = r#"{"reason":"nobody canvasses at this hour"}"#;
+
+    common::fill(&data);
+    let r = app.admin_post(&contain, &sec, body).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(
+        r.json()["type"],
+        "urn:wardgate:problem:controls-not-recorded"
+    );
+    assert!(!breach_log(&app).iter().any(|e| e["entry"] == "contained"));
+    assert_eq!(list().await.status, StatusCode::OK, "nothing took");
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    let r = app.admin_post(&contain, &sec, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["containment"]["outcome"], "revoked");
+    assert_eq!(list().await.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        breach_log(&app)
+            .iter()
+            .any(|e| e["entry"] == "contained" && e["alert_id"] == alert["id"])
+    );
+}

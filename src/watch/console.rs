@@ -254,15 +254,25 @@ where
                     request_id,
                 ));
             }
-            let outcome = super::revoke(gw, event).await;
-            if outcome != "revoked" {
-                tracing::error!(alert = %id, outcome, "containment failed");
-                // Recorded as `respond` records a revocation that did not take.
-                return boxed(fail(GatewayError::ControlsStale).await);
-            }
-            match super::record_containment(gw, &id, token_id, outcome).await {
-                Some(alert) => json(&alert),
-                None => boxed(problem_response(
+            let done = super::revoke(gw, event).await;
+            let outcome = super::outcome(&done);
+            // Answered as the rights endpoint answers a change that did not take (or took
+            // here only); one in effect here is a containment the breach log shows.
+            let failed = match done {
+                Ok(()) => None,
+                Err(crate::controls::RecordError::NotShared(_)) => {
+                    Some(GatewayError::ControlsNotShared)
+                }
+                Err(crate::controls::RecordError::NotRecorded(_)) => {
+                    tracing::error!(alert = %id, outcome, "containment failed");
+                    return boxed(fail(GatewayError::ControlsNotRecorded).await);
+                }
+            };
+            let contained = super::record_containment(gw, &id, token_id, outcome).await;
+            match (failed, contained) {
+                (Some(e), _) => boxed(fail(e).await),
+                (None, Some(alert)) => json(&alert),
+                (None, None) => boxed(problem_response(
                     &GatewayError::AuditUnavailable,
                     request_id,
                 )),

@@ -249,7 +249,7 @@ async fn contain(gw: &Gateway, alert: Alert) {
     record.detail = serde_json::to_value(&event).ok();
     let outcome = match gw.audit.append(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
-        Ok(_) => revoke(gw, event).await,
+        Ok(_) => outcome(&revoke(gw, event).await),
     };
     tracing::warn!(alert = %alert.id, token_id, outcome, "containment");
     record_containment(gw, &alert.id, token_id, outcome).await;
@@ -269,9 +269,14 @@ pub(crate) fn revocation(token_id: &str, by: &str, reason: &str) -> Event {
     }
 }
 
-/// Applies an (already audited) revocation; returns the outcome for the breach log.
-pub(crate) async fn revoke(gw: &Gateway, event: Event) -> String {
-    match gw.controls.record(event).await {
+/// Applies an (already audited) revocation.
+pub(crate) async fn revoke(gw: &Gateway, event: Event) -> Result<(), crate::controls::RecordError> {
+    gw.controls.record(event).await
+}
+
+/// A revocation's outcome, as the breach log gives it.
+pub(crate) fn outcome(done: &Result<(), crate::controls::RecordError>) -> String {
+    match done {
         Ok(()) => "revoked".to_owned(),
         Err(e @ crate::controls::RecordError::NotShared(_)) => format!("revoked: {e}"),
         Err(e) => format!("not revoked: {e}"),

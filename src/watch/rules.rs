@@ -211,10 +211,14 @@ impl Detector {
             }
             _ => {}
         }
-        if rec.reason.as_deref() == Some("token_role_not_from_issuer") {
+        if matches!(
+            rec.reason.as_deref(),
+            Some("token_role_not_from_issuer" | "token_name_not_from_issuer")
+        ) {
             self.count(Rule::IssuerOverreach, &ev, 1, &mut out, |n, _, w| {
                 format!(
-                    "{n} tokens within {w} signed by a trusted issuer for a role it may not issue"
+                    "{n} tokens within {w} signed by a trusted issuer for a role it may not \
+                     issue or a caller it may not name"
                 )
             });
         }

@@ -246,6 +246,13 @@ fn one_token_minted_beyond_its_issuer_s_roles_matches_at_once() {
         vec![denied(None, SUMMER_MORNING, "token_role_not_from_issuer")],
     );
     assert_eq!(rules(&f), vec![Rule::IssuerOverreach]);
+    // Nor may it name another issuer's callers.
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![denied(None, SUMMER_MORNING, "token_name_not_from_issuer")],
+    );
+    assert_eq!(rules(&f), vec![Rule::IssuerOverreach]);
     // Other refused tokens are not it.
     let mut d = detector();
     let f = run(

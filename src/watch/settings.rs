@@ -51,7 +51,8 @@ pub enum Rule {
     /// narrow a small group's count (differencing).
     AggregateSeries,
     /// A token signed by a trusted issuer for a role that issuer may not issue
-    /// (`auth.issuer_roles`): a partner's identity provider minting a DPO, say.
+    /// (`auth.issuer_roles`): a partner's identity provider minting a DPO, say; or naming a
+    /// caller or token id in another issuer's namespace (`auth.subject_prefixes`).
     IssuerOverreach,
 }
 
