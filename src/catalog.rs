@@ -95,6 +95,21 @@ pub struct Catalog {
     pub purposes: BTreeMap<String, Purpose>,
     pub categories: BTreeMap<String, Category>,
     pub datasets: BTreeMap<String, Dataset>,
+    /// Words policies may compare records' flags and consent channels with beyond the
+    /// gateway's own (`policy::vocabulary`): those a datastore's records carry that the
+    /// rights register does not take.
+    #[serde(default)]
+    pub words: Words,
+}
+
+/// `[words]`: flags and consent channels known beyond the rights register's.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Words {
+    #[serde(default)]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub consent_channels: Vec<String>,
 }
 
 impl Catalog {

@@ -553,13 +553,13 @@ fn check_subject_prefixes(
         if !prefix.is_empty()
             && (prefix.len() > MAX_SUBJECT_PREFIX
                 || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
-                || !prefix.ends_with(|c: char| c.is_ascii_punctuation()))
+                || !prefix.ends_with([':', '/', '|', '#']))
         {
             bail!(
                 "`auth.subject_prefixes`: `{issuer}`'s prefix `{}` must be at most \
                  {MAX_SUBJECT_PREFIX} bytes, without spaces or control characters, and end in \
-                 a separator such as `:` (a prefix `p` would take every bare subject beginning \
-                 with p from the other issuers)",
+                 `:`, `/`, `|` or `#`, which no base64url token id or UUID holds (a prefix `p` \
+                 or `p_` would take the other issuers' subjects and token ids that begin so)",
                 prefix.escape_debug()
             );
         }

@@ -279,8 +279,13 @@ fn subject_prefixes_keep_issuers_apart() {
     let e = err(&with(two, r#"{ "https://partner.example" = "partner :" }"#));
     assert!(e.contains("without spaces"), "{e}");
     // Without a separator, `p` would take every bare subject beginning with p.
-    let e = err(&with(two, r#"{ "https://partner.example" = "p" }"#));
-    assert!(e.contains("end in a separator"), "{e}");
+    for bare in ["p", "p_", "p-", "p."] {
+        let e = err(&with(
+            two,
+            &format!(r#"{{ "https://partner.example" = "{bare}" }}"#),
+        ));
+        assert!(e.contains("end in `:`, `/`, `|` or `#`"), "{e}");
+    }
     // The gateway's own operators are `local:`.
     for local in ["local:", "local:x:", "l:"] {
         let e = parse(&with(

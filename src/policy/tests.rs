@@ -290,6 +290,15 @@ fn a_policy_comparing_with_a_word_the_gateway_does_not_know_is_refused() {
             "{msg}"
         );
     }
+    // The shipped pack's role lists are checked too.
+    let purposes = std::fs::read_to_string(repo().join("policies/purpose.cedar")).unwrap();
+    let typo = purposes.replacen("\"mp_campaign_staff\"]", "\"mp_campain_staff\"]", 1);
+    assert_ne!(typo, purposes);
+    let msg = format!("{:#}", load_with("purpose.cedar", &typo).err().unwrap());
+    assert!(
+        msg.contains("purpose.cedar: policy `purpose.canvassing-campaign-roles` compares context.caller.role with \"mp_campain_staff\""),
+        "{msg}"
+    );
     // The shipped pack's words are all known.
     assert!(load_with("restrictions.cedar", &shipped).is_ok());
 }

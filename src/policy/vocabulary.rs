@@ -8,12 +8,14 @@
 //! | compared with | must be |
 //! | --- | --- |
 //! | `context.caller.role` | a role the catalogue defines |
-//! | `context.record.flags` | a kind the rights register takes (`controls::KINDS`, not the consent withdrawals) or `under_16` (the filter's, from the attainer date) |
-//! | `context.record.consented` | a channel the register can withdraw consent for (`email`, `sms`, `phone`) |
+//! | `context.record.flags` | a kind the rights register takes (`controls::KINDS`, not the consent withdrawals), `under_16` (the filter's, from the attainer date), or one the catalogue's `[words] flags` adds |
+//! | `context.record.consented` | a channel the register can withdraw consent for (`email`, `sms`, `phone`), or one `[words] consent_channels` adds |
 //! | `context.record.markers` | a register marker's form: one or two capital letters (`N`, `F`, `L`, `G`, `B`, `M`...) |
 //!
-//! "Compared" is `==`, `!=`, `contains`, `containsAll` and `containsAny`, either way round for
-//! the first two. Other strings (units, lawful bases, area kinds) are not checked.
+//! "Compared" is `==`, `!=`, `contains`, `containsAll` and `containsAny`, either way round
+//! (`["dpo", "security"].contains(context.caller.role)` too), with each branch of an
+//! `if`-`then`-`else` that gives the literal; and `like`, whose pattern must match a known
+//! word. Other strings (units, lawful bases, area kinds) are not checked.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -59,15 +61,43 @@ impl Vocabulary {
             flags: (kinds.clone().filter(|k| !withdrawn(k)))
                 .chain(["under_16"].iter())
                 .map(|k| (*k).to_owned())
+                .chain(catalog.words.flags.iter().cloned())
                 .collect(),
             channels: kinds
                 .filter_map(|k| k.strip_prefix("consent_withdrawn_"))
                 .map(str::to_owned)
+                .chain(catalog.words.consent_channels.iter().cloned())
                 .collect(),
         }
     }
 
+    /// The words `word` may be, where there is a list (markers are checked by form).
+    fn words(&self, word: Word) -> Option<&BTreeSet<String>> {
+        match word {
+            Word::Role => Some(&self.roles),
+            Word::Flag => Some(&self.flags),
+            Word::Channel => Some(&self.channels),
+            Word::Marker => None,
+        }
+    }
+
     /// Why `literal` is not a word `word` may be compared with, if it is not.
+    fn refuse_literal(&self, literal: &Literal, word: Word) -> Option<String> {
+        match literal {
+            Literal::Exact(text) => self.refuse(word, text),
+            Literal::Like(pattern) if pattern.iter().all(Option::is_some) => {
+                self.refuse(word, &pattern.iter().flatten().cloned().collect::<String>())
+            }
+            Literal::Like(pattern) => {
+                let words = self.words(word)?;
+                (!words.iter().any(|w| glob(pattern, w))).then(|| {
+                    let all: Vec<&str> = words.iter().map(String::as_str).collect();
+                    format!("a pattern no known word matches ({})", all.join(", "))
+                })
+            }
+        }
+    }
+
     fn refuse(&self, word: Word, literal: &str) -> Option<String> {
         let known = |set: &BTreeSet<String>, what: &str| {
             (!set.contains(literal)).then(|| {
@@ -104,12 +134,12 @@ pub fn literals_known(
         }
         let id = policy.id().to_string();
         for (word, literal) in found {
-            if let Some(why) = vocabulary.refuse(word, &literal) {
+            if let Some(why) = vocabulary.refuse_literal(&literal, word) {
                 problems.push(format!(
                     "{}: policy `{id}` compares {} with \"{}\", {why}",
                     super::source_of(&id, sources),
                     word.path(),
-                    literal.escape_debug()
+                    literal.to_string().escape_debug()
                 ));
             }
         }
@@ -126,25 +156,68 @@ pub fn literals_known(
     Ok(())
 }
 
+/// A string a checked attribute is compared with: a literal, or a `like` pattern (its
+/// pieces; `None` a wildcard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Literal {
+    Exact(String),
+    Like(Vec<Option<String>>),
+}
+
+impl std::fmt::Display for Literal {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Literal::Exact(s) => f.write_str(s),
+            Literal::Like(pattern) => pattern
+                .iter()
+                .try_for_each(|p| f.write_str(p.as_deref().unwrap_or("*"))),
+        }
+    }
+}
+
+/// Whether `word` matches a `like` pattern's pieces (`None`: any run of characters).
+fn glob(pattern: &[Option<String>], word: &str) -> bool {
+    match pattern.split_first() {
+        None => word.is_empty(),
+        Some((Some(piece), rest)) => word
+            .strip_prefix(piece.as_str())
+            .is_some_and(|after| glob(rest, after)),
+        Some((None, rest)) => word
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([word.len()])
+            .any(|i| glob(rest, &word[i..])),
+    }
+}
+
 /// Collects `(attribute, literal)` for every comparison of a checked attribute with string
 /// literals in a condition in Cedar's JSON form (EST): `{"contains": {"left": …, "right":
-/// {"Value": "x"}}}`, `{"==": …}` either way round, and sets (`{"Set": [{"Value": "x"}]}`).
-fn visit(e: &Value, found: &mut Vec<(Word, String)>) {
+/// {"Value": "x"}}}` and the other operators, either way round; sets (`{"Set": [{"Value":
+/// "x"}]}`); the branches of `{"if-then-else": …}`; and `{"like": {"left": …, "pattern":
+/// […]}}`.
+fn visit(e: &Value, found: &mut Vec<(Word, Literal)>) {
     match e {
         Value::Object(map) => {
             for op in ["==", "!=", "contains", "containsAll", "containsAny"] {
                 if let Some(args) = map.get(op) {
                     let (left, right) = (&args["left"], &args["right"]);
-                    let either_way = matches!(op, "==" | "!=");
                     for (attr, other) in [(left, right), (right, left)] {
                         if let Some(word) = word_at(attr) {
-                            literals(other, &mut |s| found.push((word, s.to_owned())));
-                        }
-                        if !either_way {
-                            break;
+                            literals(other, &mut |s| {
+                                found.push((word, Literal::Exact(s.to_owned())));
+                            });
                         }
                     }
                 }
+            }
+            if let Some(like) = map.get("like")
+                && let Some(word) = word_at(&like["left"])
+            {
+                let pieces = like["pattern"].as_array().into_iter().flatten();
+                let pattern = pieces
+                    .map(|p| p.get("Literal").and_then(Value::as_str).map(str::to_owned))
+                    .collect();
+                found.push((word, Literal::Like(pattern)));
             }
             map.values().for_each(|v| visit(v, found));
         }
@@ -169,13 +242,18 @@ fn word_at(e: &Value) -> Option<Word> {
     }
 }
 
-/// The string literals `e` is: one (`{"Value": "x"}`), or a set's.
+/// The string literals `e` is: one (`{"Value": "x"}`), a set's, or either branch's of an
+/// `if`-`then`-`else`.
 fn literals(e: &Value, each: &mut dyn FnMut(&str)) {
     if let Some(s) = e.get("Value").and_then(Value::as_str) {
         each(s);
     }
     for item in e.get("Set").and_then(Value::as_array).into_iter().flatten() {
         literals(item, each);
+    }
+    if let Some(branches) = e.get("if-then-else") {
+        literals(&branches["then"], each);
+        literals(&branches["else"], each);
     }
 }
 
@@ -193,7 +271,10 @@ mod tests {
                 visit(&c["body"], &mut found);
             }
         }
-        found.into_iter().map(|(w, s)| (w.path(), s)).collect()
+        found
+            .into_iter()
+            .map(|(w, s)| (w.path(), s.to_string()))
+            .collect()
     }
 
     #[test]
@@ -222,6 +303,35 @@ mod tests {
         assert_eq!(
             found(r#"!context.record.markers.containsAll(["N"])"#),
             owned(&[("context.record.markers", "N")])
+        );
+        // A set literal holding the attribute, as the shipped pack writes role lists.
+        assert_eq!(
+            found(r#"["canvaser", "dpo"].contains(context.caller.role)"#),
+            owned(&[
+                ("context.caller.role", "canvaser"),
+                ("context.caller.role", "dpo")
+            ])
+        );
+        assert_eq!(
+            found(r#"["restricted", "erasure_requestd"].containsAny(context.record.flags)"#),
+            owned(&[
+                ("context.record.flags", "restricted"),
+                ("context.record.flags", "erasure_requestd")
+            ])
+        );
+        // Each branch that gives the literal, and a `like` pattern.
+        assert_eq!(
+            found(
+                r#"context.caller.role == (if context.record.tps_fresh then "dpo" else "secuirty")"#
+            ),
+            owned(&[
+                ("context.caller.role", "dpo"),
+                ("context.caller.role", "secuirty")
+            ])
+        );
+        assert_eq!(
+            found(r#"context.caller.role like "mp_*""#),
+            owned(&[("context.caller.role", "mp_*")])
         );
         // Nested inside other expressions, and only the checked attributes.
         assert_eq!(
@@ -263,5 +373,45 @@ mod tests {
         ] {
             assert!(v.refuse(word, bad).is_some(), "{bad}");
         }
+        // A `like` pattern must match some role; without a wildcard it is a literal.
+        let like =
+            |p: &[Option<&str>]| Literal::Like(p.iter().map(|s| s.map(str::to_owned)).collect());
+        assert_eq!(
+            v.refuse_literal(&like(&[Some("mp_"), None]), Word::Role),
+            None
+        );
+        assert_eq!(
+            v.refuse_literal(&like(&[None, Some("officer")]), Word::Role),
+            None
+        );
+        assert!(
+            v.refuse_literal(&like(&[Some("mp-"), None]), Word::Role)
+                .is_some()
+        );
+        assert!(
+            v.refuse_literal(&like(&[Some("counciler")]), Word::Role)
+                .is_some()
+        );
+        // The catalogue can add flags and channels its datastores carry.
+        let mut more = catalog.clone();
+        more.words.flags.push("moved_away".into());
+        more.words.consent_channels.push("post".into());
+        let v = Vocabulary::new(&more);
+        assert_eq!(v.refuse(Word::Flag, "moved_away"), None);
+        assert_eq!(v.refuse(Word::Channel, "post"), None);
+    }
+
+    #[test]
+    fn like_patterns_match_as_cedar_matches_them() {
+        let p = |s: &[Option<&str>]| s.iter().map(|x| x.map(str::to_owned)).collect::<Vec<_>>();
+        assert!(glob(&p(&[Some("mp_"), None]), "mp_caseworker"));
+        assert!(glob(&p(&[None]), ""));
+        assert!(glob(
+            &p(&[None, Some("er"), None, Some("r")]),
+            "membership_officer"
+        ));
+        assert!(!glob(&p(&[Some("mp_")]), "mp_caseworker"));
+        assert!(!glob(&p(&[None, Some("x")]), "dpo"));
+        assert!(glob(&p(&[Some("dpo")]), "dpo"));
     }
 }

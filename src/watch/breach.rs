@@ -55,7 +55,8 @@ pub struct Alert {
 pub struct Containment {
     pub token_id: String,
     pub at: String,
-    /// `revoked`, or why revocation failed.
+    /// `revoked`; `revoked: …` when in effect on this replica but not yet shared (the others
+    /// learn of it when the shared store is back); `not revoked: …` and why otherwise.
     pub outcome: String,
 }
 

@@ -30,8 +30,11 @@ async function api(path, options) {
   const resp = await fetch(path, Object.assign({}, opts, { headers }));
   if (!resp.ok) {
     let detail = resp.statusText;
-    try { const p = await resp.json(); detail = p.detail || p.title || detail; } catch (_) { /* not JSON */ }
-    throw new Error(resp.status + ': ' + detail);
+    let type = '';
+    try { const p = await resp.json(); detail = p.detail || p.title || detail; type = p.type || ''; } catch (_) { /* not JSON */ }
+    const err = new Error(resp.status + ': ' + detail);
+    err.type = type;
+    throw err;
   }
   return resp.json();
 }
@@ -147,9 +150,10 @@ function renderAlerts() {
     const classify = el('button', { class: 'classify', type: 'button' }, 'Classify');
     classify.addEventListener('click', () => doClassify(a.id, cls.value, note.value));
     const token = a.principal && a.principal.token_id;
-    const contained = a.containment ? a.containment.outcome : null;
-    const revoke = el('button', { class: 'revoke', type: 'button', disabled: !token || contained === 'revoked' },
-      contained === 'revoked' ? 'Token revoked' : 'Revoke token');
+    // `revoked`, or `revoked: ...` (in effect here, not yet shared): either way, do not repeat it.
+    const revoked = !!a.containment && a.containment.outcome.startsWith('revoked');
+    const revoke = el('button', { class: 'revoke', type: 'button', disabled: !token || revoked },
+      revoked ? 'Token revoked' : 'Revoke token');
     revoke.addEventListener('click', () => doRevoke(a.id, token));
     tbody.append(el('tr', { class: 'alert', 'data-id': a.id },
       el('td', {}, a.id), el('td', {}, a.rule), el('td', {}, a.principal ? a.principal.subject + ' (' + a.principal.role + ')' : a.key),
@@ -193,7 +197,17 @@ async function doRevoke(id, tokenId) {
     renderAlerts();
     status('Token ' + tokenId + ' revoked on every replica.');
   } catch (e) {
-    status('Not revoked: ' + e.message, true);
+    if (e.type === 'urn:wardgate:problem:controls-not-shared') {
+      // In effect on this replica; the breach log has it. Show it, and say not to repeat it.
+      try {
+        const log = await api('/alerts');
+        state.alerts = new Map(log.alerts.map((x) => [x.id, x]));
+        renderAlerts();
+      } catch (_) { /* the status below still says what happened */ }
+      status('Token ' + tokenId + ' revoked on this replica; the others learn of it when the shared store is back. Do not revoke it again.', true);
+    } else {
+      status('Not revoked: ' + e.message, true);
+    }
   }
 }
 
