@@ -843,8 +843,8 @@ async fn the_console_is_for_security_and_dpo_only_and_classification_is_kept() {
 }
 
 /// A containment this replica cannot journal is in effect nowhere: the console says so (503
-/// `controls-not-recorded`, not a stale store), the breach log shows no containment and the
-/// token still works; made again once the journal can be written, it takes.
+/// `controls-not-recorded`, not a stale store), the breach log shows the attempt as not
+/// revoked and the token still works; made again once the journal can be written, it takes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again() {
     let scratch = tempfile::tempdir().unwrap();

@@ -168,26 +168,51 @@ impl std::fmt::Display for Literal {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             Literal::Exact(s) => f.write_str(s),
-            Literal::Like(pattern) => pattern
-                .iter()
-                .try_for_each(|p| f.write_str(p.as_deref().unwrap_or("*"))),
+            // As written: a star that is a character, not a wildcard, escaped.
+            Literal::Like(pattern) => pattern.iter().try_for_each(|p| match p {
+                Some(text) => f.write_str(&text.replace('*', "\\*")),
+                None => f.write_str("*"),
+            }),
         }
     }
 }
 
-/// Whether `word` matches a `like` pattern's pieces (`None`: any run of characters).
+/// Whether `word` matches a `like` pattern's pieces (`None`: any run of characters), as
+/// Cedar matches: greedily, going back only to the last wildcard, so any pattern takes time
+/// in proportion to the pattern times the word.
 fn glob(pattern: &[Option<String>], word: &str) -> bool {
-    match pattern.split_first() {
-        None => word.is_empty(),
-        Some((Some(piece), rest)) => word
-            .strip_prefix(piece.as_str())
-            .is_some_and(|after| glob(rest, after)),
-        Some((None, rest)) => word
-            .char_indices()
-            .map(|(i, _)| i)
-            .chain([word.len()])
-            .any(|i| glob(rest, &word[i..])),
+    let pat: Vec<Option<char>> = pattern
+        .iter()
+        .flat_map(|piece| match piece {
+            Some(text) => text.chars().map(Some).collect::<Vec<_>>(),
+            None => vec![None],
+        })
+        .collect();
+    let word: Vec<char> = word.chars().collect();
+    let (mut p, mut w) = (0, 0);
+    // The last wildcard seen, and where in the word it was last made to end.
+    let mut back: Option<(usize, usize)> = None;
+    while w < word.len() {
+        match pat.get(p) {
+            Some(None) => {
+                back = Some((p, w));
+                p += 1;
+            }
+            Some(Some(c)) if *c == word[w] => {
+                p += 1;
+                w += 1;
+            }
+            _ => match back {
+                Some((star, at)) => {
+                    back = Some((star, at + 1));
+                    p = star + 1;
+                    w = at + 1;
+                }
+                None => return false,
+            },
+        }
     }
+    pat[p..].iter().all(Option::is_none)
 }
 
 /// Collects `(attribute, literal)` for every comparison of a checked attribute with string
@@ -413,5 +438,12 @@ mod tests {
         assert!(!glob(&p(&[Some("mp_")]), "mp_caseworker"));
         assert!(!glob(&p(&[None, Some("x")]), "dpo"));
         assert!(glob(&p(&[Some("dpo")]), "dpo"));
+        assert!(glob(&p(&[None, None, Some("ö"), None]), "außer-ö-x"));
+        assert!(!glob(&p(&[Some("*")]), "x"));
+        assert!(glob(&p(&[Some("*")]), "*"));
+        // Many wildcards in a row cost no more than one.
+        let stars: Vec<Option<String>> = (0..40).map(|_| None).chain([Some("x".into())]).collect();
+        assert!(!glob(&stars, &"a".repeat(60)));
+        assert_eq!(Literal::Like(p(&[Some("a*b"), None])).to_string(), "a\\*b*");
     }
 }

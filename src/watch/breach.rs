@@ -166,10 +166,16 @@ impl BreachLog {
         self.append(Entry::Alert(Box::new(alert)))
     }
 
+    /// Records an attempt to contain the alert. One that did not take never replaces one
+    /// that did (`revoked`, or `revoked: …`): the alert is left as it is.
     pub fn contain(&self, alert_id: &str, containment: Containment) -> Result<Alert, BreachError> {
-        self.append_for(alert_id, |id| Entry::Contained {
-            alert_id: id,
-            containment,
+        let took = |c: &Containment| c.outcome.starts_with("revoked");
+        self.append_for(alert_id, |alert| {
+            let keep = !took(&containment) && alert.containment.as_ref().is_some_and(took);
+            (!keep).then(|| Entry::Contained {
+                alert_id: alert.id.clone(),
+                containment,
+            })
         })
     }
 
@@ -178,9 +184,11 @@ impl BreachLog {
         alert_id: &str,
         classification: Classification,
     ) -> Result<Alert, BreachError> {
-        self.append_for(alert_id, |id| Entry::Classified {
-            alert_id: id,
-            classification,
+        self.append_for(alert_id, |alert| {
+            Some(Entry::Classified {
+                alert_id: alert.id.clone(),
+                classification,
+            })
         })
     }
 
@@ -190,16 +198,20 @@ impl BreachLog {
         s.alerts.iter().rev().cloned().collect()
     }
 
+    /// Writes the entry `entry` makes of the alert, under one lock (none: the alert stays as
+    /// it is), and returns the alert as it then stands.
     fn append_for(
         &self,
         alert_id: &str,
-        entry: impl FnOnce(String) -> Entry,
+        entry: impl FnOnce(&Alert) -> Option<Entry>,
     ) -> Result<Alert, BreachError> {
         let mut s = self.lock();
-        if !s.alerts.iter().any(|a| a.id == alert_id) {
+        let Some(alert) = s.alerts.iter().find(|a| a.id == alert_id) else {
             return Err(BreachError::NotFound(alert_id.to_owned()));
+        };
+        if let Some(entry) = entry(alert) {
+            write(&mut s, entry)?;
         }
-        write(&mut s, entry(alert_id.to_owned()))?;
         s.alerts
             .iter()
             .find(|a| a.id == alert_id)
@@ -316,6 +328,35 @@ mod tests {
         assert_eq!(a1.history[0].class, Class::NearMiss);
         log.add(alert("A3")).unwrap();
         assert_eq!(BreachLog::open(&path).unwrap().alerts().len(), 3);
+    }
+
+    /// A containment that did not take never hides one that did: two operators, or an
+    /// automatic containment and an operator, may both try.
+    #[test]
+    fn a_failed_containment_never_replaces_one_that_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BreachLog::open(&dir.path().join("b.jsonl")).unwrap();
+        log.add(alert("A1")).unwrap();
+        let tried = |outcome: &str| Containment {
+            token_id: "t-1".into(),
+            at: "2026-01-01T01:00:00.000Z".into(),
+            outcome: outcome.into(),
+        };
+        let outcome = |a: Alert| a.containment.unwrap().outcome;
+        let a = log.contain("A1", tried("not revoked: disk full")).unwrap();
+        assert_eq!(outcome(a), "not revoked: disk full");
+        let a = log.contain("A1", tried("revoked: not yet shared")).unwrap();
+        assert_eq!(outcome(a), "revoked: not yet shared");
+        let a = log.contain("A1", tried("not revoked: disk full")).unwrap();
+        assert_eq!(outcome(a), "revoked: not yet shared");
+        let a = log.contain("A1", tried("revoked")).unwrap();
+        assert_eq!(outcome(a), "revoked");
+        let lines = std::fs::read_to_string(dir.path().join("b.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 4, "{lines}");
+        assert!(matches!(
+            log.contain("A9", tried("revoked")),
+            Err(BreachError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -198,7 +198,8 @@ async function doRevoke(id, tokenId) {
     status('Token ' + tokenId + ' revoked on every replica.');
   } catch (e) {
     if (e.type === 'urn:wardgate:problem:controls-not-shared') {
-      // In effect on this replica; the breach log has it. Show it, and say not to repeat it.
+      // In effect on this replica (the breach log has it, unless that write failed too):
+      // show the alert as it stands, and say not to repeat it.
       try {
         const log = await api('/alerts');
         state.alerts = new Map(log.alerts.map((x) => [x.id, x]));

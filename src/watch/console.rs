@@ -265,13 +265,9 @@ where
                 }
                 Err(crate::controls::RecordError::NotRecorded(_)) => {
                     tracing::error!(alert = %id, outcome, "containment failed");
-                    // The breach log shows the attempt, as it does a failed automatic one,
-                    // unless an earlier one took (whose outcome it would replace).
-                    let took = (alert.containment.as_ref())
-                        .is_some_and(|c| c.outcome.starts_with("revoked"));
-                    if !took {
-                        super::record_containment(gw, &id, token_id, outcome).await;
-                    }
+                    // The breach log shows the attempt, as it does a failed automatic one
+                    // (never in place of one that took: `BreachLog::contain`).
+                    super::record_containment(gw, &id, token_id, outcome).await;
                     return boxed(fail(GatewayError::ControlsNotRecorded).await);
                 }
             };
