@@ -227,18 +227,23 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     );
 }
 
-/// Two trusted identity providers, each with its own key: a token verifies only under the
-/// issuer of the key that signed it, so the partner's key cannot mint the party's own tokens.
-#[test]
-fn a_key_signs_only_for_its_own_issuer() {
-    let dir = tempfile::tempdir().unwrap();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (party, partner) = ("https://sso.party", "https://sso.partner");
+const PARTY: &str = "https://sso.party";
+const PARTNER: &str = "https://sso.partner";
+
+/// Two trusted identity providers, the party's and a partner's, each with its own ES256 key
+/// (`party-1`, `partner-1`): their configuration, with no roles limited and no prefixes, and a
+/// signer per key id.
+fn two_issuers(
+    dir: &std::path::Path,
+) -> (
+    crate::config::AuthConfig,
+    HashMap<&'static str, crate::token::Signer>,
+) {
     let mut keys = Vec::new();
     let mut signers = HashMap::new();
-    for (kid, issuer) in [("party-1", party), ("partner-1", partner)] {
+    for (kid, issuer) in [("party-1", PARTY), ("partner-1", PARTNER)] {
         let kp = crate::token::generate_es256().unwrap();
-        let path = dir.path().join(format!("{kid}.pem"));
+        let path = dir.join(format!("{kid}.pem"));
         std::fs::write(&path, &kp.public_pem).unwrap();
         keys.push(crate::config::KeyFile {
             kid: kid.into(),
@@ -256,7 +261,7 @@ fn a_key_signs_only_for_its_own_issuer() {
         signers.insert(kid, signer);
     }
     let cfg = crate::config::AuthConfig {
-        issuers: vec![party.into(), partner.into()],
+        issuers: vec![PARTY.into(), PARTNER.into()],
         audience: "wardgate".into(),
         leeway: std::time::Duration::from_secs(0),
         algorithms: vec![Algorithm::ES256],
@@ -266,6 +271,17 @@ fn a_key_signs_only_for_its_own_issuer() {
         issuer_roles: Default::default(),
         subject_prefixes: Default::default(),
     };
+    (cfg, signers)
+}
+
+/// Two trusted identity providers, each with its own key: a token verifies only under the
+/// issuer of the key that signed it, so the partner's key cannot mint the party's own tokens.
+#[test]
+fn a_key_signs_only_for_its_own_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (party, partner) = (PARTY, PARTNER);
+    let (cfg, signers) = two_issuers(dir.path());
     let known = || KnownNames {
         roles: ["canvasser".to_owned(), "dpo".to_owned()].into(),
         areas: ["E05011391".to_owned()].into(),
@@ -330,39 +346,14 @@ fn a_key_signs_only_for_its_own_issuer() {
 fn each_issuer_names_its_own_subjects() {
     let dir = tempfile::tempdir().unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (party, partner) = ("https://sso.party", "https://sso.partner");
-    let mut keys = Vec::new();
-    let mut signers = HashMap::new();
-    for (kid, issuer) in [("party-1", party), ("partner-1", partner)] {
-        let kp = crate::token::generate_es256().unwrap();
-        let path = dir.path().join(format!("{kid}.pem"));
-        std::fs::write(&path, &kp.public_pem).unwrap();
-        keys.push(crate::config::KeyFile {
-            kid: kid.into(),
-            algorithm: Algorithm::ES256,
-            public_key_file: path,
-            issuer: issuer.into(),
-        });
-        let signer = crate::token::Signer::from_pem(
-            kid,
-            Algorithm::ES256,
-            kp.private_pem.as_bytes(),
-            issuer,
-        )
-        .unwrap();
-        signers.insert(issuer, signer);
-    }
+    let (party, partner) = (PARTY, PARTNER);
+    let (cfg, by_kid) = two_issuers(dir.path());
     let cfg = crate::config::AuthConfig {
-        issuers: vec![party.into(), partner.into()],
-        audience: "wardgate".into(),
-        leeway: std::time::Duration::from_secs(0),
-        algorithms: vec![Algorithm::ES256],
-        keys,
-        jwks_file: None,
-        jwks_issuer: String::new(),
-        issuer_roles: Default::default(),
         subject_prefixes: [(partner.to_owned(), "partner:".to_owned())].into(),
+        ..cfg
     };
+    let signers: HashMap<&str, _> =
+        [(party, &by_kid["party-1"]), (partner, &by_kid["partner-1"])].into();
     let known = KnownNames {
         roles: ["canvasser".to_owned()].into(),
         areas: ["E05011391".to_owned()].into(),
