@@ -6,9 +6,9 @@
 //! HS256 token "signed" with a public key's bytes) and `alg: none` before any crypto runs.
 //! Each key also answers for one issuer: a token's `iss` must be the issuer of the key that
 //! signed it, so one trusted identity provider cannot sign as another, and each issuer but
-//! one names its callers behind its own prefix (`auth.subject_prefixes`), so none can name
-//! another's.
-//! `iss`, `aud`, `exp` and `nbf` are required, numeric where they are times, with a bounded
+//! one names its callers and token ids behind its own prefix (`auth.subject_prefixes`), so
+//! none can name another's (unless given an empty prefix, to share on purpose).
+//! `iss`, `aud`, `sub`, `exp`, `nbf` and `iat` are required, numeric where they are times, with a bounded
 //! leeway. This module knows nothing of purposes or policies beyond checking that a token's
 //! role, areas and purposes name things the catalogue and area register define.
 

@@ -3,7 +3,9 @@
 //! At start every `policies/*.cedar` file is parsed, every policy must carry a unique `@id`
 //! (that id, not Cedar's generated one, is what 403 bodies and audit records name), and the
 //! whole set is validated in strict mode against `policies/*.cedarschema`. Any failure stops
-//! the gateway with `file:line:col` and the problem. On the request path a decision is allowed
+//! the gateway with `file:line:col` and the problem. Then the ids and words policies name are
+//! checked against the registers (entities here, strings in `vocabulary`): a failure names
+//! the file and the policy. On the request path a decision is allowed
 //! only if Cedar says Allow *and* evaluation raised no error: an erroring `forbid` is skipped by
 //! Cedar, and skipping a forbid must never let data out. This module decides; it does not know
 //! about HTTP, records on the wire or the audit log.

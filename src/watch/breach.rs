@@ -4,7 +4,8 @@
 //! Seeds §13.4 asks for a log of every potential breach, reportable or near miss; §13.8-13.9
 //! give 72 hours from awareness to report. An alert is "awareness": its `report_by` is
 //! `detected_at` plus 72 hours. Nothing is rewritten: a reclassification is a new line, and
-//! the file read from the top gives each alert's current state and its whole history. Each
+//! the file read from the top gives each alert's current state and its whole history (but
+//! for a failed containment after one that took, which is not written: `contain`). Each
 //! alert is also written to the audit log as a system record, so its existence is covered by
 //! the audit chain.
 

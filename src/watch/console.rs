@@ -7,7 +7,8 @@
 //! - `GET /alerts`: the breach log, newest first.
 //! - `POST /alerts/{id}/classify` `{"class": "reportable"|"near_miss", "note": "..."}`.
 //! - `POST /alerts/{id}/contain` `{"reason": "..."}`: revoke the alert's token on every replica
-//!   and record the containment against the alert.
+//!   and record the containment against the alert (a change that did not take, or took here
+//!   only, answers as the rights endpoint answers it; both are recorded).
 //! - `GET /events?principal=&dataset=&purpose=&decision=&kind=`: the live feed (SSE).
 //! - `GET /volumes`: records per principal per minute over the last hour.
 //!
