@@ -13,7 +13,8 @@
 //! | `context.record.markers` | a register marker's form: one or two capital letters (`N`, `F`, `L`, `G`, `B`, `M`...) |
 //!
 //! "Compared" is `==`, `!=`, `contains`, `containsAll` and `containsAny`, either way round
-//! (`["dpo", "security"].contains(context.caller.role)` too), with each branch of an
+//! (`["dpo", "security"].contains(context.caller.role)` too, and the attribute in a set
+//! literal), with each branch of an
 //! `if`-`then`-`else` that gives the literal; and `like`, whose pattern must match a known
 //! word. Other strings (units, lawful bases, area kinds) are not checked.
 
@@ -227,7 +228,7 @@ fn visit(e: &Value, found: &mut Vec<(Word, Literal)>) {
                 if let Some(args) = map.get(op) {
                     let (left, right) = (&args["left"], &args["right"]);
                     for (attr, other) in [(left, right), (right, left)] {
-                        if let Some(word) = word_at(attr) {
+                        if let Some(word) = word_in(attr) {
                             literals(other, &mut |s| {
                                 found.push((word, Literal::Exact(s.to_owned())));
                             });
@@ -265,6 +266,15 @@ fn word_at(e: &Value) -> Option<Word> {
         ("record", "markers") => Some(Word::Marker),
         _ => None,
     }
+}
+
+/// The checked attribute `e` reads, or a set literal holding it reads
+/// (`[context.caller.role].containsAny(["dpo"])`).
+fn word_in(e: &Value) -> Option<Word> {
+    word_at(e).or_else(|| {
+        let items = e.get("Set")?.as_array()?;
+        items.iter().find_map(word_at)
+    })
 }
 
 /// The string literals `e` is: one (`{"Value": "x"}`), a set's, or either branch's of an
@@ -343,6 +353,11 @@ mod tests {
                 ("context.record.flags", "restricted"),
                 ("context.record.flags", "erasure_requestd")
             ])
+        );
+        // The attribute inside a set literal.
+        assert_eq!(
+            found(r#"[context.caller.role].containsAny(["secuirty"])"#),
+            owned(&[("context.caller.role", "secuirty")])
         );
         // Each branch that gives the literal, and a `like` pattern.
         assert_eq!(
