@@ -146,8 +146,8 @@ async fn a_write_the_log_cannot_hold_never_reaches_the_datastore() {
     let write = |day: u32| {
         let (app, token, id) = (&app, &token, &id);
         async move {
-            app.post(
-                &format!("/voter/electors/{id}/canvass"),
+            app.canvass(
+                id,
                 token,
                 "canvassing",
                 &format!(r#"{{"last_canvassed":"2026-11-{day:02}"}}"#),

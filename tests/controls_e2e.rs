@@ -586,11 +586,10 @@ async fn a_caller_revoked_during_a_write_sees_nothing_of_the_record_written() {
         .as_str()
         .unwrap()
         .to_owned();
-    let path = format!("/voter/electors/{id}/canvass");
     let write = {
-        let (app, token, path) = (&app, token.clone(), path.clone());
+        let (app, token, id) = (&app, token.clone(), id.clone());
         async move {
-            app.post(&path, &token, "canvassing", r#"{"voting_intention":"LAB"}"#)
+            app.canvass(&id, &token, "canvassing", r#"{"voting_intention":"LAB"}"#)
                 .await
         }
     };

@@ -240,8 +240,8 @@ async fn the_same_policies_give_the_same_disclosures_through_datasette() {
     }
     // Datasette deployments are read-only through the gateway.
     let w = ds
-        .post(
-            &format!("/voter/electors/{}/canvass", sample[0]),
+        .canvass(
+            &sample[0],
             &ds.token("canvasser"),
             "canvassing",
             r#"{"voting_intention":"LAB"}"#,

@@ -352,8 +352,8 @@ async fn writes_are_scoped_and_field_checked() {
         .unwrap();
     let id = mine["elector_id"].as_str().unwrap();
     let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
+        .canvass(
+            id,
             &t,
             "canvassing",
             r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#,
@@ -371,8 +371,8 @@ async fn writes_are_scoped_and_field_checked() {
 
     // Mass assignment: a field the write does not declare is refused by name.
     let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
+        .canvass(
+            id,
             &t,
             "canvassing",
             r#"{"voting_intention":"LAB","email":"x@y.z"}"#,
@@ -382,12 +382,7 @@ async fn writes_are_scoped_and_field_checked() {
     assert!(r.json()["detail"].as_str().unwrap().contains("`email`"));
     // A declared field the purpose may not write is refused by name too.
     let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &t,
-            "gotv",
-            r#"{"flags_add":["do_not_contact"]}"#,
-        )
+        .canvass(id, &t, "gotv", r#"{"flags_add":["do_not_contact"]}"#)
         .await;
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(r.json()["type"], "urn:wardgate:problem:write-forbidden");
@@ -406,14 +401,7 @@ async fn writes_are_scoped_and_field_checked() {
         r#"{"flags_add":[{"kind":"restricted"}]}"#,
         r#"{"flags_add":[null]}"#,
     ] {
-        let r = app
-            .post(
-                &format!("/voter/electors/{id}/canvass"),
-                &t,
-                "canvassing",
-                body,
-            )
-            .await;
+        let r = app.canvass(id, &t, "canvassing", body).await;
         assert_eq!(r.status, 403, "{body}: {:?}", r.body);
         assert_eq!(r.json()["type"], "urn:wardgate:problem:write-forbidden");
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
@@ -437,14 +425,7 @@ async fn writes_are_scoped_and_field_checked() {
         r#"{"flags_add":["restricted"],"flags_add":["do_not_contact"]}"#,
         r#"{"flags_add":["do_not_contact"],"flags\u005fadd":["restricted"]}"#,
     ] {
-        let r = app
-            .post(
-                &format!("/voter/electors/{id}/canvass"),
-                &t,
-                "canvassing",
-                body,
-            )
-            .await;
+        let r = app.canvass(id, &t, "canvassing", body).await;
         assert_eq!(r.status, 400, "{body}: {:?}", r.body);
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains("`flags_add` is named twice"), "{detail}");
@@ -478,33 +459,14 @@ async fn writes_are_scoped_and_field_checked() {
         "{audit}"
     );
     // Not JSON, and too large.
-    let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &t,
-            "canvassing",
-            "not json",
-        )
-        .await;
+    let r = app.canvass(id, &t, "canvassing", "not json").await;
     assert_eq!(r.status, 400);
     let big = format!(r#"{{"canvass_issues":["{}"]}}"#, "x".repeat(100_000));
-    let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &t,
-            "canvassing",
-            &big,
-        )
-        .await;
+    let r = app.canvass(id, &t, "canvassing", &big).await;
     assert_eq!(r.status, 413);
     // "Do not knock" itself goes through, and is written.
     let r = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
-            &t,
-            "canvassing",
-            r#"{"flags_add":["do_not_contact"]}"#,
-        )
+        .canvass(id, &t, "canvassing", r#"{"flags_add":["do_not_contact"]}"#)
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(app.audit_for(&r)["detail"]["written"], json!(["flags_add"]));
@@ -666,8 +628,8 @@ async fn canvass_through(upstream: SocketAddr, id: &str) -> (common::TestApp, Re
     })
     .await;
     let resp = app
-        .post(
-            &format!("/voter/electors/{id}/canvass"),
+        .canvass(
+            id,
             &app.token("canvasser"),
             "canvassing",
             r#"{"voting_intention":"LAB"}"#,

@@ -320,12 +320,11 @@ async fn the_report_lists_what_was_recorded_about_the_subject() {
         .and_then(|r| r["elector_id"].as_str())
         .unwrap()
         .to_owned();
-    let path = format!("/voter/electors/{subject}/canvass");
     for body in [
         r#"{"voting_intention":"LAB"}"#,
         r#"{"flags_add":["do_not_contact"]}"#,
     ] {
-        let r = app.post(&path, &t, "canvassing", body).await;
+        let r = app.canvass(&subject, &t, "canvassing", body).await;
         assert_eq!(r.status, 200, "{body}: {:?}", r.body);
     }
 

@@ -216,8 +216,8 @@ async fn a_normal_canvassing_day_raises_no_alert() {
                 assert!(r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND);
             }
             let r = app
-                .post(
-                    &format!("/voter/electors/{id}/canvass"),
+                .canvass(
+                    id,
                     &t,
                     "canvassing",
                     r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#,
@@ -327,12 +327,7 @@ async fn each_rule_fires_on_its_scenario() {
     let t = canvasser("far-writer");
     for id in &elsewhere {
         let r = app
-            .post(
-                &format!("/voter/electors/{id}/canvass"),
-                &t,
-                "canvassing",
-                r#"{"voting_intention":"LAB"}"#,
-            )
+            .canvass(id, &t, "canvassing", r#"{"voting_intention":"LAB"}"#)
             .await;
         assert_eq!(r.status, StatusCode::NOT_FOUND);
     }

@@ -259,6 +259,12 @@ impl TestApp {
         self.request(Method::GET, path, &headers, None).await
     }
 
+    /// A doorstep write (`POST /voter/electors/{id}/canvass`) of `body` for `purpose`.
+    pub async fn canvass(&self, id: &str, token: &str, purpose: &str, body: &str) -> Resp {
+        let path = format!("/voter/electors/{id}/canvass");
+        self.post(&path, token, purpose, body).await
+    }
+
     pub async fn post(&self, path: &str, token: &str, purpose: &str, body: &str) -> Resp {
         let auth = format!("Bearer {token}");
         let headers = [
