@@ -490,17 +490,8 @@ async fn respond(
     if let Some(event) = change
         && let Err(e) = gw.controls.record(event).await
     {
-        let answer = match e {
-            crate::controls::RecordError::NotShared(_) => {
-                tracing::error!(error = %e, request_id,
-                    "control change in effect here, not yet shared with the other replicas");
-                GatewayError::ControlsNotShared
-            }
-            crate::controls::RecordError::NotRecorded(_) => {
-                tracing::error!(error = %e, request_id, "control change not recorded");
-                GatewayError::ControlsNotRecorded
-            }
-        };
+        tracing::error!(error = %e, request_id, "control change did not reach every replica");
+        let answer = e.answer();
         let mut failed = record(Some(p), method, path, request_id);
         under.mark(&mut failed);
         failed.decision = Decision::Error;

@@ -200,6 +200,17 @@ pub enum RecordError {
     NotShared(anyhow::Error),
 }
 
+impl RecordError {
+    /// How the caller who made the change is answered (503 either way): not to repeat one in
+    /// effect here, to make again one in effect nowhere.
+    pub fn answer(&self) -> GatewayError {
+        match self {
+            RecordError::NotShared(_) => GatewayError::ControlsNotShared,
+            RecordError::NotRecorded(_) => GatewayError::ControlsNotRecorded,
+        }
+    }
+}
+
 impl Controls {
     /// Opens the journal under `data_dir` and, if configured, joins the shared Redis stream.
     /// Must run inside a tokio runtime when Redis is configured (it spawns the sync task).

@@ -255,28 +255,19 @@ where
                     request_id,
                 ));
             }
-            let done = super::revoke(gw, event).await;
+            let done = gw.controls.record(event).await;
             let outcome = super::outcome(&done);
-            // Answered as the rights endpoint answers a change that did not take (or took
-            // here only); one in effect here is a containment the breach log shows.
-            let failed = match done {
-                Ok(()) => None,
-                Err(crate::controls::RecordError::NotShared(_)) => {
-                    Some(GatewayError::ControlsNotShared)
-                }
-                Err(crate::controls::RecordError::NotRecorded(_)) => {
-                    tracing::error!(alert = %id, outcome, "containment failed");
-                    // The breach log shows the attempt, as it does a failed automatic one
-                    // (never in place of one that took: `BreachLog::contain`).
-                    super::record_containment(gw, &id, token_id, outcome).await;
-                    return boxed(fail(GatewayError::ControlsNotRecorded).await);
-                }
-            };
+            // Answered as the rights endpoint answers a change that did not take everywhere.
+            if let Err(e) = &done {
+                tracing::error!(alert = %id, error = %e, "containment did not reach every replica");
+            }
+            // The breach log shows every attempt, as it does automatic ones (one that did not
+            // take never in place of one that did: `BreachLog::contain`).
             let contained = super::record_containment(gw, &id, token_id, outcome).await;
-            match (failed, contained) {
-                (Some(e), _) => boxed(fail(e).await),
-                (None, Some(alert)) => json(&alert),
-                (None, None) => boxed(problem_response(
+            match (done, contained) {
+                (Err(e), _) => boxed(fail(e.answer()).await),
+                (Ok(()), Some(alert)) => json(&alert),
+                (Ok(()), None) => boxed(problem_response(
                     &GatewayError::AuditUnavailable,
                     request_id,
                 )),

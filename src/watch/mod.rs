@@ -249,7 +249,7 @@ async fn contain(gw: &Gateway, alert: Alert) {
     record.detail = serde_json::to_value(&event).ok();
     let outcome = match gw.audit.append(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
-        Ok(_) => outcome(&revoke(gw, event).await),
+        Ok(_) => outcome(&gw.controls.record(event).await),
     };
     tracing::warn!(alert = %alert.id, token_id, outcome, "containment");
     record_containment(gw, &alert.id, token_id, outcome).await;
@@ -267,11 +267,6 @@ pub(crate) fn revocation(token_id: &str, by: &str, reason: &str) -> Event {
             token_id: token_id.to_owned(),
         },
     }
-}
-
-/// Applies an (already audited) revocation.
-pub(crate) async fn revoke(gw: &Gateway, event: Event) -> Result<(), crate::controls::RecordError> {
-    gw.controls.record(event).await
 }
 
 /// A revocation's outcome, as the breach log gives it.
