@@ -18,14 +18,14 @@
 use std::borrow::Cow;
 use std::fs::File;
 use std::hash::Hasher;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::segment::segment_name;
+use super::segment::{read_line, segment_name};
 use crate::filter::scan::Scan;
 
 /// The current format: FNV-1a keys.
@@ -230,7 +230,7 @@ fn derive(dir: &Path, n: u64, key_of: impl Fn(&str) -> u64) -> io::Result<(Seal,
         (0, String::new(), 0, String::new());
     loop {
         line.clear();
-        let read = reader.read_until(b'\n', &mut line)?;
+        let read = read_line(&mut reader, &mut line)?;
         if read == 0 || !line.ends_with(b"\n") {
             break;
         }

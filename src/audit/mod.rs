@@ -17,6 +17,7 @@
 pub mod addr;
 pub mod index;
 mod json;
+mod prepare;
 pub mod prune;
 pub mod reader;
 pub mod record;

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::index;
-use super::segment::list_segments;
+use super::segment::{list_segments, read_line};
 
 /// How a lookup went, for the report and the benchmark.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -86,11 +86,12 @@ fn scan_segment(
     let mut line = Vec::new();
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        if read_line(&mut reader, &mut line)? == 0 {
             break;
         }
         // A line without its newline is a record still being written (or torn by a crash
-        // and trimmed at the next start): not a record yet.
+        // and trimmed at the next start), or the segment's made-ready space begins: no
+        // record.
         if line.last() != Some(&b'\n') {
             break;
         }

@@ -1,8 +1,14 @@
-//! The on-disk layout: segment file names, finding the segments of a directory, and repairing
-//! the tail of a segment that an interrupted write left behind.
+//! The on-disk layout: segment file names, finding the segments of a directory, reading a
+//! segment's lines up to the space made ready for records not yet written, and repairing the
+//! tail of a segment that an interrupted write left behind.
+//!
+//! Under fsync durability the segment being written usually ends in zero bytes: space made
+//! ready ahead of the writer (`prepare`), which records overwrite in place. A record never
+//! holds a NUL byte (JSON escapes control characters), so the first NUL is where the written
+//! records end, for every reader.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
@@ -12,6 +18,86 @@ use super::record::{GENESIS_HASH, LineHead, decode_line};
 /// File name of segment number `n`.
 pub(crate) fn segment_name(n: u64) -> String {
     format!("seg-{n:08}.jsonl")
+}
+
+/// File name of the space made ready for segment `n` (zero bytes, synced; `prepare`): not a
+/// segment, so `list_segments` and every reader pass it by until the writer renames it to
+/// segment `n`.
+pub(crate) fn prepared_name(n: u64) -> String {
+    format!("prep-{n:08}.zeroed")
+}
+
+/// Reads the next line of a segment onto `line`: through its `\n`, or up to the end of the
+/// file or the first NUL byte (the space made ready for records not yet written), whichever
+/// comes first. Returns how many bytes it read; a line that does not end in `\n` is no
+/// whole record (one being written, or torn by a crash). Once at a NUL it reads nothing more.
+pub(crate) fn read_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<usize> {
+    let mut read = 0;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(i) = memchr::memchr2(b'\n', 0, buf) else {
+            let n = buf.len();
+            if n == 0 {
+                return Ok(read);
+            }
+            line.extend_from_slice(buf);
+            r.consume(n);
+            read += n;
+            continue;
+        };
+        // Through the newline; up to (not past) a NUL, so that the next call stops there too.
+        let take = if buf[i] == b'\n' { i + 1 } else { i };
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        return Ok(read + take);
+    }
+}
+
+/// What follows where `read_line` stopped: `Ok(true)` when it is nothing or zero bytes only
+/// (unwritten space), `Ok(false)` when something was written after a NUL, which no writer
+/// does: bytes a crash tore from a batch never acknowledged (cut at the next start), or
+/// damage.
+pub(crate) fn only_unwritten_after(r: &mut impl BufRead) -> io::Result<bool> {
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        if buf.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        let n = buf.len();
+        r.consume(n);
+    }
+}
+
+/// The bytes of `file` from `from` up to its end or its first NUL byte (see `read_line`).
+pub(crate) fn read_written(file: &mut File, from: u64) -> io::Result<Vec<u8>> {
+    const CHUNK: usize = 64 * 1024;
+    file.seek(SeekFrom::Start(from))?;
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = match file.read(&mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(i) = memchr::memchr(0, &chunk[..n]) {
+            out.extend_from_slice(&chunk[..i]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// The segment number of `name`, or `None` if `name` is not a segment file.
@@ -108,18 +194,32 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Truncates a torn final line from `path` and returns the segment's remaining length and its
-/// last record, if any.
+/// Cuts `path` back to its last whole record, removing a torn final line and any space made
+/// ready for records not yet written, and returns the segment's remaining length and its last
+/// record, if any.
+///
+/// The records end at the first NUL byte (see the module doc): a batch that was being written
+/// into made-ready space when the machine stopped may have reached the disk in pieces, some
+/// pages written and some still zero, and nothing from the first zero on was acknowledged.
 fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
     let name = path.display();
     // Read-only unless a repair is needed: older segments may be sealed read-only later.
     let mut file =
         File::open(path).with_context(|| format!("cannot open audit segment `{name}`"))?;
     let len = file.metadata()?.len();
-    let end = last_newline(&mut file, len)?.map_or(0, |p| p + 1);
+    let (written, torn_after) = first_nul(&mut file)
+        .with_context(|| format!("cannot read audit segment `{name}`"))?
+        .unwrap_or((len, false));
+    let end = last_newline(&mut file, written)?.map_or(0, |p| p + 1);
     if end < len {
-        tracing::warn!(segment = %name, torn_bytes = len - end,
-            "truncating a torn final line left by an interrupted write");
+        let torn = written - end;
+        if torn > 0 || torn_after {
+            tracing::warn!(segment = %name, torn_bytes = torn,
+                "truncating a torn final line left by an interrupted write");
+        } else {
+            tracing::debug!(segment = %name, bytes = len - end,
+                "releasing the space made ready for records not written");
+        }
         OpenOptions::new()
             .write(true)
             .open(path)
@@ -137,6 +237,29 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
         anyhow!("the last record of audit segment `{name}` is damaged ({e}); run the verifier")
     })?;
     Ok((end, Some(head)))
+}
+
+/// Where the first NUL byte of `file` is, if it has one, and whether anything but zero bytes
+/// follows it. Reads the whole file forwards (once, at start): pieces of a torn batch can
+/// follow a zero page, so the end cannot be found from the back.
+fn first_nul(file: &mut File) -> io::Result<Option<(u64, bool)>> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
+    let mut at = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if let Some(i) = memchr::memchr(0, buf) {
+            reader.consume(i);
+            let torn_after = !only_unwritten_after(&mut reader)?;
+            return Ok(Some((at + i as u64, torn_after)));
+        }
+        let n = buf.len();
+        at += n as u64;
+        reader.consume(n);
+    }
 }
 
 /// Position of the last `\n` before byte `before`, reading backwards so a large segment costs
@@ -197,6 +320,73 @@ mod tests {
         std::fs::write(&path, torn).unwrap();
         assert_eq!(recover_segment(&path).unwrap(), (0, None));
         assert!(std::fs::read(&path).unwrap().is_empty());
+    }
+
+    /// Lines end at `\n`; the first NUL ends the segment's records, a line cut there is no
+    /// whole record, and nothing past it is read.
+    #[test]
+    fn lines_are_read_up_to_made_ready_space() {
+        let read_all = |bytes: &[u8]| {
+            let mut r = BufReader::with_capacity(4, bytes);
+            let mut lines = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                if read_line(&mut r, &mut line).unwrap() == 0 {
+                    break;
+                }
+                lines.push(String::from_utf8(line).unwrap());
+            }
+            (lines, only_unwritten_after(&mut r).unwrap())
+        };
+        let ok = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(read_all(b"ab\ncdefgh\n"), (ok(&["ab\n", "cdefgh\n"]), true));
+        assert_eq!(
+            read_all(b"ab\ncdefgh\n\0\0\0\0\0\0\0\0\0"),
+            (ok(&["ab\n", "cdefgh\n"]), true)
+        );
+        assert_eq!(
+            read_all(b"ab\ncdefgh\0\0\0\0\0"),
+            (ok(&["ab\n", "cdefgh"]), true)
+        );
+        assert_eq!(read_all(b"ab\ncdefgh"), (ok(&["ab\n", "cdefgh"]), true));
+        assert_eq!(
+            read_all(b"ab\n\0\0\0\0\0\0\0\0\0\0x\n\0"),
+            (ok(&["ab\n"]), false)
+        );
+    }
+
+    /// A stop while records were written over made-ready space: whole records, then what
+    /// reached the disk of a batch never acknowledged (a line cut short, a zero page, a later
+    /// page that did get written), then zeros. The records end at the first NUL; all the rest
+    /// goes, the made-ready space with it.
+    #[test]
+    fn a_segment_is_cut_back_at_its_first_zero_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1));
+        let first = encode_line(1, GENESIS_HASH, &sample(1)).unwrap();
+        let second = encode_line(2, &first.hash, &sample(2)).unwrap();
+        let third = encode_line(3, &second.hash, &sample(3)).unwrap();
+        let good = [first.bytes.clone(), second.bytes.clone()].concat();
+
+        let mut file = vec![0u8; 3 << 20];
+        file[..good.len()].copy_from_slice(&good);
+        std::fs::write(&path, &file).unwrap();
+        let (len, head) = recover_segment(&path).unwrap();
+        assert_eq!(len, good.len() as u64);
+        assert_eq!(head.unwrap().hash, second.hash);
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+
+        // The torn batch: the third record's first half, a page of zeros, then a whole line
+        // of it written to a later page (past the first read chunk).
+        let at = good.len();
+        file[at..at + 20].copy_from_slice(&third.bytes[..20]);
+        let later = (2 << 20) + 100;
+        file[later..later + third.bytes.len()].copy_from_slice(&third.bytes);
+        std::fs::write(&path, &file).unwrap();
+        let (len, head) = recover_segment(&path).unwrap();
+        assert_eq!(len, good.len() as u64);
+        assert_eq!(head.unwrap().seq, 2);
+        assert_eq!(std::fs::read(&path).unwrap(), good);
     }
 
     /// The start of a record cut off mid-line, as a crash during `write(2)` leaves it.

@@ -5,7 +5,6 @@
 //! then follows the newest segment and moves on when the writer rolls to a new one. Filters
 //! are the live feed's, so the terminal and the console agree on what a filter means.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
@@ -137,10 +136,9 @@ fn read_new(
     // Cut back under us (a failed batch discarded, a torn tail trimmed at start), always to
     // the end of a line: what was cut was never acknowledged. Go on from where it now ends.
     *offset = (*offset).min(f.metadata()?.len());
-    f.seek(SeekFrom::Start(*offset))?;
-    // Bytes, not text: a read can end inside a character the writer has not finished.
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
+    // Up to the segment's made-ready space, if it has some. Bytes, not text: a read can end
+    // inside a character the writer has not finished.
+    let buf = super::segment::read_written(&mut f, *offset)?;
     let mut start = 0;
     while let Some(i) = memchr::memchr(b'\n', &buf[start..]) {
         // Only a damaged line is not UTF-8; it is no record to show.
@@ -276,5 +274,30 @@ mod tests {
         std::fs::write(&path, "{\"a\":1}\n{\"d\":4}\n{\"e\":\"a longer line\"}\n").unwrap();
         poll(&mut offset, &mut seen);
         assert_eq!(seen[2..], ["{\"d\":4}", "{\"e\":\"a longer line\"}"]);
+    }
+
+    /// A segment written over made-ready space (zero bytes) does not grow: the tail reads up to
+    /// the zeros, never shows them as a line, and sees the records written over them next.
+    #[test]
+    fn a_segment_written_over_made_ready_space_is_followed_up_to_its_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::audit::segment::segment_name(1));
+        let mut file = vec![0u8; 1 << 17];
+        let first = b"{\"a\":1}\n{\"b\":";
+        file[..first.len()].copy_from_slice(first);
+        std::fs::write(&path, &file).unwrap();
+        let (mut offset, mut seen) = (0, Vec::<String>::new());
+        read_new(dir.path(), 1, &mut offset, &mut |l| seen.push(l.to_owned())).unwrap();
+        assert_eq!(
+            (seen.as_slice(), offset),
+            (&["{\"a\":1}".to_owned()][..], 8)
+        );
+
+        let more = b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n";
+        file[..more.len()].copy_from_slice(more);
+        std::fs::write(&path, &file).unwrap();
+        read_new(dir.path(), 1, &mut offset, &mut |l| seen.push(l.to_owned())).unwrap();
+        assert_eq!(seen, ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]);
+        assert_eq!(offset, more.len() as u64);
     }
 }

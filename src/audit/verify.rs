@@ -3,11 +3,11 @@
 //! reordered. It only reports; repairing a torn tail is the writer's job on open.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufReader};
 use std::path::Path;
 
 use super::record::{GENESIS_HASH, LineError, decode_line};
-use super::segment::list_segments;
+use super::segment::{list_segments, only_unwritten_after, read_line};
 
 /// What a successful verification covered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,28 +100,44 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let (seq_before, hash_before) = (last_seq, last_hash.clone());
         let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
-        let mut line = 0;
+        let mut line: u64 = 0;
         loop {
             buf.clear();
-            if reader.read_until(b'\n', &mut buf).map_err(io_err(path))? == 0 {
-                break;
-            }
-            line += 1;
+            let read = read_line(&mut reader, &mut buf).map_err(io_err(path))?;
             let seq = last_seq + 1;
-            let malformed = |reason: String| VerifyError::Malformed {
+            let malformed = |line: u64, reason: String| VerifyError::Malformed {
                 segment: segment.clone(),
                 line,
                 seq,
                 reason,
             };
             let Some(text) = buf.strip_suffix(b"\n") else {
+                // The records end here: at the end of the file, or where zero bytes begin
+                // (space made ready for records not yet written), which must then be all
+                // that is left. Anything after them was written over a record's place.
+                if !only_unwritten_after(&mut reader).map_err(io_err(path))? {
+                    return Err(malformed(
+                        line + 1,
+                        "bytes after unwritten (zero) space: records overwritten with zeros, \
+                         or a crash's torn batch that the gateway's next start would cut"
+                            .into(),
+                    ));
+                }
+                if read == 0 {
+                    break;
+                }
                 // Only the newest segment may end mid-line: the chain continues past older ones.
                 if index + 1 == segments.len() {
                     torn_tail = true;
                     break;
                 }
-                return Err(malformed("torn final line (no trailing newline)".into()));
+                return Err(malformed(
+                    line + 1,
+                    "torn final line (no trailing newline)".into(),
+                ));
             };
+            line += 1;
+            let malformed = |reason: String| malformed(line, reason);
             let head = match decode_line(text) {
                 Ok(head) => head,
                 Err(LineError::Malformed(reason)) => return Err(malformed(reason)),

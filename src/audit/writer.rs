@@ -3,7 +3,8 @@
 //! silently lost records) until the disk is writable again.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::prepare::{self, Preparer};
 use super::record::{AuditRecord, encode_line};
 use super::seal_queue::SealQueue;
 use super::segment::{resume, segment_name, sync_dir};
@@ -351,11 +353,20 @@ struct Writer {
     sealer: Option<super::addr::Sealer>,
     /// Finished segments go here to be sealed off this thread.
     seal_queue: SealQueue,
+    /// Makes the next segment's space ready (fsync durability only: see `prepare`).
+    preparer: Option<Preparer>,
+    /// The last segment whose space was asked for (each is asked for once the segment before
+    /// it is half full).
+    asked_to_prepare: u64,
     segment: u64,
     /// Closed after a failure so the next batch reopens the segment by path.
     file: Option<File>,
-    /// Bytes of the current segment holding acknowledged records; anything beyond is debris.
+    /// Bytes of the current segment holding acknowledged records; anything beyond is debris,
+    /// or the zero bytes of made-ready space (`preallocated`).
     len: u64,
+    /// The current segment's file was made ready ahead (`prepare`) and still holds zero
+    /// bytes past `len`, released when the segment is finished.
+    preallocated: bool,
     /// The current segment's directory entry may not be durable yet.
     dir_dirty: bool,
     next_seq: u64,
@@ -400,6 +411,16 @@ impl Writer {
             .then(|| super::addr::Sealer::new(&dir));
         let seal_queue = SealQueue::start(dir.clone())
             .context("cannot start the audit segment sealing thread")?;
+        // Page-cache mode has no sync for made-ready space to make cheaper.
+        let preparer = (settings.durability == Durability::Fsync)
+            .then(|| Preparer::start(dir.clone(), settings.segment_max_bytes, resume.segment))
+            .transpose()
+            .with_context(|| {
+                format!(
+                    "cannot start making audit segments ready in `{}`",
+                    dir.display()
+                )
+            })?;
         let mut writer = Writer {
             dir,
             durability: settings.durability,
@@ -411,9 +432,12 @@ impl Writer {
             segment_max_bytes: settings.segment_max_bytes,
             sealer,
             seal_queue,
+            preparer,
+            asked_to_prepare: 0,
             segment: resume.segment,
             file: None,
             len: resume.len,
+            preallocated: false,
             dir_dirty: resume.new_segment,
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
@@ -461,6 +485,10 @@ impl Writer {
             && let Err(e) = self.sync_all()
         {
             tracing::error!(error = %e, "cannot sync the audit log at shutdown");
+        }
+        // Leave the segment as long as its records (the next start would cut it back anyway).
+        if let Err(e) = self.release_preallocated() {
+            tracing::warn!(error = %e, "cannot release the audit segment's made-ready space");
         }
         tracing::info!(next_seq = self.next_seq, "audit writer stopped");
     }
@@ -621,6 +649,16 @@ impl Writer {
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
                 (self.next_seq, self.last_hash) = (seq, hash);
+                // Half way through a segment, the next one's space is made ready: a log that
+                // fills segments gets it in time, and one that never fills its first (tests,
+                // quiet gateways) holds no disk for it.
+                if let Some(preparer) = &self.preparer
+                    && self.asked_to_prepare <= self.segment
+                    && self.len >= self.segment_max_bytes / 2
+                {
+                    preparer.prepare(self.segment + 1);
+                    self.asked_to_prepare = self.segment + 1;
+                }
                 if !self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::warn!(segment = self.segment, "audit log writable again");
                 }
@@ -636,6 +674,12 @@ impl Writer {
                     // Lazily: the new file is created by the next batch, so a roll costs nothing
                     // until there is something to write. The finished segment is sealed off the
                     // writer thread: sealing reads it once, and appends must not wait for that.
+                    // Its made-ready space goes first, so that a finished segment at rest is
+                    // its records alone (readers stop at the zeros either way).
+                    if let Err(e) = self.release_preallocated() {
+                        tracing::warn!(error = %e, segment = self.segment,
+                            "cannot release a finished audit segment's made-ready space");
+                    }
                     self.seal_queue.push(self.segment);
                     self.file = None;
                     (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
@@ -660,8 +704,10 @@ impl Writer {
 
     fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
         let fsync = self.durability == Durability::Fsync;
+        let at = self.len;
         let file = self.ensure_open()?;
-        file.write_all(buf)?;
+        // At the end of the records: into made-ready space, or growing the file.
+        file.write_all_at(buf, at)?;
         if fsync {
             file.sync_data()?;
             if self.dir_dirty {
@@ -673,8 +719,10 @@ impl Writer {
     }
 
     /// Makes a failed batch count as never written, so the chain continues from the last
-    /// acknowledged record.
+    /// acknowledged record. (The segment's made-ready space goes with it: the batch may have
+    /// left bytes in it, and the rest of the segment is grown as it is written.)
     fn discard_failed_batch(&mut self) {
+        self.preallocated = false;
         if let Some(file) = self.file.take()
             && let Err(e) = file.set_len(self.len)
         {
@@ -683,14 +731,44 @@ impl Writer {
         }
     }
 
+    /// Cuts the current segment back to its records where it still holds made-ready space,
+    /// durably.
+    fn release_preallocated(&mut self) -> io::Result<()> {
+        if !self.preallocated {
+            return Ok(());
+        }
+        if let Some(file) = &self.file {
+            file.set_len(self.len)?;
+            file.sync_all()?;
+        }
+        self.preallocated = false;
+        Ok(())
+    }
+
     fn ensure_open(&mut self) -> io::Result<&mut File> {
         if let Some(ref mut file) = self.file {
             return Ok(file);
         }
         let path = self.dir.join(segment_name(self.segment));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        // A segment about to be begun takes the space made ready for it, if there is some.
+        // (The directory entry is synced after its first batch, as for a created one.)
+        let adopted = match prepare::ready(&self.dir, self.segment) {
+            Some(ready) if self.len == 0 && !path.exists() => {
+                std::fs::rename(&ready, &path)?;
+                self.dir_dirty = true;
+                true
+            }
+            _ => false,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
         let actual = file.metadata()?.len();
-        if actual > self.len {
+        if adopted {
+            self.preallocated = true;
+        } else if actual > self.len {
             file.set_len(self.len)?;
         } else if actual < self.len {
             // Appending now would hide the loss behind a valid-looking chain.
@@ -717,6 +795,7 @@ mod tests {
     use crate::audit::record::tests::sample;
     use crate::audit::segment::list_segments;
     use crate::audit::verify_dir;
+    use std::io::Write;
     use std::path::Path;
 
     fn settings(dir: &Path, durability: Durability, segment_max_bytes: u64) -> AuditSettings {
@@ -734,7 +813,9 @@ mod tests {
         let mut all = Vec::new();
         for (_, path) in list_segments(dir).unwrap() {
             let text = std::fs::read_to_string(path).unwrap();
-            all.extend(text.lines().map(str::to_owned));
+            // Up to made-ready space, if the segment has some.
+            let written = text.split('\0').next().unwrap_or_default();
+            all.extend(written.lines().map(str::to_owned));
         }
         all
     }
@@ -934,6 +1015,89 @@ mod tests {
         assert_eq!(log.append(sample(41)).await.unwrap(), 41);
         log.shutdown().await;
         assert_eq!(verify_dir(dir.path()).unwrap().last_seq, 41);
+    }
+
+    /// Under fsync durability the next segment's space is made ready (zero bytes, synced) while
+    /// the current one fills and is taken at the roll. Every reader stops where the records
+    /// end, a finished segment is cut back to its records, and a stop that left made-ready
+    /// space, even with a torn batch in it, resumes the chain where the acknowledged records end.
+    #[tokio::test]
+    async fn made_ready_space_is_taken_at_the_roll_and_never_read_as_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4_000;
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, max)).unwrap();
+        let seg = |dir: &Path, n| dir.join(segment_name(n));
+        let size = |path: PathBuf| std::fs::metadata(path).map_or(0, |m| m.len());
+        let mut seq = 0;
+        while size(seg(dir.path(), 1)) < max / 2 {
+            seq += 1;
+            log.append(sample(seq)).await.unwrap();
+        }
+        // Asked for once the first segment is half full; made on its own thread.
+        let asked = Instant::now();
+        while prepare::ready(dir.path(), 2).is_none() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(30),
+                "no space made ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while !seg(dir.path(), 2).exists() {
+            seq += 1;
+            log.append(sample(seq)).await.unwrap();
+        }
+        seq += 1;
+        log.append(sample(seq)).await.unwrap();
+        assert!(
+            prepare::ready(dir.path(), 2).is_none(),
+            "renamed, not copied"
+        );
+        assert!(
+            size(seg(dir.path(), 2)) > max,
+            "segment 2 is written over its made-ready space"
+        );
+        let finished = std::fs::read(seg(dir.path(), 1)).unwrap();
+        assert!(!finished.contains(&0) && finished.ends_with(b"\n"));
+
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!((report.records, report.torn_tail), (seq, false));
+        // The newest segment has no index: the lookup reads it line by line.
+        let (found, _) =
+            crate::audit::reader::records_mentioning(dir.path(), &format!("subj-{seq}")).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0]["seq"], seq);
+        assert_eq!(lines(dir.path()).len() as u64, seq);
+
+        // The log as a stop leaves it, with a batch never acknowledged torn over the space: its
+        // first line cut short, then, past a zero page, a whole line of it.
+        let crashed = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), crashed.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let path = seg(crashed.path(), 2);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = bytes.iter().position(|&b| b == 0).unwrap();
+        let torn = encode_line(seq + 1, "00", &sample(seq + 1)).unwrap().bytes;
+        bytes[end..end + 20].copy_from_slice(&torn[..20]);
+        let later = (end / 4096 + 2) * 4096;
+        bytes.resize(bytes.len().max(later + torn.len() + 10), 0);
+        bytes[later..later + torn.len()].copy_from_slice(&torn);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = verify_dir(crashed.path()).unwrap_err();
+        assert!(err.to_string().contains("zero"), "{err}");
+        let reopened = AuditLog::open(settings(crashed.path(), Durability::Fsync, max)).unwrap();
+        assert_eq!(reopened.append(sample(seq + 1)).await.unwrap(), seq + 1);
+        reopened.shutdown().await;
+        assert_eq!(verify_dir(crashed.path()).unwrap().records, seq + 1);
+
+        // A clean stop releases the space too.
+        log.shutdown().await;
+        let current = std::fs::read(seg(dir.path(), 2)).unwrap();
+        assert!(!current.contains(&0) && current.ends_with(b"\n"));
+        assert_eq!(verify_dir(dir.path()).unwrap().records, seq);
     }
 
     #[tokio::test]
