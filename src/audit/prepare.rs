@@ -14,13 +14,15 @@
 //! written records end in a file that still holds made-ready space (`segment`: at the first
 //! NUL byte).
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::segment::prepared_name;
+use super::segment::{prepared_name, segment_name};
 
 /// Zero bytes written per `write` and synced at a time: each sync is followed by a pause as
 /// long as it took, so that the writer's own syncs on the same disk do not queue behind a
@@ -32,25 +34,27 @@ const CHUNK: usize = 1 << 20;
 /// ones).
 const SLACK: u64 = 1 << 20;
 
-/// The thread that makes segments ready, one at a time, in the order asked. Dropping it lets
-/// the thread finish what is queued and end.
+/// The thread that makes segments ready, one at a time, in the order asked. Dropping it stops
+/// the thread (a file half made is removed) and waits for it, so that it never outlives the
+/// writer's hold on the log.
 pub struct Preparer {
-    tx: mpsc::Sender<u64>,
+    tx: Option<mpsc::Sender<u64>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Preparer {
-    /// Starts the thread for segments of `segment_max_bytes` in `dir`, first removing what an
-    /// earlier run left that will never be used: space for segments that already exist (or
-    /// are older), and files a stop interrupted while being made ready.
-    pub fn start(dir: PathBuf, segment_max_bytes: u64, current: u64) -> io::Result<Preparer> {
-        remove_stale(&dir, current)?;
+    /// Starts the thread for segments of `segment_max_bytes` in `dir`.
+    pub fn start(dir: PathBuf, segment_max_bytes: u64) -> io::Result<Preparer> {
         let size = segment_max_bytes.saturating_add(SLACK.min(segment_max_bytes / 16));
         let (tx, rx) = mpsc::channel::<u64>();
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
             .name("wardgate-prep".into())
             .spawn(move || {
                 for n in rx {
-                    match make_ready(&dir, n, size) {
+                    match make_ready(&dir, n, size, &stopping) {
                         Ok(()) => tracing::debug!(segment = n, "audit segment space made ready"),
                         // The writer then grows the segment as it goes, as it always can.
                         Err(e) => tracing::warn!(segment = n, error = %e,
@@ -59,13 +63,29 @@ impl Preparer {
                     }
                 }
             })?;
-        Ok(Preparer { tx })
+        Ok(Preparer {
+            tx: Some(tx),
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Asks for segment `n`'s space (nothing happens when it is already there).
     pub fn prepare(&self, n: u64) {
         // Err only when the thread has ended (a panic): segments are then grown as written.
-        let _ = self.tx.send(n);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(n);
+        }
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -75,21 +95,47 @@ pub fn ready(dir: &Path, n: u64) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Writes `size` zero bytes to a temporary file, synced a chunk at a time, and renames it to
-/// segment `n`'s made-ready name. The writer renames it again (and syncs the directory) when
-/// it takes it, so the rename here needs no directory sync of its own: lost in a crash, the
-/// space is made again.
-fn make_ready(dir: &Path, n: u64, size: u64) -> io::Result<()> {
+/// Removes segment `n`'s made-ready file, if there is one (the segment began without it).
+pub fn discard(dir: &Path, n: u64) {
+    match std::fs::remove_file(dir.join(prepared_name(n))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(segment = n, error = %e, "cannot remove unused made-ready audit space");
+        }
+        _ => {}
+    }
+}
+
+/// Writes `size` zero bytes to a file of its own, synced a chunk at a time, and renames it to
+/// segment `n`'s made-ready name, unless the segment has begun meanwhile. Not when the disk
+/// has less than twice that free: the log's own records need the room more. A stop (`stop`)
+/// abandons it.
+fn make_ready(dir: &Path, n: u64, size: u64, stop: &AtomicBool) -> io::Result<()> {
     let done = dir.join(prepared_name(n));
-    if done.exists() || dir.join(super::segment::segment_name(n)).exists() {
+    let begun = || dir.join(segment_name(n)).exists();
+    if done.exists() || begun() {
         return Ok(());
     }
-    let tmp = done.with_extension("zeroing");
-    let write = || -> io::Result<()> {
-        let mut file = File::create(&tmp)?;
+    let stat = rustix::fs::statvfs(dir)?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < size.saturating_mul(2) {
+        return Err(io::Error::other(format!(
+            "{free} bytes free, and {size} would leave less than as much again"
+        )));
+    }
+    // Named for this attempt alone, so that no two writers of one file can meet.
+    let tmp = dir.join(format!(
+        "{}.{:08x}.zeroing",
+        prepared_name(n),
+        rand::random::<u32>()
+    ));
+    let write = || -> io::Result<bool> {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         let zeros = vec![0u8; CHUNK];
         let mut left = size;
         while left > 0 {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
             let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
             file.write_all(&zeros[..n])?;
             let started = Instant::now();
@@ -97,35 +143,39 @@ fn make_ready(dir: &Path, n: u64, size: u64) -> io::Result<()> {
             std::thread::sleep(started.elapsed());
             left -= n as u64;
         }
-        std::fs::rename(&tmp, &done)
+        Ok(true)
     };
-    // A full disk keeps none of it: the log's own records need the room more.
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
-/// Removes made-ready files for segments before `current` or that exist already, and any
-/// interrupted while being written.
-fn remove_stale(dir: &Path, current: u64) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix("prep-") else {
-            continue;
-        };
-        let stale = match rest.strip_suffix(".zeroed") {
-            Some(digits) => digits.parse::<u64>().map_or(true, |n| {
-                n < current || dir.join(super::segment::segment_name(n)).exists()
-            }),
-            None => rest.ends_with(".zeroing"),
-        };
-        if stale {
-            std::fs::remove_file(entry.path())?;
+    match write() {
+        Ok(true) => {}
+        finished => {
+            let _ = std::fs::remove_file(&tmp);
+            return finished.map(|_| ());
         }
     }
+    std::fs::rename(&tmp, &done)?;
+    // The roll came while it was being made: the segment began without it.
+    if begun() {
+        std::fs::remove_file(&done)?;
+    }
     Ok(())
+}
+
+/// Removes every made-ready file, and every one left half made, from `dir` (at the writer's
+/// start). A file that cannot be removed is reported and left: it only takes disk.
+pub fn remove_all(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name.to_str().is_some_and(|name| {
+            name.starts_with("prep-") && (name.ends_with(".zeroed") || name.ends_with(".zeroing"))
+        });
+        if ours && let Err(e) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(file = %entry.path().display(), error = %e,
+                "cannot remove made-ready audit space left by an earlier run");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -133,27 +183,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn space_is_made_ready_once_and_stale_space_is_removed() {
+    fn space_is_made_ready_once_and_removed_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
-        make_ready(dir.path(), 3, 3 * CHUNK as u64 + 5).unwrap();
+        let go = AtomicBool::new(false);
+        make_ready(dir.path(), 3, 3 * CHUNK as u64 + 5, &go).unwrap();
         let path = ready(dir.path(), 3).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 3 * CHUNK + 5);
         assert!(bytes.iter().all(|&b| b == 0));
         assert!(ready(dir.path(), 4).is_none());
 
-        // An interrupted one, and one for a segment that now exists, go at the next start;
-        // the one for the segment after the current stays.
-        std::fs::write(dir.path().join("prep-00000004.zeroing"), b"\0").unwrap();
-        make_ready(dir.path(), 2, 10).unwrap();
-        remove_stale(dir.path(), 3).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["prep-00000003.zeroed"]);
-        remove_stale(dir.path(), 4).unwrap();
-        assert!(ready(dir.path(), 3).is_none());
+        // Not for a segment that has begun; abandoned at a stop, leaving nothing.
+        std::fs::write(dir.path().join(segment_name(4)), b"").unwrap();
+        make_ready(dir.path(), 4, 10, &go).unwrap();
+        assert!(ready(dir.path(), 4).is_none());
+        make_ready(dir.path(), 5, 10, &AtomicBool::new(true)).unwrap();
+        let names = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(), ["prep-00000003.zeroed", "seg-00000004.jsonl"]);
+
+        std::fs::write(
+            dir.path().join("prep-00000006.zeroed.0000abcd.zeroing"),
+            b"\0",
+        )
+        .unwrap();
+        remove_all(dir.path());
+        assert_eq!(names(), ["seg-00000004.jsonl"]);
     }
 }

@@ -207,13 +207,23 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
     let mut file =
         File::open(path).with_context(|| format!("cannot open audit segment `{name}`"))?;
     let len = file.metadata()?.len();
-    let (written, torn_after) = first_nul(&mut file)
+    let (written, last_byte_end) = first_nul(&mut file)
         .with_context(|| format!("cannot read audit segment `{name}`"))?
-        .unwrap_or((len, false));
+        .unwrap_or((len, len));
+    let torn_after = last_byte_end > written;
     let end = last_newline(&mut file, written)?.map_or(0, |p| p + 1);
     if end < len {
         let torn = written - end;
-        if torn > 0 || torn_after {
+        if torn_after {
+            // A batch torn over made-ready space looks like this, and so does a page of
+            // acknowledged records zeroed by a fault or by hand: what is cut is kept aside.
+            let kept = keep_cut(path, &mut file, end, last_byte_end).with_context(|| {
+                format!("cannot keep aside what follows the records of `{name}`")
+            })?;
+            tracing::error!(segment = %name, from_byte = end, kept = %kept.display(),
+                "cut an audit segment at its first zero byte with records after it: a batch \
+                 torn by a crash (never acknowledged), or damage; the bytes cut are kept aside");
+        } else if torn > 0 {
             tracing::warn!(segment = %name, torn_bytes = torn,
                 "truncating a torn final line left by an interrupted write");
         } else {
@@ -239,22 +249,41 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
     Ok((end, Some(head)))
 }
 
-/// Where the first NUL byte of `file` is, if it has one, and whether anything but zero bytes
-/// follows it. Reads the whole file forwards (once, at start): pieces of a torn batch can
-/// follow a zero page, so the end cannot be found from the back.
-fn first_nul(file: &mut File) -> io::Result<Option<(u64, bool)>> {
+/// Copies bytes `from..to` of the segment at `path` to a file beside it
+/// (`seg-NNNNNNNN.jsonl.cut-UNIXTIME`, which no reader takes for a segment), synced, and
+/// returns its path.
+fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".cut-{secs}"));
+    let kept = path.with_file_name(name);
+    let mut out = File::create(&kept)?;
+    file.seek(SeekFrom::Start(from))?;
+    io::copy(&mut (&mut *file).take(to - from), &mut out)?;
+    out.sync_all()?;
+    Ok(kept)
+}
+
+/// Where the first NUL byte of `file` is, if it has one, and where its last byte that is not
+/// zero ends (at or before the NUL when only zeros follow it). Reads the whole file forwards
+/// (once, at start): pieces of a torn batch can follow a zero page, so the end of the records
+/// cannot be found from the back.
+fn first_nul(file: &mut File) -> io::Result<Option<(u64, u64)>> {
     file.seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
-    let mut at = 0u64;
+    let (mut at, mut first, mut last) = (0u64, None, 0u64);
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
-            return Ok(None);
+            return Ok(first.map(|first| (first, last)));
         }
-        if let Some(i) = memchr::memchr(0, buf) {
-            reader.consume(i);
-            let torn_after = !only_unwritten_after(&mut reader)?;
-            return Ok(Some((at + i as u64, torn_after)));
+        if first.is_none() {
+            first = memchr::memchr(0, buf).map(|i| at + i as u64);
+        }
+        if let Some(i) = buf.iter().rposition(|&b| b != 0) {
+            last = at + i as u64 + 1;
         }
         let n = buf.len();
         at += n as u64;
@@ -387,6 +416,18 @@ mod tests {
         assert_eq!(len, good.len() as u64);
         assert_eq!(head.unwrap().seq, 2);
         assert_eq!(std::fs::read(&path).unwrap(), good);
+        // What was cut after a zero is kept aside, not lost: it could have been records.
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".jsonl.cut-"))
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            std::fs::read(&kept[0]).unwrap(),
+            file[at..later + third.bytes.len()]
+        );
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
     }
 
     /// The start of a record cut off mid-line, as a crash during `write(2)` leaves it.

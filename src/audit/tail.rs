@@ -277,7 +277,8 @@ mod tests {
     }
 
     /// A segment written over made-ready space (zero bytes) does not grow: the tail reads up to
-    /// the zeros, never shows them as a line, and sees the records written over them next.
+    /// the zeros and sees the records written over them next. Bytes past the zeros (a batch
+    /// being copied in as the tail reads, or torn by a crash) are never part of a line.
     #[test]
     fn a_segment_written_over_made_ready_space_is_followed_up_to_its_zeros() {
         let dir = tempfile::tempdir().unwrap();
@@ -285,6 +286,8 @@ mod tests {
         let mut file = vec![0u8; 1 << 17];
         let first = b"{\"a\":1}\n{\"b\":";
         file[..first.len()].copy_from_slice(first);
+        let later = b"\"x\"}\n";
+        file[100_000..100_000 + later.len()].copy_from_slice(later);
         std::fs::write(&path, &file).unwrap();
         let (mut offset, mut seen) = (0, Vec::<String>::new());
         read_new(dir.path(), 1, &mut offset, &mut |l| seen.push(l.to_owned())).unwrap();

@@ -3,8 +3,9 @@
 //! reordered. It only reports; repairing a torn tail is the writer's job on open.
 
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Seek, SeekFrom};
 use std::path::Path;
+use std::time::Duration;
 
 use super::record::{GENESIS_HASH, LineError, decode_line};
 use super::segment::{list_segments, only_unwritten_after, read_line};
@@ -78,6 +79,12 @@ pub enum VerifyError {
     },
 }
 
+/// How often, and after how long, the newest segment is read again from its last whole line
+/// when bytes follow zeros in it (a batch being written meanwhile) before that counts as
+/// damage.
+const LIVE_REREADS: u32 = 5;
+const LIVE_REREAD_PAUSE: Duration = Duration::from_millis(50);
+
 /// Verifies every segment in `dir`, streaming, so memory stays bounded by the longest line
 /// and, for a sealed segment, its subject index's entries rebuilt to check the index.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
@@ -99,8 +106,11 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let (seq_before, hash_before) = (last_seq, last_hash.clone());
+        let newest = index + 1 == segments.len();
         let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
-        let mut line: u64 = 0;
+        // Where the whole lines read so far end, and how often the newest segment has been
+        // read again from there (see below).
+        let (mut line, mut at, mut rereads): (u64, u64, u32) = (0, 0, 0);
         loop {
             buf.clear();
             let read = read_line(&mut reader, &mut buf).map_err(io_err(path))?;
@@ -116,6 +126,17 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                 // (space made ready for records not yet written), which must then be all
                 // that is left. Anything after them was written over a record's place.
                 if !only_unwritten_after(&mut reader).map_err(io_err(path))? {
+                    // A running writer copies a batch into the newest segment's zeros while
+                    // this reads it: the bytes after the zeros may be that batch, arrived
+                    // between two reads. Read on from the last whole line a moment later.
+                    if newest && rereads < LIVE_REREADS {
+                        rereads += 1;
+                        std::thread::sleep(LIVE_REREAD_PAUSE);
+                        let mut file = File::open(path).map_err(io_err(path))?;
+                        file.seek(SeekFrom::Start(at)).map_err(io_err(path))?;
+                        reader = BufReader::new(file);
+                        continue;
+                    }
                     return Err(malformed(
                         line + 1,
                         "bytes after unwritten (zero) space: records overwritten with zeros, \
@@ -127,7 +148,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                     break;
                 }
                 // Only the newest segment may end mid-line: the chain continues past older ones.
-                if index + 1 == segments.len() {
+                if newest {
                     torn_tail = true;
                     break;
                 }
@@ -137,6 +158,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                 ));
             };
             line += 1;
+            at += read as u64;
             let malformed = |reason: String| malformed(line, reason);
             let head = match decode_line(text) {
                 Ok(head) => head,

@@ -406,6 +406,9 @@ impl Writer {
             );
         }
         let resume = resume(&dir, settings.segment_max_bytes)?;
+        // Space made ready by an earlier run is made again: a crash may have left records
+        // in it (a rename to the segment's name lost), and nothing says it is all zeros.
+        prepare::remove_all(&dir);
         let sealer = settings
             .seal_client_addr
             .then(|| super::addr::Sealer::new(&dir));
@@ -413,7 +416,7 @@ impl Writer {
             .context("cannot start the audit segment sealing thread")?;
         // Page-cache mode has no sync for made-ready space to make cheaper.
         let preparer = (settings.durability == Durability::Fsync)
-            .then(|| Preparer::start(dir.clone(), settings.segment_max_bytes, resume.segment))
+            .then(|| Preparer::start(dir.clone(), settings.segment_max_bytes))
             .transpose()
             .with_context(|| {
                 format!(
@@ -732,16 +735,15 @@ impl Writer {
     }
 
     /// Cuts the current segment back to its records where it still holds made-ready space,
-    /// durably.
+    /// durably. (Where that fails the zeros stay, and every reader stops at them.)
     fn release_preallocated(&mut self) -> io::Result<()> {
-        if !self.preallocated {
+        if !std::mem::take(&mut self.preallocated) {
             return Ok(());
         }
         if let Some(file) = &self.file {
             file.set_len(self.len)?;
             file.sync_all()?;
         }
-        self.preallocated = false;
         Ok(())
     }
 
@@ -750,16 +752,25 @@ impl Writer {
             return Ok(file);
         }
         let path = self.dir.join(segment_name(self.segment));
-        // A segment about to be begun takes the space made ready for it, if there is some.
-        // (The directory entry is synced after its first batch, as for a created one.)
+        // A segment about to be begun takes the space made ready for it, if there is some,
+        // and the rename is made durable before anything is written over it: a write over
+        // existing blocks does not make `fdatasync` commit the directory, and a rename lost
+        // in a crash would leave records in a file under the made-ready name.
+        let new = self.len == 0 && !path.exists();
         let adopted = match prepare::ready(&self.dir, self.segment) {
-            Some(ready) if self.len == 0 && !path.exists() => {
+            Some(ready) if new && self.preparer.is_some() => {
                 std::fs::rename(&ready, &path)?;
                 self.dir_dirty = true;
+                sync_dir(&self.dir)?;
+                self.dir_dirty = false;
                 true
             }
             _ => false,
         };
+        if new && self.segment > 1 {
+            // Made ready for the segment before, too late for it (the roll came first).
+            prepare::discard(&self.dir, self.segment - 1);
+        }
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -1098,6 +1109,41 @@ mod tests {
         let current = std::fs::read(seg(dir.path(), 2)).unwrap();
         assert!(!current.contains(&0) && current.ends_with(b"\n"));
         assert_eq!(verify_dir(dir.path()).unwrap().records, seq);
+    }
+
+    /// Space made ready by an earlier run is never taken: a stop can leave records in it (a
+    /// rename to the segment's name that did not reach the disk), and the segment begun after
+    /// the start must hold its own records only.
+    #[tokio::test]
+    async fn made_ready_space_left_by_an_earlier_run_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 2_000;
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, max)).unwrap();
+        let mut seq = 0;
+        while std::fs::metadata(dir.path().join(segment_name(1))).map_or(0, |m| m.len()) < max {
+            seq += 1;
+            log.append(sample(seq)).await.unwrap();
+        }
+        log.shutdown().await;
+        drop(log);
+        let head = verify_dir(dir.path()).unwrap();
+        let lost = encode_line(seq + 1, &head.last_hash, &sample(seq + 1)).unwrap();
+        let lost2 = encode_line(seq + 2, &lost.hash, &sample(seq + 2)).unwrap();
+        let mut stale = [lost.bytes, lost2.bytes].concat();
+        stale.resize(3 * max as usize, 0);
+        let prepared = dir.path().join(crate::audit::segment::prepared_name(2));
+        std::fs::write(&prepared, &stale).unwrap();
+
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, max)).unwrap();
+        assert!(!prepared.exists());
+        let mut record = sample(seq + 1);
+        record.path = "/after/the/restart".into();
+        assert_eq!(log.append(record).await.unwrap(), seq + 1);
+        log.shutdown().await;
+        let second = std::fs::read_to_string(dir.path().join(segment_name(2))).unwrap();
+        assert_eq!(second.lines().count(), 1, "{second}");
+        assert!(second.contains("/after/the/restart"));
+        assert_eq!(verify_dir(dir.path()).unwrap().records, seq + 1);
     }
 
     #[tokio::test]
