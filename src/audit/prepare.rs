@@ -54,6 +54,9 @@ impl Preparer {
             .name("wardgate-prep".into())
             .spawn(move || {
                 for n in rx {
+                    if stopping.load(Ordering::Relaxed) {
+                        break;
+                    }
                     match make_ready(&dir, n, size, &stopping) {
                         Ok(()) => tracing::debug!(segment = n, "audit segment space made ready"),
                         // The writer then grows the segment as it goes, as it always can.
@@ -84,6 +87,8 @@ impl Drop for Preparer {
         self.stop.store(true, Ordering::Relaxed);
         self.tx = None;
         if let Some(thread) = self.thread.take() {
+            // Out of its pause at once; a sync under way is waited for.
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -140,8 +145,13 @@ fn make_ready(dir: &Path, n: u64, size: u64, stop: &AtomicBool) -> io::Result<()
             file.write_all(&zeros[..n])?;
             let started = Instant::now();
             file.sync_data()?;
-            std::thread::sleep(started.elapsed());
             left -= n as u64;
+            // The pause; a stop cuts it short (`Drop` unparks), and may come early.
+            let pause = started.elapsed();
+            let resting = Instant::now();
+            while !stop.load(Ordering::Relaxed) && resting.elapsed() < pause {
+                std::thread::park_timeout(pause.saturating_sub(resting.elapsed()));
+            }
         }
         Ok(true)
     };
@@ -153,9 +163,13 @@ fn make_ready(dir: &Path, n: u64, size: u64, stop: &AtomicBool) -> io::Result<()
         }
     }
     std::fs::rename(&tmp, &done)?;
-    // The roll came while it was being made: the segment began without it.
+    // The roll came while it was being made: the segment began without it. (Not found: the
+    // writer took it meanwhile.)
     if begun() {
-        std::fs::remove_file(&done)?;
+        match std::fs::remove_file(&done) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     Ok(())
 }

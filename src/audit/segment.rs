@@ -249,20 +249,31 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
     Ok((end, Some(head)))
 }
 
-/// Copies bytes `from..to` of the segment at `path` to a file beside it
-/// (`seg-NNNNNNNN.jsonl.cut-UNIXTIME`, which no reader takes for a segment), synced, and
-/// returns its path.
+/// Copies bytes `from..to` of the segment at `path` to a new file beside it
+/// (`seg-NNNNNNNN.jsonl.cut-UNIXTIME`, `-2` and on after it if that is taken; no reader takes
+/// it for a segment), durably (its contents and its name), and returns its path.
 fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<PathBuf> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".cut-{secs}"));
-    let kept = path.with_file_name(name);
-    let mut out = File::create(&kept)?;
+    let mut attempt = 1;
+    let (kept, mut out) = loop {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".cut-{secs}"));
+        if attempt > 1 {
+            name.push(format!("-{attempt}"));
+        }
+        let kept = path.with_file_name(name);
+        match OpenOptions::new().write(true).create_new(true).open(&kept) {
+            Ok(out) => break (kept, out),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1_000 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
     file.seek(SeekFrom::Start(from))?;
     io::copy(&mut (&mut *file).take(to - from), &mut out)?;
     out.sync_all()?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
     Ok(kept)
 }
 

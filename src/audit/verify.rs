@@ -110,7 +110,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
         let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
         // Where the whole lines read so far end, and how often the newest segment has been
         // read again from there (see below).
-        let (mut line, mut at, mut rereads): (u64, u64, u32) = (0, 0, 0);
+        let (mut line, mut at, mut rereads, mut reread_at): (u64, u64, u32, u64) = (0, 0, 0, 0);
         loop {
             buf.clear();
             let read = read_line(&mut reader, &mut buf).map_err(io_err(path))?;
@@ -129,8 +129,13 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                     // A running writer copies a batch into the newest segment's zeros while
                     // this reads it: the bytes after the zeros may be that batch, arrived
                     // between two reads. Read on from the last whole line a moment later.
+                    if newest && at > reread_at {
+                        // Past where the last reread began: the writer had moved on.
+                        rereads = 0;
+                    }
                     if newest && rereads < LIVE_REREADS {
                         rereads += 1;
+                        reread_at = at;
                         std::thread::sleep(LIVE_REREAD_PAUSE);
                         let mut file = File::open(path).map_err(io_err(path))?;
                         file.seek(SeekFrom::Start(at)).map_err(io_err(path))?;
