@@ -110,6 +110,8 @@ pub struct AuditConfig {
     pub client_addr_retention: Option<Duration>,
     /// How often `serve` prunes.
     pub prune_interval: Duration,
+    /// Where the chain head is kept off the host (`[audit.witness]`; none: nowhere).
+    pub witness: Option<crate::audit::witness::WitnessConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +304,15 @@ struct RawAudit {
     retention: Option<String>,
     client_addr_retention: Option<String>,
     prune_interval: Option<String>,
+    witness: Option<RawWitness>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWitness {
+    url: String,
+    key: String,
+    interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +390,7 @@ impl RawConfig {
                 self.audit.prune_interval.as_deref().unwrap_or("1h"),
                 "audit.prune_interval",
             )?,
+            witness: self.audit.witness.map(witness).transpose()?,
         };
         let mut datasets = BTreeMap::new();
         for (name, raw) in self.datasets {
@@ -705,6 +717,30 @@ fn commit_window(v: Option<&str>) -> anyhow::Result<Duration> {
         );
     }
     Ok(window)
+}
+
+/// `[audit.witness]`: a Redis URL the client accepts, a key, an interval of 100ms to an hour
+/// (default 10s).
+fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConfig> {
+    redis::Client::open(raw.url.as_str())
+        .map_err(|e| anyhow::anyhow!("`audit.witness.url`: not a Redis URL ({e})"))?;
+    let key = raw.key.trim();
+    if key.is_empty() || key.chars().any(char::is_whitespace) {
+        bail!(
+            "`audit.witness.key` = `{}`: a Redis key, one per audit log",
+            raw.key
+        );
+    }
+    let v = raw.interval.as_deref().unwrap_or("10s");
+    let interval = parse_duration(v, "audit.witness.interval")?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
+        bail!("`audit.witness.interval` = `{v}`: from 100ms to 1h");
+    }
+    Ok(crate::audit::witness::WitnessConfig {
+        url: raw.url,
+        key: key.to_owned(),
+        interval,
+    })
 }
 
 fn parse_duration(v: &str, key: &str) -> anyhow::Result<Duration> {

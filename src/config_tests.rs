@@ -101,6 +101,46 @@ fn the_commit_window_is_bounded() {
 }
 
 #[test]
+fn a_witness_needs_a_redis_url_a_key_and_a_sane_interval() {
+    let with = |body: &str| {
+        MINIMAL.replace(
+            "[datasets.voter]",
+            &format!("[audit.witness]\n{body}\n[datasets.voter]"),
+        )
+    };
+    assert!(parse(MINIMAL).unwrap().audit.witness.is_none());
+    let w = parse(&with(
+        r#"url = "redis://w:pw@witness:6380"
+key = "wardgate:audit-heads:a""#,
+    ))
+    .unwrap()
+    .audit
+    .witness
+    .unwrap();
+    assert_eq!(
+        (w.key.as_str(), w.interval),
+        ("wardgate:audit-heads:a", Duration::from_secs(10))
+    );
+    let e = err(&with(
+        r#"url = "http://witness"
+key = "k""#,
+    ));
+    assert!(e.contains("audit.witness.url"), "{e}");
+    let e = err(&with(
+        r#"url = "redis://witness"
+key = " ""#,
+    ));
+    assert!(e.contains("audit.witness.key"), "{e}");
+    for interval in ["10ms", "2h", "soon"] {
+        let e = err(&with(&format!(
+            "url = \"redis://witness\"\nkey = \"k\"\ninterval = \"{interval}\""
+        )));
+        assert!(e.contains("audit.witness.interval"), "{interval}: {e}");
+    }
+    assert!(err(&with(r#"url = "redis://witness""#)).contains("key"));
+}
+
+#[test]
 fn unknown_keys_are_named() {
     assert!(err(&MINIMAL.replace("durability", "durabilty")).contains("durabilty"));
     assert!(err(&format!("{MINIMAL}\n[surprise]\nx = 1\n")).contains("surprise"));

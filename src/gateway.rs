@@ -43,6 +43,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Where the audit log lives, for subject access reports.
     pub audit_dir: std::path::PathBuf,
+    /// Where the log's chain head is published, off the host (`[audit.witness]`).
+    pub witness: Option<Arc<crate::audit::witness::Witness>>,
     /// (audit dir, retention, prune interval) when the log has a retention period.
     pub retention: Option<(std::path::PathBuf, std::time::Duration, std::time::Duration)>,
     /// (audit dir, client address retention, prune interval) when addresses are sealed.

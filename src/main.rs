@@ -135,13 +135,21 @@ enum AuditCommand {
         #[arg(long)]
         decision: Option<String>,
     },
-    /// Verify the hash chain of every segment; report the first broken record.
+    /// Verify the hash chain of every segment; report the first broken record. With a witness
+    /// (the configuration's `[audit.witness]`, or `--witness-url` and `--witness-stream`), also
+    /// check every head it saw: records cut from the log's end show only there.
     Verify {
         /// The audit directory (default: the one the configuration names).
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The witness's Redis URL (default: the configuration's `audit.witness.url`).
+        #[arg(long, requires = "witness_key")]
+        witness_url: Option<String>,
+        /// This log's witness list (default: the configuration's `audit.witness.key`).
+        #[arg(long, requires = "witness_url")]
+        witness_key: Option<String>,
     },
 }
 
@@ -360,14 +368,48 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Audit {
-            command: AuditCommand::Verify { dir, config },
+            command:
+                AuditCommand::Verify {
+                    dir,
+                    config,
+                    witness_url,
+                    witness_key,
+                },
         } => {
-            let dir = audit_dir(dir, config)?;
-            let report = audit::verify_dir(&dir)?;
+            let configured = match &config {
+                Some(c) => Some(Config::load(c)?),
+                None => None,
+            };
+            let dir = match (dir, &configured) {
+                (Some(d), _) => d,
+                (None, Some(cfg)) => cfg.audit.dir.clone(),
+                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
+            };
+            let witness = match (witness_url, witness_key) {
+                (Some(url), Some(key)) => Some((url, key)),
+                _ => configured
+                    .and_then(|c| c.audit.witness)
+                    .map(|w| (w.url, w.key)),
+            };
+            // The witness first: every head it holds was durable before the log is read.
+            let heads = match &witness {
+                Some((url, key)) => audit::witness::read_all(url, key)?,
+                None => Default::default(),
+            };
+            let report = audit::verify_against(&dir, &heads)?;
             println!(
                 "ok: {} records in {} segments verify; last seq {}, last hash {}",
                 report.records, report.segments, report.last_seq, report.last_hash
             );
+            match &witness {
+                Some((_, key)) => println!(
+                    "witness `{key}`: {} heads found in the log with their hashes, {} older than its oldest record; none past its end",
+                    report.witnessed, report.witnessed_pruned
+                ),
+                None => println!(
+                    "note: no witness given; records cut from the end of the log would not show (README: The audit log)"
+                ),
+            }
             if report.torn_tail {
                 println!(
                     "note: the newest segment ends in a torn line (a write cut short by a crash, never acknowledged); the gateway trims it on start"

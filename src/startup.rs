@@ -180,8 +180,17 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         cfg.redis.as_ref().map(|r| r.url.as_str()),
     )
     .context("cannot open breach detection")?;
+    let witness = cfg
+        .audit
+        .witness
+        .clone()
+        .map(crate::audit::witness::Witness::new)
+        .transpose()
+        .context("cannot set up the audit witness")?
+        .map(Arc::new);
     let gw = Gateway {
         watch,
+        witness,
         audit_dir: cfg.audit.dir.clone(),
         addr_retention: cfg
             .audit
@@ -271,6 +280,10 @@ pub async fn run(
         })
     });
     let detector = tokio::spawn(crate::watch::run(gw.clone()));
+    let witness = gw.witness.clone().map(|w| {
+        let (log, stop) = (gw.audit.clone(), stop_tx.subscribe());
+        tokio::spawn(async move { w.run(&log, stop).await })
+    });
     shutdown.await;
     if let Some(p) = pruner {
         p.abort();
@@ -288,6 +301,13 @@ pub async fn run(
         tracing::warn!("records still on their way after the grace period; closing the log");
     }
     gw.audit.shutdown().await;
+    if let Some(task) = witness {
+        let _ = task.await;
+    }
+    // The final head, so that a witness knows where the log ended.
+    if let Some(w) = &gw.witness {
+        w.publish(&gw.audit).await;
+    }
     tracing::info!("audit log flushed; stopped");
     data_result.and(admin_result)
 }

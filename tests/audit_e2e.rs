@@ -11,7 +11,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{AppOptions, Tmpfs, fill, spawn_app_with};
+use common::{AppOptions, RedisServer, Tmpfs, WITNESS_KEY, fill, spawn_app_with};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
@@ -224,6 +224,132 @@ async fn a_write_the_log_cannot_hold_never_reaches_the_datastore() {
     assert_eq!(
         refused_unwritten, 3,
         "a full disk should stop writes within a page of records"
+    );
+    app.stop().await;
+}
+
+/// The newest records cut from the log leave a valid chain, which verification alone cannot
+/// tell from a whole one. The chain heads the gateway published meanwhile to its witness (a
+/// real Redis, under the README's ACL rules: the gateway may only `RPUSH` its key, the auditor
+/// only `LRANGE`) show the cut, through the command an operator runs; and the gateway's
+/// credentials cannot remove a head.
+#[tokio::test]
+async fn records_cut_from_the_end_show_against_the_witness() {
+    let redis = RedisServer::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut admin = admin.get_connection().unwrap();
+    for rule in [
+        format!(
+            "wardgate-witness on >gateway-pw resetkeys ~{WITNESS_KEY} resetchannels -@all +rpush"
+        ),
+        "auditor on >auditor-pw resetkeys ~wardgate:audit-heads:* resetchannels -@all +lrange"
+            .to_owned(),
+    ] {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER");
+        for word in rule.split(' ') {
+            cmd.arg(word);
+        }
+        let _: () = cmd.query(&mut admin).unwrap();
+    }
+    let as_user = |user: &str| format!("redis://{user}@127.0.0.1:{}/", redis.port);
+    let (gateway_url, url) = (
+        as_user("wardgate-witness:gateway-pw"),
+        as_user("auditor:auditor-pw"),
+    );
+    let mut app = spawn_app_with(AppOptions {
+        witness: Some(gateway_url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("councillor");
+    for _ in 0..3 {
+        let r = app
+            .get(
+                "/voter/electors?per_page=5",
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // Published while serving (every 100ms here), not only at the stop.
+    let start = std::time::Instant::now();
+    while wardgate::audit::witness::read_all(&url, WITNESS_KEY)
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no head published"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The stop publishes the final head.
+    app.halt().await;
+    let heads = wardgate::audit::witness::read_all(&url, WITNESS_KEY).unwrap();
+    let whole = wardgate::audit::verify_dir(&app.audit_dir).unwrap();
+    assert_eq!(heads.keys().last(), Some(&whole.last_seq));
+
+    // Whoever holds the gateway's credentials (the host) can append, and nothing else.
+    let gateway = redis::Client::open(gateway_url.as_str()).unwrap();
+    let mut gateway = gateway.get_connection().unwrap();
+    let attempts: [&[&str]; 6] = [
+        &["DEL", WITNESS_KEY],
+        &["LTRIM", WITNESS_KEY, "0", "0"],
+        &["LPOP", WITNESS_KEY],
+        &["LSET", WITNESS_KEY, "0", "{}"],
+        &["XADD", WITNESS_KEY, "MAXLEN", "0", "*", "seq", "1"],
+        &["RENAME", WITNESS_KEY, "elsewhere"],
+    ];
+    for words in attempts {
+        let mut cmd = redis::cmd(words[0]);
+        for w in &words[1..] {
+            cmd.arg(*w);
+        }
+        let refused = cmd.query::<redis::Value>(&mut gateway).unwrap_err();
+        assert!(
+            refused.to_string().contains("NOPERM"),
+            "{words:?}: {refused}"
+        );
+    }
+    let left = wardgate::audit::witness::read_all(&url, WITNESS_KEY).unwrap();
+    assert_eq!(left, heads);
+
+    let verify = |witness: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"));
+        cmd.args(["audit", "verify", "--dir"]).arg(&app.audit_dir);
+        if witness {
+            cmd.args(["--witness-url", &url, "--witness-key", WITNESS_KEY]);
+        }
+        let out = cmd.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+    };
+    let (ok, said) = verify(true);
+    assert!(ok && said.contains("none past its end"), "{said}");
+
+    // The newest record cut away whole.
+    let newest = std::fs::read_dir(&app.audit_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .max()
+        .unwrap();
+    let text = std::fs::read(&newest).unwrap();
+    let keep = text[..text.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    std::fs::write(&newest, &text[..keep]).unwrap();
+    let (ok, said) = verify(false);
+    assert!(ok, "a valid chain without the witness: {said}");
+    let (ok, said) = verify(true);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains(&format!("the witness saw seq {}", whole.last_seq))
+            && said.contains("cut from the end"),
+        "{said}"
     );
     app.stop().await;
 }

@@ -7,8 +7,8 @@
 //! `seq`, `prev` and `hash`; private `segment` module), the group-committing writer with its
 //! durability and failure handling ([`writer`]), sealing finished segments with a subject index
 //! ([`index`]) on a low-priority thread (private `seal_queue` module), finding one subject's
-//! records ([`reader`]), retention ([`prune`]), offline chain verification ([`verify`]) and
-//! following the log in a terminal ([`tail`]).
+//! records ([`reader`]), retention ([`prune`]), offline chain verification ([`verify`]), the
+//! chain head kept off the host ([`witness`]) and following the log in a terminal ([`tail`]).
 //!
 //! Does not own: deciding what to record or when a request must wait for it (the request
 //! pipeline does), mapping [`AuditError`] to a 503, readiness endpoints, configuration parsing,
@@ -25,8 +25,9 @@ mod seal_queue;
 pub(crate) mod segment;
 pub mod tail;
 pub mod verify;
+pub mod witness;
 pub mod writer;
 
 pub use record::{AuditRecord, Caller, Decision, RecordKind};
-pub use verify::{VerifyError, VerifyReport, verify_dir};
+pub use verify::{VerifyError, VerifyReport, verify_against, verify_dir};
 pub use writer::{Ack, AuditError, AuditLog, AuditSettings, Durability, Logged};

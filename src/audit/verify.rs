@@ -1,6 +1,8 @@
 //! Offline verification of an audit directory: walks every segment in order, line by line, and
 //! reports the first place where the hash chain shows a record altered, deleted, inserted or
-//! reordered. It only reports; repairing a torn tail is the writer's job on open.
+//! reordered; given the heads a witness saw ([`super::witness`]), also a witnessed record
+//! whose hash differs and records cut from the log's end. It only reports; repairing a torn
+//! tail is the writer's job on open.
 
 use std::fs::File;
 use std::io::{self, BufReader, Seek, SeekFrom};
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use super::record::{GENESIS_HASH, LineError, decode_line};
 use super::segment::{list_segments, only_unwritten_after, read_line};
+use super::witness::Heads;
 
 /// What a successful verification covered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +25,10 @@ pub struct VerifyReport {
     /// The newest segment ends in a line with no newline: a write cut short by a crash. It
     /// was never acknowledged, so no response depended on it; the writer trims it on open.
     pub torn_tail: bool,
+    /// Witnessed heads found in the log with the witnessed hash ([`verify_against`]).
+    pub witnessed: u64,
+    /// Witnessed heads older than the log's oldest record (pruned), which cannot be checked.
+    pub witnessed_pruned: u64,
 }
 
 /// Where and how the chain breaks. `line` is 1-based within `segment`; `seq` is the sequence
@@ -71,6 +78,21 @@ pub enum VerifyError {
          the next start seals the segment again"
     )]
     IndexMismatch { segment: String, index: String },
+    #[error(
+        "`{segment}` line {line} (seq {seq}): the witness saw this record with another hash \
+         at {at} (record altered or replaced since)"
+    )]
+    WitnessMismatch {
+        segment: String,
+        line: u64,
+        seq: u64,
+        at: String,
+    },
+    #[error(
+        "the log ends at seq {last_seq}, but the witness saw seq {seq} at {at} (records cut \
+         from the end of the log)"
+    )]
+    CutFromEnd { last_seq: u64, seq: u64, at: String },
     #[error("cannot read `{path}`: {source}")]
     Io {
         path: String,
@@ -88,6 +110,13 @@ const LIVE_REREAD_PAUSE: Duration = Duration::from_millis(50);
 /// Verifies every segment in `dir`, streaming, so memory stays bounded by the longest line
 /// and, for a sealed segment, its subject index's entries rebuilt to check the index.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_against(dir, &Heads::new())
+}
+
+/// As [`verify_dir`], and every head in `heads` (read from the witness *before* the log, so
+/// that each was durable before the log is read) must be in the log with its hash, or older
+/// than its oldest record.
+pub fn verify_against(dir: &Path, heads: &Heads) -> Result<VerifyReport, VerifyError> {
     let io_err = |path: &Path| {
         let path = path.display().to_string();
         move |source| VerifyError::Io { path, source }
@@ -99,6 +128,8 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
         Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
         None => (0, GENESIS_HASH.to_owned()),
     };
+    let witnessed_pruned = heads.range(..=last_seq).map(|(_, w)| w.len() as u64).sum();
+    let mut witnessed = 0;
     let mut buf = Vec::new();
     let mut torn_tail = false;
     for (index, (number, path)) in segments.iter().enumerate() {
@@ -186,6 +217,17 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
                     found,
                 });
             }
+            if let Some(seen) = heads.get(&head.seq) {
+                if let Some(other) = seen.iter().find(|w| w.hash != head.hash) {
+                    return Err(VerifyError::WitnessMismatch {
+                        segment,
+                        line,
+                        seq,
+                        at: other.at.clone(),
+                    });
+                }
+                witnessed += seen.len() as u64;
+            }
             (records, last_seq, last_hash) = (records + 1, head.seq, head.hash);
         }
         // A sealed segment must still span exactly what its seal recorded.
@@ -220,9 +262,18 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
             }
         }
     }
+    if let Some((&seq, seen)) = heads.range(last_seq + 1..).next() {
+        return Err(VerifyError::CutFromEnd {
+            last_seq,
+            seq,
+            at: seen.first().map(|w| w.at.clone()).unwrap_or_default(),
+        });
+    }
     Ok(VerifyReport {
         segments: segments.len(),
         records,
+        witnessed,
+        witnessed_pruned,
         last_seq,
         last_hash,
         torn_tail,
@@ -255,6 +306,132 @@ mod tests {
 
     fn rewrite(dir: &Path, segment: u64, lines: &[String]) {
         std::fs::write(dir.join(segment_name(segment)), lines.concat()).unwrap();
+    }
+
+    fn heads(seen: &[(u64, &str)]) -> Heads {
+        let mut heads = Heads::new();
+        for (i, (seq, hash)) in seen.iter().enumerate() {
+            heads
+                .entry(*seq)
+                .or_default()
+                .push(crate::audit::witness::Witnessed {
+                    seq: *seq,
+                    hash: (*hash).to_owned(),
+                    at: format!("2026-12-05T07:00:0{i}Z"),
+                    index: i as u64,
+                });
+        }
+        heads
+    }
+
+    fn hash_of(line: &str) -> String {
+        decode_line(line.trim_end().as_bytes()).unwrap().hash
+    }
+
+    /// Without a witness, the newest records cut away leave a valid chain; with one, the cut
+    /// shows, whichever segments went, and a false head added to the witness shows too.
+    #[test]
+    fn a_witness_shows_records_cut_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = write_chain(dir.path(), &[3, 3]);
+        let (third, sixth) = (hash_of(&lines[0][2]), hash_of(&lines[1][2]));
+        let seen = heads(&[(3, &third), (6, &sixth)]);
+        let whole = verify_against(dir.path(), &seen).unwrap();
+        assert_eq!((whole.witnessed, whole.witnessed_pruned), (2, 0));
+
+        rewrite(dir.path(), 2, &lines[1][..1]);
+        let cut = verify_dir(dir.path()).unwrap();
+        assert_eq!(cut.last_seq, 4, "a valid chain without the witness");
+        let err = verify_against(dir.path(), &seen).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::CutFromEnd {
+                    last_seq: 4,
+                    seq: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("cut from the end"), "{err}");
+
+        std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();
+        let err = verify_against(dir.path(), &seen).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::CutFromEnd {
+                    last_seq: 3,
+                    seq: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // A head appended by someone who cannot remove the true ones: a mismatch, not cover.
+        rewrite(dir.path(), 2, &lines[1]);
+        let forged = heads(&[(3, &third), (3, &"0".repeat(64)), (6, &sixth)]);
+        let err = verify_against(dir.path(), &forged).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::WitnessMismatch {
+                    seq: 3,
+                    line: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// A record the witness saw, rewritten along with everything after it so that the chain
+    /// holds again (the whole tail re-hashed), still differs from what was witnessed.
+    #[test]
+    fn a_witness_shows_a_rewritten_tail_and_passes_over_pruned_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = write_chain(dir.path(), &[4]);
+        let seen = heads(&[(2, &hash_of(&lines[0][1])), (4, &hash_of(&lines[0][3]))]);
+        let mut prev = hash_of(&lines[0][0]);
+        let mut rewritten = vec![lines[0][0].clone()];
+        for seq in 2..=4 {
+            let mut other = sample(seq);
+            other.path = "/somewhere/else".into();
+            let line = encode_line(seq, &prev, &other).unwrap();
+            rewritten.push(String::from_utf8(line.bytes).unwrap());
+            prev = line.hash;
+        }
+        rewrite(dir.path(), 1, &rewritten);
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 4);
+        let err = verify_against(dir.path(), &seen).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::WitnessMismatch { seq: 2, .. }),
+            "{err}"
+        );
+
+        // Heads older than the oldest record held (pruned) cannot be checked, and are counted.
+        let dir = tempfile::tempdir().unwrap();
+        let lines = write_chain(dir.path(), &[2, 2]);
+        std::fs::remove_file(dir.path().join(segment_name(1))).unwrap();
+        let anchor = crate::audit::prune::Anchor {
+            last_pruned_seq: 2,
+            last_pruned_hash: hash_of(&lines[0][1]),
+            pruned_segments: 1,
+            pruned_records: 2,
+        };
+        std::fs::write(
+            dir.path().join("pruned.json"),
+            serde_json::to_vec(&anchor).unwrap(),
+        )
+        .unwrap();
+        let seen = heads(&[(1, &hash_of(&lines[0][0])), (4, &hash_of(&lines[1][1]))]);
+        let report = verify_against(dir.path(), &seen).unwrap();
+        assert_eq!(
+            (report.records, report.witnessed, report.witnessed_pruned),
+            (2, 1, 1)
+        );
     }
 
     /// Subject access trusts a sealed segment's index: one with a subject's entry taken out

@@ -116,6 +116,8 @@ struct Inner {
     appenders: AtomicUsize,
     detached: AtomicUsize,
     healthy: Arc<AtomicBool>,
+    /// The chain head: the newest durable record's sequence number and hash.
+    head: Arc<Mutex<Option<(u64, String)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     published: broadcast::Sender<Arc<Logged>>,
 }
@@ -140,6 +142,7 @@ impl AuditLog {
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
         let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
         let coming = Arc::clone(&writer.coming);
+        let head = Arc::clone(&writer.head);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
@@ -151,6 +154,7 @@ impl AuditLog {
                 appenders: AtomicUsize::new(0),
                 detached: AtomicUsize::new(0),
                 healthy,
+                head,
                 thread: Mutex::new(Some(thread)),
                 published,
             }),
@@ -265,6 +269,12 @@ impl AuditLog {
         self.inner.healthy.load(Ordering::Acquire)
     }
 
+    /// The chain head: the newest durable record's sequence number and hash (after pruning
+    /// everything, the last pruned one's); `None` for a log that never held a record.
+    pub fn head(&self) -> Option<(u64, String)> {
+        lock(&self.inner.head).clone()
+    }
+
     /// Stops accepting, writes and syncs everything queued, joins the writer thread.
     pub async fn shutdown(&self) {
         // The writer drains the queue and exits once the last sender is gone.
@@ -372,6 +382,8 @@ struct Writer {
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
+    /// The chain head as `AuditLog::head` tells it, set after each commit.
+    head: Arc<Mutex<Option<(u64, String)>>>,
     published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
@@ -442,6 +454,9 @@ impl Writer {
             len: resume.len,
             preallocated: false,
             dir_dirty: resume.new_segment,
+            head: Arc::new(Mutex::new(
+                (resume.next_seq > 1).then(|| (resume.next_seq - 1, resume.last_hash.clone())),
+            )),
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
@@ -651,6 +666,7 @@ impl Writer {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
+                *lock(&self.head) = Some((seq - 1, hash.clone()));
                 (self.next_seq, self.last_hash) = (seq, hash);
                 // Half way through a segment, the next one's space is made ready: a log that
                 // fills segments gets it in time, and one that never fills its first (tests,

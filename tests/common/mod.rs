@@ -16,6 +16,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -29,6 +31,74 @@ use wardgate::config::Config;
 use wardgate::demo::{self, data, datastore};
 use wardgate::token::Signer;
 
+/// A real `redis-server` of the test's own on a free port, nothing kept on disk; killed on
+/// drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            port,
+            child: Some(child),
+        }
+    }
+
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn flushall(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -40,6 +110,7 @@ pub struct TestApp {
     pub private_pem: String,
     pub tokens: std::collections::BTreeMap<String, String>,
     pub redis: Option<wardgate::controls::RedisSettings>,
+    pub witness: Option<wardgate::audit::witness::WitnessConfig>,
     client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -63,6 +134,8 @@ pub struct AppOptions {
     pub redis: Option<String>,
     /// Use another app's signing keys, so tokens work on both (replicas of one deployment).
     pub keys_from: Option<PathBuf>,
+    /// Publish the audit chain head to this Redis (list `WITNESS_KEY`, every 100ms).
+    pub witness: Option<String>,
 }
 
 pub struct Resp {
@@ -96,6 +169,9 @@ pub async fn start_datastore(electors: usize) -> (SocketAddr, tokio::sync::onesh
     ));
     (addr, tx)
 }
+
+/// The witness list `AppOptions::witness` publishes to.
+pub const WITNESS_KEY: &str = "wardgate:audit-heads:test";
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
@@ -139,6 +215,13 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     if let Some(a) = &opts.audit_dir {
         cfg.audit.dir = a.clone();
     }
+    if let Some(url) = &opts.witness {
+        cfg.audit.witness = Some(wardgate::audit::witness::WitnessConfig {
+            url: url.clone(),
+            key: WITNESS_KEY.to_owned(),
+            interval: Duration::from_millis(100),
+        });
+    }
     if let Some(d) = &opts.data_dir {
         cfg.server.data_dir = d.clone();
     }
@@ -148,6 +231,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     }
     let audit_dir = cfg.audit.dir.clone();
     let redis = cfg.redis.clone();
+    let witness = cfg.audit.witness.clone();
     let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
     let signer = Signer::from_config(cfg.signing.as_ref().unwrap()).unwrap();
     let private_pem =
@@ -176,6 +260,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         private_pem,
         tokens,
         redis,
+        witness,
         client,
         stop: Some(tx),
         task: Some(task),
@@ -352,6 +437,7 @@ impl TestApp {
         let mut cfg = Config::load(&self.config_path).unwrap();
         cfg.audit.dir = self.audit_dir.clone();
         cfg.redis = self.redis.clone();
+        cfg.audit.witness = self.witness.clone();
         let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = data.local_addr().unwrap();
