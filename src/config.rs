@@ -724,6 +724,12 @@ fn commit_window(v: Option<&str>) -> anyhow::Result<Duration> {
 fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConfig> {
     redis::Client::open(raw.url.as_str())
         .map_err(|e| anyhow::anyhow!("`audit.witness.url`: not a Redis URL ({e})"))?;
+    if raw.url.starts_with("rediss:") {
+        bail!(
+            "`audit.witness.url`: this build speaks to Redis without TLS (`redis://`); reach the \
+             witness over a private network or a TLS tunnel"
+        );
+    }
     let key = raw.key.trim();
     if key.is_empty() || key.chars().any(char::is_whitespace) {
         bail!(

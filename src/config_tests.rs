@@ -121,11 +121,10 @@ key = "wardgate:audit-heads:a""#,
         (w.key.as_str(), w.interval),
         ("wardgate:audit-heads:a", Duration::from_secs(10))
     );
-    let e = err(&with(
-        r#"url = "http://witness"
-key = "k""#,
-    ));
-    assert!(e.contains("audit.witness.url"), "{e}");
+    for url in ["http://witness", "rediss://witness"] {
+        let e = err(&with(&format!("url = \"{url}\"\nkey = \"k\"")));
+        assert!(e.contains("audit.witness.url"), "{url}: {e}");
+    }
     let e = err(&with(
         r#"url = "redis://witness"
 key = " ""#,

@@ -136,20 +136,26 @@ enum AuditCommand {
         decision: Option<String>,
     },
     /// Verify the hash chain of every segment; report the first broken record. With a witness
-    /// (the configuration's `[audit.witness]`, or `--witness-url` and `--witness-stream`), also
-    /// check every head it saw: records cut from the log's end show only there.
+    /// (`--witness-url` and `--witness-key`), also check every head it saw: records cut from
+    /// the log's end show only there. The witness is named here, by the auditor, and never
+    /// taken from the gateway's configuration: that is on the host being checked.
     Verify {
         /// The audit directory (default: the one the configuration names).
         #[arg(long, conflicts_with = "config")]
         dir: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// The witness's Redis URL (default: the configuration's `audit.witness.url`).
-        #[arg(long, requires = "witness_key")]
+        /// The witness's Redis URL, with the auditor's read-only credentials (better given in
+        /// the environment than on the command line).
+        #[arg(long, env = "WARDGATE_WITNESS_URL", requires = "witness_key")]
         witness_url: Option<String>,
-        /// This log's witness list (default: the configuration's `audit.witness.key`).
+        /// This log's list on the witness.
         #[arg(long, requires = "witness_url")]
         witness_key: Option<String>,
+        /// How long the log is kept (`audit.retention`, e.g. 7years): witnessed records the log
+        /// no longer holds must be older than this.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<std::time::Duration>,
     },
 }
 
@@ -374,39 +380,38 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     config,
                     witness_url,
                     witness_key,
+                    retention,
                 },
         } => {
-            let configured = match &config {
-                Some(c) => Some(Config::load(c)?),
+            let dir = audit_dir(dir, config)?;
+            let witness = witness_url.zip(witness_key);
+            // The witness first: every head it holds was durable before the log is read.
+            let heard = match &witness {
+                Some((url, key)) => Some(audit::witness::read_all(url, key)?),
                 None => None,
             };
-            let dir = match (dir, &configured) {
-                (Some(d), _) => d,
-                (None, Some(cfg)) => cfg.audit.dir.clone(),
-                (None, None) => anyhow::bail!("give `--dir DIR` or `--config FILE`"),
-            };
-            let witness = match (witness_url, witness_key) {
-                (Some(url), Some(key)) => Some((url, key)),
-                _ => configured
-                    .and_then(|c| c.audit.witness)
-                    .map(|w| (w.url, w.key)),
-            };
-            // The witness first: every head it holds was durable before the log is read.
-            let heads = match &witness {
-                Some((url, key)) => audit::witness::read_all(url, key)?,
-                None => Default::default(),
-            };
-            let report = audit::verify_against(&dir, &heads)?;
+            let heads = heard.as_ref().map(|h| h.heads.clone()).unwrap_or_default();
+            let report = audit::verify_against(&dir, &heads, retention)?;
             println!(
                 "ok: {} records in {} segments verify; last seq {}, last hash {}",
                 report.records, report.segments, report.last_seq, report.last_hash
             );
-            match &witness {
-                Some((_, key)) => println!(
-                    "witness `{key}`: {} heads found in the log with their hashes, {} older than its oldest record; none past its end",
-                    report.witnessed, report.witnessed_pruned
-                ),
-                None => println!(
+            match (&witness, &heard) {
+                (Some((_, key)), Some(heard)) => {
+                    if heard.heads.is_empty() && report.last_seq > 0 {
+                        anyhow::bail!(
+                            "the witness holds no head in `{key}`, though the log holds records up to seq {}: a wrong key, or a gateway that never published",
+                            report.last_seq
+                        );
+                    }
+                    println!(
+                        "witness `{key}`: {} heads found in the log with their hashes, {} in its pruned part, none past its end; the newest published at {}",
+                        report.witnessed,
+                        report.witnessed_pruned,
+                        heard.last_published.as_deref().unwrap_or("-")
+                    );
+                }
+                _ => println!(
                     "note: no witness given; records cut from the end of the log would not show (README: The audit log)"
                 ),
             }

@@ -277,6 +277,7 @@ async fn records_cut_from_the_end_show_against_the_witness() {
     let start = std::time::Instant::now();
     while wardgate::audit::witness::read_all(&url, WITNESS_KEY)
         .unwrap()
+        .heads
         .is_empty()
     {
         assert!(
@@ -287,7 +288,9 @@ async fn records_cut_from_the_end_show_against_the_witness() {
     }
     // The stop publishes the final head.
     app.halt().await;
-    let heads = wardgate::audit::witness::read_all(&url, WITNESS_KEY).unwrap();
+    let heads = wardgate::audit::witness::read_all(&url, WITNESS_KEY)
+        .unwrap()
+        .heads;
     let whole = wardgate::audit::verify_dir(&app.audit_dir).unwrap();
     assert_eq!(heads.keys().last(), Some(&whole.last_seq));
 
@@ -314,20 +317,29 @@ async fn records_cut_from_the_end_show_against_the_witness() {
         );
     }
     let left = wardgate::audit::witness::read_all(&url, WITNESS_KEY).unwrap();
-    assert_eq!(left, heads);
+    assert_eq!(left.heads, heads);
 
-    let verify = |witness: bool| {
+    let verify_at = |key: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"));
         cmd.args(["audit", "verify", "--dir"]).arg(&app.audit_dir);
-        if witness {
-            cmd.args(["--witness-url", &url, "--witness-key", WITNESS_KEY]);
+        if let Some(key) = key {
+            // The auditor's credentials from the environment, not the command line.
+            cmd.env("WARDGATE_WITNESS_URL", &url)
+                .args(["--witness-key", key]);
         }
         let out = cmd.output().unwrap();
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status.success(), text(&out.stdout) + &text(&out.stderr))
     };
+    let verify = |witness: bool| verify_at(witness.then_some(WITNESS_KEY));
     let (ok, said) = verify(true);
-    assert!(ok && said.contains("none past its end"), "{said}");
+    assert!(
+        ok && said.contains("none past its end") && said.contains("newest published at"),
+        "{said}"
+    );
+    // A key with no heads (a typo, or one pointed elsewhere) vouches for nothing.
+    let (ok, said) = verify_at(Some("wardgate:audit-heads:elsewhere"));
+    assert!(!ok && said.contains("holds no head"), "{said}");
 
     // The newest record cut away whole.
     let newest = std::fs::read_dir(&app.audit_dir)

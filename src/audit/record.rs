@@ -182,6 +182,8 @@ pub(crate) struct LineHead {
     pub seq: u64,
     pub prev: String,
     pub hash: String,
+    /// The record's time (empty if it has none).
+    pub ts: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +207,8 @@ impl std::fmt::Display for LineError {
 struct Head {
     seq: u64,
     prev: String,
+    #[serde(default)]
+    ts: String,
 }
 
 /// Checks one line (without its trailing `\n`) against its own hash and returns its chain fields.
@@ -241,6 +245,7 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<LineHead, LineError> {
         seq: parsed.seq,
         prev: parsed.prev,
         hash: String::from_utf8_lossy(hash).into_owned(),
+        ts: parsed.ts,
     })
 }
 

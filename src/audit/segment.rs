@@ -136,6 +136,8 @@ pub(crate) struct Resume {
     pub new_segment: bool,
     pub next_seq: u64,
     pub last_hash: String,
+    /// The last record's time (empty after everything was pruned, or for a new log).
+    pub last_ts: String,
 }
 
 /// Creates `dir` if needed and recovers the chain head from the newest records in it,
@@ -146,6 +148,7 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
     let segments = list_segments(dir)
         .with_context(|| format!("cannot list audit directory `{}`", dir.display()))?;
     let (mut next_seq, mut last_hash, mut len) = (1, GENESIS_HASH.to_owned(), 0);
+    let mut last_ts = String::new();
     // The newest segment may be empty (created just before a failed batch), so the chain head
     // can sit in an older one.
     for (i, (_, path)) in segments.iter().enumerate().rev() {
@@ -154,7 +157,7 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
             len = seg_len;
         }
         if let Some(head) = last {
-            (next_seq, last_hash) = (head.seq + 1, head.hash);
+            (next_seq, last_hash, last_ts) = (head.seq + 1, head.hash, head.ts);
             break;
         }
     }
@@ -172,6 +175,7 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
         new_segment,
         next_seq,
         last_hash,
+        last_ts,
     };
     // A sealed segment is finished whatever its size: its index lists every record in it,
     // so appending would hide the new ones from lookups (a restart with a larger

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Seek, SeekFrom};
+use std::ops::Bound;
 use std::path::Path;
 use std::time::Duration;
 
@@ -93,6 +94,28 @@ pub enum VerifyError {
          from the end of the log)"
     )]
     CutFromEnd { last_seq: u64, seq: u64, at: String },
+    #[error(
+        "the witness saw seq {seq} (published at {at}) with another hash than the prune anchor \
+         `pruned.json` gives it (anchor rewritten)"
+    )]
+    AnchorMismatch { seq: u64, at: String },
+    #[error(
+        "{count} witnessed heads lie in the pruned part of the log (seq {anchor} and before): give \
+         the retention the log is kept for (`--retention`, e.g. 7years) to check that they were \
+         old enough to be pruned"
+    )]
+    RetentionNeeded { count: u64, anchor: u64 },
+    #[error(
+        "the witness saw seq {seq}, a record of {ts}, which the log no longer holds, though a \
+         retention of {retention} keeps every record since {cutoff} (records removed, and the \
+         prune anchor rewritten to match)"
+    )]
+    PrunedTooEarly {
+        seq: u64,
+        ts: String,
+        retention: String,
+        cutoff: String,
+    },
     #[error("cannot read `{path}`: {source}")]
     Io {
         path: String,
@@ -110,13 +133,67 @@ const LIVE_REREAD_PAUSE: Duration = Duration::from_millis(50);
 /// Verifies every segment in `dir`, streaming, so memory stays bounded by the longest line
 /// and, for a sealed segment, its subject index's entries rebuilt to check the index.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
-    verify_against(dir, &Heads::new())
+    verify_against(dir, &Heads::new(), None)
+}
+
+/// Heads at or before the prune anchor (`anchor_seq`, `anchor_hash`): the log no longer holds
+/// them, and `pruned.json` is the host's word. The one at the anchor must carry its hash, and
+/// each must be of a record older than the retention, or an anchor written past records still
+/// within it (and those records deleted) would count them as pruned. Returns how many there
+/// are.
+fn check_pruned_heads(
+    heads: &Heads,
+    anchor_seq: u64,
+    anchor_hash: &str,
+    retention: Option<Duration>,
+) -> Result<u64, VerifyError> {
+    let pruned: Vec<_> = heads.range(..=anchor_seq).flat_map(|(_, w)| w).collect();
+    if let Some(w) = pruned
+        .iter()
+        .find(|w| w.seq == anchor_seq && w.hash != anchor_hash)
+    {
+        return Err(VerifyError::AnchorMismatch {
+            seq: w.seq,
+            at: w.at.clone(),
+        });
+    }
+    let Some(newest) = pruned.iter().max_by(|a, b| a.ts.cmp(&b.ts)) else {
+        return Ok(0);
+    };
+    let Some(retention) = retention else {
+        return Err(VerifyError::RetentionNeeded {
+            count: pruned.len() as u64,
+            anchor: anchor_seq,
+        });
+    };
+    let cutoff = time::OffsetDateTime::now_utc()
+        .checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        .map_or_else(String::new, super::AuditRecord::ts_of);
+    // Every pruned record was older than its prune's cutoff, which is older than today's.
+    if newest.ts.is_empty() || newest.ts >= cutoff {
+        return Err(VerifyError::PrunedTooEarly {
+            seq: newest.seq,
+            ts: if newest.ts.is_empty() {
+                "an unknown time".into()
+            } else {
+                newest.ts.clone()
+            },
+            retention: humantime::format_duration(retention).to_string(),
+            cutoff,
+        });
+    }
+    Ok(pruned.len() as u64)
 }
 
 /// As [`verify_dir`], and every head in `heads` (read from the witness *before* the log, so
-/// that each was durable before the log is read) must be in the log with its hash, or older
-/// than its oldest record.
-pub fn verify_against(dir: &Path, heads: &Heads) -> Result<VerifyReport, VerifyError> {
+/// that each was durable before the log is read) must be in the log with its hash, or, where
+/// the log was pruned past it, be of a record older than `retention` (the auditor's word for
+/// how long the log is kept, not the host's configuration).
+pub fn verify_against(
+    dir: &Path,
+    heads: &Heads,
+    retention: Option<Duration>,
+) -> Result<VerifyReport, VerifyError> {
     let io_err = |path: &Path| {
         let path = path.display().to_string();
         move |source| VerifyError::Io { path, source }
@@ -128,7 +205,7 @@ pub fn verify_against(dir: &Path, heads: &Heads) -> Result<VerifyReport, VerifyE
         Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
         None => (0, GENESIS_HASH.to_owned()),
     };
-    let witnessed_pruned = heads.range(..=last_seq).map(|(_, w)| w.len() as u64).sum();
+    let witnessed_pruned = check_pruned_heads(heads, last_seq, &last_hash, retention)?;
     let mut witnessed = 0;
     let mut buf = Vec::new();
     let mut torn_tail = false;
@@ -262,7 +339,8 @@ pub fn verify_against(dir: &Path, heads: &Heads) -> Result<VerifyReport, VerifyE
             }
         }
     }
-    if let Some((&seq, seen)) = heads.range(last_seq + 1..).next() {
+    let past_the_end = (Bound::Excluded(last_seq), Bound::Unbounded);
+    if let Some((&seq, seen)) = heads.range(past_the_end).next() {
         return Err(VerifyError::CutFromEnd {
             last_seq,
             seq,
@@ -308,16 +386,29 @@ mod tests {
         std::fs::write(dir.join(segment_name(segment)), lines.concat()).unwrap();
     }
 
+    /// Heads as a witness holds them, each of a record written now.
     fn heads(seen: &[(u64, &str)]) -> Heads {
+        let now = crate::audit::AuditRecord::now_ts();
+        heads_of(
+            &seen
+                .iter()
+                .map(|(s, h)| (*s, *h, now.as_str()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Heads of records written at the times given.
+    fn heads_of(seen: &[(u64, &str, &str)]) -> Heads {
         let mut heads = Heads::new();
-        for (i, (seq, hash)) in seen.iter().enumerate() {
+        for (i, (seq, hash, ts)) in seen.iter().enumerate() {
             heads
                 .entry(*seq)
                 .or_default()
                 .push(crate::audit::witness::Witnessed {
                     seq: *seq,
                     hash: (*hash).to_owned(),
-                    at: format!("2026-12-05T07:00:0{i}Z"),
+                    ts: (*ts).to_owned(),
+                    at: (*ts).to_owned(),
                     index: i as u64,
                 });
         }
@@ -336,13 +427,13 @@ mod tests {
         let lines = write_chain(dir.path(), &[3, 3]);
         let (third, sixth) = (hash_of(&lines[0][2]), hash_of(&lines[1][2]));
         let seen = heads(&[(3, &third), (6, &sixth)]);
-        let whole = verify_against(dir.path(), &seen).unwrap();
+        let whole = verify_against(dir.path(), &seen, None).unwrap();
         assert_eq!((whole.witnessed, whole.witnessed_pruned), (2, 0));
 
         rewrite(dir.path(), 2, &lines[1][..1]);
         let cut = verify_dir(dir.path()).unwrap();
         assert_eq!(cut.last_seq, 4, "a valid chain without the witness");
-        let err = verify_against(dir.path(), &seen).unwrap_err();
+        let err = verify_against(dir.path(), &seen, None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -357,7 +448,7 @@ mod tests {
         assert!(err.to_string().contains("cut from the end"), "{err}");
 
         std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();
-        let err = verify_against(dir.path(), &seen).unwrap_err();
+        let err = verify_against(dir.path(), &seen, None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -373,7 +464,7 @@ mod tests {
         // A head appended by someone who cannot remove the true ones: a mismatch, not cover.
         rewrite(dir.path(), 2, &lines[1]);
         let forged = heads(&[(3, &third), (3, &"0".repeat(64)), (6, &sixth)]);
-        let err = verify_against(dir.path(), &forged).unwrap_err();
+        let err = verify_against(dir.path(), &forged, None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -390,7 +481,7 @@ mod tests {
     /// A record the witness saw, rewritten along with everything after it so that the chain
     /// holds again (the whole tail re-hashed), still differs from what was witnessed.
     #[test]
-    fn a_witness_shows_a_rewritten_tail_and_passes_over_pruned_heads() {
+    fn a_witness_shows_a_rewritten_tail() {
         let dir = tempfile::tempdir().unwrap();
         let lines = write_chain(dir.path(), &[4]);
         let seen = heads(&[(2, &hash_of(&lines[0][1])), (4, &hash_of(&lines[0][3]))]);
@@ -405,32 +496,86 @@ mod tests {
         }
         rewrite(dir.path(), 1, &rewritten);
         assert_eq!(verify_dir(dir.path()).unwrap().records, 4);
-        let err = verify_against(dir.path(), &seen).unwrap_err();
+        let err = verify_against(dir.path(), &seen, None).unwrap_err();
         assert!(
             matches!(err, VerifyError::WitnessMismatch { seq: 2, .. }),
             "{err}"
         );
+    }
 
-        // Heads older than the oldest record held (pruned) cannot be checked, and are counted.
+    /// Heads the log no longer holds (pruned) are only as good as `pruned.json`, the host's
+    /// word: the one at the anchor must carry the anchor's hash, and each must be of a record
+    /// older than the retention the auditor gives. An anchor written past records still within
+    /// it (those records deleted) shows, and so does an anchor with another hash.
+    #[test]
+    fn heads_in_the_pruned_part_must_be_older_than_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let lines = write_chain(dir.path(), &[2, 2]);
         std::fs::remove_file(dir.path().join(segment_name(1))).unwrap();
-        let anchor = crate::audit::prune::Anchor {
-            last_pruned_seq: 2,
-            last_pruned_hash: hash_of(&lines[0][1]),
-            pruned_segments: 1,
-            pruned_records: 2,
+        let anchor = |seq: u64, hash: String| {
+            let anchor = crate::audit::prune::Anchor {
+                last_pruned_seq: seq,
+                last_pruned_hash: hash,
+                pruned_segments: 1,
+                pruned_records: seq,
+            };
+            std::fs::write(
+                dir.path().join("pruned.json"),
+                serde_json::to_vec(&anchor).unwrap(),
+            )
+            .unwrap();
         };
-        std::fs::write(
-            dir.path().join("pruned.json"),
-            serde_json::to_vec(&anchor).unwrap(),
-        )
-        .unwrap();
-        let seen = heads(&[(1, &hash_of(&lines[0][0])), (4, &hash_of(&lines[1][1]))]);
-        let report = verify_against(dir.path(), &seen).unwrap();
+        anchor(2, hash_of(&lines[0][1]));
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let (first, second, fourth) = (
+            hash_of(&lines[0][0]),
+            hash_of(&lines[0][1]),
+            hash_of(&lines[1][1]),
+        );
+        let old = "2019-01-01T00:00:00.000Z";
+        let now = crate::audit::AuditRecord::now_ts();
+        let honest = heads_of(&[(1, &first, old), (2, &second, old), (4, &fourth, &now)]);
+        let report = verify_against(dir.path(), &honest, Some(year)).unwrap();
         assert_eq!(
             (report.records, report.witnessed, report.witnessed_pruned),
-            (2, 1, 1)
+            (2, 1, 2)
+        );
+        let err = verify_against(dir.path(), &honest, None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::RetentionNeeded {
+                    count: 2,
+                    anchor: 2
+                }
+            ),
+            "{err}"
+        );
+
+        // Records of this year gone below the anchor: pruned years early, so removed.
+        let recent = heads_of(&[(1, &first, &now), (2, &second, &now), (4, &fourth, &now)]);
+        let err = verify_against(dir.path(), &recent, Some(year)).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PrunedTooEarly { seq: 2, .. }),
+            "{err}"
+        );
+
+        // Everything deleted, and the anchor moved past the newest head.
+        std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();
+        anchor(9, "0".repeat(64));
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 0);
+        let err = verify_against(dir.path(), &honest, Some(year)).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PrunedTooEarly { seq: 4, .. }),
+            "{err}"
+        );
+
+        // The anchor's hash is the witnessed one's, or the anchor was rewritten.
+        anchor(2, "0".repeat(64));
+        let err = verify_against(dir.path(), &honest, Some(year)).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::AnchorMismatch { seq: 2, .. }),
+            "{err}"
         );
     }
 

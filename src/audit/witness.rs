@@ -3,10 +3,12 @@
 //! The hash chain shows an edit, a deletion inside it and a reordering, but not the newest
 //! records removed whole, nor the newest segments removed with their seals: what is left is
 //! still a valid chain. So `serve`, every `audit.witness.interval` in which the log has grown
-//! (and once more when it stops), appends the chain head (`seq`, `hash`, when, as one JSON
-//! value) to a Redis list of that log's own (`audit.witness.key`), and `wardgate audit verify`
-//! with the witness reads every entry back: each witnessed record the log still holds must
-//! carry the witnessed hash, and no witnessed record may lie past the log's end
+//! (and every tenth interval even when it has not, and once more when it stops), appends the
+//! chain head (`seq`, `hash`, the record's time `ts`, and when it was published, `at`, as one
+//! JSON value) to a Redis list of that log's own (`audit.witness.key`), and `wardgate audit
+//! verify` with the witness reads every entry back: each witnessed record the log still holds
+//! must carry the witnessed hash, none may lie past the log's end, and one the log no longer
+//! holds must be older than the retention the auditor says the log is kept for
 //! ([`super::verify`]).
 //!
 //! The list is a witness only as far as the host cannot rewrite it. Give the gateway a Redis
@@ -30,6 +32,8 @@ use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use std::time::Instant;
+
 use super::AuditLog;
 
 /// Where and how often the chain head is witnessed (`[audit.witness]`).
@@ -48,19 +52,27 @@ pub struct WitnessConfig {
 pub struct Witnessed {
     pub seq: u64,
     pub hash: String,
-    /// When the gateway published it (RFC 3339), as the gateway said.
+    /// The record's own time, as the log writes it (empty where the gateway did not know it).
+    pub ts: String,
+    /// When the gateway published it, as the gateway said.
     pub at: String,
     /// Its place in the list, from 0.
     pub index: u64,
 }
 
-/// One head as appended: `{"seq":N,"hash":"...","at":"..."}`.
+/// One head as appended: `{"seq":N,"hash":"...","ts":"...","at":"..."}`.
 #[derive(Deserialize)]
 struct Entry {
     seq: u64,
     hash: String,
+    #[serde(default)]
+    ts: String,
     at: String,
 }
+
+/// An unchanged head is published again after this many intervals, so that a witness that
+/// hears nothing for longer tells of a gateway that stopped publishing, not of an idle log.
+const HEARTBEAT_INTERVALS: u32 = 10;
 
 /// Every witnessed head by sequence number (several heads for one number must all agree with
 /// the log).
@@ -73,9 +85,9 @@ const PAGE: usize = 1_000;
 pub struct Witness {
     client: redis::Client,
     config: WitnessConfig,
-    /// The connection, opened when first needed and again after a failure; and the last
-    /// sequence number published.
-    state: Mutex<(Option<MultiplexedConnection>, u64)>,
+    /// The connection, opened when first needed and again after a failure; the last sequence
+    /// number published, and when.
+    state: Mutex<(Option<MultiplexedConnection>, u64, Option<Instant>)>,
 }
 
 impl Witness {
@@ -86,7 +98,7 @@ impl Witness {
         Ok(Witness {
             client,
             config,
-            state: Mutex::new((None, 0)),
+            state: Mutex::new((None, 0, None)),
         })
     }
 
@@ -101,19 +113,22 @@ impl Witness {
         }
     }
 
-    /// Appends the head of `log` to the list if it moved since the last one published.
-    /// Returns whether a head was appended; a failure is logged and counted.
+    /// Appends the head of `log` to the list if it moved since the last one published (or that
+    /// was `HEARTBEAT_INTERVALS` ago). Returns whether a head was appended; a failure is logged
+    /// and counted.
     pub async fn publish(&self, log: &AuditLog) -> bool {
-        let Some((seq, hash)) = log.head() else {
+        let Some(head) = log.head() else {
             return false;
         };
         let mut state = self.state.lock().await;
-        if state.1 == seq {
+        let heartbeat = self.config.interval * HEARTBEAT_INTERVALS;
+        if state.1 == head.seq && state.2.is_some_and(|at| at.elapsed() < heartbeat) {
             return false;
         }
-        match self.append(&mut state.0, seq, &hash).await {
+        let seq = head.seq;
+        match self.append(&mut state.0, &head).await {
             Ok(()) => {
-                state.1 = seq;
+                (state.1, state.2) = (seq, Some(Instant::now()));
                 metrics::gauge!("wardgate_audit_witnessed_seq").set(seq as f64);
                 true
             }
@@ -130,8 +145,7 @@ impl Witness {
     async fn append(
         &self,
         conn: &mut Option<MultiplexedConnection>,
-        seq: u64,
-        hash: &str,
+        head: &super::ChainHead,
     ) -> redis::RedisResult<()> {
         let conn = match conn {
             Some(c) => c,
@@ -147,7 +161,13 @@ impl Witness {
             }
         };
         let at = super::AuditRecord::now_ts();
-        let json = serde_json::json!({ "seq": seq, "hash": hash, "at": at }).to_string();
+        let json = serde_json::json!({
+            "seq": head.seq,
+            "hash": head.hash,
+            "ts": head.ts,
+            "at": at,
+        })
+        .to_string();
         redis::cmd("RPUSH")
             .arg(&self.config.key)
             .arg(json)
@@ -157,16 +177,26 @@ impl Witness {
     }
 }
 
+/// What a witness holds for one log.
+#[derive(Debug, Clone, Default)]
+pub struct Heard {
+    pub heads: Heads,
+    /// When the newest entry was published (a gateway that stopped publishing shows here:
+    /// even an idle one publishes every `HEARTBEAT_INTERVALS` intervals).
+    pub last_published: Option<String>,
+}
+
 /// Reads every head witnessed in the list `key` at `url`, oldest first, for verification. An
 /// entry that is not a head fails the read: a witness that cannot be read whole cannot vouch
 /// for the log.
-pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heads> {
+pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heard> {
     let client = redis::Client::open(url).context("the witness URL is not a Redis URL")?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .with_context(|| format!("cannot connect to the witness at {}", redact(url)))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut heads = Heads::new();
+    let mut last_published = None;
     let mut from = 0u64;
     loop {
         let page: Vec<String> = redis::cmd("LRANGE")
@@ -180,15 +210,27 @@ pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heads> {
             let Ok(entry) = serde_json::from_str::<Entry>(json) else {
                 bail!("witness entry {index} of `{key}` is not a chain head: {json:.120}");
             };
-            heads.entry(entry.seq).or_default().push(Witnessed {
-                seq: entry.seq,
-                hash: entry.hash,
-                at: entry.at,
-                index,
-            });
+            last_published = Some(entry.at.clone());
+            // The same head published again (a heartbeat, a restart) says nothing new.
+            let seen = heads.entry(entry.seq).or_default();
+            if !seen
+                .iter()
+                .any(|w| w.hash == entry.hash && w.ts == entry.ts)
+            {
+                seen.push(Witnessed {
+                    seq: entry.seq,
+                    hash: entry.hash,
+                    ts: entry.ts,
+                    at: entry.at,
+                    index,
+                });
+            }
         }
         if page.len() < PAGE {
-            return Ok(heads);
+            return Ok(Heard {
+                heads,
+                last_published,
+            });
         }
         from += PAGE as u64;
     }
@@ -196,7 +238,7 @@ pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heads> {
 
 /// `url` without its password, for messages.
 fn redact(url: &str) -> String {
-    match url.split_once('@') {
+    match url.rsplit_once('@') {
         Some((scheme_user, host)) => match scheme_user.split_once("://") {
             Some((scheme, _)) => format!("{scheme}://***@{host}"),
             None => format!("***@{host}"),
@@ -216,5 +258,6 @@ mod tests {
             "redis://***@witness:6379/0"
         );
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis://w:p@ss@witness"), "redis://***@witness");
     }
 }

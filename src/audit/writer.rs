@@ -56,6 +56,15 @@ pub enum AuditError {
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
+/// The newest durable record of the chain: its sequence number, hash and time (the time is
+/// empty where it is not known: after everything was pruned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: String,
+    pub ts: String,
+}
+
 /// A record that is now durable, with its sequence number: what the breach detector and the
 /// live feed read. Only acknowledged records are published, so nothing is seen that the log
 /// does not hold.
@@ -117,7 +126,7 @@ struct Inner {
     detached: AtomicUsize,
     healthy: Arc<AtomicBool>,
     /// The chain head: the newest durable record's sequence number and hash.
-    head: Arc<Mutex<Option<(u64, String)>>>,
+    head: Arc<Mutex<Option<ChainHead>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     published: broadcast::Sender<Arc<Logged>>,
 }
@@ -271,7 +280,7 @@ impl AuditLog {
 
     /// The chain head: the newest durable record's sequence number and hash (after pruning
     /// everything, the last pruned one's); `None` for a log that never held a record.
-    pub fn head(&self) -> Option<(u64, String)> {
+    pub fn head(&self) -> Option<ChainHead> {
         lock(&self.inner.head).clone()
     }
 
@@ -383,7 +392,7 @@ struct Writer {
     last_hash: String,
     healthy: Arc<AtomicBool>,
     /// The chain head as `AuditLog::head` tells it, set after each commit.
-    head: Arc<Mutex<Option<(u64, String)>>>,
+    head: Arc<Mutex<Option<ChainHead>>>,
     published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
@@ -454,9 +463,11 @@ impl Writer {
             len: resume.len,
             preallocated: false,
             dir_dirty: resume.new_segment,
-            head: Arc::new(Mutex::new(
-                (resume.next_seq > 1).then(|| (resume.next_seq - 1, resume.last_hash.clone())),
-            )),
+            head: Arc::new(Mutex::new((resume.next_seq > 1).then(|| ChainHead {
+                seq: resume.next_seq - 1,
+                hash: resume.last_hash.clone(),
+                ts: resume.last_ts.clone(),
+            }))),
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
@@ -666,7 +677,14 @@ impl Writer {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
-                *lock(&self.head) = Some((seq - 1, hash.clone()));
+                *lock(&self.head) = Some(ChainHead {
+                    seq: seq - 1,
+                    hash: hash.clone(),
+                    ts: waiting
+                        .last()
+                        .map(|(_, _, r)| r.ts.clone())
+                        .unwrap_or_default(),
+                });
                 (self.next_seq, self.last_hash) = (seq, hash);
                 // Half way through a segment, the next one's space is made ready: a log that
                 // fills segments gets it in time, and one that never fills its first (tests,
