@@ -722,14 +722,20 @@ fn commit_window(v: Option<&str>) -> anyhow::Result<Duration> {
 /// `[audit.witness]`: a Redis URL the client accepts, a key, an interval of 100ms to an hour
 /// (default 10s).
 fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConfig> {
-    redis::Client::open(raw.url.as_str())
-        .map_err(|e| anyhow::anyhow!("`audit.witness.url`: not a Redis URL ({e})"))?;
-    if raw.url.starts_with("rediss:") {
+    let scheme = raw
+        .url
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if scheme == "rediss" || scheme == "valkeys" {
         bail!(
             "`audit.witness.url`: this build speaks to Redis without TLS (`redis://`); reach the \
              witness over a private network or a TLS tunnel"
         );
     }
+    redis::Client::open(raw.url.as_str())
+        .map_err(|e| anyhow::anyhow!("`audit.witness.url`: not a Redis URL ({e})"))?;
     let key = raw.key.trim();
     if key.is_empty() || key.chars().any(char::is_whitespace) {
         bail!(

@@ -124,6 +124,9 @@ key = "wardgate:audit-heads:a""#,
     for url in ["http://witness", "rediss://witness"] {
         let e = err(&with(&format!("url = \"{url}\"\nkey = \"k\"")));
         assert!(e.contains("audit.witness.url"), "{url}: {e}");
+        if url.starts_with("rediss") {
+            assert!(e.contains("without TLS"), "{e}");
+        }
     }
     let e = err(&with(
         r#"url = "redis://witness"

@@ -147,7 +147,12 @@ enum AuditCommand {
         config: Option<PathBuf>,
         /// The witness's Redis URL, with the auditor's read-only credentials (better given in
         /// the environment than on the command line).
-        #[arg(long, env = "WARDGATE_WITNESS_URL", requires = "witness_key")]
+        #[arg(
+            long,
+            env = "WARDGATE_WITNESS_URL",
+            hide_env_values = true,
+            requires = "witness_key"
+        )]
         witness_url: Option<String>,
         /// This log's list on the witness.
         #[arg(long, requires = "witness_url")]
@@ -390,6 +395,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 Some((url, key)) => Some(audit::witness::read_all(url, key)?),
                 None => None,
             };
+            if let (Some((_, key)), Some(heard)) = (&witness, &heard) {
+                if !heard.unreadable.is_empty() {
+                    eprintln!(
+                        "warning: witness entries {:?} of `{key}` are not chain heads (not written by a gateway); passed over",
+                        heard.unreadable
+                    );
+                }
+                if let Some((place, seq, before)) = heard.out_of_order.first() {
+                    anyhow::bail!(
+                        "witness entry {place} of `{key}` says seq {seq} after an entry that said seq {before}: one log's heads only rise, so it was not written by this log's gateway (or the log was restored from an older copy); {} such entries",
+                        heard.out_of_order.len()
+                    );
+                }
+            }
             let heads = heard.as_ref().map(|h| h.heads.clone()).unwrap_or_default();
             let report = audit::verify_against(&dir, &heads, retention)?;
             println!(
@@ -405,9 +424,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                         );
                     }
                     println!(
-                        "witness `{key}`: {} heads found in the log with their hashes, {} in its pruned part, none past its end; the newest published at {}",
+                        "witness `{key}`: {} heads found in the log with their hashes, {} in its pruned part, none past its end; it vouches from seq {} on (records before it were never witnessed); the newest published at {} (by its writer's word)",
                         report.witnessed,
                         report.witnessed_pruned,
+                        heard.heads.keys().next().copied().unwrap_or(0),
                         heard.last_published.as_deref().unwrap_or("-")
                     );
                 }

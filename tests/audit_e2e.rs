@@ -363,5 +363,21 @@ async fn records_cut_from_the_end_show_against_the_witness() {
             && said.contains("cut from the end"),
         "{said}"
     );
+
+    // The host can append what it likes: something that is no head is passed over (and
+    // reported), a head below the ones before it is not this log's gateway's.
+    for junk in ["not a head", r#"{"seq":1,"hash":"00","ts":"","at":""}"#] {
+        let _: u64 = redis::cmd("RPUSH")
+            .arg(WITNESS_KEY)
+            .arg(junk)
+            .query(&mut gateway)
+            .unwrap();
+    }
+    let (ok, said) = verify(true);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("not chain heads") && said.contains("only rise"),
+        "{said}"
+    );
     app.stop().await;
 }

@@ -165,7 +165,13 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
     if next_seq == 1
         && let Some(anchor) = super::prune::read_anchor(dir)
     {
-        (next_seq, last_hash) = (anchor.last_pruned_seq + 1, anchor.last_pruned_hash);
+        next_seq = anchor.last_pruned_seq.checked_add(1).ok_or_else(|| {
+            anyhow!(
+                "`pruned.json` in `{}` names no sequence number a log can have",
+                dir.display()
+            )
+        })?;
+        last_hash = anchor.last_pruned_hash;
     }
     let segment = segments.last().map_or(1, |(n, _)| *n);
     let new_segment = segments.is_empty();

@@ -116,6 +116,18 @@ pub enum VerifyError {
         retention: String,
         cutoff: String,
     },
+    #[error(
+        "the log was pruned up to seq {anchor}, but no witnessed head at or after it is of a \
+         record older than {cutoff} ({next}): records within the retention of {retention} may \
+         have been removed with the anchor moved up (a log pruned within the last witness \
+         interval can show this: run again shortly)"
+    )]
+    UnprovenPrune {
+        anchor: u64,
+        next: String,
+        retention: String,
+        cutoff: String,
+    },
     #[error("cannot read `{path}`: {source}")]
     Io {
         path: String,
@@ -134,6 +146,12 @@ const LIVE_REREAD_PAUSE: Duration = Duration::from_millis(50);
 /// and, for a sealed segment, its subject index's entries rebuilt to check the index.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
     verify_against(dir, &Heads::new(), None)
+}
+
+/// The first twelve characters of a hash, for messages (all of it when shorter, or when the
+/// twelfth byte is inside a character: a damaged seal is still reported, never a panic).
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// Heads at or before the prune anchor (`anchor_seq`, `anchor_hash`): the log no longer holds
@@ -157,8 +175,14 @@ fn check_pruned_heads(
             at: w.at.clone(),
         });
     }
-    let Some(newest) = pruned.iter().max_by(|a, b| a.ts.cmp(&b.ts)) else {
-        return Ok(0);
+    // The anchor's own head with no time (published after everything was pruned) is the
+    // anchor, already compared above.
+    let dated: Vec<_> = pruned
+        .iter()
+        .filter(|w| !(w.seq == anchor_seq && w.ts.is_empty()))
+        .collect();
+    let Some(newest) = dated.iter().max_by(|a, b| a.ts.cmp(&b.ts)) else {
+        return Ok(pruned.len() as u64);
     };
     let Some(retention) = retention else {
         return Err(VerifyError::RetentionNeeded {
@@ -169,15 +193,40 @@ fn check_pruned_heads(
     let cutoff = time::OffsetDateTime::now_utc()
         .checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
         .map_or_else(String::new, super::AuditRecord::ts_of);
+    let too_early = |seq: u64, ts: &str| VerifyError::PrunedTooEarly {
+        seq,
+        ts: if ts.is_empty() {
+            "an unknown time".into()
+        } else {
+            ts.to_owned()
+        },
+        retention: humantime::format_duration(retention).to_string(),
+        cutoff: cutoff.clone(),
+    };
     // Every pruned record was older than its prune's cutoff, which is older than today's.
     if newest.ts.is_empty() || newest.ts >= cutoff {
-        return Err(VerifyError::PrunedTooEarly {
-            seq: newest.seq,
-            ts: if newest.ts.is_empty() {
-                "an unknown time".into()
-            } else {
-                newest.ts.clone()
-            },
+        return Err(too_early(newest.seq, &newest.ts));
+    }
+    // The records between the newest head below the anchor and the anchor have no head of
+    // their own: some head at or past the anchor must be older than the cutoff too, or an
+    // anchor moved up to just below the first recent head would prune them unseen. (Pruned
+    // within the last interval, an honest log can fail this: run again a little later.)
+    let proven = heads
+        .iter()
+        .filter(|(_, w)| w.iter().any(|w| !w.ts.is_empty() && w.ts < cutoff))
+        .map(|(seq, _)| *seq)
+        .next_back()
+        .unwrap_or(0);
+    if proven < anchor_seq {
+        let next = heads
+            .range((Bound::Excluded(anchor_seq), Bound::Unbounded))
+            .next();
+        return Err(VerifyError::UnprovenPrune {
+            anchor: anchor_seq,
+            next: next.map_or_else(
+                || "no later head".to_owned(),
+                |(s, w)| format!("the next, seq {s}, is of {}", w[0].ts),
+            ),
             retention: humantime::format_duration(retention).to_string(),
             cutoff,
         });
@@ -222,7 +271,7 @@ pub fn verify_against(
         loop {
             buf.clear();
             let read = read_line(&mut reader, &mut buf).map_err(io_err(path))?;
-            let seq = last_seq + 1;
+            let seq = last_seq.saturating_add(1);
             let malformed = |line: u64, reason: String| VerifyError::Malformed {
                 segment: segment.clone(),
                 line,
@@ -313,15 +362,15 @@ pub fn verify_against(
                 "seq {}..={} from {} to {}",
                 seq_before + 1,
                 last_seq,
-                &hash_before[..12.min(hash_before.len())],
-                &last_hash[..12.min(last_hash.len())]
+                short(&hash_before),
+                short(&last_hash)
             );
             let sealed = format!(
                 "seq {}..={} from {} to {}",
                 seal.first_seq,
                 seal.last_seq,
-                &seal.first_prev[..12.min(seal.first_prev.len())],
-                &seal.last_hash[..12.min(seal.last_hash.len())]
+                short(&seal.first_prev),
+                short(&seal.last_hash)
             );
             if found != sealed {
                 return Err(VerifyError::SealMismatch {
@@ -569,6 +618,19 @@ mod tests {
             matches!(err, VerifyError::PrunedTooEarly { seq: 4, .. }),
             "{err}"
         );
+
+        // Records just inside the retention, deleted with the anchor moved up to just below
+        // the first recent head: no head of theirs is in the pruned part, and none at or past
+        // the anchor is old enough to prove them old.
+        std::fs::write(dir.path().join(segment_name(2)), lines[1].concat()).unwrap();
+        let gap = heads_of(&[(1, &first, old), (4, &fourth, &now)]);
+        anchor(2, second.clone());
+        let err = verify_against(dir.path(), &gap, Some(year)).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::UnprovenPrune { anchor: 2, .. }),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();
 
         // The anchor's hash is the witnessed one's, or the anchor was rewritten.
         anchor(2, "0".repeat(64));

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -181,22 +181,28 @@ impl Witness {
 #[derive(Debug, Clone, Default)]
 pub struct Heard {
     pub heads: Heads,
-    /// When the newest entry was published (a gateway that stopped publishing shows here:
-    /// even an idle one publishes every `HEARTBEAT_INTERVALS` intervals).
+    /// When the newest entry was published, as its writer says (a gateway that stopped
+    /// publishing shows here: even an idle one publishes every `HEARTBEAT_INTERVALS`
+    /// intervals; a hostile host can write this too).
     pub last_published: Option<String>,
+    /// Entries that are not heads (their places in the list): not the gateway's, and passed
+    /// over so that one such entry cannot keep every later check from running.
+    pub unreadable: Vec<u64>,
+    /// Heads whose sequence number is below an earlier entry's (place, seq, the earlier seq):
+    /// one log's heads only rise, so these were not written by its gateway.
+    pub out_of_order: Vec<(u64, u64, u64)>,
 }
 
-/// Reads every head witnessed in the list `key` at `url`, oldest first, for verification. An
-/// entry that is not a head fails the read: a witness that cannot be read whole cannot vouch
-/// for the log.
+/// Reads every head witnessed in the list `key` at `url`, oldest first, for verification.
+/// Entries that are not heads, and heads out of order, are noted for the caller to report.
 pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heard> {
     let client = redis::Client::open(url).context("the witness URL is not a Redis URL")?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .with_context(|| format!("cannot connect to the witness at {}", redact(url)))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut heads = Heads::new();
-    let mut last_published = None;
+    let mut heard = Heard::default();
+    let mut highest = 0u64;
     let mut from = 0u64;
     loop {
         let page: Vec<String> = redis::cmd("LRANGE")
@@ -208,11 +214,16 @@ pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heard> {
         for (i, json) in page.iter().enumerate() {
             let index = from + i as u64;
             let Ok(entry) = serde_json::from_str::<Entry>(json) else {
-                bail!("witness entry {index} of `{key}` is not a chain head: {json:.120}");
+                heard.unreadable.push(index);
+                continue;
             };
-            last_published = Some(entry.at.clone());
+            if entry.seq < highest {
+                heard.out_of_order.push((index, entry.seq, highest));
+            }
+            highest = highest.max(entry.seq);
+            heard.last_published = Some(entry.at.clone());
             // The same head published again (a heartbeat, a restart) says nothing new.
-            let seen = heads.entry(entry.seq).or_default();
+            let seen = heard.heads.entry(entry.seq).or_default();
             if !seen
                 .iter()
                 .any(|w| w.hash == entry.hash && w.ts == entry.ts)
@@ -227,10 +238,7 @@ pub fn read_all(url: &str, key: &str) -> anyhow::Result<Heard> {
             }
         }
         if page.len() < PAGE {
-            return Ok(Heard {
-                heads,
-                last_published,
-            });
+            return Ok(heard);
         }
         from += PAGE as u64;
     }
