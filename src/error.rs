@@ -335,6 +335,102 @@ mod tests {
         assert_eq!(p.kind, "urn:wardgate:problem:upstream-response-malformed");
     }
 
+    /// One of every variant. The match below has no wildcard, so a variant added to
+    /// `GatewayError` does not compile until it is added here too, and checked.
+    fn every_variant() -> Vec<GatewayError> {
+        let secret = "10.0.0.7:5432 said: relation \"electors\" does not exist".to_owned();
+        let all = vec![
+            GatewayError::Unauthenticated(AuthFailure::Expired),
+            GatewayError::PurposeMissing,
+            GatewayError::PurposeUnknown("p".into()),
+            GatewayError::PurposeNotGranted("p".into()),
+            GatewayError::RouteNotFound,
+            GatewayError::MethodNotAllowed,
+            GatewayError::BadRequest("b".into()),
+            GatewayError::Forbidden { policy_ids: vec![] },
+            GatewayError::WriteForbidden("w".into()),
+            GatewayError::NotFound,
+            GatewayError::PayloadTooLarge,
+            GatewayError::UpstreamUnavailable,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamTooLarge,
+            GatewayError::UpstreamMalformed(secret.clone()),
+            GatewayError::UpstreamStatus(451),
+            GatewayError::AuditUnavailable,
+            GatewayError::QuotaExceeded,
+            GatewayError::ControlsStale,
+            GatewayError::ControlsNotShared,
+            GatewayError::ControlsNotRecorded,
+            GatewayError::Internal(secret),
+            GatewayError::ClientClosed,
+        ];
+        for e in &all {
+            match e {
+                GatewayError::Unauthenticated(_)
+                | GatewayError::PurposeMissing
+                | GatewayError::PurposeUnknown(_)
+                | GatewayError::PurposeNotGranted(_)
+                | GatewayError::RouteNotFound
+                | GatewayError::MethodNotAllowed
+                | GatewayError::BadRequest(_)
+                | GatewayError::Forbidden { .. }
+                | GatewayError::WriteForbidden(_)
+                | GatewayError::NotFound
+                | GatewayError::PayloadTooLarge
+                | GatewayError::UpstreamUnavailable
+                | GatewayError::UpstreamTimeout
+                | GatewayError::UpstreamTooLarge
+                | GatewayError::UpstreamMalformed(_)
+                | GatewayError::UpstreamStatus(_)
+                | GatewayError::AuditUnavailable
+                | GatewayError::QuotaExceeded
+                | GatewayError::ControlsStale
+                | GatewayError::ControlsNotShared
+                | GatewayError::ControlsNotRecorded
+                | GatewayError::Internal(_)
+                | GatewayError::ClientClosed => {}
+            }
+        }
+        all
+    }
+
+    /// Every error a caller can receive is a problem document whose `type` is its own
+    /// (no two errors share one), whose status the README's Errors table explains, and whose
+    /// detail carries nothing of the datastore's or the gateway's internals.
+    #[test]
+    fn every_error_is_a_distinct_documented_problem_without_internals() {
+        let readme = include_str!("../README.md");
+        let errors = readme
+            .split("### Errors")
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .expect("README has an Errors section");
+        let mut kinds = std::collections::HashSet::new();
+        for err in every_variant() {
+            let p = err.problem("r");
+            assert_eq!(p.status, err.status().as_u16(), "{err:?}");
+            assert_eq!(
+                p.kind,
+                format!("urn:wardgate:problem:{}", err.code().replace('_', "-"))
+            );
+            assert!(kinds.insert(p.kind.clone()), "{} twice", p.kind);
+            assert!(!p.title.is_empty() && !p.detail.is_empty(), "{err:?}");
+            assert!(
+                !p.detail.contains("10.0.0.7") && !p.detail.contains("electors"),
+                "{err:?}: {}",
+                p.detail
+            );
+            // 499 is only ever audited: the caller has gone.
+            if !matches!(err, GatewayError::ClientClosed) {
+                assert!(
+                    errors.contains(&format!("| {} |", p.status)),
+                    "README's Errors table has no row for {} ({err:?})",
+                    p.status
+                );
+            }
+        }
+    }
+
     #[test]
     fn forbidden_names_policy_ids() {
         let err = GatewayError::Forbidden {
