@@ -81,23 +81,13 @@ pub(crate) fn only_unwritten_after(r: &mut impl BufRead) -> io::Result<bool> {
 
 /// The bytes of `file` from `from` up to its end or its first NUL byte (see `read_line`).
 pub(crate) fn read_written(file: &mut File, from: u64) -> io::Result<Vec<u8>> {
-    const CHUNK: usize = 64 * 1024;
     file.seek(SeekFrom::Start(from))?;
     let mut out = Vec::new();
-    let mut chunk = vec![0u8; CHUNK];
-    loop {
-        let n = match file.read(&mut chunk) {
-            Ok(0) => return Ok(out),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if let Some(i) = memchr::memchr(0, &chunk[..n]) {
-            out.extend_from_slice(&chunk[..i]);
-            return Ok(out);
-        }
-        out.extend_from_slice(&chunk[..n]);
+    BufReader::with_capacity(64 * 1024, file).read_until(0, &mut out)?;
+    if out.last() == Some(&0) {
+        out.pop();
     }
+    Ok(out)
 }
 
 /// The segment number of `name`, or `None` if `name` is not a segment file.
