@@ -268,8 +268,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             out,
             reference,
         } => {
-            if !wardgate::routes::valid_id(&subject) {
-                anyhow::bail!("`{subject}` is not a subject id (letters, digits, `-`, `_`)");
+            if !wardgate::routes::subject_id(&subject) {
+                anyhow::bail!(
+                    "`{subject}` is not a subject id (letters, digits, `-`, `_`; not `export` or \
+                     `aggregate`)"
+                );
             }
             let cfg = Config::load(&config)?;
             let catalog = wardgate::catalog::Catalog::load(&cfg.catalog_file)?;

@@ -24,7 +24,7 @@ use crate::auth::Principal;
 use crate::controls::{Change, Event, KINDS, stamp};
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, problem_response};
-use crate::routes::valid_id;
+use crate::routes::subject_id;
 
 const MAX_BODY: usize = 16 * 1024;
 
@@ -219,13 +219,13 @@ where
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["rights", subject]) if valid_id(subject) => {
+        (&Method::GET, ["rights", subject]) if subject_id(subject) => {
             if p.role != "dpo" {
                 return Err(forbidden("admin.rights-dpo-only"));
             }
             Ok((Action::Read((*subject).to_owned()), "restriction"))
         }
-        (&Method::GET, ["sar", subject]) if valid_id(subject) => {
+        (&Method::GET, ["sar", subject]) if subject_id(subject) => {
             if p.role != "dpo" {
                 return Err(forbidden("admin.sar-dpo-only"));
             }
@@ -242,7 +242,7 @@ where
             ))
         }
         (&Method::POST, ["rights", subject, rest @ ..])
-            if valid_id(subject) && matches!(rest, [] | ["lift"]) =>
+            if subject_id(subject) && matches!(rest, [] | ["lift"]) =>
         {
             if p.role != "dpo" {
                 return Err(forbidden("admin.rights-dpo-only"));
@@ -304,6 +304,13 @@ where
                 "breach_investigation",
             ))
         }
+        (_, ["rights" | "sar", subject, ..]) if !subject_id(subject) => {
+            Err(GatewayError::BadRequest(
+                "not a subject id: letters, digits, `-` and `_`, at most 64, and not `export` \
+                 or `aggregate`"
+                    .to_owned(),
+            ))
+        }
         (_, ["rights", ..] | ["revocations"] | ["sar", ..]) => Err(GatewayError::MethodNotAllowed),
         _ => Err(GatewayError::RouteNotFound),
     }
@@ -325,7 +332,13 @@ async fn current_data(
         // Sent as a caller's request id: the fetch's record keeps it (`client_request_id`),
         // naming the admin request it serves (dataset names are short, so it stays within
         // the 64 characters kept).
-        let req = Request::get(format!("/{name}/{}/{subject}", dataset.collection))
+        let path = format!("/{name}/{}/{subject}", dataset.collection);
+        // Only ever a read of that one record (`routes::subject_id` keeps route words out).
+        let read = crate::routes::resolve(&gw.catalog, &Method::GET, &path, None);
+        if !matches!(read, Ok(r) if matches!(r.kind, crate::routes::RouteKind::Read { .. })) {
+            continue;
+        }
+        let req = Request::get(path)
             .header(header::AUTHORIZATION, auth.clone())
             .header("x-purpose", "sar_fulfilment")
             .header("x-request-id", format!("{request_id}-{name}"))

@@ -109,11 +109,7 @@ pub fn resolve(
             id: (*id).to_owned(),
         },
         [c, id, w]
-            if *c == dataset.collection
-                && valid_id(id)
-                && *id != "export"
-                && *id != "aggregate"
-                && dataset.writes.contains_key(*w) =>
+            if *c == dataset.collection && subject_id(id) && dataset.writes.contains_key(*w) =>
         {
             RouteKind::Write {
                 id: (*id).to_owned(),
@@ -236,7 +232,17 @@ fn group_fields(
     Ok(names)
 }
 
-/// Subject ids: letters, digits, `-` and `_`; nothing that could become a path or a query.
+/// The words a collection's routes take after it, which are therefore never a record's id.
+const ROUTE_WORDS: [&str; 2] = ["export", "aggregate"];
+
+/// A subject id that names one record: plain (`valid_id`) and not one of the collection's
+/// route words. A path built from it is a read of that record, never an export or an aggregate
+/// (`GET /sar/export` would otherwise fetch the subject's current data as a whole export).
+pub fn subject_id(id: &str) -> bool {
+    valid_id(id) && !ROUTE_WORDS.contains(&id)
+}
+
+/// Ids: letters, digits, `-` and `_`; nothing that could become a path or a query.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_VALUE_LEN

@@ -140,4 +140,9 @@ fn ids_are_plain() {
     for bad in ["", "a/b", "a.b", "a b", "..", "a%2f", &"x".repeat(65)] {
         assert!(!valid_id(bad), "{bad}");
     }
+    // A subject id names one record: never a collection's route word.
+    assert!(subject_id("VF-0000001"));
+    for word in ["export", "aggregate", "a/b", ""] {
+        assert!(!subject_id(word), "{word}");
+    }
 }

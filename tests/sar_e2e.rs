@@ -213,6 +213,33 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .filter(|r| r["detail"]["subject_access_report_for"] == subject.as_str())
         .count();
     assert_eq!(audited, 2);
+
+    // A route word is not a subject: `/sar/export` must not fetch "the subject's current data"
+    // as a whole export (every record disclosed to the DPO), nor `/sar/aggregate` count them.
+    let before = app.audit_records().len();
+    for word in ["export", "aggregate"] {
+        let r = app
+            .admin_get_with(&format!("/sar/{word}"), &app.token("dpo"))
+            .await;
+        assert_eq!(r.status, 400, "{word}: {:?}", r.body);
+        let r = app
+            .admin_post(
+                &format!("/rights/{word}"),
+                &app.token("dpo"),
+                r#"{"kind":"objects_profiling","reference":"R-1","reason":"by letter"}"#,
+            )
+            .await;
+        assert_eq!(r.status, 400, "{word}: {:?}", r.body);
+    }
+    let after = app.audit_records();
+    assert!(
+        after[before..]
+            .iter()
+            .all(|r| r["subjects"].as_array().is_none_or(|s| s.is_empty())
+                && !r["route"].as_str().unwrap_or("").ends_with(".export")),
+        "{:?}",
+        &after[before..]
+    );
     // Fetching the current data went through the data plane, so it is audited like any access.
     assert!(
         app.audit_records()
