@@ -440,7 +440,7 @@ where
             let mut refused = None;
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| {
                 let verdict = decider.decide(a);
-                if !verdict.allowed {
+                if !verdict.allowed || a.never_disclosed() {
                     refused = Some(a.clone());
                 }
                 verdict
@@ -576,7 +576,7 @@ pub(crate) fn register_now(
         principal,
         time::OffsetDateTime::now_utc().unix_timestamp(),
     )?;
-    Ok(gw.controls.register_flags())
+    gw.controls.register_flags()
 }
 
 /// Whether a verified caller may still be answered at `now`: the mirror holding revocations

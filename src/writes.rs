@@ -21,6 +21,22 @@ use crate::policy::Ask;
 use crate::proxy::Upstream;
 use crate::routes::Route;
 
+/// How deep a written value may nest. A datastore echoes it back inside a record inside a page
+/// (three levels more), and the filter refuses a page deeper than serde_json would read (127
+/// levels) as malformed: a value near that limit, once written, would make every page holding
+/// its record unreadable for every caller.
+const MAX_VALUE_DEPTH: usize = 32;
+
+/// How many arrays and objects deep `v` nests (a scalar: 0).
+fn depth(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; the pipeline's state, spelt out"
@@ -63,6 +79,11 @@ pub(crate) async fn check_write(
             "the body names no field to write".to_owned(),
         ));
     }
+    if let Some((name, _)) = fields.iter().find(|(_, v)| depth(v) > MAX_VALUE_DEPTH) {
+        return Err(GatewayError::BadRequest(format!(
+            "`{name}` is nested more than {MAX_VALUE_DEPTH} levels deep"
+        )));
+    }
     for (field, allowed) in &spec.values {
         if let Some(value) = fields.get(field)
             && let Err(why) = only_values(field, value, allowed)
@@ -83,7 +104,8 @@ pub(crate) async fn check_write(
         .ok_or(GatewayError::NotFound)?;
     // Refused as a read would be, and logged as one is (breach detection keys on why).
     let verdict = gw.policy.decide_record(ask, &route.dataset, &attrs, true);
-    if !verdict.allowed {
+    // Never written through, whatever the policies say (as `filter::memo` never discloses).
+    if !verdict.allowed || attrs.never_disclosed() {
         trail.withhold_target(withheld_why(gw, principal, &attrs), verdict.policy_ids);
         return Err(GatewayError::NotFound);
     }

@@ -430,6 +430,20 @@ async fn writes_are_scoped_and_field_checked() {
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains("`flags_add` is named twice"), "{detail}");
     }
+    // A value nested so deep that the record, echoed back in a page, would be deeper than any
+    // page the filter reads (every caller's page holding it would fail): refused at the write.
+    let deep = format!(
+        r#"{{"canvass_issues":{}"x"{}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let r = app.canvass(id, &t, "canvassing", &deep).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.contains("`canvass_issues` is nested more than"),
+        "{detail}"
+    );
     // Out of scope: looks like a missing record.
     let other = truth
         .iter()

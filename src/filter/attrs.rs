@@ -55,7 +55,10 @@ impl Roles {
 
 /// The record's subject id, or `None` if it is missing or not a non-empty string or a number.
 pub(super) fn subject<'a>(rec: &RawRecord<'a>, at: &Roles) -> Option<Cow<'a, str>> {
-    scalar(rec.value(at.subject)?)
+    // Only an id a subject access request or a rights request can name (`routes::subject_id`:
+    // letters, digits, `-` and `_`, at most 64): a person disclosed under any other id could
+    // never be found in the log, restricted or erased, so their record is withheld.
+    scalar(rec.value(at.subject)?).filter(|s| crate::routes::subject_id(s))
 }
 
 /// The attributes policies decide on, or `None` if any is missing or malformed.
@@ -219,13 +222,23 @@ fn head(key: &mut Vec<u8>, tag: u8, mut n: usize) {
     key.push(n as u8);
 }
 
-/// A non-empty string or a number, as text; anything else is `None`.
+/// A non-empty string, or an integer written plainly (`0`, `-12`, at most 20 digits), as its
+/// own text; anything else is `None`. A number written another way (`1e2`, `100.0`, `-0`, or
+/// too long for an integer) is not an id: read through a float it would become another text
+/// (`100.0`) or another number, and then miss the rights register's flags under `100` and the
+/// audit's subject searches.
 fn scalar(raw: &str) -> Option<Cow<'_, str>> {
     match raw.as_bytes().first()? {
         b'"' => string(raw).filter(|s| !s.is_empty()),
-        b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(raw)
-            .ok()
-            .map(|n| Cow::Owned(n.to_string())),
+        b'-' | b'0'..=b'9' => {
+            let digits = raw.strip_prefix('-').unwrap_or(raw).as_bytes();
+            let plain = match digits {
+                [b'0'] => raw == "0",
+                [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+                _ => false,
+            };
+            (plain && digits.len() <= 20).then_some(Cow::Borrowed(raw))
+        }
         _ => None,
     }
 }
@@ -471,7 +484,10 @@ fn live(given: Option<bool>, withdrawn: Option<bool>) -> bool {
 
 /// The value of a consent object's key read as `slot`: whether `given_at` or `withdrawn_at`
 /// is a string (`null`: not), noted once (`None`, malformed, for a second or any other kind of
-/// value); any other key's value is skipped.
+/// value); any other key's value is skipped. A `given_at` string must be a date (`YYYY-MM-DD`,
+/// alone or starting a timestamp): `""`, `"null"` or `"never"` from a datastore that
+/// writes missing values as text are not consent, and make the consents unreadable (the record
+/// is withheld). Any `withdrawn_at` string counts as withdrawn, the safe reading.
 #[inline(always)]
 fn take_slot(
     scan: &mut Scan,
@@ -479,6 +495,7 @@ fn take_slot(
     given: &mut Option<bool>,
     withdrawn: &mut Option<bool>,
 ) -> Option<()> {
+    let slot_kind = slot;
     let slot = match slot {
         Slot::Given => given,
         Slot::Withdrawn => withdrawn,
@@ -490,13 +507,22 @@ fn take_slot(
     if slot.is_some() {
         return None;
     }
+    let given_at = matches!(slot_kind, Slot::Given);
     let at = scan.value_start().ok()?;
-    *slot = match scan.text_scanned().as_bytes().get(at) {
+    let text = scan.text_scanned();
+    *slot = match text.as_bytes().get(at) {
         Some(b'n') => Some(false),
-        Some(b'"') => Some(true),
+        Some(b'"') if !given_at || dated(text.get(at + 1..)?) => Some(true),
         _ => return None,
     };
     Some(())
+}
+
+/// Whether a JSON string's text (after its opening quote) is a date, `YYYY-MM-DD`, alone or
+/// followed by a time (`T...`, or `' '...` as SQL databases write timestamps).
+fn dated(rest: &str) -> bool {
+    rest.get(..10).and_then(civil).is_some()
+        && matches!(rest.as_bytes().get(10), Some(b'"' | b'T' | b' '))
 }
 
 /// The channels with live consent.

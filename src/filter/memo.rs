@@ -214,7 +214,10 @@ impl Memo {
             // not so, the record is withheld.
             return Judged::Malformed;
         };
-        if !verdict.allowed {
+        // Anonymous electors and under-16s are withheld here whatever the policies say: the
+        // policies forbid them too (`markers.cedar`), but an edit that dropped those forbids
+        // must not be all that stands between them and a caller.
+        if never_disclosed || !verdict.allowed {
             return Judged::Refused { never_disclosed };
         }
         if self.layouts[layout].duplicate_names {

@@ -326,6 +326,87 @@ fn an_under_16_by_attainer_date_is_counted_as_never_disclosed() {
     assert_eq!((d.rows_withheld, d.never_disclosed_rows), (1, 1));
 }
 
+/// Policies that allowed every record and field would still not let an anonymous elector or
+/// an under-16 out, on a page, alone or in an export's lines: the filter withholds them itself.
+#[test]
+fn anonymous_electors_and_under_16s_leave_whatever_the_policies_say() {
+    let ds = dataset();
+    let anonymous = record("VF-1", "CGW1", "").replace(r#""markers":[]"#, r#""markers":["N"]"#);
+    let flagged = record("VF-2", "CGW1", "").replace(r#""flags":[]"#, r#""flags":["under_16"]"#);
+    let attained = attainer("VF-3", r#""2030-06-01""#);
+    let plain = record("VF-4", "CGW1", "");
+    let mut allow_all = |_: &RecordAttrs| verdict(true, &["identifier", "identity", "contact"]);
+    let body = format!(r#"{{"records":[{anonymous},{flagged},{attained},{plain}]}}"#);
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut allow_all).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let kept: Vec<&str> = (v["records"].as_array().unwrap().iter())
+        .map(|r| r["elector_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, ["VF-4"]);
+    assert_eq!((d.rows_withheld, d.never_disclosed_rows), (3, 3));
+    assert_eq!(d.subjects.len(), 1);
+    for one in [&anonymous, &flagged, &attained] {
+        let single = format!(r#"{{"record":{one}}}"#);
+        let (out, d) = filter_single(
+            single.as_bytes(),
+            Envelope::Records,
+            &cx(&ds),
+            &mut allow_all,
+        )
+        .unwrap();
+        assert!(out.is_none(), "{one}");
+        assert_eq!(d.never_disclosed_rows, 1);
+        let (mut lines, mut d) = (Vec::new(), Disclosure::default());
+        filter_lines(
+            format!("{one}\n{plain}\n").as_bytes(),
+            &cx(&ds),
+            &mut allow_all,
+            &mut Memo::default(),
+            &mut lines,
+            &mut d,
+        )
+        .unwrap();
+        let lines = String::from_utf8(lines).unwrap();
+        assert_eq!(lines.lines().count(), 1, "{lines}");
+        assert!(lines.contains(r#""VF-4""#), "{lines}");
+        assert_eq!((d.rows_withheld, d.never_disclosed_rows), (1, 1), "{one}");
+    }
+}
+
+/// A numeric id is kept as written when it is a plain integer, so the register's flags under
+/// `100` find it; written any other way it is not an id, and the record is withheld.
+#[test]
+fn numeric_subject_ids_are_plain_integers_or_malformed() {
+    let ds = dataset();
+    let register = restricted(&["100"]);
+    let cx = FilterContext {
+        register: &register,
+        ..cx(&ds)
+    };
+    let with_id = |raw: &str| record("X", "CGW1", "").replace(r#""X""#, raw);
+    for raw in ["7", "0", "-12", "100"] {
+        let body = format!(r#"{{"records":[{}]}}"#, with_id(raw));
+        let mut restricted = None;
+        let (_, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
+            restricted = Some(a.flags.contains("restricted"));
+            decide(a)
+        })
+        .unwrap();
+        assert_eq!(restricted, Some(raw == "100"), "{raw}");
+        assert_eq!(d.subjects, [raw], "{raw}");
+    }
+    for raw in ["1e2", "100.0", "-0", "123456789012345678901"] {
+        let body = format!(r#"{{"records":[{}]}}"#, with_id(raw));
+        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut decide).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"records":[]}"#,
+            "{raw}"
+        );
+        assert_eq!(d.malformed_rows, 1, "{raw}");
+    }
+}
+
 #[test]
 fn register_flags_are_merged_into_the_record_flags() {
     let ds = dataset();
@@ -511,11 +592,20 @@ fn subject_ids_read_as_before() {
         (r#""V\u0046-1""#, Some("VF-1")),
         ("42", Some("42")),
         ("-7", Some("-7")),
-        ("1.5", Some("1.5")),
+        // A number that is not a plain integer is no id (`attrs::scalar`).
+        ("1.5", None),
         (r#""""#, None),
         ("null", None),
         ("true", None),
         ("[1]", None),
+        // Not an id a subject access or rights request could name: withheld.
+        (r#""VF.1""#, None),
+        (r#""VF 1""#, None),
+        (r#""VF/1""#, None),
+        (r#""Zoë""#, None),
+        (r#""export""#, None),
+        (&format!(r#""{}""#, "V".repeat(65)), None),
+        (&format!(r#""{}""#, "V".repeat(64)), Some(&*"V".repeat(64))),
     ] {
         let text = format!(
             r#"{{"elector_id":{raw},"local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null,"attainer_date":null}}"#
@@ -700,6 +790,13 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         r#"{"email":{"given_at":1}}"#,
         r#"{"email":{"given_at":"2025-01-01","withdrawn_at":true}}"#,
         r#"{"email":["2025-01-01",null]}"#,
+        // `given_at` text that is not a date is not consent.
+        r#"{"email":{"given_at":"","withdrawn_at":null}}"#,
+        r#"{"email":{"given_at":"null","withdrawn_at":null}}"#,
+        r#"{"email":{"given_at":"never"}}"#,
+        r#"{"email":{"given_at":"2025-13-01T00:00:00Z"}}"#,
+        r#"{"email":{"given_at":"2025-01-011"}}"#,
+        r#"{"email":{"given_at":"\u0032025-01-01"}}"#,
         r#"{"email":"yes"}"#,
         r#"["email"]"#,
         r#""email""#,
@@ -714,8 +811,18 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         );
         assert_eq!(d.malformed_rows, 1, "{bad}");
     }
-    // Other keys of a consent are not read, and a consent without `given_at` is none.
-    let fine = r#"{"email":{"source":{"nested":[1]},"given_at":"2025-01-01"},"sms":{"withdrawn_at":null}}"#;
+    // Read again in a layout the page has seen (`channel_states_again`): the same rule.
+    let good = with(r#"{"email":{"given_at":"2025-01-01T00:00:00Z","withdrawn_at":null}}"#);
+    let blank = with(r#"{"email":{"given_at":"","withdrawn_at":null}}"#).replace("VF-1", "VF-2");
+    let body = format!(r#"{{"records":[{good},{blank}]}}"#);
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["records"].as_array().unwrap().len(), 1);
+    assert_eq!(v["records"][0]["elector_id"], "VF-1");
+    assert_eq!(d.malformed_rows, 1);
+    // Other keys of a consent are not read, and a consent without `given_at` is none; a date
+    // alone or a timestamp as SQL writes it is a date.
+    let fine = r#"{"email":{"source":{"nested":[1]},"given_at":"2025-01-01"},"sms":{"withdrawn_at":null},"post":{"given_at":"2025-01-01 10:00:00"}}"#;
     let body = format!(r#"{{"records":[{}]}}"#, with(fine));
     let mut seen = Vec::new();
     page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
@@ -723,7 +830,7 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         decide(a)
     })
     .unwrap();
-    assert_eq!(seen, [vec!["email"]]);
+    assert_eq!(seen, [vec!["email", "post"]]);
 }
 
 /// A page's records have their consents read as they are scanned (`attrs::take_consents`);
