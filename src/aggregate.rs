@@ -88,7 +88,6 @@ pub async fn count(
     settings: Settings,
     decide: &mut (dyn FnMut(&RecordAttrs) -> std::sync::Arc<filter::RecordDecision> + Send),
 ) -> Result<Counted, GatewayError> {
-    let today = filter::today();
     let mut memo = filter::Memo::default();
     let mut groups = Groups::new(by, settings.max_groups);
     let mut lines = Lines::new(body);
@@ -103,10 +102,12 @@ pub async fn count(
         // A longer upstream line is not a record, as for exports.
         LinesError::TooLong => GatewayError::UpstreamMalformed(e.to_string()),
     })? {
-        let flags = controls.register_flags();
+        let flags = controls.register_flags()?;
         let cx = FilterContext {
             dataset,
-            today,
+            // Read for each batch: an aggregate running past midnight judges TPS checks and
+            // ages by the day its records are read on.
+            today: filter::today(),
             register: &flags,
         };
         let mut d = Disclosure::default();

@@ -205,7 +205,6 @@ impl Run<'_> {
             &plan.dataset,
             categories,
         );
-        let today = filter::today();
         let mut lines = Lines::new(plan.body);
         let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
         let mut d = Disclosure::default();
@@ -215,10 +214,15 @@ impl Run<'_> {
             LinesError::TooLong => e.to_string(),
         })? {
             // The rights register as it stands for this batch's records.
-            let register = gw.controls.register_flags();
+            let register = gw
+                .controls
+                .register_flags()
+                .map_err(|e| e.code().to_owned())?;
             let cx = FilterContext {
                 dataset,
-                today,
+                // Read for each batch: an export running past midnight judges TPS checks and
+                // ages by the day its records are read on.
+                today: filter::today(),
                 register: &register,
             };
             filter::filter_lines(

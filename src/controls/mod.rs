@@ -228,7 +228,7 @@ impl Controls {
             .as_ref()
             .map(|r| r.staleness_bound)
             .unwrap_or(Duration::MAX);
-        let quotas = quota::Quotas::new(quotas, redis.is_some());
+        let quotas = quota::Quotas::new(quotas, redis.as_ref().map(|r| r.staleness_bound));
         let redis = match redis {
             Some(settings) => Some(sync::Redis::connect(settings)?),
             None => None,
@@ -328,19 +328,17 @@ impl Controls {
             .add(p, n, time::OffsetDateTime::now_utc().unix_timestamp());
     }
 
-    /// The register's flags for one data subject, if any.
-    pub fn flags(&self, subject: &str) -> Option<Vec<String>> {
-        self.register_flags().get(subject).map(<[String]>::to_vec)
-    }
-
     /// The register's flags for every subject as they stand now: what a page is filtered
     /// against, read once rather than under the lock for each of its records. A flag placed
-    /// after this is read applies from the next page.
-    pub fn register_flags(&self) -> RegisterFlags {
+    /// after this is read applies from the next page. A mirror past its staleness bound gives
+    /// none (`ControlsStale`): an export's or aggregate's next batch stops there, as a page
+    /// would, rather than be judged against a register that may lack a newer restriction.
+    pub fn register_flags(&self) -> Result<RegisterFlags, GatewayError> {
+        self.check_fresh()?;
         // A poisoned lock still holds a whole map (it is only ever replaced whole): reading
         // it is better than reading no flags at all, which would fail open.
         let flags = self.inner.flags.read();
-        flags.unwrap_or_else(PoisonError::into_inner).clone()
+        Ok(flags.unwrap_or_else(PoisonError::into_inner).clone())
     }
 
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
@@ -407,9 +405,10 @@ impl Controls {
         }
     }
 
-    fn mark_synced(&self) {
+    /// The mirror holds what Redis held at `read_at` (never moved back by a slower step).
+    fn mark_synced(&self, read_at: Instant) {
         if let Ok(mut t) = self.inner.last_synced.write() {
-            *t = Some(Instant::now());
+            *t = Some(t.map_or(read_at, |before| before.max(read_at)));
         }
     }
 

@@ -14,6 +14,13 @@
 //! of them has added to yet. A principal may still go over by one request's worth, as one
 //! request alone always could. Reservations are this replica's own: replicas learn each
 //! other's counts every flush, not each other's requests under way.
+//!
+//! Shared totals are only as good as the last flush that reached Redis: when flushes have
+//! failed for longer than the controls' staleness bound (Redis away, or refusing the quota
+//! commands while the stream works: an ACL, a cluster's slots), a role with limits is
+//! answered 503 `controls-stale` rather than granted this replica's own allowance, as every
+//! replica would. A principal idle for [`ACTIVE_FOR`] is forgotten here, and their totals read
+//! again from Redis when they return: meanwhile they may have spent their allowance elsewhere.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,7 +69,17 @@ pub struct Held {
 pub struct Quotas {
     limits: HashMap<String, Limits>,
     counts: Mutex<Counts>,
-    shared: bool,
+    /// With Redis: the staleness bound, and when a flush last reached it.
+    shared: Option<(Duration, Mutex<Instant>)>,
+}
+
+/// A quota key's time to live: twice its window, the window read from the key's end (its last
+/// two parts are always the window's, whatever the subject holds).
+fn ttl_of(key: &str) -> u64 {
+    match key.rsplit(':').nth(1) {
+        Some("h") => 7200,
+        _ => 172_800,
+    }
 }
 
 fn keys(subject: &str, now: i64) -> [(String, u64); 2] {
@@ -79,11 +96,13 @@ fn keys(subject: &str, now: i64) -> [(String, u64); 2] {
 }
 
 impl Quotas {
-    pub fn new(limits: HashMap<String, Limits>, shared: bool) -> Quotas {
+    /// `shared`: the staleness bound, when the totals are shared through Redis.
+    pub fn new(limits: HashMap<String, Limits>, shared: Option<Duration>) -> Quotas {
         Quotas {
             limits,
             counts: Mutex::new(Counts::default()),
-            shared,
+            // Counted from start: a replica gets one bound to reach Redis.
+            shared: shared.map(|bound| (bound, Mutex::new(Instant::now()))),
         }
     }
 
@@ -101,6 +120,14 @@ impl Quotas {
         let Some(limits) = self.limits.get(&p.role).copied() else {
             return Ok(None);
         };
+        if let Some((bound, flushed)) = &self.shared {
+            let last = *flushed
+                .lock()
+                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+            if last.elapsed() > *bound {
+                return Err(GatewayError::ControlsStale);
+            }
+        }
         let [(hour, _), (day, _)] = keys(&p.subject, now);
         let unknown = {
             let mut c = self
@@ -108,9 +135,14 @@ impl Quotas {
                 .lock()
                 .map_err(|_| GatewayError::Internal("quota lock".into()))?;
             let t = Instant::now();
+            // Not refreshed while idle: what is held for them may be old.
+            let was_active = c
+                .active
+                .get(&hour)
+                .is_some_and(|s| s.elapsed() < ACTIVE_FOR);
             c.active.insert(hour.clone(), t);
             c.active.insert(day.clone(), t);
-            self.shared && !c.totals.contains_key(&hour)
+            self.shared.is_some() && (!was_active || !c.totals.contains_key(&hour))
         };
         if unknown && let Some(conn) = conn {
             let got: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::cmd("MGET")
@@ -167,9 +199,17 @@ impl Quotas {
             return;
         }
         if let Ok(mut c) = self.counts.lock() {
-            for (k, _) in keys(&p.subject, now) {
+            let [(hour, _), (day, _)] = keys(&p.subject, now);
+            if !c.totals.contains_key(&hour) {
+                // A new hour for someone: drop every total of a window that has ended (once
+                // per principal an hour), so the counts do not grow for ever.
+                let (h, d) = (now.div_euclid(3600), now.div_euclid(86_400));
+                let (h, d) = (format!(":h:{h}"), format!(":d:{d}"));
+                c.totals.retain(|k, _| k.ends_with(&h) || k.ends_with(&d));
+            }
+            for k in [hour, day] {
                 *c.totals.entry(k.clone()).or_default() += n;
-                if self.shared {
+                if self.shared.is_some() {
                     *c.pending.entry(k).or_default() += n;
                 }
             }
@@ -182,21 +222,22 @@ impl Quotas {
             let Ok(mut c) = self.counts.lock() else {
                 return Ok(());
             };
-            c.active.retain(|_, seen| seen.elapsed() < ACTIVE_FOR);
+            let Counts { active, totals, .. } = &mut *c;
+            active.retain(|k, seen| {
+                let keep = seen.elapsed() < ACTIVE_FOR;
+                if !keep {
+                    // Read again from Redis if they come back (`check`).
+                    totals.remove(k);
+                }
+                keep
+            });
             let current: Vec<String> = c.active.keys().cloned().collect();
             (std::mem::take(&mut c.pending), current)
         };
-        let ttl: HashMap<String, u64> = pending
-            .keys()
-            .map(|k| (k.clone(), if k.contains(":h:") { 7200 } else { 172_800 }))
-            .collect();
         let mut pipe = redis::pipe();
         for (k, n) in &pending {
             pipe.cmd("INCRBY").arg(k).arg(*n).ignore();
-            pipe.cmd("EXPIRE")
-                .arg(k)
-                .arg(ttl.get(k).copied().unwrap_or(172_800))
-                .ignore();
+            pipe.cmd("EXPIRE").arg(k).arg(ttl_of(k)).ignore();
         }
         if let Err(e) = pipe.query_async::<()>(conn).await {
             // Keep the increments for the next attempt rather than losing them.
@@ -207,16 +248,109 @@ impl Quotas {
             }
             return Err(e);
         }
-        if active.is_empty() {
-            return Ok(());
-        }
-        let totals: Vec<Option<u64>> = redis::cmd("MGET").arg(&active).query_async(conn).await?;
-        if let Ok(mut c) = self.counts.lock() {
-            for (k, t) in active.into_iter().zip(totals) {
-                let local = c.pending.get(&k).copied().unwrap_or(0);
-                c.totals.insert(k, t.unwrap_or(0) + local);
+        if !active.is_empty() {
+            let totals: Vec<Option<u64>> =
+                redis::cmd("MGET").arg(&active).query_async(conn).await?;
+            if let Ok(mut c) = self.counts.lock() {
+                for (k, t) in active.into_iter().zip(totals) {
+                    let local = c.pending.get(&k).copied().unwrap_or(0);
+                    c.totals.insert(k, t.unwrap_or(0) + local);
+                }
             }
         }
+        if let Some((_, flushed)) = &self.shared
+            && let Ok(mut at) = flushed.lock()
+        {
+            *at = Instant::now();
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(subject: &str) -> Principal {
+        Principal {
+            subject: subject.into(),
+            token_id: "t".into(),
+            role: "councillor".into(),
+            unit: "u".into(),
+            areas: vec![],
+            purposes: vec![],
+            expires_at: 0,
+            issued_at: 0,
+            grant_expires_at: None,
+        }
+    }
+
+    fn limits() -> HashMap<String, Limits> {
+        [(
+            "councillor".to_owned(),
+            Limits {
+                per_hour: 60,
+                per_day: 1000,
+            },
+        )]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn a_key_lives_twice_its_own_window_whatever_the_subject_holds() {
+        for subject in ["alice", "h:x", "partner:h:1", "d:h:"] {
+            let [(hour, hour_ttl), (day, day_ttl)] = keys(subject, 1_700_000_000);
+            assert_eq!(
+                (ttl_of(&hour), ttl_of(&day)),
+                (hour_ttl, day_ttl),
+                "{subject}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn shared_totals_not_flushed_within_the_bound_refuse_limited_roles() {
+        let q = Quotas::new(limits(), Some(Duration::from_millis(50)));
+        let alice = principal("alice");
+        assert!(
+            q.check(&alice, 0, None, 0).await.is_ok(),
+            "within the bound"
+        );
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(matches!(
+            q.check(&alice, 0, None, 0).await,
+            Err(GatewayError::ControlsStale)
+        ));
+        let mut dpo = principal("dana");
+        dpo.role = "dpo".into();
+        assert!(
+            q.check(&dpo, 0, None, 0).await.is_ok(),
+            "no limits to share"
+        );
+        // Unshared, there is nothing to be stale.
+        let q = Quotas::new(limits(), None);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(q.check(&alice, 0, None, 0).await.is_ok());
+    }
+
+    #[test]
+    fn totals_of_ended_windows_are_dropped() {
+        let q = Quotas::new(limits(), None);
+        let (alice, bob) = (principal("alice"), principal("bob"));
+        let now = 1_700_000_000;
+        q.add(&alice, 5, now);
+        q.add(&bob, 5, now);
+        // Bob's next hour: every ended hour goes, the day (not ended) stays.
+        q.add(&bob, 1, now + 3600);
+        let c = q.counts.lock().unwrap();
+        let mut kept: Vec<(&String, &u64)> = c.totals.iter().collect();
+        kept.sort();
+        let [(bob_hour, _), _] = keys("bob", now + 3600);
+        let [_, (alice_day, _)] = keys("alice", now);
+        let [_, (bob_day, _)] = keys("bob", now);
+        let mut expected = vec![(&alice_day, &5u64), (&bob_day, &6), (&bob_hour, &1)];
+        expected.sort();
+        assert_eq!(kept, expected);
     }
 }

@@ -182,15 +182,18 @@ pub fn spawn(controls: Controls) {
             }
             let Some(c) = conn.as_mut() else { continue };
             let step = if Instant::now() >= next_full {
-                full_resync(&controls, redis, c).await.map(|id| {
+                full_resync(&controls, redis, c).await.map(|(id, read_at)| {
                     last_id = id;
                     next_full = Instant::now() + redis.settings.resync_interval;
+                    read_at
                 })
             } else {
-                follow(&controls, redis, c, &mut last_id).await
+                follow(&controls, redis, c, &mut last_id)
+                    .await
+                    .map(|()| Instant::now())
             };
             match step {
-                Ok(()) => controls.mark_synced(),
+                Ok(read_at) => controls.mark_synced(read_at),
                 Err(e) => {
                     tracing::warn!(error = %e, "controls: Redis sync failed; will resynchronise");
                     conn = None;
@@ -255,18 +258,22 @@ fn decode(redis: &Redis, ids: &[redis::streams::StreamId]) -> Vec<Event> {
     out
 }
 
-/// Reads the whole stream, absorbs it, republishes what it lacks; returns the last entry id.
+/// Reads the whole stream, absorbs it, republishes what it lacks; returns the last entry id
+/// and when the stream was read: what the mirror knows dates from then, however long the
+/// republishing takes (a revocation placed meanwhile is after what was read, and read by the
+/// next `follow`).
 async fn full_resync(
     controls: &Controls,
     redis: &Redis,
     c: &mut MultiplexedConnection,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Instant)> {
     let reply: StreamRangeReply = redis::cmd("XRANGE")
         .arg(&redis.settings.stream)
         .arg("-")
         .arg("+")
         .query_async(c)
         .await?;
+    let read_at = Instant::now();
     let events = decode(redis, &reply.ids);
     // Following resumes after what this read saw, not after what it republishes: entries
     // other replicas add meanwhile, and the republished ones, are then read like any other
@@ -301,7 +308,7 @@ async fn full_resync(
                 .await?;
         }
     }
-    Ok(last)
+    Ok((last, read_at))
 }
 
 /// Blocks for new entries after `last_id` and absorbs them.
