@@ -532,6 +532,12 @@ impl RawAuth {
             }
         }
         check_subject_prefixes(&self.issuers, &self.subject_prefixes)?;
+        if self.audience.trim().is_empty() {
+            bail!(
+                "`auth.audience` is empty: name this gateway (e.g. \"wardgate\"), so that a \
+                 token minted for another service, or for none, is refused"
+            );
+        }
         Ok(AuthConfig {
             issuer_roles: self.issuer_roles,
             subject_prefixes: self.subject_prefixes,

@@ -189,6 +189,17 @@ fn a_key_must_use_an_allowed_algorithm() {
 }
 
 #[test]
+fn the_audience_must_name_the_gateway() {
+    for blank in ["", "  "] {
+        let e = err(&MINIMAL.replace(
+            "audience = \"wardgate\"",
+            &format!("audience = \"{blank}\""),
+        ));
+        assert!(e.contains("`auth.audience` is empty"), "{e}");
+    }
+}
+
+#[test]
 fn issuer_roles_name_trusted_issuers_and_some_role() {
     let with = |t: &str| {
         MINIMAL.replace(
