@@ -904,3 +904,58 @@ async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again()
         .unwrap();
     assert_eq!(a["containment"]["outcome"], "revoked", "{a}");
 }
+
+/// An alert the disk can take only part of is cut back off the breach log, so the next one is
+/// written whole and the log still opens at the next start (a joined line would stop it).
+#[test]
+fn an_alert_the_disk_cannot_take_leaves_the_breach_log_whole() {
+    use wardgate::watch::breach::{Alert, BreachLog};
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&dir, "64k") else {
+        return;
+    };
+    let path = dir.join("breach-log.jsonl");
+    let alert = |id: &str, summary: String| Alert {
+        id: id.to_owned(),
+        rule: Rule::Volume,
+        mode: Mode::Alert,
+        summary,
+        principal: None,
+        key: "cllr".into(),
+        client_addr: None,
+        evidence: vec![1],
+        evidence_refs: Vec::new(),
+        detected_at: "2026-01-01T00:00:00.000Z".into(),
+        report_by: "2026-01-04T00:00:00.000Z".into(),
+        containment: None,
+        classification: None,
+        history: Vec::new(),
+    };
+    // A first alert sized to leave the log six bytes short of a page: the next line begins in
+    // a page the disk already holds and needs another.
+    let page = 4096u64;
+    let log = BreachLog::open(&path).unwrap();
+    log.add(alert("A-1", "x".into())).unwrap();
+    let one = std::fs::metadata(&path).unwrap().len();
+    drop(log);
+    std::fs::remove_file(&path).unwrap();
+    let log = BreachLog::open(&path).unwrap();
+    let pad = "x".repeat((1 + page - 6 - one) as usize);
+    log.add(alert("A-1", pad)).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), page - 6);
+    common::fill(&dir);
+    assert!(log.add(alert("A-2", "y".repeat(200))).is_err());
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        page - 6,
+        "the part written is cut off"
+    );
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    log.add(alert("A-3", "z".into())).unwrap();
+    drop(log);
+    let reopened = BreachLog::open(&path).unwrap();
+    let mut ids: Vec<String> = reopened.alerts().into_iter().map(|a| a.id).collect();
+    ids.sort();
+    assert_eq!(ids, ["A-1", "A-3"]);
+}

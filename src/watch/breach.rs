@@ -110,6 +110,9 @@ struct State {
     file: File,
     /// In detection order.
     alerts: Vec<Alert>,
+    /// A failed append could not be cut off: nothing more is appended until a restart (which
+    /// cuts the torn line), or the next line would be joined to it.
+    broken: bool,
 }
 
 impl BreachLog {
@@ -154,7 +157,11 @@ impl BreachLog {
         file.set_len(good_len)?;
         Ok(BreachLog {
             path: path.to_owned(),
-            state: Mutex::new(State { file, alerts }),
+            state: Mutex::new(State {
+                file,
+                alerts,
+                broken: false,
+            }),
         })
     }
 
@@ -230,12 +237,26 @@ impl BreachLog {
     }
 }
 
-/// Writes and syncs the line, then applies it: state never runs ahead of the file.
+/// Writes and syncs the line, then applies it: state never runs ahead of the file. A failed
+/// write is cut back off the file: part of its line (a full disk took the rest) would join the
+/// next entry into a line that does not parse, which stops the next start.
 fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
+    if s.broken {
+        return Err(BreachError::Io(std::io::Error::other(
+            "a failed append could not be cut off the breach log; restart to mend it",
+        )));
+    }
     let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    s.file.write_all(&line)?;
-    s.file.sync_data()?;
+    let before = s.file.metadata()?.len();
+    if let Err(e) = s.file.write_all(&line).and_then(|()| s.file.sync_data()) {
+        if let Err(cut) = s.file.set_len(before).and_then(|()| s.file.sync_data()) {
+            tracing::error!(error = %cut,
+                "cannot cut a failed entry off the breach log; no more are appended until a restart");
+            s.broken = true;
+        }
+        return Err(e.into());
+    }
     apply(&mut s.alerts, entry);
     Ok(())
 }

@@ -188,7 +188,9 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
     let now = time::OffsetDateTime::now_utc();
     let report_by = now + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
     let alert = Alert {
-        id: format!("A-{}-{:04x}", now.unix_timestamp(), rand::random::<u16>()),
+        // 64 random bits: an alert storm must not give two alerts one id (containment and
+        // classification find an alert by it), across replicas too.
+        id: format!("A-{}-{:016x}", now.unix_timestamp(), rand::random::<u64>()),
         rule: f.rule,
         mode: f.mode,
         summary: if scope == "shared" {

@@ -30,6 +30,13 @@ pub struct Observation {
     pub reason: Option<String>,
     pub route: Option<String>,
     pub path: String,
+    /// The export this record is part of (its request id): an export is audited as one record
+    /// per chunk of about a MiB, and `large_export` counts its chunks together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+    /// This is the export's closing record: its count can be forgotten.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_ended: bool,
 }
 
 impl Observation {
@@ -52,8 +59,29 @@ impl Observation {
             reason: rec.reason.clone(),
             route: rec.route.clone(),
             path: rec.path.clone(),
+            export: rec
+                .detail
+                .as_ref()
+                .is_some_and(|d| {
+                    ["export_chunk", "export_complete", "export_aborted"]
+                        .iter()
+                        .any(|k| d.get(k).is_some())
+                })
+                .then(|| rec.request_id.clone()),
+            export_ended: rec.detail.as_ref().is_some_and(|d| {
+                d.get("export_complete").is_some() || d.get("export_aborted").is_some()
+            }),
         })
     }
+}
+
+/// What one export has disclosed so far.
+#[derive(Default)]
+struct ExportSeen {
+    total: u64,
+    /// Its chunk records, the most recent `MAX_EVIDENCE`.
+    seqs: VecDeque<u64>,
+    last_at: i64,
 }
 
 /// One rule matching for one principal.
@@ -144,6 +172,8 @@ pub struct Detector {
     /// Per token id: when it was seen from which address.
     addresses: HashMap<String, Seen>,
     runs: HashMap<String, Run>,
+    /// Exports under way, by request id.
+    exports: HashMap<String, ExportSeen>,
     observed: u64,
 }
 
@@ -155,6 +185,7 @@ impl Detector {
             quiet_until: HashMap::new(),
             addresses: HashMap::new(),
             runs: HashMap::new(),
+            exports: HashMap::new(),
             observed: 0,
         }
     }
@@ -182,18 +213,49 @@ impl Detector {
                 format!("{n} records disclosed within {w} (the role's norm is under {t})")
             });
             let large = self.settings.rule(Rule::LargeExport);
-            if large.mode != Mode::Off && disclosed >= large.threshold_for(ev.role()) {
-                let summary = format!(
-                    "one response disclosed {disclosed} records (a walk sheet is under {})",
-                    large.threshold_for(ev.role())
-                );
-                self.raise(Rule::LargeExport, &ev, vec![seq], summary, &mut out);
+            let threshold = large.threshold_for(ev.role());
+            let mode = large.mode;
+            match &rec.export {
+                // An export's chunks are one response: counted together, raised once, when
+                // their sum first reaches the threshold.
+                Some(id) => {
+                    let seen = self.exports.entry(id.clone()).or_default();
+                    let before = seen.total;
+                    seen.total += disclosed;
+                    seen.last_at = at;
+                    seen.seqs.push_back(seq);
+                    if seen.seqs.len() > MAX_EVIDENCE {
+                        seen.seqs.pop_front();
+                    }
+                    if mode != Mode::Off && before < threshold && seen.total >= threshold {
+                        let summary = format!(
+                            "one export disclosed {} records so far (a walk sheet is under \
+                             {threshold})",
+                            seen.total
+                        );
+                        let evidence = seen.seqs.iter().copied().collect();
+                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out);
+                    }
+                }
+                None if mode != Mode::Off && disclosed >= threshold => {
+                    let summary = format!(
+                        "one response disclosed {disclosed} records (a walk sheet is under \
+                         {threshold})"
+                    );
+                    self.raise(Rule::LargeExport, &ev, vec![seq], summary, &mut out);
+                }
+                None => {}
             }
             if self.outside_hours(at) {
                 self.count(Rule::UnusualHours, &ev, disclosed, &mut out, |n, _, w| {
                     format!("{n} records disclosed outside working hours within {w}")
                 });
             }
+        }
+        if rec.export_ended
+            && let Some(id) = &rec.export
+        {
+            self.exports.remove(id);
         }
         if rec.decision == Decision::Deny {
             self.count(Rule::DeniedBurst, &ev, 1, &mut out, |n, _, w| {
@@ -395,6 +457,8 @@ impl Detector {
         self.addresses
             .retain(|_, seen| seen.events.back().is_some_and(|(t, _, _)| *t >= horizon));
         self.runs.retain(|_, r| r.started >= horizon);
+        // An export whose closing record never came (a crash) is forgotten once idle as long.
+        self.exports.retain(|_, e| e.last_at >= horizon);
     }
 }
 

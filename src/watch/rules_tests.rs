@@ -148,6 +148,51 @@ fn large_export_matches_on_one_response() {
     assert_eq!(f[0].evidence, vec![2]);
 }
 
+/// One chunk record of the export `request`, disclosing `n` records.
+fn chunk(who: &str, ms: i64, request: &str, n: usize, chunk: u64) -> AuditRecord {
+    let mut r = listing(who, ms, n);
+    r.request_id = request.to_owned();
+    r.route = Some("voter.export".into());
+    r.path = "/voter/electors/export".into();
+    r.detail = Some(serde_json::json!({ "export_chunk": chunk }));
+    r
+}
+
+/// An export is audited a chunk at a time: its chunks count together as the one response it
+/// is, raised once when their sum reaches the threshold, and two exports never add up.
+#[test]
+fn large_export_counts_an_exports_chunks_together() {
+    let mut d = detector();
+    let f = run(
+        &mut d,
+        vec![
+            chunk("c", SUMMER_MORNING, "r1", 300, 1),
+            chunk("c", SUMMER_MORNING + 1, "r1", 300, 2),
+            chunk("c", SUMMER_MORNING + 2, "r1", 300, 3),
+        ],
+    );
+    assert_eq!(rules(&f), vec![Rule::LargeExport]);
+    assert_eq!(f[0].evidence, vec![1, 2]);
+    assert!(f[0].summary.contains("600 records"), "{}", f[0].summary);
+
+    let mut d = detector();
+    let mut closing = chunk("e", SUMMER_MORNING + 1, "r2", 0, 0);
+    closing.detail = Some(serde_json::json!({ "export_complete": { "chunks": 1 } }));
+    let f = run(
+        &mut d,
+        vec![
+            chunk("e", SUMMER_MORNING, "r2", 300, 1),
+            closing,
+            chunk("e", SUMMER_MORNING + 2, "r3", 300, 1),
+        ],
+    );
+    assert_eq!(rules(&f), vec![]);
+    assert!(
+        !d.exports.contains_key("r2"),
+        "forgotten at its closing record"
+    );
+}
+
 #[test]
 fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
     let mut d = detector();

@@ -147,6 +147,7 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
             continue;
         };
         let mut pipe = redis::pipe();
+        let n = batch.len() as u64;
         for json in batch.drain(..) {
             pipe.cmd("XADD")
                 .arg(&shared.stream)
@@ -160,7 +161,7 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
         }
         if let Err(e) = pipe.query_async::<()>(c).await {
             tracing::warn!(error = %e, "cannot publish accesses to the shared stream");
-            metrics::counter!("wardgate_watch_shared_dropped_total").increment(1);
+            metrics::counter!("wardgate_watch_shared_dropped_total").increment(n);
             conn = None;
         }
     }
