@@ -16,7 +16,11 @@
 //! grant ending, or the shared-state mirror going stale stops the export at the next chunk.
 //! A chunk whose record was already written when that is seen does not go; the closing
 //! record (a `deny` with the token's reason) counts the chunks that went, always the first ones, and
-//! the chunk records written, so the log never says less than was disclosed.
+//! the chunk records written, so the log never says less than was disclosed. So does a flag
+//! placed on one of a chunk's subjects after the chunk was filtered (a client that stops
+//! reading holds a filtered chunk for as long as it likes): the rights register is read again
+//! before the chunk goes, and a new flag on any of its subjects ends the export
+//! (`rights_register_changed`).
 //!
 //! Once the headers have gone a failure cannot become a problem document, so it ends the
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
@@ -34,7 +38,7 @@ use tokio::sync::mpsc;
 use crate::audit::{Ack, AuditRecord, Decision};
 use crate::auth::Principal;
 use crate::decisions::Decider;
-use crate::filter::{self, Disclosure, FilterContext};
+use crate::filter::{self, Disclosure, FilterContext, RegisterFlags, Subjects};
 use crate::gateway::{DataBody, Gateway};
 use crate::policy::Ask;
 
@@ -154,6 +158,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             waiting: None,
             chunks: 0,
             records: 0,
+            filtered_with: None,
         };
         let principal = Arc::clone(&plan.principal);
         let outcome = run.stream(plan).await;
@@ -180,12 +185,30 @@ struct Run<'a> {
     /// Chunks (and their records) whose audit records are durable and that have gone.
     chunks: u64,
     records: u64,
+    /// The rights register the chunk being filled was first filtered against (the oldest of
+    /// its batches').
+    filtered_with: Option<RegisterFlags>,
 }
 
 struct Waiting {
     ack: Ack,
     chunk: Bytes,
     records: u64,
+    /// Its subjects, and the register they were judged against.
+    subjects: Subjects,
+    filtered_with: RegisterFlags,
+}
+
+/// Whether any of `subjects` carries a flag in `now` that it did not carry in `then`: a
+/// restriction, objection or erasure request placed after they were judged. (A flag lifted
+/// meanwhile discloses nothing more.)
+fn newly_flagged(then: &RegisterFlags, now: &RegisterFlags, subjects: &Subjects) -> bool {
+    subjects.iter().any(|s| {
+        now.get(s).is_some_and(|flags| {
+            let before = then.get(s).unwrap_or_default();
+            flags.iter().any(|f| !before.contains(f))
+        })
+    })
 }
 
 impl Run<'_> {
@@ -218,6 +241,9 @@ impl Run<'_> {
                 .controls
                 .register_flags()
                 .map_err(|e| e.code().to_owned())?;
+            if self.filtered_with.is_none() {
+                self.filtered_with = Some(register.clone());
+            }
             let cx = FilterContext {
                 dataset,
                 // Read for each batch: an export running past midnight judges TPS checks and
@@ -267,6 +293,8 @@ impl Run<'_> {
             disclosed.never_disclosed_rows,
         );
         let n = disclosed.subjects.len() as u64;
+        let subjects = disclosed.subjects.clone();
+        let filtered_with = self.filtered_with.take().unwrap_or_default();
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();
         record.subjects = disclosed.subjects;
@@ -296,6 +324,8 @@ impl Run<'_> {
             ack,
             chunk,
             records: n,
+            subjects,
+            filtered_with,
         });
         Ok(())
     }
@@ -327,6 +357,10 @@ impl Run<'_> {
             Some(slot.map_err(|_| "client_went_away".to_owned())?)
         };
         self.still_standing(principal)?;
+        let now = (self.gw.controls.register_flags()).map_err(|e| e.code().to_owned())?;
+        if newly_flagged(&w.filtered_with, &now, &w.subjects) {
+            return Err("rights_register_changed".to_owned());
+        }
         self.chunks += 1;
         self.records += w.records;
         if let Some(slot) = slot {
@@ -375,6 +409,36 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_goes_only_if_none_of_its_subjects_was_flagged_since() {
+        let register = |pairs: &[(&str, &[&str])]| -> RegisterFlags {
+            (pairs.iter())
+                .map(|(s, f)| (s.to_string(), f.iter().map(|f| f.to_string()).collect()))
+                .collect()
+        };
+        let mut chunk = Subjects::default();
+        chunk.push("VF-1");
+        chunk.push("VF-2");
+        let then = register(&[("VF-2", &["do_not_contact"])]);
+        // Nothing new, someone else flagged, a flag lifted: it goes.
+        assert!(!newly_flagged(&then, &then, &chunk));
+        assert!(!newly_flagged(
+            &then,
+            &register(&[("VF-3", &["restricted"])]),
+            &chunk
+        ));
+        assert!(!newly_flagged(&then, &RegisterFlags::EMPTY, &chunk));
+        // A new flag on one of its subjects, or another on one already flagged: it does not.
+        assert!(newly_flagged(
+            &then,
+            &register(&[("VF-1", &["restricted"])]),
+            &chunk
+        ));
+        let more = register(&[("VF-2", &["do_not_contact", "erasure_requested"])]);
+        assert!(newly_flagged(&then, &more, &chunk));
+        assert!(newly_flagged(&RegisterFlags::EMPTY, &then, &chunk));
+    }
 
     /// A body that hands out `frames` in turn.
     fn body(

@@ -373,21 +373,25 @@ async fn paused_datastore(
     addr
 }
 
-/// Containment must reach an export already under way: once the caller is revoked, not one
-/// more chunk leaves, not even the one whose record was written before the revocation was
-/// seen, and the log says how the export ended and how much had gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
-    // Real lines of 10,000 electors: three or four chunks of the analyst's output.
-    let (real, _stop) = common::start_datastore(10_000).await;
+/// An analyst's export through a datastore that pauses after three quarters of 10,000
+/// electors (two chunks or more of output: the first goes once the second is queued), read
+/// until the first chunk has begun to arrive. Returns the app, what to notify to let the
+/// datastore go on, the body still to read and what has arrived.
+async fn paused_export() -> (
+    TestApp,
+    std::sync::Arc<tokio::sync::Notify>,
+    hyper::body::Incoming,
+    Vec<u8>,
+) {
+    let (real, stop) = common::start_datastore(10_000).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let uri = format!("http://{real}/electors/export");
     let resp = client.get(uri.parse().unwrap()).await.unwrap();
     let all = resp.into_body().collect().await.unwrap().to_bytes();
+    drop(stop);
     let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
     assert_eq!(lines.len(), 10_000);
-    // Enough for two chunks before the pause: the first goes once the second is queued.
     let cut = lines.len() * 3 / 4;
     let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
     let go = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -397,7 +401,6 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
         ..AppOptions::default()
     })
     .await;
-
     let analyst = app.token("analyst");
     let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
         .header("authorization", format!("Bearer {analyst}"))
@@ -412,6 +415,47 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
         let frame = body.frame().await.unwrap().unwrap();
         received.extend_from_slice(frame.data_ref().unwrap());
     }
+    (app, go, body, received)
+}
+
+/// Reads the rest of an export's body: whether it was cut short, and every record received.
+async fn rest_of(mut body: hyper::body::Incoming, mut received: Vec<u8>) -> (bool, Vec<Value>) {
+    let cut_short = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    let received = std::str::from_utf8(&received)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (cut_short, received)
+}
+
+/// The export's audit records: all of them, and its chunk records.
+fn export_records(app: &TestApp) -> (Vec<Value>, Vec<Value>) {
+    let records: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    let chunks = records
+        .iter()
+        .filter(|r| r["detail"]["export_chunk"].is_u64())
+        .cloned()
+        .collect();
+    (records, chunks)
+}
+
+/// Containment must reach an export already under way: once the caller is revoked, not one
+/// more chunk leaves, not even the one whose record was written before the revocation was
+/// seen, and the log says how the export ended and how much had gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
+    let (app, go, body, received) = paused_export().await;
     let revoked = app
         .admin_post(
             "/revocations",
@@ -421,32 +465,12 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
         .await;
     assert_eq!(revoked.status, 200, "{:?}", revoked.body);
     go.notify_one();
-    let cut_short = loop {
-        match body.frame().await {
-            Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
-            Some(Err(_)) => break true,
-            None => break false,
-        }
-    };
+    let (cut_short, received) = rest_of(body, received).await;
     assert!(
         cut_short,
         "a revoked caller's export must not end as complete"
     );
-    let received: Vec<Value> = std::str::from_utf8(&received)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-
-    let records: Vec<Value> = app
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["route"] == "voter.export")
-        .collect();
-    let chunks: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["detail"]["export_chunk"].is_u64())
-        .collect();
+    let (records, chunks) = export_records(&app);
     // The chunks that went are the first ones, exactly as received; at least one chunk
     // recorded before the revocation was seen did not go, and nothing after it did.
     let last = records.last().unwrap();
@@ -468,4 +492,54 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
     assert_eq!(last["decision"], "deny", "{last}");
     assert_eq!(last["reason"], "token_revoked", "{last}");
     assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
+}
+
+/// A restriction placed on someone in a chunk already filtered (and recorded) but not yet
+/// sent, as a client that stops reading can hold one for as long as it likes: that chunk
+/// never goes, and the export ends saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_placed_on_a_filtered_chunk_keeps_it_back() {
+    let (app, go, body, received) = paused_export().await;
+    // The second chunk's record is queued before the first chunk goes.
+    let mut second = None;
+    for _ in 0..200 {
+        let (_, chunks) = export_records(&app);
+        if let Some(c) = chunks.iter().find(|c| c["detail"]["export_chunk"] == 2) {
+            second = Some(c.clone());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let second = second.expect("the second chunk's record");
+    let someone = second["subjects"][0].as_str().unwrap().to_owned();
+    let placed = app
+        .admin_post(
+            &format!("/rights/{someone}"),
+            &app.token("dpo"),
+            r#"{"kind":"restricted","reference":"R-9","reason":"by letter"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
+    go.notify_one();
+    let (cut_short, received) = rest_of(body, received).await;
+    assert!(cut_short, "the export must not end as complete");
+    assert!(
+        !ids(&received).contains(&someone),
+        "{someone} left after restriction"
+    );
+    let (records, chunks) = export_records(&app);
+    let last = records.last().unwrap();
+    let went = last["detail"]["before"]["chunks"].as_u64().unwrap() as usize;
+    assert_eq!(went, 1, "{last}");
+    let first: Vec<&str> = chunks[0]["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(ids(&received), first);
+    assert_eq!(
+        last["detail"]["export_aborted"], "rights_register_changed",
+        "{last}"
+    );
 }
