@@ -267,17 +267,15 @@ impl Verifier {
         header: Option<&[u8]>,
         now: i64,
     ) -> Result<Arc<Principal>, AuthFailure> {
-        let header = header.ok_or(AuthFailure::MissingToken)?;
-        let header = std::str::from_utf8(header).map_err(|_| AuthFailure::MalformedHeader)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthFailure::MalformedHeader)?
-            .trim();
-        if token.is_empty() {
-            return Err(AuthFailure::MissingToken);
-        }
-        self.verify(token, now)
+        self.verify(bearer(header)?, now)
+    }
+
+    /// Who a token refused as expired (`exp` or `grant_expires` past) names, when it verifies
+    /// in every other respect (signature, issuer, audience, claims). Still refused; but the
+    /// audit record can say which leaver tried, and breach detection (`ended_grant`) key on
+    /// them rather than on an address they can change.
+    pub fn ended_caller(&self, header: Option<&[u8]>, now: i64) -> Option<Principal> {
+        self.check(bearer(header).ok()?, now, Ended::Accepted).ok()
     }
 
     /// The last second at which a verified caller's token is still accepted, as verification
@@ -294,12 +292,13 @@ impl Verifier {
         if let Some(p) = self.cache.get(token, now) {
             return Ok(p);
         }
-        let principal = Arc::new(self.verify_uncached(token, now)?);
+        let principal = Arc::new(self.check(token, now, Ended::Refused)?);
         self.cache.put(token, &principal, now);
         Ok(principal)
     }
 
-    fn verify_uncached(&self, token: &str, now: i64) -> Result<Principal, AuthFailure> {
+    /// Verifies a token, uncached; with `Ended::Accepted`, an expired one too.
+    fn check(&self, token: &str, now: i64, ended: Ended) -> Result<Principal, AuthFailure> {
         let header = peek_header(token)?;
         let alg = header.alg.ok_or(AuthFailure::MalformedToken)?;
         let alg: Algorithm = alg.parse().map_err(|_| AuthFailure::DisallowedAlgorithm)?;
@@ -315,6 +314,7 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
+        validation.validate_exp = ended == Ended::Refused;
         // (`iat` is required by `Claims` itself: jsonwebtoken checks only some of these.)
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         // The signing key's own issuer, not any trusted one (`config::key_issuer`).
@@ -322,11 +322,17 @@ impl Verifier {
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
             .map_err(|e| classify(e.kind()))?;
-        self.principal(data.claims, &trusted.issuer, now)
+        self.principal(data.claims, &trusted.issuer, now, ended)
     }
 
     /// The caller the verified claims of a token from `issuer` describe.
-    fn principal(&self, c: Claims, issuer: &str, now: i64) -> Result<Principal, AuthFailure> {
+    fn principal(
+        &self,
+        c: Claims,
+        issuer: &str,
+        now: i64,
+        ended: Ended,
+    ) -> Result<Principal, AuthFailure> {
         let blank = |s: &str| s.trim().is_empty();
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
@@ -353,7 +359,7 @@ impl Verifier {
         if !revocable_id(&subject) || !revocable_id(&token_id) {
             return Err(AuthFailure::InvalidClaims);
         }
-        if c.grant_expires.is_some_and(|g| g <= now) {
+        if ended == Ended::Refused && c.grant_expires.is_some_and(|g| g <= now) {
             return Err(AuthFailure::Expired);
         }
         // Issued in the future: a revocation of the subject placed now would not cover it.
@@ -395,6 +401,28 @@ impl Verifier {
 }
 
 /// Reads the JOSE header without trusting it, so refusals can say which check failed.
+/// Whether a token whose `exp` or `grant_expires` has passed may verify (`Verifier::ended_caller`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Refused,
+    Accepted,
+}
+
+/// The token of a raw `Authorization` header value (`None`: the header was absent).
+fn bearer(header: Option<&[u8]>) -> Result<&str, AuthFailure> {
+    let header = header.ok_or(AuthFailure::MissingToken)?;
+    let header = std::str::from_utf8(header).map_err(|_| AuthFailure::MalformedHeader)?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthFailure::MalformedHeader)?
+        .trim();
+    if token.is_empty() {
+        return Err(AuthFailure::MissingToken);
+    }
+    Ok(token)
+}
+
 fn peek_header(token: &str) -> Result<RawHeader, AuthFailure> {
     let mut parts = token.split('.');
     let (Some(h), Some(_), Some(_), None) =

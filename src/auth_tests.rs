@@ -69,35 +69,70 @@ fn live_claims(iss: &str, sub: &str, now: i64) -> Claims {
 fn claims_naming_unknown_things_are_refused() {
     let v = verifier(0);
     assert!(
-        v.principal(claims("canvasser", "E05011391", "canvassing"), "i", 5)
-            .is_ok()
+        v.principal(
+            claims("canvasser", "E05011391", "canvassing"),
+            "i",
+            5,
+            Ended::Refused
+        )
+        .is_ok()
     );
     assert_eq!(
-        v.principal(claims("admin", "E05011391", "canvassing"), "i", 5),
+        v.principal(
+            claims("admin", "E05011391", "canvassing"),
+            "i",
+            5,
+            Ended::Refused
+        ),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(claims("canvasser", "E92000001", "canvassing"), "i", 5),
+        v.principal(
+            claims("canvasser", "E92000001", "canvassing"),
+            "i",
+            5,
+            Ended::Refused
+        ),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(claims("canvasser", "E05011391", "sale"), "i", 5),
+        v.principal(
+            claims("canvasser", "E05011391", "sale"),
+            "i",
+            5,
+            Ended::Refused
+        ),
         Err(AuthFailure::InvalidClaims)
     );
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.grant_expires = Some(4);
-    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::Expired));
+    assert_eq!(
+        v.principal(c, "i", 5, Ended::Refused),
+        Err(AuthFailure::Expired)
+    );
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;
-    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(
+        v.principal(c, "i", 5, Ended::Refused),
+        Err(AuthFailure::InvalidClaims)
+    );
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
-    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(
+        v.principal(c, "i", 5, Ended::Refused),
+        Err(AuthFailure::InvalidClaims)
+    );
 }
 
-#[test]
-fn keys_from_a_jwks_file_verify_tokens() {
+/// A verifier reading one ES256 key from a JWKS file (issuer `https://idp`, audience
+/// `wardgate`), its configuration, the signer for that key, and the directory holding it.
+fn jwks_verifier() -> (
+    tempfile::TempDir,
+    crate::config::AuthConfig,
+    Verifier,
+    crate::token::Signer,
+) {
     let dir = tempfile::tempdir().unwrap();
     let kp = crate::token::generate_es256().unwrap();
     let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
@@ -131,6 +166,12 @@ fn keys_from_a_jwks_file_verify_tokens() {
         "https://idp",
     )
     .unwrap();
+    (dir, cfg, v, signer)
+}
+
+#[test]
+fn keys_from_a_jwks_file_verify_tokens() {
+    let (dir, cfg, v, signer) = jwks_verifier();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
     assert_eq!(v.verify(&token, now).unwrap().subject, "s");
@@ -153,6 +194,43 @@ fn keys_from_a_jwks_file_verify_tokens() {
         err.contains("holds no keys") && err.contains(&empty.display().to_string()),
         "{err}"
     );
+}
+
+/// A leaver's token (its `exp` or `grant_expires` past, everything else good) is refused,
+/// and says whose it is; a token that fails anything else says nothing.
+#[test]
+fn an_ended_token_is_refused_but_names_its_caller() {
+    let (_dir, _cfg, v, signer) = jwks_verifier();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let header = |token: &str| format!("Bearer {token}").into_bytes();
+    let mut expired = live_claims("https://idp", "leaver", now - 600);
+    expired.exp = now - 60;
+    let mut grant_ended = live_claims("https://idp", "leaver", now);
+    grant_ended.grant_expires = Some(now - 1);
+    for claims in [expired, grant_ended] {
+        let h = header(&signer.sign(&claims).unwrap());
+        assert_eq!(
+            v.verify_header(Some(&h), now).err(),
+            Some(AuthFailure::Expired)
+        );
+        let caller = v.ended_caller(Some(&h), now).unwrap();
+        assert_eq!(
+            (caller.subject.as_str(), caller.role.as_str()),
+            ("leaver", "canvasser")
+        );
+    }
+    // Expired and for another audience, or tampered with: nobody is named.
+    let mut elsewhere = live_claims("https://idp", "leaver", now - 600);
+    elsewhere.exp = now - 60;
+    elsewhere.aud = "another-service".into();
+    let h = header(&signer.sign(&elsewhere).unwrap());
+    assert!(v.ended_caller(Some(&h), now).is_none());
+    let mut expired = live_claims("https://idp", "leaver", now - 600);
+    expired.exp = now - 60;
+    let token = signer.sign(&expired).unwrap();
+    let (rest, sig) = token.rsplit_once('.').unwrap();
+    let forged = format!("{rest}.{}", sig.chars().rev().collect::<String>());
+    assert!(v.ended_caller(Some(&header(&forged)), now).is_none());
 }
 
 #[test]
@@ -218,11 +296,13 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     };
     // An issuer 20 s ahead: accepted, and issued no later than a revocation placed now
     // (`issued_at <= now`) would need.
-    let p = v.principal(claims(1_020), "i", 1_000).unwrap();
+    let p = v
+        .principal(claims(1_020), "i", 1_000, Ended::Refused)
+        .unwrap();
     assert_eq!(p.issued_at, 990);
     // Beyond the leeway: refused.
     assert_eq!(
-        v.principal(claims(1_031), "i", 1_000),
+        v.principal(claims(1_031), "i", 1_000, Ended::Refused),
         Err(AuthFailure::InvalidClaims)
     );
 }

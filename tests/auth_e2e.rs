@@ -15,7 +15,8 @@ use serde_json::json;
 
 const LIST: &str = "/voter/electors?per_page=5";
 
-async fn expect_401(app: &TestApp, resp: Resp, reason: &str) {
+/// Checks the refusal and its audit record; returns the record.
+async fn expect_401(app: &TestApp, resp: Resp, reason: &str) -> serde_json::Value {
     assert_eq!(resp.status, 401, "{reason}: {:?}", resp.body);
     assert_eq!(resp.headers["content-type"], "application/problem+json");
     let body = resp.json();
@@ -30,6 +31,7 @@ async fn expect_401(app: &TestApp, resp: Resp, reason: &str) {
     assert_eq!(record["decision"], "deny");
     assert_eq!(record["reason"], reason);
     assert_eq!(record["subjects"], json!([]));
+    record
 }
 
 fn b64(v: &serde_json::Value) -> String {
@@ -111,22 +113,30 @@ async fn every_token_failure_is_refused_and_audited() {
 
     let mut c = claims.clone();
     c["aud"] = json!("some-other-service");
-    expect_401(
+    let record = expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
         "token_audience_invalid",
     )
     .await;
+    assert!(record["caller"].is_null(), "{record}");
 
+    // An expired token, its signature good, is still its holder's: the record names them.
     let mut c = claims.clone();
     c["exp"] = json!(common::now() - 3600);
     c["nbf"] = json!(common::now() - 7200);
-    expect_401(
+    let record = expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
         "token_expired",
     )
     .await;
+    assert_eq!(record["caller"]["subject"], claims["sub"], "{record}");
+    // Expired and for another audience: nobody is named.
+    c["aud"] = json!("some-other-service");
+    let record = app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await;
+    assert_eq!(record.status, 401);
+    assert!(app.audit_for(&record)["caller"].is_null());
 
     let mut c = claims.clone();
     c["nbf"] = json!(common::now() + 3600);
@@ -231,12 +241,13 @@ async fn every_token_failure_is_refused_and_audited() {
     // A grant that has ended (a leaver's token that has not expired yet).
     let mut c = claims.clone();
     c["grant_expires"] = json!(common::now() - 60);
-    expect_401(
+    let record = expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
         "token_expired",
     )
     .await;
+    assert_eq!(record["caller"]["subject"], claims["sub"], "{record}");
 
     app.stop().await;
 }
