@@ -402,6 +402,21 @@ async fn each_rule_fires_on_its_scenario() {
             Some(format!("127.0.0.{}", i + 2).as_str())
         );
     }
+    // Nor does the audit log's copy of the alert hold them in the clear (the chain keeps its
+    // records for the whole retention); the breach log, the security team's, does.
+    for r in app.audit_records() {
+        let text = r.to_string();
+        assert!(
+            (2..=5).all(|h| !text.contains(&format!("127.0.0.{h}"))),
+            "{text}"
+        );
+    }
+    let logged = breach_log(&app);
+    let roamer = logged
+        .iter()
+        .find(|e| e["rule"] == "many_addresses")
+        .unwrap();
+    assert_eq!(roamer["addresses"].as_array().unwrap().len(), 4, "{roamer}");
 
     // Reading the register one id after another.
     let t = token(
@@ -924,6 +939,7 @@ fn an_alert_the_disk_cannot_take_leaves_the_breach_log_whole() {
         principal: None,
         key: "cllr".into(),
         client_addr: None,
+        addresses: Vec::new(),
         evidence: vec![1],
         evidence_refs: Vec::new(),
         detected_at: "2026-01-01T00:00:00.000Z".into(),

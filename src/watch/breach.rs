@@ -35,6 +35,9 @@ pub struct Alert {
     /// The principal's subject, or `addr:IP`.
     pub key: String,
     pub client_addr: Option<String>,
+    /// The addresses a `many_addresses` alert rests on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Audit record sequence numbers in this replica's log.
     pub evidence: Vec<u64>,
     /// Evidence across replicas, as `REPLICA#SEQ` (alerts of the shared detector).
@@ -297,6 +300,7 @@ mod tests {
             principal: None,
             key: "cllr".into(),
             client_addr: None,
+            addresses: Vec::new(),
             evidence: vec![1, 2],
             evidence_refs: Vec::new(),
             detected_at: "2026-01-01T00:00:00.000Z".into(),

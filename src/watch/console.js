@@ -157,7 +157,7 @@ function renderAlerts() {
     revoke.addEventListener('click', () => doRevoke(a.id, token));
     tbody.append(el('tr', { class: 'alert', 'data-id': a.id },
       el('td', {}, a.id), el('td', {}, a.rule), el('td', {}, a.principal ? a.principal.subject + ' (' + a.principal.role + ')' : a.key),
-      el('td', {}, a.summary), el('td', {}, a.evidence.length + ' audit records'),
+      el('td', {}, a.summary + (a.addresses && a.addresses.length ? ': ' + a.addresses.join(', ') : '')), el('td', {}, a.evidence.length + ' audit records'),
       el('td', { class: 'deadline', 'data-report-by': a.report_by }, remaining(a.report_by)),
       el('td', {}, cls, note, classify), el('td', {}, revoke)));
   }

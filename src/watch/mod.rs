@@ -201,6 +201,7 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
         principal: f.caller.clone(),
         key: f.key.clone(),
         client_addr: f.client_addr.clone(),
+        addresses: f.addresses.clone(),
         evidence: if refs.is_empty() {
             f.evidence.clone()
         } else {
@@ -224,8 +225,14 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
         }
         Err(e) => tracing::error!(error = %e, "breach log writer task failed"),
     }
+    // The audit log's copy leaves client addresses where the writer seals them (the record's
+    // own `client_addr`, shredded with its day's key) or to the evidence records: the chain
+    // keeps its records for the whole retention and none can be edited out of it.
     let mut record = system_record("breach_alert");
-    record.detail = serde_json::to_value(&alert).ok();
+    let mut copy = alert.clone();
+    record.client_addr = copy.client_addr.take();
+    copy.addresses.clear();
+    record.detail = serde_json::to_value(&copy).ok();
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, alert = %alert.id, "alert not written to the audit log");
     }

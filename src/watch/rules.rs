@@ -96,6 +96,10 @@ pub struct Finding {
     /// Sequence numbers of the audit records that make the case.
     pub evidence: Vec<u64>,
     pub summary: String,
+    /// The client addresses the case rests on (`many_addresses`), kept out of `summary` so
+    /// that the audit log's copy of the alert can leave them to the evidence records, where
+    /// they are sealed (`audit.client_addr_retention`).
+    pub addresses: Vec<String>,
     /// When the last piece of evidence was recorded, Unix milliseconds.
     pub at_ms: i64,
 }
@@ -353,18 +357,20 @@ impl Detector {
         if (seen.counts.len() as u64) < threshold {
             return;
         }
-        let mut addrs: Vec<&str> = seen.counts.keys().map(String::as_str).collect();
+        let mut addrs: Vec<String> = seen.counts.keys().cloned().collect();
         addrs.sort_unstable();
         let summary = format!(
-            "one token used from {} addresses within {}: {}",
+            "one token used from {} addresses within {}",
             addrs.len(),
             humantime::format_duration(s.window),
-            addrs.join(", ")
         );
         let skip = seen.events.len().saturating_sub(MAX_EVIDENCE);
         let evidence = seen.events.iter().skip(skip).map(|(_, _, q)| *q).collect();
         if self.raise(Rule::ManyAddresses, ev, evidence, summary, out) {
             self.addresses.remove(&caller.token_id);
+            if let Some(f) = out.last_mut() {
+                f.addresses = addrs;
+            }
         }
     }
 
@@ -430,6 +436,7 @@ impl Detector {
             client_addr: ev.addr.clone(),
             evidence,
             summary,
+            addresses: Vec::new(),
             at_ms: ev.at,
         });
         true
