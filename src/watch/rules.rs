@@ -134,31 +134,46 @@ impl Window {
     }
 }
 
-/// Where one token has been used from within the window, with a count per address so the
-/// number of distinct addresses is known without rescanning.
+/// Where one token has been used from within the window: per address, when it was last seen
+/// and its latest requests (the evidence). Memory follows the addresses, not the requests: a
+/// token sending thousands of requests a second from one address holds one entry.
 #[derive(Default)]
 struct Seen {
-    events: VecDeque<(i64, String, u64)>,
-    counts: HashMap<String, usize>,
+    by_addr: HashMap<String, (i64, VecDeque<u64>)>,
+    last_at: i64,
 }
+
+/// Requests kept as evidence per address; the alert cites at most `MAX_EVIDENCE` in all.
+const EVIDENCE_PER_ADDRESS: usize = 32;
+/// Addresses kept per token: far above any threshold worth setting, a bound on what one token
+/// from a rotating address range can make the detector hold.
+const MAX_ADDRESSES_PER_TOKEN: usize = 1024;
 
 impl Seen {
     fn push(&mut self, at: i64, addr: &str, seq: u64, span_ms: i64) {
-        self.events.push_back((at, addr.to_owned(), seq));
-        *self.counts.entry(addr.to_owned()).or_default() += 1;
-        while let Some((t, _, _)) = self.events.front() {
-            if *t >= at - span_ms {
-                break;
-            }
-            if let Some((_, old, _)) = self.events.pop_front()
-                && let Some(n) = self.counts.get_mut(&old)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts.remove(&old);
-                }
-            }
+        self.last_at = at;
+        self.by_addr.retain(|_, (t, _)| *t >= at - span_ms);
+        if !self.by_addr.contains_key(addr) && self.by_addr.len() >= MAX_ADDRESSES_PER_TOKEN {
+            return;
         }
+        let (t, seqs) = self.by_addr.entry(addr.to_owned()).or_default();
+        *t = at;
+        seqs.push_back(seq);
+        if seqs.len() > EVIDENCE_PER_ADDRESS {
+            seqs.pop_front();
+        }
+    }
+
+    /// The latest requests from every address, oldest first, at most `MAX_EVIDENCE`.
+    fn evidence(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self
+            .by_addr
+            .values()
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let skip = all.len().saturating_sub(MAX_EVIDENCE);
+        all.split_off(skip)
     }
 }
 
@@ -354,18 +369,17 @@ impl Detector {
         let (span, threshold) = (millis(s), s.threshold_for(None));
         let seen = self.addresses.entry(caller.token_id.clone()).or_default();
         seen.push(ev.at, addr, ev.seq, span);
-        if (seen.counts.len() as u64) < threshold {
+        if (seen.by_addr.len() as u64) < threshold {
             return;
         }
-        let mut addrs: Vec<String> = seen.counts.keys().cloned().collect();
+        let mut addrs: Vec<String> = seen.by_addr.keys().cloned().collect();
         addrs.sort_unstable();
         let summary = format!(
             "one token used from {} addresses within {}",
             addrs.len(),
             humantime::format_duration(s.window),
         );
-        let skip = seen.events.len().saturating_sub(MAX_EVIDENCE);
-        let evidence = seen.events.iter().skip(skip).map(|(_, _, q)| *q).collect();
+        let evidence = seen.evidence();
         if self.raise(Rule::ManyAddresses, ev, evidence, summary, out) {
             self.addresses.remove(&caller.token_id);
             if let Some(f) = out.last_mut() {
@@ -456,13 +470,16 @@ impl Detector {
     fn sweep(&mut self, now: i64) {
         let longest = self.settings.rules.values().map(millis).max().unwrap_or(0);
         let horizon = now - longest;
-        self.windows.retain(|_, w| {
-            w.evict(horizon);
+        // Each window by its own rule's span: a minute's refusals per address are gone a
+        // minute later, however long the longest rule looks back (addresses are the
+        // attacker's to choose).
+        let settings = &self.settings;
+        self.windows.retain(|(rule, _), w| {
+            w.evict(now - millis(settings.rule(*rule)));
             !w.items.is_empty()
         });
         self.quiet_until.retain(|_, t| *t > now);
-        self.addresses
-            .retain(|_, seen| seen.events.back().is_some_and(|(t, _, _)| *t >= horizon));
+        self.addresses.retain(|_, seen| seen.last_at >= horizon);
         self.runs.retain(|_, r| r.started >= horizon);
         // An export whose closing record never came (a crash) is forgotten once idle as long.
         self.exports.retain(|_, e| e.last_at >= horizon);

@@ -445,3 +445,42 @@ fn a_writes_record_before_forwarding_discloses_nothing() {
     assert!(!answered.is_write_intent());
     assert_eq!(Observation::of(&answered).unwrap().disclosed, 1);
 }
+
+/// What the detector holds follows the principals and addresses, not the requests, and an
+/// attacker's choice of addresses is gone with its rule's own window.
+#[test]
+fn detector_memory_is_bounded_by_addresses_and_windows() {
+    let mut d = detector();
+    // One token, many requests from one address: one entry.
+    for i in 0..5_000 {
+        let mut r = listing("busy", SUMMER_MORNING + i, 0);
+        r.decision = Decision::Deny;
+        r.reason = Some("quota_exceeded".into());
+        d.observe(i as u64, &r);
+    }
+    let seen = &d.addresses["tok-busy"];
+    assert_eq!(seen.by_addr.len(), 1);
+    assert!(seen.evidence().len() <= EVIDENCE_PER_ADDRESS);
+    // One token from a rotating range: capped.
+    for i in 0..3_000u64 {
+        let mut r = listing("rotor", SUMMER_MORNING + i as i64, 0);
+        r.client_addr = Some(format!("2001:db8::{i:x}"));
+        d.observe(10_000 + i, &r);
+    }
+    assert_eq!(d.addresses["tok-rotor"].by_addr.len(), MAX_ADDRESSES_PER_TOKEN);
+    // Refusals from many unauthenticated addresses: gone a minute (denied_burst's window)
+    // later, though other rules look back an hour.
+    let mut d = detector();
+    for i in 0..1_000u64 {
+        let mut r = denied(None, SUMMER_MORNING, "token_signature_invalid");
+        r.client_addr = Some(format!("198.51.100.{}", i % 250));
+        d.observe(i, &r);
+    }
+    assert!(!d.windows.is_empty());
+    d.sweep(SUMMER_MORNING + 61_000);
+    assert!(
+        d.windows.keys().all(|(rule, _)| *rule != Rule::DeniedBurst),
+        "{:?}",
+        d.windows.keys().collect::<Vec<_>>()
+    );
+}
