@@ -177,11 +177,60 @@ impl Seen {
     }
 }
 
-/// A run of reads in sequential id order.
-struct Run {
-    last: u64,
-    started: i64,
-    seqs: Vec<u64>,
+/// Ids further apart than this are not one sweep through the register (past withheld ids a
+/// sweep skips a few).
+const ENUMERATION_GAP: u64 = 3;
+
+/// One principal's reads by id under one id prefix (`/voter/electors/VF-`), within the
+/// enumeration window: a sweep through the register shows as ids close to one another,
+/// whatever the order they were read in, however often each, whatever else was read between.
+#[derive(Default)]
+struct Reads {
+    /// Id -> when it was last read, and that read's audit record.
+    by_id: std::collections::BTreeMap<u64, (i64, u64)>,
+    /// (when, id) in the order read: what leaves the window first.
+    order: VecDeque<(i64, u64)>,
+}
+
+impl Reads {
+    fn push(&mut self, at: i64, id: u64, seq: u64, span_ms: i64) {
+        while let Some(&(t, old)) = self.order.front() {
+            if t >= at - span_ms {
+                break;
+            }
+            self.order.pop_front();
+            // Unless read again since.
+            if self.by_id.get(&old).is_some_and(|(last, _)| *last == t) {
+                self.by_id.remove(&old);
+            }
+        }
+        self.by_id.insert(id, (at, seq));
+        self.order.push_back((at, id));
+    }
+
+    /// The audit records of the reads around `id` whose ids follow one another with gaps of
+    /// at most `ENUMERATION_GAP`, at most `limit` of them.
+    fn around(&self, id: u64, limit: usize) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self.by_id.get(&id).map(|(_, s)| *s).into_iter().collect();
+        let mut edge = id;
+        for (&k, &(_, s)) in self.by_id.range(..id).rev() {
+            if edge - k > ENUMERATION_GAP || seqs.len() >= limit {
+                break;
+            }
+            seqs.push(s);
+            edge = k;
+        }
+        edge = id;
+        for (&k, &(_, s)) in self.by_id.range(id.saturating_add(1)..) {
+            if k - edge > ENUMERATION_GAP || seqs.len() >= limit {
+                break;
+            }
+            seqs.push(s);
+            edge = k;
+        }
+        seqs.sort_unstable();
+        seqs
+    }
 }
 
 pub struct Detector {
@@ -190,7 +239,8 @@ pub struct Detector {
     quiet_until: HashMap<(Rule, String), i64>,
     /// Per token id: when it was seen from which address.
     addresses: HashMap<String, Seen>,
-    runs: HashMap<String, Run>,
+    /// Reads by id, per principal and id prefix.
+    reads: HashMap<(String, String), Reads>,
     /// Exports under way, by request id.
     exports: HashMap<String, ExportSeen>,
     observed: u64,
@@ -203,7 +253,7 @@ impl Detector {
             windows: HashMap::new(),
             quiet_until: HashMap::new(),
             addresses: HashMap::new(),
-            runs: HashMap::new(),
+            reads: HashMap::new(),
             exports: HashMap::new(),
             observed: 0,
         }
@@ -394,36 +444,27 @@ impl Detector {
         if s.mode == Mode::Off || !rec.route.as_deref().is_some_and(|r| r.ends_with(".read")) {
             return;
         }
-        let Some(n) = trailing_number(&rec.path) else {
+        let Some((prefix, n)) = trailing_number(&rec.path) else {
             return;
         };
         let (span, threshold) = (millis(s), s.threshold_for(None));
-        let run = self.runs.entry(ev.key.clone()).or_insert(Run {
-            last: n,
-            started: ev.at,
-            seqs: Vec::new(),
-        });
-        let follows = n > run.last && n - run.last <= 3 && ev.at - run.started <= span;
-        if !follows {
-            *run = Run {
-                last: n,
-                started: ev.at,
-                seqs: Vec::new(),
-            };
-        }
-        run.last = n;
-        run.seqs.push(ev.seq);
-        if (run.seqs.len() as u64) < threshold {
+        let key = (ev.key.clone(), prefix.to_owned());
+        let reads = self.reads.entry(key.clone()).or_default();
+        reads.push(ev.at, n, ev.seq, span);
+        let limit = usize::try_from(threshold)
+            .unwrap_or(usize::MAX)
+            .max(MAX_EVIDENCE);
+        let mut evidence = reads.around(n, limit);
+        if (evidence.len() as u64) < threshold {
             return;
         }
         let summary = format!(
-            "{} records read one by one in sequential id order",
-            run.seqs.len()
+            "{} records read one by one through a run of neighbouring ids",
+            evidence.len()
         );
-        let skip = run.seqs.len().saturating_sub(MAX_EVIDENCE);
-        let evidence = run.seqs[skip..].to_vec();
+        evidence.drain(..evidence.len().saturating_sub(MAX_EVIDENCE));
         if self.raise(Rule::Enumeration, ev, evidence, summary, out) {
-            self.runs.remove(&ev.key);
+            self.reads.remove(&key);
         }
     }
 
@@ -480,7 +521,9 @@ impl Detector {
         });
         self.quiet_until.retain(|_, t| *t > now);
         self.addresses.retain(|_, seen| seen.last_at >= horizon);
-        self.runs.retain(|_, r| r.started >= horizon);
+        let reads_from = now - millis(self.settings.rule(Rule::Enumeration));
+        self.reads
+            .retain(|_, r| r.order.back().is_some_and(|(t, _)| *t >= reads_from));
         // An export whose closing record never came (a crash) is forgotten once idle as long.
         self.exports.retain(|_, e| e.last_at >= horizon);
     }
@@ -520,17 +563,18 @@ fn millis(s: &RuleSettings) -> i64 {
     i64::try_from(s.window.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn trailing_number(path: &str) -> Option<u64> {
-    let last = path.rsplit('/').find(|s| !s.is_empty())?;
-    let digits: String = last
-        .chars()
-        .rev()
-        .take_while(char::is_ascii_digit)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    digits.get(digits.len().saturating_sub(18)..)?.parse().ok()
+/// The numeric end of a path's last segment, and all before it: `/voter/electors/VF-0000012`
+/// is (`/voter/electors/VF-`, 12).
+fn trailing_number(path: &str) -> Option<(&str, u64)> {
+    let path = path.trim_end_matches('/');
+    let digits = path.len() - path.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 {
+        return None;
+    }
+    let (prefix, number) = path.split_at(path.len() - digits);
+    // At most 18 digits, the last ones: any id fits a `u64` so.
+    let number = &number[number.len().saturating_sub(18)..];
+    Some((prefix, number.parse().ok()?))
 }
 
 /// Unix milliseconds of a log timestamp (`2025-01-31T09:15:02.123Z`).

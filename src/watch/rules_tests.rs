@@ -398,6 +398,67 @@ fn sequential_reads_are_enumeration_and_shuffled_reads_are_not() {
     assert_eq!(run(&mut d, recs), vec![]);
 }
 
+/// A sweep through the register shows however it is ordered or padded: backwards, each id
+/// twice, an unrelated read between, two datasets taken in turn, or spread across the ten
+/// minutes so that no fixed run of them fits.
+#[test]
+fn enumeration_is_seen_in_any_order_and_across_the_window() {
+    let reads = |who: &str, ids: Vec<(i64, String)>| -> Vec<AuditRecord> {
+        (ids.into_iter())
+            .map(|(ms, id)| read(who, SUMMER_MORNING + ms, &id, None))
+            .collect()
+    };
+    let id = |n: i64| format!("E{n:06}");
+    let backwards = (0..20).map(|i| (i * 500, id(2000 - i))).collect();
+    let twice = (0..40).map(|i| (i * 500, id(3000 + i / 2))).collect();
+    let padded = (0..40)
+        .map(|i| {
+            let n = if i % 2 == 0 {
+                4000 + i / 2
+            } else {
+                900_000 + i * 97
+            };
+            (i * 500, id(n))
+        })
+        .collect();
+    // Nineteen reads, then nineteen more two minutes later: each ten-minute window from
+    // any of the first holds at least twenty.
+    let spread = (0..38)
+        .map(|i| {
+            (
+                if i < 19 { i * 100 } else { 120_000 + i * 100 },
+                id(5000 + i),
+            )
+        })
+        .collect();
+    let datasets: Vec<(i64, String)> = (0..40)
+        .map(|i| {
+            let n = 6000 + i / 2;
+            (
+                i * 500,
+                if i % 2 == 0 {
+                    id(n)
+                } else {
+                    format!("M{n:06}")
+                },
+            )
+        })
+        .collect();
+    for (name, ids) in [
+        ("backwards", backwards),
+        ("twice", twice),
+        ("padded", padded),
+        ("spread", spread),
+        ("datasets", datasets),
+    ] {
+        let f = run(&mut detector(), reads(name, ids));
+        assert_eq!(rules(&f), vec![Rule::Enumeration], "{name}");
+    }
+    // The same reads spread over more than the window: no twenty of them in any ten minutes.
+    let slow = (0..40).map(|i| (i * 40_000, id(7000 + i))).collect();
+    assert_eq!(run(&mut detector(), reads("slow", slow)), vec![]);
+}
+
 #[test]
 fn modes_and_cooldown() {
     let mut d = with(|s| {
@@ -467,7 +528,10 @@ fn detector_memory_is_bounded_by_addresses_and_windows() {
         r.client_addr = Some(format!("2001:db8::{i:x}"));
         d.observe(10_000 + i, &r);
     }
-    assert_eq!(d.addresses["tok-rotor"].by_addr.len(), MAX_ADDRESSES_PER_TOKEN);
+    assert_eq!(
+        d.addresses["tok-rotor"].by_addr.len(),
+        MAX_ADDRESSES_PER_TOKEN
+    );
     // Refusals from many unauthenticated addresses: gone a minute (denied_burst's window)
     // later, though other rules look back an hour.
     let mut d = detector();
