@@ -270,12 +270,16 @@ impl Verifier {
         self.verify(bearer(header)?, now)
     }
 
-    /// Who a token refused as expired (`exp` or `grant_expires` past) names, when it verifies
-    /// in every other respect (signature, issuer, audience, claims). Still refused; but the
-    /// audit record can say which leaver tried, and breach detection (`ended_grant`) key on
-    /// them rather than on an address they can change.
-    pub fn ended_caller(&self, header: Option<&[u8]>, now: i64) -> Option<Principal> {
-        self.check(bearer(header).ok()?, now, Ended::Accepted).ok()
+    /// `verify_header`, and for a token refused only because its `exp` or `grant_expires` has
+    /// passed (it verifies in every other respect: signature, issuer, audience, claims), whom
+    /// it names. Still refused; but the audit record can say which leaver tried, and breach
+    /// detection (`ended_grant`) key on them rather than on an address they can change.
+    pub fn verify_header_naming(
+        &self,
+        header: Option<&[u8]>,
+        now: i64,
+    ) -> Result<Arc<Principal>, (AuthFailure, Option<Arc<Principal>>)> {
+        self.verify_naming(bearer(header).map_err(|f| (f, None))?, now)
     }
 
     /// The last second at which a verified caller's token is still accepted, as verification
@@ -289,16 +293,32 @@ impl Verifier {
 
     /// Verifies a compact JWT.
     pub fn verify(&self, token: &str, now: i64) -> Result<Arc<Principal>, AuthFailure> {
+        self.verify_naming(token, now)
+            .map_err(|(failure, _)| failure)
+    }
+
+    /// `verify`, naming the caller of a token refused only as expired (`verify_header_naming`).
+    fn verify_naming(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Arc<Principal>, (AuthFailure, Option<Arc<Principal>>)> {
         if let Some(p) = self.cache.get(token, now) {
             return Ok(p);
         }
-        let principal = Arc::new(self.check(token, now, Ended::Refused)?);
+        let principal = self.check(token, now).map_err(|f| (f, None))?;
+        if now > self.ends_at(&principal) {
+            return Err((AuthFailure::Expired, Some(Arc::new(principal))));
+        }
+        let principal = Arc::new(principal);
         self.cache.put(token, &principal, now);
         Ok(principal)
     }
 
-    /// Verifies a token, uncached; with `Ended::Accepted`, an expired one too.
-    fn check(&self, token: &str, now: i64, ended: Ended) -> Result<Principal, AuthFailure> {
+    /// Verifies a token, uncached, in every respect but its end (`exp`, `grant_expires`),
+    /// which `verify_naming` judges from the claims (`ends_at`): one signature check whether
+    /// or not it has ended.
+    fn check(&self, token: &str, now: i64) -> Result<Principal, AuthFailure> {
         let header = peek_header(token)?;
         let alg = header.alg.ok_or(AuthFailure::MalformedToken)?;
         let alg: Algorithm = alg.parse().map_err(|_| AuthFailure::DisallowedAlgorithm)?;
@@ -314,7 +334,7 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.validate_exp = ended == Ended::Refused;
+        validation.validate_exp = false;
         // (`iat` is required by `Claims` itself: jsonwebtoken checks only some of these.)
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         // The signing key's own issuer, not any trusted one (`config::key_issuer`).
@@ -322,17 +342,11 @@ impl Verifier {
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
             .map_err(|e| classify(e.kind()))?;
-        self.principal(data.claims, &trusted.issuer, now, ended)
+        self.principal(data.claims, &trusted.issuer, now)
     }
 
     /// The caller the verified claims of a token from `issuer` describe.
-    fn principal(
-        &self,
-        c: Claims,
-        issuer: &str,
-        now: i64,
-        ended: Ended,
-    ) -> Result<Principal, AuthFailure> {
+    fn principal(&self, c: Claims, issuer: &str, now: i64) -> Result<Principal, AuthFailure> {
         let blank = |s: &str| s.trim().is_empty();
         if blank(&c.sub) || blank(&c.jti) || blank(&c.role) || blank(&c.org_unit) {
             return Err(AuthFailure::InvalidClaims);
@@ -358,9 +372,6 @@ impl Verifier {
         // to accept.
         if !revocable_id(&subject) || !revocable_id(&token_id) {
             return Err(AuthFailure::InvalidClaims);
-        }
-        if ended == Ended::Refused && c.grant_expires.is_some_and(|g| g <= now) {
-            return Err(AuthFailure::Expired);
         }
         // Issued in the future: a revocation of the subject placed now would not cover it.
         if c.iat > now.saturating_add(self.leeway_secs as i64) {
@@ -401,13 +412,6 @@ impl Verifier {
 }
 
 /// Reads the JOSE header without trusting it, so refusals can say which check failed.
-/// Whether a token whose `exp` or `grant_expires` has passed may verify (`Verifier::ended_caller`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    Refused,
-    Accepted,
-}
-
 /// The token of a raw `Authorization` header value (`None`: the header was absent).
 fn bearer(header: Option<&[u8]>) -> Result<&str, AuthFailure> {
     let header = header.ok_or(AuthFailure::MissingToken)?;

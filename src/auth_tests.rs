@@ -69,60 +69,33 @@ fn live_claims(iss: &str, sub: &str, now: i64) -> Claims {
 fn claims_naming_unknown_things_are_refused() {
     let v = verifier(0);
     assert!(
-        v.principal(
-            claims("canvasser", "E05011391", "canvassing"),
-            "i",
-            5,
-            Ended::Refused
-        )
-        .is_ok()
+        v.principal(claims("canvasser", "E05011391", "canvassing"), "i", 5,)
+            .is_ok()
     );
     assert_eq!(
-        v.principal(
-            claims("admin", "E05011391", "canvassing"),
-            "i",
-            5,
-            Ended::Refused
-        ),
+        v.principal(claims("admin", "E05011391", "canvassing"), "i", 5,),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(
-            claims("canvasser", "E92000001", "canvassing"),
-            "i",
-            5,
-            Ended::Refused
-        ),
+        v.principal(claims("canvasser", "E92000001", "canvassing"), "i", 5,),
         Err(AuthFailure::InvalidClaims)
     );
     assert_eq!(
-        v.principal(
-            claims("canvasser", "E05011391", "sale"),
-            "i",
-            5,
-            Ended::Refused
-        ),
+        v.principal(claims("canvasser", "E05011391", "sale"), "i", 5,),
         Err(AuthFailure::InvalidClaims)
     );
+    // A grant that ended: the claims are read (whose token it is), the end is judged after.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.grant_expires = Some(4);
-    assert_eq!(
-        v.principal(c, "i", 5, Ended::Refused),
-        Err(AuthFailure::Expired)
-    );
+    let p = v.principal(c, "i", 5).unwrap();
+    assert!(v.ends_at(&p) < 5);
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;
-    assert_eq!(
-        v.principal(c, "i", 5, Ended::Refused),
-        Err(AuthFailure::InvalidClaims)
-    );
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
-    assert_eq!(
-        v.principal(c, "i", 5, Ended::Refused),
-        Err(AuthFailure::InvalidClaims)
-    );
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
 }
 
 /// A verifier reading one ES256 key from a JWKS file (issuer `https://idp`, audience
@@ -213,7 +186,9 @@ fn an_ended_token_is_refused_but_names_its_caller() {
             v.verify_header(Some(&h), now).err(),
             Some(AuthFailure::Expired)
         );
-        let caller = v.ended_caller(Some(&h), now).unwrap();
+        let (failure, caller) = v.verify_header_naming(Some(&h), now).unwrap_err();
+        assert_eq!(failure, AuthFailure::Expired);
+        let caller = caller.unwrap();
         assert_eq!(
             (caller.subject.as_str(), caller.role.as_str()),
             ("leaver", "canvasser")
@@ -224,13 +199,24 @@ fn an_ended_token_is_refused_but_names_its_caller() {
     elsewhere.exp = now - 60;
     elsewhere.aud = "another-service".into();
     let h = header(&signer.sign(&elsewhere).unwrap());
-    assert!(v.ended_caller(Some(&h), now).is_none());
+    let (failure, caller) = v.verify_header_naming(Some(&h), now).unwrap_err();
+    assert_eq!(failure, AuthFailure::WrongAudience);
+    assert!(caller.is_none());
     let mut expired = live_claims("https://idp", "leaver", now - 600);
     expired.exp = now - 60;
     let token = signer.sign(&expired).unwrap();
-    let (rest, sig) = token.rsplit_once('.').unwrap();
-    let forged = format!("{rest}.{}", sig.chars().rev().collect::<String>());
-    assert!(v.ended_caller(Some(&header(&forged)), now).is_none());
+    // The leaver's claims under the signature of someone else's token.
+    let mut other = expired.clone();
+    other.sub = "someone-else".into();
+    let signed_for_other = signer.sign(&other).unwrap();
+    let (_, sig) = signed_for_other.rsplit_once('.').unwrap();
+    let (rest, _) = token.rsplit_once('.').unwrap();
+    let forged = format!("{rest}.{sig}");
+    let (failure, caller) = v
+        .verify_header_naming(Some(&header(&forged)), now)
+        .unwrap_err();
+    assert_eq!(failure, AuthFailure::BadSignature);
+    assert!(caller.is_none());
 }
 
 #[test]
@@ -296,13 +282,11 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     };
     // An issuer 20 s ahead: accepted, and issued no later than a revocation placed now
     // (`issued_at <= now`) would need.
-    let p = v
-        .principal(claims(1_020), "i", 1_000, Ended::Refused)
-        .unwrap();
+    let p = v.principal(claims(1_020), "i", 1_000).unwrap();
     assert_eq!(p.issued_at, 990);
     // Beyond the leeway: refused.
     assert_eq!(
-        v.principal(claims(1_031), "i", 1_000, Ended::Refused),
+        v.principal(claims(1_031), "i", 1_000),
         Err(AuthFailure::InvalidClaims)
     );
 }

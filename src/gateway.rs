@@ -23,7 +23,7 @@ use crate::catalog::{Catalog, Dataset};
 use crate::controls::Controls;
 use crate::decisions::{Decider, DecisionCache, asker_key};
 use crate::dialect::{self, Narrowing};
-use crate::error::{AuthFailure, GatewayError};
+use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
 use crate::policy::PolicyEngine;
@@ -552,16 +552,14 @@ pub fn authenticate(
 ) -> Result<Arc<Principal>, GatewayError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    let principal = gw
-        .verifier
-        .verify_header(presented, now)
-        .map_err(|failure| {
-            // A leaver's token, its signature good: refused, but recorded as theirs.
-            if failure == AuthFailure::Expired {
-                trail.caller = gw.verifier.ended_caller(presented, now).map(Arc::new);
-            }
-            GatewayError::Unauthenticated(failure)
-        })?;
+    let principal =
+        gw.verifier
+            .verify_header_naming(presented, now)
+            .map_err(|(failure, ended)| {
+                // A leaver's token, its signature good: refused, but recorded as theirs.
+                trail.caller = ended;
+                GatewayError::Unauthenticated(failure)
+            })?;
     trail.caller = Some(Arc::clone(&principal));
     standing(gw, &principal, now)?;
     Ok(principal)
