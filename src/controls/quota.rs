@@ -19,8 +19,9 @@
 //! failed for longer than the controls' staleness bound (Redis away, or refusing the quota
 //! commands while the stream works: an ACL, a cluster's slots), a role with limits is
 //! answered 503 `controls-stale` rather than granted this replica's own allowance, as every
-//! replica would. A principal idle for [`ACTIVE_FOR`] is forgotten here, and their totals read
-//! again from Redis when they return: meanwhile they may have spent their allowance elsewhere.
+//! replica would. A principal idle for [`ACTIVE_FOR`] is no longer refreshed here, and their
+//! totals are read again from Redis when they return (meanwhile they may have spent their
+//! allowance elsewhere); what this replica knew of them stays until their window ends.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -134,32 +135,40 @@ impl Quotas {
                 .counts
                 .lock()
                 .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            let t = Instant::now();
-            // Not refreshed while idle: what is held for them may be old.
-            let was_active = c
-                .active
-                .get(&hour)
-                .is_some_and(|s| s.elapsed() < ACTIVE_FOR);
-            c.active.insert(hour.clone(), t);
-            c.active.insert(day.clone(), t);
-            self.shared.is_some() && (!was_active || !c.totals.contains_key(&hour))
+            if self.shared.is_none() {
+                // Nothing to refresh: the totals here are the only ones.
+                false
+            } else {
+                let t = Instant::now();
+                // Not refreshed while idle: what is held for them may be old.
+                let was_active = c
+                    .active
+                    .get(&hour)
+                    .is_some_and(|s| s.elapsed() < ACTIVE_FOR);
+                c.active.insert(hour.clone(), t);
+                c.active.insert(day.clone(), t);
+                !was_active || !c.totals.contains_key(&hour)
+            }
         };
-        if unknown && let Some(conn) = conn {
-            let got: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::cmd("MGET")
+        // Their totals as Redis holds them. If it cannot say, what this replica last knew
+        // (kept while idle) stands, within the staleness bound checked above: past it,
+        // nothing is answered.
+        if unknown
+            && let Some(conn) = conn
+            && let Ok((h, d)) = redis::cmd("MGET")
                 .arg(&hour)
                 .arg(&day)
-                .query_async(conn)
-                .await;
-            if let Ok((h, d)) = got {
-                let mut c = self
-                    .counts
-                    .lock()
-                    .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-                let ph = c.pending.get(&hour).copied().unwrap_or(0);
-                let pd = c.pending.get(&day).copied().unwrap_or(0);
-                c.totals.insert(hour.clone(), h.unwrap_or(0) + ph);
-                c.totals.insert(day.clone(), d.unwrap_or(0) + pd);
-            }
+                .query_async::<(Option<u64>, Option<u64>)>(conn)
+                .await
+        {
+            let mut c = self
+                .counts
+                .lock()
+                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+            let ph = c.pending.get(&hour).copied().unwrap_or(0);
+            let pd = c.pending.get(&day).copied().unwrap_or(0);
+            c.totals.insert(hour.clone(), h.unwrap_or(0) + ph);
+            c.totals.insert(day.clone(), d.unwrap_or(0) + pd);
         }
         let mut c = self
             .counts
@@ -222,15 +231,9 @@ impl Quotas {
             let Ok(mut c) = self.counts.lock() else {
                 return Ok(());
             };
-            let Counts { active, totals, .. } = &mut *c;
-            active.retain(|k, seen| {
-                let keep = seen.elapsed() < ACTIVE_FOR;
-                if !keep {
-                    // Read again from Redis if they come back (`check`).
-                    totals.remove(k);
-                }
-                keep
-            });
+            // Their totals stay (until their window ends, `add`) as a floor should Redis be
+            // unable to say when they come back; `check` reads them again then.
+            c.active.retain(|_, seen| seen.elapsed() < ACTIVE_FOR);
             let current: Vec<String> = c.active.keys().cloned().collect();
             (std::mem::take(&mut c.pending), current)
         };
@@ -248,7 +251,14 @@ impl Quotas {
             }
             return Err(e);
         }
-        if !active.is_empty() {
+        if active.is_empty() {
+            // A round trip all the same, on a quota key: an empty pipeline never reaches
+            // Redis, and a flush that did not cannot show the totals are still shared.
+            let _: Vec<Option<u64>> = redis::cmd("MGET")
+                .arg("wardgate:quota:probe")
+                .query_async(conn)
+                .await?;
+        } else {
             let totals: Vec<Option<u64>> =
                 redis::cmd("MGET").arg(&active).query_async(conn).await?;
             if let Ok(mut c) = self.counts.lock() {
@@ -313,6 +323,14 @@ mod tests {
     async fn shared_totals_not_flushed_within_the_bound_refuse_limited_roles() {
         let q = Quotas::new(limits(), Some(Duration::from_millis(50)));
         let alice = principal("alice");
+        // Known (as a fetch leaves them) and within the bound: answered from memory.
+        {
+            let mut c = q.counts.lock().unwrap();
+            for (k, _) in keys("alice", 0) {
+                c.totals.insert(k.clone(), 10);
+                c.active.insert(k, Instant::now());
+            }
+        }
         assert!(
             q.check(&alice, 0, None, 0).await.is_ok(),
             "within the bound"
