@@ -158,7 +158,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             waiting: None,
             chunks: 0,
             records: 0,
-            filtered_with: None,
+            filtered_with: Vec::new(),
         };
         let principal = Arc::clone(&plan.principal);
         let outcome = run.stream(plan).await;
@@ -185,27 +185,37 @@ struct Run<'a> {
     /// Chunks (and their records) whose audit records are durable and that have gone.
     chunks: u64,
     records: u64,
-    /// The rights register the chunk being filled was first filtered against (the oldest of
-    /// its batches').
-    filtered_with: Option<RegisterFlags>,
+    /// The rights registers the chunk being filled was filtered against: each batch's, from
+    /// the index of the first subject it disclosed.
+    filtered_with: Vec<(usize, RegisterFlags)>,
 }
 
 struct Waiting {
     ack: Ack,
     chunk: Bytes,
     records: u64,
-    /// Its subjects, and the register they were judged against.
+    /// Its subjects, and the registers they were judged against (`Run::filtered_with`).
     subjects: Subjects,
-    filtered_with: RegisterFlags,
+    filtered_with: Vec<(usize, RegisterFlags)>,
 }
 
-/// Whether any of `subjects` carries a flag in `now` that it did not carry in `then`: a
-/// restriction, objection or erasure request placed after they were judged. (A flag lifted
+/// Whether any of `subjects` carries a flag in `now` that it did not carry in the register it
+/// was judged against (`then`: each register from the index of the first subject it judged):
+/// a restriction, objection or erasure request placed after they were judged. (A flag lifted
 /// meanwhile discloses nothing more.)
-fn newly_flagged(then: &RegisterFlags, now: &RegisterFlags, subjects: &Subjects) -> bool {
-    subjects.iter().any(|s| {
+fn newly_flagged(
+    then: &[(usize, RegisterFlags)],
+    now: &RegisterFlags,
+    subjects: &Subjects,
+) -> bool {
+    let mut judged = then.iter().peekable();
+    let mut register = &RegisterFlags::EMPTY;
+    subjects.iter().enumerate().any(|(i, s)| {
+        while let Some((_, r)) = judged.next_if(|(from, _)| *from <= i) {
+            register = r;
+        }
         now.get(s).is_some_and(|flags| {
-            let before = then.get(s).unwrap_or_default();
+            let before = register.get(s).unwrap_or_default();
             flags.iter().any(|f| !before.contains(f))
         })
     })
@@ -241,9 +251,8 @@ impl Run<'_> {
                 .controls
                 .register_flags()
                 .map_err(|e| e.code().to_owned())?;
-            if self.filtered_with.is_none() {
-                self.filtered_with = Some(register.clone());
-            }
+            self.filtered_with
+                .push((d.subjects.len(), register.clone()));
             let cx = FilterContext {
                 dataset,
                 // Read for each batch: an export running past midnight judges TPS checks and
@@ -294,7 +303,7 @@ impl Run<'_> {
         );
         let n = disclosed.subjects.len() as u64;
         let subjects = disclosed.subjects.clone();
-        let filtered_with = self.filtered_with.take().unwrap_or_default();
+        let filtered_with = std::mem::take(&mut self.filtered_with);
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();
         record.subjects = disclosed.subjects;
@@ -420,24 +429,37 @@ mod tests {
         let mut chunk = Subjects::default();
         chunk.push("VF-1");
         chunk.push("VF-2");
-        let then = register(&[("VF-2", &["do_not_contact"])]);
+        let flagged = register(&[("VF-2", &["do_not_contact"])]);
+        let then = [(0, flagged.clone())];
         // Nothing new, someone else flagged, a flag lifted: it goes.
-        assert!(!newly_flagged(&then, &then, &chunk));
-        assert!(!newly_flagged(
-            &then,
-            &register(&[("VF-3", &["restricted"])]),
-            &chunk
-        ));
+        assert!(!newly_flagged(&then, &flagged, &chunk));
+        let other = register(&[("VF-3", &["restricted"])]);
+        assert!(!newly_flagged(&then, &other, &chunk));
         assert!(!newly_flagged(&then, &RegisterFlags::EMPTY, &chunk));
         // A new flag on one of its subjects, or another on one already flagged: it does not.
-        assert!(newly_flagged(
-            &then,
-            &register(&[("VF-1", &["restricted"])]),
-            &chunk
-        ));
+        let restricted = register(&[("VF-1", &["restricted"])]);
+        assert!(newly_flagged(&then, &restricted, &chunk));
         let more = register(&[("VF-2", &["do_not_contact", "erasure_requested"])]);
         assert!(newly_flagged(&then, &more, &chunk));
-        assert!(newly_flagged(&RegisterFlags::EMPTY, &then, &chunk));
+        assert!(newly_flagged(
+            &[(0, RegisterFlags::EMPTY)],
+            &flagged,
+            &chunk
+        ));
+        // Each subject against its own batch's register: VF-1 judged in a first batch before
+        // its restriction, VF-2 in a second after it (it was judged restricted already).
+        let both = register(&[("VF-1", &["restricted"]), ("VF-2", &["restricted"])]);
+        let batches = [(0, RegisterFlags::EMPTY), (1, both.clone())];
+        assert!(newly_flagged(&batches, &both, &chunk), "VF-1 is new");
+        let later = [(0, restricted.clone()), (1, both.clone())];
+        assert!(!newly_flagged(&later, &both, &chunk));
+        // A batch that disclosed nobody leaves the next one's register to the next subject.
+        let empty_batch = [
+            (0, restricted),
+            (1, RegisterFlags::EMPTY),
+            (1, both.clone()),
+        ];
+        assert!(!newly_flagged(&empty_batch, &both, &chunk));
     }
 
     /// A body that hands out `frames` in turn.
