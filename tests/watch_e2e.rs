@@ -402,14 +402,27 @@ async fn each_rule_fires_on_its_scenario() {
             Some(format!("127.0.0.{}", i + 2).as_str())
         );
     }
-    // Nor does the audit log's copy of the alert hold them in the clear (the chain keeps its
+    // Twenty refusals of a forged token from one address: an alert keyed on the address.
+    for _ in 0..20 {
+        let status = get_from(&app, IpAddr::from([127, 0, 0, 9]), "not.a.token").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    wait_for_alert(&app, "denied_burst", "addr:127.0.0.9").await;
+    // Nor does the audit log's copy of the alerts hold them in the clear (the chain keeps its
     // records for the whole retention); the breach log, the security team's, does.
     for r in app.audit_records() {
         let text = r.to_string();
         assert!(
-            (2..=5).all(|h| !text.contains(&format!("127.0.0.{h}"))),
+            [2, 3, 4, 5, 9]
+                .iter()
+                .all(|h| !text.contains(&format!("127.0.0.{h}"))),
             "{text}"
         );
+        // An alert about an unknown caller is keyed on their address: not in the clear here.
+        if r["reason"] == "breach_alert" {
+            let key = r["detail"]["key"].as_str().unwrap();
+            assert!(!key.starts_with("addr:"), "{r}");
+        }
     }
     let logged = breach_log(&app);
     let roamer = logged
@@ -452,7 +465,7 @@ async fn each_rule_fires_on_its_scenario() {
     for (rule, who) in &by {
         let expected = match who.as_str() {
             "exporter" => "large_export",
-            "prober" => "denied_burst",
+            "prober" | "addr:127.0.0.9" => "denied_burst",
             "wanderer" | "far-writer" => "out_of_area",
             "curious" => "protected_subject",
             "revoked-user" => "ended_grant",

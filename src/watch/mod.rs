@@ -232,6 +232,10 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
     let mut copy = alert.clone();
     record.client_addr = copy.client_addr.take();
     copy.addresses.clear();
+    if copy.key.starts_with("addr:") {
+        // Keyed on the address of a caller not known (it is in `client_addr`, sealed).
+        copy.key = "addr".to_owned();
+    }
     record.detail = serde_json::to_value(&copy).ok();
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, alert = %alert.id, "alert not written to the audit log");

@@ -140,6 +140,8 @@ impl Window {
 #[derive(Default)]
 struct Seen {
     by_addr: HashMap<String, (i64, VecDeque<u64>)>,
+    /// (last seen, address): which leaves the window first.
+    by_time: std::collections::BTreeSet<(i64, String)>,
     last_at: i64,
 }
 
@@ -151,24 +153,43 @@ const MAX_ADDRESSES_PER_TOKEN: usize = 1024;
 
 impl Seen {
     fn push(&mut self, at: i64, addr: &str, seq: u64, span_ms: i64) {
-        self.last_at = at;
-        self.by_addr.retain(|_, (t, _)| *t >= at - span_ms);
-        if !self.by_addr.contains_key(addr) && self.by_addr.len() >= MAX_ADDRESSES_PER_TOKEN {
-            return;
+        self.last_at = self.last_at.max(at);
+        while let Some((t, _)) = self.by_time.first() {
+            if *t >= at - span_ms {
+                break;
+            }
+            if let Some((_, old)) = self.by_time.pop_first() {
+                self.by_addr.remove(&old);
+            }
         }
-        let (t, seqs) = self.by_addr.entry(addr.to_owned()).or_default();
-        *t = at;
-        seqs.push_back(seq);
-        if seqs.len() > EVIDENCE_PER_ADDRESS {
-            seqs.pop_front();
+        let known = match self.by_addr.get_mut(addr) {
+            Some((t, seqs)) => {
+                self.by_time.remove(&(*t, addr.to_owned()));
+                *t = (*t).max(at);
+                seqs.push_back(seq);
+                if seqs.len() > EVIDENCE_PER_ADDRESS {
+                    seqs.pop_front();
+                }
+                Some(*t)
+            }
+            None => None,
+        };
+        match known {
+            Some(t) => {
+                self.by_time.insert((t, addr.to_owned()));
+            }
+            None if self.by_addr.len() < MAX_ADDRESSES_PER_TOKEN => {
+                self.by_addr
+                    .insert(addr.to_owned(), (at, VecDeque::from([seq])));
+                self.by_time.insert((at, addr.to_owned()));
+            }
+            None => {}
         }
     }
 
     /// The latest requests from every address, oldest first, at most `MAX_EVIDENCE`.
     fn evidence(&self) -> Vec<u64> {
-        let mut all: Vec<u64> = self
-            .by_addr
-            .values()
+        let mut all: Vec<u64> = (self.by_addr.values())
             .flat_map(|(_, s)| s.iter().copied())
             .collect();
         all.sort_unstable();
@@ -181,31 +202,40 @@ impl Seen {
 /// sweep skips a few).
 const ENUMERATION_GAP: u64 = 3;
 
-/// One principal's reads by id under one id prefix (`/voter/electors/VF-`), within the
-/// enumeration window: a sweep through the register shows as ids close to one another,
-/// whatever the order they were read in, however often each, whatever else was read between.
+/// One principal's reads by id on one route (`voter.read`), within the enumeration window: a
+/// sweep through the register shows as ids close to one another, whatever the order they
+/// were read in, however often each, whatever else was read between. One entry per id, not
+/// per read, at most `MAX_READ_IDS` of them.
 #[derive(Default)]
 struct Reads {
     /// Id -> when it was last read, and that read's audit record.
     by_id: std::collections::BTreeMap<u64, (i64, u64)>,
-    /// (when, id) in the order read: what leaves the window first.
-    order: VecDeque<(i64, u64)>,
+    /// (last read, id): which leaves the window first.
+    by_time: std::collections::BTreeSet<(i64, u64)>,
 }
+
+/// Ids kept per principal and route: a sweep shows long before this many.
+const MAX_READ_IDS: usize = 4096;
 
 impl Reads {
     fn push(&mut self, at: i64, id: u64, seq: u64, span_ms: i64) {
-        while let Some(&(t, old)) = self.order.front() {
-            if t >= at - span_ms {
+        while let Some(&(t, old)) = self.by_time.first() {
+            if t >= at - span_ms && self.by_id.len() < MAX_READ_IDS {
                 break;
             }
-            self.order.pop_front();
-            // Unless read again since.
-            if self.by_id.get(&old).is_some_and(|(last, _)| *last == t) {
-                self.by_id.remove(&old);
-            }
+            self.by_time.pop_first();
+            self.by_id.remove(&old);
         }
-        self.by_id.insert(id, (at, seq));
-        self.order.push_back((at, id));
+        let at = match self.by_id.insert(id, (at, seq)) {
+            Some((before, _)) => {
+                self.by_time.remove(&(before, id));
+                let latest = before.max(at);
+                self.by_id.insert(id, (latest, seq));
+                latest
+            }
+            None => at,
+        };
+        self.by_time.insert((at, id));
     }
 
     /// The audit records of the reads around `id` whose ids follow one another with gaps of
@@ -239,7 +269,7 @@ pub struct Detector {
     quiet_until: HashMap<(Rule, String), i64>,
     /// Per token id: when it was seen from which address.
     addresses: HashMap<String, Seen>,
-    /// Reads by id, per principal and id prefix.
+    /// Reads by id, per principal and route.
     reads: HashMap<(String, String), Reads>,
     /// Exports under way, by request id.
     exports: HashMap<String, ExportSeen>,
@@ -417,9 +447,12 @@ impl Detector {
             return;
         }
         let (span, threshold) = (millis(s), s.threshold_for(None));
+        let quiet = self.quiet(Rule::ManyAddresses, ev);
         let seen = self.addresses.entry(caller.token_id.clone()).or_default();
         seen.push(ev.at, addr, ev.seq, span);
-        if (seen.by_addr.len() as u64) < threshold {
+        if (seen.by_addr.len() as u64) < threshold || quiet {
+            // (Nothing to build while the rule is quiet for them: a token spread over many
+            // addresses would otherwise cost a sort of its evidence on every request.)
             return;
         }
         let mut addrs: Vec<String> = seen.by_addr.keys().cloned().collect();
@@ -444,13 +477,17 @@ impl Detector {
         if s.mode == Mode::Off || !rec.route.as_deref().is_some_and(|r| r.ends_with(".read")) {
             return;
         }
-        let Some((prefix, n)) = trailing_number(&rec.path) else {
+        let (Some(route), Some(n)) = (&rec.route, trailing_number(&rec.path)) else {
             return;
         };
         let (span, threshold) = (millis(s), s.threshold_for(None));
-        let key = (ev.key.clone(), prefix.to_owned());
+        let key = (ev.key.clone(), route.clone());
+        let quiet = self.quiet(Rule::Enumeration, ev);
         let reads = self.reads.entry(key.clone()).or_default();
         reads.push(ev.at, n, ev.seq, span);
+        if quiet {
+            return;
+        }
         let limit = usize::try_from(threshold)
             .unwrap_or(usize::MAX)
             .max(MAX_EVIDENCE);
@@ -497,6 +534,11 @@ impl Detector {
         true
     }
 
+    /// Whether `rule` is in its cooldown for the event's principal (`raise` would refuse).
+    fn quiet(&self, rule: Rule, ev: &Event) -> bool {
+        (self.quiet_until.get(&(rule, ev.key.clone()))).is_some_and(|t| ev.at < *t)
+    }
+
     fn outside_hours(&self, at: i64) -> bool {
         let (start, end) = self.settings.rule(Rule::UnusualHours).hours;
         let m = local_minute(at, self.settings.zone);
@@ -523,7 +565,7 @@ impl Detector {
         self.addresses.retain(|_, seen| seen.last_at >= horizon);
         let reads_from = now - millis(self.settings.rule(Rule::Enumeration));
         self.reads
-            .retain(|_, r| r.order.back().is_some_and(|(t, _)| *t >= reads_from));
+            .retain(|_, r| r.by_time.last().is_some_and(|(t, _)| *t >= reads_from));
         // An export whose closing record never came (a crash) is forgotten once idle as long.
         self.exports.retain(|_, e| e.last_at >= horizon);
     }
@@ -563,18 +605,15 @@ fn millis(s: &RuleSettings) -> i64 {
     i64::try_from(s.window.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The numeric end of a path's last segment, and all before it: `/voter/electors/VF-0000012`
-/// is (`/voter/electors/VF-`, 12).
-fn trailing_number(path: &str) -> Option<(&str, u64)> {
+/// The numeric end of a path's last segment: `/voter/electors/VF-0000012` is 12 (its last 18
+/// digits at most, so that any id fits a `u64`).
+fn trailing_number(path: &str) -> Option<u64> {
     let path = path.trim_end_matches('/');
     let digits = path.len() - path.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     if digits == 0 {
         return None;
     }
-    let (prefix, number) = path.split_at(path.len() - digits);
-    // At most 18 digits, the last ones: any id fits a `u64` so.
-    let number = &number[number.len().saturating_sub(18)..];
-    Some((prefix, number.parse().ok()?))
+    path.get(path.len() - digits.min(18)..)?.parse().ok()
 }
 
 /// Unix milliseconds of a log timestamp (`2025-01-31T09:15:02.123Z`).

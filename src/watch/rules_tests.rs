@@ -431,29 +431,34 @@ fn enumeration_is_seen_in_any_order_and_across_the_window() {
             )
         })
         .collect();
-    let datasets: Vec<(i64, String)> = (0..40)
-        .map(|i| {
-            let n = 6000 + i / 2;
-            (
-                i * 500,
-                if i % 2 == 0 {
-                    id(n)
-                } else {
-                    format!("M{n:06}")
-                },
-            )
-        })
-        .collect();
     for (name, ids) in [
         ("backwards", backwards),
         ("twice", twice),
         ("padded", padded),
         ("spread", spread),
-        ("datasets", datasets),
     ] {
         let f = run(&mut detector(), reads(name, ids));
         assert_eq!(rules(&f), vec![Rule::Enumeration], "{name}");
     }
+    // Two datasets taken in turn: each its own sweep (one alert, in the cooldown).
+    let datasets = (0..40)
+        .map(|i| {
+            let mut r = read(
+                "datasets",
+                SUMMER_MORNING + i * 500,
+                &id(6000 + i / 2),
+                None,
+            );
+            if i % 2 == 1 {
+                r.route = Some("membership.read".into());
+                r.path = format!("/membership/members/M-{}", 6000 + i / 2);
+            }
+            r
+        })
+        .collect();
+    let f = run(&mut detector(), datasets);
+    assert_eq!(rules(&f), vec![Rule::Enumeration]);
+    assert_eq!(f[0].evidence.len(), 20);
     // The same reads spread over more than the window: no twenty of them in any ten minutes.
     let slow = (0..40).map(|i| (i * 40_000, id(7000 + i))).collect();
     assert_eq!(run(&mut detector(), reads("slow", slow)), vec![]);
@@ -532,6 +537,16 @@ fn detector_memory_is_bounded_by_addresses_and_windows() {
         d.addresses["tok-rotor"].by_addr.len(),
         MAX_ADDRESSES_PER_TOKEN
     );
+    // One principal reading the same few ids over and over: one entry per id.
+    for i in 0..5_000u64 {
+        let id = format!("E{:06}", i % 7 * 10);
+        d.observe(
+            20_000 + i,
+            &read("rereader", SUMMER_MORNING + i as i64, &id, None),
+        );
+    }
+    let reads = &d.reads[&("rereader".to_owned(), "voter.read".to_owned())];
+    assert_eq!((reads.by_id.len(), reads.by_time.len()), (7, 7));
     // Refusals from many unauthenticated addresses: gone a minute (denied_burst's window)
     // later, though other rules look back an hour.
     let mut d = detector();
