@@ -98,10 +98,17 @@ pub(crate) async fn check_write(
     let cx = &FilterContext::new(dataset, &register);
     // Read as a read of the record would be (the filter's scanner: a field named twice, or a
     // record that cannot be classified, is one the caller may not see). A target we cannot
-    // classify, or may not write to, is indistinguishable from a missing one.
-    let attrs = filter::single_attrs(&target, envelope, cx)
+    // classify, or may not write to, is indistinguishable from a missing one. So is one the
+    // datastore answers under another id (it normalised `vf-1` to `VF-1`, say): the write's
+    // records name the id asked for, and a subject access search for the record's own id
+    // would miss them.
+    let (subject, attrs) = filter::single_attrs(&target, envelope, cx)
         .map_err(malformed)?
         .ok_or(GatewayError::NotFound)?;
+    if subject != id {
+        trail.withhold_target("malformed", Vec::new());
+        return Err(GatewayError::NotFound);
+    }
     // Refused as a read would be, and logged as one is (breach detection keys on why).
     let verdict = gw.policy.decide_record(ask, &route.dataset, &attrs, true);
     // Never written through, whatever the policies say (as `filter::memo` never discloses).

@@ -1118,6 +1118,35 @@ async fn app_serving(page: &Value) -> common::TestApp {
     .await
 }
 
+/// A datastore that answers a write's target under another id (it normalised the case, say):
+/// the write's records would name the id asked for, which a subject access search for the
+/// record's own id misses. Refused as a target the gateway cannot classify.
+#[tokio::test]
+async fn a_write_whose_target_answers_under_another_id_is_refused() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let mine = truth
+        .iter()
+        .find(|r| {
+            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
+        })
+        .unwrap();
+    let id = mine["elector_id"].as_str().unwrap();
+    let app = app_serving(&json!({ "record": mine })).await;
+    let t = app.token("canvasser");
+    let body = r#"{"voting_intention":"LAB"}"#;
+    let r = app
+        .canvass(&id.to_lowercase(), &t, "canvassing", body)
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert_eq!(app.audit_for(&r)["withheld_target"], "malformed");
+    // Under its own id the same answer is the target.
+    let r = app.canvass(id, &t, "canvassing", body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.stop().await;
+    real.stop().await;
+}
+
 /// `wardgate_upstream_never_disclosed_total` for the voter dataset (0 before any).
 async fn never_disclosed_count(app: &common::TestApp) -> f64 {
     let text = String::from_utf8_lossy(&app.admin_get("/metrics").await.body).into_owned();

@@ -536,14 +536,14 @@ pub fn single_attrs(
     body: &[u8],
     envelope: Envelope,
     cx: &FilterContext,
-) -> Result<Option<RecordAttrs>, FilterError> {
+) -> Result<Option<(String, RecordAttrs)>, FilterError> {
     let Some(record) = read_single(body, envelope, cx)? else {
         return Ok(None);
     };
     if record.has_duplicate_names() {
         return Ok(None);
     }
-    Ok(attrs::record_attrs(&record, cx).map(|(_, a)| a))
+    Ok(attrs::record_attrs(&record, cx))
 }
 
 /// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at

@@ -1406,13 +1406,14 @@ fn more_distinct_decisions_than_the_memo_keeps_filter_as_each_does_alone() {
 fn a_single_records_attributes_are_read_as_the_filter_reads_it() {
     let ds = dataset();
     let one = record("VF-1", "CGW1", "");
-    let attrs = single_attrs(
+    let (subject, attrs) = single_attrs(
         format!(r#"{{"record":{one}}}"#).as_bytes(),
         Envelope::Records,
         &cx(&ds),
     )
     .unwrap()
     .unwrap();
+    assert_eq!(subject, "VF-1");
     assert_eq!(attrs.area, "E08000035/CGW1");
     assert!(attrs.markers.is_empty());
     // Named twice, anonymous first: withheld by the filter, so no attributes to write by.
