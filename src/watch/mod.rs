@@ -107,6 +107,18 @@ pub async fn run(gw: Arc<Gateway>) {
     };
     let mut stop = gw.watch.stopping.subscribe();
     let mut detector = Detector::new(gw.watch.settings.clone());
+    // Findings are acted on by a task of their own: an alert waits for the breach log's
+    // fsync, a durable audit record and perhaps Redis, and an alert storm handled here would
+    // leave the records behind it unexamined (the broadcast drops what a slow reader misses).
+    let (findings, mut to_act) = tokio::sync::mpsc::channel::<Finding>(MAX_PENDING_FINDINGS);
+    let acting = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            while let Some(f) = to_act.recv().await {
+                act(&gw, f, "local", Vec::new()).await;
+            }
+        })
+    };
     if let Some(sh) = &gw.watch.shared {
         tokio::spawn(shared::publish_loop(
             sh.clone(),
@@ -156,10 +168,23 @@ pub async fn run(gw: Arc<Gateway>) {
             sh.publish(logged.seq, &observation);
         }
         for finding in detector.observe_access(logged.seq, &observation) {
-            act(&gw, finding, "local", Vec::new()).await;
+            if let Err(e) = findings.try_send(finding) {
+                let f = e.into_inner();
+                metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+                    .increment(1);
+                tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
+                    "breach detection: {MAX_PENDING_FINDINGS} findings already waiting; this one is dropped");
+            }
         }
     }
+    // The findings already made are acted on before detection stops.
+    drop(findings);
+    let _ = acting.await;
 }
+
+/// Findings waiting to be acted on, at most: past this an alert storm drops findings (counted)
+/// rather than records (which would go unexamined, an insider's scraping among them).
+const MAX_PENDING_FINDINGS: usize = 4096;
 
 /// Does what a finding's mode says: count it, alert on it, or alert and contain. `refs` name
 /// the evidence as `REPLICA#SEQ` when it spans replicas (the shared detector).

@@ -40,12 +40,15 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// `None` for records that are not data access (admin actions, system events). A write's
+    /// `None` for records that are not data access (admin actions, system events), except
+    /// the admin plane's refusals: probing `/rights` or `/sar` with a stolen or ended token is
+    /// refused access as much as probing a dataset is (`denied_burst`, `ended_grant`). A write's
     /// record made before it is forwarded (`AuditRecord::is_write_intent`) is an access that
     /// discloses nothing (the answer's record counts what the write disclosed), so that a
     /// caller who goes away before the answer is still seen acting.
     pub fn of(rec: &AuditRecord) -> Option<Observation> {
-        (rec.kind == RecordKind::Access).then(|| Observation {
+        let refused_admin = rec.kind == RecordKind::Admin && rec.decision == Decision::Deny;
+        (rec.kind == RecordKind::Access || refused_admin).then(|| Observation {
             ts: rec.ts.clone(),
             caller: rec.caller.clone(),
             client_addr: rec.client_addr.clone(),

@@ -563,3 +563,26 @@ fn detector_memory_is_bounded_by_addresses_and_windows() {
         d.windows.keys().collect::<Vec<_>>()
     );
 }
+
+/// Refusals on the admin plane count as refusals: probing `/rights` or `/sar` with a stolen or
+/// ended token is seen; its successful actions are not accesses.
+#[test]
+fn admin_refusals_are_seen_and_its_actions_are_not() {
+    let mut d = detector();
+    let recs = (0..20)
+        .map(|i| {
+            let mut r = denied(
+                Some("snoop"),
+                SUMMER_MORNING + i * 100,
+                "forbidden_by_policy",
+            );
+            r.kind = RecordKind::Admin;
+            r.route = Some("admin.sar".into());
+            r
+        })
+        .collect();
+    assert_eq!(rules(&run(&mut d, recs)), vec![Rule::DeniedBurst]);
+    let mut allowed = listing("dpo", SUMMER_MORNING, 0);
+    allowed.kind = RecordKind::Admin;
+    assert!(Observation::of(&allowed).is_none());
+}

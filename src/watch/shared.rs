@@ -40,6 +40,8 @@ const LEASE_MS: u64 = 5_000;
 const GROUP: &str = "detect";
 /// Evidence references kept for the shared detector's windows.
 const MAX_REFS: usize = 1_000_000;
+/// How long alerts raise without asking Redis after a failed connect, before trying again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -56,6 +58,10 @@ pub struct Shared {
     pub replica: String,
     tx: mpsc::Sender<String>,
     rx: std::sync::Mutex<Option<mpsc::Receiver<String>>>,
+    /// The connection alerts ask `first_to_alert` over, kept (a new one per alert was a
+    /// connect, up to its 2 s timeout with Redis away, for every alert of a storm), and when
+    /// connecting last failed: not tried again for `RECONNECT_AFTER`.
+    alerting: tokio::sync::Mutex<(Option<MultiplexedConnection>, Option<std::time::Instant>)>,
 }
 
 impl Shared {
@@ -77,6 +83,7 @@ impl Shared {
             ),
             tx,
             rx: std::sync::Mutex::new(Some(rx)),
+            alerting: tokio::sync::Mutex::new((None, None)),
         })
     }
 
@@ -97,8 +104,17 @@ impl Shared {
 
     /// True if this caller should raise the alert (the first across replicas, or Redis away).
     pub async fn first_to_alert(&self, rule: Rule, key: &str, cooldown: Duration) -> bool {
-        let Ok(mut conn) = self.connection().await else {
-            return true;
+        let mut conn = {
+            let mut held = self.alerting.lock().await;
+            let (conn, failed) = &mut *held;
+            if conn.is_none() && failed.is_none_or(|t| t.elapsed() >= RECONNECT_AFTER) {
+                *conn = self.connection().await.ok();
+                *failed = conn.is_none().then(std::time::Instant::now);
+            }
+            match conn.clone() {
+                Some(conn) => conn,
+                None => return true,
+            }
         };
         let flag = format!("{}:alerted:{rule}:{key}", self.stream);
         let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
@@ -113,6 +129,10 @@ impl Shared {
             )
             .query_async(&mut conn)
             .await;
+        if set.is_err() {
+            // Connected afresh for the next alert.
+            self.alerting.lock().await.0 = None;
+        }
         !matches!(set, Ok(None))
     }
 
