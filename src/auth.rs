@@ -373,6 +373,11 @@ impl Verifier {
         if !revocable_id(&subject) || !revocable_id(&token_id) {
             return Err(AuthFailure::InvalidClaims);
         }
+        // The detector's own name in the controls journal: no caller's actions may read as
+        // its containment.
+        if subject == crate::watch::ACTOR {
+            return Err(AuthFailure::InvalidClaims);
+        }
         // Issued in the future: a revocation of the subject placed now would not cover it.
         if c.iat > now.saturating_add(self.leeway_secs as i64) {
             return Err(AuthFailure::InvalidClaims);

@@ -89,6 +89,10 @@ fn claims_naming_unknown_things_are_refused() {
     c.grant_expires = Some(4);
     let p = v.principal(c, "i", 5).unwrap();
     assert!(v.ends_at(&p) < 5);
+    // The breach detector's name in the controls journal is no caller's.
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.sub = crate::watch::ACTOR.into();
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;

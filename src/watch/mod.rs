@@ -182,6 +182,10 @@ pub async fn run(gw: Arc<Gateway>) {
     let _ = acting.await;
 }
 
+/// Who the controls journal and the audit log say revoked a token in containment: a name no
+/// token may carry (`auth`), so that no caller's revocation reads as the detector's.
+pub const ACTOR: &str = "wardgate-watch";
+
 /// Findings waiting to be acted on, at most: past this an alert storm drops findings (counted)
 /// rather than records (which would go unexamined, an insider's scraping among them).
 const MAX_PENDING_FINDINGS: usize = 4096;
@@ -282,7 +286,7 @@ async fn contain(gw: &Gateway, alert: Alert) {
         return;
     };
     let reason = format!("containment for alert {}: {}", alert.id, alert.summary);
-    let event = revocation(&token_id, "wardgate-watch", &reason);
+    let event = revocation(&token_id, ACTOR, &reason);
     let mut record = system_record("breach_containment");
     record.detail = serde_json::to_value(&event).ok();
     let outcome = match gw.audit.append(record).await {
