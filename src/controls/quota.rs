@@ -57,6 +57,28 @@ struct Counts {
     /// counted against whichever window is current, so a request checked just before the
     /// hour turns still holds against the next one, where its records will be counted.
     reserved: HashMap<String, u64>,
+    /// The hour whose windows `totals` were last cut to (`drop_ended`).
+    hour: i64,
+}
+
+impl Counts {
+    /// Drops every total and activity of a window that has ended, once an hour: what is known
+    /// of a principal stays (a floor, should Redis be unable to say) until their hour or day
+    /// is over, and no longer.
+    fn drop_ended(&mut self, now: i64) {
+        let hour = now.div_euclid(3600);
+        if hour == self.hour {
+            return;
+        }
+        self.hour = hour;
+        let (h, d) = (
+            format!(":h:{hour}"),
+            format!(":d:{}", now.div_euclid(86_400)),
+        );
+        let current = |k: &String| k.ends_with(&h) || k.ends_with(&d);
+        self.totals.retain(|k, _| current(k));
+        self.active.retain(|k, _| current(k));
+    }
 }
 
 /// Records a request reserved at its check (`Quotas::check`), to give back with
@@ -208,14 +230,8 @@ impl Quotas {
             return;
         }
         if let Ok(mut c) = self.counts.lock() {
+            c.drop_ended(now);
             let [(hour, _), (day, _)] = keys(&p.subject, now);
-            if !c.totals.contains_key(&hour) {
-                // A new hour for someone: drop every total of a window that has ended (once
-                // per principal an hour), so the counts do not grow for ever.
-                let (h, d) = (now.div_euclid(3600), now.div_euclid(86_400));
-                let (h, d) = (format!(":h:{h}"), format!(":d:{d}"));
-                c.totals.retain(|k, _| k.ends_with(&h) || k.ends_with(&d));
-            }
             for k in [hour, day] {
                 *c.totals.entry(k.clone()).or_default() += n;
                 if self.shared.is_some() {
@@ -231,8 +247,9 @@ impl Quotas {
             let Ok(mut c) = self.counts.lock() else {
                 return Ok(());
             };
-            // Their totals stay (until their window ends, `add`) as a floor should Redis be
-            // unable to say when they come back; `check` reads them again then.
+            // Their totals stay (until their window ends, `Counts::drop_ended`) as a floor
+            // should Redis be unable to say when they come back; `check` reads them again then.
+            c.drop_ended(time::OffsetDateTime::now_utc().unix_timestamp());
             c.active.retain(|_, seen| seen.elapsed() < ACTIVE_FOR);
             let current: Vec<String> = c.active.keys().cloned().collect();
             (std::mem::take(&mut c.pending), current)
@@ -354,21 +371,36 @@ mod tests {
 
     #[test]
     fn totals_of_ended_windows_are_dropped() {
-        let q = Quotas::new(limits(), None);
-        let (alice, bob) = (principal("alice"), principal("bob"));
-        let now = 1_700_000_000;
-        q.add(&alice, 5, now);
-        q.add(&bob, 5, now);
-        // Bob's next hour: every ended hour goes, the day (not ended) stays.
-        q.add(&bob, 1, now + 3600);
-        let c = q.counts.lock().unwrap();
-        let mut kept: Vec<(&String, &u64)> = c.totals.iter().collect();
-        kept.sort();
-        let [(bob_hour, _), _] = keys("bob", now + 3600);
-        let [_, (alice_day, _)] = keys("alice", now);
-        let [_, (bob_day, _)] = keys("bob", now);
-        let mut expected = vec![(&alice_day, &5u64), (&bob_day, &6), (&bob_hour, &1)];
-        expected.sort();
-        assert_eq!(kept, expected);
+        // Alone, and shared (where a principal's totals are also put there by the reads from
+        // Redis, `check` and `flush`, not only by `add`).
+        for shared in [None, Some(Duration::from_secs(10))] {
+            let q = Quotas::new(limits(), shared);
+            let (alice, bob) = (principal("alice"), principal("bob"));
+            let now = 1_700_000_000;
+            q.add(&alice, 5, now);
+            q.add(&bob, 5, now);
+            {
+                // Bob's next hour read from Redis before anything is added to it.
+                let mut c = q.counts.lock().unwrap();
+                let [(next, _), _] = keys("bob", now + 3600);
+                c.totals.insert(next.clone(), 0);
+                c.active.insert(next, Instant::now());
+                let [(alice_hour, _), _] = keys("alice", now);
+                c.active.insert(alice_hour, Instant::now());
+            }
+            // Bob's next hour: every ended hour goes, the day (not ended) stays.
+            q.add(&bob, 1, now + 3600);
+            let c = q.counts.lock().unwrap();
+            let mut kept: Vec<(&String, &u64)> = c.totals.iter().collect();
+            kept.sort();
+            let [(bob_hour, _), _] = keys("bob", now + 3600);
+            let [_, (alice_day, _)] = keys("alice", now);
+            let [_, (bob_day, _)] = keys("bob", now);
+            let mut expected = vec![(&alice_day, &5u64), (&bob_day, &6), (&bob_hour, &1)];
+            expected.sort();
+            assert_eq!(kept, expected, "{shared:?}");
+            let [(alice_hour, _), _] = keys("alice", now);
+            assert!(!c.active.contains_key(&alice_hour));
+        }
     }
 }
