@@ -251,8 +251,12 @@ impl Run<'_> {
                 .controls
                 .register_flags()
                 .map_err(|e| e.code().to_owned())?;
-            self.filtered_with
-                .push((d.subjects.len(), register.clone()));
+            // Kept once per state of the register, not per batch: an export that withholds
+            // nearly everything fills a chunk slowly.
+            if (self.filtered_with.last()).is_none_or(|(_, r)| !r.same_as(&register)) {
+                self.filtered_with
+                    .push((d.subjects.len(), register.clone()));
+            }
             let cx = FilterContext {
                 dataset,
                 // Read for each batch: an export running past midnight judges TPS checks and

@@ -32,6 +32,15 @@ impl RegisterFlags {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether both are the one state of the register (`Controls` builds one per change).
+    pub fn same_as(&self, other: &RegisterFlags) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// Subjects and their flags (a subject named twice keeps its last list).
@@ -85,6 +94,20 @@ mod tests {
         for other in ["VF-000000", "VF-00000010", "vf-0000001", "", "VF-0000003"] {
             assert_eq!(register.get(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_state_of_the_register_is_itself_and_no_other() {
+        let build = || -> RegisterFlags {
+            [("VF-1".to_owned(), flags(&["restricted"]))]
+                .into_iter()
+                .collect()
+        };
+        let one = build();
+        assert!(one.same_as(&one.clone()));
+        assert!(!one.same_as(&build()), "the same flags, built again");
+        assert!(!one.same_as(&RegisterFlags::EMPTY));
+        assert!(RegisterFlags::EMPTY.same_as(&RegisterFlags::default()));
     }
 
     #[test]

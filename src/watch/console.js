@@ -64,6 +64,12 @@ async function follow() {
   state.feedAbort = abort;
   try {
     const resp = await fetch('/events', { headers: { Authorization: 'Bearer ' + state.token }, signal: abort.signal });
+    if (resp.status === 401 || resp.status === 403) {
+      // The token has ended or was revoked: asking again every two seconds would only pile
+      // up refusals in the audit log (and raise alerts about the analyst). Ask for a new one.
+      status('The feed refused this token (' + resp.status + '): paste a new one to go on watching.', true);
+      return;
+    }
     if (!resp.ok) throw new Error(resp.status + ' ' + resp.statusText);
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = '';

@@ -170,17 +170,34 @@ pub async fn run(gw: Arc<Gateway>) {
         for finding in detector.observe_access(logged.seq, &observation) {
             if let Err(e) = findings.try_send(finding) {
                 let f = e.into_inner();
+                // Not raised, so not quiet either: the next record that matches raises it.
+                detector.forget_cooldown(f.rule, &f.key);
                 metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
                     .increment(1);
                 tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
-                    "breach detection: {MAX_PENDING_FINDINGS} findings already waiting; this one is dropped");
+                    "breach detection: findings waiting to be acted on are full (or their task \
+                     has ended); this one is dropped");
             }
         }
     }
-    // The findings already made are acted on before detection stops.
+    // The findings already made are acted on before detection stops, for a while: shutdown
+    // waits for this, and an alert storm's queue could take minutes.
     drop(findings);
-    let _ = acting.await;
+    let mut acting = acting;
+    if tokio::time::timeout(FINISH_FINDINGS_WITHIN, &mut acting)
+        .await
+        .is_err()
+    {
+        acting.abort();
+        tracing::error!(
+            "breach detection stopped with findings not yet acted on (more than {}s of them)",
+            FINISH_FINDINGS_WITHIN.as_secs()
+        );
+    }
 }
+
+/// How long stopping waits for findings already made to be acted on.
+const FINISH_FINDINGS_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Who the controls journal and the audit log say revoked a token in containment: a name no
 /// token may carry (`auth`), so that no caller's revocation reads as the detector's.

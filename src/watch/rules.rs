@@ -537,6 +537,12 @@ impl Detector {
         true
     }
 
+    /// Ends `rule`'s cooldown for `key`: its finding was not acted on (`watch::run` had no
+    /// room for it), so the next record that matches must raise it again.
+    pub fn forget_cooldown(&mut self, rule: Rule, key: &str) {
+        self.quiet_until.remove(&(rule, key.to_owned()));
+    }
+
     /// Whether `rule` is in its cooldown for the event's principal (`raise` would refuse).
     fn quiet(&self, rule: Rule, ev: &Event) -> bool {
         (self.quiet_until.get(&(rule, ev.key.clone()))).is_some_and(|t| ev.at < *t)

@@ -421,14 +421,17 @@ fn enumeration_is_seen_in_any_order_and_across_the_window() {
             (i * 500, id(n))
         })
         .collect();
-    // Nineteen reads, then nineteen more two minutes later: each ten-minute window from
-    // any of the first holds at least twenty.
-    let spread = (0..38)
+    // Ten reads, nine more nine minutes later, eleven more two minutes after that: no ten
+    // minutes from the first read hold twenty (a run counted from its start misses it),
+    // but the last ten minutes do.
+    let spread = (0..30)
         .map(|i| {
-            (
-                if i < 19 { i * 100 } else { 120_000 + i * 100 },
-                id(5000 + i),
-            )
+            let at = match i {
+                0..=9 => i * 1000,
+                10..=18 => 540_000 + i * 1000,
+                _ => 660_000 + i * 1000,
+            };
+            (at, id(5000 + i))
         })
         .collect();
     for (name, ids) in [
@@ -585,4 +588,17 @@ fn admin_refusals_are_seen_and_its_actions_are_not() {
     let mut allowed = listing("dpo", SUMMER_MORNING, 0);
     allowed.kind = RecordKind::Admin;
     assert!(Observation::of(&allowed).is_none());
+}
+
+/// A finding dropped for want of room is not raised, so the rule is not quiet for them: the
+/// next record that matches raises it.
+#[test]
+fn a_forgotten_cooldown_raises_again() {
+    let mut d = detector();
+    let f = run(&mut d, vec![listing("c", SUMMER_MORNING, 500)]);
+    assert_eq!(rules(&f), vec![Rule::LargeExport]);
+    assert_eq!(d.observe(2, &listing("c", SUMMER_MORNING + 1, 500)), vec![]);
+    d.forget_cooldown(Rule::LargeExport, "c");
+    let again = d.observe(3, &listing("c", SUMMER_MORNING + 2, 500));
+    assert_eq!(rules(&again), vec![Rule::LargeExport]);
 }
