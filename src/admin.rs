@@ -42,6 +42,19 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+tokio::task_local! {
+    /// The client of the admin-plane request being answered, for its audit records (sealed
+    /// as the data plane's are) and breach detection's per-address windows. Set around each
+    /// request by the admin listener (`startup`).
+    pub static PEER: std::net::SocketAddr;
+}
+
+/// The admin-plane client's address, as audit records hold addresses; `None` outside a
+/// request.
+pub fn peer() -> Option<String> {
+    PEER.try_with(|p| p.ip().to_string()).ok()
+}
+
 /// Answers one admin-plane request.
 pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<FeedBody>
 where

@@ -409,7 +409,7 @@ pub(crate) fn record(
             unit: p.unit.clone(),
             token_id: p.token_id.clone(),
         }),
-        client_addr: None,
+        client_addr: crate::admin::peer(),
         purpose: None,
         lawful_basis: None,
         dataset: None,

@@ -236,7 +236,7 @@ pub async fn run(
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         None,
-        move |req, _peer| admin::handle(gw_admin.clone(), req),
+        move |req, peer| admin::PEER.scope(peer, admin::handle(gw_admin.clone(), req)),
         stopped(stop_rx.clone()),
         grace,
     ));

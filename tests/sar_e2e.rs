@@ -232,6 +232,16 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         assert_eq!(r.status, 400, "{word}: {:?}", r.body);
     }
     let after = app.audit_records();
+    // Refused, and recorded with where they came from, as the data plane's are.
+    let refusals: Vec<&Value> = after[before..]
+        .iter()
+        .filter(|r| r["kind"] == "admin" && r["status"] == 400)
+        .collect();
+    assert_eq!(refusals.len(), 4, "{refusals:?}");
+    assert!(
+        refusals.iter().all(|r| r["client_addr"].is_string()),
+        "{refusals:?}"
+    );
     assert!(
         after[before..]
             .iter()
