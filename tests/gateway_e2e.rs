@@ -41,6 +41,17 @@ fn assert_audit_matches_body(record: &Value, body: &Value) {
     assert_eq!(logged, fields, "audit fields differ from the body");
 }
 
+/// An elector in the demo canvasser's polling district with no marker or flag: one they may
+/// read and write to.
+fn canvassable(truth: &[Value]) -> &Value {
+    truth
+        .iter()
+        .find(|r| {
+            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
+        })
+        .unwrap()
+}
+
 /// Every record straight from the datastore, bypassing the gateway (the test's ground truth).
 async fn upstream_all(addr: SocketAddr) -> Vec<Value> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -344,12 +355,7 @@ async fn writes_are_scoped_and_field_checked() {
     let app = spawn_app().await;
     let t = app.token("canvasser");
     let truth = upstream_all(app.upstream).await;
-    let mine = truth
-        .iter()
-        .find(|r| {
-            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
-        })
-        .unwrap();
+    let mine = canvassable(&truth);
     let id = mine["elector_id"].as_str().unwrap();
     let r = app
         .canvass(
@@ -579,13 +585,7 @@ async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error(
 async fn open_elector() -> Value {
     let real = spawn_app().await;
     let truth = upstream_all(real.upstream).await;
-    let mine = truth
-        .iter()
-        .find(|r| {
-            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
-        })
-        .unwrap()
-        .clone();
+    let mine = canvassable(&truth).clone();
     real.stop().await;
     mine
 }
@@ -1125,12 +1125,7 @@ async fn app_serving(page: &Value) -> common::TestApp {
 async fn a_write_whose_target_answers_under_another_id_is_refused() {
     let real = spawn_app().await;
     let truth = upstream_all(real.upstream).await;
-    let mine = truth
-        .iter()
-        .find(|r| {
-            r["polling_district"] == "CGW1" && r["markers"] == json!([]) && r["flags"] == json!([])
-        })
-        .unwrap();
+    let mine = canvassable(&truth);
     let id = mine["elector_id"].as_str().unwrap();
     let app = app_serving(&json!({ "record": mine })).await;
     let t = app.token("canvasser");
