@@ -344,7 +344,10 @@ async fn current_data(
             .header("x-request-id", format!("{request_id}-{name}"))
             .body(http_body_util::Empty::<Bytes>::new());
         let Ok(req) = req else { continue };
-        let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        // The DPO's own address (the admin request's), not the loopback.
+        let peer = crate::admin::PEER
+            .try_with(|p| *p)
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let resp = crate::gateway::handle(gw, req, peer).await;
         if resp.status() == StatusCode::OK
             && let Ok(body) = resp.into_body().collect().await

@@ -67,7 +67,9 @@ impl Counts {
     /// is over, and no longer.
     fn drop_ended(&mut self, now: i64) {
         let hour = now.div_euclid(3600);
-        if hour == self.hour {
+        // Never back to an hour already cut from (a clock read just before another call's,
+        // or stepped back), which would drop the current window's totals.
+        if hour <= self.hour {
             return;
         }
         self.hour = hour;

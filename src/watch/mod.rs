@@ -13,6 +13,7 @@
 //! Does not own: what is audited (the request pipeline), revocation itself (`controls`), or
 //! authenticating the console's callers (`gateway::authenticate`).
 
+mod acting;
 pub mod breach;
 pub mod console;
 pub mod feed;
@@ -107,18 +108,7 @@ pub async fn run(gw: Arc<Gateway>) {
     };
     let mut stop = gw.watch.stopping.subscribe();
     let mut detector = Detector::new(gw.watch.settings.clone());
-    // Findings are acted on by a task of their own: an alert waits for the breach log's
-    // fsync, a durable audit record and perhaps Redis, and an alert storm handled here would
-    // leave the records behind it unexamined (the broadcast drops what a slow reader misses).
-    let (findings, mut to_act) = tokio::sync::mpsc::channel::<Finding>(MAX_PENDING_FINDINGS);
-    let acting = {
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            while let Some(f) = to_act.recv().await {
-                act(&gw, f, "local", Vec::new()).await;
-            }
-        })
-    };
+    let mut acting = acting::Acting::start(gw.clone());
     if let Some(sh) = &gw.watch.shared {
         tokio::spawn(shared::publish_loop(
             sh.clone(),
@@ -134,6 +124,10 @@ pub async fn run(gw: Arc<Gateway>) {
         let logged = tokio::select! {
             r = rx.recv() => r,
             _ = stop.changed() => break,
+            () = tokio::time::sleep(std::time::Duration::from_millis(50)), if acting.owing() => {
+                acting.flush();
+                continue;
+            }
         };
         let logged = match logged {
             Ok(l) => l,
@@ -168,44 +162,17 @@ pub async fn run(gw: Arc<Gateway>) {
             sh.publish(logged.seq, &observation);
         }
         for finding in detector.observe_access(logged.seq, &observation) {
-            if let Err(e) = findings.try_send(finding) {
-                let f = e.into_inner();
-                // Not raised, so not quiet either: the next record that matches raises it.
-                detector.forget_cooldown(f.rule, &f.key);
-                metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
-                    .increment(1);
-                tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
-                    "breach detection: findings waiting to be acted on are full (or their task \
-                     has ended); this one is dropped");
-            }
+            acting.offer(finding, &mut detector);
         }
     }
-    // The findings already made are acted on before detection stops, for a while: shutdown
-    // waits for this, and an alert storm's queue could take minutes.
-    drop(findings);
-    let mut acting = acting;
-    if tokio::time::timeout(FINISH_FINDINGS_WITHIN, &mut acting)
-        .await
-        .is_err()
-    {
-        acting.abort();
-        tracing::error!(
-            "breach detection stopped with findings not yet acted on (more than {}s of them)",
-            FINISH_FINDINGS_WITHIN.as_secs()
-        );
-    }
+    // The findings already made are acted on before detection stops (for a while: shutdown
+    // waits for this).
+    acting.finish().await;
 }
-
-/// How long stopping waits for findings already made to be acted on.
-const FINISH_FINDINGS_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Who the controls journal and the audit log say revoked a token in containment: a name no
 /// token may carry (`auth`), so that no caller's revocation reads as the detector's.
 pub const ACTOR: &str = "wardgate-watch";
-
-/// Findings waiting to be acted on, at most: past this an alert storm drops findings (counted)
-/// rather than records (which would go unexamined, an insider's scraping among them).
-const MAX_PENDING_FINDINGS: usize = 4096;
 
 /// Does what a finding's mode says: count it, alert on it, or alert and contain. `refs` name
 /// the evidence as `REPLICA#SEQ` when it spans replicas (the shared detector).

@@ -1,0 +1,244 @@
+//! Acting on findings, off the detection loop: an alert waits for the breach log's fsync, a
+//! durable audit record and perhaps Redis, and an alert storm handled inline would leave the
+//! records behind it unexamined (the audit broadcast drops what a slow reader misses).
+//!
+//! Findings go to a task of their own through a bounded queue. What does not fit is owed, one
+//! finding per rule and principal (the newest), and offered again as the queue drains: a
+//! finding's rule is already quiet for its principal and its evidence spent, so a finding
+//! dropped would not be raised again. Owed findings are bounded too: past [`MAX_OWED`], those
+//! about callers nobody could name (keyed on an address, which an attacker can multiply) give
+//! way to those about principals, and are counted as dropped
+//! (`wardgate_watch_findings_dropped_total`). At stop, what is queued or owed is acted on for
+//! [`FINISH_WITHIN`]; after that the rest is logged and counted, never cut off half done.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::rules::{Detector, Finding};
+use super::settings::Rule;
+use crate::gateway::Gateway;
+
+/// Findings queued for the acting task.
+const QUEUE: usize = 4096;
+/// Findings owed (one per rule and principal) beyond the queue.
+const MAX_OWED: usize = 65_536;
+/// How long stopping acts on what is queued and owed before only counting it.
+const FINISH_WITHIN: Duration = Duration::from_secs(10);
+/// How long past that stopping waits for a finding already being acted on (its Redis and
+/// audit waits are bounded) before abandoning it.
+const BACKSTOP: Duration = Duration::from_secs(20);
+
+pub struct Acting {
+    tx: mpsc::Sender<Finding>,
+    task: JoinHandle<()>,
+    /// Set at the end of `FINISH_WITHIN` after stop: the task counts what is left.
+    give_up: Arc<AtomicBool>,
+    owed: Owed,
+}
+
+impl Acting {
+    pub fn start(gw: Arc<Gateway>) -> Acting {
+        let (tx, mut rx) = mpsc::channel::<Finding>(QUEUE);
+        let give_up = Arc::new(AtomicBool::new(false));
+        let giving_up = Arc::clone(&give_up);
+        let task = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if giving_up.load(Ordering::Relaxed) {
+                    dropped(&f, "detection stopped before it was acted on");
+                    continue;
+                }
+                super::act(&gw, f, "local", Vec::new()).await;
+            }
+        });
+        Acting {
+            tx,
+            task,
+            give_up,
+            owed: Owed::default(),
+        }
+    }
+
+    /// Hands a finding on, or owes it.
+    pub fn offer(&mut self, f: Finding, detector: &mut Detector) {
+        self.flush();
+        if !self.owed.is_empty() {
+            self.owed.push(f, detector);
+        } else if let Err(e) = self.tx.try_send(f) {
+            self.owed.push(e.into_inner(), detector);
+        }
+    }
+
+    /// Whether findings are owed (the caller offers them again soon: `flush`).
+    pub fn owing(&self) -> bool {
+        !self.owed.is_empty()
+    }
+
+    /// Hands on as many owed findings as the queue takes, oldest first.
+    pub fn flush(&mut self) {
+        while let Some(f) = self.owed.pop() {
+            if let Err(e) = self.tx.try_send(f) {
+                self.owed.unpop(e.into_inner());
+                return;
+            }
+        }
+    }
+
+    /// Acts on what is queued and owed, for `FINISH_WITHIN`; then counts the rest.
+    pub async fn finish(mut self) {
+        let deadline = tokio::time::Instant::now() + FINISH_WITHIN;
+        while let Some(f) = self.owed.pop() {
+            match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+                Ok(Ok(permit)) => permit.send(f),
+                _ => {
+                    dropped(&f, "detection stopped before it was acted on");
+                    while let Some(f) = self.owed.pop() {
+                        dropped(&f, "detection stopped before it was acted on");
+                    }
+                }
+            }
+        }
+        drop(self.tx);
+        let give_up = Arc::clone(&self.give_up);
+        let mut task = self.task;
+        tokio::select! {
+            _ = &mut task => {}
+            () = tokio::time::sleep_until(deadline) => {
+                give_up.store(true, Ordering::Relaxed);
+                if tokio::time::timeout(BACKSTOP, &mut task).await.is_err() {
+                    task.abort();
+                    tracing::error!("breach detection stopped in the middle of acting on a finding");
+                }
+            }
+        }
+    }
+}
+
+fn dropped(f: &Finding, why: &str) {
+    metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+        .increment(1);
+    tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary, "breach detection: finding dropped: {why}");
+}
+
+/// Findings waiting for room in the queue: the newest per rule and principal, in the order
+/// first owed.
+#[derive(Default)]
+struct Owed {
+    order: VecDeque<(Rule, String)>,
+    by_key: HashMap<(Rule, String), Finding>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    fn push(&mut self, f: Finding, detector: &mut Detector) {
+        let key = (f.rule, f.key.clone());
+        if let Some(held) = self.by_key.get_mut(&key) {
+            *held = f;
+            return;
+        }
+        if self.by_key.len() >= MAX_OWED {
+            let unnamed = |k: &str| k.starts_with("addr:") || k == "unknown";
+            let make_room = (!unnamed(&f.key))
+                .then(|| self.order.iter().position(|(_, k)| unnamed(k)))
+                .flatten();
+            let Some(i) = make_room else {
+                // Not raised, so not quiet either: a new case against them can be.
+                detector.forget_cooldown(f.rule, &f.key);
+                dropped(&f, "too many findings waiting");
+                return;
+            };
+            if let Some(old_key) = self.order.remove(i)
+                && let Some(old) = self.by_key.remove(&old_key)
+            {
+                detector.forget_cooldown(old.rule, &old.key);
+                dropped(
+                    &old,
+                    "too many findings waiting; one about a named principal came",
+                );
+            }
+        }
+        self.order.push_back(key.clone());
+        self.by_key.insert(key, f);
+    }
+
+    fn pop(&mut self) -> Option<Finding> {
+        let key = self.order.pop_front()?;
+        self.by_key.remove(&key)
+    }
+
+    /// Puts back a finding `pop` gave, first in line.
+    fn unpop(&mut self, f: Finding) {
+        let key = (f.rule, f.key.clone());
+        self.order.push_front(key.clone());
+        self.by_key.insert(key, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::settings::{Mode, WatchSettings};
+
+    fn finding(rule: Rule, key: &str, summary: &str) -> Finding {
+        Finding {
+            rule,
+            mode: Mode::Alert,
+            key: key.to_owned(),
+            caller: None,
+            client_addr: None,
+            evidence: vec![1],
+            summary: summary.to_owned(),
+            addresses: Vec::new(),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn owed_findings_keep_one_per_rule_and_principal_in_order() {
+        let mut d = Detector::new(WatchSettings::defaults(std::path::Path::new("/tmp")));
+        let mut owed = Owed::default();
+        owed.push(finding(Rule::Volume, "a", "first"), &mut d);
+        owed.push(finding(Rule::Enumeration, "b", "b"), &mut d);
+        owed.push(finding(Rule::Volume, "a", "newer"), &mut d);
+        let a = owed.pop().unwrap();
+        assert_eq!((a.key.as_str(), a.summary.as_str()), ("a", "newer"));
+        owed.unpop(a);
+        let order: Vec<String> = std::iter::from_fn(|| owed.pop()).map(|f| f.key).collect();
+        assert_eq!(order, ["a", "b"]);
+    }
+
+    #[test]
+    fn when_full_unnamed_callers_give_way_to_principals() {
+        let mut d = Detector::new(WatchSettings::defaults(std::path::Path::new("/tmp")));
+        let mut owed = Owed::default();
+        for i in 0..MAX_OWED {
+            owed.push(
+                finding(Rule::DeniedBurst, &format!("addr:10.0.{i}"), ""),
+                &mut d,
+            );
+        }
+        // Another address: no room.
+        owed.push(finding(Rule::DeniedBurst, "addr:192.0.2.1", ""), &mut d);
+        assert!(
+            !owed
+                .by_key
+                .contains_key(&(Rule::DeniedBurst, "addr:192.0.2.1".into()))
+        );
+        // An insider: the oldest address makes room.
+        owed.push(finding(Rule::Volume, "insider", ""), &mut d);
+        assert_eq!(owed.by_key.len(), MAX_OWED);
+        assert!(owed.by_key.contains_key(&(Rule::Volume, "insider".into())));
+        assert!(
+            !owed
+                .by_key
+                .contains_key(&(Rule::DeniedBurst, "addr:10.0.0".into()))
+        );
+    }
+}
