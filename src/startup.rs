@@ -290,9 +290,10 @@ pub async fn run(
     }
     // Live feeds end first, or they would hold the admin plane's drain open.
     gw.watch.stop();
-    let _ = detector.await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
+    // Findings already made are acted on while the planes drain (before the log closes).
+    let _ = detector.await;
     let data_result = data_task.await.context("data plane task failed")?;
     let admin_result = admin_task.await.context("admin plane task failed")?;
     // What the ended connections leave behind (their handlers' records, HTTP/2 requests in

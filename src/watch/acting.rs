@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 
 use super::rules::{Detector, Finding};
@@ -47,13 +49,24 @@ impl Acting {
         let give_up = Arc::new(AtomicBool::new(false));
         let giving_up = Arc::clone(&give_up);
         let task = tokio::spawn(async move {
+            let mut left = Left::default();
             while let Some(f) = rx.recv().await {
                 if giving_up.load(Ordering::Relaxed) {
-                    dropped(&f, "detection stopped before it was acted on");
+                    left.count(&f);
                     continue;
                 }
-                super::act(&gw, f, "local", Vec::new()).await;
+                // One finding's panic must not end alerting for the rest of the process.
+                let (rule, key) = (f.rule, f.key.clone());
+                let acted = std::panic::AssertUnwindSafe(super::act(&gw, f, "local", Vec::new()))
+                    .catch_unwind()
+                    .await;
+                if acted.is_err() {
+                    metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => rule.name())
+                        .increment(1);
+                    tracing::error!(%rule, principal = %key, "breach detection: acting on a finding panicked");
+                }
             }
+            left.log("detection stopped before they were acted on");
         });
         Acting {
             tx,
@@ -68,8 +81,12 @@ impl Acting {
         self.flush();
         if !self.owed.is_empty() {
             self.owed.push(f, detector);
-        } else if let Err(e) = self.tx.try_send(f) {
-            self.owed.push(e.into_inner(), detector);
+            return;
+        }
+        match self.tx.try_send(f) {
+            Ok(()) => {}
+            Err(TrySendError::Full(f)) => self.owed.push(f, detector),
+            Err(TrySendError::Closed(f)) => dropped(&f, "the acting task has ended"),
         }
     }
 
@@ -81,9 +98,13 @@ impl Acting {
     /// Hands on as many owed findings as the queue takes, oldest first.
     pub fn flush(&mut self) {
         while let Some(f) = self.owed.pop() {
-            if let Err(e) = self.tx.try_send(f) {
-                self.owed.unpop(e.into_inner());
-                return;
+            match self.tx.try_send(f) {
+                Ok(()) => {}
+                Err(TrySendError::Full(f)) => {
+                    self.owed.unpop(f);
+                    return;
+                }
+                Err(TrySendError::Closed(f)) => dropped(&f, "the acting task has ended"),
             }
         }
     }
@@ -91,17 +112,19 @@ impl Acting {
     /// Acts on what is queued and owed, for `FINISH_WITHIN`; then counts the rest.
     pub async fn finish(mut self) {
         let deadline = tokio::time::Instant::now() + FINISH_WITHIN;
+        let mut left = Left::default();
         while let Some(f) = self.owed.pop() {
             match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
                 Ok(Ok(permit)) => permit.send(f),
                 _ => {
-                    dropped(&f, "detection stopped before it was acted on");
+                    left.count(&f);
                     while let Some(f) = self.owed.pop() {
-                        dropped(&f, "detection stopped before it was acted on");
+                        left.count(&f);
                     }
                 }
             }
         }
+        left.log("detection stopped before they could be queued");
         drop(self.tx);
         let give_up = Arc::clone(&self.give_up);
         let mut task = self.task;
@@ -114,6 +137,25 @@ impl Acting {
                     tracing::error!("breach detection stopped in the middle of acting on a finding");
                 }
             }
+        }
+    }
+}
+
+/// Findings not acted on at stop, counted per rule and logged once.
+#[derive(Default)]
+struct Left(HashMap<Rule, u64>);
+
+impl Left {
+    fn count(&mut self, f: &Finding) {
+        metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+            .increment(1);
+        *self.0.entry(f.rule).or_default() += 1;
+    }
+
+    fn log(&self, why: &str) {
+        if !self.0.is_empty() {
+            let by_rule: Vec<String> = (self.0.iter()).map(|(r, n)| format!("{r}: {n}")).collect();
+            tracing::error!(dropped = %by_rule.join(", "), "breach detection: findings dropped: {why}");
         }
     }
 }
@@ -144,9 +186,12 @@ impl Owed {
             return;
         }
         if self.by_key.len() >= MAX_OWED {
-            let unnamed = |k: &str| k.starts_with("addr:") || k == "unknown";
-            let make_room = (!unnamed(&f.key))
-                .then(|| self.order.iter().position(|(_, k)| unnamed(k)))
+            // Callers nobody could name (no verified caller: keyed on an address, which an
+            // attacker can multiply) give way to principals.
+            let by_key = &self.by_key;
+            let unnamed = |k: &(Rule, String)| by_key.get(k).is_some_and(|f| f.caller.is_none());
+            let make_room = (f.caller.is_some())
+                .then(|| self.order.iter().position(unnamed))
                 .flatten();
             let Some(i) = make_room else {
                 // Not raised, so not quiet either: a new case against them can be.
@@ -231,8 +276,15 @@ mod tests {
                 .by_key
                 .contains_key(&(Rule::DeniedBurst, "addr:192.0.2.1".into()))
         );
-        // An insider: the oldest address makes room.
-        owed.push(finding(Rule::Volume, "insider", ""), &mut d);
+        // An insider (a verified caller): the oldest address makes room.
+        let mut insider = finding(Rule::Volume, "insider", "");
+        insider.caller = Some(crate::audit::Caller {
+            subject: "insider".into(),
+            role: "councillor".into(),
+            unit: "u".into(),
+            token_id: "t".into(),
+        });
+        owed.push(insider, &mut d);
         assert_eq!(owed.by_key.len(), MAX_OWED);
         assert!(owed.by_key.contains_key(&(Rule::Volume, "insider".into())));
         assert!(

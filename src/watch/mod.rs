@@ -109,6 +109,9 @@ pub async fn run(gw: Arc<Gateway>) {
     let mut stop = gw.watch.stopping.subscribe();
     let mut detector = Detector::new(gw.watch.settings.clone());
     let mut acting = acting::Acting::start(gw.clone());
+    // Owed findings are offered again this often while any are owed, however busy the log.
+    let mut retry = tokio::time::interval(std::time::Duration::from_millis(50));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if let Some(sh) = &gw.watch.shared {
         tokio::spawn(shared::publish_loop(
             sh.clone(),
@@ -124,7 +127,7 @@ pub async fn run(gw: Arc<Gateway>) {
         let logged = tokio::select! {
             r = rx.recv() => r,
             _ = stop.changed() => break,
-            () = tokio::time::sleep(std::time::Duration::from_millis(50)), if acting.owing() => {
+            _ = retry.tick(), if acting.owing() => {
                 acting.flush();
                 continue;
             }
