@@ -982,3 +982,56 @@ async fn admin_actions_need_the_purpose_they_serve() {
     assert_eq!(watched["purpose"], "breach_investigation", "{watched}");
     app.stop().await;
 }
+
+/// Quota totals are only shared while they reach Redis. A replica whose quota commands Redis
+/// refuses (an ACL that lets it use the controls stream but not `wardgate:quota:*`) answers the
+/// roles with limits 503 once the staleness bound has passed, rather than granting its own
+/// allowance as if it were the only replica, while the shared controls themselves stay fresh
+/// and roles without limits are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_totals_redis_refuses_stop_limited_roles_past_the_bound() {
+    let redis = RedisServer::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut admin = admin.get_connection().unwrap();
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER");
+    for word in
+        "gateway on >gateway-pw resetkeys ~wardgate:controls* resetchannels +@all".split(' ')
+    {
+        acl.arg(word);
+    }
+    let _: () = acl.query(&mut admin).unwrap();
+    let url = format!("redis://gateway:gateway-pw@127.0.0.1:{}/", redis.port);
+    let (upstream, _store) = common::start_datastore(800).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(url),
+        ..Default::default()
+    })
+    .await;
+    until_ready("ready", &app).await;
+    let councillor = app.token("councillor");
+    let list = |token: String, purpose: &'static str| {
+        let app = &app;
+        async move {
+            app.get("/voter/electors?per_page=5", Some(&token), Some(purpose))
+                .await
+        }
+    };
+    let refused_after = until("limited role refused", || async {
+        list(councillor.clone(), "canvassing").await.status == 503
+    })
+    .await;
+    let r = list(councillor.clone(), "canvassing").await;
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert!(!String::from_utf8_lossy(&r.body).contains("records"));
+    // The controls' stream is fresh, and a role without limits is served.
+    assert_eq!(app.admin_get("/readyz").await.status, 200);
+    let r = list(app.token("analyst"), "profiling").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    eprintln!(
+        "quota commands refused: limited roles refused after {} ms (bound 2000 ms)",
+        refused_after.as_millis()
+    );
+    app.stop().await;
+}
