@@ -165,28 +165,17 @@ impl Seen {
                 self.by_addr.remove(&old);
             }
         }
-        let known = match self.by_addr.get_mut(addr) {
-            Some((t, seqs)) => {
-                self.by_time.remove(&(*t, addr.to_owned()));
-                *t = (*t).max(at);
-                seqs.push_back(seq);
-                if seqs.len() > EVIDENCE_PER_ADDRESS {
-                    seqs.pop_front();
-                }
-                Some(*t)
-            }
-            None => None,
-        };
-        match known {
-            Some(t) => {
-                self.by_time.insert((t, addr.to_owned()));
-            }
-            None if self.by_addr.len() < MAX_ADDRESSES_PER_TOKEN => {
-                self.by_addr
-                    .insert(addr.to_owned(), (at, VecDeque::from([seq])));
-                self.by_time.insert((at, addr.to_owned()));
-            }
-            None => {}
+        if !self.by_addr.contains_key(addr) && self.by_addr.len() >= MAX_ADDRESSES_PER_TOKEN {
+            return;
+        }
+        let (t, seqs) =
+            (self.by_addr.entry(addr.to_owned())).or_insert_with(|| (at, VecDeque::new()));
+        self.by_time.remove(&(*t, addr.to_owned()));
+        *t = (*t).max(at);
+        self.by_time.insert((*t, addr.to_owned()));
+        seqs.push_back(seq);
+        if seqs.len() > EVIDENCE_PER_ADDRESS {
+            seqs.pop_front();
         }
     }
 
