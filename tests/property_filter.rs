@@ -252,6 +252,9 @@ fn reference_forbids(
     {
         return Some("no contact".into());
     }
+    if purpose == "email_sms" && !(live_consent(r, "email") || live_consent(r, "sms")) {
+        return Some("an email or text campaign without consent to either".into());
+    }
     let Some(category) = cat.datasets["voter"].fields.get(field) else {
         return Some(format!("unclassified field `{field}`"));
     };
@@ -259,15 +262,19 @@ fn reference_forbids(
     if !categories_for(purpose, &p.role).contains(category.as_str()) {
         return Some(format!("category `{category}` not for `{purpose}`"));
     }
+    let objector = flags.contains("objects_direct_marketing")
+        && !["casework", "membership_admin"].contains(&purpose);
     let forbidden = match category.as_str() {
-        "contact_email" => !rights && !live_consent(r, "email"),
+        "contact_email" => !rights && (objector || !live_consent(r, "email")),
         "contact_mobile" => {
             !rights
-                && (!(live_consent(r, "sms") || live_consent(r, "phone"))
-                    || (purpose == "email_sms" && !live_consent(r, "sms"))
+                && (objector
+                    || !(live_consent(r, "sms") || live_consent(r, "phone"))
+                    || (["email_sms", "fundraising", "local_engagement"].contains(&purpose)
+                        && !live_consent(r, "sms"))
                     || (["canvassing", "casework"].contains(&purpose) && !live_consent(r, "phone")))
         }
-        "contact_landline" => !rights && !live_consent(r, "phone"),
+        "contact_landline" => !rights && (objector || !live_consent(r, "phone")),
         "profiling_score" => flags.contains("objects_profiling") && !legal,
         "political_opinion" => flags.contains("para22_notice") && !legal,
         _ => false,

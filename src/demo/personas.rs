@@ -137,7 +137,7 @@ Allow, with fields stripped: a canvasser's walk sheet has names and addresses, n
 Withheld: a councillor asks for another ward and gets nothing from it
   curl -s -H "Authorization: Bearer {councillor}" -H "X-Purpose: canvassing" "{base}/voter/electors?ward=E05013911" | jq .
 
-Consent decides: email_sms returns an email only where consent is recorded and not withdrawn
+Consent decides: email_sms lists only people who consented to email or SMS, with an email only where that consent is live
   curl -s -H "Authorization: Bearer {councillor}" -H "X-Purpose: email_sms" "{base}/voter/electors?per_page=10" | jq .
 
 Deny: a purpose the token does not grant (403), and a purpose that does not exist (400)
