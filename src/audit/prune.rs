@@ -43,23 +43,43 @@ pub fn read_anchor(dir: &Path) -> Option<Anchor> {
 pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
     let segments = list_segments(dir)?;
     let newest = segments.last().map(|(n, _)| *n);
-    let mut doomed = Vec::new();
+    let mut anchor = read_anchor(dir).unwrap_or_default();
+    let (mut doomed, mut leftover) = (Vec::new(), Vec::new());
     for (n, _) in &segments {
         if Some(*n) == newest {
             break;
         }
         // Stop at the first segment that is unsealed or still within retention: no gaps.
         match read_seal(dir, *n) {
+            // Already behind the anchor: a prune stopped after writing it and before removing
+            // these. They go now, counted once already; only if past the retention too (a
+            // genuine leftover always is): an anchor restored or rewritten past records still
+            // within it must not have the gateway delete them.
+            Some(seal)
+                if anchor.last_pruned_seq > 0
+                    && seal.last_seq <= anchor.last_pruned_seq
+                    && !seal.last_ts.is_empty()
+                    && seal.last_ts.as_str() < cutoff =>
+            {
+                tracing::warn!(
+                    segment = seal.segment,
+                    "removing a segment an earlier prune left behind its anchor"
+                );
+                leftover.push(seal)
+            }
             Some(seal) if !seal.last_ts.is_empty() && seal.last_ts.as_str() < cutoff => {
                 doomed.push(seal)
             }
             _ => break,
         }
     }
+    remove_segments(dir, &leftover)?;
     let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
+        if !leftover.is_empty() {
+            super::segment::sync_dir(dir)?;
+        }
         return Ok(None);
     };
-    let mut anchor = read_anchor(dir).unwrap_or_default();
     let records: u64 = doomed.iter().map(|s| s.records).sum();
     anchor.last_pruned_seq = last.last_seq;
     anchor.last_pruned_hash = last.last_hash.clone();
@@ -69,7 +89,23 @@ pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
     std::fs::write(&tmp, serde_json::to_vec_pretty(&anchor)?)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join("pruned.json"))?;
-    for s in &doomed {
+    // The anchor's new name durable before any segment goes: a power cut between the two
+    // must not leave the segments gone and no anchor saying where the chain resumes.
+    super::segment::sync_dir(dir)?;
+    remove_segments(dir, &doomed)?;
+    super::segment::sync_dir(dir)?;
+    Ok(Some(Pruned {
+        first_segment: first.segment,
+        last_segment: last.segment,
+        records,
+        last_pruned_seq: last.last_seq,
+        last_pruned_hash: last.last_hash.clone(),
+    }))
+}
+
+/// Removes each sealed segment's file, index and seal (those already gone are fine).
+fn remove_segments(dir: &Path, seals: &[super::index::Seal]) -> anyhow::Result<()> {
+    for s in seals {
         for p in [
             dir.join(super::segment::segment_name(s.segment)),
             index_path(dir, s.segment),
@@ -82,14 +118,7 @@ pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
             }
         }
     }
-    super::segment::sync_dir(dir)?;
-    Ok(Some(Pruned {
-        first_segment: first.segment,
-        last_segment: last.segment,
-        records,
-        last_pruned_seq: last.last_seq,
-        last_pruned_hash: last.last_hash.clone(),
-    }))
+    Ok(())
 }
 
 /// Prunes what is older than `retention` and records the prune in the log itself.
@@ -191,6 +220,16 @@ mod tests {
             }
         }
         let before = verify_dir(dir.path()).unwrap();
+        // Segment 1 as it was, to put back as a prune stopped before removing it would leave it.
+        let first_files: Vec<(std::path::PathBuf, Vec<u8>)> = [
+            dir.path().join(crate::audit::segment::segment_name(1)),
+            index_path(dir.path(), 1),
+            seal_path(dir.path(), 1),
+        ]
+        .into_iter()
+        .filter_map(|p| std::fs::read(&p).ok().map(|b| (p, b)))
+        .collect();
+        assert_eq!(first_files.len(), 3);
         let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
         let pruned = prune_and_record(&log, dir.path(), seven_years)
             .await
@@ -214,6 +253,37 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // A prune that stopped after its anchor and before removing segment 1: the chain
+        // breaks at the leftover, and the next prune removes it without counting it again.
+        let counted = read_anchor(dir.path()).unwrap();
+        for (p, b) in &first_files {
+            std::fs::write(p, b).unwrap();
+        }
+        assert!(
+            verify_dir(dir.path()).is_err(),
+            "the leftover breaks the chain"
+        );
+        assert!(
+            prune_and_record(&log, dir.path(), seven_years)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!first_files[0].0.exists());
+        let again = read_anchor(dir.path()).unwrap();
+        assert_eq!(
+            (
+                again.pruned_records,
+                again.pruned_segments,
+                again.last_pruned_seq
+            ),
+            (
+                counted.pruned_records,
+                counted.pruned_segments,
+                counted.last_pruned_seq
+            )
+        );
+        assert!(verify_dir(dir.path()).is_ok());
         log.shutdown().await;
         drop(log);
         // A restart continues the chain past the pruned history.

@@ -344,7 +344,13 @@ pub fn verify_against(
                 });
             }
             if let Some(seen) = heads.get(&head.seq) {
-                if let Some(other) = seen.iter().find(|w| w.hash != head.hash) {
+                // The time too: the pruning check takes a head's time as proof of a record's
+                // age, and a head appended with the right hash and an old time would otherwise
+                // "prove" records still within the retention old enough to have gone.
+                let differs = |w: &&crate::audit::witness::Witnessed| {
+                    w.hash != head.hash || (!w.ts.is_empty() && w.ts != head.ts)
+                };
+                if let Some(other) = seen.iter().find(differs) {
                     return Err(VerifyError::WitnessMismatch {
                         segment,
                         line,
@@ -435,15 +441,10 @@ mod tests {
         std::fs::write(dir.join(segment_name(segment)), lines.concat()).unwrap();
     }
 
-    /// Heads as a witness holds them, each of a record written now.
+    /// Heads as a witness holds them, without the records' times (the pruning tests give
+    /// those).
     fn heads(seen: &[(u64, &str)]) -> Heads {
-        let now = crate::audit::AuditRecord::now_ts();
-        heads_of(
-            &seen
-                .iter()
-                .map(|(s, h)| (*s, *h, now.as_str()))
-                .collect::<Vec<_>>(),
-        )
+        heads_of(&seen.iter().map(|(s, h)| (*s, *h, "")).collect::<Vec<_>>())
     }
 
     /// Heads of records written at the times given.
@@ -466,6 +467,10 @@ mod tests {
 
     fn hash_of(line: &str) -> String {
         decode_line(line.trim_end().as_bytes()).unwrap().hash
+    }
+
+    fn ts_of(line: &str) -> String {
+        decode_line(line.trim_end().as_bytes()).unwrap().ts
     }
 
     /// Without a witness, the newest records cut away leave a valid chain; with one, the cut
@@ -582,7 +587,7 @@ mod tests {
             hash_of(&lines[1][1]),
         );
         let old = "2019-01-01T00:00:00.000Z";
-        let now = crate::audit::AuditRecord::now_ts();
+        let now = ts_of(&lines[1][1]);
         let honest = heads_of(&[(1, &first, old), (2, &second, old), (4, &fourth, &now)]);
         let report = verify_against(dir.path(), &honest, Some(year)).unwrap();
         assert_eq!(
@@ -628,6 +633,14 @@ mod tests {
         let err = verify_against(dir.path(), &gap, Some(year)).unwrap_err();
         assert!(
             matches!(err, VerifyError::UnprovenPrune { anchor: 2, .. }),
+            "{err}"
+        );
+        // Nor does a head appended with record 4's true hash and an old time prove them old:
+        // the record's own time is not that.
+        let forged = heads_of(&[(1, &first, old), (4, &fourth, &now), (4, &fourth, old)]);
+        let err = verify_against(dir.path(), &forged, Some(year)).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::WitnessMismatch { seq: 4, .. }),
             "{err}"
         );
         std::fs::remove_file(dir.path().join(segment_name(2))).unwrap();

@@ -273,9 +273,14 @@ impl AuditLog {
         self.inner.published.subscribe()
     }
 
-    /// True when the last write attempt succeeded (or nothing has been attempted yet).
+    /// True when the last write attempt succeeded (or nothing has been attempted yet), and
+    /// the writer is still running: a writer thread gone (a panic) answers every append
+    /// `Closed`, and `/readyz` must say so rather than keep traffic coming.
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Acquire)
+            && lock(&self.inner.thread)
+                .as_ref()
+                .is_some_and(|t| !t.is_finished())
     }
 
     /// The chain head: the newest durable record's sequence number and hash (after pruning
@@ -478,10 +483,11 @@ impl Writer {
         writer
             .ensure_open()
             .context("cannot open the current audit segment")?;
-        if writer.dir_dirty {
-            sync_dir(&writer.dir).context("cannot sync the audit directory")?;
-            writer.dir_dirty = false;
-        }
+        // Always, once: the segment continued may be one the last run created (or adopted by
+        // rename) and died or failed before syncing its directory entry, and records about to
+        // be acknowledged in it must not vanish with that entry at a power cut.
+        sync_dir(&writer.dir).context("cannot sync the audit directory")?;
+        writer.dir_dirty = false;
         tracing::info!(dir = %writer.dir.display(), segment = writer.segment,
             next_seq = writer.next_seq, "audit log opened");
         // Segments finished before a crash may lack their seal.
@@ -626,6 +632,9 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Pending>) {
         let mut buf = Vec::new();
         let mut waiting = Vec::with_capacity(batch.len());
+        // A record of the batch that could not be sealed or encoded: the batch's success does
+        // not make the log healthy again (`/readyz`), since requests are being refused.
+        let mut refused = false;
         let (mut seq, mut hash) = (self.next_seq, self.last_hash.clone());
         for Pending { mut record, reply } in batch {
             // On disk the address is sealed; subscribers keep the plain one.
@@ -639,6 +648,7 @@ impl Writer {
                         }
                         Err(e) => {
                             metrics::counter!("wardgate_audit_failures_total").increment(1);
+                            refused = true;
                             let why = format!("client address cannot be sealed: {e}");
                             let _ = reply.send(Err(AuditError::Unavailable(why)));
                             continue;
@@ -662,10 +672,14 @@ impl Writer {
                 }
                 Err(e) => {
                     metrics::counter!("wardgate_audit_failures_total").increment(1);
+                    refused = true;
                     let why = format!("record cannot be encoded: {e}");
                     let _ = reply.send(Err(AuditError::Unavailable(why)));
                 }
             }
+        }
+        if refused && self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::error!("audit records could not be sealed or encoded; not ready");
         }
         if waiting.is_empty() {
             return;
@@ -696,7 +710,7 @@ impl Writer {
                     preparer.prepare(self.segment + 1);
                     self.asked_to_prepare = self.segment + 1;
                 }
-                if !self.healthy.swap(true, Ordering::AcqRel) {
+                if !refused && !self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::warn!(segment = self.segment, "audit log writable again");
                 }
                 let publish = self.published.receiver_count() > 0;
