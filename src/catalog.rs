@@ -78,6 +78,11 @@ pub struct Dataset {
     pub fields: BTreeMap<String, String>,
     #[serde(default)]
     pub writes: BTreeMap<String, WriteRoute>,
+    /// The flags a record may carry (the rights register's kinds, `under_16` and the
+    /// catalogue's `[words] flags`), filled in by `Catalog::parse`: a record carrying any
+    /// other word is malformed and withheld (`filter::attrs`), since no policy can mean it.
+    #[serde(skip)]
+    pub known_flags: BTreeSet<String>,
 }
 
 fn default_per_page() -> u32 {
@@ -112,6 +117,23 @@ pub struct Words {
     pub consent_channels: Vec<String>,
 }
 
+/// Query parameters the gateway sends a datastore itself, in either dialect (`dialect`).
+const RESERVED_PARAMS: [&str; 6] = ["areas", "exclude", "page", "per_page", "limit", "offset"];
+
+/// A name used in a path or a query: lower-case letters, digits, `_` and `-`, starting with a
+/// letter.
+fn plain(word: &str, what: &str) -> anyhow::Result<()> {
+    let mut bytes = word.bytes();
+    let ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !ok {
+        bail!(
+            "{what}: `{word}` is not a plain name (lower-case letters, digits, `_`, `-`, starting with a letter)"
+        );
+    }
+    Ok(())
+}
+
 impl Catalog {
     pub fn load(path: &Path) -> anyhow::Result<Catalog> {
         let text = std::fs::read_to_string(path)
@@ -120,8 +142,16 @@ impl Catalog {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Catalog> {
-        let c: Catalog = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut c: Catalog = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         c.check()?;
+        let known: BTreeSet<String> = (crate::controls::KINDS.iter())
+            .chain(&[crate::filter::UNDER_16])
+            .map(|k| (*k).to_owned())
+            .chain(c.words.flags.iter().cloned())
+            .collect();
+        for d in c.datasets.values_mut() {
+            d.known_flags = known.clone();
+        }
         Ok(c)
     }
 
@@ -150,6 +180,15 @@ impl Catalog {
             }
         }
         for (name, d) in &self.datasets {
+            // Names become path segments and query parameters: plain words only.
+            plain(name, &format!("dataset `{name}`"))?;
+            plain(&d.collection, &format!("dataset `{name}`: `collection`"))?;
+            for w in d.writes.keys() {
+                plain(w, &format!("dataset `{name}`: write `{w}`"))?;
+            }
+            if d.max_per_page == 0 {
+                bail!("dataset `{name}`: `max_per_page` = 0: at least 1");
+            }
             let known = |f: &str, what: &str| -> anyhow::Result<()> {
                 if d.fields.contains_key(f) {
                     Ok(())
@@ -180,6 +219,18 @@ impl Catalog {
             }
             for f in &d.filters {
                 known(f, "filter")?;
+                plain(f, &format!("dataset `{name}`: filter `{f}`"))?;
+                // The gateway sends these itself (paging, narrowing, and withholding anonymous
+                // electors and under-16s at the source): a caller's value must never stand
+                // before or in place of the gateway's.
+                if RESERVED_PARAMS.contains(&f.as_str()) {
+                    bail!(
+                        "dataset `{name}`: filter `{f}` is a query parameter the gateway sends \
+                         itself ({}; `plain` already refuses Datasette's `_` names); give the \
+                         field another name",
+                        RESERVED_PARAMS.join(", ")
+                    );
+                }
             }
             for (w, route) in &d.writes {
                 for (field, cat) in &route.fields {
@@ -302,5 +353,44 @@ mod tests {
         );
         let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
         assert!(err.contains("mystery"), "{err}");
+    }
+
+    /// A filter named like a parameter the gateway sends itself would put the caller's value
+    /// before the gateway's (`?exclude=none`, `?areas=`); names that become path segments or
+    /// query parameters are plain words; a page of at most nothing is refused.
+    #[test]
+    fn names_the_gateway_sends_upstream_are_plain_and_unreserved() {
+        let shipped = include_str!("../config/catalog.toml");
+        let filters = "filters = [\"branch\", \"clp\", \"status\"]";
+        assert!(shipped.contains(filters));
+        for (name, why) in [
+            ("exclude", "sends"),
+            ("areas", "sends"),
+            ("per_page", "sends"),
+            ("offset", "sends"),
+            ("_shape", "plain"),
+            ("Status", "plain"),
+            ("st atus", "plain"),
+        ] {
+            let text = shipped
+                .replacen(filters, &format!("filters = [\"{name}\"]"), 1)
+                .replacen(
+                    "[datasets.membership.fields]",
+                    &format!("[datasets.membership.fields]\n\"{name}\" = \"membership_status\""),
+                    1,
+                );
+            let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+            assert!(
+                err.contains(&format!("filter `{name}`")) && err.contains(why),
+                "{name}: {err}"
+            );
+        }
+        let text = shipped.replacen("collection = \"members\"", "collection = \"members/x\"", 1);
+        let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+        assert!(err.contains("collection"), "{err}");
+        assert!(shipped.contains("max_per_page = 1000"));
+        let text = shipped.replacen("max_per_page = 1000", "max_per_page = 0", 1);
+        let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+        assert!(err.contains("max_per_page"), "{err}");
     }
 }

@@ -110,7 +110,10 @@ impl Snapshot {
         }
         match &e.change {
             Change::Place { subject, kind, .. } | Change::Lift { subject, kind, .. } => {
-                let key = (subject.clone(), kind.clone());
+                // Subject ids are one whatever their ASCII case, as the register matches
+                // them (`RegisterFlags::get`): a restriction placed on `VF-1` is lifted by a
+                // lift naming `vf-1`, and read back by either.
+                let key = (subject.to_ascii_lowercase(), kind.clone());
                 let newer = self
                     .latest
                     .get(&key)
@@ -135,7 +138,7 @@ impl Snapshot {
         let mut out: Vec<Placement> = self
             .latest
             .iter()
-            .filter(|((s, _), _)| s == subject)
+            .filter(|((s, _), _)| s.eq_ignore_ascii_case(subject))
             .filter_map(|((_, kind), e)| match &e.change {
                 Change::Place { reference, .. } => Some(Placement {
                     kind: kind.clone(),

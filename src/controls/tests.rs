@@ -60,6 +60,25 @@ fn the_latest_event_wins_whatever_the_arrival_order() {
     assert_eq!(kinds, vec!["objects_profiling".to_owned()]);
 }
 
+/// A subject id is one whatever its ASCII case (as the register matches it): a restriction
+/// placed on `VF-1` is read back under `vf-1` and lifted by a lift naming `vf-1`.
+#[test]
+fn a_subject_is_one_whatever_its_case() {
+    let mut s = Snapshot::default();
+    s.apply(&place("a", 1, "restricted"));
+    assert_eq!(s.placements("vf-1").len(), 1);
+    assert_eq!(s.placements("VF-1").len(), 1);
+    let mut lower = lift("b", 2, "restricted");
+    if let Change::Lift { subject, .. } = &mut lower.change {
+        *subject = "vf-1".into();
+    }
+    s.apply(&lower);
+    assert!(
+        s.placements("VF-1").is_empty(),
+        "the lift in lower case lifted it"
+    );
+}
+
 #[test]
 fn replays_are_ignored() {
     let mut s = Snapshot::default();

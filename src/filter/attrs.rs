@@ -83,8 +83,23 @@ pub(super) fn read(
                 .map(|v| v.into_iter().collect()),
         }
     };
-    let markers = strings(&ds.markers_field, at.markers)?;
+    let mut markers = strings(&ds.markers_field, at.markers)?;
     let mut flags = strings(&ds.flags_field, at.flags)?;
+    // A word the gateway does not know is one no policy can have meant (`RESTRICTED`,
+    // `objects-profiling`, a marker `n` for `N`): such a record would otherwise go out as if
+    // unflagged. It is held back as far as the word could mean: a marker not of a marker's
+    // form (one or two capital letters) as an anonymous elector's, never disclosed; a flag
+    // the gateway does not know as a restriction, so that rights handling still sees it.
+    let marker =
+        |m: &String| (1..=2).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_uppercase());
+    if !markers.iter().all(marker) {
+        metrics::counter!("wardgate_unknown_record_words_total", "kind" => "marker").increment(1);
+        markers.insert(ANONYMOUS.to_owned());
+    }
+    if !flags.iter().all(|f| ds.known_flags.contains(f)) {
+        metrics::counter!("wardgate_unknown_record_words_total", "kind" => "flag").increment(1);
+        flags.insert(RESTRICTED.to_owned());
+    }
     if let Some(extra) = cx.register.get(&subject) {
         flags.extend(extra.iter().cloned());
     }
@@ -545,7 +560,13 @@ fn tps_fresh(v: &str, today: i64, max_age_days: u32) -> Option<bool> {
 }
 
 /// The flag DOMAIN.md's never-disclosed under-16s carry (`RecordAttrs::never_disclosed`).
-const UNDER_16: &str = "under_16";
+pub const UNDER_16: &str = "under_16";
+
+/// The register marker of an anonymous elector, never disclosed (`RecordAttrs::never_disclosed`).
+const ANONYMOUS: &str = "N";
+
+/// The rights register's Art 18 restriction: withheld from all but rights handling.
+const RESTRICTED: &str = "restricted";
 
 /// Whether a raw attainer date (`null`, or the day the elector turns 18) is an under-16's;
 /// `None` when it is neither `null` nor a date.

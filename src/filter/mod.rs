@@ -20,7 +20,7 @@ mod register;
 pub(crate) mod scan;
 mod subjects;
 
-pub use attrs::{days_from_iso_date, record_attrs, today, under_16_on};
+pub use attrs::{UNDER_16, days_from_iso_date, record_attrs, today, under_16_on};
 use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
 pub use register::RegisterFlags;

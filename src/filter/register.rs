@@ -18,10 +18,24 @@ impl RegisterFlags {
     /// No flags on anyone.
     pub const EMPTY: RegisterFlags = RegisterFlags(None);
 
-    /// The flags on `subject`, if any.
+    /// The flags on `subject`, if any. Ids are matched without regard to ASCII case: a
+    /// datastore whose collation ignores case (MySQL's, SQL Server's) answers `VF-1` for
+    /// `vf-1`, and a flag placed on one must hold the other back too (matching more withholds
+    /// more, never less).
     #[inline]
     pub fn get(&self, subject: &str) -> Option<&[String]> {
-        self.0.as_ref()?.get(subject).map(|flags| &flags[..])
+        let map = self.0.as_ref()?;
+        let mut buf = [0u8; 64];
+        let found = match buf.get_mut(..subject.len()) {
+            Some(folded) => {
+                folded.copy_from_slice(subject.as_bytes());
+                folded.make_ascii_lowercase();
+                // Folding ASCII letters leaves UTF-8 UTF-8.
+                map.get(std::str::from_utf8(folded).ok()?)
+            }
+            None => map.get(subject.to_ascii_lowercase().as_str()),
+        };
+        found.map(|flags| &flags[..])
     }
 
     /// How many subjects carry a flag.
@@ -43,11 +57,23 @@ impl RegisterFlags {
     }
 }
 
-/// Subjects and their flags (a subject named twice keeps its last list).
+/// Subjects and their flags. Ids are kept folded to lower case (`get`); a subject named
+/// twice, in whatever case, carries every flag either list names, sorted, each once.
 impl FromIterator<(String, Vec<String>)> for RegisterFlags {
     fn from_iter<I: IntoIterator<Item = (String, Vec<String>)>>(pairs: I) -> Self {
-        let map: Flags = (pairs.into_iter())
-            .map(|(subject, flags)| (subject.into_boxed_str(), flags.into_boxed_slice()))
+        let mut merged: HashMap<String, Vec<String>> = HashMap::new();
+        for (subject, flags) in pairs {
+            merged
+                .entry(subject.to_ascii_lowercase())
+                .or_default()
+                .extend(flags);
+        }
+        let map: Flags = (merged.into_iter())
+            .map(|(subject, mut flags)| {
+                flags.sort_unstable();
+                flags.dedup();
+                (subject.into_boxed_str(), flags.into_boxed_slice())
+            })
             .collect();
         RegisterFlags((!map.is_empty()).then(|| Arc::new(map)))
     }
@@ -82,18 +108,48 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(register.len(), 2);
-        // Named twice: the last list.
+        // Named twice: both lists.
         assert_eq!(
             register.get("VF-0000001"),
-            Some(&flags(&["objects_profiling"])[..])
+            Some(&flags(&["objects_profiling", "restricted"])[..])
         );
         assert_eq!(
             register.get("VF-0000002"),
             Some(&flags(&["deceased", "do_not_contact"])[..])
         );
-        for other in ["VF-000000", "VF-00000010", "vf-0000001", "", "VF-0000003"] {
+        for other in ["VF-000000", "VF-00000010", "", "VF-0000003", "VF-0000001-"] {
             assert_eq!(register.get(other), None, "{other}");
         }
+    }
+
+    /// A datastore that ignores case answers `VF-1` for `vf-1`: a flag placed on either
+    /// holds back both, and two placements in different cases add up.
+    #[test]
+    fn ids_match_whatever_their_ascii_case() {
+        let register: RegisterFlags = [
+            ("vf-0000001".to_owned(), flags(&["restricted"])),
+            ("VF-0000002".to_owned(), flags(&["deceased"])),
+            (
+                "Vf-0000002".to_owned(),
+                flags(&["do_not_contact", "deceased"]),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        for id in ["vf-0000001", "VF-0000001", "vF-0000001"] {
+            assert_eq!(register.get(id), Some(&flags(&["restricted"])[..]), "{id}");
+        }
+        assert_eq!(
+            register.get("vf-0000002"),
+            Some(&flags(&["deceased", "do_not_contact"])[..])
+        );
+        // Longer than the stack buffer: the same answer.
+        let long = "x".repeat(100);
+        let register: RegisterFlags = [(long.to_uppercase(), flags(&["restricted"]))]
+            .into_iter()
+            .collect();
+        assert_eq!(register.get(&long), Some(&flags(&["restricted"])[..]));
+        assert_eq!(register.get(&long[1..]), None);
     }
 
     #[test]
