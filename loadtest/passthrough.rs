@@ -67,9 +67,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(up) => up.send(Method::GET, path, None, "passthrough").await.ok(),
                 None => None,
             };
-            let (status, body) = answer.map_or((StatusCode::BAD_GATEWAY, Bytes::new()), |r| {
-                (r.status, r.body)
-            });
+            let (status, body) = match answer.map(|r| (r.status, r.body)) {
+                Some((status, Ok(body))) => (status, body),
+                _ => (StatusCode::BAD_GATEWAY, Bytes::new()),
+            };
             let mut resp = Response::new(Full::new(body));
             *resp.status_mut() = status;
             resp.headers_mut().insert(
@@ -82,5 +83,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    wardgate::server::serve(listener, None, handler, shutdown, Duration::from_secs(1)).await
+    wardgate::server::serve(
+        listener,
+        None,
+        handler,
+        shutdown,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await
 }

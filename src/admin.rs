@@ -99,7 +99,7 @@ where
             None => problem_response(&GatewayError::Internal("no metrics recorder".into()), &rid),
         },
         (_, "/healthz" | "/readyz" | "/metrics") => {
-            problem_response(&GatewayError::MethodNotAllowed, &rid)
+            problem_response(&GatewayError::MethodNotAllowed("GET"), &rid)
         }
         _ => problem_response(&GatewayError::RouteNotFound, &rid),
     }

@@ -80,7 +80,7 @@ pub struct Counted {
 
 /// Reads the datastore's export `body` through the filter and counts its records per group.
 pub async fn count(
-    body: hyper::body::Incoming,
+    mut lines: Lines<hyper::body::Incoming>,
     dataset_name: &str,
     dataset: &Dataset,
     controls: &Controls,
@@ -90,7 +90,6 @@ pub async fn count(
 ) -> Result<Counted, GatewayError> {
     let mut memo = filter::Memo::default();
     let mut groups = Groups::new(by, settings.max_groups);
-    let mut lines = Lines::new(body);
     let mut out = Vec::new();
     let (mut rows_withheld, mut never_disclosed) = (0u64, 0u64);
     let mut policy_ids = BTreeSet::new();
@@ -101,6 +100,10 @@ pub async fn count(
         }
         // A longer upstream line is not a record, as for exports.
         LinesError::TooLong => GatewayError::UpstreamMalformed(e.to_string()),
+        LinesError::Idle(_) => {
+            tracing::warn!(error = %e, "upstream stalled mid-aggregate");
+            GatewayError::UpstreamTimeout
+        }
     })? {
         let flags = controls.register_flags()?;
         let cx = FilterContext {

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     pub max_response_bytes: usize,
     pub shutdown_grace: Duration,
+    /// How long a client has to send a request's headers (and, kept alive, the next
+    /// request's); then its connection is closed.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +240,7 @@ struct RawServer {
     max_request_bytes: Option<usize>,
     max_response_bytes: Option<usize>,
     shutdown_grace: Option<String>,
+    header_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -374,21 +378,32 @@ impl RawConfig {
             durability: self.audit.durability,
             max_batch: self.audit.max_batch.unwrap_or(1024).max(1),
             commit_window: commit_window(self.audit.commit_window.as_deref())?,
-            segment_max_bytes: self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
+            segment_max_bytes: at_least_bytes(
+                self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
+                64 * 1024,
+                "audit.segment_max_bytes",
+            )?,
+            // The log answers subject access requests, a month after they arrive, and breach
+            // reports: a retention shorter than that (`6m` is six minutes to humantime; months
+            // are `6M`) would have the next prune delete what those need.
             retention: match &self.audit.retention {
-                Some(r) => Some(parse_duration(r, "audit.retention")?),
+                Some(r) => Some(bounded(r, "audit.retention", MIN_RETENTION, None)?),
                 None => None,
             },
             client_addr_retention: match self.audit.client_addr_retention.as_deref() {
                 Some("off") => None,
-                other => Some(parse_duration(
+                other => Some(bounded(
                     other.unwrap_or("90days"),
                     "audit.client_addr_retention",
+                    Duration::from_secs(3600),
+                    None,
                 )?),
             },
-            prune_interval: parse_duration(
+            prune_interval: bounded(
                 self.audit.prune_interval.as_deref().unwrap_or("1h"),
                 "audit.prune_interval",
+                Duration::from_secs(60),
+                None,
             )?,
             witness: self.audit.witness.map(witness).transpose()?,
         };
@@ -413,13 +428,17 @@ impl RawConfig {
             audit,
             redis: match self.redis {
                 Some(r) => Some(crate::controls::RedisSettings {
-                    staleness_bound: parse_duration(
+                    staleness_bound: bounded(
                         r.staleness_bound.as_deref().unwrap_or("10s"),
                         "redis.staleness_bound",
+                        Duration::from_millis(100),
+                        None,
                     )?,
-                    resync_interval: parse_duration(
+                    resync_interval: bounded(
                         r.resync_interval.as_deref().unwrap_or("60s"),
                         "redis.resync_interval",
+                        Duration::from_secs(1),
+                        None,
                     )?,
                     stream: r.stream.unwrap_or_else(|| "wardgate:controls".to_owned()),
                     key_file: at(&r.key_file),
@@ -458,11 +477,25 @@ impl RawServer {
             admin_listen,
             tls,
             data_dir: at(&self.data_dir),
-            max_request_bytes: self.max_request_bytes.unwrap_or(64 * 1024),
-            max_response_bytes: self.max_response_bytes.unwrap_or(64 * 1024 * 1024),
+            max_request_bytes: at_least_bytes(
+                self.max_request_bytes.unwrap_or(64 * 1024),
+                1024,
+                "server.max_request_bytes",
+            )?,
+            max_response_bytes: at_least_bytes(
+                self.max_response_bytes.unwrap_or(64 * 1024 * 1024),
+                64 * 1024,
+                "server.max_response_bytes",
+            )?,
             shutdown_grace: parse_duration(
                 self.shutdown_grace.as_deref().unwrap_or("20s"),
                 "server.shutdown_grace",
+            )?,
+            header_read_timeout: bounded(
+                self.header_read_timeout.as_deref().unwrap_or("30s"),
+                "server.header_read_timeout",
+                Duration::from_secs(1),
+                Some(Duration::from_secs(600)),
             )?,
         })
     }
@@ -655,6 +688,20 @@ impl RawUpstream {
                 self.upstream
             );
         }
+        // The route's own path and query are appended to it: a query or credentials in the
+        // base would send the datastore somewhere the route table never chose.
+        if base.query().is_some() || self.upstream.contains('#') {
+            bail!(
+                "`{key}` = `{}`: no query or fragment; the gateway adds each route's path and query",
+                self.upstream
+            );
+        }
+        if base.authority().is_some_and(|a| a.as_str().contains('@')) {
+            bail!(
+                "`{key}` = `{}`: no credentials in the URL; use `datasets.{name}.authorization_file`",
+                self.upstream
+            );
+        }
         let authorization = match self.authorization_file {
             Some(p) => {
                 let p = at(&p);
@@ -687,13 +734,17 @@ impl RawUpstream {
         Ok(UpstreamConfig {
             dialect,
             base,
-            connect_timeout: parse_duration(
+            connect_timeout: bounded(
                 self.connect_timeout.as_deref().unwrap_or("2s"),
                 &format!("datasets.{name}.connect_timeout"),
+                MIN_UPSTREAM_TIMEOUT,
+                None,
             )?,
-            response_timeout: parse_duration(
+            response_timeout: bounded(
                 self.response_timeout.as_deref().unwrap_or("15s"),
                 &format!("datasets.{name}.response_timeout"),
+                MIN_UPSTREAM_TIMEOUT,
+                None,
             )?,
             idle_connections: match self.idle_connections {
                 None => DEFAULT_IDLE_CONNECTIONS,
@@ -759,6 +810,41 @@ fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConf
         key: key.to_owned(),
         interval,
     })
+}
+
+/// The shortest `audit.retention`: a month and a day, so that a subject access request
+/// answered within its month finds everything disclosed in the month before it arrived.
+const MIN_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
+
+/// The shortest datastore connect or response timeout (zero would fail every request).
+const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// `v` parsed as a duration of at least `min` (and at most `max`), or an error naming `key`.
+fn bounded(v: &str, key: &str, min: Duration, max: Option<Duration>) -> anyhow::Result<Duration> {
+    let d = parse_duration(v, key)?;
+    if d < min {
+        bail!(
+            "`{key}` = `{v}` is {}: at least {} (humantime: `m` is minutes, `M` months)",
+            humantime::format_duration(d),
+            humantime::format_duration(min)
+        );
+    }
+    if let Some(max) = max.filter(|max| d > *max) {
+        bail!(
+            "`{key}` = `{v}` is {}: at most {}",
+            humantime::format_duration(d),
+            humantime::format_duration(max)
+        );
+    }
+    Ok(d)
+}
+
+/// A size of at least `min` bytes, or an error naming `key`.
+fn at_least_bytes<T: PartialOrd + std::fmt::Display>(n: T, min: T, key: &str) -> anyhow::Result<T> {
+    if n < min {
+        bail!("`{key}` = {n}: at least {min} bytes");
+    }
+    Ok(n)
 }
 
 fn parse_duration(v: &str, key: &str) -> anyhow::Result<Duration> {

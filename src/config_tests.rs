@@ -348,3 +348,86 @@ fn subject_prefixes_keep_issuers_apart() {
         assert_eq!(e.is_err(), local != "l:", "{local}: {:?}", e.as_ref().err());
     }
 }
+
+/// Values that parse but would break the gateway, or the log's promises, are refused with
+/// the key named: `6m` is six minutes to humantime (months are `6M`), and a prune with that
+/// retention would delete what a subject access request needs.
+#[test]
+fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
+    let in_section =
+        |anchor: &str, line: &str| MINIMAL.replace(anchor, &format!("{anchor}\n{line}"));
+    let audit = "durability = \"fsync\"";
+    let server = "data_dir = \"/var/lib/wardgate\"";
+    let voter = "upstream = \"http://127.0.0.1:7001\"";
+    for (anchor, line, key) in [
+        (audit, "retention = \"6m\"", "audit.retention"),
+        (audit, "retention = \"0s\"", "audit.retention"),
+        (audit, "retention = \"30days\"", "audit.retention"),
+        (
+            audit,
+            "client_addr_retention = \"0s\"",
+            "audit.client_addr_retention",
+        ),
+        (audit, "prune_interval = \"0s\"", "audit.prune_interval"),
+        (audit, "segment_max_bytes = 0", "audit.segment_max_bytes"),
+        (server, "max_request_bytes = 0", "server.max_request_bytes"),
+        (
+            server,
+            "max_response_bytes = 100",
+            "server.max_response_bytes",
+        ),
+        (
+            voter,
+            "connect_timeout = \"0s\"",
+            "datasets.voter.connect_timeout",
+        ),
+        (
+            voter,
+            "response_timeout = \"0s\"",
+            "datasets.voter.response_timeout",
+        ),
+    ] {
+        let e = err(&in_section(anchor, line));
+        assert!(e.contains(key) && e.contains("at least"), "{line}: {e}");
+    }
+    let redis = |line: &str| {
+        format!("{MINIMAL}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nkey_file = \"k\"\n{line}\n")
+    };
+    for (line, key) in [
+        ("staleness_bound = \"0s\"", "redis.staleness_bound"),
+        ("resync_interval = \"0s\"", "redis.resync_interval"),
+    ] {
+        let e = err(&redis(line));
+        assert!(e.contains(key) && e.contains("at least"), "{line}: {e}");
+    }
+    // The shortest each allows still loads.
+    for (anchor, line) in [
+        (audit, "retention = \"31days\""),
+        (audit, "retention = \"7years\""),
+        (audit, "prune_interval = \"1m\""),
+        (voter, "response_timeout = \"10ms\""),
+        (server, "max_request_bytes = 1024"),
+    ] {
+        parse(&in_section(anchor, line)).unwrap();
+    }
+    parse(&redis(
+        "staleness_bound = \"100ms\"\nresync_interval = \"1s\"",
+    ))
+    .unwrap();
+}
+
+/// The gateway appends each route's path and query to a datastore's URL: a query of its own
+/// would send the datastore a resource no route chose, and credentials belong in a file.
+#[test]
+fn an_upstream_url_is_a_plain_base() {
+    for url in [
+        "http://127.0.0.1:7001/?k=v",
+        "http://127.0.0.1:7001/#x",
+        "http://user:pw@127.0.0.1:7001",
+        "https://127.0.0.1:7001",
+    ] {
+        let e = err(&MINIMAL.replace("http://127.0.0.1:7001", url));
+        assert!(e.contains("datasets.voter.upstream"), "{url}: {e}");
+    }
+    parse(&MINIMAL.replace("http://127.0.0.1:7001", "http://127.0.0.1:7001/api")).unwrap();
+}

@@ -224,7 +224,7 @@ pub fn write(
             Envelope::Records,
         )),
         // Datasette deployments here are read-only replicas of the register.
-        Dialect::Datasette(_) => Err(GatewayError::MethodNotAllowed),
+        Dialect::Datasette(_) => Err(GatewayError::MethodNotAllowed("")),
     }
 }
 

@@ -92,8 +92,12 @@ pub enum GatewayError {
     PurposeNotGranted(String),
     #[error("no such route")]
     RouteNotFound,
+    /// The methods the route does accept, as the `Allow` header lists them (RFC 9110
+    /// §15.5.6; empty: none).
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("forbidden by policy")]
@@ -163,7 +167,8 @@ impl GatewayError {
             | GatewayError::Forbidden { .. }
             | GatewayError::WriteForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
-            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
@@ -191,7 +196,8 @@ impl GatewayError {
             GatewayError::PurposeUnknown(_) => "purpose_unknown",
             GatewayError::PurposeNotGranted(_) => "purpose_not_granted",
             GatewayError::RouteNotFound => "route_not_found",
-            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::MethodNotAllowed(_) => "method_not_allowed",
+            GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
             GatewayError::WriteForbidden(_) => "write_forbidden",
@@ -222,7 +228,8 @@ impl GatewayError {
             | GatewayError::Forbidden { .. }
             | GatewayError::WriteForbidden(_) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
-            GatewayError::MethodNotAllowed => "method not allowed",
+            GatewayError::MethodNotAllowed(_) => "method not allowed",
+            GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
@@ -251,7 +258,13 @@ impl GatewayError {
                 format!("this token does not grant the purpose `{p}`")
             }
             GatewayError::RouteNotFound => "no data route matches this path".to_owned(),
-            GatewayError::MethodNotAllowed => "this route does not accept that method".to_owned(),
+            GatewayError::MethodNotAllowed("") => "this route accepts no method here".to_owned(),
+            GatewayError::MethodNotAllowed(allow) => {
+                format!("this route does not accept that method; it accepts {allow}")
+            }
+            GatewayError::UnsupportedMediaType => {
+                "a write's body must be JSON, sent as `Content-Type: application/json`".to_owned()
+            }
             GatewayError::BadRequest(why) => why.clone(),
             GatewayError::Forbidden { .. } => {
                 "the policies in force do not permit this request for the declared purpose"
@@ -345,7 +358,8 @@ mod tests {
             GatewayError::PurposeUnknown("p".into()),
             GatewayError::PurposeNotGranted("p".into()),
             GatewayError::RouteNotFound,
-            GatewayError::MethodNotAllowed,
+            GatewayError::MethodNotAllowed("GET"),
+            GatewayError::UnsupportedMediaType,
             GatewayError::BadRequest("b".into()),
             GatewayError::Forbidden { policy_ids: vec![] },
             GatewayError::WriteForbidden("w".into()),
@@ -371,7 +385,8 @@ mod tests {
                 | GatewayError::PurposeUnknown(_)
                 | GatewayError::PurposeNotGranted(_)
                 | GatewayError::RouteNotFound
-                | GatewayError::MethodNotAllowed
+                | GatewayError::MethodNotAllowed(_)
+                | GatewayError::UnsupportedMediaType
                 | GatewayError::BadRequest(_)
                 | GatewayError::Forbidden { .. }
                 | GatewayError::WriteForbidden(_)

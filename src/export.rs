@@ -56,8 +56,10 @@ const FILTER_BATCH: usize = 256 << 10;
 /// has gathered, its whole lines in one go; at the end, the rest. What is kept between
 /// batches is at most one partial line, which `MAX_LINE` bounds. Exports and aggregates
 /// read their upstream with it.
-pub(crate) struct Lines<B> {
+pub struct Lines<B> {
     body: B,
+    /// How long the body may send nothing before it counts as failed (`idle`).
+    idle: Option<std::time::Duration>,
     /// Gathered and not yet handed out, after the `taken` bytes of the last batch.
     partial: Vec<u8>,
     /// The last batch and its newline, dropped at the next call.
@@ -67,11 +69,13 @@ pub(crate) struct Lines<B> {
 
 /// Why an upstream body stopped short of its end.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum LinesError {
+pub enum LinesError {
     #[error("upstream failed mid-stream: {0}")]
     Upstream(BoxError),
     #[error("an upstream line is longer than any record")]
     TooLong,
+    #[error("the upstream sent nothing for {0:?}")]
+    Idle(std::time::Duration),
 }
 
 impl<B> Lines<B>
@@ -82,10 +86,19 @@ where
     pub fn new(body: B) -> Self {
         Lines {
             body,
+            idle: None,
             partial: Vec::new(),
             taken: 0,
             done: false,
         }
+    }
+
+    /// The same, failing once the body sends nothing for `idle`: a datastore stalled mid-body
+    /// (a lock, a dead peer the kernel has not noticed) would otherwise hold the export or the
+    /// aggregate, and its closing record, for ever.
+    pub fn idle(mut self, idle: std::time::Duration) -> Self {
+        self.idle = Some(idle);
+        self
     }
 
     /// The next batch of whole lines (without the last newline; at the end, whatever was
@@ -100,7 +113,12 @@ where
             if self.partial.len() > MAX_LINE {
                 return Err(LinesError::TooLong);
             }
-            let frame = self.body.frame().await;
+            let frame = match self.idle {
+                Some(idle) => tokio::time::timeout(idle, self.body.frame())
+                    .await
+                    .map_err(|_| LinesError::Idle(idle))?,
+                None => self.body.frame().await,
+            };
             self.done = frame.is_none();
             if let Some(frame) = frame
                 && let Some(data) = frame
@@ -133,7 +151,7 @@ pub fn ready(partial: &[u8], done: bool) -> Option<usize> {
 /// Everything the export needs once the request has been authorized and the upstream has
 /// answered 200.
 pub struct Plan {
-    pub body: hyper::body::Incoming,
+    pub body: Lines<hyper::body::Incoming>,
     pub principal: Arc<Principal>,
     pub ask: Ask,
     pub asker: u64,
@@ -238,13 +256,13 @@ impl Run<'_> {
             &plan.dataset,
             categories,
         );
-        let mut lines = Lines::new(plan.body);
+        let mut lines = plan.body;
         let mut out = Vec::with_capacity(CHUNK_BYTES + MAX_LINE);
         let mut d = Disclosure::default();
         let mut memo = filter::Memo::default();
         while let Some(batch) = lines.next().await.map_err(|e| match e {
             LinesError::Upstream(e) => format!("upstream failed mid-export: {e}"),
-            LinesError::TooLong => e.to_string(),
+            LinesError::TooLong | LinesError::Idle(_) => e.to_string(),
         })? {
             // The rights register as it stands for this batch's records.
             let register = gw
@@ -540,6 +558,26 @@ mod tests {
         assert!(got.is_empty());
         assert!(
             matches!(&err, Some(LinesError::Upstream(e)) if e.to_string() == "connection reset"),
+            "{err:?}"
+        );
+    }
+
+    /// A body that stalls after a line fails once it has sent nothing for the idle bound,
+    /// rather than holding its reader for ever.
+    #[tokio::test]
+    async fn a_stalled_body_fails_after_the_idle_bound() {
+        use futures_util::StreamExt;
+        let stalled = StreamBody::new(
+            futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+                b"{\"n\":1}\n",
+            )))])
+            .chain(futures_util::stream::pending()),
+        );
+        let idle = std::time::Duration::from_millis(200);
+        let mut lines = Lines::new(stalled).idle(idle);
+        let err = lines.next().await.map(|b| b.map(<[u8]>::to_vec));
+        assert!(
+            matches!(err, Err(LinesError::Idle(d)) if d == idle),
             "{err:?}"
         );
     }

@@ -57,6 +57,8 @@ pub struct Gateway {
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
     pub max_request_bytes: usize,
+    /// `server.header_read_timeout`, for the listeners (`server::serve`).
+    pub header_read_timeout: std::time::Duration,
     /// Small-cell suppression and the group limit for aggregates.
     pub aggregates: crate::aggregate::Settings,
 }
@@ -363,7 +365,7 @@ where
             })?;
         let body = upstream.open_stream(&path, request_id).await?;
         return Ok(Reply::Export(Box::new(crate::export::Plan {
-            body,
+            body: crate::export::Lines::new(body).idle(upstream.response_timeout()),
             principal,
             ask,
             asker,
@@ -407,7 +409,7 @@ where
                 })?;
             let body = upstream.open_stream(&path, request_id).await?;
             let counted = crate::aggregate::count(
-                body,
+                crate::export::Lines::new(body).idle(upstream.response_timeout()),
                 &route.dataset,
                 dataset,
                 &gw.controls,
@@ -459,6 +461,9 @@ where
         RouteKind::Write { id, write } => {
             let (path, envelope) = dialect::write(&upstream.dialect, dataset, id, write)?;
             let asked = req.uri().path().to_owned();
+            if !crate::writes::says_json(req.headers()) {
+                return Err(GatewayError::UnsupportedMediaType);
+            }
             let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
             let written = crate::writes::check_write(
                 gw, &ask, dataset, &route, write, id, &body, &principal, upstream, request_id,
@@ -470,16 +475,25 @@ where
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
-            let body = expect_json(resp.status, resp.json, resp.body)?;
-            // The write is done. What follows only decides what of the record is shown back:
-            // when nothing may be (the caller no longer stands, the mirror went stale during
-            // the round trip, the answer cannot be read), the caller sees nothing of it, not an
-            // error that would have the write sent again; the record says why.
+            if !resp.status.is_success() {
+                tracing::warn!(status = resp.status.as_u16(), "upstream refused the write");
+                return Err(GatewayError::UpstreamStatus(resp.status.as_u16()));
+            }
+            // The write is done (any 2xx: 200, 201 Created, 204 No Content). What follows only
+            // decides what of the record is shown back: when nothing may be (no record in the
+            // answer, an answer that cannot be read, the caller no longer stands, the mirror
+            // went stale during the round trip), the caller sees nothing of it, not an error
+            // that would have the write sent again; the record says why.
             let nothing = |trail: &mut Trail, why: &str| {
                 trail.detail = Some(serde_json::json!({
                     "written": trail.written, "shown": "nothing", "because": why
                 }));
                 Ok(Reply::Body(Bytes::from_static(b"{\"record\":null}")))
+            };
+            let body = match (resp.json, resp.body) {
+                (_, Err(e)) => return nothing(trail, e.code()),
+                (true, Ok(body)) if !body.is_empty() => body,
+                _ => return nothing(trail, "upstream_answer_holds_no_record"),
             };
             let register = match register_now(gw, &principal) {
                 Ok(r) => r,
@@ -682,7 +696,7 @@ pub(crate) async fn fetch_one(
 pub(crate) fn expect_json(
     status: StatusCode,
     json: bool,
-    body: Bytes,
+    body: Result<Bytes, GatewayError>,
 ) -> Result<Bytes, GatewayError> {
     if status != StatusCode::OK {
         tracing::warn!(status = status.as_u16(), "upstream answered with an error");
@@ -693,7 +707,7 @@ pub(crate) fn expect_json(
             "response is not application/json".to_owned(),
         ));
     }
-    Ok(body)
+    body
 }
 
 pub(crate) fn malformed(e: filter::FilterError) -> GatewayError {
@@ -878,11 +892,19 @@ pub fn problem_response(err: &GatewayError, request_id: &str) -> Response<Full<B
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
-    if let GatewayError::Unauthenticated(_) = err {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"wardgate\""),
-        );
+    match err {
+        GatewayError::Unauthenticated(_) => {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"wardgate\""),
+            );
+        }
+        // RFC 9110 §15.5.6: a 405 lists what the route does accept.
+        GatewayError::MethodNotAllowed(allow) => {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        _ => {}
     }
     resp
 }

@@ -20,12 +20,15 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Dialect, UpstreamConfig};
 use crate::error::GatewayError;
 
-/// What came back from a datastore, fully read and size-checked.
+/// What came back from a datastore: its status and whether it said JSON, and the body, read
+/// and size-checked when it was a success in JSON (otherwise empty). A body that failed after
+/// a success status is an `Err` here, not of `send`: a write the datastore answered 2xx was
+/// taken, however its body then went.
 #[derive(Debug)]
 pub struct UpstreamResponse {
     pub status: StatusCode,
     pub json: bool,
-    pub body: Bytes,
+    pub body: Result<Bytes, GatewayError>,
 }
 
 pub struct Upstream {
@@ -112,6 +115,12 @@ impl Upstream {
         })
     }
 
+    /// How long the datastore may take to answer (`response_timeout`): its headers and a
+    /// buffered body in all, or a streamed body between one frame and the next.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Sends `method path_and_query` (with an optional JSON body) and reads the answer.
     pub async fn send(
         &self,
@@ -122,54 +131,55 @@ impl Upstream {
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = format!("{}{path_and_query}", self.base);
         let req = self.request(method, &uri, "application/json", body, request_id)?;
-        let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+        // One deadline for the whole exchange: headers and body.
+        let deadline = tokio::time::Instant::now() + self.response_timeout;
+        let resp = tokio::time::timeout_at(deadline, self.client.request(req))
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?
+            .map_err(|e| {
                 tracing::warn!(error = %e, uri, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?;
-            let status = resp.status();
-            let json = resp
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| {
-                    ct.starts_with("application/json") || ct.starts_with("application/problem+json")
-                });
-            // Only a 200 JSON answer is ever read (`gateway::expect_json` refuses the rest by
-            // status and type alone): anything else is neither waited for nor buffered (its
-            // connection is dropped rather than drained).
-            if status != StatusCode::OK || !json {
-                return Ok(UpstreamResponse {
-                    status,
-                    json,
-                    body: Bytes::new(),
-                });
+        let status = resp.status();
+        let json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.starts_with("application/json") || ct.starts_with("application/problem+json")
+            });
+        // Only a success in JSON is ever read (`gateway::expect_json` refuses the rest by
+        // status and type alone): anything else is neither waited for nor buffered (its
+        // connection is dropped rather than drained).
+        if !status.is_success() || !json {
+            return Ok(UpstreamResponse {
+                status,
+                json,
+                body: Ok(Bytes::new()),
+            });
+        }
+        let body = if resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|n| n > self.max_response_bytes)
+        {
+            Err(GatewayError::UpstreamTooLarge)
+        } else {
+            let read = Limited::new(resp.into_body(), self.max_response_bytes).collect();
+            match tokio::time::timeout_at(deadline, read).await {
+                Err(_) => Err(GatewayError::UpstreamTimeout),
+                Ok(Ok(all)) => Ok(all.to_bytes()),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    Err(GatewayError::UpstreamTooLarge)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, uri, "upstream body failed");
+                    Err(GatewayError::UpstreamUnavailable)
+                }
             }
-            if resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-                .is_some_and(|n| n > self.max_response_bytes)
-            {
-                return Err(GatewayError::UpstreamTooLarge);
-            }
-            let body = Limited::new(resp.into_body(), self.max_response_bytes)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        GatewayError::UpstreamTooLarge
-                    } else {
-                        tracing::warn!(error = %e, uri, "upstream body failed");
-                        GatewayError::UpstreamUnavailable
-                    }
-                })?
-                .to_bytes();
-            Ok(UpstreamResponse { status, json, body })
         };
-        tokio::time::timeout(self.response_timeout, exchange)
-            .await
-            .map_err(|_| GatewayError::UpstreamTimeout)?
+        Ok(UpstreamResponse { status, json, body })
     }
 
     /// Asks for a streamed NDJSON answer; returns its body once the headers say 200 and

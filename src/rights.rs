@@ -311,7 +311,10 @@ where
                     .to_owned(),
             ))
         }
-        (_, ["rights", ..] | ["revocations"] | ["sar", ..]) => Err(GatewayError::MethodNotAllowed),
+        (_, ["rights", _]) => Err(GatewayError::MethodNotAllowed("GET, POST")),
+        (_, ["sar", _]) => Err(GatewayError::MethodNotAllowed("GET")),
+        (_, ["rights", _, "lift"] | ["revocations"]) => Err(GatewayError::MethodNotAllowed("POST")),
+        (_, ["rights" | "sar", ..]) => Err(GatewayError::RouteNotFound),
         _ => Err(GatewayError::RouteNotFound),
     }
 }

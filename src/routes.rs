@@ -118,15 +118,15 @@ pub fn resolve(
         }
         _ => return Err(GatewayError::RouteNotFound),
     };
-    let wanted = match kind {
-        RouteKind::Write { .. } => http::Method::POST,
+    let (wanted, allow) = match kind {
+        RouteKind::Write { .. } => (http::Method::POST, "POST"),
         RouteKind::List
         | RouteKind::Export
         | RouteKind::Aggregate { .. }
-        | RouteKind::Read { .. } => http::Method::GET,
+        | RouteKind::Read { .. } => (http::Method::GET, "GET"),
     };
     if *method != wanted {
-        return Err(GatewayError::MethodNotAllowed);
+        return Err(GatewayError::MethodNotAllowed(allow));
     }
     let mut route = Route {
         dataset: dataset_name.to_owned(),

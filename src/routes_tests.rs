@@ -87,11 +87,11 @@ fn undeclared_paths_and_methods_are_refused() {
     }
     assert!(matches!(
         resolve(&catalog(), &http::Method::POST, "/voter/electors", None),
-        Err(GatewayError::MethodNotAllowed)
+        Err(GatewayError::MethodNotAllowed("GET"))
     ));
     assert!(matches!(
         get("/voter/electors/VF-1/canvass", None),
-        Err(GatewayError::MethodNotAllowed)
+        Err(GatewayError::MethodNotAllowed("POST"))
     ));
 }
 

@@ -10,7 +10,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,9 +21,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -55,13 +59,131 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `handler` on `listener` until `shutdown` resolves, then drains for up to `grace`.
+/// Counts and logs a connection that ended in an error. hyper answers a request it cannot
+/// parse (a malformed request line or header, headers or a URI too large) itself, with a bare
+/// 400, 414 or 431 and no body, before any handler runs: no audit record holds those, so they
+/// are counted (`wardgate_connection_errors_total{kind}`) and logged at warn (the client's
+/// address only at debug: the audit log, which seals addresses, is where they are kept). A
+/// timeout on a connection that has carried a request is an idle kept-alive connection
+/// closed (`idle`), not a client that never finished (`timeout`).
+fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, served: bool) {
+    let timed_out = (e.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    let kind = match e.downcast_ref::<hyper::Error>() {
+        Some(h) if h.is_parse_too_large() => "too_large",
+        Some(h) if h.is_parse() => "malformed",
+        Some(h) if h.is_timeout() && served => "idle",
+        Some(h) if h.is_timeout() => "timeout",
+        _ if timed_out => "timeout",
+        _ => "other",
+    };
+    metrics::counter!("wardgate_connection_errors_total", "kind" => kind).increment(1);
+    if matches!(kind, "too_large" | "malformed") {
+        tracing::warn!(error = %e, kind, "request refused before it could be read");
+    }
+    tracing::debug!(error = %e, %peer, kind, "connection ended with an error");
+}
+
+/// A connection's stream with a deadline on its first bytes: hyper's header timeout starts
+/// only once it knows the protocol, which it learns from those bytes (up to HTTP/2's 24-byte
+/// preface), so a client that connects and sends nothing, or a few bytes, would otherwise
+/// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone.
+struct FirstBytes<T> {
+    inner: T,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    left: usize,
+}
+
+/// HTTP/2's connection preface, the most hyper reads before it knows the protocol.
+const FIRST_BYTES: usize = 24;
+
+impl<T> FirstBytes<T> {
+    fn new(inner: T, within: Duration) -> Self {
+        FirstBytes {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+            left: FIRST_BYTES,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.left = this.left.saturating_sub(buf.filled().len() - before);
+                if this.left == 0 {
+                    this.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let passed =
+                    (this.deadline.as_mut()).is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if passed {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent no request in time",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains for up to `grace`. A
+/// client has `header_read_timeout` to send a request's headers (on a new connection, or the
+/// next request on a kept-alive one); then its connection is closed.
 pub async fn serve<H, F, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    header_read_timeout: Duration,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -70,7 +192,18 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper enforces no timeout at all: a client that opens a connection and
+    // sends half a request line would hold it (and a descriptor) for ever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     // Every connection's task, so that those still open after the grace period are ended
     // here, before the caller flushes the log, rather than with the runtime, after it.
     let mut connections = tokio::task::JoinSet::new();
@@ -92,19 +225,25 @@ where
         };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
+        // Whether the connection has carried a request: a timeout after one is an idle
+        // kept-alive connection closed, not a client that never finished its headers.
+        let served = Arc::new(AtomicBool::new(false));
+        let serving = Arc::clone(&served);
         let service = service_fn(move |req: Request<Incoming>| {
             let h = h.clone();
+            serving.store(true, Ordering::Relaxed);
             async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
         });
         match &tls {
             None => {
+                let stream = FirstBytes::new(stream, header_read_timeout);
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 connections.spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        connection_failed(&*e, peer, served.load(Ordering::Relaxed));
                     }
                 });
             }
@@ -125,11 +264,12 @@ where
                         }
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
+                    let stream = FirstBytes::new(stream, header_read_timeout);
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
                     if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        connection_failed(&*e, peer, served.load(Ordering::Relaxed));
                     }
                 });
             }

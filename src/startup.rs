@@ -126,7 +126,10 @@ pub async fn probe_upstreams(c: &Checked) -> anyhow::Result<Vec<String>> {
         if resp.status != http::StatusCode::OK {
             anyhow::bail!("probing datastore `{name}`: it answered {}", resp.status);
         }
-        let body: serde_json::Value = serde_json::from_slice(&resp.body)
+        let body = resp
+            .body
+            .map_err(|e| anyhow::anyhow!("probing datastore `{name}`: {e}"))?;
+        let body: serde_json::Value = serde_json::from_slice(&body)
             .with_context(|| format!("probing datastore `{name}`: the answer is not JSON"))?;
         let key = match envelope {
             crate::filter::Envelope::Records => "records",
@@ -211,6 +214,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         upstreams: c.upstreams,
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
+        header_read_timeout: cfg.server.header_read_timeout,
         aggregates: cfg.aggregates,
     };
     Ok((Arc::new(gw), c.tls))
@@ -239,6 +243,7 @@ pub async fn run(
         move |req, peer| admin::PEER.scope(peer, admin::handle(gw_admin.clone(), req)),
         stopped(stop_rx.clone()),
         grace,
+        gw.header_read_timeout,
     ));
     let gw_data = gw.clone();
     let data_task = tokio::spawn(server::serve(
@@ -250,6 +255,7 @@ pub async fn run(
         },
         stopped(stop_rx),
         grace,
+        gw.header_read_timeout,
     ));
     let pruner = (retention.is_some() || addr_retention.is_some()).then(|| {
         let log = gw.audit.clone();

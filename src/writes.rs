@@ -197,6 +197,21 @@ fn only_values(field: &str, value: &serde_json::Value, allowed: &[String]) -> Re
     ))
 }
 
+/// How long a write's body may take to arrive: a caller trickling one out would otherwise
+/// hold a connection and a task for as long as it liked.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the request says its body is JSON (`application/json`, any parameters, any case).
+/// A write is read as JSON and forwarded as JSON; a body that says otherwise is not what its
+/// sender meant to write.
+pub(crate) fn says_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
 pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
@@ -210,7 +225,14 @@ where
     {
         return Err(GatewayError::PayloadTooLarge);
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let read = Limited::new(req.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(BODY_DEADLINE, read).await else {
+        return Err(GatewayError::BadRequest(format!(
+            "the request body did not arrive within {} s",
+            BODY_DEADLINE.as_secs()
+        )));
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge),
         Err(e) => Err(GatewayError::BadRequest(format!(

@@ -200,6 +200,14 @@ async fn email_sms_returns_an_email_only_with_live_consent() {
     let mut emails = 0;
     for r in &got {
         let src = &truth[r["elector_id"].as_str().unwrap()];
+        let live = |channel: &str| {
+            let c = &src["consents"][channel];
+            c.is_object() && !c["given_at"].is_null() && c["withdrawn_at"].is_null()
+        };
+        assert!(
+            live("email") || live("sms"),
+            "a campaign resting on consent named someone who gave none: {src}"
+        );
         if r.get("email").is_some() {
             emails += 1;
             let c = &src["consents"]["email"];
@@ -347,6 +355,48 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
         )
         .await;
     assert_eq!(r.status, 405);
+    // RFC 9110 §15.5.6: a 405 says what the route accepts.
+    assert_eq!(r.headers["allow"], "GET");
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let r = app
+        .request(
+            Method::GET,
+            "/voter/electors/VF-0000001/canvass",
+            &[
+                ("authorization", &format!("Bearer {t}")),
+                ("x-purpose", "canvassing"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.headers["allow"]),
+        (405, &"POST".parse::<http::HeaderValue>().unwrap())
+    );
+    // A write's body is JSON, and says so: anything else is refused before it is read.
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut headers = vec![
+            ("authorization", format!("Bearer {t}")),
+            ("x-purpose", "canvassing".to_owned()),
+        ];
+        headers.extend(content_type.map(|c| ("content-type", c.to_owned())));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = app
+            .request(
+                Method::POST,
+                "/voter/electors/VF-0000001/canvass",
+                &headers,
+                Some(r#"{"voting_intention":"LAB"}"#),
+            )
+            .await;
+        assert_eq!(r.status, 415, "{content_type:?}: {:?}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(app.audit_for(&r)["reason"], "unsupported_media_type");
+    }
     app.stop().await;
 }
 
@@ -512,6 +562,25 @@ async fn fake_upstream_posting(
     posted: &'static str,
     hang: bool,
 ) -> SocketAddr {
+    fake_upstream_answering_writes(
+        status,
+        content_type,
+        body,
+        (status, content_type, posted),
+        hang,
+    )
+    .await
+}
+
+/// As `fake_upstream_posting`, with a write's answer of its own: `post` is its status, type
+/// and body.
+async fn fake_upstream_answering_writes(
+    status: u16,
+    content_type: &'static str,
+    body: &'static str,
+    post: (u16, &'static str, &'static str),
+    hang: bool,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -524,10 +593,10 @@ async fn fake_upstream_posting(
                     if hang {
                         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
                     }
-                    let body = if req.method() == http::Method::POST {
-                        posted
+                    let (status, content_type, body) = if req.method() == http::Method::POST {
+                        post
                     } else {
-                        body
+                        (status, content_type, body)
                     };
                     let mut resp =
                         http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -577,6 +646,62 @@ async fn a_write_done_whose_answer_cannot_be_read_shows_nothing_and_is_no_error(
         "{audit}"
     );
     assert_eq!(audit["subjects"], json!([]), "{audit}");
+    app.stop().await;
+}
+
+/// Any 2xx from the datastore means the write was taken: `201 Created` with the record shows
+/// it back filtered; `204 No Content`, a 200 that is not JSON, or one with no body shows
+/// nothing, as done. Only a refusal (4xx, 5xx) is an error the caller may retry.
+#[tokio::test]
+async fn any_success_from_the_datastore_is_a_write_done() {
+    let mine = open_elector().await;
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let target: &'static str = Box::leak(
+        format!(r#"{{"record":{}}}"#, serde_json::to_string(&mine).unwrap()).into_boxed_str(),
+    );
+    for (post, shown) in [
+        ((201, "application/json", target), None),
+        (
+            (204, "application/json", ""),
+            Some("upstream_answer_holds_no_record"),
+        ),
+        (
+            (200, "text/plain", "ok"),
+            Some("upstream_answer_holds_no_record"),
+        ),
+        (
+            (202, "application/json", ""),
+            Some("upstream_answer_holds_no_record"),
+        ),
+    ] {
+        let upstream =
+            fake_upstream_answering_writes(200, "application/json", target, post, false).await;
+        let (app, r) = canvass_through(upstream, &id).await;
+        assert_eq!(r.status, 200, "{post:?}: {:?}", r.body);
+        let audit = app.audit_for(&r);
+        match shown {
+            None => {
+                assert_eq!(r.json()["record"]["elector_id"], id.as_str(), "{post:?}");
+                assert!(r.json()["record"].get("email").is_none(), "{post:?}");
+            }
+            Some(why) => {
+                assert_eq!(r.json(), json!({ "record": null }), "{post:?}");
+                assert_eq!(audit["detail"]["because"], why, "{post:?}: {audit}");
+            }
+        }
+        app.stop().await;
+    }
+    // A refusal is not a write done.
+    let upstream = fake_upstream_answering_writes(
+        200,
+        "application/json",
+        target,
+        (409, "application/problem+json", "{}"),
+        false,
+    )
+    .await;
+    let (app, r) = canvass_through(upstream, &id).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
     app.stop().await;
 }
 
@@ -1265,4 +1390,63 @@ async fn a_request_cut_off_by_shutdown_is_recorded_before_the_log_closes() {
     // Nothing was answered: the connection ended without a response.
     let answer = asked.await.unwrap();
     assert!(!String::from_utf8_lossy(&answer).contains("elector_id"));
+}
+
+/// A client that opens a connection and sends half a request line holds it only until
+/// `server.header_read_timeout`: then the gateway closes it (without a timer hyper enforces no
+/// timeout, and thousands of such connections would exhaust the descriptors).
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn short(c: &mut wardgate::config::Config) {
+        c.server.header_read_timeout = std::time::Duration::from_secs(1);
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(short),
+        ..Default::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /voter/electors HTTP/1.1\r\nhost: wardgate\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // Far past the timeout: the read ends when the gateway closes the connection.
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the connection was still open after 20 s"
+    );
+    // Nor one that sends nothing at all, or less than the bytes that tell HTTP/1 from
+    // HTTP/2 (before those, hyper's own header timeout has not started).
+    for sent in [&b""[..], b"PRI * HTTP/2.0"] {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{:?}: the connection was still open after 20 s",
+            String::from_utf8_lossy(sent)
+        );
+    }
+    // A client that does finish is served as ever.
+    let r = app
+        .get(
+            "/voter/electors?per_page=1",
+            Some(&app.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    app.stop().await;
 }

@@ -72,7 +72,7 @@ where
         (&Method::GET, "/console.css") => return asset(STYLE, "text/css; charset=utf-8"),
         (_, "/console" | "/console.js" | "/console.css") => {
             return boxed(problem_response(
-                &GatewayError::MethodNotAllowed,
+                &GatewayError::MethodNotAllowed("GET"),
                 request_id,
             ));
         }
@@ -273,8 +273,11 @@ where
                 )),
             }
         }
-        (_, ["events"] | ["alerts", ..] | ["volumes"]) => {
-            boxed(fail(GatewayError::MethodNotAllowed).await)
+        (_, ["events"] | ["alerts"] | ["volumes"]) => {
+            boxed(fail(GatewayError::MethodNotAllowed("GET")).await)
+        }
+        (_, ["alerts", _, "classify" | "contain"]) => {
+            boxed(fail(GatewayError::MethodNotAllowed("POST")).await)
         }
         _ => boxed(fail(GatewayError::RouteNotFound).await),
     }
