@@ -78,9 +78,10 @@ pub struct Dataset {
     pub fields: BTreeMap<String, String>,
     #[serde(default)]
     pub writes: BTreeMap<String, WriteRoute>,
-    /// The flags a record may carry (the rights register's kinds, `under_16` and the
-    /// catalogue's `[words] flags`), filled in by `Catalog::parse`: a record carrying any
-    /// other word is malformed and withheld (`filter::attrs`), since no policy can mean it.
+    /// The flags a record may carry (the rights register's kinds, `under_16`, the catalogue's
+    /// `[words] flags` and a withdrawal of each of its `consent_channels`), filled in by
+    /// `Catalog::parse`: a record carrying any other word is held back as restricted
+    /// (`filter::attrs`), since no policy can mean it.
     #[serde(skip)]
     pub known_flags: BTreeSet<String>,
 }
@@ -148,6 +149,8 @@ impl Catalog {
             .chain(&[crate::filter::UNDER_16])
             .map(|k| (*k).to_owned())
             .chain(c.words.flags.iter().cloned())
+            // A datastore's own channel is withdrawn as the register's are (`attrs::read`).
+            .chain((c.words.consent_channels.iter()).map(|ch| format!("consent_withdrawn_{ch}")))
             .collect();
         for d in c.datasets.values_mut() {
             d.known_flags = known.clone();

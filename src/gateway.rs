@@ -76,6 +76,8 @@ pub struct Trail {
     policy_ids: BTreeSet<String>,
     subjects: filter::Subjects,
     fields: BTreeSet<String>,
+    /// Which fields each subject left with, where not all the same.
+    fields_by_subject: Option<crate::audit::FieldsBySubject>,
     rows_withheld: u64,
     /// Why the one record asked for by id was withheld, for breach detection.
     withheld_target: Option<&'static str>,
@@ -182,7 +184,16 @@ where
                 &GatewayError::Internal("export without its audit template".to_owned()),
                 &request_id,
             )),
-            (Err(e), _) => boxed(problem_response(&e, &request_id)),
+            (Err(e), _) => {
+                let mut resp = boxed(problem_response(&e, &request_id));
+                // For the admin plane's own fetches (`rights::current_data`): a 404 for a
+                // record held but withheld is not one for a record not held. An extension
+                // never leaves the process.
+                if let Some(why) = trail.withheld_target {
+                    resp.extensions_mut().insert(Withheld(why));
+                }
+                resp
+            }
         },
         Err(e) => {
             tracing::error!(error = %e, request_id, "audit record not durable; withholding response");
@@ -284,7 +295,15 @@ where
         req.method(),
         req.uri().path(),
         req.uri().query(),
-    )?;
+    )
+    .map_err(|e| match e {
+        // A write route on a read-only datastore (Datasette) accepts no method at all, not
+        // the POST the register declares for it (`dialect::write` refuses that too).
+        GatewayError::MethodNotAllowed("POST") if read_only(gw, req.uri().path()) => {
+            GatewayError::MethodNotAllowed("")
+        }
+        e => e,
+    })?;
     trail.dataset = Some(route.dataset.clone());
     trail.route = Some(route.id());
     if let RouteKind::Aggregate { by } = &route.kind {
@@ -542,7 +561,8 @@ impl Trail {
         self.policy_ids.extend(policy_ids);
     }
 
-    fn absorb(&mut self, d: filter::Disclosure) {
+    fn absorb(&mut self, mut d: filter::Disclosure) {
+        self.fields_by_subject = d.fields_by_subject();
         self.subjects = d.subjects;
         self.fields = d.fields;
         self.rows_withheld = d.rows_withheld;
@@ -691,8 +711,24 @@ pub(crate) async fn fetch_one(
     Ok((expect_json(resp.status, resp.json, resp.body)?, envelope))
 }
 
-/// A write names only fields the register declares for it, each of a category the purpose may
-/// write, about a record the caller may write to. Returns the field names written.
+/// On a 404 for one record asked for by id, why the record the datastore holds was withheld
+/// (`Trail::withheld_target`): a response extension, for in-process callers only.
+#[derive(Debug, Clone, Copy)]
+pub struct Withheld(pub &'static str);
+
+/// Whether the dataset `path` names is served by a datastore that takes no writes.
+fn read_only(gw: &Gateway, path: &str) -> bool {
+    let dataset = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    (gw.upstreams.get(dataset))
+        .is_some_and(|u| matches!(u.dialect, crate::config::Dialect::Datasette(_)))
+}
+
+/// A datastore's answer to a read: its body when it is a 200 in JSON, else the error that
+/// answers the caller (nothing of any other answer is disclosed).
 pub(crate) fn expect_json(
     status: StatusCode,
     json: bool,
@@ -860,6 +896,7 @@ fn audit_record(
         } else {
             Vec::new()
         },
+        fields_by_subject: trail.fields_by_subject.take().filter(|_| disclosed),
         rows_withheld: trail.rows_withheld,
         withheld_target: trail.withheld_target.map(str::to_owned),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),

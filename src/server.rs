@@ -67,19 +67,38 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
 /// timeout on a connection that has carried a request is an idle kept-alive connection
 /// closed (`idle`), not a client that never finished (`timeout`).
 fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, served: bool) {
-    let timed_out = (e.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    // The first-bytes deadline's error, however deep hyper wrapped it; and the cancellation
+    // of connections that never sent a request at a graceful shutdown, which is no error.
+    let io_kind = std::iter::successors(Some(e), |e| e.source())
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    if io_kind == Some(std::io::ErrorKind::Interrupted) {
+        return;
+    }
     let kind = match e.downcast_ref::<hyper::Error>() {
         Some(h) if h.is_parse_too_large() => "too_large",
         Some(h) if h.is_parse() => "malformed",
         Some(h) if h.is_timeout() && served => "idle",
         Some(h) if h.is_timeout() => "timeout",
-        _ if timed_out => "timeout",
+        _ if io_kind == Some(std::io::ErrorKind::TimedOut) => "timeout",
         _ => "other",
     };
     metrics::counter!("wardgate_connection_errors_total", "kind" => kind).increment(1);
-    if matches!(kind, "too_large" | "malformed") {
-        tracing::warn!(error = %e, kind, "request refused before it could be read");
+    // At most once a minute: a scanner's every connection must not each write a line.
+    static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED.load(Ordering::Relaxed);
+    if matches!(kind, "too_large" | "malformed")
+        && now >= last + 60
+        && LAST_WARNED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(error = %e, kind,
+            "requests refused before they could be read (logged at most once a minute; \
+             wardgate_connection_errors_total counts them all)");
     }
     tracing::debug!(error = %e, %peer, kind, "connection ended with an error");
 }

@@ -248,6 +248,19 @@ async fn the_same_policies_give_the_same_disclosures_through_datasette() {
         )
         .await;
     assert_eq!(w.status, 405);
+    // It accepts no method there: the `Allow` header lists none, whichever method asked.
+    assert_eq!(w.headers["allow"], "");
+    let r = ds
+        .get(
+            &format!("/voter/electors/{}/canvass", sample[0]),
+            Some(&ds.token("canvasser")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.headers["allow"]),
+        (405, &w.headers["allow"])
+    );
     eprintln!("{total} disclosures compared across {} cases", cases.len());
     demo.stop().await;
     ds.stop().await;

@@ -70,6 +70,19 @@ pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
             Some(seal) if !seal.last_ts.is_empty() && seal.last_ts.as_str() < cutoff => {
                 doomed.push(seal)
             }
+            Some(seal)
+                if anchor.last_pruned_seq > 0
+                    && seal.records > 0
+                    && seal.last_seq <= anchor.last_pruned_seq =>
+            {
+                tracing::error!(
+                    segment = seal.segment,
+                    "a segment behind the prune anchor is still within the retention and is \
+                     kept: the chain does not verify until it ages past it (was the retention \
+                     lengthened after an interrupted prune?)"
+                );
+                break;
+            }
             _ => break,
         }
     }

@@ -1133,7 +1133,13 @@ mod tests {
         for entry in std::fs::read_dir(dir.path()).unwrap() {
             let entry = entry.unwrap();
             if entry.file_type().unwrap().is_file() {
-                std::fs::copy(entry.path(), crashed.path().join(entry.file_name())).unwrap();
+                // The sealing thread's temporary files come and go meanwhile.
+                match std::fs::copy(entry.path(), crashed.path().join(entry.file_name())) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    copied => {
+                        copied.unwrap();
+                    }
+                }
             }
         }
         let path = seg(crashed.path(), 2);
