@@ -81,6 +81,7 @@ fn record(rng: &mut rand_chacha::ChaCha8Rng, n: u64, electors: u64) -> AuditReco
             ]
         },
         subjects: subjects.into(),
+        fields_by_subject: None,
         rows_withheld: 0,
         withheld_target: None,
         latency_us: 900,

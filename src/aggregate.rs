@@ -113,7 +113,9 @@ pub async fn count(
             today: filter::today(),
             register: &flags,
         };
+        // A disclosure of its own per batch, so the memo starts a chunk for it too.
         let mut d = Disclosure::default();
+        memo.new_chunk();
         filter::filter_lines(batch, &cx, decide, &mut memo, &mut out, &mut d)
             .map_err(|e| GatewayError::UpstreamMalformed(e.to_string()))?;
         rows_withheld += d.rows_withheld;

@@ -318,7 +318,7 @@ impl Run<'_> {
             .check_quota(principal, d.subjects.len() as u64)
             .await
             .map_err(|e| e.code().to_owned())?;
-        let disclosed = std::mem::take(d);
+        let mut disclosed = std::mem::take(d);
         crate::gateway::never_disclosed_sent(
             self.template.dataset.as_deref().unwrap_or("none"),
             disclosed.never_disclosed_rows,
@@ -328,6 +328,7 @@ impl Run<'_> {
         let filtered_with = std::mem::take(&mut self.filtered_with);
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();
+        record.fields_by_subject = disclosed.fields_by_subject();
         record.subjects = disclosed.subjects;
         record.fields = disclosed.fields.into_iter().collect();
         record.rows_withheld = disclosed.rows_withheld;

@@ -92,6 +92,11 @@ enum Command {
         /// The request's reference (e.g. `SAR-2026-0142`), recorded with the retrieval.
         #[arg(long)]
         reference: Option<String>,
+        /// An audit log to search, repeated for each replica's (each replica keeps its own
+        /// log, and a report from fewer than all of them is incomplete). Default: the
+        /// configuration's `audit.dir`.
+        #[arg(long = "audit-dir")]
+        audit_dirs: Vec<PathBuf>,
     },
     /// Work with the audit log on disk.
     Audit {
@@ -267,6 +272,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             config,
             out,
             reference,
+            audit_dirs,
         } => {
             if !wardgate::routes::subject_id(&subject) {
                 anyhow::bail!(
@@ -278,15 +284,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let catalog = wardgate::catalog::Catalog::load(&cfg.catalog_file)?;
             let controls =
                 wardgate::controls::Controls::open(&cfg.server.data_dir, None, Default::default())?;
-            let report = wardgate::sar::build(
-                &cfg.audit.dir,
-                &catalog,
-                &subject,
-                controls.placements(&subject),
-            )
-            .with_context(|| {
-                format!("cannot read the audit log in `{}`", cfg.audit.dir.display())
-            })?;
+            let dirs: Vec<&std::path::Path> = if audit_dirs.is_empty() {
+                vec![cfg.audit.dir.as_path()]
+            } else {
+                audit_dirs.iter().map(PathBuf::as_path).collect()
+            };
+            let report =
+                wardgate::sar::build_from(&dirs, &catalog, &subject, controls.placements(&subject))
+                    .with_context(|| {
+                        let all: Vec<String> =
+                            dirs.iter().map(|d| d.display().to_string()).collect();
+                        format!("cannot read the audit logs in `{}`", all.join("`, `"))
+                    })?;
             // The report is itself a disclosure: it is audited before it is written out.
             let basis = catalog
                 .purposes
@@ -302,8 +311,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             std::fs::write(&html, wardgate::sar::html(&report))
                 .with_context(|| format!("cannot write `{}`", html.display()))?;
             println!(
-                "{} disclosures of `{subject}` ({} segments: {} through their index, {} scanned); wrote `{}` and `{}`",
+                "{} disclosures of `{subject}` in {} log(s) ({} segments: {} through their index, {} scanned); wrote `{}` and `{}`",
                 report.disclosures.len(),
+                dirs.len(),
                 report.lookup.segments,
                 report.lookup.segments_indexed,
                 report.lookup.segments_scanned,

@@ -142,7 +142,7 @@ where
                 gw.controls.placements(&subject),
             ) {
                 Ok(mut r) => {
-                    r.current_data =
+                    (r.current_data, r.current_data_missing) =
                         current_data(gw, &subject, authorization.as_ref(), request_id).await;
                     r
                 }
@@ -326,10 +326,13 @@ async fn current_data(
     subject: &str,
     authorization: Option<&http::HeaderValue>,
     request_id: &str,
-) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut out = std::collections::BTreeMap::new();
+) -> (
+    std::collections::BTreeMap<String, serde_json::Value>,
+    std::collections::BTreeMap<String, String>,
+) {
+    let (mut out, mut missing) = Default::default();
     let Some(auth) = authorization else {
-        return out;
+        return (out, missing);
     };
     for (name, dataset) in &gw.catalog.datasets {
         // Sent as a caller's request id: the fetch's record keeps it (`client_request_id`),
@@ -352,14 +355,36 @@ async fn current_data(
             .try_with(|p| *p)
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let resp = crate::gateway::handle(gw, req, peer).await;
-        if resp.status() == StatusCode::OK
-            && let Ok(body) = resp.into_body().collect().await
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
-        {
-            out.insert(name.clone(), v["record"].clone());
+        let status = resp.status();
+        let withheld = resp.extensions().get::<crate::gateway::Withheld>().copied();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+        let v = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        match (status, v, withheld) {
+            (StatusCode::OK, Some(v), _) => {
+                out.insert(name.clone(), v["record"].clone());
+            }
+            // Held, but not disclosed even here: an anonymous elector's or an under-16's
+            // entry, or one the filter cannot read (the datastore has it; fetch it there).
+            (StatusCode::NOT_FOUND, _, Some(crate::gateway::Withheld(why))) => {
+                missing.insert(name.clone(), format!("held, withheld ({why})"));
+            }
+            (StatusCode::NOT_FOUND, _, None) => {
+                missing.insert(name.clone(), crate::sar::NOTHING_HELD.to_owned());
+            }
+            // Refused or failed: said, so that the report is not read as "nothing held".
+            (_, v, _) => {
+                let why = v
+                    .as_ref()
+                    .and_then(|v| v["type"].as_str())
+                    .and_then(|t| t.strip_prefix("urn:wardgate:problem:"))
+                    .map_or_else(|| format!("status {}", status.as_u16()), str::to_owned);
+                missing.insert(name.clone(), why);
+            }
         }
     }
-    out
+    (out, missing)
 }
 
 fn event(p: &Principal, reason: String, change: Change) -> Event {
@@ -431,6 +456,7 @@ pub(crate) fn record(
         status: 200,
         subjects: Default::default(),
         fields: Vec::new(),
+        fields_by_subject: None,
         rows_withheld: 0,
         withheld_target: None,
         latency_us: 0,

@@ -32,6 +32,15 @@ pub struct Report {
     /// The data held now, per dataset, as the DPO sees it under `sar_fulfilment` (filled by the
     /// admin plane, which fetches it through the gateway; empty from the offline CLI).
     pub current_data: BTreeMap<String, Value>,
+    /// Per dataset asked and not in `current_data`, why: `nothing held` (no record by that id),
+    /// `held, withheld (...)` (one the gateway never discloses, even here: an anonymous
+    /// elector's or an under-16's, or one it cannot read), or why it could not be fetched
+    /// (`quota-exceeded`, `controls-stale`, `upstream-unavailable`...: ask again). Empty from
+    /// the offline CLI, which fetches nothing.
+    pub current_data_missing: BTreeMap<String, String>,
+    /// The audit logs searched: one per replica. A deployment of several replicas keeps one
+    /// log each, and a report from fewer than all of them is not complete.
+    pub logs: Vec<String>,
     /// How far back the log reaches, when older records have been pruned: a disclosure
     /// before `held_from` is not in the report because the log no longer holds it.
     pub coverage: Option<Coverage>,
@@ -104,11 +113,33 @@ pub fn build(
     subject: &str,
     restrictions: Vec<Placement>,
 ) -> std::io::Result<Report> {
-    let (records, lookup) = records_mentioning(audit_dir, subject)?;
+    build_from(&[audit_dir], catalog, subject, restrictions)
+}
+
+/// Builds the report for `subject` from several audit logs (each replica keeps its own), their
+/// records merged in time order.
+pub fn build_from(
+    audit_dirs: &[&Path],
+    catalog: &Catalog,
+    subject: &str,
+    restrictions: Vec<Placement>,
+) -> std::io::Result<Report> {
+    let mut records = Vec::new();
+    let mut lookup = LookupStats::default();
+    for dir in audit_dirs {
+        let (found, stats) = records_mentioning(dir, subject)?;
+        records.extend(found);
+        lookup.segments += stats.segments;
+        lookup.segments_indexed += stats.segments_indexed;
+        lookup.segments_scanned += stats.segments_scanned;
+        lookup.lines_read += stats.lines_read;
+    }
+    // Stable: one log's records keep their order.
+    records.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
     let disclosures: Vec<Disclosure> = records
         .iter()
         .filter(|r| r["decision"] == "allow" && r["status"] == 200)
-        .map(|r| entry(r, &r["fields"]))
+        .map(|r| entry(r, &subjects_fields(r, subject)))
         .collect();
     // A write's own record, made before it is forwarded (`gateway::log_intent`): what the
     // datastore was asked to record, whatever it answered (its answer may not name the
@@ -118,12 +149,25 @@ pub fn build(
         .filter(|r| r["decision"] == "allow" && r["detail"]["write"] == "intended")
         .map(|r| entry(r, &r["detail"]["written"]))
         .collect();
-    let mut by_purpose: BTreeMap<&str, usize> = BTreeMap::new();
+    // By purpose and the lawful basis each disclosure was recorded under: a basis the
+    // catalogue has changed since is reported as it was then.
+    let mut by_purpose: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
     let mut datasets: BTreeSet<&str> = BTreeSet::new();
     let mut categories: BTreeSet<String> = BTreeSet::new();
-    for d in &disclosures {
-        *by_purpose.entry(&d.purpose).or_default() += 1;
+    // A disclosure recorded with no basis counts under the catalogue's.
+    let basis = |d: &Disclosure| -> String {
+        match (d.lawful_basis.is_empty(), catalog.purposes.get(&d.purpose)) {
+            (true, Some(p)) => p.lawful_basis.clone(),
+            _ => d.lawful_basis.clone(),
+        }
+    };
+    let disclosure_bases: Vec<String> = disclosures.iter().map(basis).collect();
+    let write_bases: Vec<String> = writes.iter().map(basis).collect();
+    for (d, b) in disclosures.iter().zip(&disclosure_bases) {
+        *by_purpose
+            .entry((d.purpose.as_str(), b.as_str()))
+            .or_default() += 1;
         *by_role.entry(&d.recipient_role).or_default() += 1;
     }
     for d in &disclosures {
@@ -132,8 +176,10 @@ pub fn build(
             categories.extend(d.fields.iter().filter_map(|f| ds.fields.get(f).cloned()));
         }
     }
-    for d in &writes {
-        by_purpose.entry(&d.purpose).or_default();
+    for (d, b) in writes.iter().zip(&write_bases) {
+        by_purpose
+            .entry((d.purpose.as_str(), b.as_str()))
+            .or_default();
         datasets.insert(&d.dataset);
         // A written field's category is its write's (`{dataset}.write.{write}`).
         let write = catalog.datasets.get(&d.dataset).and_then(|ds| {
@@ -146,13 +192,20 @@ pub fn build(
     }
     let purposes = by_purpose
         .into_iter()
-        .map(|(p, n)| {
+        .map(|((p, recorded), n)| {
             let entry = catalog.purposes.get(p);
+            // The catalogue's detail only where its basis is still the one recorded.
+            let current = entry.filter(|e| recorded.is_empty() || e.lawful_basis == recorded);
             PurposeUse {
                 purpose: p.to_owned(),
                 description: entry.map(|e| e.description.clone()).unwrap_or_default(),
-                lawful_basis: entry.map(|e| e.lawful_basis.clone()).unwrap_or_default(),
-                basis_detail: entry.map(|e| e.basis_detail.clone()).unwrap_or_default(),
+                lawful_basis: if recorded.is_empty() {
+                    current.map(|e| e.lawful_basis.clone()).unwrap_or_default()
+                } else {
+                    recorded.to_owned()
+                },
+                basis_detail: current.map(|e| e.basis_detail.clone()).unwrap_or_default(),
+                // Art 9's condition does not turn on the Art 6 basis: as catalogued.
                 special_category_condition: entry
                     .and_then(|e| e.special_category_condition.clone()),
                 disclosures: n,
@@ -169,13 +222,20 @@ pub fn build(
         .collect();
     let datasets = datasets
         .into_iter()
-        .filter_map(|d| {
-            catalog.datasets.get(d).map(|ds| Source {
+        .map(|d| match catalog.datasets.get(d) {
+            Some(ds) => Source {
                 dataset: d.to_owned(),
                 description: ds.description.clone(),
                 owner: ds.owner.clone(),
                 source: ds.source.clone(),
-            })
+            },
+            // Named all the same: the person was disclosed data from it.
+            None => Source {
+                dataset: d.to_owned(),
+                description: "no longer in the asset register".to_owned(),
+                owner: String::new(),
+                source: String::new(),
+            },
         })
         .collect();
     let retention = categories
@@ -199,7 +259,22 @@ pub fn build(
         retention,
         restrictions,
         current_data: BTreeMap::new(),
-        coverage: coverage(audit_dir),
+        current_data_missing: BTreeMap::new(),
+        logs: (audit_dirs.iter())
+            .map(|d| d.display().to_string())
+            .collect(),
+        coverage: (audit_dirs.iter())
+            .filter_map(|d| coverage(d))
+            .reduce(|a, b| Coverage {
+                pruned_records: a.pruned_records + b.pruned_records,
+                // Complete only from the latest of the logs' oldest records; a log pruned of
+                // everything (`""`) is complete from no time at all, and says so.
+                held_from: if a.held_from.is_empty() || b.held_from.is_empty() {
+                    String::new()
+                } else {
+                    a.held_from.max(b.held_from)
+                },
+            }),
         lookup,
     })
 }
@@ -228,6 +303,30 @@ fn coverage(audit_dir: &Path) -> Option<Coverage> {
     })
 }
 
+/// The fields `subject` left with in record `r`: its own sets where the record says which set
+/// each subject left with (`AuditRecord::fields_by_subject`; all of them, where the id came
+/// twice), else the record's fields.
+fn subjects_fields(r: &Value, subject: &str) -> Value {
+    let by = &r["fields_by_subject"];
+    if !by.is_object() {
+        return r["fields"].clone();
+    }
+    let mut own = BTreeSet::new();
+    let positions = (r["subjects"].as_array().into_iter().flatten().enumerate())
+        .filter(|(_, s)| *s == subject)
+        .map(|(n, _)| n);
+    for n in positions {
+        let set = (by["of"].get(n).and_then(Value::as_u64))
+            .and_then(|set| by["sets"].get(usize::try_from(set).ok()?)?.as_array());
+        // A set the record does not resolve: the record's fields, all of them.
+        let Some(set) = set else {
+            return r["fields"].clone();
+        };
+        own.extend(set.iter().filter_map(Value::as_str));
+    }
+    Value::from(own.into_iter().collect::<Vec<_>>())
+}
+
 /// One logged access to the person's data, with `fields` read from the record's `fields`
 /// (a disclosure) or its `detail.written` (a write).
 fn entry(r: &Value, fields: &Value) -> Disclosure {
@@ -250,6 +349,15 @@ fn entry(r: &Value, fields: &Value) -> Disclosure {
             })
             .unwrap_or_default(),
     }
+}
+
+/// `Report::current_data_missing` for a dataset with no record by that id the DPO may see.
+pub const NOTHING_HELD: &str = "nothing held";
+
+/// A placement's time (Unix milliseconds) as the log writes times, for people to read.
+fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_or_else(|_| ms.to_string(), crate::audit::AuditRecord::ts_of)
 }
 
 fn esc(s: &str) -> String {
@@ -357,26 +465,32 @@ pub fn html(r: &Report) -> String {
                     format!(
                         "<b>{}</b> since {} (reference {})",
                         esc(&p.kind),
-                        p.placed_at,
+                        when(p.placed_at),
                         esc(&p.reference),
                     )
                 })
                 .collect(),
         )
     };
-    let current = if r.current_data.is_empty() {
+    let current = if r.current_data.is_empty() && r.current_data_missing.is_empty() {
         "<p>Not included in this report (fetch it through the admin plane).</p>".to_owned()
     } else {
-        r.current_data
-            .iter()
-            .map(|(d, v)| {
-                format!(
-                    "<h3>{}</h3><pre>{}</pre>",
-                    esc(d),
-                    esc(&serde_json::to_string_pretty(v).unwrap_or_default())
-                )
-            })
-            .collect()
+        let held = r.current_data.iter().map(|(d, v)| {
+            format!(
+                "<h3>{}</h3><pre>{}</pre>",
+                esc(d),
+                esc(&serde_json::to_string_pretty(v).unwrap_or_default())
+            )
+        });
+        let missing = r.current_data_missing.iter().map(|(d, why)| {
+            let text = if why == NOTHING_HELD {
+                "nothing held under this reference".to_owned()
+            } else {
+                format!("<b>not included in this report</b> ({})", esc(why))
+            };
+            format!("<h3>{}</h3><p>{text}</p>", esc(d))
+        });
+        held.chain(missing).collect()
     };
     format!(
         r#"<!doctype html>
@@ -428,6 +542,96 @@ mod tests {
     use crate::audit::record::encode_line;
     use crate::audit::record::tests::sample;
     use crate::audit::segment::segment_name;
+
+    /// A page whose subjects left with different fields (a phone number with consent, none
+    /// without) is reported to each with the fields that were theirs, not the page's.
+    #[test]
+    fn each_subject_is_told_the_fields_that_were_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let mut page = sample(1);
+        page.subjects = vec!["subj-a".to_owned(), "subj-b".to_owned()].into();
+        page.fields = vec!["mobile".into(), "name".into(), "ward".into()];
+        page.fields_by_subject = Some(crate::audit::FieldsBySubject {
+            sets: vec![
+                vec!["mobile".into(), "name".into(), "ward".into()],
+                vec!["name".into(), "ward".into()],
+            ],
+            of: vec![0, 1],
+        });
+        let mut one = sample(2);
+        one.subjects = vec!["subj-b".to_owned()].into();
+        let first = encode_line(1, crate::audit::record::GENESIS_HASH, &page).unwrap();
+        let second = encode_line(2, &first.hash, &one).unwrap();
+        let lines = [first.bytes, second.bytes].concat();
+        std::fs::write(dir.path().join(segment_name(1)), lines).unwrap();
+        let fields = |subject: &str| -> Vec<Vec<String>> {
+            let report = build(dir.path(), &catalog, subject, Vec::new()).unwrap();
+            report.disclosures.into_iter().map(|d| d.fields).collect()
+        };
+        assert_eq!(fields("subj-a"), [vec!["mobile", "name", "ward"]]);
+        assert_eq!(
+            fields("subj-b"),
+            [vec!["name", "ward"], vec!["name", "ward"]]
+        );
+    }
+
+    /// A purpose whose lawful basis the catalogue has changed since is reported under the
+    /// basis each disclosure was recorded under, and a dataset since removed from the
+    /// catalogue is still named.
+    #[test]
+    fn purposes_and_sources_are_reported_as_they_were_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let mut then = sample(1);
+        (then.purpose, then.lawful_basis) = (Some("canvassing".into()), Some("consent".into()));
+        then.dataset = Some("old_register".into());
+        let mut now = sample(2);
+        now.subjects = then.subjects.clone();
+        (now.purpose, now.lawful_basis) = (Some("canvassing".into()), Some("public_task".into()));
+        let first = encode_line(1, crate::audit::record::GENESIS_HASH, &then).unwrap();
+        let second = encode_line(2, &first.hash, &now).unwrap();
+        std::fs::write(
+            dir.path().join(segment_name(1)),
+            [first.bytes, second.bytes].concat(),
+        )
+        .unwrap();
+        let report = build(dir.path(), &catalog, "subj-1", Vec::new()).unwrap();
+        let bases: Vec<(&str, &str, bool)> = (report.purposes.iter())
+            .map(|p| {
+                (
+                    p.purpose.as_str(),
+                    p.lawful_basis.as_str(),
+                    p.basis_detail.is_empty(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            bases,
+            [
+                ("canvassing", "consent", true),
+                ("canvassing", "public_task", false)
+            ]
+        );
+        let sources: Vec<&str> = report.datasets.iter().map(|d| d.dataset.as_str()).collect();
+        assert_eq!(sources, ["old_register", "voter"]);
+    }
+
+    /// A restriction's time reads as a time, not as milliseconds.
+    #[test]
+    fn restrictions_say_since_when_as_a_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let placement = Placement {
+            kind: "restricted".into(),
+            reference: "R1".into(),
+            placed_by: "dpo".into(),
+            placed_at: 1_767_225_600_000,
+            reason: "Art 18".into(),
+        };
+        let report = build(dir.path(), &catalog, "subj-1", vec![placement]).unwrap();
+        assert!(html(&report).contains("since 2026-01-01T00:00:00.000Z"));
+    }
 
     /// Once records have been pruned the report says from when the log holds the rest, so
     /// that "no disclosures" is not read as "never disclosed".

@@ -196,6 +196,11 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         subject.as_str(),
         "the data held now, under sar_fulfilment"
     );
+    // An elector is not a member: the membership store was asked and holds nothing.
+    assert_eq!(
+        resp.json()["current_data_missing"],
+        serde_json::json!({ "membership": wardgate::sar::NOTHING_HELD })
+    );
     let via_admin: BTreeSet<String> = resp.json()["disclosures"]
         .as_array()
         .unwrap()
@@ -404,5 +409,112 @@ async fn the_report_lists_what_was_recorded_about_the_subject() {
     // The restriction is on the page, not who placed it (their identity is theirs).
     assert!(page.contains("objects_profiling") && page.contains("R-7"));
     assert!(!page.contains(&placed_by), "{placed_by}");
+    app.stop().await;
+}
+
+/// Each subject of a page is told the fields that left about them, not every field the page
+/// carried: a councillor's email and text campaign page has an email only for electors who
+/// consented to email and a mobile only for those who consented to texts, and a report to
+/// anyone else on that page must not say theirs went. The truth is the page itself: what
+/// each record carried.
+#[tokio::test]
+async fn each_subject_is_reported_the_fields_that_left_about_them() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&app.token("councillor")),
+            Some("email_sms"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let request = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records = r.json()["records"].as_array().unwrap().clone();
+    let keys = |rec: &Value| -> Vec<String> {
+        let mut k: Vec<String> = rec.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let all: BTreeSet<String> = records.iter().flat_map(keys).collect();
+    let fewer: Vec<&Value> = records
+        .iter()
+        .filter(|rec| keys(rec).len() < all.len())
+        .collect();
+    assert!(
+        !fewer.is_empty() && fewer.len() < records.len(),
+        "a page whose records carry different fields: {} of {}",
+        fewer.len(),
+        records.len()
+    );
+    let catalog = wardgate::catalog::Catalog::load(&app.dir.path().join("catalog.toml")).unwrap();
+    for rec in fewer.iter().copied().take(3).chain(records.iter().take(3)) {
+        let subject = rec["elector_id"].as_str().unwrap();
+        let report = wardgate::sar::build(&app.audit_dir, &catalog, subject, vec![]).unwrap();
+        let disclosed: Vec<&Vec<String>> = (report.disclosures.iter())
+            .filter(|d| d.request_id == request)
+            .map(|d| &d.fields)
+            .collect();
+        assert_eq!(disclosed, [&keys(rec)], "{subject}");
+    }
+    app.stop().await;
+}
+
+/// A datastore that cannot be reached is said to be so in the report, not left out as if it
+/// held nothing about the person.
+#[tokio::test]
+async fn data_that_could_not_be_fetched_is_said_to_be_missing() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(dead),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .admin_get_with("/sar/VF-0000001", &app.token("dpo"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let missing = &r.json()["current_data_missing"];
+    assert_eq!(r.json()["current_data"], serde_json::json!({}));
+    for dataset in ["voter", "membership"] {
+        let why = missing[dataset].as_str().unwrap_or_default();
+        assert!(
+            !why.is_empty() && why != wardgate::sar::NOTHING_HELD,
+            "{dataset}: {missing}"
+        );
+    }
+    let html = app
+        .admin_get_with("/sar/VF-0000001?format=html", &app.token("dpo"))
+        .await;
+    assert!(String::from_utf8_lossy(&html.body).contains("not included in this report"));
+    app.stop().await;
+}
+
+/// An anonymous elector's entry is held but never disclosed, even to the DPO: the report says
+/// it is held and withheld, not that nothing is held.
+#[tokio::test]
+async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let page = common::datastore_body(app.upstream, "/electors?per_page=1000").await;
+    let page: Value = serde_json::from_slice(&page).unwrap();
+    let anonymous = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["markers"].as_array().unwrap().contains(&Value::from("N")))
+        .and_then(|r| r["elector_id"].as_str())
+        .expect("the demo register holds anonymous electors")
+        .to_owned();
+    let r = app
+        .admin_get_with(&format!("/sar/{anonymous}"), &app.token("dpo"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["current_data"], serde_json::json!({}));
+    assert_eq!(
+        r.json()["current_data_missing"]["voter"],
+        "held, withheld (protected)"
+    );
     app.stop().await;
 }

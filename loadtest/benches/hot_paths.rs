@@ -612,6 +612,7 @@ fn audit_record(subjects: usize) -> AuditRecord {
         status: 200,
         subjects: (0..subjects).map(|i| format!("EL-{i:08}")).collect(),
         fields: vec!["elector_id".to_owned(), "support_score".to_owned()],
+        fields_by_subject: None,
         rows_withheld: 3,
         withheld_target: None,
         latency_us: 850,

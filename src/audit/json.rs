@@ -34,6 +34,7 @@ pub(crate) fn fields(out: &mut Vec<u8>, record: &AuditRecord) -> serde_json::Res
         status,
         subjects,
         fields,
+        fields_by_subject,
         rows_withheld,
         withheld_target,
         latency_us,
@@ -103,6 +104,10 @@ pub(crate) fn fields(out: &mut Vec<u8>, record: &AuditRecord) -> serde_json::Res
     list(out, subjects.iter());
     out.extend_from_slice(br#","fields":"#);
     list(out, fields.iter().map(String::as_str));
+    if let Some(by) = fields_by_subject {
+        out.extend_from_slice(br#","fields_by_subject":"#);
+        serde_json::to_writer(&mut *out, by)?;
+    }
     out.extend_from_slice(br#","rows_withheld":"#);
     number(out, *rows_withheld);
     if let Some(target) = withheld_target {
@@ -284,6 +289,10 @@ mod tests {
             ),
             (status, rows_withheld, latency_us) in (any::<u16>(), any::<u64>(), any::<u64>()),
             detail in detail(),
+            by in proptest::option::of((
+                prop::collection::vec(prop::collection::vec(text(), 0..4), 1..3),
+                prop::collection::vec(0u32..3, 0..12),
+            )),
         ) {
             let record = AuditRecord {
                 ts,
@@ -304,6 +313,7 @@ mod tests {
                 status,
                 subjects: subjects.into(),
                 fields,
+                fields_by_subject: by.map(|(sets, of)| crate::audit::FieldsBySubject { sets, of }),
                 rows_withheld,
                 withheld_target,
                 latency_us,

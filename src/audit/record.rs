@@ -15,6 +15,23 @@ pub(crate) const GENESIS_HASH: &str =
 const HASH_PREFIX: &[u8] = br#","hash":""#;
 const HASH_SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
+/// The fields each subject of a record left with: each distinct set once (its names sorted;
+/// the sets in the order first used), and for each subject, in the record's `subjects`
+/// order, the index of its set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FieldsBySubject {
+    pub sets: Vec<Vec<String>>,
+    pub of: Vec<u32>,
+}
+
+impl FieldsBySubject {
+    /// The fields the `n`th subject left with.
+    pub fn of_subject(&self, n: usize) -> Option<&[String]> {
+        let set = *self.of.get(n)?;
+        self.sets.get(usize::try_from(set).ok()?).map(Vec::as_slice)
+    }
+}
+
 /// One audited event: a data access, an administrative action or a system event.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
@@ -49,6 +66,10 @@ pub struct AuditRecord {
     pub subjects: crate::filter::Subjects,
     /// Field names disclosed (or written), sorted and deduplicated by the caller.
     pub fields: Vec<String>,
+    /// Where the subjects did not all leave with the same fields, which each did (`None`:
+    /// every subject left with `fields`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields_by_subject: Option<FieldsBySubject>,
     pub rows_withheld: u64,
     /// When the one record a caller asked for by id was withheld, why: `protected` (anonymous
     /// elector or under-16), `restricted` (a restriction flag), `out_of_area` or `policy`.
@@ -118,6 +139,7 @@ impl AuditRecord {
             status: 0,
             subjects: Default::default(),
             fields: Vec::new(),
+            fields_by_subject: None,
             rows_withheld: 0,
             withheld_target: None,
             latency_us: 0,
@@ -279,6 +301,7 @@ pub(crate) mod tests {
             status: 200,
             subjects: vec![format!("subj-{n}")].into(),
             fields: vec!["name".into(), "ward".into()],
+            fields_by_subject: None,
             rows_withheld: 0,
             withheld_target: None,
             latency_us: 1234,

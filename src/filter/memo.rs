@@ -145,7 +145,9 @@ struct Plan {
     /// The fields that leave as runs of consecutive fields, `(first, last)` indexes.
     runs: Vec<(usize, usize)>,
     /// Their names, as the disclosure reports them.
-    fields: BTreeSet<String>,
+    fields: Arc<BTreeSet<String>>,
+    /// Its field set's index in this chunk's `Disclosure::field_sets` (set when `used` is).
+    set: u32,
 }
 
 /// What becomes of one record.
@@ -160,6 +162,8 @@ pub(super) enum Judged<'m, 'a> {
         runs: &'m [(usize, usize)],
         /// Its fields the asset register does not classify (never written out).
         unclassified: u64,
+        /// Its field set's index in `Disclosure::field_sets`.
+        set: u32,
     },
 }
 
@@ -240,12 +244,13 @@ impl Memo {
         let plan = &mut l.plans[i];
         if plan.used != chunk {
             plan.used = chunk;
+            plan.set = d.field_set(&plan.fields);
             if d.fields.is_empty() {
                 // A chunk's first plan, and nearly always its only one: a copy of the tree
                 // rather than a search and an insert per name (4% of a 10-record request).
-                d.fields = plan.fields.clone();
+                d.fields = (*plan.fields).clone();
             } else {
-                for name in &plan.fields {
+                for name in plan.fields.iter() {
                     if !d.fields.contains(name) {
                         d.fields.insert(name.clone());
                     }
@@ -256,6 +261,7 @@ impl Memo {
             subject,
             runs: &plan.runs,
             unclassified: l.unclassified,
+            set: plan.set,
         }
     }
 
@@ -397,7 +403,8 @@ impl Layout {
             decision,
             used: 0,
             runs,
-            fields,
+            fields: Arc::new(fields),
+            set: 0,
         }
     }
 }

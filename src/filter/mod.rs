@@ -49,7 +49,14 @@ pub struct RecordDecision {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Disclosure {
     pub subjects: Subjects,
+    /// Every field that left, for any subject.
     pub fields: BTreeSet<String>,
+    /// Each distinct set of fields a subject left with, once (records of one kind under one
+    /// decision leave with one set; a page nearly always has one), and for each subject, in
+    /// `subjects` order, the index of its set here: what a subject access report says was
+    /// disclosed about that person, not about the page (`AuditRecord::fields_by_subject`).
+    pub field_sets: Vec<Arc<BTreeSet<String>>>,
+    pub subject_sets: Vec<u32>,
     /// The policies behind the decisions applied, whether the record left or not.
     pub policy_ids: BTreeSet<String>,
     pub rows_withheld: u64,
@@ -508,6 +515,30 @@ pub fn filter_page(
     Ok((out, d))
 }
 
+impl Disclosure {
+    /// The index of `fields` in `field_sets`, added if it is not there yet (asked once per
+    /// plan per chunk, so the search is over the one or two sets a chunk has).
+    fn field_set(&mut self, fields: &Arc<BTreeSet<String>>) -> u32 {
+        let at = (self.field_sets.iter()).position(|s| Arc::ptr_eq(s, fields) || s == fields);
+        let at = at.unwrap_or_else(|| {
+            self.field_sets.push(Arc::clone(fields));
+            self.field_sets.len() - 1
+        });
+        u32::try_from(at).unwrap_or(u32::MAX)
+    }
+
+    /// The fields each subject left with, for the audit record: `None` when every subject
+    /// left with the same ones (then `fields` says it).
+    pub fn fields_by_subject(&mut self) -> Option<crate::audit::FieldsBySubject> {
+        (self.field_sets.len() > 1).then(|| crate::audit::FieldsBySubject {
+            sets: (self.field_sets.iter())
+                .map(|s| s.iter().cloned().collect())
+                .collect(),
+            of: std::mem::take(&mut self.subject_sets),
+        })
+    }
+}
+
 /// Filters one record; `None` when it may not leave (or, for `rows`, there is none). `decide`
 /// is always asked about the record (a fresh memo), so a caller can see why it was refused.
 pub fn filter_single(
@@ -642,7 +673,7 @@ fn write_record(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> bool {
-    let (subject, runs, unclassified) = match memo.judge(rec, cx, decide, d) {
+    let (subject, runs, unclassified, set) = match memo.judge(rec, cx, decide, d) {
         Judged::Malformed => {
             d.rows_withheld += 1;
             d.malformed_rows += 1;
@@ -657,7 +688,8 @@ fn write_record(
             subject,
             runs,
             unclassified,
-        } => (subject, runs, unclassified),
+            set,
+        } => (subject, runs, unclassified, set),
     };
     // Each run of consecutive fields that leave is copied as written, with the commas and
     // any whitespace between them: the scanner has checked every byte of it.
@@ -682,6 +714,7 @@ fn write_record(
     out.push(b'}');
     d.unclassified_fields += unclassified;
     d.subjects.push(&subject);
+    d.subject_sets.push(set);
     true
 }
 

@@ -1405,6 +1405,18 @@ fn more_distinct_decisions_than_the_memo_keeps_filter_as_each_does_alone() {
                 d.rows_withheld,
                 order.iter().filter(|&&i| i.is_multiple_of(3)).count() as u64
             );
+            // Each subject's own fields, as it left alone: through plans made and cleared
+            // again, and a memo kept from the page before.
+            let left: Vec<usize> = (order.iter().copied())
+                .filter(|&i| alone[i].0.is_some())
+                .collect();
+            assert_eq!(d.subject_sets.len(), d.subjects.len());
+            assert_eq!(d.subjects.len(), left.len());
+            for ((k, subject), &i) in d.subjects.iter().enumerate().zip(&left) {
+                assert_eq!(subject, format!("VF-{i}"));
+                let set = &d.field_sets[d.subject_sets[k] as usize];
+                assert_eq!(**set, alone[i].1.fields, "VF-{i}");
+            }
         }
     }
 }
