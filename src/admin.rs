@@ -84,14 +84,17 @@ where
             "{\"status\":\"ok\"}".into(),
         ),
         (&Method::GET, "/readyz") => {
-            if gw.audit.is_healthy() && gw.controls.check_fresh().is_ok() {
-                let body = format!(
-                    "{{\"status\":\"ready\",\"policies\":{}}}",
-                    gw.policy.policy_count()
-                );
-                text(StatusCode::OK, "application/json", body)
-            } else {
-                problem_response(&GatewayError::AuditUnavailable, &rid)
+            // Not ready says why: the log, or the shared controls.
+            match (gw.audit.is_healthy(), gw.controls.check_fresh()) {
+                (true, Ok(())) => {
+                    let body = format!(
+                        "{{\"status\":\"ready\",\"policies\":{}}}",
+                        gw.policy.policy_count()
+                    );
+                    text(StatusCode::OK, "application/json", body)
+                }
+                (false, _) => problem_response(&GatewayError::AuditUnavailable, &rid),
+                (true, Err(e)) => problem_response(&e, &rid),
             }
         }
         (&Method::GET, "/metrics") => match metrics_handle() {

@@ -131,15 +131,17 @@ impl Upstream {
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = format!("{}{path_and_query}", self.base);
         let req = self.request(method, &uri, "application/json", body, request_id)?;
-        // One deadline for the whole exchange: headers and body.
-        let deadline = tokio::time::Instant::now() + self.response_timeout;
-        let resp = tokio::time::timeout_at(deadline, self.client.request(req))
-            .await
-            .map_err(|_| GatewayError::UpstreamTimeout)?
-            .map_err(|e| {
+        // One deadline for the whole exchange, headers and body: one timer, polled by both.
+        let deadline = tokio::time::sleep(self.response_timeout);
+        tokio::pin!(deadline);
+        let resp = tokio::select! {
+            biased;
+            resp = self.client.request(req) => resp.map_err(|e| {
                 tracing::warn!(error = %e, uri, "upstream request failed");
                 GatewayError::UpstreamUnavailable
-            })?;
+            })?,
+            () = &mut deadline => return Err(GatewayError::UpstreamTimeout),
+        };
         let status = resp.status();
         let json = resp
             .headers()
@@ -167,16 +169,19 @@ impl Upstream {
             Err(GatewayError::UpstreamTooLarge)
         } else {
             let read = Limited::new(resp.into_body(), self.max_response_bytes).collect();
-            match tokio::time::timeout_at(deadline, read).await {
-                Err(_) => Err(GatewayError::UpstreamTimeout),
-                Ok(Ok(all)) => Ok(all.to_bytes()),
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    Err(GatewayError::UpstreamTooLarge)
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, uri, "upstream body failed");
-                    Err(GatewayError::UpstreamUnavailable)
-                }
+            tokio::select! {
+                biased;
+                read = read => match read {
+                    Ok(all) => Ok(all.to_bytes()),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                        Err(GatewayError::UpstreamTooLarge)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, uri, "upstream body failed");
+                        Err(GatewayError::UpstreamUnavailable)
+                    }
+                },
+                () = &mut deadline => Err(GatewayError::UpstreamTimeout),
             }
         };
         Ok(UpstreamResponse { status, json, body })

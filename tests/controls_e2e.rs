@@ -263,7 +263,10 @@ async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
         .await;
     assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
     assert!(!String::from_utf8_lossy(&r.body).contains("records"));
-    assert_eq!(a.admin_get("/readyz").await.status, 503);
+    let ready = a.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    // Not ready says why: the controls, not the log.
+    assert_eq!(ready.json()["type"], "urn:wardgate:problem:controls-stale");
     eprintln!(
         "redis down: the mirror served for {} ms, then 503 (bound 2000 ms); {} ms since redis stopped",
         stale_after.as_millis(),
