@@ -318,7 +318,7 @@ impl Run<'_> {
             .check_quota(principal, d.subjects.len() as u64)
             .await
             .map_err(|e| e.code().to_owned())?;
-        let mut disclosed = std::mem::take(d);
+        let disclosed = std::mem::take(d);
         crate::gateway::never_disclosed_sent(
             self.template.dataset.as_deref().unwrap_or("none"),
             disclosed.never_disclosed_rows,

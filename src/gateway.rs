@@ -561,7 +561,7 @@ impl Trail {
         self.policy_ids.extend(policy_ids);
     }
 
-    fn absorb(&mut self, mut d: filter::Disclosure) {
+    fn absorb(&mut self, d: filter::Disclosure) {
         self.fields_by_subject = d.fields_by_subject();
         self.subjects = d.subjects;
         self.fields = d.fields;

@@ -307,22 +307,21 @@ fn coverage(audit_dir: &Path) -> Option<Coverage> {
 /// each subject left with (`AuditRecord::fields_by_subject`; all of them, where the id came
 /// twice), else the record's fields.
 fn subjects_fields(r: &Value, subject: &str) -> Value {
-    let by = &r["fields_by_subject"];
-    if !by.is_object() {
+    // A record without it, or with one that does not read: the record's fields, all of them.
+    let by = r
+        .get("fields_by_subject")
+        .cloned()
+        .map(serde_json::from_value);
+    let Some(Ok(by)) = by else {
         return r["fields"].clone();
-    }
+    };
+    let by: crate::audit::FieldsBySubject = by;
     let mut own = BTreeSet::new();
     let positions = (r["subjects"].as_array().into_iter().flatten().enumerate())
         .filter(|(_, s)| *s == subject)
         .map(|(n, _)| n);
     for n in positions {
-        let set = (by["of"].get(n).and_then(Value::as_u64))
-            .and_then(|set| by["sets"].get(usize::try_from(set).ok()?)?.as_array());
-        // A set the record does not resolve: the record's fields, all of them.
-        let Some(set) = set else {
-            return r["fields"].clone();
-        };
-        own.extend(set.iter().filter_map(Value::as_str));
+        own.extend(by.of_subject(n).iter().cloned());
     }
     Value::from(own.into_iter().collect::<Vec<_>>())
 }
@@ -553,11 +552,11 @@ mod tests {
         page.subjects = vec!["subj-a".to_owned(), "subj-b".to_owned()].into();
         page.fields = vec!["mobile".into(), "name".into(), "ward".into()];
         page.fields_by_subject = Some(crate::audit::FieldsBySubject {
-            sets: vec![
-                vec!["mobile".into(), "name".into(), "ward".into()],
-                vec!["name".into(), "ward".into()],
-            ],
-            of: vec![0, 1],
+            most: vec!["name".into(), "ward".into()],
+            others: vec![crate::audit::OtherFields {
+                fields: vec!["mobile".into(), "name".into(), "ward".into()],
+                subjects: vec![0],
+            }],
         });
         let mut one = sample(2);
         one.subjects = vec!["subj-b".to_owned()].into();

@@ -105,8 +105,25 @@ pub(crate) fn fields(out: &mut Vec<u8>, record: &AuditRecord) -> serde_json::Res
     out.extend_from_slice(br#","fields":"#);
     list(out, fields.iter().map(String::as_str));
     if let Some(by) = fields_by_subject {
-        out.extend_from_slice(br#","fields_by_subject":"#);
-        serde_json::to_writer(&mut *out, by)?;
+        out.extend_from_slice(br#","fields_by_subject":{"most":"#);
+        list(out, by.most.iter().map(String::as_str));
+        out.extend_from_slice(br#","others":["#);
+        for (i, other) in by.others.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"fields":"#);
+            list(out, other.fields.iter().map(String::as_str));
+            out.extend_from_slice(br#","subjects":["#);
+            for (j, n) in other.subjects.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                number(out, u64::from(*n));
+            }
+            out.extend_from_slice(b"]}");
+        }
+        out.extend_from_slice(b"]}");
     }
     out.extend_from_slice(br#","rows_withheld":"#);
     number(out, *rows_withheld);
@@ -290,8 +307,11 @@ mod tests {
             (status, rows_withheld, latency_us) in (any::<u16>(), any::<u64>(), any::<u64>()),
             detail in detail(),
             by in proptest::option::of((
-                prop::collection::vec(prop::collection::vec(text(), 0..4), 1..3),
-                prop::collection::vec(0u32..3, 0..12),
+                prop::collection::vec(text(), 0..4),
+                prop::collection::vec(
+                    (prop::collection::vec(text(), 0..4), prop::collection::vec(any::<u32>(), 0..5)),
+                    0..3,
+                ),
             )),
         ) {
             let record = AuditRecord {
@@ -313,7 +333,12 @@ mod tests {
                 status,
                 subjects: subjects.into(),
                 fields,
-                fields_by_subject: by.map(|(sets, of)| crate::audit::FieldsBySubject { sets, of }),
+                fields_by_subject: by.map(|(most, others)| crate::audit::FieldsBySubject {
+                    most,
+                    others: (others.into_iter())
+                        .map(|(fields, subjects)| crate::audit::OtherFields { fields, subjects })
+                        .collect(),
+                }),
                 rows_withheld,
                 withheld_target,
                 latency_us,

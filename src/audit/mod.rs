@@ -28,6 +28,6 @@ pub mod verify;
 pub mod witness;
 pub mod writer;
 
-pub use record::{AuditRecord, Caller, Decision, FieldsBySubject, RecordKind};
+pub use record::{AuditRecord, Caller, Decision, FieldsBySubject, OtherFields, RecordKind};
 pub use verify::{VerifyError, VerifyReport, verify_against, verify_dir};
 pub use writer::{Ack, AuditError, AuditLog, AuditSettings, ChainHead, Durability, Logged};

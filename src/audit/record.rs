@@ -15,20 +15,30 @@ pub(crate) const GENESIS_HASH: &str =
 const HASH_PREFIX: &[u8] = br#","hash":""#;
 const HASH_SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
-/// The fields each subject of a record left with: each distinct set once (its names sorted;
-/// the sets in the order first used), and for each subject, in the record's `subjects`
-/// order, the index of its set.
+/// The fields each subject of a record left with, where not all the same: the set most left
+/// with, and each other set with the subjects (their places in the record's `subjects`, from
+/// 0) that left with it. Names sorted. A page with a few exceptions costs a few numbers, not
+/// one per subject.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FieldsBySubject {
-    pub sets: Vec<Vec<String>>,
-    pub of: Vec<u32>,
+    pub most: Vec<String>,
+    pub others: Vec<OtherFields>,
+}
+
+/// A set of fields some subjects of a record left with, and which (`FieldsBySubject`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OtherFields {
+    pub fields: Vec<String>,
+    pub subjects: Vec<u32>,
 }
 
 impl FieldsBySubject {
     /// The fields the `n`th subject left with.
-    pub fn of_subject(&self, n: usize) -> Option<&[String]> {
-        let set = *self.of.get(n)?;
-        self.sets.get(usize::try_from(set).ok()?).map(Vec::as_slice)
+    pub fn of_subject(&self, n: usize) -> &[String] {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        (self.others.iter())
+            .find(|o| o.subjects.binary_search(&n).is_ok())
+            .map_or(&self.most, |o| &o.fields)
     }
 }
 

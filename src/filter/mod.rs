@@ -529,12 +529,55 @@ impl Disclosure {
 
     /// The fields each subject left with, for the audit record: `None` when every subject
     /// left with the same ones (then `fields` says it).
-    pub fn fields_by_subject(&mut self) -> Option<crate::audit::FieldsBySubject> {
-        (self.field_sets.len() > 1).then(|| crate::audit::FieldsBySubject {
-            sets: (self.field_sets.iter())
+    pub fn fields_by_subject(&self) -> Option<crate::audit::FieldsBySubject> {
+        if self.field_sets.len() < 2 {
+            return None;
+        }
+        let mut used = vec![0usize; self.field_sets.len()];
+        for &set in &self.subject_sets {
+            if let Some(n) = used.get_mut(set as usize) {
+                *n += 1;
+            }
+        }
+        // The set most subjects left with; of two as common, the one met first.
+        let most = (used.iter().enumerate())
+            .max_by(|(i, a), (j, b)| a.cmp(b).then(j.cmp(i)))
+            .map_or(0, |(i, _)| i);
+        let mut others: Vec<crate::audit::OtherFields> = Vec::new();
+        let mut which = vec![usize::MAX; self.field_sets.len()];
+        for (n, &set) in self.subject_sets.iter().enumerate() {
+            let set = set as usize;
+            if set == most {
+                continue;
+            }
+            let slot = match which.get(set) {
+                Some(&slot) if slot != usize::MAX => slot,
+                _ => {
+                    let fields = self
+                        .field_sets
+                        .get(set)
+                        .map(|s| s.iter().cloned().collect());
+                    others.push(crate::audit::OtherFields {
+                        fields: fields.unwrap_or_default(),
+                        subjects: Vec::new(),
+                    });
+                    if let Some(w) = which.get_mut(set) {
+                        *w = others.len() - 1;
+                    }
+                    others.len() - 1
+                }
+            };
+            if let Some(o) = others.get_mut(slot) {
+                o.subjects.push(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+        }
+        // Only sets some subject left with: a plan used and then every record it judged
+        // refused after all is no set of anyone's.
+        (!others.is_empty()).then(|| crate::audit::FieldsBySubject {
+            most: (self.field_sets.get(most))
                 .map(|s| s.iter().cloned().collect())
-                .collect(),
-            of: std::mem::take(&mut self.subject_sets),
+                .unwrap_or_default(),
+            others,
         })
     }
 }

@@ -1565,3 +1565,44 @@ fn records_with_words_the_gateway_does_not_know_are_held_back() {
         (ids(&["VF-5", "VF-6", "VF-7"]), 2)
     );
 }
+
+/// A page whose records left with different fields says which left with which: the set most
+/// left with, and each other set with the places of the subjects that left with it; a page
+/// whose records all left alike says nothing more than its fields.
+#[test]
+fn which_subject_left_with_which_fields() {
+    let ds = dataset();
+    let mut decide = |a: &RecordAttrs| match a.area.as_str() {
+        "E08000035/CGW2" => verdict(true, &["identifier"]),
+        _ => verdict(true, &["identifier", "identity"]),
+    };
+    let body = format!(
+        r#"{{"records":[{},{},{},{}]}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW2", ""),
+        record("VF-3", "CGW1", ""),
+        record("VF-4", "CGW2", ""),
+    );
+    let (_, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let by = d.fields_by_subject().expect("two sets");
+    let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let wide = names(&["elector_id", "first_name", "surname"]);
+    let narrow = names(&["elector_id"]);
+    // Two and two: the first set met is the one named `most` on a tie.
+    assert_eq!(by.most, wide);
+    assert_eq!(by.others.len(), 1);
+    assert_eq!(
+        (&by.others[0].fields, &by.others[0].subjects),
+        (&narrow, &vec![1, 3])
+    );
+    for (n, want) in [&wide, &narrow, &wide, &narrow].into_iter().enumerate() {
+        assert_eq!(by.of_subject(n), &want[..], "subject {n}");
+    }
+    let alike = format!(
+        r#"{{"records":[{},{}]}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-3", "CGW1", "")
+    );
+    let (_, d) = page(alike.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert!(d.fields_by_subject().is_none());
+}
