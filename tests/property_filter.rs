@@ -220,11 +220,14 @@ fn reference_forbids(
         Some(Some(age)) if age < 16 => return Some(format!("aged {age} by attainer date")),
         Some(_) => {}
     }
-    let area = format!(
-        "{}/{}",
-        r["local_authority"].as_str()?,
-        r["polling_district"].as_str()?
-    );
+    // A record without its area fields is in no one's scope (the reference fails closed).
+    let (Some(la), Some(pd)) = (
+        r["local_authority"].as_str(),
+        r["polling_district"].as_str(),
+    ) else {
+        return Some("no area".into());
+    };
+    let area = format!("{la}/{pd}");
     if !geo.areas_under(&p.areas).contains(&area) {
         return Some(format!("area `{area}` outside grants"));
     }
@@ -531,8 +534,14 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         kept.len() + disclosure.rows_withheld as usize,
         records.len()
     );
+    // Every record that left is judged, against its own source: the audit's subjects are the
+    // records out, one each, in order.
+    prop_assert_eq!(disclosure.subjects.len(), kept.len());
     for (k, id) in kept.iter().zip(&disclosure.subjects) {
         let src = &by_id[id];
+        if let Some(out_id) = k.get("elector_id") {
+            prop_assert_eq!(out_id.as_str(), Some(id));
+        }
         for field in k.as_object().unwrap().keys() {
             if let Some(why) =
                 reference_forbids(&principal, &purpose, &w.geography, &w.catalog, src, field)

@@ -107,7 +107,7 @@ fn breach_log(app: &TestApp) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scraping_a_ward_raises_an_alert_within_seconds_citing_the_pages() {
+async fn scraping_a_ward_raises_an_alert_citing_the_pages() {
     let app = app(daytime).await;
     let councillor = app.token("councillor");
     let pages = scrape(&app, &councillor, 3000).await;
@@ -213,7 +213,8 @@ async fn a_normal_canvassing_day_raises_no_alert() {
                         Some("canvassing"),
                     )
                     .await;
-                assert!(r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND);
+                // Chosen to be canvassable: in the districts, no markers, no flags.
+                assert_eq!(r.status, StatusCode::OK, "{id}");
             }
             let r = app
                 .canvass(
@@ -223,11 +224,7 @@ async fn a_normal_canvassing_day_raises_no_alert() {
                     r#"{"voting_intention":"LAB","canvass_issues":["housing"]}"#,
                 )
                 .await;
-            assert!(
-                r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND,
-                "{:?}",
-                r.body
-            );
+            assert!(r.status == StatusCode::OK, "{id}: {:?}", r.body);
         }
     }
     // The councillor's casework and a walk sheet of their own.
