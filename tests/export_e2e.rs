@@ -543,3 +543,92 @@ async fn a_restriction_placed_on_a_filtered_chunk_keeps_it_back() {
         "{last}"
     );
 }
+
+/// A datastore whose export answers every request with `body`, whatever it was asked.
+async fn fixed_datastore(body: String) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/x-ndjson")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The demo datastore honours `exclude=protected`, so an export through it cannot show the
+/// gateway withholding anonymous electors and under-16s. A datastore that ignores it (and the
+/// area narrowing) sends the whole register, them included: none of them leaves, and no
+/// chunk's record names one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_from_a_datastore_that_ignores_exclude_still_leaves_out_the_protected() {
+    let real = spawn_app_with(AppOptions::default()).await;
+    let raw = |query: &str| {
+        let uri = format!("http://{}/electors/export{query}", real.upstream);
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let resp = client.get(uri.parse().unwrap()).await.unwrap();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        }
+    };
+    let everyone = raw("").await;
+    let open = raw("?exclude=protected").await;
+    let id_of = |line: &str| -> String {
+        let v: Value = serde_json::from_str(line).unwrap();
+        v["elector_id"].as_str().unwrap().to_owned()
+    };
+    let open: std::collections::BTreeSet<String> = open.lines().map(id_of).collect();
+    let protected: std::collections::BTreeSet<String> = (everyone.lines().map(id_of))
+        .filter(|id| !open.contains(id))
+        .collect();
+    assert!(
+        !protected.is_empty(),
+        "the register holds protected entries"
+    );
+    real.stop().await;
+
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(fixed_datastore(everyone).await),
+        ..AppOptions::default()
+    })
+    .await;
+    let (status, body) = export(&app, &app.token("analyst"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let out = ids(&body.unwrap());
+    assert!(!out.is_empty());
+    let leaked: Vec<&String> = out.iter().filter(|id| protected.contains(*id)).collect();
+    assert!(leaked.is_empty(), "protected entries left: {leaked:?}");
+    let named: Vec<String> = (app.audit_records().into_iter())
+        .filter(|r| r["route"] == "voter.export")
+        .flat_map(|r| {
+            (r["subjects"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter())
+            .filter_map(|s| s.as_str().map(str::to_owned))
+        })
+        .collect();
+    assert!(named.iter().all(|id| !protected.contains(id)));
+    assert_eq!(named.len(), out.len());
+    app.stop().await;
+}
