@@ -190,31 +190,7 @@ async fn exports_are_for_national_roles_and_take_no_paging() {
 
 /// A datastore whose export turns into garbage after `good` records.
 async fn bad_datastore(good: String) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let good = good.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = format!("{good}this is not a record\n{good}");
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .header("content-type", "application/x-ndjson")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    fixed_datastore(format!("{good}this is not a record\n{good}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

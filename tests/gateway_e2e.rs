@@ -1395,28 +1395,17 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
         ..Default::default()
     })
     .await;
-    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    stream
-        .write_all(b"GET /voter/electors HTTP/1.1\r\nhost: wardgate\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    // Far past the timeout: the read ends when the gateway closes the connection.
-    let closed = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        stream.read_to_end(&mut buf),
-    )
-    .await;
-    assert!(
-        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
-        "the connection was still open after 20 s"
-    );
-    // Nor one that sends nothing at all, or less than the bytes that tell HTTP/1 from
+    // Half a request's headers; nothing at all; less than the bytes that tell HTTP/1 from
     // HTTP/2 (before those, hyper's own header timeout has not started).
-    for sent in [&b""[..], b"PRI * HTTP/2.0"] {
+    for sent in [
+        &b"GET /voter/electors HTTP/1.1\r\nhost: wardgate\r\n"[..],
+        b"",
+        b"PRI * HTTP/2.0",
+    ] {
         let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
         stream.write_all(sent).await.unwrap();
         let mut buf = Vec::new();
+        // Far past the timeout: the read ends when the gateway closes the connection.
         let closed = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             stream.read_to_end(&mut buf),
