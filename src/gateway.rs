@@ -625,6 +625,16 @@ pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), Gat
         .standing(principal, gw.verifier.ends_at(principal), now)
 }
 
+/// Whether a minute has passed since `last` (unix seconds) said yes, saying yes to one caller
+/// only: for warnings written at most once a minute however often their cause recurs.
+pub(crate) fn once_a_minute(last: &std::sync::atomic::AtomicI64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let then = last.load(Ordering::Relaxed);
+    now.saturating_sub(then) >= 60
+        && (last.compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)).is_ok()
+}
+
 /// A datastore asked to leave out the entries never disclosed (`exclude=protected`, or a
 /// Datasette canned query that should) sent `n` of them in a listing or an export. The filter
 /// withheld them, but a page's length and `next_page` then count them (DOMAIN.md: not even
@@ -632,20 +642,14 @@ pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), Gat
 /// told: always by a metric, and by an error in the log at most once a minute (a datastore
 /// that ignores the parameter would otherwise write one a request).
 pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::atomic::AtomicI64;
     static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
     if n == 0 {
         return;
     }
     metrics::counter!("wardgate_upstream_never_disclosed_total", "dataset" => dataset.to_owned())
         .increment(n);
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let last = LOGGED.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 60
-        && LOGGED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if once_a_minute(&LOGGED) {
         tracing::error!(
             dataset,
             records = n,

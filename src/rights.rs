@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
 use crate::audit::{AuditRecord, Caller, Decision, RecordKind};
@@ -414,11 +414,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| GatewayError::PayloadTooLarge)?
-        .to_bytes();
+    // The data plane's reader: the same size refusal, and the same deadline.
+    let bytes = crate::writes::read_body(req, MAX_BODY).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| GatewayError::BadRequest(format!("the body is not the expected JSON: {e}")))
 }

@@ -151,23 +151,20 @@ pub fn build_from(
         .collect();
     // By purpose and the lawful basis each disclosure was recorded under: a basis the
     // catalogue has changed since is reported as it was then.
-    let mut by_purpose: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut by_purpose: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
     let mut datasets: BTreeSet<&str> = BTreeSet::new();
     let mut categories: BTreeSet<String> = BTreeSet::new();
     // A disclosure recorded with no basis counts under the catalogue's.
-    let basis = |d: &Disclosure| -> String {
-        match (d.lawful_basis.is_empty(), catalog.purposes.get(&d.purpose)) {
+    let key = |d: &Disclosure| -> (String, String) {
+        let basis = match (d.lawful_basis.is_empty(), catalog.purposes.get(&d.purpose)) {
             (true, Some(p)) => p.lawful_basis.clone(),
             _ => d.lawful_basis.clone(),
-        }
+        };
+        (d.purpose.clone(), basis)
     };
-    let disclosure_bases: Vec<String> = disclosures.iter().map(basis).collect();
-    let write_bases: Vec<String> = writes.iter().map(basis).collect();
-    for (d, b) in disclosures.iter().zip(&disclosure_bases) {
-        *by_purpose
-            .entry((d.purpose.as_str(), b.as_str()))
-            .or_default() += 1;
+    for d in &disclosures {
+        *by_purpose.entry(key(d)).or_default() += 1;
         *by_role.entry(&d.recipient_role).or_default() += 1;
     }
     for d in &disclosures {
@@ -176,10 +173,8 @@ pub fn build_from(
             categories.extend(d.fields.iter().filter_map(|f| ds.fields.get(f).cloned()));
         }
     }
-    for (d, b) in writes.iter().zip(&write_bases) {
-        by_purpose
-            .entry((d.purpose.as_str(), b.as_str()))
-            .or_default();
+    for d in &writes {
+        by_purpose.entry(key(d)).or_default();
         datasets.insert(&d.dataset);
         // A written field's category is its write's (`{dataset}.write.{write}`).
         let write = catalog.datasets.get(&d.dataset).and_then(|ds| {
@@ -193,17 +188,13 @@ pub fn build_from(
     let purposes = by_purpose
         .into_iter()
         .map(|((p, recorded), n)| {
-            let entry = catalog.purposes.get(p);
+            let entry = catalog.purposes.get(&p);
             // The catalogue's detail only where its basis is still the one recorded.
-            let current = entry.filter(|e| recorded.is_empty() || e.lawful_basis == recorded);
+            let current = entry.filter(|e| e.lawful_basis == recorded);
             PurposeUse {
-                purpose: p.to_owned(),
                 description: entry.map(|e| e.description.clone()).unwrap_or_default(),
-                lawful_basis: if recorded.is_empty() {
-                    current.map(|e| e.lawful_basis.clone()).unwrap_or_default()
-                } else {
-                    recorded.to_owned()
-                },
+                purpose: p,
+                lawful_basis: recorded,
                 basis_detail: current.map(|e| e.basis_detail.clone()).unwrap_or_default(),
                 // Art 9's condition does not turn on the Art 6 basis: as catalogued.
                 special_category_condition: entry

@@ -85,17 +85,8 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
     };
     metrics::counter!("wardgate_connection_errors_total", "kind" => kind).increment(1);
     // At most once a minute: a scanner's every connection must not each write a line.
-    static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNED.load(Ordering::Relaxed);
-    if matches!(kind, "too_large" | "malformed")
-        && now >= last + 60
-        && LAST_WARNED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    static LAST_WARNED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    if matches!(kind, "too_large" | "malformed") && crate::gateway::once_a_minute(&LAST_WARNED) {
         tracing::warn!(error = %e, kind,
             "requests refused before they could be read (logged at most once a minute; \
              wardgate_connection_errors_total counts them all)");

@@ -90,9 +90,7 @@ pub(super) fn read(
     // unflagged. It is held back as far as the word could mean: a marker not of a marker's
     // form (one or two capital letters) as an anonymous elector's, never disclosed; a flag
     // the gateway does not know as a restriction, so that rights handling still sees it.
-    let marker =
-        |m: &String| (1..=2).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_uppercase());
-    if !markers.iter().all(marker) {
+    if !markers.iter().all(|m| crate::policy::is_marker(m)) {
         metrics::counter!("wardgate_unknown_record_words_total", "kind" => "marker").increment(1);
         markers.insert(ANONYMOUS.to_owned());
     }

@@ -533,49 +533,32 @@ impl Disclosure {
         if self.field_sets.len() < 2 {
             return None;
         }
-        let mut used = vec![0usize; self.field_sets.len()];
-        for &set in &self.subject_sets {
-            if let Some(n) = used.get_mut(set as usize) {
-                *n += 1;
+        // Each set's subjects, by their places in `subjects` (in order).
+        let mut members = vec![Vec::new(); self.field_sets.len()];
+        for (n, &set) in self.subject_sets.iter().enumerate() {
+            if let Some(m) = members.get_mut(set as usize) {
+                m.push(u32::try_from(n).unwrap_or(u32::MAX));
             }
         }
         // The set most subjects left with; of two as common, the one met first.
-        let most = (used.iter().enumerate())
-            .max_by(|(i, a), (j, b)| a.cmp(b).then(j.cmp(i)))
+        let most = (members.iter().enumerate())
+            .max_by(|(i, a), (j, b)| a.len().cmp(&b.len()).then(j.cmp(i)))
             .map_or(0, |(i, _)| i);
-        let mut others: Vec<crate::audit::OtherFields> = Vec::new();
-        let mut which = vec![usize::MAX; self.field_sets.len()];
-        for (n, &set) in self.subject_sets.iter().enumerate() {
-            let set = set as usize;
-            if set == most {
-                continue;
-            }
-            let slot = match which.get(set) {
-                Some(&slot) if slot != usize::MAX => slot,
-                _ => {
-                    let fields = self
-                        .field_sets
-                        .get(set)
-                        .map(|s| s.iter().cloned().collect());
-                    others.push(crate::audit::OtherFields {
-                        fields: fields.unwrap_or_default(),
-                        subjects: Vec::new(),
-                    });
-                    if let Some(w) = which.get_mut(set) {
-                        *w = others.len() - 1;
-                    }
-                    others.len() - 1
-                }
-            };
-            if let Some(o) = others.get_mut(slot) {
-                o.subjects.push(u32::try_from(n).unwrap_or(u32::MAX));
-            }
-        }
-        // Only sets some subject left with: a plan used and then every record it judged
-        // refused after all is no set of anyone's.
+        let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>();
+        let others: Vec<crate::audit::OtherFields> = (self.field_sets.iter().zip(members))
+            .enumerate()
+            .filter(|(i, (_, m))| *i != most && !m.is_empty())
+            .map(|(_, (set, subjects))| crate::audit::OtherFields {
+                fields: names(set),
+                subjects,
+            })
+            .collect();
+        // Only sets some subject left with: every subject with one set is no exception.
         (!others.is_empty()).then(|| crate::audit::FieldsBySubject {
-            most: (self.field_sets.get(most))
-                .map(|s| s.iter().cloned().collect())
+            most: self
+                .field_sets
+                .get(most)
+                .map(|s| names(s))
                 .unwrap_or_default(),
             others,
         })

@@ -12,6 +12,7 @@
 
 mod scope;
 mod vocabulary;
+pub use vocabulary::is_marker;
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};

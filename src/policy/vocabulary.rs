@@ -26,6 +26,13 @@ use serde_json::Value;
 
 use crate::catalog::Catalog;
 
+/// Whether `word` has a register marker's form: one or two capital letters (`N`, `F`, `L`,
+/// `G`, `B`, `M`...). Policies are checked against it at start, and records as they are read
+/// (`filter::attrs`).
+pub fn is_marker(word: &str) -> bool {
+    (1..=2).contains(&word.len()) && word.bytes().all(|b| b.is_ascii_uppercase())
+}
+
 /// What each checked attribute may be compared with.
 pub struct Vocabulary {
     roles: BTreeSet<String>,
@@ -110,11 +117,8 @@ impl Vocabulary {
             Word::Role => known(&self.roles, "a role the catalogue defines"),
             Word::Flag => known(&self.flags, "a flag the gateway knows"),
             Word::Channel => known(&self.channels, "a consent channel"),
-            Word::Marker => {
-                let form = (1..=2).contains(&literal.len())
-                    && literal.bytes().all(|b| b.is_ascii_uppercase());
-                (!form).then(|| "not a register marker (one or two capital letters)".to_owned())
-            }
+            Word::Marker => (!is_marker(literal))
+                .then(|| "not a register marker (one or two capital letters)".to_owned()),
         }
     }
 }
