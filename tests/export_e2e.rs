@@ -522,30 +522,12 @@ async fn a_restriction_placed_on_a_filtered_chunk_keeps_it_back() {
 
 /// A datastore whose export answers every request with `body`, whatever it was asked.
 async fn fixed_datastore(body: String) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .header("content-type", "application/x-ndjson")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    common::fixed_upstream(
+        Bytes::from(body),
+        "application/x-ndjson",
+        std::time::Duration::ZERO,
+    )
+    .await
 }
 
 /// The demo datastore honours `exclude=protected`, so an export through it cannot show the

@@ -585,6 +585,16 @@ pub fn fill(dir: &Path) {
 
 /// A datastore that answers every request with `body` (a 200 JSON page) after `delay`.
 pub async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> SocketAddr {
+    fixed_upstream(body, "application/json", delay).await
+}
+
+/// A datastore that answers every request, whatever it asks, with 200, `content_type` and
+/// `body`, after `delay`.
+pub async fn fixed_upstream(
+    body: Bytes,
+    content_type: &'static str,
+    delay: std::time::Duration,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -596,10 +606,8 @@ pub async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> Socket
                     async move {
                         tokio::time::sleep(delay).await;
                         let mut resp = http::Response::new(Full::new(body));
-                        resp.headers_mut().insert(
-                            "content-type",
-                            http::HeaderValue::from_static("application/json"),
-                        );
+                        resp.headers_mut()
+                            .insert("content-type", http::HeaderValue::from_static(content_type));
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
