@@ -35,6 +35,7 @@ use crate::error::GatewayError;
 use crate::export::{Lines, LinesError};
 use crate::filter::{self, Disclosure, FilterContext, RawRecord};
 use crate::policy::RecordAttrs;
+use crate::routes::{Route, RouteKind};
 
 /// The operator's limits on aggregates (`[aggregates]` in the configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,13 +82,18 @@ pub struct Counted {
 /// Reads the datastore's export `body` through the filter and counts its records per group.
 pub async fn count(
     mut lines: Lines<hyper::body::Incoming>,
-    dataset_name: &str,
+    route: &Route,
     dataset: &Dataset,
     controls: &Controls,
-    by: &[String],
     settings: Settings,
     decide: &mut (dyn FnMut(&RecordAttrs) -> std::sync::Arc<filter::RecordDecision> + Send),
 ) -> Result<Counted, GatewayError> {
+    let RouteKind::Aggregate { by } = &route.kind else {
+        return Err(GatewayError::Internal(
+            "an aggregate of another route".to_owned(),
+        ));
+    };
+    let filtered_on = route.filtered_categories(dataset);
     let mut memo = filter::Memo::default();
     let mut groups = Groups::new(by, settings.max_groups);
     let mut out = Vec::new();
@@ -112,6 +118,7 @@ pub async fn count(
             // ages by the day its records are read on.
             today: filter::today(),
             register: &flags,
+            filtered_on: &filtered_on,
         };
         // A disclosure of its own per batch, so the memo starts a chunk for it too.
         let mut d = Disclosure::default();
@@ -127,7 +134,7 @@ pub async fn count(
         }
         out.clear();
     }
-    crate::gateway::never_disclosed_sent(dataset_name, never_disclosed);
+    crate::gateway::never_disclosed_sent(&route.dataset, never_disclosed);
     let (body, shown, summary) = groups.answer(settings.min_cell, settings.round_to);
     Ok(Counted {
         body,

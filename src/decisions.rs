@@ -317,6 +317,7 @@ mod tests {
             dataset: &catalog.datasets["voter"],
             today: crate::filter::today(),
             register: &RegisterFlags::EMPTY,
+            filtered_on: &[],
         };
         let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null,"attainer_date":null}]}"#;
         let pool = MemoPool::default();

@@ -156,6 +156,8 @@ pub struct Plan {
     pub ask: Ask,
     pub asker: u64,
     pub dataset: String,
+    /// The categories of the fields the caller filtered on (`Route::filtered_categories`).
+    pub filtered_on: Vec<String>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -281,6 +283,7 @@ impl Run<'_> {
                 // ages by the day its records are read on.
                 today: filter::today(),
                 register: &register,
+                filtered_on: &plan.filtered_on,
             };
             filter::filter_lines(
                 batch,

@@ -146,7 +146,12 @@ where
     let dataset = trail.dataset.clone().unwrap_or_else(|| "none".to_owned());
     let purpose = trail.purpose.clone().unwrap_or_else(|| "none".to_owned());
     let template = matches!(result, Ok(Reply::Export(_))).then(|| {
-        record.detail = Some(serde_json::json!({ "export": "started" }));
+        match &mut record.detail {
+            Some(serde_json::Value::Object(detail)) => {
+                detail.insert("export".to_owned(), "started".into());
+            }
+            _ => record.detail = Some(serde_json::json!({ "export": "started" })),
+        }
         record.clone()
     });
     // Queued before the request stops counting as on its way, so that a group commit napping
@@ -306,12 +311,15 @@ where
     })?;
     trail.dataset = Some(route.dataset.clone());
     trail.route = Some(route.id());
+    // What was asked, in the record whatever the outcome (a record's `path` has no query):
+    // aggregates that could be set against each other, and what a listing or an export was
+    // narrowed by, show in the log.
     if let RouteKind::Aggregate { by } = &route.kind {
-        // What was asked, in the record whatever the outcome (a record's `path` has no
-        // query): aggregates that could be set against each other show in the log.
         trail.detail = Some(serde_json::json!({
             "aggregate": { "by": by, "filters": route.filters }
         }));
+    } else if !route.filters.is_empty() {
+        trail.detail = Some(serde_json::json!({ "filters": route.filters }));
     }
     let dataset = gw
         .catalog
@@ -389,6 +397,7 @@ where
             ask,
             asker,
             dataset: route.dataset.clone(),
+            filtered_on: route.filtered_categories(dataset),
         })));
     }
     let decider = Decider::new(
@@ -407,7 +416,8 @@ where
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
             let register = register_now(gw, &principal)?;
-            let cx = FilterContext::new(dataset, &register);
+            let filtered_on = route.filtered_categories(dataset);
+            let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
             let mut memo = gw.decisions.memos.take(asker, &route.dataset);
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
@@ -429,10 +439,9 @@ where
             let body = upstream.open_stream(&path, request_id).await?;
             let counted = crate::aggregate::count(
                 crate::export::Lines::new(body).idle(upstream.response_timeout()),
-                &route.dataset,
+                &route,
                 dataset,
                 &gw.controls,
-                by,
                 gw.aggregates,
                 &mut |a| decider.decide(a),
             )

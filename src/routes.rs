@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use percent_encoding::percent_decode_str;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Dataset};
 use crate::error::GatewayError;
 use crate::policy::RequestAction;
 
@@ -49,6 +49,22 @@ pub struct Route {
 }
 
 impl Route {
+    /// The asset-register categories of the fields the caller filtered on, each once: a
+    /// record leaves only where its decision shows them all (`FilterContext::filtered_on`).
+    /// A filter the register does not classify (the catalogue refuses one at start) stands
+    /// for a category no decision lets through.
+    pub fn filtered_categories(&self, dataset: &Dataset) -> Vec<String> {
+        let mut categories: Vec<String> = (self.filters.keys())
+            .map(|f| match dataset.fields.get(f) {
+                Some(category) => category.clone(),
+                None => format!("unclassified filter {f}"),
+            })
+            .collect();
+        categories.sort();
+        categories.dedup();
+        categories
+    }
+
     pub fn action(&self) -> RequestAction {
         match self.kind {
             RouteKind::List => RequestAction::List,

@@ -1428,3 +1428,134 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert_eq!(r.status, 200);
     app.stop().await;
 }
+
+/// A filter is no oracle for a field the purpose may not see: the records it picked are
+/// withheld, in a listing and an export alike, where a purpose that shows the field gets them;
+/// and the request's audit record names the filter.
+#[tokio::test]
+async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
+    let app = spawn_app().await;
+    // A postcode district of the councillor's ward, taken from what canvassing shows them.
+    let councillor = app.token("councillor");
+    let canvassed = all_pages(&app, &councillor, "canvassing", "").await;
+    let postcode = canvassed
+        .iter()
+        .find_map(|r| r["postcode"].as_str())
+        .expect("canvassing shows postcodes");
+    let prefix = &postcode[..postcode.len() - 1];
+    let query = format!("&postcode={}", prefix.replace(' ', "+"));
+    let shown = all_pages(&app, &councillor, "canvassing", &query).await;
+    assert!(
+        !shown.is_empty(),
+        "the filter should pick electors by `{prefix}`"
+    );
+    for r in &shown {
+        assert!(r["postcode"].as_str().unwrap().starts_with(prefix), "{r}");
+    }
+
+    // Profiling hides addresses: narrowing by postcode prefix would spell each elector's out.
+    let analyst = app.token("analyst");
+    let everyone = all_pages(&app, &analyst, "profiling", "").await;
+    let ids = |rs: &[Value]| -> BTreeSet<String> {
+        rs.iter()
+            .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let picked = ids(&shown);
+    assert!(
+        ids(&everyone).intersection(&picked).next().is_some(),
+        "the analyst sees some of the picked electors unfiltered"
+    );
+    assert!(everyone.iter().all(|r| r.get("postcode").is_none()));
+    let narrowed = all_pages(&app, &analyst, "profiling", &query).await;
+    assert!(
+        narrowed.is_empty(),
+        "a hidden field filtered on: {narrowed:?}"
+    );
+    let resp = app
+        .get(
+            &format!("/voter/electors?per_page=1000{query}"),
+            Some(&analyst),
+            Some("profiling"),
+        )
+        .await;
+    let record = app.audit_for(&resp);
+    assert_eq!(record["detail"]["filters"]["postcode"], prefix, "{record}");
+    assert!(record["rows_withheld"].as_u64().unwrap() >= picked.len() as u64);
+    assert_eq!(record["subjects"], json!([]), "{record}");
+
+    let export = app
+        .get(
+            &format!("/voter/electors/export?{}", &query[1..]),
+            Some(&analyst),
+            Some("profiling"),
+        )
+        .await;
+    assert_eq!(export.status, 200, "{:?}", export.body);
+    assert!(export.body.is_empty(), "{:?}", export.body);
+    let rid = export.headers["x-request-id"].to_str().unwrap();
+    let started = app
+        .audit_records()
+        .into_iter()
+        .find(|r| r["request_id"] == rid && r["detail"]["export"] == "started")
+        .expect("the export's first record");
+    assert_eq!(
+        started["detail"]["filters"]["postcode"], prefix,
+        "{started}"
+    );
+
+    // Membership status is not for an email round, but is for membership administration.
+    let secretary = app.token("clp_secretary");
+    let path = "/membership/members?per_page=1000&status=active";
+    let admin = app
+        .get(path, Some(&secretary), Some("membership_admin"))
+        .await;
+    assert_eq!(admin.status, 200, "{:?}", admin.body);
+    let members = admin.json()["records"].as_array().unwrap().clone();
+    assert!(!members.is_empty());
+    assert!(members.iter().all(|m| m["status"] == "active"));
+    let round = app.get(path, Some(&secretary), Some("email_sms")).await;
+    assert_eq!(round.status, 200, "{:?}", round.body);
+    assert_eq!(round.json()["records"], json!([]), "{:?}", round.body);
+    app.stop().await;
+}
+
+/// Breach detection's `protected_subject` counts attempts on people held back from everyone:
+/// an in-area elector withheld from canvassing because they do not want contact is the
+/// canvasser's ordinary day, logged as withheld by policy; a restricted one is not.
+#[tokio::test]
+async fn only_restricted_subjects_named_by_id_count_as_protected() {
+    let app = spawn_app().await;
+    let truth = upstream_all(app.upstream).await;
+    let councillor = app.token("councillor");
+    let flagged = |flag: &str| {
+        truth
+            .iter()
+            .find(|r| {
+                r["ward"] == "E05011391"
+                    && r["markers"] == json!([])
+                    && r["flags"] == json!([flag])
+                    && r["attainer_date"].is_null()
+            })
+            .unwrap_or_else(|| panic!("no elector of the ward flagged only `{flag}`"))
+    };
+    for (flag, why) in [
+        ("do_not_contact", "policy"),
+        ("deceased", "policy"),
+        ("restricted", "restricted"),
+        ("erasure_requested", "restricted"),
+    ] {
+        let id = flagged(flag)["elector_id"].as_str().unwrap();
+        let r = app
+            .get(
+                &format!("/voter/electors/{id}"),
+                Some(&councillor),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 404, "{flag}: {:?}", r.body);
+        let record = app.audit_for(&r);
+        assert_eq!(record["withheld_target"], why, "{flag}: {record}");
+    }
+    app.stop().await;
+}

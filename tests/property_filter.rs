@@ -508,6 +508,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         dataset,
         today: wardgate::filter::today(),
         register: &RegisterFlags::EMPTY,
+        filtered_on: &[],
     };
     // The caller's memo as the gateway keeps it: earlier cases' pages for the same caller and
     // purpose have filled it.

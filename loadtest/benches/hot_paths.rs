@@ -91,6 +91,7 @@ impl Fixture {
             dataset: self.dataset(),
             today: filter::today(),
             register: &self.register,
+            filtered_on: &[],
         }
     }
 }

@@ -224,6 +224,13 @@ impl Memo {
         if never_disclosed || !verdict.allowed {
             return Judged::Refused { never_disclosed };
         }
+        // A record whose decision hides a field the request filtered on is withheld: the
+        // datastore chose it by that field's value, which its presence would give away.
+        if !(cx.filtered_on.iter()).all(|c| verdict.categories.contains(c)) {
+            return Judged::Refused {
+                never_disclosed: false,
+            };
+        }
         if self.layouts[layout].duplicate_names {
             return Judged::Malformed;
         }

@@ -80,6 +80,11 @@ pub struct FilterContext<'a> {
     pub today: i64,
     /// Extra flags per subject id, from the rights register (asked about every record).
     pub register: &'a RegisterFlags,
+    /// The categories of the fields the request filtered on: a record leaves (or is counted)
+    /// only where its decision lets the caller see every one of them, so that a filter is
+    /// never an oracle for a field the purpose may not see (profiling narrowing by postcode
+    /// prefix, an email round by membership status).
+    pub filtered_on: &'a [String],
 }
 
 impl<'a> FilterContext<'a> {
@@ -89,6 +94,15 @@ impl<'a> FilterContext<'a> {
             dataset,
             today: today(),
             register,
+            filtered_on: &[],
+        }
+    }
+
+    /// The same, for a request that filtered on fields of these categories.
+    pub fn filtered_on(self, categories: &'a [String]) -> Self {
+        FilterContext {
+            filtered_on: categories,
+            ..self
         }
     }
 }

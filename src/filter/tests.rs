@@ -17,6 +17,7 @@ fn cx(ds: &Dataset) -> FilterContext<'_> {
         dataset: ds,
         today: days_from_iso_date("2026-11-23").unwrap(),
         register: &RegisterFlags::EMPTY,
+        filtered_on: &[],
     }
 }
 
@@ -416,6 +417,7 @@ fn register_flags_are_merged_into_the_record_flags() {
         dataset: &ds,
         today: 0,
         register: &register,
+        filtered_on: &[],
     };
     for id in ["VF-1", "vf-1"] {
         let text = record(id, "CGW1", "");
@@ -554,6 +556,7 @@ fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
         dataset: &ds,
         today: days_from_iso_date("2026-11-23").unwrap(),
         register: &register,
+        filtered_on: &[],
     };
     let body = format!(
         r#"{{"records":[{},{},{}]}}"#,
@@ -689,6 +692,7 @@ mod kept_between_pages {
             dataset: &ds,
             today: days_from_iso_date("2026-11-23").unwrap(),
             register,
+            filtered_on: &[],
         };
         let mut by_flags =
             |a: &RecordAttrs| verdict(!a.flags.contains("restricted"), &["identifier"]);
@@ -714,6 +718,7 @@ mod kept_between_pages {
                 dataset: &ds,
                 today: days_from_iso_date(today).unwrap(),
                 register: &RegisterFlags::EMPTY,
+                filtered_on: &[],
             };
             filter_page(
                 body.as_bytes(),
