@@ -685,7 +685,13 @@ pub(crate) fn withheld_why(
         .contains(&attrs.area)
     {
         "out_of_area"
-    } else if !attrs.flags.is_empty() {
+    } else if ["restricted", "erasure_requested"]
+        .iter()
+        .any(|f| attrs.flags.contains(*f))
+    {
+        // Held back from everything but rights handling. Other flags (an objection, a
+        // withdrawn consent, `deceased`) withhold a record from some purposes only, which a
+        // legitimate caller meets in the course of their work: not an attempt on anyone.
         "restricted"
     } else {
         "policy"
