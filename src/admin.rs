@@ -85,7 +85,7 @@ where
         ),
         (&Method::GET, "/readyz") => {
             // Not ready says why: the log, or the shared controls.
-            match (gw.audit.is_healthy(), gw.controls.check_fresh()) {
+            match (gw.audit.is_healthy(), gw.controls.check_ready()) {
                 (true, Ok(())) => {
                     let body = format!(
                         "{{\"status\":\"ready\",\"policies\":{}}}",

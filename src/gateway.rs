@@ -593,6 +593,20 @@ pub fn authenticate(
     headers: &HeaderMap,
     trail: &mut Trail,
 ) -> Result<Arc<Principal>, GatewayError> {
+    let principal = authenticate_on_mirror(gw, headers, trail)?;
+    gw.controls.check_fresh()?;
+    Ok(principal)
+}
+
+/// `authenticate` without the staleness bound: the token checked against the revocations
+/// this replica's mirror holds, however old. Only for changes that take something away (a
+/// restriction, a revocation, a containment), which the admin plane must be able to make
+/// while Redis is away; everything else asks `check_fresh` too.
+pub fn authenticate_on_mirror(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    trail: &mut Trail,
+) -> Result<Arc<Principal>, GatewayError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     let principal =
@@ -604,7 +618,8 @@ pub fn authenticate(
                 GatewayError::Unauthenticated(failure)
             })?;
     trail.caller = Some(Arc::clone(&principal));
-    standing(gw, &principal, now)?;
+    gw.controls
+        .holds(&principal, gw.verifier.ends_at(&principal), now)?;
     Ok(principal)
 }
 

@@ -107,13 +107,21 @@ where
     let path = req.uri().path().to_owned();
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
     let mut trail = crate::gateway::Trail::default();
-    let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
+    let principal = match crate::gateway::authenticate_on_mirror(gw, req.headers(), &mut trail) {
         Ok(p) => p,
         Err(e) => return refuse(gw, trail.caller(), None, &method, &path, e, request_id).await,
     };
     let outcome = route(&principal, req, &method, &path)
         .await
-        .and_then(|(action, purpose)| Ok((action, Under::purpose(gw, &principal, purpose)?)));
+        .and_then(|(action, purpose)| {
+            // A restriction or a revocation holds here at once, and reaches the other
+            // replicas when Redis is back (README: Shared controls); a lift, a read of the
+            // register or a report waits for a fresh mirror.
+            if !matches!(&action, Action::Change(e) if e.change.takes_away()) {
+                gw.controls.check_fresh()?;
+            }
+            Ok((action, Under::purpose(gw, &principal, purpose)?))
+        });
     let (action, under) = match outcome {
         Ok(acting) => acting,
         Err(e) => {
@@ -188,7 +196,8 @@ where
             );
             resp
         }
-        Action::Change(event) => {
+        Action::Change(mut event) => {
+            gw.controls.order_after_latest(&mut event);
             let detail = serde_json::to_value(&event).unwrap_or_default();
             tracing::info!(by = %principal.subject, change = %detail, "shared controls change requested");
             let body = serde_json::json!({ "recorded": event });

@@ -338,6 +338,89 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     a.stop().await;
 }
 
+/// Past the staleness bound of a Redis outage, the admin plane still takes what only takes
+/// something away (a restriction, a revocation), which holds on the replica at once and is
+/// republished when Redis is back; a lift, a read of the register and the console wait for a
+/// fresh mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
+    let mut redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    until_ready("a ready", &a).await;
+    let id = visible_elector(&a).await;
+    let councillor = a.token("councillor");
+    let (caseworker, path) = (a.token("mp_caseworker"), format!("/voter/electors/{id}"));
+    let r = a.get(&path, Some(&caseworker), Some("casework")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    redis.stop();
+    until("stale", || async {
+        a.admin_get("/readyz").await.status == 503
+    })
+    .await;
+    let dpo = a.token("dpo");
+    let placed = restrict(&a, &id, "SAR-stale").await;
+    assert_eq!(placed.status, 503, "{:?}", placed.body);
+    assert_eq!(
+        placed.json()["type"],
+        "urn:wardgate:problem:controls-not-shared",
+        "taken here, not refused as stale"
+    );
+    let revoked = a
+        .admin_post(
+            "/revocations",
+            &a.token("security"),
+            &serde_json::json!({ "subject": "demo-councillor", "reason": "laptop stolen" })
+                .to_string(),
+        )
+        .await;
+    assert_eq!(
+        revoked.json()["type"],
+        "urn:wardgate:problem:controls-not-shared",
+        "{:?}",
+        revoked.body
+    );
+    let stale = |r: &common::Resp| {
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    };
+    let lift = r#"{"kind":"restricted","reference":"SAR-stale","reason":"lifted"}"#;
+    stale(
+        &a.admin_post(&format!("/rights/{id}/lift"), &dpo, lift)
+            .await,
+    );
+    stale(&a.admin_get_with(&format!("/rights/{id}"), &dpo).await);
+    stale(&a.admin_get_with("/alerts", &a.token("security")).await);
+
+    // Back: both held, and reached Redis.
+    let _again = RedisServer::start_on(redis.port);
+    until_ready("a caught up", &a).await;
+    let r = a.get(&path, Some(&caseworker), Some("casework")).await;
+    assert_eq!(r.status, 404, "the restriction held: {:?}", r.body);
+    let r = a
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&councillor),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
+    let shared = redis::Client::open(redis.url()).unwrap();
+    let mut conn = shared.get_connection().unwrap();
+    let entries: usize = redis::cmd("XLEN")
+        .arg("wardgate:controls")
+        .query(&mut conn)
+        .unwrap();
+    assert!(entries >= 2, "republished: {entries} entries");
+    a.stop().await;
+}
+
 /// How long `slow_datastore` holds an answer back.
 #[derive(Clone)]
 enum Hold {
@@ -1031,8 +1114,11 @@ async fn quota_totals_redis_refuses_stop_limited_roles_past_the_bound() {
     let r = list(councillor.clone(), "canvassing").await;
     assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
     assert!(!String::from_utf8_lossy(&r.body).contains("records"));
-    // The controls' stream is fresh, and a role without limits is served.
-    assert_eq!(app.admin_get("/readyz").await.status, 200);
+    // The controls' stream is fresh, and a role without limits is served; `/readyz` says the
+    // replica would refuse limited callers, so that a load balancer sends them elsewhere.
+    let ready = app.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert_eq!(ready.json()["type"], "urn:wardgate:problem:controls-stale");
     let r = list(app.token("analyst"), "profiling").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     eprintln!(

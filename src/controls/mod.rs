@@ -81,6 +81,14 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// Whether the change only takes something away (places a restriction, revokes), so that
+    /// making it on a stale mirror can disclose nothing.
+    pub fn takes_away(&self) -> bool {
+        !matches!(self, Change::Lift { .. })
+    }
+}
+
 /// An active restriction, as the DPO sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Placement {
@@ -132,6 +140,12 @@ impl Snapshot {
             }
         }
         true
+    }
+
+    /// The time of the latest placement or lift of `kind` on `subject` (ASCII case folded).
+    fn latest_at(&self, subject: &str, kind: &str) -> Option<i64> {
+        let key = (subject.to_ascii_lowercase(), kind.to_owned());
+        self.latest.get(&key).map(|e| e.at)
     }
 
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
@@ -257,6 +271,19 @@ impl Controls {
     }
 
     /// Fail closed: with Redis, a mirror older than the staleness bound serves no data.
+    /// `check_fresh`, and the shared quota counts within the same bound: what `/readyz` asks,
+    /// since a replica whose counts cannot reach Redis answers every quota-limited caller 503
+    /// (an ACL without `wardgate:quota:*`, a cluster refusing the keys' slots) while its
+    /// controls stream is well.
+    pub fn check_ready(&self) -> Result<(), GatewayError> {
+        self.check_fresh()?;
+        if self.inner.quotas.is_fresh() {
+            Ok(())
+        } else {
+            Err(GatewayError::ControlsStale)
+        }
+    }
+
     pub fn check_fresh(&self) -> Result<(), GatewayError> {
         if self.inner.redis.is_none() {
             return Ok(());
@@ -276,9 +303,32 @@ impl Controls {
     /// Whether a verified caller may still be answered at `now`: the mirror is within its
     /// staleness bound, the token is not revoked, and `now` is not past `ends_at`
     /// (`Verifier::ends_at`). See `gateway::standing`.
+    /// Moves a placement or a lift made here to just after the latest one this replica knows
+    /// of for the same subject and kind, where its clock would put it before: the latest by
+    /// time wins everywhere (`Snapshot::apply`), so a change stamped by a clock behind the
+    /// one that made the last would be outranked on every replica while its maker was told
+    /// it was recorded.
+    pub fn order_after_latest(&self, e: &mut Event) {
+        let (Change::Place { subject, kind, .. } | Change::Lift { subject, kind, .. }) = &e.change
+        else {
+            return;
+        };
+        let Ok(s) = self.inner.snapshot.read() else {
+            return;
+        };
+        if let Some(latest) = s.latest_at(subject, kind) {
+            e.at = e.at.max(latest.saturating_add(1));
+        }
+    }
+
     pub fn standing(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
-        use crate::error::AuthFailure;
         self.check_fresh()?;
+        self.holds(p, ends_at, now)
+    }
+
+    /// `standing` on the mirror as it is, however stale: neither revoked here nor ended.
+    pub fn holds(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
+        use crate::error::AuthFailure;
         if self.is_revoked(p) {
             return Err(GatewayError::Unauthenticated(AuthFailure::Revoked));
         }

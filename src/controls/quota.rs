@@ -131,6 +131,17 @@ impl Quotas {
         }
     }
 
+    /// Whether the shared counts were flushed to Redis within the staleness bound (always, with
+    /// no Redis or no role limited): past it every quota-limited caller is answered 503.
+    pub fn is_fresh(&self) -> bool {
+        match &self.shared {
+            Some((bound, flushed)) if !self.limits.is_empty() => {
+                flushed.lock().is_ok_and(|last| last.elapsed() <= *bound)
+            }
+            _ => true,
+        }
+    }
+
     /// Whether the principal may be disclosed more records now, counting what requests under
     /// way have reserved; if so, `reserve` more are reserved for this one (`None`: its role has
     /// no limits, or nothing was reserved). With `conn`, totals this replica has never seen are
@@ -152,6 +163,7 @@ impl Quotas {
             if last.elapsed() > *bound {
                 return Err(GatewayError::ControlsStale);
             }
+            // (`is_fresh` says the same for `/readyz`.)
         }
         let [(hour, _), (day, _)] = keys(&p.subject, now);
         let unknown = {

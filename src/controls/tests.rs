@@ -293,3 +293,36 @@ async fn a_stale_mirror_gives_no_register() {
         Err(GatewayError::ControlsStale)
     ));
 }
+
+/// A placement made on a replica whose clock is behind the one that made the last lift is
+/// moved to just after it, so it wins everywhere instead of being outranked while its maker
+/// is told it was recorded. A revocation keeps its own time.
+#[tokio::test]
+async fn a_change_made_behind_the_latest_is_ordered_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controls::open(dir.path(), None, Default::default()).unwrap();
+    // The lift, by a replica whose clock is two seconds ahead.
+    c.record(lift("a", 10_000, "restricted")).await.unwrap();
+    let mut placed = place("b", 8_000, "restricted");
+    c.order_after_latest(&mut placed);
+    assert_eq!(placed.at, 10_001);
+    c.record(placed).await.unwrap();
+    assert_eq!(c.placements("vf-1").len(), 1, "the placement holds");
+    // Ahead of the latest already: as it was.
+    let mut later = lift("c", 20_000, "restricted");
+    c.order_after_latest(&mut later);
+    assert_eq!(later.at, 20_000);
+    // Another kind has no latest to follow.
+    let mut other = place("d", 5, "objects_profiling");
+    c.order_after_latest(&mut other);
+    assert_eq!(other.at, 5);
+    let mut revocation = ev(
+        "e",
+        5,
+        Change::RevokeSubject {
+            subject: "VF-1".into(),
+        },
+    );
+    c.order_after_latest(&mut revocation);
+    assert_eq!(revocation.at, 5);
+}
