@@ -1,5 +1,5 @@
 //! Breach detection end to end against the demo: each rule raised by a scripted scenario of
-//! real requests, none by a normal canvassing day, containment revoking the token, the live
+//! real requests, none by a normal canvassing day, containment revoking the caller's tokens, the live
 //! feed, and classification. Working hours are set around "now" (or away from it) so the
 //! outcome does not depend on when the suite runs.
 #![allow(
@@ -511,9 +511,26 @@ async fn disclosures_after_hours_are_noticed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containment_revokes_the_scrapers_token_everywhere() {
+async fn containment_revokes_every_token_the_scraper_holds() {
     let app = app(contain_scrapers).await;
     let councillor = app.token("councillor");
+    // The token the scraper's app would refresh to (or hold on a second device): the same
+    // caller, another token id.
+    let mut claims = app.claims(
+        "councillor",
+        &["E05011391", "BR-CROSS-GATES-WHINMOOR"],
+        &["canvassing"],
+    );
+    claims["sub"] = "demo-councillor".into();
+    let refreshed = app.sign(&claims);
+    let r = app
+        .get(
+            "/voter/electors?per_page=10",
+            Some(&refreshed),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     // Page on as a scraper would; the token stops working part way.
     let mut refused = None;
     for page in 1..=60 {
@@ -537,6 +554,19 @@ async fn containment_revokes_the_scrapers_token_everywhere() {
     assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
     let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
     assert_eq!(alert["mode"], "contain");
+    let r = app
+        .get(
+            "/voter/electors?per_page=10",
+            Some(&refreshed),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the refreshed token scrapes on"
+    );
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
     // Other callers are untouched.
     let r = app
         .get(
@@ -553,6 +583,7 @@ async fn containment_revokes_the_scrapers_token_everywhere() {
         .find(|a| a["id"] == alert["id"])
         .unwrap();
     assert_eq!(contained["containment"]["outcome"], "revoked");
+    assert_eq!(contained["containment"]["subject"], "demo-councillor");
     let records = app.audit_records();
     let change = records
         .iter()

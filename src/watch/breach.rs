@@ -57,6 +57,11 @@ pub struct Alert {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Containment {
+    /// The caller whose every token issued until then was revoked (empty in entries written
+    /// before containment revoked callers rather than tokens).
+    #[serde(default)]
+    pub subject: String,
+    /// The token the alert saw.
     pub token_id: String,
     pub at: String,
     /// `revoked`; `revoked: …` when in effect on this replica but not yet shared (the others
@@ -364,6 +369,7 @@ mod tests {
         let log = BreachLog::open(&dir.path().join("b.jsonl")).unwrap();
         log.add(alert("A1")).unwrap();
         let tried = |outcome: &str| Containment {
+            subject: "demo-canvasser".into(),
             token_id: "t-1".into(),
             at: "2026-01-01T01:00:00.000Z".into(),
             outcome: outcome.into(),

@@ -155,12 +155,12 @@ function renderAlerts() {
     const note = el('input', { class: 'classify-note', placeholder: 'note (required)' });
     const classify = el('button', { class: 'classify', type: 'button' }, 'Classify');
     classify.addEventListener('click', () => doClassify(a.id, cls.value, note.value));
-    const token = a.principal && a.principal.token_id;
+    const caller = a.principal && a.principal.subject;
     // `revoked`, or `revoked: ...` (in effect here, not yet shared): either way, do not repeat it.
     const revoked = !!a.containment && a.containment.outcome.startsWith('revoked');
-    const revoke = el('button', { class: 'revoke', type: 'button', disabled: !token || revoked },
-      revoked ? 'Token revoked' : 'Revoke token');
-    revoke.addEventListener('click', () => doRevoke(a.id, token));
+    const revoke = el('button', { class: 'revoke', type: 'button', disabled: !caller || revoked },
+      revoked ? 'Tokens revoked' : 'Revoke tokens');
+    revoke.addEventListener('click', () => doRevoke(a.id, caller));
     tbody.append(el('tr', { class: 'alert', 'data-id': a.id },
       el('td', {}, a.id), el('td', {}, a.rule), el('td', {}, a.principal ? a.principal.subject + ' (' + a.principal.role + ')' : a.key),
       el('td', {}, a.summary + (a.addresses && a.addresses.length ? ': ' + a.addresses.join(', ') : '')), el('td', {}, a.evidence.length + ' audit records'),
@@ -193,7 +193,7 @@ async function doClassify(id, cls, note) {
   }
 }
 
-async function doRevoke(id, tokenId) {
+async function doRevoke(id, caller) {
   try {
     const a = await api('/alerts/' + encodeURIComponent(id) + '/contain', {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
@@ -201,7 +201,7 @@ async function doRevoke(id, tokenId) {
     });
     state.alerts.set(a.id, a);
     renderAlerts();
-    status('Token ' + tokenId + ' revoked on every replica.');
+    status('Every token of ' + caller + ' so far revoked on every replica.');
   } catch (e) {
     if (e.type === 'urn:wardgate:problem:controls-not-shared') {
       // In effect on this replica (the breach log has it, unless that write failed too):
@@ -211,7 +211,7 @@ async function doRevoke(id, tokenId) {
         state.alerts = new Map(log.alerts.map((x) => [x.id, x]));
         renderAlerts();
       } catch (_) { /* the status below still says what happened */ }
-      status('Token ' + tokenId + ' revoked on this replica; the others learn of it when the shared store is back. Do not revoke it again.', true);
+      status('Tokens of ' + caller + ' revoked on this replica; the others learn of it when the shared store is back. Do not revoke them again.', true);
     } else {
       status('Not revoked: ' + e.message, true);
     }

@@ -79,7 +79,7 @@ where
         _ => {}
     }
     let mut trail = crate::gateway::Trail::default();
-    let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
+    let principal = match crate::gateway::authenticate_on_mirror(gw, req.headers(), &mut trail) {
         Ok(p) => p,
         Err(e) => {
             return boxed(refuse(gw, trail.caller(), None, &method, &path, e, request_id).await);
@@ -110,6 +110,15 @@ where
         )
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // A containment is a revocation, which holds here at once while Redis is away; watching
+    // and judging wait for a fresh mirror.
+    if !matches!(
+        (&method, segments.as_slice()),
+        (&Method::POST, ["alerts", _, "contain"])
+    ) && let Err(e) = gw.controls.check_fresh()
+    {
+        return boxed(fail(e).await);
+    }
     let audited = |detail: serde_json::Value| {
         let mut r = record(Some(&principal), &method, &path, request_id);
         under.mark(&mut r);
@@ -240,14 +249,14 @@ where
             let Some(alert) = gw.watch.breach.alerts().into_iter().find(|a| a.id == id) else {
                 return boxed(fail(GatewayError::NotFound).await);
             };
-            let Some(token_id) = alert.principal.as_ref().map(|c| c.token_id.clone()) else {
+            let Some(caller) = alert.principal.clone() else {
                 let e = GatewayError::BadRequest(
-                    "the alert names no token (its caller was not authenticated)".to_owned(),
+                    "the alert names no caller (it was not authenticated)".to_owned(),
                 );
                 return boxed(fail(e).await);
             };
             let reason = format!("alert {id}: {}", b.reason);
-            let event = super::revocation(&token_id, &principal.subject, &reason);
+            let event = super::containment(&caller, &principal.subject, &reason);
             let detail = serde_json::json!({ "contained_alert": id, "change": event });
             if audited(detail).await.is_err() {
                 return boxed(problem_response(
@@ -263,7 +272,7 @@ where
             }
             // The breach log shows every attempt, as it does automatic ones (one that did not
             // take never in place of one that did: `BreachLog::contain`).
-            let contained = super::record_containment(gw, &id, token_id, outcome).await;
+            let contained = super::record_containment(gw, &id, &caller, outcome).await;
             match (done, contained) {
                 (Err(e), _) => boxed(fail(e.answer()).await),
                 (Ok(()), Some(alert)) => json(&alert),

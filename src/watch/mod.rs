@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
-use crate::audit::{AuditRecord, Decision, Logged};
+use crate::audit::{AuditRecord, Caller, Decision, Logged};
 use crate::controls::{Change, Event};
 use crate::gateway::Gateway;
 
@@ -266,34 +266,39 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
     }
 }
 
-/// Revokes the alert's token on every replica, logging the change before it takes effect.
+/// Revokes, on every replica, every token the alert's caller holds (`containment`), logging
+/// the change before it takes effect.
 async fn contain(gw: &Gateway, alert: Alert) {
-    let Some(token_id) = alert.principal.as_ref().map(|c| c.token_id.clone()) else {
+    let Some(caller) = alert.principal.clone() else {
         tracing::warn!(alert = %alert.id, "nothing to contain: the caller was not authenticated");
         return;
     };
     let reason = format!("containment for alert {}: {}", alert.id, alert.summary);
-    let event = revocation(&token_id, ACTOR, &reason);
+    let event = containment(&caller, ACTOR, &reason);
     let mut record = system_record("breach_containment");
     record.detail = serde_json::to_value(&event).ok();
     let outcome = match gw.audit.append(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
         Ok(_) => outcome(&gw.controls.record(event).await),
     };
-    tracing::warn!(alert = %alert.id, token_id, outcome, "containment");
-    record_containment(gw, &alert.id, token_id, outcome).await;
+    tracing::warn!(alert = %alert.id, subject = caller.subject, outcome, "containment");
+    record_containment(gw, &alert.id, &caller, outcome).await;
 }
 
-/// The shared-controls event that revokes `token_id`.
-pub(crate) fn revocation(token_id: &str, by: &str, reason: &str) -> Event {
+/// The shared-controls event that contains `caller`: every token issued to them so far stops
+/// working, not only the one the alert saw. A scraper whose app refreshes its token, or who
+/// holds a second one on another device, would otherwise go on with it (and the rule, in its
+/// cooldown for them, would not fire again). A token issued after it works: stopping the
+/// account for good is the identity provider's part.
+pub(crate) fn containment(caller: &Caller, by: &str, reason: &str) -> Event {
     let (id, at) = crate::controls::stamp();
     Event {
         id,
         at,
         by: by.to_owned(),
         reason: reason.to_owned(),
-        change: Change::RevokeToken {
-            token_id: token_id.to_owned(),
+        change: Change::RevokeSubject {
+            subject: caller.subject.clone(),
         },
     }
 }
@@ -311,11 +316,12 @@ pub(crate) fn outcome(done: &Result<(), crate::controls::RecordError>) -> String
 pub(crate) async fn record_containment(
     gw: &Gateway,
     alert_id: &str,
-    token_id: String,
+    caller: &Caller,
     outcome: String,
 ) -> Option<Alert> {
     let containment = Containment {
-        token_id,
+        subject: caller.subject.clone(),
+        token_id: caller.token_id.clone(),
         at: AuditRecord::now_ts(),
         outcome,
     };
