@@ -150,6 +150,39 @@ struct RawHeader {
     kid: Option<String>,
 }
 
+/// Whether a key that parsed can verify its algorithm's signatures. A P-384 key named ES256,
+/// a JWK whose `kty` is not its `alg`'s, or an RSA modulus past 4,096 bits loads, and then
+/// refuses every token as malformed or badly signed, which points at the callers rather
+/// than at the key. RSA moduli under 2,048 bits are refused as too weak (NIST SP 800-131A).
+fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
+    use jsonwebtoken::DecodingKeyKind;
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    // A verifier is made for the key before the (made-up) signature is looked at: that is
+    // where a key of the wrong kind or curve is found.
+    jsonwebtoken::crypto::verify("AA", b"probe", key, algorithm).map_err(|e| e.to_string())?;
+    if key.family() != jsonwebtoken::AlgorithmFamily::Rsa {
+        return Ok(());
+    }
+    // (An RSA verifier reads its key only when it verifies, and says no more than "invalid".)
+    let public = match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => {
+            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| e.to_string())?
+        }
+        DecodingKeyKind::RsaModulusExponent { n, e } => rsa::RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+        )
+        .map_err(|e| e.to_string())?,
+    };
+    let bits = rsa::traits::PublicKeyParts::n(&public).bits();
+    if !(2048..=4096).contains(&bits) {
+        return Err(format!(
+            "its RSA modulus is {bits} bits; 2048 to 4096 are accepted"
+        ));
+    }
+    Ok(())
+}
+
 impl Verifier {
     /// Loads every configured key; a missing or malformed key file is a start-up error naming it.
     pub fn from_config(cfg: &AuthConfig, known: KnownNames) -> anyhow::Result<Verifier> {
@@ -170,6 +203,14 @@ impl Verifier {
             .map_err(|e| {
                 anyhow::anyhow!(
                     "key `{}`: `{}` is not a {:?} public key in PEM form: {e}",
+                    k.kid,
+                    k.public_key_file.display(),
+                    k.algorithm
+                )
+            })?;
+            fits(k.algorithm, &key).map_err(|e| {
+                anyhow::anyhow!(
+                    "key `{}`: `{}` cannot verify {:?} signatures: {e}",
                     k.kid,
                     k.public_key_file.display(),
                     k.algorithm
@@ -211,6 +252,12 @@ impl Verifier {
                 }
                 let key = DecodingKey::from_jwk(jwk)
                     .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
+                fits(algorithm, &key).map_err(|e| {
+                    anyhow::anyhow!(
+                        "JWKS file `{}`: key `{kid}` cannot verify {algorithm:?} signatures: {e}",
+                        path.display()
+                    )
+                })?;
                 if keys
                     .insert(
                         kid.clone(),

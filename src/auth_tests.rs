@@ -472,3 +472,54 @@ fn each_issuer_names_its_own_subjects() {
     );
     assert!(from(party, &format!("{long}bbbbbbbb")).is_ok());
 }
+
+/// A key that parses but cannot verify its algorithm's signatures stops the start, naming
+/// the key and its file: a P-384 key configured as ES256, and RSA moduli out of 2048..=4096
+/// bits (which would load, then refuse every token as malformed or badly signed).
+#[test]
+fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = two_issuers(dir.path());
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    std::fs::write(&cfg.keys[0].public_key_file, p384.public_key_pem()).unwrap();
+    let err = Verifier::from_config(&cfg, KnownNames::default())
+        .err()
+        .unwrap()
+        .to_string();
+    let file = cfg.keys[0].public_key_file.display().to_string();
+    assert!(
+        err.contains("party-1") && err.contains(&file) && err.contains("cannot verify ES256"),
+        "{err}"
+    );
+
+    use base64::Engine;
+    let jwks = dir.path().join("rsa.json");
+    let rsa = |bytes: usize| {
+        // A modulus of exactly `bytes * 8` bits (odd, top bit set): its size is what is
+        // judged, as a verifier would meet it.
+        let mut n = vec![0x5a_u8; bytes];
+        n[0] = 0xc1;
+        n[bytes - 1] = 0x01;
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n);
+        let set = serde_json::json!({ "keys": [
+            { "kty": "RSA", "kid": "idp-rsa", "alg": "RS256", "n": n, "e": "AQAB" }
+        ] });
+        std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+        let mut cfg = cfg.clone();
+        cfg.keys.clear();
+        cfg.algorithms = vec![Algorithm::RS256];
+        cfg.issuers = vec![PARTY.into()];
+        cfg.jwks_file = Some(jwks.clone());
+        cfg.jwks_issuer = PARTY.into();
+        Verifier::from_config(&cfg, KnownNames::default()).map(drop)
+    };
+    assert!(rsa(256).is_ok(), "2048 bits");
+    assert!(rsa(512).is_ok(), "4096 bits");
+    for (bytes, says) in [(128, "1024 bits"), (1024, "")] {
+        let err = rsa(bytes).err().unwrap().to_string();
+        assert!(
+            err.contains("idp-rsa") && err.contains("cannot verify RS256") && err.contains(says),
+            "{bytes} bytes: {err}"
+        );
+    }
+}
