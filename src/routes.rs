@@ -216,7 +216,27 @@ pub fn resolve(
             "an aggregate needs `by`: 1 to {MAX_GROUP_FIELDS} comma-separated fields to group by"
         )));
     }
+    within_its_area(&route, dataset)?;
     Ok(route)
+}
+
+/// A filter on a later field of the dataset's area key (`{local_authority}/{polling_district}`)
+/// needs the fields before it: a polling-district code names a district only within its local
+/// authority, so alone it picks districts of several (and the datastore refuses it, which
+/// would reach the caller as the datastore's failure, 502, rather than their request's).
+fn within_its_area(route: &Route, dataset: &Dataset) -> Result<(), GatewayError> {
+    let key = crate::catalog::area_template_fields(&dataset.area).unwrap_or_default();
+    for (i, field) in key.iter().enumerate() {
+        if !route.filters.contains_key(field) {
+            continue;
+        }
+        if let Some(missing) = key[..i].iter().find(|f| !route.filters.contains_key(*f)) {
+            return Err(GatewayError::BadRequest(format!(
+                "`{field}` needs `{missing}`: a {field} code is unique only within its {missing}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The fields an aggregate groups by: 1 to `MAX_GROUP_FIELDS` distinct names, each one the

@@ -146,3 +146,34 @@ fn ids_are_plain() {
         assert!(!subject_id(word), "{word}");
     }
 }
+
+/// A polling district is named within its local authority: alone it is the caller's mistake
+/// (400, saying what it needs), not the datastore's failure; with it, or without either, the
+/// query resolves, on every route that takes area filters.
+#[test]
+fn a_later_area_key_field_needs_the_ones_before_it() {
+    for path in ["/voter/electors", "/voter/electors/export"] {
+        let e = get(path, Some("polling_district=CGW1")).unwrap_err();
+        let GatewayError::BadRequest(why) = e else {
+            panic!("{path}: {e:?}")
+        };
+        assert!(
+            why.contains("`polling_district` needs `local_authority`"),
+            "{why}"
+        );
+        let r = get(
+            path,
+            Some("polling_district=CGW1&local_authority=E08000035"),
+        )
+        .unwrap();
+        assert_eq!(r.filters.len(), 2);
+        assert!(get(path, Some("local_authority=E08000035")).is_ok());
+        assert!(get(path, Some("ward=E05011391")).is_ok());
+    }
+    let e = get(
+        "/voter/electors/aggregate",
+        Some("by=ward&polling_district=CGW1"),
+    )
+    .unwrap_err();
+    assert!(matches!(e, GatewayError::BadRequest(_)), "{e:?}");
+}
