@@ -236,6 +236,8 @@ struct RawServer {
     data_dir: PathBuf,
     #[serde(default)]
     plaintext: bool,
+    #[serde(default)]
+    admin_plaintext_off_loopback: bool,
     tls: Option<RawTls>,
     max_request_bytes: Option<usize>,
     max_response_bytes: Option<usize>,
@@ -459,6 +461,18 @@ impl RawServer {
             self.admin_listen.as_deref().unwrap_or("127.0.0.1:9901"),
             "server.admin_listen",
         )?;
+        // The admin plane speaks plain HTTP: off loopback, the DPO's and security's tokens
+        // (which also work on the data plane, nationally) and subject access reports would
+        // cross the network in the clear.
+        if !admin_listen.ip().is_loopback() && !self.admin_plaintext_off_loopback {
+            bail!(
+                "`server.admin_listen` ({admin_listen}) is not a loopback address, and the admin \
+                 plane speaks plain HTTP: the DPO's and security's tokens and subject access \
+                 reports would cross the network in the clear. Bind it to loopback and reach it \
+                 through a TLS-terminating proxy, or, for a management network you trust, set \
+                 `server.admin_plaintext_off_loopback = true`"
+            );
+        }
         let tls = match (self.plaintext, self.tls) {
             (false, Some(t)) => Some(TlsFiles {
                 cert_file: at(&t.cert_file),

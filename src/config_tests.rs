@@ -182,6 +182,29 @@ fn tls_is_required_unless_plaintext_is_explicit() {
     assert!(err(&both).contains("contradict"));
 }
 
+/// The admin plane speaks plain HTTP, so off loopback it needs saying so on purpose.
+#[test]
+fn the_admin_plane_stays_on_loopback_unless_told() {
+    let at = |addr: &str, extra: &str| {
+        MINIMAL.replace(
+            "data_dir = \"/var/lib/wardgate\"",
+            &format!("data_dir = \"/var/lib/wardgate\"\nadmin_listen = \"{addr}\"{extra}"),
+        )
+    };
+    for addr in ["0.0.0.0:9901", "10.1.2.3:9901", "[::]:9901"] {
+        let e = err(&at(addr, ""));
+        assert!(
+            e.contains("server.admin_listen") && e.contains("admin_plaintext_off_loopback"),
+            "{e}"
+        );
+        let told = at(addr, "\nadmin_plaintext_off_loopback = true");
+        assert_eq!(parse(&told).unwrap().server.admin_listen.to_string(), addr);
+    }
+    for addr in ["127.0.0.1:9901", "[::1]:9901"] {
+        assert!(parse(&at(addr, "")).is_ok(), "{addr}");
+    }
+}
+
 #[test]
 fn a_key_must_use_an_allowed_algorithm() {
     let text = MINIMAL.replace("algorithm = \"ES256\"", "algorithm = \"RS256\"");
