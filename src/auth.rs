@@ -90,6 +90,8 @@ pub struct Verifier {
     allowed: Vec<Algorithm>,
     audience: String,
     leeway_secs: u64,
+    /// `auth.max_token_lifetime`, in seconds.
+    max_lifetime_secs: i64,
     known: KnownNames,
     /// The roles each listed issuer may issue (`auth.issuer_roles`); others issue any.
     issuer_roles: HashMap<String, HashSet<String>>,
@@ -303,6 +305,7 @@ impl Verifier {
             allowed: cfg.algorithms.clone(),
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
+            max_lifetime_secs: i64::try_from(cfg.max_token_lifetime.as_secs()).unwrap_or(i64::MAX),
             known,
             cache: TokenCache::default(),
         })
@@ -427,6 +430,12 @@ impl Verifier {
         }
         // Issued in the future: a revocation of the subject placed now would not cover it.
         if c.iat > now.saturating_add(self.leeway_secs as i64) {
+            return Err(AuthFailure::InvalidClaims);
+        }
+        // Made to last past `auth.max_token_lifetime` (a misconfigured provider, a token
+        // minted for ten years): access is meant to be time-limited, and a stolen token of
+        // that kind is good until someone notices.
+        if c.exp.saturating_sub(c.iat) > self.max_lifetime_secs {
             return Err(AuthFailure::InvalidClaims);
         }
         Ok(Principal {

@@ -22,6 +22,7 @@ fn verifier(leeway_secs: u64) -> Verifier {
         allowed: vec![Algorithm::ES256],
         audience: "a".into(),
         leeway_secs,
+        max_lifetime_secs: 86_400,
         issuer_roles: HashMap::new(),
         subject_prefix: HashMap::new(),
         prefixes: Vec::new(),
@@ -100,6 +101,13 @@ fn claims_naming_unknown_things_are_refused() {
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
     assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    // Made to last longer than `auth.max_token_lifetime` (a day here): refused; a day is not.
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.exp = 86_401;
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    let mut c = claims("canvasser", "E05011391", "canvassing");
+    c.exp = 86_400;
+    assert!(v.principal(c, "i", 5).is_ok());
 }
 
 /// A verifier reading one ES256 key from a JWKS file (issuer `https://idp`, audience
@@ -123,6 +131,7 @@ fn jwks_verifier() -> (
         issuers: vec!["https://idp".into()],
         audience: "wardgate".into(),
         leeway: std::time::Duration::from_secs(0),
+        max_token_lifetime: std::time::Duration::from_secs(86_400),
         algorithms: vec![Algorithm::ES256],
         keys: vec![],
         jwks_file: Some(path),
@@ -332,6 +341,7 @@ fn two_issuers(
         issuers: vec![PARTY.into(), PARTNER.into()],
         audience: "wardgate".into(),
         leeway: std::time::Duration::from_secs(0),
+        max_token_lifetime: std::time::Duration::from_secs(86_400),
         algorithms: vec![Algorithm::ES256],
         keys,
         jwks_file: None,

@@ -64,6 +64,8 @@ pub struct AuthConfig {
     pub issuers: Vec<String>,
     pub audience: String,
     pub leeway: Duration,
+    /// The longest a token may live (`exp` less `iat`): a longer one is refused.
+    pub max_token_lifetime: Duration,
     pub algorithms: Vec<Algorithm>,
     pub keys: Vec<KeyFile>,
     pub jwks_file: Option<PathBuf>,
@@ -258,6 +260,7 @@ struct RawAuth {
     issuers: Vec<String>,
     audience: String,
     leeway: Option<String>,
+    max_token_lifetime: Option<String>,
     algorithms: Vec<String>,
     #[serde(default)]
     keys: Vec<RawKey>,
@@ -531,6 +534,12 @@ impl RawAuth {
                 MAX_LEEWAY.as_secs()
             );
         }
+        let max_token_lifetime = bounded(
+            self.max_token_lifetime.as_deref().unwrap_or("24h"),
+            "auth.max_token_lifetime",
+            Duration::from_secs(60),
+            Some(Duration::from_secs(30 * 86_400)),
+        )?;
         let algorithms = self
             .algorithms
             .iter()
@@ -591,6 +600,7 @@ impl RawAuth {
             issuers: self.issuers,
             audience: self.audience,
             leeway,
+            max_token_lifetime,
             algorithms,
             keys,
             jwks_file: self.jwks_file.map(|p| at(&p)),

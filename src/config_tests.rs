@@ -44,6 +44,9 @@ fn defaults_and_relative_paths() {
     assert_eq!(c.policy_dir, Path::new("/etc/wardgate/policies"));
     assert_eq!(c.audit.dir, Path::new("/var/lib/wardgate/audit"));
     assert_eq!(c.auth.leeway, Duration::from_secs(30));
+    assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(86_400));
+    let long = MINIMAL.replace("[auth]\n", "[auth]\nmax_token_lifetime = \"10years\"\n");
+    assert!(err(&long).contains("auth.max_token_lifetime"), "{}", err(&long));
     assert_eq!(
         c.datasets["voter"].response_timeout,
         Duration::from_secs(15)
