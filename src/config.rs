@@ -51,6 +51,8 @@ pub struct ServerConfig {
     /// How long a client has to send a request's headers (and, kept alive, the next
     /// request's); then its connection is closed.
     pub header_read_timeout: Duration,
+    /// Load balancers whose `X-Forwarded-For` names the client (`client_addr`).
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +247,8 @@ struct RawServer {
     max_response_bytes: Option<usize>,
     shutdown_grace: Option<String>,
     header_read_timeout: Option<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +518,14 @@ impl RawServer {
                 Duration::from_secs(1),
                 Some(Duration::from_secs(600)),
             )?,
+            trusted_proxies: crate::client_addr::TrustedProxies::new(
+                (self.trusted_proxies.iter())
+                    .map(|n| {
+                        crate::client_addr::Net::parse(n)
+                            .map_err(|e| anyhow::anyhow!("`server.trusted_proxies`: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
         })
     }
 }

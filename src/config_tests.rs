@@ -46,7 +46,11 @@ fn defaults_and_relative_paths() {
     assert_eq!(c.auth.leeway, Duration::from_secs(30));
     assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(86_400));
     let long = MINIMAL.replace("[auth]\n", "[auth]\nmax_token_lifetime = \"10years\"\n");
-    assert!(err(&long).contains("auth.max_token_lifetime"), "{}", err(&long));
+    assert!(
+        err(&long).contains("auth.max_token_lifetime"),
+        "{}",
+        err(&long)
+    );
     assert_eq!(
         c.datasets["voter"].response_timeout,
         Duration::from_secs(15)
@@ -183,6 +187,31 @@ fn tls_is_required_unless_plaintext_is_explicit() {
         "data_dir = \"/var/lib/wardgate\"\nplaintext = true",
     );
     assert!(err(&both).contains("contradict"));
+}
+
+/// Trusted proxies are addresses or networks; anything else is named.
+#[test]
+fn trusted_proxies_are_networks() {
+    let with = |list: &str| {
+        MINIMAL.replace(
+            "data_dir = \"/var/lib/wardgate\"",
+            &format!("data_dir = \"/var/lib/wardgate\"\ntrusted_proxies = {list}"),
+        )
+    };
+    let c = parse(&with(r#"["10.0.4.0/24", "192.0.2.7", "fd00::/8"]"#)).unwrap();
+    let lb: std::net::SocketAddr = "10.0.4.9:1234".parse().unwrap();
+    let mut h = http::HeaderMap::new();
+    h.insert("x-forwarded-for", "203.0.113.5".parse().unwrap());
+    assert_eq!(
+        c.server.trusted_proxies.client(lb, &h).to_string(),
+        "203.0.113.5:0"
+    );
+    for bad in [r#"["lb.internal"]"#, r#"["10.0.4.1/24"]"#] {
+        let e = err(&with(bad));
+        assert!(e.contains("server.trusted_proxies"), "{e}");
+    }
+    let plain = parse(MINIMAL).unwrap();
+    assert_eq!(plain.server.trusted_proxies.client(lb, &h), lb);
 }
 
 /// The admin plane speaks plain HTTP, so off loopback it needs saying so on purpose.

@@ -59,6 +59,8 @@ pub struct Gateway {
     pub max_request_bytes: usize,
     /// `server.header_read_timeout`, for the listeners (`server::serve`).
     pub header_read_timeout: std::time::Duration,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// Small-cell suppression and the group limit for aggregates.
     pub aggregates: crate::aggregate::Settings,
 }

@@ -11,7 +11,8 @@
 //! Modules in request-path order (the README's Architecture section has the diagram):
 //! - [`config`]: the TOML file, parsed once into typed values.
 //! - [`startup`]: load and check everything, then run the listeners.
-//! - [`server`]: listeners, TLS, graceful shutdown.
+//! - [`server`]: listeners, TLS, graceful shutdown; [`client_addr`]: the client behind a trusted
+//!   load balancer.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
 //! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
@@ -38,6 +39,7 @@ pub mod aggregate;
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod client_addr;
 pub mod config;
 pub mod controls;
 pub mod decisions;

@@ -215,6 +215,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
         header_read_timeout: cfg.server.header_read_timeout,
+        trusted_proxies: cfg.server.trusted_proxies.clone(),
         aggregates: cfg.aggregates,
     };
     Ok((Arc::new(gw), c.tls))
@@ -240,7 +241,10 @@ pub async fn run(
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         None,
-        move |req, peer| admin::PEER.scope(peer, admin::handle(gw_admin.clone(), req)),
+        move |req, peer| {
+            let client = gw_admin.trusted_proxies.client(peer, req.headers());
+            admin::PEER.scope(client, admin::handle(gw_admin.clone(), req))
+        },
         stopped(stop_rx.clone()),
         grace,
         gw.header_read_timeout,
@@ -251,7 +255,8 @@ pub async fn run(
         tls,
         move |req, peer| {
             let gw = gw_data.clone();
-            async move { gateway::handle(&gw, req, peer).await }
+            let client = gw.trusted_proxies.client(peer, req.headers());
+            async move { gateway::handle(&gw, req, client).await }
         },
         stopped(stop_rx),
         grace,

@@ -489,6 +489,77 @@ async fn get_from(app: &TestApp, local: IpAddr, token: &str) -> StatusCode {
     client.request(req).await.unwrap().status()
 }
 
+/// Behind a load balancer (`server.trusted_proxies`, here the loopback address the test
+/// connects from) the client is the address the balancer forwards: the audit log records it,
+/// and `many_addresses` sees one token used from four places. A peer that is not trusted is
+/// recorded as itself whatever `X-Forwarded-For` it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_balancer_the_forwarded_client_is_recorded() {
+    fn behind_balancer(cfg: &mut Config) {
+        daytime(cfg);
+        cfg.server.trusted_proxies = wardgate::client_addr::TrustedProxies::new(vec![
+            wardgate::client_addr::Net::parse("127.0.0.1").unwrap(),
+        ]);
+    }
+    let app = app(behind_balancer).await;
+    let t = token(
+        &app,
+        "roamer",
+        "canvasser",
+        &["E08000035/CGW1"],
+        &["canvassing"],
+    );
+    for host in 1..=4u8 {
+        let client = format!("203.0.113.{host}");
+        let r = app
+            .request(
+                http::Method::GET,
+                "/voter/electors?per_page=10",
+                &[
+                    ("authorization", &format!("Bearer {t}")),
+                    ("x-purpose", "canvassing"),
+                    // What the client claimed, then what the balancer appended.
+                    ("x-forwarded-for", &format!("198.51.100.77, {client}")),
+                ],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let sealed = app.audit_for(&r)["client_addr"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            wardgate::audit::addr::reveal(&app.audit_dir, &sealed).as_deref(),
+            Some(client.as_str())
+        );
+    }
+    wait_for_alert(&app, "many_addresses", "roamer").await;
+
+    // From an address the balancer list does not hold: itself.
+    let mut http = HttpConnector::new();
+    http.set_local_address(Some(IpAddr::from([127, 0, 0, 9])));
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(http);
+    let req = Request::get(format!("http://{}/voter/electors?per_page=10", app.addr))
+        .header("authorization", format!("Bearer {t}"))
+        .header("x-purpose", "canvassing")
+        .header("x-forwarded-for", "203.0.113.1")
+        .header("x-request-id", "spoofed-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), StatusCode::OK);
+    let record = app
+        .audit_records()
+        .into_iter()
+        .find(|r| r["client_request_id"] == "spoofed-1")
+        .unwrap();
+    assert_eq!(
+        wardgate::audit::addr::reveal(&app.audit_dir, record["client_addr"].as_str().unwrap())
+            .as_deref(),
+        Some("127.0.0.9")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disclosures_after_hours_are_noticed() {
     let app = app(night).await;
