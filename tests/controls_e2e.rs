@@ -421,6 +421,64 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
     a.stop().await;
 }
 
+/// A stream too long for one reply is read in pages: a replica joining a stream of 10,050
+/// events (more than one page of `XRANGE`) knows the last of them. Replica `a` republishes
+/// them from its journal (the way a stream lost to a Redis restart is restored); `b` reads
+/// them from Redis alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_is_read_whole() {
+    const EVENTS: usize = 10_050;
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(200).await;
+    let journal_dir = tempfile::tempdir().unwrap();
+    let mut journal = String::new();
+    for i in 0..EVENTS {
+        let subject = if i + 1 == EVENTS {
+            "VF-0000001".to_owned()
+        } else {
+            format!("VF-9{i:06}")
+        };
+        let event = serde_json::json!({
+            "id": format!("{i:032x}"), "at": 1_700_000_000_000_i64 + i as i64,
+            "by": "demo-dpo", "reason": "Art 18", "change": "place",
+            "subject": subject, "kind": "restricted", "reference": format!("SAR-{i}"),
+        });
+        journal.push_str(&event.to_string());
+        journal.push('\n');
+    }
+    std::fs::write(journal_dir.path().join("controls.jsonl"), journal).unwrap();
+    let a = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        data_dir: Some(journal_dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let shared = redis::Client::open(redis.url()).unwrap();
+    let mut conn = shared.get_connection().unwrap();
+    until("the journal republished", || {
+        let n: usize = redis::cmd("XLEN")
+            .arg("wardgate:controls")
+            .query(&mut conn)
+            .unwrap();
+        async move { n >= EVENTS }
+    })
+    .await;
+    let b = replica(upstream, &redis, Some(&a)).await;
+    until_ready("b read the stream", &b).await;
+    let r = b
+        .admin_get_with("/rights/VF-0000001", &b.token("dpo"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.json()["restrictions"][0]["reference"],
+        format!("SAR-{}", EVENTS - 1),
+        "the last event, past the first page"
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
 /// How long `slow_datastore` holds an answer back.
 #[derive(Clone)]
 enum Hold {

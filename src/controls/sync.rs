@@ -3,7 +3,7 @@
 //! One background task per replica blocks on `XREAD` for new entries, so an event published by
 //! any replica reaches this mirror within one blocking-read round trip; every successful read
 //! (even an empty one) proves the mirror current and resets the staleness clock. A full
-//! resynchronisation (`XRANGE` of the whole stream) runs at start, after any error, and every
+//! resynchronisation (`XRANGE` of the whole stream, in pages) runs at start, after any error, and every
 //! `resync_interval`; it also republishes any journalled event the stream has lost (after a
 //! Redis restart without persistence, or `FLUSHALL`). The request path never waits on Redis.
 //!
@@ -67,6 +67,8 @@ pub struct Redis {
 }
 
 const BLOCK_MS: u64 = 500;
+/// Stream entries a resynchronisation reads per `XRANGE`.
+const RESYNC_PAGE: usize = 10_000;
 
 fn config() -> AsyncConnectionConfig {
     AsyncConnectionConfig::new()
@@ -267,19 +269,37 @@ async fn full_resync(
     redis: &Redis,
     c: &mut MultiplexedConnection,
 ) -> anyhow::Result<(String, Instant)> {
-    let reply: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&redis.settings.stream)
-        .arg("-")
-        .arg("+")
-        .query_async(c)
-        .await?;
-    let read_at = Instant::now();
-    let events = decode(redis, &reply.ids);
+    // In pages: a stream of a few hundred thousand events (every unsubscribe is one) read in
+    // one reply would outlast the response timeout, and every resynchronisation after it, so
+    // that the replica stayed stale. Entries are only ever appended with larger ids, so the
+    // pages together are the whole stream as of the last one read.
+    let mut entries = Vec::new();
+    let mut from = "-".to_owned();
+    let read_at = loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&redis.settings.stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(RESYNC_PAGE)
+            .query_async(c)
+            .await?;
+        let read_at = Instant::now();
+        let more = page.ids.len() >= RESYNC_PAGE;
+        if let Some(last) = page.ids.last() {
+            // Exclusive of the last one read (Redis 6.2 and later).
+            from = format!("({}", last.id);
+        }
+        entries.extend(page.ids);
+        if !more {
+            break read_at;
+        }
+    };
+    let events = decode(redis, &entries);
     // Following resumes after what this read saw, not after what it republishes: entries
     // other replicas add meanwhile, and the republished ones, are then read like any other
     // (the ones already applied change nothing).
-    let last = reply
-        .ids
+    let last = entries
         .last()
         .map(|s| s.id.clone())
         .unwrap_or_else(|| "0-0".to_owned());
