@@ -107,6 +107,11 @@ pub enum GatewayError {
     /// a field. Carries the detail, which names them.
     #[error("write forbidden: {0}")]
     WriteForbidden(String),
+    /// A listing or export filtered on a field the declared purpose may not see: the records
+    /// it picked would show the field's value by being picked (withheld, paging would still
+    /// count them). Carries the detail, which names the filter.
+    #[error("filter forbidden: {0}")]
+    FilterForbidden(String),
     #[error("not found")]
     NotFound,
     #[error("request body too large")]
@@ -165,7 +170,8 @@ impl GatewayError {
             | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(_) => StatusCode::FORBIDDEN,
+            | GatewayError::WriteForbidden(_)
+            | GatewayError::FilterForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -201,6 +207,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
             GatewayError::WriteForbidden(_) => "write_forbidden",
+            GatewayError::FilterForbidden(_) => "filter_forbidden",
             GatewayError::NotFound => "not_found",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
@@ -226,7 +233,8 @@ impl GatewayError {
             | GatewayError::BadRequest(_) => "bad request",
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(_) => "forbidden",
+            | GatewayError::WriteForbidden(_)
+            | GatewayError::FilterForbidden(_) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
@@ -270,7 +278,7 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
-            GatewayError::WriteForbidden(why) => why.clone(),
+            GatewayError::WriteForbidden(why) | GatewayError::FilterForbidden(why) => why.clone(),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
@@ -363,6 +371,7 @@ mod tests {
             GatewayError::BadRequest("b".into()),
             GatewayError::Forbidden { policy_ids: vec![] },
             GatewayError::WriteForbidden("w".into()),
+            GatewayError::FilterForbidden("f".into()),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
             GatewayError::UpstreamUnavailable,
@@ -390,6 +399,7 @@ mod tests {
                 | GatewayError::BadRequest(_)
                 | GatewayError::Forbidden { .. }
                 | GatewayError::WriteForbidden(_)
+                | GatewayError::FilterForbidden(_)
                 | GatewayError::NotFound
                 | GatewayError::PayloadTooLarge
                 | GatewayError::UpstreamUnavailable

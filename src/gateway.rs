@@ -361,6 +361,7 @@ where
             policy_ids: verdict.policy_ids,
         });
     }
+    filters_visible(gw, &ask, &route, dataset)?;
     // A principal past their role's allowance gets nothing more this window; as many records
     // as this request may disclose are held for it meanwhile (parallel requests see them).
     let may_disclose = match &route.kind {
@@ -601,9 +602,9 @@ pub fn authenticate(
 }
 
 /// `authenticate` without the staleness bound: the token checked against the revocations
-/// this replica's mirror holds, however old. Only for changes that take something away (a
-/// restriction, a revocation, a containment), which the admin plane must be able to make
-/// while Redis is away; everything else asks `check_fresh` too.
+/// this replica's mirror holds, however old. Only for the changes the admin plane must be able
+/// to make while Redis is away (`Change::taken_on_a_stale_mirror`: a restriction, a token's
+/// revocation); everything else asks `check_fresh` too.
 pub fn authenticate_on_mirror(
     gw: &Gateway,
     headers: &HeaderMap,
@@ -684,6 +685,47 @@ pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
              (README: Datastores)"
         );
     }
+}
+
+/// Refuses a filter on a field the purpose may not see even on a record with nothing against
+/// it (no marker or flag, every consent given, the TPS check fresh): the records it picks
+/// would give the field's value away by being picked, and withholding them
+/// (`FilterContext::filtered_on`, which still applies where a record's own flags hide the
+/// field) would leave paging to count them.
+fn filters_visible(
+    gw: &Gateway,
+    ask: &crate::policy::Ask,
+    route: &routes::Route,
+    dataset: &crate::catalog::Dataset,
+) -> Result<(), GatewayError> {
+    if route.filters.is_empty() {
+        return Ok(());
+    }
+    let clean = crate::policy::RecordAttrs {
+        area: String::new(),
+        markers: Default::default(),
+        flags: Default::default(),
+        consented: (dataset.known_flags.iter())
+            .filter_map(|f| f.strip_prefix("consent_withdrawn_"))
+            .map(str::to_owned)
+            .collect(),
+        tps_fresh: true,
+    };
+    for filter in route.filters.keys() {
+        // (Every filter is a classified field: the catalogue refuses another at start; an
+        // empty category is one no policy lets through.)
+        let category = dataset.fields.get(filter).map_or("", String::as_str);
+        if !gw
+            .policy
+            .decide_field(ask, &route.dataset, &clean, category, false)
+            .allowed
+        {
+            return Err(GatewayError::FilterForbidden(format!(
+                "filter `{filter}` picks by a field (category `{category}`) this purpose may not see"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Why policy withheld a record the caller named by id, most serious first. Only breach
@@ -894,6 +936,7 @@ fn audit_record(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
             | GatewayError::WriteForbidden(_)
+            | GatewayError::FilterForbidden(_)
             | GatewayError::PurposeNotGranted(_)
             | GatewayError::QuotaExceeded),
         ) => (Decision::Deny, Some(e.code().to_owned())),

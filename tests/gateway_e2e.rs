@@ -1429,9 +1429,10 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     app.stop().await;
 }
 
-/// A filter is no oracle for a field the purpose may not see: the records it picked are
-/// withheld, in a listing and an export alike, where a purpose that shows the field gets them;
-/// and the request's audit record names the filter.
+/// A filter is no oracle for a field the purpose may not see: it is refused (403) in a listing
+/// and an export alike, where a purpose that shows the field gets the records it picks; and
+/// the request's audit record names the filter. (A record whose own flags hide a filtered
+/// field is withheld: `filter::tests::a_record_hiding_a_filtered_field_is_withheld`.)
 #[tokio::test]
 async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
     let app = spawn_app().await;
@@ -1467,32 +1468,36 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
         "the analyst sees some of the picked electors unfiltered"
     );
     assert!(everyone.iter().all(|r| r.get("postcode").is_none()));
-    let narrowed = all_pages(&app, &analyst, "profiling", &query).await;
-    assert!(
-        narrowed.is_empty(),
-        "a hidden field filtered on: {narrowed:?}"
-    );
-    let resp = app
-        .get(
-            &format!("/voter/electors?per_page=1000{query}"),
-            Some(&analyst),
-            Some("profiling"),
-        )
-        .await;
-    let record = app.audit_for(&resp);
-    assert_eq!(record["detail"]["filters"]["postcode"], prefix, "{record}");
-    assert!(record["rows_withheld"].as_u64().unwrap() >= picked.len() as u64);
-    assert_eq!(record["subjects"], json!([]), "{record}");
-
+    // Refused before anything is fetched (withheld, the picked records would still be
+    // counted by paging), in a listing and an export alike, and logged with the filter.
+    let picked_shown = |r: &Resp| {
+        let text = String::from_utf8_lossy(&r.body);
+        picked.iter().any(|id| text.contains(id.as_str()))
+    };
+    for path in [
+        format!("/voter/electors?per_page=1000{query}"),
+        format!("/voter/electors/export?{}", &query[1..]),
+    ] {
+        let r = app.get(&path, Some(&analyst), Some("profiling")).await;
+        assert_eq!(r.status, 403, "{path}: {:?}", r.body);
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:filter-forbidden");
+        assert!(r.json()["detail"].as_str().unwrap().contains("`postcode`"));
+        assert!(!picked_shown(&r));
+        let record = app.audit_for(&r);
+        assert_eq!(record["decision"], "deny", "{record}");
+        assert_eq!(record["detail"]["filters"]["postcode"], prefix, "{record}");
+        assert_eq!(record["subjects"], json!([]), "{record}");
+    }
+    // A filter the purpose may see (profiling sees areas): an export's first record names it.
     let export = app
         .get(
-            &format!("/voter/electors/export?{}", &query[1..]),
+            "/voter/electors/export?ward=E05011391",
             Some(&analyst),
             Some("profiling"),
         )
         .await;
     assert_eq!(export.status, 200, "{:?}", export.body);
-    assert!(export.body.is_empty(), "{:?}", export.body);
+    assert!(!export.body.is_empty());
     let rid = export.headers["x-request-id"].to_str().unwrap();
     let started = app
         .audit_records()
@@ -1500,11 +1505,12 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
         .find(|r| r["request_id"] == rid && r["detail"]["export"] == "started")
         .expect("the export's first record");
     assert_eq!(
-        started["detail"]["filters"]["postcode"], prefix,
+        started["detail"]["filters"]["ward"], "E05011391",
         "{started}"
     );
 
-    // Membership status is not for an email round, but is for membership administration.
+    // Membership status is for membership administration, not for an email round (which
+    // otherwise reaches members).
     let secretary = app.token("clp_secretary");
     let path = "/membership/members?per_page=1000&status=active";
     let admin = app
@@ -1514,9 +1520,21 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
     let members = admin.json()["records"].as_array().unwrap().clone();
     assert!(!members.is_empty());
     assert!(members.iter().all(|m| m["status"] == "active"));
+    let unfiltered = app
+        .get(
+            "/membership/members?per_page=1000",
+            Some(&secretary),
+            Some("email_sms"),
+        )
+        .await;
+    assert_eq!(unfiltered.status, 200, "{:?}", unfiltered.body);
+    assert!(!unfiltered.json()["records"].as_array().unwrap().is_empty());
     let round = app.get(path, Some(&secretary), Some("email_sms")).await;
-    assert_eq!(round.status, 200, "{:?}", round.body);
-    assert_eq!(round.json()["records"], json!([]), "{:?}", round.body);
+    assert_eq!(round.status, 403, "{:?}", round.body);
+    assert_eq!(
+        round.json()["type"],
+        "urn:wardgate:problem:filter-forbidden"
+    );
     app.stop().await;
 }
 

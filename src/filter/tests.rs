@@ -1611,3 +1611,50 @@ fn which_subject_left_with_which_fields() {
     let (_, d) = page(alike.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
     assert!(d.fields_by_subject().is_none());
 }
+
+/// A record leaves only where its decision shows every field the request filtered on: a
+/// record whose own flags hide the filtered field (here its email, for an objection) is
+/// withheld, not sent without it, since being picked would give the value away. The check
+/// is per record, through a memo kept between requests that filtered differently.
+#[test]
+fn a_record_hiding_a_filtered_field_is_withheld() {
+    let ds = dataset();
+    let body = format!(
+        r#"{{"records":[{},{}]}}"#,
+        record("VF-1", "CGW1", ""),
+        record("VF-2", "CGW1", "")
+            .replace(r#""flags":[]"#, r#""flags":["objects_direct_marketing"]"#)
+    );
+    let mut decide = |a: &RecordAttrs| {
+        let objects = a.flags.contains("objects_direct_marketing");
+        verdict(
+            true,
+            if objects {
+                &["identifier", "identity"]
+            } else {
+                &["identifier", "identity", "contact_email"]
+            },
+        )
+    };
+    let email = ["contact_email".to_owned()];
+    let mut memo = Memo::default();
+    let ids = |out: &[u8]| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(out).unwrap();
+        (v["records"].as_array().unwrap().iter())
+            .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Unfiltered: both leave, one without its email.
+    let (out, d) = page_through(&body, &cx(&ds), &mut decide, &mut memo);
+    assert_eq!(ids(&out), ["VF-1", "VF-2"]);
+    assert_eq!(d.rows_withheld, 0);
+    // Filtered on email, through the same memo: the objector is withheld.
+    let filtered = FilterContext {
+        filtered_on: &email,
+        ..cx(&ds)
+    };
+    let (out, d) = page_through(&body, &filtered, &mut decide, &mut memo);
+    assert_eq!(ids(&out), ["VF-1"]);
+    assert_eq!(d.rows_withheld, 1);
+    assert_eq!(d.subjects, vec!["VF-1".to_owned()]);
+}
