@@ -85,10 +85,17 @@ where
         ),
         (&Method::GET, "/readyz") => {
             // Not ready says why: the log, or the shared controls.
-            match (gw.audit.is_healthy(), gw.controls.check_ready()) {
+            match (gw.audit.is_healthy(), gw.controls.check_fresh()) {
                 (true, Ok(())) => {
+                    // Stale quota counts refuse limited roles only, and usually on every
+                    // replica at once: said here, not failed on (`Controls::quotas_fresh`).
+                    let quotas = if gw.controls.quotas_fresh() {
+                        "current"
+                    } else {
+                        "stale"
+                    };
                     let body = format!(
-                        "{{\"status\":\"ready\",\"policies\":{}}}",
+                        "{{\"status\":\"ready\",\"policies\":{},\"quota_counts\":\"{quotas}\"}}",
                         gw.policy.policy_count()
                     );
                     text(StatusCode::OK, "application/json", body)
@@ -98,7 +105,14 @@ where
             }
         }
         (&Method::GET, "/metrics") => match metrics_handle() {
-            Some(h) => text(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            Some(h) => {
+                metrics::gauge!("wardgate_quota_counts_stale").set(if gw.controls.quotas_fresh() {
+                    0.0
+                } else {
+                    1.0
+                });
+                text(StatusCode::OK, "text/plain; version=0.0.4", h.render())
+            }
             None => problem_response(&GatewayError::Internal("no metrics recorder".into()), &rid),
         },
         (_, "/healthz" | "/readyz" | "/metrics") => {

@@ -114,10 +114,10 @@ where
     let outcome = route(&principal, req, &method, &path)
         .await
         .and_then(|(action, purpose)| {
-            // A restriction or a revocation holds here at once, and reaches the other
-            // replicas when Redis is back (README: Shared controls); a lift, a read of the
-            // register or a report waits for a fresh mirror.
-            if !matches!(&action, Action::Change(e) if e.change.takes_away()) {
+            // A restriction or a token's revocation holds here at once, and reaches the other
+            // replicas when Redis is back (README: Shared controls); anything else waits for
+            // a fresh mirror (`Change::taken_on_a_stale_mirror`).
+            if !matches!(&action, Action::Change(e) if e.change.taken_on_a_stale_mirror()) {
                 gw.controls.check_fresh()?;
             }
             Ok((action, Under::purpose(gw, &principal, purpose)?))

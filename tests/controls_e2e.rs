@@ -338,9 +338,9 @@ async fn a_restriction_placed_while_redis_is_away_holds_at_once_on_its_replica()
     a.stop().await;
 }
 
-/// Past the staleness bound of a Redis outage, the admin plane still takes what only takes
-/// something away (a restriction, a revocation), which holds on the replica at once and is
-/// republished when Redis is back; a lift, a read of the register and the console wait for a
+/// Past the staleness bound of a Redis outage, the admin plane still takes a restriction and
+/// a token's revocation, which hold on the replica at once and are republished when Redis is
+/// back; a lift, a subject's revocation, a read of the register and the console wait for a
 /// fresh mirror.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
@@ -354,7 +354,8 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
     .await;
     until_ready("a ready", &a).await;
     let id = visible_elector(&a).await;
-    let councillor = a.token("councillor");
+    let claims = a.claims("councillor", &["E05011391"], &["canvassing"]);
+    let councillor = a.sign(&claims);
     let (caseworker, path) = (a.token("mp_caseworker"), format!("/voter/electors/{id}"));
     let r = a.get(&path, Some(&caseworker), Some("casework")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -372,14 +373,15 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
         "urn:wardgate:problem:controls-not-shared",
         "taken here, not refused as stale"
     );
-    let revoked = a
-        .admin_post(
-            "/revocations",
-            &a.token("security"),
-            &serde_json::json!({ "subject": "demo-councillor", "reason": "laptop stolen" })
-                .to_string(),
-        )
-        .await;
+    let revoke = |what: serde_json::Value| {
+        let (a, security) = (&a, a.token("security"));
+        async move {
+            a.admin_post("/revocations", &security, &what.to_string())
+                .await
+        }
+    };
+    let revoked =
+        revoke(serde_json::json!({ "token_id": claims["jti"], "reason": "laptop stolen" })).await;
     assert_eq!(
         revoked.json()["type"],
         "urn:wardgate:problem:controls-not-shared",
@@ -397,11 +399,20 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
     );
     stale(&a.admin_get_with(&format!("/rights/{id}"), &dpo).await);
     stale(&a.admin_get_with("/alerts", &a.token("security")).await);
+    // A subject's revocation, made with an admin token whose own revocation this replica may
+    // not have heard of, could lock out those who would answer it: it waits too.
+    stale(&revoke(serde_json::json!({ "subject": "demo-dpo", "reason": "x" })).await);
 
     // Back: both held, and reached Redis.
     let _again = RedisServer::start_on(redis.port);
     until_ready("a caught up", &a).await;
-    let r = a.get(&path, Some(&caseworker), Some("casework")).await;
+    let read = || a.get(&path, Some(&caseworker), Some("casework"));
+    // A role with a quota waits for its counts to reach Redis again too.
+    until("quota counts shared again", || async {
+        read().await.status != 503
+    })
+    .await;
+    let r = read().await;
     assert_eq!(r.status, 404, "the restriction held: {:?}", r.body);
     let r = a
         .get(
@@ -1172,11 +1183,18 @@ async fn quota_totals_redis_refuses_stop_limited_roles_past_the_bound() {
     let r = list(councillor.clone(), "canvassing").await;
     assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
     assert!(!String::from_utf8_lossy(&r.body).contains("records"));
-    // The controls' stream is fresh, and a role without limits is served; `/readyz` says the
-    // replica would refuse limited callers, so that a load balancer sends them elsewhere.
+    // The controls' stream is fresh, and a role without limits is served. The replica stays
+    // ready (every replica has the same ACL: failing readiness would take them all out),
+    // and says what is wrong: in `/readyz` and in a gauge.
     let ready = app.admin_get("/readyz").await;
-    assert_eq!(ready.status, 503, "{:?}", ready.body);
-    assert_eq!(ready.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert_eq!(ready.status, 200, "{:?}", ready.body);
+    assert_eq!(ready.json()["quota_counts"], "stale");
+    let metrics = app.admin_get("/metrics").await;
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains("wardgate_quota_counts_stale 1"),
+        "{:?}",
+        metrics.body
+    );
     let r = list(app.token("analyst"), "profiling").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     eprintln!(

@@ -82,10 +82,13 @@ pub enum Change {
 }
 
 impl Change {
-    /// Whether the change only takes something away (places a restriction, revokes), so that
-    /// making it on a stale mirror can disclose nothing.
-    pub fn takes_away(&self) -> bool {
-        !matches!(self, Change::Lift { .. })
+    /// Whether the admin plane takes the change on a mirror past its staleness bound: a
+    /// restriction placed, or one token revoked, can disclose nothing and lock no one out. A
+    /// lift could disclose what another replica restricted meanwhile, and a subject's
+    /// revocation, made with an admin token whose own revocation this replica has not heard
+    /// of, could lock out the very people who would answer it.
+    pub fn taken_on_a_stale_mirror(&self) -> bool {
+        matches!(self, Change::Place { .. } | Change::RevokeToken { .. })
     }
 }
 
@@ -270,20 +273,17 @@ impl Controls {
         Ok(controls)
     }
 
-    /// Fail closed: with Redis, a mirror older than the staleness bound serves no data.
-    /// `check_fresh`, and the shared quota counts within the same bound: what `/readyz` asks,
-    /// since a replica whose counts cannot reach Redis answers every quota-limited caller 503
-    /// (an ACL without `wardgate:quota:*`, a cluster refusing the keys' slots) while its
-    /// controls stream is well.
-    pub fn check_ready(&self) -> Result<(), GatewayError> {
-        self.check_fresh()?;
-        if self.inner.quotas.is_fresh() {
-            Ok(())
-        } else {
-            Err(GatewayError::ControlsStale)
-        }
+    /// Whether the shared quota counts reached Redis within the staleness bound. Past it
+    /// every quota-limited caller is answered 503 (an ACL without `wardgate:quota:*`, a
+    /// cluster refusing the keys' slots) while the controls stream, and so `/readyz`, is
+    /// well: the admin plane reports it (`/readyz`'s body, a gauge) rather than failing
+    /// readiness, since the cause is usually every replica's at once, and taking them all out
+    /// would refuse the roles without limits too.
+    pub fn quotas_fresh(&self) -> bool {
+        self.inner.quotas.is_fresh()
     }
 
+    /// Fail closed: with Redis, a mirror older than the staleness bound serves no data.
     pub fn check_fresh(&self) -> Result<(), GatewayError> {
         if self.inner.redis.is_none() {
             return Ok(());
@@ -300,9 +300,6 @@ impl Controls {
         }
     }
 
-    /// Whether a verified caller may still be answered at `now`: the mirror is within its
-    /// staleness bound, the token is not revoked, and `now` is not past `ends_at`
-    /// (`Verifier::ends_at`). See `gateway::standing`.
     /// Moves a placement or a lift made here to just after the latest one this replica knows
     /// of for the same subject and kind, where its clock would put it before: the latest by
     /// time wins everywhere (`Snapshot::apply`), so a change stamped by a clock behind the
@@ -321,6 +318,9 @@ impl Controls {
         }
     }
 
+    /// Whether a verified caller may still be answered at `now`: the mirror is within its
+    /// staleness bound, the token is not revoked, and `now` is not past `ends_at`
+    /// (`Verifier::ends_at`). See `gateway::standing`.
     pub fn standing(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
         self.check_fresh()?;
         self.holds(p, ends_at, now)
