@@ -249,6 +249,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 .context("the configuration has no `[signing]` key")?;
             let signer = Signer::from_config(signing)?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if *ttl > cfg.auth.max_token_lifetime {
+                anyhow::bail!(
+                    "`--ttl {ttl}` is longer than `auth.max_token_lifetime` ({}): the gateway \
+                     would refuse the token",
+                    humantime::format_duration(cfg.auth.max_token_lifetime)
+                );
+            }
             let ttl = i64::try_from(ttl.as_secs()).context("`--ttl` is too long")?;
             let claims = Claims {
                 iss: signer.issuer.clone(),
