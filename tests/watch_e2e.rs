@@ -594,13 +594,14 @@ async fn containment_revokes_every_token_the_scraper_holds() {
     );
     claims["sub"] = "demo-councillor".into();
     let refreshed = app.sign(&claims);
-    let r = app
-        .get(
+    let with_refreshed = || {
+        app.get(
             "/voter/electors?per_page=10",
             Some(&refreshed),
             Some("canvassing"),
         )
-        .await;
+    };
+    let r = with_refreshed().await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     // Page on as a scraper would; the token stops working part way.
     let mut refused = None;
@@ -625,13 +626,7 @@ async fn containment_revokes_every_token_the_scraper_holds() {
     assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
     let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
     assert_eq!(alert["mode"], "contain");
-    let r = app
-        .get(
-            "/voter/electors?per_page=10",
-            Some(&refreshed),
-            Some("canvassing"),
-        )
-        .await;
+    let r = with_refreshed().await;
     assert_eq!(
         r.status,
         StatusCode::UNAUTHORIZED,
