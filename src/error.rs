@@ -107,7 +107,8 @@ pub enum GatewayError {
     /// a field. Carries the detail, which names them.
     #[error("write forbidden: {0}")]
     WriteForbidden(String),
-    /// A listing or export filtered on a field the declared purpose may not see: the records
+    /// A listing, export or aggregate filtered on a field the declared purpose and role may
+    /// not see: the records
     /// it picked would show the field's value by being picked (withheld, paging would still
     /// count them). Carries the detail, which names the filter.
     #[error("filter forbidden: {0}")]

@@ -361,7 +361,7 @@ where
             policy_ids: verdict.policy_ids,
         });
     }
-    filters_visible(gw, &ask, &route, dataset)?;
+    filters_visible(gw, &ask, &route, dataset, trail)?;
     // A principal past their role's allowance gets nothing more this window; as many records
     // as this request may disclose are held for it meanwhile (parallel requests see them).
     let may_disclose = match &route.kind {
@@ -697,31 +697,39 @@ fn filters_visible(
     ask: &crate::policy::Ask,
     route: &routes::Route,
     dataset: &crate::catalog::Dataset,
+    trail: &mut Trail,
 ) -> Result<(), GatewayError> {
     if route.filters.is_empty() {
         return Ok(());
     }
+    // The best a record of this dataset can be (no consents where it keeps none, no TPS check
+    // where it records none): the shipped field policies only ever take a field away for a
+    // flag, a missing consent or a stale TPS check.
     let clean = crate::policy::RecordAttrs {
         area: String::new(),
         markers: Default::default(),
         flags: Default::default(),
-        consented: (dataset.known_flags.iter())
-            .filter_map(|f| f.strip_prefix("consent_withdrawn_"))
-            .map(str::to_owned)
-            .collect(),
-        tps_fresh: true,
+        consented: match dataset.consents_field {
+            Some(_) => (dataset.known_flags.iter())
+                .filter_map(|f| f.strip_prefix("consent_withdrawn_"))
+                .map(str::to_owned)
+                .collect(),
+            None => Default::default(),
+        },
+        tps_fresh: dataset.tps_field.is_some(),
     };
     for filter in route.filters.keys() {
         // (Every filter is a classified field: the catalogue refuses another at start; an
         // empty category is one no policy lets through.)
         let category = dataset.fields.get(filter).map_or("", String::as_str);
-        if !gw
+        let verdict = gw
             .policy
-            .decide_field(ask, &route.dataset, &clean, category, false)
-            .allowed
-        {
+            .decide_field(ask, &route.dataset, &clean, category, false);
+        if !verdict.allowed {
+            // The record names what refused, not what had let the request through.
+            trail.policy_ids = verdict.policy_ids.into_iter().collect();
             return Err(GatewayError::FilterForbidden(format!(
-                "filter `{filter}` picks by a field (category `{category}`) this purpose may not see"
+                "filter `{filter}` picks by a field (category `{category}`) this purpose and role may not see"
             )));
         }
     }

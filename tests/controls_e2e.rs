@@ -399,6 +399,11 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
     );
     stale(&a.admin_get_with(&format!("/rights/{id}"), &dpo).await);
     stale(&a.admin_get_with("/alerts", &a.token("security")).await);
+    let contain = r#"{"reason":"scraping"}"#;
+    stale(
+        &a.admin_post("/alerts/A-1/contain", &a.token("security"), contain)
+            .await,
+    );
     // A subject's revocation, made with an admin token whose own revocation this replica may
     // not have heard of, could lock out those who would answer it: it waits too.
     stale(&revoke(serde_json::json!({ "subject": "demo-dpo", "reason": "x" })).await);
@@ -433,10 +438,10 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
 }
 
 /// A stream longer than one page of `XRANGE` is read whole: a replica joining a stream of
-/// 10,050 events knows the last of them. (This shows the paging is right, not that it was
-/// needed: a local Redis answers one `XRANGE` of 10,050 entries well within the timeout.) Replica `a` republishes
-/// them from its journal (the way a stream lost to a Redis restart is restored); `b` reads
-/// them from Redis alone.
+/// 10,050 events knows the last of them. Replica `a` republishes them from its journal (the
+/// way a stream lost to a Redis restart is restored); `b` reads them from Redis alone. (This
+/// shows the paging is right, not that it was needed: a local Redis answers one `XRANGE` of
+/// 10,050 entries well within the timeout.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_is_read_whole() {
     const EVENTS: usize = 10_050;

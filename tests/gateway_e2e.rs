@@ -1468,8 +1468,8 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
         "the analyst sees some of the picked electors unfiltered"
     );
     assert!(everyone.iter().all(|r| r.get("postcode").is_none()));
-    // Refused before anything is fetched (withheld, the picked records would still be
-    // counted by paging), in a listing and an export alike, and logged with the filter.
+    // Refused (withheld, the picked records would still be counted by paging), in a listing
+    // and an export alike, and logged with the filter.
     let picked_shown = |r: &Resp| {
         let text = String::from_utf8_lossy(&r.body);
         picked.iter().any(|id| text.contains(id.as_str()))
@@ -1485,6 +1485,10 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
         assert!(!picked_shown(&r));
         let record = app.audit_for(&r);
         assert_eq!(record["decision"], "deny", "{record}");
+        assert_eq!(record["reason"], "filter_forbidden", "{record}");
+        // Refused by the field's policies (nothing permits addresses for profiling), not
+        // recorded under the ones that let the listing through.
+        assert_eq!(record["policy_ids"], json!(["default-deny"]), "{record}");
         assert_eq!(record["detail"]["filters"]["postcode"], prefix, "{record}");
         assert_eq!(record["subjects"], json!([]), "{record}");
     }

@@ -83,7 +83,8 @@ pub enum Change {
 
 impl Change {
     /// Whether the admin plane takes the change on a mirror past its staleness bound: a
-    /// restriction placed, or one token revoked, can disclose nothing and lock no one out. A
+    /// restriction placed, or one token revoked, can disclose nothing and locks out at most
+    /// the one token named. A
     /// lift could disclose what another replica restricted meanwhile, and a subject's
     /// revocation, made with an admin token whose own revocation this replica has not heard
     /// of, could lock out the very people who would answer it.

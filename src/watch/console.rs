@@ -79,7 +79,9 @@ where
         _ => {}
     }
     let mut trail = crate::gateway::Trail::default();
-    let principal = match crate::gateway::authenticate(gw, req.headers(), &mut trail) {
+    // The mirror's freshness is asked once the caller's role and purpose are (a stale
+    // mirror's refusal is then recorded under the purpose, and a wrong role is 403 still).
+    let principal = match crate::gateway::authenticate_on_mirror(gw, req.headers(), &mut trail) {
         Ok(p) => p,
         Err(e) => {
             return boxed(refuse(gw, trail.caller(), None, &method, &path, e, request_id).await);
@@ -109,6 +111,11 @@ where
             request_id,
         )
     };
+    // Watching, judging and containing all wait for a fresh mirror: containing is a subject's
+    // revocation (`Change::taken_on_a_stale_mirror`).
+    if let Err(e) = gw.controls.check_fresh() {
+        return boxed(fail(e).await);
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let audited = |detail: serde_json::Value| {
         let mut r = record(Some(&principal), &method, &path, request_id);
