@@ -242,6 +242,15 @@ impl Catalog {
                             "dataset `{name}` write `{w}`: field `{field}` has unknown category `{cat}`"
                         );
                     }
+                    // A write is judged by its fields' categories: one filed under another
+                    // category than the record's own field of that name would let a purpose
+                    // write what it may not (a canvass overwriting `email` as an opinion).
+                    if let Some(own) = d.fields.get(field).filter(|own| *own != cat) {
+                        bail!(
+                            "dataset `{name}` write `{w}`: field `{field}` is `{cat}` here but \
+                             `{own}` in the dataset's fields; a write's field keeps its category"
+                        );
+                    }
                 }
                 for (field, allowed) in &route.values {
                     if !route.fields.contains_key(field) {
@@ -356,6 +365,27 @@ mod tests {
         );
         let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
         assert!(err.contains("mystery"), "{err}");
+    }
+
+    /// A write's field keeps the category the dataset gives that field: filed under another,
+    /// a canvass could overwrite contact details under the opinion permit.
+    #[test]
+    fn a_write_field_keeps_its_category() {
+        let shipped = include_str!("../config/catalog.toml");
+        let canvass = "voting_intention = \"political_opinion\", canvass_issues";
+        assert!(shipped.contains(canvass));
+        let text = shipped.replacen(
+            canvass,
+            "voting_intention = \"political_opinion\", email = \"political_opinion\", canvass_issues",
+            1,
+        );
+        let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+        assert!(
+            err.contains(
+                "write `canvass`: field `email` is `political_opinion` here but `contact_email`"
+            ),
+            "{err}"
+        );
     }
 
     /// A filter named like a parameter the gateway sends itself would put the caller's value

@@ -787,6 +787,12 @@ pub(crate) async fn fetch_one(
     // or a 403, 410 or 451 that would tell of a rights request) answers as an id the caller
     // may not see, the status in the log only. Other errors (its credentials refused, its
     // limits reached) are the datastore's failures and answer 502, as anywhere else.
+    // Datasette's 403 is the gateway's credential refused (it has no rights requests to tell
+    // of): as not found, a subject access report would say "nothing held" of everyone.
+    let datasette = matches!(upstream.dialect, crate::config::Dialect::Datasette(_));
+    if resp.status == StatusCode::FORBIDDEN && datasette {
+        return Err(GatewayError::UpstreamStatus(403));
+    }
     if matches!(resp.status.as_u16(), 403 | 404 | 410 | 451) {
         if resp.status != StatusCode::NOT_FOUND {
             tracing::warn!(status = resp.status.as_u16(), request_id, collection = %dataset.collection,

@@ -457,6 +457,8 @@ pub fn filter_page(
     let mut d = Disclosure::default();
     let mut records = None;
     let mut paging = [None; 3];
+    // Datasette's mark of a page cut short at its `max_returned_rows`.
+    let mut truncated = false;
     memo.new_chunk();
     out.extend_from_slice(b"{\"records\":[");
     scan.begin_object()?;
@@ -496,6 +498,8 @@ pub fn filter_page(
                 return Err(duplicate(paging_keys[i]));
             }
             paging[i] = Some(paging_value(paging_keys[i], scan.value()?)?);
+        } else if matches!(envelope, Envelope::Rows { .. }) && key == "truncated" {
+            truncated = scan.value()? != "false";
         } else {
             scan.value()?;
         }
@@ -513,6 +517,23 @@ pub fn filter_page(
             }
         }
         Envelope::Rows { page, per_page } => {
+            // The page's length is how the caller learns it was the last: a page the
+            // datastore cut short would end a walk list early without a word, and one longer
+            // than asked for (a canned query ignoring `:limit`) would page for ever, past the
+            // quota held for it.
+            if truncated {
+                return Err(FilterError::Malformed(
+                    "the datastore cut the page short (`truncated`): its `max_returned_rows` \
+                     must be at least the dataset's `max_per_page`"
+                        .to_owned(),
+                ));
+            }
+            if u32::try_from(records).map_or(true, |n| n > per_page) {
+                return Err(FilterError::Malformed(format!(
+                    "{records} rows for a page of {per_page}: the canned query must honour \
+                     `:limit` and `:offset`"
+                )));
+            }
             // A full page may have a successor; a short one is the last.
             let full = u32::try_from(records).is_ok_and(|n| n >= per_page);
             let next = if full {

@@ -485,6 +485,22 @@ fn datasette_rows_become_the_same_envelope() {
     )
     .unwrap();
     assert!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["next_page"].is_null());
+    // A page the datastore cut short, or one longer than asked for, is refused: its length
+    // is how the caller learns where the list ends.
+    let rows = |per_page: u32, body: &str| {
+        page(
+            body.as_bytes(),
+            Envelope::Rows { page: 1, per_page },
+            &cx(&ds),
+            &mut decide,
+        )
+    };
+    let cut = body.replace(r#""truncated":false"#, r#""truncated":true"#);
+    let e = rows(5, &cut).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    let e = rows(1, &body).unwrap_err().to_string();
+    assert!(e.contains("2 rows for a page of 1"), "{e}");
+    assert!(rows(2, &body).is_ok());
     // A wardgate envelope where rows were expected is malformed, not an empty page.
     assert!(
         page(
