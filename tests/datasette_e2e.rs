@@ -47,6 +47,16 @@ fn start_datasette(
     dir: &Path,
     electors: &[serde_json::Value],
 ) -> Option<(Datasette, std::net::SocketAddr)> {
+    let metadata = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/datasette/metadata.json");
+    start_datasette_with(dir, electors, &metadata)
+}
+
+/// `start_datasette` with another metadata file.
+fn start_datasette_with(
+    dir: &Path,
+    electors: &[serde_json::Value],
+    metadata: &Path,
+) -> Option<(Datasette, std::net::SocketAddr)> {
     let jsonl = dir.join("electors.jsonl");
     let mut f = std::fs::File::create(&jsonl).unwrap();
     for r in electors {
@@ -75,7 +85,7 @@ fn start_datasette(
             &addr.port().to_string(),
             "--metadata",
         ])
-        .arg(here.join("metadata.json"))
+        .arg(metadata)
         .args([
             "--setting",
             "max_returned_rows",
@@ -264,6 +274,50 @@ async fn the_same_policies_give_the_same_disclosures_through_datasette() {
     eprintln!("{total} disclosures compared across {} cases", cases.len());
     demo.stop().await;
     ds.stop().await;
+}
+
+/// Datasette refusing the gateway the table (403) on a read by id is the datastore's failure
+/// (502), not a record the caller may not see (404): a subject access report would otherwise
+/// say "nothing held" of everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_datasette_refuses_is_the_datastores_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/datasette/metadata.json");
+    let mut metadata: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(here).unwrap()).unwrap();
+    metadata["databases"]["voter"]["tables"] =
+        serde_json::json!({ "electors": { "allow": false } });
+    let refusing = dir.path().join("refusing.json");
+    std::fs::write(&refusing, metadata.to_string()).unwrap();
+    let Some((_datasette, addr)) = start_datasette_with(dir.path(), &electors(), &refusing) else {
+        not_installed();
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(addr),
+        tweak: Some(use_datasette),
+        ..Default::default()
+    })
+    .await;
+    let id = electors()[0]["elector_id"].as_str().unwrap().to_owned();
+    let r = app
+        .get(
+            &format!("/voter/electors/{id}"),
+            Some(&app.token("dpo")),
+            Some("sar_fulfilment"),
+        )
+        .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let report = app
+        .admin_get_with(&format!("/sar/{id}"), &app.token("dpo"))
+        .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    let missing = &report.json()["current_data_missing"]["voter"];
+    assert!(
+        missing.as_str().is_some_and(|m| m != "nothing held"),
+        "{missing}"
+    );
+    app.stop().await;
 }
 
 fn not_installed() {
