@@ -25,6 +25,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub signing: Option<SigningConfig>,
     pub policy_dir: PathBuf,
+    /// The policy pack's tests (`policy.tests`), run at start; unset: `policy_dir/tests` when
+    /// it exists (`startup::check`).
+    pub policy_tests: Option<PathBuf>,
     pub catalog_file: PathBuf,
     pub areas_file: PathBuf,
     pub audit: AuditConfig,
@@ -180,7 +183,7 @@ struct RawConfig {
     server: RawServer,
     auth: RawAuth,
     signing: Option<RawSigning>,
-    policy: RawDir,
+    policy: RawPolicy,
     catalog: RawFile,
     geography: RawFile,
     audit: RawAudit,
@@ -296,8 +299,10 @@ struct RawSigning {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDir {
+struct RawPolicy {
     dir: PathBuf,
+    #[serde(default)]
+    tests: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +437,7 @@ impl RawConfig {
             auth,
             signing,
             policy_dir: at(&self.policy.dir),
+            policy_tests: self.policy.tests.as_ref().map(|t| at(t)),
             catalog_file: at(&self.catalog.file),
             areas_file: at(&self.geography.file),
             audit,

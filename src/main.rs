@@ -224,8 +224,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     );
                 }
             }
+            let tests = match checked.policy_tests {
+                0 => "no policy tests".to_owned(),
+                n => format!("{n} policy tests passed"),
+            };
             println!(
-                "ok: `{}` is valid: {} policies, {} datasets, {} areas",
+                "ok: `{}` is valid: {} policies ({tests}), {} datasets, {} areas",
                 config.display(),
                 checked.policy.policy_count(),
                 checked.catalog.datasets.len(),

@@ -38,6 +38,10 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
     if certs.is_empty() {
         anyhow::bail!("`{}` holds no certificate", cert_file.display());
     }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(warning) = leaf_usable(cert_file, &certs, now)? {
+        tracing::warn!(file = %cert_file.display(), "{warning}");
+    }
     let key_pem = std::fs::read(key_file)
         .with_context(|| format!("cannot read TLS key `{}`", key_file.display()))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
@@ -57,6 +61,60 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A certificate expiring within this many seconds is warned of at start.
+const EXPIRY_WARNING: i64 = 30 * 86_400;
+
+/// Refuses a chain whose first certificate is not valid at `now` (unix seconds), or is a CA's
+/// ahead of others: rustls loads an expired or not yet valid certificate, and every handshake
+/// then fails; and it reports a chain written CA first as a key that does not match. (A lone
+/// self-signed certificate is taken: `openssl req -x509` marks its own as a CA's.) What to
+/// warn of, if anything: a certificate that expires within `EXPIRY_WARNING`.
+fn leaf_usable(
+    cert_file: &Path,
+    chain: &[rustls::pki_types::CertificateDer],
+    now: i64,
+) -> anyhow::Result<Option<String>> {
+    let file = cert_file.display();
+    let Some(leaf) = chain.first() else {
+        anyhow::bail!("`{file}` holds no certificate");
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| anyhow::anyhow!("`{file}`: its first certificate cannot be read: {e}"))?;
+    if cert.is_ca() && chain.len() > 1 {
+        anyhow::bail!(
+            "`{file}`: its first certificate is a CA's (`{}`): the server's own certificate must \
+             come first, then the certificates that issued it",
+            cert.subject()
+        );
+    }
+    let validity = cert.validity();
+    let date = |t: &x509_parser::time::ASN1Time| {
+        t.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| t.to_string())
+    };
+    if now < validity.not_before.timestamp() {
+        anyhow::bail!(
+            "`{file}`: the certificate is not valid until {} (is this machine's clock right?)",
+            date(&validity.not_before)
+        );
+    }
+    if now > validity.not_after.timestamp() {
+        anyhow::bail!(
+            "`{file}`: the certificate expired on {}",
+            date(&validity.not_after)
+        );
+    }
+    Ok(
+        (validity.not_after.timestamp() - now < EXPIRY_WARNING).then(|| {
+            format!(
+                "the TLS certificate expires on {}, within 30 days: renew it and restart",
+                date(&validity.not_after)
+            )
+        }),
+    )
 }
 
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
@@ -293,4 +351,66 @@ where
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate valid from `from` to `until` (unix seconds), a CA's or not.
+    fn certificate(from: i64, until: i64, ca: bool) -> rustls::pki_types::CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    const NOW: i64 = 1_800_000_000;
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn a_certificate_valid_now_is_taken_and_one_near_its_end_warned_of() {
+        let file = Path::new("tls/server.pem");
+        let cert = certificate(NOW - DAY, NOW + 90 * DAY, false);
+        assert_eq!(leaf_usable(file, &[cert], NOW).unwrap(), None);
+        let cert = certificate(NOW - DAY, NOW + DAY, false);
+        let warning = leaf_usable(file, &[cert], NOW).unwrap().unwrap();
+        assert!(warning.contains("expires on 2027-01-16"), "{warning}");
+        // A lone self-signed certificate marked as a CA's (as `openssl req -x509` makes them).
+        let cert = certificate(NOW - DAY, NOW + 90 * DAY, true);
+        assert_eq!(leaf_usable(file, &[cert], NOW).unwrap(), None);
+    }
+
+    #[test]
+    fn an_expired_or_not_yet_valid_certificate_stops_the_start_naming_its_file_and_date() {
+        let file = Path::new("tls/server.pem");
+        let expired = certificate(NOW - 90 * DAY, NOW - DAY, false);
+        let err = leaf_usable(file, &[expired], NOW).unwrap_err().to_string();
+        assert!(
+            err.contains("`tls/server.pem`") && err.contains("expired on 2027-01-14"),
+            "{err}"
+        );
+        let early = certificate(NOW + DAY, NOW + 90 * DAY, false);
+        let err = leaf_usable(file, &[early], NOW).unwrap_err().to_string();
+        assert!(err.contains("not valid until 2027-01-16"), "{err}");
+    }
+
+    #[test]
+    fn a_chain_with_its_ca_first_is_named_for_what_it_is() {
+        let file = Path::new("tls/server.pem");
+        let ca = certificate(NOW - DAY, NOW + 90 * DAY, true);
+        let leaf = certificate(NOW - DAY, NOW + 90 * DAY, false);
+        let err = leaf_usable(file, &[ca.clone(), leaf.clone()], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("first certificate is a CA's") && err.contains("must come first"),
+            "{err}"
+        );
+        assert_eq!(leaf_usable(file, &[leaf, ca], NOW).unwrap(), None);
+    }
 }

@@ -29,6 +29,8 @@ pub struct Checked {
     pub geography: Geography,
     pub verifier: Verifier,
     pub policy: PolicyEngine,
+    /// How many of the pack's own tests it passed (none when it has none).
+    pub policy_tests: usize,
     pub upstreams: Upstreams,
     pub tls: Option<TlsAcceptor>,
 }
@@ -79,6 +81,7 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     };
     let verifier = Verifier::from_config(&cfg.auth, known)?;
     let policy = PolicyEngine::load(&cfg.policy_dir, &catalog, &geography)?;
+    let policy_tests = policy_tests(cfg, &policy, &catalog, &geography)?;
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
     if let Some(r) = &cfg.redis {
         crate::controls::load_key(r)?;
@@ -92,9 +95,43 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         geography,
         verifier,
         policy,
+        policy_tests,
         upstreams,
         tls,
     })
+}
+
+/// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests` when it exists): how
+/// many passed, every one, or why the gateway must not start.
+fn policy_tests(
+    cfg: &Config,
+    policy: &PolicyEngine,
+    catalog: &Catalog,
+    geography: &Geography,
+) -> anyhow::Result<usize> {
+    let dir = match &cfg.policy_tests {
+        Some(dir) if !dir.is_dir() => anyhow::bail!(
+            "`policy.tests` `{}` is not a directory of policy tests",
+            dir.display()
+        ),
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = cfg.policy_dir.join("tests");
+            if !dir.is_dir() {
+                tracing::warn!(
+                    policy_dir = %cfg.policy_dir.display(),
+                    "no policy tests (`policy.tests`, or `tests/` beside the policies): only \
+                     the schema checks the pack, not what it decides"
+                );
+                return Ok(0);
+            }
+            dir
+        }
+    };
+    let registers = crate::policy::fixtures::Registers { catalog, geography };
+    let passed = crate::policy::fixtures::run_all(policy, &registers, &dir)?;
+    tracing::info!(tests = passed, dir = %dir.display(), "policy tests passed");
+    Ok(passed)
 }
 
 /// Asks every datastore for one page and lists the fields it returns that the asset register

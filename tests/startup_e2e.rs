@@ -114,6 +114,100 @@ fn an_invalid_policy_stops_serve_naming_file_and_line() {
     }
 }
 
+/// Copies the shipped policy tests beside the materialised policies.
+fn with_policy_tests(d: &Path) -> PathBuf {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tests");
+    let to = d.join("policies/tests");
+    for kind in ["allow", "deny"] {
+        std::fs::create_dir_all(to.join(kind)).unwrap();
+        for f in std::fs::read_dir(from.join(kind)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(kind).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    to
+}
+
+#[test]
+fn a_pack_failing_its_own_tests_stops_the_start_naming_each_failure() {
+    let (d, cfg) = setup();
+    let tests = with_policy_tests(d.path());
+    let shipped = std::fs::read_dir(tests.join("allow")).unwrap().count()
+        + std::fs::read_dir(tests.join("deny")).unwrap().count();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("({shipped} policy tests passed)")),
+        "{out}"
+    );
+
+    // The pack loses its restriction forbids: every policy left still validates.
+    std::fs::remove_file(d.path().join("policies/restrictions.cedar")).unwrap();
+    for cmd in [&["serve"][..], &["validate", "--offline"][..]] {
+        let (ok, out) = run(cmd, &cfg);
+        assert!(!ok, "{cmd:?}: {out}");
+        assert!(
+            out.contains("policy tests in")
+                && out.contains(
+                    "deny/deceased-addressed-mail.json: expected deny, got allow by [\"geo.within-grants\"]"
+                )
+                && out.contains("and 30 more")
+                // An evaluation error a test expects is not logged as the gateway's.
+                && !out.contains("policy evaluation error"),
+            "{cmd:?}: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_policy_test_naming_what_the_registers_do_not_know_fails() {
+    let (d, cfg) = setup();
+    let tests = with_policy_tests(d.path());
+    // A typo'd flag would test a record that cannot occur (and, in a deny test, pass for the
+    // wrong reason: nothing permits it).
+    let path = tests.join("deny/restricted-addressed-mail.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"restricted\"]", "\"restriced\"]")).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "deny/restricted-addressed-mail.json: `record.flags`: `restriced` is not a flag"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_policy_tests_path_that_holds_no_tests_stops_the_start() {
+    let (d, cfg) = setup();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let set = |tests: &str| {
+        let with = text.replace("[policy]\n", &format!("[policy]\ntests = \"{tests}\"\n"));
+        std::fs::write(&cfg, with).unwrap();
+    };
+    set("no-such-dir");
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(
+        !ok && out.contains("`policy.tests`") && out.contains("no-such-dir"),
+        "{out}"
+    );
+    std::fs::create_dir_all(d.path().join("empty/allow")).unwrap();
+    set("empty");
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok && out.contains("hold no `allow/*.json`"), "{out}");
+    // Allow tests alone do not test what the pack must refuse.
+    let allow = d.path().join("empty/allow/one.json");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("policies/tests/allow/canvasser-walk-sheet-in-district.json"),
+        &allow,
+    )
+    .unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok && out.contains("hold no `deny/*.json`"), "{out}");
+}
+
 #[test]
 fn a_policy_failing_schema_validation_stops_serve() {
     let (d, cfg) = setup();

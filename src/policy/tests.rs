@@ -4,57 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use super::*;
 use crate::auth::Principal;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Fixture {
-    description: String,
-    caller: FixtureCaller,
-    purpose: String,
-    /// list | read | write | export | disclose_record | write_record | disclose_field | write_field
-    action: String,
-    dataset: String,
-    /// For disclose_field / write_field.
-    #[serde(default)]
-    category: Option<String>,
-    #[serde(default)]
-    record: Option<FixtureRecord>,
-    /// Every id here must be among the deciding policies.
-    #[serde(default)]
-    expect_policies: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FixtureCaller {
-    role: String,
-    #[serde(default = "default_unit")]
-    unit: String,
-    areas: Vec<String>,
-    purposes: Vec<String>,
-}
-
-fn default_unit() -> String {
-    "TEST-UNIT".to_owned()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FixtureRecord {
-    area: String,
-    #[serde(default)]
-    markers: BTreeSet<String>,
-    #[serde(default)]
-    flags: BTreeSet<String>,
-    #[serde(default)]
-    consented: BTreeSet<String>,
-    #[serde(default)]
-    tps_fresh: bool,
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -68,101 +19,120 @@ pub(crate) fn shipped_engine() -> (PolicyEngine, Catalog, Geography) {
 }
 
 fn run_fixture(engine: &PolicyEngine, path: &Path) -> Result<Verdict, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let f: Fixture = serde_json::from_str(&text).map_err(|e| format!("bad fixture: {e}"))?;
-    let principal = Principal {
-        subject: "fixture".into(),
-        token_id: "t".into(),
-        role: f.caller.role,
-        unit: f.caller.unit,
-        areas: f.caller.areas,
-        purposes: f.caller.purposes,
-        expires_at: i64::MAX,
-        issued_at: 0,
-        grant_expires_at: None,
-    };
-    let basis = shipped_engine()
-        .1
-        .purposes
-        .get(&f.purpose)
-        .map(|p| p.lawful_basis.clone())
-        .unwrap_or_default();
-    let ask = engine.ask(Arc::new(principal.clone()), &f.purpose, &basis);
-    let record = f.record.map(|r| RecordAttrs {
-        area: r.area,
-        markers: r.markers,
-        flags: r.flags,
-        consented: r.consented,
-        tps_fresh: r.tps_fresh,
+    static REGISTERS: std::sync::OnceLock<(Catalog, Geography)> = std::sync::OnceLock::new();
+    let (catalog, geography) = REGISTERS.get_or_init(|| {
+        let (_, catalog, geography) = shipped_engine();
+        (catalog, geography)
     });
-    let need_record = || {
-        record
-            .clone()
-            .ok_or_else(|| format!("{}: needs a `record`", f.description))
+    let registers = fixtures::Registers { catalog, geography };
+    let kind = if path.parent().is_some_and(|p| p.ends_with("deny")) {
+        "deny"
+    } else {
+        "allow"
     };
-    let verdict = match f.action.as_str() {
-        "list" => engine.decide_request(&ask, RequestAction::List, &f.dataset),
-        "read" => engine.decide_request(&ask, RequestAction::Read, &f.dataset),
-        "write" => engine.decide_request(&ask, RequestAction::Write, &f.dataset),
-        "export" => engine.decide_request(&ask, RequestAction::Export, &f.dataset),
-        "aggregate" => engine.decide_request(&ask, RequestAction::Aggregate, &f.dataset),
-        "disclose_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, false),
-        "write_record" => engine.decide_record(&ask, &f.dataset, &need_record()?, true),
-        a @ ("disclose_field" | "write_field") => {
-            let cat = f
-                .category
-                .clone()
-                .ok_or("field actions need a `category`")?;
-            engine.decide_field(&ask, &f.dataset, &need_record()?, &cat, a == "write_field")
-        }
-        other => return Err(format!("unknown action `{other}`")),
-    };
-    for id in &f.expect_policies {
-        if !verdict.policy_ids.contains(id) {
-            return Err(format!(
-                "{}: expected policy `{id}` among {:?}",
-                f.description, verdict.policy_ids
-            ));
-        }
+    let o = fixtures::run(engine, &registers, path, kind)?;
+    if !o.missing.is_empty() {
+        return Err(format!(
+            "expected among {:?}: {:?}",
+            o.verdict.policy_ids, o.missing
+        ));
     }
-    Ok(verdict)
+    Ok(o.verdict)
 }
 
-fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = repo().join("policies/tests").join(kind);
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "json"))
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
+fn fixture_files(kind: &str) -> Vec<PathBuf> {
+    fixtures::files(&repo().join("policies/tests"), kind).unwrap()
 }
 
 #[test]
 fn every_fixture_gets_its_expected_decision() {
-    let (engine, _, _) = shipped_engine();
-    let mut failures = Vec::new();
-    let mut count = 0;
-    for (kind, want) in [("allow", true), ("deny", false)] {
-        for path in fixtures(kind) {
-            count += 1;
-            match run_fixture(&engine, &path) {
-                Ok(v) if v.allowed == want => {}
-                Ok(v) => failures.push(format!("{}: expected {kind}, got {:?}", path.display(), v)),
-                Err(e) => failures.push(format!("{}: {e}", path.display())),
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {count} fixtures failed:\n{}",
-        failures.len(),
-        failures.join("\n")
+    let (engine, catalog, geography) = shipped_engine();
+    let registers = fixtures::Registers {
+        catalog: &catalog,
+        geography: &geography,
+    };
+    let count = fixtures::run_all(&engine, &registers, &repo().join("policies/tests")).unwrap();
+    assert_eq!(
+        count,
+        fixture_files("allow").len() + fixture_files("deny").len()
     );
-    assert!(count > 0, "no policy fixtures found");
+    assert!(count > 100, "only {count} policy fixtures");
+}
+
+/// A fixture that could pass for the wrong reason is refused, not passed.
+#[test]
+fn a_fixture_that_could_pass_vacuously_is_refused() {
+    let (engine, catalog, geography) = shipped_engine();
+    let registers = fixtures::Registers {
+        catalog: &catalog,
+        geography: &geography,
+    };
+    let shipped = repo().join("policies/tests/deny/restricted-addressed-mail.json");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let mut fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(fixtures::run(&engine, &registers, &shipped, "deny").is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.json");
+    let refused = |edit: &dyn Fn(&mut serde_json::Value), kind: &str, why: &str| {
+        let mut f = fixture.clone();
+        edit(&mut f);
+        std::fs::write(&path, f.to_string()).unwrap();
+        match fixtures::run(&engine, &registers, &path, kind) {
+            Err(e) => assert!(e.contains(why), "{e}"),
+            Ok(o) => panic!("passed ({:?}), expected: {why}", o.verdict),
+        }
+    };
+    // A deny test naming nothing it expects would pass on a typo anywhere.
+    refused(
+        &|f| f["expect_policies"] = json!([]),
+        "deny",
+        "must name the policies",
+    );
+    // A record given to a request-level action is not what is tested.
+    refused(
+        &|f| f["action"] = json!("list"),
+        "deny",
+        "reads no `record`",
+    );
+    refused(
+        &|f| f["category"] = json!("contact"),
+        "deny",
+        "reads no `category`",
+    );
+    refused(
+        &|f| f["dataset"] = json!("votr"),
+        "deny",
+        "unknown dataset `votr`",
+    );
+    refused(
+        &|f| f["caller"]["role"] = json!("canvaser"),
+        "deny",
+        "unknown role",
+    );
+    refused(
+        &|f| f["record"]["flags"] = json!(["restriced"]),
+        "deny",
+        "`restriced`",
+    );
+    refused(
+        &|f| f["record"]["markers"] = json!(["n"]),
+        "deny",
+        "not a register marker",
+    );
+    refused(
+        &|f| f["record"]["consented"] = json!(["mail"]),
+        "deny",
+        "`mail`",
+    );
+    // Denied, but not by the policy the test says: reported, so that it fails.
+    fixture["expect_policies"] = json!(["default-deny"]);
+    std::fs::write(&path, fixture.to_string()).unwrap();
+    let o = fixtures::run(&engine, &registers, &path, "deny").unwrap();
+    assert!(
+        !o.verdict.allowed && !o.missing.is_empty(),
+        "{:?}",
+        o.verdict
+    );
 }
 
 #[test]
@@ -170,7 +140,7 @@ fn every_policy_file_is_exercised_by_some_fixture() {
     let (engine, _, _) = shipped_engine();
     let mut seen = BTreeSet::new();
     for kind in ["allow", "deny"] {
-        for path in fixtures(kind) {
+        for path in fixture_files(kind) {
             if let Ok(v) = run_fixture(&engine, &path) {
                 seen.extend(v.policy_ids);
             }
@@ -367,7 +337,7 @@ fn the_scoped_pack_decides_exactly_as_the_whole_pack() {
     let whole = shipped_engine().0.unscoped();
     // Every fixture: same decision, same deciding policies.
     for kind in ["allow", "deny"] {
-        for path in fixtures(kind) {
+        for path in fixture_files(kind) {
             assert_eq!(
                 run_fixture(&scoped, &path),
                 run_fixture(&whole, &path),

@@ -123,6 +123,25 @@ impl Vocabulary {
     }
 }
 
+impl Vocabulary {
+    /// Why a policy test's record carries a marker or consent channel no record can, if it
+    /// does (`fixtures`): a typo there would test a record that cannot occur.
+    pub(super) fn refuse_words(
+        &self,
+        markers: &BTreeSet<String>,
+        consented: &BTreeSet<String>,
+    ) -> Option<String> {
+        let words = (markers.iter().map(|m| (Word::Marker, m.as_str())))
+            .chain(consented.iter().map(|c| (Word::Channel, c.as_str())));
+        for (word, text) in words {
+            if let Some(why) = self.refuse(word, text) {
+                return Some(format!("`{}` `{text}` is {why}", word.path()));
+            }
+        }
+        None
+    }
+}
+
 /// Every string a policy compares a checked attribute with is one the gateway knows; the
 /// error lists each that is not, with its file and policy.
 pub fn literals_known(

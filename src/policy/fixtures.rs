@@ -1,0 +1,293 @@
+//! The policy pack's own tests, run at start: one request per JSON file under `TESTS/allow/`
+//! and `TESTS/deny/` (a caller, a purpose, an action on a dataset, and the record and field
+//! category the action needs), each expected to get that decision from the policies it names.
+//! Schema validation says every policy is well formed; only these say the pack still decides
+//! what it is meant to. A pack that lost `restrictions.cedar`, or a forbid edited into a permit,
+//! validates, and fails here: the gateway does not start on it (`startup::check`, so
+//! `wardgate validate` too), naming each fixture that failed and why. `cargo test` runs the
+//! shipped fixtures through the same code.
+//!
+//! A fixture is refused as malformed, rather than passed, where it could pass for the wrong
+//! reason: a deny test that names no policy expected to deny it (a typo anywhere would be
+//! denied by default), a record or category given to an action that does not read it (the
+//! fixture tests something other than it says), a dataset or role the registers do not hold,
+//! or a flag, consent channel or marker no record can carry. An unknown purpose, category or
+//! area is taken: the gateway refuses those before Cedar, and the pack is tested for denying
+//! them too.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use super::{PolicyEngine, RecordAttrs, RequestAction, Verdict, vocabulary::Vocabulary};
+use crate::auth::Principal;
+use crate::catalog::Catalog;
+use crate::geography::Geography;
+
+/// How many failures a refusal to start lists (it says how many more there were).
+const LISTED: usize = 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fixture {
+    description: String,
+    caller: Caller,
+    purpose: String,
+    action: Action,
+    dataset: String,
+    /// For `disclose_field` and `write_field`.
+    #[serde(default)]
+    category: Option<String>,
+    /// For the record and field actions.
+    #[serde(default)]
+    record: Option<Record>,
+    /// Every id here must be among the deciding policies (`default-deny` when none permitted).
+    #[serde(default)]
+    expect_policies: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Caller {
+    role: String,
+    #[serde(default = "default_unit")]
+    unit: String,
+    areas: Vec<String>,
+    purposes: Vec<String>,
+}
+
+fn default_unit() -> String {
+    "TEST-UNIT".to_owned()
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Action {
+    List,
+    Read,
+    Write,
+    Export,
+    Aggregate,
+    DiscloseRecord,
+    WriteRecord,
+    DiscloseField,
+    WriteField,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    area: String,
+    #[serde(default)]
+    markers: BTreeSet<String>,
+    #[serde(default)]
+    flags: BTreeSet<String>,
+    #[serde(default)]
+    consented: BTreeSet<String>,
+    #[serde(default)]
+    tps_fresh: bool,
+}
+
+/// The registers a fixture's names are checked against.
+pub struct Registers<'a> {
+    pub catalog: &'a Catalog,
+    pub geography: &'a Geography,
+}
+
+/// The fixture files of one kind (`allow` or `deny`) under `dir`, sorted; none when the
+/// directory is absent.
+pub fn files(dir: &Path, kind: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = dir.join(kind);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading `{}`", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("reading `{}`", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "json") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What one fixture got: the verdict, and the policies it expected among the deciding ones
+/// that were not.
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub missing: Vec<String>,
+    /// What the fixture says it tests, for the failure's message.
+    pub description: String,
+}
+
+/// Runs one fixture, `kind` being `allow` or `deny`: what it got, or why the fixture itself is
+/// malformed (unreadable, not a fixture, or one that could pass for the wrong reason).
+/// Whether the verdict is the one expected is the caller's to say (`run_all`).
+pub fn run(
+    engine: &PolicyEngine,
+    registers: &Registers,
+    path: &Path,
+    kind: &str,
+) -> Result<Outcome, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let f: Fixture = serde_json::from_str(&text).map_err(|e| format!("malformed: {e}"))?;
+    well_formed(&f, registers, kind)?;
+    // An unknown purpose has no lawful basis: the pack must deny it all the same.
+    let basis = (registers.catalog.purposes.get(&f.purpose))
+        .map(|p| p.lawful_basis.clone())
+        .unwrap_or_default();
+    let principal = Principal {
+        subject: "policy-test".into(),
+        token_id: "policy-test".into(),
+        role: f.caller.role,
+        unit: f.caller.unit,
+        areas: f.caller.areas,
+        purposes: f.caller.purposes,
+        expires_at: i64::MAX,
+        issued_at: 0,
+        grant_expires_at: None,
+    };
+    let ask = (engine.ask(Arc::new(principal), &f.purpose, &basis)).unlogged();
+    let record = f.record.map(|r| RecordAttrs {
+        area: r.area,
+        markers: r.markers,
+        flags: r.flags,
+        consented: r.consented,
+        tps_fresh: r.tps_fresh,
+    });
+    let record = || record.as_ref().ok_or("this action needs a `record`");
+    let request = |action| engine.decide_request(&ask, action, &f.dataset);
+    let verdict = match f.action {
+        Action::List => request(RequestAction::List),
+        Action::Read => request(RequestAction::Read),
+        Action::Write => request(RequestAction::Write),
+        Action::Export => request(RequestAction::Export),
+        Action::Aggregate => request(RequestAction::Aggregate),
+        Action::DiscloseRecord => engine.decide_record(&ask, &f.dataset, record()?, false),
+        Action::WriteRecord => engine.decide_record(&ask, &f.dataset, record()?, true),
+        a @ (Action::DiscloseField | Action::WriteField) => {
+            let category = (f.category.as_deref()).ok_or("a field action needs a `category`")?;
+            let write = matches!(a, Action::WriteField);
+            engine.decide_field(&ask, &f.dataset, record()?, category, write)
+        }
+    };
+    let mut missing: Vec<String> = (f.expect_policies.iter())
+        .filter(|id| !verdict.policy_ids.contains(id))
+        .cloned()
+        .collect();
+    // An evaluation error denies, and says nothing of what the pack decides: unless the
+    // fixture expects one, it is a failure whatever the kind.
+    let error = super::POLICY_ERROR.to_owned();
+    if verdict.policy_ids.contains(&error) && !f.expect_policies.contains(&error) {
+        missing.push(format!("no `{error}`"));
+    }
+    Ok(Outcome {
+        verdict,
+        missing,
+        description: f.description,
+    })
+}
+
+/// Refuses a fixture that could pass for the wrong reason (the module's doc says which).
+fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
+    if kind == "deny" && f.expect_policies.is_empty() {
+        return Err("a deny test must name the policies expected to deny it \
+                    (`expect_policies`; `default-deny` when none permits it)"
+            .to_owned());
+    }
+    let (needs_record, needs_category) = match f.action {
+        Action::List | Action::Read | Action::Write | Action::Export | Action::Aggregate => {
+            (false, false)
+        }
+        Action::DiscloseRecord | Action::WriteRecord => (true, false),
+        Action::DiscloseField | Action::WriteField => (true, true),
+    };
+    if f.record.is_some() && !needs_record {
+        return Err("this action reads no `record`".to_owned());
+    }
+    if f.category.is_some() && !needs_category {
+        return Err("this action reads no `category`".to_owned());
+    }
+    let Some(dataset) = r.catalog.datasets.get(&f.dataset) else {
+        return Err(format!("unknown dataset `{}`", f.dataset));
+    };
+    if !r.catalog.roles.contains_key(&f.caller.role) {
+        return Err(format!("`caller.role`: unknown role `{}`", f.caller.role));
+    }
+    let Some(rec) = &f.record else {
+        return Ok(());
+    };
+    if let Some(flag) = rec.flags.iter().find(|x| !dataset.known_flags.contains(*x)) {
+        return Err(format!(
+            "`record.flags`: `{flag}` is not a flag a record can carry"
+        ));
+    }
+    let channels = Vocabulary::new(r.catalog);
+    if let Some(why) = channels.refuse_words(&rec.markers, &rec.consented) {
+        return Err(why);
+    }
+    Ok(())
+}
+
+/// Runs every fixture under `dir` and returns how many passed, all of them, or refuses: the
+/// directory lacks its allow or deny tests, or any fixture failed (each listed with its file
+/// and why).
+pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyhow::Result<usize> {
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for (kind, want) in [("allow", true), ("deny", false)] {
+        let paths = files(dir, kind)?;
+        if paths.is_empty() {
+            // A pack tested only for what it lets through is not tested for what it must not.
+            bail!(
+                "the policy tests `{}` hold no `{kind}/*.json`: both what the pack allows and \
+                 what it denies must be tested",
+                dir.display()
+            );
+        }
+        for path in paths {
+            count += 1;
+            let shown = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            match run(engine, registers, &path, kind) {
+                Ok(o) if o.verdict.allowed != want => failures.push(format!(
+                    "{shown}: expected {kind}, got {} by {:?} ({})",
+                    if o.verdict.allowed { "allow" } else { "deny" },
+                    o.verdict.policy_ids,
+                    o.description
+                )),
+                Ok(o) if !o.missing.is_empty() => failures.push(format!(
+                    "{shown}: {kind} as expected, but by {:?}, expected among them: {} ({})",
+                    o.verdict.policy_ids,
+                    o.missing.join(", "),
+                    o.description
+                )),
+                Ok(_) => {}
+                Err(e) => failures.push(format!("{shown}: {e}")),
+            }
+        }
+    }
+    if !failures.is_empty() {
+        let more = failures.len().saturating_sub(LISTED);
+        let mut listed = failures[..failures.len().min(LISTED)].join("\n  ");
+        if more > 0 {
+            listed.push_str(&format!("\n  and {more} more"));
+        }
+        bail!(
+            "{} of {count} policy tests in `{}` failed: the pack does not decide what its tests \
+             say it must\n  {listed}",
+            failures.len(),
+            dir.display()
+        );
+    }
+    Ok(count)
+}
