@@ -35,7 +35,7 @@ pub struct Alert {
     /// The principal's subject, or `addr:IP`.
     pub key: String,
     pub client_addr: Option<String>,
-    /// The addresses a `many_addresses` alert rests on.
+    /// The addresses a `many_addresses` alert rests on (IPv6 ones as their /64).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     /// Audit record sequence numbers in this replica's log.

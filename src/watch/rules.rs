@@ -99,7 +99,8 @@ pub struct Finding {
     /// Sequence numbers of the audit records that make the case.
     pub evidence: Vec<u64>,
     pub summary: String,
-    /// The client addresses the case rests on (`many_addresses`), kept out of `summary` so
+    /// The client addresses the case rests on (`many_addresses`; IPv6 ones as their /64,
+    /// `counted_as`), kept out of `summary` so
     /// that the audit log's copy of the alert can leave them to the evidence records, where
     /// they are sealed (`audit.client_addr_retention`).
     pub addresses: Vec<String>,
@@ -517,7 +518,7 @@ impl Detector {
             mode: self.settings.rule(rule).mode,
             key: ev.key.clone(),
             caller: ev.caller.clone(),
-            client_addr: ev.addr.clone(),
+            client_addr: ev.client_addr.clone(),
             evidence,
             summary,
             addresses: Vec::new(),
@@ -575,12 +576,38 @@ struct Event {
     at: i64,
     key: String,
     caller: Option<Caller>,
+    /// The client, as the rules count clients (`counted_as`).
     addr: Option<String>,
+    /// The client's own address, which a finding names.
+    client_addr: Option<String>,
+}
+
+/// A client address as the rules count clients: a global IPv6 unicast or unique local
+/// address by its /64, the prefix one host or one home is given (privacy addresses rotate
+/// within it by themselves, and a client choosing a new one for each request would otherwise
+/// spread its refusals over as many `denied_burst` windows, and look like many places to
+/// `many_addresses`); anything else as it is written: an IPv4 address, and IPv6 addresses whose
+/// /64 is not one client's (link-local, loopback, NAT64's `64:ff9b::/96`, which embeds IPv4
+/// clients, and Teredo's `2001::/32`, whose relay's prefix many share).
+fn counted_as(addr: &str) -> String {
+    let Ok(std::net::IpAddr::V6(v6)) = addr.parse::<std::net::IpAddr>() else {
+        return addr.to_owned();
+    };
+    let [first, second, ..] = v6.segments();
+    let global = first & 0xe000 == 0x2000;
+    let unique_local = first & 0xfe00 == 0xfc00;
+    let teredo = first == 0x2001 && second == 0x0000;
+    if !(global || unique_local) || teredo {
+        return addr.to_owned();
+    }
+    let prefix = u128::from(v6) & !u128::from(u64::MAX);
+    format!("{}/64", std::net::Ipv6Addr::from(prefix))
 }
 
 impl Event {
     fn of(seq: u64, rec: &Observation, at: i64) -> Event {
-        let key = match (&rec.caller, &rec.client_addr) {
+        let addr = rec.client_addr.as_deref().map(counted_as);
+        let key = match (&rec.caller, &addr) {
             (Some(c), _) => c.subject.clone(),
             (None, Some(a)) => format!("addr:{a}"),
             (None, None) => "unknown".to_owned(),
@@ -590,7 +617,8 @@ impl Event {
             at,
             key,
             caller: rec.caller.clone(),
-            addr: rec.client_addr.clone(),
+            addr,
+            client_addr: rec.client_addr.clone(),
         }
     }
 

@@ -212,6 +212,55 @@ fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
 }
 
 #[test]
+fn an_ipv6_client_rotating_through_its_own_64_is_one_client() {
+    // Twenty refusals, each from a new address of one /64: one burst.
+    let mut d = detector();
+    let recs = (0..20)
+        .map(|i| {
+            let mut r = denied(None, SUMMER_MORNING + i * 100, "token_signature_invalid");
+            r.client_addr = Some(format!(
+                "2001:db8:7:1:{i:x}:99ff:fe00:{:x}",
+                i * 7919 % 0x10000
+            ));
+            r
+        })
+        .collect();
+    let f = run(&mut d, recs);
+    assert_eq!(rules(&f), vec![Rule::DeniedBurst]);
+    assert_eq!(f[0].key, "addr:2001:db8:7:1::/64");
+    // The finding names the address that tipped it, not the network.
+    assert_eq!(
+        f[0].client_addr.as_deref(),
+        Some("2001:db8:7:1:13:99ff:fe00:4bbd")
+    );
+    // The same twenty from twenty /64s are twenty clients, and IPv4 addresses stay apart.
+    for addr in [
+        |i: i64| format!("2001:db8:7:{i:x}::1"),
+        |i: i64| format!("192.0.2.{i}"),
+    ] {
+        let mut d = detector();
+        let recs = (0..20)
+            .map(|i| {
+                let mut r = denied(None, SUMMER_MORNING + i * 100, "token_signature_invalid");
+                r.client_addr = Some(addr(i));
+                r
+            })
+            .collect();
+        assert_eq!(run(&mut d, recs), vec![]);
+    }
+    // A token used from privacy addresses of one home is used from one place.
+    let mut d = detector();
+    let recs = (0..8)
+        .map(|i| {
+            let mut r = listing("home", SUMMER_MORNING + i * 60_000, 10);
+            r.client_addr = Some(format!("2001:db8:7:1::{:x}", i + 1));
+            r
+        })
+        .collect();
+    assert_eq!(run(&mut d, recs), vec![]);
+}
+
+#[test]
 fn out_of_area_and_protected_targets_match() {
     let mut d = detector();
     let f = run(
@@ -530,10 +579,10 @@ fn detector_memory_is_bounded_by_addresses_and_windows() {
     let seen = &d.addresses["tok-busy"];
     assert_eq!(seen.by_addr.len(), 1);
     assert!(seen.evidence().len() <= EVIDENCE_PER_ADDRESS);
-    // One token from a rotating range: capped.
+    // One token from a rotating range (of /64s: one /64 is one client): capped.
     for i in 0..3_000u64 {
         let mut r = listing("rotor", SUMMER_MORNING + i as i64, 0);
-        r.client_addr = Some(format!("2001:db8::{i:x}"));
+        r.client_addr = Some(format!("2001:db8:{i:x}::1"));
         d.observe(10_000 + i, &r);
     }
     assert_eq!(
