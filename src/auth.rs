@@ -86,7 +86,10 @@ struct TrustedKey {
 
 /// Verifies tokens against the configured keys. Built once at start.
 pub struct Verifier {
-    keys: HashMap<String, TrustedKey>,
+    /// The trusted keys by id, swapped whole by `reload_keys`.
+    keys: std::sync::RwLock<Arc<HashMap<String, TrustedKey>>>,
+    /// Where the keys come from (`[[auth.keys]]` files, `auth.jwks_file`), to read again.
+    key_sources: AuthConfig,
     allowed: Vec<Algorithm>,
     audience: String,
     leeway_secs: u64,
@@ -102,6 +105,15 @@ pub struct Verifier {
     cache: TokenCache,
 }
 
+/// Keys read again (`Verifier::reread_keys`), not yet trusted, and how they differ from the
+/// keys in use, by key id.
+pub struct NewKeys {
+    keys: HashMap<String, TrustedKey>,
+    pub all: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
 /// Tokens that verified recently: a caller sends the same token with every request, and an
 /// ES256 verification costs more than the rest of a small request. An entry is used only while
 /// the token itself is valid (before `exp` and `grant_expires`, without leeway) and for at most
@@ -112,7 +124,15 @@ pub struct Verifier {
 /// request. Only verified tokens are ever inserted, so a caller cannot choose the keys.
 #[derive(Default)]
 pub struct TokenCache {
-    entries: std::sync::Mutex<HashMap<String, (Arc<Principal>, i64), foldhash::fast::RandomState>>,
+    entries: std::sync::Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    tokens: HashMap<String, (Arc<Principal>, i64), foldhash::fast::RandomState>,
+    /// Which set of keys the tokens were verified with: `Verifier::reload_keys` moves it on
+    /// and empties the cache, and a token verified with the keys before is not put in after.
+    generation: u64,
 }
 
 const CACHE_FOR: i64 = 300;
@@ -121,11 +141,27 @@ const CACHE_MAX: usize = 20_000;
 impl TokenCache {
     fn get(&self, token: &str, now: i64) -> Option<Arc<Principal>> {
         let entries = self.entries.lock().ok()?;
-        let (p, until) = entries.get(token)?;
+        let (p, until) = entries.tokens.get(token)?;
         (now < *until).then(|| Arc::clone(p))
     }
 
-    fn put(&self, token: &str, p: &Arc<Principal>, now: i64) {
+    /// The generation of keys a verification starting now uses (`put`'s `generation`).
+    fn generation(&self) -> u64 {
+        self.entries.lock().map_or(u64::MAX, |e| e.generation)
+    }
+
+    /// Forgets every token, and every verification under way: the keys have changed.
+    fn next_generation(&self) {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.generation += 1;
+        entries.tokens.clear();
+    }
+
+    /// Keeps a token verified with the keys of `generation`, unless they have changed since.
+    fn put(&self, token: &str, p: &Arc<Principal>, now: i64, generation: u64) {
         let until = [
             p.expires_at,
             p.grant_expires_at.unwrap_or(i64::MAX),
@@ -135,13 +171,17 @@ impl TokenCache {
         .min()
         .unwrap_or(now);
         if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= CACHE_MAX {
-                entries.retain(|_, (_, u)| *u > now);
-                if entries.len() >= CACHE_MAX {
-                    entries.clear();
+            if entries.generation != generation {
+                return;
+            }
+            let tokens = &mut entries.tokens;
+            if tokens.len() >= CACHE_MAX {
+                tokens.retain(|_, (_, u)| *u > now);
+                if tokens.len() >= CACHE_MAX {
+                    tokens.clear();
                 }
             }
-            entries.insert(token.to_owned(), (Arc::clone(p), until));
+            tokens.insert(token.to_owned(), (Arc::clone(p), until));
         }
     }
 }
@@ -185,105 +225,112 @@ fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
     Ok(())
 }
 
-impl Verifier {
-    /// Loads every configured key; a missing or malformed key file is a start-up error naming it.
-    pub fn from_config(cfg: &AuthConfig, known: KnownNames) -> anyhow::Result<Verifier> {
-        let mut keys = HashMap::new();
-        for k in &cfg.keys {
-            let pem = fs::read(&k.public_key_file).with_context(|| {
+/// Reads and checks every key `cfg` names: a missing or malformed key file, a key that cannot
+/// verify its algorithm's signatures, or none at all is an error naming the file.
+fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
+    let mut keys = HashMap::new();
+    for k in &cfg.keys {
+        let pem = fs::read(&k.public_key_file).with_context(|| {
+            format!(
+                "key `{}`: cannot read `{}`",
+                k.kid,
+                k.public_key_file.display()
+            )
+        })?;
+        let key = match k.algorithm {
+            Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+            _ => DecodingKey::from_rsa_pem(&pem),
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "key `{}`: `{}` is not a {:?} public key in PEM form: {e}",
+                k.kid,
+                k.public_key_file.display(),
+                k.algorithm
+            )
+        })?;
+        fits(k.algorithm, &key).map_err(|e| {
+            anyhow::anyhow!(
+                "key `{}`: `{}` cannot verify {:?} signatures: {e}",
+                k.kid,
+                k.public_key_file.display(),
+                k.algorithm
+            )
+        })?;
+        if keys
+            .insert(
+                k.kid.clone(),
+                TrustedKey {
+                    algorithm: k.algorithm,
+                    key,
+                    issuer: k.issuer.clone(),
+                },
+            )
+            .is_some()
+        {
+            bail!("key id `{}` is configured twice", k.kid);
+        }
+    }
+    if let Some(path) = &cfg.jwks_file {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
+        let set: JwkSet = serde_json::from_str(&text)
+            .with_context(|| format!("JWKS file `{}` is not a JWK set", path.display()))?;
+        for jwk in &set.keys {
+            let kid = jwk.common.key_id.clone().with_context(|| {
+                format!("JWKS file `{}`: every key needs a `kid`", path.display())
+            })?;
+            let algorithm = jwk_algorithm(jwk).with_context(|| {
                 format!(
-                    "key `{}`: cannot read `{}`",
-                    k.kid,
-                    k.public_key_file.display()
+                    "JWKS file `{}`: key `{kid}` has no usable `alg`",
+                    path.display()
                 )
             })?;
-            let key = match k.algorithm {
-                Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
-                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
-                _ => DecodingKey::from_rsa_pem(&pem),
+            if !cfg.algorithms.contains(&algorithm) {
+                bail!(
+                    "JWKS key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
+                );
             }
-            .map_err(|e| {
+            let key = DecodingKey::from_jwk(jwk)
+                .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
+            fits(algorithm, &key).map_err(|e| {
                 anyhow::anyhow!(
-                    "key `{}`: `{}` is not a {:?} public key in PEM form: {e}",
-                    k.kid,
-                    k.public_key_file.display(),
-                    k.algorithm
-                )
-            })?;
-            fits(k.algorithm, &key).map_err(|e| {
-                anyhow::anyhow!(
-                    "key `{}`: `{}` cannot verify {:?} signatures: {e}",
-                    k.kid,
-                    k.public_key_file.display(),
-                    k.algorithm
+                    "JWKS file `{}`: key `{kid}` cannot verify {algorithm:?} signatures: {e}",
+                    path.display()
                 )
             })?;
             if keys
                 .insert(
-                    k.kid.clone(),
+                    kid.clone(),
                     TrustedKey {
-                        algorithm: k.algorithm,
+                        algorithm,
                         key,
-                        issuer: k.issuer.clone(),
+                        issuer: cfg.jwks_issuer.clone(),
                     },
                 )
                 .is_some()
             {
-                bail!("key id `{}` is configured twice", k.kid);
+                bail!("key id `{kid}` is configured twice");
             }
         }
-        if let Some(path) = &cfg.jwks_file {
-            let text = fs::read_to_string(path)
-                .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
-            let set: JwkSet = serde_json::from_str(&text)
-                .with_context(|| format!("JWKS file `{}` is not a JWK set", path.display()))?;
-            for jwk in &set.keys {
-                let kid = jwk.common.key_id.clone().with_context(|| {
-                    format!("JWKS file `{}`: every key needs a `kid`", path.display())
-                })?;
-                let algorithm = jwk_algorithm(jwk).with_context(|| {
-                    format!(
-                        "JWKS file `{}`: key `{kid}` has no usable `alg`",
-                        path.display()
-                    )
-                })?;
-                if !cfg.algorithms.contains(&algorithm) {
-                    bail!(
-                        "JWKS key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
-                    );
-                }
-                let key = DecodingKey::from_jwk(jwk)
-                    .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
-                fits(algorithm, &key).map_err(|e| {
-                    anyhow::anyhow!(
-                        "JWKS file `{}`: key `{kid}` cannot verify {algorithm:?} signatures: {e}",
-                        path.display()
-                    )
-                })?;
-                if keys
-                    .insert(
-                        kid.clone(),
-                        TrustedKey {
-                            algorithm,
-                            key,
-                            issuer: cfg.jwks_issuer.clone(),
-                        },
-                    )
-                    .is_some()
-                {
-                    bail!("key id `{kid}` is configured twice");
-                }
-            }
-            // A gateway that would refuse every token is a configuration error, not a
-            // gateway: stop here and say where.
-            if keys.is_empty() {
-                bail!(
-                    "JWKS file `{}` holds no keys, and `[[auth.keys]]` names none: no token could \
-                     ever verify",
-                    path.display()
-                );
-            }
+        // A gateway that would refuse every token is a configuration error, not a
+        // gateway: stop here and say where.
+        if keys.is_empty() {
+            bail!(
+                "JWKS file `{}` holds no keys, and `[[auth.keys]]` names none: no token could \
+                 ever verify",
+                path.display()
+            );
         }
+    }
+    Ok(keys)
+}
+
+impl Verifier {
+    /// Loads every configured key; a missing or malformed key file is a start-up error naming it.
+    pub fn from_config(cfg: &AuthConfig, known: KnownNames) -> anyhow::Result<Verifier> {
+        let keys = load_keys(cfg)?;
         let mut issuer_roles = HashMap::new();
         for (issuer, roles) in &cfg.issuer_roles {
             if let Some(role) = roles.iter().find(|r| !known.roles.contains(*r)) {
@@ -295,7 +342,8 @@ impl Verifier {
             issuer_roles.insert(issuer.clone(), roles.iter().cloned().collect());
         }
         Ok(Verifier {
-            keys,
+            keys: std::sync::RwLock::new(Arc::new(keys)),
+            key_sources: cfg.clone(),
             issuer_roles,
             subject_prefix: cfg.subject_prefixes.clone().into_iter().collect(),
             prefixes: (cfg.subject_prefixes.values())
@@ -309,6 +357,47 @@ impl Verifier {
             known,
             cache: TokenCache::default(),
         })
+    }
+
+    /// Reads the keys again from the files the configuration named at start (`[[auth.keys]]`'s
+    /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), as
+    /// strictly as at start. Nothing changes until `trust` is given the result: the caller
+    /// makes the change's audit record durable first.
+    pub fn reread_keys(&self) -> anyhow::Result<NewKeys> {
+        let keys = load_keys(&self.key_sources)?;
+        let before = Arc::clone(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let ids = |m: &HashMap<String, TrustedKey>, other: &HashMap<String, TrustedKey>| {
+            let mut v: Vec<String> = m
+                .keys()
+                .filter(|k| !other.contains_key(*k))
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        let mut all: Vec<String> = keys.keys().cloned().collect();
+        all.sort();
+        Ok(NewKeys {
+            added: ids(&keys, &before),
+            removed: ids(&before, &keys),
+            all,
+            keys,
+        })
+    }
+
+    /// Verifies with `new` from now on, and forgets every token verified with the keys
+    /// before, so that a key removed stops its tokens at once, cached or not.
+    pub fn trust(&self, new: NewKeys) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new.keys);
+        self.cache.next_generation();
     }
 
     /// Verifies a raw `Authorization` header value (`None` if the header was absent).
@@ -356,12 +445,13 @@ impl Verifier {
         if let Some(p) = self.cache.get(token, now) {
             return Ok(p);
         }
+        let generation = self.cache.generation();
         let principal = self.check(token, now).map_err(|f| (f, None))?;
         if now > self.ends_at(&principal) {
             return Err((AuthFailure::Expired, Some(Arc::new(principal))));
         }
         let principal = Arc::new(principal);
-        self.cache.put(token, &principal, now);
+        self.cache.put(token, &principal, now, generation);
         Ok(principal)
     }
 
@@ -376,7 +466,13 @@ impl Verifier {
             return Err(AuthFailure::DisallowedAlgorithm);
         }
         let kid = header.kid.ok_or(AuthFailure::UnknownKey)?;
-        let trusted = self.keys.get(&kid).ok_or(AuthFailure::UnknownKey)?;
+        let keys = Arc::clone(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let trusted = keys.get(&kid).ok_or(AuthFailure::UnknownKey)?;
         if trusted.algorithm != alg {
             return Err(AuthFailure::DisallowedAlgorithm);
         }

@@ -18,7 +18,19 @@ fn peek_reads_alg_and_kid_without_trusting_them() {
 /// purpose.
 fn verifier(leeway_secs: u64) -> Verifier {
     Verifier {
-        keys: HashMap::new(),
+        keys: Default::default(),
+        key_sources: crate::config::AuthConfig {
+            issuers: vec![],
+            audience: "a".into(),
+            leeway: std::time::Duration::from_secs(leeway_secs),
+            max_token_lifetime: std::time::Duration::from_secs(86_400),
+            algorithms: vec![Algorithm::ES256],
+            keys: vec![],
+            jwks_file: None,
+            jwks_issuer: String::new(),
+            issuer_roles: Default::default(),
+            subject_prefixes: Default::default(),
+        },
         allowed: vec![Algorithm::ES256],
         audience: "a".into(),
         leeway_secs,
@@ -246,7 +258,7 @@ fn the_token_cache_never_outlives_the_token() {
         issued_at: 0,
         grant_expires_at: Some(900),
     });
-    cache.put("tok", &p, 100);
+    cache.put("tok", &p, 100, 0);
     let hit = cache.get("tok", 101);
     assert_eq!(hit.as_ref().map(|p| p.subject.as_str()), Some("s"));
     assert!(
@@ -254,7 +266,7 @@ fn the_token_cache_never_outlives_the_token() {
         "a hit is the principal cached, not a copy"
     );
     assert!(cache.get("tok", 400).is_none(), "at most CACHE_FOR seconds");
-    cache.put("tok", &p, 800);
+    cache.put("tok", &p, 800, 0);
     assert!(cache.get("tok", 850).is_some());
     assert!(
         cache.get("tok", 900).is_none(),
@@ -532,4 +544,69 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
             "{bytes} bytes: {err}"
         );
     }
+}
+
+/// Keys read again are trusted only when `trust` is given them; a cached token signed by a
+/// key gone stops at once, and a verification under way when the keys change does not put
+/// its token in the cache.
+#[test]
+fn keys_read_again_replace_the_old_ones_and_their_cached_tokens() {
+    let (dir, cfg, v, signer) = jwks_verifier();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
+    assert!(v.verify(&token, now).is_ok());
+
+    // The identity provider rotates: its JWKS now holds another key under another id.
+    let kp = crate::token::generate_es256().unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("idp-2".into());
+    jwk.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::ES256);
+    let path = cfg.jwks_file.clone().unwrap();
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&serde_json::json!({ "keys": [jwk] })).unwrap(),
+    )
+    .unwrap();
+    let rotated = crate::token::Signer::from_pem(
+        "idp-2",
+        Algorithm::ES256,
+        kp.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    let new_token = rotated.sign(&live_claims("https://idp", "s", now)).unwrap();
+
+    let new = v.reread_keys().unwrap();
+    assert_eq!(
+        (new.all.clone(), new.added.clone(), new.removed.clone()),
+        (
+            vec!["idp-2".to_owned()],
+            vec!["idp-2".to_owned()],
+            vec!["idp-1".to_owned()]
+        )
+    );
+    // Read, not yet trusted: nothing has changed.
+    assert!(v.verify(&token, now).is_ok());
+    assert_eq!(
+        v.verify(&new_token, now).err(),
+        Some(AuthFailure::UnknownKey)
+    );
+    // A verification that began with the old keys ends after the change: not cached.
+    let generation = v.cache.generation();
+    let principal = Arc::new(v.check(&token, now).unwrap());
+    v.trust(new);
+    v.cache.put(&token, &principal, now, generation);
+    assert_eq!(v.verify(&token, now).err(), Some(AuthFailure::UnknownKey));
+    assert_eq!(v.verify(&new_token, now).unwrap().subject, "s");
+
+    // A file that would not start the gateway is refused, naming it; the keys stay.
+    std::fs::write(&path, r#"{"keys":[]}"#).unwrap();
+    let err = v.reread_keys().err().unwrap().to_string();
+    assert!(
+        err.contains("holds no keys") && err.contains("jwks.json"),
+        "{err}"
+    );
+    assert!(v.verify(&new_token, now).is_ok());
+    drop(dir);
 }

@@ -52,6 +52,7 @@ pub mod gateway;
 pub mod geography;
 pub mod policy;
 pub mod proxy;
+pub mod rekey;
 pub mod rights;
 pub mod routes;
 pub mod sar;

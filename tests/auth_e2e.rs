@@ -267,3 +267,130 @@ async fn refusals_never_say_which_keys_exist() {
     assert!(!text.contains(wardgate::demo::KID), "{text}");
     app.stop().await;
 }
+
+/// `SIGHUP` makes a running gateway read its key files again: a key replaced at the identity
+/// provider stops its tokens at once (cached ones too) and the new one's verify; a key file
+/// that fails the start-up checks is refused and the keys in use stay; each is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
+    use http_body_util::{BodyExt, Full};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (upstream, _store) = common::start_datastore(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free(), free());
+    let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = wardgate::config::Config::load(&cfg).unwrap();
+    let signing = config.signing.clone().unwrap();
+    let old = wardgate::token::Signer::from_config(&signing).unwrap();
+    let now = common::now();
+    let old_token = wardgate::demo::mint_tokens(&old, now).unwrap()["councillor"].clone();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let status = |token: String| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::get(format!("http://{listen}{LIST}"))
+                .header("authorization", format!("Bearer {token}"))
+                .header("x-purpose", "canvassing")
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap();
+            match client.request(req).await {
+                Ok(resp) => {
+                    let s = resp.status().as_u16();
+                    let _ = resp.into_body().collect().await;
+                    s
+                }
+                Err(_) => 0,
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(old_token.clone()).await != 200 {
+        assert!(Instant::now() < deadline, "gateway did not serve");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hangup = || {
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let audited = |reason: &str| {
+        common::read_audit(&dir.path().join("audit"))
+            .into_iter()
+            .filter(|r| r["reason"] == reason)
+            .count()
+    };
+
+    // The identity provider rotates the key under the same id.
+    let rotated = wardgate::token::generate_es256().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        keys.join(format!("{}.pub.pem", wardgate::demo::KID)),
+        &rotated.public_pem,
+    )
+    .unwrap();
+    let new = wardgate::token::Signer::from_pem(
+        wardgate::demo::KID,
+        signing.algorithm,
+        rotated.private_pem.as_bytes(),
+        &signing.issuer,
+    )
+    .unwrap();
+    let new_token = wardgate::demo::mint_tokens(&new, now).unwrap()["councillor"].clone();
+    assert_eq!(
+        status(new_token.clone()).await,
+        401,
+        "not before the reload"
+    );
+    hangup();
+    while audited("keys_reloaded") == 0 {
+        assert!(Instant::now() < deadline, "no reload recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The old token verified and was cached before: it stops all the same.
+    assert_eq!(status(old_token.clone()).await, 401);
+    assert_eq!(status(new_token.clone()).await, 200);
+    let record = common::read_audit(&dir.path().join("audit"))
+        .into_iter()
+        .find(|r| r["reason"] == "keys_reloaded")
+        .unwrap();
+    assert_eq!(record["detail"]["keys"], json!([wardgate::demo::KID]));
+
+    // A key file that would not start the gateway is refused; the keys in use stay.
+    std::fs::write(
+        keys.join(format!("{}.pub.pem", wardgate::demo::KID)),
+        "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    hangup();
+    while audited("keys_reload_refused") == 0 {
+        assert!(Instant::now() < deadline, "no refusal recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(new_token).await, 200);
+    assert_eq!(status(old_token).await, 401);
+    assert_eq!(audited("keys_reloaded"), 1);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

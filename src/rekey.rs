@@ -1,0 +1,61 @@
+//! The token keys read again without a restart: on `SIGHUP`, the key files the configuration
+//! named at start (`[[auth.keys]]`' PEM files, `auth.jwks_file`) are read and checked as at
+//! start. A set that fails the checks is refused and the keys in use stay; one that passes is
+//! recorded in the audit log (which keys, which are new, which are gone) and then trusted, and
+//! every cached token is forgotten, so a key removed stops its tokens at once. A change that
+//! cannot be recorded is not made.
+
+use std::sync::Arc;
+
+use crate::audit::record::{AuditRecord, Decision};
+use crate::gateway::Gateway;
+
+/// Reads the keys again on every `SIGHUP`, until the task is dropped.
+pub async fn on_hangup(gw: Arc<Gateway>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys are read at start only");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        // What it did is logged, counted and audited inside.
+        let _ = reload_keys(&gw).await;
+    }
+}
+
+/// Reads the keys again, records the change, then trusts the new keys; or says why not.
+pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
+    let mut record = AuditRecord::system("auth.keys", "keys_reloaded");
+    let new = match gw.verifier.reread_keys() {
+        Ok(new) => new,
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::error!(error = %why, "keys not reloaded: the keys in use stay");
+            metrics::counter!("wardgate_key_reloads_total", "outcome" => "refused").increment(1);
+            record.reason = Some("keys_reload_refused".to_owned());
+            record.decision = Decision::Error;
+            record.detail = Some(serde_json::json!({ "error": why }));
+            if let Err(e) = gw.audit.append(record).await {
+                tracing::error!(error = %e, "the refused key reload's audit record was not written");
+            }
+            return Err(e);
+        }
+    };
+    record.detail = Some(serde_json::json!({
+        "keys": new.all,
+        "added": new.added,
+        "removed": new.removed,
+    }));
+    if let Err(e) = gw.audit.append(record).await {
+        tracing::error!(error = %e, "keys not reloaded: the change could not be audited");
+        metrics::counter!("wardgate_key_reloads_total", "outcome" => "unlogged").increment(1);
+        anyhow::bail!("the key change could not be audited: {e}");
+    }
+    tracing::info!(keys = ?new.all, added = ?new.added, removed = ?new.removed, "keys reloaded");
+    metrics::counter!("wardgate_key_reloads_total", "outcome" => "reloaded").increment(1);
+    gw.verifier.trust(new);
+    Ok(())
+}
