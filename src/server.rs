@@ -66,55 +66,67 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
 /// A certificate expiring within this many seconds is warned of at start.
 const EXPIRY_WARNING: i64 = 30 * 86_400;
 
-/// Refuses a chain whose first certificate is not valid at `now` (unix seconds), or is a CA's
-/// ahead of others: rustls loads an expired or not yet valid certificate, and every handshake
-/// then fails; and it reports a chain written CA first as a key that does not match. (A lone
-/// self-signed certificate is taken: `openssl req -x509` marks its own as a CA's.) What to
-/// warn of, if anything: a certificate that expires within `EXPIRY_WARNING`.
+/// Refuses a chain with a certificate not valid at `now` (unix seconds), or whose first is a
+/// CA's ahead of others or issued by another: rustls loads an expired or not yet valid
+/// certificate (the server's own or an intermediate), and every handshake then fails; and it
+/// reports a chain written CA first, or an issuer's certificate in place of the server's, as
+/// a key that does not match. (A lone self-signed certificate is taken: `openssl req -x509`
+/// marks its own as a CA's.) What to warn of, if anything: a certificate of the chain that
+/// expires within `EXPIRY_WARNING`.
 fn leaf_usable(
     cert_file: &Path,
     chain: &[rustls::pki_types::CertificateDer],
     now: i64,
 ) -> anyhow::Result<Option<String>> {
     let file = cert_file.display();
-    let Some(leaf) = chain.first() else {
-        anyhow::bail!("`{file}` holds no certificate");
-    };
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| anyhow::anyhow!("`{file}`: its first certificate cannot be read: {e}"))?;
-    if cert.is_ca() && chain.len() > 1 {
-        anyhow::bail!(
-            "`{file}`: its first certificate is a CA's (`{}`): the server's own certificate must \
-             come first, then the certificates that issued it",
-            cert.subject()
-        );
-    }
-    let validity = cert.validity();
     let date = |t: &x509_parser::time::ASN1Time| {
         t.to_datetime()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| t.to_string())
     };
-    if now < validity.not_before.timestamp() {
-        anyhow::bail!(
-            "`{file}`: the certificate is not valid until {} (is this machine's clock right?)",
-            date(&validity.not_before)
-        );
-    }
-    if now > validity.not_after.timestamp() {
-        anyhow::bail!(
-            "`{file}`: the certificate expired on {}",
-            date(&validity.not_after)
-        );
-    }
-    Ok(
-        (validity.not_after.timestamp() - now < EXPIRY_WARNING).then(|| {
-            format!(
-                "the TLS certificate expires on {}, within 30 days: renew it and restart",
+    let mut warning = None;
+    for (i, der) in chain.iter().enumerate() {
+        let which = if i == 0 {
+            "the certificate".to_owned()
+        } else {
+            format!("certificate {} of the chain", i + 1)
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| anyhow::anyhow!("`{file}`: {which} cannot be read: {e}"))?;
+        if i == 0 && cert.is_ca() && (chain.len() > 1 || cert.subject() != cert.issuer()) {
+            anyhow::bail!(
+                "`{file}`: its first certificate is a CA's (`{}`): the server's own certificate \
+                 must come first, then the certificates that issued it",
+                cert.subject()
+            );
+        }
+        let validity = cert.validity();
+        if now < validity.not_before.timestamp() {
+            anyhow::bail!(
+                "`{file}`: {which} (`{}`) is not valid until {} (is this machine's clock right?)",
+                cert.subject(),
+                date(&validity.not_before)
+            );
+        }
+        if now > validity.not_after.timestamp() {
+            anyhow::bail!(
+                "`{file}`: {which} (`{}`) expired on {}",
+                cert.subject(),
                 date(&validity.not_after)
-            )
-        }),
-    )
+            );
+        }
+        if warning.is_none() && validity.not_after.timestamp() - now < EXPIRY_WARNING {
+            warning = Some(format!(
+                "{which} (`{}`) expires on {}, within 30 days: renew it and restart",
+                cert.subject(),
+                date(&validity.not_after)
+            ));
+        }
+    }
+    if chain.is_empty() {
+        anyhow::bail!("`{file}` holds no certificate");
+    }
+    Ok(warning)
 }
 
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
@@ -391,7 +403,7 @@ mod tests {
         let expired = certificate(NOW - 90 * DAY, NOW - DAY, false);
         let err = leaf_usable(file, &[expired], NOW).unwrap_err().to_string();
         assert!(
-            err.contains("`tls/server.pem`") && err.contains("expired on 2027-01-14"),
+            err.contains("`tls/server.pem`: the certificate (`CN=rcgen self signed cert`) expired on 2027-01-14"),
             "{err}"
         );
         let early = certificate(NOW + DAY, NOW + 90 * DAY, false);
@@ -411,6 +423,32 @@ mod tests {
             err.contains("first certificate is a CA's") && err.contains("must come first"),
             "{err}"
         );
-        assert_eq!(leaf_usable(file, &[leaf, ca], NOW).unwrap(), None);
+        assert_eq!(leaf_usable(file, &[leaf.clone(), ca], NOW).unwrap(), None);
+        // An intermediate past its end fails every handshake as surely as the server's own.
+        let old = certificate(NOW - 90 * DAY, NOW - DAY, true);
+        let err = leaf_usable(file, &[leaf, old], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("certificate 2 of the chain") && err.contains("expired"),
+            "{err}"
+        );
+        // An intermediate alone, in place of the server's own: issued by another, so not one
+        // self-signed certificate standing for itself.
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        root.distinguished_name = rcgen::DistinguishedName::new();
+        root.distinguished_name
+            .push(rcgen::DnType::CommonName, "Party Root");
+        let issuer = rcgen::Issuer::new(root, root_key);
+        let mut intermediate = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        intermediate.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        intermediate.not_before = time::OffsetDateTime::from_unix_timestamp(NOW - DAY).unwrap();
+        intermediate.not_after = time::OffsetDateTime::from_unix_timestamp(NOW + 90 * DAY).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = intermediate.signed_by(&key, &issuer).unwrap().der().clone();
+        let err = leaf_usable(file, &[cert], NOW).unwrap_err().to_string();
+        assert!(err.contains("first certificate is a CA's"), "{err}");
     }
 }

@@ -10,10 +10,10 @@
 //! A fixture is refused as malformed, rather than passed, where it could pass for the wrong
 //! reason: a deny test that names no policy expected to deny it (a typo anywhere would be
 //! denied by default), a record or category given to an action that does not read it (the
-//! fixture tests something other than it says), a dataset or role the registers do not hold,
-//! or a flag, consent channel or marker no record can carry. An unknown purpose, category or
-//! area is taken: the gateway refuses those before Cedar, and the pack is tested for denying
-//! them too.
+//! fixture tests something other than it says), a name the registers do not hold (dataset,
+//! role, purpose, area, field category), or a flag, consent channel or marker no record can
+//! carry. A deny test may use an unknown purpose, area or category on purpose, to test that
+//! the pack denies it too, by saying so (`unregistered`); it must then be unknown.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -44,9 +44,31 @@ struct Fixture {
     /// For the record and field actions.
     #[serde(default)]
     record: Option<Record>,
-    /// Every id here must be among the deciding policies (`default-deny` when none permitted).
+    /// Every id here must be among the deciding policies (`default-deny` when no policy
+    /// decided: none permitted and none forbade).
     #[serde(default)]
     expect_policies: Vec<String>,
+    /// The names a deny test leaves out of the registers on purpose.
+    #[serde(default)]
+    unregistered: BTreeSet<Unregistered>,
+}
+
+/// A name a deny test may leave unknown on purpose.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Unregistered {
+    /// `purpose` or one of `caller.purposes`.
+    #[serde(rename = "purpose")]
+    Purpose,
+    /// One of `caller.areas`.
+    #[serde(rename = "caller.areas")]
+    CallerAreas,
+    /// `record.area` (a record's area is read from its own fields, never checked against the
+    /// register: an unknown district does occur).
+    #[serde(rename = "record.area")]
+    RecordArea,
+    /// `category`.
+    #[serde(rename = "category")]
+    Category,
 }
 
 #[derive(Deserialize)]
@@ -109,9 +131,15 @@ pub fn files(dir: &Path, kind: &str) -> anyhow::Result<Vec<PathBuf>> {
         let path = entry
             .with_context(|| format!("reading `{}`", dir.display()))?
             .path();
-        if path.extension().is_some_and(|e| e == "json") {
-            out.push(path);
+        // Anything else here is a test that would silently not run (`x.JSON`, a folder).
+        if !(path.is_file() && path.extension().is_some_and(|e| e == "json")) {
+            bail!(
+                "`{}` is not a policy test (`*.json`): move it out of `{}`",
+                path.display(),
+                dir.display()
+            );
         }
+        out.push(path);
     }
     out.sort();
     Ok(out)
@@ -122,6 +150,9 @@ pub fn files(dir: &Path, kind: &str) -> anyhow::Result<Vec<PathBuf>> {
 pub struct Outcome {
     pub verdict: Verdict,
     pub missing: Vec<String>,
+    /// Evaluation raised an error the fixture did not expect: its decision says nothing of
+    /// what the pack decides.
+    pub unexpected_error: bool,
     /// What the fixture says it tests, for the failure's message.
     pub description: String,
 }
@@ -153,7 +184,14 @@ pub fn run(
         issued_at: 0,
         grant_expires_at: None,
     };
-    let ask = (engine.ask(Arc::new(principal), &f.purpose, &basis)).unlogged();
+    let ask = engine.ask(Arc::new(principal), &f.purpose, &basis);
+    // An evaluation error the fixture expects is its outcome, not the gateway's to log; one
+    // it does not expect is logged, with what failed, beside the failure (`run_all`).
+    let ask = if f.expect_policies.iter().any(|p| p == super::POLICY_ERROR) {
+        ask.unlogged()
+    } else {
+        ask
+    };
     let record = f.record.map(|r| RecordAttrs {
         area: r.area,
         markers: r.markers,
@@ -177,19 +215,19 @@ pub fn run(
             engine.decide_field(&ask, &f.dataset, record()?, category, write)
         }
     };
-    let mut missing: Vec<String> = (f.expect_policies.iter())
+    let missing: Vec<String> = (f.expect_policies.iter())
         .filter(|id| !verdict.policy_ids.contains(id))
         .cloned()
         .collect();
     // An evaluation error denies, and says nothing of what the pack decides: unless the
     // fixture expects one, it is a failure whatever the kind.
     let error = super::POLICY_ERROR.to_owned();
-    if verdict.policy_ids.contains(&error) && !f.expect_policies.contains(&error) {
-        missing.push(format!("no `{error}`"));
-    }
+    let unexpected_error =
+        verdict.policy_ids.contains(&error) && !f.expect_policies.contains(&error);
     Ok(Outcome {
         verdict,
         missing,
+        unexpected_error,
         description: f.description,
     })
 }
@@ -198,7 +236,7 @@ pub fn run(
 fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
     if kind == "deny" && f.expect_policies.is_empty() {
         return Err("a deny test must name the policies expected to deny it \
-                    (`expect_policies`; `default-deny` when none permits it)"
+                    (`expect_policies`; `default-deny` when no policy decides it)"
             .to_owned());
     }
     let (needs_record, needs_category) = match f.action {
@@ -219,6 +257,51 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
     };
     if !r.catalog.roles.contains_key(&f.caller.role) {
         return Err(format!("`caller.role`: unknown role `{}`", f.caller.role));
+    }
+    if kind != "deny" && !f.unregistered.is_empty() {
+        return Err("only a deny test may use `unregistered` names".to_owned());
+    }
+    // Each name that may be unregistered, and the first of its values the registers lack.
+    let mut purposes = std::iter::once(&f.purpose).chain(&f.caller.purposes);
+    let names = [
+        (
+            Unregistered::Purpose,
+            "purpose",
+            purposes.find(|p| !r.catalog.purposes.contains_key(*p)),
+        ),
+        (
+            Unregistered::CallerAreas,
+            "caller.areas",
+            f.caller.areas.iter().find(|a| !r.geography.contains(a)),
+        ),
+        (
+            Unregistered::RecordArea,
+            "record.area",
+            (f.record.as_ref().map(|rec| &rec.area)).filter(|a| !r.geography.contains(a)),
+        ),
+        (
+            Unregistered::Category,
+            "category",
+            f.category
+                .as_ref()
+                .filter(|c| !r.catalog.categories.contains_key(*c)),
+        ),
+    ];
+    for (which, field, unknown) in names {
+        match (unknown, f.unregistered.contains(&which)) {
+            (Some(v), false) => {
+                return Err(format!(
+                    "`{field}`: `{v}` is not in the registers (a deny test that means it says \
+                     so: `\"unregistered\": [\"{field}\"]`)"
+                ));
+            }
+            (None, true) => {
+                return Err(format!(
+                    "`unregistered` names `{field}`, but the registers hold all it gives"
+                ));
+            }
+            _ => {}
+        }
     }
     let Some(rec) = &f.record else {
         return Ok(());
@@ -263,6 +346,12 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
                     "{shown}: expected {kind}, got {} by {:?} ({})",
                     if o.verdict.allowed { "allow" } else { "deny" },
                     o.verdict.policy_ids,
+                    o.description
+                )),
+                Ok(o) if o.unexpected_error => failures.push(format!(
+                    "{shown}: evaluating the policies raised an error (`{}`, logged above with \
+                     the policy), which denies but tests nothing ({})",
+                    super::POLICY_ERROR,
                     o.description
                 )),
                 Ok(o) if !o.missing.is_empty() => failures.push(format!(

@@ -59,6 +59,21 @@ fn every_fixture_gets_its_expected_decision() {
     assert!(count > 100, "only {count} policy fixtures");
 }
 
+/// A file in a fixture directory that would not run is refused, not skipped.
+#[test]
+fn a_file_that_is_not_a_fixture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("deny")).unwrap();
+    std::fs::write(dir.path().join("deny/a.json"), "{}").unwrap();
+    assert_eq!(fixtures::files(dir.path(), "deny").unwrap().len(), 1);
+    std::fs::write(dir.path().join("deny/b.JSON"), "{}").unwrap();
+    let err = fixtures::files(dir.path(), "deny").unwrap_err().to_string();
+    assert!(
+        err.contains("b.JSON") && err.contains("is not a policy test"),
+        "{err}"
+    );
+}
+
 /// A fixture that could pass for the wrong reason is refused, not passed.
 #[test]
 fn a_fixture_that_could_pass_vacuously_is_refused() {
@@ -123,6 +138,48 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
         &|f| f["record"]["consented"] = json!(["mail"]),
         "deny",
         "`mail`",
+    );
+    // A typo in a name nobody checks would be denied by default, for the wrong reason.
+    refused(
+        &|f| f["record"]["area"] = json!("E08000035/CGW22"),
+        "deny",
+        "`record.area`: `E08000035/CGW22` is not in the registers",
+    );
+    refused(
+        &|f| f["purpose"] = json!("adressed_mail"),
+        "deny",
+        "`purpose`: `adressed_mail`",
+    );
+    refused(
+        &|f| f["caller"]["areas"] = json!(["E0501139"]),
+        "deny",
+        "`caller.areas`",
+    );
+    // Saying so makes it a test of the unknown name; saying so of a known one is refused.
+    refused(
+        &|f| f["unregistered"] = json!(["record.area"]),
+        "deny",
+        "the registers hold all it gives",
+    );
+    refused(
+        &|f| f["unregistered"] = json!(["record.area"]),
+        "allow",
+        "only a deny test",
+    );
+    refused(
+        &|f| f["unregistered"] = json!(["dataset"]),
+        "deny",
+        "malformed",
+    );
+    let mut unknown_area = fixture.clone();
+    unknown_area["record"]["area"] = json!("E08000035/CGW22");
+    unknown_area["unregistered"] = json!(["record.area"]);
+    std::fs::write(&path, unknown_area.to_string()).unwrap();
+    assert!(
+        !fixtures::run(&engine, &registers, &path, "deny")
+            .unwrap()
+            .verdict
+            .allowed
     );
     // Denied, but not by the policy the test says: reported, so that it fails.
     fixture["expect_policies"] = json!(["default-deny"]);
