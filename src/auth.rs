@@ -12,7 +12,7 @@
 //! leeway. This module knows nothing of purposes or policies beyond checking that a token's
 //! role, areas and purposes name things the catalogue and area register define.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::sync::Arc;
 
@@ -43,6 +43,11 @@ pub struct Principal {
     pub issued_at: i64,
     /// When the role or grant behind the token ends, if the issuer says so.
     pub grant_expires_at: Option<i64>,
+    /// The key that verified the token: its id and the SHA-256 of its material (hex). A
+    /// request or stream still going when the keys are read again stands only while that key
+    /// is still trusted (`Verifier::still_trusts`).
+    pub key_id: String,
+    pub key_sha256: String,
 }
 
 /// The claims wardgate reads. `exp`/`nbf` are checked by jsonwebtoken and read again here.
@@ -82,6 +87,27 @@ struct TrustedKey {
     key: DecodingKey,
     /// The one issuer whose tokens this key verifies.
     issuer: String,
+    /// The SHA-256 of the algorithm's name and the key's material, hex (`fingerprint`).
+    sha256: String,
+}
+
+/// What tells one key from another under the same id: the SHA-256 of its algorithm's name and
+/// its material as verification reads it (the public key's bytes, or an RSA key's modulus and
+/// exponent), hex.
+fn fingerprint(algorithm: Algorithm, key: &DecodingKey) -> String {
+    use jsonwebtoken::DecodingKeyKind;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{algorithm:?}\n"));
+    match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => h.update(der),
+        DecodingKeyKind::RsaModulusExponent { n, e } => {
+            h.update((n.len() as u64).to_be_bytes());
+            h.update(n);
+            h.update(e);
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 /// Verifies tokens against the configured keys. Built once at start.
@@ -109,9 +135,12 @@ pub struct Verifier {
 /// keys in use, by key id.
 pub struct NewKeys {
     keys: HashMap<String, TrustedKey>,
-    pub all: Vec<String>,
+    /// Every key id, with the SHA-256 of its material (`fingerprint`).
+    pub all: BTreeMap<String, String>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Ids kept whose key material is not the same.
+    pub changed: Vec<String>,
 }
 
 /// Tokens that verified recently: a caller sends the same token with every request, and an
@@ -263,6 +292,7 @@ fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
                 k.kid.clone(),
                 TrustedKey {
                     algorithm: k.algorithm,
+                    sha256: fingerprint(k.algorithm, &key),
                     key,
                     issuer: k.issuer.clone(),
                 },
@@ -305,6 +335,7 @@ fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
                     kid.clone(),
                     TrustedKey {
                         algorithm,
+                        sha256: fingerprint(algorithm, &key),
                         key,
                         issuer: cfg.jwks_issuer.clone(),
                     },
@@ -380,14 +411,32 @@ impl Verifier {
             v.sort();
             v
         };
-        let mut all: Vec<String> = keys.keys().cloned().collect();
-        all.sort();
+        let mut changed: Vec<String> = (keys.iter())
+            .filter(|(id, k)| before.get(*id).is_some_and(|b| b.sha256 != k.sha256))
+            .map(|(id, _)| id.clone())
+            .collect();
+        changed.sort();
         Ok(NewKeys {
             added: ids(&keys, &before),
             removed: ids(&before, &keys),
-            all,
+            changed,
+            all: (keys.iter())
+                .map(|(id, k)| (id.clone(), k.sha256.clone()))
+                .collect(),
             keys,
         })
+    }
+
+    /// Whether the key that verified `p`'s token is still trusted, the same key under the
+    /// same id: a request or stream that outlasts a reload (an export, a live feed) stops when
+    /// its key is dropped or replaced, as a new request with its token would.
+    pub fn still_trusts(&self, p: &Principal) -> bool {
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.get(&p.key_id)
+            .is_some_and(|k| k.sha256 == p.key_sha256)
     }
 
     /// Verifies with `new` from now on, and forgets every token verified with the keys
@@ -488,7 +537,10 @@ impl Verifier {
         validation.set_audience(&[&self.audience]);
         let data = jsonwebtoken::decode::<Claims>(token, &trusted.key, &validation)
             .map_err(|e| classify(e.kind()))?;
-        self.principal(data.claims, &trusted.issuer, now)
+        let mut principal = self.principal(data.claims, &trusted.issuer, now)?;
+        principal.key_id = kid;
+        principal.key_sha256.clone_from(&trusted.sha256);
+        Ok(principal)
     }
 
     /// The caller the verified claims of a token from `issuer` describe.
@@ -544,6 +596,9 @@ impl Verifier {
             expires_at: c.exp,
             issued_at: c.iat.saturating_sub(self.leeway_secs as i64),
             grant_expires_at: c.grant_expires,
+            // (Set by `check`, which knows the key.)
+            key_id: String::new(),
+            key_sha256: String::new(),
         })
     }
 }

@@ -257,6 +257,8 @@ fn the_token_cache_never_outlives_the_token() {
         expires_at: 1_000,
         issued_at: 0,
         grant_expires_at: Some(900),
+        key_id: String::new(),
+        key_sha256: String::new(),
     });
     cache.put("tok", &p, 100, 0);
     let hit = cache.get("tok", 101);
@@ -288,6 +290,8 @@ fn a_token_ends_where_verification_would_refuse_it() {
         expires_at: 1_000,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     // `exp` with the leeway, as jsonwebtoken accepts it (refused once `exp < now - leeway`).
     assert_eq!(v.ends_at(&p), 1_030);
@@ -579,12 +583,12 @@ fn keys_read_again_replace_the_old_ones_and_their_cached_tokens() {
 
     let new = v.reread_keys().unwrap();
     assert_eq!(
-        (new.all.clone(), new.added.clone(), new.removed.clone()),
-        (
-            vec!["idp-2".to_owned()],
-            vec!["idp-2".to_owned()],
-            vec!["idp-1".to_owned()]
-        )
+        new.all.keys().cloned().collect::<Vec<_>>(),
+        vec!["idp-2".to_owned()]
+    );
+    assert_eq!(
+        (new.added.clone(), new.removed.clone(), new.changed.clone()),
+        (vec!["idp-2".to_owned()], vec!["idp-1".to_owned()], vec![])
     );
     // Read, not yet trusted: nothing has changed.
     assert!(v.verify(&token, now).is_ok());
@@ -595,10 +599,39 @@ fn keys_read_again_replace_the_old_ones_and_their_cached_tokens() {
     // A verification that began with the old keys ends after the change: not cached.
     let generation = v.cache.generation();
     let principal = Arc::new(v.check(&token, now).unwrap());
+    assert!(v.still_trusts(&principal));
     v.trust(new);
     v.cache.put(&token, &principal, now, generation);
     assert_eq!(v.verify(&token, now).err(), Some(AuthFailure::UnknownKey));
-    assert_eq!(v.verify(&new_token, now).unwrap().subject, "s");
+    // A request or stream its token began stops at its next check.
+    assert!(!v.still_trusts(&principal));
+    let current = v.verify(&new_token, now).unwrap();
+    assert_eq!(current.subject, "s");
+    assert!(v.still_trusts(&current));
+
+    // The same id, other material: reported as changed, and the old key's callers stop.
+    let kp3 = crate::token::generate_es256().unwrap();
+    let enc3 = jsonwebtoken::EncodingKey::from_ec_pem(kp3.private_pem.as_bytes()).unwrap();
+    let mut jwk3 = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc3, Algorithm::ES256).unwrap();
+    jwk3.common.key_id = Some("idp-2".into());
+    jwk3.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::ES256);
+    let set = serde_json::json!({ "keys": [jwk3] });
+    std::fs::write(&path, serde_json::to_vec(&set).unwrap()).unwrap();
+    let replaced = v.reread_keys().unwrap();
+    assert_eq!(replaced.changed, vec!["idp-2".to_owned()]);
+    assert!(replaced.added.is_empty() && replaced.removed.is_empty());
+    v.trust(replaced);
+    assert!(!v.still_trusts(&current));
+    assert!(v.verify(&new_token, now).is_err());
+    let signer3 = crate::token::Signer::from_pem(
+        "idp-2",
+        Algorithm::ES256,
+        kp3.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    let token3 = signer3.sign(&live_claims("https://idp", "s", now)).unwrap();
+    assert!(v.verify(&token3, now).is_ok());
 
     // A file that would not start the gateway is refused, naming it; the keys stay.
     std::fs::write(&path, r#"{"keys":[]}"#).unwrap();
@@ -607,6 +640,6 @@ fn keys_read_again_replace_the_old_ones_and_their_cached_tokens() {
         err.contains("holds no keys") && err.contains("jwks.json"),
         "{err}"
     );
-    assert!(v.verify(&new_token, now).is_ok());
+    assert!(v.verify(&token3, now).is_ok());
     drop(dir);
 }

@@ -306,6 +306,8 @@ mod tests {
             expires_at: i64::MAX,
             issued_at: 0,
             grant_expires_at: None,
+            key_id: String::new(),
+            key_sha256: String::new(),
         }
     }
 

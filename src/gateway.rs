@@ -648,6 +648,12 @@ pub(crate) fn register_now(
 /// revocation (containment's included), a token's end or a stale mirror stops an export
 /// already under way.
 pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {
+    if !gw.verifier.still_trusts(principal) {
+        // Its key was dropped or replaced since (`rekey`).
+        return Err(GatewayError::Unauthenticated(
+            crate::error::AuthFailure::UnknownKey,
+        ));
+    }
     gw.controls
         .standing(principal, gw.verifier.ends_at(principal), now)
 }

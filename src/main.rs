@@ -527,8 +527,12 @@ async fn audit_cli_report(
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
+    let hangups = wardgate::rekey::listen();
     let cfg = Config::load(&config)?;
     let (gw, tls) = startup::build(&cfg)?;
+    if let Some(h) = hangups {
+        tokio::spawn(wardgate::rekey::on_hangup(gw.clone(), h));
+    }
     let data = TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", cfg.server.listen))?;

@@ -1,25 +1,35 @@
 //! The token keys read again without a restart: on `SIGHUP`, the key files the configuration
 //! named at start (`[[auth.keys]]`' PEM files, `auth.jwks_file`) are read and checked as at
 //! start. A set that fails the checks is refused and the keys in use stay; one that passes is
-//! recorded in the audit log (which keys, which are new, which are gone) and then trusted, and
-//! every cached token is forgotten, so a key removed stops its tokens at once. A change that
-//! cannot be recorded is not made.
+//! recorded in the audit log (each key's id and fingerprint, which are new, gone or replaced)
+//! and then trusted, and every cached token is forgotten, so a key removed or replaced stops
+//! its tokens at once; requests and streams under way stop at their next check
+//! (`Verifier::still_trusts`). A change that cannot be recorded is not made.
 
 use std::sync::Arc;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::audit::record::{AuditRecord, Decision};
 use crate::gateway::Gateway;
 
-/// Reads the keys again on every `SIGHUP`, until the task is dropped.
-pub async fn on_hangup(gw: Arc<Gateway>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
+/// Listens for `SIGHUP`: called first thing in `wardgate serve`, so that one sent while the
+/// gateway is still starting is a reload waiting, not the end of the process (its default).
+/// `None`, logged, where it cannot.
+pub fn listen() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys are read at start only");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Reads the keys again on every `SIGHUP`, for as long as the process runs. (It is not
+/// stopped at shutdown: a reload cut short between its audit record and `trust` would leave a
+/// record of a change not made; at exit the change no longer matters.)
+pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
     while hangups.recv().await.is_some() {
         // What it did is logged, counted and audited inside.
         let _ = reload_keys(&gw).await;
@@ -48,13 +58,15 @@ pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
         "keys": new.all,
         "added": new.added,
         "removed": new.removed,
+        "changed": new.changed,
     }));
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, "keys not reloaded: the change could not be audited");
         metrics::counter!("wardgate_key_reloads_total", "outcome" => "unlogged").increment(1);
         anyhow::bail!("the key change could not be audited: {e}");
     }
-    tracing::info!(keys = ?new.all, added = ?new.added, removed = ?new.removed, "keys reloaded");
+    tracing::info!(keys = ?new.all.keys(), added = ?new.added, removed = ?new.removed,
+        changed = ?new.changed, "keys reloaded");
     metrics::counter!("wardgate_key_reloads_total", "outcome" => "reloaded").increment(1);
     gw.verifier.trust(new);
     Ok(())

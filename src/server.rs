@@ -71,29 +71,36 @@ const EXPIRY_WARNING: i64 = 30 * 86_400;
 /// certificate (the server's own or an intermediate), and every handshake then fails; and it
 /// reports a chain written CA first, or an issuer's certificate in place of the server's, as
 /// a key that does not match. (A lone self-signed certificate is taken: `openssl req -x509`
-/// marks its own as a CA's.) What to warn of, if anything: a certificate of the chain that
-/// expires within `EXPIRY_WARNING`.
+/// marks its own as a CA's. A self-signed root sent at the end of a chain only warns when it
+/// has expired: clients build their path to their own copy of the root.) What to warn of, if
+/// anything: that, or the certificate of the chain that expires soonest, within
+/// `EXPIRY_WARNING`.
 fn leaf_usable(
     cert_file: &Path,
     chain: &[rustls::pki_types::CertificateDer],
     now: i64,
 ) -> anyhow::Result<Option<String>> {
     let file = cert_file.display();
+    if chain.is_empty() {
+        anyhow::bail!("`{file}` holds no certificate");
+    }
     let date = |t: &x509_parser::time::ASN1Time| {
         t.to_datetime()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| t.to_string())
     };
-    let mut warning = None;
+    let mut warnings = Vec::new();
+    let mut soonest: Option<(i64, String)> = None;
     for (i, der) in chain.iter().enumerate() {
         let which = if i == 0 {
-            "the certificate".to_owned()
+            "the TLS certificate".to_owned()
         } else {
-            format!("certificate {} of the chain", i + 1)
+            format!("TLS certificate {} of the chain", i + 1)
         };
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| anyhow::anyhow!("`{file}`: {which} cannot be read: {e}"))?;
-        if i == 0 && cert.is_ca() && (chain.len() > 1 || cert.subject() != cert.issuer()) {
+        let self_signed = cert.subject() == cert.issuer();
+        if i == 0 && cert.is_ca() && (chain.len() > 1 || !self_signed) {
             anyhow::bail!(
                 "`{file}`: its first certificate is a CA's (`{}`): the server's own certificate \
                  must come first, then the certificates that issued it",
@@ -101,32 +108,44 @@ fn leaf_usable(
             );
         }
         let validity = cert.validity();
-        if now < validity.not_before.timestamp() {
+        let (from, until) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        let subject = cert.subject();
+        if now < from {
             anyhow::bail!(
-                "`{file}`: {which} (`{}`) is not valid until {} (is this machine's clock right?)",
-                cert.subject(),
+                "`{file}`: {which} (`{subject}`) is not valid until {} (is this machine's clock \
+                 right?)",
                 date(&validity.not_before)
             );
         }
-        if now > validity.not_after.timestamp() {
+        if now > until && i > 0 && self_signed {
+            warnings.push(format!(
+                "{which} (`{subject}`), a self-signed root, expired on {}: clients that trust \
+                 another copy of it are unaffected; drop it from the chain",
+                date(&validity.not_after)
+            ));
+            continue;
+        }
+        if now > until {
             anyhow::bail!(
-                "`{file}`: {which} (`{}`) expired on {}",
-                cert.subject(),
+                "`{file}`: {which} (`{subject}`) expired on {}",
                 date(&validity.not_after)
             );
         }
-        if warning.is_none() && validity.not_after.timestamp() - now < EXPIRY_WARNING {
-            warning = Some(format!(
-                "{which} (`{}`) expires on {}, within 30 days: renew it and restart",
-                cert.subject(),
-                date(&validity.not_after)
+        if until - now < EXPIRY_WARNING && soonest.as_ref().is_none_or(|(t, _)| until < *t) {
+            soonest = Some((
+                until,
+                format!(
+                    "{which} (`{subject}`) expires on {}, within 30 days: renew it and restart",
+                    date(&validity.not_after)
+                ),
             ));
         }
     }
-    if chain.is_empty() {
-        anyhow::bail!("`{file}` holds no certificate");
-    }
-    Ok(warning)
+    warnings.extend(soonest.map(|(_, w)| w));
+    Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
 }
 
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
@@ -403,7 +422,7 @@ mod tests {
         let expired = certificate(NOW - 90 * DAY, NOW - DAY, false);
         let err = leaf_usable(file, &[expired], NOW).unwrap_err().to_string();
         assert!(
-            err.contains("`tls/server.pem`: the certificate (`CN=rcgen self signed cert`) expired on 2027-01-14"),
+            err.contains("`tls/server.pem`: the TLS certificate (`CN=rcgen self signed cert`) expired on 2027-01-14"),
             "{err}"
         );
         let early = certificate(NOW + DAY, NOW + 90 * DAY, false);
@@ -424,31 +443,54 @@ mod tests {
             "{err}"
         );
         assert_eq!(leaf_usable(file, &[leaf.clone(), ca], NOW).unwrap(), None);
-        // An intermediate past its end fails every handshake as surely as the server's own.
-        let old = certificate(NOW - 90 * DAY, NOW - DAY, true);
-        let err = leaf_usable(file, &[leaf, old], NOW)
+        // An intermediate (issued by a root) past its end fails every handshake as surely as
+        // the server's own; an expired self-signed root at the end only warns (clients build
+        // their path to their own copy of the root).
+        let expired_intermediate = intermediate(NOW - 90 * DAY, NOW - DAY);
+        let err = leaf_usable(file, &[leaf.clone(), expired_intermediate], NOW)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("certificate 2 of the chain") && err.contains("expired"),
+            err.contains("TLS certificate 2 of the chain (`CN=rcgen self signed cert`) expired"),
             "{err}"
+        );
+        let old_root = certificate(NOW - 90 * DAY, NOW - DAY, true);
+        let good = intermediate(NOW - DAY, NOW + 90 * DAY);
+        let warning = leaf_usable(file, &[leaf.clone(), good.clone(), old_root], NOW)
+            .unwrap()
+            .unwrap();
+        assert!(
+            warning.contains("certificate 3 of the chain")
+                && warning.contains("a self-signed root"),
+            "{warning}"
+        );
+        // The warning names the certificate that ends soonest, wherever it is in the chain.
+        let soon = intermediate(NOW - DAY, NOW + 3 * DAY);
+        let sooner = certificate(NOW - DAY, NOW + 2 * DAY, false);
+        let warning = leaf_usable(file, &[sooner, soon], NOW).unwrap().unwrap();
+        assert!(
+            warning.contains("the TLS certificate (") && warning.contains("2027-01-17"),
+            "{warning}"
         );
         // An intermediate alone, in place of the server's own: issued by another, so not one
         // self-signed certificate standing for itself.
-        let root_key = rcgen::KeyPair::generate().unwrap();
+        let err = leaf_usable(file, &[good], NOW).unwrap_err().to_string();
+        assert!(err.contains("first certificate is a CA's"), "{err}");
+    }
+
+    /// A CA certificate valid from `from` to `until`, issued by a root (`CN=Party Root`).
+    fn intermediate(from: i64, until: i64) -> rustls::pki_types::CertificateDer<'static> {
         let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         root.distinguished_name = rcgen::DistinguishedName::new();
         root.distinguished_name
             .push(rcgen::DnType::CommonName, "Party Root");
-        let issuer = rcgen::Issuer::new(root, root_key);
-        let mut intermediate = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        intermediate.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        intermediate.not_before = time::OffsetDateTime::from_unix_timestamp(NOW - DAY).unwrap();
-        intermediate.not_after = time::OffsetDateTime::from_unix_timestamp(NOW + 90 * DAY).unwrap();
+        let issuer = rcgen::Issuer::new(root, rcgen::KeyPair::generate().unwrap());
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = intermediate.signed_by(&key, &issuer).unwrap().der().clone();
-        let err = leaf_usable(file, &[cert], NOW).unwrap_err().to_string();
-        assert!(err.contains("first certificate is a CA's"), "{err}");
+        params.signed_by(&key, &issuer).unwrap().der().clone()
     }
 }

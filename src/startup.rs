@@ -327,7 +327,6 @@ pub async fn run(
             }
         })
     });
-    let rekey = tokio::spawn(crate::rekey::on_hangup(gw.clone()));
     let detector = tokio::spawn(crate::watch::run(gw.clone()));
     let witness = gw.witness.clone().map(|w| {
         let (log, stop) = (gw.audit.clone(), stop_tx.subscribe());
@@ -337,7 +336,6 @@ pub async fn run(
     if let Some(p) = pruner {
         p.abort();
     }
-    rekey.abort();
     // Live feeds end first, or they would hold the admin plane's drain open.
     gw.watch.stop();
     tracing::info!("shutting down: no new connections; finishing in-flight requests");

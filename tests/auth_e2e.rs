@@ -374,7 +374,15 @@ async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
         .into_iter()
         .find(|r| r["reason"] == "keys_reloaded")
         .unwrap();
-    assert_eq!(record["detail"]["keys"], json!([wardgate::demo::KID]));
+    // Rotated under the same id: the record says the key was replaced.
+    let ids: Vec<&String> = record["detail"]["keys"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(ids, [wardgate::demo::KID]);
+    assert_eq!(record["detail"]["changed"], json!([wardgate::demo::KID]));
+    assert_eq!(record["detail"]["added"], json!([]));
 
     // A key file that would not start the gateway is refused; the keys in use stay.
     std::fs::write(

@@ -463,6 +463,8 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         expires_at: i64::MAX,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     let records: Vec<Value> = picks
         .iter()

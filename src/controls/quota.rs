@@ -323,6 +323,8 @@ mod tests {
             expires_at: 0,
             issued_at: 0,
             grant_expires_at: None,
+            key_id: String::new(),
+            key_sha256: String::new(),
         }
     }
 

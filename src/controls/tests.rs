@@ -128,6 +128,8 @@ async fn the_journal_survives_a_restart_and_revocations_apply() {
         expires_at: 0,
         issued_at: iat,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     assert!(c.is_revoked(&p("tok-1", "bob", 0)));
     assert!(
@@ -161,6 +163,8 @@ async fn quotas_count_per_principal_and_refuse_past_the_limit() {
         expires_at: 0,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     let alice = p("alice", "councillor");
     assert!(c.check_quota(&alice, 0).await.is_ok());

@@ -53,6 +53,9 @@ pub const POLICY_FILES: &[(&str, &str)] = &[
     ),
     ("writes.cedar", include_str!("../../policies/writes.cedar")),
 ];
+// The shipped policy tests (`POLICY_TESTS`: each file's path under `policies/tests/` and its
+// text), embedded by the build script (`src/build.rs`) so that the demo's start runs them.
+include!(concat!(env!("OUT_DIR"), "/policy_tests.rs"));
 pub const CATALOG: &str = include_str!("../../config/catalog.toml");
 pub const AREAS: &str = include_str!("../../config/areas.toml");
 
@@ -85,6 +88,9 @@ pub fn materialise(
     };
     for (name, text) in POLICY_FILES {
         write(&format!("policies/{name}"), text)?;
+    }
+    for (name, text) in POLICY_TESTS {
+        write(&format!("policies/tests/{name}"), text)?;
     }
     write("catalog.toml", CATALOG)?;
     write("areas.toml", AREAS)?;

@@ -53,6 +53,18 @@ struct Fixture {
     unregistered: BTreeSet<Unregistered>,
 }
 
+impl Unregistered {
+    /// As a fixture writes it.
+    fn name(self) -> &'static str {
+        match self {
+            Unregistered::Purpose => "purpose",
+            Unregistered::CallerAreas => "caller.areas",
+            Unregistered::RecordArea => "record.area",
+            Unregistered::Category => "category",
+        }
+    }
+}
+
 /// A name a deny test may leave unknown on purpose.
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Unregistered {
@@ -131,7 +143,14 @@ pub fn files(dir: &Path, kind: &str) -> anyhow::Result<Vec<PathBuf>> {
         let path = entry
             .with_context(|| format!("reading `{}`", dir.display()))?
             .path();
-        // Anything else here is a test that would silently not run (`x.JSON`, a folder).
+        // A hidden entry is a tool's (`.gitkeep`, an editor's swap file, a ConfigMap's
+        // `..data`); anything else is a test that would silently not run (`x.JSON`, a folder).
+        if path
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+        {
+            continue;
+        }
         if !(path.is_file() && path.extension().is_some_and(|e| e == "json")) {
             bail!(
                 "`{}` is not a policy test (`*.json`): move it out of `{}`",
@@ -183,6 +202,8 @@ pub fn run(
         expires_at: i64::MAX,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     let ask = engine.ask(Arc::new(principal), &f.purpose, &basis);
     // An evaluation error the fixture expects is its outcome, not the gateway's to log; one
@@ -261,46 +282,67 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
     if kind != "deny" && !f.unregistered.is_empty() {
         return Err("only a deny test may use `unregistered` names".to_owned());
     }
-    // Each name that may be unregistered, and the first of its values the registers lack.
-    let mut purposes = std::iter::once(&f.purpose).chain(&f.caller.purposes);
-    let names = [
+    // Each name that may be unregistered: the values the registers lack, with where each is.
+    let purpose = |p: &&String| !r.catalog.purposes.contains_key(*p);
+    let area = |a: &&String| !r.geography.contains(a);
+    let names: [(Unregistered, Vec<(&str, &String)>); 4] = [
         (
             Unregistered::Purpose,
-            "purpose",
-            purposes.find(|p| !r.catalog.purposes.contains_key(*p)),
+            (std::iter::once(&f.purpose)
+                .filter(purpose)
+                .map(|p| ("purpose", p)))
+            .chain((f.caller.purposes.iter().filter(purpose)).map(|p| ("caller.purposes", p)))
+            .collect(),
         ),
         (
             Unregistered::CallerAreas,
-            "caller.areas",
-            f.caller.areas.iter().find(|a| !r.geography.contains(a)),
+            (f.caller.areas.iter().filter(area))
+                .map(|a| ("caller.areas", a))
+                .collect(),
         ),
         (
             Unregistered::RecordArea,
-            "record.area",
-            (f.record.as_ref().map(|rec| &rec.area)).filter(|a| !r.geography.contains(a)),
+            (f.record.iter().map(|rec| &rec.area).filter(area))
+                .map(|a| ("record.area", a))
+                .collect(),
         ),
         (
             Unregistered::Category,
-            "category",
-            f.category
-                .as_ref()
-                .filter(|c| !r.catalog.categories.contains_key(*c)),
+            (f.category.iter())
+                .filter(|c| !r.catalog.categories.contains_key(*c))
+                .map(|c| ("category", c))
+                .collect(),
         ),
     ];
-    for (which, field, unknown) in names {
-        match (unknown, f.unregistered.contains(&which)) {
-            (Some(v), false) => {
+    for (which, unknown) in names {
+        let distinct: BTreeSet<&String> = unknown.iter().map(|(_, v)| *v).collect();
+        let declared = f.unregistered.contains(&which);
+        match unknown.first() {
+            // Declared: exactly one unknown name (which may stand in two places, a purpose
+            // asked for and granted), so that a typo beside it still fails.
+            Some(_) if declared && distinct.len() == 1 => {}
+            Some((field, v)) if !declared => {
                 return Err(format!(
                     "`{field}`: `{v}` is not in the registers (a deny test that means it says \
-                     so: `\"unregistered\": [\"{field}\"]`)"
+                     so: `\"unregistered\": [\"{}\"]`)",
+                    which.name()
                 ));
             }
-            (None, true) => {
+            Some(_) => {
+                let all: Vec<&str> = distinct.iter().map(|v| v.as_str()).collect();
                 return Err(format!(
-                    "`unregistered` names `{field}`, but the registers hold all it gives"
+                    "`unregistered` names `{}` for one unknown name, but `{}` are all unknown",
+                    which.name(),
+                    all.join("`, `")
                 ));
             }
-            _ => {}
+            None if declared => {
+                return Err(format!(
+                    "`unregistered` names `{}`, but the registers hold all it gives",
+                    which.name()
+                ));
+            }
+            None => {}
         }
     }
     let Some(rec) = &f.record else {
@@ -341,6 +383,8 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
                 .unwrap_or(&path)
                 .display()
                 .to_string();
+            // The policy engine's own log lines (an unexpected evaluation error) name the test.
+            let _span = tracing::error_span!("policy_test", file = %shown).entered();
             match run(engine, registers, &path, kind) {
                 Ok(o) if o.verdict.allowed != want => failures.push(format!(
                     "{shown}: expected {kind}, got {} by {:?} ({})",
@@ -349,8 +393,8 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
                     o.description
                 )),
                 Ok(o) if o.unexpected_error => failures.push(format!(
-                    "{shown}: evaluating the policies raised an error (`{}`, logged above with \
-                     the policy), which denies but tests nothing ({})",
+                    "{shown}: evaluating the policies raised an error (`{}`, logged above), \
+                     which denies but tests nothing ({})",
                     super::POLICY_ERROR,
                     o.description
                 )),

@@ -171,6 +171,16 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
         "deny",
         "malformed",
     );
+    // Saying so covers the one unknown name, not a typo beside it.
+    refused(
+        &|f| {
+            f["purpose"] = json!("internal_selection");
+            f["caller"]["purposes"] = json!(["internal_selection", "adressed_mail"]);
+            f["unregistered"] = json!(["purpose"]);
+        },
+        "deny",
+        "are all unknown",
+    );
     let mut unknown_area = fixture.clone();
     unknown_area["record"]["area"] = json!("E08000035/CGW22");
     unknown_area["unregistered"] = json!(["record.area"]);
@@ -370,6 +380,8 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
         expires_at: i64::MAX,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     };
     let ask = engine.ask(
         Arc::new(p),
@@ -441,6 +453,8 @@ fn the_scoped_pack_decides_exactly_as_the_whole_pack() {
                 expires_at: i64::MAX,
                 issued_at: 0,
                 grant_expires_at: None,
+                key_id: String::new(),
+                key_sha256: String::new(),
             };
             let ask = scoped.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
             for (dataset, ds) in &catalog.datasets {
@@ -491,6 +505,8 @@ fn field_policies_read_no_area_and_records_apart_only_in_area_get_the_same_field
                 expires_at: i64::MAX,
                 issued_at: 0,
                 grant_expires_at: None,
+                key_id: String::new(),
+                key_sha256: String::new(),
             };
             let ask = engine.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
             let categories: BTreeSet<String> =
@@ -539,6 +555,8 @@ fn an_ask_that_cannot_be_built_denies_everything() {
         expires_at: i64::MAX,
         issued_at: 0,
         grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
     });
     let categories: BTreeSet<String> = catalog.datasets["voter"].fields.values().cloned().collect();
     let record = RecordAttrs {

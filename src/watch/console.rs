@@ -59,7 +59,7 @@ pub fn owns(path: &str) -> bool {
     ) || path.starts_with("/alerts/")
 }
 
-pub async fn handle<B>(gw: &Gateway, req: Request<B>, request_id: &str) -> Response<FeedBody>
+pub async fn handle<B>(gw: &Arc<Gateway>, req: Request<B>, request_id: &str) -> Response<FeedBody>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -137,11 +137,10 @@ where
                 ));
             }
             let (rx, stop) = gw.watch.subscribe();
-            let (controls, reader) = (gw.controls.clone(), Arc::clone(&principal));
-            let ends_at = gw.verifier.ends_at(&principal);
+            let (gw, reader) = (Arc::clone(gw), Arc::clone(&principal));
             let stands: feed::Stands = Box::new(move || {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                controls.standing(&reader, ends_at, now).is_ok()
+                crate::gateway::standing(&gw, &reader, now).is_ok()
             });
             let mut resp = Response::new(feed::stream(rx, filter, stop, stands));
             let h = resp.headers_mut();
