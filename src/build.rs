@@ -1,32 +1,47 @@
 //! Build script: embeds the shipped policy tests (`policies/tests/{allow,deny}/*.json`) for the
 //! demo, which writes them beside its policies, so that its start runs them as a deployment's
 //! does (`policy::fixtures`). Generates `$OUT_DIR/policy_tests.rs`: `POLICY_TESTS`, each file's
-//! path under `tests/` and its text.
+//! path under `tests/` and its text. It takes the files `policy::fixtures::files` runs: hidden
+//! entries are skipped (an editor's swap file, `.gitkeep`), and anything else that is not a
+//! `*.json` file fails the build, as it would fail the start.
 
+use std::io::{Error, Result};
 use std::path::Path;
 
-fn main() -> std::io::Result<()> {
-    let out = Path::new(
-        &std::env::var_os("OUT_DIR")
-            .ok_or_else(|| std::io::Error::other("cargo sets OUT_DIR for build scripts"))?,
-    )
-    .join("policy_tests.rs");
+fn main() -> Result<()> {
+    let out = std::env::var_os("OUT_DIR")
+        .ok_or_else(|| Error::other("cargo sets OUT_DIR for build scripts"))?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tests");
     let mut code = String::from("pub const POLICY_TESTS: &[(&str, &str)] = &[\n");
     for kind in ["allow", "deny"] {
         let dir = root.join(kind);
+        // (Cargo checks every file under a directory named here.)
         println!("cargo:rerun-if-changed={}", dir.display());
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            println!("cargo:rerun-if-changed={}", path.display());
-            files.push(path);
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| Error::other(format!("{}: {e}", dir.display())))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| Error::other(format!("{}: {e}", dir.display())))?
+                .path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::other(format!("{}: not a UTF-8 name", path.display())))?
+                .to_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if !(path.is_file() && name.ends_with(".json")) {
+                return Err(Error::other(format!(
+                    "{} is not a policy test (`*.json`)",
+                    path.display()
+                )));
+            }
+            files.push((name, path));
         }
         files.sort();
-        for path in files {
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
+        for (name, path) in files {
             code.push_str(&format!(
                 "    ({:?}, include_str!({:?})),\n",
                 format!("{kind}/{name}"),
@@ -35,5 +50,5 @@ fn main() -> std::io::Result<()> {
         }
     }
     code.push_str("];\n");
-    std::fs::write(out, code)
+    std::fs::write(Path::new(&out).join("policy_tests.rs"), code)
 }

@@ -648,14 +648,23 @@ pub(crate) fn register_now(
 /// revocation (containment's included), a token's end or a stale mirror stops an export
 /// already under way.
 pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {
+    gw.controls.check_fresh()?;
+    holds(gw, principal, now)
+}
+
+/// `standing` on the mirror as it is, however stale: the token neither revoked here nor ended,
+/// and the key that verified it still trusted (not dropped or replaced since by `rekey`). The
+/// admin plane asks it after a request's body has arrived and before a subject access report
+/// leaves, as the data plane asks `standing`.
+pub fn holds(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {
+    gw.controls
+        .holds(principal, gw.verifier.ends_at(principal), now)?;
     if !gw.verifier.still_trusts(principal) {
-        // Its key was dropped or replaced since (`rekey`).
         return Err(GatewayError::Unauthenticated(
             crate::error::AuthFailure::UnknownKey,
         ));
     }
-    gw.controls
-        .standing(principal, gw.verifier.ends_at(principal), now)
+    Ok(())
 }
 
 /// Whether a minute has passed since `last` (unix seconds) said yes, saying yes to one caller

@@ -114,6 +114,10 @@ where
     let outcome = route(&principal, req, &method, &path)
         .await
         .and_then(|(action, purpose)| {
+            // The body may have been slow to come: the caller must still stand (not revoked,
+            // not ended, its key still trusted) when the change is made.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            crate::gateway::holds(gw, &principal, now)?;
             // A restriction or a token's revocation holds here at once, and reaches the other
             // replicas when Redis is back (README: Shared controls); anything else waits for
             // a fresh mirror (`Change::taken_on_a_stale_mirror`).
@@ -169,6 +173,20 @@ where
                     .await;
                 }
             };
+            // Building it read the whole log and every datastore: the caller must still stand.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+                return refuse(
+                    gw,
+                    Some(&principal),
+                    Some(&under),
+                    &method,
+                    &path,
+                    e,
+                    request_id,
+                )
+                .await;
+            }
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
             let mut r = record(Some(&principal), &method, &path, request_id);
             under.mark(&mut r);

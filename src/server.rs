@@ -113,20 +113,26 @@ fn leaf_usable(
             validity.not_after.timestamp(),
         );
         let subject = cert.subject();
+        if i > 0 && i == chain.len() - 1 && self_signed {
+            // A root sent at the end: clients build their path to their own copy of it, so its
+            // dates here only warn, and it does not count as what is to be renewed.
+            if now < from || now > until {
+                warnings.push(format!(
+                    "{which} (`{subject}`), a self-signed root, is not valid now ({} to {}): \
+                     clients that trust their own copy of it are unaffected; drop it from the \
+                     chain",
+                    date(&validity.not_before),
+                    date(&validity.not_after)
+                ));
+            }
+            continue;
+        }
         if now < from {
             anyhow::bail!(
                 "`{file}`: {which} (`{subject}`) is not valid until {} (is this machine's clock \
                  right?)",
                 date(&validity.not_before)
             );
-        }
-        if now > until && i > 0 && self_signed {
-            warnings.push(format!(
-                "{which} (`{subject}`), a self-signed root, expired on {}: clients that trust \
-                 another copy of it are unaffected; drop it from the chain",
-                date(&validity.not_after)
-            ));
-            continue;
         }
         if now > until {
             anyhow::bail!(
