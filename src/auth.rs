@@ -91,23 +91,49 @@ struct TrustedKey {
     sha256: String,
 }
 
-/// What tells one key from another under the same id: the SHA-256 of its algorithm's name and
-/// its material as verification reads it (the public key's bytes, or an RSA key's modulus and
-/// exponent), hex.
+/// What tells one key from another under the same id: the SHA-256, hex, of the algorithm's
+/// name, a newline and the key: an RSA key's modulus and exponent (each as its length in eight
+/// bytes, then its big-endian bytes without leading zeros, so that one key reads the same
+/// from a PEM file and from a JWK), or an EC or Ed25519 public key's bytes.
 fn fingerprint(algorithm: Algorithm, key: &DecodingKey) -> String {
-    use jsonwebtoken::DecodingKeyKind;
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!("{algorithm:?}\n"));
-    match key.kind() {
-        DecodingKeyKind::SecretOrDer(der) => h.update(der),
-        DecodingKeyKind::RsaModulusExponent { n, e } => {
-            h.update((n.len() as u64).to_be_bytes());
-            h.update(n);
-            h.update(e);
+    match rsa_public(key) {
+        Some(Ok(public)) => {
+            use rsa::traits::PublicKeyParts;
+            for part in [public.n().to_bytes_be(), public.e().to_bytes_be()] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+        }
+        _ => {
+            if let jsonwebtoken::DecodingKeyKind::SecretOrDer(der) = key.kind() {
+                h.update(der);
+            }
         }
     }
     hex::encode(h.finalize())
+}
+
+/// An RSA key as the `rsa` crate reads it (`None` for a key of another family): jsonwebtoken
+/// holds a PEM key as PKCS#1 DER and a JWK as its modulus and exponent.
+fn rsa_public(key: &DecodingKey) -> Option<Result<rsa::RsaPublicKey, String>> {
+    use jsonwebtoken::DecodingKeyKind;
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    if key.family() != jsonwebtoken::AlgorithmFamily::Rsa {
+        return None;
+    }
+    Some(match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => {
+            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| e.to_string())
+        }
+        DecodingKeyKind::RsaModulusExponent { n, e } => rsa::RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+        )
+        .map_err(|e| e.to_string()),
+    })
 }
 
 /// Verifies tokens against the configured keys. Built once at start.
@@ -226,25 +252,14 @@ struct RawHeader {
 /// refuses every token as malformed or badly signed, which points at the callers rather
 /// than at the key. RSA moduli under 2,048 bits are refused as too weak (NIST SP 800-131A).
 fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
-    use jsonwebtoken::DecodingKeyKind;
-    use rsa::pkcs1::DecodeRsaPublicKey;
     // A verifier is made for the key before the (made-up) signature is looked at: that is
     // where a key of the wrong kind or curve is found.
     jsonwebtoken::crypto::verify("AA", b"probe", key, algorithm).map_err(|e| e.to_string())?;
-    if key.family() != jsonwebtoken::AlgorithmFamily::Rsa {
-        return Ok(());
-    }
     // (An RSA verifier reads its key only when it verifies, and says no more than "invalid".)
-    let public = match key.kind() {
-        DecodingKeyKind::SecretOrDer(der) => {
-            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| e.to_string())?
-        }
-        DecodingKeyKind::RsaModulusExponent { n, e } => rsa::RsaPublicKey::new(
-            rsa::BigUint::from_bytes_be(n),
-            rsa::BigUint::from_bytes_be(e),
-        )
-        .map_err(|e| e.to_string())?,
+    let Some(public) = rsa_public(key) else {
+        return Ok(());
     };
+    let public = public?;
     let bits = rsa::traits::PublicKeyParts::n(&public).bits();
     if !(2048..=4096).contains(&bits) {
         return Err(format!(
@@ -345,12 +360,12 @@ fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
                 bail!("key id `{kid}` is configured twice");
             }
         }
-        // A gateway that would refuse every token is a configuration error, not a
-        // gateway: stop here and say where.
-        if keys.is_empty() {
+        // An empty set is more likely a failed fetch than a choice, and would drop every key
+        // of the identity provider's at a reload (`rekey`): stop and say where.
+        if set.keys.is_empty() {
             bail!(
-                "JWKS file `{}` holds no keys, and `[[auth.keys]]` names none: no token could \
-                 ever verify",
+                "JWKS file `{}` holds no keys: an identity provider's published set is never \
+                 empty (a failed fetch?); leave `auth.jwks_file` out to trust no key from it",
                 path.display()
             );
         }

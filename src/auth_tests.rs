@@ -643,3 +643,54 @@ fn keys_read_again_replace_the_old_ones_and_their_cached_tokens() {
     assert!(v.verify(&token3, now).is_ok());
     drop(dir);
 }
+
+/// One key has one fingerprint however it is written (a reload moving a key from a PEM file
+/// to the JWKS under the same id must not read as a replacement and cut its tokens off).
+#[test]
+fn one_key_has_one_fingerprint_from_a_pem_file_and_from_a_jwk() {
+    use base64::Engine;
+    let kp = crate::token::generate_es256().unwrap();
+    let from_pem = DecodingKey::from_ec_pem(kp.public_pem.as_bytes()).unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    let from_jwk = DecodingKey::from_jwk(&jwk).unwrap();
+    assert_eq!(
+        fingerprint(Algorithm::ES256, &from_pem),
+        fingerprint(Algorithm::ES256, &from_jwk)
+    );
+    let other = crate::token::generate_es256().unwrap();
+    let other = DecodingKey::from_ec_pem(other.public_pem.as_bytes()).unwrap();
+    assert_ne!(
+        fingerprint(Algorithm::ES256, &from_pem),
+        fingerprint(Algorithm::ES256, &other)
+    );
+
+    // RSA: PKCS#1 DER inside a PEM file, modulus and exponent in a JWK.
+    use rsa::pkcs1::EncodeRsaPublicKey;
+    let mut n = vec![0x5a_u8; 256];
+    n[0] = 0xc1;
+    n[255] = 0x01;
+    let public = rsa::RsaPublicKey::new(
+        rsa::BigUint::from_bytes_be(&n),
+        rsa::BigUint::from(65_537_u32),
+    )
+    .unwrap();
+    let der = public.to_pkcs1_der().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_bytes());
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let pem = format!(
+        "-----BEGIN RSA PUBLIC KEY-----\n{}\n-----END RSA PUBLIC KEY-----\n",
+        lines.join("\n")
+    );
+    let from_pem = DecodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+    let n64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&n);
+    let from_parts = DecodingKey::from_rsa_components(&n64, "AQAB").unwrap();
+    assert_eq!(
+        fingerprint(Algorithm::RS256, &from_pem),
+        fingerprint(Algorithm::RS256, &from_parts)
+    );
+}

@@ -643,8 +643,8 @@ pub(crate) fn register_now(
 }
 
 /// Whether a verified caller may still be answered at `now`: the mirror holding revocations
-/// is within its staleness bound, the token is not revoked, and neither it nor its grant has
-/// ended. Asked on every request, and again before each part of an export leaves, so that a
+/// is within its staleness bound, the token is not revoked, neither it nor its grant has
+/// ended, and the key that verified it is still trusted (`holds`). Asked on every request, and again before each part of an export leaves, so that a
 /// revocation (containment's included), a token's end or a stale mirror stops an export
 /// already under way.
 pub fn standing(gw: &Gateway, principal: &Principal, now: i64) -> Result<(), GatewayError> {

@@ -46,6 +46,8 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Where the demo writes its configuration, keys, policies (replacing `policies/tests`
+        /// with this build's), registers and audit log.
         #[arg(long, default_value = "wardgate-demo")]
         data_dir: PathBuf,
         /// How many synthetic electors to generate.

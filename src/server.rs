@@ -39,7 +39,7 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
         anyhow::bail!("`{}` holds no certificate", cert_file.display());
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if let Some(warning) = leaf_usable(cert_file, &certs, now)? {
+    if let Some(warning) = chain_usable(cert_file, &certs, now)? {
         tracing::warn!(file = %cert_file.display(), "{warning}");
     }
     let key_pem = std::fs::read(key_file)
@@ -75,7 +75,7 @@ const EXPIRY_WARNING: i64 = 30 * 86_400;
 /// has expired: clients build their path to their own copy of the root.) What to warn of, if
 /// anything: that, or the certificate of the chain that expires soonest, within
 /// `EXPIRY_WARNING`.
-fn leaf_usable(
+fn chain_usable(
     cert_file: &Path,
     chain: &[rustls::pki_types::CertificateDer],
     now: i64,
@@ -413,26 +413,26 @@ mod tests {
     fn a_certificate_valid_now_is_taken_and_one_near_its_end_warned_of() {
         let file = Path::new("tls/server.pem");
         let cert = certificate(NOW - DAY, NOW + 90 * DAY, false);
-        assert_eq!(leaf_usable(file, &[cert], NOW).unwrap(), None);
+        assert_eq!(chain_usable(file, &[cert], NOW).unwrap(), None);
         let cert = certificate(NOW - DAY, NOW + DAY, false);
-        let warning = leaf_usable(file, &[cert], NOW).unwrap().unwrap();
+        let warning = chain_usable(file, &[cert], NOW).unwrap().unwrap();
         assert!(warning.contains("expires on 2027-01-16"), "{warning}");
         // A lone self-signed certificate marked as a CA's (as `openssl req -x509` makes them).
         let cert = certificate(NOW - DAY, NOW + 90 * DAY, true);
-        assert_eq!(leaf_usable(file, &[cert], NOW).unwrap(), None);
+        assert_eq!(chain_usable(file, &[cert], NOW).unwrap(), None);
     }
 
     #[test]
     fn an_expired_or_not_yet_valid_certificate_stops_the_start_naming_its_file_and_date() {
         let file = Path::new("tls/server.pem");
         let expired = certificate(NOW - 90 * DAY, NOW - DAY, false);
-        let err = leaf_usable(file, &[expired], NOW).unwrap_err().to_string();
+        let err = chain_usable(file, &[expired], NOW).unwrap_err().to_string();
         assert!(
             err.contains("`tls/server.pem`: the TLS certificate (`CN=rcgen self signed cert`) expired on 2027-01-14"),
             "{err}"
         );
         let early = certificate(NOW + DAY, NOW + 90 * DAY, false);
-        let err = leaf_usable(file, &[early], NOW).unwrap_err().to_string();
+        let err = chain_usable(file, &[early], NOW).unwrap_err().to_string();
         assert!(err.contains("not valid until 2027-01-16"), "{err}");
     }
 
@@ -441,19 +441,19 @@ mod tests {
         let file = Path::new("tls/server.pem");
         let ca = certificate(NOW - DAY, NOW + 90 * DAY, true);
         let leaf = certificate(NOW - DAY, NOW + 90 * DAY, false);
-        let err = leaf_usable(file, &[ca.clone(), leaf.clone()], NOW)
+        let err = chain_usable(file, &[ca.clone(), leaf.clone()], NOW)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("first certificate is a CA's") && err.contains("must come first"),
             "{err}"
         );
-        assert_eq!(leaf_usable(file, &[leaf.clone(), ca], NOW).unwrap(), None);
+        assert_eq!(chain_usable(file, &[leaf.clone(), ca], NOW).unwrap(), None);
         // An intermediate (issued by a root) past its end fails every handshake as surely as
         // the server's own; an expired self-signed root at the end only warns (clients build
         // their path to their own copy of the root).
         let expired_intermediate = intermediate(NOW - 90 * DAY, NOW - DAY);
-        let err = leaf_usable(file, &[leaf.clone(), expired_intermediate], NOW)
+        let err = chain_usable(file, &[leaf.clone(), expired_intermediate], NOW)
             .unwrap_err()
             .to_string();
         assert!(
@@ -462,7 +462,7 @@ mod tests {
         );
         let old_root = certificate(NOW - 90 * DAY, NOW - DAY, true);
         let good = intermediate(NOW - DAY, NOW + 90 * DAY);
-        let warning = leaf_usable(file, &[leaf.clone(), good.clone(), old_root], NOW)
+        let warning = chain_usable(file, &[leaf.clone(), good.clone(), old_root], NOW)
             .unwrap()
             .unwrap();
         assert!(
@@ -473,14 +473,14 @@ mod tests {
         // The warning names the certificate that ends soonest, wherever it is in the chain.
         let soon = intermediate(NOW - DAY, NOW + 3 * DAY);
         let sooner = certificate(NOW - DAY, NOW + 2 * DAY, false);
-        let warning = leaf_usable(file, &[sooner, soon], NOW).unwrap().unwrap();
+        let warning = chain_usable(file, &[sooner, soon], NOW).unwrap().unwrap();
         assert!(
             warning.contains("the TLS certificate (") && warning.contains("2027-01-17"),
             "{warning}"
         );
         // An intermediate alone, in place of the server's own: issued by another, so not one
         // self-signed certificate standing for itself.
-        let err = leaf_usable(file, &[good], NOW).unwrap_err().to_string();
+        let err = chain_usable(file, &[good], NOW).unwrap_err().to_string();
         assert!(err.contains("first certificate is a CA's"), "{err}");
     }
 

@@ -319,15 +319,9 @@ impl Controls {
         }
     }
 
-    /// Whether a verified caller may still be answered at `now`: the mirror is within its
-    /// staleness bound, the token is not revoked, and `now` is not past `ends_at`
-    /// (`Verifier::ends_at`). See `gateway::standing`.
-    pub fn standing(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
-        self.check_fresh()?;
-        self.holds(p, ends_at, now)
-    }
-
-    /// `standing` on the mirror as it is, however stale: neither revoked here nor ended.
+    /// Whether a verified caller's token holds on the mirror as it is, however stale: neither
+    /// revoked here nor past `ends_at` (`Verifier::ends_at`). `gateway::standing` asks it with
+    /// the staleness bound and the token's key.
     pub fn holds(&self, p: &Principal, ends_at: i64, now: i64) -> Result<(), GatewayError> {
         use crate::error::AuthFailure;
         if self.is_revoked(p) {

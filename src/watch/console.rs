@@ -185,6 +185,12 @@ where
                 Ok(b) => b,
                 Err(e) => return boxed(fail(e).await),
             };
+            // The body may have been slow to come: the caller must still stand (not revoked,
+            // not ended, its key still trusted) when the alert is acted on.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+                return boxed(fail(e).await);
+            }
             if let Err(e) = need_text("note", &b.note) {
                 return boxed(fail(e).await);
             }
@@ -240,6 +246,12 @@ where
                 Ok(b) => b,
                 Err(e) => return boxed(fail(e).await),
             };
+            // The body may have been slow to come: the caller must still stand (not revoked,
+            // not ended, its key still trusted) when the alert is acted on.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+                return boxed(fail(e).await);
+            }
             if let Err(e) = need_text("reason", &b.reason) {
                 return boxed(fail(e).await);
             }
