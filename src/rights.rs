@@ -147,6 +147,17 @@ where
             respond(&at, detail, None, body).await
         }
         Action::Report { subject, html } => {
+            let fail = |e| {
+                refuse(
+                    gw,
+                    Some(&principal),
+                    Some(&under),
+                    &method,
+                    &path,
+                    e,
+                    request_id,
+                )
+            };
             let report = match crate::sar::build(
                 &gw.audit_dir,
                 &gw.catalog,
@@ -160,32 +171,13 @@ where
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "subject access report failed");
-                    let err = GatewayError::Internal(e.to_string());
-                    return refuse(
-                        gw,
-                        Some(&principal),
-                        Some(&under),
-                        &method,
-                        &path,
-                        err,
-                        request_id,
-                    )
-                    .await;
+                    return fail(GatewayError::Internal(e.to_string())).await;
                 }
             };
             // Building it read the whole log and every datastore: the caller must still stand.
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             if let Err(e) = crate::gateway::holds(gw, &principal, now) {
-                return refuse(
-                    gw,
-                    Some(&principal),
-                    Some(&under),
-                    &method,
-                    &path,
-                    e,
-                    request_id,
-                )
-                .await;
+                return fail(e).await;
             }
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
             let mut r = record(Some(&principal), &method, &path, request_id);
