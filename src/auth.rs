@@ -43,7 +43,7 @@ pub struct Principal {
     pub issued_at: i64,
     /// When the role or grant behind the token ends, if the issuer says so.
     pub grant_expires_at: Option<i64>,
-    /// The key that verified the token: its id and the SHA-256 of its material (hex). A
+    /// The key that verified the token: its id and its fingerprint (`fingerprint`). A
     /// request or stream still going when the keys are read again stands only while that key
     /// is still trusted (`Verifier::still_trusts`).
     pub key_id: String,
@@ -136,9 +136,10 @@ fn rsa_public(key: &DecodingKey) -> Option<Result<rsa::RsaPublicKey, String>> {
     })
 }
 
-/// Verifies tokens against the configured keys. Built once at start.
+/// Verifies tokens against the configured keys. Built at start; its keys are swapped whole by
+/// `trust` when they are read again (`rekey`).
 pub struct Verifier {
-    /// The trusted keys by id, swapped whole by `reload_keys`.
+    /// The trusted keys by id, swapped whole by `trust`.
     keys: std::sync::RwLock<Arc<HashMap<String, TrustedKey>>>,
     /// Where the keys come from (`[[auth.keys]]` files, `auth.jwks_file`), to read again.
     key_sources: AuthConfig,
@@ -161,7 +162,7 @@ pub struct Verifier {
 /// keys in use, by key id.
 pub struct NewKeys {
     keys: HashMap<String, TrustedKey>,
-    /// Every key id, with the SHA-256 of its material (`fingerprint`).
+    /// Every key id, with its fingerprint (`fingerprint`).
     pub all: BTreeMap<String, String>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
@@ -185,7 +186,7 @@ pub struct TokenCache {
 #[derive(Default)]
 struct Entries {
     tokens: HashMap<String, (Arc<Principal>, i64), foldhash::fast::RandomState>,
-    /// Which set of keys the tokens were verified with: `Verifier::reload_keys` moves it on
+    /// Which set of keys the tokens were verified with: `Verifier::trust` moves it on
     /// and empties the cache, and a token verified with the keys before is not put in after.
     generation: u64,
 }
