@@ -119,6 +119,16 @@ pub struct Words {
 }
 
 /// Query parameters the gateway sends a datastore itself, in either dialect (`dialect`).
+/// The lawful bases of UK GDPR Art 6(1) a purpose or category may rest on: five of its six
+/// (vital interests has no place in a party's processing).
+pub const LAWFUL_BASES: [&str; 5] = [
+    "public_task",
+    "consent",
+    "contract",
+    "legal_obligation",
+    "legitimate_interests",
+];
+
 const RESERVED_PARAMS: [&str; 6] = ["areas", "exclude", "page", "per_page", "limit", "offset"];
 
 /// A name used in a path or a query: lower-case letters, digits, `_` and `-`, starting with a
@@ -159,25 +169,18 @@ impl Catalog {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        const BASES: [&str; 5] = [
-            "public_task",
-            "consent",
-            "contract",
-            "legal_obligation",
-            "legitimate_interests",
-        ];
         for (id, p) in &self.purposes {
-            if !BASES.contains(&p.lawful_basis.as_str()) {
+            if !LAWFUL_BASES.contains(&p.lawful_basis.as_str()) {
                 bail!(
-                    "purpose `{id}` has lawful basis `{}`, not one of {BASES:?}",
+                    "purpose `{id}` has lawful basis `{}`, not one of {LAWFUL_BASES:?}",
                     p.lawful_basis
                 );
             }
         }
         for (id, c) in &self.categories {
-            if !BASES.contains(&c.lawful_basis.as_str()) {
+            if !LAWFUL_BASES.contains(&c.lawful_basis.as_str()) {
                 bail!(
-                    "category `{id}` has lawful basis `{}`, not one of {BASES:?}",
+                    "category `{id}` has lawful basis `{}`, not one of {LAWFUL_BASES:?}",
                     c.lawful_basis
                 );
             }

@@ -28,6 +28,9 @@ pub struct Config {
     /// The policy pack's tests (`policy.tests`), run at start; unset: `policy_dir/tests` when
     /// it exists (`startup::check`).
     pub policy_tests: Option<PathBuf>,
+    /// Start with no policy tests at all (`policy.allow_untested`, default false: a pack
+    /// without tests stops the start).
+    pub policy_allow_untested: bool,
     pub catalog_file: PathBuf,
     pub areas_file: PathBuf,
     pub audit: AuditConfig,
@@ -303,6 +306,8 @@ struct RawPolicy {
     dir: PathBuf,
     #[serde(default)]
     tests: Option<PathBuf>,
+    #[serde(default)]
+    allow_untested: bool,
 }
 
 #[derive(Deserialize)]
@@ -438,6 +443,7 @@ impl RawConfig {
             signing,
             policy_dir: at(&self.policy.dir),
             policy_tests: self.policy.tests.as_ref().map(|t| at(t)),
+            policy_allow_untested: self.policy.allow_untested,
             catalog_file: at(&self.catalog.file),
             areas_file: at(&self.geography.file),
             audit,

@@ -101,8 +101,9 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     })
 }
 
-/// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests` when it exists): how
-/// many passed, every one, or why the gateway must not start.
+/// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed,
+/// every one, or why the gateway must not start. A pack with no tests starts only where the
+/// configuration says it may (`policy.allow_untested`).
 fn policy_tests(
     cfg: &Config,
     policy: &PolicyEngine,
@@ -117,15 +118,26 @@ fn policy_tests(
         Some(dir) => dir.clone(),
         None => {
             let dir = cfg.policy_dir.join("tests");
-            if !dir.is_dir() {
+            if dir.is_dir() {
+                dir
+            } else if cfg.policy_allow_untested {
                 tracing::warn!(
                     policy_dir = %cfg.policy_dir.display(),
-                    "no policy tests (`policy.tests`, or `tests/` beside the policies): only \
-                     the schema checks the pack, not what it decides"
+                    "no policy tests (`policy.tests`, or `tests/` beside the policies), and \
+                     `policy.allow_untested` lets the gateway start: only the schema checks \
+                     the pack, not what it decides"
                 );
                 return Ok(0);
+            } else {
+                anyhow::bail!(
+                    "no policy tests: `policy.tests` is unset and there is no `{}`. The schema \
+                     says each policy is well formed, only the tests say the pack still decides \
+                     what it must (a pack without its restriction forbids validates). Ship the \
+                     pack's `tests/` with it, point `policy.tests` at them, or set \
+                     `policy.allow_untested = true` to start without",
+                    dir.display()
+                )
             }
-            dir
         }
     };
     let registers = crate::policy::fixtures::Registers { catalog, geography };

@@ -209,6 +209,49 @@ fn a_policy_tests_path_that_holds_no_tests_stops_the_start() {
     assert!(!ok && out.contains("hold no `deny/*.json`"), "{out}");
 }
 
+/// A pack with no tests starts only where the configuration says so; a policy that decides
+/// none of the tests stops the start, naming it.
+#[test]
+fn an_untested_pack_or_policy_stops_the_start() {
+    let (d, cfg) = setup();
+    let tests = with_policy_tests(d.path());
+    // A forbid that decides nothing any test asks: it could be lost unnoticed.
+    let extra = d.path().join("policies/extra.cedar");
+    std::fs::write(
+        &extra,
+        "@id(\"extra.untested\")\nforbid (principal, action == Wardgate::Action::\"export\", resource)\n\
+         when { context.purpose in [Wardgate::Purpose::\"legal_claims\"] && \
+         context.caller.role == \"dpo\" && context.caller.grants.isEmpty() };\n",
+    )
+    .unwrap();
+    for cmd in [&["serve"][..], &["validate", "--offline"][..]] {
+        let (ok, out) = run(cmd, &cfg);
+        assert!(
+            !ok && out.contains("policies decide none of the policy tests")
+                && out.contains("`extra.untested` (extra.cedar)"),
+            "{cmd:?}: {out}"
+        );
+    }
+    std::fs::remove_file(&extra).unwrap();
+
+    // No tests anywhere: refused, unless the configuration allows it.
+    std::fs::remove_dir_all(&tests).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(
+        !ok && out.contains("no policy tests") && out.contains("policy.allow_untested"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let allowed = text.replace("[policy]\n", "[policy]\nallow_untested = true\n");
+    assert_ne!(allowed, text);
+    std::fs::write(&cfg, allowed).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(
+        ok && out.contains("only the schema checks the pack"),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_policy_failing_schema_validation_stops_serve() {
     let (d, cfg) = setup();

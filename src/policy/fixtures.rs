@@ -51,6 +51,11 @@ struct Fixture {
     /// The names a deny test leaves out of the registers on purpose.
     #[serde(default)]
     unregistered: BTreeSet<Unregistered>,
+    /// The lawful basis the request is evaluated under, where a deny test gives one other
+    /// than the catalogue's for its purpose (the gateway always passes the catalogue's): to
+    /// test that the pack refuses a request whose basis is not its purpose's.
+    #[serde(default)]
+    lawful_basis: Option<String>,
 }
 
 impl Unregistered {
@@ -189,9 +194,12 @@ pub fn run(
     let f: Fixture = serde_json::from_str(&text).map_err(|e| format!("malformed: {e}"))?;
     well_formed(&f, registers, kind)?;
     // An unknown purpose has no lawful basis: the pack must deny it all the same.
-    let basis = (registers.catalog.purposes.get(&f.purpose))
-        .map(|p| p.lawful_basis.clone())
-        .unwrap_or_default();
+    let basis = match &f.lawful_basis {
+        Some(basis) => basis.clone(),
+        None => (registers.catalog.purposes.get(&f.purpose))
+            .map(|p| p.lawful_basis.clone())
+            .unwrap_or_default(),
+    };
     let principal = Principal {
         subject: "policy-test".into(),
         token_id: "policy-test".into(),
@@ -282,6 +290,28 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
     if kind != "deny" && !f.unregistered.is_empty() {
         return Err("only a deny test may use `unregistered` names".to_owned());
     }
+    if let Some(basis) = &f.lawful_basis {
+        if kind != "deny" {
+            return Err(
+                "only a deny test may give a `lawful_basis` (the gateway always \
+                        passes the catalogue's)"
+                    .to_owned(),
+            );
+        }
+        let catalogued = r.catalog.purposes.get(&f.purpose);
+        if catalogued.is_some_and(|p| &p.lawful_basis == basis) {
+            return Err(format!(
+                "`lawful_basis`: `{basis}` is the catalogue's for `{}`; give another or none",
+                f.purpose
+            ));
+        }
+        if !(basis.is_empty() || crate::catalog::LAWFUL_BASES.contains(&basis.as_str())) {
+            return Err(format!(
+                "`lawful_basis`: `{basis}` is not one of {:?} (or empty)",
+                crate::catalog::LAWFUL_BASES
+            ));
+        }
+    }
     // Each name that may be unregistered: the values the registers lack, with where each is.
     let purpose = |p: &&String| !r.catalog.purposes.contains_key(*p);
     let area = |a: &&String| !r.geography.contains(a);
@@ -366,6 +396,8 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
 pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyhow::Result<usize> {
     let mut failures = Vec::new();
     let mut count = 0;
+    // The policies that decided a test that passed.
+    let mut deciding = BTreeSet::new();
     for (kind, want) in [("allow", true), ("deny", false)] {
         let paths = files(dir, kind)?;
         if paths.is_empty() {
@@ -404,7 +436,7 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
                     o.missing.join(", "),
                     o.description
                 )),
-                Ok(_) => {}
+                Ok(o) => deciding.extend(o.verdict.policy_ids),
                 Err(e) => failures.push(format!("{shown}: {e}")),
             }
         }
@@ -422,5 +454,36 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
             dir.display()
         );
     }
+    untested(engine, &deciding, dir)?;
     Ok(count)
+}
+
+/// Refuses a pack with a policy that decides none of its tests: such a policy could be
+/// edited, weakened or deleted and every test would still pass (a forbid added without a
+/// fixture, or one whose fixtures another policy now decides).
+fn untested(engine: &PolicyEngine, deciding: &BTreeSet<String>, dir: &Path) -> anyhow::Result<()> {
+    let untested: Vec<String> = engine
+        .policy_origins()
+        .filter(|(id, _)| !deciding.contains(*id))
+        .map(|(id, file)| {
+            let file = file.file_name().map_or(file, Path::new);
+            format!("`{id}` ({})", file.display())
+        })
+        .collect();
+    if untested.is_empty() {
+        return Ok(());
+    }
+    let more = untested.len().saturating_sub(LISTED);
+    let mut listed = untested[..untested.len().min(LISTED)].join("\n  ");
+    if more > 0 {
+        listed.push_str(&format!("\n  and {more} more"));
+    }
+    bail!(
+        "{} of {} policies decide none of the policy tests in `{}`: a change to such a \
+         policy would pass every test. Add a fixture under `allow/` or `deny/` that each \
+         decides (listing it in `expect_policies`)\n  {listed}",
+        untested.len(),
+        engine.policy_count(),
+        dir.display()
+    )
 }

@@ -120,6 +120,8 @@ pub struct PolicyEngine {
     field_reads: [scope::RecordReads; 2],
     entities: Entities,
     authorizer: Authorizer,
+    /// Each policy's id and the file it came from, in load order (for the start's own checks).
+    origins: Vec<(String, PathBuf)>,
 }
 
 impl PolicyEngine {
@@ -136,10 +138,12 @@ impl PolicyEngine {
         }
         let mut policies = PolicySet::new();
         let mut sources = Vec::new();
+        let mut origins = Vec::new();
         for file in &files {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read policy file `{}`", file.display()))?;
-            add_file(&mut policies, file, &text)?;
+            let ids = add_file(&mut policies, file, &text)?;
+            origins.extend(ids.into_iter().map(|id| (id, file.clone())));
             sources.push((file.clone(), text));
         }
         validate(&schema, &policies, &sources)?;
@@ -158,11 +162,17 @@ impl PolicyEngine {
             field_reads,
             entities,
             authorizer: Authorizer::new(),
+            origins,
         })
     }
 
     pub fn policy_count(&self) -> usize {
         self.policies.policies().count()
+    }
+
+    /// Each policy's id and the file it was read from.
+    pub(crate) fn policy_origins(&self) -> impl Iterator<Item = (&str, &Path)> {
+        (self.origins.iter()).map(|(id, file)| (id.as_str(), file.as_path()))
     }
 
     /// Who is asking and why: the per-request part of every context (built on first use).
@@ -555,12 +565,14 @@ fn load_schema(dir: &Path) -> anyhow::Result<Schema> {
 }
 
 /// Parses one file and re-identifies its policies by their `@id` annotation.
-fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<()> {
+/// Adds a file's policies to `set`, each under its `@id`: the ids, in the file's order.
+fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<Vec<String>> {
     let parsed =
         PolicySet::from_str(text).map_err(|e| anyhow::anyhow!("{}", locate(file, text, &e)))?;
     if parsed.templates().next().is_some() {
         bail!("`{}`: policy templates are not supported", file.display());
     }
+    let mut ids = Vec::new();
     for policy in parsed.policies() {
         let Some(id) = policy.annotation("id").filter(|s| !s.trim().is_empty()) else {
             bail!(
@@ -573,8 +585,9 @@ fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<()> 
         }
         set.add(policy.new_id(PolicyId::new(id)))
             .map_err(|e| anyhow::anyhow!("`{}`: policy `{id}`: {e}", file.display()))?;
+        ids.push(id.to_owned());
     }
-    Ok(())
+    Ok(ids)
 }
 
 fn validate(

@@ -181,6 +181,22 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
         "deny",
         "are all unknown",
     );
+    // A lawful basis of its own is for a deny test of the basis, and must be one there is.
+    refused(
+        &|f| f["lawful_basis"] = json!("consent"),
+        "allow",
+        "only a deny test may give a `lawful_basis`",
+    );
+    refused(
+        &|f| f["lawful_basis"] = json!("public_task"),
+        "deny",
+        "is the catalogue's for `addressed_mail`",
+    );
+    refused(
+        &|f| f["lawful_basis"] = json!("legitimate_interest"),
+        "deny",
+        "`legitimate_interest` is not one of",
+    );
     let mut unknown_area = fixture.clone();
     unknown_area["record"]["area"] = json!("E08000035/CGW22");
     unknown_area["unregistered"] = json!(["record.area"]);
@@ -202,32 +218,32 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
     );
 }
 
+/// A policy that decides none of the pack's tests stops the start (`run_all`): it could be
+/// weakened or lost and every test would still pass. The shipped pack has none such
+/// (`every_fixture_gets_its_expected_decision`); here one more forbid, well formed and
+/// validated, decides nothing the fixtures ask.
 #[test]
-fn every_policy_file_is_exercised_by_some_fixture() {
-    let (engine, _, _) = shipped_engine();
-    let mut seen = BTreeSet::new();
-    for kind in ["allow", "deny"] {
-        for path in fixture_files(kind) {
-            if let Ok(v) = run_fixture(&engine, &path) {
-                seen.extend(v.policy_ids);
-            }
-        }
-    }
-    let mut missing = Vec::new();
-    for file in cedar_files(&repo().join("policies"), "cedar").unwrap() {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let ids: Vec<&str> = text
-            .split("@id(\"")
-            .skip(1)
-            .filter_map(|s| s.split('"').next())
-            .collect();
-        if !ids.iter().any(|id| seen.contains(*id)) {
-            missing.push(file.display().to_string());
-        }
-    }
+fn a_policy_no_test_decides_is_refused() {
+    let extra = "@id(\"extra.untested\")\n\
+        forbid (principal, action == Wardgate::Action::\"disclose_record\", resource)\n\
+        when { context.record.flags.contains(\"deceased\") && \
+        context.record.flags.contains(\"erasure_requested\") && \
+        context.purpose in [Wardgate::Purpose::\"legal_claims\"] };\n";
+    let engine = load_with("extra.cedar", extra).unwrap();
+    let (_, catalog, geography) = shipped_engine();
+    let registers = fixtures::Registers {
+        catalog: &catalog,
+        geography: &geography,
+    };
+    let err = fixtures::run_all(&engine, &registers, &repo().join("policies/tests"))
+        .unwrap_err()
+        .to_string();
     assert!(
-        missing.is_empty(),
-        "no fixture decides by any policy of: {missing:?}"
+        err.contains(&format!(
+            "1 of {} policies decide none of the policy tests",
+            engine.policy_count()
+        )) && err.contains("`extra.untested` (extra.cedar)"),
+        "{err}"
     );
 }
 
