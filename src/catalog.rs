@@ -118,7 +118,6 @@ pub struct Words {
     pub consent_channels: Vec<String>,
 }
 
-/// Query parameters the gateway sends a datastore itself, in either dialect (`dialect`).
 /// The lawful bases of UK GDPR Art 6(1) a purpose or category may rest on: five of its six
 /// (vital interests has no place in a party's processing).
 pub const LAWFUL_BASES: [&str; 5] = [
@@ -129,6 +128,7 @@ pub const LAWFUL_BASES: [&str; 5] = [
     "legitimate_interests",
 ];
 
+/// Query parameters the gateway sends a datastore itself, in either dialect (`dialect`).
 const RESERVED_PARAMS: [&str; 6] = ["areas", "exclude", "page", "per_page", "limit", "offset"];
 
 /// A name used in a path or a query: lower-case letters, digits, `_` and `-`, starting with a

@@ -25,8 +25,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub signing: Option<SigningConfig>,
     pub policy_dir: PathBuf,
-    /// The policy pack's tests (`policy.tests`), run at start; unset: `policy_dir/tests` when
-    /// it exists (`startup::check`).
+    /// The policy pack's tests (`policy.tests`), run at start; unset: `policy_dir/tests`
+    /// (`startup::check`; with neither, see `policy_allow_untested`).
     pub policy_tests: Option<PathBuf>,
     /// Start with no policy tests at all (`policy.allow_untested`, default false: a pack
     /// without tests stops the start).

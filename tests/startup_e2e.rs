@@ -227,8 +227,8 @@ fn an_untested_pack_or_policy_stops_the_start() {
     for cmd in [&["serve"][..], &["validate", "--offline"][..]] {
         let (ok, out) = run(cmd, &cfg);
         assert!(
-            !ok && out.contains("policies decide none of the policy tests")
-                && out.contains("`extra.untested` (extra.cedar)"),
+            !ok && out.contains("policies are tested by none of the policy tests")
+                && out.contains(&format!("`extra.untested` ({})", extra.display())),
             "{cmd:?}: {out}"
         );
     }

@@ -51,9 +51,10 @@ struct Fixture {
     /// The names a deny test leaves out of the registers on purpose.
     #[serde(default)]
     unregistered: BTreeSet<Unregistered>,
-    /// The lawful basis the request is evaluated under, where a deny test gives one other
-    /// than the catalogue's for its purpose (the gateway always passes the catalogue's): to
-    /// test that the pack refuses a request whose basis is not its purpose's.
+    /// The lawful basis the request is evaluated under, where a deny test of a catalogued
+    /// purpose gives one of the bases other than the catalogue's for it (the gateway always
+    /// passes the catalogue's): to test that the pack refuses a request whose basis is not
+    /// its purpose's.
     #[serde(default)]
     lawful_basis: Option<String>,
 }
@@ -174,6 +175,8 @@ pub fn files(dir: &Path, kind: &str) -> anyhow::Result<Vec<PathBuf>> {
 pub struct Outcome {
     pub verdict: Verdict,
     pub missing: Vec<String>,
+    /// The policies the fixture names (`expect_policies`) that decided it: what it tests.
+    pub tested: Vec<String>,
     /// Evaluation raised an error the fixture did not expect: its decision says nothing of
     /// what the pack decides.
     pub unexpected_error: bool,
@@ -251,11 +254,20 @@ pub fn run(
     // An evaluation error denies, and says nothing of what the pack decides: unless the
     // fixture expects one, it is a failure whatever the kind.
     let error = super::POLICY_ERROR.to_owned();
-    let unexpected_error =
-        verdict.policy_ids.contains(&error) && !f.expect_policies.contains(&error);
+    let errored = verdict.policy_ids.contains(&error);
+    let unexpected_error = errored && !f.expect_policies.contains(&error);
+    // An evaluation that raised an error tests no policy, whatever else it found satisfied.
+    let tested = match errored {
+        true => Vec::new(),
+        false => (f.expect_policies.iter())
+            .filter(|id| verdict.policy_ids.contains(id))
+            .cloned()
+            .collect(),
+    };
     Ok(Outcome {
         verdict,
         missing,
+        tested,
         unexpected_error,
         description: f.description,
     })
@@ -298,17 +310,18 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
                     .to_owned(),
             );
         }
-        let catalogued = r.catalog.purposes.get(&f.purpose);
-        if catalogued.is_some_and(|p| &p.lawful_basis == basis) {
+        if !crate::catalog::LAWFUL_BASES.contains(&basis.as_str()) {
             return Err(format!(
-                "`lawful_basis`: `{basis}` is the catalogue's for `{}`; give another or none",
-                f.purpose
+                "`lawful_basis`: `{basis}` is not one of {:?}",
+                crate::catalog::LAWFUL_BASES
             ));
         }
-        if !(basis.is_empty() || crate::catalog::LAWFUL_BASES.contains(&basis.as_str())) {
+        let catalogued = r.catalog.purposes.get(&f.purpose);
+        if catalogued.is_none_or(|p| &p.lawful_basis == basis) {
             return Err(format!(
-                "`lawful_basis`: `{basis}` is not one of {:?} (or empty)",
-                crate::catalog::LAWFUL_BASES
+                "`lawful_basis`: `{basis}` changes nothing for `{}`: give the basis of a \
+                 catalogued purpose other than its own, or none",
+                f.purpose
             ));
         }
     }
@@ -436,7 +449,9 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
                     o.missing.join(", "),
                     o.description
                 )),
-                Ok(o) => deciding.extend(o.verdict.policy_ids),
+                // Only what the test names counts as tested: a forbid that fired beside the
+                // one it names could be deleted and the test would still pass.
+                Ok(o) => deciding.extend(o.tested),
                 Err(e) => failures.push(format!("{shown}: {e}")),
             }
         }
@@ -458,17 +473,15 @@ pub fn run_all(engine: &PolicyEngine, registers: &Registers, dir: &Path) -> anyh
     Ok(count)
 }
 
-/// Refuses a pack with a policy that decides none of its tests: such a policy could be
-/// edited, weakened or deleted and every test would still pass (a forbid added without a
-/// fixture, or one whose fixtures another policy now decides).
+/// Refuses a pack with a policy that no passing test names among the policies that decided
+/// it (`expect_policies`): such a policy could be edited, weakened or deleted and every test
+/// would still pass (a forbid added without a fixture, one that only ever fires beside the
+/// forbid a test names, or one whose fixtures another policy now decides).
 fn untested(engine: &PolicyEngine, deciding: &BTreeSet<String>, dir: &Path) -> anyhow::Result<()> {
     let untested: Vec<String> = engine
         .policy_origins()
         .filter(|(id, _)| !deciding.contains(*id))
-        .map(|(id, file)| {
-            let file = file.file_name().map_or(file, Path::new);
-            format!("`{id}` ({})", file.display())
-        })
+        .map(|(id, file)| format!("`{id}` ({})", file.display()))
         .collect();
     if untested.is_empty() {
         return Ok(());
@@ -479,9 +492,10 @@ fn untested(engine: &PolicyEngine, deciding: &BTreeSet<String>, dir: &Path) -> a
         listed.push_str(&format!("\n  and {more} more"));
     }
     bail!(
-        "{} of {} policies decide none of the policy tests in `{}`: a change to such a \
-         policy would pass every test. Add a fixture under `allow/` or `deny/` that each \
-         decides (listing it in `expect_policies`)\n  {listed}",
+        "{} of {} policies are tested by none of the policy tests in `{}` (no passing test \
+         names it in `expect_policies`): a change to such a policy would pass every test. \
+         Add a fixture under `allow/` or `deny/` that each decides, and name it there\n  \
+         {listed}",
         untested.len(),
         engine.policy_count(),
         dir.display()

@@ -564,8 +564,10 @@ fn load_schema(dir: &Path) -> anyhow::Result<Schema> {
     Ok(schema)
 }
 
-/// Parses one file and re-identifies its policies by their `@id` annotation.
-/// Adds a file's policies to `set`, each under its `@id`: the ids, in the file's order.
+/// Parses one file and adds its policies to `set`, each under its `@id`: the ids, in the
+/// file's order. The gateway's own names for a decision no policy made (`default-deny`,
+/// `policy-error`) are refused as ids: a policy under one would pass for them, in the audit
+/// log and in the policy tests.
 fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<Vec<String>> {
     let parsed =
         PolicySet::from_str(text).map_err(|e| anyhow::anyhow!("{}", locate(file, text, &e)))?;
@@ -580,6 +582,13 @@ fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<Vec<
                 file.display()
             );
         };
+        if [DEFAULT_DENY, POLICY_ERROR].contains(&id) {
+            bail!(
+                "`{}`: policy id `{id}` is the gateway's own name for a decision no policy \
+                 made; give the policy another",
+                file.display()
+            );
+        }
         if set.policy(&PolicyId::new(id)).is_some() {
             bail!("`{}`: policy id `{id}` is used twice", file.display());
         }

@@ -190,7 +190,7 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
     refused(
         &|f| f["lawful_basis"] = json!("public_task"),
         "deny",
-        "is the catalogue's for `addressed_mail`",
+        "`public_task` changes nothing for `addressed_mail`",
     );
     refused(
         &|f| f["lawful_basis"] = json!("legitimate_interest"),
@@ -218,31 +218,52 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
     );
 }
 
-/// A policy that decides none of the pack's tests stops the start (`run_all`): it could be
-/// weakened or lost and every test would still pass. The shipped pack has none such
-/// (`every_fixture_gets_its_expected_decision`); here one more forbid, well formed and
-/// validated, decides nothing the fixtures ask.
+/// A policy that no test names among those that decided it stops the start (`run_all`): it
+/// could be weakened or lost and every test would still pass. The shipped pack has none such
+/// (`every_fixture_gets_its_expected_decision`). Here two more forbids, well formed and
+/// validated: one decides nothing the fixtures ask; the other fires beside
+/// `restrict.restricted` wherever that does, in fixtures that name only `restrict.restricted`.
 #[test]
-fn a_policy_no_test_decides_is_refused() {
+fn a_policy_no_test_names_is_refused() {
     let extra = "@id(\"extra.untested\")\n\
         forbid (principal, action == Wardgate::Action::\"disclose_record\", resource)\n\
         when { context.record.flags.contains(\"deceased\") && \
         context.record.flags.contains(\"erasure_requested\") && \
-        context.purpose in [Wardgate::Purpose::\"legal_claims\"] };\n";
+        context.purpose in [Wardgate::Purpose::\"legal_claims\"] };\n\
+        @id(\"extra.beside\")\n\
+        forbid (principal, action == Wardgate::Action::\"disclose_record\", resource)\n\
+        when { context.record.flags.contains(\"restricted\") && \
+        context.purpose in [Wardgate::Purpose::\"addressed_mail\"] };\n";
     let engine = load_with("extra.cedar", extra).unwrap();
     let (_, catalog, geography) = shipped_engine();
     let registers = fixtures::Registers {
         catalog: &catalog,
         geography: &geography,
     };
-    let err = fixtures::run_all(&engine, &registers, &repo().join("policies/tests"))
+    let tests = repo().join("policies/tests");
+    // It does fire, beside the policy the fixture names.
+    let o = fixtures::run(
+        &engine,
+        &registers,
+        &tests.join("deny/restricted-addressed-mail.json"),
+        "deny",
+    )
+    .unwrap();
+    assert!(
+        o.verdict.policy_ids.contains(&"extra.beside".to_owned()) && o.missing.is_empty(),
+        "{:?}",
+        o.verdict
+    );
+    let err = fixtures::run_all(&engine, &registers, &tests)
         .unwrap_err()
         .to_string();
     assert!(
         err.contains(&format!(
-            "1 of {} policies decide none of the policy tests",
+            "2 of {} policies are tested by none of the policy tests",
             engine.policy_count()
-        )) && err.contains("`extra.untested` (extra.cedar)"),
+        )) && err.contains("`extra.untested` (")
+            && err.contains("`extra.beside` (")
+            && err.contains("extra.cedar)"),
         "{err}"
     );
 }
