@@ -53,6 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             response_timeout: Duration::from_secs(30),
             idle_connections: args.idle_connections,
             authorization: None,
+            tls: None,
             dialect: Dialect::Wardgate,
         },
     )]);

@@ -138,8 +138,22 @@ pub struct UpstreamConfig {
     pub idle_connections: usize,
     /// Sent upstream as `Authorization`; the caller's own header never is.
     pub authorization: Option<String>,
+    /// For an `https://` datastore: whom to trust and, where the datastore asks, who the
+    /// gateway is. `None` for `http://`.
+    pub tls: Option<UpstreamTls>,
     /// Which API the datastore speaks.
     pub dialect: Dialect,
+}
+
+/// TLS to a datastore (`datasets.*.ca_file`, `client_cert_file`, `client_key_file`); the
+/// files are read when the upstream clients are built (`proxy::Upstreams::new`).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The CA certificates (PEM) the datastore's certificate must chain to: only these, never
+    /// the system's roots.
+    pub ca_file: PathBuf,
+    /// The gateway's certificate chain and key (PEM), for a datastore that authenticates it.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// The datastore APIs wardgate knows how to ask.
@@ -356,6 +370,11 @@ struct RawUpstream {
     response_timeout: Option<String>,
     idle_connections: Option<usize>,
     authorization_file: Option<PathBuf>,
+    /// For an `https://` datastore: the CA certificates (PEM) its certificate must chain to.
+    ca_file: Option<PathBuf>,
+    /// The gateway's own certificate chain and key (PEM), for a datastore that asks for one.
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
     #[serde(default)]
     dialect: Option<String>,
     datasette: Option<DatasetteApi>,
@@ -730,12 +749,51 @@ impl RawUpstream {
             .upstream
             .parse()
             .map_err(|e| anyhow::anyhow!("`{key}` = `{}`: {e}", self.upstream))?;
-        if base.scheme_str() != Some("http") || base.authority().is_none() {
+        let https = match base.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => bail!(
+                "`{key}` = `{}` must be an absolute http:// or https:// URL",
+                self.upstream
+            ),
+        };
+        if base.authority().is_none() {
             bail!(
-                "`{key}` = `{}` must be an absolute http:// URL",
+                "`{key}` = `{}` must be an absolute http:// or https:// URL",
                 self.upstream
             );
         }
+        let client_cert = match (self.client_cert_file, self.client_key_file) {
+            (Some(cert), Some(key)) => Some((at(&cert), at(&key))),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => bail!(
+                "`datasets.{name}.client_cert_file` and `client_key_file` go together: give \
+                 both or neither"
+            ),
+        };
+        let tls = match (https, self.ca_file) {
+            (true, Some(ca)) => Some(UpstreamTls {
+                ca_file: at(&ca),
+                client_cert,
+            }),
+            (true, None) => bail!(
+                "`{key}` = `{}` is https://: set `datasets.{name}.ca_file` to the CA \
+                 certificates (PEM) the datastore's certificate chains to (the system's \
+                 roots are never trusted implicitly; for a datastore with a public \
+                 certificate, the system's bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`)",
+                self.upstream
+            ),
+            (false, ca) => {
+                if ca.is_some() || client_cert.is_some() {
+                    bail!(
+                        "`datasets.{name}`: `ca_file`, `client_cert_file` and `client_key_file` \
+                         are for an https:// datastore, and `{key}` = `{}` is plain http://",
+                        self.upstream
+                    );
+                }
+                None
+            }
+        };
         // The route's own path and query are appended to it: a query or credentials in the
         // base would send the datastore somewhere the route table never chose.
         if base.query().is_some() || self.upstream.contains('#') {
@@ -781,6 +839,7 @@ impl RawUpstream {
         };
         Ok(UpstreamConfig {
             dialect,
+            tls,
             base,
             connect_timeout: bounded(
                 self.connect_timeout.as_deref().unwrap_or("2s"),

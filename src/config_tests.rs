@@ -486,3 +486,50 @@ fn an_upstream_url_is_a_plain_base() {
     }
     parse(&MINIMAL.replace("http://127.0.0.1:7001", "http://127.0.0.1:7001/api")).unwrap();
 }
+
+#[test]
+fn an_https_upstream_names_whom_it_trusts_and_only_https_takes_tls_files() {
+    let https = MINIMAL.replace("http://127.0.0.1:7001", "https://store.internal:7001");
+    // No implicit roots: an https:// datastore needs its CA named.
+    let e = err(&https);
+    assert!(
+        e.contains("datasets.voter.upstream") && e.contains("`datasets.voter.ca_file`"),
+        "{e}"
+    );
+    let with = |t: &str| https.replace("[datasets.voter]\n", &format!("[datasets.voter]\n{t}\n"));
+    let c = parse(&with("ca_file = \"tls/store-ca.pem\"")).unwrap();
+    let tls = c.datasets["voter"].tls.as_ref().unwrap();
+    assert_eq!(tls.ca_file, Path::new("/etc/wardgate/tls/store-ca.pem"));
+    assert!(tls.client_cert.is_none());
+    let c = parse(&with(
+        "ca_file = \"ca.pem\"\nclient_cert_file = \"gw.pem\"\nclient_key_file = \"/k/gw.key\"",
+    ))
+    .unwrap();
+    let tls = c.datasets["voter"].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.client_cert,
+        Some((
+            PathBuf::from("/etc/wardgate/gw.pem"),
+            PathBuf::from("/k/gw.key")
+        ))
+    );
+    // A certificate without its key, or a key without its certificate.
+    for half in [
+        "client_cert_file = \"gw.pem\"",
+        "client_key_file = \"gw.key\"",
+    ] {
+        let e = err(&with(&format!("ca_file = \"ca.pem\"\n{half}")));
+        assert!(e.contains("go together"), "{half}: {e}");
+    }
+    // TLS files on a plain http:// datastore would protect nothing: refused, not ignored.
+    let plain =
+        |t: &str| MINIMAL.replace("[datasets.voter]\n", &format!("[datasets.voter]\n{t}\n"));
+    for t in [
+        "ca_file = \"ca.pem\"",
+        "client_cert_file = \"gw.pem\"\nclient_key_file = \"gw.key\"",
+    ] {
+        let e = err(&plain(t));
+        assert!(e.contains("plain http://"), "{t}: {e}");
+    }
+    assert!(parse(MINIMAL).unwrap().datasets["voter"].tls.is_none());
+}

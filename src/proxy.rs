@@ -8,16 +8,19 @@
 //! buffered without bound. This module forwards bytes; it does not look inside them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Dialect, UpstreamConfig};
+use crate::config::{Dialect, UpstreamConfig, UpstreamTls};
 use crate::error::GatewayError;
 
 /// What came back from a datastore: its status and whether it said JSON, and the body, read
@@ -34,7 +37,7 @@ pub struct UpstreamResponse {
 pub struct Upstream {
     pub dialect: Dialect,
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     response_timeout: Duration,
     authorization: Option<HeaderValue>,
     max_response_bytes: usize,
@@ -52,9 +55,29 @@ impl Upstreams {
     ) -> anyhow::Result<Upstreams> {
         let mut by_dataset = BTreeMap::new();
         for (name, u) in cfg {
-            let mut connector = HttpConnector::new();
-            connector.set_connect_timeout(Some(u.connect_timeout));
-            connector.set_nodelay(true);
+            let mut tcp = HttpConnector::new();
+            tcp.set_connect_timeout(Some(u.connect_timeout));
+            tcp.set_nodelay(true);
+            let connector = match &u.tls {
+                // Only TLS, with only the roots configured for this datastore: its scheme is
+                // fixed by the configuration, so no request can go to it in plain text.
+                Some(tls) => {
+                    tcp.enforce_http(false);
+                    HttpsConnectorBuilder::new()
+                        .with_tls_config(client_tls(name, tls)?)
+                        .https_only()
+                        .enable_http1()
+                        .wrap_connector(tcp)
+                }
+                // Plain http:// (the configuration allows nothing else here): the connector
+                // passes the connection through, and its TLS settings (no roots, so no
+                // server could be trusted) are never used.
+                None => HttpsConnectorBuilder::new()
+                    .with_tls_config(no_tls()?)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(tcp),
+            };
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(u.idle_connections)
@@ -86,6 +109,58 @@ impl Upstreams {
     pub fn get(&self, dataset: &str) -> Option<&Upstream> {
         self.by_dataset.get(dataset)
     }
+}
+
+/// rustls with the ring provider and its safe protocol versions (TLS 1.2 and 1.3).
+fn tls_builder()
+-> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")
+}
+
+/// The TLS settings for an https:// datastore: its certificate must chain to one of the CA
+/// certificates in `ca_file` and name the host of its URL (rustls's WebPKI verification);
+/// the gateway shows its own certificate where one is configured. Errors name the key and the
+/// file.
+fn client_tls(name: &str, tls: &UpstreamTls) -> anyhow::Result<rustls::ClientConfig> {
+    let ca_key = format!("datasets.{name}.ca_file");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::server::read_certificates(&tls.ca_file, "CA")
+        .with_context(|| format!("`{ca_key}`"))?
+    {
+        roots.add(cert).with_context(|| {
+            format!(
+                "`{ca_key}`: `{}` holds a certificate that cannot be a trust anchor",
+                tls.ca_file.display()
+            )
+        })?;
+    }
+    let builder = tls_builder()?.with_root_certificates(roots);
+    match &tls.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let what = format!("datasets.{name}.client_cert_file");
+            let (certs, private) = crate::server::certificate_and_key(cert, key, "client")
+                .with_context(|| format!("`{what}`"))?;
+            builder
+                .with_client_auth_cert(certs, private)
+                .with_context(|| {
+                    format!(
+                        "`datasets.{name}.client_key_file` `{}` does not match `{}`",
+                        key.display(),
+                        cert.display()
+                    )
+                })
+        }
+    }
+}
+
+/// TLS settings trusting nobody, for a connector that only ever makes plain connections.
+fn no_tls() -> anyhow::Result<rustls::ClientConfig> {
+    Ok(tls_builder()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
 }
 
 impl Upstream {
@@ -280,6 +355,7 @@ mod tests {
             response_timeout: Duration::from_secs(30),
             idle_connections,
             authorization: None,
+            tls: None,
             dialect: Dialect::Wardgate,
         };
         Upstreams::new(&BTreeMap::from([("voter".to_owned(), cfg)]), 1 << 20).unwrap()
@@ -322,5 +398,76 @@ mod tests {
         wave(&upstreams, CONCURRENT).await;
         // The second wave found ten connections kept and opened the other ninety again.
         assert_eq!(accepted.load(Ordering::SeqCst), 2 * CONCURRENT - 10);
+    }
+
+    /// The TLS files of an https:// datastore are read when the clients are built, and a
+    /// problem stops the start naming the key and the file.
+    #[test]
+    fn unusable_tls_files_stop_the_start_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = |tls: UpstreamTls| {
+            let cfg = UpstreamConfig {
+                base: "https://localhost:7001".parse().unwrap(),
+                connect_timeout: Duration::from_secs(5),
+                response_timeout: Duration::from_secs(30),
+                idle_connections: 1,
+                authorization: None,
+                tls: Some(tls),
+                dialect: Dialect::Wardgate,
+            };
+            let upstreams = BTreeMap::from([("voter".to_owned(), cfg)]);
+            Upstreams::new(&upstreams, 1 << 20).map(drop)
+        };
+        let missing = dir.path().join("no-such-ca.pem");
+        let e = format!(
+            "{:#}",
+            build(UpstreamTls {
+                ca_file: missing.clone(),
+                client_cert: None
+            })
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("`datasets.voter.ca_file`") && e.contains(&missing.display().to_string()),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = format!(
+            "{:#}",
+            build(UpstreamTls {
+                ca_file: empty,
+                client_cert: None
+            })
+            .unwrap_err()
+        );
+        assert!(e.contains("holds no certificate"), "{e}");
+
+        let (ca_pem, _) = crate::token::self_signed_cert(&["ca"]).unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &ca_pem).unwrap();
+        build(UpstreamTls {
+            ca_file: ca.clone(),
+            client_cert: None,
+        })
+        .unwrap();
+        // A client certificate with another certificate's key.
+        let (cert, _) = crate::token::self_signed_cert(&["wardgate"]).unwrap();
+        let (_, other_key) = crate::token::self_signed_cert(&["wardgate"]).unwrap();
+        let (cert_file, key_file) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, other_key).unwrap();
+        let e = format!(
+            "{:#}",
+            build(UpstreamTls {
+                ca_file: ca,
+                client_cert: Some((cert_file, key_file.clone())),
+            })
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("`datasets.voter.client_key_file`") && e.contains("does not match"),
+            "{e}"
+        );
     }
 }

@@ -24,29 +24,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 /// Builds a TLS acceptor from PEM certificate chain and key files; errors name the file.
 pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcceptor> {
-    let cert_pem = std::fs::read(cert_file)
-        .with_context(|| format!("cannot read TLS certificate `{}`", cert_file.display()))?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("`{}` is not a PEM certificate chain", cert_file.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("`{}` holds no certificate", cert_file.display());
-    }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if let Some(warning) = chain_usable(cert_file, &certs, now)? {
-        tracing::warn!(file = %cert_file.display(), "{warning}");
-    }
-    let key_pem = std::fs::read(key_file)
-        .with_context(|| format!("cannot read TLS key `{}`", key_file.display()))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .with_context(|| format!("`{}` is not a PEM private key", key_file.display()))?
-        .with_context(|| format!("`{}` holds no private key", key_file.display()))?;
+    let (certs, key) = certificate_and_key(cert_file, key_file, "TLS")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -61,6 +46,42 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The PEM certificates in `file` (`what` says whose, for the errors): at least one.
+pub(crate) fn read_certificates(
+    file: &Path,
+    what: &str,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(file)
+        .with_context(|| format!("cannot read {what} certificate `{}`", file.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("`{}` is not a PEM certificate chain", file.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("`{}` holds no certificate", file.display());
+    }
+    Ok(certs)
+}
+
+/// A certificate chain checked as usable now (`chain_usable`: refused when expired or not
+/// yet valid, or written CA first; warned of when it ends within 30 days) and its key.
+pub(crate) fn certificate_and_key(
+    cert_file: &Path,
+    key_file: &Path,
+    what: &str,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs = read_certificates(cert_file, what)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(warning) = chain_usable(cert_file, &certs, now)? {
+        tracing::warn!(file = %cert_file.display(), "{warning}");
+    }
+    let key_pem = std::fs::read(key_file)
+        .with_context(|| format!("cannot read {what} key `{}`", key_file.display()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .with_context(|| format!("`{}` is not a PEM private key", key_file.display()))?
+        .with_context(|| format!("`{}` holds no private key", key_file.display()))?;
+    Ok((certs, key))
 }
 
 /// A certificate expiring within this many seconds is warned of at start.

@@ -1,5 +1,7 @@
-//! The data plane over TLS (rustls): a real handshake against a certificate from files, and
-//! no plaintext fallback on the TLS port.
+//! TLS on both sides (rustls). The data plane: a real handshake against a certificate from
+//! files, and no plaintext fallback on the TLS port. A datastore over https://: trusted only
+//! through the configured CA and for the host its URL names, with the gateway's own
+//! certificate where the datastore asks for one; any failure discloses nothing.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -87,5 +89,210 @@ async fn tls_serves_data_and_refuses_plaintext() {
         !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
         "plaintext answered on the TLS port"
     );
+    app.stop().await;
+}
+
+/// A certificate authority of the test's own.
+struct Ca {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.clone().self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` issued by this CA, and its key: (cert PEM, key PEM).
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS front for the demo datastore (as a sidecar or a TLS-terminating proxy would be):
+/// it presents `cert`, asks for a client certificate issued by `clients` if given, and passes
+/// each connection's bytes to `backend`. Its address.
+async fn tls_datastore(
+    backend: std::net::SocketAddr,
+    (cert, key): (String, String),
+    clients: Option<&Ca>,
+) -> std::net::SocketAddr {
+    let key = rustls_pemfile::private_key(&mut key.as_bytes())
+        .unwrap()
+        .unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(certs(&ca.pem).remove(0)).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs(&cert), key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The gateway with its `voter` dataset read from `front` as `https://localhost:PORT`,
+/// trusting `ca`, showing `client` (cert and key PEM) if given; its `membership` dataset stays
+/// on the plain datastore.
+async fn app_over_tls(
+    backend: std::net::SocketAddr,
+    front: std::net::SocketAddr,
+    ca: &Ca,
+    client: Option<(String, String)>,
+) -> common::TestApp {
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    let client_cert = client.map(|(cert, key)| {
+        std::fs::write(dir.join("client.pem"), cert).unwrap();
+        std::fs::write(dir.join("client.key"), key).unwrap();
+        (dir.join("client.pem"), dir.join("client.key"))
+    });
+    spawn_app_with(AppOptions {
+        upstream: Some(backend),
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            let voter = c.datasets.get_mut("voter").unwrap();
+            voter.base = format!("https://localhost:{}", front.port())
+                .parse()
+                .unwrap();
+            voter.tls = Some(wardgate::config::UpstreamTls {
+                ca_file: dir.join("ca.pem"),
+                client_cert,
+            });
+        })),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn canvass_page(app: &common::TestApp) -> common::Resp {
+    app.get(
+        "/voter/electors?per_page=5",
+        Some(&app.token("councillor")),
+        Some("canvassing"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_datastore_over_tls_is_read_through_the_configured_ca_and_filtered() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    let ca = Ca::new("Datastore CA");
+    let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
+    let app = app_over_tls(backend, front, &ca, None).await;
+    let resp = canvass_page(&app).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    let records = resp.json()["records"].as_array().unwrap().clone();
+    assert!(!records.is_empty());
+    // Filtered as ever: canvassing never sees the profiling scores.
+    assert!(records.iter().all(|r| r.get("support_score").is_none()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_discloses_nothing()
+{
+    let (backend, _stop) = common::start_datastore(300).await;
+    let ca = Ca::new("Datastore CA");
+    // Another CA's certificate for the right name: an interceptor's.
+    let rogue = Ca::new("Rogue CA");
+    let front = tls_datastore(backend, rogue.issue(&["localhost"]), None).await;
+    let app = app_over_tls(backend, front, &ca, None).await;
+    let resp = canvass_page(&app).await;
+    assert_eq!(resp.status, 502, "{:?}", resp.body);
+    assert_eq!(
+        resp.headers["content-type"], "application/problem+json",
+        "{:?}",
+        resp.headers
+    );
+    assert!(!String::from_utf8_lossy(&resp.body).contains("elector_id"));
+    app.stop().await;
+
+    // The configured CA's certificate, but for another host than the URL names.
+    let front = tls_datastore(backend, ca.issue(&["datastore.example"]), None).await;
+    let app = app_over_tls(backend, front, &ca, None).await;
+    let resp = canvass_page(&app).await;
+    assert_eq!(resp.status, 502, "{:?}", resp.body);
+    assert!(!String::from_utf8_lossy(&resp.body).contains("elector_id"));
+    // The plain-http dataset beside it is unaffected.
+    let members = app
+        .get(
+            "/membership/members?per_page=2",
+            Some(&app.token("clp_secretary")),
+            Some("membership_admin"),
+        )
+        .await;
+    assert_eq!(members.status, 200, "{:?}", members.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configured() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    let ca = Ca::new("Datastore CA");
+    let gateways = Ca::new("Gateway clients CA");
+    let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
+    // Without a client certificate the datastore refuses the handshake.
+    let app = app_over_tls(backend, front, &ca, None).await;
+    assert_eq!(canvass_page(&app).await.status, 502);
+    app.stop().await;
+    // With one its CA issued, it serves.
+    let app = app_over_tls(backend, front, &ca, Some(gateways.issue(&["wardgate"]))).await;
+    let resp = canvass_page(&app).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    assert!(!resp.json()["records"].as_array().unwrap().is_empty());
     app.stop().await;
 }

@@ -117,6 +117,9 @@ pub struct TestApp {
     store_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// An edit of the configuration that carries values of its own (`AppOptions::edit`).
+pub type ConfigEdit = Box<dyn FnOnce(&mut Config) + Send>;
+
 #[derive(Default)]
 pub struct AppOptions {
     /// Use this upstream instead of starting the synthetic datastore.
@@ -130,6 +133,8 @@ pub struct AppOptions {
     pub electors: Option<usize>,
     /// Edit the configuration before start-up.
     pub tweak: Option<fn(&mut Config)>,
+    /// The same, for an edit that needs values of the test's own (after `tweak`).
+    pub edit: Option<ConfigEdit>,
     /// Share controls through this Redis (with a short staleness bound and resync interval).
     pub redis: Option<String>,
     /// Use another app's signing keys, so tokens work on both (replicas of one deployment).
@@ -228,6 +233,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     cfg.server.shutdown_grace = std::time::Duration::from_secs(5);
     if let Some(t) = opts.tweak {
         t(&mut cfg);
+    }
+    if let Some(edit) = opts.edit {
+        edit(&mut cfg);
     }
     let audit_dir = cfg.audit.dir.clone();
     let redis = cfg.redis.clone();
