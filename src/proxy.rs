@@ -37,7 +37,7 @@ pub struct UpstreamResponse {
 pub struct Upstream {
     pub dialect: Dialect,
     base: String,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<ConnectWithin<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     response_timeout: Duration,
     authorization: Option<HeaderValue>,
     max_response_bytes: usize,
@@ -78,6 +78,10 @@ impl Upstreams {
                     .enable_http1()
                     .wrap_connector(tcp),
             };
+            let connector = ConnectWithin {
+                inner: connector,
+                within: u.connect_timeout,
+            };
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(u.idle_connections)
@@ -111,6 +115,60 @@ impl Upstreams {
     }
 }
 
+/// A connector whose connections must be made, TCP and any TLS handshake both, within
+/// `connect_timeout`: `HttpConnector`'s own timeout covers the TCP connect only, and a
+/// datastore that accepts and then stalls its handshake would otherwise hold a request until
+/// `response_timeout` (a 504 where a 502 is meant).
+#[derive(Clone)]
+pub struct ConnectWithin<C> {
+    inner: C,
+    within: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower::Service<http::Uri> for ConnectWithin<C>
+where
+    C: tower::Service<http::Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (connecting, within) = (self.inner.call(uri), self.within);
+        Box::pin(async move {
+            match tokio::time::timeout(within, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!(
+                    "no connection (TCP and TLS) within connect_timeout ({within:?})"
+                )
+                .into()),
+            }
+        })
+    }
+}
+
+/// An error and every cause under it, for the log: hyper-util's client error says only
+/// `client error (Connect)`, and the reason (a refused connection, a certificate from an
+/// unknown CA or for another name) is in its sources.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let all: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+        .map(ToString::to_string)
+        .collect();
+    all.join(": ")
+}
+
 /// rustls with the ring provider and its safe protocol versions (TLS 1.2 and 1.3).
 fn tls_builder()
 -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
@@ -126,31 +184,43 @@ fn tls_builder()
 fn client_tls(name: &str, tls: &UpstreamTls) -> anyhow::Result<rustls::ClientConfig> {
     let ca_key = format!("datasets.{name}.ca_file");
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::server::read_certificates(&tls.ca_file, "CA")
-        .with_context(|| format!("`{ca_key}`"))?
-    {
-        roots.add(cert).with_context(|| {
-            format!(
-                "`{ca_key}`: `{}` holds a certificate that cannot be a trust anchor",
-                tls.ca_file.display()
-            )
-        })?;
+    let certs = crate::server::read_certificates(&tls.ca_file, "CA")
+        .with_context(|| format!("`{ca_key}`"))?;
+    // A system bundle may hold a certificate or two that WebPKI cannot take as a trust
+    // anchor; the rest still serve. None at all is a mistake.
+    let (added, skipped) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        anyhow::bail!(
+            "`{ca_key}`: no certificate in `{}` can be a trust anchor",
+            tls.ca_file.display()
+        );
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            file = %tls.ca_file.display(),
+            added,
+            skipped,
+            "`{ca_key}`: some certificates cannot be trust anchors and are left out"
+        );
     }
     let builder = tls_builder()?.with_root_certificates(roots);
     match &tls.client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
-            let what = format!("datasets.{name}.client_cert_file");
             let (certs, private) = crate::server::certificate_and_key(cert, key, "client")
-                .with_context(|| format!("`{what}`"))?;
+                .with_context(|| {
+                    format!("`datasets.{name}.client_cert_file` and `client_key_file`")
+                })?;
+            let key_key = format!("datasets.{name}.client_key_file");
             builder
                 .with_client_auth_cert(certs, private)
-                .with_context(|| {
-                    format!(
-                        "`datasets.{name}.client_key_file` `{}` does not match `{}`",
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => anyhow::anyhow!(
+                        "`{key_key}` `{}` does not match `{}`",
                         key.display(),
                         cert.display()
-                    )
+                    ),
+                    other => anyhow::anyhow!("`{key_key}` `{}`: {other}", key.display()),
                 })
         }
     }
@@ -212,7 +282,7 @@ impl Upstream {
         let resp = tokio::select! {
             biased;
             resp = self.client.request(req) => resp.map_err(|e| {
-                tracing::warn!(error = %e, uri, "upstream request failed");
+                tracing::warn!(error = causes(&e), uri, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?,
             () = &mut deadline => return Err(GatewayError::UpstreamTimeout),
@@ -252,7 +322,7 @@ impl Upstream {
                         Err(GatewayError::UpstreamTooLarge)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, uri, "upstream body failed");
+                        tracing::warn!(error = causes(&*e), uri, "upstream body failed");
                         Err(GatewayError::UpstreamUnavailable)
                     }
                 },
@@ -276,7 +346,7 @@ impl Upstream {
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
             .map_err(|e| {
-                tracing::warn!(error = %e, uri, "upstream request failed");
+                tracing::warn!(error = causes(&e), uri, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?;
         if resp.status() != StatusCode::OK {
@@ -461,12 +531,33 @@ mod tests {
             "{:#}",
             build(UpstreamTls {
                 ca_file: ca,
-                client_cert: Some((cert_file, key_file.clone())),
+                client_cert: Some((cert_file.clone(), key_file.clone())),
             })
             .unwrap_err()
         );
         assert!(
             e.contains("`datasets.voter.client_key_file`") && e.contains("does not match"),
+            "{e}"
+        );
+        // A client certificate that has expired: every handshake would fail.
+        let mut params = rcgen::CertificateParams::new(vec!["wardgate".to_owned()]).unwrap();
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(1_600_000_000).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let e = format!(
+            "{:#}",
+            build(UpstreamTls {
+                ca_file: dir.path().join("ca.pem"),
+                client_cert: Some((cert_file.clone(), key_file)),
+            })
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("`datasets.voter.client_cert_file` and `client_key_file`")
+                && e.contains(&cert_file.display().to_string())
+                && e.contains("expired on 2023-11-14"),
             "{e}"
         );
     }

@@ -123,7 +123,7 @@ fn chain_usable(
         let self_signed = cert.subject() == cert.issuer();
         if i == 0 && cert.is_ca() && (chain.len() > 1 || !self_signed) {
             anyhow::bail!(
-                "`{file}`: its first certificate is a CA's (`{}`): the server's own certificate \
+                "`{file}`: its first certificate is a CA's (`{}`): the gateway's own certificate \
                  must come first, then the certificates that issued it",
                 cert.subject()
             );

@@ -12,6 +12,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use common::{AppOptions, spawn_app_with};
@@ -136,12 +137,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A TLS front for the demo datastore (as a sidecar or a TLS-terminating proxy would be):
 /// it presents `cert`, asks for a client certificate issued by `clients` if given, and passes
-/// each connection's bytes to `backend`. Its address.
+/// each connection's bytes to `backend`, counting the connections it took and the handshakes
+/// that completed.
+struct Front {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    handshakes: Arc<AtomicUsize>,
+}
+
 async fn tls_datastore(
     backend: std::net::SocketAddr,
     (cert, key): (String, String),
     clients: Option<&Ca>,
-) -> std::net::SocketAddr {
+) -> Front {
     let key = rustls_pemfile::private_key(&mut key.as_bytes())
         .unwrap()
         .unwrap();
@@ -166,23 +174,50 @@ async fn tls_datastore(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let (taken, done) = (connections.clone(), handshakes.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let acceptor = acceptor.clone();
+            taken.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, done) = (acceptor.clone(), done.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                done.fetch_add(1, Ordering::SeqCst);
                 if let Ok(mut up) = tokio::net::TcpStream::connect(backend).await {
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
                 }
             });
         }
     });
-    addr
+    Front {
+        addr,
+        connections,
+        handshakes,
+    }
+}
+
+/// The answer of a request the datastore's TLS refused: 502, the datastore unreachable, and
+/// nothing of a record in it.
+fn refused_by_tls(resp: &common::Resp) {
+    assert_eq!(resp.status, 502, "{:?}", resp.body);
+    assert_eq!(
+        resp.headers["content-type"], "application/problem+json",
+        "{:?}",
+        resp.headers
+    );
+    assert_eq!(
+        resp.json()["type"],
+        "urn:wardgate:problem:upstream-unavailable",
+        "{:?}",
+        resp.body
+    );
+    assert!(!String::from_utf8_lossy(&resp.body).contains("elector_id"));
 }
 
 /// The gateway with its `voter` dataset read from `front` as `https://localhost:PORT`,
@@ -194,14 +229,16 @@ async fn app_over_tls(
     ca: &Ca,
     client: Option<(String, String)>,
 ) -> common::TestApp {
-    let dir = tempfile::tempdir().unwrap().keep();
+    // The files are read at start only: the directory may go once the gateway is up.
+    let kept = tempfile::tempdir().unwrap();
+    let dir = kept.path().to_owned();
     std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
     let client_cert = client.map(|(cert, key)| {
         std::fs::write(dir.join("client.pem"), cert).unwrap();
         std::fs::write(dir.join("client.key"), key).unwrap();
         (dir.join("client.pem"), dir.join("client.key"))
     });
-    spawn_app_with(AppOptions {
+    let app = spawn_app_with(AppOptions {
         upstream: Some(backend),
         edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
             let voter = c.datasets.get_mut("voter").unwrap();
@@ -215,7 +252,9 @@ async fn app_over_tls(
         })),
         ..Default::default()
     })
-    .await
+    .await;
+    drop(kept);
+    app
 }
 
 async fn canvass_page(app: &common::TestApp) -> common::Resp {
@@ -232,13 +271,14 @@ async fn a_datastore_over_tls_is_read_through_the_configured_ca_and_filtered() {
     let (backend, _stop) = common::start_datastore(300).await;
     let ca = Ca::new("Datastore CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
-    let app = app_over_tls(backend, front, &ca, None).await;
+    let app = app_over_tls(backend, front.addr, &ca, None).await;
     let resp = canvass_page(&app).await;
     assert_eq!(resp.status, 200, "{:?}", resp.body);
     let records = resp.json()["records"].as_array().unwrap().clone();
     assert!(!records.is_empty());
     // Filtered as ever: canvassing never sees the profiling scores.
     assert!(records.iter().all(|r| r.get("support_score").is_none()));
+    assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
     app.stop().await;
 }
 
@@ -250,23 +290,19 @@ async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_
     // Another CA's certificate for the right name: an interceptor's.
     let rogue = Ca::new("Rogue CA");
     let front = tls_datastore(backend, rogue.issue(&["localhost"]), None).await;
-    let app = app_over_tls(backend, front, &ca, None).await;
-    let resp = canvass_page(&app).await;
-    assert_eq!(resp.status, 502, "{:?}", resp.body);
-    assert_eq!(
-        resp.headers["content-type"], "application/problem+json",
-        "{:?}",
-        resp.headers
-    );
-    assert!(!String::from_utf8_lossy(&resp.body).contains("elector_id"));
+    let app = app_over_tls(backend, front.addr, &ca, None).await;
+    refused_by_tls(&canvass_page(&app).await);
+    // It got as far as the datastore's door, and no further.
+    assert!(front.connections.load(Ordering::SeqCst) >= 1);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
     app.stop().await;
 
     // The configured CA's certificate, but for another host than the URL names.
     let front = tls_datastore(backend, ca.issue(&["datastore.example"]), None).await;
-    let app = app_over_tls(backend, front, &ca, None).await;
-    let resp = canvass_page(&app).await;
-    assert_eq!(resp.status, 502, "{:?}", resp.body);
-    assert!(!String::from_utf8_lossy(&resp.body).contains("elector_id"));
+    let app = app_over_tls(backend, front.addr, &ca, None).await;
+    refused_by_tls(&canvass_page(&app).await);
+    assert!(front.connections.load(Ordering::SeqCst) >= 1);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
     // The plain-http dataset beside it is unaffected.
     let members = app
         .get(
@@ -280,19 +316,73 @@ async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_
 }
 
 #[tokio::test]
+async fn an_https_datastore_that_speaks_plain_http_is_sent_nothing_in_plain_text() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    // What arrives at a port that does not speak TLS, kept.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = vec![0; 4096];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), tcp.read(&mut buf)).await
+            {
+                kept.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            // No answer: a plain HTTP server would answer a ClientHello with an error page.
+            let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let ca = Ca::new("Datastore CA");
+    let app = app_over_tls(backend, addr, &ca, None).await;
+    refused_by_tls(&canvass_page(&app).await);
+    let got = received.lock().unwrap().clone();
+    // A TLS handshake record (0x16), and no request line, credential or path in the clear.
+    assert_eq!(got.first(), Some(&0x16), "{got:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        !text.contains("GET ") && !text.contains("electors"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configured() {
     let (backend, _stop) = common::start_datastore(300).await;
     let ca = Ca::new("Datastore CA");
     let gateways = Ca::new("Gateway clients CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
     // Without a client certificate the datastore refuses the handshake.
-    let app = app_over_tls(backend, front, &ca, None).await;
-    assert_eq!(canvass_page(&app).await.status, 502);
+    let app = app_over_tls(backend, front.addr, &ca, None).await;
+    refused_by_tls(&canvass_page(&app).await);
+    assert!(front.connections.load(Ordering::SeqCst) >= 1);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    app.stop().await;
+    // One its CA did not issue is refused too.
+    let app = app_over_tls(
+        backend,
+        front.addr,
+        &ca,
+        Some(Ca::new("Other clients CA").issue(&["wardgate"])),
+    )
+    .await;
+    refused_by_tls(&canvass_page(&app).await);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
     app.stop().await;
     // With one its CA issued, it serves.
-    let app = app_over_tls(backend, front, &ca, Some(gateways.issue(&["wardgate"]))).await;
+    let app = app_over_tls(
+        backend,
+        front.addr,
+        &ca,
+        Some(gateways.issue(&["wardgate"])),
+    )
+    .await;
     let resp = canvass_page(&app).await;
     assert_eq!(resp.status, 200, "{:?}", resp.body);
     assert!(!resp.json()["records"].as_array().unwrap().is_empty());
+    assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
     app.stop().await;
 }
