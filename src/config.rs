@@ -837,22 +837,32 @@ impl RawUpstream {
                 bail!("`datasets.{name}.dialect` = `{other}`: use `wardgate` or `datasette`")
             }
         };
+        let connect_timeout = bounded(
+            self.connect_timeout.as_deref().unwrap_or("2s"),
+            &format!("datasets.{name}.connect_timeout"),
+            MIN_UPSTREAM_TIMEOUT,
+            None,
+        )?;
+        let response_timeout = bounded(
+            self.response_timeout.as_deref().unwrap_or("15s"),
+            &format!("datasets.{name}.response_timeout"),
+            MIN_UPSTREAM_TIMEOUT,
+            None,
+        )?;
+        // The connection is made within the response's deadline: a connect timeout as long
+        // would never fire, and a datastore that cannot be reached would answer 504, not 502.
+        if connect_timeout >= response_timeout {
+            bail!(
+                "`datasets.{name}.connect_timeout` ({connect_timeout:?}) must be shorter than \
+                 `datasets.{name}.response_timeout` ({response_timeout:?})"
+            );
+        }
         Ok(UpstreamConfig {
             dialect,
             tls,
             base,
-            connect_timeout: bounded(
-                self.connect_timeout.as_deref().unwrap_or("2s"),
-                &format!("datasets.{name}.connect_timeout"),
-                MIN_UPSTREAM_TIMEOUT,
-                None,
-            )?,
-            response_timeout: bounded(
-                self.response_timeout.as_deref().unwrap_or("15s"),
-                &format!("datasets.{name}.response_timeout"),
-                MIN_UPSTREAM_TIMEOUT,
-                None,
-            )?,
+            connect_timeout,
+            response_timeout,
             idle_connections: match self.idle_connections {
                 None => DEFAULT_IDLE_CONNECTIONS,
                 Some(0) => bail!(

@@ -460,7 +460,10 @@ fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
         (audit, "retention = \"31days\""),
         (audit, "retention = \"7years\""),
         (audit, "prune_interval = \"1m\""),
-        (voter, "response_timeout = \"10ms\""),
+        (
+            voter,
+            "connect_timeout = \"10ms\"\nresponse_timeout = \"11ms\"",
+        ),
         (server, "max_request_bytes = 1024"),
     ] {
         parse(&in_section(anchor, line)).unwrap();
@@ -532,4 +535,22 @@ fn an_https_upstream_names_whom_it_trusts_and_only_https_takes_tls_files() {
         assert!(e.contains("plain http://"), "{t}: {e}");
     }
     assert!(parse(MINIMAL).unwrap().datasets["voter"].tls.is_none());
+}
+
+#[test]
+fn a_connect_timeout_must_be_shorter_than_the_response_timeout() {
+    let with = |t: &str| MINIMAL.replace("[datasets.voter]\n", &format!("[datasets.voter]\n{t}\n"));
+    // The connection is made within the response's deadline: as long, it would never fire.
+    for t in [
+        "connect_timeout = \"15s\"",
+        "connect_timeout = \"2s\"\nresponse_timeout = \"1s\"",
+    ] {
+        let e = err(&with(t));
+        assert!(
+            e.contains("`datasets.voter.connect_timeout`")
+                && e.contains("must be shorter than `datasets.voter.response_timeout`"),
+            "{t}: {e}"
+        );
+    }
+    parse(&with("connect_timeout = \"14s\"")).unwrap();
 }

@@ -81,6 +81,7 @@ impl Upstreams {
             let connector = ConnectWithin {
                 inner: connector,
                 within: u.connect_timeout,
+                dataset: name.as_str().into(),
             };
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
@@ -123,6 +124,8 @@ impl Upstreams {
 pub struct ConnectWithin<C> {
     inner: C,
     within: Duration,
+    /// Whose connections, for the error.
+    dataset: Arc<str>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -147,11 +150,13 @@ where
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let (connecting, within) = (self.inner.call(uri), self.within);
+        let dataset = Arc::clone(&self.dataset);
         Box::pin(async move {
             match tokio::time::timeout(within, connecting).await {
                 Ok(connected) => connected.map_err(Into::into),
                 Err(_) => Err(format!(
-                    "no connection (TCP and TLS) within connect_timeout ({within:?})"
+                    "no connection within `datasets.{dataset}.connect_timeout` ({within:?}): \
+                     name lookup, TCP connect and any TLS handshake"
                 )
                 .into()),
             }
@@ -488,30 +493,29 @@ mod tests {
             let upstreams = BTreeMap::from([("voter".to_owned(), cfg)]);
             Upstreams::new(&upstreams, 1 << 20).map(drop)
         };
+        let refused = |ca_file: std::path::PathBuf| {
+            let tls = UpstreamTls {
+                ca_file,
+                client_cert: None,
+            };
+            format!("{:#}", build(tls).unwrap_err())
+        };
         let missing = dir.path().join("no-such-ca.pem");
-        let e = format!(
-            "{:#}",
-            build(UpstreamTls {
-                ca_file: missing.clone(),
-                client_cert: None
-            })
-            .unwrap_err()
-        );
+        let e = refused(missing.clone());
         assert!(
             e.contains("`datasets.voter.ca_file`") && e.contains(&missing.display().to_string()),
             "{e}"
         );
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        let e = format!(
-            "{:#}",
-            build(UpstreamTls {
-                ca_file: empty,
-                client_cert: None
-            })
-            .unwrap_err()
-        );
+        let e = refused(empty);
         assert!(e.contains("holds no certificate"), "{e}");
+        // A PEM certificate block that is no certificate: nothing to trust.
+        let junk = dir.path().join("junk.pem");
+        let block = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        std::fs::write(&junk, block).unwrap();
+        let e = refused(junk);
+        assert!(e.contains("can be a trust anchor"), "{e}");
 
         let (ca_pem, _) = crate::token::self_signed_cert(&["ca"]).unwrap();
         let ca = dir.path().join("ca.pem");

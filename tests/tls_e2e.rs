@@ -202,6 +202,43 @@ async fn tls_datastore(
     }
 }
 
+impl Front {
+    /// `resp` is one the TLS between the gateway and this front refused: the gateway got
+    /// here (one more connection than `before`), no handshake completed, and the answer says
+    /// so.
+    fn refused(&self, resp: &common::Resp, before: usize) {
+        refused_by_tls(resp);
+        assert!(self.connections.load(Ordering::SeqCst) > before);
+        assert_eq!(self.handshakes.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// Everything logged on this thread while the guard lives (a current-thread test runtime
+/// runs the gateway's tasks here too).
+fn capture_logs() -> (
+    tracing::subscriber::DefaultGuard,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    #[derive(Clone)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = Captured(logs.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (tracing::subscriber::set_default(subscriber), logs)
+}
+
 /// The answer of a request the datastore's TLS refused: 502, the datastore unreachable, and
 /// nothing of a record in it.
 fn refused_by_tls(resp: &common::Resp) {
@@ -229,6 +266,18 @@ async fn app_over_tls(
     ca: &Ca,
     client: Option<(String, String)>,
 ) -> common::TestApp {
+    app_over_tls_within(backend, front, ca, client, None).await
+}
+
+/// `app_over_tls`, with `voter`'s `connect_timeout` set if given (its `response_timeout`
+/// then ten seconds).
+async fn app_over_tls_within(
+    backend: std::net::SocketAddr,
+    front: std::net::SocketAddr,
+    ca: &Ca,
+    client: Option<(String, String)>,
+    connect_timeout: Option<std::time::Duration>,
+) -> common::TestApp {
     // The files are read at start only: the directory may go once the gateway is up.
     let kept = tempfile::tempdir().unwrap();
     let dir = kept.path().to_owned();
@@ -249,6 +298,10 @@ async fn app_over_tls(
                 ca_file: dir.join("ca.pem"),
                 client_cert,
             });
+            if let Some(within) = connect_timeout {
+                voter.connect_timeout = within;
+                voter.response_timeout = std::time::Duration::from_secs(10);
+            }
         })),
         ..Default::default()
     })
@@ -291,18 +344,21 @@ async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_
     let rogue = Ca::new("Rogue CA");
     let front = tls_datastore(backend, rogue.issue(&["localhost"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
-    refused_by_tls(&canvass_page(&app).await);
-    // It got as far as the datastore's door, and no further.
-    assert!(front.connections.load(Ordering::SeqCst) >= 1);
-    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    let (guard, logs) = capture_logs();
+    // It gets as far as the datastore's door, and no further; the log says why.
+    front.refused(&canvass_page(&app).await, 0);
+    drop(guard);
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("upstream request failed") && logs.contains("UnknownIssuer"),
+        "{logs}"
+    );
     app.stop().await;
 
     // The configured CA's certificate, but for another host than the URL names.
     let front = tls_datastore(backend, ca.issue(&["datastore.example"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
-    refused_by_tls(&canvass_page(&app).await);
-    assert!(front.connections.load(Ordering::SeqCst) >= 1);
-    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    front.refused(&canvass_page(&app).await, 0);
     // The plain-http dataset beside it is unaffected.
     let members = app
         .get(
@@ -331,7 +387,7 @@ async fn an_https_datastore_that_speaks_plain_http_is_sent_nothing_in_plain_text
             {
                 kept.lock().unwrap().extend_from_slice(&buf[..n]);
             }
-            // No answer: a plain HTTP server would answer a ClientHello with an error page.
+            // As a plain HTTP server answers what it cannot parse (a ClientHello).
             let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         }
     });
@@ -357,9 +413,7 @@ async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configu
     let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
     // Without a client certificate the datastore refuses the handshake.
     let app = app_over_tls(backend, front.addr, &ca, None).await;
-    refused_by_tls(&canvass_page(&app).await);
-    assert!(front.connections.load(Ordering::SeqCst) >= 1);
-    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    front.refused(&canvass_page(&app).await, 0);
     app.stop().await;
     // One its CA did not issue is refused too.
     let app = app_over_tls(
@@ -369,8 +423,8 @@ async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configu
         Some(Ca::new("Other clients CA").issue(&["wardgate"])),
     )
     .await;
-    refused_by_tls(&canvass_page(&app).await);
-    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    let before = front.connections.load(Ordering::SeqCst);
+    front.refused(&canvass_page(&app).await, before);
     app.stop().await;
     // With one its CA issued, it serves.
     let app = app_over_tls(
@@ -384,5 +438,31 @@ async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configu
     assert_eq!(resp.status, 200, "{:?}", resp.body);
     assert!(!resp.json()["records"].as_array().unwrap().is_empty());
     assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeout() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    // Takes the connection, reads the ClientHello, and never answers it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let ca = Ca::new("Datastore CA");
+    let app = app_over_tls_within(
+        backend,
+        addr,
+        &ca,
+        None,
+        Some(std::time::Duration::from_millis(200)),
+    )
+    .await;
+    // 502 from the connect deadline; without it, 504 from the response deadline (10 s).
+    refused_by_tls(&canvass_page(&app).await);
     app.stop().await;
 }

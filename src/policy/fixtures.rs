@@ -316,11 +316,16 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
                 crate::catalog::LAWFUL_BASES
             ));
         }
-        let catalogued = r.catalog.purposes.get(&f.purpose);
-        if catalogued.is_none_or(|p| &p.lawful_basis == basis) {
+        let Some(catalogued) = r.catalog.purposes.get(&f.purpose) else {
             return Err(format!(
-                "`lawful_basis`: `{basis}` changes nothing for `{}`: give the basis of a \
-                 catalogued purpose other than its own, or none",
+                "`lawful_basis` is only for a catalogued purpose; `{}` is not in the catalogue",
+                f.purpose
+            ));
+        };
+        if &catalogued.lawful_basis == basis {
+            return Err(format!(
+                "`lawful_basis`: `{basis}` is the catalogue's own for `{}`, which changes \
+                 nothing: give another of the bases, or none",
                 f.purpose
             ));
         }

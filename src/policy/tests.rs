@@ -190,7 +190,17 @@ fn a_fixture_that_could_pass_vacuously_is_refused() {
     refused(
         &|f| f["lawful_basis"] = json!("public_task"),
         "deny",
-        "`public_task` changes nothing for `addressed_mail`",
+        "`public_task` is the catalogue's own for `addressed_mail`",
+    );
+    refused(
+        &|f| {
+            f["purpose"] = json!("internal_selection");
+            f["caller"]["purposes"] = json!(["internal_selection"]);
+            f["unregistered"] = json!(["purpose"]);
+            f["lawful_basis"] = json!("consent");
+        },
+        "deny",
+        "only for a catalogued purpose",
     );
     refused(
         &|f| f["lawful_basis"] = json!("legitimate_interest"),
