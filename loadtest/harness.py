@@ -127,10 +127,14 @@ class Procs:
             self.stop(name)
 
 
-def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None) -> None:
+def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None,
+              process: subprocess.Popen | None = None) -> None:
+    """Waits until `url` answers; gives up early if `process` (the server) has exited."""
     end = time.monotonic() + timeout
     last = None
     while time.monotonic() < end:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited (status {process.returncode})")
         try:
             req = urllib.request.Request(url, headers=headers or {})
             with urllib.request.urlopen(req, timeout=2) as r:
@@ -344,9 +348,17 @@ def start_wardgate(args, procs: Procs, work: Path, name: str, durability: str,
     port, admin = free_port(), free_port()
     cfg = wardgate_config(work, durability, port, admin, upstream_port, name,
                           getattr(args, "commit_window", None))
-    p = procs.start(name, [binary, "serve", "--config", str(cfg)], 1, work / f"{name}.log",
+    log_file = work / f"{name}.log"
+    p = procs.start(name, [binary, "serve", "--config", str(cfg)], 1, log_file,
                     env={**os.environ, "RUST_LOG": "warn"})
-    wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60)
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=60, process=p)
+    except RuntimeError as e:
+        # Say why: a `--compare-bin` older than the demo's policy tests, say, refuses them.
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) \
+            if log_file.exists() else "(no log)"
+        raise RuntimeError(f"{name} ({binary}) did not become ready: {e}\n"
+                           f"--- the end of {log_file} ---\n{tail}") from None
     return p, port, admin
 
 
