@@ -23,7 +23,8 @@
 //! - [`decisions`]: record decisions memoised per distinct attribute combination.
 //! - [`dialect`]: how each kind of datastore is asked (wardgate's API, Datasette).
 //! - [`writes`]: what a write body may carry.
-//! - [`proxy`]: the upstream client.
+//! - [`proxy`]: the upstream client; [`connector`]: its connections, TCP or TLS to `https://`
+//!   datastores, within one deadline.
 //! - [`filter`]: row and field filtering over raw JSON.
 //! - [`export`]: streamed exports, filtered line by line and audited chunk by chunk.
 //! - [`audit`]: the durable, hash-chained access log.
@@ -41,6 +42,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client_addr;
 pub mod config;
+pub mod connector;
 pub mod controls;
 pub mod decisions;
 pub mod demo;

@@ -466,3 +466,38 @@ async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeou
     refused_by_tls(&canvass_page(&app).await);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_export_streams_from_a_datastore_over_tls_as_paging_would() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    let ca = Ca::new("Datastore CA");
+    let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
+    let app = app_over_tls(backend, front.addr, &ca, None).await;
+    let analyst = app.token("analyst");
+    let export = app
+        .get("/voter/electors/export", Some(&analyst), Some("profiling"))
+        .await;
+    assert_eq!(export.status, 200, "{:?}", export.body);
+    let exported: Vec<serde_json::Value> = std::str::from_utf8(&export.body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!exported.is_empty());
+    // Paging the same listing through the same TLS client: the same records, field for field.
+    let paged = app
+        .get(
+            "/voter/electors?per_page=1000",
+            Some(&analyst),
+            Some("profiling"),
+        )
+        .await;
+    assert_eq!(paged.status, 200, "{:?}", paged.body);
+    assert_eq!(
+        &exported,
+        paged.json()["records"].as_array().unwrap(),
+        "the export and the page differ"
+    );
+    assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    app.stop().await;
+}
