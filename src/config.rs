@@ -146,7 +146,7 @@ pub struct UpstreamConfig {
 }
 
 /// TLS to a datastore (`datasets.*.ca_file`, `client_cert_file`, `client_key_file`); the
-/// files are read when the upstream clients are built (`proxy::Upstreams::new`).
+/// files are read when the upstream clients are built (`connector::connector`).
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     /// The CA certificates (PEM) the datastore's certificate must chain to: only these, never

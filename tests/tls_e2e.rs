@@ -444,7 +444,7 @@ async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configu
 #[tokio::test]
 async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeout() {
     let (backend, _stop) = common::start_datastore(300).await;
-    // Takes the connection, reads the ClientHello, and never answers it.
+    // Takes the connection and never answers the ClientHello that comes.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
