@@ -9,6 +9,7 @@
 //! buffered without bound. This module forwards bytes; it does not look inside them.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,10 +33,17 @@ pub struct UpstreamResponse {
     pub body: Result<Bytes, GatewayError>,
 }
 
+/// A datastore's pooled client.
+type Pooled = Client<Connector, Full<Bytes>>;
+
 pub struct Upstream {
     pub dialect: Dialect,
     base: String,
-    client: Client<Connector, Full<Bytes>>,
+    /// Replaced whole when the TLS files are read again (`Upstreams::renew_tls`): requests
+    /// under way keep the client they took, and its pool, until they end.
+    client: RwLock<Arc<Pooled>>,
+    /// What the client is built from, for a renewal.
+    config: UpstreamConfig,
     response_timeout: Duration,
     authorization: Option<HeaderValue>,
     max_response_bytes: usize,
@@ -53,11 +61,7 @@ impl Upstreams {
     ) -> anyhow::Result<Upstreams> {
         let mut by_dataset = BTreeMap::new();
         for (name, u) in cfg {
-            let connector = crate::connector::connector(name, u)?;
-            let client = Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(u.idle_connections)
-                .build(connector);
+            let client = pooled(name, u)?;
             let authorization = match &u.authorization {
                 Some(v) => Some(HeaderValue::from_str(v).map_err(|_| {
                     anyhow::anyhow!(
@@ -72,7 +76,8 @@ impl Upstreams {
                 Upstream {
                     dialect: u.dialect.clone(),
                     base,
-                    client,
+                    client: RwLock::new(Arc::new(client)),
+                    config: u.clone(),
                     response_timeout: u.response_timeout,
                     authorization,
                     max_response_bytes,
@@ -85,6 +90,55 @@ impl Upstreams {
     pub fn get(&self, dataset: &str) -> Option<&Upstream> {
         self.by_dataset.get(dataset)
     }
+
+    /// Reads every `https://` datastore's TLS files again and builds its client anew, checked
+    /// as at start: all of them, or the first error (then nothing changes). `None` when no
+    /// datastore is reached over TLS. Nothing is in use until `TlsRenewal::apply`.
+    pub fn renew_tls(&self) -> Option<anyhow::Result<TlsRenewal<'_>>> {
+        let over_tls: Vec<(&String, &Upstream)> = (self.by_dataset.iter())
+            .filter(|(_, up)| up.config.tls.is_some())
+            .collect();
+        if over_tls.is_empty() {
+            return None;
+        }
+        let built = over_tls
+            .into_iter()
+            .map(|(name, up)| Ok((name.as_str(), up, pooled(name, &up.config)?)))
+            .collect::<anyhow::Result<Vec<_>>>();
+        Some(built.map(|clients| TlsRenewal { clients }))
+    }
+}
+
+/// New clients for the datastores reached over TLS, their files read and checked, not yet in
+/// use.
+pub struct TlsRenewal<'a> {
+    clients: Vec<(&'a str, &'a Upstream, Pooled)>,
+}
+
+impl TlsRenewal<'_> {
+    /// The datastores renewed.
+    pub fn datasets(&self) -> Vec<String> {
+        self.clients
+            .iter()
+            .map(|(n, _, _)| (*n).to_owned())
+            .collect()
+    }
+
+    /// Puts the new clients in place: the next connection to each datastore is made with
+    /// the files just read (the old pools close as their last requests end).
+    pub fn apply(self) {
+        for (_, up, client) in self.clients {
+            *up.client.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(client);
+        }
+    }
+}
+
+/// A datastore's pooled client, over `connector`'s connections.
+fn pooled(name: &str, u: &UpstreamConfig) -> anyhow::Result<Pooled> {
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(u.idle_connections)
+        .build(crate::connector::connector(name, u)?))
 }
 
 /// An error and every cause under it, for the log: hyper-util's client error says only
@@ -98,6 +152,11 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Upstream {
+    /// The client in use now.
+    fn client(&self) -> Arc<Pooled> {
+        Arc::clone(&self.client.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// An upstream request built from scratch: the caller's headers never reach a datastore,
     /// only `Accept`, the request id, the configured credential and, with a body, its type.
     fn request(
@@ -145,7 +204,7 @@ impl Upstream {
         tokio::pin!(deadline);
         let resp = tokio::select! {
             biased;
-            resp = self.client.request(req) => resp.map_err(|e| {
+            resp = self.client().request(req) => resp.map_err(|e| {
                 tracing::warn!(error = causes(&e), uri, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?,
@@ -206,7 +265,7 @@ impl Upstream {
     ) -> Result<hyper::body::Incoming, GatewayError> {
         let uri = format!("{}{path_and_query}", self.base);
         let req = self.request(Method::GET, &uri, "application/x-ndjson", None, request_id)?;
-        let resp = tokio::time::timeout(self.response_timeout, self.client.request(req))
+        let resp = tokio::time::timeout(self.response_timeout, self.client().request(req))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
             .map_err(|e| {

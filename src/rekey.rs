@@ -5,6 +5,11 @@
 //! and then trusted, and every cached token is forgotten, so a key removed or replaced stops
 //! its tokens at once; requests and streams under way stop at their next check
 //! (`Verifier::still_trusts`). A change that cannot be recorded is not made.
+//!
+//! The same signal reads the TLS files of every `https://` datastore again (`ca_file`, the
+//! gateway's client certificate and key: a certificate renewed before it ends), checked as at
+//! start: all are taken, after their audit record, or none (the clients in use stay). New
+//! connections are made with the new files; requests under way finish on the old ones.
 
 use std::sync::Arc;
 
@@ -20,7 +25,7 @@ pub fn listen() -> Option<Signal> {
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys are read at start only");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys and datastore TLS files are read at start only");
             None
         }
     }
@@ -31,8 +36,9 @@ pub fn listen() -> Option<Signal> {
 /// record of a change not made; at exit the change no longer matters.)
 pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
     while hangups.recv().await.is_some() {
-        // What it did is logged, counted and audited inside.
+        // What each did is logged, counted and audited inside.
         let _ = reload_keys(&gw).await;
+        let _ = reload_datastore_tls(&gw).await;
     }
 }
 
@@ -69,5 +75,43 @@ pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
         changed = ?new.changed, "keys reloaded");
     metrics::counter!("wardgate_key_reloads_total", "outcome" => "reloaded").increment(1);
     gw.verifier.trust(new);
+    Ok(())
+}
+
+/// Reads the TLS files of the `https://` datastores again, records the change, then uses the
+/// new files for new connections; or says why not. Nothing to do (and nothing recorded) when
+/// no datastore is reached over TLS.
+pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
+    let Some(renewal) = gw.upstreams.renew_tls() else {
+        return Ok(());
+    };
+    let mut record = AuditRecord::system("datasets.tls", "datastore_tls_reloaded");
+    let renewal = match renewal {
+        Ok(renewal) => renewal,
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::error!(error = %why, "datastore TLS files not reloaded: the ones in use stay");
+            metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "refused")
+                .increment(1);
+            record.reason = Some("datastore_tls_reload_refused".to_owned());
+            record.decision = Decision::Error;
+            record.detail = Some(serde_json::json!({ "error": why }));
+            if let Err(e) = gw.audit.append(record).await {
+                tracing::error!(error = %e, "the refused reload's audit record was not written");
+            }
+            return Err(e);
+        }
+    };
+    let datasets = renewal.datasets();
+    record.detail = Some(serde_json::json!({ "datasets": datasets }));
+    if let Err(e) = gw.audit.append(record).await {
+        tracing::error!(error = %e, "datastore TLS files not reloaded: the change could not be audited");
+        metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "unlogged")
+            .increment(1);
+        anyhow::bail!("the datastore TLS change could not be audited: {e}");
+    }
+    renewal.apply();
+    tracing::info!(?datasets, "datastore TLS files reloaded");
+    metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "reloaded").increment(1);
     Ok(())
 }

@@ -266,28 +266,29 @@ async fn app_over_tls(
     ca: &Ca,
     client: Option<(String, String)>,
 ) -> common::TestApp {
-    app_over_tls_within(backend, front, ca, client, None).await
+    // The files are read at start: the directory may go once the gateway is up.
+    let files = tempfile::tempdir().unwrap();
+    app_over_tls_in(files.path(), backend, front, ca, client, None).await
 }
 
-/// `app_over_tls`, with `voter`'s `connect_timeout` set if given (its `response_timeout`
-/// then ten seconds).
-async fn app_over_tls_within(
+/// `app_over_tls`, its TLS files (`ca.pem`, `client.pem`, `client.key`) written in `files`,
+/// and `voter`'s `connect_timeout` set if given (its `response_timeout` then ten seconds).
+async fn app_over_tls_in(
+    files: &std::path::Path,
     backend: std::net::SocketAddr,
     front: std::net::SocketAddr,
     ca: &Ca,
     client: Option<(String, String)>,
     connect_timeout: Option<std::time::Duration>,
 ) -> common::TestApp {
-    // The files are read at start only: the directory may go once the gateway is up.
-    let kept = tempfile::tempdir().unwrap();
-    let dir = kept.path().to_owned();
+    let dir = files.to_owned();
     std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
     let client_cert = client.map(|(cert, key)| {
         std::fs::write(dir.join("client.pem"), cert).unwrap();
         std::fs::write(dir.join("client.key"), key).unwrap();
         (dir.join("client.pem"), dir.join("client.key"))
     });
-    let app = spawn_app_with(AppOptions {
+    spawn_app_with(AppOptions {
         upstream: Some(backend),
         edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
             let voter = c.datasets.get_mut("voter").unwrap();
@@ -305,9 +306,7 @@ async fn app_over_tls_within(
         })),
         ..Default::default()
     })
-    .await;
-    drop(kept);
-    app
+    .await
 }
 
 async fn canvass_page(app: &common::TestApp) -> common::Resp {
@@ -454,14 +453,9 @@ async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeou
         }
     });
     let ca = Ca::new("Datastore CA");
-    let app = app_over_tls_within(
-        backend,
-        addr,
-        &ca,
-        None,
-        Some(std::time::Duration::from_millis(200)),
-    )
-    .await;
+    let files = tempfile::tempdir().unwrap();
+    let within = Some(std::time::Duration::from_millis(200));
+    let app = app_over_tls_in(files.path(), backend, addr, &ca, None, within).await;
     // 502 from the connect deadline; without it, 504 from the response deadline (10 s).
     refused_by_tls(&canvass_page(&app).await);
     app.stop().await;
@@ -499,5 +493,67 @@ async fn an_export_streams_from_a_datastore_over_tls_as_paging_would() {
         "the export and the page differ"
     );
     assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    app.stop().await;
+}
+
+/// `SIGHUP` (here `rekey::reload_datastore_tls`, which it runs) reads the datastores' TLS
+/// files again: the next connection shows the certificate now on disk. A set that fails the
+/// start's checks is refused and the files in use stay. Each is audited.
+#[tokio::test]
+async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set() {
+    let (backend, _stop) = common::start_datastore(300).await;
+    let ca = Ca::new("Datastore CA");
+    let gateways = Ca::new("Gateway clients CA");
+    let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
+    let files = tempfile::tempdir().unwrap();
+    let client = gateways.issue(&["wardgate"]);
+    let app = app_over_tls_in(files.path(), backend, front.addr, &ca, Some(client), None).await;
+    assert_eq!(canvass_page(&app).await.status, 200);
+    let put = |(cert, key): (String, String)| {
+        std::fs::write(files.path().join("client.pem"), cert).unwrap();
+        std::fs::write(files.path().join("client.key"), key).unwrap();
+    };
+    let reloaded = |reason: &str| {
+        (app.audit_records().into_iter())
+            .filter(|r| r["reason"] == reason)
+            .collect::<Vec<_>>()
+    };
+
+    // Replaced by one the datastore does not accept: taken, and the next connection shows it.
+    put(Ca::new("Other clients CA").issue(&["wardgate"]));
+    wardgate::rekey::reload_datastore_tls(&app.gw)
+        .await
+        .unwrap();
+    let before = front.connections.load(Ordering::SeqCst);
+    refused_by_tls(&canvass_page(&app).await);
+    assert!(front.connections.load(Ordering::SeqCst) > before);
+    // Renewed by the datastore's clients CA: served again.
+    put(gateways.issue(&["wardgate"]));
+    wardgate::rekey::reload_datastore_tls(&app.gw)
+        .await
+        .unwrap();
+    assert_eq!(canvass_page(&app).await.status, 200);
+    let taken = reloaded("datastore_tls_reloaded");
+    assert_eq!(taken.len(), 2, "{taken:?}");
+    assert_eq!(taken[0]["detail"]["datasets"], serde_json::json!(["voter"]));
+
+    // A key that is not the certificate's: refused, and what is in use stays.
+    let (cert, _) = gateways.issue(&["wardgate"]);
+    let (_, other_key) = gateways.issue(&["wardgate"]);
+    put((cert, other_key));
+    let e = wardgate::rekey::reload_datastore_tls(&app.gw)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("does not match"), "{e:#}");
+    assert_eq!(canvass_page(&app).await.status, 200);
+    let refused = reloaded("datastore_tls_reload_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0]["detail"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("`datasets.voter.client_key_file`"),
+        "{refused:?}"
+    );
     app.stop().await;
 }

@@ -111,6 +111,8 @@ pub struct TestApp {
     pub tokens: std::collections::BTreeMap<String, String>,
     pub redis: Option<wardgate::controls::RedisSettings>,
     pub witness: Option<wardgate::audit::witness::WitnessConfig>,
+    /// The running gateway, for tests that call what a signal would (`rekey`).
+    pub gw: std::sync::Arc<wardgate::gateway::Gateway>,
     client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -247,7 +249,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let tokens = demo::mint_tokens(&signer, now()).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(wardgate::startup::run(
-        gw,
+        gw.clone(),
         data,
         admin,
         tls,
@@ -269,6 +271,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         tokens,
         redis,
         witness,
+        gw,
         client,
         stop: Some(tx),
         task: Some(task),
@@ -451,6 +454,7 @@ impl TestApp {
         self.addr = data.local_addr().unwrap();
         self.admin = admin.local_addr().unwrap();
         let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
+        self.gw = gw.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.task = Some(tokio::spawn(wardgate::startup::run(
             gw,
