@@ -11,7 +11,11 @@ use std::path::Path;
 fn main() -> Result<()> {
     let out = std::env::var_os("OUT_DIR")
         .ok_or_else(|| Error::other("cargo sets OUT_DIR for build scripts"))?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tests");
+    // Read when the script runs, not when it was compiled: a target directory shared by two
+    // checkouts (the load test's A/B builds) reuses one compiled script for both.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .ok_or_else(|| Error::other("cargo sets CARGO_MANIFEST_DIR for build scripts"))?;
+    let root = Path::new(&manifest).join("policies/tests");
     let mut code = String::from("pub const POLICY_TESTS: &[(&str, &str)] = &[\n");
     for kind in ["allow", "deny"] {
         let dir = root.join(kind);
