@@ -9,7 +9,7 @@
 //! buffered without bound. This module forwards bytes; it does not look inside them.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,8 +42,10 @@ pub struct Upstream {
     /// Replaced whole when the TLS files are read again (`Upstreams::renew_tls`): requests
     /// under way keep the client they took, and its pool, until they end.
     client: RwLock<Arc<Pooled>>,
-    /// What the client is built from, for a renewal.
+    /// What the client is built from, for a renewal, and (for an `https://` datastore) a
+    /// digest of the TLS files it was built with: a renewal rebuilds only what changed.
     config: UpstreamConfig,
+    tls_files: Mutex<Option<[u8; 32]>>,
     response_timeout: Duration,
     authorization: Option<HeaderValue>,
     max_response_bytes: usize,
@@ -78,6 +80,7 @@ impl Upstreams {
                     base,
                     client: RwLock::new(Arc::new(client)),
                     config: u.clone(),
+                    tls_files: Mutex::new(tls_files(u)),
                     response_timeout: u.response_timeout,
                     authorization,
                     max_response_bytes,
@@ -91,9 +94,11 @@ impl Upstreams {
         self.by_dataset.get(dataset)
     }
 
-    /// Reads every `https://` datastore's TLS files again and builds its client anew, checked
-    /// as at start: all of them, or the first error (then nothing changes). `None` when no
-    /// datastore is reached over TLS. Nothing is in use until `TlsRenewal::apply`.
+    /// Reads every `https://` datastore's TLS files again and, for each whose files changed,
+    /// builds its client anew, checked as at start: all of them, or the first error (then
+    /// nothing changes). `None` when no datastore is reached over TLS. Nothing is in use
+    /// until `TlsRenewal::apply`. (A datastore whose files are as they were keeps its client
+    /// and its pooled connections: the same signal reloads token keys, which may come often.)
     pub fn renew_tls(&self) -> Option<anyhow::Result<TlsRenewal<'_>>> {
         let over_tls: Vec<(&String, &Upstream)> = (self.by_dataset.iter())
             .filter(|(_, up)| up.config.tls.is_some())
@@ -101,34 +106,68 @@ impl Upstreams {
         if over_tls.is_empty() {
             return None;
         }
-        let built = over_tls
-            .into_iter()
-            .map(|(name, up)| Ok((name.as_str(), up, pooled(name, &up.config)?)))
-            .collect::<anyhow::Result<Vec<_>>>();
-        Some(built.map(|clients| TlsRenewal { clients }))
+        let mut renewal = TlsRenewal {
+            clients: Vec::new(),
+            unchanged: Vec::new(),
+        };
+        for (name, up) in over_tls {
+            let files = tls_files(&up.config);
+            let in_use = *up.tls_files.lock().unwrap_or_else(PoisonError::into_inner);
+            if files.is_some() && files == in_use {
+                renewal.unchanged.push(name.clone());
+                continue;
+            }
+            // Unreadable files (no digest) are read here again, to say why.
+            match pooled(name, &up.config) {
+                Ok(client) => renewal.clients.push((name.as_str(), up, client, files)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(renewal))
     }
+}
+
+/// A digest of an `https://` datastore's TLS files as they are now (`None` for `http://`, or
+/// when one cannot be read).
+fn tls_files(u: &UpstreamConfig) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    let tls = u.tls.as_ref()?;
+    let mut digest = sha2::Sha256::new();
+    let client = tls.client_cert.as_ref();
+    for path in std::iter::once(&tls.ca_file).chain(client.into_iter().flat_map(|(c, k)| [c, k])) {
+        let bytes = std::fs::read(path).ok()?;
+        digest.update((bytes.len() as u64).to_be_bytes());
+        digest.update(&bytes);
+    }
+    Some(digest.finalize().into())
 }
 
 /// New clients for the datastores reached over TLS, their files read and checked, not yet in
 /// use.
 pub struct TlsRenewal<'a> {
-    clients: Vec<(&'a str, &'a Upstream, Pooled)>,
+    clients: Vec<(&'a str, &'a Upstream, Pooled, Option<[u8; 32]>)>,
+    unchanged: Vec<String>,
 }
 
 impl TlsRenewal<'_> {
-    /// The datastores renewed.
-    pub fn datasets(&self) -> Vec<String> {
-        self.clients
-            .iter()
-            .map(|(n, _, _)| (*n).to_owned())
+    /// The datastores whose files changed, to be renewed.
+    pub fn changed(&self) -> Vec<String> {
+        (self.clients.iter())
+            .map(|(n, _, _, _)| (*n).to_owned())
             .collect()
+    }
+
+    /// The datastores whose files are as they were.
+    pub fn unchanged(&self) -> &[String] {
+        &self.unchanged
     }
 
     /// Puts the new clients in place: the next connection to each datastore is made with
     /// the files just read (the old pools close as their last requests end).
     pub fn apply(self) {
-        for (_, up, client) in self.clients {
+        for (_, up, client, files) in self.clients {
             *up.client.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(client);
+            *up.tls_files.lock().unwrap_or_else(PoisonError::into_inner) = files;
         }
     }
 }

@@ -102,8 +102,18 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let datasets = renewal.datasets();
-    record.detail = Some(serde_json::json!({ "datasets": datasets }));
+    let datasets = renewal.changed();
+    if datasets.is_empty() {
+        // Nothing the gateway trusts or shows changes: no record, and the pools stay.
+        tracing::info!(unchanged = ?renewal.unchanged(), "datastore TLS files unchanged");
+        metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "unchanged")
+            .increment(1);
+        return Ok(());
+    }
+    record.detail = Some(serde_json::json!({
+        "datasets": datasets,
+        "unchanged": renewal.unchanged(),
+    }));
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, "datastore TLS files not reloaded: the change could not be audited");
         metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "unlogged")

@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// Builds a TLS acceptor from PEM certificate chain and key files; errors name the file.
 pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcceptor> {
-    let (certs, key) = certificate_and_key(cert_file, key_file, "TLS")?;
+    let (certs, key) = certificate_and_key(cert_file, key_file, "TLS", "then restart")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -65,16 +65,18 @@ pub(crate) fn read_certificates(
 }
 
 /// A certificate chain checked as usable now (`chain_usable`: refused when expired or not
-/// yet valid, or written CA first; warned of when it ends within 30 days) and its key.
+/// yet valid, or written CA first; warned of when it ends within 30 days, the warning ending
+/// with `then`, how the renewed one is taken up) and its key.
 pub(crate) fn certificate_and_key(
     cert_file: &Path,
     key_file: &Path,
     what: &str,
+    then: &str,
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let certs = read_certificates(cert_file, what)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Some(warning) = chain_usable(cert_file, &certs, now)? {
-        tracing::warn!(file = %cert_file.display(), "{warning}");
+        tracing::warn!(file = %cert_file.display(), "{warning}, {then}");
     }
     let key_pem = std::fs::read(key_file)
         .with_context(|| format!("cannot read {what} key `{}`", key_file.display()))?;
@@ -165,7 +167,7 @@ fn chain_usable(
             soonest = Some((
                 until,
                 format!(
-                    "{which} (`{subject}`) expires on {}, within 30 days: renew it and restart",
+                    "{which} (`{subject}`) expires on {}, within 30 days: renew it",
                     date(&validity.not_after)
                 ),
             ));

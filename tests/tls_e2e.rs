@@ -536,6 +536,15 @@ async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set()
     let taken = reloaded("datastore_tls_reloaded");
     assert_eq!(taken.len(), 2, "{taken:?}");
     assert_eq!(taken[0]["detail"]["datasets"], serde_json::json!(["voter"]));
+    // A reload with the files as they were (a token key rotation's signal) changes nothing
+    // and records nothing: the pooled connection is used again.
+    wardgate::rekey::reload_datastore_tls(&app.gw)
+        .await
+        .unwrap();
+    let before = front.connections.load(Ordering::SeqCst);
+    assert_eq!(canvass_page(&app).await.status, 200);
+    assert_eq!(front.connections.load(Ordering::SeqCst), before);
+    assert_eq!(reloaded("datastore_tls_reloaded").len(), 2);
 
     // A key that is not the certificate's: refused, and what is in use stays.
     let (cert, _) = gateways.issue(&["wardgate"]);
@@ -545,7 +554,12 @@ async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set()
         .await
         .unwrap_err();
     assert!(format!("{e:#}").contains("does not match"), "{e:#}");
-    assert_eq!(canvass_page(&app).await.status, 200);
+    // New connections (three requests at once, one pooled connection) are still made with
+    // the files in use.
+    let before = front.connections.load(Ordering::SeqCst);
+    let (a, b, c) = tokio::join!(canvass_page(&app), canvass_page(&app), canvass_page(&app));
+    assert!([a, b, c].iter().all(|r| r.status == 200));
+    assert!(front.connections.load(Ordering::SeqCst) > before);
     let refused = reloaded("datastore_tls_reload_refused");
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(
