@@ -63,6 +63,9 @@ impl Upstreams {
     ) -> anyhow::Result<Upstreams> {
         let mut by_dataset = BTreeMap::new();
         for (name, u) in cfg {
+            // The digest first: files renewed while the client is built are taken up by the
+            // next reload, not taken for the ones in use.
+            let tls_files = tls_files(u);
             let client = pooled(name, u)?;
             let authorization = match &u.authorization {
                 Some(v) => Some(HeaderValue::from_str(v).map_err(|_| {
@@ -80,7 +83,7 @@ impl Upstreams {
                     base,
                     client: RwLock::new(Arc::new(client)),
                     config: u.clone(),
-                    tls_files: Mutex::new(tls_files(u)),
+                    tls_files: Mutex::new(tls_files),
                     response_timeout: u.response_timeout,
                     authorization,
                     max_response_bytes,

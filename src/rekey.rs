@@ -7,9 +7,10 @@
 //! (`Verifier::still_trusts`). A change that cannot be recorded is not made.
 //!
 //! The same signal reads the TLS files of every `https://` datastore again (`ca_file`, the
-//! gateway's client certificate and key: a certificate renewed before it ends), checked as at
-//! start: all are taken, after their audit record, or none (the clients in use stay). New
-//! connections are made with the new files; requests under way finish on the old ones.
+//! gateway's client certificate and key: a certificate renewed before it ends). Those of the
+//! datastores whose files changed are checked as at start: all are taken, after their audit
+//! record, or none (the clients in use stay). New connections are made with the new files;
+//! requests under way finish on the old ones.
 
 use std::sync::Arc;
 
