@@ -43,86 +43,108 @@ pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
     }
 }
 
+/// One kind of reload: where its audit records go, what they and its metric are called.
+struct Reload {
+    route: &'static str,
+    reloaded: &'static str,
+    refused: &'static str,
+    metric: &'static str,
+    /// What is reloaded, for the log.
+    what: &'static str,
+}
+
+const KEYS: Reload = Reload {
+    route: "auth.keys",
+    reloaded: "keys_reloaded",
+    refused: "keys_reload_refused",
+    metric: "wardgate_key_reloads_total",
+    what: "keys",
+};
+
+const DATASTORE_TLS: Reload = Reload {
+    route: "datasets.tls",
+    reloaded: "datastore_tls_reloaded",
+    refused: "datastore_tls_reload_refused",
+    metric: "wardgate_datastore_tls_reloads_total",
+    what: "datastore TLS files",
+};
+
+impl Reload {
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!(self.metric, "outcome" => outcome).increment(1);
+    }
+
+    /// Logs, counts and records a reload refused for `e`: what is in use stays. `e` again.
+    async fn refuse(&self, gw: &Gateway, e: anyhow::Error) -> anyhow::Error {
+        let why = format!("{e:#}");
+        tracing::error!(error = %why, "{} not reloaded: those in use stay", self.what);
+        self.count("refused");
+        let mut record = AuditRecord::system(self.route, self.refused);
+        record.decision = Decision::Error;
+        record.detail = Some(serde_json::json!({ "error": why }));
+        if let Err(e) = gw.audit.append(record).await {
+            tracing::error!(error = %e, "the refused reload's audit record was not written");
+        }
+        e
+    }
+
+    /// Records the change (`detail`) before it is made; an error, counted, when it cannot be
+    /// recorded (the change is then not made).
+    async fn record(&self, gw: &Gateway, detail: serde_json::Value) -> anyhow::Result<()> {
+        let mut record = AuditRecord::system(self.route, self.reloaded);
+        record.detail = Some(detail);
+        if let Err(e) = gw.audit.append(record).await {
+            tracing::error!(error = %e, "{} not reloaded: the change could not be audited", self.what);
+            self.count("unlogged");
+            anyhow::bail!("the change of {} could not be audited: {e}", self.what);
+        }
+        Ok(())
+    }
+}
+
 /// Reads the keys again, records the change, then trusts the new keys; or says why not.
 pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
-    let mut record = AuditRecord::system("auth.keys", "keys_reloaded");
     let new = match gw.verifier.reread_keys() {
         Ok(new) => new,
-        Err(e) => {
-            let why = format!("{e:#}");
-            tracing::error!(error = %why, "keys not reloaded: the keys in use stay");
-            metrics::counter!("wardgate_key_reloads_total", "outcome" => "refused").increment(1);
-            record.reason = Some("keys_reload_refused".to_owned());
-            record.decision = Decision::Error;
-            record.detail = Some(serde_json::json!({ "error": why }));
-            if let Err(e) = gw.audit.append(record).await {
-                tracing::error!(error = %e, "the refused key reload's audit record was not written");
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(KEYS.refuse(gw, e).await),
     };
-    record.detail = Some(serde_json::json!({
+    let detail = serde_json::json!({
         "keys": new.all,
         "added": new.added,
         "removed": new.removed,
         "changed": new.changed,
-    }));
-    if let Err(e) = gw.audit.append(record).await {
-        tracing::error!(error = %e, "keys not reloaded: the change could not be audited");
-        metrics::counter!("wardgate_key_reloads_total", "outcome" => "unlogged").increment(1);
-        anyhow::bail!("the key change could not be audited: {e}");
-    }
+    });
+    KEYS.record(gw, detail).await?;
     tracing::info!(keys = ?new.all.keys(), added = ?new.added, removed = ?new.removed,
         changed = ?new.changed, "keys reloaded");
-    metrics::counter!("wardgate_key_reloads_total", "outcome" => "reloaded").increment(1);
+    KEYS.count("reloaded");
     gw.verifier.trust(new);
     Ok(())
 }
 
 /// Reads the TLS files of the `https://` datastores again, records the change, then uses the
 /// new files for new connections; or says why not. Nothing to do (and nothing recorded) when
-/// no datastore is reached over TLS.
+/// no datastore is reached over TLS, or none of their files changed.
 pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
-    let Some(renewal) = gw.upstreams.renew_tls() else {
-        return Ok(());
-    };
-    let mut record = AuditRecord::system("datasets.tls", "datastore_tls_reloaded");
-    let renewal = match renewal {
-        Ok(renewal) => renewal,
-        Err(e) => {
-            let why = format!("{e:#}");
-            tracing::error!(error = %why, "datastore TLS files not reloaded: the ones in use stay");
-            metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "refused")
-                .increment(1);
-            record.reason = Some("datastore_tls_reload_refused".to_owned());
-            record.decision = Decision::Error;
-            record.detail = Some(serde_json::json!({ "error": why }));
-            if let Err(e) = gw.audit.append(record).await {
-                tracing::error!(error = %e, "the refused reload's audit record was not written");
-            }
-            return Err(e);
-        }
+    let renewal = match gw.upstreams.renew_tls() {
+        None => return Ok(()),
+        Some(Ok(renewal)) => renewal,
+        Some(Err(e)) => return Err(DATASTORE_TLS.refuse(gw, e).await),
     };
     let datasets = renewal.changed();
     if datasets.is_empty() {
         // Nothing the gateway trusts or shows changes: no record, and the pools stay.
         tracing::info!(unchanged = ?renewal.unchanged(), "datastore TLS files unchanged");
-        metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "unchanged")
-            .increment(1);
+        DATASTORE_TLS.count("unchanged");
         return Ok(());
     }
-    record.detail = Some(serde_json::json!({
+    let detail = serde_json::json!({
         "datasets": datasets,
         "unchanged": renewal.unchanged(),
-    }));
-    if let Err(e) = gw.audit.append(record).await {
-        tracing::error!(error = %e, "datastore TLS files not reloaded: the change could not be audited");
-        metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "unlogged")
-            .increment(1);
-        anyhow::bail!("the datastore TLS change could not be audited: {e}");
-    }
+    });
+    DATASTORE_TLS.record(gw, detail).await?;
     renewal.apply();
     tracing::info!(?datasets, "datastore TLS files reloaded");
-    metrics::counter!("wardgate_datastore_tls_reloads_total", "outcome" => "reloaded").increment(1);
+    DATASTORE_TLS.count("reloaded");
     Ok(())
 }
