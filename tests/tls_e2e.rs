@@ -462,7 +462,7 @@ async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeou
 }
 
 #[tokio::test]
-async fn an_export_streams_from_a_datastore_over_tls_as_paging_would() {
+async fn an_export_and_an_aggregate_read_over_tls_answer_as_over_plain_http() {
     let (backend, _stop) = common::start_datastore(300).await;
     let ca = Ca::new("Datastore CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
@@ -493,6 +493,23 @@ async fn an_export_streams_from_a_datastore_over_tls_as_paging_would() {
         "the export and the page differ"
     );
     assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    // An aggregate (a streamed export of the register underneath) counts what the same
+    // datastore counts over plain HTTP, cell for cell.
+    let plain = spawn_app_with(AppOptions {
+        upstream: Some(backend),
+        ..Default::default()
+    })
+    .await;
+    let by = "/voter/electors/aggregate?by=ward";
+    let over_tls = app.get(by, Some(&analyst), Some("research")).await;
+    let over_plain = plain
+        .get(by, Some(&plain.token("analyst")), Some("research"))
+        .await;
+    assert_eq!(over_tls.status, 200, "{:?}", over_tls.body);
+    assert_eq!(over_plain.status, 200, "{:?}", over_plain.body);
+    assert!(!over_tls.json()["cells"].as_array().unwrap().is_empty());
+    assert_eq!(over_tls.json()["cells"], over_plain.json()["cells"]);
+    plain.stop().await;
     app.stop().await;
 }
 
