@@ -111,6 +111,12 @@ where
                 } else {
                     1.0
                 });
+                // When the certificate offered now ends: alert well before (a renewal is taken
+                // up on `SIGHUP`).
+                if let Some(cert) = &gw.server_cert {
+                    metrics::gauge!("wardgate_server_certificate_not_after_seconds")
+                        .set(cert.about().not_after_unix as f64);
+                }
                 text(StatusCode::OK, "text/plain; version=0.0.4", h.render())
             }
             None => problem_response(&GatewayError::Internal("no metrics recorder".into()), &rid),

@@ -40,6 +40,8 @@ pub struct Gateway {
     pub verifier: Verifier,
     pub policy: PolicyEngine,
     pub upstreams: Upstreams,
+    /// The data plane's TLS certificate, for `SIGHUP` to renew (`None` without TLS).
+    pub server_cert: Option<Arc<crate::server_cert::ServerCert>>,
     pub audit: AuditLog,
     /// Where the audit log lives, for subject access reports.
     pub audit_dir: std::path::PathBuf,

@@ -11,8 +11,8 @@
 //! Modules in request-path order (the README's Architecture section has the diagram):
 //! - [`config`]: the TOML file, parsed once into typed values.
 //! - [`startup`]: load and check everything, then run the listeners.
-//! - [`server`]: listeners, TLS, graceful shutdown; [`client_addr`]: the client behind a trusted
-//!   load balancer.
+//! - [`server`]: listeners, TLS, graceful shutdown; [`server_cert`]: the certificate it offers;
+//!   [`client_addr`]: the client behind a trusted load balancer.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
 //! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
@@ -33,6 +33,8 @@
 //! - [`sar`]: the subject access report, from the log's subject index.
 //! - [`watch`]: breach detection over the audit stream, the breach log, the live feed and the
 //!   security console.
+//! - [`rekey`]: `SIGHUP`: token keys, the server's certificate and datastores' TLS files read
+//!   again.
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;
@@ -59,6 +61,7 @@ pub mod rights;
 pub mod routes;
 pub mod sar;
 pub mod server;
+pub mod server_cert;
 pub mod startup;
 pub mod token;
 pub mod watch;

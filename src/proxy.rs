@@ -133,16 +133,10 @@ impl Upstreams {
 /// A digest of an `https://` datastore's TLS files as they are now (`None` for `http://`, or
 /// when one cannot be read).
 fn tls_files(u: &UpstreamConfig) -> Option<[u8; 32]> {
-    use sha2::Digest as _;
     let tls = u.tls.as_ref()?;
-    let mut digest = sha2::Sha256::new();
     let client = tls.client_cert.as_ref();
-    for path in std::iter::once(&tls.ca_file).chain(client.into_iter().flat_map(|(c, k)| [c, k])) {
-        let bytes = std::fs::read(path).ok()?;
-        digest.update((bytes.len() as u64).to_be_bytes());
-        digest.update(&bytes);
-    }
-    Some(digest.finalize().into())
+    let files = std::iter::once(&tls.ca_file).chain(client.into_iter().flat_map(|(c, k)| [c, k]));
+    crate::server::digest_files(files.map(std::path::PathBuf::as_path))
 }
 
 /// New clients for the datastores reached over TLS, their files read and checked, not yet in

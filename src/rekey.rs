@@ -1,16 +1,19 @@
-//! The token keys read again without a restart: on `SIGHUP`, the key files the configuration
-//! named at start (`[[auth.keys]]`' PEM files, `auth.jwks_file`) are read and checked as at
-//! start. A set that fails the checks is refused and the keys in use stay; one that passes is
-//! recorded in the audit log (each key's id and fingerprint, which are new, gone or replaced)
-//! and then trusted, and every cached token is forgotten, so a key removed or replaced stops
-//! its tokens at once; requests and streams under way stop at their next check
-//! (`Verifier::still_trusts`). A change that cannot be recorded is not made.
+//! What `SIGHUP` reads again without a restart: the token keys, the gateway's own TLS
+//! certificate and the datastores' TLS files. Each is read and checked as at start; a set
+//! that fails the checks is refused whole, recorded, and what is in use stays. One that
+//! passes is recorded in the audit log first and then used: a change that cannot be recorded
+//! is not made. Nothing is recorded for files that did not change.
 //!
-//! The same signal reads the TLS files of every `https://` datastore again (`ca_file`, the
-//! gateway's client certificate and key: a certificate renewed before it ends). Those of the
-//! datastores whose files changed are checked as at start: all are taken, after their audit
-//! record, or none (the clients in use stay). New connections are made with the new files;
-//! requests under way finish on the old ones.
+//! - The key files the configuration named at start (`[[auth.keys]]`' PEM files,
+//!   `auth.jwks_file`): the record says which keys (id and fingerprint) are new, gone or
+//!   replaced, and every cached token is forgotten, so a key removed or replaced stops its
+//!   tokens at once; requests and streams under way stop at their next check
+//!   (`Verifier::still_trusts`).
+//! - `server.tls`' certificate and key (`server_cert`): offered from the next handshake on;
+//!   connections already open keep theirs.
+//! - The TLS files of every `https://` datastore (`ca_file`, the gateway's client certificate
+//!   and key), of the datastores whose files changed: new connections are made with the new
+//!   files; requests under way finish on the old ones.
 
 use std::sync::Arc;
 
@@ -26,19 +29,20 @@ pub fn listen() -> Option<Signal> {
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys and datastore TLS files are read at start only");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys and TLS files are read at start only");
             None
         }
     }
 }
 
-/// Reads the keys again on every `SIGHUP`, for as long as the process runs. (It is not
+/// Reads the keys and TLS files again on every `SIGHUP`, for as long as the process runs. (It is not
 /// stopped at shutdown: a reload cut short between its audit record and `trust` would leave a
 /// record of a change not made; at exit the change no longer matters.)
 pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
     while hangups.recv().await.is_some() {
         // What each did is logged, counted and audited inside.
         let _ = reload_keys(&gw).await;
+        let _ = reload_server_tls(&gw).await;
         let _ = reload_datastore_tls(&gw).await;
     }
 }
@@ -59,6 +63,14 @@ const KEYS: Reload = Reload {
     refused: "keys_reload_refused",
     metric: "wardgate_key_reloads_total",
     what: "keys",
+};
+
+const SERVER_TLS: Reload = Reload {
+    route: "server.tls",
+    reloaded: "server_tls_reloaded",
+    refused: "server_tls_reload_refused",
+    metric: "wardgate_server_tls_reloads_total",
+    what: "server TLS files",
 };
 
 const DATASTORE_TLS: Reload = Reload {
@@ -119,6 +131,35 @@ pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
         changed = ?new.changed, "keys reloaded");
     KEYS.count("reloaded");
     gw.verifier.trust(new);
+    Ok(())
+}
+
+/// Reads the server's certificate and key again, records the change, then offers the new
+/// certificate from the next handshake on; or says why not. Nothing to do (and nothing
+/// recorded) without `server.tls`, or when neither file changed.
+pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
+    let Some(cert) = &gw.server_cert else {
+        return Ok(());
+    };
+    let renewal = match cert.renew() {
+        Ok(Some(renewal)) => renewal,
+        Ok(None) => {
+            tracing::info!("server TLS files unchanged");
+            SERVER_TLS.count("unchanged");
+            return Ok(());
+        }
+        Err(e) => return Err(SERVER_TLS.refuse(gw, e).await),
+    };
+    let detail = serde_json::json!({
+        "certificate": renewal.about(),
+        "replaces": renewal.replaces(),
+    });
+    SERVER_TLS.record(gw, detail).await?;
+    let about = renewal.about().clone();
+    renewal.apply();
+    tracing::info!(subject = %about.subject, not_after = %about.not_after, sha256 = %about.sha256,
+        "server TLS certificate reloaded: offered from the next handshake on");
+    SERVER_TLS.count("reloaded");
     Ok(())
 }
 

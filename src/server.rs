@@ -29,23 +29,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// Builds a TLS acceptor from PEM certificate chain and key files; errors name the file.
-pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcceptor> {
-    let (certs, key) = certificate_and_key(cert_file, key_file, "TLS", "then restart")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+/// The data plane's TLS acceptor: HTTP/2 and HTTP/1.1 by ALPN, with the certificate `cert`
+/// offers at each handshake (renewed on `SIGHUP`, `server_cert`).
+pub fn tls_acceptor(cert: Arc<crate::server_cert::ServerCert>) -> anyhow::Result<TlsAcceptor> {
+    let mut config = rustls::ServerConfig::builder_with_provider(cert.provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "TLS key `{}` does not match its certificate",
-                key_file.display()
-            )
-        })?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A digest of the files' contents as they are now (`None` when one cannot be read): what a
+/// reload compares to know whether TLS files changed.
+pub(crate) fn digest_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    for path in files {
+        let bytes = std::fs::read(path).ok()?;
+        digest.update((bytes.len() as u64).to_be_bytes());
+        digest.update(&bytes);
+    }
+    Some(digest.finalize().into())
 }
 
 /// The PEM certificates in `file` (`what` says whose, for the errors): at least one.

@@ -21,6 +21,7 @@ use crate::gateway::Gateway;
 use crate::geography::Geography;
 use crate::policy::PolicyEngine;
 use crate::proxy::Upstreams;
+use crate::server_cert::ServerCert;
 use crate::{admin, gateway, server};
 
 /// Everything loaded and checked except the audit log, which `validate` must not open.
@@ -32,6 +33,8 @@ pub struct Checked {
     /// How many of the pack's own tests it passed (none when it has none).
     pub policy_tests: usize,
     pub upstreams: Upstreams,
+    /// The data plane's certificate (renewed on `SIGHUP`) and its acceptor, when it is TLS.
+    pub server_cert: Option<Arc<ServerCert>>,
     pub tls: Option<TlsAcceptor>,
 }
 
@@ -86,10 +89,11 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     if let Some(r) = &cfg.redis {
         crate::controls::load_key(r)?;
     }
-    let tls = match &cfg.server.tls {
-        Some(t) => Some(server::tls_acceptor(&t.cert_file, &t.key_file)?),
+    let server_cert = match &cfg.server.tls {
+        Some(t) => Some(Arc::new(ServerCert::load(&t.cert_file, &t.key_file)?)),
         None => None,
     };
+    let tls = server_cert.clone().map(server::tls_acceptor).transpose()?;
     Ok(Checked {
         catalog,
         geography,
@@ -97,6 +101,7 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         policy,
         policy_tests,
         upstreams,
+        server_cert,
         tls,
     })
 }
@@ -261,6 +266,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         verifier: c.verifier,
         policy: c.policy,
         upstreams: c.upstreams,
+        server_cert: c.server_cert,
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
         header_read_timeout: cfg.server.header_read_timeout,

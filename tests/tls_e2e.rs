@@ -588,3 +588,163 @@ async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set()
     );
     app.stop().await;
 }
+
+/// A TLS connection to the gateway trusting only `ca_pem`: the SHA-256 (hex) of the
+/// certificate it was offered, and a sender for requests on that connection.
+async fn connect_tls(
+    app: &common::TestApp,
+    ca_pem: &str,
+) -> (String, hyper::client::conn::http1::SendRequest<Full<Bytes>>) {
+    use sha2::Digest as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let offered = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (hex::encode(sha2::Sha256::digest(offered.as_ref())), sender)
+}
+
+/// A canvassing page asked on `sender`'s connection: its status.
+async fn canvass_on(
+    app: &common::TestApp,
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+) -> http::StatusCode {
+    let req = http::Request::get("/voter/electors?per_page=3")
+        .header("host", "localhost")
+        .header(
+            "authorization",
+            format!("Bearer {}", app.token("councillor")),
+        )
+        .header("x-purpose", "canvassing")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+fn sha256_of_pem(pem: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(certs(pem)[0].as_ref()))
+}
+
+/// `SIGHUP` (here `rekey::reload_server_tls`, which it runs) reads the gateway's own
+/// certificate and key again: the next handshake is offered the renewed certificate, a
+/// connection already open goes on serving, and the change is audited first. A pair that fails
+/// the start's checks (a key not the certificate's, an expired certificate) is refused and
+/// recorded, and the certificate in use stays.
+#[tokio::test]
+async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() {
+    let ca = Ca::new("Gateway CA");
+    let files = tempfile::tempdir().unwrap();
+    let dir = files.path().to_owned();
+    let put = {
+        let dir = dir.clone();
+        move |(cert, key): &(String, String)| {
+            std::fs::write(dir.join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("key.pem"), key).unwrap();
+        }
+    };
+    let first = ca.issue(&["localhost"]);
+    put(&first);
+    let app = spawn_app_with(AppOptions {
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            c.server.tls = Some(wardgate::config::TlsFiles {
+                cert_file: dir.join("cert.pem"),
+                key_file: dir.join("key.pem"),
+            });
+        })),
+        ..Default::default()
+    })
+    .await;
+    let records = |reason: &str| {
+        (app.audit_records().into_iter())
+            .filter(|r| r["reason"] == reason)
+            .collect::<Vec<_>>()
+    };
+    let (offered, mut open) = connect_tls(&app, &ca.pem).await;
+    assert_eq!(offered, sha256_of_pem(&first.0));
+    assert_eq!(canvass_on(&app, &mut open).await, 200);
+
+    // Renewed: the next handshake gets the new certificate; the open connection serves on.
+    let renewed = ca.issue(&["localhost"]);
+    put(&renewed);
+    wardgate::rekey::reload_server_tls(&app.gw).await.unwrap();
+    let (offered, mut next) = connect_tls(&app, &ca.pem).await;
+    assert_eq!(offered, sha256_of_pem(&renewed.0));
+    assert_eq!(canvass_on(&app, &mut next).await, 200);
+    assert_eq!(canvass_on(&app, &mut open).await, 200);
+    let taken = records("server_tls_reloaded");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0]["route"], "server.tls");
+    assert_eq!(
+        taken[0]["detail"]["certificate"]["sha256"],
+        sha256_of_pem(&renewed.0)
+    );
+    assert_eq!(
+        taken[0]["detail"]["replaces"]["sha256"],
+        sha256_of_pem(&first.0)
+    );
+    // The metric says when the certificate offered now ends.
+    let metrics = app.admin_get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("wardgate_server_certificate_not_after_seconds ")
+                && l.split(' ').nth(1).unwrap().parse::<f64>().unwrap() > 1e9
+        ),
+        "{text}"
+    );
+
+    // Unchanged (a token key rotation's signal): nothing recorded, nothing changes.
+    wardgate::rekey::reload_server_tls(&app.gw).await.unwrap();
+    assert_eq!(records("server_tls_reloaded").len(), 1);
+
+    // A key that is not the certificate's, then an expired certificate: each refused and
+    // recorded, and the renewed certificate is still the one offered.
+    let (cert, _) = ca.issue(&["localhost"]);
+    let (_, other_key) = ca.issue(&["localhost"]);
+    put(&(cert, other_key));
+    let e = wardgate::rekey::reload_server_tls(&app.gw)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("does not match"), "{e:#}");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let expired = params.signed_by(&key, &ca.issuer).unwrap();
+    put(&(expired.pem(), key.serialize_pem()));
+    let e = wardgate::rekey::reload_server_tls(&app.gw)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("expired"), "{e:#}");
+    let refused = records("server_tls_reload_refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[0]["detail"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("key.pem"),
+        "{refused:?}"
+    );
+    let (offered, mut after) = connect_tls(&app, &ca.pem).await;
+    assert_eq!(offered, sha256_of_pem(&renewed.0));
+    assert_eq!(canvass_on(&app, &mut after).await, 200);
+    assert_eq!(records("server_tls_reloaded").len(), 1);
+    app.stop().await;
+}

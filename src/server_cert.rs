@@ -1,0 +1,259 @@
+//! The gateway's own TLS certificate, renewable without a restart. The data plane's TLS
+//! configuration asks `ServerCert` for the certificate at every handshake, so one renewed on
+//! disk and read on `SIGHUP` (`rekey::reload_server_tls`) is offered from the next handshake
+//! on; connections already open keep the one they were made with.
+//!
+//! A renewal is read and checked as at start (`server::certificate_and_key`: a chain in the
+//! right order, valid now, and a key that is its certificate's); a pair that fails is
+//! refused whole and the certificate in use stays. Nothing is renewed (or recorded) when the
+//! two files are as they were: the same signal carries token key rotations.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use anyhow::Context;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::server;
+
+pub struct ServerCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<CryptoProvider>,
+    /// What is offered now, with what it was read from: replaced together.
+    current: RwLock<Current>,
+}
+
+#[derive(Clone)]
+struct Current {
+    key: Arc<CertifiedKey>,
+    /// A digest of the two files as they were read (`None` when one could not be read again
+    /// for the digest: the next reload then reads them whatever they hold).
+    files: Option<[u8; 32]>,
+    about: About,
+}
+
+/// What the audit record and the log say of a certificate: its subject, when it ends, and the
+/// SHA-256 of its DER (what `openssl x509 -fingerprint -sha256` prints, without colons).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct About {
+    pub subject: String,
+    pub not_after: String,
+    pub sha256: String,
+    /// When it ends, in seconds since 1970 (for the metric).
+    #[serde(skip)]
+    pub not_after_unix: i64,
+}
+
+/// How a renewed certificate is taken up, for the 30-day warning.
+const THEN: &str = "then send the gateway SIGHUP";
+
+impl ServerCert {
+    /// Reads and checks the certificate chain and key; errors name the file and what is wrong.
+    pub fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<ServerCert> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // The digest first: files renewed while they are read are taken up by the next
+        // reload, not taken for the ones in use.
+        let files = digest(cert_file, key_file);
+        let (key, about) = read(cert_file, key_file, &provider)?;
+        Ok(ServerCert {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            provider,
+            current: RwLock::new(Current {
+                key: Arc::new(key),
+                files,
+                about,
+            }),
+        })
+    }
+
+    /// The certificate offered now.
+    pub fn about(&self) -> About {
+        self.now().about
+    }
+
+    fn now(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the two files again: `None` when they are as they were, else the renewed
+    /// certificate, checked as at start and not yet offered (`Renewal::apply`), or why not.
+    pub fn renew(&self) -> anyhow::Result<Option<Renewal<'_>>> {
+        let files = digest(&self.cert_file, &self.key_file);
+        let now = self.now();
+        if files.is_some() && files == now.files {
+            return Ok(None);
+        }
+        // Unreadable files (no digest) are read here again, to say why.
+        let (key, about) = read(&self.cert_file, &self.key_file, &self.provider)?;
+        Ok(Some(Renewal {
+            cert: self,
+            next: Current {
+                key: Arc::new(key),
+                files,
+                about,
+            },
+            replaces: now.about,
+        }))
+    }
+
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        Arc::clone(&self.provider)
+    }
+}
+
+/// A certificate read again and checked, not yet offered.
+pub struct Renewal<'a> {
+    cert: &'a ServerCert,
+    next: Current,
+    replaces: About,
+}
+
+impl Renewal<'_> {
+    /// The certificate to be offered.
+    pub fn about(&self) -> &About {
+        &self.next.about
+    }
+
+    /// The certificate it replaces.
+    pub fn replaces(&self) -> &About {
+        &self.replaces
+    }
+
+    /// Offers the renewed certificate from the next handshake on.
+    pub fn apply(self) {
+        *self
+            .cert
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = self.next;
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Some(Arc::clone(&current.key))
+    }
+}
+
+impl fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The chain and key, checked, and what to say of the certificate.
+fn read(
+    cert_file: &Path,
+    key_file: &Path,
+    provider: &CryptoProvider,
+) -> anyhow::Result<(CertifiedKey, About)> {
+    let (certs, key) = server::certificate_and_key(cert_file, key_file, "TLS", THEN)?;
+    let about = about(&certs[0]);
+    let key = CertifiedKey::from_der(certs, key, provider).with_context(|| {
+        format!(
+            "TLS key `{}` does not match its certificate `{}`",
+            key_file.display(),
+            cert_file.display()
+        )
+    })?;
+    Ok((key, about))
+}
+
+fn about(der: &rustls::pki_types::CertificateDer) -> About {
+    use sha2::Digest as _;
+    let sha256 = hex::encode(sha2::Sha256::digest(der.as_ref()));
+    // `certificate_and_key` has parsed it already: this cannot fail but is not assumed not to.
+    match x509_parser::parse_x509_certificate(der.as_ref()) {
+        Ok((_, cert)) => About {
+            not_after_unix: cert.validity().not_after.timestamp(),
+            subject: cert.subject().to_string(),
+            not_after: (cert.validity().not_after.to_datetime())
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| cert.validity().not_after.to_string()),
+            sha256,
+        },
+        Err(_) => About {
+            not_after_unix: 0,
+            subject: String::new(),
+            not_after: String::new(),
+            sha256,
+        },
+    }
+}
+
+/// A digest of the files as they are now, `None` when one cannot be read.
+fn digest(cert_file: &Path, key_file: &Path) -> Option<[u8; 32]> {
+    server::digest_files([cert_file, key_file])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` and its key, written in `dir` under `name`.
+    fn pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = (rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap())
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn a_key_not_the_certificates_or_a_missing_file_stops_the_start_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = pair(dir.path(), "a");
+        let (_, other) = pair(dir.path(), "b");
+        let e = format!("{:#}", ServerCert::load(&cert, &other).unwrap_err());
+        assert!(e.contains("does not match") && e.contains("b.key"), "{e}");
+        let e = format!(
+            "{:#}",
+            ServerCert::load(&dir.path().join("gone.pem"), &other).unwrap_err()
+        );
+        assert!(
+            e.contains("cannot read TLS certificate") && e.contains("gone.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn files_as_they_were_renew_nothing_and_changed_ones_are_offered_only_once_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(dir.path(), "a");
+        let server = ServerCert::load(&cert, &key).unwrap();
+        let first = server.about();
+        assert!(server.renew().unwrap().is_none());
+        pair(dir.path(), "a");
+        let renewal = server.renew().unwrap().unwrap();
+        assert_eq!(renewal.replaces().sha256, first.sha256);
+        let next = renewal.about().clone();
+        assert_ne!(next.sha256, first.sha256);
+        // Read, not yet offered.
+        assert_eq!(server.about().sha256, first.sha256);
+        renewal.apply();
+        assert_eq!(server.about().sha256, next.sha256);
+        assert!(server.renew().unwrap().is_none());
+        assert!(
+            next.not_after_unix > 0 && next.subject.contains("rcgen"),
+            "{next:?}"
+        );
+    }
+}
