@@ -111,11 +111,11 @@ where
                 } else {
                     1.0
                 });
-                // When the certificate offered now ends: alert well before (a renewal is taken
-                // up on `SIGHUP`).
+                // When the chain offered now ends (its soonest certificate): alert well before
+                // (a renewal is taken up on `SIGHUP`).
                 if let Some(cert) = &gw.server_cert {
                     metrics::gauge!("wardgate_server_certificate_not_after_seconds")
-                        .set(cert.about().not_after_unix as f64);
+                        .set(cert.about().chain_ends as f64);
                 }
                 text(StatusCode::OK, "text/plain; version=0.0.4", h.render())
             }

@@ -2,7 +2,9 @@
 //! certificate and the datastores' TLS files. Each is read and checked as at start; a set
 //! that fails the checks is refused whole, recorded, and what is in use stays. One that
 //! passes is recorded in the audit log first and then used: a change that cannot be recorded
-//! is not made. Nothing is recorded for files that did not change.
+//! is not made. Nothing is recorded for TLS files that did not change (a key reload is
+//! recorded each time). Reloads run one at a time (`RELOADS`), so an older reading can never
+//! replace a newer one.
 //!
 //! - The key files the configuration named at start (`[[auth.keys]]`' PEM files,
 //!   `auth.jwks_file`): the record says which keys (id and fingerprint) are new, gone or
@@ -46,6 +48,9 @@ pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
         let _ = reload_datastore_tls(&gw).await;
     }
 }
+
+/// Held through each reload, from reading the files to using them.
+static RELOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One kind of reload: where its audit records go, what they and its metric are called.
 struct Reload {
@@ -116,6 +121,7 @@ impl Reload {
 
 /// Reads the keys again, records the change, then trusts the new keys; or says why not.
 pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
+    let _one_at_a_time = RELOADS.lock().await;
     let new = match gw.verifier.reread_keys() {
         Ok(new) => new,
         Err(e) => return Err(KEYS.refuse(gw, e).await),
@@ -141,6 +147,7 @@ pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
     let Some(cert) = &gw.server_cert else {
         return Ok(());
     };
+    let _one_at_a_time = RELOADS.lock().await;
     let renewal = match cert.renew() {
         Ok(Some(renewal)) => renewal,
         Ok(None) => {
@@ -167,6 +174,7 @@ pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
 /// new files for new connections; or says why not. Nothing to do (and nothing recorded) when
 /// no datastore is reached over TLS, or none of their files changed.
 pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
+    let _one_at_a_time = RELOADS.lock().await;
     let renewal = match gw.upstreams.renew_tls() {
         None => return Ok(()),
         Some(Ok(renewal)) => renewal,

@@ -12,7 +12,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use anyhow::Context;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -36,16 +35,21 @@ struct Current {
     about: About,
 }
 
-/// What the audit record and the log say of a certificate: its subject, when it ends, and the
-/// SHA-256 of its DER (what `openssl x509 -fingerprint -sha256` prints, without colons).
+/// What the audit record and the log say of a certificate: its subject, the names it is for,
+/// when it ends, and the SHA-256 of its DER (what `openssl x509 -fingerprint -sha256` prints,
+/// without colons).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct About {
     pub subject: String,
+    /// Its subject alternative names (DNS names and IP addresses).
+    pub names: Vec<String>,
     pub not_after: String,
     pub sha256: String,
-    /// When it ends, in seconds since 1970 (for the metric).
+    /// When the chain stops being usable, in seconds since 1970: the soonest end of the
+    /// certificate and its intermediates (a self-signed root sent last does not count, as for
+    /// the 30-day warning). For the metric.
     #[serde(skip)]
-    pub not_after_unix: i64,
+    pub chain_ends: i64,
 }
 
 /// How a renewed certificate is taken up, for the 30-day warning.
@@ -93,6 +97,17 @@ impl ServerCert {
         }
         // Unreadable files (no digest) are read here again, to say why.
         let (key, about) = read(&self.cert_file, &self.key_file, &self.provider)?;
+        let chain = |k: &CertifiedKey| k.cert.len();
+        if about.names != now.about.names {
+            tracing::warn!(file = %self.cert_file.display(), renewed = ?about.names,
+                in_use = ?now.about.names, "the renewed TLS certificate is for other names");
+        }
+        if chain(&key) < chain(&now.key) {
+            tracing::warn!(file = %self.cert_file.display(), renewed = chain(&key),
+                in_use = chain(&now.key), "the renewed TLS chain has fewer certificates than \
+                the one in use: if its file was still being written, write it elsewhere and \
+                rename it into place, then signal again");
+        }
         Ok(Some(Renewal {
             cert: self,
             next: Current {
@@ -160,37 +175,63 @@ fn read(
     provider: &CryptoProvider,
 ) -> anyhow::Result<(CertifiedKey, About)> {
     let (certs, key) = server::certificate_and_key(cert_file, key_file, "TLS", THEN)?;
-    let about = about(&certs[0]);
-    let key = CertifiedKey::from_der(certs, key, provider).with_context(|| {
-        format!(
+    let about = about(&certs)?;
+    let key = CertifiedKey::from_der(certs, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => anyhow::anyhow!(
             "TLS key `{}` does not match its certificate `{}`",
             key_file.display(),
             cert_file.display()
-        )
+        ),
+        e => anyhow::anyhow!("TLS key `{}` cannot be used: {e}", key_file.display()),
     })?;
     Ok((key, about))
 }
 
-fn about(der: &rustls::pki_types::CertificateDer) -> About {
+/// What to say of a chain (`certificate_and_key` has parsed and checked every certificate).
+fn about(chain: &[rustls::pki_types::CertificateDer]) -> anyhow::Result<About> {
     use sha2::Digest as _;
-    let sha256 = hex::encode(sha2::Sha256::digest(der.as_ref()));
-    // `certificate_and_key` has parsed it already: this cannot fail but is not assumed not to.
-    match x509_parser::parse_x509_certificate(der.as_ref()) {
-        Ok((_, cert)) => About {
-            not_after_unix: cert.validity().not_after.timestamp(),
-            subject: cert.subject().to_string(),
-            not_after: (cert.validity().not_after.to_datetime())
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| cert.validity().not_after.to_string()),
-            sha256,
-        },
-        Err(_) => About {
-            not_after_unix: 0,
-            subject: String::new(),
-            not_after: String::new(),
-            sha256,
-        },
+    fn parse(der: &[u8]) -> anyhow::Result<x509_parser::certificate::X509Certificate<'_>> {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, cert)| cert)
+            .map_err(|e| anyhow::anyhow!("a TLS certificate cannot be read: {e}"))
     }
+    let leaf = parse(chain[0].as_ref())?;
+    let mut chain_ends = leaf.validity().not_after.timestamp();
+    for (i, der) in chain.iter().enumerate().skip(1) {
+        let cert = parse(der.as_ref())?;
+        let root_last = i == chain.len() - 1 && cert.subject() == cert.issuer();
+        if !root_last {
+            chain_ends = chain_ends.min(cert.validity().not_after.timestamp());
+        }
+    }
+    let names = match leaf.subject_alternative_name() {
+        Ok(Some(san)) => (san.value.general_names.iter())
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => <[u8; 4]>::try_from(*ip)
+                        .ok()
+                        .map(|a| std::net::IpAddr::from(a).to_string()),
+                    16 => <[u8; 16]>::try_from(*ip)
+                        .ok()
+                        .map(|a| std::net::IpAddr::from(a).to_string()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let not_after = leaf.validity().not_after;
+    Ok(About {
+        subject: leaf.subject().to_string(),
+        names,
+        not_after: (not_after.to_datetime())
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| not_after.to_string()),
+        sha256: hex::encode(sha2::Sha256::digest(chain[0].as_ref())),
+        chain_ends,
+    })
 }
 
 /// A digest of the files as they are now, `None` when one cannot be read.
@@ -252,7 +293,7 @@ mod tests {
         assert_eq!(server.about().sha256, next.sha256);
         assert!(server.renew().unwrap().is_none());
         assert!(
-            next.not_after_unix > 0 && next.subject.contains("rcgen"),
+            next.chain_ends > 0 && next.subject.contains("rcgen") && next.names == ["localhost"],
             "{next:?}"
         );
     }

@@ -118,7 +118,18 @@ impl Ca {
     /// A certificate for `names` issued by this CA, and its key: (cert PEM, key PEM).
     fn issue(&self, names: &[&str]) -> (String, String) {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let params = rcgen::CertificateParams::new(names).unwrap();
+        self.issue_with(rcgen::CertificateParams::new(names).unwrap())
+    }
+
+    /// The same, valid until the first day of `year`.
+    fn issue_until(&self, names: &[&str], year: i32) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        self.issue_with(params)
+    }
+
+    fn issue_with(&self, params: rcgen::CertificateParams) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -592,7 +603,7 @@ async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set()
 /// A TLS connection to the gateway trusting only `ca_pem`: the SHA-256 (hex) of the
 /// certificate it was offered, and a sender for requests on that connection.
 async fn connect_tls(
-    app: &common::TestApp,
+    addr: std::net::SocketAddr,
     ca_pem: &str,
 ) -> (String, hyper::client::conn::http1::SendRequest<Full<Bytes>>) {
     use sha2::Digest as _;
@@ -606,7 +617,7 @@ async fn connect_tls(
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     let offered = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -676,15 +687,15 @@ async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() 
             .filter(|r| r["reason"] == reason)
             .collect::<Vec<_>>()
     };
-    let (offered, mut open) = connect_tls(&app, &ca.pem).await;
+    let (offered, mut open) = connect_tls(app.addr, &ca.pem).await;
     assert_eq!(offered, sha256_of_pem(&first.0));
     assert_eq!(canvass_on(&app, &mut open).await, 200);
 
     // Renewed: the next handshake gets the new certificate; the open connection serves on.
-    let renewed = ca.issue(&["localhost"]);
+    let renewed = ca.issue_until(&["localhost"], 2040);
     put(&renewed);
     wardgate::rekey::reload_server_tls(&app.gw).await.unwrap();
-    let (offered, mut next) = connect_tls(&app, &ca.pem).await;
+    let (offered, mut next) = connect_tls(app.addr, &ca.pem).await;
     assert_eq!(offered, sha256_of_pem(&renewed.0));
     assert_eq!(canvass_on(&app, &mut next).await, 200);
     assert_eq!(canvass_on(&app, &mut open).await, 200);
@@ -699,14 +710,21 @@ async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() 
         taken[0]["detail"]["replaces"]["sha256"],
         sha256_of_pem(&first.0)
     );
+    assert_eq!(
+        taken[0]["detail"]["certificate"]["names"],
+        serde_json::json!(["localhost"])
+    );
+    assert_eq!(
+        taken[0]["detail"]["certificate"]["not_after"],
+        "2040-01-01T00:00:00Z"
+    );
     // The metric says when the certificate offered now ends.
     let metrics = app.admin_get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    // (2040-01-01: the renewed certificate's end, not the first one's.)
     assert!(
-        text.lines().any(
-            |l| l.starts_with("wardgate_server_certificate_not_after_seconds ")
-                && l.split(' ').nth(1).unwrap().parse::<f64>().unwrap() > 1e9
-        ),
+        text.lines()
+            .any(|l| l == "wardgate_server_certificate_not_after_seconds 2208988800"),
         "{text}"
     );
 
@@ -742,9 +760,78 @@ async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() 
             .contains("key.pem"),
         "{refused:?}"
     );
-    let (offered, mut after) = connect_tls(&app, &ca.pem).await;
+    let (offered, mut after) = connect_tls(app.addr, &ca.pem).await;
     assert_eq!(offered, sha256_of_pem(&renewed.0));
     assert_eq!(canvass_on(&app, &mut after).await, 200);
     assert_eq!(records("server_tls_reloaded").len(), 1);
     app.stop().await;
+}
+
+/// The signal itself, to a running `wardgate serve`: `SIGHUP` takes up a renewed server
+/// certificate (the in-process test above covers what a reload checks and records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin, upstream) = (free(), free(), free());
+    let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
+    let ca = Ca::new("Gateway CA");
+    let put = |(cert, key): &(String, String)| {
+        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    };
+    let first = ca.issue(&["localhost"]);
+    put(&first);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("plaintext = true\n") && text.contains("\n[auth]\n"));
+    let text = text.replace("plaintext = true\n", "").replacen(
+        "\n[auth]\n",
+        "\n[server.tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\n[auth]\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(Instant::now() < deadline, "the gateway did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        connect_tls(listen, &ca.pem).await.0,
+        sha256_of_pem(&first.0)
+    );
+
+    let renewed = ca.issue(&["localhost"]);
+    put(&renewed);
+    let hangup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hangup.success());
+    while common::read_audit(&dir.path().join("audit"))
+        .iter()
+        .all(|r| r["reason"] != "server_tls_reloaded")
+    {
+        assert!(Instant::now() < deadline, "no reload recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        connect_tls(listen, &ca.pem).await.0,
+        sha256_of_pem(&renewed.0)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
