@@ -89,8 +89,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None,
         handler,
         shutdown,
-        Duration::from_secs(1),
-        Duration::from_secs(30),
+        wardgate::server::Limits {
+            plane: "data",
+            max_connections: wardgate::config::DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: Duration::from_secs(30),
+            grace: Duration::from_secs(1),
+        },
     )
     .await
 }

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// How long a client has to send a request's headers (and, kept alive, the next
     /// request's); then its connection is closed.
     pub header_read_timeout: Duration,
+    /// How many connections each listener (data plane, admin plane) holds open at once.
+    pub max_connections: usize,
     /// Load balancers whose `X-Forwarded-For` names the client (`client_addr`).
     pub trusted_proxies: crate::client_addr::TrustedProxies,
 }
@@ -267,6 +269,7 @@ struct RawServer {
     max_response_bytes: Option<usize>,
     shutdown_grace: Option<String>,
     header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
 }
@@ -549,6 +552,10 @@ impl RawServer {
                 Duration::from_secs(1),
                 Some(Duration::from_secs(600)),
             )?,
+            max_connections: match self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) {
+                n @ 1..=MAX_MAX_CONNECTIONS => n,
+                n => bail!("`server.max_connections` = {n}: 1 to {MAX_MAX_CONNECTIONS}"),
+            },
             trusted_proxies: crate::client_addr::TrustedProxies::new(
                 (self.trusted_proxies.iter())
                     .map(|n| {
@@ -957,6 +964,10 @@ fn bounded(v: &str, key: &str, min: Duration, max: Option<Duration>) -> anyhow::
 }
 
 /// A size of at least `min` bytes, or an error naming `key`.
+/// `server.max_connections` unless the file says otherwise, and the most it may say.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+
 fn at_least_bytes<T: PartialOrd + std::fmt::Display>(n: T, min: T, key: &str) -> anyhow::Result<T> {
     if n < min {
         bail!("`{key}` = {n}: at least {min} bytes");

@@ -88,6 +88,22 @@ fn idle_connections_are_at_least_one() {
 }
 
 #[test]
+fn max_connections_is_bounded() {
+    assert_eq!(parse(MINIMAL).unwrap().server.max_connections, 4096);
+    let with = |n: &str| {
+        MINIMAL.replace(
+            "data_dir = \"/var/lib/wardgate\"\n",
+            &format!("data_dir = \"/var/lib/wardgate\"\nmax_connections = {n}\n"),
+        )
+    };
+    assert_eq!(parse(&with("3")).unwrap().server.max_connections, 3);
+    for refused in ["0", "1000001"] {
+        let e = err(&with(refused));
+        assert!(e.contains("`server.max_connections`"), "{e}");
+    }
+}
+
+#[test]
 fn the_commit_window_is_bounded() {
     let with = |w: &str| {
         MINIMAL.replace(

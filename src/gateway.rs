@@ -61,6 +61,8 @@ pub struct Gateway {
     pub max_request_bytes: usize,
     /// `server.header_read_timeout`, for the listeners (`server::serve`).
     pub header_read_timeout: std::time::Duration,
+    /// `server.max_connections`: how many connections each listener holds at once.
+    pub max_connections: usize,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// Small-cell suppression and the group limit for aggregates.

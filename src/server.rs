@@ -27,6 +27,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 /// The data plane's TLS acceptor: HTTP/2 and HTTP/1.1 by ALPN, with the certificate `cert`
@@ -308,16 +309,84 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
     }
 }
 
-/// Serves `handler` on `listener` until `shutdown` resolves, then drains for up to `grace`. A
-/// client has `header_read_timeout` to send a request's headers (on a new connection, or the
-/// next request on a kept-alive one); then its connection is closed.
+/// What one listener allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Which plane it serves (`data`, `admin`), for the metrics and the log.
+    pub plane: &'static str,
+    /// How many connections it holds open at once: at the limit it accepts no more until one
+    /// closes (those waiting queue in the kernel's backlog), so a client that opens many and
+    /// sends nothing runs out of its share, not of the process's descriptors.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers (on a new connection, or the next
+    /// request on a kept-alive one); then its connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long requests under way may take to finish once `shutdown` resolves.
+    pub grace: Duration,
+}
+
+/// Waits for a free connection slot (counting and, at most once a minute, logging each time
+/// the listener is full), then for a connection. Cancel-safe: a slot taken for a connection
+/// not yet accepted is given back when the future is dropped.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    limits: Limits,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr, Slot)> {
+    let permit = match Arc::clone(slots).try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            metrics::counter!("wardgate_connections_limit_reached_total", "plane" => limits.plane)
+                .increment(1);
+            static LAST_WARNED: std::sync::atomic::AtomicI64 =
+                std::sync::atomic::AtomicI64::new(i64::MIN);
+            if crate::gateway::once_a_minute(&LAST_WARNED) {
+                tracing::warn!(
+                    plane = limits.plane,
+                    max_connections = limits.max_connections,
+                    "connection limit reached: no more are accepted until one closes (logged at \
+                     most once a minute; wardgate_connections_limit_reached_total counts them)"
+                );
+            }
+            Arc::clone(slots)
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?
+        }
+    };
+    let (stream, peer) = listener.accept().await?;
+    metrics::gauge!("wardgate_connections_open", "plane" => limits.plane).increment(1.0);
+    Ok((
+        stream,
+        peer,
+        Slot {
+            _permit: permit,
+            plane: limits.plane,
+        },
+    ))
+}
+
+/// A connection's place among the listener's `max_connections`, given back (and the open
+/// connections' gauge lowered) when its task ends or is aborted.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    plane: &'static str,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("wardgate_connections_open", "plane" => self.plane).decrement(1.0);
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains for up to
+/// `limits.grace`, holding at most `limits.max_connections` connections at once.
 pub async fn serve<H, F, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
-    header_read_timeout: Duration,
+    limits: Limits,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -332,7 +401,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -341,12 +410,13 @@ where
     // Every connection's task, so that those still open after the grace period are ended
     // here, before the caller flushes the log, rather than with the runtime, after it.
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             // Finished connections are reaped as they finish, busy or idle.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener, &slots, limits) => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Running out of file descriptors must not end the server.
@@ -370,12 +440,13 @@ where
         });
         match &tls {
             None => {
-                let stream = FirstBytes::new(stream, header_read_timeout);
+                let stream = FirstBytes::new(stream, limits.header_read_timeout);
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 connections.spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         connection_failed(&*e, peer, served.load(Ordering::Relaxed));
                     }
@@ -386,6 +457,7 @@ where
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 connections.spawn(async move {
+                    let _slot = slot;
                     let stream = match tokio::time::timeout(
                         Duration::from_secs(10),
                         acceptor.accept(stream),
@@ -398,7 +470,7 @@ where
                         }
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let stream = FirstBytes::new(stream, header_read_timeout);
+                    let stream = FirstBytes::new(stream, limits.header_read_timeout);
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
@@ -412,7 +484,7 @@ where
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+        () = tokio::time::sleep(limits.grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}

@@ -106,6 +106,53 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     })
 }
 
+/// Raises the process's soft limit on open files towards what the listeners could need at
+/// `max_connections` each, as far as the hard limit allows, and warns of a shortfall. Each
+/// connection takes a descriptor, and each data-plane request under way may hold another to
+/// its datastore: at the soft limit `accept` fails (logged, retried) and datastores cannot be
+/// reached, so the connection limit would never be the bound that holds. (A soft limit of
+/// 1,024 is still common, and raising it to the hard limit is what servers are expected to do.)
+fn open_files_for(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // Data plane and its datastore connections, admin plane, and a margin for the log's
+    // segments, Redis and the listeners.
+    let wanted = (max_connections as u64)
+        .saturating_mul(3)
+        .saturating_add(256);
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= wanted {
+        return;
+    }
+    let raised = limit.maximum.map_or(wanted, |hard| hard.min(wanted));
+    let now = if raised > soft {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: limit.maximum,
+            },
+        ) {
+            Ok(()) => raised,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the limit on open files");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if now < wanted {
+        tracing::warn!(
+            open_files = now,
+            wanted,
+            max_connections,
+            "the process may open too few files for `server.max_connections`: raise its limit \
+             (systemd `LimitNOFILE=`, `ulimit -n`) or lower `server.max_connections`"
+        );
+    }
+}
+
 /// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed,
 /// every one, or why the gateway must not start. A pack with no tests starts only where the
 /// configuration says it may (`policy.allow_untested`).
@@ -270,6 +317,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
         header_read_timeout: cfg.server.header_read_timeout,
+        max_connections: cfg.server.max_connections,
         trusted_proxies: cfg.server.trusted_proxies.clone(),
         aggregates: cfg.aggregates,
     };
@@ -288,11 +336,18 @@ pub async fn run(
     let retention = gw.retention.clone();
     let addr_retention = gw.addr_retention.clone();
     admin::metrics_handle();
+    open_files_for(gw.max_connections);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let gw_admin = gw.clone();
+    let limits = |plane| server::Limits {
+        plane,
+        max_connections: gw.max_connections,
+        header_read_timeout: gw.header_read_timeout,
+        grace,
+    };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         None,
@@ -301,8 +356,7 @@ pub async fn run(
             admin::PEER.scope(client, admin::handle(gw_admin.clone(), req))
         },
         stopped(stop_rx.clone()),
-        grace,
-        gw.header_read_timeout,
+        limits("admin"),
     ));
     let gw_data = gw.clone();
     let data_task = tokio::spawn(server::serve(
@@ -314,8 +368,7 @@ pub async fn run(
             async move { gateway::handle(&gw, req, client).await }
         },
         stopped(stop_rx),
-        grace,
-        gw.header_read_timeout,
+        limits("data"),
     ));
     let pruner = (retention.is_some() || addr_retention.is_some()).then(|| {
         let log = gw.audit.clone();

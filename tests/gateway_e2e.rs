@@ -1429,6 +1429,65 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     app.stop().await;
 }
 
+/// `server.max_connections`: a client holding that many connections open (idle, sending
+/// nothing) does not get the process's descriptors. The next connection waits, unaccepted,
+/// until one of them closes, and is then served. The admin plane has its own limit, and it
+/// counts the waits.
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn three(c: &mut wardgate::config::Config) {
+        c.server.max_connections = 3;
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(three),
+        ..Default::default()
+    })
+    .await;
+    let request = format!(
+        "GET /voter/electors?per_page=1 HTTP/1.1\r\nhost: wardgate\r\nauthorization: Bearer {}\r\n\
+         x-purpose: canvassing\r\nconnection: close\r\n\r\n",
+        app.token("canvasser")
+    );
+    // One connection served, then closed: the limit counts connections open, not made.
+    let ask = |request: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(ask(request.clone()).await.starts_with("HTTP/1.1 200"));
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    let waiting = tokio::spawn(ask(request.clone()));
+    // The fourth connection's request is not read while three are open.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "a fourth connection was served");
+    let metrics = app.admin_get("/metrics").await;
+    assert_eq!(metrics.status, 200, "the admin plane has its own limit");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let metric = |name: &str| -> f64 {
+        (text.lines())
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(metric("wardgate_connections_limit_reached_total{plane=\"data\"}") >= 1.0);
+    // (At least: the metrics are the process's, and other tests' gateways run beside this one.)
+    assert!(metric("wardgate_connections_open{plane=\"data\"}") >= 3.0);
+    // One closes: the fourth is accepted and served.
+    drop(idle.pop());
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("still waiting 20 s after a connection closed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    app.stop().await;
+}
+
 /// A filter is no oracle for a field the purpose may not see: it is refused (403) in a listing
 /// and an export alike, where a purpose that shows the field gets the records it picks; and
 /// the request's audit record names the filter. (A record whose own flags hide a filtered
