@@ -1078,7 +1078,7 @@ fn an_alert_the_disk_cannot_take_leaves_the_breach_log_whole() {
     log.add(alert("A-3", "z".into())).unwrap();
     drop(log);
     let reopened = BreachLog::open(&path).unwrap();
-    let mut ids: Vec<String> = reopened.alerts().into_iter().map(|a| a.id).collect();
+    let mut ids: Vec<String> = reopened.alerts().0.into_iter().map(|a| a.id).collect();
     ids.sort();
     assert_eq!(ids, ["A-1", "A-3"]);
 }

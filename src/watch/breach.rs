@@ -8,7 +8,12 @@
 //! for a failed containment after one that took, which is not written: `contain`). Each
 //! alert is also written to the audit log as a system record, so its existence is covered by
 //! the audit chain.
+//!
+//! Memory holds the newest `ALERTS_KEPT` alerts, for the console; an older one is read from
+//! the file when it is acted on (`alert`), so an alert storm (a `denied_burst` an hour from
+//! each of thousands of addresses) fills the disk at the rate the log is synced, not the heap.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +28,9 @@ use super::settings::{Mode, Rule};
 
 /// How long the party has from awareness to report (§13.8).
 pub const REPORT_WITHIN_HOURS: i64 = 72;
+
+/// How many of the newest alerts memory holds (and the console lists).
+pub const ALERTS_KEPT: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Alert {
@@ -87,7 +95,7 @@ pub struct Classification {
     pub at: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
 enum Entry {
     Alert(Box<Alert>),
@@ -116,8 +124,11 @@ pub struct BreachLog {
 
 struct State {
     file: File,
-    /// In detection order.
-    alerts: Vec<Alert>,
+    /// The newest `keep`, in detection order.
+    alerts: VecDeque<Alert>,
+    keep: usize,
+    /// How many older ones only the file holds.
+    older: u64,
     /// A failed append could not be cut off: nothing more is appended until a restart (which
     /// cuts the torn line), or the next line would be joined to it.
     broken: bool,
@@ -127,11 +138,17 @@ impl BreachLog {
     /// Opens (creating) the log and reads it back. A torn last line (a crash mid-append) is
     /// cut off; any other line that does not parse stops the start, naming the line.
     pub fn open(path: &Path) -> anyhow::Result<BreachLog> {
+        Self::open_keeping(path, ALERTS_KEPT)
+    }
+
+    /// `open`, holding the newest `keep` alerts in memory.
+    fn open_keeping(path: &Path, keep: usize) -> anyhow::Result<BreachLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create `{}`", dir.display()))?;
         }
-        let mut alerts: Vec<Alert> = Vec::new();
+        let mut alerts = VecDeque::new();
+        let mut older = 0;
         let mut good_len = 0u64;
         if path.exists() {
             let f = File::open(path)
@@ -154,6 +171,7 @@ impl BreachLog {
                     format!("breach log `{}` line {n} is not an entry", path.display())
                 })?;
                 apply(&mut alerts, entry);
+                older += forget_beyond(&mut alerts, keep);
                 good_len += read as u64;
             }
         }
@@ -168,6 +186,8 @@ impl BreachLog {
             state: Mutex::new(State {
                 file,
                 alerts,
+                keep,
+                older,
                 broken: false,
             }),
         })
@@ -208,10 +228,17 @@ impl BreachLog {
         })
     }
 
-    /// Every alert, newest first.
-    pub fn alerts(&self) -> Vec<Alert> {
+    /// The newest alerts (at most `ALERTS_KEPT`), newest first, and how many older ones only
+    /// the file holds.
+    pub fn alerts(&self) -> (Vec<Alert>, u64) {
         let s = self.lock();
-        s.alerts.iter().rev().cloned().collect()
+        (s.alerts.iter().rev().cloned().collect(), s.older)
+    }
+
+    /// The alert `alert_id` as it stands, held in memory or (older) read from the file.
+    pub fn alert(&self, alert_id: &str) -> Result<Option<Alert>, BreachError> {
+        let s = self.lock();
+        current(&s, &self.path, alert_id)
     }
 
     /// Writes the entry `entry` makes of the alert, under one lock (none: the alert stays as
@@ -222,22 +249,27 @@ impl BreachLog {
         entry: impl FnOnce(&Alert) -> Option<Entry>,
     ) -> Result<Alert, BreachError> {
         let mut s = self.lock();
-        let Some(alert) = s.alerts.iter().find(|a| a.id == alert_id) else {
+        let Some(mut alert) = current(&s, &self.path, alert_id)? else {
             return Err(BreachError::NotFound(alert_id.to_owned()));
         };
-        if let Some(entry) = entry(alert) {
-            write(&mut s, entry)?;
+        if let Some(entry) = entry(&alert) {
+            let held = s.alerts.iter().any(|a| a.id == alert_id);
+            write(&mut s, &entry)?;
+            // One only the file holds is brought up to date here; one held, by `write`.
+            if !held {
+                apply_to(&mut alert, entry);
+                return Ok(alert);
+            }
         }
-        s.alerts
-            .iter()
-            .find(|a| a.id == alert_id)
-            .cloned()
-            .ok_or_else(|| BreachError::NotFound(alert_id.to_owned()))
+        current(&s, &self.path, alert_id)?.ok_or_else(|| BreachError::NotFound(alert_id.to_owned()))
     }
 
     fn append(&self, entry: Entry) -> Result<(), BreachError> {
         let mut s = self.lock();
-        write(&mut s, entry)
+        write(&mut s, &entry)?;
+        let keep = s.keep;
+        s.older += forget_beyond(&mut s.alerts, keep);
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -248,13 +280,13 @@ impl BreachLog {
 /// Writes and syncs the line, then applies it: state never runs ahead of the file. A failed
 /// write is cut back off the file: part of its line (a full disk took the rest) would join the
 /// next entry into a line that does not parse, which stops the next start.
-fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
+fn write(s: &mut State, entry: &Entry) -> Result<(), BreachError> {
     if s.broken {
         return Err(BreachError::Io(std::io::Error::other(
             "a failed append could not be cut off the breach log; restart to mend it",
         )));
     }
-    let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+    let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
     line.push(b'\n');
     let before = s.file.metadata()?.len();
     if let Err(e) = s.file.write_all(&line).and_then(|()| s.file.sync_data()) {
@@ -265,28 +297,83 @@ fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
         }
         return Err(e.into());
     }
-    apply(&mut s.alerts, entry);
+    apply(&mut s.alerts, entry.clone());
     Ok(())
 }
 
-fn apply(alerts: &mut Vec<Alert>, entry: Entry) {
+/// Forgets the oldest alerts past `keep` (the file keeps them): how many.
+fn forget_beyond(alerts: &mut VecDeque<Alert>, keep: usize) -> u64 {
+    let mut forgotten = 0;
+    while alerts.len() > keep {
+        alerts.pop_front();
+        forgotten += 1;
+    }
+    forgotten
+}
+
+/// The alert as it stands: from memory, or read back from the file (an older one).
+fn current(s: &State, path: &Path, alert_id: &str) -> Result<Option<Alert>, BreachError> {
+    if let Some(a) = s.alerts.iter().find(|a| a.id == alert_id) {
+        return Ok(Some(a.clone()));
+    }
+    if s.older == 0 {
+        return Ok(None);
+    }
+    let mut alert: Option<Alert> = None;
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut line = String::new();
+    // Every line was read at start or written since, whole: one that does not parse is one
+    // written by something else, and says nothing of this alert.
+    while reader.read_line(&mut line)? > 0 {
+        if line.contains(alert_id)
+            && let Ok(entry) = serde_json::from_str::<Entry>(&line)
+        {
+            match (&mut alert, entry) {
+                (None, Entry::Alert(a)) if a.id == alert_id => alert = Some(*a),
+                (Some(a), entry) => apply_to(a, entry),
+                _ => {}
+            }
+        }
+        line.clear();
+    }
+    Ok(alert)
+}
+
+fn apply(alerts: &mut VecDeque<Alert>, entry: Entry) {
     match entry {
-        Entry::Alert(a) => alerts.push(*a),
+        Entry::Alert(a) => alerts.push_back(*a),
+        entry => {
+            let id = match &entry {
+                Entry::Contained { alert_id, .. } | Entry::Classified { alert_id, .. } => alert_id,
+                Entry::Alert(_) => return,
+            };
+            if let Some(a) = alerts.iter_mut().find(|a| &a.id == id) {
+                apply_to(a, entry);
+            }
+        }
+    }
+}
+
+/// An entry about `alert` applied to it (an entry about another alert, or a new alert,
+/// changes nothing).
+fn apply_to(alert: &mut Alert, entry: Entry) {
+    match entry {
+        Entry::Alert(_) => {}
         Entry::Contained {
             alert_id,
             containment,
         } => {
-            if let Some(a) = alerts.iter_mut().find(|a| a.id == alert_id) {
-                a.containment = Some(containment);
+            if alert.id == alert_id {
+                alert.containment = Some(containment);
             }
         }
         Entry::Classified {
             alert_id,
             classification,
         } => {
-            if let Some(a) = alerts.iter_mut().find(|a| a.id == alert_id) {
-                a.history.push(classification.clone());
-                a.classification = Some(classification);
+            if alert.id == alert_id {
+                alert.history.push(classification.clone());
+                alert.classification = Some(classification);
             }
         }
     }
@@ -349,7 +436,7 @@ mod tests {
         f.write_all(b"{\"entry\":\"alert\",\"id\":").unwrap();
         drop(f);
         let log = BreachLog::open(&path).unwrap();
-        let alerts = log.alerts();
+        let (alerts, _) = log.alerts();
         assert_eq!(
             alerts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
             ["A2", "A1"]
@@ -358,7 +445,7 @@ mod tests {
         assert_eq!(a1.classification.as_ref().unwrap().class, Class::Reportable);
         assert_eq!(a1.history[0].class, Class::NearMiss);
         log.add(alert("A3")).unwrap();
-        assert_eq!(BreachLog::open(&path).unwrap().alerts().len(), 3);
+        assert_eq!(BreachLog::open(&path).unwrap().alerts().0.len(), 3);
     }
 
     /// A containment that did not take never hides one that did: two operators, or an
@@ -389,6 +476,67 @@ mod tests {
             log.contain("A9", tried("revoked")),
             Err(BreachError::NotFound(_))
         ));
+    }
+
+    /// Memory holds the newest alerts only (an alert storm fills the file, not the heap); an
+    /// older one is still found, classified and contained by its id, from the file, and the
+    /// state read back at the next start is the same.
+    #[test]
+    fn only_the_newest_alerts_are_held_and_older_ones_are_acted_on_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.jsonl");
+        let log = BreachLog::open_keeping(&path, 3).unwrap();
+        for id in ["A1", "A2", "A3", "A4", "A5"] {
+            log.add(alert(id)).unwrap();
+        }
+        let ids = |(alerts, older): (Vec<Alert>, u64)| {
+            let ids: Vec<String> = alerts.into_iter().map(|a| a.id).collect();
+            (ids, older)
+        };
+        assert_eq!(
+            ids(log.alerts()),
+            (vec!["A5".into(), "A4".into(), "A3".into()], 2)
+        );
+        // A1 is only in the file: found, classified twice, contained.
+        assert_eq!(log.alert("A1").unwrap().unwrap(), alert("A1"));
+        log.classify("A1", class(Class::NearMiss, "first look"))
+            .unwrap();
+        let a = log
+            .classify("A1", class(Class::Reportable, "on reflection"))
+            .unwrap();
+        assert_eq!(a.history.len(), 2);
+        assert_eq!(a.classification.as_ref().unwrap().class, Class::Reportable);
+        let contained = Containment {
+            subject: "cllr".into(),
+            token_id: "t-1".into(),
+            at: "2026-01-01T02:00:00.000Z".into(),
+            outcome: "revoked".into(),
+        };
+        let a = log.contain("A1", contained.clone()).unwrap();
+        assert_eq!(a.containment.as_ref(), Some(&contained));
+        assert_eq!(log.alert("A1").unwrap().unwrap(), a);
+        // Still not held, and an id never raised is none, from memory or file.
+        assert_eq!(ids(log.alerts()).1, 2);
+        assert!(log.alert("A9").unwrap().is_none());
+        assert!(matches!(
+            log.classify("A9", class(Class::NearMiss, "x")),
+            Err(BreachError::NotFound(_))
+        ));
+        // A held alert's entries are applied in memory too.
+        let a3 = log.classify("A3", class(Class::NearMiss, "test")).unwrap();
+        assert_eq!(ids(log.alerts()).0[2], "A3");
+        assert_eq!(log.alerts().0[2], a3);
+        drop(log);
+        let reopened = BreachLog::open_keeping(&path, 3).unwrap();
+        assert_eq!(
+            ids(reopened.alerts()),
+            (vec!["A5".into(), "A4".into(), "A3".into()], 2)
+        );
+        assert_eq!(reopened.alerts().0[2], a3);
+        assert_eq!(reopened.alert("A1").unwrap().unwrap(), a);
+        let all = BreachLog::open(&path).unwrap();
+        assert_eq!(ids(all.alerts()).1, 0);
+        assert_eq!(all.alerts().0[4], a);
     }
 
     #[test]

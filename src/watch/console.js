@@ -2,7 +2,7 @@
 // plane's JSON endpoints with it; every value is inserted as text, never as markup.
 'use strict';
 
-const state = { token: null, alerts: new Map(), volumes: new Map(), firstMinute: 0, feedAbort: null };
+const state = { token: null, alerts: new Map(), older: 0, volumes: new Map(), firstMinute: 0, feedAbort: null };
 const COLOURS = ['#c0392b', '#2471a3', '#1e8449', '#b9770e', '#7d3c98', '#117a65', '#515a5a', '#a04000'];
 const MAX_FEED_ROWS = 200;
 const $ = (s) => document.querySelector(s);
@@ -46,6 +46,7 @@ async function connect(event) {
   try {
     const log = await api('/alerts');
     state.alerts = new Map(log.alerts.map((a) => [a.id, a]));
+    state.older = log.older_in_breach_log || 0;
     renderAlerts();
     const v = await api('/volumes');
     state.firstMinute = Math.floor(Date.parse(v.first_minute) / 60000);
@@ -149,6 +150,11 @@ function renderAlerts() {
   const tbody = $('#alerts');
   tbody.replaceChildren();
   if (open.length === 0) tbody.append(el('tr', { class: 'empty' }, el('td', { colSpan: 8 }, 'No open alerts.')));
+  if (state.older > 0) {
+    tbody.append(el('tr', { class: 'empty' }, el('td', { colSpan: 8 }, state.older +
+      ' older alerts are not listed (the console holds the newest 10,000): the breach log file has them, ' +
+      'and they can still be classified or contained by id through the admin API.')));
+  }
   for (const a of open) {
     const cls = el('select', { class: 'classify-class' },
       el('option', { value: 'reportable' }, 'reportable'), el('option', { value: 'near_miss' }, 'near miss'));
@@ -209,6 +215,7 @@ async function doRevoke(id, caller) {
       try {
         const log = await api('/alerts');
         state.alerts = new Map(log.alerts.map((x) => [x.id, x]));
+        state.older = log.older_in_breach_log || 0;
         renderAlerts();
       } catch (_) { /* the status below still says what happened */ }
       status('Tokens of ' + caller + ' revoked on this replica; the others learn of it when the shared store is back. Do not revoke them again.', true);

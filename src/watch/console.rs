@@ -162,8 +162,10 @@ where
                     request_id,
                 ));
             }
+            let (alerts, older) = gw.watch.breach.alerts();
             json(&serde_json::json!({
-                "alerts": gw.watch.breach.alerts(),
+                "alerts": alerts,
+                "older_in_breach_log": older,
                 "report_within_hours": super::breach::REPORT_WITHIN_HOURS,
             }))
         }
@@ -194,8 +196,10 @@ where
             if let Err(e) = need_text("note", &b.note) {
                 return boxed(fail(e).await);
             }
-            if !gw.watch.breach.alerts().iter().any(|a| a.id == id) {
-                return boxed(fail(GatewayError::NotFound).await);
+            match find_alert(gw, &id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return boxed(fail(GatewayError::NotFound).await),
+                Err(e) => return boxed(fail(e).await),
             }
             let classification = Classification {
                 class: b.class,
@@ -255,8 +259,10 @@ where
             if let Err(e) = need_text("reason", &b.reason) {
                 return boxed(fail(e).await);
             }
-            let Some(alert) = gw.watch.breach.alerts().into_iter().find(|a| a.id == id) else {
-                return boxed(fail(GatewayError::NotFound).await);
+            let alert = match find_alert(gw, &id).await {
+                Ok(Some(alert)) => alert,
+                Ok(None) => return boxed(fail(GatewayError::NotFound).await),
+                Err(e) => return boxed(fail(e).await),
             };
             let Some(caller) = alert.principal.clone() else {
                 let e = GatewayError::BadRequest(
@@ -298,6 +304,21 @@ where
             boxed(fail(GatewayError::MethodNotAllowed("POST")).await)
         }
         _ => boxed(fail(GatewayError::RouteNotFound).await),
+    }
+}
+
+/// The alert `id` as it stands (an older one is read from the breach log file, off the async
+/// workers); a log that cannot be read answers as one that cannot be written.
+async fn find_alert(gw: &Gateway, id: &str) -> Result<Option<super::breach::Alert>, GatewayError> {
+    let log = gw.watch.breach.clone();
+    let id = id.to_owned();
+    match tokio::task::spawn_blocking(move || log.alert(&id)).await {
+        Ok(Ok(alert)) => Ok(alert),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the breach log cannot be read");
+            Err(GatewayError::AuditUnavailable)
+        }
+        Err(e) => Err(GatewayError::Internal(e.to_string())),
     }
 }
 
