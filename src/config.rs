@@ -963,11 +963,11 @@ fn bounded(v: &str, key: &str, min: Duration, max: Option<Duration>) -> anyhow::
     Ok(d)
 }
 
-/// A size of at least `min` bytes, or an error naming `key`.
 /// `server.max_connections` unless the file says otherwise, and the most it may say.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 
+/// A size of at least `min` bytes, or an error naming `key`.
 fn at_least_bytes<T: PartialOrd + std::fmt::Display>(n: T, min: T, key: &str) -> anyhow::Result<T> {
     if n < min {
         bail!("`{key}` = {n}: at least {min} bytes");

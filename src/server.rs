@@ -338,9 +338,16 @@ async fn accept(
         Err(_) => {
             metrics::counter!("wardgate_connections_limit_reached_total", "plane" => limits.plane)
                 .increment(1);
-            static LAST_WARNED: std::sync::atomic::AtomicI64 =
-                std::sync::atomic::AtomicI64::new(i64::MIN);
-            if crate::gateway::once_a_minute(&LAST_WARNED) {
+            // One throttle per plane: a full data plane must not hide the admin plane's.
+            use std::sync::atomic::AtomicI64;
+            static DATA: AtomicI64 = AtomicI64::new(i64::MIN);
+            static OTHERS: AtomicI64 = AtomicI64::new(i64::MIN);
+            let last = if limits.plane == "data" {
+                &DATA
+            } else {
+                &OTHERS
+            };
+            if crate::gateway::once_a_minute(last) {
                 tracing::warn!(
                     plane = limits.plane,
                     max_connections = limits.max_connections,
@@ -494,6 +501,68 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener at its `max_connections` accepts no more: the next connection stays in the
+    /// kernel's backlog (not accepted and parked) until one closes, and the gauge says so.
+    #[tokio::test]
+    async fn a_full_listener_leaves_the_next_connection_unaccepted_until_one_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let handle = crate::admin::metrics_handle().expect("a metrics recorder");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            plane: "limit-test",
+            max_connections: 2,
+            header_read_timeout: Duration::from_secs(30),
+            grace: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            |_req: Request<Incoming>, _peer| async {
+                Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
+            },
+            async {
+                let _ = stopped.await;
+            },
+            limits,
+        ));
+        let open = || {
+            let text = handle.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("wardgate_connections_open{plane=\"limit-test\"}"));
+            line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        let until = |want: f64| async move {
+            for _ in 0..200 {
+                if open() == Some(want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("connections open: {:?}, not {want}", open());
+        };
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        until(2.0).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(open(), Some(2.0), "a third connection was accepted");
+        drop(a);
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer))
+            .await
+            .expect("not served after a connection closed")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
 
     /// A self-signed certificate valid from `from` to `until` (unix seconds), a CA's or not.
     fn certificate(from: i64, until: i64, ca: bool) -> rustls::pki_types::CertificateDer<'static> {

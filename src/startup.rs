@@ -107,22 +107,25 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
 }
 
 /// Raises the process's soft limit on open files towards what the listeners could need at
-/// `max_connections` each, as far as the hard limit allows, and warns of a shortfall. Each
-/// connection takes a descriptor, and each data-plane request under way may hold another to
-/// its datastore: at the soft limit `accept` fails (logged, retried) and datastores cannot be
-/// reached, so the connection limit would never be the bound that holds. (A soft limit of
-/// 1,024 is still common, and raising it to the hard limit is what servers are expected to do.)
-fn open_files_for(max_connections: usize) {
+/// `max_connections` each, as far as the hard limit allows: the connection limit to use, lower
+/// (and warned of) where the files allowed fall short. Each connection takes a descriptor,
+/// and each data-plane request under way may hold another to its datastore: at the limit on
+/// files `accept` fails (logged, retried) and datastores cannot be reached, so the connection
+/// limit must be the bound that holds. (A soft limit of 1,024 is still common, and raising it
+/// to the hard limit is what servers are expected to do.)
+fn open_files_for(max_connections: usize) -> usize {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     // Data plane and its datastore connections, admin plane, and a margin for the log's
     // segments, Redis and the listeners.
+    const PER_CONNECTION: u64 = 3;
+    const MARGIN: u64 = 256;
     let wanted = (max_connections as u64)
-        .saturating_mul(3)
-        .saturating_add(256);
+        .saturating_mul(PER_CONNECTION)
+        .saturating_add(MARGIN);
     let limit = getrlimit(Resource::Nofile);
     let soft = limit.current.unwrap_or(u64::MAX);
     if soft >= wanted {
-        return;
+        return max_connections;
     }
     let raised = limit.maximum.map_or(wanted, |hard| hard.min(wanted));
     let now = if raised > soft {
@@ -142,15 +145,22 @@ fn open_files_for(max_connections: usize) {
     } else {
         soft
     };
-    if now < wanted {
-        tracing::warn!(
-            open_files = now,
-            wanted,
-            max_connections,
-            "the process may open too few files for `server.max_connections`: raise its limit \
-             (systemd `LimitNOFILE=`, `ulimit -n`) or lower `server.max_connections`"
-        );
+    if now >= wanted {
+        return max_connections;
     }
+    let fits = usize::try_from(now.saturating_sub(MARGIN) / PER_CONNECTION)
+        .unwrap_or(max_connections)
+        .clamp(1, max_connections);
+    tracing::warn!(
+        open_files = now,
+        wanted,
+        configured = max_connections,
+        used = fits,
+        "the process may open too few files for `server.max_connections`: each listener holds \
+         at most {fits} connections; raise the limit on open files (systemd `LimitNOFILE=`, \
+         `ulimit -n`) or lower `server.max_connections`"
+    );
+    fits
 }
 
 /// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed,
@@ -336,7 +346,7 @@ pub async fn run(
     let retention = gw.retention.clone();
     let addr_retention = gw.addr_retention.clone();
     admin::metrics_handle();
-    open_files_for(gw.max_connections);
+    let max_connections = open_files_for(gw.max_connections);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -344,7 +354,7 @@ pub async fn run(
     let gw_admin = gw.clone();
     let limits = |plane| server::Limits {
         plane,
-        max_connections: gw.max_connections,
+        max_connections,
         header_read_timeout: gw.header_read_timeout,
         grace,
     };
