@@ -11,7 +11,8 @@
 //! Modules in request-path order (the README's Architecture section has the diagram):
 //! - [`config`]: the TOML file, parsed once into typed values.
 //! - [`startup`]: load and check everything, then run the listeners.
-//! - [`server`]: listeners, TLS, graceful shutdown; [`server_cert`]: the certificate it offers;
+//! - [`server`]: listeners, TLS, graceful shutdown; [`connection`]: one connection's requests
+//!   under way and its idle close; [`server_cert`]: the certificate it offers;
 //!   [`client_addr`]: the client behind a trusted load balancer.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
@@ -44,6 +45,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client_addr;
 pub mod config;
+pub mod connection;
 pub mod connector;
 pub mod controls;
 pub mod decisions;

@@ -23,11 +23,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::connection::{Activity, Tracked, drive};
 use tokio_rustls::TlsAcceptor;
 
 /// The data plane's TLS acceptor: HTTP/2 and HTTP/1.1 by ALPN, with the certificate `cert`
@@ -398,10 +399,11 @@ pub async fn serve<H, F, B>(
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
+    // Turned true at shutdown: every connection then closes gracefully (`connection::drive`).
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper enforces no timeout at all: a client that opens a connection and
     // sends half a request line would hold it (and a descriptor) for ever.
@@ -440,21 +442,29 @@ where
         // kept-alive connection closed, not a client that never finished its headers.
         let served = Arc::new(AtomicBool::new(false));
         let serving = Arc::clone(&served);
+        let activity = Activity::new();
+        let requests = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             let h = h.clone();
             serving.store(true, Ordering::Relaxed);
-            async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
+            let request = requests.begin();
+            async move {
+                let resp = h(req, peer).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, request)))
+            }
         });
+        let stopping = stopping.clone();
+        let idle = limits.header_read_timeout;
         match &tls {
             None => {
                 let stream = FirstBytes::new(stream, limits.header_read_timeout);
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
-                let conn = graceful.watch(conn);
                 connections.spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = conn.await {
+                    let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+                    if let Err(e) = drive(conn, close, stopping, &activity, idle).await {
                         connection_failed(&*e, peer, served.load(Ordering::Relaxed));
                     }
                 });
@@ -462,7 +472,6 @@ where
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
-                let watcher = graceful.watcher();
                 connections.spawn(async move {
                     let _slot = slot;
                     let stream = match tokio::time::timeout(
@@ -481,7 +490,8 @@ where
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+                    if let Err(e) = drive(conn, close, stopping, &activity, idle).await {
                         connection_failed(&*e, peer, served.load(Ordering::Relaxed));
                     }
                 });
@@ -489,8 +499,10 @@ where
         }
     }
     drop(listener);
+    let _ = stop.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = drained => tracing::info!("all connections drained"),
         () = tokio::time::sleep(limits.grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     connections.abort_all();

@@ -1429,6 +1429,51 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     app.stop().await;
 }
 
+/// An HTTP/2 connection that carries no request for `server.header_read_timeout` is closed
+/// (hyper bounds only HTTP/1's idle time: an HTTP/2 peer answering keep-alive pings would
+/// otherwise hold its connection, and one of `max_connections`, for ever).
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    fn short(c: &mut wardgate::config::Config) {
+        c.server.header_read_timeout = std::time::Duration::from_secs(1);
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(short),
+        ..Default::default()
+    })
+    .await;
+    // HTTP/2 with prior knowledge (the data plane here is plain).
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/voter/electors?per_page=1", app.addr))
+        .header(
+            "authorization",
+            format!("Bearer {}", app.token("canvasser")),
+        )
+        .header("x-purpose", "canvassing")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    resp.into_body().collect().await.unwrap();
+    // Idle from here: the gateway closes it, long before this wait ends.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), conn).await;
+    assert!(
+        closed.is_ok(),
+        "the idle HTTP/2 connection was still open after 20 s"
+    );
+    app.stop().await;
+}
+
 /// `server.max_connections`: a client holding that many connections open (idle, sending
 /// nothing) does not get the process's descriptors. The next connection waits, unaccepted,
 /// until one of them closes, and is then served. The admin plane has its own limit, and it

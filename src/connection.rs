@@ -1,0 +1,244 @@
+//! One accepted connection's life after its handshake: which requests are under way on it,
+//! and when it is closed gracefully (hyper's `graceful_shutdown`: no new requests, those
+//! under way finish, then it closes): at the server's shutdown, or once it has carried no
+//! request for the idle bound.
+//!
+//! hyper bounds an idle HTTP/1 connection (its header timeout covers the wait for the next
+//! request) but not an HTTP/2 one: past its preface, one stays open while its peer answers
+//! keep-alive pings, idle or with a request's headers unfinished, and would hold one of the
+//! listener's `max_connections` for ever. A request is under way from the moment its headers
+//! are read until its response body has been sent or dropped (a streamed export counts
+//! throughout), on either protocol.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The requests under way on one connection, and when it last had none.
+pub(crate) struct Activity {
+    in_flight: AtomicUsize,
+    /// When a request last began or ended, in milliseconds since `start`.
+    last: AtomicU64,
+    start: Instant,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            start: Instant::now(),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// A request begins: under way until the guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(Arc::clone(self))
+    }
+
+    /// Resolves once the connection has had no request under way for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                idle
+            } else {
+                let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+                let quiet = self.start.elapsed().saturating_sub(last);
+                match idle.checked_sub(quiet) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// One request under way; it ends when this is dropped.
+pub(crate) struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body that keeps its request under way until it has been sent (or dropped).
+pub(crate) struct Tracked<B> {
+    inner: B,
+    request: Option<InFlight>,
+}
+
+impl<B> Tracked<B> {
+    pub(crate) fn new(inner: B, request: InFlight) -> Self {
+        Tracked {
+            inner,
+            request: Some(request),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            this.request = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Drives `conn` to its end, closing it gracefully (`close`) when `stop` turns true (or its
+/// sender is gone) or when it has carried no request for `idle`.
+pub(crate) async fn drive<C, E>(
+    conn: C,
+    close: impl Fn(Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+    activity: &Activity,
+    idle: Duration,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            _ = stop.wait_for(|stopped| *stopped), if !closing => {
+                close(conn.as_mut());
+                closing = true;
+            }
+            () = activity.idle_for(idle), if !closing => {
+                tracing::debug!("closing a connection that has been idle for {idle:?}");
+                close(conn.as_mut());
+                closing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    const IDLE: Duration = Duration::from_secs(30);
+
+    /// (The clock is tokio's, paused: it moves only when every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_with_no_request_under_way_for_the_whole_bound() {
+        let activity = Activity::new();
+        let started = Instant::now();
+        activity.idle_for(IDLE).await;
+        assert_eq!(started.elapsed(), IDLE);
+
+        // A request under way, however long, is not idleness.
+        let request = activity.begin();
+        let waited = tokio::time::timeout(IDLE * 10, activity.idle_for(IDLE)).await;
+        assert!(waited.is_err(), "idle with a request under way");
+        // Once it ends, the whole bound runs again from then.
+        drop(request);
+        let ended = Instant::now();
+        activity.idle_for(IDLE).await;
+        assert_eq!(ended.elapsed(), IDLE);
+    }
+
+    /// A response body keeps its request under way until it has been sent (a streamed export
+    /// outlives its handler), or until it is dropped unsent.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_under_way_until_its_body_is_sent_or_dropped() {
+        let activity = Activity::new();
+        let body = Tracked::new(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"records")),
+            activity.begin(),
+        );
+        let waited = tokio::time::timeout(IDLE * 2, activity.idle_for(IDLE)).await;
+        assert!(waited.is_err(), "idle before the body was sent");
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&sent[..], b"records");
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+
+        let unsent = Tracked::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+            activity.begin(),
+        );
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
+        drop(unsent);
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    /// Drives a stand-in connection (it ends once closed, as hyper's graceful shutdown ends
+    /// an idle one), stopping it after `stop_after` if given: how many times it was closed,
+    /// and when it ended.
+    async fn driven(activity: &Activity, stop_after: Option<Duration>) -> (usize, Duration) {
+        use std::sync::atomic::AtomicUsize;
+        let closes = AtomicUsize::new(0);
+        let (stop, stopping) = watch::channel(false);
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+        let ended_tx = std::sync::Mutex::new(Some(ended_tx));
+        let conn = async move {
+            let _ = ended_rx.await;
+            Ok::<(), ()>(())
+        };
+        let close = |_: Pin<&mut _>| {
+            closes.fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = ended_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        };
+        let started = Instant::now();
+        let stopper = async {
+            if let Some(after) = stop_after {
+                tokio::time::sleep(after).await;
+                let _ = stop.send(true);
+            }
+        };
+        let (done, ()) = tokio::join!(drive(conn, close, stopping, activity, IDLE), stopper);
+        assert_eq!(done, Ok(()));
+        (closes.load(Ordering::Relaxed), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drive_closes_an_idle_connection_once_after_the_bound() {
+        assert_eq!(driven(&Activity::new(), None).await, (1, IDLE));
+    }
+
+    /// A connection with a request under way is not idle, and closes when told to stop.
+    #[tokio::test(start_paused = true)]
+    async fn drive_closes_a_busy_connection_once_at_stop() {
+        let activity = Activity::new();
+        let _request = activity.begin();
+        assert_eq!(driven(&activity, Some(IDLE * 3)).await, (1, IDLE * 3));
+    }
+}
