@@ -1,19 +1,20 @@
 //! One accepted connection's life after its handshake: which requests are under way on it,
 //! and when it is closed gracefully (hyper's `graceful_shutdown`: no new requests, those
-//! under way finish, then it closes): at the server's shutdown, or once it has carried no
-//! request for the idle bound.
+//! under way finish, then it closes): at the server's shutdown, or, for HTTP/2, once it has
+//! carried no request for the idle bound.
 //!
 //! hyper bounds an idle HTTP/1 connection (its header timeout covers the wait for the next
-//! request) but not an HTTP/2 one: past its preface, one stays open while its peer answers
-//! keep-alive pings, idle or with a request's headers unfinished, and would hold one of the
-//! listener's `max_connections` for ever. A request is under way from the moment its headers
-//! are read until its response body has been sent or dropped (a streamed export counts
-//! throughout), on either protocol.
+//! request, and is left to do so) but not an HTTP/2 one: past its preface, one stays open
+//! while its peer answers keep-alive pings, idle or with a request's headers unfinished, and
+//! would hold one of the listener's `max_connections` for ever. A request is under way from
+//! the moment its headers are read until its response body has been sent or dropped (a
+//! streamed export counts throughout). An HTTP/2 connection closed for idleness that has not
+//! ended one more bound later (a peer that stops reading) is dropped.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ use tokio::time::Instant;
 /// The requests under way on one connection, and when it last had none.
 pub(crate) struct Activity {
     in_flight: AtomicUsize,
+    /// A request has begun on it.
+    served: AtomicBool,
+    /// It began with HTTP/2's connection preface (`mark_http2`).
+    http2: AtomicBool,
     /// When a request last began or ended, in milliseconds since `start`.
     last: AtomicU64,
     start: Instant,
@@ -33,27 +38,45 @@ impl Activity {
     pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
             last: AtomicU64::new(0),
             start: Instant::now(),
         })
     }
 
-    fn touch(&self) {
+    /// Notes now as the last time it was busy (a request ended, or its TLS handshake did).
+    pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
     }
 
-    /// A request begins: under way until the guard is dropped.
+    /// A request begins: under way until the guard is dropped (which notes the time: while
+    /// it is under way the connection is not idle whatever `last` says).
     pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
+        self.served.store(true, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
 
-    /// Resolves once the connection has had no request under way for `idle`.
+    /// Whether a request has begun on it: a timeout after one is an idle kept-alive
+    /// connection closed, not a client that never finished its headers.
+    pub(crate) fn served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// The connection began with HTTP/2's preface: it is closed when idle.
+    pub(crate) fn mark_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection, known to be HTTP/2, has had no request under way for
+    /// `idle`. (One not known to be HTTP/2 is left to hyper's own header timeout.)
     async fn idle_for(&self, idle: Duration) {
         loop {
-            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+            let wait = if !self.http2.load(Ordering::Relaxed)
+                || self.in_flight.load(Ordering::Relaxed) > 0
+            {
                 idle
             } else {
                 let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
@@ -119,30 +142,43 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// Drives `conn` to its end, closing it gracefully (`close`) when `stop` turns true (or its
-/// sender is gone) or when it has carried no request for `idle`.
+/// sender is gone), or when, HTTP/2, it has carried no request for `idle`: then it has
+/// `idle` more to end before it is dropped. (After `stop` the server's grace period bounds
+/// it.) `None`: dropped so.
 pub(crate) async fn drive<C, E>(
     conn: C,
     close: impl Fn(Pin<&mut C>),
     mut stop: watch::Receiver<bool>,
     activity: &Activity,
     idle: Duration,
-) -> Result<(), E>
+) -> Option<Result<(), E>>
 where
     C: Future<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    let mut dropping: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
-            done = conn.as_mut() => return done,
+            done = conn.as_mut() => return Some(done),
             _ = stop.wait_for(|stopped| *stopped), if !closing => {
                 close(conn.as_mut());
                 closing = true;
             }
             () = activity.idle_for(idle), if !closing => {
-                tracing::debug!("closing a connection that has been idle for {idle:?}");
+                tracing::debug!("closing an HTTP/2 connection idle for {idle:?}");
                 close(conn.as_mut());
                 closing = true;
+                dropping = Some(Box::pin(tokio::time::sleep(idle)));
+            }
+            () = async {
+                match dropping.as_mut() {
+                    Some(deadline) => deadline.await,
+                    None => std::future::pending().await,
+                }
+            }, if dropping.is_some() => {
+                tracing::debug!("dropping an idle HTTP/2 connection that did not close");
+                return None;
             }
         }
     }
@@ -159,6 +195,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_with_no_request_under_way_for_the_whole_bound() {
         let activity = Activity::new();
+        activity.mark_http2();
         let started = Instant::now();
         activity.idle_for(IDLE).await;
         assert_eq!(started.elapsed(), IDLE);
@@ -179,6 +216,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_is_under_way_until_its_body_is_sent_or_dropped() {
         let activity = Activity::new();
+        activity.mark_http2();
         let body = Tracked::new(
             http_body_util::Full::new(bytes::Bytes::from_static(b"records")),
             activity.begin(),
@@ -225,13 +263,38 @@ mod tests {
             }
         };
         let (done, ()) = tokio::join!(drive(conn, close, stopping, activity, IDLE), stopper);
-        assert_eq!(done, Ok(()));
+        assert_eq!(done, Some(Ok(())));
         (closes.load(Ordering::Relaxed), started.elapsed())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn drive_closes_an_idle_connection_once_after_the_bound() {
-        assert_eq!(driven(&Activity::new(), None).await, (1, IDLE));
+    async fn drive_closes_an_idle_http2_connection_once_after_the_bound() {
+        let activity = Activity::new();
+        activity.mark_http2();
+        assert_eq!(driven(&activity, None).await, (1, IDLE));
+    }
+
+    /// HTTP/1's idle time is hyper's header timeout's to bound, not this.
+    #[tokio::test(start_paused = true)]
+    async fn drive_leaves_an_idle_http1_connection_to_hyper() {
+        assert_eq!(
+            driven(&Activity::new(), Some(IDLE * 5)).await,
+            (1, IDLE * 5)
+        );
+    }
+
+    /// An HTTP/2 connection closed for idleness that does not end (its peer stops reading)
+    /// is dropped one bound later.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_http2_connection_that_does_not_close_is_dropped() {
+        let activity = Activity::new();
+        activity.mark_http2();
+        let (_stop, stopping) = watch::channel(false);
+        let never = std::future::pending::<Result<(), ()>>();
+        let started = Instant::now();
+        let done = drive(never, |_| {}, stopping, &activity, IDLE).await;
+        assert_eq!(done, None);
+        assert_eq!(started.elapsed(), IDLE * 2);
     }
 
     /// A connection with a request under way is not idle, and closes when told to stop.

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -223,22 +222,28 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
 /// A connection's stream with a deadline on its first bytes: hyper's header timeout starts
 /// only once it knows the protocol, which it learns from those bytes (up to HTTP/2's 24-byte
 /// preface), so a client that connects and sends nothing, or a few bytes, would otherwise
-/// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone.
+/// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone. It also tells
+/// the connection's `Activity` whether those bytes began HTTP/2's preface.
 struct FirstBytes<T> {
     inner: T,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     left: usize,
+    /// The first bytes, until there are enough to tell HTTP/2's preface.
+    first: [u8; 4],
+    activity: Arc<Activity>,
 }
 
 /// HTTP/2's connection preface, the most hyper reads before it knows the protocol.
 const FIRST_BYTES: usize = 24;
 
 impl<T> FirstBytes<T> {
-    fn new(inner: T, within: Duration) -> Self {
+    fn new(inner: T, within: Duration, activity: Arc<Activity>) -> Self {
         FirstBytes {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
             left: FIRST_BYTES,
+            first: [0; 4],
+            activity,
         }
     }
 }
@@ -253,7 +258,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                this.left = this.left.saturating_sub(buf.filled().len() - before);
+                let read = &buf.filled()[before..];
+                // The first four bytes, however they arrive: `PRI ` begins HTTP/2's preface
+                // (no HTTP/1 method is `PRI`; hyper refuses what follows if it is not one).
+                let at = FIRST_BYTES - this.left;
+                if at < this.first.len() {
+                    let n = read.len().min(this.first.len() - at);
+                    this.first[at..at + n].copy_from_slice(&read[..n]);
+                    if at + n == this.first.len() && &this.first == b"PRI " {
+                        this.activity.mark_http2();
+                    }
+                }
+                this.left = this.left.saturating_sub(read.len());
                 if this.left == 0 {
                     this.deadline = None;
                 }
@@ -438,15 +454,10 @@ where
         };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
-        // Whether the connection has carried a request: a timeout after one is an idle
-        // kept-alive connection closed, not a client that never finished its headers.
-        let served = Arc::new(AtomicBool::new(false));
-        let serving = Arc::clone(&served);
         let activity = Activity::new();
         let requests = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             let h = h.clone();
-            serving.store(true, Ordering::Relaxed);
             let request = requests.begin();
             async move {
                 let resp = h(req, peer).await;
@@ -457,15 +468,16 @@ where
         let idle = limits.header_read_timeout;
         match &tls {
             None => {
-                let stream = FirstBytes::new(stream, limits.header_read_timeout);
+                let stream =
+                    FirstBytes::new(stream, limits.header_read_timeout, Arc::clone(&activity));
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 connections.spawn(async move {
                     let _slot = slot;
                     let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
-                    if let Err(e) = drive(conn, close, stopping, &activity, idle).await {
-                        connection_failed(&*e, peer, served.load(Ordering::Relaxed));
+                    if let Some(Err(e)) = drive(conn, close, stopping, &activity, idle).await {
+                        connection_failed(&*e, peer, activity.served());
                     }
                 });
             }
@@ -486,13 +498,16 @@ where
                         }
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let stream = FirstBytes::new(stream, limits.header_read_timeout);
+                    // The idle clock starts now, not at the connection.
+                    activity.touch();
+                    let stream =
+                        FirstBytes::new(stream, limits.header_read_timeout, Arc::clone(&activity));
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
                     let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
-                    if let Err(e) = drive(conn, close, stopping, &activity, idle).await {
-                        connection_failed(&*e, peer, served.load(Ordering::Relaxed));
+                    if let Some(Err(e)) = drive(conn, close, stopping, &activity, idle).await {
+                        connection_failed(&*e, peer, activity.served());
                     }
                 });
             }

@@ -237,36 +237,65 @@ impl BreachLog {
 
     /// The alert `alert_id` as it stands, held in memory or (older) read from the file.
     pub fn alert(&self, alert_id: &str) -> Result<Option<Alert>, BreachError> {
-        let s = self.lock();
-        current(&s, &self.path, alert_id)
+        let (s, found) = self.current(alert_id)?;
+        drop(s);
+        Ok(found.map(|(alert, _)| alert))
     }
 
-    /// Writes the entry `entry` makes of the alert, under one lock (none: the alert stays as
-    /// it is), and returns the alert as it then stands.
+    /// The alert as it stands and whether memory holds it, with the lock held: an older one
+    /// is read from the file as far as it went when asked without the lock (a scan of a large
+    /// file must not hold up new alerts), then, under the lock, what was written since.
+    fn current(&self, alert_id: &str) -> Result<Current<'_>, BreachError> {
+        let s = self.lock();
+        if let Some(a) = s.alerts.iter().find(|a| a.id == alert_id) {
+            let a = a.clone();
+            return Ok((s, Some((a, true))));
+        }
+        // Memory holds every alert newer than the oldest it forgot: one it does not hold now
+        // it will never hold again.
+        if s.older == 0 {
+            return Ok((s, None));
+        }
+        let read = s.file.metadata()?.len();
+        drop(s);
+        let mut alert = None;
+        read_back(&self.path, alert_id, 0, read, &mut alert)?;
+        let s = self.lock();
+        let now = s.file.metadata()?.len();
+        read_back(&self.path, alert_id, read, now, &mut alert)?;
+        Ok((s, alert.map(|a| (a, false))))
+    }
+
+    /// Writes the entry `entry` makes of the alert (none: the alert stays as it is), deciding
+    /// under the lock the write is made under, and returns the alert as it then stands.
     fn append_for(
         &self,
         alert_id: &str,
         entry: impl FnOnce(&Alert) -> Option<Entry>,
     ) -> Result<Alert, BreachError> {
-        let mut s = self.lock();
-        let Some(mut alert) = current(&s, &self.path, alert_id)? else {
+        let (mut s, found) = self.current(alert_id)?;
+        let Some((mut alert, held)) = found else {
             return Err(BreachError::NotFound(alert_id.to_owned()));
         };
-        if let Some(entry) = entry(&alert) {
-            let held = s.alerts.iter().any(|a| a.id == alert_id);
-            write(&mut s, &entry)?;
-            // One only the file holds is brought up to date here; one held, by `write`.
-            if !held {
-                apply_to(&mut alert, entry);
-                return Ok(alert);
-            }
+        let Some(entry) = entry(&alert) else {
+            return Ok(alert);
+        };
+        if held {
+            // Applied to the one memory holds by `write`.
+            write(&mut s, entry)?;
+            let held = s.alerts.iter().find(|a| a.id == alert_id);
+            return held
+                .cloned()
+                .ok_or_else(|| BreachError::NotFound(alert_id.to_owned()));
         }
-        current(&s, &self.path, alert_id)?.ok_or_else(|| BreachError::NotFound(alert_id.to_owned()))
+        write(&mut s, entry.clone())?;
+        apply_to(&mut alert, entry);
+        Ok(alert)
     }
 
     fn append(&self, entry: Entry) -> Result<(), BreachError> {
         let mut s = self.lock();
-        write(&mut s, &entry)?;
+        write(&mut s, entry)?;
         let keep = s.keep;
         s.older += forget_beyond(&mut s.alerts, keep);
         Ok(())
@@ -280,13 +309,13 @@ impl BreachLog {
 /// Writes and syncs the line, then applies it: state never runs ahead of the file. A failed
 /// write is cut back off the file: part of its line (a full disk took the rest) would join the
 /// next entry into a line that does not parse, which stops the next start.
-fn write(s: &mut State, entry: &Entry) -> Result<(), BreachError> {
+fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
     if s.broken {
         return Err(BreachError::Io(std::io::Error::other(
             "a failed append could not be cut off the breach log; restart to mend it",
         )));
     }
-    let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+    let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
     line.push(b'\n');
     let before = s.file.metadata()?.len();
     if let Err(e) = s.file.write_all(&line).and_then(|()| s.file.sync_data()) {
@@ -297,7 +326,7 @@ fn write(s: &mut State, entry: &Entry) -> Result<(), BreachError> {
         }
         return Err(e.into());
     }
-    apply(&mut s.alerts, entry.clone());
+    apply(&mut s.alerts, entry);
     Ok(())
 }
 
@@ -311,32 +340,42 @@ fn forget_beyond(alerts: &mut VecDeque<Alert>, keep: usize) -> u64 {
     forgotten
 }
 
-/// The alert as it stands: from memory, or read back from the file (an older one).
-fn current(s: &State, path: &Path, alert_id: &str) -> Result<Option<Alert>, BreachError> {
-    if let Some(a) = s.alerts.iter().find(|a| a.id == alert_id) {
-        return Ok(Some(a.clone()));
+/// The log locked, and an alert as it stands with whether memory holds it.
+type Current<'a> = (std::sync::MutexGuard<'a, State>, Option<(Alert, bool)>);
+
+/// Reads the entries about `alert_id` between bytes `from` and `to` of the file (whole lines,
+/// as written under the lock), applying them to `alert` (its own entry starts it). A line that
+/// does not parse, or is not UTF-8, was not written by the log and says nothing of it.
+fn read_back(
+    path: &Path,
+    alert_id: &str,
+    from: u64,
+    to: u64,
+    alert: &mut Option<Alert>,
+) -> Result<(), BreachError> {
+    use std::io::{Read, Seek, SeekFrom};
+    if from >= to {
+        return Ok(());
     }
-    if s.older == 0 {
-        return Ok(None);
-    }
-    let mut alert: Option<Alert> = None;
-    let mut reader = BufReader::new(File::open(path)?);
-    let mut line = String::new();
-    // Every line was read at start or written since, whole: one that does not parse is one
-    // written by something else, and says nothing of this alert.
-    while reader.read_line(&mut line)? > 0 {
-        if line.contains(alert_id)
-            && let Ok(entry) = serde_json::from_str::<Entry>(&line)
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::new(file.take(to - from));
+    // The id as the file writes it: a quoted JSON string.
+    let quoted = serde_json::to_vec(alert_id).map_err(std::io::Error::other)?;
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        if memchr::memmem::find(&line, &quoted).is_some()
+            && let Ok(entry) = serde_json::from_slice::<Entry>(&line)
         {
-            match (&mut alert, entry) {
-                (None, Entry::Alert(a)) if a.id == alert_id => alert = Some(*a),
+            match (alert.as_mut(), entry) {
+                (None, Entry::Alert(a)) if a.id == alert_id => *alert = Some(*a),
                 (Some(a), entry) => apply_to(a, entry),
                 _ => {}
             }
         }
         line.clear();
     }
-    Ok(alert)
+    Ok(())
 }
 
 fn apply(alerts: &mut VecDeque<Alert>, entry: Entry) {

@@ -102,7 +102,7 @@ function onEvent(chunk) {
   if (!data) return;
   const d = JSON.parse(data);
   if (kind === 'access') onAccess(d);
-  else if (kind === 'alert') { state.alerts.set(d.id, d); renderAlerts(); }
+  else if (kind === 'alert') { keep(d); renderAlerts(); }
   else if (kind === 'lagged') status('The feed skipped ' + d.missed + ' events (too busy); the audit log has them all.', true);
 }
 
@@ -142,6 +142,15 @@ function remaining(reportBy) {
   const m = Math.floor((ms % 3600000) / 60000);
   const s = Math.floor((ms % 60000) / 1000);
   return h + 'h ' + String(m).padStart(2, '0') + 'm ' + String(s).padStart(2, '0') + 's';
+}
+
+// An alert from the live feed, holding as many as the gateway does (the oldest go, as there).
+function keep(a) {
+  if (!state.alerts.has(a.id) && state.alerts.size >= 10000) {
+    state.alerts.delete(state.alerts.keys().next().value);
+    state.older += 1;
+  }
+  state.alerts.set(a.id, a);
 }
 
 function renderAlerts() {
@@ -191,7 +200,7 @@ async function doClassify(id, cls, note) {
     const a = await api('/alerts/' + encodeURIComponent(id) + '/classify', {
       method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ class: cls, note }),
     });
-    state.alerts.set(a.id, a);
+    keep(a);
     renderAlerts();
     status('Alert ' + id + ' classified as ' + cls.replace('_', ' ') + '.');
   } catch (e) {
@@ -205,7 +214,7 @@ async function doRevoke(id, caller) {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ reason: 'revoked from the security console' }),
     });
-    state.alerts.set(a.id, a);
+    keep(a);
     renderAlerts();
     status('Every token of ' + caller + ' so far revoked on every replica.');
   } catch (e) {

@@ -162,7 +162,17 @@ where
                     request_id,
                 ));
             }
-            let (alerts, older) = gw.watch.breach.alerts();
+            // Up to `ALERTS_KEPT` copied under the log's lock: off the async workers.
+            let log = gw.watch.breach.clone();
+            let (alerts, older) = match tokio::task::spawn_blocking(move || log.alerts()).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    return boxed(problem_response(
+                        &GatewayError::Internal(e.to_string()),
+                        request_id,
+                    ));
+                }
+            };
             json(&serde_json::json!({
                 "alerts": alerts,
                 "older_in_breach_log": older,
