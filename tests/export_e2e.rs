@@ -470,6 +470,39 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
     assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
 }
 
+/// A key replaced by a reload (`SIGHUP`, here `rekey::reload_keys`, which it runs) stops an
+/// export its tokens opened at the next chunk, as a revocation does: no chunk recorded after
+/// the reload goes, and the export's closing record says `token_key_unknown` (as an error, not
+/// a refusal: the caller did nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replaced_by_a_reload_stops_an_export_under_way() {
+    let (app, go, body, received) = paused_export().await;
+    // The identity provider rotated the key under the same id.
+    let rotated = wardgate::token::generate_es256().unwrap();
+    let key_file = (app.dir.path()).join(format!("keys/{}.pub.pem", wardgate::demo::KID));
+    std::fs::write(key_file, &rotated.public_pem).unwrap();
+    wardgate::rekey::reload_keys(&app.gw).await.unwrap();
+    go.notify_one();
+    let (cut_short, received) = rest_of(body, received).await;
+    assert!(
+        cut_short,
+        "an export under a replaced key must not end as complete"
+    );
+    let (records, chunks) = export_records(&app);
+    let last = records.last().unwrap();
+    let before = &last["detail"]["before"];
+    let went = before["chunks"].as_u64().unwrap() as usize;
+    assert!(went >= 1 && went < chunks.len(), "{last}");
+    assert_eq!(before["records"], received.len() as u64, "{last}");
+    // A rotation is no act of the caller's: an error, not a refusal breach detection counts.
+    assert_eq!(last["decision"], "error", "{last}");
+    assert_eq!(last["reason"], "export_aborted", "{last}");
+    assert_eq!(
+        last["detail"]["export_aborted"], "token_key_unknown",
+        "{last}"
+    );
+}
+
 /// A restriction placed on someone in a chunk already filtered (and recorded) but not yet
 /// sent, as a client that stops reading can hold one for as long as it likes: that chunk
 /// never goes, and the export ends saying why.
