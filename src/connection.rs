@@ -70,13 +70,15 @@ impl Activity {
         self.http2.store(true, Ordering::Relaxed);
     }
 
+    pub(crate) fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
     /// Resolves once the connection, known to be HTTP/2, has had no request under way for
     /// `idle`. (One not known to be HTTP/2 is left to hyper's own header timeout.)
     async fn idle_for(&self, idle: Duration) {
         loop {
-            let wait = if !self.http2.load(Ordering::Relaxed)
-                || self.in_flight.load(Ordering::Relaxed) > 0
-            {
+            let wait = if !self.is_http2() || self.in_flight.load(Ordering::Relaxed) > 0 {
                 idle
             } else {
                 let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
@@ -96,8 +98,9 @@ pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // The time first: `idle_for` must never see none under way with the time before.
         self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -142,9 +145,10 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// Drives `conn` to its end, closing it gracefully (`close`) when `stop` turns true (or its
-/// sender is gone), or when, HTTP/2, it has carried no request for `idle`: then it has
-/// `idle` more to end before it is dropped. (After `stop` the server's grace period bounds
-/// it.) `None`: dropped so.
+/// sender is gone), or when, HTTP/2, it has carried no request for `idle`: then, once it has
+/// again had none under way for a whole `idle` (a request whose headers crossed the GOAWAY is
+/// still served, however long), it is dropped. (After `stop` the server's grace period
+/// bounds it.) `None`: dropped so.
 pub(crate) async fn drive<C, E>(
     conn: C,
     close: impl Fn(Pin<&mut C>),
@@ -157,7 +161,7 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
-    let mut dropping: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut closed_idle = false;
     loop {
         tokio::select! {
             done = conn.as_mut() => return Some(done),
@@ -169,14 +173,11 @@ where
                 tracing::debug!("closing an HTTP/2 connection idle for {idle:?}");
                 close(conn.as_mut());
                 closing = true;
-                dropping = Some(Box::pin(tokio::time::sleep(idle)));
+                closed_idle = true;
+                // The bound runs again from the close.
+                activity.touch();
             }
-            () = async {
-                match dropping.as_mut() {
-                    Some(deadline) => deadline.await,
-                    None => std::future::pending().await,
-                }
-            }, if dropping.is_some() => {
+            () = activity.idle_for(idle), if closed_idle => {
                 tracing::debug!("dropping an idle HTTP/2 connection that did not close");
                 return None;
             }
@@ -292,15 +293,43 @@ mod tests {
         let (_stop, stopping) = watch::channel(false);
         let never = std::future::pending::<Result<(), ()>>();
         let started = Instant::now();
-        let done = drive(never, |_| {}, stopping, &activity, IDLE).await;
-        assert_eq!(done, None);
+        let done =
+            tokio::time::timeout(IDLE * 10, drive(never, |_| {}, stopping, &activity, IDLE)).await;
+        assert_eq!(done, Ok(None), "not dropped");
         assert_eq!(started.elapsed(), IDLE * 2);
+    }
+
+    /// A request accepted after the idle close (its headers crossed the GOAWAY) is served to
+    /// its end, however long: the connection is dropped only a whole bound after it ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_under_way_after_an_idle_close_is_not_cut() {
+        let activity = Activity::new();
+        activity.mark_http2();
+        let (_stop, stopping) = watch::channel(false);
+        let never = std::future::pending::<Result<(), ()>>();
+        let started = Instant::now();
+        let late = async {
+            tokio::time::sleep(IDLE + Duration::from_millis(1)).await;
+            let request = activity.begin();
+            tokio::time::sleep(IDLE * 5).await;
+            drop(request);
+        };
+        let (done, ()) = tokio::join!(
+            tokio::time::timeout(IDLE * 20, drive(never, |_| {}, stopping, &activity, IDLE)),
+            late
+        );
+        assert_eq!(done, Ok(None), "not dropped");
+        assert_eq!(
+            started.elapsed(),
+            IDLE + Duration::from_millis(1) + IDLE * 5 + IDLE
+        );
     }
 
     /// A connection with a request under way is not idle, and closes when told to stop.
     #[tokio::test(start_paused = true)]
     async fn drive_closes_a_busy_connection_once_at_stop() {
         let activity = Activity::new();
+        activity.mark_http2();
         let _request = activity.begin();
         assert_eq!(driven(&activity, Some(IDLE * 3)).await, (1, IDLE * 3));
     }

@@ -229,12 +229,14 @@ struct FirstBytes<T> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     left: usize,
     /// The first bytes, until there are enough to tell HTTP/2's preface.
-    first: [u8; 4],
+    first: [u8; FIRST_BYTES],
     activity: Arc<Activity>,
 }
 
-/// HTTP/2's connection preface, the most hyper reads before it knows the protocol.
-const FIRST_BYTES: usize = 24;
+/// HTTP/2's connection preface (RFC 9113 §3.4), the most hyper reads before it knows the
+/// protocol.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FIRST_BYTES: usize = PREFACE.len();
 
 impl<T> FirstBytes<T> {
     fn new(inner: T, within: Duration, activity: Arc<Activity>) -> Self {
@@ -242,7 +244,7 @@ impl<T> FirstBytes<T> {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
             left: FIRST_BYTES,
-            first: [0; 4],
+            first: [0; FIRST_BYTES],
             activity,
         }
     }
@@ -259,13 +261,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 let read = &buf.filled()[before..];
-                // The first four bytes, however they arrive: `PRI ` begins HTTP/2's preface
-                // (no HTTP/1 method is `PRI`; hyper refuses what follows if it is not one).
-                let at = FIRST_BYTES - this.left;
-                if at < this.first.len() {
-                    let n = read.len().min(this.first.len() - at);
+                // The first bytes, however they arrive: the whole preface marks HTTP/2 (an
+                // HTTP/1 request may begin `PRI `, whatever method it names).
+                if this.left > 0 {
+                    let at = FIRST_BYTES - this.left;
+                    let n = read.len().min(this.left);
                     this.first[at..at + n].copy_from_slice(&read[..n]);
-                    if at + n == this.first.len() && &this.first == b"PRI " {
+                    if at + n == FIRST_BYTES && &this.first == PREFACE {
                         this.activity.mark_http2();
                     }
                 }
@@ -528,6 +530,57 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out its bytes one at a time, as a slow client's may arrive.
+    struct Trickle(Vec<u8>, usize);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if let Some(&b) = this.0.get(this.1) {
+                buf.put_slice(&[b]);
+                this.1 += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Only the whole preface marks a connection HTTP/2, however its bytes arrive: an HTTP/1
+    /// request may begin `PRI ` too.
+    #[tokio::test]
+    async fn the_whole_preface_marks_http2_byte_by_byte() {
+        use tokio::io::AsyncReadExt;
+        for (bytes, http2) in [
+            (
+                &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04"[..],
+                true,
+            ),
+            (b"PRI / HTTP/1.1\r\nhost: wardgate\r\n\r\n", false),
+            (b"GET / HTTP/1.1\r\nhost: wardgate\r\n\r\n", false),
+            (b"PRI * HTTP/2.0\r\n", false),
+        ] {
+            let activity = Activity::new();
+            let trickle = Trickle(bytes.to_vec(), 0);
+            let mut stream =
+                FirstBytes::new(trickle, Duration::from_secs(5), Arc::clone(&activity));
+            let mut read = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).await.unwrap() == 1 {
+                read.push(byte[0]);
+            }
+            assert_eq!(read, bytes, "passed on unchanged");
+            assert_eq!(
+                activity.is_http2(),
+                http2,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 
     /// A listener at its `max_connections` accepts no more: the next connection stays in the
     /// kernel's backlog (not accepted and parked) until one closes, and the gauge says so.

@@ -488,12 +488,21 @@ mod tests {
     }
 
     /// A containment that did not take never hides one that did: two operators, or an
-    /// automatic containment and an operator, may both try.
+    /// automatic containment and an operator, may both try. The same for an alert memory no
+    /// longer holds (read back from the file).
     #[test]
     fn a_failed_containment_never_replaces_one_that_took() {
+        for keep in [ALERTS_KEPT, 1] {
+            failed_containment_never_replaces_one_that_took(keep);
+        }
+    }
+
+    fn failed_containment_never_replaces_one_that_took(keep: usize) {
         let dir = tempfile::tempdir().unwrap();
-        let log = BreachLog::open(&dir.path().join("b.jsonl")).unwrap();
+        let log = BreachLog::open_keeping(&dir.path().join("b.jsonl"), keep).unwrap();
         log.add(alert("A1")).unwrap();
+        // With `keep` 1, A1 is now only in the file.
+        log.add(alert("A2")).unwrap();
         let tried = |outcome: &str| Containment {
             subject: "demo-canvasser".into(),
             token_id: "t-1".into(),
@@ -510,7 +519,8 @@ mod tests {
         let a = log.contain("A1", tried("revoked")).unwrap();
         assert_eq!(outcome(a), "revoked");
         let lines = std::fs::read_to_string(dir.path().join("b.jsonl")).unwrap();
-        assert_eq!(lines.lines().count(), 4, "{lines}");
+        assert_eq!(lines.lines().count(), 5, "{lines}");
+        assert_eq!(log.alerts().1, if keep == 1 { 1 } else { 0 });
         assert!(matches!(
             log.contain("A9", tried("revoked")),
             Err(BreachError::NotFound(_))

@@ -45,7 +45,8 @@ async function connect(event) {
   if (state.feedAbort) state.feedAbort.abort();
   try {
     const log = await api('/alerts');
-    state.alerts = new Map(log.alerts.map((a) => [a.id, a]));
+    // Oldest first, as `keep` drops them.
+    state.alerts = new Map([...log.alerts].reverse().map((a) => [a.id, a]));
     state.older = log.older_in_breach_log || 0;
     renderAlerts();
     const v = await api('/volumes');
@@ -223,7 +224,7 @@ async function doRevoke(id, caller) {
       // show the alert as it stands, and say not to repeat it.
       try {
         const log = await api('/alerts');
-        state.alerts = new Map(log.alerts.map((x) => [x.id, x]));
+        state.alerts = new Map([...log.alerts].reverse().map((x) => [x.id, x]));
         state.older = log.older_in_breach_log || 0;
         renderAlerts();
       } catch (_) { /* the status below still says what happened */ }
