@@ -96,7 +96,7 @@ where
                     };
                     let body = format!(
                         "{{\"status\":\"ready\",\"policies\":{},\"quota_counts\":\"{quotas}\"}}",
-                        gw.policy.policy_count()
+                        gw.policies().engine.policy_count()
                     );
                     text(StatusCode::OK, "application/json", body)
                 }

@@ -52,6 +52,16 @@ struct RequestKey {
     dataset: String,
 }
 
+/// The policy pack in force and the decisions memoised under it, replaced together by a
+/// reload (`rekey::reload_policy`): no decision of one pack is ever taken for another's, and a
+/// request keeps the pair it began with (`Gateway::policies`) to its end.
+pub struct InForce {
+    pub engine: PolicyEngine,
+    pub decisions: DecisionCache,
+    /// What the pack was read from (`startup::PolicySource::digest`).
+    pub digest: Option<[u8; 32]>,
+}
+
 /// The shared cache; lives beside the policy engine whose answers it holds.
 #[derive(Default)]
 pub struct DecisionCache {

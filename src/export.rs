@@ -158,6 +158,8 @@ pub struct Plan {
     pub dataset: String,
     /// The categories of the fields the caller filtered on (`Route::filtered_categories`).
     pub filtered_on: Vec<String>,
+    /// The policy pack the request began under, kept to the export's end.
+    pub policies: Arc<crate::decisions::InForce>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -251,8 +253,8 @@ impl Run<'_> {
             .ok_or("unknown dataset")?;
         let categories = gw.categories.get(&plan.dataset).ok_or("unknown dataset")?;
         let decider = Decider::new(
-            &gw.policy,
-            &gw.decisions,
+            &plan.policies.engine,
+            &plan.policies.decisions,
             &plan.ask,
             plan.asker,
             &plan.dataset,

@@ -21,12 +21,11 @@ use crate::audit::{AuditLog, AuditRecord, Caller, Decision, RecordKind};
 use crate::auth::{Principal, Verifier};
 use crate::catalog::{Catalog, Dataset};
 use crate::controls::Controls;
-use crate::decisions::{Decider, DecisionCache, asker_key};
+use crate::decisions::{Decider, InForce, asker_key};
 use crate::dialect::{self, Narrowing};
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::geography::Geography;
-use crate::policy::PolicyEngine;
 use crate::proxy::{Upstream, Upstreams};
 use crate::routes::{self, RouteKind};
 
@@ -38,7 +37,10 @@ pub struct Gateway {
     pub catalog: Catalog,
     pub geography: Geography,
     pub verifier: Verifier,
-    pub policy: PolicyEngine,
+    /// The policy pack in force and its decisions (`policies`), replaced by a reload.
+    pub policies: std::sync::RwLock<Arc<InForce>>,
+    /// Where the pack is read from, for a reload.
+    pub policy_source: crate::startup::PolicySource,
     pub upstreams: Upstreams,
     /// The data plane's TLS certificate, for `SIGHUP` to renew (`None` without TLS).
     pub server_cert: Option<Arc<crate::server_cert::ServerCert>>,
@@ -54,7 +56,6 @@ pub struct Gateway {
     pub controls: Controls,
     /// Breach detection, the breach log and the live feed.
     pub watch: crate::watch::Watch,
-    pub decisions: DecisionCache,
     pub narrowings: dialect::Narrowings,
     /// Field categories per dataset: what field decisions are asked about.
     pub categories: std::collections::BTreeMap<String, BTreeSet<String>>,
@@ -67,6 +68,21 @@ pub struct Gateway {
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// Small-cell suppression and the group limit for aggregates.
     pub aggregates: crate::aggregate::Settings,
+}
+
+impl Gateway {
+    /// The policy pack in force now, with its decisions: a request takes it once and keeps it.
+    pub fn policies(&self) -> Arc<InForce> {
+        let held = self.policies.read();
+        Arc::clone(&held.unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts a reloaded pack in force: requests already under way finish under the one they
+    /// began with.
+    pub fn put_policies(&self, policies: InForce) {
+        let mut held = (self.policies.write()).unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held = Arc::new(policies);
+    }
 }
 
 /// What the pipeline learnt about a request, whether it succeeded or not: the audit record's source.
@@ -346,12 +362,13 @@ where
         return Err(GatewayError::PurposeNotGranted(purpose));
     }
 
-    // 4. May this request happen at all.
-    let ask = gw
-        .policy
+    // 4. May this request happen at all (under the pack in force now, to the request's end).
+    let policies = gw.policies();
+    let ask = policies
+        .engine
         .ask(Arc::clone(&principal), &purpose, &entry.lawful_basis);
-    let verdict = gw.decisions.request(
-        &gw.policy,
+    let verdict = policies.decisions.request(
+        &policies.engine,
         &ask,
         &principal,
         &purpose,
@@ -365,7 +382,7 @@ where
             policy_ids: verdict.policy_ids,
         });
     }
-    filters_visible(gw, &ask, &route, dataset, trail)?;
+    filters_visible(&policies, &ask, &route, dataset, trail)?;
     // A principal past their role's allowance gets nothing more this window; as many records
     // as this request may disclose are held for it meanwhile (parallel requests see them).
     let may_disclose = match &route.kind {
@@ -405,11 +422,12 @@ where
             asker,
             dataset: route.dataset.clone(),
             filtered_on: route.filtered_categories(dataset),
+            policies,
         })));
     }
     let decider = Decider::new(
-        &gw.policy,
-        &gw.decisions,
+        &policies.engine,
+        &policies.decisions,
         &ask,
         asker,
         &route.dataset,
@@ -425,7 +443,7 @@ where
             let register = register_now(gw, &principal)?;
             let filtered_on = route.filtered_categories(dataset);
             let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
-            let mut memo = gw.decisions.memos.take(asker, &route.dataset);
+            let mut memo = policies.decisions.memos.take(asker, &route.dataset);
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
                 filter::filter_page(&body, envelope, &cx, decide, &mut memo).map_err(malformed)?;
@@ -501,7 +519,17 @@ where
             }
             let body = crate::writes::read_body(req, gw.max_request_bytes).await?;
             let written = crate::writes::check_write(
-                gw, &ask, dataset, &route, write, id, &body, &principal, upstream, request_id,
+                gw,
+                &policies.engine,
+                &ask,
+                dataset,
+                &route,
+                write,
+                id,
+                &body,
+                &principal,
+                upstream,
+                request_id,
                 trail,
             )
             .await?;
@@ -712,7 +740,7 @@ pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
 /// (`FilterContext::filtered_on`, which still applies where a record's own flags hide the
 /// field) would leave paging to count them.
 fn filters_visible(
-    gw: &Gateway,
+    policies: &InForce,
     ask: &crate::policy::Ask,
     route: &routes::Route,
     dataset: &crate::catalog::Dataset,
@@ -741,9 +769,7 @@ fn filters_visible(
         // (Every filter is a classified field: the catalogue refuses another at start; an
         // empty category is one no policy lets through.)
         let category = dataset.fields.get(filter).map_or("", String::as_str);
-        let verdict = gw
-            .policy
-            .decide_field(ask, &route.dataset, &clean, category, false);
+        let verdict = (policies.engine).decide_field(ask, &route.dataset, &clean, category, false);
         if !verdict.allowed {
             // The record names what refused, not what had let the request through.
             trail.policy_ids = verdict.policy_ids.into_iter().collect();

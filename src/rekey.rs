@@ -1,5 +1,5 @@
 //! What `SIGHUP` reads again without a restart: the token keys, the gateway's own TLS
-//! certificate and the datastores' TLS files. Each is read and checked as at start; a set
+//! certificate, the datastores' TLS files and the policy pack. Each is read and checked as at start; a set
 //! that fails the checks is refused whole, recorded, and what is in use stays. One that
 //! passes is recorded in the audit log first and then used: a change that cannot be recorded
 //! is not made. Nothing is recorded for TLS files that did not change (a key reload is
@@ -16,6 +16,9 @@
 //! - The TLS files of every `https://` datastore (`ca_file`, the gateway's client certificate
 //!   and key), of the datastores whose files changed: new connections are made with the new
 //!   files; requests under way finish on the old ones.
+//! - The policy pack (`policy.dir`, with its schema and tests): loaded, validated and tested as
+//!   at start (every fixture passing, every policy named by one), then put in force with a new
+//!   decision cache; requests and exports under way finish under the pack they began with.
 
 use std::sync::Arc;
 
@@ -46,6 +49,7 @@ pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
         let _ = reload_keys(&gw).await;
         let _ = reload_server_tls(&gw).await;
         let _ = reload_datastore_tls(&gw).await;
+        let _ = reload_policy(&gw).await;
     }
 }
 
@@ -76,6 +80,14 @@ const SERVER_TLS: Reload = Reload {
     refused: "server_tls_reload_refused",
     metric: "wardgate_server_tls_reloads_total",
     what: "server TLS files",
+};
+
+const POLICY: Reload = Reload {
+    route: "policy",
+    reloaded: "policy_reloaded",
+    refused: "policy_reload_refused",
+    metric: "wardgate_policy_reloads_total",
+    what: "policy pack",
 };
 
 const DATASTORE_TLS: Reload = Reload {
@@ -195,5 +207,51 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
     renewal.apply();
     tracing::info!(?datasets, "datastore TLS files reloaded");
     DATASTORE_TLS.count("reloaded");
+    Ok(())
+}
+
+/// Reads the policy pack again (its policies, schema and tests), loads, validates and tests it
+/// as at start, records the change, then puts it in force with a new decision cache; or says
+/// why not. Nothing is recorded when no file of the pack changed.
+pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
+    let _one_at_a_time = RELOADS.lock().await;
+    let digest = gw.policy_source.digest();
+    let in_force = gw.policies();
+    if digest.is_some() && digest == in_force.digest {
+        tracing::info!("policy pack unchanged");
+        POLICY.count("unchanged");
+        return Ok(());
+    }
+    // Hundreds of fixtures: off the async workers.
+    let reading = Arc::clone(gw);
+    let loaded = tokio::task::spawn_blocking(move || {
+        (reading.policy_source).load(&reading.catalog, &reading.geography)
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|loaded| loaded);
+    let (engine, tests) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => return Err(POLICY.refuse(gw, e).await),
+    };
+    let ids = |e: &crate::policy::PolicyEngine| -> std::collections::BTreeSet<String> {
+        e.policy_origins().map(|(id, _)| id.to_owned()).collect()
+    };
+    let (before, after) = (ids(&in_force.engine), ids(&engine));
+    let detail = serde_json::json!({
+        "policies": after.len(),
+        "tests": tests,
+        "added": after.difference(&before).collect::<Vec<_>>(),
+        "removed": before.difference(&after).collect::<Vec<_>>(),
+        "digest": digest.map(hex::encode),
+    });
+    POLICY.record(gw, detail).await?;
+    gw.put_policies(crate::decisions::InForce {
+        engine,
+        decisions: Default::default(),
+        digest,
+    });
+    tracing::info!(policies = after.len(), tests, "policy pack reloaded");
+    POLICY.count("reloaded");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! gateway on port 0, and flushes the audit log only after the last connection has drained.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -30,6 +31,8 @@ pub struct Checked {
     pub geography: Geography,
     pub verifier: Verifier,
     pub policy: PolicyEngine,
+    /// What the pack was read from, as `PolicySource::digest` gives it.
+    pub policy_digest: Option<[u8; 32]>,
     /// How many of the pack's own tests it passed (none when it has none).
     pub policy_tests: usize,
     pub upstreams: Upstreams,
@@ -83,8 +86,10 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         purposes: catalog.purposes.keys().cloned().collect(),
     };
     let verifier = Verifier::from_config(&cfg.auth, known)?;
-    let policy = PolicyEngine::load(&cfg.policy_dir, &catalog, &geography)?;
-    let policy_tests = policy_tests(cfg, &policy, &catalog, &geography)?;
+    // The digest first: a pack changed while it is read is taken up by the next reload.
+    let source = PolicySource::of(cfg);
+    let policy_digest = source.digest();
+    let (policy, policy_tests) = source.load(&catalog, &geography)?;
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
     if let Some(r) = &cfg.redis {
         crate::controls::load_key(r)?;
@@ -99,6 +104,7 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         geography,
         verifier,
         policy,
+        policy_digest,
         policy_tests,
         upstreams,
         server_cert,
@@ -163,49 +169,113 @@ fn open_files_for(max_connections: usize) -> usize {
     fits
 }
 
-/// Runs the policy pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed,
-/// every one, or why the gateway must not start. A pack with no tests starts only where the
-/// configuration says it may (`policy.allow_untested`).
-fn policy_tests(
-    cfg: &Config,
-    policy: &PolicyEngine,
-    catalog: &Catalog,
-    geography: &Geography,
-) -> anyhow::Result<usize> {
-    let dir = match &cfg.policy_tests {
-        Some(dir) if !dir.is_dir() => anyhow::bail!(
-            "`policy.tests` `{}` is not a directory of policy tests",
-            dir.display()
-        ),
-        Some(dir) => dir.clone(),
-        None => {
-            let dir = cfg.policy_dir.join("tests");
-            if dir.is_dir() {
-                dir
-            } else if cfg.policy_allow_untested {
-                tracing::warn!(
-                    policy_dir = %cfg.policy_dir.display(),
-                    "no policy tests (`policy.tests`, or `tests/` beside the policies), and \
-                     `policy.allow_untested` lets the gateway start: only the schema checks \
-                     the pack, not what it decides"
-                );
-                return Ok(0);
-            } else {
-                anyhow::bail!(
-                    "no policy tests: `policy.tests` is unset and there is no `{}`. The schema \
-                     says each policy is well formed, only the tests say the pack still decides \
-                     what it must (a pack without its restriction forbids validates). Ship the \
-                     pack's `tests/` with it, point `policy.tests` at them, or set \
-                     `policy.allow_untested = true` to start without",
-                    dir.display()
-                )
+/// Where the policy pack and its tests are, and whether a pack without tests may start: what
+/// the start reads, and a reload (`rekey::reload_policy`) reads again.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub dir: PathBuf,
+    /// `policy.tests`; `None`: `dir/tests`.
+    pub tests: Option<PathBuf>,
+    pub allow_untested: bool,
+}
+
+impl PolicySource {
+    pub fn of(cfg: &Config) -> PolicySource {
+        PolicySource {
+            dir: cfg.policy_dir.clone(),
+            tests: cfg.policy_tests.clone(),
+            allow_untested: cfg.policy_allow_untested,
+        }
+    }
+
+    /// Loads and validates the pack, then runs its tests: the engine and how many passed,
+    /// or why it must not be used.
+    pub fn load(
+        &self,
+        catalog: &Catalog,
+        geography: &Geography,
+    ) -> anyhow::Result<(PolicyEngine, usize)> {
+        let engine = PolicyEngine::load(&self.dir, catalog, geography)?;
+        let tests = self.run_tests(&engine, catalog, geography)?;
+        Ok((engine, tests))
+    }
+
+    /// A digest of every file the pack is read from, names and contents (policies, schema,
+    /// tests): what tells a reload whether there is anything to do. `None` when one cannot be
+    /// read (the reload then reads the pack, to say why).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        use sha2::Digest as _;
+        let mut files = Vec::new();
+        let mut dirs = vec![self.dir.clone()];
+        dirs.extend(self.tests.clone());
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).ok()? {
+                let path = entry.ok()?.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    files.push(path);
+                }
             }
         }
-    };
-    let registers = crate::policy::fixtures::Registers { catalog, geography };
-    let passed = crate::policy::fixtures::run_all(policy, &registers, &dir)?;
-    tracing::info!(tests = passed, dir = %dir.display(), "policy tests passed");
-    Ok(passed)
+        files.sort();
+        files.dedup();
+        let mut digest = sha2::Sha256::new();
+        for file in files {
+            let name = file.to_string_lossy();
+            let bytes = std::fs::read(&file).ok()?;
+            digest.update((name.len() as u64).to_be_bytes());
+            digest.update(name.as_bytes());
+            digest.update((bytes.len() as u64).to_be_bytes());
+            digest.update(&bytes);
+        }
+        Some(digest.finalize().into())
+    }
+
+    /// Runs the pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed, every
+    /// one, or why the pack must not be used. A pack with no tests is used only where the
+    /// configuration says it may (`policy.allow_untested`).
+    fn run_tests(
+        &self,
+        policy: &PolicyEngine,
+        catalog: &Catalog,
+        geography: &Geography,
+    ) -> anyhow::Result<usize> {
+        let dir = match &self.tests {
+            Some(dir) if !dir.is_dir() => anyhow::bail!(
+                "`policy.tests` `{}` is not a directory of policy tests",
+                dir.display()
+            ),
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = self.dir.join("tests");
+                if dir.is_dir() {
+                    dir
+                } else if self.allow_untested {
+                    tracing::warn!(
+                        policy_dir = %self.dir.display(),
+                        "no policy tests (`policy.tests`, or `tests/` beside the policies), and \
+                         `policy.allow_untested` lets the gateway start: only the schema checks \
+                         the pack, not what it decides"
+                    );
+                    return Ok(0);
+                } else {
+                    anyhow::bail!(
+                        "no policy tests: `policy.tests` is unset and there is no `{}`. The schema \
+                         says each policy is well formed, only the tests say the pack still decides \
+                         what it must (a pack without its restriction forbids validates). Ship the \
+                         pack's `tests/` with it, point `policy.tests` at them, or set \
+                         `policy.allow_untested = true` to start without",
+                        dir.display()
+                    )
+                }
+            }
+        };
+        let registers = crate::policy::fixtures::Registers { catalog, geography };
+        let passed = crate::policy::fixtures::run_all(policy, &registers, &dir)?;
+        tracing::info!(tests = passed, dir = %dir.display(), "policy tests passed");
+        Ok(passed)
+    }
 }
 
 /// Asks every datastore for one page and lists the fields it returns that the asset register
@@ -315,13 +385,17 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
             .retention
             .map(|r| (cfg.audit.dir.clone(), r, cfg.audit.prune_interval)),
         controls,
-        decisions: Default::default(),
         narrowings: Default::default(),
         categories,
         catalog: c.catalog,
         geography: c.geography,
         verifier: c.verifier,
-        policy: c.policy,
+        policies: std::sync::RwLock::new(Arc::new(crate::decisions::InForce {
+            engine: c.policy,
+            decisions: Default::default(),
+            digest: c.policy_digest,
+        })),
+        policy_source: PolicySource::of(cfg),
         upstreams: c.upstreams,
         server_cert: c.server_cert,
         audit,

@@ -17,7 +17,7 @@ use crate::catalog::Dataset;
 use crate::error::GatewayError;
 use crate::filter::{self, FilterContext};
 use crate::gateway::{Gateway, Trail, fetch_one, malformed, register_now, withheld_why};
-use crate::policy::Ask;
+use crate::policy::{Ask, PolicyEngine};
 use crate::proxy::Upstream;
 use crate::routes::Route;
 
@@ -43,6 +43,7 @@ fn depth(v: &serde_json::Value) -> usize {
 )]
 pub(crate) async fn check_write(
     gw: &Gateway,
+    engine: &PolicyEngine,
     ask: &Ask,
     dataset: &Dataset,
     route: &Route,
@@ -110,7 +111,7 @@ pub(crate) async fn check_write(
         return Err(GatewayError::NotFound);
     }
     // Refused as a read would be, and logged as one is (breach detection keys on why).
-    let verdict = gw.policy.decide_record(ask, &route.dataset, &attrs, true);
+    let verdict = engine.decide_record(ask, &route.dataset, &attrs, true);
     // Never written through, whatever the policies say (as `filter::memo` never discloses).
     if !verdict.allowed || attrs.never_disclosed() {
         trail.withhold_target(withheld_why(gw, principal, &attrs), verdict.policy_ids);
@@ -120,9 +121,7 @@ pub(crate) async fn check_write(
         .keys()
         .filter_map(|k| spec.fields.get(k).cloned())
         .collect();
-    let allowed = gw
-        .policy
-        .allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
+    let allowed = engine.allowed_categories(ask, &route.dataset, &attrs, &wanted, true);
     let refused: Vec<String> = fields
         .keys()
         .filter(|k| spec.fields.get(*k).is_none_or(|c| !allowed.contains(c)))
