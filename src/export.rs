@@ -181,6 +181,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             chunks: 0,
             records: 0,
             filtered_with: Vec::new(),
+            policies: Arc::clone(&plan.policies),
         };
         let principal = Arc::clone(&plan.principal);
         let outcome = run.stream(plan).await;
@@ -210,6 +211,8 @@ struct Run<'a> {
     /// The rights registers the chunk being filled was filtered against: each batch's, from
     /// the index of the first subject it disclosed.
     filtered_with: Vec<(usize, RegisterFlags)>,
+    /// The policy pack the export began under: one put in force since stops it.
+    policies: Arc<crate::decisions::InForce>,
 }
 
 struct Waiting {
@@ -367,12 +370,17 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Whether the caller may still be answered (`gateway::standing`): asked before each
-    /// chunk's record is written and again before the chunk goes, so that a revocation, the
-    /// token's end or a stale mirror stops the export at the next chunk.
+    /// Whether the caller may still be answered (`gateway::standing`) under the pack the
+    /// export began with: asked before each chunk's record is written and again before the
+    /// chunk goes, so that a revocation, the token's end, a stale mirror or a policy pack
+    /// reloaded since (which may forbid what the export carries) stops it at the next chunk.
     fn still_standing(&self, principal: &Principal) -> Result<(), String> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())
+        crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())?;
+        if !Arc::ptr_eq(&self.policies, &self.gw.policies()) {
+            return Err("policy_reloaded".to_owned());
+        }
+        Ok(())
     }
 
     /// Hands the waiting chunk on to the client once its audit record is durable, if the

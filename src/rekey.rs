@@ -40,7 +40,8 @@ pub fn listen() -> Option<Signal> {
     }
 }
 
-/// Reads the keys and TLS files again on every `SIGHUP`, for as long as the process runs. (It is not
+/// Reads the keys, TLS files and policy pack again on every `SIGHUP`, for as long as the
+/// process runs. (It is not
 /// stopped at shutdown: a reload cut short between its audit record and `trust` would leave a
 /// record of a change not made; at exit the change no longer matters.)
 pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
@@ -215,23 +216,35 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
 /// why not. Nothing is recorded when no file of the pack changed.
 pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
-    let digest = gw.policy_source.digest();
     let in_force = gw.policies();
-    if digest.is_some() && digest == in_force.digest {
-        tracing::info!("policy pack unchanged");
-        POLICY.count("unchanged");
-        return Ok(());
-    }
-    // Hundreds of fixtures: off the async workers.
+    // Reading the files and hundreds of fixtures: off the async workers. `None`: unchanged.
     let reading = Arc::clone(gw);
+    let known = in_force.digest;
     let loaded = tokio::task::spawn_blocking(move || {
-        (reading.policy_source).load(&reading.catalog, &reading.geography)
+        let source = &reading.policy_source;
+        let digest = source.digest();
+        if digest.is_some() && digest == known {
+            return Ok(None);
+        }
+        let (engine, tests, digest) = source.load_digested(&reading.catalog, &reading.geography)?;
+        if digest.is_none() {
+            anyhow::bail!(
+                "the policy pack changed while it was read (or a file of it cannot be read \
+                 again): put it in place whole, then signal again"
+            );
+        }
+        Ok(Some((engine, tests, digest)))
     })
     .await
     .map_err(anyhow::Error::from)
     .and_then(|loaded| loaded);
-    let (engine, tests) = match loaded {
-        Ok(loaded) => loaded,
+    let (engine, tests, digest) = match loaded {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => {
+            tracing::info!("policy pack unchanged");
+            POLICY.count("unchanged");
+            return Ok(());
+        }
         Err(e) => return Err(POLICY.refuse(gw, e).await),
     };
     let ids = |e: &crate::policy::PolicyEngine| -> std::collections::BTreeSet<String> {

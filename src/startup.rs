@@ -86,10 +86,8 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         purposes: catalog.purposes.keys().cloned().collect(),
     };
     let verifier = Verifier::from_config(&cfg.auth, known)?;
-    // The digest first: a pack changed while it is read is taken up by the next reload.
-    let source = PolicySource::of(cfg);
-    let policy_digest = source.digest();
-    let (policy, policy_tests) = source.load(&catalog, &geography)?;
+    let (policy, policy_tests, policy_digest) =
+        PolicySource::of(cfg).load_digested(&catalog, &geography)?;
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
     if let Some(r) = &cfg.redis {
         crate::controls::load_key(r)?;
@@ -200,26 +198,18 @@ impl PolicySource {
         Ok((engine, tests))
     }
 
-    /// A digest of every file the pack is read from, names and contents (policies, schema,
-    /// tests): what tells a reload whether there is anything to do. `None` when one cannot be
-    /// read (the reload then reads the pack, to say why).
+    /// A digest of the files the pack is read from, names and contents: the policies and
+    /// schema (`policy.dir`'s `*.cedar` and `*.cedarschema`) and the tests (`allow/*.json`,
+    /// `deny/*.json`), as the loader and the fixtures list them. What tells a reload whether
+    /// there is anything to do. `None` when one cannot be listed or read (the reload then
+    /// reads the pack, to say why).
     pub fn digest(&self) -> Option<[u8; 32]> {
         use sha2::Digest as _;
-        let mut files = Vec::new();
-        let mut dirs = vec![self.dir.clone()];
-        dirs.extend(self.tests.clone());
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).ok()? {
-                let path = entry.ok()?.path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else {
-                    files.push(path);
-                }
-            }
+        let tests = (self.tests.clone()).unwrap_or_else(|| self.dir.join("tests"));
+        let mut files = crate::policy::pack_files(&self.dir).ok()?;
+        for kind in ["allow", "deny"] {
+            files.extend(crate::policy::fixtures::files(&tests, kind).ok()?);
         }
-        files.sort();
-        files.dedup();
         let mut digest = sha2::Sha256::new();
         for file in files {
             let name = file.to_string_lossy();
@@ -230,6 +220,19 @@ impl PolicySource {
             digest.update(&bytes);
         }
         Some(digest.finalize().into())
+    }
+
+    /// `load`, with the digest of what was loaded: `None` for the digest when the files
+    /// changed while they were read (the next reload then reads them whatever they hold).
+    pub fn load_digested(
+        &self,
+        catalog: &Catalog,
+        geography: &Geography,
+    ) -> anyhow::Result<(PolicyEngine, usize, Option<[u8; 32]>)> {
+        let before = self.digest();
+        let (engine, tests) = self.load(catalog, geography)?;
+        let digest = before.filter(|&d| self.digest() == Some(d));
+        Ok((engine, tests, digest))
     }
 
     /// Runs the pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed, every

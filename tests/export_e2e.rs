@@ -503,6 +503,41 @@ async fn a_key_replaced_by_a_reload_stops_an_export_under_way() {
     );
 }
 
+/// A policy pack put in force by a reload (`rekey::reload_policy`) stops an export begun under
+/// the one before at its next chunk: the new pack may forbid what the export carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_stops_an_export_under_way() {
+    let (app, go, body, received) = paused_export().await;
+    let pack = app.dir.path().join("policies");
+    std::fs::write(
+        pack.join("suspensions.cedar"),
+        "@id(\"test.branch-suspended\")\nforbid (principal, action, resource)\nwhen { context.caller.unit == \"SUSPENDED-BRANCH\" };\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pack.join("tests/deny/branch-suspended.json"),
+        r#"{"description": "a suspended branch lists nothing", "caller": {"role": "councillor", "unit": "SUSPENDED-BRANCH", "areas": ["E05011391"], "purposes": ["canvassing"]}, "purpose": "canvassing", "action": "list", "dataset": "voter", "expect_policies": ["test.branch-suspended"]}"#,
+    )
+    .unwrap();
+    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    go.notify_one();
+    let (cut_short, received) = rest_of(body, received).await;
+    assert!(
+        cut_short,
+        "an export must not run on under a pack replaced since"
+    );
+    let (records, chunks) = export_records(&app);
+    let last = records.last().unwrap();
+    let before = &last["detail"]["before"];
+    let went = before["chunks"].as_u64().unwrap() as usize;
+    assert!(went >= 1 && went < chunks.len(), "{last}");
+    assert_eq!(before["records"], received.len() as u64, "{last}");
+    assert_eq!(
+        last["detail"]["export_aborted"], "policy_reloaded",
+        "{last}"
+    );
+}
+
 /// A restriction placed on someone in a chunk already filtered (and recorded) but not yet
 /// sent, as a client that stops reading can hold one for as long as it likes: that chunk
 /// never goes, and the export ends saying why.

@@ -28,10 +28,12 @@ const SUSPENDED_TEST: &str = r#"{
 }
 "#;
 
-/// A councillor's token from `unit`.
+/// A token for a councillor of `unit` never seen before (so that no decision the gateway
+/// memoised for another answers for them).
 fn councillor_of(app: &TestApp, unit: &str) -> String {
     let mut claims = app.claims("councillor", &["E05011391"], &["canvassing"]);
     claims["org_unit"] = unit.into();
+    claims["sub"] = format!("cllr-{:016x}", rand::random::<u64>()).into();
     app.sign(&claims)
 }
 
@@ -94,21 +96,22 @@ async fn a_reload_puts_a_tested_pack_in_force_and_refuses_any_other() {
     std::fs::write(pack.join("untested.cedar"), untested).unwrap();
     let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
     assert!(format!("{e:#}").contains("test.untested"), "{e:#}");
-    assert_eq!(list(&app, &other).await.status, 200);
-    assert_eq!(list(&app, &suspended).await.status, 403);
+    let fresh = |unit| councillor_of(&app, unit);
+    assert_eq!(list(&app, &fresh("OTHER-BRANCH")).await.status, 200);
+    assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
     std::fs::remove_file(pack.join("untested.cedar")).unwrap();
 
     // A test that no longer passes (its policy removed): refused.
     std::fs::remove_file(pack.join("suspensions.cedar")).unwrap();
     let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
     assert!(format!("{e:#}").contains("branch-suspended"), "{e:#}");
-    assert_eq!(list(&app, &suspended).await.status, 403);
+    assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
 
     // A policy that does not parse: refused, naming its file.
     std::fs::write(pack.join("suspensions.cedar"), "forbid (principal,").unwrap();
     let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
     assert!(format!("{e:#}").contains("suspensions.cedar"), "{e:#}");
-    assert_eq!(list(&app, &suspended).await.status, 403);
+    assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
     let refusals = records("policy_reload_refused");
     assert_eq!(refusals.len(), 3, "{refusals:?}");
     assert!(refusals.iter().all(|r| r["decision"] == "error"));
@@ -117,6 +120,6 @@ async fn a_reload_puts_a_tested_pack_in_force_and_refuses_any_other() {
     std::fs::write(pack.join("suspensions.cedar"), SUSPENDED).unwrap();
     wardgate::rekey::reload_policy(&app.gw).await.unwrap();
     assert_eq!(records("policy_reloaded").len(), 1);
-    assert_eq!(list(&app, &suspended).await.status, 403);
+    assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
     app.stop().await;
 }

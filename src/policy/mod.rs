@@ -529,6 +529,13 @@ fn record_expr(r: &RecordAttrs) -> anyhow::Result<RestrictedExpression> {
     ])?)
 }
 
+/// Every file `PolicyEngine::load` reads from `dir`: its schema and policies, sorted.
+pub fn pack_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = cedar_files(dir, "cedarschema")?;
+    files.extend(cedar_files(dir, "cedar")?);
+    Ok(files)
+}
+
 fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read policy directory `{}`", dir.display()))?;
