@@ -470,6 +470,25 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
     assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
 }
 
+/// Reads the rest of a paused export let go after something that must stop it: it ends cut
+/// short, after its first chunk and before its last, having sent exactly the records its
+/// closing record counts. That record.
+async fn cut_after_a_chunk(
+    app: &TestApp,
+    body: hyper::body::Incoming,
+    received: Vec<u8>,
+) -> serde_json::Value {
+    let (cut_short, received) = rest_of(body, received).await;
+    assert!(cut_short, "the export must not end as complete");
+    let (records, chunks) = export_records(app);
+    let last = records.last().unwrap().clone();
+    let before = &last["detail"]["before"];
+    let went = before["chunks"].as_u64().unwrap() as usize;
+    assert!(went >= 1 && went < chunks.len(), "{last}");
+    assert_eq!(before["records"], received.len() as u64, "{last}");
+    last
+}
+
 /// A key replaced by a reload (`SIGHUP`, here `rekey::reload_keys`, which it runs) stops an
 /// export its tokens opened at the next chunk, as a revocation does: no chunk recorded after
 /// the reload goes, and the export's closing record says `token_key_unknown` (as an error, not
@@ -483,17 +502,7 @@ async fn a_key_replaced_by_a_reload_stops_an_export_under_way() {
     std::fs::write(key_file, &rotated.public_pem).unwrap();
     wardgate::rekey::reload_keys(&app.gw).await.unwrap();
     go.notify_one();
-    let (cut_short, received) = rest_of(body, received).await;
-    assert!(
-        cut_short,
-        "an export under a replaced key must not end as complete"
-    );
-    let (records, chunks) = export_records(&app);
-    let last = records.last().unwrap();
-    let before = &last["detail"]["before"];
-    let went = before["chunks"].as_u64().unwrap() as usize;
-    assert!(went >= 1 && went < chunks.len(), "{last}");
-    assert_eq!(before["records"], received.len() as u64, "{last}");
+    let last = cut_after_a_chunk(&app, body, received).await;
     // A rotation is no act of the caller's: an error, not a refusal breach detection counts.
     assert_eq!(last["decision"], "error", "{last}");
     assert_eq!(last["reason"], "export_aborted", "{last}");
@@ -521,17 +530,7 @@ async fn a_policy_reload_stops_an_export_under_way() {
     .unwrap();
     wardgate::rekey::reload_policy(&app.gw).await.unwrap();
     go.notify_one();
-    let (cut_short, received) = rest_of(body, received).await;
-    assert!(
-        cut_short,
-        "an export must not run on under a pack replaced since"
-    );
-    let (records, chunks) = export_records(&app);
-    let last = records.last().unwrap();
-    let before = &last["detail"]["before"];
-    let went = before["chunks"].as_u64().unwrap() as usize;
-    assert!(went >= 1 && went < chunks.len(), "{last}");
-    assert_eq!(before["records"], received.len() as u64, "{last}");
+    let last = cut_after_a_chunk(&app, body, received).await;
     assert_eq!(
         last["detail"]["export_aborted"], "policy_reloaded",
         "{last}"

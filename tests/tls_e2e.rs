@@ -39,40 +39,9 @@ async fn tls_serves_data_and_refuses_plaintext() {
         ..Default::default()
     })
     .await;
-    let cert_pem = std::fs::read(app.dir.path().join("tls/cert.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut cert_pem.as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/voter/electors?per_page=3")
-        .header("host", "localhost")
-        .header(
-            "authorization",
-            format!("Bearer {}", app.token("councillor")),
-        )
-        .header("x-purpose", "canvassing")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["records"].as_array().unwrap().len(), 3);
+    let cert_pem = std::fs::read_to_string(app.dir.path().join("tls/cert.pem")).unwrap();
+    let (_, mut sender) = connect_tls(app.addr, &cert_pem).await;
+    assert_eq!(canvass_on(&app, &mut sender).await, 200);
 
     // Plain HTTP on the TLS port gets no HTTP answer.
     let mut plain = tokio::net::TcpStream::connect(app.addr).await.unwrap();
