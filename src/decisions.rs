@@ -58,8 +58,8 @@ struct RequestKey {
 pub struct InForce {
     pub engine: PolicyEngine,
     pub decisions: DecisionCache,
-    /// What the pack was read from (`startup::PolicySource::digest`).
-    pub digest: Option<[u8; 32]>,
+    /// What the pack was read from (`startup::PolicySource::digests`).
+    pub digest: Option<crate::startup::PackDigests>,
 }
 
 /// The shared cache; lives beside the policy engine whose answers it holds.

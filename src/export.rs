@@ -20,7 +20,9 @@
 //! placed on one of a chunk's subjects after the chunk was filtered (a client that stops
 //! reading holds a filtered chunk for as long as it likes): the rights register is read again
 //! before the chunk goes, and a new flag on any of its subjects ends the export
-//! (`rights_register_changed`).
+//! (`rights_register_changed`). So does a policy pack put in force since the export began
+//! whose policies or schema differ (`policy_reloaded`): the new pack may forbid what it
+//! carries.
 //!
 //! Once the headers have gone a failure cannot become a problem document, so it ends the
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
@@ -377,7 +379,12 @@ impl Run<'_> {
     fn still_standing(&self, principal: &Principal) -> Result<(), String> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())?;
-        if !Arc::ptr_eq(&self.policies, &self.gw.policies()) {
+        // A reload that changed only the pack's tests changes nothing that decides.
+        let now = self.gw.policies();
+        let rules = |p: &crate::decisions::InForce| p.digest.map(|d| d.rules);
+        if !Arc::ptr_eq(&self.policies, &now)
+            && (rules(&self.policies).is_none() || rules(&self.policies) != rules(&now))
+        {
             return Err("policy_reloaded".to_owned());
         }
         Ok(())

@@ -222,7 +222,7 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
     let known = in_force.digest;
     let loaded = tokio::task::spawn_blocking(move || {
         let source = &reading.policy_source;
-        let digest = source.digest();
+        let digest = source.digests();
         if digest.is_some() && digest == known {
             return Ok(None);
         }
@@ -256,7 +256,7 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
         "tests": tests,
         "added": after.difference(&before).collect::<Vec<_>>(),
         "removed": before.difference(&after).collect::<Vec<_>>(),
-        "digest": digest.map(hex::encode),
+        "digest": digest.map(|d| hex::encode(d.all)),
     });
     POLICY.record(gw, detail).await?;
     gw.put_policies(crate::decisions::InForce {

@@ -31,8 +31,8 @@ pub struct Checked {
     pub geography: Geography,
     pub verifier: Verifier,
     pub policy: PolicyEngine,
-    /// What the pack was read from, as `PolicySource::digest` gives it.
-    pub policy_digest: Option<[u8; 32]>,
+    /// What the pack was read from, as `PolicySource::digests` gives it.
+    pub policy_digest: Option<PackDigests>,
     /// How many of the pack's own tests it passed (none when it has none).
     pub policy_tests: usize,
     pub upstreams: Upstreams,
@@ -88,6 +88,11 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     let verifier = Verifier::from_config(&cfg.auth, known)?;
     let (policy, policy_tests, policy_digest) =
         PolicySource::of(cfg).load_digested(&catalog, &geography)?;
+    if policy_digest.is_none() {
+        tracing::warn!(policy_dir = %cfg.policy_dir.display(),
+            "the policy pack changed while it was read (or a file of it cannot be read again): \
+             the pack read is in force; once it is whole, send SIGHUP to read it again");
+    }
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
     if let Some(r) = &cfg.redis {
         crate::controls::load_key(r)?;
@@ -167,6 +172,31 @@ fn open_files_for(max_connections: usize) -> usize {
     fits
 }
 
+/// What a policy pack was read from (`PolicySource::digests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackDigests {
+    /// The policies and schema: what decides.
+    pub rules: [u8; 32],
+    /// Those and the tests.
+    pub all: [u8; 32],
+}
+
+/// A digest of the files, names and contents, in the order given; `None` when one cannot be
+/// read.
+fn digest_files_named(files: &[PathBuf]) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    for file in files {
+        let name = file.to_string_lossy();
+        let bytes = std::fs::read(file).ok()?;
+        digest.update((name.len() as u64).to_be_bytes());
+        digest.update(name.as_bytes());
+        digest.update((bytes.len() as u64).to_be_bytes());
+        digest.update(&bytes);
+    }
+    Some(digest.finalize().into())
+}
+
 /// Where the policy pack and its tests are, and whether a pack without tests may start: what
 /// the start reads, and a reload (`rekey::reload_policy`) reads again.
 #[derive(Debug, Clone)]
@@ -198,41 +228,36 @@ impl PolicySource {
         Ok((engine, tests))
     }
 
-    /// A digest of the files the pack is read from, names and contents: the policies and
-    /// schema (`policy.dir`'s `*.cedar` and `*.cedarschema`) and the tests (`allow/*.json`,
-    /// `deny/*.json`), as the loader and the fixtures list them. What tells a reload whether
-    /// there is anything to do. `None` when one cannot be listed or read (the reload then
-    /// reads the pack, to say why).
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        use sha2::Digest as _;
+    /// Digests of the files the pack is read from, names and contents: the policies and
+    /// schema (`policy.dir`'s `*.cedar` and `*.cedarschema`), as the loader lists them, and
+    /// those with the tests (`allow/*.json`, `deny/*.json`), as the fixtures list them. What
+    /// tells a reload whether there is anything to do, and an export whether what decides it
+    /// changed. `None` when one cannot be listed or read (the reload then reads the pack, to
+    /// say why).
+    pub fn digests(&self) -> Option<PackDigests> {
         let tests = (self.tests.clone()).unwrap_or_else(|| self.dir.join("tests"));
         let mut files = crate::policy::pack_files(&self.dir).ok()?;
+        let rules = digest_files_named(&files)?;
         for kind in ["allow", "deny"] {
             files.extend(crate::policy::fixtures::files(&tests, kind).ok()?);
         }
-        let mut digest = sha2::Sha256::new();
-        for file in files {
-            let name = file.to_string_lossy();
-            let bytes = std::fs::read(&file).ok()?;
-            digest.update((name.len() as u64).to_be_bytes());
-            digest.update(name.as_bytes());
-            digest.update((bytes.len() as u64).to_be_bytes());
-            digest.update(&bytes);
-        }
-        Some(digest.finalize().into())
+        Some(PackDigests {
+            rules,
+            all: digest_files_named(&files)?,
+        })
     }
 
-    /// `load`, with the digest of what was loaded: `None` for the digest when the files
-    /// changed while they were read (the next reload then reads them whatever they hold).
+    /// `load`, with the digests of what was loaded: `None` for them when the files changed
+    /// while they were read (the next reload then reads them whatever they hold).
     pub fn load_digested(
         &self,
         catalog: &Catalog,
         geography: &Geography,
-    ) -> anyhow::Result<(PolicyEngine, usize, Option<[u8; 32]>)> {
-        let before = self.digest();
+    ) -> anyhow::Result<(PolicyEngine, usize, Option<PackDigests>)> {
+        let before = self.digests();
         let (engine, tests) = self.load(catalog, geography)?;
-        let digest = before.filter(|&d| self.digest() == Some(d));
-        Ok((engine, tests, digest))
+        let digests = before.filter(|&d| self.digests() == Some(d));
+        Ok((engine, tests, digests))
     }
 
     /// Runs the pack's tests (`policy.tests`, else `policy.dir/tests`): how many passed, every

@@ -531,10 +531,36 @@ async fn a_policy_reload_stops_an_export_under_way() {
     wardgate::rekey::reload_policy(&app.gw).await.unwrap();
     go.notify_one();
     let last = cut_after_a_chunk(&app, body, received).await;
+    assert_eq!(last["decision"], "error", "{last}");
+    assert_eq!(last["reason"], "export_aborted", "{last}");
     assert_eq!(
         last["detail"]["export_aborted"], "policy_reloaded",
         "{last}"
     );
+}
+
+/// A reload that changed only the pack's tests changes nothing that decides: an export under
+/// way runs to its end (the reload is in force and recorded all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_tests_alone_leaves_an_export_running() {
+    let (app, go, body, received) = paused_export().await;
+    let tests = app.dir.path().join("policies/tests/allow");
+    let copy = std::fs::read(tests.join("analyst-profiling-export-national.json")).unwrap();
+    std::fs::write(tests.join("analyst-profiling-export-again.json"), copy).unwrap();
+    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    let reloaded = (app.audit_records().into_iter())
+        .filter(|r| r["reason"] == "policy_reloaded")
+        .count();
+    assert_eq!(reloaded, 1);
+    go.notify_one();
+    let (cut_short, _) = rest_of(body, received).await;
+    assert!(
+        !cut_short,
+        "an export stopped by a reload of the tests alone"
+    );
+    let (records, _) = export_records(&app);
+    let last = records.last().unwrap();
+    assert!(last["detail"]["export_complete"].is_object(), "{last}");
 }
 
 /// A restriction placed on someone in a chunk already filtered (and recorded) but not yet
