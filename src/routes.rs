@@ -284,12 +284,21 @@ pub fn subject_id(id: &str) -> bool {
 
 /// Ids: letters, digits, `-` and `_`; nothing that could become a path or a query.
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_VALUE_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty() && id.len() <= MAX_VALUE_LEN && id.bytes().all(|b| ID_BYTES[usize::from(b)])
 }
+
+/// The bytes an id may hold, by value: one load a byte (the filter asks about every record's
+/// id; four range comparisons a byte were most of that question's cost).
+const ID_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    table
+};
 
 fn decode(raw: &str) -> Result<String, GatewayError> {
     let spaced = raw.replace('+', " ");

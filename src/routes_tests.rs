@@ -180,3 +180,18 @@ fn a_later_area_key_field_needs_the_ones_before_it() {
         "{e:?}"
     );
 }
+
+/// An id holds letters, digits, `-` and `_` only: every character below 256 checked against
+/// that rule as written, not against the table the check reads.
+#[test]
+fn an_id_holds_letters_digits_hyphens_and_underscores_only() {
+    for c in (0u32..256).filter_map(char::from_u32) {
+        let id = format!("VF-{c}1");
+        let plain = c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        assert_eq!(valid_id(&id), plain, "{id:?}");
+    }
+    assert!(!valid_id(""));
+    assert!(valid_id(&"a".repeat(MAX_VALUE_LEN)));
+    assert!(!valid_id(&"a".repeat(MAX_VALUE_LEN + 1)));
+    assert!(!subject_id("export") && subject_id("exports"));
+}
