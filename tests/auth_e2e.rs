@@ -274,26 +274,13 @@ async fn refusals_never_say_which_keys_exist() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
     use http_body_util::{BodyExt, Full};
-    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
     let (upstream, _store) = common::start_datastore(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free(), free());
+    let (listen, admin) = (common::free_addr(), common::free_addr());
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::serve_process(&cfg);
     let config = wardgate::config::Config::load(&cfg).unwrap();
     let signing = config.signing.clone().unwrap();
     let old = wardgate::token::Signer::from_config(&signing).unwrap();
@@ -324,16 +311,7 @@ async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
         assert!(Instant::now() < deadline, "gateway did not serve");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let hangup = || {
-        let pid = child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let hangup = || common::hangup(&child);
     let audited = |reason: &str| {
         common::read_audit(&dir.path().join("audit"))
             .into_iter()

@@ -17,26 +17,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_audit_record_of_a_sent_response() {
     let (upstream, _store) = common::start_datastore(1500).await;
     let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free_addr(), free_addr());
+    let (listen, admin) = (common::free_addr(), common::free_addr());
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::serve_process(&cfg);
 
     let config = wardgate::config::Config::load(&cfg).unwrap();
     let signer = wardgate::token::Signer::from_config(config.signing.as_ref().unwrap()).unwrap();
@@ -152,7 +139,7 @@ async fn sigkill_under_load_loses_no_audit_record_of_a_sent_response() {
 async fn sigterm_finishes_in_flight_requests_and_flushes_the_log() {
     let (upstream, _store) = common::start_datastore(500).await;
     let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free_addr(), free_addr());
+    let (listen, admin) = (common::free_addr(), common::free_addr());
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
     // page-cache durability: records are acknowledged before fsync, so only a clean shutdown
     // syncing the log proves the flush.

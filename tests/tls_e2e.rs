@@ -740,16 +740,13 @@ async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() 
 /// certificate (the in-process test above covers what a reload checks and records).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
-    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
     let dir = tempfile::tempdir().unwrap();
-    let (listen, admin, upstream) = (free(), free(), free());
+    let (listen, admin, upstream) = (
+        common::free_addr(),
+        common::free_addr(),
+        common::free_addr(),
+    );
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
     let ca = Ca::new("Gateway CA");
     let put = |(cert, key): &(String, String)| {
@@ -766,13 +763,7 @@ async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
         1,
     );
     std::fs::write(&cfg, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::serve_process(&cfg);
     let deadline = Instant::now() + Duration::from_secs(60);
     while tokio::net::TcpStream::connect(listen).await.is_err() {
         assert!(Instant::now() < deadline, "the gateway did not listen");
@@ -785,11 +776,7 @@ async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
 
     let renewed = ca.issue(&["localhost"]);
     put(&renewed);
-    let hangup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hangup.success());
+    common::hangup(&child);
     while common::read_audit(&dir.path().join("audit"))
         .iter()
         .all(|r| r["reason"] != "server_tls_reloaded")

@@ -639,3 +639,32 @@ pub async fn datastore_body(addr: SocketAddr, path: &str) -> Bytes {
     let resp = client.get(uri.parse().unwrap()).await.unwrap();
     resp.into_body().collect().await.unwrap().to_bytes()
 }
+
+/// A loopback address nothing listens on yet (for a `wardgate serve` process's listeners).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `wardgate serve --config cfg` as a process of its own, its output discarded: for what only
+/// a real process shows (signals, a crash).
+pub fn serve_process(cfg: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_wardgate"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `SIGHUP` to the process: read the keys, TLS files and policy pack again.
+pub fn hangup(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
