@@ -39,8 +39,10 @@ pub struct Gateway {
     pub verifier: Verifier,
     /// The policy pack in force and its decisions (`policies`), replaced by a reload.
     pub policies: std::sync::RwLock<Arc<InForce>>,
-    /// Where the pack is read from, for a reload.
+    /// Where the pack is read from, for a reload, and what the last refused reload read (a
+    /// pack refused as it is is not read and recorded again at every signal).
     pub policy_source: crate::startup::PolicySource,
+    pub policy_refused: std::sync::Mutex<Option<crate::startup::PackDigests>>,
     pub upstreams: Upstreams,
     /// The data plane's TLS certificate, for `SIGHUP` to renew (`None` without TLS).
     pub server_cert: Option<Arc<crate::server_cert::ServerCert>>,

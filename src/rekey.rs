@@ -54,6 +54,10 @@ pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Held through each reload, from reading the files to using them.
 static RELOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -220,33 +224,52 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
     // Reading the files and hundreds of fixtures: off the async workers. `None`: unchanged.
     let reading = Arc::clone(gw);
     let known = in_force.digest;
+    let refused = *lock(&gw.policy_refused);
     let loaded = tokio::task::spawn_blocking(move || {
         let source = &reading.policy_source;
         let digest = source.digests();
         if digest.is_some() && digest == known {
             return Ok(None);
         }
-        let (engine, tests, digest) = source.load_digested(&reading.catalog, &reading.geography)?;
-        if digest.is_none() {
-            anyhow::bail!(
-                "the policy pack changed while it was read (or a file of it cannot be read \
-                 again): put it in place whole, then signal again"
-            );
+        // Refused as it is: once is recorded, not every signal until it is mended.
+        if digest.is_some() && digest == refused {
+            return Ok(Some(Err(())));
         }
-        Ok(Some((engine, tests, digest)))
+        let read = (|| {
+            let (engine, tests, read) =
+                source.load_digested(&reading.catalog, &reading.geography)?;
+            let Some(read) = read else {
+                anyhow::bail!(
+                    "the policy pack changed while it was read (or a file of it cannot be read \
+                     again): put it in place whole, then signal again"
+                );
+            };
+            Ok((engine, tests, read))
+        })();
+        read.map(|loaded| Some(Ok(loaded))).map_err(|e| (e, digest))
     })
     .await
-    .map_err(anyhow::Error::from)
+    .map_err(|e| (anyhow::Error::from(e), None))
     .and_then(|loaded| loaded);
     let (engine, tests, digest) = match loaded {
-        Ok(Some(loaded)) => loaded,
+        Ok(Some(Ok(loaded))) => loaded,
         Ok(None) => {
             tracing::info!("policy pack unchanged");
             POLICY.count("unchanged");
             return Ok(());
         }
-        Err(e) => return Err(POLICY.refuse(gw, e).await),
+        Ok(Some(Err(()))) => {
+            tracing::warn!("policy pack unchanged since it was refused: the pack in force stays");
+            POLICY.count("unchanged");
+            return Ok(());
+        }
+        Err((e, digest)) => {
+            *lock(&gw.policy_refused) = digest;
+            return Err(POLICY.refuse(gw, e).await);
+        }
     };
+    *lock(&gw.policy_refused) = None;
+    let digest = Some(digest);
     let ids = |e: &crate::policy::PolicyEngine| -> std::collections::BTreeSet<String> {
         e.policy_origins().map(|(id, _)| id.to_owned()).collect()
     };

@@ -424,6 +424,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
             digest: c.policy_digest,
         })),
         policy_source: PolicySource::of(cfg),
+        policy_refused: Default::default(),
         upstreams: c.upstreams,
         server_cert: c.server_cert,
         audit,

@@ -112,6 +112,10 @@ async fn a_reload_puts_a_tested_pack_in_force_and_refuses_any_other() {
     let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
     assert!(format!("{e:#}").contains("suspensions.cedar"), "{e:#}");
     assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
+    // Signalled again with the pack as it was refused (a key rotation's signal): nothing more
+    // is recorded, and the pack in force stays.
+    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    assert_eq!(list(&app, &fresh("SUSPENDED-BRANCH")).await.status, 403);
     let refusals = records("policy_reload_refused");
     assert_eq!(refusals.len(), 3, "{refusals:?}");
     assert!(refusals.iter().all(|r| r["decision"] == "error"));
