@@ -26,6 +26,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::audit::record::{AuditRecord, Decision};
 use crate::gateway::Gateway;
+use crate::startup::PackDigests;
 
 /// Listens for `SIGHUP`: called first thing in `wardgate serve`, so that one sent while the
 /// gateway is still starting is a reload waiting, not the end of the process (its default).
@@ -221,49 +222,25 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
 pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
     let in_force = gw.policies();
-    // Reading the files and hundreds of fixtures: off the async workers. `None`: unchanged.
+    // Reading the files and hundreds of fixtures: off the async workers.
     let reading = Arc::clone(gw);
-    let known = in_force.digest;
-    let refused = *lock(&gw.policy_refused);
-    let loaded = tokio::task::spawn_blocking(move || {
-        let source = &reading.policy_source;
-        let digest = source.digests();
-        if digest.is_some() && digest == known {
-            return Ok(None);
-        }
-        // Refused as it is: once is recorded, not every signal until it is mended.
-        if digest.is_some() && digest == refused {
-            return Ok(Some(Err(())));
-        }
-        let read = (|| {
-            let (engine, tests, read) =
-                source.load_digested(&reading.catalog, &reading.geography)?;
-            let Some(read) = read else {
-                anyhow::bail!(
-                    "the policy pack changed while it was read (or a file of it cannot be read \
-                     again): put it in place whole, then signal again"
-                );
-            };
-            Ok((engine, tests, read))
-        })();
-        read.map(|loaded| Some(Ok(loaded))).map_err(|e| (e, digest))
-    })
-    .await
-    .map_err(|e| (anyhow::Error::from(e), None))
-    .and_then(|loaded| loaded);
-    let (engine, tests, digest) = match loaded {
-        Ok(Some(Ok(loaded))) => loaded,
-        Ok(None) => {
+    let (known, refused) = (in_force.digest, *lock(&gw.policy_refused));
+    let read = tokio::task::spawn_blocking(move || read_pack(&reading, known, refused))
+        .await
+        .unwrap_or_else(|e| Reading::Refused(e.into(), None));
+    let (engine, tests, digest) = match read {
+        Reading::Loaded(engine, tests, digest) => (*engine, tests, digest),
+        Reading::Unchanged => {
             tracing::info!("policy pack unchanged");
             POLICY.count("unchanged");
             return Ok(());
         }
-        Ok(Some(Err(()))) => {
+        Reading::StillRefused => {
             tracing::warn!("policy pack unchanged since it was refused: the pack in force stays");
             POLICY.count("unchanged");
             return Ok(());
         }
-        Err((e, digest)) => {
+        Reading::Refused(e, digest) => {
             *lock(&gw.policy_refused) = digest;
             return Err(POLICY.refuse(gw, e).await);
         }
@@ -290,4 +267,39 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
     tracing::info!(policies = after.len(), tests, "policy pack reloaded");
     POLICY.count("reloaded");
     Ok(())
+}
+
+/// What reading the policy pack again found.
+enum Reading {
+    /// Its files are those of the pack in force.
+    Unchanged,
+    /// Its files are those of the pack refused last (once is recorded, not every signal until
+    /// it is mended).
+    StillRefused,
+    Loaded(Box<crate::policy::PolicyEngine>, usize, PackDigests),
+    /// Why not, and what was read when it was refused.
+    Refused(anyhow::Error, Option<PackDigests>),
+}
+
+/// Reads, loads and tests the pack unless its files are those of the pack in force (`known`)
+/// or of the one refused last (`refused`).
+fn read_pack(gw: &Gateway, known: Option<PackDigests>, refused: Option<PackDigests>) -> Reading {
+    let source = &gw.policy_source;
+    let digest = source.digests();
+    match digest {
+        Some(_) if digest == known => return Reading::Unchanged,
+        Some(_) if digest == refused => return Reading::StillRefused,
+        _ => {}
+    }
+    match source.load_digested(&gw.catalog, &gw.geography) {
+        Ok((engine, tests, Some(read))) => Reading::Loaded(Box::new(engine), tests, read),
+        Ok((_, _, None)) => Reading::Refused(
+            anyhow::anyhow!(
+                "the policy pack changed while it was read (or a file of it cannot be read \
+                 again): put it in place whole, then signal again"
+            ),
+            digest,
+        ),
+        Err(e) => Reading::Refused(e, digest),
+    }
 }

@@ -1381,20 +1381,25 @@ async fn a_request_cut_off_by_shutdown_is_recorded_before_the_log_closes() {
     assert!(!String::from_utf8_lossy(&answer).contains("elector_id"));
 }
 
+/// The gateway with `server.header_read_timeout` at its least, one second.
+async fn app_with_header_timeout_of_a_second() -> common::TestApp {
+    fn short(c: &mut wardgate::config::Config) {
+        c.server.header_read_timeout = std::time::Duration::from_secs(1);
+    }
+    spawn_app_with(AppOptions {
+        tweak: Some(short),
+        ..Default::default()
+    })
+    .await
+}
+
 /// A client that opens a connection and sends half a request line holds it only until
 /// `server.header_read_timeout`: then the gateway closes it (without a timer hyper enforces no
 /// timeout, and thousands of such connections would exhaust the descriptors).
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    fn short(c: &mut wardgate::config::Config) {
-        c.server.header_read_timeout = std::time::Duration::from_secs(1);
-    }
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(short),
-        ..Default::default()
-    })
-    .await;
+    let app = app_with_header_timeout_of_a_second().await;
     // Half a request's headers; nothing at all; less than the bytes that tell HTTP/1 from
     // HTTP/2 (before those, hyper's own header timeout has not started).
     for sent in [
@@ -1436,14 +1441,7 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 async fn an_idle_http2_connection_is_closed() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    fn short(c: &mut wardgate::config::Config) {
-        c.server.header_read_timeout = std::time::Duration::from_secs(1);
-    }
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(short),
-        ..Default::default()
-    })
-    .await;
+    let app = app_with_header_timeout_of_a_second().await;
     // HTTP/2 with prior knowledge (the data plane here is plain).
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
