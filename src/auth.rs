@@ -406,6 +406,17 @@ impl Verifier {
         })
     }
 
+    /// The key files the configuration named (`[[auth.keys]]`' PEM files, then
+    /// `auth.jwks_file`): what `reread_keys` reads.
+    pub fn key_files(&self) -> Vec<std::path::PathBuf> {
+        let pems = self
+            .key_sources
+            .keys
+            .iter()
+            .map(|k| k.public_key_file.clone());
+        pems.chain(self.key_sources.jwks_file.clone()).collect()
+    }
+
     /// Reads the keys again from the files the configuration named at start (`[[auth.keys]]`'s
     /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), as
     /// strictly as at start. Nothing changes until `trust` is given the result: the caller

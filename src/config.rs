@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Load balancers whose `X-Forwarded-For` names the client (`client_addr`).
     pub trusted_proxies: crate::client_addr::TrustedProxies,
+    /// How often the files `SIGHUP` reads again (keys, certificates, the policy pack) are
+    /// checked for a change, which is then read as a signal would have it (`rekey`); `None`
+    /// (`"off"`): only on `SIGHUP`.
+    pub file_check_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,6 +276,7 @@ struct RawServer {
     max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    file_check_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -564,6 +569,15 @@ impl RawServer {
                     })
                     .collect::<anyhow::Result<_>>()?,
             ),
+            file_check_interval: match self.file_check_interval.as_deref().unwrap_or("30s") {
+                "off" => None,
+                v => Some(bounded(
+                    v,
+                    "server.file_check_interval",
+                    Duration::from_millis(100),
+                    Some(Duration::from_secs(24 * 3600)),
+                )?),
+            },
         })
     }
 }

@@ -104,6 +104,32 @@ fn max_connections_is_bounded() {
 }
 
 #[test]
+fn files_are_checked_for_changes_every_30s_unless_the_file_says_otherwise() {
+    assert_eq!(
+        parse(MINIMAL).unwrap().server.file_check_interval,
+        Some(Duration::from_secs(30))
+    );
+    let with = |v: &str| {
+        MINIMAL.replace(
+            "data_dir = \"/var/lib/wardgate\"\n",
+            &format!("data_dir = \"/var/lib/wardgate\"\nfile_check_interval = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(
+        parse(&with("off")).unwrap().server.file_check_interval,
+        None
+    );
+    assert_eq!(
+        parse(&with("5s")).unwrap().server.file_check_interval,
+        Some(Duration::from_secs(5))
+    );
+    for refused in ["0s", "10ms", "2days", "never", ""] {
+        let e = err(&with(refused));
+        assert!(e.contains("`server.file_check_interval`"), "{refused}: {e}");
+    }
+}
+
+#[test]
 fn the_commit_window_is_bounded() {
     let with = |w: &str| {
         MINIMAL.replace(

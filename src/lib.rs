@@ -34,8 +34,8 @@
 //! - [`sar`]: the subject access report, from the log's subject index.
 //! - [`watch`]: breach detection over the audit stream, the breach log, the live feed and the
 //!   security console.
-//! - [`rekey`]: `SIGHUP`: token keys, the server's certificate, datastores' TLS files and the
-//!   policy pack read again.
+//! - [`rekey`]: `SIGHUP`, and a change to their files: token keys, the server's certificate,
+//!   datastores' TLS files and the policy pack read again.
 //! - [`token`], [`demo`]: minting tokens and the embedded demo.
 
 pub mod admin;

@@ -532,8 +532,9 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let hangups = wardgate::rekey::listen();
     let cfg = Config::load(&config)?;
     let (gw, tls) = startup::build(&cfg)?;
-    if let Some(h) = hangups {
-        tokio::spawn(wardgate::rekey::on_hangup(gw.clone(), h));
+    let check = cfg.server.file_check_interval;
+    if hangups.is_some() || check.is_some() {
+        tokio::spawn(wardgate::rekey::run(gw.clone(), hangups, check));
     }
     let data = TcpListener::bind(cfg.server.listen)
         .await

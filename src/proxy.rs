@@ -93,6 +93,15 @@ impl Upstreams {
         Ok(Upstreams { by_dataset })
     }
 
+    /// A digest of each `https://` datastore's TLS files as they are now (`None` for one that
+    /// cannot be read), for noticing that they changed (`rekey::changes`).
+    pub fn tls_files_now(&self) -> Vec<Option<[u8; 32]>> {
+        (self.by_dataset.values())
+            .filter(|up| up.config.tls.is_some())
+            .map(|up| tls_files(&up.config))
+            .collect()
+    }
+
     pub fn get(&self, dataset: &str) -> Option<&Upstream> {
         self.by_dataset.get(dataset)
     }

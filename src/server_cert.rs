@@ -89,6 +89,12 @@ impl ServerCert {
 
     /// Reads the two files again: `None` when they are as they were, else the renewed
     /// certificate, checked as at start and not yet offered (`Renewal::apply`), or why not.
+    /// A digest of the certificate and key files as they are now (`None` when one cannot be
+    /// read), for noticing that they changed (`rekey::changes`).
+    pub fn files_now(&self) -> Option<[u8; 32]> {
+        digest(&self.cert_file, &self.key_file)
+    }
+
     pub fn renew(&self) -> anyhow::Result<Option<Renewal<'_>>> {
         let files = digest(&self.cert_file, &self.key_file);
         let now = self.now();

@@ -183,7 +183,7 @@ pub struct PackDigests {
 
 /// A digest of the files, names and contents, in the order given; `None` when one cannot be
 /// read.
-fn digest_files_named(files: &[PathBuf]) -> Option<[u8; 32]> {
+pub(crate) fn digest_files_named(files: &[PathBuf]) -> Option<[u8; 32]> {
     use sha2::Digest as _;
     let mut digest = sha2::Sha256::new();
     for file in files {

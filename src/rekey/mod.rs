@@ -1,10 +1,12 @@
-//! What `SIGHUP` reads again without a restart: the token keys, the gateway's own TLS
-//! certificate, the datastores' TLS files and the policy pack. Each is read and checked as at start; a set
-//! that fails the checks is refused whole, recorded, and what is in use stays. One that
-//! passes is recorded in the audit log first and then used: a change that cannot be recorded
-//! is not made. Nothing is recorded for TLS files that did not change (a key reload is
-//! recorded each time). Reloads run one at a time (`RELOADS`), so an older reading can never
-//! replace a newer one.
+//! What is read again without a restart, on `SIGHUP` and when its files change
+//! (`changes`, every `server.file_check_interval`): the token keys, the gateway's own TLS
+//! certificate, the datastores' TLS files and the policy pack. Each is read and checked as at
+//! start; a set that fails the checks is refused whole, recorded, and what is in use stays.
+//! One that passes is recorded in the audit log first (with what set it off, `trigger`) and
+//! then used: a change that cannot be recorded is not made. Nothing is recorded for TLS files
+//! or a pack that did not change (a key reload a signal asks for is recorded each time; one
+//! a file change sets off, only when a key changed). Reloads run one at a time (`RELOADS`),
+//! so an older reading can never replace a newer one.
 //!
 //! - The key files the configuration named at start (`[[auth.keys]]`' PEM files,
 //!   `auth.jwks_file`): the record says which keys (id and fingerprint) are new, gone or
@@ -20,9 +22,13 @@
 //!   at start (every fixture passing, every policy named by one), then put in force with a new
 //!   decision cache; requests and exports under way finish under the pack they began with.
 
+mod changes;
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::audit::record::{AuditRecord, Decision};
 use crate::gateway::Gateway;
@@ -35,24 +41,91 @@ pub fn listen() -> Option<Signal> {
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys and TLS files are read at start only");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys, TLS files and policy pack are read again only when their files change (`server.file_check_interval`)");
             None
         }
     }
 }
 
-/// Reads the keys, TLS files and policy pack again on every `SIGHUP`, for as long as the
-/// process runs. (It is not
-/// stopped at shutdown: a reload cut short between its audit record and `trust` would leave a
-/// record of a change not made; at exit the change no longer matters.)
-pub async fn on_hangup(gw: Arc<Gateway>, mut hangups: Signal) {
-    while hangups.recv().await.is_some() {
-        // What each did is logged, counted and audited inside.
-        let _ = reload_keys(&gw).await;
-        let _ = reload_server_tls(&gw).await;
-        let _ = reload_datastore_tls(&gw).await;
-        let _ = reload_policy(&gw).await;
+/// What set a reload off: recorded with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `SIGHUP` (or a test doing what it does).
+    Signal,
+    /// A change to the files, noticed by a check (`changes`).
+    FilesChanged,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::FilesChanged => "files_changed",
+        }
     }
+}
+
+/// Reads the keys, TLS files and policy pack again on every `SIGHUP` (`hangups`) and, checked
+/// every `check` (`server.file_check_interval`), when their files have changed, for as long as
+/// the process runs. (It is not stopped at shutdown: a reload cut short between its audit
+/// record and `trust` would leave a record of a change not made; at exit the change no longer
+/// matters.)
+pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Duration>) {
+    let mut checks = check.map(|every| {
+        let mut t = tokio::time::interval_at(Instant::now() + every, every);
+        // A check that overran (a slow disk) is not made up for with a burst of checks.
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    });
+    let mut files = changes::Changes::default();
+    if checks.is_some() {
+        files.read(changes::now(&gw).await);
+    }
+    loop {
+        let trigger = tokio::select! {
+            signal = async {
+                match &mut hangups {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if signal.is_none() {
+                    hangups = None;
+                    continue;
+                }
+                Trigger::Signal
+            }
+            () = async {
+                match &mut checks {
+                    Some(c) => drop(c.tick().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !files.settled(changes::now(&gw).await) {
+                    continue;
+                }
+                tracing::info!("reloadable files changed: reading them again");
+                Trigger::FilesChanged
+            }
+        };
+        if trigger == Trigger::Signal && checks.is_some() {
+            // As they are before the reads: a change made during them is one for later.
+            files.read(changes::now(&gw).await);
+        }
+        reload_all(&gw, trigger).await;
+        if hangups.is_none() && checks.is_none() {
+            return;
+        }
+    }
+}
+
+/// Reads everything again: the keys, the server's and the datastores' TLS files, the policy
+/// pack. What each did is logged, counted and audited inside.
+pub async fn reload_all(gw: &Arc<Gateway>, trigger: Trigger) {
+    let _ = keys(gw, trigger).await;
+    let _ = server_tls(gw, trigger).await;
+    let _ = datastore_tls(gw, trigger).await;
+    let _ = policy(gw, trigger).await;
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,13 +183,13 @@ impl Reload {
     }
 
     /// Logs, counts and records a reload refused for `e`: what is in use stays. `e` again.
-    async fn refuse(&self, gw: &Gateway, e: anyhow::Error) -> anyhow::Error {
+    async fn refuse(&self, gw: &Gateway, trigger: Trigger, e: anyhow::Error) -> anyhow::Error {
         let why = format!("{e:#}");
         tracing::error!(error = %why, "{} not reloaded: those in use stay", self.what);
         self.count("refused");
         let mut record = AuditRecord::system(self.route, self.refused);
         record.decision = Decision::Error;
-        record.detail = Some(serde_json::json!({ "error": why }));
+        record.detail = Some(serde_json::json!({ "error": why, "trigger": trigger.name() }));
         if let Err(e) = gw.audit.append(record).await {
             tracing::error!(error = %e, "the refused reload's audit record was not written");
         }
@@ -125,8 +198,14 @@ impl Reload {
 
     /// Records the change (`detail`) before it is made; an error, counted, when it cannot be
     /// recorded (the change is then not made).
-    async fn record(&self, gw: &Gateway, detail: serde_json::Value) -> anyhow::Result<()> {
+    async fn record(
+        &self,
+        gw: &Gateway,
+        trigger: Trigger,
+        mut detail: serde_json::Value,
+    ) -> anyhow::Result<()> {
         let mut record = AuditRecord::system(self.route, self.reloaded);
+        detail["trigger"] = trigger.name().into();
         record.detail = Some(detail);
         if let Err(e) = gw.audit.append(record).await {
             tracing::error!(error = %e, "{} not reloaded: the change could not be audited", self.what);
@@ -137,20 +216,34 @@ impl Reload {
     }
 }
 
-/// Reads the keys again, records the change, then trusts the new keys; or says why not.
+/// Reads the keys again, records the change, then trusts the new keys; or says why not. (As
+/// `SIGHUP` does: recorded even when no key changed.)
 pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
+    keys(gw, Trigger::Signal).await
+}
+
+async fn keys(gw: &Gateway, trigger: Trigger) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
     let new = match gw.verifier.reread_keys() {
         Ok(new) => new,
-        Err(e) => return Err(KEYS.refuse(gw, e).await),
+        Err(e) => return Err(KEYS.refuse(gw, trigger, e).await),
     };
+    if trigger == Trigger::FilesChanged
+        && new.added.is_empty()
+        && new.removed.is_empty()
+        && new.changed.is_empty()
+    {
+        // Another file changed, or this one without a change to any key: nothing to record.
+        KEYS.count("unchanged");
+        return Ok(());
+    }
     let detail = serde_json::json!({
         "keys": new.all,
         "added": new.added,
         "removed": new.removed,
         "changed": new.changed,
     });
-    KEYS.record(gw, detail).await?;
+    KEYS.record(gw, trigger, detail).await?;
     tracing::info!(keys = ?new.all.keys(), added = ?new.added, removed = ?new.removed,
         changed = ?new.changed, "keys reloaded");
     KEYS.count("reloaded");
@@ -162,6 +255,10 @@ pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
 /// certificate from the next handshake on; or says why not. Nothing to do (and nothing
 /// recorded) without `server.tls`, or when neither file changed.
 pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
+    server_tls(gw, Trigger::Signal).await
+}
+
+async fn server_tls(gw: &Gateway, trigger: Trigger) -> anyhow::Result<()> {
     let Some(cert) = &gw.server_cert else {
         return Ok(());
     };
@@ -173,13 +270,13 @@ pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
             SERVER_TLS.count("unchanged");
             return Ok(());
         }
-        Err(e) => return Err(SERVER_TLS.refuse(gw, e).await),
+        Err(e) => return Err(SERVER_TLS.refuse(gw, trigger, e).await),
     };
     let detail = serde_json::json!({
         "certificate": renewal.about(),
         "replaces": renewal.replaces(),
     });
-    SERVER_TLS.record(gw, detail).await?;
+    SERVER_TLS.record(gw, trigger, detail).await?;
     let about = renewal.about().clone();
     renewal.apply();
     tracing::info!(subject = %about.subject, not_after = %about.not_after, sha256 = %about.sha256,
@@ -192,11 +289,15 @@ pub async fn reload_server_tls(gw: &Gateway) -> anyhow::Result<()> {
 /// new files for new connections; or says why not. Nothing to do (and nothing recorded) when
 /// no datastore is reached over TLS, or none of their files changed.
 pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
+    datastore_tls(gw, Trigger::Signal).await
+}
+
+async fn datastore_tls(gw: &Gateway, trigger: Trigger) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
     let renewal = match gw.upstreams.renew_tls() {
         None => return Ok(()),
         Some(Ok(renewal)) => renewal,
-        Some(Err(e)) => return Err(DATASTORE_TLS.refuse(gw, e).await),
+        Some(Err(e)) => return Err(DATASTORE_TLS.refuse(gw, trigger, e).await),
     };
     let datasets = renewal.changed();
     if datasets.is_empty() {
@@ -209,7 +310,7 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
         "datasets": datasets,
         "unchanged": renewal.unchanged(),
     });
-    DATASTORE_TLS.record(gw, detail).await?;
+    DATASTORE_TLS.record(gw, trigger, detail).await?;
     renewal.apply();
     tracing::info!(?datasets, "datastore TLS files reloaded");
     DATASTORE_TLS.count("reloaded");
@@ -220,6 +321,10 @@ pub async fn reload_datastore_tls(gw: &Gateway) -> anyhow::Result<()> {
 /// as at start, records the change, then puts it in force with a new decision cache; or says
 /// why not. Nothing is recorded when no file of the pack changed.
 pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
+    policy(gw, Trigger::Signal).await
+}
+
+async fn policy(gw: &Arc<Gateway>, trigger: Trigger) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
     let in_force = gw.policies();
     // Reading the files and hundreds of fixtures: off the async workers.
@@ -242,7 +347,7 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
         }
         Reading::Refused(e, digest) => {
             *lock(&gw.policy_refused) = digest;
-            return Err(POLICY.refuse(gw, e).await);
+            return Err(POLICY.refuse(gw, trigger, e).await);
         }
     };
     *lock(&gw.policy_refused) = None;
@@ -258,7 +363,7 @@ pub async fn reload_policy(gw: &Arc<Gateway>) -> anyhow::Result<()> {
         "removed": before.difference(&after).collect::<Vec<_>>(),
         "digest": digest.map(|d| hex::encode(d.all)),
     });
-    POLICY.record(gw, detail).await?;
+    POLICY.record(gw, trigger, detail).await?;
     gw.put_policies(crate::decisions::InForce {
         engine,
         decisions: Default::default(),
