@@ -137,7 +137,7 @@ fn client_tls(name: &str, tls: &UpstreamTls) -> anyhow::Result<rustls::ClientCon
     match &tls.client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
-            let then = "then send the gateway SIGHUP";
+            let then = "then put the renewed files in place (read again on a change or SIGHUP)";
             let (certs, private) = crate::server::certificate_and_key(cert, key, "client", then)
                 .with_context(|| {
                     format!("`datasets.{name}.client_cert_file` and `client_key_file`")

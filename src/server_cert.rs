@@ -53,7 +53,7 @@ pub struct About {
 }
 
 /// How a renewed certificate is taken up, for the 30-day warning.
-const THEN: &str = "then send the gateway SIGHUP";
+const THEN: &str = "then put the renewed files in place (read again on a change or SIGHUP)";
 
 impl ServerCert {
     /// Reads and checks the certificate chain and key; errors name the file and what is wrong.
@@ -87,14 +87,14 @@ impl ServerCert {
             .clone()
     }
 
-    /// Reads the two files again: `None` when they are as they were, else the renewed
-    /// certificate, checked as at start and not yet offered (`Renewal::apply`), or why not.
     /// A digest of the certificate and key files as they are now (`None` when one cannot be
     /// read), for noticing that they changed (`rekey::changes`).
     pub fn files_now(&self) -> Option<[u8; 32]> {
         digest(&self.cert_file, &self.key_file)
     }
 
+    /// Reads the two files again: `None` when they are as they were, else the renewed
+    /// certificate, checked as at start and not yet offered (`Renewal::apply`), or why not.
     pub fn renew(&self) -> anyhow::Result<Option<Renewal<'_>>> {
         let files = digest(&self.cert_file, &self.key_file);
         let now = self.now();
@@ -112,7 +112,7 @@ impl ServerCert {
             tracing::warn!(file = %self.cert_file.display(), renewed = chain(&key),
                 in_use = chain(&now.key), "the renewed TLS chain has fewer certificates than \
                 the one in use: if its file was still being written, write it elsewhere and \
-                rename it into place, then signal again");
+                rename it into place");
         }
         Ok(Some(Renewal {
             cert: self,

@@ -91,7 +91,7 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     if policy_digest.is_none() {
         tracing::warn!(policy_dir = %cfg.policy_dir.display(),
             "the policy pack changed while it was read (or a file of it cannot be read again): \
-             the pack read is in force; once it is whole, send SIGHUP to read it again");
+             the pack read is in force; once it is whole it is read again (on a change or SIGHUP)");
     }
     let upstreams = Upstreams::new(&cfg.datasets, cfg.server.max_response_bytes)?;
     if let Some(r) = &cfg.redis {

@@ -1,7 +1,8 @@
 //! A running gateway reads its key files and policy pack again when they change, without a
 //! signal (`server.file_check_interval`): a rotated key is taken up, its record says a file
-//! change set it off, and files that would not start the gateway are refused once (not at
-//! every check), with what is in use staying.
+//! change set it off, files that would not start the gateway are refused once (not at every
+//! check) with what is in use staying, and files put back as in use are read and found
+//! unchanged, with nothing recorded.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,6 +12,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,11 +21,10 @@ use serde_json::json;
 
 const LIST: &str = "/voter/electors?per_page=5";
 
-/// Checks every 200 ms.
-const CHECK: &str = "200ms";
-
-/// Long enough for many checks: a change read at all has been read by then.
-const SETTLE: Duration = Duration::from_secs(2);
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<bytes::Bytes>,
+>;
 
 fn audited(dir: &Path, reason: &str) -> Vec<serde_json::Value> {
     (common::read_audit(&dir.join("audit")).into_iter())
@@ -31,11 +32,24 @@ fn audited(dir: &Path, reason: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-async fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within the deadline");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Written elsewhere and renamed into place, as the README asks of whatever renews files.
+fn put(dir: &Path, to: &Path, text: &str) {
+    let staged = dir.join("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, to).unwrap();
+}
+
+/// One sample of the admin plane's `/metrics` (`series` with its labels as written), 0 when
+/// absent.
+async fn metric(client: &Client, admin: SocketAddr, series: &str) -> u64 {
+    let req = http::Request::get(format!("http://{admin}/metrics"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let body = client.request(req).await.unwrap().into_body();
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    (text.lines())
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +61,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text = text.replacen(
         "[server]\n",
-        &format!("[server]\nfile_check_interval = \"{CHECK}\"\n"),
+        "[server]\nfile_check_interval = \"200ms\"\n",
         1,
     );
     std::fs::write(&cfg, text).unwrap();
@@ -58,8 +72,9 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     let old = wardgate::token::Signer::from_config(&signing).unwrap();
     let now = common::now();
     let old_token = wardgate::demo::mint_tokens(&old, now).unwrap()["councillor"].clone();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<bytes::Bytes>>();
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let status = |token: String| {
         let client = client.clone();
         async move {
@@ -79,18 +94,31 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         }
     };
     let deadline = Instant::now() + Duration::from_secs(60);
+    let until = |what: &'static str| {
+        move |done: bool| {
+            assert!(
+                done || Instant::now() < deadline,
+                "{what}: not within a minute"
+            );
+            done
+        }
+    };
     while status(old_token.clone()).await != 200 {
-        assert!(Instant::now() < deadline, "gateway did not serve");
+        until("serving")(false);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let checks = || metric(&client, admin, "wardgate_file_checks_total");
+    // `n` more checks made than at `from`.
+    let after_checks = |from: u64, n: u64| async move {
+        while !until("the checks")(checks().await >= from + n) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
 
     // The identity provider rotates the key under the same id, and nobody signals.
     let rotated = wardgate::token::generate_es256().unwrap();
-    let key_file = dir
-        .path()
-        .join("keys")
-        .join(format!("{}.pub.pem", wardgate::demo::KID));
-    std::fs::write(&key_file, &rotated.public_pem).unwrap();
+    let key_file = (dir.path().join("keys")).join(format!("{}.pub.pem", wardgate::demo::KID));
+    put(dir.path(), &key_file, &rotated.public_pem);
     let new = wardgate::token::Signer::from_pem(
         wardgate::demo::KID,
         signing.algorithm,
@@ -99,11 +127,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     )
     .unwrap();
     let new_token = wardgate::demo::mint_tokens(&new, now).unwrap()["councillor"].clone();
-    while status(new_token.clone()).await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the rotated key was not taken up"
-        );
+    while !until("the rotated key taken up")(status(new_token.clone()).await == 200) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The old token verified and was cached before: it stops all the same.
@@ -115,17 +139,16 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     assert_eq!(taken[0]["detail"]["changed"], json!([wardgate::demo::KID]));
 
     // A key file that would not start the gateway: refused once, however many checks see it.
-    std::fs::write(
+    put(
+        dir.path(),
         &key_file,
         "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
-    )
-    .unwrap();
+    );
     let refused = || audited(dir.path(), "keys_reload_refused");
-    wait_for("the bad key file's refusal", deadline, || {
-        !refused().is_empty()
-    })
-    .await;
-    tokio::time::sleep(SETTLE).await;
+    while !until("the bad key file refused")(!refused().is_empty()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    after_checks(checks().await, 5).await;
     let refusals = refused();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(refusals[0]["detail"]["trigger"], "files_changed");
@@ -136,22 +159,36 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     assert_eq!(status(new_token.clone()).await, 200, "the keys in use stay");
     assert_eq!(status(old_token.clone()).await, 401);
 
-    // Put back as in use: read again, nothing changed, nothing recorded.
-    std::fs::write(&key_file, &rotated.public_pem).unwrap();
-    tokio::time::sleep(SETTLE).await;
+    // Put back as in use: read again and found unchanged, so nothing is recorded.
+    let unchanged = || {
+        metric(
+            &client,
+            admin,
+            "wardgate_key_reloads_total{outcome=\"unchanged\"}",
+        )
+    };
+    let before = unchanged().await;
+    put(dir.path(), &key_file, &rotated.public_pem);
+    while !until("the key file read again")(unchanged().await > before) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(audited(dir.path(), "keys_reloaded").len(), 1);
     assert_eq!(refused().len(), 1);
+    assert_eq!(status(new_token.clone()).await, 200);
 
     // A policy file that does not parse, added to the pack: refused once; the pack in force
     // stays and still decides.
     let broken = dir.path().join("policies").join("broken.cedar");
-    std::fs::write(&broken, "permit (principal, action, resource) when {").unwrap();
+    put(
+        dir.path(),
+        &broken,
+        "permit (principal, action, resource) when {",
+    );
     let policy_refused = || audited(dir.path(), "policy_reload_refused");
-    wait_for("the broken pack's refusal", deadline, || {
-        !policy_refused().is_empty()
-    })
-    .await;
-    tokio::time::sleep(SETTLE).await;
+    while !until("the broken pack refused")(!policy_refused().is_empty()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    after_checks(checks().await, 5).await;
     let refusals = policy_refused();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(refusals[0]["route"], "policy");
@@ -161,9 +198,19 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         "{refusals:?}"
     );
     assert_eq!(status(new_token.clone()).await, 200);
-    // Taken out again: the pack is the one in force; nothing to record.
+    // Taken out again: the pack is the one in force, read and found unchanged.
+    let unchanged = || {
+        metric(
+            &client,
+            admin,
+            "wardgate_policy_reloads_total{outcome=\"unchanged\"}",
+        )
+    };
+    let before = unchanged().await;
     std::fs::remove_file(&broken).unwrap();
-    tokio::time::sleep(SETTLE).await;
+    while !until("the pack read again")(unchanged().await > before) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(policy_refused().len(), 1);
     assert!(audited(dir.path(), "policy_reloaded").is_empty());
     assert_eq!(status(new_token).await, 200);

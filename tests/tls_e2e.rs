@@ -740,6 +740,18 @@ async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() 
 /// certificate (the in-process test above covers what a reload checks and records).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
+    a_running_gateway_offers_its_renewed_certificate(true).await;
+}
+
+/// And with no signal at all: the gateway's own check for changed files
+/// (`server.file_check_interval`) takes it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateway_takes_up_a_renewed_certificate_by_itself() {
+    a_running_gateway_offers_its_renewed_certificate(false).await;
+}
+
+/// `signal`: renewed, then `SIGHUP` (the check for changed files off); else renewed only.
+async fn a_running_gateway_offers_its_renewed_certificate(signal: bool) {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin, upstream) = (
@@ -749,19 +761,29 @@ async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
     );
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
     let ca = Ca::new("Gateway CA");
+    // Each file written elsewhere and renamed into place, as the README asks.
     let put = |(cert, key): &(String, String)| {
-        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        for (name, text) in [("cert.pem", cert), ("key.pem", key)] {
+            let staged = dir.path().join(format!("{name}.new"));
+            std::fs::write(&staged, text).unwrap();
+            std::fs::rename(&staged, dir.path().join(name)).unwrap();
+        }
     };
     let first = ca.issue(&["localhost"]);
     put(&first);
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(text.contains("plaintext = true\n") && text.contains("\n[auth]\n"));
-    let text = text.replace("plaintext = true\n", "").replacen(
-        "\n[auth]\n",
-        "\n[server.tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\n[auth]\n",
-        1,
-    );
+    let check = if signal { "off" } else { "200ms" };
+    let text = text
+        .replace(
+            "plaintext = true\n",
+            &format!("file_check_interval = \"{check}\"\n"),
+        )
+        .replacen(
+            "\n[auth]\n",
+            "\n[server.tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n\n[auth]\n",
+            1,
+        );
     std::fs::write(&cfg, text).unwrap();
     let mut child = common::serve_process(&cfg);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -776,16 +798,29 @@ async fn sighup_to_a_running_gateway_offers_its_renewed_certificate() {
 
     let renewed = ca.issue(&["localhost"]);
     put(&renewed);
-    common::hangup(&child);
-    while common::read_audit(&dir.path().join("audit"))
-        .iter()
-        .all(|r| r["reason"] != "server_tls_reloaded")
-    {
+    if signal {
+        common::hangup(&child);
+    }
+    let reloaded = || {
+        common::read_audit(&dir.path().join("audit"))
+            .into_iter()
+            .filter(|r| r["reason"] == "server_tls_reloaded")
+            .collect::<Vec<_>>()
+    };
+    while reloaded().is_empty() {
         assert!(Instant::now() < deadline, "no reload recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         connect_tls(listen, &ca.pem).await.0,
+        sha256_of_pem(&renewed.0)
+    );
+    let taken = reloaded();
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let trigger = if signal { "signal" } else { "files_changed" };
+    assert_eq!(taken[0]["detail"]["trigger"], trigger, "{taken:?}");
+    assert_eq!(
+        taken[0]["detail"]["certificate"]["sha256"],
         sha256_of_pem(&renewed.0)
     );
     child.kill().unwrap();

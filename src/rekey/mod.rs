@@ -24,6 +24,8 @@
 
 mod changes;
 
+use changes::Part;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +43,7 @@ pub fn listen() -> Option<Signal> {
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys, TLS files and policy pack are read again only when their files change (`server.file_check_interval`)");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the keys, TLS files and policy pack are read again only by the check for changed files (`server.file_check_interval`), if it is on");
             None
         }
     }
@@ -66,10 +68,10 @@ impl Trigger {
 }
 
 /// Reads the keys, TLS files and policy pack again on every `SIGHUP` (`hangups`) and, checked
-/// every `check` (`server.file_check_interval`), when their files have changed, for as long as
-/// the process runs. (It is not stopped at shutdown: a reload cut short between its audit
-/// record and `trust` would leave a record of a change not made; at exit the change no longer
-/// matters.)
+/// every `check` (`server.file_check_interval`), each part whose files have changed, for as
+/// long as the process runs. (It is not stopped at shutdown: a reload cut short between its
+/// audit record and `trust` would leave a record of a change not made; at exit the change no
+/// longer matters.)
 pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Duration>) {
     let mut checks = check.map(|every| {
         let mut t = tokio::time::interval_at(Instant::now() + every, every);
@@ -77,12 +79,9 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
         t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         t
     });
-    let mut files = changes::Changes::default();
-    if checks.is_some() {
-        files.read(changes::now(&gw).await);
-    }
+    let mut files = changes::Checks::default();
     loop {
-        let trigger = tokio::select! {
+        let (parts, trigger) = tokio::select! {
             signal = async {
                 match &mut hangups {
                     Some(h) => h.recv().await,
@@ -90,10 +89,20 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
                 }
             } => {
                 if signal.is_none() {
+                    // No more signals (tokio keeps its handler for the process's life, so
+                    // this is not expected).
                     hangups = None;
+                    if checks.is_none() {
+                        return;
+                    }
                     continue;
                 }
-                Trigger::Signal
+                if checks.is_some() {
+                    // As they are before the reads: a change made during them is one for
+                    // the next checks.
+                    files.read(changes::now(&gw).await);
+                }
+                (changes::PARTS.to_vec(), Trigger::Signal)
             }
             () = async {
                 match &mut checks {
@@ -101,32 +110,41 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
                     None => std::future::pending().await,
                 }
             } => {
-                if !files.settled(changes::now(&gw).await) {
+                let parts = files.settled(changes::now(&gw).await);
+                metrics::counter!("wardgate_file_checks_total").increment(1);
+                if parts.is_empty() {
                     continue;
                 }
-                tracing::info!("reloadable files changed: reading them again");
-                Trigger::FilesChanged
+                tracing::info!(?parts, "files changed: reading them again");
+                (parts, Trigger::FilesChanged)
             }
         };
-        if trigger == Trigger::Signal && checks.is_some() {
-            // As they are before the reads: a change made during them is one for later.
-            files.read(changes::now(&gw).await);
-        }
-        reload_all(&gw, trigger).await;
-        if hangups.is_none() && checks.is_none() {
-            return;
+        for part in parts {
+            if let Err(e) = reload(&gw, part, trigger).await
+                && e.downcast_ref::<Unlogged>().is_some()
+            {
+                // Not made for want of its record: tried again when the log can take it.
+                files.retry(part);
+            }
         }
     }
 }
 
-/// Reads everything again: the keys, the server's and the datastores' TLS files, the policy
-/// pack. What each did is logged, counted and audited inside.
-pub async fn reload_all(gw: &Arc<Gateway>, trigger: Trigger) {
-    let _ = keys(gw, trigger).await;
-    let _ = server_tls(gw, trigger).await;
-    let _ = datastore_tls(gw, trigger).await;
-    let _ = policy(gw, trigger).await;
+/// Reads one part again; what it did is logged, counted and audited inside.
+async fn reload(gw: &Arc<Gateway>, part: Part, trigger: Trigger) -> anyhow::Result<()> {
+    match part {
+        Part::Keys => keys(gw, trigger).await,
+        Part::ServerTls => server_tls(gw, trigger).await,
+        Part::DatastoreTls => datastore_tls(gw, trigger).await,
+        Part::Policy => policy(gw, trigger).await,
+    }
 }
+
+/// A reload, or its refusal, that could not be recorded in the audit log (the change is not
+/// made; the refusal is logged).
+#[derive(Debug, thiserror::Error)]
+#[error("its audit record could not be written")]
+struct Unlogged;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -190,8 +208,9 @@ impl Reload {
         let mut record = AuditRecord::system(self.route, self.refused);
         record.decision = Decision::Error;
         record.detail = Some(serde_json::json!({ "error": why, "trigger": trigger.name() }));
-        if let Err(e) = gw.audit.append(record).await {
-            tracing::error!(error = %e, "the refused reload's audit record was not written");
+        if let Err(log) = gw.audit.append(record).await {
+            tracing::error!(error = %log, "the refused reload's audit record was not written");
+            return e.context(Unlogged);
         }
         e
     }
@@ -210,7 +229,10 @@ impl Reload {
         if let Err(e) = gw.audit.append(record).await {
             tracing::error!(error = %e, "{} not reloaded: the change could not be audited", self.what);
             self.count("unlogged");
-            anyhow::bail!("the change of {} could not be audited: {e}", self.what);
+            return Err(anyhow::Error::new(Unlogged).context(format!(
+                "the change of {} could not be audited: {e}",
+                self.what
+            )));
         }
         Ok(())
     }
@@ -336,6 +358,8 @@ async fn policy(gw: &Arc<Gateway>, trigger: Trigger) -> anyhow::Result<()> {
     let (engine, tests, digest) = match read {
         Reading::Loaded(engine, tests, digest) => (*engine, tests, digest),
         Reading::Unchanged => {
+            // Back as in force: a pack refused before is read again when it comes back.
+            *lock(&gw.policy_refused) = None;
             tracing::info!("policy pack unchanged");
             POLICY.count("unchanged");
             return Ok(());
@@ -401,7 +425,7 @@ fn read_pack(gw: &Gateway, known: Option<PackDigests>, refused: Option<PackDiges
         Ok((_, _, None)) => Reading::Refused(
             anyhow::anyhow!(
                 "the policy pack changed while it was read (or a file of it cannot be read \
-                 again): put it in place whole, then signal again"
+                 again): put it in place whole (it is then read again)"
             ),
             digest,
         ),
