@@ -116,6 +116,70 @@ async fn a_full_disk_means_503_and_no_data_then_recovery_without_restart() {
     app.stop().await;
 }
 
+/// A reload's refusal that the log cannot hold is not forgotten: a refused pack is remembered
+/// (so that it is not recorded again at every signal) only once its refusal is recorded, so
+/// once the log has room the same files are read again and the refusal recorded.
+#[tokio::test]
+async fn a_reload_the_log_cannot_hold_changes_nothing_and_is_recorded_later() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("audit");
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(&mount, "256k") else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        audit_dir: Some(mount.clone()),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("councillor");
+    let list = || {
+        app.get(
+            "/voter/electors?per_page=2",
+            Some(&token),
+            Some("canvassing"),
+        )
+    };
+    assert_eq!(list().await.status, 200);
+
+    fill(&mount);
+    while list().await.status != 503 {}
+    // A small record may still fit in the segment's last block: packs broken in new ways are
+    // refused (and recorded) until one's refusal cannot be.
+    let broken = app.dir.path().join("policies").join("broken.cedar");
+    let mut attempts = 0;
+    let e = loop {
+        attempts += 1;
+        assert!(attempts < 100, "every refusal was recorded on a full disk");
+        let text = format!("permit (principal, action, resource) when {{ // {attempts}\n");
+        std::fs::write(&broken, text).unwrap();
+        let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
+        if format!("{e:#}").contains("audit record could not be written") {
+            break e;
+        }
+    };
+    assert!(format!("{e:#}").contains("broken.cedar"), "{e:#}");
+
+    std::fs::remove_file(mount.join("filler")).unwrap();
+    assert_eq!(list().await.status, 200, "the pack in force still decides");
+    let refusals = || {
+        (common::read_audit(&mount).into_iter())
+            .filter(|r| r["reason"] == "policy_reload_refused")
+            .count()
+    };
+    assert_eq!(refusals(), attempts - 1);
+    // The same files, read again now that the log has room: refused, and recorded.
+    let e = wardgate::rekey::reload_policy(&app.gw).await.unwrap_err();
+    assert!(
+        !format!("{e:#}").contains("audit record could not be written"),
+        "{e:#}"
+    );
+    assert_eq!(refusals(), attempts);
+    // And once recorded, remembered: the next signal records nothing more.
+    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    assert_eq!(refusals(), attempts);
+    app.stop().await;
+}
+
 /// No audit, no write either: a write is logged before the datastore sees it, so once the log
 /// cannot be written a write answers 503 and the datastore's record is as it was.
 #[tokio::test]

@@ -192,6 +192,11 @@ pub async fn run(
     let config_path = materialise(&opts.data_dir, opts.listen, opts.admin, store_addr)?;
     let cfg = Config::load(&config_path)?;
     let (gw, tls) = startup::build(&cfg)?;
+    // As `wardgate serve` does: a policy edited in the demo's directory is put in force (or
+    // refused) within two checks, with its audit record.
+    if let Some(every) = cfg.server.file_check_interval {
+        tokio::spawn(crate::rekey::run(gw.clone(), None, Some(every)));
+    }
     let signer = Signer::from_config(
         cfg.signing
             .as_ref()

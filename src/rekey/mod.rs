@@ -370,8 +370,12 @@ async fn policy(gw: &Arc<Gateway>, trigger: Trigger) -> anyhow::Result<()> {
             return Ok(());
         }
         Reading::Refused(e, digest) => {
-            *lock(&gw.policy_refused) = digest;
-            return Err(POLICY.refuse(gw, trigger, e).await);
+            let e = POLICY.refuse(gw, trigger, e).await;
+            // Remembered (not read and recorded again) only once its refusal is recorded.
+            if e.downcast_ref::<Unlogged>().is_none() {
+                *lock(&gw.policy_refused) = digest;
+            }
+            return Err(e);
         }
     };
     *lock(&gw.policy_refused) = None;
@@ -430,5 +434,27 @@ fn read_pack(gw: &Gateway, known: Option<PackDigests>, refused: Option<PackDiges
             digest,
         ),
         Err(e) => Reading::Refused(e, digest),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unlogged;
+
+    /// `run` tries a part again when its reload, or its refusal, could not be recorded: it
+    /// finds out by `Unlogged` in the error, in both of the shapes `Reload` gives it.
+    #[test]
+    fn an_unrecorded_reload_or_refusal_is_known_by_its_error() {
+        let change =
+            anyhow::Error::new(Unlogged).context("the change of keys could not be audited");
+        assert!(change.downcast_ref::<Unlogged>().is_some());
+        let refusal = anyhow::anyhow!("`keys/a.pem` is not a PEM public key").context(Unlogged);
+        assert!(refusal.downcast_ref::<Unlogged>().is_some());
+        assert!(
+            format!("{refusal:#}").contains("not a PEM public key"),
+            "{refusal:#}"
+        );
+        let recorded = anyhow::anyhow!("`keys/a.pem` is not a PEM public key");
+        assert!(recorded.downcast_ref::<Unlogged>().is_none());
     }
 }
