@@ -449,6 +449,15 @@ where
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
                 filter::filter_page(&body, envelope, &cx, decide, &mut memo).map_err(malformed)?;
+            // A datastore that sends more records than the page asked for would disclose past
+            // the quota held for this request (the count comes after): nothing leaves.
+            let rows = d.subjects.len() as u64 + d.rows_withheld;
+            if rows > u64::from(may_disclose) {
+                return Err(malformed(filter::FilterError::Malformed(format!(
+                    "{rows} records for a page of {may_disclose}: the datastore must honour \
+                     `per_page`"
+                ))));
+            }
             never_disclosed_sent(&route.dataset, d.never_disclosed_rows);
             trail.absorb(d);
             Ok(Reply::Body(Bytes::from(out)))
@@ -503,6 +512,20 @@ where
                 verdict
             })
             .map_err(malformed)?;
+            // A record the datastore answers under another id (a Datasette table without a
+            // primary key looked up by rowid, an id normalised) is not the one asked for:
+            // nothing of it leaves and no reason is given for it, as for a write's target, so
+            // that no answer (a subject access report's above all) speaks of another person as
+            // this id.
+            let other = match d.subjects.iter().next() {
+                Some(subject) => d.subjects.len() != 1 || subject != id,
+                None => matches!(filter::single_attrs(&body, envelope, &cx),
+                    Ok(Some((subject, _))) if subject != *id),
+            };
+            if other {
+                trail.withhold_target("malformed", Vec::new());
+                return Err(GatewayError::NotFound);
+            }
             if out.is_none() && d.rows_withheld > 0 {
                 trail.withheld_target = Some(match &refused {
                     Some(attrs) => withheld_why(gw, &principal, attrs),

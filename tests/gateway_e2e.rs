@@ -782,6 +782,50 @@ async fn through(
     (app, resp)
 }
 
+/// A datastore that sends more records than the page asked for (ignoring `per_page`) would
+/// disclose past the quota held for the request: the page is refused whole, and a page of the
+/// size asked for, from the same datastore, is not.
+#[tokio::test]
+async fn a_page_longer_than_asked_for_discloses_nothing() {
+    let (store, _stop) = common::start_datastore(200).await;
+    let body = common::datastore_body(
+        store,
+        "/electors?per_page=10&page=1&exclude=protected&ward=E05011391",
+    )
+    .await;
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    let surnames: Vec<String> = (doc["records"].as_array().unwrap().iter())
+        .map(|r| r["surname"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(surnames.len(), 10, "{doc}");
+    let up = common::fixed_upstream(body, "application/json", std::time::Duration::ZERO).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(up),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("councillor");
+    let list = "/voter/electors?per_page=";
+    let whole = app
+        .get(&format!("{list}10"), Some(&token), Some("canvassing"))
+        .await;
+    assert_eq!(whole.status, 200, "{:?}", whole.body);
+    assert!(!whole.json()["records"].as_array().unwrap().is_empty());
+    let long = app
+        .get(&format!("{list}5"), Some(&token), Some("canvassing"))
+        .await;
+    assert_eq!(long.status, 502, "{:?}", long.body);
+    let text = String::from_utf8_lossy(&long.body);
+    assert!(
+        surnames.iter().all(|s| !text.contains(s.as_str())),
+        "{text}"
+    );
+    let record = app.audit_for(&long);
+    assert_eq!(record["reason"], "upstream_response_malformed");
+    assert_eq!(record["subjects"], json!([]), "{record}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
     // Truncated JSON on a data route: nothing passes through unfiltered.
@@ -1252,6 +1296,56 @@ async fn a_write_whose_target_answers_under_another_id_is_refused() {
     // Under its own id the same answer is the target.
     let r = app.canvass(id, &t, "canvassing", body).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    app.stop().await;
+    real.stop().await;
+}
+
+/// A read answered with another record than the one asked for (a Datasette table looked up by
+/// rowid, an id normalised) discloses nothing of it, under any purpose (a subject access
+/// report above all, which would hand one person's record to another), and gives no reason
+/// for it: under its own id the same answer is the record.
+#[tokio::test]
+async fn a_read_answered_with_another_record_discloses_nothing() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let theirs = canvassable(&truth);
+    let id = theirs["elector_id"].as_str().unwrap();
+    let surname = theirs["surname"].as_str().unwrap();
+    let other = (truth.iter())
+        .map(|r| r["elector_id"].as_str().unwrap())
+        .find(|other| *other != id)
+        .unwrap();
+    let app = app_serving(&json!({ "record": theirs })).await;
+    for (role, purpose) in [
+        ("councillor", "canvassing"),
+        ("dpo", "sar_fulfilment"),
+        ("dpo", "legal_claims"),
+    ] {
+        let token = app.token(role);
+        let asked = app
+            .get(
+                &format!("/voter/electors/{other}"),
+                Some(&token),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(asked.status, 404, "{role}/{purpose}: {:?}", asked.body);
+        assert!(
+            !String::from_utf8_lossy(&asked.body).contains(surname),
+            "{role}/{purpose}"
+        );
+        let record = app.audit_for(&asked);
+        assert_eq!(record["withheld_target"], "malformed", "{record}");
+        assert_eq!(record["subjects"], json!([]), "{record}");
+        let own = app
+            .get(
+                &format!("/voter/electors/{id}"),
+                Some(&token),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(own.status, 200, "{role}/{purpose}: {:?}", own.body);
+    }
     app.stop().await;
     real.stop().await;
 }
