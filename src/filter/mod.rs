@@ -458,7 +458,7 @@ pub fn filter_page(
     let mut records = None;
     let mut paging = [None; 3];
     // Datasette's mark of a page cut short at its `max_returned_rows`.
-    let mut truncated = false;
+    let mut truncated = None;
     memo.new_chunk();
     out.extend_from_slice(b"{\"records\":[");
     scan.begin_object()?;
@@ -499,7 +499,12 @@ pub fn filter_page(
             }
             paging[i] = Some(paging_value(paging_keys[i], scan.value()?)?);
         } else if matches!(envelope, Envelope::Rows { .. }) && key == "truncated" {
-            truncated = scan.value()? != "false";
+            // Named twice, which would a reader take? (The last `false` would pass a page cut
+            // short as the last one.)
+            if truncated.is_some() {
+                return Err(duplicate("truncated"));
+            }
+            truncated = Some(scan.value()? != "false");
         } else {
             scan.value()?;
         }
@@ -521,7 +526,7 @@ pub fn filter_page(
             // datastore cut short would end a walk list early without a word, and one longer
             // than asked for (a canned query ignoring `:limit`) would page for ever, past the
             // quota held for it.
-            if truncated {
+            if truncated == Some(true) {
                 return Err(FilterError::Malformed(
                     "the datastore cut the page short (`truncated`): its `max_returned_rows` \
                      must be at least the dataset's `max_per_page`"
@@ -536,10 +541,10 @@ pub fn filter_page(
             }
             // A full page may have a successor; a short one is the last.
             let full = u32::try_from(records).is_ok_and(|n| n >= per_page);
-            let next = if full {
-                (page + 1).to_string()
-            } else {
-                "null".to_owned()
+            // (No page follows the last a `u32` can number.)
+            let next = match page.checked_add(1) {
+                Some(next) if full => next.to_string(),
+                _ => "null".to_owned(),
             };
             out.extend_from_slice(
                 format!(",\"page\":{page},\"per_page\":{per_page},\"next_page\":{next}").as_bytes(),

@@ -501,6 +501,26 @@ fn datasette_rows_become_the_same_envelope() {
     let e = rows(1, &body).unwrap_err().to_string();
     assert!(e.contains("2 rows for a page of 1"), "{e}");
     assert!(rows(2, &body).is_ok());
+    // `truncated` named twice (a last `false` would pass a page cut short as the last) is
+    // malformed.
+    let twice = body.replace(
+        r#""truncated":false"#,
+        r#""truncated":true,"truncated":false"#,
+    );
+    let e = rows(5, &twice).unwrap_err().to_string();
+    assert!(e.contains("`truncated` twice"), "{e}");
+    // A full page at the last page number a `u32` holds has no next one to name.
+    let (out, _) = page(
+        body.as_bytes(),
+        Envelope::Rows {
+            page: u32::MAX,
+            per_page: 2,
+        },
+        &cx(&ds),
+        &mut decide,
+    )
+    .unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["next_page"].is_null());
     // A wardgate envelope where rows were expected is malformed, not an empty page.
     assert!(
         page(
