@@ -724,7 +724,18 @@ pub fn filter_lines(
         let mut scan = Scan::new(line);
         record.read(&mut scan)?;
         scan.end()?;
+        let mark = out.len();
         if write_record(&record, cx, decide, memo, out, d) {
+            // A carriage return copied out (whitespace between fields: a string cannot hold
+            // one raw) would end the line for readers that split on it, as Python's
+            // `splitlines` does: written as a space.
+            if memchr::memchr(b'\r', line.as_bytes()).is_some() {
+                for b in &mut out[mark..] {
+                    if *b == b'\r' {
+                        *b = b' ';
+                    }
+                }
+            }
             out.push(b'\n');
         }
     }

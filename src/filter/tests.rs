@@ -374,6 +374,37 @@ fn anonymous_electors_and_under_16s_leave_whatever_the_policies_say() {
     }
 }
 
+/// An export's line is one line for every NDJSON reader: a carriage return between an
+/// upstream record's fields (JSON whitespace) is written out as a space, the record otherwise
+/// byte for byte, and one in a string (escaped, `\r`) is left as it is.
+#[test]
+fn carriage_returns_between_fields_do_not_split_an_export_line() {
+    let ds = dataset();
+    let plain = record("VF-4", "CGW1", "");
+    // A raw carriage return between two fields that leave, and an escaped one (`\r`) in a
+    // string.
+    let with_returns = plain.replacen(r#","surname":"Lee""#, ",\r\"surname\":\"O\\rLee\"", 1);
+    assert!(with_returns.contains('\r') && with_returns.contains(r"O\rLee"));
+    let (mut out, mut d) = (Vec::new(), Disclosure::default());
+    filter_lines(
+        format!("{with_returns}\r\n{plain}\n").as_bytes(),
+        &cx(&ds),
+        &mut decide,
+        &mut Memo::default(),
+        &mut out,
+        &mut d,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains('\r'), "{text:?}");
+    let lines: Vec<serde_json::Value> = (text.lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["surname"], "O\rLee", "{text}");
+    assert_eq!(d.subjects.len(), 2);
+}
+
 /// A numeric id is kept as written when it is a plain integer, so the register's flags under
 /// `100` find it; written any other way it is not an id, and the record is withheld.
 #[test]
