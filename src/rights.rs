@@ -209,7 +209,9 @@ where
         Action::Change(mut event) => {
             gw.controls.order_after_latest(&mut event);
             let detail = serde_json::to_value(&event).unwrap_or_default();
-            tracing::info!(by = %principal.subject, change = %detail, "shared controls change requested");
+            // The event's id only: who it is about and why are in the audit record, not in a
+            // server log without its retention or protection.
+            tracing::info!(by = %principal.subject, event = %event.id, "shared controls change requested");
             let body = serde_json::json!({ "recorded": event });
             respond(&at, detail, Some(event), body).await
         }

@@ -386,12 +386,8 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         cfg.quotas.clone(),
     )
     .context("cannot open the shared controls")?;
-    let watch = crate::watch::Watch::open(
-        cfg.watch.clone(),
-        &audit,
-        cfg.redis.as_ref().map(|r| r.url.as_str()),
-    )
-    .context("cannot open breach detection")?;
+    let watch = crate::watch::Watch::open(cfg.watch.clone(), &audit, cfg.redis.as_ref())
+        .context("cannot open breach detection")?;
     let witness = cfg
         .audit
         .witness

@@ -916,6 +916,80 @@ async fn a_scrape_spread_over_two_replicas_is_seen_across_them_and_alerted_once(
     assert_eq!(replicas.len(), 2, "{alert:#}");
 }
 
+/// Reading ids one after another over two replicas is seen across them (each alone sees
+/// fewer reads than the rule's 20), and what the replicas share in Redis to see it names no
+/// subject: no path, no id, the id numbers shifted by an offset only the key gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_ids_in_order_over_two_replicas_is_seen_without_sharing_the_ids() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(200).await;
+    let a = replica(upstream, &redis, None).await;
+    let b = replica(upstream, &redis, Some(&a)).await;
+    let token = a.token("councillor");
+    for i in 1..=30 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let r = app
+            .get(
+                &format!("/voter/electors/VF-{i:07}"),
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 404, "{:?}", r.body);
+    }
+    until("a cross-replica enumeration alert", || async {
+        !enumeration_alerts(&a).await.is_empty() || !enumeration_alerts(&b).await.is_empty()
+    })
+    .await;
+    let mut all = enumeration_alerts(&a).await;
+    all.extend(enumeration_alerts(&b).await);
+    assert!(
+        all.iter()
+            .any(|x| x["summary"].as_str().unwrap().contains("across replicas")),
+        "{all:#?}"
+    );
+
+    // What is in Redis for the leader to read.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("wardgate:access")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let texts: Vec<String> = (entries.ids.iter())
+        .map(|e| e.get::<String>("e").unwrap())
+        .collect();
+    assert!(texts.len() >= 30, "{}", texts.len());
+    for text in &texts {
+        assert!(
+            !text.contains("VF-") && !text.contains("/electors/"),
+            "{text}"
+        );
+    }
+    let numbers: Vec<u64> = (texts.iter())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .filter_map(|e| e["o"]["id_number"].as_u64())
+        .collect();
+    assert!(numbers.len() >= 30, "{numbers:?}");
+    assert!(numbers.iter().all(|n| *n > 30), "{numbers:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn enumeration_alerts(app: &TestApp) -> Vec<serde_json::Value> {
+    let r = app.admin_get_with("/alerts", &app.token("security")).await;
+    (r.json()["alerts"].as_array().unwrap().iter())
+        .filter(|x| x["rule"] == "enumeration")
+        .cloned()
+        .collect()
+}
+
 async fn volume_alerts(app: &TestApp) -> Vec<serde_json::Value> {
     let r = app.admin_get_with("/alerts", &app.token("security")).await;
     r.json()["alerts"]

@@ -198,9 +198,12 @@ where
                 Err(e) => return boxed(fail(e).await),
             };
             // The body may have been slow to come: the caller must still stand (not revoked,
-            // not ended, its key still trusted) when the alert is acted on.
+            // not ended, its key still trusted) when the alert is acted on, as the mirror that
+            // says so must still be fresh (a revocation on another replica meanwhile).
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+            if let Err(e) =
+                crate::gateway::holds(gw, &principal, now).and_then(|()| gw.controls.check_fresh())
+            {
                 return boxed(fail(e).await);
             }
             if let Err(e) = need_text("note", &b.note) {
@@ -261,9 +264,12 @@ where
                 Err(e) => return boxed(fail(e).await),
             };
             // The body may have been slow to come: the caller must still stand (not revoked,
-            // not ended, its key still trusted) when the alert is acted on.
+            // not ended, its key still trusted) when the alert is acted on, as the mirror that
+            // says so must still be fresh (a revocation on another replica meanwhile).
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+            if let Err(e) =
+                crate::gateway::holds(gw, &principal, now).and_then(|()| gw.controls.check_fresh())
+            {
                 return boxed(fail(e).await);
             }
             if let Err(e) = need_text("reason", &b.reason) {

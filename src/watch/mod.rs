@@ -59,13 +59,15 @@ impl Watch {
     pub fn open(
         settings: WatchSettings,
         audit: &crate::audit::AuditLog,
-        redis_url: Option<&str>,
+        redis: Option<&crate::controls::RedisSettings>,
     ) -> anyhow::Result<Watch> {
         let breach = Arc::new(BreachLog::open(&settings.breach_log)?);
-        let shared = match redis_url {
-            Some(url) if settings.shared => {
-                Some(Arc::new(shared::Shared::new(url, &settings.shared_stream)?))
-            }
+        let shared = match redis {
+            Some(r) if settings.shared => Some(Arc::new(shared::Shared::new(
+                &r.url,
+                &settings.shared_stream,
+                crate::controls::load_key(r)?,
+            )?)),
             _ => None,
         };
         Ok(Watch {

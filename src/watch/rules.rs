@@ -29,7 +29,12 @@ pub struct Observation {
     pub withheld_target: Option<String>,
     pub reason: Option<String>,
     pub route: Option<String>,
-    pub path: String,
+    /// The number the path's last segment ends in (`/voter/electors/VF-0000012`: 12), for
+    /// `enumeration`, which looks for runs of neighbouring ids; never the path itself, which
+    /// names the subject. Shared between replicas shifted by a secret offset per principal and
+    /// route (`shared`), which keeps the distances and hides the ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_number: Option<u64>,
     /// The export this record is part of (its request id): an export is audited as one record
     /// per chunk of about a MiB, and `large_export` counts its chunks together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,7 +66,7 @@ impl Observation {
             withheld_target: rec.withheld_target.clone(),
             reason: rec.reason.clone(),
             route: rec.route.clone(),
-            path: rec.path.clone(),
+            id_number: trailing_number(&rec.path),
             export: rec
                 .detail
                 .as_ref()
@@ -470,7 +475,7 @@ impl Detector {
         if s.mode == Mode::Off || !rec.route.as_deref().is_some_and(|r| r.ends_with(".read")) {
             return;
         }
-        let (Some(route), Some(n)) = (&rec.route, trailing_number(&rec.path)) else {
+        let (Some(route), Some(n)) = (&rec.route, rec.id_number) else {
             return;
         };
         let (span, threshold) = (millis(s), s.threshold_for(None));
@@ -604,14 +609,23 @@ fn counted_as(addr: &str) -> String {
     format!("{}/64", std::net::Ipv6Addr::from(prefix))
 }
 
-impl Event {
-    fn of(seq: u64, rec: &Observation, at: i64) -> Event {
-        let addr = rec.client_addr.as_deref().map(counted_as);
-        let key = match (&rec.caller, &addr) {
+impl Observation {
+    /// Whom the rules count this access against: the principal's subject, or `addr:IP` (an
+    /// IPv6 address as its /64) when the caller is not known.
+    pub fn principal_key(&self) -> String {
+        let addr = self.client_addr.as_deref().map(counted_as);
+        match (&self.caller, addr) {
             (Some(c), _) => c.subject.clone(),
             (None, Some(a)) => format!("addr:{a}"),
             (None, None) => "unknown".to_owned(),
-        };
+        }
+    }
+}
+
+impl Event {
+    fn of(seq: u64, rec: &Observation, at: i64) -> Event {
+        let addr = rec.client_addr.as_deref().map(counted_as);
+        let key = rec.principal_key();
         Event {
             seq,
             at,

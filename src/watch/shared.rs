@@ -62,10 +62,13 @@ pub struct Shared {
     /// connect, up to its 2 s timeout with Redis away, for every alert of a storm), and when
     /// connecting last failed: not tried again for `RECONNECT_AFTER`.
     alerting: tokio::sync::Mutex<(Option<MultiplexedConnection>, Option<std::time::Instant>)>,
+    /// The shared controls' key (`redis.key_file`): each principal's and route's id numbers
+    /// are shifted by an offset made with it (`publish`).
+    key: ring::hmac::Key,
 }
 
 impl Shared {
-    pub fn new(url: &str, stream: &str) -> anyhow::Result<Shared> {
+    pub fn new(url: &str, stream: &str, key: ring::hmac::Key) -> anyhow::Result<Shared> {
         let client = redis::Client::open(url)?;
         let host = std::fs::read_to_string("/etc/hostname")
             .ok()
@@ -84,7 +87,30 @@ impl Shared {
             tx,
             rx: std::sync::Mutex::new(Some(rx)),
             alerting: tokio::sync::Mutex::new((None, None)),
+            key,
         })
+    }
+
+    /// What a replica puts in the stream for `o`: its id number (`Observation::id_number`)
+    /// shifted by an offset secret to those without the key, the same for every access of
+    /// one principal to one route on every replica. `enumeration` needs only the distances
+    /// between one principal's reads, which the shift keeps (wrapping), and nobody who reads
+    /// Redis learns which subjects were read, nor which of them were withheld and why.
+    fn shared(&self, o: &Observation) -> Observation {
+        let mut o = o.clone();
+        if let Some(n) = o.id_number {
+            let who = o.principal_key();
+            let route = o.route.as_deref().unwrap_or("");
+            let mut tag = ring::hmac::Context::with_key(&self.key);
+            for part in ["wardgate enumeration offset", who.as_str(), route] {
+                tag.update(&(part.len() as u64).to_be_bytes());
+                tag.update(part.as_bytes());
+            }
+            let mut offset = [0; 8];
+            offset.copy_from_slice(&tag.sign().as_ref()[..8]);
+            o.id_number = Some(n.wrapping_add(u64::from_be_bytes(offset)));
+        }
+        o
     }
 
     /// Queues one access for the shared stream; never waits.
@@ -92,7 +118,7 @@ impl Shared {
         let entry = Entry {
             r: self.replica.clone(),
             s: seq,
-            o: o.clone(),
+            o: self.shared(o),
         };
         let Ok(json) = serde_json::to_string(&entry) else {
             return;
@@ -349,5 +375,67 @@ impl Leader {
             let _: i64 = ack.query_async(conn).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{Caller, Decision};
+
+    fn read_by(subject: &str, route: &str, n: u64) -> Observation {
+        Observation {
+            ts: "2026-12-06T09:00:00Z".to_owned(),
+            caller: Some(Caller {
+                subject: subject.to_owned(),
+                role: "councillor".to_owned(),
+                unit: "LEEDS".to_owned(),
+                token_id: "t-1".to_owned(),
+            }),
+            client_addr: None,
+            decision: Decision::Deny,
+            disclosed: 0,
+            withheld_target: Some("protected".to_owned()),
+            reason: Some("record_withheld".to_owned()),
+            route: Some(route.to_owned()),
+            id_number: Some(n),
+            export: None,
+            export_ended: false,
+        }
+    }
+
+    fn shared(key: &[u8]) -> Shared {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        Shared::new("redis://127.0.0.1:1/", "wardgate:access", key).unwrap()
+    }
+
+    /// What goes to Redis keeps the distances between one principal's reads of one route
+    /// (what `enumeration` looks for, on the leader) and says nothing of which subjects were
+    /// read: no path, and numbers shifted by an offset that only the key gives.
+    #[test]
+    fn the_stream_keeps_distances_between_reads_and_names_no_subject() {
+        let s = shared(b"a key of at least thirty-two bytes, for the test");
+        let n = |o: &Observation| s.shared(o).id_number.unwrap();
+        let (a, b) = (
+            read_by("cllr-1", "voter.read", 12),
+            read_by("cllr-1", "voter.read", 13),
+        );
+        assert_eq!(n(&b).wrapping_sub(n(&a)), 1);
+        assert_ne!(n(&a), 12);
+        let far = read_by("cllr-1", "voter.read", u64::MAX);
+        assert_eq!(n(&far).wrapping_sub(n(&a)), u64::MAX - 12, "wrapping");
+        // Another principal, another route, another key: another offset.
+        assert_ne!(n(&read_by("cllr-2", "voter.read", 12)), n(&a));
+        assert_ne!(n(&read_by("cllr-1", "membership.read", 12)), n(&a));
+        let other = shared(b"another key of at least thirty-two bytes, for the test");
+        assert_ne!(other.shared(&a).id_number, s.shared(&a).id_number);
+        // The entry as written: no path, no id.
+        let json = serde_json::to_string(&s.shared(&a)).unwrap();
+        assert!(!json.contains("path") && !json.contains("VF-"), "{json}");
+        assert!(!json.contains("\"id_number\":12,"), "{json}");
+        // What is not a read by id goes as it is.
+        let mut listing = read_by("cllr-1", "voter.list", 0);
+        listing.id_number = None;
+        assert_eq!(s.shared(&listing), listing);
     }
 }
