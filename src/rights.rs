@@ -250,10 +250,18 @@ where
             if p.role != "dpo" {
                 return Err(forbidden("admin.sar-dpo-only"));
             }
-            let html = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "format=html"));
+            // One query only, said exactly: a report asked for in a format it does not come in
+            // (`?format=xml`) is an error, not the JSON one.
+            let html = match req.uri().query() {
+                None | Some("" | "format=json") => false,
+                Some("format=html") => true,
+                Some(q) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "`?{q}`: a subject access report takes `format=html` or \
+                         `format=json` (the default), and nothing else"
+                    )));
+                }
+            };
             Ok((
                 Action::Report {
                     subject: (*subject).to_owned(),

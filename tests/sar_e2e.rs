@@ -218,6 +218,21 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .filter(|r| r["detail"]["subject_access_report_for"] == subject.as_str())
         .count();
     assert_eq!(audited, 2);
+    // A format it does not come in, or another query, is 400, never the JSON report.
+    for query in ["format=xml", "format=html&x=1", "fields=all"] {
+        let r = app
+            .admin_get_with(&format!("/sar/{subject}?{query}"), &app.token("dpo"))
+            .await;
+        assert_eq!(r.status, 400, "{query}: {:?}", r.body);
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{query}"
+        );
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("format=html"),
+            "{query}"
+        );
+    }
 
     // A route word is not a subject: `/sar/export` must not fetch "the subject's current data"
     // as a whole export (every record disclosed to the DPO), nor `/sar/aggregate` count them.
