@@ -982,6 +982,76 @@ async fn reading_ids_in_order_over_two_replicas_is_seen_without_sharing_the_ids(
     b.stop().await;
 }
 
+/// A replica whose audit log cannot be written gives up leading cross-replica detection: as
+/// leader it would mark the alerts it found as raised, silencing the other replicas'
+/// detectors, and record none. Another replica takes the lease. (The log is made full for
+/// real: a tiny tmpfs filled to the brim, as root.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_record_gives_detection_up_to_another_replica() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("audit");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&mount, "256k") else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(200).await;
+    let a = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        audit_dir: Some(mount.clone()),
+        ..Default::default()
+    })
+    .await;
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let holder = || {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("GET")
+                .arg("wardgate:access:leader")
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    until("the first replica leading", || async {
+        holder().await.is_some()
+    })
+    .await;
+    let first = holder().await.unwrap();
+    let b = replica(upstream, &redis, Some(&a)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some(first.as_str()),
+        "a lease is kept"
+    );
+
+    common::fill(&mount);
+    let token = a.token("councillor");
+    until("the first replica's log failing", || async {
+        a.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await
+        .status
+            == 503
+    })
+    .await;
+    until("another replica leading", || async {
+        holder().await.is_some_and(|h| h != first)
+    })
+    .await;
+    drop(conn);
+    a.stop().await;
+    b.stop().await;
+}
+
 async fn enumeration_alerts(app: &TestApp) -> Vec<serde_json::Value> {
     let r = app.admin_get_with("/alerts", &app.token("security")).await;
     (r.json()["alerts"].as_array().unwrap().iter())

@@ -223,6 +223,18 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
         }
         let step = async {
             let mut conn = shared.connection().await?;
+            if !gw.audit.is_healthy() {
+                // A leader that cannot record would still mark the alerts it finds as raised
+                // (`first_to_alert`), silencing every other replica's detector, and record
+                // none: it gives the lease up, and what it read and did not acknowledge goes
+                // to the next leader (`XAUTOCLAIM`).
+                if leading.take().is_some() {
+                    tracing::warn!(replica = %shared.replica,
+                        "the audit log cannot be written: giving up cross-replica breach detection");
+                }
+                give_up_lease(&shared, &mut conn).await?;
+                return Ok(false);
+            }
             if !hold_lease(&shared, &mut conn).await? {
                 leading = None;
                 return Ok::<_, redis::RedisError>(false);
@@ -288,6 +300,23 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Deletes the lease if this replica holds it (compared and deleted in one step, so that
+/// another replica's is never taken away).
+async fn give_up_lease(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> redis::RedisResult<()> {
+    const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+    let _: i64 = redis::cmd("EVAL")
+        .arg(IF_MINE)
+        .arg(1)
+        .arg(format!("{}:leader", shared.stream))
+        .arg(&shared.replica)
+        .query_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// `SET NX PX` to take the lease, `PEXPIRE` to keep it; true while this replica holds it.
