@@ -295,6 +295,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             let cfg = Config::load(&config)?;
             let catalog = wardgate::catalog::Catalog::load(&cfg.catalog_file)?;
+            // The log first: a running gateway owns it (and refuses it here), and owns the
+            // controls' journal too, which opening mends (a torn last line) by writing.
+            let log = open_cli_log(&cfg, &subject)?;
             let controls =
                 wardgate::controls::Controls::open(&cfg.server.data_dir, None, Default::default())?;
             let dirs: Vec<&std::path::Path> = if audit_dirs.is_empty() {
@@ -314,7 +317,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 .purposes
                 .get("sar_fulfilment")
                 .map(|p| p.lawful_basis.clone());
-            audit_cli_report(&cfg, &subject, report.disclosures.len(), reference, basis).await?;
+            audit_cli_report(log, &subject, report.disclosures.len(), reference, basis).await?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create `{}`", out.display()))?;
             let json = out.join(format!("sar-{subject}.json"));
@@ -483,14 +486,10 @@ fn audit_dir(dir: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<Pa
 /// Appends the audit record of a subject access report produced on the command line. Only a
 /// stopped gateway's log can be appended to (one writer per log); while the gateway runs, the
 /// admin plane's `GET /sar/{subject}` produces and audits the same report.
-async fn audit_cli_report(
-    cfg: &Config,
-    subject: &str,
-    disclosures: usize,
-    reference: Option<String>,
-    lawful_basis: Option<String>,
-) -> anyhow::Result<()> {
-    let log = audit::AuditLog::open(audit::AuditSettings {
+/// The audit log, for the offline subject access report's record; refused while a gateway
+/// runs on it.
+fn open_cli_log(cfg: &Config, subject: &str) -> anyhow::Result<audit::AuditLog> {
+    audit::AuditLog::open(audit::AuditSettings {
         dir: cfg.audit.dir.clone(),
         durability: audit::Durability::Fsync,
         max_batch: 1,
@@ -503,7 +502,16 @@ async fn audit_cli_report(
             "{e:#}\nthe report must be audited, and the running gateway owns the log: ask its admin plane instead \
              (`curl -H \"Authorization: Bearer $DPO_TOKEN\" http://ADMIN/sar/{subject}?format=html`)"
         )
-    })?;
+    })
+}
+
+async fn audit_cli_report(
+    log: audit::AuditLog,
+    subject: &str,
+    disclosures: usize,
+    reference: Option<String>,
+    lawful_basis: Option<String>,
+) -> anyhow::Result<()> {
     let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
     let mut record = audit::AuditRecord::system("cli.sar", "subject_access_report");
     record.kind = audit::RecordKind::Admin;

@@ -292,9 +292,30 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
             .output()
             .unwrap()
     };
+    // The running gateway owns the controls' journal too: a CLI refused leaves it as it is,
+    // a last line being written (here, torn) included, rather than mending it under the
+    // gateway.
+    let journal = (wardgate::config::Config::load(&config_path).unwrap())
+        .server
+        .data_dir
+        .join("controls.jsonl");
+    let mut torn = std::fs::read(&journal).unwrap_or_default();
+    torn.extend_from_slice(br#"{"id":"being-written","#);
+    std::fs::write(&journal, &torn).unwrap();
     let refused = cli();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("/sar/"));
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        torn,
+        "the journal was written to"
+    );
+    // (Mended, as the gateway would on its next start.)
+    std::fs::write(
+        &journal,
+        &torn[..torn.len() - br#"{"id":"being-written","#.len()],
+    )
+    .unwrap();
     assert!(!out.path().join(format!("sar-{subject}.json")).exists());
     let audit_dir = app.audit_dir.clone();
     let records_before = app.audit_records();
