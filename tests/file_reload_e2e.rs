@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
-const LIST: &str = "/voter/electors?per_page=5";
-
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     Full<bytes::Bytes>,
@@ -77,21 +75,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
             .build_http();
     let status = |token: String| {
         let client = client.clone();
-        async move {
-            let req = http::Request::get(format!("http://{listen}{LIST}"))
-                .header("authorization", format!("Bearer {token}"))
-                .header("x-purpose", "canvassing")
-                .body(Full::new(bytes::Bytes::new()))
-                .unwrap();
-            match client.request(req).await {
-                Ok(resp) => {
-                    let s = resp.status().as_u16();
-                    let _ = resp.into_body().collect().await;
-                    s
-                }
-                Err(_) => 0,
-            }
-        }
+        async move { common::listing_status(&client, listen, &token).await }
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let until = |what: &'static str| {

@@ -660,6 +660,29 @@ pub fn serve_process(cfg: &Path) -> Child {
         .unwrap()
 }
 
+/// The status a gateway process at `listen` answers a canvassing listing (five records)
+/// with, for `token`; 0 when it cannot be reached. (`client`: one per test, so that its
+/// connections are reused.)
+pub async fn listing_status(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    listen: SocketAddr,
+    token: &str,
+) -> u16 {
+    let req = Request::get(format!("http://{listen}/voter/electors?per_page=5"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-purpose", "canvassing")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    match client.request(req).await {
+        Ok(resp) => {
+            let s = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            s
+        }
+        Err(_) => 0,
+    }
+}
+
 /// Sends `SIGHUP` to the process: read the keys, TLS files and policy pack again.
 pub fn hangup(child: &Child) {
     let sent = Command::new("kill")
