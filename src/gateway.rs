@@ -523,6 +523,13 @@ where
                     Ok(Some((subject, _))) if subject != *id),
             };
             if other {
+                static LAST: std::sync::atomic::AtomicI64 =
+                    std::sync::atomic::AtomicI64::new(i64::MIN);
+                if once_a_minute(&LAST) {
+                    tracing::warn!(dataset = %route.dataset, "the datastore answered a read by id \
+                        with a record under another id: withheld (is the table's primary key the \
+                        subject id? logged at most once a minute)");
+                }
                 trail.withhold_target("malformed", Vec::new());
                 return Err(GatewayError::NotFound);
             }

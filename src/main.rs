@@ -483,11 +483,9 @@ fn audit_dir(dir: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<Pa
     }
 }
 
-/// Appends the audit record of a subject access report produced on the command line. Only a
-/// stopped gateway's log can be appended to (one writer per log); while the gateway runs, the
-/// admin plane's `GET /sar/{subject}` produces and audits the same report.
-/// The audit log, for the offline subject access report's record; refused while a gateway
-/// runs on it.
+/// The audit log, for the offline subject access report's record. Only a stopped gateway's
+/// log can be appended to (one writer per log); while the gateway runs, the admin plane's
+/// `GET /sar/{subject}` produces and audits the same report.
 fn open_cli_log(cfg: &Config, subject: &str) -> anyhow::Result<audit::AuditLog> {
     audit::AuditLog::open(audit::AuditSettings {
         dir: cfg.audit.dir.clone(),
@@ -505,6 +503,7 @@ fn open_cli_log(cfg: &Config, subject: &str) -> anyhow::Result<audit::AuditLog> 
     })
 }
 
+/// Appends the audit record of a subject access report produced on the command line.
 async fn audit_cli_report(
     log: audit::AuditLog,
     subject: &str,

@@ -727,8 +727,9 @@ pub fn filter_lines(
         let mark = out.len();
         if write_record(&record, cx, decide, memo, out, d) {
             // A carriage return copied out (whitespace between fields: a string cannot hold
-            // one raw) would end the line for readers that split on it, as Python's
-            // `splitlines` does: written as a space.
+            // one raw) would end the line for readers that split on `\r` as well as `\n`:
+            // written as a space. (Python's `splitlines` also splits on U+2028 and the like,
+            // which a JSON string may hold raw: read NDJSON by `\n`.)
             if memchr::memchr(b'\r', line.as_bytes()).is_some() {
                 for b in &mut out[mark..] {
                     if *b == b'\r' {

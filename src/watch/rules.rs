@@ -35,6 +35,12 @@ pub struct Observation {
     /// route (`shared`), which keeps the distances and hides the ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_number: Option<u64>,
+    /// Always empty, and ignored: replicas of before 2026-12-06 read an entry only with a
+    /// `path` (they dropped, and acknowledged, any without), so that through a rolling upgrade
+    /// a replica of before that leads cross-replica detection and still counts the new ones'
+    /// accesses. Remove once no such replica runs.
+    #[serde(default)]
+    pub path: String,
     /// The export this record is part of (its request id): an export is audited as one record
     /// per chunk of about a MiB, and `large_export` counts its chunks together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,7 +72,12 @@ impl Observation {
             withheld_target: rec.withheld_target.clone(),
             reason: rec.reason.clone(),
             route: rec.route.clone(),
-            id_number: trailing_number(&rec.path),
+            // Reads by id only: what `enumeration` looks at (an admin route's subject, say,
+            // is not shared even as a number).
+            id_number: (rec.route.as_deref().is_some_and(|r| r.ends_with(".read")))
+                .then(|| trailing_number(&rec.path))
+                .flatten(),
+            path: String::new(),
             export: rec
                 .detail
                 .as_ref()

@@ -94,8 +94,10 @@ impl Shared {
     /// What a replica puts in the stream for `o`: its id number (`Observation::id_number`)
     /// shifted by an offset secret to those without the key, the same for every access of
     /// one principal to one route on every replica. `enumeration` needs only the distances
-    /// between one principal's reads, which the shift keeps (wrapping), and nobody who reads
-    /// Redis learns which subjects were read, nor which of them were withheld and why.
+    /// between one principal's reads, which the shift keeps, so what Redis holds does not
+    /// say which subjects were read (nor which were withheld, and why) to whoever reads it
+    /// without the key. (Whoever also knows one id a principal read, and when, can work out
+    /// that principal's offset, and so the rest of their reads of that route.)
     fn shared(&self, o: &Observation) -> Observation {
         let mut o = o.clone();
         if let Some(n) = o.id_number {
@@ -108,7 +110,9 @@ impl Shared {
             }
             let mut offset = [0; 8];
             offset.copy_from_slice(&tag.sign().as_ref()[..8]);
-            o.id_number = Some(n.wrapping_add(u64::from_be_bytes(offset)));
+            // Under 2^63, and id numbers are under 10^18 (`trailing_number`), so the sum
+            // never wraps: a run of neighbouring ids stays one run.
+            o.id_number = Some(n.saturating_add(u64::from_be_bytes(offset) >> 1));
         }
         o
     }
@@ -375,6 +379,15 @@ impl Leader {
                 .get::<String>("e")
                 .and_then(|j| serde_json::from_str::<Entry>(&j).ok())
             else {
+                // Not this version's entry (or not one at all): said, not skipped unseen.
+                metrics::counter!("wardgate_watch_shared_unreadable_total").increment(1);
+                static LAST: std::sync::atomic::AtomicI64 =
+                    std::sync::atomic::AtomicI64::new(i64::MIN);
+                if crate::gateway::once_a_minute(&LAST) {
+                    tracing::warn!(id = %sid.id, "cross-replica detection: entries it cannot \
+                        read (logged at most once a minute; wardgate_watch_shared_unreadable_total \
+                        counts them)");
+                }
                 continue;
             };
             self.next += 1;
@@ -428,6 +441,7 @@ mod tests {
             reason: Some("record_withheld".to_owned()),
             route: Some(route.to_owned()),
             id_number: Some(n),
+            path: String::new(),
             export: None,
             export_ended: false,
         }
@@ -449,18 +463,21 @@ mod tests {
             read_by("cllr-1", "voter.read", 12),
             read_by("cllr-1", "voter.read", 13),
         );
-        assert_eq!(n(&b).wrapping_sub(n(&a)), 1);
+        assert_eq!(n(&b) - n(&a), 1);
         assert_ne!(n(&a), 12);
-        let far = read_by("cllr-1", "voter.read", u64::MAX);
-        assert_eq!(n(&far).wrapping_sub(n(&a)), u64::MAX - 12, "wrapping");
+        let far = read_by("cllr-1", "voter.read", 999_999_999_999_999_999);
+        assert_eq!(n(&far) - n(&a), 999_999_999_999_999_999 - 12, "no wrap");
         // Another principal, another route, another key: another offset.
         assert_ne!(n(&read_by("cllr-2", "voter.read", 12)), n(&a));
         assert_ne!(n(&read_by("cllr-1", "membership.read", 12)), n(&a));
         let other = shared(b"another key of at least thirty-two bytes, for the test");
         assert_ne!(other.shared(&a).id_number, s.shared(&a).id_number);
-        // The entry as written: no path, no id.
+        // The entry as written: an empty path (for replicas of before), no id.
         let json = serde_json::to_string(&s.shared(&a)).unwrap();
-        assert!(!json.contains("path") && !json.contains("VF-"), "{json}");
+        assert!(
+            json.contains(r#""path":"""#) && !json.contains("VF-"),
+            "{json}"
+        );
         assert!(!json.contains("\"id_number\":12,"), "{json}");
         // What is not a read by id goes as it is.
         let mut listing = read_by("cllr-1", "voter.list", 0);
