@@ -174,9 +174,13 @@ where
                     return fail(GatewayError::Internal(e.to_string())).await;
                 }
             };
-            // Building it read the whole log and every datastore: the caller must still stand.
+            // Building it read the whole log and every datastore: the caller must still stand,
+            // as the mirror that says so must still be fresh (a revocation on another replica
+            // meanwhile).
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if let Err(e) = crate::gateway::holds(gw, &principal, now) {
+            if let Err(e) =
+                crate::gateway::holds(gw, &principal, now).and_then(|()| gw.controls.check_fresh())
+            {
                 return fail(e).await;
             }
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });

@@ -323,30 +323,23 @@ async fn give_up_lease(
     Ok(())
 }
 
-/// `SET NX PX` to take the lease, `PEXPIRE` to keep it; true while this replica holds it.
+/// `SET NX PX` to take the lease, `PEXPIRE` to keep it (compared and extended in one step,
+/// so that a lease another replica took meanwhile is never extended as this one's); true
+/// while this replica holds it.
 async fn hold_lease(shared: &Shared, conn: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
-    let key = format!("{}:leader", shared.stream);
-    let taken: Option<String> = redis::cmd("SET")
-        .arg(&key)
+    const TAKE_OR_KEEP: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
+        then return 1 end \
+        if redis.call('GET', KEYS[1]) == ARGV[1] then \
+        redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end return 0";
+    let held: i64 = redis::cmd("EVAL")
+        .arg(TAKE_OR_KEEP)
+        .arg(1)
+        .arg(format!("{}:leader", shared.stream))
         .arg(&shared.replica)
-        .arg("NX")
-        .arg("PX")
         .arg(LEASE_MS)
         .query_async(conn)
         .await?;
-    if taken.is_some() {
-        return Ok(true);
-    }
-    let holder: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
-    if holder.as_deref() == Some(shared.replica.as_str()) {
-        let _: i64 = redis::cmd("PEXPIRE")
-            .arg(&key)
-            .arg(LEASE_MS)
-            .query_async(conn)
-            .await?;
-        return Ok(true);
-    }
-    Ok(false)
+    Ok(held == 1)
 }
 
 /// The shared detector and the evidence references its windows cite.
