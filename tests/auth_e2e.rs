@@ -282,9 +282,7 @@ async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
     // Signals only: the check for changed files would take the rotation up by itself
     // (`file_reload_e2e`).
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.replacen("[server]\n", "[server]\nfile_check_interval = \"off\"\n", 1);
-    std::fs::write(&cfg, text).unwrap();
+    common::server_setting(&cfg, "file_check_interval = \"off\"");
     let mut child = common::serve_process(&cfg);
     let config = wardgate::config::Config::load(&cfg).unwrap();
     let signing = config.signing.clone().unwrap();

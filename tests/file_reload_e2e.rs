@@ -56,13 +56,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (common::free_addr(), common::free_addr());
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.replacen(
-        "[server]\n",
-        "[server]\nfile_check_interval = \"200ms\"\n",
-        1,
-    );
-    std::fs::write(&cfg, text).unwrap();
+    common::server_setting(&cfg, "file_check_interval = \"200ms\"");
     let mut child = common::serve_process(&cfg);
 
     let config = wardgate::config::Config::load(&cfg).unwrap();

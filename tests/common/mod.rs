@@ -660,6 +660,18 @@ pub fn serve_process(cfg: &Path) -> Child {
         .unwrap()
 }
 
+/// Adds `setting` (a TOML line) to the `[server]` section of the configuration file `cfg`.
+pub fn server_setting(cfg: &Path, setting: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    assert!(
+        text.contains("[server]\n"),
+        "no [server] section in `{}`",
+        cfg.display()
+    );
+    let text = text.replacen("[server]\n", &format!("[server]\n{setting}\n"), 1);
+    std::fs::write(cfg, text).unwrap();
+}
+
 /// The status a gateway process at `listen` answers a canvassing listing (five records)
 /// with, for `token`; 0 when it cannot be reached. (`client`: one per test, so that its
 /// connections are reused.)
