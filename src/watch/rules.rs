@@ -624,19 +624,25 @@ impl Observation {
     /// Whom the rules count this access against: the principal's subject, or `addr:IP` (an
     /// IPv6 address as its /64) when the caller is not known.
     pub fn principal_key(&self) -> String {
-        let addr = self.client_addr.as_deref().map(counted_as);
-        match (&self.caller, addr) {
-            (Some(c), _) => c.subject.clone(),
-            (None, Some(a)) => format!("addr:{a}"),
-            (None, None) => "unknown".to_owned(),
-        }
+        key_of(
+            &self.caller,
+            self.client_addr.as_deref().map(counted_as).as_deref(),
+        )
+    }
+}
+
+fn key_of(caller: &Option<Caller>, counted_as: Option<&str>) -> String {
+    match (caller, counted_as) {
+        (Some(c), _) => c.subject.clone(),
+        (None, Some(a)) => format!("addr:{a}"),
+        (None, None) => "unknown".to_owned(),
     }
 }
 
 impl Event {
     fn of(seq: u64, rec: &Observation, at: i64) -> Event {
         let addr = rec.client_addr.as_deref().map(counted_as);
-        let key = rec.principal_key();
+        let key = key_of(&rec.caller, addr.as_deref());
         Event {
             seq,
             at,
