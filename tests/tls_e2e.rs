@@ -62,49 +62,6 @@ async fn tls_serves_data_and_refuses_plaintext() {
     app.stop().await;
 }
 
-/// A certificate authority of the test's own.
-struct Ca {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let pem = params.clone().self_signed(&key).unwrap().pem();
-        Ca {
-            pem,
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `names` issued by this CA, and its key: (cert PEM, key PEM).
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        self.issue_with(rcgen::CertificateParams::new(names).unwrap())
-    }
-
-    /// The same, valid until the first day of `year`.
-    fn issue_until(&self, names: &[&str], year: i32) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names).unwrap();
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
-        self.issue_with(params)
-    }
-
-    fn issue_with(&self, params: rcgen::CertificateParams) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 fn certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     rustls_pemfile::certs(&mut pem.as_bytes())
         .map(Result::unwrap)
@@ -128,7 +85,7 @@ struct Front {
 async fn tls_datastore(
     backend: std::net::SocketAddr,
     (cert, key): (String, String),
-    clients: Option<&Ca>,
+    clients: Option<&common::Ca>,
 ) -> Front {
     let key = rustls_pemfile::private_key(&mut key.as_bytes())
         .unwrap()
@@ -243,7 +200,7 @@ fn refused_by_tls(resp: &common::Resp) {
 async fn app_over_tls(
     backend: std::net::SocketAddr,
     front: std::net::SocketAddr,
-    ca: &Ca,
+    ca: &common::Ca,
     client: Option<(String, String)>,
 ) -> common::TestApp {
     // The files are read at start: the directory may go once the gateway is up.
@@ -257,7 +214,7 @@ async fn app_over_tls_in(
     files: &std::path::Path,
     backend: std::net::SocketAddr,
     front: std::net::SocketAddr,
-    ca: &Ca,
+    ca: &common::Ca,
     client: Option<(String, String)>,
     connect_timeout: Option<std::time::Duration>,
 ) -> common::TestApp {
@@ -301,7 +258,7 @@ async fn canvass_page(app: &common::TestApp) -> common::Resp {
 #[tokio::test]
 async fn a_datastore_over_tls_is_read_through_the_configured_ca_and_filtered() {
     let (backend, _stop) = common::start_datastore(300).await;
-    let ca = Ca::new("Datastore CA");
+    let ca = common::Ca::new("Datastore CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
     let resp = canvass_page(&app).await;
@@ -318,9 +275,9 @@ async fn a_datastore_over_tls_is_read_through_the_configured_ca_and_filtered() {
 async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_discloses_nothing()
 {
     let (backend, _stop) = common::start_datastore(300).await;
-    let ca = Ca::new("Datastore CA");
+    let ca = common::Ca::new("Datastore CA");
     // Another CA's certificate for the right name: an interceptor's.
-    let rogue = Ca::new("Rogue CA");
+    let rogue = common::Ca::new("Rogue CA");
     let front = tls_datastore(backend, rogue.issue(&["localhost"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
     let (guard, logs) = capture_logs();
@@ -370,7 +327,7 @@ async fn an_https_datastore_that_speaks_plain_http_is_sent_nothing_in_plain_text
             let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         }
     });
-    let ca = Ca::new("Datastore CA");
+    let ca = common::Ca::new("Datastore CA");
     let app = app_over_tls(backend, addr, &ca, None).await;
     refused_by_tls(&canvass_page(&app).await);
     let got = received.lock().unwrap().clone();
@@ -387,8 +344,8 @@ async fn an_https_datastore_that_speaks_plain_http_is_sent_nothing_in_plain_text
 #[tokio::test]
 async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configured() {
     let (backend, _stop) = common::start_datastore(300).await;
-    let ca = Ca::new("Datastore CA");
-    let gateways = Ca::new("Gateway clients CA");
+    let ca = common::Ca::new("Datastore CA");
+    let gateways = common::Ca::new("Gateway clients CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
     // Without a client certificate the datastore refuses the handshake.
     let app = app_over_tls(backend, front.addr, &ca, None).await;
@@ -399,7 +356,7 @@ async fn a_datastore_that_asks_for_the_gateways_certificate_gets_it_when_configu
         backend,
         front.addr,
         &ca,
-        Some(Ca::new("Other clients CA").issue(&["wardgate"])),
+        Some(common::Ca::new("Other clients CA").issue(&["wardgate"])),
     )
     .await;
     let before = front.connections.load(Ordering::SeqCst);
@@ -432,7 +389,7 @@ async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeou
             held.push(tcp);
         }
     });
-    let ca = Ca::new("Datastore CA");
+    let ca = common::Ca::new("Datastore CA");
     let files = tempfile::tempdir().unwrap();
     let within = Some(std::time::Duration::from_millis(200));
     let app = app_over_tls_in(files.path(), backend, addr, &ca, None, within).await;
@@ -444,7 +401,7 @@ async fn a_datastore_that_stalls_its_handshake_answers_502_at_the_connect_timeou
 #[tokio::test]
 async fn an_export_and_an_aggregate_read_over_tls_answer_as_over_plain_http() {
     let (backend, _stop) = common::start_datastore(300).await;
-    let ca = Ca::new("Datastore CA");
+    let ca = common::Ca::new("Datastore CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
     let analyst = app.token("analyst");
@@ -499,8 +456,8 @@ async fn an_export_and_an_aggregate_read_over_tls_answer_as_over_plain_http() {
 #[tokio::test]
 async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set() {
     let (backend, _stop) = common::start_datastore(300).await;
-    let ca = Ca::new("Datastore CA");
-    let gateways = Ca::new("Gateway clients CA");
+    let ca = common::Ca::new("Datastore CA");
+    let gateways = common::Ca::new("Gateway clients CA");
     let front = tls_datastore(backend, ca.issue(&["localhost"]), Some(&gateways)).await;
     let files = tempfile::tempdir().unwrap();
     let client = gateways.issue(&["wardgate"]);
@@ -517,7 +474,7 @@ async fn a_reload_reads_the_datastore_tls_files_again_and_refuses_a_broken_set()
     };
 
     // Replaced by one the datastore does not accept: taken, and the next connection shows it.
-    put(Ca::new("Other clients CA").issue(&["wardgate"]));
+    put(common::Ca::new("Other clients CA").issue(&["wardgate"]));
     wardgate::rekey::reload_datastore_tls(&app.gw)
         .await
         .unwrap();
@@ -629,7 +586,7 @@ fn sha256_of_pem(pem: &str) -> String {
 /// recorded, and the certificate in use stays.
 #[tokio::test]
 async fn a_reload_offers_a_renewed_server_certificate_from_the_next_handshake() {
-    let ca = Ca::new("Gateway CA");
+    let ca = common::Ca::new("Gateway CA");
     let files = tempfile::tempdir().unwrap();
     let dir = files.path().to_owned();
     let put = {
@@ -760,7 +717,7 @@ async fn a_running_gateway_offers_its_renewed_certificate(signal: bool) {
         common::free_addr(),
     );
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
-    let ca = Ca::new("Gateway CA");
+    let ca = common::Ca::new("Gateway CA");
     // Each file written elsewhere and renamed into place, as the README asks.
     let put = |(cert, key): &(String, String)| {
         for (name, text) in [("cert.pem", cert), ("key.pem", key)] {
