@@ -14,9 +14,22 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # Headless Chromium and its WebDriver, for the security console's browser test.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# nginx serves an identity provider's JWK set over TLS in tests/jwks_e2e.rs (and the load
+# test's upstream).
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    # Debian starts an installed nginx as a service on port 80; the tests want the binary only.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
+    rc=0
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" || rc=$?
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    [ "$rc" = 0 ] || exit "$rc"
   else
     echo "missing: ${need_apt[*]} (install them, or run as root to have this script do it)" >&2
     exit 1

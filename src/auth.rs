@@ -1,7 +1,8 @@
 //! Authentication: a bearer JWT becomes a validated [`Principal`], or an [`AuthFailure`].
 //!
-//! Keys are loaded once at start from PEM files and a JWKS file; a key that cannot be read or
-//! parsed stops the gateway. Each key is pinned to one asymmetric algorithm, and a token must name
+//! Keys are loaded at start from PEM files and a JWK set (a file, or fetched from the identity
+//! provider's URL by `rekey::jwks`); a key that cannot be read or parsed stops the gateway, and
+//! the keys are swapped whole when they are read again (`rekey`). Each key is pinned to one asymmetric algorithm, and a token must name
 //! its key by `kid` and use exactly that key's algorithm, which closes algorithm confusion (an
 //! HS256 token "signed" with a public key's bytes) and `alg: none` before any crypto runs.
 //! Each key also answers for one issuer: a token's `iss` must be the issuer of the key that
@@ -141,8 +142,15 @@ fn rsa_public(key: &DecodingKey) -> Option<Result<rsa::RsaPublicKey, String>> {
 pub struct Verifier {
     /// The trusted keys by id, swapped whole by `trust`.
     keys: std::sync::RwLock<Arc<HashMap<String, TrustedKey>>>,
-    /// Where the keys come from (`[[auth.keys]]` files, `auth.jwks_file`), to read again.
+    /// Where the keys come from (`[[auth.keys]]` files, `auth.jwks_file`, `auth.jwks_url`), to
+    /// read again.
     key_sources: AuthConfig,
+    /// The JWK set fetched from `auth.jwks_url` whose keys are trusted (`None` without one, or
+    /// once they have been dropped as stale), swapped with the keys by `trust`.
+    jwks: std::sync::Mutex<Option<Arc<str>>>,
+    /// Asked when a token names a key not trusted: with `auth.jwks_url`, the fetcher
+    /// (`rekey::jwks`) fetches the set early, in case the provider has published a new key.
+    jwks_wanted: tokio::sync::Notify,
     allowed: Vec<Algorithm>,
     audience: String,
     leeway_secs: u64,
@@ -162,6 +170,8 @@ pub struct Verifier {
 /// keys in use, by key id.
 pub struct NewKeys {
     keys: HashMap<String, TrustedKey>,
+    /// The fetched JWK set they hold keys of (`Verifier::jwks`).
+    jwks: Option<Arc<str>>,
     /// Every key id, with its fingerprint (`fingerprint`).
     pub all: BTreeMap<String, String>,
     pub added: Vec<String>,
@@ -270,9 +280,11 @@ fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads and checks every key `cfg` names: a missing or malformed key file, a key that cannot
-/// verify its algorithm's signatures, or none at all is an error naming the file.
-fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
+/// Reads and checks every key `cfg` names, with `jwks` the JWK set fetched from
+/// `auth.jwks_url` (`None`: none, so none of its keys): a missing or malformed key file or set,
+/// a key that cannot verify its algorithm's signatures, or an empty set is an error naming
+/// the file or URL.
+fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<String, TrustedKey>> {
     let mut keys = HashMap::new();
     for k in &cfg.keys {
         let pem = fs::read(&k.public_key_file).with_context(|| {
@@ -318,66 +330,76 @@ fn load_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
             bail!("key id `{}` is configured twice", k.kid);
         }
     }
-    if let Some(path) = &cfg.jwks_file {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
-        let set: JwkSet = serde_json::from_str(&text)
-            .with_context(|| format!("JWKS file `{}` is not a JWK set", path.display()))?;
-        for jwk in &set.keys {
-            let kid = jwk.common.key_id.clone().with_context(|| {
-                format!("JWKS file `{}`: every key needs a `kid`", path.display())
-            })?;
-            let algorithm = jwk_algorithm(jwk).with_context(|| {
-                format!(
-                    "JWKS file `{}`: key `{kid}` has no usable `alg`",
-                    path.display()
-                )
-            })?;
-            if !cfg.algorithms.contains(&algorithm) {
-                bail!(
-                    "JWKS key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
-                );
-            }
-            let key = DecodingKey::from_jwk(jwk)
-                .with_context(|| format!("JWKS file `{}`: key `{kid}`", path.display()))?;
-            fits(algorithm, &key).map_err(|e| {
-                anyhow::anyhow!(
-                    "JWKS file `{}`: key `{kid}` cannot verify {algorithm:?} signatures: {e}",
-                    path.display()
-                )
-            })?;
-            if keys
-                .insert(
-                    kid.clone(),
-                    TrustedKey {
-                        algorithm,
-                        sha256: fingerprint(algorithm, &key),
-                        key,
-                        issuer: cfg.jwks_issuer.clone(),
-                    },
-                )
-                .is_some()
-            {
-                bail!("key id `{kid}` is configured twice");
-            }
+    let (source, text) = match (&cfg.jwks_file, jwks) {
+        (Some(path), _) => {
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
+            (format!("JWKS file `{}`", path.display()), text)
         }
-        // An empty set is more likely a failed fetch than a choice, and would drop every key
-        // of the identity provider's at a reload (`rekey`): stop and say where.
-        if set.keys.is_empty() {
+        (None, Some(text)) => match &cfg.jwks_url {
+            Some(u) => (format!("the JWKS from `{}`", u.url), text.to_owned()),
+            None => bail!("a fetched JWKS, but no `auth.jwks_url`"),
+        },
+        (None, None) => return Ok(keys),
+    };
+    let set: JwkSet =
+        serde_json::from_str(&text).with_context(|| format!("{source} is not a JWK set"))?;
+    for jwk in &set.keys {
+        let kid = (jwk.common.key_id.clone())
+            .with_context(|| format!("{source}: every key needs a `kid`"))?;
+        let algorithm = jwk_algorithm(jwk)
+            .with_context(|| format!("{source}: key `{kid}` has no usable `alg`"))?;
+        if !cfg.algorithms.contains(&algorithm) {
             bail!(
-                "JWKS file `{}` holds no keys: an identity provider's published set is never \
-                 empty (a failed fetch?); leave `auth.jwks_file` out to trust no key from it",
-                path.display()
+                "{source}: key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
             );
         }
+        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("{source}: key `{kid}`"))?;
+        fits(algorithm, &key).map_err(|e| {
+            anyhow::anyhow!("{source}: key `{kid}` cannot verify {algorithm:?} signatures: {e}")
+        })?;
+        if keys
+            .insert(
+                kid.clone(),
+                TrustedKey {
+                    algorithm,
+                    sha256: fingerprint(algorithm, &key),
+                    key,
+                    issuer: cfg.jwks_issuer.clone(),
+                },
+            )
+            .is_some()
+        {
+            bail!("key id `{kid}` is configured twice");
+        }
+    }
+    // An empty set is more likely a failed fetch than a choice, and would drop every key of
+    // the identity provider's at a reload (`rekey`): stop and say where.
+    if set.keys.is_empty() {
+        bail!(
+            "{source} holds no keys: an identity provider's published set is never empty (a \
+             failed fetch?); leave `auth.jwks_file` and `auth.jwks_url` out to trust no key \
+             from it"
+        );
     }
     Ok(keys)
 }
 
 impl Verifier {
-    /// Loads every configured key; a missing or malformed key file is a start-up error naming it.
-    pub fn from_config(cfg: &AuthConfig, known: KnownNames) -> anyhow::Result<Verifier> {
-        let keys = load_keys(cfg)?;
+    /// Loads every configured key, with `jwks` the set fetched from `auth.jwks_url` at start
+    /// (`rekey::jwks::fetch_at_start`); a missing or malformed key file or set is a start-up
+    /// error naming it.
+    pub fn from_config(
+        cfg: &AuthConfig,
+        known: KnownNames,
+        jwks: Option<&str>,
+    ) -> anyhow::Result<Verifier> {
+        if cfg.jwks_url.is_some() != jwks.is_some() {
+            bail!(
+                "`auth.jwks_url`'s set must be fetched before the keys are loaded, and only then"
+            );
+        }
+        let keys = load_keys(cfg, jwks)?;
         let mut issuer_roles = HashMap::new();
         for (issuer, roles) in &cfg.issuer_roles {
             if let Some(role) = roles.iter().find(|r| !known.roles.contains(*r)) {
@@ -391,6 +413,8 @@ impl Verifier {
         Ok(Verifier {
             keys: std::sync::RwLock::new(Arc::new(keys)),
             key_sources: cfg.clone(),
+            jwks: std::sync::Mutex::new(jwks.map(Arc::from)),
+            jwks_wanted: tokio::sync::Notify::new(),
             issuer_roles,
             subject_prefix: cfg.subject_prefixes.clone().into_iter().collect(),
             prefixes: (cfg.subject_prefixes.values())
@@ -417,12 +441,36 @@ impl Verifier {
         pems.chain(self.key_sources.jwks_file.clone()).collect()
     }
 
+    /// `auth.jwks_url`, where the configuration gives one.
+    pub fn jwks_url(&self) -> Option<&crate::config::JwksUrl> {
+        self.key_sources.jwks_url.as_ref()
+    }
+
+    /// The fetched JWK set whose keys are trusted now, if any.
+    pub fn jwks_in_force(&self) -> Option<Arc<str>> {
+        self.jwks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Told when a token names a key not trusted (with `auth.jwks_url`; see `jwks_wanted`).
+    pub fn jwks_wanted(&self) -> &tokio::sync::Notify {
+        &self.jwks_wanted
+    }
+
     /// Reads the keys again from the files the configuration named at start (`[[auth.keys]]`'s
-    /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), as
-    /// strictly as at start. Nothing changes until `trust` is given the result: the caller
-    /// makes the change's audit record durable first.
+    /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), with
+    /// the fetched JWK set in force, as strictly as at start. Nothing changes until `trust` is
+    /// given the result: the caller makes the change's audit record durable first.
     pub fn reread_keys(&self) -> anyhow::Result<NewKeys> {
-        let keys = load_keys(&self.key_sources)?;
+        self.read_keys(self.jwks_in_force())
+    }
+
+    /// `reread_keys`, with `jwks` for the fetched JWK set: a new one, or `None` to drop its
+    /// keys.
+    pub fn read_keys(&self, jwks: Option<Arc<str>>) -> anyhow::Result<NewKeys> {
+        let keys = load_keys(&self.key_sources, jwks.as_deref())?;
         let before = Arc::clone(
             &self
                 .keys
@@ -451,6 +499,7 @@ impl Verifier {
                 .map(|(id, k)| (id.clone(), k.sha256.clone()))
                 .collect(),
             keys,
+            jwks,
         })
     }
 
@@ -473,7 +522,21 @@ impl Verifier {
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new.keys);
+        *self
+            .jwks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new.jwks;
         self.cache.next_generation();
+    }
+
+    /// Takes `new`, the same keys as those in use (`NewKeys` naming none added, removed or
+    /// changed), as read from its JWK set: the set is the one in force from now on, and the
+    /// tokens verified stay cached.
+    pub fn keep(&self, new: NewKeys) {
+        *self
+            .jwks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new.jwks;
     }
 
     /// Verifies a raw `Authorization` header value (`None` if the header was absent).
@@ -548,7 +611,14 @@ impl Verifier {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        let trusted = keys.get(&kid).ok_or(AuthFailure::UnknownKey)?;
+        let Some(trusted) = keys.get(&kid) else {
+            if self.key_sources.jwks_url.is_some() {
+                // Perhaps published since the last fetch (at most one early fetch every 30 s, or
+                // `auth.jwks_refresh` if shorter, whatever callers send).
+                self.jwks_wanted.notify_one();
+            }
+            return Err(AuthFailure::UnknownKey);
+        };
         if trusted.algorithm != alg {
             return Err(AuthFailure::DisallowedAlgorithm);
         }

@@ -27,10 +27,13 @@ fn verifier(leeway_secs: u64) -> Verifier {
             algorithms: vec![Algorithm::ES256],
             keys: vec![],
             jwks_file: None,
+            jwks_url: None,
             jwks_issuer: String::new(),
             issuer_roles: Default::default(),
             subject_prefixes: Default::default(),
         },
+        jwks: Default::default(),
+        jwks_wanted: Default::default(),
         allowed: vec![Algorithm::ES256],
         audience: "a".into(),
         leeway_secs,
@@ -147,6 +150,7 @@ fn jwks_verifier() -> (
         algorithms: vec![Algorithm::ES256],
         keys: vec![],
         jwks_file: Some(path),
+        jwks_url: None,
         jwks_issuer: "https://idp".into(),
         issuer_roles: Default::default(),
         subject_prefixes: Default::default(),
@@ -156,7 +160,7 @@ fn jwks_verifier() -> (
         areas: ["E05011391".to_owned()].into(),
         purposes: ["canvassing".to_owned()].into(),
     };
-    let v = Verifier::from_config(&cfg, known).unwrap();
+    let v = Verifier::from_config(&cfg, known, None).unwrap();
     let signer = crate::token::Signer::from_pem(
         "idp-1",
         Algorithm::ES256,
@@ -177,14 +181,14 @@ fn keys_from_a_jwks_file_verify_tokens() {
     // A JWKS key with an algorithm the configuration does not allow stops start-up.
     let mut cfg2 = cfg.clone();
     cfg2.algorithms = vec![Algorithm::RS256];
-    assert!(Verifier::from_config(&cfg2, KnownNames::default()).is_err());
+    assert!(Verifier::from_config(&cfg2, KnownNames::default(), None).is_err());
 
     // So does a JWKS file with no keys (and no PEM keys beside it): it says which file.
     let empty = dir.path().join("empty.json");
     std::fs::write(&empty, r#"{"keys":[]}"#).unwrap();
     let mut cfg3 = cfg.clone();
     cfg3.jwks_file = Some(empty.clone());
-    let err = Verifier::from_config(&cfg3, KnownNames::default())
+    let err = Verifier::from_config(&cfg3, KnownNames::default(), None)
         .err()
         .unwrap()
         .to_string();
@@ -361,6 +365,7 @@ fn two_issuers(
         algorithms: vec![Algorithm::ES256],
         keys,
         jwks_file: None,
+        jwks_url: None,
         jwks_issuer: String::new(),
         issuer_roles: Default::default(),
         subject_prefixes: Default::default(),
@@ -381,7 +386,7 @@ fn a_key_signs_only_for_its_own_issuer() {
         areas: ["E05011391".to_owned()].into(),
         purposes: ["canvassing".to_owned()].into(),
     };
-    let v = Verifier::from_config(&cfg, known()).unwrap();
+    let v = Verifier::from_config(&cfg, known(), None).unwrap();
     let token = |kid: &str, iss: &str| {
         signers[kid]
             .sign(&live_claims(iss, &format!("{kid} as {iss}"), now))
@@ -404,7 +409,7 @@ fn a_key_signs_only_for_its_own_issuer() {
         issuer_roles: [(partner.to_owned(), vec!["canvasser".to_owned()])].into(),
         ..cfg.clone()
     };
-    let v = Verifier::from_config(&limited, known()).unwrap();
+    let v = Verifier::from_config(&limited, known(), None).unwrap();
     let as_role = |kid: &str, iss: &str, role: &str| {
         let claims = Claims {
             role: role.into(),
@@ -426,7 +431,7 @@ fn a_key_signs_only_for_its_own_issuer() {
         issuer_roles: [(partner.to_owned(), vec!["admiral".to_owned()])].into(),
         ..cfg
     };
-    let e = Verifier::from_config(&unknown, known())
+    let e = Verifier::from_config(&unknown, known(), None)
         .err()
         .unwrap()
         .to_string();
@@ -453,7 +458,7 @@ fn each_issuer_names_its_own_subjects() {
         areas: ["E05011391".to_owned()].into(),
         purposes: ["canvassing".to_owned()].into(),
     };
-    let v = Verifier::from_config(&cfg, known).unwrap();
+    let v = Verifier::from_config(&cfg, known, None).unwrap();
     let verified = |iss: &str, sub: &str, jti: &str| {
         let claims = Claims {
             jti: jti.into(),
@@ -508,7 +513,7 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
     let (cfg, _) = two_issuers(dir.path());
     let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
     std::fs::write(&cfg.keys[0].public_key_file, p384.public_key_pem()).unwrap();
-    let err = Verifier::from_config(&cfg, KnownNames::default())
+    let err = Verifier::from_config(&cfg, KnownNames::default(), None)
         .err()
         .unwrap()
         .to_string();
@@ -537,7 +542,7 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
         cfg.issuers = vec![PARTY.into()];
         cfg.jwks_file = Some(jwks.clone());
         cfg.jwks_issuer = PARTY.into();
-        Verifier::from_config(&cfg, KnownNames::default()).map(drop)
+        Verifier::from_config(&cfg, KnownNames::default(), None).map(drop)
     };
     assert!(rsa(256).is_ok(), "2048 bits");
     assert!(rsa(512).is_ok(), "4096 bits");

@@ -83,7 +83,10 @@ pub struct AuthConfig {
     pub algorithms: Vec<Algorithm>,
     pub keys: Vec<KeyFile>,
     pub jwks_file: Option<PathBuf>,
-    /// The issuer whose tokens the JWKS file's keys verify (one of `issuers`).
+    /// A JWK set fetched from the identity provider instead (`auth.jwks_url`).
+    pub jwks_url: Option<JwksUrl>,
+    /// The issuer whose tokens the JWK set's keys verify (one of `issuers`), from the file or
+    /// the URL.
     pub jwks_issuer: String,
     /// The roles an issuer may issue, for the issuers listed; an issuer not listed may issue
     /// any role the catalogue defines. (Role names are checked against the catalogue by
@@ -93,6 +96,22 @@ pub struct AuthConfig {
     /// so that no two identity providers can name the same caller. At most one issuer has
     /// none; an empty prefix shares that issuer's namespace on purpose.
     pub subject_prefixes: BTreeMap<String, String>,
+}
+
+/// `auth.jwks_url`: the identity provider's published JWK set, fetched over TLS only, at
+/// start and then every `refresh` (`rekey::jwks`).
+#[derive(Debug, Clone)]
+pub struct JwksUrl {
+    /// An `https://` URL.
+    pub url: http::Uri,
+    /// The CA certificates the identity provider's certificate must chain to
+    /// (`auth.jwks_ca_file`; the system's bundle for a public provider).
+    pub ca_file: PathBuf,
+    /// How often the set is fetched (`auth.jwks_refresh`).
+    pub refresh: Duration,
+    /// How long the set's keys are trusted after the last fetch that brought a set the gateway
+    /// took (`auth.jwks_max_stale`): past it they are dropped, and their tokens refused.
+    pub max_stale: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +316,10 @@ struct RawAuth {
     #[serde(default)]
     keys: Vec<RawKey>,
     jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_ca_file: Option<PathBuf>,
+    jwks_refresh: Option<String>,
+    jwks_max_stale: Option<String>,
     jwks_issuer: Option<String>,
     #[serde(default)]
     issuer_roles: BTreeMap<String, Vec<String>>,
@@ -630,14 +653,47 @@ impl RawAuth {
                 issuer,
             });
         }
-        if keys.is_empty() && self.jwks_file.is_none() {
-            bail!("no token verification keys: give `auth.keys` or `auth.jwks_file`");
+        let jwks_url = match self.jwks_url {
+            Some(url) => Some(jwks_url(
+                &url,
+                self.jwks_ca_file.map(|p| at(&p)),
+                self.jwks_refresh.as_deref(),
+                self.jwks_max_stale.as_deref(),
+            )?),
+            None => {
+                let set = [
+                    ("jwks_ca_file", self.jwks_ca_file.is_some()),
+                    ("jwks_refresh", self.jwks_refresh.is_some()),
+                    ("jwks_max_stale", self.jwks_max_stale.is_some()),
+                ];
+                if let Some((key, _)) = set.iter().find(|(_, given)| *given) {
+                    bail!("`auth.{key}` is set but `auth.jwks_url` is not");
+                }
+                None
+            }
+        };
+        let jwks = match (&self.jwks_file, &jwks_url) {
+            (Some(_), Some(_)) => bail!(
+                "`auth.jwks_file` and `auth.jwks_url` are both set: give one (a fetched set \
+                 is kept in memory, not in the file)"
+            ),
+            (Some(_), None) => Some("`auth.jwks_file`"),
+            (None, Some(_)) => Some("`auth.jwks_url`"),
+            (None, None) => None,
+        };
+        if keys.is_empty() && jwks.is_none() {
+            bail!(
+                "no token verification keys: give `auth.keys`, `auth.jwks_file` or \
+                 `auth.jwks_url`"
+            );
         }
-        if self.jwks_file.is_none() && self.jwks_issuer.is_some() {
-            bail!("`auth.jwks_issuer` is set but `auth.jwks_file` is not");
-        }
-        let jwks_issuer = match self.jwks_file {
-            Some(_) => key_issuer(&self.issuers, self.jwks_issuer, "`auth.jwks_file`")?,
+        let jwks_issuer = match jwks {
+            Some(what) => key_issuer(&self.issuers, self.jwks_issuer, what)?,
+            None if self.jwks_issuer.is_some() => {
+                bail!(
+                    "`auth.jwks_issuer` is set but neither `auth.jwks_file` nor `auth.jwks_url` is"
+                )
+            }
             None => String::new(),
         };
         for (issuer, roles) in &self.issuer_roles {
@@ -668,9 +724,70 @@ impl RawAuth {
             algorithms,
             keys,
             jwks_file: self.jwks_file.map(|p| at(&p)),
+            jwks_url,
             jwks_issuer,
         })
     }
+}
+
+/// `auth.jwks_url` and its settings: an `https://` URL naming a host, with no user name or
+/// password in it (a credential in the configuration would be logged with every fetch), and
+/// the CA file its certificate must chain to.
+fn jwks_url(
+    url: &str,
+    ca_file: Option<PathBuf>,
+    refresh: Option<&str>,
+    max_stale: Option<&str>,
+) -> anyhow::Result<JwksUrl> {
+    let parsed: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("`auth.jwks_url` = `{url}` is not a URL: {e}"))?;
+    if parsed.scheme_str() != Some("https") {
+        bail!(
+            "`auth.jwks_url` = `{url}`: only `https://` is fetched (the keys that verify every \
+             token must not cross the network in the clear)"
+        );
+    }
+    match parsed.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            bail!("`auth.jwks_url` = `{url}` holds a user name or password: a JWK set is public")
+        }
+        Some(a) if !a.host().is_empty() => {}
+        _ => bail!("`auth.jwks_url` = `{url}` names no host"),
+    }
+    let Some(ca_file) = ca_file else {
+        bail!(
+            "`auth.jwks_url` is set but `auth.jwks_ca_file` is not: name the CA certificates \
+             the identity provider's certificate chains to (for a public provider, the system's \
+             bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`)"
+        );
+    };
+    let refresh = bounded(
+        refresh.unwrap_or("5m"),
+        "auth.jwks_refresh",
+        Duration::from_secs(1),
+        Some(Duration::from_secs(24 * 3600)),
+    )?;
+    let max_stale = bounded(
+        max_stale.unwrap_or("24h"),
+        "auth.jwks_max_stale",
+        Duration::from_secs(1),
+        Some(Duration::from_secs(30 * 86_400)),
+    )?;
+    if max_stale <= refresh {
+        bail!(
+            "`auth.jwks_max_stale` ({}) must be longer than `auth.jwks_refresh` ({}): the keys \
+             would be dropped between two fetches",
+            humantime::format_duration(max_stale),
+            humantime::format_duration(refresh)
+        );
+    }
+    Ok(JwksUrl {
+        url: parsed,
+        ca_file,
+        refresh,
+        max_stale,
+    })
 }
 
 /// The longest subject prefix allowed: a prefixed subject must still fit a revocable id.

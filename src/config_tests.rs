@@ -368,9 +368,93 @@ subject_prefixes = { "https://partner.example" = "partner:" }"#,
         "jwks_issuer = \"https://sso.example\"\n[[auth.keys]]",
     ));
     assert!(
-        e.contains("`auth.jwks_issuer` is set but `auth.jwks_file` is not"),
+        e.contains("`auth.jwks_issuer` is set but neither `auth.jwks_file` nor `auth.jwks_url` is"),
         "{e}"
     );
+}
+
+#[test]
+fn a_jwks_url_is_https_with_its_roots_and_sane_intervals() {
+    let with = |lines: &str| MINIMAL.replace("[[auth.keys]]", &format!("{lines}\n[[auth.keys]]"));
+    let url = "jwks_url = \"https://sso.example/.well-known/jwks.json\"";
+    let ca = "jwks_ca_file = \"/etc/ssl/certs/ca-certificates.crt\"";
+    let c = parse(&with(&format!("{url}\n{ca}"))).unwrap();
+    let j = c.auth.jwks_url.unwrap();
+    assert_eq!(j.url.host(), Some("sso.example"));
+    assert_eq!(j.ca_file, Path::new("/etc/ssl/certs/ca-certificates.crt"));
+    assert_eq!(j.refresh, Duration::from_secs(300));
+    assert_eq!(j.max_stale, Duration::from_secs(86_400));
+    assert_eq!(c.auth.jwks_issuer, "https://sso.example");
+    // Relative to the configuration's directory, as every other file.
+    let c = parse(&with(&format!(
+        "{url}\njwks_ca_file = \"tls/idp-ca.pem\"\njwks_refresh = \"30s\"\njwks_max_stale = \"1h\""
+    )))
+    .unwrap();
+    let j = c.auth.jwks_url.unwrap();
+    assert_eq!(j.ca_file, Path::new("/etc/wardgate/tls/idp-ca.pem"));
+    assert_eq!(
+        (j.refresh, j.max_stale),
+        (Duration::from_secs(30), Duration::from_secs(3600))
+    );
+
+    for (lines, says) in [
+        (
+            format!("jwks_url = \"http://sso.example/jwks\"\n{ca}"),
+            "only `https://` is fetched",
+        ),
+        (
+            format!("jwks_url = \"https://user:pw@sso.example/jwks\"\n{ca}"),
+            "holds a user name or password",
+        ),
+        (format!("jwks_url = \"/jwks\"\n{ca}"), "only `https://`"),
+        (
+            format!("jwks_url = \"https://sso example\"\n{ca}"),
+            "is not a URL",
+        ),
+        (url.to_owned(), "`auth.jwks_ca_file` is not"),
+        (
+            format!("{url}\n{ca}\njwks_refresh = \"500ms\""),
+            "`auth.jwks_refresh`",
+        ),
+        (
+            format!("{url}\n{ca}\njwks_refresh = \"2d\""),
+            "at most 1day",
+        ),
+        (
+            format!("{url}\n{ca}\njwks_refresh = \"1h\"\njwks_max_stale = \"1h\""),
+            "must be longer than `auth.jwks_refresh`",
+        ),
+        (
+            format!("{url}\n{ca}\njwks_max_stale = \"60d\""),
+            "`auth.jwks_max_stale`",
+        ),
+        (
+            ca.to_owned(),
+            "`auth.jwks_ca_file` is set but `auth.jwks_url` is not",
+        ),
+        (
+            "jwks_refresh = \"1m\"".to_owned(),
+            "`auth.jwks_refresh` is set but `auth.jwks_url` is not",
+        ),
+        (
+            format!("{url}\n{ca}\njwks_file = \"keys/jwks.json\""),
+            "both set: give one",
+        ),
+    ] {
+        let e = err(&with(&lines));
+        assert!(e.contains(says), "{lines}: {e}");
+    }
+    // The URL alone is keys enough.
+    let only = MINIMAL.replace(
+        "[[auth.keys]]\nkid = \"k1\"\nalgorithm = \"ES256\"\npublic_key_file = \"keys/k1.pem\"",
+        &format!("{url}\n{ca}"),
+    );
+    assert!(parse(&only).unwrap().auth.keys.is_empty());
+    let none = MINIMAL.replace(
+        "[[auth.keys]]\nkid = \"k1\"\nalgorithm = \"ES256\"\npublic_key_file = \"keys/k1.pem\"",
+        "",
+    );
+    assert!(err(&none).contains("give `auth.keys`, `auth.jwks_file` or `auth.jwks_url`"));
 }
 
 #[test]

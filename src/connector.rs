@@ -100,7 +100,7 @@ where
 }
 
 /// rustls with the ring provider and its safe protocol versions (TLS 1.2 and 1.3).
-fn tls_builder()
+pub(crate) fn tls_builder()
 -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -112,27 +112,7 @@ fn tls_builder()
 /// the gateway shows its own certificate where one is configured. Errors name the key and the
 /// file.
 fn client_tls(name: &str, tls: &UpstreamTls) -> anyhow::Result<rustls::ClientConfig> {
-    let ca_key = format!("datasets.{name}.ca_file");
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = crate::server::read_certificates(&tls.ca_file, "CA")
-        .with_context(|| format!("`{ca_key}`"))?;
-    // A system bundle may hold a certificate or two that WebPKI cannot take as a trust
-    // anchor; the rest still serve. None at all is a mistake.
-    let (added, skipped) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        anyhow::bail!(
-            "`{ca_key}`: no certificate in `{}` can be a trust anchor",
-            tls.ca_file.display()
-        );
-    }
-    if skipped > 0 {
-        tracing::warn!(
-            file = %tls.ca_file.display(),
-            added,
-            skipped,
-            "`{ca_key}`: some certificates cannot be trust anchors and are left out"
-        );
-    }
+    let roots = roots(&tls.ca_file, &format!("datasets.{name}.ca_file"))?;
     let builder = tls_builder()?.with_root_certificates(roots);
     match &tls.client_cert {
         None => Ok(builder.with_no_client_auth()),
@@ -155,6 +135,31 @@ fn client_tls(name: &str, tls: &UpstreamTls) -> anyhow::Result<rustls::ClientCon
                 })
         }
     }
+}
+
+/// The trust anchors in `ca_file` (the configuration's `key`, for errors): at least one.
+pub(crate) fn roots(ca_file: &std::path::Path, key: &str) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs =
+        crate::server::read_certificates(ca_file, "CA").with_context(|| format!("`{key}`"))?;
+    // A system bundle may hold a certificate or two that WebPKI cannot take as a trust
+    // anchor; the rest still serve. None at all is a mistake.
+    let (added, skipped) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        anyhow::bail!(
+            "`{key}`: no certificate in `{}` can be a trust anchor",
+            ca_file.display()
+        );
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            file = %ca_file.display(),
+            added,
+            skipped,
+            "`{key}`: some certificates cannot be trust anchors and are left out"
+        );
+    }
+    Ok(roots)
 }
 
 /// TLS settings trusting nobody, for a connector that only ever makes plain connections.

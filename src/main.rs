@@ -543,6 +543,9 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     if hangups.is_some() || check.is_some() {
         tokio::spawn(wardgate::rekey::run(gw.clone(), hangups, check));
     }
+    if gw.verifier.jwks_url().is_some() {
+        tokio::spawn(wardgate::rekey::jwks::run(gw.clone()));
+    }
     let data = TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", cfg.server.listen))?;

@@ -85,7 +85,11 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
         areas: geography.areas().map(|a| a.id.clone()).collect(),
         purposes: catalog.purposes.keys().cloned().collect(),
     };
-    let verifier = Verifier::from_config(&cfg.auth, known)?;
+    let jwks = match &cfg.auth.jwks_url {
+        Some(url) => Some(crate::rekey::jwks::fetch_at_start(url)?),
+        None => None,
+    };
+    let verifier = Verifier::from_config(&cfg.auth, known, jwks.as_deref())?;
     let (policy, policy_tests, policy_digest) =
         PolicySource::of(cfg).load_digested(&catalog, &geography)?;
     if policy_digest.is_none() {

@@ -392,7 +392,7 @@ fn bench_token(c: &mut Criterion, fx: &Fixture) {
     // verifier is set-up, not timed).
     g.bench_function("verify_es256_cold", |b| {
         b.iter_batched_ref(
-            || Verifier::from_config(&fx.auth, fx.known.clone()).unwrap(),
+            || Verifier::from_config(&fx.auth, fx.known.clone(), None).unwrap(),
             |v| v.verify(black_box(token), t).unwrap(),
             criterion::BatchSize::PerIteration,
         )

@@ -9,7 +9,8 @@
 //! so an older reading can never replace a newer one.
 //!
 //! - The key files the configuration named at start (`[[auth.keys]]`' PEM files,
-//!   `auth.jwks_file`): the record says which keys (id and fingerprint) are new, gone or
+//!   `auth.jwks_file`), and the JWK set fetched from `auth.jwks_url` (`jwks`, every
+//!   `auth.jwks_refresh` rather than on a signal or a file change): the record says which keys (id and fingerprint) are new, gone or
 //!   replaced, and every cached token is forgotten, so a key removed or replaced stops its
 //!   tokens at once; requests and streams under way stop at their next check
 //!   (`Verifier::still_trusts`).
@@ -23,6 +24,7 @@
 //!   decision cache; requests and exports under way finish under the pack they began with.
 
 mod changes;
+pub mod jwks;
 
 use changes::Part;
 
@@ -56,6 +58,10 @@ pub enum Trigger {
     Signal,
     /// A change to the files, noticed by a check (`changes`).
     FilesChanged,
+    /// A JWK set fetched from `auth.jwks_url` (`jwks`).
+    Fetched,
+    /// No JWK set taken from `auth.jwks_url` within `auth.jwks_max_stale`: its keys dropped.
+    Stale,
 }
 
 impl Trigger {
@@ -63,6 +69,8 @@ impl Trigger {
         match self {
             Trigger::Signal => "signal",
             Trigger::FilesChanged => "files_changed",
+            Trigger::Fetched => "fetched",
+            Trigger::Stale => "jwks_stale",
         }
     }
 }
@@ -102,6 +110,8 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
                     // the next checks.
                     files.read(changes::now(&gw).await);
                 }
+                // And an early fetch of `auth.jwks_url`'s set, if there is one.
+                gw.verifier.jwks_wanted().notify_one();
                 (changes::PARTS.to_vec(), Trigger::Signal)
             }
             () = async {
@@ -133,7 +143,7 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
 /// Reads one part again; what it did is logged, counted and audited inside.
 async fn reload(gw: &Arc<Gateway>, part: Part, trigger: Trigger) -> anyhow::Result<()> {
     match part {
-        Part::Keys => keys(gw, trigger).await,
+        Part::Keys => keys(gw, trigger, Jwks::InForce).await,
         Part::ServerTls => server_tls(gw, trigger).await,
         Part::DatastoreTls => datastore_tls(gw, trigger).await,
         Part::Policy => policy(gw, trigger).await,
@@ -241,22 +251,40 @@ impl Reload {
 /// Reads the keys again, records the change, then trusts the new keys; or says why not. (As
 /// `SIGHUP` does: recorded even when no key changed.)
 pub async fn reload_keys(gw: &Gateway) -> anyhow::Result<()> {
-    keys(gw, Trigger::Signal).await
+    keys(gw, Trigger::Signal, Jwks::InForce).await
 }
 
-async fn keys(gw: &Gateway, trigger: Trigger) -> anyhow::Result<()> {
+/// Which JWK set from `auth.jwks_url` a key reload reads (nothing without one).
+enum Jwks {
+    /// The one whose keys are trusted now.
+    InForce,
+    /// One just fetched.
+    Fetched(Arc<str>),
+    /// None: its keys are dropped.
+    Dropped,
+}
+
+async fn keys(gw: &Gateway, trigger: Trigger, jwks: Jwks) -> anyhow::Result<()> {
     let _one_at_a_time = RELOADS.lock().await;
-    let new = match gw.verifier.reread_keys() {
+    let read = match jwks {
+        Jwks::InForce => gw.verifier.reread_keys(),
+        Jwks::Fetched(set) => gw.verifier.read_keys(Some(set)),
+        Jwks::Dropped => gw.verifier.read_keys(None),
+    };
+    let new = match read {
         Ok(new) => new,
         Err(e) => return Err(KEYS.refuse(gw, trigger, e).await),
     };
-    if trigger == Trigger::FilesChanged
+    if trigger != Trigger::Signal
         && new.added.is_empty()
         && new.removed.is_empty()
         && new.changed.is_empty()
     {
-        // Another file changed, or this one without a change to any key: nothing to record.
+        // Another file changed, or this one (or the set fetched) without a change to any key:
+        // nothing to record, and the tokens verified stay cached. A fetched set written
+        // otherwise is the one in force from now on.
         KEYS.count("unchanged");
+        gw.verifier.keep(new);
         return Ok(());
     }
     let detail = serde_json::json!({
