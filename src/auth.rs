@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +83,10 @@ pub struct KnownNames {
     pub purposes: HashSet<String>,
 }
 
+#[derive(Clone)]
 struct TrustedKey {
+    /// From the JWK set fetched from `auth.jwks_url` (not from a file).
+    fetched: bool,
     algorithm: Algorithm,
     key: DecodingKey,
     /// The one issuer whose tokens this key verifies.
@@ -151,6 +154,10 @@ pub struct Verifier {
     /// Asked when a token names a key not trusted: with `auth.jwks_url`, the fetcher
     /// (`rekey::jwks`) fetches the set early, in case the provider has published a new key.
     jwks_wanted: tokio::sync::Notify,
+    /// Told on `SIGHUP`: the fetcher fetches the set at once.
+    jwks_signalled: tokio::sync::Notify,
+    /// When the set was fetched at start (`auth.jwks_max_stale` counts from it).
+    jwks_fetched_at: std::time::Instant,
     allowed: Vec<Algorithm>,
     audience: String,
     leeway_secs: u64,
@@ -285,6 +292,21 @@ fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
 /// a key that cannot verify its algorithm's signatures, or an empty set is an error naming
 /// the file or URL.
 fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<String, TrustedKey>> {
+    let mut keys = file_keys(cfg)?;
+    if let (Some(u), Some(text)) = (&cfg.jwks_url, jwks) {
+        add_set(
+            cfg,
+            &mut keys,
+            &format!("the JWKS from `{}`", u.url),
+            text,
+            true,
+        )?;
+    }
+    Ok(keys)
+}
+
+/// The keys of the files `cfg` names: `[[auth.keys]]`' PEM files and `auth.jwks_file`.
+fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
     let mut keys = HashMap::new();
     for k in &cfg.keys {
         let pem = fs::read(&k.public_key_file).with_context(|| {
@@ -319,6 +341,7 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
             .insert(
                 k.kid.clone(),
                 TrustedKey {
+                    fetched: false,
                     algorithm: k.algorithm,
                     sha256: fingerprint(k.algorithm, &key),
                     key,
@@ -330,31 +353,70 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
             bail!("key id `{}` is configured twice", k.kid);
         }
     }
-    let (source, text) = match (&cfg.jwks_file, jwks) {
-        (Some(path), _) => {
-            let text = fs::read_to_string(path)
-                .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
-            (format!("JWKS file `{}`", path.display()), text)
+    if let Some(path) = &cfg.jwks_file {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
+        let source = format!("JWKS file `{}`", path.display());
+        add_set(cfg, &mut keys, &source, &text, false)?;
+    }
+    Ok(keys)
+}
+
+/// Adds the keys of the JWK set `text` (from `source`, for errors; `fetched` from
+/// `auth.jwks_url`) to `keys`.
+fn add_set(
+    cfg: &AuthConfig,
+    keys: &mut HashMap<String, TrustedKey>,
+    source: &str,
+    text: &str,
+    fetched: bool,
+) -> anyhow::Result<()> {
+    /// A set as published: its entries are read one by one, so that one of a kind the
+    /// gateway does not read (an encryption key, another algorithm's) is passed over, not a
+    /// reason to refuse the rest.
+    #[derive(Deserialize)]
+    struct Published {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: Published =
+        serde_json::from_str(text).with_context(|| format!("{source} is not a JWK set"))?;
+    let mut passed_over = Vec::new();
+    let mut taken = 0;
+    for (n, entry) in set.keys.into_iter().enumerate() {
+        let name = entry
+            .get("kid")
+            .and_then(serde_json::Value::as_str)
+            .map_or_else(|| format!("#{n}"), |k| format!("`{k}`"));
+        let jwk: Jwk = match serde_json::from_value(entry) {
+            Ok(jwk) => jwk,
+            Err(e) => {
+                passed_over.push(format!("{name} (not a key the gateway reads: {e})"));
+                continue;
+            }
+        };
+        let Some(kid) = jwk.common.key_id.clone() else {
+            passed_over.push(format!("{name} (no `kid`, so no token can name it)"));
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+            passed_over.push(format!("{name} (not for signatures: `use`)"));
+            continue;
         }
-        (None, Some(text)) => match &cfg.jwks_url {
-            Some(u) => (format!("the JWKS from `{}`", u.url), text.to_owned()),
-            None => bail!("a fetched JWKS, but no `auth.jwks_url`"),
-        },
-        (None, None) => return Ok(keys),
-    };
-    let set: JwkSet =
-        serde_json::from_str(&text).with_context(|| format!("{source} is not a JWK set"))?;
-    for jwk in &set.keys {
-        let kid = (jwk.common.key_id.clone())
-            .with_context(|| format!("{source}: every key needs a `kid`"))?;
-        let algorithm = jwk_algorithm(jwk)
-            .with_context(|| format!("{source}: key `{kid}` has no usable `alg`"))?;
-        if !cfg.algorithms.contains(&algorithm) {
-            bail!(
-                "{source}: key `{kid}` uses {algorithm:?}, which `auth.algorithms` does not allow"
-            );
-        }
-        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("{source}: key `{kid}`"))?;
+        let algorithm = match jwk_algorithm(&jwk) {
+            Some(a) if cfg.algorithms.contains(&a) => a,
+            Some(a) => {
+                passed_over.push(format!(
+                    "{name} ({a:?}, which `auth.algorithms` does not allow)"
+                ));
+                continue;
+            }
+            None => {
+                passed_over.push(format!("{name} (an algorithm the gateway does not accept)"));
+                continue;
+            }
+        };
+        // A key the gateway would use must be whole: one that is not stops the set.
+        let key = DecodingKey::from_jwk(&jwk).with_context(|| format!("{source}: key `{kid}`"))?;
         fits(algorithm, &key).map_err(|e| {
             anyhow::anyhow!("{source}: key `{kid}` cannot verify {algorithm:?} signatures: {e}")
         })?;
@@ -362,6 +424,7 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
             .insert(
                 kid.clone(),
                 TrustedKey {
+                    fetched,
                     algorithm,
                     sha256: fingerprint(algorithm, &key),
                     key,
@@ -372,17 +435,26 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
         {
             bail!("key id `{kid}` is configured twice");
         }
+        taken += 1;
     }
     // An empty set is more likely a failed fetch than a choice, and would drop every key of
     // the identity provider's at a reload (`rekey`): stop and say where.
-    if set.keys.is_empty() {
+    if taken == 0 {
+        let why = match passed_over.is_empty() {
+            true => String::new(),
+            false => format!(" (passed over: {})", passed_over.join("; ")),
+        };
         bail!(
-            "{source} holds no keys: an identity provider's published set is never empty (a \
-             failed fetch?); leave `auth.jwks_file` and `auth.jwks_url` out to trust no key \
-             from it"
+            "{source} holds no keys the gateway can use{why}: an identity provider's published \
+             set always holds its signing keys (a failed fetch?); leave `auth.jwks_file` and \
+             `auth.jwks_url` out to trust no key from it"
         );
     }
-    Ok(keys)
+    if !passed_over.is_empty() {
+        tracing::warn!(passed_over = %passed_over.join("; "),
+            "{source}: keys passed over, not trusted: tokens naming them are refused");
+    }
+    Ok(())
 }
 
 impl Verifier {
@@ -415,6 +487,8 @@ impl Verifier {
             key_sources: cfg.clone(),
             jwks: std::sync::Mutex::new(jwks.map(Arc::from)),
             jwks_wanted: tokio::sync::Notify::new(),
+            jwks_signalled: tokio::sync::Notify::new(),
+            jwks_fetched_at: std::time::Instant::now(),
             issuer_roles,
             subject_prefix: cfg.subject_prefixes.clone().into_iter().collect(),
             prefixes: (cfg.subject_prefixes.values())
@@ -459,24 +533,58 @@ impl Verifier {
         &self.jwks_wanted
     }
 
+    /// Told on `SIGHUP`, to fetch the set at once.
+    pub fn jwks_signalled(&self) -> &tokio::sync::Notify {
+        &self.jwks_signalled
+    }
+
+    /// When the set in force at start was fetched.
+    pub fn jwks_fetched_at(&self) -> std::time::Instant {
+        self.jwks_fetched_at
+    }
+
+    /// Which keys are in use: moved on by every `trust`.
+    pub fn key_generation(&self) -> u64 {
+        self.cache.generation()
+    }
+
     /// Reads the keys again from the files the configuration named at start (`[[auth.keys]]`'s
     /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), with
     /// the fetched JWK set in force, as strictly as at start. Nothing changes until `trust` is
     /// given the result: the caller makes the change's audit record durable first.
     pub fn reread_keys(&self) -> anyhow::Result<NewKeys> {
-        self.read_keys(self.jwks_in_force())
+        let jwks = self.jwks_in_force();
+        let keys = load_keys(&self.key_sources, jwks.as_deref())?;
+        Ok(self.differing(keys, jwks))
     }
 
-    /// `reread_keys`, with `jwks` for the fetched JWK set: a new one, or `None` to drop its
-    /// keys.
+    /// The keys in use with those of the fetched JWK set replaced by `jwks`'s (a new set, or
+    /// `None` to drop them), as strictly as at start; the key files are not read (their keys
+    /// stay as in use). Trusted only once given to `trust`.
     pub fn read_keys(&self, jwks: Option<Arc<str>>) -> anyhow::Result<NewKeys> {
-        let keys = load_keys(&self.key_sources, jwks.as_deref())?;
-        let before = Arc::clone(
+        let mut keys: HashMap<String, TrustedKey> = (self.keys_in_use().iter())
+            .filter(|(_, k)| !k.fetched)
+            .map(|(id, k)| (id.clone(), k.clone()))
+            .collect();
+        if let (Some(u), Some(text)) = (&self.key_sources.jwks_url, &jwks) {
+            let source = format!("the JWKS from `{}`", u.url);
+            add_set(&self.key_sources, &mut keys, &source, text, true)?;
+        }
+        Ok(self.differing(keys, jwks))
+    }
+
+    fn keys_in_use(&self) -> Arc<HashMap<String, TrustedKey>> {
+        Arc::clone(
             &self
                 .keys
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        )
+    }
+
+    /// `keys` (with the fetched set `jwks`), and how they differ from the keys in use.
+    fn differing(&self, keys: HashMap<String, TrustedKey>, jwks: Option<Arc<str>>) -> NewKeys {
+        let before = self.keys_in_use();
         let ids = |m: &HashMap<String, TrustedKey>, other: &HashMap<String, TrustedKey>| {
             let mut v: Vec<String> = m
                 .keys()
@@ -491,7 +599,7 @@ impl Verifier {
             .map(|(id, _)| id.clone())
             .collect();
         changed.sort();
-        Ok(NewKeys {
+        NewKeys {
             added: ids(&keys, &before),
             removed: ids(&before, &keys),
             changed,
@@ -500,7 +608,7 @@ impl Verifier {
                 .collect(),
             keys,
             jwks,
-        })
+        }
     }
 
     /// Whether the key that verified `p`'s token is still trusted, the same key under the
@@ -769,13 +877,27 @@ fn classify(kind: &ErrorKind) -> AuthFailure {
     }
 }
 
-fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
-    use jsonwebtoken::jwk::KeyAlgorithm;
-    match jwk.common.key_algorithm? {
-        KeyAlgorithm::RS256 => Some(Algorithm::RS256),
-        KeyAlgorithm::ES256 => Some(Algorithm::ES256),
-        KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
-        _ => None,
+/// The one algorithm a published key verifies: its `alg` where it names one of the three the
+/// gateway accepts (`None` for any other), or, without one, the one its type and curve allow.
+fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+    match jwk.common.key_algorithm {
+        Some(KeyAlgorithm::RS256) => Some(Algorithm::RS256),
+        Some(KeyAlgorithm::ES256) => Some(Algorithm::ES256),
+        Some(KeyAlgorithm::EdDSA) => Some(Algorithm::EdDSA),
+        Some(_) => None,
+        // No `alg` (Microsoft Entra ID publishes none): the one algorithm of the three the
+        // key's type and curve allow, so the key is still pinned to exactly one.
+        None => match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+                Some(Algorithm::ES256)
+            }
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                Some(Algorithm::EdDSA)
+            }
+            _ => None,
+        },
     }
 }
 

@@ -34,6 +34,8 @@ fn verifier(leeway_secs: u64) -> Verifier {
         },
         jwks: Default::default(),
         jwks_wanted: Default::default(),
+        jwks_signalled: Default::default(),
+        jwks_fetched_at: std::time::Instant::now(),
         allowed: vec![Algorithm::ES256],
         audience: "a".into(),
         leeway_secs,
@@ -698,4 +700,190 @@ fn one_key_has_one_fingerprint_from_a_pem_file_and_from_a_jwk() {
         fingerprint(Algorithm::RS256, &from_pem),
         fingerprint(Algorithm::RS256, &from_parts)
     );
+}
+
+/// A JWK set of one ES256 key under `kid`, and a signer for it (issuer `https://idp`).
+fn one_key_set(kid: &str) -> (String, crate::token::Signer) {
+    let kp = crate::token::generate_es256().unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    jwk.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::ES256);
+    let set = serde_json::to_string(&serde_json::json!({ "keys": [jwk] })).unwrap();
+    let signer = crate::token::Signer::from_pem(
+        kid,
+        Algorithm::ES256,
+        kp.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    (set, signer)
+}
+
+/// A fetched set replaces only the fetched keys, and reads no key file: a key file broken
+/// meanwhile (refused by a signal's reload) neither holds back a rotation nor keeps a stale
+/// set's keys trusted once they are dropped.
+#[test]
+fn a_fetched_set_replaces_only_the_fetched_keys_whatever_the_key_files_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = crate::token::generate_es256().unwrap();
+    let pem_file = dir.path().join("local.pem");
+    std::fs::write(&pem_file, &pem.public_pem).unwrap();
+    let cfg = crate::config::AuthConfig {
+        issuers: vec!["https://idp".into()],
+        audience: "wardgate".into(),
+        leeway: std::time::Duration::from_secs(0),
+        max_token_lifetime: std::time::Duration::from_secs(86_400),
+        algorithms: vec![Algorithm::ES256],
+        keys: vec![crate::config::KeyFile {
+            kid: "local".into(),
+            algorithm: Algorithm::ES256,
+            public_key_file: pem_file.clone(),
+            issuer: "https://idp".into(),
+        }],
+        jwks_file: None,
+        jwks_url: Some(crate::config::JwksUrl {
+            url: "https://idp.example/jwks.json".parse().unwrap(),
+            ca_file: dir.path().join("ca.pem"),
+            refresh: std::time::Duration::from_secs(60),
+            max_stale: std::time::Duration::from_secs(3600),
+        }),
+        jwks_issuer: "https://idp".into(),
+        issuer_roles: Default::default(),
+        subject_prefixes: Default::default(),
+    };
+    let known = KnownNames {
+        roles: ["canvasser".to_owned()].into(),
+        areas: ["E05011391".to_owned()].into(),
+        purposes: ["canvassing".to_owned()].into(),
+    };
+    let (set_a, a) = one_key_set("idp-a");
+    let (set_b, b) = one_key_set("idp-b");
+    // The set fetched at start is required, and only with a URL.
+    assert!(Verifier::from_config(&cfg, known.clone(), None).is_err());
+    let v = Verifier::from_config(&cfg, known, Some(&set_a)).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let local = crate::token::Signer::from_pem(
+        "local",
+        Algorithm::ES256,
+        pem.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    let token = |s: &crate::token::Signer| s.sign(&live_claims("https://idp", "s", now)).unwrap();
+    assert!(v.verify(&token(&a), now).is_ok());
+    assert!(v.verify(&token(&local), now).is_ok());
+
+    std::fs::write(
+        &pem_file,
+        "-----BEGIN PUBLIC KEY-----\nbroken\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    assert!(
+        v.reread_keys().is_err(),
+        "a signal's reload reads the files"
+    );
+
+    let rotated = v.read_keys(Some(Arc::from(set_b.as_str()))).unwrap();
+    assert_eq!(
+        (rotated.added.clone(), rotated.removed.clone()),
+        (vec!["idp-b".to_owned()], vec!["idp-a".to_owned()])
+    );
+    v.trust(rotated);
+    assert_eq!(v.jwks_in_force().as_deref(), Some(set_b.as_str()));
+    assert!(v.verify(&token(&b), now).is_ok());
+    assert_eq!(
+        v.verify(&token(&a), now).err(),
+        Some(AuthFailure::UnknownKey)
+    );
+    assert!(
+        v.verify(&token(&local), now).is_ok(),
+        "the file's key stays as in use"
+    );
+
+    let dropped = v.read_keys(None).unwrap();
+    assert_eq!(
+        (dropped.added.clone(), dropped.removed.clone()),
+        (vec![], vec!["idp-b".to_owned()])
+    );
+    v.trust(dropped);
+    assert_eq!(v.jwks_in_force(), None);
+    assert_eq!(
+        v.verify(&token(&b), now).err(),
+        Some(AuthFailure::UnknownKey)
+    );
+    assert!(v.verify(&token(&local), now).is_ok());
+
+    // A fetched key may not take a file key's id.
+    let (clash, _) = one_key_set("local");
+    let e = v.read_keys(Some(Arc::from(clash.as_str()))).err().unwrap();
+    assert!(
+        format!("{e:#}").contains("key id `local` is configured twice"),
+        "{e:#}"
+    );
+}
+
+/// An identity provider's set holds more than the gateway's signing keys: an encryption key
+/// (Keycloak publishes one), a key for an algorithm not allowed, a key without an `alg`
+/// (Microsoft Entra ID publishes none). The others are passed over, not a reason to refuse
+/// the set; a key without `alg` takes the one algorithm its type allows; a set with nothing
+/// usable is refused, saying what was passed over.
+#[test]
+fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_key_type() {
+    let (dir, mut cfg, _, signer) = jwks_verifier();
+    let path = cfg.jwks_file.clone().unwrap();
+    let mut set: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    // The signing key as Entra ID would publish it: no `alg`, `use` `sig`.
+    set["keys"][0].as_object_mut().unwrap().remove("alg");
+    set["keys"][0]["use"] = "sig".into();
+    let others = serde_json::json!([
+        {"kty": "RSA", "use": "enc", "alg": "RSA-OAEP", "kid": "enc-1", "n": "AQAB", "e": "AQAB"},
+        {"kty": "RSA", "alg": "PS256", "kid": "pss-1", "n": "AQAB", "e": "AQAB"},
+        {"kty": "EC", "crv": "P-384", "kid": "p384", "x": "AQAB", "y": "AQAB"},
+        {"kty": "RSA", "alg": "RS256", "n": "AQAB", "e": "AQAB"},
+        {"kty": "oct", "kid": "shared", "k": "c2VjcmV0"},
+    ]);
+    let mut keys = others.as_array().unwrap().clone();
+    keys.push(set["keys"][0].clone());
+    std::fs::write(&path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    let v = Verifier::from_config(&cfg, KnownNames::default(), None).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
+    assert_eq!(
+        v.verify(&token, now).err(),
+        Some(AuthFailure::InvalidClaims),
+        "verified by the key (claims name nothing the test's registers know)"
+    );
+    let taken = v.reread_keys().unwrap();
+    assert_eq!(taken.all.keys().collect::<Vec<_>>(), vec!["idp-1"]);
+
+    // Only the passed-over kinds: refused, naming each.
+    std::fs::write(&path, serde_json::json!({ "keys": others }).to_string()).unwrap();
+    let e = format!("{:#}", v.reread_keys().err().unwrap());
+    for said in [
+        "holds no keys the gateway can use",
+        "`enc-1` (not for signatures",
+        "`pss-1` (an algorithm the gateway does not accept)",
+        "`p384` (an algorithm",
+        "#3 (no `kid`",
+        "`shared`",
+    ] {
+        assert!(e.contains(said), "`{said}` not in: {e}");
+    }
+    // An RSA key without `alg` is RS256's, and so passed over where RS256 is not allowed.
+    cfg.algorithms = vec![Algorithm::ES256];
+    let rsa = serde_json::json!({ "keys": [{"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}] });
+    std::fs::write(&path, rsa.to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        Verifier::from_config(&cfg, KnownNames::default(), None)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("`r` (RS256, which `auth.algorithms` does not allow)"),
+        "{e}"
+    );
+    drop(dir);
 }

@@ -223,211 +223,264 @@ async fn metric(client: &Client, admin: SocketAddr, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+/// A provider publishing one key (`idp-a`, `a`), and a `wardgate serve` fetching its set with
+/// `settings`, in front of a demo datastore.
+struct Setup {
+    _dir: tempfile::TempDir,
+    idp: Provider,
+    gw_dir: PathBuf,
+    cfg: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    gateway: Child,
+    client: Client,
+    a: KeyPairPem,
+    _store: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Waits (a minute at most) until `status` gives `want`.
-async fn until_status<F, Fut>(what: &str, want: u16, status: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = u16>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = status().await;
-        if got == want {
-            return;
+impl Setup {
+    async fn start(settings: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = common::Ca::new("IdP CA");
+        let ca_file = dir.path().join("idp-ca.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let idp_dir = dir.path().join("idp");
+        std::fs::create_dir_all(&idp_dir).unwrap();
+        let a = wardgate::token::generate_es256().unwrap();
+        let idp = Provider::start(&idp_dir, &ca);
+        idp.publish("jwks.json", &set_of(&[("idp-a", &a)]));
+        let gw_dir = dir.path().join("gw");
+        let (upstream, store) = common::start_datastore(200).await;
+        let (listen, admin) = (common::free_addr(), common::free_addr());
+        let url = idp.url("/jwks.json");
+        let cfg = configured(&gw_dir, upstream, listen, admin, &url, &ca_file, settings);
+        let gateway = common::serve_process(&cfg);
+        let s = Setup {
+            _dir: dir,
+            idp,
+            gw_dir,
+            cfg,
+            listen,
+            admin,
+            gateway,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+            a,
+            _store: store,
+        };
+        let token_a = s.token("idp-a", &s.a);
+        s.until(&token_a, 200, "serving with the fetched key").await;
+        s
+    }
+
+    fn token(&self, kid: &str, pair: &KeyPairPem) -> String {
+        token(&self.cfg, kid, pair)
+    }
+
+    async fn status(&self, token: &str) -> u16 {
+        common::listing_status(&self.client, self.listen, token).await
+    }
+
+    /// Waits (`within` at most) until `token` gets `want`.
+    async fn until_within(&self, token: &str, want: u16, what: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.status(token).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: still {got}, not {want}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {got}, not {want}, after a minute"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    async fn until(&self, token: &str, want: u16, what: &str) {
+        self.until_within(token, want, what, Duration::from_secs(60))
+            .await;
+    }
+
+    fn audited(&self, reason: &str) -> Vec<serde_json::Value> {
+        audited(&self.gw_dir, reason)
+    }
+
+    fn fetches(&self) -> usize {
+        self.idp.requests_for("/jwks.json")
+    }
+
+    /// Waits until the provider has been asked `n` more times than `from`.
+    async fn after_fetches(&self, from: usize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.fetches() < from + n {
+            assert!(Instant::now() < deadline, "not fetched {n} more times");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.gateway.kill();
+        let _ = self.gateway.wait();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetched_set_is_refused_once_rotated_and_dropped_when_the_provider_is_gone_too_long() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = common::Ca::new("IdP CA");
-    let ca_file = dir.path().join("idp-ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let idp_dir = dir.path().join("idp");
-    std::fs::create_dir_all(&idp_dir).unwrap();
-    let (a, b) = (
-        wardgate::token::generate_es256().unwrap(),
-        wardgate::token::generate_es256().unwrap(),
-    );
-    let mut idp = Provider::start(&idp_dir, &ca);
-    idp.publish("jwks.json", &set_of(&[("idp-a", &a)]));
-
-    let gw_dir = dir.path().join("gw");
-    let (upstream, _store) = common::start_datastore(200).await;
-    let (listen, admin) = (common::free_addr(), common::free_addr());
-    let cfg = configured(
-        &gw_dir,
-        upstream,
-        listen,
-        admin,
-        &idp.url("/jwks.json"),
-        &ca_file,
-        "jwks_refresh = \"1s\"\njwks_max_stale = \"10s\"",
-    );
-    let mut gateway = common::serve_process(&cfg);
-    let (token_a, token_b) = (token(&cfg, "idp-a", &a), token(&cfg, "idp-b", &b));
-    let client = client();
-    let status = |token: &String| {
-        let (client, token) = (client.clone(), token.clone());
-        move || {
-            let (client, token) = (client.clone(), token.clone());
-            async move { common::listing_status(&client, listen, &token).await }
-        }
-    };
-    until_status("serving with the fetched key", 200, status(&token_a)).await;
-
+async fn a_fetched_set_that_would_not_start_the_gateway_is_refused_once_and_a_rotation_taken() {
+    let s = Setup::start("jwks_refresh = \"1s\"").await;
+    let token_a = s.token("idp-a", &s.a);
     // The provider publishes a set that would not start the gateway: refused once, however
-    // many fetches bring it, and the key in use stays.
-    idp.publish("jwks.json", r#"{"keys": []}"#);
-    let refused = || audited(&gw_dir, "keys_reload_refused");
+    // many fetches bring it (the same refusal, though its bytes differ), and the key in use
+    // stays.
+    s.idp.publish("jwks.json", r#"{"keys": []}"#);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while refused().is_empty() {
+    while s.audited("keys_reload_refused").is_empty() {
         assert!(Instant::now() < deadline, "the empty set not refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let fetched = idp.requests_for("/jwks.json");
-    while idp.requests_for("/jwks.json") < fetched + 2 {
-        assert!(Instant::now() < deadline, "no more fetches");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let refusals = refused();
+    s.after_fetches(s.fetches(), 2).await;
+    s.idp
+        .publish("jwks.json", r#"{"keys": [], "note": "still none"}"#);
+    s.after_fetches(s.fetches(), 2).await;
+    let refusals = s.audited("keys_reload_refused");
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(refusals[0]["route"], "auth.keys");
     assert_eq!(refusals[0]["detail"]["trigger"], "fetched");
     let why = refusals[0]["detail"]["error"].as_str().unwrap();
     assert!(
-        why.contains("holds no keys") && why.contains(&idp.url("/jwks.json")),
+        why.contains("holds no keys") && why.contains(&s.idp.url("/jwks.json")),
         "{why}"
     );
-    assert_eq!(status(&token_a)().await, 200, "the key in use stays");
-    assert!(audited(&gw_dir, "keys_reloaded").is_empty());
+    assert_eq!(s.status(&token_a).await, 200, "the key in use stays");
+    assert!(s.audited("keys_reloaded").is_empty());
 
     // The provider rotates: the new key is taken up, and the old one's tokens stop (cached or
     // not).
-    idp.publish("jwks.json", &set_of(&[("idp-b", &b)]));
-    until_status("the rotated key taken up", 200, status(&token_b)).await;
-    assert_eq!(status(&token_a)().await, 401);
-    let taken = audited(&gw_dir, "keys_reloaded");
+    let b = wardgate::token::generate_es256().unwrap();
+    let token_b = s.token("idp-b", &b);
+    s.idp.publish("jwks.json", &set_of(&[("idp-b", &b)]));
+    s.until(&token_b, 200, "the rotated key taken up").await;
+    assert_eq!(s.status(&token_a).await, 401);
+    let taken = s.audited("keys_reloaded");
     assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0]["route"], "auth.keys");
     assert_eq!(taken[0]["detail"]["trigger"], "fetched");
     assert_eq!(taken[0]["detail"]["added"], json!(["idp-b"]));
     assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
+    // Fetched again and again, the same set records nothing more.
+    s.after_fetches(s.fetches(), 2).await;
+    assert_eq!(s.audited("keys_reloaded").len(), 1);
+}
 
-    // The provider cannot be reached: the key in use stays until `jwks_max_stale`, and is
-    // then dropped, recorded, and its tokens refused.
-    idp.stop();
-    until_status("the stale key dropped", 401, status(&token_b)).await;
-    let taken = audited(&gw_dir, "keys_reloaded");
-    assert_eq!(taken.len(), 2, "{taken:?}");
-    assert_eq!(taken[1]["detail"]["trigger"], "jwks_stale");
-    assert_eq!(taken[1]["detail"]["removed"], json!(["idp-b"]));
-    assert_eq!(taken[1]["detail"]["keys"], json!({}));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_no_fetch_has_confirmed_within_max_stale_are_dropped_until_one_does() {
+    let s = Setup::start("jwks_refresh = \"1s\"\njwks_max_stale = \"3s\"").await;
+    let token_a = s.token("idp-a", &s.a);
+    // The provider cannot be reached (or the gateway is cut off from it): the key in use
+    // stays until `jwks_max_stale`, and is then dropped, recorded, and its tokens refused.
+    let mut s = s;
+    s.idp.stop();
+    s.until(&token_a, 401, "the stale key dropped").await;
+    let taken = s.audited("keys_reloaded");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0]["detail"]["trigger"], "jwks_stale");
+    assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
+    assert_eq!(taken[0]["detail"]["keys"], json!({}));
     assert!(
         metric(
-            &client,
-            admin,
+            &s.client,
+            s.admin,
             "wardgate_jwks_fetches_total{outcome=\"failed\"}"
         )
         .await
             > 0
     );
-
-    // Back: its set is taken again.
-    idp.resume();
-    until_status("the key taken again", 200, status(&token_b)).await;
-    let taken = audited(&gw_dir, "keys_reloaded");
-    assert_eq!(taken.len(), 3, "{taken:?}");
-    assert_eq!(taken[2]["detail"]["trigger"], "fetched");
-    assert_eq!(taken[2]["detail"]["added"], json!(["idp-b"]));
-
-    gateway.kill().unwrap();
-    gateway.wait().unwrap();
+    // Back: its set is taken again, recorded.
+    s.idp.resume();
+    s.until(&token_a, 200, "the key taken again").await;
+    let taken = s.audited("keys_reloaded");
+    assert_eq!(taken.len(), 2, "{taken:?}");
+    assert_eq!(taken[1]["detail"]["trigger"], "fetched");
+    assert_eq!(taken[1]["detail"]["added"], json!(["idp-a"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_naming_a_new_key_fetches_the_set_early_and_a_flood_of_them_asks_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = common::Ca::new("IdP CA");
-    let ca_file = dir.path().join("idp-ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let idp_dir = dir.path().join("idp");
-    std::fs::create_dir_all(&idp_dir).unwrap();
-    let (a, b) = (
-        wardgate::token::generate_es256().unwrap(),
-        wardgate::token::generate_es256().unwrap(),
-    );
-    let idp = Provider::start(&idp_dir, &ca);
-    idp.publish("jwks.json", &set_of(&[("idp-a", &a)]));
-    let gw_dir = dir.path().join("gw");
-    let (upstream, _store) = common::start_datastore(200).await;
-    let (listen, admin) = (common::free_addr(), common::free_addr());
-    // Fetched every hour: only a token naming a key not trusted fetches it sooner.
-    let cfg = configured(
-        &gw_dir,
-        upstream,
-        listen,
-        admin,
-        &idp.url("/jwks.json"),
-        &ca_file,
-        "jwks_refresh = \"1h\"",
-    );
-    let mut gateway = common::serve_process(&cfg);
-    let (token_a, token_b) = (token(&cfg, "idp-a", &a), token(&cfg, "idp-b", &b));
-    let client = client();
-    let status = |token: &String| {
-        let (client, token) = (client.clone(), token.clone());
-        move || {
-            let (client, token) = (client.clone(), token.clone());
-            async move { common::listing_status(&client, listen, &token).await }
-        }
-    };
-    until_status("serving with the fetched key", 200, status(&token_a)).await;
-    assert_eq!(idp.requests_for("/jwks.json"), 1, "fetched once, at start");
+async fn a_token_naming_a_new_key_fetches_early_a_flood_asks_once_and_sighup_at_once() {
+    // Fetched every hour: only a token naming a key not trusted, or a signal, fetches sooner.
+    let s = Setup::start("jwks_refresh = \"1h\"").await;
+    let token_a = s.token("idp-a", &s.a);
+    assert_eq!(s.fetches(), 1, "fetched once, at start");
 
     // The provider publishes a new key and signs with it at once.
-    idp.publish("jwks.json", &set_of(&[("idp-a", &a), ("idp-b", &b)]));
-    until_status("the new key taken up", 200, status(&token_b)).await;
-    assert_eq!(status(&token_a)().await, 200);
-    let taken = audited(&gw_dir, "keys_reloaded");
+    let b = wardgate::token::generate_es256().unwrap();
+    let token_b = s.token("idp-b", &b);
+    s.idp
+        .publish("jwks.json", &set_of(&[("idp-a", &s.a), ("idp-b", &b)]));
+    s.until(&token_b, 200, "the new key taken up").await;
+    assert_eq!(s.status(&token_a).await, 200);
+    let taken = s.audited("keys_reloaded");
     assert_eq!(taken.len(), 1, "{taken:?}");
     assert_eq!(taken[0]["detail"]["trigger"], "fetched");
     assert_eq!(taken[0]["detail"]["added"], json!(["idp-b"]));
     assert_eq!(taken[0]["detail"]["removed"], json!([]));
 
     // Anyone may send tokens naming keys nobody publishes: the provider is not asked for
-    // each (at most once every 30 s).
-    let asked = idp.requests_for("/jwks.json");
-    let forged = token(&cfg, "idp-c", &wardgate::token::generate_es256().unwrap());
-    for _ in 0..50 {
-        assert_eq!(status(&forged)().await, 401);
+    // each (at most once every 30 s), here over five seconds of them.
+    let asked = s.fetches();
+    let forged = s.token("idp-c", &wardgate::token::generate_es256().unwrap());
+    let flood = Instant::now();
+    while flood.elapsed() < Duration::from_secs(5) {
+        assert_eq!(s.status(&forged).await, 401);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = idp.requests_for("/jwks.json");
+    let after = s.fetches();
     assert!(after <= asked + 1, "{asked} fetches before, {after} after");
-    assert_eq!(status(&token_b)().await, 200);
+    assert_eq!(s.status(&token_b).await, 200);
 
-    gateway.kill().unwrap();
-    gateway.wait().unwrap();
+    // An operator's SIGHUP is not held to that limit: a key published now is taken up at
+    // once, well before the 30 s are over.
+    let c = wardgate::token::generate_es256().unwrap();
+    let token_c = s.token("idp-c2", &c);
+    s.idp.publish(
+        "jwks.json",
+        &set_of(&[("idp-a", &s.a), ("idp-b", &b), ("idp-c2", &c)]),
+    );
+    common::hangup(&s.gateway);
+    s.until_within(&token_c, 200, "taken up on SIGHUP", Duration::from_secs(15))
+        .await;
+    let taken = s.audited("keys_reloaded");
+    let fetched: Vec<_> = (taken.iter())
+        .filter(|r| r["detail"]["trigger"] == "fetched")
+        .collect();
+    assert_eq!(fetched.len(), 2, "{taken:?}");
+    assert_eq!(fetched[1]["detail"]["added"], json!(["idp-c2"]));
 }
 
-/// `wardgate serve`'s exit and what it said, for a configuration that should not start.
+/// `wardgate serve`'s output, for a configuration that must not start (a minute at most: one
+/// that starts is killed and fails the test).
 fn refused_start(cfg: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wardgate"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wardgate"))
         .args(["serve", "--config"])
         .arg(cfg)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success(), "it started");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("`{}` started", cfg.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "it started and stopped cleanly");
     String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
 }
 

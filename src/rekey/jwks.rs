@@ -2,7 +2,7 @@
 //! does not start without it), then every `auth.jwks_refresh`, and early when a token names a
 //! key not trusted (at most once every 30 s, or `jwks_refresh` if shorter), so that a key the
 //! provider publishes and signs with at once is taken up within seconds, not at the next
-//! refresh. `SIGHUP` asks for an early fetch too.
+//! refresh. `SIGHUP` fetches it at once (an operator's, so not held to that limit).
 //!
 //! A set fetched is read as strictly as at start and goes through the same reload as the key
 //! files (`rekey::keys`): a change of keys is recorded first (`trigger: fetched`) and then
@@ -73,6 +73,8 @@ async fn fetch_set(src: &JwksUrl) -> anyhow::Result<String> {
             http::header::ACCEPT,
             "application/jwk-set+json, application/json",
         )
+        // Past any cache between: a key withdrawn is gone at the next fetch.
+        .header(http::header::CACHE_CONTROL, "no-cache")
         .header(
             http::header::USER_AGENT,
             concat!("wardgate/", env!("CARGO_PKG_VERSION")),
@@ -136,11 +138,13 @@ pub async fn run(gw: Arc<Gateway>) {
         return;
     };
     let early = src.refresh.min(EARLY_EVERY);
-    // The set in force was taken at start.
-    let mut taken_at = Instant::now();
+    // The set in force was taken at start, when it was fetched.
+    let mut taken_at = Instant::from_std(gw.verifier.jwks_fetched_at());
     taken_now();
-    // A set refused and recorded: not read (nor recorded) again while the provider serves it.
-    let mut refused: Option<String> = None;
+    // The last refusal recorded, and the keys in use it was made against (`key_generation`):
+    // a set refused for the same reason is not recorded again, however its bytes differ,
+    // until the keys in use change (a key file's key that a fetched key clashed with, gone).
+    let mut refused: Option<(String, u64)> = None;
     let mut next = Instant::now() + src.refresh;
     // A key published while the gateway started is fetched at once.
     let mut early_from = Instant::now();
@@ -151,67 +155,84 @@ pub async fn run(gw: Arc<Gateway>) {
                 tokio::time::sleep_until(early_from).await;
                 gw.verifier.jwks_wanted().notified().await;
             } => {
-                tracing::debug!("a token named a key not trusted, or a signal came: fetching the JWK set early");
+                tracing::debug!("a token named a key not trusted: fetching the JWK set early");
+            }
+            () = gw.verifier.jwks_signalled().notified() => {
+                tracing::info!("SIGHUP: fetching the JWK set");
             }
         }
         let fetched = fetch(&src).await;
         let now = Instant::now();
         early_from = now + early;
         next = now + early;
-        match fetched {
+        let doc = match fetched {
+            Ok(doc) => doc,
             Err(e) => {
                 metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "failed")
                     .increment(1);
                 tracing::warn!(error = %format!("{e:#}"), stale_for = ?now.duration_since(taken_at),
                     "the JWK set was not fetched: the keys in use stay until `auth.jwks_max_stale`");
+                drop_if_stale(&gw, &src, now.duration_since(taken_at)).await;
+                continue;
             }
-            Ok(doc) if refused.as_deref() == Some(doc.as_str()) => {
+        };
+        let outcome = if gw.verifier.jwks_in_force().as_deref() == Some(doc.as_str()) {
+            // The same text: the same keys.
+            super::KEYS.count("unchanged");
+            Ok(())
+        } else {
+            let generation = gw.verifier.key_generation();
+            let doc: Arc<str> = Arc::from(doc);
+            if let Err(e) = gw.verifier.read_keys(Some(Arc::clone(&doc)))
+                && refused.as_ref() == Some(&(format!("{e:#}"), generation))
+            {
                 metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "refused")
                     .increment(1);
-                tracing::warn!(
-                    "the identity provider still publishes the JWK set refused before: the keys in use stay until `auth.jwks_max_stale`"
-                );
+                tracing::warn!(error = %format!("{e:#}"),
+                    "the identity provider still publishes a JWK set refused for this before: the keys in use stay until `auth.jwks_max_stale`");
+                drop_if_stale(&gw, &src, now.duration_since(taken_at)).await;
+                continue;
             }
-            Ok(doc) => {
-                let unchanged = gw.verifier.jwks_in_force().as_deref() == Some(doc.as_str());
-                let outcome = if unchanged {
-                    // The same text: the same keys (the key files are not this fetch's to
-                    // read).
-                    super::KEYS.count("unchanged");
-                    Ok(())
-                } else {
-                    let doc = doc.clone();
-                    super::keys(&gw, Trigger::Fetched, Jwks::Fetched(Arc::from(doc))).await
-                };
-                match outcome {
-                    Ok(()) => {
-                        metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "taken")
-                            .increment(1);
-                        taken_at = now;
-                        taken_now();
-                        refused = None;
-                        next = now + src.refresh;
-                    }
-                    Err(e) if e.downcast_ref::<Unlogged>().is_some() => {
-                        // Not made, or its refusal not recorded: tried again.
-                        metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "unlogged")
-                            .increment(1);
-                    }
-                    Err(_) => {
-                        metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "refused")
-                            .increment(1);
-                        refused = Some(doc);
-                    }
+            match super::keys(&gw, Trigger::Fetched, Jwks::Fetched(doc)).await {
+                Err(e) if e.downcast_ref::<Unlogged>().is_none() => {
+                    refused = Some((format!("{e:#}"), generation));
+                    Err(e)
                 }
+                other => other,
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "taken").increment(1);
+                taken_at = now;
+                taken_now();
+                refused = None;
+                next = now + src.refresh;
+            }
+            Err(e) if e.downcast_ref::<Unlogged>().is_some() => {
+                // Not made, or its refusal not recorded: fetched and tried again.
+                metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "unlogged")
+                    .increment(1);
+            }
+            Err(_) => {
+                metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "refused")
+                    .increment(1);
             }
         }
-        let stale_for = now.duration_since(taken_at);
-        if stale_for > src.max_stale && gw.verifier.jwks_in_force().is_some() {
-            tracing::error!(?stale_for, max_stale = ?src.max_stale,
-                "no JWK set taken within `auth.jwks_max_stale`: dropping its keys; their tokens are refused until a fetch brings a set");
-            // Logged, counted and recorded inside; one not recorded is tried again.
-            let _ = super::keys(&gw, Trigger::Stale, Jwks::Dropped).await;
-        }
+        drop_if_stale(&gw, &src, now.duration_since(taken_at)).await;
+    }
+}
+
+/// Drops the fetched set's keys once no set has been taken for longer than
+/// `auth.jwks_max_stale` (after a fetch, which is tried at least every 30 s while none is
+/// taken). Logged, counted and recorded inside; a drop that cannot be recorded is not made,
+/// and is tried again after the next fetch: meanwhile nothing is disclosed to anyone, since
+/// no answer leaves without its record.
+async fn drop_if_stale(gw: &Arc<Gateway>, src: &JwksUrl, stale_for: Duration) {
+    if stale_for > src.max_stale && gw.verifier.jwks_in_force().is_some() {
+        tracing::error!(?stale_for, max_stale = ?src.max_stale,
+            "no JWK set taken within `auth.jwks_max_stale`: dropping its keys; their tokens are refused until a fetch brings a set");
+        let _ = super::keys(gw, Trigger::Stale, Jwks::Dropped).await;
     }
 }
 

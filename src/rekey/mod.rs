@@ -110,8 +110,8 @@ pub async fn run(gw: Arc<Gateway>, mut hangups: Option<Signal>, check: Option<Du
                     // the next checks.
                     files.read(changes::now(&gw).await);
                 }
-                // And an early fetch of `auth.jwks_url`'s set, if there is one.
-                gw.verifier.jwks_wanted().notify_one();
+                // And a fetch of `auth.jwks_url`'s set, if there is one.
+                gw.verifier.jwks_signalled().notify_one();
                 (changes::PARTS.to_vec(), Trigger::Signal)
             }
             () = async {
