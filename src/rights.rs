@@ -478,8 +478,8 @@ pub(crate) fn record(
             "admin{}",
             path.split('/').take(2).collect::<Vec<_>>().join(".")
         )),
-        method: method.to_string(),
-        path: path.to_owned(),
+        method: crate::audit::record::recorded_method(method),
+        path: crate::audit::record::recorded_path(path),
         decision: Decision::Allow,
         policy_ids: Vec::new(),
         reason: None,

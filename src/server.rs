@@ -184,6 +184,9 @@ fn chain_usable(
     Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
 }
 
+/// The largest request head (request line and headers) a connection takes.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
 /// parse (a malformed request line or header, headers or a URI too large) itself, with a bare
 /// 400, 414 or 431 and no body, before any handler runs: no audit record holds those, so they
@@ -425,12 +428,18 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper enforces no timeout at all: a client that opens a connection and
     // sends half a request line would hold it (and a descriptor) for ever.
+    // A request's head (its line and headers) is at most 64 KiB, on either protocol; hyper
+    // answers a larger one itself (400, 414 or 431). A token with a thousand area grants is a
+    // tenth of that; hyper's own bounds (about 400 KiB for HTTP/1, 16 MiB for HTTP/2's header
+    // list) would let each connection hold far more.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
     builder
         .http2()
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));

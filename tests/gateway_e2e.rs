@@ -385,6 +385,67 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
     app.stop().await;
 }
 
+/// A caller with no token cannot make its refusals' records large and fill the log's disk: a
+/// long path is kept cut to 512 bytes and marked with its length, a long extension method is
+/// kept as `OTHER`, and a request head past 64 KiB is refused by the HTTP layer with nothing
+/// recorded.
+#[tokio::test]
+async fn a_refused_callers_long_path_and_method_make_no_long_record() {
+    let app = spawn_app().await;
+    let long = format!("/voter/{}", "a".repeat(40_000));
+    let r = app.get(&long, None, None).await;
+    assert_eq!(r.status, 401);
+    let recorded = app.audit_for(&r);
+    let path = recorded["path"].as_str().unwrap();
+    let (kept, mark) = path.split_once('…').unwrap();
+    assert_eq!(kept.len(), 512);
+    assert!(long.starts_with(kept));
+    assert_eq!(mark, format!("[{} bytes]", long.len()));
+
+    let method = Method::from_bytes("A".repeat(300).as_bytes()).unwrap();
+    let r = app.request(method, "/voter/electors", &[], None).await;
+    assert_eq!(app.audit_for(&r)["method"], "OTHER");
+    let r = app
+        .request(
+            Method::from_bytes(b"PROPFIND").unwrap(),
+            "/voter/electors",
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(app.audit_for(&r)["method"], "PROPFIND");
+
+    // A head past 64 KiB (a 70 KB header): refused before any handler, so never recorded.
+    let before = app.audit_records().len();
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "GET /voter/electors HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
+            "p".repeat(70_000)
+        );
+        // The gateway may answer and close before it has read it all.
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).to_string()
+    };
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    // A request after it is recorded, and is the only record since.
+    let r = app.get("/voter/electors", None, None).await;
+    assert_eq!(r.status, 401);
+    let records = app.audit_records();
+    assert_eq!(records.len(), before + 1);
+    assert_eq!(
+        records[before]["request_id"],
+        app.audit_for(&r)["request_id"]
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn writes_are_scoped_and_field_checked() {
     let app = spawn_app().await;

@@ -126,6 +126,34 @@ pub enum Decision {
     Error,
 }
 
+/// The most of a request's path a record keeps. Every route's path, with the longest subject
+/// id a record can hold, is far shorter; a longer one is a caller's own text, and an
+/// unauthenticated caller could otherwise make every refusal a record of tens of kilobytes
+/// and fill the log's disk.
+pub const MAX_RECORDED_PATH: usize = 512;
+
+/// A request's path as its record keeps it: whole up to `MAX_RECORDED_PATH` bytes, else cut
+/// there and marked with its length (`…[N bytes]`).
+pub fn recorded_path(path: &str) -> String {
+    if path.len() <= MAX_RECORDED_PATH {
+        return path.to_owned();
+    }
+    let mut cut = MAX_RECORDED_PATH;
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…[{} bytes]", &path[..cut], path.len())
+}
+
+/// A request's method as its record keeps it: an extension method longer than 16 bytes (any
+/// length parses) is `OTHER`.
+pub fn recorded_method(method: &http::Method) -> String {
+    match method.as_str() {
+        m if m.len() <= 16 => m.to_owned(),
+        _ => "OTHER".to_owned(),
+    }
+}
+
 impl AuditRecord {
     /// A record of something wardgate itself did (pruning, an alert, a containment): no caller,
     /// no request; the caller fills in `detail` and anything else it knows.
@@ -285,6 +313,23 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<LineHead, LineError> {
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn long_paths_and_methods_are_kept_short() {
+        assert_eq!(
+            recorded_path("/voter/electors/VF-1"),
+            "/voter/electors/VF-1"
+        );
+        let exact = "a".repeat(MAX_RECORDED_PATH);
+        assert_eq!(recorded_path(&exact), exact);
+        // Cut on a character's boundary (a two-byte `é` straddles byte 512 here).
+        let long = format!("/{}", "é".repeat(400));
+        let kept = recorded_path(&long);
+        assert_eq!(kept, format!("/{}…[801 bytes]", "é".repeat(255)));
+        assert_eq!(recorded_method(&http::Method::GET), "GET");
+        let custom = http::Method::from_bytes(&[b'X'; 17]).unwrap();
+        assert_eq!(recorded_method(&custom), "OTHER");
+    }
 
     pub(crate) fn sample(n: u64) -> AuditRecord {
         AuditRecord {
