@@ -144,6 +144,27 @@ async fn research_gets_counts_never_rows() {
     let exact = counted(&reg, "voting_intention", true);
     assert_eq!(cells(&r, "voting_intention"), shown(&exact));
 
+    // Modelled support likewise: a score is a political opinion inferred. (An objection to
+    // profiling strips the scores too.)
+    let scores = aggregate(&app, "by=support_decile").await;
+    let scored: Vec<Value> = (reg.iter())
+        .filter(|r| !has(r, "flags", "objects_profiling"))
+        .cloned()
+        .collect();
+    let exact_scores = counted(&scored, "support_decile", true);
+    assert!(
+        exact_scores.values().sum::<u64>()
+            < counted(&scored, "support_decile", false)
+                .values()
+                .sum::<u64>(),
+        "no para 22 notice among the scored"
+    );
+    assert_eq!(cells(&scores, "support_decile"), shown(&exact_scores));
+    assert_eq!(
+        app.audit_for(&scores)["detail"]["aggregate"]["records_counted"],
+        exact_scores.values().sum::<u64>()
+    );
+
     // The audit record: research under its lawful basis, the grouping field, no subject.
     let rec = app.audit_for(&r);
     assert_eq!(rec["route"], "voter.aggregate");
