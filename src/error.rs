@@ -115,6 +115,9 @@ pub enum GatewayError {
     FilterForbidden(String),
     #[error("not found")]
     NotFound,
+    /// A lift naming no restriction in force: the detail says which are.
+    #[error("not in force: {0}")]
+    NotInForce(String),
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("upstream unavailable")]
@@ -174,6 +177,7 @@ impl GatewayError {
             | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::NotInForce(_) => StatusCode::CONFLICT,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -210,6 +214,7 @@ impl GatewayError {
             GatewayError::WriteForbidden(_) => "write_forbidden",
             GatewayError::FilterForbidden(_) => "filter_forbidden",
             GatewayError::NotFound => "not_found",
+            GatewayError::NotInForce(_) => "not_in_force",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -237,6 +242,7 @@ impl GatewayError {
             | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(_) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
+            GatewayError::NotInForce(_) => "not in force",
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
@@ -279,7 +285,9 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
-            GatewayError::WriteForbidden(why) | GatewayError::FilterForbidden(why) => why.clone(),
+            GatewayError::WriteForbidden(why)
+            | GatewayError::FilterForbidden(why)
+            | GatewayError::NotInForce(why) => why.clone(),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
@@ -385,6 +393,7 @@ mod tests {
             GatewayError::ControlsStale,
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
+            GatewayError::NotInForce("n".into()),
             GatewayError::Internal(secret),
             GatewayError::ClientClosed,
         ];
@@ -402,6 +411,7 @@ mod tests {
                 | GatewayError::WriteForbidden(_)
                 | GatewayError::FilterForbidden(_)
                 | GatewayError::NotFound
+                | GatewayError::NotInForce(_)
                 | GatewayError::PayloadTooLarge
                 | GatewayError::UpstreamUnavailable
                 | GatewayError::UpstreamTimeout

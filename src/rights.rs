@@ -124,6 +124,31 @@ where
             if !matches!(&action, Action::Change(e) if e.change.taken_on_a_stale_mirror()) {
                 gw.controls.check_fresh()?;
             }
+            // A lift ends one request: it must name one in force, by its reference, so that
+            // lifting one (a settled dispute) never lifts another of the same kind (a pending
+            // objection).
+            if let Action::Change(Event {
+                change:
+                    Change::Lift {
+                        subject,
+                        kind,
+                        reference,
+                    },
+                ..
+            }) = &action
+            {
+                let in_force = gw.controls.references_in_force(subject, kind);
+                if !in_force.contains(reference) {
+                    return Err(GatewayError::NotInForce(match in_force.is_empty() {
+                        true => format!("no `{kind}` restriction is in force on `{subject}`"),
+                        false => format!(
+                            "no `{kind}` restriction on `{subject}` has the reference \
+                             `{reference}`; those in force: `{}`",
+                            in_force.join("`, `")
+                        ),
+                    }));
+                }
+            }
             Ok((action, Under::purpose(gw, &principal, purpose)?))
         });
     let (action, under) = match outcome {

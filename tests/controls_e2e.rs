@@ -139,12 +139,73 @@ async fn a_restriction_placed_on_one_replica_is_enforced_by_the_other() {
         )
         .await;
     assert_eq!(denied.status, 403);
-    // Lifting restores it everywhere.
+    // A second request of the same kind (an objection pending) is its own placement: lifting
+    // the first (its dispute settled) leaves the second in force, on every replica.
+    let second = a
+        .admin_post(&format!("/rights/{id}"), &a.token("dpo"), r#"{"kind":"restricted","reference":"RR-2026-0050","reason":"Art 21 objection pending"}"#)
+        .await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    let references = |r: &common::Resp| -> Vec<String> {
+        (r.json()["restrictions"].as_array().unwrap().iter())
+            .map(|p| p["reference"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    until("the second placement reaches b", || async {
+        references(
+            &b.admin_get_with(&format!("/rights/{id}"), &b.token("dpo"))
+                .await,
+        ) == ["RR-2026-0042", "RR-2026-0050"]
+    })
+    .await;
+    let first_lifted = b
+        .admin_post(
+            &format!("/rights/{id}/lift"),
+            &b.token("dpo"),
+            r#"{"kind":"restricted","reference":"RR-2026-0042","reason":"accuracy dispute settled"}"#,
+        )
+        .await;
+    assert_eq!(first_lifted.status, 200, "{:?}", first_lifted.body);
+    until("the first lift reaches a", || async {
+        references(
+            &a.admin_get_with(&format!("/rights/{id}"), &a.token("dpo"))
+                .await,
+        ) == ["RR-2026-0050"]
+    })
+    .await;
+    for app in [&a, &b] {
+        let r = app
+            .get(&path, Some(&app.token("councillor")), Some("canvassing"))
+            .await;
+        assert_eq!(r.status, 404, "the second request still holds");
+    }
+    // A lift must name a request in force: one naming another, or one lifted, is refused
+    // (409) and says which are in force.
+    for reference in ["RR-2026-0042", "RR-1999-0001"] {
+        let wrong = a
+            .admin_post(
+                &format!("/rights/{id}/lift"),
+                &a.token("dpo"),
+                &format!(r#"{{"kind":"restricted","reference":"{reference}","reason":"x"}}"#),
+            )
+            .await;
+        assert_eq!(wrong.status, 409, "{:?}", wrong.body);
+        assert_eq!(wrong.json()["type"], "urn:wardgate:problem:not-in-force");
+        assert!(
+            wrong.json()["detail"]
+                .as_str()
+                .unwrap()
+                .contains("`RR-2026-0050`"),
+            "{:?}",
+            wrong.body
+        );
+        assert_eq!(a.audit_for(&wrong)["reason"], "not_in_force");
+    }
+    // Lifting the last restores it everywhere.
     let lifted = a
         .admin_post(
             &format!("/rights/{id}/lift"),
             &a.token("dpo"),
-            r#"{"kind":"restricted","reference":"RR-2026-0042","reason":"request withdrawn"}"#,
+            r#"{"kind":"restricted","reference":"RR-2026-0050","reason":"objection withdrawn"}"#,
         )
         .await;
     assert_eq!(lifted.status, 200);

@@ -106,12 +106,50 @@ pub struct Placement {
 /// The folded state of every event seen.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// (subject, kind) -> the latest event about it.
-    latest: HashMap<(String, String), Event>,
+    /// (subject, kind) -> reference -> the latest event naming it (`References`).
+    latest: HashMap<(String, String), References>,
     revoked_tokens: HashSet<String>,
     /// subject -> tokens issued at or before this (unix seconds) are revoked.
     revoked_subjects: HashMap<String, i64>,
     seen: HashSet<String>,
+}
+
+/// The placements and lifts of one kind on one subject, by reference: each request (a
+/// disputed accuracy, a pending objection) is placed and lifted on its own, so lifting one
+/// leaves another of the same kind in force. A lift naming a reference never placed (made
+/// before lifts had to name one in force, or a replica's older journal) lifts every
+/// placement of the kind made before it, as every lift did then.
+#[derive(Debug, Default)]
+struct References(HashMap<String, Latest>);
+
+#[derive(Debug)]
+struct Latest {
+    event: Event,
+    /// Whether any event seen under this reference placed it.
+    placed: bool,
+}
+
+impl References {
+    /// The placements in force: those whose reference's latest event places it, made after
+    /// every lift naming a reference never placed. A function of the events seen, whatever
+    /// their order.
+    fn in_force(&self) -> impl Iterator<Item = &Event> {
+        let sweeping = (self.0.values())
+            .filter(|l| !l.placed)
+            .map(|l| (l.event.at, l.event.id.as_str()))
+            .max();
+        (self.0.values())
+            .filter(move |l| {
+                matches!(l.event.change, Change::Place { .. })
+                    && sweeping.is_none_or(|w| (l.event.at, l.event.id.as_str()) > w)
+            })
+            .map(|l| &l.event)
+    }
+
+    /// The time of the latest event of any reference.
+    fn latest_at(&self) -> Option<i64> {
+        self.0.values().map(|l| l.event.at).max()
+    }
 }
 
 impl Snapshot {
@@ -121,17 +159,38 @@ impl Snapshot {
             return false;
         }
         match &e.change {
-            Change::Place { subject, kind, .. } | Change::Lift { subject, kind, .. } => {
+            Change::Place {
+                subject,
+                kind,
+                reference,
+            }
+            | Change::Lift {
+                subject,
+                kind,
+                reference,
+            } => {
                 // Subject ids are one whatever their ASCII case, as the register matches
                 // them (`RegisterFlags::get`): a restriction placed on `VF-1` is lifted by a
                 // lift naming `vf-1`, and read back by either.
                 let key = (subject.to_ascii_lowercase(), kind.clone());
-                let newer = self
-                    .latest
-                    .get(&key)
-                    .is_none_or(|old| (e.at, &e.id) > (old.at, &old.id));
-                if newer {
-                    self.latest.insert(key, e.clone());
+                let placing = matches!(e.change, Change::Place { .. });
+                let refs = &mut self.latest.entry(key).or_default().0;
+                match refs.get_mut(reference) {
+                    Some(old) => {
+                        old.placed |= placing;
+                        if (e.at, &e.id) > (old.event.at, &old.event.id) {
+                            old.event = e.clone();
+                        }
+                    }
+                    None => {
+                        refs.insert(
+                            reference.clone(),
+                            Latest {
+                                event: e.clone(),
+                                placed: placing,
+                            },
+                        );
+                    }
                 }
             }
             Change::RevokeToken { token_id } => {
@@ -149,15 +208,16 @@ impl Snapshot {
     /// The time of the latest placement or lift of `kind` on `subject` (ASCII case folded).
     fn latest_at(&self, subject: &str, kind: &str) -> Option<i64> {
         let key = (subject.to_ascii_lowercase(), kind.to_owned());
-        self.latest.get(&key).map(|e| e.at)
+        self.latest.get(&key).and_then(References::latest_at)
     }
 
+    /// Every restriction in force on `subject` (ASCII case folded), one per kind and
+    /// reference, by kind and then reference.
     pub fn placements(&self, subject: &str) -> Vec<Placement> {
-        let mut out: Vec<Placement> = self
-            .latest
-            .iter()
+        let mut out: Vec<Placement> = (self.latest.iter())
             .filter(|((s, _), _)| s.eq_ignore_ascii_case(subject))
-            .filter_map(|((_, kind), e)| match &e.change {
+            .flat_map(|((_, kind), refs)| refs.in_force().map(move |e| (kind, e)))
+            .filter_map(|(kind, e)| match &e.change {
                 Change::Place { reference, .. } => Some(Placement {
                     kind: kind.clone(),
                     reference: reference.clone(),
@@ -170,7 +230,7 @@ impl Snapshot {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.kind.cmp(&b.kind));
+        out.sort_by(|a, b| (&a.kind, &a.reference).cmp(&(&b.kind, &b.reference)));
         out
     }
 }
@@ -317,6 +377,22 @@ impl Controls {
         if let Some(latest) = s.latest_at(subject, kind) {
             e.at = e.at.max(latest.saturating_add(1));
         }
+    }
+
+    /// The references of the restrictions of `kind` in force on `subject` on this replica's
+    /// mirror: what a lift may name.
+    pub fn references_in_force(&self, subject: &str, kind: &str) -> Vec<String> {
+        let s = self
+            .inner
+            .snapshot
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut refs: Vec<String> = (s.placements(subject).into_iter())
+            .filter(|p| p.kind == kind)
+            .map(|p| p.reference)
+            .collect();
+        refs.sort();
+        refs
     }
 
     /// Whether a verified caller's token holds on the mirror as it is, however stale: neither
@@ -473,8 +549,8 @@ impl Controls {
         let s = self.inner.snapshot.read();
         let s = s.unwrap_or_else(PoisonError::into_inner);
         let mut flags: HashMap<&str, Vec<String>> = HashMap::new();
-        for ((subject, kind), e) in &s.latest {
-            if matches!(e.change, Change::Place { .. }) {
+        for ((subject, kind), refs) in &s.latest {
+            if refs.in_force().next().is_some() {
                 flags.entry(subject).or_default().push(kind.clone());
             }
         }

@@ -79,6 +79,76 @@ fn a_subject_is_one_whatever_its_case() {
     );
 }
 
+fn with_reference(mut e: Event, r: &str) -> Event {
+    if let Change::Place { reference, .. } | Change::Lift { reference, .. } = &mut e.change {
+        *reference = r.into();
+    }
+    e
+}
+
+/// The references in force for `restricted` on VF-1 after `events`, in every order they could
+/// arrive in (here all rotations and the reverse of each).
+fn in_force_every_way(events: &[Event]) -> Vec<String> {
+    let fold = |order: Vec<&Event>| {
+        let mut s = Snapshot::default();
+        for e in order {
+            s.apply(e);
+        }
+        (s.placements("VF-1").into_iter())
+            .filter(|p| p.kind == "restricted")
+            .map(|p| p.reference)
+            .collect::<Vec<_>>()
+    };
+    let first = fold(events.iter().collect());
+    for k in 0..events.len() {
+        let mut order: Vec<&Event> = events.iter().collect();
+        order.rotate_left(k);
+        assert_eq!(fold(order.clone()), first, "rotated by {k}");
+        order.reverse();
+        assert_eq!(fold(order), first, "rotated by {k}, reversed");
+    }
+    first
+}
+
+/// Two requests of one kind (a disputed accuracy, then a pending objection) are placed and
+/// lifted apart: lifting the first leaves the second in force, whatever order the events
+/// reach a replica in, even a lift stamped after the second's placement by another replica.
+#[test]
+fn lifting_one_request_leaves_another_of_the_same_kind_in_force() {
+    let r1 = with_reference(place("a", 1, "restricted"), "RR-1");
+    let r2 = with_reference(place("b", 2, "restricted"), "RR-2");
+    let lift_r1 = with_reference(lift("c", 3, "restricted"), "RR-1");
+    assert_eq!(
+        in_force_every_way(&[r1.clone(), r2.clone()]),
+        ["RR-1", "RR-2"]
+    );
+    assert_eq!(
+        in_force_every_way(&[r1.clone(), r2.clone(), lift_r1.clone()]),
+        ["RR-2"]
+    );
+    let lift_r2 = with_reference(lift("d", 4, "restricted"), "RR-2");
+    assert!(in_force_every_way(&[r1.clone(), r2.clone(), lift_r1.clone(), lift_r2]).is_empty());
+    // Placed again under its reference after its lift: in force again.
+    let again = with_reference(place("e", 5, "restricted"), "RR-1");
+    assert_eq!(
+        in_force_every_way(&[r1, r2, lift_r1, again]),
+        ["RR-1", "RR-2"]
+    );
+}
+
+/// A lift naming a reference never placed (as every lift could before lifts had to name one in
+/// force, and older journals hold) lifts every placement of the kind made before it, and none
+/// made after.
+#[test]
+fn a_lift_naming_no_placement_lifts_those_made_before_it() {
+    let r1 = with_reference(place("a", 1, "restricted"), "RR-1");
+    let r2 = with_reference(place("b", 2, "restricted"), "RR-2");
+    let sweep = with_reference(lift("c", 3, "restricted"), "OLD-LIFT");
+    assert!(in_force_every_way(&[r1.clone(), r2.clone(), sweep.clone()]).is_empty());
+    let r3 = with_reference(place("d", 4, "restricted"), "RR-3");
+    assert_eq!(in_force_every_way(&[r1, r2, sweep, r3]), ["RR-3"]);
+}
+
 #[test]
 fn replays_are_ignored() {
     let mut s = Snapshot::default();
