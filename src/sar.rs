@@ -133,6 +133,7 @@ pub fn build_from(
         lookup.segments_indexed += stats.segments_indexed;
         lookup.segments_scanned += stats.segments_scanned;
         lookup.lines_read += stats.lines_read;
+        lookup.lines_unreadable += stats.lines_unreadable;
     }
     // Stable: one log's records keep their order.
     records.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
@@ -489,7 +490,7 @@ pub fn html(r: &Report) -> String {
 </head><body>
 <h1>Subject access report</h1>
 <p>Data subject: <b>{subject}</b>. Generated {generated} from the access log (Information Governance Policy §10.2).</p>
-{coverage}
+{coverage}{unreadable}
 <h2>Disclosures ({count})</h2>
 <table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
 <tbody>
@@ -511,6 +512,14 @@ pub fn html(r: &Report) -> String {
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
         written_count = r.writes.len(),
+        unreadable = match r.lookup.lines_unreadable {
+            0 => String::new(),
+            n => format!(
+                "<p><b>Incomplete:</b> {n} line(s) of the access log that may be about this \
+                 person could not be read (the log is damaged: run <code>wardgate audit \
+                 verify</code>); what they recorded is not listed.</p>"
+            ),
+        },
         coverage = r.coverage.as_ref().map_or_else(String::new, |c| {
             let held = if c.held_from.is_empty() {
                 "The access log holds no records now".to_owned()

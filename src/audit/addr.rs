@@ -82,8 +82,9 @@ pub fn reveal(audit_dir: &Path, stored: &str) -> Option<String> {
     String::from_utf8(plain.to_vec()).ok()
 }
 
-/// Deletes the keys of days before `keep_from` (`YYYY-MM-DD`); returns the days shredded.
-pub fn shred(audit_dir: &Path, keep_from: &str) -> std::io::Result<Vec<String>> {
+/// The days whose address keys are older than `keep_from` (`YYYY-MM-DD`), oldest first: what
+/// `shred_days` would remove.
+pub fn shreddable(audit_dir: &Path, keep_from: &str) -> std::io::Result<Vec<String>> {
     let dir = audit_dir.join(KEY_DIR);
     let mut days = Vec::new();
     let entries = match std::fs::read_dir(&dir) {
@@ -106,14 +107,32 @@ pub fn shred(audit_dir: &Path, keep_from: &str) -> std::io::Result<Vec<String>> 
         }
     }
     days.sort();
-    for day in &days {
+    Ok(days)
+}
+
+/// Removes the address keys of `days` (those already gone are fine), durably: every address
+/// sealed under them is unreadable from then on.
+pub fn shred_days(audit_dir: &Path, days: &[String]) -> std::io::Result<()> {
+    let dir = audit_dir.join(KEY_DIR);
+    for day in days {
         if let Some(p) = key_path(&dir, day) {
-            std::fs::remove_file(p)?;
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     if !days.is_empty() {
         std::fs::File::open(&dir)?.sync_all()?;
     }
+    Ok(())
+}
+
+/// Shreds the keys of days older than `keep_from`: the days shredded.
+pub fn shred(audit_dir: &Path, keep_from: &str) -> std::io::Result<Vec<String>> {
+    let days = shreddable(audit_dir, keep_from)?;
+    shred_days(audit_dir, &days)?;
     Ok(days)
 }
 

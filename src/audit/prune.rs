@@ -6,9 +6,13 @@
 //! gaps, never the segment being written. Before anything is deleted the anchor
 //! `pruned.json` (the last pruned sequence number and hash, and what was pruned) is written and
 //! synced; verification then starts the chain from the anchor instead of from genesis. The
-//! caller records the prune in the log itself, so the log says what it no longer holds.
+//! prune is recorded in the log itself before anything is removed (`prune_and_record`), so
+//! the log says what it no longer holds, and a prune whose record cannot be written removes
+//! nothing. So is a shredding of client-address keys (`shred_and_record`).
 
 use std::path::Path;
+
+use anyhow::Context as _;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +45,23 @@ pub fn read_anchor(dir: &Path) -> Option<Anchor> {
 /// Removes sealed segments whose last record is older than `cutoff` (RFC 3339, compared as
 /// text: the log writes one fixed UTC format). `None` when nothing was old enough.
 pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
+    match plan(dir, cutoff)? {
+        Some(plan) => carry_out(dir, plan).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// What a prune will remove, and the anchor it leaves (`plan`).
+pub struct Plan {
+    doomed: Vec<super::index::Seal>,
+    anchor: Anchor,
+    pruned: Pruned,
+}
+
+/// The sealed segments older than `cutoff` that a prune would remove, and what it would
+/// record; `None` when there are none. Removes only segments an earlier prune left behind
+/// its anchor (counted and recorded by it already).
+pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     let segments = list_segments(dir)?;
     let newest = segments.last().map(|(n, _)| *n);
     let mut anchor = read_anchor(dir).unwrap_or_default();
@@ -98,6 +119,27 @@ pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
     anchor.last_pruned_hash = last.last_hash.clone();
     anchor.pruned_segments += doomed.len() as u64;
     anchor.pruned_records += records;
+    let pruned = Pruned {
+        first_segment: first.segment,
+        last_segment: last.segment,
+        records,
+        last_pruned_seq: last.last_seq,
+        last_pruned_hash: last.last_hash.clone(),
+    };
+    Ok(Some(Plan {
+        doomed,
+        anchor,
+        pruned,
+    }))
+}
+
+/// Removes what `plan` found: the anchor first, durable, then the segments.
+pub fn carry_out(dir: &Path, plan: Plan) -> anyhow::Result<Pruned> {
+    let Plan {
+        doomed,
+        anchor,
+        pruned,
+    } = plan;
     let tmp = dir.join("pruned.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&anchor)?)?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -107,13 +149,7 @@ pub fn prune(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Pruned>> {
     super::segment::sync_dir(dir)?;
     remove_segments(dir, &doomed)?;
     super::segment::sync_dir(dir)?;
-    Ok(Some(Pruned {
-        first_segment: first.segment,
-        last_segment: last.segment,
-        records,
-        last_pruned_seq: last.last_seq,
-        last_pruned_hash: last.last_hash.clone(),
-    }))
+    Ok(pruned)
 }
 
 /// Removes each sealed segment's file, index and seal (those already gone are fine).
@@ -134,7 +170,10 @@ fn remove_segments(dir: &Path, seals: &[super::index::Seal]) -> anyhow::Result<(
     Ok(())
 }
 
-/// Prunes what is older than `retention` and records the prune in the log itself.
+/// Prunes what is older than `retention`, recording the prune in the log itself first: a
+/// prune whose record cannot be written removes nothing. (A prune recorded and then cut short,
+/// by a failure or a shutdown, leaves its anchor or nothing; the next one finishes it, and
+/// records only what it removes itself.)
 pub async fn prune_and_record(
     log: &super::AuditLog,
     dir: &Path,
@@ -143,15 +182,19 @@ pub async fn prune_and_record(
     let cutoff = time::OffsetDateTime::now_utc() - retention;
     let cutoff = super::AuditRecord::ts_of(cutoff);
     let dir_owned = dir.to_path_buf();
-    let pruned = tokio::task::spawn_blocking(move || prune(&dir_owned, &cutoff)).await??;
-    if let Some(p) = &pruned {
-        let mut record = system_record("audit.prune", "retention");
-        record.detail = Some(serde_json::to_value(p)?);
-        log.append(record).await.map_err(|e| {
-            anyhow::anyhow!("pruned, but the prune record could not be written: {e}")
-        })?;
-    }
-    Ok(pruned)
+    let Some(plan) = tokio::task::spawn_blocking(move || plan(&dir_owned, &cutoff)).await?? else {
+        return Ok(None);
+    };
+    let mut record = system_record("audit.prune", "retention");
+    record.detail = Some(serde_json::to_value(&plan.pruned)?);
+    log.append(record).await.map_err(|e| {
+        anyhow::anyhow!("nothing pruned: the prune's record could not be written first: {e}")
+    })?;
+    let dir_owned = dir.to_path_buf();
+    let pruned = tokio::task::spawn_blocking(move || carry_out(&dir_owned, plan))
+        .await?
+        .context("the prune was recorded but not carried out (the next prune finishes it)")?;
+    Ok(Some(pruned))
 }
 
 /// Shreds the address keys of days older than `keep` and records that it did. `None` when no
@@ -164,16 +207,20 @@ pub async fn shred_and_record(
     let keep_from = super::AuditRecord::ts_of(time::OffsetDateTime::now_utc() - keep);
     let keep_from = keep_from.get(..10).unwrap_or_default().to_owned();
     let dir_owned = dir.to_path_buf();
-    let days =
-        tokio::task::spawn_blocking(move || super::addr::shred(&dir_owned, &keep_from)).await??;
+    let days = tokio::task::spawn_blocking(move || super::addr::shreddable(&dir_owned, &keep_from))
+        .await??;
     if days.is_empty() {
         return Ok(None);
     }
     let mut record = system_record("audit.shred_client_addrs", "client_addr_retention");
     record.detail = Some(serde_json::json!({ "client_addresses_unreadable_for_days": days }));
-    log.append(record)
-        .await
-        .map_err(|e| anyhow::anyhow!("shredded, but the shred record could not be written: {e}"))?;
+    log.append(record).await.map_err(|e| {
+        anyhow::anyhow!("nothing shredded: the shredding's record could not be written first: {e}")
+    })?;
+    let (dir_owned, shredding) = (dir.to_path_buf(), days.clone());
+    tokio::task::spawn_blocking(move || super::addr::shred_days(&dir_owned, &shredding))
+        .await?
+        .context("the shredding was recorded but not done (the next one does it)")?;
     Ok(Some(days))
 }
 
@@ -191,6 +238,66 @@ mod tests {
     use super::*;
     use crate::audit::record::tests::sample;
     use crate::audit::{AuditLog, AuditRecord, AuditSettings, Durability, verify_dir};
+
+    /// Nothing is pruned or shredded unless its record is written first: with the log closed
+    /// (as when its disk fails), the old segments and the old day's address key all stay.
+    #[tokio::test]
+    async fn a_prune_or_shredding_whose_record_cannot_be_written_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(AuditSettings {
+            dir: dir.path().to_owned(),
+            durability: Durability::Fsync,
+            max_batch: 8,
+            commit_window: std::time::Duration::ZERO,
+            segment_max_bytes: 2048,
+            seal_client_addr: false,
+        })
+        .unwrap();
+        for i in 0..30u64 {
+            let mut r = sample(i + 1);
+            r.ts = format!("2018-03-01T10:00:{:02}.000Z", i);
+            log.append(r).await.unwrap();
+        }
+        let segments = list_segments(dir.path()).unwrap();
+        assert!(segments.len() > 2, "{segments:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (n, _) in &segments[..segments.len() - 1] {
+            while crate::audit::index::read_seal(dir.path(), *n).is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "segment {n} not sealed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        let keys = dir.path().join("addr-keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join("2018-03-01.key"), [7u8; 32]).unwrap();
+        let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
+        assert!(
+            plan(
+                dir.path(),
+                &AuditRecord::ts_of(time::OffsetDateTime::now_utc() - seven_years)
+            )
+            .unwrap()
+            .is_some(),
+            "there is something to prune"
+        );
+        log.shutdown().await;
+
+        let e = prune_and_record(&log, dir.path(), seven_years)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("nothing pruned"), "{e:#}");
+        assert_eq!(list_segments(dir.path()).unwrap(), segments);
+        assert!(read_anchor(dir.path()).is_none());
+        let e = shred_and_record(&log, dir.path(), seven_years)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("nothing shredded"), "{e:#}");
+        assert!(keys.join("2018-03-01.key").exists());
+        assert!(verify_dir(dir.path()).is_ok());
+    }
 
     #[tokio::test]
     async fn only_sealed_segments_past_retention_go_and_the_chain_still_verifies() {

@@ -20,6 +20,10 @@ pub struct LookupStats {
     pub segments_indexed: u64,
     pub segments_scanned: u64,
     pub lines_read: u64,
+    /// Lines that may be about the subject (the index points at them, or they hold the id)
+    /// and cannot be read as records: a damaged log, which a report must not pass over in
+    /// silence (`wardgate audit verify` says where).
+    pub lines_unreadable: u64,
 }
 
 fn mentions(record: &Value, subject: &str) -> bool {
@@ -45,10 +49,10 @@ pub fn records_mentioning(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, 
                     line.clear();
                     reader.read_until(b'\n', &mut line)?;
                     stats.lines_read += 1;
-                    if let Ok(v) = serde_json::from_slice::<Value>(&line)
-                        && mentions(&v, subject)
-                    {
-                        out.push(v);
+                    match serde_json::from_slice::<Value>(&line) {
+                        Ok(v) if mentions(&v, subject) => out.push(v),
+                        Ok(_) => {}
+                        Err(_) => stats.lines_unreadable += 1,
                     }
                 }
             }
@@ -97,11 +101,12 @@ fn scan_segment(
         }
         stats.lines_read += 1;
         // Cheap substring test first; parse only lines that can match.
-        if needle.find(&line).is_some()
-            && let Ok(v) = serde_json::from_slice::<Value>(&line)
-            && mentions(&v, subject)
-        {
-            out.push(v);
+        if needle.find(&line).is_some() {
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(v) if mentions(&v, subject) => out.push(v),
+                Ok(_) => {}
+                Err(_) => stats.lines_unreadable += 1,
+            }
         }
     }
     Ok(())
@@ -135,6 +140,26 @@ mod tests {
             assert_eq!(found.len(), 1);
             assert_eq!(found[0]["seq"], 1);
             assert_eq!(stats.lines_read, 1);
+            assert_eq!(stats.lines_unreadable, 0);
         }
+    }
+
+    /// A whole line naming the subject that is not a record (damage) is counted, not passed
+    /// over in silence; one not naming them is not looked at.
+    #[test]
+    fn a_damaged_line_naming_the_subject_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = encode_line(1, GENESIS_HASH, &sample(1)).unwrap();
+        let mut damaged = encode_line(2, &first.hash, &sample(1)).unwrap().bytes;
+        damaged[0] = b'[';
+        let mut other = sample(3);
+        other.subjects = Default::default();
+        let mut unrelated = encode_line(3, GENESIS_HASH, &other).unwrap().bytes;
+        unrelated[0] = b'[';
+        let text = [&first.bytes[..], &damaged[..], &unrelated[..]].concat();
+        std::fs::write(dir.path().join(segment_name(1)), &text).unwrap();
+        let (found, stats) = scan_all(dir.path(), "subj-1").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((stats.lines_read, stats.lines_unreadable), (3, 1));
     }
 }

@@ -8,7 +8,7 @@
 //! records end, for every reader.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
@@ -128,6 +128,21 @@ pub(crate) struct Resume {
     pub last_hash: String,
     /// The last record's time (empty after everything was pruned, or for a new log).
     pub last_ts: String,
+    /// What recovery cut from a segment and kept aside (`recover_segment`): each is recorded
+    /// in the log as it resumes, so the chain itself says so.
+    pub cuts: Vec<Cut>,
+}
+
+/// Bytes cut from a segment at its first zero byte, with records after it, and kept aside.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Cut {
+    pub segment: String,
+    pub from_byte: u64,
+    pub bytes: u64,
+    /// Lines ended in what was cut: records a crash tore from a batch never acknowledged, or
+    /// records acknowledged and damaged.
+    pub whole_lines: u64,
+    pub kept_aside: String,
 }
 
 /// Creates `dir` if needed and recovers the chain head from the newest records in it,
@@ -139,10 +154,11 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
         .with_context(|| format!("cannot list audit directory `{}`", dir.display()))?;
     let (mut next_seq, mut last_hash, mut len) = (1, GENESIS_HASH.to_owned(), 0);
     let mut last_ts = String::new();
+    let mut cuts = Vec::new();
     // The newest segment may be empty (created just before a failed batch), so the chain head
     // can sit in an older one.
     for (i, (_, path)) in segments.iter().enumerate().rev() {
-        let (seg_len, last) = recover_segment(path)?;
+        let (seg_len, last) = recover_segment(path, &mut cuts)?;
         if i + 1 == segments.len() {
             len = seg_len;
         }
@@ -172,6 +188,7 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
         next_seq,
         last_hash,
         last_ts,
+        cuts,
     };
     // A sealed segment is finished whatever its size: its index lists every record in it,
     // so appending would hide the new ones from lookups (a restart with a larger
@@ -201,7 +218,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// The records end at the first NUL byte (see the module doc): a batch that was being written
 /// into made-ready space when the machine stopped may have reached the disk in pieces, some
 /// pages written and some still zero, and nothing from the first zero on was acknowledged.
-fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
+fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Option<LineHead>)> {
     let name = path.display();
     // Read-only unless a repair is needed: older segments may be sealed read-only later.
     let mut file =
@@ -217,12 +234,26 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
         if torn_after {
             // A batch torn over made-ready space looks like this, and so does a page of
             // acknowledged records zeroed by a fault or by hand: what is cut is kept aside.
-            let kept = keep_cut(path, &mut file, end, last_byte_end).with_context(|| {
-                format!("cannot keep aside what follows the records of `{name}`")
-            })?;
-            tracing::error!(segment = %name, from_byte = end, kept = %kept.display(),
+            let (kept, whole_lines) =
+                keep_cut(path, &mut file, end, last_byte_end).with_context(|| {
+                    format!("cannot keep aside what follows the records of `{name}`")
+                })?;
+            tracing::error!(segment = %name, from_byte = end, kept = %kept.display(), whole_lines,
                 "cut an audit segment at its first zero byte with records after it: a batch \
                  torn by a crash (never acknowledged), or damage; the bytes cut are kept aside");
+            cuts.push(Cut {
+                segment: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                from_byte: end,
+                bytes: last_byte_end - end,
+                whole_lines,
+                kept_aside: kept
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            });
         } else if torn > 0 {
             tracing::warn!(segment = %name, torn_bytes = torn,
                 "truncating a torn final line left by an interrupted write");
@@ -251,8 +282,9 @@ fn recover_segment(path: &Path) -> anyhow::Result<(u64, Option<LineHead>)> {
 
 /// Copies bytes `from..to` of the segment at `path` to a new file beside it
 /// (`seg-NNNNNNNN.jsonl.cut-UNIXTIME`, `-2` and on after it if that is taken; no reader takes
-/// it for a segment), durably (its contents and its name), and returns its path.
-fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<PathBuf> {
+/// it for a segment), durably (its contents and its name), and returns its path and how many
+/// lines end in it.
+fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<(PathBuf, u64)> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -271,10 +303,12 @@ fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<Path
         }
     };
     file.seek(SeekFrom::Start(from))?;
-    io::copy(&mut (&mut *file).take(to - from), &mut out)?;
+    let mut cut = Vec::new();
+    (&mut *file).take(to - from).read_to_end(&mut cut)?;
+    out.write_all(&cut)?;
     out.sync_all()?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-    Ok(kept)
+    Ok((kept, memchr::memchr_iter(b'\n', &cut).count() as u64))
 }
 
 /// Where the first NUL byte of `file` is, if it has one, and where its last byte that is not
@@ -350,7 +384,7 @@ mod tests {
         let torn = &second_line_prefix(&good)[..];
         std::fs::write(&path, [&good[..], torn].concat()).unwrap();
 
-        let (len, head) = recover_segment(&path).unwrap();
+        let (len, head) = recover_segment(&path, &mut Vec::new()).unwrap();
         assert_eq!(len, good.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), good);
         let head = head.unwrap();
@@ -358,7 +392,7 @@ mod tests {
         assert_eq!(head.hash, second.hash);
 
         std::fs::write(&path, torn).unwrap();
-        assert_eq!(recover_segment(&path).unwrap(), (0, None));
+        assert_eq!(recover_segment(&path, &mut Vec::new()).unwrap(), (0, None));
         assert!(std::fs::read(&path).unwrap().is_empty());
     }
 
@@ -411,7 +445,7 @@ mod tests {
         let mut file = vec![0u8; 3 << 20];
         file[..good.len()].copy_from_slice(&good);
         std::fs::write(&path, &file).unwrap();
-        let (len, head) = recover_segment(&path).unwrap();
+        let (len, head) = recover_segment(&path, &mut Vec::new()).unwrap();
         assert_eq!(len, good.len() as u64);
         assert_eq!(head.unwrap().hash, second.hash);
         assert_eq!(std::fs::read(&path).unwrap(), good);
@@ -423,7 +457,7 @@ mod tests {
         let later = (2 << 20) + 100;
         file[later..later + third.bytes.len()].copy_from_slice(&third.bytes);
         std::fs::write(&path, &file).unwrap();
-        let (len, head) = recover_segment(&path).unwrap();
+        let (len, head) = recover_segment(&path, &mut Vec::new()).unwrap();
         assert_eq!(len, good.len() as u64);
         assert_eq!(head.unwrap().seq, 2);
         assert_eq!(std::fs::read(&path).unwrap(), good);

@@ -149,13 +149,25 @@ impl AuditLog {
         // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
         let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
-        let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
+        let mut writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
+        let cuts = std::mem::take(&mut writer.cuts);
         let coming = Arc::clone(&writer.coming);
         let head = Arc::clone(&writer.head);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
+        // The first records of this run say what recovery cut and kept aside: records torn
+        // from a batch never acknowledged, or acknowledged ones damaged, which the chain no
+        // longer holds and a subject access search no longer finds.
+        for cut in cuts {
+            let mut record = AuditRecord::system("audit.recovery", "segment_cut");
+            record.decision = super::record::Decision::Error;
+            record.detail = serde_json::to_value(&cut).ok();
+            let (reply, _unread) = oneshot::channel();
+            tx.try_send(Pending { record, reply })
+                .map_err(|_| anyhow::anyhow!("cannot queue the record of a recovery cut"))?;
+        }
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 coming,
@@ -363,6 +375,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// State owned by the writer thread.
 struct Writer {
+    /// What recovery cut at start and kept aside, for `AuditLog::open` to record.
+    cuts: Vec<super::segment::Cut>,
     dir: PathBuf,
     durability: Durability,
     max_batch: usize,
@@ -431,7 +445,8 @@ impl Writer {
                 dir.display()
             );
         }
-        let resume = resume(&dir, settings.segment_max_bytes)?;
+        let mut resume = resume(&dir, settings.segment_max_bytes)?;
+        let cuts = std::mem::take(&mut resume.cuts);
         // Space made ready by an earlier run is made again: a crash may have left records
         // in it (a rename to the segment's name lost), and nothing says it is all zeros.
         prepare::remove_all(&dir);
@@ -451,6 +466,7 @@ impl Writer {
                 )
             })?;
         let mut writer = Writer {
+            cuts,
             dir,
             durability: settings.durability,
             max_batch: settings.max_batch.max(1),
@@ -1056,6 +1072,51 @@ mod tests {
         assert_eq!(verify_dir(dir.path()).unwrap().records, 5);
     }
 
+    /// Records after a zero page (acknowledged ones damaged, or a torn batch's) are cut at the
+    /// next start and kept aside, and the chain says so: the first record the log then takes
+    /// names the segment, the bytes and the whole lines cut, and where they were kept.
+    #[tokio::test]
+    async fn a_recovery_cut_is_the_first_record_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        for i in 1..=3 {
+            log.append(sample(i)).await.unwrap();
+        }
+        log.shutdown().await;
+        drop(log);
+        let path = dir.path().join(segment_name(1));
+        let text = std::fs::read(&path).unwrap();
+        let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
+        // The second and third records' first page zeroed: the third's line survives after it.
+        let mut damaged = text.clone();
+        let zeroed = second + 40;
+        damaged[second..zeroed].fill(0);
+        std::fs::write(&path, &damaged).unwrap();
+
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        log.append(sample(9)).await.unwrap();
+        log.shutdown().await;
+        let kept: Vec<serde_json::Value> = lines(dir.path())
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        let cut = &kept[1];
+        assert_eq!(cut["seq"], 2);
+        assert_eq!(cut["reason"], "segment_cut");
+        assert_eq!(cut["route"], "audit.recovery");
+        assert_eq!(cut["decision"], "error");
+        assert_eq!(cut["detail"]["segment"], segment_name(1));
+        assert_eq!(cut["detail"]["from_byte"], second);
+        assert_eq!(cut["detail"]["bytes"], text.len() - second);
+        assert_eq!(cut["detail"]["whole_lines"], 2);
+        let aside = dir
+            .path()
+            .join(cut["detail"]["kept_aside"].as_str().unwrap());
+        assert_eq!(std::fs::read(aside).unwrap(), &damaged[second..]);
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
+    }
+
     #[tokio::test]
     async fn rolling_spreads_the_chain_over_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -1154,9 +1215,14 @@ mod tests {
         let err = verify_dir(crashed.path()).unwrap_err();
         assert!(err.to_string().contains("zero"), "{err}");
         let reopened = AuditLog::open(settings(crashed.path(), Durability::Fsync, max)).unwrap();
-        assert_eq!(reopened.append(sample(seq + 1)).await.unwrap(), seq + 1);
+        // The cut is the first record after it (one whole line of the torn batch was cut).
+        assert_eq!(reopened.append(sample(seq + 1)).await.unwrap(), seq + 2);
         reopened.shutdown().await;
-        assert_eq!(verify_dir(crashed.path()).unwrap().records, seq + 1);
+        assert_eq!(verify_dir(crashed.path()).unwrap().records, seq + 2);
+        let cut: serde_json::Value =
+            serde_json::from_str(&lines(crashed.path())[seq as usize]).unwrap();
+        assert_eq!(cut["reason"], "segment_cut");
+        assert_eq!(cut["detail"]["whole_lines"], 1);
 
         // A clean stop releases the space too.
         log.shutdown().await;
