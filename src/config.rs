@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// How long a client has to send a request's headers (and, kept alive, the next
     /// request's); then its connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a streamed answer (an export) waits for its client to take the next chunk:
+    /// past it the answer is cut (`client_stalled`), and its datastore connection let go.
+    pub client_stall_timeout: Duration,
     /// How many connections each listener (data plane, admin plane) holds open at once.
     pub max_connections: usize,
     /// Load balancers whose `X-Forwarded-For` names the client (`client_addr`).
@@ -292,6 +295,7 @@ struct RawServer {
     max_response_bytes: Option<usize>,
     shutdown_grace: Option<String>,
     header_read_timeout: Option<String>,
+    client_stall_timeout: Option<String>,
     max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
@@ -579,6 +583,12 @@ impl RawServer {
                 "server.header_read_timeout",
                 Duration::from_secs(1),
                 Some(Duration::from_secs(600)),
+            )?,
+            client_stall_timeout: bounded(
+                self.client_stall_timeout.as_deref().unwrap_or("5m"),
+                "server.client_stall_timeout",
+                Duration::from_secs(1),
+                Some(Duration::from_secs(3600)),
             )?,
             max_connections: match self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) {
                 n @ 1..=MAX_MAX_CONNECTIONS => n,

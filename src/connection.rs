@@ -104,7 +104,12 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request under way until it has been sent (or dropped).
+/// A response body that keeps its request under way until its last frame has been handed to
+/// hyper (or it is dropped). Not until that frame has been sent: an HTTP/2 client may keep
+/// its window shut and never take it, and a connection whose every response is written but
+/// not taken is idle, closed and then dropped (`drive`), not held for ever by a client with
+/// no token. (A client too slow to take a response's last frame, at most an export's chunk,
+/// within two idle bounds loses it.)
 pub(crate) struct Tracked<B> {
     inner: B,
     request: Option<InFlight>,
@@ -129,8 +134,10 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = frame {
-            this.request = None;
+        match &frame {
+            Poll::Ready(None | Some(Err(_))) => this.request = None,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.request = None,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
         }
         frame
     }
@@ -212,8 +219,8 @@ mod tests {
         assert_eq!(ended.elapsed(), IDLE);
     }
 
-    /// A response body keeps its request under way until it has been sent (a streamed export
-    /// outlives its handler), or until it is dropped unsent.
+    /// A response body keeps its request under way until its last frame is handed on (a
+    /// streamed export outlives its handler), or until it is dropped unsent.
     #[tokio::test(start_paused = true)]
     async fn a_request_is_under_way_until_its_body_is_sent_or_dropped() {
         let activity = Activity::new();
@@ -226,6 +233,33 @@ mod tests {
         assert!(waited.is_err(), "idle before the body was sent");
         let sent = body.collect().await.unwrap().to_bytes();
         assert_eq!(&sent[..], b"records");
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+
+        // Its one frame handed on, a whole answer no longer holds the connection busy, though
+        // the client never takes it (an HTTP/2 window kept shut): nothing polls it again.
+        let mut whole = Tracked::new(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"401")),
+            activity.begin(),
+        );
+        assert!(whole.frame().await.unwrap().is_ok());
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+        // A stream's frames before its last do.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, std::convert::Infallible>>(2);
+        let mut streamed = Tracked::new(
+            http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+                rx,
+                |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
+            ))),
+            activity.begin(),
+        );
+        tx.send(Ok(Frame::data(bytes::Bytes::from_static(b"chunk"))))
+            .await
+            .unwrap();
+        assert!(streamed.frame().await.unwrap().is_ok());
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
+        drop(tx);
+        assert!(streamed.frame().await.is_none());
         assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
 
         let unsent = Tracked::new(

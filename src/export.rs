@@ -401,11 +401,16 @@ impl Run<'_> {
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
         // A place on the connection first, then the check: waiting for a slow client must not
-        // come between the caller standing and the chunk going.
+        // come between the caller standing and the chunk going. A client that takes nothing
+        // for `server.client_stall_timeout` (one that stopped reading, or an HTTP/2 window
+        // kept shut) is cut off: it would otherwise hold the datastore's export, its
+        // connection and the chunks waiting for as long as it liked.
         let slot = if w.chunk.is_empty() {
             None
         } else {
-            let slot = self.tx.reserve().await;
+            let slot = tokio::time::timeout(self.gw.client_stall_timeout, self.tx.reserve())
+                .await
+                .map_err(|_| "client_stalled".to_owned())?;
             Some(slot.map_err(|_| "client_went_away".to_owned())?)
         };
         self.still_standing(principal)?;

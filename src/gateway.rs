@@ -64,6 +64,8 @@ pub struct Gateway {
     pub max_request_bytes: usize,
     /// `server.header_read_timeout`, for the listeners (`server::serve`).
     pub header_read_timeout: std::time::Duration,
+    /// `server.client_stall_timeout`: how long an export waits for its client to take a chunk.
+    pub client_stall_timeout: std::time::Duration,
     /// `server.max_connections`: how many connections each listener holds at once.
     pub max_connections: usize,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.

@@ -430,6 +430,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         audit,
         max_request_bytes: cfg.server.max_request_bytes,
         header_read_timeout: cfg.server.header_read_timeout,
+        client_stall_timeout: cfg.server.client_stall_timeout,
         max_connections: cfg.server.max_connections,
         trusted_proxies: cfg.server.trusted_proxies.clone(),
         aggregates: cfg.aggregates,

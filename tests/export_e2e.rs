@@ -683,3 +683,56 @@ async fn an_export_from_a_datastore_that_ignores_exclude_still_leaves_out_the_pr
     assert_eq!(named.len(), out.len());
     app.stop().await;
 }
+
+/// A client that takes no chunk for `server.client_stall_timeout` (here an HTTP/2 one that
+/// keeps its window shut, as a client that stops reading does once the buffers fill) is cut
+/// off: the export is aborted, recorded `client_stalled`, and its datastore connection let
+/// go, rather than held for as long as the client likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_client_takes_nothing_is_cut_off() {
+    fn stall_after_a_second(c: &mut wardgate::config::Config) {
+        c.server.client_stall_timeout = std::time::Duration::from_secs(1);
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(stall_after_a_second),
+        // More than the chunks the channel and the connection hold (about 1 MiB each).
+        electors: Some(20_000),
+        ..AppOptions::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
+        .header("authorization", format!("Bearer {}", app.token("analyst")))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let closing = loop {
+        let (records, _) = export_records(&app);
+        if let Some(last) = records
+            .iter()
+            .find(|r| r["detail"]["export_aborted"].is_string())
+        {
+            break last.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled export still running"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(closing["detail"]["export_aborted"], "client_stalled");
+    assert_eq!(closing["reason"], "export_aborted");
+    assert_eq!(closing["decision"], "error");
+    drop(resp);
+}

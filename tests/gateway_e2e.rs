@@ -1627,6 +1627,39 @@ async fn an_idle_http2_connection_is_closed() {
     app.stop().await;
 }
 
+/// An HTTP/2 client with no token that keeps its window shut (`SETTINGS_INITIAL_WINDOW_SIZE`
+/// 0, as HTTP/2 allows) never takes its 401's body: the connection is still closed once idle,
+/// not held for ever by a response that cannot be sent (one per connection would hold every
+/// one of `max_connections`).
+#[tokio::test]
+async fn an_http2_client_that_never_takes_its_answer_does_not_hold_the_connection() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let app = app_with_header_timeout_of_a_second().await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/voter/electors", app.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // Its body is never read (and could not come): the gateway closes the connection.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), conn).await;
+    assert!(
+        closed.is_ok(),
+        "an HTTP/2 connection with an answer it never took was still open after 20 s"
+    );
+    drop(resp);
+    app.stop().await;
+}
+
 /// `server.max_connections`: a client holding that many connections open (idle, sending
 /// nothing) does not get the process's descriptors. The next connection waits, unaccepted,
 /// until one of them closes, and is then served. The admin plane has its own limit, and it
