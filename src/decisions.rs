@@ -50,6 +50,7 @@ struct RequestKey {
     lawful_basis: String,
     action: RequestAction,
     dataset: String,
+    filters: Vec<String>,
 }
 
 /// The policy pack in force and the decisions memoised under it, replaced together by a
@@ -73,8 +74,8 @@ pub struct DecisionCache {
 }
 
 impl DecisionCache {
-    /// The request-level decision, evaluated once per distinct caller, purpose, action and
-    /// dataset. Keyed by the exact values (not a hash of them), so two callers never share
+    /// The request-level decision, evaluated once per distinct caller, purpose, action,
+    /// dataset and filters named. Keyed by the exact values (not a hash of them), so two callers never share
     /// an answer by accident; bounded like the record cache.
     #[expect(
         clippy::too_many_arguments,
@@ -89,6 +90,7 @@ impl DecisionCache {
         lawful_basis: &str,
         action: RequestAction,
         dataset: &str,
+        filters: &[String],
     ) -> Verdict {
         let key = RequestKey {
             subject: p.subject.clone(),
@@ -100,11 +102,12 @@ impl DecisionCache {
             lawful_basis: lawful_basis.to_owned(),
             action,
             dataset: dataset.to_owned(),
+            filters: filters.to_vec(),
         };
         if let Some(v) = self.requests.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return v;
         }
-        let verdict = engine.decide_request(ask, action, dataset);
+        let verdict = engine.decide_request(ask, action, dataset, filters);
         remember(&self.requests, key, verdict.clone());
         verdict
     }
@@ -381,7 +384,7 @@ mod tests {
                     RequestAction::Aggregate,
                 ] {
                     for dataset in ["voter", "membership"] {
-                        let fresh = engine.decide_request(&ask, action, dataset);
+                        let fresh = engine.decide_request(&ask, action, dataset, &[]);
                         for _ in 0..2 {
                             let memo = cache.request(
                                 &engine,
@@ -391,6 +394,7 @@ mod tests {
                                 &entry.lawful_basis,
                                 action,
                                 dataset,
+                                &[],
                             );
                             assert_eq!(memo, fresh, "{role} {purpose} {action:?} {dataset}");
                         }
@@ -432,6 +436,7 @@ mod tests {
                 basis,
                 RequestAction::List,
                 "voter",
+                &[],
             );
             let record =
                 Decider::new(&engine, &cache, ask, asker, "voter", &categories).decide(&attrs);

@@ -379,6 +379,7 @@ where
         &entry.lawful_basis,
         route.action(),
         &route.dataset,
+        &route.filters.keys().cloned().collect::<Vec<_>>(),
     );
     trail.policy_ids.extend(verdict.policy_ids.iter().cloned());
     if !verdict.allowed {

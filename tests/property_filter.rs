@@ -494,8 +494,12 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
     } else {
         wardgate::policy::RequestAction::List
     };
+    // Narrowed by postcode, as a casework or donation-check listing must be (a look-up); no
+    // other purpose's request turns on its filters.
     let request_ok = principal.purposes.contains(&purpose)
-        && w.engine.decide_request(&ask, action, "voter").allowed;
+        && (w.engine)
+            .decide_request(&ask, action, "voter", &["postcode".to_owned()])
+            .allowed;
     let dataset = &w.catalog.datasets["voter"];
     let categories: BTreeSet<String> = dataset.fields.values().cloned().collect();
     let decider = Decider::new(

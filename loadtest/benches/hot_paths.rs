@@ -431,14 +431,15 @@ fn bench_cedar(c: &mut Criterion, fx: &Fixture) {
                         caller.purpose,
                         &caller.lawful_basis,
                     );
-                    fx.policy.decide_request(&ask, RequestAction::List, DATASET)
+                    fx.policy
+                        .decide_request(&ask, RequestAction::List, DATASET, &[])
                 })
             },
         );
         g.bench_function(BenchmarkId::new("decide_request", caller.label), |b| {
             b.iter(|| {
                 fx.policy
-                    .decide_request(&caller.ask, RequestAction::List, DATASET)
+                    .decide_request(&caller.ask, RequestAction::List, DATASET, &[])
             })
         });
         g.bench_function(BenchmarkId::new("decide_record", caller.label), |b| {

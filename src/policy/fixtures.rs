@@ -57,6 +57,10 @@ struct Fixture {
     /// its purpose's.
     #[serde(default)]
     lawful_basis: Option<String>,
+    /// For the request actions: the names of the filters the request narrows by (each one of
+    /// the dataset's catalogued `filters`), as `context.filters` gives them.
+    #[serde(default)]
+    filters: Vec<String>,
 }
 
 impl Unregistered {
@@ -232,7 +236,7 @@ pub fn run(
         tps_fresh: r.tps_fresh,
     });
     let record = || record.as_ref().ok_or("this action needs a `record`");
-    let request = |action| engine.decide_request(&ask, action, &f.dataset);
+    let request = |action| engine.decide_request(&ask, action, &f.dataset, &f.filters);
     let verdict = match f.action {
         Action::List => request(RequestAction::List),
         Action::Read => request(RequestAction::Read),
@@ -296,6 +300,16 @@ fn well_formed(f: &Fixture, r: &Registers, kind: &str) -> Result<(), String> {
     let Some(dataset) = r.catalog.datasets.get(&f.dataset) else {
         return Err(format!("unknown dataset `{}`", f.dataset));
     };
+    if !f.filters.is_empty() && (needs_record || needs_category) {
+        return Err("only a request action (list, read, ...) takes `filters`".to_owned());
+    }
+    if let Some(unknown) = f.filters.iter().find(|n| !dataset.filters.contains(n)) {
+        return Err(format!(
+            "`filters`: `{unknown}` is not one of the `{}` dataset's filters ({})",
+            f.dataset,
+            dataset.filters.join(", ")
+        ));
+    }
     if !r.catalog.roles.contains_key(&f.caller.role) {
         return Err(format!("`caller.role`: unknown role `{}`", f.caller.role));
     }

@@ -186,11 +186,22 @@ impl PolicyEngine {
         }
     }
 
-    /// May this request happen at all?
-    pub fn decide_request(&self, ask: &Ask, action: RequestAction, dataset: &str) -> Verdict {
+    /// May this request happen at all, narrowed by the filters named `filters`?
+    pub fn decide_request(
+        &self,
+        ask: &Ask,
+        action: RequestAction,
+        dataset: &str,
+        filters: &[String],
+    ) -> Verdict {
         self.decide(ask, || {
             let resource = uid("Wardgate::Dataset", dataset)?;
-            let context = ask.context([])?;
+            let filters = RestrictedExpression::new_set(
+                filters
+                    .iter()
+                    .map(|f| RestrictedExpression::new_string(f.clone())),
+            );
+            let context = ask.context([("filters", filters)])?;
             self.authorize(
                 ask,
                 uid("Wardgate::Action", action.as_str())?,

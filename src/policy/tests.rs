@@ -506,9 +506,11 @@ fn the_scoped_pack_decides_exactly_as_the_whole_pack() {
             let ask = scoped.ask(Arc::new(p.clone()), purpose, &entry.lawful_basis);
             for (dataset, ds) in &catalog.datasets {
                 for action in [RequestAction::List, RequestAction::Write] {
-                    let v = scoped.decide_request(&ask, action, dataset);
-                    assert_eq!(v, whole.decide_request(&ask, action, dataset));
-                    outcomes[usize::from(v.allowed)] += 1;
+                    for filters in [&[][..], &ds.filters[..]] {
+                        let v = scoped.decide_request(&ask, action, dataset, filters);
+                        assert_eq!(v, whole.decide_request(&ask, action, dataset, filters));
+                        outcomes[usize::from(v.allowed)] += 1;
+                    }
                 }
                 let categories: BTreeSet<&String> = ds.fields.values().collect();
                 for rec in &records {
@@ -616,7 +618,7 @@ fn an_ask_that_cannot_be_built_denies_everything() {
     let working = engine.ask(Arc::clone(&p), "canvassing", basis);
     assert!(
         engine
-            .decide_request(&working, RequestAction::List, "voter")
+            .decide_request(&working, RequestAction::List, "voter", &[])
             .allowed
     );
     assert!(
@@ -632,7 +634,7 @@ fn an_ask_that_cannot_be_built_denies_everything() {
 
     let broken = engine.ask(p, "canvassing", basis);
     assert!(broken.cedar.set(Err("cannot be built".to_owned())).is_ok());
-    let request = engine.decide_request(&broken, RequestAction::List, "voter");
+    let request = engine.decide_request(&broken, RequestAction::List, "voter", &[]);
     assert!(!request.allowed);
     assert_eq!(request.policy_ids, ["policy-error"]);
     let rec = engine.decide_record(&broken, "voter", &record, false);

@@ -11,6 +11,7 @@
 //! | `context.record.flags` | a kind the rights register takes (`controls::KINDS`, not the consent withdrawals), `under_16` (the filter's, from the attainer date), or one the catalogue's `[words] flags` adds |
 //! | `context.record.consented` | a channel the register can withdraw consent for (`email`, `sms`, `phone`), or one `[words] consent_channels` adds |
 //! | `context.record.markers` | a register marker's form: one or two capital letters (`N`, `F`, `L`, `G`, `B`, `M`...) |
+//! | `context.filters` | a filter some dataset of the catalogue takes (`postcode`, `ward`...) |
 //!
 //! "Compared" is `==`, `!=`, `contains`, `containsAll` and `containsAny`, either way round
 //! (`["dpo", "security"].contains(context.caller.role)` too, and the attribute in a set
@@ -38,6 +39,7 @@ pub struct Vocabulary {
     roles: BTreeSet<String>,
     flags: BTreeSet<String>,
     channels: BTreeSet<String>,
+    filters: BTreeSet<String>,
 }
 
 /// The attributes whose literals are checked.
@@ -47,6 +49,7 @@ enum Word {
     Flag,
     Channel,
     Marker,
+    Filter,
 }
 
 impl Word {
@@ -56,6 +59,7 @@ impl Word {
             Word::Flag => "context.record.flags",
             Word::Channel => "context.record.consented",
             Word::Marker => "context.record.markers",
+            Word::Filter => "context.filters",
         }
     }
 }
@@ -76,6 +80,9 @@ impl Vocabulary {
                 .map(str::to_owned)
                 .chain(catalog.words.consent_channels.iter().cloned())
                 .collect(),
+            filters: (catalog.datasets.values())
+                .flat_map(|d| d.filters.iter().cloned())
+                .collect(),
         }
     }
 
@@ -85,6 +92,7 @@ impl Vocabulary {
             Word::Role => Some(&self.roles),
             Word::Flag => Some(&self.flags),
             Word::Channel => Some(&self.channels),
+            Word::Filter => Some(&self.filters),
             Word::Marker => None,
         }
     }
@@ -117,6 +125,7 @@ impl Vocabulary {
             Word::Role => known(&self.roles, "a role the catalogue defines"),
             Word::Flag => known(&self.flags, "a flag the gateway knows"),
             Word::Channel => known(&self.channels, "a consent channel"),
+            Word::Filter => known(&self.filters, "a filter of any dataset"),
             Word::Marker => (!is_marker(literal))
                 .then(|| "not a register marker (one or two capital letters)".to_owned()),
         }
@@ -278,6 +287,9 @@ fn visit(e: &Value, found: &mut Vec<(Word, Literal)>) {
 /// The checked attribute `e` reads, if it is one: `context.<a>.<b>`.
 fn word_at(e: &Value) -> Option<Word> {
     let outer = e.get(".")?;
+    if outer["left"].get("Var").and_then(Value::as_str) == Some("context") {
+        return (outer["attr"].as_str()? == "filters").then_some(Word::Filter);
+    }
     let inner = outer["left"].get(".")?;
     if inner["left"].get("Var").and_then(Value::as_str) != Some("context") {
         return None;
@@ -377,6 +389,11 @@ mod tests {
                 ("context.record.flags", "erasure_requestd")
             ])
         );
+        // The request's filters, one level down.
+        assert_eq!(
+            found(r#"context.filters.contains("post_code")"#),
+            owned(&[("context.filters", "post_code")])
+        );
         // The attribute inside a set literal.
         assert_eq!(
             found(r#"[context.caller.role].containsAny(["secuirty"])"#),
@@ -422,6 +439,8 @@ mod tests {
             (Word::Channel, "email"),
             (Word::Marker, "N"),
             (Word::Marker, "G"),
+            (Word::Filter, "postcode"),
+            (Word::Filter, "branch"),
         ] {
             assert_eq!(v.refuse(word, ok), None, "{ok}");
         }
@@ -433,6 +452,7 @@ mod tests {
             (Word::Marker, "n"),
             (Word::Marker, "anonymous"),
             (Word::Marker, ""),
+            (Word::Filter, "post_code"),
         ] {
             assert!(v.refuse(word, bad).is_some(), "{bad}");
         }
