@@ -116,10 +116,7 @@ impl TrustedProxies {
         }
         let mut client = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         for hop in hops.iter().rev() {
-            let Some(ip) = std::str::from_utf8(hop)
-                .ok()
-                .and_then(|h| h.trim().parse::<IpAddr>().ok())
-            else {
+            let Some(ip) = std::str::from_utf8(hop).ok().and_then(hop_address) else {
                 return client;
             };
             client = SocketAddr::new(ip.to_canonical(), 0);
@@ -129,6 +126,17 @@ impl TrustedProxies {
         }
         client
     }
+}
+
+/// One `X-Forwarded-For` entry's address: an address alone, or with the port some balancers
+/// add (`203.0.113.9:51234`, `[2001:db8::1]:443`; Azure Application Gateway writes them so),
+/// or an IPv6 address in brackets without one.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 #[cfg(test)]
@@ -204,6 +212,20 @@ mod tests {
             http::HeaderValue::from_bytes(b"198.51.100.1\xff, 203.0.113.9").unwrap(),
         );
         assert_eq!(t.client(lb, &odd), at("203.0.113.9:0"));
+        // Entries with the port a balancer adds, IPv4 and IPv6, name the client all the same
+        // (and walk past a trusted hop written so).
+        assert_eq!(
+            t.client(lb, &headers(&["203.0.113.9:51234"])),
+            at("203.0.113.9:0")
+        );
+        assert_eq!(
+            t.client(lb, &headers(&["[2001:db8::1]:443, 10.0.0.7:80"])),
+            at("[2001:db8::1]:0")
+        );
+        assert_eq!(
+            t.client(lb, &headers(&["[2001:db8::1]"])),
+            at("[2001:db8::1]:0")
+        );
         // An IPv4-mapped peer is its IPv4 address.
         assert_eq!(
             t.client(at("[::ffff:203.0.113.50]:5555"), &HeaderMap::new()),

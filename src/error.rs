@@ -165,6 +165,16 @@ pub struct Problem {
     pub policy_ids: Vec<String>,
 }
 
+/// What a caller sent, as an error's detail repeats it: at most 64 characters (a header or a
+/// query parameter's name may be tens of kilobytes), marked `…` when cut.
+pub(crate) fn echoed(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -268,7 +278,9 @@ impl GatewayError {
             GatewayError::PurposeMissing => {
                 "every data request must declare one purpose in the `X-Purpose` header".to_owned()
             }
-            GatewayError::PurposeUnknown(p) => format!("`{p}` is not a purpose in the catalogue"),
+            GatewayError::PurposeUnknown(p) => {
+                format!("`{}` is not a purpose in the catalogue", echoed(p))
+            }
             GatewayError::PurposeNotGranted(p) => {
                 format!("this token does not grant the purpose `{p}`")
             }
@@ -475,5 +487,16 @@ mod tests {
         let p = err.problem("r2");
         assert_eq!(p.policy_ids, vec!["geo.out-of-area".to_owned()]);
         assert_eq!(err.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// A caller's own text comes back in an error's detail at most 64 characters long.
+    #[test]
+    fn what_a_caller_sent_is_echoed_short() {
+        assert_eq!(echoed("canvassing"), "canvassing");
+        let long = "é".repeat(10_000);
+        let shown = echoed(&long);
+        assert_eq!(shown, format!("{}…", "é".repeat(64)));
+        let p = GatewayError::PurposeUnknown(long).problem("r");
+        assert!(p.detail.len() < 200, "{}", p.detail);
     }
 }

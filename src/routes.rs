@@ -206,7 +206,8 @@ pub fn resolve(
             }
             _ => {
                 return Err(GatewayError::BadRequest(format!(
-                    "query parameter `{name}` is not accepted on this route"
+                    "query parameter `{}` is not accepted on this route",
+                    crate::error::echoed(&name)
                 )));
             }
         }

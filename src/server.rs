@@ -187,6 +187,9 @@ fn chain_usable(
 /// The largest request head (request line and headers) a connection takes.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
+/// The most requests under way at once on one HTTP/2 connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
 /// parse (a malformed request line or header, headers or a URI too large) itself, with a bare
 /// 400, 414 or 431 and no body, before any handler runs: no audit record holds those, so they
@@ -437,8 +440,12 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_REQUEST_HEAD);
+    // And at most 32 requests at once on one HTTP/2 connection (hyper's default is 200): each
+    // may hold a datastore connection, and `max_connections` is sized for a few per
+    // connection, not hundreds.
     builder
         .http2()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(MAX_REQUEST_HEAD as u32)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
