@@ -902,9 +902,11 @@ fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
 }
 
 /// A subject or token id a revocation can name (`POST /revocations`): not blank, at most 256
-/// bytes. Tokens are accepted only with such ids, so that every token accepted can be revoked.
+/// bytes, without whitespace around it or control characters in it. Tokens are accepted only
+/// with such ids, so that every token accepted can be revoked, and a revocation of `"alice "`
+/// (which names no token anyone holds) is refused rather than recorded as if it took.
 pub fn revocable_id(id: &str) -> bool {
-    !id.trim().is_empty() && id.len() <= 256
+    !id.trim().is_empty() && id.len() <= 256 && id.trim() == id && !id.chars().any(char::is_control)
 }
 
 #[cfg(test)]

@@ -887,3 +887,30 @@ fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_k
     );
     drop(dir);
 }
+
+/// Only ids a revocation can name exactly are taken, in a token or a revocation: not blank,
+/// at most 256 bytes, nothing around them, no control characters.
+#[test]
+fn revocable_ids_are_exact() {
+    for ok in [
+        "alice",
+        "partner:alice",
+        "John Smith",
+        "t-1",
+        &"x".repeat(256),
+    ] {
+        assert!(revocable_id(ok), "{ok:?}");
+    }
+    for bad in [
+        "",
+        "   ",
+        "alice ",
+        " alice",
+        "al\tice",
+        "al\u{0}ice",
+        "alice\n",
+        &"x".repeat(257),
+    ] {
+        assert!(!revocable_id(bad), "{bad:?}");
+    }
+}
