@@ -65,6 +65,18 @@ impl Route {
         categories
     }
 
+    /// The names of the filters that narrow the request, as its policies see them
+    /// (`context.filters`): each filter given, but `postcode` only as a postcode sector or
+    /// finer (`LS15 8`, `LS15 8AB`): a district or area (`LS15`, `L`) is a prefix of tens of
+    /// thousands of addresses, and a look-up rule (`purpose.casework-looks-up`) must not be
+    /// met by one.
+    pub fn narrowing(&self) -> Vec<String> {
+        (self.filters.iter())
+            .filter(|(name, value)| name.as_str() != "postcode" || postcode_sector(value))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     pub fn action(&self) -> RequestAction {
         match self.kind {
             RouteKind::List => RequestAction::List,
@@ -309,9 +321,27 @@ fn decode(raw: &str) -> Result<String, GatewayError> {
         .map_err(|_| GatewayError::BadRequest("a query parameter is not valid UTF-8".to_owned()))
 }
 
-/// Filter values are codes, names and postcodes: nothing that is syntax anywhere downstream.
+/// Whether `value` is a UK postcode's outward code, a space and at least its sector's digit
+/// (`LS15 8`, `SW1A 1AA`), in either case: letters and digits only around the one space.
+fn postcode_sector(value: &str) -> bool {
+    let Some((outward, inward)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let o = outward.as_bytes();
+    let letters = o.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    (1..=2).contains(&letters)
+        && (letters + 1..=letters + 2).contains(&o.len())
+        && o[letters].is_ascii_digit()
+        && o.iter().all(u8::is_ascii_alphanumeric)
+        && inward.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        && inward.len() <= 3
+        && inward.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Filter values are codes, names and postcodes: nothing that is syntax anywhere downstream,
+/// and not blank (a value of spaces alone would narrow nothing, and read as a filter given).
 fn check_value(name: &str, value: &str) -> Result<(), GatewayError> {
-    let ok = !value.is_empty()
+    let ok = !value.trim().is_empty()
         && value.len() <= MAX_VALUE_LEN
         && value
             .bytes()

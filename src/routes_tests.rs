@@ -195,3 +195,44 @@ fn an_id_holds_letters_digits_hyphens_and_underscores_only() {
     assert!(!valid_id(&"a".repeat(MAX_VALUE_LEN + 1)));
     assert!(!subject_id("export") && subject_id("exports"));
 }
+
+/// A postcode narrows a request for its policies (`context.filters`) only as a sector or finer;
+/// a blank value is no filter at all, refused.
+#[test]
+fn only_a_postcode_sector_or_finer_narrows_for_the_policies() {
+    let narrowing = |q: &str| get("/voter/electors", Some(q)).unwrap().narrowing();
+    for sector in [
+        "LS15+8", "LS15+8AB", "ls15+8ab", "SW1A+1AA", "E7+0", "N1+9GU",
+    ] {
+        assert_eq!(
+            narrowing(&format!("postcode={sector}")),
+            ["postcode"],
+            "{sector}"
+        );
+    }
+    for wide in [
+        "LS15",
+        "L",
+        "LS",
+        "LS15+",
+        "LS15+A",
+        "LS15+8ABC",
+        "1S15+8",
+        "LS15-8",
+        "__+8",
+        "LS1_+8",
+    ] {
+        assert!(narrowing(&format!("postcode={wide}")).is_empty(), "{wide}");
+    }
+    // Other filters narrow as given, beside a wide postcode or not.
+    assert_eq!(narrowing("ward=E05011391&postcode=LS15"), ["ward"]);
+    for blank in ["postcode=+", "postcode=++", "ward=+"] {
+        assert!(
+            matches!(
+                get("/voter/electors", Some(blank)),
+                Err(GatewayError::BadRequest(_))
+            ),
+            "{blank}"
+        );
+    }
+}
