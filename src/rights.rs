@@ -133,6 +133,7 @@ where
                         subject,
                         kind,
                         reference,
+                        ..
                     },
                 ..
             }) = &action
@@ -331,6 +332,7 @@ where
                     subject,
                     kind: b.kind,
                     reference: b.reference,
+                    exact: true,
                 }
             };
             Ok((Action::Change(event(p, b.reason, change)), purpose))

@@ -71,6 +71,13 @@ pub enum Change {
         subject: String,
         kind: String,
         reference: String,
+        /// Lifts only the placement under `reference` (every lift made since lifts must name
+        /// one in force). A lift without it, from an older journal or replica, lifts every
+        /// placement of its kind made before it, as lifts did then. Marked, not guessed from
+        /// whether its placement has been seen: a lift can reach a replica before the
+        /// placement it names, and must not sweep the others meanwhile.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        exact: bool,
     },
     RevokeToken {
         token_id: String,
@@ -116,39 +123,34 @@ pub struct Snapshot {
 
 /// The placements and lifts of one kind on one subject, by reference: each request (a
 /// disputed accuracy, a pending objection) is placed and lifted on its own, so lifting one
-/// leaves another of the same kind in force. A lift naming a reference never placed (made
-/// before lifts had to name one in force, or a replica's older journal) lifts every
-/// placement of the kind made before it, as every lift did then.
+/// leaves another of the same kind in force. A lift not marked `exact` (made before lifts had
+/// to name one in force, in an older journal or by an older replica) lifts every placement of
+/// the kind made before it, as every lift did then.
 #[derive(Debug, Default)]
-struct References(HashMap<String, Latest>);
-
-#[derive(Debug)]
-struct Latest {
-    event: Event,
-    /// Whether any event seen under this reference placed it.
-    placed: bool,
+struct References {
+    /// The latest event naming each reference.
+    latest: HashMap<String, Event>,
+    /// The latest lift not marked `exact` (time, id).
+    sweep: Option<(i64, String)>,
 }
 
 impl References {
     /// The placements in force: those whose reference's latest event places it, made after
-    /// every lift naming a reference never placed. A function of the events seen, whatever
-    /// their order.
+    /// the latest lift not marked `exact`. A function of the events seen, whatever their
+    /// order.
     fn in_force(&self) -> impl Iterator<Item = &Event> {
-        let sweeping = (self.0.values())
-            .filter(|l| !l.placed)
-            .map(|l| (l.event.at, l.event.id.as_str()))
-            .max();
-        (self.0.values())
-            .filter(move |l| {
-                matches!(l.event.change, Change::Place { .. })
-                    && sweeping.is_none_or(|w| (l.event.at, l.event.id.as_str()) > w)
-            })
-            .map(|l| &l.event)
+        let sweep = self.sweep.as_ref().map(|(at, id)| (*at, id.as_str()));
+        (self.latest.values()).filter(move |e| {
+            matches!(e.change, Change::Place { .. })
+                && sweep.is_none_or(|w| (e.at, e.id.as_str()) > w)
+        })
     }
 
     /// The time of the latest event of any reference.
     fn latest_at(&self) -> Option<i64> {
-        self.0.values().map(|l| l.event.at).max()
+        (self.latest.values().map(|e| e.at))
+            .chain(self.sweep.as_ref().map(|(at, _)| *at))
+            .max()
     }
 }
 
@@ -168,29 +170,25 @@ impl Snapshot {
                 subject,
                 kind,
                 reference,
+                ..
             } => {
                 // Subject ids are one whatever their ASCII case, as the register matches
                 // them (`RegisterFlags::get`): a restriction placed on `VF-1` is lifted by a
                 // lift naming `vf-1`, and read back by either.
                 let key = (subject.to_ascii_lowercase(), kind.clone());
-                let placing = matches!(e.change, Change::Place { .. });
-                let refs = &mut self.latest.entry(key).or_default().0;
-                match refs.get_mut(reference) {
-                    Some(old) => {
-                        old.placed |= placing;
-                        if (e.at, &e.id) > (old.event.at, &old.event.id) {
-                            old.event = e.clone();
-                        }
-                    }
-                    None => {
-                        refs.insert(
-                            reference.clone(),
-                            Latest {
-                                event: e.clone(),
-                                placed: placing,
-                            },
-                        );
-                    }
+                let refs = self.latest.entry(key).or_default();
+                if matches!(e.change, Change::Lift { exact: false, .. })
+                    && refs
+                        .sweep
+                        .as_ref()
+                        .is_none_or(|(at, id)| (e.at, &e.id) > (*at, id))
+                {
+                    refs.sweep = Some((e.at, e.id.clone()));
+                }
+                let newer = (refs.latest.get(reference))
+                    .is_none_or(|old| (e.at, &e.id) > (old.at, &old.id));
+                if newer {
+                    refs.latest.insert(reference.clone(), e.clone());
                 }
             }
             Change::RevokeToken { token_id } => {

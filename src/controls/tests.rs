@@ -24,6 +24,8 @@ fn place(id: &str, at: i64, kind: &str) -> Event {
     )
 }
 
+/// A lift as an older journal holds it (not marked `exact`): it lifts every placement of its
+/// kind made before it.
 fn lift(id: &str, at: i64, kind: &str) -> Event {
     ev(
         id,
@@ -32,6 +34,21 @@ fn lift(id: &str, at: i64, kind: &str) -> Event {
             subject: "VF-1".into(),
             kind: kind.into(),
             reference: "R2".into(),
+            exact: false,
+        },
+    )
+}
+
+/// A lift of the placement under `reference` only, as the admin plane makes them.
+fn exact_lift(id: &str, at: i64, reference: &str) -> Event {
+    ev(
+        id,
+        at,
+        Change::Lift {
+            subject: "VF-1".into(),
+            kind: "restricted".into(),
+            reference: reference.into(),
+            exact: true,
         },
     )
 }
@@ -117,7 +134,7 @@ fn in_force_every_way(events: &[Event]) -> Vec<String> {
 fn lifting_one_request_leaves_another_of_the_same_kind_in_force() {
     let r1 = with_reference(place("a", 1, "restricted"), "RR-1");
     let r2 = with_reference(place("b", 2, "restricted"), "RR-2");
-    let lift_r1 = with_reference(lift("c", 3, "restricted"), "RR-1");
+    let lift_r1 = exact_lift("c", 3, "RR-1");
     assert_eq!(
         in_force_every_way(&[r1.clone(), r2.clone()]),
         ["RR-1", "RR-2"]
@@ -126,27 +143,42 @@ fn lifting_one_request_leaves_another_of_the_same_kind_in_force() {
         in_force_every_way(&[r1.clone(), r2.clone(), lift_r1.clone()]),
         ["RR-2"]
     );
-    let lift_r2 = with_reference(lift("d", 4, "restricted"), "RR-2");
-    assert!(in_force_every_way(&[r1.clone(), r2.clone(), lift_r1.clone(), lift_r2]).is_empty());
+    let lift_r2 = exact_lift("d", 4, "RR-2");
+    assert!(
+        in_force_every_way(&[r1.clone(), r2.clone(), lift_r1.clone(), lift_r2.clone()]).is_empty()
+    );
     // Placed again under its reference after its lift: in force again.
     let again = with_reference(place("e", 5, "restricted"), "RR-1");
     assert_eq!(
-        in_force_every_way(&[r1, r2, lift_r1, again]),
+        in_force_every_way(&[r1.clone(), r2.clone(), lift_r1, again]),
         ["RR-1", "RR-2"]
     );
+    // A lift that reaches a replica before the placement it names (published from a replica
+    // whose placement did not reach Redis) lifts nothing else meanwhile, nor after.
+    assert_eq!(in_force_every_way(&[r1.clone(), lift_r2.clone()]), ["RR-1"]);
+    assert_eq!(in_force_every_way(&[r1, lift_r2, r2]), ["RR-1"]);
 }
 
-/// A lift naming a reference never placed (as every lift could before lifts had to name one in
-/// force, and older journals hold) lifts every placement of the kind made before it, and none
-/// made after.
+/// A lift not marked `exact` (as an older journal or replica holds them) lifts every
+/// placement of its kind made before it, whatever reference it names, placed or not, as
+/// lifts did before each request was its own; a placement made after it stands.
 #[test]
-fn a_lift_naming_no_placement_lifts_those_made_before_it() {
-    let r1 = with_reference(place("a", 1, "restricted"), "RR-1");
-    let r2 = with_reference(place("b", 2, "restricted"), "RR-2");
-    let sweep = with_reference(lift("c", 3, "restricted"), "OLD-LIFT");
-    assert!(in_force_every_way(&[r1.clone(), r2.clone(), sweep.clone()]).is_empty());
-    let r3 = with_reference(place("d", 4, "restricted"), "RR-3");
-    assert_eq!(in_force_every_way(&[r1, r2, sweep, r3]), ["RR-3"]);
+fn a_lift_not_marked_exact_lifts_every_placement_before_it() {
+    let r0 = with_reference(place("a", 1, "restricted"), "RR-0");
+    let r1 = with_reference(place("b", 2, "restricted"), "RR-1");
+    for named in ["RR-1", "OLD-LIFT"] {
+        let sweep = with_reference(lift("c", 3, "restricted"), named);
+        assert!(
+            in_force_every_way(&[r0.clone(), r1.clone(), sweep.clone()]).is_empty(),
+            "{named}"
+        );
+        let r3 = with_reference(place("d", 4, "restricted"), "RR-3");
+        assert_eq!(
+            in_force_every_way(&[r0.clone(), r1.clone(), sweep, r3]),
+            ["RR-3"],
+            "{named}"
+        );
+    }
 }
 
 #[test]
