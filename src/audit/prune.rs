@@ -59,8 +59,8 @@ pub struct Plan {
 }
 
 /// The sealed segments older than `cutoff` that a prune would remove, and what it would
-/// record; `None` when there are none. Removes only segments an earlier prune left behind
-/// its anchor (counted and recorded by it already).
+/// record; `None` when there are none. It first finishes an earlier prune cut short after its
+/// anchor: the segments left behind that anchor go, recorded by that prune already.
 pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     let segments = list_segments(dir)?;
     let newest = segments.last().map(|(n, _)| *n);
@@ -171,9 +171,11 @@ fn remove_segments(dir: &Path, seals: &[super::index::Seal]) -> anyhow::Result<(
 }
 
 /// Prunes what is older than `retention`, recording the prune in the log itself first: a
-/// prune whose record cannot be written removes nothing. (A prune recorded and then cut short,
-/// by a failure or a shutdown, leaves its anchor or nothing; the next one finishes it, and
-/// records only what it removes itself.)
+/// prune whose record cannot be written removes nothing it has not recorded. (A prune recorded
+/// and then cut short, by a failure or a shutdown, leaves its anchor or nothing: after its
+/// anchor the next one removes what it left without recording it again; before, the next
+/// one records the same segments again, a second record of one prune, counted once in
+/// `pruned.json`.)
 pub async fn prune_and_record(
     log: &super::AuditLog,
     dir: &Path,
@@ -188,7 +190,7 @@ pub async fn prune_and_record(
     let mut record = system_record("audit.prune", "retention");
     record.detail = Some(serde_json::to_value(&plan.pruned)?);
     log.append(record).await.map_err(|e| {
-        anyhow::anyhow!("nothing pruned: the prune's record could not be written first: {e}")
+        anyhow::anyhow!("nothing more pruned: the prune's record could not be written first: {e}")
     })?;
     let dir_owned = dir.to_path_buf();
     let pruned = tokio::task::spawn_blocking(move || carry_out(&dir_owned, plan))
@@ -288,7 +290,7 @@ mod tests {
         let e = prune_and_record(&log, dir.path(), seven_years)
             .await
             .unwrap_err();
-        assert!(format!("{e:#}").contains("nothing pruned"), "{e:#}");
+        assert!(format!("{e:#}").contains("nothing more pruned"), "{e:#}");
         assert_eq!(list_segments(dir.path()).unwrap(), segments);
         assert!(read_anchor(dir.path()).is_none());
         let e = shred_and_record(&log, dir.path(), seven_years)

@@ -134,7 +134,11 @@ pub(crate) struct Resume {
 }
 
 /// Bytes cut from a segment at its first zero byte, with records after it, and kept aside.
-#[derive(Debug, Clone, serde::Serialize)]
+/// Before the segment is cut, what is cut is written beside the copy (`KEPT.pending`),
+/// durably; the writer records it in the log at open and only then removes that file
+/// (`Writer::open`). A start that fails in between finds the file at the next start and
+/// records it then: the chain always comes to say what was cut.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Cut {
     pub segment: String,
     pub from_byte: u64,
@@ -143,6 +147,35 @@ pub(crate) struct Cut {
     /// records acknowledged and damaged.
     pub whole_lines: u64,
     pub kept_aside: String,
+    /// The file saying so until it is recorded.
+    #[serde(skip)]
+    pub pending: PathBuf,
+}
+
+/// What `.pending` files say was cut before and is not yet recorded, oldest first.
+fn cuts_pending(dir: &Path) -> anyhow::Result<Vec<Cut>> {
+    let mut pending = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list audit directory `{}`", dir.display()))?
+    {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.contains(".jsonl.cut-") && name.ends_with(".pending") {
+            let text = std::fs::read(&path)
+                .with_context(|| format!("cannot read `{}`", path.display()))?;
+            let mut cut: Cut = serde_json::from_slice(&text).with_context(|| {
+                format!(
+                    "`{}` does not say what recovery cut: read it and its copy beside it, record \
+                     what was cut by hand, and remove it",
+                    path.display()
+                )
+            })?;
+            cut.pending = path;
+            pending.push(cut);
+        }
+    }
+    pending.sort_by(|a, b| a.kept_aside.cmp(&b.kept_aside));
+    Ok(pending)
 }
 
 /// Creates `dir` if needed and recovers the chain head from the newest records in it,
@@ -154,7 +187,8 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
         .with_context(|| format!("cannot list audit directory `{}`", dir.display()))?;
     let (mut next_seq, mut last_hash, mut len) = (1, GENESIS_HASH.to_owned(), 0);
     let mut last_ts = String::new();
-    let mut cuts = Vec::new();
+    // Cuts of an earlier start whose record was never written, then this start's.
+    let mut cuts = cuts_pending(dir)?;
     // The newest segment may be empty (created just before a failed batch), so the chain head
     // can sit in an older one.
     for (i, (_, path)) in segments.iter().enumerate().rev() {
@@ -241,7 +275,9 @@ fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Opt
             tracing::error!(segment = %name, from_byte = end, kept = %kept.display(), whole_lines,
                 "cut an audit segment at its first zero byte with records after it: a batch \
                  torn by a crash (never acknowledged), or damage; the bytes cut are kept aside");
-            cuts.push(Cut {
+            let mut pending = kept.clone().into_os_string();
+            pending.push(".pending");
+            let cut = Cut {
                 segment: path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -253,7 +289,14 @@ fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Opt
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
-            });
+                pending: PathBuf::from(pending),
+            };
+            // Durably, before the segment is cut (below).
+            std::fs::write(&cut.pending, serde_json::to_vec(&cut)?)
+                .and_then(|()| File::open(&cut.pending)?.sync_all())
+                .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
+                .with_context(|| format!("cannot note what is cut from `{name}`"))?;
+            cuts.push(cut);
         } else if torn > 0 {
             tracing::warn!(segment = %name, torn_bytes = torn,
                 "truncating a torn final line left by an interrupted write");
@@ -457,7 +500,8 @@ mod tests {
         let later = (2 << 20) + 100;
         file[later..later + third.bytes.len()].copy_from_slice(&third.bytes);
         std::fs::write(&path, &file).unwrap();
-        let (len, head) = recover_segment(&path, &mut Vec::new()).unwrap();
+        let mut cuts = Vec::new();
+        let (len, head) = recover_segment(&path, &mut cuts).unwrap();
         assert_eq!(len, good.len() as u64);
         assert_eq!(head.unwrap().seq, 2);
         assert_eq!(std::fs::read(&path).unwrap(), good);
@@ -466,11 +510,19 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.to_string_lossy().contains(".jsonl.cut-"))
+            .filter(|p| !p.to_string_lossy().ends_with(".pending"))
             .collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(
             std::fs::read(&kept[0]).unwrap(),
             file[at..later + third.bytes.len()]
+        );
+        // And noted, until the writer records it (the next start reads the note).
+        assert_eq!(cuts.len(), 1);
+        assert!(cuts[0].pending.exists());
+        assert_eq!(
+            cuts_pending(dir.path()).unwrap()[0].kept_aside,
+            kept[0].file_name().unwrap().to_string_lossy()
         );
         assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
     }

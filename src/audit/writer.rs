@@ -149,25 +149,13 @@ impl AuditLog {
         // Bounded so a stalled disk pushes back on callers instead of queueing without limit.
         let (tx, rx) = mpsc::channel(settings.max_batch.max(1).saturating_mul(4));
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
-        let mut writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
-        let cuts = std::mem::take(&mut writer.cuts);
+        let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
         let coming = Arc::clone(&writer.coming);
         let head = Arc::clone(&writer.head);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
-        // The first records of this run say what recovery cut and kept aside: records torn
-        // from a batch never acknowledged, or acknowledged ones damaged, which the chain no
-        // longer holds and a subject access search no longer finds.
-        for cut in cuts {
-            let mut record = AuditRecord::system("audit.recovery", "segment_cut");
-            record.decision = super::record::Decision::Error;
-            record.detail = serde_json::to_value(&cut).ok();
-            let (reply, _unread) = oneshot::channel();
-            tx.try_send(Pending { record, reply })
-                .map_err(|_| anyhow::anyhow!("cannot queue the record of a recovery cut"))?;
-        }
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 coming,
@@ -506,6 +494,9 @@ impl Writer {
         writer.dir_dirty = false;
         tracing::info!(dir = %writer.dir.display(), segment = writer.segment,
             next_seq = writer.next_seq, "audit log opened");
+        writer.record_cuts().context(
+            "cannot record in the audit log what recovery cut from it (the next start tries again)",
+        )?;
         // Segments finished before a crash may lack their seal.
         let unsealed: Vec<u64> = super::segment::list_segments(&writer.dir)
             .unwrap_or_default()
@@ -517,6 +508,42 @@ impl Writer {
             writer.seal_queue.push(n);
         }
         Ok(writer)
+    }
+
+    /// The first records of this run, durable before the log takes any other: what recovery
+    /// cut and kept aside (records torn from a batch never acknowledged, or acknowledged ones
+    /// damaged, which the chain no longer holds and a subject access search no longer finds).
+    /// Each cut's `.pending` note goes once its record is durable.
+    fn record_cuts(&mut self) -> anyhow::Result<()> {
+        let cuts = std::mem::take(&mut self.cuts);
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        let mut replies = Vec::new();
+        let mut batch = Vec::new();
+        for cut in &cuts {
+            let mut record = AuditRecord::system("audit.recovery", "segment_cut");
+            record.decision = super::record::Decision::Error;
+            record.detail = Some(serde_json::to_value(cut)?);
+            let (reply, done) = oneshot::channel();
+            batch.push(Pending { record, reply });
+            replies.push(done);
+        }
+        self.commit(batch);
+        for mut done in replies {
+            match done.try_recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => anyhow::bail!("{e}"),
+                Err(_) => anyhow::bail!("the record was not written"),
+            }
+        }
+        // In page-cache mode too: the notes go only once the records are on disk.
+        self.ensure_open()?.sync_data()?;
+        for cut in &cuts {
+            std::fs::remove_file(&cut.pending)
+                .with_context(|| format!("cannot remove `{}`", cut.pending.display()))?;
+        }
+        Ok(())
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
@@ -1113,8 +1140,51 @@ mod tests {
         let aside = dir
             .path()
             .join(cut["detail"]["kept_aside"].as_str().unwrap());
-        assert_eq!(std::fs::read(aside).unwrap(), &damaged[second..]);
+        assert_eq!(std::fs::read(&aside).unwrap(), &damaged[second..]);
         assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
+        // Recorded, its note is gone: the next start records nothing more.
+        let mut note = aside.into_os_string();
+        note.push(".pending");
+        assert!(!std::path::Path::new(&note).exists());
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        log.shutdown().await;
+        assert_eq!(lines(dir.path()).len(), 3);
+    }
+
+    /// A start that cut a segment and failed before recording it leaves its note: the next
+    /// start records the cut then, first, and removes the note.
+    #[tokio::test]
+    async fn a_cut_not_yet_recorded_is_recorded_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, 64 << 20)).unwrap();
+        log.append(sample(1)).await.unwrap();
+        log.shutdown().await;
+        drop(log);
+        let note = dir
+            .path()
+            .join(format!("{}.cut-1700000000.pending", segment_name(1)));
+        let said = serde_json::json!({
+            "segment": segment_name(1), "from_byte": 400, "bytes": 900, "whole_lines": 2,
+            "kept_aside": format!("{}.cut-1700000000", segment_name(1)),
+        });
+        std::fs::write(&note, said.to_string()).unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, 64 << 20)).unwrap();
+        log.append(sample(2)).await.unwrap();
+        log.shutdown().await;
+        let kept: Vec<serde_json::Value> = lines(dir.path())
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 3);
+        assert_eq!(kept[1]["reason"], "segment_cut");
+        assert_eq!(kept[1]["detail"], said);
+        assert!(!note.exists());
+        // A note that says nothing readable stops the start, naming it.
+        std::fs::write(&note, "{").unwrap();
+        let e = AuditLog::open(settings(dir.path(), Durability::PageCache, 64 << 20))
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains(".pending"), "{e:#}");
     }
 
     #[tokio::test]
