@@ -108,8 +108,8 @@ impl Drop for InFlight {
 /// hyper (or it is dropped). Not until that frame has been sent: an HTTP/2 client may keep
 /// its window shut and never take it, and a connection whose every response is written but
 /// not taken is idle, closed and then dropped (`drive`), not held for ever by a client with
-/// no token. (A client too slow to take a response's last frame, at most an export's chunk,
-/// within two idle bounds loses it.)
+/// no token. A slow client still taking a large last frame is not idle: the bytes written to
+/// it count as activity (`server::FirstBytes`).
 pub(crate) struct Tracked<B> {
     inner: B,
     request: Option<InFlight>,

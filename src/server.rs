@@ -298,13 +298,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
     }
 }
 
+/// A write larger than this is an answer's bytes going to the client, and the connection is
+/// not idle while they go (`Activity::touch`): a slow client still taking a large answer's
+/// last frame is not closed under it. Smaller ones are HTTP/2's own frames (a keep-alive
+/// `PING` is 17 bytes, under 50 with TLS's record around it), which must not keep an idle
+/// connection open.
+const ANSWER_BYTES: usize = 64;
+
+impl<T> FirstBytes<T> {
+    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written
+            && *n > ANSWER_BYTES
+        {
+            self.activity.touch();
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -312,7 +332,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1660,6 +1660,50 @@ async fn an_http2_client_that_never_takes_its_answer_does_not_hold_the_connectio
     app.stop().await;
 }
 
+/// A slow HTTP/2 client still taking a large page (its one frame handed on long before) is
+/// not idle while the page's bytes go to it: it gets the whole page, though that takes many
+/// times `server.header_read_timeout`.
+#[tokio::test]
+async fn a_slow_http2_client_gets_its_whole_page() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let app = app_with_header_timeout_of_a_second().await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(4 * 1024)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/voter/electors?per_page=1000", app.addr))
+        .header("authorization", format!("Bearer {}", app.token("analyst")))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (started, mut got) = (std::time::Instant::now(), Vec::new());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the page was cut off");
+        if let Some(data) = frame.data_ref() {
+            got.extend_from_slice(data);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let page: serde_json::Value = serde_json::from_slice(&got).unwrap();
+    assert!(page["records"].as_array().unwrap().len() > 100);
+    // (Slower than two idle bounds, or the test would not test it.)
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
 /// `server.max_connections`: a client holding that many connections open (idle, sending
 /// nothing) does not get the process's descriptors. The next connection waits, unaccepted,
 /// until one of them closes, and is then served. The admin plane has its own limit, and it
