@@ -66,10 +66,10 @@ impl Route {
     }
 
     /// The names of the filters that narrow the request, as its policies see them
-    /// (`context.filters`): each filter given, but `postcode` only as a postcode sector or
-    /// finer (`LS15 8`, `LS15 8AB`): a district or area (`LS15`, `L`) is a prefix of tens of
-    /// thousands of addresses, and a look-up rule (`purpose.casework-looks-up`) must not be
-    /// met by one.
+    /// (`context.filters`): each filter given, but `postcode` only down to part of a sector
+    /// (`LS15 8A`, `LS15 8AB`; `postcode_sector`): a district or area (`LS15`, `L`) is a prefix
+    /// of tens of thousands of addresses, and a look-up rule (`purpose.casework-looks-up`)
+    /// must not be met by one.
     pub fn narrowing(&self) -> Vec<String> {
         (self.filters.iter())
             .filter(|(name, value)| name.as_str() != "postcode" || postcode_sector(value))
@@ -321,8 +321,11 @@ fn decode(raw: &str) -> Result<String, GatewayError> {
         .map_err(|_| GatewayError::BadRequest("a query parameter is not valid UTF-8".to_owned()))
 }
 
-/// Whether `value` is a UK postcode's outward code, a space and at least its sector's digit
-/// (`LS15 8`, `SW1A 1AA`), in either case: letters and digits only around the one space.
+/// Whether `value` is a UK postcode's outward code, a space, its sector's digit and at least
+/// one letter of the unit (`LS15 8A`, `SW1A 1AA`), in either case: letters and digits only
+/// around the one space. Not the sector alone: datastores match a postcode prefix with its
+/// spaces taken out, so `LS1 5` is `LS15`, a whole district; a sector's digit followed by a
+/// letter cannot be read so (no district is followed by a letter).
 fn postcode_sector(value: &str) -> bool {
     let Some((outward, inward)) = value.trim().split_once(' ') else {
         return false;
@@ -334,8 +337,8 @@ fn postcode_sector(value: &str) -> bool {
         && o[letters].is_ascii_digit()
         && o.iter().all(u8::is_ascii_alphanumeric)
         && inward.as_bytes().first().is_some_and(u8::is_ascii_digit)
-        && inward.len() <= 3
-        && inward.bytes().all(|b| b.is_ascii_alphanumeric())
+        && (2..=3).contains(&inward.len())
+        && inward.bytes().skip(1).all(|b| b.is_ascii_alphabetic())
 }
 
 /// Filter values are codes, names and postcodes: nothing that is syntax anywhere downstream,
