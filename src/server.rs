@@ -298,19 +298,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
     }
 }
 
-/// A write larger than this is an answer's bytes going to the client, and the connection is
-/// not idle while they go (`Activity::touch`): a slow client still taking a large answer's
-/// last frame is not closed under it. Smaller ones are HTTP/2's own frames (a keep-alive
-/// `PING` is 17 bytes, under 50 with TLS's record around it), which must not keep an idle
-/// connection open.
-const ANSWER_BYTES: usize = 64;
-
 impl<T> FirstBytes<T> {
+    /// What was written counts against what answers owe (`Activity::wrote`).
     fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = written
-            && *n > ANSWER_BYTES
-        {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = written {
+            self.activity.wrote(*n);
         }
     }
 }
