@@ -265,7 +265,15 @@ fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Opt
     let end = last_newline(&mut file, written)?.map_or(0, |p| p + 1);
     if end < len {
         let torn = written - end;
-        if torn_after {
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let noted =
+            (cuts.iter()).any(|c| Some(&c.segment) == file_name.as_ref() && c.from_byte == end);
+        if torn_after && noted {
+            // Kept aside and noted by a start that stopped before cutting: cut now, recorded
+            // once, from that note.
+            tracing::error!(segment = %name, from_byte = end,
+                "cutting an audit segment as an earlier start noted it would");
+        } else if torn_after {
             // A batch torn over made-ready space looks like this, and so does a page of
             // acknowledged records zeroed by a fault or by hand: what is cut is kept aside.
             let (kept, whole_lines) =
@@ -291,9 +299,14 @@ fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Opt
                     .unwrap_or_default(),
                 pending: PathBuf::from(pending),
             };
-            // Durably, before the segment is cut (below).
-            std::fs::write(&cut.pending, serde_json::to_vec(&cut)?)
-                .and_then(|()| File::open(&cut.pending)?.sync_all())
+            // Durably and whole (written aside, then renamed), before the segment is cut
+            // (below).
+            let mut staged = cut.pending.clone().into_os_string();
+            staged.push(".tmp");
+            let staged = PathBuf::from(staged);
+            std::fs::write(&staged, serde_json::to_vec(&cut)?)
+                .and_then(|()| File::open(&staged)?.sync_all())
+                .and_then(|()| std::fs::rename(&staged, &cut.pending))
                 .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
                 .with_context(|| format!("cannot note what is cut from `{name}`"))?;
             cuts.push(cut);

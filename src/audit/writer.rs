@@ -529,7 +529,11 @@ impl Writer {
             batch.push(Pending { record, reply });
             replies.push(done);
         }
+        // Synced whatever the durability mode (and before a roll the batch may cause): the
+        // notes go only once their records are on disk.
+        let durability = std::mem::replace(&mut self.durability, Durability::Fsync);
         self.commit(batch);
+        self.durability = durability;
         for mut done in replies {
             match done.try_recv() {
                 Ok(Ok(_)) => {}
@@ -537,12 +541,11 @@ impl Writer {
                 Err(_) => anyhow::bail!("the record was not written"),
             }
         }
-        // In page-cache mode too: the notes go only once the records are on disk.
-        self.ensure_open()?.sync_data()?;
         for cut in &cuts {
             std::fs::remove_file(&cut.pending)
                 .with_context(|| format!("cannot remove `{}`", cut.pending.display()))?;
         }
+        sync_dir(&self.dir)?;
         Ok(())
     }
 
@@ -1149,6 +1152,50 @@ mod tests {
         let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
         log.shutdown().await;
         assert_eq!(lines(dir.path()).len(), 3);
+    }
+
+    /// A start that noted a cut and stopped before making it: the next start makes it and
+    /// records it once, from that note, keeping no second copy.
+    #[tokio::test]
+    async fn a_cut_noted_but_not_made_is_made_and_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        for i in 1..=3 {
+            log.append(sample(i)).await.unwrap();
+        }
+        log.shutdown().await;
+        drop(log);
+        let path = dir.path().join(segment_name(1));
+        let mut text = std::fs::read(&path).unwrap();
+        let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
+        text[second..second + 40].fill(0);
+        std::fs::write(&path, &text).unwrap();
+        let copy = format!("{}.cut-1700000000", segment_name(1));
+        std::fs::write(dir.path().join(&copy), &text[second..]).unwrap();
+        let said = serde_json::json!({
+            "segment": segment_name(1), "from_byte": second, "bytes": text.len() - second,
+            "whole_lines": 2, "kept_aside": copy,
+        });
+        let note = dir.path().join(format!("{copy}.pending"));
+        std::fs::write(&note, said.to_string()).unwrap();
+
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
+        log.shutdown().await;
+        let kept: Vec<serde_json::Value> = lines(dir.path())
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert_eq!(kept[1]["detail"], said);
+        let copies = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".cut-")
+            })
+            .count();
+        assert_eq!(copies, 1, "one copy, no note left");
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 2);
     }
 
     /// A start that cut a segment and failed before recording it leaves its note: the next
