@@ -700,15 +700,7 @@ async fn an_export_whose_client_takes_nothing_is_cut_off() {
         ..AppOptions::default()
     })
     .await;
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .adaptive_window(false)
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = common::http2_with_window(app.addr, 0).await;
     let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
         .header("authorization", format!("Bearer {}", app.token("analyst")))
         .header("x-purpose", "profiling")

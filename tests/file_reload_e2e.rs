@@ -12,11 +12,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde_json::json;
 
 type Client = hyper_util::client::legacy::Client<
@@ -24,30 +23,11 @@ type Client = hyper_util::client::legacy::Client<
     Full<bytes::Bytes>,
 >;
 
-fn audited(dir: &Path, reason: &str) -> Vec<serde_json::Value> {
-    (common::read_audit(&dir.join("audit")).into_iter())
-        .filter(|r| r["reason"] == reason)
-        .collect()
-}
-
 /// Written elsewhere and renamed into place, as the README asks of whatever renews files.
 fn put(dir: &Path, to: &Path, text: &str) {
     let staged = dir.join("staged");
     std::fs::write(&staged, text).unwrap();
     std::fs::rename(&staged, to).unwrap();
-}
-
-/// One sample of the admin plane's `/metrics` (`series` with its labels as written), 0 when
-/// absent.
-async fn metric(client: &Client, admin: SocketAddr, series: &str) -> u64 {
-    let req = http::Request::get(format!("http://{admin}/metrics"))
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let body = client.request(req).await.unwrap().into_body();
-    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
-    (text.lines())
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +65,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         until("serving")(false);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let checks = || metric(&client, admin, "wardgate_file_checks_total");
+    let checks = || common::metric(&client, admin, "wardgate_file_checks_total");
     // `n` more checks made than at `from`.
     let after_checks = |from: u64, n: u64| async move {
         while !until("the checks")(checks().await >= from + n) {
@@ -110,7 +90,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     }
     // The old token verified and was cached before: it stops all the same.
     assert_eq!(status(old_token.clone()).await, 401);
-    let taken = audited(dir.path(), "keys_reloaded");
+    let taken = common::audited(dir.path(), "keys_reloaded");
     assert_eq!(taken.len(), 1, "{taken:?}");
     assert_eq!(taken[0]["route"], "auth.keys");
     assert_eq!(taken[0]["detail"]["trigger"], "files_changed");
@@ -122,7 +102,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         &key_file,
         "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
     );
-    let refused = || audited(dir.path(), "keys_reload_refused");
+    let refused = || common::audited(dir.path(), "keys_reload_refused");
     while !until("the bad key file refused")(!refused().is_empty()) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -139,7 +119,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
 
     // Put back as in use: read again and found unchanged, so nothing is recorded.
     let unchanged = || {
-        metric(
+        common::metric(
             &client,
             admin,
             "wardgate_key_reloads_total{outcome=\"unchanged\"}",
@@ -150,7 +130,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     while !until("the key file read again")(unchanged().await > before) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(audited(dir.path(), "keys_reloaded").len(), 1);
+    assert_eq!(common::audited(dir.path(), "keys_reloaded").len(), 1);
     assert_eq!(refused().len(), 1);
     assert_eq!(status(new_token.clone()).await, 200);
 
@@ -162,7 +142,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         &broken,
         "permit (principal, action, resource) when {",
     );
-    let policy_refused = || audited(dir.path(), "policy_reload_refused");
+    let policy_refused = || common::audited(dir.path(), "policy_reload_refused");
     while !until("the broken pack refused")(!policy_refused().is_empty()) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -178,7 +158,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
     assert_eq!(status(new_token.clone()).await, 200);
     // Taken out again: the pack is the one in force, read and found unchanged.
     let unchanged = || {
-        metric(
+        common::metric(
             &client,
             admin,
             "wardgate_policy_reloads_total{outcome=\"unchanged\"}",
@@ -190,7 +170,7 @@ async fn changed_key_files_and_policies_are_read_without_a_signal_and_bad_ones_r
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(policy_refused().len(), 1);
-    assert!(audited(dir.path(), "policy_reloaded").is_empty());
+    assert!(common::audited(dir.path(), "policy_reloaded").is_empty());
     assert_eq!(status(new_token).await, 200);
 
     child.kill().unwrap();

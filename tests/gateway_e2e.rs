@@ -1636,15 +1636,7 @@ async fn an_http2_client_that_never_takes_its_answer_does_not_hold_the_connectio
     use bytes::Bytes;
     use http_body_util::Full;
     let app = app_with_header_timeout_of_a_second().await;
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .adaptive_window(false)
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = common::http2_with_window(app.addr, 0).await;
     let req = http::Request::get(format!("http://{}/voter/electors", app.addr))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -1668,15 +1660,7 @@ async fn a_slow_http2_client_gets_its_whole_page() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     let app = app_with_header_timeout_of_a_second().await;
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(4 * 1024)
-            .adaptive_window(false)
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = common::http2_with_window(app.addr, 4 * 1024).await;
     let req = http::Request::get(format!("http://{}/voter/electors?per_page=1000", app.addr))
         .header("authorization", format!("Bearer {}", app.token("analyst")))
         .header("x-purpose", "profiling")

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use wardgate::token::KeyPairPem;
@@ -194,35 +194,6 @@ fn token(cfg: &Path, kid: &str, pair: &KeyPairPem) -> String {
     wardgate::demo::mint_tokens(&signer, common::now()).unwrap()["councillor"].clone()
 }
 
-fn audited(dir: &Path, reason: &str) -> Vec<serde_json::Value> {
-    (common::read_audit(&dir.join("audit")).into_iter())
-        .filter(|r| r["reason"] == reason)
-        .collect()
-}
-
-/// One sample of the admin plane's `/metrics` (`series` with its labels as written), 0 when
-/// absent.
-async fn metric(client: &Client, admin: SocketAddr, series: &str) -> u64 {
-    let req = http::Request::get(format!("http://{admin}/metrics"))
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let Ok(resp) = client.request(req).await else {
-        return 0;
-    };
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    (text.lines())
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A provider publishing one key (`idp-a`, `a`), and a `wardgate serve` fetching its set with
 /// `settings`, in front of a demo datastore.
 struct Setup {
@@ -305,7 +276,7 @@ impl Setup {
     }
 
     fn audited(&self, reason: &str) -> Vec<serde_json::Value> {
-        audited(&self.gw_dir, reason)
+        common::audited(&self.gw_dir, reason)
     }
 
     fn fetches(&self) -> usize {
@@ -391,7 +362,7 @@ async fn keys_no_fetch_has_confirmed_within_max_stale_are_dropped_until_one_does
     assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
     assert_eq!(taken[0]["detail"]["keys"], json!({}));
     assert!(
-        metric(
+        common::metric(
             &s.client,
             s.admin,
             "wardgate_jwks_fetches_total{outcome=\"failed\"}"

@@ -1102,26 +1102,32 @@ mod tests {
         assert_eq!(verify_dir(dir.path()).unwrap().records, 5);
     }
 
+    /// A log of three records in its first segment whose second and third records' first
+    /// bytes are then zeroed (the third's line survives after the zeros): the segment as it
+    /// was, as it is, and where the zeros begin.
+    async fn three_records_then_a_zero_page(dir: &Path) -> (Vec<u8>, Vec<u8>, usize) {
+        let log = AuditLog::open(settings(dir, Durability::Fsync, 64 << 20)).unwrap();
+        for i in 1..=3 {
+            log.append(sample(i)).await.unwrap();
+        }
+        log.shutdown().await;
+        drop(log);
+        let path = dir.join(segment_name(1));
+        let text = std::fs::read(&path).unwrap();
+        let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let mut damaged = text.clone();
+        damaged[second..second + 40].fill(0);
+        std::fs::write(&path, &damaged).unwrap();
+        (text, damaged, second)
+    }
+
     /// Records after a zero page (acknowledged ones damaged, or a torn batch's) are cut at the
     /// next start and kept aside, and the chain says so: the first record the log then takes
     /// names the segment, the bytes and the whole lines cut, and where they were kept.
     #[tokio::test]
     async fn a_recovery_cut_is_the_first_record_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
-        for i in 1..=3 {
-            log.append(sample(i)).await.unwrap();
-        }
-        log.shutdown().await;
-        drop(log);
-        let path = dir.path().join(segment_name(1));
-        let text = std::fs::read(&path).unwrap();
-        let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
-        // The second and third records' first page zeroed: the third's line survives after it.
-        let mut damaged = text.clone();
-        let zeroed = second + 40;
-        damaged[second..zeroed].fill(0);
-        std::fs::write(&path, &damaged).unwrap();
+        let (text, damaged, second) = three_records_then_a_zero_page(dir.path()).await;
 
         let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
         log.append(sample(9)).await.unwrap();
@@ -1159,17 +1165,7 @@ mod tests {
     #[tokio::test]
     async fn a_cut_noted_but_not_made_is_made_and_recorded_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 64 << 20)).unwrap();
-        for i in 1..=3 {
-            log.append(sample(i)).await.unwrap();
-        }
-        log.shutdown().await;
-        drop(log);
-        let path = dir.path().join(segment_name(1));
-        let mut text = std::fs::read(&path).unwrap();
-        let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
-        text[second..second + 40].fill(0);
-        std::fs::write(&path, &text).unwrap();
+        let (_, text, second) = three_records_then_a_zero_page(dir.path()).await;
         let copy = format!("{}.cut-1700000000", segment_name(1));
         std::fs::write(dir.path().join(&copy), &text[second..]).unwrap();
         let said = serde_json::json!({

@@ -704,6 +704,60 @@ pub fn hangup(child: &Child) {
     assert!(sent.success());
 }
 
+/// The audit records under `dir/audit` whose `reason` is `reason`.
+pub fn audited(dir: &Path, reason: &str) -> Vec<Value> {
+    (read_audit(&dir.join("audit")).into_iter())
+        .filter(|r| r["reason"] == reason)
+        .collect()
+}
+
+/// One sample of a gateway process's `/metrics` on its admin plane (`series` with its labels
+/// as written), 0 when absent or unreachable.
+pub async fn metric(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+    series: &str,
+) -> u64 {
+    let req = Request::get(format!("http://{admin}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let Ok(resp) = client.request(req).await else {
+        return 0;
+    };
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    (text.lines())
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An HTTP/2 connection (prior knowledge, plain) to `addr` whose streams' receive window is
+/// `window` bytes and stays so (0: the client never takes an answer's body), driven in the
+/// background: its sender, and the task that ends when the connection does.
+pub async fn http2_with_window(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .adaptive_window(false)
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// A certificate authority of the test's own.
 pub struct Ca {
     pub pem: String,
