@@ -7,9 +7,11 @@
 //! request, and is left to do so) but not an HTTP/2 one: past its preface, one stays open
 //! while its peer answers keep-alive pings, idle or with a request's headers unfinished, and
 //! would hold one of the listener's `max_connections` for ever. A request is under way from
-//! the moment its headers are read until its response body has been sent or dropped (a
-//! streamed export counts throughout). An HTTP/2 connection closed for idleness that has not
-//! ended one more bound later (a peer that stops reading) is dropped.
+//! the moment its headers are read until its response body's last frame has been handed to
+//! hyper, or the body dropped (a streamed export counts throughout); an answer's bytes going
+//! to the client count as activity too (`server::FirstBytes`). An HTTP/2 connection closed
+//! for idleness that has not ended one more bound later (a peer that stops reading) is
+//! dropped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::{Body, Buf, Frame, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -29,11 +31,9 @@ pub(crate) struct Activity {
     served: AtomicBool,
     /// It began with HTTP/2's connection preface (`mark_http2`).
     http2: AtomicBool,
-    /// When a request last began or ended, in milliseconds since `start`.
+    /// When a request last began or ended, or an answer's bytes last went to the client
+    /// (`server::FirstBytes`), in milliseconds since `start`.
     last: AtomicU64,
-    /// Bytes of answers handed to the connection and not yet written to the client (as far
-    /// as writes tell: `wrote`).
-    owed: AtomicU64,
     start: Instant,
 }
 
@@ -44,35 +44,15 @@ impl Activity {
             served: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             last: AtomicU64::new(0),
-            owed: AtomicU64::new(0),
             start: Instant::now(),
         })
     }
 
-    /// Notes now as the last time it was busy (a request ended, or its TLS handshake did).
+    /// Notes now as the last time it was busy (a request ended, its TLS handshake did, or an
+    /// answer's bytes went to the client).
     pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
-    }
-
-    /// `n` bytes of an answer were handed to the connection, to be written.
-    fn owe(&self, n: usize) {
-        self.owed.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// `n` bytes were written to the client: while some of what answers owe is going, the
-    /// connection is not idle (a slow client taking a large answer's last frame is not closed
-    /// under it). Writes with nothing owed (HTTP/2's own frames: `PING` answers, `SETTINGS`)
-    /// are no activity: a client could otherwise keep an idle connection open by pinging it.
-    pub(crate) fn wrote(&self, n: usize) {
-        let before = self
-            .owed
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |owed| {
-                (owed > 0).then(|| owed.saturating_sub(n as u64))
-            });
-        if before.is_ok() {
-            self.touch();
-        }
     }
 
     /// A request begins: under way until the guard is dropped (which notes the time: while
@@ -132,19 +112,17 @@ impl Drop for InFlight {
 /// hyper (or it is dropped). Not until that frame has been sent: an HTTP/2 client may keep
 /// its window shut and never take it, and a connection whose every response is written but
 /// not taken is idle, closed and then dropped (`drive`), not held for ever by a client with
-/// no token. A slow client still taking a large last frame is not idle: its frames' bytes are
-/// owed (`Activity::owe`), and writing them counts as activity (`server::FirstBytes`).
+/// no token. A slow client still taking a large last frame is not idle: the answer's bytes
+/// going to it (HTTP/2 `DATA` frames written) count as activity (`server::FirstBytes`).
 pub(crate) struct Tracked<B> {
     inner: B,
     request: Option<InFlight>,
-    activity: Arc<Activity>,
 }
 
 impl<B> Tracked<B> {
     pub(crate) fn new(inner: B, request: InFlight) -> Self {
         Tracked {
             inner,
-            activity: Arc::clone(&request.0),
             request: Some(request),
         }
     }
@@ -160,11 +138,6 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &frame
-            && let Some(data) = f.data_ref()
-        {
-            this.activity.owe(data.remaining());
-        }
         match &frame {
             Poll::Ready(None | Some(Err(_))) => this.request = None,
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.request = None,
@@ -300,50 +273,6 @@ mod tests {
         assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
         drop(unsent);
         assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
-    }
-
-    /// Bytes written count as activity only while answers owe some: a client that pings an
-    /// idle connection (its `PING` answered, 17 bytes) does not keep it open; a slow client
-    /// taking an answer's frame does, until the frame's bytes have gone.
-    #[tokio::test(start_paused = true)]
-    async fn writes_keep_a_connection_busy_only_while_an_answer_is_owed() {
-        let activity = Activity::new();
-        activity.mark_http2();
-        // Idle, pinged every half bound: still idle after the whole bound.
-        let pinging = async {
-            loop {
-                tokio::time::sleep(IDLE / 2).await;
-                activity.wrote(68);
-            }
-        };
-        let started = Instant::now();
-        tokio::select! {
-            () = activity.idle_for(IDLE) => {}
-            () = pinging => unreachable!(),
-        }
-        assert_eq!(started.elapsed(), IDLE);
-
-        // A 1 MB answer handed on: its bytes going out keep the connection busy.
-        let mut page = Tracked::new(
-            http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; 1_000_000])),
-            activity.begin(),
-        );
-        assert!(page.frame().await.unwrap().is_ok());
-        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
-        let draining = async {
-            for _ in 0..100 {
-                tokio::time::sleep(IDLE / 2).await;
-                activity.wrote(10_000);
-            }
-            std::future::pending::<()>().await;
-        };
-        let started = Instant::now();
-        tokio::select! {
-            () = activity.idle_for(IDLE) => {}
-            () = draining => unreachable!(),
-        }
-        // Idle only once the last of the answer has gone (100 writes, half a bound apart).
-        assert_eq!(started.elapsed(), IDLE / 2 * 100 + IDLE);
     }
 
     /// Drives a stand-in connection (it ends once closed, as hyper's graceful shutdown ends

@@ -229,9 +229,12 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
 /// only once it knows the protocol, which it learns from those bytes (up to HTTP/2's 24-byte
 /// preface), so a client that connects and sends nothing, or a few bytes, would otherwise
 /// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone. It also tells
-/// the connection's `Activity` whether those bytes began HTTP/2's preface.
+/// the connection's `Activity` whether those bytes began HTTP/2's preface, and, for HTTP/2,
+/// when an answer's bytes (`DATA` frames) go to the client (`H2Data`).
 struct FirstBytes<T> {
     inner: T,
+    /// Where the frames written so far have got to (HTTP/2 only).
+    written: H2Data,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     left: usize,
     /// The first bytes, until there are enough to tell HTTP/2's preface.
@@ -248,6 +251,7 @@ impl<T> FirstBytes<T> {
     fn new(inner: T, within: Duration, activity: Arc<Activity>) -> Self {
         FirstBytes {
             inner,
+            written: H2Data::default(),
             deadline: Some(Box::pin(tokio::time::sleep(within))),
             left: FIRST_BYTES,
             first: [0; FIRST_BYTES],
@@ -298,11 +302,75 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
     }
 }
 
+/// Reads the HTTP/2 frames a connection writes, as they are written (a write may end inside a
+/// frame's header or payload), and says how many bytes of answers (`DATA` payloads) each write
+/// carried: while they go, a slow client is taking an answer and the connection is not idle.
+/// The connection's own frames (a `PING` answered, `SETTINGS`, `WINDOW_UPDATE`, `GOAWAY`) are
+/// not answers: a client could otherwise keep an idle connection open by pinging it. (The
+/// server writes no preface of its own: its first bytes are a frame.)
+#[derive(Default)]
+struct H2Data {
+    header: [u8; 9],
+    /// Bytes of the current frame's header read (9: its payload is being written).
+    header_read: usize,
+    payload_left: usize,
+    is_data: bool,
+}
+
+impl H2Data {
+    /// How many of `bytes` (the next ones written) are `DATA` payload.
+    fn data_in(&mut self, mut bytes: &[u8]) -> usize {
+        let mut data = 0;
+        while !bytes.is_empty() {
+            if self.header_read < 9 {
+                let n = (9 - self.header_read).min(bytes.len());
+                self.header[self.header_read..self.header_read + n].copy_from_slice(&bytes[..n]);
+                self.header_read += n;
+                bytes = &bytes[n..];
+                if self.header_read == 9 {
+                    let h = self.header;
+                    self.payload_left =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    self.is_data = h[3] == 0;
+                    self.header_read = if self.payload_left == 0 { 0 } else { 9 };
+                }
+            } else {
+                let n = self.payload_left.min(bytes.len());
+                if self.is_data {
+                    data += n;
+                }
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                if self.payload_left == 0 {
+                    self.header_read = 0;
+                }
+            }
+        }
+        data
+    }
+}
+
 impl<T> FirstBytes<T> {
-    /// What was written counts against what answers owe (`Activity::wrote`).
-    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = written {
-            self.activity.wrote(*n);
+    /// Notes what a write sent: an answer's bytes to the client are activity (HTTP/2; an
+    /// HTTP/1 connection's idleness is hyper's to bound).
+    fn wrote(&mut self, bufs: &[std::io::IoSlice<'_>], written: &Poll<std::io::Result<usize>>) {
+        let Poll::Ready(Ok(mut n)) = *written else {
+            return;
+        };
+        if !self.activity.is_http2() {
+            return;
+        }
+        let mut data = 0;
+        for buf in bufs {
+            let take = n.min(buf.len());
+            data += self.written.data_in(&buf[..take]);
+            n -= take;
+            if n == 0 {
+                break;
+            }
+        }
+        if data > 0 {
+            self.activity.touch();
         }
     }
 }
@@ -315,7 +383,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(&written);
+        this.wrote(&[std::io::IoSlice::new(buf)], &written);
         written
     }
 
@@ -326,7 +394,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(&written);
+        this.wrote(bufs, &written);
         written
     }
 
@@ -561,6 +629,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only `DATA` payloads written count as an answer's bytes, however the frames are cut
+    /// across writes: a client's `PING`s answered (a connection's own frames) are not.
+    #[test]
+    fn only_data_frames_written_are_an_answers_bytes() {
+        let frame = |kind: u8, payload: &[u8]| {
+            let n = payload.len();
+            let mut f = vec![
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+                kind,
+                0,
+                0,
+                0,
+                0,
+                1,
+            ];
+            f.extend_from_slice(payload);
+            f
+        };
+        let ping = frame(6, &[7; 8]);
+        let settings = frame(4, &[]);
+        let data = frame(0, &[b'x'; 1000]);
+        let mut w = H2Data::default();
+        // Four PINGs answered in one write (68 bytes), then SETTINGS: nothing of an answer.
+        assert_eq!(w.data_in(&ping.repeat(4)), 0);
+        assert_eq!(w.data_in(&settings), 0);
+        // A DATA frame cut anywhere, its header too: its payload counted exactly once.
+        let mut stream = [ping.clone(), data.clone(), ping.clone(), data.clone()].concat();
+        stream.extend_from_slice(&settings);
+        for cut in [1, 5, 9, 17, 26, 500, 1026, 1050, 2000] {
+            let mut w = H2Data::default();
+            let (a, b) = stream.split_at(cut.min(stream.len()));
+            assert_eq!(w.data_in(a) + w.data_in(b), 2000, "cut at {cut}");
+            assert_eq!(w.data_in(&ping), 0, "in step after the cut at {cut}");
+        }
+        let mut w = H2Data::default();
+        let total: usize = stream
+            .iter()
+            .map(|b| w.data_in(std::slice::from_ref(b)))
+            .sum();
+        assert_eq!(total, 2000, "byte by byte");
+    }
 
     /// Hands out its bytes one at a time, as a slow client's may arrive.
     struct Trickle(Vec<u8>, usize);
