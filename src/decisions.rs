@@ -90,7 +90,7 @@ impl DecisionCache {
         lawful_basis: &str,
         action: RequestAction,
         dataset: &str,
-        filters: &[String],
+        filters: Vec<String>,
     ) -> Verdict {
         let key = RequestKey {
             subject: p.subject.clone(),
@@ -102,12 +102,12 @@ impl DecisionCache {
             lawful_basis: lawful_basis.to_owned(),
             action,
             dataset: dataset.to_owned(),
-            filters: filters.to_vec(),
+            filters,
         };
         if let Some(v) = self.requests.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return v;
         }
-        let verdict = engine.decide_request(ask, action, dataset, filters);
+        let verdict = engine.decide_request(ask, action, dataset, &key.filters);
         remember(&self.requests, key, verdict.clone());
         verdict
     }
@@ -394,7 +394,7 @@ mod tests {
                                 &entry.lawful_basis,
                                 action,
                                 dataset,
-                                &[],
+                                Vec::new(),
                             );
                             assert_eq!(memo, fresh, "{role} {purpose} {action:?} {dataset}");
                         }
@@ -436,7 +436,7 @@ mod tests {
                 basis,
                 RequestAction::List,
                 "voter",
-                &[],
+                Vec::new(),
             );
             let record =
                 Decider::new(&engine, &cache, ask, asker, "voter", &categories).decide(&attrs);

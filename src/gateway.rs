@@ -379,7 +379,7 @@ where
         &entry.lawful_basis,
         route.action(),
         &route.dataset,
-        &route.narrowing(),
+        route.narrowing(),
     );
     trail.policy_ids.extend(verdict.policy_ids.iter().cloned());
     if !verdict.allowed {

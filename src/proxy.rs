@@ -189,7 +189,7 @@ fn pooled(name: &str, u: &UpstreamConfig) -> anyhow::Result<Pooled> {
 /// An error and every cause under it, for the log: hyper-util's client error says only
 /// `client error (Connect)`, and the reason (a refused connection, a certificate from an
 /// unknown CA or for another name) is in its sources.
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let all: Vec<String> = std::iter::successors(Some(e), |e| e.source())
         .map(ToString::to_string)
         .collect();

@@ -271,7 +271,7 @@ fn derive(dir: &Path, n: u64, key_of: impl Fn(&str) -> u64) -> io::Result<(Seal,
 }
 
 /// Writes `path` through a temporary file that is synced and renamed into place.
-fn write_atomically(
+pub(super) fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> io::Result<()> {

@@ -301,12 +301,8 @@ fn recover_segment(path: &Path, cuts: &mut Vec<Cut>) -> anyhow::Result<(u64, Opt
             };
             // Durably and whole (written aside, then renamed), before the segment is cut
             // (below).
-            let mut staged = cut.pending.clone().into_os_string();
-            staged.push(".tmp");
-            let staged = PathBuf::from(staged);
-            std::fs::write(&staged, serde_json::to_vec(&cut)?)
-                .and_then(|()| File::open(&staged)?.sync_all())
-                .and_then(|()| std::fs::rename(&staged, &cut.pending))
+            let note = serde_json::to_vec(&cut)?;
+            super::index::write_atomically(&cut.pending, |w| w.write_all(&note))
                 .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
                 .with_context(|| format!("cannot note what is cut from `{name}`"))?;
             cuts.push(cut);
@@ -359,12 +355,20 @@ fn keep_cut(path: &Path, file: &mut File, from: u64, to: u64) -> io::Result<(Pat
         }
     };
     file.seek(SeekFrom::Start(from))?;
-    let mut cut = Vec::new();
-    (&mut *file).take(to - from).read_to_end(&mut cut)?;
-    out.write_all(&cut)?;
+    // Copied a piece at a time (a segment may be large), counting the lines that end in it.
+    let mut lines = 0;
+    let mut piece = vec![0; 1 << 20];
+    let mut left = to - from;
+    while left > 0 {
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(piece.len());
+        file.read_exact(&mut piece[..n])?;
+        out.write_all(&piece[..n])?;
+        lines += memchr::memchr_iter(b'\n', &piece[..n]).count() as u64;
+        left -= n as u64;
+    }
     out.sync_all()?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-    Ok((kept, memchr::memchr_iter(b'\n', &cut).count() as u64))
+    Ok((kept, lines))
 }
 
 /// Where the first NUL byte of `file` is, if it has one, and where its last byte that is not

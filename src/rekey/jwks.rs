@@ -81,13 +81,8 @@ async fn fetch_set(src: &JwksUrl) -> anyhow::Result<String> {
         )
         .body(Empty::new())?;
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| {
-            let why: Vec<String> =
-                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                    .map(ToString::to_string)
-                    .collect();
-            anyhow::anyhow!("{}", why.join(": "))
-        })?;
+        let resp = (client.request(req).await)
+            .map_err(|e| anyhow::anyhow!("{}", crate::proxy::causes(&e)))?;
         let status = resp.status();
         if status.is_redirection() {
             anyhow::bail!(

@@ -5,12 +5,13 @@
 //! One that passes is recorded in the audit log first (with what set it off, `trigger`) and
 //! then used: a change that cannot be recorded is not made. Nothing is recorded for TLS files
 //! or a pack that did not change (a key reload a signal asks for is recorded each time; one
-//! a file change sets off, only when a key changed). Reloads run one at a time (`RELOADS`),
-//! so an older reading can never replace a newer one.
+//! a file change, a fetch or a stale set sets off, only when a key changed). Reloads run one
+//! at a time (`RELOADS`), so an older reading can never replace a newer one.
 //!
 //! - The key files the configuration named at start (`[[auth.keys]]`' PEM files,
-//!   `auth.jwks_file`), and the JWK set fetched from `auth.jwks_url` (`jwks`, every
-//!   `auth.jwks_refresh` rather than on a signal or a file change): the record says which keys (id and fingerprint) are new, gone or
+//!   `auth.jwks_file`), and the JWK set fetched from `auth.jwks_url` (`jwks`: every
+//!   `auth.jwks_refresh`, early for a key not trusted, and at once on a signal; dropped past
+//!   `auth.jwks_max_stale`): the record says which keys (id and fingerprint) are new, gone or
 //!   replaced, and every cached token is forgotten, so a key removed or replaced stops its
 //!   tokens at once; requests and streams under way stop at their next check
 //!   (`Verifier::still_trusts`).
