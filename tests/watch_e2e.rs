@@ -1027,6 +1027,61 @@ async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again()
     assert_eq!(a["containment"]["outcome"], "revoked", "{a}");
 }
 
+/// An alert the breach log cannot take is not lost: it is not raised meanwhile (no alert the
+/// console could not act on), it is tried again, and once the disk has room it is recorded
+/// with the time it was detected, not the time it could be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
+    let scratch = tempfile::tempdir().unwrap();
+    let watch = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+        return;
+    };
+    let at = watch.join("breach-log.jsonl");
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
+        ..AppOptions::default()
+    })
+    .await;
+    common::fill(&watch);
+    let token = app.token("councillor");
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.gw.watch.breach.is_healthy() {
+        assert!(Instant::now() < deadline, "the alert was never tried");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // A few retries' worth of failing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !alerts(&app)
+            .await
+            .iter()
+            .any(|a| a["rule"] == "unusual_hours"),
+        "an alert the breach log did not take is not shown"
+    );
+    let freed = time::OffsetDateTime::now_utc();
+    std::fs::remove_file(watch.join("filler")).unwrap();
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    let detected = time::OffsetDateTime::parse(
+        alert["detected_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        detected + time::Duration::seconds(2) < freed,
+        "detected at {detected}, recorded after {freed}"
+    );
+}
+
 /// An alert the disk can take only part of is cut back off the breach log, so the next one is
 /// written whole and the log still opens at the next start (a joined line would stop it).
 #[test]

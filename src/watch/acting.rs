@@ -8,8 +8,10 @@
 //! dropped would not be raised again. Owed findings are bounded too: past [`MAX_OWED`], those
 //! about callers nobody could name (keyed on an address, which an attacker can multiply) give
 //! way to those about principals, and are counted as dropped
-//! (`wardgate_watch_findings_dropped_total`). At stop, what is queued or owed is acted on for
-//! [`FINISH_WITHIN`]; after that the rest is logged and counted, never cut off half done.
+//! (`wardgate_watch_findings_dropped_total`). A finding whose alert the breach log could not
+//! take ([`super::act`] hands it back) is tried again after a pause ([`Again`]). At stop, what
+//! is queued, owed or to be tried again is acted on for [`FINISH_WITHIN`]; after that the rest
+//! is logged and counted, never cut off half done.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -50,21 +52,51 @@ impl Acting {
         let giving_up = Arc::clone(&give_up);
         let task = tokio::spawn(async move {
             let mut left = Left::default();
-            while let Some(f) = rx.recv().await {
+            let mut again = Again::default();
+            loop {
+                // A finding the breach log could not take comes first once its time is due:
+                // there are few, and an alert storm must not hold them back.
+                let f = tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(again.at), if !again.is_empty() => {
+                        match again.pop() {
+                            Some(f) => f,
+                            None => continue,
+                        }
+                    }
+                    f = rx.recv() => match f {
+                        Some(f) => f,
+                        // Stopping: what is still to be tried again is, until given up
+                        // (looked at every second).
+                        None if !again.is_empty() && !giving_up.load(Ordering::Relaxed) => {
+                            let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+                            tokio::time::sleep_until(again.at.min(soon)).await;
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
                 if giving_up.load(Ordering::Relaxed) {
                     left.count(&f);
                     continue;
                 }
                 // One finding's panic must not end alerting for the rest of the process.
                 let (rule, key) = (f.rule, f.key.clone());
-                let acted = std::panic::AssertUnwindSafe(super::act(&gw, f, "local", Vec::new()))
+                let acted = std::panic::AssertUnwindSafe(super::act(&gw, f, "local"))
                     .catch_unwind()
                     .await;
-                if acted.is_err() {
-                    metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => rule.name())
-                        .increment(1);
-                    tracing::error!(%rule, principal = %key, "breach detection: acting on a finding panicked");
+                match acted {
+                    Ok(None) => again.recorded(),
+                    Ok(Some(f)) => again.push(f),
+                    Err(_) => {
+                        metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => rule.name())
+                            .increment(1);
+                        tracing::error!(%rule, principal = %key, "breach detection: acting on a finding panicked");
+                    }
                 }
+            }
+            while let Some(f) = again.pop() {
+                left.count(&f);
             }
             left.log("detection stopped before they were acted on");
         });
@@ -138,6 +170,60 @@ impl Acting {
                 }
             }
         }
+    }
+}
+
+/// Findings whose alert the breach log could not take, tried again (the newest per rule and
+/// principal, at most [`MAX_AGAIN`]) after a pause that doubles from [`AGAIN_AFTER`] to
+/// [`AGAIN_AT_MOST`] while the log keeps failing, and starts again once an alert is recorded.
+/// The log fails for everyone at once (a full disk, an I/O error), so one pause serves all.
+pub(super) struct Again {
+    owed: Owed,
+    at: tokio::time::Instant,
+    pause: Duration,
+}
+
+const AGAIN_AFTER: Duration = Duration::from_secs(1);
+const AGAIN_AT_MOST: Duration = Duration::from_secs(30);
+const MAX_AGAIN: usize = 4096;
+
+impl Default for Again {
+    fn default() -> Self {
+        Again {
+            owed: Owed::default(),
+            at: tokio::time::Instant::now(),
+            pause: AGAIN_AFTER,
+        }
+    }
+}
+
+impl Again {
+    pub(super) fn is_empty(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    /// Whether a finding is to be tried again now.
+    pub(super) fn is_due(&self) -> bool {
+        !self.is_empty() && tokio::time::Instant::now() >= self.at
+    }
+
+    pub(super) fn pop(&mut self) -> Option<Finding> {
+        self.owed.pop()
+    }
+
+    pub(super) fn push(&mut self, f: Finding) {
+        self.at = tokio::time::Instant::now() + self.pause;
+        self.pause = (self.pause * 2).min(AGAIN_AT_MOST);
+        let key = (f.rule, f.key.clone());
+        if self.owed.by_key.len() >= MAX_AGAIN && !self.owed.by_key.contains_key(&key) {
+            dropped(&f, "too many alerts the breach log could not take");
+            return;
+        }
+        self.owed.push_back(f);
+    }
+
+    pub(super) fn recorded(&mut self) {
+        self.pause = AGAIN_AFTER;
     }
 }
 
@@ -218,6 +304,14 @@ impl Owed {
         self.by_key.remove(&key)
     }
 
+    /// Holds `f` (the newest per rule and principal), last in line, without a bound.
+    fn push_back(&mut self, f: Finding) {
+        let key = (f.rule, f.key.clone());
+        if self.by_key.insert(key.clone(), f).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
     /// Puts back a finding `pop` gave, first in line.
     fn unpop(&mut self, f: Finding) {
         let key = (f.rule, f.key.clone());
@@ -242,6 +336,8 @@ mod tests {
             summary: summary.to_owned(),
             addresses: Vec::new(),
             at_ms: 0,
+            marked: false,
+            refs: Vec::new(),
         }
     }
 

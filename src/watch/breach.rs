@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,10 @@ pub const REPORT_WITHIN_HOURS: i64 = 72;
 
 /// How many of the newest alerts memory holds (and the console lists).
 pub const ALERTS_KEPT: usize = 10_000;
+
+/// How long after a failed append the log is taken as unable to record (`is_healthy`), unless
+/// an append succeeds meanwhile.
+pub const UNHEALTHY_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Alert {
@@ -132,6 +137,8 @@ struct State {
     /// A failed append could not be cut off: nothing more is appended until a restart (which
     /// cuts the torn line), or the next line would be joined to it.
     broken: bool,
+    /// When the last append failed, unless one has succeeded since (`is_healthy`).
+    failed_at: Option<Instant>,
 }
 
 impl BreachLog {
@@ -189,12 +196,21 @@ impl BreachLog {
                 keep,
                 older,
                 broken: false,
+                failed_at: None,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether alerts can be expected to be recorded: no append has failed in the last
+    /// [`UNHEALTHY_FOR`] without one succeeding since, and none is stuck unmended. The
+    /// cross-replica leader asks before it marks alerts as raised for every replica.
+    pub fn is_healthy(&self) -> bool {
+        let s = self.lock();
+        !s.broken && s.failed_at.is_none_or(|t| t.elapsed() >= UNHEALTHY_FOR)
     }
 
     /// Appends a new alert (blocking: call off the async workers).
@@ -319,6 +335,7 @@ fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
     line.push(b'\n');
     let before = s.file.metadata()?.len();
     if let Err(e) = s.file.write_all(&line).and_then(|()| s.file.sync_data()) {
+        s.failed_at = Some(Instant::now());
         if let Err(cut) = s.file.set_len(before).and_then(|()| s.file.sync_data()) {
             tracing::error!(error = %cut,
                 "cannot cut a failed entry off the breach log; no more are appended until a restart");
@@ -326,6 +343,7 @@ fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
         }
         return Err(e.into());
     }
+    s.failed_at = None;
     apply(&mut s.alerts, entry);
     Ok(())
 }

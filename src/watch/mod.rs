@@ -179,36 +179,55 @@ pub async fn run(gw: Arc<Gateway>) {
 /// token may carry (`auth`), so that no caller's revocation reads as the detector's.
 pub const ACTOR: &str = "wardgate-watch";
 
-/// Does what a finding's mode says: count it, alert on it, or alert and contain. `refs` name
-/// the evidence as `REPLICA#SEQ` when it spans replicas (the shared detector).
-pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String>) {
+/// Does what a finding's mode says: count it, alert on it, or alert and contain.
+///
+/// An alert the breach log cannot take is not raised: its mark as raised across replicas is
+/// taken back, nothing is published or written about it, and the finding is handed back
+/// (`Some`) for the caller to offer again. Its rule is already quiet for the principal and
+/// its evidence spent, so a finding let go here would be an alert lost for good; and a mark
+/// left standing would keep every other replica from raising it for the cooldown.
+#[must_use = "a finding handed back was not recorded and must be offered again"]
+pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Finding> {
     metrics::counter!("wardgate_watch_findings_total",
         "rule" => f.rule.name(), "mode" => mode_name(f.mode), "scope" => scope)
     .increment(1);
     if f.mode == Mode::Off {
-        return;
+        return None;
     }
     if f.mode == Mode::Monitor {
         tracing::info!(rule = %f.rule, principal = %f.key, summary = %f.summary, scope, "rule matched (monitor only)");
         let data = json!({ "rule": f.rule, "principal": f.key, "summary": f.summary, "evidence": f.evidence, "scope": scope });
         gw.watch
             .publish(alert_event("match", &f.key, data.to_string()));
-        return;
+        return None;
     }
     if let Some(sh) = &gw.watch.shared
+        && !f.marked
         && !sh
             .first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)
             .await
     {
         tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
-        return;
+        return None;
     }
+    // Awareness is when the finding was made (its last record's time), not when it is acted
+    // on: a queue behind an alert storm, or the breach log's retries, must not move the
+    // 72-hour clock later.
     let now = time::OffsetDateTime::now_utc();
-    let report_by = now + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
+    let detected = (f.at_ms > 0)
+        .then(|| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(f.at_ms) * 1_000_000))
+        .and_then(Result::ok)
+        .filter(|t| *t <= now)
+        .unwrap_or(now);
+    let report_by = detected + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
     let alert = Alert {
         // 64 random bits: an alert storm must not give two alerts one id (containment and
         // classification find an alert by it), across replicas too.
-        id: format!("A-{}-{:016x}", now.unix_timestamp(), rand::random::<u64>()),
+        id: format!(
+            "A-{}-{:016x}",
+            detected.unix_timestamp(),
+            rand::random::<u64>()
+        ),
         rule: f.rule,
         mode: f.mode,
         summary: if scope == "shared" {
@@ -220,29 +239,35 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
         key: f.key.clone(),
         client_addr: f.client_addr.clone(),
         addresses: f.addresses.clone(),
-        evidence: if refs.is_empty() {
+        evidence: if f.refs.is_empty() {
             f.evidence.clone()
         } else {
             Vec::new()
         },
-        evidence_refs: refs,
-        detected_at: AuditRecord::ts_of(now),
+        evidence_refs: f.refs.clone(),
+        detected_at: AuditRecord::ts_of(detected),
         report_by: AuditRecord::ts_of(report_by),
         containment: None,
         classification: None,
         history: Vec::new(),
     };
-    tracing::warn!(alert = %alert.id, rule = %f.rule, principal = %f.key, summary = %alert.summary, "breach alert");
     let log = gw.watch.breach.clone();
     let stored = alert.clone();
-    match tokio::task::spawn_blocking(move || log.add(stored)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            metrics::counter!("wardgate_breach_log_failures_total").increment(1);
-            tracing::error!(error = %e, alert = %alert.id, "alert not written to the breach log");
+    let failed = match tokio::task::spawn_blocking(move || log.add(stored)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(format!("the breach log writer task failed: {e}")),
+    };
+    if let Some(e) = failed {
+        metrics::counter!("wardgate_breach_log_failures_total").increment(1);
+        tracing::error!(error = %e, rule = %f.rule, principal = %f.key,
+            "alert not written to the breach log: not raised; it is tried again");
+        if let Some(sh) = &gw.watch.shared {
+            f.marked = !sh.withdraw_alert(f.rule, &f.key).await;
         }
-        Err(e) => tracing::error!(error = %e, "breach log writer task failed"),
+        return Some(f);
     }
+    tracing::warn!(alert = %alert.id, rule = %f.rule, principal = %f.key, summary = %alert.summary, "breach alert");
     // The audit log's copy leaves client addresses where the writer seals them (the record's
     // own `client_addr`, shredded with its day's key) or to the evidence records: the chain
     // keeps its records for the whole retention and none can be edited out of it.
@@ -266,6 +291,7 @@ pub async fn act(gw: &Gateway, f: Finding, scope: &'static str, refs: Vec<String
     if f.mode == Mode::Contain {
         contain(gw, alert).await;
     }
+    None
 }
 
 /// Revokes, on every replica, every token the alert's caller holds (`containment`), logging

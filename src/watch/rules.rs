@@ -122,6 +122,12 @@ pub struct Finding {
     pub addresses: Vec<String>,
     /// When the last piece of evidence was recorded, Unix milliseconds.
     pub at_ms: i64,
+    /// Raised across replicas by this replica (`first_to_alert`) in an attempt that could not
+    /// record it nor take the mark back: the next attempt goes ahead without asking.
+    pub marked: bool,
+    /// The evidence as `REPLICA#SEQ`, when it spans replicas (the shared detector fills it
+    /// in; `evidence` is then its own numbering).
+    pub refs: Vec<String>,
 }
 
 #[derive(Default)]
@@ -539,6 +545,8 @@ impl Detector {
             summary,
             addresses: Vec::new(),
             at_ms: ev.at,
+            marked: false,
+            refs: Vec::new(),
         });
         true
     }

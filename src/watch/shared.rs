@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::gateway::Gateway;
 
+use super::acting::Again;
 use super::rules::{Detector, Observation};
 use super::settings::Rule;
 
@@ -166,6 +167,32 @@ impl Shared {
         !matches!(set, Ok(None))
     }
 
+    /// Takes back this replica's mark that `rule` was raised for `key` (`first_to_alert`),
+    /// when the alert could not be recorded: compared and deleted in one step, so that a mark
+    /// another replica set since is left. If Redis cannot be reached the mark stays until its
+    /// cooldown ends, and this replica's next attempt goes ahead without asking (false: the
+    /// mark may stand). A mark that is not this replica's (this one's ended, another raised it
+    /// since) is left, and its alert is the other replica's to record.
+    pub async fn withdraw_alert(&self, rule: Rule, key: &str) -> bool {
+        const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
+            return false;
+        };
+        let flag = format!("{}:alerted:{rule}:{key}", self.stream);
+        let taken: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(IF_MINE)
+            .arg(1)
+            .arg(&flag)
+            .arg(&self.replica)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = &taken {
+            tracing::warn!(error = %e, %rule, principal = key,
+                "cannot take back the mark of an alert not recorded: other replicas stay quiet about it until its cooldown ends");
+        }
+        taken.is_ok()
+    }
+
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
@@ -221,20 +248,33 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
 /// replica's accesses.
 pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut leading: Option<Leader> = None;
+    // Findings whose alert the breach log could not take, tried again whether or not this
+    // replica still leads: any replica may record an alert, and the mark was taken back.
+    let mut again = Again::default();
     loop {
         if *stop.borrow() {
-            return;
+            break;
+        }
+        while again.is_due() {
+            let Some(f) = again.pop() else { break };
+            match super::act(&gw, f, "shared").await {
+                None => again.recorded(),
+                Some(f) => {
+                    again.push(f);
+                    break;
+                }
+            }
         }
         let step = async {
             let mut conn = shared.connection().await?;
-            if !gw.audit.is_healthy() {
+            if !gw.audit.is_healthy() || !gw.watch.breach.is_healthy() {
                 // A leader that cannot record would still mark the alerts it finds as raised
                 // (`first_to_alert`), silencing every other replica's detector, and record
                 // none: it gives the lease up, and what it read and did not acknowledge goes
                 // to the next leader (`XAUTOCLAIM`).
                 if leading.take().is_some() {
                     tracing::warn!(replica = %shared.replica,
-                        "the audit log cannot be written: giving up cross-replica breach detection");
+                        "the audit log or the breach log cannot be written: giving up cross-replica breach detection");
                 }
                 give_up_lease(&shared, &mut conn).await?;
                 return Ok(false);
@@ -267,7 +307,8 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
                         .arg(10_000)
                         .query_async(&mut conn)
                         .await?;
-                    l.examine(&gw, &shared, &mut conn, claimed.claimed).await?;
+                    l.examine(&gw, &shared, &mut conn, claimed.claimed, &mut again)
+                        .await?;
                     leading.insert(l)
                 }
             };
@@ -287,7 +328,9 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
             let ids = read
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
                 .unwrap_or_default();
-            leader.examine(&gw, &shared, &mut conn, ids).await?;
+            leader
+                .examine(&gw, &shared, &mut conn, ids, &mut again)
+                .await?;
             Ok(true)
         };
         let pause = match step.await {
@@ -301,8 +344,14 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
         };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         }
+    }
+    while let Some(f) = again.pop() {
+        tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
+            "cross-replica breach detection stopped before the breach log could take this alert");
+        metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+            .increment(1);
     }
 }
 
@@ -366,6 +415,7 @@ impl Leader {
         shared: &Shared,
         conn: &mut MultiplexedConnection,
         ids: Vec<redis::streams::StreamId>,
+        again: &mut Again,
     ) -> redis::RedisResult<()> {
         for sid in &ids {
             let Some(entry) = sid
@@ -392,13 +442,15 @@ impl Leader {
             {
                 self.refs.remove(&old);
             }
-            for f in self.detector.observe_access(self.next, &entry.o) {
-                let refs = f
+            for mut f in self.detector.observe_access(self.next, &entry.o) {
+                f.refs = f
                     .evidence
                     .iter()
                     .filter_map(|n| self.refs.get(n).cloned())
                     .collect();
-                super::act(gw, f, "shared", refs).await;
+                if let Some(f) = super::act(gw, f, "shared").await {
+                    again.push(f);
+                }
             }
         }
         if !ids.is_empty() {
