@@ -505,7 +505,20 @@ where
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
             let register = register_now(gw, &principal)?;
-            let cx = FilterContext::new(dataset, &register);
+            // A postcode the read names is the record's, or nothing of it leaves: the
+            // datastore answers a read by id whatever the postcode, and a look-up purpose's
+            // rule is met only by a caller who knew where the person lives.
+            if let Some(wanted) = route.filters.get(routes::READ_FILTER) {
+                let cx = FilterContext::new(dataset, &register);
+                let held = filter::single_text(&body, envelope, &cx, routes::READ_FILTER)
+                    .map_err(malformed)?;
+                if !held.is_some_and(|p| routes::postcode_matches(&p, wanted)) {
+                    trail.withhold_target("filter_mismatch", Vec::new());
+                    return Err(GatewayError::NotFound);
+                }
+            }
+            let filtered_on = route.filtered_categories(dataset);
+            let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
             let mut refused = None;
             let (out, d) = filter::filter_single(&body, envelope, &cx, &mut |a| {
                 let verdict = decider.decide(a);

@@ -100,6 +100,8 @@ impl Route {
 }
 
 const MAX_VALUE_LEN: usize = 64;
+/// The one filter a read by id takes (`postcode_matches`).
+pub const READ_FILTER: &str = "postcode";
 /// An aggregate groups by at most this many fields: each one more splits the cells finer,
 /// and suppression hides more of them.
 pub const MAX_GROUP_FIELDS: usize = 3;
@@ -173,7 +175,12 @@ pub fn resolve(
             .iter()
             .filter(|f| dataset.fields.get(*f).is_some_and(|c| c == AREA_CATEGORY))
             .collect(),
-        RouteKind::Read { .. } | RouteKind::Write { .. } => Vec::new(),
+        // A read names the record by id, and may name its postcode as the caller was given it
+        // (a look-up purpose must: `purpose.casework-looks-up`), which the record must match.
+        RouteKind::Read { .. } => (dataset.filters.iter())
+            .filter(|f| *f == READ_FILTER)
+            .collect(),
+        RouteKind::Write { .. } => Vec::new(),
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -339,6 +346,20 @@ fn postcode_sector(value: &str) -> bool {
         && inward.as_bytes().first().is_some_and(u8::is_ascii_digit)
         && (2..=3).contains(&inward.len())
         && inward.bytes().skip(1).all(|b| b.is_ascii_alphabetic())
+}
+
+/// Whether a record's postcode is one a postcode filter picks, as datastores match them: with
+/// the spaces taken out and in either case, the filter a prefix of the postcode (`LS15 8A`
+/// picks `LS15 8AB`). For a read by id, which the datastore answers whatever it names.
+pub fn postcode_matches(postcode: &str, filter: &str) -> bool {
+    let squeezed = |s: &str| -> Vec<u8> {
+        (s.bytes())
+            .filter(|b| !b.is_ascii_whitespace())
+            .map(|b| b.to_ascii_uppercase())
+            .collect()
+    };
+    let filter = squeezed(filter);
+    !filter.is_empty() && squeezed(postcode).starts_with(&filter)
 }
 
 /// Filter values are codes, names and postcodes: nothing that is syntax anywhere downstream,

@@ -241,3 +241,38 @@ fn only_part_of_a_postcode_sector_or_finer_narrows_for_the_policies() {
         );
     }
 }
+
+/// A read by id takes a postcode and no other filter, and the record's postcode must begin
+/// with it as datastores compare them: without spaces, in either case.
+#[test]
+fn a_read_names_only_a_postcode_that_the_record_must_match() {
+    let read = get("/voter/electors/VF-1", Some("postcode=LS15+8A")).unwrap();
+    assert_eq!(read.narrowing(), ["postcode"]);
+    for other in ["ward=E05011391", "page=2", "per_page=5"] {
+        assert!(
+            matches!(
+                get("/voter/electors/VF-1", Some(other)),
+                Err(GatewayError::BadRequest(_))
+            ),
+            "{other}"
+        );
+    }
+    for (postcode, filter) in [
+        ("LS15 8AB", "LS15 8A"),
+        ("LS15 8AB", "ls15 8ab"),
+        ("LS158AB", "LS15 8A"),
+        ("ls15 8ab", "LS15 8AB"),
+    ] {
+        assert!(postcode_matches(postcode, filter), "{postcode} {filter}");
+    }
+    for (postcode, filter) in [
+        ("LS15 8AB", "LS15 8B"),
+        ("LS1 58AB", "LS15 9"),
+        ("LS15 8A", "LS15 8AB"),
+        ("", "LS15 8A"),
+        ("LS15 8AB", ""),
+        ("LS15 8AB", " "),
+    ] {
+        assert!(!postcode_matches(postcode, filter), "{postcode} {filter}");
+    }
+}

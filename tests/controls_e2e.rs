@@ -64,6 +64,11 @@ async fn restrict(app: &TestApp, id: &str, reference: &str) -> common::Resp {
 }
 
 async fn visible_elector(app: &TestApp) -> String {
+    visible_elector_and_postcode(app).await.0
+}
+
+/// The same elector and their postcode, as a read under a look-up purpose (casework) names it.
+async fn visible_elector_and_postcode(app: &TestApp) -> (String, String) {
     let r = app
         .get(
             "/voter/electors?per_page=50",
@@ -72,10 +77,9 @@ async fn visible_elector(app: &TestApp) -> String {
         )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    r.json()["records"][0]["elector_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    let record = &r.json()["records"][0];
+    let text = |f: &str| record[f].as_str().unwrap().to_owned();
+    (text("elector_id"), text("postcode"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,10 +418,16 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
     })
     .await;
     until_ready("a ready", &a).await;
-    let id = visible_elector(&a).await;
+    let (id, postcode) = visible_elector_and_postcode(&a).await;
     let claims = a.claims("councillor", &["E05011391"], &["canvassing"]);
     let councillor = a.sign(&claims);
-    let (caseworker, path) = (a.token("mp_caseworker"), format!("/voter/electors/{id}"));
+    let (caseworker, path) = (
+        a.token("mp_caseworker"),
+        format!(
+            "/voter/electors/{id}?postcode={}",
+            postcode.replace(' ', "+")
+        ),
+    );
     let r = a.get(&path, Some(&caseworker), Some("casework")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 

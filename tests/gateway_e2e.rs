@@ -1747,6 +1747,61 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     app.stop().await;
 }
 
+/// A look-up purpose cannot be walked through by id: a read under `donation_checks` or
+/// `casework` names the person's postcode, and the record must be at it. Without one it is
+/// 403; with another person's it is 404 and nothing of the record leaves; with theirs (in
+/// either case, with or without the inward code's last letter) the record is read.
+#[tokio::test]
+async fn a_look_up_purpose_reads_by_id_only_at_the_postcode_named() {
+    let app = spawn_app().await;
+    let canvassed = all_pages(&app, &app.token("councillor"), "canvassing", "").await;
+    // Electors with a whole postcode (`LS15 8AB`): an outward code, a space, an inward one.
+    let mut at = canvassed.iter().filter_map(|r| {
+        let postcode = r["postcode"].as_str()?;
+        let (_, inward) = postcode.split_once(' ')?;
+        let id = r["elector_id"].as_str()?.to_owned();
+        (inward.len() == 3).then(|| (id, postcode.to_owned()))
+    });
+    let (id, postcode) = at.next().expect("an elector with a postcode");
+    let sector_part = |p: &str| p[..p.len() - 1].to_owned();
+    let elsewhere = at
+        .map(|(_, p)| p)
+        .find(|p| sector_part(p) != sector_part(&postcode))
+        .expect("electors at two postcodes");
+    let analyst = app.sign(&app.claims("analyst", &["E92000001"], &["donation_checks"]));
+    let caseworker = app.token("mp_caseworker");
+    let served = &app;
+    for (token, purpose) in [(&analyst, "donation_checks"), (&caseworker, "casework")] {
+        let read = |query: String| {
+            let path = format!("/voter/electors/{id}{query}");
+            async move { served.get(&path, Some(token), Some(purpose)).await }
+        };
+        let r = read(String::new()).await;
+        assert_eq!(r.status, 403, "{purpose}, no postcode: {:?}", r.body);
+        assert!(!String::from_utf8_lossy(&r.body).contains(&id));
+        let r = read(format!("?postcode={}", elsewhere.replace(' ', "+"))).await;
+        assert_eq!(r.status, 404, "{purpose}, another postcode: {:?}", r.body);
+        assert!(!String::from_utf8_lossy(&r.body).contains(&id));
+        let record = app.audit_for(&r);
+        assert_eq!(record["withheld_target"], "filter_mismatch", "{record}");
+        assert_eq!(record["subjects"], json!([]), "{record}");
+        // A district alone is no look-up (`LS15` is tens of thousands of addresses).
+        let district = postcode.split(' ').next().unwrap();
+        let r = read(format!("?postcode={district}")).await;
+        assert_eq!(r.status, 403, "{purpose}, a district: {:?}", r.body);
+        for named in [
+            postcode.clone(),
+            postcode.to_lowercase(),
+            postcode[..postcode.len() - 1].to_owned(),
+        ] {
+            let r = read(format!("?postcode={}", named.replace(' ', "+"))).await;
+            assert_eq!(r.status, 200, "{purpose}, `{named}`: {:?}", r.body);
+            assert_eq!(r.json()["record"]["elector_id"], id.as_str());
+        }
+    }
+    app.stop().await;
+}
+
 /// A filter is no oracle for a field the purpose may not see: it is refused (403) in a listing
 /// and an export alike, where a purpose that shows the field gets the records it picks; and
 /// the request's audit record names the filter. (A record whose own flags hide a filtered

@@ -51,6 +51,11 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         )
         .await;
     let subject = ids_in(&first.json())[3].clone();
+    // A read by id under casework names the constituent's postcode (the look-up rule).
+    let postcode = first.json()["records"][3]["postcode"]
+        .as_str()
+        .unwrap()
+        .replace(' ', "+");
     // That first page disclosed the subject too.
     let mut expected = BTreeSet::from([first.headers["x-request-id"].to_str().unwrap().to_owned()]);
     let mut requests = 0;
@@ -79,7 +84,11 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
             "/voter/electors?per_page=40&page={p}",
         ),
         ("dpo", "sar_fulfilment", "/voter/electors/{s}"),
-        ("mp_caseworker", "casework", "/voter/electors/{s}"),
+        (
+            "mp_caseworker",
+            "casework",
+            "/voter/electors/{s}?postcode={pc}",
+        ),
         ("councillor", "canvassing", "/voter/electors?ward=E05013911"),
     ];
     for round in 0..3 {
@@ -87,7 +96,8 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
             for p in 1..=4 {
                 let path = template
                     .replace("{p}", &p.to_string())
-                    .replace("{s}", &subject);
+                    .replace("{s}", &subject)
+                    .replace("{pc}", &postcode);
                 let r = app
                     .get(&path, Some(&app.token(persona)), Some(purpose))
                     .await;

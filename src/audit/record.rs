@@ -82,7 +82,8 @@ pub struct AuditRecord {
     pub fields_by_subject: Option<FieldsBySubject>,
     pub rows_withheld: u64,
     /// When the one record a caller asked for by id was withheld, why: `protected` (anonymous
-    /// elector or under-16), `restricted` (a restriction flag), `out_of_area` or `policy`.
+    /// elector or under-16), `restricted` (a restriction flag), `out_of_area`, `policy`,
+    /// `filter_mismatch` (the postcode the read named is not the record's) or `malformed`.
     /// Breach detection reads it; the caller only ever sees 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld_target: Option<String>,

@@ -643,6 +643,25 @@ pub fn single_attrs(
     Ok(attrs::record_attrs(&record, cx))
 }
 
+/// The string value of field `name` of the one record a body names, decoded; `None` when
+/// there is no record, no such field, or it is not a string.
+pub fn single_text(
+    body: &[u8],
+    envelope: Envelope,
+    cx: &FilterContext,
+    name: &str,
+) -> Result<Option<String>, FilterError> {
+    let Some(record) = read_single(body, envelope, cx)? else {
+        return Ok(None);
+    };
+    if record.has_duplicate_names() {
+        return Ok(None);
+    }
+    Ok(record
+        .field(name)
+        .and_then(|raw| serde_json::from_str::<String>(raw).ok()))
+}
+
 /// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at
 /// most one); `None` when the datastore says there is none.
 fn read_single<'a>(
