@@ -1027,6 +1027,43 @@ async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again()
     assert_eq!(a["containment"]["outcome"], "revoked", "{a}");
 }
 
+/// Nobody classifies an alert about themselves: a security officer whose own reading after
+/// hours raised `unusual_hours` cannot call it a near miss (403, recorded), and the alert stays
+/// open; the DPO, another person, can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_classifies_an_alert_about_themselves() {
+    let app = app(night).await;
+    let sec = app.token("security");
+    let r = app
+        .get(
+            "/voter/electors?per_page=200",
+            Some(&sec),
+            Some("breach_investigation"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-security").await;
+    let path = format!("/alerts/{}/classify", alert["id"].as_str().unwrap());
+    let body = r#"{"class":"near_miss","note":"only me, working late"}"#;
+    let r = app.admin_post(&path, &sec, body).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    let record = app.audit_for(&r);
+    assert_eq!(
+        record["policy_ids"],
+        json!(["admin.console-not-own-alert"]),
+        "{record}"
+    );
+    let open = alerts(&app)
+        .await
+        .into_iter()
+        .find(|a| a["id"] == alert["id"])
+        .unwrap();
+    assert!(open["classification"].is_null(), "{open}");
+    let r = app.admin_post(&path, &app.token("dpo"), body).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.json()["classification"]["by"], "demo-dpo");
+}
+
 /// An alert the breach log cannot take is not lost: it is not raised meanwhile (no alert the
 /// console could not act on), it is tried again, and once the disk has room it is recorded
 /// with the time it was detected, not the time it could be written.

@@ -210,6 +210,20 @@ where
                 return boxed(fail(e).await);
             }
             match find_alert(gw, &id).await {
+                // Nobody judges an alert about themselves: a security officer or the DPO who
+                // set off `volume` could otherwise call it a near miss, and it would leave the
+                // open list and its 72 hours unreported.
+                Ok(Some(alert))
+                    if alert
+                        .principal
+                        .as_ref()
+                        .is_some_and(|c| c.subject == principal.subject) =>
+                {
+                    let e = GatewayError::Forbidden {
+                        policy_ids: vec!["admin.console-not-own-alert".to_owned()],
+                    };
+                    return boxed(fail(e).await);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return boxed(fail(GatewayError::NotFound).await),
                 Err(e) => return boxed(fail(e).await),
