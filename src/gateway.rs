@@ -612,6 +612,12 @@ where
             };
             let cx = FilterContext::new(dataset, &register);
             match filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a)) {
+                // A record answered under another id (a write resolving ids otherwise than
+                // its read: an upsert answering with the record it merged into) is not the
+                // one written: nothing of it is shown, as for a read.
+                Ok((_, d)) if d.subjects.iter().any(|s| s != id) => {
+                    nothing(trail, "answered_under_another_id")
+                }
                 Ok((out, d)) => {
                     trail.absorb(d);
                     Ok(Reply::Body(out.map(Bytes::from).unwrap_or_else(|| {

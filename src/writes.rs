@@ -181,6 +181,13 @@ fn only_values(field: &str, value: &serde_json::Value, allowed: &[String]) -> Re
         Value::Array(items) => items.iter().collect(),
         one => vec![one],
     };
+    // A write that writes nothing would still read its target back (a read by id outside
+    // the read's rules and breach detection's), and the log would name a field not written.
+    if given.is_empty() {
+        return Err(format!(
+            "`{field}` is an empty list: it writes nothing (leave it out)"
+        ));
+    }
     let refused: Vec<String> = given
         .into_iter()
         .filter(|v| !v.as_str().is_some_and(|s| allowed.iter().any(|a| a == s)))

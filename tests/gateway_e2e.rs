@@ -1361,6 +1361,70 @@ async fn a_write_whose_target_answers_under_another_id_is_refused() {
     real.stop().await;
 }
 
+/// A datastore whose write answers with another record than the one written (an upsert
+/// answering with the record it merged into, ids resolved otherwise than by its read): the
+/// write is done, but nothing of that record is shown and no one else is named in its audit
+/// record; an empty list for a limited field writes nothing and is refused before anything
+/// is read.
+#[tokio::test]
+async fn a_write_answered_with_another_record_shows_nothing_of_it() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let mine = canvassable(&truth);
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let theirs = (truth.iter())
+        .find(|r| r["elector_id"] != mine["elector_id"] && r["surname"] != mine["surname"])
+        .unwrap()
+        .clone();
+    let surname = theirs["surname"].as_str().unwrap().to_owned();
+    let (target, answer) = (
+        Bytes::from(json!({ "record": mine }).to_string()),
+        Bytes::from(json!({ "record": theirs }).to_string()),
+    );
+    let upstream = common::upstream_answering(
+        move |m| match *m {
+            http::Method::POST => answer.clone(),
+            _ => target.clone(),
+        },
+        "application/json",
+        std::time::Duration::ZERO,
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..Default::default()
+    })
+    .await;
+    let t = app.token("canvasser");
+    let r = app
+        .canvass(&id, &t, "canvassing", r#"{"voting_intention":"LAB"}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json(), json!({ "record": null }));
+    assert!(!String::from_utf8_lossy(&r.body).contains(&surname));
+    let record = app.audit_for(&r);
+    assert_eq!(
+        record["detail"]["because"], "answered_under_another_id",
+        "{record}"
+    );
+    assert!(
+        !record
+            .to_string()
+            .contains(theirs["elector_id"].as_str().unwrap())
+    );
+    let r = app
+        .canvass(&id, &t, "canvassing", r#"{"flags_add":[]}"#)
+        .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("empty list"),
+        "{:?}",
+        r.body
+    );
+    app.stop().await;
+    real.stop().await;
+}
+
 /// A read answered with another record than the one asked for (a Datasette table looked up by
 /// rowid, an id normalised) discloses nothing of it, under any purpose (a subject access
 /// report above all, which would hand one person's record to another), and gives no reason

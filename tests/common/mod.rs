@@ -607,14 +607,24 @@ pub async fn fixed_upstream(
     content_type: &'static str,
     delay: std::time::Duration,
 ) -> SocketAddr {
+    upstream_answering(move |_| body.clone(), content_type, delay).await
+}
+
+/// A datastore that answers every request with 200, `content_type` and what `answer` gives for
+/// its method, after `delay`.
+pub async fn upstream_answering(
+    answer: impl Fn(&http::Method) -> Bytes + Clone + Send + Sync + 'static,
+    content_type: &'static str,
+    delay: std::time::Duration,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let body = body.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let body = answer(req.method());
                     async move {
                         tokio::time::sleep(delay).await;
                         let mut resp = http::Response::new(Full::new(body));
