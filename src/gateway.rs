@@ -530,9 +530,10 @@ where
             .map_err(malformed)?;
             // A record the datastore answers under another id (a Datasette table without a
             // primary key looked up by rowid, an id normalised) is not the one asked for:
-            // nothing of it leaves and no reason is given for it, as for a write's target, so
-            // that no answer (a subject access report's above all) speaks of another person as
-            // this id.
+            // nothing of it leaves and the caller is given no reason for it, as for a write's
+            // target, so that no answer (a subject access report's above all) speaks of
+            // another person as this id. The log says why: a subject access report must not
+            // read it as a record held under this id that the DPO should fetch.
             let other = match d.subjects.iter().next() {
                 Some(subject) => d.subjects.len() != 1 || subject != id,
                 None => matches!(filter::single_attrs(&body, envelope, &cx),
@@ -546,7 +547,7 @@ where
                         with a record under another id: withheld (is the table's primary key the \
                         subject id? logged at most once a minute)");
                 }
-                trail.withhold_target("malformed", Vec::new());
+                trail.withhold_target("answered_under_another_id", Vec::new());
                 return Err(GatewayError::NotFound);
             }
             if out.is_none() && d.rows_withheld > 0 {

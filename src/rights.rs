@@ -425,6 +425,15 @@ async fn current_data(
             (StatusCode::OK, Some(v), _) => {
                 out.insert(name.clone(), v["record"].clone());
             }
+            // The datastore answered with another person's record: nothing is known to be
+            // held under this id, and what it answered is not this person's to be sent.
+            (
+                StatusCode::NOT_FOUND,
+                _,
+                Some(crate::gateway::Withheld("answered_under_another_id")),
+            ) => {
+                missing.insert(name.clone(), crate::sar::NOT_READ_ANOTHER_ID.to_owned());
+            }
             // Held, but not disclosed even here: an anonymous elector's or an under-16's
             // entry, or one the filter cannot read (the datastore has it; fetch it there).
             (StatusCode::NOT_FOUND, _, Some(crate::gateway::Withheld(why))) => {

@@ -345,6 +345,12 @@ fn entry(r: &Value, fields: &Value) -> Disclosure {
 /// `Report::current_data_missing` for a dataset with no record by that id the DPO may see.
 pub const NOTHING_HELD: &str = "nothing held";
 
+/// `Report::current_data_missing` for a dataset whose datastore answered the read by id with
+/// another person's record: nothing read, and nothing of that record for this report (the
+/// DPO finds this person's entry, if any, by other means; the datastore needs mending).
+pub const NOT_READ_ANOTHER_ID: &str =
+    "not read: the datastore answered with a record under another reference";
+
 /// A placement's time (Unix milliseconds) as the log writes times, for people to read.
 fn when(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)

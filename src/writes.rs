@@ -107,7 +107,7 @@ pub(crate) async fn check_write(
         .map_err(malformed)?
         .ok_or(GatewayError::NotFound)?;
     if subject != id {
-        trail.withhold_target("malformed", Vec::new());
+        trail.withhold_target("answered_under_another_id", Vec::new());
         return Err(GatewayError::NotFound);
     }
     // Refused as a read would be, and logged as one is (breach detection keys on why).

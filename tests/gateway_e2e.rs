@@ -1353,7 +1353,10 @@ async fn a_write_whose_target_answers_under_another_id_is_refused() {
         .canvass(&id.to_lowercase(), &t, "canvassing", body)
         .await;
     assert_eq!(r.status, 404, "{:?}", r.body);
-    assert_eq!(app.audit_for(&r)["withheld_target"], "malformed");
+    assert_eq!(
+        app.audit_for(&r)["withheld_target"],
+        "answered_under_another_id"
+    );
     // Under its own id the same answer is the target.
     let r = app.canvass(id, &t, "canvassing", body).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -1460,7 +1463,10 @@ async fn a_read_answered_with_another_record_discloses_nothing() {
             "{role}/{purpose}"
         );
         let record = app.audit_for(&asked);
-        assert_eq!(record["withheld_target"], "malformed", "{record}");
+        assert_eq!(
+            record["withheld_target"], "answered_under_another_id",
+            "{record}"
+        );
         assert_eq!(record["subjects"], json!([]), "{record}");
         let own = app
             .get(
@@ -1471,6 +1477,27 @@ async fn a_read_answered_with_another_record_discloses_nothing() {
             .await;
         assert_eq!(own.status, 200, "{role}/{purpose}: {:?}", own.body);
     }
+    // Nor does a subject access report say that something is held under the id asked for,
+    // which would have the DPO fetch and send another person's record.
+    let dpo = app.token("dpo");
+    let r = app.admin_get_with(&format!("/sar/{other}"), &dpo).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let missing = r.json()["current_data_missing"]["voter"].clone();
+    assert_eq!(
+        missing,
+        "not read: the datastore answered with a record under another reference"
+    );
+    let r = app
+        .admin_get_with(&format!("/sar/{other}?format=html"), &dpo)
+        .await;
+    let html = String::from_utf8_lossy(&r.body);
+    // (The fake datastore answers the membership read with the same elector, unreadable
+    // there: `held, withheld (malformed)`, which is the membership store's to explain.)
+    assert!(
+        html.contains("<h3>voter</h3><p><b>not included in this report</b> (not read:")
+            && !html.contains(surname),
+        "{html}"
+    );
     app.stop().await;
     real.stop().await;
 }

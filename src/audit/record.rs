@@ -83,7 +83,8 @@ pub struct AuditRecord {
     pub rows_withheld: u64,
     /// When the one record a caller asked for by id was withheld, why: `protected` (anonymous
     /// elector or under-16), `restricted` (a restriction flag), `out_of_area`, `policy`,
-    /// `filter_mismatch` (the postcode the read named is not the record's) or `malformed`.
+    /// `filter_mismatch` (the postcode the read named is not the record's),
+    /// `answered_under_another_id` (the datastore answered with another record) or `malformed`.
     /// Breach detection reads it; the caller only ever sees 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld_target: Option<String>,
