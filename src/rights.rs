@@ -26,6 +26,9 @@ use crate::error::GatewayError;
 use crate::gateway::{Gateway, problem_response};
 use crate::routes::subject_id;
 
+/// Subject access reports are built one at a time (`Action::Report`).
+static ONE_REPORT_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 const MAX_BODY: usize = 16 * 1024;
 
 /// The purposes the admin plane acts under; the catalogue must define them (`startup::check`).
@@ -184,12 +187,21 @@ where
                     request_id,
                 )
             };
-            let report = match crate::sar::build(
-                &gw.audit_dir,
-                &gw.catalog,
-                &subject,
-                gw.controls.placements(&subject),
-            ) {
+            // Reading the log is file work that can take a while over years of it: off the
+            // async workers, which serve the data plane too, and one report at a time (a
+            // second waits its turn), so that a double click or a client's retries cannot
+            // take the gateway's cores or memory from its callers.
+            let built = {
+                let _turn = ONE_REPORT_AT_A_TIME.acquire().await;
+                let (at, who) = (std::sync::Arc::clone(gw), subject.clone());
+                let placements = gw.controls.placements(&subject);
+                tokio::task::spawn_blocking(move || {
+                    crate::sar::build(&at.audit_dir, &at.catalog, &who, placements)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            };
+            let report = match built {
                 Ok(mut r) => {
                     (r.current_data, r.current_data_missing) =
                         current_data(gw, &subject, authorization.as_ref(), request_id).await;

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::audit::reader::{LookupStats, records_mentioning};
+use crate::audit::reader::{LookupStats, each_record_mentioning};
 use crate::catalog::Catalog;
 use crate::controls::Placement;
 
@@ -127,8 +127,11 @@ pub fn build_from(
     let mut records = Vec::new();
     let mut lookup = LookupStats::default();
     for dir in audit_dirs {
-        let (found, stats) = records_mentioning(dir, subject)?;
-        records.extend(found);
+        // Each record kept as far as this person goes: an export chunk's names thousands of
+        // people and what each left with, and a report over years of them would otherwise
+        // hold them all.
+        let stats =
+            each_record_mentioning(dir, subject, &mut |r| records.push(own_part(r, subject)))?;
         lookup.segments += stats.segments;
         lookup.segments_indexed += stats.segments_indexed;
         lookup.segments_scanned += stats.segments_scanned;
@@ -316,6 +319,18 @@ fn subjects_fields(r: &Value, subject: &str) -> Value {
         own.extend(by.of_subject(n).iter().cloned());
     }
     Value::from(own.into_iter().collect::<Vec<_>>())
+}
+
+/// A record of the log as far as `subject` goes: `subjects` only them, `fields` what they left
+/// with (`subjects_fields`), and no other person's fields.
+fn own_part(mut r: Value, subject: &str) -> Value {
+    let own = subjects_fields(&r, subject);
+    if let Some(o) = r.as_object_mut() {
+        o.remove("fields_by_subject");
+        o.insert("fields".to_owned(), own);
+        o.insert("subjects".to_owned(), Value::from(vec![subject]));
+    }
+    r
 }
 
 /// One logged access to the person's data, with `fields` read from the record's `fields`
@@ -579,6 +594,27 @@ mod tests {
             fields("subj-b"),
             [vec!["name", "ward"], vec!["name", "ward"]]
         );
+    }
+
+    /// What a report keeps of each record is its person's part: not the others it names (an
+    /// export chunk's thousands), nor what they left with.
+    #[test]
+    fn a_record_is_kept_as_far_as_its_person_goes() {
+        let r = serde_json::json!({
+            "ts": "t",
+            "subjects": ["a", "b", "c"],
+            "fields": ["x", "y"],
+            "fields_by_subject": {
+                "most": ["x"],
+                "others": [{ "fields": ["x", "y"], "subjects": [1] }]
+            }
+        });
+        let b = own_part(r.clone(), "b");
+        assert_eq!(b["subjects"], serde_json::json!(["b"]));
+        assert_eq!(b["fields"], serde_json::json!(["x", "y"]));
+        assert!(b.get("fields_by_subject").is_none());
+        assert_eq!(b["ts"], "t");
+        assert_eq!(own_part(r, "c")["fields"], serde_json::json!(["x"]));
     }
 
     /// A purpose whose lawful basis the catalogue has changed since is reported under the

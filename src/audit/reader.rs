@@ -35,6 +35,18 @@ fn mentions(record: &Value, subject: &str) -> bool {
 /// Every record whose `subjects` contain `subject`, in log order.
 pub fn records_mentioning(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStats)> {
     let mut out = Vec::new();
+    let stats = each_record_mentioning(dir, subject, &mut |v| out.push(v))?;
+    Ok((out, stats))
+}
+
+/// `records_mentioning`, handing each record to `each` as it is read, so that a caller keeping
+/// only part of each (a subject access report: an export chunk's record names thousands of
+/// people) never holds them whole.
+pub fn each_record_mentioning(
+    dir: &Path,
+    subject: &str,
+    each: &mut dyn FnMut(Value),
+) -> io::Result<LookupStats> {
     let mut stats = LookupStats::default();
     for (n, path) in list_segments(dir)? {
         stats.segments += 1;
@@ -50,7 +62,7 @@ pub fn records_mentioning(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, 
                     reader.read_until(b'\n', &mut line)?;
                     stats.lines_read += 1;
                     match serde_json::from_slice::<Value>(&line) {
-                        Ok(v) if mentions(&v, subject) => out.push(v),
+                        Ok(v) if mentions(&v, subject) => each(v),
                         Ok(_) => {}
                         Err(_) => stats.lines_unreadable += 1,
                     }
@@ -58,11 +70,11 @@ pub fn records_mentioning(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, 
             }
             None => {
                 stats.segments_scanned += 1;
-                scan_segment(&path, subject, &mut out, &mut stats)?;
+                scan_segment(&path, subject, each, &mut stats)?;
             }
         }
     }
-    Ok((out, stats))
+    Ok(stats)
 }
 
 /// The same answer by reading every line of every segment.
@@ -72,7 +84,7 @@ pub fn scan_all(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStat
     for (_, path) in list_segments(dir)? {
         stats.segments += 1;
         stats.segments_scanned += 1;
-        scan_segment(&path, subject, &mut out, &mut stats)?;
+        scan_segment(&path, subject, &mut |v| out.push(v), &mut stats)?;
     }
     Ok((out, stats))
 }
@@ -80,7 +92,7 @@ pub fn scan_all(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStat
 fn scan_segment(
     path: &Path,
     subject: &str,
-    out: &mut Vec<Value>,
+    each: &mut dyn FnMut(Value),
     stats: &mut LookupStats,
 ) -> io::Result<()> {
     let needle = format!("\"{subject}\"");
@@ -103,7 +115,7 @@ fn scan_segment(
         // Cheap substring test first; parse only lines that can match.
         if needle.find(&line).is_some() {
             match serde_json::from_slice::<Value>(&line) {
-                Ok(v) if mentions(&v, subject) => out.push(v),
+                Ok(v) if mentions(&v, subject) => each(v),
                 Ok(_) => {}
                 Err(_) => stats.lines_unreadable += 1,
             }
