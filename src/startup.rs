@@ -525,8 +525,6 @@ pub async fn run(
     gw.watch.stop();
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
-    // Findings already made are acted on while the planes drain (before the log closes).
-    let _ = detector.await;
     let data_result = data_task.await.context("data plane task failed")?;
     let admin_result = admin_task.await.context("admin plane task failed")?;
     // What the ended connections leave behind (their handlers' records, HTTP/2 requests in
@@ -534,6 +532,10 @@ pub async fn run(
     if !gw.audit.settle(grace).await {
         tracing::warn!("records still on their way after the grace period; closing the log");
     }
+    // Detection goes on through the drain: every record the log took is examined, and the
+    // findings made are acted on (recorded in it) before it closes.
+    gw.watch.stop_detection();
+    let _ = detector.await;
     gw.audit.shutdown().await;
     if let Some(task) = witness {
         let _ = task.await;

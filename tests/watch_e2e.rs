@@ -1027,6 +1027,56 @@ async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again()
     assert_eq!(a["containment"]["outcome"], "revoked", "{a}");
 }
 
+/// A page answered while the gateway shuts down is examined like any other: detection stops
+/// only once the log has every record of the drain, so a scrape whose last page finished
+/// during it still raises its alert (recorded in the breach log the next start reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_requests_finished_during_shutdown_are_examined() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn low_volume(cfg: &mut Config) {
+        daytime(cfg);
+        let volume = cfg.watch.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 20);
+    }
+    let real = common::spawn_app().await;
+    let page = common::datastore_body(real.upstream, "/electors?per_page=200").await;
+    let upstream = common::delayed_upstream(page, Duration::from_millis(1500)).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        tweak: Some(low_volume),
+        ..AppOptions::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "GET /voter/electors?per_page=200 HTTP/1.1\r\nhost: wardgate\r\nconnection: close\r\n\
+         authorization: Bearer {}\r\nx-purpose: canvassing\r\n\r\n",
+        app.token("councillor")
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The request waits on the datastore while the gateway is told to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let app = app.restart().await;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.matches("\"elector_id\"").count() >= 20,
+        "enough records for the rule"
+    );
+    assert!(
+        alerts(&app)
+            .await
+            .iter()
+            .any(|a| a["rule"] == "volume" && a["key"] == "demo-councillor"),
+        "no volume alert for the page answered during shutdown: {:#}",
+        json!(alerts(&app).await)
+    );
+    app.stop().await;
+    real.stop().await;
+}
+
 /// Nobody classifies an alert about themselves: a security officer whose own reading after
 /// hours raised `unusual_hours` cannot call it a near miss (403, recorded), and the alert stays
 /// open; the DPO, another person, can.

@@ -761,11 +761,14 @@ impl Writer {
                 }
                 let publish = self.published.receiver_count() > 0;
                 for (reply, seq, record) in waiting {
-                    let _ = reply.send(Ok(seq));
+                    // Published before its writer hears it is durable: whatever a request
+                    // waited for is already on its way to breach detection, which shutdown
+                    // stops only once every request has had its answer (`startup::run`).
                     if publish {
                         // Err only when nobody listens any more.
                         let _ = self.published.send(Arc::new(Logged { seq, record }));
                     }
+                    let _ = reply.send(Ok(seq));
                 }
                 if self.len >= self.segment_max_bytes {
                     // Lazily: the new file is created by the next batch, so a roll costs nothing

@@ -51,7 +51,10 @@ pub struct Watch {
     /// The shared stream, when Redis is configured.
     pub shared: Option<Arc<shared::Shared>>,
     volumes: Mutex<Volumes>,
+    /// Ends live feeds (`stop`).
     stopping: watch::Sender<bool>,
+    /// Ends detection (`stop_detection`).
+    detecting: watch::Sender<bool>,
 }
 
 impl Watch {
@@ -78,6 +81,7 @@ impl Watch {
             records: Mutex::new(Some(audit.subscribe())),
             volumes: Mutex::new(Volumes::default()),
             stopping: watch::channel(false).0,
+            detecting: watch::channel(false).0,
         })
     }
 
@@ -86,9 +90,18 @@ impl Watch {
         (self.feed.subscribe(), self.stopping.subscribe())
     }
 
-    /// Ends feeds and the detector (at shutdown, before connections drain).
+    /// Ends live feeds (at shutdown, before connections drain: a feed would hold the admin
+    /// plane's drain open).
     pub fn stop(&self) {
         let _ = self.stopping.send(true);
+    }
+
+    /// Ends detection, this replica's and its part in cross-replica detection, once every
+    /// record is in the log (at shutdown, after the drain): what is still on its way to the
+    /// detector is examined first, so the requests that finished while the planes drained
+    /// (an export's last chunks, a scrape's last pages) are examined like any others.
+    pub fn stop_detection(&self) {
+        let _ = self.detecting.send(true);
     }
 
     fn publish(&self, e: FeedEvent) {
@@ -108,7 +121,7 @@ pub async fn run(gw: Arc<Gateway>) {
     let Some(mut rx) = lock(&gw.watch.records).take() else {
         return;
     };
-    let mut stop = gw.watch.stopping.subscribe();
+    let mut stop = gw.watch.detecting.subscribe();
     let mut detector = Detector::new(gw.watch.settings.clone());
     let mut acting = acting::Acting::start(gw.clone());
     // Owed findings are offered again this often while any are owed, however busy the log.
@@ -117,22 +130,24 @@ pub async fn run(gw: Arc<Gateway>) {
     if let Some(sh) = &gw.watch.shared {
         tokio::spawn(shared::publish_loop(
             sh.clone(),
-            gw.watch.stopping.subscribe(),
+            gw.watch.detecting.subscribe(),
         ));
         tokio::spawn(shared::lead_loop(
             gw.clone(),
             sh.clone(),
-            gw.watch.stopping.subscribe(),
+            gw.watch.detecting.subscribe(),
         ));
     }
     loop {
+        // In this order: records still to be examined go before the stop.
         let logged = tokio::select! {
-            r = rx.recv() => r,
-            _ = stop.changed() => break,
+            biased;
             _ = retry.tick(), if acting.owing() => {
                 acting.flush();
                 continue;
             }
+            r = rx.recv() => r,
+            _ = stop.changed() => break,
         };
         let logged = match logged {
             Ok(l) => l,

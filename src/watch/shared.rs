@@ -211,7 +211,9 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
     let mut conn: Option<MultiplexedConnection> = None;
     let mut batch = Vec::with_capacity(BATCH);
     loop {
+        // Accesses still queued go before the stop.
         tokio::select! {
+            biased;
             n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return },
             _ = stop.changed() => return,
         }
