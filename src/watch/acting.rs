@@ -3,7 +3,9 @@
 //! records behind it unexamined (the audit broadcast drops what a slow reader misses).
 //!
 //! Findings go to a task of their own through a bounded queue. What does not fit is owed, one
-//! finding per rule and principal (the newest), and offered again as the queue drains: a
+//! finding per rule and principal (the newest), and offered again as the queue drains, those
+//! about named principals first (an insider's finding does not wait behind a storm of
+//! unauthenticated addresses' findings owed before it): a
 //! finding's rule is already quiet for its principal and its evidence spent, so a finding
 //! dropped would not be raised again. Owed findings are bounded too: past [`MAX_OWED`], those
 //! about callers nobody could name (keyed on an address, which an attacker can multiply) give
@@ -252,17 +254,29 @@ fn dropped(f: &Finding, why: &str) {
     tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary, "breach detection: finding dropped: {why}");
 }
 
-/// Findings waiting for room in the queue: the newest per rule and principal, in the order
-/// first owed.
+/// Findings waiting for room in the queue: the newest per rule and principal, those about
+/// named principals first (an insider's `volume` must not wait behind an outsiders' storm of
+/// `denied_burst`s), each kind in the order first owed.
 #[derive(Default)]
 struct Owed {
-    order: VecDeque<(Rule, String)>,
+    /// Findings about a verified caller.
+    named: VecDeque<(Rule, String)>,
+    /// Findings about callers nobody could name (keyed on an address).
+    unnamed: VecDeque<(Rule, String)>,
     by_key: HashMap<(Rule, String), Finding>,
 }
 
 impl Owed {
     fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+
+    fn line(&mut self, f: &Finding) -> &mut VecDeque<(Rule, String)> {
+        if f.caller.is_some() {
+            &mut self.named
+        } else {
+            &mut self.unnamed
+        }
     }
 
     fn push(&mut self, f: Finding, detector: &mut Detector) {
@@ -274,20 +288,18 @@ impl Owed {
         if self.by_key.len() >= MAX_OWED {
             // Callers nobody could name (no verified caller: keyed on an address, which an
             // attacker can multiply) give way to principals.
-            let by_key = &self.by_key;
-            let unnamed = |k: &(Rule, String)| by_key.get(k).is_some_and(|f| f.caller.is_none());
-            let make_room = (f.caller.is_some())
-                .then(|| self.order.iter().position(unnamed))
-                .flatten();
-            let Some(i) = make_room else {
+            let make_room = if f.caller.is_some() {
+                self.unnamed.pop_front()
+            } else {
+                None
+            };
+            let Some(old_key) = make_room else {
                 // Not raised, so not quiet either: a new case against them can be.
                 detector.forget_cooldown(f.rule, &f.key);
                 dropped(&f, "too many findings waiting");
                 return;
             };
-            if let Some(old_key) = self.order.remove(i)
-                && let Some(old) = self.by_key.remove(&old_key)
-            {
+            if let Some(old) = self.by_key.remove(&old_key) {
                 detector.forget_cooldown(old.rule, &old.key);
                 dropped(
                     &old,
@@ -295,27 +307,30 @@ impl Owed {
                 );
             }
         }
-        self.order.push_back(key.clone());
-        self.by_key.insert(key, f);
+        self.push_back(f);
     }
 
     fn pop(&mut self) -> Option<Finding> {
-        let key = self.order.pop_front()?;
+        let key = match self.named.pop_front() {
+            Some(key) => key,
+            None => self.unnamed.pop_front()?,
+        };
         self.by_key.remove(&key)
     }
 
-    /// Holds `f` (the newest per rule and principal), last in line, without a bound.
+    /// Holds `f` (the newest per rule and principal), last in its line, without a bound.
     fn push_back(&mut self, f: Finding) {
         let key = (f.rule, f.key.clone());
-        if self.by_key.insert(key.clone(), f).is_none() {
-            self.order.push_back(key);
+        if !self.by_key.contains_key(&key) {
+            self.line(&f).push_back(key.clone());
         }
+        self.by_key.insert(key, f);
     }
 
-    /// Puts back a finding `pop` gave, first in line.
+    /// Puts back a finding `pop` gave, first in its line.
     fn unpop(&mut self, f: Finding) {
         let key = (f.rule, f.key.clone());
-        self.order.push_front(key.clone());
+        self.line(&f).push_front(key.clone());
         self.by_key.insert(key, f);
     }
 }
@@ -388,5 +403,8 @@ mod tests {
                 .by_key
                 .contains_key(&(Rule::DeniedBurst, "addr:10.0.0".into()))
         );
+        // And it is handed on first, ahead of the storm owed before it.
+        assert_eq!(owed.pop().unwrap().key, "insider");
+        assert_eq!(owed.pop().unwrap().key, "addr:10.0.1");
     }
 }
