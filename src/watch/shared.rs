@@ -339,11 +339,19 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
             Ok(true) => Duration::ZERO,
             Ok(false) => Duration::from_secs(1),
             Err(e) => {
-                tracing::debug!(error = %e, "cross-replica detection: Redis unavailable");
+                // Said, not at debug: a Redis that refuses the lease's script (an ACL without
+                // scripting) would otherwise leave no replica leading, and nothing to show it.
+                static LAST: std::sync::atomic::AtomicI64 =
+                    std::sync::atomic::AtomicI64::new(i64::MIN);
+                if crate::gateway::once_a_minute(&LAST) {
+                    tracing::warn!(error = %e, replica = %shared.replica,
+                        "cross-replica detection: cannot lead or take part (logged at most once a minute)");
+                }
                 leading = None;
                 Duration::from_secs(1)
             }
         };
+        metrics::gauge!("wardgate_watch_shared_leading").set(f64::from(u8::from(leading.is_some())));
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             _ = stop.changed() => break,
