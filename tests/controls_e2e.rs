@@ -918,6 +918,24 @@ async fn a_principal_over_quota_gets_429_on_every_replica() {
         "over quota on replica a after {disclosed} records; replica b refused after {} ms",
         took.as_millis()
     );
+    // Redis loses its counts (restarted without persistence, flushed, keys evicted): the
+    // replicas keep what they knew, refuse still, and tell Redis again.
+    redis.flushall();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    for (name, app) in [("a", &a), ("b", &b)] {
+        let r = app
+            .get(
+                "/voter/electors?per_page=5",
+                Some(&token),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 429, "replica {name} after FLUSHALL: {:?}", r.body);
+    }
+    let shared = redis::Client::open(redis.url()).unwrap();
+    let mut conn = shared.get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*quota*").query(&mut conn).unwrap();
+    assert!(!keys.is_empty(), "the counts are in Redis again");
     // Another councillor is unaffected.
     assert_eq!(
         b.get(

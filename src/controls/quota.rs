@@ -62,6 +62,22 @@ struct Counts {
 }
 
 impl Counts {
+    /// Takes Redis's total for window `k` (`None`: it holds none), plus what this replica has
+    /// added since it was read. Never lower than what this replica already knew: Redis may
+    /// have lost the key (restarted without persistence, flushed, or evicted it: quota keys
+    /// are its only ones with a time to live, the first a `volatile-*` policy takes), and a
+    /// total that fell to nothing would give every principal their allowance again. What it
+    /// lost is added again at the next flush, so the other replicas learn it too.
+    fn take_shared(&mut self, k: String, shared: Option<u64>) {
+        let local = self.pending.get(&k).copied().unwrap_or(0);
+        let told = shared.unwrap_or(0) + local;
+        let known = self.totals.get(&k).copied().unwrap_or(0);
+        if known > told {
+            *self.pending.entry(k.clone()).or_default() += known - told;
+        }
+        self.totals.insert(k, known.max(told));
+    }
+
     /// Drops every total and activity of a window that has ended, once an hour: what is known
     /// of a principal stays (a floor, should Redis be unable to say) until their hour or day
     /// is over, and no longer.
@@ -201,10 +217,8 @@ impl Quotas {
                 .counts
                 .lock()
                 .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            let ph = c.pending.get(&hour).copied().unwrap_or(0);
-            let pd = c.pending.get(&day).copied().unwrap_or(0);
-            c.totals.insert(hour.clone(), h.unwrap_or(0) + ph);
-            c.totals.insert(day.clone(), d.unwrap_or(0) + pd);
+            c.take_shared(hour.clone(), h);
+            c.take_shared(day.clone(), d);
         }
         let mut c = self
             .counts
@@ -294,8 +308,7 @@ impl Quotas {
                 redis::cmd("MGET").arg(&active).query_async(conn).await?;
             if let Ok(mut c) = self.counts.lock() {
                 for (k, t) in active.into_iter().zip(totals) {
-                    let local = c.pending.get(&k).copied().unwrap_or(0);
-                    c.totals.insert(k, t.unwrap_or(0) + local);
+                    c.take_shared(k, t);
                 }
             }
         }

@@ -351,7 +351,8 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
                 Duration::from_secs(1)
             }
         };
-        metrics::gauge!("wardgate_watch_shared_leading").set(f64::from(u8::from(leading.is_some())));
+        metrics::gauge!("wardgate_watch_shared_leading")
+            .set(f64::from(u8::from(leading.is_some())));
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             _ = stop.changed() => break,
