@@ -177,8 +177,14 @@ impl<'b> Groups<'b> {
                 self.ungrouped += 1;
                 return Ok(());
             };
-            // Canonical, so that `"a"` and `"\u0061"` are one group.
-            let value: Value = serde_json::from_str(raw).map_err(|e| bad(&e))?;
+            // Canonical, so that `"a"` and `"\u0061"` are one group. A value the scanner
+            // passes (it checks JSON's grammar) and `serde_json` will not read (a lone
+            // surrogate, a number out of range) is no group, as a long one is: refusing the
+            // whole aggregate would tell where one record holds it.
+            let Ok(value) = serde_json::from_str::<Value>(raw) else {
+                self.ungrouped += 1;
+                return Ok(());
+            };
             let value = value.to_string();
             if value.len() > MAX_VALUE {
                 self.ungrouped += 1;
@@ -292,6 +298,20 @@ mod tests {
         let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         keys.sort();
         assert_eq!(keys, ["by", "cells", "min_cell", "rounded_to"]);
+    }
+
+    /// A value the filter passes and `serde_json` cannot read counts nowhere, and fails
+    /// nothing: an aggregate refused for it would say where one record holds it.
+    #[test]
+    fn a_value_serde_cannot_read_counts_nowhere() {
+        let lines = [
+            r#"{"vi":"\ud800"}"#,
+            r#"{"vi":1e400}"#,
+            r#"{"vi":"lab"}"#,
+            r#"{"vi":"lab"}"#,
+        ];
+        let v = groups_of(&["vi"], &lines, 100).unwrap();
+        assert_eq!(v["cells"], json!([{"group": {"vi": "lab"}, "records": 2}]));
     }
 
     #[test]
