@@ -454,10 +454,18 @@ impl Run<'_> {
                 tracing::warn!(request_id = %record.request_id, why, "export aborted");
             }
         }
-        if let Err(e) = self.gw.audit.append(record).await {
+        let closed = self.gw.audit.append(record).await;
+        if let Err(e) = &closed {
             tracing::error!(error = %e, "export's closing audit record not written");
         }
-        if let Err(why) = outcome {
+        // A caller must not read an export as whole when the log cannot say how it ended: it
+        // is cut, as on any other failure (every chunk that went had its own record).
+        let cut = match (outcome, closed) {
+            (Err(why), _) => Some(why),
+            (Ok(()), Err(_)) => Some("audit_unavailable".to_owned()),
+            (Ok(()), Ok(_)) => None,
+        };
+        if let Some(why) = cut {
             let _ = self.tx.send(Err(why.into())).await;
         }
     }
