@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub client_stall_timeout: Duration,
     /// How many connections each listener (data plane, admin plane) holds open at once.
     pub max_connections: usize,
+    /// How many exports and aggregates one caller may have under way at once (`bulk`).
+    pub max_bulk_reads_per_caller: usize,
     /// Load balancers whose `X-Forwarded-For` names the client (`client_addr`).
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// How often the files `SIGHUP` reads again (keys, certificates, the policy pack) are
@@ -297,6 +299,7 @@ struct RawServer {
     header_read_timeout: Option<String>,
     client_stall_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_bulk_reads_per_caller: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
     file_check_interval: Option<String>,
@@ -593,6 +596,10 @@ impl RawServer {
             max_connections: match self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) {
                 n @ 1..=MAX_MAX_CONNECTIONS => n,
                 n => bail!("`server.max_connections` = {n}: 1 to {MAX_MAX_CONNECTIONS}"),
+            },
+            max_bulk_reads_per_caller: match self.max_bulk_reads_per_caller.unwrap_or(2) {
+                n @ 1..=64 => n,
+                n => bail!("`server.max_bulk_reads_per_caller` = {n}: 1 to 64"),
             },
             trusted_proxies: crate::client_addr::TrustedProxies::new(
                 (self.trusted_proxies.iter())

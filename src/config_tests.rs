@@ -104,6 +104,25 @@ fn max_connections_is_bounded() {
 }
 
 #[test]
+fn bulk_reads_per_caller_are_bounded() {
+    assert_eq!(parse(MINIMAL).unwrap().server.max_bulk_reads_per_caller, 2);
+    let with = |n: &str| {
+        MINIMAL.replace(
+            "data_dir = \"/var/lib/wardgate\"\n",
+            &format!("data_dir = \"/var/lib/wardgate\"\nmax_bulk_reads_per_caller = {n}\n"),
+        )
+    };
+    assert_eq!(
+        parse(&with("5")).unwrap().server.max_bulk_reads_per_caller,
+        5
+    );
+    for refused in ["0", "65"] {
+        let e = err(&with(refused));
+        assert!(e.contains("`server.max_bulk_reads_per_caller`"), "{e}");
+    }
+}
+
+#[test]
 fn files_are_checked_for_changes_every_30s_unless_the_file_says_otherwise() {
     assert_eq!(
         parse(MINIMAL).unwrap().server.file_check_interval,

@@ -134,6 +134,10 @@ pub enum GatewayError {
     AuditUnavailable,
     #[error("quota exceeded")]
     QuotaExceeded,
+    /// The caller already has this many exports and aggregates under way on this replica
+    /// (`server.max_bulk_reads_per_caller`).
+    #[error("too many exports and aggregates at once (at most {0})")]
+    TooManyAtOnce(usize),
     #[error("shared controls are stale")]
     ControlsStale,
     /// A rights change or revocation is journalled and in effect on this replica, but the
@@ -200,7 +204,9 @@ impl GatewayError {
             | GatewayError::ControlsStale
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::QuotaExceeded | GatewayError::TooManyAtOnce(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // nginx's "client closed request": no standard status says it.
             GatewayError::ClientClosed => {
@@ -233,6 +239,7 @@ impl GatewayError {
             GatewayError::UpstreamStatus(_) => "upstream_error",
             GatewayError::AuditUnavailable => "audit_unavailable",
             GatewayError::QuotaExceeded => "quota_exceeded",
+            GatewayError::TooManyAtOnce(_) => "too_many_at_once",
             GatewayError::ControlsStale => "controls_stale",
             GatewayError::ControlsNotShared => "controls_not_shared",
             GatewayError::ControlsNotRecorded => "controls_not_recorded",
@@ -266,6 +273,7 @@ impl GatewayError {
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
+            GatewayError::TooManyAtOnce(_) => "too many requests",
             GatewayError::Internal(_) => "internal error",
             GatewayError::ClientClosed => "client closed request",
         }
@@ -327,6 +335,10 @@ impl GatewayError {
                 "you have been disclosed more records than your role allows in this period"
                     .to_owned()
             }
+            GatewayError::TooManyAtOnce(n) => format!(
+                "you already have {n} exports and aggregates under way, the most a caller may \
+                 have at once; ask again once one has ended"
+            ),
             GatewayError::ControlsStale => {
                 "rights requests and revocations cannot be confirmed current; retry shortly"
                     .to_owned()
@@ -402,6 +414,7 @@ mod tests {
             GatewayError::UpstreamStatus(451),
             GatewayError::AuditUnavailable,
             GatewayError::QuotaExceeded,
+            GatewayError::TooManyAtOnce(2),
             GatewayError::ControlsStale,
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
@@ -432,6 +445,7 @@ mod tests {
                 | GatewayError::UpstreamStatus(_)
                 | GatewayError::AuditUnavailable
                 | GatewayError::QuotaExceeded
+                | GatewayError::TooManyAtOnce(_)
                 | GatewayError::ControlsStale
                 | GatewayError::ControlsNotShared
                 | GatewayError::ControlsNotRecorded

@@ -162,6 +162,8 @@ pub struct Plan {
     pub filtered_on: Vec<String>,
     /// The policy pack the request began under, kept to the export's end.
     pub policies: Arc<crate::decisions::InForce>,
+    /// The caller's slot for a bulk read, held to the export's end (`bulk`).
+    pub bulk_read: Option<crate::bulk::BulkRead>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -72,6 +72,8 @@ pub struct Gateway {
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// Small-cell suppression and the group limit for aggregates.
     pub aggregates: crate::aggregate::Settings,
+    /// Exports and aggregates under way, per caller (`server.max_bulk_reads_per_caller`).
+    pub bulk_reads: crate::bulk::BulkReads,
 }
 
 impl Gateway {
@@ -402,6 +404,14 @@ where
         .controls
         .check_quota(&principal, u64::from(may_disclose))
         .await?;
+    // An export or aggregate streams the caller's whole scope: a caller has only so many
+    // under way at once, held to the export's end or the aggregate's answer.
+    let bulk_read = match route.kind {
+        RouteKind::Export | RouteKind::Aggregate { .. } => {
+            Some(gw.bulk_reads.take(&principal.subject)?)
+        }
+        RouteKind::List | RouteKind::Read { .. } | RouteKind::Write { .. } => None,
+    };
 
     // 5. Forward, then filter what comes back.
     let upstream = gw
@@ -428,6 +438,7 @@ where
             dataset: route.dataset.clone(),
             filtered_on: route.filtered_categories(dataset),
             policies,
+            bulk_read,
         })));
     }
     let decider = Decider::new(
@@ -500,6 +511,7 @@ where
             let mut summary = counted.summary;
             summary["aggregate"]["filters"] = serde_json::json!(route.filters);
             trail.detail = Some(summary);
+            drop(bulk_read);
             Ok(Reply::Body(counted.body))
         }
         RouteKind::Read { id } => {
@@ -1052,7 +1064,8 @@ fn audit_record(
             | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(_)
             | GatewayError::PurposeNotGranted(_)
-            | GatewayError::QuotaExceeded),
+            | GatewayError::QuotaExceeded
+            | GatewayError::TooManyAtOnce(_)),
         ) => (Decision::Deny, Some(e.code().to_owned())),
         Some(e) => (Decision::Error, Some(e.code().to_owned())),
     };

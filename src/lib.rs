@@ -17,6 +17,7 @@
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
 //! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
+//! - [`bulk`]: how many exports and aggregates each caller has under way.
 //! - [`routes`]: the only paths and query parameters that may reach a datastore.
 //! - [`catalog`]: the information asset register and purpose catalogue.
 //! - [`geography`]: the area DAG.
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod audit;
 pub mod auth;
+pub mod bulk;
 pub mod catalog;
 pub mod client_addr;
 pub mod config;

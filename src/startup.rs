@@ -434,6 +434,7 @@ pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)
         max_connections: cfg.server.max_connections,
         trusted_proxies: cfg.server.trusted_proxies.clone(),
         aggregates: cfg.aggregates,
+        bulk_reads: crate::bulk::BulkReads::new(cfg.server.max_bulk_reads_per_caller),
     };
     Ok((Arc::new(gw), c.tls))
 }

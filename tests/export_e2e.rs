@@ -728,3 +728,69 @@ async fn an_export_whose_client_takes_nothing_is_cut_off() {
     assert_eq!(closing["decision"], "error");
     drop(resp);
 }
+
+/// A caller has at most `server.max_bulk_reads_per_caller` (2) exports and aggregates under way
+/// at once: held open by a datastore that is slow to answer (or a client that reads nothing),
+/// a third is 429 `too-many-at-once`, refused in the log, and the slot comes back once one of
+/// them ends (here, its client hangs up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        common::delayed_upstream(Bytes::from_static(b""), std::time::Duration::from_secs(60)).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let analyst = app.token("analyst");
+    let ask = |path: &str, purpose: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: wardgate\r\nauthorization: Bearer {analyst}\r\n\
+             x-purpose: {purpose}\r\n\r\n"
+        )
+    };
+    let export = ask("/voter/electors/export", "profiling");
+    let aggregate = ask("/voter/electors/aggregate?by=ward", "research");
+    // Sent, then answered within `wait` (the start of the answer), or still waiting.
+    let send = |request: String| {
+        let addr = app.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            s
+        }
+    };
+    let answer = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = vec![0; 4096];
+        match tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    };
+    let first = send(export.clone()).await;
+    let _second = send(aggregate.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for third in [export.clone(), aggregate.clone()] {
+        let r = answer(send(third).await).await.expect("answered at once");
+        assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+        assert!(r.contains("urn:wardgate:problem:too-many-at-once"), "{r}");
+    }
+    let refused = common::read_audit(&app.audit_dir)
+        .into_iter()
+        .filter(|r| r["reason"] == "too_many_at_once")
+        .collect::<Vec<_>>();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|r| r["decision"] == "deny"));
+    // One ends: the next is taken (and waits on the datastore, unanswered).
+    drop(first);
+    let mut waited = false;
+    for _ in 0..40 {
+        if answer(send(export.clone()).await).await.is_none() {
+            waited = true;
+            break;
+        }
+    }
+    assert!(waited, "the slot never came back");
+    app.stop().await;
+}
