@@ -183,8 +183,31 @@ pub async fn prune_and_record(
 ) -> anyhow::Result<Option<Pruned>> {
     let cutoff = time::OffsetDateTime::now_utc() - retention;
     let cutoff = super::AuditRecord::ts_of(cutoff);
-    let dir_owned = dir.to_path_buf();
-    let Some(plan) = tokio::task::spawn_blocking(move || plan(&dir_owned, &cutoff)).await?? else {
+    let (dir_owned, cut) = (dir.to_path_buf(), cutoff.clone());
+    let Some(plan) = tokio::task::spawn_blocking(move || plan(&dir_owned, &cut)).await?? else {
+        // A quiet log may hold records past the retention in the segment being written, which
+        // no prune removes: a record of this makes the writer finish it (its first record is
+        // more than `SEGMENT_MAX_AGE` old), and the next prune, once it is sealed, removes it.
+        let dir_owned = dir.to_path_buf();
+        let held = tokio::task::spawn_blocking(move || {
+            let segments = list_segments(&dir_owned)?;
+            anyhow::Ok(segments.last().and_then(|(n, path)| {
+                super::segment::first_ts(path)
+                    .filter(|t| t.as_str() < cutoff.as_str())
+                    .map(|_| *n)
+            }))
+        })
+        .await??;
+        if let Some(n) = held {
+            let mut record = system_record("audit.retention", "retention");
+            record.detail = Some(serde_json::json!({ "finishes_segment": n }));
+            log.append(record).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "the segment being written holds records past the retention, and the record \
+                     that finishes it could not be written: {e}"
+                )
+            })?;
+        }
         return Ok(None);
     };
     let mut record = system_record("audit.prune", "retention");
@@ -299,6 +322,66 @@ mod tests {
         assert!(format!("{e:#}").contains("nothing shredded"), "{e:#}");
         assert!(keys.join("2018-03-01.key").exists());
         assert!(verify_dir(dir.path()).is_ok());
+    }
+
+    /// A quiet log's records past the retention, all in the segment being written (far from
+    /// full), are removed too: the prune has the writer finish the segment, and the next prune,
+    /// once it is sealed, removes it. Without that they would be kept for as long as the
+    /// segment took to fill, years on a standby replica.
+    #[tokio::test]
+    async fn a_quiet_logs_old_records_go_though_their_segment_never_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(AuditSettings {
+            dir: dir.path().to_owned(),
+            durability: Durability::Fsync,
+            max_batch: 8,
+            commit_window: std::time::Duration::ZERO,
+            segment_max_bytes: 64 << 20,
+            seal_client_addr: false,
+        })
+        .unwrap();
+        let mut r = sample(1);
+        r.ts = "2018-03-01T10:00:00.000Z".to_owned();
+        log.append(r).await.unwrap();
+        let a_year = std::time::Duration::from_secs(365 * 86_400);
+        assert!(
+            prune_and_record(&log, dir.path(), a_year)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The prune's own record began a segment of its own.
+        let segments: Vec<u64> = list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(segments, [1, 2]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while crate::audit::index::read_seal(dir.path(), 1).is_none() {
+            assert!(std::time::Instant::now() < deadline, "segment 1 not sealed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let pruned = prune_and_record(&log, dir.path(), a_year)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((pruned.first_segment, pruned.records), (1, 1));
+        assert!(
+            !dir.path()
+                .join(crate::audit::segment::segment_name(1))
+                .exists()
+        );
+        verify_dir(dir.path()).unwrap();
+        // Nothing more is held past the retention: no more records are written for it.
+        let head = log.head().unwrap().seq;
+        assert!(
+            prune_and_record(&log, dir.path(), a_year)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(log.head().unwrap().seq, head);
     }
 
     #[tokio::test]

@@ -415,6 +415,16 @@ fn last_newline(file: &mut File, before: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
+/// The time of a segment's first record, if its first line reads as one.
+pub(crate) fn first_ts(path: &Path) -> Option<String> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let record: serde_json::Value = serde_json::from_slice(&line).ok()?;
+    record["ts"].as_str().map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::prepare::{self, Preparer};
 use super::record::{AuditRecord, encode_line};
 use super::seal_queue::SealQueue;
-use super::segment::{resume, segment_name, sync_dir};
+use super::segment::{first_ts, resume, segment_name, sync_dir};
 
 /// When a batch counts as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -77,6 +77,12 @@ pub struct Logged {
 /// How many durable records a slow subscriber may fall behind before it misses some (and is
 /// told how many, see [`broadcast::error::RecvError::Lagged`]).
 const PUBLISH_CAPACITY: usize = 65_536;
+/// A segment is finished once its first record is this old, whatever its size: retention
+/// removes whole finished segments, so a quiet log (a standby replica, a few requests a day)
+/// that filled its 64 MiB over years would otherwise keep its oldest records that much past
+/// the retention, and for ever while they are in the segment being written. With this, a
+/// record is kept at most the retention and a day (and an hour, the prune's interval).
+pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Records waiting, each in a task of its own, for room in a full queue (`queue_detached`).
 const MAX_DETACHED: usize = 4_096;
 
@@ -395,6 +401,9 @@ struct Writer {
     preallocated: bool,
     /// The current segment's directory entry may not be durable yet.
     dir_dirty: bool,
+    /// The time of the current segment's first record (`None`: it holds none, or its first
+    /// line cannot be read), for [`SEGMENT_MAX_AGE`].
+    first_ts: Option<String>,
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
@@ -453,6 +462,9 @@ impl Writer {
                     dir.display()
                 )
             })?;
+        let first_ts = (resume.len > 0)
+            .then(|| first_ts(&dir.join(segment_name(resume.segment))))
+            .flatten();
         let mut writer = Writer {
             cuts,
             dir,
@@ -472,6 +484,7 @@ impl Writer {
             len: resume.len,
             preallocated: false,
             dir_dirty: resume.new_segment,
+            first_ts,
             head: Arc::new(Mutex::new((resume.next_seq > 1).then(|| ChainHead {
                 seq: resume.next_seq - 1,
                 hash: resume.last_hash.clone(),
@@ -730,6 +743,20 @@ impl Writer {
         if waiting.is_empty() {
             return;
         }
+        // A segment whose first record is a day old is finished before this batch, which
+        // begins the next (`SEGMENT_MAX_AGE`).
+        let day_ago = AuditRecord::ts_of(time::OffsetDateTime::now_utc() - SEGMENT_MAX_AGE);
+        if self.len > 0
+            && self
+                .first_ts
+                .as_deref()
+                .is_some_and(|t| t < day_ago.as_str())
+        {
+            self.finish_segment();
+        }
+        let first_ts = (self.len == 0)
+            .then(|| waiting.first().map(|(_, _, r)| r.ts.clone()))
+            .flatten();
         let started = Instant::now();
         match self.write_batch(&buf) {
             Ok(()) => {
@@ -737,6 +764,9 @@ impl Writer {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
+                if first_ts.is_some() {
+                    self.first_ts = first_ts;
+                }
                 *lock(&self.head) = Some(ChainHead {
                     seq: seq - 1,
                     hash: hash.clone(),
@@ -771,18 +801,7 @@ impl Writer {
                     let _ = reply.send(Ok(seq));
                 }
                 if self.len >= self.segment_max_bytes {
-                    // Lazily: the new file is created by the next batch, so a roll costs nothing
-                    // until there is something to write. The finished segment is sealed off the
-                    // writer thread: sealing reads it once, and appends must not wait for that.
-                    // Its made-ready space goes first, so that a finished segment at rest is
-                    // its records alone (readers stop at the zeros either way).
-                    if let Err(e) = self.release_preallocated() {
-                        tracing::warn!(error = %e, segment = self.segment,
-                            "cannot release a finished audit segment's made-ready space");
-                    }
-                    self.seal_queue.push(self.segment);
-                    self.file = None;
-                    (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
+                    self.finish_segment();
                 }
             }
             Err(e) => {
@@ -816,6 +835,22 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Finishes the current segment: the next batch begins the next. Lazily: the new file is
+    /// created by the next batch, so a roll costs nothing until there is something to write.
+    /// The finished segment is sealed off the writer thread: sealing reads it once, and
+    /// appends must not wait for that. Its made-ready space goes first, so that a finished
+    /// segment at rest is its records alone (readers stop at the zeros either way).
+    fn finish_segment(&mut self) {
+        if let Err(e) = self.release_preallocated() {
+            tracing::warn!(error = %e, segment = self.segment,
+                "cannot release a finished audit segment's made-ready space");
+        }
+        self.seal_queue.push(self.segment);
+        self.file = None;
+        (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
+        self.first_ts = None;
     }
 
     /// Makes a failed batch count as never written, so the chain continues from the last
