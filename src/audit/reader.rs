@@ -51,10 +51,15 @@ pub fn each_record_mentioning(
     for (n, path) in list_segments(dir)? {
         stats.segments += 1;
         let offsets = index::read_seal(dir, n).and_then(|_| index::lookup(dir, n, subject));
+        // A segment a prune removed since the listing: its records are no longer held (the
+        // report's coverage, read after this, says what was pruned).
+        let Some(file) = open_listed(dir, n, &path)? else {
+            continue;
+        };
         match offsets {
             Some(offsets) => {
                 stats.segments_indexed += 1;
-                let mut reader = BufReader::new(File::open(&path)?);
+                let mut reader = BufReader::new(file);
                 let mut line = Vec::new();
                 for off in offsets {
                     reader.seek(SeekFrom::Start(off))?;
@@ -70,11 +75,29 @@ pub fn each_record_mentioning(
             }
             None => {
                 stats.segments_scanned += 1;
-                scan_segment(&path, subject, each, &mut stats)?;
+                scan_segment(file, subject, each, &mut stats)?;
             }
         }
     }
     Ok(stats)
+}
+
+/// Opens segment `n`, listed a moment ago; `None` when it is gone because a prune removed it
+/// meanwhile (prunes remove the oldest first, so every segment still there is newer). Any
+/// other segment missing is an error, not a gap passed over.
+fn open_listed(dir: &Path, n: u64, path: &Path) -> io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && list_segments(dir)?
+                    .first()
+                    .is_none_or(|(first, _)| *first > n) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The same answer by reading every line of every segment.
@@ -84,20 +107,20 @@ pub fn scan_all(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStat
     for (_, path) in list_segments(dir)? {
         stats.segments += 1;
         stats.segments_scanned += 1;
-        scan_segment(&path, subject, &mut |v| out.push(v), &mut stats)?;
+        scan_segment(File::open(path)?, subject, &mut |v| out.push(v), &mut stats)?;
     }
     Ok((out, stats))
 }
 
 fn scan_segment(
-    path: &Path,
+    file: File,
     subject: &str,
     each: &mut dyn FnMut(Value),
     stats: &mut LookupStats,
 ) -> io::Result<()> {
     let needle = format!("\"{subject}\"");
     let needle = memchr::memmem::Finder::new(needle.as_bytes());
-    let mut reader = BufReader::new(File::open(path)?);
+    let mut reader = BufReader::new(file);
     // Bytes, not text: the current segment's last line may be cut inside a character.
     let mut line = Vec::new();
     loop {
@@ -173,5 +196,18 @@ mod tests {
         let (found, stats) = scan_all(dir.path(), "subj-1").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((stats.lines_read, stats.lines_unreadable), (3, 1));
+    }
+
+    /// A segment gone since the listing is passed over only where a prune would have taken it
+    /// (older than every segment still there); one missing from the middle is an error.
+    #[test]
+    fn only_a_segment_a_prune_took_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |n| dir.path().join(segment_name(n));
+        std::fs::write(at(2), b"").unwrap();
+        std::fs::write(at(4), b"").unwrap();
+        assert!(open_listed(dir.path(), 1, &at(1)).unwrap().is_none());
+        assert!(open_listed(dir.path(), 3, &at(3)).is_err());
+        assert!(open_listed(dir.path(), 2, &at(2)).unwrap().is_some());
     }
 }
