@@ -137,6 +137,7 @@ pub fn build_from(
         lookup.segments_scanned += stats.segments_scanned;
         lookup.lines_read += stats.lines_read;
         lookup.lines_unreadable += stats.lines_unreadable;
+        lookup.lines_set_aside += stats.lines_set_aside;
     }
     // Stable: one log's records keep their order.
     records.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
@@ -533,12 +534,19 @@ pub fn html(r: &Report) -> String {
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
         written_count = r.writes.len(),
-        unreadable = match r.lookup.lines_unreadable {
-            0 => String::new(),
-            n => format!(
+        unreadable = match (r.lookup.lines_unreadable, r.lookup.lines_set_aside) {
+            (0, 0) => String::new(),
+            (n, 0) => format!(
                 "<p><b>Incomplete:</b> {n} line(s) of the access log that may be about this \
                  person could not be read (the log is damaged: run <code>wardgate audit \
                  verify</code>); what they recorded is not listed.</p>"
+            ),
+            (n, m) => format!(
+                "<p><b>Incomplete:</b> {n} line(s) of the access log that may be about this \
+                 person could not be read, and {m} set aside by crash recovery \
+                 (<code>seg-…jsonl.cut-…</code> beside the log) name them; what they recorded \
+                 is not listed. Settle them (run <code>wardgate audit verify</code>) before \
+                 sending this report.</p>"
             ),
         },
         coverage = r.coverage.as_ref().map_or_else(String::new, |c| {
