@@ -66,7 +66,7 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     let newest = segments.last().map(|(n, _)| *n);
     let mut anchor = read_anchor(dir).unwrap_or_default();
     let (mut doomed, mut leftover) = (Vec::new(), Vec::new());
-    for (n, _) in &segments {
+    for (n, path) in &segments {
         if Some(*n) == newest {
             break;
         }
@@ -104,7 +104,28 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
                 );
                 break;
             }
-            _ => break,
+            Some(_) => break,
+            None => {
+                // Finished and unsealed: waiting in the seal queue (moments, unless the
+                // gateway is kept at full CPU), or its seal failed, which is logged when it
+                // does and holds retention back here until a restart seals it again. An hour
+                // on, that is said every time a prune stops here.
+                let finished_long_ago = std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                if finished_long_ago {
+                    metrics::counter!("wardgate_audit_prune_blocked_total").increment(1);
+                    tracing::warn!(
+                        segment = n,
+                        "retention stops at an audit segment finished over an hour ago and still \
+                         not sealed (its seal failed: see the error logged then; a restart seals \
+                         it again): nothing after it is pruned meanwhile"
+                    );
+                }
+                break;
+            }
         }
     }
     remove_segments(dir, &leftover)?;

@@ -55,8 +55,12 @@ impl SealQueue {
                         Ok(s) => {
                             tracing::info!(segment = n, records = s.records, "audit segment sealed")
                         }
-                        Err(e) => tracing::error!(segment = n, error = %e,
-                            "cannot seal audit segment; lookups will scan it"),
+                        Err(e) => {
+                            metrics::counter!("wardgate_audit_seal_failures_total").increment(1);
+                            tracing::error!(segment = n, error = %e,
+                                "cannot seal audit segment; lookups will scan it, and retention \
+                                 stops at it until a restart seals it again");
+                        }
                     }
                     let now = left.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
                     metrics::gauge!(BACKLOG_GAUGE).set(now as f64);
