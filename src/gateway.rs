@@ -160,7 +160,13 @@ where
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
-    let disclosed = trail.subjects.len() as u64;
+    // A write done counts as one record at least, whatever its answer shows: one that leaves
+    // the record withheld (a `do_not_contact` added, which canvassing then hides) would
+    // otherwise count nothing, and a caller could write to a whole ward uncounted.
+    let disclosed = match (&result, trail.written.is_empty()) {
+        (Ok(_), false) => (trail.subjects.len() as u64).max(1),
+        _ => trail.subjects.len() as u64,
+    };
     let mut record = audit_record(
         trail,
         result.as_ref().err(),

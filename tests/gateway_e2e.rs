@@ -589,6 +589,52 @@ async fn writes_are_scoped_and_field_checked() {
     app.stop().await;
 }
 
+/// A write done counts against the caller's quota whatever its answer shows: adding
+/// `do_not_contact`, which canvassing then hides (its answer is `{"record":null}`, nothing
+/// disclosed), used to count nothing, so a canvasser could suppress a whole ward uncounted.
+#[tokio::test]
+async fn a_write_counts_against_the_quota_even_when_it_shows_nothing() {
+    fn small_quota(cfg: &mut wardgate::config::Config) {
+        cfg.quotas.insert(
+            "canvasser".into(),
+            wardgate::controls::Limits {
+                per_hour: 8,
+                per_day: 100,
+            },
+        );
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(small_quota),
+        ..Default::default()
+    })
+    .await;
+    let t = app.token("canvasser");
+    let r = app
+        .get("/voter/electors?per_page=6", Some(&t), Some("canvassing"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ids: Vec<String> = r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["elector_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    let mut statuses = Vec::new();
+    for id in &ids {
+        let r = app
+            .canvass(id, &t, "canvassing", r#"{"flags_add":["do_not_contact"]}"#)
+            .await;
+        if r.status == 200 {
+            assert_eq!(r.json(), json!({ "record": null }), "hidden once written");
+        }
+        statuses.push(r.status.as_u16());
+    }
+    // Six listed, then two writes make eight: the rest are refused.
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429], "{statuses:?}");
+    app.stop().await;
+}
+
 /// A one-trick upstream: answers every request with `status`, `content_type` and `body`, or
 /// never answers at all when `hang` is set.
 async fn fake_upstream(
