@@ -188,6 +188,10 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             policies: Arc::clone(&plan.policies),
         };
         let principal = Arc::clone(&plan.principal);
+        // The caller's slot is held to the export's very end, its last chunk handed on and
+        // its closing record written, not only while the datastore is read.
+        let mut plan = plan;
+        let _bulk_read = plan.bulk_read.take();
         let outcome = run.stream(plan).await;
         // The chunk queued last still goes once its record is durable, whatever ended the
         // stream after it (it came before the failure, as it would have without the
@@ -467,8 +471,12 @@ impl Run<'_> {
             (Ok(()), Err(_)) => Some("audit_unavailable".to_owned()),
             (Ok(()), Ok(_)) => None,
         };
+        // Not waited for past the stall bound: a client that takes nothing would hold the
+        // task (and shutdown's wait for its records) for as long as its connection lived.
         if let Some(why) = cut {
-            let _ = self.tx.send(Err(why.into())).await;
+            let _ =
+                tokio::time::timeout(self.gw.client_stall_timeout, self.tx.send(Err(why.into())))
+                    .await;
         }
     }
 }
