@@ -192,10 +192,13 @@ where
             // second waits its turn), so that a double click or a client's retries cannot
             // take the gateway's cores or memory from its callers.
             let built = {
-                let _turn = ONE_REPORT_AT_A_TIME.acquire().await;
+                // The turn goes with the build, not with this handler: a client that hangs up
+                // and asks again waits for the build it left behind.
+                let turn = ONE_REPORT_AT_A_TIME.acquire().await;
                 let (at, who) = (std::sync::Arc::clone(gw), subject.clone());
                 let placements = gw.controls.placements(&subject);
                 tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
                     crate::sar::build(&at.audit_dir, &at.catalog, &who, placements)
                 })
                 .await
