@@ -66,13 +66,17 @@ impl Counts {
     /// added since it was read. Never lower than what this replica already knew: Redis may
     /// have lost the key (restarted without persistence, flushed, or evicted it: quota keys
     /// are its only ones with a time to live, the first a `volatile-*` policy takes), and a
-    /// total that fell to nothing would give every principal their allowance again. What it
-    /// lost is added again at the next flush, so the other replicas learn it too.
-    fn take_shared(&mut self, k: String, shared: Option<u64>) {
+    /// total that fell to nothing would give every principal their allowance again.
+    ///
+    /// With `restore` (a flush's read, sent after its own increments on the same connection,
+    /// so that Redis's answer includes them), what Redis lost is added again at the next
+    /// flush, so the other replicas learn it too. Not from a request's read: it may be
+    /// answered before a flush's increments under way, and would add them a second time.
+    fn take_shared(&mut self, k: String, shared: Option<u64>, restore: bool) {
         let local = self.pending.get(&k).copied().unwrap_or(0);
         let told = shared.unwrap_or(0) + local;
         let known = self.totals.get(&k).copied().unwrap_or(0);
-        if known > told {
+        if restore && known > told {
             *self.pending.entry(k.clone()).or_default() += known - told;
         }
         self.totals.insert(k, known.max(told));
@@ -217,8 +221,8 @@ impl Quotas {
                 .counts
                 .lock()
                 .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            c.take_shared(hour.clone(), h);
-            c.take_shared(day.clone(), d);
+            c.take_shared(hour.clone(), h, false);
+            c.take_shared(day.clone(), d, false);
         }
         let mut c = self
             .counts
@@ -308,7 +312,7 @@ impl Quotas {
                 redis::cmd("MGET").arg(&active).query_async(conn).await?;
             if let Ok(mut c) = self.counts.lock() {
                 for (k, t) in active.into_iter().zip(totals) {
-                    c.take_shared(k, t);
+                    c.take_shared(k, t, true);
                 }
             }
         }
