@@ -1114,9 +1114,9 @@ async fn nobody_classifies_an_alert_about_themselves() {
     assert_eq!(r.json()["classification"]["by"], "demo-dpo");
 }
 
-/// An alert the breach log cannot take is not lost: it is not raised meanwhile (no alert the
-/// console could not act on), it is tried again, and once the disk has room it is recorded
-/// with the time it was detected, not the time it could be written.
+/// An alert the breach log cannot take is not lost: it is in the audit log at once, not shown
+/// meanwhile (no alert the console could not act on), tried again, and once the disk has room
+/// it is recorded with the time it was detected, not the time it could be written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
     let scratch = tempfile::tempdir().unwrap();
@@ -1155,6 +1155,17 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
             .any(|a| a["rule"] == "unusual_hours"),
         "an alert the breach log did not take is not shown"
     );
+    let in_chain: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["reason"] == "breach_alert")
+        .collect();
+    assert_eq!(
+        in_chain.len(),
+        1,
+        "written to the audit log once: {in_chain:?}"
+    );
+    assert_eq!(in_chain[0]["detail"]["rule"], "unusual_hours");
     let freed = time::OffsetDateTime::now_utc();
     std::fs::remove_file(watch.join("filler")).unwrap();
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
@@ -1167,6 +1178,7 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         detected + time::Duration::seconds(2) < freed,
         "detected at {detected}, recorded after {freed}"
     );
+    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
 }
 
 /// An alert the disk can take only part of is cut back off the breach log, so the next one is

@@ -71,6 +71,7 @@ impl Acting {
                         // Stopping: what is still to be tried again is, until given up
                         // (looked at every second).
                         None if !again.is_empty() && !giving_up.load(Ordering::Relaxed) => {
+                            again.stopping();
                             let soon = tokio::time::Instant::now() + Duration::from_secs(1);
                             tokio::time::sleep_until(again.at.min(soon)).await;
                             continue;
@@ -183,6 +184,9 @@ pub(super) struct Again {
     owed: Owed,
     at: tokio::time::Instant,
     pause: Duration,
+    /// Detection is stopping: what is left is tried at once, then every [`AGAIN_AFTER`],
+    /// for as long as stopping allows.
+    stopping: bool,
 }
 
 const AGAIN_AFTER: Duration = Duration::from_secs(1);
@@ -195,6 +199,7 @@ impl Default for Again {
             owed: Owed::default(),
             at: tokio::time::Instant::now(),
             pause: AGAIN_AFTER,
+            stopping: false,
         }
     }
 }
@@ -215,13 +220,24 @@ impl Again {
 
     pub(super) fn push(&mut self, f: Finding) {
         self.at = tokio::time::Instant::now() + self.pause;
-        self.pause = (self.pause * 2).min(AGAIN_AT_MOST);
+        if !self.stopping {
+            self.pause = (self.pause * 2).min(AGAIN_AT_MOST);
+        }
         let key = (f.rule, f.key.clone());
         if self.owed.by_key.len() >= MAX_AGAIN && !self.owed.by_key.contains_key(&key) {
             dropped(&f, "too many alerts the breach log could not take");
             return;
         }
         self.owed.push_back(f);
+    }
+
+    /// Detection is stopping: what is left is due now, and then every [`AGAIN_AFTER`].
+    pub(super) fn stopping(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            self.pause = AGAIN_AFTER;
+            self.at = tokio::time::Instant::now();
+        }
     }
 
     pub(super) fn recorded(&mut self) {
@@ -351,7 +367,7 @@ mod tests {
             summary: summary.to_owned(),
             addresses: Vec::new(),
             at_ms: 0,
-            marked: false,
+            unrecorded: None,
             refs: Vec::new(),
         }
     }

@@ -196,13 +196,24 @@ pub const ACTOR: &str = "wardgate-watch";
 
 /// Does what a finding's mode says: count it, alert on it, or alert and contain.
 ///
-/// An alert the breach log cannot take is not raised: its mark as raised across replicas is
-/// taken back, nothing is published or written about it, and the finding is handed back
-/// (`Some`) for the caller to offer again. Its rule is already quiet for the principal and
-/// its evidence spent, so a finding let go here would be an alert lost for good; and a mark
-/// left standing would keep every other replica from raising it for the cooldown.
-#[must_use = "a finding handed back was not recorded and must be offered again"]
+/// An alert is raised whatever the breach log can take: it is written to the audit chain and
+/// its caller contained (in `contain` mode) first, then appended to the breach log with the
+/// containment in it, and only then shown (live feed, console). One the breach log cannot
+/// take (a full disk, an I/O error) is handed back (`Some`, the alert in `unrecorded`) for
+/// the caller to offer again, and only the breach log's append is tried again: its rule is
+/// already quiet for the principal and its evidence spent, and the console finds an alert by
+/// the breach log, so letting it go would leave an alert nobody can classify or report.
+#[must_use = "a finding handed back was not recorded in the breach log and must be offered again"]
 pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Finding> {
+    if let Some(alert) = f.unrecorded.take() {
+        return match add_to_breach_log(gw, &alert).await {
+            Ok(()) => None,
+            Err(()) => {
+                f.unrecorded = Some(alert);
+                Some(f)
+            }
+        };
+    }
     metrics::counter!("wardgate_watch_findings_total",
         "rule" => f.rule.name(), "mode" => mode_name(f.mode), "scope" => scope)
     .increment(1);
@@ -217,7 +228,6 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         return None;
     }
     if let Some(sh) = &gw.watch.shared
-        && !f.marked
         && !sh
             .first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)
             .await
@@ -235,7 +245,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .filter(|t| *t <= now)
         .unwrap_or(now);
     let report_by = detected + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
-    let alert = Alert {
+    let mut alert = Alert {
         // 64 random bits: an alert storm must not give two alerts one id (containment and
         // classification find an alert by it), across replicas too.
         id: format!(
@@ -266,22 +276,6 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         classification: None,
         history: Vec::new(),
     };
-    let log = gw.watch.breach.clone();
-    let stored = alert.clone();
-    let failed = match tokio::task::spawn_blocking(move || log.add(stored)).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(e) => Some(format!("the breach log writer task failed: {e}")),
-    };
-    if let Some(e) = failed {
-        metrics::counter!("wardgate_breach_log_failures_total").increment(1);
-        tracing::error!(error = %e, rule = %f.rule, principal = %f.key,
-            "alert not written to the breach log: not raised; it is tried again");
-        if let Some(sh) = &gw.watch.shared {
-            f.marked = !sh.withdraw_alert(f.rule, &f.key).await;
-        }
-        return Some(f);
-    }
     tracing::warn!(alert = %alert.id, rule = %f.rule, principal = %f.key, summary = %alert.summary, "breach alert");
     // The audit log's copy leaves client addresses where the writer seals them (the record's
     // own `client_addr`, shredded with its day's key) or to the evidence records: the chain
@@ -298,23 +292,49 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, alert = %alert.id, "alert not written to the audit log");
     }
+    if f.mode == Mode::Contain {
+        alert.containment = contain(gw, &alert).await;
+    }
+    match add_to_breach_log(gw, &alert).await {
+        Ok(()) => None,
+        Err(()) => {
+            f.unrecorded = Some(Box::new(alert));
+            Some(f)
+        }
+    }
+}
+
+/// Appends a raised alert to the breach log, then shows it (feed, console); on failure, says
+/// so and counts it (`wardgate_breach_log_failures_total`).
+async fn add_to_breach_log(gw: &Gateway, alert: &Alert) -> Result<(), ()> {
+    let log = gw.watch.breach.clone();
+    let stored = alert.clone();
+    let failed = match tokio::task::spawn_blocking(move || log.add(stored)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(format!("the breach log writer task failed: {e}")),
+    };
+    if let Some(e) = failed {
+        metrics::counter!("wardgate_breach_log_failures_total").increment(1);
+        tracing::error!(error = %e, alert = %alert.id,
+            "alert not written to the breach log (it is in the audit log, and acted on); tried again");
+        return Err(());
+    }
     gw.watch.publish(alert_event(
         "alert",
         &alert.key,
-        serde_json::to_string(&alert).unwrap_or_default(),
+        serde_json::to_string(alert).unwrap_or_default(),
     ));
-    if f.mode == Mode::Contain {
-        contain(gw, alert).await;
-    }
-    None
+    Ok(())
 }
 
 /// Revokes, on every replica, every token the alert's caller holds (`containment`), logging
-/// the change before it takes effect.
-async fn contain(gw: &Gateway, alert: Alert) {
+/// the change before it takes effect: what was done, for the alert's breach log entry (`None`
+/// when there is no caller to contain).
+async fn contain(gw: &Gateway, alert: &Alert) -> Option<Containment> {
     let Some(caller) = alert.principal.clone() else {
         tracing::warn!(alert = %alert.id, "nothing to contain: the caller was not authenticated");
-        return;
+        return None;
     };
     let reason = format!("containment for alert {}: {}", alert.id, alert.summary);
     let event = containment(&caller, ACTOR, &reason);
@@ -325,7 +345,12 @@ async fn contain(gw: &Gateway, alert: Alert) {
         Ok(_) => outcome(&gw.controls.record(event).await),
     };
     tracing::warn!(alert = %alert.id, subject = caller.subject, outcome, "containment");
-    record_containment(gw, &alert.id, &caller, outcome).await;
+    Some(Containment {
+        subject: caller.subject.clone(),
+        token_id: caller.token_id.clone(),
+        at: AuditRecord::now_ts(),
+        outcome,
+    })
 }
 
 /// The shared-controls event that contains `caller`: every token issued to them so far stops

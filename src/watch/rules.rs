@@ -122,9 +122,9 @@ pub struct Finding {
     pub addresses: Vec<String>,
     /// When the last piece of evidence was recorded, Unix milliseconds.
     pub at_ms: i64,
-    /// Raised across replicas by this replica (`first_to_alert`) in an attempt that could not
-    /// record it nor take the mark back: the next attempt goes ahead without asking.
-    pub marked: bool,
+    /// Its alert, raised (in the audit log, its caller contained) but not yet taken by the
+    /// breach log: what the next attempt appends, and all it does (`watch::act`).
+    pub unrecorded: Option<Box<super::breach::Alert>>,
     /// The evidence as `REPLICA#SEQ`, when it spans replicas (the shared detector fills it
     /// in; `evidence` is then its own numbering).
     pub refs: Vec<String>,
@@ -545,7 +545,7 @@ impl Detector {
             summary,
             addresses: Vec::new(),
             at_ms: ev.at,
-            marked: false,
+            unrecorded: None,
             refs: Vec::new(),
         });
         true

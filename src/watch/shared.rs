@@ -167,32 +167,6 @@ impl Shared {
         !matches!(set, Ok(None))
     }
 
-    /// Takes back this replica's mark that `rule` was raised for `key` (`first_to_alert`),
-    /// when the alert could not be recorded: compared and deleted in one step, so that a mark
-    /// another replica set since is left. If Redis cannot be reached the mark stays until its
-    /// cooldown ends, and this replica's next attempt goes ahead without asking (false: the
-    /// mark may stand). A mark that is not this replica's (this one's ended, another raised it
-    /// since) is left, and its alert is the other replica's to record.
-    pub async fn withdraw_alert(&self, rule: Rule, key: &str) -> bool {
-        const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
-            return false;
-        };
-        let flag = format!("{}:alerted:{rule}:{key}", self.stream);
-        let taken: redis::RedisResult<i64> = redis::cmd("EVAL")
-            .arg(IF_MINE)
-            .arg(1)
-            .arg(&flag)
-            .arg(&self.replica)
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = &taken {
-            tracing::warn!(error = %e, %rule, principal = key,
-                "cannot take back the mark of an alert not recorded: other replicas stay quiet about it until its cooldown ends");
-        }
-        taken.is_ok()
-    }
-
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
@@ -358,11 +332,16 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
             _ = stop.changed() => break,
         }
     }
+    // Stopping: each alert the breach log has yet to take is tried once more (each is in the
+    // audit log already, and acted on).
     while let Some(f) = again.pop() {
-        tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
-            "cross-replica breach detection stopped before the breach log could take this alert");
-        metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
-            .increment(1);
+        if let Some(f) = super::act(&gw, f, "shared").await {
+            tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
+                "cross-replica breach detection stopped before the breach log could take this \
+                 alert (it is in the audit log)");
+            metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+                .increment(1);
+        }
     }
 }
 
