@@ -401,9 +401,10 @@ struct Writer {
     preallocated: bool,
     /// The current segment's directory entry may not be durable yet.
     dir_dirty: bool,
-    /// The time of the current segment's first record (`None`: it holds none, or its first
-    /// line cannot be read), for [`SEGMENT_MAX_AGE`].
-    first_ts: Option<String>,
+    /// When the current segment is finished by age, [`SEGMENT_MAX_AGE`] after its first
+    /// record (`None`: it holds none, or its first line cannot be read). Worked out once a
+    /// segment: each commit compares the clock with it, no more.
+    finish_at: Option<std::time::SystemTime>,
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
@@ -412,6 +413,13 @@ struct Writer {
     published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
+}
+
+/// [`SEGMENT_MAX_AGE`] after the record time `ts` (`None` if it does not read as one).
+fn a_day_after(ts: &str) -> Option<std::time::SystemTime> {
+    let at =
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(std::time::SystemTime::from(at) + SEGMENT_MAX_AGE)
 }
 
 impl Writer {
@@ -462,9 +470,10 @@ impl Writer {
                     dir.display()
                 )
             })?;
-        let first_ts = (resume.len > 0)
+        let finish_at = (resume.len > 0)
             .then(|| first_ts(&dir.join(segment_name(resume.segment))))
-            .flatten();
+            .flatten()
+            .and_then(|t| a_day_after(&t));
         let mut writer = Writer {
             cuts,
             dir,
@@ -484,7 +493,7 @@ impl Writer {
             len: resume.len,
             preallocated: false,
             dir_dirty: resume.new_segment,
-            first_ts,
+            finish_at,
             head: Arc::new(Mutex::new((resume.next_seq > 1).then(|| ChainHead {
                 seq: resume.next_seq - 1,
                 hash: resume.last_hash.clone(),
@@ -745,17 +754,15 @@ impl Writer {
         }
         // A segment whose first record is a day old is finished before this batch, which
         // begins the next (`SEGMENT_MAX_AGE`).
-        let day_ago = AuditRecord::ts_of(time::OffsetDateTime::now_utc() - SEGMENT_MAX_AGE);
         if self.len > 0
             && self
-                .first_ts
-                .as_deref()
-                .is_some_and(|t| t < day_ago.as_str())
+                .finish_at
+                .is_some_and(|at| std::time::SystemTime::now() >= at)
         {
             self.finish_segment();
         }
-        let first_ts = (self.len == 0)
-            .then(|| waiting.first().map(|(_, _, r)| r.ts.clone()))
+        let finish_at = (self.len == 0)
+            .then(|| waiting.first().and_then(|(_, _, r)| a_day_after(&r.ts)))
             .flatten();
         let started = Instant::now();
         match self.write_batch(&buf) {
@@ -764,8 +771,8 @@ impl Writer {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
-                if first_ts.is_some() {
-                    self.first_ts = first_ts;
+                if finish_at.is_some() {
+                    self.finish_at = finish_at;
                 }
                 *lock(&self.head) = Some(ChainHead {
                     seq: seq - 1,
@@ -850,7 +857,7 @@ impl Writer {
         self.seal_queue.push(self.segment);
         self.file = None;
         (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
-        self.first_ts = None;
+        self.finish_at = None;
     }
 
     /// Makes a failed batch count as never written, so the chain continues from the last
