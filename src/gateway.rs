@@ -527,9 +527,7 @@ where
             // datastore answers a read by id whatever the postcode, and a look-up purpose's
             // rule is met only by a caller who knew where the person lives.
             if let Some(wanted) = route.filters.get(routes::READ_FILTER) {
-                let cx = FilterContext::new(dataset, &register);
-                let held = filter::single_text(&body, envelope, &cx, routes::READ_FILTER)
-                    .map_err(malformed)?;
+                let held = filter::single_text(&body, envelope, routes::READ_FILTER);
                 if !held.is_some_and(|p| routes::postcode_matches(&p, wanted)) {
                     trail.withhold_target("filter_mismatch", Vec::new());
                     return Err(GatewayError::NotFound);

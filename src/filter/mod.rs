@@ -644,22 +644,19 @@ pub fn single_attrs(
 }
 
 /// The string value of field `name` of the one record a body names, decoded; `None` when
-/// there is no record, no such field, or it is not a string.
-pub fn single_text(
-    body: &[u8],
-    envelope: Envelope,
-    cx: &FilterContext,
-    name: &str,
-) -> Result<Option<String>, FilterError> {
-    let Some(record) = read_single(body, envelope, cx)? else {
-        return Ok(None);
+/// there is no record, no such field, or it is not a string. Read with `serde_json` (one
+/// record; off the paging path, whose scanner it leaves as it is), as `read_single` would
+/// find the record: `{"record": {...}}`, or Datasette's `rows` holding one.
+pub fn single_text(body: &[u8], envelope: Envelope, name: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let record = match envelope {
+        Envelope::Records => &v["record"],
+        Envelope::Rows { .. } => match v["rows"].as_array()?.as_slice() {
+            [one] => one,
+            _ => return None,
+        },
     };
-    if record.has_duplicate_names() {
-        return Ok(None);
-    }
-    Ok(record
-        .field(name)
-        .and_then(|raw| serde_json::from_str::<String>(raw).ok()))
+    record.get(name)?.as_str().map(str::to_owned)
 }
 
 /// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at
