@@ -80,6 +80,9 @@ pub struct Counted {
 }
 
 /// Reads the datastore's export `body` through the filter and counts its records per group.
+/// `stands` is asked before each batch: a caller revoked or ended meanwhile (or a mirror gone
+/// stale) stops the reading there, as an export stops at its next chunk, rather than keep the
+/// datastore reading a whole scope for an answer nobody may have.
 pub async fn count(
     mut lines: Lines<hyper::body::Incoming>,
     route: &Route,
@@ -87,6 +90,7 @@ pub async fn count(
     controls: &Controls,
     settings: Settings,
     decide: &mut (dyn FnMut(&RecordAttrs) -> std::sync::Arc<filter::RecordDecision> + Send),
+    stands: &(dyn Fn() -> Result<(), GatewayError> + Send + Sync),
 ) -> Result<Counted, GatewayError> {
     let RouteKind::Aggregate { by } = &route.kind else {
         return Err(GatewayError::Internal(
@@ -111,6 +115,7 @@ pub async fn count(
             GatewayError::UpstreamTimeout
         }
     })? {
+        stands()?;
         let flags = controls.register_flags()?;
         let cx = FilterContext {
             dataset,

@@ -500,6 +500,10 @@ where
                 &gw.controls,
                 gw.aggregates,
                 &mut |a| decider.decide(a),
+                &|| {
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    standing(gw, &principal, now)
+                },
             )
             .await?;
             // Reading a whole register takes a while: the caller must still stand when the
