@@ -34,7 +34,7 @@ const QUEUE: usize = 4096;
 /// Findings owed (one per rule and principal) beyond the queue.
 const MAX_OWED: usize = 65_536;
 /// How long stopping acts on what is queued and owed before only counting it.
-const FINISH_WITHIN: Duration = Duration::from_secs(10);
+pub(super) const FINISH_WITHIN: Duration = Duration::from_secs(10);
 /// How long past that stopping waits for a finding already being acted on (its Redis and
 /// audit waits are bounded) before abandoning it.
 const BACKSTOP: Duration = Duration::from_secs(20);
@@ -53,7 +53,8 @@ impl Acting {
         let give_up = Arc::new(AtomicBool::new(false));
         let giving_up = Arc::clone(&give_up);
         let task = tokio::spawn(async move {
-            let mut left = Left::default();
+            // Findings not acted on, and alerts raised that the breach log never took.
+            let (mut left, mut unrecorded) = (Left::default(), Left::default());
             let mut again = Again::default();
             loop {
                 // A finding the breach log could not take comes first once its time is due:
@@ -80,7 +81,10 @@ impl Acting {
                     },
                 };
                 if giving_up.load(Ordering::Relaxed) {
-                    left.count(&f);
+                    match f.unrecorded {
+                        Some(_) => unrecorded.count(&f),
+                        None => left.count(&f),
+                    }
                     continue;
                 }
                 // One finding's panic must not end alerting for the rest of the process.
@@ -99,9 +103,13 @@ impl Acting {
                 }
             }
             while let Some(f) = again.pop() {
-                left.count(&f);
+                unrecorded.count(&f);
             }
             left.log("detection stopped before they were acted on");
+            unrecorded.log(
+                "detection stopped before the breach log took these alerts (each is in the \
+                 audit log as a `breach_alert` record, and was acted on)",
+            );
         });
         Acting {
             tx,
@@ -223,9 +231,12 @@ impl Again {
         if !self.stopping {
             self.pause = (self.pause * 2).min(AGAIN_AT_MOST);
         }
-        let key = (f.rule, f.key.clone());
-        if self.owed.by_key.len() >= MAX_AGAIN && !self.owed.by_key.contains_key(&key) {
-            dropped(&f, "too many alerts the breach log could not take");
+        if self.owed.by_key.len() >= MAX_AGAIN && !self.owed.by_key.contains_key(&Owed::key_of(&f))
+        {
+            dropped(
+                &f,
+                "too many alerts the breach log could not take (this one is in the audit log)",
+            );
             return;
         }
         self.owed.push_back(f);
@@ -287,6 +298,16 @@ impl Owed {
         self.by_key.is_empty()
     }
 
+    /// What a finding is held under: its rule and principal (the newest replaces an older
+    /// one, not yet raised), or, once its alert is raised and waits for the breach log, that
+    /// alert too, so that a later alert about the same principal never takes its place.
+    fn key_of(f: &Finding) -> (Rule, String) {
+        match &f.unrecorded {
+            Some(alert) => (f.rule, format!("{}\n{}", f.key, alert.id)),
+            None => (f.rule, f.key.clone()),
+        }
+    }
+
     fn line(&mut self, f: &Finding) -> &mut VecDeque<(Rule, String)> {
         if f.caller.is_some() {
             &mut self.named
@@ -296,7 +317,7 @@ impl Owed {
     }
 
     fn push(&mut self, f: Finding, detector: &mut Detector) {
-        let key = (f.rule, f.key.clone());
+        let key = Self::key_of(&f);
         if let Some(held) = self.by_key.get_mut(&key) {
             *held = f;
             return;
@@ -336,7 +357,7 @@ impl Owed {
 
     /// Holds `f` (the newest per rule and principal), last in its line, without a bound.
     fn push_back(&mut self, f: Finding) {
-        let key = (f.rule, f.key.clone());
+        let key = Self::key_of(&f);
         if !self.by_key.contains_key(&key) {
             self.line(&f).push_back(key.clone());
         }
@@ -345,7 +366,7 @@ impl Owed {
 
     /// Puts back a finding `pop` gave, first in its line.
     fn unpop(&mut self, f: Finding) {
-        let key = (f.rule, f.key.clone());
+        let key = Self::key_of(&f);
         self.line(&f).push_front(key.clone());
         self.by_key.insert(key, f);
     }
@@ -370,6 +391,40 @@ mod tests {
             unrecorded: None,
             refs: Vec::new(),
         }
+    }
+
+    /// A raised alert waiting for the breach log is never replaced by a later alert about the
+    /// same principal (each is in the audit log under its own id): both are tried again.
+    #[test]
+    fn alerts_waiting_for_the_breach_log_are_kept_one_by_one() {
+        let raised = |id: &str| {
+            let mut f = finding(Rule::Volume, "insider", id);
+            f.unrecorded = Some(Box::new(crate::watch::breach::Alert {
+                id: id.to_owned(),
+                rule: Rule::Volume,
+                mode: Mode::Alert,
+                summary: String::new(),
+                principal: None,
+                key: "insider".into(),
+                client_addr: None,
+                addresses: Vec::new(),
+                evidence: vec![1],
+                evidence_refs: Vec::new(),
+                detected_at: String::new(),
+                report_by: String::new(),
+                containment: None,
+                classification: None,
+                history: Vec::new(),
+            }));
+            f
+        };
+        let mut again = Again::default();
+        again.push(raised("A-1"));
+        again.push(raised("A-2"));
+        let ids: Vec<String> = std::iter::from_fn(|| again.pop())
+            .map(|f| f.unrecorded.unwrap().id)
+            .collect();
+        assert_eq!(ids, ["A-1", "A-2"]);
     }
 
     #[test]

@@ -134,9 +134,10 @@ struct State {
     keep: usize,
     /// How many older ones only the file holds.
     older: u64,
-    /// A failed append could not be cut off: nothing more is appended until a restart (which
-    /// cuts the torn line), or the next line would be joined to it.
-    broken: bool,
+    /// A failed append could not be cut off: the length to cut the file back to before
+    /// anything more is appended (the next line would be joined to the torn one), tried
+    /// again at each append (a restart cuts it too).
+    broken: Option<u64>,
     /// When the last append failed, unless one has succeeded since (`is_healthy`).
     failed_at: Option<Instant>,
 }
@@ -195,7 +196,7 @@ impl BreachLog {
                 alerts,
                 keep,
                 older,
-                broken: false,
+                broken: None,
                 failed_at: None,
             }),
         })
@@ -210,7 +211,7 @@ impl BreachLog {
     /// cross-replica leader asks before it marks alerts as raised for every replica.
     pub fn is_healthy(&self) -> bool {
         let s = self.lock();
-        !s.broken && s.failed_at.is_none_or(|t| t.elapsed() >= UNHEALTHY_FOR)
+        s.broken.is_none() && s.failed_at.is_none_or(|t| t.elapsed() >= UNHEALTHY_FOR)
     }
 
     /// Appends a new alert (blocking: call off the async workers).
@@ -326,10 +327,16 @@ impl BreachLog {
 /// write is cut back off the file: part of its line (a full disk took the rest) would join the
 /// next entry into a line that does not parse, which stops the next start.
 fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
-    if s.broken {
-        return Err(BreachError::Io(std::io::Error::other(
-            "a failed append could not be cut off the breach log; restart to mend it",
-        )));
+    if let Some(len) = s.broken {
+        if let Err(e) = s.file.set_len(len).and_then(|()| s.file.sync_data()) {
+            s.failed_at = Some(Instant::now());
+            return Err(BreachError::Io(std::io::Error::other(format!(
+                "a failed append could not be cut off the breach log yet ({e}); nothing is \
+                 appended until it is"
+            ))));
+        }
+        tracing::warn!("a failed append is cut off the breach log at last; appending again");
+        s.broken = None;
     }
     let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
     line.push(b'\n');
@@ -338,8 +345,8 @@ fn write(s: &mut State, entry: Entry) -> Result<(), BreachError> {
         s.failed_at = Some(Instant::now());
         if let Err(cut) = s.file.set_len(before).and_then(|()| s.file.sync_data()) {
             tracing::error!(error = %cut,
-                "cannot cut a failed entry off the breach log; no more are appended until a restart");
-            s.broken = true;
+                "cannot cut a failed entry off the breach log; it is tried again before the next append");
+            s.broken = Some(before);
         }
         return Err(e.into());
     }

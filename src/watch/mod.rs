@@ -127,7 +127,7 @@ pub async fn run(gw: Arc<Gateway>) {
     // Owed findings are offered again this often while any are owed, however busy the log.
     let mut retry = tokio::time::interval(std::time::Duration::from_millis(50));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if let Some(sh) = &gw.watch.shared {
+    let leading = gw.watch.shared.as_ref().map(|sh| {
         tokio::spawn(shared::publish_loop(
             sh.clone(),
             gw.watch.detecting.subscribe(),
@@ -136,8 +136,8 @@ pub async fn run(gw: Arc<Gateway>) {
             gw.clone(),
             sh.clone(),
             gw.watch.detecting.subscribe(),
-        ));
-    }
+        ))
+    });
     loop {
         // In this order: records still to be examined go before the stop.
         let logged = tokio::select! {
@@ -186,8 +186,11 @@ pub async fn run(gw: Arc<Gateway>) {
         }
     }
     // The findings already made are acted on before detection stops (for a while: shutdown
-    // waits for this).
+    // waits for this), and the leader's alerts still waiting for the breach log are tried.
     acting.finish().await;
+    if let Some(leading) = leading {
+        let _ = leading.await;
+    }
 }
 
 /// Who the controls journal and the audit log say revoked a token in containment: a name no

@@ -332,16 +332,28 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
             _ = stop.changed() => break,
         }
     }
-    // Stopping: each alert the breach log has yet to take is tried once more (each is in the
-    // audit log already, and acted on).
-    while let Some(f) = again.pop() {
-        if let Some(f) = super::act(&gw, f, "shared").await {
-            tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
-                "cross-replica breach detection stopped before the breach log could take this \
-                 alert (it is in the audit log)");
-            metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
-                .increment(1);
+    // Stopping: the alerts the breach log has yet to take (each is in the audit log already,
+    // and acted on) are tried at once and then every second, for as long as detection's
+    // stop allows (`acting::FINISH_WITHIN`; shutdown waits for this task).
+    again.stopping();
+    let deadline = tokio::time::Instant::now() + super::acting::FINISH_WITHIN;
+    while !again.is_empty() && tokio::time::Instant::now() < deadline {
+        if !again.is_due() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
+        if let Some(f) = again.pop()
+            && let Some(f) = super::act(&gw, f, "shared").await
+        {
+            again.push(f);
+        }
+    }
+    while let Some(f) = again.pop() {
+        tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
+            "cross-replica breach detection stopped before the breach log could take this \
+             alert (it is in the audit log as a `breach_alert` record, and was acted on)");
+        metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
+            .increment(1);
     }
 }
 
