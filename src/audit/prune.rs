@@ -66,7 +66,7 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     let newest = segments.last().map(|(n, _)| *n);
     let mut anchor = read_anchor(dir).unwrap_or_default();
     let (mut doomed, mut leftover) = (Vec::new(), Vec::new());
-    for (n, path) in &segments {
+    for (n, _) in &segments {
         if Some(*n) == newest {
             break;
         }
@@ -104,28 +104,7 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
                 );
                 break;
             }
-            Some(_) => break,
-            None => {
-                // Finished and unsealed: waiting in the seal queue (moments, unless the
-                // gateway is kept at full CPU), or its seal failed, which is logged when it
-                // does and holds retention back here until a restart seals it again. An hour
-                // on, that is said every time a prune stops here.
-                let finished_long_ago = std::fs::metadata(path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
-                if finished_long_ago {
-                    metrics::counter!("wardgate_audit_prune_blocked_total").increment(1);
-                    tracing::warn!(
-                        segment = n,
-                        "retention stops at an audit segment finished over an hour ago and still \
-                         not sealed (its seal failed: see the error logged then; a restart seals \
-                         it again): nothing after it is pruned meanwhile"
-                    );
-                }
-                break;
-            }
+            _ => break,
         }
     }
     remove_segments(dir, &leftover)?;
@@ -285,20 +264,24 @@ mod tests {
     use crate::audit::record::tests::sample;
     use crate::audit::{AuditLog, AuditRecord, AuditSettings, Durability, verify_dir};
 
+    /// A log in `dir` synced at each commit, rolling at `segment_max_bytes`.
+    fn settings(dir: &Path, segment_max_bytes: u64) -> AuditSettings {
+        AuditSettings {
+            dir: dir.to_owned(),
+            durability: Durability::Fsync,
+            max_batch: 8,
+            commit_window: std::time::Duration::ZERO,
+            segment_max_bytes,
+            seal_client_addr: false,
+        }
+    }
+
     /// Nothing is pruned or shredded unless its record is written first: with the log closed
     /// (as when its disk fails), the old segments and the old day's address key all stay.
     #[tokio::test]
     async fn a_prune_or_shredding_whose_record_cannot_be_written_removes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(AuditSettings {
-            dir: dir.path().to_owned(),
-            durability: Durability::Fsync,
-            max_batch: 8,
-            commit_window: std::time::Duration::ZERO,
-            segment_max_bytes: 2048,
-            seal_client_addr: false,
-        })
-        .unwrap();
+        let log = AuditLog::open(settings(dir.path(), 2048)).unwrap();
         for i in 0..30u64 {
             let mut r = sample(i + 1);
             r.ts = format!("2018-03-01T10:00:{:02}.000Z", i);
@@ -352,15 +335,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_logs_old_records_go_though_their_segment_never_fills() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(AuditSettings {
-            dir: dir.path().to_owned(),
-            durability: Durability::Fsync,
-            max_batch: 8,
-            commit_window: std::time::Duration::ZERO,
-            segment_max_bytes: 64 << 20,
-            seal_client_addr: false,
-        })
-        .unwrap();
+        let log = AuditLog::open(settings(dir.path(), 64 << 20)).unwrap();
         let mut r = sample(1);
         r.ts = "2018-03-01T10:00:00.000Z".to_owned();
         log.append(r).await.unwrap();
@@ -408,14 +383,7 @@ mod tests {
     #[tokio::test]
     async fn only_sealed_segments_past_retention_go_and_the_chain_still_verifies() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = || AuditSettings {
-            dir: dir.path().to_owned(),
-            durability: Durability::Fsync,
-            max_batch: 8,
-            commit_window: std::time::Duration::ZERO,
-            segment_max_bytes: 2048,
-            seal_client_addr: false,
-        };
+        let settings = || settings(dir.path(), 2048);
         let log = AuditLog::open(settings()).unwrap();
         // Old records first (eight years ago), then recent ones; small segments roll often.
         for i in 0..40u64 {

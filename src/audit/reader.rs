@@ -99,7 +99,13 @@ fn set_aside_naming(dir: &Path, subject: &str) -> io::Result<u64> {
         if !name.contains(".jsonl.cut-") || name.ends_with(".pending") {
             continue;
         }
-        let mut reader = BufReader::new(File::open(&path)?);
+        // One an operator settled and removed since the listing is passed over.
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut reader = BufReader::new(file);
         let mut line = Vec::new();
         loop {
             line.clear();

@@ -753,8 +753,12 @@ impl Writer {
             return;
         }
         // A segment whose first record is a day old is finished before this batch, which
-        // begins the next (`SEGMENT_MAX_AGE`).
+        // begins the next (`SEGMENT_MAX_AGE`). Not while its file is closed after a failed
+        // batch: the batch's bytes may still be past `len`, cut only when it is opened again
+        // (`ensure_open`), and a segment finished with them would be sealed with records
+        // never acknowledged; the next successful batch finishes it.
         if self.len > 0
+            && self.file.is_some()
             && self
                 .finish_at
                 .is_some_and(|at| std::time::SystemTime::now() >= at)
