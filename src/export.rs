@@ -174,6 +174,10 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
     // Shutdown waits for the export's last records (`AuditLog::settle`).
     let appending = gw.audit.appender();
+    // Set once the export has ended whole, its closing record written: a body that ends
+    // without it is cut, whether or not the error saying why reached the channel.
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended_whole = Arc::clone(&whole);
     tokio::spawn(async move {
         let _appending = appending;
         let mut run = Run {
@@ -197,11 +201,20 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
         // stream after it (it came before the failure, as it would have without the
         // overlap), unless the caller no longer stands.
         let handed_on = run.hand_on(&principal).await;
-        run.finish(outcome.and(handed_on)).await;
+        let was_whole = run.finish(outcome.and(handed_on)).await;
+        ended_whole.store(was_whole, std::sync::atomic::Ordering::Release);
     });
-    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|r| (r.map(Frame::data), rx))
-    });
+    let frames =
+        futures_util::stream::unfold((rx, whole, false), |(mut rx, whole, cut)| async move {
+            match rx.recv().await {
+                Some(r) => Some((r.map(Frame::data), (rx, whole, cut))),
+                None if !cut && !whole.load(std::sync::atomic::Ordering::Acquire) => {
+                    let e: BoxError = "the export was cut short".into();
+                    Some((Err(e), (rx, whole, true)))
+                }
+                None => None,
+            }
+        });
     StreamBody::new(frames).boxed_unsync()
 }
 
@@ -432,8 +445,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The export's last audit record; on failure, the stream is cut after it.
-    async fn finish(self, outcome: Result<(), String>) {
+    /// The export's last audit record; on failure, the stream is cut after it. Whether the
+    /// export ended whole (its last chunk gone and its closing record written).
+    async fn finish(self, outcome: Result<(), String>) -> bool {
         let mut record = self.template.clone();
         record.ts = AuditRecord::now_ts();
         // `chunks_recorded`: chunk records written, which may exceed the chunks that went
@@ -471,13 +485,18 @@ impl Run<'_> {
             (Ok(()), Err(_)) => Some("audit_unavailable".to_owned()),
             (Ok(()), Ok(_)) => None,
         };
-        // Not waited for past the stall bound: a client that takes nothing would hold the
-        // task (and shutdown's wait for its records) for as long as its connection lived.
+        // Not waited for long: a client that takes nothing would hold the task (and
+        // shutdown's wait for its records) for as long as its connection lived. Without it
+        // the body still ends in an error (`start`), only without saying why.
+        let whole = cut.is_none();
         if let Some(why) = cut {
-            let _ =
-                tokio::time::timeout(self.gw.client_stall_timeout, self.tx.send(Err(why.into())))
-                    .await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                self.tx.send(Err(why.into())),
+            )
+            .await;
         }
+        whole
     }
 }
 

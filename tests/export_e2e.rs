@@ -729,6 +729,57 @@ async fn an_export_whose_client_takes_nothing_is_cut_off() {
     drop(resp);
 }
 
+/// An export cut off because its client took nothing does not end as if whole: a client that
+/// comes back to read finds the body cut short (no last chunk), not a clean end over records
+/// missing, even where the error saying why found no room to be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_export_read_later_ends_cut_short_not_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn stall_after_a_second(c: &mut wardgate::config::Config) {
+        c.server.client_stall_timeout = std::time::Duration::from_secs(1);
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(stall_after_a_second),
+        electors: Some(20_000),
+        ..AppOptions::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "GET /voter/electors/export HTTP/1.1\r\nhost: wardgate\r\nauthorization: Bearer {}\r\n\
+         x-purpose: profiling\r\n\r\n",
+        app.token("analyst")
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !export_records(&app)
+        .0
+        .iter()
+        .any(|r| r["detail"]["export_aborted"] == "client_stalled")
+    {
+        assert!(std::time::Instant::now() < deadline, "never cut off");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Past the cut's own wait for room too.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Everything the connection gives, until it ends or goes quiet (a whole answer would
+    // leave it open, kept alive, after its last chunk).
+    let mut answer = Vec::new();
+    let mut buf = vec![0; 1 << 16];
+    while let Ok(Ok(n @ 1..)) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await
+    {
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        !answer.ends_with(b"\r\n0\r\n\r\n"),
+        "a cut export ended as if whole ({} bytes)",
+        answer.len()
+    );
+    app.stop().await;
+}
+
 /// A caller has at most `server.max_bulk_reads_per_caller` (2) exports and aggregates under way
 /// at once: held open by a datastore that is slow to answer (or a client that reads nothing),
 /// a third is 429 `too-many-at-once`, refused in the log, and the slot comes back once one of
