@@ -98,6 +98,15 @@ async fn upstream_electors(app: &TestApp) -> Vec<Value> {
     out
 }
 
+/// One page of 200 records, which must be answered: enough after hours for `unusual_hours`.
+async fn a_big_page(app: &TestApp, token: &str, purpose: &str) -> Value {
+    let r = app
+        .get("/voter/electors?per_page=200", Some(token), Some(purpose))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.json()
+}
+
 fn breach_log(app: &TestApp) -> Vec<Value> {
     std::fs::read_to_string(app.dir.path().join("breach-log.jsonl"))
         .unwrap_or_default()
@@ -229,14 +238,7 @@ async fn a_normal_canvassing_day_raises_no_alert() {
     }
     // The councillor's casework and a walk sheet of their own.
     let cllr = app.token("councillor");
-    let r = app
-        .get(
-            "/voter/electors?per_page=200",
-            Some(&cllr),
-            Some("canvassing"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    a_big_page(&app, &cllr, "canvassing").await;
     // The detector handles records in log order, so once a later request shows in the live
     // feed, everything before it has been examined.
     let marker = token(
@@ -563,15 +565,8 @@ async fn behind_a_trusted_balancer_the_forwarded_client_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disclosures_after_hours_are_noticed() {
     let app = app(night).await;
-    let r = app
-        .get(
-            "/voter/electors?per_page=200",
-            Some(&app.token("councillor")),
-            Some("canvassing"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
-    assert!(r.json()["records"].as_array().unwrap().len() >= 100);
+    let page = a_big_page(&app, &app.token("councillor"), "canvassing").await;
+    assert!(page["records"].as_array().unwrap().len() >= 100);
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
     assert!(
         alert["summary"]
@@ -984,14 +979,7 @@ async fn a_containment_that_cannot_be_journalled_says_so_and_can_be_made_again()
         )
     };
     // Enough records after hours for the rule.
-    let r = app
-        .get(
-            "/voter/electors?per_page=200",
-            Some(&token),
-            Some("canvassing"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    a_big_page(&app, &token, "canvassing").await;
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
     let contain = format!("/alerts/{}/contain", alert["id"].as_str().unwrap());
     let sec = app.token("security");
@@ -1084,14 +1072,7 @@ async fn records_of_requests_finished_during_shutdown_are_examined() {
 async fn nobody_classifies_an_alert_about_themselves() {
     let app = app(night).await;
     let sec = app.token("security");
-    let r = app
-        .get(
-            "/voter/electors?per_page=200",
-            Some(&sec),
-            Some("breach_investigation"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    a_big_page(&app, &sec, "breach_investigation").await;
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-security").await;
     let path = format!("/alerts/{}/classify", alert["id"].as_str().unwrap());
     let body = r#"{"class":"near_miss","note":"only me, working late"}"#;
@@ -1133,14 +1114,7 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
     .await;
     common::fill(&watch);
     let token = app.token("councillor");
-    let r = app
-        .get(
-            "/voter/electors?per_page=200",
-            Some(&token),
-            Some("canvassing"),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    a_big_page(&app, &token, "canvassing").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while app.gw.watch.breach.is_healthy() {
         assert!(Instant::now() < deadline, "the alert was never tried");
