@@ -753,15 +753,15 @@ impl Writer {
             return;
         }
         // A segment whose first record is a day old is finished before this batch, which
-        // begins the next (`SEGMENT_MAX_AGE`). Not while its file is closed after a failed
-        // batch: the batch's bytes may still be past `len`, cut only when it is opened again
-        // (`ensure_open`), and a segment finished with them would be sealed with records
-        // never acknowledged; the next successful batch finishes it.
+        // begins the next (`SEGMENT_MAX_AGE`). Opened first if a failed batch closed it: its
+        // bytes past `len` are cut then (`ensure_open`), and a segment finished with them
+        // would be sealed with records never acknowledged; if they cannot be cut yet, it is
+        // not finished yet.
         if self.len > 0
-            && self.file.is_some()
             && self
                 .finish_at
                 .is_some_and(|at| std::time::SystemTime::now() >= at)
+            && self.ensure_open().is_ok()
         {
             self.finish_segment();
         }

@@ -37,7 +37,7 @@ const MAX_OWED: usize = 65_536;
 pub(super) const FINISH_WITHIN: Duration = Duration::from_secs(10);
 /// How long past that stopping waits for a finding already being acted on (its Redis and
 /// audit waits are bounded) before abandoning it.
-const BACKSTOP: Duration = Duration::from_secs(20);
+pub(super) const BACKSTOP: Duration = Duration::from_secs(20);
 
 pub struct Acting {
     tx: mpsc::Sender<Finding>,

@@ -188,8 +188,14 @@ pub async fn run(gw: Arc<Gateway>) {
     // The findings already made are acted on before detection stops (for a while: shutdown
     // waits for this), and the leader's alerts still waiting for the breach log are tried.
     acting.finish().await;
-    if let Some(leading) = leading {
-        let _ = leading.await;
+    // Bounded as the acting task is: a step under way (a batch of findings, each waiting on
+    // Redis and the disk) finishes first, and a leader still busy past it is abandoned.
+    if let Some(mut leading) = leading {
+        let bound = acting::FINISH_WITHIN + acting::BACKSTOP;
+        if tokio::time::timeout(bound, &mut leading).await.is_err() {
+            leading.abort();
+            tracing::error!("cross-replica breach detection stopped in the middle of its work");
+        }
     }
 }
 
