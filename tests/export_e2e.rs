@@ -684,22 +684,27 @@ async fn an_export_from_a_datastore_that_ignores_exclude_still_leaves_out_the_pr
     app.stop().await;
 }
 
+/// A gateway whose exports are cut off once their client has taken nothing for a second,
+/// over more electors than the chunks the channel and the connection hold (about 1 MiB each).
+async fn app_cutting_stalls_after_a_second() -> TestApp {
+    fn stall_after_a_second(c: &mut wardgate::config::Config) {
+        c.server.client_stall_timeout = std::time::Duration::from_secs(1);
+    }
+    spawn_app_with(AppOptions {
+        tweak: Some(stall_after_a_second),
+        electors: Some(20_000),
+        ..AppOptions::default()
+    })
+    .await
+}
+
 /// A client that takes no chunk for `server.client_stall_timeout` (here an HTTP/2 one that
 /// keeps its window shut, as a client that stops reading does once the buffers fill) is cut
 /// off: the export is aborted, recorded `client_stalled`, and its datastore connection let
 /// go, rather than held for as long as the client likes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_whose_client_takes_nothing_is_cut_off() {
-    fn stall_after_a_second(c: &mut wardgate::config::Config) {
-        c.server.client_stall_timeout = std::time::Duration::from_secs(1);
-    }
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(stall_after_a_second),
-        // More than the chunks the channel and the connection hold (about 1 MiB each).
-        electors: Some(20_000),
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app_cutting_stalls_after_a_second().await;
     let (mut sender, _conn) = common::http2_with_window(app.addr, 0).await;
     let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
         .header("authorization", format!("Bearer {}", app.token("analyst")))
@@ -735,15 +740,7 @@ async fn an_export_whose_client_takes_nothing_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_export_read_later_ends_cut_short_not_whole() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    fn stall_after_a_second(c: &mut wardgate::config::Config) {
-        c.server.client_stall_timeout = std::time::Duration::from_secs(1);
-    }
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(stall_after_a_second),
-        electors: Some(20_000),
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app_cutting_stalls_after_a_second().await;
     let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let request = format!(
         "GET /voter/electors/export HTTP/1.1\r\nhost: wardgate\r\nauthorization: Bearer {}\r\n\
