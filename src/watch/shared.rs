@@ -231,16 +231,7 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
         if *stop.borrow() {
             break;
         }
-        while again.is_due() {
-            let Some(f) = again.pop() else { break };
-            match super::act(&gw, f, "shared").await {
-                None => again.recorded(),
-                Some(f) => {
-                    again.push(f);
-                    break;
-                }
-            }
-        }
+        retry_due(&gw, &mut again).await;
         let step = async {
             let mut conn = shared.connection().await?;
             if !gw.audit.is_healthy() || !gw.watch.breach.is_healthy() {
@@ -338,14 +329,9 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
     again.stopping();
     let deadline = tokio::time::Instant::now() + super::acting::FINISH_WITHIN;
     while !again.is_empty() && tokio::time::Instant::now() < deadline {
-        if !again.is_due() {
+        retry_due(&gw, &mut again).await;
+        if !again.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        if let Some(f) = again.pop()
-            && let Some(f) = super::act(&gw, f, "shared").await
-        {
-            again.push(f);
         }
     }
     while let Some(f) = again.pop() {
@@ -354,6 +340,21 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
              alert (it is in the audit log as a `breach_alert` record, and was acted on)");
         metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
             .increment(1);
+    }
+}
+
+/// Tries again the alerts whose time has come that the breach log has yet to take, until one
+/// fails again (the log is failing for all of them: the rest wait their next turn).
+async fn retry_due(gw: &Gateway, again: &mut Again) {
+    while again.is_due() {
+        let Some(f) = again.pop() else { break };
+        match super::act(gw, f, "shared").await {
+            None => again.recorded(),
+            Some(f) => {
+                again.push(f);
+                break;
+            }
+        }
     }
 }
 
