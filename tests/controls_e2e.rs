@@ -498,8 +498,7 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
         )
         .await;
     assert_eq!(r.json()["type"], "urn:wardgate:problem:token-revoked");
-    let shared = redis::Client::open(redis.url()).unwrap();
-    let mut conn = shared.get_connection().unwrap();
+    let mut conn = redis.connection();
     let entries: usize = redis::cmd("XLEN")
         .arg("wardgate:controls")
         .query(&mut conn)
@@ -542,8 +541,7 @@ async fn a_long_stream_is_read_whole() {
         ..Default::default()
     })
     .await;
-    let shared = redis::Client::open(redis.url()).unwrap();
-    let mut conn = shared.get_connection().unwrap();
+    let mut conn = redis.connection();
     until("the journal republished", || {
         let n: usize = redis::cmd("XLEN")
             .arg("wardgate:controls")
@@ -932,8 +930,7 @@ async fn a_principal_over_quota_gets_429_on_every_replica() {
             .await;
         assert_eq!(r.status, 429, "replica {name} after FLUSHALL: {:?}", r.body);
     }
-    let shared = redis::Client::open(redis.url()).unwrap();
-    let mut conn = shared.get_connection().unwrap();
+    let mut conn = redis.connection();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*quota*").query(&mut conn).unwrap();
     assert!(!keys.is_empty(), "the counts are in Redis again");
     // Another councillor is unaffected.

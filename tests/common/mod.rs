@@ -86,10 +86,18 @@ impl RedisServer {
         }
     }
 
+    /// A plain connection, for a test to look at (or change) what the gateways keep there.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     pub fn flushall(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_connection().unwrap();
-        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut self.connection())
+            .unwrap();
     }
 }
 
