@@ -89,13 +89,20 @@ pub(super) fn read(
     // `objects-profiling`, a marker `n` for `N`): such a record would otherwise go out as if
     // unflagged. It is held back as far as the word could mean: a marker not of a marker's
     // form (one or two capital letters) as an anonymous elector's, never disclosed; a flag
-    // the gateway does not know as a restriction, so that rights handling still sees it.
+    // the gateway does not know as a restriction, so that rights handling still sees it, and
+    // as every known flag it is a spelling of (`UNDER_16`, `under-16` and `Under16` are
+    // `under_16`, which nobody sees, not even rights handling: `spelt_as`).
     if !markers.iter().all(|m| crate::policy::is_marker(m)) {
         metrics::counter!("wardgate_unknown_record_words_total", "kind" => "marker").increment(1);
         markers.insert(ANONYMOUS.to_owned());
     }
     if !flags.iter().all(|f| ds.known_flags.contains(f)) {
         metrics::counter!("wardgate_unknown_record_words_total", "kind" => "flag").increment(1);
+        let meant: Vec<String> = (flags.iter())
+            .filter(|f| !ds.known_flags.contains(*f))
+            .flat_map(|f| spelt_as(f, &ds.known_flags))
+            .collect();
+        flags.extend(meant);
         flags.insert(RESTRICTED.to_owned());
     }
     if let Some(extra) = cx.register.get(&subject) {
@@ -131,6 +138,27 @@ pub(super) fn read(
             tps_fresh,
         },
     ))
+}
+
+/// The known flags `word` is another spelling of: the same letters and digits, whatever their
+/// case and whatever stands between them (`under_16` for `UNDER_16`, `under-16` or `Under 16`).
+fn spelt_as(word: &str, known: &BTreeSet<String>) -> Vec<String> {
+    let fold = |w: &str| -> String {
+        (w.chars())
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let folded = fold(word);
+    let mut meant: Vec<String> = (known.iter())
+        .filter(|k| fold(k) == folded)
+        .cloned()
+        .collect();
+    // Whatever the catalogue knows, a spelling of `under_16` is that.
+    if folded == fold(UNDER_16) {
+        meant.push(UNDER_16.to_owned());
+    }
+    meant
 }
 
 /// Writes onto `key` every input `record_attrs` reads for a record of `subject` (the subject
