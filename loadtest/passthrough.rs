@@ -94,6 +94,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_connections: wardgate::config::DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
+            write_stall_timeout: Duration::from_secs(300),
         },
     )
     .await

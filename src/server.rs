@@ -211,6 +211,7 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
         Some(h) if h.is_parse() => "malformed",
         Some(h) if h.is_timeout() && served => "idle",
         Some(h) if h.is_timeout() => "timeout",
+        _ if stalled(e) => "stalled",
         _ if io_kind == Some(std::io::ErrorKind::TimedOut) => "timeout",
         _ => "other",
     };
@@ -225,12 +226,27 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
     tracing::debug!(error = %e, %peer, kind, "connection ended with an error");
 }
 
+/// Whether `e` is, however deep hyper wrapped it, `FirstBytes`' error for a client that took
+/// no bytes of its answer in time.
+fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    // (`io::Error::source` skips the error it wraps: its `get_ref` is that.)
+    std::iter::successors(Some(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<std::io::Error>()?.get_ref())
+        .any(|e| e.is::<Stalled>())
+}
+
+/// A write waited longer than `Limits::write_stall_timeout` for the client to take a byte.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took no bytes of its answer in time")]
+struct Stalled;
+
 /// A connection's stream with a deadline on its first bytes: hyper's header timeout starts
 /// only once it knows the protocol, which it learns from those bytes (up to HTTP/2's 24-byte
 /// preface), so a client that connects and sends nothing, or a few bytes, would otherwise
 /// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone. It also tells
 /// the connection's `Activity` whether those bytes began HTTP/2's preface, and, for HTTP/2,
-/// when an answer's bytes (`DATA` frames) go to the client (`H2Data`).
+/// when an answer's bytes (`DATA` frames) go to the client (`H2Data`). And a deadline on
+/// every write the client does not take (`stall`).
 struct FirstBytes<T> {
     inner: T,
     /// Where the frames written so far have got to (HTTP/2 only).
@@ -240,6 +256,10 @@ struct FirstBytes<T> {
     /// The first bytes, until there are enough to tell HTTP/2's preface.
     first: [u8; FIRST_BYTES],
     activity: Arc<Activity>,
+    /// How long a write may wait for the client to take bytes (`Limits::write_stall_timeout`).
+    stall_within: Duration,
+    /// Running while a write waits: the client has not taken a byte since it started.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// HTTP/2's connection preface (RFC 9113 §3.4), the most hyper reads before it knows the
@@ -248,7 +268,7 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FIRST_BYTES: usize = PREFACE.len();
 
 impl<T> FirstBytes<T> {
-    fn new(inner: T, within: Duration, activity: Arc<Activity>) -> Self {
+    fn new(inner: T, within: Duration, stall_within: Duration, activity: Arc<Activity>) -> Self {
         FirstBytes {
             inner,
             written: H2Data::default(),
@@ -256,7 +276,34 @@ impl<T> FirstBytes<T> {
             left: FIRST_BYTES,
             first: [0; FIRST_BYTES],
             activity,
+            stall_within,
+            stalled: None,
         }
+    }
+
+    /// After a write, a flush or a shutdown: one that got on clears the stall clock; one
+    /// that waits starts it if it is not running, and fails once it has run out. hyper bounds
+    /// no write on HTTP/1: a client that pipelines requests and never reads their answers
+    /// would otherwise hold its connection for ever (the next request's head, already read,
+    /// leaves no header timer running while the answer before it cannot be sent).
+    fn stall<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        done: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if done.is_ready() {
+            self.stalled = None;
+            return done;
+        }
+        let within = self.stall_within;
+        let clock = (self.stalled).get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        if clock.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                Stalled,
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -384,7 +431,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.wrote(&[std::io::IoSlice::new(buf)], &written);
-        written
+        this.stall(cx, written)
     }
 
     fn poll_write_vectored(
@@ -395,7 +442,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.wrote(bufs, &written);
-        written
+        this.stall(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -406,14 +453,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        this.stall(cx, flushed)
     }
 
     fn poll_shutdown(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let shut = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.stall(cx, shut)
     }
 }
 
@@ -431,6 +482,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long requests under way may take to finish once `shutdown` resolves.
     pub grace: Duration,
+    /// How long a write to a client may wait for it to take a byte (`server.client_stall_timeout`);
+    /// then its connection is closed.
+    pub write_stall_timeout: Duration,
 }
 
 /// Waits for a free connection slot (counting and, at most once a minute, logging each time
@@ -569,8 +623,12 @@ where
         let idle = limits.header_read_timeout;
         match &tls {
             None => {
-                let stream =
-                    FirstBytes::new(stream, limits.header_read_timeout, Arc::clone(&activity));
+                let stream = FirstBytes::new(
+                    stream,
+                    limits.header_read_timeout,
+                    limits.write_stall_timeout,
+                    Arc::clone(&activity),
+                );
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -601,8 +659,12 @@ where
                     };
                     // The idle clock starts now, not at the connection.
                     activity.touch();
-                    let stream =
-                        FirstBytes::new(stream, limits.header_read_timeout, Arc::clone(&activity));
+                    let stream = FirstBytes::new(
+                        stream,
+                        limits.header_read_timeout,
+                        limits.write_stall_timeout,
+                        Arc::clone(&activity),
+                    );
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
@@ -708,8 +770,12 @@ mod tests {
         ] {
             let activity = Activity::new();
             let trickle = Trickle(bytes.to_vec(), 0);
-            let mut stream =
-                FirstBytes::new(trickle, Duration::from_secs(5), Arc::clone(&activity));
+            let mut stream = FirstBytes::new(
+                trickle,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                Arc::clone(&activity),
+            );
             let mut read = Vec::new();
             let mut byte = [0u8; 1];
             while stream.read(&mut byte).await.unwrap() == 1 {
@@ -738,6 +804,7 @@ mod tests {
             max_connections: 2,
             header_read_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
+            write_stall_timeout: Duration::from_secs(30),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
@@ -783,6 +850,82 @@ mod tests {
             .expect("not served after a connection closed")
             .unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 200"));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// An HTTP/1 client that sends requests back to back and never reads the answers holds
+    /// its connection only until `write_stall_timeout`: hyper runs no header timer while the
+    /// next request's head is read and the answer before it cannot be sent.
+    #[tokio::test]
+    async fn a_client_that_pipelines_and_never_reads_loses_its_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let handle = crate::admin::metrics_handle().expect("a metrics recorder");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            plane: "stall-test",
+            max_connections: 8,
+            header_read_timeout: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            write_stall_timeout: Duration::from_secs(2),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            |_req: Request<Incoming>, _peer| async {
+                let body = Bytes::from(vec![b'x'; 64 * 1024]);
+                Response::new(http_body_util::Full::new(body))
+            },
+            async {
+                let _ = stopped.await;
+            },
+            limits,
+        ));
+        let gauge = |name: &str| {
+            let text = handle.render();
+            let line = text.lines().find(|l| l.starts_with(name));
+            line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        let open = || gauge("wardgate_connections_open{plane=\"stall-test\"}");
+        let stalled = || gauge("wardgate_connection_errors_total{kind=\"stalled\"}");
+        let stalled_before = stalled().unwrap_or(0.0);
+        // Pipelining itself still works: two requests sent together, both answered.
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let two = "GET / HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2);
+        ok.write_all(two.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; 2 * 64 * 1024];
+        let mut answers = Vec::new();
+        while answers.windows(8).filter(|w| w == b"HTTP/1.1").count() < 2
+            || !answers.ends_with(&[b'x'; 64])
+            || answers.len() < 2 * 64 * 1024
+        {
+            let n = ok.read(&mut got).await.unwrap();
+            assert!(n > 0, "the connection closed before both answers");
+            answers.extend_from_slice(&got[..n]);
+        }
+        drop(ok);
+        // Then one that never reads: 200 answers of 64 KiB are more than both ends' buffers.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        let mut greedy = socket.connect(addr).await.unwrap();
+        let many = "GET / HTTP/1.1\r\nhost: x\r\n\r\n".repeat(200);
+        greedy.write_all(many.as_bytes()).await.unwrap();
+        let mut closed = false;
+        for _ in 0..300 {
+            if open() == Some(0.0) {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(closed, "the connection is still held: {:?} open", open());
+        assert!(
+            stalled().unwrap_or(0.0) > stalled_before,
+            "counted as stalled"
+        );
+        drop(greedy);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

@@ -462,6 +462,7 @@ pub async fn run(
         max_connections,
         header_read_timeout: gw.header_read_timeout,
         grace,
+        write_stall_timeout: gw.client_stall_timeout,
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
