@@ -493,6 +493,10 @@ impl RawConfig {
             bail!("`datasets` names no upstream datastore");
         }
         let watch = self.watch.resolve(&server.data_dir, &at)?;
+        let redis = match self.redis {
+            Some(r) => Some(redis(r, &watch, &at)?),
+            None => None,
+        };
         Ok(Config {
             watch,
             aggregates: self.aggregates.resolve()?,
@@ -505,27 +509,8 @@ impl RawConfig {
             catalog_file: at(&self.catalog.file),
             areas_file: at(&self.geography.file),
             audit,
-            redis: match self.redis {
-                Some(r) => Some(crate::controls::RedisSettings {
-                    staleness_bound: bounded(
-                        r.staleness_bound.as_deref().unwrap_or("10s"),
-                        "redis.staleness_bound",
-                        Duration::from_millis(100),
-                        None,
-                    )?,
-                    resync_interval: bounded(
-                        r.resync_interval.as_deref().unwrap_or("60s"),
-                        "redis.resync_interval",
-                        Duration::from_secs(1),
-                        None,
-                    )?,
-                    stream: r.stream.unwrap_or_else(|| "wardgate:controls".to_owned()),
-                    key_file: at(&r.key_file),
-                    url: r.url,
-                }),
-                None => None,
-            },
-            quotas: self.quotas,
+            redis,
+            quotas: quotas(self.quotas)?,
             datasets,
         })
     }
@@ -1049,23 +1034,82 @@ fn commit_window(v: Option<&str>) -> anyhow::Result<Duration> {
     Ok(window)
 }
 
-/// `[audit.witness]`: a Redis URL the client accepts, a key, an interval of 100ms to an hour
-/// (default 10s).
-fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConfig> {
-    let scheme = raw
-        .url
+/// `[redis]`. The staleness bound is at least a second: a mirror is proved current each time
+/// a blocking read of the stream returns (every half second when nothing happens) and quota
+/// counts each flush (every 200 ms), so a shorter one would refuse requests with Redis well;
+/// and at most ten minutes, past which a replica cut off from Redis would go on serving
+/// without the changes made elsewhere for longer than anyone would call failing closed.
+fn redis(
+    r: RawRedis,
+    watch: &crate::watch::settings::WatchSettings,
+    at: &dyn Fn(&Path) -> PathBuf,
+) -> anyhow::Result<crate::controls::RedisSettings> {
+    redis_url(&r.url, "redis.url")?;
+    let stream = r.stream.unwrap_or_else(|| "wardgate:controls".to_owned());
+    if watch.shared && stream == watch.shared_stream {
+        bail!(
+            "`redis.stream` and `watch.shared_stream` are both `{stream}`: the controls' signed \
+             events and every replica's accesses need a stream each"
+        );
+    }
+    Ok(crate::controls::RedisSettings {
+        staleness_bound: bounded(
+            r.staleness_bound.as_deref().unwrap_or("10s"),
+            "redis.staleness_bound",
+            Duration::from_secs(1),
+            Some(Duration::from_secs(600)),
+        )?,
+        resync_interval: bounded(
+            r.resync_interval.as_deref().unwrap_or("60s"),
+            "redis.resync_interval",
+            Duration::from_secs(1),
+            Some(Duration::from_secs(3600)),
+        )?,
+        stream,
+        key_file: at(&r.key_file),
+        url: r.url,
+    })
+}
+
+/// `[quotas.<role>]`: at least one record an hour, and a day's at least an hour's.
+fn quotas(
+    q: std::collections::HashMap<String, crate::controls::Limits>,
+) -> anyhow::Result<std::collections::HashMap<String, crate::controls::Limits>> {
+    for (role, l) in &q {
+        if l.per_hour == 0 || l.per_day < l.per_hour {
+            bail!(
+                "`quotas.{role}`: per_hour = {}, per_day = {}: per_hour at least 1 and per_day \
+                 at least per_hour (a role that may see nothing has no purposes to ask under)",
+                l.per_hour,
+                l.per_day
+            );
+        }
+    }
+    Ok(q)
+}
+
+/// A Redis URL the client accepts, without TLS (this build has none), or an error naming `key`
+/// (and not the URL, which may hold a password).
+fn redis_url(url: &str, key: &str) -> anyhow::Result<()> {
+    let scheme = url
         .split(':')
         .next()
         .unwrap_or_default()
         .to_ascii_lowercase();
     if scheme == "rediss" || scheme == "valkeys" {
         bail!(
-            "`audit.witness.url`: this build speaks to Redis without TLS (`redis://`); reach the \
-             witness over a private network or a TLS tunnel"
+            "`{key}`: this build speaks to Redis without TLS (`redis://`); reach Redis over a \
+             private network or a TLS tunnel"
         );
     }
-    redis::Client::open(raw.url.as_str())
-        .map_err(|e| anyhow::anyhow!("`audit.witness.url`: not a Redis URL ({e})"))?;
+    redis::Client::open(url).map_err(|e| anyhow::anyhow!("`{key}`: not a Redis URL ({e})"))?;
+    Ok(())
+}
+
+/// `[audit.witness]`: a Redis URL the client accepts, a key, an interval of 100ms to an hour
+/// (default 10s).
+fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConfig> {
+    redis_url(&raw.url, "audit.witness.url")?;
     let key = raw.key.trim();
     if key.is_empty() || key.chars().any(char::is_whitespace) {
         bail!(

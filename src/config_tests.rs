@@ -613,8 +613,75 @@ fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
     ] {
         parse(&in_section(anchor, line)).unwrap();
     }
+    parse(&redis("staleness_bound = \"1s\"\nresync_interval = \"1s\"")).unwrap();
+    // A bound under a second refuses requests with Redis well; one past ten minutes is not
+    // failing closed; a resynchronisation interval is at most an hour.
+    for (line, key, says) in [
+        (
+            "staleness_bound = \"500ms\"",
+            "redis.staleness_bound",
+            "at least",
+        ),
+        (
+            "staleness_bound = \"1year\"",
+            "redis.staleness_bound",
+            "at most",
+        ),
+        (
+            "resync_interval = \"300000000000years\"",
+            "redis.resync_interval",
+            "",
+        ),
+        (
+            "resync_interval = \"2h\"",
+            "redis.resync_interval",
+            "at most",
+        ),
+    ] {
+        let e = err(&redis(line));
+        assert!(e.contains(key) && e.contains(says), "{line}: {e}");
+    }
     parse(&redis(
-        "staleness_bound = \"100ms\"\nresync_interval = \"1s\"",
+        "staleness_bound = \"10m\"\nresync_interval = \"1h\"",
+    ))
+    .unwrap();
+}
+
+/// `redis.url` is checked where the configuration is read (so `validate` catches it), and the
+/// message never shows the URL, which may hold a password.
+#[test]
+fn a_redis_url_is_checked_at_once_and_never_shown() {
+    let with_url = |url: &str| format!("{MINIMAL}\n[redis]\nurl = \"{url}\"\nkey_file = \"k\"\n");
+    for url in [
+        "rediss://wardgate:s3cret@redis.internal:6380",
+        "redis//wardgate:s3cret@redis.internal",
+    ] {
+        let e = err(&with_url(url));
+        assert!(e.contains("redis.url"), "{url}: {e}");
+        assert!(!e.contains("s3cret"), "{url}: {e}");
+    }
+    parse(&with_url("redis://wardgate:s3cret@redis.internal:6379")).unwrap();
+}
+
+/// Two uses of one stream, and quotas no role could live within, are refused.
+#[test]
+fn quotas_and_streams_that_cannot_work_are_refused() {
+    let e = err(&format!(
+        "{MINIMAL}\n[redis]\nurl = \"redis://127.0.0.1\"\nkey_file = \"k\"\nstream = \"s\"\n\
+         [watch]\nshared_stream = \"s\"\n"
+    ));
+    assert!(
+        e.contains("redis.stream") && e.contains("watch.shared_stream"),
+        "{e}"
+    );
+    for (hour, day) in [(0, 10), (100, 50)] {
+        let e = err(&format!(
+            "{MINIMAL}\n[quotas.canvasser]\nper_hour = {hour}\nper_day = {day}\n"
+        ));
+        assert!(e.contains("quotas.canvasser"), "{hour}/{day}: {e}");
+    }
+    parse(&format!(
+        "{MINIMAL}\n[quotas.canvasser]\nper_hour = 100\nper_day = 100\n"
     ))
     .unwrap();
 }

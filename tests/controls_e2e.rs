@@ -290,6 +290,84 @@ async fn a_restriction_survives_flushall_and_a_replica_restart() {
     c.stop().await;
 }
 
+/// A replica whose `redis.key_file` is not the others' would refuse, as unsigned, every change
+/// they publish (and they its), while reading the stream kept it fresh: it goes stale instead,
+/// refusing data, and the replica with the right key goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_key_goes_stale_rather_than_miss_the_others_changes() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = replica(upstream, &redis, None).await;
+    until_ready("a ready", &a).await;
+    let other = tempfile::tempdir().unwrap();
+    let other_key = other.path().join("controls.key");
+    std::fs::write(&other_key, hex::encode(rand::random::<[u8; 32]>())).unwrap();
+    let b = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: Some(a.dir.path().to_path_buf()),
+        edit: Some(Box::new(move |c| {
+            c.redis.as_mut().unwrap().key_file = other_key;
+        })),
+        ..Default::default()
+    })
+    .await;
+    // Twice the staleness bound (2 s), never ready.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let ready = b.admin_get("/readyz").await;
+        assert_eq!(ready.status, 503, "b is ready: {:?}", ready.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = b
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&b.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert_eq!(a.admin_get("/readyz").await.status, 200, "a went on");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A `FLUSHALL` ends no connection and leaves a read of the stream only empty: the replicas
+/// notice the store's new life at their next read, not at their next full resynchronisation
+/// (ten minutes here), and republish what it lost, so a replica started meanwhile with an
+/// empty journal learns a restriction placed before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let slow_resync = |keys_from: Option<&TestApp>| AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
+        edit: Some(Box::new(|c| {
+            c.redis.as_mut().unwrap().resync_interval = Duration::from_secs(600);
+        })),
+        ..Default::default()
+    };
+    let a = spawn_app_with(slow_resync(None)).await;
+    until_ready("a ready", &a).await;
+    let id = visible_elector(&a).await;
+    assert_eq!(restrict(&a, &id, "RR-9").await.status, 200);
+    redis.flushall();
+    let c = spawn_app_with(slow_resync(Some(&a))).await;
+    let path = format!("/voter/electors/{id}");
+    until("c learns the restriction", || async {
+        c.get(&path, Some(&c.token("councillor")), Some("canvassing"))
+            .await
+            .status
+            == 404
+    })
+    .await;
+    a.stop().await;
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     let mut redis = RedisServer::start();

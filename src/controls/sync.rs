@@ -13,6 +13,7 @@
 //! or revoke anyone.
 
 use std::collections::HashSet;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -63,6 +64,8 @@ pub struct Redis {
     /// Stream entries already refused: a full resynchronisation reads them again, and
     /// logging and counting each once keeps the count an alarm (bounded: past it, once more).
     refused: std::sync::Mutex<HashSet<String>>,
+    /// The mark of the store's life in the key check last read (`check_key`).
+    store_mark: std::sync::Mutex<Option<String>>,
     publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
@@ -78,14 +81,16 @@ fn config() -> AsyncConnectionConfig {
 
 impl Redis {
     pub fn connect(settings: RedisSettings) -> anyhow::Result<Redis> {
-        let client = redis::Client::open(settings.url.as_str())
-            .with_context(|| format!("`redis.url` = `{}` is not a Redis URL", settings.url))?;
+        // (Not the URL itself: it may hold a password.)
+        let client =
+            redis::Client::open(settings.url.as_str()).context("`redis.url` is not a Redis URL")?;
         let key = load_key(&settings)?;
         Ok(Redis {
             client,
             settings,
             key,
             refused: Default::default(),
+            store_mark: Default::default(),
             publisher: tokio::sync::Mutex::new(None),
         })
     }
@@ -112,6 +117,68 @@ impl Redis {
     fn signed(&self, json: &str, mac: &str) -> bool {
         hex::decode(mac)
             .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
+    }
+
+    /// The key beside the stream that says which key the replicas sign with (`check_key`).
+    fn key_check_name(&self) -> String {
+        format!("{}:keycheck", self.settings.stream)
+    }
+
+    /// This replica's key check: an HMAC of the stream's name under its key, which only a
+    /// replica holding the same key writes the same (no event is signed over the same text:
+    /// an event's is the stream's name, a newline, then a JSON object).
+    fn key_check_value(&self) -> String {
+        let text = [b"wardgate key check\n", self.settings.stream.as_bytes()].concat();
+        hex::encode(ring::hmac::sign(&self.key, &text))
+    }
+
+    /// Checks that the replicas sharing the stream sign with this replica's key: the first to
+    /// find no key check places its own, and one that finds another's fails, so its mirror
+    /// goes stale (503 `controls-stale`) rather than serving on while it refuses, as unsigned,
+    /// every change the others publish and they refuse its. The check carries a random mark
+    /// of the store's life, new with each one placed: `Ok(false)` when the mark is not the
+    /// one this replica last saw (the store is new, or lost its keys: restarted without
+    /// persistence, flushed), so that what it lost is republished at once, whichever replica
+    /// placed the new one.
+    async fn check_key(&self, c: &mut MultiplexedConnection) -> anyhow::Result<bool> {
+        let name = self.key_check_name();
+        let want = self.key_check_value();
+        let found: Option<String> = redis::cmd("GET").arg(&name).query_async(c).await?;
+        let found = match found {
+            Some(found) => found,
+            None => {
+                let mine = format!("{want} {:016x}", rand::random::<u64>());
+                let placed: Option<String> = (redis::cmd("SET").arg(&name).arg(&mine).arg("NX"))
+                    .query_async(c)
+                    .await?;
+                if placed.is_some() {
+                    mine
+                } else {
+                    // Another replica placed one meanwhile.
+                    let found: Option<String> = redis::cmd("GET").arg(&name).query_async(c).await?;
+                    found.unwrap_or_default()
+                }
+            }
+        };
+        let (mac, mark) = found.split_once(' ').unwrap_or((&found, ""));
+        if mac != want {
+            anyhow::bail!(
+                "`redis.key_file` is not the key the replicas sharing `{}` sign with (Redis's \
+                 `{name}` was placed by a replica with another key): this replica would refuse \
+                 their changes and they its. Give every replica the same file; after rotating \
+                 the key on all of them, `DEL {name}`",
+                self.settings.stream
+            );
+        }
+        let mut seen = self
+            .store_mark
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let same = seen.as_deref() == Some(mark);
+        if !same {
+            *seen = Some(mark.to_owned());
+        }
+        Ok(same)
     }
 
     /// Notes a refused entry; true the first time.
@@ -190,9 +257,16 @@ pub fn spawn(controls: Controls) {
                     read_at
                 })
             } else {
-                follow(&controls, redis, c, &mut last_id)
-                    .await
-                    .map(|()| Instant::now())
+                follow(&controls, redis, c, &mut last_id).await.map(|lost| {
+                    if lost {
+                        tracing::warn!(
+                            "controls: Redis lost its keys (restarted without persistence, \
+                                 or flushed); resynchronising to republish the journal"
+                        );
+                        next_full = Instant::now();
+                    }
+                    Instant::now()
+                })
             };
             match step {
                 Ok(read_at) => controls.mark_synced(read_at),
@@ -273,6 +347,7 @@ async fn full_resync(
     // one reply would outlast the response timeout, and every resynchronisation after it, so
     // that the replica stayed stale. Entries are only ever appended with larger ids, so the
     // pages together are the whole stream as of the last one read.
+    redis.check_key(c).await?;
     let mut entries = Vec::new();
     let mut from = "-".to_owned();
     let read_at = loop {
@@ -331,13 +406,17 @@ async fn full_resync(
     Ok((last, read_at))
 }
 
-/// Blocks for new entries after `last_id` and absorbs them.
+/// Blocks for new entries after `last_id` and absorbs them, then checks the key (`check_key`):
+/// true when Redis has lost its keys since, and so the stream (a `FLUSHALL` ends no
+/// connection, and a read of a stream that is gone is only empty), for the journal to be
+/// republished at once rather than at the next `resync_interval`, while a replica started
+/// meanwhile with an empty journal would serve without what was lost.
 async fn follow(
     controls: &Controls,
     redis: &Redis,
     c: &mut MultiplexedConnection,
     last_id: &mut String,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let reply: Option<StreamReadReply> = redis::cmd("XREAD")
         .arg("BLOCK")
         .arg(BLOCK_MS)
@@ -352,5 +431,5 @@ async fn follow(
         }
         controls.absorb(&decode(redis, &key.ids))?;
     }
-    Ok(())
+    Ok(!redis.check_key(c).await?)
 }
