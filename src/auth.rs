@@ -270,6 +270,20 @@ struct RawHeader {
 /// refuses every token as malformed or badly signed, which points at the callers rather
 /// than at the key. RSA moduli under 2,048 bits are refused as too weak (NIST SP 800-131A).
 fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
+    // An Ed25519 public key is 32 bytes; jsonwebtoken reads the first 32 of whatever it was
+    // given, and panics on fewer (a JWK's `x` of 3 bytes stopped the start with a panic, and
+    // at a reload ended the task that reloads, silently).
+    if key.family() == jsonwebtoken::AlgorithmFamily::Ed {
+        let len = match key.kind() {
+            jsonwebtoken::DecodingKeyKind::SecretOrDer(b) => b.len(),
+            jsonwebtoken::DecodingKeyKind::RsaModulusExponent { .. } => 0,
+        };
+        if len != 32 {
+            return Err(format!(
+                "an Ed25519 public key is 32 bytes; this one is {len}"
+            ));
+        }
+    }
     // A verifier is made for the key before the (made-up) signature is looked at: that is
     // where a key of the wrong kind or curve is found.
     jsonwebtoken::crypto::verify("AA", b"probe", key, algorithm).map_err(|e| e.to_string())?;

@@ -555,6 +555,56 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
             "{bytes} bytes: {err}"
         );
     }
+
+    // An Ed25519 key is 32 bytes: a shorter one panicked inside jsonwebtoken (at start, and
+    // in the task that reloads), a longer one was read as its first 32.
+    let ed = |bytes: usize| {
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vec![7u8; bytes]);
+        let set = serde_json::json!({ "keys": [
+            { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": x }
+        ] });
+        std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+        let mut cfg = cfg.clone();
+        cfg.keys.clear();
+        cfg.algorithms = vec![Algorithm::ES256, Algorithm::EdDSA];
+        cfg.issuers = vec![PARTY.into()];
+        cfg.jwks_file = Some(jwks.clone());
+        cfg.jwks_issuer = PARTY.into();
+        std::panic::catch_unwind(|| Verifier::from_config(&cfg, KnownNames::default(), None))
+            .expect("no panic")
+            .map(drop)
+    };
+    for bytes in [3, 31, 33, 64] {
+        let err = ed(bytes).err().unwrap().to_string();
+        assert!(
+            err.contains("idp-ed") && err.contains(&jwks.display().to_string()),
+            "{bytes} bytes: {err}"
+        );
+    }
+    let good = ed25519_public_key();
+    let set = serde_json::json!({ "keys": [
+        { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": good }
+    ] });
+    std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+    let mut ok = cfg.clone();
+    ok.keys.clear();
+    ok.algorithms = vec![Algorithm::EdDSA];
+    ok.issuers = vec![PARTY.into()];
+    ok.jwks_file = Some(jwks.clone());
+    ok.jwks_issuer = PARTY.into();
+    let v = Verifier::from_config(&ok, KnownNames::default(), None).unwrap();
+    // Read again with a short key in the file (`ed` writes it): refused, not a panic.
+    ed(3).unwrap_err();
+    let reread = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.reread_keys()))
+        .expect("no panic");
+    assert!(reread.is_err());
+}
+
+/// A real Ed25519 public key, base64url: the one rcgen makes for a fresh key pair.
+fn ed25519_public_key() -> String {
+    use base64::Engine;
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key_raw())
 }
 
 /// Keys read again are trusted only when `trust` is given them; a cached token signed by a

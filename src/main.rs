@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -539,13 +540,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let hangups = wardgate::rekey::listen();
     let cfg = Config::load(&config)?;
     let (gw, tls) = startup::build(&cfg)?;
-    let check = cfg.server.file_check_interval;
-    if hangups.is_some() || check.is_some() {
-        tokio::spawn(wardgate::rekey::run(gw.clone(), hangups, check));
-    }
-    if gw.verifier.jwks_url().is_some() {
-        tokio::spawn(wardgate::rekey::jwks::run(gw.clone()));
-    }
+    let reloads = wardgate::rekey::start(&gw, hangups, cfg.server.file_check_interval);
     let data = TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on `{}`", cfg.server.listen))?;
@@ -553,15 +548,26 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on `{}`", cfg.server.admin_listen))?;
     tracing::info!(data = %cfg.server.listen, admin = %cfg.server.admin_listen, tls = tls.is_some(), "wardgate serving");
-    startup::run(
-        gw,
-        data,
-        admin,
-        tls,
-        shutdown_signal(),
-        cfg.server.shutdown_grace,
-    )
-    .await
+    // A reload task that ends stops the gateway (exit status 1), for its supervisor to start it
+    // again with reloads working (`rekey::start`).
+    let broken = Arc::new(std::sync::OnceLock::new());
+    let stop = {
+        let broken = Arc::clone(&broken);
+        async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                why = reloads => {
+                    tracing::error!(%why, "stopping: nothing would be reloaded any more");
+                    let _ = broken.set(why);
+                }
+            }
+        }
+    };
+    startup::run(gw, data, admin, tls, stop, cfg.server.shutdown_grace).await?;
+    match broken.get() {
+        Some(why) => anyhow::bail!("stopped: {why}"),
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

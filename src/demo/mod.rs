@@ -193,10 +193,15 @@ pub async fn run(
     let cfg = Config::load(&config_path)?;
     let (gw, tls) = startup::build(&cfg)?;
     // As `wardgate serve` does: a policy edited in the demo's directory is put in force (or
-    // refused) within two checks, with its audit record.
-    if let Some(every) = cfg.server.file_check_interval {
-        tokio::spawn(crate::rekey::run(gw.clone(), None, Some(every)));
-    }
+    // refused) within two checks, with its audit record, or at once on `SIGHUP` (which
+    // otherwise ends the process, undrained).
+    let reloads = crate::rekey::start(&gw, crate::rekey::listen(), cfg.server.file_check_interval);
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            why = reloads => tracing::error!(%why, "stopping the demo: nothing would be reloaded any more"),
+        }
+    };
     let signer = Signer::from_config(
         cfg.signing
             .as_ref()

@@ -52,6 +52,41 @@ pub fn listen() -> Option<Signal> {
     }
 }
 
+/// Starts the tasks that read keys, TLS files and the policy pack again: `run` (on `SIGHUP` and
+/// every `check`), and `jwks::run` with a fetched set. The future answered resolves, with what
+/// happened, only if one of them ends: none does while the gateway runs, so one that did (a
+/// panic) would leave every later reload undone, and a key its provider withdrew trusted past
+/// `auth.jwks_max_stale`, with nothing but a line on stderr to say so. The caller stops the
+/// gateway on it, for its supervisor to start it again.
+pub fn start(
+    gw: &Arc<Gateway>,
+    hangups: Option<Signal>,
+    check: Option<Duration>,
+) -> impl std::future::Future<Output = String> + Send + 'static {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
+    if hangups.is_some() || check.is_some() {
+        let id = tasks.spawn(run(gw.clone(), hangups, check)).id();
+        names.insert(id, "the reload task (SIGHUP and file checks)");
+    }
+    if gw.verifier.jwks_url().is_some() {
+        let id = tasks.spawn(jwks::run(gw.clone())).id();
+        names.insert(id, "the task that fetches `auth.jwks_url`");
+    }
+    async move {
+        let Some(ended) = tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        match ended {
+            Ok((id, ())) => format!("{} ended", names.get(&id).unwrap_or(&"a reload task")),
+            Err(e) => format!(
+                "{} failed: {e}",
+                names.get(&e.id()).unwrap_or(&"a reload task")
+            ),
+        }
+    }
+}
+
 /// What set a reload off: recorded with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
