@@ -127,6 +127,9 @@ where
             if !matches!(&action, Action::Change(e) if e.change.taken_on_a_stale_mirror()) {
                 gw.controls.check_fresh()?;
             }
+            // The purpose first: a lift's refusal names the references in force, which only
+            // a caller who may read the register (`restriction`) is told.
+            let under = Under::purpose(gw, &principal, purpose)?;
             // A lift ends one request: it must name one in force, by its reference, so that
             // lifting one (a settled dispute) never lifts another of the same kind (a pending
             // objection).
@@ -153,7 +156,7 @@ where
                     }));
                 }
             }
-            Ok((action, Under::purpose(gw, &principal, purpose)?))
+            Ok((action, under))
         });
     let (action, under) = match outcome {
         Ok(acting) => acting,

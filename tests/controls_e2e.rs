@@ -1379,6 +1379,14 @@ async fn admin_actions_need_the_purpose_they_serve() {
         app.admin_get_with(&format!("/rights/{id}"), &dpo).await,
         app.admin_post(&format!("/rights/{id}"), &dpo, &place("restricted"))
             .await,
+        // A lift naming no request in force: refused for its purpose, before a refusal that
+        // would name the references in force.
+        app.admin_post(
+            &format!("/rights/{id}/lift"),
+            &dpo,
+            r#"{"kind":"restricted","reference":"RR-0","reason":"settled"}"#,
+        )
+        .await,
         app.admin_post("/revocations", &dpo, revoke).await,
         app.admin_get_with("/alerts", &security).await,
         app.admin_get_with("/volumes", &security).await,
@@ -1431,6 +1439,7 @@ async fn admin_actions_need_the_purpose_they_serve() {
         missing,
         [
             "sar_fulfilment",
+            "restriction",
             "restriction",
             "restriction",
             "breach_investigation",
