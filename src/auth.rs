@@ -842,7 +842,6 @@ impl Verifier {
     }
 }
 
-/// Reads the JOSE header without trusting it, so refusals can say which check failed.
 /// The token of a raw `Authorization` header value (`None`: the header was absent).
 fn bearer(header: Option<&[u8]>) -> Result<&str, AuthFailure> {
     let header = header.ok_or(AuthFailure::MissingToken)?;
@@ -858,6 +857,7 @@ fn bearer(header: Option<&[u8]>) -> Result<&str, AuthFailure> {
     Ok(token)
 }
 
+/// Reads the JOSE header without trusting it, so refusals can say which check failed.
 fn peek_header(token: &str) -> Result<RawHeader, AuthFailure> {
     let mut parts = token.split('.');
     let (Some(h), Some(_), Some(_), None) =

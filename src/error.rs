@@ -56,7 +56,9 @@ impl AuthFailure {
     fn detail(self) -> &'static str {
         match self {
             AuthFailure::MissingToken => "the request carries no `Authorization: Bearer` token",
-            AuthFailure::MalformedHeader => "the `Authorization` header is not `Bearer <token>`",
+            AuthFailure::MalformedHeader => {
+                "the `Authorization` header is not one `Bearer <token>`"
+            }
             AuthFailure::MalformedToken => "the bearer token is not a well-formed JWT",
             AuthFailure::DisallowedAlgorithm => {
                 "the token's signing algorithm is not one this gateway accepts"

@@ -718,7 +718,14 @@ pub fn authenticate_on_mirror(
     trail: &mut Trail,
 ) -> Result<Arc<Principal>, GatewayError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    // One credential: with two, a proxy in front and the gateway could each take another.
+    let mut given = headers.get_all(header::AUTHORIZATION).iter();
+    let presented = given.next().map(|v| v.as_bytes());
+    if given.next().is_some() {
+        return Err(GatewayError::Unauthenticated(
+            crate::error::AuthFailure::MalformedHeader,
+        ));
+    }
     let principal =
         gw.verifier
             .verify_header_naming(presented, now)

@@ -67,6 +67,21 @@ async fn every_token_failure_is_refused_and_audited() {
         )
         .await;
     expect_401(&app, resp, "authorization_header_malformed").await;
+    // Two credentials, the first good: a proxy in front could take the other.
+    let good = format!("Bearer {}", app.sign(&claims));
+    let resp = app
+        .request(
+            http::Method::GET,
+            LIST,
+            &[
+                ("authorization", good.as_str()),
+                ("authorization", "Bearer junk"),
+                ("x-purpose", "canvassing"),
+            ],
+            None,
+        )
+        .await;
+    expect_401(&app, resp, "authorization_header_malformed").await;
     expect_401(
         &app,
         app.get(LIST, Some("not-a-jwt"), Some("canvassing")).await,
