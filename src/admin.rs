@@ -84,8 +84,12 @@ where
             "{\"status\":\"ok\"}".into(),
         ),
         (&Method::GET, "/readyz") => {
-            // Not ready says why: the log, or the shared controls.
-            match (gw.audit.is_healthy(), gw.controls.check_fresh()) {
+            // Not ready says why: the log, the shared controls, or no key to verify a token.
+            let keys = match gw.verifier.trusts_any_key() {
+                true => Ok(()),
+                false => Err(GatewayError::KeysUnavailable),
+            };
+            match (gw.audit.is_healthy(), gw.controls.check_fresh().and(keys)) {
                 (true, Ok(())) => {
                     // Stale quota counts refuse limited roles only, and usually on every
                     // replica at once: said here, not failed on (`Controls::quotas_fresh`).

@@ -651,6 +651,14 @@ impl Verifier {
         self.cache.next_generation();
     }
 
+    /// Whether any key is trusted: none, once a fetched set was dropped as stale with no key
+    /// file beside it, and every caller is refused (`/readyz` says so).
+    pub fn trusts_any_key(&self) -> bool {
+        !(self.keys.read())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
     /// Takes `new`, the same keys as those in use (`NewKeys` naming none added, removed or
     /// changed), as read from its JWK set: the set is the one in force from now on, and the
     /// tokens verified stay cached.

@@ -142,6 +142,10 @@ pub enum GatewayError {
     TooManyAtOnce(usize),
     #[error("shared controls are stale")]
     ControlsStale,
+    /// No token key is trusted (a fetched set dropped as stale, with no other key): every
+    /// caller would be refused. Said by `/readyz` only.
+    #[error("no token key is trusted")]
+    KeysUnavailable,
     /// A rights change or revocation is journalled and in effect on this replica, but the
     /// shared store could not be told: the other replicas learn of it when it is back.
     #[error("control change not yet shared")]
@@ -204,6 +208,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
+            | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::QuotaExceeded | GatewayError::TooManyAtOnce(_) => {
@@ -243,6 +248,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded => "quota_exceeded",
             GatewayError::TooManyAtOnce(_) => "too_many_at_once",
             GatewayError::ControlsStale => "controls_stale",
+            GatewayError::KeysUnavailable => "keys_unavailable",
             GatewayError::ControlsNotShared => "controls_not_shared",
             GatewayError::ControlsNotRecorded => "controls_not_recorded",
             GatewayError::Internal(_) => "internal_error",
@@ -272,6 +278,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "gateway timeout",
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
+            | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
@@ -343,6 +350,11 @@ impl GatewayError {
             ),
             GatewayError::ControlsStale => {
                 "rights requests and revocations cannot be confirmed current; retry shortly"
+                    .to_owned()
+            }
+            GatewayError::KeysUnavailable => {
+                "no token signing key is trusted (a fetched key set was dropped as stale): \
+                 every caller would be refused"
                     .to_owned()
             }
             GatewayError::ControlsNotShared => {
@@ -418,6 +430,7 @@ mod tests {
             GatewayError::QuotaExceeded,
             GatewayError::TooManyAtOnce(2),
             GatewayError::ControlsStale,
+            GatewayError::KeysUnavailable,
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
             GatewayError::NotInForce("n".into()),
@@ -449,6 +462,7 @@ mod tests {
                 | GatewayError::QuotaExceeded
                 | GatewayError::TooManyAtOnce(_)
                 | GatewayError::ControlsStale
+                | GatewayError::KeysUnavailable
                 | GatewayError::ControlsNotShared
                 | GatewayError::ControlsNotRecorded
                 | GatewayError::Internal(_)

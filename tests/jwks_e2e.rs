@@ -254,6 +254,18 @@ impl Setup {
         common::listing_status(&self.client, self.listen, token).await
     }
 
+    /// `/readyz`'s status and body.
+    async fn readyz(&self) -> (u16, serde_json::Value) {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::get(format!("http://{}/readyz", self.admin))
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
     /// Waits (`within` at most) until `token` gets `want`.
     async fn until_within(&self, token: &str, want: u16, what: &str, within: Duration) {
         let deadline = Instant::now() + within;
@@ -361,6 +373,10 @@ async fn keys_no_fetch_has_confirmed_within_max_stale_are_dropped_until_one_does
     assert_eq!(taken[0]["detail"]["trigger"], "jwks_stale");
     assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
     assert_eq!(taken[0]["detail"]["keys"], json!({}));
+    // No key is trusted: the replica says it is not ready, and why.
+    let (status, body) = s.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:wardgate:problem:keys-unavailable");
     assert!(
         common::metric(
             &s.client,
@@ -373,6 +389,7 @@ async fn keys_no_fetch_has_confirmed_within_max_stale_are_dropped_until_one_does
     // Back: its set is taken again, recorded.
     s.idp.resume();
     s.until(&token_a, 200, "the key taken again").await;
+    assert_eq!(s.readyz().await.0, 200);
     let taken = s.audited("keys_reloaded");
     assert_eq!(taken.len(), 2, "{taken:?}");
     assert_eq!(taken[1]["detail"]["trigger"], "fetched");
