@@ -47,6 +47,27 @@ fn validate_accepts_the_shipped_files() {
     assert!(!ok && out.contains("cannot probe datastore"), "{out}");
 }
 
+/// The demo writes its own pack at each start: a policy saved beside it (the tour's), whose
+/// fixture the demo clears, does not stop the next start as untested.
+#[test]
+fn the_demo_starts_again_after_a_policy_was_added_to_its_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    wardgate::demo::materialise(dir.path(), addr, addr, upstream).unwrap();
+    let extra = dir.path().join("policies/extra.cedar");
+    std::fs::write(
+        &extra,
+        "@id(\"extra.untested\")\nforbid (principal, action == Wardgate::Action::\"export\", resource)\n\
+         when { context.purpose in [Wardgate::Purpose::\"legal_claims\"] };\n",
+    )
+    .unwrap();
+    let cfg = wardgate::demo::materialise(dir.path(), addr, addr, upstream).unwrap();
+    assert!(!extra.exists());
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(ok, "{out}");
+}
+
 /// A real datastore serving the synthetic data, optionally with one unclassified field added.
 async fn datastore(extra_field: bool) -> std::net::SocketAddr {
     let settings = wardgate::demo::data::GenSettings {

@@ -86,6 +86,18 @@ pub fn materialise(
         }
         std::fs::write(&p, text).with_context(|| format!("cannot write `{}`", p.display()))
     };
+    // The policies of this build only, as the tests below: one saved there by hand (the tour's)
+    // would outlive the fixture naming it, and the next start would refuse it as untested.
+    if let Ok(entries) = std::fs::read_dir(dir.join("policies")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = POLICY_FILES.iter().any(|(n, _)| *n == name);
+            if !ours && (name.ends_with(".cedar") || name.ends_with(".cedarschema")) {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove `{}`", entry.path().display()))?;
+            }
+        }
+    }
     for (name, text) in POLICY_FILES {
         write(&format!("policies/{name}"), text)?;
     }
