@@ -212,7 +212,9 @@ pub async fn prune_and_record(
     };
     let mut record = system_record("audit.prune", "retention");
     record.detail = Some(serde_json::to_value(&plan.pruned)?);
-    log.append(record).await.map_err(|e| {
+    // Synced whatever `audit.durability` says: the segments go for good, and their record
+    // must not be lost to a power cut that their deletion survives.
+    log.append_synced(record).await.map_err(|e| {
         anyhow::anyhow!("nothing more pruned: the prune's record could not be written first: {e}")
     })?;
     let dir_owned = dir.to_path_buf();
@@ -239,7 +241,8 @@ pub async fn shred_and_record(
     }
     let mut record = system_record("audit.shred_client_addrs", "client_addr_retention");
     record.detail = Some(serde_json::json!({ "client_addresses_unreadable_for_days": days }));
-    log.append(record).await.map_err(|e| {
+    // Synced, as a prune's record is.
+    log.append_synced(record).await.map_err(|e| {
         anyhow::anyhow!("nothing shredded: the shredding's record could not be written first: {e}")
     })?;
     let (dir_owned, shredding) = (dir.to_path_buf(), days.clone());
@@ -326,6 +329,61 @@ mod tests {
         assert!(format!("{e:#}").contains("nothing shredded"), "{e:#}");
         assert!(keys.join("2018-03-01.key").exists());
         assert!(verify_dir(dir.path()).is_ok());
+    }
+
+    /// With `page-cache` durability, a prune's and a shredding's records are synced all the
+    /// same before anything goes: a power cut would not bring the segments or the key back,
+    /// and must not take their records.
+    #[tokio::test]
+    async fn a_prune_and_a_shredding_are_synced_before_anything_goes_in_page_cache_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 2048);
+        s.durability = Durability::PageCache;
+        let log = AuditLog::open(s).unwrap();
+        for i in 0..30u64 {
+            let mut r = sample(i + 1);
+            r.ts = format!("2018-03-01T10:00:{:02}.000Z", i);
+            log.append(r).await.unwrap();
+        }
+        assert_eq!(log.synced_through(), 0, "page cache: nothing synced yet");
+        let segments = list_segments(dir.path()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (n, _) in &segments[..segments.len() - 1] {
+            while crate::audit::index::read_seal(dir.path(), *n).is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "segment {n} not sealed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
+        let pruned = prune_and_record(&log, dir.path(), seven_years)
+            .await
+            .unwrap();
+        assert!(pruned.is_some(), "something was pruned");
+        let prune_seq = log.head().unwrap().seq;
+        assert!(
+            log.synced_through() >= prune_seq,
+            "the prune's record was not synced"
+        );
+        let keys = dir.path().join("addr-keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join("2018-03-01.key"), [7u8; 32]).unwrap();
+        assert!(
+            shred_and_record(&log, dir.path(), seven_years)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let shred_seq = log.head().unwrap().seq;
+        assert!(shred_seq > prune_seq);
+        assert_eq!(
+            log.synced_through(),
+            shred_seq,
+            "the shredding's record was not synced"
+        );
+        log.shutdown().await;
     }
 
     /// A quiet log's records past the retention, all in the segment being written (far from

@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -101,6 +101,8 @@ const SATURATED_WINDOWS: u32 = 4;
 struct Pending {
     record: AuditRecord,
     reply: Reply,
+    /// Synced to disk whatever the durability mode (`AuditLog::append_synced`).
+    sync: bool,
 }
 
 /// A record queued with `AuditLog::submit`: `durable` says when (and whether) it is.
@@ -133,6 +135,8 @@ struct Inner {
     healthy: Arc<AtomicBool>,
     /// The chain head: the newest durable record's sequence number and hash.
     head: Arc<Mutex<Option<ChainHead>>>,
+    /// The newest record synced to disk (`synced_through`).
+    synced: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
     published: broadcast::Sender<Arc<Logged>>,
 }
@@ -158,6 +162,7 @@ impl AuditLog {
         let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
         let coming = Arc::clone(&writer.coming);
         let head = Arc::clone(&writer.head);
+        let synced = Arc::clone(&writer.synced);
         let thread = std::thread::Builder::new()
             .name("wardgate-audit".into())
             .spawn(move || writer.run(rx))
@@ -170,6 +175,7 @@ impl AuditLog {
                 detached: AtomicUsize::new(0),
                 healthy,
                 head,
+                synced,
                 thread: Mutex::new(Some(thread)),
                 published,
             }),
@@ -194,11 +200,26 @@ impl AuditLog {
     /// to wait on before disclosing what the record lists: a caller with other work to do
     /// meanwhile (an export filtering its next chunk) overlaps it with the write and sync.
     pub async fn submit(&self, record: AuditRecord) -> Result<Ack, AuditError> {
+        self.submit_as(record, false).await
+    }
+
+    /// `append`, synced to disk whatever `audit.durability` says: for a record of something
+    /// about to be done that a power cut would not undo (segments deleted by a prune, address
+    /// keys shredded), which must not be lost while what it records is not.
+    pub async fn append_synced(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        self.submit_as(record, true).await?.durable().await
+    }
+
+    async fn submit_as(&self, record: AuditRecord, sync: bool) -> Result<Ack, AuditError> {
         let tx = lock(&self.inner.tx).clone().ok_or(AuditError::Closed)?;
         let (reply, done) = oneshot::channel();
-        tx.send(Pending { record, reply })
-            .await
-            .map_err(|_| AuditError::Closed)?;
+        tx.send(Pending {
+            record,
+            reply,
+            sync,
+        })
+        .await
+        .map_err(|_| AuditError::Closed)?;
         Ok(Ack(done))
     }
 
@@ -243,7 +264,11 @@ impl AuditLog {
             return;
         };
         let (reply, _) = oneshot::channel();
-        match tx.try_send(Pending { record, reply }) {
+        match tx.try_send(Pending {
+            record,
+            reply,
+            sync: false,
+        }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(pending)) => {
                 let runtime = tokio::runtime::Handle::try_current();
@@ -282,6 +307,13 @@ impl AuditLog {
     /// True when the last write attempt succeeded (or nothing has been attempted yet), and
     /// the writer is still running: a writer thread gone (a panic) answers every append
     /// `Closed`, and `/readyz` must say so rather than keep traffic coming.
+    /// The sequence number of the newest record a commit synced to disk (0: none since the
+    /// log was opened). With `fsync` durability, every record's; with `page-cache`, those
+    /// `append_synced` asked for and the records before them.
+    pub fn synced_through(&self) -> u64 {
+        self.inner.synced.load(Ordering::Acquire)
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Acquire)
             && lock(&self.inner.thread)
@@ -410,6 +442,9 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     /// The chain head as `AuditLog::head` tells it, set after each commit.
     head: Arc<Mutex<Option<ChainHead>>>,
+    /// The newest record synced to disk by a commit (with `page-cache` durability, only those
+    /// `append_synced` asked for).
+    synced: Arc<AtomicU64>,
     published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
@@ -502,6 +537,7 @@ impl Writer {
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
+            synced: Arc::new(AtomicU64::new(0)),
             published,
             _lock: lock,
         };
@@ -548,14 +584,16 @@ impl Writer {
             record.decision = super::record::Decision::Error;
             record.detail = Some(serde_json::to_value(cut)?);
             let (reply, done) = oneshot::channel();
-            batch.push(Pending { record, reply });
+            batch.push(Pending {
+                record,
+                reply,
+                sync: true,
+            });
             replies.push(done);
         }
         // Synced whatever the durability mode (and before a roll the batch may cause): the
         // notes go only once their records are on disk.
-        let durability = std::mem::replace(&mut self.durability, Durability::Fsync);
         self.commit(batch);
-        self.durability = durability;
         for mut done in replies {
             match done.try_recv() {
                 Ok(Ok(_)) => {}
@@ -704,7 +742,11 @@ impl Writer {
         // not make the log healthy again (`/readyz`), since requests are being refused.
         let mut refused = false;
         let (mut seq, mut hash) = (self.next_seq, self.last_hash.clone());
-        for Pending { mut record, reply } in batch {
+        let sync = batch.iter().any(|p| p.sync);
+        for Pending {
+            mut record, reply, ..
+        } in batch
+        {
             // On disk the address is sealed; subscribers keep the plain one.
             let plain = match (&mut self.sealer, record.client_addr.take()) {
                 (Some(sealer), Some(addr)) => {
@@ -769,12 +811,15 @@ impl Writer {
             .then(|| waiting.first().and_then(|(_, _, r)| a_day_after(&r.ts)))
             .flatten();
         let started = Instant::now();
-        match self.write_batch(&buf) {
+        match self.write_batch(&buf, sync) {
             Ok(()) => {
                 metrics::histogram!("wardgate_audit_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("wardgate_audit_batch_records").record(waiting.len() as f64);
                 self.len += buf.len() as u64;
+                if sync || self.durability == Durability::Fsync {
+                    self.synced.store(seq - 1, Ordering::Release);
+                }
                 if finish_at.is_some() {
                     self.finish_at = finish_at;
                 }
@@ -832,8 +877,10 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
-        let fsync = self.durability == Durability::Fsync;
+    /// Writes a batch at the end of the records, synced in `fsync` durability or when `sync`
+    /// asks.
+    fn write_batch(&mut self, buf: &[u8], sync: bool) -> io::Result<()> {
+        let fsync = sync || self.durability == Durability::Fsync;
         let at = self.len;
         let file = self.ensure_open()?;
         // At the end of the records: into made-ready space, or growing the file.
@@ -1008,6 +1055,7 @@ mod tests {
         Pending {
             record: sample(i),
             reply: oneshot::channel().0,
+            sync: false,
         }
     }
 
