@@ -259,8 +259,10 @@ pub fn build_from(
         logs: (audit_dirs.iter())
             .map(|d| d.display().to_string())
             .collect(),
-        coverage: (audit_dirs.iter())
-            .filter_map(|d| coverage(d))
+        coverage: (audit_dirs.iter().map(|d| coverage(d)))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
             .reduce(|a, b| Coverage {
                 pruned_records: a.pruned_records + b.pruned_records,
                 // Complete only from the latest of the logs' oldest records; a log pruned of
@@ -276,9 +278,13 @@ pub fn build_from(
 }
 
 /// `Some` once records have been pruned: how many, and from when the log holds the rest.
-fn coverage(audit_dir: &Path) -> Option<Coverage> {
+fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     use std::io::BufRead;
-    let anchor = crate::audit::prune::read_anchor(audit_dir)?;
+    // (A damaged anchor fails the report: without it, it would not say that records were
+    // removed, and "no disclosures" would read as "none ever".)
+    let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
+        return Ok(None);
+    };
     // The oldest segment that yields a record: one may be empty, torn, or pruned since it was
     // listed.
     let held_from = crate::audit::segment::list_segments(audit_dir)
@@ -293,10 +299,10 @@ fn coverage(audit_dir: &Path) -> Option<Coverage> {
             Some(text(&first, "ts")).filter(|ts| !ts.is_empty())
         })
         .unwrap_or_default();
-    Some(Coverage {
+    Ok(Some(Coverage {
         pruned_records: anchor.pruned_records,
         held_from,
-    })
+    }))
 }
 
 /// The fields `subject` left with in record `r`: its own sets where the record says which set

@@ -38,8 +38,26 @@ pub struct Pruned {
     pub last_pruned_hash: String,
 }
 
-pub fn read_anchor(dir: &Path) -> Option<Anchor> {
-    serde_json::from_slice(&std::fs::read(dir.join("pruned.json")).ok()?).ok()
+/// The prune anchor, `None` when nothing was ever pruned (no `pruned.json`). One that cannot be
+/// read is an error, never taken for none: the chain would restart from genesis, later prunes
+/// would count from nothing, and a subject access report would stop saying that older
+/// records were removed.
+pub fn read_anchor(dir: &Path) -> std::io::Result<Option<Anchor>> {
+    let path = dir.join("pruned.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the prune anchor `{}` is damaged ({e}): restore it from a backup or another copy of the log",
+                path.display()
+            ),
+        )
+    })
 }
 
 /// Removes sealed segments whose last record is older than `cutoff` (RFC 3339, compared as
@@ -64,7 +82,7 @@ pub struct Plan {
 pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     let segments = list_segments(dir)?;
     let newest = segments.last().map(|(n, _)| *n);
-    let mut anchor = read_anchor(dir).unwrap_or_default();
+    let mut anchor = read_anchor(dir)?.unwrap_or_default();
     let (mut doomed, mut leftover) = (Vec::new(), Vec::new());
     for (n, _) in &segments {
         if Some(*n) == newest {
@@ -322,13 +340,30 @@ mod tests {
             .unwrap_err();
         assert!(format!("{e:#}").contains("nothing more pruned"), "{e:#}");
         assert_eq!(list_segments(dir.path()).unwrap(), segments);
-        assert!(read_anchor(dir.path()).is_none());
+        assert!(read_anchor(dir.path()).unwrap().is_none());
         let e = shred_and_record(&log, dir.path(), seven_years)
             .await
             .unwrap_err();
         assert!(format!("{e:#}").contains("nothing shredded"), "{e:#}");
         assert!(keys.join("2018-03-01.key").exists());
         assert!(verify_dir(dir.path()).is_ok());
+    }
+
+    /// A damaged `pruned.json` is never taken for none: the log does not start a new chain
+    /// from genesis over it, verification and the next prune stop, naming it.
+    #[tokio::test]
+    async fn a_damaged_prune_anchor_stops_what_would_read_it_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pruned.json"), "{").unwrap();
+        let e = AuditLog::open(settings(dir.path(), 2048)).unwrap_err();
+        assert!(format!("{e:#}").contains("pruned.json"), "{e:#}");
+        let e = verify_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("pruned.json"), "{e}");
+        let e = plan(dir.path(), "2030-01-01T00:00:00.000Z").err().unwrap();
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+        // No anchor at all is none.
+        std::fs::remove_file(dir.path().join("pruned.json")).unwrap();
+        assert!(read_anchor(dir.path()).unwrap().is_none());
     }
 
     /// With `page-cache` durability, a prune's and a shredding's records are synced all the
@@ -507,7 +542,7 @@ mod tests {
         );
         // A prune that stopped after its anchor and before removing segment 1: the chain
         // breaks at the leftover, and the next prune removes it without counting it again.
-        let counted = read_anchor(dir.path()).unwrap();
+        let counted = read_anchor(dir.path()).unwrap().unwrap();
         for (p, b) in &first_files {
             std::fs::write(p, b).unwrap();
         }
@@ -522,7 +557,7 @@ mod tests {
                 .is_none()
         );
         assert!(!first_files[0].0.exists());
-        let again = read_anchor(dir.path()).unwrap();
+        let again = read_anchor(dir.path()).unwrap().unwrap();
         assert_eq!(
             (
                 again.pruned_records,
@@ -543,7 +578,7 @@ mod tests {
         log.append(sample(99)).await.unwrap();
         log.shutdown().await;
         assert!(verify_dir(dir.path()).is_ok());
-        let anchor = read_anchor(dir.path()).unwrap();
+        let anchor = read_anchor(dir.path()).unwrap().unwrap();
         assert_eq!(anchor.last_pruned_seq, pruned.last_pruned_seq);
     }
 }

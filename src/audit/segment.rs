@@ -203,7 +203,7 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
     }
     // Everything before the oldest remaining segment may have been pruned: resume from the anchor.
     if next_seq == 1
-        && let Some(anchor) = super::prune::read_anchor(dir)
+        && let Some(anchor) = super::prune::read_anchor(dir)?
     {
         next_seq = anchor.last_pruned_seq.checked_add(1).ok_or_else(|| {
             anyhow!(

@@ -250,7 +250,8 @@ pub fn verify_against(
     let segments = list_segments(dir).map_err(io_err(dir))?;
     let mut records = 0;
     // After pruning, the chain resumes from the anchor rather than from genesis.
-    let (mut last_seq, mut last_hash) = match super::prune::read_anchor(dir) {
+    let anchor = super::prune::read_anchor(dir).map_err(io_err(&dir.join("pruned.json")))?;
+    let (mut last_seq, mut last_hash) = match anchor {
         Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
         None => (0, GENESIS_HASH.to_owned()),
     };
