@@ -156,7 +156,14 @@ fn load_or_create(dir: &Path, day: &str) -> std::io::Result<LessSafeKey> {
     let raw = match std::fs::read(&path) {
         Ok(raw) => raw,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                // The new directory's own entry, in the log's directory, is synced too: else
+                // a power cut could take the directory, and the key, with it.
+                if let Some(parent) = dir.parent() {
+                    std::fs::File::open(parent)?.sync_all()?;
+                }
+            }
             let raw: [u8; 32] = rand::random();
             let tmp = dir.join(format!(".{day}.key.tmp"));
             let mut f = std::fs::File::create(&tmp)?;

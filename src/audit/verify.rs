@@ -379,7 +379,19 @@ pub fn verify_against(
                 short(&seal.first_prev),
                 short(&seal.last_hash)
             );
-            if found != sealed {
+            // Compared whole; shown short.
+            let same = (
+                seq_before + 1,
+                last_seq,
+                hash_before.as_str(),
+                last_hash.as_str(),
+            ) == (
+                seal.first_seq,
+                seal.last_seq,
+                seal.first_prev.as_str(),
+                seal.last_hash.as_str(),
+            );
+            if !same {
                 return Err(VerifyError::SealMismatch {
                     segment,
                     sealed,
@@ -653,6 +665,25 @@ mod tests {
             matches!(err, VerifyError::AnchorMismatch { seq: 2, .. }),
             "{err}"
         );
+    }
+
+    /// A seal is compared with its segment in full: one whose last hash differs from the
+    /// segment's past the twelve characters a message shows is a mismatch all the same.
+    #[test]
+    fn a_seal_differing_past_what_is_shown_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        write_chain(dir.path(), &[3, 1]);
+        crate::audit::index::seal(dir.path(), 1).unwrap();
+        verify_dir(dir.path()).unwrap();
+        let path = crate::audit::index::seal_path(dir.path(), 1);
+        let mut seal: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let hash = seal["last_hash"].as_str().unwrap().to_owned();
+        let last = if hash.ends_with('0') { "1" } else { "0" };
+        seal["last_hash"] = format!("{}{last}", &hash[..hash.len() - 1]).into();
+        std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, VerifyError::SealMismatch { .. }), "{err}");
     }
 
     /// Subject access trusts a sealed segment's index: one with a subject's entry taken out

@@ -257,6 +257,7 @@ impl AuditLog {
     /// it becomes durable is not reported.
     pub fn queue_detached(&self, record: AuditRecord) {
         let Some(tx) = lock(&self.inner.tx).clone() else {
+            metrics::counter!("wardgate_audit_failures_total").increment(1);
             tracing::error!(
                 request_id = record.request_id,
                 "audit log closed; record lost"
@@ -279,6 +280,7 @@ impl AuditLog {
                         runtime.spawn(async move {
                             let _waiting = waiting;
                             if tx.send(pending).await.is_err() {
+                                metrics::counter!("wardgate_audit_failures_total").increment(1);
                                 tracing::error!("audit log closed; record lost");
                             }
                         });
@@ -294,6 +296,7 @@ impl AuditLog {
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                metrics::counter!("wardgate_audit_failures_total").increment(1);
                 tracing::error!("audit log closed; record lost");
             }
         }
@@ -552,16 +555,17 @@ impl Writer {
         writer.dir_dirty = false;
         tracing::info!(dir = %writer.dir.display(), segment = writer.segment,
             next_seq = writer.next_seq, "audit log opened");
-        writer.record_cuts().context(
-            "cannot record in the audit log what recovery cut from it (the next start tries again)",
-        )?;
-        // Segments finished before a crash may lack their seal.
+        // Segments finished before a crash may lack their seal. (Listed before the cuts are
+        // recorded: a segment their records finish is queued by that, once.)
         let unsealed: Vec<u64> = super::segment::list_segments(&writer.dir)
             .unwrap_or_default()
             .into_iter()
             .map(|(n, _)| n)
             .filter(|n| *n < writer.segment && super::index::read_seal(&writer.dir, *n).is_none())
             .collect();
+        writer.record_cuts().context(
+            "cannot record in the audit log what recovery cut from it (the next start tries again)",
+        )?;
         for n in unsealed {
             writer.seal_queue.push(n);
         }
