@@ -401,8 +401,13 @@ fn add_set(
             .get("kid")
             .and_then(serde_json::Value::as_str)
             .map_or_else(|| format!("#{n}"), |k| format!("`{k}`"));
+        let would_use = would_use(&entry, &cfg.algorithms);
         let jwk: Jwk = match serde_json::from_value(entry) {
             Ok(jwk) => jwk,
+            // A key the gateway would use must be whole, as below: a malformed one (a number
+            // for `e`, an EC key without `y`) passed over would make a broken rotation look
+            // like one that worked, every token it signs refused.
+            Err(e) if would_use => bail!("{source}: key {name} is malformed: {e}"),
             Err(e) => {
                 passed_over.push(format!("{name} (not a key the gateway reads: {e})"));
                 continue;
@@ -901,6 +906,20 @@ fn classify(kind: &ErrorKind) -> AuthFailure {
 
 /// The one algorithm a published key verifies: its `alg` where it names one of the three the
 /// gateway accepts (`None` for any other), or, without one, the one its type and curve allow.
+/// Whether a JWK set's entry, as published, is one the gateway would verify tokens with, were
+/// it whole: named (`kid`), for signatures (`use` absent or `sig`), of an algorithm
+/// `auth.algorithms` allows (`alg`, or without one a key type that has one: RSA, EC, OKP).
+fn would_use(entry: &serde_json::Value, allowed: &[Algorithm]) -> bool {
+    let text = |k: &str| entry.get(k).and_then(serde_json::Value::as_str);
+    let named = text("kid").is_some();
+    let signing = entry.get("use").is_none() || text("use") == Some("sig");
+    let algorithm = match text("alg") {
+        Some(alg) => allowed.iter().any(|a| format!("{a:?}") == alg),
+        None => matches!(text("kty"), Some("RSA" | "EC" | "OKP")),
+    };
+    named && signing && algorithm
+}
+
 fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
     match jwk.common.key_algorithm {

@@ -935,6 +935,24 @@ fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_k
         e.contains("`r` (RS256, which `auth.algorithms` does not allow)"),
         "{e}"
     );
+
+    // A key it would use must be whole: one malformed (`e` a number, an EC key without `y`)
+    // stops the set, naming it, rather than passed over beside a good one.
+    cfg.algorithms = vec![Algorithm::ES256, Algorithm::RS256];
+    for broken in [
+        serde_json::json!({"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "bad", "n": "AQAB", "e": 65537}),
+        serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "bad", "x": "AQAB"}),
+    ] {
+        let set = serde_json::json!({ "keys": [broken, set["keys"][0].clone()] });
+        std::fs::write(&path, set.to_string()).unwrap();
+        let e = format!(
+            "{:#}",
+            Verifier::from_config(&cfg, KnownNames::default(), None)
+                .err()
+                .expect("refused")
+        );
+        assert!(e.contains("`bad` is malformed"), "{e}");
+    }
     drop(dir);
 }
 
