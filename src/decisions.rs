@@ -32,7 +32,7 @@ const MAX_ENTRIES: usize = 100_000;
 /// (only what field policies read).
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
-    asker: u64,
+    asker: Asker,
     dataset: String,
     attrs: RecordAttrs,
 }
@@ -128,18 +128,55 @@ pub struct Decider<'a> {
     engine: &'a PolicyEngine,
     cache: &'a DecisionCache,
     ask: &'a Ask,
-    asker: u64,
+    asker: Asker,
     dataset: &'a str,
     categories: &'a BTreeSet<String>,
 }
 
-/// A fingerprint of everything about the caller and purpose a decision can depend on. The
-/// subject is in it because it is the Cedar principal, which a policy may name. The hash is
-/// keyed at random per process, so no one can choose claims that collide with another's.
-pub fn asker_key(p: &Principal, purpose: &str, lawful_basis: &str) -> u64 {
+/// Everything about the caller and purpose a decision can depend on, as the record caches
+/// and the memo pool key it: the subject (the Cedar principal, which a policy may name),
+/// every claim policies see, the purpose and its lawful basis. Hashed once, when made; two
+/// are equal only if all of it is (not merely their hashes), so no two callers ever share a
+/// decision, however their hashes fall.
+#[derive(Clone)]
+pub struct Asker(Arc<AskerKey>);
+
+struct AskerKey {
+    hash: u64,
+    principal: Arc<Principal>,
+    purpose: String,
+    lawful_basis: String,
+}
+
+impl PartialEq for Asker {
+    fn eq(&self, other: &Asker) -> bool {
+        let (a, b) = (&*self.0, &*other.0);
+        let (p, q) = (&*a.principal, &*b.principal);
+        Arc::ptr_eq(&self.0, &other.0)
+            || (a.hash == b.hash
+                && p.subject == q.subject
+                && p.role == q.role
+                && p.unit == q.unit
+                && p.areas == q.areas
+                && p.purposes == q.purposes
+                && a.purpose == b.purpose
+                && a.lawful_basis == b.lawful_basis)
+    }
+}
+
+impl Eq for Asker {}
+
+impl Hash for Asker {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.hash);
+    }
+}
+
+/// The `Asker` of this caller under this purpose. The hash is keyed at random per process.
+pub fn asker_key(p: &Arc<Principal>, purpose: &str, lawful_basis: &str) -> Asker {
     static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
         std::sync::OnceLock::new();
-    KEYS.get_or_init(Default::default).hash_one((
+    let hash = KEYS.get_or_init(Default::default).hash_one((
         &p.subject,
         &p.role,
         &p.unit,
@@ -147,7 +184,13 @@ pub fn asker_key(p: &Principal, purpose: &str, lawful_basis: &str) -> u64 {
         &p.purposes,
         purpose,
         lawful_basis,
-    ))
+    ));
+    Asker(Arc::new(AskerKey {
+        hash,
+        principal: Arc::clone(p),
+        purpose: purpose.to_owned(),
+        lawful_basis: lawful_basis.to_owned(),
+    }))
 }
 
 impl<'a> Decider<'a> {
@@ -155,7 +198,7 @@ impl<'a> Decider<'a> {
         engine: &'a PolicyEngine,
         cache: &'a DecisionCache,
         ask: &'a Ask,
-        asker: u64,
+        asker: Asker,
         dataset: &'a str,
         categories: &'a BTreeSet<String>,
     ) -> Self {
@@ -173,7 +216,7 @@ impl<'a> Decider<'a> {
     /// that made it). The filter's memo asks once per distinct fingerprint.
     pub fn decide(&self, attrs: &RecordAttrs) -> Arc<RecordDecision> {
         let key = Key {
-            asker: self.asker,
+            asker: self.asker.clone(),
             dataset: self.dataset.to_owned(),
             attrs: attrs.clone(),
         };
@@ -194,7 +237,7 @@ impl<'a> Decider<'a> {
     /// field policies cannot tell apart (most often: the same record in another area).
     fn categories(&self, attrs: &RecordAttrs) -> HashSet<String> {
         let key = Key {
-            asker: self.asker,
+            asker: self.asker.clone(),
             dataset: self.dataset.to_owned(),
             attrs: self.engine.field_projection(attrs, false),
         };
@@ -237,7 +280,7 @@ impl<'a> Decider<'a> {
 /// parallel gets a second memo. Bounded in number, each bounded in size.
 #[derive(Default)]
 pub struct MemoPool {
-    kept: Mutex<HashMap<(u64, String), Vec<Memo>, RandomState>>,
+    kept: Mutex<HashMap<(Asker, String), Vec<Memo>, RandomState>>,
 }
 
 /// Memos kept at once, across all callers (each at most `MAX_KEPT_DECISIONS` fingerprints).
@@ -245,7 +288,7 @@ const MAX_KEPT_MEMOS: usize = 64;
 
 impl MemoPool {
     /// This caller's memo for this dataset, or a new one.
-    pub fn take(&self, asker: u64, dataset: &str) -> Lease<'_> {
+    pub fn take(&self, asker: Asker, dataset: &str) -> Lease<'_> {
         let key = (asker, dataset.to_owned());
         let kept = self
             .kept
@@ -259,7 +302,7 @@ impl MemoPool {
         }
     }
 
-    fn put_back(&self, key: (u64, String), memo: Memo) {
+    fn put_back(&self, key: (Asker, String), memo: Memo) {
         let Ok(mut m) = self.kept.lock() else {
             return;
         };
@@ -278,7 +321,7 @@ impl MemoPool {
 /// A memo out of the pool; it goes back when dropped.
 pub struct Lease<'a> {
     pool: &'a MemoPool,
-    key: Option<(u64, String)>,
+    key: Option<(Asker, String)>,
     memo: Memo,
 }
 
@@ -350,21 +393,35 @@ mod tests {
             filter_page(body, Envelope::Records, &cx, &mut decide, memo).unwrap();
             asked
         };
-        assert_eq!(asks(&mut pool.take(1, "voter")), 1);
-        assert_eq!(asks(&mut pool.take(1, "voter")), 0, "back warm");
-        assert_eq!(asks(&mut pool.take(2, "voter")), 1, "another caller");
-        assert_eq!(asks(&mut pool.take(1, "membership")), 1, "another dataset");
+        // Each its own caller, made afresh each time, as each request makes its own.
+        let caller = |n: u64| {
+            let mut p = principal("councillor", &["canvassing"]);
+            p.subject = format!("p-{n}");
+            asker_key(&Arc::new(p), "canvassing", "public_task")
+        };
+        assert_eq!(asks(&mut pool.take(caller(1), "voter")), 1);
+        assert_eq!(asks(&mut pool.take(caller(1), "voter")), 0, "back warm");
+        assert_eq!(
+            asks(&mut pool.take(caller(2), "voter")),
+            1,
+            "another caller"
+        );
+        assert_eq!(
+            asks(&mut pool.take(caller(1), "membership")),
+            1,
+            "another dataset"
+        );
         {
             // Two pages at once for one caller: the second gets a memo of its own.
-            let (mut a, mut b) = (pool.take(1, "voter"), pool.take(1, "voter"));
+            let (mut a, mut b) = (pool.take(caller(1), "voter"), pool.take(caller(1), "voter"));
             assert_eq!((asks(&mut a), asks(&mut b)), (0, 1));
         }
-        for asker in 100..300 {
-            drop(pool.take(asker, "voter"));
+        for n in 100..300 {
+            drop(pool.take(caller(n), "voter"));
         }
         let kept = pool.kept.lock().unwrap();
         assert!(kept.values().map(Vec::len).sum::<usize>() <= MAX_KEPT_MEMOS);
-        assert!(kept.contains_key(&(299, "voter".to_owned())));
+        assert!(kept.contains_key(&(caller(299), "voter".to_owned())));
     }
 
     #[test]
@@ -408,6 +465,43 @@ mod tests {
         assert!(cache.requests.lock().unwrap().len() > 100);
     }
 
+    /// Two callers whose keys hash alike (forced here; keyed at random, it would take about
+    /// 2^32 callers to see it happen) do not share a decision: one's deny, for a record outside
+    /// its grants, is not the other's answer for a record inside its own.
+    #[test]
+    fn callers_whose_keys_hash_alike_do_not_share_decisions() {
+        let (engine, catalog, _) = shipped_engine();
+        let cache = DecisionCache::default();
+        let basis = &catalog.purposes["canvassing"].lawful_basis;
+        let categories: BTreeSet<String> =
+            catalog.datasets["voter"].fields.values().cloned().collect();
+        let attrs = RecordAttrs {
+            area: "E05011391".into(),
+            markers: BTreeSet::new(),
+            flags: BTreeSet::new(),
+            consented: BTreeSet::new(),
+            tps_fresh: false,
+        };
+        let mut outside = principal("councillor", &["canvassing"]);
+        outside.areas = vec!["E05011392".into()];
+        let inside = principal("councillor", &["canvassing"]);
+        let decide = |p: Principal| {
+            let p = Arc::new(p);
+            let asker = Asker(Arc::new(AskerKey {
+                hash: 7,
+                principal: Arc::clone(&p),
+                purpose: "canvassing".into(),
+                lawful_basis: basis.clone(),
+            }));
+            let ask = engine.ask(p, "canvassing", basis);
+            Decider::new(&engine, &cache, &ask, asker, "voter", &categories)
+                .decide(&attrs)
+                .allowed
+        };
+        assert!(!decide(outside), "outside its grants");
+        assert!(decide(inside), "inside its grants");
+    }
+
     /// A request whose decisions are all memoised never builds its Cedar request: that is
     /// what makes the `Ask` per request cheap. The answers are the ones first computed.
     #[test]
@@ -426,7 +520,7 @@ mod tests {
             consented: BTreeSet::new(),
             tps_fresh: false,
         };
-        let asker = asker_key(&p, "canvassing", basis);
+        let asker = asker_key(&Arc::new(p.clone()), "canvassing", basis);
         let decide = |ask: &Ask| {
             let request = cache.request(
                 &engine,
@@ -438,8 +532,8 @@ mod tests {
                 "voter",
                 Vec::new(),
             );
-            let record =
-                Decider::new(&engine, &cache, ask, asker, "voter", &categories).decide(&attrs);
+            let record = Decider::new(&engine, &cache, ask, asker.clone(), "voter", &categories)
+                .decide(&attrs);
             (request, record)
         };
         let first = ask();

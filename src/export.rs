@@ -156,7 +156,7 @@ pub struct Plan {
     pub body: Lines<hyper::body::Incoming>,
     pub principal: Arc<Principal>,
     pub ask: Ask,
-    pub asker: u64,
+    pub asker: crate::decisions::Asker,
     pub dataset: String,
     /// The categories of the fields the caller filtered on (`Route::filtered_categories`).
     pub filtered_on: Vec<String>,
@@ -280,7 +280,7 @@ impl Run<'_> {
             &plan.policies.engine,
             &plan.policies.decisions,
             &plan.ask,
-            plan.asker,
+            plan.asker.clone(),
             &plan.dataset,
             categories,
         );

@@ -451,7 +451,7 @@ where
         &policies.engine,
         &policies.decisions,
         &ask,
-        asker,
+        asker.clone(),
         &route.dataset,
         categories,
     );

@@ -487,7 +487,8 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
 
     let basis = w.catalog.purposes[&purpose].lawful_basis.clone();
     // The request-level gate first, exactly as the gateway runs it.
-    let ask = w.engine.ask(Arc::new(principal.clone()), &purpose, &basis);
+    let principal = Arc::new(principal);
+    let ask = w.engine.ask(Arc::clone(&principal), &purpose, &basis);
     // Research reads records only to count them (`aggregate.rs`, through this same filter).
     let action = if purpose == "research" {
         wardgate::policy::RequestAction::Aggregate
