@@ -241,7 +241,7 @@ async fn a_restricted_subject_appears_only_for_rights_handling() {
         ("analyst", "profiling"),
         ("candidate", "canvassing"),
         ("candidate", "addressed_mail"),
-        ("security", "breach_investigation"),
+        ("dpo", "breach_investigation"),
     ] {
         let got: BTreeSet<String> = all_pages(&app, &app.token(persona), purpose, "")
             .await
@@ -1905,10 +1905,10 @@ async fn a_look_up_purpose_reads_by_id_only_at_the_postcode_named() {
         .map(|(_, p)| p)
         .find(|p| sector_part(p) != sector_part(&postcode))
         .expect("electors at two postcodes");
-    let analyst = app.sign(&app.claims("analyst", &["E92000001"], &["donation_checks"]));
+    let officer = app.sign(&app.claims("clp_secretary", &["E92000001"], &["donation_checks"]));
     let caseworker = app.token("mp_caseworker");
     let served = &app;
-    for (token, purpose) in [(&analyst, "donation_checks"), (&caseworker, "casework")] {
+    for (token, purpose) in [(&officer, "donation_checks"), (&caseworker, "casework")] {
         let read = |query: String| {
             let path = format!("/voter/electors/{id}{query}");
             async move { served.get(&path, Some(token), Some(purpose)).await }

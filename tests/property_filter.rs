@@ -35,9 +35,16 @@ const CONTACT_PURPOSES: [&str; 6] = [
 /// Which roles may use which purpose at all (DOMAIN.md §2, §5).
 fn role_may(role: &str, purpose: &str) -> bool {
     let roles: &[&str] = match purpose {
-        "canvassing" | "gotv" => &["canvasser", "councillor", "candidate", "mp_campaign_staff"],
+        "canvassing" | "gotv" => &[
+            "canvasser",
+            "councillor",
+            "council_candidate",
+            "candidate",
+            "mp_campaign_staff",
+        ],
         "addressed_mail" | "email_sms" => &[
             "councillor",
+            "council_candidate",
             "candidate",
             "mp_campaign_staff",
             "clp_secretary",
@@ -45,11 +52,11 @@ fn role_may(role: &str, purpose: &str) -> bool {
         ],
         "profiling" | "research" => &["analyst"],
         "fundraising" => &["clp_secretary", "membership_officer"],
-        "donation_checks" => &["clp_secretary", "membership_officer", "analyst"],
+        "donation_checks" => &["clp_secretary", "membership_officer"],
         "casework" => &["councillor", "mp_caseworker"],
         "membership_admin" | "local_engagement" => &[],
         "sar_fulfilment" | "erasure" | "restriction" | "legal_claims" => &["dpo"],
-        "breach_investigation" => &["security", "dpo"],
+        "breach_investigation" => &["dpo"],
         _ => &[],
     };
     roles.contains(&role) && !(role == "mp_caseworker" && purpose != "casework")
@@ -159,7 +166,7 @@ fn categories_for(purpose: &str, role: &str) -> BTreeSet<&'static str> {
         _ => &[],
     };
     let mut out: BTreeSet<&str> = base.iter().copied().collect();
-    if purpose == "canvassing" && (role == "councillor" || role == "candidate") {
+    if purpose == "canvassing" && ["councillor", "council_candidate", "candidate"].contains(&role) {
         out.extend(["contact_mobile", "contact_landline"]);
     }
     out
@@ -265,8 +272,11 @@ fn reference_forbids(
     if !categories_for(purpose, &p.role).contains(category.as_str()) {
         return Some(format!("category `{category}` not for `{purpose}`"));
     }
-    let objector = flags.contains("objects_direct_marketing")
-        && !["casework", "membership_admin"].contains(&purpose);
+    // An objector's contact fields go but to casework and membership administration; a
+    // deceased person's to no one but rights handling.
+    let objector = (flags.contains("objects_direct_marketing")
+        && !["casework", "membership_admin"].contains(&purpose))
+        || flags.contains("deceased");
     let forbidden = match category.as_str() {
         "contact_email" => !rights && (objector || !live_consent(r, "email")),
         "contact_mobile" => {
@@ -333,9 +343,10 @@ fn world() -> &'static World {
     })
 }
 
-const ROLES: [&str; 10] = [
+const ROLES: [&str; 11] = [
     "canvasser",
     "councillor",
+    "council_candidate",
     "candidate",
     "mp_caseworker",
     "mp_campaign_staff",

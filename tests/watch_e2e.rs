@@ -1065,18 +1065,18 @@ async fn records_of_requests_finished_during_shutdown_are_examined() {
     real.stop().await;
 }
 
-/// Nobody classifies an alert about themselves: a security officer whose own reading after
-/// hours raised `unusual_hours` cannot call it a near miss (403, recorded), and the alert stays
-/// open; the DPO, another person, can.
+/// Nobody classifies an alert about themselves: the DPO, whose own reading after hours raised
+/// `unusual_hours`, cannot call it a near miss (403, recorded), and the alert stays open; the
+/// security team, another person, can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_classifies_an_alert_about_themselves() {
     let app = app(night).await;
-    let sec = app.token("security");
-    a_big_page(&app, &sec, "breach_investigation").await;
-    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-security").await;
+    let dpo = app.token("dpo");
+    a_big_page(&app, &dpo, "breach_investigation").await;
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-dpo").await;
     let path = format!("/alerts/{}/classify", alert["id"].as_str().unwrap());
     let body = r#"{"class":"near_miss","note":"only me, working late"}"#;
-    let r = app.admin_post(&path, &sec, body).await;
+    let r = app.admin_post(&path, &dpo, body).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
     let record = app.audit_for(&r);
     assert_eq!(
@@ -1090,9 +1090,9 @@ async fn nobody_classifies_an_alert_about_themselves() {
         .find(|a| a["id"] == alert["id"])
         .unwrap();
     assert!(open["classification"].is_null(), "{open}");
-    let r = app.admin_post(&path, &app.token("dpo"), body).await;
+    let r = app.admin_post(&path, &app.token("security"), body).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(r.json()["classification"]["by"], "demo-dpo");
+    assert_eq!(r.json()["classification"]["by"], "demo-security");
 }
 
 /// An alert the breach log cannot take is not lost: it is in the audit log at once, not shown

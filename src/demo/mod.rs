@@ -157,6 +157,9 @@ per_day = 8000
 [quotas.councillor]
 per_hour = 5000
 per_day = 20000
+[quotas.council_candidate]
+per_hour = 5000
+per_day = 20000
 [quotas.candidate]
 per_hour = 20000
 per_day = 80000

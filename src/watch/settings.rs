@@ -111,6 +111,7 @@ impl Rule {
                 1_000,
                 &[
                     ("councillor", 2_000),
+                    ("council_candidate", 2_000),
                     ("candidate", 5_000),
                     ("clp_secretary", 3_000),
                     ("analyst", 200_000),
