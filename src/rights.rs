@@ -246,11 +246,28 @@ where
                 )
             };
             let mut resp = Response::new(Full::new(Bytes::from(body)));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
-            resp.headers_mut().insert(
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+            h.insert(
                 header::CACHE_CONTROL,
                 http::HeaderValue::from_static("no-store"),
+            );
+            // The report carries a datastore's values: should one ever reach the page
+            // unescaped, it runs nothing, loads nothing and is framed nowhere.
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                http::HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; \
+                     base-uri 'none'; form-action 'none'",
+                ),
+            );
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                http::HeaderValue::from_static("nosniff"),
+            );
+            h.insert(
+                header::REFERRER_POLICY,
+                http::HeaderValue::from_static("no-referrer"),
             );
             resp
         }
@@ -501,6 +518,12 @@ where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // JSON only, said so (415 otherwise), as on the data plane: a browser sends a cross-site
+    // form or a `text/plain` fetch without asking first, and a proxy that turns a session
+    // cookie into the bearer token would then let any page revoke the security team.
+    if !crate::writes::says_json(req.headers()) {
+        return Err(GatewayError::UnsupportedMediaType);
+    }
     // The data plane's reader: the same size refusal, and the same deadline.
     let bytes = crate::writes::read_body(req, MAX_BODY).await?;
     serde_json::from_slice(&bytes)

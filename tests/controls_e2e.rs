@@ -1401,6 +1401,21 @@ async fn admin_actions_need_the_purpose_they_serve() {
             r.body
         );
     }
+    // A change said to be anything but JSON (a cross-site form, a `text/plain` fetch, which a
+    // browser sends without asking first) is refused, and changes nothing.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = app
+            .admin_post_as(
+                "/revocations",
+                &app.token("dpo"),
+                content_type,
+                r#"{"subject":"demo-security","reason":"x="}"#,
+            )
+            .await;
+        assert_eq!(r.status, 415, "{content_type}: {:?}", r.body);
+    }
+    let security = app.token("security");
+    assert_eq!(app.admin_get_with("/alerts", &security).await.status, 200);
     // Granted restriction but not erasure: an erasure request is out of reach, a restriction
     // is not.
     let restricting = app.sign(&app.claims("dpo", &["E92000001"], &["restriction"]));

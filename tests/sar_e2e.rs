@@ -222,6 +222,14 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         .admin_get_with(&format!("/sar/{subject}?format=html"), &app.token("dpo"))
         .await;
     assert!(String::from_utf8_lossy(&html.body).contains("<table>"));
+    // A datastore's values are in it: should one reach the page unescaped, it runs nothing.
+    let header = |name: &str| html.headers.get(name).and_then(|v| v.to_str().ok());
+    let csp = header("content-security-policy").expect("a Content-Security-Policy");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(header("x-content-type-options"), Some("nosniff"));
     let audited = app
         .audit_records()
         .into_iter()

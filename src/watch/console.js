@@ -42,6 +42,8 @@ async function api(path, options) {
 async function connect(event) {
   event.preventDefault();
   state.token = $('#token').value.trim();
+  // Held in this page's memory only: not left in the form, where a browser may offer to save it.
+  $('#token').value = '';
   if (state.feedAbort) state.feedAbort.abort();
   try {
     const log = await api('/alerts');
@@ -179,7 +181,7 @@ function renderAlerts() {
     revoke.addEventListener('click', () => doRevoke(a.id, caller));
     tbody.append(el('tr', { class: 'alert', 'data-id': a.id },
       el('td', {}, a.id), el('td', {}, a.rule), el('td', {}, a.principal ? a.principal.subject + ' (' + a.principal.role + ')' : a.key),
-      el('td', {}, a.summary + (a.addresses && a.addresses.length ? ': ' + a.addresses.join(', ') : '')), el('td', {}, a.evidence.length + ' audit records'),
+      el('td', {}, a.summary + (a.addresses && a.addresses.length ? ': ' + a.addresses.join(', ') : '')), el('td', {}, (a.evidence.length || (a.evidence_refs || []).length) + ' audit records'),
       el('td', { class: 'deadline', 'data-report-by': a.report_by }, remaining(a.report_by)),
       el('td', {}, cls, note, classify), el('td', {}, revoke)));
   }

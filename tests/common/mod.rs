@@ -414,11 +414,23 @@ impl TestApp {
     }
 
     pub async fn admin_post(&self, path: &str, token: &str, body: &str) -> Resp {
+        self.admin_post_as(path, token, "application/json", body)
+            .await
+    }
+
+    /// `admin_post` with the body said to be `content_type`.
+    pub async fn admin_post_as(
+        &self,
+        path: &str,
+        token: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Resp {
         let req = Request::builder()
             .method(Method::POST)
             .uri(format!("http://{}{path}", self.admin))
             .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from(body.to_owned())))
             .unwrap();
         let resp = self.client.request(req).await.unwrap();
