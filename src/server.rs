@@ -227,12 +227,17 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
 }
 
 /// Whether `e` is, however deep hyper wrapped it, `FirstBytes`' error for a client that took
-/// no bytes of its answer in time.
+/// no bytes of its answer in time. (h2 keeps an I/O error's kind and text only, so there it
+/// is known by its text.)
 fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let text = Stalled.to_string();
     // (`io::Error::source` skips the error it wraps: its `get_ref` is that.)
-    std::iter::successors(Some(e), |e| e.source())
-        .filter_map(|e| e.downcast_ref::<std::io::Error>()?.get_ref())
-        .any(|e| e.is::<Stalled>())
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        wrapped.is_some_and(|w| w.is::<Stalled>()) || e.to_string().contains(&text)
+    })
 }
 
 /// A write waited longer than `Limits::write_stall_timeout` for the client to take a byte.
@@ -258,8 +263,10 @@ struct FirstBytes<T> {
     activity: Arc<Activity>,
     /// How long a write may wait for the client to take bytes (`Limits::write_stall_timeout`).
     stall_within: Duration,
-    /// Running while a write waits: the client has not taken a byte since it started.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The stall clock (made at the first write that waits, then reset for each later one),
+    /// and whether it is running: a write is waiting and nothing has gone since it started.
+    stall_clock: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
 }
 
 /// HTTP/2's connection preface (RFC 9113 §3.4), the most hyper reads before it knows the
@@ -277,7 +284,8 @@ impl<T> FirstBytes<T> {
             first: [0; FIRST_BYTES],
             activity,
             stall_within,
-            stalled: None,
+            stall_clock: None,
+            stalled: false,
         }
     }
 
@@ -292,11 +300,21 @@ impl<T> FirstBytes<T> {
         done: Poll<std::io::Result<R>>,
     ) -> Poll<std::io::Result<R>> {
         if done.is_ready() {
-            self.stalled = None;
+            self.stalled = false;
             return done;
         }
-        let within = self.stall_within;
-        let clock = (self.stalled).get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        let deadline = tokio::time::Instant::now() + self.stall_within;
+        let clock = match &mut self.stall_clock {
+            Some(clock) if self.stalled => clock,
+            Some(clock) => {
+                clock.as_mut().reset(deadline);
+                clock
+            }
+            None => self
+                .stall_clock
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stalled = true;
         if clock.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

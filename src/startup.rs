@@ -462,7 +462,10 @@ pub async fn run(
         max_connections,
         header_read_timeout: gw.header_read_timeout,
         grace,
-        write_stall_timeout: gw.client_stall_timeout,
+        // Twice an export's own bound (`client_stall_timeout`): on HTTP/1 hyper buffers
+        // chunks while a write waits, so an export's wait for room starts later than the
+        // socket's, and it must be the export that ends first, recorded `client_stalled`.
+        write_stall_timeout: gw.client_stall_timeout.saturating_mul(2),
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
