@@ -64,12 +64,15 @@ pub struct Redis {
     /// Stream entries already refused: a full resynchronisation reads them again, and
     /// logging and counting each once keeps the count an alarm (bounded: past it, once more).
     refused: std::sync::Mutex<HashSet<String>>,
-    /// The mark of the store's life in the key check last read (`check_key`).
+    /// The mark of the store's life last read (`check_key`).
     store_mark: std::sync::Mutex<Option<String>>,
     publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
 const BLOCK_MS: u64 = 500;
+/// How long a replica's key check counts after it last added it (`check_key`): a replica that
+/// stopped, or was given the right key, no longer counts a minute later.
+const KEY_SEEN_FOR: Duration = Duration::from_secs(60);
 /// Stream entries a resynchronisation reads per `XRANGE`.
 const RESYNC_PAGE: usize = 10_000;
 
@@ -119,11 +122,6 @@ impl Redis {
             .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
     }
 
-    /// The key beside the stream that says which key the replicas sign with (`check_key`).
-    fn key_check_name(&self) -> String {
-        format!("{}:keycheck", self.settings.stream)
-    }
-
     /// This replica's key check: an HMAC of the stream's name under its key, which only a
     /// replica holding the same key writes the same (no event is signed over the same text:
     /// an event's is the stream's name, a newline, then a JSON object).
@@ -132,51 +130,65 @@ impl Redis {
         hex::encode(ring::hmac::sign(&self.key, &text))
     }
 
-    /// Checks that the replicas sharing the stream sign with this replica's key: the first to
-    /// find no key check places its own, and one that finds another's fails, so its mirror
-    /// goes stale (503 `controls-stale`) rather than serving on while it refuses, as unsigned,
-    /// every change the others publish and they refuse its. The check carries a random mark
-    /// of the store's life, new with each one placed: `Ok(false)` when the mark is not the
-    /// one this replica last saw (the store is new, or lost its keys: restarted without
-    /// persistence, flushed), so that what it lost is republished at once, whichever replica
-    /// placed the new one.
+    /// Checks that every replica sharing the stream signs with this replica's key, and that
+    /// the store is the one it knew. Each replica adds its key check to `<stream>:keys` (a
+    /// sorted set, scored by when it was last added) at each read of the stream, and one
+    /// added by any replica within `KEY_SEEN_FOR` that is not this replica's fails the step,
+    /// on every replica, so that all go stale (503 `controls-stale`): a replica with another
+    /// key would refuse, as unsigned, every change the others publish, and they its, while
+    /// reading the stream kept it fresh. Whichever replica came first, none serves on.
+    /// `<stream>:mark` holds a random mark of the store's life, placed by the first replica to
+    /// find none: `Ok(false)` when it is not the one this replica last saw (the store is new,
+    /// or lost its keys: restarted without persistence, flushed), so that what it lost is
+    /// republished at once, whichever replica placed the new one.
     async fn check_key(&self, c: &mut MultiplexedConnection) -> anyhow::Result<bool> {
-        let name = self.key_check_name();
-        let want = self.key_check_value();
-        let found: Option<String> = redis::cmd("GET").arg(&name).query_async(c).await?;
-        let found = match found {
-            Some(found) => found,
-            None => {
-                let mine = format!("{want} {:016x}", rand::random::<u64>());
-                let placed: Option<String> = (redis::cmd("SET").arg(&name).arg(&mine).arg("NX"))
-                    .query_async(c)
-                    .await?;
-                if placed.is_some() {
-                    mine
-                } else {
-                    // Another replica placed one meanwhile.
-                    let found: Option<String> = redis::cmd("GET").arg(&name).query_async(c).await?;
-                    found.unwrap_or_default()
-                }
-            }
-        };
-        let (mac, mark) = found.split_once(' ').unwrap_or((&found, ""));
-        if mac != want {
+        let stream = &self.settings.stream;
+        let (keys, mark_key) = (format!("{stream}:keys"), format!("{stream}:mark"));
+        let mine = self.key_check_value();
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let forgotten = now - KEY_SEEN_FOR.as_millis() as i64;
+        let new_mark = format!("{:016x}", rand::random::<u64>());
+        let (checks, mark): (Vec<String>, Option<String>) = redis::pipe()
+            .cmd("ZADD")
+            .arg(&keys)
+            .arg(now)
+            .arg(&mine)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&keys)
+            .arg("-inf")
+            .arg(format!("({forgotten}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&keys)
+            .arg(0)
+            .arg(-1)
+            .cmd("SET")
+            .arg(&mark_key)
+            .arg(&new_mark)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&mark_key)
+            .query_async(c)
+            .await?;
+        if checks.iter().any(|k| *k != mine) {
             anyhow::bail!(
-                "`redis.key_file` is not the key the replicas sharing `{}` sign with (Redis's \
-                 `{name}` was placed by a replica with another key): this replica would refuse \
-                 their changes and they its. Give every replica the same file; after rotating \
-                 the key on all of them, `DEL {name}`",
-                self.settings.stream
+                "a replica sharing `{stream}` signs with another key than this one's \
+                 `redis.key_file` (Redis's `{keys}` holds both): each would refuse the other's \
+                 changes, so none serves. Give every replica the same file; once the other key \
+                 has not been seen for {} (or after `DEL {keys}`), the replicas sync again",
+                humantime::format_duration(KEY_SEEN_FOR)
             );
         }
+        let mark = mark.unwrap_or_default();
         let mut seen = self
             .store_mark
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let same = seen.as_deref() == Some(mark);
+        let same = seen.as_deref() == Some(mark.as_str());
         if !same {
-            *seen = Some(mark.to_owned());
+            *seen = Some(mark);
         }
         Ok(same)
     }
