@@ -904,22 +904,27 @@ fn classify(kind: &ErrorKind) -> AuthFailure {
     }
 }
 
-/// The one algorithm a published key verifies: its `alg` where it names one of the three the
-/// gateway accepts (`None` for any other), or, without one, the one its type and curve allow.
 /// Whether a JWK set's entry, as published, is one the gateway would verify tokens with, were
 /// it whole: named (`kid`), for signatures (`use` absent or `sig`), of an algorithm
-/// `auth.algorithms` allows (`alg`, or without one a key type that has one: RSA, EC, OKP).
+/// `auth.algorithms` allows: its `alg`, or without one the algorithm its type and curve give
+/// (as `jwk_algorithm`: RS256 for RSA, ES256 for P-256, EdDSA for Ed25519; a curve the
+/// gateway does not read, `secp256k1` or `Ed448`, gives none, and such a key is passed over).
 fn would_use(entry: &serde_json::Value, allowed: &[Algorithm]) -> bool {
     let text = |k: &str| entry.get(k).and_then(serde_json::Value::as_str);
     let named = text("kid").is_some();
     let signing = entry.get("use").is_none() || text("use") == Some("sig");
-    let algorithm = match text("alg") {
-        Some(alg) => allowed.iter().any(|a| format!("{a:?}") == alg),
-        None => matches!(text("kty"), Some("RSA" | "EC" | "OKP")),
+    let algorithm = match (text("alg"), text("kty"), text("crv")) {
+        (Some(alg), _, _) => allowed.iter().find(|a| format!("{a:?}") == alg).copied(),
+        (None, Some("RSA"), _) => Some(Algorithm::RS256),
+        (None, Some("EC"), Some("P-256")) => Some(Algorithm::ES256),
+        (None, Some("OKP"), Some("Ed25519")) => Some(Algorithm::EdDSA),
+        _ => None,
     };
-    named && signing && algorithm
+    named && signing && algorithm.is_some_and(|a| allowed.contains(&a))
 }
 
+/// The one algorithm a published key verifies: its `alg` where it names one of the three the
+/// gateway accepts (`None` for any other), or, without one, the one its type and curve allow.
 fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
     match jwk.common.key_algorithm {

@@ -953,6 +953,17 @@ fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_k
         );
         assert!(e.contains("`bad` is malformed"), "{e}");
     }
+    // One it would not use, even malformed (a curve it does not read, an algorithm not
+    // allowed), is passed over, not a reason to refuse the set.
+    for other in [
+        serde_json::json!({"kty": "OKP", "crv": "Ed448", "kid": "ed448", "x": "AQAB"}),
+        serde_json::json!({"kty": "EC", "crv": "secp256k1", "kid": "k1", "x": "AQAB"}),
+        serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": 7}),
+    ] {
+        let set = serde_json::json!({ "keys": [other, set["keys"][0].clone()] });
+        std::fs::write(&path, set.to_string()).unwrap();
+        Verifier::from_config(&cfg, KnownNames::default(), None).expect("the good key taken");
+    }
     drop(dir);
 }
 

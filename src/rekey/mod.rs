@@ -63,26 +63,34 @@ pub fn start(
     hangups: Option<Signal>,
     check: Option<Duration>,
 ) -> impl std::future::Future<Output = String> + Send + 'static {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut names = std::collections::HashMap::new();
+    // Each task watched by one of its own, which says when it ends: dropping the future this
+    // answers (at a normal shutdown) leaves the tasks running through the drain, rather than
+    // aborting a reload between its audit record and the change it records.
+    let (ended, mut heard) = tokio::sync::mpsc::channel::<String>(2);
+    let watch = |name: &'static str, task: tokio::task::JoinHandle<()>| {
+        let ended = ended.clone();
+        tokio::spawn(async move {
+            let why = match task.await {
+                Ok(()) => format!("{name} ended"),
+                Err(e) => format!("{name} failed: {e}"),
+            };
+            let _ = ended.send(why).await;
+        });
+    };
     if hangups.is_some() || check.is_some() {
-        let id = tasks.spawn(run(gw.clone(), hangups, check)).id();
-        names.insert(id, "the reload task (SIGHUP and file checks)");
+        let task = tokio::spawn(run(gw.clone(), hangups, check));
+        watch("the reload task (SIGHUP and file checks)", task);
     }
     if gw.verifier.jwks_url().is_some() {
-        let id = tasks.spawn(jwks::run(gw.clone())).id();
-        names.insert(id, "the task that fetches `auth.jwks_url`");
+        let task = tokio::spawn(jwks::run(gw.clone()));
+        watch("the task that fetches `auth.jwks_url`", task);
     }
+    drop(ended);
     async move {
-        let Some(ended) = tasks.join_next_with_id().await else {
-            return std::future::pending().await;
-        };
-        match ended {
-            Ok((id, ())) => format!("{} ended", names.get(&id).unwrap_or(&"a reload task")),
-            Err(e) => format!(
-                "{} failed: {e}",
-                names.get(&e.id()).unwrap_or(&"a reload task")
-            ),
+        match heard.recv().await {
+            Some(why) => why,
+            // No task to watch.
+            None => std::future::pending().await,
         }
     }
 }
