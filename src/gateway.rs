@@ -155,6 +155,11 @@ where
         armed: true,
     };
     let result = process(gw, req, &request_id, client, &mut unanswered.trail).await;
+    // Room in the audit queue first: waiting for it (the queue full) is where a client that
+    // hangs up cancels this handler, and `Unanswered` then makes the `client_closed` record
+    // from a trail nothing has been taken from yet. Once there is room, the record is built
+    // and queued without another wait.
+    let room = gw.audit.reserve().await;
     let trail = &mut unanswered.trail;
     let status = match &result {
         Ok(_) => StatusCode::OK,
@@ -190,7 +195,7 @@ where
     });
     // Queued before the request stops counting as on its way, so that a group commit napping
     // for records wakes when the last one is in the queue (`Writer::gather`).
-    let queued = gw.audit.submit(record).await;
+    let queued = room.map(|room| room.submit(record));
     unanswered.armed = false;
     drop(coming);
     let appended = match queued {
@@ -1059,9 +1064,10 @@ async fn log_intent(
     clippy::too_many_arguments,
     reason = "assembles one flat record from the request's parts"
 )]
-/// The request's audit record. What it lists of the answer (subjects, fields) moves into it
-/// from the trail; who asked and why (purpose, lawful basis, route, policies, detail) is
-/// copied, for the record `Unanswered` makes should this one's queueing be cancelled.
+/// The request's audit record; what it lists (subjects, fields, policies, route) moves into
+/// it from the trail, which keeps only what the metrics and the quota read afterwards. (Made
+/// once there is room for it in the audit queue, so that it is never made and then lost to
+/// a cancelled wait: `handle`.)
 fn audit_record(
     trail: &mut Trail,
     error: Option<&GatewayError>,
@@ -1098,17 +1104,14 @@ fn audit_record(
             token_id: p.token_id.clone(),
         }),
         client_addr: Some(client.ip().to_string()),
-        // Who asked, why and under what stay in the trail (copied, not taken): a record whose
-        // queueing is cancelled by the client hanging up (the queue full) is made again from
-        // it, as `client_closed` (`Unanswered`), and must still say them.
         purpose: trail.purpose.clone(),
-        lawful_basis: trail.lawful_basis.clone(),
+        lawful_basis: trail.lawful_basis.take(),
         dataset: trail.dataset.clone(),
-        route: trail.route.clone(),
+        route: trail.route.take(),
         method: crate::audit::record::recorded_method(method),
         path: crate::audit::record::recorded_path(path),
         decision,
-        policy_ids: trail.policy_ids.iter().cloned().collect(),
+        policy_ids: std::mem::take(&mut trail.policy_ids).into_iter().collect(),
         reason,
         status: status.as_u16(),
         subjects: if disclosed {
@@ -1125,7 +1128,7 @@ fn audit_record(
         rows_withheld: trail.rows_withheld,
         withheld_target: trail.withheld_target.map(str::to_owned),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        detail: trail.detail.clone().or_else(|| {
+        detail: trail.detail.take().or_else(|| {
             (!trail.written.is_empty()).then(|| serde_json::json!({ "written": trail.written }))
         }),
     }
@@ -1169,47 +1172,4 @@ pub fn problem_response(err: &GatewayError, request_id: &str) -> Response<Full<B
         _ => {}
     }
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The request's record leaves who asked and why in the trail: should its queueing be
-    /// cancelled (the client hanging up while the audit queue is full), the `client_closed`
-    /// record made from the trail still names the route, the lawful basis, the policies and
-    /// the detail.
-    #[test]
-    fn a_record_made_again_from_the_trail_still_says_who_asked_and_why() {
-        let mut trail = Trail {
-            purpose: Some("canvassing".into()),
-            lawful_basis: Some("public_task".into()),
-            route: Some("voter.electors.list".into()),
-            policy_ids: ["geo.within-grants".to_owned()].into(),
-            detail: Some(serde_json::json!({ "written": ["flags"] })),
-            ..Trail::default()
-        };
-        let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let make = |trail: &mut Trail, error: Option<&GatewayError>| {
-            audit_record(
-                trail,
-                error,
-                "r-1",
-                client,
-                &Method::GET,
-                "/voter/electors",
-                StatusCode::OK,
-                Instant::now(),
-            )
-        };
-        let first = make(&mut trail, None);
-        let again = make(&mut trail, Some(&GatewayError::ClientClosed));
-        for r in [&first, &again] {
-            assert_eq!(r.route.as_deref(), Some("voter.electors.list"));
-            assert_eq!(r.lawful_basis.as_deref(), Some("public_task"));
-            assert_eq!(r.policy_ids, ["geo.within-grants"]);
-            assert!(r.detail.is_some());
-        }
-        assert_eq!(again.reason.as_deref(), Some("client_closed"));
-    }
 }

@@ -105,6 +105,22 @@ struct Pending {
     sync: bool,
 }
 
+/// Room for one record in the audit queue (`AuditLog::reserve`).
+pub struct Room(mpsc::OwnedPermit<Pending>);
+
+impl Room {
+    /// Queues the record, at once: its acknowledgement to wait on, as `AuditLog::submit`'s.
+    pub fn submit(self, record: AuditRecord) -> Ack {
+        let (reply, done) = oneshot::channel();
+        self.0.send(Pending {
+            record,
+            reply,
+            sync: false,
+        });
+        Ack(done)
+    }
+}
+
 /// A record queued with `AuditLog::submit`: `durable` says when (and whether) it is.
 #[must_use = "a submitted record is not known to be durable until its Ack says so"]
 pub struct Ack(oneshot::Receiver<Result<u64, AuditError>>);
@@ -201,6 +217,17 @@ impl AuditLog {
     /// meanwhile (an export filtering its next chunk) overlaps it with the write and sync.
     pub async fn submit(&self, record: AuditRecord) -> Result<Ack, AuditError> {
         self.submit_as(record, false).await
+    }
+
+    /// Waits for room for one record in the writer's queue: the record is then queued
+    /// without another wait (`Room::submit`), so that a caller cancelled while it waits has
+    /// queued nothing, and one that got room cannot be cancelled half-way.
+    pub async fn reserve(&self) -> Result<Room, AuditError> {
+        let tx = lock(&self.inner.tx).clone().ok_or(AuditError::Closed)?;
+        tx.reserve_owned()
+            .await
+            .map(Room)
+            .map_err(|_| AuditError::Closed)
     }
 
     /// `append`, synced to disk whatever `audit.durability` says: for a record of something
