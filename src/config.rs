@@ -59,7 +59,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long a streamed answer (an export) waits for its client to take the next chunk:
     /// past it the answer is cut (`client_stalled`), and its datastore connection let go. Twice
-    /// it, how long any write to a client may wait for it to take a byte (`server::Limits`).
+    /// it (a minute more at least), how long any write to a client may wait for it to take a
+    /// byte (`server::Limits`).
     pub client_stall_timeout: Duration,
     /// How many connections each listener (data plane, admin plane) holds open at once.
     pub max_connections: usize,

@@ -462,10 +462,12 @@ pub async fn run(
         max_connections,
         header_read_timeout: gw.header_read_timeout,
         grace,
-        // Twice an export's own bound (`client_stall_timeout`): on HTTP/1 hyper buffers
-        // chunks while a write waits, so an export's wait for room starts later than the
-        // socket's, and it must be the export that ends first, recorded `client_stalled`.
-        write_stall_timeout: gw.client_stall_timeout.saturating_mul(2),
+        // Twice an export's own bound (`client_stall_timeout`), and a minute more at least:
+        // on HTTP/1 hyper buffers chunks while a write waits, so an export's wait for room
+        // starts later than the socket's, and it must be the export that ends first,
+        // recorded `client_stalled`.
+        write_stall_timeout: (gw.client_stall_timeout.saturating_mul(2))
+            .max(gw.client_stall_timeout + std::time::Duration::from_secs(60)),
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -542,6 +544,7 @@ pub async fn run(
     gw.watch.stop_detection();
     let _ = detector.await;
     gw.audit.shutdown().await;
+    gw.controls.stop();
     if let Some(task) = witness {
         let _ = task.await;
     }

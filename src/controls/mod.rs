@@ -265,6 +265,8 @@ struct Inner {
     quota_conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// When the mirror last heard from Redis; `None` until the first full resynchronisation.
     last_synced: RwLock<Option<Instant>>,
+    /// Set by `stop`: the tasks that follow Redis end at their next step.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// Why a change did not reach every replica.
@@ -322,6 +324,7 @@ impl Controls {
                 quotas,
                 quota_conn: Mutex::new(None),
                 last_synced: RwLock::new(None),
+                stopped: Default::default(),
             }),
         };
         controls.rebuild_flags();
@@ -330,6 +333,17 @@ impl Controls {
             sync::spawn_quota_flush(controls.clone());
         }
         Ok(controls)
+    }
+
+    /// Ends the tasks that follow Redis (at their next step, within a blocking read): at a
+    /// gateway's stop, so that one stopped does not go on speaking for it (its key check
+    /// among them) in a process that lives on.
+    pub fn stop(&self) {
+        (self.inner.stopped).store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn stopped(&self) -> bool {
+        (self.inner.stopped).load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the shared quota counts reached Redis within the staleness bound. Past it

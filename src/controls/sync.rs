@@ -171,7 +171,15 @@ impl Redis {
             .cmd("GET")
             .arg(&mark_key)
             .query_async(c)
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                Some("NOPERM") => anyhow::anyhow!(
+                    "Redis refuses the key check ({e}): the replicas' user needs `ZADD`, \
+                     `ZREMRANGEBYSCORE` and `ZRANGE` on `{keys}`, and `SET` and `GET` on \
+                     `{mark_key}` (README: Shared controls)"
+                ),
+                _ => e.into(),
+            })?;
         if checks.iter().any(|k| *k != mine) {
             anyhow::bail!(
                 "a replica sharing `{stream}` signs with another key than this one's \
@@ -247,6 +255,9 @@ pub fn spawn(controls: Controls) {
             let Some(redis) = controls.inner.redis.as_ref() else {
                 return;
             };
+            if controls.stopped() {
+                return;
+            }
             if conn.is_none() {
                 match redis
                     .client
@@ -283,7 +294,15 @@ pub fn spawn(controls: Controls) {
             match step {
                 Ok(read_at) => controls.mark_synced(read_at),
                 Err(e) => {
-                    tracing::warn!(error = %e, "controls: Redis sync failed; will resynchronise");
+                    // Once a minute: a step is tried again every quarter of a second.
+                    static WARNED: std::sync::atomic::AtomicI64 =
+                        std::sync::atomic::AtomicI64::new(i64::MIN);
+                    if crate::gateway::once_a_minute(&WARNED) {
+                        tracing::warn!(error = %format!("{e:#}"),
+                            "controls: Redis sync failed; will resynchronise (logged at most once a minute)");
+                    } else {
+                        tracing::debug!(error = %format!("{e:#}"), "controls: Redis sync failed again");
+                    }
                     conn = None;
                     next_full = Instant::now();
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -303,6 +322,9 @@ pub fn spawn_quota_flush(controls: Controls) {
             let Some(redis) = controls.inner.redis.as_ref() else {
                 return;
             };
+            if controls.stopped() {
+                return;
+            }
             if conn.is_none() {
                 conn = redis.connection().await.ok();
                 controls.share_quota_conn(conn.clone());
