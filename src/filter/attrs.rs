@@ -140,8 +140,11 @@ pub(super) fn read(
     ))
 }
 
+/// (Cold: met only on a word the catalogue does not know, and kept out of `read`'s inlining.)
 /// The known flags `word` is another spelling of: the same letters and digits, whatever their
 /// case and whatever stands between them (`under_16` for `UNDER_16`, `under-16` or `Under 16`).
+#[cold]
+#[inline(never)]
 fn spelt_as(word: &str, known: &BTreeSet<String>) -> Vec<String> {
     let fold = |w: &str| -> String {
         (w.chars())
