@@ -294,6 +294,8 @@ struct RawServer {
     plaintext: bool,
     #[serde(default)]
     admin_plaintext_off_loopback: bool,
+    #[serde(default)]
+    plaintext_off_loopback: bool,
     tls: Option<RawTls>,
     max_request_bytes: Option<usize>,
     max_response_bytes: Option<usize>,
@@ -524,9 +526,9 @@ impl RawServer {
             self.admin_listen.as_deref().unwrap_or("127.0.0.1:9901"),
             "server.admin_listen",
         )?;
-        // The admin plane speaks plain HTTP: off loopback, the DPO's and security's tokens
-        // (which also work on the data plane, nationally) and subject access reports would
-        // cross the network in the clear.
+        // The admin plane speaks plain HTTP: off loopback, the DPO's token (which also works on
+        // the data plane, nationally), security's and subject access reports would cross the
+        // network in the clear.
         if !admin_listen.ip().is_loopback() && !self.admin_plaintext_off_loopback {
             bail!(
                 "`server.admin_listen` ({admin_listen}) is not a loopback address, and the admin \
@@ -546,6 +548,17 @@ impl RawServer {
             ),
             (true, Some(_)) => {
                 bail!("`server.plaintext = true` and `server.tls` contradict each other")
+            }
+            // Plain HTTP off loopback puts callers' tokens and the records they read on the
+            // network in the clear: a sidecar that terminates TLS reaches the gateway over
+            // loopback, so a wildcard or routable address needs saying so.
+            (true, None) if !listen.ip().is_loopback() && !self.plaintext_off_loopback => {
+                bail!(
+                    "`server.listen` ({listen}) is not a loopback address, and `server.plaintext \
+                     = true` would serve callers' tokens and personal data on it in the clear. \
+                     Give `[server.tls]`, or bind to loopback behind a TLS-terminating sidecar, or, \
+                     for a network you trust, set `server.plaintext_off_loopback = true`"
+                )
             }
             (true, None) => None,
         };

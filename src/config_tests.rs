@@ -766,3 +766,31 @@ fn a_connect_timeout_must_be_shorter_than_the_response_timeout() {
     }
     parse(&with("connect_timeout = \"14s\"")).unwrap();
 }
+
+/// Plain HTTP on the data plane off loopback is said to be meant, as the admin plane's is:
+/// callers' tokens and the records they read would cross the network in the clear.
+#[test]
+fn a_plaintext_data_plane_off_loopback_must_be_meant() {
+    let plain = |listen: &str, extra: &str| {
+        MINIMAL
+            .replace(
+                "listen = \"127.0.0.1:8443\"",
+                &format!("listen = \"{listen}\""),
+            )
+            .replace(
+                "[server.tls]\ncert_file = \"tls/cert.pem\"\nkey_file = \"tls/key.pem\"\n",
+                &format!("plaintext = true\n{extra}"),
+            )
+    };
+    for listen in ["0.0.0.0:8443", "[::]:8443", "10.1.2.3:8443"] {
+        let e = err(&plain(listen, ""));
+        assert!(
+            e.contains("server.listen") && e.contains("plaintext_off_loopback"),
+            "{listen}: {e}"
+        );
+        parse(&plain(listen, "plaintext_off_loopback = true\n")).unwrap();
+    }
+    for listen in ["127.0.0.1:8443", "[::1]:8443"] {
+        parse(&plain(listen, "")).unwrap();
+    }
+}

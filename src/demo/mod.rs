@@ -114,6 +114,12 @@ pub fn materialise(
     write("catalog.toml", CATALOG)?;
     write("areas.toml", AREAS)?;
     token::write_key_pair(&dir.join("keys"), KID, &token::generate_es256()?)?;
+    // The demo's data are synthetic: served off loopback (`--listen 0.0.0.0:8080`), plain HTTP
+    // is said to be meant, as a deployment must say it.
+    let off_loopback = match listen.ip().is_loopback() {
+        true => "",
+        false => "\nplaintext_off_loopback = true",
+    };
     let config = format!(
         r#"# Written by `wardgate demo`: the demo's own configuration. See config/wardgate.toml for
 # an annotated production example.
@@ -121,7 +127,7 @@ pub fn materialise(
 listen = "{listen}"
 admin_listen = "{admin}"
 data_dir = "."
-plaintext = true
+plaintext = true{off_loopback}
 
 [auth]
 issuers = ["{ISSUER}"]
