@@ -125,23 +125,36 @@ impl Geography {
         out
     }
 
-    /// The areas a caller's listing is narrowed to upstream: the caller's scope, unless it
-    /// has more than `max` areas (the list would cost more than it saves) or is the whole
-    /// register (a national role's: it would name every area and exclude nothing the filter
-    /// lets out; on the demo's register that was 1.1 KB of query on every request). An empty
-    /// scope (no known area granted) narrows to `none`, nothing at all, never to everything.
-    /// `None`: not narrowed. Policies decide every record either way.
+    /// The areas a caller's listing is narrowed to upstream: the polling districts and party
+    /// units (branches, CLPs) of the caller's scope, the areas a record is in (a ward, an
+    /// authority or a constituency is named by the districts under it), unless there are more
+    /// than `max` (the list would cost more than it saves) or they are all the register has (a
+    /// national role's: it would exclude nothing the filter lets out; on the demo's register
+    /// that was 1.1 KB of query on every request). An empty scope (no known area granted)
+    /// narrows to `none`, nothing at all, never to everything. `None`: not narrowed. Policies
+    /// decide every record either way. (Naming every kind of area, a regional officer's
+    /// scope passed `max` on the wards and authorities alone, and went unnarrowed: paging
+    /// then counted the records of areas outside it.)
     pub fn narrowing<'a>(
         &self,
         grants: impl IntoIterator<Item = &'a String>,
         max: usize,
     ) -> Option<BTreeSet<String>> {
-        let areas = self.areas_under(grants);
+        let recorded = |id: &String| {
+            self.areas.get(id).is_some_and(|a| {
+                matches!(
+                    a.kind,
+                    AreaKind::PollingDistrict | AreaKind::Branch | AreaKind::Clp
+                )
+            })
+        };
+        let mut areas = self.areas_under(grants);
+        areas.retain(recorded);
         if areas.is_empty() {
             // First: an empty register's whole is empty too, and must not read as everything.
             return Some(BTreeSet::from(["none".to_owned()]));
         }
-        if areas.len() > max || areas.len() == self.areas.len() {
+        if areas.len() > max || areas.len() == self.areas.keys().filter(|id| recorded(id)).count() {
             return None;
         }
         Some(areas)
@@ -271,11 +284,27 @@ mod tests {
 
     #[test]
     fn narrowing_names_the_scope_unless_it_is_everything_or_too_wide() {
-        let g = Geography::parse(SAMPLE).unwrap();
+        // With a district outside the ward, so that the ward's are not the whole register's.
+        let g = Geography::parse(&format!(
+            "{SAMPLE}\n[[area]]\nid = \"E08000035/XYZ1\"\nkind = \"polling_district\"\n\
+             name = \"XYZ1\"\nparents = [\"E14999001\"]\n"
+        ))
+        .unwrap();
         let grant = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let ward = g.narrowing(&grant(&["E05011391"]), 500).unwrap();
-        assert_eq!(ward, g.areas_under(&grant(&["E05011391"])));
+        // The districts a record can be in, not the ward itself or its parents.
+        assert_eq!(ward, g.districts_under(&grant(&["E05011391"])));
         assert!(ward.len() > 1 && ward.len() < g.areas.len());
+        // Counted as districts: the ward and its parents do not push a scope past `max`.
+        assert_eq!(
+            g.narrowing(&grant(&["E08000035"]), ward.len()),
+            Some(ward.clone())
+        );
+        // A party unit's members are named by the unit too.
+        let full = Geography::parse(include_str!("../config/areas.toml")).unwrap();
+        let clp = full.narrowing(&grant(&["CLP-LEEDS-EAST"]), 500).unwrap();
+        assert!(clp.contains("CLP-LEEDS-EAST"), "{clp:?}");
+        assert!(clp.iter().any(|id| id.starts_with("E08000035/")), "{clp:?}");
         // Too wide to be worth sending.
         assert_eq!(g.narrowing(&grant(&["E05011391"]), ward.len() - 1), None);
         // The whole register: every area without a parent granted.
@@ -286,9 +315,9 @@ mod tests {
         assert!(roots.len() > 1);
         assert_eq!(g.areas_under(&roots).len(), g.areas.len());
         assert_eq!(g.narrowing(&roots, 500), None);
-        // All roots but one: still narrowed, and without that one.
-        let most = g.narrowing(&roots[1..], 500).unwrap();
-        assert!(!most.contains(&roots[0]) && most.len() < g.areas.len());
+        // A root short of the whole: narrowed to its districts alone.
+        let one = g.narrowing(&grant(&["E14001320"]), 500).unwrap();
+        assert_eq!(one, BTreeSet::from(["E08000035/CGW1".to_owned()]));
         // Nothing known granted: narrowed to nothing, not to everything.
         let none = g.narrowing(&grant(&["E05000000"]), 500).unwrap();
         assert_eq!(none, BTreeSet::from(["none".to_owned()]));
