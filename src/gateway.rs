@@ -534,14 +534,15 @@ where
             let register = register_now(gw, &principal)?;
             // A postcode the read names is the record's, or nothing of it leaves: the
             // datastore answers a read by id whatever the postcode, and a look-up purpose's
-            // rule is met only by a caller who knew where the person lives.
-            if let Some(wanted) = route.filters.get(routes::READ_FILTER) {
-                let held = filter::single_text(&body, envelope, routes::READ_FILTER);
-                if !held.is_some_and(|p| routes::postcode_matches(&p, wanted)) {
-                    trail.withhold_target("filter_mismatch", Vec::new());
-                    return Err(GatewayError::NotFound);
-                }
-            }
+            // rule is met only by a caller who knew where the person lives. (Judged below,
+            // after the policies.)
+            let mismatch = route
+                .filters
+                .get(routes::READ_FILTER)
+                .is_some_and(|wanted| {
+                    let held = filter::single_text(&body, envelope, routes::READ_FILTER);
+                    !held.is_some_and(|p| routes::postcode_matches(&p, wanted))
+                });
             let filtered_on = route.filtered_categories(dataset);
             let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
             let mut refused = None;
@@ -573,6 +574,20 @@ where
                         subject id? logged at most once a minute)");
                 }
                 trail.withhold_target("answered_under_another_id", Vec::new());
+                return Err(GatewayError::NotFound);
+            }
+            // After the policies: a record they withhold (an anonymous elector's, one out of
+            // the caller's area) read with a wrong postcode is logged as what it is, for breach
+            // detection to count (`protected_subject`, `out_of_area`); one they would let out is
+            // not disclosed, and is logged as the postcode's mismatch.
+            if mismatch {
+                match &refused {
+                    Some(attrs) => {
+                        trail.withheld_target = Some(withheld_why(gw, &principal, attrs));
+                        trail.absorb(d);
+                    }
+                    None => trail.withhold_target("filter_mismatch", Vec::new()),
+                }
                 return Err(GatewayError::NotFound);
             }
             if out.is_none() && d.rows_withheld > 0 {

@@ -1936,6 +1936,28 @@ async fn a_look_up_purpose_reads_by_id_only_at_the_postcode_named() {
             assert_eq!(r.json()["record"]["elector_id"], id.as_str());
         }
     }
+    // An anonymous elector's id read with a postcode (theirs is blank) is logged as an attempt
+    // on a protected entry, for breach detection to count, not only as a postcode mismatch.
+    let truth = upstream_all(app.upstream).await;
+    let anonymous = (truth.iter())
+        .find(|r| {
+            r["markers"]
+                .as_array()
+                .is_some_and(|m| m.contains(&json!("N")))
+        })
+        .and_then(|r| r["elector_id"].as_str())
+        .expect("an anonymous elector");
+    let path = format!(
+        "/voter/electors/{anonymous}?postcode={}",
+        postcode.replace(' ', "+")
+    );
+    let r = app
+        .get(&path, Some(&officer), Some("donation_checks"))
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let record = app.audit_for(&r);
+    assert_eq!(record["withheld_target"], "protected", "{record}");
+    assert_eq!(record["subjects"], json!([]), "{record}");
     app.stop().await;
 }
 
