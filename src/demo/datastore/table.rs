@@ -53,16 +53,25 @@ fn text<'a>(record: &'a Value, key: &str) -> &'a str {
     record.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
-/// Whether a record is an entry the gateway never discloses: an anonymous elector (marker
-/// `N`) or an under-16 (flag `under_16`, or an attainer date more than two years away, as the
-/// gateway reads it: `filter::under_16_on`).
+/// Whether a record is an entry the gateway never discloses, read as the gateway reads it: an
+/// anonymous elector (marker `N`, or any marker not of a marker's form, `n` say), or an
+/// under-16 (flag `under_16` however spelt, `UNDER_16` or `under-16`, or an attainer date more
+/// than two years away: `filter::under_16_on`).
 pub(super) fn protected(record: &Value) -> bool {
-    let has = |list: &str, v: &str| {
+    let any = |list: &str, test: &dyn Fn(&str) -> bool| {
         record
             .get(list)
             .and_then(Value::as_array)
-            .is_some_and(|l| l.iter().any(|x| x == v))
+            .is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(test)))
     };
+    let fold = |w: &str| -> String {
+        (w.chars())
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let anonymous = any("markers", &|m| m == "N" || !crate::policy::is_marker(m));
+    let under_16 = any("flags", &|f| fold(f) == "under16");
     // A date that cannot be read is left out too: the gateway withholds it.
     let young = match record.get("attainer_date") {
         None | Some(Value::Null) => false,
@@ -71,7 +80,7 @@ pub(super) fn protected(record: &Value) -> bool {
         }
         Some(_) => true,
     };
-    has("markers", "N") || has("flags", "under_16") || young
+    anonymous || under_16 || young
 }
 
 fn normalise_postcode(s: &str) -> String {

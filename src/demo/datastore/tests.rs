@@ -537,3 +537,36 @@ fn an_attainer_date_under_16_or_unreadable_is_protected() {
     assert!(protected(&with(json!("soon"))));
     assert!(protected(&with(json!(20301124))));
 }
+
+/// `exclude=protected` leaves out what the gateway never discloses, read as the gateway reads
+/// it: a marker not of a marker's form is an anonymous elector's, and `under_16` however spelt
+/// is an under-16's. Else such an entry, withheld by the gateway, would still count in a page.
+#[test]
+fn protected_entries_are_read_as_the_gateway_reads_them() {
+    use super::table::protected;
+    let with = |markers: Value, flags: Value| json!({ "markers": markers, "flags": flags, "attainer_date": null });
+    for (markers, flags) in [
+        (json!(["N"]), json!([])),
+        (json!(["n"]), json!([])),
+        (json!(["NNN"]), json!([])),
+        (json!([]), json!(["under_16"])),
+        (json!([]), json!(["UNDER_16"])),
+        (json!([]), json!(["under-16"])),
+        (json!(["F"]), json!(["Under 16"])),
+    ] {
+        assert!(
+            protected(&with(markers.clone(), flags.clone())),
+            "{markers} {flags}"
+        );
+    }
+    for (markers, flags) in [
+        (json!([]), json!([])),
+        (json!(["F", "G"]), json!(["deceased"])),
+        (json!(["E"]), json!(["under_18"])),
+    ] {
+        assert!(
+            !protected(&with(markers.clone(), flags.clone())),
+            "{markers} {flags}"
+        );
+    }
+}
