@@ -238,7 +238,23 @@ impl Catalog {
                     );
                 }
             }
+            // What the gateway reads a record's scope and protection from: a write that changed
+            // one could move a record out of the caller's area (or into another's), re-key it,
+            // or lift its anonymity, and the gateway checks the target before the write only.
+            let area_fields = area_template_fields(&d.area).unwrap_or_default();
+            let guarded: Vec<&str> = (area_fields.iter())
+                .map(String::as_str)
+                .chain([d.subject_field.as_str()])
+                .chain(d.markers_field.as_deref())
+                .chain(d.attainer_field.as_deref())
+                .collect();
             for (w, route) in &d.writes {
+                if let Some(field) = route.fields.keys().find(|f| guarded.contains(&f.as_str())) {
+                    bail!(
+                        "dataset `{name}` write `{w}`: field `{field}` is one the gateway reads \
+                         a record's area, id or protection from; no write may change it"
+                    );
+                }
                 for (field, cat) in &route.fields {
                     if !self.categories.contains_key(cat) {
                         bail!(
@@ -341,6 +357,34 @@ mod tests {
         let c = Catalog::parse(text).unwrap();
         assert!(c.purposes.contains_key("canvassing"));
         assert!(c.datasets.contains_key("voter"));
+    }
+
+    /// No write may change what the gateway reads a record's area, id or protection from: it
+    /// checks the target before the write only.
+    #[test]
+    fn a_write_may_not_move_re_key_or_unprotect_a_record() {
+        let shipped = include_str!("../config/catalog.toml");
+        let line = "fields = { voting_intention = \"political_opinion\",";
+        assert!(shipped.contains(line));
+        for (field, cat) in [
+            ("polling_district", "area"),
+            ("elector_id", "identifier"),
+            ("markers", "register_marker"),
+            ("attainer_date", "register_marker"),
+        ] {
+            let with = shipped.replacen(
+                line,
+                &format!(
+                    "fields = {{ {field} = \"{cat}\", voting_intention = \"political_opinion\","
+                ),
+                1,
+            );
+            let err = format!("{:#}", Catalog::parse(&with).unwrap_err());
+            assert!(
+                err.contains(&format!("`{field}`")) && err.contains("no write may change it"),
+                "{field}: {err}"
+            );
+        }
     }
 
     #[test]
