@@ -246,6 +246,7 @@ impl Catalog {
                 .map(String::as_str)
                 .chain([d.subject_field.as_str()])
                 .chain(d.markers_field.as_deref())
+                .chain(d.flags_field.as_deref())
                 .chain(d.attainer_field.as_deref())
                 .collect();
             for (w, route) in &d.writes {
@@ -370,6 +371,7 @@ mod tests {
             ("polling_district", "area"),
             ("elector_id", "identifier"),
             ("markers", "register_marker"),
+            ("flags", "processing_flags"),
             ("attainer_date", "register_marker"),
         ] {
             let with = shipped.replacen(

@@ -128,8 +128,8 @@ impl Geography {
     /// The areas a caller's listing is narrowed to upstream: the polling districts and party
     /// units (branches, CLPs) of the caller's scope, the areas a record is in (a ward, an
     /// authority or a constituency is named by the districts under it), unless there are more
-    /// than `max` (the list would cost more than it saves) or they are all the register has (a
-    /// national role's: it would exclude nothing the filter lets out; on the demo's register
+    /// than `max` (the list would cost more than it saves) or the grants cover the whole register
+    /// (a national role's: it would exclude nothing the filter lets out; on the demo's register
     /// that was 1.1 KB of query on every request). An empty scope (no known area granted)
     /// narrows to `none`, nothing at all, never to everything. `None`: not narrowed. Policies
     /// decide every record either way. (Naming every kind of area, a regional officer's
@@ -149,12 +149,15 @@ impl Geography {
             })
         };
         let mut areas = self.areas_under(grants);
+        // The whole register (every area, national roles'), not merely every district and
+        // unit: a record whose area the register lacks is then still left out upstream.
+        let everything = areas.len() == self.areas.len();
         areas.retain(recorded);
         if areas.is_empty() {
             // First: an empty register's whole is empty too, and must not read as everything.
             return Some(BTreeSet::from(["none".to_owned()]));
         }
-        if areas.len() > max || areas.len() == self.areas.keys().filter(|id| recorded(id)).count() {
+        if areas.len() > max || everything {
             return None;
         }
         Some(areas)
