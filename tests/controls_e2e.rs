@@ -56,6 +56,18 @@ async fn until_ready(what: &str, app: &TestApp) {
     .await;
 }
 
+/// Waits until the councillor's canvassing read of `path` on `app` is 404: a restriction
+/// placed elsewhere has reached it.
+async fn until_withheld(what: &str, app: &TestApp, path: &str) {
+    until(what, || async {
+        app.get(path, Some(&app.token("councillor")), Some("canvassing"))
+            .await
+            .status
+            == 404
+    })
+    .await;
+}
+
 /// The DPO places a `restricted` flag on `id` under `reference`.
 async fn restrict(app: &TestApp, id: &str, reference: &str) -> common::Resp {
     let body = format!(r#"{{"kind":"restricted","reference":"{reference}","reason":"Art 18"}}"#);
@@ -279,13 +291,7 @@ async fn a_restriction_survives_flushall_and_a_replica_restart() {
     );
     // A brand-new replica (empty data dir) learns it from the stream a republished.
     let c = replica(upstream, &redis, Some(&a)).await;
-    until("c learns the restriction", || async {
-        c.get(&path, Some(&c.token("councillor")), Some("canvassing"))
-            .await
-            .status
-            == 404
-    })
-    .await;
+    until_withheld("c learns the restriction", &c, &path).await;
     a.stop().await;
     c.stop().await;
 }
@@ -364,13 +370,7 @@ async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
     redis.flushall();
     let c = spawn_app_with(slow_resync(Some(&a))).await;
     let path = format!("/voter/electors/{id}");
-    until("c learns the restriction", || async {
-        c.get(&path, Some(&c.token("councillor")), Some("canvassing"))
-            .await
-            .status
-            == 404
-    })
-    .await;
+    until_withheld("c learns the restriction", &c, &path).await;
     a.stop().await;
     c.stop().await;
 }
@@ -1356,13 +1356,7 @@ async fn a_stream_entry_written_without_the_key_is_refused() {
     );
     // A replica starting now reads the whole stream: the placement, not the forgeries.
     let b = replica(upstream, &redis, Some(&a)).await;
-    until("b learns the restriction", || async {
-        b.get(&path, Some(&councillor(&b)), Some("canvassing"))
-            .await
-            .status
-            == 404
-    })
-    .await;
+    until_withheld("b learns the restriction", &b, &path).await;
     a.stop().await;
     b.stop().await;
 }

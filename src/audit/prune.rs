@@ -297,22 +297,25 @@ mod tests {
         }
     }
 
-    /// Nothing is pruned or shredded unless its record is written first: with the log closed
-    /// (as when its disk fails), the old segments and the old day's address key all stay.
-    #[tokio::test]
-    async fn a_prune_or_shredding_whose_record_cannot_be_written_removes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(settings(dir.path(), 2048)).unwrap();
+    /// A log in `dir` of thirty records from 2018 over several segments, every segment but
+    /// the one being written sealed: all but that one old enough to prune.
+    async fn an_old_log(
+        dir: &Path,
+        durability: Durability,
+    ) -> (AuditLog, Vec<(u64, std::path::PathBuf)>) {
+        let mut s = settings(dir, 2048);
+        s.durability = durability;
+        let log = AuditLog::open(s).unwrap();
         for i in 0..30u64 {
             let mut r = sample(i + 1);
             r.ts = format!("2018-03-01T10:00:{:02}.000Z", i);
             log.append(r).await.unwrap();
         }
-        let segments = list_segments(dir.path()).unwrap();
+        let segments = list_segments(dir).unwrap();
         assert!(segments.len() > 2, "{segments:?}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         for (n, _) in &segments[..segments.len() - 1] {
-            while crate::audit::index::read_seal(dir.path(), *n).is_none() {
+            while crate::audit::index::read_seal(dir, *n).is_none() {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "segment {n} not sealed"
@@ -320,6 +323,15 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         }
+        (log, segments)
+    }
+
+    /// Nothing is pruned or shredded unless its record is written first: with the log closed
+    /// (as when its disk fails), the old segments and the old day's address key all stay.
+    #[tokio::test]
+    async fn a_prune_or_shredding_whose_record_cannot_be_written_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, segments) = an_old_log(dir.path(), Durability::Fsync).await;
         let keys = dir.path().join("addr-keys");
         std::fs::create_dir_all(&keys).unwrap();
         std::fs::write(keys.join("2018-03-01.key"), [7u8; 32]).unwrap();
@@ -372,26 +384,8 @@ mod tests {
     #[tokio::test]
     async fn a_prune_and_a_shredding_are_synced_before_anything_goes_in_page_cache_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = settings(dir.path(), 2048);
-        s.durability = Durability::PageCache;
-        let log = AuditLog::open(s).unwrap();
-        for i in 0..30u64 {
-            let mut r = sample(i + 1);
-            r.ts = format!("2018-03-01T10:00:{:02}.000Z", i);
-            log.append(r).await.unwrap();
-        }
+        let (log, _) = an_old_log(dir.path(), Durability::PageCache).await;
         assert_eq!(log.synced_through(), 0, "page cache: nothing synced yet");
-        let segments = list_segments(dir.path()).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        for (n, _) in &segments[..segments.len() - 1] {
-            while crate::audit::index::read_seal(dir.path(), *n).is_none() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "segment {n} not sealed"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        }
         let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
         let pruned = prune_and_record(&log, dir.path(), seven_years)
             .await
