@@ -367,6 +367,17 @@ mod tests {
         }
     }
 
+    /// A record in Cross Gates & Whinmoor with no marker, flag, consent or TPS check.
+    fn plain_record_in_the_ward() -> RecordAttrs {
+        RecordAttrs {
+            area: "E05011391".into(),
+            markers: BTreeSet::new(),
+            flags: BTreeSet::new(),
+            consented: BTreeSet::new(),
+            tps_fresh: false,
+        }
+    }
+
     #[test]
     fn memos_come_back_warm_per_caller_and_dataset_and_stay_bounded() {
         use crate::filter::{Envelope, FilterContext, RegisterFlags, filter_page};
@@ -475,13 +486,7 @@ mod tests {
         let basis = &catalog.purposes["canvassing"].lawful_basis;
         let categories: BTreeSet<String> =
             catalog.datasets["voter"].fields.values().cloned().collect();
-        let attrs = RecordAttrs {
-            area: "E05011391".into(),
-            markers: BTreeSet::new(),
-            flags: BTreeSet::new(),
-            consented: BTreeSet::new(),
-            tps_fresh: false,
-        };
+        let attrs = plain_record_in_the_ward();
         let mut outside = principal("councillor", &["canvassing"]);
         outside.areas = vec!["E05011392".into()];
         let inside = principal("councillor", &["canvassing"]);
@@ -513,13 +518,7 @@ mod tests {
         let ask = || engine.ask(Arc::new(p.clone()), "canvassing", basis);
         let categories: BTreeSet<String> =
             catalog.datasets["voter"].fields.values().cloned().collect();
-        let attrs = RecordAttrs {
-            area: "E05011391".into(),
-            markers: BTreeSet::new(),
-            flags: BTreeSet::new(),
-            consented: BTreeSet::new(),
-            tps_fresh: false,
-        };
+        let attrs = plain_record_in_the_ward();
         let asker = asker_key(&Arc::new(p.clone()), "canvassing", basis);
         let decide = |ask: &Ask| {
             let request = cache.request(
