@@ -7,6 +7,10 @@
 //! cookies and hop-by-hop headers therefore never reach a datastore. Connect and response
 //! timeouts map to 502/504, and a body over the configured size is refused (502) rather than
 //! buffered without bound. This module forwards bytes; it does not look inside them.
+//!
+//! What it logs of a failed exchange names the datastore and the request id, never the path
+//! or query: those hold subject ids and the caller's filters (postcodes), which the server
+//! log, unsealed and kept without a retention rule, must not carry.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -224,7 +228,7 @@ impl Upstream {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         req.body(Full::new(body.unwrap_or_default())).map_err(|e| {
-            GatewayError::Internal(format!("cannot build upstream request `{uri}`: {e}"))
+            GatewayError::Internal(format!("cannot build a request to `{}`: {e}", self.base))
         })
     }
 
@@ -250,7 +254,7 @@ impl Upstream {
         let resp = tokio::select! {
             biased;
             resp = self.client().request(req) => resp.map_err(|e| {
-                tracing::warn!(error = causes(&e), uri, "upstream request failed");
+                tracing::warn!(error = causes(&e), datastore = %self.base, request_id, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?,
             () = &mut deadline => return Err(GatewayError::UpstreamTimeout),
@@ -290,7 +294,7 @@ impl Upstream {
                         Err(GatewayError::UpstreamTooLarge)
                     }
                     Err(e) => {
-                        tracing::warn!(error = causes(&*e), uri, "upstream body failed");
+                        tracing::warn!(error = causes(&*e), datastore = %self.base, request_id, "upstream body failed");
                         Err(GatewayError::UpstreamUnavailable)
                     }
                 },
@@ -314,13 +318,14 @@ impl Upstream {
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?
             .map_err(|e| {
-                tracing::warn!(error = causes(&e), uri, "upstream request failed");
+                tracing::warn!(error = causes(&e), datastore = %self.base, request_id, "upstream request failed");
                 GatewayError::UpstreamUnavailable
             })?;
         if resp.status() != StatusCode::OK {
             tracing::warn!(
                 status = resp.status().as_u16(),
-                uri,
+                datastore = %self.base,
+                request_id,
                 "upstream export refused"
             );
             return Err(GatewayError::UpstreamStatus(resp.status().as_u16()));
@@ -412,6 +417,61 @@ mod tests {
         }
         // The connections go back to the pool as their tasks see the responses end.
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// What the log was given, for the test that reads it.
+    #[derive(Clone)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_exchange_is_logged_without_its_path_or_query() {
+        // A datastore that is not there: the port was free a moment ago.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let logs = Captured(Arc::new(Mutex::new(Vec::new())));
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _log = tracing::subscriber::set_default(subscriber);
+        let upstreams = upstream(&base, 1);
+        let up = upstreams.get("voter").unwrap();
+        let read = up
+            .send(
+                Method::GET,
+                "/electors/VF-000123?postcode=LS15%208AB",
+                None,
+                "req-one",
+            )
+            .await;
+        assert!(matches!(read, Err(GatewayError::UpstreamUnavailable)));
+        let export = up
+            .open_stream("/electors/export?postcode=LS15%208AB", "req-two")
+            .await;
+        assert!(matches!(export, Err(GatewayError::UpstreamUnavailable)));
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        // Both failures were logged, each under its request id and the datastore's address...
+        assert!(
+            text.contains("req-one") && text.contains("req-two"),
+            "{text}"
+        );
+        assert_eq!(text.matches(&base).count(), 2, "{text}");
+        // ...and neither the subject nor the postcode reached the log.
+        for secret in ["VF-000123", "LS15", "postcode"] {
+            assert!(!text.contains(secret), "`{secret}` logged: {text}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
