@@ -229,6 +229,7 @@ where
                 &request_id,
             )),
             (Err(e), _) => {
+                log_unexplained(&e, &request_id);
                 let mut resp = boxed(problem_response(&e, &request_id));
                 // For the admin plane's own fetches (`rights::current_data`): a 404 for a
                 // record held but withheld is not one for a record not held. An extension
@@ -985,9 +986,22 @@ pub(crate) fn expect_json(
     body
 }
 
+/// A body the filter could not read, as the caller's error (logged by `log_unexplained`).
 pub(crate) fn malformed(e: filter::FilterError) -> GatewayError {
-    tracing::warn!(error = %e, "upstream body could not be filtered; disclosing nothing");
     GatewayError::UpstreamMalformed(e.to_string())
+}
+
+/// Logs, under the request id, the failures whose cause the caller is not told: a 500, and an
+/// upstream answer that could not be read. Their messages name positions, keys and the
+/// gateway's own state, never a value of a record, so the log may carry them.
+fn log_unexplained(e: &GatewayError, request_id: &str) {
+    match e {
+        GatewayError::Internal(_) => tracing::error!(error = %e, request_id, "request failed"),
+        GatewayError::UpstreamMalformed(_) => {
+            tracing::warn!(error = %e, request_id, "upstream answer unreadable; disclosing nothing");
+        }
+        _ => {}
+    }
 }
 
 fn declared_purpose(headers: &HeaderMap) -> Result<String, GatewayError> {

@@ -943,10 +943,24 @@ async fn upstream_failures_map_to_502_and_504_and_disclose_nothing() {
         false,
     )
     .await;
+    let (guard, logs) = common::capture_logs();
     let (app, r) = through(up, None).await;
+    drop(guard);
     assert_eq!(r.status, 502);
     assert!(!String::from_utf8_lossy(&r.body).contains("leak@"));
     assert_eq!(app.audit_for(&r)["reason"], "upstream_response_malformed");
+    // The caller is told nothing of why; the server log is, under the request id, with no
+    // byte of the body.
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let line = (logs.lines())
+        .find(|l| l.contains(id) && l.contains("upstream answer unreadable"))
+        .unwrap_or_else(|| panic!("no log line for {id}: {logs}"));
+    assert!(
+        line.contains("WARN") && line.contains("malformed"),
+        "{line}"
+    );
+    assert!(!logs.contains("leak@"), "{logs}");
     app.stop().await;
 
     // Not JSON at all.

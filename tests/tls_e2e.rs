@@ -150,32 +150,6 @@ impl Front {
     }
 }
 
-/// Everything logged on this thread while the guard lives (a current-thread test runtime
-/// runs the gateway's tasks here too).
-fn capture_logs() -> (
-    tracing::subscriber::DefaultGuard,
-    Arc<std::sync::Mutex<Vec<u8>>>,
-) {
-    #[derive(Clone)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writer = Captured(logs.clone());
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (tracing::subscriber::set_default(subscriber), logs)
-}
-
 /// The answer of a request the datastore's TLS refused: 502, the datastore unreachable, and
 /// nothing of a record in it.
 fn refused_by_tls(resp: &common::Resp) {
@@ -280,7 +254,7 @@ async fn a_datastore_certificate_not_from_the_configured_ca_or_for_another_host_
     let rogue = common::Ca::new("Rogue CA");
     let front = tls_datastore(backend, rogue.issue(&["localhost"]), None).await;
     let app = app_over_tls(backend, front.addr, &ca, None).await;
-    let (guard, logs) = capture_logs();
+    let (guard, logs) = common::capture_logs();
     // It gets as far as the datastore's door, and no further; the log says why.
     front.refused(&canvass_page(&app).await, 0);
     drop(guard);
