@@ -122,6 +122,10 @@ pub enum GatewayError {
     NotInForce(String),
     #[error("request body too large")]
     PayloadTooLarge,
+    /// An export asked over HTTP/1.0, whose body ends by closing the connection: an export
+    /// cut short there would look whole to the client.
+    #[error("an export needs HTTP/1.1 or later")]
+    ExportNeedsHttp11,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
     #[error("upstream timed out")]
@@ -201,6 +205,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::ExportNeedsHttp11 => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
             | GatewayError::UpstreamMalformed(_)
@@ -239,6 +244,7 @@ impl GatewayError {
             GatewayError::NotFound => "not_found",
             GatewayError::NotInForce(_) => "not_in_force",
             GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::ExportNeedsHttp11 => "http_version_not_supported",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamTooLarge => "upstream_response_too_large",
@@ -271,6 +277,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
+            GatewayError::ExportNeedsHttp11 => "HTTP version not supported",
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
             | GatewayError::UpstreamMalformed(_)
@@ -320,6 +327,12 @@ impl GatewayError {
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
+            }
+            GatewayError::ExportNeedsHttp11 => {
+                "an export is cut short by ending its body without its last chunk, which \
+                 HTTP/1.0 cannot tell from its end: ask over HTTP/1.1 or HTTP/2 (behind a \
+                 proxy, nginx's `proxy_http_version 1.1`)"
+                    .to_owned()
             }
             GatewayError::UpstreamUnavailable => "the datastore could not be reached".to_owned(),
             GatewayError::UpstreamTimeout => "the datastore did not answer in time".to_owned(),
@@ -421,6 +434,7 @@ mod tests {
             GatewayError::FilterForbidden("f".into()),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
+            GatewayError::ExportNeedsHttp11,
             GatewayError::UpstreamUnavailable,
             GatewayError::UpstreamTimeout,
             GatewayError::UpstreamTooLarge,
@@ -453,6 +467,7 @@ mod tests {
                 | GatewayError::NotFound
                 | GatewayError::NotInForce(_)
                 | GatewayError::PayloadTooLarge
+                | GatewayError::ExportNeedsHttp11
                 | GatewayError::UpstreamUnavailable
                 | GatewayError::UpstreamTimeout
                 | GatewayError::UpstreamTooLarge

@@ -351,6 +351,11 @@ where
     })?;
     trail.dataset = Some(route.dataset.clone());
     trail.route = Some(route.id());
+    // An export's only sign of being cut short is its framing (no last chunk, a reset
+    // stream); an HTTP/1.0 body ends by the connection closing, which looks the same whole.
+    if route.kind == RouteKind::Export && req.version() < http::Version::HTTP_11 {
+        return Err(GatewayError::ExportNeedsHttp11);
+    }
     // What was asked, in the record whatever the outcome (a record's `path` has no query):
     // aggregates that could be set against each other, and what a listing or an export was
     // narrowed by, show in the log.

@@ -188,6 +188,53 @@ async fn exports_are_for_national_roles_and_take_no_paging() {
     assert!(body.iter().all(|r| r["ward"] == "E05011391"));
 }
 
+/// HTTP/1.0 ends a body by closing the connection, so an export cut short (a revocation, a
+/// bad line, the audit log failing) would reach an HTTP/1.0 client, or a proxy speaking
+/// HTTP/1.0 to the gateway (nginx's default), as a whole one: it is refused before the
+/// datastore is asked, and the refusal says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_over_http_1_0_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(AppOptions::default()).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let ask = format!(
+        "GET /voter/electors/export?ward=E05011391 HTTP/1.0\r\nHost: wardgate\r\n\
+         Authorization: Bearer {}\r\nX-Purpose: profiling\r\n\r\n",
+        app.token("analyst")
+    );
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert_eq!(head.split(' ').nth(1), Some("505"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/problem+json"),
+        "{head}"
+    );
+    let problem: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        problem["type"],
+        "urn:wardgate:problem:http-version-not-supported"
+    );
+    assert!(
+        problem["detail"].as_str().unwrap().contains("HTTP/1.1"),
+        "{problem}"
+    );
+    assert!(!body.contains("elector_id"), "{body}");
+    let records: Vec<Value> = (app.audit_records().into_iter())
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "http_version_not_supported");
+    assert_eq!(records[0]["subjects"], serde_json::json!([]));
+    // The same export over HTTP/1.1 streams.
+    let (status, body) = export(&app, &app.token("analyst"), "?ward=E05011391").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.unwrap().is_empty());
+}
+
 /// A datastore whose export turns into garbage after `good` records.
 async fn bad_datastore(good: String) -> std::net::SocketAddr {
     fixed_datastore(format!("{good}this is not a record\n{good}")).await
