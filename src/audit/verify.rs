@@ -243,6 +243,27 @@ pub fn verify_against(
     heads: &Heads,
     retention: Option<Duration>,
 ) -> Result<VerifyReport, VerifyError> {
+    // A running gateway may prune while this reads: segments listed then gone, or a chain
+    // that now starts past the anchor read. Either fails this pass; when the anchor moved
+    // meanwhile, the failure was the prune's, and the log is read again from its new start.
+    let mut passes = 0;
+    loop {
+        let before = super::prune::read_anchor(dir).ok();
+        let verdict = verify_once(dir, heads, retention);
+        passes += 1;
+        match verdict {
+            Err(_) if passes < 3 && super::prune::read_anchor(dir).ok() != before => continue,
+            verdict => return verdict,
+        }
+    }
+}
+
+/// One reading of the whole log, for [`verify_against`].
+fn verify_once(
+    dir: &Path,
+    heads: &Heads,
+    retention: Option<Duration>,
+) -> Result<VerifyReport, VerifyError> {
     let io_err = |path: &Path| {
         let path = path.display().to_string();
         move |source| VerifyError::Io { path, source }
@@ -264,6 +285,7 @@ pub fn verify_against(
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let (seq_before, hash_before) = (last_seq, last_hash.clone());
+        let mut last_ts = String::new();
         let newest = index + 1 == segments.len();
         let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
         // Where the whole lines read so far end, and how often the newest segment has been
@@ -361,23 +383,30 @@ pub fn verify_against(
                 }
                 witnessed += seen.len() as u64;
             }
-            (records, last_seq, last_hash) = (records + 1, head.seq, head.hash);
+            (records, last_seq, last_hash, last_ts) = (records + 1, head.seq, head.hash, head.ts);
         }
         // A sealed segment must still span exactly what its seal recorded.
         if let Some(seal) = super::index::read_seal(dir, *number) {
+            // The time and count too: retention deletes a sealed segment by its seal's time,
+            // so a seal made to say "old" would have the gateway itself prune records still
+            // within the retention period, and write an anchor that vouches for it.
+            let in_segment = last_seq.saturating_sub(seq_before);
             let found = format!(
-                "seq {}..={} from {} to {}",
+                "seq {}..={} from {} to {}, {in_segment} records, the last at {}",
                 seq_before + 1,
                 last_seq,
                 short(&hash_before),
-                short(&last_hash)
+                short(&last_hash),
+                or_none(&last_ts),
             );
             let sealed = format!(
-                "seq {}..={} from {} to {}",
+                "seq {}..={} from {} to {}, {} records, the last at {}",
                 seal.first_seq,
                 seal.last_seq,
                 short(&seal.first_prev),
-                short(&seal.last_hash)
+                short(&seal.last_hash),
+                seal.records,
+                or_none(&seal.last_ts),
             );
             // Compared whole; shown short.
             let same = (
@@ -385,11 +414,15 @@ pub fn verify_against(
                 last_seq,
                 hash_before.as_str(),
                 last_hash.as_str(),
+                in_segment,
+                last_ts.as_str(),
             ) == (
                 seal.first_seq,
                 seal.last_seq,
                 seal.first_prev.as_str(),
                 seal.last_hash.as_str(),
+                seal.records,
+                seal.last_ts.as_str(),
             );
             if !same {
                 return Err(VerifyError::SealMismatch {
@@ -424,6 +457,11 @@ pub fn verify_against(
         last_hash,
         torn_tail,
     })
+}
+
+/// A time as shown in a mismatch: `none` for a record without one.
+fn or_none(ts: &str) -> &str {
+    if ts.is_empty() { "none" } else { ts }
 }
 
 #[cfg(test)]
@@ -684,6 +722,32 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
         let err = verify_dir(dir.path()).unwrap_err();
         assert!(matches!(err, VerifyError::SealMismatch { .. }), "{err}");
+    }
+
+    /// Retention deletes a sealed segment by its seal's time: a seal made to say its records
+    /// are old (or fewer) is a mismatch, not a licence for the gateway to prune them.
+    #[test]
+    fn a_seal_with_another_time_or_count_fails_verification() {
+        for (field, forged) in [
+            ("last_ts", serde_json::json!("2000-01-01T00:00:00.000000Z")),
+            ("records", serde_json::json!(2)),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write_chain(dir.path(), &[3, 1]);
+            crate::audit::index::seal(dir.path(), 1).unwrap();
+            verify_dir(dir.path()).unwrap();
+            let path = crate::audit::index::seal_path(dir.path(), 1);
+            let mut seal: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_ne!(seal[field], forged);
+            seal[field] = forged;
+            std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+            let err = verify_dir(dir.path()).unwrap_err();
+            assert!(
+                matches!(err, VerifyError::SealMismatch { .. }),
+                "{field}: {err}"
+            );
+        }
     }
 
     /// Subject access trusts a sealed segment's index: one with a subject's entry taken out
