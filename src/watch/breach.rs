@@ -162,20 +162,22 @@ impl BreachLog {
             let f = File::open(path)
                 .with_context(|| format!("cannot read the breach log `{}`", path.display()))?;
             let mut reader = BufReader::new(f);
-            let mut line = String::new();
+            // Bytes, not text: a line torn inside a character (a note or unit with an accent)
+            // is still a torn line, cut off, not a log that stops the start.
+            let mut line = Vec::new();
             let mut n = 0;
             loop {
                 line.clear();
-                let read = reader.read_line(&mut line)?;
+                let read = reader.read_until(b'\n', &mut line)?;
                 if read == 0 {
                     break;
                 }
                 n += 1;
-                if !line.ends_with('\n') {
+                if !line.ends_with(b"\n") {
                     tracing::warn!(line = n, "breach log ends with a torn line; cutting it off");
                     break;
                 }
-                let entry: Entry = serde_json::from_str(&line).with_context(|| {
+                let entry: Entry = serde_json::from_slice(&line).with_context(|| {
                     format!("breach log `{}` line {n} is not an entry", path.display())
                 })?;
                 apply(&mut alerts, entry);
@@ -510,6 +512,17 @@ mod tests {
         assert_eq!(a1.history[0].class, Class::NearMiss);
         log.add(alert("A3")).unwrap();
         assert_eq!(BreachLog::open(&path).unwrap().alerts().0.len(), 3);
+
+        // Torn inside a character (a note's accent: `é` is two bytes, and the crash came
+        // after the first): still a torn line, cut off, and the log opens.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"entry\":\"alert\",\"note\":\"caf\xC3")
+            .unwrap();
+        drop(f);
+        let log = BreachLog::open(&path).unwrap();
+        assert_eq!(log.alerts().0.len(), 3);
+        log.add(alert("A4")).unwrap();
+        assert_eq!(BreachLog::open(&path).unwrap().alerts().0.len(), 4);
     }
 
     /// A containment that did not take never hides one that did: two operators, or an
