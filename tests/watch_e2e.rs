@@ -1155,6 +1155,57 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
     assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
 }
 
+/// A replica whose breach log cannot take an alert keeps no "already alerted" mark in the
+/// shared store: the alert waits in its memory only (a restart loses it), and the mark would
+/// silence every other replica's detector, the leader's cross-replica one among them, for the
+/// whole cooldown.
+#[tokio::test]
+async fn an_alert_the_breach_log_cannot_take_leaves_no_mark_in_the_shared_store() {
+    let scratch = tempfile::tempdir().unwrap();
+    let watch = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+        return;
+    };
+    let redis = common::RedisServer::start();
+    let at = watch.join("breach-log.jsonl");
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        redis: Some(redis.url()),
+        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
+        ..AppOptions::default()
+    })
+    .await;
+    let marks = || {
+        let mut conn = redis.connection();
+        redis::cmd("KEYS")
+            .arg("*:alerted:*")
+            .query::<Vec<String>>(&mut conn)
+            .unwrap()
+    };
+    // The shared controls read once, so that requests are served.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.admin_get("/readyz").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    common::fill(&watch);
+    let token = app.token("councillor");
+    a_big_page(&app, &token, "canvassing").await;
+    while app.gw.watch.breach.is_healthy() {
+        assert!(Instant::now() < deadline, "the alert was never tried");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Its retries, and another finding while the log is failing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a_big_page(&app, &app.token("canvasser"), "canvassing").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(marks(), Vec::<String>::new());
+    // Once the log can take it, the alert is recorded all the same.
+    std::fs::remove_file(watch.join("filler")).unwrap();
+    wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    app.stop().await;
+}
+
 /// An alert the disk can take only part of is cut back off the breach log, so the next one is
 /// written whole and the log still opens at the next start (a joined line would stop it).
 #[test]

@@ -236,14 +236,18 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
             .publish(alert_event("match", &f.key, data.to_string()));
         return None;
     }
-    if let Some(sh) = &gw.watch.shared
-        && !sh
-            .first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)
-            .await
-    {
-        tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
-        return None;
-    }
+    // A replica whose breach log is failing takes no mark: its alert would wait in memory
+    // only, and the mark would silence the detectors that could record it.
+    let marked = match &gw.watch.shared {
+        Some(sh) if gw.watch.breach.is_healthy() => {
+            if !(sh.first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)).await {
+                tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
+                return None;
+            }
+            true
+        }
+        _ => false,
+    };
     // Awareness is when the finding was made (its last record's time), not when it is acted
     // on: a queue behind an alert storm, or the breach log's retries, must not move the
     // 72-hour clock later.
@@ -307,6 +311,9 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     match add_to_breach_log(gw, &alert).await {
         Ok(()) => None,
         Err(()) => {
+            if let (true, Some(sh)) = (marked, &gw.watch.shared) {
+                sh.release_alert(f.rule, &f.key).await;
+            }
             f.unrecorded = Some(Box::new(alert));
             Some(f)
         }

@@ -358,6 +358,32 @@ async fn retry_due(gw: &Gateway, again: &mut Again) {
     }
 }
 
+impl Shared {
+    /// Takes back this replica's "already alerted" mark for `rule` and `key` (`first_to_alert`)
+    /// when its breach log could not take the alert: the alert waits in this replica's memory,
+    /// which a restart loses, and the mark would silence every other detector (the leader's
+    /// cross-replica finding among them) for the whole cooldown. Compared and deleted in one
+    /// step, so another replica's mark is never taken away; best effort (Redis may be away,
+    /// and then no mark was taken).
+    pub async fn release_alert(&self, rule: Rule, key: &str) {
+        const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
+            return;
+        };
+        let released: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(IF_MINE)
+            .arg(1)
+            .arg(format!("{}:alerted:{rule}:{key}", self.stream))
+            .arg(&self.replica)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, %rule, principal = key,
+                "cannot take back the alert's mark: other replicas stay quiet on it for the cooldown");
+        }
+    }
+}
+
 /// Deletes the lease if this replica holds it (compared and deleted in one step, so that
 /// another replica's is never taken away).
 async fn give_up_lease(
