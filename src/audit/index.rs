@@ -1,4 +1,5 @@
-//! Sealing a finished segment: its seal (first and last hash, sequence range) and its subject
+//! Sealing a finished segment: its seal (first and last hash, sequence range, record count and
+//! last record's time, all checked by `verify`) and its subject
 //! index, so one subject's disclosures are found without reading years of log.
 //!
 //! The index `seg-N.idx` is a sorted array of fixed-width entries `(subject key, byte offset)`,

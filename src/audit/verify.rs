@@ -244,15 +244,23 @@ pub fn verify_against(
     retention: Option<Duration>,
 ) -> Result<VerifyReport, VerifyError> {
     // A running gateway may prune while this reads: segments listed then gone, or a chain
-    // that now starts past the anchor read. Either fails this pass; when the anchor moved
-    // meanwhile, the failure was the prune's, and the log is read again from its new start.
+    // that now starts past the anchor read (a prune writes its anchor, then removes its
+    // segments). Either fails this pass; when the anchor or the segments moved meanwhile,
+    // the failure may be the prune's, and the log is read again from its new start (every
+    // pass checks everything: a tampered log fails each).
+    let state = || {
+        (
+            super::prune::read_anchor(dir).ok(),
+            (list_segments(dir).ok()).map(|l| l.into_iter().map(|(n, _)| n).collect::<Vec<_>>()),
+        )
+    };
     let mut passes = 0;
     loop {
-        let before = super::prune::read_anchor(dir).ok();
+        let before = state();
         let verdict = verify_once(dir, heads, retention);
         passes += 1;
         match verdict {
-            Err(_) if passes < 3 && super::prune::read_anchor(dir).ok() != before => continue,
+            Err(_) if passes < 3 && state() != before => continue,
             verdict => return verdict,
         }
     }
@@ -389,7 +397,8 @@ fn verify_once(
         if let Some(seal) = super::index::read_seal(dir, *number) {
             // The time and count too: retention deletes a sealed segment by its seal's time,
             // so a seal made to say "old" would have the gateway itself prune records still
-            // within the retention period, and write an anchor that vouches for it.
+            // within the retention period, and write an anchor that vouches for it. (Seals
+            // from before retention have no time; retention never deletes by one of those.)
             let in_segment = last_seq.saturating_sub(seq_before);
             let found = format!(
                 "seq {}..={} from {} to {}, {in_segment} records, the last at {}",
@@ -415,15 +424,13 @@ fn verify_once(
                 hash_before.as_str(),
                 last_hash.as_str(),
                 in_segment,
-                last_ts.as_str(),
             ) == (
                 seal.first_seq,
                 seal.last_seq,
                 seal.first_prev.as_str(),
                 seal.last_hash.as_str(),
                 seal.records,
-                seal.last_ts.as_str(),
-            );
+            ) && (seal.last_ts.is_empty() || seal.last_ts == last_ts);
             if !same {
                 return Err(VerifyError::SealMismatch {
                     segment,
@@ -748,6 +755,16 @@ mod tests {
                 "{field}: {err}"
             );
         }
+        // A seal from before retention has no time at all, and is honest.
+        let dir = tempfile::tempdir().unwrap();
+        write_chain(dir.path(), &[3, 1]);
+        crate::audit::index::seal(dir.path(), 1).unwrap();
+        let path = crate::audit::index::seal_path(dir.path(), 1);
+        let mut seal: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        seal.as_object_mut().unwrap().remove("last_ts").unwrap();
+        std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+        verify_dir(dir.path()).unwrap();
     }
 
     /// Subject access trusts a sealed segment's index: one with a subject's entry taken out
