@@ -202,6 +202,10 @@ where
         Ok(ack) => ack.durable().await,
         Err(e) => Err(e),
     };
+    // Said whether or not the answer can be given (an audit failure replaces it).
+    if let Err(e) = &result {
+        log_unexplained(e, &request_id);
+    }
     let response = match appended {
         Ok(_) => match (result, template) {
             (Ok(Reply::Body(body)), _) => {
@@ -224,12 +228,12 @@ where
                 }
                 resp
             }
-            (Ok(Reply::Export(_)), None) => boxed(problem_response(
-                &GatewayError::Internal("export without its audit template".to_owned()),
-                &request_id,
-            )),
-            (Err(e), _) => {
+            (Ok(Reply::Export(_)), None) => {
+                let e = GatewayError::Internal("export without its audit template".to_owned());
                 log_unexplained(&e, &request_id);
+                boxed(problem_response(&e, &request_id))
+            }
+            (Err(e), _) => {
                 let mut resp = boxed(problem_response(&e, &request_id));
                 // For the admin plane's own fetches (`rights::current_data`): a 404 for a
                 // record held but withheld is not one for a record not held. An extension
@@ -351,11 +355,6 @@ where
     })?;
     trail.dataset = Some(route.dataset.clone());
     trail.route = Some(route.id());
-    // An export's only sign of being cut short is its framing (no last chunk, a reset
-    // stream); an HTTP/1.0 body ends by the connection closing, which looks the same whole.
-    if route.kind == RouteKind::Export && req.version() < http::Version::HTTP_11 {
-        return Err(GatewayError::ExportNeedsHttp11);
-    }
     // What was asked, in the record whatever the outcome (a record's `path` has no query):
     // aggregates that could be set against each other, and what a listing or an export was
     // narrowed by, show in the log.
@@ -365,6 +364,11 @@ where
         }));
     } else if !route.filters.is_empty() {
         trail.detail = Some(serde_json::json!({ "filters": route.filters }));
+    }
+    // An export's only sign of being cut short is its framing (no last chunk, a reset
+    // stream); an HTTP/1.0 body ends by the connection closing, which looks the same whole.
+    if route.kind == RouteKind::Export && req.version() < http::Version::HTTP_11 {
+        return Err(GatewayError::ExportNeedsHttp11);
     }
     let dataset = gw
         .catalog

@@ -228,6 +228,10 @@ async fn an_export_over_http_1_0_is_refused() {
         .collect();
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["reason"], "http_version_not_supported");
+    assert_eq!(
+        records[0]["detail"]["filters"]["ward"], "E05011391",
+        "{records:?}"
+    );
     assert_eq!(records[0]["subjects"], serde_json::json!([]));
     // The same export over HTTP/1.1 streams.
     let (status, body) = export(&app, &app.token("analyst"), "?ward=E05011391").await;
