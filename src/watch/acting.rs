@@ -390,6 +390,7 @@ mod tests {
             at_ms: 0,
             unrecorded: None,
             refs: Vec::new(),
+            escalation: 0,
         }
     }
 

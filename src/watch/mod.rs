@@ -240,7 +240,8 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     // only, and the mark would silence the detectors that could record it.
     let marked = match &gw.watch.shared {
         Some(sh) if gw.watch.breach.is_healthy() => {
-            if !(sh.first_to_alert(f.rule, &f.key, gw.watch.settings.cooldown)).await {
+            let cooldown = gw.watch.settings.cooldown;
+            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, cooldown)).await {
                 tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
                 return None;
             }
@@ -312,7 +313,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         Ok(()) => None,
         Err(()) => {
             if let (true, Some(sh)) = (marked, &gw.watch.shared) {
-                sh.release_alert(f.rule, &f.key).await;
+                sh.release_alert(f.rule, &f.key, f.escalation).await;
             }
             f.unrecorded = Some(Box::new(alert));
             Some(f)

@@ -128,6 +128,21 @@ pub struct Finding {
     /// The evidence as `REPLICA#SEQ`, when it spans replicas (the shared detector fills it
     /// in; `evidence` is then its own numbering).
     pub refs: Vec<String>,
+    /// 0 for a first alert; n for the nth raised within the cooldown because what the rule
+    /// counts reached twice what the alert before it was raised at (`Quiet`).
+    pub escalation: u32,
+}
+
+/// A rule's cooldown for one principal after an alert: nothing more is raised before
+/// `until` unless what the rule counts (records disclosed, refusals, an export's records)
+/// reaches `bar`, twice what the last alert was raised at, which raises an escalation and
+/// doubles the bar again. A small alert must not buy an hour in which any amount can be
+/// taken unseen, and an hour's scraping raises a handful of alerts, not hundreds.
+#[derive(Clone, Copy, Debug)]
+struct Quiet {
+    until: i64,
+    bar: u64,
+    level: u32,
 }
 
 #[derive(Default)]
@@ -281,7 +296,7 @@ impl Reads {
 pub struct Detector {
     settings: WatchSettings,
     windows: HashMap<(Rule, String), Window>,
-    quiet_until: HashMap<(Rule, String), i64>,
+    quiet_until: HashMap<(Rule, String), Quiet>,
     /// Per token id: when it was seen from which address.
     addresses: HashMap<String, Seen>,
     /// Reads by id, per principal and route.
@@ -327,8 +342,9 @@ impl Detector {
                 format!("{n} records disclosed within {w} (the role's norm is under {t})")
             });
             let large = self.settings.rule(Rule::LargeExport);
-            let threshold = large.threshold_for(ev.role());
             let mode = large.mode;
+            // The threshold, or within a cooldown the escalation's bar.
+            let threshold = self.bar(Rule::LargeExport, &ev, large.threshold_for(ev.role()));
             match &rec.export {
                 // An export's chunks are one response: counted together, raised once, when
                 // their sum first reaches the threshold.
@@ -347,8 +363,8 @@ impl Detector {
                              {threshold})",
                             seen.total
                         );
-                        let evidence = seen.seqs.iter().copied().collect();
-                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out);
+                        let (evidence, total) = (seen.seqs.iter().copied().collect(), seen.total);
+                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out, total);
                     }
                 }
                 None if mode != Mode::Off && disclosed >= threshold => {
@@ -356,7 +372,14 @@ impl Detector {
                         "one response disclosed {disclosed} records (a walk sheet is under \
                          {threshold})"
                     );
-                    self.raise(Rule::LargeExport, &ev, vec![seq], summary, &mut out);
+                    self.raise(
+                        Rule::LargeExport,
+                        &ev,
+                        vec![seq],
+                        summary,
+                        &mut out,
+                        disclosed,
+                    );
                 }
                 None => {}
             }
@@ -437,9 +460,10 @@ impl Detector {
         let threshold = s.threshold_for(ev.role());
         let span = millis(s);
         let key = (rule, ev.key.clone());
+        let bar = self.bar(rule, ev, threshold);
         let window = self.windows.entry(key.clone()).or_default();
         let total = window.push(ev.at, ev.seq, weight, span);
-        if total < threshold || self.quiet_until.get(&key).is_some_and(|t| ev.at < *t) {
+        if total < bar {
             return;
         }
         let evidence = window.evidence();
@@ -448,7 +472,7 @@ impl Detector {
             threshold,
             humantime::format_duration(s.window).to_string(),
         );
-        if self.raise(rule, ev, evidence, summary, out) {
+        if self.raise(rule, ev, evidence, summary, out, total) {
             self.windows.remove(&key);
         }
     }
@@ -478,7 +502,7 @@ impl Detector {
             humantime::format_duration(s.window),
         );
         let evidence = seen.evidence();
-        if self.raise(Rule::ManyAddresses, ev, evidence, summary, out) {
+        if self.raise(Rule::ManyAddresses, ev, evidence, summary, out, 0) {
             self.addresses.remove(&caller.token_id);
             if let Some(f) = out.last_mut() {
                 f.addresses = addrs;
@@ -515,12 +539,23 @@ impl Detector {
             evidence.len()
         );
         evidence.drain(..evidence.len().saturating_sub(MAX_EVIDENCE));
-        if self.raise(Rule::Enumeration, ev, evidence, summary, out) {
+        if self.raise(Rule::Enumeration, ev, evidence, summary, out, 0) {
             self.reads.remove(&key);
         }
     }
 
-    /// Records a finding unless the rule is quiet for this principal; true if raised.
+    /// What `rule` must count for this principal to raise now: `threshold`, or within a
+    /// cooldown the escalation's bar (`Quiet`).
+    fn bar(&self, rule: Rule, ev: &Event, threshold: u64) -> u64 {
+        match self.quiet_until.get(&(rule, ev.key.clone())) {
+            Some(q) if ev.at < q.until => q.bar,
+            _ => threshold,
+        }
+    }
+
+    /// Records a finding unless the rule is quiet for this principal, or, within its
+    /// cooldown, an escalation when `amount` (what the rule counted; 0 for rules that count
+    /// no amount, which never escalate) reached the bar; true if raised.
     fn raise(
         &mut self,
         rule: Rule,
@@ -528,13 +563,32 @@ impl Detector {
         evidence: Vec<u64>,
         summary: String,
         out: &mut Vec<Finding>,
+        amount: u64,
     ) -> bool {
         let key = (rule, ev.key.clone());
-        if self.quiet_until.get(&key).is_some_and(|t| ev.at < *t) {
-            return false;
-        }
+        let level = match self.quiet_until.get(&key) {
+            Some(q) if ev.at < q.until && amount >= q.bar => q.level + 1,
+            Some(q) if ev.at < q.until => return false,
+            _ => 0,
+        };
         let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
-        self.quiet_until.insert(key, ev.at.saturating_add(cooldown));
+        let quiet = Quiet {
+            until: ev.at.saturating_add(cooldown),
+            bar: if amount == 0 {
+                u64::MAX
+            } else {
+                amount.saturating_mul(2)
+            },
+            level,
+        };
+        self.quiet_until.insert(key, quiet);
+        let summary = if level == 0 {
+            summary
+        } else {
+            format!(
+                "{summary}: escalation {level}, after an alert on the same rule within the cooldown"
+            )
+        };
         out.push(Finding {
             rule,
             mode: self.settings.rule(rule).mode,
@@ -547,6 +601,7 @@ impl Detector {
             at_ms: ev.at,
             unrecorded: None,
             refs: Vec::new(),
+            escalation: level,
         });
         true
     }
@@ -559,7 +614,7 @@ impl Detector {
 
     /// Whether `rule` is in its cooldown for the event's principal (`raise` would refuse).
     fn quiet(&self, rule: Rule, ev: &Event) -> bool {
-        (self.quiet_until.get(&(rule, ev.key.clone()))).is_some_and(|t| ev.at < *t)
+        (self.quiet_until.get(&(rule, ev.key.clone()))).is_some_and(|q| ev.at < q.until)
     }
 
     fn outside_hours(&self, at: i64) -> bool {
@@ -584,7 +639,7 @@ impl Detector {
             w.evict(now - millis(settings.rule(*rule)));
             !w.items.is_empty()
         });
-        self.quiet_until.retain(|_, t| *t > now);
+        self.quiet_until.retain(|_, q| q.until > now);
         self.addresses.retain(|_, seen| seen.last_at >= horizon);
         let reads_from = now - millis(self.settings.rule(Rule::Enumeration));
         self.reads

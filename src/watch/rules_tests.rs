@@ -193,6 +193,69 @@ fn large_export_counts_an_exports_chunks_together() {
     );
 }
 
+fn escalations(f: &[Finding]) -> Vec<(Rule, u32)> {
+    f.iter().map(|f| (f.rule, f.escalation)).collect()
+}
+
+/// An alert quiets its rule for the principal for the cooldown, but not whatever follows:
+/// disclosing twice what it was raised at again raises an escalation, and the bar doubles,
+/// so half an hour's scraping after a small alert is seen, in a handful of alerts.
+#[test]
+fn scraping_on_after_a_volume_alert_escalates() {
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::LargeExport) {
+            r.mode = Mode::Off;
+        }
+    });
+    // 2,500 at once (the councillor's norm is under 2,000 in ten minutes), then a page of 500
+    // every 30 s for half an hour: 1,000 a minute, within the hour's cooldown.
+    let mut records = vec![listing("cllr", SUMMER_MORNING, 2500)];
+    records.extend((1..=60).map(|i| listing("cllr", SUMMER_MORNING + i * 30_000, 500)));
+    let f = run(&mut d, records);
+    // The bar: 5,000 (pages 1-10), then 10,000 (pages 11-30, ten minutes' worth); then
+    // 20,000, which ten minutes at this rate never reach.
+    assert_eq!(
+        escalations(&f),
+        vec![(Rule::Volume, 0), (Rule::Volume, 1), (Rule::Volume, 2)]
+    );
+    assert_eq!(f[1].evidence, (2..=11).collect::<Vec<u64>>());
+    assert!(f[1].summary.contains("5000 records"), "{}", f[1].summary);
+    assert!(f[1].summary.contains("escalation 1"), "{}", f[1].summary);
+    assert_eq!(f[2].evidence, (12..=31).collect::<Vec<u64>>());
+    assert!(f[2].summary.contains("escalation 2"), "{}", f[2].summary);
+}
+
+/// The same for exports: a small one alerted, a whole constituency's a few minutes later is
+/// not silenced by it.
+#[test]
+fn a_large_export_after_a_small_alert_escalates() {
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::Volume) {
+            r.mode = Mode::Off;
+        }
+    });
+    let mut records = vec![
+        chunk("c", SUMMER_MORNING, "r1", 300, 1),
+        chunk("c", SUMMER_MORNING + 1, "r1", 300, 2),
+    ];
+    let later = SUMMER_MORNING + 300_000;
+    records.extend((1..=20).map(|i| chunk("c", later + i, "r2", 500, i as u64)));
+    let f = run(&mut d, records);
+    // Raised at 600; the bar then 1,200 (r2's third chunk), 3,000 (its sixth), 6,000 (its
+    // twelfth); r2's 10,000 stop short of 12,000.
+    assert_eq!(
+        escalations(&f),
+        vec![
+            (Rule::LargeExport, 0),
+            (Rule::LargeExport, 1),
+            (Rule::LargeExport, 2),
+            (Rule::LargeExport, 3)
+        ]
+    );
+    assert!(f[1].summary.contains("1500 records"), "{}", f[1].summary);
+    assert!(f[3].summary.contains("6000 records"), "{}", f[3].summary);
+}
+
 #[test]
 fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
     let mut d = detector();

@@ -133,8 +133,23 @@ impl Shared {
         }
     }
 
+    /// The mark that an alert (`escalation` 0) or an escalation of it was raised, by any
+    /// replica. Escalations have their own marks, or the first alert's would silence them.
+    fn alert_mark(&self, rule: Rule, key: &str, escalation: u32) -> String {
+        match escalation {
+            0 => format!("{}:alerted:{rule}:{key}", self.stream),
+            n => format!("{}:escalated:{n}:{rule}:{key}", self.stream),
+        }
+    }
+
     /// True if this caller should raise the alert (the first across replicas, or Redis away).
-    pub async fn first_to_alert(&self, rule: Rule, key: &str, cooldown: Duration) -> bool {
+    pub async fn first_to_alert(
+        &self,
+        rule: Rule,
+        key: &str,
+        escalation: u32,
+        cooldown: Duration,
+    ) -> bool {
         let mut conn = {
             let mut held = self.alerting.lock().await;
             let (conn, failed) = &mut *held;
@@ -147,7 +162,7 @@ impl Shared {
                 None => return true,
             }
         };
-        let flag = format!("{}:alerted:{rule}:{key}", self.stream);
+        let flag = self.alert_mark(rule, key, escalation);
         let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
             .arg(&flag)
             .arg(&self.replica)
@@ -365,20 +380,31 @@ impl Shared {
     /// cross-replica finding among them) for the whole cooldown. Compared and deleted in one
     /// step, so another replica's mark is never taken away; best effort (Redis may be away,
     /// and then no mark was taken).
-    pub async fn release_alert(&self, rule: Rule, key: &str) {
+    pub async fn release_alert(&self, rule: Rule, key: &str, escalation: u32) {
         const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
-            return;
+        let held = self.alerting.lock().await.0.clone();
+        // Dropped after an error since the mark was taken: connected afresh.
+        let conn = match held {
+            Some(conn) => Ok(conn),
+            None => self.connection().await,
+        };
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, %rule,
+                    "cannot take back the alert's mark: other replicas stay quiet on it for the cooldown");
+                return;
+            }
         };
         let released: redis::RedisResult<i64> = redis::cmd("EVAL")
             .arg(IF_MINE)
             .arg(1)
-            .arg(format!("{}:alerted:{rule}:{key}", self.stream))
+            .arg(self.alert_mark(rule, key, escalation))
             .arg(&self.replica)
             .query_async(&mut conn)
             .await;
         if let Err(e) = released {
-            tracing::warn!(error = %e, %rule, principal = key,
+            tracing::warn!(error = %e, %rule,
                 "cannot take back the alert's mark: other replicas stay quiet on it for the cooldown");
         }
     }
