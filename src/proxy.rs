@@ -340,6 +340,24 @@ impl Upstream {
                 "export is not application/x-ndjson".to_owned(),
             ));
         }
+        // NDJSON has no end marker: only the body's framing tells a datastore that reached
+        // its last record from one that stopped (a crash, a dropped connection). HTTP/1.0, or
+        // HTTP/1.1 with neither a length nor chunks, ends the body by closing the connection,
+        // which looks the same either way, so an export or a count could be taken as whole
+        // when it is not.
+        let headers = resp.headers();
+        let framed = resp.version() >= http::Version::HTTP_2
+            || (resp.version() == http::Version::HTTP_11
+                && (headers.contains_key(header::CONTENT_LENGTH)
+                    || (headers.get_all(header::TRANSFER_ENCODING).iter())
+                        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))));
+        if !framed {
+            return Err(GatewayError::UpstreamMalformed(
+                "export ends where the connection closes (HTTP/1.0, or neither a length nor \
+                 chunks): an early end could not be told from the end"
+                    .to_owned(),
+            ));
+        }
         Ok(resp.into_body())
     }
 }

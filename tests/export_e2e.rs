@@ -239,6 +239,78 @@ async fn an_export_over_http_1_0_is_refused() {
     assert!(!body.unwrap().is_empty());
 }
 
+/// A datastore that answers an export with `lines` in a body that ends where the connection
+/// closes (no length, no chunks): as a datastore that crashed mid-export would look.
+async fn datastore_closing_after(lines: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                     connection: close\r\n\r\n{lines}"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// NDJSON has no end marker: a datastore's body that ends where its connection closes
+/// cannot be told whole from cut short, so neither an export nor a count is made of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_body_ended_by_the_connection_closing_is_refused() {
+    let real = spawn_app_with(AppOptions::default()).await;
+    let lines = String::from_utf8(
+        common::datastore_body(real.upstream, "/electors/export?ward=E05011391")
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    let some: String = lines.lines().take(3).map(|l| format!("{l}\n")).collect();
+    assert_eq!(some.lines().count(), 3);
+    let upstream = datastore_closing_after(some).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let (status, body) = export(&app, &app.token("analyst"), "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+    assert!(body.unwrap_err().contains("upstream-response-malformed"));
+    let r = app
+        .get(
+            "/voter/electors/aggregate?ward=E05011391&by=polling_district",
+            Some(&app.token("analyst")),
+            Some("research"),
+        )
+        .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let records: Vec<Value> = (app.audit_records().into_iter())
+        .filter(|r| r["route"] == "voter.export")
+        .collect();
+    assert!(
+        records
+            .iter()
+            .all(|r| r["subjects"].as_array().unwrap().is_empty()
+                && r["reason"] != "export_complete"),
+        "{records:?}"
+    );
+}
+
 /// A datastore whose export turns into garbage after `good` records.
 async fn bad_datastore(good: String) -> std::net::SocketAddr {
     fixed_datastore(format!("{good}this is not a record\n{good}")).await
