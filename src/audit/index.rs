@@ -233,6 +233,18 @@ fn derive(dir: &Path, n: u64, key_of: impl Fn(&str) -> u64) -> io::Result<(Seal,
         line.clear();
         let read = read_line(&mut reader, &mut line)?;
         if read == 0 || !line.ends_with(b"\n") {
+            // A finished segment is whole lines to its end, zero bytes aside: a seal and index
+            // stopping at damage would have every later lookup miss the records after it.
+            // Unsealed, it is scanned, damage and all (`reader`), and verify says where.
+            if !line.is_empty() || !super::segment::only_unwritten_after(&mut reader)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "segment {n} is damaged at byte {offset} (a line cut short, or bytes \
+                         after zero bytes): not sealed; `wardgate audit verify` says more"
+                    ),
+                ));
+            }
             break;
         }
         let text = std::str::from_utf8(&line)

@@ -52,7 +52,9 @@ pub fn each_record_mentioning(
     each: &mut dyn FnMut(Value),
 ) -> io::Result<LookupStats> {
     let mut stats = LookupStats::default();
-    for (n, path) in list_segments(dir)? {
+    let segments = list_segments(dir)?;
+    let newest = segments.last().map(|(n, _)| *n);
+    for (n, path) in segments {
         stats.segments += 1;
         let offsets = index::read_seal(dir, n).and_then(|_| index::lookup(dir, n, subject));
         // A segment a prune removed since the listing: its records are no longer held (the
@@ -79,7 +81,7 @@ pub fn each_record_mentioning(
             }
             None => {
                 stats.segments_scanned += 1;
-                scan_segment(file, subject, each, &mut stats)?;
+                scan_segment(file, subject, each, &mut stats, Some(n) != newest)?;
             }
         }
     }
@@ -142,19 +144,33 @@ fn open_listed(dir: &Path, n: u64, path: &Path) -> io::Result<Option<File>> {
 pub fn scan_all(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStats)> {
     let mut out = Vec::new();
     let mut stats = LookupStats::default();
-    for (_, path) in list_segments(dir)? {
+    let segments = list_segments(dir)?;
+    let last = segments.len();
+    for (i, (_, path)) in segments.into_iter().enumerate() {
         stats.segments += 1;
         stats.segments_scanned += 1;
-        scan_segment(File::open(path)?, subject, &mut |v| out.push(v), &mut stats)?;
+        let finished = i + 1 < last;
+        scan_segment(
+            File::open(path)?,
+            subject,
+            &mut |v| out.push(v),
+            &mut stats,
+            finished,
+        )?;
     }
     Ok((out, stats))
 }
 
+/// Reads the records of one segment naming `subject`. `finished`: a segment no longer written
+/// (not the newest), which must be whole lines to its end, zero bytes aside: anything else is
+/// damage (a page zeroed or torn by the disk), counted as a line that may have been about
+/// the subject, and the records after it are read all the same.
 fn scan_segment(
     file: File,
     subject: &str,
     each: &mut dyn FnMut(Value),
     stats: &mut LookupStats,
+    finished: bool,
 ) -> io::Result<()> {
     let needle = format!("\"{subject}\"");
     let needle = memchr::memmem::Finder::new(needle.as_bytes());
@@ -163,14 +179,26 @@ fn scan_segment(
     let mut line = Vec::new();
     loop {
         line.clear();
-        if read_line(&mut reader, &mut line)? == 0 {
-            break;
-        }
+        // Nothing read (the end, or a zero byte) is a line without its newline, below.
+        read_line(&mut reader, &mut line)?;
         // A line without its newline is a record still being written (or torn by a crash
         // and trimmed at the next start), or the segment's made-ready space begins: no
         // record.
         if line.last() != Some(&b'\n') {
-            break;
+            if !finished {
+                break;
+            }
+            // A finished segment ends with its last whole line, or zero bytes after it.
+            let torn = !line.is_empty();
+            if past_zeros(&mut reader)? {
+                stats.lines_unreadable += u64::from(torn);
+                break;
+            }
+            // Written after zero bytes: a damaged page, whose records may have named the
+            // subject. Read on from the first byte written (a record's tail, read as a line
+            // that is no record, or the next record whole).
+            stats.lines_unreadable += 1;
+            continue;
         }
         stats.lines_read += 1;
         // Cheap substring test first; parse only lines that can match.
@@ -183,6 +211,22 @@ fn scan_segment(
         }
     }
     Ok(())
+}
+
+/// Consumes the zero bytes that come next; true when the end of the file follows them.
+fn past_zeros(r: &mut impl BufRead) -> io::Result<bool> {
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let zeros = buf.iter().take_while(|&&b| b == 0).count();
+        let more = zeros < buf.len();
+        r.consume(zeros);
+        if more {
+            return Ok(false);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +291,58 @@ mod tests {
         assert!(open_listed(dir.path(), 1, &at(1)).unwrap().is_none());
         assert!(open_listed(dir.path(), 3, &at(3)).is_err());
         assert!(open_listed(dir.path(), 2, &at(2)).unwrap().is_some());
+    }
+
+    /// A finished segment damaged in the middle (a page of zero bytes: a disk fault, or a
+    /// power cut under page-cache audit) is neither sealed, so that its index would stop at
+    /// the damage, nor read only up to it: the records after it are found, and the damage is
+    /// counted, since what it held may have named the subject.
+    #[test]
+    fn a_finished_segment_damaged_in_the_middle_is_read_past_and_not_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut prev, mut lines) = (GENESIS_HASH.to_owned(), Vec::new());
+        for seq in 1..=4 {
+            let line = encode_line(seq, &prev, &sample(seq)).unwrap();
+            prev = line.hash.clone();
+            lines.push(line.bytes);
+        }
+        let mut first = [&lines[0][..], &lines[1][..], &lines[2][..]].concat();
+        // Record 2 and the start of record 3 zeroed; record 3's tail left.
+        let from = lines[0].len();
+        let to = from + lines[1].len() + 10;
+        first[from..to].fill(0);
+        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
+        std::fs::write(dir.path().join(segment_name(2)), &lines[3]).unwrap();
+        // Record 4 is whole, after the damage: found either way; the damage counted.
+        let mut whole = lines[..3].concat();
+        whole[from..from + lines[1].len()].fill(0);
+        for (bytes, found_third) in [(&first, false), (&whole, true)] {
+            std::fs::write(dir.path().join(segment_name(1)), bytes).unwrap();
+            for lookup in [records_mentioning, scan_all] {
+                let (found, stats) = lookup(dir.path(), "subj-3").unwrap();
+                assert_eq!(found.len(), usize::from(found_third));
+                assert!(stats.lines_unreadable >= 1, "{stats:?}");
+                let (found, stats) = lookup(dir.path(), "subj-1").unwrap();
+                assert_eq!(found.len(), 1);
+                assert!(stats.lines_unreadable >= 1, "{stats:?}");
+            }
+            assert!(crate::audit::index::seal(dir.path(), 1).is_err());
+            assert!(crate::audit::index::read_seal(dir.path(), 1).is_none());
+        }
+        // The segment being written may end in zero bytes (made-ready space): no damage.
+        let mut ready = lines[3].clone();
+        ready.extend_from_slice(&[0; 64]);
+        std::fs::write(dir.path().join(segment_name(2)), &ready).unwrap();
+        std::fs::write(dir.path().join(segment_name(1)), lines[..3].concat()).unwrap();
+        let (found, stats) = records_mentioning(dir.path(), "subj-4").unwrap();
+        assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
+        // So may a finished one, and it seals.
+        let mut finished = lines[..3].concat();
+        finished.extend_from_slice(&[0; 64]);
+        std::fs::write(dir.path().join(segment_name(1)), &finished).unwrap();
+        let (found, stats) = scan_all(dir.path(), "subj-2").unwrap();
+        assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
+        assert_eq!(crate::audit::index::seal(dir.path(), 1).unwrap().records, 3);
     }
 
     /// A copy crash recovery set aside is not read as records, but a line in it naming the
