@@ -283,6 +283,14 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     // (A damaged anchor fails the report: without it, it would not say that records were
     // removed, and "no disclosures" would read as "none ever".)
     let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
+        // Nor does a missing one: a log that was never pruned starts at its first record.
+        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1) {
+            return Err(std::io::Error::other(format!(
+                "the access log starts at record {seq} and has no `pruned.json` saying that \
+                 the records before it were pruned: they are missing (a copy without it, or \
+                 removed); run `wardgate audit verify` and restore it before a report"
+            )));
+        }
         return Ok(None);
     };
     // The oldest segment that yields a record: one may be empty, torn, or pruned since it was
@@ -303,6 +311,21 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
         pruned_records: anchor.pruned_records,
         held_from,
     }))
+}
+
+/// The sequence number of the oldest record the log holds (its first segment that yields one).
+fn oldest_seq(audit_dir: &Path) -> Option<u64> {
+    use std::io::BufRead;
+    crate::audit::segment::list_segments(audit_dir)
+        .ok()?
+        .into_iter()
+        .find_map(|(_, path)| {
+            let mut line = Vec::new();
+            std::io::BufReader::new(std::fs::File::open(path).ok()?)
+                .read_until(b'\n', &mut line)
+                .ok()?;
+            serde_json::from_slice::<Value>(&line).ok()?["seq"].as_u64()
+        })
 }
 
 /// The fields `subject` left with in record `r`: its own sets where the record says which set
@@ -698,9 +721,12 @@ mod tests {
         oldest.ts = "2026-01-02T03:04:05.678Z".into();
         let line = encode_line(41, &"ab".repeat(32), &oldest).unwrap();
         std::fs::write(dir.path().join(segment_name(7)), &line.bytes).unwrap();
-        let report = build(dir.path(), &catalog, "subj-41", Vec::new()).unwrap();
-        assert_eq!(report.coverage, None);
-        assert!(!html(&report).contains("retention policy, so"));
+        // A log starting at record 41 with no anchor saying the forty before were pruned is
+        // missing them (a copy without `pruned.json`): no report reads it as never pruned.
+        let e = build(dir.path(), &catalog, "subj-41", Vec::new())
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("pruned.json"), "{e:#}");
 
         let anchor = serde_json::json!({
             "last_pruned_seq": 40, "last_pruned_hash": "ab".repeat(32),

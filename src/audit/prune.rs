@@ -132,6 +132,29 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
         }
         return Ok(None);
     };
+    // What goes must continue the chain from the anchor, whole: a log whose `pruned.json` was
+    // lost (copied without it, deleted) or rolled back, or one missing a segment, would
+    // otherwise have this prune write an anchor that vouches for the gap, after which
+    // verification passes and the count of records pruned is short for good.
+    let (mut seq, mut hash) = match anchor.last_pruned_seq {
+        0 => (0, super::record::GENESIS_HASH.to_owned()),
+        n => (n, anchor.last_pruned_hash.clone()),
+    };
+    for seal in &doomed {
+        if seal.first_seq != seq + 1 || seal.first_prev != hash {
+            anyhow::bail!(
+                "audit segment {} does not continue the chain from {} (it starts at seq {},                  after seq {seq}): records are missing, or `pruned.json` was lost or replaced;                  nothing is pruned until `wardgate audit verify` passes",
+                seal.segment,
+                if seq == 0 {
+                    "its start"
+                } else {
+                    "the prune anchor"
+                },
+                seal.first_seq,
+            );
+        }
+        (seq, hash) = (seal.last_seq, seal.last_hash.clone());
+    }
     let records: u64 = doomed.iter().map(|s| s.records).sum();
     anchor.last_pruned_seq = last.last_seq;
     anchor.last_pruned_hash = last.last_hash.clone();
@@ -376,6 +399,51 @@ mod tests {
         // No anchor at all is none.
         std::fs::remove_file(dir.path().join("pruned.json")).unwrap();
         assert!(read_anchor(dir.path()).unwrap().is_none());
+    }
+
+    /// A prune continues the chain from its anchor or not at all: with `pruned.json` lost
+    /// after a prune, or a segment missing from the middle, it refuses rather than write an
+    /// anchor vouching for the gap (after which verification would pass).
+    #[tokio::test]
+    async fn a_prune_refuses_a_log_that_does_not_continue_from_its_anchor() {
+        let cutoff = "2019-01-01T00:00:00.000Z";
+        // A segment missing from the middle, never pruned.
+        let dir = tempfile::tempdir().unwrap();
+        let (log, segments) = an_old_log(dir.path(), Durability::Fsync).await;
+        log.shutdown().await;
+        let (n, path) = &segments[1];
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(crate::audit::index::seal_path(dir.path(), *n)).unwrap();
+        let e = plan(dir.path(), cutoff).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("does not continue the chain"),
+            "{e:#}"
+        );
+
+        // Pruned once, then `pruned.json` lost, then more segments of age: the next prune
+        // stops, and verification says why.
+        let dir = tempfile::tempdir().unwrap();
+        let (log, segments) = an_old_log(dir.path(), Durability::Fsync).await;
+        log.shutdown().await;
+        let first = crate::audit::index::read_seal(dir.path(), segments[0].0).unwrap();
+        // Pretend the first segment alone was old enough the first time.
+        let once = plan(dir.path(), cutoff).unwrap().unwrap();
+        let only_first = Plan {
+            doomed: vec![first.clone()],
+            anchor: Anchor {
+                last_pruned_seq: first.last_seq,
+                last_pruned_hash: first.last_hash.clone(),
+                pruned_segments: 1,
+                pruned_records: first.records,
+            },
+            pruned: once.pruned,
+        };
+        carry_out(dir.path(), only_first).unwrap();
+        verify_dir(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("pruned.json")).unwrap();
+        assert!(verify_dir(dir.path()).is_err());
+        let e = plan(dir.path(), cutoff).err().unwrap();
+        assert!(format!("{e:#}").contains("pruned.json"), "{e:#}");
     }
 
     /// With `page-cache` durability, a prune's and a shredding's records are synced all the

@@ -54,8 +54,15 @@ pub fn each_record_mentioning(
     let mut stats = LookupStats::default();
     let segments = list_segments(dir)?;
     let newest = segments.last().map(|(n, _)| *n);
+    let mut before: Option<u64> = None;
     for (n, path) in segments {
         stats.segments += 1;
+        // Segments are numbered one after another, and prunes take the oldest: one missing
+        // between two still here is damage, whose records may have named the subject.
+        if let Some(b) = before {
+            stats.lines_unreadable += n.saturating_sub(b + 1);
+        }
+        before = Some(n);
         let offsets = index::read_seal(dir, n).and_then(|_| index::lookup(dir, n, subject));
         // A segment a prune removed since the listing: its records are no longer held (the
         // report's coverage, read after this, says what was pruned).
@@ -343,6 +350,23 @@ mod tests {
         let (found, stats) = scan_all(dir.path(), "subj-2").unwrap();
         assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
         assert_eq!(crate::audit::index::seal(dir.path(), 1).unwrap().records, 3);
+    }
+
+    /// A segment missing between two still there (prunes take the oldest) is damage that
+    /// may have named the subject: counted, not passed over.
+    #[test]
+    fn a_segment_missing_from_the_middle_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = encode_line(1, GENESIS_HASH, &sample(1)).unwrap();
+        let third = encode_line(3, &"ab".repeat(32), &sample(1)).unwrap();
+        std::fs::write(dir.path().join(segment_name(1)), &first.bytes).unwrap();
+        std::fs::write(dir.path().join(segment_name(3)), &third.bytes).unwrap();
+        let (found, stats) = records_mentioning(dir.path(), "subj-1").unwrap();
+        assert_eq!((found.len(), stats.lines_unreadable), (2, 1));
+        // The oldest gone (a prune) is not damage.
+        std::fs::remove_file(dir.path().join(segment_name(1))).unwrap();
+        let (found, stats) = records_mentioning(dir.path(), "subj-1").unwrap();
+        assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
     }
 
     /// A copy crash recovery set aside is not read as records, but a line in it naming the
