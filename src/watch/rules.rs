@@ -232,6 +232,12 @@ impl Seen {
 /// sweep skips a few).
 const ENUMERATION_GAP: u64 = 3;
 
+/// A sweep that leaves wider gaps now and then (nineteen ids read, four skipped), or reads
+/// every few ids, still crowds its reads into a short run of ids: the threshold's reads
+/// within a run this many times the threshold wide is one too (twenty within 160 ids,
+/// where reads spread over a ward's thousands put a handful).
+const ENUMERATION_SPREAD: u64 = 2 * (ENUMERATION_GAP + 1);
+
 /// One principal's reads by id on one route (`voter.read`), within the enumeration window: a
 /// sweep through the register shows as ids close to one another, whatever the order they
 /// were read in, however often each, whatever else was read between. One entry per id, not
@@ -266,6 +272,32 @@ impl Reads {
             None => at,
         };
         self.by_time.insert((at, id));
+    }
+
+    /// The audit records of the reads in the fullest run of ids at most `width` wide that
+    /// holds `id`, at most `limit` of them.
+    fn densest(&self, id: u64, width: u64, limit: usize) -> Vec<u64> {
+        let near: Vec<(u64, u64)> = (self.by_id)
+            .range(id.saturating_sub(width)..=id.saturating_add(width))
+            .map(|(&k, &(_, s))| (k, s))
+            .collect();
+        let (mut best, mut end) = ((0, 0), 0);
+        for (start, &(from, _)) in near.iter().enumerate() {
+            if from > id {
+                break;
+            }
+            end = end.max(start);
+            while end < near.len() && near[end].0 - from < width {
+                end += 1;
+            }
+            if id - from < width && end - start > best.1 - best.0 {
+                best = (start, end);
+            }
+        }
+        (near[best.0..best.1].iter())
+            .take(limit)
+            .map(|&(_, s)| s)
+            .collect()
     }
 
     /// The audit records of the reads around `id` whose ids follow one another with gaps of
@@ -519,6 +551,13 @@ impl Detector {
         let (Some(route), Some(n)) = (&rec.route, rec.id_number) else {
             return;
         };
+        // A read of an id that holds no record discloses nothing, and would take the place
+        // of a sweep's reads among the ids kept (`MAX_READ_IDS`): thousands of them between
+        // a sweep's reads would otherwise push its start out before it showed. (One withheld
+        // as protected or out of the caller's area is a record, and is kept.)
+        if rec.disclosed == 0 && rec.withheld_target.is_none() {
+            return;
+        }
         let (span, threshold) = (millis(s), s.threshold_for(None));
         let key = (ev.key.clone(), route.clone());
         let quiet = self.quiet(Rule::Enumeration, ev);
@@ -531,13 +570,16 @@ impl Detector {
             .unwrap_or(usize::MAX)
             .max(MAX_EVIDENCE);
         let mut evidence = reads.around(n, limit);
+        let mut summary = "records read one by one through a run of neighbouring ids";
         if (evidence.len() as u64) < threshold {
-            return;
+            let width = threshold.saturating_mul(ENUMERATION_SPREAD);
+            evidence = reads.densest(n, width, limit);
+            if (evidence.len() as u64) < threshold {
+                return;
+            }
+            summary = "records read one by one within a short run of ids";
         }
-        let summary = format!(
-            "{} records read one by one through a run of neighbouring ids",
-            evidence.len()
-        );
+        let summary = format!("{} {summary}", evidence.len());
         evidence.drain(..evidence.len().saturating_sub(MAX_EVIDENCE));
         if self.raise(Rule::Enumeration, ev, evidence, summary, out, 0) {
             self.reads.remove(&key);

@@ -510,6 +510,53 @@ fn sequential_reads_are_enumeration_and_shuffled_reads_are_not() {
     assert_eq!(run(&mut d, recs), vec![]);
 }
 
+/// A sweep that leaves a wider gap now and then, or reads every fifth id, shows all the
+/// same (no chain of close ids reaches the threshold, but the reads crowd a short run of
+/// ids); reads of ids that hold no record neither count nor push a sweep's reads out.
+#[test]
+fn enumeration_is_seen_through_gaps_strides_and_reads_of_nothing() {
+    let id = |n: u64| format!("E{n:06}");
+    // Nineteen read, four skipped, over and over.
+    let blocks: Vec<u64> = (0..40).map(|i| 1000 + (i / 19) * 23 + i % 19).collect();
+    // Every fifth.
+    let fifths: Vec<u64> = (0..20).map(|i| 3000 + i * 5).collect();
+    for (name, ids) in [("blocks", blocks), ("fifths", fifths)] {
+        let recs = (ids.iter().enumerate())
+            .map(|(i, n)| read(name, SUMMER_MORNING + i as i64 * 500, &id(*n), None))
+            .collect();
+        let f = run(&mut detector(), recs);
+        assert_eq!(rules(&f), vec![Rule::Enumeration], "{name}");
+        assert!(f[0].evidence.len() >= 20, "{name}: {:?}", f[0].evidence);
+    }
+    // Ten of a sweep, five thousand reads of ids that hold nothing, ten more of the sweep.
+    let nothing = |n: u64, ms: i64| {
+        let mut r = listing("flush", ms, 0);
+        r.route = Some("voter.read".into());
+        r.path = format!("/voter/electors/{}", id(n));
+        r.status = 404;
+        r.decision = Decision::Error;
+        r.reason = Some("not_found".into());
+        r
+    };
+    let mut recs: Vec<AuditRecord> = (0..10)
+        .map(|i| read("flush", SUMMER_MORNING + i, &id(5000 + i as u64), None))
+        .collect();
+    recs.extend((0..5000).map(|i| nothing(500_000 + i * 1000, SUMMER_MORNING + 100 + i as i64)));
+    recs.extend((10..20).map(|i| {
+        read(
+            "flush",
+            SUMMER_MORNING + 6000 + i,
+            &id(5000 + i as u64),
+            None,
+        )
+    }));
+    let f = run(&mut detector(), recs);
+    assert_eq!(rules(&f), vec![Rule::Enumeration]);
+    // The sweep's twenty reads: the first ten and the last ten.
+    let sweep: Vec<u64> = (1..=10).chain(5011..=5020).collect();
+    assert_eq!(f[0].evidence, sweep);
+}
+
 /// A sweep through the register shows however it is ordered or padded: backwards, each id
 /// twice, an unrelated read between, two datasets taken in turn, or spread across the ten
 /// minutes so that no fixed run of them fits.
