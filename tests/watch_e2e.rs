@@ -491,6 +491,26 @@ async fn get_from(app: &TestApp, local: IpAddr, token: &str) -> StatusCode {
     client.request(req).await.unwrap().status()
 }
 
+/// An alert about a caller not known is keyed on their address, which the server log does
+/// not hold (the audit log keeps it sealed, shredded after `audit.client_addr_retention`):
+/// the log names the principal `addr`. (A current-thread runtime, so that the gateway's
+/// tasks log where the capture listens.)
+#[tokio::test]
+async fn an_alert_keyed_on_an_address_does_not_log_it() {
+    let (guard, logs) = common::capture_logs();
+    let app = app(daytime).await;
+    for _ in 0..20 {
+        let status = get_from(&app, IpAddr::from([127, 0, 0, 9]), "not.a.token").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    wait_for_alert(&app, "denied_burst", "addr:127.0.0.9").await;
+    drop(guard);
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("breach alert"), "{logs}");
+    assert!(!logs.contains("127.0.0.9"), "{logs}");
+    app.stop().await;
+}
+
 /// Behind a load balancer (`server.trusted_proxies`, here the loopback address the test
 /// connects from) the client is the address the balancer forwards: the audit log records it,
 /// and `many_addresses` sees one token used from four places. A peer that is not trusted is

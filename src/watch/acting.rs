@@ -98,7 +98,7 @@ impl Acting {
                     Err(_) => {
                         metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => rule.name())
                             .increment(1);
-                        tracing::error!(%rule, principal = %key, "breach detection: acting on a finding panicked");
+                        tracing::error!(%rule, principal = super::rules::logged_key(&key), "breach detection: acting on a finding panicked");
                     }
                 }
             }
@@ -278,7 +278,7 @@ impl Left {
 fn dropped(f: &Finding, why: &str) {
     metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
         .increment(1);
-    tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary, "breach detection: finding dropped: {why}");
+    tracing::error!(rule = %f.rule, principal = super::rules::logged_key(&f.key), summary = %f.summary, "breach detection: finding dropped: {why}");
 }
 
 /// Findings waiting for room in the queue: the newest per rule and principal, those about

@@ -230,7 +230,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         return None;
     }
     if f.mode == Mode::Monitor {
-        tracing::info!(rule = %f.rule, principal = %f.key, summary = %f.summary, scope, "rule matched (monitor only)");
+        tracing::info!(rule = %f.rule, principal = rules::logged_key(&f.key), summary = %f.summary, scope, "rule matched (monitor only)");
         let data = json!({ "rule": f.rule, "principal": f.key, "summary": f.summary, "evidence": f.evidence, "scope": scope });
         gw.watch
             .publish(alert_event("match", &f.key, data.to_string()));
@@ -242,7 +242,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         Some(sh) if gw.watch.breach.is_healthy() => {
             let cooldown = gw.watch.settings.cooldown;
             if !(sh.first_to_alert(f.rule, &f.key, f.escalation, cooldown)).await {
-                tracing::debug!(rule = %f.rule, principal = %f.key, scope, "already alerted by another detector");
+                tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
                 return None;
             }
             true
@@ -290,7 +290,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         classification: None,
         history: Vec::new(),
     };
-    tracing::warn!(alert = %alert.id, rule = %f.rule, principal = %f.key, summary = %alert.summary, "breach alert");
+    tracing::warn!(alert = %alert.id, rule = %f.rule, principal = rules::logged_key(&f.key), summary = %alert.summary, "breach alert");
     // The audit log's copy leaves client addresses where the writer seals them (the record's
     // own `client_addr`, shredded with its day's key) or to the evidence records: the chain
     // keeps its records for the whole retention and none can be edited out of it.

@@ -133,6 +133,17 @@ pub struct Finding {
     pub escalation: u32,
 }
 
+/// A finding's principal as the server log may show it: a caller's subject, or `addr` for
+/// one keyed on a client address, which the log must not hold in the clear (the audit log
+/// keeps addresses sealed, shredded after `audit.client_addr_retention`).
+pub fn logged_key(key: &str) -> &str {
+    if key.starts_with("addr:") {
+        "addr"
+    } else {
+        key
+    }
+}
+
 /// A rule's cooldown for one principal after an alert: nothing more is raised before
 /// `until` unless what the rule counts (records disclosed, refusals, an export's records)
 /// reaches `bar`, twice what the last alert was raised at, which raises an escalation and

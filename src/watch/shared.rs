@@ -350,7 +350,7 @@ pub async fn lead_loop(gw: Arc<Gateway>, shared: Arc<Shared>, mut stop: watch::R
         }
     }
     while let Some(f) = again.pop() {
-        tracing::error!(rule = %f.rule, principal = %f.key, summary = %f.summary,
+        tracing::error!(rule = %f.rule, principal = super::rules::logged_key(&f.key), summary = %f.summary,
             "cross-replica breach detection stopped before the breach log could take this \
              alert (it is in the audit log as a `breach_alert` record, and was acted on)");
         metrics::counter!("wardgate_watch_findings_dropped_total", "rule" => f.rule.name())
