@@ -304,6 +304,9 @@ impl Owed {
     fn key_of(f: &Finding) -> (Rule, String) {
         match &f.unrecorded {
             Some(alert) => (f.rule, format!("{}\n{}", f.key, alert.id)),
+            // An escalation is held apart from the alert before it, which it must not replace
+            // (its evidence and its time start the 72-hour clock).
+            None if f.escalation > 0 => (f.rule, format!("{}\n^{}", f.key, f.escalation)),
             None => (f.rule, f.key.clone()),
         }
     }
@@ -332,12 +335,12 @@ impl Owed {
             };
             let Some(old_key) = make_room else {
                 // Not raised, so not quiet either: a new case against them can be.
-                detector.forget_cooldown(f.rule, &f.key);
+                detector.forget_cooldown(f.rule, &f.key, f.escalation);
                 dropped(&f, "too many findings waiting");
                 return;
             };
             if let Some(old) = self.by_key.remove(&old_key) {
-                detector.forget_cooldown(old.rule, &old.key);
+                detector.forget_cooldown(old.rule, &old.key, old.escalation);
                 dropped(
                     &old,
                     "too many findings waiting; one about a named principal came",
@@ -440,6 +443,16 @@ mod tests {
         owed.unpop(a);
         let order: Vec<String> = std::iter::from_fn(|| owed.pop()).map(|f| f.key).collect();
         assert_eq!(order, ["a", "b"]);
+        // An escalation is held beside the alert before it, not in its place: that alert's
+        // evidence and time start the 72-hour clock.
+        owed.push(finding(Rule::Volume, "a", "first"), &mut d);
+        let mut escalation = finding(Rule::Volume, "a", "escalation");
+        escalation.escalation = 1;
+        owed.push(escalation, &mut d);
+        let order: Vec<String> = std::iter::from_fn(|| owed.pop())
+            .map(|f| f.summary)
+            .collect();
+        assert_eq!(order, ["first", "escalation"]);
     }
 
     #[test]

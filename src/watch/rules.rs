@@ -128,8 +128,9 @@ pub struct Finding {
     /// The evidence as `REPLICA#SEQ`, when it spans replicas (the shared detector fills it
     /// in; `evidence` is then its own numbering).
     pub refs: Vec<String>,
-    /// 0 for a first alert; n for the nth raised within the cooldown because what the rule
-    /// counts reached twice what the alert before it was raised at (`Quiet`).
+    /// 0 for a first alert; for an escalation within the cooldown (`Quiet`), how far past
+    /// the threshold its amount went, in doublings (`n`: at least 2^n times it), the same
+    /// for every detector that counts as much (it names the escalation's mark in Redis).
     pub escalation: u32,
 }
 
@@ -145,15 +146,31 @@ pub fn logged_key(key: &str) -> &str {
 }
 
 /// A rule's cooldown for one principal after an alert: nothing more is raised before
-/// `until` unless what the rule counts (records disclosed, refusals, an export's records)
-/// reaches `bar`, twice what the last alert was raised at, which raises an escalation and
-/// doubles the bar again. A small alert must not buy an hour in which any amount can be
-/// taken unseen, and an hour's scraping raises a handful of alerts, not hundreds.
+/// `until`, except, for the rules that count records disclosed (`escalates`), an escalation
+/// once what it counts since reaches the threshold times 2^(`level` + 1), `level` being the
+/// last alert's size in doublings of the threshold; the escalation's own size becomes the
+/// level. A small alert must not buy an hour in which any amount can be taken unseen, and an
+/// hour's scraping raises a handful of alerts, not hundreds.
 #[derive(Clone, Copy, Debug)]
 struct Quiet {
     until: i64,
-    bar: u64,
     level: u32,
+    /// The level before the last escalation (`None` after a first alert): what an
+    /// escalation that was not acted on (`forget_cooldown`) goes back to.
+    before: Option<u32>,
+}
+
+/// The rules that escalate within their cooldown: those that count records disclosed.
+/// (Refusals, withheld targets and ended tokens come one at a time from thresholds of 1 to
+/// 20: doubling from those would alert on ordinary traffic, and in `contain` mode revoke
+/// the caller again and again.)
+fn escalates(rule: Rule) -> bool {
+    matches!(rule, Rule::Volume | Rule::LargeExport | Rule::UnusualHours)
+}
+
+/// `amount`'s size in doublings of `threshold`: ⌊log2(amount / threshold)⌋.
+fn doublings(amount: u64, threshold: u64) -> u32 {
+    (amount / threshold.max(1)).max(1).ilog2().min(62)
 }
 
 #[derive(Default)]
@@ -386,8 +403,9 @@ impl Detector {
             });
             let large = self.settings.rule(Rule::LargeExport);
             let mode = large.mode;
+            let threshold = large.threshold_for(ev.role());
             // The threshold, or within a cooldown the escalation's bar.
-            let threshold = self.bar(Rule::LargeExport, &ev, large.threshold_for(ev.role()));
+            let bar = self.bar(Rule::LargeExport, &ev, threshold);
             match &rec.export {
                 // An export's chunks are one response: counted together, raised once, when
                 // their sum first reaches the threshold.
@@ -400,17 +418,18 @@ impl Detector {
                     if seen.seqs.len() > MAX_EVIDENCE {
                         seen.seqs.pop_front();
                     }
-                    if mode != Mode::Off && before < threshold && seen.total >= threshold {
+                    if mode != Mode::Off && before < bar && seen.total >= bar {
                         let summary = format!(
                             "one export disclosed {} records so far (a walk sheet is under \
                              {threshold})",
                             seen.total
                         );
                         let (evidence, total) = (seen.seqs.iter().copied().collect(), seen.total);
-                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out, total);
+                        let amount = (total, threshold);
+                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out, amount);
                     }
                 }
-                None if mode != Mode::Off && disclosed >= threshold => {
+                None if mode != Mode::Off && disclosed >= bar => {
                     let summary = format!(
                         "one response disclosed {disclosed} records (a walk sheet is under \
                          {threshold})"
@@ -421,7 +440,7 @@ impl Detector {
                         vec![seq],
                         summary,
                         &mut out,
-                        disclosed,
+                        (disclosed, threshold),
                     );
                 }
                 None => {}
@@ -515,7 +534,7 @@ impl Detector {
             threshold,
             humantime::format_duration(s.window).to_string(),
         );
-        if self.raise(rule, ev, evidence, summary, out, total) {
+        if self.raise(rule, ev, evidence, summary, out, (total, threshold)) {
             self.windows.remove(&key);
         }
     }
@@ -545,7 +564,7 @@ impl Detector {
             humantime::format_duration(s.window),
         );
         let evidence = seen.evidence();
-        if self.raise(Rule::ManyAddresses, ev, evidence, summary, out, 0) {
+        if self.raise(Rule::ManyAddresses, ev, evidence, summary, out, (0, 1)) {
             self.addresses.remove(&caller.token_id);
             if let Some(f) = out.last_mut() {
                 f.addresses = addrs;
@@ -592,23 +611,26 @@ impl Detector {
         }
         let summary = format!("{} {summary}", evidence.len());
         evidence.drain(..evidence.len().saturating_sub(MAX_EVIDENCE));
-        if self.raise(Rule::Enumeration, ev, evidence, summary, out, 0) {
+        if self.raise(Rule::Enumeration, ev, evidence, summary, out, (0, 1)) {
             self.reads.remove(&key);
         }
     }
 
     /// What `rule` must count for this principal to raise now: `threshold`, or within a
-    /// cooldown the escalation's bar (`Quiet`).
+    /// cooldown the escalation's bar (`Quiet`; nothing, for a rule that does not escalate).
     fn bar(&self, rule: Rule, ev: &Event, threshold: u64) -> u64 {
         match self.quiet_until.get(&(rule, ev.key.clone())) {
-            Some(q) if ev.at < q.until => q.bar,
+            Some(q) if ev.at < q.until && escalates(rule) => {
+                threshold.saturating_mul(1 << (q.level + 1).min(63))
+            }
+            Some(q) if ev.at < q.until => u64::MAX,
             _ => threshold,
         }
     }
 
     /// Records a finding unless the rule is quiet for this principal, or, within its
-    /// cooldown, an escalation when `amount` (what the rule counted; 0 for rules that count
-    /// no amount, which never escalate) reached the bar; true if raised.
+    /// cooldown, an escalation when `amount` (what the rule counted, and its threshold)
+    /// reached the bar (`bar`); true if raised.
     fn raise(
         &mut self,
         rule: Rule,
@@ -616,30 +638,33 @@ impl Detector {
         evidence: Vec<u64>,
         summary: String,
         out: &mut Vec<Finding>,
-        amount: u64,
+        (amount, threshold): (u64, u64),
     ) -> bool {
         let key = (rule, ev.key.clone());
-        let level = match self.quiet_until.get(&key) {
-            Some(q) if ev.at < q.until && amount >= q.bar => q.level + 1,
-            Some(q) if ev.at < q.until => return false,
-            _ => 0,
+        let size = doublings(amount, threshold);
+        let (escalation, before) = match self.quiet_until.get(&key) {
+            Some(q) if ev.at < q.until => {
+                if amount < self.bar(rule, ev, threshold) {
+                    return false;
+                }
+                (size, Some(q.level))
+            }
+            _ => (0, None),
         };
         let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let quiet = Quiet {
             until: ev.at.saturating_add(cooldown),
-            bar: if amount == 0 {
-                u64::MAX
-            } else {
-                amount.saturating_mul(2)
-            },
-            level,
+            level: size,
+            before,
         };
         self.quiet_until.insert(key, quiet);
-        let summary = if level == 0 {
+        let summary = if escalation == 0 {
             summary
         } else {
             format!(
-                "{summary}: escalation {level}, after an alert on the same rule within the cooldown"
+                "{summary}: an escalation ({} times the threshold or more), after an alert on \
+                 the same rule within the cooldown",
+                1u64 << escalation
             )
         };
         out.push(Finding {
@@ -654,15 +679,27 @@ impl Detector {
             at_ms: ev.at,
             unrecorded: None,
             refs: Vec::new(),
-            escalation: level,
+            escalation,
         });
         true
     }
 
-    /// Ends `rule`'s cooldown for `key`: its finding was not acted on (`watch::run` had no
-    /// room for it), so the next record that matches must raise it again.
-    pub fn forget_cooldown(&mut self, rule: Rule, key: &str) {
-        self.quiet_until.remove(&(rule, key.to_owned()));
+    /// Ends `rule`'s cooldown for `key`, or, for an escalation, takes the cooldown back to
+    /// where it was before it: its finding was not acted on (`watch::run` had no room for
+    /// it), so the next record that matches must raise it again.
+    pub fn forget_cooldown(&mut self, rule: Rule, key: &str, escalation: u32) {
+        let key = (rule, key.to_owned());
+        match self.quiet_until.get_mut(&key) {
+            Some(q) if escalation > 0 => match q.before.take() {
+                Some(level) => q.level = level,
+                None => {
+                    self.quiet_until.remove(&key);
+                }
+            },
+            _ => {
+                self.quiet_until.remove(&key);
+            }
+        }
     }
 
     /// Whether `rule` is in its cooldown for the event's principal (`raise` would refuse).

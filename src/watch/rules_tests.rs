@@ -198,8 +198,9 @@ fn escalations(f: &[Finding]) -> Vec<(Rule, u32)> {
 }
 
 /// An alert quiets its rule for the principal for the cooldown, but not whatever follows:
-/// disclosing twice what it was raised at again raises an escalation, and the bar doubles,
-/// so half an hour's scraping after a small alert is seen, in a handful of alerts.
+/// disclosing twice the threshold past the alert's own size raises an escalation, and the
+/// bar doubles, so half an hour's scraping after a small alert is seen, in a handful of
+/// alerts. Rules that count one refusal or withheld target at a time do not escalate.
 #[test]
 fn scraping_on_after_a_volume_alert_escalates() {
     let mut d = with(|s| {
@@ -212,17 +213,31 @@ fn scraping_on_after_a_volume_alert_escalates() {
     let mut records = vec![listing("cllr", SUMMER_MORNING, 2500)];
     records.extend((1..=60).map(|i| listing("cllr", SUMMER_MORNING + i * 30_000, 500)));
     let f = run(&mut d, records);
-    // The bar: 5,000 (pages 1-10), then 10,000 (pages 11-30, ten minutes' worth); then
-    // 20,000, which ten minutes at this rate never reach.
+    // The bar: 4,000 (pages 1-8), then 8,000 (pages 9-24, eight minutes' worth); then
+    // 16,000, which ten minutes at this rate never reach.
     assert_eq!(
         escalations(&f),
         vec![(Rule::Volume, 0), (Rule::Volume, 1), (Rule::Volume, 2)]
     );
-    assert_eq!(f[1].evidence, (2..=11).collect::<Vec<u64>>());
-    assert!(f[1].summary.contains("5000 records"), "{}", f[1].summary);
-    assert!(f[1].summary.contains("escalation 1"), "{}", f[1].summary);
-    assert_eq!(f[2].evidence, (12..=31).collect::<Vec<u64>>());
-    assert!(f[2].summary.contains("escalation 2"), "{}", f[2].summary);
+    assert_eq!(f[1].evidence, (2..=9).collect::<Vec<u64>>());
+    assert!(f[1].summary.contains("4000 records"), "{}", f[1].summary);
+    assert!(
+        f[1].summary.contains("an escalation (2 times"),
+        "{}",
+        f[1].summary
+    );
+    assert_eq!(f[2].evidence, (10..=25).collect::<Vec<u64>>());
+    assert!(f[2].summary.contains("(4 times"), "{}", f[2].summary);
+
+    // Three reads outside the caller's areas make an alert; nine more in the cooldown, none.
+    let mut d = detector();
+    let reads = (0..12)
+        .map(|i| {
+            let id = format!("E{:06}", 9000 + i * 100);
+            read("far", SUMMER_MORNING + i * 1000, &id, Some("out_of_area"))
+        })
+        .collect();
+    assert_eq!(escalations(&run(&mut d, reads)), vec![(Rule::OutOfArea, 0)]);
 }
 
 /// The same for exports: a small one alerted, a whole constituency's a few minutes later is
@@ -241,19 +256,22 @@ fn a_large_export_after_a_small_alert_escalates() {
     let later = SUMMER_MORNING + 300_000;
     records.extend((1..=20).map(|i| chunk("c", later + i, "r2", 500, i as u64)));
     let f = run(&mut d, records);
-    // Raised at 600; the bar then 1,200 (r2's third chunk), 3,000 (its sixth), 6,000 (its
-    // twelfth); r2's 10,000 stop short of 12,000.
+    // Raised at 600 (the threshold 500); the bar then 1,000 (r2's second chunk), 2,000 (its
+    // fourth), 4,000 (its eighth), 8,000 (its sixteenth); r2's 10,000 stop short of 16,000.
     assert_eq!(
         escalations(&f),
         vec![
             (Rule::LargeExport, 0),
             (Rule::LargeExport, 1),
             (Rule::LargeExport, 2),
-            (Rule::LargeExport, 3)
+            (Rule::LargeExport, 3),
+            (Rule::LargeExport, 4)
         ]
     );
-    assert!(f[1].summary.contains("1500 records"), "{}", f[1].summary);
-    assert!(f[3].summary.contains("6000 records"), "{}", f[3].summary);
+    assert!(f[1].summary.contains("1000 records"), "{}", f[1].summary);
+    assert!(f[4].summary.contains("8000 records"), "{}", f[4].summary);
+    // The norm the summary quotes is the threshold, not the bar.
+    assert!(f[4].summary.contains("under 500"), "{}", f[4].summary);
 }
 
 #[test]
@@ -757,7 +775,7 @@ fn a_forgotten_cooldown_raises_again() {
     let f = run(&mut d, vec![listing("c", SUMMER_MORNING, 500)]);
     assert_eq!(rules(&f), vec![Rule::LargeExport]);
     assert_eq!(d.observe(2, &listing("c", SUMMER_MORNING + 1, 500)), vec![]);
-    d.forget_cooldown(Rule::LargeExport, "c");
+    d.forget_cooldown(Rule::LargeExport, "c", 0);
     let again = d.observe(3, &listing("c", SUMMER_MORNING + 2, 500));
     assert_eq!(rules(&again), vec![Rule::LargeExport]);
 }

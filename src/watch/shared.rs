@@ -382,19 +382,14 @@ impl Shared {
     /// and then no mark was taken).
     pub async fn release_alert(&self, rule: Rule, key: &str, escalation: u32) {
         const IF_MINE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-        let held = self.alerting.lock().await.0.clone();
-        // Dropped after an error since the mark was taken: connected afresh.
-        let conn = match held {
-            Some(conn) => Ok(conn),
-            None => self.connection().await,
-        };
-        let mut conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, %rule,
-                    "cannot take back the alert's mark: other replicas stay quiet on it for the cooldown");
-                return;
-            }
+        // Dropped after an error since the mark was taken (or never made: Redis away, and
+        // then no mark was taken): not connected afresh here, which would hold up the acting
+        // task for as long as Redis takes to refuse, finding after finding.
+        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
+            tracing::warn!(%rule,
+                "cannot take back the alert's mark (no connection to the shared store): other \
+                 replicas may stay quiet on it for the cooldown");
+            return;
         };
         let released: redis::RedisResult<i64> = redis::cmd("EVAL")
             .arg(IF_MINE)
