@@ -346,11 +346,16 @@ impl Upstream {
         // which looks the same either way, so an export or a count could be taken as whole
         // when it is not.
         let headers = resp.headers();
+        // Chunked is the last coding named, if it is there at all (RFC 9112 6.1).
+        let chunked = (headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back())
+        .and_then(|v| v.to_str().ok()?.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         let framed = resp.version() >= http::Version::HTTP_2
-            || (resp.version() == http::Version::HTTP_11
-                && (headers.contains_key(header::CONTENT_LENGTH)
-                    || (headers.get_all(header::TRANSFER_ENCODING).iter())
-                        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))));
+            || headers.contains_key(header::CONTENT_LENGTH)
+            || (resp.version() == http::Version::HTTP_11 && chunked);
         if !framed {
             return Err(GatewayError::UpstreamMalformed(
                 "export ends where the connection closes (HTTP/1.0, or neither a length nor \
