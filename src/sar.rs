@@ -284,7 +284,10 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     // removed, and "no disclosures" would read as "none ever".)
     let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
         // Nor does a missing one: a log that was never pruned starts at its first record.
-        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1) {
+        // (Read again before failing: the first prune may have landed meanwhile.)
+        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1)
+            && crate::audit::prune::read_anchor(audit_dir)?.is_none()
+        {
             return Err(std::io::Error::other(format!(
                 "the access log starts at record {seq} and has no `pruned.json` saying that \
                  the records before it were pruned: they are missing (a copy without it, or \

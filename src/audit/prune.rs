@@ -143,7 +143,9 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     for seal in &doomed {
         if seal.first_seq != seq + 1 || seal.first_prev != hash {
             anyhow::bail!(
-                "audit segment {} does not continue the chain from {} (it starts at seq {},                  after seq {seq}): records are missing, or `pruned.json` was lost or replaced;                  nothing is pruned until `wardgate audit verify` passes",
+                "audit segment {} does not continue the chain from {} (it starts at seq {}, \
+                 after seq {seq}): records are missing, or `pruned.json` was lost or replaced; \
+                 nothing is pruned until `wardgate audit verify` passes",
                 seal.segment,
                 if seq == 0 {
                     "its start"

@@ -57,18 +57,19 @@ pub fn each_record_mentioning(
     let mut before: Option<u64> = None;
     for (n, path) in segments {
         stats.segments += 1;
-        // Segments are numbered one after another, and prunes take the oldest: one missing
-        // between two still here is damage, whose records may have named the subject.
-        if let Some(b) = before {
-            stats.lines_unreadable += n.saturating_sub(b + 1);
-        }
-        before = Some(n);
         let offsets = index::read_seal(dir, n).and_then(|_| index::lookup(dir, n, subject));
         // A segment a prune removed since the listing: its records are no longer held (the
         // report's coverage, read after this, says what was pruned).
         let Some(file) = open_listed(dir, n, &path)? else {
+            before = None;
             continue;
         };
+        // Segments are numbered one after another, and prunes take the oldest: one missing
+        // between two opened here is damage, whose records may have named the subject.
+        if let Some(b) = before {
+            stats.lines_unreadable += n.saturating_sub(b + 1);
+        }
+        before = Some(n);
         match offsets {
             Some(offsets) => {
                 stats.segments_indexed += 1;

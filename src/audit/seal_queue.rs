@@ -59,7 +59,9 @@ impl SealQueue {
                             metrics::counter!("wardgate_audit_seal_failures_total").increment(1);
                             tracing::error!(segment = n, error = %e,
                                 "cannot seal audit segment; lookups will scan it, and retention \
-                                 stops at it until a restart seals it again");
+                                 stops at it until it is sealed (a restart tries again; a \
+                                 damaged segment, which `wardgate audit verify` names, must be \
+                                 settled first)");
                         }
                     }
                     let now = left.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
