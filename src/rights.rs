@@ -114,7 +114,8 @@ where
         Ok(p) => p,
         Err(e) => return refuse(gw, trail.caller(), None, &method, &path, e, request_id).await,
     };
-    let outcome = route(&principal, req, &method, &path)
+    let channels = &gw.catalog.words.consent_channels;
+    let outcome = route(&principal, req, &method, &path, channels)
         .await
         .and_then(|(action, purpose)| {
             // The body may have been slow to come: the caller must still stand (not revoked,
@@ -290,11 +291,21 @@ enum Action {
 }
 
 /// The action asked for and the purpose it serves.
+/// Whether the register takes `kind`: one of its own, or the withdrawal of consent on a
+/// channel the asset register adds (`[words] consent_channels`), which the filter honours as
+/// it does the register's own (§10.3.7).
+fn kind_known(kind: &str, channels: &[String]) -> bool {
+    KINDS.contains(&kind)
+        || (kind.strip_prefix("consent_withdrawn_"))
+            .is_some_and(|ch| channels.iter().any(|c| c == ch))
+}
+
 async fn route<B>(
     p: &Principal,
     req: Request<B>,
     method: &Method,
     path: &str,
+    channels: &[String],
 ) -> Result<(Action, &'static str), GatewayError>
 where
     B: hyper::body::Body<Data = Bytes> + Send,
@@ -342,9 +353,13 @@ where
                 return Err(forbidden("admin.rights-dpo-only"));
             }
             let b: Placement = read_json(req).await?;
-            if !KINDS.contains(&b.kind.as_str()) {
+            if !kind_known(&b.kind, channels) {
+                let withdrawals = channels.iter().map(|ch| format!("consent_withdrawn_{ch}"));
+                let kinds: Vec<String> = (KINDS.iter().map(|k| (*k).to_owned()))
+                    .chain(withdrawals)
+                    .collect();
                 return Err(GatewayError::BadRequest(format!(
-                    "`{}` is not a restriction kind; use one of {KINDS:?}",
+                    "`{}` is not a restriction kind; use one of {kinds:?}",
                     b.kind
                 )));
             }
@@ -665,4 +680,24 @@ async fn respond(
         http::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A channel the asset register adds is one whose consent can be withdrawn through the
+    /// register, as the built-in ones are; one it does not add is not a kind.
+    #[test]
+    fn consent_on_a_catalogue_channel_can_be_withdrawn() {
+        let post = vec!["post".to_owned()];
+        assert!(kind_known("consent_withdrawn_post", &post));
+        assert!(!kind_known("consent_withdrawn_post", &[]));
+        assert!(!kind_known("consent_withdrawn_fax", &post));
+        assert!(!kind_known("consent_withdrawn_", &post));
+        for kind in KINDS {
+            assert!(kind_known(kind, &[]), "{kind}");
+        }
+        assert!(!kind_known("post", &post));
+    }
 }
