@@ -147,7 +147,15 @@ where
             {
                 let in_force = gw.controls.references_in_force(subject, kind);
                 if !in_force.contains(reference) {
+                    // The references in force are the register's, which only a caller who
+                    // may read it is told (an erasure's lift is under `erasure`).
+                    let may_read = principal.purposes.iter().any(|p| p == "restriction");
                     return Err(GatewayError::NotInForce(match in_force.is_empty() {
+                        // Whether any is in force at all is the register's too.
+                        _ if !may_read => format!(
+                            "no `{kind}` restriction on `{subject}` has the reference \
+                             `{reference}`"
+                        ),
                         true => format!("no `{kind}` restriction is in force on `{subject}`"),
                         false => format!(
                             "no `{kind}` restriction on `{subject}` has the reference \

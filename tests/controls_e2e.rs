@@ -1542,3 +1542,58 @@ async fn quota_totals_redis_refuses_stop_limited_roles_past_the_bound() {
     );
     app.stop().await;
 }
+
+/// A lift's refusal names the references in force only to a caller who may read the register
+/// (`restriction`): a DPO token granting `erasure` alone learns, by lifting with a guess,
+/// neither the pending erasure's reference nor whether one is pending at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_lift_names_the_references_only_to_a_caller_who_may_read_the_register() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let id = visible_elector(&app).await;
+    let placed = app
+        .admin_post(
+            &format!("/rights/{id}"),
+            &app.token("dpo"),
+            r#"{"kind":"erasure_requested","reference":"ER-2026-0007","reason":"Art 17"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
+    let erasure_only = app.sign(&app.claims("dpo", &["E92000001"], &["erasure"]));
+    let lift = |token: String, subject: String| {
+        let app = &app;
+        async move {
+            app.admin_post(
+                &format!("/rights/{subject}/lift"),
+                &token,
+                r#"{"kind":"erasure_requested","reference":"ER-GUESS","reason":"x"}"#,
+            )
+            .await
+        }
+    };
+    let other = "VF-0000002".to_owned();
+    let with_one = lift(erasure_only.clone(), id.clone()).await;
+    let with_none = lift(erasure_only, other.clone()).await;
+    for r in [&with_one, &with_none] {
+        assert_eq!(r.status, 409, "{:?}", r.body);
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:not-in-force");
+    }
+    let detail = |r: &common::Resp, subject: &str| {
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .replace(subject, "SUBJECT")
+    };
+    assert!(!detail(&with_one, &id).contains("ER-2026-0007"));
+    assert_eq!(detail(&with_one, &id), detail(&with_none, &other));
+    // The full DPO token is told.
+    let told = lift(app.token("dpo"), id.clone()).await;
+    assert!(
+        told.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`ER-2026-0007`"),
+        "{:?}",
+        told.body
+    );
+    app.stop().await;
+}
