@@ -120,6 +120,10 @@ pub enum GatewayError {
     /// A lift naming no restriction in force: the detail says which are.
     #[error("not in force: {0}")]
     NotInForce(String),
+    /// A placement whose reference is already in force for that subject and kind: two
+    /// requests under one reference would be ended by one lift.
+    #[error("already in force: {0}")]
+    AlreadyInForce(String),
     #[error("request body too large")]
     PayloadTooLarge,
     /// An export asked over HTTP/1.0, whose body ends by closing the connection: an export
@@ -201,7 +205,7 @@ impl GatewayError {
             | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
-            GatewayError::NotInForce(_) => StatusCode::CONFLICT,
+            GatewayError::NotInForce(_) | GatewayError::AlreadyInForce(_) => StatusCode::CONFLICT,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -243,6 +247,7 @@ impl GatewayError {
             GatewayError::FilterForbidden(_) => "filter_forbidden",
             GatewayError::NotFound => "not_found",
             GatewayError::NotInForce(_) => "not_in_force",
+            GatewayError::AlreadyInForce(_) => "already_in_force",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::ExportNeedsHttp11 => "http_version_not_supported",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
@@ -274,6 +279,7 @@ impl GatewayError {
             | GatewayError::FilterForbidden(_) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
             GatewayError::NotInForce(_) => "not in force",
+            GatewayError::AlreadyInForce(_) => "already in force",
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
@@ -323,7 +329,8 @@ impl GatewayError {
             }
             GatewayError::WriteForbidden(why)
             | GatewayError::FilterForbidden(why)
-            | GatewayError::NotInForce(why) => why.clone(),
+            | GatewayError::NotInForce(why)
+            | GatewayError::AlreadyInForce(why) => why.clone(),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
@@ -448,6 +455,7 @@ mod tests {
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
             GatewayError::NotInForce("n".into()),
+            GatewayError::AlreadyInForce("a".into()),
             GatewayError::Internal(secret),
             GatewayError::ClientClosed,
         ];
@@ -466,6 +474,7 @@ mod tests {
                 | GatewayError::FilterForbidden(_)
                 | GatewayError::NotFound
                 | GatewayError::NotInForce(_)
+                | GatewayError::AlreadyInForce(_)
                 | GatewayError::PayloadTooLarge
                 | GatewayError::ExportNeedsHttp11
                 | GatewayError::UpstreamUnavailable

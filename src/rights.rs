@@ -134,6 +134,24 @@ where
             // A lift ends one request: it must name one in force, by its reference, so that
             // lifting one (a settled dispute) never lifts another of the same kind (a pending
             // objection).
+            // A placement under a reference in force for that subject and kind would merge
+            // two requests into one, both ended by one lift.
+            if let Action::Change(Event {
+                change:
+                    Change::Place {
+                        subject,
+                        kind,
+                        reference,
+                    },
+                ..
+            }) = &action
+                && (gw.controls.references_in_force(subject, kind)).contains(reference)
+            {
+                return Err(GatewayError::AlreadyInForce(format!(
+                    "a `{kind}` restriction on `{subject}` with the reference `{reference}` is \
+                     in force already: give a new request its own reference"
+                )));
+            }
             if let Action::Change(Event {
                 change:
                     Change::Lift {

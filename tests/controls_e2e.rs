@@ -1545,9 +1545,10 @@ async fn quota_totals_redis_refuses_stop_limited_roles_past_the_bound() {
 
 /// A lift's refusal names the references in force only to a caller who may read the register
 /// (`restriction`): a DPO token granting `erasure` alone learns, by lifting with a guess,
-/// neither the pending erasure's reference nor whether one is pending at all.
+/// neither the pending erasure's reference nor whether one is pending at all. And a second
+/// placement under a reference in force is refused, not merged with the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_lift_names_the_references_only_to_a_caller_who_may_read_the_register() {
+async fn a_reference_in_force_is_neither_placed_twice_nor_told_to_a_caller_who_may_not_read_it() {
     let app = spawn_app_with(AppOptions::default()).await;
     let id = visible_elector(&app).await;
     let placed = app
@@ -1585,6 +1586,26 @@ async fn a_refused_lift_names_the_references_only_to_a_caller_who_may_read_the_r
     };
     assert!(!detail(&with_one, &id).contains("ER-2026-0007"));
     assert_eq!(detail(&with_one, &id), detail(&with_none, &other));
+    // A second request under the same reference is refused, not merged into the first
+    // (one lift would end both).
+    let again = app
+        .admin_post(
+            &format!("/rights/{id}"),
+            &app.token("dpo"),
+            r#"{"kind":"erasure_requested","reference":"ER-2026-0007","reason":"another letter"}"#,
+        )
+        .await;
+    assert_eq!(again.status, 409, "{:?}", again.body);
+    assert_eq!(
+        again.json()["type"],
+        "urn:wardgate:problem:already-in-force"
+    );
+    let held = app
+        .admin_get_with(&format!("/rights/{id}"), &app.token("dpo"))
+        .await;
+    let held = String::from_utf8_lossy(&held.body).into_owned();
+    assert!(held.contains("Art 17"), "{held}");
+    assert!(!held.contains("another letter"), "{held}");
     // The full DPO token is told.
     let told = lift(app.token("dpo"), id.clone()).await;
     assert!(
