@@ -36,6 +36,12 @@ use crate::geography::Geography;
 pub const DEFAULT_DENY: &str = "default-deny";
 
 /// Reported when evaluating a policy raised an error, which denies.
+/// What the log says of a policy request the schema refused (Cedar's own message prints the
+/// request's context, a record's attributes, and is not logged): the pack's schema and the
+/// context the gateway builds disagree, which the pack's tests (`policies/tests/`) show.
+const CONTEXT_REFUSED: &str = "policy request could not be built: the pack's schema refuses \
+     the context the gateway builds (`wardgate validate` runs the pack's tests, which show where)";
+
 pub const POLICY_ERROR: &str = "policy-error";
 
 /// The request-level actions, one per kind of route.
@@ -271,9 +277,12 @@ impl PolicyEngine {
                     Ok((action, context))
                 }) {
                 Ok(p) => p,
-                Err(e) => {
-                    // No field leaves on a request the schema rejects (fail closed).
-                    tracing::error!(error = %e, "field policy request could not be built; denying");
+                Err(_) => {
+                    // No field leaves on a request the schema rejects (fail closed). Cedar's
+                    // message would print the context, a record's attributes: not logged.
+                    if ask.logged {
+                        tracing::error!("{CONTEXT_REFUSED}: field policies; denying");
+                    }
                     return HashSet::new();
                 }
             };
@@ -285,8 +294,10 @@ impl PolicyEngine {
                 });
                 match verdict {
                     Ok(v) => v.allowed,
-                    Err(e) => {
-                        tracing::error!(error = %e, "field policy request could not be built; denying");
+                    Err(_) => {
+                        if ask.logged {
+                            tracing::error!("{CONTEXT_REFUSED}: field category; denying");
+                        }
                         false
                     }
                 }
@@ -333,14 +344,15 @@ impl PolicyEngine {
         Ok((uid("Wardgate::Action", action)?, context))
     }
 
-    /// Runs a decision; a request that cannot be built denies.
+    /// Runs a decision; a request that cannot be built denies (logged without Cedar's message,
+    /// which prints the request's context: a record's area, markers and flags).
     fn decide(&self, ask: &Ask, decision: impl FnOnce() -> anyhow::Result<Verdict>) -> Verdict {
         match decision() {
             Ok(v) => v,
-            Err(e) => {
+            Err(_) => {
                 // A request the schema rejects is a bug or an attack; either way, deny.
                 if ask.logged {
-                    tracing::error!(error = %e, "policy request could not be built; denying");
+                    tracing::error!("{CONTEXT_REFUSED}; denying");
                 }
                 Verdict {
                     allowed: false,

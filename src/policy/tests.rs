@@ -447,6 +447,76 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
     assert!(v.policy_ids.contains(&"policy-error".to_owned()), "{v:?}");
 }
 
+/// A pack whose schema asks for a record attribute the gateway does not send loads (its
+/// policies never read it) and denies every record and field; the log says so without
+/// Cedar's message, which prints the context: a record's area, markers and flags.
+#[test]
+fn a_context_the_schema_refuses_denies_and_logs_no_record_attribute() {
+    let schema = std::fs::read_to_string(repo().join("policies/wardgate.cedarschema")).unwrap();
+    let wants_more = schema.replacen(
+        "type RecordAttrs = {",
+        "type RecordAttrs = {\n    age: Long,",
+        1,
+    );
+    assert_ne!(schema, wants_more);
+    let engine = load_with("wardgate.cedarschema", &wants_more).unwrap();
+    let (_, catalog, _) = shipped_engine();
+    let p = Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "councillor".into(),
+        unit: "u".into(),
+        areas: vec!["E08000035/CGW1".into()],
+        purposes: vec!["canvassing".into()],
+        expires_at: i64::MAX,
+        issued_at: 0,
+        grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
+    };
+    let ask = engine.ask(
+        Arc::new(p),
+        "canvassing",
+        &catalog.purposes["canvassing"].lawful_basis,
+    );
+    let rec = RecordAttrs {
+        area: "E08000035/CGW1".into(),
+        markers: ["Z-MARKER".to_owned()].into(),
+        flags: ["deceased".to_owned()].into(),
+        consented: BTreeSet::new(),
+        tps_fresh: false,
+    };
+    #[derive(Clone)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Captured(Arc::new(std::sync::Mutex::new(Vec::new())));
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let v = engine.decide_record(&ask, "voter", &rec, false);
+    let categories: Vec<String> = catalog.datasets["voter"].fields.values().cloned().collect();
+    let fields = engine.allowed_categories(&ask, "voter", &rec, categories.iter(), false);
+    drop(guard);
+    assert!(!v.allowed);
+    assert!(fields.is_empty(), "{fields:?}");
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("schema refuses"), "{text}");
+    for attribute in ["CGW1", "Z-MARKER", "deceased", "councillor"] {
+        assert!(!text.contains(attribute), "`{attribute}` logged: {text}");
+    }
+}
+
 #[test]
 fn the_scoped_pack_decides_exactly_as_the_whole_pack() {
     let (scoped, catalog, _) = shipped_engine();
