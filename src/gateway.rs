@@ -114,6 +114,9 @@ pub struct Trail {
     detail: Option<serde_json::Value>,
     /// Records held against the caller's quota until the request ends.
     quota: crate::controls::QuotaHold,
+    /// The rights register a page, a read or a write was judged on: one placed on its subject
+    /// while the audit record was made durable stops the answer (or the write) there.
+    pub(crate) judged_on: Option<filter::RegisterFlags>,
 }
 
 /// A data-plane response body: buffered, or an export's stream of audited chunks.
@@ -172,6 +175,8 @@ where
         (Ok(_), false) => (trail.subjects.len() as u64).max(1),
         _ => trail.subjects.len() as u64,
     };
+    // What an answer was judged on, kept past the record (which takes the subjects).
+    let judged = (trail.judged_on.take()).map(|then| (then, trail.subjects.clone()));
     let mut record = audit_record(
         trail,
         result.as_ref().err(),
@@ -208,12 +213,19 @@ where
     }
     let response = match appended {
         Ok(_) => match (result, template) {
-            (Ok(Reply::Body(body)), _) => {
-                if let Some(p) = &trail.caller {
-                    gw.controls.count(p, disclosed);
+            (Ok(Reply::Body(body)), _) => match flagged_since(gw, judged.as_ref()) {
+                Some(e) => {
+                    // Recorded as disclosed, and not sent: a further record says why.
+                    withheld_after_recording(gw, trail, &e, &request_id, client, &method, &path);
+                    boxed(problem_response(&e, &request_id))
                 }
-                boxed(json_response(StatusCode::OK, body, &request_id))
-            }
+                None => {
+                    if let Some(p) = &trail.caller {
+                        gw.controls.count(p, disclosed);
+                    }
+                    boxed(json_response(StatusCode::OK, body, &request_id))
+                }
+            },
             (Ok(Reply::Export(plan)), Some(template)) => {
                 let body = crate::export::start(gw.clone(), *plan, template);
                 let mut resp = Response::new(body);
@@ -315,6 +327,58 @@ impl Drop for Unanswered<'_> {
         );
         self.gw.audit.queue_detached(record);
     }
+}
+
+/// Why an answer judged on a rights register (`Trail::judged_on`) may not leave now: a flag
+/// placed on one of its subjects since (restriction, objection, erasure request: the DPO
+/// was told it holds), or a register that can no longer be read (stale). `None` when it may.
+/// The register is rebuilt whole on each change, so an unchanged one costs one comparison.
+fn flagged_since(
+    gw: &Gateway,
+    judged: Option<&(filter::RegisterFlags, filter::Subjects)>,
+) -> Option<GatewayError> {
+    let (then, subjects) = judged?;
+    match gw.controls.register_flags() {
+        Ok(now) if now.same_as(then) => None,
+        Ok(now) => (subjects.iter())
+            .any(|s| now.gained_since(then, s))
+            .then_some(GatewayError::ControlsStale),
+        Err(e) => Some(e),
+    }
+}
+
+/// The record of an answer recorded as disclosed and then held back (`flagged_since`): the
+/// request's own record names what it would have disclosed; this one, under the same request
+/// id, says it did not leave and why.
+fn withheld_after_recording(
+    gw: &Gateway,
+    trail: &mut Trail,
+    e: &GatewayError,
+    request_id: &str,
+    client: SocketAddr,
+    method: &Method,
+    path: &str,
+) {
+    let mut after = Trail {
+        caller: trail.caller.clone(),
+        purpose: trail.purpose.clone(),
+        lawful_basis: trail.lawful_basis.clone(),
+        dataset: trail.dataset.clone(),
+        route: trail.route.clone(),
+        detail: Some(serde_json::json!({ "withheld_after_recording": "rights_register_changed" })),
+        ..Trail::default()
+    };
+    let record = audit_record(
+        &mut after,
+        Some(e),
+        request_id,
+        client,
+        method,
+        path,
+        e.status(),
+        Instant::now(),
+    );
+    gw.audit.queue_detached(record);
 }
 
 /// A buffered response as a data-plane body.
@@ -478,6 +542,7 @@ where
             let resp = upstream.send(Method::GET, &path, None, request_id).await?;
             let body = expect_json(resp.status, resp.json, resp.body)?;
             let register = register_now(gw, &principal)?;
+            trail.judged_on = Some(register.clone());
             let filtered_on = route.filtered_categories(dataset);
             let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
             let mut memo = policies.decisions.memos.take(asker, &route.dataset);
@@ -542,6 +607,7 @@ where
         RouteKind::Read { id } => {
             let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
             let register = register_now(gw, &principal)?;
+            trail.judged_on = Some(register.clone());
             // A postcode the read names is the record's, or nothing of it leaves: the
             // datastore answers a read by id whatever the postcode, and a look-up purpose's
             // rule is met only by a caller who knew where the person lives. (Judged below,
@@ -634,6 +700,15 @@ where
             .await?;
             trail.written = written;
             log_intent(gw, trail, request_id, client, &asked, id).await?;
+            // A rights request placed on the record while its intent was made durable (a
+            // restriction, a para 22 notice, an erasure request) stops the write here.
+            if let Some(then) = trail.judged_on.take() {
+                let now = register_now(gw, &principal)?;
+                if !now.same_as(&then) && now.gained_since(&then, id) {
+                    trail.withhold_target("rights_register_changed", Vec::new());
+                    return Err(GatewayError::NotFound);
+                }
+            }
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;

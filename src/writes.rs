@@ -96,6 +96,7 @@ pub(crate) async fn check_write(
     }
     let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
     let register = register_now(gw, principal)?;
+    trail.judged_on = Some(register.clone());
     let cx = &FilterContext::new(dataset, &register);
     // Read as a read of the record would be (the filter's scanner: a field named twice, or a
     // record that cannot be classified, is one the caller may not see). A target we cannot

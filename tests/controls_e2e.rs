@@ -1618,3 +1618,107 @@ async fn a_reference_in_force_is_neither_placed_twice_nor_told_to_a_caller_who_m
     );
     app.stop().await;
 }
+
+/// A restriction placed while an answer's audit record waits to be made durable holds that
+/// answer back: the DPO was told the restriction is in force, and the page or record judged
+/// just before it must not leave after. (The audit queue is held full here, so that the read,
+/// judged on the register before the restriction, waits for room while it is placed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let id = visible_elector(&app).await;
+    let path = format!("/voter/electors/{id}");
+    // Every place in the writer's queue taken.
+    let mut rooms = Vec::new();
+    while let Ok(room) =
+        tokio::time::timeout(Duration::from_millis(50), app.gw.audit.reserve()).await
+    {
+        rooms.push(room.unwrap());
+    }
+    assert!(!rooms.is_empty());
+    let token = app.token("councillor");
+    let read = app.get(&path, Some(&token), Some("canvassing"));
+    let restrict = async {
+        // The read has judged its record on the register by now, and waits for room.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (event_id, at) = wardgate::controls::stamp();
+        app.gw
+            .controls
+            .record(wardgate::controls::Event {
+                id: event_id,
+                at,
+                by: "test-dpo".into(),
+                reason: "Art 18".into(),
+                change: wardgate::controls::Change::Place {
+                    subject: id.clone(),
+                    kind: "restricted".into(),
+                    reference: "RR-RACE".into(),
+                },
+            })
+            .await
+            .unwrap();
+        drop(rooms);
+    };
+    let (r, ()) = tokio::join!(read, restrict);
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("surname"),
+        "{:?}",
+        r.body
+    );
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records: Vec<serde_json::Value> = (app.audit_records().into_iter())
+        .filter(|x| x["request_id"] == rid.as_str())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"],
+        "rights_register_changed"
+    );
+    assert_eq!(records[1]["subjects"], serde_json::json!([]));
+    // Asked again, the record is withheld as restricted.
+    let again = app.get(&path, Some(&token), Some("canvassing")).await;
+    assert_eq!(again.status, 404);
+
+    // A write judged before a restriction placed while its intent waits to be recorded is
+    // not forwarded: the datastore keeps the record as it was.
+    let other = "VF-0000002".to_owned();
+    let before = common::datastore_body(app.upstream, &format!("/electors/{other}")).await;
+    let mut rooms = Vec::new();
+    while let Ok(room) =
+        tokio::time::timeout(Duration::from_millis(50), app.gw.audit.reserve()).await
+    {
+        rooms.push(room.unwrap());
+    }
+    let write = app.canvass(
+        &other,
+        &token,
+        "canvassing",
+        r#"{"voting_intention":"LAB"}"#,
+    );
+    let restrict = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (event_id, at) = wardgate::controls::stamp();
+        app.gw
+            .controls
+            .record(wardgate::controls::Event {
+                id: event_id,
+                at,
+                by: "test-dpo".into(),
+                reason: "para 22".into(),
+                change: wardgate::controls::Change::Place {
+                    subject: other.clone(),
+                    kind: "para22_notice".into(),
+                    reference: "P22-RACE".into(),
+                },
+            })
+            .await
+            .unwrap();
+        drop(rooms);
+    };
+    let (w, ()) = tokio::join!(write, restrict);
+    assert_eq!(w.status, 404, "{:?}", w.body);
+    let after = common::datastore_body(app.upstream, &format!("/electors/{other}")).await;
+    assert_eq!(before, after, "the write reached the datastore");
+    app.stop().await;
+}

@@ -50,6 +50,16 @@ impl RegisterFlags {
         self.len() == 0
     }
 
+    /// Whether `subject` carries a flag in this register that it did not in `then`: a
+    /// restriction, objection or erasure request placed since an answer was judged on `then`
+    /// (a flag lifted meanwhile discloses nothing more).
+    pub fn gained_since(&self, then: &RegisterFlags, subject: &str) -> bool {
+        self.get(subject).is_some_and(|flags| {
+            let before = then.get(subject).unwrap_or_default();
+            flags.iter().any(|f| !before.contains(f))
+        })
+    }
+
     /// Whether both are the one state of the register (`Controls` builds one per change).
     pub fn same_as(&self, other: &RegisterFlags) -> bool {
         match (&self.0, &other.0) {
