@@ -176,7 +176,13 @@ where
         _ => trail.subjects.len() as u64,
     };
     // What an answer was judged on, kept past the record (which takes the subjects).
-    let judged = (trail.judged_on.take()).map(|then| (then, trail.subjects.clone()));
+    let judged = (trail.judged_on.take()).map(|then| Judged {
+        then,
+        subjects: trail.subjects.clone(),
+        route: trail.route.clone(),
+        lawful_basis: trail.lawful_basis.clone(),
+        wrote: !trail.written.is_empty(),
+    });
     let mut record = audit_record(
         trail,
         result.as_ref().err(),
@@ -211,15 +217,29 @@ where
     if let Err(e) = &result {
         log_unexplained(e, &request_id);
     }
+    // Looked at once the record is durable: a rights change made meanwhile holds it back.
+    let held = match (&appended, &result) {
+        (Ok(_), Ok(Reply::Body(_))) => flagged_since(gw, judged.as_ref()),
+        _ => None,
+    };
     let response = match appended {
         Ok(_) => match (result, template) {
-            (Ok(Reply::Body(body)), _) => match flagged_since(gw, judged.as_ref()) {
-                Some(e) => {
+            (Ok(Reply::Body(body)), _) => match (held, judged) {
+                (Some((e, why)), Some(judged)) => {
                     // Recorded as disclosed, and not sent: a further record says why.
-                    withheld_after_recording(gw, trail, &e, &request_id, client, &method, &path);
-                    boxed(problem_response(&e, &request_id))
+                    let wrote = judged.wrote;
+                    let at = (&request_id[..], client, &method, &path[..]);
+                    withheld_after_recording(gw, trail, judged, &e, why, at);
+                    if wrote {
+                        // The write is done: shown nothing of, not an error that would have
+                        // it sent again.
+                        let nothing = Bytes::from_static(b"{\"record\":null}");
+                        boxed(json_response(StatusCode::OK, nothing, &request_id))
+                    } else {
+                        boxed(problem_response(&e, &request_id))
+                    }
                 }
-                None => {
+                _ => {
                     if let Some(p) = &trail.caller {
                         gw.controls.count(p, disclosed);
                     }
@@ -333,42 +353,54 @@ impl Drop for Unanswered<'_> {
 /// placed on one of its subjects since (restriction, objection, erasure request: the DPO
 /// was told it holds), or a register that can no longer be read (stale). `None` when it may.
 /// The register is rebuilt whole on each change, so an unchanged one costs one comparison.
-fn flagged_since(
-    gw: &Gateway,
-    judged: Option<&(filter::RegisterFlags, filter::Subjects)>,
-) -> Option<GatewayError> {
-    let (then, subjects) = judged?;
+fn flagged_since(gw: &Gateway, judged: Option<&Judged>) -> Option<(GatewayError, &'static str)> {
+    let Judged { then, subjects, .. } = judged?;
     match gw.controls.register_flags() {
         Ok(now) if now.same_as(then) => None,
         Ok(now) => (subjects.iter())
             .any(|s| now.gained_since(then, s))
-            .then_some(GatewayError::ControlsStale),
-        Err(e) => Some(e),
+            .then_some((GatewayError::ControlsStale, "rights_register_changed")),
+        Err(e) => {
+            let why = e.code();
+            Some((e, why))
+        }
     }
+}
+
+/// What an answer was judged on (`Trail::judged_on`), kept past its audit record for
+/// `flagged_since` and the record that says it was held back.
+struct Judged {
+    then: filter::RegisterFlags,
+    subjects: filter::Subjects,
+    route: Option<String>,
+    lawful_basis: Option<String>,
+    /// A write's answer (the write is done).
+    wrote: bool,
 }
 
 /// The record of an answer recorded as disclosed and then held back (`flagged_since`): the
 /// request's own record names what it would have disclosed; this one, under the same request
-/// id, says it did not leave and why.
+/// id and naming the same subjects (a subject access report leaves the answer out), says it
+/// did not leave and why.
 fn withheld_after_recording(
     gw: &Gateway,
     trail: &mut Trail,
+    judged: Judged,
     e: &GatewayError,
-    request_id: &str,
-    client: SocketAddr,
-    method: &Method,
-    path: &str,
+    why: &str,
+    (request_id, client, method, path): (&str, SocketAddr, &Method, &str),
 ) {
     let mut after = Trail {
+        client_request_id: trail.client_request_id.clone(),
         caller: trail.caller.clone(),
         purpose: trail.purpose.clone(),
-        lawful_basis: trail.lawful_basis.clone(),
+        lawful_basis: judged.lawful_basis,
         dataset: trail.dataset.clone(),
-        route: trail.route.clone(),
-        detail: Some(serde_json::json!({ "withheld_after_recording": "rights_register_changed" })),
+        route: judged.route,
+        detail: Some(serde_json::json!({ "withheld_after_recording": why })),
         ..Trail::default()
     };
-    let record = audit_record(
+    let mut record = audit_record(
         &mut after,
         Some(e),
         request_id,
@@ -378,6 +410,9 @@ fn withheld_after_recording(
         e.status(),
         Instant::now(),
     );
+    // Named, though nothing left (a refusal names none): a subject access search finds it
+    // beside the record it corrects.
+    record.subjects = judged.subjects;
     gw.audit.queue_detached(record);
 }
 
@@ -736,6 +771,9 @@ where
                 Ok(r) => r,
                 Err(e) => return nothing(trail, e.code()),
             };
+            // What of the record is shown is held back too if a flag comes while its record
+            // is made durable (`flagged_since`).
+            trail.judged_on = Some(register.clone());
             let cx = FilterContext::new(dataset, &register);
             match filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a)) {
                 // A record answered under another id (a write resolving ids otherwise than

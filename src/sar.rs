@@ -141,9 +141,20 @@ pub fn build_from(
     }
     // Stable: one log's records keep their order.
     records.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
+    // Answers recorded as disclosed and then held back (`gateway::flagged_since`): a second
+    // record under the same request id says they did not leave.
+    let held_back: BTreeSet<&str> = (records.iter())
+        .filter(|r| r["detail"]["withheld_after_recording"].is_string())
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
     let disclosures: Vec<Disclosure> = records
         .iter()
         .filter(|r| r["decision"] == "allow" && r["status"] == 200)
+        .filter(|r| {
+            !r["request_id"]
+                .as_str()
+                .is_some_and(|id| held_back.contains(id))
+        })
         .map(|r| entry(r, &subjects_fields(r, subject)))
         .collect();
     // A write's own record, made before it is forwarded (`gateway::log_intent`): what the
@@ -285,9 +296,10 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
         // Nor does a missing one: a log that was never pruned starts at its first record.
         // (Read again before failing: the first prune may have landed meanwhile.)
-        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1)
-            && crate::audit::prune::read_anchor(audit_dir)?.is_none()
-        {
+        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1) {
+            if crate::audit::prune::read_anchor(audit_dir)?.is_some() {
+                return coverage(audit_dir);
+            }
             return Err(std::io::Error::other(format!(
                 "the access log starts at record {seq} and has no `pruned.json` saying that \
                  the records before it were pruned: they are missing (a copy without it, or \

@@ -1675,7 +1675,29 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
         records[1]["detail"]["withheld_after_recording"],
         "rights_register_changed"
     );
-    assert_eq!(records[1]["subjects"], serde_json::json!([]));
+    // The second record is the first's in all but the outcome.
+    for field in [
+        "subjects",
+        "route",
+        "lawful_basis",
+        "purpose",
+        "caller",
+        "dataset",
+    ] {
+        assert_eq!(records[1][field], records[0][field], "{field}: {records:?}");
+    }
+    assert_eq!(records[1]["subjects"], serde_json::json!([id]));
+    assert_eq!(records[1]["decision"], "error");
+    // A subject access report does not list it as a disclosure.
+    let sar = app
+        .admin_get_with(&format!("/sar/{id}"), &app.token("dpo"))
+        .await;
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let disclosures = sar.json()["disclosures"].clone();
+    assert!(
+        !(disclosures.as_array().unwrap().iter()).any(|d| d["request_id"] == rid.as_str()),
+        "{disclosures}"
+    );
     // Asked again, the record is withheld as restricted.
     let again = app.get(&path, Some(&token), Some("canvassing")).await;
     assert_eq!(again.status, 404);
