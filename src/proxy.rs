@@ -353,8 +353,11 @@ impl Upstream {
             .next_back())
         .and_then(|v| v.to_str().ok()?.rsplit(',').next())
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        // A length frames the body only where no transfer coding is named (RFC 9112 6.3:
+        // a coding list not ending in chunked runs to the connection's close).
+        let coded = headers.contains_key(header::TRANSFER_ENCODING);
         let framed = resp.version() >= http::Version::HTTP_2
-            || headers.contains_key(header::CONTENT_LENGTH)
+            || (!coded && headers.contains_key(header::CONTENT_LENGTH))
             || (resp.version() == http::Version::HTTP_11 && chunked);
         if !framed {
             return Err(GatewayError::UpstreamMalformed(

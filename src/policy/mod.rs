@@ -35,13 +35,13 @@ use crate::geography::Geography;
 /// Reported when nothing permitted a request (Cedar's default deny has no policy id).
 pub const DEFAULT_DENY: &str = "default-deny";
 
-/// Reported when evaluating a policy raised an error, which denies.
 /// What the log says of a policy request the schema refused (Cedar's own message prints the
 /// request's context, a record's attributes, and is not logged): the pack's schema and the
 /// context the gateway builds disagree, which the pack's tests (`policies/tests/`) show.
 const CONTEXT_REFUSED: &str = "policy request could not be built: the pack's schema refuses \
      the context the gateway builds (`wardgate validate` runs the pack's tests, which show where)";
 
+/// Reported when evaluating a policy raised an error, which denies.
 pub const POLICY_ERROR: &str = "policy-error";
 
 /// The request-level actions, one per kind of route.

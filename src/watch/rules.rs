@@ -155,9 +155,9 @@ pub fn logged_key(key: &str) -> &str {
 struct Quiet {
     until: i64,
     level: u32,
-    /// The level before the last escalation (`None` after a first alert): what an
+    /// The level and end before the last escalation (`None` after a first alert): what an
     /// escalation that was not acted on (`forget_cooldown`) goes back to.
-    before: Option<u32>,
+    before: Option<(u32, i64)>,
 }
 
 /// The rules that escalate within their cooldown: those that count records disclosed.
@@ -647,7 +647,7 @@ impl Detector {
                 if amount < self.bar(rule, ev, threshold) {
                     return false;
                 }
-                (size, Some(q.level))
+                (size, Some((q.level, q.until)))
             }
             _ => (0, None),
         };
@@ -690,12 +690,14 @@ impl Detector {
     pub fn forget_cooldown(&mut self, rule: Rule, key: &str, escalation: u32) {
         let key = (rule, key.to_owned());
         match self.quiet_until.get_mut(&key) {
-            Some(q) if escalation > 0 => match q.before.take() {
-                Some(level) => q.level = level,
-                None => {
-                    self.quiet_until.remove(&key);
+            // Only the latest escalation is undone (an older one was superseded already).
+            Some(q) if escalation > 0 => {
+                if q.level == escalation
+                    && let Some((level, until)) = q.before.take()
+                {
+                    (q.level, q.until) = (level, until);
                 }
-            },
+            }
             _ => {
                 self.quiet_until.remove(&key);
             }

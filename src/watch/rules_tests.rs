@@ -240,6 +240,28 @@ fn scraping_on_after_a_volume_alert_escalates() {
     assert_eq!(escalations(&run(&mut d, reads)), vec![(Rule::OutOfArea, 0)]);
 }
 
+/// An escalation that was not acted on (no room to queue it) is undone: the next amount
+/// that reaches its bar raises it again, rather than the bar it set.
+#[test]
+fn an_escalation_not_acted_on_is_raised_again() {
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::LargeExport) {
+            r.mode = Mode::Off;
+        }
+    });
+    let mut records = vec![listing("cllr", SUMMER_MORNING, 2500)];
+    records.extend((1..=8).map(|i| listing("cllr", SUMMER_MORNING + i * 30_000, 500)));
+    let f = run(&mut d, records);
+    assert_eq!(escalations(&f), vec![(Rule::Volume, 0), (Rule::Volume, 1)]);
+    d.forget_cooldown(Rule::Volume, "cllr", 1);
+    let again = (9..=16)
+        .map(|i| listing("cllr", SUMMER_MORNING + i * 30_000, 500))
+        .enumerate()
+        .flat_map(|(n, r)| d.observe(100 + n as u64, &r))
+        .collect::<Vec<_>>();
+    assert_eq!(escalations(&again), vec![(Rule::Volume, 1)]);
+}
+
 /// The same for exports: a small one alerted, a whole constituency's a few minutes later is
 /// not silenced by it.
 #[test]
