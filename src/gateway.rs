@@ -231,8 +231,11 @@ where
                     let at = (&request_id[..], client, &method, &path[..]);
                     withheld_after_recording(gw, trail, judged, &e, why, at);
                     if wrote {
-                        // The write is done: shown nothing of, not an error that would have
-                        // it sent again.
+                        // The write is done: counted (a write counts one record at least)
+                        // and shown nothing of, not an error that would have it sent again.
+                        if let Some(p) = &trail.caller {
+                            gw.controls.count(p, disclosed);
+                        }
                         let nothing = Bytes::from_static(b"{\"record\":null}");
                         boxed(json_response(StatusCode::OK, nothing, &request_id))
                     } else {
@@ -390,6 +393,16 @@ fn withheld_after_recording(
     why: &str,
     (request_id, client, method, path): (&str, SocketAddr, &Method, &str),
 ) {
+    // A done write's answer is 200 with nothing of the record; anything else is the error.
+    let (status, detail) = if judged.wrote {
+        let detail = serde_json::json!({ "withheld_after_recording": why, "shown": "nothing" });
+        (StatusCode::OK, detail)
+    } else {
+        (
+            e.status(),
+            serde_json::json!({ "withheld_after_recording": why }),
+        )
+    };
     let mut after = Trail {
         client_request_id: trail.client_request_id.clone(),
         caller: trail.caller.clone(),
@@ -397,7 +410,7 @@ fn withheld_after_recording(
         lawful_basis: judged.lawful_basis,
         dataset: trail.dataset.clone(),
         route: judged.route,
-        detail: Some(serde_json::json!({ "withheld_after_recording": why })),
+        detail: Some(detail),
         ..Trail::default()
     };
     let mut record = audit_record(
@@ -407,7 +420,7 @@ fn withheld_after_recording(
         client,
         method,
         path,
-        e.status(),
+        status,
         Instant::now(),
     );
     // Named, though nothing left (a refusal names none): a subject access search finds it

@@ -698,6 +698,9 @@ impl Detector {
                     (q.level, q.until) = (level, until);
                 }
             }
+            // A first alert's: not if an escalation since still waits to be acted on (its
+            // cooldown is that escalation's).
+            Some(q) if q.before.is_some() => {}
             _ => {
                 self.quiet_until.remove(&key);
             }
