@@ -67,6 +67,8 @@ pub mod sar;
 pub mod server;
 pub mod server_cert;
 pub mod startup;
+#[cfg(test)]
+pub(crate) mod test_log;
 pub mod token;
 pub mod watch;
 pub mod writes;

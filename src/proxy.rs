@@ -445,33 +445,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    /// What the log was given, for the test that reads it.
-    #[derive(Clone)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_failed_exchange_is_logged_without_its_path_or_query() {
         // A datastore that is not there: the port was free a moment ago.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let logs = Captured(Arc::new(Mutex::new(Vec::new())));
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _log = tracing::subscriber::set_default(subscriber);
+        let (_log, logs) = crate::test_log::capture();
         let upstreams = upstream(&base, 1);
         let up = upstreams.get("voter").unwrap();
         let read = up
@@ -487,7 +467,7 @@ mod tests {
             .open_stream("/electors/export?postcode=LS15%208AB", "req-two")
             .await;
         assert!(matches!(export, Err(GatewayError::UpstreamUnavailable)));
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text();
         // Both failures were logged, each under its request id and the datastore's address...
         assert!(
             text.contains("req-one") && text.contains("req-two"),

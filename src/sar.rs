@@ -290,13 +290,13 @@ pub fn build_from(
 
 /// `Some` once records have been pruned: how many, and from when the log holds the rest.
 fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
-    use std::io::BufRead;
     // (A damaged anchor fails the report: without it, it would not say that records were
     // removed, and "no disclosures" would read as "none ever".)
     let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
         // Nor does a missing one: a log that was never pruned starts at its first record.
         // (Read again before failing: the first prune may have landed meanwhile.)
-        if let Some(seq) = oldest_seq(audit_dir).filter(|seq| *seq > 1) {
+        let oldest_seq = oldest_record(audit_dir).and_then(|r| r["seq"].as_u64());
+        if let Some(seq) = oldest_seq.filter(|seq| *seq > 1) {
             if crate::audit::prune::read_anchor(audit_dir)?.is_some() {
                 return coverage(audit_dir);
             }
@@ -308,19 +308,8 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
         }
         return Ok(None);
     };
-    // The oldest segment that yields a record: one may be empty, torn, or pruned since it was
-    // listed.
-    let held_from = crate::audit::segment::list_segments(audit_dir)
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|(_, path)| {
-            let mut line = Vec::new();
-            std::io::BufReader::new(std::fs::File::open(path).ok()?)
-                .read_until(b'\n', &mut line)
-                .ok()?;
-            let first: Value = serde_json::from_slice(&line).ok()?;
-            Some(text(&first, "ts")).filter(|ts| !ts.is_empty())
-        })
+    let held_from = oldest_record(audit_dir)
+        .map(|first| text(&first, "ts"))
         .unwrap_or_default();
     Ok(Some(Coverage {
         pruned_records: anchor.pruned_records,
@@ -328,8 +317,9 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     }))
 }
 
-/// The sequence number of the oldest record the log holds (its first segment that yields one).
-fn oldest_seq(audit_dir: &Path) -> Option<u64> {
+/// The oldest record the log holds: the first of the first segment that yields one (one may
+/// be empty, torn, or pruned since it was listed).
+fn oldest_record(audit_dir: &Path) -> Option<Value> {
     use std::io::BufRead;
     crate::audit::segment::list_segments(audit_dir)
         .ok()?
@@ -339,7 +329,7 @@ fn oldest_seq(audit_dir: &Path) -> Option<u64> {
             std::io::BufReader::new(std::fs::File::open(path).ok()?)
                 .read_until(b'\n', &mut line)
                 .ok()?;
-            serde_json::from_slice::<Value>(&line).ok()?["seq"].as_u64()
+            serde_json::from_slice::<Value>(&line).ok()
         })
 }
 

@@ -1619,6 +1619,39 @@ async fn a_reference_in_force_is_neither_placed_twice_nor_told_to_a_caller_who_m
     app.stop().await;
 }
 
+/// Every place in the audit writer's queue, taken: requests then wait for room after they
+/// have been judged, until the rooms are dropped.
+async fn hold_the_audit_queue(app: &TestApp) -> Vec<wardgate::audit::Room> {
+    let mut rooms = Vec::new();
+    while let Ok(room) =
+        tokio::time::timeout(Duration::from_millis(50), app.gw.audit.reserve()).await
+    {
+        rooms.push(room.unwrap());
+    }
+    assert!(!rooms.is_empty());
+    rooms
+}
+
+/// Places a restriction straight into the controls (journal and mirror), as the admin plane
+/// does once its own audit record is durable: here, with the audit queue held full.
+async fn place_directly(app: &TestApp, subject: &str, kind: &str, reference: &str) {
+    let (id, at) = wardgate::controls::stamp();
+    let change = wardgate::controls::Change::Place {
+        subject: subject.to_owned(),
+        kind: kind.to_owned(),
+        reference: reference.to_owned(),
+    };
+    let by = "test-dpo".to_owned();
+    let event = wardgate::controls::Event {
+        id,
+        at,
+        by,
+        reason: "a rights request".into(),
+        change,
+    };
+    app.gw.controls.record(event).await.unwrap();
+}
+
 /// A restriction placed while an answer's audit record waits to be made durable holds that
 /// answer back: the DPO was told the restriction is in force, and the page or record judged
 /// just before it must not leave after. (The audit queue is held full here, so that the read,
@@ -1628,35 +1661,13 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
     let app = spawn_app_with(AppOptions::default()).await;
     let id = visible_elector(&app).await;
     let path = format!("/voter/electors/{id}");
-    // Every place in the writer's queue taken.
-    let mut rooms = Vec::new();
-    while let Ok(room) =
-        tokio::time::timeout(Duration::from_millis(50), app.gw.audit.reserve()).await
-    {
-        rooms.push(room.unwrap());
-    }
-    assert!(!rooms.is_empty());
+    let rooms = hold_the_audit_queue(&app).await;
     let token = app.token("councillor");
     let read = app.get(&path, Some(&token), Some("canvassing"));
     let restrict = async {
         // The read has judged its record on the register by now, and waits for room.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (event_id, at) = wardgate::controls::stamp();
-        app.gw
-            .controls
-            .record(wardgate::controls::Event {
-                id: event_id,
-                at,
-                by: "test-dpo".into(),
-                reason: "Art 18".into(),
-                change: wardgate::controls::Change::Place {
-                    subject: id.clone(),
-                    kind: "restricted".into(),
-                    reference: "RR-RACE".into(),
-                },
-            })
-            .await
-            .unwrap();
+        place_directly(&app, &id, "restricted", "RR-RACE").await;
         drop(rooms);
     };
     let (r, ()) = tokio::join!(read, restrict);
@@ -1706,12 +1717,7 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
     // not forwarded: the datastore keeps the record as it was.
     let other = "VF-0000002".to_owned();
     let before = common::datastore_body(app.upstream, &format!("/electors/{other}")).await;
-    let mut rooms = Vec::new();
-    while let Ok(room) =
-        tokio::time::timeout(Duration::from_millis(50), app.gw.audit.reserve()).await
-    {
-        rooms.push(room.unwrap());
-    }
+    let rooms = hold_the_audit_queue(&app).await;
     let write = app.canvass(
         &other,
         &token,
@@ -1720,22 +1726,7 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
     );
     let restrict = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (event_id, at) = wardgate::controls::stamp();
-        app.gw
-            .controls
-            .record(wardgate::controls::Event {
-                id: event_id,
-                at,
-                by: "test-dpo".into(),
-                reason: "para 22".into(),
-                change: wardgate::controls::Change::Place {
-                    subject: other.clone(),
-                    kind: "para22_notice".into(),
-                    reference: "P22-RACE".into(),
-                },
-            })
-            .await
-            .unwrap();
+        place_directly(&app, &other, "para22_notice", "P22-RACE").await;
         drop(rooms);
     };
     let (w, ()) = tokio::join!(write, restrict);

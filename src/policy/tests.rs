@@ -406,6 +406,25 @@ fn duplicate_ids_are_refused() {
     assert!(format!("{err:#}").contains("used twice"));
 }
 
+/// A councillor granted `area`, asking under `canvassing`.
+fn canvassing_councillor(engine: &PolicyEngine, catalog: &Catalog, area: &str) -> Ask {
+    let p = Principal {
+        subject: "s".into(),
+        token_id: "t".into(),
+        role: "councillor".into(),
+        unit: "u".into(),
+        areas: vec![area.into()],
+        purposes: vec!["canvassing".into()],
+        expires_at: i64::MAX,
+        issued_at: 0,
+        grant_expires_at: None,
+        key_id: String::new(),
+        key_sha256: String::new(),
+    };
+    let basis = &catalog.purposes["canvassing"].lawful_basis;
+    engine.ask(Arc::new(p), "canvassing", basis)
+}
+
 #[test]
 fn an_evaluation_error_denies_even_when_a_permit_matches() {
     // An attribute lookup on an area the entity store does not hold is an evaluation error:
@@ -417,24 +436,7 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
     )
     .unwrap();
     let (_, catalog, _) = shipped_engine();
-    let p = Principal {
-        subject: "s".into(),
-        token_id: "t".into(),
-        role: "councillor".into(),
-        unit: "u".into(),
-        areas: vec!["GHOST".into()],
-        purposes: vec!["canvassing".into()],
-        expires_at: i64::MAX,
-        issued_at: 0,
-        grant_expires_at: None,
-        key_id: String::new(),
-        key_sha256: String::new(),
-    };
-    let ask = engine.ask(
-        Arc::new(p),
-        "canvassing",
-        &catalog.purposes["canvassing"].lawful_basis,
-    );
+    let ask = canvassing_councillor(&engine, &catalog, "GHOST");
     let rec = RecordAttrs {
         area: "GHOST".into(),
         markers: BTreeSet::new(),
@@ -461,24 +463,7 @@ fn a_context_the_schema_refuses_denies_and_logs_no_record_attribute() {
     assert_ne!(schema, wants_more);
     let engine = load_with("wardgate.cedarschema", &wants_more).unwrap();
     let (_, catalog, _) = shipped_engine();
-    let p = Principal {
-        subject: "s".into(),
-        token_id: "t".into(),
-        role: "councillor".into(),
-        unit: "u".into(),
-        areas: vec!["E08000035/CGW1".into()],
-        purposes: vec!["canvassing".into()],
-        expires_at: i64::MAX,
-        issued_at: 0,
-        grant_expires_at: None,
-        key_id: String::new(),
-        key_sha256: String::new(),
-    };
-    let ask = engine.ask(
-        Arc::new(p),
-        "canvassing",
-        &catalog.purposes["canvassing"].lawful_basis,
-    );
+    let ask = canvassing_councillor(&engine, &catalog, "E08000035/CGW1");
     let rec = RecordAttrs {
         area: "E08000035/CGW1".into(),
         markers: ["Z-MARKER".to_owned()].into(),
@@ -486,31 +471,14 @@ fn a_context_the_schema_refuses_denies_and_logs_no_record_attribute() {
         consented: BTreeSet::new(),
         tps_fresh: false,
     };
-    #[derive(Clone)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let logs = Captured(Arc::new(std::sync::Mutex::new(Vec::new())));
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
+    let (guard, logs) = crate::test_log::capture();
     let v = engine.decide_record(&ask, "voter", &rec, false);
     let categories: Vec<String> = catalog.datasets["voter"].fields.values().cloned().collect();
     let fields = engine.allowed_categories(&ask, "voter", &rec, categories.iter(), false);
     drop(guard);
     assert!(!v.allowed);
     assert!(fields.is_empty(), "{fields:?}");
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(text.contains("schema refuses"), "{text}");
     for attribute in ["CGW1", "Z-MARKER", "deceased", "councillor"] {
         assert!(!text.contains(attribute), "`{attribute}` logged: {text}");
