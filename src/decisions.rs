@@ -290,11 +290,17 @@ impl MemoPool {
     /// This caller's memo for this dataset, or a new one.
     pub fn take(&self, asker: Asker, dataset: &str) -> Lease<'_> {
         let key = (asker, dataset.to_owned());
-        let kept = self
-            .kept
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(&key).and_then(Vec::pop));
+        // A caller's last memo taken leaves no entry behind: an empty one would be what
+        // `put_back` forgets to make room, freeing nothing, and the pool would outgrow its
+        // bound by as many memos as are out.
+        let kept = self.kept.lock().ok().and_then(|mut m| {
+            let memos = m.get_mut(&key)?;
+            let memo = memos.pop();
+            if memos.is_empty() {
+                m.remove(&key);
+            }
+            memo
+        });
         Lease {
             pool: self,
             memo: kept.unwrap_or_else(|| Memo::with_limit(MAX_KEPT_DECISIONS)),
@@ -430,9 +436,22 @@ mod tests {
         for n in 100..300 {
             drop(pool.take(caller(n), "voter"));
         }
+        {
+            let kept = pool.kept.lock().unwrap();
+            assert!(kept.values().map(Vec::len).sum::<usize>() <= MAX_KEPT_MEMOS);
+            assert!(kept.contains_key(&(caller(299), "voter".to_owned())));
+        }
+        // With memos out (taken from the pool, their callers' entries emptied), a wave of new
+        // callers still finds the pool at its bound, and so does everything put back after.
+        let out: Vec<_> = (240..300).map(|n| pool.take(caller(n), "voter")).collect();
+        for n in 1000..1200 {
+            drop(pool.take(caller(n), "voter"));
+        }
+        drop(out);
         let kept = pool.kept.lock().unwrap();
-        assert!(kept.values().map(Vec::len).sum::<usize>() <= MAX_KEPT_MEMOS);
-        assert!(kept.contains_key(&(caller(299), "voter".to_owned())));
+        let total = kept.values().map(Vec::len).sum::<usize>();
+        assert!(total <= MAX_KEPT_MEMOS, "{total} memos kept");
+        assert!(kept.values().all(|memos| !memos.is_empty()));
     }
 
     #[test]
