@@ -27,7 +27,8 @@
 //! - [`writes`]: what a write body may carry.
 //! - [`proxy`]: the upstream client; [`connector`]: its connections, TCP or TLS to `https://`
 //!   datastores, within one deadline.
-//! - [`filter`]: row and field filtering over raw JSON.
+//! - [`filter`]: row and field filtering over raw JSON; [`uk_time`]: the UK's date and
+//!   summer time, which ages, TPS checks and working hours are judged in.
 //! - [`export`]: streamed exports, filtered line by line and audited chunk by chunk.
 //! - [`audit`]: the durable, hash-chained access log.
 //! - [`error`]: the request path's one error type and its mapping to problem+json.
@@ -70,5 +71,6 @@ pub mod startup;
 #[cfg(test)]
 pub(crate) mod test_log;
 pub mod token;
+pub mod uk_time;
 pub mod watch;
 pub mod writes;

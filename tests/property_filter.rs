@@ -196,7 +196,7 @@ fn age_from_attainer(v: &Value) -> Option<Option<i32>> {
     };
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
     let turns_18 = time::Date::parse(s, &fmt).ok()?;
-    let today = time::OffsetDateTime::now_utc().date();
+    let today = wardgate::uk_time::uk_date(time::OffsetDateTime::now_utc());
     let birthday = (u8::from(turns_18.month()), turns_18.day());
     let before_birthday = (u8::from(today.month()), today.day()) < birthday;
     Some(Some(
@@ -420,12 +420,13 @@ fn mutate(mut r: Value, flags: &[usize], anonymous: bool, consent: u8) -> Value 
         }
     }
     if consent & 0x40 != 0 {
-        r["tps_checked_at"] = json!(time::OffsetDateTime::now_utc().date().to_string());
+        r["tps_checked_at"] =
+            json!(wardgate::uk_time::uk_date(time::OffsetDateTime::now_utc()).to_string());
     }
     // Attainer dates around the sixteenth birthday (two years before the eighteenth), and
     // one that is no date at all.
     if consent & 0x80 != 0 {
-        let today = time::OffsetDateTime::now_utc().date();
+        let today = wardgate::uk_time::uk_date(time::OffsetDateTime::now_utc());
         r["attainer_date"] = match consent % 6 {
             5 => json!("2028-02-30"),
             k => json!(

@@ -681,9 +681,10 @@ fn days_since_epoch(date: time::Date) -> i64 {
     i64::from(date.to_julian_day()) - i64::from(time::macros::date!(1970 - 01 - 01).to_julian_day())
 }
 
-/// Days since 1970-01-01 now.
+/// Days since 1970-01-01 now, by the UK's date (`uk_time`): a TPS check's window and a
+/// person's sixteenth birthday end at midnight in the UK.
 pub fn today() -> i64 {
-    days_since_epoch(time::OffsetDateTime::now_utc().date())
+    days_since_epoch(crate::uk_time::uk_date(time::OffsetDateTime::now_utc()))
 }
 
 #[cfg(test)]

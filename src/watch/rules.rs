@@ -849,28 +849,10 @@ pub fn local_minute(at_ms: i64, zone: Zone) -> u32 {
     };
     let offset = match zone {
         Zone::Utc => 0,
-        Zone::EuropeLondon if british_summer_time(utc) => 60,
+        Zone::EuropeLondon if crate::uk_time::british_summer_time(utc) => 60,
         Zone::EuropeLondon => 0,
     };
     (u32::from(utc.hour()) * 60 + u32::from(utc.minute()) + offset) % (24 * 60)
-}
-
-/// BST runs from 01:00 UTC on the last Sunday of March to 01:00 UTC on the last Sunday of
-/// October (the Summer Time Order 2002).
-fn british_summer_time(utc: time::OffsetDateTime) -> bool {
-    let last_sunday_0100 = |month: time::Month| {
-        let last = time::Date::from_calendar_date(utc.year(), month, 31).ok()?;
-        let back = last.weekday().number_days_from_sunday();
-        let day = last.checked_sub(time::Duration::days(i64::from(back)))?;
-        Some(day.with_hms(1, 0, 0).ok()?.assume_utc())
-    };
-    match (
-        last_sunday_0100(time::Month::March),
-        last_sunday_0100(time::Month::October),
-    ) {
-        (Some(start), Some(end)) => start <= utc && utc < end,
-        _ => false,
-    }
 }
 
 #[cfg(test)]
