@@ -260,10 +260,7 @@ fn newly_flagged(
         while let Some((_, r)) = judged.next_if(|(from, _)| *from <= i) {
             register = r;
         }
-        now.get(s).is_some_and(|flags| {
-            let before = register.get(s).unwrap_or_default();
-            flags.iter().any(|f| !before.contains(f))
-        })
+        now.gained_since(register, s)
     })
 }
 

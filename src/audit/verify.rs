@@ -712,10 +712,8 @@ mod tests {
         );
     }
 
-    /// A seal is compared with its segment in full: one whose last hash differs from the
-    /// segment's past the twelve characters a message shows is a mismatch all the same.
-    #[test]
-    fn a_seal_differing_past_what_is_shown_fails_verification() {
+    /// A verified chain of two segments, the first sealed, with its seal then edited by `edit`.
+    fn with_seal_edited(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         write_chain(dir.path(), &[3, 1]);
         crate::audit::index::seal(dir.path(), 1).unwrap();
@@ -723,10 +721,20 @@ mod tests {
         let path = crate::audit::index::seal_path(dir.path(), 1);
         let mut seal: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let hash = seal["last_hash"].as_str().unwrap().to_owned();
-        let last = if hash.ends_with('0') { "1" } else { "0" };
-        seal["last_hash"] = format!("{}{last}", &hash[..hash.len() - 1]).into();
+        edit(&mut seal);
         std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+        dir
+    }
+
+    /// A seal is compared with its segment in full: one whose last hash differs from the
+    /// segment's past the twelve characters a message shows is a mismatch all the same.
+    #[test]
+    fn a_seal_differing_past_what_is_shown_fails_verification() {
+        let dir = with_seal_edited(|seal| {
+            let hash = seal["last_hash"].as_str().unwrap().to_owned();
+            let last = if hash.ends_with('0') { "1" } else { "0" };
+            seal["last_hash"] = format!("{}{last}", &hash[..hash.len() - 1]).into();
+        });
         let err = verify_dir(dir.path()).unwrap_err();
         assert!(matches!(err, VerifyError::SealMismatch { .. }), "{err}");
     }
@@ -739,16 +747,10 @@ mod tests {
             ("last_ts", serde_json::json!("2000-01-01T00:00:00.000000Z")),
             ("records", serde_json::json!(2)),
         ] {
-            let dir = tempfile::tempdir().unwrap();
-            write_chain(dir.path(), &[3, 1]);
-            crate::audit::index::seal(dir.path(), 1).unwrap();
-            verify_dir(dir.path()).unwrap();
-            let path = crate::audit::index::seal_path(dir.path(), 1);
-            let mut seal: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-            assert_ne!(seal[field], forged);
-            seal[field] = forged;
-            std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+            let dir = with_seal_edited(|seal| {
+                assert_ne!(seal[field], forged);
+                seal[field] = forged;
+            });
             let err = verify_dir(dir.path()).unwrap_err();
             assert!(
                 matches!(err, VerifyError::SealMismatch { .. }),
@@ -756,14 +758,9 @@ mod tests {
             );
         }
         // A seal from before retention has no time at all, and is honest.
-        let dir = tempfile::tempdir().unwrap();
-        write_chain(dir.path(), &[3, 1]);
-        crate::audit::index::seal(dir.path(), 1).unwrap();
-        let path = crate::audit::index::seal_path(dir.path(), 1);
-        let mut seal: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        seal.as_object_mut().unwrap().remove("last_ts").unwrap();
-        std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+        let dir = with_seal_edited(|seal| {
+            seal.as_object_mut().unwrap().remove("last_ts").unwrap();
+        });
         verify_dir(dir.path()).unwrap();
     }
 
