@@ -398,6 +398,22 @@ impl TestApp {
         read_audit(&self.audit_dir)
     }
 
+    /// The audit records of one request id, waiting (at most ten seconds) until there are at
+    /// least `at_least` of them: a record queued without waiting (`queue_detached`) reaches
+    /// the disk after the answer does.
+    pub async fn audit_records_of(&self, request_id: &str, at_least: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records: Vec<Value> = (self.audit_records().into_iter())
+                .filter(|r| r["request_id"] == request_id)
+                .collect();
+            if records.len() >= at_least || Instant::now() >= deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The audit record of one request id, its last if it has several (a write's record
     /// before forwarding, then the answer's; panics if absent).
     pub fn audit_for(&self, resp: &Resp) -> Value {
