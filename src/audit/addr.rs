@@ -63,23 +63,52 @@ impl Sealer {
 
 /// The plain address of a sealed one, while its day's key exists; plain text passes through.
 pub fn reveal(audit_dir: &Path, stored: &str) -> Option<String> {
-    let Some(rest) = stored.strip_prefix(PREFIX) else {
-        return Some(stored.to_owned());
-    };
-    let (day, hexed) = rest.split_once(':')?;
-    let raw = std::fs::read(key_path(&audit_dir.join(KEY_DIR), day)?).ok()?;
-    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &raw).ok()?);
-    let bytes = hex::decode(hexed).ok()?;
-    let (nonce, sealed) = bytes.split_at_checked(NONCE_LEN)?;
-    let mut sealed = sealed.to_vec();
-    let plain = key
-        .open_in_place(
-            Nonce::try_assume_unique_for_key(nonce).ok()?,
-            Aad::from(day.as_bytes()),
-            &mut sealed,
-        )
-        .ok()?;
-    String::from_utf8(plain.to_vec()).ok()
+    Revealer::new(audit_dir).reveal(stored)
+}
+
+/// `reveal` for many addresses (breach detection reading back the log at start): each day's
+/// key file is read once, not once an address.
+pub struct Revealer {
+    dir: PathBuf,
+    /// By day; `None` for a day whose key is gone (shredded) or unreadable.
+    keys: HashMap<String, Option<LessSafeKey>>,
+}
+
+impl Revealer {
+    pub fn new(audit_dir: &Path) -> Revealer {
+        Revealer {
+            dir: audit_dir.join(KEY_DIR),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// The plain address of a sealed one, while its day's key exists; plain text passes
+    /// through.
+    pub fn reveal(&mut self, stored: &str) -> Option<String> {
+        let Some(rest) = stored.strip_prefix(PREFIX) else {
+            return Some(stored.to_owned());
+        };
+        let (day, hexed) = rest.split_once(':')?;
+        if !self.keys.contains_key(day) {
+            let key = key_path(&self.dir, day)
+                .and_then(|path| std::fs::read(path).ok())
+                .and_then(|raw| UnboundKey::new(&CHACHA20_POLY1305, &raw).ok())
+                .map(LessSafeKey::new);
+            self.keys.insert(day.to_owned(), key);
+        }
+        let key = self.keys.get(day)?.as_ref()?;
+        let bytes = hex::decode(hexed).ok()?;
+        let (nonce, sealed) = bytes.split_at_checked(NONCE_LEN)?;
+        let mut sealed = sealed.to_vec();
+        let plain = key
+            .open_in_place(
+                Nonce::try_assume_unique_for_key(nonce).ok()?,
+                Aad::from(day.as_bytes()),
+                &mut sealed,
+            )
+            .ok()?;
+        String::from_utf8(plain.to_vec()).ok()
+    }
 }
 
 /// The days whose address keys are older than `keep_from` (`YYYY-MM-DD`), oldest first: what

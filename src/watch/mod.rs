@@ -17,6 +17,7 @@ mod acting;
 pub mod breach;
 pub mod console;
 pub mod feed;
+pub mod replay;
 pub mod rules;
 pub mod settings;
 pub mod shared;
@@ -122,7 +123,7 @@ pub async fn run(gw: Arc<Gateway>) {
         return;
     };
     let mut stop = gw.watch.detecting.subscribe();
-    let mut detector = Detector::new(gw.watch.settings.clone());
+    let (mut detector, through) = resume(&gw).await;
     let mut acting = acting::Acting::start(gw.clone());
     // Owed findings are offered again this often while any are owed, however busy the log.
     let mut retry = tokio::time::interval(std::time::Duration::from_millis(50));
@@ -150,6 +151,8 @@ pub async fn run(gw: Arc<Gateway>) {
             _ = stop.changed() => break,
         };
         let logged = match logged {
+            // Read back from the log already (`resume`).
+            Ok(l) if l.seq <= through => continue,
             Ok(l) => l,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!("wardgate_watch_missed_records_total").increment(n);
@@ -195,6 +198,60 @@ pub async fn run(gw: Arc<Gateway>) {
         if tokio::time::timeout(bound, &mut leading).await.is_err() {
             leading.abort();
             tracing::error!("cross-replica breach detection stopped in the middle of its work");
+        }
+    }
+}
+
+/// A detector holding what the log's newest records say (`replay`), and the newest record
+/// it read back: read off the runtime's threads, before the first live record is examined
+/// (those that arrive meanwhile wait in the audit log's channel). A log that cannot be read
+/// leaves the detector empty, as it was before replay existed, and the server log says so.
+async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
+    let settings = gw.watch.settings.clone();
+    let (dir, gw2) = (gw.audit_dir.clone(), gw.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let mut detector = Detector::new(settings.clone());
+        let mut volumes = Volumes::default();
+        let now = rules::now_millis();
+        let replayed = replay::replay(
+            &dir,
+            &settings,
+            &mut detector,
+            now,
+            replay::MAX_BYTES,
+            &mut |r| volumes.observe(r),
+        );
+        *lock(&gw2.watch.volumes) = volumes;
+        (detector, replayed)
+    })
+    .await;
+    match read {
+        Ok((detector, Ok(r))) => {
+            tracing::info!(
+                accesses = r.accesses,
+                alerts = r.alerts,
+                through = r.through,
+                unreadable = r.unreadable,
+                "breach detection resumed from the audit log"
+            );
+            if r.cut_short {
+                let from = r.first.as_deref().unwrap_or("nothing read");
+                tracing::warn!(
+                    from,
+                    "breach detection read back the audit log's newest {} MiB only, from {from}: \
+                     older accesses within the rules' windows were not counted again",
+                    replay::MAX_BYTES >> 20
+                );
+            }
+            (detector, r.through)
+        }
+        Ok((detector, Err(e))) => {
+            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
+            (detector, 0)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
+            (Detector::new(gw.watch.settings.clone()), 0)
         }
     }
 }

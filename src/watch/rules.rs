@@ -707,6 +707,24 @@ impl Detector {
         }
     }
 
+    /// An alert raised before this run, read back from the audit log at start (`replay`):
+    /// `rule` is quiet for `key` for the cooldown from `at_ms` (when it was detected), as it
+    /// was for the run that raised it. How far past its threshold the alert went is not in
+    /// the record, so within that cooldown an escalation's bar starts at the first doubling
+    /// (twice the threshold): after a restart an escalation is raised early, never missed.
+    pub fn raised_before(&mut self, rule: Rule, key: &str, at_ms: i64) {
+        let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
+        let until = at_ms.saturating_add(cooldown);
+        let quiet = (self.quiet_until)
+            .entry((rule, key.to_owned()))
+            .or_insert(Quiet {
+                until,
+                level: 0,
+                before: None,
+            });
+        quiet.until = quiet.until.max(until);
+    }
+
     /// Whether `rule` is in its cooldown for the event's principal (`raise` would refuse).
     fn quiet(&self, rule: Rule, ev: &Event) -> bool {
         (self.quiet_until.get(&(rule, ev.key.clone()))).is_some_and(|q| ev.at < q.until)
@@ -787,6 +805,12 @@ impl Observation {
             self.client_addr.as_deref().map(counted_as).as_deref(),
         )
     }
+}
+
+/// Whom the rules count an unauthenticated client's accesses against (`addr:IP`, an IPv6
+/// address as its /64): what an alert about one is keyed on.
+pub fn address_key(client_addr: &str) -> String {
+    key_of(&None, Some(&counted_as(client_addr)))
 }
 
 fn key_of(caller: &Option<Caller>, counted_as: Option<&str>) -> String {

@@ -119,6 +119,8 @@ pub struct TestApp {
     pub tokens: std::collections::BTreeMap<String, String>,
     pub redis: Option<wardgate::controls::RedisSettings>,
     pub witness: Option<wardgate::audit::witness::WitnessConfig>,
+    /// The start-up edit (`AppOptions::tweak`), made again by `restart`.
+    pub tweak: Option<fn(&mut Config)>,
     /// The running gateway, for tests that call what a signal would (`rekey`).
     pub gw: std::sync::Arc<wardgate::gateway::Gateway>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -279,6 +281,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         tokens,
         redis,
         witness,
+        tweak: opts.tweak,
         gw,
         client,
         stop: Some(tx),
@@ -485,6 +488,9 @@ impl TestApp {
         cfg.audit.dir = self.audit_dir.clone();
         cfg.redis = self.redis.clone();
         cfg.audit.witness = self.witness.clone();
+        if let Some(t) = self.tweak {
+            t(&mut cfg);
+        }
         let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = data.local_addr().unwrap();

@@ -1,0 +1,483 @@
+//! Breach detection picks up where the last run left off: at start, before it examines a new
+//! record, the detector reads back the newest part of the audit log.
+//!
+//! The rules keep their windows and cooldowns in memory, so without this a restart (a deploy,
+//! a crash) would forget them: 900 records read before a deploy and 900 after would raise no
+//! `volume` alert, and every principal alerted on in the last hour could be alerted on again
+//! at once. The log holds everything the detector saw, in order and with its own timestamps
+//! (the rules never read the wall clock), so reading it again rebuilds the same state:
+//!
+//! - every access of the last `reach` (the longest rule window and the cooldown: with the
+//!   defaults, two hours) is examined again, filling the windows and the console's volume
+//!   chart, with its client address unsealed while its day's key exists;
+//! - a finding the replay makes raises nothing again: the run that made it acted on it, and
+//!   its `breach_alert` record follows (one lost with a crash between the two stays lost, as
+//!   before: the records that made it are spent, as they were when it was made);
+//! - each `breach_alert` record puts its rule back in its cooldown for its principal, from
+//!   when it was detected (`Detector::raised_before`).
+//!
+//! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
+//! the start takes; a log busier than that over
+//! `reach` is read back from where the bound falls, and the server log says from when. The
+//! run then skips the records it has read back as they arrive live (`Replayed::through`).
+//!
+//! What it does not rebuild: the cross-replica detector's state (`shared`), which lives in
+//! the leading replica's memory and in Redis, and alerts in `monitor` mode (nothing records
+//! them in the audit log).
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::audit::addr::Revealer;
+use crate::audit::segment::{first_ts, list_segments, read_line};
+use crate::audit::{AuditRecord, RecordKind};
+
+use super::rules::{self, Detector, Observation};
+use super::settings::{Rule, WatchSettings};
+
+/// The newest bytes of the log read back at most.
+pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What reading back the log found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The newest record read back: a live record up to it has been examined already.
+    pub through: u64,
+    /// Accesses examined again.
+    pub accesses: u64,
+    /// Alerts whose cooldowns were put back.
+    pub alerts: u64,
+    /// Lines that could not be read as records (a damaged log; `wardgate audit verify` says
+    /// where).
+    pub unreadable: u64,
+    /// The byte bound cut the reading short of `reach`: what came before `first` in the reach
+    /// was not read back.
+    pub cut_short: bool,
+    /// The time of the first record read back.
+    pub first: Option<String>,
+}
+
+/// How far back the detector's state reaches: its longest rule window, then the cooldown of
+/// an alert raised at that window's start.
+pub fn reach(settings: &WatchSettings) -> Duration {
+    let longest = (Rule::ALL.iter())
+        .map(|r| settings.rule(*r).window)
+        .max()
+        .unwrap_or_default();
+    longest.saturating_add(settings.cooldown)
+}
+
+/// The part of a `breach_alert` record's alert that names its rule and principal.
+#[derive(Deserialize)]
+struct RaisedAlert {
+    rule: Rule,
+    key: String,
+    detected_at: String,
+}
+
+/// Reads back the records of the last `reach(settings)` before `now_ms` (at most
+/// `max_bytes`, the newest) from the log in `dir`, into `detector` and to `volume` (each
+/// access, for the console's chart).
+pub fn replay(
+    dir: &Path,
+    settings: &WatchSettings,
+    detector: &mut Detector,
+    now_ms: i64,
+    max_bytes: u64,
+    volume: &mut dyn FnMut(&AuditRecord),
+) -> io::Result<Replayed> {
+    let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
+    let from_ms = now_ms.saturating_sub(reach_ms);
+    let mut out = Replayed::default();
+    let mut revealer = Revealer::new(dir);
+    let mut line = Vec::new();
+    let (segments, cut_short) = to_read(dir, from_ms, max_bytes)?;
+    out.cut_short = cut_short;
+    for (path, start) in segments {
+        let cut = start > 0;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Pruned since it was listed: older than anything the reach needs.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        if cut {
+            // Into the middle of a line: from the next one on.
+            reader.seek(SeekFrom::Start(start - 1))?;
+            line.clear();
+            read_line(&mut reader, &mut line)?;
+        }
+        loop {
+            line.clear();
+            if read_line(&mut reader, &mut line)? == 0 {
+                break;
+            }
+            // A line without its newline is one being written (or torn): not durable yet.
+            if line.pop() != Some(b'\n') {
+                break;
+            }
+            let Some((seq, mut record)) = read_record(&line) else {
+                out.unreadable += 1;
+                continue;
+            };
+            let Some(at) = rules::ts_millis(&record.ts) else {
+                out.unreadable += 1;
+                continue;
+            };
+            if at < from_ms {
+                continue;
+            }
+            if out.first.is_none() {
+                out.first = Some(record.ts.clone());
+            }
+            out.through = out.through.max(seq);
+            if record.kind == RecordKind::System {
+                if record.route.as_deref() == Some("watch.breach_alert")
+                    && let Some((rule, key, at)) = raised(&record, &mut revealer)
+                {
+                    detector.raised_before(rule, &key, at);
+                    out.alerts += 1;
+                }
+                continue;
+            }
+            record.client_addr = (record.client_addr.take()).and_then(|a| revealer.reveal(&a));
+            volume(&record);
+            let Some(observation) = Observation::of(&record) else {
+                continue;
+            };
+            out.accesses += 1;
+            for f in detector.observe_access(seq, &observation) {
+                // Acted on by the run that made it, or owed: either way not raised here.
+                detector.forget_cooldown(f.rule, &f.key, f.escalation);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The segments to read, oldest first, each with where to start in it: from the newest back
+/// to the one holding `from_ms`, or as far as `max_bytes` of them reach (then `true`: the
+/// reading falls short of `from_ms`, or may).
+fn to_read(dir: &Path, from_ms: i64, max_bytes: u64) -> io::Result<(Vec<(PathBuf, u64)>, bool)> {
+    let mut chosen = Vec::new();
+    let mut budget = max_bytes;
+    let mut short = false;
+    for (_, path) in list_segments(dir)?.into_iter().rev() {
+        if budget == 0 {
+            short = true;
+            break;
+        }
+        let len = match File::open(&path) {
+            Ok(mut f) => written_len(&mut f)?,
+            // Pruned since it was listed: older than anything the reach needs.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let start = len.saturating_sub(budget);
+        budget -= len - start;
+        let covers = first_ts(&path)
+            .and_then(|ts| rules::ts_millis(&ts))
+            .is_some_and(|first| first <= from_ms);
+        chosen.push((path, start));
+        if start > 0 {
+            short = true;
+            break;
+        }
+        if covers {
+            break;
+        }
+    }
+    chosen.reverse();
+    Ok((chosen, short))
+}
+
+/// Where a segment's written records end: at its first NUL byte (the space made ready for
+/// records not yet written is zeros, and no record holds one), found by bisection, so that
+/// the byte bound counts records, not the space made ready after them.
+fn written_len(file: &mut File) -> io::Result<u64> {
+    let (mut lo, mut hi) = (0u64, file.metadata()?.len());
+    let mut byte = [0u8; 1];
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        file.seek(SeekFrom::Start(mid))?;
+        file.read_exact(&mut byte)?;
+        if byte[0] == 0 {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// A log line's sequence number and record.
+fn read_record(line: &[u8]) -> Option<(u64, AuditRecord)> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    // Every line starts with its sequence number (`{"seq":N,`): read without a second parse.
+    let seq = line
+        .strip_prefix(b"{\"seq\":")
+        .map(|rest| {
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+        })
+        .unwrap_or_else(|| Some(serde_json::from_slice::<Seq>(line).ok()?.seq))?;
+    Some((seq, serde_json::from_slice(line).ok()?))
+}
+
+/// The rule, principal and detection time of a `breach_alert` record. Its alert keys a
+/// caller not known by `addr` alone (the address is the record's, sealed): unsealed, it
+/// gives the principal back while its day's key exists.
+fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String, i64)> {
+    let alert = RaisedAlert::deserialize(record.detail.as_ref()?).ok()?;
+    let at = rules::ts_millis(&alert.detected_at)?;
+    let key = if alert.key == "addr" {
+        let addr = revealer.reveal(record.client_addr.as_deref()?)?;
+        rules::address_key(&addr)
+    } else {
+        alert.key
+    };
+    Some((alert.rule, key, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::record::tests::sample;
+    use crate::audit::{AuditLog, AuditSettings, Decision, Durability};
+    use crate::watch::rules::{Finding, now_millis};
+
+    /// Half an hour ago: inside every default window.
+    fn base() -> i64 {
+        now_millis() - 30 * 60 * 1000
+    }
+
+    fn ts(ms: i64) -> String {
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000);
+        AuditRecord::ts_of(t.unwrap())
+    }
+
+    /// A listing by councillor `who` at `ms` that disclosed `n` records.
+    fn listing(who: &str, ms: i64, n: usize) -> AuditRecord {
+        let mut r = sample(0);
+        r.ts = ts(ms);
+        if let Some(c) = r.caller.as_mut() {
+            c.subject = who.to_owned();
+            c.role = "councillor".to_owned();
+        }
+        r.subjects = (0..n)
+            .map(|i| format!("E{i:06}"))
+            .collect::<Vec<_>>()
+            .into();
+        r
+    }
+
+    /// A refusal of a caller not known, from `addr`.
+    fn refused(addr: &str, ms: i64) -> AuditRecord {
+        let mut r = listing("x", ms, 0);
+        (r.caller, r.client_addr) = (None, Some(addr.to_owned()));
+        (r.decision, r.status, r.reason) = (Decision::Deny, 401, Some("token_missing".into()));
+        r
+    }
+
+    /// The `breach_alert` record `watch::act` writes for an alert on `rule` keyed `key`.
+    fn alert_record(rule: &str, key: &str, client_addr: Option<&str>, ms: i64) -> AuditRecord {
+        let mut r = AuditRecord::system("watch.breach_alert", "breach_alert");
+        r.ts = ts(ms);
+        r.client_addr = client_addr.map(str::to_owned);
+        r.detail = Some(serde_json::json!({
+            "id": "A-1", "rule": rule, "mode": "alert", "summary": "s", "principal": null,
+            "key": key, "client_addr": null, "evidence": [1], "detected_at": ts(ms),
+            "report_by": ts(ms), "containment": null, "classification": null, "history": [],
+        }));
+        r
+    }
+
+    async fn log_of(records: Vec<AuditRecord>, segment_max_bytes: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(AuditSettings {
+            dir: dir.path().to_owned(),
+            durability: Durability::PageCache,
+            max_batch: 1,
+            commit_window: Duration::ZERO,
+            segment_max_bytes,
+            seal_client_addr: true,
+        })
+        .unwrap();
+        for r in records {
+            log.append(r).await.unwrap();
+        }
+        log.shutdown().await;
+        dir
+    }
+
+    /// The defaults, but for the rules these tests do not look at that the same records
+    /// would raise too: one response's size, and (when the suite runs at night) the hours.
+    fn settings() -> WatchSettings {
+        let mut s = WatchSettings::defaults(Path::new("/tmp"));
+        for rule in [Rule::LargeExport, Rule::UnusualHours] {
+            s.rules.get_mut(&rule).unwrap().mode = crate::watch::settings::Mode::Off;
+        }
+        s
+    }
+
+    /// A detector holding what `dir`'s log says, and what reading it found.
+    fn replayed(dir: &Path, max_bytes: u64) -> (Detector, Replayed, u64) {
+        let mut d = Detector::new(settings());
+        let mut seen = 0;
+        let r = replay(
+            dir,
+            &settings(),
+            &mut d,
+            now_millis(),
+            max_bytes,
+            &mut |_| {
+                seen += 1;
+            },
+        )
+        .unwrap();
+        (d, r, seen)
+    }
+
+    fn rules(f: &[Finding]) -> Vec<Rule> {
+        f.iter().map(|f| f.rule).collect()
+    }
+
+    /// 1,500 records before the restart and 600 after reach the councillor's 2,000: the alert
+    /// cites the records of both runs. Neither run alone raises it.
+    #[tokio::test]
+    async fn a_scrape_split_by_a_restart_is_counted_whole() {
+        let b = base();
+        let dir = log_of(
+            vec![listing("alice", b, 900), listing("alice", b + 60_000, 600)],
+            1 << 20,
+        )
+        .await;
+        let (mut d, r, seen) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!(
+            (r.through, r.accesses, r.alerts, r.unreadable, seen),
+            (2, 2, 0, 0, 2)
+        );
+        assert!(!r.cut_short);
+        let after = listing("alice", b + 120_000, 600);
+        let f = d.observe(3, &after);
+        assert_eq!(rules(&f), [Rule::Volume], "{f:?}");
+        assert_eq!(f[0].evidence, [1, 2, 3]);
+        // Without the log read back: nothing.
+        assert_eq!(
+            Detector::new(settings()).observe(3, &after),
+            Vec::<Finding>::new()
+        );
+    }
+
+    /// A finding the replay makes is not raised again (the run that made it acted on it), and
+    /// the alert's record keeps its rule quiet for the principal for the rest of the cooldown:
+    /// as much again raises nothing, twice the threshold an escalation.
+    #[tokio::test]
+    async fn an_alert_before_the_restart_keeps_its_cooldown() {
+        let b = base();
+        let records = vec![
+            listing("alice", b, 2_100),
+            alert_record("volume", "alice", None, b),
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.through, r.accesses, r.alerts), (2, 1, 1));
+        let again = listing("alice", b + 11 * 60_000, 2_100);
+        assert_eq!(d.observe(3, &again), Vec::<Finding>::new());
+        assert_eq!(
+            rules(&Detector::new(settings()).observe(3, &again)),
+            [Rule::Volume]
+        );
+        let more = listing("alice", b + 12 * 60_000, 2_000);
+        let f = d.observe(4, &more);
+        assert_eq!(rules(&f), [Rule::Volume]);
+        assert!(f[0].escalation > 0, "{f:?}");
+    }
+
+    /// An alert on a caller not known names them `addr` in the log, their address sealed in
+    /// the record: read back, the address is unsealed and the cooldown is theirs.
+    #[tokio::test]
+    async fn an_alert_on_an_address_is_put_back_on_that_address() {
+        let b = base();
+        let addr = "203.0.113.9";
+        let dir = log_of(
+            vec![alert_record("denied_burst", "addr", Some(addr), b)],
+            1 << 20,
+        )
+        .await;
+        let sealed = std::fs::read_to_string(dir.path().join("seg-00000001.jsonl")).unwrap();
+        assert!(!sealed.contains(addr), "the address is sealed on disk");
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!(r.alerts, 1);
+        let burst: Vec<AuditRecord> = (0..25).map(|i| refused(addr, b + 60_000 + i)).collect();
+        let f: Vec<Finding> = (burst.iter().enumerate())
+            .flat_map(|(i, r)| d.observe(10 + i as u64, r))
+            .collect();
+        assert_eq!(f, Vec::<Finding>::new());
+        let mut fresh = Detector::new(settings());
+        let f: Vec<Finding> = (burst.iter().enumerate())
+            .flat_map(|(i, r)| fresh.observe(10 + i as u64, r))
+            .collect();
+        assert_eq!(rules(&f), [Rule::DeniedBurst]);
+        assert_eq!(f[0].key, format!("addr:{addr}"));
+    }
+
+    /// Records older than the rules' reach are not counted; the newest `max_bytes` are read
+    /// when the reach holds more, and the start of what was read is reported.
+    #[tokio::test]
+    async fn reading_back_stops_at_the_reach_and_at_the_byte_bound() {
+        let now = now_millis();
+        let old = listing("alice", now - 3 * 3_600_000, 1_900);
+        let recent: Vec<AuditRecord> = (0..40)
+            .map(|i| listing("bob", now - 60_000 + i, 10))
+            .collect();
+        let mut records = vec![old];
+        records.extend(recent);
+        // Small segments: the reading goes back through several.
+        let dir = log_of(records, 4_096).await;
+        let segments = list_segments(dir.path()).unwrap().len();
+        assert!(segments > 3, "{segments} segments");
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.through, r.accesses, r.cut_short), (41, 40, false));
+        // The old listing was not counted: 1,900 and 200 stay under 2,000.
+        assert_eq!(
+            d.observe(42, &listing("alice", now, 200)),
+            Vec::<Finding>::new()
+        );
+
+        let (_, r, _) = replayed(dir.path(), 6_000);
+        assert_eq!(r.through, 41);
+        assert!(r.accesses > 0 && r.accesses < 40, "{r:?}");
+        assert!(r.cut_short, "{r:?}");
+        let first = r.first.expect("something was read");
+        assert!(first.as_str() > ts(now - 60_000).as_str(), "{first}");
+    }
+
+    /// A damaged line is counted and passed over; the lines after it are read.
+    #[tokio::test]
+    async fn a_damaged_line_is_counted_and_passed_over() {
+        let b = base();
+        let dir = log_of(
+            vec![listing("alice", b, 900), listing("alice", b + 1, 900)],
+            1 << 20,
+        )
+        .await;
+        let path = dir.path().join("seg-00000001.jsonl");
+        let mut text = std::fs::read(&path).unwrap();
+        // The first line no longer reads as JSON.
+        text[0] = b'#';
+        std::fs::write(&path, &text).unwrap();
+        let (_, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.through, r.accesses, r.unreadable), (2, 1, 1));
+    }
+}
