@@ -241,6 +241,9 @@ impl Catalog {
             // What the gateway reads a record's scope and protection from: a write that changed
             // one could move a record out of the caller's area (or into another's), re-key it,
             // or lift its anonymity, and the gateway checks the target before the write only.
+            // Its consents and TPS check too: they decide whether contact details and
+            // email/SMS may be shown, and a doorstep tool must not record consent it was given
+            // no way to verify.
             let area_fields = area_template_fields(&d.area).unwrap_or_default();
             let guarded: Vec<&str> = (area_fields.iter())
                 .map(String::as_str)
@@ -248,6 +251,8 @@ impl Catalog {
                 .chain(d.markers_field.as_deref())
                 .chain(d.flags_field.as_deref())
                 .chain(d.attainer_field.as_deref())
+                .chain(d.consents_field.as_deref())
+                .chain(d.tps_field.as_deref())
                 .collect();
             for (w, route) in &d.writes {
                 if let Some(field) = route.fields.keys().find(|f| guarded.contains(&f.as_str())) {
@@ -373,6 +378,8 @@ mod tests {
             ("markers", "register_marker"),
             ("flags", "processing_flags"),
             ("attainer_date", "register_marker"),
+            ("consents", "consent_record"),
+            ("tps_checked_at", "consent_record"),
         ] {
             let with = shipped.replacen(
                 line,

@@ -110,6 +110,10 @@ pub struct Trail {
     /// Why the one record asked for by id was withheld, for breach detection.
     withheld_target: Option<&'static str>,
     written: Vec<String>,
+    /// A write was sent to its datastore: done, or as good as (the datastore finishes what
+    /// it was sent whoever waits for the answer), so it counts against the caller's quota
+    /// whatever becomes of the answer.
+    forwarded: bool,
     /// The audit record's `detail`, where the route has one (an aggregate's summary).
     detail: Option<serde_json::Value>,
     /// Records held against the caller's quota until the request ends.
@@ -170,11 +174,18 @@ where
     };
     // A write done counts as one record at least, whatever its answer shows: one that leaves
     // the record withheld (a `do_not_contact` added, which canvassing then hides) would
-    // otherwise count nothing, and a caller could write to a whole ward uncounted.
-    let disclosed = match (&result, trail.written.is_empty()) {
-        (Ok(_), false) => (trail.subjects.len() as u64).max(1),
-        _ => trail.subjects.len() as u64,
+    // otherwise count nothing, and a caller could write to a whole ward uncounted. It is
+    // counted now, before its answer's record is made durable: a caller who hangs up while
+    // it is has written all the same (as one who hangs up before the answer: `Unanswered`).
+    let wrote = result.is_ok() && !trail.written.is_empty();
+    let disclosed = match wrote {
+        true => (trail.subjects.len() as u64).max(1),
+        false => trail.subjects.len() as u64,
     };
+    if wrote && let Some(p) = &trail.caller {
+        gw.controls.count(p, disclosed);
+        trail.forwarded = false;
+    }
     // What an answer was judged on, kept past the record (which takes the subjects).
     let judged = (trail.judged_on.take()).map(|then| Judged {
         then,
@@ -231,11 +242,8 @@ where
                     let at = (&request_id[..], client, &method, &path[..]);
                     withheld_after_recording(gw, trail, judged, &e, why, at);
                     if wrote {
-                        // The write is done: counted (a write counts one record at least)
-                        // and shown nothing of, not an error that would have it sent again.
-                        if let Some(p) = &trail.caller {
-                            gw.controls.count(p, disclosed);
-                        }
+                        // The write is done (and counted): shown nothing of, not an error
+                        // that would have it sent again.
                         let nothing = Bytes::from_static(b"{\"record\":null}");
                         boxed(json_response(StatusCode::OK, nothing, &request_id))
                     } else {
@@ -243,7 +251,7 @@ where
                     }
                 }
                 _ => {
-                    if let Some(p) = &trail.caller {
+                    if !wrote && let Some(p) = &trail.caller {
                         gw.controls.count(p, disclosed);
                     }
                     boxed(json_response(StatusCode::OK, body, &request_id))
@@ -338,6 +346,12 @@ impl Drop for Unanswered<'_> {
         } else {
             GatewayError::ClientClosed
         };
+        // A write sent to its datastore is done whoever waits for its answer: counted.
+        if self.trail.forwarded
+            && let Some(p) = &self.trail.caller
+        {
+            self.gw.controls.count(p, 1);
+        }
         let record = audit_record(
             &mut self.trail,
             Some(&gone),
@@ -757,6 +771,7 @@ where
                     return Err(GatewayError::NotFound);
                 }
             }
+            trail.forwarded = true;
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
@@ -1218,7 +1233,9 @@ async fn log_intent(
     // Not answered yet: the answer's own record carries its status.
     record.status = 0;
     record.detail = Some(serde_json::json!({ "write": "intended", "written": trail.written }));
-    gw.audit.append(record).await.map(drop).map_err(|e| {
+    // Synced to disk whatever `audit.durability` says: the datastore keeps the write through
+    // a power cut here, and its record must not be lost while the write is not.
+    gw.audit.append_synced(record).await.map(drop).map_err(|e| {
         tracing::error!(error = %e, request_id, "write's audit record not durable; not forwarded");
         GatewayError::AuditUnavailable
     })

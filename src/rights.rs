@@ -677,7 +677,13 @@ async fn respond(
     let mut r = record(Some(p), method, path, request_id);
     under.mark(&mut r);
     r.detail = Some(detail);
-    if gw.audit.append(r).await.is_err() {
+    // A change is synced to disk whatever `audit.durability` says: the controls journal keeps
+    // it through a power cut, and its record (who, why) must not be lost while it is not.
+    let appended = match change {
+        Some(_) => gw.audit.append_synced(r).await,
+        None => gw.audit.append(r).await,
+    };
+    if appended.is_err() {
         return problem_response(&GatewayError::AuditUnavailable, request_id);
     }
     if let Some(event) = change

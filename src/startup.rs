@@ -369,6 +369,14 @@ pub async fn probe_upstreams(c: &Checked) -> anyhow::Result<Vec<String>> {
 /// Loads everything and opens the audit log.
 pub fn build(cfg: &Config) -> anyhow::Result<(Arc<Gateway>, Option<TlsAcceptor>)> {
     let c = check(cfg)?;
+    if cfg.audit.durability == crate::audit::Durability::PageCache {
+        tracing::warn!(
+            dir = %cfg.audit.dir.display(),
+            "audit.durability = \"page-cache\": answers leave once their records are in the \
+             page cache, not on disk; a power cut can lose the records of answers already \
+             given (writes' and control changes' records are synced whatever this says)"
+        );
+    }
     let audit = AuditLog::open(AuditSettings {
         dir: cfg.audit.dir.clone(),
         durability: cfg.audit.durability,

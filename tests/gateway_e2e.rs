@@ -635,6 +635,147 @@ async fn a_write_counts_against_the_quota_even_when_it_shows_nothing() {
     app.stop().await;
 }
 
+/// With `audit.durability = "page-cache"` a write's intent is still synced to disk before the
+/// write is sent: the datastore keeps the write through a power cut of the gateway's host, and
+/// the record of who wrote it and why must not be lost while the write is not.
+#[tokio::test]
+async fn a_write_intent_is_synced_before_it_is_sent_whatever_the_durability() {
+    fn page_cache(cfg: &mut wardgate::config::Config) {
+        cfg.audit.durability = wardgate::audit::Durability::PageCache;
+    }
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(page_cache),
+        ..Default::default()
+    })
+    .await;
+    let t = app.token("canvasser");
+    let r = app
+        .get("/voter/electors?per_page=1", Some(&t), Some("canvassing"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = r.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let synced_before = app.gw.audit.synced_through();
+    let r = app
+        .canvass(&id, &t, "canvassing", r#"{"voting_intention":"LAB"}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let rid = r.headers["x-request-id"].to_str().unwrap();
+    let intent = (app.audit_records().into_iter())
+        .find(|x| x["request_id"] == rid && x["detail"]["write"] == "intended")
+        .unwrap();
+    let seq = intent["seq"].as_u64().unwrap();
+    assert!(synced_before < seq, "{synced_before} {seq}");
+    assert!(app.gw.audit.synced_through() >= seq, "{intent}");
+    app.stop().await;
+}
+
+/// A write whose caller hangs up once it has been sent to the datastore still counts against
+/// the caller's quota: the datastore finishes it whoever waits for the answer. Before, the
+/// handler dropped with the connection counted nothing, so a canvasser hanging up after each
+/// write could write to a whole ward and never reach the quota.
+#[tokio::test]
+async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
+    use tokio::io::AsyncWriteExt;
+    fn small_quota(cfg: &mut wardgate::config::Config) {
+        cfg.quotas.insert(
+            "canvasser".into(),
+            wardgate::controls::Limits {
+                per_hour: 2,
+                per_day: 100,
+            },
+        );
+    }
+    let mine = open_elector().await;
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let target = Bytes::from(format!(
+        r#"{{"record":{}}}"#,
+        serde_json::to_string(&mine).unwrap()
+    ));
+    let (upstream, mut posted) = upstream_never_answering_writes(target).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        tweak: Some(small_quota),
+        ..Default::default()
+    })
+    .await;
+    let t = app.token("canvasser");
+    let body = r#"{"voting_intention":"LAB"}"#;
+    for i in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let request = format!(
+            "POST /voter/electors/{id}/canvass HTTP/1.1\r\nhost: wardgate\r\n\
+             authorization: Bearer {t}\r\nx-purpose: canvassing\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\
+             x-request-id: hung-up-write-{i}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The write is at the datastore: the caller goes.
+        posted.recv().await.unwrap();
+        drop(stream);
+    }
+    // Each handler has gone (its record says so) before the quota is asked.
+    for i in 0..2 {
+        let rid = format!("hung-up-write-{i}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(app.audit_records().iter())
+            .any(|r| r["client_request_id"] == rid.as_str() && r["reason"] == "client_closed")
+        {
+            assert!(std::time::Instant::now() < deadline, "no record of `{rid}`");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // Two writes made the two an hour: the next record is refused.
+    let r = app
+        .get(
+            &format!("/voter/electors/{id}"),
+            Some(&t),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    app.stop().await;
+}
+
+/// A datastore that answers every read with `target` and never answers a write: each write
+/// it receives is said on the channel.
+async fn upstream_never_answering_writes(
+    target: Bytes,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (target, tx) = (target.clone(), tx.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let (target, tx) = (target.clone(), tx.clone());
+                    async move {
+                        if req.method() == http::Method::POST {
+                            let _ = tx.send(());
+                            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                        }
+                        let mut resp = http::Response::new(Full::new(target));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// A one-trick upstream: answers every request with `status`, `content_type` and `body`, or
 /// never answers at all when `hang` is set.
 async fn fake_upstream(

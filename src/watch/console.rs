@@ -121,7 +121,7 @@ where
         let mut r = record(Some(&principal), &method, &path, request_id);
         under.mark(&mut r);
         r.detail = Some(detail);
-        gw.audit.append(r)
+        gw.audit.append_synced(r)
     };
     match (&method, segments.as_slice()) {
         (&Method::GET, ["events"]) => {

@@ -414,7 +414,8 @@ async fn contain(gw: &Gateway, alert: &Alert) -> Option<Containment> {
     let event = containment(&caller, ACTOR, &reason);
     let mut record = system_record("breach_containment");
     record.detail = serde_json::to_value(&event).ok();
-    let outcome = match gw.audit.append(record).await {
+    // Synced whatever `audit.durability` says, as every control change's record is.
+    let outcome = match gw.audit.append_synced(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
         Ok(_) => outcome(&gw.controls.record(event).await),
     };

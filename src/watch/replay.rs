@@ -17,9 +17,9 @@
 //!   when it was detected (`Detector::raised_before`).
 //!
 //! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
-//! the start takes; a log busier than that over
-//! `reach` is read back from where the bound falls, and the server log says from when. The
-//! run then skips the records it has read back as they arrive live (`Replayed::through`).
+//! the start takes; a log busier than that over `reach` is read back from where the bound
+//! falls, and the server log says from when. The run then skips the records it has read
+//! back as they arrive live (`Replayed::through`).
 //!
 //! What it does not rebuild: the cross-replica detector's state (`shared`), which lives in
 //! the leading replica's memory and in Redis, and alerts in `monitor` mode (nothing records
