@@ -39,6 +39,11 @@ pub const ADMIN_PURPOSES: [&str; 4] = [
     "breach_investigation",
 ];
 
+/// The roles the admin plane answers to: the DPO (rights requests, subject access, the
+/// console) and the security team (the console); the catalogue must define them
+/// (`startup::check`).
+pub const ADMIN_ROLES: [&str; 2] = ["dpo", "security"];
+
 /// The purpose an admin action serves and its lawful basis, once the caller's token is known
 /// to grant it: stamped on the action's audit records.
 pub(crate) struct Under {
@@ -341,6 +346,15 @@ where
         policy_ids: vec![id.to_owned()],
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Only a subject access report takes a query (`format`): any other is a mistake (a filter
+    // its caller thinks applies, a format the answer does not come in), refused, not passed
+    // over.
+    let report = method == Method::GET && segments.first() == Some(&"sar");
+    if let Some(q) = req.uri().query().filter(|q| !report && !q.is_empty()) {
+        return Err(GatewayError::BadRequest(format!(
+            "`?{q}`: `{path}` takes no query"
+        )));
+    }
     match (method, segments.as_slice()) {
         (&Method::GET, ["rights", subject]) if subject_id(subject) => {
             if p.role != "dpo" {

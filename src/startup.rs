@@ -68,6 +68,16 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
             );
         }
     }
+    for role in crate::rights::ADMIN_ROLES {
+        if !catalog.roles.contains_key(role) {
+            anyhow::bail!(
+                "the admin plane answers to the role `{role}` (rights requests, the security \
+                 console), which the asset register `{}` does not define: no one could act on \
+                 a rights request or an alert",
+                cfg.catalog_file.display()
+            );
+        }
+    }
     for role in cfg.quotas.keys() {
         if !catalog.roles.contains_key(role) {
             anyhow::bail!("`quotas.{role}` names a role the asset register does not define");

@@ -1734,3 +1734,38 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
     assert_eq!(before, after, "the write reached the datastore");
     app.stop().await;
 }
+
+/// The admin plane's routes take no query but a subject access report's `format` and the live
+/// feed's filter: a query anywhere else is a mistake (a filter its caller thinks applies, a
+/// format the answer does not come in), refused (400, recorded), not passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_query_no_route_takes_is_refused() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let (dpo, security) = (app.token("dpo"), app.token("security"));
+    for (path, token) in [
+        ("/rights/VF-0000001?format=html", &dpo),
+        ("/alerts?rule=volume", &security),
+        ("/volumes?minutes=5", &dpo),
+    ] {
+        let r = app.admin_get_with(path, token).await;
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{path}"
+        );
+        assert!(
+            r.json()["detail"]
+                .as_str()
+                .unwrap()
+                .contains("takes no query"),
+            "{path}"
+        );
+        assert_eq!(app.audit_for(&r)["reason"], "bad_request", "{path}");
+    }
+    // The queries that are a route's own still work.
+    let r = app
+        .admin_get_with("/sar/VF-0000001?format=html", &dpo)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.stop().await;
+}

@@ -346,6 +346,25 @@ fn a_missing_or_short_controls_key_stops_serve_naming_it() {
     }
 }
 
+/// The admin plane answers to the roles `dpo` and `security` by name: an asset register
+/// without one would have every rights request (or alert) refused, so the start says so.
+#[test]
+fn an_asset_register_without_an_admin_role_stops_the_start() {
+    let (d, cfg) = setup();
+    let catalog = d.path().join("catalog.toml");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    let line = "dpo = \"Data protection officer\"\n";
+    assert!(text.contains(line));
+    let renamed = text.replacen(line, "data_protection_officer = \"DPO\"\n", 1);
+    std::fs::write(&catalog, renamed).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("`dpo`") && out.contains("catalog.toml") && out.contains("admin plane"),
+        "{out}"
+    );
+}
+
 #[test]
 fn an_unknown_config_key_stops_serve_naming_it() {
     let (_d, cfg) = setup();

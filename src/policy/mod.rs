@@ -567,9 +567,24 @@ fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
         let path = entry
             .with_context(|| format!("cannot list `{}`", dir.display()))?
             .path();
-        if path.extension().is_some_and(|e| e == ext) && path.is_file() {
-            files.push(path);
+        // A hidden entry is a tool's (an editor's swap file, a ConfigMap's `..data`).
+        let hidden = (path.file_name()).is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        let Some(found) = path.extension().filter(|_| !hidden) else {
+            continue;
+        };
+        if !found.eq_ignore_ascii_case(ext) {
+            continue;
         }
+        // Anything else named like a pack file would be left out in silence: a policy in
+        // `x.Cedar`, a link to a file a half-rolled release has not put in place yet.
+        if found != ext || !path.is_file() {
+            bail!(
+                "`{}` is named like a policy pack file but is not one (`*.{ext}`, a regular \
+                 file): rename, restore or remove it",
+                path.display()
+            );
+        }
+        files.push(path);
     }
     files.sort();
     Ok(files)

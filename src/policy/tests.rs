@@ -291,6 +291,40 @@ fn load_with(replace_file: &str, text: &str) -> anyhow::Result<PolicyEngine> {
     PolicyEngine::load(dir.path(), &catalog, &geography)
 }
 
+/// A file named like a policy but left out would leave its policies out in silence: a
+/// `*.Cedar` and a link to nothing (a half-rolled release) stop the load, named; hidden
+/// entries (an editor's, a ConfigMap's) are passed over.
+#[test]
+fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
+    let permit = "@id(\"extra\")\npermit (principal, action, resource);\n";
+    let msg = format!("{:#}", load_with("Extra.Cedar", permit).err().unwrap());
+    assert!(
+        msg.contains("Extra.Cedar") && msg.contains("not one"),
+        "{msg}"
+    );
+    assert!(load_with(".swap.cedar", "not cedar at all").is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(repo().join("policies")).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(dir.path().join("gone.cedar"), dir.path().join("more.cedar"))
+        .unwrap();
+    let (_, catalog, geography) = shipped_engine();
+    let msg = format!(
+        "{:#}",
+        PolicyEngine::load(dir.path(), &catalog, &geography)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        msg.contains("more.cedar") && msg.contains("not one"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn a_syntax_error_names_file_and_line() {
     let err = load_with(

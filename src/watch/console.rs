@@ -117,6 +117,14 @@ where
         return boxed(fail(e).await);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Only the live feed takes a query (its filter): any other is refused, not passed over.
+    if let Some(q) = (req.uri().query()).filter(|q| segments != ["events"] && !q.is_empty()) {
+        let e = GatewayError::BadRequest(format!("`?{q}`: `{path}` takes no query"));
+        return boxed(fail(e).await);
+    }
+    // Synced whatever `audit.durability` says: classifying and containing change what the
+    // breach log and the controls journal keep through a power cut, and their records must
+    // not be lost while they are not (the console's reads are few enough to sync alike).
     let audited = |detail: serde_json::Value| {
         let mut r = record(Some(&principal), &method, &path, request_id);
         under.mark(&mut r);
