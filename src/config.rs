@@ -1031,6 +1031,25 @@ impl RawUpstream {
     }
 }
 
+/// Says in the server log when a file holding a secret (a private key, the shared controls'
+/// key) can be read by accounts other than its owner: whoever reads it can sign as the
+/// gateway (or lift a restriction through Redis). A warning, not a refusal: a secret mounted
+/// by an orchestrator may be readable by a group the pod alone is in. The mode found, when
+/// it is so.
+pub fn warn_if_others_may_read(path: &Path, setting: &str) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        tracing::warn!(
+            file = %path.display(),
+            setting,
+            mode = format!("{mode:o}"),
+            "a secret key file other accounts can read: make it the owner's alone (`chmod 600`)"
+        );
+        mode
+    })
+}
+
 fn parse_addr(v: &str, key: &str) -> anyhow::Result<SocketAddr> {
     v.parse()
         .map_err(|_| anyhow::anyhow!("`{key}` = `{v}` is not an address like `127.0.0.1:8443`"))

@@ -794,3 +794,24 @@ fn a_plaintext_data_plane_off_loopback_must_be_meant() {
         parse(&plain(listen, "")).unwrap();
     }
 }
+
+/// A secret key file other accounts can read is said in the server log, naming the file, the
+/// setting and the mode; one that is its owner's alone is not.
+#[test]
+fn a_secret_key_file_others_can_read_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("controls.key");
+    std::fs::write(&key, "x".repeat(64)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (guard, logs) = crate::test_log::capture();
+    assert_eq!(warn_if_others_may_read(&key, "redis.key_file"), Some(0o644));
+    let text = logs.text();
+    assert!(
+        text.contains("controls.key") && text.contains("redis.key_file") && text.contains("644"),
+        "{text}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(warn_if_others_may_read(&key, "redis.key_file"), None);
+    drop(guard);
+}

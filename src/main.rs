@@ -173,6 +173,11 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
+    // What the gateway writes (audit segments, the address keys, the controls journal, the
+    // breach log, reports) holds personal data or secrets: none of it readable by other
+    // accounts on the host, whatever umask the shell or the unit file left. The group may
+    // read (a log shipper), not write.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o027));
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

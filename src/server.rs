@@ -87,6 +87,7 @@ pub(crate) fn certificate_and_key(
     }
     let key_pem = std::fs::read(key_file)
         .with_context(|| format!("cannot read {what} key `{}`", key_file.display()))?;
+    crate::config::warn_if_others_may_read(key_file, what);
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("`{}` is not a PEM private key", key_file.display()))?
         .with_context(|| format!("`{}` holds no private key", key_file.display()))?;

@@ -29,6 +29,7 @@ impl Signer {
                 cfg.private_key_file.display()
             )
         })?;
+        crate::config::warn_if_others_may_read(&cfg.private_key_file, "signing.private_key_file");
         Signer::from_pem(&cfg.kid, cfg.algorithm, &pem, &cfg.issuer)
     }
 

@@ -216,6 +216,29 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_log() {
     );
     let report = wardgate::audit::verify_dir(&config.audit.dir).unwrap();
     assert!(!report.torn_tail);
+    // What the gateway wrote is no other account's to read (the process's umask), and the
+    // keys that unseal client addresses its owner's alone.
+    let mut written = vec![config.watch.breach_log.clone()];
+    let keys = config.audit.dir.join("addr-keys");
+    for dir in [&config.audit.dir, &keys] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                written.push(path);
+            }
+        }
+    }
+    assert!(written.iter().any(|p| p.starts_with(&keys)), "{written:?}");
+    for path in &written {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        let closed = if path.starts_with(&keys) {
+            0o077
+        } else {
+            0o007
+        };
+        assert_eq!(mode & closed, 0, "{} is {mode:o}", path.display());
+    }
     // The listener is closed: new connections are refused.
     assert!(tokio::net::TcpStream::connect(listen).await.is_err());
 }

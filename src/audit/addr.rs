@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -195,7 +196,13 @@ fn load_or_create(dir: &Path, day: &str) -> std::io::Result<LessSafeKey> {
             }
             let raw: [u8; 32] = rand::random();
             let tmp = dir.join(format!(".{day}.key.tmp"));
-            let mut f = std::fs::File::create(&tmp)?;
+            // The owner's alone, whatever the process's umask: it unseals a day's addresses.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&raw)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;

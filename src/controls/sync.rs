@@ -44,6 +44,7 @@ pub fn load_key(settings: &RedisSettings) -> anyhow::Result<ring::hmac::Key> {
     let file = &settings.key_file;
     let text = std::fs::read(file)
         .with_context(|| format!("cannot read `redis.key_file` `{}`", file.display()))?;
+    crate::config::warn_if_others_may_read(file, "redis.key_file");
     let secret = text.trim_ascii();
     if secret.len() < MIN_KEY_BYTES {
         anyhow::bail!(
