@@ -137,7 +137,21 @@ async fn sigkill_under_load_loses_no_audit_record_of_a_sent_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_flushes_the_log() {
-    let (upstream, _store) = common::start_datastore(500).await;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (real, _store) = common::start_datastore(500).await;
+    let page = common::datastore_body(real, "/electors?per_page=1000").await;
+    // A datastore slow enough that SIGTERM finds requests under way, counting what reaches it.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let upstream = common::upstream_answering(
+        move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            page.clone()
+        },
+        "application/json",
+        Duration::from_millis(500),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (common::free_addr(), common::free_addr());
     let cfg = wardgate::demo::materialise(dir.path(), listen, admin, upstream).unwrap();
@@ -186,7 +200,13 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_log() {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    while asked.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no request reached the datastore"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")

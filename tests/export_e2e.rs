@@ -906,9 +906,20 @@ async fn a_stalled_export_read_later_ends_cut_short_not_whole() {
 /// them ends (here, its client hangs up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        common::delayed_upstream(Bytes::from_static(b""), std::time::Duration::from_secs(60)).await;
+    // Counts what reaches it: a request under way holds its slot once the datastore has it.
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let upstream = common::upstream_answering(
+        move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Bytes::from_static(b"")
+        },
+        "application/json",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
         ..AppOptions::default()
@@ -932,18 +943,30 @@ async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
             s
         }
     };
-    let answer = |mut s: tokio::net::TcpStream| async move {
+    let answer_within = |mut s: tokio::net::TcpStream, wait: std::time::Duration| async move {
         let mut buf = vec![0; 4096];
-        match tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut buf)).await {
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
             Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
             _ => None,
         }
     };
+    let answer = |s| answer_within(s, std::time::Duration::from_millis(500));
     let first = send(export.clone()).await;
     let _second = send(aggregate.clone()).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while asked.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first two never reached the datastore"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     for third in [export.clone(), aggregate.clone()] {
-        let r = answer(send(third).await).await.expect("answered at once");
+        // Answered without the datastore (its audit record synced first).
+        let wait = std::time::Duration::from_secs(10);
+        let r = answer_within(send(third).await, wait)
+            .await
+            .expect("answered");
         assert!(r.starts_with("HTTP/1.1 429"), "{r}");
         assert!(r.contains("urn:wardgate:problem:too-many-at-once"), "{r}");
     }
