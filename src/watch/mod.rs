@@ -151,8 +151,6 @@ pub async fn run(gw: Arc<Gateway>) {
             _ = stop.changed() => break,
         };
         let logged = match logged {
-            // Read back from the log already (`resume`).
-            Ok(l) if l.seq <= through => continue,
             Ok(l) => l,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!("wardgate_watch_missed_records_total").increment(n);
@@ -173,16 +171,26 @@ pub async fn run(gw: Arc<Gateway>) {
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
+        // Read back from the log already (`resume`): a record of this run's, made while the
+        // log was read back. The live feed and the replicas' shared stream take it as any
+        // other (nothing but this run's records comes here); this replica's rules and volume
+        // chart have counted it.
+        let read_back = logged.seq <= through;
         // The feed's summary is built only while someone is watching.
         if gw.watch.feed.receiver_count() > 0 {
             gw.watch.publish(feed::access_event(&logged));
         }
-        lock(&gw.watch.volumes).observe(&logged.record);
+        if !read_back {
+            lock(&gw.watch.volumes).observe(&logged.record);
+        }
         let Some(observation) = rules::Observation::of(&logged.record) else {
             continue;
         };
         if let Some(sh) = &gw.watch.shared {
             sh.publish(logged.seq, &observation);
+        }
+        if read_back {
+            continue;
         }
         for finding in detector.observe_access(logged.seq, &observation) {
             acting.offer(finding, &mut detector);
@@ -208,7 +216,10 @@ pub async fn run(gw: Arc<Gateway>) {
 /// leaves the detector empty, as it was before replay existed, and the server log says so.
 async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
     let settings = gw.watch.settings.clone();
-    let (dir, gw2) = (gw.audit_dir.clone(), gw.clone());
+    let dir = gw.audit_dir.clone();
+    // What is durable now: a line past it may be of a batch whose sync fails, cut and its
+    // numbers used again; it comes live once acknowledged.
+    let durable = gw.audit.head().map_or(0, |h| h.seq);
     let read = tokio::task::spawn_blocking(move || {
         let mut detector = Detector::new(settings.clone());
         let mut volumes = Volumes::default();
@@ -217,16 +228,19 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
             &dir,
             &settings,
             &mut detector,
-            now,
+            (now, durable),
             replay::MAX_BYTES,
             &mut |r| volumes.observe(r),
         );
-        *lock(&gw2.watch.volumes) = volumes;
-        (detector, replayed)
+        (detector, volumes, replayed)
     })
     .await;
+    let failed = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
+        (Detector::new(gw.watch.settings.clone()), 0)
+    };
     match read {
-        Ok((detector, Ok(r))) => {
+        Ok((detector, volumes, Ok(r))) => {
             tracing::info!(
                 accesses = r.accesses,
                 alerts = r.alerts,
@@ -243,16 +257,13 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
                     replay::MAX_BYTES >> 20
                 );
             }
+            *lock(&gw.watch.volumes) = volumes;
             (detector, r.through)
         }
-        Ok((detector, Err(e))) => {
-            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
-            (detector, 0)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
-            (Detector::new(gw.watch.settings.clone()), 0)
-        }
+        // Half read: nothing of it is kept (this run's records read back would be counted
+        // again as they come live).
+        Ok((_, _, Err(e))) => failed(&e),
+        Err(e) => failed(&e),
     }
 }
 

@@ -16,6 +16,11 @@
 //! - each `breach_alert` record puts its rule back in its cooldown for its principal, from
 //!   when it was detected (`Detector::raised_before`).
 //!
+//! The windows are rebuilt as they were but for one case: records that reach a rule's
+//! threshold again between a finding and its `breach_alert` record (seconds, while Redis or
+//! the disk is slow) make a finding of their own, which clears the window, so an escalation
+//! within the cooldown may come later than it would have without the restart.
+//!
 //! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
 //! the start takes; a log busier than that over `reach` is read back from where the bound
 //! falls, and the server log says from when. The run then skips the records it has read
@@ -80,13 +85,15 @@ struct RaisedAlert {
 }
 
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
-/// `max_bytes`, the newest) from the log in `dir`, into `detector` and to `volume` (each
-/// access, for the console's chart).
+/// `max_bytes`, the newest), up to the record `durable` (the chain head when reading began:
+/// a line after it may be of a batch not acknowledged yet, whose failed sync would cut it and
+/// give its numbers to other records), from the log in `dir`, into `detector` and to
+/// `volume` (each access, for the console's chart).
 pub fn replay(
     dir: &Path,
     settings: &WatchSettings,
     detector: &mut Detector,
-    now_ms: i64,
+    (now_ms, durable): (i64, u64),
     max_bytes: u64,
     volume: &mut dyn FnMut(&AuditRecord),
 ) -> io::Result<Replayed> {
@@ -97,7 +104,7 @@ pub fn replay(
     let mut line = Vec::new();
     let (segments, cut_short) = to_read(dir, from_ms, max_bytes)?;
     out.cut_short = cut_short;
-    for (path, start) in segments {
+    'segments: for (path, start) in segments {
         let cut = start > 0;
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -125,6 +132,9 @@ pub fn replay(
                 out.unreadable += 1;
                 continue;
             };
+            if seq > durable {
+                break 'segments;
+            }
             let Some(at) = rules::ts_millis(&record.ts) else {
                 out.unreadable += 1;
                 continue;
@@ -173,7 +183,10 @@ fn to_read(dir: &Path, from_ms: i64, max_bytes: u64) -> io::Result<(Vec<(PathBuf
             break;
         }
         let len = match File::open(&path) {
-            Ok(mut f) => written_len(&mut f)?,
+            Ok(mut f) => {
+                let len = f.metadata()?.len();
+                written_len(&mut f, len)?
+            }
             // Pruned since it was listed: older than anything the reach needs.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
@@ -199,14 +212,20 @@ fn to_read(dir: &Path, from_ms: i64, max_bytes: u64) -> io::Result<(Vec<(PathBuf
 /// Where a segment's written records end: at its first NUL byte (the space made ready for
 /// records not yet written is zeros, and no record holds one), found by bisection, so that
 /// the byte bound counts records, not the space made ready after them.
-fn written_len(file: &mut File) -> io::Result<u64> {
-    let (mut lo, mut hi) = (0u64, file.metadata()?.len());
+fn written_len(file: &mut (impl Read + Seek), len: u64) -> io::Result<u64> {
+    let (mut lo, mut hi) = (0u64, len);
     let mut byte = [0u8; 1];
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         file.seek(SeekFrom::Start(mid))?;
-        file.read_exact(&mut byte)?;
-        if byte[0] == 0 {
+        // Shorter than it was (the writer gave back the space made ready past a finished
+        // segment's records): that is past the records too.
+        let past = match file.read_exact(&mut byte) {
+            Ok(()) => byte[0] == 0,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+            Err(e) => return Err(e),
+        };
+        if past {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -338,7 +357,7 @@ mod tests {
             dir,
             &settings(),
             &mut d,
-            now_millis(),
+            (now_millis(), u64::MAX),
             max_bytes,
             &mut |_| {
                 seen += 1;
@@ -479,5 +498,35 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         let (_, r, _) = replayed(dir.path(), MAX_BYTES);
         assert_eq!((r.through, r.accesses, r.unreadable), (2, 1, 1));
+    }
+
+    /// Lines after the record durable when reading began are not read back: they may be of a
+    /// batch whose sync fails, cut from the log and its numbers given to other records.
+    #[tokio::test]
+    async fn lines_past_the_durable_head_are_left_to_come_live() {
+        let b = base();
+        let records = (0..4).map(|i| listing("alice", b + i, 10)).collect();
+        let dir = log_of(records, 1 << 20).await;
+        let mut d = Detector::new(settings());
+        let at = (now_millis(), 2);
+        let r = replay(dir.path(), &settings(), &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        assert_eq!((r.through, r.accesses), (2, 2));
+    }
+
+    /// A segment shorter than when its length was read (the space made ready past a finished
+    /// segment's records given back) ends where it now ends; made-ready zeros are not records.
+    #[test]
+    fn a_segments_records_end_at_its_first_nul_or_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let mut padded = b"{\"a\":1}\n".to_vec();
+        padded.resize(4096, 0);
+        std::fs::write(&path, &padded).unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(written_len(&mut f, 4096).unwrap(), 8);
+        // Cut back between the length read and the bisection's reads.
+        std::fs::write(&path, b"{\"a\":1}\n").unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(written_len(&mut f, 4096).unwrap(), 8);
     }
 }

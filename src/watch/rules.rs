@@ -711,7 +711,7 @@ impl Detector {
     /// `rule` is quiet for `key` for the cooldown from `at_ms` (when it was detected), as it
     /// was for the run that raised it. How far past its threshold the alert went is not in
     /// the record, so within that cooldown an escalation's bar starts at the first doubling
-    /// (twice the threshold): after a restart an escalation is raised early, never missed.
+    /// (twice the threshold), never above the bar the run before had.
     pub fn raised_before(&mut self, rule: Rule, key: &str, at_ms: i64) {
         let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let until = at_ms.saturating_add(cooldown);
