@@ -776,6 +776,8 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             if !resp.status.is_success() {
+                // Refused: not done, so not counted, whatever becomes of the caller.
+                trail.forwarded = false;
                 tracing::warn!(status = resp.status.as_u16(), "upstream refused the write");
                 return Err(GatewayError::UpstreamStatus(resp.status.as_u16()));
             }

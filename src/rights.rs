@@ -120,9 +120,26 @@ where
         Err(e) => return refuse(gw, trail.caller(), None, &method, &path, e, request_id).await,
     };
     let channels = &gw.catalog.words.consent_channels;
+    let query = req
+        .uri()
+        .query()
+        .filter(|q| !q.is_empty())
+        .map(str::to_owned);
     let outcome = route(&principal, req, &method, &path, channels)
         .await
         .and_then(|(action, purpose)| {
+            // Only a subject access report takes a query (`format`): any other is a mistake
+            // (a filter its caller thinks applies, a format the answer does not come in),
+            // refused, not passed over. Asked once the route's role is (a caller without it
+            // is refused access, as breach detection counts).
+            if let Some(q) = query
+                .as_deref()
+                .filter(|_| !matches!(action, Action::Report { .. }))
+            {
+                return Err(GatewayError::BadRequest(format!(
+                    "`?{q}`: `{path}` takes no query"
+                )));
+            }
             // The body may have been slow to come: the caller must still stand (not revoked,
             // not ended, its key still trusted) when the change is made.
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -346,15 +363,6 @@ where
         policy_ids: vec![id.to_owned()],
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    // Only a subject access report takes a query (`format`): any other is a mistake (a filter
-    // its caller thinks applies, a format the answer does not come in), refused, not passed
-    // over.
-    let report = method == Method::GET && segments.first() == Some(&"sar");
-    if let Some(q) = req.uri().query().filter(|q| !report && !q.is_empty()) {
-        return Err(GatewayError::BadRequest(format!(
-            "`?{q}`: `{path}` takes no query"
-        )));
-    }
     match (method, segments.as_slice()) {
         (&Method::GET, ["rights", subject]) if subject_id(subject) => {
             if p.role != "dpo" {

@@ -567,17 +567,22 @@ fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
         let path = entry
             .with_context(|| format!("cannot list `{}`", dir.display()))?
             .path();
-        // A hidden entry is a tool's (an editor's swap file, a ConfigMap's `..data`).
-        let hidden = (path.file_name()).is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-        let Some(found) = path.extension().filter(|_| !hidden) else {
+        let Some(found) = path.extension() else {
             continue;
         };
         if !found.eq_ignore_ascii_case(ext) {
             continue;
         }
+        // A hidden link is an editor's lock (Emacs's `.#x.cedar`); a hidden file named like
+        // a pack file is refused below with the rest, not passed over: a `forbid` in it would
+        // be left out in silence.
+        let hidden = (path.file_name()).is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if hidden && path.is_symlink() {
+            continue;
+        }
         // Anything else named like a pack file would be left out in silence: a policy in
         // `x.Cedar`, a link to a file a half-rolled release has not put in place yet.
-        if found != ext || !path.is_file() {
+        if found != ext || !path.is_file() || hidden {
             bail!(
                 "`{}` is named like a policy pack file but is not one (`*.{ext}`, a regular \
                  file): rename, restore or remove it",

@@ -292,8 +292,8 @@ fn load_with(replace_file: &str, text: &str) -> anyhow::Result<PolicyEngine> {
 }
 
 /// A file named like a policy but left out would leave its policies out in silence: a
-/// `*.Cedar` and a link to nothing (a half-rolled release) stop the load, named; hidden
-/// entries (an editor's, a ConfigMap's) are passed over.
+/// `*.Cedar`, a hidden `.x.cedar` and a link to nothing (a half-rolled release) stop the
+/// load, named; an editor's hidden lock link (`.#x.cedar`) is passed over.
 #[test]
 fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
     let permit = "@id(\"extra\")\npermit (principal, action, resource);\n";
@@ -302,7 +302,11 @@ fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
         msg.contains("Extra.Cedar") && msg.contains("not one"),
         "{msg}"
     );
-    assert!(load_with(".swap.cedar", "not cedar at all").is_ok());
+    let msg = format!("{:#}", load_with(".extra.cedar", permit).err().unwrap());
+    assert!(
+        msg.contains(".extra.cedar") && msg.contains("not one"),
+        "{msg}"
+    );
     let dir = tempfile::tempdir().unwrap();
     for f in std::fs::read_dir(repo().join("policies")).unwrap() {
         let p = f.unwrap().path();
@@ -310,9 +314,13 @@ fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
             std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
         }
     }
+    let lock = dir.path().join(".#restrictions.cedar");
+    std::os::unix::fs::symlink("editor@host.1234", &lock).unwrap();
+    let (_, catalog, geography) = shipped_engine();
+    assert!(PolicyEngine::load(dir.path(), &catalog, &geography).is_ok());
+    std::fs::remove_file(&lock).unwrap();
     std::os::unix::fs::symlink(dir.path().join("gone.cedar"), dir.path().join("more.cedar"))
         .unwrap();
-    let (_, catalog, geography) = shipped_engine();
     let msg = format!(
         "{:#}",
         PolicyEngine::load(dir.path(), &catalog, &geography)
