@@ -321,12 +321,31 @@ where
             resp
         }
         Action::Change(mut event) => {
+            // Whom a placement holds: an id no datastore holds (`VF-1` for `VF-0000001`)
+            // holds nobody, and the DPO must be told so, not left to think the person's
+            // processing restricted. It is placed all the same (the record may come).
+            let held = match &event.change {
+                Change::Place { subject, .. } => {
+                    Some((subject.clone(), held_by(gw, subject, request_id).await))
+                }
+                _ => None,
+            };
             gw.controls.order_after_latest(&mut event);
-            let detail = serde_json::to_value(&event).unwrap_or_default();
+            let mut detail = serde_json::to_value(&event).unwrap_or_default();
             // The event's id only: who it is about and why are in the audit record, not in a
             // server log without its retention or protection.
             tracing::info!(by = %principal.subject, event = %event.id, "shared controls change requested");
-            let body = serde_json::json!({ "recorded": event });
+            let mut body = serde_json::json!({ "recorded": event });
+            if let Some((subject, held)) = held {
+                if held.values().all(|h| h == crate::sar::NOTHING_HELD) {
+                    body["warning"] = serde_json::Value::from(format!(
+                        "no datastore holds a record under `{subject}`: the placement holds \
+                         nobody until one does (is the id right?)"
+                    ));
+                }
+                detail["held"] = serde_json::json!(held);
+                body["held"] = serde_json::json!(held);
+            }
             respond(&at, detail, Some(event), body).await
         }
     }
@@ -475,6 +494,47 @@ where
         (_, ["rights" | "sar", ..]) => Err(GatewayError::RouteNotFound),
         _ => Err(GatewayError::RouteNotFound),
     }
+}
+
+/// How long `held_by` waits for each datastore.
+const HELD_BY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether each datastore holds a record under `subject`: a read by id asked of the
+/// datastore directly, of which nothing is kept or shown but whether it answered a record
+/// under that id (`held`), none (`nothing held`), or why that could not be told.
+async fn held_by(
+    gw: &Gateway,
+    subject: &str,
+    request_id: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, dataset) in &gw.catalog.datasets {
+        let Some(upstream) = gw.upstreams.get(name) else {
+            continue;
+        };
+        let (path, envelope) = crate::dialect::read(&upstream.dialect, dataset, subject);
+        // A datastore slow to answer holds the placement up this long at most.
+        let asked = upstream.send(Method::GET, &path, None, request_id);
+        let answer = tokio::time::timeout(HELD_BY_WITHIN, asked)
+            .await
+            .unwrap_or(Err(GatewayError::UpstreamTimeout));
+        let said = match answer {
+            Ok(r) if r.status == StatusCode::NOT_FOUND => crate::sar::NOTHING_HELD.to_owned(),
+            Ok(r) if r.status == StatusCode::OK => {
+                let id = (r.body.ok())
+                    .and_then(|b| crate::filter::single_text(&b, envelope, &dataset.subject_field));
+                match id {
+                    Some(id) if id == subject => "held".to_owned(),
+                    Some(_) => crate::sar::NOTHING_HELD.to_owned(),
+                    None => "not told: the answer holds no record under an id".to_owned(),
+                }
+            }
+            Ok(r) => format!("not told: status {}", r.status.as_u16()),
+            Err(e) => format!("not told: {}", e.code()),
+        };
+        out.insert(name.clone(), said);
+    }
+    out
 }
 
 /// The subject's records as held now, fetched through the data plane's own pipeline with the

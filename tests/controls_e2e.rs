@@ -1784,3 +1784,53 @@ async fn an_admin_query_no_route_takes_is_refused() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     app.stop().await;
 }
+
+/// A placement says whom it holds: on an id no datastore holds (`VF-1` for `VF-0000001`) the
+/// DPO is told it holds nobody (placed all the same: the record may come), where before it
+/// was recorded in silence; on a person the voter file holds, that it is held there. The
+/// audit record keeps what was found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_says_whether_any_datastore_holds_the_id() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let r = restrict(&app, "VF-1", "RR-TYPO").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer = r.json();
+    assert_eq!(
+        answer["held"],
+        serde_json::json!({ "membership": "nothing held", "voter": "nothing held" })
+    );
+    assert!(
+        answer["warning"].as_str().unwrap().contains("`VF-1`"),
+        "{answer}"
+    );
+    let placed = (app.audit_records().into_iter())
+        .find(|x| x["kind"] == "admin" && x["detail"]["id"] == answer["recorded"]["id"])
+        .unwrap();
+    assert_eq!(placed["detail"]["held"], answer["held"], "{placed}");
+
+    let id = visible_elector(&app).await;
+    let r = restrict(&app, &id, "RR-REAL").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["held"]["voter"], "held", "{answer}");
+    assert!(answer["warning"].is_null(), "{answer}");
+    app.stop().await;
+}
+
+/// A query on a route whose role the caller lacks is refused for the role first (403, a
+/// refusal breach detection counts), not as a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_from_a_caller_without_the_role_is_refused_access() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let r = app
+        .admin_get_with("/rights/VF-0000001?x=1", &app.token("canvasser"))
+        .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    let record = app.audit_for(&r);
+    assert_eq!(record["decision"], "deny", "{record}");
+    assert_eq!(
+        record["policy_ids"],
+        serde_json::json!(["admin.rights-dpo-only"])
+    );
+    app.stop().await;
+}
