@@ -32,8 +32,19 @@ impl std::io::Write for Captured {
     }
 }
 
+/// A second dispatcher alive for the whole run, which takes nothing. With one alone (a
+/// capture), `tracing` asks only the registering thread's default whether a log line is
+/// wanted, and caches the answer for every thread: a line first reached by a test on
+/// another thread, without a capture, would be cached as unwanted, and missing from the
+/// capture. With two, it asks both.
+pub(crate) fn keep_callsites_open() {
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+}
+
 /// Captures this thread's log until the guard is dropped.
 pub(crate) fn capture() -> (tracing::subscriber::DefaultGuard, Captured) {
+    keep_callsites_open();
     let logs = Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -41,4 +52,27 @@ pub(crate) fn capture() -> (tracing::subscriber::DefaultGuard, Captured) {
         .with_writer(move || writer.clone())
         .finish();
     (tracing::subscriber::set_default(subscriber), logs)
+}
+
+#[cfg(test)]
+mod tests {
+    /// One log line, for two threads to reach.
+    fn say() {
+        tracing::warn!("a line reached from two threads");
+    }
+
+    /// A log line reached first on a thread without a capture is still captured on the
+    /// thread with one (it was cached as unwanted for every thread: `keep_callsites_open`).
+    #[test]
+    fn a_line_first_reached_on_another_thread_is_captured() {
+        let (guard, logs) = super::capture();
+        std::thread::spawn(say).join().unwrap();
+        say();
+        drop(guard);
+        assert!(
+            logs.text().contains("a line reached from two threads"),
+            "{}",
+            logs.text()
+        );
+    }
 }

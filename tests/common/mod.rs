@@ -870,6 +870,12 @@ pub fn capture_logs() -> (
             Ok(())
         }
     }
+    // A second dispatcher alive for the whole run, which takes nothing. With one alone (the
+    // capture), `tracing` asks only the registering thread's default whether a log line is
+    // wanted and caches the answer for every thread: a line first reached by a test on
+    // another thread would be cached as unwanted, and missing from the capture.
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = Captured(logs.clone());
     let subscriber = tracing_subscriber::fmt()
