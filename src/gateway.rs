@@ -776,8 +776,11 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             if !resp.status.is_success() {
-                // Refused: not done, so not counted, whatever becomes of the caller.
-                trail.forwarded = false;
+                // Refused by the datastore (4xx): not done, so not counted, whatever becomes
+                // of the caller. A 5xx (a proxy's 502 or 504) may have been done: counted.
+                if resp.status.is_client_error() {
+                    trail.forwarded = false;
+                }
                 tracing::warn!(status = resp.status.as_u16(), "upstream refused the write");
                 return Err(GatewayError::UpstreamStatus(resp.status.as_u16()));
             }

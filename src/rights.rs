@@ -29,6 +29,9 @@ use crate::routes::subject_id;
 /// Subject access reports are built one at a time (`Action::Report`).
 static ONE_REPORT_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
+/// Changes to the shared controls made through this module, one at a time (`handle`).
+static ONE_CHANGE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const MAX_BODY: usize = 16 * 1024;
 
 /// The purposes the admin plane acts under; the catalogue must define them (`startup::check`).
@@ -125,88 +128,109 @@ where
         .query()
         .filter(|q| !q.is_empty())
         .map(str::to_owned);
-    let outcome = route(&principal, req, &method, &path, channels)
-        .await
-        .and_then(|(action, purpose)| {
-            // Only a subject access report takes a query (`format`): any other is a mistake
-            // (a filter its caller thinks applies, a format the answer does not come in),
-            // refused, not passed over. Asked once the route's role is (a caller without it
-            // is refused access, as breach detection counts).
-            if let Some(q) = query
-                .as_deref()
-                .filter(|_| !matches!(action, Action::Report { .. }))
-            {
-                return Err(GatewayError::BadRequest(format!(
-                    "`?{q}`: `{path}` takes no query"
-                )));
-            }
-            // The body may have been slow to come: the caller must still stand (not revoked,
-            // not ended, its key still trusted) when the change is made.
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            crate::gateway::holds(gw, &principal, now)?;
-            // A restriction or a token's revocation holds here at once, and reaches the other
-            // replicas when Redis is back (README: Shared controls); anything else waits for
-            // a fresh mirror (`Change::taken_on_a_stale_mirror`).
-            if !matches!(&action, Action::Change(e) if e.change.taken_on_a_stale_mirror()) {
-                gw.controls.check_fresh()?;
-            }
-            // The purpose first: a lift's refusal names the references in force, which only
-            // a caller who may read the register (`restriction`) is told.
-            let under = Under::purpose(gw, &principal, purpose)?;
-            // A lift ends one request: it must name one in force, by its reference, so that
-            // lifting one (a settled dispute) never lifts another of the same kind (a pending
-            // objection).
-            // A placement under a reference in force for that subject and kind would merge
-            // two requests into one, both ended by one lift.
-            if let Action::Change(Event {
-                change:
-                    Change::Place {
-                        subject,
-                        kind,
-                        reference,
-                    },
+    let routed = route(&principal, req, &method, &path, channels).await;
+    // Whom a placement holds (`held_by`), asked before the checks below: the caller's
+    // standing and the register must hold when the change is made, and nothing slow may
+    // come between them and it.
+    let held = match &routed {
+        Ok((
+            Action::Change(Event {
+                change: Change::Place { subject, .. },
                 ..
-            }) = &action
-                && (gw.controls.references_in_force(subject, kind)).contains(reference)
-            {
-                return Err(GatewayError::AlreadyInForce(format!(
-                    "a `{kind}` restriction on `{subject}` with the reference `{reference}` is \
+            }),
+            purpose,
+        )) if query.is_none() && Under::purpose(gw, &principal, purpose).is_ok() => {
+            Some((subject.clone(), held_by(gw, subject, request_id).await))
+        }
+        _ => None,
+    };
+    // One change at a time on this replica, from its checks (the caller still stands, a
+    // reference is or is not in force) until it is made: two placements under one reference
+    // sent at once would otherwise both pass the check, and merge.
+    let _changing = match &routed {
+        Ok((Action::Change(_), _)) => Some(ONE_CHANGE_AT_A_TIME.lock().await),
+        _ => None,
+    };
+    let outcome = routed.and_then(|(action, purpose)| {
+        // Only a subject access report takes a query (`format`): any other is a mistake
+        // (a filter its caller thinks applies, a format the answer does not come in),
+        // refused, not passed over. Asked once the route's role is (a caller without it
+        // is refused access, as breach detection counts).
+        if let Some(q) = query
+            .as_deref()
+            .filter(|_| !matches!(action, Action::Report { .. }))
+        {
+            return Err(GatewayError::BadRequest(format!(
+                "`?{q}`: `{path}` takes no query"
+            )));
+        }
+        // The body may have been slow to come: the caller must still stand (not revoked,
+        // not ended, its key still trusted) when the change is made.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        crate::gateway::holds(gw, &principal, now)?;
+        // A restriction or a token's revocation holds here at once, and reaches the other
+        // replicas when Redis is back (README: Shared controls); anything else waits for
+        // a fresh mirror (`Change::taken_on_a_stale_mirror`).
+        if !matches!(&action, Action::Change(e) if e.change.taken_on_a_stale_mirror()) {
+            gw.controls.check_fresh()?;
+        }
+        // The purpose first: a lift's refusal names the references in force, which only
+        // a caller who may read the register (`restriction`) is told.
+        let under = Under::purpose(gw, &principal, purpose)?;
+        // A lift ends one request: it must name one in force, by its reference, so that
+        // lifting one (a settled dispute) never lifts another of the same kind (a pending
+        // objection).
+        // A placement under a reference in force for that subject and kind would merge
+        // two requests into one, both ended by one lift.
+        if let Action::Change(Event {
+            change:
+                Change::Place {
+                    subject,
+                    kind,
+                    reference,
+                },
+            ..
+        }) = &action
+            && (gw.controls.references_in_force(subject, kind)).contains(reference)
+        {
+            return Err(GatewayError::AlreadyInForce(format!(
+                "a `{kind}` restriction on `{subject}` with the reference `{reference}` is \
                      in force already: give a new request its own reference"
-                )));
-            }
-            if let Action::Change(Event {
-                change:
-                    Change::Lift {
-                        subject,
-                        kind,
-                        reference,
-                        ..
-                    },
-                ..
-            }) = &action
-            {
-                let in_force = gw.controls.references_in_force(subject, kind);
-                if !in_force.contains(reference) {
-                    // The references in force are the register's, which only a caller who
-                    // may read it is told (an erasure's lift is under `erasure`).
-                    let may_read = principal.purposes.iter().any(|p| p == "restriction");
-                    return Err(GatewayError::NotInForce(match in_force.is_empty() {
-                        // Whether any is in force at all is the register's too.
-                        _ if !may_read => format!(
-                            "no `{kind}` restriction on `{subject}` has the reference \
+            )));
+        }
+        if let Action::Change(Event {
+            change:
+                Change::Lift {
+                    subject,
+                    kind,
+                    reference,
+                    ..
+                },
+            ..
+        }) = &action
+        {
+            let in_force = gw.controls.references_in_force(subject, kind);
+            if !in_force.contains(reference) {
+                // The references in force are the register's, which only a caller who
+                // may read it is told (an erasure's lift is under `erasure`).
+                let may_read = principal.purposes.iter().any(|p| p == "restriction");
+                return Err(GatewayError::NotInForce(match in_force.is_empty() {
+                    // Whether any is in force at all is the register's too.
+                    _ if !may_read => format!(
+                        "no `{kind}` restriction on `{subject}` has the reference \
                              `{reference}`"
-                        ),
-                        true => format!("no `{kind}` restriction is in force on `{subject}`"),
-                        false => format!(
-                            "no `{kind}` restriction on `{subject}` has the reference \
+                    ),
+                    true => format!("no `{kind}` restriction is in force on `{subject}`"),
+                    false => format!(
+                        "no `{kind}` restriction on `{subject}` has the reference \
                              `{reference}`; those in force: `{}`",
-                            in_force.join("`, `")
-                        ),
-                    }));
-                }
+                        in_force.join("`, `")
+                    ),
+                }));
             }
-            Ok((action, under))
-        });
+        }
+        Ok((action, under))
+    });
     let (action, under) = match outcome {
         Ok(acting) => acting,
         Err(e) => {
@@ -321,21 +345,15 @@ where
             resp
         }
         Action::Change(mut event) => {
-            // Whom a placement holds: an id no datastore holds (`VF-1` for `VF-0000001`)
-            // holds nobody, and the DPO must be told so, not left to think the person's
-            // processing restricted. It is placed all the same (the record may come).
-            let held = match &event.change {
-                Change::Place { subject, .. } => {
-                    Some((subject.clone(), held_by(gw, subject, request_id).await))
-                }
-                _ => None,
-            };
             gw.controls.order_after_latest(&mut event);
             let mut detail = serde_json::to_value(&event).unwrap_or_default();
             // The event's id only: who it is about and why are in the audit record, not in a
             // server log without its retention or protection.
             tracing::info!(by = %principal.subject, event = %event.id, "shared controls change requested");
             let mut body = serde_json::json!({ "recorded": event });
+            // Whom a placement holds: an id no datastore holds (`VF-1` for `VF-0000001`)
+            // holds nobody, and the DPO must be told so, not left to think the person's
+            // processing restricted. It is placed all the same (the record may come).
             if let Some((subject, held)) = held {
                 if held.values().all(|h| h == crate::sar::NOTHING_HELD) {
                     body["warning"] = serde_json::Value::from(format!(
@@ -507,34 +525,40 @@ async fn held_by(
     subject: &str,
     request_id: &str,
 ) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
-    for (name, dataset) in &gw.catalog.datasets {
-        let Some(upstream) = gw.upstreams.get(name) else {
-            continue;
-        };
+    let asks = (gw.catalog.datasets.iter()).filter_map(|(name, dataset)| {
+        let upstream = gw.upstreams.get(name)?;
         let (path, envelope) = crate::dialect::read(&upstream.dialect, dataset, subject);
-        // A datastore slow to answer holds the placement up this long at most.
-        let asked = upstream.send(Method::GET, &path, None, request_id);
-        let answer = tokio::time::timeout(HELD_BY_WITHIN, asked)
-            .await
-            .unwrap_or(Err(GatewayError::UpstreamTimeout));
-        let said = match answer {
-            Ok(r) if r.status == StatusCode::NOT_FOUND => crate::sar::NOTHING_HELD.to_owned(),
-            Ok(r) if r.status == StatusCode::OK => {
-                let id = (r.body.ok())
-                    .and_then(|b| crate::filter::single_text(&b, envelope, &dataset.subject_field));
-                match id {
-                    Some(id) if id == subject => "held".to_owned(),
-                    Some(_) => crate::sar::NOTHING_HELD.to_owned(),
-                    None => "not told: the answer holds no record under an id".to_owned(),
+        Some(async move {
+            // A datastore slow to answer holds the placement up this long at most (all are
+            // asked at once).
+            let asked = upstream.send(Method::GET, &path, None, request_id);
+            let answer = tokio::time::timeout(HELD_BY_WITHIN, asked)
+                .await
+                .unwrap_or(Err(GatewayError::UpstreamTimeout));
+            let said = match answer {
+                Ok(r) if r.status == StatusCode::NOT_FOUND => crate::sar::NOTHING_HELD.to_owned(),
+                Ok(r) if r.status == StatusCode::OK => {
+                    let id = (r.body.ok()).and_then(|b| {
+                        crate::filter::single_text(&b, envelope, &dataset.subject_field)
+                    });
+                    match id {
+                        // Ids are matched as the register matches them: a datastore that
+                        // ignores case answers `VF-0000001` for `vf-0000001`.
+                        Some(id) if id.eq_ignore_ascii_case(subject) => "held".to_owned(),
+                        Some(_) => crate::sar::NOTHING_HELD.to_owned(),
+                        None => "not told: the answer holds no record under an id".to_owned(),
+                    }
                 }
-            }
-            Ok(r) => format!("not told: status {}", r.status.as_u16()),
-            Err(e) => format!("not told: {}", e.code()),
-        };
-        out.insert(name.clone(), said);
-    }
-    out
+                Ok(r) => format!("not told: status {}", r.status.as_u16()),
+                Err(e) => format!("not told: {}", e.code()),
+            };
+            (name.clone(), said)
+        })
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// The subject's records as held now, fetched through the data plane's own pipeline with the

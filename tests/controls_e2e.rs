@@ -1834,3 +1834,34 @@ async fn a_query_from_a_caller_without_the_role_is_refused_access() {
     );
     app.stop().await;
 }
+
+/// Two placements under one reference sent at once are one placement and one refusal (409),
+/// however long the datastores take to say whom it holds: the checks and the change are
+/// made one change at a time. And a datastore that ignores case holds `vf-0000001` under
+/// `VF-0000001`, as the register matches ids: held, not warned of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placements_sent_at_once_under_one_reference_are_one_and_a_refusal() {
+    let upstream = common::upstream_answering(
+        |_| bytes::Bytes::from_static(br#"{"record":{"elector_id":"VF-0000001"}}"#),
+        "application/json",
+        Duration::from_millis(800),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let (a, b) = tokio::join!(
+        restrict(&app, "vf-0000001", "RR-TWICE"),
+        restrict(&app, "vf-0000001", "RR-TWICE")
+    );
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{:?} {:?}", a.body, b.body);
+    let placed = if a.status == 200 { a } else { b };
+    let answer = placed.json();
+    assert_eq!(answer["held"]["voter"], "held", "{answer}");
+    assert!(answer["warning"].is_null(), "{answer}");
+    app.stop().await;
+}

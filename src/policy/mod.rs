@@ -573,11 +573,12 @@ fn cedar_files(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
         if !found.eq_ignore_ascii_case(ext) {
             continue;
         }
-        // A hidden link is an editor's lock (Emacs's `.#x.cedar`); a hidden file named like
-        // a pack file is refused below with the rest, not passed over: a `forbid` in it would
-        // be left out in silence.
-        let hidden = (path.file_name()).is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-        if hidden && path.is_symlink() {
+        // An editor's lock (Emacs's `.#x.cedar`, a link to nothing) is passed over; any other
+        // hidden entry named like a pack file is refused below with the rest, not passed
+        // over: a `forbid` in it would be left out in silence.
+        let name = path.file_name().map(std::ffi::OsStr::as_encoded_bytes);
+        let hidden = name.is_some_and(|n| n.starts_with(b"."));
+        if name.is_some_and(|n| n.starts_with(b".#")) && path.is_symlink() && !path.exists() {
             continue;
         }
         // Anything else named like a pack file would be left out in silence: a policy in

@@ -319,6 +319,20 @@ fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
     let (_, catalog, geography) = shipped_engine();
     assert!(PolicyEngine::load(dir.path(), &catalog, &geography).is_ok());
     std::fs::remove_file(&lock).unwrap();
+    // A hidden link to a policy file is no editor's lock: refused, named.
+    let hidden = dir.path().join(".extra.cedar");
+    std::os::unix::fs::symlink(dir.path().join("restrictions.cedar"), &hidden).unwrap();
+    let msg = format!(
+        "{:#}",
+        PolicyEngine::load(dir.path(), &catalog, &geography)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        msg.contains(".extra.cedar") && msg.contains("not one"),
+        "{msg}"
+    );
+    std::fs::remove_file(&hidden).unwrap();
     std::os::unix::fs::symlink(dir.path().join("gone.cedar"), dir.path().join("more.cedar"))
         .unwrap();
     let msg = format!(
