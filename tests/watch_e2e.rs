@@ -68,6 +68,34 @@ async fn alerts(app: &TestApp) -> Vec<Value> {
     r.json()["alerts"].as_array().unwrap().clone()
 }
 
+/// Returns once every record made before it has been examined: the detector handles records
+/// in log order, so once a later request (a marker's) shows in the live feed, everything
+/// before it has been.
+async fn all_examined(app: &TestApp) {
+    let marker = token(
+        app,
+        "marker",
+        "canvasser",
+        &["E08000035/CGW1"],
+        &["canvassing"],
+    );
+    feed_until(
+        app,
+        "?principal=marker",
+        &app.token("security"),
+        async {
+            app.get(
+                "/voter/electors?per_page=1",
+                Some(&marker),
+                Some("canvassing"),
+            )
+            .await;
+        },
+        |t| t.contains("\"principal\":\"marker\""),
+    )
+    .await;
+}
+
 /// Polls the breach log until `rule` fires for `principal`; returns the alert and how long it took.
 async fn wait_for_alert(app: &TestApp, rule: &str, principal: &str) -> (Value, Duration) {
     let started = Instant::now();
@@ -246,30 +274,7 @@ async fn a_normal_canvassing_day_raises_no_alert() {
     // The councillor's casework and a walk sheet of their own.
     let cllr = app.token("councillor");
     a_big_page(&app, &cllr, "canvassing").await;
-    // The detector handles records in log order, so once a later request shows in the live
-    // feed, everything before it has been examined.
-    let marker = token(
-        &app,
-        "marker",
-        "canvasser",
-        &["E08000035/CGW1"],
-        &["canvassing"],
-    );
-    feed_until(
-        &app,
-        "?principal=marker",
-        &app.token("security"),
-        async {
-            app.get(
-                "/voter/electors?per_page=1",
-                Some(&marker),
-                Some("canvassing"),
-            )
-            .await;
-        },
-        |t| t.contains("\"principal\":\"marker\""),
-    )
-    .await;
+    all_examined(&app).await;
     assert_eq!(alerts(&app).await, Vec::<Value>::new());
     assert!(breach_log(&app).is_empty());
 }
@@ -1334,30 +1339,8 @@ async fn an_alert_raised_before_a_restart_is_not_raised_again_after_it() {
     let app = app.restart().await;
     let again = councillor_page(&app, 25).await;
     assert!(again["subjects"].as_array().unwrap().len() < 40);
-    // The detector handles records in log order: once a later request shows in the live
-    // feed, the page before it has been examined, and an alert on it would be on its way.
-    let marker = token(
-        &app,
-        "marker",
-        "canvasser",
-        &["E08000035/CGW1"],
-        &["canvassing"],
-    );
-    feed_until(
-        &app,
-        "?principal=marker",
-        &app.token("security"),
-        async {
-            app.get(
-                "/voter/electors?per_page=1",
-                Some(&marker),
-                Some("canvassing"),
-            )
-            .await;
-        },
-        |t| t.contains("\"principal\":\"marker\""),
-    )
-    .await;
+    // Once examined, an alert on it would be on its way.
+    all_examined(&app).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let volume: Vec<Value> = (alerts(&app).await.into_iter())
         .filter(|a| a["rule"] == "volume" && a["key"] == "demo-councillor")

@@ -317,34 +317,21 @@ fn an_entry_named_like_a_policy_that_is_not_one_is_refused() {
     let lock = dir.path().join(".#restrictions.cedar");
     std::os::unix::fs::symlink("editor@host.1234", &lock).unwrap();
     let (_, catalog, geography) = shipped_engine();
+    let refused_naming = |name: &str| {
+        let err = PolicyEngine::load(dir.path(), &catalog, &geography).err();
+        let msg = format!("{:#}", err.expect("the load was refused"));
+        assert!(msg.contains(name) && msg.contains("not one"), "{msg}");
+    };
     assert!(PolicyEngine::load(dir.path(), &catalog, &geography).is_ok());
     std::fs::remove_file(&lock).unwrap();
     // A hidden link to a policy file is no editor's lock: refused, named.
     let hidden = dir.path().join(".extra.cedar");
     std::os::unix::fs::symlink(dir.path().join("restrictions.cedar"), &hidden).unwrap();
-    let msg = format!(
-        "{:#}",
-        PolicyEngine::load(dir.path(), &catalog, &geography)
-            .err()
-            .unwrap()
-    );
-    assert!(
-        msg.contains(".extra.cedar") && msg.contains("not one"),
-        "{msg}"
-    );
+    refused_naming(".extra.cedar");
     std::fs::remove_file(&hidden).unwrap();
     std::os::unix::fs::symlink(dir.path().join("gone.cedar"), dir.path().join("more.cedar"))
         .unwrap();
-    let msg = format!(
-        "{:#}",
-        PolicyEngine::load(dir.path(), &catalog, &geography)
-            .err()
-            .unwrap()
-    );
-    assert!(
-        msg.contains("more.cedar") && msg.contains("not one"),
-        "{msg}"
-    );
+    refused_naming("more.cedar");
 }
 
 #[test]
