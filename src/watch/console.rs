@@ -35,9 +35,6 @@ const PAGE: &str = include_str!("console.html");
 const SCRIPT: &str = include_str!("console.js");
 const STYLE: &str = include_str!("console.css");
 
-/// Only these roles see the console's data.
-const ROLES: [&str; 2] = ["security", "dpo"];
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ContainBody {
@@ -88,7 +85,8 @@ where
         }
     };
     let fail = |e| refuse(gw, Some(&principal), None, &method, &path, e, request_id);
-    if !ROLES.contains(&principal.role.as_str()) {
+    // Only the admin plane's roles see the console's data.
+    if !crate::rights::ADMIN_ROLES.contains(&principal.role.as_str()) {
         let e = GatewayError::Forbidden {
             policy_ids: vec!["admin.console-security-or-dpo".to_owned()],
         };

@@ -271,33 +271,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::audit::record::tests::sample;
     use crate::audit::{AuditLog, AuditSettings, Decision, Durability};
+    use crate::watch::rules::tests::{listing, ts};
     use crate::watch::rules::{Finding, now_millis};
 
     /// Half an hour ago: inside every default window.
     fn base() -> i64 {
         now_millis() - 30 * 60 * 1000
-    }
-
-    fn ts(ms: i64) -> String {
-        let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000);
-        AuditRecord::ts_of(t.unwrap())
-    }
-
-    /// A listing by councillor `who` at `ms` that disclosed `n` records.
-    fn listing(who: &str, ms: i64, n: usize) -> AuditRecord {
-        let mut r = sample(0);
-        r.ts = ts(ms);
-        if let Some(c) = r.caller.as_mut() {
-            c.subject = who.to_owned();
-            c.role = "councillor".to_owned();
-        }
-        r.subjects = (0..n)
-            .map(|i| format!("E{i:06}"))
-            .collect::<Vec<_>>()
-            .into();
-        r
     }
 
     /// A refusal of a caller not known, from `addr`.

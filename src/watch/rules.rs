@@ -881,4 +881,4 @@ pub fn local_minute(at_ms: i64, zone: Zone) -> u32 {
 
 #[cfg(test)]
 #[path = "rules_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -20,13 +20,13 @@ fn with(f: impl FnOnce(&mut WatchSettings)) -> Detector {
     Detector::new(s)
 }
 
-fn ts(ms: i64) -> String {
+pub(crate) fn ts(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
     AuditRecord::ts_of(t)
 }
 
 /// A listing by `who` (a councillor) at `ms` that disclosed `n` records.
-fn listing(who: &str, ms: i64, n: usize) -> AuditRecord {
+pub(crate) fn listing(who: &str, ms: i64, n: usize) -> AuditRecord {
     let mut r = sample(0);
     r.ts = ts(ms);
     if let Some(c) = r.caller.as_mut() {
