@@ -1323,6 +1323,34 @@ async fn a_scrape_split_by_a_restart_still_raises_its_alert() {
     app.stop().await;
 }
 
+/// The norm of 40 for councillors (`low_volume`'s twice over): a run under it raises nothing
+/// where `low_volume` would.
+fn norm_of_40(cfg: &mut Config) {
+    low_volume(cfg);
+    let volume = cfg.watch.rules.get_mut(&Rule::Volume).unwrap();
+    volume.limits.insert("councillor".to_owned(), 40);
+}
+
+/// A norm lowered across a restart applies to the records read back: what now reaches it is
+/// raised at start, citing the records of the run before, with no request after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_norm_lowered_across_a_restart_raises_what_now_reaches_it() {
+    let mut app = spawn_app_with(AppOptions {
+        tweak: Some(norm_of_40),
+        ..AppOptions::default()
+    })
+    .await;
+    let before = councillor_page(&app, 30).await;
+    assert!((20..40).contains(&before["subjects"].as_array().unwrap().len()));
+    all_examined(&app).await;
+    assert!(alerts(&app).await.is_empty());
+    app.tweak = Some(low_volume);
+    let app = app.restart().await;
+    let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
+    assert_eq!(alert["evidence"], json!([before["seq"]]), "{alert}");
+    app.stop().await;
+}
+
 /// An alert raised before a restart keeps its rule quiet for the principal after it: the
 /// same amount again within the cooldown (under the escalation's twice the norm) raises no
 /// second alert, where a detector starting empty raised it at once.

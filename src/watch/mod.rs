@@ -123,8 +123,12 @@ pub async fn run(gw: Arc<Gateway>) {
         return;
     };
     let mut stop = gw.watch.detecting.subscribe();
-    let (mut detector, through) = resume(&gw).await;
+    let (mut detector, through, pending) = resume(&gw).await;
     let mut acting = acting::Acting::start(gw.clone());
+    // Findings of the last run that no alert record follows: raised now, oldest first.
+    for finding in pending {
+        acting.offer(finding, &mut detector);
+    }
     // Owed findings are offered again this often while any are owed, however busy the log.
     let mut retry = tokio::time::interval(std::time::Duration::from_millis(50));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -210,13 +214,16 @@ pub async fn run(gw: Arc<Gateway>) {
     }
 }
 
-/// A detector holding what the log's newest records say (`replay`), and the newest record
-/// it read back: read off the runtime's threads, before the first live record is examined
-/// (those that arrive meanwhile wait in the audit log's channel). A log that cannot be read
-/// leaves the detector empty, as it was before replay existed, and the server log says so.
-async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
+/// A detector holding what the log's newest records say (`replay`) and the breach log's
+/// alerts in their cooldown (`replay::recall`), the newest record it read back, and the
+/// findings read back that no alert followed: read off the runtime's threads, before the
+/// first live record is examined (those that arrive meanwhile wait in the audit log's
+/// channel). A log that cannot be read leaves the detector holding the breach log's
+/// cooldowns only, and the server log says so.
+async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
     let settings = gw.watch.settings.clone();
     let dir = gw.audit_dir.clone();
+    let breach = gw.watch.breach.clone();
     // What is durable now: a line past it may be of a batch whose sync fails, cut and its
     // numbers used again; it comes live once acknowledged.
     let durable = gw.audit.head().map_or(0, |h| h.seq);
@@ -224,7 +231,7 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
         let mut detector = Detector::new(settings.clone());
         let mut volumes = Volumes::default();
         let now = rules::now_millis();
-        let replayed = replay::replay(
+        let mut replayed = replay::replay(
             &dir,
             &settings,
             &mut detector,
@@ -232,20 +239,37 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
             replay::MAX_BYTES,
             &mut |r| volumes.observe(r),
         );
+        // Half read: nothing of it is kept (this run's records read back would be counted
+        // again as they come live); the breach log's cooldowns are, whatever the audit log.
+        let mut pending = match &mut replayed {
+            Ok(r) => std::mem::take(&mut r.pending),
+            Err(_) => {
+                detector = Detector::new(settings);
+                Vec::new()
+            }
+        };
+        replay::recall(&mut detector, &mut pending, &breach.alerts().0, now);
+        if let Ok(r) = &mut replayed {
+            r.pending = pending;
+        }
         (detector, volumes, replayed)
     })
     .await;
-    let failed = |e: &dyn std::fmt::Display| {
-        tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
-        (Detector::new(gw.watch.settings.clone()), 0)
+    let (detector, volumes, replayed) = match read {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
+            return (Detector::new(gw.watch.settings.clone()), 0, Vec::new());
+        }
     };
-    match read {
-        Ok((detector, volumes, Ok(r))) => {
+    match replayed {
+        Ok(r) => {
             tracing::info!(
                 accesses = r.accesses,
                 alerts = r.alerts,
                 through = r.through,
                 unreadable = r.unreadable,
+                unraised = r.pending.len(),
                 "breach detection resumed from the audit log"
             );
             if r.cut_short {
@@ -257,13 +281,30 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64) {
                     replay::MAX_BYTES >> 20
                 );
             }
+            if r.ahead > 0 {
+                tracing::warn!(
+                    records = r.ahead,
+                    "breach detection did not read back {} records dated more than {} minutes \
+                     ahead of this host's clock (was the clock set back?)",
+                    r.ahead,
+                    replay::MAX_AHEAD.as_secs() / 60
+                );
+            }
+            if r.let_go > 0 {
+                tracing::error!(
+                    findings = r.let_go,
+                    "breach detection read back more findings without an alert than it raises \
+                     at start; the oldest {} were let go",
+                    r.let_go
+                );
+            }
             *lock(&gw.watch.volumes) = volumes;
-            (detector, r.through)
+            (detector, r.through, r.pending)
         }
-        // Half read: nothing of it is kept (this run's records read back would be counted
-        // again as they come live).
-        Ok((_, _, Err(e))) => failed(&e),
-        Err(e) => failed(&e),
+        Err(e) => {
+            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with the breach log's cooldowns only");
+            (detector, 0, Vec::new())
+        }
     }
 }
 

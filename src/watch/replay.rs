@@ -10,25 +10,25 @@
 //! - every access of the last `reach` (the longest rule window and the cooldown: with the
 //!   defaults, two hours) is examined again, filling the windows and the console's volume
 //!   chart, with its client address unsealed while its day's key exists;
-//! - a finding the replay makes raises nothing again: the run that made it acted on it, and
-//!   its `breach_alert` record follows (one lost with a crash between the two stays lost, as
-//!   before: the records that made it are spent, as they were when it was made);
+//! - a finding the replay makes puts its rule in its cooldown for the principal, as it did
+//!   in the run that made it, and waits (`Replayed::pending`): a `breach_alert` record for
+//!   that rule and principal after it says that run raised it. One without (the run ended
+//!   between the finding and its record, had no room for it, or the rules were made stricter
+//!   for this run: a lower limit, a rule turned on) is raised by this run (`watch::run`), in
+//!   `alert` and `contain` modes; a `monitor` finding only ever showed, and is not shown twice;
 //! - each `breach_alert` record puts its rule back in its cooldown for its principal, from
-//!   when it was detected (`Detector::raised_before`).
-//!
-//! The windows are rebuilt as they were but for one case: records that reach a rule's
-//! threshold again between a finding and its `breach_alert` record (seconds, while Redis or
-//! the disk is slow) make a finding of their own, which clears the window, so an escalation
-//! within the cooldown may come later than it would have without the restart.
+//!   when it was detected (`Detector::raised_before`), and so does each alert in the breach
+//!   log within the cooldown (`recall`), which reaches back past the byte bound below.
 //!
 //! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
 //! the start takes; a log busier than that over `reach` is read back from where the bound
 //! falls, and the server log says from when. The run then skips the records it has read
-//! back as they arrive live (`Replayed::through`).
+//! back as they arrive live (`Replayed::through`). A record dated ahead of this host's clock
+//! (by more than `MAX_AHEAD`: the clock was set back since) is not read back: the windows
+//! would hold it until the clock caught up, and count it against every record until then.
 //!
 //! What it does not rebuild: the cross-replica detector's state (`shared`), which lives in
-//! the leading replica's memory and in Redis, and alerts in `monitor` mode (nothing records
-//! them in the audit log).
+//! the leading replica's memory and in Redis.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -41,14 +41,22 @@ use crate::audit::addr::Revealer;
 use crate::audit::segment::{first_ts, list_segments, read_line};
 use crate::audit::{AuditRecord, RecordKind};
 
-use super::rules::{self, Detector, Observation};
-use super::settings::{Rule, WatchSettings};
+use super::breach::Alert;
+use super::rules::{self, Detector, Finding, Observation};
+use super::settings::{Mode, Rule, WatchSettings};
 
 /// The newest bytes of the log read back at most.
 pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
 
+/// How far ahead of this host's clock a record may be dated and still be read back.
+pub const MAX_AHEAD: Duration = Duration::from_secs(5 * 60);
+
+/// Findings kept waiting for their `breach_alert` record at most; past it the oldest are let
+/// go (`Replayed::let_go`).
+const MAX_PENDING: usize = 10_000;
+
 /// What reading back the log found.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Replayed {
     /// The newest record read back: a live record up to it has been examined already.
     pub through: u64,
@@ -64,6 +72,13 @@ pub struct Replayed {
     pub cut_short: bool,
     /// The time of the first record read back.
     pub first: Option<String>,
+    /// Records dated more than `MAX_AHEAD` ahead of the clock, not read back.
+    pub ahead: u64,
+    /// Findings in `alert` or `contain` mode that no `breach_alert` record (nor breach log
+    /// entry, `recall`) says were raised: this run raises them.
+    pub pending: Vec<Finding>,
+    /// Pending findings let go past `MAX_PENDING`, the oldest first.
+    pub let_go: u64,
 }
 
 /// How far back the detector's state reaches: its longest rule window, then the cooldown of
@@ -82,6 +97,9 @@ struct RaisedAlert {
     rule: Rule,
     key: String,
     detected_at: String,
+    /// The caller, when known (`null` for an alert keyed on an address).
+    #[serde(default)]
+    principal: Option<serde::de::IgnoredAny>,
 }
 
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
@@ -99,6 +117,7 @@ pub fn replay(
 ) -> io::Result<Replayed> {
     let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
     let from_ms = now_ms.saturating_sub(reach_ms);
+    let until_ms = now_ms.saturating_add(MAX_AHEAD.as_millis() as i64);
     let mut out = Replayed::default();
     let mut revealer = Revealer::new(dir);
     let mut line = Vec::new();
@@ -142,6 +161,10 @@ pub fn replay(
             if at < from_ms {
                 continue;
             }
+            if at > until_ms {
+                out.ahead += 1;
+                continue;
+            }
             if out.first.is_none() {
                 out.first = Some(record.ts.clone());
             }
@@ -151,6 +174,8 @@ pub fn replay(
                     && let Some((rule, key, at)) = raised(&record, &mut revealer)
                 {
                     detector.raised_before(rule, &key, at);
+                    out.pending
+                        .retain(|f| (f.rule, f.key.as_str()) != (rule, key.as_str()));
                     out.alerts += 1;
                 }
                 continue;
@@ -162,12 +187,39 @@ pub fn replay(
             };
             out.accesses += 1;
             for f in detector.observe_access(seq, &observation) {
-                // Acted on by the run that made it, or owed: either way not raised here.
-                detector.forget_cooldown(f.rule, &f.key, f.escalation);
+                // Shown by the run that made it, if it ran in this mode: nothing records it.
+                if matches!(f.mode, Mode::Alert | Mode::Contain) {
+                    out.pending.push(f);
+                }
+            }
+            if out.pending.len() > MAX_PENDING {
+                let over = out.pending.len() - MAX_PENDING;
+                out.pending.drain(..over);
+                out.let_go += over as u64;
             }
         }
     }
     Ok(out)
+}
+
+/// The breach log's alerts (`alerts`, any order) still within the cooldown at `now_ms`:
+/// each puts its rule back in its cooldown for its principal, and each says the findings on
+/// that rule and principal made up to when it was detected were raised. The breach log keeps
+/// its alerts whatever the audit log's byte bound (`MAX_BYTES`) cut off, and keys them as
+/// raised (an address in the clear, not sealed): an alert whose records the bound left out
+/// keeps its cooldown all the same.
+pub fn recall(detector: &mut Detector, pending: &mut Vec<Finding>, alerts: &[Alert], now_ms: i64) {
+    let cooldown = i64::try_from(detector.settings().cooldown.as_millis()).unwrap_or(i64::MAX);
+    for alert in alerts {
+        let Some(at) = rules::ts_millis(&alert.detected_at) else {
+            continue;
+        };
+        if at.saturating_add(cooldown) <= now_ms {
+            continue;
+        }
+        detector.raised_before(alert.rule, &alert.key, at);
+        pending.retain(|f| !(f.rule == alert.rule && f.key == alert.key && f.at_ms <= at));
+    }
 }
 
 /// The segments to read, oldest first, each with where to start in it: from the newest back
@@ -257,7 +309,8 @@ fn read_record(line: &[u8]) -> Option<(u64, AuditRecord)> {
 fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String, i64)> {
     let alert = RaisedAlert::deserialize(record.detail.as_ref()?).ok()?;
     let at = rules::ts_millis(&alert.detected_at)?;
-    let key = if alert.key == "addr" {
+    // A subject named `addr` is a principal's key, as written.
+    let key = if alert.key == "addr" && alert.principal.is_none() {
         let addr = revealer.reveal(record.client_addr.as_deref()?)?;
         rules::address_key(&addr)
     } else {
@@ -272,8 +325,8 @@ mod tests {
 
     use super::*;
     use crate::audit::{AuditLog, AuditSettings, Decision, Durability};
+    use crate::watch::rules::now_millis;
     use crate::watch::rules::tests::{listing, ts};
-    use crate::watch::rules::{Finding, now_millis};
 
     /// Half an hour ago: inside every default window.
     fn base() -> i64 {
@@ -391,6 +444,11 @@ mod tests {
         let dir = log_of(records, 1 << 20).await;
         let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
         assert_eq!((r.through, r.accesses, r.alerts), (2, 1, 1));
+        assert_eq!(
+            r.pending,
+            Vec::<Finding>::new(),
+            "its alert record follows it"
+        );
         let again = listing("alice", b + 11 * 60_000, 2_100);
         assert_eq!(d.observe(3, &again), Vec::<Finding>::new());
         assert_eq!(
@@ -401,6 +459,138 @@ mod tests {
         let f = d.observe(4, &more);
         assert_eq!(rules(&f), [Rule::Volume]);
         assert!(f[0].escalation > 0, "{f:?}");
+    }
+
+    /// A finding no `breach_alert` record follows (the run ended between the two) is
+    /// handed back to be raised, citing its records; one its record follows is not.
+    #[tokio::test]
+    async fn a_finding_without_its_alert_record_is_raised_at_start() {
+        let b = base();
+        let records = vec![
+            listing("alice", b, 2_100),
+            listing("bob", b + 1, 2_100),
+            alert_record("volume", "bob", None, b + 1),
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
+        let (f, at) = (&r.pending[0], rules::ts_millis(&ts(b)).unwrap());
+        assert_eq!(
+            (f.key.as_str(), &f.evidence[..], f.at_ms),
+            ("alice", &[1][..], at)
+        );
+        // Raised, its rule is quiet for alice as it would have been.
+        let again = listing("alice", b + 60_000, 2_100);
+        assert_eq!(d.observe(4, &again), Vec::<Finding>::new());
+    }
+
+    /// Rules made stricter for this run (a lower limit) apply to what was read back: what
+    /// now reaches a limit is raised, where the run before had nothing to raise.
+    #[tokio::test]
+    async fn a_limit_lowered_across_a_restart_raises_what_now_reaches_it() {
+        let b = base();
+        let dir = log_of(vec![listing("alice", b, 1_500)], 1 << 20).await;
+        let mut stricter = settings();
+        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        let mut d = Detector::new(stricter.clone());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(dir.path(), &stricter, &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
+        assert_eq!(
+            replayed(dir.path(), MAX_BYTES).1.pending,
+            Vec::<Finding>::new()
+        );
+    }
+
+    /// A `monitor` finding showed when it was made and nothing records it: it is not shown
+    /// again, and its rule stays quiet for the principal.
+    #[tokio::test]
+    async fn a_monitor_finding_is_not_shown_again() {
+        let b = base();
+        let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
+        let mut watching = settings();
+        watching.rules.get_mut(&Rule::Volume).unwrap().mode = Mode::Monitor;
+        let mut d = Detector::new(watching.clone());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(dir.path(), &watching, &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        assert_eq!((r.accesses, r.pending.len()), (1, 0));
+        let again = listing("alice", b + 60_000, 2_100);
+        assert_eq!(d.observe(2, &again), Vec::<Finding>::new());
+    }
+
+    /// The breach log's alerts in their cooldown keep their rule quiet for their principal
+    /// (an address in the clear), however little of the audit log was read back, and stand
+    /// for the findings made up to when they were detected; older ones do nothing.
+    #[test]
+    fn the_breach_logs_alerts_keep_their_cooldowns() {
+        let now = now_millis();
+        let alert = |rule: &str, key: &str, ms: i64| -> Alert {
+            serde_json::from_value(alert_record(rule, key, None, ms).detail.unwrap()).unwrap()
+        };
+        let addr = "203.0.113.9";
+        let alerts = [
+            alert("volume", "alice", now - 10 * 60_000),
+            alert("denied_burst", &format!("addr:{addr}"), now - 10 * 60_000),
+            alert("volume", "carol", now - 2 * 3_600_000),
+        ];
+        let mut d = Detector::new(settings());
+        let owed =
+            Detector::new(settings()).observe(1, &listing("alice", now - 20 * 60_000, 2_100));
+        let later = Detector::new(settings()).observe(2, &listing("alice", now - 60_000, 2_100));
+        let mut pending = [owed, later].concat();
+        recall(&mut d, &mut pending, &alerts, now);
+        // The alert detected after the first finding stands for it, not for the later one.
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(
+            pending[0].at_ms,
+            rules::ts_millis(&ts(now - 60_000)).unwrap()
+        );
+        let f = d.observe(3, &listing("alice", now, 2_100));
+        assert_eq!(f, Vec::<Finding>::new());
+        let burst: Vec<AuditRecord> = (0..25).map(|i| refused(addr, now + i)).collect();
+        let f: Vec<Finding> = (burst.iter().enumerate())
+            .flat_map(|(i, r)| d.observe(10 + i as u64, r))
+            .collect();
+        assert_eq!(f, Vec::<Finding>::new());
+        // Carol's cooldown ended an hour ago.
+        assert_eq!(
+            rules(&d.observe(40, &listing("carol", now, 2_100))),
+            [Rule::Volume]
+        );
+    }
+
+    /// Records dated ahead of the clock (set back since they were written) are not read
+    /// back: a window would hold them until the clock caught up.
+    #[tokio::test]
+    async fn records_dated_ahead_of_the_clock_are_not_read_back() {
+        let now = now_millis();
+        let records = vec![
+            listing("alice", now - 60_000, 10),
+            listing("alice", now + 3 * 3_600_000, 2_100),
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let (mut d, r, seen) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.accesses, r.ahead, r.pending.len(), seen), (1, 1, 0, 1));
+        assert_eq!(
+            d.observe(3, &listing("alice", now, 1_900)),
+            Vec::<Finding>::new()
+        );
+    }
+
+    /// A principal whose subject is `addr` is not read as an alert keyed on an address: its
+    /// cooldown is its own, and the address's is untouched.
+    #[tokio::test]
+    async fn a_subject_named_addr_keeps_its_own_cooldown() {
+        let b = base();
+        let addr = "203.0.113.9";
+        let mut alert = alert_record("volume", "addr", Some(addr), b);
+        alert.detail.as_mut().unwrap()["principal"] = serde_json::json!({ "subject": "addr" });
+        let dir = log_of(vec![alert], 1 << 20).await;
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!(r.alerts, 1);
+        let f = d.observe(2, &listing("addr", b + 60_000, 2_100));
+        assert_eq!(f, Vec::<Finding>::new());
     }
 
     /// An alert on a caller not known names them `addr` in the log, their address sealed in

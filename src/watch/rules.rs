@@ -379,6 +379,11 @@ impl Detector {
         }
     }
 
+    /// The settings it judges by.
+    pub fn settings(&self) -> &WatchSettings {
+        &self.settings
+    }
+
     /// Feeds one durable record; returns what it made match.
     pub fn observe(&mut self, seq: u64, rec: &AuditRecord) -> Vec<Finding> {
         match Observation::of(rec) {
@@ -707,11 +712,13 @@ impl Detector {
         }
     }
 
-    /// An alert raised before this run, read back from the audit log at start (`replay`):
-    /// `rule` is quiet for `key` for the cooldown from `at_ms` (when it was detected), as it
-    /// was for the run that raised it. How far past its threshold the alert went is not in
-    /// the record, so within that cooldown an escalation's bar starts at the first doubling
-    /// (twice the threshold), never above the bar the run before had.
+    /// An alert raised before this run, read back at start from the audit log or the breach
+    /// log (`replay`, `replay::recall`): `rule` is quiet for `key` for the cooldown from
+    /// `at_ms` (when it was detected), as it was for the run that raised it. How far past its
+    /// threshold the alert went is not in either log: where the replay did not make the
+    /// finding again itself (its records were past what was read back), an escalation's bar
+    /// within that cooldown starts at the first doubling (twice the threshold), never above
+    /// the bar the run before had.
     pub fn raised_before(&mut self, rule: Rule, key: &str, at_ms: i64) {
         let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let until = at_ms.saturating_add(cooldown);
