@@ -415,12 +415,12 @@ fn last_newline(file: &mut File, before: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
-/// The time of a segment's first record, if its first line reads as one.
+/// The time of a segment's first record, if its first line reads as one. Read as `read_line`
+/// reads, up to the first NUL: a segment just begun is the space made ready for it (64 MiB of
+/// zeros by default), which `read_until` took whole into memory.
 pub(crate) fn first_ts(path: &Path) -> Option<String> {
     let mut line = Vec::new();
-    BufReader::new(File::open(path).ok()?)
-        .read_until(b'\n', &mut line)
-        .ok()?;
+    read_line(&mut BufReader::new(File::open(path).ok()?), &mut line).ok()?;
     let record: serde_json::Value = serde_json::from_slice(&line).ok()?;
     record["ts"].as_str().map(str::to_owned)
 }
