@@ -227,30 +227,43 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
     // What is durable now: a line past it may be of a batch whose sync fails, cut and its
     // numbers used again; it comes live once acknowledged.
     let durable = gw.audit.head().map_or(0, |h| h.seq);
+    // The cross-replica detector's marks in Redis last one cooldown (`first_to_alert`): a
+    // finding older than that which another detector raised first has no record here, and
+    // no mark left to say so.
+    let marks_last = gw
+        .watch
+        .shared
+        .is_some()
+        .then_some(gw.watch.settings.cooldown);
     let read = tokio::task::spawn_blocking(move || {
         let mut detector = Detector::new(settings.clone());
         let mut volumes = Volumes::default();
         let now = rules::now_millis();
+        let alerts = breach.alerts().0;
         let mut replayed = replay::replay(
             &dir,
             &settings,
             &mut detector,
             (now, durable),
             replay::MAX_BYTES,
+            &alerts,
             &mut |r| volumes.observe(r),
         );
-        // Half read: nothing of it is kept (this run's records read back would be counted
-        // again as they come live); the breach log's cooldowns are, whatever the audit log.
-        let mut pending = match &mut replayed {
-            Ok(r) => std::mem::take(&mut r.pending),
+        match &mut replayed {
+            Ok(r) => {
+                if let Some(cooldown) = marks_last {
+                    let cooldown = i64::try_from(cooldown.as_millis()).unwrap_or(i64::MAX);
+                    let before = r.pending.len();
+                    r.pending.retain(|f| f.at_ms.saturating_add(cooldown) > now);
+                    r.let_go += (before - r.pending.len()) as u64;
+                }
+            }
+            // Half read: nothing of it is kept (this run's records read back would be counted
+            // again as they come live); the breach log's cooldowns are, whatever the audit log.
             Err(_) => {
                 detector = Detector::new(settings);
-                Vec::new()
+                replay::recall(&mut detector, &alerts, now);
             }
-        };
-        replay::recall(&mut detector, &mut pending, &breach.alerts().0, now);
-        if let Ok(r) = &mut replayed {
-            r.pending = pending;
         }
         (detector, volumes, replayed)
     })
@@ -291,10 +304,11 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
                 );
             }
             if r.let_go > 0 {
-                tracing::error!(
+                tracing::warn!(
                     findings = r.let_go,
-                    "breach detection read back more findings without an alert than it raises \
-                     at start; the oldest {} were let go",
+                    "breach detection read back {} findings without an alert that it does not \
+                     raise at start: more than it holds (the oldest let go), or, with Redis, \
+                     older than the cooldown (another replica may have raised them)",
                     r.let_go
                 );
             }
@@ -407,8 +421,9 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     let mut copy = alert.clone();
     record.client_addr = copy.client_addr.take();
     copy.addresses.clear();
-    if copy.key.starts_with("addr:") {
-        // Keyed on the address of a caller not known (it is in `client_addr`, sealed).
+    if copy.principal.is_none() && copy.key.starts_with("addr:") {
+        // Keyed on the address of a caller not known (it is in `client_addr`, sealed); a
+        // caller's subject is kept as it is, whatever it looks like (`replay` reads it so).
         copy.key = "addr".to_owned();
     }
     record.detail = serde_json::to_value(&copy).ok();

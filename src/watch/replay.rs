@@ -10,15 +10,18 @@
 //! - every access of the last `reach` (the longest rule window and the cooldown: with the
 //!   defaults, two hours) is examined again, filling the windows and the console's volume
 //!   chart, with its client address unsealed while its day's key exists;
+//! - each alert of the breach log whose cooldown reaches into the reach puts its rule back
+//!   in its cooldown for its principal, before the first record read after it was detected
+//!   (`Recalling`): the breach log reaches back past the byte bound below;
+//! - each `breach_alert` record does the same, from when it was detected
+//!   (`Detector::raised_before`);
 //! - a finding the replay makes puts its rule in its cooldown for the principal, as it did
-//!   in the run that made it, and waits (`Replayed::pending`): a `breach_alert` record for
-//!   that rule and principal after it says that run raised it. One without (the run ended
-//!   between the finding and its record, had no room for it, or the rules were made stricter
-//!   for this run: a lower limit, a rule turned on) is raised by this run (`watch::run`), in
-//!   `alert` and `contain` modes; a `monitor` finding only ever showed, and is not shown twice;
-//! - each `breach_alert` record puts its rule back in its cooldown for its principal, from
-//!   when it was detected (`Detector::raised_before`), and so does each alert in the breach
-//!   log within the cooldown (`recall`), which reaches back past the byte bound below.
+//!   in the run that made it, and waits (`Replayed::pending`). An alert on that rule and
+//!   principal (in either log) detected since, or within a cooldown before it, stands for it
+//!   (`settle`). One without (the run ended between the finding and its alert, had no room
+//!   for it, or the rules were made stricter for this run: a lower limit, a rule turned on)
+//!   is raised by this run (`watch::run`), in `alert` and `contain` modes; a `monitor`
+//!   finding only ever showed, and is not shown twice.
 //!
 //! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
 //! the start takes; a log busier than that over `reach` is read back from where the bound
@@ -30,6 +33,7 @@
 //! What it does not rebuild: the cross-replica detector's state (`shared`), which lives in
 //! the leading replica's memory and in Redis.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -74,10 +78,11 @@ pub struct Replayed {
     pub first: Option<String>,
     /// Records dated more than `MAX_AHEAD` ahead of the clock, not read back.
     pub ahead: u64,
-    /// Findings in `alert` or `contain` mode that no `breach_alert` record (nor breach log
-    /// entry, `recall`) says were raised: this run raises them.
+    /// Findings in `alert` or `contain` mode that no alert in either log stands for
+    /// (`settle`): this run raises them.
     pub pending: Vec<Finding>,
-    /// Pending findings let go past `MAX_PENDING`, the oldest first.
+    /// Findings without an alert not raised at start: past `MAX_PENDING`, the oldest first
+    /// (and, with Redis, those older than the cooldown: `watch::resume`).
     pub let_go: u64,
 }
 
@@ -105,7 +110,8 @@ struct RaisedAlert {
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
 /// `max_bytes`, the newest), up to the record `durable` (the chain head when reading began:
 /// a line after it may be of a batch not acknowledged yet, whose failed sync would cut it and
-/// give its numbers to other records), from the log in `dir`, into `detector` and to
+/// give its numbers to other records), from the log in `dir`, into `detector` (with the
+/// cooldowns of `alerts`, the breach log's, put back among them: `Recalling`) and to
 /// `volume` (each access, for the console's chart).
 pub fn replay(
     dir: &Path,
@@ -113,12 +119,21 @@ pub fn replay(
     detector: &mut Detector,
     (now_ms, durable): (i64, u64),
     max_bytes: u64,
+    alerts: &[Alert],
     volume: &mut dyn FnMut(&AuditRecord),
 ) -> io::Result<Replayed> {
     let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
     let from_ms = now_ms.saturating_sub(reach_ms);
     let until_ms = now_ms.saturating_add(MAX_AHEAD.as_millis() as i64);
     let mut out = Replayed::default();
+    let mut recalling = Recalling::new(detector, alerts, now_ms);
+    // The latest alert on each rule and principal, from both logs (`settle`).
+    let mut alerted: HashMap<(Rule, String), i64> = HashMap::new();
+    for a in alerts {
+        if let Some(at) = rules::ts_millis(&a.detected_at) {
+            note_alert(&mut alerted, a.rule, &a.key, at);
+        }
+    }
     let mut revealer = Revealer::new(dir);
     let mut line = Vec::new();
     let (segments, cut_short) = to_read(dir, from_ms, max_bytes)?;
@@ -165,6 +180,7 @@ pub fn replay(
                 out.ahead += 1;
                 continue;
             }
+            recalling.before(detector, at);
             if out.first.is_none() {
                 out.first = Some(record.ts.clone());
             }
@@ -174,8 +190,7 @@ pub fn replay(
                     && let Some((rule, key, at)) = raised(&record, &mut revealer)
                 {
                     detector.raised_before(rule, &key, at);
-                    out.pending
-                        .retain(|f| (f.rule, f.key.as_str()) != (rule, key.as_str()));
+                    note_alert(&mut alerted, rule, &key, at);
                     out.alerts += 1;
                 }
                 continue;
@@ -193,32 +208,76 @@ pub fn replay(
                 }
             }
             if out.pending.len() > MAX_PENDING {
-                let over = out.pending.len() - MAX_PENDING;
+                settle(&mut out.pending, &alerted, settings);
+                let over = out.pending.len().saturating_sub(MAX_PENDING);
                 out.pending.drain(..over);
                 out.let_go += over as u64;
             }
         }
     }
+    recalling.before(detector, i64::MAX);
+    settle(&mut out.pending, &alerted, settings);
     Ok(out)
 }
 
-/// The breach log's alerts (`alerts`, any order) still within the cooldown at `now_ms`:
-/// each puts its rule back in its cooldown for its principal, and each says the findings on
-/// that rule and principal made up to when it was detected were raised. The breach log keeps
-/// its alerts whatever the audit log's byte bound (`MAX_BYTES`) cut off, and keys them as
-/// raised (an address in the clear, not sealed): an alert whose records the bound left out
-/// keeps its cooldown all the same.
-pub fn recall(detector: &mut Detector, pending: &mut Vec<Finding>, alerts: &[Alert], now_ms: i64) {
-    let cooldown = i64::try_from(detector.settings().cooldown.as_millis()).unwrap_or(i64::MAX);
-    for alert in alerts {
-        let Some(at) = rules::ts_millis(&alert.detected_at) else {
-            continue;
-        };
-        if at.saturating_add(cooldown) <= now_ms {
-            continue;
+fn note_alert(alerted: &mut HashMap<(Rule, String), i64>, rule: Rule, key: &str, at: i64) {
+    let latest = alerted.entry((rule, key.to_owned())).or_insert(at);
+    *latest = (*latest).max(at);
+}
+
+/// Lets go of the findings an alert on their rule and principal stands for: one detected
+/// when the finding was made or after (the run before raised it, or another detector did
+/// and this one's record of it is what followed), or within a cooldown before it. The run
+/// before was quiet for that principal then, and a finding made again within that cooldown
+/// is one the replay made where it did not: its level of escalation (in neither log) or the
+/// finding that began the cooldown (before what was read back) was not known to it.
+fn settle(pending: &mut Vec<Finding>, alerted: &HashMap<(Rule, String), i64>, s: &WatchSettings) {
+    let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
+    pending.retain(|f| {
+        (alerted.get(&(f.rule, f.key.clone())))
+            .is_none_or(|&at| at < f.at_ms.saturating_sub(cooldown))
+    });
+}
+
+/// Puts back the cooldowns of the breach log's alerts (`alerts`, any order) that reach into
+/// the rules' reach before `now_ms`. The breach log keeps its alerts whatever the audit log's
+/// byte bound (`MAX_BYTES`) cut off, and keys them as raised (an address in the clear, not
+/// sealed).
+pub fn recall(detector: &mut Detector, alerts: &[Alert], now_ms: i64) {
+    Recalling::new(detector, alerts, now_ms).before(detector, i64::MAX);
+}
+
+/// The breach log's alerts that reach into the rules' reach, oldest first, put back as the
+/// log is read: each before the first record read after it was detected, so that the
+/// records that made its finding are judged as the run before judged them (outside its
+/// cooldown, the finding made again), and those after it within it.
+struct Recalling<'a> {
+    alerts: Vec<(i64, &'a Alert)>,
+    next: usize,
+}
+
+impl<'a> Recalling<'a> {
+    fn new(detector: &Detector, alerts: &'a [Alert], now_ms: i64) -> Self {
+        let settings = detector.settings();
+        let cooldown = i64::try_from(settings.cooldown.as_millis()).unwrap_or(i64::MAX);
+        let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
+        let from_ms = now_ms.saturating_sub(reach_ms);
+        let mut alerts: Vec<(i64, &Alert)> = (alerts.iter())
+            .filter_map(|a| Some((rules::ts_millis(&a.detected_at)?, a)))
+            .filter(|(at, _)| at.saturating_add(cooldown) > from_ms)
+            .collect();
+        alerts.sort_by_key(|(at, _)| *at);
+        Recalling { alerts, next: 0 }
+    }
+
+    /// Puts back those detected before `at_ms`.
+    fn before(&mut self, detector: &mut Detector, at_ms: i64) {
+        while let Some(&(at, alert)) = self.alerts.get(self.next)
+            && at < at_ms
+        {
+            detector.raised_before(alert.rule, &alert.key, at);
+            self.next += 1;
         }
-        detector.raised_before(alert.rule, &alert.key, at);
-        pending.retain(|f| !(f.rule == alert.rule && f.key == alert.key && f.at_ms <= at));
     }
 }
 
@@ -392,6 +451,7 @@ mod tests {
             &mut d,
             (now_millis(), u64::MAX),
             max_bytes,
+            &[],
             &mut |_| {
                 seen += 1;
             },
@@ -495,7 +555,16 @@ mod tests {
         volume.limits.insert("councillor".to_owned(), 1_000);
         let mut d = Detector::new(stricter.clone());
         let at = (now_millis(), u64::MAX);
-        let r = replay(dir.path(), &stricter, &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        let r = replay(
+            dir.path(),
+            &stricter,
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
         assert_eq!(
             replayed(dir.path(), MAX_BYTES).1.pending,
@@ -513,51 +582,126 @@ mod tests {
         watching.rules.get_mut(&Rule::Volume).unwrap().mode = Mode::Monitor;
         let mut d = Detector::new(watching.clone());
         let at = (now_millis(), u64::MAX);
-        let r = replay(dir.path(), &watching, &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        let r = replay(
+            dir.path(),
+            &watching,
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!((r.accesses, r.pending.len()), (1, 0));
         let again = listing("alice", b + 60_000, 2_100);
         assert_eq!(d.observe(2, &again), Vec::<Finding>::new());
     }
 
-    /// The breach log's alerts in their cooldown keep their rule quiet for their principal
-    /// (an address in the clear), however little of the audit log was read back, and stand
-    /// for the findings made up to when they were detected; older ones do nothing.
-    #[test]
-    fn the_breach_logs_alerts_keep_their_cooldowns() {
+    /// The breach log's alert on `rule` keyed `key`, detected at `ms`.
+    fn logged_alert(rule: &str, key: &str, ms: i64) -> Alert {
+        serde_json::from_value(alert_record(rule, key, None, ms).detail.unwrap()).unwrap()
+    }
+
+    /// The breach log's alerts keep their rule quiet for their principal (an address in the
+    /// clear) wherever their cooldown reaches into what is read back, though their records
+    /// are not read back (before the reach, as here, or the byte bound); older ones do
+    /// nothing. Alice's 2,100 records 110 minutes ago came within the cooldown of an alert
+    /// five minutes before the reach: the run before made no finding of them, nor does this.
+    #[tokio::test]
+    async fn the_breach_logs_alerts_keep_their_cooldowns() {
         let now = now_millis();
-        let alert = |rule: &str, key: &str, ms: i64| -> Alert {
-            serde_json::from_value(alert_record(rule, key, None, ms).detail.unwrap()).unwrap()
-        };
+        let minutes = |m: i64| now - m * 60_000;
+        let dir = log_of(
+            vec![
+                listing("alice", minutes(110), 2_100),
+                listing("dave", minutes(20), 2_100),
+            ],
+            1 << 20,
+        )
+        .await;
         let addr = "203.0.113.9";
         let alerts = [
-            alert("volume", "alice", now - 10 * 60_000),
-            alert("denied_burst", &format!("addr:{addr}"), now - 10 * 60_000),
-            alert("volume", "carol", now - 2 * 3_600_000),
+            logged_alert("volume", "alice", minutes(125)),
+            logged_alert("denied_burst", &format!("addr:{addr}"), minutes(10)),
+            logged_alert("volume", "carol", minutes(180)),
         ];
         let mut d = Detector::new(settings());
-        let owed =
-            Detector::new(settings()).observe(1, &listing("alice", now - 20 * 60_000, 2_100));
-        let later = Detector::new(settings()).observe(2, &listing("alice", now - 60_000, 2_100));
-        let mut pending = [owed, later].concat();
-        recall(&mut d, &mut pending, &alerts, now);
-        // The alert detected after the first finding stands for it, not for the later one.
-        assert_eq!(pending.len(), 1, "{pending:?}");
-        assert_eq!(
-            pending[0].at_ms,
-            rules::ts_millis(&ts(now - 60_000)).unwrap()
+        let at = (now, u64::MAX);
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &alerts,
+            &mut |_| {},
         );
-        let f = d.observe(3, &listing("alice", now, 2_100));
-        assert_eq!(f, Vec::<Finding>::new());
+        let pending = r.unwrap().pending;
+        assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
+        assert_eq!(pending[0].key, "dave");
         let burst: Vec<AuditRecord> = (0..25).map(|i| refused(addr, now + i)).collect();
         let f: Vec<Finding> = (burst.iter().enumerate())
             .flat_map(|(i, r)| d.observe(10 + i as u64, r))
             .collect();
         assert_eq!(f, Vec::<Finding>::new());
-        // Carol's cooldown ended an hour ago.
-        assert_eq!(
-            rules(&d.observe(40, &listing("carol", now, 2_100))),
-            [Rule::Volume]
+        // Carol's cooldown ended two hours ago.
+        let f = d.observe(40, &listing("carol", now, 2_100));
+        assert_eq!(rules(&f), [Rule::Volume]);
+    }
+
+    /// An alert only the breach log holds (its audit record was not written) stands for its
+    /// finding as its record would.
+    #[tokio::test]
+    async fn an_alert_only_the_breach_log_holds_stands_for_its_finding() {
+        let b = base();
+        let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
+        let alerts = [logged_alert("volume", "alice", b)];
+        let mut d = Detector::new(settings());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &alerts,
+            &mut |_| {},
         );
+        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        // Put back after its finding's records, not before them: the finding was made again
+        // and emptied the window, as it did in the run before, so as much again is no
+        // escalation (4,200 would be, counted with the 2,100 before).
+        let again = listing("alice", b + 60_000, 2_100);
+        assert_eq!(d.observe(2, &again), Vec::<Finding>::new());
+    }
+
+    /// An alert whose finding was not read back leaves its size unknown: within its cooldown,
+    /// an escalation at twice the threshold is made on the way back, which the run before
+    /// (its bar perhaps four times the threshold) may not have made. It is not raised.
+    #[tokio::test]
+    async fn an_escalation_made_only_on_the_way_back_is_not_raised() {
+        let b = base();
+        let records = vec![
+            alert_record("volume", "alice", None, b),
+            listing("alice", b + 10 * 60_000, 4_100),
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let mut d = Detector::new(settings());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        );
+        let r = r.unwrap();
+        assert_eq!((r.accesses, r.alerts, r.pending.len()), (1, 1, 0), "{r:?}");
+        // It was made on the way back (the detector holds its cooldown).
+        let more = listing("alice", b + 11 * 60_000, 4_100);
+        assert_eq!(d.observe(3, &more), Vec::<Finding>::new());
     }
 
     /// Records dated ahead of the clock (set back since they were written) are not read
@@ -584,13 +728,26 @@ mod tests {
     async fn a_subject_named_addr_keeps_its_own_cooldown() {
         let b = base();
         let addr = "203.0.113.9";
-        let mut alert = alert_record("volume", "addr", Some(addr), b);
+        let mut alert = alert_record("denied_burst", "addr", Some(addr), b);
         alert.detail.as_mut().unwrap()["principal"] = serde_json::json!({ "subject": "addr" });
         let dir = log_of(vec![alert], 1 << 20).await;
         let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
         assert_eq!(r.alerts, 1);
-        let f = d.observe(2, &listing("addr", b + 60_000, 2_100));
-        assert_eq!(f, Vec::<Finding>::new());
+        let mut burst = |who: Option<&str>| -> Vec<Finding> {
+            let records = (0..25).map(|i| {
+                let mut r = refused(addr, b + 60_000 + i);
+                if let Some(who) = who {
+                    r.caller = listing(who, 0, 0).caller;
+                }
+                r
+            });
+            let records: Vec<AuditRecord> = records.collect();
+            (records.iter().enumerate())
+                .flat_map(|(i, r)| d.observe(10 + i as u64, r))
+                .collect()
+        };
+        assert_eq!(burst(Some("addr")), Vec::<Finding>::new());
+        assert_eq!(rules(&burst(None)), [Rule::DeniedBurst]);
     }
 
     /// An alert on a caller not known names them `addr` in the log, their address sealed in
@@ -679,7 +836,16 @@ mod tests {
         let dir = log_of(records, 1 << 20).await;
         let mut d = Detector::new(settings());
         let at = (now_millis(), 2);
-        let r = replay(dir.path(), &settings(), &mut d, at, MAX_BYTES, &mut |_| {}).unwrap();
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!((r.through, r.accesses), (2, 2));
     }
 
