@@ -1351,6 +1351,57 @@ async fn a_norm_lowered_across_a_restart_raises_what_now_reaches_it() {
     app.stop().await;
 }
 
+/// A finding another detector raised first (its mark in Redis) is written to this replica's
+/// audit log (`alerted_elsewhere`), so reading the log back at a restart, the mark gone by
+/// then, does not raise it again: nothing else here says it was raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finding_another_detector_raised_is_not_raised_after_a_restart() {
+    let redis = common::RedisServer::start();
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(low_volume),
+        redis: Some(redis.url()),
+        ..AppOptions::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.admin_get("/readyz").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stream = &app.gw.watch.settings.shared_stream;
+    let mark = format!("{stream}:alerted:volume:demo-councillor");
+    let mut conn = redis.connection();
+    redis::cmd("SET")
+        .arg(&mark)
+        .arg("another-replica")
+        .arg("PX")
+        .arg(3_600_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let page = councillor_page(&app, 25).await;
+    assert!(page["subjects"].as_array().unwrap().len() >= 20);
+    let elsewhere = loop {
+        let found =
+            (app.audit_records().into_iter()).find(|r| r["route"] == "watch.alerted_elsewhere");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no `alerted_elsewhere` record");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(elsewhere["detail"]["key"], "demo-councillor", "{elsewhere}");
+    assert_eq!(elsewhere["detail"]["rule"], "volume", "{elsewhere}");
+    redis::cmd("DEL").arg(&mark).query::<()>(&mut conn).unwrap();
+    let app = app.restart().await;
+    all_examined(&app).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let volume: Vec<Value> = (alerts(&app).await.into_iter())
+        .filter(|a| a["rule"] == "volume" && a["key"] == "demo-councillor")
+        .collect();
+    assert_eq!(volume, Vec::<Value>::new());
+    app.stop().await;
+}
+
 /// An alert raised before a restart keeps its rule quiet for the principal after it: the
 /// same amount again within the cooldown (under the escalation's twice the norm) raises no
 /// second alert, where a detector starting empty raised it at once.

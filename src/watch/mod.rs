@@ -227,20 +227,12 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
     // What is durable now: a line past it may be of a batch whose sync fails, cut and its
     // numbers used again; it comes live once acknowledged.
     let durable = gw.audit.head().map_or(0, |h| h.seq);
-    // The cross-replica detector's marks in Redis last one cooldown (`first_to_alert`): a
-    // finding older than that which another detector raised first has no record here, and
-    // no mark left to say so.
-    let marks_last = gw
-        .watch
-        .shared
-        .is_some()
-        .then_some(gw.watch.settings.cooldown);
     let read = tokio::task::spawn_blocking(move || {
         let mut detector = Detector::new(settings.clone());
         let mut volumes = Volumes::default();
         let now = rules::now_millis();
         let alerts = breach.alerts().0;
-        let mut replayed = replay::replay(
+        let replayed = replay::replay(
             &dir,
             &settings,
             &mut detector,
@@ -249,21 +241,11 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
             &alerts,
             &mut |r| volumes.observe(r),
         );
-        match &mut replayed {
-            Ok(r) => {
-                if let Some(cooldown) = marks_last {
-                    let cooldown = i64::try_from(cooldown.as_millis()).unwrap_or(i64::MAX);
-                    let before = r.pending.len();
-                    r.pending.retain(|f| f.at_ms.saturating_add(cooldown) > now);
-                    r.let_go += (before - r.pending.len()) as u64;
-                }
-            }
-            // Half read: nothing of it is kept (this run's records read back would be counted
-            // again as they come live); the breach log's cooldowns are, whatever the audit log.
-            Err(_) => {
-                detector = Detector::new(settings);
-                replay::recall(&mut detector, &alerts, now);
-            }
+        // Half read: nothing of it is kept (this run's records read back would be counted
+        // again as they come live); the breach log's cooldowns are, whatever the audit log.
+        if replayed.is_err() {
+            detector = Detector::new(settings);
+            replay::recall(&mut detector, &alerts, now);
         }
         (detector, volumes, replayed)
     })
@@ -271,8 +253,11 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
     let (detector, volumes, replayed) = match read {
         Ok(read) => read,
         Err(e) => {
-            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with nothing counted");
-            return (Detector::new(gw.watch.settings.clone()), 0, Vec::new());
+            tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with the breach log's cooldowns only");
+            let mut detector = Detector::new(gw.watch.settings.clone());
+            let alerts = gw.watch.breach.alerts().0;
+            replay::recall(&mut detector, &alerts, rules::now_millis());
+            return (detector, 0, Vec::new());
         }
     };
     match replayed {
@@ -306,9 +291,8 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
             if r.let_go > 0 {
                 tracing::warn!(
                     findings = r.let_go,
-                    "breach detection read back {} findings without an alert that it does not \
-                     raise at start: more than it holds (the oldest let go), or, with Redis, \
-                     older than the cooldown (another replica may have raised them)",
+                    "breach detection read back more findings without an alert than it raises \
+                     at start; the oldest {} were let go",
                     r.let_go
                 );
             }
@@ -359,19 +343,6 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
             .publish(alert_event("match", &f.key, data.to_string()));
         return None;
     }
-    // A replica whose breach log is failing takes no mark: its alert would wait in memory
-    // only, and the mark would silence the detectors that could record it.
-    let marked = match &gw.watch.shared {
-        Some(sh) if gw.watch.breach.is_healthy() => {
-            let cooldown = gw.watch.settings.cooldown;
-            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, cooldown)).await {
-                tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
-                return None;
-            }
-            true
-        }
-        _ => false,
-    };
     // Awareness is when the finding was made (its last record's time), not when it is acted
     // on: a queue behind an alert storm, or the breach log's retries, must not move the
     // 72-hour clock later.
@@ -381,6 +352,35 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .and_then(Result::ok)
         .filter(|t| *t <= now)
         .unwrap_or(now);
+    // A replica whose breach log is failing takes no mark: its alert would wait in memory
+    // only, and the mark would silence the detectors that could record it.
+    let marked = match &gw.watch.shared {
+        Some(sh) if gw.watch.breach.is_healthy() => {
+            let cooldown = gw.watch.settings.cooldown;
+            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, cooldown)).await {
+                tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
+                // Said in this replica's log, where reading it back at start finds its
+                // finding again (`replay`): nothing else here says it was raised, and the
+                // mark in Redis is gone after a cooldown.
+                if scope == "local" {
+                    let mut record = system_record("alerted_elsewhere");
+                    record.client_addr = f.client_addr.clone();
+                    record.detail = Some(json!({
+                        "rule": f.rule,
+                        "key": logged_alert_key(&f.key, f.caller.is_some()),
+                        "principal": f.caller,
+                        "detected_at": AuditRecord::ts_of(detected),
+                    }));
+                    if let Err(e) = gw.audit.append(record).await {
+                        tracing::error!(error = %e, "a finding another detector raised was not written to the audit log");
+                    }
+                }
+                return None;
+            }
+            true
+        }
+        _ => false,
+    };
     let report_by = detected + time::Duration::hours(breach::REPORT_WITHIN_HOURS);
     let mut alert = Alert {
         // 64 random bits: an alert storm must not give two alerts one id (containment and
@@ -421,11 +421,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     let mut copy = alert.clone();
     record.client_addr = copy.client_addr.take();
     copy.addresses.clear();
-    if copy.principal.is_none() && copy.key.starts_with("addr:") {
-        // Keyed on the address of a caller not known (it is in `client_addr`, sealed); a
-        // caller's subject is kept as it is, whatever it looks like (`replay` reads it so).
-        copy.key = "addr".to_owned();
-    }
+    copy.key = logged_alert_key(&copy.key, copy.principal.is_some());
     record.detail = serde_json::to_value(&copy).ok();
     if let Err(e) = gw.audit.append(record).await {
         tracing::error!(error = %e, alert = %alert.id, "alert not written to the audit log");
@@ -570,6 +566,17 @@ fn alert_event(kind: &'static str, principal: &str, data: String) -> FeedEvent {
 }
 
 /// A record of something the detector did.
+/// An alert's key as the audit log keeps it: `addr` for one keyed on the address of a caller
+/// not known (the address is in the record's `client_addr`, sealed); a caller's subject as it
+/// is, whatever it looks like (`replay` reads it so).
+fn logged_alert_key(key: &str, known: bool) -> String {
+    if !known && key.starts_with("addr:") {
+        "addr".to_owned()
+    } else {
+        key.to_owned()
+    }
+}
+
 fn system_record(what: &str) -> AuditRecord {
     AuditRecord::system(&format!("watch.{what}"), what)
 }

@@ -10,18 +10,19 @@
 //! - every access of the last `reach` (the longest rule window and the cooldown: with the
 //!   defaults, two hours) is examined again, filling the windows and the console's volume
 //!   chart, with its client address unsealed while its day's key exists;
-//! - each alert of the breach log whose cooldown reaches into the reach puts its rule back
-//!   in its cooldown for its principal, before the first record read after it was detected
-//!   (`Recalling`): the breach log reaches back past the byte bound below;
+//! - each of this replica's alerts in the breach log whose cooldown reaches into the reach
+//!   puts its rule back in its cooldown for its principal, after the last record of its
+//!   evidence (`Recalling`): the breach log reaches back past the byte bound below;
 //! - each `breach_alert` record does the same, from when it was detected
-//!   (`Detector::raised_before`);
+//!   (`Detector::raised_before`), and so does each `alerted_elsewhere` record (a finding of
+//!   this replica's that another detector had raised first, `watch::act`);
 //! - a finding the replay makes puts its rule in its cooldown for the principal, as it did
 //!   in the run that made it, and waits (`Replayed::pending`). An alert on that rule and
-//!   principal (in either log) detected since, or within a cooldown before it, stands for it
-//!   (`settle`). One without (the run ended between the finding and its alert, had no room
-//!   for it, or the rules were made stricter for this run: a lower limit, a rule turned on)
-//!   is raised by this run (`watch::run`), in `alert` and `contain` modes; a `monitor`
-//!   finding only ever showed, and is not shown twice.
+//!   principal (in either log) detected when it was made, or within a cooldown before it,
+//!   stands for it (`Alerted::settle`). One without (the run ended between the finding and
+//!   its alert, had no room for it, or the rules were made stricter for this run: a lower
+//!   limit, a rule turned on) is raised by this run (`watch::run`), in `alert` and `contain`
+//!   modes; a `monitor` finding only ever showed, and is not shown twice.
 //!
 //! Reading is bounded by `MAX_BYTES` (the newest bytes of the log), which bounds how long
 //! the start takes; a log busier than that over `reach` is read back from where the bound
@@ -81,8 +82,7 @@ pub struct Replayed {
     /// Findings in `alert` or `contain` mode that no alert in either log stands for
     /// (`settle`): this run raises them.
     pub pending: Vec<Finding>,
-    /// Findings without an alert not raised at start: past `MAX_PENDING`, the oldest first
-    /// (and, with Redis, those older than the cooldown: `watch::resume`).
+    /// Findings without an alert not raised at start: past `MAX_PENDING`, the oldest first.
     pub let_go: u64,
 }
 
@@ -127,11 +127,11 @@ pub fn replay(
     let until_ms = now_ms.saturating_add(MAX_AHEAD.as_millis() as i64);
     let mut out = Replayed::default();
     let mut recalling = Recalling::new(detector, alerts, now_ms);
-    // The latest alert on each rule and principal, from both logs (`settle`).
-    let mut alerted: HashMap<(Rule, String), i64> = HashMap::new();
+    // Every alert on each principal, from both logs (`settle`).
+    let mut alerted = Alerted::default();
     for a in alerts {
         if let Some(at) = rules::ts_millis(&a.detected_at) {
-            note_alert(&mut alerted, a.rule, &a.key, at);
+            alerted.note(a.rule, &a.key, at);
         }
     }
     let mut revealer = Revealer::new(dir);
@@ -180,17 +180,20 @@ pub fn replay(
                 out.ahead += 1;
                 continue;
             }
-            recalling.before(detector, at);
+            recalling.before(detector, seq);
             if out.first.is_none() {
                 out.first = Some(record.ts.clone());
             }
             out.through = out.through.max(seq);
             if record.kind == RecordKind::System {
-                if record.route.as_deref() == Some("watch.breach_alert")
+                // An alert this replica raised, or one another detector raised first (its
+                // finding was this replica's too: `watch::act`).
+                if let Some("watch.breach_alert" | "watch.alerted_elsewhere") =
+                    record.route.as_deref()
                     && let Some((rule, key, at)) = raised(&record, &mut revealer)
                 {
                     detector.raised_before(rule, &key, at);
-                    note_alert(&mut alerted, rule, &key, at);
+                    alerted.note(rule, &key, at);
                     out.alerts += 1;
                 }
                 continue;
@@ -207,52 +210,76 @@ pub fn replay(
                     out.pending.push(f);
                 }
             }
-            if out.pending.len() > MAX_PENDING {
-                settle(&mut out.pending, &alerted, settings);
+            // Trimmed now and then, not at each finding: what alerts stand for is let go
+            // first, then the oldest.
+            if out.pending.len() >= 2 * MAX_PENDING {
+                alerted.settle(&mut out.pending, settings);
                 let over = out.pending.len().saturating_sub(MAX_PENDING);
                 out.pending.drain(..over);
                 out.let_go += over as u64;
             }
         }
     }
-    recalling.before(detector, i64::MAX);
-    settle(&mut out.pending, &alerted, settings);
+    recalling.before(detector, u64::MAX);
+    alerted.settle(&mut out.pending, settings);
+    let over = out.pending.len().saturating_sub(MAX_PENDING);
+    out.pending.drain(..over);
+    out.let_go += over as u64;
     Ok(out)
 }
 
-fn note_alert(alerted: &mut HashMap<(Rule, String), i64>, rule: Rule, key: &str, at: i64) {
-    let latest = alerted.entry((rule, key.to_owned())).or_insert(at);
-    *latest = (*latest).max(at);
+/// How long after a finding an alert on its rule and principal may be detected and still be
+/// its own: `watch::act` dates an alert when its finding was made, so this is room for
+/// another detector's alert on the same records (the cross-replica one's, from the same
+/// records as they reached it) and for logs written before `alerted_elsewhere` records were.
+const ALERTED_WITHIN: i64 = 60_000;
+
+/// When each principal was alerted on, by rule: from both logs.
+#[derive(Default)]
+struct Alerted(HashMap<String, Vec<(Rule, i64)>>);
+
+impl Alerted {
+    fn note(&mut self, rule: Rule, key: &str, at: i64) {
+        self.0.entry(key.to_owned()).or_default().push((rule, at));
+    }
+
+    /// Lets go of the findings an alert on their rule and principal stands for: one
+    /// detected when the finding was made (the run before raised it, or another detector
+    /// did: `alerted_elsewhere`), or within a cooldown before it. The run before was quiet
+    /// for that principal then, and a finding made again within that cooldown is one the
+    /// replay made where it did not: its level of escalation (in neither log) or the finding
+    /// that began the cooldown (before what was read back) was not known to it. An alert
+    /// detected later is another finding's, and does not stand for this one.
+    fn settle(&self, pending: &mut Vec<Finding>, s: &WatchSettings) {
+        let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
+        pending.retain(|f| {
+            let from = f.at_ms.saturating_sub(cooldown);
+            let to = f.at_ms.saturating_add(ALERTED_WITHIN);
+            let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
+            !on.iter()
+                .any(|&(rule, at)| rule == f.rule && (from..=to).contains(&at))
+        });
+    }
 }
 
-/// Lets go of the findings an alert on their rule and principal stands for: one detected
-/// when the finding was made or after (the run before raised it, or another detector did
-/// and this one's record of it is what followed), or within a cooldown before it. The run
-/// before was quiet for that principal then, and a finding made again within that cooldown
-/// is one the replay made where it did not: its level of escalation (in neither log) or the
-/// finding that began the cooldown (before what was read back) was not known to it.
-fn settle(pending: &mut Vec<Finding>, alerted: &HashMap<(Rule, String), i64>, s: &WatchSettings) {
-    let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
-    pending.retain(|f| {
-        (alerted.get(&(f.rule, f.key.clone())))
-            .is_none_or(|&at| at < f.at_ms.saturating_sub(cooldown))
-    });
-}
-
-/// Puts back the cooldowns of the breach log's alerts (`alerts`, any order) that reach into
-/// the rules' reach before `now_ms`. The breach log keeps its alerts whatever the audit log's
-/// byte bound (`MAX_BYTES`) cut off, and keys them as raised (an address in the clear, not
-/// sealed).
+/// Puts back the cooldowns of this replica's alerts in the breach log (`alerts`, any order)
+/// that reach into the rules' reach before `now_ms`. The breach log keeps its newest alerts
+/// (`breach::ALERTS_KEPT`) whatever the audit log's byte bound (`MAX_BYTES`) cut off, and
+/// keys them as raised (an address in the clear, not sealed).
 pub fn recall(detector: &mut Detector, alerts: &[Alert], now_ms: i64) {
-    Recalling::new(detector, alerts, now_ms).before(detector, i64::MAX);
+    Recalling::new(detector, alerts, now_ms).before(detector, u64::MAX);
 }
 
-/// The breach log's alerts that reach into the rules' reach, oldest first, put back as the
-/// log is read: each before the first record read after it was detected, so that the
-/// records that made its finding are judged as the run before judged them (outside its
-/// cooldown, the finding made again), and those after it within it.
+/// This replica's alerts in the breach log that reach into the rules' reach, put back as the
+/// log is read, each after the last record of its evidence (the record that made its finding,
+/// by its number: records are not always written in the order of their times), so that the
+/// records that made its finding are judged as the run before judged them (the finding made
+/// again where they are read back) and those after it within its cooldown. Alerts of the
+/// cross-replica detector (`evidence_refs`) never put this replica's rules in a cooldown, and
+/// are not put back; their findings here were recorded as `alerted_elsewhere`.
 struct Recalling<'a> {
-    alerts: Vec<(i64, &'a Alert)>,
+    /// By the number of their last record, lowest first.
+    alerts: Vec<(u64, i64, &'a Alert)>,
     next: usize,
 }
 
@@ -262,18 +289,22 @@ impl<'a> Recalling<'a> {
         let cooldown = i64::try_from(settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
         let from_ms = now_ms.saturating_sub(reach_ms);
-        let mut alerts: Vec<(i64, &Alert)> = (alerts.iter())
-            .filter_map(|a| Some((rules::ts_millis(&a.detected_at)?, a)))
-            .filter(|(at, _)| at.saturating_add(cooldown) > from_ms)
+        let mut alerts: Vec<(u64, i64, &Alert)> = (alerts.iter())
+            .filter(|a| a.evidence_refs.is_empty())
+            .filter_map(|a| {
+                let last = a.evidence.iter().max()?;
+                Some((*last, rules::ts_millis(&a.detected_at)?, a))
+            })
+            .filter(|(_, at, _)| at.saturating_add(cooldown) > from_ms)
             .collect();
-        alerts.sort_by_key(|(at, _)| *at);
+        alerts.sort_by_key(|(last, _, _)| *last);
         Recalling { alerts, next: 0 }
     }
 
-    /// Puts back those detected before `at_ms`.
-    fn before(&mut self, detector: &mut Detector, at_ms: i64) {
-        while let Some(&(at, alert)) = self.alerts.get(self.next)
-            && at < at_ms
+    /// Puts back those whose last record came before the record `seq`.
+    fn before(&mut self, detector: &mut Detector, seq: u64) {
+        while let Some(&(last, at, alert)) = self.alerts.get(self.next)
+            && last < seq
         {
             detector.raised_before(alert.rule, &alert.key, at);
             self.next += 1;
@@ -598,8 +629,13 @@ mod tests {
     }
 
     /// The breach log's alert on `rule` keyed `key`, detected at `ms`.
-    fn logged_alert(rule: &str, key: &str, ms: i64) -> Alert {
-        serde_json::from_value(alert_record(rule, key, None, ms).detail.unwrap()).unwrap()
+    /// The breach log's alert on `rule` keyed `key`, detected at `ms`, whose evidence ends
+    /// with the record `last` (0: one before what the log holds).
+    fn logged_alert(rule: &str, key: &str, ms: i64, last: u64) -> Alert {
+        let mut alert: Alert =
+            serde_json::from_value(alert_record(rule, key, None, ms).detail.unwrap()).unwrap();
+        alert.evidence = vec![last];
+        alert
     }
 
     /// The breach log's alerts keep their rule quiet for their principal (an address in the
@@ -621,9 +657,9 @@ mod tests {
         .await;
         let addr = "203.0.113.9";
         let alerts = [
-            logged_alert("volume", "alice", minutes(125)),
-            logged_alert("denied_burst", &format!("addr:{addr}"), minutes(10)),
-            logged_alert("volume", "carol", minutes(180)),
+            logged_alert("volume", "alice", minutes(125), 0),
+            logged_alert("denied_burst", &format!("addr:{addr}"), minutes(10), 0),
+            logged_alert("volume", "carol", minutes(180), 0),
         ];
         let mut d = Detector::new(settings());
         let at = (now, u64::MAX);
@@ -655,7 +691,7 @@ mod tests {
     async fn an_alert_only_the_breach_log_holds_stands_for_its_finding() {
         let b = base();
         let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
-        let alerts = [logged_alert("volume", "alice", b)];
+        let alerts = [logged_alert("volume", "alice", b, 1)];
         let mut d = Detector::new(settings());
         let at = (now_millis(), u64::MAX);
         let r = replay(
@@ -702,6 +738,92 @@ mod tests {
         // It was made on the way back (the detector holds its cooldown).
         let more = listing("alice", b + 11 * 60_000, 4_100);
         assert_eq!(d.observe(3, &more), Vec::<Finding>::new());
+    }
+
+    /// Records are written in the order they finish, not always of their times: an alert of
+    /// the breach log is put back after the last record of its evidence, so that record still
+    /// makes its finding again (and empties the window, as in the run before) though a record
+    /// before it is dated after the alert.
+    #[tokio::test]
+    async fn an_alert_is_put_back_after_its_last_record_whatever_the_times() {
+        let b = base();
+        let records = vec![listing("bob", b + 1, 10), listing("alice", b, 2_100)];
+        let dir = log_of(records, 1 << 20).await;
+        let alerts = [logged_alert("volume", "alice", b, 2)];
+        let mut d = Detector::new(settings());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &alerts,
+            &mut |_| {},
+        );
+        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        let again = listing("alice", b + 60_000, 2_100);
+        assert_eq!(d.observe(3, &again), Vec::<Finding>::new());
+    }
+
+    /// An alert stands for the finding made when it was detected, or within a cooldown
+    /// after an alert: not for one made long before it. With the limit lowered to 1,000,
+    /// 1,500 records 100 minutes ago (never alerted on) are raised though the run before
+    /// raised an alert on 2,100 records 70 minutes later.
+    #[tokio::test]
+    async fn a_later_alert_does_not_stand_for_an_earlier_finding() {
+        let now = now_millis();
+        let (t0, t1) = (now - 100 * 60_000, now - 30 * 60_000);
+        let records = vec![
+            listing("alice", t0, 1_500),
+            listing("alice", t1, 2_100),
+            alert_record("volume", "alice", None, t1),
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let mut stricter = settings();
+        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        let mut d = Detector::new(stricter.clone());
+        let at = (now, u64::MAX);
+        let r = replay(
+            dir.path(),
+            &stricter,
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        );
+        let pending = r.unwrap().pending;
+        assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
+        assert_eq!(pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
+    }
+
+    /// A finding another detector raised first (`alerted_elsewhere`, written by
+    /// `watch::act`) is not raised again.
+    #[tokio::test]
+    async fn a_finding_another_detector_raised_is_not_raised_again() {
+        let b = base();
+        let mut elsewhere = alert_record("volume", "alice", None, b);
+        elsewhere.route = Some("watch.alerted_elsewhere".to_owned());
+        let records = vec![listing("alice", b, 2_100), elsewhere];
+        let dir = log_of(records, 1 << 20).await;
+        let (_, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.alerts, r.pending.len()), (1, 0), "{r:?}");
+    }
+
+    /// An alert put back after a cooldown of the same rule ended (not swept yet) starts its
+    /// own at the first level: its size is not known, and the old one's says nothing of it.
+    #[test]
+    fn an_alert_put_back_after_a_cooldown_ended_starts_at_the_first_level() {
+        let b = base() - 30 * 60_000;
+        let mut d = Detector::new(settings());
+        let first = d.observe(1, &listing("alice", b, 8_100));
+        assert_eq!(rules(&first), [Rule::Volume]);
+        d.raised_before(Rule::Volume, "alice", b + 70 * 60_000);
+        let f = d.observe(2, &listing("alice", b + 71 * 60_000, 4_100));
+        assert_eq!(rules(&f), [Rule::Volume], "twice the threshold escalates");
+        assert!(f[0].escalation > 0, "{f:?}");
     }
 
     /// Records dated ahead of the clock (set back since they were written) are not read

@@ -722,13 +722,18 @@ impl Detector {
     pub fn raised_before(&mut self, rule: Rule, key: &str, at_ms: i64) {
         let cooldown = i64::try_from(self.settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let until = at_ms.saturating_add(cooldown);
+        let fresh = Quiet {
+            until,
+            level: 0,
+            before: None,
+        };
         let quiet = (self.quiet_until)
             .entry((rule, key.to_owned()))
-            .or_insert(Quiet {
-                until,
-                level: 0,
-                before: None,
-            });
+            .or_insert(fresh);
+        // A cooldown over before this alert (not swept yet) says nothing of its size.
+        if quiet.until <= at_ms {
+            *quiet = fresh;
+        }
         quiet.until = quiet.until.max(until);
     }
 
