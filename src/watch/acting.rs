@@ -392,6 +392,7 @@ mod tests {
             addresses: Vec::new(),
             at_ms: 0,
             unrecorded: None,
+            read_back: false,
             refs: Vec::new(),
             escalation: 0,
         }

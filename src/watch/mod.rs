@@ -352,12 +352,25 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .and_then(Result::ok)
         .filter(|t| *t <= now)
         .unwrap_or(now);
+    // A finding read back at start marks the rest of its cooldown from when it was made (none
+    // left: no mark), as it would have then, and whatever mark there is: none in this
+    // replica's logs says another detector raised it (`alerted_elsewhere`), so a mark is
+    // another alert's (of other records, maybe this replica's an hour before) or its own
+    // set before a crash cut the rest of `act` short.
+    let cooldown = gw.watch.settings.cooldown;
+    let lasts = if f.read_back {
+        std::time::Duration::try_from(detected + cooldown - now)
+            .ok()
+            .filter(|d| !d.is_zero())
+    } else {
+        Some(cooldown)
+    };
     // A replica whose breach log is failing takes no mark: its alert would wait in memory
     // only, and the mark would silence the detectors that could record it.
-    let marked = match &gw.watch.shared {
-        Some(sh) if gw.watch.breach.is_healthy() => {
-            let cooldown = gw.watch.settings.cooldown;
-            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, cooldown)).await {
+    let marked = match (&gw.watch.shared, lasts) {
+        (Some(sh), Some(lasts)) if gw.watch.breach.is_healthy() => {
+            let anyway = f.read_back;
+            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, lasts, anyway)).await {
                 tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
                 // Said in this replica's log, where reading it back at start finds its
                 // finding again (`replay`): nothing else here says it was raised, and the

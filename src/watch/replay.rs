@@ -105,6 +105,9 @@ struct RaisedAlert {
     /// The caller, when known (`null` for an alert keyed on an address).
     #[serde(default)]
     principal: Option<serde::de::IgnoredAny>,
+    /// The cross-replica detector's evidence (none for a replica's own alert).
+    #[serde(default)]
+    evidence_refs: Vec<serde::de::IgnoredAny>,
 }
 
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
@@ -126,7 +129,7 @@ pub fn replay(
     let from_ms = now_ms.saturating_sub(reach_ms);
     let until_ms = now_ms.saturating_add(MAX_AHEAD.as_millis() as i64);
     let mut out = Replayed::default();
-    let mut recalling = Recalling::new(detector, alerts, now_ms);
+    let mut recalling = Recalling::new(detector, alerts, (now_ms, durable));
     // Every alert on each principal, from both logs (`settle`).
     let mut alerted = Alerted::default();
     for a in alerts {
@@ -190,9 +193,13 @@ pub fn replay(
                 // finding was this replica's too: `watch::act`).
                 if let Some("watch.breach_alert" | "watch.alerted_elsewhere") =
                     record.route.as_deref()
-                    && let Some((rule, key, at)) = raised(&record, &mut revealer)
+                    && let Some((rule, key, at, own)) = raised(&record, &mut revealer)
                 {
-                    detector.raised_before(rule, &key, at);
+                    // The cross-replica detector's alerts never quieted this replica's rules
+                    // (its own finding on those records, if any, was `alerted_elsewhere`).
+                    if own {
+                        detector.raised_before(rule, &key, at);
+                    }
                     alerted.note(rule, &key, at);
                     out.alerts += 1;
                 }
@@ -207,14 +214,18 @@ pub fn replay(
             for f in detector.observe_access(seq, &observation) {
                 // Shown by the run that made it, if it ran in this mode: nothing records it.
                 if matches!(f.mode, Mode::Alert | Mode::Contain) {
-                    out.pending.push(f);
+                    out.pending.push(Finding {
+                        read_back: true,
+                        ..f
+                    });
                 }
             }
-            // Trimmed now and then, not at each finding: what alerts stand for is let go
-            // first, then the oldest.
-            if out.pending.len() >= 2 * MAX_PENDING {
+            // Trimmed now and then, not at each finding, and with room left for findings whose
+            // alert records are still to come: what alerts stand for is let go first, then
+            // the oldest.
+            if out.pending.len() >= 3 * MAX_PENDING {
                 alerted.settle(&mut out.pending, settings);
-                let over = out.pending.len().saturating_sub(MAX_PENDING);
+                let over = out.pending.len().saturating_sub(2 * MAX_PENDING);
                 out.pending.drain(..over);
                 out.let_go += over as u64;
             }
@@ -267,7 +278,7 @@ impl Alerted {
 /// (`breach::ALERTS_KEPT`) whatever the audit log's byte bound (`MAX_BYTES`) cut off, and
 /// keys them as raised (an address in the clear, not sealed).
 pub fn recall(detector: &mut Detector, alerts: &[Alert], now_ms: i64) {
-    Recalling::new(detector, alerts, now_ms).before(detector, u64::MAX);
+    Recalling::new(detector, alerts, (now_ms, u64::MAX)).before(detector, u64::MAX);
 }
 
 /// This replica's alerts in the breach log that reach into the rules' reach, put back as the
@@ -284,7 +295,9 @@ struct Recalling<'a> {
 }
 
 impl<'a> Recalling<'a> {
-    fn new(detector: &Detector, alerts: &'a [Alert], now_ms: i64) -> Self {
+    /// `durable`: the log's newest record; an alert citing records past it cites those of a
+    /// log since set aside (a new audit directory), and is put back before the first record.
+    fn new(detector: &Detector, alerts: &'a [Alert], (now_ms, durable): (i64, u64)) -> Self {
         let settings = detector.settings();
         let cooldown = i64::try_from(settings.cooldown.as_millis()).unwrap_or(i64::MAX);
         let reach_ms = i64::try_from(reach(settings).as_millis()).unwrap_or(i64::MAX);
@@ -292,8 +305,9 @@ impl<'a> Recalling<'a> {
         let mut alerts: Vec<(u64, i64, &Alert)> = (alerts.iter())
             .filter(|a| a.evidence_refs.is_empty())
             .filter_map(|a| {
-                let last = a.evidence.iter().max()?;
-                Some((*last, rules::ts_millis(&a.detected_at)?, a))
+                let last = *a.evidence.iter().max()?;
+                let last = if last > durable { 0 } else { last };
+                Some((last, rules::ts_millis(&a.detected_at)?, a))
             })
             .filter(|(_, at, _)| at.saturating_add(cooldown) > from_ms)
             .collect();
@@ -393,10 +407,11 @@ fn read_record(line: &[u8]) -> Option<(u64, AuditRecord)> {
     Some((seq, serde_json::from_slice(line).ok()?))
 }
 
-/// The rule, principal and detection time of a `breach_alert` record. Its alert keys a
-/// caller not known by `addr` alone (the address is the record's, sealed): unsealed, it
-/// gives the principal back while its day's key exists.
-fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String, i64)> {
+/// The rule, principal and detection time of a `breach_alert` or `alerted_elsewhere` record,
+/// and whether it is this replica's own detector's (not the cross-replica one's). Its alert
+/// keys a caller not known by `addr` alone (the address is the record's, sealed): unsealed,
+/// it gives the principal back while its day's key exists.
+fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String, i64, bool)> {
     let alert = RaisedAlert::deserialize(record.detail.as_ref()?).ok()?;
     let at = rules::ts_millis(&alert.detected_at)?;
     // A subject named `addr` is a principal's key, as written.
@@ -406,7 +421,7 @@ fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String
     } else {
         alert.key
     };
-    Some((alert.rule, key, at))
+    Some((alert.rule, key, at, alert.evidence_refs.is_empty()))
 }
 
 #[cfg(test)]
@@ -628,7 +643,6 @@ mod tests {
         assert_eq!(d.observe(2, &again), Vec::<Finding>::new());
     }
 
-    /// The breach log's alert on `rule` keyed `key`, detected at `ms`.
     /// The breach log's alert on `rule` keyed `key`, detected at `ms`, whose evidence ends
     /// with the record `last` (0: one before what the log holds).
     fn logged_alert(rule: &str, key: &str, ms: i64, last: u64) -> Alert {
@@ -810,6 +824,51 @@ mod tests {
         let dir = log_of(records, 1 << 20).await;
         let (_, r, _) = replayed(dir.path(), MAX_BYTES);
         assert_eq!((r.alerts, r.pending.len()), (1, 0), "{r:?}");
+    }
+
+    /// An alert citing records past the log's newest (a log since set aside for a new audit
+    /// directory) is put back before the first record read: alice's 2,100 records came
+    /// within its cooldown, as for the run before, which made no finding of them and kept
+    /// them in the window, so 2,100 more are an escalation.
+    #[tokio::test]
+    async fn an_alert_citing_records_of_another_log_is_put_back_first() {
+        let b = base();
+        let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
+        let alerts = [logged_alert("volume", "alice", b - 10 * 60_000, 999)];
+        let mut d = Detector::new(settings());
+        let at = (now_millis(), 1);
+        let r = replay(
+            dir.path(),
+            &settings(),
+            &mut d,
+            at,
+            MAX_BYTES,
+            &alerts,
+            &mut |_| {},
+        );
+        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        let f = d.observe(2, &listing("alice", b + 60_000, 2_100));
+        assert_eq!(rules(&f), [Rule::Volume], "{f:?}");
+        assert!(f[0].escalation > 0, "{f:?}");
+    }
+
+    /// The cross-replica detector's alerts (`evidence_refs`) never quieted this replica's
+    /// rules: read back, they do not either. Alice's 2,100 records after one made this
+    /// replica's own finding (another detector had raised it: `alerted_elsewhere`), which
+    /// emptied the window, so 2,000 more are no escalation.
+    #[tokio::test]
+    async fn the_cross_replica_detectors_alerts_do_not_quiet_this_replicas_rules() {
+        let b = base();
+        let mut shared = alert_record("volume", "alice", None, b);
+        shared.detail.as_mut().unwrap()["evidence_refs"] = serde_json::json!(["B#1"]);
+        let mut elsewhere = alert_record("volume", "alice", None, b + 60_000);
+        elsewhere.route = Some("watch.alerted_elsewhere".to_owned());
+        let records = vec![shared, listing("alice", b + 60_000, 2_100), elsewhere];
+        let dir = log_of(records, 1 << 20).await;
+        let (mut d, r, _) = replayed(dir.path(), MAX_BYTES);
+        assert_eq!((r.alerts, r.pending.len()), (2, 0), "{r:?}");
+        let more = listing("alice", b + 120_000, 2_000);
+        assert_eq!(d.observe(4, &more), Vec::<Finding>::new());
     }
 
     /// An alert put back after a cooldown of the same rule ended (not swept yet) starts its

@@ -132,6 +132,10 @@ pub struct Finding {
     /// the threshold its amount went, in doublings (`n`: at least 2^n times it), the same
     /// for every detector that counts as much (it names the escalation's mark in Redis).
     pub escalation: u32,
+    /// Made again reading the log back at start, no alert in either log standing for it
+    /// (`replay`): a mark in Redis on its rule and principal is another alert's, or its own
+    /// set before a crash, and does not stop it (`watch::act`).
+    pub read_back: bool,
 }
 
 /// A finding's principal as the server log may show it: a caller's subject, or `addr` for
@@ -683,6 +687,7 @@ impl Detector {
             addresses: Vec::new(),
             at_ms: ev.at,
             unrecorded: None,
+            read_back: false,
             refs: Vec::new(),
             escalation,
         });
