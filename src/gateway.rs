@@ -178,10 +178,7 @@ where
     // counted now, before its answer's record is made durable: a caller who hangs up while
     // it is has written all the same (as one who hangs up before the answer: `Unanswered`).
     let wrote = result.is_ok() && !trail.written.is_empty();
-    let disclosed = match wrote {
-        true => (trail.subjects.len() as u64).max(1),
-        false => trail.subjects.len() as u64,
-    };
+    let disclosed = (trail.subjects.len() as u64).max(u64::from(wrote));
     if wrote && let Some(p) = &trail.caller {
         gw.controls.count(p, disclosed);
         trail.forwarded = false;
@@ -238,7 +235,6 @@ where
             (Ok(Reply::Body(body)), _) => match (held, judged) {
                 (Some((e, why)), Some(judged)) => {
                     // Recorded as disclosed, and not sent: a further record says why.
-                    let wrote = judged.wrote;
                     let at = (&request_id[..], client, &method, &path[..]);
                     withheld_after_recording(gw, trail, judged, &e, why, at);
                     if wrote {
