@@ -353,10 +353,10 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .filter(|t| *t <= now)
         .unwrap_or(now);
     // A finding read back at start marks the rest of its cooldown from when it was made (none
-    // left: no mark), as it would have then, and whatever mark there is: none in this
-    // replica's logs says another detector raised it (`alerted_elsewhere`), so a mark is
-    // another alert's (of other records, maybe this replica's an hour before) or its own
-    // set before a crash cut the rest of `act` short.
+    // left: no mark), as it would have then, and is raised whatever mark there is (left as it
+    // is): none in this replica's logs says another detector raised it (`alerted_elsewhere`),
+    // so a mark is another alert's (of other records, maybe this replica's an hour before)
+    // or its own set before a crash cut the rest of `act` short.
     let cooldown = gw.watch.settings.cooldown;
     let lasts = if f.read_back {
         std::time::Duration::try_from(detected + cooldown - now)
@@ -369,8 +369,8 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     // only, and the mark would silence the detectors that could record it.
     let marked = match (&gw.watch.shared, lasts) {
         (Some(sh), Some(lasts)) if gw.watch.breach.is_healthy() => {
-            let anyway = f.read_back;
-            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, lasts, anyway)).await {
+            let first = (sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await;
+            if !first && !f.read_back {
                 tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
                 // Said in this replica's log, where reading it back at start finds its
                 // finding again (`replay`): nothing else here says it was raised, and the
@@ -382,6 +382,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
                         "rule": f.rule,
                         "key": logged_alert_key(&f.key, f.caller.is_some()),
                         "principal": f.caller,
+                        "evidence": f.evidence,
                         "detected_at": AuditRecord::ts_of(detected),
                     }));
                     if let Err(e) = gw.audit.append(record).await {
@@ -390,7 +391,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
                 }
                 return None;
             }
-            true
+            first
         }
         _ => false,
     };

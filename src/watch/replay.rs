@@ -13,13 +13,14 @@
 //! - each of this replica's alerts in the breach log whose cooldown reaches into the reach
 //!   puts its rule back in its cooldown for its principal, after the last record of its
 //!   evidence (`Recalling`): the breach log reaches back past the byte bound below;
-//! - each `breach_alert` record does the same, from when it was detected
-//!   (`Detector::raised_before`), and so does each `alerted_elsewhere` record (a finding of
-//!   this replica's that another detector had raised first, `watch::act`);
+//! - each `breach_alert` record of this replica's own detector does the same, from when it
+//!   was detected (`Detector::raised_before`), and so does each `alerted_elsewhere` record
+//!   (a finding of this replica's that another detector had raised first, `watch::act`);
+//!   the cross-replica detector's (`evidence_refs`) never quieted this replica's rules;
 //! - a finding the replay makes puts its rule in its cooldown for the principal, as it did
 //!   in the run that made it, and waits (`Replayed::pending`). An alert on that rule and
-//!   principal (in either log) detected when it was made, or within a cooldown before it,
-//!   stands for it (`Alerted::settle`). One without (the run ended between the finding and
+//!   principal (in either log) citing one of its records, or detected when it was made, or
+//!   within a cooldown before it, stands for it (`Alerted::settle`). One without (the run ended between the finding and
 //!   its alert, had no room for it, or the rules were made stricter for this run: a lower
 //!   limit, a rule turned on) is raised by this run (`watch::run`), in `alert` and `contain`
 //!   modes; a `monitor` finding only ever showed, and is not shown twice.
@@ -108,6 +109,9 @@ struct RaisedAlert {
     /// The cross-replica detector's evidence (none for a replica's own alert).
     #[serde(default)]
     evidence_refs: Vec<serde::de::IgnoredAny>,
+    /// The records it cited.
+    #[serde(default)]
+    evidence: Vec<u64>,
 }
 
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
@@ -134,7 +138,10 @@ pub fn replay(
     let mut alerted = Alerted::default();
     for a in alerts {
         if let Some(at) = rules::ts_millis(&a.detected_at) {
-            alerted.note(a.rule, &a.key, at);
+            // The cross-replica detector's evidence is in its own numbering.
+            let own = a.evidence_refs.is_empty();
+            let cites = if own { a.evidence.clone() } else { Vec::new() };
+            alerted.note(a.rule, &a.key, at, cites);
         }
     }
     let mut revealer = Revealer::new(dir);
@@ -193,14 +200,14 @@ pub fn replay(
                 // finding was this replica's too: `watch::act`).
                 if let Some("watch.breach_alert" | "watch.alerted_elsewhere") =
                     record.route.as_deref()
-                    && let Some((rule, key, at, own)) = raised(&record, &mut revealer)
+                    && let Some(r) = raised(&record, &mut revealer)
                 {
                     // The cross-replica detector's alerts never quieted this replica's rules
                     // (its own finding on those records, if any, was `alerted_elsewhere`).
-                    if own {
-                        detector.raised_before(rule, &key, at);
+                    if r.own {
+                        detector.raised_before(r.rule, &r.key, r.at);
                     }
-                    alerted.note(rule, &key, at);
+                    alerted.note(r.rule, &r.key, r.at, r.evidence);
                     out.alerts += 1;
                 }
                 continue;
@@ -245,30 +252,37 @@ pub fn replay(
 /// records as they reached it) and for logs written before `alerted_elsewhere` records were.
 const ALERTED_WITHIN: i64 = 60_000;
 
-/// When each principal was alerted on, by rule: from both logs.
+/// When each principal was alerted on, by rule, and the records (of this replica's log) each
+/// alert cited: from both logs.
 #[derive(Default)]
-struct Alerted(HashMap<String, Vec<(Rule, i64)>>);
+struct Alerted(HashMap<String, Vec<(Rule, i64, Vec<u64>)>>);
 
 impl Alerted {
-    fn note(&mut self, rule: Rule, key: &str, at: i64) {
-        self.0.entry(key.to_owned()).or_default().push((rule, at));
+    fn note(&mut self, rule: Rule, key: &str, at: i64, mut cites: Vec<u64>) {
+        cites.sort_unstable();
+        (self.0.entry(key.to_owned()).or_default()).push((rule, at, cites));
     }
 
-    /// Lets go of the findings an alert on their rule and principal stands for: one
-    /// detected when the finding was made (the run before raised it, or another detector
-    /// did: `alerted_elsewhere`), or within a cooldown before it. The run before was quiet
-    /// for that principal then, and a finding made again within that cooldown is one the
-    /// replay made where it did not: its level of escalation (in neither log) or the finding
-    /// that began the cooldown (before what was read back) was not known to it. An alert
-    /// detected later is another finding's, and does not stand for this one.
+    /// Lets go of the findings an alert on their rule and principal stands for: one that
+    /// cites a record of the finding's (the same case: a lower limit, say, makes the finding
+    /// again at an earlier record of the alert's), one detected when the finding was made
+    /// (the run before raised it, or another detector did: `alerted_elsewhere`), or one
+    /// within a cooldown before it. The run before was quiet for that principal then, and a
+    /// finding made again within that cooldown is one the replay made where it did not: its
+    /// level of escalation (in neither log) or the finding that began the cooldown (before
+    /// what was read back) was not known to it. Any other alert is another case's, and does
+    /// not stand for this one.
     fn settle(&self, pending: &mut Vec<Finding>, s: &WatchSettings) {
         let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
         pending.retain(|f| {
             let from = f.at_ms.saturating_sub(cooldown);
             let to = f.at_ms.saturating_add(ALERTED_WITHIN);
             let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
-            !on.iter()
-                .any(|&(rule, at)| rule == f.rule && (from..=to).contains(&at))
+            !on.iter().any(|(rule, at, cites)| {
+                *rule == f.rule
+                    && ((from..=to).contains(at)
+                        || f.evidence.iter().any(|s| cites.binary_search(s).is_ok()))
+            })
         });
     }
 }
@@ -407,11 +421,22 @@ fn read_record(line: &[u8]) -> Option<(u64, AuditRecord)> {
     Some((seq, serde_json::from_slice(line).ok()?))
 }
 
-/// The rule, principal and detection time of a `breach_alert` or `alerted_elsewhere` record,
-/// and whether it is this replica's own detector's (not the cross-replica one's). Its alert
-/// keys a caller not known by `addr` alone (the address is the record's, sealed): unsealed,
-/// it gives the principal back while its day's key exists.
-fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String, i64, bool)> {
+/// What a `breach_alert` or `alerted_elsewhere` record says was raised.
+struct Raised {
+    rule: Rule,
+    key: String,
+    at: i64,
+    /// This replica's own detector's (not the cross-replica one's).
+    own: bool,
+    /// The records of this log it cited (none for the cross-replica detector's, whose
+    /// evidence is in its own numbering).
+    evidence: Vec<u64>,
+}
+
+/// What a `breach_alert` or `alerted_elsewhere` record says was raised. Its alert keys a
+/// caller not known by `addr` alone (the address is the record's, sealed): unsealed, it
+/// gives the principal back while its day's key exists.
+fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<Raised> {
     let alert = RaisedAlert::deserialize(record.detail.as_ref()?).ok()?;
     let at = rules::ts_millis(&alert.detected_at)?;
     // A subject named `addr` is a principal's key, as written.
@@ -421,7 +446,14 @@ fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<(Rule, String
     } else {
         alert.key
     };
-    Some((alert.rule, key, at, alert.evidence_refs.is_empty()))
+    let own = alert.evidence_refs.is_empty();
+    Some(Raised {
+        rule: alert.rule,
+        key,
+        at,
+        own,
+        evidence: if own { alert.evidence } else { Vec::new() },
+    })
 }
 
 #[cfg(test)]
@@ -788,10 +820,13 @@ mod tests {
     async fn a_later_alert_does_not_stand_for_an_earlier_finding() {
         let now = now_millis();
         let (t0, t1) = (now - 100 * 60_000, now - 30 * 60_000);
+        // Citing the record of its own window only.
+        let mut alert = alert_record("volume", "alice", None, t1);
+        alert.detail.as_mut().unwrap()["evidence"] = serde_json::json!([2]);
         let records = vec![
             listing("alice", t0, 1_500),
             listing("alice", t1, 2_100),
-            alert_record("volume", "alice", None, t1),
+            alert,
         ];
         let dir = log_of(records, 1 << 20).await;
         let mut stricter = settings();
@@ -811,6 +846,37 @@ mod tests {
         let pending = r.unwrap().pending;
         assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
         assert_eq!(pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
+    }
+
+    /// An alert citing a record of a finding stands for it, whenever it was detected: with
+    /// the limit lowered to 1,000, the 1,500 records of the alert the run before raised on
+    /// 2,100 (five minutes later, citing both) make the finding again, the same case.
+    #[tokio::test]
+    async fn an_alert_citing_a_findings_records_stands_for_it() {
+        let b = base();
+        let mut alert = alert_record("volume", "alice", None, b + 5 * 60_000);
+        alert.detail.as_mut().unwrap()["evidence"] = serde_json::json!([1, 2]);
+        let records = vec![
+            listing("alice", b, 1_500),
+            listing("alice", b + 5 * 60_000, 600),
+            alert,
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let mut stricter = settings();
+        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        let mut d = Detector::new(stricter.clone());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(
+            dir.path(),
+            &stricter,
+            &mut d,
+            at,
+            MAX_BYTES,
+            &[],
+            &mut |_| {},
+        );
+        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
     }
 
     /// A finding another detector raised first (`alerted_elsewhere`, written by

@@ -142,16 +142,14 @@ impl Shared {
         }
     }
 
-    /// True if this caller should raise the alert (the first across replicas, or Redis away).
-    /// `anyway`: the alert is raised whatever mark there is (a finding read back at start,
-    /// `Finding::read_back`), and the mark is set over it, to last `cooldown`.
+    /// True if this caller should raise the alert (the first across replicas, or Redis away):
+    /// it holds the mark for `cooldown`.
     pub async fn first_to_alert(
         &self,
         rule: Rule,
         key: &str,
         escalation: u32,
         cooldown: Duration,
-        anyway: bool,
     ) -> bool {
         let mut conn = {
             let mut held = self.alerting.lock().await;
@@ -166,12 +164,10 @@ impl Shared {
             }
         };
         let flag = self.alert_mark(rule, key, escalation);
-        let mut set = redis::cmd("SET");
-        set.arg(&flag).arg(&self.replica);
-        if !anyway {
-            set.arg("NX");
-        }
-        let set: redis::RedisResult<Option<String>> = set
+        let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&flag)
+            .arg(&self.replica)
+            .arg("NX")
             .arg("PX")
             .arg(
                 u64::try_from(cooldown.as_millis())
@@ -184,7 +180,7 @@ impl Shared {
             // Connected afresh for the next alert.
             self.alerting.lock().await.0 = None;
         }
-        anyway || !matches!(set, Ok(None))
+        !matches!(set, Ok(None))
     }
 
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
