@@ -1355,11 +1355,12 @@ async fn a_norm_lowered_across_a_restart_raises_what_now_reaches_it() {
     norm_lowered_across_a_restart(None).await;
 }
 
-/// The same with Redis, where a mark on the principal's alerts is there (another alert's,
-/// of other records, or this one's set before a crash): a finding read back that no alert in
-/// this replica's logs stands for is raised whatever the mark.
+/// The same with Redis, where another detector has marked an alert on the principal within
+/// its cooldown (another replica, say, reading its own log back after the same change of
+/// rules): the finding read back is that alert's, as a live one would be, recorded as
+/// `alerted_elsewhere` and not raised again, and the other's mark is left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_finding_read_back_is_raised_whatever_the_mark_in_redis() {
+async fn a_finding_read_back_that_another_detector_marked_is_not_raised_twice() {
     norm_lowered_across_a_restart(Some(common::RedisServer::start())).await;
 }
 
@@ -1392,16 +1393,27 @@ async fn norm_lowered_across_a_restart(redis: Option<common::RedisServer>) {
     }
     app.tweak = Some(low_volume);
     let app = app.restart().await;
-    let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
-    assert_eq!(alert["evidence"], json!([before["seq"]]), "{alert}");
-    if let Some(redis) = &redis {
-        // The other alert's mark is left as it was: taken over, it would last only this
-        // finding's cooldown, and another detector could raise that alert again.
-        let held: String = (redis::cmd("GET").arg(&mark))
-            .query(&mut redis.connection())
-            .unwrap();
-        assert_eq!(held, "another-replica");
-    }
+    let Some(redis) = &redis else {
+        let (alert, _) = wait_for_alert(&app, "volume", "demo-councillor").await;
+        assert_eq!(alert["evidence"], json!([before["seq"]]), "{alert}");
+        app.stop().await;
+        return;
+    };
+    all_acted_on(&app).await;
+    let own: Vec<Value> = (alerts(&app).await.into_iter())
+        .filter(|a| a["rule"] == "volume" && a["key"] == "demo-councillor")
+        .filter(|a| a["evidence_refs"].is_null())
+        .collect();
+    assert_eq!(own, Vec::<Value>::new());
+    let elsewhere: Vec<Value> = (app.audit_records().into_iter())
+        .filter(|r| r["route"] == "watch.alerted_elsewhere")
+        .collect();
+    assert_eq!(elsewhere.len(), 1, "{elsewhere:#?}");
+    assert_eq!(elsewhere[0]["detail"]["evidence"], json!([before["seq"]]));
+    let held: String = (redis::cmd("GET").arg(&mark))
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(held, "another-replica");
     app.stop().await;
 }
 

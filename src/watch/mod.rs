@@ -353,14 +353,15 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .filter(|t| *t <= now)
         .unwrap_or(now);
     // A finding read back at start marks the rest of its cooldown from when it was made (none
-    // left: no mark), as it would have then, and is raised whatever mark there is (left as it
-    // is): none in this replica's logs says another detector raised it (`alerted_elsewhere`),
-    // so a mark is another alert's (of other records, maybe this replica's an hour before)
-    // or its own set before a crash cut the rest of `act` short.
+    // left: no mark), as it would have then. A mark there is is another detector's alert on
+    // the principal within its cooldown (another replica's, perhaps reading its own log back
+    // after the same change of rules), as for any finding: one set by this replica before a
+    // crash cut the rest of `act` short looks the same (README: Known limitations).
     let cooldown = gw.watch.settings.cooldown;
     let lasts = if f.read_back {
-        std::time::Duration::try_from(detected + cooldown - now)
-            .ok()
+        (time::Duration::try_from(cooldown).ok())
+            .and_then(|c| detected.checked_add(c))
+            .and_then(|end| std::time::Duration::try_from(end - now).ok())
             .filter(|d| !d.is_zero())
     } else {
         Some(cooldown)
@@ -369,8 +370,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     // only, and the mark would silence the detectors that could record it.
     let marked = match (&gw.watch.shared, lasts) {
         (Some(sh), Some(lasts)) if gw.watch.breach.is_healthy() => {
-            let first = (sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await;
-            if !first && !f.read_back {
+            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await {
                 tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
                 // Said in this replica's log, where reading it back at start finds its
                 // finding again (`replay`): nothing else here says it was raised, and the
@@ -391,7 +391,7 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
                 }
                 return None;
             }
-            first
+            true
         }
         _ => false,
     };
@@ -579,7 +579,6 @@ fn alert_event(kind: &'static str, principal: &str, data: String) -> FeedEvent {
     }
 }
 
-/// A record of something the detector did.
 /// An alert's key as the audit log keeps it: `addr` for one keyed on the address of a caller
 /// not known (the address is in the record's `client_addr`, sealed); a caller's subject as it
 /// is, whatever it looks like (`replay` reads it so).
@@ -591,6 +590,7 @@ fn logged_alert_key(key: &str, known: bool) -> String {
     }
 }
 
+/// A record of something the detector did.
 fn system_record(what: &str) -> AuditRecord {
     AuditRecord::system(&format!("watch.{what}"), what)
 }

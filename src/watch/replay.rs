@@ -19,7 +19,7 @@
 //!   the cross-replica detector's (`evidence_refs`) never quieted this replica's rules;
 //! - a finding the replay makes puts its rule in its cooldown for the principal, as it did
 //!   in the run that made it, and waits (`Replayed::pending`). An alert on that rule and
-//!   principal (in either log) citing one of its records, or detected when it was made, or
+//!   principal (in either log) detected within the rule's window after it was made, or
 //!   within a cooldown before it, stands for it (`Alerted::settle`). One without (the run ended between the finding and
 //!   its alert, had no room for it, or the rules were made stricter for this run: a lower
 //!   limit, a rule turned on) is raised by this run (`watch::run`), in `alert` and `contain`
@@ -109,9 +109,6 @@ struct RaisedAlert {
     /// The cross-replica detector's evidence (none for a replica's own alert).
     #[serde(default)]
     evidence_refs: Vec<serde::de::IgnoredAny>,
-    /// The records it cited.
-    #[serde(default)]
-    evidence: Vec<u64>,
 }
 
 /// Reads back the records of the last `reach(settings)` before `now_ms` (at most
@@ -138,10 +135,7 @@ pub fn replay(
     let mut alerted = Alerted::default();
     for a in alerts {
         if let Some(at) = rules::ts_millis(&a.detected_at) {
-            // The cross-replica detector's evidence is in its own numbering.
-            let own = a.evidence_refs.is_empty();
-            let cites = if own { a.evidence.clone() } else { Vec::new() };
-            alerted.note(a.rule, &a.key, at, cites);
+            alerted.note(a.rule, &a.key, at);
         }
     }
     let mut revealer = Revealer::new(dir);
@@ -207,7 +201,7 @@ pub fn replay(
                     if r.own {
                         detector.raised_before(r.rule, &r.key, r.at);
                     }
-                    alerted.note(r.rule, &r.key, r.at, r.evidence);
+                    alerted.note(r.rule, &r.key, r.at);
                     out.alerts += 1;
                 }
                 continue;
@@ -247,42 +241,39 @@ pub fn replay(
 }
 
 /// How long after a finding an alert on its rule and principal may be detected and still be
-/// its own: `watch::act` dates an alert when its finding was made, so this is room for
-/// another detector's alert on the same records (the cross-replica one's, from the same
-/// records as they reached it) and for logs written before `alerted_elsewhere` records were.
+/// its own, for a rule without a window (or a shorter one): `watch::act` dates an alert when
+/// its finding was made, so this is room for another detector's alert on the same records
+/// (the cross-replica one's, from the same records as they reached it) and for logs written
+/// before `alerted_elsewhere` records were.
 const ALERTED_WITHIN: i64 = 60_000;
 
-/// When each principal was alerted on, by rule, and the records (of this replica's log) each
-/// alert cited: from both logs.
+/// When each principal was alerted on, by rule: from both logs.
 #[derive(Default)]
-struct Alerted(HashMap<String, Vec<(Rule, i64, Vec<u64>)>>);
+struct Alerted(HashMap<String, Vec<(Rule, i64)>>);
 
 impl Alerted {
-    fn note(&mut self, rule: Rule, key: &str, at: i64, mut cites: Vec<u64>) {
-        cites.sort_unstable();
-        (self.0.entry(key.to_owned()).or_default()).push((rule, at, cites));
+    fn note(&mut self, rule: Rule, key: &str, at: i64) {
+        self.0.entry(key.to_owned()).or_default().push((rule, at));
     }
 
-    /// Lets go of the findings an alert on their rule and principal stands for: one that
-    /// cites a record of the finding's (the same case: a lower limit, say, makes the finding
-    /// again at an earlier record of the alert's), one detected when the finding was made
-    /// (the run before raised it, or another detector did: `alerted_elsewhere`), or one
-    /// within a cooldown before it. The run before was quiet for that principal then, and a
-    /// finding made again within that cooldown is one the replay made where it did not: its
-    /// level of escalation (in neither log) or the finding that began the cooldown (before
-    /// what was read back) was not known to it. Any other alert is another case's, and does
-    /// not stand for this one.
+    /// Lets go of the findings an alert on their rule and principal stands for: one detected
+    /// within the rule's window after the finding was made (it counted the finding's last
+    /// record: the same case, the run before raised it, or another detector did,
+    /// `alerted_elsewhere`; with a lower limit, say, the finding is made again at an earlier
+    /// record of the alert's), or within a cooldown before it. The run before was quiet for
+    /// that principal then, and a finding made again within that cooldown is one the replay
+    /// made where it did not: its level of escalation (in neither log) or the finding that
+    /// began the cooldown (before what was read back) was not known to it. Any other alert
+    /// is another case's, and does not stand for this one.
     fn settle(&self, pending: &mut Vec<Finding>, s: &WatchSettings) {
         let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
         pending.retain(|f| {
+            let window = i64::try_from(s.rule(f.rule).window.as_millis()).unwrap_or(i64::MAX);
             let from = f.at_ms.saturating_sub(cooldown);
-            let to = f.at_ms.saturating_add(ALERTED_WITHIN);
+            let to = f.at_ms.saturating_add(window.max(ALERTED_WITHIN));
             let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
-            !on.iter().any(|(rule, at, cites)| {
-                *rule == f.rule
-                    && ((from..=to).contains(at)
-                        || f.evidence.iter().any(|s| cites.binary_search(s).is_ok()))
-            })
+            !on.iter()
+                .any(|&(rule, at)| rule == f.rule && (from..=to).contains(&at))
         });
     }
 }
@@ -428,9 +419,6 @@ struct Raised {
     at: i64,
     /// This replica's own detector's (not the cross-replica one's).
     own: bool,
-    /// The records of this log it cited (none for the cross-replica detector's, whose
-    /// evidence is in its own numbering).
-    evidence: Vec<u64>,
 }
 
 /// What a `breach_alert` or `alerted_elsewhere` record says was raised. Its alert keys a
@@ -446,13 +434,11 @@ fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<Raised> {
     } else {
         alert.key
     };
-    let own = alert.evidence_refs.is_empty();
     Some(Raised {
         rule: alert.rule,
         key,
         at,
-        own,
-        evidence: if own { alert.evidence } else { Vec::new() },
+        own: alert.evidence_refs.is_empty(),
     })
 }
 
@@ -848,11 +834,12 @@ mod tests {
         assert_eq!(pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
     }
 
-    /// An alert citing a record of a finding stands for it, whenever it was detected: with
-    /// the limit lowered to 1,000, the 1,500 records of the alert the run before raised on
-    /// 2,100 (five minutes later, citing both) make the finding again, the same case.
+    /// An alert within the rule's window after a finding counted its records and stands for
+    /// it: with the limit lowered to 1,000, the 1,500 records of the alert the run before
+    /// raised on 2,100 (five minutes later, citing both) make the finding again, the same
+    /// case.
     #[tokio::test]
-    async fn an_alert_citing_a_findings_records_stands_for_it() {
+    async fn an_alert_within_the_window_after_a_finding_stands_for_it() {
         let b = base();
         let mut alert = alert_record("volume", "alice", None, b + 5 * 60_000);
         alert.detail.as_mut().unwrap()["evidence"] = serde_json::json!([1, 2]);

@@ -133,8 +133,8 @@ pub struct Finding {
     /// for every detector that counts as much (it names the escalation's mark in Redis).
     pub escalation: u32,
     /// Made again reading the log back at start, no alert in either log standing for it
-    /// (`replay`): a mark in Redis on its rule and principal is another alert's, or its own
-    /// set before a crash, and does not stop it (`watch::act`).
+    /// (`replay`): its mark in Redis lasts the rest of its cooldown from when it was made
+    /// (`watch::act`).
     pub read_back: bool,
 }
 
