@@ -55,6 +55,16 @@ async fn app(tweak: fn(&mut Config)) -> TestApp {
     .await
 }
 
+/// Returns once the app is ready: with Redis, once the shared controls have been read, so
+/// that requests are served.
+async fn ready(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.admin_get("/readyz").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A token for `sub` with the given role, areas and purposes.
 fn token(app: &TestApp, sub: &str, role: &str, areas: &[&str], purposes: &[&str]) -> String {
     let mut c = app.claims(role, areas, purposes);
@@ -1210,11 +1220,8 @@ async fn an_alert_the_breach_log_cannot_take_leaves_no_mark_in_the_shared_store(
             .unwrap()
     };
     // The shared controls read once, so that requests are served.
+    ready(&app).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while app.admin_get("/readyz").await.status != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     common::fill(&watch);
     let token = app.token("councillor");
     a_big_page(&app, &token, "canvassing").await;
@@ -1371,11 +1378,7 @@ async fn norm_lowered_across_a_restart(redis: Option<common::RedisServer>) {
         ..AppOptions::default()
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.admin_get("/readyz").await.status != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    ready(&app).await;
     let before = councillor_page(&app, 30).await;
     assert!((20..40).contains(&before["subjects"].as_array().unwrap().len()));
     all_examined(&app).await;
@@ -1429,11 +1432,8 @@ async fn a_finding_another_detector_raised_is_not_raised_after_a_restart() {
         ..AppOptions::default()
     })
     .await;
+    ready(&app).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while app.admin_get("/readyz").await.status != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     let stream = &app.gw.watch.settings.shared_stream;
     let mark = format!("{stream}:alerted:volume:demo-councillor");
     let mut conn = redis.connection();

@@ -524,6 +524,15 @@ mod tests {
         (d, r, seen)
     }
 
+    /// A detector holding what `dir`'s log says under `s`, with the breach log's `alerts`
+    /// put back, and what reading it found.
+    fn replayed_with(dir: &Path, s: &WatchSettings, alerts: &[Alert]) -> (Detector, Replayed) {
+        let mut d = Detector::new(s.clone());
+        let at = (now_millis(), u64::MAX);
+        let r = replay(dir, s, &mut d, at, MAX_BYTES, alerts, &mut |_| {}).unwrap();
+        (d, r)
+    }
+
     fn rules(f: &[Finding]) -> Vec<Rule> {
         f.iter().map(|f| f.rule).collect()
     }
@@ -617,18 +626,7 @@ mod tests {
         let mut stricter = settings();
         let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
         volume.limits.insert("councillor".to_owned(), 1_000);
-        let mut d = Detector::new(stricter.clone());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &stricter,
-            &mut d,
-            at,
-            MAX_BYTES,
-            &[],
-            &mut |_| {},
-        )
-        .unwrap();
+        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
         assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
         assert_eq!(
             replayed(dir.path(), MAX_BYTES).1.pending,
@@ -644,18 +642,7 @@ mod tests {
         let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
         let mut watching = settings();
         watching.rules.get_mut(&Rule::Volume).unwrap().mode = Mode::Monitor;
-        let mut d = Detector::new(watching.clone());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &watching,
-            &mut d,
-            at,
-            MAX_BYTES,
-            &[],
-            &mut |_| {},
-        )
-        .unwrap();
+        let (mut d, r) = replayed_with(dir.path(), &watching, &[]);
         assert_eq!((r.accesses, r.pending.len()), (1, 0));
         let again = listing("alice", b + 60_000, 2_100);
         assert_eq!(d.observe(2, &again), Vec::<Finding>::new());
@@ -693,18 +680,8 @@ mod tests {
             logged_alert("denied_burst", &format!("addr:{addr}"), minutes(10), 0),
             logged_alert("volume", "carol", minutes(180), 0),
         ];
-        let mut d = Detector::new(settings());
-        let at = (now, u64::MAX);
-        let r = replay(
-            dir.path(),
-            &settings(),
-            &mut d,
-            at,
-            MAX_BYTES,
-            &alerts,
-            &mut |_| {},
-        );
-        let pending = r.unwrap().pending;
+        let (mut d, r) = replayed_with(dir.path(), &settings(), &alerts);
+        let pending = r.pending;
         assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
         assert_eq!(pending[0].key, "dave");
         let burst: Vec<AuditRecord> = (0..25).map(|i| refused(addr, now + i)).collect();
@@ -724,18 +701,8 @@ mod tests {
         let b = base();
         let dir = log_of(vec![listing("alice", b, 2_100)], 1 << 20).await;
         let alerts = [logged_alert("volume", "alice", b, 1)];
-        let mut d = Detector::new(settings());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &settings(),
-            &mut d,
-            at,
-            MAX_BYTES,
-            &alerts,
-            &mut |_| {},
-        );
-        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        let (mut d, r) = replayed_with(dir.path(), &settings(), &alerts);
+        assert_eq!(r.pending, Vec::<Finding>::new());
         // Put back after its finding's records, not before them: the finding was made again
         // and emptied the window, as it did in the run before, so as much again is no
         // escalation (4,200 would be, counted with the 2,100 before).
@@ -754,18 +721,7 @@ mod tests {
             listing("alice", b + 10 * 60_000, 4_100),
         ];
         let dir = log_of(records, 1 << 20).await;
-        let mut d = Detector::new(settings());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &settings(),
-            &mut d,
-            at,
-            MAX_BYTES,
-            &[],
-            &mut |_| {},
-        );
-        let r = r.unwrap();
+        let (mut d, r) = replayed_with(dir.path(), &settings(), &[]);
         assert_eq!((r.accesses, r.alerts, r.pending.len()), (1, 1, 0), "{r:?}");
         // It was made on the way back (the detector holds its cooldown).
         let more = listing("alice", b + 11 * 60_000, 4_100);
@@ -782,24 +738,14 @@ mod tests {
         let records = vec![listing("bob", b + 1, 10), listing("alice", b, 2_100)];
         let dir = log_of(records, 1 << 20).await;
         let alerts = [logged_alert("volume", "alice", b, 2)];
-        let mut d = Detector::new(settings());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &settings(),
-            &mut d,
-            at,
-            MAX_BYTES,
-            &alerts,
-            &mut |_| {},
-        );
-        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        let (mut d, r) = replayed_with(dir.path(), &settings(), &alerts);
+        assert_eq!(r.pending, Vec::<Finding>::new());
         let again = listing("alice", b + 60_000, 2_100);
         assert_eq!(d.observe(3, &again), Vec::<Finding>::new());
     }
 
-    /// An alert stands for the finding made when it was detected, or within a cooldown
-    /// after an alert: not for one made long before it. With the limit lowered to 1,000,
+    /// An alert stands for a finding made within the rule's window before it, or within a
+    /// cooldown after it: not for one made long before it. With the limit lowered to 1,000,
     /// 1,500 records 100 minutes ago (never alerted on) are raised though the run before
     /// raised an alert on 2,100 records 70 minutes later.
     #[tokio::test]
@@ -818,18 +764,8 @@ mod tests {
         let mut stricter = settings();
         let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
         volume.limits.insert("councillor".to_owned(), 1_000);
-        let mut d = Detector::new(stricter.clone());
-        let at = (now, u64::MAX);
-        let r = replay(
-            dir.path(),
-            &stricter,
-            &mut d,
-            at,
-            MAX_BYTES,
-            &[],
-            &mut |_| {},
-        );
-        let pending = r.unwrap().pending;
+        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        let pending = r.pending;
         assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
         assert_eq!(pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
     }
@@ -852,18 +788,8 @@ mod tests {
         let mut stricter = settings();
         let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
         volume.limits.insert("councillor".to_owned(), 1_000);
-        let mut d = Detector::new(stricter.clone());
-        let at = (now_millis(), u64::MAX);
-        let r = replay(
-            dir.path(),
-            &stricter,
-            &mut d,
-            at,
-            MAX_BYTES,
-            &[],
-            &mut |_| {},
-        );
-        assert_eq!(r.unwrap().pending, Vec::<Finding>::new());
+        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        assert_eq!(r.pending, Vec::<Finding>::new());
     }
 
     /// A finding another detector raised first (`alerted_elsewhere`, written by
