@@ -1420,6 +1420,50 @@ async fn norm_lowered_across_a_restart(redis: Option<common::RedisServer>) {
     app.stop().await;
 }
 
+/// `low_volume` with a cooldown of three seconds.
+fn low_volume_quick(cfg: &mut Config) {
+    low_volume(cfg);
+    cfg.watch.cooldown = Duration::from_secs(3);
+}
+
+/// The same with a norm of 100: two pages of 30 raise nothing.
+fn norm_of_100_quick(cfg: &mut Config) {
+    low_volume_quick(cfg);
+    let volume = cfg.watch.rules.get_mut(&Rule::Volume).unwrap();
+    volume.limits.insert("councillor".to_owned(), 100);
+}
+
+/// Two findings on one principal read back at start, a cooldown apart, are two alerts: the
+/// second meets the mark the first just took in Redis (at least `READ_BACK_MARK`, though
+/// the first's cooldown is long over), which is this replica's own, and is raised all the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_findings_read_back_on_one_principal_are_two_alerts() {
+    let redis = common::RedisServer::start();
+    let mut app = spawn_app_with(AppOptions {
+        tweak: Some(norm_of_100_quick),
+        redis: Some(redis.url()),
+        ..AppOptions::default()
+    })
+    .await;
+    ready(&app).await;
+    let first = councillor_page(&app, 30).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let second = councillor_page(&app, 30).await;
+    all_examined(&app).await;
+    assert!(alerts(&app).await.is_empty());
+    app.tweak = Some(low_volume_quick);
+    let app = app.restart().await;
+    all_acted_on(&app).await;
+    let mut cited: Vec<Value> = (alerts(&app).await.into_iter())
+        .filter(|a| a["rule"] == "volume" && a["key"] == "demo-councillor")
+        .map(|a| a["evidence"].clone())
+        .collect();
+    cited.sort_by_key(|e| e[0].as_u64());
+    assert_eq!(cited, [json!([first["seq"]]), json!([second["seq"]])]);
+    app.stop().await;
+}
+
 /// A finding another detector raised first (its mark in Redis) is written to this replica's
 /// audit log (`alerted_elsewhere`), so reading the log back at a restart, the mark gone by
 /// then, does not raise it again: nothing else here says it was raised.

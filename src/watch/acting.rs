@@ -393,6 +393,7 @@ mod tests {
             at_ms: 0,
             unrecorded: None,
             read_back: false,
+            under_own_mark: false,
             refs: Vec::new(),
             escalation: 0,
         }

@@ -306,6 +306,11 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
     }
 }
 
+/// How long a finding read back at start marks its alert in Redis at least (`act`): long
+/// enough for the other replicas of a rolling deploy to read their logs back and find their
+/// own findings on the same principal raised.
+pub const READ_BACK_MARK: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// Who the controls journal and the audit log say revoked a token in containment: a name no
 /// token may carry (`auth`), so that no caller's revocation reads as the detector's.
 pub const ACTOR: &str = "wardgate-watch";
@@ -352,25 +357,34 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
         .and_then(Result::ok)
         .filter(|t| *t <= now)
         .unwrap_or(now);
-    // A finding read back at start marks the rest of its cooldown from when it was made (none
-    // left: no mark), as it would have then. A mark there is is another detector's alert on
-    // the principal within its cooldown (another replica's, perhaps reading its own log back
-    // after the same change of rules), as for any finding: one set by this replica before a
-    // crash cut the rest of `act` short looks the same (README: Known limitations).
+    // A finding read back at start marks the rest of its cooldown from when it was made, as
+    // it would have then, and `READ_BACK_MARK` at least, so that replicas reading their logs
+    // back after the same change of rules raise one alert on the principal, not one each.
     let cooldown = gw.watch.settings.cooldown;
     let lasts = if f.read_back {
         (time::Duration::try_from(cooldown).ok())
             .and_then(|c| detected.checked_add(c))
             .and_then(|end| std::time::Duration::try_from(end - now).ok())
-            .filter(|d| !d.is_zero())
+            .map_or(READ_BACK_MARK, |rest| rest.max(READ_BACK_MARK))
     } else {
-        Some(cooldown)
+        cooldown
     };
     // A replica whose breach log is failing takes no mark: its alert would wait in memory
     // only, and the mark would silence the detectors that could record it.
-    let marked = match (&gw.watch.shared, lasts) {
-        (Some(sh), Some(lasts)) if gw.watch.breach.is_healthy() => {
-            if !(sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await {
+    let marked = match &gw.watch.shared {
+        // Read back with an alert of this replica's own since, whose mark may still stand:
+        // raised without a mark (the mark's holder is named afresh at each start, so it
+        // could not be told from another detector's).
+        Some(_) if f.under_own_mark => false,
+        Some(sh) if gw.watch.breach.is_healthy() => {
+            let first = (sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await;
+            // Another of this start's read-back findings took it: a finding of this
+            // replica's own a cooldown before or after that one (two first alerts are a
+            // cooldown apart), which its mark of `READ_BACK_MARK` would otherwise silence.
+            let own = !first && f.read_back && sh.holds_mark(f.rule, &f.key, f.escalation).await;
+            if own {
+                false
+            } else if !first {
                 tracing::debug!(rule = %f.rule, principal = rules::logged_key(&f.key), scope, "already alerted by another detector");
                 // Said in this replica's log, where reading it back at start finds its
                 // finding again (`replay`): nothing else here says it was raised, and the
@@ -390,8 +404,9 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
                     }
                 }
                 return None;
+            } else {
+                true
             }
-            true
         }
         _ => false,
     };

@@ -135,7 +135,7 @@ pub fn replay(
     let mut alerted = Alerted::default();
     for a in alerts {
         if let Some(at) = rules::ts_millis(&a.detected_at) {
-            alerted.note(a.rule, &a.key, at);
+            alerted.note(a.rule, &a.key, at, a.evidence_refs.is_empty());
         }
     }
     let mut revealer = Revealer::new(dir);
@@ -192,7 +192,7 @@ pub fn replay(
             if record.kind == RecordKind::System {
                 // An alert this replica raised, or one another detector raised first (its
                 // finding was this replica's too: `watch::act`).
-                if let Some("watch.breach_alert" | "watch.alerted_elsewhere") =
+                if let Some(route @ ("watch.breach_alert" | "watch.alerted_elsewhere")) =
                     record.route.as_deref()
                     && let Some(r) = raised(&record, &mut revealer)
                 {
@@ -201,7 +201,8 @@ pub fn replay(
                     if r.own {
                         detector.raised_before(r.rule, &r.key, r.at);
                     }
-                    alerted.note(r.rule, &r.key, r.at);
+                    let raised_here = r.own && route == "watch.breach_alert";
+                    alerted.note(r.rule, &r.key, r.at, raised_here);
                     out.alerts += 1;
                 }
                 continue;
@@ -234,6 +235,7 @@ pub fn replay(
     }
     recalling.before(detector, u64::MAX);
     alerted.settle(&mut out.pending, settings);
+    alerted.mark_under_own(&mut out.pending, settings, now_ms);
     let over = out.pending.len().saturating_sub(MAX_PENDING);
     out.pending.drain(..over);
     out.let_go += over as u64;
@@ -247,13 +249,27 @@ pub fn replay(
 /// before `alerted_elsewhere` records were.
 const ALERTED_WITHIN: i64 = 60_000;
 
-/// When each principal was alerted on, by rule: from both logs.
+/// When each principal was alerted on, by rule, and whether by this replica's own detector
+/// (whose mark in Redis it holds): from both logs.
 #[derive(Default)]
-struct Alerted(HashMap<String, Vec<(Rule, i64)>>);
+struct Alerted(HashMap<String, Vec<(Rule, i64, bool)>>);
 
 impl Alerted {
-    fn note(&mut self, rule: Rule, key: &str, at: i64) {
-        self.0.entry(key.to_owned()).or_default().push((rule, at));
+    fn note(&mut self, rule: Rule, key: &str, at: i64, raised_here: bool) {
+        (self.0.entry(key.to_owned()).or_default()).push((rule, at, raised_here));
+    }
+
+    /// Notes the findings that an alert of this replica's own on their rule and principal
+    /// came after, whose mark in Redis may still stand (its cooldown not over at `now_ms`):
+    /// another case's (`settle` left them), raised without a mark (`Finding::under_own_mark`).
+    fn mark_under_own(&self, pending: &mut [Finding], s: &WatchSettings, now_ms: i64) {
+        let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
+        for f in pending {
+            let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
+            f.under_own_mark = on.iter().any(|&(rule, at, here)| {
+                here && rule == f.rule && at > f.at_ms && at.saturating_add(cooldown) > now_ms
+            });
+        }
     }
 
     /// Lets go of the findings an alert on their rule and principal stands for: one detected
@@ -273,7 +289,7 @@ impl Alerted {
             let to = f.at_ms.saturating_add(window.max(ALERTED_WITHIN));
             let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
             !on.iter()
-                .any(|&(rule, at)| rule == f.rule && (from..=to).contains(&at))
+                .any(|&(rule, at, _)| rule == f.rule && (from..=to).contains(&at))
         });
     }
 }
@@ -790,6 +806,40 @@ mod tests {
         volume.limits.insert("councillor".to_owned(), 1_000);
         let (_, r) = replayed_with(dir.path(), &stricter, &[]);
         assert_eq!(r.pending, Vec::<Finding>::new());
+    }
+
+    /// A finding read back that an alert of this replica's own came after (another case: 30
+    /// minutes later, past the window) is raised without a mark, which that alert may still
+    /// hold in Redis; an alert another detector raised (`alerted_elsewhere`) holds its own.
+    #[tokio::test]
+    async fn a_finding_before_an_alert_of_this_replicas_own_is_raised_without_a_mark() {
+        let now = now_millis();
+        let (t0, t1) = (now - 40 * 60_000, now - 10 * 60_000);
+        let mut stricter = settings();
+        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        for (route, under_own_mark) in [
+            ("watch.breach_alert", true),
+            ("watch.alerted_elsewhere", false),
+        ] {
+            let mut alert = alert_record("volume", "alice", None, t1);
+            alert.route = Some(route.to_owned());
+            let records = vec![
+                listing("alice", t0, 1_500),
+                listing("alice", t1, 2_100),
+                alert,
+            ];
+            let dir = log_of(records, 1 << 20).await;
+            let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+            assert_eq!(
+                rules(&r.pending),
+                [Rule::Volume],
+                "{route}: {:?}",
+                r.pending
+            );
+            assert_eq!(r.pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
+            assert_eq!(r.pending[0].under_own_mark, under_own_mark, "{route}");
+        }
     }
 
     /// A finding another detector raised first (`alerted_elsewhere`, written by

@@ -133,9 +133,12 @@ pub struct Finding {
     /// for every detector that counts as much (it names the escalation's mark in Redis).
     pub escalation: u32,
     /// Made again reading the log back at start, no alert in either log standing for it
-    /// (`replay`): its mark in Redis lasts the rest of its cooldown from when it was made
-    /// (`watch::act`).
+    /// (`replay`): its mark in Redis lasts the rest of its cooldown from when it was made, or
+    /// `watch::READ_BACK_MARK` at least (`watch::act`).
     pub read_back: bool,
+    /// Read back, and an alert of this replica's own on its rule and principal since (of
+    /// another case) may still hold their mark in Redis: raised without one (`watch::act`).
+    pub under_own_mark: bool,
 }
 
 /// A finding's principal as the server log may show it: a caller's subject, or `addr` for
@@ -688,6 +691,7 @@ impl Detector {
             at_ms: ev.at,
             unrecorded: None,
             read_back: false,
+            under_own_mark: false,
             refs: Vec::new(),
             escalation,
         });

@@ -183,6 +183,19 @@ impl Shared {
         !matches!(set, Ok(None))
     }
 
+    /// Whether this replica holds the mark of an alert on `rule` for `key` (this process set
+    /// it: `first_to_alert`); false if another does, or Redis cannot be asked.
+    pub async fn holds_mark(&self, rule: Rule, key: &str, escalation: u32) -> bool {
+        let Some(mut conn) = self.alerting.lock().await.0.clone() else {
+            return false;
+        };
+        let held: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            .arg(self.alert_mark(rule, key, escalation))
+            .query_async(&mut conn)
+            .await;
+        matches!(held, Ok(Some(v)) if v == self.replica)
+    }
+
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
