@@ -131,11 +131,16 @@ pub fn replay(
     let until_ms = now_ms.saturating_add(MAX_AHEAD.as_millis() as i64);
     let mut out = Replayed::default();
     let mut recalling = Recalling::new(detector, alerts, (now_ms, durable));
+    let cooldown_ms = i64::try_from(settings.cooldown.as_millis()).unwrap_or(i64::MAX);
+    let read_back_mark_ms = i64::try_from(super::READ_BACK_MARK.as_millis()).unwrap_or(i64::MAX);
     // Every alert on each principal, from both logs (`settle`).
     let mut alerted = Alerted::default();
     for a in alerts {
         if let Some(at) = rules::ts_millis(&a.detected_at) {
-            alerted.note(a.rule, &a.key, at, a.evidence_refs.is_empty());
+            // A live alert's mark was taken for a cooldown from when it was raised (its
+            // finding's time, give or take the queue); a read-back one's record says more.
+            let mark_until = (a.evidence_refs.is_empty()).then(|| at.saturating_add(cooldown_ms));
+            alerted.note(a.rule, &a.key, at, mark_until);
         }
     }
     let mut revealer = Revealer::new(dir);
@@ -201,8 +206,11 @@ pub fn replay(
                     if r.own {
                         detector.raised_before(r.rule, &r.key, r.at);
                     }
-                    let raised_here = r.own && route == "watch.breach_alert";
-                    alerted.note(r.rule, &r.key, r.at, raised_here);
+                    // Its mark in Redis, taken when this record was made, lasts a cooldown
+                    // (`READ_BACK_MARK` at least, for one raised when a log was read back).
+                    let mark_until = (r.own && route == "watch.breach_alert")
+                        .then(|| at.saturating_add(cooldown_ms.max(read_back_mark_ms)));
+                    alerted.note(r.rule, &r.key, r.at, mark_until);
                     out.alerts += 1;
                 }
                 continue;
@@ -235,7 +243,7 @@ pub fn replay(
     }
     recalling.before(detector, u64::MAX);
     alerted.settle(&mut out.pending, settings);
-    alerted.mark_under_own(&mut out.pending, settings, now_ms);
+    alerted.mark_under_own(&mut out.pending, now_ms);
     let over = out.pending.len().saturating_sub(MAX_PENDING);
     out.pending.drain(..over);
     out.let_go += over as u64;
@@ -249,26 +257,25 @@ pub fn replay(
 /// before `alerted_elsewhere` records were.
 const ALERTED_WITHIN: i64 = 60_000;
 
-/// When each principal was alerted on, by rule, and whether by this replica's own detector
-/// (whose mark in Redis it holds): from both logs.
+/// When each principal was alerted on, by rule, and for an alert raised by this replica's
+/// own detector, until when its mark in Redis may stand: from both logs.
 #[derive(Default)]
-struct Alerted(HashMap<String, Vec<(Rule, i64, bool)>>);
+struct Alerted(HashMap<String, Vec<(Rule, i64, Option<i64>)>>);
 
 impl Alerted {
-    fn note(&mut self, rule: Rule, key: &str, at: i64, raised_here: bool) {
-        (self.0.entry(key.to_owned()).or_default()).push((rule, at, raised_here));
+    fn note(&mut self, rule: Rule, key: &str, at: i64, mark_until: Option<i64>) {
+        (self.0.entry(key.to_owned()).or_default()).push((rule, at, mark_until));
     }
 
-    /// Notes the findings that an alert of this replica's own on their rule and principal
-    /// came after, whose mark in Redis may still stand (its cooldown not over at `now_ms`):
-    /// another case's (`settle` left them), raised without a mark (`Finding::under_own_mark`).
-    fn mark_under_own(&self, pending: &mut [Finding], s: &WatchSettings, now_ms: i64) {
-        let cooldown = i64::try_from(s.cooldown.as_millis()).unwrap_or(i64::MAX);
+    /// Notes the findings on whose rule and principal an alert of this replica's own (a run
+    /// before this one's: its holder's name is new at each start) may still hold the mark in
+    /// Redis at `now_ms`: another case's (`settle` left them), raised without a mark
+    /// (`Finding::under_own_mark`).
+    fn mark_under_own(&self, pending: &mut [Finding], now_ms: i64) {
         for f in pending {
             let on = self.0.get(f.key.as_str()).map_or(&[][..], Vec::as_slice);
-            f.under_own_mark = on.iter().any(|&(rule, at, here)| {
-                here && rule == f.rule && at > f.at_ms && at.saturating_add(cooldown) > now_ms
-            });
+            f.under_own_mark = (on.iter())
+                .any(|&(rule, _, until)| rule == f.rule && until.is_some_and(|u| u > now_ms));
         }
     }
 
@@ -840,6 +847,31 @@ mod tests {
             assert_eq!(r.pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
             assert_eq!(r.pending[0].under_own_mark, under_own_mark, "{route}");
         }
+    }
+
+    /// An alert raised when the log was read back at an earlier start (of a finding long
+    /// before: its cooldown over) holds its mark for `READ_BACK_MARK` from when it was
+    /// raised: another case on the principal, read back at this start, is raised without a
+    /// mark rather than meet it.
+    #[tokio::test]
+    async fn a_mark_taken_at_an_earlier_start_is_known_as_this_replicas_own() {
+        let now = now_millis();
+        let (t0, t2) = (now - 100 * 60_000, now - 30 * 60_000);
+        let mut raised_at_start = alert_record("volume", "alice", None, t0);
+        raised_at_start.ts = ts(now - 5 * 60_000);
+        let records = vec![
+            listing("alice", t0, 1_500),
+            listing("alice", t2, 1_500),
+            raised_at_start,
+        ];
+        let dir = log_of(records, 1 << 20).await;
+        let mut stricter = settings();
+        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
+        assert_eq!(r.pending[0].at_ms, rules::ts_millis(&ts(t2)).unwrap());
+        assert!(r.pending[0].under_own_mark, "{:?}", r.pending);
     }
 
     /// A finding another detector raised first (`alerted_elsewhere`, written by
