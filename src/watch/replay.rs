@@ -547,6 +547,15 @@ mod tests {
         (d, r, seen)
     }
 
+    /// `settings`, with the councillor's volume limit lowered to 1,000: rules made stricter
+    /// across a restart.
+    fn stricter() -> WatchSettings {
+        let mut s = settings();
+        let volume = s.rules.get_mut(&Rule::Volume).unwrap();
+        volume.limits.insert("councillor".to_owned(), 1_000);
+        s
+    }
+
     /// A detector holding what `dir`'s log says under `s`, with the breach log's `alerts`
     /// put back, and what reading it found.
     fn replayed_with(dir: &Path, s: &WatchSettings, alerts: &[Alert]) -> (Detector, Replayed) {
@@ -646,10 +655,7 @@ mod tests {
     async fn a_limit_lowered_across_a_restart_raises_what_now_reaches_it() {
         let b = base();
         let dir = log_of(vec![listing("alice", b, 1_500)], 1 << 20).await;
-        let mut stricter = settings();
-        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
-        volume.limits.insert("councillor".to_owned(), 1_000);
-        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        let (_, r) = replayed_with(dir.path(), &stricter(), &[]);
         assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
         assert_eq!(
             replayed(dir.path(), MAX_BYTES).1.pending,
@@ -784,10 +790,7 @@ mod tests {
             alert,
         ];
         let dir = log_of(records, 1 << 20).await;
-        let mut stricter = settings();
-        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
-        volume.limits.insert("councillor".to_owned(), 1_000);
-        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        let (_, r) = replayed_with(dir.path(), &stricter(), &[]);
         let pending = r.pending;
         assert_eq!(rules(&pending), [Rule::Volume], "{pending:?}");
         assert_eq!(pending[0].at_ms, rules::ts_millis(&ts(t0)).unwrap());
@@ -808,10 +811,7 @@ mod tests {
             alert,
         ];
         let dir = log_of(records, 1 << 20).await;
-        let mut stricter = settings();
-        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
-        volume.limits.insert("councillor".to_owned(), 1_000);
-        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        let (_, r) = replayed_with(dir.path(), &stricter(), &[]);
         assert_eq!(r.pending, Vec::<Finding>::new());
     }
 
@@ -822,9 +822,6 @@ mod tests {
     async fn a_finding_before_an_alert_of_this_replicas_own_is_raised_without_a_mark() {
         let now = now_millis();
         let (t0, t1) = (now - 40 * 60_000, now - 10 * 60_000);
-        let mut stricter = settings();
-        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
-        volume.limits.insert("councillor".to_owned(), 1_000);
         for (route, under_own_mark) in [
             ("watch.breach_alert", true),
             ("watch.alerted_elsewhere", false),
@@ -837,7 +834,7 @@ mod tests {
                 alert,
             ];
             let dir = log_of(records, 1 << 20).await;
-            let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+            let (_, r) = replayed_with(dir.path(), &stricter(), &[]);
             assert_eq!(
                 rules(&r.pending),
                 [Rule::Volume],
@@ -865,10 +862,7 @@ mod tests {
             raised_at_start,
         ];
         let dir = log_of(records, 1 << 20).await;
-        let mut stricter = settings();
-        let volume = stricter.rules.get_mut(&Rule::Volume).unwrap();
-        volume.limits.insert("councillor".to_owned(), 1_000);
-        let (_, r) = replayed_with(dir.path(), &stricter, &[]);
+        let (_, r) = replayed_with(dir.path(), &stricter(), &[]);
         assert_eq!(rules(&r.pending), [Rule::Volume], "{:?}", r.pending);
         assert_eq!(r.pending[0].at_ms, rules::ts_millis(&ts(t2)).unwrap());
         assert!(r.pending[0].under_own_mark, "{:?}", r.pending);
