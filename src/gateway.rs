@@ -112,7 +112,9 @@ pub struct Trail {
     written: Vec<String>,
     /// A write was sent to its datastore: done, or as good as (the datastore finishes what
     /// it was sent whoever waits for the answer), so it counts against the caller's quota
-    /// whatever becomes of the answer.
+    /// whatever becomes of the answer: an error (a 5xx, a timeout, a dropped connection) or
+    /// the datastore's refusal, whose 502 against the 404 of a target that may not be
+    /// written tells the caller what a read by id would (the record exists, in their scope).
     forwarded: bool,
     /// The audit record's `detail`, where the route has one (an aggregate's summary).
     detail: Option<serde_json::Value>,
@@ -172,12 +174,13 @@ where
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
-    // A write done counts as one record at least, whatever its answer shows: one that leaves
+    // A write sent counts as one record at least, whatever its answer shows: one that leaves
     // the record withheld (a `do_not_contact` added, which canvassing then hides) would
-    // otherwise count nothing, and a caller could write to a whole ward uncounted. It is
-    // counted now, before its answer's record is made durable: a caller who hangs up while
-    // it is has written all the same (as one who hangs up before the answer: `Unanswered`).
-    let wrote = result.is_ok() && !trail.written.is_empty();
+    // otherwise count nothing, and a caller could write to a whole ward uncounted; so would
+    // one answered with an error, done or not (`Trail::forwarded`). It is counted now,
+    // before its answer's record is made durable: a caller who hangs up while it is has
+    // written all the same (as one who hangs up before the answer: `Unanswered`).
+    let wrote = trail.forwarded;
     let disclosed = (trail.subjects.len() as u64).max(u64::from(wrote));
     if wrote && let Some(p) = &trail.caller {
         gw.controls.count(p, disclosed);
@@ -772,11 +775,9 @@ where
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
             if !resp.status.is_success() {
-                // Refused by the datastore (4xx): not done, so not counted, whatever becomes
-                // of the caller. A 5xx (a proxy's 502 or 504) may have been done: counted.
-                if resp.status.is_client_error() {
-                    trail.forwarded = false;
-                }
+                // Counted all the same (`Trail::forwarded`): a 5xx (a proxy's 502 or 504) may
+                // have been done, and a refusal (4xx) answers 502 where a target that may not
+                // be written answers 404.
                 tracing::warn!(status = resp.status.as_u16(), "upstream refused the write");
                 return Err(GatewayError::UpstreamStatus(resp.status.as_u16()));
             }

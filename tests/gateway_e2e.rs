@@ -694,7 +694,7 @@ async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
         r#"{{"record":{}}}"#,
         serde_json::to_string(&mine).unwrap()
     ));
-    let (upstream, mut posted) = upstream_never_answering_writes(target).await;
+    let (upstream, mut posted) = upstream_answering_writes(target, None).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
         tweak: Some(small_quota),
@@ -740,10 +740,67 @@ async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
     app.stop().await;
 }
 
-/// A datastore that answers every read with `target` and never answers a write: each write
-/// it receives is said on the channel.
-async fn upstream_never_answering_writes(
+/// A write the datastore answers with an error counts against the caller's quota as one it
+/// takes: a 5xx or a timeout may have been done, and a refusal's 502 (where a target that
+/// may not be written answers 404) tells the caller what a read by id would. Before, only a
+/// write answered 2xx, or whose caller hung up, counted: a canvasser could write past the
+/// quota behind a failing datastore, or sweep a ward's ids with writes it refuses, uncounted.
+#[tokio::test]
+async fn a_write_answered_with_an_error_counts_against_the_quota() {
+    fn small_quota(cfg: &mut wardgate::config::Config) {
+        cfg.quotas.insert(
+            "canvasser".into(),
+            wardgate::controls::Limits {
+                per_hour: 2,
+                per_day: 100,
+            },
+        );
+    }
+    fn small_quota_and_short_wait(cfg: &mut wardgate::config::Config) {
+        small_quota(cfg);
+        for upstream in cfg.datasets.values_mut() {
+            upstream.response_timeout = std::time::Duration::from_secs(1);
+        }
+    }
+    type Tweak = fn(&mut wardgate::config::Config);
+    let mine = open_elector().await;
+    let id = mine["elector_id"].as_str().unwrap().to_owned();
+    let target = Bytes::from(format!(
+        r#"{{"record":{}}}"#,
+        serde_json::to_string(&mine).unwrap()
+    ));
+    let cases: [(Option<u16>, Tweak, u16); 3] = [
+        (Some(500), small_quota, 502),
+        (Some(422), small_quota, 502),
+        (None, small_quota_and_short_wait, 504),
+    ];
+    for (answer, tweak, status) in cases {
+        let (upstream, _posted) = upstream_answering_writes(target.clone(), answer).await;
+        let app = spawn_app_with(AppOptions {
+            upstream: Some(upstream),
+            tweak: Some(tweak),
+            ..Default::default()
+        })
+        .await;
+        let t = app.token("canvasser");
+        for _ in 0..2 {
+            let r = (app.canvass(&id, &t, "canvassing", r#"{"voting_intention":"LAB"}"#)).await;
+            assert_eq!(r.status, status, "{answer:?}: {:?}", r.body);
+        }
+        // Two writes made the two an hour: the next record is refused.
+        let read = format!("/voter/electors/{id}");
+        let r = app.get(&read, Some(&t), Some("canvassing")).await;
+        assert_eq!(r.status, 429, "{answer:?}: {:?}", r.body);
+        app.stop().await;
+    }
+}
+
+/// A datastore that answers every read with `target`, and a write with `answer` (a status
+/// and a problem body), or never when it is `None`: each write it receives is said on the
+/// channel.
+async fn upstream_answering_writes(
     target: Bytes,
+    answer: Option<u16>,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -755,11 +812,15 @@ async fn upstream_never_answering_writes(
                 let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                     let (target, tx) = (target.clone(), tx.clone());
                     async move {
+                        let mut resp = http::Response::new(Full::new(target));
                         if req.method() == http::Method::POST {
                             let _ = tx.send(());
-                            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                            let Some(status) = answer else {
+                                return std::future::pending().await;
+                            };
+                            *resp.body_mut() = Full::new(Bytes::from_static(b"{\"error\":1}"));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                         }
-                        let mut resp = http::Response::new(Full::new(target));
                         resp.headers_mut().insert(
                             "content-type",
                             http::HeaderValue::from_static("application/json"),
