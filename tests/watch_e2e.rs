@@ -1296,6 +1296,98 @@ fn an_alert_the_disk_cannot_take_leaves_the_breach_log_whole() {
     assert_eq!(ids, ["A-1", "A-3"]);
 }
 
+/// Returns once the cross-replica leader has examined every entry of `stream` (all
+/// delivered to its group, and each acknowledged, which it does once it has acted on them).
+fn shared_examined(redis: &common::RedisServer, stream: &str) {
+    let mut conn = redis.connection();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last: redis::streams::StreamInfoStreamReply = (redis::cmd("XINFO").arg("STREAM"))
+            .arg(stream)
+            .query(&mut conn)
+            .unwrap();
+        let groups: redis::streams::StreamInfoGroupsReply = (redis::cmd("XINFO").arg("GROUPS"))
+            .arg(stream)
+            .query(&mut conn)
+            .unwrap();
+        if (groups.groups.iter()).any(|g| {
+            g.name == "detect" && g.pending == 0 && g.last_delivered_id == last.last_generated_id
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader never examined the stream"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Whoever can write to Redis cannot feed cross-replica detection: an entry naming a
+/// councillor with 100,000 records, unsigned or under another entry's signature, and
+/// copies of a real entry of theirs, raise nothing (with `volume` in `contain` mode they
+/// would have revoked the councillor, by a revocation the leader signs). Before, the leader
+/// examined whatever the stream held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_added_to_the_shared_stream_by_another_hand_raise_nothing() {
+    fn contain_low_volume(cfg: &mut Config) {
+        low_volume(cfg);
+        cfg.watch.rules.get_mut(&Rule::Volume).unwrap().mode = Mode::Contain;
+    }
+    let redis = common::RedisServer::start();
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(contain_low_volume),
+        redis: Some(redis.url()),
+        ..AppOptions::default()
+    })
+    .await;
+    ready(&app).await;
+    // Under the councillor's norm of 20.
+    let page = councillor_page(&app, 15).await;
+    let n = page["subjects"].as_array().unwrap().len();
+    assert!((1..20).contains(&n), "{page}");
+    let stream = app.gw.watch.settings.shared_stream.clone();
+    shared_examined(&redis, &stream);
+    let mut conn = redis.connection();
+    let newest: redis::streams::StreamRangeReply = (redis::cmd("XREVRANGE").arg(&stream))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let real = &newest.ids[0];
+    let (e, m): (String, String) = (real.get("e").unwrap(), real.get("m").unwrap());
+    assert!(e.contains("demo-councillor"), "{e}");
+    let disclosed = format!("\"disclosed\":{n},");
+    assert!(e.contains(&disclosed), "{e}");
+    // Numbered after the real one, as if another replica's.
+    let forged = (e.replace(&disclosed, "\"disclosed\":100000,")).replacen(
+        "{\"r\":\"",
+        "{\"r\":\"forged-",
+        1,
+    );
+    assert!(forged.starts_with("{\"r\":\"forged-"), "{forged}");
+    let add = |conn: &mut redis::Connection, fields: &[(&str, &str)]| {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&stream).arg("*");
+        for (k, v) in fields {
+            xadd.arg(*k).arg(*v);
+        }
+        xadd.query::<String>(conn).unwrap();
+    };
+    add(&mut conn, &[("e", &forged)]);
+    add(&mut conn, &[("e", &forged), ("m", &m)]);
+    for _ in 0..5 {
+        add(&mut conn, &[("e", &e), ("m", &m)]);
+    }
+    shared_examined(&redis, &stream);
+    assert_eq!(alerts(&app).await, Vec::<Value>::new());
+    let again = councillor_page(&app, 1).await;
+    assert_eq!(again["decision"], "allow", "{again}");
+    app.stop().await;
+}
+
 /// A councillor's page of `n` records: its audit record (how many it disclosed is what the
 /// rules count).
 async fn councillor_page(app: &TestApp, n: usize) -> Value {

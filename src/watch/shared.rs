@@ -8,7 +8,9 @@
 //! reads the stream through the consumer group `detect`, runs the same rules over every
 //! replica's accesses and acknowledges each entry once examined. A new leader first claims
 //! what its predecessor read but never acknowledged, so a leader that dies mid-batch loses
-//! nothing. Its detector starts with empty windows.
+//! nothing. Its detector starts with empty windows. Each entry is signed with the shared
+//! controls' key, and the leader examines only signed entries, each replica's once and in
+//! the order of its log (`Leader::admit`): whoever can write to Redis cannot feed it accesses.
 //!
 //! An alert for one rule and principal is raised once for the whole deployment: whichever
 //! detector (a replica's own or the shared one) first sets `STREAM:alerted:RULE:PRINCIPAL`
@@ -64,9 +66,14 @@ pub struct Shared {
     /// connecting last failed: not tried again for `RECONNECT_AFTER`.
     alerting: tokio::sync::Mutex<(Option<MultiplexedConnection>, Option<std::time::Instant>)>,
     /// The shared controls' key (`redis.key_file`): each principal's and route's id numbers
-    /// are shifted by an offset made with it (`publish`).
+    /// are shifted by an offset made with it (`publish`), and each entry is signed with it
+    /// (`entry_mac`).
     key: ring::hmac::Key,
 }
+
+/// Replicas whose newest entry the leader remembers (`Leader::newest`): more than a
+/// deployment runs at once, counting those a rolling restart replaces.
+const MAX_REPLICAS: usize = 1024;
 
 impl Shared {
     pub fn new(url: &str, stream: &str, key: ring::hmac::Key) -> anyhow::Result<Shared> {
@@ -116,6 +123,33 @@ impl Shared {
             o.id_number = Some(n.saturating_add(u64::from_be_bytes(offset) >> 1));
         }
         o
+    }
+
+    /// What an entry is signed over: who signs and in which stream, then the entry (so a
+    /// signature is not one of the shared controls', made with the same key over the
+    /// controls' stream and an event).
+    fn signed_text(&self, json: &str) -> Vec<u8> {
+        [
+            b"wardgate access\n",
+            self.stream.as_bytes(),
+            b"\n",
+            json.as_bytes(),
+        ]
+        .concat()
+    }
+
+    /// An entry's signature, as the stream carries it (`m`, beside the entry's `e`): the
+    /// leader examines only entries a replica holding the key wrote, so that whoever can
+    /// write to Redis cannot feed it accesses (a `contain` rule would revoke whoever they
+    /// named, with a signed revocation).
+    fn entry_mac(&self, json: &str) -> String {
+        hex::encode(ring::hmac::sign(&self.key, &self.signed_text(json)))
+    }
+
+    /// Whether `mac` is `json`'s signature (compared in constant time).
+    fn signed(&self, json: &str, mac: &str) -> bool {
+        hex::decode(mac)
+            .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
     }
 
     /// Queues one access for the shared stream; never waits.
@@ -231,6 +265,7 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
         let mut pipe = redis::pipe();
         let n = batch.len() as u64;
         for json in batch.drain(..) {
+            let mac = shared.entry_mac(&json);
             pipe.cmd("XADD")
                 .arg(&shared.stream)
                 .arg("MAXLEN")
@@ -239,6 +274,8 @@ pub async fn publish_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
                 .arg("*")
                 .arg("e")
                 .arg(json)
+                .arg("m")
+                .arg(mac)
                 .ignore();
         }
         if let Err(e) = pipe.query_async::<()>(c).await {
@@ -461,16 +498,68 @@ struct Leader {
     next: u64,
     refs: HashMap<u64, String>,
     order: VecDeque<u64>,
+    /// Each replica's newest entry examined (its sequence number) and when (`next` then).
+    /// A replica publishes its records in the order of its log, so the stream holds each
+    /// replica's entries in the order of their sequence numbers: one at or below the newest
+    /// examined is a copy of an entry (added again by whoever can write to Redis, to count a
+    /// principal's accesses twice), not examined again.
+    newest: HashMap<String, (u64, u64)>,
+}
+
+/// Why the leader passes an entry over.
+#[derive(Debug, PartialEq, Eq)]
+enum Passed {
+    /// Not this version's entry, or not one at all.
+    Unreadable,
+    /// Not signed with the replicas' key.
+    Unsigned,
+    /// A copy of one examined (`Leader::newest`).
+    Again,
 }
 
 impl Leader {
     fn new(gw: &Gateway) -> Leader {
+        Leader::with(Detector::new(gw.watch.settings.clone()))
+    }
+
+    fn with(detector: Detector) -> Leader {
         Leader {
-            detector: Detector::new(gw.watch.settings.clone()),
+            detector,
             next: 0,
             refs: HashMap::new(),
             order: VecDeque::new(),
+            newest: HashMap::new(),
         }
+    }
+
+    /// The entry a stream entry holds, if it is one to examine: signed with the replicas'
+    /// key, and newer than its replica's last one examined (then noted as its newest).
+    fn admit(
+        &mut self,
+        shared: &Shared,
+        json: Option<&str>,
+        mac: Option<&str>,
+    ) -> Result<Entry, Passed> {
+        let json = json.ok_or(Passed::Unreadable)?;
+        if !mac.is_some_and(|m| shared.signed(json, m)) {
+            return Err(Passed::Unsigned);
+        }
+        let entry = serde_json::from_str::<Entry>(json).map_err(|_| Passed::Unreadable)?;
+        match self.newest.get_mut(&entry.r) {
+            Some((seq, _)) if entry.s <= *seq => return Err(Passed::Again),
+            Some(newest) => *newest = (entry.s, self.next),
+            None => {
+                if self.newest.len() >= MAX_REPLICAS
+                    && let Some(quiet) = (self.newest.iter())
+                        .min_by_key(|(_, (_, when))| *when)
+                        .map(|(r, _)| r.clone())
+                {
+                    self.newest.remove(&quiet);
+                }
+                self.newest.insert(entry.r.clone(), (entry.s, self.next));
+            }
+        }
+        Ok(entry)
     }
 
     async fn examine(
@@ -482,20 +571,35 @@ impl Leader {
         again: &mut Again,
     ) -> redis::RedisResult<()> {
         for sid in &ids {
-            let Some(entry) = sid
-                .get::<String>("e")
-                .and_then(|j| serde_json::from_str::<Entry>(&j).ok())
-            else {
-                // Not this version's entry (or not one at all): said, not skipped unseen.
-                metrics::counter!("wardgate_watch_shared_unreadable_total").increment(1);
-                static LAST: std::sync::atomic::AtomicI64 =
-                    std::sync::atomic::AtomicI64::new(i64::MIN);
-                if crate::gateway::once_a_minute(&LAST) {
-                    tracing::warn!(id = %sid.id, "cross-replica detection: entries it cannot \
-                        read (logged at most once a minute; wardgate_watch_shared_unreadable_total \
-                        counts them)");
+            let (json, mac) = (sid.get::<String>("e"), sid.get::<String>("m"));
+            let entry = match self.admit(shared, json.as_deref(), mac.as_deref()) {
+                Ok(entry) => entry,
+                Err(passed) => {
+                    // Said, not skipped unseen.
+                    let (counter, why) = match passed {
+                        Passed::Unreadable => (
+                            "wardgate_watch_shared_unreadable_total",
+                            "entries it cannot read (not this version's)",
+                        ),
+                        Passed::Unsigned => (
+                            "wardgate_watch_shared_unsigned_total",
+                            "entries not signed with this replica's `redis.key_file` (written \
+                             by a replica of before, or by something that does not hold the key)",
+                        ),
+                        Passed::Again => (
+                            "wardgate_watch_shared_repeated_total",
+                            "copies of entries it has examined (added to the stream again)",
+                        ),
+                    };
+                    metrics::counter!(counter).increment(1);
+                    static LAST: std::sync::atomic::AtomicI64 =
+                        std::sync::atomic::AtomicI64::new(i64::MIN);
+                    if crate::gateway::once_a_minute(&LAST) {
+                        tracing::warn!(id = %sid.id, "cross-replica detection passes over \
+                            {why} (logged at most once a minute; {counter} counts them)");
+                    }
+                    continue;
                 }
-                continue;
             };
             self.next += 1;
             self.refs
@@ -592,5 +696,110 @@ mod tests {
         let mut listing = read_by("cllr-1", "voter.list", 0);
         listing.id_number = None;
         assert_eq!(s.shared(&listing), listing);
+    }
+
+    /// The leader examines an entry only if a replica holding the key wrote it, and only
+    /// once: whoever can write to Redis can neither feed it accesses (a `contain` rule would
+    /// revoke whoever they named, with a signed revocation) nor add a replica's entry again
+    /// to count a principal's accesses twice.
+    #[test]
+    fn the_leader_examines_signed_entries_once_each() {
+        let key = b"a key of at least thirty-two bytes, for the test";
+        let s = shared(key);
+        let mut leader = Leader::with(Detector::new(
+            crate::watch::settings::WatchSettings::defaults(std::path::Path::new("/tmp")),
+        ));
+        let entry = |r: &str, seq: u64| {
+            serde_json::to_string(&Entry {
+                r: r.to_owned(),
+                s: seq,
+                o: read_by("dpo-alice", "voter.read", 7),
+            })
+            .unwrap()
+        };
+        let mut admit =
+            |json: &str, mac: Option<&str>| (leader.admit(&s, Some(json), mac)).map(|e| (e.r, e.s));
+        let first = entry("replica-a", 10);
+        // Unsigned, signed with another key, signed over another entry.
+        assert_eq!(admit(&first, None), Err(Passed::Unsigned));
+        let other = shared(b"another key of at least thirty-two bytes, for the test");
+        assert_eq!(
+            admit(&first, Some(&other.entry_mac(&first))),
+            Err(Passed::Unsigned)
+        );
+        let later = entry("replica-a", 11);
+        assert_eq!(
+            admit(&later, Some(&s.entry_mac(&first))),
+            Err(Passed::Unsigned)
+        );
+        // The replicas' own key over another stream's entry: the stream is signed too.
+        let elsewhere = Shared::new(
+            "redis://127.0.0.1:1/",
+            "another:stream",
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+        )
+        .unwrap();
+        assert_eq!(
+            admit(&first, Some(&elsewhere.entry_mac(&first))),
+            Err(Passed::Unsigned)
+        );
+        assert_eq!(
+            admit("{}", Some(&s.entry_mac("{}"))),
+            Err(Passed::Unreadable)
+        );
+        // Signed: examined once, and what came before it on its replica not at all.
+        assert_eq!(
+            admit(&first, Some(&s.entry_mac(&first))),
+            Ok(("replica-a".to_owned(), 10))
+        );
+        assert_eq!(
+            admit(&first, Some(&s.entry_mac(&first))),
+            Err(Passed::Again)
+        );
+        let before = entry("replica-a", 9);
+        assert_eq!(
+            admit(&before, Some(&s.entry_mac(&before))),
+            Err(Passed::Again)
+        );
+        assert_eq!(
+            admit(&later, Some(&s.entry_mac(&later))),
+            Ok(("replica-a".to_owned(), 11))
+        );
+        // Another replica's numbers are its own.
+        let b = entry("replica-b", 3);
+        assert_eq!(
+            admit(&b, Some(&s.entry_mac(&b))),
+            Ok(("replica-b".to_owned(), 3))
+        );
+    }
+
+    /// Past `MAX_REPLICAS`, the replica the leader heard from longest ago is forgotten, not
+    /// the one just heard from.
+    #[test]
+    fn the_leader_forgets_the_quietest_replica_first() {
+        let s = shared(b"a key of at least thirty-two bytes, for the test");
+        let mut leader = Leader::with(Detector::new(
+            crate::watch::settings::WatchSettings::defaults(std::path::Path::new("/tmp")),
+        ));
+        let admit = |leader: &mut Leader, r: &str, seq: u64| {
+            let json = serde_json::to_string(&Entry {
+                r: r.to_owned(),
+                s: seq,
+                o: read_by("cllr-1", "voter.read", 7),
+            })
+            .unwrap();
+            let passed = leader.admit(&s, Some(&json), Some(&s.entry_mac(&json)));
+            leader.next += 1;
+            passed.map(|_| ())
+        };
+        for i in 0..MAX_REPLICAS {
+            assert_eq!(admit(&mut leader, &format!("r{i}"), 5), Ok(()));
+        }
+        // The first is heard from again, so the second is now the quietest.
+        assert_eq!(admit(&mut leader, "r0", 6), Ok(()));
+        assert_eq!(admit(&mut leader, "one-more", 1), Ok(()));
+        assert_eq!(leader.newest.len(), MAX_REPLICAS);
+        assert_eq!(admit(&mut leader, "r0", 6), Err(Passed::Again));
+        assert!(!leader.newest.contains_key("r1"));
     }
 }
