@@ -463,6 +463,11 @@ struct Writer {
     preallocated: bool,
     /// The current segment's directory entry may not be durable yet.
     dir_dirty: bool,
+    /// Why a sync failed in `page-cache` durability, after which nothing more is written:
+    /// the records acknowledged since the last sync may be lost (Linux marks pages whose
+    /// writeback failed clean and reports the error once), and a sync that then succeeds
+    /// would vouch for them (`synced_through`, the witness's head) all the same.
+    sync_failed: Option<String>,
     /// When the current segment is finished by age, [`SEGMENT_MAX_AGE`] after its first
     /// record (`None`: it holds none, or its first line cannot be read). Worked out once a
     /// segment: each commit compares the clock with it, no more.
@@ -478,6 +483,16 @@ struct Writer {
     published: broadcast::Sender<Arc<Logged>>,
     /// Held for the writer's life: two processes appending to one log would fork the chain.
     _lock: File,
+}
+
+/// `fdatasync` of a segment. (A test can make it fail once, as a disk's failed writeback
+/// makes it fail: `tests::fail_next_sync`.)
+fn sync_data(file: &File) -> io::Result<()> {
+    #[cfg(test)]
+    if tests::failing_sync(file) {
+        return Err(io::Error::from_raw_os_error(5)); // EIO
+    }
+    file.sync_data()
 }
 
 /// [`SEGMENT_MAX_AGE`] after the record time `ts` (`None` if it does not read as one).
@@ -557,6 +572,7 @@ impl Writer {
             file: None,
             len: resume.len,
             preallocated: false,
+            sync_failed: None,
             dir_dirty: resume.new_segment,
             finish_at,
             head: Arc::new(Mutex::new((resume.next_seq > 1).then(|| ChainHead {
@@ -911,17 +927,37 @@ impl Writer {
     /// Writes a batch at the end of the records, synced in `fsync` durability or when `sync`
     /// asks.
     fn write_batch(&mut self, buf: &[u8], sync: bool) -> io::Result<()> {
+        if let Some(why) = &self.sync_failed {
+            return Err(io::Error::other(format!(
+                "a sync of the audit log failed ({why}) in page-cache durability: records \
+                 acknowledged before it may not be on disk; restart wardgate once the disk is \
+                 sound, after `wardgate audit verify --dir DIR`"
+            )));
+        }
         let fsync = sync || self.durability == Durability::Fsync;
         let at = self.len;
         let file = self.ensure_open()?;
         // At the end of the records: into made-ready space, or growing the file.
         file.write_all_at(buf, at)?;
         if fsync {
-            file.sync_data()?;
-            if self.dir_dirty {
-                sync_dir(&self.dir)?;
-                self.dir_dirty = false;
+            let synced = sync_data(file).and_then(|()| match self.dir_dirty {
+                true => sync_dir(&self.dir),
+                false => Ok(()),
+            });
+            if let Err(e) = synced {
+                // In fsync durability every acknowledged batch was synced, and this one is
+                // cut and written again; in page-cache durability, those before it may be
+                // lost with it.
+                if self.durability == Durability::PageCache {
+                    tracing::error!(error = %e, segment = self.segment,
+                        "a sync of the audit log failed in page-cache durability: records \
+                         acknowledged since the last sync may not be on disk; refusing audited \
+                         requests until restarted");
+                    self.sync_failed = Some(e.to_string());
+                }
+                return Err(e);
             }
+            self.dir_dirty = false;
         }
         Ok(())
     }
@@ -1039,6 +1075,25 @@ mod tests {
             segment_max_bytes,
             seal_client_addr: false,
         }
+    }
+
+    /// Segments (by inode) whose next sync fails (`sync_data`).
+    static FAILING: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+    fn fail_next_sync(path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        lock(&FAILING).push(std::fs::metadata(path).unwrap().ino());
+    }
+
+    pub(super) fn failing_sync(file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ino) = file.metadata().map(|m| m.ino()) else {
+            return false;
+        };
+        let mut failing = lock(&FAILING);
+        let before = failing.len();
+        failing.retain(|i| *i != ino);
+        failing.len() < before
     }
 
     fn lines(dir: &Path) -> Vec<String> {
@@ -1521,6 +1576,54 @@ mod tests {
         }
         assert_eq!(verify_dir(fast.path()).unwrap().records, 5);
         assert_eq!(lines(fast.path()), lines(safe.path()));
+    }
+
+    /// A sync that fails in page-cache durability refuses every batch after it until the
+    /// log is opened again: the records acknowledged before it were written and not synced,
+    /// and a failed writeback may have lost them (Linux marks such pages clean and reports
+    /// the error once), so a sync that then succeeds must not vouch for them
+    /// (`synced_through`). In fsync durability every acknowledged record was synced: the
+    /// failed batch alone is refused, and the log goes on.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failed_sync_in_page_cache_durability_refuses_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join(segment_name(1));
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, 1 << 20)).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        assert_eq!(log.append(sample(2)).await.unwrap(), 2);
+        fail_next_sync(&segment);
+        let err = log.append_synced(sample(3)).await.unwrap_err();
+        assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+        // The disk answers again, and a sync would succeed.
+        for i in 4..=5 {
+            let err = log.append_synced(sample(i)).await.unwrap_err();
+            assert!(
+                matches!(&err, AuditError::Unavailable(why) if why.contains("restart")),
+                "{err:?}"
+            );
+            let err = log.append(sample(i)).await.unwrap_err();
+            assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+            assert!(!log.is_healthy());
+        }
+        assert_eq!(log.synced_through(), 0);
+        log.shutdown().await;
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, 1 << 20)).unwrap();
+        assert_eq!(log.append_synced(sample(6)).await.unwrap(), 3);
+        assert!(log.is_healthy());
+        log.shutdown().await;
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 1 << 20)).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        fail_next_sync(&dir.path().join(segment_name(1)));
+        let err = log.append(sample(2)).await.unwrap_err();
+        assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+        assert_eq!(log.append(sample(3)).await.unwrap(), 2);
+        assert!(log.is_healthy());
+        log.shutdown().await;
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 2);
     }
 
     /// A segment that cannot be written must refuse the batch, leave no trace of it in the
