@@ -230,7 +230,7 @@ where
     }
     // Looked at once the record is durable: a rights change made meanwhile holds it back.
     let held = match (&appended, &result) {
-        (Ok(_), Ok(Reply::Body(_))) => flagged_since(gw, judged.as_ref()),
+        (Ok(_), Ok(Reply::Body(_))) => flagged_since(gw, judged.as_ref(), trail.caller.as_deref()),
         _ => None,
     };
     let response = match appended {
@@ -365,12 +365,23 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// Why an answer judged on a rights register (`Trail::judged_on`) may not leave now: a flag
-/// placed on one of its subjects since (restriction, objection, erasure request: the DPO
-/// was told it holds), or a register that can no longer be read (stale). `None` when it may.
-/// The register is rebuilt whole on each change, so an unchanged one costs one comparison.
-fn flagged_since(gw: &Gateway, judged: Option<&Judged>) -> Option<(GatewayError, &'static str)> {
+/// Why an answer judged on a rights register (`Trail::judged_on`) may not leave now: its
+/// caller no longer stands (a revocation, containment's included, placed while its record
+/// was made durable: the revoker was told it holds at once), a flag placed on one of its
+/// subjects since (restriction, objection, erasure request: the DPO was told it holds), or
+/// a register that can no longer be read (stale). `None` when it may. The register is
+/// rebuilt whole on each change, so an unchanged one costs one comparison.
+fn flagged_since(
+    gw: &Gateway,
+    judged: Option<&Judged>,
+    caller: Option<&Principal>,
+) -> Option<(GatewayError, &'static str)> {
     let Judged { then, subjects, .. } = judged?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(Err(e)) = caller.map(|p| holds(gw, p, now)) {
+        let why = e.code();
+        return Some((e, why));
+    }
     match gw.controls.register_flags() {
         Ok(now) if now.same_as(then) => None,
         Ok(now) => (subjects.iter())

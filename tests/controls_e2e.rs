@@ -1750,6 +1750,53 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
     app.stop().await;
 }
 
+/// A caller revoked while an answer's audit record waits to be made durable gets nothing of
+/// it: whoever revoked them was told the revocation holds at once, and the record judged
+/// just before it must not leave after. Before, only the rights register was looked at
+/// again once the record was durable, and the answer left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_revoked_while_an_answer_is_recorded_gets_nothing_of_it() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let id = visible_elector(&app).await;
+    let path = format!("/voter/electors/{id}");
+    let rooms = hold_the_audit_queue(&app).await;
+    let token = app.token("councillor");
+    let read = app.get(&path, Some(&token), Some("canvassing"));
+    let revoke = async {
+        // The read has judged its record by now, and waits for room.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (id, at) = wardgate::controls::stamp();
+        let event = wardgate::controls::Event {
+            id,
+            at,
+            by: "test-security".to_owned(),
+            reason: "containment".into(),
+            change: wardgate::controls::Change::RevokeSubject {
+                subject: "demo-councillor".to_owned(),
+            },
+        };
+        app.gw.controls.record(event).await.unwrap();
+        drop(rooms);
+    };
+    let (r, ()) = tokio::join!(read, revoke);
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("surname"),
+        "{:?}",
+        r.body
+    );
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["subjects"], serde_json::json!([id]));
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"],
+        "token_revoked"
+    );
+    assert_eq!(records[1]["decision"], "deny");
+    app.stop().await;
+}
+
 /// The admin plane's routes take no query but a subject access report's `format` and the live
 /// feed's filter: a query anywhere else is a mistake (a filter its caller thinks applies, a
 /// format the answer does not come in), refused (400, recorded), not passed over.
