@@ -187,13 +187,13 @@ where
         trail.forwarded = false;
     }
     // What an answer was judged on, kept past the record (which takes the subjects).
-    let judged = (trail.judged_on.take()).map(|then| Judged {
-        then,
+    let judged = Judged {
+        then: trail.judged_on.take(),
         subjects: trail.subjects.clone(),
         route: trail.route.clone(),
         lawful_basis: trail.lawful_basis.clone(),
         wrote: !trail.written.is_empty(),
-    });
+    };
     let mut record = audit_record(
         trail,
         result.as_ref().err(),
@@ -228,15 +228,16 @@ where
     if let Err(e) = &result {
         log_unexplained(e, &request_id);
     }
-    // Looked at once the record is durable: a rights change made meanwhile holds it back.
+    // Looked at once the record is durable: a revocation or a rights change made meanwhile
+    // holds it back.
     let held = match (&appended, &result) {
-        (Ok(_), Ok(Reply::Body(_))) => flagged_since(gw, judged.as_ref(), trail.caller.as_deref()),
+        (Ok(_), Ok(Reply::Body(_))) => held_back(gw, &judged, trail.caller.as_deref()),
         _ => None,
     };
     let response = match appended {
         Ok(_) => match (result, template) {
-            (Ok(Reply::Body(body)), _) => match (held, judged) {
-                (Some((e, why)), Some(judged)) => {
+            (Ok(Reply::Body(body)), _) => match held {
+                Some((e, why)) => {
                     // Recorded as disclosed, and not sent: a further record says why.
                     let at = (&request_id[..], client, &method, &path[..]);
                     withheld_after_recording(gw, trail, judged, &e, why, at);
@@ -249,7 +250,7 @@ where
                         boxed(problem_response(&e, &request_id))
                     }
                 }
-                _ => {
+                None => {
                     if !wrote && let Some(p) = &trail.caller {
                         gw.controls.count(p, disclosed);
                     }
@@ -365,23 +366,31 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// Why an answer judged on a rights register (`Trail::judged_on`) may not leave now: its
-/// caller no longer stands (a revocation, containment's included, placed while its record
-/// was made durable: the revoker was told it holds at once), a flag placed on one of its
-/// subjects since (restriction, objection, erasure request: the DPO was told it holds), or
-/// a register that can no longer be read (stale). `None` when it may. The register is
-/// rebuilt whole on each change, so an unchanged one costs one comparison.
-fn flagged_since(
+/// Why an answer whose record is durable may not leave now: its caller no longer stands (a
+/// revocation, containment's included, placed while the record was made durable: the
+/// revoker was told it holds at once; or the token ended), or, for one judged on a rights
+/// register (`Trail::judged_on`), a flag placed on one of its subjects since (restriction,
+/// objection, erasure request: the DPO was told it holds) or a register that can no longer
+/// be read (stale). `None` when it may. The register is rebuilt whole on each change, so an
+/// unchanged one costs one comparison.
+fn held_back(
     gw: &Gateway,
-    judged: Option<&Judged>,
+    judged: &Judged,
     caller: Option<&Principal>,
 ) -> Option<(GatewayError, &'static str)> {
-    let Judged { then, subjects, .. } = judged?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Some(Err(e)) = caller.map(|p| holds(gw, p, now)) {
         let why = e.code();
         return Some((e, why));
     }
+    let Judged {
+        then: Some(then),
+        subjects,
+        ..
+    } = judged
+    else {
+        return None;
+    };
     match gw.controls.register_flags() {
         Ok(now) if now.same_as(then) => None,
         Ok(now) => (subjects.iter())
@@ -394,10 +403,11 @@ fn flagged_since(
     }
 }
 
-/// What an answer was judged on (`Trail::judged_on`), kept past its audit record for
-/// `flagged_since` and the record that says it was held back.
+/// What an answer was judged on (`Trail::judged_on`, where it was judged on the rights
+/// register), kept past its audit record for `held_back` and the record that says it was
+/// held back.
 struct Judged {
-    then: filter::RegisterFlags,
+    then: Option<filter::RegisterFlags>,
     subjects: filter::Subjects,
     route: Option<String>,
     lawful_basis: Option<String>,
@@ -405,7 +415,7 @@ struct Judged {
     wrote: bool,
 }
 
-/// The record of an answer recorded as disclosed and then held back (`flagged_since`): the
+/// The record of an answer recorded as disclosed and then held back (`held_back`): the
 /// request's own record names what it would have disclosed; this one, under the same request
 /// id and naming the same subjects (a subject access report leaves the answer out), says it
 /// did not leave and why.
@@ -813,7 +823,7 @@ where
                 Err(e) => return nothing(trail, e.code()),
             };
             // What of the record is shown is held back too if a flag comes while its record
-            // is made durable (`flagged_since`).
+            // is made durable (`held_back`).
             trail.judged_on = Some(register.clone());
             let cx = FilterContext::new(dataset, &register);
             match filter::filter_single(&body, envelope, &cx, &mut |a| decider.decide(a)) {

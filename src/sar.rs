@@ -141,7 +141,7 @@ pub fn build_from(
     }
     // Stable: one log's records keep their order.
     records.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
-    // Answers recorded as disclosed and then held back (`gateway::flagged_since`): a second
+    // Answers recorded as disclosed and then held back (`gateway::held_back`): a second
     // record under the same request id says they did not leave.
     let held_back: BTreeSet<&str> = (records.iter())
         .filter(|r| r["detail"]["withheld_after_recording"].is_string())

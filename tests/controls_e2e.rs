@@ -1751,49 +1751,68 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
 }
 
 /// A caller revoked while an answer's audit record waits to be made durable gets nothing of
-/// it: whoever revoked them was told the revocation holds at once, and the record judged
-/// just before it must not leave after. Before, only the rights register was looked at
-/// again once the record was durable, and the answer left.
+/// it, a record or an aggregate's counts: whoever revoked them was told the revocation holds
+/// at once, and the answer judged just before it must not leave after. Before, only the
+/// rights register was looked at again once the record was durable (and not at all for an
+/// aggregate), and the answer left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_revoked_while_an_answer_is_recorded_gets_nothing_of_it() {
     let app = spawn_app_with(AppOptions::default()).await;
     let id = visible_elector(&app).await;
-    let path = format!("/voter/electors/{id}");
-    let rooms = hold_the_audit_queue(&app).await;
-    let token = app.token("councillor");
-    let read = app.get(&path, Some(&token), Some("canvassing"));
-    let revoke = async {
-        // The read has judged its record by now, and waits for room.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (id, at) = wardgate::controls::stamp();
-        let event = wardgate::controls::Event {
-            id,
-            at,
-            by: "test-security".to_owned(),
-            reason: "containment".into(),
-            change: wardgate::controls::Change::RevokeSubject {
-                subject: "demo-councillor".to_owned(),
-            },
+    let read = format!("/voter/electors/{id}");
+    let cases = [
+        (
+            read.as_str(),
+            "councillor",
+            "canvassing",
+            "demo-councillor",
+            "surname",
+        ),
+        (
+            "/voter/electors/aggregate?by=ward",
+            "analyst",
+            "research",
+            "demo-analyst",
+            "cells",
+        ),
+    ];
+    for (path, persona, purpose, subject, shown) in cases {
+        let rooms = hold_the_audit_queue(&app).await;
+        let token = app.token(persona);
+        let asked = app.get(path, Some(&token), Some(purpose));
+        let revoke = async {
+            // The answer has been judged by now, and waits for room.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (id, at) = wardgate::controls::stamp();
+            let event = wardgate::controls::Event {
+                id,
+                at,
+                by: "test-security".to_owned(),
+                reason: "containment".into(),
+                change: wardgate::controls::Change::RevokeSubject {
+                    subject: subject.to_owned(),
+                },
+            };
+            app.gw.controls.record(event).await.unwrap();
+            drop(rooms);
         };
-        app.gw.controls.record(event).await.unwrap();
-        drop(rooms);
-    };
-    let (r, ()) = tokio::join!(read, revoke);
-    assert_eq!(r.status, 401, "{:?}", r.body);
-    assert!(
-        !String::from_utf8_lossy(&r.body).contains("surname"),
-        "{:?}",
-        r.body
-    );
-    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
-    let records = app.audit_records_of(&rid, 2).await;
-    assert_eq!(records.len(), 2, "{records:?}");
-    assert_eq!(records[0]["subjects"], serde_json::json!([id]));
-    assert_eq!(
-        records[1]["detail"]["withheld_after_recording"],
-        "token_revoked"
-    );
-    assert_eq!(records[1]["decision"], "deny");
+        let (r, ()) = tokio::join!(asked, revoke);
+        assert_eq!(r.status, 401, "{path}: {:?}", r.body);
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains(shown),
+            "{path}: {:?}",
+            r.body
+        );
+        let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        let records = app.audit_records_of(&rid, 2).await;
+        assert_eq!(records.len(), 2, "{path}: {records:?}");
+        assert_eq!(records[0]["decision"], "allow", "{path}: {records:?}");
+        assert_eq!(
+            records[1]["detail"]["withheld_after_recording"], "token_revoked",
+            "{path}: {records:?}"
+        );
+        assert_eq!(records[1]["decision"], "deny", "{path}");
+    }
     app.stop().await;
 }
 

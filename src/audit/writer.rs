@@ -940,14 +940,12 @@ impl Writer {
         // At the end of the records: into made-ready space, or growing the file.
         file.write_all_at(buf, at)?;
         if fsync {
-            let synced = sync_data(file).and_then(|()| match self.dir_dirty {
-                true => sync_dir(&self.dir),
-                false => Ok(()),
-            });
-            if let Err(e) = synced {
+            if let Err(e) = sync_data(file) {
                 // In fsync durability every acknowledged batch was synced, and this one is
                 // cut and written again; in page-cache durability, those before it may be
-                // lost with it.
+                // lost with it. (A directory's sync failing loses nothing a power cut would
+                // not, which page-cache durability does not claim to survive: its batch
+                // alone is refused, below.)
                 if self.durability == Durability::PageCache {
                     tracing::error!(error = %e, segment = self.segment,
                         "a sync of the audit log failed in page-cache durability: records \
@@ -957,7 +955,10 @@ impl Writer {
                 }
                 return Err(e);
             }
-            self.dir_dirty = false;
+            if self.dir_dirty {
+                sync_dir(&self.dir)?;
+                self.dir_dirty = false;
+            }
         }
         Ok(())
     }

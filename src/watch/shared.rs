@@ -9,8 +9,8 @@
 //! replica's accesses and acknowledges each entry once examined. A new leader first claims
 //! what its predecessor read but never acknowledged, so a leader that dies mid-batch loses
 //! nothing. Its detector starts with empty windows. Each entry is signed with the shared
-//! controls' key, and the leader examines only signed entries, each replica's once and in
-//! the order of its log (`Leader::admit`): whoever can write to Redis cannot feed it accesses.
+//! controls' key, and the leader examines only signed entries, each once (`Leader::admit`):
+//! whoever can write to Redis cannot feed it accesses.
 //!
 //! An alert for one rule and principal is raised once for the whole deployment: whichever
 //! detector (a replica's own or the shared one) first sets `STREAM:alerted:RULE:PRINCIPAL`
@@ -71,9 +71,13 @@ pub struct Shared {
     key: ring::hmac::Key,
 }
 
-/// Replicas whose newest entry the leader remembers (`Leader::newest`): more than a
-/// deployment runs at once, counting those a rolling restart replaces.
+/// Replicas whose entries the leader remembers (`Leader::seen`): more than a deployment
+/// runs at once, counting those a rolling restart replaces.
 const MAX_REPLICAS: usize = 1024;
+/// The sequence numbers remembered per replica (`Seen`): more than the entries that may come
+/// out of order, two publishing batches' worth (a batch whose pipeline timed out may still
+/// reach Redis after the next).
+const RECENT: usize = 1024;
 
 impl Shared {
     pub fn new(url: &str, stream: &str, key: ring::hmac::Key) -> anyhow::Result<Shared> {
@@ -498,12 +502,37 @@ struct Leader {
     next: u64,
     refs: HashMap<u64, String>,
     order: VecDeque<u64>,
-    /// Each replica's newest entry examined (its sequence number) and when (`next` then).
-    /// A replica publishes its records in the order of its log, so the stream holds each
-    /// replica's entries in the order of their sequence numbers: one at or below the newest
-    /// examined is a copy of an entry (added again by whoever can write to Redis, to count a
-    /// principal's accesses twice), not examined again.
-    newest: HashMap<String, (u64, u64)>,
+    /// The entries examined of each replica: one examined again would be a copy (added by
+    /// whoever can write to Redis, to count a principal's accesses twice).
+    seen: HashMap<String, Seen>,
+}
+
+/// A replica's entries a leader has examined, by sequence number. A replica publishes its
+/// records in the order of its log, so the stream holds them nearly in order (a publishing
+/// batch that timed out may land after the next): the newest `RECENT` are remembered, and
+/// any below them counts as examined.
+#[derive(Default)]
+struct Seen {
+    floor: u64,
+    recent: std::collections::BTreeSet<u64>,
+    /// When the replica was last heard from (`Leader::next` then).
+    when: u64,
+}
+
+impl Seen {
+    /// Notes `seq` as examined; false if it was (or counts as) already.
+    fn first_time(&mut self, seq: u64, now: u64) -> bool {
+        if seq <= self.floor || !self.recent.insert(seq) {
+            return false;
+        }
+        if self.recent.len() > RECENT
+            && let Some(oldest) = self.recent.pop_first()
+        {
+            self.floor = oldest;
+        }
+        self.when = now;
+        true
+    }
 }
 
 /// Why the leader passes an entry over.
@@ -513,7 +542,7 @@ enum Passed {
     Unreadable,
     /// Not signed with the replicas' key.
     Unsigned,
-    /// A copy of one examined (`Leader::newest`).
+    /// A copy of one examined (`Leader::seen`).
     Again,
 }
 
@@ -528,12 +557,12 @@ impl Leader {
             next: 0,
             refs: HashMap::new(),
             order: VecDeque::new(),
-            newest: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
     /// The entry a stream entry holds, if it is one to examine: signed with the replicas'
-    /// key, and newer than its replica's last one examined (then noted as its newest).
+    /// key, and not examined before (then noted as examined).
     fn admit(
         &mut self,
         shared: &Shared,
@@ -545,19 +574,17 @@ impl Leader {
             return Err(Passed::Unsigned);
         }
         let entry = serde_json::from_str::<Entry>(json).map_err(|_| Passed::Unreadable)?;
-        match self.newest.get_mut(&entry.r) {
-            Some((seq, _)) if entry.s <= *seq => return Err(Passed::Again),
-            Some(newest) => *newest = (entry.s, self.next),
-            None => {
-                if self.newest.len() >= MAX_REPLICAS
-                    && let Some(quiet) = (self.newest.iter())
-                        .min_by_key(|(_, (_, when))| *when)
-                        .map(|(r, _)| r.clone())
-                {
-                    self.newest.remove(&quiet);
-                }
-                self.newest.insert(entry.r.clone(), (entry.s, self.next));
-            }
+        if !self.seen.contains_key(&entry.r)
+            && self.seen.len() >= MAX_REPLICAS
+            && let Some(quiet) = (self.seen.iter())
+                .min_by_key(|(_, seen)| seen.when)
+                .map(|(r, _)| r.clone())
+        {
+            self.seen.remove(&quiet);
+        }
+        let seen = self.seen.entry(entry.r.clone()).or_default();
+        if !seen.first_time(entry.s, self.next) {
+            return Err(Passed::Again);
         }
         Ok(entry)
     }
@@ -747,7 +774,7 @@ mod tests {
             admit("{}", Some(&s.entry_mac("{}"))),
             Err(Passed::Unreadable)
         );
-        // Signed: examined once, and what came before it on its replica not at all.
+        // Signed: examined once, whatever the order.
         assert_eq!(
             admit(&first, Some(&s.entry_mac(&first))),
             Ok(("replica-a".to_owned(), 10))
@@ -756,14 +783,19 @@ mod tests {
             admit(&first, Some(&s.entry_mac(&first))),
             Err(Passed::Again)
         );
-        let before = entry("replica-a", 9);
-        assert_eq!(
-            admit(&before, Some(&s.entry_mac(&before))),
-            Err(Passed::Again)
-        );
         assert_eq!(
             admit(&later, Some(&s.entry_mac(&later))),
             Ok(("replica-a".to_owned(), 11))
+        );
+        let late = entry("replica-a", 9);
+        assert_eq!(
+            admit(&late, Some(&s.entry_mac(&late))),
+            Ok(("replica-a".to_owned(), 9))
+        );
+        assert_eq!(admit(&late, Some(&s.entry_mac(&late))), Err(Passed::Again));
+        assert_eq!(
+            admit(&later, Some(&s.entry_mac(&later))),
+            Err(Passed::Again)
         );
         // Another replica's numbers are its own.
         let b = entry("replica-b", 3);
@@ -798,8 +830,27 @@ mod tests {
         // The first is heard from again, so the second is now the quietest.
         assert_eq!(admit(&mut leader, "r0", 6), Ok(()));
         assert_eq!(admit(&mut leader, "one-more", 1), Ok(()));
-        assert_eq!(leader.newest.len(), MAX_REPLICAS);
+        assert_eq!(leader.seen.len(), MAX_REPLICAS);
         assert_eq!(admit(&mut leader, "r0", 6), Err(Passed::Again));
-        assert!(!leader.newest.contains_key("r1"));
+        assert!(!leader.seen.contains_key("r1"));
+    }
+
+    /// A replica's newest `RECENT` entries are remembered one by one, and any older than
+    /// those counts as examined: a copy of an old entry is not examined again however long
+    /// ago it came.
+    #[test]
+    fn entries_older_than_those_remembered_count_as_examined() {
+        let mut seen = Seen::default();
+        for seq in (1..=RECENT as u64 + 1).rev() {
+            assert!(seen.first_time(seq, 0), "{seq}");
+        }
+        // The lowest went below the floor.
+        assert!(!seen.first_time(1, 0));
+        assert_eq!(seen.recent.len(), RECENT);
+        for seq in RECENT as u64 + 2..RECENT as u64 + 10 {
+            assert!(seen.first_time(seq, 0));
+        }
+        assert!((1..=9).all(|seq| !seen.first_time(seq, 0)));
+        assert!(seen.first_time(RECENT as u64 + 100, 0));
     }
 }
