@@ -109,6 +109,8 @@ pub struct Trail {
     rows_withheld: u64,
     /// Why the one record asked for by id was withheld, for breach detection.
     withheld_target: Option<&'static str>,
+    /// A subject access report's own read of its subject (`SubjectAccessFetch`).
+    subject_access: bool,
     written: Vec<String>,
     /// A write was sent to its datastore: done, or as good as (the datastore finishes what
     /// it was sent whoever waits for the answer), so it counts against the caller's quota
@@ -159,6 +161,7 @@ where
         started,
         trail: Trail {
             client_request_id,
+            subject_access: req.extensions().get::<SubjectAccessFetch>().is_some(),
             ..Trail::default()
         },
         armed: true,
@@ -1124,6 +1127,12 @@ pub(crate) async fn fetch_one(
     Ok((expect_json(resp.status, resp.json, resp.body)?, envelope))
 }
 
+/// A request extension marking a subject access report's own read of its subject through
+/// the data plane (`rights::current_data`): an extension never comes from outside the
+/// process.
+#[derive(Debug, Clone, Copy)]
+pub struct SubjectAccessFetch;
+
 /// On a 404 for one record asked for by id, why the record the datastore holds was withheld
 /// (`Trail::withheld_target`): a response extension, for in-process callers only.
 #[derive(Debug, Clone, Copy)]
@@ -1330,7 +1339,12 @@ fn audit_record(
         },
         fields_by_subject: trail.fields_by_subject.take().filter(|_| disclosed),
         rows_withheld: trail.rows_withheld,
-        withheld_target: trail.withheld_target.map(str::to_owned),
+        withheld_target: trail.withheld_target.map(|why| match why {
+            // The DPO answering an anonymous elector's or an under-16's request for their
+            // data is no attempt on them (`protected_subject` counts `protected`).
+            "protected" if trail.subject_access => "protected_in_subject_access".to_owned(),
+            why => why.to_owned(),
+        }),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         detail: trail.detail.take().or_else(|| {
             (!trail.written.is_empty()).then(|| serde_json::json!({ "written": trail.written }))

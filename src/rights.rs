@@ -591,7 +591,9 @@ async fn current_data(
             .header("x-purpose", "sar_fulfilment")
             .header("x-request-id", format!("{request_id}-{name}"))
             .body(http_body_util::Empty::<Bytes>::new());
-        let Ok(req) = req else { continue };
+        let Ok(mut req) = req else { continue };
+        req.extensions_mut()
+            .insert(crate::gateway::SubjectAccessFetch);
         // The DPO's own address (the admin request's), not the loopback.
         let peer = crate::admin::PEER
             .try_with(|p| *p)

@@ -570,5 +570,48 @@ async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
         r.json()["current_data_missing"]["voter"],
         "held, withheld (protected)"
     );
+    // The report's own read of the entry is no attempt on an anonymous elector: recorded as
+    // what it is, and not counted by `protected_subject` (a threshold of one, whose alert
+    // the DPO could not even classify, being its subject). The DPO's own read of it on the
+    // data plane is counted, as anyone's.
+    let read = format!("/voter/electors/{anonymous}");
+    let fetch = (app.audit_records().into_iter())
+        .find(|x| x["path"] == read.as_str())
+        .expect("the report's read of the voter file");
+    assert_eq!(
+        fetch["withheld_target"], "protected_in_subject_access",
+        "{fetch}"
+    );
+    let own = app
+        .get(&read, Some(&app.token("dpo")), Some("sar_fulfilment"))
+        .await;
+    assert_eq!(own.status, 404, "{:?}", own.body);
+    let own = app.audit_for(&own);
+    assert_eq!(own["withheld_target"], "protected", "{own}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alert = loop {
+        let alerts = app
+            .admin_get_with("/alerts", &app.token("security"))
+            .await
+            .json()["alerts"]
+            .clone();
+        if let Some(a) =
+            (alerts.as_array().unwrap().iter()).find(|a| a["rule"] == "protected_subject")
+        {
+            break a.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no protected_subject alert: {alerts}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    // Raised on the data plane's read, not the report's (a threshold of one: had the
+    // report's counted, it would cite that, and the cooldown would keep this one quiet).
+    assert_eq!(
+        alert["evidence"],
+        serde_json::json!([own["seq"]]),
+        "{alert}"
+    );
     app.stop().await;
 }

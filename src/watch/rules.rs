@@ -101,6 +101,10 @@ struct ExportSeen {
     /// Its chunk records, the most recent `MAX_EVIDENCE`.
     seqs: VecDeque<u64>,
     last_at: i64,
+    /// The bar its last chunk was judged against (`Detector::bar`): one lower now (the
+    /// cooldown over, or an alert not acted on forgotten) is reached by what the export
+    /// holds already.
+    bar: u64,
 }
 
 /// One rule matching for one principal.
@@ -430,7 +434,12 @@ impl Detector {
                     if seen.seqs.len() > MAX_EVIDENCE {
                         seen.seqs.pop_front();
                     }
-                    if mode != Mode::Off && before < bar && seen.total >= bar {
+                    // Raised when the sum reaches the bar, or is over a bar lowered since the
+                    // chunk before: an export outliving its alert's cooldown counts afresh,
+                    // as any other record does.
+                    let lowered = bar < seen.bar;
+                    seen.bar = bar;
+                    if mode != Mode::Off && (before < bar || lowered) && seen.total >= bar {
                         let summary = format!(
                             "one export disclosed {} records so far (a walk sheet is under \
                              {threshold})",

@@ -296,6 +296,38 @@ fn a_large_export_after_a_small_alert_escalates() {
     assert!(f[4].summary.contains("under 500"), "{}", f[4].summary);
 }
 
+/// An export that outlives its alert's cooldown counts afresh, as any other record does: its
+/// next chunk after the cooldown, over the threshold with what it holds already, raises a new
+/// alert. Before, an export raised only as its sum crossed a bar, and after the cooldown
+/// (the bar back at the threshold, which the sum had crossed long before) it never raised
+/// again, however much more it took.
+#[test]
+fn an_export_outliving_its_alerts_cooldown_is_alerted_on_again() {
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::Volume) {
+            r.mode = Mode::Off;
+        }
+    });
+    let cooldown = i64::try_from(d.settings.cooldown.as_millis()).unwrap();
+    let after = SUMMER_MORNING + cooldown + 1;
+    let f = run(
+        &mut d,
+        vec![
+            chunk("c", SUMMER_MORNING, "r1", 300, 1),
+            chunk("c", SUMMER_MORNING + 1, "r1", 300, 2),
+            chunk("c", SUMMER_MORNING + 2, "r1", 10, 3),
+            chunk("c", after, "r1", 10, 4),
+            chunk("c", after + 1, "r1", 10, 5),
+        ],
+    );
+    assert_eq!(
+        escalations(&f),
+        vec![(Rule::LargeExport, 0), (Rule::LargeExport, 0)]
+    );
+    assert_eq!(f[1].at_ms, after);
+    assert!(f[1].summary.contains("620 records"), "{}", f[1].summary);
+}
+
 #[test]
 fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
     let mut d = detector();
