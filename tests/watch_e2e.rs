@@ -1347,18 +1347,29 @@ async fn entries_added_to_the_shared_stream_by_another_hand_raise_nothing() {
     let n = page["subjects"].as_array().unwrap().len();
     assert!((1..20).contains(&n), "{page}");
     let stream = app.gw.watch.settings.shared_stream.clone();
-    shared_examined(&redis, &stream);
     let mut conn = redis.connection();
-    let newest: redis::streams::StreamRangeReply = (redis::cmd("XREVRANGE").arg(&stream))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(&mut conn)
-        .unwrap();
-    let real = &newest.ids[0];
-    let (e, m): (String, String) = (real.get("e").unwrap(), real.get("m").unwrap());
-    assert!(e.contains("demo-councillor"), "{e}");
+    // Published a moment after the answer (a background task's queue).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (e, m) = loop {
+        let newest: redis::streams::StreamRangeReply = (redis::cmd("XREVRANGE").arg(&stream))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(&mut conn)
+            .unwrap();
+        if let Some(real) = newest.ids.first() {
+            let (e, m): (String, String) = (real.get("e").unwrap(), real.get("m").unwrap());
+            assert!(e.contains("demo-councillor"), "{e}");
+            break (e, m);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    shared_examined(&redis, &stream);
     let disclosed = format!("\"disclosed\":{n},");
     assert!(e.contains(&disclosed), "{e}");
     // Numbered after the real one, as if another replica's.

@@ -84,7 +84,9 @@ pub struct AuditRecord {
     /// When the one record a caller asked for by id was withheld, why: `protected` (anonymous
     /// elector or under-16), `restricted` (a restriction flag), `out_of_area`, `policy`,
     /// `filter_mismatch` (the postcode the read named is not the record's),
-    /// `answered_under_another_id` (the datastore answered with another record) or `malformed`.
+    /// `answered_under_another_id` (the datastore answered with another record), `malformed`,
+    /// or `protected_in_subject_access` (a subject access report's own read of its subject,
+    /// an anonymous elector or an under-16, which `protected_subject` does not count).
     /// Breach detection reads it; the caller only ever sees 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld_target: Option<String>,

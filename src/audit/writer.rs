@@ -973,6 +973,19 @@ impl Writer {
             tracing::warn!(error = %e, segment = self.segment,
                 "cannot release a finished audit segment's made-ready space");
         }
+        // In page-cache durability a finished segment is synced once, as it is left: a
+        // later synced record (in the next segment) vouches for every record before it
+        // (`synced_through`), and a failed writeback of this one's must show here.
+        if self.durability == Durability::PageCache
+            && let Some(file) = &self.file
+            && let Err(e) = sync_data(file)
+        {
+            tracing::error!(error = %e, segment = self.segment,
+                "a sync of a finished audit segment failed in page-cache durability: records \
+                 acknowledged in it may not be on disk; refusing audited requests until \
+                 restarted");
+            self.sync_failed = Some(e.to_string());
+        }
         self.seal_queue.push(self.segment);
         self.file = None;
         (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
@@ -1614,6 +1627,27 @@ mod tests {
         assert!(log.is_healthy());
         log.shutdown().await;
         assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
+
+        // So with a finished segment's sync (one a segment, as it is left): the next segment's
+        // synced records would vouch for it.
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, 1 << 20)).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        log.shutdown().await;
+        // Reopened with segments a byte longer than the first holds: the next record
+        // finishes it.
+        let first = dir.path().join(segment_name(1));
+        let size = std::fs::metadata(&first).unwrap().len() + 1;
+        let log = AuditLog::open(settings(dir.path(), Durability::PageCache, size)).unwrap();
+        fail_next_sync(&first);
+        assert_eq!(log.append(sample(2)).await.unwrap(), 2);
+        let err = log.append_synced(sample(3)).await.unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Unavailable(why) if why.contains("restart")),
+            "{err:?}"
+        );
+        assert_eq!(log.synced_through(), 0);
+        log.shutdown().await;
 
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 1 << 20)).unwrap();

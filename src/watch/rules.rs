@@ -435,8 +435,9 @@ impl Detector {
                         seen.seqs.pop_front();
                     }
                     // Raised when the sum reaches the bar, or is over a bar lowered since the
-                    // chunk before: an export outliving its alert's cooldown counts afresh,
-                    // as any other record does.
+                    // chunk before (the cooldown over, or an alert not acted on forgotten): an
+                    // export outliving its alert's cooldown counts afresh, as any other
+                    // record does.
                     let lowered = bar < seen.bar;
                     seen.bar = bar;
                     if mode != Mode::Off && (before < bar || lowered) && seen.total >= bar {
@@ -447,7 +448,13 @@ impl Detector {
                         );
                         let (evidence, total) = (seen.seqs.iter().copied().collect(), seen.total);
                         let amount = (total, threshold);
-                        self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out, amount);
+                        if self.raise(Rule::LargeExport, &ev, evidence, summary, &mut out, amount) {
+                            // The bar this alert set, which its cooldown's end lowers.
+                            let raised = self.bar(Rule::LargeExport, &ev, threshold);
+                            if let Some(seen) = self.exports.get_mut(id) {
+                                seen.bar = raised;
+                            }
+                        }
                     }
                 }
                 None if mode != Mode::Off && disclosed >= bar => {

@@ -310,14 +310,14 @@ fn an_export_outliving_its_alerts_cooldown_is_alerted_on_again() {
     });
     let cooldown = i64::try_from(d.settings.cooldown.as_millis()).unwrap();
     let after = SUMMER_MORNING + cooldown + 1;
+    // The chunk after the alert's comes once its cooldown is over.
     let f = run(
         &mut d,
         vec![
             chunk("c", SUMMER_MORNING, "r1", 300, 1),
             chunk("c", SUMMER_MORNING + 1, "r1", 300, 2),
-            chunk("c", SUMMER_MORNING + 2, "r1", 10, 3),
-            chunk("c", after, "r1", 10, 4),
-            chunk("c", after + 1, "r1", 10, 5),
+            chunk("c", after, "r1", 10, 3),
+            chunk("c", after + 1, "r1", 10, 4),
         ],
     );
     assert_eq!(
@@ -325,7 +325,27 @@ fn an_export_outliving_its_alerts_cooldown_is_alerted_on_again() {
         vec![(Rule::LargeExport, 0), (Rule::LargeExport, 0)]
     );
     assert_eq!(f[1].at_ms, after);
-    assert!(f[1].summary.contains("620 records"), "{}", f[1].summary);
+    assert!(f[1].summary.contains("610 records"), "{}", f[1].summary);
+
+    // An alert not acted on (no room for it: `forget_cooldown`) is raised again by the
+    // export's next chunk.
+    let mut d = with(|s| {
+        if let Some(r) = s.rules.get_mut(&Rule::Volume) {
+            r.mode = Mode::Off;
+        }
+    });
+    let f = run(
+        &mut d,
+        vec![
+            chunk("c", SUMMER_MORNING, "r1", 300, 1),
+            chunk("c", SUMMER_MORNING + 1, "r1", 300, 2),
+        ],
+    );
+    assert_eq!(escalations(&f), vec![(Rule::LargeExport, 0)]);
+    d.forget_cooldown(Rule::LargeExport, &f[0].key, 0);
+    let f = run(&mut d, vec![chunk("c", SUMMER_MORNING + 2, "r1", 10, 3)]);
+    assert_eq!(escalations(&f), vec![(Rule::LargeExport, 0)]);
+    assert!(f[0].summary.contains("610 records"), "{}", f[0].summary);
 }
 
 #[test]

@@ -510,7 +510,8 @@ struct Leader {
 /// A replica's entries a leader has examined, by sequence number. A replica publishes its
 /// records in the order of its log, so the stream holds them nearly in order (a publishing
 /// batch that timed out may land after the next): the newest `RECENT` are remembered, and
-/// any below them counts as examined.
+/// any below them counts as examined, as does any more than `RECENT` below the first the
+/// leader saw.
 #[derive(Default)]
 struct Seen {
     floor: u64,
@@ -582,7 +583,12 @@ impl Leader {
         {
             self.seen.remove(&quiet);
         }
-        let seen = self.seen.entry(entry.r.clone()).or_default();
+        // What came from a replica before the first of its entries this leader sees, more
+        // than the entries that may come out of order, went before it (to the leader before).
+        let seen = (self.seen.entry(entry.r.clone())).or_insert_with(|| Seen {
+            floor: entry.s.saturating_sub(RECENT as u64 + 1),
+            ..Seen::default()
+        });
         if !seen.first_time(entry.s, self.next) {
             return Err(Passed::Again);
         }
@@ -802,6 +808,20 @@ mod tests {
         assert_eq!(
             admit(&b, Some(&s.entry_mac(&b))),
             Ok(("replica-b".to_owned(), 3))
+        );
+        // Long before the first of a replica's entries the leader saw: examined by the leader
+        // before it, or a copy.
+        let c = entry("replica-c", 5_000);
+        assert_eq!(
+            admit(&c, Some(&s.entry_mac(&c))),
+            Ok(("replica-c".to_owned(), 5_000))
+        );
+        let old = entry("replica-c", 5_000 - RECENT as u64 - 1);
+        assert_eq!(admit(&old, Some(&s.entry_mac(&old))), Err(Passed::Again));
+        let late = entry("replica-c", 5_000 - RECENT as u64);
+        assert_eq!(
+            admit(&late, Some(&s.entry_mac(&late))),
+            Ok(("replica-c".to_owned(), 5_000 - RECENT as u64))
         );
     }
 
