@@ -972,7 +972,17 @@ impl RawUpstream {
                         p.display()
                     )
                 })?;
-                Some(v.trim().to_owned())
+                let v = v.trim();
+                // Sent as an empty `Authorization`, every request would come back refused
+                // (502) with nothing at start to say why.
+                if v.is_empty() {
+                    bail!(
+                        "`datasets.{name}.authorization_file`: `{}` is empty (it holds the \
+                         `Authorization` header's value the datastore expects)",
+                        p.display()
+                    );
+                }
+                Some(v.to_owned())
             }
             None => None,
         };

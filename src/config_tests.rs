@@ -210,6 +210,35 @@ key = " ""#,
     assert!(err(&with(r#"url = "redis://witness""#)).contains("key"));
 }
 
+/// A datastore's credential file must hold one: an empty one was sent as an empty
+/// `Authorization`, and every request came back 502 with nothing at start to say why.
+#[test]
+fn an_empty_authorization_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (empty, token) = (dir.path().join("empty"), dir.path().join("token"));
+    std::fs::write(&empty, " \n").unwrap();
+    std::fs::write(&token, "Bearer s3cret\n").unwrap();
+    let with = |file: &Path| {
+        MINIMAL.replace(
+            "upstream = \"http://127.0.0.1:7001\"",
+            &format!(
+                "upstream = \"http://127.0.0.1:7001\"\nauthorization_file = \"{}\"",
+                file.display()
+            ),
+        )
+    };
+    let e = err(&with(&empty));
+    assert!(
+        e.contains("datasets.voter.authorization_file") && e.contains("is empty"),
+        "{e}"
+    );
+    let c = parse(&with(&token)).unwrap();
+    assert_eq!(
+        c.datasets["voter"].authorization.as_deref(),
+        Some("Bearer s3cret")
+    );
+}
+
 #[test]
 fn unknown_keys_are_named() {
     assert!(err(&MINIMAL.replace("durability", "durabilty")).contains("durabilty"));

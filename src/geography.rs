@@ -28,6 +28,29 @@ pub enum AreaKind {
 }
 
 impl AreaKind {
+    /// Where the kind stands: a polling district is atomic; wards are made of districts;
+    /// authorities, constituencies and branches of districts (and authorities of wards);
+    /// CLPs of branches; regions of the rest; nations of regions.
+    fn rank(self) -> u8 {
+        match self {
+            AreaKind::PollingDistrict => 0,
+            AreaKind::Ward => 1,
+            AreaKind::LocalAuthority | AreaKind::Constituency | AreaKind::Branch => 2,
+            AreaKind::Clp => 3,
+            AreaKind::Region => 4,
+            AreaKind::Nation => 5,
+        }
+    }
+
+    /// Whether an area of this kind may lie in one of `parent`'s: a larger kind, or an
+    /// authority in an authority (a county's districts) or a region in a region. Anything
+    /// else (a ward put under one of its districts, say) would put the parent's grants over
+    /// areas they do not cover.
+    fn may_lie_in(self, parent: AreaKind) -> bool {
+        parent.rank() > self.rank()
+            || (parent == self && matches!(self, AreaKind::LocalAuthority | AreaKind::Region))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AreaKind::Nation => "nation",
@@ -86,8 +109,20 @@ impl Geography {
         }
         for a in areas.values() {
             for p in &a.parents {
-                if !areas.contains_key(p) {
+                let Some(parent) = areas.get(p) else {
                     bail!("area `{}` names parent `{p}`, which is not defined", a.id);
+                };
+                if !a.kind.may_lie_in(parent.kind) {
+                    bail!(
+                        "area `{}` ({}) names parent `{p}` ({}), which is no larger: a parent \
+                         must be a larger kind of area (polling district < ward < local \
+                         authority, constituency, branch < clp < region < nation; an authority \
+                         may lie in an authority, a region in a region), or every grant of it \
+                         would cover areas it does not hold",
+                        a.id,
+                        a.kind.as_str(),
+                        parent.kind.as_str()
+                    );
                 }
             }
             if a.kind == AreaKind::PollingDistrict && !a.id.contains('/') {
@@ -273,16 +308,60 @@ mod tests {
 
     #[test]
     fn cycles_are_refused() {
+        // Two authorities, each in the other (an authority may lie in one: a county's).
         let bad = SAMPLE.replace(
             "name = \"Leeds\"",
-            "name = \"Leeds\"\n        parents = [\"E05011391\"]",
+            "name = \"Leeds\"\n        parents = [\"E10000001\"]\n        [[area]]\n        \
+             id = \"E10000001\"\n        kind = \"local_authority\"\n        name = \"County\"\n        \
+             parents = [\"E08000035\"]",
         );
-        assert!(
-            Geography::parse(&bad)
+        let err = Geography::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    /// A parent is a larger kind of area: a ward put under one of its polling districts (a
+    /// district's id pasted where its authority's belonged) would let a grant of that one
+    /// district cover the whole ward, for policies (`in`) and for narrowing. Before, only
+    /// that parents exist and make no cycle was checked, and such a register started.
+    #[test]
+    fn a_parent_of_a_kind_no_larger_is_refused() {
+        let register = |child: &str, parent: &str| {
+            format!(
+                "[[area]]\nid = \"P/1\"\nkind = \"{parent}\"\nname = \"P\"\n\
+                 [[area]]\nid = \"C/1\"\nkind = \"{child}\"\nname = \"C\"\nparents = [\"P/1\"]\n"
+            )
+        };
+        for (child, parent) in [
+            ("ward", "polling_district"),
+            ("polling_district", "polling_district"),
+            ("constituency", "ward"),
+            ("local_authority", "constituency"),
+            ("clp", "branch"),
+            ("ward", "ward"),
+            ("nation", "region"),
+        ] {
+            let err = Geography::parse(&register(child, parent))
                 .unwrap_err()
-                .to_string()
-                .contains("cycle")
-        );
+                .to_string();
+            assert!(
+                err.contains("`C/1` (") && err.contains("no larger"),
+                "{child} in {parent}: {err}"
+            );
+        }
+        for (child, parent) in [
+            ("polling_district", "ward"),
+            ("ward", "local_authority"),
+            ("ward", "constituency"),
+            ("branch", "clp"),
+            ("local_authority", "local_authority"),
+            ("region", "region"),
+            ("region", "nation"),
+        ] {
+            Geography::parse(&register(child, parent))
+                .unwrap_or_else(|e| panic!("{child} in {parent}: {e:#}"));
+        }
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/areas.toml");
+        Geography::load(Path::new(shipped)).unwrap();
     }
 
     #[test]

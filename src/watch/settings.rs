@@ -315,6 +315,10 @@ impl RawWatch {
                 r.threshold = t;
             }
             if let Some(limits) = raw.limits {
+                // Not "no limit": a role at 0 would match on its first record.
+                if let Some((role, _)) = limits.iter().find(|(_, n)| **n == 0) {
+                    bail!("`watch.rules.{name}.limits.{role}` must be at least 1");
+                }
                 r.limits.extend(limits);
             }
             if let Some(h) = raw.hours {
@@ -402,6 +406,11 @@ mod tests {
                 "`watch.rules.enumeration.window`",
             ),
             ("[rules.enumeration]\nthreshold = 0", "at least 1"),
+            // Not "no limit" (it would match on the role's first record).
+            (
+                "[rules.volume]\nlimits = { analyst = 0 }",
+                "`watch.rules.volume.limits.analyst` must be at least 1",
+            ),
             (
                 "[rules.enumeration]\nmode = \"shout\"",
                 "in `watch.rules.enumeration`",
