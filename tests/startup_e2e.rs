@@ -273,22 +273,29 @@ fn an_untested_pack_or_policy_stops_the_start() {
     );
 }
 
+/// The message names the file and the line, however the policy's id is written (the file
+/// was found by searching for `@id("...")` as written so, and a policy annotated
+/// `@id ( "..." )` was reported as in `<policies>`).
 #[test]
 fn a_policy_failing_schema_validation_stops_serve() {
-    let (d, cfg) = setup();
-    std::fs::write(
-        d.path().join("policies/typo.cedar"),
-        "@id(\"typo.role\")\npermit (principal, action, resource)\nwhen { context.caller.rol == \"dpo\" };\n",
-    )
-    .unwrap();
-    let (ok, out) = run(&["serve"], &cfg);
-    assert!(!ok);
-    assert!(
-        out.contains("typo.cedar")
-            && out.contains("typo.role")
-            && out.contains("strict validation"),
-        "{out}"
-    );
+    for id in ["@id(\"typo.role\")", "@id ( \"typo.role\" )"] {
+        let (d, cfg) = setup();
+        std::fs::write(
+            d.path().join("policies/typo.cedar"),
+            format!(
+                "{id}\npermit (principal, action, resource)\nwhen {{ context.caller.rol == \"dpo\" }};\n"
+            ),
+        )
+        .unwrap();
+        let (ok, out) = run(&["serve"], &cfg);
+        assert!(!ok);
+        assert!(
+            out.contains("typo.cedar:3")
+                && out.contains("typo.role")
+                && out.contains("strict validation"),
+            "{id}: {out}"
+        );
+    }
 }
 
 #[test]

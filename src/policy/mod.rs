@@ -143,14 +143,13 @@ impl PolicyEngine {
             bail!("no `*.cedar` policy files in `{}`", dir.display());
         }
         let mut policies = PolicySet::new();
-        let mut sources = Vec::new();
-        let mut origins = Vec::new();
+        let mut sources = Sources::default();
         for file in &files {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read policy file `{}`", file.display()))?;
             let ids = add_file(&mut policies, file, &text)?;
-            origins.extend(ids.into_iter().map(|id| (id, file.clone())));
-            sources.push((file.clone(), text));
+            (sources.origins).extend(ids.into_iter().map(|id| (id, file.clone())));
+            sources.files.push((file.clone(), text));
         }
         validate(&schema, &policies, &sources)?;
         let entities = static_entities(catalog, geography, &schema)?;
@@ -168,7 +167,7 @@ impl PolicyEngine {
             field_reads,
             entities,
             authorizer: Authorizer::new(),
-            origins,
+            origins: sources.origins,
         })
     }
 
@@ -650,20 +649,30 @@ fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<Vec<
     Ok(ids)
 }
 
-fn validate(
-    schema: &Schema,
-    policies: &PolicySet,
-    sources: &[(PathBuf, String)],
-) -> anyhow::Result<()> {
+/// The policy files as read, and which file holds each policy id: for messages that say
+/// where.
+#[derive(Default)]
+pub(crate) struct Sources {
+    files: Vec<(PathBuf, String)>,
+    origins: Vec<(String, PathBuf)>,
+}
+
+impl Sources {
+    /// The file that holds the policy `id`, and its text.
+    fn of(&self, id: &str) -> Option<(&Path, &str)> {
+        let (_, file) = self.origins.iter().find(|(i, _)| i == id)?;
+        (self.files.iter())
+            .find(|(f, _)| f == file)
+            .map(|(f, t)| (f.as_path(), t.as_str()))
+    }
+}
+
+fn validate(schema: &Schema, policies: &PolicySet, sources: &Sources) -> anyhow::Result<()> {
     let result = Validator::new(schema.clone()).validate(policies, ValidationMode::Strict);
     let mut problems = Vec::new();
     for err in result.validation_errors() {
         let id = err.policy_id().to_string();
-        let (file, text) = sources
-            .iter()
-            .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
-            .map(|(f, t)| (f.as_path(), t.as_str()))
-            .unwrap_or((Path::new("<policies>"), ""));
+        let (file, text) = (sources.of(&id)).unwrap_or((Path::new("<policies>"), ""));
         problems.push(format!("{} (policy `{id}`)", locate(file, text, err)));
     }
     if !problems.is_empty() {
@@ -678,11 +687,7 @@ fn validate(
 /// Every purpose, field category, area and dataset a policy names exists in the registers.
 /// Strict validation checks an entity's type, not its id, so a forbid naming a purpose renamed
 /// in the catalogue, or a category misspelt, would load and never fire (fail open).
-fn names_known(
-    policies: &PolicySet,
-    entities: &Entities,
-    sources: &[(PathBuf, String)],
-) -> anyhow::Result<()> {
+fn names_known(policies: &PolicySet, entities: &Entities, sources: &Sources) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for policy in policies.policies() {
         for named in policy.entity_literals() {
@@ -712,12 +717,9 @@ fn names_known(
     Ok(())
 }
 
-/// The file that holds the policy `@id(id)`, for messages.
-fn source_of(id: &str, sources: &[(PathBuf, String)]) -> String {
-    sources
-        .iter()
-        .find(|(_, text)| text.contains(&format!("@id(\"{id}\")")))
-        .map_or_else(|| "<policies>".to_owned(), |(f, _)| f.display().to_string())
+/// The file that holds the policy `id`, for messages.
+fn source_of(id: &str, sources: &Sources) -> String {
+    (sources.of(id)).map_or_else(|| "<policies>".to_owned(), |(f, _)| f.display().to_string())
 }
 
 /// `file:line:col: message` from a Cedar diagnostic's first label.

@@ -20,7 +20,6 @@
 //! word. Other strings (units, lawful bases, area kinds) are not checked.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use cedar_policy::PolicySet;
 use serde_json::Value;
@@ -156,7 +155,7 @@ impl Vocabulary {
 pub fn literals_known(
     policies: &PolicySet,
     vocabulary: &Vocabulary,
-    sources: &[(PathBuf, String)],
+    sources: &super::Sources,
 ) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for policy in policies.policies() {
