@@ -785,7 +785,7 @@ impl Verifier {
             || c.areas.iter().any(|a| !self.known.areas.contains(a))
             || c.purposes.iter().any(|p| !self.known.purposes.contains(p))
         {
-            return Err(AuthFailure::InvalidClaims);
+            return Err(AuthFailure::UnknownName);
         }
         // A partner's identity provider may be trusted for some roles only: its tokens for
         // any other (a DPO's, say) are refused whatever else they say.
@@ -810,13 +810,13 @@ impl Verifier {
         }
         // Issued in the future: a revocation of the subject placed now would not cover it.
         if c.iat > now.saturating_add(self.leeway_secs as i64) {
-            return Err(AuthFailure::InvalidClaims);
+            return Err(AuthFailure::IssuedInFuture);
         }
         // Made to last past `auth.max_token_lifetime` (a misconfigured provider, a token
         // minted for ten years): access is meant to be time-limited, and a stolen token of
         // that kind is good until someone notices.
         if c.exp.saturating_sub(c.iat) > self.max_lifetime_secs {
-            return Err(AuthFailure::InvalidClaims);
+            return Err(AuthFailure::LifetimeTooLong);
         }
         Ok(Principal {
             subject,

@@ -92,15 +92,15 @@ fn claims_naming_unknown_things_are_refused() {
     );
     assert_eq!(
         v.principal(claims("admin", "E05011391", "canvassing"), "i", 5,),
-        Err(AuthFailure::InvalidClaims)
+        Err(AuthFailure::UnknownName)
     );
     assert_eq!(
         v.principal(claims("canvasser", "E92000001", "canvassing"), "i", 5,),
-        Err(AuthFailure::InvalidClaims)
+        Err(AuthFailure::UnknownName)
     );
     assert_eq!(
         v.principal(claims("canvasser", "E05011391", "sale"), "i", 5,),
-        Err(AuthFailure::InvalidClaims)
+        Err(AuthFailure::UnknownName)
     );
     // A grant that ended: the claims are read (whose token it is), the end is judged after.
     let mut c = claims("canvasser", "E05011391", "canvassing");
@@ -114,14 +114,14 @@ fn claims_naming_unknown_things_are_refused() {
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;
-    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::IssuedInFuture));
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = " ".into();
     assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
     // Made to last longer than `auth.max_token_lifetime` (a day here): refused; a day is not.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.exp = 86_401;
-    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::LifetimeTooLong));
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.exp = 86_400;
     assert!(v.principal(c, "i", 5).is_ok());
@@ -322,7 +322,7 @@ fn an_issue_time_counts_from_the_earliest_the_leeway_allows() {
     // Beyond the leeway: refused.
     assert_eq!(
         v.principal(claims(1_031), "i", 1_000),
-        Err(AuthFailure::InvalidClaims)
+        Err(AuthFailure::IssuedInFuture)
     );
 }
 
@@ -902,7 +902,7 @@ fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_k
     let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
     assert_eq!(
         v.verify(&token, now).err(),
-        Some(AuthFailure::InvalidClaims),
+        Some(AuthFailure::UnknownName),
         "verified by the key (claims name nothing the test's registers know)"
     );
     let taken = v.reread_keys().unwrap();

@@ -24,6 +24,13 @@ pub enum AuthFailure {
     Expired,
     NotYetValid,
     InvalidClaims,
+    /// A role, area or purpose the registers do not hold (a renamed one, another
+    /// deployment's).
+    UnknownName,
+    /// Issued later than now, past the leeway: a revocation placed now would not cover it.
+    IssuedInFuture,
+    /// Made to last longer than `auth.max_token_lifetime`.
+    LifetimeTooLong,
     /// The token's issuer is not trusted to issue its role (`auth.issuer_roles`).
     RoleNotFromIssuer,
     /// The token's `sub` or `jti`, given bare, lies in another issuer's namespace (or the
@@ -47,6 +54,9 @@ impl AuthFailure {
             AuthFailure::Expired => "token_expired",
             AuthFailure::NotYetValid => "token_not_yet_valid",
             AuthFailure::InvalidClaims => "token_claims_invalid",
+            AuthFailure::UnknownName => "token_names_unknown",
+            AuthFailure::IssuedInFuture => "token_issued_in_future",
+            AuthFailure::LifetimeTooLong => "token_lifetime_too_long",
             AuthFailure::RoleNotFromIssuer => "token_role_not_from_issuer",
             AuthFailure::NameNotFromIssuer => "token_name_not_from_issuer",
             AuthFailure::Revoked => "token_revoked",
@@ -70,7 +80,18 @@ impl AuthFailure {
             AuthFailure::Expired => "the token has expired",
             AuthFailure::NotYetValid => "the token is not valid yet",
             AuthFailure::InvalidClaims => {
-                "the token's claims are missing or malformed (sub, exp, nbf, role, areas, purposes)"
+                "the token's claims are missing or malformed (sub, jti, exp, nbf, iat, role, \
+                 org_unit, areas, purposes)"
+            }
+            AuthFailure::UnknownName => {
+                "the token names a role, area or purpose this gateway does not know"
+            }
+            AuthFailure::IssuedInFuture => {
+                "the token's issue time (`iat`) is in the future, past the allowed clock skew"
+            }
+            AuthFailure::LifetimeTooLong => {
+                "the token was made to last longer than this gateway accepts \
+                 (`auth.max_token_lifetime`)"
             }
             AuthFailure::RoleNotFromIssuer => "the token's issuer is not trusted to issue its role",
             AuthFailure::NameNotFromIssuer => {

@@ -197,7 +197,18 @@ async fn every_token_failure_is_refused_and_audited() {
     expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
-        "token_claims_invalid",
+        "token_issued_in_future",
+    )
+    .await;
+
+    // Made to last past `auth.max_token_lifetime` (a day): said for what it is, so that an
+    // identity provider's change of lifetime shows at once.
+    let mut c = claims.clone();
+    c["exp"] = json!(common::now() + 2 * 86_400);
+    expect_401(
+        &app,
+        app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
+        "token_lifetime_too_long",
     )
     .await;
 
@@ -241,7 +252,7 @@ async fn every_token_failure_is_refused_and_audited() {
     expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
-        "token_claims_invalid",
+        "token_names_unknown",
     )
     .await;
     let mut c = claims.clone();
@@ -249,7 +260,7 @@ async fn every_token_failure_is_refused_and_audited() {
     expect_401(
         &app,
         app.get(LIST, Some(&app.sign(&c)), Some("canvassing")).await,
-        "token_claims_invalid",
+        "token_names_unknown",
     )
     .await;
 
