@@ -227,6 +227,20 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
     tracing::debug!(error = %e, %peer, kind, "connection ended with an error");
 }
 
+/// Counts and logs a TLS handshake that failed or timed out (`kind="tls"`): a certificate
+/// clients refuse, plain HTTP sent to the TLS port, a scanner. No request was read, so no
+/// audit record holds it; warned at most once a minute, the client's address at debug.
+fn tls_failed(e: &dyn std::fmt::Display, peer: SocketAddr) {
+    metrics::counter!("wardgate_connection_errors_total", "kind" => "tls").increment(1);
+    static LAST_WARNED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    if crate::gateway::once_a_minute(&LAST_WARNED) {
+        tracing::warn!(error = %e,
+            "TLS handshakes failing (logged at most once a minute; \
+             wardgate_connection_errors_total{{kind=\"tls\"}} counts them all)");
+    }
+    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+}
+
 /// Whether `e` is, however deep hyper wrapped it, `FirstBytes`' error for a client that took
 /// no bytes of its answer in time. (h2 keeps an I/O error's kind and text only, so there it
 /// is known by its text.)
@@ -671,10 +685,8 @@ where
                     .await
                     {
                         Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            return tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                        }
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => return tls_failed(&e, peer),
+                        Err(_) => return tls_failed(&"the handshake took over 10 s", peer),
                     };
                     // The idle clock starts now, not at the connection.
                     activity.touch();

@@ -59,6 +59,17 @@ async fn tls_serves_data_and_refuses_plaintext() {
         !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
         "plaintext answered on the TLS port"
     );
+    // And it is counted: no audit record holds a connection that never got past TLS.
+    let metrics = app.admin_get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.lines().any(|l| {
+            l.strip_prefix("wardgate_connection_errors_total{kind=\"tls\"} ")
+                .and_then(|n| n.parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        }),
+        "{text}"
+    );
     app.stop().await;
 }
 
