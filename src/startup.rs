@@ -48,7 +48,9 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     for name in catalog.datasets.keys() {
         if !cfg.datasets.contains_key(name) {
             anyhow::bail!(
-                "the asset register describes dataset `{name}`, but `datasets.{name}` gives no upstream"
+                "the asset register `{}` describes dataset `{name}`, but `datasets.{name}` \
+                 gives no upstream",
+                cfg.catalog_file.display()
             );
         }
     }
@@ -80,13 +82,18 @@ pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
     }
     for role in cfg.quotas.keys() {
         if !catalog.roles.contains_key(role) {
-            anyhow::bail!("`quotas.{role}` names a role the asset register does not define");
+            anyhow::bail!(
+                "`quotas.{role}` names a role the asset register `{}` does not define",
+                cfg.catalog_file.display()
+            );
         }
     }
     for (rule, role) in cfg.watch.roles() {
         if !catalog.roles.contains_key(role) {
             anyhow::bail!(
-                "`watch.rules.{rule}.limits.{role}` names a role the asset register does not define"
+                "`watch.rules.{rule}.limits.{role}` names a role the asset register `{}` does \
+                 not define",
+                cfg.catalog_file.display()
             );
         }
     }

@@ -298,6 +298,25 @@ fn a_policy_failing_schema_validation_stops_serve() {
     }
 }
 
+/// A mistake found by checking one file against another names both, and the configuration
+/// being checked: `quotas.ROLE` naming a role the asset register lacks said neither file.
+#[test]
+fn a_quota_for_a_role_the_register_lacks_names_both_files() {
+    let (_d, cfg) = setup();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let typo = text.replacen("[quotas.canvasser]", "[quotas.canvaser]", 1);
+    assert_ne!(typo, text);
+    std::fs::write(&cfg, typo).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("`quotas.canvaser`")
+            && out.contains("catalog.toml")
+            && out.contains(&cfg.display().to_string()),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_missing_key_file_stops_serve_naming_it() {
     let (d, cfg) = setup();
