@@ -335,7 +335,7 @@ impl GatewayError {
             GatewayError::PurposeNotGranted(p) => {
                 format!("this token does not grant the purpose `{p}`")
             }
-            GatewayError::RouteNotFound => "no data route matches this path".to_owned(),
+            GatewayError::RouteNotFound => "no route matches this path".to_owned(),
             GatewayError::MethodNotAllowed("") => "this route accepts no method here".to_owned(),
             GatewayError::MethodNotAllowed(allow) => {
                 format!("this route does not accept that method; it accepts {allow}")
