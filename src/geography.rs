@@ -28,27 +28,32 @@ pub enum AreaKind {
 }
 
 impl AreaKind {
-    /// Where the kind stands: a polling district is atomic; wards are made of districts;
-    /// authorities, constituencies and branches of districts (and authorities of wards);
-    /// CLPs of branches; regions of the rest; nations of regions.
-    fn rank(self) -> u8 {
+    /// The kinds an area of this kind may lie in: those it always lies wholly within. A
+    /// polling district lies in one of each; a ward in its authority; a branch in its CLP;
+    /// an authority in a county's; everything in its region and nation. A ward does not
+    /// always lie in one constituency (since 2024), nor a constituency or a CLP in one
+    /// authority: a grant of such a parent would cover the whole child, and so districts it
+    /// does not hold. That membership is the polling districts' own (each names its
+    /// constituency, its CLP's branch, and so on).
+    pub fn may_lie_in(self) -> &'static [AreaKind] {
+        use AreaKind::*;
         match self {
-            AreaKind::PollingDistrict => 0,
-            AreaKind::Ward => 1,
-            AreaKind::LocalAuthority | AreaKind::Constituency | AreaKind::Branch => 2,
-            AreaKind::Clp => 3,
-            AreaKind::Region => 4,
-            AreaKind::Nation => 5,
+            PollingDistrict => &[
+                Ward,
+                LocalAuthority,
+                Constituency,
+                Branch,
+                Clp,
+                Region,
+                Nation,
+            ],
+            Ward => &[LocalAuthority, Region, Nation],
+            Branch => &[Clp, Region, Nation],
+            LocalAuthority => &[LocalAuthority, Region, Nation],
+            Constituency | Clp => &[Region, Nation],
+            Region => &[Region, Nation],
+            Nation => &[Nation],
         }
-    }
-
-    /// Whether an area of this kind may lie in one of `parent`'s: a larger kind, or an
-    /// authority in an authority (a county's districts) or a region in a region. Anything
-    /// else (a ward put under one of its districts, say) would put the parent's grants over
-    /// areas they do not cover.
-    fn may_lie_in(self, parent: AreaKind) -> bool {
-        parent.rank() > self.rank()
-            || (parent == self && matches!(self, AreaKind::LocalAuthority | AreaKind::Region))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -112,16 +117,20 @@ impl Geography {
                 let Some(parent) = areas.get(p) else {
                     bail!("area `{}` names parent `{p}`, which is not defined", a.id);
                 };
-                if !a.kind.may_lie_in(parent.kind) {
+                let within = a.kind.may_lie_in();
+                if !within.contains(&parent.kind) {
                     bail!(
-                        "area `{}` ({}) names parent `{p}` ({}), which is no larger: a parent \
-                         must be a larger kind of area (polling district < ward < local \
-                         authority, constituency, branch < clp < region < nation; an authority \
-                         may lie in an authority, a region in a region), or every grant of it \
-                         would cover areas it does not hold",
+                        "area `{}` ({}) names parent `{p}` ({}): a {} may only lie in a {}, \
+                         the kinds it always lies wholly within; a parent of another kind may hold \
+                         part of it only, and every grant of the parent would cover the whole \
+                         (give its polling districts the parent instead)",
                         a.id,
                         a.kind.as_str(),
-                        parent.kind.as_str()
+                        parent.kind.as_str(),
+                        a.kind.as_str(),
+                        (within.iter().map(|k| k.as_str()))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
                     );
                 }
             }
@@ -319,10 +328,11 @@ mod tests {
         assert!(err.contains("cycle"), "{err}");
     }
 
-    /// A parent is a larger kind of area: a ward put under one of its polling districts (a
-    /// district's id pasted where its authority's belonged) would let a grant of that one
-    /// district cover the whole ward, for policies (`in`) and for narrowing. Before, only
-    /// that parents exist and make no cycle was checked, and such a register started.
+    /// A parent is a kind of area its child always lies wholly within: a ward put under one
+    /// of its polling districts (a district's id pasted where its authority's belonged), or
+    /// under a constituency it straddles, would let a grant of that parent cover the whole
+    /// ward, for policies (`in`) and for narrowing. Before, only that parents exist and make
+    /// no cycle was checked, and such a register started.
     #[test]
     fn a_parent_of_a_kind_no_larger_is_refused() {
         let register = |child: &str, parent: &str| {
@@ -339,23 +349,30 @@ mod tests {
             ("clp", "branch"),
             ("ward", "ward"),
             ("nation", "region"),
+            // Not always wholly within: a ward straddling two constituencies, a
+            // constituency across authorities, a CLP's constituency.
+            ("ward", "constituency"),
+            ("constituency", "local_authority"),
+            ("constituency", "clp"),
+            ("clp", "local_authority"),
         ] {
             let err = Geography::parse(&register(child, parent))
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("`C/1` (") && err.contains("no larger"),
+                err.contains("`C/1` (") && err.contains("may only lie in a"),
                 "{child} in {parent}: {err}"
             );
         }
         for (child, parent) in [
             ("polling_district", "ward"),
             ("ward", "local_authority"),
-            ("ward", "constituency"),
+            ("polling_district", "constituency"),
             ("branch", "clp"),
             ("local_authority", "local_authority"),
             ("region", "region"),
             ("region", "nation"),
+            ("nation", "nation"),
         ] {
             Geography::parse(&register(child, parent))
                 .unwrap_or_else(|e| panic!("{child} in {parent}: {e:#}"));
