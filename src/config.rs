@@ -31,6 +31,8 @@ pub struct Config {
     /// Start with no policy tests at all (`policy.allow_untested`, default false: a pack
     /// without tests stops the start).
     pub policy_allow_untested: bool,
+    /// The file this configuration was read from (`load`; empty when parsed from text).
+    pub file: PathBuf,
     pub catalog_file: PathBuf,
     pub areas_file: PathBuf,
     pub audit: AuditConfig,
@@ -216,7 +218,10 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file `{}`", path.display()))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Config::parse(&text, &base).with_context(|| format!("in config file `{}`", path.display()))
+        let mut cfg = Config::parse(&text, &base)
+            .with_context(|| format!("in config file `{}`", path.display()))?;
+        cfg.file = path.to_path_buf();
+        Ok(cfg)
     }
 
     /// Parses configuration text; relative paths are taken from `base`.
@@ -501,6 +506,7 @@ impl RawConfig {
             None => None,
         };
         Ok(Config {
+            file: PathBuf::new(),
             watch,
             aggregates: self.aggregates.resolve()?,
             server,

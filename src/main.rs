@@ -221,7 +221,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Validate { config, offline } => {
             let cfg = Config::load(&config)?;
-            let checked = startup::check(&cfg).with_context(|| checking(&config))?;
+            let checked = startup::check(&cfg)?;
             if !offline {
                 let unknown = startup::probe_upstreams(&checked).await?;
                 if !unknown.is_empty() {
@@ -541,19 +541,10 @@ async fn audit_cli_report(
         .map_err(|e| anyhow::anyhow!("the report's audit record could not be written: {e}"))
 }
 
-/// What a start-up check's error is said to be about: the configuration, and the files it
-/// names (each message names the key or the file it is about).
-fn checking(config: &std::path::Path) -> String {
-    format!(
-        "checking the configuration `{}` and the files it names",
-        config.display()
-    )
-}
-
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let hangups = wardgate::rekey::listen();
     let cfg = Config::load(&config)?;
-    let (gw, tls) = startup::build(&cfg).with_context(|| checking(&config))?;
+    let (gw, tls) = startup::build(&cfg)?;
     let reloads = wardgate::rekey::start(&gw, hangups, cfg.server.file_check_interval);
     let data = TcpListener::bind(cfg.server.listen)
         .await

@@ -685,6 +685,11 @@ where
                     .await
                     {
                         Ok(Ok(s)) => s,
+                        // Closed before a hello: a TCP health check, a port probe, a
+                        // connection a client raced and dropped. No TLS failure.
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            return tracing::debug!(error = %e, %peer, "closed before a TLS hello");
+                        }
                         Ok(Err(e)) => return tls_failed(&e, peer),
                         Err(_) => return tls_failed(&"the handshake took over 10 s", peer),
                     };

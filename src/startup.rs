@@ -41,8 +41,18 @@ pub struct Checked {
     pub tls: Option<TlsAcceptor>,
 }
 
-/// Loads and validates every file the configuration names.
+/// Loads and validates every file the configuration names; an error says which
+/// configuration it was checking (each message names the key or the file it is about).
 pub fn check(cfg: &Config) -> anyhow::Result<Checked> {
+    check_files(cfg).with_context(|| {
+        format!(
+            "checking the configuration `{}` and the files it names",
+            cfg.file.display()
+        )
+    })
+}
+
+fn check_files(cfg: &Config) -> anyhow::Result<Checked> {
     let geography = Geography::load(&cfg.areas_file)?;
     let catalog = Catalog::load(&cfg.catalog_file)?;
     for name in catalog.datasets.keys() {

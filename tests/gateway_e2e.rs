@@ -679,15 +679,6 @@ async fn a_write_intent_is_synced_before_it_is_sent_whatever_the_durability() {
 #[tokio::test]
 async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
     use tokio::io::AsyncWriteExt;
-    fn small_quota(cfg: &mut wardgate::config::Config) {
-        cfg.quotas.insert(
-            "canvasser".into(),
-            wardgate::controls::Limits {
-                per_hour: 2,
-                per_day: 100,
-            },
-        );
-    }
     let mine = open_elector().await;
     let id = mine["elector_id"].as_str().unwrap().to_owned();
     let target = Bytes::from(format!(
@@ -697,7 +688,7 @@ async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
     let (upstream, mut posted) = upstream_answering_writes(target, None).await;
     let app = spawn_app_with(AppOptions {
         upstream: Some(upstream),
-        tweak: Some(small_quota),
+        tweak: Some(two_records_an_hour),
         ..Default::default()
     })
     .await;
@@ -747,17 +738,8 @@ async fn a_write_whose_caller_hangs_up_still_counts_against_the_quota() {
 /// quota behind a failing datastore, or sweep a ward's ids with writes it refuses, uncounted.
 #[tokio::test]
 async fn a_write_answered_with_an_error_counts_against_the_quota() {
-    fn small_quota(cfg: &mut wardgate::config::Config) {
-        cfg.quotas.insert(
-            "canvasser".into(),
-            wardgate::controls::Limits {
-                per_hour: 2,
-                per_day: 100,
-            },
-        );
-    }
-    fn small_quota_and_short_wait(cfg: &mut wardgate::config::Config) {
-        small_quota(cfg);
+    fn two_records_and_a_short_wait(cfg: &mut wardgate::config::Config) {
+        two_records_an_hour(cfg);
         for upstream in cfg.datasets.values_mut() {
             upstream.response_timeout = std::time::Duration::from_secs(1);
         }
@@ -770,9 +752,9 @@ async fn a_write_answered_with_an_error_counts_against_the_quota() {
         serde_json::to_string(&mine).unwrap()
     ));
     let cases: [(Option<u16>, Tweak, u16); 3] = [
-        (Some(500), small_quota, 502),
-        (Some(422), small_quota, 502),
-        (None, small_quota_and_short_wait, 504),
+        (Some(500), two_records_an_hour, 502),
+        (Some(422), two_records_an_hour, 502),
+        (None, two_records_and_a_short_wait, 504),
     ];
     for (answer, tweak, status) in cases {
         let (upstream, _posted) = upstream_answering_writes(target.clone(), answer).await;
@@ -793,6 +775,17 @@ async fn a_write_answered_with_an_error_counts_against_the_quota() {
         assert_eq!(r.status, 429, "{answer:?}: {:?}", r.body);
         app.stop().await;
     }
+}
+
+/// A canvasser's quota of two records an hour.
+fn two_records_an_hour(cfg: &mut wardgate::config::Config) {
+    cfg.quotas.insert(
+        "canvasser".into(),
+        wardgate::controls::Limits {
+            per_hour: 2,
+            per_day: 100,
+        },
+    );
 }
 
 /// A datastore that answers every read with `target`, and a write with `answer` (a status
