@@ -496,6 +496,10 @@ fn read_pack(gw: &Gateway, known: Option<PackDigests>, refused: Option<PackDiges
         Some(_) if digest == refused => return Reading::StillRefused,
         _ => {}
     }
+    // A refusal is remembered against the files refused (`StillRefused`) only where they are
+    // what was read: one made while they changed (a file rewritten in place, a mode being
+    // fixed) says nothing of what they hold now, and remembered, it kept a good pack out
+    // until some file of it changed again.
     match source.load_digested(&gw.catalog, &gw.geography) {
         Ok((engine, tests, Some(read))) => Reading::Loaded(Box::new(engine), tests, read),
         Ok((_, _, None)) => Reading::Refused(
@@ -503,9 +507,9 @@ fn read_pack(gw: &Gateway, known: Option<PackDigests>, refused: Option<PackDiges
                 "the policy pack changed while it was read (or a file of it cannot be read \
                  again): put it in place whole (it is then read again)"
             ),
-            digest,
+            None,
         ),
-        Err(e) => Reading::Refused(e, digest),
+        Err(e) => Reading::Refused(e, digest.filter(|&d| source.digests() == Some(d))),
     }
 }
 
