@@ -278,22 +278,26 @@ pub fn spawn(controls: Controls) {
                 full_resync(&controls, redis, c).await.map(|(id, read_at)| {
                     last_id = id;
                     next_full = Instant::now() + redis.settings.resync_interval;
-                    read_at
+                    Some(read_at)
                 })
             } else {
-                follow(&controls, redis, c, &mut last_id).await.map(|lost| {
-                    if lost {
-                        tracing::warn!(
-                            "controls: Redis lost its keys (restarted without persistence, \
+                follow(&controls, redis, c, &mut last_id)
+                    .await
+                    .map(|(lost, read_at)| {
+                        if lost {
+                            tracing::warn!(
+                                "controls: Redis lost its keys (restarted without persistence, \
                                  or flushed); resynchronising to republish the journal"
-                        );
-                        next_full = Instant::now();
-                    }
-                    Instant::now()
-                })
+                            );
+                            next_full = Instant::now();
+                        }
+                        // A read of a stream that is gone proves nothing: fresh once resynced.
+                        (!lost).then_some(read_at)
+                    })
             };
             match step {
-                Ok(read_at) => controls.mark_synced(read_at),
+                Ok(Some(read_at)) => controls.mark_synced(read_at),
+                Ok(None) => {}
                 Err(e) => {
                     // Once a minute: a step is tried again every quarter of a second.
                     static WARNED: std::sync::atomic::AtomicI64 =
@@ -445,13 +449,14 @@ async fn full_resync(
 /// true when Redis has lost its keys since, and so the stream (a `FLUSHALL` ends no
 /// connection, and a read of a stream that is gone is only empty), for the journal to be
 /// republished at once rather than at the next `resync_interval`, while a replica started
-/// meanwhile with an empty journal would serve without what was lost.
+/// meanwhile with an empty journal would serve without what was lost. With when the stream
+/// was read: what the mirror knows is what Redis held then, not once the key was checked.
 async fn follow(
     controls: &Controls,
     redis: &Redis,
     c: &mut MultiplexedConnection,
     last_id: &mut String,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(bool, Instant)> {
     let reply: Option<StreamReadReply> = redis::cmd("XREAD")
         .arg("BLOCK")
         .arg(BLOCK_MS)
@@ -460,11 +465,12 @@ async fn follow(
         .arg(last_id.as_str())
         .query_async(c)
         .await?;
+    let read_at = Instant::now();
     for key in reply.map(|r| r.keys).unwrap_or_default() {
         if let Some(last) = key.ids.last() {
             *last_id = last.id.clone();
         }
         controls.absorb(&decode(redis, &key.ids))?;
     }
-    Ok(!redis.check_key(c).await?)
+    Ok((!redis.check_key(c).await?, read_at))
 }
