@@ -947,11 +947,7 @@ impl Writer {
                 // not, which page-cache durability does not claim to survive: its batch
                 // alone is refused, below.)
                 if self.durability == Durability::PageCache {
-                    tracing::error!(error = %e, segment = self.segment,
-                        "a sync of the audit log failed in page-cache durability: records \
-                         acknowledged since the last sync may not be on disk; refusing audited \
-                         requests until restarted");
-                    self.sync_failed = Some(e.to_string());
+                    self.latch_sync_failure(&e, "since the last sync");
                 }
                 return Err(e);
             }
@@ -980,16 +976,21 @@ impl Writer {
             && let Some(file) = &self.file
             && let Err(e) = sync_data(file)
         {
-            tracing::error!(error = %e, segment = self.segment,
-                "a sync of a finished audit segment failed in page-cache durability: records \
-                 acknowledged in it may not be on disk; refusing audited requests until \
-                 restarted");
-            self.sync_failed = Some(e.to_string());
+            self.latch_sync_failure(&e, "in this finished segment");
         }
         self.seal_queue.push(self.segment);
         self.file = None;
         (self.segment, self.len, self.dir_dirty) = (self.segment + 1, 0, true);
         self.finish_at = None;
+    }
+
+    /// A sync failed in page-cache durability: the records `acknowledged` there may not be on
+    /// disk, and nothing more is written until restart (`sync_failed`).
+    fn latch_sync_failure(&mut self, e: &io::Error, acknowledged: &str) {
+        tracing::error!(error = %e, segment = self.segment,
+            "a sync of the audit log failed in page-cache durability: records acknowledged \
+             {acknowledged} may not be on disk; refusing audited requests until restarted");
+        self.sync_failed = Some(e.to_string());
     }
 
     /// Makes a failed batch count as never written, so the chain continues from the last

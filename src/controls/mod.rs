@@ -29,6 +29,7 @@ pub use crate::filter::RegisterFlags;
 
 pub use quota::Limits;
 pub use sync::{RedisSettings, load_key};
+pub(crate) use sync::{mac_hex, mac_holds};
 
 /// Restriction kinds the register accepts (DOMAIN.md §6). `consent_withdrawn_<channel>` strips
 /// that channel's contact field; the others are flags policies read.

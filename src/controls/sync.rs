@@ -38,6 +38,17 @@ pub struct RedisSettings {
 /// The key file's shortest acceptable content.
 const MIN_KEY_BYTES: usize = 32;
 
+/// The HMAC of `text` under the shared key, in hex: how what replicas share in Redis is
+/// signed (controls events here, accesses for cross-replica detection).
+pub(crate) fn mac_hex(key: &ring::hmac::Key, text: &[u8]) -> String {
+    hex::encode(ring::hmac::sign(key, text))
+}
+
+/// Whether `mac` (hex) is `text`'s HMAC under the shared key (compared in constant time).
+pub(crate) fn mac_holds(key: &ring::hmac::Key, text: &[u8], mac: &str) -> bool {
+    hex::decode(mac).is_ok_and(|m| ring::hmac::verify(key, text, &m).is_ok())
+}
+
 /// The shared controls' signing key from `redis.key_file` (its content, surrounding
 /// whitespace trimmed): an error naming the file when it cannot be read or is too short.
 pub fn load_key(settings: &RedisSettings) -> anyhow::Result<ring::hmac::Key> {
@@ -114,13 +125,12 @@ impl Redis {
 
     /// An event's signature, as its stream entry carries it (`mac`).
     fn sign(&self, json: &str) -> String {
-        hex::encode(ring::hmac::sign(&self.key, &self.signed_text(json)))
+        mac_hex(&self.key, &self.signed_text(json))
     }
 
-    /// Whether `mac` is `json`'s signature (compared in constant time).
+    /// Whether `mac` is `json`'s signature.
     fn signed(&self, json: &str, mac: &str) -> bool {
-        hex::decode(mac)
-            .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
+        mac_holds(&self.key, &self.signed_text(json), mac)
     }
 
     /// This replica's key check: an HMAC of the stream's name under its key, which only a
@@ -128,7 +138,7 @@ impl Redis {
     /// an event's is the stream's name, a newline, then a JSON object).
     fn key_check_value(&self) -> String {
         let text = [b"wardgate key check\n", self.settings.stream.as_bytes()].concat();
-        hex::encode(ring::hmac::sign(&self.key, &text))
+        mac_hex(&self.key, &text)
     }
 
     /// Checks that every replica sharing the stream signs with this replica's key, and that

@@ -147,13 +147,12 @@ impl Shared {
     /// write to Redis cannot feed it accesses (a `contain` rule would revoke whoever they
     /// named, with a signed revocation).
     fn entry_mac(&self, json: &str) -> String {
-        hex::encode(ring::hmac::sign(&self.key, &self.signed_text(json)))
+        crate::controls::mac_hex(&self.key, &self.signed_text(json))
     }
 
-    /// Whether `mac` is `json`'s signature (compared in constant time).
+    /// Whether `mac` is `json`'s signature.
     fn signed(&self, json: &str, mac: &str) -> bool {
-        hex::decode(mac)
-            .is_ok_and(|m| ring::hmac::verify(&self.key, &self.signed_text(json), &m).is_ok())
+        crate::controls::mac_holds(&self.key, &self.signed_text(json), mac)
     }
 
     /// Queues one access for the shared stream; never waits.
