@@ -62,6 +62,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let rid = format!("{:032x}", rand::random::<u128>());
+    if let Err(e) = crate::request_head::check(&req) {
+        return boxed(problem_response(&e, &rid));
+    }
     if crate::watch::console::owns(req.uri().path()) {
         return crate::watch::console::handle(&gw, req, &rid).await;
     }

@@ -147,6 +147,13 @@ pub enum GatewayError {
     AlreadyInForce(String),
     #[error("request body too large")]
     PayloadTooLarge,
+    /// A request target longer than the gateway takes (`request_head::MAX_URI_BYTES`).
+    #[error("request target longer than {0} bytes")]
+    UriTooLong(usize),
+    /// A request line and headers past the gateway's bounds (`request_head`): the detail says
+    /// which.
+    #[error("request head too large: {0}")]
+    HeadTooLarge(String),
     /// An export asked over HTTP/1.0, whose body ends by closing the connection: an export
     /// cut short there would look whole to the client.
     #[error("an export needs HTTP/1.1 or later")]
@@ -230,6 +237,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            GatewayError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ExportNeedsHttp11 => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
@@ -270,6 +279,8 @@ impl GatewayError {
             GatewayError::NotInForce(_) => "not_in_force",
             GatewayError::AlreadyInForce(_) => "already_in_force",
             GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::UriTooLong(_) => "uri_too_long",
+            GatewayError::HeadTooLarge(_) => "request_head_too_large",
             GatewayError::ExportNeedsHttp11 => "http_version_not_supported",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -304,6 +315,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
+            GatewayError::UriTooLong(_) => "URI too long",
+            GatewayError::HeadTooLarge(_) => "request header fields too large",
             GatewayError::ExportNeedsHttp11 => "HTTP version not supported",
             GatewayError::UpstreamUnavailable
             | GatewayError::UpstreamTooLarge
@@ -356,6 +369,10 @@ impl GatewayError {
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
             }
+            GatewayError::UriTooLong(max) => {
+                format!("the request's path and query exceed {max} bytes")
+            }
+            GatewayError::HeadTooLarge(why) => why.clone(),
             GatewayError::ExportNeedsHttp11 => {
                 "an export is cut short by ending its body without its last chunk, which \
                  HTTP/1.0 cannot tell from its end: ask over HTTP/1.1 or HTTP/2 (behind a \
@@ -462,6 +479,8 @@ mod tests {
             GatewayError::FilterForbidden("f".into()),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
+            GatewayError::UriTooLong(8192),
+            GatewayError::HeadTooLarge("h".into()),
             GatewayError::ExportNeedsHttp11,
             GatewayError::UpstreamUnavailable,
             GatewayError::UpstreamTimeout,
@@ -497,6 +516,8 @@ mod tests {
                 | GatewayError::NotInForce(_)
                 | GatewayError::AlreadyInForce(_)
                 | GatewayError::PayloadTooLarge
+                | GatewayError::UriTooLong(_)
+                | GatewayError::HeadTooLarge(_)
                 | GatewayError::ExportNeedsHttp11
                 | GatewayError::UpstreamUnavailable
                 | GatewayError::UpstreamTimeout

@@ -489,6 +489,9 @@ where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // 0. A head the gateway takes at all (hyper bounds it too, at twice the size).
+    crate::request_head::check(&req)?;
+
     // 1. Who is asking.
     let principal = authenticate(gw, req.headers(), trail)?;
 

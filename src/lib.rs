@@ -14,6 +14,7 @@
 //! - [`server`]: listeners, TLS, graceful shutdown; [`connection`]: one connection's requests
 //!   under way and its idle close; [`server_cert`]: the certificate it offers;
 //!   [`client_addr`]: the client behind a trusted load balancer.
+//! - [`request_head`]: how large a request's line and headers may be.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
 //! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
@@ -62,6 +63,7 @@ pub mod geography;
 pub mod policy;
 pub mod proxy;
 pub mod rekey;
+pub mod request_head;
 pub mod rights;
 pub mod routes;
 pub mod sar;

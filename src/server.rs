@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::connection::{Activity, Tracked, drive};
+use crate::request_head;
 use tokio_rustls::TlsAcceptor;
 
 /// The data plane's TLS acceptor: HTTP/2 and HTTP/1.1 by ALPN, with the certificate `cert`
@@ -185,15 +186,13 @@ fn chain_usable(
     Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
 }
 
-/// The largest request head (request line and headers) a connection takes.
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
-
 /// The most requests under way at once on one HTTP/2 connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
-/// parse (a malformed request line or header, headers or a URI too large) itself, with a bare
-/// 400, 414 or 431 and no body, before any handler runs: no audit record holds those, so they
+/// parse (a malformed request line or header; a head past twice the gateway's own bounds,
+/// `request_head`) itself, with a bare 400, 414 or 431 and no body, before any handler runs:
+/// no audit record holds those, so they
 /// are counted (`wardgate_connection_errors_total{kind}`) and logged at warn (the client's
 /// address only at debug: the audit log, which seals addresses, is where they are kept). A
 /// timeout on a connection that has carried a request is an idle kept-alive connection
@@ -601,22 +600,24 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper enforces no timeout at all: a client that opens a connection and
     // sends half a request line would hold it (and a descriptor) for ever.
-    // A request's head (its line and headers) is at most 64 KiB, on either protocol; hyper
-    // answers a larger one itself (400, 414 or 431). A token with a thousand area grants is a
-    // tenth of that; hyper's own bounds (about 400 KiB for HTTP/1, 16 MiB for HTTP/2's header
-    // list) would let each connection hold far more.
+    // hyper buffers a request's head (its line and headers) up to 128 KiB and 200 fields, on
+    // either protocol, and answers a larger one itself (a bare 431 or 414). That is twice the
+    // gateway's own bounds, which each plane checks first and refuses with a problem document
+    // (`request_head::check`); hyper's defaults (about 400 KiB for HTTP/1, 16 MiB for HTTP/2's
+    // header list) would let each connection hold far more.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(MAX_REQUEST_HEAD);
+        .max_buf_size(request_head::HARD_HEAD_BYTES)
+        .max_headers(request_head::HARD_HEADERS);
     // And at most 32 requests at once on one HTTP/2 connection (hyper's default is 200): each
     // may hold a datastore connection, and `max_connections` is sized for a few per
     // connection, not hundreds.
     builder
         .http2()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .max_header_list_size(request_head::HARD_HEAD_BYTES as u32)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));

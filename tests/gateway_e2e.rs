@@ -387,12 +387,12 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
 
 /// A caller with no token cannot make its refusals' records large and fill the log's disk: a
 /// long path is kept cut to 512 bytes and marked with its length, a long extension method is
-/// kept as `OTHER`, and a request head past 64 KiB is refused by the HTTP layer with nothing
-/// recorded.
+/// kept as `OTHER`, and a request head past the gateway's bounds is refused with a problem
+/// document (past twice them, by the HTTP layer, with nothing recorded).
 #[tokio::test]
 async fn a_refused_callers_long_path_and_method_make_no_long_record() {
     let app = spawn_app().await;
-    let long = format!("/voter/{}", "a".repeat(40_000));
+    let long = format!("/voter/{}", "a".repeat(8_000));
     let r = app.get(&long, None, None).await;
     assert_eq!(r.status, 401);
     let recorded = app.audit_for(&r);
@@ -415,14 +415,59 @@ async fn a_refused_callers_long_path_and_method_make_no_long_record() {
         .await;
     assert_eq!(app.audit_for(&r)["method"], "PROPFIND");
 
-    // A head past 64 KiB (a 70 KB header): refused before any handler, so never recorded.
+    // A target past 8 KiB, a head past 64 KiB, more than 100 headers: each refused with a
+    // problem document that says which bound, on either plane, and recorded (the path cut).
+    let longer = format!("/voter/{}", "a".repeat(8_200));
+    let r = app.get(&longer, None, None).await;
+    assert_eq!(r.status, 414);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:uri-too-long");
+    let recorded = app.audit_for(&r);
+    assert_eq!(recorded["reason"], "uri_too_long");
+    assert!(recorded["path"].as_str().unwrap().len() < 600);
+    let padding = "p".repeat(70_000);
+    let r = app
+        .request(
+            Method::GET,
+            "/voter/electors",
+            &[("x-padding", &padding)],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let problem = r.json();
+    assert_eq!(
+        problem["type"],
+        "urn:wardgate:problem:request-head-too-large"
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("65536"));
+    assert_eq!(app.audit_for(&r)["reason"], "request_head_too_large");
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = app
+        .request(Method::GET, "/voter/electors", &many, None)
+        .await;
+    assert_eq!(r.status, 431);
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("151 header fields; at most 100") // and `host`
+    );
+    let r = app.admin_get_with("/healthz", &padding).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+
+    // A head past twice that (a 140 KB header): refused by hyper before any handler, so
+    // never recorded.
     let before = app.audit_records().len();
     let answer = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
         let head = format!(
             "GET /voter/electors HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
-            "p".repeat(70_000)
+            "p".repeat(140_000)
         );
         // The gateway may answer and close before it has read it all.
         let _ = tcp.write_all(head.as_bytes()).await;
