@@ -28,7 +28,9 @@
 //! stream abruptly (the chunked encoding is not terminated, which every HTTP client reports
 //! as an error) after an audit record of why: a line that is not a record, the upstream
 //! failing, the audit log failing, the caller no longer standing, or the caller's quota
-//! running out. Nothing after the failure is disclosed.
+//! running out. Nothing after the failure is disclosed. The quota runs out exactly: no more
+//! lines are filtered at once than the caller may still be disclosed records, so the last
+//! chunk is cut at their allowance rather than leaving whole past it.
 
 use std::sync::Arc;
 
@@ -53,6 +55,19 @@ pub(crate) const MAX_LINE: usize = 1 << 20;
 /// each call has its keys scanned and its layout found again, and upstream frames can be
 /// as small as a few records.
 const FILTER_BATCH: usize = 256 << 10;
+
+/// Where the first `lines` lines of `text` end (just past the newline of the last), or its
+/// end if it has no more than that.
+fn lines_end(text: &[u8], lines: u64) -> usize {
+    match usize::try_from(lines) {
+        Ok(0) => 0,
+        // A line is a byte at least: no more lines than that.
+        Ok(n) if n < text.len() => memchr::memchr_iter(b'\n', text)
+            .nth(n - 1)
+            .map_or(text.len(), |at| at + 1),
+        _ => text.len(),
+    }
+}
 
 /// An upstream NDJSON body in batches of whole lines, for the filter: once `FILTER_BATCH`
 /// has gathered, its whole lines in one go; at the end, the rest. What is kept between
@@ -294,12 +309,6 @@ impl Run<'_> {
                 .controls
                 .register_flags()
                 .map_err(|e| e.code().to_owned())?;
-            // Kept once per state of the register, not per batch: an export that withholds
-            // nearly everything fills a chunk slowly.
-            if (self.filtered_with.last()).is_none_or(|(_, r)| !r.same_as(&register)) {
-                self.filtered_with
-                    .push((d.subjects.len(), register.clone()));
-            }
             let cx = FilterContext {
                 dataset,
                 // Read for each batch: an export running past midnight judges TPS checks and
@@ -308,19 +317,50 @@ impl Run<'_> {
                 register: &register,
                 filtered_on: &plan.filtered_on,
             };
-            filter::filter_lines(
-                batch,
-                &cx,
-                &mut |a| decider.decide(a),
-                &mut memo,
-                &mut out,
-                &mut d,
-            )
-            .map_err(|e| e.to_string())?;
-            if out.len() >= CHUNK_BYTES {
-                self.release(&plan.principal, &mut out, &mut d).await?;
-                // Each chunk's record names the fields and policies its own records used.
-                memo.new_chunk();
+            let mut rest: &[u8] = batch;
+            while !rest.is_empty() {
+                // Kept once per state of the register, not per batch: an export that
+                // withholds nearly everything fills a chunk slowly. (Again after a chunk
+                // released mid-batch, which takes them.)
+                if (self.filtered_with.last()).is_none_or(|(_, r)| !r.same_as(&register)) {
+                    self.filtered_with
+                        .push((d.subjects.len(), register.clone()));
+                }
+                // No more lines at once than the caller may still be disclosed records (a
+                // line is one record at most): the chunk that reaches their allowance is
+                // released, and the export ends there, rather than a whole chunk past it.
+                let room = (gw.controls.quota_room(&plan.principal))
+                    .map_err(|e| e.code().to_owned())?
+                    .map(|r| r.saturating_sub(d.subjects.len() as u64));
+                let take = match room {
+                    None => rest.len(),
+                    Some(0) => {
+                        let spent = d.subjects.is_empty();
+                        self.release(&plan.principal, &mut out, &mut d).await?;
+                        memo.new_chunk();
+                        if spent {
+                            return Err(crate::error::GatewayError::QuotaExceeded.code().into());
+                        }
+                        continue;
+                    }
+                    Some(r) => lines_end(rest, r),
+                };
+                let (now, later) = rest.split_at(take);
+                rest = later;
+                filter::filter_lines(
+                    now,
+                    &cx,
+                    &mut |a| decider.decide(a),
+                    &mut memo,
+                    &mut out,
+                    &mut d,
+                )
+                .map_err(|e| e.to_string())?;
+                if out.len() >= CHUNK_BYTES {
+                    self.release(&plan.principal, &mut out, &mut d).await?;
+                    // Each chunk's record names the fields and policies its own records used.
+                    memo.new_chunk();
+                }
             }
         }
         self.release(&plan.principal, &mut out, &mut d).await
@@ -500,6 +540,19 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_end_cuts_after_the_nth_line_or_takes_all() {
+        let text = b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}";
+        assert_eq!(lines_end(text, 0), 0);
+        assert_eq!(&text[..lines_end(text, 1)], b"{\"a\":1}\n");
+        assert_eq!(&text[..lines_end(text, 2)], b"{\"a\":1}\n{\"a\":2}\n");
+        // The last line has no newline: three lines or more take it all.
+        for n in [3, 4, 1_000, u64::MAX] {
+            assert_eq!(lines_end(text, n), text.len());
+        }
+        assert_eq!(lines_end(b"", 5), 0);
+    }
 
     #[test]
     fn a_chunk_goes_only_if_none_of_its_subjects_was_flagged_since() {

@@ -988,3 +988,49 @@ async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
     assert!(waited, "the slot never came back");
     app.stop().await;
 }
+
+/// An export stops at its caller's allowance, not at the end of the chunk that crosses it: a
+/// role allowed 1,234 records an hour (inside the first chunk of about 1 MiB) or 5,001
+/// (inside the second) gets exactly that many, the chunk records name exactly those, and the
+/// export ends cut short, `export_aborted: quota_exceeded`; the next request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_stops_at_the_callers_allowance_not_a_chunk_past_it() {
+    for allowance in [1_234, 5_001] {
+        let app = spawn_app_with(AppOptions {
+            electors: Some(20_000),
+            edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+                c.quotas.insert(
+                    "analyst".into(),
+                    wardgate::controls::Limits {
+                        per_hour: allowance,
+                        per_day: 100_000,
+                    },
+                );
+            })),
+            ..AppOptions::default()
+        })
+        .await;
+        let analyst = app.token("analyst");
+        let (status, body) = export(&app, &analyst, "").await;
+        assert_eq!(status, StatusCode::OK);
+        let cut = body.unwrap_err();
+        assert!(cut.starts_with("body cut short"), "{cut}");
+        let (records, chunks) = export_records(&app);
+        let counts: Vec<usize> = (chunks.iter())
+            .map(|c| c["subjects"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(
+            counts.iter().sum::<usize>() as u64,
+            allowance,
+            "{allowance}: chunks of {counts:?}"
+        );
+        let last = records.last().unwrap();
+        assert_eq!(last["detail"]["export_aborted"], "quota_exceeded", "{last}");
+        assert_eq!(last["detail"]["before"]["records"], allowance, "{last}");
+        let r = app
+            .get("/voter/electors", Some(&analyst), Some("profiling"))
+            .await;
+        assert_eq!(r.status, 429);
+        app.stop().await;
+    }
+}

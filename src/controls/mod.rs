@@ -458,6 +458,13 @@ impl Controls {
         Ok(QuotaHold(held.map(|h| (Arc::clone(&self.inner), h))))
     }
 
+    /// How many more records `p` may be disclosed now (`None`: no limit), for an export to cut
+    /// its chunk at: a chunk that crossed the allowance would otherwise leave whole.
+    pub fn quota_room(&self, p: &Principal) -> Result<Option<u64>, GatewayError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.inner.quotas.room(p, now)
+    }
+
     /// Counts records disclosed to `p`.
     pub fn count(&self, p: &Principal, n: u64) {
         self.inner

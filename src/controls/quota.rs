@@ -243,6 +243,34 @@ impl Quotas {
         }))
     }
 
+    /// How many more records the principal may be disclosed now, this window and today,
+    /// counting what requests under way have reserved (`None`: their role has no limits).
+    /// Read from what this replica knows: `check` fetched anything it did not.
+    pub fn room(&self, p: &Principal, now: i64) -> Result<Option<u64>, GatewayError> {
+        let Some(limits) = self.limits.get(&p.role).copied() else {
+            return Ok(None);
+        };
+        if let Some((bound, flushed)) = &self.shared {
+            let last = *flushed
+                .lock()
+                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+            if last.elapsed() > *bound {
+                return Err(GatewayError::ControlsStale);
+            }
+        }
+        let [(hour, _), (day, _)] = keys(&p.subject, now);
+        let c = self
+            .counts
+            .lock()
+            .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+        let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
+        let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
+        Ok(Some(
+            (limits.per_hour.saturating_sub(used(&hour)))
+                .min(limits.per_day.saturating_sub(used(&day))),
+        ))
+    }
+
     /// Gives back what a request reserved.
     pub fn release(&self, held: &Held) {
         let Ok(mut c) = self.counts.lock() else {
