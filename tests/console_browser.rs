@@ -170,6 +170,10 @@ async fn an_alert_appears_live_and_is_contained_and_classified_in_the_browser() 
         .click()
         .await
         .unwrap();
+    // The page asks whom the button is for (rows move as alerts arrive).
+    let asked = c.get_alert_text().await.unwrap();
+    assert!(asked.contains("demo-councillor"), "{asked}");
+    c.accept_alert().await.unwrap();
     wait_text(&c, "#status", "revoked on every replica").await;
     let r = app
         .get(

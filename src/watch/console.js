@@ -2,7 +2,7 @@
 // plane's JSON endpoints with it; every value is inserted as text, never as markup.
 'use strict';
 
-const state = { token: null, alerts: new Map(), older: 0, volumes: new Map(), firstMinute: 0, feedAbort: null };
+const state = { token: null, alerts: new Map(), older: 0, volumes: new Map(), firstMinute: 0, feedAbort: null, renderPending: false, unexamined: 0 };
 const COLOURS = ['#c0392b', '#2471a3', '#1e8449', '#b9770e', '#7d3c98', '#117a65', '#515a5a', '#a04000'];
 const MAX_FEED_ROWS = 200;
 const $ = (s) => document.querySelector(s);
@@ -105,8 +105,17 @@ function onEvent(chunk) {
   if (!data) return;
   const d = JSON.parse(data);
   if (kind === 'access') onAccess(d);
-  else if (kind === 'alert') { keep(d); renderAlerts(); }
+  else if (kind === 'alert') { keep(d); renderSoon(); }
   else if (kind === 'lagged') status('The feed skipped ' + d.missed + ' events (too busy); the audit log has them all.', true);
+  else if (kind === 'detection_lagged') {
+    // Not this page's gap: records no rule examined. Stays on screen until reloaded.
+    state.unexamined += d.missed;
+    const w = $('#detection');
+    w.textContent = 'Breach detection fell behind: ' + state.unexamined + ' audit records were not examined by ' +
+      'any rule, so alerts may be missing. Review the audit log for that time (the server log and ' +
+      'wardgate_watch_missed_records_total say when).';
+    w.hidden = false;
+  }
 }
 
 function onAccess(d) {
@@ -156,10 +165,25 @@ function keep(a) {
   state.alerts.set(a.id, a);
 }
 
+// Alerts arriving in a flood are drawn once a frame, not once each.
+function renderSoon() {
+  if (state.renderPending) return;
+  state.renderPending = true;
+  requestAnimationFrame(() => { state.renderPending = false; renderAlerts(); });
+}
+
 function renderAlerts() {
   const all = [...state.alerts.values()].sort((a, b) => b.detected_at.localeCompare(a.detected_at));
   const open = all.filter((a) => !a.classification);
   const tbody = $('#alerts');
+  // What the officer has chosen or typed in each row survives the rows being drawn again.
+  const typed = new Map();
+  for (const row of tbody.querySelectorAll('tr.alert')) {
+    typed.set(row.dataset.id, {
+      cls: row.querySelector('select.classify-class').value,
+      note: row.querySelector('input.classify-note').value,
+    });
+  }
   tbody.replaceChildren();
   if (open.length === 0) tbody.append(el('tr', { class: 'empty' }, el('td', { colSpan: 8 }, 'No open alerts.')));
   if (state.older > 0) {
@@ -171,6 +195,8 @@ function renderAlerts() {
     const cls = el('select', { class: 'classify-class' },
       el('option', { value: 'reportable' }, 'reportable'), el('option', { value: 'near_miss' }, 'near miss'));
     const note = el('input', { class: 'classify-note', placeholder: 'note (required)' });
+    const kept = typed.get(a.id);
+    if (kept) { cls.value = kept.cls; note.value = kept.note; }
     const classify = el('button', { class: 'classify', type: 'button' }, 'Classify');
     classify.addEventListener('click', () => doClassify(a.id, cls.value, note.value));
     const caller = a.principal && a.principal.subject;
@@ -212,6 +238,8 @@ async function doClassify(id, cls, note) {
 }
 
 async function doRevoke(id, caller) {
+  // Rows move as alerts arrive: the officer confirms whom the button is for.
+  if (!confirm('Revoke every token of ' + caller + ' (alert ' + id + ')?')) return;
   try {
     const a = await api('/alerts/' + encodeURIComponent(id) + '/contain', {
       method: 'POST', headers: { 'Content-Type': 'application/json' },

@@ -156,6 +156,10 @@ pub fn stream(
             if let Some(h) = hello {
                 return Some((Ok(Frame::data(h)), (rx, filter, stop, stands, None)));
             }
+            // A heartbeat once nothing has been sent for `HEARTBEAT`: events the filter passes
+            // over do not put it off, or a filtered feed on a busy gateway would send nothing
+            // at all, and a proxy in front would cut it as idle.
+            let beat_at = tokio::time::Instant::now() + HEARTBEAT;
             loop {
                 if *stop.borrow() || !stands() {
                     return None;
@@ -163,7 +167,7 @@ pub fn stream(
                 let next = tokio::select! {
                     r = rx.recv() => r,
                     _ = stop.changed() => return None,
-                    () = tokio::time::sleep(HEARTBEAT) => {
+                    () = tokio::time::sleep_until(beat_at) => {
                         if !stands() {
                             return None;
                         }
@@ -258,6 +262,35 @@ mod tests {
         assert_eq!(seen.matches("event:").count(), 1);
         stop_tx.send(true).unwrap();
         assert!(body.frame().await.is_none());
+    }
+
+    /// Events a filter passes over do not put the heartbeat off.
+    #[tokio::test(start_paused = true)]
+    async fn a_filtered_stream_beats_while_events_it_passes_over_keep_coming() {
+        let (tx, rx) = broadcast::channel(16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let stands: Stands = Box::new(|| true);
+        let mut body = stream(
+            rx,
+            Filter::parse(Some("principal=quiet")).unwrap(),
+            stop,
+            stands,
+        );
+        body.frame().await.unwrap().unwrap();
+        let busy = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let _ = tx.send(Arc::new(event("busy", "allow")));
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            frame.data_ref().unwrap(),
+            &Bytes::from_static(b": keep-alive\n\n")
+        );
+        assert_eq!(started.elapsed(), HEARTBEAT);
+        busy.abort();
     }
 
     #[tokio::test]

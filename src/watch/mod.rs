@@ -163,7 +163,9 @@ pub async fn run(gw: Arc<Gateway>) {
                     "breach detection fell behind the audit log; {n} records were not examined"
                 );
                 gw.watch.publish(FeedEvent {
-                    kind: "lagged",
+                    // Not `lagged`, which is one reader's own gap in the feed: these records
+                    // were examined by no rule at all.
+                    kind: "detection_lagged",
                     id: 0,
                     principal: None,
                     dataset: None,
