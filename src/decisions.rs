@@ -63,6 +63,16 @@ pub struct InForce {
     pub digest: Option<crate::startup::PackDigests>,
 }
 
+impl InForce {
+    /// Whether `now` decides as this pack did: the same pack, or one read from the same
+    /// policies and schema (a reload that changed only the pack's tests changes nothing that
+    /// decides). A long read (an export, an aggregate) begun under this pack stops when not.
+    pub fn decides_as(self: &Arc<Self>, now: &Arc<InForce>) -> bool {
+        let rules = |p: &InForce| p.digest.map(|d| d.rules);
+        Arc::ptr_eq(self, now) || (rules(self).is_some() && rules(self) == rules(now))
+    }
+}
+
 /// The shared cache; lives beside the policy engine whose answers it holds.
 #[derive(Default)]
 pub struct DecisionCache {

@@ -178,6 +178,10 @@ pub enum GatewayError {
     TooManyAtOnce(usize),
     #[error("shared controls are stale")]
     ControlsStale,
+    /// A policy pack that decides otherwise was put in force while a long read (an
+    /// aggregate) was under way: it may forbid what the read was counting.
+    #[error("the policies changed while the answer was prepared")]
+    PolicyReloaded,
     /// No token key is trusted (a fetched set dropped as stale, with no other key): every
     /// caller would be refused. Said by `/readyz` only.
     #[error("no token key is trusted")]
@@ -247,6 +251,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
+            | GatewayError::PolicyReloaded
             | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
@@ -291,6 +296,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded => "quota_exceeded",
             GatewayError::TooManyAtOnce(_) => "too_many_at_once",
             GatewayError::ControlsStale => "controls_stale",
+            GatewayError::PolicyReloaded => "policy_reloaded",
             GatewayError::KeysUnavailable => "keys_unavailable",
             GatewayError::ControlsNotShared => "controls_not_shared",
             GatewayError::ControlsNotRecorded => "controls_not_recorded",
@@ -325,6 +331,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "gateway timeout",
             GatewayError::AuditUnavailable
             | GatewayError::ControlsStale
+            | GatewayError::PolicyReloaded
             | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
             | GatewayError::ControlsNotRecorded => "service unavailable",
@@ -410,6 +417,11 @@ impl GatewayError {
                 "rights requests and revocations cannot be confirmed current; retry shortly"
                     .to_owned()
             }
+            GatewayError::PolicyReloaded => {
+                "the policies in force changed while the answer was prepared, so it is not \
+                 given; ask again"
+                    .to_owned()
+            }
             GatewayError::KeysUnavailable => {
                 "no token signing key is trusted (a fetched key set was dropped as stale): \
                  every caller would be refused"
@@ -491,6 +503,7 @@ mod tests {
             GatewayError::QuotaExceeded,
             GatewayError::TooManyAtOnce(2),
             GatewayError::ControlsStale,
+            GatewayError::PolicyReloaded,
             GatewayError::KeysUnavailable,
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
@@ -528,6 +541,7 @@ mod tests {
                 | GatewayError::QuotaExceeded
                 | GatewayError::TooManyAtOnce(_)
                 | GatewayError::ControlsStale
+                | GatewayError::PolicyReloaded
                 | GatewayError::KeysUnavailable
                 | GatewayError::ControlsNotShared
                 | GatewayError::ControlsNotRecorded

@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use crate::audit::{Ack, AuditRecord, Decision};
 use crate::auth::Principal;
 use crate::decisions::Decider;
+use crate::error::GatewayError;
 use crate::filter::{self, Disclosure, FilterContext, RegisterFlags, Subjects};
 use crate::gateway::{DataBody, Gateway};
 use crate::policy::Ask;
@@ -205,6 +206,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             records: 0,
             filtered_with: Vec::new(),
             policies: Arc::clone(&plan.policies),
+            chunk_hold: crate::controls::QuotaHold::default(),
         };
         let principal = Arc::clone(&plan.principal);
         // The caller's slot is held to the export's very end, its last chunk handed on and
@@ -249,6 +251,8 @@ struct Run<'a> {
     filtered_with: Vec<(usize, RegisterFlags)>,
     /// The policy pack the export began under: one put in force since stops it.
     policies: Arc<crate::decisions::InForce>,
+    /// What the quota holds for the chunk being filled: its records, until it is counted.
+    chunk_hold: crate::controls::QuotaHold,
 }
 
 struct Waiting {
@@ -326,27 +330,34 @@ impl Run<'_> {
                     self.filtered_with
                         .push((d.subjects.len(), register.clone()));
                 }
-                // No more lines at once than the caller may still be disclosed records (a
-                // line is one record at most): the chunk that reaches their allowance is
+                // Under a quota, no more lines at once than the caller may still be disclosed
+                // records (a line is one record at most), held against it meanwhile so that
+                // their other requests see them: the chunk that reaches the allowance is
                 // released, and the export ends there, rather than a whole chunk past it.
-                let room = (gw.controls.quota_room(&plan.principal))
-                    .map_err(|e| e.code().to_owned())?
-                    .map(|r| r.saturating_sub(d.subjects.len() as u64));
-                let take = match room {
-                    None => rest.len(),
-                    Some(0) => {
+                let mut hold = None;
+                let take = if gw.controls.quota_limited(&plan.principal) {
+                    let lines = memchr::memchr_iter(b'\n', rest).count() as u64 + 1;
+                    let held = (gw.controls.reserve_quota_up_to(&plan.principal, lines))
+                        .map_err(|e| e.code().to_owned())?
+                        .unwrap_or_default();
+                    if held.records() == 0 {
                         let spent = d.subjects.is_empty();
                         self.release(&plan.principal, &mut out, &mut d).await?;
                         memo.new_chunk();
                         if spent {
-                            return Err(crate::error::GatewayError::QuotaExceeded.code().into());
+                            return Err(GatewayError::QuotaExceeded.code().into());
                         }
                         continue;
                     }
-                    Some(r) => lines_end(rest, r),
+                    let take = lines_end(rest, held.records());
+                    hold = Some(held);
+                    take
+                } else {
+                    rest.len()
                 };
                 let (now, later) = rest.split_at(take);
                 rest = later;
+                let before = d.subjects.len();
                 filter::filter_lines(
                     now,
                     &cx,
@@ -356,6 +367,11 @@ impl Run<'_> {
                     &mut d,
                 )
                 .map_err(|e| e.to_string())?;
+                // Held on for the records that will leave, until their chunk is counted.
+                if let Some(mut held) = hold {
+                    held.keep_only((d.subjects.len() - before) as u64);
+                    self.chunk_hold.absorb(held);
+                }
                 if out.len() >= CHUNK_BYTES {
                     self.release(&plan.principal, &mut out, &mut d).await?;
                     // Each chunk's record names the fields and policies its own records used.
@@ -378,6 +394,10 @@ impl Run<'_> {
             return Ok(());
         }
         self.still_standing(principal)?;
+        // The chunk's records, held while it filled, are checked (and held) again with the
+        // rest: within the allowance when held, they pass unless a request took its room in
+        // between, which ends the export as the allowance running out would.
+        drop(std::mem::take(&mut self.chunk_hold));
         let hold = self
             .gw
             .controls
@@ -435,13 +455,8 @@ impl Run<'_> {
     fn still_standing(&self, principal: &Principal) -> Result<(), String> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())?;
-        // A reload that changed only the pack's tests changes nothing that decides.
-        let now = self.gw.policies();
-        let rules = |p: &crate::decisions::InForce| p.digest.map(|d| d.rules);
-        if !Arc::ptr_eq(&self.policies, &now)
-            && (rules(&self.policies).is_none() || rules(&self.policies) != rules(&now))
-        {
-            return Err("policy_reloaded".to_owned());
+        if !self.policies.decides_as(&self.gw.policies()) {
+            return Err(GatewayError::PolicyReloaded.code().to_owned());
         }
         Ok(())
     }

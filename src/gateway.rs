@@ -137,6 +137,24 @@ enum Reply {
     Export(Box<crate::export::Plan>),
 }
 
+/// Whether an aggregate under way may go on: its caller still stands, and the policy pack
+/// it began under still decides (a reload may forbid what it counts, as for an export).
+fn aggregate_stands(
+    gw: &Gateway,
+    principal: &Principal,
+    began_under: &std::sync::Arc<crate::decisions::InForce>,
+) -> Result<(), GatewayError> {
+    standing(
+        gw,
+        principal,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
+    match began_under.decides_as(&gw.policies()) {
+        true => Ok(()),
+        false => Err(GatewayError::PolicyReloaded),
+    }
+}
+
 /// The outer handler: always answers, and never before the audit record is durable.
 pub async fn handle<B>(
     gw: &std::sync::Arc<Gateway>,
@@ -673,19 +691,12 @@ where
                 &gw.controls,
                 gw.aggregates,
                 &mut |a| decider.decide(a),
-                &|| {
-                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                    standing(gw, &principal, now)
-                },
+                &|| aggregate_stands(gw, &principal, &policies),
             )
             .await?;
             // Reading a whole register takes a while: the caller must still stand when the
             // answer is ready, as before each part of an export.
-            standing(
-                gw,
-                &principal,
-                time::OffsetDateTime::now_utc().unix_timestamp(),
-            )?;
+            aggregate_stands(gw, &principal, &policies)?;
             if counted.shown {
                 trail.fields = by.iter().cloned().collect();
             }

@@ -6,9 +6,10 @@
 //! area grants, or whose proxy piles on headers, is told which limit it crossed, as
 //! `application/problem+json`, and (on the data plane) in an audit record like any refusal.
 //! hyper's ([`HARD_HEAD_BYTES`], [`HARD_HEADERS`]: twice those) bound what a connection will
-//! buffer at all: past them hyper answers itself, with a bare 431 or 414 and no body, before
-//! any of the gateway runs (`server::serve` sets them; `server::connection_failed` counts
-//! them). Between the two, the gateway has the request and says what was wrong with it.
+//! buffer at all: past them hyper answers itself, before any of the gateway runs (HTTP/1: a
+//! bare 431, or 414 for a target over 64 KiB, counted by `server::connection_failed`; HTTP/2:
+//! a bare 431 on the stream, or a reset for such a target). Between the two, the gateway has
+//! the request and says what was wrong with it.
 
 use http::Request;
 
@@ -29,13 +30,18 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// HTTP/2's header list): room for every head [`check`] refuses by its own bounds.
 pub const HARD_HEAD_BYTES: usize = 2 * MAX_HEAD_BYTES;
 
-/// The most header fields hyper parses on HTTP/1 before it answers 431 itself.
+/// The most header fields hyper parses on HTTP/1 before it answers 431 itself (HTTP/2 has no
+/// such count: its header list's size bounds it).
 pub const HARD_HEADERS: usize = 2 * MAX_HEADERS;
 
 /// Refuses a head past the gateway's bounds: a target too long (414), or headers too many or
-/// too large (431). The size is the head as HTTP/1.1 would carry it, whichever version came.
+/// too large (431). The size is the head as HTTP/1.1 would carry it, whichever version came;
+/// the target counts its authority where it has one (HTTP/2's `:authority`, an HTTP/1
+/// absolute-form target), which HTTP/1.1 would carry in `Host`.
 pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
-    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
     if target > MAX_URI_BYTES {
         return Err(GatewayError::UriTooLong(MAX_URI_BYTES));
     }
@@ -85,6 +91,10 @@ mod tests {
     fn each_bound_is_refused_one_past_it() {
         let target = format!("/voter/electors?ward={}", "w".repeat(MAX_URI_BYTES - 20));
         let err = check(&request(&target, &[])).unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::URI_TOO_LONG);
+        // An authority counts: HTTP/2's, or an absolute-form target's.
+        let host = format!("{}.example", "h".repeat(MAX_URI_BYTES));
+        let err = check(&request(&format!("https://{host}/voter"), &[])).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::URI_TOO_LONG);
 
         let headers: Vec<_> = (0..=MAX_HEADERS).map(|_| ("x-a", "v".to_owned())).collect();

@@ -600,8 +600,8 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper enforces no timeout at all: a client that opens a connection and
     // sends half a request line would hold it (and a descriptor) for ever.
-    // hyper buffers a request's head (its line and headers) up to 128 KiB and 200 fields, on
-    // either protocol, and answers a larger one itself (a bare 431 or 414). That is twice the
+    // hyper buffers a request's head (its line and headers) up to 128 KiB (and, on HTTP/1, 200
+    // fields), and answers a larger one itself (a bare 431 or 414). That is twice the
     // gateway's own bounds, which each plane checks first and refuses with a problem document
     // (`request_head::check`); hyper's defaults (about 400 KiB for HTTP/1, 16 MiB for HTTP/2's
     // header list) would let each connection hold far more.

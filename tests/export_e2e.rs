@@ -444,11 +444,22 @@ async fn paused_datastore(
     rest: String,
     go: std::sync::Arc<tokio::sync::Notify>,
 ) -> std::net::SocketAddr {
+    paused_datastore_telling(first, rest, go, std::sync::Arc::default()).await
+}
+
+/// `paused_datastore`, which also says (`arrived`) when the request has come.
+async fn paused_datastore_telling(
+    first: String,
+    rest: String,
+    go: std::sync::Arc<tokio::sync::Notify>,
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let svc = hyper::service::service_fn(move |_req| {
+            arrived.notify_one();
             let parts = [(first.clone(), None), (rest.clone(), Some(go.clone()))];
             let frames = futures_util::stream::iter(parts).then(|(text, wait)| async move {
                 if let Some(go) = wait {
@@ -660,6 +671,73 @@ async fn a_policy_reload_stops_an_export_under_way() {
         last["detail"]["export_aborted"], "policy_reloaded",
         "{last}"
     );
+}
+
+/// An aggregate reads the whole register as an export does, so a pack put in force meanwhile
+/// that decides otherwise stops it too: 503 `policy-reloaded`, and nothing counted is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_stops_an_aggregate_under_way() {
+    let (real, stop) = common::start_datastore(2_000).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("http://{real}/electors/export");
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let all = resp.into_body().collect().await.unwrap().to_bytes();
+    drop(stop);
+    let text = std::str::from_utf8(&all).unwrap();
+    let cut = text.len() / 2 + text[text.len() / 2..].find('\n').unwrap() + 1;
+    let (go, arrived) = (std::sync::Arc::default(), std::sync::Arc::default());
+    let upstream = paused_datastore_telling(
+        text[..cut].to_owned(),
+        text[cut..].to_owned(),
+        std::sync::Arc::clone(&go),
+        std::sync::Arc::clone(&arrived),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let asked = {
+        let (addr, token) = (app.addr, app.token("analyst"));
+        tokio::spawn(async move {
+            let req = Request::get(format!(
+                "http://{addr}/voter/electors/aggregate?by=constituency"
+            ))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-purpose", "research")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            (status, resp.into_body().collect().await.unwrap().to_bytes())
+        })
+    };
+    arrived.notified().await;
+    let pack = app.dir.path().join("policies");
+    std::fs::write(
+        pack.join("suspensions.cedar"),
+        "@id(\"test.branch-suspended\")\nforbid (principal, action, resource)\nwhen { context.caller.unit == \"SUSPENDED-BRANCH\" };\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pack.join("tests/deny/branch-suspended.json"),
+        r#"{"description": "a suspended branch lists nothing", "caller": {"role": "councillor", "unit": "SUSPENDED-BRANCH", "areas": ["E05011391"], "purposes": ["canvassing"]}, "purpose": "canvassing", "action": "list", "dataset": "voter", "expect_policies": ["test.branch-suspended"]}"#,
+    )
+    .unwrap();
+    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    go.notify_one();
+    let (status, body) = asked.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    let problem: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:wardgate:problem:policy-reloaded");
+    assert!(problem.get("cells").is_none());
+    let last = (app.audit_records().into_iter())
+        .rfind(|r| r["route"] == "voter.aggregate")
+        .unwrap();
+    assert_eq!(last["reason"], "policy_reloaded", "{last}");
+    assert_eq!(last["fields"].as_array().unwrap().len(), 0, "{last}");
 }
 
 /// A reload that changed only the pack's tests changes nothing that decides: an export under
@@ -1033,4 +1111,46 @@ async fn an_export_stops_at_the_callers_allowance_not_a_chunk_past_it() {
         assert_eq!(r.status, 429);
         app.stop().await;
     }
+}
+
+/// Two exports by one caller at once share one allowance: what each is about to filter is
+/// held against it, so together they disclose exactly 5,001 records, not a chunk each past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_exports_at_once_share_the_callers_allowance() {
+    let allowance = 5_001;
+    let app = spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            c.quotas.insert(
+                "analyst".into(),
+                wardgate::controls::Limits {
+                    per_hour: allowance,
+                    per_day: 100_000,
+                },
+            );
+        })),
+        ..AppOptions::default()
+    })
+    .await;
+    let analyst = app.token("analyst");
+    let (one, two) = tokio::join!(export(&app, &analyst, ""), export(&app, &analyst, ""));
+    for (status, body) in [one, two] {
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.is_err(), "an export past the allowance ended whole");
+    }
+    let (records, chunks) = export_records(&app);
+    let disclosed: u64 = (chunks.iter())
+        .map(|c| c["subjects"].as_array().unwrap().len() as u64)
+        .sum();
+    assert_eq!(disclosed, allowance);
+    let ends: Vec<&Value> = (records.iter())
+        .filter(|r| r["detail"]["export_aborted"].is_string())
+        .collect();
+    assert_eq!(ends.len(), 2);
+    assert!(
+        ends.iter()
+            .all(|r| r["detail"]["export_aborted"] == "quota_exceeded"),
+        "{ends:?}"
+    );
+    app.stop().await;
 }

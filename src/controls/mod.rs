@@ -244,6 +244,29 @@ pub struct Controls {
 #[derive(Default)]
 pub struct QuotaHold(Option<(Arc<Inner>, quota::Held)>);
 
+impl QuotaHold {
+    /// How many records it holds (0 for a role without limits).
+    pub fn records(&self) -> u64 {
+        self.0.as_ref().map_or(0, |(_, h)| h.records())
+    }
+
+    /// Gives back all but `n` of what it holds.
+    pub fn keep_only(&mut self, n: u64) {
+        if let Some((inner, held)) = &mut self.0 {
+            inner.quotas.keep_only(held, n);
+        }
+    }
+
+    /// Takes over what `other` holds: one hold for a chunk filled a few lines at a time.
+    pub fn absorb(&mut self, mut other: QuotaHold) {
+        match (&mut self.0, other.0.take()) {
+            (Some((_, mine)), Some((_, theirs))) => mine.absorb(theirs),
+            (None, theirs) => self.0 = theirs,
+            (Some(_), None) => {}
+        }
+    }
+}
+
 impl Drop for QuotaHold {
     fn drop(&mut self) {
         if let Some((inner, held)) = &self.0 {
@@ -458,11 +481,22 @@ impl Controls {
         Ok(QuotaHold(held.map(|h| (Arc::clone(&self.inner), h))))
     }
 
-    /// How many more records `p` may be disclosed now (`None`: no limit), for an export to cut
-    /// its chunk at: a chunk that crossed the allowance would otherwise leave whole.
-    pub fn quota_room(&self, p: &Principal) -> Result<Option<u64>, GatewayError> {
+    /// Whether `p`'s role has a quota.
+    pub fn quota_limited(&self, p: &Principal) -> bool {
+        self.inner.quotas.limits(&p.role)
+    }
+
+    /// Holds as many of `want` records as `p` may still be disclosed (`None`: their role has
+    /// no limit), for an export to filter no more lines than that: a chunk that crossed the
+    /// allowance would otherwise leave whole.
+    pub fn reserve_quota_up_to(
+        &self,
+        p: &Principal,
+        want: u64,
+    ) -> Result<Option<QuotaHold>, GatewayError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.inner.quotas.room(p, now)
+        let held = self.inner.quotas.reserve_up_to(p, now, want)?;
+        Ok(held.map(|h| QuotaHold(Some((Arc::clone(&self.inner), h)))))
     }
 
     /// Counts records disclosed to `p`.

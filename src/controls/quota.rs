@@ -111,6 +111,19 @@ pub struct Held {
     n: u64,
 }
 
+impl Held {
+    /// How many records it holds.
+    pub fn records(&self) -> u64 {
+        self.n
+    }
+
+    /// Takes over what `other` (the same principal's) holds.
+    pub fn absorb(&mut self, other: Held) {
+        debug_assert_eq!(self.subject, other.subject);
+        self.n += other.n;
+    }
+}
+
 pub struct Quotas {
     limits: HashMap<String, Limits>,
     counts: Mutex<Counts>,
@@ -243,10 +256,23 @@ impl Quotas {
         }))
     }
 
-    /// How many more records the principal may be disclosed now, this window and today,
-    /// counting what requests under way have reserved (`None`: their role has no limits).
-    /// Read from what this replica knows: `check` fetched anything it did not.
-    pub fn room(&self, p: &Principal, now: i64) -> Result<Option<u64>, GatewayError> {
+    /// Whether `role` has limits.
+    pub fn limits(&self, role: &str) -> bool {
+        self.limits.contains_key(role)
+    }
+
+    /// Reserves as many of `want` records as the principal may still be disclosed now, this
+    /// hour and today, counting what requests under way have reserved (`None`: their role has
+    /// no limits). What an export is about to filter is held so, a few lines at most past the
+    /// allowance never: parallel requests (another export) see it as they see a page's hold.
+    /// Read from what this replica knows (`check`, at the request's start and each chunk's
+    /// release, fetches a principal it has not seen lately).
+    pub fn reserve_up_to(
+        &self,
+        p: &Principal,
+        now: i64,
+        want: u64,
+    ) -> Result<Option<Held>, GatewayError> {
         let Some(limits) = self.limits.get(&p.role).copied() else {
             return Ok(None);
         };
@@ -259,16 +285,34 @@ impl Quotas {
             }
         }
         let [(hour, _), (day, _)] = keys(&p.subject, now);
-        let c = self
+        let mut c = self
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
         let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
         let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
-        Ok(Some(
-            (limits.per_hour.saturating_sub(used(&hour)))
-                .min(limits.per_day.saturating_sub(used(&day))),
-        ))
+        let room = (limits.per_hour.saturating_sub(used(&hour)))
+            .min(limits.per_day.saturating_sub(used(&day)));
+        let n = want.min(room);
+        if n > 0 {
+            *c.reserved.entry(p.subject.clone()).or_default() += n;
+        }
+        Ok(Some(Held {
+            subject: p.subject.clone(),
+            n,
+        }))
+    }
+
+    /// Gives back all but `keep` of what `held` holds.
+    pub fn keep_only(&self, held: &mut Held, keep: u64) {
+        let back = held.n.saturating_sub(keep);
+        if back > 0 {
+            self.release(&Held {
+                subject: held.subject.clone(),
+                n: back,
+            });
+            held.n -= back;
+        }
     }
 
     /// Gives back what a request reserved.
