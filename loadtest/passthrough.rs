@@ -95,6 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             header_read_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
             write_stall_timeout: Duration::from_secs(300),
+            run_to_end: false,
         },
     )
     .await

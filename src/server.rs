@@ -517,6 +517,11 @@ pub struct Limits {
     /// How long a write to a client may wait for it to take a byte (`server.client_stall_timeout`);
     /// then its connection is closed.
     pub write_stall_timeout: Duration,
+    /// Whether a request's handler runs to its end when its client hangs up, rather than
+    /// being dropped with the connection. The admin plane's do: a change whose record is
+    /// queued is then applied, not logged as made and never made. The data plane's do not:
+    /// a handler dropped records what it leaves unanswered (`client_closed`).
+    pub run_to_end: bool,
 }
 
 /// Waits for a free connection slot (counting and, at most once a minute, logging each time
@@ -645,12 +650,17 @@ where
         let h = handler.clone();
         let activity = Activity::new();
         let requests = Arc::clone(&activity);
+        let run_to_end = limits.run_to_end;
         let service = service_fn(move |req: Request<Incoming>| {
             let h = h.clone();
             let request = requests.begin();
             async move {
-                let resp = h(req, peer).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, request)))
+                let resp = match run_to_end {
+                    // A panic in the handler closes the connection, as hyper does for one.
+                    true => tokio::spawn(h(req, peer)).await?,
+                    false => h(req, peer).await,
+                };
+                Ok::<_, tokio::task::JoinError>(resp.map(|b| Tracked::new(b, request)))
             }
         });
         let stopping = stopping.clone();
@@ -842,6 +852,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
             write_stall_timeout: Duration::from_secs(30),
+            run_to_end: false,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
@@ -891,6 +902,65 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// A handler whose client hangs up is dropped with the connection, unless the listener
+    /// runs handlers to their end (the admin plane: a change logged is then made).
+    #[tokio::test]
+    async fn a_handler_runs_to_its_end_after_a_hang_up_only_where_asked() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for run_to_end in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let limits = Limits {
+                plane: "hang-up-test",
+                max_connections: 8,
+                header_read_timeout: Duration::from_secs(30),
+                grace: Duration::from_secs(1),
+                write_stall_timeout: Duration::from_secs(30),
+                run_to_end,
+            };
+            let go = Arc::new(tokio::sync::Notify::new());
+            let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let handler = {
+                let go = Arc::clone(&go);
+                move |_req: Request<Incoming>, _peer| {
+                    let (go, done_tx) = (Arc::clone(&go), done_tx.clone());
+                    async move {
+                        go.notified().await;
+                        let _ = done_tx.send(());
+                        Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                    }
+                }
+            };
+            let server = tokio::spawn(serve(
+                listener,
+                None,
+                handler,
+                async {
+                    let _ = stopped.await;
+                },
+                limits,
+            ));
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            // The client hangs up; the server closes the connection once it sees that.
+            c.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer))
+                .await
+                .expect("the connection was not closed")
+                .unwrap();
+            assert!(answer.is_empty(), "{answer:?}");
+            go.notify_one();
+            let finished = tokio::time::timeout(Duration::from_secs(2), done.recv()).await;
+            assert_eq!(finished.is_ok(), run_to_end, "run_to_end {run_to_end}");
+            let _ = stop.send(());
+            server.await.unwrap().unwrap();
+        }
+    }
+
     /// An HTTP/1 client that sends requests back to back and never reads the answers holds
     /// its connection only until `write_stall_timeout`: hyper runs no header timer while the
     /// next request's head is read and the answer before it cannot be sent.
@@ -906,6 +976,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             grace: Duration::from_secs(1),
             write_stall_timeout: Duration::from_secs(2),
+            run_to_end: false,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(

@@ -503,6 +503,7 @@ pub async fn run(
         // recorded `client_stalled`.
         write_stall_timeout: (gw.client_stall_timeout.saturating_mul(2))
             .max(gw.client_stall_timeout + std::time::Duration::from_secs(60)),
+        run_to_end: plane == "admin",
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
