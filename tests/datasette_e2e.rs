@@ -322,8 +322,8 @@ async fn a_table_datasette_refuses_is_the_datastores_failure() {
 
 fn not_installed() {
     assert!(
-        std::env::var_os("CI").is_none(),
-        "datasette is not installed under CI (scripts/test.sh installs it)"
+        std::env::var_os("CI").is_none() && std::env::var_os("WARDGATE_NO_SKIP").is_none(),
+        "datasette is not installed under CI or scripts/test.sh (which installs it)"
     );
     eprintln!("skipping: datasette not installed (pip install datasette)");
 }

@@ -76,7 +76,7 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
     let tools = ["nginx", "wrk", "taskset", "curl", "python3"];
     if !is_root() && !tools.iter().all(|t| have(t)) {
         assert!(
-            std::env::var_os("CI").is_none(),
+            std::env::var_os("CI").is_none() && std::env::var_os("WARDGATE_NO_SKIP").is_none(),
             "CI runs as root, so loadtest/run.sh can install {tools:?}"
         );
         eprintln!("skipped: one of {tools:?} is missing and this is not root to install it");
