@@ -343,3 +343,41 @@ async fn bad_aggregate_requests_get_clear_errors() {
         );
     }
 }
+
+/// The counts leave out anonymous electors and under-16s because the gateway does, not only
+/// because the datastore was asked to: a datastore that ignores `exclude=protected` and sends
+/// the whole register gets exactly the counts an honest one does (rounded in the answer, exact
+/// in the audit record), and the record says how many rows were withheld.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datastore_that_sends_the_protected_changes_no_count() {
+    let real = spawn_app().await;
+    let everyone = datastore_body(real.upstream, "/electors/export").await;
+    let open = datastore_body(real.upstream, "/electors/export?exclude=protected").await;
+    let lines = |b: &bytes::Bytes| b.iter().filter(|c| **c == b'\n').count() as u64;
+    let protected = lines(&everyone) - lines(&open);
+    assert!(protected > 0, "the register holds protected entries");
+    let upstream =
+        common::fixed_upstream(everyone, "application/x-ndjson", std::time::Duration::ZERO).await;
+    let app = common::spawn_app_with(common::AppOptions {
+        upstream: Some(upstream),
+        ..common::AppOptions::default()
+    })
+    .await;
+    for by in ["constituency", "ward"] {
+        let honest = aggregate(&real, &format!("by={by}")).await;
+        let told = aggregate(&app, &format!("by={by}")).await;
+        assert_eq!(cells(&told, by), cells(&honest, by), "by {by}");
+        let logged = app.audit_for(&told);
+        // Exactly: the answer's cells are rounded, the record's figures are not.
+        let counted = |r: &Value| r["detail"]["aggregate"]["records_counted"].clone();
+        assert_eq!(
+            counted(&logged),
+            counted(&real.audit_for(&honest)),
+            "by {by}"
+        );
+        let withheld = logged["rows_withheld"].as_u64().unwrap();
+        assert!(withheld >= protected, "{withheld} < {protected}: {logged}");
+    }
+    app.stop().await;
+    real.stop().await;
+}

@@ -2367,3 +2367,59 @@ async fn only_restricted_subjects_named_by_id_count_as_protected() {
     }
     app.stop().await;
 }
+
+/// The gateway's own row filter, not the datastore's narrowing, is what keeps a listing to
+/// the caller's areas and free of the protected: a datastore that ignores `areas=` and
+/// `exclude=protected` and sends a page holding one elector of the councillor's ward, one of
+/// another ward, an anonymous elector and an under-16 gets the councillor the first alone,
+/// and a national analyst the two open ones; each record says how many were withheld.
+#[tokio::test]
+async fn a_datastore_that_ignores_narrowing_gets_no_one_out_of_scope_or_protected_listed() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let open = |r: &&Value| r["markers"] == json!([]) && r["flags"] == json!([]);
+    let ward = "E05011391";
+    let inside = truth.iter().find(|r| open(r) && r["ward"] == ward).unwrap();
+    let outside = truth.iter().find(|r| open(r) && r["ward"] != ward).unwrap();
+    let anonymous = (truth.iter())
+        .find(|r| r["ward"] == ward && r["markers"].as_array().unwrap().contains(&json!("N")))
+        .expect("an anonymous elector in the ward");
+    let child = (truth.iter())
+        .find(|r| r["ward"] == ward && r["flags"].as_array().unwrap().contains(&json!("under_16")))
+        .expect("an under-16 in the ward");
+    let page = json!({
+        "records": [inside, outside, anonymous, child],
+        "page": 1, "per_page": 4, "next_page": null
+    });
+    let app = app_serving(&page).await;
+    for (role, purpose, expected, withheld) in [
+        ("councillor", "canvassing", vec![inside], 3),
+        ("analyst", "profiling", vec![inside, outside], 2),
+    ] {
+        let r = app
+            .get(
+                "/voter/electors?per_page=4",
+                Some(&app.token(role)),
+                Some(purpose),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{role}: {:?}", r.body);
+        let ids: Vec<Value> = (r.json()["records"].as_array().unwrap().iter())
+            .map(|x| x["elector_id"].clone())
+            .collect();
+        let want: Vec<Value> = expected.iter().map(|x| x["elector_id"].clone()).collect();
+        assert_eq!(ids, want, "{role}/{purpose}");
+        for hidden in [anonymous, child] {
+            let id = hidden["elector_id"].as_str().unwrap();
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains(id),
+                "{role}: {id}"
+            );
+        }
+        let logged = app.audit_for(&r);
+        assert_eq!(logged["subjects"], json!(want), "{role}");
+        assert_eq!(logged["rows_withheld"], withheld, "{role}");
+    }
+    app.stop().await;
+    real.stop().await;
+}
