@@ -118,6 +118,11 @@ pub struct Trail {
     /// the datastore's refusal, whose 502 against the 404 of a target that may not be
     /// written tells the caller what a read by id would (the record exists, in their scope).
     forwarded: bool,
+    /// A write whose intent is recorded and which has not been sent: its target, which the
+    /// answer's record then names (`"write": "not_sent"`), so that a subject access report
+    /// does not list as sent a write stopped before its datastore (a restriction placed
+    /// meanwhile, the caller revoked or gone).
+    unsent: Option<String>,
     /// The audit record's `detail`, where the route has one (an aggregate's summary).
     detail: Option<serde_json::Value>,
     /// Records held against the caller's quota until the request ends.
@@ -804,6 +809,7 @@ where
             .await?;
             trail.written = written;
             log_intent(gw, trail, request_id, client, &asked, id).await?;
+            trail.unsent = Some(id.to_owned());
             // A rights request placed on the record while its intent was made durable (a
             // restriction, a para 22 notice, an erasure request) stops the write here.
             if let Some(then) = trail.judged_on.take() {
@@ -814,6 +820,7 @@ where
                 }
             }
             trail.forwarded = true;
+            trail.unsent = None;
             let resp = upstream
                 .send(Method::POST, &path, Some(body), request_id)
                 .await?;
@@ -1324,6 +1331,7 @@ fn audit_record(
         Some(e) => (Decision::Error, Some(e.code().to_owned())),
     };
     let disclosed = error.is_none();
+    let unsent = trail.unsent.take().filter(|_| !disclosed);
     AuditRecord {
         ts: AuditRecord::now_ts(),
         request_id: request_id.to_owned(),
@@ -1346,10 +1354,15 @@ fn audit_record(
         policy_ids: std::mem::take(&mut trail.policy_ids).into_iter().collect(),
         reason,
         status: status.as_u16(),
-        subjects: if disclosed {
-            std::mem::take(&mut trail.subjects)
-        } else {
-            filter::Subjects::default()
+        subjects: match &unsent {
+            _ if disclosed => std::mem::take(&mut trail.subjects),
+            // Nothing disclosed: the target of the write not sent, for the subject index.
+            Some(target) => {
+                let mut s = filter::Subjects::default();
+                s.push(target);
+                s
+            }
+            None => filter::Subjects::default(),
         },
         fields: if disclosed {
             std::mem::take(&mut trail.fields).into_iter().collect()
@@ -1365,9 +1378,12 @@ fn audit_record(
             why => why.to_owned(),
         }),
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        detail: trail.detail.take().or_else(|| {
-            (!trail.written.is_empty()).then(|| serde_json::json!({ "written": trail.written }))
-        }),
+        detail: match unsent {
+            Some(_) => Some(serde_json::json!({ "write": "not_sent", "written": trail.written })),
+            None => trail.detail.take().or_else(|| {
+                (!trail.written.is_empty()).then(|| serde_json::json!({ "written": trail.written }))
+            }),
+        },
     }
 }
 

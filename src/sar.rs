@@ -160,9 +160,15 @@ pub fn build_from(
     // A write's own record, made before it is forwarded (`gateway::log_intent`): what the
     // datastore was asked to record, whatever it answered (its answer may not name the
     // person at all, when the record written is one the caller may no longer see).
+    // Less those whose answer's record says they were stopped before the datastore.
+    let not_sent: BTreeSet<&str> = (records.iter())
+        .filter(|r| r["detail"]["write"] == "not_sent")
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
     let writes: Vec<Disclosure> = records
         .iter()
         .filter(|r| r["decision"] == "allow" && r["detail"]["write"] == "intended")
+        .filter(|r| (r["request_id"].as_str()).is_none_or(|id| !not_sent.contains(id)))
         .map(|r| entry(r, &r["detail"]["written"]))
         .collect();
     // By purpose and the lawful basis each disclosure was recorded under: a basis the

@@ -1768,6 +1768,19 @@ async fn a_restriction_placed_while_an_answer_is_recorded_holds_it_back() {
         records[1]["withheld_target"], "rights_register_changed",
         "{records:?}"
     );
+    // Which the answer's record says, naming the target, so that a subject access report
+    // does not list the write as sent to the datastore.
+    assert_eq!(records[1]["detail"]["write"], "not_sent", "{records:?}");
+    assert_eq!(records[1]["subjects"], serde_json::json!([other]));
+    let sar = app
+        .admin_get_with(&format!("/sar/{other}"), &app.token("dpo"))
+        .await;
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let writes = sar.json()["writes"].clone();
+    assert!(
+        !(writes.as_array().unwrap().iter()).any(|w| w["request_id"] == rid.as_str()),
+        "{writes}"
+    );
     app.stop().await;
 }
 

@@ -126,6 +126,9 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
         }
     }
     remove_segments(dir, &leftover)?;
+    if let Some((oldest, _)) = segments.first() {
+        remove_orphans(dir, *oldest)?;
+    }
     let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
         if !leftover.is_empty() {
             super::segment::sync_dir(dir)?;
@@ -195,13 +198,42 @@ pub fn carry_out(dir: &Path, plan: Plan) -> anyhow::Result<Pruned> {
     Ok(pruned)
 }
 
-/// Removes each sealed segment's file, index and seal (those already gone are fine).
+/// Removes the indexes and seals of segments older than the oldest there is: what a prune
+/// that removed the segment first (before this order) left when cut short.
+fn remove_orphans(dir: &Path, oldest: u64) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let stem = (name.strip_suffix(".idx")).or_else(|| name.strip_suffix(".seal.json"));
+        let Some(n) = stem.and_then(|s| super::segment::parse_segment_name(&format!("{s}.jsonl")))
+        else {
+            continue;
+        };
+        if n < oldest {
+            tracing::warn!(
+                segment = n,
+                "removing the index or seal of a pruned segment"
+            );
+            match std::fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow::anyhow!("cannot remove `{name}`: {e}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes each sealed segment's index, seal and file, in that order (those already gone are
+/// fine): a crash between leaves the segment, which the next start seals again and the next
+/// prune removes as left behind its anchor, never an index (subject ids, hashed: personal
+/// data) whose segment is gone and which nothing would look at again.
 fn remove_segments(dir: &Path, seals: &[super::index::Seal]) -> anyhow::Result<()> {
     for s in seals {
         for p in [
-            dir.join(super::segment::segment_name(s.segment)),
             index_path(dir, s.segment),
             seal_path(dir, s.segment),
+            dir.join(super::segment::segment_name(s.segment)),
         ] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -635,6 +667,18 @@ mod tests {
             )
         );
         assert!(verify_dir(dir.path()).is_ok());
+        // A prune cut short after removing a segment and before its index and seal (as an
+        // earlier order of removal could leave them): the next prune removes those.
+        for (p, b) in &first_files[1..] {
+            std::fs::write(p, b).unwrap();
+        }
+        assert!(
+            prune_and_record(&log, dir.path(), seven_years)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(first_files.iter().all(|(p, _)| !p.exists()));
         log.shutdown().await;
         drop(log);
         // A restart continues the chain past the pruned history.

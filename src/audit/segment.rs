@@ -91,7 +91,7 @@ pub(crate) fn read_written(file: &mut File, from: u64) -> io::Result<Vec<u8>> {
 }
 
 /// The segment number of `name`, or `None` if `name` is not a segment file.
-fn parse_segment_name(name: &str) -> Option<u64> {
+pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("seg-")?.strip_suffix(".jsonl")?;
     if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
