@@ -278,8 +278,12 @@ async fn every_token_failure_is_refused_and_audited() {
     app.stop().await;
 }
 
+/// A token naming a key the gateway does not trust is refused as such, and the refusal does
+/// not list the keys it does trust. (Which key ids exist is no secret: an identity provider
+/// publishes them in its key set, so "unknown key" against "bad signature" tells a caller
+/// nothing it could not read there.)
 #[tokio::test]
-async fn refusals_never_say_which_keys_exist() {
+async fn a_token_under_an_unknown_key_is_refused_without_naming_the_trusted_ones() {
     let app = spawn_app().await;
     let claims = app.claims("councillor", &["E05011391"], &["canvassing"]);
     let resp = app
@@ -289,6 +293,11 @@ async fn refusals_never_say_which_keys_exist() {
             Some("canvassing"),
         )
         .await;
+    assert_eq!(resp.status, 401);
+    assert_eq!(
+        resp.json()["type"],
+        "urn:wardgate:problem:token-key-unknown"
+    );
     let text = String::from_utf8_lossy(&resp.body).to_string();
     assert!(!text.contains(wardgate::demo::KID), "{text}");
     app.stop().await;

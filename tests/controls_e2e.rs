@@ -276,12 +276,14 @@ async fn a_restriction_survives_flushall_and_a_replica_restart() {
     let a = replica(upstream, &redis, None).await;
     until_ready("a ready", &a).await;
     let id = visible_elector(&a).await;
+    let path = format!("/voter/electors/{id}");
+    let read = (a.get(&path, Some(&a.token("councillor")), Some("canvassing"))).await;
+    assert_eq!(read.status, 200, "readable before the restriction");
     let placed = restrict(&a, &id, "RR-1").await;
     assert_eq!(placed.status, 200);
     redis.flushall();
     let a = a.restart().await;
     until_ready("a ready after restart", &a).await;
-    let path = format!("/voter/electors/{id}");
     assert_eq!(
         a.get(&path, Some(&a.token("councillor")), Some("canvassing"))
             .await
