@@ -15,7 +15,8 @@
 //! are rounded to a multiple of `round_to`. The answer says nothing of the cells left out, nor
 //! how many records were withheld or could not be grouped: any of those could be one person,
 //! and rounding keeps two answers (grouped by a field, then by it and another) from being
-//! subtracted to learn them (with `round_to` above 1). Filters are by area only
+//! subtracted to learn their size (with `round_to` above 1), though not from showing that
+//! something was left out. Filters are by area only
 //! (`routes.rs`), so no population filtered is smaller than a polling district; cells are
 //! smaller groups, of at least `min_cell`.
 //!
@@ -200,7 +201,7 @@ impl<'b> Groups<'b> {
         if let Some(n) = self.counts.get_mut(&key) {
             *n += 1;
         } else if self.counts.len() >= self.max {
-            return Err(GatewayError::BadRequest(format!(
+            return Err(GatewayError::TooManyGroups(format!(
                 "grouping by {} makes more than {} groups; group by fewer or coarser fields, or \
                  filter the records first",
                 self.by.join(","),
@@ -404,6 +405,6 @@ mod tests {
     fn too_many_groups_are_refused() {
         let lines = [r#"{"id":"1"}"#, r#"{"id":"2"}"#, r#"{"id":"3"}"#];
         let err = groups_of(&["id"], &lines, 2).err().unwrap();
-        assert!(matches!(err, GatewayError::BadRequest(m) if m.contains("more than 2 groups")));
+        assert!(matches!(err, GatewayError::TooManyGroups(m) if m.contains("more than 2 groups")));
     }
 }

@@ -123,6 +123,11 @@ pub enum GatewayError {
     UnsupportedMediaType,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An aggregate whose grouping makes more groups than `aggregates.max_groups`: refused
+    /// once the records were read, so it says something of them (how many distinct values
+    /// the scope holds), and breach detection counts it with the aggregates answered.
+    #[error("too many groups: {0}")]
+    TooManyGroups(String),
     #[error("forbidden by policy")]
     Forbidden { policy_ids: Vec<String> },
     /// A write would write what its caller may not: fields of a category the declared
@@ -231,7 +236,8 @@ impl GatewayError {
             GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             GatewayError::PurposeMissing
             | GatewayError::PurposeUnknown(_)
-            | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | GatewayError::BadRequest(_)
+            | GatewayError::TooManyGroups(_) => StatusCode::BAD_REQUEST,
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
             | GatewayError::WriteForbidden(_)
@@ -277,6 +283,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::TooManyGroups(_) => "too_many_groups",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
             GatewayError::WriteForbidden(_) => "write_forbidden",
             GatewayError::FilterForbidden(_) => "filter_forbidden",
@@ -310,7 +317,8 @@ impl GatewayError {
             GatewayError::Unauthenticated(_) => "unauthenticated",
             GatewayError::PurposeMissing
             | GatewayError::PurposeUnknown(_)
-            | GatewayError::BadRequest(_) => "bad request",
+            | GatewayError::BadRequest(_)
+            | GatewayError::TooManyGroups(_) => "bad request",
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
             | GatewayError::WriteForbidden(_)
@@ -363,7 +371,7 @@ impl GatewayError {
             GatewayError::UnsupportedMediaType => {
                 "a write's body must be JSON, sent as `Content-Type: application/json`".to_owned()
             }
-            GatewayError::BadRequest(why) => why.clone(),
+            GatewayError::BadRequest(why) | GatewayError::TooManyGroups(why) => why.clone(),
             GatewayError::Forbidden { .. } => {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
@@ -486,6 +494,7 @@ mod tests {
             GatewayError::MethodNotAllowed("GET"),
             GatewayError::UnsupportedMediaType,
             GatewayError::BadRequest("b".into()),
+            GatewayError::TooManyGroups("g".into()),
             GatewayError::Forbidden { policy_ids: vec![] },
             GatewayError::WriteForbidden("w".into()),
             GatewayError::FilterForbidden("f".into()),
@@ -522,6 +531,7 @@ mod tests {
                 | GatewayError::MethodNotAllowed(_)
                 | GatewayError::UnsupportedMediaType
                 | GatewayError::BadRequest(_)
+                | GatewayError::TooManyGroups(_)
                 | GatewayError::Forbidden { .. }
                 | GatewayError::WriteForbidden(_)
                 | GatewayError::FilterForbidden(_)

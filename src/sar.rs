@@ -301,7 +301,10 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     let Some(anchor) = crate::audit::prune::read_anchor(audit_dir)? else {
         // Nor does a missing one: a log that was never pruned starts at its first record.
         // (Read again before failing: the first prune may have landed meanwhile.)
-        let oldest_seq = oldest_record(audit_dir).and_then(|r| r["seq"].as_u64());
+        // Less the damaged lines before it, each a record once: a log whose very first line
+        // is torn starts at record 1 all the same.
+        let oldest_seq = oldest_record(audit_dir)
+            .and_then(|(r, damaged)| r["seq"].as_u64().map(|seq| seq.saturating_sub(damaged)));
         if let Some(seq) = oldest_seq.filter(|seq| *seq > 1) {
             if crate::audit::prune::read_anchor(audit_dir)?.is_some() {
                 return coverage(audit_dir);
@@ -315,7 +318,7 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
         return Ok(None);
     };
     let held_from = oldest_record(audit_dir)
-        .map(|first| text(&first, "ts"))
+        .map(|(first, _)| text(&first, "ts"))
         .unwrap_or_default();
     Ok(Some(Coverage {
         pruned_records: anchor.pruned_records,
@@ -323,19 +326,29 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
     }))
 }
 
-/// The oldest record the log holds: the first of the first segment that yields one (one may
-/// be empty, torn, or pruned since it was listed).
-fn oldest_record(audit_dir: &Path) -> Option<Value> {
+/// The oldest record the log holds, and how many damaged lines came before it in its segment:
+/// the first readable line of the first segment that has one (a segment may be empty, or
+/// pruned since it was listed; a line may be torn or damaged, which `wardgate audit verify`
+/// reports).
+fn oldest_record(audit_dir: &Path) -> Option<(Value, u64)> {
     use std::io::BufRead;
     crate::audit::segment::list_segments(audit_dir)
         .ok()?
         .into_iter()
         .find_map(|(_, path)| {
+            let mut reader = std::io::BufReader::new(std::fs::File::open(path).ok()?);
             let mut line = Vec::new();
-            std::io::BufReader::new(std::fs::File::open(path).ok()?)
-                .read_until(b'\n', &mut line)
-                .ok()?;
-            serde_json::from_slice::<Value>(&line).ok()
+            let mut damaged = 0;
+            loop {
+                line.clear();
+                if reader.read_until(b'\n', &mut line).ok()? == 0 || line.starts_with(b"\0") {
+                    return None;
+                }
+                match serde_json::from_slice::<Value>(&line) {
+                    Ok(record) => return Some((record, damaged)),
+                    Err(_) => damaged += 1,
+                }
+            }
         })
 }
 
@@ -642,6 +655,31 @@ mod tests {
             fields("subj-b"),
             [vec!["name", "ward"], vec!["name", "ward"]]
         );
+    }
+
+    /// A log whose very first line is damaged still starts at record 1: its report is made
+    /// (not refused as missing the records before), while one whose first readable record
+    /// comes later than the damaged lines account for is refused.
+    #[test]
+    fn a_damaged_first_line_is_not_taken_for_missing_records() {
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let log = |first_seq: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut r = sample(first_seq);
+            r.subjects = vec!["subj-a".to_owned()].into();
+            let line = encode_line(first_seq, crate::audit::record::GENESIS_HASH, &r).unwrap();
+            let text = [b"{\"seq\":1,\"torn".to_vec(), b"\n".to_vec(), line.bytes].concat();
+            std::fs::write(dir.path().join(segment_name(1)), text).unwrap();
+            dir
+        };
+        let whole = log(2);
+        let report = build(whole.path(), &catalog, "subj-a", Vec::new()).unwrap();
+        assert_eq!(report.disclosures.len(), 1);
+        let short = log(3);
+        let err = build(short.path(), &catalog, "subj-a", Vec::new())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("starts at record 2"), "{err}");
     }
 
     /// What a report keeps of each record is its person's part: not the others it names (an

@@ -519,7 +519,9 @@ impl Detector {
                 format!("{n} requests with a revoked or ended token within {w}")
             });
         }
-        if rec.decision == Decision::Allow
+        // An aggregate refused for its groups (`too_many_groups`) was counted all the same:
+        // whether it was says how many distinct values the scope holds.
+        if (rec.decision == Decision::Allow || rec.reason.as_deref() == Some("too_many_groups"))
             && rec
                 .route
                 .as_deref()

@@ -474,6 +474,19 @@ fn a_series_of_aggregates_matches_and_a_study_s_few_do_not() {
         r
     });
     assert!(!rules(&run(&mut d, refused.collect())).contains(&Rule::AggregateSeries));
+    // But one refused for making too many groups was counted, and says something by being
+    // refused or not: a series of those is a series.
+    let mut d = detector();
+    let too_many = (0..30).map(|i| {
+        let mut r = aggregate(i);
+        r.decision = Decision::Error;
+        r.reason = Some("too_many_groups".into());
+        r
+    });
+    assert_eq!(
+        rules(&run(&mut d, too_many.collect())),
+        vec![Rule::AggregateSeries]
+    );
     let mut d = detector();
     let lists = (0..30).map(|i| listing("analyst-1", SUMMER_MORNING + i * 60_000, 0));
     assert_eq!(run(&mut d, lists.collect()), vec![]);
