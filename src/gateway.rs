@@ -1396,6 +1396,12 @@ fn json_response(status: StatusCode, body: Bytes, request_id: &str) -> Response<
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // A browser never reads an answer (a problem echoing a caller's text) as anything but
+    // what it says it is.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }

@@ -819,6 +819,10 @@ async fn respond(
         header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
     );
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 

@@ -458,6 +458,10 @@ async fn a_refused_callers_long_path_and_method_make_no_long_record() {
     let r = app.admin_get_with("/healthz", &padding).await;
     assert_eq!(r.status, 431);
     assert_eq!(r.headers["content-type"], "application/problem+json");
+    // Never sniffed as anything else by a browser, here or on the admin plane's answers.
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    let healthz = app.admin_get("/healthz").await;
+    assert_eq!(healthz.headers["x-content-type-options"], "nosniff");
 
     // A head past twice that (a 140 KB header): refused by hyper before any handler, so
     // never recorded.

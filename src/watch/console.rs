@@ -373,6 +373,10 @@ fn json<T: serde::Serialize>(v: &T) -> Response<FeedBody> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     boxed(resp)
 }
 
