@@ -214,6 +214,9 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
         let mut plan = plan;
         let _bulk_read = plan.bulk_read.take();
         let outcome = run.stream(plan).await;
+        // A chunk part filled when the stream ended never goes: what it held against the
+        // quota is given back now, not once a stalled client has been waited for.
+        drop(std::mem::take(&mut run.chunk_hold));
         // The chunk queued last still goes once its record is durable, whatever ended the
         // stream after it (it came before the failure, as it would have without the
         // overlap), unless the caller no longer stands.
@@ -322,6 +325,9 @@ impl Run<'_> {
                 filtered_on: &plan.filtered_on,
             };
             let mut rest: &[u8] = batch;
+            // The lines left in `rest` (at most: the last may have no newline), counted once
+            // a batch under a quota.
+            let mut lines_left: Option<u64> = None;
             while !rest.is_empty() {
                 // Kept once per state of the register, not per batch: an export that
                 // withholds nearly everything fills a chunk slowly. (Again after a chunk
@@ -336,7 +342,8 @@ impl Run<'_> {
                 // released, and the export ends there, rather than a whole chunk past it.
                 let mut hold = None;
                 let take = if gw.controls.quota_limited(&plan.principal) {
-                    let lines = memchr::memchr_iter(b'\n', rest).count() as u64 + 1;
+                    let lines = *lines_left
+                        .get_or_insert_with(|| memchr::memchr_iter(b'\n', rest).count() as u64 + 1);
                     let held = (gw.controls.reserve_quota_up_to(&plan.principal, lines))
                         .map_err(|e| e.code().to_owned())?
                         .unwrap_or_default();
@@ -350,6 +357,7 @@ impl Run<'_> {
                         continue;
                     }
                     let take = lines_end(rest, held.records());
+                    lines_left = Some(lines.saturating_sub(held.records()));
                     hold = Some(held);
                     take
                 } else {
@@ -394,16 +402,19 @@ impl Run<'_> {
             return Ok(());
         }
         self.still_standing(principal)?;
-        // The chunk's records, held while it filled, are checked (and held) again with the
-        // rest: within the allowance when held, they pass unless a request took its room in
-        // between, which ends the export as the allowance running out would.
-        drop(std::mem::take(&mut self.chunk_hold));
-        let hold = self
+        // Checked again (the controls still fresh, the totals of other replicas fetched if
+        // need be) beside the chunk's own hold, which it keeps until counted: held while it
+        // filled, its records were within the allowance, and no other request can take
+        // their room in between. (A role without limits holds nothing.)
+        let hold = std::mem::take(&mut self.chunk_hold);
+        let extra = (d.subjects.len() as u64).saturating_sub(hold.records());
+        let more = self
             .gw
             .controls
-            .check_quota(principal, d.subjects.len() as u64)
+            .check_quota_beside(principal, extra, &hold)
             .await
             .map_err(|e| e.code().to_owned())?;
+        let hold = (hold, more);
         let disclosed = std::mem::take(d);
         crate::gateway::never_disclosed_sent(
             self.template.dataset.as_deref().unwrap_or("none"),

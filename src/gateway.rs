@@ -123,6 +123,9 @@ pub struct Trail {
     /// does not list as sent a write stopped before its datastore (a restriction placed
     /// meanwhile, the caller revoked or gone).
     unsent: Option<String>,
+    /// The policy pack an aggregate was counted under: one put in force since, deciding
+    /// otherwise, holds the answer back once its record is durable (as it stops an export).
+    counted_under: Option<std::sync::Arc<crate::decisions::InForce>>,
     /// The audit record's `detail`, where the route has one (an aggregate's summary).
     detail: Option<serde_json::Value>,
     /// Records held against the caller's quota until the request ends.
@@ -219,6 +222,7 @@ where
         route: trail.route.clone(),
         lawful_basis: trail.lawful_basis.clone(),
         wrote: !trail.written.is_empty(),
+        counted_under: trail.counted_under.take(),
     };
     let mut record = audit_record(
         trail,
@@ -414,6 +418,13 @@ fn held_back(
         let why = e.code();
         return Some((e, why));
     }
+    if let Some(pack) = &judged.counted_under
+        && !pack.decides_as(&gw.policies())
+    {
+        let e = GatewayError::PolicyReloaded;
+        let why = e.code();
+        return Some((e, why));
+    }
     let Judged {
         then: Some(then),
         subjects,
@@ -444,6 +455,8 @@ struct Judged {
     lawful_basis: Option<String>,
     /// A write's answer (the write is done).
     wrote: bool,
+    /// An aggregate's pack (`Trail::counted_under`).
+    counted_under: Option<std::sync::Arc<crate::decisions::InForce>>,
 }
 
 /// The record of an answer recorded as disclosed and then held back (`held_back`): the
@@ -700,8 +713,10 @@ where
             )
             .await?;
             // Reading a whole register takes a while: the caller must still stand when the
-            // answer is ready, as before each part of an export.
+            // answer is ready, as before each part of an export (and once its record is
+            // durable: `held_back`).
             aggregate_stands(gw, &principal, &policies)?;
+            trail.counted_under = Some(std::sync::Arc::clone(&policies));
             if counted.shown {
                 trail.fields = by.iter().cloned().collect();
             }
@@ -808,8 +823,10 @@ where
             )
             .await?;
             trail.written = written;
-            log_intent(gw, trail, request_id, client, &asked, id).await?;
+            // Set before the intent is recorded: a caller who hangs up while it is synced
+            // (the longest wait here) leaves a write recorded as intended and never sent.
             trail.unsent = Some(id.to_owned());
+            log_intent(gw, trail, request_id, client, &asked, id).await?;
             // A rights request placed on the record while its intent was made durable (a
             // restriction, a para 22 notice, an erasure request) stops the write here.
             if let Some(then) = trail.judged_on.take() {

@@ -35,13 +35,19 @@ pub const HARD_HEAD_BYTES: usize = 2 * MAX_HEAD_BYTES;
 pub const HARD_HEADERS: usize = 2 * MAX_HEADERS;
 
 /// Refuses a head past the gateway's bounds: a target too long (414), or headers too many or
-/// too large (431). The size is the head as HTTP/1.1 would carry it, whichever version came;
-/// the target counts its authority where it has one (HTTP/2's `:authority`, an HTTP/1
-/// absolute-form target), which HTTP/1.1 would carry in `Host`.
+/// too large (431). The size is the head as HTTP/1.1 would carry it, whichever version came:
+/// an authority in the target (HTTP/2's `:authority`, an HTTP/1 absolute-form target) counts
+/// as the `Host` line HTTP/1.1 would carry it in, where the request has none.
 pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
     let uri = req.uri();
-    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len());
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let host = match (
+        uri.authority(),
+        req.headers().contains_key(http::header::HOST),
+    ) {
+        (Some(a), false) => "host: ".len() + a.as_str().len() + 2,
+        _ => 0,
+    };
     if target > MAX_URI_BYTES {
         return Err(GatewayError::UriTooLong(MAX_URI_BYTES));
     }
@@ -53,9 +59,12 @@ pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
     }
     // `METHOD target HTTP/1.1\r\n`, each `name: value\r\n`, and the blank line.
     let line = req.method().as_str().len() + 1 + target + 11;
-    let size = req.headers().iter().fold(line + 2, |n, (name, value)| {
-        n + name.as_str().len() + 2 + value.len() + 2
-    });
+    let size = req
+        .headers()
+        .iter()
+        .fold(line + host + 2, |n, (name, value)| {
+            n + name.as_str().len() + 2 + value.len() + 2
+        });
     if size > MAX_HEAD_BYTES {
         return Err(GatewayError::HeadTooLarge(format!(
             "the request's line and headers come to {size} bytes; at most {MAX_HEAD_BYTES} are \
@@ -92,10 +101,17 @@ mod tests {
         let target = format!("/voter/electors?ward={}", "w".repeat(MAX_URI_BYTES - 20));
         let err = check(&request(&target, &[])).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::URI_TOO_LONG);
-        // An authority counts: HTTP/2's, or an absolute-form target's.
+        // An authority counts, as the `Host` line HTTP/1.1 would carry it in: HTTP/2's, or
+        // an absolute-form target's.
         let host = format!("{}.example", "h".repeat(MAX_URI_BYTES));
-        let err = check(&request(&format!("https://{host}/voter"), &[])).unwrap_err();
-        assert_eq!(err.status(), http::StatusCode::URI_TOO_LONG);
+        let padding = [("x-pad", "p".repeat(MAX_HEAD_BYTES - 4 * 1024))];
+        assert!(check(&request("/voter", &padding)).is_ok());
+        let far = request(&format!("https://{host}/voter"), &padding);
+        let err = check(&far).unwrap_err();
+        assert_eq!(
+            err.status(),
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
 
         let headers: Vec<_> = (0..=MAX_HEADERS).map(|_| ("x-a", "v".to_owned())).collect();
         let err = check(&request("/", &headers)).unwrap_err();

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -517,10 +517,12 @@ pub struct Limits {
     /// How long a write to a client may wait for it to take a byte (`server.client_stall_timeout`);
     /// then its connection is closed.
     pub write_stall_timeout: Duration,
-    /// Whether a request's handler runs to its end when its client hangs up, rather than
-    /// being dropped with the connection. The admin plane's do: a change whose record is
-    /// queued is then applied, not logged as made and never made. The data plane's do not:
-    /// a handler dropped records what it leaves unanswered (`client_closed`).
+    /// Whether a change's handler (any method but `GET` and `HEAD`) runs to its end when its
+    /// client hangs up, rather than being dropped with the connection; at shutdown it is
+    /// waited for, within `grace`. The admin plane's do: a change whose record is queued is
+    /// then applied, not logged as made and never made (a read abandoned is still dropped:
+    /// a subject access report nobody waits for is not built). The data plane's do not: a
+    /// handler dropped records what it leaves unanswered (`client_closed`).
     pub run_to_end: bool,
 }
 
@@ -630,6 +632,7 @@ where
     // here, before the caller flushes the log, rather than with the runtime, after it.
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let changes = Arc::new(Semaphore::new(MAX_CHANGES_UNDER_WAY));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer, slot) = tokio::select! {
@@ -650,15 +653,28 @@ where
         let h = handler.clone();
         let activity = Activity::new();
         let requests = Arc::clone(&activity);
+        let running = Arc::clone(&changes);
         let run_to_end = limits.run_to_end;
         let service = service_fn(move |req: Request<Incoming>| {
             let h = h.clone();
             let request = requests.begin();
+            let change = run_to_end && !matches!(*req.method(), Method::GET | Method::HEAD);
+            // Each change holds a permit while it runs: shutdown waits for them all.
+            let permit = change
+                .then(|| Arc::clone(&running).try_acquire_owned().ok())
+                .flatten();
             async move {
-                let resp = match run_to_end {
+                let resp = match permit {
                     // A panic in the handler closes the connection, as hyper does for one.
-                    true => tokio::spawn(h(req, peer)).await?,
-                    false => h(req, peer).await,
+                    Some(permit) => {
+                        tokio::spawn(async move {
+                            let resp = h(req, peer).await;
+                            drop(permit);
+                            resp
+                        })
+                        .await?
+                    }
+                    None => h(req, peer).await,
                 };
                 Ok::<_, tokio::task::JoinError>(resp.map(|b| Tracked::new(b, request)))
             }
@@ -732,8 +748,21 @@ where
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+    // Changes whose callers hung up, still being made: waited for (within a second grace)
+    // so that the log and the controls are not closed under them.
+    let all = u32::try_from(MAX_CHANGES_UNDER_WAY).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.grace, changes.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; changes still being made are abandoned");
+    }
     Ok(())
 }
+
+/// The most admin changes run to their end at once (`Limits::run_to_end`); past it, one runs
+/// as a read does, dropped if its caller hangs up.
+const MAX_CHANGES_UNDER_WAY: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {
@@ -903,18 +932,23 @@ mod tests {
     }
 
     /// A handler whose client hangs up is dropped with the connection, unless the listener
-    /// runs handlers to their end (the admin plane: a change logged is then made).
+    /// runs changes to their end (the admin plane: a change logged is then made); a read is
+    /// dropped all the same.
     #[tokio::test]
-    async fn a_handler_runs_to_its_end_after_a_hang_up_only_where_asked() {
+    async fn a_change_runs_to_its_end_after_a_hang_up_only_where_asked() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        for run_to_end in [false, true] {
+        for (run_to_end, method, finishes) in [
+            (false, "POST", false),
+            (true, "POST", true),
+            (true, "GET", false),
+        ] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let limits = Limits {
                 plane: "hang-up-test",
                 max_connections: 8,
                 header_read_timeout: Duration::from_secs(30),
-                grace: Duration::from_secs(1),
+                grace: Duration::from_secs(10),
                 write_stall_timeout: Duration::from_secs(30),
                 run_to_end,
             };
@@ -942,9 +976,8 @@ mod tests {
                 limits,
             ));
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
+            let head = format!("{method} / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n");
+            c.write_all(head.as_bytes()).await.unwrap();
             // The client hangs up; the server closes the connection once it sees that.
             c.shutdown().await.unwrap();
             let mut answer = Vec::new();
@@ -953,11 +986,18 @@ mod tests {
                 .expect("the connection was not closed")
                 .unwrap();
             assert!(answer.is_empty(), "{answer:?}");
-            go.notify_one();
-            let finished = tokio::time::timeout(Duration::from_secs(2), done.recv()).await;
-            assert_eq!(finished.is_ok(), run_to_end, "run_to_end {run_to_end}");
+            // Shut down while the handler still waits: the listener ends only once a change
+            // run to its end is done (within the grace period), and has not waited for one
+            // dropped.
             let _ = stop.send(());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if finishes {
+                assert!(!server.is_finished(), "the listener ended under a change");
+            }
+            go.notify_one();
             server.await.unwrap().unwrap();
+            let finished = done.try_recv().is_ok();
+            assert_eq!(finished, finishes, "run_to_end {run_to_end}, {method}");
         }
     }
 

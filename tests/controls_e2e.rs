@@ -1852,6 +1852,48 @@ async fn a_caller_revoked_while_an_answer_is_recorded_gets_nothing_of_it() {
     app.stop().await;
 }
 
+/// A policy pack put in force while an aggregate's audit record waits to be made durable
+/// holds its counts back, as a reload stops an export at its next chunk: the new pack may
+/// forbid what was counted. (The pack is put in force directly, as a reload does once its own
+/// record is durable, the audit queue being held full here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_pack_put_in_force_while_an_aggregate_is_recorded_holds_it_back() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let rooms = hold_the_audit_queue(&app).await;
+    let token = app.token("analyst");
+    let asked = app.get(
+        "/voter/electors/aggregate?by=ward",
+        Some(&token),
+        Some("research"),
+    );
+    let reload = async {
+        // The aggregate has been counted by now, and waits for room.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pack = app.dir.path().join("policies");
+        let engine =
+            wardgate::policy::PolicyEngine::load(&pack, &app.gw.catalog, &app.gw.geography)
+                .unwrap();
+        app.gw.put_policies(wardgate::decisions::InForce {
+            engine,
+            decisions: Default::default(),
+            digest: None,
+        });
+        drop(rooms);
+    };
+    let (r, ()) = tokio::join!(asked, reload);
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:policy-reloaded");
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["decision"], "allow", "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"], "policy_reloaded",
+        "{records:?}"
+    );
+    app.stop().await;
+}
+
 /// The admin plane's routes take no query but a subject access report's `format` and the live
 /// feed's filter: a query anywhere else is a mistake (a filter its caller thinks applies, a
 /// format the answer does not come in), refused (400, recorded), not passed over.

@@ -198,13 +198,16 @@ pub fn carry_out(dir: &Path, plan: Plan) -> anyhow::Result<Pruned> {
     Ok(pruned)
 }
 
-/// Removes the indexes and seals of segments older than the oldest there is: what a prune
-/// that removed the segment first (before this order) left when cut short.
+/// Removes the indexes and seals of segments older than the oldest there is, and their
+/// temporary files: what a prune that removed the segment first (before this order) left
+/// when cut short, or a sealing cut short before its rename (`index::write_atomically`).
 fn remove_orphans(dir: &Path, oldest: u64) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
-        let stem = (name.strip_suffix(".idx")).or_else(|| name.strip_suffix(".seal.json"));
+        let stem = [".seal.json", ".seal.tmp", ".idx", ".tmp"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix));
         let Some(n) = stem.and_then(|s| super::segment::parse_segment_name(&format!("{s}.jsonl")))
         else {
             continue;

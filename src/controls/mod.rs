@@ -464,9 +464,23 @@ impl Controls {
         p: &Principal,
         reserve: u64,
     ) -> Result<QuotaHold, GatewayError> {
+        self.check_quota_beside(p, reserve, &QuotaHold::default())
+            .await
+    }
+
+    /// `check_quota`, not counting what `own` holds (the asker's own hold, which it keeps):
+    /// an export's chunk, held while it filled, checked again as it is released without
+    /// giving its room up meanwhile.
+    pub async fn check_quota_beside(
+        &self,
+        p: &Principal,
+        reserve: u64,
+        own: &QuotaHold,
+    ) -> Result<QuotaHold, GatewayError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let own = own.records();
         let held = match &self.inner.redis {
-            None => self.inner.quotas.check(p, now, None, reserve).await,
+            None => self.inner.quotas.check(p, now, None, reserve, own).await,
             Some(_) => {
                 // The flush task's connection (a handle to it: multiplexed, so cloning shares
                 // it). A request never connects, nor waits behind another that does: with
@@ -474,7 +488,7 @@ impl Controls {
                 let mut conn = self.inner.quota_conn.lock().ok().and_then(|c| c.clone());
                 self.inner
                     .quotas
-                    .check(p, now, conn.as_mut(), reserve)
+                    .check(p, now, conn.as_mut(), reserve, own)
                     .await
             }
         }?;

@@ -176,15 +176,17 @@ impl Quotas {
     }
 
     /// Whether the principal may be disclosed more records now, counting what requests under
-    /// way have reserved; if so, `reserve` more are reserved for this one (`None`: its role has
-    /// no limits, or nothing was reserved). With `conn`, totals this replica has never seen are
-    /// fetched once from Redis.
+    /// way have reserved but for `own` (what the asker itself holds already: an export's
+    /// chunk, held while it filled); if so, `reserve` more are reserved for this one (`None`:
+    /// its role has no limits, or nothing was reserved). With `conn`, totals this replica has
+    /// never seen are fetched once from Redis.
     pub async fn check(
         &self,
         p: &Principal,
         now: i64,
         conn: Option<&mut MultiplexedConnection>,
         reserve: u64,
+        own: u64,
     ) -> Result<Option<Held>, GatewayError> {
         let Some(limits) = self.limits.get(&p.role).copied() else {
             return Ok(None);
@@ -241,7 +243,7 @@ impl Quotas {
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-        let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
+        let held = (c.reserved.get(&p.subject).copied().unwrap_or(0)).saturating_sub(own);
         let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
         if used(&hour) >= limits.per_hour || used(&day) >= limits.per_day {
             return Err(GatewayError::QuotaExceeded);
@@ -289,6 +291,13 @@ impl Quotas {
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+        // Still being served: their totals stay refreshed from the other replicas through
+        // an export that goes minutes between chunks.
+        if self.shared.is_some() {
+            let t = Instant::now();
+            c.active.insert(hour.clone(), t);
+            c.active.insert(day.clone(), t);
+        }
         let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
         let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
         let room = (limits.per_hour.saturating_sub(used(&hour)))
@@ -454,24 +463,24 @@ mod tests {
             }
         }
         assert!(
-            q.check(&alice, 0, None, 0).await.is_ok(),
+            q.check(&alice, 0, None, 0, 0).await.is_ok(),
             "within the bound"
         );
         std::thread::sleep(Duration::from_millis(80));
         assert!(matches!(
-            q.check(&alice, 0, None, 0).await,
+            q.check(&alice, 0, None, 0, 0).await,
             Err(GatewayError::ControlsStale)
         ));
         let mut dpo = principal("dana");
         dpo.role = "dpo".into();
         assert!(
-            q.check(&dpo, 0, None, 0).await.is_ok(),
+            q.check(&dpo, 0, None, 0, 0).await.is_ok(),
             "no limits to share"
         );
         // Unshared, there is nothing to be stale.
         let q = Quotas::new(limits(), None);
         std::thread::sleep(Duration::from_millis(80));
-        assert!(q.check(&alice, 0, None, 0).await.is_ok());
+        assert!(q.check(&alice, 0, None, 0, 0).await.is_ok());
     }
 
     #[test]

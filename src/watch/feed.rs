@@ -60,7 +60,9 @@ pub fn access_event(logged: &Logged) -> FeedEvent {
         "decision": decision,
         "status": r.status,
         "reason": r.reason,
-        "records": r.subjects.len(),
+        // Disclosed: a refusal or error that names its target (a write not sent, an answer
+        // held back) disclosed nothing.
+        "records": if matches!(r.decision, crate::audit::Decision::Allow) { r.subjects.len() } else { 0 },
         "rows_withheld": r.rows_withheld,
         "withheld_target": r.withheld_target,
     });
@@ -125,6 +127,10 @@ impl Filter {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| have == Some(w))
         };
+        // Detection falling behind is every reader's concern, whatever else they filter on.
+        if e.kind == "detection_lagged" {
+            return eq(&self.kind, Some(e.kind));
+        }
         eq(&self.kind, Some(e.kind))
             && eq(&self.principal, e.principal.as_deref())
             && eq(&self.dataset, e.dataset.as_deref())
@@ -223,6 +229,18 @@ mod tests {
         assert!(Filter::parse(None).unwrap().matches(&event("x", "allow")));
         let k = Filter::parse(Some("kind=alert")).unwrap();
         assert!(!k.matches(&event("x", "allow")));
+        // Detection falling behind reaches a reader filtering on anything but the kind.
+        let lag = FeedEvent {
+            kind: "detection_lagged",
+            id: 0,
+            principal: None,
+            dataset: None,
+            purpose: None,
+            decision: None,
+            data: "{}".into(),
+        };
+        assert!(f.matches(&lag));
+        assert!(!k.matches(&lag));
     }
 
     #[test]
