@@ -19,6 +19,12 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # nginx serves an identity provider's JWK set over TLS in tests/jwks_e2e.rs (and the load
 # test's upstream).
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+# A C compiler for ring and mimalloc; Python for Datasette (below).
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v python3 >/dev/null || need_apt+=(python3)
+if ! command -v datasette >/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
+  need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     # Debian starts an installed nginx as a service on port 80; the tests want the binary only.
@@ -37,13 +43,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-# Datasette (PyPI) is the real third-party datastore of tests/datasette_e2e.rs.
+# Datasette (PyPI) is the real third-party datastore of tests/datasette_e2e.rs: installed with
+# the Python's own pip where it takes installs, else (Debian's Python refuses them, PEP 668)
+# into a virtual environment of our own under target/.
 if ! command -v datasette >/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check datasette
-  command -v datasette >/dev/null || export PATH="$(python3 -m site --user-base)/bin:$PATH"
+  if python3 -m pip install --quiet --disable-pip-version-check datasette 2>/dev/null; then
+    command -v datasette >/dev/null || export PATH="$(python3 -m site --user-base)/bin:$PATH"
+  else
+    venv=target/datasette-venv
+    [ -x "$venv/bin/datasette" ] || {
+      python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check datasette
+    }
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
 fi
-rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
-rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+# rustfmt and clippy, where rustup manages the toolchain (a toolchain without them fails below).
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
 
 if [ "$(id -u)" = 0 ]; then
   export WARDGATE_NO_SKIP=1
