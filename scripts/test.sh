@@ -22,7 +22,8 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # A C compiler for ring and mimalloc; Python for Datasette (below).
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
-if ! command -v datasette >/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
+# (A virtual environment needs ensurepip, which Debian ships in python3-venv.)
+if ! command -v datasette >/dev/null && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3-venv)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
