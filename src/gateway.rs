@@ -823,9 +823,6 @@ where
             )
             .await?;
             trail.written = written;
-            // Set before the intent is recorded: a caller who hangs up while it is synced
-            // (the longest wait here) leaves a write recorded as intended and never sent.
-            trail.unsent = Some(id.to_owned());
             log_intent(gw, trail, request_id, client, &asked, id).await?;
             // A rights request placed on the record while its intent was made durable (a
             // restriction, a para 22 notice, an erasure request) stops the write here.
@@ -1270,7 +1267,7 @@ fn request_ids(headers: &HeaderMap) -> (String, Option<String>) {
 /// answer's record does) the fields it carried; `fields`, what was disclosed, is empty.
 async fn log_intent(
     gw: &Gateway,
-    trail: &Trail,
+    trail: &mut Trail,
     request_id: &str,
     client: SocketAddr,
     path: &str,
@@ -1308,6 +1305,10 @@ async fn log_intent(
     // Not answered yet: the answer's own record carries its status.
     record.status = 0;
     record.detail = Some(serde_json::json!({ "write": "intended", "written": trail.written }));
+    // Marked before it is recorded: a caller who hangs up while it is synced (the longest
+    // wait here) leaves a write recorded as intended and never sent, which the answer's
+    // record then says (`Trail::unsent`).
+    trail.unsent = Some(target.to_owned());
     // Synced to disk whatever `audit.durability` says: the datastore keeps the write through
     // a power cut here, and its record must not be lost while the write is not.
     gw.audit.append_synced(record).await.map(drop).map_err(|e| {

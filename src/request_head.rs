@@ -37,7 +37,8 @@ pub const HARD_HEADERS: usize = 2 * MAX_HEADERS;
 /// Refuses a head past the gateway's bounds: a target too long (414), or headers too many or
 /// too large (431). The size is the head as HTTP/1.1 would carry it, whichever version came:
 /// an authority in the target (HTTP/2's `:authority`, an HTTP/1 absolute-form target) counts
-/// as the `Host` line HTTP/1.1 would carry it in, where the request has none.
+/// as the `Host` line HTTP/1.1 would carry it in where the request has none, and in the
+/// request line where it has one too.
 pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
     let uri = req.uri();
     let target = uri.path_and_query().map_or(0, |p| p.as_str().len());
@@ -46,7 +47,8 @@ pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
         req.headers().contains_key(http::header::HOST),
     ) {
         (Some(a), false) => "host: ".len() + a.as_str().len() + 2,
-        _ => 0,
+        (Some(a), true) => "https://".len() + a.as_str().len(),
+        (None, _) => 0,
     };
     if target > MAX_URI_BYTES {
         return Err(GatewayError::UriTooLong(MAX_URI_BYTES));
@@ -108,6 +110,13 @@ mod tests {
         assert!(check(&request("/voter", &padding)).is_ok());
         let far = request(&format!("https://{host}/voter"), &padding);
         let err = check(&far).unwrap_err();
+        assert_eq!(
+            err.status(),
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        // With a `Host` line as well, it counts in the request line (HTTP/1's absolute form).
+        let both = [padding[0].clone(), ("host", "x".to_owned())];
+        let err = check(&request(&format!("https://{host}/voter"), &both)).unwrap_err();
         assert_eq!(
             err.status(),
             http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE

@@ -659,22 +659,33 @@ where
             let h = h.clone();
             let request = requests.begin();
             let change = run_to_end && !matches!(*req.method(), Method::GET | Method::HEAD);
-            // Each change holds a permit while it runs: shutdown waits for them all.
+            let handled = h(req, peer);
+            // A change is spawned here, as hyper hands the request over, not when hyper first
+            // polls what this returns (which a hang-up already seen may never do), and holds
+            // a permit while it runs: shutdown waits for them all. Past the permits (a flood
+            // of changes whose callers hung up), one runs as a read does.
             let permit = change
-                .then(|| Arc::clone(&running).try_acquire_owned().ok())
-                .flatten();
-            async move {
-                let resp = match permit {
-                    // A panic in the handler closes the connection, as hyper does for one.
-                    Some(permit) => {
-                        tokio::spawn(async move {
-                            let resp = h(req, peer).await;
-                            drop(permit);
-                            resp
-                        })
-                        .await?
+                .then(|| match Arc::clone(&running).try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        tracing::warn!("too many admin changes under way to run each to its end");
+                        None
                     }
-                    None => h(req, peer).await,
+                })
+                .flatten();
+            let run = match permit {
+                Some(permit) => futures_util::future::Either::Left(tokio::spawn(async move {
+                    let resp = handled.await;
+                    drop(permit);
+                    resp
+                })),
+                None => futures_util::future::Either::Right(handled),
+            };
+            async move {
+                let resp = match run {
+                    // A panic in the handler closes the connection, as hyper does for one.
+                    futures_util::future::Either::Left(spawned) => spawned.await?,
+                    futures_util::future::Either::Right(here) => here.await,
                 };
                 Ok::<_, tokio::task::JoinError>(resp.map(|b| Tracked::new(b, request)))
             }
@@ -741,17 +752,18 @@ where
     }
     drop(listener);
     let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + limits.grace;
     let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
         () = drained => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(limits.grace) => tracing::warn!("grace period over; closing remaining connections"),
+        () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; closing remaining connections"),
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
-    // Changes whose callers hung up, still being made: waited for (within a second grace)
-    // so that the log and the controls are not closed under them.
+    // Changes whose callers hung up, still being made: waited for, within the same grace
+    // period, so that the log and the controls are not closed under them.
     let all = u32::try_from(MAX_CHANGES_UNDER_WAY).unwrap_or(u32::MAX);
-    if tokio::time::timeout(limits.grace, changes.acquire_many(all))
+    if tokio::time::timeout_at(deadline, changes.acquire_many(all))
         .await
         .is_err()
     {
@@ -990,12 +1002,21 @@ mod tests {
             // run to its end is done (within the grace period), and has not waited for one
             // dropped.
             let _ = stop.send(());
-            tokio::time::sleep(Duration::from_millis(200)).await;
             if finishes {
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 assert!(!server.is_finished(), "the listener ended under a change");
+                go.notify_one();
+                server.await.unwrap().unwrap();
+            } else {
+                // Nothing to wait for: the listener ends with the handler still waiting.
+                tokio::time::timeout(Duration::from_secs(5), server)
+                    .await
+                    .expect("the listener waited for a dropped handler")
+                    .unwrap()
+                    .unwrap();
+                go.notify_one();
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            go.notify_one();
-            server.await.unwrap().unwrap();
             let finished = done.try_recv().is_ok();
             assert_eq!(finished, finishes, "run_to_end {run_to_end}, {method}");
         }

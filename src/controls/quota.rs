@@ -245,7 +245,13 @@ impl Quotas {
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
         let held = (c.reserved.get(&p.subject).copied().unwrap_or(0)).saturating_sub(own);
         let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
-        if used(&hour) >= limits.per_hour || used(&day) >= limits.per_day {
+        // What the asker holds must itself fit beside the rest: other replicas' counts may
+        // have arrived since it was held.
+        let past = |used: u64, limit: u64| match own {
+            0 => used >= limit,
+            own => used + own > limit,
+        };
+        if past(used(&hour), limits.per_hour) || past(used(&day), limits.per_day) {
             return Err(GatewayError::QuotaExceeded);
         }
         if reserve == 0 {

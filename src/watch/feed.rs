@@ -62,7 +62,7 @@ pub fn access_event(logged: &Logged) -> FeedEvent {
         "reason": r.reason,
         // Disclosed: a refusal or error that names its target (a write not sent, an answer
         // held back) disclosed nothing.
-        "records": if matches!(r.decision, crate::audit::Decision::Allow) { r.subjects.len() } else { 0 },
+        "records": if matches!(r.decision, crate::audit::Decision::Allow) && !r.is_write_intent() { r.subjects.len() } else { 0 },
         "rows_withheld": r.rows_withheld,
         "withheld_target": r.withheld_target,
     });
@@ -127,9 +127,9 @@ impl Filter {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| have == Some(w))
         };
-        // Detection falling behind is every reader's concern, whatever else they filter on.
+        // Detection falling behind is every reader's concern, whatever they filter on.
         if e.kind == "detection_lagged" {
-            return eq(&self.kind, Some(e.kind));
+            return true;
         }
         eq(&self.kind, Some(e.kind))
             && eq(&self.principal, e.principal.as_deref())
@@ -240,7 +240,7 @@ mod tests {
             data: "{}".into(),
         };
         assert!(f.matches(&lag));
-        assert!(!k.matches(&lag));
+        assert!(k.matches(&lag));
     }
 
     #[test]
