@@ -403,9 +403,10 @@ impl Run<'_> {
         }
         self.still_standing(principal)?;
         // Checked again (the controls still fresh, the totals of other replicas fetched if
-        // need be) beside the chunk's own hold, which it keeps until counted: held while it
-        // filled, its records were within the allowance, and no other request can take
-        // their room in between. (A role without limits holds nothing.)
+        // need be), keeping the chunk's own hold until it is counted: held while it filled,
+        // its records were within the allowance beside this replica's other holds, and must
+        // still fit beside what has been counted since (`Quotas::check`'s `own`). (A role
+        // without limits holds nothing.)
         let hold = std::mem::take(&mut self.chunk_hold);
         let extra = (d.subjects.len() as u64).saturating_sub(hold.records());
         let more = self

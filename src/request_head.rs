@@ -47,7 +47,7 @@ pub fn check<B>(req: &Request<B>) -> Result<(), GatewayError> {
         req.headers().contains_key(http::header::HOST),
     ) {
         (Some(a), false) => "host: ".len() + a.as_str().len() + 2,
-        (Some(a), true) => "https://".len() + a.as_str().len(),
+        (Some(a), true) => uri.scheme_str().map_or(0, |s| s.len() + 3) + a.as_str().len(),
         (None, _) => 0,
     };
     if target > MAX_URI_BYTES {

@@ -656,7 +656,6 @@ where
         let running = Arc::clone(&changes);
         let run_to_end = limits.run_to_end;
         let service = service_fn(move |req: Request<Incoming>| {
-            let h = h.clone();
             let request = requests.begin();
             let change = run_to_end && !matches!(*req.method(), Method::GET | Method::HEAD);
             let handled = h(req, peer);

@@ -244,14 +244,16 @@ impl Quotas {
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
         let held = (c.reserved.get(&p.subject).copied().unwrap_or(0)).saturating_sub(own);
-        let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
-        // What the asker holds must itself fit beside the rest: other replicas' counts may
-        // have arrived since it was held.
-        let past = |used: u64, limit: u64| match own {
-            0 => used >= limit,
-            own => used + own > limit,
+        let counted = |k: &str| c.totals.get(k).copied().unwrap_or(0);
+        // What the asker holds must itself fit beside what has been counted: other
+        // replicas' counts may have arrived since it was held. Not beside this replica's
+        // other holds, which its own hold was granted beside already (a page checked since
+        // may overbook by its own worth, as any page may).
+        let past = |k: &str, limit: u64| match own {
+            0 => counted(k) + held >= limit,
+            own => counted(k) + own > limit,
         };
-        if past(used(&hour), limits.per_hour) || past(used(&day), limits.per_day) {
+        if past(&hour, limits.per_hour) || past(&day, limits.per_day) {
             return Err(GatewayError::QuotaExceeded);
         }
         if reserve == 0 {
@@ -487,6 +489,33 @@ mod tests {
         let q = Quotas::new(limits(), None);
         std::thread::sleep(Duration::from_millis(80));
         assert!(q.check(&alice, 0, None, 0, 0).await.is_ok());
+    }
+
+    /// An export's chunk, held while it filled, is checked again at its release beside what
+    /// has been counted, not beside holds granted since (a page checked meanwhile may
+    /// overbook by its own worth, and must not cost the chunk its place): it goes, unless
+    /// counts that arrived meanwhile (another replica's) leave it no room.
+    #[tokio::test]
+    async fn a_held_chunk_fits_beside_the_counted_not_beside_later_holds() {
+        let q = Quotas::new(limits(), None);
+        let alice = principal("alice");
+        let now = 0;
+        let mut chunk = q.reserve_up_to(&alice, now, 55).unwrap().unwrap();
+        q.keep_only(&mut chunk, 50);
+        // A page of 50 checked since: 50 used of 60, so it passes, and holds 50 more.
+        let page = q.check(&alice, now, None, 50, 0).await.unwrap().unwrap();
+        assert!(q.check(&alice, now, None, 0, chunk.records()).await.is_ok());
+        q.release(&page);
+        // Ten counted meanwhile (as another replica's flush brings them): 10 + 50 fits
+        // exactly; one more does not.
+        q.add(&alice, 10, now);
+        assert!(q.check(&alice, now, None, 0, chunk.records()).await.is_ok());
+        q.add(&alice, 1, now);
+        assert!(matches!(
+            q.check(&alice, now, None, 0, chunk.records()).await,
+            Err(GatewayError::QuotaExceeded)
+        ));
+        q.release(&chunk);
     }
 
     #[test]
