@@ -124,7 +124,7 @@ pub enum GatewayError {
     #[error("bad request: {0}")]
     BadRequest(String),
     /// An aggregate whose grouping makes more groups than `aggregates.max_groups`: refused
-    /// once the records were read, so it says something of them (how many distinct values
+    /// while the records are read, so it says something of them (how many distinct values
     /// the scope holds), and breach detection counts it with the aggregates answered.
     #[error("too many groups: {0}")]
     TooManyGroups(String),

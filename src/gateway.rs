@@ -296,6 +296,10 @@ where
                     HeaderValue::from_static("application/x-ndjson"),
                 );
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                h.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
                 if let Ok(v) = HeaderValue::from_str(&request_id) {
                     h.insert("x-request-id", v);
                 }
@@ -401,7 +405,8 @@ impl Drop for Unanswered<'_> {
 /// revoker was told it holds at once; or the token ended), or, for one judged on a rights
 /// register (`Trail::judged_on`), a flag placed on one of its subjects since (restriction,
 /// objection, erasure request: the DPO was told it holds) or a register that can no longer
-/// be read (stale). `None` when it may. The register is rebuilt whole on each change, so an
+/// be read (stale), or, for an aggregate, a policy pack put in force since that decides
+/// otherwise (`Judged::counted_under`). `None` when it may. The register is rebuilt whole on each change, so an
 /// unchanged one costs one comparison.
 fn held_back(
     gw: &Gateway,

@@ -52,26 +52,20 @@ async fn export(
 
 /// The ids of the demo datastore's protected entries (anonymous electors, under-16s): those
 /// in its whole register and not in what it sends when asked to leave them out.
-async fn protected_ids(datastore: &str) -> std::collections::BTreeSet<String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let mut sets = Vec::new();
-    for query in ["", "?exclude=protected"] {
-        let uri = format!("http://{datastore}/electors/export{query}");
-        let resp = client.get(uri.parse().unwrap()).await.unwrap();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let set: std::collections::BTreeSet<String> = (std::str::from_utf8(&bytes).unwrap())
-            .lines()
+async fn protected_ids(datastore: std::net::SocketAddr) -> std::collections::BTreeSet<String> {
+    let ids = |bytes: Bytes| -> std::collections::BTreeSet<String> {
+        (std::str::from_utf8(&bytes).unwrap().lines())
             .map(|l| {
                 serde_json::from_str::<Value>(l).unwrap()["elector_id"]
                     .as_str()
                     .unwrap()
                     .to_owned()
             })
-            .collect();
-        sets.push(set);
-    }
-    sets[0].difference(&sets[1]).cloned().collect()
+            .collect()
+    };
+    let everyone = ids(common::datastore_body(datastore, "/electors/export").await);
+    let open = ids(common::datastore_body(datastore, "/electors/export?exclude=protected").await);
+    everyone.difference(&open).cloned().collect()
 }
 
 fn ids(records: &[Value]) -> Vec<String> {
@@ -117,7 +111,7 @@ async fn an_export_discloses_what_paging_would_audited_chunk_by_chunk() {
     // entries (profiling sees neither markers nor flags, so they are found in the register
     // itself). The datastore left them out when asked; that the gateway withholds them when
     // it does not is `an_export_from_a_datastore_that_ignores_exclude_...`.
-    let protected = protected_ids(&app.upstream.to_string()).await;
+    let protected = protected_ids(app.upstream).await;
     assert!(
         !protected.is_empty(),
         "the register holds protected entries"
@@ -672,9 +666,9 @@ async fn a_key_replaced_by_a_reload_stops_an_export_under_way() {
 
 /// A policy pack put in force by a reload (`rekey::reload_policy`) stops an export begun under
 /// the one before at its next chunk: the new pack may forbid what the export carries.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_reload_stops_an_export_under_way() {
-    let (app, go, body, received) = paused_export().await;
+/// Adds a policy (and its fixture) to the app's pack and reloads it: a pack whose policies
+/// differ, so one that may forbid what a long read under way carries.
+async fn reload_a_pack_that_decides_otherwise(app: &TestApp) {
     let pack = app.dir.path().join("policies");
     std::fs::write(
         pack.join("suspensions.cedar"),
@@ -687,6 +681,12 @@ async fn a_policy_reload_stops_an_export_under_way() {
     )
     .unwrap();
     wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_stops_an_export_under_way() {
+    let (app, go, body, received) = paused_export().await;
+    reload_a_pack_that_decides_otherwise(&app).await;
     go.notify_one();
     let last = cut_after_a_chunk(&app, body, received).await;
     assert_eq!(last["decision"], "error", "{last}");
@@ -739,18 +739,7 @@ async fn a_policy_reload_stops_an_aggregate_under_way() {
         })
     };
     arrived.notified().await;
-    let pack = app.dir.path().join("policies");
-    std::fs::write(
-        pack.join("suspensions.cedar"),
-        "@id(\"test.branch-suspended\")\nforbid (principal, action, resource)\nwhen { context.caller.unit == \"SUSPENDED-BRANCH\" };\n",
-    )
-    .unwrap();
-    std::fs::write(
-        pack.join("tests/deny/branch-suspended.json"),
-        r#"{"description": "a suspended branch lists nothing", "caller": {"role": "councillor", "unit": "SUSPENDED-BRANCH", "areas": ["E05011391"], "purposes": ["canvassing"]}, "purpose": "canvassing", "action": "list", "dataset": "voter", "expect_policies": ["test.branch-suspended"]}"#,
-    )
-    .unwrap();
-    wardgate::rekey::reload_policy(&app.gw).await.unwrap();
+    reload_a_pack_that_decides_otherwise(&app).await;
     go.notify_one();
     let (status, body) = asked.await.unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
@@ -855,27 +844,9 @@ async fn fixed_datastore(body: String) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_from_a_datastore_that_ignores_exclude_still_leaves_out_the_protected() {
     let real = spawn_app_with(AppOptions::default()).await;
-    let raw = |query: &str| {
-        let uri = format!("http://{}/electors/export{query}", real.upstream);
-        async move {
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<Full<Bytes>>();
-            let resp = client.get(uri.parse().unwrap()).await.unwrap();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            String::from_utf8(bytes.to_vec()).unwrap()
-        }
-    };
-    let everyone = raw("").await;
-    let open = raw("?exclude=protected").await;
-    let id_of = |line: &str| -> String {
-        let v: Value = serde_json::from_str(line).unwrap();
-        v["elector_id"].as_str().unwrap().to_owned()
-    };
-    let open: std::collections::BTreeSet<String> = open.lines().map(id_of).collect();
-    let protected: std::collections::BTreeSet<String> = (everyone.lines().map(id_of))
-        .filter(|id| !open.contains(id))
-        .collect();
+    let everyone = common::datastore_body(real.upstream, "/electors/export").await;
+    let everyone = String::from_utf8(everyone.to_vec()).unwrap();
+    let protected = protected_ids(real.upstream).await;
     assert!(
         !protected.is_empty(),
         "the register holds protected entries"
@@ -1158,9 +1129,20 @@ async fn two_exports_at_once_share_the_callers_allowance() {
     .await;
     let analyst = app.token("analyst");
     let (one, two) = tokio::join!(export(&app, &analyst, ""), export(&app, &analyst, ""));
+    // Each is cut short at the allowance, or (begun late, the other holding it all already)
+    // refused at once.
+    let mut begun = 0;
     for (status, body) in [one, two] {
-        assert_eq!(status, StatusCode::OK);
-        assert!(body.is_err(), "an export past the allowance ended whole");
+        match status {
+            StatusCode::OK => {
+                begun += 1;
+                assert!(body.is_err(), "an export past the allowance ended whole");
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(body.unwrap_err().contains("quota-exceeded"));
+            }
+            other => panic!("{other}: {body:?}"),
+        }
     }
     let (records, chunks) = export_records(&app);
     let disclosed: u64 = (chunks.iter())
@@ -1170,7 +1152,7 @@ async fn two_exports_at_once_share_the_callers_allowance() {
     let ends: Vec<&Value> = (records.iter())
         .filter(|r| r["detail"]["export_aborted"].is_string())
         .collect();
-    assert_eq!(ends.len(), 2);
+    assert_eq!(ends.len(), begun);
     assert!(
         ends.iter()
             .all(|r| r["detail"]["export_aborted"] == "quota_exceeded"),

@@ -103,6 +103,16 @@ impl AuditRecord {
             .as_ref()
             .is_some_and(|d| d.get("write").and_then(|w| w.as_str()) == Some("intended"))
     }
+
+    /// How many records this one says were disclosed: its subjects where it allowed them out
+    /// and is not a write's intent; none for a refusal or an error, even one that names a
+    /// target (a write not sent, an answer held back).
+    pub fn disclosed_count(&self) -> u64 {
+        match self.decision == Decision::Allow && !self.is_write_intent() {
+            true => self.subjects.len() as u64,
+            false => 0,
+        }
+    }
 }
 
 /// The authenticated caller, as named by its token.

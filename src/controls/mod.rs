@@ -468,9 +468,9 @@ impl Controls {
             .await
     }
 
-    /// `check_quota`, not counting what `own` holds (the asker's own hold, which it keeps):
-    /// an export's chunk, held while it filled, checked again as it is released without
-    /// giving its room up meanwhile.
+    /// `check_quota` for an asker that holds `own` already (an export's chunk, held while it
+    /// filled, checked again as it is released without giving its room up meanwhile): that
+    /// hold must still fit beside what has been counted (`Quotas::check`).
     pub async fn check_quota_beside(
         &self,
         p: &Principal,
@@ -497,7 +497,7 @@ impl Controls {
 
     /// Whether `p`'s role has a quota.
     pub fn quota_limited(&self, p: &Principal) -> bool {
-        self.inner.quotas.limits(&p.role)
+        self.inner.quotas.has_limits(&p.role)
     }
 
     /// Holds as many of `want` records as `p` may still be disclosed (`None`: their role has

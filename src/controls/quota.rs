@@ -176,10 +176,12 @@ impl Quotas {
     }
 
     /// Whether the principal may be disclosed more records now, counting what requests under
-    /// way have reserved but for `own` (what the asker itself holds already: an export's
-    /// chunk, held while it filled); if so, `reserve` more are reserved for this one (`None`:
-    /// its role has no limits, or nothing was reserved). With `conn`, totals this replica has
-    /// never seen are fetched once from Redis.
+    /// way have reserved; if so, `reserve` more are reserved for this one (`None`: its role
+    /// has no limits, or nothing was reserved). With `own` (what the asker itself holds
+    /// already: an export's chunk, held while it filled), whether that still fits beside what
+    /// has been counted (other replicas' flushes arrive there): the other holds are not
+    /// counted, since it was granted beside them. With `conn`, totals this replica has never
+    /// seen are fetched once from Redis.
     pub async fn check(
         &self,
         p: &Principal,
@@ -191,15 +193,7 @@ impl Quotas {
         let Some(limits) = self.limits.get(&p.role).copied() else {
             return Ok(None);
         };
-        if let Some((bound, flushed)) = &self.shared {
-            let last = *flushed
-                .lock()
-                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            if last.elapsed() > *bound {
-                return Err(GatewayError::ControlsStale);
-            }
-            // (`is_fresh` says the same for `/readyz`.)
-        }
+        self.fresh()?;
         let [(hour, _), (day, _)] = keys(&p.subject, now);
         let unknown = {
             let mut c = self
@@ -243,7 +237,7 @@ impl Quotas {
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-        let held = (c.reserved.get(&p.subject).copied().unwrap_or(0)).saturating_sub(own);
+        let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
         let counted = |k: &str| c.totals.get(k).copied().unwrap_or(0);
         // What the asker holds must itself fit beside what has been counted: other
         // replicas' counts may have arrived since it was held. Not beside this replica's
@@ -267,14 +261,30 @@ impl Quotas {
     }
 
     /// Whether `role` has limits.
-    pub fn limits(&self, role: &str) -> bool {
+    pub fn has_limits(&self, role: &str) -> bool {
         self.limits.contains_key(role)
+    }
+
+    /// `ControlsStale` once the shared totals have not been flushed within the bound (Redis
+    /// away): a role with limits is then refused rather than granted this replica's own
+    /// allowance, as every replica would. (`is_fresh` says the same for `/readyz`.)
+    fn fresh(&self) -> Result<(), GatewayError> {
+        if let Some((bound, flushed)) = &self.shared {
+            let last = *flushed
+                .lock()
+                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+            if last.elapsed() > *bound {
+                return Err(GatewayError::ControlsStale);
+            }
+        }
+        Ok(())
     }
 
     /// Reserves as many of `want` records as the principal may still be disclosed now, this
     /// hour and today, counting what requests under way have reserved (`None`: their role has
-    /// no limits). What an export is about to filter is held so, a few lines at most past the
-    /// allowance never: parallel requests (another export) see it as they see a page's hold.
+    /// no limits). An export holds so the lines it is about to filter (a line is one record
+    /// at most), never more than the allowance: parallel requests (another export) see the
+    /// hold as they see a page's.
     /// Read from what this replica knows (`check`, at the request's start and each chunk's
     /// release, fetches a principal it has not seen lately).
     pub fn reserve_up_to(
@@ -286,14 +296,7 @@ impl Quotas {
         let Some(limits) = self.limits.get(&p.role).copied() else {
             return Ok(None);
         };
-        if let Some((bound, flushed)) = &self.shared {
-            let last = *flushed
-                .lock()
-                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            if last.elapsed() > *bound {
-                return Err(GatewayError::ControlsStale);
-            }
-        }
+        self.fresh()?;
         let [(hour, _), (day, _)] = keys(&p.subject, now);
         let mut c = self
             .counts

@@ -62,7 +62,7 @@ pub fn access_event(logged: &Logged) -> FeedEvent {
         "reason": r.reason,
         // Disclosed: a refusal or error that names its target (a write not sent, an answer
         // held back) disclosed nothing.
-        "records": if matches!(r.decision, crate::audit::Decision::Allow) && !r.is_write_intent() { r.subjects.len() } else { 0 },
+        "records": r.disclosed_count(),
         "rows_withheld": r.rows_withheld,
         "withheld_target": r.withheld_target,
     });

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
-use crate::audit::{AuditRecord, Caller, Decision, Logged};
+use crate::audit::{AuditRecord, Caller, Logged};
 use crate::controls::{Change, Event};
 use crate::gateway::Gateway;
 
@@ -633,13 +633,10 @@ struct Volumes {
 
 impl Volumes {
     fn observe(&mut self, r: &AuditRecord) {
-        let (Some(c), Decision::Allow, n @ 1..) = (&r.caller, r.decision, r.subjects.len()) else {
+        // (A write's record before forwarding discloses nothing; its answer's record counts.)
+        let (Some(c), n @ 1..) = (&r.caller, r.disclosed_count()) else {
             return;
         };
-        // A write's record before forwarding discloses nothing; its answer's record counts.
-        if r.is_write_intent() {
-            return;
-        }
         let minute = rules::ts_millis(&r.ts).unwrap_or_else(rules::now_millis) / 60_000;
         if !self.by.contains_key(&c.subject) {
             self.by
@@ -649,8 +646,8 @@ impl Volumes {
             return;
         };
         match buckets.back_mut() {
-            Some((m, count)) if *m == minute => *count += n as u64,
-            _ => buckets.push_back((minute, n as u64)),
+            Some((m, count)) if *m == minute => *count += n,
+            _ => buckets.push_back((minute, n)),
         }
         while buckets
             .front()

@@ -64,11 +64,7 @@ impl Observation {
             caller: rec.caller.clone(),
             client_addr: rec.client_addr.clone(),
             decision: rec.decision,
-            disclosed: if rec.decision == Decision::Allow && !rec.is_write_intent() {
-                rec.subjects.len() as u64
-            } else {
-                0
-            },
+            disclosed: rec.disclosed_count(),
             withheld_target: rec.withheld_target.clone(),
             reason: rec.reason.clone(),
             route: rec.route.clone(),

@@ -604,9 +604,9 @@ impl Tmpfs {
         ok.then(|| Tmpfs(dir.to_path_buf()))
     }
 
-    /// `mount`, or `None` with a note that the test skipped; mounting needs root, and CI and
-    /// `scripts/test.sh` as root (`WARDGATE_NO_SKIP`) run as root, so there a failure to
-    /// mount fails the test instead of skipping it.
+    /// `mount`, or `None` with a note that the test skipped; mounting needs root. Under CI,
+    /// and under `scripts/test.sh` where it could mount one (`WARDGATE_NO_SKIP`), a failure
+    /// to mount fails the test instead of skipping it.
     pub fn mount_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
         let mounted = Tmpfs::mount(dir, size);
         if mounted.is_none() {
