@@ -1062,6 +1062,24 @@ async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
     app.stop().await;
 }
 
+/// A gateway over 20,000 electors whose analysts may be disclosed `allowance` records an hour.
+async fn analysts_allowed(allowance: u64) -> TestApp {
+    spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            c.quotas.insert(
+                "analyst".into(),
+                wardgate::controls::Limits {
+                    per_hour: allowance,
+                    per_day: 100_000,
+                },
+            );
+        })),
+        ..AppOptions::default()
+    })
+    .await
+}
+
 /// An export stops at its caller's allowance, not at the end of the chunk that crosses it: a
 /// role allowed 1,234 records an hour (inside the first chunk of about 1 MiB) or 5,001
 /// (inside the second) gets exactly that many, the chunk records name exactly those, and the
@@ -1069,20 +1087,7 @@ async fn a_caller_has_only_so_many_exports_and_aggregates_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_stops_at_the_callers_allowance_not_a_chunk_past_it() {
     for allowance in [1_234, 5_001] {
-        let app = spawn_app_with(AppOptions {
-            electors: Some(20_000),
-            edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
-                c.quotas.insert(
-                    "analyst".into(),
-                    wardgate::controls::Limits {
-                        per_hour: allowance,
-                        per_day: 100_000,
-                    },
-                );
-            })),
-            ..AppOptions::default()
-        })
-        .await;
+        let app = analysts_allowed(allowance).await;
         let analyst = app.token("analyst");
         let (status, body) = export(&app, &analyst, "").await;
         assert_eq!(status, StatusCode::OK);
@@ -1113,20 +1118,7 @@ async fn an_export_stops_at_the_callers_allowance_not_a_chunk_past_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_exports_at_once_share_the_callers_allowance() {
     let allowance = 5_001;
-    let app = spawn_app_with(AppOptions {
-        electors: Some(20_000),
-        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
-            c.quotas.insert(
-                "analyst".into(),
-                wardgate::controls::Limits {
-                    per_hour: allowance,
-                    per_day: 100_000,
-                },
-            );
-        })),
-        ..AppOptions::default()
-    })
-    .await;
+    let app = analysts_allowed(allowance).await;
     let analyst = app.token("analyst");
     let (one, two) = tokio::join!(export(&app, &analyst, ""), export(&app, &analyst, ""));
     // Each is cut short at the allowance, or (begun late, the other holding it all already)
