@@ -512,12 +512,10 @@ async fn paused_export() -> (
     Vec<u8>,
 ) {
     let (real, stop) = common::start_datastore(10_000).await;
+    let all = common::datastore_body(real, "/electors/export").await;
+    drop(stop);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let uri = format!("http://{real}/electors/export");
-    let resp = client.get(uri.parse().unwrap()).await.unwrap();
-    let all = resp.into_body().collect().await.unwrap().to_bytes();
-    drop(stop);
     let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
     assert_eq!(lines.len(), 10_000);
     let cut = lines.len() * 3 / 4;
@@ -702,12 +700,10 @@ async fn a_policy_reload_stops_an_export_under_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_reload_stops_an_aggregate_under_way() {
     let (real, stop) = common::start_datastore(2_000).await;
+    let all = common::datastore_body(real, "/electors/export").await;
+    drop(stop);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let uri = format!("http://{real}/electors/export");
-    let resp = client.get(uri.parse().unwrap()).await.unwrap();
-    let all = resp.into_body().collect().await.unwrap().to_bytes();
-    drop(stop);
     let text = std::str::from_utf8(&all).unwrap();
     let cut = text.len() / 2 + text[text.len() / 2..].find('\n').unwrap() + 1;
     let (go, arrived) = (std::sync::Arc::default(), std::sync::Arc::default());

@@ -1605,7 +1605,7 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
         .find(|r| r["markers"] == json!([]) && r["flags"] == json!([]))
         .unwrap();
     let page = json!({"records": [anonymous, open], "page": 1, "per_page": 2, "next_page": null});
-    let app = app_serving(&page).await;
+    let app = common::app_serving(&page).await;
     let r = app
         .get(
             "/voter/electors?per_page=2",
@@ -1625,17 +1625,6 @@ async fn a_datastore_sending_never_disclosed_entries_is_caught() {
     app.stop().await;
 }
 
-/// An app whose datastore answers every request with `page`.
-async fn app_serving(page: &Value) -> common::TestApp {
-    let upstream =
-        common::delayed_upstream(Bytes::from(page.to_string()), std::time::Duration::ZERO).await;
-    spawn_app_with(AppOptions {
-        upstream: Some(upstream),
-        ..Default::default()
-    })
-    .await
-}
-
 /// A datastore that answers a write's target under another id (it normalised the case, say):
 /// the write's records would name the id asked for, which a subject access search for the
 /// record's own id misses. Refused as a target the gateway cannot classify.
@@ -1645,7 +1634,7 @@ async fn a_write_whose_target_answers_under_another_id_is_refused() {
     let truth = upstream_all(real.upstream).await;
     let mine = canvassable(&truth);
     let id = mine["elector_id"].as_str().unwrap();
-    let app = app_serving(&json!({ "record": mine })).await;
+    let app = common::app_serving(&json!({ "record": mine })).await;
     let t = app.token("canvasser");
     let body = r#"{"voting_intention":"LAB"}"#;
     let r = app
@@ -1742,7 +1731,7 @@ async fn a_read_answered_with_another_record_discloses_nothing() {
         .map(|r| r["elector_id"].as_str().unwrap())
         .find(|other| *other != id)
         .unwrap();
-    let app = app_serving(&json!({ "record": theirs })).await;
+    let app = common::app_serving(&json!({ "record": theirs })).await;
     for (role, purpose) in [
         ("councillor", "canvassing"),
         ("dpo", "sar_fulfilment"),
@@ -1819,7 +1808,7 @@ async fn an_under_16_known_only_by_attainer_date_never_leaves() {
     let today = time::OffsetDateTime::now_utc().date();
     child["attainer_date"] = json!((today + time::Duration::days(3 * 365)).to_string());
     let page = json!({"records": [child, open], "page": 1, "per_page": 2, "next_page": null});
-    let app = app_serving(&page).await;
+    let app = common::app_serving(&page).await;
     for (role, purpose) in [
         ("analyst", "profiling"),
         ("dpo", "sar_fulfilment"),
@@ -2375,7 +2364,7 @@ async fn a_datastore_that_ignores_narrowing_gets_no_one_out_of_scope_or_protecte
         "records": [inside, outside, anonymous, child],
         "page": 1, "per_page": 4, "next_page": null
     });
-    let app = app_serving(&page).await;
+    let app = common::app_serving(&page).await;
     for (role, purpose, expected, withheld) in [
         ("councillor", "canvassing", vec![inside], 3),
         ("analyst", "profiling", vec![inside, outside], 2),

@@ -11,8 +11,7 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use common::{TestApp, spawn_app};
 use serde_json::{Value, json};
 
 async fn count(app: &TestApp) -> f64 {
@@ -22,17 +21,6 @@ async fn count(app: &TestApp) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse::<f64>().ok())
         .unwrap_or(0.0)
-}
-
-/// A gateway in front of a datastore answering every request with `page`.
-async fn serving(page: &Value) -> TestApp {
-    let upstream =
-        common::delayed_upstream(Bytes::from(page.to_string()), std::time::Duration::ZERO).await;
-    spawn_app_with(AppOptions {
-        upstream: Some(upstream),
-        ..AppOptions::default()
-    })
-    .await
 }
 
 /// Each page that brings an anonymous elector, or an under-16 the datastore did not flag
@@ -59,7 +47,7 @@ async fn each_never_disclosed_entry_a_datastore_sends_is_counted_once() {
     ] {
         let n = records.len();
         let page = json!({"records": records, "page": 1, "per_page": n, "next_page": null});
-        let app = serving(&page).await;
+        let app = common::app_serving(&page).await;
         let before = count(&app).await;
         for (role, purpose) in [("analyst", "profiling"), ("councillor", "canvassing")] {
             let r = app

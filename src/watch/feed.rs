@@ -35,6 +35,23 @@ pub struct FeedEvent {
     pub data: String,
 }
 
+impl FeedEvent {
+    /// Breach detection fell behind the audit log: `missed` records were examined by no rule.
+    /// Not `lagged`, which is one reader's own gap in the feed; every reader gets it
+    /// (`Filter::matches`).
+    pub fn detection_lagged(missed: u64) -> FeedEvent {
+        FeedEvent {
+            kind: "detection_lagged",
+            id: 0,
+            principal: None,
+            dataset: None,
+            purpose: None,
+            decision: None,
+            data: format!("{{\"missed\":{missed}}}"),
+        }
+    }
+}
+
 /// The summary of one audit record that the feed shows.
 pub fn access_event(logged: &Logged) -> FeedEvent {
     let r = &logged.record;
@@ -230,15 +247,8 @@ mod tests {
         let k = Filter::parse(Some("kind=alert")).unwrap();
         assert!(!k.matches(&event("x", "allow")));
         // Detection falling behind reaches a reader filtering on anything but the kind.
-        let lag = FeedEvent {
-            kind: "detection_lagged",
-            id: 0,
-            principal: None,
-            dataset: None,
-            purpose: None,
-            decision: None,
-            data: "{}".into(),
-        };
+        let lag = FeedEvent::detection_lagged(3);
+        assert_eq!(lag.data, r#"{"missed":3}"#);
         assert!(f.matches(&lag));
         assert!(k.matches(&lag));
     }

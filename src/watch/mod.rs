@@ -162,17 +162,7 @@ pub async fn run(gw: Arc<Gateway>) {
                     missed = n,
                     "breach detection fell behind the audit log; {n} records were not examined"
                 );
-                gw.watch.publish(FeedEvent {
-                    // Not `lagged`, which is one reader's own gap in the feed: these records
-                    // were examined by no rule at all.
-                    kind: "detection_lagged",
-                    id: 0,
-                    principal: None,
-                    dataset: None,
-                    purpose: None,
-                    decision: None,
-                    data: json!({ "missed": n }).to_string(),
-                });
+                gw.watch.publish(FeedEvent::detection_lagged(n));
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => break,

@@ -643,6 +643,16 @@ pub async fn delayed_upstream(body: Bytes, delay: std::time::Duration) -> Socket
     fixed_upstream(body, "application/json", delay).await
 }
 
+/// A gateway in front of a datastore answering every request with `page` (JSON).
+pub async fn app_serving(page: &Value) -> TestApp {
+    let upstream = delayed_upstream(Bytes::from(page.to_string()), std::time::Duration::ZERO).await;
+    spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await
+}
+
 /// A datastore that answers every request, whatever it asks, with 200, `content_type` and
 /// `body`, after `delay`.
 pub async fn fixed_upstream(
