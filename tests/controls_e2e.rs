@@ -383,6 +383,73 @@ async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
     c.stop().await;
 }
 
+/// A replica keeps its publishing connection between changes, which may be hours apart; Redis
+/// (its `timeout`, a restart) or a proxy closing it meanwhile must not keep the next change
+/// from the other replicas until the next full resynchronisation (ten minutes here), nor
+/// refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let slow_resync = |keys_from: Option<&TestApp>| AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
+        edit: Some(Box::new(|c| {
+            c.redis.as_mut().unwrap().resync_interval = Duration::from_secs(600);
+        })),
+        ..Default::default()
+    };
+    let a = spawn_app_with(slow_resync(None)).await;
+    until_ready("a ready", &a).await;
+    let b = spawn_app_with(slow_resync(Some(&a))).await;
+    until_ready("b ready", &b).await;
+    let r = b
+        .get(
+            "/voter/electors?per_page=2",
+            Some(&b.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = |n: usize| {
+        r.json()["records"][n]["elector_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (first, second) = (id(0), id(1));
+    assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
+    until_withheld(
+        "b learns the first restriction",
+        &b,
+        &format!("/voter/electors/{first}"),
+    )
+    .await;
+    // Every client connection is closed, as Redis's `timeout` closes an idle one (the
+    // replicas' readers reconnect of their own accord; `a`'s publisher is met only at its
+    // next change).
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(killed >= 2, "{killed} connections closed");
+    until_ready("a ready again", &a).await;
+    until_ready("b ready again", &b).await;
+    let placed = restrict(&a, &second, "RR-2").await;
+    assert_eq!(placed.status, 200, "{:?}", placed.body);
+    until_withheld(
+        "b learns the second restriction",
+        &b,
+        &format!("/voter/electors/{second}"),
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     let mut redis = RedisServer::start();

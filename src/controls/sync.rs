@@ -229,31 +229,45 @@ impl Redis {
         let json = serde_json::to_string(e)?;
         let mac = self.sign(&json);
         let mut guard = self.publisher.lock().await;
-        if guard.is_none() {
-            *guard = Some(
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config())
-                    .await
-                    .context("cannot reach Redis")?,
-            );
+        // The connection is kept between changes, which may be hours apart: Redis's `timeout`,
+        // a proxy or NAT closing idle connections, or a restart leaves it dead, and the change
+        // would reach the other replicas only at this one's next full resynchronisation. One
+        // more try on a fresh connection; an event that did land the first time is applied
+        // once all the same (by its id).
+        let mut tries = if guard.is_some() { 2 } else { 1 };
+        loop {
+            tries -= 1;
+            if guard.is_none() {
+                *guard = Some(
+                    self.client
+                        .get_multiplexed_async_connection_with_config(&config())
+                        .await
+                        .context("cannot reach Redis")?,
+                );
+            }
+            let Some(conn) = guard.as_mut() else {
+                anyhow::bail!("no Redis connection")
+            };
+            let added: redis::RedisResult<String> = redis::cmd("XADD")
+                .arg(&self.settings.stream)
+                .arg("*")
+                .arg("event")
+                .arg(&json)
+                .arg("mac")
+                .arg(&mac)
+                .query_async(conn)
+                .await;
+            match added {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    *guard = None;
+                    if tries == 0 {
+                        return Err(anyhow::anyhow!("cannot publish to Redis: {e}"));
+                    }
+                    tracing::info!(error = %e, "controls: the publishing connection failed; publishing on a fresh one");
+                }
+            }
         }
-        let Some(conn) = guard.as_mut() else {
-            anyhow::bail!("no Redis connection")
-        };
-        let added: redis::RedisResult<String> = redis::cmd("XADD")
-            .arg(&self.settings.stream)
-            .arg("*")
-            .arg("event")
-            .arg(&json)
-            .arg("mac")
-            .arg(&mac)
-            .query_async(conn)
-            .await;
-        if let Err(e) = added {
-            *guard = None;
-            return Err(anyhow::anyhow!("cannot publish to Redis: {e}"));
-        }
-        Ok(())
     }
 }
 
