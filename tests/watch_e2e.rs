@@ -636,6 +636,74 @@ async fn disclosures_after_hours_are_noticed() {
     );
 }
 
+/// An automatic containment whose revocation the control journal cannot take (its disk
+/// full) is in effect nowhere, and the audit log says so after the record of the change, not
+/// only the breach log: the chain must not read as the caller revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containment_that_did_not_take_is_recorded_as_failed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&data, "64k") else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        electors: Some(6000),
+        tweak: Some(contain_scrapers),
+        data_dir: Some(data.clone()),
+        ..AppOptions::default()
+    })
+    .await;
+    common::fill(&data);
+    let councillor = app.token("councillor");
+    let failed = |app: &TestApp| {
+        app.audit_records().into_iter().find(|r| {
+            r["reason"] == "controls_not_recorded"
+                && r["route"] == "watch.breach_containment_failed"
+        })
+    };
+    let mut found = None;
+    for page in 1..=400 {
+        let r = app
+            .get(
+                &format!("/voter/electors?per_page=100&page={}", page % 15 + 1),
+                Some(&councillor),
+                Some("canvassing"),
+            )
+            .await;
+        // Not revoked: the change took nowhere (past the role's quota, refused for that).
+        assert!(
+            [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS].contains(&r.status),
+            "page {page}: {:?}",
+            r.body
+        );
+        found = failed(&app);
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = found.expect("no record of the failed containment");
+    assert_eq!(failed["decision"], "error", "{failed}");
+    assert_eq!(failed["status"], 503, "{failed}");
+    assert_eq!(failed["detail"]["subject"], "demo-councillor", "{failed}");
+    assert!(
+        failed["detail"]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("not revoked"),
+        "{failed}"
+    );
+    // After the record of the change it answers.
+    let records = app.audit_records();
+    let at = |reason: &str| records.iter().position(|r| r["reason"] == reason).unwrap();
+    assert!(at("breach_containment") < at("controls_not_recorded"));
+    let change = &records[at("breach_containment")];
+    assert_eq!(
+        failed["detail"]["containment"], change["detail"]["id"],
+        "{change}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containment_revokes_every_token_the_scraper_holds() {
     let app = app(contain_scrapers).await;

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
-use crate::audit::{AuditRecord, Caller, Logged};
+use crate::audit::{AuditRecord, Caller, Decision, Logged};
 use crate::controls::{Change, Event};
 use crate::gateway::Gateway;
 
@@ -499,9 +499,30 @@ async fn contain(gw: &Gateway, alert: &Alert) -> Option<Containment> {
     let mut record = system_record("breach_containment");
     record.detail = serde_json::to_value(&event).ok();
     // Synced whatever `audit.durability` says, as every control change's record is.
+    let event_id = event.id.clone();
     let outcome = match gw.audit.append_synced(record).await {
         Err(e) => format!("not revoked: the audit log is unavailable ({e})"),
-        Ok(_) => outcome(&gw.controls.record(event).await),
+        Ok(_) => {
+            let done = gw.controls.record(event).await;
+            // The record above says the revocation was made: one that did not take (nowhere,
+            // or here only) is said in the log too, not only in the breach log.
+            if let Err(e) = &done {
+                let answer = e.answer();
+                let mut failed = system_record("breach_containment_failed");
+                (failed.decision, failed.status) = (Decision::Error, answer.status().as_u16());
+                failed.reason = Some(answer.code().to_owned());
+                failed.detail = Some(serde_json::json!({
+                    "alert": alert.id,
+                    "containment": event_id,
+                    "subject": caller.subject,
+                    "outcome": outcome(&done),
+                }));
+                if let Err(e) = gw.audit.append_synced(failed).await {
+                    tracing::error!(error = %e, alert = %alert.id, "the failed containment's record was not written");
+                }
+            }
+            outcome(&done)
+        }
     };
     tracing::warn!(alert = %alert.id, subject = caller.subject, outcome, "containment");
     Some(Containment {
@@ -619,6 +640,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 struct Volumes {
     by: HashMap<String, (String, VecDeque<(i64, u64)>)>,
+    /// The minute principals idle for the chart's hour were last swept out.
+    swept: i64,
 }
 
 impl Volumes {
@@ -645,7 +668,10 @@ impl Volumes {
         {
             buckets.pop_front();
         }
-        if self.by.len() > 10_000 {
+        // At most once a minute: with more principals than that active within the hour,
+        // a sweep on every record would visit them all and remove none.
+        if self.by.len() > 10_000 && self.swept != minute {
+            self.swept = minute;
             self.by
                 .retain(|_, (_, b)| b.back().is_some_and(|(m, _)| *m > minute - VOLUME_MINUTES));
         }
@@ -685,5 +711,47 @@ impl Volumes {
             "minutes": VOLUME_MINUTES,
             "principals": series.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disclosing(subject: &str, minute: i64) -> AuditRecord {
+        let mut r = AuditRecord::system("voter.electors.list", "page");
+        r.reason = None;
+        r.ts = AuditRecord::ts_of(time::OffsetDateTime::from_unix_timestamp(minute * 60).unwrap());
+        r.caller = Some(Caller {
+            subject: subject.to_owned(),
+            role: "councillor".to_owned(),
+            unit: String::new(),
+            token_id: "t".to_owned(),
+        });
+        r.subjects.push("VF-1");
+        r
+    }
+
+    /// Past 10,000 principals in the chart, those idle for its hour are swept out, once a
+    /// minute (not on every record, which would visit them all each time).
+    #[test]
+    fn principals_idle_for_the_hour_are_swept_out_once_a_minute() {
+        let mut v = Volumes::default();
+        let start = 30_000_000;
+        for n in 0..10_001 {
+            v.observe(&disclosing(&format!("p{n}"), start));
+        }
+        assert_eq!(v.by.len(), 10_001);
+        // An hour on: the first record of the minute sweeps the idle ones out.
+        let later = start + VOLUME_MINUTES;
+        v.observe(&disclosing("late", later));
+        assert_eq!(v.by.len(), 1);
+        for n in 0..10_001 {
+            v.observe(&disclosing(&format!("q{n}"), later + 1));
+        }
+        // No sweep again within that minute, though over the bound.
+        v.observe(&disclosing("again", later + 1));
+        assert_eq!(v.by.len(), 10_003);
+        assert_eq!(v.swept, later + 1);
     }
 }
