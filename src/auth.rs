@@ -55,7 +55,7 @@ pub struct Principal {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
     pub sub: String,
     pub jti: String,
     pub exp: i64,
@@ -69,6 +69,48 @@ pub struct Claims {
     pub purposes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_expires: Option<i64>,
+}
+
+/// `aud`: one audience, or several (RFC 7519 §4.1.3; Keycloak names `account` beside the
+/// client). jsonwebtoken checks that `auth.audience` is among them; one is written as a
+/// string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience(pub Vec<String>);
+
+impl From<&str> for Audience {
+    fn from(one: &str) -> Self {
+        Audience(vec![one.to_owned()])
+    }
+}
+
+impl From<String> for Audience {
+    fn from(one: String) -> Self {
+        Audience(vec![one])
+    }
+}
+
+impl Serialize for Audience {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Audience {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(one) => Audience(vec![one]),
+            OneOrMany::Many(many) => Audience(many),
+        })
+    }
 }
 
 /// The prefix of the gateway's own callers (an operator's `wardgate sar` on the host is
@@ -364,7 +406,12 @@ fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
             )
             .is_some()
         {
-            bail!("key id `{}` is configured twice", k.kid);
+            bail!(
+                "key id `{}` is configured twice (again in `{}`): each trusted key needs an id \
+                 of its own",
+                k.kid,
+                k.public_key_file.display()
+            );
         }
     }
     if let Some(path) = &cfg.jwks_file {
@@ -452,7 +499,10 @@ fn add_set(
             )
             .is_some()
         {
-            bail!("key id `{kid}` is configured twice");
+            bail!(
+                "{source}: key id `{kid}` is configured twice (in this set, or in an \
+                 `[[auth.keys]]` file too): each trusted key needs an id of its own"
+            );
         }
         taken += 1;
     }

@@ -233,6 +233,21 @@ fn an_ended_token_is_refused_but_names_its_caller() {
     let (failure, caller) = v.verify_header_naming(Some(&h), now).unwrap_err();
     assert_eq!(failure, AuthFailure::WrongAudience);
     assert!(caller.is_none());
+    // Several audiences (RFC 7519 allows an array; Keycloak sends one): taken when the
+    // gateway's is among them, refused as another audience's when it is not.
+    let mut several = live_claims("https://idp", "s", now);
+    several.aud = Audience(vec!["account".into(), "wardgate".into()]);
+    assert_eq!(
+        v.verify(&signer.sign(&several).unwrap(), now)
+            .unwrap()
+            .subject,
+        "s"
+    );
+    several.aud = Audience(vec!["account".into(), "another-service".into()]);
+    assert_eq!(
+        v.verify(&signer.sign(&several).unwrap(), now).err(),
+        Some(AuthFailure::WrongAudience)
+    );
     let mut expired = live_claims("https://idp", "leaver", now - 600);
     expired.exp = now - 60;
     let token = signer.sign(&expired).unwrap();
@@ -867,8 +882,10 @@ fn a_fetched_set_replaces_only_the_fetched_keys_whatever_the_key_files_hold() {
     // A fetched key may not take a file key's id.
     let (clash, _) = one_key_set("local");
     let e = v.read_keys(Some(Arc::from(clash.as_str()))).err().unwrap();
+    // Saying where: the fetched set, by its address.
     assert!(
-        format!("{e:#}").contains("key id `local` is configured twice"),
+        format!("{e:#}").contains("key id `local` is configured twice")
+            && format!("{e:#}").contains("the JWKS from `https://"),
         "{e:#}"
     );
 }

@@ -271,7 +271,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let ttl = i64::try_from(ttl.as_secs()).context("`--ttl` is too long")?;
             let claims = Claims {
                 iss: signer.issuer.clone(),
-                aud: cfg.auth.audience.clone(),
+                aud: cfg.auth.audience.clone().into(),
                 sub,
                 jti: format!("{:032x}", rand::random::<u128>()),
                 exp: now + ttl,

@@ -117,6 +117,9 @@ fn check_files(cfg: &Config) -> anyhow::Result<Checked> {
         None => None,
     };
     let verifier = Verifier::from_config(&cfg.auth, known, jwks.as_deref())?;
+    if let Some(signing) = &cfg.signing {
+        check_signing(signing, &cfg.auth)?;
+    }
     let (policy, policy_tests, policy_digest) =
         PolicySource::of(cfg).load_digested(&catalog, &geography)?;
     if policy_digest.is_none() {
@@ -144,6 +147,47 @@ fn check_files(cfg: &Config) -> anyhow::Result<Checked> {
         server_cert,
         tls,
     })
+}
+
+/// `[signing]` (what `wardgate token` signs with: demos, tooling, break-glass) is checked with
+/// the rest, so that the key is not found unreadable, or its tokens refused, only when it is
+/// needed: it must load, sign for an issuer the gateway trusts with an algorithm it accepts,
+/// and match a trusted key of the same id, if one is configured in a file.
+fn check_signing(
+    signing: &crate::config::SigningConfig,
+    auth: &crate::config::AuthConfig,
+) -> anyhow::Result<()> {
+    crate::token::Signer::from_config(signing).context("`[signing]`")?;
+    if !auth.issuers.contains(&signing.issuer) {
+        anyhow::bail!(
+            "`signing.issuer` `{}` is not one of `auth.issuers` ({}): the gateway would refuse \
+             every token it signs",
+            signing.issuer,
+            auth.issuers.join(", ")
+        );
+    }
+    if !auth.algorithms.contains(&signing.algorithm) {
+        anyhow::bail!(
+            "`signing.algorithm` {:?} is not one of `auth.algorithms`: the gateway would \
+             refuse every token it signs",
+            signing.algorithm
+        );
+    }
+    if let Some(key) = auth.keys.iter().find(|k| k.kid == signing.kid)
+        && (key.algorithm != signing.algorithm || key.issuer != signing.issuer)
+    {
+        anyhow::bail!(
+            "`signing.kid` `{}` is the id of the trusted key `{}`, which verifies {:?} tokens \
+             of `{}`, not {:?} tokens of `{}`",
+            signing.kid,
+            key.public_key_file.display(),
+            key.algorithm,
+            key.issuer,
+            signing.algorithm,
+            signing.issuer
+        );
+    }
+    Ok(())
 }
 
 /// Raises the process's soft limit on open files towards what the listeners could need at

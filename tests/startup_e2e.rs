@@ -47,6 +47,18 @@ fn validate_accepts_the_shipped_files() {
     assert!(!ok && out.contains("cannot probe datastore"), "{out}");
 }
 
+/// The demo served off loopback (`--listen 0.0.0.0:8080 --admin 0.0.0.0:9901`) says that plain
+/// HTTP is meant on both planes, as a deployment must: its synthetic data are for showing.
+#[test]
+fn the_demo_off_loopback_is_valid_on_both_planes() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "0.0.0.0:0".parse().unwrap();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let cfg = wardgate::demo::materialise(dir.path(), any, any, upstream).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(ok, "{out}");
+}
+
 /// The demo writes its own pack at each start: a policy saved beside it (the tour's), whose
 /// fixture the demo clears, does not stop the next start as untested.
 #[test]
@@ -331,6 +343,50 @@ fn a_missing_key_file_stops_serve_naming_it() {
         out.contains("demo-es256.pub.pem") && out.contains("cannot read"),
         "{out}"
     );
+}
+
+/// `[signing]` is checked with the rest: a key that `wardgate token` could not read, or
+/// whose tokens the gateway would refuse, stops the start, not the break-glass minting later.
+#[test]
+fn a_signing_key_the_gateway_could_not_use_stops_the_start() {
+    let (d, cfg) = setup();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let line = format!(
+        "private_key_file = \"keys/{}.key.pem\"",
+        wardgate::demo::KID
+    );
+    assert!(text.contains(&line));
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(ok, "{out}");
+    std::fs::write(
+        &cfg,
+        text.replace(&line, "private_key_file = \"keys/gone.key.pem\""),
+    )
+    .unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("[signing]") && out.contains("gone.key.pem"),
+        "{out}"
+    );
+    let issuer = format!("issuer = \"{}\"", wardgate::demo::ISSUER);
+    let signing = text.split("[signing]").nth(1).unwrap();
+    assert!(signing.contains(&issuer), "{signing}");
+    let other = text.replace(
+        &format!("[signing]{signing}"),
+        &format!(
+            "[signing]{}",
+            signing.replace(&issuer, "issuer = \"https://elsewhere\"")
+        ),
+    );
+    std::fs::write(&cfg, other).unwrap();
+    let (ok, out) = run(&["serve"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("signing.issuer") && out.contains("https://elsewhere"),
+        "{out}"
+    );
+    drop(d);
 }
 
 #[test]

@@ -148,7 +148,8 @@ async fn route(req: Request<Incoming>, store: Datastore) -> Response<ResponseBod
     let result = match segs.as_slice() {
         ["healthz"] if get => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         ["electors"] if get => list(&store.electors, &query, Kind::Electors),
-        ["electors", "export"] if get => export(&store.electors, &query),
+        ["electors", "export"] if get => export(&store.electors, &query, Kind::Electors),
+        ["members", "export"] if get => export(&store.members, &query, Kind::Members),
         ["electors", id] if get => one(&store.electors, id, &query, Kind::Electors),
         ["members"] if get => list(&store.members, &query, Kind::Members),
         ["members", id] if get => one(&store.members, id, &query, Kind::Members),
@@ -263,11 +264,16 @@ const ELECTOR_FILTERS: &[&str] = &[
     "postcode",
 ];
 
-fn list(lock: &RwLock<Table>, query: &str, kind: Kind) -> Result<Response<ResponseBody>, Problem> {
-    let filters = match kind {
+/// The filters a listing or export of `kind` takes.
+fn filters_of(kind: Kind) -> &'static [&'static str] {
+    match kind {
         Kind::Electors => ELECTOR_FILTERS,
         Kind::Members => &["branch", "clp", "status", "areas"],
-    };
+    }
+}
+
+fn list(lock: &RwLock<Table>, query: &str, kind: Kind) -> Result<Response<ResponseBody>, Problem> {
+    let filters = filters_of(kind);
     let q = Query::parse(
         query,
         &[filters, &["fields", "page", "per_page", "exclude"]].concat(),
@@ -344,10 +350,14 @@ impl Body for ChannelBody {
 
 const EXPORT_CHUNK: usize = 64 * 1024;
 
-fn export(lock: &Arc<RwLock<Table>>, query: &str) -> Result<Response<ResponseBody>, Problem> {
-    let q = Query::parse(query, &[ELECTOR_FILTERS, &["fields", "exclude"]].concat())?;
-    let fields = q.fields(Kind::Electors)?;
-    let filter = Filter::new(&q, Kind::Electors, &read(lock))?;
+fn export(
+    lock: &Arc<RwLock<Table>>,
+    query: &str,
+    kind: Kind,
+) -> Result<Response<ResponseBody>, Problem> {
+    let q = Query::parse(query, &[filters_of(kind), &["fields", "exclude"]].concat())?;
+    let fields = q.fields(kind)?;
+    let filter = Filter::new(&q, kind, &read(lock))?;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let lock = Arc::clone(lock);
     tokio::spawn(async move {

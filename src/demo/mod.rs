@@ -116,10 +116,17 @@ pub fn materialise(
     token::write_key_pair(&dir.join("keys"), KID, &token::generate_es256()?)?;
     // The demo's data are synthetic: served off loopback (`--listen 0.0.0.0:8080`), plain HTTP
     // is said to be meant, as a deployment must say it.
-    let off_loopback = match listen.ip().is_loopback() {
-        true => "",
-        false => "\nplaintext_off_loopback = true",
-    };
+    let off_loopback = format!(
+        "{}{}",
+        match listen.ip().is_loopback() {
+            true => "",
+            false => "\nplaintext_off_loopback = true",
+        },
+        match admin.ip().is_loopback() {
+            true => "",
+            false => "\nadmin_plaintext_off_loopback = true",
+        }
+    );
     let config = format!(
         r#"# Written by `wardgate demo`: the demo's own configuration. See config/wardgate.toml for
 # an annotated production example.

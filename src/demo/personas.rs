@@ -101,7 +101,7 @@ pub fn mint_tokens(signer: &Signer, now: i64) -> anyhow::Result<BTreeMap<String,
     for p in PERSONAS {
         let claims = Claims {
             iss: signer.issuer.clone(),
-            aud: super::AUDIENCE.to_owned(),
+            aud: super::AUDIENCE.into(),
             sub: format!("demo-{}", p.name.replace('_', "-")),
             jti: format!("{:032x}", rand::random::<u128>()),
             exp: now + 8 * 3600,
@@ -147,7 +147,9 @@ Deny: a purpose the token does not grant (403), and a purpose that does not exis
 A doorstep write, and one that tries to set a field canvassing may not write (403)
   curl -s -H "Authorization: Bearer {canvasser}" -H "X-Purpose: canvassing" -H "Content-Type: application/json" \
        -d '{{"voting_intention":"LAB","canvass_issues":["housing"]}}' "{base}/voter/electors/ID/canvass" | jq .
-  (take an ID from the first listing)
+  curl -s -H "Authorization: Bearer {canvasser}" -H "X-Purpose: gotv" -H "Content-Type: application/json" \
+       -d '{{"flags_add":["do_not_contact"]}}' "{base}/voter/electors/ID/canvass" | jq .
+  (take an ID from the first listing; polling day's `gotv` records turnout and opinions, not flags)
 
 Then look at what was recorded:  wardgate audit tail --dir {audit}
 (or: cargo run --release -- audit tail --dir {audit})
