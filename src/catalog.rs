@@ -86,6 +86,30 @@ pub struct Dataset {
     pub known_flags: BTreeSet<String>,
 }
 
+impl Dataset {
+    /// The fields the gateway reads a record's area, id and protection from (its area
+    /// template's, the subject id, markers, flags, attainer date, consents and TPS check).
+    pub fn policy_fields(&self) -> Vec<String> {
+        (area_template_fields(&self.area)
+            .unwrap_or_default()
+            .into_iter())
+        .chain([self.subject_field.clone()])
+        .chain(
+            [
+                &self.markers_field,
+                &self.flags_field,
+                &self.attainer_field,
+                &self.consents_field,
+                &self.tps_field,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        )
+        .collect()
+    }
+}
+
 fn default_per_page() -> u32 {
     1000
 }
@@ -169,6 +193,7 @@ impl Catalog {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        self.check_words()?;
         for (id, p) in &self.purposes {
             if !LAWFUL_BASES.contains(&p.lawful_basis.as_str()) {
                 bail!(
@@ -244,18 +269,9 @@ impl Catalog {
             // Its consents and TPS check too: they decide whether contact details and
             // email/SMS may be shown, and a doorstep tool must not record consent it was given
             // no way to verify.
-            let area_fields = area_template_fields(&d.area).unwrap_or_default();
-            let guarded: Vec<&str> = (area_fields.iter())
-                .map(String::as_str)
-                .chain([d.subject_field.as_str()])
-                .chain(d.markers_field.as_deref())
-                .chain(d.flags_field.as_deref())
-                .chain(d.attainer_field.as_deref())
-                .chain(d.consents_field.as_deref())
-                .chain(d.tps_field.as_deref())
-                .collect();
+            let guarded = d.policy_fields();
             for (w, route) in &d.writes {
-                if let Some(field) = route.fields.keys().find(|f| guarded.contains(&f.as_str())) {
+                if let Some(field) = route.fields.keys().find(|f| guarded.contains(f)) {
                     bail!(
                         "dataset `{name}` write `{w}`: field `{field}` is one the gateway reads \
                          a record's area, id or protection from; no write may change it"
@@ -290,6 +306,56 @@ impl Catalog {
                              field from `fields` instead"
                         );
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `[words]` adds words, never spellings: the filter reads a flag it knows as written
+    /// and folds only one it does not know onto the known flags it spells (`UNDER_16` is
+    /// `under_16`, never disclosed). An entry that is another spelling of a word already
+    /// known (`UNDER_16`, `Restricted`, a channel `Email`) would make records carrying it
+    /// known and so unfolded, and the under-16 rule or a restriction would not see them.
+    fn check_words(&self) -> anyhow::Result<()> {
+        let fold = crate::filter::fold_word;
+        let mut known: BTreeMap<String, String> = (crate::controls::KINDS.iter())
+            .chain(&[crate::filter::UNDER_16])
+            .map(|k| (fold(k), (*k).to_owned()))
+            .collect();
+        let added = (self
+            .words
+            .flags
+            .iter()
+            .map(|f| ("flags", f.clone(), f.clone())))
+        .chain(self.words.consent_channels.iter().map(|c| {
+            (
+                "consent_channels",
+                c.clone(),
+                format!("consent_withdrawn_{c}"),
+            )
+        }));
+        for (list, word, flag) in added {
+            let folded = fold(&flag);
+            if fold(&word).is_empty() {
+                bail!("`[words] {list}`: `{word}` has no letters or digits");
+            }
+            match known.get(&folded) {
+                Some(same) if *same == flag => {}
+                Some(other) => {
+                    let other = match list {
+                        "consent_channels" => (other.strip_prefix("consent_withdrawn_"))
+                            .map_or(other.clone(), |c| format!("the consent channel `{c}`")),
+                        _ => format!("the flag `{other}`"),
+                    };
+                    bail!(
+                        "`[words] {list}`: `{word}` is another spelling of {other}, which the \
+                         gateway already knows; remove the entry (a record's other spellings \
+                         of a known flag are read as that flag)"
+                    )
+                }
+                None => {
+                    known.insert(folded, flag);
                 }
             }
         }
@@ -394,6 +460,50 @@ mod tests {
                 "{field}: {err}"
             );
         }
+    }
+
+    /// A `[words]` entry that respells a word the gateway knows would make records carrying
+    /// it known as written, and so not read as the flag they spell: an `UNDER_16` record
+    /// would go out. The start refuses it, naming the entry and the word it respells.
+    #[test]
+    fn a_words_entry_may_not_respell_a_known_word() {
+        let shipped = include_str!("../config/catalog.toml");
+        let commented = "# [words]\n# flags = [\"moved_away\"]\n# consent_channels = [\"post\"]";
+        assert!(shipped.contains(commented));
+        let with = |words: &str| shipped.replacen(commented, &format!("[words]\n{words}"), 1);
+        for (words, entry, respelt) in [
+            (r#"flags = ["UNDER_16"]"#, "`UNDER_16`", "`under_16`"),
+            (r#"flags = ["under-16"]"#, "`under-16`", "`under_16`"),
+            (r#"flags = ["Restricted"]"#, "`Restricted`", "`restricted`"),
+            (
+                r#"flags = ["do-not-contact"]"#,
+                "`do-not-contact`",
+                "`do_not_contact`",
+            ),
+            (
+                r#"flags = ["moved_away", "Moved Away"]"#,
+                "`Moved Away`",
+                "`moved_away`",
+            ),
+            (
+                r#"consent_channels = ["Email"]"#,
+                "`Email`",
+                "channel `email`",
+            ),
+            (r#"flags = ["--"]"#, "`--`", "no letters or digits"),
+        ] {
+            let err = format!("{:#}", Catalog::parse(&with(words)).unwrap_err());
+            assert!(
+                err.contains("[words]") && err.contains(entry) && err.contains(respelt),
+                "{words}: {err}"
+            );
+        }
+        let c = Catalog::parse(&with(
+            "flags = [\"moved_away\", \"under_16\"]\nconsent_channels = [\"post\"]",
+        ))
+        .unwrap();
+        let known = &c.datasets["voter"].known_flags;
+        assert!(known.contains("moved_away") && known.contains("consent_withdrawn_post"));
     }
 
     #[test]

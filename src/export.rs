@@ -207,6 +207,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
             filtered_with: Vec::new(),
             policies: Arc::clone(&plan.policies),
             chunk_hold: crate::controls::QuotaHold::default(),
+            unsent: Vec::new(),
         };
         let principal = Arc::clone(&plan.principal);
         // The caller's slot is held to the export's very end, its last chunk handed on and
@@ -256,10 +257,16 @@ struct Run<'a> {
     policies: Arc<crate::decisions::InForce>,
     /// What the quota holds for the chunk being filled: its records, until it is counted.
     chunk_hold: crate::controls::QuotaHold,
+    /// Chunks recorded and never handed on (the caller stopped standing, or went, between
+    /// the record and the chunk): their numbers and subjects, which the closing record names
+    /// so that a subject access report leaves their records out (`sar`).
+    unsent: Vec<(u64, Subjects)>,
 }
 
 struct Waiting {
     ack: Ack,
+    /// Its record's `export_chunk`.
+    number: u64,
     chunk: Bytes,
     records: u64,
     /// Its subjects, and the registers they were judged against (`Run::filtered_with`).
@@ -332,9 +339,14 @@ impl Run<'_> {
                 // Kept once per state of the register, not per batch: an export that
                 // withholds nearly everything fills a chunk slowly. (Again after a chunk
                 // released mid-batch, which takes them.)
-                if (self.filtered_with.last()).is_none_or(|(_, r)| !r.same_as(&register)) {
-                    self.filtered_with
-                        .push((d.subjects.len(), register.clone()));
+                // A register no subject was judged against since its entry is replaced, not
+                // kept beside the next: a register that changes with every batch of an
+                // export disclosing little would otherwise keep a copy per batch.
+                let from = d.subjects.len();
+                match self.filtered_with.last_mut() {
+                    Some((_, r)) if r.same_as(&register) => {}
+                    Some((at, r)) if *at == from => *r = register.clone(),
+                    _ => self.filtered_with.push((from, register.clone())),
                 }
                 // Under a quota, no more lines at once than the caller may still be disclosed
                 // records (a line is one record at most), held against it meanwhile so that
@@ -401,6 +413,10 @@ impl Run<'_> {
         if out.is_empty() && d.rows_withheld == 0 {
             return Ok(());
         }
+        // A client that has gone takes nothing more: no further chunk is recorded for it.
+        if self.tx.is_closed() {
+            return Err("client_went_away".to_owned());
+        }
         self.still_standing(principal)?;
         // Checked again (the controls still fresh, the totals of other replicas fetched if
         // need be), keeping the chunk's own hold until it is counted: held while it filled,
@@ -449,9 +465,13 @@ impl Run<'_> {
             out,
             Vec::with_capacity(CHUNK_BYTES + MAX_LINE),
         ));
-        self.hand_on(principal).await?;
+        if let Err(why) = self.hand_on(principal).await {
+            self.unsent.push((self.queued, subjects));
+            return Err(why);
+        }
         self.waiting = Some(Waiting {
             ack,
+            number: self.queued,
             chunk,
             records: n,
             subjects,
@@ -479,6 +499,15 @@ impl Run<'_> {
         let Some(w) = self.waiting.take() else {
             return Ok(());
         };
+        let (number, subjects) = (w.number, w.subjects.clone());
+        let handed = self.hand_on_waiting(principal, w).await;
+        if handed.is_err() {
+            self.unsent.push((number, subjects));
+        }
+        handed
+    }
+
+    async fn hand_on_waiting(&mut self, principal: &Principal, w: Waiting) -> Result<(), String> {
         w.ack
             .durable()
             .await
@@ -532,8 +561,20 @@ impl Run<'_> {
                     "controls_stale" => (Decision::Error, Some(why.clone())),
                     _ => (Decision::Error, Some("export_aborted".to_owned())),
                 };
-                record.detail =
-                    Some(serde_json::json!({ "export_aborted": why, "before": summary }));
+                let mut detail = serde_json::json!({ "export_aborted": why, "before": summary });
+                // Recorded as disclosed and never sent: named here, so that a subject access
+                // search finds this record beside theirs, and leaves them out (`sar`).
+                if !self.unsent.is_empty() {
+                    let numbers: Vec<u64> = self.unsent.iter().map(|(n, _)| *n).collect();
+                    detail["chunks_not_sent"] = numbers.into();
+                    let mut named = Subjects::default();
+                    for id in self.unsent.iter().flat_map(|(_, s)| s.iter()) {
+                        named.push(id);
+                    }
+                    record.subjects = named;
+                    record.fields_by_subject = None;
+                }
+                record.detail = Some(detail);
                 metrics::counter!("wardgate_exports_aborted_total").increment(1);
                 tracing::warn!(request_id = %record.request_id, why, "export aborted");
             }

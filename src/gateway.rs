@@ -250,8 +250,21 @@ where
     let queued = room.map(|room| room.submit(record));
     unanswered.armed = false;
     drop(coming);
+    // A commit that does not end (a disk retrying for minutes, a hung mount) is answered as
+    // one that failed, rather than holding every request until its caller gives up; the
+    // record may still land later, and a further record then says nothing left.
+    let mut stalled = false;
     let appended = match queued {
-        Ok(ack) => ack.durable().await,
+        Ok(ack) => match tokio::time::timeout(crate::audit::STALLED_AFTER, ack.durable()).await {
+            Ok(durable) => durable,
+            Err(_) => {
+                stalled = true;
+                Err(crate::audit::AuditError::Unavailable(format!(
+                    "no commit within {:?}",
+                    crate::audit::STALLED_AFTER
+                )))
+            }
+        },
         Err(e) => Err(e),
     };
     // Said whether or not the answer can be given (an audit failure replaces it).
@@ -270,7 +283,12 @@ where
                 Some((e, why)) => {
                     // Recorded as disclosed, and not sent: a further record says why.
                     let at = (&request_id[..], client, &method, &path[..]);
-                    withheld_after_recording(gw, trail, judged, &e, why, at);
+                    let after = withheld_after_recording(trail, judged, &e, why, at);
+                    // Waited for: until it is durable, a subject access report would list the
+                    // answer as disclosed.
+                    if let Err(err) = gw.audit.append(after).await {
+                        tracing::error!(error = %err, request_id, "the record of an answer held back was not written");
+                    }
                     if wrote {
                         // The write is done (and counted): shown nothing of, not an error
                         // that would have it sent again.
@@ -323,10 +341,34 @@ where
         },
         Err(e) => {
             tracing::error!(error = %e, request_id, "audit record not durable; withholding response");
-            boxed(problem_response(
-                &GatewayError::AuditUnavailable,
-                &request_id,
-            ))
+            let done = wrote && matches!(result, Ok(Reply::Body(_)));
+            if stalled {
+                // Queued, not waited for (the log is stalled): once it commits, a subject
+                // access report reads this beside the answer's record and leaves it out.
+                let at = (&request_id[..], client, &method, &path[..]);
+                let after = withheld_after_recording(
+                    trail,
+                    Judged {
+                        wrote: done,
+                        ..judged
+                    },
+                    &GatewayError::AuditUnavailable,
+                    "audit_stalled",
+                    at,
+                );
+                gw.audit.queue_detached(after);
+            }
+            if done {
+                // The datastore took the write (and it is counted): shown nothing of, not an
+                // error that would have it sent again. Its intent's record is durable.
+                let nothing = Bytes::from_static(b"{\"record\":null}");
+                boxed(json_response(StatusCode::OK, nothing, &request_id))
+            } else {
+                boxed(problem_response(
+                    &GatewayError::AuditUnavailable,
+                    &request_id,
+                ))
+            }
         }
     };
     let decision = match response.status() {
@@ -469,13 +511,12 @@ struct Judged {
 /// id and naming the same subjects (a subject access report leaves the answer out), says it
 /// did not leave and why.
 fn withheld_after_recording(
-    gw: &Gateway,
     trail: &mut Trail,
     judged: Judged,
     e: &GatewayError,
     why: &str,
     (request_id, client, method, path): (&str, SocketAddr, &Method, &str),
-) {
+) -> AuditRecord {
     // A done write's answer is 200 with nothing of the record; anything else is the error.
     let (status, detail) = if judged.wrote {
         let detail = serde_json::json!({ "withheld_after_recording": why, "shown": "nothing" });
@@ -509,7 +550,7 @@ fn withheld_after_recording(
     // Named, though nothing left (a refusal names none): a subject access search finds it
     // beside the record it corrects.
     record.subjects = judged.subjects;
-    gw.audit.queue_detached(record);
+    record
 }
 
 /// A buffered response as a data-plane body.
@@ -734,7 +775,7 @@ where
             Ok(Reply::Body(counted.body))
         }
         RouteKind::Read { id } => {
-            let (body, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+            let (body, envelope) = fetch_one(upstream, dataset, id, request_id, trail).await?;
             let register = register_now(gw, &principal)?;
             trail.judged_on = Some(register.clone());
             // A postcode the read names is the record's, or nothing of it leaves: the
@@ -1070,7 +1111,13 @@ fn filters_visible(
     dataset: &crate::catalog::Dataset,
     trail: &mut Trail,
 ) -> Result<(), GatewayError> {
-    if route.filters.is_empty() {
+    // An aggregate's groups too: grouping by a field the purpose may never see would answer
+    // no cells, as if every one were too small, rather than say why.
+    let by: &[String] = match &route.kind {
+        routes::RouteKind::Aggregate { by } => by,
+        _ => &[],
+    };
+    if route.filters.is_empty() && by.is_empty() {
         return Ok(());
     }
     // The best a record of this dataset can be (no consents where it keeps none, no TPS check
@@ -1089,16 +1136,19 @@ fn filters_visible(
         },
         tps_fresh: dataset.tps_field.is_some(),
     };
-    for filter in route.filters.keys() {
-        // (Every filter is a classified field: the catalogue refuses another at start; an
-        // empty category is one no policy lets through.)
-        let category = dataset.fields.get(filter).map_or("", String::as_str);
+    let asked = (route.filters.keys().map(|f| (f, "filter", "picks")))
+        .chain(by.iter().map(|f| (f, "grouping", "groups")));
+    for (field, what, does) in asked {
+        // (Every filter and grouping is a classified field: the catalogue refuses another
+        // filter at start, the route another grouping; an empty category is one no policy
+        // lets through.)
+        let category = dataset.fields.get(field).map_or("", String::as_str);
         let verdict = (policies.engine).decide_field(ask, &route.dataset, &clean, category, false);
         if !verdict.allowed {
             // The record names what refused, not what had let the request through.
             trail.policy_ids = verdict.policy_ids.into_iter().collect();
             return Err(GatewayError::FilterForbidden(format!(
-                "filter `{filter}` picks by a field (category `{category}`) this purpose and role may not see"
+                "{what} `{field}` {does} by a field (category `{category}`) this purpose and role may not see"
             )));
         }
     }
@@ -1149,6 +1199,7 @@ pub(crate) async fn fetch_one(
     dataset: &Dataset,
     id: &str,
     request_id: &str,
+    trail: &mut Trail,
 ) -> Result<(Bytes, filter::Envelope), GatewayError> {
     let (path, envelope) = dialect::read(&upstream.dialect, dataset, id);
     let resp = upstream.send(Method::GET, &path, None, request_id).await?;
@@ -1166,11 +1217,23 @@ pub(crate) async fn fetch_one(
         if resp.status != StatusCode::NOT_FOUND {
             tracing::warn!(status = resp.status.as_u16(), request_id, collection = %dataset.collection,
                 "the datastore refused a read by id; answered as not found");
+            // In the log, and for a subject access report's own read (`Withheld`), which
+            // must not say "nothing held" of a record the datastore keeps and will not give.
+            trail.withheld_target = Some(match resp.status.as_u16() {
+                403 => REFUSED_403,
+                410 => REFUSED_410,
+                _ => REFUSED_451,
+            });
         }
         return Err(GatewayError::NotFound);
     }
     Ok((expect_json(resp.status, resp.json, resp.body)?, envelope))
 }
+
+/// `Trail::withheld_target` for a read by id the datastore refused with that status.
+pub(crate) const REFUSED_403: &str = "refused_by_datastore_403";
+pub(crate) const REFUSED_410: &str = "refused_by_datastore_410";
+pub(crate) const REFUSED_451: &str = "refused_by_datastore_451";
 
 /// A request extension marking a subject access report's own read of its subject through
 /// the data plane (`rights::current_data`): an extension never comes from outside the

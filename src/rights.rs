@@ -539,7 +539,7 @@ async fn held_by(
                 Ok(r) if r.status == StatusCode::NOT_FOUND => crate::sar::NOTHING_HELD.to_owned(),
                 Ok(r) if r.status == StatusCode::OK => {
                     let id = (r.body.ok()).and_then(|b| {
-                        crate::filter::single_text(&b, envelope, &dataset.subject_field)
+                        crate::filter::single_id(&b, envelope, &dataset.subject_field)
                     });
                     match id {
                         // Ids are matched as the register matches them: a datastore that
@@ -617,6 +617,23 @@ async fn current_data(
                 Some(crate::gateway::Withheld("answered_under_another_id")),
             ) => {
                 missing.insert(name.clone(), crate::sar::NOT_READ_ANOTHER_ID.to_owned());
+            }
+            // The datastore would not answer for the id (a record it keeps under a rights
+            // request, or the gateway's credential refused): not known to be held or not.
+            (
+                StatusCode::NOT_FOUND,
+                _,
+                Some(crate::gateway::Withheld(
+                    why @ (crate::gateway::REFUSED_403
+                    | crate::gateway::REFUSED_410
+                    | crate::gateway::REFUSED_451),
+                )),
+            ) => {
+                let status = why.trim_start_matches("refused_by_datastore_");
+                missing.insert(
+                    name.clone(),
+                    format!("not told: the datastore refused the read (status {status}); ask it"),
+                );
             }
             // Held, but not disclosed even here: an anonymous elector's or an under-16's
             // entry, or one the filter cannot read (the datastore has it; fetch it there).

@@ -147,14 +147,28 @@ pub fn build_from(
         .filter(|r| r["detail"]["withheld_after_recording"].is_string())
         .filter_map(|r| r["request_id"].as_str())
         .collect();
+    // An export's chunks recorded and never sent (`export::Run::finish`): its closing record
+    // names them and their subjects.
+    let mut chunks_not_sent: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for r in &records {
+        if let (Some(id), Some(numbers)) = (
+            r["request_id"].as_str(),
+            r["detail"]["chunks_not_sent"].as_array(),
+        ) {
+            (chunks_not_sent.entry(id).or_default())
+                .extend(numbers.iter().filter_map(Value::as_u64));
+        }
+    }
+    let sent = |r: &Value| match r["request_id"].as_str() {
+        None => true,
+        Some(id) if held_back.contains(id) => false,
+        Some(id) => !(r["detail"]["export_chunk"].as_u64())
+            .is_some_and(|n| chunks_not_sent.get(id).is_some_and(|not| not.contains(&n))),
+    };
     let disclosures: Vec<Disclosure> = records
         .iter()
         .filter(|r| r["decision"] == "allow" && r["status"] == 200)
-        .filter(|r| {
-            !r["request_id"]
-                .as_str()
-                .is_some_and(|id| held_back.contains(id))
-        })
+        .filter(|r| sent(r))
         .map(|r| entry(r, &subjects_fields(r, subject)))
         .collect();
     // A write's own record, made before it is forwarded (`gateway::log_intent`): what the
@@ -317,7 +331,29 @@ fn coverage(audit_dir: &Path) -> std::io::Result<Option<Coverage>> {
         }
         return Ok(None);
     };
-    let held_from = oldest_record(audit_dir)
+    let oldest = oldest_record(audit_dir);
+    // The log must go on from where the anchor says records were pruned to (a segment an
+    // interrupted prune left behind starts before it): a later start is records missing,
+    // not records pruned, and the report would say nothing of what they held.
+    let oldest_seq = (oldest.as_ref())
+        .and_then(|(r, damaged)| r["seq"].as_u64().map(|seq| seq.saturating_sub(*damaged)));
+    if let Some(seq) = oldest_seq.filter(|seq| *seq > anchor.last_pruned_seq + 1) {
+        // (Read again before failing: a prune may have landed meanwhile.)
+        if crate::audit::prune::read_anchor(audit_dir)?
+            .is_some_and(|now| now.last_pruned_seq != anchor.last_pruned_seq)
+        {
+            return coverage(audit_dir);
+        }
+        return Err(std::io::Error::other(format!(
+            "the access log starts at record {seq}, but `pruned.json` says records were pruned \
+             only to record {}: records {} to {} are missing (a segment lost or removed); run \
+             `wardgate audit verify` and restore them before a report",
+            anchor.last_pruned_seq,
+            anchor.last_pruned_seq + 1,
+            seq - 1
+        )));
+    }
+    let held_from = oldest
         .map(|(first, _)| text(&first, "ts"))
         .unwrap_or_default();
     Ok(Some(Coverage {
@@ -657,6 +693,56 @@ mod tests {
         );
     }
 
+    /// An export's chunk recorded and then not handed on (the caller revoked, restricted
+    /// subjects, the client gone) is named by the export's closing record: the report leaves
+    /// that chunk out, and only that chunk of that export.
+    #[test]
+    fn an_export_chunk_recorded_and_never_sent_is_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::parse(crate::demo::CATALOG).unwrap();
+        let chunk = |request: &str, n: u64, subject: &str| {
+            let mut r = sample(0);
+            r.request_id = request.into();
+            r.subjects = vec![subject.to_owned()].into();
+            r.detail = Some(serde_json::json!({ "export_chunk": n }));
+            r
+        };
+        let mut closing = sample(0);
+        closing.request_id = "export-1".into();
+        (closing.decision, closing.status) = (crate::audit::Decision::Error, 200);
+        closing.subjects = vec!["subj-x".to_owned()].into();
+        closing.detail = Some(serde_json::json!({
+            "export_aborted": "rights_register_changed",
+            "before": { "chunks": 1, "records": 1, "chunks_recorded": 2 },
+            "chunks_not_sent": [2],
+        }));
+        let records = [
+            chunk("export-1", 1, "subj-a"),
+            chunk("export-1", 2, "subj-x"),
+            closing,
+            // Another export's second chunk, sent.
+            chunk("export-2", 2, "subj-x"),
+        ];
+        let mut lines = Vec::new();
+        let mut prev = crate::audit::record::GENESIS_HASH.to_owned();
+        for (i, r) in records.iter().enumerate() {
+            let line = encode_line(i as u64 + 1, &prev, r).unwrap();
+            prev = line.hash.clone();
+            lines.extend(line.bytes);
+        }
+        std::fs::write(dir.path().join(segment_name(1)), lines).unwrap();
+        let told = |subject: &str| -> Vec<String> {
+            let report = build(dir.path(), &catalog, subject, Vec::new()).unwrap();
+            report
+                .disclosures
+                .into_iter()
+                .map(|d| d.request_id)
+                .collect()
+        };
+        assert_eq!(told("subj-x"), ["export-2"]);
+        assert_eq!(told("subj-a"), ["export-1"]);
+    }
+
     /// A log whose very first line is damaged still starts at record 1: its report is made
     /// (not refused as missing the records before), while one whose first readable record
     /// comes later than the damaged lines account for is refused.
@@ -790,6 +876,20 @@ mod tests {
         assert!(
             page.contains("holds records from 2026-01-02T03:04:05.678Z on: 40 older records"),
             "{page}"
+        );
+        // An anchor that ends before the log starts: the records between are missing (the
+        // oldest segments lost after a prune), not pruned, and the report is refused.
+        let short = serde_json::json!({
+            "last_pruned_seq": 30, "last_pruned_hash": "ab".repeat(32),
+            "pruned_segments": 5, "pruned_records": 30,
+        });
+        std::fs::write(dir.path().join("pruned.json"), short.to_string()).unwrap();
+        let e = build(dir.path(), &catalog, "subj-41", Vec::new())
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e:#}").contains("records 31 to 40 are missing"),
+            "{e:#}"
         );
     }
 }

@@ -94,7 +94,7 @@ pub(crate) async fn check_write(
             return Err(GatewayError::WriteForbidden(why));
         }
     }
-    let (target, envelope) = fetch_one(upstream, dataset, id, request_id).await?;
+    let (target, envelope) = fetch_one(upstream, dataset, id, request_id, trail).await?;
     let register = register_now(gw, principal)?;
     trail.judged_on = Some(register.clone());
     let cx = &FilterContext::new(dataset, &register);

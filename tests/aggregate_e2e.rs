@@ -185,19 +185,24 @@ async fn research_gets_counts_never_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
     let app = spawn_app().await;
-    // Fields research may not see count nowhere: no person key or name leaves even as a
-    // group.
+    // Fields research may not see are no grouping: no person key or name leaves even as a
+    // group, and the refusal says why (an answer with no cells would read as every cell
+    // too small).
     for field in ["elector_id", "surname", "email", "postcode"] {
         let r = aggregate(&app, &format!("by={field}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{field}: {:?}", r.body);
-        let body = r.json();
-        assert_eq!(body["cells"], serde_json::json!([]), "{field}");
-        let summary = &app.audit_for(&r)["detail"]["aggregate"];
-        assert_eq!(summary["records_counted"], 0, "{field}");
-        assert_eq!(
-            app.audit_for(&r)["fields"],
-            serde_json::json!([]),
-            "{field}"
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{field}: {:?}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(
+            detail.contains(&format!("grouping `{field}`")) && detail.contains("may not see"),
+            "{field}: {detail}"
+        );
+        let record = app.audit_for(&r);
+        assert_eq!(record["decision"], "deny", "{field}");
+        assert_eq!(record["subjects"], serde_json::json!([]), "{field}");
+        assert!(
+            !record["policy_ids"].as_array().unwrap().is_empty(),
+            "{field}: {record}"
         );
     }
     // A score research may see, nearly one value per person: the cells of a few are

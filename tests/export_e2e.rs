@@ -614,10 +614,42 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
         .collect();
     assert_eq!(ids(&received), first);
     assert_eq!(before["records"], received.len() as u64, "{last}");
+    not_sent_named(last, &chunks[went..]);
     // Refused as a request with the revoked token would be (breach detection reads it).
     assert_eq!(last["decision"], "deny", "{last}");
     assert_eq!(last["reason"], "token_revoked", "{last}");
     assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
+}
+
+/// The closing record `last` names the chunks recorded and never sent (`unsent`), by number
+/// and by their subjects, so that a subject access search finds it beside them.
+fn not_sent_named(last: &Value, unsent: &[Value]) {
+    let numbers: Vec<&Value> = unsent
+        .iter()
+        .map(|c| &c["detail"]["export_chunk"])
+        .collect();
+    assert!(!numbers.is_empty());
+    assert_eq!(
+        last["detail"]["chunks_not_sent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        numbers,
+        "{last}"
+    );
+    let subjects: Vec<&Value> = (unsent.iter())
+        .flat_map(|c| c["subjects"].as_array().unwrap())
+        .collect();
+    assert_eq!(
+        last["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        subjects,
+        "{last}"
+    );
 }
 
 /// Reads the rest of a paused export let go after something that must stop it: it ends cut
@@ -820,6 +852,17 @@ async fn a_restriction_placed_on_a_filtered_chunk_keeps_it_back() {
     assert_eq!(
         last["detail"]["export_aborted"], "rights_register_changed",
         "{last}"
+    );
+    not_sent_named(last, &chunks[went..]);
+    // The person restricted is not told of a disclosure that never happened.
+    let sar = app
+        .admin_get_with(&format!("/sar/{someone}"), &app.token("dpo"))
+        .await;
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let disclosures = sar.json()["disclosures"].clone();
+    assert!(
+        !(disclosures.as_array().unwrap().iter()).any(|d| d["request_id"] == last["request_id"]),
+        "{disclosures}"
     );
 }
 
@@ -1147,4 +1190,42 @@ async fn two_exports_at_once_share_the_callers_allowance() {
         "{ends:?}"
     );
     app.stop().await;
+}
+
+/// The DPO's breach investigation may export the membership list as it may the register: the
+/// demo datastore serves both collections' exports, narrowed and filtered as the register's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dpo_exports_the_membership_list_for_a_breach_investigation() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let r = app
+        .get(
+            "/membership/members/export",
+            Some(&app.token("dpo")),
+            Some("breach_investigation"),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.headers["content-type"], "application/x-ndjson");
+    let records: Vec<Value> = std::str::from_utf8(&r.body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!records.is_empty());
+    assert!(
+        records.iter().all(|m| m["membership_number"].is_string()),
+        "{:?}",
+        records.first()
+    );
+    // Audited chunk by chunk, as the register's.
+    let listed: usize = (app.audit_records().iter())
+        .filter(|r| r["route"] == "membership.export" && r["detail"]["export_chunk"].is_u64())
+        .map(|r| r["subjects"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(listed, records.len());
 }

@@ -1790,6 +1790,44 @@ async fn a_read_answered_with_another_record_discloses_nothing() {
     real.stop().await;
 }
 
+/// A datastore that will not answer for an id (403, 410 or 451: a record it keeps under a
+/// rights request, or the gateway's credential refused) is a 404 to a caller, which tells of
+/// no rights request; but a subject access report does not read it as "nothing held".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_datastore_refuses_is_not_reported_as_nothing_held() {
+    for status in [403, 410, 451] {
+        let upstream = common::upstream_refusing(status).await;
+        let app = spawn_app_with(AppOptions {
+            upstream: Some(upstream),
+            ..AppOptions::default()
+        })
+        .await;
+        let asked = app
+            .get(
+                "/voter/electors/VF-0000001",
+                Some(&app.token("councillor")),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(asked.status, 404, "{status}: {:?}", asked.body);
+        let record = app.audit_for(&asked);
+        assert_eq!(
+            record["withheld_target"],
+            format!("refused_by_datastore_{status}"),
+            "{record}"
+        );
+        let r = app
+            .admin_get_with("/sar/VF-0000001", &app.token("dpo"))
+            .await;
+        assert_eq!(r.status, 200, "{status}: {:?}", r.body);
+        assert_eq!(
+            r.json()["current_data_missing"]["voter"],
+            format!("not told: the datastore refused the read (status {status}); ask it"),
+        );
+        app.stop().await;
+    }
+}
+
 /// An under-16 the datastore did not flag is still never disclosed: the attainer date (the
 /// day the elector turns 18) says it, for every caller, the DPO's rights purposes included
 /// (the datastore is caught sending it: `tests/never_disclosed_metric.rs`).

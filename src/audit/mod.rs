@@ -30,4 +30,6 @@ pub mod writer;
 
 pub use record::{AuditRecord, Caller, Decision, FieldsBySubject, OtherFields, RecordKind};
 pub use verify::{VerifyError, VerifyReport, verify_against, verify_dir};
-pub use writer::{Ack, AuditError, AuditLog, AuditSettings, ChainHead, Durability, Logged, Room};
+pub use writer::{
+    Ack, AuditError, AuditLog, AuditSettings, ChainHead, Durability, Logged, Room, STALLED_AFTER,
+};

@@ -139,6 +139,15 @@ pub struct AuditLog {
     inner: Arc<Inner>,
 }
 
+/// How long a commit may take before the log counts as stalled: `/readyz` says not ready, and
+/// a request waiting for its record is answered 503 (`gateway::handle`). A disk retrying for
+/// minutes, or a hung network mount, has not failed, and would otherwise hold every request.
+pub const STALLED_AFTER: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(10)
+};
+
 struct Inner {
     /// Requests that will append a record and have not yet (see `AuditLog::expect`).
     coming: Arc<Inflight>,
@@ -149,6 +158,8 @@ struct Inner {
     appenders: AtomicUsize,
     detached: AtomicUsize,
     healthy: Arc<AtomicBool>,
+    /// When the commit under way began (`Committing`).
+    committing: Arc<Committing>,
     /// The chain head: the newest durable record's sequence number and hash.
     head: Arc<Mutex<Option<ChainHead>>>,
     /// The newest record synced to disk (`synced_through`).
@@ -177,6 +188,7 @@ impl AuditLog {
         let (published, _) = broadcast::channel(PUBLISH_CAPACITY);
         let writer = Writer::open(settings, Arc::clone(&healthy), published.clone())?;
         let coming = Arc::clone(&writer.coming);
+        let committing = Arc::clone(&writer.committing);
         let head = Arc::clone(&writer.head);
         let synced = Arc::clone(&writer.synced);
         let thread = std::thread::Builder::new()
@@ -190,6 +202,7 @@ impl AuditLog {
                 appenders: AtomicUsize::new(0),
                 detached: AtomicUsize::new(0),
                 healthy,
+                committing,
                 head,
                 synced,
                 thread: Mutex::new(Some(thread)),
@@ -346,6 +359,7 @@ impl AuditLog {
 
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Acquire)
+            && !self.inner.committing.stalled()
             && lock(&self.inner.thread)
                 .as_ref()
                 .is_some_and(|t| !t.is_finished())
@@ -475,6 +489,7 @@ struct Writer {
     next_seq: u64,
     last_hash: String,
     healthy: Arc<AtomicBool>,
+    committing: Arc<Committing>,
     /// The chain head as `AuditLog::head` tells it, set after each commit.
     head: Arc<Mutex<Option<ChainHead>>>,
     /// The newest record synced to disk by a commit (with `page-cache` durability, only those
@@ -485,6 +500,32 @@ struct Writer {
     _lock: File,
 }
 
+/// When the commit under way began, in milliseconds on the process's clock (0: none under
+/// way): a commit older than [`STALLED_AFTER`] is a stalled log.
+#[derive(Debug, Default)]
+struct Committing(AtomicU64);
+
+impl Committing {
+    fn millis() -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        // (At least 1: 0 says no commit is under way.)
+        START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    }
+
+    fn begin(&self) {
+        self.0.store(Self::millis(), Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    fn stalled(&self) -> bool {
+        let since = self.0.load(Ordering::Acquire);
+        since != 0 && Self::millis().saturating_sub(since) > STALLED_AFTER.as_millis() as u64
+    }
+}
+
 /// `fdatasync` of a segment. (A test can make it fail once, as a disk's failed writeback
 /// makes it fail: `tests::fail_next_sync`.)
 fn sync_data(file: &File) -> io::Result<()> {
@@ -492,6 +533,8 @@ fn sync_data(file: &File) -> io::Result<()> {
     if tests::failing_sync(file) {
         return Err(io::Error::from_raw_os_error(5)); // EIO
     }
+    #[cfg(test)]
+    tests::stalling_sync(file);
     file.sync_data()
 }
 
@@ -583,6 +626,7 @@ impl Writer {
             next_seq: resume.next_seq,
             last_hash: resume.last_hash,
             healthy,
+            committing: Arc::default(),
             synced: Arc::new(AtomicU64::new(0)),
             published,
             _lock: lock,
@@ -858,7 +902,10 @@ impl Writer {
             .then(|| waiting.first().and_then(|(_, _, r)| a_day_after(&r.ts)))
             .flatten();
         let started = Instant::now();
-        match self.write_batch(&buf, sync) {
+        self.committing.begin();
+        let written = self.write_batch(&buf, sync);
+        self.committing.end();
+        match written {
             Ok(()) => {
                 metrics::histogram!("wardgate_audit_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -1098,6 +1145,60 @@ mod tests {
     fn fail_next_sync(path: &Path) {
         use std::os::unix::fs::MetadataExt;
         lock(&FAILING).push(std::fs::metadata(path).unwrap().ino());
+    }
+
+    /// Segments (by inode) whose next sync takes this long first (`sync_data`), as a disk
+    /// retrying would.
+    static STALLING: Mutex<Vec<(u64, Duration)>> = Mutex::new(Vec::new());
+
+    fn stall_next_sync(path: &Path, how_long: Duration) {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(path).unwrap().ino();
+        lock(&STALLING).push((ino, how_long));
+    }
+
+    pub(super) fn stalling_sync(file: &File) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ino) = file.metadata().map(|m| m.ino()) else {
+            return;
+        };
+        let stall = {
+            let mut stalling = lock(&STALLING);
+            let at = stalling.iter().position(|(i, _)| *i == ino);
+            at.map(|at| stalling.remove(at).1)
+        };
+        if let Some(how_long) = stall {
+            std::thread::sleep(how_long);
+        }
+    }
+
+    /// A commit that does not end (the disk retrying) makes the log unhealthy for `/readyz`
+    /// once it is older than `STALLED_AFTER`, and healthy again when it ends.
+    #[tokio::test]
+    async fn a_commit_that_does_not_end_is_a_stalled_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 1 << 20)).unwrap();
+        log.append(sample(1)).await.unwrap();
+        assert!(log.is_healthy());
+        stall_next_sync(
+            &dir.path().join(segment_name(1)),
+            STALLED_AFTER + Duration::from_secs(2),
+        );
+        let ack = log.submit(sample(2)).await.unwrap();
+        let waited = tokio::time::timeout(STALLED_AFTER, ack.durable()).await;
+        assert!(waited.is_err(), "the commit stalled");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while log.is_healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "a stalled log still says it is healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The commit ends: the record is durable and the log healthy again.
+        let later = log.append(sample(3)).await.unwrap();
+        assert_eq!(later, 3);
+        assert!(log.is_healthy());
     }
 
     pub(super) fn failing_sync(file: &File) -> bool {

@@ -146,12 +146,6 @@ pub(super) fn read(
 #[cold]
 #[inline(never)]
 fn spelt_as(word: &str, known: &BTreeSet<String>) -> Vec<String> {
-    let fold = |w: &str| -> String {
-        (w.chars())
-            .filter(char::is_ascii_alphanumeric)
-            .map(|c| c.to_ascii_lowercase())
-            .collect()
-    };
     let folded = fold(word);
     let mut meant: Vec<String> = (known.iter())
         .filter(|k| fold(k) == folded)
@@ -162,6 +156,15 @@ fn spelt_as(word: &str, known: &BTreeSet<String>) -> Vec<String> {
         meant.push(UNDER_16.to_owned());
     }
     meant
+}
+
+/// A word as its spelling is compared (`spelt_as`; the catalogue refuses a `[words]` entry
+/// that is another spelling of a word already known): its letters and digits, lower case.
+pub fn fold(word: &str) -> String {
+    (word.chars())
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// Writes onto `key` every input `record_attrs` reads for a record of `subject` (the subject
@@ -351,6 +354,10 @@ enum Slot {
     Given,
     Withdrawn,
     Other,
+    /// Another spelling of `given_at` or `withdrawn_at` (`Withdrawn_At`, `withdrawnAt`): a
+    /// withdrawal a reader would take for one and this reading would skip. The consents are
+    /// unreadable, and the record is withheld.
+    Respelt,
 }
 
 impl Slot {
@@ -358,9 +365,18 @@ impl Slot {
         match name {
             "given_at" => Slot::Given,
             "withdrawn_at" => Slot::Withdrawn,
+            _ if same_word(name, "given_at") || same_word(name, "withdrawn_at") => Slot::Respelt,
             _ => Slot::Other,
         }
     }
+}
+
+/// Whether two words are spellings of one (`fold`), without building either.
+fn same_word(a: &str, b: &str) -> bool {
+    fn folded(w: &str) -> impl Iterator<Item = char> + '_ {
+        (w.chars().filter(char::is_ascii_alphanumeric)).map(|c| c.to_ascii_lowercase())
+    }
+    folded(a).eq(folded(b))
 }
 
 /// `channel_states` of the value that comes next in `scan`, which it takes; `keys` are those
@@ -397,10 +413,10 @@ fn channel_states_noting<'a>(
             let Some((channel, gap)) = scan.next_key_gap(&mut first, expected).ok()? else {
                 break;
             };
-            if named.contains(&channel.name) {
-                // A channel named twice is no more readable than a record's field named
-                // twice (one reader takes the first, another the last): the record is
-                // withheld.
+            if named.iter().any(|n| same_word(n, &channel.name)) {
+                // A channel named twice (or as another spelling of one: `Email` beside
+                // `email`) is no more readable than a record's field named twice (one reader
+                // takes the first, another the last): the record is withheld.
                 return None;
             }
             named.push(channel.name.clone());
@@ -547,6 +563,7 @@ fn take_slot(
             scan.value_start().ok()?;
             return Some(());
         }
+        Slot::Respelt => return None,
     };
     if slot.is_some() {
         return None;

@@ -384,7 +384,7 @@ impl Layout {
             roles: Roles::find(rec, cx.dataset),
             unclassified: categories.iter().filter(|c| c.is_none()).count() as u64,
             categories,
-            duplicate_names: rec.has_duplicate_names(),
+            duplicate_names: rec.has_duplicate_names(cx.dataset),
             plans: Vec::new(),
         }
     }

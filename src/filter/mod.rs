@@ -20,7 +20,9 @@ mod register;
 pub(crate) mod scan;
 mod subjects;
 
-pub use attrs::{UNDER_16, days_from_iso_date, record_attrs, today, under_16_on};
+pub use attrs::{
+    UNDER_16, days_from_iso_date, fold as fold_word, record_attrs, today, under_16_on,
+};
 use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};
 pub use register::RegisterFlags;
@@ -318,11 +320,23 @@ impl<'a> RawRecord<'a> {
         self.text.get(span.value..span.end)
     }
 
-    /// Whether some field is named twice: such a record is malformed (which of the two would
-    /// a reader take?).
-    fn has_duplicate_names(&self) -> bool {
+    /// Whether some field is named twice, or a field the gateway reads a record's area, id or
+    /// protection from is also named otherwise (`Markers`, `ATTAINER_DATE`: the same letters
+    /// and digits): such a record is malformed (which of the two would a reader take? the
+    /// policies would be asked about one while a reader of the output, or a datastore that
+    /// ignores case, took the other). Asked once per layout.
+    fn has_duplicate_names(&self, ds: &Dataset) -> bool {
         let mut seen = HashSet::with_capacity(self.names.len());
-        !self.names.iter().all(|k| seen.insert(k.as_ref()))
+        if !self.names.iter().all(|k| seen.insert(k.as_ref())) {
+            return true;
+        }
+        let policy: Vec<(String, String)> = (ds.policy_fields().into_iter())
+            .map(|f| (attrs::fold(&f), f))
+            .collect();
+        self.names.iter().any(|name| {
+            let folded = attrs::fold(name);
+            (policy.iter()).any(|(p, exact)| *p == folded && exact.as_str() != name.as_ref())
+        })
     }
 }
 
@@ -637,7 +651,7 @@ pub fn single_attrs(
     let Some(record) = read_single(body, envelope, cx)? else {
         return Ok(None);
     };
-    if record.has_duplicate_names() {
+    if record.has_duplicate_names(cx.dataset) {
         return Ok(None);
     }
     Ok(attrs::record_attrs(&record, cx))
@@ -648,19 +662,37 @@ pub fn single_attrs(
 /// record; off the paging path, whose scanner it leaves as it is), as `read_single` would
 /// find the record: `{"record": {...}}`, or Datasette's `rows` holding one.
 pub fn single_text(body: &[u8], envelope: Envelope, name: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    single_value(body, envelope, name)?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// `single_text` for a subject id, which may also be a plain integer (`attrs::subject`
+/// reads one as its digits; `1e2` is not one).
+pub fn single_id(body: &[u8], envelope: Envelope, name: &str) -> Option<String> {
+    match single_value(body, envelope, name)? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn single_value(body: &[u8], envelope: Envelope, name: &str) -> Option<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let record = match envelope {
-        Envelope::Records => &v["record"],
-        Envelope::Rows { .. } => match v["rows"].as_array()?.as_slice() {
+        Envelope::Records => v.get_mut("record")?,
+        Envelope::Rows { .. } => match v.get_mut("rows")?.as_array_mut()?.as_mut_slice() {
             [one] => one,
             _ => return None,
         },
     };
-    record.get(name)?.as_str().map(str::to_owned)
+    record.get_mut(name).map(serde_json::Value::take)
 }
 
 /// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at
-/// most one); `None` when the datastore says there is none.
+/// most one); `None` when Datasette's `rows` is empty, its way of saying there is none. A
+/// `{"record": null}` is malformed (a datastore says "none" with a 404), as is a body with
+/// no `record` or `rows` at all.
 fn read_single<'a>(
     body: &'a [u8],
     envelope: Envelope,
@@ -672,7 +704,7 @@ fn read_single<'a>(
     };
     let mut scan = Scan::new(utf8(body)?);
     let mut record = RawRecord::new(Some(cx.dataset));
-    // `None`: the key is absent; `Some(false)`: present, but no record (`null`, no rows).
+    // `None`: the key is absent; `Some(false)`: present, but no rows.
     let mut found = None;
     scan.begin_object()?;
     let mut first_key = true;

@@ -877,6 +877,12 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         r#"{"email":{"given_at":"2025-01-011"}}"#,
         r#"{"email":{"given_at":"\u0032025-01-01"}}"#,
         r#"{"email":"yes"}"#,
+        // A withdrawal under another spelling of its key is not skipped as another key, nor
+        // a channel named again under another spelling taken as another channel.
+        r#"{"email":{"given_at":"2024-01-01","Withdrawn_At":"2024-06-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01","withdrawnAt":"2024-06-01"}}"#,
+        r#"{"email":{"GIVEN_AT":"2024-01-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01"},"Email":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"}}"#,
         r#"["email"]"#,
         r#""email""#,
         "true",
@@ -1728,4 +1734,82 @@ fn a_record_hiding_a_filtered_field_is_withheld() {
     assert_eq!(ids(&out), ["VF-1"]);
     assert_eq!(d.rows_withheld, 1);
     assert_eq!(d.subjects, vec!["VF-1".to_owned()]);
+}
+
+/// A subject id read from one record for a rights placement's `held` is read as the filter
+/// reads it: a string, or a plain integer as its digits; no float, no other value.
+#[test]
+fn a_single_records_id_may_be_a_plain_integer() {
+    let id = |body: &str| single_id(body.as_bytes(), Envelope::Records, "elector_id");
+    assert_eq!(
+        id(r#"{"record":{"elector_id":"VF-1"}}"#).as_deref(),
+        Some("VF-1")
+    );
+    assert_eq!(
+        id(r#"{"record":{"elector_id":1234}}"#).as_deref(),
+        Some("1234")
+    );
+    assert_eq!(id(r#"{"record":{"elector_id":1e2}}"#), None);
+    assert_eq!(id(r#"{"record":{"elector_id":[1]}}"#), None);
+    assert_eq!(id(r#"{"record":null}"#), None);
+    let rows = |body: &str| {
+        single_id(
+            body.as_bytes(),
+            Envelope::Rows {
+                page: 1,
+                per_page: 2,
+            },
+            "elector_id",
+        )
+    };
+    assert_eq!(rows(r#"{"rows":[{"elector_id":7}]}"#).as_deref(), Some("7"));
+    assert_eq!(
+        rows(r#"{"rows":[{"elector_id":7},{"elector_id":8}]}"#),
+        None
+    );
+    // The postcode a read names stays a string's.
+    let text = |body: &str| single_text(body.as_bytes(), Envelope::Records, "postcode");
+    assert_eq!(text(r#"{"record":{"postcode":12345}}"#), None);
+}
+
+/// A field the gateway reads a record's protection, area or id from, also named under another
+/// spelling (`Markers` beside `markers`): the policies would be asked about one while a
+/// reader, or a datastore that ignores case, took the other. The record is withheld, whichever
+/// of the two says what, as one naming a field twice is.
+#[test]
+fn a_policy_field_named_again_under_another_spelling_withholds_the_record() {
+    let ds = dataset();
+    let mut decide = |_: &RecordAttrs| verdict(true, &["identifier", "identity"]);
+    let plain = record("VF-1", "CGW1", "");
+    for (field, extra) in [
+        ("markers", r#""Markers":["N"]"#),
+        ("flags", r#""FLAGS":["restricted"]"#),
+        ("attainer_date", r#""Attainer_Date":"2031-01-01""#),
+        ("polling_district", r#""pollingDistrict":"CGW9""#),
+        ("elector_id", r#""Elector_ID":"VF-9""#),
+    ] {
+        assert!(plain.contains(&format!(r#""{field}":"#)), "{field}");
+        let respelt = plain.replacen('{', &format!("{{{extra},"), 1);
+        let body = format!(
+            r#"{{"records":[{respelt},{}]}}"#,
+            record("VF-2", "CGW1", "")
+        );
+        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let ids: Vec<&str> = (v["records"].as_array().unwrap().iter())
+            .map(|r| r["elector_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["VF-2"], "{extra}");
+        assert_eq!(d.malformed_rows, 1, "{extra}");
+        let single = format!(r#"{{"record":{respelt}}}"#);
+        let (one, _) =
+            filter_single(single.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+        assert!(one.is_none(), "{extra}");
+    }
+    // An unclassified field of another name is stripped, and the record leaves.
+    let other = plain.replacen('{', r#"{"marker_notes":"x","#, 1);
+    let body = format!(r#"{{"records":[{other}]}}"#);
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("VF-1"));
+    assert_eq!((d.malformed_rows, d.unclassified_fields), (0, 1));
 }

@@ -695,6 +695,31 @@ pub async fn upstream_answering(
     addr
 }
 
+/// A datastore that answers every request with `status` and an empty JSON object.
+pub async fn upstream_refusing(status: u16) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_: http::Request<_>| async move {
+                    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    resp.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A datastore's answer to `GET path` as bytes (a page to serve again from a fake datastore).
 pub async fn datastore_body(addr: SocketAddr, path: &str) -> Bytes {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
