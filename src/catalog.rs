@@ -269,9 +269,14 @@ impl Catalog {
             // Its consents and TPS check too: they decide whether contact details and
             // email/SMS may be shown, and a doorstep tool must not record consent it was given
             // no way to verify.
-            let guarded = d.policy_fields();
+            // (Under any spelling: a datastore that ignores case writes `Flags` as `flags`.)
+            let guarded: Vec<String> = (d.policy_fields().iter())
+                .map(|f| crate::filter::fold_word(f))
+                .collect();
             for (w, route) in &d.writes {
-                if let Some(field) = route.fields.keys().find(|f| guarded.contains(f)) {
+                if let Some(field) =
+                    (route.fields.keys()).find(|f| guarded.contains(&crate::filter::fold_word(f)))
+                {
                     bail!(
                         "dataset `{name}` write `{w}`: field `{field}` is one the gateway reads \
                          a record's area, id or protection from; no write may change it"
@@ -440,6 +445,8 @@ mod tests {
         assert!(shipped.contains(line));
         for (field, cat) in [
             ("polling_district", "area"),
+            ("Flags", "processing_flags"),
+            ("ATTAINER_DATE", "register_marker"),
             ("elector_id", "identifier"),
             ("markers", "register_marker"),
             ("flags", "processing_flags"),

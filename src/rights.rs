@@ -538,9 +538,8 @@ async fn held_by(
             let said = match answer {
                 Ok(r) if r.status == StatusCode::NOT_FOUND => crate::sar::NOTHING_HELD.to_owned(),
                 Ok(r) if r.status == StatusCode::OK => {
-                    let id = (r.body.ok()).and_then(|b| {
-                        crate::filter::single_id(&b, envelope, &dataset.subject_field)
-                    });
+                    let id =
+                        (r.body.ok()).and_then(|b| crate::filter::single_id(&b, envelope, dataset));
                     match id {
                         // Ids are matched as the register matches them: a datastore that
                         // ignores case answers `VF-0000001` for `vf-0000001`.

@@ -354,9 +354,10 @@ enum Slot {
     Given,
     Withdrawn,
     Other,
-    /// Another spelling of `given_at` or `withdrawn_at` (`Withdrawn_At`, `withdrawnAt`): a
-    /// withdrawal a reader would take for one and this reading would skip. The consents are
-    /// unreadable, and the record is withheld.
+    /// Another spelling of `given_at` or `withdrawn_at` (`Withdrawn_At`, `withdrawnAt`), or
+    /// another key that speaks of a withdrawal (`withdrawn`, `withdrawal_date`,
+    /// `revoked_at`): one a reader would take for a withdrawal and this reading would skip.
+    /// The consents are unreadable, and the record is withheld.
     Respelt,
 }
 
@@ -365,10 +366,22 @@ impl Slot {
         match name {
             "given_at" => Slot::Given,
             "withdrawn_at" => Slot::Withdrawn,
-            _ if same_word(name, "given_at") || same_word(name, "withdrawn_at") => Slot::Respelt,
+            _ if same_word(name, "given_at")
+                || same_word(name, "withdrawn_at")
+                || withdrawal_word(name) =>
+            {
+                Slot::Respelt
+            }
             _ => Slot::Other,
         }
     }
+}
+
+/// Whether a key speaks of a withdrawal or revocation (`withdrawn`, `Withdrawal_Date`,
+/// `revoked_at`), whatever its spelling.
+fn withdrawal_word(name: &str) -> bool {
+    let folded = fold(name);
+    folded.contains("withdr") || folded.contains("revok")
 }
 
 /// Whether two words are spellings of one (`fold`), without building either.

@@ -667,14 +667,16 @@ pub fn single_text(body: &[u8], envelope: Envelope, name: &str) -> Option<String
         .map(str::to_owned)
 }
 
-/// `single_text` for a subject id, which may also be a plain integer (`attrs::subject`
-/// reads one as its digits; `1e2` is not one).
-pub fn single_id(body: &[u8], envelope: Envelope, name: &str) -> Option<String> {
-    match single_value(body, envelope, name)? {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-        _ => None,
+/// The subject id of the one record a body names, read as the filter reads it (a string, or
+/// a plain integer as its digits; `None` for a record the filter would not read, one naming
+/// a field twice among them, where `serde_json` would take the last copy).
+pub fn single_id(body: &[u8], envelope: Envelope, dataset: &Dataset) -> Option<String> {
+    let cx = FilterContext::new(dataset, &RegisterFlags::EMPTY);
+    let record = read_single(body, envelope, &cx).ok()??;
+    if record.has_duplicate_names(dataset) {
+        return None;
     }
+    attrs::subject(&record, &attrs::Roles::find(&record, dataset)).map(Cow::into_owned)
 }
 
 fn single_value(body: &[u8], envelope: Envelope, name: &str) -> Option<serde_json::Value> {

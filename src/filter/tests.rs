@@ -882,6 +882,10 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         r#"{"email":{"given_at":"2024-01-01","Withdrawn_At":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01","withdrawnAt":"2024-06-01"}}"#,
         r#"{"email":{"GIVEN_AT":"2024-01-01"}}"#,
+        // Nor a withdrawal under a key of its own.
+        r#"{"email":{"given_at":"2024-01-01","withdrawn":"2024-06-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01","withdrawal_date":"2024-06-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01","revoked_at":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01"},"Email":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"}}"#,
         r#"["email"]"#,
         r#""email""#,
@@ -1740,7 +1744,8 @@ fn a_record_hiding_a_filtered_field_is_withheld() {
 /// reads it: a string, or a plain integer as its digits; no float, no other value.
 #[test]
 fn a_single_records_id_may_be_a_plain_integer() {
-    let id = |body: &str| single_id(body.as_bytes(), Envelope::Records, "elector_id");
+    let ds = dataset();
+    let id = |body: &str| single_id(body.as_bytes(), Envelope::Records, &ds);
     assert_eq!(
         id(r#"{"record":{"elector_id":"VF-1"}}"#).as_deref(),
         Some("VF-1")
@@ -1752,6 +1757,11 @@ fn a_single_records_id_may_be_a_plain_integer() {
     assert_eq!(id(r#"{"record":{"elector_id":1e2}}"#), None);
     assert_eq!(id(r#"{"record":{"elector_id":[1]}}"#), None);
     assert_eq!(id(r#"{"record":null}"#), None);
+    // Named twice: `serde_json` would take the last, the filter refuses the record.
+    assert_eq!(
+        id(r#"{"record":{"elector_id":"VF-1","elector_id":"VF-2"}}"#),
+        None
+    );
     let rows = |body: &str| {
         single_id(
             body.as_bytes(),
@@ -1759,7 +1769,7 @@ fn a_single_records_id_may_be_a_plain_integer() {
                 page: 1,
                 per_page: 2,
             },
-            "elector_id",
+            &ds,
         )
     };
     assert_eq!(rows(r#"{"rows":[{"elector_id":7}]}"#).as_deref(), Some("7"));
