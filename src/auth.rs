@@ -642,6 +642,33 @@ impl Verifier {
         Ok(self.differing(keys, jwks))
     }
 
+    /// Whether `token` (signed under `kid`) would pass this verifier's key checks: a trusted
+    /// key of that id, its algorithm and issuer, its signature. Its claims are not judged.
+    /// For the start's check of `[signing]` (`startup`), so that break-glass minting is not
+    /// found broken when it is needed.
+    pub fn key_verifies(&self, kid: &str, issuer: &str, token: &str) -> anyhow::Result<()> {
+        let keys = self.keys_in_use();
+        let Some(trusted) = keys.get(kid) else {
+            bail!("no trusted key (`[[auth.keys]]`, the JWK set) has the id `{kid}`");
+        };
+        if trusted.issuer != issuer {
+            bail!(
+                "the trusted key `{kid}` verifies tokens of `{}`, not of `{issuer}`",
+                trusted.issuer
+            );
+        }
+        let mut validation = Validation::new(trusted.algorithm);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        jsonwebtoken::decode::<serde_json::Value>(token, &trusted.key, &validation)
+            .map(drop)
+            .map_err(|e| {
+                anyhow::anyhow!("the trusted key `{kid}` does not verify what it signs: {e}")
+            })
+    }
+
     fn keys_in_use(&self) -> Arc<HashMap<String, TrustedKey>> {
         Arc::clone(
             &self

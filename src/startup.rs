@@ -118,7 +118,7 @@ fn check_files(cfg: &Config) -> anyhow::Result<Checked> {
     };
     let verifier = Verifier::from_config(&cfg.auth, known, jwks.as_deref())?;
     if let Some(signing) = &cfg.signing {
-        check_signing(signing, &cfg.auth)?;
+        check_signing(signing, &cfg.auth, &verifier)?;
     }
     let (policy, policy_tests, policy_digest) =
         PolicySource::of(cfg).load_digested(&catalog, &geography)?;
@@ -156,8 +156,9 @@ fn check_files(cfg: &Config) -> anyhow::Result<Checked> {
 fn check_signing(
     signing: &crate::config::SigningConfig,
     auth: &crate::config::AuthConfig,
+    verifier: &Verifier,
 ) -> anyhow::Result<()> {
-    crate::token::Signer::from_config(signing).context("`[signing]`")?;
+    let signer = crate::token::Signer::from_config(signing).context("`[signing]`")?;
     if !auth.issuers.contains(&signing.issuer) {
         anyhow::bail!(
             "`signing.issuer` `{}` is not one of `auth.issuers` ({}): the gateway would refuse \
@@ -187,7 +188,26 @@ fn check_signing(
             signing.issuer
         );
     }
-    Ok(())
+    // The key pair must be one: a token it signs must verify under the trusted key of its
+    // id (a private key rotated without its public half would sign tokens all refused).
+    let probe = crate::auth::Claims {
+        iss: signing.issuer.clone(),
+        aud: auth.audience.clone().into(),
+        sub: "wardgate-start-probe".to_owned(),
+        jti: "probe".to_owned(),
+        exp: 0,
+        nbf: 0,
+        iat: 0,
+        role: String::new(),
+        org_unit: String::new(),
+        areas: Vec::new(),
+        purposes: Vec::new(),
+        grant_expires: None,
+    };
+    let token = signer.sign(&probe).context("`[signing]`")?;
+    verifier
+        .key_verifies(&signing.kid, &signing.issuer, &token)
+        .with_context(|| format!("`signing.kid` `{}`", signing.kid))
 }
 
 /// Raises the process's soft limit on open files towards what the listeners could need at

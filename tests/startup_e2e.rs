@@ -386,6 +386,30 @@ fn a_signing_key_the_gateway_could_not_use_stops_the_start() {
         out.contains("signing.issuer") && out.contains("https://elsewhere"),
         "{out}"
     );
+    // A key id no trusted key has, and a private key that is not the trusted key's pair:
+    // every token minted would be refused.
+    let kid = format!("kid = \"{}\"", wardgate::demo::KID);
+    let nobody = text.replace(
+        &format!("[signing]{signing}"),
+        &format!("[signing]{}", signing.replacen(&kid, "kid = \"nobody\"", 1)),
+    );
+    std::fs::write(&cfg, nobody).unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok);
+    assert!(
+        out.contains("no trusted key") && out.contains("`nobody`"),
+        "{out}"
+    );
+    let fresh = wardgate::token::generate_es256().unwrap();
+    std::fs::write(d.path().join("keys/other.key.pem"), fresh.private_pem).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(&line, "private_key_file = \"keys/other.key.pem\""),
+    )
+    .unwrap();
+    let (ok, out) = run(&["validate", "--offline"], &cfg);
+    assert!(!ok);
+    assert!(out.contains("does not verify what it signs"), "{out}");
     drop(d);
 }
 
