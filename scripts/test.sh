@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mount >/dev/null || need_apt+=(mount)
+# A small ext4 disk on a loop device, frozen (`fsfreeze`) to stall the audit log's writes.
+command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
+command -v fsfreeze >/dev/null || [ -x /usr/sbin/fsfreeze ] || need_apt+=(util-linux)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 # Headless Chromium and its WebDriver, for the security console's browser test.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)

@@ -197,7 +197,9 @@ where
     // hangs up cancels this handler, and `Unanswered` then makes the `client_closed` record
     // from a trail nothing has been taken from yet. Once there is room, the record is built
     // and queued without another wait.
-    let room = gw.audit.reserve().await;
+    // Bounded (a stalled log): a request that found no room is answered 503 and its record
+    // queued apart, as soon as there is room.
+    let room = tokio::time::timeout(crate::audit::STALLED_AFTER, gw.audit.reserve()).await;
     let trail = &mut unanswered.trail;
     let status = match &result {
         Ok(_) => StatusCode::OK,
@@ -247,7 +249,32 @@ where
     });
     // Queued before the request stops counting as on its way, so that a group commit napping
     // for records wakes when the last one is in the queue (`Writer::gather`).
-    let queued = room.map(|room| room.submit(record));
+    let queued = match room {
+        Ok(room) => room.map(|room| room.submit(record)),
+        Err(_) => {
+            // Said as answered: nothing left (a done write's answer shows nothing of it).
+            let done = wrote && matches!(result, Ok(Reply::Body(_)));
+            // (As `withheld_after_recording` says it: an error, whatever the status.)
+            record.status = if done { 200 } else { 503 };
+            record.decision = Decision::Error;
+            record.reason = Some(GatewayError::AuditUnavailable.code().to_owned());
+            if !done {
+                record.subjects = Default::default();
+            }
+            (record.fields, record.fields_by_subject) = (Vec::new(), None);
+            // Beside what the detail says already (a write's `not_sent`, which subject access
+            // reads there).
+            let mut detail = match record.detail.take() {
+                Some(serde_json::Value::Object(d)) => d,
+                _ => serde_json::Map::new(),
+            };
+            detail.insert("audit".to_owned(), "stalled".into());
+            detail.insert("shown".to_owned(), "nothing".into());
+            record.detail = Some(serde_json::Value::Object(detail));
+            gw.audit.queue_detached(record);
+            Err(stalled_log())
+        }
+    };
     unanswered.armed = false;
     drop(coming);
     // A commit that does not end (a disk retrying for minutes, a hung mount) is answered as
@@ -259,10 +286,7 @@ where
             Ok(durable) => durable,
             Err(_) => {
                 stalled = true;
-                Err(crate::audit::AuditError::Unavailable(format!(
-                    "no commit within {:?}",
-                    crate::audit::STALLED_AFTER
-                )))
+                Err(stalled_log())
             }
         },
         Err(e) => Err(e),
@@ -284,10 +308,21 @@ where
                     // Recorded as disclosed, and not sent: a further record says why.
                     let at = (&request_id[..], client, &method, &path[..]);
                     let after = withheld_after_recording(trail, judged, &e, why, at);
-                    // Waited for: until it is durable, a subject access report would list the
-                    // answer as disclosed.
-                    if let Err(err) = gw.audit.append(after).await {
-                        tracing::error!(error = %err, request_id, "the record of an answer held back was not written");
+                    // Waited for (until it is durable, a subject access report would list the
+                    // answer as disclosed), in a task of its own that shutdown waits for: a
+                    // caller hanging up meanwhile must not cancel it. At most as long as a
+                    // commit may take.
+                    let (log, appending) = (gw.audit.clone(), gw.audit.appender());
+                    let writing = tokio::spawn(async move {
+                        let _appending = appending;
+                        log.append(after).await
+                    });
+                    let written = tokio::time::timeout(crate::audit::STALLED_AFTER, writing).await;
+                    if !matches!(written, Ok(Ok(Ok(_)))) {
+                        tracing::error!(
+                            request_id,
+                            "the record of an answer held back is not durable yet (or was not written)"
+                        );
                     }
                     if wrote {
                         // The write is done (and counted): shown nothing of, not an error
@@ -839,7 +874,10 @@ where
             if out.is_none() && d.rows_withheld > 0 {
                 trail.withheld_target = Some(match &refused {
                     Some(attrs) => withheld_why(gw, &principal, attrs),
-                    None => "malformed",
+                    None if d.malformed_rows > 0 => "malformed",
+                    // Allowed, but its decision hides a field the read named (its postcode),
+                    // which its presence would give away (`FilterContext::filtered_on`).
+                    None => "filter_hidden",
                 });
             }
             trail.absorb(d);
@@ -1379,10 +1417,22 @@ async fn log_intent(
     trail.unsent = Some(target.to_owned());
     // Synced to disk whatever `audit.durability` says: the datastore keeps the write through
     // a power cut here, and its record must not be lost while the write is not.
-    gw.audit.append_synced(record).await.map(drop).map_err(|e| {
+    // Bounded as the answer's record is (a stalled log): the write is then not forwarded.
+    let synced = tokio::time::timeout(crate::audit::STALLED_AFTER, gw.audit.append_synced(record))
+        .await
+        .unwrap_or_else(|_| Err(stalled_log()));
+    synced.map(drop).map_err(|e| {
         tracing::error!(error = %e, request_id, "write's audit record not durable; not forwarded");
         GatewayError::AuditUnavailable
     })
+}
+
+/// What a wait for the audit log longer than `audit::STALLED_AFTER` is taken for: a failure.
+fn stalled_log() -> crate::audit::AuditError {
+    crate::audit::AuditError::Unavailable(format!(
+        "no commit within {:?}",
+        crate::audit::STALLED_AFTER
+    ))
 }
 
 #[expect(

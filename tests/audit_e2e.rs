@@ -116,6 +116,104 @@ async fn a_full_disk_means_503_and_no_data_then_recovery_without_restart() {
     app.stop().await;
 }
 
+/// A disk that stops without failing (frozen: as one retrying for minutes, or a hung network
+/// mount) is answered as a failed one once a commit has taken ten seconds: every request
+/// waiting for the log, with room in its queue or not, and a write waiting for its intent's
+/// record, gets 503 and nothing of its data; `/readyz` fails until the disk moves again, and
+/// the gateway then goes on by itself. Records that land late say nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_moves() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("disk");
+    let Some(disk) = common::FreezableDisk::mount_or_skip(&mount) else {
+        return;
+    };
+    let log = mount.join("log");
+    let app = spawn_app_with(AppOptions {
+        audit_dir: Some(log.clone()),
+        // A queue of four records: most of the requests below find it full.
+        edit: Some(Box::new(|c| c.audit.max_batch = 1)),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("canvasser");
+    let list = || {
+        app.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+    };
+    let page = list().await;
+    assert_eq!(page.status, 200);
+    let id = page.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    disk.freeze();
+    let pages = futures_util::future::join_all((0..8).map(|_| list()));
+    let write = app.canvass(
+        &id,
+        &token,
+        "canvassing",
+        r#"{"last_canvassed":"2026-11-30"}"#,
+    );
+    // (Bounded: an answer that waited for the disk would never come while it is frozen.)
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(90), async {
+        tokio::join!(pages, write)
+    });
+    let (pages, write) = answered
+        .await
+        .expect("requests waiting for a stalled log were never answered");
+    for r in pages.iter().chain([&write]) {
+        assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["type"], "urn:wardgate:problem:audit-unavailable");
+        assert!(!String::from_utf8_lossy(&r.body).contains(&id));
+    }
+    // Ten seconds and more into a commit that has not ended.
+    assert_eq!(app.admin_get("/readyz").await.status, 503);
+
+    disk.thaw();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while app.admin_get("/readyz").await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(list().await.status, 200, "goes on by itself");
+    // Whatever of the refused requests' records landed late says that nothing left: no
+    // disclosure stands alone, and the write was not sent.
+    for r in pages.iter().chain([&write]) {
+        let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        let records = app.audit_records_of(&rid, 1).await;
+        assert!(!records.is_empty(), "{rid}: no record");
+        let corrected = records
+            .iter()
+            .any(|r| r["detail"]["withheld_after_recording"] == "audit_stalled");
+        for rec in &records {
+            let disclosed = rec["decision"] == "allow" && rec["status"] == 200;
+            assert!(!disclosed || corrected, "{rid}: {records:?}");
+        }
+    }
+    let rid = write.headers["x-request-id"].to_str().unwrap().to_owned();
+    let answer = app.audit_records_of(&rid, 2).await;
+    assert!(
+        answer.iter().any(|r| r["detail"]["write"] == "not_sent"),
+        "{answer:?}"
+    );
+    // The datastore never had it.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("http://{}/electors/{id}", app.upstream);
+    let resp = client.get(uri.parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let stored = serde_json::from_slice::<Value>(&body).unwrap();
+    assert_ne!(stored["record"]["last_canvassed"], json!("2026-11-30"));
+    // And the chain is whole.
+    wardgate::audit::verify_dir(&log).unwrap();
+    app.stop().await;
+}
+
 /// A reload's refusal that the log cannot hold is not forgotten: a refused pack is remembered
 /// (so that it is not recorded again at every signal) only once its refusal is recorded, so
 /// once the log has room the same files are read again and the refusal recorded.

@@ -630,6 +630,88 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A small ext4 filesystem on a loop device mounted at a directory (root only), which can be
+/// frozen (`fsfreeze`): every write to it then waits, as on a disk retrying for minutes or a
+/// hung mount, until it is thawed. Thawed and unmounted when dropped.
+pub struct FreezableDisk {
+    dir: std::path::PathBuf,
+    _image: tempfile::TempDir,
+}
+
+impl FreezableDisk {
+    /// Mounted at `dir`, or `None` with a note that the test skipped (as `Tmpfs::mount_or_skip`:
+    /// under CI or `WARDGATE_NO_SKIP`, a failure to mount fails the test).
+    pub fn mount_or_skip(dir: &Path) -> Option<FreezableDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let file = image.path().join("disk.img");
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok = std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .is_ok()
+            && run(
+                "mkfs.ext4",
+                &["-q".as_ref(), "-F".as_ref(), file.as_os_str()],
+            )
+            && run(
+                "mount",
+                &[
+                    "-o".as_ref(),
+                    "loop".as_ref(),
+                    file.as_os_str(),
+                    dir.as_os_str(),
+                ],
+            );
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none() && std::env::var_os("WARDGATE_NO_SKIP").is_none(),
+                "cannot mount a loop device at {} (CI, or scripts/test.sh as root)",
+                dir.display()
+            );
+            eprintln!("skipping: cannot mount a loop device (not root)");
+            return None;
+        }
+        Some(FreezableDisk {
+            dir: dir.to_path_buf(),
+            _image: image,
+        })
+    }
+
+    fn fsfreeze(&self, how: &str) {
+        let ok = std::process::Command::new("fsfreeze")
+            .arg(how)
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok || how == "-u", "fsfreeze {how} {}", self.dir.display());
+    }
+
+    pub fn freeze(&self) {
+        self.fsfreeze("-f");
+    }
+
+    pub fn thaw(&self) {
+        self.fsfreeze("-u");
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
 /// Writes until the filesystem is full.
 pub fn fill(dir: &Path) {
     use std::io::Write;
