@@ -252,24 +252,29 @@ where
     let queued = match room {
         Ok(room) => room.map(|room| room.submit(record)),
         Err(_) => {
-            // Said as answered: nothing left (a done write's answer shows nothing of it).
-            let done = wrote && matches!(result, Ok(Reply::Body(_)));
-            // (As `withheld_after_recording` says it: an error, whatever the status.)
-            record.status = if done { 200 } else { 503 };
-            record.decision = Decision::Error;
-            record.reason = Some(GatewayError::AuditUnavailable.code().to_owned());
-            if !done {
-                record.subjects = Default::default();
-            }
-            (record.fields, record.fields_by_subject) = (Vec::new(), None);
-            // Beside what the detail says already (a write's `not_sent`, which subject access
-            // reads there).
+            // An answer that would have disclosed is said as answered: nothing left (a done
+            // write's shows nothing of the record, and names it still). A refusal or an error
+            // keeps what it says (breach detection counts refusals; a write not sent names its
+            // target, which subject access reads), and says how it was answered.
             let mut detail = match record.detail.take() {
                 Some(serde_json::Value::Object(d)) => d,
                 _ => serde_json::Map::new(),
             };
             detail.insert("audit".to_owned(), "stalled".into());
-            detail.insert("shown".to_owned(), "nothing".into());
+            if result.is_ok() {
+                let done = wrote && matches!(result, Ok(Reply::Body(_)));
+                // (As `withheld_after_recording` says it: an error, whatever the status.)
+                record.status = if done { 200 } else { 503 };
+                record.decision = Decision::Error;
+                record.reason = Some(GatewayError::AuditUnavailable.code().to_owned());
+                if !done {
+                    record.subjects = Default::default();
+                }
+                (record.fields, record.fields_by_subject) = (Vec::new(), None);
+                detail.insert("shown".to_owned(), "nothing".into());
+            } else {
+                detail.insert("answered".to_owned(), 503.into());
+            }
             record.detail = Some(serde_json::Value::Object(detail));
             gw.audit.queue_detached(record);
             Err(stalled_log())
@@ -393,16 +398,21 @@ where
                 );
                 gw.audit.queue_detached(after);
             }
-            if done {
+            match &result {
                 // The datastore took the write (and it is counted): shown nothing of, not an
                 // error that would have it sent again. Its intent's record is durable.
-                let nothing = Bytes::from_static(b"{\"record\":null}");
-                boxed(json_response(StatusCode::OK, nothing, &request_id))
-            } else {
-                boxed(problem_response(
+                _ if done => {
+                    let nothing = Bytes::from_static(b"{\"record\":null}");
+                    boxed(json_response(StatusCode::OK, nothing, &request_id))
+                }
+                // A write sent and answered with an error (or none in time, when it may have
+                // been done): that error, which discloses nothing, not a 503 saying it was
+                // not sent and to try again.
+                Err(e) if wrote => boxed(problem_response(e, &request_id)),
+                _ => boxed(problem_response(
                     &GatewayError::AuditUnavailable,
                     &request_id,
-                ))
+                )),
             }
         }
     };

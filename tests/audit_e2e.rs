@@ -152,13 +152,18 @@ async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_moves() {
         .to_owned();
 
     disk.freeze();
-    let pages = futures_util::future::join_all((0..8).map(|_| list()));
+    // The write first, so that its intent's record finds room in the queue, and the pages
+    // then fill it: the write's answer then finds none.
     let write = app.canvass(
         &id,
         &token,
         "canvassing",
         r#"{"last_canvassed":"2026-11-30"}"#,
     );
+    let pages = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        futures_util::future::join_all((0..8).map(|_| list())).await
+    };
     // (Bounded: an answer that waited for the disk would never come while it is frozen.)
     let answered = tokio::time::timeout(std::time::Duration::from_secs(90), async {
         tokio::join!(pages, write)
@@ -200,6 +205,16 @@ async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_moves() {
     assert!(
         answer.iter().any(|r| r["detail"]["write"] == "not_sent"),
         "{answer:?}"
+    );
+    // Which a subject access report finds: it does not list the write as made.
+    let sar = app
+        .admin_get_with(&format!("/sar/{id}"), &app.token("dpo"))
+        .await;
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let writes = sar.json()["writes"].clone();
+    assert!(
+        !(writes.as_array().unwrap().iter()).any(|w| w["request_id"] == rid.as_str()),
+        "{writes}"
     );
     // The datastore never had it.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
