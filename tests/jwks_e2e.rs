@@ -151,7 +151,9 @@ fn set_of(keys: &[(&str, &KeyPairPem)]) -> String {
 }
 
 /// The demo's configuration at `dir`, its `[[auth.keys]]` replaced by `auth.jwks_url` =
-/// `url` (its certificate from `ca_file`) with `settings`, and no checks of its files.
+/// `url` (its certificate from `ca_file`) with `settings`, and no checks of its files. Its
+/// `[signing]` goes too: the demo's key is no longer trusted (the start would refuse it).
+/// Tokens are signed with the provider's keys (`token`).
 fn configured(
     dir: &Path,
     upstream: SocketAddr,
@@ -168,6 +170,13 @@ fn configured(
         kid = wardgate::demo::KID
     );
     assert!(text.contains(&keys), "the demo's key entry moved");
+    let signing = format!(
+        "[signing]\nkid = \"{kid}\"\nalgorithm = \"ES256\"\nprivate_key_file = \"keys/{kid}.key.pem\"\nissuer = \"{issuer}\"\n",
+        kid = wardgate::demo::KID,
+        issuer = wardgate::demo::ISSUER,
+    );
+    assert!(text.contains(&signing), "the demo's signing entry moved");
+    let text = text.replacen(&signing, "", 1);
     let text = text.replacen(
         &keys,
         &format!(
@@ -188,7 +197,7 @@ fn token(cfg: &Path, kid: &str, pair: &KeyPairPem) -> String {
         kid,
         Algorithm::ES256,
         pair.private_pem.as_bytes(),
-        &config.signing.unwrap().issuer,
+        &config.auth.jwks_issuer,
     )
     .unwrap();
     wardgate::demo::mint_tokens(&signer, common::now()).unwrap()["councillor"].clone()

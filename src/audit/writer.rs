@@ -330,7 +330,7 @@ impl AuditLog {
                         metrics::counter!("wardgate_audit_failures_total").increment(1);
                         tracing::error!(
                             request_id = pending.record.request_id,
-                            "audit queue full; the record of a request left unanswered is lost"
+                            "audit queue full and too many records waiting for room; a record queued apart (a request left unanswered, refused for a stalled log, or a correction) is lost"
                         );
                     }
                 }
