@@ -366,30 +366,46 @@ impl Slot {
         match name {
             "given_at" => Slot::Given,
             "withdrawn_at" => Slot::Withdrawn,
-            _ if same_word(name, "given_at")
-                || same_word(name, "withdrawn_at")
-                || withdrawal_word(name) =>
-            {
-                Slot::Respelt
+            _ => {
+                // Folded on the stack: a consent's other keys (`source`) are met on every
+                // record whose consents are not laid out as the last one's.
+                let mut buf = [0u8; 128];
+                let mut n = 0;
+                for b in name.bytes().filter(u8::is_ascii_alphanumeric) {
+                    if n == buf.len() {
+                        // Longer than any key worth a name: read as a withdrawal would be.
+                        return Slot::Respelt;
+                    }
+                    buf[n] = b.to_ascii_lowercase();
+                    n += 1;
+                }
+                let folded = &buf[..n];
+                let has = |w: &[u8]| folded.windows(w.len()).any(|x| x == w);
+                if folded == b"givenat" || has(b"withdr") || has(b"revok") {
+                    Slot::Respelt
+                } else {
+                    Slot::Other
+                }
             }
-            _ => Slot::Other,
         }
     }
 }
 
 /// Whether a key speaks of a withdrawal or revocation (`withdrawn`, `Withdrawal_Date`,
 /// `revoked_at`), whatever its spelling.
-fn withdrawal_word(name: &str) -> bool {
-    let folded = fold(name);
-    folded.contains("withdr") || folded.contains("revok")
-}
-
 /// Whether two words are spellings of one (`fold`), without building either.
 fn same_word(a: &str, b: &str) -> bool {
-    fn folded(w: &str) -> impl Iterator<Item = char> + '_ {
-        (w.chars().filter(char::is_ascii_alphanumeric)).map(|c| c.to_ascii_lowercase())
+    fn folded(w: &str) -> impl Iterator<Item = u8> + '_ {
+        (w.bytes().filter(u8::is_ascii_alphanumeric)).map(|c| c.to_ascii_lowercase())
     }
     folded(a).eq(folded(b))
+}
+
+/// A word that is its own fold (lower-case letters and digits only): two such words are
+/// spellings of one only where they are the same.
+fn folded_already(w: &str) -> bool {
+    w.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// `channel_states` of the value that comes next in `scan`, which it takes; `keys` are those
@@ -421,12 +437,23 @@ fn channel_states_noting<'a>(
         let mut first = true;
         let mut i = 0;
         let mut named: Vec<Cow<'a, str>> = Vec::new();
+        // Whether a channel named so far is not its own fold (`Email`, `e_mail`).
+        let mut respelt_named = false;
         loop {
             let expected = keys.channels.get(i).copied().flatten();
             let Some((channel, gap)) = scan.next_key_gap(&mut first, expected).ok()? else {
                 break;
             };
-            if named.iter().any(|n| same_word(n, &channel.name)) {
+            // (Compared letter by letter only where a spelling could differ: `email` beside
+            // `email`, `sms` and `phone` is compared whole.)
+            let plain = folded_already(&channel.name);
+            let twice = if plain && !respelt_named {
+                named.contains(&channel.name)
+            } else {
+                named.iter().any(|n| same_word(n, &channel.name))
+            };
+            respelt_named |= !plain;
+            if twice {
                 // A channel named twice (or as another spelling of one: `Email` beside
                 // `email`) is no more readable than a record's field named twice (one reader
                 // takes the first, another the last): the record is withheld.

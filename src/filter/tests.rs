@@ -887,6 +887,8 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         r#"{"email":{"given_at":"2024-01-01","withdrawal_date":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01","revoked_at":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01"},"Email":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"}}"#,
+        r#"{"E-mail":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"},"sms":null,"email":{"given_at":"2024-01-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01","givenAt":"2024-01-02"}}"#,
         r#"["email"]"#,
         r#""email""#,
         "true",
