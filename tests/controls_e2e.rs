@@ -354,6 +354,25 @@ async fn replicas_with_two_keys_go_stale_rather_than_miss_each_others_changes() 
     a.stop().await;
 }
 
+/// A replica on `redis` in front of `upstream` whose full resynchronisation comes only every
+/// ten minutes (beyond any test), so that what reaches it sooner came some other way; with
+/// `keys_from`'s signing key.
+fn slow_resync(
+    upstream: std::net::SocketAddr,
+    redis: &RedisServer,
+    keys_from: Option<&TestApp>,
+) -> AppOptions {
+    AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
+        edit: Some(Box::new(|c| {
+            c.redis.as_mut().unwrap().resync_interval = Duration::from_secs(600);
+        })),
+        ..Default::default()
+    }
+}
+
 /// A `FLUSHALL` ends no connection and leaves a read of the stream only empty: the replicas
 /// notice the store's new life at their next read, not at their next full resynchronisation
 /// (ten minutes here), and republish what it lost, so a replica started meanwhile with an
@@ -362,15 +381,7 @@ async fn replicas_with_two_keys_go_stale_rather_than_miss_each_others_changes() 
 async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
-    let slow_resync = |keys_from: Option<&TestApp>| AppOptions {
-        upstream: Some(upstream),
-        redis: Some(redis.url()),
-        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
-        edit: Some(Box::new(|c| {
-            c.redis.as_mut().unwrap().resync_interval = Duration::from_secs(600);
-        })),
-        ..Default::default()
-    };
+    let slow_resync = |keys_from| slow_resync(upstream, &redis, keys_from);
     let a = spawn_app_with(slow_resync(None)).await;
     until_ready("a ready", &a).await;
     let id = visible_elector(&a).await;
@@ -391,15 +402,7 @@ async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
 async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
-    let slow_resync = |keys_from: Option<&TestApp>| AppOptions {
-        upstream: Some(upstream),
-        redis: Some(redis.url()),
-        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
-        edit: Some(Box::new(|c| {
-            c.redis.as_mut().unwrap().resync_interval = Duration::from_secs(600);
-        })),
-        ..Default::default()
-    };
+    let slow_resync = |keys_from| slow_resync(upstream, &redis, keys_from);
     let a = spawn_app_with(slow_resync(None)).await;
     until_ready("a ready", &a).await;
     let b = spawn_app_with(slow_resync(Some(&a))).await;

@@ -662,9 +662,15 @@ pub fn single_attrs(
 /// record; off the paging path, whose scanner it leaves as it is), as `read_single` would
 /// find the record: `{"record": {...}}`, or Datasette's `rows` holding one.
 pub fn single_text(body: &[u8], envelope: Envelope, name: &str) -> Option<String> {
-    single_value(body, envelope, name)?
-        .as_str()
-        .map(str::to_owned)
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let record = match envelope {
+        Envelope::Records => &v["record"],
+        Envelope::Rows { .. } => match v["rows"].as_array()?.as_slice() {
+            [one] => one,
+            _ => return None,
+        },
+    };
+    record.get(name)?.as_str().map(str::to_owned)
 }
 
 /// The subject id of the one record a body names, read as the filter reads it (a string, or
@@ -677,18 +683,6 @@ pub fn single_id(body: &[u8], envelope: Envelope, dataset: &Dataset) -> Option<S
         return None;
     }
     attrs::subject(&record, &attrs::Roles::find(&record, dataset)).map(Cow::into_owned)
-}
-
-fn single_value(body: &[u8], envelope: Envelope, name: &str) -> Option<serde_json::Value> {
-    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let record = match envelope {
-        Envelope::Records => v.get_mut("record")?,
-        Envelope::Rows { .. } => match v.get_mut("rows")?.as_array_mut()?.as_mut_slice() {
-            [one] => one,
-            _ => return None,
-        },
-    };
-    record.get_mut(name).map(serde_json::Value::take)
 }
 
 /// The one record of a single-record body (`{"record": {...}}`, or Datasette's `rows` with at

@@ -752,6 +752,16 @@ pub async fn upstream_answering(
     content_type: &'static str,
     delay: std::time::Duration,
 ) -> SocketAddr {
+    upstream_with(http::StatusCode::OK, answer, content_type, delay).await
+}
+
+/// `upstream_answering` with `status` instead of 200.
+async fn upstream_with(
+    status: http::StatusCode,
+    answer: impl Fn(&http::Method) -> Bytes + Clone + Send + Sync + 'static,
+    content_type: &'static str,
+    delay: std::time::Duration,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -763,6 +773,7 @@ pub async fn upstream_answering(
                     async move {
                         tokio::time::sleep(delay).await;
                         let mut resp = http::Response::new(Full::new(body));
+                        *resp.status_mut() = status;
                         resp.headers_mut()
                             .insert("content-type", http::HeaderValue::from_static(content_type));
                         Ok::<_, std::convert::Infallible>(resp)
@@ -779,27 +790,14 @@ pub async fn upstream_answering(
 
 /// A datastore that answers every request with `status` and an empty JSON object.
 pub async fn upstream_refusing(status: u16) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_: http::Request<_>| async move {
-                    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"{}")));
-                    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                    resp.headers_mut().insert(
-                        "content-type",
-                        http::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    let status = http::StatusCode::from_u16(status).unwrap();
+    upstream_with(
+        status,
+        |_| Bytes::from_static(b"{}"),
+        "application/json",
+        Duration::ZERO,
+    )
+    .await
 }
 
 /// A datastore's answer to `GET path` as bytes (a page to serve again from a fake datastore).
