@@ -47,6 +47,23 @@ impl Net {
                 "`{s}` trusts every address: anyone could name any client; list the balancers"
             ));
         }
+        // Wider than any private range (`10.0.0.0/8`, `fc00::/7`) or a site's public IPv6
+        // allocation: a list of two `/1`s trusts everyone as `/0` does.
+        let unique_local = Net {
+            addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0)),
+            prefix: 7,
+        };
+        let widest = match addr {
+            IpAddr::V4(_) => 8,
+            IpAddr::V6(_) if prefix >= 7 && unique_local.contains(addr) => 7,
+            IpAddr::V6(_) => 32,
+        };
+        if prefix < widest {
+            return Err(format!(
+                "`{s}` trusts a network wider than /{widest}: anyone in it could name any \
+                 client; list the balancers' own addresses or networks"
+            ));
+        }
         if addr.to_canonical() != addr {
             return Err(format!(
                 "`{s}` is an IPv4-mapped IPv6 network: write it as the IPv4 network it maps"
@@ -170,6 +187,9 @@ mod tests {
                 .unwrap()
                 .contains("fd12::1".parse().unwrap())
         );
+        for widest in ["10.0.0.0/8", "fc00::/7", "2001:db8::/32"] {
+            assert!(Net::parse(widest).is_ok(), "{widest}");
+        }
         for bad in [
             "10.1.0.0/33",
             "10.1.0.1/16",
@@ -178,6 +198,12 @@ mod tests {
             "fd00::/129",
             "0.0.0.0/0",
             "::/0",
+            "0.0.0.0/1",
+            "128.0.0.0/1",
+            "10.0.0.0/7",
+            "2000::/3",
+            "2001:db8::/31",
+            "fc00::/6",
             "::ffff:10.0.0.0/104",
         ] {
             assert!(Net::parse(bad).is_err(), "{bad}");
