@@ -459,16 +459,39 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                         );
                     }
                     println!(
-                        "witness `{key}`: {} heads found in the log with their hashes, {} in its pruned part, none past its end; it vouches from seq {} on (records before it were never witnessed); the newest published at {} (by its writer's word)",
+                        "witness `{key}`: {} heads found in the log with their hashes, {} in its pruned part, none past its end; it vouches from seq {} on (records before it are not vouched for: never witnessed, or their heads trimmed from the list); the newest published at {} (by its writer's word)",
                         report.witnessed,
                         report.witnessed_pruned,
                         heard.heads.keys().next().copied().unwrap_or(0),
                         heard.last_published.as_deref().unwrap_or("-")
                     );
+                    if let Some(anchor) = report.pruned_unwitnessed {
+                        eprintln!(
+                            "warning: the log was pruned up to seq {anchor} and the witness holds no head at or below it: whether the records pruned were older than the retention is not checked (the witness never saw them, or their heads were trimmed; keep the newest head at or below the prune anchor when trimming)"
+                        );
+                    }
                 }
                 _ => println!(
                     "note: no witness given; records cut from the end of the log would not show (README: The audit log)"
                 ),
+            }
+            if !report.cuts_unrecorded.is_empty() {
+                eprintln!(
+                    "warning: recovery cut bytes from the log that no record says yet ({}): the gateway's next start records each; until then read the copy beside each note",
+                    report.cuts_unrecorded.join(", ")
+                );
+            }
+            if !report.kept_aside.is_empty() {
+                println!(
+                    "note: {} cop{} of bytes recovery cut from the log kept aside ({}), each named by a `segment_cut` record; whole lines in one may be acknowledged records the chain no longer holds, and are in no subject access report: settle each and remove it (README: The audit log)",
+                    report.kept_aside.len(),
+                    if report.kept_aside.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
+                    report.kept_aside.join(", ")
+                );
             }
             if report.torn_tail {
                 println!(

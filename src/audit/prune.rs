@@ -227,16 +227,18 @@ fn remove_orphans(dir: &Path, oldest: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes each sealed segment's index, seal and file, in that order (those already gone are
-/// fine): a crash between leaves the segment, which the next start seals again and the next
-/// prune removes as left behind its anchor, never an index (subject ids, hashed: personal
-/// data) whose segment is gone and which nothing would look at again.
+/// Removes each sealed segment's index, file and seal, in that order (those already gone are
+/// fine). Stopped between, by a crash or a failed removal, it never leaves an index (subject
+/// ids, hashed: personal data) whose segment is gone and which nothing would look at again;
+/// a segment left keeps its seal, so the next prune (in this run, not only after a restart
+/// that seals it again) removes it as left behind its anchor; a seal left without its
+/// segment goes with the orphans (`remove_orphans`).
 fn remove_segments(dir: &Path, seals: &[super::index::Seal]) -> anyhow::Result<()> {
     for s in seals {
         for p in [
             index_path(dir, s.segment),
-            seal_path(dir, s.segment),
             dir.join(super::segment::segment_name(s.segment)),
+            seal_path(dir, s.segment),
         ] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -682,6 +684,43 @@ mod tests {
                 .is_none()
         );
         assert!(first_files.iter().all(|(p, _)| !p.exists()));
+        // A leftover whose removal fails (the file immutable here; a disk error in earnest)
+        // keeps its seal: the next prune of this same run removes it once it can.
+        for (p, b) in &first_files {
+            std::fs::write(p, b).unwrap();
+        }
+        let segment = &first_files[0].0;
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(segment)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if chattr("+i") {
+            let failed = prune_and_record(&log, dir.path(), seven_years).await;
+            assert!(chattr("-i"));
+            let e = failed.expect_err("an immutable segment cannot be removed");
+            assert!(e.to_string().contains("cannot remove"), "{e:#}");
+            assert!(segment.exists() && first_files[2].0.exists());
+            assert!(
+                prune_and_record(&log, dir.path(), seven_years)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            assert!(first_files.iter().all(|(p, _)| !p.exists()));
+            assert!(verify_dir(dir.path()).is_ok());
+        } else {
+            // `chattr` needs root and a file system with the immutable flag.
+            assert!(
+                std::env::var_os("CI").is_none() && std::env::var_os("WARDGATE_NO_SKIP").is_none(),
+                "cannot make a segment immutable with chattr"
+            );
+            for (p, _) in &first_files {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
         log.shutdown().await;
         drop(log);
         // A restart continues the chain past the pruned history.

@@ -547,6 +547,11 @@ mod tests {
         // And noted, until the writer records it (the next start reads the note).
         assert_eq!(cuts.len(), 1);
         assert!(cuts[0].pending.exists());
+        // Verification passes the copy by, and says it is there.
+        let report = crate::audit::verify_dir(dir.path()).unwrap();
+        let name = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(report.kept_aside, [name(&kept[0])]);
+        assert_eq!(report.cuts_unrecorded, [name(&cuts[0].pending)]);
         assert_eq!(
             cuts_pending(dir.path()).unwrap()[0].kept_aside,
             kept[0].file_name().unwrap().to_string_lossy()

@@ -30,6 +30,16 @@ pub struct VerifyReport {
     pub witnessed: u64,
     /// Witnessed heads older than the log's oldest record (pruned), which cannot be checked.
     pub witnessed_pruned: u64,
+    /// The prune anchor's seq where the log was pruned and, of the heads given, none with a
+    /// time is at or below it: whether the pruned records were older than the retention is
+    /// then not checked (the witness never saw them, or their heads were trimmed from it).
+    pub pruned_unwitnessed: Option<u64>,
+    /// Copies of what start-up recovery cut from a segment (`seg-N.jsonl.cut-T`), which the
+    /// chain passes by: an operator settles each and removes it (README: The audit log).
+    pub kept_aside: Vec<String>,
+    /// Their `.pending` notes: a cut the chain does not yet say was made (the next start
+    /// records it).
+    pub cuts_unrecorded: Vec<String>,
 }
 
 /// Where and how the chain breaks. `line` is 1-based within `segment`; `seq` is the sequence
@@ -280,11 +290,19 @@ fn verify_once(
     let mut records = 0;
     // After pruning, the chain resumes from the anchor rather than from genesis.
     let anchor = super::prune::read_anchor(dir).map_err(io_err(&dir.join("pruned.json")))?;
+    let anchor_seq = anchor.as_ref().map(|a| a.last_pruned_seq);
     let (mut last_seq, mut last_hash) = match anchor {
         Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
         None => (0, GENESIS_HASH.to_owned()),
     };
     let witnessed_pruned = check_pruned_heads(heads, last_seq, &last_hash, retention)?;
+    let dated_below = |seq| {
+        heads
+            .range(..=seq)
+            .flat_map(|(_, w)| w)
+            .any(|w| !w.ts.is_empty())
+    };
+    let pruned_unwitnessed = anchor_seq.filter(|&a| !heads.is_empty() && !dated_below(a));
     let mut witnessed = 0;
     let mut buf = Vec::new();
     let mut torn_tail = false;
@@ -455,11 +473,27 @@ fn verify_once(
             at: seen.first().map(|w| w.at.clone()).unwrap_or_default(),
         });
     }
+    let (mut kept_aside, mut cuts_unrecorded) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let name = entry.map_err(io_err(dir))?.file_name();
+        let name = name.to_string_lossy();
+        if name.contains(".jsonl.cut-") {
+            match name.ends_with(".pending") {
+                true => cuts_unrecorded.push(name.into_owned()),
+                false => kept_aside.push(name.into_owned()),
+            }
+        }
+    }
+    kept_aside.sort();
+    cuts_unrecorded.sort();
     Ok(VerifyReport {
+        kept_aside,
+        cuts_unrecorded,
         segments: segments.len(),
         records,
         witnessed,
         witnessed_pruned,
+        pruned_unwitnessed,
         last_seq,
         last_hash,
         torn_tail,
@@ -693,6 +727,17 @@ mod tests {
             matches!(err, VerifyError::UnprovenPrune { anchor: 2, .. }),
             "{err}"
         );
+        // The heads below the anchor trimmed from the witness: nothing to check them by, and
+        // the report says so rather than passing them as checked.
+        let trimmed = heads_of(&[(4, &fourth, &now)]);
+        let report = verify_against(dir.path(), &trimmed, Some(year)).unwrap();
+        assert_eq!(
+            (report.witnessed_pruned, report.pruned_unwitnessed),
+            (0, Some(2))
+        );
+        let report = verify_against(dir.path(), &gap, None);
+        assert!(report.is_err(), "a head below the anchor wants a retention");
+        assert_eq!(verify_dir(dir.path()).unwrap().pruned_unwitnessed, None);
         // Nor does a head appended with record 4's true hash and an old time prove them old:
         // the record's own time is not that.
         let forged = heads_of(&[(1, &first, old), (4, &fourth, &now), (4, &fourth, old)]);
