@@ -641,6 +641,17 @@ async fn disclosures_after_hours_are_noticed() {
 /// only the breach log: the chain must not read as the caller revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_containment_that_did_not_take_is_recorded_as_failed() {
+    containment_that_did_not_take(None).await;
+}
+
+/// The same with Redis: the alert's mark is taken back, so that another replica's detector
+/// finding the same raises it and contains, rather than staying quiet on it for the cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containment_that_did_not_take_gives_its_mark_back() {
+    containment_that_did_not_take(Some(common::RedisServer::start())).await;
+}
+
+async fn containment_that_did_not_take(redis: Option<common::RedisServer>) {
     let scratch = tempfile::tempdir().unwrap();
     let data = scratch.path().join("data");
     let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&data, "64k") else {
@@ -650,6 +661,7 @@ async fn a_containment_that_did_not_take_is_recorded_as_failed() {
         electors: Some(6000),
         tweak: Some(contain_scrapers),
         data_dir: Some(data.clone()),
+        redis: redis.as_ref().map(common::RedisServer::url),
         ..AppOptions::default()
     })
     .await;
@@ -702,6 +714,27 @@ async fn a_containment_that_did_not_take_is_recorded_as_failed() {
         failed["detail"]["containment"], change["detail"]["id"],
         "{change}"
     );
+    if let Some(redis) = &redis {
+        // Taken when the alert was raised, back once its containment failed.
+        let mark = format!(
+            "{}:alerted:volume:demo-councillor",
+            app.gw.watch.settings.shared_stream
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let held: Option<String> = (redis::cmd("GET").arg(&mark))
+                .query(&mut redis.connection())
+                .unwrap();
+            if held.is_none() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the mark is still held: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -361,14 +361,16 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     } else {
         cooldown
     };
-    // A replica whose breach log is failing takes no mark: its alert would wait in memory
-    // only, and the mark would silence the detectors that could record it.
-    let marked = match &gw.watch.shared {
+    // A replica whose breach log or audit log is failing takes no mark: its alert would wait
+    // in memory only, or its containment could not be recorded and so not made, and the mark
+    // would silence the detectors that could (as a leader that cannot record gives up its
+    // lease, `shared::lead`).
+    let mut marked = match &gw.watch.shared {
         // Read back with an alert of this replica's own since, whose mark may still stand:
         // raised without a mark (the mark's holder is named afresh at each start, so it
         // could not be told from another detector's).
         Some(_) if f.under_own_mark => false,
-        Some(sh) if gw.watch.breach.is_healthy() => {
+        Some(sh) if gw.watch.breach.is_healthy() && gw.audit.is_healthy() => {
             let first = (sh.first_to_alert(f.rule, &f.key, f.escalation, lasts)).await;
             // Another of this start's read-back findings took it: a finding of this
             // replica's own a cooldown before or after that one (two first alerts are a
@@ -449,6 +451,14 @@ pub async fn act(gw: &Gateway, mut f: Finding, scope: &'static str) -> Option<Fi
     }
     if f.mode == Mode::Contain {
         alert.containment = contain(gw, &alert).await;
+        // Not made here (its record or the control journal failed): the mark goes back, so
+        // that another replica's detector, finding the same, raises it and contains.
+        let failed =
+            (alert.containment.as_ref()).is_some_and(|c| c.outcome.starts_with("not revoked"));
+        if let (true, true, Some(sh)) = (failed, marked, &gw.watch.shared) {
+            sh.release_alert(f.rule, &f.key, f.escalation).await;
+            marked = false;
+        }
     }
     match add_to_breach_log(gw, &alert).await {
         Ok(()) => None,
