@@ -354,6 +354,62 @@ async fn replicas_with_two_keys_go_stale_rather_than_miss_each_others_changes() 
     a.stop().await;
 }
 
+/// Key checks are scored and forgotten by Redis's clock (`TIME`), not each replica's: by its
+/// own, a replica whose clock ran a minute ahead of the others would forget their checks as it
+/// added its own and, holding another key, stay fresh while refusing every change they
+/// publish. A replica whose user may not ask Redis the time cannot check, and is never ready
+/// until it may; its check is then scored by Redis's clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_checks_are_scored_by_the_stores_clock() {
+    let redis = RedisServer::start();
+    let mut admin = redis.connection();
+    let acl = |rule: &str| {
+        let mut acl = redis::cmd("ACL");
+        acl.arg("SETUSER").arg("gateway");
+        for word in rule.split(' ') {
+            acl.arg(word);
+        }
+        acl
+    };
+    let _: () = acl("on >gateway-pw resetkeys ~* resetchannels +@all -time")
+        .query(&mut admin)
+        .unwrap();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let a = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(format!(
+            "redis://gateway:gateway-pw@127.0.0.1:{}/",
+            redis.port
+        )),
+        ..Default::default()
+    })
+    .await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let ready = a.admin_get("/readyz").await;
+        assert_eq!(ready.status, 503, "ready without TIME: {:?}", ready.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = acl("+time").query(&mut admin).unwrap();
+    until_ready("a ready once it may ask the time", &a).await;
+    let checks: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg("wardgate:controls:keys")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut admin)
+        .unwrap();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut admin).unwrap();
+    let store_ms = (secs * 1000 + micros / 1000) as f64;
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(
+        (store_ms - 60_000.0..=store_ms).contains(&checks[0].1),
+        "scored {}, Redis's clock {store_ms}",
+        checks[0].1
+    );
+    a.stop().await;
+}
+
 /// A replica on `redis` in front of `upstream` whose full resynchronisation comes only every
 /// ten minutes (beyond any test), so that what reaches it sooner came some other way; with
 /// `keys_from`'s signing key.

@@ -141,6 +141,18 @@ impl Redis {
         mac_hex(&self.key, &text)
     }
 
+    /// An error of the key check's, saying what an ACL refusing it must allow.
+    fn refused_check(&self, e: redis::RedisError, keys: &str, mark_key: &str) -> anyhow::Error {
+        match e.code() {
+            Some("NOPERM") => anyhow::anyhow!(
+                "Redis refuses the key check ({e}): the replicas' user needs `TIME`, `ZADD`, \
+                 `ZREMRANGEBYSCORE` and `ZRANGE` on `{keys}`, and `SET` and `GET` on \
+                 `{mark_key}` (README: Shared controls)"
+            ),
+            _ => e.into(),
+        }
+    }
+
     /// Checks that every replica sharing the stream signs with this replica's key, and that
     /// the store is the one it knew. Each replica adds its key check to `<stream>:keys` (a
     /// sorted set, scored by when it was last added) at each read of the stream, and one
@@ -156,7 +168,15 @@ impl Redis {
         let stream = &self.settings.stream;
         let (keys, mark_key) = (format!("{stream}:keys"), format!("{stream}:mark"));
         let mine = self.key_check_value();
-        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        // Redis's clock, not this replica's: every replica's checks are then scored and
+        // forgotten by one clock. By its own, a replica whose clock ran a minute ahead would
+        // forget the others' checks as it added its own, and, holding another key, find only
+        // its own and stay fresh while refusing every change they publish.
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(c)
+            .await
+            .map_err(|e| self.refused_check(e, &keys, &mark_key))?;
+        let now = secs * 1000 + micros / 1000;
         let forgotten = now - KEY_SEEN_FOR.as_millis() as i64;
         let new_mark = format!("{:016x}", rand::random::<u64>());
         let (checks, mark): (Vec<String>, Option<String>) = redis::pipe()
@@ -183,14 +203,7 @@ impl Redis {
             .arg(&mark_key)
             .query_async(c)
             .await
-            .map_err(|e| match e.code() {
-                Some("NOPERM") => anyhow::anyhow!(
-                    "Redis refuses the key check ({e}): the replicas' user needs `ZADD`, \
-                     `ZREMRANGEBYSCORE` and `ZRANGE` on `{keys}`, and `SET` and `GET` on \
-                     `{mark_key}` (README: Shared controls)"
-                ),
-                _ => e.into(),
-            })?;
+            .map_err(|e| self.refused_check(e, &keys, &mark_key))?;
         if checks.iter().any(|k| *k != mine) {
             anyhow::bail!(
                 "a replica sharing `{stream}` signs with another key than this one's \
