@@ -16,6 +16,9 @@ use super::settings::{Mode, Rule, RuleSettings, WatchSettings, Zone};
 const MAX_EVIDENCE: usize = 500;
 /// Sweep idle windows after this many observations, so memory follows the active principals.
 const SWEEP_EVERY: u64 = 10_000;
+/// How far ahead of the detector's clock a record's own time is taken as it is
+/// (`Detector::observe_access`).
+const AHEAD_TAKEN_MS: i64 = 2_000;
 
 /// What the rules read from one audit record: small enough to share between replicas (no
 /// subject ids, only how many were disclosed).
@@ -401,7 +404,11 @@ impl Detector {
 
     /// Feeds one access; `seq` is what the findings cite as evidence.
     pub fn observe_access(&mut self, seq: u64, rec: &Observation) -> Vec<Finding> {
-        let at = ts_millis(&rec.ts).unwrap_or_else(now_millis);
+        // A record dated ahead of this detector's clock (another replica's, running fast)
+        // counts as made now: by its own time it would evict the others' records from the
+        // principal's windows early, each window shorter by the difference.
+        let now = now_millis();
+        let at = ts_millis(&rec.ts).map_or(now, |t| t.min(now.saturating_add(AHEAD_TAKEN_MS)));
         self.observed += 1;
         if self.observed.is_multiple_of(SWEEP_EVERY) {
             self.sweep(at);
