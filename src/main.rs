@@ -483,7 +483,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             if !report.kept_aside.is_empty() {
                 println!(
-                    "note: {} cop{} of bytes recovery cut from the log kept aside ({}), each named by a `segment_cut` record; whole lines in one may be acknowledged records the chain no longer holds, and are in no subject access report: settle each and remove it (README: The audit log)",
+                    "note: {} cop{} of bytes recovery cut from the log kept aside ({}), each named by a `segment_cut` record once recorded (or by its `.pending` note until then; a copy named by neither was made by a start that stopped before its note); whole lines in one may be acknowledged records the chain no longer holds, and are in no subject access report: settle each and remove it (README: The audit log)",
                     report.kept_aside.len(),
                     if report.kept_aside.len() == 1 {
                         "y"

