@@ -284,6 +284,8 @@ where
                 Ok(mut r) => {
                     (r.current_data, r.current_data_missing) =
                         current_data(gw, &subject, authorization.as_ref(), request_id).await;
+                    r.add_held(&gw.catalog);
+                    r.other_replicas_not_searched = gw.controls.shared();
                     r
                 }
                 Err(e) => {

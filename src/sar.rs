@@ -41,6 +41,9 @@ pub struct Report {
     /// The audit logs searched: one per replica. A deployment of several replicas keeps one
     /// log each, and a report from fewer than all of them is not complete.
     pub logs: Vec<String>,
+    /// Built by one replica of several (its controls shared through Redis) from its own log
+    /// only: the others' disclosures are not in it, and the page says so.
+    pub other_replicas_not_searched: bool,
     /// How far back the log reaches, when older records have been pruned: a disclosure
     /// before `held_from` is not in the report because the log no longer holds it.
     pub coverage: Option<Coverage>,
@@ -104,6 +107,42 @@ pub struct Retention {
 
 fn text(v: &Value, key: &str) -> String {
     v[key].as_str().unwrap_or_default().to_owned()
+}
+
+impl Report {
+    /// Adds the sources and retention of the data held now (`current_data`, once the admin
+    /// plane has fetched it): Art 15 asks them of the data held, not only of what was
+    /// disclosed, and a person nobody has looked up would otherwise be told nothing of either.
+    pub fn add_held(&mut self, catalog: &Catalog) {
+        for (name, record) in &self.current_data {
+            let Some(ds) = catalog.datasets.get(name) else {
+                continue;
+            };
+            if !self.datasets.iter().any(|s| s.dataset == *name) {
+                self.datasets.push(Source {
+                    dataset: name.clone(),
+                    description: ds.description.clone(),
+                    owner: ds.owner.clone(),
+                    source: ds.source.clone(),
+                });
+            }
+            let fields = record.as_object().into_iter().flat_map(|o| o.keys());
+            for category in fields.filter_map(|f| ds.fields.get(f)) {
+                if self.retention.iter().any(|r| r.category == *category) {
+                    continue;
+                }
+                if let Some(cat) = catalog.categories.get(category) {
+                    self.retention.push(Retention {
+                        category: category.clone(),
+                        description: cat.description.clone(),
+                        retention: cat.retention.clone(),
+                    });
+                }
+            }
+        }
+        self.datasets.sort_by(|a, b| a.dataset.cmp(&b.dataset));
+        self.retention.sort_by(|a, b| a.category.cmp(&b.category));
+    }
 }
 
 /// Builds the report for `subject` from the audit log in `audit_dir`.
@@ -287,6 +326,7 @@ pub fn build_from(
         restrictions,
         current_data: BTreeMap::new(),
         current_data_missing: BTreeMap::new(),
+        other_replicas_not_searched: false,
         logs: (audit_dirs.iter())
             .map(|d| d.display().to_string())
             .collect(),
@@ -601,7 +641,7 @@ pub fn html(r: &Report) -> String {
 </head><body>
 <h1>Subject access report</h1>
 <p>Data subject: <b>{subject}</b>. Generated {generated} from the access log (Information Governance Policy §10.2).</p>
-{coverage}{unreadable}
+{coverage}{unreadable}{replicas}
 <h2>Disclosures ({count})</h2>
 <table><thead><tr><th>When</th><th>To whom</th><th>Purpose</th><th>Lawful basis</th><th>Dataset</th><th>Fields</th></tr></thead>
 <tbody>
@@ -623,6 +663,14 @@ pub fn html(r: &Report) -> String {
         generated = esc(&r.generated_at),
         count = r.disclosures.len(),
         written_count = r.writes.len(),
+        replicas = if r.other_replicas_not_searched {
+            "<p><b>Incomplete:</b> this report searched the access log of one gateway \
+             replica of several, and each keeps its own: disclosures made through the others \
+             are not listed. Build it over every replica's log (<code>wardgate sar \
+             --audit-dir</code>, once for each) before sending it.</p>"
+        } else {
+            ""
+        },
         unreadable = match (r.lookup.lines_unreadable, r.lookup.lines_set_aside) {
             (0, 0) => String::new(),
             (n, 0) => format!(

@@ -546,6 +546,40 @@ async fn data_that_could_not_be_fetched_is_said_to_be_missing() {
     app.stop().await;
 }
 
+/// One replica of several (its controls shared through Redis) reads only its own log, and
+/// the page to be sent says so; a lone gateway's page does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_from_one_replica_of_several_says_it_is_incomplete() {
+    const SAID: &str = "searched the access log of one gateway replica of several";
+    let redis = common::RedisServer::start();
+    for shared in [false, true] {
+        let app = spawn_app_with(AppOptions {
+            redis: shared.then(|| redis.url()),
+            ..Default::default()
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while app.admin_get("/readyz").await.status != 200 {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let json = app
+            .admin_get_with("/sar/VF-0000001", &app.token("dpo"))
+            .await;
+        assert_eq!(json.json()["other_replicas_not_searched"], shared);
+        let html = app
+            .admin_get_with("/sar/VF-0000001?format=html", &app.token("dpo"))
+            .await;
+        assert_eq!(html.status, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&html.body).contains(SAID),
+            shared,
+            "shared controls: {shared}"
+        );
+        app.stop().await;
+    }
+}
+
 /// An anonymous elector's entry is held but never disclosed, even to the DPO: the report says
 /// it is held and withheld, not that nothing is held.
 #[tokio::test]
@@ -561,11 +595,38 @@ async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
         .and_then(|r| r["elector_id"].as_str())
         .expect("the demo register holds anonymous electors")
         .to_owned();
+    // An elector nobody has looked up: what is held of them, where it came from and how
+    // long it is kept, though nothing was ever disclosed.
+    let unseen = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["markers"].as_array().unwrap().is_empty())
+        .find_map(|r| r["elector_id"].as_str())
+        .unwrap()
+        .to_owned();
+    let r = app
+        .admin_get_with(&format!("/sar/{unseen}"), &app.token("dpo"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = r.json();
+    assert_eq!(r["disclosures"], serde_json::json!([]));
+    assert_eq!(r["current_data"]["voter"]["elector_id"], unseen.as_str());
+    assert_eq!(r["datasets"][0]["dataset"], "voter", "{r}");
+    let kept: Vec<&str> = (r["retention"].as_array().unwrap().iter())
+        .filter_map(|c| c["category"].as_str())
+        .collect();
+    assert!(
+        kept.contains(&"identity") && kept.contains(&"address"),
+        "{kept:?}"
+    );
     let r = app
         .admin_get_with(&format!("/sar/{anonymous}"), &app.token("dpo"))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["current_data"], serde_json::json!({}));
+    // Nothing held that may be said is nothing to source.
+    assert_eq!(r.json()["datasets"], serde_json::json!([]));
     assert_eq!(
         r.json()["current_data_missing"]["voter"],
         "held, withheld (protected)"

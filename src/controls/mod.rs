@@ -380,6 +380,12 @@ impl Controls {
         self.inner.quotas.is_fresh()
     }
 
+    /// Whether the controls are shared with other replicas (`[redis]`): a deployment of
+    /// several, each keeping its own audit log.
+    pub fn shared(&self) -> bool {
+        self.inner.redis.is_some()
+    }
+
     /// Fail closed: with Redis, a mirror older than the staleness bound serves no data.
     pub fn check_fresh(&self) -> Result<(), GatewayError> {
         if self.inner.redis.is_none() {
