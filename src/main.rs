@@ -311,13 +311,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             } else {
                 audit_dirs.iter().map(PathBuf::as_path).collect()
             };
-            let report =
+            let mut report =
                 wardgate::sar::build_from(&dirs, &catalog, &subject, controls.placements(&subject))
                     .with_context(|| {
                         let all: Vec<String> =
                             dirs.iter().map(|d| d.display().to_string()).collect();
                         format!("cannot read the audit logs in `{}`", all.join("`, `"))
                     })?;
+            // One replica's own log, of a deployment sharing its controls: the others' are not
+            // in it, unless named with `--audit-dir`.
+            report.other_replicas_not_searched = cfg.redis.is_some() && audit_dirs.is_empty();
             // The report is itself a disclosure: it is audited before it is written out.
             let basis = catalog
                 .purposes

@@ -41,8 +41,9 @@ pub struct Report {
     /// The audit logs searched: one per replica. A deployment of several replicas keeps one
     /// log each, and a report from fewer than all of them is not complete.
     pub logs: Vec<String>,
-    /// Built by one replica of several (its controls shared through Redis) from its own log
-    /// only: the others' disclosures are not in it, and the page says so.
+    /// Built from one replica's own log, of several sharing their controls through Redis (the
+    /// admin plane's report, or the CLI's without `--audit-dir`): the others' disclosures are
+    /// not in it, and the page says so.
     pub other_replicas_not_searched: bool,
     /// How far back the log reaches, when older records have been pruned: a disclosure
     /// before `held_from` is not in the report because the log no longer holds it.
@@ -126,8 +127,17 @@ impl Report {
                     source: ds.source.clone(),
                 });
             }
-            let fields = record.as_object().into_iter().flat_map(|o| o.keys());
-            for category in fields.filter_map(|f| ds.fields.get(f)) {
+            // A field with no value (`null`, empty) holds nothing of its category: an elector
+            // never canvassed has a `voting_intention` of null, and no political opinion kept.
+            let fields = record.as_object().into_iter().flatten();
+            let held = fields.filter(|(_, v)| match v {
+                Value::Null => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            });
+            for category in held.filter_map(|(f, _)| ds.fields.get(f)) {
                 if self.retention.iter().any(|r| r.category == *category) {
                     continue;
                 }
@@ -667,7 +677,8 @@ pub fn html(r: &Report) -> String {
             "<p><b>Incomplete:</b> this report searched the access log of one gateway \
              replica of several, and each keeps its own: disclosures made through the others \
              are not listed. Build it over every replica's log (<code>wardgate sar \
-             --audit-dir</code>, once for each) before sending it.</p>"
+             --audit-dir</code>, once for each), and add the data held now, with its sources \
+             and retention, from the admin plane's report, before sending it.</p>"
         } else {
             ""
         },

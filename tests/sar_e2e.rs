@@ -355,6 +355,42 @@ async fn the_report_lists_exactly_the_disclosures_of_a_subject() {
         &std::fs::read(out.path().join(format!("sar-{subject}.json"))).unwrap(),
     )
     .unwrap();
+    assert_eq!(json["other_replicas_not_searched"], false);
+    // The same configuration sharing its controls through Redis (one replica of several): its
+    // own log alone is said to be one of several, unless the logs are named.
+    let key = config_path.with_file_name("controls-shared.key");
+    std::fs::write(&key, hex::encode([7u8; 32])).unwrap();
+    let shared = config_path.with_file_name("wardgate-shared.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &shared,
+        format!(
+            "{text}\n[redis]\nurl = \"redis://127.0.0.1:1/\"\nkey_file = \"{}\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    for (dirs, said) in [(None, true), (Some(&audit_dir), false)] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wardgate"));
+        cmd.args(["sar", &subject, "--reference", "SAR-2026-0143", "--config"])
+            .arg(&shared)
+            .arg("--out")
+            .arg(out.path());
+        if let Some(d) = dirs {
+            cmd.arg("--audit-dir").arg(d);
+        }
+        let done = cmd.output().unwrap();
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let again: Value = serde_json::from_slice(
+            &std::fs::read(out.path().join(format!("sar-{subject}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again["other_replicas_not_searched"], said);
+    }
     let via_cli: BTreeSet<String> = json["disclosures"]
         .as_array()
         .unwrap()
@@ -602,8 +638,15 @@ async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
         .unwrap()
         .iter()
         .filter(|r| r["markers"].as_array().unwrap().is_empty())
+        // Never canvassed, and no attainer: fields present with no value.
+        .filter(|r| {
+            r["voting_intention"].is_null()
+                && r["last_canvassed"].is_null()
+                && r["canvass_issues"] == serde_json::json!([])
+                && r["attainer_date"].is_null()
+        })
         .find_map(|r| r["elector_id"].as_str())
-        .unwrap()
+        .expect("the demo register holds electors never canvassed")
         .to_owned();
     let r = app
         .admin_get_with(&format!("/sar/{unseen}"), &app.token("dpo"))
@@ -618,6 +661,14 @@ async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
         .collect();
     assert!(
         kept.contains(&"identity") && kept.contains(&"address"),
+        "{kept:?}"
+    );
+    // A field with no value holds nothing of its category: no political opinion is kept of
+    // someone never canvassed, though the record has the fields.
+    let held = &r["current_data"]["voter"];
+    assert_eq!(held.get("voting_intention"), Some(&Value::Null), "{held}");
+    assert!(
+        !kept.contains(&"political_opinion") && !kept.contains(&"attainer"),
         "{kept:?}"
     );
     let r = app

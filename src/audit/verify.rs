@@ -477,7 +477,8 @@ fn verify_once(
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let name = entry.map_err(io_err(dir))?.file_name();
         let name = name.to_string_lossy();
-        // (A `.tmp` is a note being written when a start stopped: the next writes it again.)
+        // (A `.tmp` is a note a start stopped writing: what was cut, no records; the next
+        // start makes a copy and note of its own.)
         if name.contains(".jsonl.cut-") && !name.ends_with(".tmp") {
             match name.ends_with(".pending") {
                 true => cuts_unrecorded.push(name.into_owned()),
