@@ -372,6 +372,19 @@ fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
                 k.public_key_file.display()
             )
         })?;
+        // jsonwebtoken would take the public key out of a certificate and pass its dates
+        // over: an expired signing certificate would be trusted without a word.
+        if pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            bail!(
+                "key `{}`: `{}` is a certificate, whose dates would not be checked: give its \
+                 public key (`openssl x509 -pubkey -noout -in CERT`)",
+                k.kid,
+                k.public_key_file.display()
+            );
+        }
         let key = match k.algorithm {
             Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
             Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
@@ -448,6 +461,18 @@ fn add_set(
             .get("kid")
             .and_then(serde_json::Value::as_str)
             .map_or_else(|| format!("#{n}"), |k| format!("`{k}`"));
+        // A private key's parameters published: whoever reads the set can sign tokens with
+        // it. The whole set is refused, not only that key: the identity provider that
+        // published it has leaked its signing key. (A shared secret, `oct`'s `k`, is for an
+        // algorithm the gateway never accepts, and is passed over below.)
+        let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
+        if let Some(member) = private.iter().find(|m| entry.get(**m).is_some()) {
+            bail!(
+                "{source}: key {name} holds private key material (`{member}`): a JWK set \
+                 publishes public keys only, and anyone who can read this one can sign tokens \
+                 with it; replace that key at the identity provider"
+            );
+        }
         let would_use = would_use(&entry, &cfg.algorithms);
         let jwk: Jwk = match serde_json::from_value(entry) {
             Ok(jwk) => jwk,

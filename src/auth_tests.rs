@@ -615,6 +615,62 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
     assert!(reread.is_err());
 }
 
+/// A JWK set publishing a private key's parameters (`d`, an RSA key's primes) is refused
+/// whole, and a certificate given as a key file is refused (its dates would pass
+/// unchecked).
+#[test]
+fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = two_issuers(dir.path());
+    let jwks = dir.path().join("leaked.json");
+    let good = ed25519_public_key();
+    let with = |extra: serde_json::Value| {
+        let mut key = serde_json::json!(
+            { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": good }
+        );
+        if let (Some(k), Some(e)) = (key.as_object_mut(), extra.as_object()) {
+            k.extend(e.clone());
+        }
+        let set = serde_json::json!({ "keys": [key] });
+        std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+        let mut cfg = cfg.clone();
+        cfg.keys.clear();
+        cfg.algorithms = vec![Algorithm::EdDSA];
+        cfg.issuers = vec![PARTY.into()];
+        cfg.jwks_file = Some(jwks.clone());
+        cfg.jwks_issuer = PARTY.into();
+        Verifier::from_config(&cfg, KnownNames::default(), None).map(drop)
+    };
+    assert!(with(serde_json::json!({})).is_ok());
+    for leaked in [
+        serde_json::json!({ "d": good }),
+        serde_json::json!({ "p": good }),
+    ] {
+        let err = with(leaked.clone()).err().unwrap().to_string();
+        assert!(
+            err.contains("idp-ed") && err.contains("private key material"),
+            "{leaked}: {err}"
+        );
+    }
+
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["idp".to_owned()])
+        .unwrap()
+        .self_signed(&kp)
+        .unwrap();
+    std::fs::write(&cfg.keys[0].public_key_file, cert.pem()).unwrap();
+    let err = Verifier::from_config(&cfg, KnownNames::default(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("party-1") && err.contains("is a certificate"),
+        "{err}"
+    );
+    std::fs::write(&cfg.keys[0].public_key_file, kp.public_key_pem()).unwrap();
+    assert!(Verifier::from_config(&cfg, KnownNames::default(), None).is_ok());
+}
+
 /// A real Ed25519 public key, base64url: the one rcgen makes for a fresh key pair.
 fn ed25519_public_key() -> String {
     use base64::Engine;
