@@ -248,6 +248,29 @@ impl Catalog {
             {
                 known(f, "attribute field")?;
             }
+            // What an anonymous elector's or an under-16's record is known by: a dataset that
+            // holds such a field and does not name it would have the gateway read no markers
+            // (or no attainer date) from its records, and disclose theirs.
+            for (category, field, key) in [
+                ("register_marker", &d.markers_field, "markers_field"),
+                ("attainer", &d.attainer_field, "attainer_field"),
+            ] {
+                let held = (d.fields.iter()).find(|(_, c)| c.as_str() == category);
+                if let (None, Some((f, _))) = (field, held) {
+                    bail!(
+                        "dataset `{name}`: field `{f}` is `{category}`, but `{key}` is not set: \
+                         the gateway would not read it, and would disclose the records of \
+                         anonymous electors or under-16s; set `{key} = \"{f}\"`"
+                    );
+                }
+            }
+            if !(1..=28).contains(&d.tps_max_age_days) {
+                bail!(
+                    "dataset `{name}`: `tps_max_age_days` = {}: 1 to 28 (numbers are screened \
+                     against the Telephone Preference Service every 28 days)",
+                    d.tps_max_age_days
+                );
+            }
             for f in &d.filters {
                 known(f, "filter")?;
                 plain(f, &format!("dataset `{name}`: filter `{f}`"))?;
@@ -426,6 +449,35 @@ mod tests {
         );
         assert!(area_template_fields("{oops").is_err());
         assert!(area_template_fields("plain").is_err());
+    }
+
+    /// A dataset holding register markers or attainer dates names the field, or the gateway
+    /// would read none and disclose anonymous electors' and under-16s' records; a TPS check
+    /// is at most 28 days old.
+    #[test]
+    fn protection_fields_are_named_and_tps_checks_bounded() {
+        let shipped = include_str!("../config/catalog.toml");
+        for (line, key) in [
+            ("markers_field = \"markers\"\n", "markers_field"),
+            ("attainer_field = \"attainer_date\"\n", "attainer_field"),
+        ] {
+            assert!(shipped.contains(line), "{line}");
+            let err = format!(
+                "{:#}",
+                Catalog::parse(&shipped.replacen(line, "", 1)).unwrap_err()
+            );
+            assert!(
+                err.contains("dataset `voter`") && err.contains(&format!("`{key}` is not set")),
+                "{err}"
+            );
+        }
+        let line = "tps_max_age_days = 28 ";
+        assert!(shipped.contains(line));
+        for days in [0, 29, 4_294_967_295_u32] {
+            let with = shipped.replacen(line, &format!("tps_max_age_days = {days} "), 1);
+            let err = format!("{:#}", Catalog::parse(&with).unwrap_err());
+            assert!(err.contains("`tps_max_age_days`"), "{days}: {err}");
+        }
     }
 
     #[test]

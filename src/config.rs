@@ -461,7 +461,11 @@ impl RawConfig {
                 .map(|d| at(&d))
                 .unwrap_or_else(|| server.data_dir.join("audit")),
             durability: self.audit.durability,
-            max_batch: self.audit.max_batch.unwrap_or(1024).max(1),
+            max_batch: match self.audit.max_batch.unwrap_or(1024) {
+                // The queue's size too: beyond this it no longer holds requests back.
+                n @ 1..=65_536 => n,
+                n => bail!("`audit.max_batch` = {n}: 1 to 65536"),
+            },
             commit_window: commit_window(self.audit.commit_window.as_deref())?,
             segment_max_bytes: at_least_bytes(
                 self.audit.segment_max_bytes.unwrap_or(64 * 1024 * 1024),
@@ -583,9 +587,13 @@ impl RawServer {
                 64 * 1024,
                 "server.max_response_bytes",
             )?,
-            shutdown_grace: parse_duration(
+            // ("0s" ends requests at once, each with its record.) Bounded above: a grace of
+            // centuries overflowed `now + grace` and panicked the stop before the log closed.
+            shutdown_grace: bounded(
                 self.shutdown_grace.as_deref().unwrap_or("20s"),
                 "server.shutdown_grace",
+                Duration::ZERO,
+                Some(Duration::from_secs(3600)),
             )?,
             header_read_timeout: bounded(
                 self.header_read_timeout.as_deref().unwrap_or("30s"),

@@ -619,6 +619,19 @@ fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
         let e = err(&in_section(anchor, line));
         assert!(e.contains(key) && e.contains("at least"), "{line}: {e}");
     }
+    for (anchor, line, key, says) in [
+        (
+            server,
+            "shutdown_grace = \"300000000000years\"",
+            "server.shutdown_grace",
+            "at most",
+        ),
+        (audit, "max_batch = 0", "audit.max_batch", "1 to 65536"),
+        (audit, "max_batch = 65537", "audit.max_batch", "1 to 65536"),
+    ] {
+        let e = err(&in_section(anchor, line));
+        assert!(e.contains(key) && e.contains(says), "{line}: {e}");
+    }
     let redis = |line: &str| {
         format!("{MINIMAL}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nkey_file = \"k\"\n{line}\n")
     };
