@@ -139,6 +139,7 @@ impl Rule {
             window,
             threshold,
             limits: limits.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect(),
+            limits_given: Default::default(),
             hours: (7 * 60, 21 * 60),
         }
     }
@@ -160,6 +161,10 @@ pub struct RuleSettings {
     pub threshold: u64,
     /// Per-role thresholds replacing `threshold` (volume rules only).
     pub limits: HashMap<String, u64>,
+    /// The roles of `limits` the configuration gave, which must be roles the asset register
+    /// defines (`WatchSettings::roles`); a default for a role it does not define matches no
+    /// caller, whom no token can give it.
+    pub limits_given: std::collections::BTreeSet<String>,
     /// Working hours as minutes after local midnight, `[start, end)` (unusual_hours only).
     pub hours: (u32, u32),
 }
@@ -210,11 +215,12 @@ impl WatchSettings {
         }
     }
 
-    /// Every role a rule names in its `limits`, for checking against the asset register.
+    /// Every role the configuration names in a rule's `limits`, for checking against the
+    /// asset register (the defaults' roles are not the operator's to answer for).
     pub fn roles(&self) -> impl Iterator<Item = (Rule, &str)> {
         self.rules
             .iter()
-            .flat_map(|(r, s)| s.limits.keys().map(move |role| (*r, role.as_str())))
+            .flat_map(|(r, s)| s.limits_given.iter().map(move |role| (*r, role.as_str())))
     }
 
     pub fn rule(&self, r: Rule) -> &RuleSettings {
@@ -319,6 +325,7 @@ impl RawWatch {
                 if let Some((role, _)) = limits.iter().find(|(_, n)| **n == 0) {
                     bail!("`watch.rules.{name}.limits.{role}` must be at least 1");
                 }
+                r.limits_given.extend(limits.keys().cloned());
                 r.limits.extend(limits);
             }
             if let Some(h) = raw.hours {
@@ -388,6 +395,18 @@ mod tests {
         assert_eq!(v.threshold_for(None), 1_000);
         assert_eq!(s.rule(Rule::UnusualHours).hours, (510, 1200));
         assert_eq!(s.cooldown, Duration::from_secs(1800));
+        // The roles to check against the asset register: those the file names, not the
+        // defaults' (a register without `analyst` needs no `[watch]` to start).
+        let named: Vec<(Rule, &str)> = s.roles().collect();
+        assert_eq!(named, [(Rule::Volume, "councillor")]);
+        assert_eq!(parse("").unwrap().roles().count(), 0);
+        assert_eq!(
+            parse("")
+                .unwrap()
+                .rule(Rule::Volume)
+                .threshold_for(Some("analyst")),
+            200_000
+        );
     }
 
     #[test]
