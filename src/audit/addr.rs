@@ -36,18 +36,27 @@ impl Sealer {
         }
     }
 
-    /// `addr` encrypted under the key of `day` (`YYYY-MM-DD`), creating that key if needed.
-    pub fn seal(&mut self, addr: &str, day: &str) -> std::io::Result<String> {
+    /// Reads (or creates) `day`'s key now: at open, so that a key folder the gateway cannot
+    /// write, or a damaged key, stops the start rather than every request after it.
+    pub fn ready(&mut self, day: &str) -> std::io::Result<()> {
+        self.key(day).map(drop)
+    }
+
+    fn key(&mut self, day: &str) -> std::io::Result<&LessSafeKey> {
         if !self.keys.contains_key(day) {
             let key = load_or_create(&self.dir, day)?;
             // One day's key at a time is enough for a writer that moves forward in time.
             self.keys.clear();
             self.keys.insert(day.to_owned(), key);
         }
-        let key = self
-            .keys
+        self.keys
             .get(day)
-            .ok_or_else(|| std::io::Error::other("address key vanished"))?;
+            .ok_or_else(|| std::io::Error::other("address key vanished"))
+    }
+
+    /// `addr` encrypted under the key of `day` (`YYYY-MM-DD`), creating that key if needed.
+    pub fn seal(&mut self, addr: &str, day: &str) -> std::io::Result<String> {
+        let key = self.key(day)?;
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let mut buf = addr.as_bytes().to_vec();
         key.seal_in_place_append_tag(

@@ -578,9 +578,22 @@ impl Writer {
         // Space made ready by an earlier run is made again: a crash may have left records
         // in it (a rename to the segment's name lost), and nothing says it is all zeros.
         prepare::remove_all(&dir);
-        let sealer = settings
-            .seal_client_addr
-            .then(|| super::addr::Sealer::new(&dir));
+        let sealer = match settings.seal_client_addr {
+            true => {
+                let mut sealer = super::addr::Sealer::new(&dir);
+                let today = super::AuditRecord::now_ts();
+                let day = today.get(..10).unwrap_or("0000-00-00");
+                sealer.ready(day).with_context(|| {
+                    format!(
+                        "cannot read or create today's client-address key in `{}` (the \
+                         audit log seals each record's address with it)",
+                        dir.join("addr-keys").display()
+                    )
+                })?;
+                Some(sealer)
+            }
+            false => None,
+        };
         let seal_queue = SealQueue::start(dir.clone())
             .context("cannot start the audit segment sealing thread")?;
         // Page-cache mode has no sync for made-ready space to make cheaper.
@@ -1142,6 +1155,33 @@ mod tests {
             segment_max_bytes,
             seal_client_addr: false,
         }
+    }
+
+    /// Today's client-address key is read (or made) at open: a damaged one stops the open,
+    /// naming the key folder, rather than every request that carries an address after it.
+    #[tokio::test]
+    async fn a_damaged_address_key_stops_the_open() {
+        let open = |dir: &Path| {
+            let mut s = settings(dir, Durability::Fsync, 1 << 20);
+            s.seal_client_addr = true;
+            AuditLog::open(s)
+        };
+        let key = |dir: &Path| {
+            let today = AuditRecord::now_ts();
+            dir.join("addr-keys").join(format!("{}.key", &today[..10]))
+        };
+        let made = tempfile::tempdir().unwrap();
+        let log = open(made.path()).unwrap();
+        assert!(key(made.path()).exists(), "made at open");
+        log.shutdown().await;
+        let damaged = tempfile::tempdir().unwrap();
+        std::fs::create_dir(damaged.path().join("addr-keys")).unwrap();
+        std::fs::write(key(damaged.path()), b"short").unwrap();
+        let err = format!("{:#}", open(damaged.path()).err().unwrap());
+        assert!(
+            err.contains("client-address key") && err.contains("addr-keys"),
+            "{err}"
+        );
     }
 
     /// Segments (by inode) whose next sync fails (`sync_data`).
