@@ -139,6 +139,7 @@ impl Geography {
             }
         }
         let under = index_descendants(&areas)?;
+        check_districts_in_their_authority(&areas, &under)?;
         Ok(Geography { areas, under })
     }
 
@@ -239,6 +240,40 @@ impl Geography {
 }
 
 /// Walks up from every area, which also proves the graph has no cycle.
+/// A polling district's code is unique only within its authority (`LA/PD`): no authority
+/// but that one, or one around it (a county around its district), may hold the district.
+/// Filed under another authority's ward, a grant of that authority would cover it, for
+/// policies (`in`) and for narrowing.
+fn check_districts_in_their_authority(
+    areas: &BTreeMap<String, Area>,
+    under: &HashMap<String, BTreeSet<String>>,
+) -> anyhow::Result<()> {
+    let holds = |outer: &str, inner: &str| under.get(outer).is_some_and(|d| d.contains(inner));
+    for a in areas.values() {
+        if a.kind != AreaKind::LocalAuthority {
+            continue;
+        }
+        let districts = (under.get(&a.id).into_iter().flatten()).filter(|d| {
+            areas
+                .get(*d)
+                .is_some_and(|x| x.kind == AreaKind::PollingDistrict)
+        });
+        for d in districts {
+            let la = d.split_once('/').map_or("", |(la, _)| la);
+            if la != a.id && !holds(&a.id, la) {
+                bail!(
+                    "polling district `{d}` lies in authority `{}`, though its code is \
+                     `{la}`'s: a grant of `{}` would cover another authority's district (check \
+                     its parents and its ward's)",
+                    a.id,
+                    a.id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn index_descendants(
     areas: &BTreeMap<String, Area>,
 ) -> anyhow::Result<HashMap<String, BTreeSet<String>>> {
@@ -306,6 +341,44 @@ mod tests {
             vec!["E08000035/CGW1".to_owned()]
         );
         assert_eq!(g.districts_under([&"E08000035".to_owned()]).len(), 2);
+    }
+
+    /// A district filed under another authority's ward (or under two authorities) is
+    /// refused: a grant of that authority would cover it.
+    #[test]
+    fn a_district_lies_in_the_authority_its_code_names() {
+        let gateshead = "[[area]]\nid = \"E08000037\"\nkind = \"local_authority\"\nname = \"Gateshead\"\n\
+            [[area]]\nid = \"E05001000\"\nkind = \"ward\"\nname = \"Bridges\"\nparents = [\"E08000037\"]\n";
+        for (from, to) in [
+            // Under a Gateshead ward besides its own.
+            (
+                "parents = [\"E05011391\", \"E14001320\"]",
+                "parents = [\"E05011391\", \"E14001320\", \"E05001000\"]",
+            ),
+            // Under a Gateshead ward alone.
+            (
+                "parents = [\"E05011391\", \"E14001320\"]",
+                "parents = [\"E05001000\", \"E14001320\"]",
+            ),
+            // Named for an authority the register does not hold, in Leeds.
+            ("id = \"E08000035/CGW1\"", "id = \"E08000099/CGW1\""),
+        ] {
+            assert!(SAMPLE.contains(from), "{from}");
+            let bad = format!("{}\n{gateshead}", SAMPLE.replacen(from, to, 1));
+            let err = Geography::parse(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains("CGW1") && err.contains("another authority's district"),
+                "{err}"
+            );
+        }
+        // A county around its district is no other authority.
+        let county = SAMPLE.replace(
+            "name = \"Leeds\"",
+            "name = \"Leeds\"\n        parents = [\"E10000001\"]\n        [[area]]\n        \
+             id = \"E10000001\"\n        kind = \"local_authority\"\n        name = \"County\"",
+        );
+        assert!(Geography::parse(&county).is_ok());
+        assert!(Geography::parse(&format!("{SAMPLE}\n{gateshead}")).is_ok());
     }
 
     #[test]
