@@ -466,7 +466,8 @@ fn add_set(
         // published it has leaked its signing key. (A shared secret, `oct`'s `k`, is for an
         // algorithm the gateway never accepts, and is passed over below.)
         let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
-        if let Some(member) = private.iter().find(|m| entry.get(**m).is_some()) {
+        let given = |v: &serde_json::Value| !(v.is_null() || v.as_str() == Some(""));
+        if let Some(member) = private.iter().find(|m| entry.get(**m).is_some_and(given)) {
             bail!(
                 "{source}: key {name} holds private key material (`{member}`): a JWK set \
                  publishes public keys only, and anyone who can read this one can sign tokens \

@@ -642,6 +642,8 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
         Verifier::from_config(&cfg, KnownNames::default(), None).map(drop)
     };
     assert!(with(serde_json::json!({})).is_ok());
+    // An optional member written out empty is no key material.
+    assert!(with(serde_json::json!({ "d": null, "p": "" })).is_ok());
     for leaked in [
         serde_json::json!({ "d": good }),
         serde_json::json!({ "p": good }),

@@ -251,16 +251,19 @@ impl Catalog {
             // What an anonymous elector's or an under-16's record is known by: a dataset that
             // holds such a field and does not name it would have the gateway read no markers
             // (or no attainer date) from its records, and disclose theirs.
+            // (Every such field: a second one, beside the one named, would go unread.)
             for (category, field, key) in [
                 ("register_marker", &d.markers_field, "markers_field"),
                 ("attainer", &d.attainer_field, "attainer_field"),
             ] {
-                let held = (d.fields.iter()).find(|(_, c)| c.as_str() == category);
-                if let (None, Some((f, _))) = (field, held) {
+                let unread = (d.fields.iter())
+                    .find(|(f, c)| c.as_str() == category && field.as_ref() != Some(*f));
+                if let Some((f, _)) = unread {
                     bail!(
-                        "dataset `{name}`: field `{f}` is `{category}`, but `{key}` is not set: \
-                         the gateway would not read it, and would disclose the records of \
-                         anonymous electors or under-16s; set `{key} = \"{f}\"`"
+                        "dataset `{name}`: field `{f}` is `{category}`, but `{key}` is not \
+                         `{f}`: the gateway would not read it, and would disclose the records \
+                         of anonymous electors or under-16s; set `{key} = \"{f}\"` (one field \
+                         of that category a dataset)"
                     );
                 }
             }
@@ -467,10 +470,19 @@ mod tests {
                 Catalog::parse(&shipped.replacen(line, "", 1)).unwrap_err()
             );
             assert!(
-                err.contains("dataset `voter`") && err.contains(&format!("`{key}` is not set")),
+                err.contains("dataset `voter`") && err.contains(&format!("`{key}` is not")),
                 "{err}"
             );
         }
+        // A second marker field beside the one named would go unread.
+        let second = shipped.replacen(
+            "markers = \"register_marker\"",
+            "markers = \"register_marker\"\nmarkers_2 = \"register_marker\"",
+            1,
+        );
+        assert_ne!(second, shipped);
+        let err = format!("{:#}", Catalog::parse(&second).unwrap_err());
+        assert!(err.contains("`markers_2`"), "{err}");
         let line = "tps_max_age_days = 28 ";
         assert!(shipped.contains(line));
         for days in [0, 29, 4_294_967_295_u32] {

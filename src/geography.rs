@@ -239,7 +239,6 @@ impl Geography {
     }
 }
 
-/// Walks up from every area, which also proves the graph has no cycle.
 /// A polling district's code is unique only within its authority (`LA/PD`): no authority
 /// but that one, or one around it (a county around its district), may hold the district.
 /// Filed under another authority's ward, a grant of that authority would cover it, for
@@ -264,7 +263,9 @@ fn check_districts_in_their_authority(
                 bail!(
                     "polling district `{d}` lies in authority `{}`, though its code is \
                      `{la}`'s: a grant of `{}` would cover another authority's district (check \
-                     its parents and its ward's)",
+                     its parents and its ward's; a code of a predecessor or a district council, \
+                     `{la}`, is defined as a local_authority inside `{}`)",
+                    a.id,
                     a.id,
                     a.id
                 );
@@ -274,6 +275,7 @@ fn check_districts_in_their_authority(
     Ok(())
 }
 
+/// Walks up from every area, which also proves the graph has no cycle.
 fn index_descendants(
     areas: &BTreeMap<String, Area>,
 ) -> anyhow::Result<HashMap<String, BTreeSet<String>>> {

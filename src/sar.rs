@@ -677,8 +677,9 @@ pub fn html(r: &Report) -> String {
             "<p><b>Incomplete:</b> this report searched the access log of one gateway \
              replica of several, and each keeps its own: disclosures made through the others \
              are not listed. Build it over every replica's log (<code>wardgate sar \
-             --audit-dir</code>, once for each), and add the data held now, with its sources \
-             and retention, from the admin plane's report, before sending it.</p>"
+             --audit-dir</code>, once for each; it does not fetch the data held now, which \
+             the admin plane's report gives, with its sources and retention) before sending \
+             it.</p>"
         } else {
             ""
         },

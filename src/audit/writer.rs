@@ -1166,17 +1166,22 @@ mod tests {
             s.seal_client_addr = true;
             AuditLog::open(s)
         };
-        let key = |dir: &Path| {
-            let today = AuditRecord::now_ts();
-            dir.join("addr-keys").join(format!("{}.key", &today[..10]))
+        // Today's, or a day either side should the day turn while the test runs.
+        let days = || {
+            let now = time::OffsetDateTime::now_utc();
+            let day = time::Duration::days(1);
+            [now - day, now, now + day].map(|t| AuditRecord::ts_of(t)[..10].to_owned())
         };
+        let keys = |dir: &Path| days().map(|d| dir.join("addr-keys").join(format!("{d}.key")));
         let made = tempfile::tempdir().unwrap();
         let log = open(made.path()).unwrap();
-        assert!(key(made.path()).exists(), "made at open");
+        assert!(keys(made.path()).iter().any(|k| k.exists()), "made at open");
         log.shutdown().await;
         let damaged = tempfile::tempdir().unwrap();
         std::fs::create_dir(damaged.path().join("addr-keys")).unwrap();
-        std::fs::write(key(damaged.path()), b"short").unwrap();
+        for key in keys(damaged.path()) {
+            std::fs::write(key, b"short").unwrap();
+        }
         let err = format!("{:#}", open(damaged.path()).err().unwrap());
         assert!(
             err.contains("client-address key") && err.contains("addr-keys"),
