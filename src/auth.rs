@@ -361,6 +361,13 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
     Ok(keys)
 }
 
+/// A JWK set refused for publishing a private key: its publisher has leaked a signing key, and
+/// a set fetched so drops the fetched keys at once (`rekey::jwks`), not after
+/// `auth.jwks_max_stale`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LeakedKey(String);
+
 /// The keys of the files `cfg` names: `[[auth.keys]]`' PEM files and `auth.jwks_file`.
 fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
     let mut keys = HashMap::new();
@@ -468,11 +475,12 @@ fn add_set(
         let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
         let given = |v: &serde_json::Value| !(v.is_null() || v.as_str() == Some(""));
         if let Some(member) = private.iter().find(|m| entry.get(**m).is_some_and(given)) {
-            bail!(
+            return Err(LeakedKey(format!(
                 "{source}: key {name} holds private key material (`{member}`): a JWK set \
                  publishes public keys only, and anyone who can read this one can sign tokens \
                  with it; replace that key at the identity provider"
-            );
+            ))
+            .into());
         }
         let would_use = would_use(&entry, &cfg.algorithms);
         let jwk: Jwk = match serde_json::from_value(entry) {

@@ -262,8 +262,8 @@ impl Catalog {
                     bail!(
                         "dataset `{name}`: field `{f}` is `{category}`, but `{key}` is not \
                          `{f}`: the gateway would not read it, and would disclose the records \
-                         of anonymous electors or under-16s; set `{key} = \"{f}\"` (one field \
-                         of that category a dataset)"
+                         of anonymous electors or under-16s; a dataset holds one field of that \
+                         category, named by `{key}`"
                     );
                 }
             }

@@ -433,10 +433,20 @@ impl Run<'_> {
             .map_err(|e| e.code().to_owned())?;
         let hold = (hold, more);
         let disclosed = std::mem::take(d);
-        crate::gateway::never_disclosed_sent(
-            self.template.dataset.as_deref().unwrap_or("none"),
-            disclosed.never_disclosed_rows,
-        );
+        let dataset = self.template.dataset.as_deref().unwrap_or("none");
+        crate::gateway::never_disclosed_sent(dataset, disclosed.never_disclosed_rows);
+        // Counted as a page's are (`gateway::Trail::absorb`): a datastore sending records the
+        // filter cannot read during an export raises the same alarm.
+        metrics::counter!("wardgate_rows_withheld_total", "dataset" => dataset.to_owned())
+            .increment(disclosed.rows_withheld);
+        if disclosed.unclassified_fields > 0 {
+            metrics::counter!("wardgate_unclassified_fields_total")
+                .increment(disclosed.unclassified_fields);
+        }
+        if disclosed.malformed_rows > 0 {
+            metrics::counter!("wardgate_malformed_records_total")
+                .increment(disclosed.malformed_rows);
+        }
         let n = disclosed.subjects.len() as u64;
         let subjects = disclosed.subjects.clone();
         let filtered_with = std::mem::take(&mut self.filtered_with);
@@ -449,14 +459,15 @@ impl Run<'_> {
         let mut ids = disclosed.policy_ids;
         ids.extend(self.template.policy_ids.iter().cloned());
         record.policy_ids = ids.into_iter().collect();
-        self.queued += 1;
-        record.detail = Some(serde_json::json!({ "export_chunk": self.queued }));
+        record.detail = Some(serde_json::json!({ "export_chunk": self.queued + 1 }));
         let ack = self
             .gw
             .audit
             .submit(record)
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
+        // Counted once queued: the closing record's `chunks_recorded` names none not written.
+        self.queued += 1;
         // Counted as queued, so that the next chunk's quota check sees these records (and
         // no longer as held: the hold is given back as they are counted).
         self.gw.controls.count(principal, n);

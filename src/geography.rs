@@ -262,9 +262,9 @@ fn check_districts_in_their_authority(
             if la != a.id && !holds(&a.id, la) {
                 bail!(
                     "polling district `{d}` lies in authority `{}`, though its code is \
-                     `{la}`'s: a grant of `{}` would cover another authority's district (check \
-                     its parents and its ward's; a code of a predecessor or a district council, \
-                     `{la}`, is defined as a local_authority inside `{}`)",
+                     `{la}`'s: a grant of `{}` would cover another authority's district; fix \
+                     its parents and its ward's (only if `{la}` is a predecessor or a district \
+                     council of `{}`, define it as a local_authority inside it)",
                     a.id,
                     a.id,
                     a.id

@@ -368,6 +368,28 @@ async fn a_fetched_set_that_would_not_start_the_gateway_is_refused_once_and_a_ro
     assert_eq!(s.audited("keys_reloaded").len(), 1);
 }
 
+/// The provider publishes its signing key's private half: the fetched keys are dropped at
+/// once (not after `jwks_max_stale`, an hour here), recorded, and its tokens refused until a
+/// set without it is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_set_publishing_a_private_key_drops_the_fetched_keys_at_once() {
+    let s = Setup::start("jwks_refresh = \"1s\"\njwks_max_stale = \"1h\"").await;
+    let token_a = s.token("idp-a", &s.a);
+    let good = set_of(&[("idp-a", &s.a)]);
+    let mut leaked: serde_json::Value = serde_json::from_str(&good).unwrap();
+    leaked["keys"][0]["d"] = "c2VjcmV0LWhhbGY".into();
+    s.idp.publish("jwks.json", &leaked.to_string());
+    s.until(&token_a, 401, "the leaked key dropped").await;
+    let taken = s.audited("keys_reloaded");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0]["detail"]["trigger"], "leaked_key");
+    assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
+    // Published again without it: taken up again.
+    s.idp.publish("jwks.json", &good);
+    s.until(&token_a, 200, "the set without the private half taken")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_no_fetch_has_confirmed_within_max_stale_are_dropped_until_one_does() {
     let s = Setup::start("jwks_refresh = \"1s\"\njwks_max_stale = \"3s\"").await;

@@ -178,7 +178,23 @@ pub async fn run(gw: Arc<Gateway>) {
         } else {
             let generation = gw.verifier.key_generation();
             let doc: Arc<str> = Arc::from(doc);
-            if let Err(e) = gw.verifier.read_keys(Some(Arc::clone(&doc)))
+            let read = gw.verifier.read_keys(Some(Arc::clone(&doc)));
+            if let Err(e) = &read
+                && e.downcast_ref::<crate::auth::LeakedKey>().is_some()
+            {
+                // Whoever reads the set can sign with that key: the keys fetched before go
+                // now, not after `auth.jwks_max_stale` (the key files stay). Recorded inside;
+                // one not recorded is not made, and is tried again at the next fetch, early.
+                metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "leaked")
+                    .increment(1);
+                tracing::error!(error = %format!("{e:#}"),
+                    "the identity provider publishes a private key: dropping the fetched keys; their tokens are refused until it publishes a set without it");
+                if gw.verifier.jwks_in_force().is_some() {
+                    let _ = super::keys(&gw, Trigger::Leaked, Jwks::Dropped).await;
+                }
+                continue;
+            }
+            if let Err(e) = read
                 && refused.as_ref() == Some(&(format!("{e:#}"), generation))
             {
                 metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "refused")

@@ -106,6 +106,8 @@ pub enum Trigger {
     Fetched,
     /// No JWK set taken from `auth.jwks_url` within `auth.jwks_max_stale`: its keys dropped.
     Stale,
+    /// A JWK set fetched that publishes a private key: the fetched keys dropped at once.
+    Leaked,
 }
 
 impl Trigger {
@@ -115,6 +117,7 @@ impl Trigger {
             Trigger::FilesChanged => "files_changed",
             Trigger::Fetched => "fetched",
             Trigger::Stale => "jwks_stale",
+            Trigger::Leaked => "leaked_key",
         }
     }
 }
