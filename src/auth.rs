@@ -213,6 +213,9 @@ pub struct Verifier {
     subject_prefix: HashMap<String, String>,
     prefixes: Vec<String>,
     cache: TokenCache,
+    /// Fingerprints of keys a fetched JWK set published with their private half
+    /// (`LeakedKey`): refused in any set fetched later in this run, without it too.
+    leaked: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Keys read again (`Verifier::reread_keys`), not yet trusted, and how they differ from the
@@ -356,6 +359,7 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
             &format!("the JWKS from `{}`", u.url),
             text,
             true,
+            &HashSet::new(),
         )?;
     }
     Ok(keys)
@@ -365,8 +369,13 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
 /// a set fetched so drops the fetched keys at once (`rekey::jwks`), not after
 /// `auth.jwks_max_stale`.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LeakedKey(String);
+#[error("{message}")]
+pub struct LeakedKey {
+    message: String,
+    /// The fingerprints (`fingerprint`) of the public halves of the keys leaked: not trusted
+    /// again in this run (`Verifier::leaked`), though published later without the private half.
+    prints: Vec<String>,
+}
 
 /// The keys of the files `cfg` names: `[[auth.keys]]`' PEM files and `auth.jwks_file`.
 fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
@@ -438,7 +447,7 @@ fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
         let source = format!("JWKS file `{}`", path.display());
-        add_set(cfg, &mut keys, &source, &text, false)?;
+        add_set(cfg, &mut keys, &source, &text, false, &HashSet::new())?;
     }
     Ok(keys)
 }
@@ -451,6 +460,7 @@ fn add_set(
     source: &str,
     text: &str,
     fetched: bool,
+    leaked: &HashSet<String>,
 ) -> anyhow::Result<()> {
     /// A set as published: its entries are read one by one, so that one of a kind the
     /// gateway does not read (an encryption key, another algorithm's) is passed over, not a
@@ -461,6 +471,45 @@ fn add_set(
     }
     let set: Published =
         serde_json::from_str(text).with_context(|| format!("{source} is not a JWK set"))?;
+    // A private key's parameters published: whoever reads the set can sign tokens with it.
+    // Looked for in every entry before anything else refuses the set, and the set refused
+    // whole: the identity provider that published it has leaked a signing key. (A shared
+    // secret, `oct`'s `k`, is for an algorithm the gateway never accepts, and is passed over
+    // below.) An optional member written out empty is no key material.
+    let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
+    let given = |v: &serde_json::Value| !(v.is_null() || v.as_str() == Some(""));
+    let mut leak: Option<LeakedKey> = None;
+    for (n, entry) in set.keys.iter().enumerate() {
+        let Some(member) = private.iter().find(|m| entry.get(**m).is_some_and(given)) else {
+            continue;
+        };
+        let name = entry
+            .get("kid")
+            .and_then(serde_json::Value::as_str)
+            .map_or_else(|| format!("#{n}"), |k| format!("`{k}`"));
+        let leak = leak.get_or_insert_with(|| LeakedKey {
+            message: format!(
+                "{source}: key {name} holds private key material (`{member}`): a JWK set \
+                 publishes public keys only, and anyone who can read this one can sign tokens \
+                 with it; replace that key at the identity provider"
+            ),
+            prints: Vec::new(),
+        });
+        let mut public = entry.clone();
+        if let Some(o) = public.as_object_mut() {
+            for m in private {
+                o.remove(m);
+            }
+        }
+        let print = serde_json::from_value::<Jwk>(public).ok().and_then(|jwk| {
+            let key = DecodingKey::from_jwk(&jwk).ok()?;
+            Some(fingerprint(jwk_algorithm(&jwk)?, &key))
+        });
+        leak.prints.extend(print);
+    }
+    if let Some(leak) = leak {
+        return Err(leak.into());
+    }
     let mut passed_over = Vec::new();
     let mut taken = 0;
     for (n, entry) in set.keys.into_iter().enumerate() {
@@ -468,20 +517,6 @@ fn add_set(
             .get("kid")
             .and_then(serde_json::Value::as_str)
             .map_or_else(|| format!("#{n}"), |k| format!("`{k}`"));
-        // A private key's parameters published: whoever reads the set can sign tokens with
-        // it. The whole set is refused, not only that key: the identity provider that
-        // published it has leaked its signing key. (A shared secret, `oct`'s `k`, is for an
-        // algorithm the gateway never accepts, and is passed over below.)
-        let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
-        let given = |v: &serde_json::Value| !(v.is_null() || v.as_str() == Some(""));
-        if let Some(member) = private.iter().find(|m| entry.get(**m).is_some_and(given)) {
-            return Err(LeakedKey(format!(
-                "{source}: key {name} holds private key material (`{member}`): a JWK set \
-                 publishes public keys only, and anyone who can read this one can sign tokens \
-                 with it; replace that key at the identity provider"
-            ))
-            .into());
-        }
         let would_use = would_use(&entry, &cfg.algorithms);
         let jwk: Jwk = match serde_json::from_value(entry) {
             Ok(jwk) => jwk,
@@ -520,13 +555,25 @@ fn add_set(
         fits(algorithm, &key).map_err(|e| {
             anyhow::anyhow!("{source}: key `{kid}` cannot verify {algorithm:?} signatures: {e}")
         })?;
+        let sha256 = fingerprint(algorithm, &key);
+        if leaked.contains(&sha256) {
+            return Err(LeakedKey {
+                message: format!(
+                    "{source}: key `{kid}` was published with its private half earlier in this \
+                     run, and is not trusted again until the gateway restarts: the identity \
+                     provider must sign with a new key"
+                ),
+                prints: vec![sha256],
+            }
+            .into());
+        }
         if keys
             .insert(
                 kid.clone(),
                 TrustedKey {
                     fetched,
                     algorithm,
-                    sha256: fingerprint(algorithm, &key),
+                    sha256,
                     key,
                     issuer: cfg.jwks_issuer.clone(),
                 },
@@ -604,6 +651,7 @@ impl Verifier {
             max_lifetime_secs: i64::try_from(cfg.max_token_lifetime.as_secs()).unwrap_or(i64::MAX),
             known,
             cache: TokenCache::default(),
+            leaked: Default::default(),
         })
     }
 
@@ -671,7 +719,15 @@ impl Verifier {
             .collect();
         if let (Some(u), Some(text)) = (&self.key_sources.jwks_url, &jwks) {
             let source = format!("the JWKS from `{}`", u.url);
-            add_set(&self.key_sources, &mut keys, &source, text, true)?;
+            let leaked = self.leaked.lock().map(|l| l.clone()).unwrap_or_default();
+            let added = add_set(&self.key_sources, &mut keys, &source, text, true, &leaked);
+            if let Err(e) = &added
+                && let Some(leak) = e.downcast_ref::<LeakedKey>()
+                && let Ok(mut l) = self.leaked.lock()
+            {
+                l.extend(leak.prints.iter().cloned());
+            }
+            added?;
         }
         Ok(self.differing(keys, jwks))
     }

@@ -44,6 +44,7 @@ fn verifier(leeway_secs: u64) -> Verifier {
         subject_prefix: HashMap::new(),
         prefixes: Vec::new(),
         cache: TokenCache::default(),
+        leaked: Default::default(),
         known: KnownNames {
             roles: ["canvasser".to_owned()].into(),
             areas: ["E05011391".to_owned()].into(),
@@ -644,6 +645,26 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
     assert!(with(serde_json::json!({})).is_ok());
     // An optional member written out empty is no key material.
     assert!(with(serde_json::json!({ "d": null, "p": "" })).is_ok());
+    // Found behind a key that would refuse the set for another reason (an EC key without
+    // `y`): the leak is what the refusal says, so that it is acted on as one.
+    let set = serde_json::json!({ "keys": [
+        { "kty": "EC", "crv": "P-256", "kid": "broken", "alg": "ES256", "x": good },
+        { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": good, "d": good }
+    ] });
+    std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+    let mut both = cfg.clone();
+    both.keys.clear();
+    both.algorithms = vec![Algorithm::ES256, Algorithm::EdDSA];
+    both.issuers = vec![PARTY.into()];
+    both.jwks_file = Some(jwks.clone());
+    both.jwks_issuer = PARTY.into();
+    let err = Verifier::from_config(&both, KnownNames::default(), None)
+        .err()
+        .unwrap();
+    assert!(
+        err.downcast_ref::<crate::auth::LeakedKey>().is_some(),
+        "{err:#}"
+    );
     for leaked in [
         serde_json::json!({ "d": good }),
         serde_json::json!({ "p": good }),

@@ -369,8 +369,8 @@ async fn a_fetched_set_that_would_not_start_the_gateway_is_refused_once_and_a_ro
 }
 
 /// The provider publishes its signing key's private half: the fetched keys are dropped at
-/// once (not after `jwks_max_stale`, an hour here), recorded, and its tokens refused until a
-/// set without it is published.
+/// once (not after `jwks_max_stale`, an hour here), recorded with the key named, and that key
+/// is not trusted again in this run, published without its private half too; a new key is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetched_set_publishing_a_private_key_drops_the_fetched_keys_at_once() {
     let s = Setup::start("jwks_refresh = \"1s\"\njwks_max_stale = \"1h\"").await;
@@ -384,10 +384,28 @@ async fn a_fetched_set_publishing_a_private_key_drops_the_fetched_keys_at_once()
     assert_eq!(taken.len(), 1, "{taken:?}");
     assert_eq!(taken[0]["detail"]["trigger"], "leaked_key");
     assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a"]));
-    // Published again without it: taken up again.
+    let said = s.audited("keys_reload_refused");
+    assert!(
+        said.iter().any(|r| r["detail"]["trigger"] == "leaked_key"
+            && r["detail"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("idp-a") && e.contains("(`d`)"))),
+        "{said:?}"
+    );
+    // Published again without its private half (a serializer mended, the key pair kept):
+    // still not trusted. A new key is.
     s.idp.publish("jwks.json", &good);
-    s.until(&token_a, 200, "the set without the private half taken")
-        .await;
+    s.after_fetches(s.fetches(), 2).await;
+    assert_eq!(
+        s.status(&token_a).await,
+        401,
+        "the leaked key trusted again"
+    );
+    let b = wardgate::token::generate_es256().unwrap();
+    let token_b = s.token("idp-b", &b);
+    s.idp.publish("jwks.json", &set_of(&[("idp-b", &b)]));
+    s.until(&token_b, 200, "a new key taken").await;
+    assert_eq!(s.status(&token_a).await, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

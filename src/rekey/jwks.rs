@@ -140,6 +140,9 @@ pub async fn run(gw: Arc<Gateway>) {
     // a set refused for the same reason is not recorded again, however its bytes differ,
     // until the keys in use change (a key file's key that a fetched key clashed with, gone).
     let mut refused: Option<(String, u64)> = None;
+    // A set published a private key and the fetched keys are not yet dropped (the drop could
+    // not be recorded): tried again after every fetch, whatever it brings.
+    let mut leak_pending = false;
     let mut next = Instant::now() + src.refresh;
     // A key published while the gateway started is fetched at once.
     let mut early_from = Instant::now();
@@ -160,6 +163,9 @@ pub async fn run(gw: Arc<Gateway>) {
         let now = Instant::now();
         early_from = now + early;
         next = now + early;
+        if leak_pending {
+            leak_pending = drop_leaked(&gw).await;
+        }
         let doc = match fetched {
             Ok(doc) => doc,
             Err(e) => {
@@ -179,21 +185,26 @@ pub async fn run(gw: Arc<Gateway>) {
             let generation = gw.verifier.key_generation();
             let doc: Arc<str> = Arc::from(doc);
             let read = gw.verifier.read_keys(Some(Arc::clone(&doc)));
-            if let Err(e) = &read
-                && e.downcast_ref::<crate::auth::LeakedKey>().is_some()
-            {
-                // Whoever reads the set can sign with that key: the keys fetched before go
-                // now, not after `auth.jwks_max_stale` (the key files stay). Recorded inside;
-                // one not recorded is not made, and is tried again at the next fetch, early.
-                metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "leaked")
-                    .increment(1);
-                tracing::error!(error = %format!("{e:#}"),
-                    "the identity provider publishes a private key: dropping the fetched keys; their tokens are refused until it publishes a set without it");
-                if gw.verifier.jwks_in_force().is_some() {
-                    let _ = super::keys(&gw, Trigger::Leaked, Jwks::Dropped).await;
+            let read = match read {
+                Err(e) if e.downcast_ref::<crate::auth::LeakedKey>().is_some() => {
+                    // Whoever reads the set can sign with that key: said in the log once (which
+                    // key, which member), and the keys fetched before go now, not after
+                    // `auth.jwks_max_stale` (the key files stay). The key is not trusted again
+                    // in this run, published without its private half too (`auth::Verifier`).
+                    metrics::counter!("wardgate_jwks_fetches_total", "outcome" => "leaked")
+                        .increment(1);
+                    let why = format!("{e:#}");
+                    if refused.as_ref().map(|(m, _)| m) != Some(&why) {
+                        let e = super::KEYS.refuse(&gw, Trigger::Leaked, e).await;
+                        if e.downcast_ref::<Unlogged>().is_none() {
+                            refused = Some((why, generation));
+                        }
+                    }
+                    leak_pending = drop_leaked(&gw).await;
+                    continue;
                 }
-                continue;
-            }
+                other => other,
+            };
             if let Err(e) = read
                 && refused.as_ref() == Some(&(format!("{e:#}"), generation))
             {
@@ -232,6 +243,19 @@ pub async fn run(gw: Arc<Gateway>) {
         }
         drop_if_stale(&gw, &src, now.duration_since(taken_at)).await;
     }
+}
+
+/// Drops the fetched keys after a set published a private key, recorded inside; whether a
+/// drop is still owed (one that cannot be recorded is not made, and is tried again after the
+/// next fetch, whatever it brings).
+async fn drop_leaked(gw: &Arc<Gateway>) -> bool {
+    if gw.verifier.jwks_in_force().is_some() {
+        tracing::error!(
+            "the identity provider published a private key: dropping the fetched keys; their tokens are refused until it publishes a set with a new key"
+        );
+        let _ = super::keys(gw, Trigger::Leaked, Jwks::Dropped).await;
+    }
+    gw.verifier.jwks_in_force().is_some()
 }
 
 /// Drops the fetched set's keys once no set has been taken for longer than
