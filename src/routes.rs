@@ -244,19 +244,36 @@ pub fn resolve(
 /// needs the fields before it: a polling-district code names a district only within its local
 /// authority, so alone it picks districts of several (and the datastore refuses it, which
 /// would reach the caller as the datastore's failure, 502, rather than their request's).
+///
+/// An aggregate's `by` likewise: grouped by district code alone, the districts of every
+/// authority that uses a code would be counted as one, under that one code. The fields before
+/// it are grouped by too, or fixed by a filter.
 fn within_its_area(route: &Route, dataset: &Dataset) -> Result<(), GatewayError> {
+    let by: &[String] = match &route.kind {
+        RouteKind::Aggregate { by } => by,
+        _ => &[],
+    };
     // Most requests filter on nothing: no template to read for them.
-    if route.filters.is_empty() {
+    if route.filters.is_empty() && by.is_empty() {
         return Ok(());
     }
     let key = crate::catalog::area_template_fields(&dataset.area).unwrap_or_default();
+    let filtered = |f: &String| route.filters.contains_key(f);
     for (i, field) in key.iter().enumerate() {
-        if !route.filters.contains_key(field) {
-            continue;
-        }
-        if let Some(missing) = key[..i].iter().find(|f| !route.filters.contains_key(*f)) {
+        if filtered(field)
+            && let Some(missing) = key[..i].iter().find(|f| !filtered(f))
+        {
             return Err(GatewayError::BadRequest(format!(
                 "`{field}` needs `{missing}`: a {field} code is unique only within its {missing}"
+            )));
+        }
+        if by.contains(field)
+            && let Some(missing) = key[..i].iter().find(|f| !filtered(f) && !by.contains(f))
+        {
+            return Err(GatewayError::BadRequest(format!(
+                "`by={field}` needs `{missing}` in `by` too, or a `{missing}` filter: a {field} \
+                 code is unique only within its {missing}, and its groups would count several \
+                 as one"
             )));
         }
     }

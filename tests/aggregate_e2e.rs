@@ -120,13 +120,16 @@ async fn research_gets_counts_never_rows() {
 
     // Counts per polling district: exactly the register's, less what research may not count.
     let reg = register(&app).await;
-    let r = aggregate(&app, "by=polling_district").await;
+    let r = aggregate(&app, "by=local_authority,polling_district").await;
     let got = cells(&r, "polling_district");
     let exact = counted(&reg, "polling_district", false);
     assert!(got.len() > 10, "{got:?}");
     assert_eq!(got, shown(&exact));
     let body = r.json();
-    assert_eq!(body["by"], serde_json::json!(["polling_district"]));
+    assert_eq!(
+        body["by"],
+        serde_json::json!(["local_authority", "polling_district"])
+    );
     assert_eq!(body["min_cell"], MIN_CELL);
     assert_eq!(body["rounded_to"], ROUND_TO);
     // Nothing else: no word of the cells left out or of the records withheld.
@@ -136,7 +139,7 @@ async fn research_gets_counts_never_rows() {
     // The answer carries nothing but the groups and their counts.
     for cell in body["cells"].as_array().unwrap() {
         assert_eq!(cell.as_object().unwrap().len(), 2, "{cell}");
-        assert_eq!(cell["group"].as_object().unwrap().len(), 1, "{cell}");
+        assert_eq!(cell["group"].as_object().unwrap().len(), 2, "{cell}");
     }
 
     // Voting intention: a para 22 notice keeps a person out of any count of it.
@@ -221,7 +224,11 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
     assert_eq!(r.json()["cells"], serde_json::json!([]));
     // Split two ways within one ward: some cells show, some are left out, and every one
     // shown holds at least `min_cell` records, its count rounded.
-    let r = aggregate(&app, "ward=E05011391&by=polling_district,voting_intention").await;
+    let r = aggregate(
+        &app,
+        "local_authority=E08000035&ward=E05011391&by=polling_district,voting_intention",
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let body = r.json();
     let summary = &app.audit_for(&r)["detail"]["aggregate"];
@@ -240,7 +247,7 @@ async fn no_cell_small_enough_to_single_anyone_out_ever_shows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restriction_takes_a_person_out_of_every_count_at_once() {
     let app = spawn_app().await;
-    let first = aggregate(&app, "by=polling_district").await;
+    let first = aggregate(&app, "by=local_authority,polling_district").await;
     let before = cells(&first, "polling_district");
     // Someone in the largest district, so that the cell stays above the threshold.
     let (district, n) = before.iter().max_by_key(|(_, n)| **n).unwrap();
@@ -262,7 +269,7 @@ async fn a_restriction_takes_a_person_out_of_every_count_at_once() {
         )
         .await;
     assert!(placed.status.is_success(), "{:?}", placed.body);
-    let r = aggregate(&app, "by=polling_district").await;
+    let r = aggregate(&app, "by=local_authority,polling_district").await;
     let after = cells(&r, "polling_district");
     // The answer rounds: the district's cell drops by a step or not at all; the log's exact
     // count drops by one.
@@ -294,6 +301,12 @@ async fn bad_aggregate_requests_get_clear_errors() {
         ("by=", "not a field"),
         ("by=shoe_size", "not a field"),
         ("by=ward,ward", "twice"),
+        // A district code is an authority's: alone, several districts would be one group.
+        ("by=polling_district", "needs `local_authority`"),
+        (
+            "ward=E05011391&by=polling_district",
+            "needs `local_authority`",
+        ),
         (
             "by=ward,constituency,polling_district,postcode",
             "at most 3",

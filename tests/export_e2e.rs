@@ -311,7 +311,7 @@ async fn an_export_body_ended_by_the_connection_closing_is_refused() {
     assert!(body.unwrap_err().contains("upstream-response-malformed"));
     let r = app
         .get(
-            "/voter/electors/aggregate?ward=E05011391&by=polling_district",
+            "/voter/electors/aggregate?local_authority=E08000035&ward=E05011391&by=polling_district",
             Some(&app.token("analyst")),
             Some("research"),
         )
