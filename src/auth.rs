@@ -495,10 +495,12 @@ fn add_set(
             ),
             prints: Vec::new(),
         });
+        // Its public half, under the one algorithm its type allows (whatever `alg` it was
+        // given), as it would be fingerprinted were it published again.
         let mut public = entry.clone();
         if let Some(o) = public.as_object_mut() {
-            for m in private {
-                o.remove(m);
+            for m in private.iter().chain(&["alg"]) {
+                o.remove(*m);
             }
         }
         let print = serde_json::from_value::<Jwk>(public).ok().and_then(|jwk| {
@@ -557,15 +559,14 @@ fn add_set(
         })?;
         let sha256 = fingerprint(algorithm, &key);
         if leaked.contains(&sha256) {
-            return Err(LeakedKey {
-                message: format!(
-                    "{source}: key `{kid}` was published with its private half earlier in this \
-                     run, and is not trusted again until the gateway restarts: the identity \
-                     provider must sign with a new key"
-                ),
-                prints: vec![sha256],
-            }
-            .into());
+            // Its public half only, now: passed over (a provider keeps an old key in its set
+            // a while after rotating), never a reason to refuse the rest or to drop the keys
+            // in use.
+            passed_over.push(format!(
+                "`{kid}` (published with its private half earlier in this run: not trusted \
+                 again until the gateway restarts)"
+            ));
+            continue;
         }
         if keys
             .insert(

@@ -236,7 +236,7 @@ pub fn resolve(
             "an aggregate needs `by`: 1 to {MAX_GROUP_FIELDS} comma-separated fields to group by"
         )));
     }
-    within_its_area(&route, dataset)?;
+    within_its_area(&route, catalog, dataset)?;
     Ok(route)
 }
 
@@ -247,8 +247,13 @@ pub fn resolve(
 ///
 /// An aggregate's `by` likewise: grouped by district code alone, the districts of every
 /// authority that uses a code would be counted as one, under that one code. The fields before
-/// it are grouped by too, or fixed by a filter.
-fn within_its_area(route: &Route, dataset: &Dataset) -> Result<(), GatewayError> {
+/// it are grouped by too, or fixed by a filter. (By every dataset's area key: the membership
+/// store keys its records by branch, and holds district codes all the same.)
+fn within_its_area(
+    route: &Route,
+    catalog: &Catalog,
+    dataset: &Dataset,
+) -> Result<(), GatewayError> {
     let by: &[String] = match &route.kind {
         RouteKind::Aggregate { by } => by,
         _ => &[],
@@ -257,18 +262,36 @@ fn within_its_area(route: &Route, dataset: &Dataset) -> Result<(), GatewayError>
     if route.filters.is_empty() && by.is_empty() {
         return Ok(());
     }
-    let key = crate::catalog::area_template_fields(&dataset.area).unwrap_or_default();
+    let keys = (catalog.datasets.values())
+        .map(|d| crate::catalog::area_template_fields(&d.area).unwrap_or_default());
+    for key in keys {
+        within_its_key(route, by, dataset, &key)?;
+    }
+    Ok(())
+}
+
+/// `within_its_area` for one area key: its fields this dataset holds.
+fn within_its_key(
+    route: &Route,
+    by: &[String],
+    dataset: &Dataset,
+    key: &[String],
+) -> Result<(), GatewayError> {
+    let held: Vec<&String> = key
+        .iter()
+        .filter(|f| dataset.fields.contains_key(*f))
+        .collect();
     let filtered = |f: &String| route.filters.contains_key(f);
-    for (i, field) in key.iter().enumerate() {
+    for (i, field) in held.iter().enumerate() {
         if filtered(field)
-            && let Some(missing) = key[..i].iter().find(|f| !filtered(f))
+            && let Some(missing) = held[..i].iter().find(|f| !filtered(f))
         {
             return Err(GatewayError::BadRequest(format!(
                 "`{field}` needs `{missing}`: a {field} code is unique only within its {missing}"
             )));
         }
         if by.contains(field)
-            && let Some(missing) = key[..i].iter().find(|f| !filtered(f) && !by.contains(f))
+            && let Some(missing) = held[..i].iter().find(|f| !filtered(f) && !by.contains(f))
         {
             return Err(GatewayError::BadRequest(format!(
                 "`by={field}` needs `{missing}` in `by` too, or a `{missing}` filter: a {field} \

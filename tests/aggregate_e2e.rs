@@ -335,6 +335,18 @@ async fn bad_aggregate_requests_get_clear_errors() {
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    // The membership store keys its records by branch, and holds district codes all the same:
+    // grouped by them alone, several authorities' districts would be one group there too.
+    let r = app
+        .get(
+            "/membership/members/aggregate?by=polling_district",
+            Some(&app.token("analyst")),
+            Some("research"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("needs `local_authority`"), "{detail}");
     // Research's alone: not the analyst's profiling, not a councillor's canvassing.
     for (persona, purpose) in [("analyst", "profiling"), ("councillor", "canvassing")] {
         let r = app

@@ -401,11 +401,19 @@ async fn a_fetched_set_publishing_a_private_key_drops_the_fetched_keys_at_once()
         401,
         "the leaked key trusted again"
     );
+    // A rotation keeping the old key's public half beside the new one, as providers do for
+    // a while: the new key is taken, the leaked one passed over.
     let b = wardgate::token::generate_es256().unwrap();
     let token_b = s.token("idp-b", &b);
-    s.idp.publish("jwks.json", &set_of(&[("idp-b", &b)]));
+    s.idp
+        .publish("jwks.json", &set_of(&[("idp-a", &s.a), ("idp-b", &b)]));
     s.until(&token_b, 200, "a new key taken").await;
     assert_eq!(s.status(&token_a).await, 401);
+    // And a set holding the leaked key's public half alone, later (a stale cache), drops
+    // nothing in use.
+    s.idp.publish("jwks.json", &good);
+    s.after_fetches(s.fetches(), 2).await;
+    assert_eq!(s.status(&token_b).await, 200, "the key in use dropped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
