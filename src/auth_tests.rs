@@ -554,12 +554,7 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
             { "kty": "RSA", "kid": "idp-rsa", "alg": "RS256", "n": n, "e": "AQAB" }
         ] });
         std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
-        let mut cfg = cfg.clone();
-        cfg.keys.clear();
-        cfg.algorithms = vec![Algorithm::RS256];
-        cfg.issuers = vec![PARTY.into()];
-        cfg.jwks_file = Some(jwks.clone());
-        cfg.jwks_issuer = PARTY.into();
+        let cfg = jwks_only(&cfg, &jwks, &[Algorithm::RS256]);
         Verifier::from_config(&cfg, KnownNames::default(), None).map(drop)
     };
     assert!(rsa(256).is_ok(), "2048 bits");
@@ -580,12 +575,7 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
             { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": x }
         ] });
         std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
-        let mut cfg = cfg.clone();
-        cfg.keys.clear();
-        cfg.algorithms = vec![Algorithm::ES256, Algorithm::EdDSA];
-        cfg.issuers = vec![PARTY.into()];
-        cfg.jwks_file = Some(jwks.clone());
-        cfg.jwks_issuer = PARTY.into();
+        let cfg = jwks_only(&cfg, &jwks, &[Algorithm::ES256, Algorithm::EdDSA]);
         std::panic::catch_unwind(|| Verifier::from_config(&cfg, KnownNames::default(), None))
             .expect("no panic")
             .map(drop)
@@ -602,12 +592,7 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
         { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": good }
     ] });
     std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
-    let mut ok = cfg.clone();
-    ok.keys.clear();
-    ok.algorithms = vec![Algorithm::EdDSA];
-    ok.issuers = vec![PARTY.into()];
-    ok.jwks_file = Some(jwks.clone());
-    ok.jwks_issuer = PARTY.into();
+    let ok = jwks_only(&cfg, &jwks, &[Algorithm::EdDSA]);
     let v = Verifier::from_config(&ok, KnownNames::default(), None).unwrap();
     // Read again with a short key in the file (`ed` writes it): refused, not a panic.
     ed(3).unwrap_err();
@@ -634,12 +619,7 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
         }
         let set = serde_json::json!({ "keys": [key] });
         std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
-        let mut cfg = cfg.clone();
-        cfg.keys.clear();
-        cfg.algorithms = vec![Algorithm::EdDSA];
-        cfg.issuers = vec![PARTY.into()];
-        cfg.jwks_file = Some(jwks.clone());
-        cfg.jwks_issuer = PARTY.into();
+        let cfg = jwks_only(&cfg, &jwks, &[Algorithm::EdDSA]);
         Verifier::from_config(&cfg, KnownNames::default(), None).map(drop)
     };
     assert!(with(serde_json::json!({})).is_ok());
@@ -652,12 +632,7 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
         { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": good, "d": good }
     ] });
     std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
-    let mut both = cfg.clone();
-    both.keys.clear();
-    both.algorithms = vec![Algorithm::ES256, Algorithm::EdDSA];
-    both.issuers = vec![PARTY.into()];
-    both.jwks_file = Some(jwks.clone());
-    both.jwks_issuer = PARTY.into();
+    let both = jwks_only(&cfg, &jwks, &[Algorithm::ES256, Algorithm::EdDSA]);
     let err = Verifier::from_config(&both, KnownNames::default(), None)
         .err()
         .unwrap();
@@ -692,6 +667,22 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
     );
     std::fs::write(&cfg.keys[0].public_key_file, kp.public_key_pem()).unwrap();
     assert!(Verifier::from_config(&cfg, KnownNames::default(), None).is_ok());
+}
+
+/// `cfg` trusting the JWK set in `jwks` alone (no key files), for the party's issuer and
+/// `algorithms`.
+fn jwks_only(
+    cfg: &crate::config::AuthConfig,
+    jwks: &std::path::Path,
+    algorithms: &[Algorithm],
+) -> crate::config::AuthConfig {
+    let mut cfg = cfg.clone();
+    cfg.keys.clear();
+    cfg.algorithms = algorithms.to_vec();
+    cfg.issuers = vec![PARTY.into()];
+    cfg.jwks_file = Some(jwks.to_owned());
+    cfg.jwks_issuer = PARTY.into();
+    cfg
 }
 
 /// A real Ed25519 public key, base64url: the one rcgen makes for a fresh key pair.

@@ -439,14 +439,7 @@ impl Run<'_> {
         // filter cannot read during an export raises the same alarm.
         metrics::counter!("wardgate_rows_withheld_total", "dataset" => dataset.to_owned())
             .increment(disclosed.rows_withheld);
-        if disclosed.unclassified_fields > 0 {
-            metrics::counter!("wardgate_unclassified_fields_total")
-                .increment(disclosed.unclassified_fields);
-        }
-        if disclosed.malformed_rows > 0 {
-            metrics::counter!("wardgate_malformed_records_total")
-                .increment(disclosed.malformed_rows);
-        }
+        crate::gateway::count_unread(disclosed.unclassified_fields, disclosed.malformed_rows);
         let n = disclosed.subjects.len() as u64;
         let subjects = disclosed.subjects.clone();
         let filtered_with = std::mem::take(&mut self.filtered_with);

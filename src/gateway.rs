@@ -1012,13 +1012,18 @@ impl Trail {
         self.fields = d.fields;
         self.rows_withheld = d.rows_withheld;
         self.policy_ids.extend(d.policy_ids);
-        if d.unclassified_fields > 0 {
-            metrics::counter!("wardgate_unclassified_fields_total")
-                .increment(d.unclassified_fields);
-        }
-        if d.malformed_rows > 0 {
-            metrics::counter!("wardgate_malformed_records_total").increment(d.malformed_rows);
-        }
+        count_unread(d.unclassified_fields, d.malformed_rows);
+    }
+}
+
+/// What the filter could not read of a page or an export's chunk, counted: a datastore sending
+/// records it cannot read raises the same alarm whichever route reads them.
+pub(crate) fn count_unread(unclassified_fields: u64, malformed_rows: u64) {
+    if unclassified_fields > 0 {
+        metrics::counter!("wardgate_unclassified_fields_total").increment(unclassified_fields);
+    }
+    if malformed_rows > 0 {
+        metrics::counter!("wardgate_malformed_records_total").increment(malformed_rows);
     }
 }
 

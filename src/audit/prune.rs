@@ -623,6 +623,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // A prune that finds nothing to record (what it removes, if anything, was recorded).
+        let prunes_nothing = async || {
+            prune_and_record(&log, dir.path(), seven_years)
+                .await
+                .unwrap()
+                .is_none()
+        };
         assert_eq!(pruned.first_segment, 1);
         assert!(
             pruned.records > 0 && pruned.records <= 20,
@@ -635,12 +642,7 @@ mod tests {
             before.last_seq + 1,
             "the prune itself is recorded"
         );
-        assert!(
-            prune_and_record(&log, dir.path(), seven_years)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(prunes_nothing().await);
         // A prune that stopped after its anchor and before removing segment 1: the chain
         // breaks at the leftover, and the next prune removes it without counting it again.
         let counted = read_anchor(dir.path()).unwrap().unwrap();
@@ -651,12 +653,7 @@ mod tests {
             verify_dir(dir.path()).is_err(),
             "the leftover breaks the chain"
         );
-        assert!(
-            prune_and_record(&log, dir.path(), seven_years)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(prunes_nothing().await);
         assert!(!first_files[0].0.exists());
         let again = read_anchor(dir.path()).unwrap().unwrap();
         assert_eq!(
@@ -677,12 +674,7 @@ mod tests {
         for (p, b) in &first_files[1..] {
             std::fs::write(p, b).unwrap();
         }
-        assert!(
-            prune_and_record(&log, dir.path(), seven_years)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(prunes_nothing().await);
         assert!(first_files.iter().all(|(p, _)| !p.exists()));
         // A leftover whose removal fails (the file immutable here; a disk error in earnest)
         // keeps its seal: the next prune of this same run removes it once it can.
@@ -703,12 +695,7 @@ mod tests {
             let e = failed.expect_err("an immutable segment cannot be removed");
             assert!(e.to_string().contains("cannot remove"), "{e:#}");
             assert!(segment.exists() && first_files[2].0.exists());
-            assert!(
-                prune_and_record(&log, dir.path(), seven_years)
-                    .await
-                    .unwrap()
-                    .is_none()
-            );
+            assert!(prunes_nothing().await);
             assert!(first_files.iter().all(|(p, _)| !p.exists()));
             assert!(verify_dir(dir.path()).is_ok());
         } else {
