@@ -61,7 +61,7 @@ where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let rid = format!("{:032x}", rand::random::<u128>());
+    let rid = crate::gateway::new_request_id();
     if let Err(e) = crate::request_head::check(&req) {
         return boxed(problem_response(&e, &rid));
     }

@@ -35,6 +35,9 @@ pub(crate) struct Activity {
     /// (`server::FirstBytes`), in milliseconds since `start`.
     last: AtomicU64,
     start: Instant,
+    /// The request id of the problem document written in place of hyper's bare answer to a
+    /// head it could not read (`server::FirstBytes`), for the server log's line.
+    refused: std::sync::OnceLock<String>,
 }
 
 impl Activity {
@@ -45,7 +48,17 @@ impl Activity {
             http2: AtomicBool::new(false),
             last: AtomicU64::new(0),
             start: Instant::now(),
+            refused: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A head on it could not be read, and was answered under `request_id`.
+    pub(crate) fn refused(&self, request_id: String) {
+        let _ = self.refused.set(request_id);
+    }
+
+    pub(crate) fn refusal(&self) -> Option<&str> {
+        self.refused.get().map(String::as_str)
     }
 
     /// Notes now as the last time it was busy (a request ended, its TLS handshake did, or an

@@ -1374,7 +1374,12 @@ fn request_ids(headers: &HeaderMap) -> (String, Option<String>) {
         .and_then(|v| v.to_str().ok())
         .filter(|v| routes::valid_id(v))
         .map(str::to_owned);
-    (format!("{:032x}", rand::random::<u128>()), client)
+    (new_request_id(), client)
+}
+
+/// A fresh request id: 128 random bits, as 32 hex digits.
+pub(crate) fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// A write's record, durable before the datastore sees the body: a write the log cannot hold

@@ -14,7 +14,8 @@
 //! - [`server`]: listeners, TLS, graceful shutdown; [`connection`]: one connection's requests
 //!   under way and its idle close; [`server_cert`]: the certificate it offers;
 //!   [`client_addr`]: the client behind a trusted load balancer.
-//! - [`request_head`]: how large a request's line and headers may be.
+//! - [`request_head`]: how large a request's line and headers may be; [`unread_head`]: a head
+//!   hyper could not read, answered as a problem document.
 //! - [`gateway`]: the pipeline: authenticate, route, purpose, authorize, forward, filter, audit.
 //! - [`auth`]: bearer JWT to [`auth::Principal`].
 //! - [`controls`]: the rights register and revocations, shared across replicas through Redis.
@@ -74,5 +75,6 @@ pub mod startup;
 pub(crate) mod test_log;
 pub mod token;
 pub mod uk_time;
+pub mod unread_head;
 pub mod watch;
 pub mod writes;

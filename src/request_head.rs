@@ -7,8 +7,9 @@
 //! `application/problem+json`, and (on the data plane) in an audit record like any refusal.
 //! hyper's ([`HARD_HEAD_BYTES`], [`HARD_HEADERS`]: twice those) bound what a connection will
 //! buffer at all: past them hyper answers itself, before any of the gateway runs (HTTP/1: a
-//! bare 431, or 414 for a target over 64 KiB, counted by `server::connection_failed`; HTTP/2:
-//! a bare 431 on the stream, or a reset for such a target). Between the two, the gateway has
+//! 431, or 414 for a target over 64 KiB, written as a problem document by `unread_head` and
+//! counted by `server::connection_failed`; HTTP/2: a bare 431 on the stream, or a reset for
+//! such a target). Between the two, the gateway has
 //! the request and says what was wrong with it.
 
 use http::Request;

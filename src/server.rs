@@ -191,13 +191,18 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Counts and logs a connection that ended in an error. hyper answers a request it cannot
 /// parse (a malformed request line or header; a head past twice the gateway's own bounds,
-/// `request_head`) itself, with a bare 400, 414 or 431 and no body, before any handler runs:
-/// no audit record holds those, so they
-/// are counted (`wardgate_connection_errors_total{kind}`) and logged at warn (the client's
+/// `request_head`) itself, with a 400, 414 or 431, before any handler runs (on HTTP/1 written
+/// as a problem document, `unread_head`, whose request id `refused` is): no audit record
+/// holds those (they name no caller, purpose or data), so they are counted (`wardgate_connection_errors_total{kind}`) and logged at warn (the client's
 /// address only at debug: the audit log, which seals addresses, is where they are kept). A
 /// timeout on a connection that has carried a request is an idle kept-alive connection
 /// closed (`idle`), not a client that never finished (`timeout`).
-fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, served: bool) {
+fn connection_failed(
+    e: &(dyn std::error::Error + 'static),
+    peer: SocketAddr,
+    served: bool,
+    refused: Option<&str>,
+) {
     // The first-bytes deadline's error, however deep hyper wrapped it; and the cancellation
     // of connections that never sent a request at a graceful shutdown, which is no error.
     let io_kind = std::iter::successors(Some(e), |e| e.source())
@@ -223,7 +228,13 @@ fn connection_failed(e: &(dyn std::error::Error + 'static), peer: SocketAddr, se
             "requests refused before they could be read (logged at most once a minute; \
              wardgate_connection_errors_total counts them all)");
     }
-    tracing::debug!(error = %e, %peer, kind, "connection ended with an error");
+    match refused {
+        // The request id the problem document written in hyper's place gave the client.
+        Some(request_id) => {
+            tracing::debug!(error = %e, %peer, kind, request_id, "connection ended with an error")
+        }
+        None => tracing::debug!(error = %e, %peer, kind, "connection ended with an error"),
+    }
 }
 
 /// Counts and logs a TLS handshake that failed or timed out (`kind="tls"`): a certificate
@@ -265,7 +276,8 @@ struct Stalled;
 /// hold the connection for ever. Past `FIRST_BYTES` bytes the deadline is gone. It also tells
 /// the connection's `Activity` whether those bytes began HTTP/2's preface, and, for HTTP/2,
 /// when an answer's bytes (`DATA` frames) go to the client (`H2Data`). And a deadline on
-/// every write the client does not take (`stall`).
+/// every write the client does not take (`stall`). And, on HTTP/1, hyper's bare answer to a
+/// head it could not read written as a problem document (`write_answer`).
 struct FirstBytes<T> {
     inner: T,
     /// Where the frames written so far have got to (HTTP/2 only).
@@ -281,6 +293,10 @@ struct FirstBytes<T> {
     /// and whether it is running: a write is waiting and nothing has gone since it started.
     stall_clock: Option<Pin<Box<tokio::time::Sleep>>>,
     stalled: bool,
+    /// hyper's bare answer to a head it could not read, being written as a problem document
+    /// (`unread_head`): that answer, how much of it has gone, and how many of hyper's bytes
+    /// it stands for.
+    rewrite: Option<(Vec<u8>, usize, usize)>,
 }
 
 /// HTTP/2's connection preface (RFC 9113 §3.4), the most hyper reads before it knows the
@@ -300,6 +316,7 @@ impl<T> FirstBytes<T> {
             stall_within,
             stall_clock: None,
             stalled: false,
+            rewrite: None,
         }
     }
 
@@ -454,16 +471,59 @@ impl<T> FirstBytes<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> FirstBytes<T> {
+    /// Writes what hyper writes, but for its bare answer to an HTTP/1 head it could not read,
+    /// which goes as a problem document (`unread_head`). The bytes before that answer in the
+    /// same write (the end of an earlier answer) go first, as they are; hyper then writes the
+    /// rest again, and is told its answer has gone once the whole document has.
+    fn write_answer(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.rewrite.is_none()
+            && !self.activity.is_http2()
+            && let Some(found) = crate::unread_head::find(bufs)
+        {
+            if found.at > 0 {
+                let mut left = found.at;
+                let before: Vec<std::io::IoSlice<'_>> = bufs
+                    .iter()
+                    .map_while(|b| {
+                        let take = b.len().min(left);
+                        left -= take;
+                        (take > 0).then(|| std::io::IoSlice::new(&b[..take]))
+                    })
+                    .collect();
+                return Pin::new(&mut self.inner).poll_write_vectored(cx, &before);
+            }
+            self.activity.refused(found.request_id);
+            let claims = bufs.iter().map(|b| b.len()).sum();
+            self.rewrite = Some((found.answer, 0, claims));
+        }
+        let Some((answer, sent, claims)) = &mut self.rewrite else {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        };
+        while *sent < answer.len() {
+            match std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..])) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        let claims = *claims;
+        self.rewrite = None;
+        Poll::Ready(Ok(claims))
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(&[std::io::IoSlice::new(buf)], &written);
-        this.stall(cx, written)
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -472,7 +532,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let written = this.write_answer(cx, bufs);
         this.wrote(bufs, &written);
         this.stall(cx, written)
     }
@@ -608,7 +668,7 @@ where
     // Without a timer hyper enforces no timeout at all: a client that opens a connection and
     // sends half a request line would hold it (and a descriptor) for ever.
     // hyper buffers a request's head (its line and headers) up to 128 KiB (and, on HTTP/1, 200
-    // fields), and answers a larger one itself (a bare 431 or 414). That is twice the
+    // fields), and answers a larger one itself (a 431 or 414, `unread_head`). That is twice the
     // gateway's own bounds, which each plane checks first and refuses with a problem document
     // (`request_head::check`); hyper's defaults (about 400 KiB for HTTP/1, 16 MiB for HTTP/2's
     // header list) would let each connection hold far more.
@@ -706,7 +766,7 @@ where
                     let _slot = slot;
                     let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
                     if let Some(Err(e)) = drive(conn, close, stopping, &activity, idle).await {
-                        connection_failed(&*e, peer, activity.served());
+                        connection_failed(&*e, peer, activity.served(), activity.refusal());
                     }
                 });
             }
@@ -743,7 +803,7 @@ where
                         .into_owned();
                     let close = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
                     if let Some(Err(e)) = drive(conn, close, stopping, &activity, idle).await {
-                        connection_failed(&*e, peer, activity.served());
+                        connection_failed(&*e, peer, activity.served(), activity.refusal());
                     }
                 });
             }
@@ -839,6 +899,90 @@ mod tests {
             }
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// Takes at most seven bytes a write, and every other write not at all (as a socket
+    /// whose buffer is full).
+    #[derive(Default)]
+    struct Dribble {
+        out: Vec<u8>,
+        wait: bool,
+    }
+
+    impl AsyncWrite for Dribble {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            this.wait = !this.wait;
+            if !this.wait {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(7);
+            this.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// hyper's bare answer to a head it could not read leaves as a problem document, after
+    /// the rest of an earlier answer written with it, however few bytes the socket takes at a
+    /// time; hyper is told all its bytes went. The request id is the connection's, for the log.
+    #[tokio::test]
+    async fn hypers_bare_answer_leaves_as_a_problem_document() {
+        use tokio::io::AsyncWriteExt;
+        let earlier = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        let hypers = "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                      content-length: 0\r\ndate: Mon, 07 Dec 2026 06:53:11 GMT\r\n\r\n";
+        let activity = Activity::new();
+        let mut stream = FirstBytes::new(
+            Dribble::default(),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Arc::clone(&activity),
+        );
+        // As hyper writes: what is left of its buffer, again after each partial write.
+        let all = format!("{earlier}{hypers}");
+        let mut at = 0;
+        while at < all.len() {
+            at += stream.write(&all.as_bytes()[at..]).await.unwrap();
+        }
+        assert_eq!(at, all.len());
+        let out = String::from_utf8(stream.inner.out).unwrap();
+        let answer = out.strip_prefix(earlier).unwrap_or_else(|| panic!("{out}"));
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with(
+                "HTTP/1.1 431 Request Header Fields Too Large\r\n\
+                 content-type: application/problem+json\r\n"
+            ),
+            "{head}"
+        );
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            problem["type"],
+            "urn:wardgate:problem:request-head-too-large"
+        );
+        assert_eq!(
+            Some(problem["request_id"].as_str().unwrap()),
+            activity.refusal()
+        );
     }
 
     /// Only the whole preface marks a connection HTTP/2, however its bytes arrive: an HTTP/1
