@@ -213,8 +213,9 @@ pub struct Verifier {
     subject_prefix: HashMap<String, String>,
     prefixes: Vec<String>,
     cache: TokenCache,
-    /// Fingerprints of keys a fetched JWK set published with their private half
-    /// (`LeakedKey`): refused in any set fetched later in this run, without it too.
+    /// Fingerprints of keys a JWK set (fetched, or `auth.jwks_file` read again) published with
+    /// their private half (`LeakedKey`): dropped from the keys in use, and passed over in any
+    /// key file or set read later in this run, without it too.
     leaked: std::sync::Mutex<HashSet<String>>,
 }
 
@@ -350,8 +351,12 @@ fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
 /// `auth.jwks_url` (`None`: none, so none of its keys): a missing or malformed key file or set,
 /// a key that cannot verify its algorithm's signatures, or an empty set is an error naming
 /// the file or URL.
-fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<String, TrustedKey>> {
-    let mut keys = file_keys(cfg)?;
+fn load_keys(
+    cfg: &AuthConfig,
+    jwks: Option<&str>,
+    leaked: &HashSet<String>,
+) -> anyhow::Result<HashMap<String, TrustedKey>> {
+    let mut keys = file_keys(cfg, leaked)?;
     if let (Some(u), Some(text)) = (&cfg.jwks_url, jwks) {
         add_set(
             cfg,
@@ -359,15 +364,16 @@ fn load_keys(cfg: &AuthConfig, jwks: Option<&str>) -> anyhow::Result<HashMap<Str
             &format!("the JWKS from `{}`", u.url),
             text,
             true,
-            &HashSet::new(),
+            leaked,
         )?;
     }
     Ok(keys)
 }
 
-/// A JWK set refused for publishing a private key: its publisher has leaked a signing key, and
-/// a set fetched so drops the fetched keys at once (`rekey::jwks`), not after
-/// `auth.jwks_max_stale`.
+/// A JWK set refused for publishing a private key: its publisher has leaked a signing key. A
+/// set fetched so drops the fetched keys at once (`rekey::jwks`), not after
+/// `auth.jwks_max_stale`; a key file read again so drops that key (`rekey::keys`); and a
+/// key file holding the same key (pinned as `[[auth.keys]]`) goes with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct LeakedKey {
@@ -377,8 +383,13 @@ pub struct LeakedKey {
     prints: Vec<String>,
 }
 
-/// The keys of the files `cfg` names: `[[auth.keys]]`' PEM files and `auth.jwks_file`.
-fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
+/// The keys of the files `cfg` names: `[[auth.keys]]`' PEM files and `auth.jwks_file`; those
+/// whose fingerprints are in `leaked` (published with their private half earlier in this run)
+/// passed over.
+fn file_keys(
+    cfg: &AuthConfig,
+    leaked: &HashSet<String>,
+) -> anyhow::Result<HashMap<String, TrustedKey>> {
     let mut keys = HashMap::new();
     for k in &cfg.keys {
         let pem = fs::read(&k.public_key_file).with_context(|| {
@@ -422,13 +433,23 @@ fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
                 k.algorithm
             )
         })?;
+        let sha256 = fingerprint(k.algorithm, &key);
+        if leaked.contains(&sha256) {
+            tracing::warn!(
+                "key `{}`: `{}` is a key published with its private half earlier in this run: \
+                 not trusted again until the gateway restarts; tokens naming it are refused",
+                k.kid,
+                k.public_key_file.display()
+            );
+            continue;
+        }
         if keys
             .insert(
                 k.kid.clone(),
                 TrustedKey {
                     fetched: false,
                     algorithm: k.algorithm,
-                    sha256: fingerprint(k.algorithm, &key),
+                    sha256,
                     key,
                     issuer: k.issuer.clone(),
                 },
@@ -447,7 +468,7 @@ fn file_keys(cfg: &AuthConfig) -> anyhow::Result<HashMap<String, TrustedKey>> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
         let source = format!("JWKS file `{}`", path.display());
-        add_set(cfg, &mut keys, &source, &text, false, &HashSet::new())?;
+        add_set(cfg, &mut keys, &source, &text, false, leaked)?;
     }
     Ok(keys)
 }
@@ -622,7 +643,7 @@ impl Verifier {
                 "`auth.jwks_url`'s set must be fetched before the keys are loaded, and only then"
             );
         }
-        let keys = load_keys(cfg, jwks)?;
+        let keys = load_keys(cfg, jwks, &HashSet::new())?;
         let mut issuer_roles = HashMap::new();
         for (issuer, roles) in &cfg.issuer_roles {
             if let Some(role) = roles.iter().find(|r| !known.roles.contains(*r)) {
@@ -703,31 +724,65 @@ impl Verifier {
     /// Reads the keys again from the files the configuration named at start (`[[auth.keys]]`'s
     /// PEM files and `auth.jwks_file`; the configuration file itself is not read again), with
     /// the fetched JWK set in force, as strictly as at start. Nothing changes until `trust` is
-    /// given the result: the caller makes the change's audit record durable first.
+    /// given the result: the caller makes the change's audit record durable first. A key
+    /// found published with its private half (`LeakedKey`) is noted, not trusted again in this
+    /// run: `without_leaked` drops it from the keys in use.
     pub fn reread_keys(&self) -> anyhow::Result<NewKeys> {
         let jwks = self.jwks_in_force();
-        let keys = load_keys(&self.key_sources, jwks.as_deref())?;
-        Ok(self.differing(keys, jwks))
+        let keys = load_keys(&self.key_sources, jwks.as_deref(), &self.leaked_prints());
+        self.note_leak(&keys);
+        Ok(self.differing(keys?, jwks))
+    }
+
+    /// The fingerprints of the keys published with their private half in this run.
+    fn leaked_prints(&self) -> HashSet<String> {
+        self.leaked.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Notes the keys a read refused for a leak found published with their private half.
+    fn note_leak<T>(&self, read: &anyhow::Result<T>) {
+        if let Err(e) = read
+            && let Some(leak) = e.downcast_ref::<LeakedKey>()
+            && let Ok(mut l) = self.leaked.lock()
+        {
+            l.extend(leak.prints.iter().cloned());
+        }
+    }
+
+    /// Whether a key in use was published with its private half in this run (from a key file,
+    /// the fetched set, or both: one key pinned as a file and also published).
+    pub fn uses_leaked(&self) -> bool {
+        let leaked = self.leaked_prints();
+        (self.keys_in_use().values()).any(|k| leaked.contains(&k.sha256))
+    }
+
+    /// The keys in use but those published with their private half in this run, wherever
+    /// from; the fetched set in force stays the one in force (its other keys are kept).
+    /// Trusted only once given to `trust`.
+    pub fn without_leaked(&self) -> NewKeys {
+        let leaked = self.leaked_prints();
+        let keys = (self.keys_in_use().iter())
+            .filter(|(_, k)| !leaked.contains(&k.sha256))
+            .map(|(id, k)| (id.clone(), k.clone()))
+            .collect();
+        self.differing(keys, self.jwks_in_force())
     }
 
     /// The keys in use with those of the fetched JWK set replaced by `jwks`'s (a new set, or
     /// `None` to drop them), as strictly as at start; the key files are not read (their keys
-    /// stay as in use). Trusted only once given to `trust`.
+    /// stay as in use, but any published with its private half). Trusted only once given to
+    /// `trust`.
     pub fn read_keys(&self, jwks: Option<Arc<str>>) -> anyhow::Result<NewKeys> {
+        // (A key file's key published with its private half is not kept either.)
+        let leaked = self.leaked_prints();
         let mut keys: HashMap<String, TrustedKey> = (self.keys_in_use().iter())
-            .filter(|(_, k)| !k.fetched)
+            .filter(|(_, k)| !k.fetched && !leaked.contains(&k.sha256))
             .map(|(id, k)| (id.clone(), k.clone()))
             .collect();
         if let (Some(u), Some(text)) = (&self.key_sources.jwks_url, &jwks) {
             let source = format!("the JWKS from `{}`", u.url);
-            let leaked = self.leaked.lock().map(|l| l.clone()).unwrap_or_default();
             let added = add_set(&self.key_sources, &mut keys, &source, text, true, &leaked);
-            if let Err(e) = &added
-                && let Some(leak) = e.downcast_ref::<LeakedKey>()
-                && let Ok(mut l) = self.leaked.lock()
-            {
-                l.extend(leak.prints.iter().cloned());
-            }
+            self.note_leak(&added);
             added?;
         }
         Ok(self.differing(keys, jwks))

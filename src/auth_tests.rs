@@ -669,6 +669,66 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
     assert!(Verifier::from_config(&cfg, KnownNames::default(), None).is_ok());
 }
 
+/// `auth.jwks_file` read again publishing a key's private half: refused, the key noted as
+/// leaked and dropped from those in use by `without_leaked` (nothing changes before `trust`),
+/// and passed over when the file publishes it again without its private half, beside a new
+/// key that is taken.
+#[test]
+fn a_key_file_publishing_a_private_key_drops_that_key() {
+    let (dir, cfg, v, signer) = jwks_verifier();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
+    let path = cfg.jwks_file.clone().unwrap();
+    let published: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let first = published["keys"][0].clone();
+    let kp = crate::token::generate_es256().unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut second = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    second.common.key_id = Some("idp-2".into());
+    let second = serde_json::to_value(second).unwrap();
+    let write = |keys: serde_json::Value| {
+        std::fs::write(&path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    };
+    assert!(!v.uses_leaked());
+
+    let mut leaked = first.clone();
+    leaked["d"] = "c2VjcmV0LWhhbGY".into();
+    write(serde_json::json!([leaked, second]));
+    let err = v.reread_keys().err().unwrap();
+    assert!(err.downcast_ref::<LeakedKey>().is_some(), "{err:#}");
+    assert!(v.uses_leaked());
+    assert!(
+        v.verify(&token, now).is_ok(),
+        "nothing changes before `trust`"
+    );
+    let dropped = v.without_leaked();
+    assert_eq!(dropped.removed, vec!["idp-1".to_owned()]);
+    assert!(dropped.all.is_empty());
+    v.trust(dropped);
+    assert!(!v.uses_leaked());
+    assert_eq!(v.verify(&token, now).err(), Some(AuthFailure::UnknownKey));
+
+    write(serde_json::json!([first, second]));
+    let taken = v.reread_keys().unwrap();
+    assert_eq!(
+        taken.all.keys().cloned().collect::<Vec<_>>(),
+        vec!["idp-2".to_owned()]
+    );
+    v.trust(taken);
+    assert_eq!(v.verify(&token, now).err(), Some(AuthFailure::UnknownKey));
+    let signer2 = crate::token::Signer::from_pem(
+        "idp-2",
+        Algorithm::ES256,
+        kp.private_pem.as_bytes(),
+        "https://idp",
+    )
+    .unwrap();
+    let token2 = signer2.sign(&live_claims("https://idp", "s", now)).unwrap();
+    assert!(v.verify(&token2, now).is_ok());
+    drop(dir);
+}
+
 /// `cfg` trusting the JWK set in `jwks` alone (no key files), for the party's issuer and
 /// `algorithms`.
 fn jwks_only(

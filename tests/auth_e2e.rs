@@ -408,3 +408,94 @@ async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A key file read again (`SIGHUP`, here `rekey::reload_keys`) that publishes a key's
+/// private half: refused, and that key dropped at once, with the copy of it pinned as the
+/// demo's PEM key file; the other keys stay. Published again without its private half, it
+/// is not trusted again in this run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_publishing_a_private_key_drops_that_key_and_its_pinned_copy() {
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::{Algorithm, EncodingKey};
+
+    let jwk_of = |private_pem: &str, kid: &str| {
+        let enc = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        serde_json::to_value(jwk).unwrap()
+    };
+    // At start the file holds another key of the demo's issuer.
+    let other = wardgate::token::generate_es256().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let jwks = files.path().join("jwks.json");
+    let publish = |keys: Vec<serde_json::Value>| {
+        std::fs::write(&jwks, json!({ "keys": keys }).to_string()).unwrap();
+    };
+    publish(vec![jwk_of(&other.private_pem, "idp-other")]);
+    let at = jwks.clone();
+    let app = common::spawn_app_with(common::AppOptions {
+        edit: Some(Box::new(move |cfg: &mut wardgate::config::Config| {
+            cfg.auth.jwks_file = Some(at);
+            cfg.auth.jwks_issuer = cfg.auth.issuers[0].clone();
+        })),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("canvasser");
+    let listed = app.get(LIST, Some(&token), Some("canvassing")).await;
+    assert_eq!(listed.status, 200);
+
+    // The demo's signing key published with its private half, under an id of its own.
+    let mut leaked = jwk_of(&app.private_pem, "published");
+    let unleaked = leaked.clone();
+    leaked["d"] = "c2VjcmV0LWhhbGY".into();
+    publish(vec![jwk_of(&other.private_pem, "idp-other"), leaked]);
+    let err = format!(
+        "{:#}",
+        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
+    );
+    assert!(
+        err.contains("`published`") && err.contains("private key material"),
+        "{err}"
+    );
+    expect_401(
+        &app,
+        app.get(LIST, Some(&token), Some("canvassing")).await,
+        "token_key_unknown",
+    )
+    .await;
+    let records = app.audit_records();
+    let refused: Vec<_> = (records.iter())
+        .filter(|r| r["reason"] == "keys_reload_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["detail"]["trigger"], "signal");
+    let dropped: Vec<_> = (records.iter())
+        .filter(|r| r["reason"] == "keys_reloaded")
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(dropped[0]["detail"]["trigger"], "leaked_key");
+    assert_eq!(
+        dropped[0]["detail"]["removed"],
+        json!([wardgate::demo::KID])
+    );
+    let kept: Vec<&String> = (dropped[0]["detail"]["keys"].as_object().unwrap().keys()).collect();
+    assert_eq!(kept, ["idp-other"]);
+
+    // Published again without its private half (the PEM file still holds it): passed over
+    // in both, and its tokens stay refused.
+    publish(vec![jwk_of(&other.private_pem, "idp-other"), unleaked]);
+    wardgate::rekey::reload_keys(&app.gw).await.unwrap();
+    expect_401(
+        &app,
+        app.get(LIST, Some(&token), Some("canvassing")).await,
+        "token_key_unknown",
+    )
+    .await;
+    let last = (app.audit_records().into_iter())
+        .rfind(|r| r["reason"] == "keys_reloaded")
+        .unwrap();
+    let kept: Vec<String> = (last["detail"]["keys"].as_object().unwrap().keys().cloned()).collect();
+    assert_eq!(kept, ["idp-other"]);
+    app.stop().await;
+}

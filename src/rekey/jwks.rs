@@ -250,17 +250,18 @@ pub async fn run(gw: Arc<Gateway>) {
     }
 }
 
-/// Drops the fetched keys after a set published a private key, recorded inside; whether a
-/// drop is still owed (one that cannot be recorded is not made, and is tried again after the
-/// next fetch, whatever it brings).
+/// Drops the fetched keys after a set published a private key, and any key file's copy of
+/// the leaked key, recorded inside; whether a drop is still owed (one that cannot be recorded
+/// is not made, and is tried again after the next fetch, whatever it brings).
 async fn drop_leaked(gw: &Arc<Gateway>) -> bool {
-    if gw.verifier.jwks_in_force().is_some() {
+    let owed = || gw.verifier.jwks_in_force().is_some() || gw.verifier.uses_leaked();
+    if owed() {
         tracing::error!(
             "the identity provider published a private key: dropping the fetched keys; their tokens are refused until it publishes a set with a new key"
         );
         let _ = super::keys(gw, Trigger::Leaked, Jwks::Dropped).await;
     }
-    gw.verifier.jwks_in_force().is_some()
+    owed()
 }
 
 /// Drops the fetched set's keys once no set has been taken for longer than

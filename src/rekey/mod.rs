@@ -106,7 +106,8 @@ pub enum Trigger {
     Fetched,
     /// No JWK set taken from `auth.jwks_url` within `auth.jwks_max_stale`: its keys dropped.
     Stale,
-    /// A JWK set fetched that publishes a private key: the fetched keys dropped at once.
+    /// A JWK set that publishes a private key: fetched, the fetched keys dropped at once; an
+    /// `auth.jwks_file` read again, that key dropped (with any key file's copy of it).
     Leaked,
 }
 
@@ -260,7 +261,12 @@ impl Reload {
     /// Logs, counts and records a reload refused for `e`: what is in use stays. `e` again.
     async fn refuse(&self, gw: &Gateway, trigger: Trigger, e: anyhow::Error) -> anyhow::Error {
         let why = format!("{e:#}");
-        tracing::error!(error = %why, "{} not reloaded: those in use stay", self.what);
+        let stay = if e.downcast_ref::<crate::auth::LeakedKey>().is_some() {
+            "the leaked key goes, the rest in use stay"
+        } else {
+            "those in use stay"
+        };
+        tracing::error!(error = %why, "{} not reloaded: {stay}", self.what);
         self.count("refused");
         let mut record = AuditRecord::system(self.route, self.refused);
         record.decision = Decision::Error;
@@ -320,7 +326,21 @@ async fn keys(gw: &Gateway, trigger: Trigger, jwks: Jwks) -> anyhow::Result<()> 
     };
     let new = match read {
         Ok(new) => new,
-        Err(e) => return Err(KEYS.refuse(gw, trigger, e).await),
+        Err(e) => {
+            let leaked = e.downcast_ref::<crate::auth::LeakedKey>().is_some();
+            let e = KEYS.refuse(gw, trigger, e).await;
+            // A key file publishing a private key: that key goes now (and a copy of it pinned
+            // as another file with it), the rest in use stay. Recorded as any change of keys;
+            // one that cannot be recorded is not made, and is made at the next read (`SIGHUP`,
+            // a change to the files), while meanwhile nothing is disclosed to anyone.
+            if leaked && gw.verifier.uses_leaked() {
+                tracing::error!(
+                    "a key file published a private key: dropping that key; its tokens are refused until the gateway restarts"
+                );
+                let _ = take(gw, Trigger::Leaked, gw.verifier.without_leaked()).await;
+            }
+            return Err(e);
+        }
     };
     if trigger != Trigger::Signal
         && new.added.is_empty()
@@ -334,6 +354,11 @@ async fn keys(gw: &Gateway, trigger: Trigger, jwks: Jwks) -> anyhow::Result<()> 
         gw.verifier.keep(new);
         return Ok(());
     }
+    take(gw, trigger, new).await
+}
+
+/// Records the change to `new`, then trusts it; or, when it cannot be recorded, says so.
+async fn take(gw: &Gateway, trigger: Trigger, new: crate::auth::NewKeys) -> anyhow::Result<()> {
     let detail = serde_json::json!({
         "keys": new.all,
         "added": new.added,
