@@ -128,7 +128,17 @@ pub struct PolicyEngine {
     authorizer: Authorizer,
     /// Each policy's id and the file it came from, in load order (for the start's own checks).
     origins: Vec<(String, PathBuf)>,
+    /// Special categories (`special` in the catalogue), and the purposes the catalogue gives
+    /// no Art 9 condition (`special_category_condition`): under those, no special category
+    /// is disclosed or written, whatever the policies say (`ART9_MISSING`).
+    special: HashSet<String>,
+    no_art9_condition: HashSet<String>,
 }
+
+/// The id a field refused for want of an Art 9 condition is recorded under: not a policy of
+/// the pack, but the gateway's own rule (UK GDPR Art 9(1): special category data is processed
+/// only under a condition of Art 9(2), which the catalogue names per purpose).
+pub const ART9_MISSING: &str = "wardgate.no-art9-condition";
 
 impl PolicyEngine {
     /// Loads `dir/*.cedarschema` and `dir/*.cedar`; refuses to start on any problem.
@@ -168,7 +178,23 @@ impl PolicyEngine {
             entities,
             authorizer: Authorizer::new(),
             origins: sources.origins,
+            special: (catalog.categories.iter())
+                .filter(|(_, c)| c.special)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            no_art9_condition: (catalog.purposes.iter())
+                .filter(|(_, p)| {
+                    (p.special_category_condition.as_deref()).is_none_or(|c| c.trim().is_empty())
+                })
+                .map(|(name, _)| name.clone())
+                .collect(),
         })
+    }
+
+    /// Whether `category` is special and `ask`'s purpose has no Art 9 condition: refused
+    /// before any policy is asked.
+    fn without_art9(&self, ask: &Ask, category: &str) -> bool {
+        self.special.contains(category) && self.no_art9_condition.contains(&ask.purpose)
     }
 
     pub fn policy_count(&self) -> usize {
@@ -238,7 +264,8 @@ impl PolicyEngine {
 
     /// May this record disclose (or, with `write`, have written) this field category? With
     /// the deciding policies, for the policy tests; the request path asks for all categories
-    /// at once with `allowed_categories`.
+    /// at once with `allowed_categories`. A special category under a purpose without an Art 9
+    /// condition never may (`ART9_MISSING`).
     pub fn decide_field(
         &self,
         ask: &Ask,
@@ -247,6 +274,12 @@ impl PolicyEngine {
         category: &str,
         write: bool,
     ) -> Verdict {
+        if self.without_art9(ask, category) {
+            return Verdict {
+                allowed: false,
+                policy_ids: vec![ART9_MISSING.to_owned()],
+            };
+        }
         self.decide(ask, || {
             let (action, context) = self.field_request(ask, dataset, record, write)?;
             self.authorize(
@@ -258,7 +291,8 @@ impl PolicyEngine {
         })
     }
 
-    /// Which of `categories` may this record disclose (or, with `write`, have written)?
+    /// Which of `categories` may this record disclose (or, with `write`, have written)? None
+    /// that is special under a purpose without an Art 9 condition.
     pub fn allowed_categories<'a>(
         &self,
         ask: &Ask,
@@ -287,6 +321,7 @@ impl PolicyEngine {
             };
         categories
             .into_iter()
+            .filter(|cat| !self.without_art9(ask, cat))
             .filter(|cat| {
                 let verdict = uid("Wardgate::FieldCategory", cat).and_then(|resource| {
                     self.authorize_checked(ask, action.clone(), resource, context.clone(), None)
@@ -632,7 +667,7 @@ fn add_file(set: &mut PolicySet, file: &Path, text: &str) -> anyhow::Result<Vec<
                 file.display()
             );
         };
-        if [DEFAULT_DENY, POLICY_ERROR].contains(&id) {
+        if [DEFAULT_DENY, POLICY_ERROR, ART9_MISSING].contains(&id) {
             bail!(
                 "`{}`: policy id `{id}` is the gateway's own name for a decision no policy \
                  made; give the policy another",

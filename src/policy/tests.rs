@@ -734,3 +734,48 @@ fn an_ask_that_cannot_be_built_denies_everything() {
         );
     }
 }
+
+/// A purpose the catalogue gives no Art 9 condition sees and writes no special category,
+/// whatever the policies allow: the same pack that lets canvassing see political opinions
+/// lets it see none once canvassing's condition is gone, and says why.
+#[test]
+fn no_special_category_without_an_art9_condition() {
+    let (engine, catalog, geography) = shipped_engine();
+    let record = RecordAttrs {
+        area: "E05011391".into(),
+        markers: BTreeSet::new(),
+        flags: BTreeSet::new(),
+        consented: BTreeSet::new(),
+        tps_fresh: false,
+    };
+    let categories: Vec<String> = ["identity", "political_opinion"].map(str::to_owned).into();
+    let ask = canvassing_councillor(&engine, &catalog, "E05011391");
+    assert!(
+        engine
+            .decide_field(&ask, "voter", &record, "political_opinion", false)
+            .allowed
+    );
+    let allowed = engine.allowed_categories(&ask, "voter", &record, &categories, false);
+    assert!(allowed.contains("political_opinion"), "{allowed:?}");
+
+    let mut without = catalog.clone();
+    without
+        .purposes
+        .get_mut("canvassing")
+        .unwrap()
+        .special_category_condition = Some(" ".into());
+    let engine = PolicyEngine::load(&repo().join("policies"), &without, &geography).unwrap();
+    let ask = canvassing_councillor(&engine, &without, "E05011391");
+    for write in [false, true] {
+        let v = engine.decide_field(&ask, "voter", &record, "political_opinion", write);
+        assert!(!v.allowed);
+        assert_eq!(v.policy_ids, vec![ART9_MISSING.to_owned()]);
+        let allowed = engine.allowed_categories(&ask, "voter", &record, &categories, write);
+        assert!(
+            !allowed.contains("political_opinion"),
+            "{write}: {allowed:?}"
+        );
+    }
+    let allowed = engine.allowed_categories(&ask, "voter", &record, &categories, false);
+    assert!(allowed.contains("identity"), "{allowed:?}");
+}
