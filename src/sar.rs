@@ -103,7 +103,23 @@ pub struct Source {
 pub struct Retention {
     pub category: String,
     pub description: String,
+    /// The Art 6 basis it is held on, and whether it is special category data (Art 9): what
+    /// Art 15 asks of each category, held or disclosed.
+    pub lawful_basis: String,
+    pub special: bool,
     pub retention: String,
+}
+
+impl Retention {
+    fn of(name: &str, cat: &crate::catalog::Category) -> Retention {
+        Retention {
+            category: name.to_owned(),
+            description: cat.description.clone(),
+            lawful_basis: cat.lawful_basis.clone(),
+            special: cat.special,
+            retention: cat.retention.clone(),
+        }
+    }
 }
 
 fn text(v: &Value, key: &str) -> String {
@@ -142,11 +158,7 @@ impl Report {
                     continue;
                 }
                 if let Some(cat) = catalog.categories.get(category) {
-                    self.retention.push(Retention {
-                        category: category.clone(),
-                        description: cat.description.clone(),
-                        retention: cat.retention.clone(),
-                    });
+                    self.retention.push(Retention::of(category, cat));
                 }
             }
         }
@@ -316,13 +328,7 @@ pub fn build_from(
         .collect();
     let retention = categories
         .into_iter()
-        .filter_map(|c| {
-            catalog.categories.get(&c).map(|cat| Retention {
-                description: cat.description.clone(),
-                retention: cat.retention.clone(),
-                category: c,
-            })
-        })
+        .filter_map(|c| (catalog.categories.get(&c)).map(|cat| Retention::of(&c, cat)))
         .collect();
     Ok(Report {
         subject: subject.to_owned(),
@@ -599,9 +605,15 @@ pub fn html(r: &Report) -> String {
             .iter()
             .map(|c| {
                 format!(
-                    "<b>{}</b> ({}): {}",
+                    "<b>{}</b> ({}{}): held on the lawful basis of {}; kept: {}",
                     esc(&c.description),
                     esc(&c.category),
+                    if c.special {
+                        ", special category data"
+                    } else {
+                        ""
+                    },
+                    esc(&c.lawful_basis.replace('_', " ")),
                     esc(&c.retention)
                 )
             })
@@ -664,7 +676,7 @@ pub fn html(r: &Report) -> String {
 <h2>Purposes and lawful bases</h2><ul>{purposes}</ul>
 <h2>Recipients</h2><ul>{recipients}</ul>
 <h2>Where the data came from</h2><ul>{sources}</ul>
-<h2>How long it is kept</h2><ul>{retention}</ul>
+<h2>What is held, on what basis, and for how long</h2><ul>{retention}</ul>
 <h2>Restrictions in force</h2><ul>{restrictions}</ul>
 <h2>Data held now</h2>{current}
 </body></html>
@@ -866,7 +878,7 @@ mod tests {
         let second = encode_line(2, &first.hash, &now).unwrap();
         std::fs::write(
             dir.path().join(segment_name(1)),
-            [first.bytes, second.bytes].concat(),
+            [first.bytes.clone(), second.bytes.clone()].concat(),
         )
         .unwrap();
         let report = build(dir.path(), &catalog, "subj-1", Vec::new()).unwrap();
@@ -888,6 +900,29 @@ mod tests {
         );
         let sources: Vec<&str> = report.datasets.iter().map(|d| d.dataset.as_str()).collect();
         assert_eq!(sources, ["old_register", "voter"]);
+        // Each category disclosed, with the basis it is held on and whether it is special.
+        let mut opinion = now.clone();
+        opinion.fields = vec!["voting_intention".into(), "ward".into()];
+        let third = encode_line(3, &second.hash, &opinion).unwrap();
+        std::fs::write(
+            dir.path().join(segment_name(1)),
+            [first.bytes, second.bytes, third.bytes].concat(),
+        )
+        .unwrap();
+        let report = build(dir.path(), &catalog, "subj-1", Vec::new()).unwrap();
+        let kept: Vec<(&str, &str, bool)> = (report.retention.iter())
+            .map(|c| (c.category.as_str(), c.lawful_basis.as_str(), c.special))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("area", "public_task", false),
+                ("political_opinion", "public_task", true)
+            ]
+        );
+        assert!(html(&report).contains(
+            "(political_opinion, special category data): held on the lawful basis of public task"
+        ));
     }
 
     /// A restriction's time reads as a time, not as milliseconds.
