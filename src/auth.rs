@@ -535,6 +535,7 @@ fn add_set(
     }
     let mut passed_over = Vec::new();
     let mut taken = 0;
+    let mut leaked_only = 0;
     for (n, entry) in set.keys.into_iter().enumerate() {
         let name = entry
             .get("kid")
@@ -583,6 +584,7 @@ fn add_set(
             // Its public half only, now: passed over (a provider keeps an old key in its set
             // a while after rotating), never a reason to refuse the rest or to drop the keys
             // in use.
+            leaked_only += 1;
             passed_over.push(format!(
                 "`{kid}` (published with its private half earlier in this run: not trusted \
                  again until the gateway restarts)"
@@ -611,6 +613,19 @@ fn add_set(
     }
     // An empty set is more likely a failed fetch than a choice, and would drop every key of
     // the identity provider's at a reload (`rekey`): stop and say where.
+    if taken == 0 && leaked_only > 0 {
+        bail!(
+            "{source} holds no keys the gateway can use: {} published with its private half \
+             earlier in this run (passed over: {}); publish a new signing key there, or \
+             remove the set and restart",
+            if leaked_only == 1 {
+                "its key was"
+            } else {
+                "its keys were"
+            },
+            passed_over.join("; ")
+        );
+    }
     if taken == 0 {
         let why = match passed_over.is_empty() {
             true => String::new(),

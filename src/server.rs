@@ -507,7 +507,11 @@ impl<T: AsyncWrite + Unpin> FirstBytes<T> {
         while *sent < answer.len() {
             match std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..])) {
                 Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => *sent += n,
+                Ok(n) => {
+                    *sent += n;
+                    // Bytes went: the stall clock starts again at the next wait.
+                    self.stalled = false;
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

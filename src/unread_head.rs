@@ -17,24 +17,30 @@ use crate::error::GatewayError;
 use crate::request_head::MAX_URI_BYTES;
 use crate::request_head::{HARD_HEAD_BYTES, HARD_HEADERS, MAX_HEAD_BYTES, MAX_HEADERS};
 
-/// What hyper writes after the status line (`date`'s value is always 29 bytes, RFC 9110's
-/// IMF-fixdate).
-const AFTER_STATUS: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
+/// What hyper writes after the status line, longest first: `connection: close`, but on a
+/// connection kept alive under HTTP/1.0, where it answers in HTTP/1.0 and names no
+/// connection (`date`'s value is always 29 bytes, RFC 9110's IMF-fixdate).
+const AFTER_STATUS: [&[u8]; 2] = [
+    b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ",
+    b"\r\ncontent-length: 0\r\ndate: ",
+];
 const DATE_LEN: usize = 29;
 const END: &[u8] = b"\r\n\r\n";
 
-/// The status lines hyper answers a head it cannot read with, and what each one means.
+/// The versions hyper answers in.
+const VERSIONS: [&[u8]; 2] = [b"HTTP/1.1", b"HTTP/1.0"];
+const VERSION_LEN: usize = 8;
+
+/// The status lines (after the version) hyper answers a head it cannot read with, and what
+/// each one means.
 const STATUS_LINES: [(&[u8], Unread); 3] = [
-    (b"HTTP/1.1 400 Bad Request", Unread::Malformed),
-    (b"HTTP/1.1 414 URI Too Long", Unread::TargetTooLong),
-    (
-        b"HTTP/1.1 431 Request Header Fields Too Large",
-        Unread::TooLarge,
-    ),
+    (b" 400 Bad Request", Unread::Malformed),
+    (b" 414 URI Too Long", Unread::TargetTooLong),
+    (b" 431 Request Header Fields Too Large", Unread::TooLarge),
 ];
 
 /// The longest answer of hyper's this module knows.
-const LONGEST: usize = 44 + AFTER_STATUS.len() + DATE_LEN + END.len();
+const LONGEST: usize = VERSION_LEN + 36 + AFTER_STATUS[0].len() + DATE_LEN + END.len();
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unread {
@@ -94,39 +100,51 @@ pub(crate) fn find(bufs: &[IoSlice<'_>]) -> Option<Found> {
         }
     }
     let date_at = n.checked_sub(END.len() + DATE_LEN)?;
-    if !tail.ends_with(END) || !tail[..date_at].ends_with(AFTER_STATUS) {
+    if !tail.ends_with(END) {
         return None;
     }
     let date = &tail[date_at..date_at + DATE_LEN];
     if !date.ends_with(b" GMT") || !date.is_ascii() {
         return None;
     }
-    let status_end = date_at - AFTER_STATUS.len();
+    let after = AFTER_STATUS
+        .iter()
+        .find(|after| tail[..date_at].ends_with(after))?;
+    let status_end = date_at - after.len();
     let (line, unread) = STATUS_LINES
         .iter()
         .find(|(line, _)| tail[..status_end].ends_with(line))?;
+    let version_at = (status_end - line.len()).checked_sub(VERSION_LEN)?;
+    let version = &tail[version_at..version_at + VERSION_LEN];
+    if !VERSIONS.contains(&version) {
+        return None;
+    }
     let request_id = crate::gateway::new_request_id();
     Some(Found {
-        at: total - (n - (status_end - line.len())),
-        answer: problem_answer(*unread, date, &request_id),
+        at: total - (n - version_at),
+        answer: problem_answer(*unread, version, date, &request_id),
         request_id,
     })
 }
 
-/// The answer written in place of hyper's: its status and date, as a problem document.
-fn problem_answer(unread: Unread, date: &[u8], request_id: &str) -> Vec<u8> {
+/// The answer written in place of hyper's: its version, status and date, as a problem
+/// document.
+fn problem_answer(unread: Unread, version: &[u8], date: &[u8], request_id: &str) -> Vec<u8> {
     let err = unread.error();
     let body = serde_json::to_vec(&err.problem(request_id)).unwrap_or_default();
     let status = err.status();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/problem+json\r\ncache-control: \
+    let mut out = version.to_vec();
+    out.extend_from_slice(
+        format!(
+            " {} {}\r\ncontent-type: application/problem+json\r\ncache-control: \
          no-store\r\nx-content-type-options: nosniff\r\nx-request-id: {request_id}\r\n\
          connection: close\r\ncontent-length: {}\r\ndate: ",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    )
-    .into_bytes();
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(date);
     out.extend_from_slice(END);
     out.extend_from_slice(&body);
@@ -141,6 +159,22 @@ mod tests {
 
     fn hypers(line: &str) -> String {
         format!("{line}\r\nconnection: close\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n")
+    }
+
+    /// hyper's answer on a connection kept alive under HTTP/1.0.
+    #[test]
+    fn an_http10_answer_is_found_too() {
+        let bytes =
+            format!("HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n");
+        let found = find(&[IoSlice::new(bytes.as_bytes())]).unwrap();
+        assert_eq!(found.at, 0);
+        let (head, problem) = problem(&found);
+        assert!(head.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{head}");
+        assert_eq!(problem["type"], "urn:wardgate:problem:bad-request");
+        for other in ["HTTP/2.0", "HTTP/1.2", "XTTP/1.0"] {
+            let bytes = bytes.replace("HTTP/1.0", other);
+            assert!(find(&[IoSlice::new(bytes.as_bytes())]).is_none(), "{other}");
+        }
     }
 
     fn problem(found: &Found) -> (String, serde_json::Value) {

@@ -409,47 +409,64 @@ async fn sighup_reads_the_keys_again_and_a_bad_key_file_changes_nothing() {
     child.wait().unwrap();
 }
 
+/// An ES256 key's public JWK, under `kid`.
+fn jwk_of(private_pem: &str, kid: &str) -> serde_json::Value {
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let enc = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    serde_json::to_value(jwk).unwrap()
+}
+
+/// Writes the JWK set `keys` to `jwks`.
+fn publish(jwks: &std::path::Path, keys: &[serde_json::Value]) {
+    std::fs::write(jwks, json!({ "keys": keys }).to_string()).unwrap();
+}
+
+/// An app trusting the JWK set file `jwks` (written first, holding `other`'s key as
+/// `idp-other`) beside the demo's PEM key file, for the demo's issuer.
+async fn app_with_jwks_file(
+    jwks: &std::path::Path,
+    other: &wardgate::token::KeyPairPem,
+    audit_dir: Option<std::path::PathBuf>,
+) -> TestApp {
+    publish(jwks, &[jwk_of(&other.private_pem, "idp-other")]);
+    let at = jwks.to_owned();
+    common::spawn_app_with(common::AppOptions {
+        edit: Some(Box::new(move |cfg: &mut wardgate::config::Config| {
+            cfg.auth.jwks_file = Some(at);
+            cfg.auth.jwks_issuer = cfg.auth.issuers[0].clone();
+        })),
+        audit_dir,
+        ..Default::default()
+    })
+    .await
+}
+
+/// The demo's signing key as published with its private half, under an id of its own.
+fn leaked_demo_key(app: &TestApp) -> serde_json::Value {
+    let mut leaked = jwk_of(&app.private_pem, "published");
+    leaked["d"] = "c2VjcmV0LWhhbGY".into();
+    leaked
+}
+
 /// A key file read again (`SIGHUP`, here `rekey::reload_keys`) that publishes a key's
 /// private half: refused, and that key dropped at once, with the copy of it pinned as the
 /// demo's PEM key file; the other keys stay. Published again without its private half, it
 /// is not trusted again in this run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_file_publishing_a_private_key_drops_that_key_and_its_pinned_copy() {
-    use jsonwebtoken::jwk::Jwk;
-    use jsonwebtoken::{Algorithm, EncodingKey};
-
-    let jwk_of = |private_pem: &str, kid: &str| {
-        let enc = EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap();
-        let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
-        jwk.common.key_id = Some(kid.into());
-        serde_json::to_value(jwk).unwrap()
-    };
-    // At start the file holds another key of the demo's issuer.
     let other = wardgate::token::generate_es256().unwrap();
     let files = tempfile::tempdir().unwrap();
     let jwks = files.path().join("jwks.json");
-    let publish = |keys: Vec<serde_json::Value>| {
-        std::fs::write(&jwks, json!({ "keys": keys }).to_string()).unwrap();
-    };
-    publish(vec![jwk_of(&other.private_pem, "idp-other")]);
-    let at = jwks.clone();
-    let app = common::spawn_app_with(common::AppOptions {
-        edit: Some(Box::new(move |cfg: &mut wardgate::config::Config| {
-            cfg.auth.jwks_file = Some(at);
-            cfg.auth.jwks_issuer = cfg.auth.issuers[0].clone();
-        })),
-        ..Default::default()
-    })
-    .await;
+    let app = app_with_jwks_file(&jwks, &other, None).await;
     let token = app.token("canvasser");
     let listed = app.get(LIST, Some(&token), Some("canvassing")).await;
     assert_eq!(listed.status, 200);
 
-    // The demo's signing key published with its private half, under an id of its own.
-    let mut leaked = jwk_of(&app.private_pem, "published");
-    let unleaked = leaked.clone();
-    leaked["d"] = "c2VjcmV0LWhhbGY".into();
-    publish(vec![jwk_of(&other.private_pem, "idp-other"), leaked]);
+    let idp_other = jwk_of(&other.private_pem, "idp-other");
+    publish(&jwks, &[idp_other.clone(), leaked_demo_key(&app)]);
     let err = format!(
         "{:#}",
         wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
@@ -484,7 +501,7 @@ async fn a_key_file_publishing_a_private_key_drops_that_key_and_its_pinned_copy(
 
     // Published again without its private half (the PEM file still holds it): passed over
     // in both, and its tokens stay refused.
-    publish(vec![jwk_of(&other.private_pem, "idp-other"), unleaked]);
+    publish(&jwks, &[idp_other, jwk_of(&app.private_pem, "published")]);
     wardgate::rekey::reload_keys(&app.gw).await.unwrap();
     expect_401(
         &app,
@@ -497,5 +514,65 @@ async fn a_key_file_publishing_a_private_key_drops_that_key_and_its_pinned_copy(
         .unwrap();
     let kept: Vec<String> = (last["detail"]["keys"].as_object().unwrap().keys().cloned()).collect();
     assert_eq!(kept, ["idp-other"]);
+    app.stop().await;
+}
+
+/// A leaked key's drop that the audit log could not take (a full disk) is made at the next
+/// read, whatever that read finds: here the file mended to the key's public half alone, a
+/// set the gateway refuses for holding no usable key. (Needs root for the tmpfs, as CI is.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_keys_drop_the_log_could_not_take_is_made_at_the_next_read() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("audit");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&mount, "256k") else {
+        return;
+    };
+    let other = wardgate::token::generate_es256().unwrap();
+    let jwks = base.path().join("jwks.json");
+    let app = app_with_jwks_file(&jwks, &other, Some(mount.clone())).await;
+    let token = app.token("canvasser");
+    assert_eq!(
+        app.get(LIST, Some(&token), Some("canvassing")).await.status,
+        200
+    );
+
+    common::fill(&mount);
+    // The segment's last page may hold a record or two more: the log fails once it is used up.
+    let mut answered = 0;
+    while app.get(LIST, Some(&token), Some("canvassing")).await.status != 503 {
+        answered += 1;
+        assert!(answered < 8, "the log never failed");
+    }
+    publish(&jwks, &[leaked_demo_key(&app)]);
+    let err = format!(
+        "{:#}",
+        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
+    );
+    assert!(err.contains("could not be audited"), "{err}");
+    assert!(
+        !(common::read_audit(&mount).iter()).any(|r| r["reason"] == "keys_reloaded"),
+        "the drop was recorded on a full disk"
+    );
+    std::fs::remove_file(mount.join("filler")).unwrap();
+    publish(&jwks, &[jwk_of(&app.private_pem, "published")]);
+    let err = format!(
+        "{:#}",
+        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
+    );
+    assert!(
+        err.contains("holds no keys") && err.contains("private half earlier in this run"),
+        "{err}"
+    );
+    expect_401(
+        &app,
+        app.get(LIST, Some(&token), Some("canvassing")).await,
+        "token_key_unknown",
+    )
+    .await;
+    let dropped = (app.audit_records().into_iter())
+        .rfind(|r| r["reason"] == "keys_reloaded")
+        .unwrap();
+    assert_eq!(dropped["detail"]["trigger"], "leaked_key");
+    assert_eq!(dropped["detail"]["removed"], json!([wardgate::demo::KID]));
     app.stop().await;
 }

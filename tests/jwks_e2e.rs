@@ -220,6 +220,11 @@ struct Setup {
 
 impl Setup {
     async fn start(settings: &str) -> Setup {
+        Setup::start_with(settings, false).await
+    }
+
+    /// With `pin`, `a`'s public key is also pinned as a key file, `[[auth.keys]]` `pinned-a`.
+    async fn start_with(settings: &str, pin: bool) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let ca = common::Ca::new("IdP CA");
         let ca_file = dir.path().join("idp-ca.pem");
@@ -233,7 +238,11 @@ impl Setup {
         let (upstream, store) = common::start_datastore(200).await;
         let (listen, admin) = (common::free_addr(), common::free_addr());
         let url = idp.url("/jwks.json");
-        let cfg = configured(&gw_dir, upstream, listen, admin, &url, &ca_file, settings);
+        let pinned = "\n[[auth.keys]]\nkid = \"pinned-a\"\nalgorithm = \"ES256\"\n\
+                      public_key_file = \"keys/pinned-a.pub.pem\"\n";
+        let settings = format!("{settings}{}", if pin { pinned } else { "" });
+        let cfg = configured(&gw_dir, upstream, listen, admin, &url, &ca_file, &settings);
+        std::fs::write(gw_dir.join("keys/pinned-a.pub.pem"), &a.public_pem).unwrap();
         let gateway = common::serve_process(&cfg);
         let s = Setup {
             _dir: dir,
@@ -414,6 +423,35 @@ async fn a_fetched_set_publishing_a_private_key_drops_the_fetched_keys_at_once()
     s.idp.publish("jwks.json", &good);
     s.after_fetches(s.fetches(), 2).await;
     assert_eq!(s.status(&token_b).await, 200, "the key in use dropped");
+}
+
+/// A fetched set publishing a key's private half drops, with the fetched keys, a copy of that
+/// key pinned as a key file, under another id; and a later set does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_leak_drops_a_pinned_copy_of_the_key_too() {
+    let s = Setup::start_with("jwks_refresh = \"1s\"\njwks_max_stale = \"1h\"", true).await;
+    let pinned = s.token("pinned-a", &s.a);
+    assert_eq!(s.status(&pinned).await, 200);
+    let mut leaked: serde_json::Value = serde_json::from_str(&set_of(&[("idp-a", &s.a)])).unwrap();
+    leaked["keys"][0]["d"] = "c2VjcmV0LWhhbGY".into();
+    s.idp.publish("jwks.json", &leaked.to_string());
+    s.until(&pinned, 401, "the pinned copy dropped").await;
+    let taken = s.audited("keys_reloaded");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0]["detail"]["trigger"], "leaked_key");
+    assert_eq!(taken[0]["detail"]["removed"], json!(["idp-a", "pinned-a"]));
+    // A new key taken later keeps the key files' keys as in use: not the pinned copy.
+    let b = wardgate::token::generate_es256().unwrap();
+    let token_b = s.token("idp-b", &b);
+    s.idp.publish("jwks.json", &set_of(&[("idp-b", &b)]));
+    s.until(&token_b, 200, "a new key taken").await;
+    assert_eq!(s.status(&pinned).await, 401);
+    // And nothing is dropped again at every fetch.
+    s.after_fetches(s.fetches(), 2).await;
+    let leaked_drops = (s.audited("keys_reloaded").iter())
+        .filter(|r| r["detail"]["trigger"] == "leaked_key")
+        .count();
+    assert_eq!(leaked_drops, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

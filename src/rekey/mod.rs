@@ -327,17 +327,18 @@ async fn keys(gw: &Gateway, trigger: Trigger, jwks: Jwks) -> anyhow::Result<()> 
     let new = match read {
         Ok(new) => new,
         Err(e) => {
-            let leaked = e.downcast_ref::<crate::auth::LeakedKey>().is_some();
             let e = KEYS.refuse(gw, trigger, e).await;
-            // A key file publishing a private key: that key goes now (and a copy of it pinned
-            // as another file with it), the rest in use stay. Recorded as any change of keys;
-            // one that cannot be recorded is not made, and is made at the next read (`SIGHUP`,
-            // a change to the files), while meanwhile nothing is disclosed to anyone.
-            if leaked && gw.verifier.uses_leaked() {
+            // A key file publishing a private key (now, or at a read whose drop could not be
+            // recorded): that key goes now, and a copy of it pinned as another file with it;
+            // the rest in use stay. Recorded as any change of keys; one that cannot be
+            // recorded is not made, and is `Unlogged`, so that the next check reads the files
+            // again (nothing is disclosed to anyone meanwhile: no answer leaves without its
+            // record).
+            if gw.verifier.uses_leaked() {
                 tracing::error!(
                     "a key file published a private key: dropping that key; its tokens are refused until the gateway restarts"
                 );
-                let _ = take(gw, Trigger::Leaked, gw.verifier.without_leaked()).await;
+                take(gw, Trigger::Leaked, gw.verifier.without_leaked()).await?;
             }
             return Err(e);
         }
