@@ -103,9 +103,10 @@ pub struct Source {
 pub struct Retention {
     pub category: String,
     pub description: String,
-    /// The Art 6 basis it is held on, and whether it is special category data (Art 9): what
-    /// Art 15 asks of each category, held or disclosed.
-    pub lawful_basis: String,
+    /// Whether it is special category data (Art 9). (No lawful basis here: the asset
+    /// register gives each category one, but a category spans datasets held on different
+    /// bases, a member's name on contract, an elector's on public task; each use's basis is
+    /// its purpose's, in `purposes`.)
     pub special: bool,
     pub retention: String,
 }
@@ -115,7 +116,6 @@ impl Retention {
         Retention {
             category: name.to_owned(),
             description: cat.description.clone(),
-            lawful_basis: cat.lawful_basis.clone(),
             special: cat.special,
             retention: cat.retention.clone(),
         }
@@ -605,7 +605,7 @@ pub fn html(r: &Report) -> String {
             .iter()
             .map(|c| {
                 format!(
-                    "<b>{}</b> ({}{}): held on the lawful basis of {}; kept: {}",
+                    "<b>{}</b> ({}{}): kept {}",
                     esc(&c.description),
                     esc(&c.category),
                     if c.special {
@@ -613,7 +613,6 @@ pub fn html(r: &Report) -> String {
                     } else {
                         ""
                     },
-                    esc(&c.lawful_basis.replace('_', " ")),
                     esc(&c.retention)
                 )
             })
@@ -676,7 +675,7 @@ pub fn html(r: &Report) -> String {
 <h2>Purposes and lawful bases</h2><ul>{purposes}</ul>
 <h2>Recipients</h2><ul>{recipients}</ul>
 <h2>Where the data came from</h2><ul>{sources}</ul>
-<h2>What is held, on what basis, and for how long</h2><ul>{retention}</ul>
+<h2>What is held, and for how long</h2><ul>{retention}</ul>
 <h2>Restrictions in force</h2><ul>{restrictions}</ul>
 <h2>Data held now</h2>{current}
 </body></html>
@@ -900,7 +899,7 @@ mod tests {
         );
         let sources: Vec<&str> = report.datasets.iter().map(|d| d.dataset.as_str()).collect();
         assert_eq!(sources, ["old_register", "voter"]);
-        // Each category disclosed, with the basis it is held on and whether it is special.
+        // Each category disclosed, and whether it is special.
         let mut opinion = now.clone();
         opinion.fields = vec!["voting_intention".into(), "ward".into()];
         let third = encode_line(3, &second.hash, &opinion).unwrap();
@@ -910,19 +909,11 @@ mod tests {
         )
         .unwrap();
         let report = build(dir.path(), &catalog, "subj-1", Vec::new()).unwrap();
-        let kept: Vec<(&str, &str, bool)> = (report.retention.iter())
-            .map(|c| (c.category.as_str(), c.lawful_basis.as_str(), c.special))
+        let kept: Vec<(&str, bool)> = (report.retention.iter())
+            .map(|c| (c.category.as_str(), c.special))
             .collect();
-        assert_eq!(
-            kept,
-            [
-                ("area", "public_task", false),
-                ("political_opinion", "public_task", true)
-            ]
-        );
-        assert!(html(&report).contains(
-            "(political_opinion, special category data): held on the lawful basis of public task"
-        ));
+        assert_eq!(kept, [("area", false), ("political_opinion", true)]);
+        assert!(html(&report).contains("(political_opinion, special category data): kept 4 years"));
     }
 
     /// A restriction's time reads as a time, not as milliseconds.
