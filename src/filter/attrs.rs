@@ -354,11 +354,13 @@ enum Slot {
     Given,
     Withdrawn,
     Other,
-    /// Another spelling of `given_at` or `withdrawn_at` (`Withdrawn_At`, `withdrawnAt`), or
-    /// another key that speaks of a withdrawal (`withdrawn`, `withdrawal_date`,
-    /// `revoked_at`): one a reader would take for a withdrawal and this reading would skip.
-    /// The consents are unreadable, and the record is withheld.
-    Respelt,
+    /// Any other key: another spelling of `given_at` or `withdrawn_at` (`Withdrawn_At`,
+    /// `withdrawnAt`), or a key of its own that may speak of a withdrawal (`withdrawn`,
+    /// `revoked_at`, `unsubscribed_at`, `opted_out`, `status`), which this reading would skip
+    /// and a reader would take for one. A consent record holds `given_at`, `withdrawn_at`,
+    /// `source` and `channel` (DOMAIN.md); a key outside those makes the consents unreadable,
+    /// and the record is withheld.
+    Unknown,
 }
 
 impl Slot {
@@ -366,33 +368,12 @@ impl Slot {
         match name {
             "given_at" => Slot::Given,
             "withdrawn_at" => Slot::Withdrawn,
-            _ => {
-                // Folded on the stack: a consent's other keys (`source`) are met on every
-                // record whose consents are not laid out as the last one's.
-                let mut buf = [0u8; 128];
-                let mut n = 0;
-                for b in name.bytes().filter(u8::is_ascii_alphanumeric) {
-                    if n == buf.len() {
-                        // Longer than any key worth a name: read as a withdrawal would be.
-                        return Slot::Respelt;
-                    }
-                    buf[n] = b.to_ascii_lowercase();
-                    n += 1;
-                }
-                let folded = &buf[..n];
-                let has = |w: &[u8]| folded.windows(w.len()).any(|x| x == w);
-                if folded == b"givenat" || has(b"withdr") || has(b"revok") {
-                    Slot::Respelt
-                } else {
-                    Slot::Other
-                }
-            }
+            "source" | "channel" => Slot::Other,
+            _ => Slot::Unknown,
         }
     }
 }
 
-/// Whether a key speaks of a withdrawal or revocation (`withdrawn`, `Withdrawal_Date`,
-/// `revoked_at`), whatever its spelling.
 /// Whether two words are spellings of one (`fold`), without building either.
 fn same_word(a: &str, b: &str) -> bool {
     fn folded(w: &str) -> impl Iterator<Item = u8> + '_ {
@@ -603,7 +584,7 @@ fn take_slot(
             scan.value_start().ok()?;
             return Some(());
         }
-        Slot::Respelt => return None,
+        Slot::Unknown => return None,
     };
     if slot.is_some() {
         return None;

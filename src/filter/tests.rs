@@ -886,6 +886,11 @@ fn consents_that_cannot_be_read_withhold_the_record() {
         r#"{"email":{"given_at":"2024-01-01","withdrawn":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01","withdrawal_date":"2024-06-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01","revoked_at":"2024-06-01"}}"#,
+        // Nor under any key a consent record does not hold: a deny-list of the words that
+        // mean withdrawn would miss these.
+        r#"{"email":{"given_at":"2024-01-01","unsubscribed_at":"2024-06-01"}}"#,
+        r#"{"email":{"given_at":"2024-01-01","opted_out":true}}"#,
+        r#"{"email":{"given_at":"2024-01-01","status":"ended"}}"#,
         r#"{"email":{"given_at":"2024-01-01"},"Email":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"}}"#,
         r#"{"E-mail":{"given_at":"2024-01-01","withdrawn_at":"2024-06-01"},"sms":null,"email":{"given_at":"2024-01-01"}}"#,
         r#"{"email":{"given_at":"2024-01-01","givenAt":"2024-01-02"}}"#,
