@@ -488,7 +488,8 @@ impl Drop for Unanswered<'_> {
 /// register (`Trail::judged_on`), a flag placed on one of its subjects since (restriction,
 /// objection, erasure request: the DPO was told it holds) or a register that can no longer
 /// be read (stale), or, for an aggregate, a policy pack put in force since that decides
-/// otherwise (`Judged::counted_under`). `None` when it may. The register is rebuilt whole on each change, so an
+/// otherwise (`Judged::counted_under`) or any change to the register since it began counting
+/// (its counts name no one, so a flag placed since may be on someone counted). `None` when it may. The register is rebuilt whole on each change, so an
 /// unchanged one costs one comparison.
 fn held_back(
     gw: &Gateway,
@@ -522,6 +523,11 @@ fn held_back(
     };
     match gw.controls.register_flags() {
         Ok(now) if now.same_as(then) => None,
+        // An aggregate's counts name no one: any change since it began counting may have
+        // flagged someone it counted (one asking again is counted on the register as it is).
+        Ok(_) if judged.counted_under.is_some() => {
+            Some((GatewayError::ControlsStale, "rights_register_changed"))
+        }
         Ok(now) => (subjects.iter())
             .any(|s| now.gained_since(then, s))
             .then_some((GatewayError::ControlsStale, "rights_register_changed")),
@@ -788,6 +794,10 @@ where
                     )
                 })?;
             let body = upstream.open_stream(&path, request_id).await?;
+            // The register the count begins on: an aggregate names no subjects, so any flag
+            // placed from now until its answer leaves may be on someone counted in an earlier
+            // batch (`held_back`).
+            trail.judged_on = Some(register_now(gw, &principal)?);
             let counted = crate::aggregate::count(
                 crate::export::Lines::new(body).idle(upstream.response_timeout()),
                 &route,

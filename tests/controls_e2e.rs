@@ -2008,6 +2008,40 @@ async fn a_policy_pack_put_in_force_while_an_aggregate_is_recorded_holds_it_back
     app.stop().await;
 }
 
+/// A restriction placed while an aggregate is counted or its record made durable holds its
+/// counts back: they name no one, so the person restricted may be counted in them, and the DPO
+/// was told the restriction holds at once. Asked again, the count is made on the register as
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restriction_placed_while_an_aggregate_is_recorded_holds_it_back() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let id = visible_elector(&app).await;
+    let rooms = hold_the_audit_queue(&app).await;
+    let token = app.token("analyst");
+    let path = "/voter/electors/aggregate?by=ward";
+    let asked = app.get(path, Some(&token), Some("research"));
+    let place = async {
+        // The aggregate has been counted by now, and waits for room.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        place_directly(&app, &id, "restricted", "AGG-HELD").await;
+        drop(rooms);
+    };
+    let (r, ()) = tokio::join!(asked, place);
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.json()["type"], "urn:wardgate:problem:controls-stale");
+    assert!(!String::from_utf8_lossy(&r.body).contains("cells"));
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"], "rights_register_changed",
+        "{records:?}"
+    );
+    let again = app.get(path, Some(&token), Some("research")).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    app.stop().await;
+}
+
 /// The admin plane's routes take no query but a subject access report's `format` and the live
 /// feed's filter: a query anywhere else is a mistake (a filter its caller thinks applies, a
 /// format the answer does not come in), refused (400, recorded), not passed over.
