@@ -76,6 +76,13 @@ pub struct Dataset {
     #[serde(default = "default_per_page")]
     pub max_per_page: u32,
     pub fields: BTreeMap<String, String>,
+    /// Fields whose values hold objects, or arrays of them (a member's `roles`, equality
+    /// monitoring answers). Every other field's value must be a scalar or an array of scalars
+    /// (the consents field aside, read as consents), or its record is withheld as malformed:
+    /// a datastore's nested object (a joined row, a label expansion) would otherwise leave
+    /// whole under the outer field's category, whatever it carries.
+    #[serde(default)]
+    pub structured: Vec<String>,
     #[serde(default)]
     pub writes: BTreeMap<String, WriteRoute>,
     /// The flags a record may carry (the rights register's kinds, `under_16`, the catalogue's
@@ -233,6 +240,9 @@ impl Catalog {
                 }
             }
             known(&d.subject_field, "subject_field")?;
+            for f in &d.structured {
+                known(f, "structured field")?;
+            }
             for f in area_template_fields(&d.area)? {
                 known(&f, "area template field")?;
             }

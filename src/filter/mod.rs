@@ -813,6 +813,16 @@ fn write_record(
             set,
         } => (subject, runs, unclassified, set),
     };
+    // A value nested where the asset register expects a scalar (or a list of them) would leave
+    // whole under its field's category, whatever it holds: withheld as malformed.
+    let nested = (runs.iter())
+        .flat_map(|&(first, last)| first..=last)
+        .any(|i| !shaped(rec, i, cx.dataset));
+    if nested {
+        d.rows_withheld += 1;
+        d.malformed_rows += 1;
+        return false;
+    }
     // Each run of consecutive fields that leave is copied as written, with the commas and
     // any whitespace between them: the scanner has checked every byte of it.
     let mark = out.len();
@@ -837,6 +847,49 @@ fn write_record(
     d.unclassified_fields += unclassified;
     d.subjects.push(&subject);
     d.subject_sets.push(set);
+    true
+}
+
+/// Whether field `i` of `rec` holds what its dataset allows: a scalar or an array of scalars,
+/// or, in a field the asset register names `structured` (and the consents field), anything.
+/// (Only an object or array value's name is looked at: the rest cost one byte each.)
+fn shaped(rec: &RawRecord, i: usize, ds: &Dataset) -> bool {
+    let Some(value) = (rec.spans.get(i)).and_then(|s| rec.text.as_bytes().get(s.value..s.end))
+    else {
+        return false;
+    };
+    let flat = match value.first() {
+        Some(b'{') => false,
+        Some(b'[') => flat_array(value),
+        _ => return true,
+    };
+    flat || rec.names.get(i).is_some_and(|name| {
+        ds.structured.iter().any(|s| same_name(name, s))
+            || ds
+                .consents_field
+                .as_deref()
+                .is_some_and(|c| same_name(name, c))
+    })
+}
+
+/// Whether a valid JSON array (as the scanner checked it) holds no object or array.
+fn flat_array(value: &[u8]) -> bool {
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in value.get(1..).unwrap_or_default() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b'{' || b == b'[' {
+            return false;
+        }
+    }
     true
 }
 

@@ -1830,3 +1830,80 @@ fn a_policy_field_named_again_under_another_spelling_withholds_the_record() {
     assert!(String::from_utf8(out).unwrap().contains("VF-1"));
     assert_eq!((d.malformed_rows, d.unclassified_fields), (0, 1));
 }
+
+/// A value nested where the asset register expects a scalar or a list of scalars (a joined
+/// row, a label expansion) withholds its record: it would leave whole under its field's
+/// category, an email inside a name. Not read as a nesting: braces inside a string, or the
+/// consents field's object. A field the register names `structured` may nest, and one that
+/// is not kept is not looked at.
+#[test]
+fn a_value_nested_where_a_scalar_belongs_withholds_the_record() {
+    let ds = dataset();
+    let mut decide = |_: &RecordAttrs| {
+        verdict(
+            true,
+            &[
+                "identifier",
+                "identity",
+                "turnout_history",
+                "consent_record",
+            ],
+        )
+    };
+    let nested = record("VF-1", "CGW1", "").replace(
+        r#""first_name":"Ann""#,
+        r#""first_name":{"given":"Ann","email":"ann@x.org"}"#,
+    );
+    for bad in [
+        nested,
+        record("VF-1", "CGW1", r#","turnout":[["GE2024"]]"#),
+        record(
+            "VF-1",
+            "CGW1",
+            r#","turnout":["GE2024",{"mobile":"07700900000"}]"#,
+        ),
+    ] {
+        let body = format!(r#"{{"records":[{bad}]}}"#);
+        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"records":[]}"#,
+            "{bad}"
+        );
+        assert_eq!((d.rows_withheld, d.malformed_rows), (1, 1), "{bad}");
+    }
+    // Read again in a layout the page has seen: the same rule, record by record.
+    let fine = record("VF-1", "CGW1", r#","turnout":["GE2024","{[\"x"]"#);
+    let again = record("VF-2", "CGW1", r#","turnout":[{"e":"GE2024"}]"#);
+    let body = format!(r#"{{"records":[{fine},{again},{fine}]}}"#);
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut decide).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["records"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        v["records"][0]["turnout"],
+        serde_json::json!(["GE2024", "{[\"x"])
+    );
+    assert!(v["records"][0]["consents"].is_object(), "{v}");
+    assert_eq!(d.malformed_rows, 1);
+    // Not kept: not looked at.
+    let mut narrow = |_: &RecordAttrs| verdict(true, &["identifier"]);
+    let body = format!(r#"{{"records":[{again}]}}"#);
+    let (out, _) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut narrow).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["records"][0], serde_json::json!({ "elector_id": "VF-2" }));
+    // Named `structured`: may nest.
+    let mut structured = ds.clone();
+    structured.structured = vec!["turnout".to_owned()];
+    let (out, _) = page(
+        body.as_bytes(),
+        Envelope::Records,
+        &cx(&structured),
+        &mut decide,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        v["records"][0]["turnout"],
+        serde_json::json!([{ "e": "GE2024" }])
+    );
+}
