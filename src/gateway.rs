@@ -488,8 +488,8 @@ impl Drop for Unanswered<'_> {
 /// register (`Trail::judged_on`), a flag placed on one of its subjects since (restriction,
 /// objection, erasure request: the DPO was told it holds) or a register that can no longer
 /// be read (stale), or, for an aggregate, a policy pack put in force since that decides
-/// otherwise (`Judged::counted_under`) or any change to the register since it began counting
-/// (its counts name no one, so a flag placed since may be on someone counted). `None` when it may. The register is rebuilt whole on each change, so an
+/// otherwise (`Judged::counted_under`) or any flag placed since it began counting (its counts
+/// name no one, so a flag placed since may be on someone counted). `None` when it may. The register is rebuilt whole on each change, so an
 /// unchanged one costs one comparison.
 fn held_back(
     gw: &Gateway,
@@ -523,11 +523,10 @@ fn held_back(
     };
     match gw.controls.register_flags() {
         Ok(now) if now.same_as(then) => None,
-        // An aggregate's counts name no one: any change since it began counting may have
-        // flagged someone it counted (one asking again is counted on the register as it is).
-        Ok(_) if judged.counted_under.is_some() => {
-            Some((GatewayError::ControlsStale, "rights_register_changed"))
-        }
+        // An aggregate's counts name no one: any flag placed since it began counting may be
+        // on someone it counted (one asking again is counted on the register as it is).
+        Ok(now) if judged.counted_under.is_some() => (now.gained_any_since(then))
+            .then_some((GatewayError::ControlsStale, "rights_register_changed")),
         Ok(now) => (subjects.iter())
             .any(|s| now.gained_since(then, s))
             .then_some((GatewayError::ControlsStale, "rights_register_changed")),

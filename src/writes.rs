@@ -37,6 +37,16 @@ fn depth(v: &serde_json::Value) -> usize {
     }
 }
 
+/// Whether `v` is an object, or an array holding an array or object.
+fn nests(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Object(_) => true,
+        Value::Array(items) => items.iter().any(|i| i.is_array() || i.is_object()),
+        _ => false,
+    }
+}
+
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; the pipeline's state, spelt out"
@@ -93,6 +103,19 @@ pub(crate) async fn check_write(
             trail.refuse_write(std::slice::from_ref(field));
             return Err(GatewayError::WriteForbidden(why));
         }
+    }
+    // A value the filter would take for nested data (`filter::write_record`), once written,
+    // would withhold its record from every reader: only a field the asset register names
+    // `structured` (or the consents field) may hold an object, or a list of them.
+    let structured = |name: &str| {
+        dataset.structured.iter().any(|s| s == name)
+            || dataset.consents_field.as_deref() == Some(name)
+    };
+    if let Some((name, _)) = (fields.iter()).find(|(n, v)| nests(v) && !structured(n)) {
+        return Err(GatewayError::BadRequest(format!(
+            "`{name}` holds an object or a list of lists or objects: the asset register \
+             expects a value or a list of values"
+        )));
     }
     let (target, envelope) = fetch_one(upstream, dataset, id, request_id, trail).await?;
     let register = register_now(gw, principal)?;

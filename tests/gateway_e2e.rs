@@ -657,6 +657,18 @@ async fn writes_are_scoped_and_field_checked() {
         detail.contains("`canvass_issues` is nested more than"),
         "{detail}"
     );
+    // Nor any object, or list of lists or objects, where the asset register expects a value
+    // or a list of values: once written, the filter would withhold the record from everyone.
+    for body in [
+        r#"{"voting_intention":{"a":1}}"#,
+        r#"{"canvass_issues":[{"x":1}]}"#,
+        r#"{"canvass_issues":[["x"]]}"#,
+    ] {
+        let r = app.canvass(id, &t, "canvassing", body).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("holds an object or a list"), "{detail}");
+    }
     // Out of scope: looks like a missing record.
     let other = truth
         .iter()

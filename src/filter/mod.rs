@@ -651,7 +651,7 @@ pub fn single_attrs(
     let Some(record) = read_single(body, envelope, cx)? else {
         return Ok(None);
     };
-    if record.has_duplicate_names(cx.dataset) {
+    if record.has_duplicate_names(cx.dataset) || record.nests(cx.dataset) {
         return Ok(None);
     }
     Ok(attrs::record_attrs(&record, cx))
@@ -795,6 +795,14 @@ fn write_record(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> bool {
+    // A value nested where the asset register expects a scalar (or a list of them) would leave
+    // whole under its field's category, whatever it holds: the record is malformed, before
+    // anything of it is judged or reported.
+    if rec.nests(cx.dataset) {
+        d.rows_withheld += 1;
+        d.malformed_rows += 1;
+        return false;
+    }
     let (subject, runs, unclassified, set) = match memo.judge(rec, cx, decide, d) {
         Judged::Malformed => {
             d.rows_withheld += 1;
@@ -813,16 +821,6 @@ fn write_record(
             set,
         } => (subject, runs, unclassified, set),
     };
-    // A value nested where the asset register expects a scalar (or a list of them) would leave
-    // whole under its field's category, whatever it holds: withheld as malformed.
-    let nested = (runs.iter())
-        .flat_map(|&(first, last)| first..=last)
-        .any(|i| !shaped(rec, i, cx.dataset));
-    if nested {
-        d.rows_withheld += 1;
-        d.malformed_rows += 1;
-        return false;
-    }
     // Each run of consecutive fields that leave is copied as written, with the commas and
     // any whitespace between them: the scanner has checked every byte of it.
     let mark = out.len();
@@ -850,26 +848,28 @@ fn write_record(
     true
 }
 
-/// Whether field `i` of `rec` holds what its dataset allows: a scalar or an array of scalars,
-/// or, in a field the asset register names `structured` (and the consents field), anything.
-/// (Only an object or array value's name is looked at: the rest cost one byte each.)
-fn shaped(rec: &RawRecord, i: usize, ds: &Dataset) -> bool {
-    let Some(value) = (rec.spans.get(i)).and_then(|s| rec.text.as_bytes().get(s.value..s.end))
-    else {
-        return false;
-    };
-    let flat = match value.first() {
-        Some(b'{') => false,
-        Some(b'[') => flat_array(value),
-        _ => return true,
-    };
-    flat || rec.names.get(i).is_some_and(|name| {
-        ds.structured.iter().any(|s| same_name(name, s))
-            || ds
-                .consents_field
-                .as_deref()
-                .is_some_and(|c| same_name(name, c))
-    })
+impl RawRecord<'_> {
+    /// Whether a field the asset register classifies holds more than it allows: an object,
+    /// or an array holding an array or object, where the dataset does not name the field
+    /// `structured` (nor is it the consents field). (Only an object or array value's name is
+    /// looked at: every other value costs one byte.)
+    fn nests(&self, ds: &Dataset) -> bool {
+        let bytes = self.text.as_bytes();
+        (self.spans.iter().enumerate()).any(|(i, span)| {
+            let value = bytes.get(span.value..span.end).unwrap_or_default();
+            let flat = match value.first() {
+                Some(b'{') => false,
+                Some(b'[') => flat_array(value),
+                _ => return false,
+            };
+            !flat
+                && self.names.get(i).is_some_and(|name| {
+                    ds.fields.contains_key(name.as_ref())
+                        && !ds.structured.iter().any(|s| same_name(name, s))
+                        && !(ds.consents_field.as_deref()).is_some_and(|c| same_name(name, c))
+                })
+        })
+    }
 }
 
 /// Whether a valid JSON array (as the scanner checked it) holds no object or array.

@@ -60,6 +60,25 @@ impl RegisterFlags {
         })
     }
 
+    /// Whether any subject carries a flag in this register that it did not in `then` (an
+    /// answer naming no one, an aggregate, judged on `then`). A register rebuilt with the
+    /// same flags (`Controls` rebuilds it for any control event, a revocation too) gained none.
+    pub fn gained_any_since(&self, then: &RegisterFlags) -> bool {
+        if self.same_as(then) {
+            return false;
+        }
+        let Some(now) = &self.0 else {
+            return false;
+        };
+        let before = then.0.as_deref();
+        now.iter().any(|(subject, flags)| {
+            let had = before
+                .and_then(|b| b.get(subject))
+                .map_or(&[][..], |f| &f[..]);
+            flags.iter().any(|f| !had.contains(f))
+        })
+    }
+
     /// Whether both are the one state of the register (`Controls` builds one per change).
     pub fn same_as(&self, other: &RegisterFlags) -> bool {
         match (&self.0, &other.0) {
@@ -106,6 +125,25 @@ impl std::fmt::Debug for RegisterFlags {
 #[cfg(test)]
 mod tests {
     use super::RegisterFlags;
+
+    /// Rebuilt with the same flags, a register has gained none; a flag placed, or added to
+    /// a subject's, is gained; a flag lifted is not.
+    #[test]
+    fn a_register_gains_only_flags_it_did_not_hold() {
+        let of = |pairs: &[(&str, &[&str])]| -> RegisterFlags {
+            (pairs.iter())
+                .map(|(s, f)| (s.to_string(), flags(f)))
+                .collect()
+        };
+        let then = of(&[("VF-1", &["restricted"])]);
+        assert!(!of(&[("vf-1", &["restricted"])]).gained_any_since(&then));
+        assert!(!RegisterFlags::EMPTY.gained_any_since(&then));
+        assert!(of(&[("VF-1", &["restricted", "objects_profiling"])]).gained_any_since(&then));
+        assert!(
+            of(&[("VF-1", &["restricted"]), ("VF-2", &["restricted"])]).gained_any_since(&then)
+        );
+        assert!(of(&[("VF-2", &["restricted"])]).gained_any_since(&RegisterFlags::EMPTY));
+    }
 
     fn flags(list: &[&str]) -> Vec<String> {
         list.iter().map(|f| f.to_string()).collect()
