@@ -444,6 +444,22 @@ async fn app_with_jwks_file(
     .await
 }
 
+/// Reads the keys again (`SIGHUP`'s `rekey::reload_keys`), which must be refused, and checks
+/// that `token` (the demo key's) is refused after; the refusal's error.
+async fn refused_reload_cuts_off(app: &TestApp, token: &str) -> String {
+    let err = format!(
+        "{:#}",
+        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
+    );
+    expect_401(
+        app,
+        app.get(LIST, Some(token), Some("canvassing")).await,
+        "token_key_unknown",
+    )
+    .await;
+    err
+}
+
 /// The demo's signing key as published with its private half, under an id of its own.
 fn leaked_demo_key(app: &TestApp) -> serde_json::Value {
     let mut leaked = jwk_of(&app.private_pem, "published");
@@ -467,20 +483,11 @@ async fn a_key_file_publishing_a_private_key_drops_that_key_and_its_pinned_copy(
 
     let idp_other = jwk_of(&other.private_pem, "idp-other");
     publish(&jwks, &[idp_other.clone(), leaked_demo_key(&app)]);
-    let err = format!(
-        "{:#}",
-        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
-    );
+    let err = refused_reload_cuts_off(&app, &token).await;
     assert!(
         err.contains("`published`") && err.contains("private key material"),
         "{err}"
     );
-    expect_401(
-        &app,
-        app.get(LIST, Some(&token), Some("canvassing")).await,
-        "token_key_unknown",
-    )
-    .await;
     let records = app.audit_records();
     let refused: Vec<_> = (records.iter())
         .filter(|r| r["reason"] == "keys_reload_refused")
@@ -555,20 +562,11 @@ async fn a_leaked_keys_drop_the_log_could_not_take_is_made_at_the_next_read() {
     );
     std::fs::remove_file(mount.join("filler")).unwrap();
     publish(&jwks, &[jwk_of(&app.private_pem, "published")]);
-    let err = format!(
-        "{:#}",
-        wardgate::rekey::reload_keys(&app.gw).await.unwrap_err()
-    );
+    let err = refused_reload_cuts_off(&app, &token).await;
     assert!(
         err.contains("holds no keys") && err.contains("private half earlier in this run"),
         "{err}"
     );
-    expect_401(
-        &app,
-        app.get(LIST, Some(&token), Some("canvassing")).await,
-        "token_key_unknown",
-    )
-    .await;
     let dropped = (app.audit_records().into_iter())
         .rfind(|r| r["reason"] == "keys_reloaded")
         .unwrap();

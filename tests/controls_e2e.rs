@@ -1785,6 +1785,22 @@ async fn place_directly(app: &TestApp, subject: &str, kind: &str, reference: &st
     app.gw.controls.record(event).await.unwrap();
 }
 
+/// Revokes `subject` straight into the controls, as the security console does once its own
+/// audit record is durable: here, with the audit queue held full.
+async fn revoke_directly(app: &TestApp, subject: &str) {
+    let (id, at) = wardgate::controls::stamp();
+    let event = wardgate::controls::Event {
+        id,
+        at,
+        by: "test-security".to_owned(),
+        reason: "containment".into(),
+        change: wardgate::controls::Change::RevokeSubject {
+            subject: subject.to_owned(),
+        },
+    };
+    app.gw.controls.record(event).await.unwrap();
+}
+
 /// A restriction placed while an answer's audit record waits to be made durable holds that
 /// answer back: the DPO was told the restriction is in force, and the page or record judged
 /// just before it must not leave after. (The audit queue is held full here, so that the read,
@@ -1933,17 +1949,7 @@ async fn a_caller_revoked_while_an_answer_is_recorded_gets_nothing_of_it() {
         let revoke = async {
             // The answer has been judged by now, and waits for room.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let (id, at) = wardgate::controls::stamp();
-            let event = wardgate::controls::Event {
-                id,
-                at,
-                by: "test-security".to_owned(),
-                reason: "containment".into(),
-                change: wardgate::controls::Change::RevokeSubject {
-                    subject: subject.to_owned(),
-                },
-            };
-            app.gw.controls.record(event).await.unwrap();
+            revoke_directly(&app, subject).await;
             drop(rooms);
         };
         let (r, ()) = tokio::join!(asked, revoke);
@@ -2026,17 +2032,7 @@ async fn a_restriction_placed_while_an_aggregate_is_recorded_holds_it_back() {
     let asked = app.get(path, Some(&token), Some("research"));
     let revoke = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (id, at) = wardgate::controls::stamp();
-        let event = wardgate::controls::Event {
-            id,
-            at,
-            by: "test-security".to_owned(),
-            reason: "containment".into(),
-            change: wardgate::controls::Change::RevokeSubject {
-                subject: "someone-else".to_owned(),
-            },
-        };
-        app.gw.controls.record(event).await.unwrap();
+        revoke_directly(&app, "someone-else").await;
         drop(rooms);
     };
     let (r, ()) = tokio::join!(asked, revoke);
