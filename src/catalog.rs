@@ -94,6 +94,13 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Whether field `name`'s value may be an object, or an array holding arrays or objects:
+    /// a field named `structured`, or the consents field. Any other field holding one makes
+    /// its record malformed (`filter`), and a write may not put one there (`writes`).
+    pub fn may_nest(&self, name: &str) -> bool {
+        self.structured.iter().any(|s| s == name) || self.consents_field.as_deref() == Some(name)
+    }
+
     /// The fields the gateway reads a record's area, id and protection from (its area
     /// template's, the subject id, markers, flags, attainer date, consents and TPS check).
     pub fn policy_fields(&self) -> Vec<String> {

@@ -89,7 +89,8 @@ pub(crate) fn find(bufs: &[IoSlice<'_>]) -> Option<Found> {
     }
     // The write's last bytes, across its slices.
     let n = total.min(LONGEST);
-    let mut tail = vec![0; n];
+    let mut buf = [0; LONGEST];
+    let tail = &mut buf[..n];
     let mut fill = n;
     for buf in bufs.iter().rev() {
         let take = buf.len().min(fill);

@@ -107,11 +107,7 @@ pub(crate) async fn check_write(
     // A value the filter would take for nested data (`filter::write_record`), once written,
     // would withhold its record from every reader: only a field the asset register names
     // `structured` (or the consents field) may hold an object, or a list of them.
-    let structured = |name: &str| {
-        dataset.structured.iter().any(|s| s == name)
-            || dataset.consents_field.as_deref() == Some(name)
-    };
-    if let Some((name, _)) = (fields.iter()).find(|(n, v)| nests(v) && !structured(n)) {
+    if let Some((name, _)) = (fields.iter()).find(|(n, v)| nests(v) && !dataset.may_nest(n)) {
         return Err(GatewayError::BadRequest(format!(
             "`{name}` holds an object or a list of lists or objects: the asset register \
              expects a value or a list of values"

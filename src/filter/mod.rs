@@ -863,11 +863,10 @@ impl RawRecord<'_> {
                 _ => return false,
             };
             !flat
-                && self.names.get(i).is_some_and(|name| {
-                    ds.fields.contains_key(name.as_ref())
-                        && !ds.structured.iter().any(|s| same_name(name, s))
-                        && !(ds.consents_field.as_deref()).is_some_and(|c| same_name(name, c))
-                })
+                && self
+                    .names
+                    .get(i)
+                    .is_some_and(|name| ds.fields.contains_key(name.as_ref()) && !ds.may_nest(name))
         })
     }
 }

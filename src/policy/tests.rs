@@ -449,6 +449,17 @@ fn duplicate_ids_are_refused() {
     assert!(format!("{err:#}").contains("used twice"));
 }
 
+/// A record in `area`, with no markers, flags or consents.
+fn in_area(area: &str) -> RecordAttrs {
+    RecordAttrs {
+        area: area.into(),
+        markers: BTreeSet::new(),
+        flags: BTreeSet::new(),
+        consented: BTreeSet::new(),
+        tps_fresh: false,
+    }
+}
+
 /// A councillor granted `area`, asking under `canvassing`.
 fn canvassing_councillor(engine: &PolicyEngine, catalog: &Catalog, area: &str) -> Ask {
     let p = Principal {
@@ -480,13 +491,7 @@ fn an_evaluation_error_denies_even_when_a_permit_matches() {
     .unwrap();
     let (_, catalog, _) = shipped_engine();
     let ask = canvassing_councillor(&engine, &catalog, "GHOST");
-    let rec = RecordAttrs {
-        area: "GHOST".into(),
-        markers: BTreeSet::new(),
-        flags: BTreeSet::new(),
-        consented: BTreeSet::new(),
-        tps_fresh: false,
-    };
+    let rec = in_area("GHOST");
     let v = engine.decide_record(&ask, "voter", &rec, false);
     assert!(!v.allowed);
     assert!(v.policy_ids.contains(&"policy-error".to_owned()), "{v:?}");
@@ -689,13 +694,7 @@ fn an_ask_that_cannot_be_built_denies_everything() {
         key_sha256: String::new(),
     });
     let categories: BTreeSet<String> = catalog.datasets["voter"].fields.values().cloned().collect();
-    let record = RecordAttrs {
-        area: "E05011391".into(),
-        markers: BTreeSet::new(),
-        flags: BTreeSet::new(),
-        consented: BTreeSet::new(),
-        tps_fresh: false,
-    };
+    let record = in_area("E05011391");
     let working = engine.ask(Arc::clone(&p), "canvassing", basis);
     assert!(
         engine
@@ -741,13 +740,7 @@ fn an_ask_that_cannot_be_built_denies_everything() {
 #[test]
 fn no_special_category_without_an_art9_condition() {
     let (engine, catalog, geography) = shipped_engine();
-    let record = RecordAttrs {
-        area: "E05011391".into(),
-        markers: BTreeSet::new(),
-        flags: BTreeSet::new(),
-        consented: BTreeSet::new(),
-        tps_fresh: false,
-    };
+    let record = in_area("E05011391");
     let categories: Vec<String> = ["identity", "political_opinion"].map(str::to_owned).into();
     let ask = canvassing_councillor(&engine, &catalog, "E05011391");
     assert!(
