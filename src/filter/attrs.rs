@@ -116,7 +116,7 @@ pub(super) fn read(
     }
     let mut consented = match &ds.consents_field {
         None => BTreeSet::new(),
-        Some(_) => consented_channels(rec.value(at.consents)?)?,
+        Some(_) => consented_channels(rec.value(at.consents)?, cx.today)?,
     };
     // A withdrawal in the rights register outranks a consent still on the record (§10.3.7).
     for f in &flags {
@@ -210,7 +210,9 @@ pub(super) fn fingerprint(
             (Some(v), None) => {
                 let mark = key.len();
                 key.push(1);
-                let read = channel_states(v, |channel, live| put_channel(key, &channel, live));
+                let read = channel_states(v, cx.today, |channel, live| {
+                    put_channel(key, &channel, live)
+                });
                 if read.is_some() {
                     key.push(0);
                 } else {
@@ -326,10 +328,12 @@ fn area_of(rec: &RawRecord, at: &Roles, template: &str) -> Option<String> {
 /// Each channel of a consents value in wire order, with whether consent was given there and
 /// not withdrawn (§5.2.1, §10.3.7); `None` when the value is not `null` (no consent on any
 /// channel) or an object of channels, none named twice, each `null` or `{"given_at",
-/// "withdrawn_at", ...}` with those two `null` or a string, neither named twice.
-fn channel_states<'a>(v: &'a str, each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
+/// "withdrawn_at", ...}` with those two `null` or a string, neither named twice. Consent is
+/// given from `given_at`'s date (UK days since 1970, `today`) on: one dated later is not yet
+/// given.
+fn channel_states<'a>(v: &'a str, today: i64, each: impl FnMut(Cow<'a, str>, bool)) -> Option<()> {
     let mut scan = Scan::new(v);
-    channel_states_at(&mut scan, &mut ConsentKeys::default(), each)?;
+    channel_states_at(&mut scan, &mut ConsentKeys::default(), today, each)?;
     scan.end().ok()
 }
 
@@ -398,9 +402,10 @@ fn folded_already(w: &str) -> bool {
 fn channel_states_at<'a>(
     scan: &mut Scan<'a>,
     keys: &mut ConsentKeys<'a>,
+    today: i64,
     each: impl FnMut(Cow<'a, str>, bool),
 ) -> Option<()> {
-    let read = channel_states_noting(scan, keys, each);
+    let read = channel_states_noting(scan, keys, today, each);
     if read.is_none() {
         keys.channel_gaps.clear();
         keys.inner_gaps.clear();
@@ -411,6 +416,7 @@ fn channel_states_at<'a>(
 fn channel_states_noting<'a>(
     scan: &mut Scan<'a>,
     keys: &mut ConsentKeys<'a>,
+    today: i64,
     mut each: impl FnMut(Cow<'a, str>, bool),
 ) -> Option<()> {
     if !scan.null().ok()? {
@@ -446,7 +452,7 @@ fn channel_states_noting<'a>(
             }
             super::note(&mut keys.channel_gaps, i, gap);
             i += 1;
-            let live = !scan.null().ok()? && consent_live(scan, keys)?;
+            let live = !scan.null().ok()? && consent_live(scan, keys, today)?;
             each(channel.name, live);
         }
         // A value with fewer channels than the last: the next is compared with this one's.
@@ -458,22 +464,23 @@ fn channel_states_noting<'a>(
 /// The consents value that comes next in `scan`, taken, with its channel states written onto
 /// `states` as `fingerprint` writes them (whether they could be read: `false` leaves `states`
 /// empty). The record reader reads a consents field this way as it scans it, so that the
-/// fingerprint does not scan the value a second time.
+/// fingerprint does not scan the value a second time. `today`: as in `channel_states`.
 pub(super) fn take_consents<'a>(
     scan: &mut Scan<'a>,
     keys: &mut ConsentKeys<'a>,
     states: &mut Vec<u8>,
+    today: i64,
 ) -> Result<(&'a str, bool), ScanError> {
     states.clear();
     let (value, read) = scan.value_read(|scan| {
         // Nearly always the last record's keys, written the same way.
         let mut again = scan.clone();
-        if channel_states_again(&mut again, keys, states).is_some() {
+        if channel_states_again(&mut again, keys, states, today).is_some() {
             *scan = again;
             return Some(());
         }
         states.clear();
-        channel_states_at(scan, keys, |channel, live| {
+        channel_states_at(scan, keys, today, |channel, live| {
             put_channel(states, &channel, live)
         })
     })?;
@@ -494,6 +501,7 @@ fn channel_states_again<'a>(
     scan: &mut Scan<'a>,
     keys: &ConsentKeys<'a>,
     states: &mut Vec<u8>,
+    today: i64,
 ) -> Option<()> {
     if scan.null().ok()? {
         return Some(());
@@ -510,7 +518,7 @@ fn channel_states_again<'a>(
             for inner in &keys.inner_gaps {
                 let (key, slot) = (*inner)?;
                 scan.gap_written(key)?;
-                take_slot(scan, slot, &mut given, &mut withdrawn)?;
+                take_slot(scan, slot, today, &mut given, &mut withdrawn)?;
             }
             scan.end_object().then_some(())?;
             live(given, withdrawn)
@@ -527,10 +535,10 @@ fn put_channel(key: &mut Vec<u8>, channel: &str, live: bool) {
     key.push(u8::from(live));
 }
 
-/// One channel's consent object: given (`given_at` a string) and not withdrawn
-/// (`withdrawn_at` absent or `null`). `keys`: as in `channel_states_at` (its consent objects'
-/// keys).
-fn consent_live<'a>(scan: &mut Scan<'a>, keys: &mut ConsentKeys<'a>) -> Option<bool> {
+/// One channel's consent object: given (`given_at` a date no later than `today`) and not
+/// withdrawn (`withdrawn_at` absent or `null`). `keys`: as in `channel_states_at` (its consent
+/// objects' keys).
+fn consent_live<'a>(scan: &mut Scan<'a>, keys: &mut ConsentKeys<'a>, today: i64) -> Option<bool> {
     let (mut given, mut withdrawn) = (None, None);
     scan.begin_object().ok()?;
     let mut first = true;
@@ -552,7 +560,7 @@ fn consent_live<'a>(scan: &mut Scan<'a>, keys: &mut ConsentKeys<'a>) -> Option<b
         }
         super::note(&mut keys.inner_gaps, i, gap.map(|g| (g, slot)));
         i += 1;
-        take_slot(scan, slot, &mut given, &mut withdrawn)?;
+        take_slot(scan, slot, today, &mut given, &mut withdrawn)?;
     }
     keys.inner_gaps.truncate(i);
     Some(live(given, withdrawn))
@@ -568,11 +576,14 @@ fn live(given: Option<bool>, withdrawn: Option<bool>) -> bool {
 /// value); any other key's value is skipped. A `given_at` string must be a date (`YYYY-MM-DD`,
 /// alone or starting a timestamp): `""`, `"null"` or `"never"` from a datastore that
 /// writes missing values as text are not consent, and make the consents unreadable (the record
-/// is withheld). Any `withdrawn_at` string counts as withdrawn, the safe reading.
+/// is withheld). A `given_at` dated after `today` (the UK's, days since 1970) is consent not
+/// yet given: noted as `null` is. Any `withdrawn_at` string counts as withdrawn, the safe
+/// reading.
 #[inline(always)]
 fn take_slot(
     scan: &mut Scan,
     slot: Slot,
+    today: i64,
     given: &mut Option<bool>,
     withdrawn: &mut Option<bool>,
 ) -> Option<()> {
@@ -594,23 +605,26 @@ fn take_slot(
     let text = scan.text_scanned();
     *slot = match text.as_bytes().get(at) {
         Some(b'n') => Some(false),
-        Some(b'"') if !given_at || dated(text.get(at + 1..)?) => Some(true),
+        Some(b'"') if !given_at => Some(true),
+        Some(b'"') => Some(dated(text.get(at + 1..)?)? <= today),
         _ => return None,
     };
     Some(())
 }
 
-/// Whether a JSON string's text (after its opening quote) is a date, `YYYY-MM-DD`, alone or
-/// followed by a time (`T...`, or `' '...` as SQL databases write timestamps).
-fn dated(rest: &str) -> bool {
-    rest.get(..10).and_then(civil).is_some()
-        && matches!(rest.as_bytes().get(10), Some(b'"' | b'T' | b' '))
+/// The day (since 1970) of a JSON string's text (after its opening quote) that is a date,
+/// `YYYY-MM-DD`, alone or followed by a time (`T...`, or `' '...` as SQL databases write
+/// timestamps); `None` for any other text.
+fn dated(rest: &str) -> Option<i64> {
+    let (year, month, day) = rest.get(..10).and_then(civil)?;
+    matches!(rest.as_bytes().get(10), Some(b'"' | b'T' | b' '))
+        .then(|| days_from_civil(year, month, day))
 }
 
 /// The channels with live consent.
-fn consented_channels(v: &str) -> Option<BTreeSet<String>> {
+fn consented_channels(v: &str, today: i64) -> Option<BTreeSet<String>> {
     let mut consented = BTreeSet::new();
-    channel_states(v, |channel, live| {
+    channel_states(v, today, |channel, live| {
         if live {
             consented.insert(channel.into_owned());
         }

@@ -148,6 +148,9 @@ pub struct RawRecord<'a> {
     consent_keys: attrs::ConsentKeys<'a>,
     /// Where the last record had it.
     consents_before: Option<usize>,
+    /// The day consents are read on (`FilterContext::today`): a consent dated later is not
+    /// yet given.
+    today: i64,
 }
 
 /// Where one field of a record is in its text: its key's opening quote, its value's first
@@ -160,8 +163,8 @@ struct Span {
 }
 
 impl<'a> RawRecord<'a> {
-    /// A list for records of `ds` (`None`: of no dataset in particular).
-    fn new(ds: Option<&Dataset>) -> Self {
+    /// A list for records of `ds` (`None`: of no dataset in particular), read on `today`.
+    fn new(ds: Option<&Dataset>, today: i64) -> Self {
         static LISTS: AtomicU64 = AtomicU64::new(0);
         RawRecord {
             names: Vec::with_capacity(32),
@@ -178,13 +181,14 @@ impl<'a> RawRecord<'a> {
             consent_states: Vec::new(),
             consent_keys: attrs::ConsentKeys::default(),
             consents_before: None,
+            today,
         }
     }
 
     /// A whole text that is one JSON object.
     pub fn parse(text: &'a str) -> Result<Self, FilterError> {
         let mut scan = Scan::new(text);
-        let mut rec = RawRecord::new(None);
+        let mut rec = RawRecord::new(None, today());
         rec.read(&mut scan)?;
         scan.end()?;
         Ok(rec)
@@ -219,9 +223,13 @@ impl<'a> RawRecord<'a> {
         for (i, gap) in self.gaps.iter().enumerate() {
             let key = scan.gap_written((*gap)?)?;
             let value = if self.consents_before == Some(i) {
-                let (value, read) =
-                    attrs::take_consents(scan, &mut self.consent_keys, &mut self.consent_states)
-                        .ok()?;
+                let (value, read) = attrs::take_consents(
+                    scan,
+                    &mut self.consent_keys,
+                    &mut self.consent_states,
+                    self.today,
+                )
+                .ok()?;
                 self.consents = Some((i, read));
                 scan.pos() - value.len()
             } else {
@@ -260,8 +268,12 @@ impl<'a> RawRecord<'a> {
                     Some(name) => same_name(&key.name, name),
                 };
             let value = if consents {
-                let (value, read) =
-                    attrs::take_consents(scan, &mut self.consent_keys, &mut self.consent_states)?;
+                let (value, read) = attrs::take_consents(
+                    scan,
+                    &mut self.consent_keys,
+                    &mut self.consent_states,
+                    self.today,
+                )?;
                 self.consents = Some((i, read));
                 value
             } else {
@@ -482,7 +494,7 @@ pub fn filter_page(
             if records.is_some() {
                 return Err(duplicate(records_key));
             }
-            let mut rec = RawRecord::new(Some(cx.dataset));
+            let mut rec = RawRecord::new(Some(cx.dataset), cx.today);
             let (mut n, mut first, mut none_out) = (0, true, true);
             scan.begin_array()?;
             while scan.next_element(&mut first)? {
@@ -699,7 +711,7 @@ fn read_single<'a>(
         Envelope::Rows { .. } => "rows",
     };
     let mut scan = Scan::new(utf8(body)?);
-    let mut record = RawRecord::new(Some(cx.dataset));
+    let mut record = RawRecord::new(Some(cx.dataset), cx.today);
     // `None`: the key is absent; `Some(false)`: present, but no rows.
     let mut found = None;
     scan.begin_object()?;
@@ -753,7 +765,7 @@ pub fn filter_lines(
     out: &mut Vec<u8>,
     d: &mut Disclosure,
 ) -> Result<(), FilterError> {
-    let mut record = RawRecord::new(Some(cx.dataset));
+    let mut record = RawRecord::new(Some(cx.dataset), cx.today);
     let text = utf8(text)?;
     let mut start = 0;
     // Lines found with `memchr` (vector instructions; `str::split` went a word at a time,

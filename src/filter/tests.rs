@@ -929,6 +929,72 @@ fn consents_that_cannot_be_read_withhold_the_record() {
     assert_eq!(seen, [vec!["email", "post"]]);
 }
 
+/// Consent is given from `given_at`'s date on (the UK's day, as the TPS window is judged): one
+/// dated tomorrow, or stamped a minute into tomorrow, is not consent yet, and nothing is
+/// withheld for it. The same on a record read alone, on a page's first record and on those
+/// read again in its layout (`channel_states_again`).
+#[test]
+fn consent_dated_after_today_is_not_yet_given() {
+    let ds = dataset();
+    let usual = r#"{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#;
+    // `cx`'s today is 2026-11-23.
+    let cases = [
+        ("2026-11-22T23:59:00Z", true),
+        ("2026-11-23", true),
+        ("2026-11-23T23:59:59Z", true),
+        ("2026-11-24", false),
+        ("2026-11-24T00:01:00Z", false),
+        ("2027-01-01 09:00:00", false),
+    ];
+    let with = |id: &str, given: &str| {
+        let v = usual.replace("2025-01-01T00:00:00Z", given);
+        record(id, "CGW1", "").replace(usual, &v)
+    };
+    let records: Vec<String> = (cases.iter().enumerate())
+        .map(|(n, (given, _))| with(&format!("VF-{n}"), given))
+        .collect();
+    let expected: Vec<bool> = cases.iter().map(|(_, live)| *live).collect();
+    let email = |a: &RecordAttrs| a.consented.contains("email");
+    // A page whose first record is each case in turn: read whole, then again in its layout.
+    for first in 0..cases.len() {
+        let order: Vec<usize> = (first..cases.len()).chain(0..first).collect();
+        let body = format!(
+            r#"{{"records":[{}]}}"#,
+            (order.iter().map(|&n| records[n].as_str()))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        // The address leaves only where consent is live, as a policy for emailing says.
+        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+            let mut categories = vec!["identifier"];
+            categories.extend(email(a).then_some("contact_email"));
+            verdict(true, &categories)
+        })
+        .unwrap();
+        assert_eq!(d.malformed_rows, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let left = v["records"].as_array().unwrap();
+        assert_eq!(left.len(), cases.len());
+        for r in left {
+            let n: usize = r["elector_id"].as_str().unwrap()["VF-".len()..]
+                .parse()
+                .unwrap();
+            assert_eq!(
+                r.get("email").is_some(),
+                expected[n],
+                "consent given {} (page from case {first})",
+                cases[n].0
+            );
+        }
+    }
+    for (n, (given, live)) in cases.iter().enumerate() {
+        let text = with("VF-1", given);
+        let rec = RawRecord::parse(&text).unwrap();
+        let (_, a) = record_attrs(&rec, &cx(&ds)).unwrap();
+        assert_eq!(email(&a), *live, "case {n}: {given}");
+    }
+}
+
 /// A page's records have their consents read as they are scanned (`attrs::take_consents`);
 /// the fingerprint is then exactly the one read from the value apart (a record parsed alone
 /// reads it so), whatever the value, wherever the field and however its key is written.
@@ -980,7 +1046,7 @@ fn consents_read_while_scanning_fingerprint_as_read_apart() {
     }
     let text = format!("[{}]", records.join(","));
     let mut scan = Scan::new(&text);
-    let mut rec = RawRecord::new(Some(&ds));
+    let mut rec = RawRecord::new(Some(&ds), cx.today);
     scan.begin_array().unwrap();
     let (mut first, mut n, mut taken) = (true, 0, 0);
     while scan.next_element(&mut first).unwrap() {
@@ -1127,7 +1193,7 @@ fn a_record_repeats_the_one_before_only_with_the_same_keys_in_order() {
     let text = r#"[{"a":1,"b":"x"},{"a":2,"b":"y"},{"a":3,"c":1},{"a":3,"c":1,"d":2},{"a":3,"c":1},
         {"a":1},{"\u0061":1},{"a":1,"a":2},{"a":1,"a":2},{}]"#;
     let mut scan = Scan::new(text);
-    let mut rec = RawRecord::new(None);
+    let mut rec = RawRecord::new(None, today());
     scan.begin_array().unwrap();
     let mut first = true;
     let mut got = vec![];
@@ -1270,7 +1336,7 @@ fn a_record_read_after_another_reads_as_it_does_alone() {
         let alone = RawRecord::parse(v).map(|r| seen(&r));
         // The variant after the base record, and then after itself, each its own text (as
         // export lines are; a page's records share one).
-        let mut rec = RawRecord::new(Some(&ds));
+        let mut rec = RawRecord::new(Some(&ds), today());
         rec.read(&mut Scan::new(before)).unwrap();
         for _ in 0..2 {
             let mut scan = Scan::new(v);
@@ -1572,7 +1638,7 @@ fn a_consents_value_that_cannot_be_read_leaves_no_layout_to_take_the_next_by() {
     let mut states = Vec::new();
     let mut read = |v: &'static str| {
         let mut scan = Scan::new(v);
-        attrs::take_consents(&mut scan, &mut keys, &mut states)
+        attrs::take_consents(&mut scan, &mut keys, &mut states, today())
             .unwrap()
             .1
     };

@@ -124,7 +124,7 @@ fn scanned_gapped(first: &str, second: &str) -> Option<KeyValues> {
 fn read_after(first: &str, second: &str) -> Option<KeyValues> {
     let text = format!("{first} {second}");
     let mut scan = Scan::new(&text);
-    let mut rec = RawRecord::new(None);
+    let mut rec = RawRecord::new(None, crate::filter::today());
     rec.read(&mut scan).ok()?;
     rec.read(&mut scan).ok()?;
     scan.end().ok()?;
