@@ -195,14 +195,9 @@ fn load_or_create(dir: &Path, day: &str) -> std::io::Result<LessSafeKey> {
     let raw = match std::fs::read(&path) {
         Ok(raw) => raw,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)?;
-                // The new directory's own entry, in the log's directory, is synced too: else
-                // a power cut could take the directory, and the key, with it.
-                if let Some(parent) = dir.parent() {
-                    std::fs::File::open(parent)?.sync_all()?;
-                }
-            }
+            // The new directory's own entry, in the log's directory, is synced too: else a
+            // power cut could take the directory, and the key, with it.
+            super::segment::create_dir_synced(dir)?;
             let raw: [u8; 32] = rand::random();
             let tmp = dir.join(format!(".{day}.key.tmp"));
             // The owner's alone, whatever the process's umask: it unseals a day's addresses.

@@ -169,10 +169,12 @@ pub fn scan_all(dir: &Path, subject: &str) -> io::Result<(Vec<Value>, LookupStat
     Ok((out, stats))
 }
 
-/// Reads the records of one segment naming `subject`. `finished`: a segment no longer written
-/// (not the newest), which must be whole lines to its end, zero bytes aside: anything else is
-/// damage (a page zeroed or torn by the disk), counted as a line that may have been about
-/// the subject, and the records after it are read all the same.
+/// Reads the records of one segment naming `subject`. A segment is whole lines and then zero
+/// bytes (made-ready space) or its end: anything written after a line cut short or after zero
+/// bytes is damage (a page zeroed or torn by the disk), counted as a line that may have been
+/// about the subject, and the records after it are read all the same, in the newest segment
+/// as in any other. `finished`: a segment no longer written (not the newest), whose last line
+/// cut short is damage too (the newest one's may be a record still being written).
 fn scan_segment(
     file: File,
     subject: &str,
@@ -193,13 +195,11 @@ fn scan_segment(
         // and trimmed at the next start), or the segment's made-ready space begins: no
         // record.
         if line.last() != Some(&b'\n') {
-            if !finished {
-                break;
-            }
-            // A finished segment ends with its last whole line, or zero bytes after it.
+            // A segment ends with its last whole line (the newest one's may be still being
+            // written), or zero bytes after it.
             let torn = !line.is_empty();
             if past_zeros(&mut reader)? {
-                stats.lines_unreadable += u64::from(torn);
+                stats.lines_unreadable += u64::from(torn && finished);
                 break;
             }
             // Written after zero bytes: a damaged page, whose records may have named the
@@ -344,6 +344,18 @@ mod tests {
         std::fs::write(dir.path().join(segment_name(1)), lines[..3].concat()).unwrap();
         let (found, stats) = records_mentioning(dir.path(), "subj-4").unwrap();
         assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
+        // The segment being written, damaged in the middle: the records after the damage are
+        // read and the damage counted (the lookup used to end at it, saying nothing).
+        let fifth = encode_line(5, &prev, &sample(5)).unwrap().bytes;
+        let mut newest = [&lines[3][..], &fifth[..]].concat();
+        newest[..10].fill(0);
+        std::fs::write(dir.path().join(segment_name(2)), &newest).unwrap();
+        for lookup in [records_mentioning, scan_all] {
+            let (found, stats) = lookup(dir.path(), "subj-5").unwrap();
+            assert_eq!(found.len(), 1, "{stats:?}");
+            assert!(stats.lines_unreadable >= 1, "{stats:?}");
+        }
+        std::fs::write(dir.path().join(segment_name(2)), &ready).unwrap();
         // So may a finished one, and it seals.
         let mut finished = lines[..3].concat();
         finished.extend_from_slice(&[0; 64]);

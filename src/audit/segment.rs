@@ -178,10 +178,29 @@ fn cuts_pending(dir: &Path) -> anyhow::Result<Vec<Cut>> {
     Ok(pending)
 }
 
+/// Creates `dir` and any parent missing, each new directory's entry synced in its parent: the
+/// log's directory made at a first start (or `addr-keys/` beside it) must not vanish at a
+/// power cut with the records acknowledged in it (a filesystem need not write a new entry
+/// before a file under it is synced).
+pub(crate) fn create_dir_synced(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
+        File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Creates `dir` if needed and recovers the chain head from the newest records in it,
 /// repairing torn tails on the way.
 pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resume> {
-    std::fs::create_dir_all(dir)
+    create_dir_synced(dir)
         .with_context(|| format!("cannot create audit directory `{}`", dir.display()))?;
     let segments = list_segments(dir)
         .with_context(|| format!("cannot list audit directory `{}`", dir.display()))?;
@@ -430,6 +449,20 @@ mod tests {
     use super::*;
     use crate::audit::record::tests::sample;
     use crate::audit::record::{GENESIS_HASH, encode_line};
+
+    /// Every missing level is made (each synced in its parent); one already there is left as
+    /// it is, and a file in the way is an error, not a directory taken for made.
+    #[test]
+    fn a_directory_is_made_with_every_missing_parent() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("var/lib/wardgate/audit");
+        create_dir_synced(&deep).unwrap();
+        assert!(deep.is_dir());
+        std::fs::write(deep.join("kept"), b"x").unwrap();
+        create_dir_synced(&deep).unwrap();
+        assert_eq!(std::fs::read(deep.join("kept")).unwrap(), b"x");
+        assert!(create_dir_synced(&deep.join("kept/below")).is_err());
+    }
 
     #[test]
     fn segment_names_round_trip_and_sort_numerically() {

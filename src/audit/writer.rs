@@ -552,7 +552,7 @@ impl Writer {
         published: broadcast::Sender<Arc<Logged>>,
     ) -> anyhow::Result<Writer> {
         let dir = settings.dir;
-        std::fs::create_dir_all(&dir)
+        super::segment::create_dir_synced(&dir)
             .with_context(|| format!("cannot create audit directory `{}`", dir.display()))?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
