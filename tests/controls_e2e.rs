@@ -495,6 +495,84 @@ async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica
     b.stop().await;
 }
 
+/// A change whose publishing fails while the replicas' reading connections hold (here the
+/// publishing connection closed, and Redis at `maxclients`, refusing a new one) is answered
+/// 503 `controls-not-shared` and holds at once where it was made; the other replica, fresh all
+/// the while, learns it from the republishing that failure starts, not at the next full
+/// resynchronisation (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_could_not_be_published_reaches_the_other_replica_before_the_next_resync() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let slow_resync = |keys_from| slow_resync(upstream, &redis, keys_from);
+    let a = spawn_app_with(slow_resync(None)).await;
+    until_ready("a ready", &a).await;
+    let b = spawn_app_with(slow_resync(Some(&a))).await;
+    until_ready("b ready", &b).await;
+    let r = b
+        .get(
+            "/voter/electors?per_page=2",
+            Some(&b.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = |n: usize| {
+        r.json()["records"][n]["elector_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (first, second) = (id(0), id(1));
+    // The first change opens `a`'s publishing connection.
+    assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
+    until_withheld(
+        "b learns the first restriction",
+        &b,
+        &format!("/voter/electors/{first}"),
+    )
+    .await;
+    let mut admin = redis.connection();
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
+    let publisher = (clients.lines())
+        .find(|l| l.contains(&format!(" name={} ", wardgate::controls::PUBLISHER_NAME)))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("no publishing connection in {clients}"))
+        .to_owned();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(1)
+        .query(&mut admin)
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&publisher)
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(killed, 1);
+    let placed = restrict(&a, &second, "RR-2").await;
+    assert_eq!(placed.status, 503, "{:?}", placed.body);
+    assert_eq!(
+        placed.json()["type"],
+        "urn:wardgate:problem:controls-not-shared"
+    );
+    let path = format!("/voter/electors/{second}");
+    until_withheld("a holds the second restriction at once", &a, &path).await;
+    until_withheld("b learns the second restriction", &b, &path).await;
+    // Both stayed fresh: their reading connections held throughout.
+    assert_eq!(b.admin_get("/readyz").await.status, 200);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(10_000)
+        .query(&mut admin)
+        .unwrap();
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     let mut redis = RedisServer::start();

@@ -28,7 +28,7 @@ use crate::error::GatewayError;
 pub use crate::filter::RegisterFlags;
 
 pub use quota::Limits;
-pub use sync::{RedisSettings, load_key};
+pub use sync::{PUBLISHER_NAME, RedisSettings, load_key};
 pub(crate) use sync::{mac_hex, mac_holds};
 
 /// Restriction kinds the register accepts (DOMAIN.md §6). `consent_withdrawn_<channel>` strips

@@ -3,9 +3,10 @@
 //! One background task per replica blocks on `XREAD` for new entries, so an event published by
 //! any replica reaches this mirror within one blocking-read round trip; every successful read
 //! (even an empty one) proves the mirror current and resets the staleness clock. A full
-//! resynchronisation (`XRANGE` of the whole stream, in pages) runs at start, after any error, and every
-//! `resync_interval`; it also republishes any journalled event the stream has lost (after a
-//! Redis restart without persistence, or `FLUSHALL`). The request path never waits on Redis.
+//! resynchronisation (`XRANGE` of the whole stream, in pages) runs at start, after any error,
+//! after a change made here could not be published, and every `resync_interval`; it also
+//! republishes any journalled event the stream does not hold (after a Redis restart without
+//! persistence, `FLUSHALL`, or a failed publish). The request path never waits on Redis.
 //!
 //! Every entry carries an HMAC-SHA256 of the stream's name and its event under a key the
 //! replicas share (`redis.key_file`), and an entry without a valid one is refused (logged and
@@ -14,6 +15,7 @@
 
 use std::collections::HashSet;
 use std::sync::PoisonError;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -79,9 +81,16 @@ pub struct Redis {
     /// The mark of the store's life last read (`check_key`).
     store_mark: std::sync::Mutex<Option<String>>,
     publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// A change journalled here could not be added to the stream (`publish` failed): the
+    /// sync task resynchronises at its next step, which republishes it over the reading
+    /// connection, rather than at the next `resync_interval` (up to an hour), while the other
+    /// replicas, reading on, stay fresh without it.
+    unpublished: AtomicBool,
 }
 
 const BLOCK_MS: u64 = 500;
+/// The publishing connection's name in Redis's `CLIENT LIST`.
+pub const PUBLISHER_NAME: &str = "wardgate-controls-publisher";
 /// How long a replica's key check counts after it last added it (`check_key`): a replica that
 /// stopped, or was given the right key, no longer counts a minute later.
 const KEY_SEEN_FOR: Duration = Duration::from_secs(60);
@@ -107,6 +116,7 @@ impl Redis {
             refused: Default::default(),
             store_mark: Default::default(),
             publisher: tokio::sync::Mutex::new(None),
+            unpublished: AtomicBool::new(false),
         })
     }
 
@@ -237,8 +247,17 @@ impl Redis {
         refused.insert(entry.to_owned())
     }
 
-    /// Adds one event to the shared stream, signed.
+    /// Adds one event to the shared stream, signed. On failure the sync task is told to
+    /// republish it (`unpublished`).
     pub async fn publish(&self, e: &Event) -> anyhow::Result<()> {
+        let published = self.publish_now(e).await;
+        if published.is_err() {
+            self.unpublished.store(true, Ordering::SeqCst);
+        }
+        published
+    }
+
+    async fn publish_now(&self, e: &Event) -> anyhow::Result<()> {
         let json = serde_json::to_string(e)?;
         let mac = self.sign(&json);
         let mut guard = self.publisher.lock().await;
@@ -251,12 +270,18 @@ impl Redis {
         loop {
             tries -= 1;
             if guard.is_none() {
-                *guard = Some(
-                    self.client
-                        .get_multiplexed_async_connection_with_config(&config())
-                        .await
-                        .context("cannot reach Redis")?,
-                );
+                let mut conn = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config())
+                    .await
+                    .context("cannot reach Redis")?;
+                // Named for `CLIENT LIST` (an ACL that refuses the name refuses nothing else).
+                let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(PUBLISHER_NAME)
+                    .query_async(&mut conn)
+                    .await;
+                *guard = Some(conn);
             }
             let Some(conn) = guard.as_mut() else {
                 anyhow::bail!("no Redis connection")
@@ -311,7 +336,9 @@ pub fn spawn(controls: Controls) {
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            let step = if Instant::now() >= next_full {
+            // A change this replica could not publish is republished now (`unpublished`).
+            let unpublished = redis.unpublished.swap(false, Ordering::SeqCst);
+            let step = if unpublished || Instant::now() >= next_full {
                 full_resync(&controls, redis, c).await.map(|(id, read_at)| {
                     last_id = id;
                     next_full = Instant::now() + redis.settings.resync_interval;
