@@ -153,7 +153,7 @@ async fn a_big_page(app: &TestApp, token: &str, purpose: &str) -> Value {
 }
 
 fn breach_log(app: &TestApp) -> Vec<Value> {
-    std::fs::read_to_string(app.dir.path().join("breach-log.jsonl"))
+    std::fs::read_to_string(&app.breach_log)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -1317,6 +1317,74 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         "detected at {detected}, recorded after {freed}"
     );
     assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+}
+
+/// An alert the breach log still could not take when the gateway stopped is not lost with the
+/// memory that was trying it again: the next start finds it in the audit log and adds it to
+/// the breach log, the same alert (its id, its detection time), listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_restart() {
+    let scratch = tempfile::tempdir().unwrap();
+    let watch = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+        return;
+    };
+    let at = watch.join("breach-log.jsonl");
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
+        ..AppOptions::default()
+    })
+    .await;
+    common::fill(&watch);
+    let token = app.token("councillor");
+    a_big_page(&app, &token, "canvassing").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.gw.watch.breach.is_healthy() {
+        assert!(Instant::now() < deadline, "the alert was never tried");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let in_chain: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["reason"] == "breach_alert")
+        .collect();
+    assert_eq!(in_chain.len(), 1, "{in_chain:?}");
+    let mut app = app;
+    app.halt().await;
+    assert!(
+        !breach_log(&app)
+            .iter()
+            .any(|e| e["id"] == in_chain[0]["detail"]["id"]),
+        "the breach log took it before the stop"
+    );
+    std::fs::remove_file(watch.join("filler")).unwrap();
+    let app = app.restart().await;
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+    assert_eq!(alert["detected_at"], in_chain[0]["detail"]["detected_at"]);
+    let listed = alerts(&app).await;
+    assert_eq!(
+        (listed.iter())
+            .filter(|a| a["rule"] == "unusual_hours")
+            .count(),
+        1,
+        "{listed:?}"
+    );
+    // And a start after that adds it no second time (its reading back done once a request
+    // after it is examined).
+    let app = app.restart().await;
+    ready(&app).await;
+    all_examined(&app).await;
+    let logged = breach_log(&app);
+    assert_eq!(
+        (logged.iter())
+            .filter(|e| e["id"] == in_chain[0]["detail"]["id"])
+            .count(),
+        1,
+        "{logged:?}"
+    );
+    app.stop().await;
 }
 
 /// A replica whose breach log cannot take an alert keeps no "already alerted" mark in the

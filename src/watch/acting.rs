@@ -233,11 +233,27 @@ impl Again {
         }
         if self.owed.by_key.len() >= MAX_AGAIN && !self.owed.by_key.contains_key(&Owed::key_of(&f))
         {
+            // As `Owed::push`: alerts about an address (which an attacker can multiply) give
+            // way to one about a named principal. Either way the one let go is in the audit
+            // log, and the next start adds it to the breach log (`watch::resume`).
+            let room = (f.caller.is_some())
+                .then(|| self.owed.unnamed.pop_front())
+                .flatten()
+                .and_then(|key| self.owed.by_key.remove(&key));
+            let Some(old) = room else {
+                dropped(
+                    &f,
+                    "too many alerts the breach log could not take (this one is in the audit \
+                     log, and the next start adds it to the breach log)",
+                );
+                return;
+            };
             dropped(
-                &f,
-                "too many alerts the breach log could not take (this one is in the audit log)",
+                &old,
+                "too many alerts the breach log could not take; one about a named principal \
+                 came (this one is in the audit log, and the next start adds it to the breach \
+                 log)",
             );
-            return;
         }
         self.owed.push_back(f);
     }
@@ -493,5 +509,34 @@ mod tests {
         // And it is handed on first, ahead of the storm owed before it.
         assert_eq!(owed.pop().unwrap().key, "insider");
         assert_eq!(owed.pop().unwrap().key, "addr:10.0.1");
+    }
+
+    /// The same rule for raised alerts waiting for the breach log: a storm of address-keyed
+    /// ones does not keep out an insider's.
+    #[test]
+    fn alerts_waiting_about_addresses_give_way_to_principals() {
+        let mut again = Again::default();
+        for i in 0..MAX_AGAIN {
+            again.push(finding(Rule::DeniedBurst, &format!("addr:10.0.{i}"), ""));
+        }
+        again.push(finding(Rule::DeniedBurst, "addr:192.0.2.1", ""));
+        assert_eq!(again.owed.by_key.len(), MAX_AGAIN);
+        assert!(
+            !again
+                .owed
+                .by_key
+                .contains_key(&(Rule::DeniedBurst, "addr:192.0.2.1".into()))
+        );
+        let mut insider = finding(Rule::Volume, "insider", "");
+        insider.caller = Some(crate::audit::Caller {
+            subject: "insider".into(),
+            role: "councillor".into(),
+            unit: "u".into(),
+            token_id: "t".into(),
+        });
+        again.push(insider);
+        assert_eq!(again.owed.by_key.len(), MAX_AGAIN);
+        assert_eq!(again.pop().unwrap().key, "insider");
+        assert_eq!(again.pop().unwrap().key, "addr:10.0.1");
     }
 }

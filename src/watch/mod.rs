@@ -223,8 +223,8 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
         let mut detector = Detector::new(settings.clone());
         let mut volumes = Volumes::default();
         let now = rules::now_millis();
-        let alerts = breach.alerts().0;
-        let replayed = replay::replay(
+        let (alerts, older) = breach.alerts();
+        let mut replayed = replay::replay(
             &dir,
             &settings,
             &mut detector,
@@ -238,6 +238,10 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
         if replayed.is_err() {
             detector = Detector::new(settings);
             replay::recall(&mut detector, &alerts, now);
+        }
+        if let Ok(r) = &mut replayed {
+            let unlogged = std::mem::take(&mut r.unlogged);
+            log_unlogged(&breach, unlogged, &alerts, older);
         }
         (detector, volumes, replayed)
     })
@@ -295,6 +299,44 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
             tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with the breach log's cooldowns only");
             (detector, 0, Vec::new())
         }
+    }
+}
+
+/// Appends to the breach log the alerts read back from the audit log that it does not hold
+/// (`Replayed::unlogged`): raised, written to the audit chain and acted on, but not yet in the
+/// breach log when the process stopped (its append failing, or a crash between the two), they
+/// would otherwise be in the chain only, where the console cannot list, classify or count
+/// down the 72 hours on them. `kept` and `older`: the breach log's alerts in memory and how
+/// many older ones its file alone holds; an alert read back from before the oldest kept is
+/// then not taken for missing (it may be in the file). One the breach log still cannot take
+/// is tried again at the next start, the audit log still holding it.
+fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, kept: &[Alert], older: u64) {
+    let oldest_kept = (kept.iter())
+        .filter_map(|a| rules::ts_millis(&a.detected_at))
+        .min();
+    let (mut logged, mut failed) = (0u64, 0u64);
+    for alert in unlogged {
+        let detected = rules::ts_millis(&alert.detected_at);
+        if older > 0 && detected.zip(oldest_kept).is_none_or(|(d, o)| d < o) {
+            continue;
+        }
+        let id = alert.id.clone();
+        match breach.add(alert) {
+            Ok(()) => logged += 1,
+            Err(e) => {
+                failed += 1;
+                metrics::counter!("wardgate_breach_log_failures_total").increment(1);
+                tracing::error!(error = %e, alert = %id, "an alert only the audit log holds could not be added to the breach log; tried again at the next start");
+            }
+        }
+    }
+    if logged + failed > 0 {
+        tracing::warn!(
+            logged,
+            failed,
+            "breach detection found alerts in the audit log that the breach log did not hold \
+             (an append failing, or a crash, before the last stop); those logged are now listed"
+        );
     }
 }
 

@@ -36,7 +36,7 @@
 //! What it does not rebuild: the cross-replica detector's state (`shared`), which lives in
 //! the leading replica's memory and in Redis.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -86,6 +86,13 @@ pub struct Replayed {
     pub pending: Vec<Finding>,
     /// Findings without an alert not raised at start: past `MAX_PENDING`, the oldest first.
     pub let_go: u64,
+    /// Alerts this replica raised (its `breach_alert` records) that the breach log passed to
+    /// `replay` does not hold, oldest first (at most `breach::ALERTS_KEPT`, the newest): an
+    /// append that failed and was still being tried again when the process stopped, or a
+    /// crash between the two writes. Read back as the audit copy has them, the address put
+    /// back where its day's key still reveals it (the `addresses` of a `many_addresses`
+    /// alert are not in the copy), and with the containment the log records for each.
+    pub unlogged: Vec<Alert>,
 }
 
 /// How far back the detector's state reaches: its longest rule window, then the cooldown of
@@ -144,6 +151,8 @@ pub fn replay(
             alerted.note(a.rule, &a.key, at, mark_until);
         }
     }
+    let logged: HashSet<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+    let mut contained = Contained::default();
     let mut revealer = Revealer::new(dir);
     let mut line = Vec::new();
     let (segments, cut_short) = to_read(dir, from_ms, max_bytes)?;
@@ -196,6 +205,15 @@ pub fn replay(
             }
             out.through = out.through.max(seq);
             if record.kind == RecordKind::System {
+                if record.route.as_deref() == Some("watch.breach_alert")
+                    && let Some(alert) = unlogged(&record, &logged, &mut revealer)
+                {
+                    if out.unlogged.len() >= super::breach::ALERTS_KEPT {
+                        out.unlogged.remove(0);
+                    }
+                    out.unlogged.push(alert);
+                }
+                contained.note(&record);
                 // An alert this replica raised, or one another detector raised first (its
                 // finding was this replica's too: `watch::act`).
                 if let Some(route @ ("watch.breach_alert" | "watch.alerted_elsewhere")) =
@@ -243,6 +261,9 @@ pub fn replay(
         }
     }
     recalling.before(detector, u64::MAX);
+    for alert in &mut out.unlogged {
+        alert.containment = contained.of(alert);
+    }
     alerted.settle(&mut out.pending, settings);
     alerted.mark_under_own(&mut out.pending, now_ms);
     let over = out.pending.len().saturating_sub(MAX_PENDING);
@@ -448,6 +469,82 @@ struct Raised {
 /// What a `breach_alert` or `alerted_elsewhere` record says was raised. Its alert keys a
 /// caller not known by `addr` alone (the address is the record's, sealed): unsealed, it
 /// gives the principal back while its day's key exists.
+/// The alert of a `breach_alert` record, when `logged` (the breach log's) does not hold it.
+fn unlogged(
+    record: &AuditRecord,
+    logged: &HashSet<&str>,
+    revealer: &mut Revealer,
+) -> Option<Alert> {
+    let mut alert = Alert::deserialize(record.detail.as_ref()?).ok()?;
+    if logged.contains(alert.id.as_str()) {
+        return None;
+    }
+    // The copy's address is the record's own, sealed with its day's key (`watch::act`).
+    alert.client_addr = (record.client_addr.as_deref()).and_then(|a| revealer.reveal(a));
+    if alert.key == "addr"
+        && alert.principal.is_none()
+        && let Some(addr) = &alert.client_addr
+    {
+        alert.key = rules::address_key(addr);
+    }
+    Some(alert)
+}
+
+/// What the log says of each alert's containment (`watch::contain`): its
+/// `breach_containment` record (the revocation made), and a `breach_containment_failed` one
+/// when it did not take everywhere.
+#[derive(Default)]
+struct Contained(HashMap<String, super::breach::Containment>);
+
+impl Contained {
+    fn note(&mut self, record: &AuditRecord) {
+        let Some(detail) = record.detail.as_ref() else {
+            return;
+        };
+        match record.route.as_deref() {
+            Some("watch.breach_containment") => {
+                let Ok(event) = crate::controls::Event::deserialize(detail) else {
+                    return;
+                };
+                let crate::controls::Change::RevokeSubject { subject } = event.change else {
+                    return;
+                };
+                let alert = (event.reason.strip_prefix("containment for alert "))
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(id, _)| id.to_owned());
+                if let Some(alert) = alert {
+                    let made = super::breach::Containment {
+                        subject,
+                        token_id: String::new(),
+                        at: record.ts.clone(),
+                        outcome: "revoked".to_owned(),
+                    };
+                    self.0.insert(alert, made);
+                }
+            }
+            Some("watch.breach_containment_failed") => {
+                let (Some(alert), Some(outcome)) = (
+                    detail.get("alert").and_then(|a| a.as_str()),
+                    detail.get("outcome").and_then(|o| o.as_str()),
+                ) else {
+                    return;
+                };
+                if let Some(made) = self.0.get_mut(alert) {
+                    made.outcome = outcome.to_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The containment of `alert`, with the token the alert saw (as `watch::contain` says).
+    fn of(&self, alert: &Alert) -> Option<super::breach::Containment> {
+        let mut made = self.0.get(&alert.id)?.clone();
+        made.token_id = (alert.principal.as_ref()).map_or_else(String::new, |p| p.token_id.clone());
+        Some(made)
+    }
+}
+
 fn raised(record: &AuditRecord, revealer: &mut Revealer) -> Option<Raised> {
     let alert = RaisedAlert::deserialize(record.detail.as_ref()?).ok()?;
     let at = rules::ts_millis(&alert.detected_at)?;
@@ -568,6 +665,52 @@ mod tests {
 
     fn rules(f: &[Finding]) -> Vec<Rule> {
         f.iter().map(|f| f.rule).collect()
+    }
+
+    /// Alerts in the audit log that the breach log passed in does not hold come back
+    /// (`unlogged`, for `watch::resume` to add): an address-keyed one with its address
+    /// revealed and keyed as raised, a contained one with the containment the log records and
+    /// the outcome its failure says; one the breach log holds does not.
+    #[tokio::test]
+    async fn alerts_the_breach_log_does_not_hold_are_read_back_whole() {
+        let b = base();
+        let by_addr = alert_record("denied_burst", "addr", Some("203.0.113.9"), b);
+        let caller = crate::audit::Caller {
+            subject: "alice".into(),
+            role: "councillor".into(),
+            unit: "E05001".into(),
+            token_id: "t-1".into(),
+        };
+        let mut contained = alert_record("volume", "alice", None, b + 1_000);
+        let detail = contained.detail.as_mut().unwrap();
+        detail["id"] = "A-2".into();
+        detail["principal"] = serde_json::to_value(&caller).unwrap();
+        let event =
+            crate::watch::containment(&caller, crate::watch::ACTOR, "containment for alert A-2: s");
+        let mut made = AuditRecord::system("watch.breach_containment", "breach_containment");
+        made.detail = serde_json::to_value(&event).ok();
+        let mut failed = AuditRecord::system(
+            "watch.breach_containment_failed",
+            "breach_containment_failed",
+        );
+        failed.detail = Some(serde_json::json!({
+            "alert": "A-2", "containment": event.id, "subject": "alice",
+            "outcome": "revoked: on this replica only",
+        }));
+        let mut held = alert_record("volume", "bob", None, b + 2_000);
+        held.detail.as_mut().unwrap()["id"] = "A-3".into();
+        let held_alert = Alert::deserialize(held.detail.as_ref().unwrap()).unwrap();
+        let dir = log_of(vec![by_addr, contained, made, failed, held], 1 << 20).await;
+        let (_, r) = replayed_with(dir.path(), &settings(), &[held_alert]);
+        let ids: Vec<&str> = r.unlogged.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["A-1", "A-2"]);
+        assert_eq!(r.unlogged[0].client_addr.as_deref(), Some("203.0.113.9"));
+        assert_eq!(r.unlogged[0].key, rules::address_key("203.0.113.9"));
+        assert_eq!(r.unlogged[0].containment, None);
+        let c = r.unlogged[1].containment.as_ref().expect("its containment");
+        assert_eq!((c.subject.as_str(), c.token_id.as_str()), ("alice", "t-1"));
+        assert_eq!(c.outcome, "revoked: on this replica only");
+        assert_eq!(r.unlogged[1].key, "alice");
     }
 
     /// 1,500 records before the restart and 600 after reach the councillor's 2,000: the alert

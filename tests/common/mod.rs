@@ -119,6 +119,8 @@ pub struct TestApp {
     pub tokens: std::collections::BTreeMap<String, String>,
     pub redis: Option<wardgate::controls::RedisSettings>,
     pub witness: Option<wardgate::audit::witness::WitnessConfig>,
+    /// The breach log, kept by `restart` (an `AppOptions::edit` may have moved it).
+    pub breach_log: PathBuf,
     /// The start-up edit (`AppOptions::tweak`), made again by `restart`.
     pub tweak: Option<fn(&mut Config)>,
     /// The running gateway, for tests that call what a signal would (`rekey`).
@@ -252,6 +254,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let audit_dir = cfg.audit.dir.clone();
     let redis = cfg.redis.clone();
     let witness = cfg.audit.witness.clone();
+    let breach_log = cfg.watch.breach_log.clone();
     let (gw, tls) = wardgate::startup::build(&cfg).unwrap();
     let signer = Signer::from_config(cfg.signing.as_ref().unwrap()).unwrap();
     let private_pem =
@@ -281,6 +284,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         tokens,
         redis,
         witness,
+        breach_log,
         tweak: opts.tweak,
         gw,
         client,
@@ -488,6 +492,7 @@ impl TestApp {
         cfg.audit.dir = self.audit_dir.clone();
         cfg.redis = self.redis.clone();
         cfg.audit.witness = self.witness.clone();
+        cfg.watch.breach_log = self.breach_log.clone();
         if let Some(t) = self.tweak {
             t(&mut cfg);
         }
