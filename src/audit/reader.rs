@@ -187,10 +187,13 @@ fn scan_segment(
     let mut reader = BufReader::new(file);
     // Bytes, not text: the current segment's last line may be cut inside a character.
     let mut line = Vec::new();
+    // Where the next line starts.
+    let mut at = 0u64;
     loop {
         line.clear();
         // Nothing read (the end, or a zero byte) is a line without its newline, below.
-        read_line(&mut reader, &mut line)?;
+        let start = at;
+        at += read_line(&mut reader, &mut line)? as u64;
         // A line without its newline is a record still being written (or torn by a crash
         // and trimmed at the next start), or the segment's made-ready space begins: no
         // record.
@@ -202,10 +205,20 @@ fn scan_segment(
                 stats.lines_unreadable += u64::from(torn && finished);
                 break;
             }
+            // In the segment being written, zero bytes read a moment ago may have been
+            // written over since (the writer fills the space made ready ahead of it, in
+            // order): the bytes after them, read later, are the records that followed, no
+            // damage. Read again from the line's start.
+            if !finished && written_over(reader.get_ref(), at)? {
+                reader.seek(SeekFrom::Start(start))?;
+                at = start;
+                continue;
+            }
             // Written after zero bytes: a damaged page, whose records may have named the
             // subject. Read on from the first byte written (a record's tail, read as a line
             // that is no record, or the next record whole).
             stats.lines_unreadable += 1;
+            at = reader.stream_position()?;
             continue;
         }
         stats.lines_read += 1;
@@ -219,6 +232,13 @@ fn scan_segment(
         }
     }
     Ok(())
+}
+
+/// Whether the byte at `at` of `file`, read as zero, is something else now.
+fn written_over(file: &File, at: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0];
+    Ok(file.read_at(&mut byte, at)? == 1 && byte[0] != 0)
 }
 
 /// Consumes the zero bytes that come next; true when the end of the file follows them.
@@ -363,6 +383,53 @@ mod tests {
         let (found, stats) = scan_all(dir.path(), "subj-2").unwrap();
         assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
         assert_eq!(crate::audit::index::seal(dir.path(), 1).unwrap().records, 3);
+    }
+
+    /// A lookup reading the segment being written while the writer fills the space made
+    /// ready ahead of it (`prepare.rs`) counts no damage: zero bytes it read a moment before
+    /// and then saw written after were written over, not torn.
+    #[test]
+    fn records_written_while_a_lookup_reads_are_no_damage() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1));
+        let mut prev = GENESIS_HASH.to_owned();
+        let lines: Vec<Vec<u8>> = (1..=16_000)
+            .map(|seq| {
+                let line = encode_line(seq, &prev, &sample(seq)).unwrap();
+                prev = line.hash;
+                line.bytes
+            })
+            .collect();
+        let total: usize = lines.iter().map(Vec::len).sum();
+        let file = File::create(&path).unwrap();
+        file.set_len(total as u64 + (1 << 20)).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                // Batches of about the reader's buffer, as group commit writes them: each
+                // write crosses into the next buffer's worth.
+                let mut at = 0;
+                for batch in lines.chunks(16) {
+                    let batch = batch.concat();
+                    file.write_all_at(&batch, at).unwrap();
+                    at += batch.len() as u64;
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        // (A lookup reads on as the writer writes: one may last until it stops.)
+        let mut lookups = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let (_, stats) = scan_all(dir.path(), "subj-1").unwrap();
+            assert_eq!(stats.lines_unreadable, 0, "lookup {lookups}: {stats:?}");
+            lookups += 1;
+        }
+        writer.join().unwrap();
+        let (found, stats) = scan_all(dir.path(), "subj-16000").unwrap();
+        assert_eq!((found.len(), stats.lines_unreadable), (1, 0));
     }
 
     /// A segment missing between two still there (prunes take the oldest) is damage that
