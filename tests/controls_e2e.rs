@@ -573,6 +573,69 @@ async fn a_change_that_could_not_be_published_reaches_the_other_replica_before_t
     b.stop().await;
 }
 
+/// A replica whose changes Redis refuses to add to the stream while it reads it still (here
+/// an ACL without `XADD`) holds them itself and stays fresh past the staleness bound: its
+/// mirror is current, and going stale would protect nobody. It offers them again, waiting
+/// longer each time, and the other replica learns them once Redis takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_redis_refuses_are_offered_again_and_the_replica_stays_fresh() {
+    let redis = RedisServer::start();
+    let mut admin = redis.connection();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noxadd")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-xadd")
+        .query(&mut admin)
+        .unwrap();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let short_bound = |url: String, keys_from: Option<&TestApp>| AppOptions {
+        upstream: Some(upstream),
+        redis: Some(url),
+        keys_from: keys_from.map(|a| a.dir.path().to_path_buf()),
+        edit: Some(Box::new(|c| {
+            let r = c.redis.as_mut().unwrap();
+            r.staleness_bound = Duration::from_secs(2);
+            r.resync_interval = Duration::from_secs(600);
+        })),
+        ..Default::default()
+    };
+    let url = redis.url().replace("redis://", "redis://noxadd:pw@");
+    let a = spawn_app_with(short_bound(url, None)).await;
+    until_ready("a ready", &a).await;
+    let b = spawn_app_with(short_bound(redis.url(), Some(&a))).await;
+    until_ready("b ready", &b).await;
+    let id = visible_elector(&b).await;
+    let placed = restrict(&a, &id, "RR-1").await;
+    assert_eq!(placed.status, 503, "{:?}", placed.body);
+    assert_eq!(
+        placed.json()["type"],
+        "urn:wardgate:problem:controls-not-shared"
+    );
+    let path = format!("/voter/electors/{id}");
+    until_withheld("a holds it at once", &a, &path).await;
+    // Three bounds on, with its republishing refused all the while: still fresh.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(a.admin_get("/readyz").await.status, 200);
+    let r = b
+        .get(&path, Some(&b.token("councillor")), Some("canvassing"))
+        .await;
+    assert_eq!(r.status, 200, "b cannot have heard of it: {:?}", r.body);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noxadd")
+        .arg("+xadd")
+        .query(&mut admin)
+        .unwrap();
+    until_withheld("b learns it once Redis takes it", &b, &path).await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_replicas_serve_then_fail_closed_then_recover() {
     let mut redis = RedisServer::start();

@@ -89,6 +89,9 @@ pub struct Redis {
 }
 
 const BLOCK_MS: u64 = 500;
+/// How soon journalled changes Redis refused are offered again, doubling up to the most.
+const REPUBLISH_AFTER: Duration = Duration::from_secs(1);
+const REPUBLISH_AT_MOST: Duration = Duration::from_secs(30);
 /// The publishing connection's name in Redis's `CLIENT LIST`.
 pub const PUBLISHER_NAME: &str = "wardgate-controls-publisher";
 /// How long a replica's key check counts after it last added it (`check_key`): a replica that
@@ -314,6 +317,10 @@ pub fn spawn(controls: Controls) {
         let mut last_id = "0-0".to_owned();
         let mut conn: Option<MultiplexedConnection> = None;
         let mut next_full = Instant::now();
+        // Journalled changes the stream lacks, which a resynchronisation could not add:
+        // when to try again, and how long to wait after that.
+        let mut republish_at: Option<Instant> = None;
+        let mut republish_pause = REPUBLISH_AFTER;
         loop {
             let Some(redis) = controls.inner.redis.as_ref() else {
                 return;
@@ -337,11 +344,33 @@ pub fn spawn(controls: Controls) {
             }
             let Some(c) = conn.as_mut() else { continue };
             // A change this replica could not publish is republished now (`unpublished`).
-            let unpublished = redis.unpublished.swap(false, Ordering::SeqCst);
-            let step = if unpublished || Instant::now() >= next_full {
-                full_resync(&controls, redis, c).await.map(|(id, read_at)| {
+            if redis.unpublished.swap(false, Ordering::SeqCst) {
+                republish_at = Some(Instant::now());
+            }
+            let republish = republish_at.is_some_and(|at| Instant::now() >= at);
+            let step = if republish || Instant::now() >= next_full {
+                full_resync(&controls, redis, c).await.map(|(id, read_at, unshared)| {
                     last_id = id;
                     next_full = Instant::now() + redis.settings.resync_interval;
+                    match unshared {
+                        None => {
+                            republish_at = None;
+                            republish_pause = REPUBLISH_AFTER;
+                        }
+                        // The mirror is as current as the read (this replica stays fresh:
+                        // it holds its own changes); the other replicas lack these until
+                        // Redis takes them.
+                        Some(e) => {
+                            static WARNED: std::sync::atomic::AtomicI64 =
+                                std::sync::atomic::AtomicI64::new(i64::MIN);
+                            if crate::gateway::once_a_minute(&WARNED) {
+                                tracing::error!(error = %format!("{e:#}"),
+                                    "controls: Redis refuses changes this replica made; the other replicas do not have them yet (tried again, logged at most once a minute)");
+                            }
+                            republish_at = Some(Instant::now() + republish_pause);
+                            republish_pause = (republish_pause * 2).min(REPUBLISH_AT_MOST);
+                        }
+                    }
                     Some(read_at)
                 })
             } else {
@@ -445,7 +474,7 @@ async fn full_resync(
     controls: &Controls,
     redis: &Redis,
     c: &mut MultiplexedConnection,
-) -> anyhow::Result<(String, Instant)> {
+) -> anyhow::Result<(String, Instant, Option<anyhow::Error>)> {
     // In pages: a stream of a few hundred thousand events (every unsubscribe is one) read in
     // one reply would outlast the response timeout, and every resynchronisation after it, so
     // that the replica stayed stale. Entries are only ever appended with larger ids, so the
@@ -488,25 +517,43 @@ async fn full_resync(
         .into_iter()
         .filter(|e| !in_stream.contains(e.id.as_str()))
         .collect();
-    if !missing.is_empty() {
-        tracing::warn!(
-            count = missing.len(),
-            "controls: the shared stream lost events; republishing from the journal"
-        );
-        for e in &missing {
-            let json = serde_json::to_string(e)?;
-            let _: String = redis::cmd("XADD")
-                .arg(&redis.settings.stream)
-                .arg("*")
-                .arg("event")
-                .arg(&json)
-                .arg("mac")
-                .arg(redis.sign(&json))
-                .query_async(c)
-                .await?;
-        }
+    let unshared = republish(redis, c, &missing).await.err();
+    metrics::gauge!("wardgate_controls_unshared_changes").set(if unshared.is_some() {
+        missing.len() as f64
+    } else {
+        0.0
+    });
+    Ok((last, read_at, unshared))
+}
+
+/// Adds journalled events the stream lacks (Redis lost them, or their publishing failed).
+async fn republish(
+    redis: &Redis,
+    c: &mut MultiplexedConnection,
+    missing: &[Event],
+) -> anyhow::Result<()> {
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok((last, read_at))
+    tracing::warn!(
+        count = missing.len(),
+        "controls: the shared stream lacks journalled changes (lost by Redis, or not \
+         published); republishing them from the journal"
+    );
+    for e in missing {
+        let json = serde_json::to_string(e)?;
+        let _: String = redis::cmd("XADD")
+            .arg(&redis.settings.stream)
+            .arg("*")
+            .arg("event")
+            .arg(&json)
+            .arg("mac")
+            .arg(redis.sign(&json))
+            .query_async(c)
+            .await
+            .context("Redis refused a journalled change")?;
+    }
+    Ok(())
 }
 
 /// Blocks for new entries after `last_id` and absorbs them, then checks the key (`check_key`):
