@@ -1317,6 +1317,16 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         "detected at {detected}, recorded after {freed}"
     );
     assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+    // Taken, it is not added again at a start after the breach log is pruned by hand: the
+    // audit log says the breach log took it.
+    let mut app = app;
+    app.halt().await;
+    std::fs::write(&app.breach_log, b"").unwrap();
+    let app = app.restart().await;
+    ready(&app).await;
+    all_examined(&app).await;
+    assert_eq!(breach_log(&app), Vec::<Value>::new());
+    app.stop().await;
 }
 
 /// An alert the breach log still could not take when the gateway stopped is not lost with the
@@ -1373,7 +1383,7 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
     );
     // And a start after that adds it no second time (its reading back done once a request
     // after it is examined).
-    let app = app.restart().await;
+    let mut app = app.restart().await;
     ready(&app).await;
     all_examined(&app).await;
     let logged = breach_log(&app);
@@ -1384,6 +1394,14 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
         1,
         "{logged:?}"
     );
+    // Nor after the breach log is pruned by hand (its alerts closed): the audit log says the
+    // breach log took it.
+    app.halt().await;
+    std::fs::write(&app.breach_log, b"").unwrap();
+    let app = app.restart().await;
+    ready(&app).await;
+    all_examined(&app).await;
+    assert_eq!(breach_log(&app), Vec::<Value>::new());
     app.stop().await;
 }
 

@@ -254,6 +254,36 @@ impl BreachLog {
         (s.alerts.iter().rev().cloned().collect(), s.older)
     }
 
+    /// The id of every alert the file holds (blocking: the whole file is read, without the
+    /// lock, as far as it went when asked). A line that does not parse says nothing.
+    pub fn ids_in_file(&self) -> Result<std::collections::HashSet<String>, BreachError> {
+        #[derive(Deserialize)]
+        struct Head {
+            entry: String,
+            id: Option<String>,
+        }
+        use std::io::Read;
+        let to = self.lock().file.metadata()?.len();
+        let mut reader = BufReader::new(File::open(&self.path)?.take(to));
+        let mut ids = std::collections::HashSet::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if let Ok(Head {
+                entry,
+                id: Some(id),
+            }) = serde_json::from_slice::<Head>(&line)
+                && entry == "alert"
+            {
+                ids.insert(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// The alert `alert_id` as it stands, held in memory or (older) read from the file.
     pub fn alert(&self, alert_id: &str) -> Result<Option<Alert>, BreachError> {
         let (s, found) = self.current(alert_id)?;
@@ -584,6 +614,11 @@ mod tests {
             ids(log.alerts()),
             (vec!["A5".into(), "A4".into(), "A3".into()], 2)
         );
+        // The file's ids are every alert's, those only the file holds among them.
+        let in_file = log.ids_in_file().unwrap();
+        let mut in_file: Vec<&str> = in_file.iter().map(String::as_str).collect();
+        in_file.sort_unstable();
+        assert_eq!(in_file, ["A1", "A2", "A3", "A4", "A5"]);
         // A1 is only in the file: found, classified twice, contained.
         assert_eq!(log.alert("A1").unwrap().unwrap(), alert("A1"));
         log.classify("A1", class(Class::NearMiss, "first look"))

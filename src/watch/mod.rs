@@ -239,13 +239,21 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
             detector = Detector::new(settings);
             replay::recall(&mut detector, &alerts, now);
         }
+        let mut logged = Vec::new();
         if let Ok(r) = &mut replayed {
             let unlogged = std::mem::take(&mut r.unlogged);
-            log_unlogged(&breach, unlogged, &alerts, older);
+            logged = log_unlogged(&breach, unlogged, older, r.unlogged_let_go);
         }
-        (detector, volumes, replayed)
+        (detector, volumes, replayed, logged)
     })
     .await;
+    let read = match read {
+        Ok((detector, volumes, replayed, logged)) => {
+            note_logged(gw, &logged).await;
+            Ok((detector, volumes, replayed))
+        }
+        Err(e) => Err(e),
+    };
     let (detector, volumes, replayed) = match read {
         Ok(read) => read,
         Err(e) => {
@@ -306,29 +314,48 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
 /// (`Replayed::unlogged`): raised, written to the audit chain and acted on, but not yet in the
 /// breach log when the process stopped (its append failing, or a crash between the two), they
 /// would otherwise be in the chain only, where the console cannot list, classify or count
-/// down the 72 hours on them. `kept` and `older`: the breach log's alerts in memory and how
-/// many older ones its file alone holds; an alert read back from before the oldest kept is
-/// then not taken for missing (it may be in the file). One the breach log still cannot take
-/// is tried again at the next start, the audit log still holding it.
-fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, kept: &[Alert], older: u64) {
-    let oldest_kept = (kept.iter())
-        .filter_map(|a| rules::ts_millis(&a.detected_at))
-        .min();
+/// down the 72 hours on them. `older`: how many alerts the breach log's file alone holds
+/// (beyond those in memory, which `replay` was given): the file's are then read for their
+/// ids, so that none is added twice. One the breach log still cannot take is tried again at
+/// the next start, the audit log still holding it. `let_go`: those past the most read back
+/// (`Replayed::unlogged_let_go`). Returns the ids added.
+fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, older: u64, let_go: u64) -> Vec<String> {
+    let in_file = if older > 0 && !unlogged.is_empty() {
+        match breach.ids_in_file() {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(error = %e, alerts = unlogged.len(), "the breach log's file could not be read for the ids it holds; the alerts only the audit log holds are tried again at the next start");
+                return Vec::new();
+            }
+        }
+    } else {
+        std::collections::HashSet::new()
+    };
+    let mut added = Vec::new();
     let (mut logged, mut failed) = (0u64, 0u64);
     for alert in unlogged {
-        let detected = rules::ts_millis(&alert.detected_at);
-        if older > 0 && detected.zip(oldest_kept).is_none_or(|(d, o)| d < o) {
+        if in_file.contains(&alert.id) {
             continue;
         }
         let id = alert.id.clone();
         match breach.add(alert) {
-            Ok(()) => logged += 1,
+            Ok(()) => {
+                logged += 1;
+                added.push(id);
+            }
             Err(e) => {
                 failed += 1;
                 metrics::counter!("wardgate_breach_log_failures_total").increment(1);
                 tracing::error!(error = %e, alert = %id, "an alert only the audit log holds could not be added to the breach log; tried again at the next start");
             }
         }
+    }
+    if let_go > 0 {
+        tracing::error!(
+            let_go,
+            "breach detection found more alerts in the audit log that the breach log did not \
+             hold than it adds at once; the oldest were let go (they are in the audit log)"
+        );
     }
     if logged + failed > 0 {
         tracing::warn!(
@@ -338,6 +365,7 @@ fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, kept: &[Alert], older:
              (an append failing, or a crash, before the last stop); those logged are now listed"
         );
     }
+    added
 }
 
 /// How long a finding read back at start marks its alert in Redis at least (`act`): long
@@ -530,12 +558,29 @@ async fn add_to_breach_log(gw: &Gateway, alert: &Alert) -> Result<(), ()> {
             "alert not written to the breach log (it is in the audit log, and acted on); tried again");
         return Err(());
     }
+    note_logged(gw, std::slice::from_ref(&alert.id)).await;
     gw.watch.publish(alert_event(
         "alert",
         &alert.key,
         serde_json::to_string(alert).unwrap_or_default(),
     ));
     Ok(())
+}
+
+/// Records in the audit log that the breach log took these alerts (`watch.breach_logged`):
+/// what tells the next start (`Replayed::unlogged`) an alert the breach log never took from
+/// one it took and that has since been pruned or rotated out of it by hand, which must not
+/// come back open. Without the record (the audit log failing meanwhile), an alert still in
+/// the breach log is not added twice all the same.
+async fn note_logged(gw: &Gateway, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    let mut record = system_record("breach_logged");
+    record.detail = Some(json!({ "alerts": ids }));
+    if let Err(e) = gw.audit.append(record).await {
+        tracing::warn!(error = %e, alerts = ids.len(), "the breach log's taking of alerts was not recorded in the audit log");
+    }
 }
 
 /// Revokes, on every replica, every token the alert's caller holds (`containment`), logging

@@ -91,8 +91,12 @@ pub struct Replayed {
     /// append that failed and was still being tried again when the process stopped, or a
     /// crash between the two writes. Read back as the audit copy has them, the address put
     /// back where its day's key still reveals it (the `addresses` of a `many_addresses`
-    /// alert are not in the copy), and with the containment the log records for each.
+    /// alert are not in the copy), and with the containment the log records for each. An
+    /// alert a `breach_logged` record says the breach log took is not one of them: pruned
+    /// or rotated out of it since, it must not come back open.
     pub unlogged: Vec<Alert>,
+    /// Of those, the oldest let go past the most kept.
+    pub unlogged_let_go: u64,
 }
 
 /// How far back the detector's state reaches: its longest rule window, then the cooldown of
@@ -152,6 +156,7 @@ pub fn replay(
         }
     }
     let logged: HashSet<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+    let mut unlogged = Unlogged::default();
     let mut contained = Contained::default();
     let mut revealer = Revealer::new(dir);
     let mut line = Vec::new();
@@ -206,13 +211,11 @@ pub fn replay(
             out.through = out.through.max(seq);
             if record.kind == RecordKind::System {
                 if record.route.as_deref() == Some("watch.breach_alert")
-                    && let Some(alert) = unlogged(&record, &logged, &mut revealer)
+                    && let Some(alert) = not_logged(&record, &logged, &mut revealer)
                 {
-                    if out.unlogged.len() >= super::breach::ALERTS_KEPT {
-                        out.unlogged.remove(0);
-                    }
-                    out.unlogged.push(alert);
+                    unlogged.push(alert);
                 }
+                unlogged.note(&record);
                 contained.note(&record);
                 // An alert this replica raised, or one another detector raised first (its
                 // finding was this replica's too: `watch::act`).
@@ -261,6 +264,7 @@ pub fn replay(
         }
     }
     recalling.before(detector, u64::MAX);
+    (out.unlogged, out.unlogged_let_go) = unlogged.into_oldest_first();
     for alert in &mut out.unlogged {
         alert.containment = contained.of(alert);
     }
@@ -469,8 +473,51 @@ struct Raised {
 /// What a `breach_alert` or `alerted_elsewhere` record says was raised. Its alert keys a
 /// caller not known by `addr` alone (the address is the record's, sealed): unsealed, it
 /// gives the principal back while its day's key exists.
+/// Alerts read back that the breach log may not hold, in the order of their records: at most
+/// `breach::ALERTS_KEPT`, the oldest let go past it; one a `breach_logged` record names is
+/// dropped.
+#[derive(Default)]
+struct Unlogged {
+    by_id: HashMap<String, Alert>,
+    order: std::collections::VecDeque<String>,
+    let_go: u64,
+}
+
+impl Unlogged {
+    fn push(&mut self, alert: Alert) {
+        while self.by_id.len() >= super::breach::ALERTS_KEPT {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.let_go += u64::from(self.by_id.remove(&oldest).is_some());
+        }
+        self.order.push_back(alert.id.clone());
+        self.by_id.insert(alert.id.clone(), alert);
+    }
+
+    /// Lets go of the alerts a `breach_logged` record says the breach log took.
+    fn note(&mut self, record: &AuditRecord) {
+        if record.route.as_deref() != Some("watch.breach_logged") {
+            return;
+        }
+        let ids = (record.detail.as_ref())
+            .and_then(|d| d.get("alerts"))
+            .and_then(|a| a.as_array());
+        for id in ids.into_iter().flatten().filter_map(|id| id.as_str()) {
+            self.by_id.remove(id);
+        }
+    }
+
+    fn into_oldest_first(mut self) -> (Vec<Alert>, u64) {
+        let alerts = (self.order.into_iter())
+            .filter_map(|id| self.by_id.remove(&id))
+            .collect();
+        (alerts, self.let_go)
+    }
+}
+
 /// The alert of a `breach_alert` record, when `logged` (the breach log's) does not hold it.
-fn unlogged(
+fn not_logged(
     record: &AuditRecord,
     logged: &HashSet<&str>,
     revealer: &mut Revealer,
@@ -700,7 +747,13 @@ mod tests {
         let mut held = alert_record("volume", "bob", None, b + 2_000);
         held.detail.as_mut().unwrap()["id"] = "A-3".into();
         let held_alert = Alert::deserialize(held.detail.as_ref().unwrap()).unwrap();
-        let dir = log_of(vec![by_addr, contained, made, failed, held], 1 << 20).await;
+        // One the breach log took, and that has since been pruned out of it.
+        let mut pruned = alert_record("volume", "carol", None, b + 3_000);
+        pruned.detail.as_mut().unwrap()["id"] = "A-4".into();
+        let mut took = AuditRecord::system("watch.breach_logged", "breach_logged");
+        took.detail = Some(serde_json::json!({ "alerts": ["A-4"] }));
+        let records = vec![by_addr, contained, made, failed, held, pruned, took];
+        let dir = log_of(records, 1 << 20).await;
         let (_, r) = replayed_with(dir.path(), &settings(), &[held_alert]);
         let ids: Vec<&str> = r.unlogged.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(ids, ["A-1", "A-2"]);
