@@ -606,10 +606,32 @@ fn take_slot(
     *slot = match text.as_bytes().get(at) {
         Some(b'n') => Some(false),
         Some(b'"') if !given_at => Some(true),
-        Some(b'"') => Some(dated(text.get(at + 1..)?)? <= today),
+        Some(b'"') => Some(given_by(text.get(at + 1..)?, today)?),
         _ => return None,
     };
     Some(())
+}
+
+/// Whether a `given_at` string's text (after its opening quote) dates a consent given by the
+/// end of `today` (the UK's day, since 1970): its date, or for a timestamp with a zone (`Z`,
+/// `+02:00`) the UK's date at that instant. A zone moves a date by a day at most, so only a
+/// date of today or tomorrow is read whole. `None` for text that is not a date (`dated`).
+#[inline]
+fn given_by(rest: &str, today: i64) -> Option<bool> {
+    let day = dated(rest)?;
+    if day < today || day > today + 1 || rest.as_bytes()[10] == b'"' {
+        return Some(day <= today);
+    }
+    let text = &rest[..memchr::memchr(b'"', rest.as_bytes())?];
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339);
+    Some(match at {
+        Ok(at) => {
+            let utc = at.to_offset(time::UtcOffset::UTC);
+            days_since_epoch(crate::uk_time::uk_date(utc)) <= today
+        }
+        // No zone (a local time as written, or SQL's form): its date.
+        Err(_) => day <= today,
+    })
 }
 
 /// The day (since 1970) of a JSON string's text (after its opening quote) that is a date,

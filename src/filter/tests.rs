@@ -929,69 +929,84 @@ fn consents_that_cannot_be_read_withhold_the_record() {
     assert_eq!(seen, [vec!["email", "post"]]);
 }
 
-/// Consent is given from `given_at`'s date on (the UK's day, as the TPS window is judged): one
-/// dated tomorrow, or stamped a minute into tomorrow, is not consent yet, and nothing is
-/// withheld for it. The same on a record read alone, on a page's first record and on those
-/// read again in its layout (`channel_states_again`).
+/// Consent is given from `given_at`'s date on (the UK's day, as the TPS window is judged):
+/// one dated tomorrow, or stamped a minute into tomorrow in the UK (in summer, 23:30 UTC is
+/// tomorrow), is not consent yet, and nothing is withheld for it; one stamped in another zone
+/// counts from the UK's date at that instant. The same on a record read alone, on a page's
+/// first record and on those read again in its layout (`channel_states_again`).
 #[test]
 fn consent_dated_after_today_is_not_yet_given() {
     let ds = dataset();
     let usual = r#"{"email":{"given_at":"2025-01-01T00:00:00Z","source":"web_form","withdrawn_at":null},"sms":null}"#;
-    // `cx`'s today is 2026-11-23.
-    let cases = [
+    let winter = [
         ("2026-11-22T23:59:00Z", true),
         ("2026-11-23", true),
         ("2026-11-23T23:59:59Z", true),
+        ("2026-11-24T00:30:00+01:00", true),
+        ("2026-11-23T23:30:00-01:00", false),
         ("2026-11-24", false),
         ("2026-11-24T00:01:00Z", false),
         ("2027-01-01 09:00:00", false),
     ];
-    let with = |id: &str, given: &str| {
-        let v = usual.replace("2025-01-01T00:00:00Z", given);
-        record(id, "CGW1", "").replace(usual, &v)
-    };
-    let records: Vec<String> = (cases.iter().enumerate())
-        .map(|(n, (given, _))| with(&format!("VF-{n}"), given))
-        .collect();
-    let expected: Vec<bool> = cases.iter().map(|(_, live)| *live).collect();
-    let email = |a: &RecordAttrs| a.consented.contains("email");
-    // A page whose first record is each case in turn: read whole, then again in its layout.
-    for first in 0..cases.len() {
-        let order: Vec<usize> = (first..cases.len()).chain(0..first).collect();
-        let body = format!(
-            r#"{{"records":[{}]}}"#,
-            (order.iter().map(|&n| records[n].as_str()))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        // The address leaves only where consent is live, as a policy for emailing says.
-        let (out, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
-            let mut categories = vec!["identifier"];
-            categories.extend(email(a).then_some("contact_email"));
-            verdict(true, &categories)
-        })
-        .unwrap();
-        assert_eq!(d.malformed_rows, 0);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let left = v["records"].as_array().unwrap();
-        assert_eq!(left.len(), cases.len());
-        for r in left {
-            let n: usize = r["elector_id"].as_str().unwrap()["VF-".len()..]
-                .parse()
-                .unwrap();
-            assert_eq!(
-                r.get("email").is_some(),
-                expected[n],
-                "consent given {} (page from case {first})",
-                cases[n].0
+    let summer = [
+        ("2026-06-10T22:59:00Z", true),
+        ("2026-06-10T23:30:00Z", false),
+        ("2026-06-11T00:30:00+02:00", true),
+        ("2026-06-10T23:30:00", true),
+        ("2026-06-11 00:10:00", false),
+    ];
+    for (today, cases) in [("2026-11-23", &winter[..]), ("2026-06-10", &summer[..])] {
+        let cx = FilterContext {
+            today: days_from_iso_date(today).unwrap(),
+            ..cx(&ds)
+        };
+        let with = |id: &str, given: &str| {
+            let v = usual.replace("2025-01-01T00:00:00Z", given);
+            record(id, "CGW1", "").replace(usual, &v)
+        };
+        let records: Vec<String> = (cases.iter().enumerate())
+            .map(|(n, (given, _))| with(&format!("VF-{n}"), given))
+            .collect();
+        let email = |a: &RecordAttrs| a.consented.contains("email");
+        // A page whose first record is each case in turn: read whole, then again in its
+        // layout.
+        for first in 0..cases.len() {
+            let order: Vec<usize> = (first..cases.len()).chain(0..first).collect();
+            let body = format!(
+                r#"{{"records":[{}]}}"#,
+                (order.iter().map(|&n| records[n].as_str()))
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
+            // The address leaves only where consent is live, as a policy for emailing says.
+            let (out, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
+                let mut categories = vec!["identifier"];
+                categories.extend(email(a).then_some("contact_email"));
+                verdict(true, &categories)
+            })
+            .unwrap();
+            assert_eq!(d.malformed_rows, 0);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let left = v["records"].as_array().unwrap();
+            assert_eq!(left.len(), cases.len());
+            for r in left {
+                let n: usize = r["elector_id"].as_str().unwrap()["VF-".len()..]
+                    .parse()
+                    .unwrap();
+                assert_eq!(
+                    r.get("email").is_some(),
+                    cases[n].1,
+                    "today {today}, consent given {} (page from case {first})",
+                    cases[n].0
+                );
+            }
         }
-    }
-    for (n, (given, live)) in cases.iter().enumerate() {
-        let text = with("VF-1", given);
-        let rec = RawRecord::parse(&text).unwrap();
-        let (_, a) = record_attrs(&rec, &cx(&ds)).unwrap();
-        assert_eq!(email(&a), *live, "case {n}: {given}");
+        for (given, live) in cases {
+            let text = with("VF-1", given);
+            let rec = RawRecord::parse(&text).unwrap();
+            let (_, a) = record_attrs(&rec, &cx).unwrap();
+            assert_eq!(email(&a), *live, "today {today}, consent given {given}");
+        }
     }
 }
 
