@@ -8,18 +8,20 @@
 //! chunk is filtered while the log writes and syncs it (the sync would otherwise leave the
 //! core idle between chunks). The request's own record (written before the headers) says the
 //! export started; the last one says how it ended. Memory is a chunk being filled, one
-//! waiting for its record to be durable, two waiting for the client, and one partial line,
-//! whatever the size of the export.
+//! waiting for its record to be durable, one waiting for the client (and the one its
+//! connection holds), and one partial line, whatever the size of the export.
 //!
-//! Before each chunk's record is written, and again before the chunk goes, the caller must
-//! still stand (`gateway::standing`): a revocation (containment's included), the token or its
-//! grant ending, or the shared-state mirror going stale stops the export at the next chunk.
+//! Before each chunk's record is written, before the chunk is queued, and again as the
+//! client's connection takes it (`Recheck`: a client that stops reading leaves a queued chunk
+//! waiting for as long as it likes), the caller must still stand (`gateway::standing`): a
+//! revocation (containment's included), the token or its grant ending, or the shared-state
+//! mirror going stale stops the export at the next chunk.
 //! A chunk whose record was already written when that is seen does not go; the closing
 //! record (a `deny` with the token's reason) counts the chunks that went, always the first ones, and
 //! the chunk records written, so the log never says less than was disclosed. So does a flag
 //! placed on one of a chunk's subjects after the chunk was filtered (a client that stops
 //! reading holds a filtered chunk for as long as it likes): the rights register is read again
-//! before the chunk goes, and a new flag on any of its subjects ends the export
+//! as the chunk goes, and a new flag on any of its subjects ends the export
 //! (`rights_register_changed`). So does a policy pack put in force since the export began
 //! whose policies or schema differ (`policy_reloaded`): the new pack may forbid what it
 //! carries.
@@ -37,7 +39,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{Ack, AuditRecord, Decision};
 use crate::auth::Principal;
@@ -184,10 +186,64 @@ pub struct Plan {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What the export task hands the response body: a chunk, or the error that cuts it.
+enum Item {
+    Chunk(Handoff),
+    Cut(BoxError),
+}
+
+/// A chunk whose record is durable, for the body to send once its client takes it, if the
+/// check made then (`Recheck`) passes: it tells the task which (`taken`). A chunk may wait
+/// for a slow client far longer than the caller stands or its subjects stay unflagged, and
+/// what is checked when it is queued says nothing of when it goes.
+struct Handoff {
+    chunk: Bytes,
+    recheck: Recheck,
+    taken: oneshot::Sender<Result<(), String>>,
+}
+
+/// The checks a chunk passes again as it goes: the caller standing under the export's
+/// policy pack, and none of its subjects flagged since they were filtered.
+struct Recheck {
+    gw: Arc<Gateway>,
+    principal: Arc<Principal>,
+    policies: Arc<crate::decisions::InForce>,
+    subjects: Subjects,
+    filtered_with: Vec<(usize, RegisterFlags)>,
+}
+
+impl Recheck {
+    fn holds(&self) -> Result<(), String> {
+        standing_under(&self.gw, &self.principal, &self.policies)?;
+        let now = (self.gw.controls.register_flags()).map_err(|e| e.code().to_owned())?;
+        if newly_flagged(&self.filtered_with, &now, &self.subjects) {
+            return Err("rights_register_changed".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Whether the caller may still be answered (`gateway::standing`) under `policies`, the pack
+/// the export began with: a revocation, the token's end, a stale mirror or a policy pack
+/// reloaded since (which may forbid what the export carries) stops it.
+fn standing_under(
+    gw: &Gateway,
+    principal: &Principal,
+    policies: &Arc<crate::decisions::InForce>,
+) -> Result<(), String> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    crate::gateway::standing(gw, principal, now).map_err(|e| e.code().to_owned())?;
+    if !policies.decides_as(&gw.policies()) {
+        return Err(GatewayError::PolicyReloaded.code().to_owned());
+    }
+    Ok(())
+}
+
 /// Starts the export; the returned body carries each chunk once it is audited. `template` is
 /// the request's audit record, which chunk records copy.
 pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
+    // One at a time: the task waits for each chunk to be taken (`Handoff`).
+    let (tx, rx) = mpsc::channel::<Item>(1);
     // Shutdown waits for the export's last records (`AuditLog::settle`).
     let appending = gw.audit.appender();
     // Set once the export has ended whole, its closing record written: a body that ends
@@ -198,6 +254,7 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
         let _appending = appending;
         let mut run = Run {
             gw: &gw,
+            principal: Arc::clone(&plan.principal),
             template,
             tx: &tx,
             queued: 0,
@@ -228,7 +285,19 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
     let frames =
         futures_util::stream::unfold((rx, whole, false), |(mut rx, whole, cut)| async move {
             match rx.recv().await {
-                Some(r) => Some((r.map(Frame::data), (rx, whole, cut))),
+                Some(Item::Chunk(h)) => {
+                    // Checked as it goes; and it goes only if the task still waits for it
+                    // (one that gave up counts it as not sent).
+                    let went = h.recheck.holds();
+                    let told = h.taken.send(went.clone()).is_ok();
+                    let frame = match went {
+                        Ok(()) if told => Ok(Frame::data(h.chunk)),
+                        Ok(()) => Err("the export was cut short".into()),
+                        Err(why) => Err(why.into()),
+                    };
+                    Some((frame, (rx, whole, cut)))
+                }
+                Some(Item::Cut(e)) => Some((Err(e), (rx, whole, cut))),
                 None if !cut && !whole.load(std::sync::atomic::Ordering::Acquire) => {
                     let e: BoxError = "the export was cut short".into();
                     Some((Err(e), (rx, whole, true)))
@@ -240,9 +309,11 @@ pub fn start(gw: Arc<Gateway>, plan: Plan, template: AuditRecord) -> DataBody {
 }
 
 struct Run<'a> {
-    gw: &'a Gateway,
+    gw: &'a Arc<Gateway>,
+    /// The caller, for the checks each chunk passes again as it goes (`Recheck`).
+    principal: Arc<Principal>,
     template: AuditRecord,
-    tx: &'a mpsc::Sender<Result<Bytes, BoxError>>,
+    tx: &'a mpsc::Sender<Item>,
     /// Chunk records queued so far (each chunk's record carries its number).
     queued: u64,
     /// The chunk released last, waiting for its record to be durable before it goes.
@@ -484,17 +555,11 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Whether the caller may still be answered (`gateway::standing`) under the pack the
-    /// export began with: asked before each chunk's record is written and again before the
-    /// chunk goes, so that a revocation, the token's end, a stale mirror or a policy pack
-    /// reloaded since (which may forbid what the export carries) stops it at the next chunk.
+    /// Whether the caller may still be answered under the pack the export began with
+    /// (`standing_under`): asked before each chunk's record is written, before it is queued,
+    /// and as it goes (`Recheck`), so that a change stops the export at the next chunk.
     fn still_standing(&self, principal: &Principal) -> Result<(), String> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        crate::gateway::standing(self.gw, principal, now).map_err(|e| e.code().to_owned())?;
-        if !self.policies.decides_as(&self.gw.policies()) {
-            return Err(GatewayError::PolicyReloaded.code().to_owned());
-        }
-        Ok(())
+        standing_under(self.gw, principal, &self.policies)
     }
 
     /// Hands the waiting chunk on to the client once its audit record is durable, if the
@@ -534,11 +599,34 @@ impl Run<'_> {
         if newly_flagged(&w.filtered_with, &now, &w.subjects) {
             return Err("rights_register_changed".to_owned());
         }
+        if let Some(slot) = slot {
+            // Gone only once the client has taken it and it passed the checks again then:
+            // a client that takes nothing for `client_stall_timeout` is cut off as above.
+            let (taken, mut went) = oneshot::channel();
+            slot.send(Item::Chunk(Handoff {
+                chunk: w.chunk,
+                recheck: Recheck {
+                    gw: Arc::clone(self.gw),
+                    principal: Arc::clone(&self.principal),
+                    policies: Arc::clone(&self.policies),
+                    subjects: w.subjects,
+                    filtered_with: w.filtered_with,
+                },
+                taken,
+            }));
+            let answer = match tokio::time::timeout(self.gw.client_stall_timeout, &mut went).await {
+                Ok(answer) => answer.map_err(|_| "client_went_away".to_owned())?,
+                // Closed first, so that the body, taking it now, sends nothing (it is told
+                // nobody waits); one it took just before is read.
+                Err(_) => {
+                    went.close();
+                    went.try_recv().map_err(|_| "client_stalled".to_owned())?
+                }
+            };
+            answer?;
+        }
         self.chunks += 1;
         self.records += w.records;
-        if let Some(slot) = slot {
-            slot.send(Ok(w.chunk));
-        }
         Ok(())
     }
 
@@ -601,7 +689,7 @@ impl Run<'_> {
         if let Some(why) = cut {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
-                self.tx.send(Err(why.into())),
+                self.tx.send(Item::Cut(why.into())),
             )
             .await;
         }

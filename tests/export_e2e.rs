@@ -966,6 +966,12 @@ async fn an_export_whose_client_takes_nothing_is_cut_off() {
     assert_eq!(closing["detail"]["export_aborted"], "client_stalled");
     assert_eq!(closing["reason"], "export_aborted");
     assert_eq!(closing["decision"], "error");
+    // A chunk counts as gone once the connection has taken it, and the connection takes
+    // one while its window is shut: every chunk after it is named unsent (they waited for a
+    // client that took nothing, not in a queue as if sent).
+    let before = &closing["detail"]["before"];
+    assert_eq!(before["chunks"], 1, "{before}");
+    not_sent_named(&closing, &export_records(&app).1[1..]);
     drop(resp);
 }
 
@@ -1009,6 +1015,103 @@ async fn a_stalled_export_read_later_ends_cut_short_not_whole() {
         "a cut export ended as if whole ({} bytes)",
         answer.len()
     );
+    app.stop().await;
+}
+
+/// A chunk waiting for a client that has stopped reading is checked again as it goes: the
+/// caller revoked meanwhile, it never goes, however long ago it was recorded and queued.
+/// Here an HTTP/2 client opens its stream with no window and reads nothing, so that the
+/// connection takes the first chunk (held back by the window) and no more; once the caller
+/// is revoked the client opens the window and reads: it gets that first chunk (gone before
+/// the revocation) and then the cut, and nothing queued after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_waiting_for_a_slow_client_does_not_go_once_the_caller_is_revoked() {
+    let app = spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        ..AppOptions::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let (open, mut opened) = tokio::sync::oneshot::channel::<u32>();
+    tokio::spawn(async move {
+        let window = tokio::select! {
+            _ = &mut conn => return,
+            window = &mut opened => window,
+        };
+        if let Ok(window) = window {
+            conn.set_initial_window_size(window).unwrap();
+        }
+        let _ = conn.await;
+    });
+    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
+        .header("authorization", format!("Bearer {}", app.token("analyst")))
+        .header("x-purpose", "profiling")
+        .body(())
+        .unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    // Stalled: no chunk recorded for a second and a half.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = (0, std::time::Instant::now());
+    loop {
+        let n = export_records(&app).1.len();
+        if n != seen.0 {
+            seen = (n, std::time::Instant::now());
+        } else if n > 0 && seen.1.elapsed() > std::time::Duration::from_millis(1500) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never stalled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let revoked = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    open.send(1 << 20).unwrap();
+    let mut body = answer.into_body();
+    let mut received = Vec::new();
+    let cut_short = loop {
+        match body.data().await {
+            Some(Ok(data)) => {
+                body.flow_control().release_capacity(data.len()).unwrap();
+                received.extend_from_slice(&data);
+            }
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(cut_short);
+    let received = memchr::memmem::find_iter(&received, b"\"elector_id\"").count() as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (records, chunks) = loop {
+        let (records, chunks) = export_records(&app);
+        if records.last().unwrap()["detail"]["export_aborted"].is_string() {
+            break (records, chunks);
+        }
+        assert!(std::time::Instant::now() < deadline, "no closing record");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let last = records.last().unwrap();
+    let before = &last["detail"]["before"];
+    assert_eq!(
+        last["detail"]["export_aborted"], "token_revoked",
+        "{before}"
+    );
+    // Only the chunk the connection took before the revocation went (as much of it as the
+    // connection sent before the cut reset the stream: the log never says less than left).
+    assert_eq!(before["chunks"], 1, "{before}");
+    assert!(received <= before["records"].as_u64().unwrap(), "{before}");
+    not_sent_named(last, &chunks[1..]);
     app.stop().await;
 }
 
