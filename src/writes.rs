@@ -165,8 +165,74 @@ pub(crate) async fn check_write(
 
 /// A write body's fields, each named once. `serde_json`'s own map keeps the last of a name
 /// written twice, while the body is forwarded as it came, and a datastore keeping the first
-/// would then write what was never checked: a name written twice (escapes decoded) is refused.
+/// would then write what was never checked: a name written twice (escapes decoded) is refused,
+/// in the body and in any object within a value (`Unique`: the depth and nesting checks judge
+/// what `serde_json` kept).
 struct Fields(serde_json::Map<String, serde_json::Value>);
+
+/// A JSON value in which no object names a key twice, at any depth.
+struct Unique(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_json::Value;
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = Unique;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Unique, E> {
+                Ok(Unique(Value::Bool(b)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Unique, E> {
+                Ok(Unique(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Unique, E> {
+                Ok(Unique(n.into()))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Unique, E> {
+                Ok(Unique(n.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Unique, E> {
+                Ok(Unique(s.into()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Unique, E> {
+                Ok(Unique(s.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Unique, E> {
+                Ok(Unique(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+                let mut items = Vec::new();
+                while let Some(Unique(v)) = a.next_element()? {
+                    items.push(v);
+                }
+                Ok(Unique(Value::Array(items)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Unique, A::Error> {
+                once_each(a).map(|m| Unique(Value::Object(m)))
+            }
+        }
+        d.deserialize_any(Any)
+    }
+}
+
+/// An object's members, refused where a key is named twice.
+fn once_each<'de, A: serde::de::MapAccess<'de>>(
+    mut a: A,
+) -> Result<serde_json::Map<String, serde_json::Value>, A::Error> {
+    let mut members = serde_json::Map::new();
+    while let Some((name, Unique(value))) = a.next_entry::<String, Unique>()? {
+        if members.contains_key(&name) {
+            return Err(serde::de::Error::custom(format_args!(
+                "`{name}` is named twice"
+            )));
+        }
+        members.insert(name, value);
+    }
+    Ok(members)
+}
 
 impl<'de> serde::Deserialize<'de> for Fields {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -176,17 +242,8 @@ impl<'de> serde::Deserialize<'de> for Fields {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
-                let mut fields = serde_json::Map::new();
-                while let Some((name, value)) = a.next_entry::<String, serde_json::Value>()? {
-                    if fields.contains_key(&name) {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "`{name}` is named twice"
-                        )));
-                    }
-                    fields.insert(name, value);
-                }
-                Ok(Fields(fields))
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Fields, A::Error> {
+                once_each(a).map(Fields)
             }
         }
         d.deserialize_map(Once)
@@ -264,5 +321,31 @@ where
         Err(e) => Err(GatewayError::BadRequest(format!(
             "the request body could not be read: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fields;
+
+    /// A key named twice is refused wherever it is: in the body, or in an object within a
+    /// value (which a datastore storing the text as sent would keep whole, while the checks
+    /// saw only the last); each value is read as `serde_json` reads it otherwise.
+    #[test]
+    fn a_key_named_twice_is_refused_at_any_depth() {
+        let read = |body: &str| serde_json::from_str::<Fields>(body).map(|Fields(f)| f);
+        for body in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"roles":{"x":[[1]],"x":1}}"#,
+            r#"{"roles":[{"unit":"A","unit":"B"}]}"#,
+            r#"{"c":{"email":{"given_at":null,"given\u005fat":"2026-01-01"}}}"#,
+        ] {
+            let e = read(body).expect_err(body).to_string();
+            assert!(e.contains("is named twice"), "{body}: {e}");
+        }
+        let body = r#"{"roles":[{"unit":"A","role":"chair"}],"n":-1.5,"ok":[true,null,"s",7]}"#;
+        let fields = read(body).unwrap();
+        let plain: serde_json::Map<String, serde_json::Value> = serde_json::from_str(body).unwrap();
+        assert_eq!(fields, plain);
     }
 }
