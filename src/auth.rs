@@ -390,6 +390,23 @@ fn file_keys(
     cfg: &AuthConfig,
     leaked: &HashSet<String>,
 ) -> anyhow::Result<HashMap<String, TrustedKey>> {
+    // A private key published in the JWKS file is looked for first: a PEM file that cannot
+    // be read must not keep a leak from being seen (and the leaked key dropped).
+    let jwks = match &cfg.jwks_file {
+        Some(path) => {
+            let text = fs::read_to_string(path);
+            let source = format!("JWKS file `{}`", path.display());
+            if let Ok(text) = &text
+                && let Some(leak) = leak_in(&source, text)
+            {
+                return Err(leak.into());
+            }
+            let text =
+                text.with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
+            Some((source, text))
+        }
+        None => None,
+    };
     let mut keys = HashMap::new();
     for k in &cfg.keys {
         let pem = fs::read(&k.public_key_file).with_context(|| {
@@ -408,6 +425,17 @@ fn file_keys(
             bail!(
                 "key `{}`: `{}` is a certificate, whose dates would not be checked: give its \
                  public key (`openssl x509 -pubkey -noout -in CERT`)",
+                k.kid,
+                k.public_key_file.display()
+            );
+        }
+        // jsonwebtoken reads the first block alone: a key appended for a rotation would be
+        // passed over in silence, and a private key beside the public one left unremarked.
+        let blocks = memchr::memmem::find_iter(&pem, b"-----BEGIN ").count();
+        if blocks > 1 {
+            bail!(
+                "key `{}`: `{}` holds {blocks} PEM blocks: a key file holds one public key (give \
+                 another key its own `[[auth.keys]]` entry, and keep private keys elsewhere)",
                 k.kid,
                 k.public_key_file.display()
             );
@@ -464,43 +492,29 @@ fn file_keys(
             );
         }
     }
-    if let Some(path) = &cfg.jwks_file {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("cannot read JWKS file `{}`", path.display()))?;
-        let source = format!("JWKS file `{}`", path.display());
+    if let Some((source, text)) = jwks {
         add_set(cfg, &mut keys, &source, &text, false, leaked)?;
     }
     Ok(keys)
 }
 
-/// Adds the keys of the JWK set `text` (from `source`, for errors; `fetched` from
-/// `auth.jwks_url`) to `keys`.
-fn add_set(
-    cfg: &AuthConfig,
-    keys: &mut HashMap<String, TrustedKey>,
-    source: &str,
-    text: &str,
-    fetched: bool,
-    leaked: &HashSet<String>,
-) -> anyhow::Result<()> {
-    /// A set as published: its entries are read one by one, so that one of a kind the
-    /// gateway does not read (an encryption key, another algorithm's) is passed over, not a
-    /// reason to refuse the rest.
-    #[derive(Deserialize)]
-    struct Published {
-        keys: Vec<serde_json::Value>,
-    }
-    let set: Published =
-        serde_json::from_str(text).with_context(|| format!("{source} is not a JWK set"))?;
-    // A private key's parameters published: whoever reads the set can sign tokens with it.
-    // Looked for in every entry before anything else refuses the set, and the set refused
-    // whole: the identity provider that published it has leaked a signing key. (A shared
-    // secret, `oct`'s `k`, is for an algorithm the gateway never accepts, and is passed over
-    // below.) An optional member written out empty is no key material.
+/// A private key's parameters published in the JWK set `text` (from `source`): whoever reads
+/// the set can sign tokens with it. Looked for in every entry before anything else refuses
+/// the set (and in a lone JWK given where a set belongs), so that the set is refused whole
+/// as a leak: the identity provider that published it has leaked a signing key. (A shared
+/// secret, `oct`'s `k`, is for an algorithm the gateway never accepts, and is passed over.)
+/// An optional member written out empty is no key material.
+fn leak_in(source: &str, text: &str) -> Option<LeakedKey> {
+    let parsed: serde_json::Value = serde_json::from_str(text).ok()?;
+    let entries = match parsed.get("keys").and_then(serde_json::Value::as_array) {
+        Some(keys) => keys.clone(),
+        None if parsed.is_object() => vec![parsed],
+        None => return None,
+    };
     let private = ["d", "p", "q", "dp", "dq", "qi", "oth"];
     let given = |v: &serde_json::Value| !(v.is_null() || v.as_str() == Some(""));
     let mut leak: Option<LeakedKey> = None;
-    for (n, entry) in set.keys.iter().enumerate() {
+    for (n, entry) in entries.iter().enumerate() {
         let Some(member) = private.iter().find(|m| entry.get(**m).is_some_and(given)) else {
             continue;
         };
@@ -530,9 +544,31 @@ fn add_set(
         });
         leak.prints.extend(print);
     }
-    if let Some(leak) = leak {
+    leak
+}
+
+/// Adds the keys of the JWK set `text` (from `source`, for errors; `fetched` from
+/// `auth.jwks_url`) to `keys`.
+fn add_set(
+    cfg: &AuthConfig,
+    keys: &mut HashMap<String, TrustedKey>,
+    source: &str,
+    text: &str,
+    fetched: bool,
+    leaked: &HashSet<String>,
+) -> anyhow::Result<()> {
+    /// A set as published: its entries are read one by one, so that one of a kind the
+    /// gateway does not read (an encryption key, another algorithm's) is passed over, not a
+    /// reason to refuse the rest.
+    #[derive(Deserialize)]
+    struct Published {
+        keys: Vec<serde_json::Value>,
+    }
+    if let Some(leak) = leak_in(source, text) {
         return Err(leak.into());
     }
+    let set: Published =
+        serde_json::from_str(text).with_context(|| format!("{source} is not a JWK set"))?;
     let mut passed_over = Vec::new();
     let mut taken = 0;
     let mut leaked_only = 0;

@@ -667,6 +667,56 @@ fn private_keys_in_a_jwk_set_and_certificates_as_keys_stop_the_start() {
     );
     std::fs::write(&cfg.keys[0].public_key_file, kp.public_key_pem()).unwrap();
     assert!(Verifier::from_config(&cfg, KnownNames::default(), None).is_ok());
+    // A second key appended to the file (a rotation by `cat >>`), or the private key beside
+    // the public one: refused, not the first block taken alone.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    for second in [other.public_key_pem(), kp.serialize_pem()] {
+        let both = format!("{}{second}", kp.public_key_pem());
+        std::fs::write(&cfg.keys[0].public_key_file, both).unwrap();
+        let err = Verifier::from_config(&cfg, KnownNames::default(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("party-1") && err.contains("holds 2 PEM blocks"),
+            "{err}"
+        );
+    }
+}
+
+/// A private key published in `auth.jwks_file` is seen as a leak whatever else is wrong with
+/// the key files: a PEM file that cannot be read no longer hides it (the read failed on the
+/// PEM file first, and the leaked key stayed in use), nor does the key written alone, not
+/// as a set.
+#[test]
+fn a_leak_in_the_jwks_file_is_seen_whatever_the_pem_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = two_issuers(dir.path());
+    let kp = crate::token::generate_es256().unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("idp-j".into());
+    let jwk = serde_json::to_value(jwk).unwrap();
+    let path = dir.path().join("jwks.json");
+    let write = |v: serde_json::Value| std::fs::write(&path, v.to_string()).unwrap();
+    write(serde_json::json!({ "keys": [jwk] }));
+    cfg.jwks_file = Some(path.clone());
+    cfg.jwks_issuer = PARTY.into();
+    let v = Verifier::from_config(&cfg, KnownNames::default(), None).unwrap();
+    assert!(!v.uses_leaked());
+    std::fs::remove_file(&cfg.keys[0].public_key_file).unwrap();
+    let mut leaked = jwk.clone();
+    leaked["d"] = "c2VjcmV0LWhhbGY".into();
+    for published in [serde_json::json!({ "keys": [leaked] }), leaked.clone()] {
+        write(published.clone());
+        let err = v.reread_keys().err().unwrap();
+        assert!(
+            err.downcast_ref::<LeakedKey>().is_some(),
+            "{published}: {err:#}"
+        );
+        assert!(v.uses_leaked());
+    }
+    assert!(v.without_leaked().removed.contains(&"idp-j".to_owned()));
 }
 
 /// `auth.jwks_file` read again publishing a key's private half: refused, the key noted as
