@@ -577,8 +577,9 @@ impl Run<'_> {
     }
 
     async fn hand_on_waiting(&mut self, principal: &Principal, w: Waiting) -> Result<(), String> {
-        w.ack
-            .durable()
+        // A log whose disk hangs cuts the export, as it answers a request 503 (`gateway`),
+        // rather than holding the client, its slot and the datastore's stream meanwhile.
+        crate::audit::within(w.ack.durable())
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
         // A place on the connection first, then the check: waiting for a slow client must not
@@ -671,7 +672,7 @@ impl Run<'_> {
                 tracing::warn!(request_id = %record.request_id, why, "export aborted");
             }
         }
-        let closed = self.gw.audit.append(record).await;
+        let closed = self.gw.audit.append_within(record).await;
         if let Err(e) = &closed {
             tracing::error!(error = %e, "export's closing audit record not written");
         }

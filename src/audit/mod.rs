@@ -32,4 +32,5 @@ pub use record::{AuditRecord, Caller, Decision, FieldsBySubject, OtherFields, Re
 pub use verify::{VerifyError, VerifyReport, verify_against, verify_dir};
 pub use writer::{
     Ack, AuditError, AuditLog, AuditSettings, ChainHead, Durability, Logged, Room, STALLED_AFTER,
+    within,
 };

@@ -139,6 +139,19 @@ pub struct AuditLog {
     inner: Arc<Inner>,
 }
 
+/// `wait`, taken for a failure after [`STALLED_AFTER`].
+pub async fn within<T>(
+    wait: impl std::future::Future<Output = Result<T, AuditError>>,
+) -> Result<T, AuditError> {
+    tokio::time::timeout(STALLED_AFTER, wait)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AuditError::Unavailable(format!(
+                "no commit within {STALLED_AFTER:?}"
+            )))
+        })
+}
+
 /// How long a commit may take before the log counts as stalled: `/readyz` says not ready, and
 /// a request waiting for its record is answered 503 (`gateway::handle`). A disk retrying for
 /// minutes, or a hung network mount, has not failed, and would otherwise hold every request.
@@ -223,6 +236,15 @@ impl AuditLog {
     /// sequence number; `Err(Unavailable)` if the batch containing it could not be written.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         self.submit(record).await?.durable().await
+    }
+
+    /// `append`, taken for a failure once it has waited [`STALLED_AFTER`] (a stalled log):
+    /// for a record whose answer may as well be 503 as wait for a disk that hangs (a read
+    /// or a refusal; not a change, which must not be logged and then not made). The record
+    /// may still be written once the disk comes back: the log then says more than was
+    /// answered, never less.
+    pub async fn append_within(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        within(self.append(record)).await
     }
 
     /// Queues one record and resolves as soon as the writer has it, with the acknowledgement
