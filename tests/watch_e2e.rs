@@ -1405,6 +1405,52 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
     app.stop().await;
 }
 
+/// An alert the breach log still cannot take when the next start reads it back is not left
+/// for the start after (by which time it may be past what is read back): it is offered to the
+/// breach log again as the run goes on, and listed once the disk has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_breach_log_cannot_take_at_a_start_is_taken_later_in_that_run() {
+    let scratch = tempfile::tempdir().unwrap();
+    let watch = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+        return;
+    };
+    let at = watch.join("breach-log.jsonl");
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
+        ..AppOptions::default()
+    })
+    .await;
+    common::fill(&watch);
+    let token = app.token("councillor");
+    a_big_page(&app, &token, "canvassing").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.gw.watch.breach.is_healthy() {
+        assert!(Instant::now() < deadline, "the alert was never tried");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let in_chain: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["reason"] == "breach_alert")
+        .collect();
+    assert_eq!(in_chain.len(), 1, "{in_chain:?}");
+    // Started again with the disk still full: the start's own attempt fails.
+    let app = app.restart().await;
+    ready(&app).await;
+    all_examined(&app).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.gw.watch.breach.is_healthy() {
+        assert!(Instant::now() < deadline, "the start never tried the alert");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::remove_file(watch.join("filler")).unwrap();
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+    app.stop().await;
+}
+
 /// A replica whose breach log cannot take an alert keeps no "already alerted" mark in the
 /// shared store: the alert waits in its memory only (a restart loses it), and the mark would
 /// silence every other replica's detector, the leader's cross-replica one among them, for the

@@ -239,17 +239,21 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
             detector = Detector::new(settings);
             replay::recall(&mut detector, &alerts, now);
         }
-        let mut logged = Vec::new();
+        let (mut logged, mut untaken) = (Vec::new(), Vec::new());
         if let Ok(r) = &mut replayed {
             let unlogged = std::mem::take(&mut r.unlogged);
-            logged = log_unlogged(&breach, unlogged, older, r.unlogged_let_go);
+            (logged, untaken) = log_unlogged(&breach, unlogged, older, r.unlogged_let_go);
         }
-        (detector, volumes, replayed, logged)
+        (detector, volumes, replayed, logged, untaken)
     })
     .await;
+    // Alerts the breach log could not take now are offered to it again as this run goes on,
+    // as a live one it refused is (`act`), oldest first.
+    let mut untaken_findings = Vec::new();
     let read = match read {
-        Ok((detector, volumes, replayed, logged)) => {
+        Ok((detector, volumes, replayed, logged, untaken)) => {
             note_logged(gw, &logged).await;
+            untaken_findings = untaken.into_iter().map(untaken_finding).collect();
             Ok((detector, volumes, replayed))
         }
         Err(e) => Err(e),
@@ -301,7 +305,8 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
                 );
             }
             *lock(&gw.watch.volumes) = volumes;
-            (detector, r.through, r.pending)
+            untaken_findings.extend(r.pending);
+            (detector, r.through, untaken_findings)
         }
         Err(e) => {
             tracing::error!(error = %e, "breach detection could not read back the audit log; it starts with the breach log's cooldowns only");
@@ -316,29 +321,35 @@ async fn resume(gw: &Arc<Gateway>) -> (Detector, u64, Vec<rules::Finding>) {
 /// would otherwise be in the chain only, where the console cannot list, classify or count
 /// down the 72 hours on them. `older`: how many alerts the breach log's file alone holds
 /// (beyond those in memory, which `replay` was given): the file's are then read for their
-/// ids, so that none is added twice. One the breach log still cannot take is tried again at
-/// the next start, the audit log still holding it. `let_go`: those past the most read back
-/// (`Replayed::unlogged_let_go`). Returns the ids added.
-fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, older: u64, let_go: u64) -> Vec<String> {
+/// ids, so that none is added twice. One the breach log still cannot take is offered to it again in
+/// this run, as a live alert the breach log refused is (`untaken_finding`). `let_go`: those
+/// past the most read back (`Replayed::unlogged_let_go`). Returns the ids added, and the
+/// alerts not.
+fn log_unlogged(
+    breach: &BreachLog,
+    unlogged: Vec<Alert>,
+    older: u64,
+    let_go: u64,
+) -> (Vec<String>, Vec<Alert>) {
     let in_file = if older > 0 && !unlogged.is_empty() {
         match breach.ids_in_file() {
             Ok(ids) => ids,
             Err(e) => {
-                tracing::error!(error = %e, alerts = unlogged.len(), "the breach log's file could not be read for the ids it holds; the alerts only the audit log holds are tried again at the next start");
-                return Vec::new();
+                tracing::error!(error = %e, alerts = unlogged.len(), "the breach log's file could not be read for the ids it holds; the alerts only the audit log holds are offered to it again as this run goes on");
+                return (Vec::new(), unlogged);
             }
         }
     } else {
         std::collections::HashSet::new()
     };
-    let mut added = Vec::new();
+    let (mut added, mut untaken) = (Vec::new(), Vec::new());
     let (mut logged, mut failed) = (0u64, 0u64);
     for alert in unlogged {
         if in_file.contains(&alert.id) {
             continue;
         }
         let id = alert.id.clone();
-        match breach.add(alert) {
+        match breach.add(alert.clone()) {
             Ok(()) => {
                 logged += 1;
                 added.push(id);
@@ -346,7 +357,8 @@ fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, older: u64, let_go: u6
             Err(e) => {
                 failed += 1;
                 metrics::counter!("wardgate_breach_log_failures_total").increment(1);
-                tracing::error!(error = %e, alert = %id, "an alert only the audit log holds could not be added to the breach log; tried again at the next start");
+                tracing::error!(error = %e, alert = %id, "an alert only the audit log holds could not be added to the breach log; offered to it again as this run goes on");
+                untaken.push(alert);
             }
         }
     }
@@ -365,7 +377,28 @@ fn log_unlogged(breach: &BreachLog, unlogged: Vec<Alert>, older: u64, let_go: u6
              (an append failing, or a crash, before the last stop); those logged are now listed"
         );
     }
-    added
+    (added, untaken)
+}
+
+/// A finding for an alert raised in an earlier run that the breach log has not taken: all
+/// `act` does with it is offer the breach log the alert again (`Finding::unrecorded`).
+fn untaken_finding(alert: Alert) -> Finding {
+    Finding {
+        rule: alert.rule,
+        mode: alert.mode,
+        key: alert.key.clone(),
+        caller: alert.principal.clone(),
+        client_addr: alert.client_addr.clone(),
+        evidence: alert.evidence.clone(),
+        summary: alert.summary.clone(),
+        addresses: alert.addresses.clone(),
+        at_ms: rules::ts_millis(&alert.detected_at).unwrap_or_default(),
+        refs: alert.evidence_refs.clone(),
+        escalation: 0,
+        read_back: true,
+        under_own_mark: false,
+        unrecorded: Some(Box::new(alert)),
+    }
 }
 
 /// How long a finding read back at start marks its alert in Redis at least (`act`): long
