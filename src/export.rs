@@ -524,12 +524,12 @@ impl Run<'_> {
         ids.extend(self.template.policy_ids.iter().cloned());
         record.policy_ids = ids.into_iter().collect();
         record.detail = Some(serde_json::json!({ "export_chunk": self.queued + 1 }));
-        let ack = self
-            .gw
-            .audit
-            .submit(record)
+        // Room in the log's queue first, bounded as the wait for the record is (a stalled
+        // disk fills the queue): the chunk's record is then queued without another wait.
+        let room = crate::audit::within(self.gw.audit.reserve())
             .await
             .map_err(|_| "audit_unavailable".to_owned())?;
+        let ack = room.submit(record);
         // Counted once queued: the closing record's `chunks_recorded` names none not written.
         self.queued += 1;
         // Counted as queued, so that the next chunk's quota check sees these records (and
@@ -672,7 +672,16 @@ impl Run<'_> {
                 tracing::warn!(request_id = %record.request_id, why, "export aborted");
             }
         }
-        let closed = self.gw.audit.append_within(record).await;
+        // Bounded (a stalled disk): a closing record that found no room in time is queued
+        // apart, to be written once there is (it alone names the chunks recorded and never
+        // sent), and the export is cut meanwhile.
+        let closed = match crate::audit::within(self.gw.audit.reserve()).await {
+            Ok(room) => crate::audit::within(room.submit(record).durable()).await,
+            Err(e) => {
+                self.gw.audit.queue_detached(record);
+                Err(e)
+            }
+        };
         if let Err(e) = &closed {
             tracing::error!(error = %e, "export's closing audit record not written");
         }

@@ -769,7 +769,16 @@ pub(crate) async fn refuse(
     if let GatewayError::Forbidden { policy_ids } = &e {
         r.policy_ids = policy_ids.clone();
     }
-    match gw.audit.append_within(r).await {
+    // Bounded (a stalled disk), but for the answer to a change that was made here or not at
+    // all (`controls-not-shared`, `controls-not-recorded`): that answer waits as the change's
+    // own record did, rather than read as if nothing had been done.
+    let appended = match e {
+        GatewayError::ControlsNotShared | GatewayError::ControlsNotRecorded => {
+            gw.audit.append(r).await
+        }
+        _ => gw.audit.append_within(r).await,
+    };
+    match appended {
         Ok(_) => problem_response(&e, request_id),
         Err(_) => problem_response(&GatewayError::AuditUnavailable, request_id),
     }

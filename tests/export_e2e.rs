@@ -456,6 +456,79 @@ async fn an_audit_log_that_fills_mid_export_cuts_it_after_the_last_durable_chunk
     assert_eq!(audited, ids(&received));
 }
 
+/// A disk that stops without failing in the middle of an export (frozen, as one retrying for
+/// minutes), while other requests fill the log's queue, cuts the export within the stalled
+/// log's bound rather than holding the client, its slot and the datastore's stream until the
+/// disk moves; the closing record, which names what was recorded and never sent, lands once
+/// it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_audit_disk_stalls_is_cut_and_says_so_once_it_moves() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("disk");
+    let Some(disk) = common::FreezableDisk::mount_or_skip(&mount) else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        electors: Some(20_000),
+        audit_dir: Some(mount.join("log")),
+        // A queue of four records: the requests below fill it.
+        edit: Some(Box::new(|c| c.audit.max_batch = 1)),
+        ..AppOptions::default()
+    })
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
+        .header("authorization", format!("Bearer {}", app.token("analyst")))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    disk.freeze();
+    let token = app.token("canvasser");
+    let pages = futures_util::future::join_all((0..8).map(|_| {
+        app.get(
+            "/voter/electors?per_page=5",
+            Some(&token),
+            Some("canvassing"),
+        )
+    }));
+    let rest = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => break true,
+                None => break false,
+            }
+        }
+    };
+    let (pages, cut) = tokio::time::timeout(std::time::Duration::from_secs(90), async {
+        tokio::join!(pages, rest)
+    })
+    .await
+    .expect("an export waiting for a stalled log was never cut");
+    assert!(cut, "an export whose log stalled must not end as complete");
+    assert!(pages.iter().all(|r| r.status == 503));
+    disk.thaw();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let closing = export_records(&app)
+            .0
+            .into_iter()
+            .find(|r| r["detail"]["export_aborted"].is_string());
+        if let Some(closing) = closing {
+            assert_eq!(closing["detail"]["export_aborted"], "audit_unavailable");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no closing record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
+
 /// A datastore whose export sends `first`, then waits for `go` before sending `rest`.
 async fn paused_datastore(
     first: String,

@@ -334,9 +334,11 @@ fn log_unlogged(
     let in_file = if older > 0 && !unlogged.is_empty() {
         match breach.ids_in_file() {
             Ok(ids) => ids,
+            // Not offered again: one may be in the file already, and nothing after this reads
+            // the file's ids before appending.
             Err(e) => {
-                tracing::error!(error = %e, alerts = unlogged.len(), "the breach log's file could not be read for the ids it holds; the alerts only the audit log holds are offered to it again as this run goes on");
-                return (Vec::new(), unlogged);
+                tracing::error!(error = %e, alerts = unlogged.len(), "the breach log's file could not be read for the ids it holds; the alerts only the audit log holds are tried again at the next start");
+                return (Vec::new(), Vec::new());
             }
         }
     } else {
