@@ -436,18 +436,15 @@ async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
     c.stop().await;
 }
 
-/// A replica keeps its publishing connection between changes, which may be hours apart; Redis
-/// (its `timeout`, a restart) or a proxy closing it meanwhile must not keep the next change
-/// from the other replicas until the next full resynchronisation (ten minutes here), nor
-/// refuse it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica() {
-    let redis = RedisServer::start();
-    let (upstream, _store) = common::start_datastore(800).await;
-    let slow_resync = |keys_from| slow_resync(upstream, &redis, keys_from);
-    let a = spawn_app_with(slow_resync(None)).await;
+/// Two replicas sharing `redis` (resynchronising only every ten minutes: `slow_resync`), both
+/// ready, and two electors the councillor's canvassing read on the second one shows.
+async fn two_slow_replicas(
+    upstream: std::net::SocketAddr,
+    redis: &RedisServer,
+) -> (TestApp, TestApp, [String; 2]) {
+    let a = spawn_app_with(slow_resync(upstream, redis, None)).await;
     until_ready("a ready", &a).await;
-    let b = spawn_app_with(slow_resync(Some(&a))).await;
+    let b = spawn_app_with(slow_resync(upstream, redis, Some(&a))).await;
     until_ready("b ready", &b).await;
     let r = b
         .get(
@@ -463,7 +460,19 @@ async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica
             .unwrap()
             .to_owned()
     };
-    let (first, second) = (id(0), id(1));
+    let ids = [id(0), id(1)];
+    (a, b, ids)
+}
+
+/// A replica keeps its publishing connection between changes, which may be hours apart; Redis
+/// (its `timeout`, a restart) or a proxy closing it meanwhile must not keep the next change
+/// from the other replicas until the next full resynchronisation (ten minutes here), nor
+/// refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let (a, b, [first, second]) = two_slow_replicas(upstream, &redis).await;
     assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
     until_withheld(
         "b learns the first restriction",
@@ -504,26 +513,7 @@ async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica
 async fn a_change_that_could_not_be_published_reaches_the_other_replica_before_the_next_resync() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
-    let slow_resync = |keys_from| slow_resync(upstream, &redis, keys_from);
-    let a = spawn_app_with(slow_resync(None)).await;
-    until_ready("a ready", &a).await;
-    let b = spawn_app_with(slow_resync(Some(&a))).await;
-    until_ready("b ready", &b).await;
-    let r = b
-        .get(
-            "/voter/electors?per_page=2",
-            Some(&b.token("councillor")),
-            Some("canvassing"),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let id = |n: usize| {
-        r.json()["records"][n]["elector_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let (first, second) = (id(0), id(1));
+    let (a, b, [first, second]) = two_slow_replicas(upstream, &redis).await;
     // The first change opens `a`'s publishing connection.
     assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
     until_withheld(

@@ -1259,16 +1259,22 @@ async fn nobody_classifies_an_alert_about_themselves() {
     assert_eq!(r.json()["classification"]["by"], "demo-security");
 }
 
-/// An alert the breach log cannot take is not lost: it is in the audit log at once, not shown
-/// meanwhile (no alert the console could not act on), tried again, and once the disk has room
-/// it is recorded with the time it was detected, not the time it could be written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
+/// A gateway alerting at night whose breach log is on a full 64 KiB tmpfs (`watch`), once a
+/// big page at night has raised an alert the breach log could not take; the alert's record
+/// in the audit chain, written once. `None` where the tmpfs cannot be mounted (the test
+/// skips).
+struct Untaken {
+    app: TestApp,
+    watch: std::path::PathBuf,
+    in_chain: Value,
+    _tmpfs: common::Tmpfs,
+    _scratch: tempfile::TempDir,
+}
+
+async fn an_untaken_alert() -> Option<Untaken> {
     let scratch = tempfile::tempdir().unwrap();
     let watch = scratch.path().join("watch");
-    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
-        return;
-    };
+    let tmpfs = common::Tmpfs::mount_or_skip(&watch, "64k")?;
     let at = watch.join("breach-log.jsonl");
     let app = spawn_app_with(AppOptions {
         tweak: Some(night),
@@ -1284,16 +1290,7 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         assert!(Instant::now() < deadline, "the alert was never tried");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    // A few retries' worth of failing.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        !alerts(&app)
-            .await
-            .iter()
-            .any(|a| a["rule"] == "unusual_hours"),
-        "an alert the breach log did not take is not shown"
-    );
-    let in_chain: Vec<Value> = app
+    let mut in_chain: Vec<Value> = app
         .audit_records()
         .into_iter()
         .filter(|r| r["reason"] == "breach_alert")
@@ -1303,7 +1300,41 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         1,
         "written to the audit log once: {in_chain:?}"
     );
-    assert_eq!(in_chain[0]["detail"]["rule"], "unusual_hours");
+    Some(Untaken {
+        app,
+        watch,
+        in_chain: in_chain.remove(0),
+        _tmpfs: tmpfs,
+        _scratch: scratch,
+    })
+}
+
+/// An alert the breach log cannot take is not lost: it is in the audit log at once, not shown
+/// meanwhile (no alert the console could not act on), tried again, and once the disk has room
+/// it is recorded with the time it was detected, not the time it could be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
+    // (Each part held to the test's end: the tmpfs is unmounted when its guard drops.)
+    let Some(Untaken {
+        app,
+        watch,
+        in_chain,
+        _tmpfs,
+        _scratch,
+    }) = an_untaken_alert().await
+    else {
+        return;
+    };
+    // A few retries' worth of failing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !alerts(&app)
+            .await
+            .iter()
+            .any(|a| a["rule"] == "unusual_hours"),
+        "an alert the breach log did not take is not shown"
+    );
+    assert_eq!(in_chain["detail"]["rule"], "unusual_hours");
     let freed = time::OffsetDateTime::now_utc();
     std::fs::remove_file(watch.join("filler")).unwrap();
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
@@ -1316,7 +1347,7 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
         detected + time::Duration::seconds(2) < freed,
         "detected at {detected}, recorded after {freed}"
     );
-    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+    assert_eq!(alert["id"], in_chain["detail"]["id"], "the same alert");
     // Taken, it is not added again at a start after the breach log is pruned by hand: the
     // audit log says the breach log took it.
     let mut app = app;
@@ -1334,45 +1365,30 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
 /// the breach log, the same alert (its id, its detection time), listed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_restart() {
-    let scratch = tempfile::tempdir().unwrap();
-    let watch = scratch.path().join("watch");
-    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+    // (Each part held to the test's end: the tmpfs is unmounted when its guard drops.)
+    let Some(Untaken {
+        app,
+        watch,
+        in_chain,
+        _tmpfs,
+        _scratch,
+    }) = an_untaken_alert().await
+    else {
         return;
     };
-    let at = watch.join("breach-log.jsonl");
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(night),
-        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
-        ..AppOptions::default()
-    })
-    .await;
-    common::fill(&watch);
-    let token = app.token("councillor");
-    a_big_page(&app, &token, "canvassing").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.gw.watch.breach.is_healthy() {
-        assert!(Instant::now() < deadline, "the alert was never tried");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let in_chain: Vec<Value> = app
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["reason"] == "breach_alert")
-        .collect();
-    assert_eq!(in_chain.len(), 1, "{in_chain:?}");
     let mut app = app;
     app.halt().await;
     assert!(
         !breach_log(&app)
             .iter()
-            .any(|e| e["id"] == in_chain[0]["detail"]["id"]),
+            .any(|e| e["id"] == in_chain["detail"]["id"]),
         "the breach log took it before the stop"
     );
     std::fs::remove_file(watch.join("filler")).unwrap();
     let app = app.restart().await;
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
-    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
-    assert_eq!(alert["detected_at"], in_chain[0]["detail"]["detected_at"]);
+    assert_eq!(alert["id"], in_chain["detail"]["id"], "the same alert");
+    assert_eq!(alert["detected_at"], in_chain["detail"]["detected_at"]);
     let listed = alerts(&app).await;
     assert_eq!(
         (listed.iter())
@@ -1389,7 +1405,7 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
     let logged = breach_log(&app);
     assert_eq!(
         (logged.iter())
-            .filter(|e| e["id"] == in_chain[0]["detail"]["id"])
+            .filter(|e| e["id"] == in_chain["detail"]["id"])
             .count(),
         1,
         "{logged:?}"
@@ -1410,32 +1426,17 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
 /// breach log again as the run goes on, and listed once the disk has room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_the_breach_log_cannot_take_at_a_start_is_taken_later_in_that_run() {
-    let scratch = tempfile::tempdir().unwrap();
-    let watch = scratch.path().join("watch");
-    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+    // (Each part held to the test's end: the tmpfs is unmounted when its guard drops.)
+    let Some(Untaken {
+        app,
+        watch,
+        in_chain,
+        _tmpfs,
+        _scratch,
+    }) = an_untaken_alert().await
+    else {
         return;
     };
-    let at = watch.join("breach-log.jsonl");
-    let app = spawn_app_with(AppOptions {
-        tweak: Some(night),
-        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
-        ..AppOptions::default()
-    })
-    .await;
-    common::fill(&watch);
-    let token = app.token("councillor");
-    a_big_page(&app, &token, "canvassing").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.gw.watch.breach.is_healthy() {
-        assert!(Instant::now() < deadline, "the alert was never tried");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let in_chain: Vec<Value> = app
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["reason"] == "breach_alert")
-        .collect();
-    assert_eq!(in_chain.len(), 1, "{in_chain:?}");
     // Started again with the disk still full: the start's own attempt fails.
     let app = app.restart().await;
     ready(&app).await;
@@ -1447,7 +1448,7 @@ async fn an_alert_the_breach_log_cannot_take_at_a_start_is_taken_later_in_that_r
     }
     std::fs::remove_file(watch.join("filler")).unwrap();
     let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
-    assert_eq!(alert["id"], in_chain[0]["detail"]["id"], "the same alert");
+    assert_eq!(alert["id"], in_chain["detail"]["id"], "the same alert");
     app.stop().await;
 }
 
