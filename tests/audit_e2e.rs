@@ -164,24 +164,29 @@ async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_moves() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         futures_util::future::join_all((0..8).map(|_| list())).await
     };
-    // The admin plane's reads and refusals too (its changes wait: one must not be logged
-    // and then not made).
+    // The admin plane's reads and refusals too, the console's among them (its changes wait:
+    // one must not be logged and then not made).
     let admin = async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let (path, dpo) = (format!("/rights/{id}"), app.token("dpo"));
+        let (path, dpo, security) = (
+            format!("/rights/{id}"),
+            app.token("dpo"),
+            app.token("security"),
+        );
         tokio::join!(
             app.admin_get_with(&path, &dpo),
-            app.admin_get_with(&path, &token)
+            app.admin_get_with(&path, &token),
+            app.admin_get_with("/alerts", &security)
         )
     };
     // (Bounded: an answer that waited for the disk would never come while it is frozen.)
     let answered = tokio::time::timeout(std::time::Duration::from_secs(90), async {
         tokio::join!(pages, write, admin)
     });
-    let (pages, write, (read, refused)) = answered
+    let (pages, write, (read, refused, console)) = answered
         .await
         .expect("requests waiting for a stalled log were never answered");
-    for r in [&read, &refused] {
+    for r in [&read, &refused, &console] {
         assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["type"], "urn:wardgate:problem:audit-unavailable");
     }

@@ -122,7 +122,9 @@ where
     }
     // Synced whatever `audit.durability` says: classifying and containing change what the
     // breach log and the controls journal keep through a power cut, and their records must
-    // not be lost while they are not (the console's reads are few enough to sync alike).
+    // not be lost while they are not (the console's reads are few enough to sync alike). A
+    // read gives up on a stalled log (`audit::within`, 503) as the data plane does; a change
+    // waits for it, since it must not be logged and then not made.
     let audited = |detail: serde_json::Value| {
         let mut r = record(Some(&principal), &method, &path, request_id);
         under.mark(&mut r);
@@ -136,7 +138,7 @@ where
                 Err(e) => return boxed(fail(e).await),
             };
             let detail = serde_json::json!({ "opened_live_feed": req.uri().query().unwrap_or("") });
-            if audited(detail).await.is_err() {
+            if crate::audit::within(audited(detail)).await.is_err() {
                 return boxed(problem_response(
                     &GatewayError::AuditUnavailable,
                     request_id,
@@ -159,7 +161,7 @@ where
             resp
         }
         (&Method::GET, ["alerts"]) => {
-            if audited(serde_json::json!({ "read_breach_log": true }))
+            if crate::audit::within(audited(serde_json::json!({ "read_breach_log": true })))
                 .await
                 .is_err()
             {
@@ -186,7 +188,7 @@ where
             }))
         }
         (&Method::GET, ["volumes"]) => {
-            if audited(serde_json::json!({ "read_volumes": true }))
+            if crate::audit::within(audited(serde_json::json!({ "read_volumes": true })))
                 .await
                 .is_err()
             {
