@@ -437,11 +437,13 @@ async fn a_flushed_store_is_given_its_events_back_before_the_next_resync() {
 }
 
 /// Two replicas sharing `redis` (resynchronising only every ten minutes: `slow_resync`), both
-/// ready, and two electors the councillor's canvassing read on the second one shows.
+/// ready, a first restriction placed on the first and learnt by the second (which opens the
+/// first's publishing connection), and another elector the councillor's canvassing read on
+/// the second shows.
 async fn two_slow_replicas(
     upstream: std::net::SocketAddr,
     redis: &RedisServer,
-) -> (TestApp, TestApp, [String; 2]) {
+) -> (TestApp, TestApp, String) {
     let a = spawn_app_with(slow_resync(upstream, redis, None)).await;
     until_ready("a ready", &a).await;
     let b = spawn_app_with(slow_resync(upstream, redis, Some(&a))).await;
@@ -460,8 +462,15 @@ async fn two_slow_replicas(
             .unwrap()
             .to_owned()
     };
-    let ids = [id(0), id(1)];
-    (a, b, ids)
+    let (first, second) = (id(0), id(1));
+    assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
+    until_withheld(
+        "b learns the first restriction",
+        &b,
+        &format!("/voter/electors/{first}"),
+    )
+    .await;
+    (a, b, second)
 }
 
 /// A replica keeps its publishing connection between changes, which may be hours apart; Redis
@@ -472,14 +481,7 @@ async fn two_slow_replicas(
 async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
-    let (a, b, [first, second]) = two_slow_replicas(upstream, &redis).await;
-    assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
-    until_withheld(
-        "b learns the first restriction",
-        &b,
-        &format!("/voter/electors/{first}"),
-    )
-    .await;
+    let (a, b, second) = two_slow_replicas(upstream, &redis).await;
     // Every client connection is closed, as Redis's `timeout` closes an idle one (the
     // replicas' readers reconnect of their own accord; `a`'s publisher is met only at its
     // next change).
@@ -513,15 +515,7 @@ async fn a_change_after_the_publishing_connection_died_reaches_the_other_replica
 async fn a_change_that_could_not_be_published_reaches_the_other_replica_before_the_next_resync() {
     let redis = RedisServer::start();
     let (upstream, _store) = common::start_datastore(800).await;
-    let (a, b, [first, second]) = two_slow_replicas(upstream, &redis).await;
-    // The first change opens `a`'s publishing connection.
-    assert_eq!(restrict(&a, &first, "RR-1").await.status, 200);
-    until_withheld(
-        "b learns the first restriction",
-        &b,
-        &format!("/voter/electors/{first}"),
-    )
-    .await;
+    let (a, b, second) = two_slow_replicas(upstream, &redis).await;
     let mut admin = redis.connection();
     let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
     let publisher = (clients.lines())

@@ -1309,6 +1309,19 @@ async fn an_untaken_alert() -> Option<Untaken> {
     })
 }
 
+/// Stops `app`, empties its breach log (pruned by hand, its alerts closed) and starts it
+/// again: once it has read the audit log back, the breach log is still empty, since the
+/// audit log says the breach log took what it held (`watch.breach_logged`).
+async fn pruned_by_hand_adds_nothing(mut app: TestApp) {
+    app.halt().await;
+    std::fs::write(&app.breach_log, b"").unwrap();
+    let app = app.restart().await;
+    ready(&app).await;
+    all_examined(&app).await;
+    assert_eq!(breach_log(&app), Vec::<Value>::new());
+    app.stop().await;
+}
+
 /// An alert the breach log cannot take is not lost: it is in the audit log at once, not shown
 /// meanwhile (no alert the console could not act on), tried again, and once the disk has room
 /// it is recorded with the time it was detected, not the time it could be written.
@@ -1350,14 +1363,7 @@ async fn an_alert_the_breach_log_cannot_take_is_recorded_once_it_can() {
     assert_eq!(alert["id"], in_chain["detail"]["id"], "the same alert");
     // Taken, it is not added again at a start after the breach log is pruned by hand: the
     // audit log says the breach log took it.
-    let mut app = app;
-    app.halt().await;
-    std::fs::write(&app.breach_log, b"").unwrap();
-    let app = app.restart().await;
-    ready(&app).await;
-    all_examined(&app).await;
-    assert_eq!(breach_log(&app), Vec::<Value>::new());
-    app.stop().await;
+    pruned_by_hand_adds_nothing(app).await;
 }
 
 /// An alert the breach log still could not take when the gateway stopped is not lost with the
@@ -1399,7 +1405,7 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
     );
     // And a start after that adds it no second time (its reading back done once a request
     // after it is examined).
-    let mut app = app.restart().await;
+    let app = app.restart().await;
     ready(&app).await;
     all_examined(&app).await;
     let logged = breach_log(&app);
@@ -1412,13 +1418,7 @@ async fn an_alert_the_breach_log_had_not_taken_at_a_stop_is_in_it_after_the_rest
     );
     // Nor after the breach log is pruned by hand (its alerts closed): the audit log says the
     // breach log took it.
-    app.halt().await;
-    std::fs::write(&app.breach_log, b"").unwrap();
-    let app = app.restart().await;
-    ready(&app).await;
-    all_examined(&app).await;
-    assert_eq!(breach_log(&app), Vec::<Value>::new());
-    app.stop().await;
+    pruned_by_hand_adds_nothing(app).await;
 }
 
 /// An alert the breach log still cannot take when the next start reads it back is not left

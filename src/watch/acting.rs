@@ -415,6 +415,18 @@ mod tests {
         }
     }
 
+    /// A `volume` finding about a verified caller.
+    fn insider() -> Finding {
+        let mut f = finding(Rule::Volume, "insider", "");
+        f.caller = Some(crate::audit::Caller {
+            subject: "insider".into(),
+            role: "councillor".into(),
+            unit: "u".into(),
+            token_id: "t".into(),
+        });
+        f
+    }
+
     /// A raised alert waiting for the breach log is never replaced by a later alert about the
     /// same principal (each is in the audit log under its own id): both are tried again.
     #[test]
@@ -491,13 +503,7 @@ mod tests {
                 .contains_key(&(Rule::DeniedBurst, "addr:192.0.2.1".into()))
         );
         // An insider (a verified caller): the oldest address makes room.
-        let mut insider = finding(Rule::Volume, "insider", "");
-        insider.caller = Some(crate::audit::Caller {
-            subject: "insider".into(),
-            role: "councillor".into(),
-            unit: "u".into(),
-            token_id: "t".into(),
-        });
+        let insider = insider();
         owed.push(insider, &mut d);
         assert_eq!(owed.by_key.len(), MAX_OWED);
         assert!(owed.by_key.contains_key(&(Rule::Volume, "insider".into())));
@@ -527,13 +533,7 @@ mod tests {
                 .by_key
                 .contains_key(&(Rule::DeniedBurst, "addr:192.0.2.1".into()))
         );
-        let mut insider = finding(Rule::Volume, "insider", "");
-        insider.caller = Some(crate::audit::Caller {
-            subject: "insider".into(),
-            role: "councillor".into(),
-            unit: "u".into(),
-            token_id: "t".into(),
-        });
+        let insider = insider();
         again.push(insider);
         assert_eq!(again.owed.by_key.len(), MAX_AGAIN);
         assert_eq!(again.pop().unwrap().key, "insider");
