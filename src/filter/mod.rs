@@ -159,12 +159,15 @@ pub struct RawRecord<'a> {
 }
 
 /// Where one field of a record is in its text: its key's opening quote, its value's first
-/// byte, and the byte after its value.
+/// byte, and the byte after its value; and whether the value nests.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     key: usize,
     value: usize,
     end: usize,
+    /// The value is an object or an array holding an object or an array, as the scanner found
+    /// it (`Scan::nested_values`); for the consents field, read apart, any object or array.
+    nests: bool,
 }
 
 impl<'a> RawRecord<'a> {
@@ -228,7 +231,8 @@ impl<'a> RawRecord<'a> {
         scan.begin_object().ok()?;
         for (i, gap) in self.gaps.iter().enumerate() {
             let key = scan.gap_written((*gap)?)?;
-            let value = if self.consents_before == Some(i) {
+            let nested = scan.nested_values();
+            let (value, nests) = if self.consents_before == Some(i) {
                 let (value, read) = attrs::take_consents(
                     scan,
                     &mut self.consent_keys,
@@ -237,14 +241,16 @@ impl<'a> RawRecord<'a> {
                 )
                 .ok()?;
                 self.consents = Some((i, read));
-                scan.pos() - value.len()
+                (scan.pos() - value.len(), may_nest(value))
             } else {
-                scan.value_start().ok()?
+                let value = scan.value_start().ok()?;
+                (value, scan.nested_values() != nested)
             };
             self.spans.push(Span {
                 key,
                 value,
                 end: scan.pos(),
+                nests,
             });
         }
         scan.end_object().then_some(())
@@ -274,7 +280,8 @@ impl<'a> RawRecord<'a> {
                     Some(_) if key.expected => self.consents_before == Some(i),
                     Some(name) => same_name(&key.name, name),
                 };
-            let value = if consents {
+            let nested = scan.nested_values();
+            let (value, nests) = if consents {
                 let (value, read) = attrs::take_consents(
                     scan,
                     &mut self.consent_keys,
@@ -282,9 +289,10 @@ impl<'a> RawRecord<'a> {
                     self.today,
                 )?;
                 self.consents = Some((i, read));
-                value
+                (value, may_nest(value))
             } else {
-                scan.value()?
+                let value = scan.value()?;
+                (value, scan.nested_values() != nested)
             };
             repeats &= key.expected;
             // A key taken as expected is written as the one noted (the same bytes).
@@ -298,6 +306,7 @@ impl<'a> RawRecord<'a> {
                 key: key.at,
                 value: end - value.len(),
                 end,
+                nests,
             });
             i += 1;
         }
@@ -870,8 +879,9 @@ fn write_record(
 impl RawRecord<'_> {
     /// Whether a field the asset register classifies holds more than it allows: an object,
     /// or an array holding an array or object, where the dataset does not name the field
-    /// `structured` (nor is it the consents field). (Only an object or array value's name is
-    /// looked at: every other value costs one byte.)
+    /// `structured` (nor is it the consents field). The scanner has said which values nest
+    /// as it read them (`Span::nests`), so no value is read again here: a second pass over
+    /// every array of every record was a twentieth of a page's filter.
     fn nests(&self, ds: &Dataset) -> bool {
         let mut flat_fields = self.flat_fields.borrow_mut();
         let flat_fields = flat_fields.get_or_insert_with(|| {
@@ -880,40 +890,14 @@ impl RawRecord<'_> {
                 .map(|(i, _)| i)
                 .collect()
         });
-        let bytes = self.text.as_bytes();
-        flat_fields.iter().any(|&i| {
-            let Some(span) = self.spans.get(i) else {
-                return false;
-            };
-            let value = bytes.get(span.value..span.end).unwrap_or_default();
-            match value.first() {
-                Some(b'{') => true,
-                Some(b'[') => !flat_array(value),
-                _ => false,
-            }
-        })
+        (flat_fields.iter()).any(|&i| self.spans.get(i).is_some_and(|span| span.nests))
     }
 }
 
-/// Whether a valid JSON array (as the scanner checked it) holds no object or array.
-fn flat_array(value: &[u8]) -> bool {
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in value.get(1..).unwrap_or_default() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if b == b'{' || b == b'[' {
-            return false;
-        }
-    }
-    true
+/// Whether a value read apart from the scanner's count (the consents field's) is an object
+/// or an array: it may nest, as far as `nests` is told (the consents field may).
+fn may_nest(value: &str) -> bool {
+    matches!(value.as_bytes().first(), Some(b'{' | b'['))
 }
 
 #[cfg(test)]

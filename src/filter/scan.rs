@@ -90,6 +90,10 @@ pub struct Scan<'a> {
     depth: u32,
     /// One bit per open level, set for an object (levels below `MAX_DEPTH`).
     objects: u128,
+    /// How many values have been read whole as nested (`nested`: an object, or an array
+    /// holding an object or an array), so that a reader of records can tell which of their
+    /// values nest without scanning them again (`RawRecord::nests`).
+    nested: u32,
 }
 
 impl<'a> Scan<'a> {
@@ -99,6 +103,7 @@ impl<'a> Scan<'a> {
             pos: 0,
             depth: 0,
             objects: 0,
+            nested: 0,
         }
     }
 
@@ -401,8 +406,16 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// How many values `value` and `value_start` have taken as nested so far (wrapping): an
+    /// object, or an array holding an object or an array. A value read between two askings
+    /// nests where the count moved.
+    pub fn nested_values(&self) -> u32 {
+        self.nested
+    }
+
     /// An object or array value from `start` (its opening byte) to its end.
     fn nested(&mut self, start: usize) -> Result<&'a str> {
+        self.nested = self.nested.wrapping_add(1);
         let base = self.depth;
         loop {
             // At a value.

@@ -133,6 +133,34 @@ fn read_after(first: &str, second: &str) -> Option<KeyValues> {
         .collect()
 }
 
+/// For each field of `second`, read after `first` as `read_after` reads it, whether the
+/// record reader took its value as nesting (`Span::nests`, from the scanner's count).
+fn nests_after(first: &str, second: &str) -> Option<Vec<bool>> {
+    let text = format!("{first} {second}");
+    let mut scan = Scan::new(&text);
+    let mut rec = RawRecord::new(None, crate::filter::today());
+    rec.read(&mut scan).ok()?;
+    rec.read(&mut scan).ok()?;
+    scan.end().ok()?;
+    Some(rec.spans.iter().map(|span| span.nests).collect())
+}
+
+/// For each field of the object `text`, as `serde_json` reads it, whether its value nests:
+/// an object, or an array holding an object or an array. (Elements are read as raw values:
+/// decoding them would refuse a lone surrogate that the object as a whole may hold.)
+fn nests_reference(text: &str) -> Option<Vec<bool>> {
+    let fields = reference(text)?;
+    let opens = |raw: &str| raw.trim_start().starts_with(['{', '[']);
+    let nests = |raw: &str| match raw.trim_start().as_bytes().first() {
+        Some(b'{') => true,
+        Some(b'[') => (serde_json::from_str::<Vec<&RawValue>>(raw).expect("an array"))
+            .iter()
+            .any(|item| opens(item.get())),
+        _ => false,
+    };
+    Some(fields.iter().map(|(_, raw)| nests(raw)).collect())
+}
+
 fn ws() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => Just(String::new()),
@@ -312,6 +340,25 @@ proptest! {
         mutations in prop::collection::vec(mutation(), 0..3),
     ) {
         reads_after_as_serde_json(read_after, &first, &mutations)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Which of a record's values nest, as the record reader notes it while it scans (the
+    /// filter withholds a record nesting where the asset register wants a scalar, and no
+    /// longer reads the values again to find out): as `serde_json` sees the values, for a
+    /// record read by comparison with the one before and for one read in full.
+    #[test]
+    fn nesting_is_noted_as_serde_json_sees_it(
+        first in record(),
+        mutations in prop::collection::vec(mutation(), 0..3),
+    ) {
+        prop_assume!(reference(&first).is_some());
+        let second = mutate(&first, &mutations);
+        let want = nests_reference(&second);
+        prop_assert_eq!(nests_after(&first, &second), want, "{:?} after {:?}", second, first);
     }
 }
 
