@@ -334,10 +334,15 @@ impl Catalog {
                     // A write is judged by its fields' categories: one filed under another
                     // category than the record's own field of that name would let a purpose
                     // write what it may not (a canvass overwriting `email` as an opinion).
-                    if let Some(own) = d.fields.get(field).filter(|own| *own != cat) {
+                    // Under any spelling, as above: `Email` is `email` to such a datastore.
+                    let folded = crate::filter::fold_word(field);
+                    if let Some((theirs, own)) = (d.fields.iter())
+                        .find(|(f, own)| *own != cat && crate::filter::fold_word(f) == folded)
+                    {
                         bail!(
                             "dataset `{name}` write `{w}`: field `{field}` is `{cat}` here but \
-                             `{own}` in the dataset's fields; a write's field keeps its category"
+                             `{theirs}` is `{own}` in the dataset's fields; a write's field keeps \
+                             its category (names are compared ignoring case, `-` and `_`)"
                         );
                     }
                 }
@@ -622,24 +627,35 @@ mod tests {
     }
 
     /// A write's field keeps the category the dataset gives that field: filed under another,
-    /// a canvass could overwrite contact details under the opinion permit.
+    /// a canvass could overwrite contact details under the opinion permit. Under any
+    /// spelling: a datastore that ignores case writes `Email` over `email`.
     #[test]
     fn a_write_field_keeps_its_category() {
         let shipped = include_str!("../config/catalog.toml");
         let canvass = "voting_intention = \"political_opinion\", canvass_issues";
         assert!(shipped.contains(canvass));
-        let text = shipped.replacen(
-            canvass,
-            "voting_intention = \"political_opinion\", email = \"political_opinion\", canvass_issues",
-            1,
-        );
-        let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
-        assert!(
-            err.contains(
-                "write `canvass`: field `email` is `political_opinion` here but `contact_email`"
-            ),
-            "{err}"
-        );
+        for (key, field) in [
+            ("email", "email"),
+            ("Email", "Email"),
+            ("\"E-mail\"", "E-mail"),
+        ] {
+            let text = shipped.replacen(
+                canvass,
+                &format!(
+                    "voting_intention = \"political_opinion\", {key} = \"political_opinion\", \
+                     canvass_issues"
+                ),
+                1,
+            );
+            let err = format!("{:#}", Catalog::parse(&text).unwrap_err());
+            assert!(
+                err.contains(&format!(
+                    "write `canvass`: field `{field}` is `political_opinion` here but `email` is \
+                     `contact_email`"
+                )),
+                "{err}"
+            );
+        }
     }
 
     /// A filter named like a parameter the gateway sends itself would put the caller's value
