@@ -12,7 +12,10 @@
 //! keeps that person's voting intention out of every count, as it keeps it out of every row.
 //!
 //! A cell of fewer than `min_cell` records is left out of the answer, and the others' counts
-//! are rounded to a multiple of `round_to`. The answer says nothing of the cells left out, nor
+//! are rounded down to a multiple of `round_to`, of which `min_cell` is one (`config`): a
+//! count shown as N stands for N to N + `round_to` - 1 records, the smallest cells shown too
+//! (rounded to the nearest, a cell at the threshold stood for fewer: with `min_cell` 12 and
+//! `round_to` 5, a 10 could only be 12). The answer says nothing of the cells left out, nor
 //! how many records were withheld or could not be grouped: any of those could be one person,
 //! and rounding keeps two answers (grouped by a field, then by it and another) from being
 //! subtracted to learn their size (with `round_to` above 1), though not from showing that
@@ -47,7 +50,7 @@ pub struct Settings {
     /// An aggregate that would make more groups than this is refused: past it the grouping
     /// is too fine to be an aggregate, and memory is bounded by it (with `MAX_VALUE`).
     pub max_groups: usize,
-    /// Counts shown are rounded to the nearest multiple of this (1: exact).
+    /// Counts shown are rounded down to a multiple of this (1: exact); `min_cell` is one.
     pub round_to: u64,
 }
 
@@ -261,10 +264,11 @@ impl<'b> Groups<'b> {
     }
 }
 
-/// `n` to the nearest multiple of `to`, halves up (never below `to` for `n >= to`).
+/// `n` rounded down to a multiple of `to`: every count shown stands for `to` counts, and for
+/// `n` at least `min_cell` (a multiple of `to`) it is at least `min_cell`.
 fn round(n: u64, to: u64) -> u64 {
     let to = to.max(1);
-    (n + to / 2) / to * to
+    n / to * to
 }
 
 #[cfg(test)]
@@ -373,13 +377,35 @@ mod tests {
                 (w, c["records"].as_u64().unwrap())
             })
             .collect();
-        let want = [("b", 10), ("c", 10), ("d", 15), ("e", 15), ("f", 20)];
+        let want = [("b", 10), ("c", 10), ("d", 10), ("e", 15), ("f", 15)];
         assert_eq!(got, want.map(|(w, n)| (w.to_owned(), n)));
         assert!(shown);
         // The log keeps the exact figures.
         assert_eq!(summary["aggregate"]["records_counted"], 79);
         assert_eq!(summary["aggregate"]["records_in_cells"], 70);
         assert_eq!(summary["aggregate"]["suppressed_cells"], 1);
+    }
+
+    /// Each count shown stands for as many cell sizes as any other, the smallest shown too:
+    /// no shown figure narrows a cell to fewer than `round_to` sizes (rounded to the nearest,
+    /// a cell at the threshold was one of fewer, with `round_to` 2 exactly one), and none is
+    /// below `min_cell`.
+    #[test]
+    fn every_count_shown_stands_for_round_to_sizes() {
+        for (min_cell, round_to) in [(10, 5), (10, 2), (12, 3), (12, 4), (12, 12), (2, 1)] {
+            let mut sizes: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+            for n in min_cell..min_cell + 20 * round_to {
+                sizes.entry(round(n, round_to)).or_default().push(n);
+            }
+            for (shown, ns) in &sizes {
+                assert!(*shown >= min_cell, "{min_cell}/{round_to}: {shown}");
+                assert_eq!(
+                    *ns,
+                    (*shown..*shown + round_to).collect::<Vec<_>>(),
+                    "{min_cell}/{round_to}"
+                );
+            }
+        }
     }
 
     #[test]

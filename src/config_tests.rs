@@ -73,6 +73,19 @@ fn aggregate_cells_of_one_are_refused() {
     assert!(err(&with("max_groups = 0")).contains("`aggregates.max_groups`"));
     assert!(err(&with("round_to = 0")).contains("`aggregates.round_to`"));
     assert!(err(&with("min_cell = 4\nround_to = 5")).contains("`aggregates.round_to` is 5"));
+    // Counts are rounded down: a threshold between two steps would narrow its cells.
+    for (bad, then) in [
+        ("min_cell = 12", "(12)"),
+        ("min_cell = 10\nround_to = 3", "(10)"),
+    ] {
+        let e = err(&with(bad));
+        assert!(
+            e.contains(then) && e.contains("must be a multiple"),
+            "{bad}: {e}"
+        );
+    }
+    let c = parse(&with("min_cell = 12\nround_to = 4")).unwrap();
+    assert_eq!((c.aggregates.min_cell, c.aggregates.round_to), (12, 4));
     assert!(err(&with("min_cells = 5")).contains("min_cells"));
 }
 
