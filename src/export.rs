@@ -389,6 +389,14 @@ impl Run<'_> {
             LinesError::Upstream(e) => format!("upstream failed mid-export: {e}"),
             LinesError::TooLong | LinesError::Idle(_) => e.to_string(),
         })? {
+            // A client that has gone, or a caller who no longer stands, ends the export at the
+            // datastore's next batch, not at the next chunk: an export whose records are
+            // nearly all withheld may fill none for the rest of a national register, holding
+            // the caller's slot and the datastore's stream meanwhile.
+            if self.tx.is_closed() {
+                return Err("client_went_away".to_owned());
+            }
+            self.still_standing(&plan.principal)?;
             // The rights register as it stands for this batch's records.
             let register = gw
                 .controls

@@ -82,12 +82,13 @@ fn counted(register: &[Value], field: &str, opinion: bool) -> BTreeMap<String, u
     counts
 }
 
-/// The answer those counts make: cells of at least `MIN_CELL`, rounded to `ROUND_TO`.
+/// The answer those counts make: cells of at least `MIN_CELL`, rounded down to a multiple of
+/// `ROUND_TO`.
 fn shown(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     counts
         .iter()
         .filter(|(_, n)| **n >= MIN_CELL)
-        .map(|(k, n)| (k.clone(), (n + ROUND_TO / 2) / ROUND_TO * ROUND_TO))
+        .map(|(k, n)| (k.clone(), n / ROUND_TO * ROUND_TO))
         .collect()
 }
 

@@ -545,6 +545,17 @@ async fn paused_datastore_telling(
     go: std::sync::Arc<tokio::sync::Notify>,
     arrived: std::sync::Arc<tokio::sync::Notify>,
 ) -> std::net::SocketAddr {
+    datastore_sending(first, rest, go, arrived, false).await
+}
+
+/// `paused_datastore_telling`; with `hang`, the body never ends after `rest`.
+async fn datastore_sending(
+    first: String,
+    rest: String,
+    go: std::sync::Arc<tokio::sync::Notify>,
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+    hang: bool,
+) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -552,12 +563,19 @@ async fn paused_datastore_telling(
         let svc = hyper::service::service_fn(move |_req| {
             arrived.notify_one();
             let parts = [(first.clone(), None), (rest.clone(), Some(go.clone()))];
-            let frames = futures_util::stream::iter(parts).then(|(text, wait)| async move {
-                if let Some(go) = wait {
-                    go.notified().await;
-                }
-                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(text)))
-            });
+            let tail = if hang {
+                futures_util::stream::pending().boxed()
+            } else {
+                futures_util::stream::empty().boxed()
+            };
+            let frames = futures_util::stream::iter(parts)
+                .then(|(text, wait)| async move {
+                    if let Some(go) = wait {
+                        go.notified().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(text)))
+                })
+                .chain(tail);
             async move {
                 Ok::<_, std::convert::Infallible>(
                     Response::builder()
@@ -692,6 +710,85 @@ async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
     assert_eq!(last["decision"], "deny", "{last}");
     assert_eq!(last["reason"], "token_revoked", "{last}");
     assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
+}
+
+/// An export whose records are all withheld fills no chunk: a revocation must still stop it
+/// at the datastore's next batch, not when the datastore's body ends (here it never does),
+/// so that it does not hold the caller's slot and the datastore's stream meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stops_an_export_that_fills_no_chunk() {
+    let real = spawn_app_with(AppOptions::default()).await;
+    let everyone = common::datastore_body(real.upstream, "/electors/export").await;
+    let protected = protected_ids(real.upstream).await;
+    real.stop().await;
+    // Only entries never disclosed, from a datastore that ignores `exclude`.
+    let withheld: String = (std::str::from_utf8(&everyone).unwrap().lines())
+        .filter(|l| {
+            let id = serde_json::from_str::<Value>(l).unwrap()["elector_id"].clone();
+            protected.contains(id.as_str().unwrap())
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!withheld.is_empty());
+    // Each part more than one batch the filter takes at once (256 KiB), so that each is read
+    // as it comes.
+    let part = withheld.repeat((300 << 10) / withheld.len() + 1);
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let upstream = datastore_sending(part.clone(), part, go.clone(), arrived.clone(), true).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        ..AppOptions::default()
+    })
+    .await;
+    let (analyst, addr) = (app.token("analyst"), app.addr);
+    let client = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let req = Request::get(format!("http://{addr}/voter/electors/export"))
+            .header("authorization", format!("Bearer {analyst}"))
+            .header("x-purpose", "profiling")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        resp.into_body().collect().await.map(|b| b.to_bytes())
+    });
+    arrived.notified().await;
+    let revoked = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    go.notify_one();
+    // Well within the datastore's idle timeout (30 s), which would otherwise end it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let last = loop {
+        let (records, _) = export_records(&app);
+        if let Some(last) = records
+            .iter()
+            .find(|r| !r["detail"]["export_aborted"].is_null())
+        {
+            break last.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export went on after the revocation: {records:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(last["detail"]["export_aborted"], "token_revoked", "{last}");
+    assert_eq!(last["detail"]["before"]["records"], 0, "{last}");
+    // Nothing left, and the body did not end as a whole export.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), client)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.is_err(), "{got:?}");
+    app.stop().await;
 }
 
 /// The closing record `last` names the chunks recorded and never sent (`unsent`), by number
