@@ -284,7 +284,7 @@ impl RawAggregates {
         // Counts are rounded down: were the threshold not a multiple of the step, the
         // smallest cells shown would stand for fewer sizes than the rest (with 12 and 5, a
         // 10 shown could only be 12, 13 or 14), and read below the threshold.
-        if min_cell % round_to != 0 {
+        if !min_cell.is_multiple_of(round_to) {
             bail!(
                 "`aggregates.min_cell` ({min_cell}) must be a multiple of `aggregates.round_to` \
                  ({round_to}): counts are rounded down to a multiple of it, and a threshold \
