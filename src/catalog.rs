@@ -335,14 +335,21 @@ impl Catalog {
                     // category than the record's own field of that name would let a purpose
                     // write what it may not (a canvass overwriting `email` as an opinion).
                     // Under any spelling, as above: `Email` is `email` to such a datastore.
+                    // (A name with no ASCII letter or digit folds to nothing: such names are
+                    // compared as written.)
                     let folded = crate::filter::fold_word(field);
-                    if let Some((theirs, own)) = (d.fields.iter())
-                        .find(|(f, own)| *own != cat && crate::filter::fold_word(f) == folded)
+                    let same = |f: &str| match folded.as_str() {
+                        "" => f == field.as_str(),
+                        folded => crate::filter::fold_word(f) == folded,
+                    };
+                    if let Some((theirs, own)) =
+                        (d.fields.iter()).find(|(f, own)| *own != cat && same(f))
                     {
                         bail!(
                             "dataset `{name}` write `{w}`: field `{field}` is `{cat}` here but \
                              `{theirs}` is `{own}` in the dataset's fields; a write's field keeps \
-                             its category (names are compared ignoring case, `-` and `_`)"
+                             its category (names are compared by their ASCII letters and digits, \
+                             ignoring case)"
                         );
                     }
                 }
@@ -656,6 +663,20 @@ mod tests {
                 "{err}"
             );
         }
+        // Names with no ASCII letter or digit are compared as written: two are two fields.
+        let text = shipped
+            .replacen(
+                canvass,
+                "voting_intention = \"political_opinion\", \"意向\" = \"political_opinion\", \
+                 canvass_issues",
+                1,
+            )
+            .replacen(
+                "[datasets.voter.fields]",
+                "[datasets.voter.fields]\n\"名前\" = \"identity\"",
+                1,
+            );
+        Catalog::parse(&text).unwrap();
     }
 
     /// A filter named like a parameter the gateway sends itself would put the caller's value
