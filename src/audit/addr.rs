@@ -76,6 +76,25 @@ pub fn reveal(audit_dir: &Path, stored: &str) -> Option<String> {
     Revealer::new(audit_dir).reveal(stored)
 }
 
+/// What to show for a sealed address `reveal` could not open: `<shredded>` only where its
+/// day's key is gone; where the key is there but cannot be read (another account's, as the
+/// log-shipping group reading the segments would be) or does not open it (damaged, or a
+/// stored value altered), says so, so that nobody investigating takes a readable day's
+/// addresses for destroyed.
+pub fn unrevealed(audit_dir: &Path, stored: &str) -> String {
+    let day = (stored.strip_prefix(PREFIX))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(day, _)| day);
+    let Some(path) = day.and_then(|day| key_path(&audit_dir.join(KEY_DIR), day)) else {
+        return "<unreadable: not a sealed address>".to_owned();
+    };
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "<shredded>".to_owned(),
+        Err(e) => format!("<key unreadable: {e}>"),
+        Ok(_) => "<key does not open it: damaged key or address>".to_owned(),
+    }
+}
+
 /// `reveal` for many addresses (breach detection reading back the log at start): each day's
 /// key file is read once, not once an address.
 pub struct Revealer {
@@ -246,5 +265,31 @@ mod tests {
         let mut again = Sealer::new(dir.path());
         let c = again.seal("198.51.100.1", "2026-01-02").unwrap();
         assert_eq!(reveal(dir.path(), &c).as_deref(), Some("198.51.100.1"));
+    }
+
+    /// An address that cannot be opened shows as shredded only when its day's key is gone:
+    /// a key there that cannot be read, or that does not open it, says so instead.
+    #[test]
+    fn only_a_gone_key_shows_as_shredded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Sealer::new(dir.path());
+        let a = s.seal("192.0.2.7", "2026-01-01").unwrap();
+        let key = dir.path().join(KEY_DIR).join("2026-01-01.key");
+        let raw = std::fs::read(&key).unwrap();
+        // Damaged: not a key.
+        std::fs::write(&key, b"short").unwrap();
+        assert_eq!(reveal(dir.path(), &a), None);
+        assert!(unrevealed(dir.path(), &a).contains("does not open"));
+        // Unreadable (a directory where the file was: the test runs as root, whom a mode
+        // would not stop).
+        std::fs::remove_file(&key).unwrap();
+        std::fs::create_dir(&key).unwrap();
+        assert!(unrevealed(dir.path(), &a).starts_with("<key unreadable: "));
+        // Gone: shredded.
+        std::fs::remove_dir(&key).unwrap();
+        assert_eq!(unrevealed(dir.path(), &a), "<shredded>");
+        // Back, it opens again.
+        std::fs::write(&key, raw).unwrap();
+        assert_eq!(reveal(dir.path(), &a).as_deref(), Some("192.0.2.7"));
     }
 }

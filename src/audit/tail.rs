@@ -159,10 +159,11 @@ fn render(dir: &Path, line: &str, filter: &Filter, raw: bool) -> Option<String> 
     }
     let seq = serde_json::from_str::<Seq>(line).ok()?.seq;
     let mut record: AuditRecord = serde_json::from_str(line).ok()?;
-    // Sealed addresses read back while their day's key exists (audit/addr.rs).
+    // Sealed addresses read back while their day's key exists (audit/addr.rs); a key that is
+    // there and cannot be read (another account's, damaged) is not one shredded.
     record.client_addr = record
         .client_addr
-        .map(|a| super::addr::reveal(dir, &a).unwrap_or_else(|| "<shredded>".to_owned()));
+        .map(|a| super::addr::reveal(dir, &a).unwrap_or_else(|| super::addr::unrevealed(dir, &a)));
     let logged = Logged { seq, record };
     if !filter.matches(&access_event(&logged)) {
         return None;
