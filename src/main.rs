@@ -496,6 +496,23 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     report.kept_aside.join(", ")
                 );
             }
+            if !report.left_behind.is_empty() {
+                println!(
+                    "note: {} left behind the prune anchor by a prune that stopped before removing {} ({}): already counted as pruned, not verified; the next prune removes {}",
+                    report.left_behind.len(),
+                    if report.left_behind.len() == 1 {
+                        "it"
+                    } else {
+                        "them"
+                    },
+                    report.left_behind.join(", "),
+                    if report.left_behind.len() == 1 {
+                        "it"
+                    } else {
+                        "them"
+                    },
+                );
+            }
             if report.torn_tail {
                 println!(
                     "note: the newest segment ends in a torn line (a write cut short by a crash, never acknowledged); the gateway trims it on start"

@@ -89,7 +89,7 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
             break;
         }
         // Stop at the first segment that is unsealed or still within retention: no gaps.
-        match read_seal(dir, *n) {
+        match read_seal(dir, *n).map(|seal| timed(dir, seal)) {
             // Already behind the anchor: a prune stopped after writing it and before removing
             // these. They go now, counted once already; only if past the retention too (a
             // genuine leftover always is): an anchor restored or rewritten past records still
@@ -127,7 +127,7 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     }
     remove_segments(dir, &leftover)?;
     if let Some((oldest, _)) = segments.first() {
-        remove_orphans(dir, *oldest)?;
+        remove_orphans(dir, *oldest, anchor.last_pruned_seq)?;
     }
     let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
         if !leftover.is_empty() {
@@ -179,6 +179,44 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
     }))
 }
 
+/// A seal with its last record's time. Seals written before retention have none (and are
+/// never written again: the writer seals only segments without a seal), and one without a
+/// time would stop every prune at it for good, keeping the log past its retention without a
+/// word: the time is read from the segment's last record, where that record is the one the
+/// seal names (its seq and hash). Otherwise the seal is left without, and the prune stops
+/// there, saying why.
+fn timed(dir: &Path, mut seal: super::index::Seal) -> super::index::Seal {
+    if !seal.last_ts.is_empty() {
+        return seal;
+    }
+    let path = dir.join(super::segment::segment_name(seal.segment));
+    match last_record(&path) {
+        Some(head) if head.seq == seal.last_seq && head.hash == seal.last_hash => {
+            seal.last_ts = head.ts;
+        }
+        _ => tracing::warn!(
+            segment = seal.segment,
+            "an audit segment's seal has no time and its last record is not the one the seal \
+             names: retention stops here until `wardgate audit verify` passes"
+        ),
+    }
+    seal
+}
+
+/// The chain fields of a segment's last whole record.
+fn last_record(path: &Path) -> Option<super::record::LineHead> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    let (mut buf, mut last) = (Vec::new(), None);
+    loop {
+        buf.clear();
+        super::segment::read_line(&mut reader, &mut buf).ok()?;
+        let Some(text) = buf.strip_suffix(b"\n") else {
+            return last;
+        };
+        last = Some(super::record::decode_line(text).ok()?);
+    }
+}
+
 /// Removes what `plan` found: the anchor first, durable, then the segments.
 pub fn carry_out(dir: &Path, plan: Plan) -> anyhow::Result<Pruned> {
     let Plan {
@@ -201,7 +239,7 @@ pub fn carry_out(dir: &Path, plan: Plan) -> anyhow::Result<Pruned> {
 /// Removes the indexes and seals of segments older than the oldest there is, and their
 /// temporary files: what a prune that removed the segment first (before this order) left
 /// when cut short, or a sealing cut short before its rename (`index::write_atomically`).
-fn remove_orphans(dir: &Path, oldest: u64) -> anyhow::Result<()> {
+fn remove_orphans(dir: &Path, oldest: u64, pruned_to: u64) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -212,6 +250,22 @@ fn remove_orphans(dir: &Path, oldest: u64) -> anyhow::Result<()> {
         else {
             continue;
         };
+        // A seal of records the anchor does not say were pruned is of a segment that went
+        // some other way (deleted by mistake or by an intruder): it is the only statement of
+        // what went missing, and stays, with its index, for whoever investigates (the chain
+        // does not verify, and nothing is pruned, until then).
+        if let Some(seal) = super::index::read_seal(dir, n)
+            && n < oldest
+            && seal.last_seq > pruned_to
+        {
+            tracing::error!(
+                segment = n,
+                first_seq = seal.first_seq,
+                last_seq = seal.last_seq,
+                "an audit segment is missing that no prune removed: its seal and index are kept"
+            );
+            continue;
+        }
         if n < oldest {
             tracing::warn!(
                 segment = n,
@@ -480,9 +534,69 @@ mod tests {
         carry_out(dir.path(), only_first).unwrap();
         verify_dir(dir.path()).unwrap();
         std::fs::remove_file(dir.path().join("pruned.json")).unwrap();
-        assert!(verify_dir(dir.path()).is_err());
+        let e = verify_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("there is no `pruned.json`"), "{e}");
+        // Nor does the writer start on it (it would carry on a chain nothing can verify).
+        let e = AuditLog::open(settings(dir.path(), 2048)).unwrap_err();
+        assert!(format!("{e:#}").contains("no `pruned.json`"), "{e:#}");
         let e = plan(dir.path(), cutoff).err().unwrap();
         assert!(format!("{e:#}").contains("pruned.json"), "{e:#}");
+
+        // The oldest segment deleted, not pruned: its seal, the only statement of what went,
+        // and its index stay for whoever investigates, however often prunes refuse.
+        let dir = tempfile::tempdir().unwrap();
+        let (log, segments) = an_old_log(dir.path(), Durability::Fsync).await;
+        log.shutdown().await;
+        let (n, path) = &segments[0];
+        std::fs::remove_file(path).unwrap();
+        for _ in 0..2 {
+            let e = plan(dir.path(), cutoff).err().unwrap();
+            assert!(
+                format!("{e:#}").contains("does not continue the chain"),
+                "{e:#}"
+            );
+        }
+        assert!(crate::audit::index::read_seal(dir.path(), *n).is_some());
+        assert!(crate::audit::index::index_path(dir.path(), *n).exists());
+    }
+
+    /// Seals written before retention carry no time: the prune reads it from the segment's
+    /// last record (the one the seal names) rather than stop at the first of them for good,
+    /// and stops there only where that record is not the one named.
+    #[tokio::test]
+    async fn seals_without_a_time_are_pruned_by_their_last_records_time() {
+        let cutoff = "2019-01-01T00:00:00.000Z";
+        let dir = tempfile::tempdir().unwrap();
+        let (log, segments) = an_old_log(dir.path(), Durability::Fsync).await;
+        log.shutdown().await;
+        let untimed = |n: u64, hash: Option<&str>| {
+            let path = crate::audit::index::seal_path(dir.path(), n);
+            let mut seal: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            seal.as_object_mut().unwrap().remove("last_ts");
+            if let Some(hash) = hash {
+                seal["last_hash"] = hash.into();
+            }
+            std::fs::write(&path, serde_json::to_vec(&seal).unwrap()).unwrap();
+        };
+        let sealed = &segments[..segments.len() - 1];
+        for (n, _) in sealed {
+            untimed(*n, None);
+            assert!(
+                crate::audit::index::read_seal(dir.path(), *n)
+                    .unwrap()
+                    .last_ts
+                    .is_empty()
+            );
+        }
+        let p = plan(dir.path(), cutoff)
+            .unwrap()
+            .expect("the old segments go");
+        assert_eq!(p.doomed.len(), sealed.len());
+        // A seal naming another last record than the segment's: the prune stops before it.
+        untimed(sealed[1].0, Some(&"0".repeat(64)));
+        let p = plan(dir.path(), cutoff).unwrap().unwrap();
+        assert_eq!(p.doomed.len(), 1);
     }
 
     /// With `page-cache` durability, a prune's and a shredding's records are synced all the
@@ -649,10 +763,10 @@ mod tests {
         for (p, b) in &first_files {
             std::fs::write(p, b).unwrap();
         }
-        assert!(
-            verify_dir(dir.path()).is_err(),
-            "the leftover breaks the chain"
-        );
+        // Verification passes it by, as already pruned, and says so.
+        let left = verify_dir(dir.path()).unwrap();
+        assert_eq!(left.left_behind, [crate::audit::segment::segment_name(1)]);
+        assert_eq!(left.last_seq, after.last_seq);
         assert!(prunes_nothing().await);
         assert!(!first_files[0].0.exists());
         let again = read_anchor(dir.path()).unwrap().unwrap();

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 
 use super::record::{GENESIS_HASH, LineHead, decode_line};
 
@@ -197,6 +197,15 @@ pub(crate) fn create_dir_synced(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The sequence number of a segment's first whole record, if it has one that reads.
+fn first_seq(path: &Path) -> Option<u64> {
+    let mut reader = BufReader::new(File::open(path).ok()?);
+    let mut line = Vec::new();
+    read_line(&mut reader, &mut line).ok()?;
+    let text = line.strip_suffix(b"\n")?;
+    decode_line(text).ok().map(|head| head.seq)
+}
+
 /// Creates `dir` if needed and recovers the chain head from the newest records in it,
 /// repairing torn tails on the way.
 pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resume> {
@@ -220,9 +229,28 @@ pub(crate) fn resume(dir: &Path, segment_max_bytes: u64) -> anyhow::Result<Resum
             break;
         }
     }
+    // Read whatever the segments hold: a damaged anchor stops the start, rather than be
+    // taken for none by a later prune or verification.
+    let anchor = super::prune::read_anchor(dir)?;
+    // A log whose oldest record is past the first, with no anchor to say those before were
+    // pruned: they are missing (or `pruned.json` was lost), and the writer would otherwise
+    // carry on a chain nothing can verify from its start.
+    if anchor.is_none()
+        && let Some((_, oldest)) = segments.first()
+        && let Some(first) = first_seq(oldest)
+        && first > 1
+    {
+        bail!(
+            "the audit log in `{}` begins at seq {first}, not 1, and there is no `pruned.json`: \
+             the log was pruned and its anchor lost (restore `pruned.json` from a backup of \
+             this directory), or its first records were deleted; `wardgate audit verify` says \
+             which",
+            dir.display()
+        );
+    }
     // Everything before the oldest remaining segment may have been pruned: resume from the anchor.
     if next_seq == 1
-        && let Some(anchor) = super::prune::read_anchor(dir)?
+        && let Some(anchor) = anchor
     {
         next_seq = anchor.last_pruned_seq.checked_add(1).ok_or_else(|| {
             anyhow!(

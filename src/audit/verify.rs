@@ -40,6 +40,10 @@ pub struct VerifyReport {
     /// Their `.pending` notes: a cut the chain does not yet say was made (the next start
     /// records it).
     pub cuts_unrecorded: Vec<String>,
+    /// Sealed segments wholly at or below the prune anchor: a prune wrote its anchor and
+    /// stopped before removing them (a crash, a failed removal). The anchor already counts
+    /// them as pruned, so the chain starts after them; the next prune removes them.
+    pub left_behind: Vec<String>,
 }
 
 /// Where and how the chain breaks. `line` is 1-based within `segment`; `seq` is the sequence
@@ -68,6 +72,12 @@ pub enum VerifyError {
         seq: u64,
         found: u64,
     },
+    #[error(
+        "`{segment}` begins the log at seq {first}, not 1, and there is no `pruned.json`: the \
+         log was pruned and its anchor lost (restore `pruned.json` from a backup of this \
+         directory), or its first records were deleted"
+    )]
+    NoAnchor { segment: String, first: u64 },
     #[error("`{segment}` line {line} (seq {seq}): malformed record: {reason}")]
     Malformed {
         segment: String,
@@ -286,11 +296,27 @@ fn verify_once(
         let path = path.display().to_string();
         move |source| VerifyError::Io { path, source }
     };
-    let segments = list_segments(dir).map_err(io_err(dir))?;
+    let mut segments = list_segments(dir).map_err(io_err(dir))?;
     let mut records = 0;
     // After pruning, the chain resumes from the anchor rather than from genesis.
     let anchor = super::prune::read_anchor(dir).map_err(io_err(&dir.join("pruned.json")))?;
     let anchor_seq = anchor.as_ref().map(|a| a.last_pruned_seq);
+    // Segments a prune left behind its anchor (`VerifyReport::left_behind`): the anchor says
+    // their records were pruned, which is all their absence would say (the witness's heads,
+    // checked against the anchor below, say whether they were old enough to go).
+    let behind = (segments.iter())
+        .take_while(|(n, _)| {
+            anchor_seq.is_some_and(|a| {
+                a > 0 && super::index::read_seal(dir, *n).is_some_and(|s| s.last_seq <= a)
+            })
+        })
+        .count();
+    let left_behind: Vec<String> = (segments.drain(..behind))
+        .map(|(_, path)| {
+            path.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
     let (mut last_seq, mut last_hash) = match anchor {
         Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
         None => (0, GENESIS_HASH.to_owned()),
@@ -378,6 +404,14 @@ fn verify_once(
                     return Err(VerifyError::HashMismatch { segment, line, seq });
                 }
             };
+            // A log that starts past seq 1 with no anchor to say why: the anchor lost, more
+            // likely than a forged start, and the operator is told where to look.
+            if anchor_seq.is_none() && records == 0 && head.seq > 1 && head.prev != last_hash {
+                return Err(VerifyError::NoAnchor {
+                    segment,
+                    first: head.seq,
+                });
+            }
             // Link before sequence: a deleted or moved record shows as a broken link, which
             // names the real problem better than the gap it also leaves.
             if head.prev != last_hash {
@@ -491,6 +525,7 @@ fn verify_once(
     Ok(VerifyReport {
         kept_aside,
         cuts_unrecorded,
+        left_behind,
         segments: segments.len(),
         records,
         witnessed,
@@ -908,18 +943,14 @@ mod tests {
                 if segment == "seg-00000003.jsonl"),
             "{err:?}"
         );
+        // The log's very first record deleted: it begins past seq 1 with no anchor to say
+        // why, and is reported so (the anchor lost, or records deleted).
         lines[0].remove(0);
         rewrite(dir.path(), 1, &lines[0]);
         let err = verify_dir(dir.path()).unwrap_err();
         assert!(
-            matches!(
-                err,
-                VerifyError::BrokenLink {
-                    line: 1,
-                    seq: 1,
-                    ..
-                }
-            ),
+            matches!(&err, VerifyError::NoAnchor { segment, first: 2 }
+                if segment == "seg-00000001.jsonl"),
             "{err:?}"
         );
     }
