@@ -117,8 +117,9 @@ pub fn plan(dir: &Path, cutoff: &str) -> anyhow::Result<Option<Plan>> {
                 tracing::error!(
                     segment = seal.segment,
                     "a segment behind the prune anchor is still within the retention and is \
-                     kept: the chain does not verify until it ages past it (was the retention \
-                     lengthened after an interrupted prune?)"
+                     kept until it ages past it; `wardgate audit verify --retention` reports \
+                     it (was the retention lengthened after an interrupted prune, or the anchor \
+                     moved?)"
                 );
                 break;
             }
@@ -767,6 +768,46 @@ mod tests {
         let left = verify_dir(dir.path()).unwrap();
         assert_eq!(left.left_behind, [crate::audit::segment::segment_name(1)]);
         assert_eq!(left.last_seq, after.last_seq);
+        // Verified like the rest, against its own seal: a seal planted to say "already
+        // pruned", on the segment being written or on the first one after the anchor, hides
+        // nothing (the segment still has to match it).
+        let live: Vec<u64> = (list_segments(dir.path()).unwrap().into_iter())
+            .map(|(n, _)| n)
+            .filter(|n| *n > 1)
+            .collect();
+        let anchor = read_anchor(dir.path()).unwrap().unwrap();
+        let plant = |n: u64| {
+            let path = seal_path(dir.path(), n);
+            let kept = std::fs::read(&path).ok();
+            let mut planted: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(seal_path(dir.path(), 1)).unwrap()).unwrap();
+            planted["segment"] = n.into();
+            planted["last_seq"] = anchor.last_pruned_seq.into();
+            std::fs::write(&path, serde_json::to_vec(&planted).unwrap()).unwrap();
+            (path, kept)
+        };
+        let put_back = |(path, kept): (std::path::PathBuf, Option<Vec<u8>>)| match kept {
+            Some(kept) => std::fs::write(&path, kept).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        };
+        // On the first after the anchor; on every one, the one being written too (were any
+        // passed by on its seal's word, no link would be left to break).
+        for planted in [&live[..1], &live[..]] {
+            let kept: Vec<_> = planted.iter().map(|n| plant(*n)).collect();
+            assert!(
+                verify_dir(dir.path()).is_err(),
+                "seals planted on {planted:?}"
+            );
+            kept.into_iter().for_each(put_back);
+        }
+        assert!(verify_dir(dir.path()).is_ok());
+        // With a retention that still keeps its records, it is reported: the anchor was moved
+        // past records that should be here.
+        let ten_years = std::time::Duration::from_secs(10 * 365 * 86_400);
+        let e = crate::audit::verify_against(dir.path(), &Default::default(), Some(ten_years))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("within the retention"), "{e}");
         assert!(prunes_nothing().await);
         assert!(!first_files[0].0.exists());
         let again = read_anchor(dir.path()).unwrap().unwrap();

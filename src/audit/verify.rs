@@ -42,7 +42,8 @@ pub struct VerifyReport {
     pub cuts_unrecorded: Vec<String>,
     /// Sealed segments wholly at or below the prune anchor: a prune wrote its anchor and
     /// stopped before removing them (a crash, a failed removal). The anchor already counts
-    /// them as pruned, so the chain starts after them; the next prune removes them.
+    /// them as pruned; each is verified like the rest, against its own seal; the next prune
+    /// removes them once they are past the retention.
     pub left_behind: Vec<String>,
 }
 
@@ -71,6 +72,18 @@ pub enum VerifyError {
         line: u64,
         seq: u64,
         found: u64,
+    },
+    #[error(
+        "`{segment}` is behind the prune anchor, yet its last record ({ts}) is within the \
+         retention of {retention} (since {cutoff}): the anchor was moved past records that \
+         should still be kept, or the retention was lengthened after a prune stopped short \
+         (the prune keeps such a segment until it ages past it)"
+    )]
+    LeftBehindTooRecent {
+        segment: String,
+        ts: String,
+        retention: String,
+        cutoff: String,
     },
     #[error(
         "`{segment}` begins the log at seq {first}, not 1, and there is no `pruned.json`: the \
@@ -296,32 +309,44 @@ fn verify_once(
         let path = path.display().to_string();
         move |source| VerifyError::Io { path, source }
     };
-    let mut segments = list_segments(dir).map_err(io_err(dir))?;
+    let segments = list_segments(dir).map_err(io_err(dir))?;
     let mut records = 0;
     // After pruning, the chain resumes from the anchor rather than from genesis.
     let anchor = super::prune::read_anchor(dir).map_err(io_err(&dir.join("pruned.json")))?;
     let anchor_seq = anchor.as_ref().map(|a| a.last_pruned_seq);
-    // Segments a prune left behind its anchor (`VerifyReport::left_behind`): the anchor says
-    // their records were pruned, which is all their absence would say (the witness's heads,
-    // checked against the anchor below, say whether they were old enough to go).
-    let behind = (segments.iter())
+    let (anchor_seq_or_0, anchor_hash) = match &anchor {
+        Some(a) => (a.last_pruned_seq, a.last_pruned_hash.clone()),
+        None => (0, GENESIS_HASH.to_owned()),
+    };
+    let witnessed_pruned = check_pruned_heads(heads, anchor_seq_or_0, &anchor_hash, retention)?;
+    // Segments a prune left behind its anchor (`VerifyReport::left_behind`): a prune writes
+    // its anchor, then removes its segments, and may stop between (or a power cut may bring
+    // some of its removals back). Such segments are sealed, never the one being written, and
+    // their seals end at or below the anchor; each is verified as any other (records, links,
+    // its seal, its index) from where its seal says it starts, and the chain then resumes
+    // from the anchor. A seal planted to say "already pruned" thus hides nothing: the
+    // segment behind it must still match it.
+    let behind = (segments[..segments.len().saturating_sub(1)].iter())
         .take_while(|(n, _)| {
-            anchor_seq.is_some_and(|a| {
-                a > 0 && super::index::read_seal(dir, *n).is_some_and(|s| s.last_seq <= a)
-            })
+            anchor_seq_or_0 > 0
+                && super::index::read_seal(dir, *n).is_some_and(|s| s.last_seq <= anchor_seq_or_0)
         })
         .count();
-    let left_behind: Vec<String> = (segments.drain(..behind))
+    let left_behind: Vec<String> = (segments[..behind].iter())
         .map(|(_, path)| {
             path.file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
         })
         .collect();
-    let (mut last_seq, mut last_hash) = match anchor {
-        Some(a) => (a.last_pruned_seq, a.last_pruned_hash),
-        None => (0, GENESIS_HASH.to_owned()),
-    };
-    let witnessed_pruned = check_pruned_heads(heads, last_seq, &last_hash, retention)?;
+    let (mut last_seq, mut last_hash) = (anchor_seq_or_0, anchor_hash.clone());
+    // With a retention given, each must also be past it (a prune removes only those; one
+    // still within it is an anchor moved past records that should still be here).
+    let cutoff = retention.map(|retention| {
+        let cutoff = time::OffsetDateTime::now_utc()
+            .checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+            .map_or_else(String::new, super::AuditRecord::ts_of);
+        (cutoff, humantime::format_duration(retention).to_string())
+    });
     let dated_below = |seq| {
         heads
             .range(..=seq)
@@ -336,6 +361,11 @@ fn verify_once(
         let segment = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        if index < behind
+            && let Some(seal) = super::index::read_seal(dir, *number)
+        {
+            (last_seq, last_hash) = (seal.first_seq.saturating_sub(1), seal.first_prev);
+        }
         let (seq_before, hash_before) = (last_seq, last_hash.clone());
         let mut last_ts = String::new();
         let newest = index + 1 == segments.len();
@@ -496,6 +526,22 @@ fn verify_once(
                     .file_name()
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
                 return Err(VerifyError::IndexMismatch { segment, index });
+            }
+        }
+        if index < behind {
+            if let Some((cutoff, retention)) = &cutoff
+                && (last_ts.is_empty() || last_ts >= *cutoff)
+            {
+                return Err(VerifyError::LeftBehindTooRecent {
+                    segment,
+                    ts: or_none(&last_ts).to_owned(),
+                    retention: retention.clone(),
+                    cutoff: cutoff.clone(),
+                });
+            }
+            // Past the last of them, the chain goes on from the anchor.
+            if index + 1 == behind {
+                (last_seq, last_hash) = (anchor_seq_or_0, anchor_hash.clone());
             }
         }
     }
