@@ -185,7 +185,7 @@ fn a_pack_failing_its_own_tests_stops_the_start_naming_each_failure() {
                 && out.contains(
                     "deny/deceased-addressed-mail.json: expected deny, got allow by [\"geo.within-grants\"]"
                 )
-                && out.contains("and 33 more")
+                && out.contains("and 35 more")
                 // An evaluation error a test expects is not logged as the gateway's.
                 && !out.contains("policy evaluation error"),
             "{cmd:?}: {out}"
