@@ -635,6 +635,18 @@ async fn paused_export() -> (
     (app, go, body, received)
 }
 
+/// The security team revokes the analyst whose export is under way.
+async fn revoke_the_analyst(app: &TestApp) {
+    let revoked = app
+        .admin_post(
+            "/revocations",
+            &app.token("security"),
+            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+}
+
 /// Reads the rest of an export's body: whether it was cut short, and every record received.
 async fn rest_of(mut body: hyper::body::Incoming, mut received: Vec<u8>) -> (bool, Vec<Value>) {
     let cut_short = loop {
@@ -673,14 +685,7 @@ fn export_records(app: &TestApp) -> (Vec<Value>, Vec<Value>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_stops_an_export_under_way_at_the_next_chunk() {
     let (app, go, body, received) = paused_export().await;
-    let revoked = app
-        .admin_post(
-            "/revocations",
-            &app.token("security"),
-            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
-        )
-        .await;
-    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    revoke_the_analyst(&app).await;
     go.notify_one();
     let (cut_short, received) = rest_of(body, received).await;
     assert!(
@@ -755,14 +760,7 @@ async fn a_revocation_stops_an_export_that_fills_no_chunk() {
         resp.into_body().collect().await.map(|b| b.to_bytes())
     });
     arrived.notified().await;
-    let revoked = app
-        .admin_post(
-            "/revocations",
-            &app.token("security"),
-            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
-        )
-        .await;
-    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    revoke_the_analyst(&app).await;
     go.notify_one();
     // Well within the datastore's idle timeout (30 s), which would otherwise end it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1239,14 +1237,7 @@ async fn a_chunk_waiting_for_a_slow_client_does_not_go_once_the_caller_is_revoke
         assert!(std::time::Instant::now() < deadline, "never stalled");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let revoked = app
-        .admin_post(
-            "/revocations",
-            &app.token("security"),
-            r#"{"subject":"demo-analyst","reason":"bulk export under investigation"}"#,
-        )
-        .await;
-    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    revoke_the_analyst(&app).await;
     open.send(1 << 20).unwrap();
     let mut body = answer.into_body();
     let mut received = Vec::new();

@@ -122,27 +122,35 @@ fn scanned_gapped(first: &str, second: &str) -> Option<KeyValues> {
 /// separators, where they repeat them (`RawRecord::read_again`), in full from its start where
 /// not.
 fn read_after(first: &str, second: &str) -> Option<KeyValues> {
-    let text = format!("{first} {second}");
-    let mut scan = Scan::new(&text);
-    let mut rec = RawRecord::new(None, crate::filter::today());
-    rec.read(&mut scan).ok()?;
-    rec.read(&mut scan).ok()?;
-    scan.end().ok()?;
-    (0..rec.names.len())
-        .map(|i| Some((rec.names[i].to_string(), rec.value(Some(i))?.to_owned())))
-        .collect()
+    read_second(first, second, |rec| {
+        (0..rec.names.len())
+            .map(|i| Some((rec.names[i].to_string(), rec.value(Some(i))?.to_owned())))
+            .collect()
+    })
 }
 
 /// For each field of `second`, read after `first` as `read_after` reads it, whether the
 /// record reader took its value as nesting (`Span::nests`, from the scanner's count).
 fn nests_after(first: &str, second: &str) -> Option<Vec<bool>> {
+    read_second(first, second, |rec| {
+        Some(rec.spans.iter().map(|span| span.nests).collect())
+    })
+}
+
+/// `second` read by the record reader right after `first`, in one text, and what `look`
+/// makes of it; `None` where either is refused.
+fn read_second<T>(
+    first: &str,
+    second: &str,
+    look: impl FnOnce(&RawRecord) -> Option<T>,
+) -> Option<T> {
     let text = format!("{first} {second}");
     let mut scan = Scan::new(&text);
     let mut rec = RawRecord::new(None, crate::filter::today());
     rec.read(&mut scan).ok()?;
     rec.read(&mut scan).ok()?;
     scan.end().ok()?;
-    Some(rec.spans.iter().map(|span| span.nests).collect())
+    look(&rec)
 }
 
 /// For each field of the object `text`, as `serde_json` reads it, whether its value nests:
