@@ -498,7 +498,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             if !report.left_behind.is_empty() {
                 println!(
-                    "note: {} left behind the prune anchor by a prune that stopped before removing {} ({}): verified against their seals and already counted as pruned; the next prune removes {} once past the retention (give `--retention` to check that now)",
+                    "note: {} left behind the prune anchor by a prune that stopped before removing {} ({}): verified up to the anchor and already counted as pruned; the next prune removes {} once past the retention (give `--retention` to check that now)",
                     report.left_behind.len(),
                     if report.left_behind.len() == 1 {
                         "it"

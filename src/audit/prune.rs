@@ -723,15 +723,23 @@ mod tests {
             }
         }
         let before = verify_dir(dir.path()).unwrap();
-        // Segment 1 as it was, to put back as a prune stopped before removing it would leave it.
-        let first_files: Vec<(std::path::PathBuf, Vec<u8>)> = [
-            dir.path().join(crate::audit::segment::segment_name(1)),
-            index_path(dir.path(), 1),
-            seal_path(dir.path(), 1),
-        ]
-        .into_iter()
-        .filter_map(|p| std::fs::read(&p).ok().map(|b| (p, b)))
-        .collect();
+        // Each sealed segment as it was (its file, index and seal), to put back as a prune
+        // stopped before removing it would leave it.
+        type Files = Vec<(std::path::PathBuf, Vec<u8>)>;
+        let files_of = |n: u64| -> Files {
+            [
+                dir.path().join(crate::audit::segment::segment_name(n)),
+                index_path(dir.path(), n),
+                seal_path(dir.path(), n),
+            ]
+            .into_iter()
+            .filter_map(|p| std::fs::read(&p).ok().map(|b| (p, b)))
+            .collect()
+        };
+        let all_files: Vec<(u64, Files)> = (segments[..segments.len() - 1].iter())
+            .map(|n| (*n, files_of(*n)))
+            .collect();
+        let first_files = all_files[0].1.clone();
         assert_eq!(first_files.len(), 3);
         let seven_years = std::time::Duration::from_secs(7 * 365 * 86_400);
         let pruned = prune_and_record(&log, dir.path(), seven_years)
@@ -758,16 +766,55 @@ mod tests {
             "the prune itself is recorded"
         );
         assert!(prunes_nothing().await);
-        // A prune that stopped after its anchor and before removing segment 1: the chain
-        // breaks at the leftover, and the next prune removes it without counting it again.
+        // A prune that stopped after its anchor and before removing its segments: they are
+        // verified up to the anchor and named, and the next prune removes them without
+        // counting them again. (A prune removes oldest first: what it leaves ends at the
+        // anchor.)
         let counted = read_anchor(dir.path()).unwrap().unwrap();
-        for (p, b) in &first_files {
-            std::fs::write(p, b).unwrap();
-        }
-        // Verification passes it by, as already pruned, and says so.
+        assert!(pruned.last_segment > 1, "{pruned:?}");
+        let put_back = |upto: u64| {
+            for (_, files) in all_files.iter().filter(|(n, _)| *n <= upto) {
+                for (p, b) in files {
+                    std::fs::write(p, b).unwrap();
+                }
+            }
+        };
+        // The oldest alone does not meet the anchor: not what a prune leaves, and refused.
+        put_back(1);
+        let e = verify_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("last segment behind the prune anchor"), "{e}");
+        put_back(pruned.last_segment);
         let left = verify_dir(dir.path()).unwrap();
-        assert_eq!(left.left_behind, [crate::audit::segment::segment_name(1)]);
+        let names: Vec<String> = (1..=pruned.last_segment)
+            .map(crate::audit::segment::segment_name)
+            .collect();
+        assert_eq!(left.left_behind, names);
         assert_eq!(left.last_seq, after.last_seq);
+        // One of them rewritten, its hashes made anew and its seal and index to match: it no
+        // longer links to the next, or the last no longer meets the anchor.
+        {
+            let (p, b) = &first_files[0];
+            let text = String::from_utf8(b.clone()).unwrap();
+            let mut prev = crate::audit::record::GENESIS_HASH.to_owned();
+            let mut lines = Vec::new();
+            for line in text.lines() {
+                let mut r: AuditRecord = serde_json::from_str(line).unwrap();
+                let seq = serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap();
+                r.purpose = Some("canvassing".to_owned());
+                let line = crate::audit::record::encode_line(seq, &prev, &r).unwrap();
+                lines.push(line.bytes);
+                prev = line.hash;
+            }
+            std::fs::write(p, lines.concat()).unwrap();
+            std::fs::remove_file(seal_path(dir.path(), 1)).unwrap();
+            std::fs::remove_file(index_path(dir.path(), 1)).unwrap();
+            crate::audit::index::seal(dir.path(), 1).unwrap();
+            assert!(verify_dir(dir.path()).is_err());
+            put_back(1);
+            assert!(verify_dir(dir.path()).is_ok());
+        }
         // Verified like the rest, against its own seal: a seal planted to say "already
         // pruned", on the segment being written or on the first one after the anchor, hides
         // nothing (the segment still has to match it).

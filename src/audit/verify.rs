@@ -42,8 +42,8 @@ pub struct VerifyReport {
     pub cuts_unrecorded: Vec<String>,
     /// Sealed segments wholly at or below the prune anchor: a prune wrote its anchor and
     /// stopped before removing them (a crash, a failed removal). The anchor already counts
-    /// them as pruned; each is verified like the rest, against its own seal; the next prune
-    /// removes them once they are past the retention.
+    /// them as pruned; they are verified like the rest, as one chain that must end at the
+    /// anchor; the next prune removes them once they are past the retention.
     pub left_behind: Vec<String>,
 }
 
@@ -72,6 +72,16 @@ pub enum VerifyError {
         line: u64,
         seq: u64,
         found: u64,
+    },
+    #[error(
+        "`{segment}` is the last segment behind the prune anchor (seq {anchor}) but its records \
+         end at seq {last_seq}, or with another hash: what a prune leaves behind ends at its \
+         anchor (a segment or seal planted or rewritten, or `pruned.json` altered)"
+    )]
+    LeftBehindOffAnchor {
+        segment: String,
+        last_seq: u64,
+        anchor: u64,
     },
     #[error(
         "`{segment}` is behind the prune anchor, yet its last record ({ts}) is within the \
@@ -320,12 +330,14 @@ fn verify_once(
     };
     let witnessed_pruned = check_pruned_heads(heads, anchor_seq_or_0, &anchor_hash, retention)?;
     // Segments a prune left behind its anchor (`VerifyReport::left_behind`): a prune writes
-    // its anchor, then removes its segments, and may stop between (or a power cut may bring
-    // some of its removals back). Such segments are sealed, never the one being written, and
-    // their seals end at or below the anchor; each is verified as any other (records, links,
-    // its seal, its index) from where its seal says it starts, and the chain then resumes
-    // from the anchor. A seal planted to say "already pruned" thus hides nothing: the
-    // segment behind it must still match it.
+    // its anchor, then removes its segments oldest first, and may stop between; what it
+    // leaves is one unbroken run ending at the anchor. Such segments are sealed, never the one
+    // being written, and their seals end at or below the anchor. They are verified as one
+    // chain like any other (records, links, seals, indexes), from where the first one's seal
+    // says it starts, and the last must end at the anchor's seq and hash. A seal planted to
+    // say "already pruned", a segment planted below the oldest, or a left-behind segment
+    // rewritten with fresh hashes thus hides nothing: each still has to match its seal, link
+    // to the next, and meet the anchor.
     let behind = (segments[..segments.len().saturating_sub(1)].iter())
         .take_while(|(n, _)| {
             anchor_seq_or_0 > 0
@@ -361,7 +373,8 @@ fn verify_once(
         let segment = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        if index < behind
+        if index == 0
+            && behind > 0
             && let Some(seal) = super::index::read_seal(dir, *number)
         {
             (last_seq, last_hash) = (seal.first_seq.saturating_sub(1), seal.first_prev);
@@ -471,7 +484,10 @@ fn verify_once(
                         at: other.at.clone(),
                     });
                 }
-                witnessed += seen.len() as u64;
+                // (Heads behind the anchor are counted as pruned: `check_pruned_heads`.)
+                if index >= behind {
+                    witnessed += seen.len() as u64;
+                }
             }
             (records, last_seq, last_hash, last_ts) = (records + 1, head.seq, head.hash, head.ts);
         }
@@ -539,9 +555,13 @@ fn verify_once(
                     cutoff: cutoff.clone(),
                 });
             }
-            // Past the last of them, the chain goes on from the anchor.
-            if index + 1 == behind {
-                (last_seq, last_hash) = (anchor_seq_or_0, anchor_hash.clone());
+            // The last of them ends where the anchor says the prune ended.
+            if index + 1 == behind && (last_seq, &last_hash) != (anchor_seq_or_0, &anchor_hash) {
+                return Err(VerifyError::LeftBehindOffAnchor {
+                    segment,
+                    last_seq,
+                    anchor: anchor_seq_or_0,
+                });
             }
         }
     }
