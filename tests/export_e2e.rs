@@ -24,14 +24,7 @@ async fn export(
     token: &str,
     query: &str,
 ) -> (StatusCode, Result<Vec<Value>, String>) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{}/voter/electors/export{query}", app.addr))
-        .header("authorization", format!("Bearer {token}"))
-        .header("x-purpose", "profiling")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = open_export(app.addr, token, query).await;
     let status = resp.status();
     match resp.into_body().collect().await {
         Ok(b) => {
@@ -48,6 +41,23 @@ async fn export(
         }
         Err(e) => (status, Err(format!("body cut short: {e}"))),
     }
+}
+
+/// `GET /voter/electors/export{query}` under `profiling` with `token`, over HTTP/1.1: the
+/// answer, its body still to read.
+async fn open_export(
+    addr: std::net::SocketAddr,
+    token: &str,
+    query: &str,
+) -> Response<hyper::body::Incoming> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{addr}/voter/electors/export{query}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-purpose", "profiling")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client.request(req).await.unwrap()
 }
 
 /// The ids of the demo datastore's protected entries (anonymous electors, under-16s): those
@@ -407,14 +417,7 @@ async fn an_audit_log_that_fills_mid_export_cuts_it_after_the_last_durable_chunk
     filler.set_len(full.saturating_sub(100 << 10)).unwrap();
     drop(filler);
 
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
-        .header("authorization", format!("Bearer {}", app.token("analyst")))
-        .header("x-purpose", "profiling")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = open_export(app.addr, &app.token("analyst"), "").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut received = Vec::new();
@@ -476,14 +479,7 @@ async fn an_export_whose_audit_disk_stalls_is_cut_and_says_so_once_it_moves() {
         ..AppOptions::default()
     })
     .await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
-        .header("authorization", format!("Bearer {}", app.token("analyst")))
-        .header("x-purpose", "profiling")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = open_export(app.addr, &app.token("analyst"), "").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     body.frame().await.unwrap().unwrap();
@@ -605,8 +601,6 @@ async fn paused_export() -> (
     let (real, stop) = common::start_datastore(10_000).await;
     let all = common::datastore_body(real, "/electors/export").await;
     drop(stop);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
     let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
     assert_eq!(lines.len(), 10_000);
     let cut = lines.len() * 3 / 4;
@@ -618,13 +612,7 @@ async fn paused_export() -> (
         ..AppOptions::default()
     })
     .await;
-    let analyst = app.token("analyst");
-    let req = Request::get(format!("http://{}/voter/electors/export", app.addr))
-        .header("authorization", format!("Bearer {analyst}"))
-        .header("x-purpose", "profiling")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = open_export(app.addr, &app.token("analyst"), "").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut received = Vec::new();
@@ -748,15 +736,7 @@ async fn a_revocation_stops_an_export_that_fills_no_chunk() {
     .await;
     let (analyst, addr) = (app.token("analyst"), app.addr);
     let client = tokio::spawn(async move {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Full<Bytes>>();
-        let req = Request::get(format!("http://{addr}/voter/electors/export"))
-            .header("authorization", format!("Bearer {analyst}"))
-            .header("x-purpose", "profiling")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = client.request(req).await.unwrap();
+        let resp = open_export(addr, &analyst, "").await;
         resp.into_body().collect().await.map(|b| b.to_bytes())
     });
     arrived.notified().await;
