@@ -82,6 +82,19 @@ impl Counts {
         self.totals.insert(k, known.max(told));
     }
 
+    /// Notes the principal's windows as in use: the flushes keep their totals read.
+    fn mark_active(&mut self, hour: &str, day: &str) {
+        let t = Instant::now();
+        for k in [hour, day] {
+            match self.active.get_mut(k) {
+                Some(seen) => *seen = t,
+                None => {
+                    self.active.insert(k.to_owned(), t);
+                }
+            }
+        }
+    }
+
     /// Drops every total and activity of a window that has ended, once an hour: what is known
     /// of a principal stays (a floor, should Redis be unable to say) until their hour or day
     /// is over, and no longer.
@@ -204,39 +217,45 @@ impl Quotas {
                 // Nothing to refresh: the totals here are the only ones.
                 false
             } else {
-                let t = Instant::now();
-                // Not refreshed while idle: what is held for them may be old.
+                // Not refreshed while idle: what is held for them may be old. Marked active
+                // again only once read (below): a request checked while this one waits for
+                // Redis reads too, rather than judge on the old figure (a caller back after
+                // spending their allowance on another replica, with pages in parallel).
                 let was_active = c
                     .active
                     .get(&hour)
                     .is_some_and(|s| s.elapsed() < ACTIVE_FOR);
-                c.active.insert(hour.clone(), t);
-                c.active.insert(day.clone(), t);
-                !was_active || !c.totals.contains_key(&hour)
+                let unknown = !was_active || !c.totals.contains_key(&hour);
+                if !unknown {
+                    c.mark_active(&hour, &day);
+                }
+                unknown
             }
         };
         // Their totals as Redis holds them. If it cannot say, what this replica last knew
         // (kept while idle) stands, within the staleness bound checked above: past it,
         // nothing is answered.
-        if unknown
-            && let Some(conn) = conn
-            && let Ok((h, d)) = redis::cmd("MGET")
+        let read = match conn {
+            Some(conn) if unknown => redis::cmd("MGET")
                 .arg(&hour)
                 .arg(&day)
                 .query_async::<(Option<u64>, Option<u64>)>(conn)
                 .await
-        {
-            let mut c = self
-                .counts
-                .lock()
-                .map_err(|_| GatewayError::Internal("quota lock".into()))?;
-            c.take_shared(hour.clone(), h, false);
-            c.take_shared(day.clone(), d, false);
-        }
+                .ok(),
+            _ => None,
+        };
         let mut c = self
             .counts
             .lock()
             .map_err(|_| GatewayError::Internal("quota lock".into()))?;
+        if let Some((h, d)) = read {
+            c.take_shared(hour.clone(), h, false);
+            c.take_shared(day.clone(), d, false);
+        }
+        if unknown && self.shared.is_some() {
+            // Read, or Redis could not say (then the flushes read them from now on).
+            c.mark_active(&hour, &day);
+        }
         let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
         let counted = |k: &str| c.totals.get(k).copied().unwrap_or(0);
         // What the asker holds must itself fit beside what has been counted: other
@@ -305,9 +324,7 @@ impl Quotas {
         // Still being served: their totals stay refreshed from the other replicas through
         // an export that goes minutes between chunks.
         if self.shared.is_some() {
-            let t = Instant::now();
-            c.active.insert(hour.clone(), t);
-            c.active.insert(day.clone(), t);
+            c.mark_active(&hour, &day);
         }
         let held = c.reserved.get(&p.subject).copied().unwrap_or(0);
         let used = |k: &str| c.totals.get(k).copied().unwrap_or(0) + held;
@@ -553,6 +570,85 @@ mod tests {
             assert_eq!(kept, expected, "{shared:?}");
             let [(alice_hour, _), _] = keys("alice", now);
             assert!(!c.active.contains_key(&alice_hour));
+        }
+    }
+
+    /// A real `redis-server` of the test's own on a free port, killed on drop.
+    struct Redis(std::process::Child, u16);
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (scripts/test.sh installs it)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Redis(child, port)
+        }
+
+        async fn connection(&self) -> MultiplexedConnection {
+            redis::Client::open(format!("redis://127.0.0.1:{}/", self.1))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap()
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A caller back on this replica after an idle spell, having spent their allowance on
+    /// another meanwhile, sends pages in parallel: each is judged on Redis's total, not on the
+    /// old one this replica kept while the first page's read was under way.
+    #[tokio::test]
+    async fn pages_in_parallel_from_a_returning_caller_all_wait_for_the_shared_total() {
+        let redis = Redis::start();
+        let q = Quotas::new(limits(), Some(Duration::from_secs(30)));
+        let alice = principal("alice");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let [(hour, _), _] = keys("alice", now);
+        {
+            // One record served here, then idle past `ACTIVE_FOR`.
+            let mut c = q.counts.lock().unwrap();
+            let long_ago = Instant::now().checked_sub(ACTIVE_FOR * 2).unwrap();
+            for (k, _) in keys("alice", now) {
+                c.totals.insert(k.clone(), 1);
+                c.active.insert(k, long_ago);
+            }
+        }
+        // Meanwhile the other replica flushed the whole hourly allowance.
+        let mut conn = redis.connection().await;
+        let _: () = redis::cmd("SET")
+            .arg(&hour)
+            .arg(60)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (mut first, mut second) = (conn.clone(), conn.clone());
+        let (a, b) = tokio::join!(
+            q.check(&alice, now, Some(&mut first), 10, 0),
+            q.check(&alice, now, Some(&mut second), 10, 0),
+        );
+        for (n, answer) in [a, b].into_iter().enumerate() {
+            assert!(
+                matches!(answer, Err(GatewayError::QuotaExceeded)),
+                "page {n}: {answer:?}"
+            );
         }
     }
 }
