@@ -320,14 +320,29 @@ fn fits(algorithm: Algorithm, key: &DecodingKey) -> Result<(), String> {
     // given, and panics on fewer (a JWK's `x` of 3 bytes stopped the start with a panic, and
     // at a reload ended the task that reloads, silently).
     if key.family() == jsonwebtoken::AlgorithmFamily::Ed {
-        let len = match key.kind() {
-            jsonwebtoken::DecodingKeyKind::SecretOrDer(b) => b.len(),
-            jsonwebtoken::DecodingKeyKind::RsaModulusExponent { .. } => 0,
+        let bytes: &[u8] = match key.kind() {
+            jsonwebtoken::DecodingKeyKind::SecretOrDer(b) => b,
+            jsonwebtoken::DecodingKeyKind::RsaModulusExponent { .. } => &[],
         };
-        if len != 32 {
+        let Ok(bytes) = <[u8; 32]>::try_from(bytes) else {
             return Err(format!(
-                "an Ed25519 public key is 32 bytes; this one is {len}"
+                "an Ed25519 public key is 32 bytes; this one is {}",
+                bytes.len()
             ));
+        };
+        // A point of small order (the identity, say) verifies a made-up signature of any
+        // message under jsonwebtoken's check, which is not `verify_strict`: whoever wrote
+        // such a key into a set or a file could sign any token.
+        match ed25519_dalek::VerifyingKey::from_bytes(&bytes) {
+            Err(_) => return Err("it is not a point on the Ed25519 curve".to_owned()),
+            Ok(k) if k.is_weak() => {
+                return Err(
+                    "it is a weak Ed25519 key (of small order): with it a signature \
+                     made without any private key verifies"
+                        .to_owned(),
+                );
+            }
+            Ok(_) => {}
         }
     }
     // A verifier is made for the key before the (made-up) signature is looked at: that is
@@ -1133,9 +1148,10 @@ impl Verifier {
 fn bearer(header: Option<&[u8]>) -> Result<&str, AuthFailure> {
     let header = header.ok_or(AuthFailure::MissingToken)?;
     let header = std::str::from_utf8(header).map_err(|_| AuthFailure::MalformedHeader)?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
+    let token = (header.get(..7))
+        .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+        .and_then(|_| header.get(7..))
         .ok_or(AuthFailure::MalformedHeader)?
         .trim();
     if token.is_empty() {
@@ -1188,6 +1204,8 @@ fn would_use(entry: &serde_json::Value, allowed: &[Algorithm]) -> bool {
     let named = text("kid").is_some();
     let signing = entry.get("use").is_none() || text("use") == Some("sig");
     let algorithm = match (text("alg"), text("kty"), text("crv")) {
+        // EdDSA names Ed448 as well (RFC 8037): such a key is of a curve not read here.
+        (Some("EdDSA"), _, Some(crv)) if crv != "Ed25519" => None,
         (Some(alg), _, _) => allowed.iter().find(|a| format!("{a:?}") == alg).copied(),
         (None, Some("RSA"), _) => Some(Algorithm::RS256),
         (None, Some("EC"), Some("P-256")) => Some(Algorithm::ES256),

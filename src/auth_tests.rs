@@ -201,6 +201,36 @@ fn keys_from_a_jwks_file_verify_tokens() {
     );
 }
 
+/// The scheme's name is read in any case (RFC 9110: `BEARER` is `Bearer`), and nothing
+/// else is taken for it.
+#[test]
+fn the_bearer_scheme_is_read_in_any_case() {
+    let (_dir, _cfg, v, signer) = jwks_verifier();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = signer.sign(&live_claims("https://idp", "s", now)).unwrap();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let h = format!("{scheme} {token}").into_bytes();
+        assert_eq!(
+            v.verify_header(Some(&h), now).unwrap().subject,
+            "s",
+            "{scheme}"
+        );
+    }
+    for bad in [
+        format!("Bearer{token}"),
+        format!("Basic {token}"),
+        format!("Bearerx {token}"),
+        format!("é {token}"),
+        "Bear".to_owned(),
+    ] {
+        assert_eq!(
+            v.verify_header(Some(bad.as_bytes()), now).err(),
+            Some(AuthFailure::MalformedHeader),
+            "{bad}"
+        );
+    }
+}
+
 /// A leaver's token (its `exp` or `grant_expires` past, everything else good) is refused,
 /// and says whose it is; a token that fails anything else says nothing.
 #[test]
@@ -586,6 +616,28 @@ fn keys_that_cannot_verify_their_algorithm_stop_the_start() {
             err.contains("idp-ed") && err.contains(&jwks.display().to_string()),
             "{bytes} bytes: {err}"
         );
+    }
+    // A key of small order verifies a signature made without any private key (the identity
+    // point: R the identity and s zero, for any message), under the check jsonwebtoken makes:
+    // refused, saying so. The identity, and the point of order two.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut order_two = [0xff_u8; 32];
+    (order_two[0], order_two[31]) = (0xec, 0x7f);
+    for weak in [identity, order_two] {
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(weak);
+        let set = serde_json::json!({ "keys": [
+            { "kty": "OKP", "crv": "Ed25519", "kid": "idp-ed", "alg": "EdDSA", "x": x }
+        ] });
+        std::fs::write(&jwks, serde_json::to_vec(&set).unwrap()).unwrap();
+        let cfg = jwks_only(&cfg, &jwks, &[Algorithm::EdDSA]);
+        let err = format!(
+            "{:#}",
+            Verifier::from_config(&cfg, KnownNames::default(), None)
+                .err()
+                .expect("a weak key refused")
+        );
+        assert!(err.contains("idp-ed") && err.contains("weak"), "{err}");
     }
     let good = ed25519_public_key();
     let set = serde_json::json!({ "keys": [
@@ -1161,6 +1213,15 @@ fn keys_the_gateway_does_not_use_are_passed_over_and_a_missing_alg_follows_the_k
         std::fs::write(&path, set.to_string()).unwrap();
         Verifier::from_config(&cfg, KnownNames::default(), None).expect("the good key taken");
     }
+    // EdDSA names Ed448 too (RFC 8037, as Keycloak publishes it): with EdDSA allowed, an
+    // Ed448 key so named is of a curve not read here, and passed over too.
+    cfg.algorithms = vec![Algorithm::ES256, Algorithm::RS256, Algorithm::EdDSA];
+    let ed448 = serde_json::json!(
+        {"kty": "OKP", "crv": "Ed448", "alg": "EdDSA", "use": "sig", "kid": "ed448", "x": "AQAB"}
+    );
+    let set = serde_json::json!({ "keys": [ed448, set["keys"][0].clone()] });
+    std::fs::write(&path, set.to_string()).unwrap();
+    Verifier::from_config(&cfg, KnownNames::default(), None).expect("the good key taken");
     drop(dir);
 }
 
