@@ -280,10 +280,26 @@ where
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
             };
+            // Each fetch of the current data is recorded as disclosed to the DPO: should the
+            // report not leave, `Unsent` says so of each (the caller gone included).
+            let mut unsent = Unsent {
+                gw,
+                principal: &principal,
+                under: &under,
+                subject: &subject,
+                fetches: Vec::new(),
+                why: GatewayError::ClientClosed,
+            };
             let report = match built {
                 Ok(mut r) => {
-                    (r.current_data, r.current_data_missing) =
-                        current_data(gw, &subject, authorization.as_ref(), request_id).await;
+                    (r.current_data, r.current_data_missing) = current_data(
+                        gw,
+                        &subject,
+                        authorization.as_ref(),
+                        request_id,
+                        &mut unsent.fetches,
+                    )
+                    .await;
                     r.add_held(&gw.catalog);
                     r.other_replicas_not_searched = gw.controls.shared();
                     r
@@ -300,6 +316,7 @@ where
             if let Err(e) =
                 crate::gateway::holds(gw, &principal, now).and_then(|()| gw.controls.check_fresh())
             {
+                unsent.why = e.clone();
                 return fail(e).await;
             }
             let detail = serde_json::json!({ "subject_access_report_for": subject, "disclosures": report.disclosures.len() });
@@ -307,8 +324,11 @@ where
             under.mark(&mut r);
             r.detail = Some(detail);
             if gw.audit.append_within(r).await.is_err() {
+                unsent.why = GatewayError::AuditUnavailable;
                 return problem_response(&GatewayError::AuditUnavailable, request_id);
             }
+            // It leaves (a client gone now has had its record made: the report is its).
+            unsent.fetches.clear();
             let (body, ct) = if html {
                 (
                     crate::sar::html(&report).into_bytes(),
@@ -569,6 +589,7 @@ async fn current_data(
     subject: &str,
     authorization: Option<&http::HeaderValue>,
     request_id: &str,
+    fetched: &mut Vec<Fetch>,
 ) -> (
     std::collections::BTreeMap<String, serde_json::Value>,
     std::collections::BTreeMap<String, String>,
@@ -601,6 +622,15 @@ async fn current_data(
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let resp = crate::gateway::handle(gw, req, peer).await;
         let status = resp.status();
+        if status == StatusCode::OK
+            && let Some(id) = (resp.headers().get("x-request-id")).and_then(|v| v.to_str().ok())
+        {
+            fetched.push(Fetch {
+                request_id: id.to_owned(),
+                path: format!("/{name}/{}/{subject}", dataset.collection),
+                dataset: name.clone(),
+            });
+        }
         let withheld = resp.extensions().get::<crate::gateway::Withheld>().copied();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes());
         let v = body
@@ -695,6 +725,54 @@ where
     let bytes = crate::writes::read_body(req, MAX_BODY).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| GatewayError::BadRequest(format!("the body is not the expected JSON: {e}")))
+}
+
+/// A read of a subject's current data made for their report, recorded as disclosed.
+struct Fetch {
+    request_id: String,
+    path: String,
+    dataset: String,
+}
+
+/// The fetches of a report's current data (`current_data`) whose report has not left: each
+/// was recorded as disclosed to the DPO, so each gets, when this is dropped, a second record
+/// under its request id saying it did not leave and why (as `gateway::held_back`'s do, which
+/// a subject access report reads), rather than be listed as a disclosure in the next report.
+/// Queued without waiting, as a drop must (`AuditLog::queue_detached`); emptied once the
+/// report's own record is durable.
+struct Unsent<'a> {
+    gw: &'a Gateway,
+    principal: &'a Principal,
+    under: &'a Under,
+    subject: &'a str,
+    fetches: Vec<Fetch>,
+    /// Why it did not leave (the caller gone, unless a check or the log failed).
+    why: GatewayError,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        for fetch in self.fetches.drain(..) {
+            let mut r = record(
+                Some(self.principal),
+                &Method::GET,
+                &fetch.path,
+                &fetch.request_id,
+            );
+            self.under.mark(&mut r);
+            r.kind = RecordKind::Access;
+            r.route = None;
+            r.dataset = Some(fetch.dataset);
+            r.decision = Decision::Error;
+            r.status = self.why.status().as_u16();
+            r.reason = Some(self.why.code().to_owned());
+            r.detail = Some(serde_json::json!({
+                "withheld_after_recording": "subject_access_report_not_sent",
+            }));
+            r.subjects.push(self.subject);
+            self.gw.audit.queue_detached(r);
+        }
+    }
 }
 
 pub(crate) fn record(

@@ -732,3 +732,98 @@ async fn an_entry_held_but_never_disclosed_is_not_reported_as_nothing_held() {
     );
     app.stop().await;
 }
+
+/// A datastore whose first request is never answered (after saying it arrived) and whose
+/// later ones are answered 404.
+async fn datastore_hanging_once(
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (arrived, first) = (arrived.clone(), first.clone());
+            let svc = hyper::service::service_fn(move |_req| {
+                let hang = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+                let arrived = arrived.clone();
+                async move {
+                    if hang {
+                        arrived.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    http::Response::builder()
+                        .status(404)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            br#"{"error":"not found"}"#,
+                        )))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// A report whose caller hangs up after its current data was fetched from one datastore
+/// (recorded as disclosed to the DPO) and while another is still asked: the fetch that was
+/// recorded gets a second record saying it never left, and the next report does not list it
+/// as a disclosure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_not_sent_does_not_leave_its_fetches_listed_as_disclosed() {
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let voter = datastore_hanging_once(arrived.clone()).await;
+    let app = spawn_app_with(AppOptions {
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            let v = c.datasets.get_mut("voter").unwrap();
+            v.base = format!("http://{voter}").parse().unwrap();
+            v.response_timeout = Duration::from_secs(120);
+        })),
+        ..Default::default()
+    })
+    .await;
+    let (id, dpo) = ("M-000002", app.token("dpo"));
+    let path = format!("/sar/{id}");
+    // Membership is asked first (datasets in name order) and answers; the voter file hangs.
+    tokio::select! {
+        r = app.admin_get_with(&path, &dpo) => panic!("the report was answered: {:?}", r.body),
+        () = arrived.notified() => {}
+    }
+    // The caller has gone. The membership fetch was recorded as disclosed...
+    let fetched = |r: &Value| {
+        r["purpose"] == "sar_fulfilment"
+            && r["dataset"] == "membership"
+            && r["subjects"] == serde_json::json!([id])
+            && r["status"] == 200
+    };
+    let fetch = (app.audit_records().into_iter())
+        .find(fetched)
+        .expect("the membership fetch recorded");
+    let rid = fetch["request_id"].as_str().unwrap().to_owned();
+    // ...and is then said not to have left.
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"], "subject_access_report_not_sent",
+        "{records:?}"
+    );
+    assert_eq!(records[1]["subjects"], serde_json::json!([id]));
+    assert_eq!(records[1]["status"], 499, "{records:?}");
+    // The next report (the voter file now answers) does not list it.
+    let sar = app.admin_get_with(&path, &dpo).await;
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let disclosures = sar.json()["disclosures"].clone();
+    assert!(
+        !(disclosures.as_array().unwrap().iter()).any(|d| d["request_id"] == rid.as_str()),
+        "{disclosures}"
+    );
+    // Its own fetch of the member's record, once it left, is listed by the one after.
+    let later = app.admin_get_with(&path, &dpo).await;
+    let listed = later.json()["disclosures"].as_array().unwrap().len();
+    assert!(listed >= 1, "{}", later.json());
+    app.stop().await;
+}
