@@ -132,15 +132,16 @@ pub enum GatewayError {
     Forbidden { policy_ids: Vec<String> },
     /// A write would write what its caller may not: fields of a category the declared
     /// purpose may not write (Cedar `write_field`), or values the asset register does not allow
-    /// a field. Carries the detail, which names them.
+    /// a field. Carries the detail, which names them, and the policies that refused (none for
+    /// a value the asset register refused).
     #[error("write forbidden: {0}")]
-    WriteForbidden(String),
+    WriteForbidden(String, Vec<String>),
     /// A listing, export or aggregate filtered on a field the declared purpose and role may
     /// not see: the records
     /// it picked would show the field's value by being picked (withheld, paging would still
-    /// count them). Carries the detail, which names the filter.
+    /// count them). Carries the detail, which names the filter, and the policies that refused.
     #[error("filter forbidden: {0}")]
-    FilterForbidden(String),
+    FilterForbidden(String, Vec<String>),
     #[error("not found")]
     NotFound,
     /// A lift naming no restriction in force: the detail says which are.
@@ -240,8 +241,8 @@ impl GatewayError {
             | GatewayError::TooManyGroups(_) => StatusCode::BAD_REQUEST,
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(_)
-            | GatewayError::FilterForbidden(_) => StatusCode::FORBIDDEN,
+            | GatewayError::WriteForbidden(..)
+            | GatewayError::FilterForbidden(..) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::NotInForce(_) | GatewayError::AlreadyInForce(_) => StatusCode::CONFLICT,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -285,8 +286,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::TooManyGroups(_) => "too_many_groups",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
-            GatewayError::WriteForbidden(_) => "write_forbidden",
-            GatewayError::FilterForbidden(_) => "filter_forbidden",
+            GatewayError::WriteForbidden(..) => "write_forbidden",
+            GatewayError::FilterForbidden(..) => "filter_forbidden",
             GatewayError::NotFound => "not_found",
             GatewayError::NotInForce(_) => "not_in_force",
             GatewayError::AlreadyInForce(_) => "already_in_force",
@@ -321,8 +322,8 @@ impl GatewayError {
             | GatewayError::TooManyGroups(_) => "bad request",
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(_)
-            | GatewayError::FilterForbidden(_) => "forbidden",
+            | GatewayError::WriteForbidden(..)
+            | GatewayError::FilterForbidden(..) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
             GatewayError::NotInForce(_) => "not in force",
             GatewayError::AlreadyInForce(_) => "already in force",
@@ -376,8 +377,8 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
-            GatewayError::WriteForbidden(why)
-            | GatewayError::FilterForbidden(why)
+            GatewayError::WriteForbidden(why, _)
+            | GatewayError::FilterForbidden(why, _)
             | GatewayError::NotInForce(why)
             | GatewayError::AlreadyInForce(why) => why.clone(),
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
@@ -459,10 +460,11 @@ impl GatewayError {
             status: self.status().as_u16(),
             detail: self.detail(),
             request_id: request_id.to_owned(),
-            policy_ids: if let GatewayError::Forbidden { policy_ids } = self {
-                policy_ids.clone()
-            } else {
-                Vec::new()
+            policy_ids: match self {
+                GatewayError::Forbidden { policy_ids }
+                | GatewayError::WriteForbidden(_, policy_ids)
+                | GatewayError::FilterForbidden(_, policy_ids) => policy_ids.clone(),
+                _ => Vec::new(),
             },
         }
     }
@@ -496,8 +498,8 @@ mod tests {
             GatewayError::BadRequest("b".into()),
             GatewayError::TooManyGroups("g".into()),
             GatewayError::Forbidden { policy_ids: vec![] },
-            GatewayError::WriteForbidden("w".into()),
-            GatewayError::FilterForbidden("f".into()),
+            GatewayError::WriteForbidden("w".into(), vec![]),
+            GatewayError::FilterForbidden("f".into(), vec![]),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
             GatewayError::UriTooLong(8192),
@@ -533,8 +535,8 @@ mod tests {
                 | GatewayError::BadRequest(_)
                 | GatewayError::TooManyGroups(_)
                 | GatewayError::Forbidden { .. }
-                | GatewayError::WriteForbidden(_)
-                | GatewayError::FilterForbidden(_)
+                | GatewayError::WriteForbidden(..)
+                | GatewayError::FilterForbidden(..)
                 | GatewayError::NotFound
                 | GatewayError::NotInForce(_)
                 | GatewayError::AlreadyInForce(_)

@@ -858,7 +858,7 @@ where
             let other = match d.subjects.iter().next() {
                 Some(subject) => d.subjects.len() != 1 || subject != id,
                 None => matches!(filter::single_attrs(&body, envelope, &cx),
-                    Ok(Some((subject, _))) if subject != *id),
+                    Ok(Some(Some((subject, _)))) if subject != *id),
             };
             if other {
                 static LAST: std::sync::atomic::AtomicI64 =
@@ -1000,8 +1000,11 @@ impl Trail {
     /// A write refused for what it would write (fields its purpose may not write, or values
     /// a field may not carry): which fields, in the audit record. Never the values, which
     /// the caller chose and could fill with anything (the log keeps field names only).
-    pub(crate) fn refuse_write(&mut self, fields: &[String]) {
+    /// The record names what refused (`policy_ids`: none for values the asset register
+    /// refused), not what had let the request through.
+    pub(crate) fn refuse_write(&mut self, fields: &[String], policy_ids: &[String]) {
         self.detail = Some(serde_json::json!({ "write": "refused", "refused": fields }));
+        self.policy_ids = policy_ids.iter().cloned().collect();
     }
 
     /// The one record a read or a write named was withheld: why (what breach detection keys
@@ -1203,10 +1206,13 @@ fn filters_visible(
         let verdict = (policies.engine).decide_field(ask, &route.dataset, &clean, category, false);
         if !verdict.allowed {
             // The record names what refused, not what had let the request through.
-            trail.policy_ids = verdict.policy_ids.into_iter().collect();
-            return Err(GatewayError::FilterForbidden(format!(
-                "{what} `{field}` {does} by a field (category `{category}`) this purpose and role may not see"
-            )));
+            trail.policy_ids = verdict.policy_ids.iter().cloned().collect();
+            return Err(GatewayError::FilterForbidden(
+                format!(
+                    "{what} `{field}` {does} by a field (category `{category}`) this purpose and role may not see"
+                ),
+                verdict.policy_ids,
+            ));
         }
     }
     Ok(())
@@ -1482,8 +1488,8 @@ fn audit_record(
         Some(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(_)
-            | GatewayError::FilterForbidden(_)
+            | GatewayError::WriteForbidden(..)
+            | GatewayError::FilterForbidden(..)
             | GatewayError::PurposeNotGranted(_)
             | GatewayError::QuotaExceeded
             | GatewayError::TooManyAtOnce(_)),

@@ -99,9 +99,10 @@ pub(crate) async fn check_write(
         if let Some(value) = fields.get(field)
             && let Err(why) = only_values(field, value, allowed)
         {
-            // A refusal by the asset register, logged as one (breach detection counts them).
-            trail.refuse_write(std::slice::from_ref(field));
-            return Err(GatewayError::WriteForbidden(why));
+            // A refusal by the asset register, logged as one (breach detection counts them):
+            // no policy decided it.
+            trail.refuse_write(std::slice::from_ref(field), &[]);
+            return Err(GatewayError::WriteForbidden(why, Vec::new()));
         }
     }
     // A value the filter would take for nested data (`filter::write_record`), once written,
@@ -123,9 +124,17 @@ pub(crate) async fn check_write(
     // datastore answers under another id (it normalised `vf-1` to `VF-1`, say): the write's
     // records name the id asked for, and a subject access search for the record's own id
     // would miss them.
-    let (subject, attrs) = filter::single_attrs(&target, envelope, cx)
-        .map_err(malformed)?
-        .ok_or(GatewayError::NotFound)?;
+    let (subject, attrs) = match filter::single_attrs(&target, envelope, cx).map_err(malformed)? {
+        Some(Some(read)) => read,
+        None => return Err(GatewayError::NotFound),
+        // Logged and counted as a read of it would be: the datastore holds a record the
+        // gateway cannot read (the caller is told only that there is none it may write).
+        Some(None) => {
+            trail.withhold_target("malformed", Vec::new());
+            crate::gateway::count_unread(0, 1);
+            return Err(GatewayError::NotFound);
+        }
+    };
     if subject != id {
         trail.withhold_target("answered_under_another_id", Vec::new());
         return Err(GatewayError::NotFound);
@@ -148,12 +157,29 @@ pub(crate) async fn check_write(
         .cloned()
         .collect();
     if !refused.is_empty() {
-        // A refusal by policy, logged as one (breach detection counts refused requests).
-        trail.refuse_write(&refused);
-        return Err(GatewayError::WriteForbidden(format!(
-            "the declared purpose may not write: `{}`",
-            refused.join("`, `")
-        )));
+        // A refusal by policy, logged as one (breach detection counts refused requests),
+        // naming the policies that refused each category (asked again one by one, for their
+        // ids: `allowed_categories` keeps only the answers).
+        let categories: BTreeSet<&String> = (refused.iter())
+            .filter_map(|k| spec.fields.get(k))
+            .collect();
+        let policy_ids: Vec<String> = (categories.into_iter())
+            .flat_map(|c| {
+                engine
+                    .decide_field(ask, &route.dataset, &attrs, c, true)
+                    .policy_ids
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        trail.refuse_write(&refused, &policy_ids);
+        return Err(GatewayError::WriteForbidden(
+            format!(
+                "the declared purpose may not write: `{}`",
+                refused.join("`, `")
+            ),
+            policy_ids,
+        ));
     }
     Ok(fields
         .keys()

@@ -600,10 +600,18 @@ async fn writes_are_scoped_and_field_checked() {
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(r.json()["type"], "urn:wardgate:problem:write-forbidden");
     assert!(r.json()["detail"].as_str().unwrap().contains("`flags_add`"));
-    // Logged as a refusal by policy, naming what was refused.
+    // Logged as a refusal by policy, naming what was refused and what refused it (no policy
+    // permits it: not the policies that let the request in), as the answer does.
     let audit = app.audit_for(&r);
     assert_eq!(audit["decision"], "deny", "{audit}");
     assert_eq!(audit["detail"]["refused"], json!(["flags_add"]), "{audit}");
+    assert_eq!(audit["policy_ids"], json!(["default-deny"]), "{audit}");
+    assert_eq!(
+        r.json()["policy_ids"],
+        json!(["default-deny"]),
+        "{:?}",
+        r.body
+    );
     // A declared field carries only the values the register allows it: a canvasser may add
     // "do not knock", never a restriction, an objection or an erasure flag, which are the
     // DPO's to place. Refused by the gateway, whatever the datastore would have done.
@@ -625,6 +633,8 @@ async fn writes_are_scoped_and_field_checked() {
         let audit = app.audit_for(&r);
         assert_eq!(audit["decision"], "deny", "{audit}");
         assert_eq!(audit["detail"]["refused"], json!(["flags_add"]), "{audit}");
+        // The asset register refused it, not a policy.
+        assert_eq!(audit["policy_ids"], json!([]), "{audit}");
         // Field names only: what the caller tried to write stays out of the log.
         let logged = audit.to_string();
         assert!(
@@ -1140,6 +1150,10 @@ async fn a_write_target_naming_a_field_twice_is_not_found() {
     let upstream = fake_upstream(200, "application/json", body, false).await;
     let (app, r) = canvass_through(upstream, &id).await;
     assert_eq!(r.status, 404, "{:?}", r.body);
+    // Logged as a read of it would be (the datastore's fault, for whoever reads the log),
+    // not as a record missing.
+    let record = app.audit_for(&r);
+    assert_eq!(record["withheld_target"], "malformed", "{record}");
     app.stop().await;
     // The same record named once is a target like any other.
     let once: &'static str = Box::leak(format!(r#"{{"record":{text}}}"#).into_boxed_str());
@@ -2360,6 +2374,12 @@ async fn a_filter_on_a_field_the_purpose_hides_discloses_nothing() {
         // Refused by the field's policies (nothing permits addresses for profiling), not
         // recorded under the ones that let the listing through.
         assert_eq!(record["policy_ids"], json!(["default-deny"]), "{record}");
+        assert_eq!(
+            r.json()["policy_ids"],
+            json!(["default-deny"]),
+            "{:?}",
+            r.body
+        );
         assert_eq!(record["detail"]["filters"]["postcode"], prefix, "{record}");
         assert_eq!(record["subjects"], json!([]), "{record}");
     }

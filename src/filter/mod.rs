@@ -669,20 +669,21 @@ pub fn filter_single(
 }
 
 /// The policy attributes of the one record a body names, read as `filter_single` reads it:
-/// `None` when there is none, or when it cannot be classified or names a field twice (a
-/// record the filter would withhold is not one a write may target either).
+/// `None` when there is none; `Some(None)` when it cannot be classified, names a field twice
+/// or nests where it may not (malformed: a record the filter would withhold is not one a
+/// write may target either).
 pub fn single_attrs(
     body: &[u8],
     envelope: Envelope,
     cx: &FilterContext,
-) -> Result<Option<(String, RecordAttrs)>, FilterError> {
+) -> Result<Option<Option<(String, RecordAttrs)>>, FilterError> {
     let Some(record) = read_single(body, envelope, cx)? else {
         return Ok(None);
     };
     if record.has_duplicate_names(cx.dataset) || record.nests(cx.dataset) {
-        return Ok(None);
+        return Ok(Some(None));
     }
-    Ok(attrs::record_attrs(&record, cx))
+    Ok(Some(attrs::record_attrs(&record, cx)))
 }
 
 /// The string value of field `name` of the one record a body names, decoded; `None` when
