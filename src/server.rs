@@ -123,6 +123,7 @@ fn chain_usable(
     };
     let mut warnings = Vec::new();
     let mut soonest: Option<(i64, String)> = None;
+    let mut before: Option<x509_parser::certificate::X509Certificate> = None;
     for (i, der) in chain.iter().enumerate() {
         let which = if i == 0 {
             "the TLS certificate".to_owned()
@@ -132,6 +133,12 @@ fn chain_usable(
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| anyhow::anyhow!("`{file}`: {which} cannot be read: {e}"))?;
         let self_signed = cert.subject() == cert.issuer();
+        // Each certificate after the first issued the one before it: a wrong intermediate
+        // (an old one after the CA changed its issuing certificate) loads, and every client
+        // without the right one cached then fails its handshake.
+        if let Some(before) = before.replace(cert.clone()) {
+            issued(&before, &cert).map_err(|why| anyhow::anyhow!("`{file}`: {which} {why}"))?;
+        }
         if i == 0 && cert.is_ca() && (chain.len() > 1 || !self_signed) {
             anyhow::bail!(
                 "`{file}`: its first certificate is a CA's (`{}`): the gateway's own certificate \
@@ -184,6 +191,39 @@ fn chain_usable(
     }
     warnings.extend(soonest.map(|(_, w)| w));
     Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
+}
+
+/// Whether `issuer` issued `cert`: its name is `cert`'s issuer's, it is a CA's (a root at the
+/// end of a chain may be an old self-signed one without the mark), and its key made `cert`'s
+/// signature (not checked for a signature algorithm `ring` does not verify). What is wrong,
+/// said of `issuer`, otherwise.
+fn issued(
+    cert: &x509_parser::certificate::X509Certificate,
+    issuer: &x509_parser::certificate::X509Certificate,
+) -> Result<(), String> {
+    if cert.issuer() != issuer.subject() {
+        return Err(format!(
+            "(`{}`) did not issue the certificate before it, whose issuer is `{}`: the chain \
+             must run from the gateway's certificate to the one that issued it, and so on",
+            issuer.subject(),
+            cert.issuer()
+        ));
+    }
+    if !issuer.is_ca() && issuer.subject() != issuer.issuer() {
+        return Err(format!(
+            "(`{}`) is not a CA's certificate, so it cannot have issued the one before it",
+            issuer.subject()
+        ));
+    }
+    match cert.verify_signature(Some(issuer.public_key())) {
+        Ok(()) | Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => Ok(()),
+        Err(e) => Err(format!(
+            "(`{}`) has the name of the certificate before it's issuer, but its key did not \
+             sign it ({e}): another certificate of that name (the CA's old or new one) belongs \
+             here",
+            issuer.subject()
+        )),
+    }
 }
 
 /// The most requests under way at once on one HTTP/2 connection.
@@ -1291,30 +1331,35 @@ mod tests {
     #[test]
     fn a_chain_with_its_ca_first_is_named_for_what_it_is() {
         let file = Path::new("tls/server.pem");
-        let ca = certificate(NOW - DAY, NOW + 90 * DAY, true);
-        let leaf = certificate(NOW - DAY, NOW + 90 * DAY, false);
-        let err = chain_usable(file, &[ca.clone(), leaf.clone()], NOW)
+        let root = Ca::root(NOW - DAY, NOW + 90 * DAY, "Party Root");
+        let leaf = root.leaf(NOW - DAY, NOW + 90 * DAY);
+        let err = chain_usable(file, &[root.der.clone(), leaf.clone()], NOW)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("first certificate is a CA's") && err.contains("must come first"),
             "{err}"
         );
-        assert_eq!(chain_usable(file, &[leaf.clone(), ca], NOW).unwrap(), None);
-        // An intermediate (issued by a root) past its end fails every handshake as surely as
-        // the server's own; an expired self-signed root at the end only warns (clients build
-        // their path to their own copy of the root).
-        let expired_intermediate = intermediate(NOW - 90 * DAY, NOW - DAY);
-        let err = chain_usable(file, &[leaf.clone(), expired_intermediate], NOW)
+        assert_eq!(
+            chain_usable(file, &[leaf.clone(), root.der.clone()], NOW).unwrap(),
+            None
+        );
+        // An intermediate past its end fails every handshake as surely as the server's own;
+        // an expired self-signed root at the end only warns (clients build their path to
+        // their own copy of the root).
+        let expired = root.intermediate(NOW - 90 * DAY, NOW - DAY, "Party Issuing");
+        let by_expired = expired.leaf(NOW - DAY, NOW + 90 * DAY);
+        let err = chain_usable(file, &[by_expired, expired.der.clone()], NOW)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("TLS certificate 2 of the chain (`CN=rcgen self signed cert`) expired"),
+            err.contains("TLS certificate 2 of the chain (`CN=Party Issuing`) expired"),
             "{err}"
         );
-        let old_root = certificate(NOW - 90 * DAY, NOW - DAY, true);
-        let good = intermediate(NOW - DAY, NOW + 90 * DAY);
-        let warning = chain_usable(file, &[leaf.clone(), good.clone(), old_root], NOW)
+        let old_root = Ca::root(NOW - 90 * DAY, NOW - DAY, "Old Root");
+        let good = old_root.intermediate(NOW - DAY, NOW + 90 * DAY, "Party Issuing");
+        let by_good = good.leaf(NOW - DAY, NOW + 90 * DAY);
+        let warning = chain_usable(file, &[by_good, good.der.clone(), old_root.der], NOW)
             .unwrap()
             .unwrap();
         assert!(
@@ -1323,32 +1368,123 @@ mod tests {
             "{warning}"
         );
         // The warning names the certificate that ends soonest, wherever it is in the chain.
-        let soon = intermediate(NOW - DAY, NOW + 3 * DAY);
-        let sooner = certificate(NOW - DAY, NOW + 2 * DAY, false);
-        let warning = chain_usable(file, &[sooner, soon], NOW).unwrap().unwrap();
+        let soon = root.intermediate(NOW - DAY, NOW + 3 * DAY, "Party Issuing");
+        let sooner = soon.leaf(NOW - DAY, NOW + 2 * DAY);
+        let warning = chain_usable(file, &[sooner, soon.der.clone()], NOW)
+            .unwrap()
+            .unwrap();
         assert!(
             warning.contains("the TLS certificate (") && warning.contains("2027-01-17"),
             "{warning}"
         );
         // An intermediate alone, in place of the server's own: issued by another, so not one
         // self-signed certificate standing for itself.
-        let err = chain_usable(file, &[good], NOW).unwrap_err().to_string();
+        let err = chain_usable(file, &[good.der], NOW)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("first certificate is a CA's"), "{err}");
     }
 
-    /// A CA certificate valid from `from` to `until`, issued by a root (`CN=Party Root`).
-    fn intermediate(from: i64, until: i64) -> rustls::pki_types::CertificateDer<'static> {
-        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        root.distinguished_name = rcgen::DistinguishedName::new();
-        root.distinguished_name
-            .push(rcgen::DnType::CommonName, "Party Root");
-        let issuer = rcgen::Issuer::new(root, rcgen::KeyPair::generate().unwrap());
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        params.signed_by(&key, &issuer).unwrap().der().clone()
+    /// Each certificate after the first must have issued the one before it: its name, a CA's
+    /// mark and its key. A wrong intermediate loads, and then fails every client that does
+    /// not have the right one already.
+    #[test]
+    fn a_chain_whose_certificates_did_not_issue_each_other_stops_the_start() {
+        let file = Path::new("tls/server.pem");
+        let root = Ca::root(NOW - DAY, NOW + 90 * DAY, "Party Root");
+        let issuing = root.intermediate(NOW - DAY, NOW + 90 * DAY, "Party Issuing");
+        let leaf = issuing.leaf(NOW - DAY, NOW + 90 * DAY);
+        let whole = [leaf.clone(), issuing.der.clone(), root.der.clone()];
+        assert_eq!(chain_usable(file, &whole, NOW).unwrap(), None);
+        // Another CA's certificate after it.
+        let other = root.intermediate(NOW - DAY, NOW + 90 * DAY, "Party Other");
+        let err = chain_usable(file, &[leaf.clone(), other.der], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "`tls/server.pem`: TLS certificate 2 of the chain (`CN=Party Other`) did not issue"
+            ) && err.contains("whose issuer is `CN=Party Issuing`"),
+            "{err}"
+        );
+        // The issuing CA's other certificate of the same name (renewed with a new key).
+        let renewed = root.intermediate(NOW - DAY, NOW + 90 * DAY, "Party Issuing");
+        let err = chain_usable(file, &[leaf.clone(), renewed.der], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("its key did not sign it"), "{err}");
+        // The root in the intermediate's place, and the intermediate after the root.
+        let err = chain_usable(file, &[leaf.clone(), root.der.clone()], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not issue"), "{err}");
+        let err = chain_usable(file, &[leaf.clone(), root.der.clone(), issuing.der], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TLS certificate 2 of the chain"), "{err}");
+        // A certificate of the issuer's name that is not a CA's.
+        let not_ca = root.signed(NOW - DAY, NOW + 90 * DAY, "Party Issuing", false);
+        let err = chain_usable(file, &[leaf, not_ca.der], NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a CA's certificate"), "{err}");
+    }
+
+    /// A certificate authority for the tests' chains: its certificate and what signs with it.
+    struct Ca {
+        der: rustls::pki_types::CertificateDer<'static>,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Ca {
+        fn params(from: i64, until: i64, name: &str, ca: bool) -> rcgen::CertificateParams {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            if ca {
+                params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+            params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+            params
+        }
+
+        /// A self-signed root valid from `from` to `until`.
+        fn root(from: i64, until: i64, name: &str) -> Ca {
+            let params = Ca::params(from, until, name, true);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let der = params.self_signed(&key).unwrap().der().clone();
+            Ca {
+                der,
+                issuer: rcgen::Issuer::new(params, key),
+            }
+        }
+
+        /// A certificate named `name` issued by this one, a CA's or not, with a key of its own.
+        fn signed(&self, from: i64, until: i64, name: &str, ca: bool) -> Ca {
+            let params = Ca::params(from, until, name, ca);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let der = params.signed_by(&key, &self.issuer).unwrap().der().clone();
+            Ca {
+                der,
+                issuer: rcgen::Issuer::new(params, key),
+            }
+        }
+
+        /// An intermediate CA's certificate issued by this one.
+        fn intermediate(&self, from: i64, until: i64, name: &str) -> Ca {
+            self.signed(from, until, name, true)
+        }
+
+        /// A server's certificate for `localhost` issued by this one.
+        fn leaf(&self, from: i64, until: i64) -> rustls::pki_types::CertificateDer<'static> {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+            params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            params.signed_by(&key, &self.issuer).unwrap().der().clone()
+        }
     }
 }
