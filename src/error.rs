@@ -132,10 +132,10 @@ pub enum GatewayError {
     Forbidden { policy_ids: Vec<String> },
     /// A write would write what its caller may not: fields of a category the declared
     /// purpose may not write (Cedar `write_field`), or values the asset register does not allow
-    /// a field. Carries the detail, which names them, and the policies that refused (none for
-    /// a value the asset register refused).
+    /// a field. Carries the detail, which names them (the policies that refused are in the
+    /// audit record only: `Trail::refuse_write`).
     #[error("write forbidden: {0}")]
-    WriteForbidden(String, Vec<String>),
+    WriteForbidden(String),
     /// A listing, export or aggregate filtered on a field the declared purpose and role may
     /// not see: the records
     /// it picked would show the field's value by being picked (withheld, paging would still
@@ -241,7 +241,7 @@ impl GatewayError {
             | GatewayError::TooManyGroups(_) => StatusCode::BAD_REQUEST,
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(..)
+            | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(..) => StatusCode::FORBIDDEN,
             GatewayError::RouteNotFound | GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::NotInForce(_) | GatewayError::AlreadyInForce(_) => StatusCode::CONFLICT,
@@ -286,7 +286,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::TooManyGroups(_) => "too_many_groups",
             GatewayError::Forbidden { .. } => "forbidden_by_policy",
-            GatewayError::WriteForbidden(..) => "write_forbidden",
+            GatewayError::WriteForbidden(_) => "write_forbidden",
             GatewayError::FilterForbidden(..) => "filter_forbidden",
             GatewayError::NotFound => "not_found",
             GatewayError::NotInForce(_) => "not_in_force",
@@ -322,7 +322,7 @@ impl GatewayError {
             | GatewayError::TooManyGroups(_) => "bad request",
             GatewayError::PurposeNotGranted(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(..)
+            | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(..) => "forbidden",
             GatewayError::RouteNotFound | GatewayError::NotFound => "not found",
             GatewayError::NotInForce(_) => "not in force",
@@ -377,7 +377,7 @@ impl GatewayError {
                 "the policies in force do not permit this request for the declared purpose"
                     .to_owned()
             }
-            GatewayError::WriteForbidden(why, _)
+            GatewayError::WriteForbidden(why)
             | GatewayError::FilterForbidden(why, _)
             | GatewayError::NotInForce(why)
             | GatewayError::AlreadyInForce(why) => why.clone(),
@@ -460,9 +460,12 @@ impl GatewayError {
             status: self.status().as_u16(),
             detail: self.detail(),
             request_id: request_id.to_owned(),
+            // Policies that depend on no record: the request's, and a filter's (judged on a
+            // record without flags). A write's may be a forbid on its target's own flags
+            // (`restrict.para22-opinions`), which would tell the caller that person's
+            // restriction: its audit record keeps them.
             policy_ids: match self {
                 GatewayError::Forbidden { policy_ids }
-                | GatewayError::WriteForbidden(_, policy_ids)
                 | GatewayError::FilterForbidden(_, policy_ids) => policy_ids.clone(),
                 _ => Vec::new(),
             },
@@ -498,7 +501,7 @@ mod tests {
             GatewayError::BadRequest("b".into()),
             GatewayError::TooManyGroups("g".into()),
             GatewayError::Forbidden { policy_ids: vec![] },
-            GatewayError::WriteForbidden("w".into(), vec![]),
+            GatewayError::WriteForbidden("w".into()),
             GatewayError::FilterForbidden("f".into(), vec![]),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
@@ -535,7 +538,7 @@ mod tests {
                 | GatewayError::BadRequest(_)
                 | GatewayError::TooManyGroups(_)
                 | GatewayError::Forbidden { .. }
-                | GatewayError::WriteForbidden(..)
+                | GatewayError::WriteForbidden(_)
                 | GatewayError::FilterForbidden(..)
                 | GatewayError::NotFound
                 | GatewayError::NotInForce(_)

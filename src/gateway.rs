@@ -1488,7 +1488,7 @@ fn audit_record(
         Some(
             e @ (GatewayError::Unauthenticated(_)
             | GatewayError::Forbidden { .. }
-            | GatewayError::WriteForbidden(..)
+            | GatewayError::WriteForbidden(_)
             | GatewayError::FilterForbidden(..)
             | GatewayError::PurposeNotGranted(_)
             | GatewayError::QuotaExceeded

@@ -102,7 +102,7 @@ pub(crate) async fn check_write(
             // A refusal by the asset register, logged as one (breach detection counts them):
             // no policy decided it.
             trail.refuse_write(std::slice::from_ref(field), &[]);
-            return Err(GatewayError::WriteForbidden(why, Vec::new()));
+            return Err(GatewayError::WriteForbidden(why));
         }
     }
     // A value the filter would take for nested data (`filter::write_record`), once written,
@@ -172,14 +172,12 @@ pub(crate) async fn check_write(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        // (In the record only: they may be a forbid on the target's own flags.)
         trail.refuse_write(&refused, &policy_ids);
-        return Err(GatewayError::WriteForbidden(
-            format!(
-                "the declared purpose may not write: `{}`",
-                refused.join("`, `")
-            ),
-            policy_ids,
-        ));
+        return Err(GatewayError::WriteForbidden(format!(
+            "the declared purpose may not write: `{}`",
+            refused.join("`, `")
+        )));
     }
     Ok(fields
         .keys()
