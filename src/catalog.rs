@@ -267,11 +267,13 @@ impl Catalog {
             }
             // What an anonymous elector's or an under-16's record is known by: a dataset that
             // holds such a field and does not name it would have the gateway read no markers
-            // (or no attainer date) from its records, and disclose theirs.
+            // (or no attainer date, or no flags: `under_16`, `restricted`, `deceased`) from its
+            // records, and disclose theirs.
             // (Every such field: a second one, beside the one named, would go unread.)
             for (category, field, key) in [
                 ("register_marker", &d.markers_field, "markers_field"),
                 ("attainer", &d.attainer_field, "attainer_field"),
+                ("processing_flags", &d.flags_field, "flags_field"),
             ] {
                 let unread = (d.fields.iter())
                     .find(|(f, c)| c.as_str() == category && field.as_ref() != Some(*f));
@@ -492,6 +494,7 @@ mod tests {
         for (line, key) in [
             ("markers_field = \"markers\"\n", "markers_field"),
             ("attainer_field = \"attainer_date\"\n", "attainer_field"),
+            ("flags_field = \"flags\"\n", "flags_field"),
         ] {
             assert!(shipped.contains(line), "{line}");
             let err = format!(
@@ -503,6 +506,18 @@ mod tests {
                 "{err}"
             );
         }
+        // The membership database's flags are its only word of an under-16 member.
+        let members = shipped.replacen(
+            "flags_field = \"flags\"\n",
+            "",
+            shipped.matches("flags_field = \"flags\"\n").count(),
+        );
+        let members = members.replacen("flags = \"processing_flags\"\n", "", 1);
+        let err = format!("{:#}", Catalog::parse(&members).unwrap_err());
+        assert!(
+            err.contains("dataset `membership`") && err.contains("`flags_field` is not"),
+            "{err}"
+        );
         // A second marker field beside the one named would go unread.
         let second = shipped.replacen(
             "markers = \"register_marker\"",
