@@ -155,6 +155,15 @@ pub async fn within<T>(
 /// How long a commit may take before the log counts as stalled: `/readyz` says not ready, and
 /// a request waiting for its record is answered 503 (`gateway::handle`). A disk retrying for
 /// minutes, or a hung network mount, has not failed, and would otherwise hold every request.
+/// While the log is unhealthy and no record comes, the writer tries the disk again this often
+/// with a record of its own (`Writer::next`): a load balancer sends no traffic to a replica
+/// whose `/readyz` fails, so waiting for a request's record to try again would wait for ever.
+const RETRY_EVERY: Duration = if cfg!(test) {
+    Duration::from_millis(200)
+} else {
+    Duration::from_secs(5)
+};
+
 pub const STALLED_AFTER: Duration = if cfg!(test) {
     Duration::from_secs(1)
 } else {
@@ -736,7 +745,7 @@ impl Writer {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = self.next(&mut rx) {
             let mut batch = vec![first];
             self.drain(&mut rx, &mut batch);
             self.gather(&mut rx, &mut batch);
@@ -758,6 +767,40 @@ impl Writer {
             tracing::warn!(error = %e, "cannot release the audit segment's made-ready space");
         }
         tracing::info!(next_seq = self.next_seq, "audit writer stopped");
+    }
+
+    /// The next record to commit, waited for (`None` once the log is shut). While the log is
+    /// unhealthy (a failed write or sync) and nothing comes, every `RETRY_EVERY` a record of
+    /// its own (`audit.writer`, `retry`) tries the disk again: committed, the log is healthy
+    /// again and `/readyz` with it, without a request to try it. (Page-cache durability's
+    /// failed sync still refuses every record until a restart: `synced_through`.)
+    fn next(&mut self, rx: &mut mpsc::Receiver<Pending>) -> Option<Pending> {
+        let since = Instant::now();
+        loop {
+            if self.healthy.load(Ordering::Acquire) {
+                return rx.blocking_recv();
+            }
+            match rx.try_recv() {
+                Ok(pending) => return Some(pending),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if since.elapsed() >= RETRY_EVERY {
+                let mut record = AuditRecord::system("audit.writer", "retry");
+                record.decision = super::record::Decision::Error;
+                record.detail = Some(serde_json::json!({
+                    "retry": "the last commit failed; this record tries the disk again"
+                }));
+                // Nobody waits for it: the health flag says how it went.
+                let (reply, _) = oneshot::channel();
+                return Some(Pending {
+                    record,
+                    reply,
+                    sync: true,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Takes whatever is queued, up to `max_batch`.
@@ -1891,5 +1934,40 @@ mod tests {
         let report = verify_dir(dir.path()).unwrap();
         assert_eq!((report.records, report.last_seq), (3, 3));
         assert!(!lines(dir.path()).iter().any(|l| l.contains("req-2")));
+    }
+
+    /// A log made unhealthy by a failed write is healthy again by itself once the disk is,
+    /// with no record asked for: a replica out of its load balancer's rotation (its `/readyz`
+    /// failing) is sent none. Its own retry record says why it was written.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failed_log_retries_by_itself_without_traffic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Durability::Fsync, 1)).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        let next = dir.path().join(segment_name(2));
+        std::os::unix::fs::symlink("/dev/full", &next).unwrap();
+        assert!(log.append(sample(2)).await.is_err());
+        assert!(!log.is_healthy());
+        // Still failing: the retries fail too, and nothing is acknowledged.
+        tokio::time::sleep(RETRY_EVERY * 3).await;
+        assert!(!log.is_healthy());
+        std::fs::remove_file(&next).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log.is_healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "never healthy again without traffic"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(log.append(sample(3)).await.unwrap(), 3);
+        log.shutdown().await;
+        let written = lines(dir.path());
+        assert!(
+            written.iter().any(|l| l.contains(r#""reason":"retry""#)),
+            "{written:?}"
+        );
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
     }
 }
