@@ -5,8 +5,9 @@
 //! replica they are plain counters; with Redis they are shared: each replica batches its own
 //! increments and flushes them every [`FLUSH_EVERY`] with `INCRBY`, and reads back the global
 //! totals of every principal it has served recently, so an over-quota principal is refused on
-//! every replica. The only request that waits on Redis is the first from a principal a replica
-//! has not seen in a while (it fetches their totals once); the steady state reads memory.
+//! every replica. The only requests that wait on Redis are those from a principal a replica
+//! has not seen in a while, until one of them has read their totals; the steady state reads
+//! memory.
 //!
 //! A request reserves, when it is checked, as many records as it may disclose (its page size),
 //! and gives them back when it ends, its disclosure counted by then: requests sent in parallel
