@@ -485,8 +485,15 @@ impl RawConfig {
             // The log answers subject access requests, a month after they arrive, and breach
             // reports: a retention shorter than that (`6m` is six minutes to humantime; months
             // are `6M`) would have the next prune delete what those need.
+            // Bounded above too: `now - retention` past the calendar's range panicked the
+            // pruner's task, and with it address shredding, while the gateway served on.
             retention: match &self.audit.retention {
-                Some(r) => Some(bounded(r, "audit.retention", MIN_RETENTION, None)?),
+                Some(r) => Some(bounded(
+                    r,
+                    "audit.retention",
+                    MIN_RETENTION,
+                    Some(MAX_RETENTION),
+                )?),
                 None => None,
             },
             client_addr_retention: match self.audit.client_addr_retention.as_deref() {
@@ -495,7 +502,7 @@ impl RawConfig {
                     other.unwrap_or("90days"),
                     "audit.client_addr_retention",
                     Duration::from_secs(3600),
-                    None,
+                    Some(MAX_RETENTION),
                 )?),
             },
             prune_interval: bounded(
@@ -1199,6 +1206,9 @@ fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConf
 /// The shortest `audit.retention`: a month and a day, so that a subject access request
 /// answered within its month finds everything disclosed in the month before it arrived.
 const MIN_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
+/// The longest retention taken (a hundred years): any longer is "keep for ever", which is
+/// leaving `audit.retention` unset (and `client_addr_retention = "off"`).
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// The shortest datastore connect or response timeout (zero would fail every request).
 const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(10);

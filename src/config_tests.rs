@@ -639,6 +639,18 @@ fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
             "server.shutdown_grace",
             "at most",
         ),
+        (
+            audit,
+            "retention = \"2000000years\"",
+            "audit.retention",
+            "at most",
+        ),
+        (
+            audit,
+            "client_addr_retention = \"2000000years\"",
+            "audit.client_addr_retention",
+            "at most",
+        ),
         (audit, "max_batch = 0", "audit.max_batch", "1 to 65536"),
         (audit, "max_batch = 65537", "audit.max_batch", "1 to 65536"),
     ] {
