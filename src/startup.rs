@@ -2,7 +2,9 @@
 //!
 //! [`build`] loads everything the request path needs (area register, asset register, keys,
 //! Cedar schema and policies, the audit log) and fails with a message naming the file and the
-//! problem if any of it is wrong; `wardgate validate` runs exactly this without serving.
+//! problem if any of it is wrong; `wardgate validate` runs its [`check`] of every file the
+//! configuration names, without serving, and not the state a running gateway opens after it
+//! (the audit log, the controls journal, the breach log), whose faults only a start meets.
 //! [`run`] takes its listeners and shutdown signal as inputs, so a test can start the whole
 //! gateway on port 0, and flushes the audit log only after the last connection has drained.
 
