@@ -685,7 +685,10 @@ impl RawAuth {
         }
         let mut keys = Vec::new();
         for k in self.keys {
-            let algorithm = parse_algorithm(&k.algorithm, "auth.keys.algorithm")?;
+            let algorithm = parse_algorithm(
+                &k.algorithm,
+                &format!("auth.keys.algorithm` of key `{}", k.kid),
+            )?;
             if !algorithms.contains(&algorithm) {
                 bail!(
                     "key `{}` uses `{}`, which `auth.algorithms` does not allow",

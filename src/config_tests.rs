@@ -344,6 +344,13 @@ fn the_admin_plane_stays_on_loopback_unless_told() {
 fn a_key_must_use_an_allowed_algorithm() {
     let text = MINIMAL.replace("algorithm = \"ES256\"", "algorithm = \"RS256\"");
     assert!(err(&text).contains("k1"));
+    // One no algorithm allows names its key too.
+    let text = MINIMAL.replace("algorithm = \"ES256\"", "algorithm = \"HS256\"");
+    let e = err(&text);
+    assert!(
+        e.contains("`auth.keys.algorithm` of key `k1`: `HS256` is not allowed"),
+        "{e}"
+    );
 }
 
 #[test]
