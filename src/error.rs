@@ -200,6 +200,11 @@ pub enum GatewayError {
     /// effect nowhere, and may be made again once the journal's disk is writable.
     #[error("control change not recorded")]
     ControlsNotRecorded,
+    /// The breach log could not take a console action: with `made`, the change (a
+    /// containment's revocation) is in effect and only its note on the alert is missing;
+    /// without, the action (a classification) was not made.
+    #[error("breach log unavailable")]
+    BreachLogUnavailable { made: bool },
     #[error("internal error: {0}")]
     Internal(String),
     /// The caller closed the connection before the answer (only ever audited: there is no one
@@ -261,7 +266,8 @@ impl GatewayError {
             | GatewayError::PolicyReloaded
             | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
-            | GatewayError::ControlsNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::ControlsNotRecorded
+            | GatewayError::BreachLogUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::QuotaExceeded | GatewayError::TooManyAtOnce(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -308,6 +314,7 @@ impl GatewayError {
             GatewayError::KeysUnavailable => "keys_unavailable",
             GatewayError::ControlsNotShared => "controls_not_shared",
             GatewayError::ControlsNotRecorded => "controls_not_recorded",
+            GatewayError::BreachLogUnavailable { .. } => "breach_log_unavailable",
             GatewayError::Internal(_) => "internal_error",
             GatewayError::ClientClosed => "client_closed",
         }
@@ -343,7 +350,8 @@ impl GatewayError {
             | GatewayError::PolicyReloaded
             | GatewayError::KeysUnavailable
             | GatewayError::ControlsNotShared
-            | GatewayError::ControlsNotRecorded => "service unavailable",
+            | GatewayError::ControlsNotRecorded
+            | GatewayError::BreachLogUnavailable { .. } => "service unavailable",
             GatewayError::QuotaExceeded => "too many records",
             GatewayError::TooManyAtOnce(_) => "too many requests",
             GatewayError::Internal(_) => "internal error",
@@ -448,6 +456,17 @@ impl GatewayError {
                  written (the gateway's log says why; one it could not mend needs a restart)"
                     .to_owned()
             }
+            GatewayError::BreachLogUnavailable { made: true } => {
+                "the change was made (the caller's tokens are revoked on every replica), but the \
+                 breach log could not note it on the alert, which still shows it open: do not \
+                 make it again (the gateway's log says why)"
+                    .to_owned()
+            }
+            GatewayError::BreachLogUnavailable { made: false } => {
+                "the breach log cannot be written, so the change was not made (the audit log \
+                 says so); make it again once it can (the gateway's log says why)"
+                    .to_owned()
+            }
             GatewayError::Internal(_) => "the gateway failed; the error has been logged".to_owned(),
             GatewayError::ClientClosed => "the connection was closed before the answer".to_owned(),
         }
@@ -521,6 +540,7 @@ mod tests {
             GatewayError::KeysUnavailable,
             GatewayError::ControlsNotShared,
             GatewayError::ControlsNotRecorded,
+            GatewayError::BreachLogUnavailable { made: true },
             GatewayError::NotInForce("n".into()),
             GatewayError::AlreadyInForce("a".into()),
             GatewayError::Internal(secret),
@@ -560,6 +580,7 @@ mod tests {
                 | GatewayError::KeysUnavailable
                 | GatewayError::ControlsNotShared
                 | GatewayError::ControlsNotRecorded
+                | GatewayError::BreachLogUnavailable { .. }
                 | GatewayError::Internal(_)
                 | GatewayError::ClientClosed => {}
             }

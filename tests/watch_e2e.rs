@@ -1309,6 +1309,98 @@ async fn an_untaken_alert() -> Option<Untaken> {
     })
 }
 
+/// The console's actions when the breach log cannot take them (its disk full): a
+/// classification is not made, and a second audit record under its request id says so rather
+/// than leave the first standing alone; a containment is made (the caller revoked) and the
+/// answer says it was, not that it was refused for want of the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_actions_the_breach_log_cannot_take_say_what_was_made() {
+    let scratch = tempfile::tempdir().unwrap();
+    let watch = scratch.path().join("watch");
+    let Some(_tmpfs) = common::Tmpfs::mount_or_skip(&watch, "64k") else {
+        return;
+    };
+    let at = watch.join("breach-log.jsonl");
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(night),
+        edit: Some(Box::new(move |cfg: &mut Config| cfg.watch.breach_log = at)),
+        ..AppOptions::default()
+    })
+    .await;
+    let councillor = app.token("councillor");
+    a_big_page(&app, &councillor, "canvassing").await;
+    let (alert, _) = wait_for_alert(&app, "unusual_hours", "demo-councillor").await;
+    let id = alert["id"].as_str().unwrap().to_owned();
+    common::fill(&watch);
+    let security = app.token("security");
+
+    // The breach log's last page may still have room for an entry or two (the disk is full
+    // of pages): classified, each with a note of 2,000 characters, until one does not fit.
+    let body = json!({ "class": "near_miss", "note": "n".repeat(2000) }).to_string();
+    let mut refused = None;
+    for _ in 0..4 {
+        let r = app
+            .admin_post(&format!("/alerts/{id}/classify"), &security, &body)
+            .await;
+        if r.status != StatusCode::OK {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the full disk took every classification");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(
+        r.json()["type"],
+        "urn:wardgate:problem:breach-log-unavailable"
+    );
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["detail"]["classified_alert"], id.as_str());
+    assert_eq!(records[1]["detail"]["not_made"], "breach_log_unavailable");
+    assert_eq!(records[1]["decision"], "error");
+
+    // So with containments, whose entries are short.
+    let mut refused = None;
+    for _ in 0..40 {
+        let r = app
+            .admin_post(
+                &format!("/alerts/{id}/contain"),
+                &security,
+                r#"{"reason":"late bulk read"}"#,
+            )
+            .await;
+        if r.status != StatusCode::OK {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the full disk took every containment");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(
+        r.json()["type"],
+        "urn:wardgate:problem:breach-log-unavailable"
+    );
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the change was made"),
+        "{:?}",
+        r.body
+    );
+    // Made: the councillor's token no longer serves.
+    let after = app
+        .get(
+            "/voter/electors?per_page=5",
+            Some(&councillor),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{:?}", after.body);
+    app.stop().await;
+}
+
 /// Stops `app`, empties its breach log (pruned by hand, its alerts closed) and starts it
 /// again: once it has read the audit log back, the breach log is still empty, since the
 /// audit log says the breach log took what it held (`watch.breach_logged`).

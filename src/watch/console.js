@@ -259,6 +259,8 @@ async function doRevoke(id, caller) {
         renderAlerts();
       } catch (_) { /* the status below still says what happened */ }
       status('Tokens of ' + caller + ' revoked on this replica; the others learn of it when the shared store is back. Do not revoke them again.', true);
+    } else if (e.type === 'urn:wardgate:problem:breach-log-unavailable') {
+      status('Every token of ' + caller + ' so far revoked on every replica, but the breach log could not note it on the alert (which still shows it open): do not revoke them again; see the gateway\'s log.', true);
     } else {
       status('Not revoked: ' + e.message, true);
     }

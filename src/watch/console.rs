@@ -252,6 +252,7 @@ where
                 ));
             }
             let log = gw.watch.breach.clone();
+            let alert_id = id.clone();
             let written =
                 tokio::task::spawn_blocking(move || log.classify(&id, classification)).await;
             match written {
@@ -268,10 +269,21 @@ where
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "classification not written to the breach log");
-                    boxed(problem_response(
-                        &GatewayError::AuditUnavailable,
-                        request_id,
-                    ))
+                    // Its record stands, synced: a second under the same request id says it
+                    // was not made, as a rights change that did not take is said.
+                    let refused = GatewayError::BreachLogUnavailable { made: false };
+                    let mut r = record(Some(&principal), &method, &path, request_id);
+                    under.mark(&mut r);
+                    r.decision = crate::audit::Decision::Error;
+                    r.status = refused.status().as_u16();
+                    r.reason = Some(refused.code().to_owned());
+                    r.detail = Some(serde_json::json!({
+                        "classified_alert": alert_id, "not_made": refused.code(),
+                    }));
+                    if gw.audit.append_synced(r).await.is_err() {
+                        tracing::error!(alert = %alert_id, "the record that a classification was not made was not written");
+                    }
+                    boxed(problem_response(&refused, request_id))
                 }
                 Err(e) => boxed(problem_response(
                     &GatewayError::Internal(e.to_string()),
@@ -329,8 +341,9 @@ where
             match (done, contained) {
                 (Err(e), _) => boxed(fail(e.answer()).await),
                 (Ok(()), Some(alert)) => json(&alert),
+                // Revoked everywhere: only the alert's note of it is missing.
                 (Ok(()), None) => boxed(problem_response(
-                    &GatewayError::AuditUnavailable,
+                    &GatewayError::BreachLogUnavailable { made: true },
                     request_id,
                 )),
             }
