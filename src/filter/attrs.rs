@@ -94,6 +94,9 @@ pub(super) fn read(
     // `under_16`, which nobody sees, not even rights handling: `spelt_as`).
     if !markers.iter().all(|m| crate::policy::is_marker(m)) {
         metrics::counter!("wardgate_unknown_record_words_total", "kind" => "marker").increment(1);
+    }
+    // (`NF`, two markers written as one, is taken as anonymous too.)
+    if markers.iter().any(|m| crate::policy::may_be_anonymous(m)) {
         markers.insert(ANONYMOUS.to_owned());
     }
     if !flags.iter().all(|f| ds.known_flags.contains(f)) {

@@ -13,7 +13,7 @@
 pub mod fixtures;
 mod scope;
 mod vocabulary;
-pub use vocabulary::is_marker;
+pub use vocabulary::{is_marker, may_be_anonymous};
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};

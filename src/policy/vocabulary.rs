@@ -33,6 +33,14 @@ pub fn is_marker(word: &str) -> bool {
     (1..=2).contains(&word.len()) && word.bytes().all(|b| b.is_ascii_uppercase())
 }
 
+/// Whether a record's marker may mean an anonymous elector's entry, taken so as far as it
+/// could mean: `N`, a word not of a marker's form (`n`, `NNN`), or two letters with an `N`
+/// among them (`NF`: anonymous and overseas written as one). The gateway never discloses such
+/// a record (`filter::attrs`), and the demo datastore leaves it out as protected.
+pub fn may_be_anonymous(marker: &str) -> bool {
+    !is_marker(marker) || marker.contains('N')
+}
+
 /// What each checked attribute may be compared with.
 pub struct Vocabulary {
     roles: BTreeSet<String>,

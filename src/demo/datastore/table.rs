@@ -70,7 +70,7 @@ pub(super) fn protected(record: &Value) -> bool {
             .map(|c| c.to_ascii_lowercase())
             .collect()
     };
-    let anonymous = any("markers", &|m| m == "N" || !crate::policy::is_marker(m));
+    let anonymous = any("markers", &crate::policy::may_be_anonymous);
     let under_16 = any("flags", &|f| fold(f) == "under16");
     // A date that cannot be read is left out too: the gateway withholds it.
     let young = match record.get("attainer_date") {
