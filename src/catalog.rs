@@ -402,6 +402,17 @@ impl Catalog {
             if fold(&word).is_empty() {
                 bail!("`[words] {list}`: `{word}` has no letters or digits");
             }
+            // A word that may say under 16 (`age_under_16`) is read as `under_16` unless it
+            // is known: it may not be made known.
+            if list == "flags"
+                && word != crate::filter::UNDER_16
+                && crate::filter::may_be_under_16(&word)
+            {
+                bail!(
+                    "`[words] flags`: `{word}` may say under 16, which the gateway reads as the \
+                     flag `under_16` (never disclosed); remove the entry"
+                );
+            }
             match known.get(&folded) {
                 Some(same) if *same == flag => {}
                 Some(other) => {
@@ -590,6 +601,11 @@ mod tests {
             (r#"flags = ["UNDER_16"]"#, "`UNDER_16`", "`under_16`"),
             (r#"flags = ["under-16"]"#, "`under-16`", "`under_16`"),
             (r#"flags = ["Restricted"]"#, "`Restricted`", "`restricted`"),
+            (
+                r#"flags = ["age_under_16"]"#,
+                "`age_under_16`",
+                "`under_16`",
+            ),
             (
                 r#"flags = ["do-not-contact"]"#,
                 "`do-not-contact`",

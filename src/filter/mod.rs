@@ -21,7 +21,8 @@ pub(crate) mod scan;
 mod subjects;
 
 pub use attrs::{
-    UNDER_16, days_from_iso_date, fold as fold_word, record_attrs, today, under_16_on,
+    UNDER_16, days_from_iso_date, fold as fold_word, may_be_under_16, record_attrs, today,
+    under_16_on,
 };
 use memo::Judged;
 pub use memo::{MAX_KEPT_DECISIONS, Memo};

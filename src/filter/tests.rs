@@ -1699,6 +1699,9 @@ fn records_with_words_the_gateway_does_not_know_are_held_back() {
         // Two markers written as one, one of them anonymous.
         with("VF-11", "markers", r#"["NF"]"#),
         with("VF-12", "markers", r#"["G","FN"]"#),
+        // Other words for under 16.
+        with("VF-13", "flags", r#"["age_under_16"]"#),
+        with("VF-14", "flags", r#"["Under Sixteen"]"#),
     ];
     let body = format!(r#"{{"records":[{}]}}"#, records.join(","));
     // As the shipped policies: a restriction withholds; rights handling allows everything.
@@ -1713,10 +1716,10 @@ fn records_with_words_the_gateway_does_not_know_are_held_back() {
         (ids, d.never_disclosed_rows)
     };
     let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    assert_eq!(kept(&ds, &mut campaign), (ids(&["VF-6", "VF-7"]), 7));
+    assert_eq!(kept(&ds, &mut campaign), (ids(&["VF-6", "VF-7"]), 9));
     assert_eq!(
         kept(&ds, &mut rights),
-        (ids(&["VF-1", "VF-2", "VF-5", "VF-6", "VF-7"]), 7)
+        (ids(&["VF-1", "VF-2", "VF-5", "VF-6", "VF-7"]), 9)
     );
     for r in records[..4].iter().chain(&records[7..]) {
         let single = format!(r#"{{"record":{r}}}"#);
@@ -1736,7 +1739,7 @@ fn records_with_words_the_gateway_does_not_know_are_held_back() {
     ds = Catalog::parse(&catalog).unwrap().datasets["voter"].clone();
     assert_eq!(
         kept(&ds, &mut campaign),
-        (ids(&["VF-5", "VF-6", "VF-7"]), 7)
+        (ids(&["VF-5", "VF-6", "VF-7"]), 9)
     );
 }
 

@@ -64,14 +64,8 @@ pub(super) fn protected(record: &Value) -> bool {
             .and_then(Value::as_array)
             .is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(test)))
     };
-    let fold = |w: &str| -> String {
-        (w.chars())
-            .filter(char::is_ascii_alphanumeric)
-            .map(|c| c.to_ascii_lowercase())
-            .collect()
-    };
     let anonymous = any("markers", &crate::policy::may_be_anonymous);
-    let under_16 = any("flags", &|f| fold(f) == "under16");
+    let under_16 = any("flags", &crate::filter::may_be_under_16);
     // A date that cannot be read is left out too: the gateway withholds it.
     let young = match record.get("attainer_date") {
         None | Some(Value::Null) => false,
