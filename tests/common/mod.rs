@@ -1005,3 +1005,47 @@ pub fn capture_logs() -> (
         .finish();
     (tracing::subscriber::set_default(subscriber), logs)
 }
+
+/// Whether a datastore record must never leave the gateway (DOMAIN.md: anonymous electors and
+/// under-16s), worked out here from the record as the rules say, not by the gateway's code nor
+/// by the demo datastore's `exclude=protected` (which uses it): a test that took either as the
+/// truth would shrink its expectation with any regression of that code. An `N` in a marker,
+/// or a marker not of one or two capital letters; a flag whose letters and digits hold
+/// `under16` or `undersixteen`; an attainer date (the day the elector turns 18) on which they
+/// are under 16 today (a birthday on 29 February counting as had on 1 March), or one that is
+/// not a date.
+#[allow(dead_code, reason = "not every test binary checks records")]
+pub fn never_disclosed(r: &Value) -> bool {
+    let words = |field: &str| -> Vec<String> {
+        (r[field].as_array().into_iter().flatten())
+            .map(|w| w.as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let anonymous = words("markers").iter().any(|m| {
+        let form = (1..=2).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_uppercase());
+        m.contains('N') || !form
+    });
+    let under_16_flag = words("flags").iter().any(|f| {
+        let folded: String = (f.chars().filter(char::is_ascii_alphanumeric))
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        folded.contains("under16") || folded.contains("undersixteen")
+    });
+    let young = match &r["attainer_date"] {
+        Value::Null => false,
+        Value::String(s) => {
+            let fmt = time::macros::format_description!("[year]-[month]-[day]");
+            match time::Date::parse(s, &fmt) {
+                Err(_) => true,
+                Ok(turns_18) => {
+                    let today = wardgate::uk_time::uk_date(time::OffsetDateTime::now_utc());
+                    let birthday = (u8::from(turns_18.month()), turns_18.day());
+                    let before = (u8::from(today.month()), today.day()) < birthday;
+                    today.year() - (turns_18.year() - 18) - i32::from(before) < 16
+                }
+            }
+        }
+        _ => true,
+    };
+    anonymous || under_16_flag || young
+}
