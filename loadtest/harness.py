@@ -470,6 +470,21 @@ def preflight(url: str, headers: dict, expect_records: int | None) -> dict:
     return {"response_bytes": len(body), "records_out": kept}
 
 
+def same_answer(answered: dict, target: str, n: int, pre: dict) -> None:
+    """A wardgate target's page: at least one record out (a build refusing every record, a
+    policy error say, still answers 200), and the same records and bytes as the first wardgate
+    target measured at that size, or the run stops saying which differ."""
+    if pre["records_out"] == 0:
+        raise RuntimeError(f"{target}, {n} records: the page came back with no record; "
+                           "a run that withholds everything measures nothing")
+    mine = (pre["records_out"], pre["response_bytes"])
+    first = answered.setdefault(n, (target, *mine))
+    if first[1:] != mine:
+        raise RuntimeError(f"{target}, {n} records: {mine[0]} records in {mine[1]} bytes, "
+                           f"where {first[0]} answered {first[1]} in {first[2]}: the two "
+                           "do different work, and their figures would not compare")
+
+
 def run_wrk(args, work: Path, url: str, env: dict, seconds: float, out: Path) -> dict:
     argv = ["taskset", "-c", "0", "wrk", "-t", str(args.wrk_threads), "-c", str(args.connections),
             "-d", f"{seconds:g}s", "--timeout", "10s", "--latency", "-s", str(HERE / "wrk_report.lua"), url]
@@ -1131,6 +1146,10 @@ def main() -> int:
         admins = [admin for (_, _, _, _, admin) in servers.values() if admin is not None]
         runs = {str(n): {t: [] for t in order} for n in args.sizes}
         checked = set()
+        # What the first wardgate target answered for each page size: every other (the other
+        # durability, a --compare-bin build) must answer the same records, or its figures are
+        # of other work (a build that withholds more answers faster).
+        answered: dict[int, tuple[str, int, int]] = {}
         for rnd in range(args.rounds):
             turn = order[rnd % len(order):] + order[:rnd % len(order)]
             if args.rounds > 1:
@@ -1144,6 +1163,8 @@ def main() -> int:
                         if (target, n) not in checked:
                             pre = preflight(url, wg_headers, n if expect_all else None)
                             pre["response_bytes_in"] = pages[n]["bytes"]
+                            if not expect_all:
+                                same_answer(answered, target, n, pre)
                             checked.add((target, n))
                             runs[str(n)][target].append(pre)
                         r = saturation(args, work, target, n, url, env, server, upstream, admin)
