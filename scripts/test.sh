@@ -22,6 +22,8 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # nginx serves an identity provider's JWK set over TLS in tests/jwks_e2e.rs (and the load
 # test's upstream).
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+# The load test's profiles (`--profile`, checked by tests/loadtest_smoke.rs).
+command -v perf >/dev/null || need_apt+=(linux-perf)
 # A C compiler for ring and mimalloc; Python for Datasette (below).
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)

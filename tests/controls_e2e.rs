@@ -148,15 +148,21 @@ async fn a_restriction_placed_on_one_replica_is_enforced_by_the_other() {
     assert_eq!(change["caller"]["role"], "dpo");
     assert_eq!(change["detail"]["reason"], "Art 18 request by letter");
 
-    // Only the DPO may place restrictions, and a refusal is audited too.
-    let denied = a
-        .admin_post(
-            &format!("/rights/{id}/lift"),
-            &a.token("security"),
-            r#"{"kind":"restricted","reference":"x","reason":"y"}"#,
-        )
-        .await;
-    assert_eq!(denied.status, 403);
+    // Only the DPO may place or lift restrictions, and a refusal is audited too.
+    for path in [format!("/rights/{id}"), format!("/rights/{id}/lift")] {
+        let denied = a
+            .admin_post(
+                &path,
+                &a.token("security"),
+                r#"{"kind":"restricted","reference":"x","reason":"y"}"#,
+            )
+            .await;
+        assert_eq!(denied.status, 403, "{path}: {:?}", denied.body);
+        let refused = a.audit_for(&denied);
+        assert_eq!(refused["decision"], "deny", "{refused}");
+        assert_eq!(refused["caller"]["role"], "security", "{refused}");
+        assert_eq!(refused["path"], path.as_str(), "{refused}");
+    }
     // A second request of the same kind (an objection pending) is its own placement: lifting
     // the first (its dispute settled) leaves the second in force, on every replica.
     let second = a

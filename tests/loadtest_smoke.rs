@@ -135,9 +135,15 @@ fn the_load_test_and_the_export_benchmark_run_to_completion() {
     );
     // The profiles (where perf runs): each proxy's CPU time a request, with a row for its
     // user space, from samples that were taken. Outside CI a perf that may not record (not
-    // root, a container) leaves them out.
+    // root, a container), or none at all, leaves them out; under CI `scripts/test.sh` installs
+    // it, and its absence fails.
     let perf = Command::new("perf").arg("--version").output();
-    if perf.is_ok_and(|o| o.status.success()) {
+    let perf = perf.is_ok_and(|o| o.status.success());
+    assert!(
+        perf || std::env::var_os("CI").is_none(),
+        "perf is not installed (scripts/test.sh installs linux-perf)"
+    );
+    if perf {
         for target in [
             "nginx_proxy",
             "passthrough",
