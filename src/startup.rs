@@ -647,6 +647,7 @@ pub async fn run(
     let _ = detector.await;
     gw.audit.shutdown().await;
     gw.controls.stop();
+    gw.controls.flush_quotas().await;
     if let Some(task) = witness {
         let _ = task.await;
     }

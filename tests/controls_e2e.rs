@@ -1190,6 +1190,46 @@ fn small_quota(c: &mut wardgate::config::Config) {
     );
 }
 
+/// What a principal was disclosed just before a replica stops reaches Redis with the stop,
+/// not at a flush the process would not live to make (`quota::FLUSH_EVERY` later): the other
+/// replicas count it. Read from Redis the moment the stop returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopping_flushes_what_it_counted() {
+    let redis = RedisServer::start();
+    let (upstream, _store) = common::start_datastore(800).await;
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        redis: Some(redis.url()),
+        tweak: Some(small_quota),
+        ..Default::default()
+    })
+    .await;
+    until("ready", || async {
+        app.admin_get("/readyz").await.status == 200
+    })
+    .await;
+    let token = app.token("councillor");
+    let r = app
+        .get(
+            "/voter/electors?per_page=20",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let disclosed = r.json()["records"].as_array().unwrap().len() as u64;
+    assert!(disclosed > 0);
+    app.stop().await;
+    let mut conn = redis.connection();
+    let keys: Vec<String> = (redis::cmd("KEYS").arg("wardgate:quota:*:h:*"))
+        .query(&mut conn)
+        .unwrap();
+    let counted: u64 = (keys.iter())
+        .map(|k| redis::cmd("GET").arg(k).query::<u64>(&mut conn).unwrap())
+        .sum();
+    assert_eq!(counted, disclosed, "{keys:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_over_quota_gets_429_on_every_replica() {
     let redis = RedisServer::start();

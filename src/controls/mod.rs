@@ -370,6 +370,24 @@ impl Controls {
         (self.inner.stopped).load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Sends Redis what the quotas counted since their last flush, once, at a stop (after the
+    /// last request has ended): the process ends before the flush task's next turn
+    /// (`quota::FLUSH_EVERY`), and what a principal was disclosed in the last moments would
+    /// be lost to the other replicas' totals. Bounded: a Redis that does not answer holds the
+    /// stop two seconds at most.
+    pub async fn flush_quotas(&self) {
+        let conn = self.inner.quota_conn.lock().ok().and_then(|c| c.clone());
+        let Some(mut conn) = conn else {
+            return;
+        };
+        let flush = self.inner.quotas.flush(&mut conn);
+        match tokio::time::timeout(std::time::Duration::from_secs(2), flush).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "quota counts not flushed at the stop"),
+            Err(_) => tracing::warn!("quota counts not flushed at the stop: Redis did not answer"),
+        }
+    }
+
     /// Whether the shared quota counts reached Redis within the staleness bound. Past it
     /// every quota-limited caller is answered 503 (an ACL without `wardgate:quota:*`, a
     /// cluster refusing the keys' slots) while the controls stream, and so `/readyz`, is
