@@ -608,7 +608,7 @@ async fn current_data(
         if !matches!(read, Ok(r) if matches!(r.kind, crate::routes::RouteKind::Read { .. })) {
             continue;
         }
-        let req = Request::get(path)
+        let req = Request::get(&path)
             .header(header::AUTHORIZATION, auth.clone())
             .header("x-purpose", "sar_fulfilment")
             .header("x-request-id", format!("{request_id}-{name}"))
@@ -627,7 +627,7 @@ async fn current_data(
         {
             fetched.push(Fetch {
                 request_id: id.to_owned(),
-                path: format!("/{name}/{}/{subject}", dataset.collection),
+                path: path.clone(),
                 dataset: name.clone(),
             });
         }

@@ -1336,18 +1336,21 @@ async fn console_actions_the_breach_log_cannot_take_say_what_was_made() {
 
     // The breach log's last page may still have room for an entry or two (the disk is full
     // of pages): classified, each with a note of 2,000 characters, until one does not fit.
-    let body = json!({ "class": "near_miss", "note": "n".repeat(2000) }).to_string();
-    let mut refused = None;
-    for _ in 0..4 {
-        let r = app
-            .admin_post(&format!("/alerts/{id}/classify"), &security, &body)
-            .await;
-        if r.status != StatusCode::OK {
-            refused = Some(r);
-            break;
+    // Each action is asked up to `times` times, until one is not answered 200.
+    let until_refused = |action: &'static str, body: String, times: usize| {
+        let (app, path, security) = (&app, format!("/alerts/{id}/{action}"), &security);
+        async move {
+            for _ in 0..times {
+                let r = app.admin_post(&path, security, &body).await;
+                if r.status != StatusCode::OK {
+                    return r;
+                }
+            }
+            panic!("the full disk took every {action}");
         }
-    }
-    let r = refused.expect("the full disk took every classification");
+    };
+    let body = json!({ "class": "near_miss", "note": "n".repeat(2000) }).to_string();
+    let r = until_refused("classify", body, 4).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
     assert_eq!(
         r.json()["type"],
@@ -1361,21 +1364,7 @@ async fn console_actions_the_breach_log_cannot_take_say_what_was_made() {
     assert_eq!(records[1]["decision"], "error");
 
     // So with containments, whose entries are short.
-    let mut refused = None;
-    for _ in 0..40 {
-        let r = app
-            .admin_post(
-                &format!("/alerts/{id}/contain"),
-                &security,
-                r#"{"reason":"late bulk read"}"#,
-            )
-            .await;
-        if r.status != StatusCode::OK {
-            refused = Some(r);
-            break;
-        }
-    }
-    let r = refused.expect("the full disk took every containment");
+    let r = until_refused("contain", r#"{"reason":"late bulk read"}"#.to_owned(), 40).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
     assert_eq!(
         r.json()["type"],
