@@ -175,7 +175,12 @@ where
 {
     let started = Instant::now();
     let coming = gw.audit.expect();
-    let (request_id, client_request_id) = request_ids(req.headers());
+    let (mut request_id, client_request_id) = request_ids(req.headers());
+    let fetch = req.extensions().get::<SubjectAccessFetch>();
+    if let Some(f) = fetch {
+        request_id.clone_from(&f.request_id);
+    }
+    let subject_access = fetch.is_some();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut unanswered = Unanswered {
@@ -187,7 +192,7 @@ where
         started,
         trail: Trail {
             client_request_id,
-            subject_access: req.extensions().get::<SubjectAccessFetch>().is_some(),
+            subject_access,
             ..Trail::default()
         },
         armed: true,
@@ -1299,10 +1304,14 @@ pub(crate) const REFUSED_410: &str = "refused_by_datastore_410";
 pub(crate) const REFUSED_451: &str = "refused_by_datastore_451";
 
 /// A request extension marking a subject access report's own read of its subject through
-/// the data plane (`rights::current_data`): an extension never comes from outside the
-/// process.
-#[derive(Debug, Clone, Copy)]
-pub struct SubjectAccessFetch;
+/// the data plane (`rights::current_data`), with the request id its record is made under:
+/// chosen by the report before it asks, so that a report whose caller leaves while the read
+/// waits for its record can still correct that record (`rights::Unsent`). An extension never
+/// comes from outside the process.
+#[derive(Debug, Clone)]
+pub struct SubjectAccessFetch {
+    pub request_id: String,
+}
 
 /// On a 404 for one record asked for by id, why the record the datastore holds was withheld
 /// (`Trail::withheld_target`): a response extension, for in-process callers only.

@@ -614,22 +614,27 @@ async fn current_data(
             .header("x-request-id", format!("{request_id}-{name}"))
             .body(http_body_util::Empty::<Bytes>::new());
         let Ok(mut req) = req else { continue };
+        // Noted before it is asked: a caller who leaves while the read waits for its record
+        // (durable then, as disclosed) drops this report there, and `Unsent` must know of it.
+        // One that ends in anything but the record is not a disclosure, and is forgotten.
+        let fetch_id = crate::gateway::new_request_id();
         req.extensions_mut()
-            .insert(crate::gateway::SubjectAccessFetch);
+            .insert(crate::gateway::SubjectAccessFetch {
+                request_id: fetch_id.clone(),
+            });
+        fetched.push(Fetch {
+            request_id: fetch_id,
+            path: path.clone(),
+            dataset: name.clone(),
+        });
         // The DPO's own address (the admin request's), not the loopback.
         let peer = crate::admin::PEER
             .try_with(|p| *p)
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let resp = crate::gateway::handle(gw, req, peer).await;
         let status = resp.status();
-        if status == StatusCode::OK
-            && let Some(id) = (resp.headers().get("x-request-id")).and_then(|v| v.to_str().ok())
-        {
-            fetched.push(Fetch {
-                request_id: id.to_owned(),
-                path: path.clone(),
-                dataset: name.clone(),
-            });
+        if status != StatusCode::OK {
+            fetched.pop();
         }
         let withheld = resp.extensions().get::<crate::gateway::Withheld>().copied();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes());

@@ -769,6 +769,132 @@ async fn datastore_hanging_once(
     addr
 }
 
+/// A datastore that answers every request with `body` (200, JSON), once `release` is
+/// notified after each request's arrival (`arrived`).
+async fn datastore_answering_when_released(
+    body: bytes::Bytes,
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (body, arrived, release) = (body.clone(), arrived.clone(), release.clone());
+            let svc = hyper::service::service_fn(move |_req| {
+                let (body, arrived, release) = (body.clone(), arrived.clone(), release.clone());
+                async move {
+                    arrived.notify_one();
+                    release.notified().await;
+                    http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// A report whose caller hangs up while a fetch of its current data waits for that fetch's
+/// own record (a disk that has stopped): the record lands once the disk moves, as a
+/// disclosure to the DPO, and the fetch still gets the record saying it never left, so the
+/// next report does not list it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_report_is_dropped_while_its_record_waits_is_not_listed() {
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("disk");
+    let Some(disk) = common::FreezableDisk::mount_or_skip(&mount) else {
+        return;
+    };
+    let id = "M-000002";
+    let (real, _stop) = common::start_datastore(100).await;
+    let member = common::datastore_body(real, &format!("/members/{id}")).await;
+    assert!(String::from_utf8_lossy(&member).contains(id), "{member:?}");
+    let (arrived, release): (std::sync::Arc<tokio::sync::Notify>, _) = Default::default();
+    let held = datastore_answering_when_released(
+        member,
+        std::sync::Arc::clone(&arrived),
+        std::sync::Arc::clone(&release),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        audit_dir: Some(mount.join("log")),
+        edit: Some(Box::new(move |c: &mut wardgate::config::Config| {
+            let m = c.datasets.get_mut("membership").unwrap();
+            m.base = format!("http://{held}").parse().unwrap();
+        })),
+        ..Default::default()
+    })
+    .await;
+    let (path, dpo) = (format!("/sar/{id}"), app.token("dpo"));
+    // Boxed, so that dropping it drops the request (the caller hanging up).
+    let mut report = Box::pin(app.admin_get_with(&path, &dpo));
+    // Membership is asked first (datasets in name order): the disk stops before its answer.
+    tokio::select! {
+        r = &mut report => panic!("the report was answered: {:?}", r.body),
+        () = arrived.notified() => {}
+    }
+    disk.freeze();
+    release.notify_one();
+    // The answer is filtered and its record queued behind the stopped disk (well within the
+    // ten seconds after which a commit counts as stalled and the fetch fails); then the
+    // caller hangs up.
+    tokio::select! {
+        r = &mut report => panic!("the report was answered: {:?}", r.body),
+        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+    }
+    drop(report);
+    disk.thaw();
+    let fetched = |r: &Value| {
+        r["purpose"] == "sar_fulfilment"
+            && r["dataset"] == "membership"
+            && r["subjects"] == serde_json::json!([id])
+            && r["status"] == 200
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fetch = loop {
+        if let Some(r) = app.audit_records().into_iter().find(fetched) {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the membership fetch never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(fetch["decision"], "allow", "{fetch}");
+    let rid = fetch["request_id"].as_str().unwrap().to_owned();
+    let records = app.audit_records_of(&rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"], "subject_access_report_not_sent",
+        "{records:?}"
+    );
+    // The next report (the datastore answering at once) does not list it.
+    let answering = async {
+        loop {
+            release.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let sar = tokio::select! {
+        r = app.admin_get_with(&path, &dpo) => r,
+        () = answering => unreachable!(),
+    };
+    assert_eq!(sar.status, 200, "{:?}", sar.body);
+    let disclosures = sar.json()["disclosures"].clone();
+    assert!(
+        !(disclosures.as_array().unwrap().iter()).any(|d| d["request_id"] == rid.as_str()),
+        "{disclosures}"
+    );
+    app.stop().await;
+}
+
 /// A report whose caller hangs up after its current data was fetched from one datastore
 /// (recorded as disclosed to the DPO) and while another is still asked: the fetch that was
 /// recorded gets a second record saying it never left, and the next report does not list it
