@@ -384,15 +384,21 @@ where
             let done = wrote && matches!(result, Ok(Reply::Body(_)));
             if stalled {
                 // Queued, not waited for (the log is stalled): once it commits, a subject
-                // access report reads this beside the answer's record and leaves it out.
+                // access report reads this beside the answer's record and leaves it out. It
+                // says what the caller was answered: a write sent and answered with an error
+                // gets that error (below), not a 503.
                 let at = (&request_id[..], client, &method, &path[..]);
+                let answered = match &result {
+                    Err(e) if wrote => e,
+                    _ => &GatewayError::AuditUnavailable,
+                };
                 let after = withheld_after_recording(
                     trail,
                     Judged {
                         wrote: done,
                         ..judged
                     },
-                    &GatewayError::AuditUnavailable,
+                    answered,
                     "audit_stalled",
                     at,
                 );

@@ -248,6 +248,114 @@ async fn a_stalled_disk_answers_503_and_fails_readiness_until_it_moves() {
     app.stop().await;
 }
 
+/// A write the datastore answers with an error while the log has stopped: the caller gets
+/// that error (the write may have been made; a 503 would say it was not sent, to send it
+/// again), and the record that follows the answer's, once the disk moves, says the same
+/// status and reason, not a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failing_while_the_log_is_stalled_is_recorded_as_it_was_answered() {
+    use std::sync::Arc;
+    let base = tempfile::tempdir().unwrap();
+    let mount = base.path().join("disk");
+    let Some(disk) = common::FreezableDisk::mount_or_skip(&mount) else {
+        return;
+    };
+    // Reads go to the demo datastore; a write is answered 500 once released.
+    let (real, _stop) = common::start_datastore(200).await;
+    let (arrived, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (a, r) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (arrived, release) = (a.clone(), r.clone());
+            let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                let (arrived, release) = (arrived.clone(), release.clone());
+                async move {
+                    let (status, body) = if req.method() == http::Method::GET {
+                        let path = req.uri().path_and_query().unwrap().as_str();
+                        (200, common::datastore_body(real, path).await)
+                    } else {
+                        arrived.notify_one();
+                        release.notified().await;
+                        (500, Bytes::from_static(b"{}"))
+                    };
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(Full::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let app = spawn_app_with(AppOptions {
+        upstream: Some(upstream),
+        audit_dir: Some(mount.join("log")),
+        ..Default::default()
+    })
+    .await;
+    let token = app.token("canvasser");
+    let page = app
+        .get(
+            "/voter/electors?per_page=1",
+            Some(&token),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(
+        page.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&page.body)
+    );
+    let id = page.json()["records"][0]["elector_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut write = Box::pin(app.canvass(
+        &id,
+        &token,
+        "canvassing",
+        r#"{"last_canvassed":"2026-11-30"}"#,
+    ));
+    // The write reaches the datastore (its intent's record durable); the disk stops before
+    // the datastore answers.
+    tokio::select! {
+        r = &mut write => panic!("answered before it was sent: {:?}", r.body),
+        () = arrived.notified() => {}
+    }
+    disk.freeze();
+    release.notify_one();
+    // Bounded: the answer's record counts as stalled after ten seconds.
+    let write = tokio::time::timeout(std::time::Duration::from_secs(90), write)
+        .await
+        .expect("a write waiting for a stalled log was never answered");
+    assert_eq!(
+        write.status,
+        502,
+        "{:?}",
+        String::from_utf8_lossy(&write.body)
+    );
+    assert_eq!(write.json()["type"], "urn:wardgate:problem:upstream-error");
+    disk.thaw();
+    let rid = write.headers["x-request-id"].to_str().unwrap().to_owned();
+    // The intent's, the answer's and the one that follows it.
+    let records = app.audit_records_of(&rid, 3).await;
+    let after = (records.iter())
+        .find(|r| r["detail"]["withheld_after_recording"] == "audit_stalled")
+        .unwrap_or_else(|| panic!("no record follows the answer's: {records:?}"));
+    assert_eq!(after["status"], 502, "{records:?}");
+    assert_eq!(after["reason"], "upstream_error", "{records:?}");
+    app.stop().await;
+}
+
 /// A reload's refusal that the log cannot hold is not forgotten: a refused pack is remembered
 /// (so that it is not recorded again at every signal) only once its refusal is recorded, so
 /// once the log has room the same files are read again and the refusal recorded.
