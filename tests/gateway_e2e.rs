@@ -1681,6 +1681,65 @@ async fn paging_one_by_one_cannot_count_anonymous_electors_or_under_16s() {
     app.stop().await;
 }
 
+/// Paging cannot count the members a local officer may not see either: a member is judged by
+/// their branch (the membership dataset's `area`), so the datastore is asked for the members
+/// of the branches in scope, not for those who live in its districts. An officer granted a
+/// constituency, under which no branch lies, walks one empty page with none after it, though
+/// the datastore holds members living there. (The datastore matched members by district too:
+/// each of them was an empty page with a next page after it.)
+#[tokio::test]
+async fn paging_cannot_count_members_outside_the_branches_in_scope() {
+    let app = spawn_app().await;
+    let mut members = Vec::new();
+    for page in 1.. {
+        let body =
+            common::datastore_body(app.upstream, &format!("/members?per_page=1000&page={page}"))
+                .await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        members.extend(v["records"].as_array().unwrap().iter().cloned());
+        if v["next_page"].is_null() {
+            break;
+        }
+    }
+    let constituency = "E14001320";
+    let living_there = (members.iter())
+        .filter(|m| m["constituency"] == constituency)
+        .count();
+    assert!(
+        living_there > 0,
+        "no member lives in {constituency}: this proves nothing"
+    );
+    let officer =
+        |areas: &[&str]| app.sign(&app.claims("membership_officer", areas, &["fundraising"]));
+    let page = |token: String, per_page: u32| {
+        let app = &app;
+        async move {
+            let r = app
+                .get(
+                    &format!("/membership/members?per_page={per_page}&page=1"),
+                    Some(&token),
+                    Some("fundraising"),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+            r.json()
+        }
+    };
+    let v = page(officer(&[constituency]), 1).await;
+    assert_eq!(v["records"], json!([]), "{v}");
+    assert!(
+        v["next_page"].is_null(),
+        "{living_there} members live in {constituency}, under no branch in scope, and paging counts them: {v}"
+    );
+    // The same officer granted a member's branch is given its members.
+    let branch = members[0]["branch"].as_str().unwrap();
+    let v = page(officer(&[branch]), 1000).await;
+    let got = v["records"].as_array().unwrap();
+    assert!(!got.is_empty(), "{v}");
+    assert!(got.iter().all(|m| m["branch"] == branch), "{v}");
+    app.stop().await;
+}
+
 /// A datastore that ignores `exclude=protected` still has its anonymous electors withheld.
 /// (The operator is told, in `wardgate_upstream_never_disclosed_total`: counted exactly in
 /// `tests/never_disclosed_metric.rs`, a binary of its own, the counter being the process's.)

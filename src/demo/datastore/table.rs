@@ -22,7 +22,6 @@ const UNITS: [&str; 7] = [
 const LA: usize = 0;
 const PD: usize = 1;
 const BRANCH: usize = 4;
-const CLP: usize = 5;
 
 /// One record: its JSON text, kept serialised (a few times smaller than a `Value`, and a page
 /// of whole records is then a copy), plus the values filters look at.
@@ -267,7 +266,12 @@ pub(super) struct Filter {
     equal: Vec<(usize, Option<u32>)>,
     /// Normalised postcode prefix.
     postcode: Option<String>,
-    /// `areas=`: the table's districts it names, and (members only) the party units it names.
+    /// `areas=`: the table's districts it names, and the party units it names. A record is in
+    /// scope when its area is named, the area the gateway judges it by (the catalogue's
+    /// `area` template): an elector's district, a member's branch. Not a member's district
+    /// (where they live) nor CLP: a member matched so and judged by a branch outside the
+    /// scope is withheld, and still counted by the page, so paging would count the members of
+    /// districts the caller may see of another branch.
     areas: Option<(Vec<bool>, HashSet<u32>)>,
     /// `exclude=protected`: leave out the entries the gateway never discloses, before paging.
     exclude_protected: bool,
@@ -341,11 +345,10 @@ impl Filter {
         }
         match &self.areas {
             None => true,
-            Some((named, units)) => {
-                let in_district = named.get(row.district as usize).copied().unwrap_or(false);
-                let in_unit = |slot| unit(slot).is_some_and(|u| units.contains(&u));
-                in_district || (self.kind == Kind::Members && (in_unit(BRANCH) || in_unit(CLP)))
-            }
+            Some((named, units)) => match self.kind {
+                Kind::Electors => named.get(row.district as usize).copied().unwrap_or(false),
+                Kind::Members => unit(BRANCH).is_some_and(|u| units.contains(&u)),
+            },
         }
     }
 
