@@ -1093,8 +1093,8 @@ impl Verifier {
             return Err(AuthFailure::InvalidClaims);
         }
         // The detector's own name in the controls journal: no caller's actions may read as
-        // its containment.
-        if subject == crate::watch::ACTOR {
+        // its containment. Nor may a caller be counted as an address or an unknown caller.
+        if subject == crate::watch::ACTOR || crate::watch::rules::names_no_caller(&subject) {
             return Err(AuthFailure::InvalidClaims);
         }
         // Issued in the future: a revocation of the subject placed now would not cover it.

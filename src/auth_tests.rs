@@ -112,6 +112,17 @@ fn claims_naming_unknown_things_are_refused() {
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.sub = crate::watch::ACTOR.into();
     assert_eq!(v.principal(c, "i", 5), Err(AuthFailure::InvalidClaims));
+    // Nor the names breach detection counts callers it does not know under: such a token
+    // would share an address's windows and alert marks.
+    for name in ["addr:203.0.113.5", "unknown"] {
+        let mut c = claims("canvasser", "E05011391", "canvassing");
+        c.sub = name.into();
+        assert_eq!(
+            v.principal(c, "i", 5),
+            Err(AuthFailure::InvalidClaims),
+            "{name}"
+        );
+    }
     // Issued after `now`: a revocation of the subject placed now would not reach it.
     let mut c = claims("canvasser", "E05011391", "canvassing");
     c.iat = 6;

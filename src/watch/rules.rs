@@ -855,6 +855,13 @@ pub fn address_key(client_addr: &str) -> String {
     key_of(&None, Some(&counted_as(client_addr)))
 }
 
+/// Whether `subject` is a name the rules give accesses by no known caller (`addr:IP`,
+/// `unknown`): a token naming one would share that key's windows, cooldowns and alert marks
+/// (its refusals silencing alerts on the address's, and the reverse), so `auth` refuses it.
+pub fn names_no_caller(subject: &str) -> bool {
+    subject == "unknown" || subject.starts_with("addr:")
+}
+
 fn key_of(caller: &Option<Caller>, counted_as: Option<&str>) -> String {
     match (caller, counted_as) {
         (Some(c), _) => c.subject.clone(),
