@@ -170,12 +170,17 @@ struct Quiet {
     before: Option<(u32, i64)>,
 }
 
-/// The rules that escalate within their cooldown: those that count records disclosed.
+/// The rules that escalate within their cooldown: those that count records disclosed, and
+/// aggregates (a series of 30 in an hour is already far from a study's few; after its alert
+/// the next hour's hundreds would otherwise go unseen, no other rule counting them).
 /// (Refusals, withheld targets and ended tokens come one at a time from thresholds of 1 to
 /// 20: doubling from those would alert on ordinary traffic, and in `contain` mode revoke
 /// the caller again and again.)
 fn escalates(rule: Rule) -> bool {
-    matches!(rule, Rule::Volume | Rule::LargeExport | Rule::UnusualHours)
+    matches!(
+        rule,
+        Rule::Volume | Rule::LargeExport | Rule::UnusualHours | Rule::AggregateSeries
+    )
 }
 
 /// `amount`'s size in doublings of `threshold`: ⌊log2(amount / threshold)⌋.

@@ -472,6 +472,27 @@ fn ended_tokens_match() {
     assert_eq!(rules(&f), vec![Rule::EndedGrant]);
 }
 
+/// An aggregate every ten seconds: the series' alert at the 30th does not buy the rest of the
+/// hour unseen. Sixty more (twice the threshold) raise an escalation; the next bar, 120 more,
+/// is past the 150 sent.
+#[test]
+fn aggregates_on_after_a_series_alert_escalate() {
+    let aggregate = |i: i64| {
+        let mut r = listing("analyst-1", SUMMER_MORNING + i * 10_000, 0);
+        r.route = Some("voter.aggregate".into());
+        r.path = "/voter/electors/aggregate".into();
+        r
+    };
+    let mut d = detector();
+    let f = run(&mut d, (0..150).map(aggregate).collect());
+    assert_eq!(
+        escalations(&f),
+        vec![(Rule::AggregateSeries, 0), (Rule::AggregateSeries, 1)]
+    );
+    assert_eq!(f[1].evidence.len(), 60, "{:?}", f[1]);
+    assert!(f[1].summary.contains("60 aggregates"), "{}", f[1].summary);
+}
+
 #[test]
 fn a_series_of_aggregates_matches_and_a_study_s_few_do_not() {
     let aggregate = |i: i64| {
