@@ -492,7 +492,9 @@ impl Detector {
         {
             self.exports.remove(id);
         }
-        if rec.decision == Decision::Deny {
+        // A purpose the catalogue does not know is an error (400), not a policy's refusal,
+        // but asking for `sale` or `commercial` use again and again is probing all the same.
+        if rec.decision == Decision::Deny || rec.reason.as_deref() == Some("purpose_unknown") {
             self.count(Rule::DeniedBurst, &ev, 1, &mut out, |n, _, w| {
                 format!("{n} refused requests within {w}")
             });

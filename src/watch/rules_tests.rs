@@ -383,6 +383,25 @@ fn denied_burst_counts_refusals_by_address_when_unauthenticated() {
         .map(|i| denied(Some("p"), SUMMER_MORNING + i * 100, "forbidden_by_policy"))
         .collect();
     assert_eq!(run(&mut d, quiet), vec![]);
+    // Purposes the catalogue does not know (`sale`), answered 400, are refusals too; other
+    // errors are not.
+    for (reason, burst) in [("purpose_unknown", true), ("upstream_timeout", false)] {
+        let mut d = detector();
+        let asked = (0..20)
+            .map(|i| {
+                let mut r = denied(Some("p"), SUMMER_MORNING + i * 100, reason);
+                r.decision = Decision::Error;
+                r.status = 400;
+                r
+            })
+            .collect();
+        let f = run(&mut d, asked);
+        assert_eq!(
+            rules(&f) == vec![Rule::DeniedBurst],
+            burst,
+            "{reason}: {f:?}"
+        );
+    }
 }
 
 #[test]
