@@ -229,3 +229,85 @@ async fn an_alert_appears_live_and_is_contained_and_classified_in_the_browser() 
     );
     c.close().await.unwrap();
 }
+
+/// A TCP relay to the admin plane that can be cut: while cut, it drops the connections it
+/// holds and every new one at once (a replica restarting, a network blip, as the page sees
+/// it), and once restored relays again.
+async fn relay(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut cut = cut_rx.clone();
+            if *cut.borrow() {
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = cut.wait_for(|cut| *cut) => {}
+                }
+            });
+        }
+    });
+    (addr, cut)
+}
+
+/// An alert raised while the console's live feed is down is on the page once the feed is
+/// back: alerts reach the page over the feed only while it is open, so the page reads the
+/// alert list again whenever the feed opens, not only when the officer connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_raised_while_the_feed_was_down_is_shown_once_it_is_back() {
+    let Some((_driver, c)) = browser().await else {
+        return;
+    };
+    let app = spawn_app_with(AppOptions {
+        electors: Some(6000),
+        tweak: Some(daytime),
+        ..AppOptions::default()
+    })
+    .await;
+    let (admin, cut) = relay(app.admin).await;
+    c.goto(&format!("http://{admin}/console")).await.unwrap();
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(&app.token("security"))
+        .await
+        .unwrap();
+    c.find(Locator::Css("#connect"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#status", "Connected").await;
+    wait_text(&c, "#alerts", "No open alerts").await;
+
+    cut.send_replace(true);
+    wait_text(&c, "#status", "reconnecting").await;
+    // A councillor scrapes their ward while the page cannot hear of it; the alert is in the
+    // breach log before the feed comes back.
+    scrape(&app, &app.token("councillor"), 2500).await;
+    let breach_log = app.dir.path().join("breach-log.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&breach_log).is_ok_and(|log| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["entry"] == "alert")
+    }) {
+        assert!(Instant::now() < deadline, "no alert in the breach log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cut.send_replace(false);
+    let row = wait_text(&c, "#alerts tr.alert", "volume").await;
+    assert!(row.contains("demo-councillor"), "{row}");
+    wait_text(&c, "#status", "Watching live").await;
+    c.close().await.unwrap();
+}

@@ -2,7 +2,7 @@
 // plane's JSON endpoints with it; every value is inserted as text, never as markup.
 'use strict';
 
-const state = { token: null, alerts: new Map(), older: 0, volumes: new Map(), firstMinute: 0, feedAbort: null, renderPending: false, unexamined: 0 };
+const state = { token: null, alerts: new Map(), older: 0, volumes: new Map(), firstMinute: 0, feedAbort: null, renderPending: false, unexamined: 0, reloading: false, reloadAgain: false };
 const COLOURS = ['#c0392b', '#2471a3', '#1e8449', '#b9770e', '#7d3c98', '#117a65', '#515a5a', '#a04000'];
 const MAX_FEED_ROWS = 200;
 const $ = (s) => document.querySelector(s);
@@ -75,6 +75,10 @@ async function follow() {
       return;
     }
     if (!resp.ok) throw new Error(resp.status + ' ' + resp.statusText);
+    status('Connected. Watching live.');
+    // Alerts come over the feed only while it is open: one raised before it opened (since
+    // the list was read, or while it was down) is read from the list again.
+    reloadAlerts();
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = '';
     for (;;) {
@@ -106,7 +110,12 @@ function onEvent(chunk) {
   const d = JSON.parse(data);
   if (kind === 'access') onAccess(d);
   else if (kind === 'alert') { keep(d); renderSoon(); }
-  else if (kind === 'lagged') status('The feed skipped ' + d.missed + ' events (too busy); the audit log has them all.', true);
+  else if (kind === 'lagged') {
+    status('The feed skipped ' + d.missed + ' events (too busy); the audit log has them all. ' +
+      'The alerts are read again.', true);
+    // Alerts may have been among them.
+    reloadAlerts();
+  }
   else if (kind === 'detection_lagged') {
     // Not this page's gap: records no rule examined. Stays on screen until reloaded.
     state.unexamined += d.missed;
@@ -154,6 +163,31 @@ function remaining(reportBy) {
   const m = Math.floor((ms % 3600000) / 60000);
   const s = Math.floor((ms % 60000) / 1000);
   return h + 'h ' + String(m).padStart(2, '0') + 'm ' + String(s).padStart(2, '0') + 's';
+}
+
+// The alert list as the server holds it, merged into the page's (classifications and
+// containments made meanwhile come with it). One read at a time, and asked for again while
+// one is under way (a feed skipping events again and again), one more five seconds later:
+// each read is an audited request for the whole list.
+async function reloadAlerts() {
+  if (state.reloading) {
+    state.reloadAgain = true;
+    return;
+  }
+  state.reloading = true;
+  try {
+    const log = await api('/alerts');
+    for (const a of [...log.alerts].reverse()) keep(a);
+    renderSoon();
+  } catch (e) {
+    status('Could not read the alerts again (' + e.message + '): reload the page, alerts may be missing.', true);
+  } finally {
+    state.reloading = false;
+  }
+  if (state.reloadAgain) {
+    state.reloadAgain = false;
+    setTimeout(reloadAlerts, 5000);
+  }
 }
 
 // An alert from the live feed, holding as many as the gateway does (the oldest go, as there).
