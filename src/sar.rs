@@ -676,7 +676,8 @@ pub fn html(r: &Report) -> String {
 <h2>Recipients</h2><ul>{recipients}</ul>
 <h2>Where the data came from</h2><ul>{sources}</ul>
 <h2>What is held, and for how long</h2><ul>{retention}</ul>
-<h2>Restrictions in force</h2><ul>{restrictions}</ul>
+<h2>Restrictions in force from your rights requests</h2><ul>{restrictions}</ul>
+<p>Restrictions recorded on your records themselves (their flags: an objection, a restriction, a request not to be contacted) are not listed here; they show in the records under Data held now.</p>
 <h2>Data held now</h2>{current}
 </body></html>
 "#,
