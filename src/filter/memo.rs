@@ -35,6 +35,12 @@ use crate::policy::RecordAttrs;
 const MAX_DECISIONS: usize = 65_536;
 /// For memos kept between pages (many of them are kept at once).
 pub const MAX_KEPT_DECISIONS: usize = 4_096;
+/// A fingerprint longer than this is decided for each record and not kept: it holds a
+/// record's raw area, marker and flag values, and memos are bounded by how many they keep,
+/// not by bytes, so a datastore sending records with long distinct ones (kilobytes of flags
+/// each) would fill a pooled memo with gigabytes before it started again. Real fingerprints
+/// are a few dozen bytes.
+const MAX_KEPT_KEY: usize = 4096;
 /// Past this many layouts, or plans for one layout, start again: far above real pages.
 pub(super) const MAX_PLANS: usize = 64;
 
@@ -312,10 +318,12 @@ impl Memo {
                     decision: self.same(decide(&a)),
                     never_disclosed: a.never_disclosed(),
                 });
-                if self.decisions.len() >= self.max_decisions {
-                    self.decisions.clear();
+                if self.key.len() <= MAX_KEPT_KEY {
+                    if self.decisions.len() >= self.max_decisions {
+                        self.decisions.clear();
+                    }
+                    self.decisions.insert(Key::new(&self.key), decision);
                 }
-                self.decisions.insert(Key::new(&self.key), decision);
                 decision
             }
         };

@@ -615,6 +615,30 @@ fn records_alike_in_every_policy_input_share_one_decision() {
     assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3", "VF-5", "VF-6"]);
 }
 
+/// A fingerprint too long to keep (kilobytes of flags on each record, from a datastore gone
+/// wrong) is decided afresh for every record instead of filling the memo, and decided the
+/// same; records with short ones still share one decision.
+#[test]
+fn records_whose_fingerprints_are_too_long_to_keep_are_decided_each_time() {
+    let ds = dataset();
+    let many: Vec<String> = (0..700).map(|i| format!(r#""x{i:04}""#)).collect();
+    let flags = format!(r#""flags":[{}]"#, many.join(","));
+    for (flags, asked_for_three) in [(flags.as_str(), 3), (r#""flags":["x0001"]"#, 1)] {
+        let records: Vec<String> = (1..=3)
+            .map(|i| record(&format!("VF-{i}"), "CGW1", "").replace(r#""flags":[]"#, flags))
+            .collect();
+        let body = format!(r#"{{"records":[{}]}}"#, records.join(","));
+        let mut asked = 0;
+        let (_, d) = page(body.as_bytes(), Envelope::Records, &cx(&ds), &mut |a| {
+            asked += 1;
+            decide(a)
+        })
+        .unwrap();
+        assert_eq!(asked, asked_for_three, "{}", &flags[..40]);
+        assert_eq!(d.subjects, ["VF-1", "VF-2", "VF-3"]);
+    }
+}
+
 #[test]
 fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
     let ds = dataset();
