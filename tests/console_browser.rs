@@ -109,6 +109,26 @@ async fn wait_text(c: &Client, css: &str, text: &str) -> String {
     }
 }
 
+/// Opens the console served at `admin`, pastes `token` and connects; waits until it is
+/// connected and lists no open alert.
+async fn open_console(c: &Client, admin: std::net::SocketAddr, token: &str) {
+    c.goto(&format!("http://{admin}/console")).await.unwrap();
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#connect"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(c, "#status", "Connected").await;
+    wait_text(c, "#alerts", "No open alerts").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_appears_live_and_is_contained_and_classified_in_the_browser() {
     let Some((_driver, c)) = browser().await else {
@@ -120,23 +140,7 @@ async fn an_alert_appears_live_and_is_contained_and_classified_in_the_browser() 
         ..AppOptions::default()
     })
     .await;
-    c.goto(&format!("http://{}/console", app.admin))
-        .await
-        .unwrap();
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(&app.token("security"))
-        .await
-        .unwrap();
-    c.find(Locator::Css("#connect"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_text(&c, "#status", "Connected").await;
-    wait_text(&c, "#alerts", "No open alerts").await;
+    open_console(&c, app.admin, &app.token("security")).await;
 
     // A councillor scrapes their ward; the alert arrives over the live feed, no reload.
     let councillor = app.token("councillor");
@@ -274,21 +278,7 @@ async fn an_alert_raised_while_the_feed_was_down_is_shown_once_it_is_back() {
     })
     .await;
     let (admin, cut) = relay(app.admin).await;
-    c.goto(&format!("http://{admin}/console")).await.unwrap();
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(&app.token("security"))
-        .await
-        .unwrap();
-    c.find(Locator::Css("#connect"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_text(&c, "#status", "Connected").await;
-    wait_text(&c, "#alerts", "No open alerts").await;
+    open_console(&c, admin, &app.token("security")).await;
 
     cut.send_replace(true);
     wait_text(&c, "#status", "reconnecting").await;

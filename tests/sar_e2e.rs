@@ -769,6 +769,28 @@ async fn datastore_hanging_once(
     addr
 }
 
+/// Whether an audit record is a report's fetch of member `id`'s record, recorded as disclosed
+/// to the DPO.
+fn membership_fetch_of(id: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |r| {
+        r["purpose"] == "sar_fulfilment"
+            && r["dataset"] == "membership"
+            && r["subjects"] == serde_json::json!([id])
+            && r["status"] == 200
+    }
+}
+
+/// The records of a report's fetch `rid`: its own, and a second saying it never left.
+async fn said_not_sent(app: &common::TestApp, rid: &str) -> Vec<Value> {
+    let records = app.audit_records_of(rid, 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1]["detail"]["withheld_after_recording"], "subject_access_report_not_sent",
+        "{records:?}"
+    );
+    records
+}
+
 /// A datastore that answers every request with `body` (200, JSON), once `release` is
 /// notified after each request's arrival (`arrived`).
 async fn datastore_answering_when_released(
@@ -850,15 +872,10 @@ async fn a_fetch_whose_report_is_dropped_while_its_record_waits_is_not_listed() 
     }
     drop(report);
     disk.thaw();
-    let fetched = |r: &Value| {
-        r["purpose"] == "sar_fulfilment"
-            && r["dataset"] == "membership"
-            && r["subjects"] == serde_json::json!([id])
-            && r["status"] == 200
-    };
+    let fetched = membership_fetch_of(id);
     let deadline = Instant::now() + Duration::from_secs(30);
     let fetch = loop {
-        if let Some(r) = app.audit_records().into_iter().find(fetched) {
+        if let Some(r) = app.audit_records().into_iter().find(&fetched) {
             break r;
         }
         assert!(
@@ -869,12 +886,7 @@ async fn a_fetch_whose_report_is_dropped_while_its_record_waits_is_not_listed() 
     };
     assert_eq!(fetch["decision"], "allow", "{fetch}");
     let rid = fetch["request_id"].as_str().unwrap().to_owned();
-    let records = app.audit_records_of(&rid, 2).await;
-    assert_eq!(records.len(), 2, "{records:?}");
-    assert_eq!(
-        records[1]["detail"]["withheld_after_recording"], "subject_access_report_not_sent",
-        "{records:?}"
-    );
+    said_not_sent(&app, &rid).await;
     // The next report (the datastore answering at once) does not list it.
     let answering = async {
         loop {
@@ -920,23 +932,13 @@ async fn a_report_not_sent_does_not_leave_its_fetches_listed_as_disclosed() {
         () = arrived.notified() => {}
     }
     // The caller has gone. The membership fetch was recorded as disclosed...
-    let fetched = |r: &Value| {
-        r["purpose"] == "sar_fulfilment"
-            && r["dataset"] == "membership"
-            && r["subjects"] == serde_json::json!([id])
-            && r["status"] == 200
-    };
+    let fetched = membership_fetch_of(id);
     let fetch = (app.audit_records().into_iter())
-        .find(fetched)
+        .find(&fetched)
         .expect("the membership fetch recorded");
     let rid = fetch["request_id"].as_str().unwrap().to_owned();
     // ...and is then said not to have left.
-    let records = app.audit_records_of(&rid, 2).await;
-    assert_eq!(records.len(), 2, "{records:?}");
-    assert_eq!(
-        records[1]["detail"]["withheld_after_recording"], "subject_access_report_not_sent",
-        "{records:?}"
-    );
+    let records = said_not_sent(&app, &rid).await;
     assert_eq!(records[1]["subjects"], serde_json::json!([id]));
     assert_eq!(records[1]["status"], 499, "{records:?}");
     // The next report (the voter file now answers) does not list it.
