@@ -140,7 +140,8 @@ struct TrustedKey {
 /// What tells one key from another under the same id: the SHA-256, hex, of the algorithm's
 /// name, a newline and the key: an RSA key's modulus and exponent (each as its length in eight
 /// bytes, then its big-endian bytes without leading zeros, so that one key reads the same
-/// from a PEM file and from a JWK), or an EC or Ed25519 public key's bytes.
+/// from a PEM file and from a JWK), a P-256 key's point uncompressed (a PEM file may hold it
+/// compressed, a JWK never does), or an Ed25519 public key's bytes.
 fn fingerprint(algorithm: Algorithm, key: &DecodingKey) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -155,7 +156,11 @@ fn fingerprint(algorithm: Algorithm, key: &DecodingKey) -> String {
         }
         _ => {
             if let jsonwebtoken::DecodingKeyKind::SecretOrDer(der) = key.kind() {
-                h.update(der);
+                let point = (key.family() == jsonwebtoken::AlgorithmFamily::Ec)
+                    .then(|| p256::ecdsa::VerifyingKey::from_sec1_bytes(der).ok())
+                    .flatten()
+                    .map(|k| k.to_encoded_point(false));
+                h.update(point.as_ref().map_or(&der[..], |p| p.as_bytes()));
             }
         }
     }

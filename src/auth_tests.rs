@@ -782,6 +782,83 @@ fn a_leak_in_the_jwks_file_is_seen_whatever_the_pem_files() {
     assert!(v.without_leaked().removed.contains(&"idp-j".to_owned()));
 }
 
+/// A P-256 key pinned as a PEM file whose point is written compressed (`openssl ec -pubout
+/// -conv_form compressed`) is the same key as its JWK, whose point never is: published with
+/// its private half under another id, the PEM copy goes too. (Its fingerprint was of the
+/// bytes as written, so the copy stayed trusted.)
+#[test]
+fn a_leaked_key_pinned_with_its_point_compressed_goes_with_it() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = two_issuers(dir.path());
+    let kp = crate::token::generate_es256().unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(
+            (kp.public_pem.lines())
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        )
+        .unwrap();
+    let point = &der[der.len() - 65..];
+    let compressed = p256::ecdsa::VerifyingKey::from_sec1_bytes(point)
+        .unwrap()
+        .to_encoded_point(true);
+    // SubjectPublicKeyInfo: id-ecPublicKey on prime256v1, then the 33-byte point.
+    let mut spki = hex::decode("3039301306072a8648ce3d020106082a8648ce3d030107032200").unwrap();
+    spki.extend_from_slice(compressed.as_bytes());
+    let body = base64::engine::general_purpose::STANDARD.encode(&spki);
+    let pem = format!("-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n");
+    std::fs::write(&cfg.keys[0].public_key_file, pem).unwrap();
+
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.private_pem.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("idp-j".into());
+    let jwk = serde_json::to_value(jwk).unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+    cfg.jwks_file = Some(path.clone());
+    cfg.jwks_issuer = PARTY.into();
+    let known = KnownNames {
+        roles: ["canvasser".to_owned()].into(),
+        areas: ["E05011391".to_owned()].into(),
+        purposes: ["canvassing".to_owned()].into(),
+    };
+    let v = Verifier::from_config(&cfg, known, None).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let signer = crate::token::Signer::from_pem(
+        "party-1",
+        Algorithm::ES256,
+        kp.private_pem.as_bytes(),
+        PARTY,
+    )
+    .unwrap();
+    let token = signer.sign(&live_claims(PARTY, "s", now)).unwrap();
+    let verified = v.verify(&token, now);
+    assert!(
+        verified.is_ok(),
+        "the compressed key verifies: {:?}",
+        verified.err()
+    );
+    assert!(!v.uses_leaked());
+
+    let mut leaked = jwk.clone();
+    leaked["d"] = "c2VjcmV0LWhhbGY".into();
+    std::fs::write(&path, serde_json::json!({ "keys": [leaked] }).to_string()).unwrap();
+    let err = v.reread_keys().err().unwrap();
+    assert!(err.downcast_ref::<LeakedKey>().is_some(), "{err:#}");
+    let dropped = v.without_leaked();
+    assert_eq!(
+        dropped
+            .removed
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>(),
+        std::collections::BTreeSet::from([&"idp-j".to_owned(), &"party-1".to_owned()])
+    );
+    v.trust(dropped);
+    assert!(!v.uses_leaked());
+    assert_eq!(v.verify(&token, now).err(), Some(AuthFailure::UnknownKey));
+}
+
 /// `auth.jwks_file` read again publishing a key's private half: refused, the key noted as
 /// leaked and dropped from those in use by `without_leaked` (nothing changes before `trust`),
 /// and passed over when the file publishes it again without its private half, beside a new
