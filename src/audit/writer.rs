@@ -490,6 +490,10 @@ struct Writer {
     coming: Arc<Inflight>,
     segment_max_bytes: u64,
     sealer: Option<super::addr::Sealer>,
+    /// The day whose address key could not be made or read, since the last record sealed:
+    /// a batch with no address to seal (the writer's own retry, an admin record) does not
+    /// make the log healthy again until that day's key can be had.
+    seal_failed: Option<String>,
     /// Finished segments go here to be sealed off this thread.
     seal_queue: SealQueue,
     /// Makes the next segment's space ready (fsync durability only: see `prepare`).
@@ -652,6 +656,7 @@ impl Writer {
             coming: Arc::default(),
             segment_max_bytes: settings.segment_max_bytes,
             sealer,
+            seal_failed: None,
             seal_queue,
             preparer,
             asked_to_prepare: 0,
@@ -918,6 +923,7 @@ impl Writer {
         // A record of the batch that could not be sealed or encoded: the batch's success does
         // not make the log healthy again (`/readyz`), since requests are being refused.
         let mut refused = false;
+        let mut sealed = false;
         let (mut seq, mut hash) = (self.next_seq, self.last_hash.clone());
         let sync = batch.iter().any(|p| p.sync);
         for Pending {
@@ -929,13 +935,15 @@ impl Writer {
                 (Some(sealer), Some(addr)) => {
                     let day = record.ts.get(..10).unwrap_or("0000-00-00").to_owned();
                     match sealer.seal(&addr, &day) {
-                        Ok(sealed) => {
-                            record.client_addr = Some(sealed);
+                        Ok(text) => {
+                            record.client_addr = Some(text);
+                            sealed = true;
                             Some(addr)
                         }
                         Err(e) => {
                             metrics::counter!("wardgate_audit_failures_total").increment(1);
                             refused = true;
+                            self.seal_failed = Some(day);
                             let why = format!("client address cannot be sealed: {e}");
                             let _ = reply.send(Err(AuditError::Unavailable(why)));
                             continue;
@@ -1019,7 +1027,20 @@ impl Writer {
                     preparer.prepare(self.segment + 1);
                     self.asked_to_prepare = self.segment + 1;
                 }
-                if !refused && !self.healthy.swap(true, Ordering::AcqRel) {
+                // After a sealing failure, a batch that sealed nothing says nothing of the
+                // sealer: the failed day's key is tried (the retry record carries no address,
+                // and made the log ready again while every request was still refused).
+                if !refused && let Some(day) = &self.seal_failed {
+                    let works =
+                        sealed || (self.sealer.as_mut()).is_some_and(|s| s.ready(day).is_ok());
+                    if works {
+                        self.seal_failed = None;
+                    }
+                }
+                if !refused
+                    && self.seal_failed.is_none()
+                    && !self.healthy.swap(true, Ordering::AcqRel)
+                {
                     tracing::warn!(segment = self.segment, "audit log writable again");
                 }
                 let publish = self.published.receiver_count() > 0;
@@ -1934,6 +1955,54 @@ mod tests {
         let report = verify_dir(dir.path()).unwrap();
         assert_eq!((report.records, report.last_seq), (3, 3));
         assert!(!lines(dir.path()).iter().any(|l| l.contains("req-2")));
+    }
+
+    /// A log made unhealthy because a client address could not be sealed (the day's key
+    /// cannot be made: its folder unwritable, the disk full) stays unhealthy while that goes
+    /// on, though its own retry records, which carry no address, are written: it was made
+    /// ready again by them, and every request was refused once the load balancer sent them
+    /// back. Once the key can be made, the retry makes it healthy by itself.
+    #[tokio::test]
+    async fn a_log_that_cannot_seal_addresses_stays_unhealthy_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), Durability::Fsync, 1 << 20);
+        s.seal_client_addr = true;
+        let log = AuditLog::open(s).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        // A day whose key is not made yet, and a key folder that cannot be written.
+        let keys = dir.path().join("addr-keys");
+        let aside = dir.path().join("addr-keys.aside");
+        std::fs::rename(&keys, &aside).unwrap();
+        std::fs::write(&keys, b"not a folder").unwrap();
+        let mut record = sample(2);
+        record.ts = "2099-01-01T00:00:00.000Z".into();
+        let err = log.append(record).await.err().unwrap();
+        assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+        assert!(!log.is_healthy());
+        tokio::time::sleep(RETRY_EVERY * 2 + Duration::from_secs(1)).await;
+        assert!(
+            lines(dir.path())
+                .iter()
+                .any(|l| l.contains(r#""reason":"retry""#)),
+            "the retries were written"
+        );
+        assert!(
+            !log.is_healthy(),
+            "ready again while addresses cannot be sealed"
+        );
+
+        std::fs::remove_file(&keys).unwrap();
+        std::fs::rename(&aside, &keys).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log.is_healthy() {
+            assert!(Instant::now() < deadline, "never healthy again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut record = sample(3);
+        record.ts = "2099-01-01T00:00:01.000Z".into();
+        assert!(log.append(record).await.is_ok());
+        log.shutdown().await;
+        assert!(verify_dir(dir.path()).is_ok());
     }
 
     /// A log made unhealthy by a failed write is healthy again by itself once the disk is,
