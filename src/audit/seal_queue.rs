@@ -19,11 +19,22 @@
 //! ([`index`]).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use super::index;
+
+/// A segment whose seal failed is tried again after this, then after twice as long each time
+/// up to [`RETRY_AT_MOST`]: a passing fault (a full disk, an I/O error) otherwise left it
+/// unsealed, and retention stopped at it, until a restart.
+const RETRY_FIRST: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(60)
+};
+const RETRY_AT_MOST: Duration = Duration::from_secs(3600);
 
 /// The queue of segments to seal, and the thread that seals them. Dropping it lets the thread
 /// finish what is queued and end.
@@ -50,22 +61,36 @@ impl SealQueue {
             .name(thread.into())
             .spawn(move || {
                 lower_priority();
-                for n in rx {
-                    match index::seal(&dir, n) {
-                        Ok(s) => {
-                            tracing::info!(segment = n, records = s.records, "audit segment sealed")
+                // Segments whose seal failed: when each is tried again, and the wait after that.
+                let mut failed: Vec<(u64, Instant, Duration)> = Vec::new();
+                loop {
+                    let due = failed.iter().map(|f| f.1).min();
+                    let next = match due {
+                        None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                        Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                    };
+                    match next {
+                        Ok(n) => {
+                            if !seal(&dir, n) {
+                                failed.push((n, Instant::now() + RETRY_FIRST, RETRY_FIRST));
+                            }
+                            let now = left.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                            metrics::gauge!(BACKLOG_GAUGE).set(now as f64);
                         }
-                        Err(e) => {
-                            metrics::counter!("wardgate_audit_seal_failures_total").increment(1);
-                            tracing::error!(segment = n, error = %e,
-                                "cannot seal audit segment; lookups will scan it, and retention \
-                                 stops at it until it is sealed (a restart tries again; a \
-                                 damaged segment, which `wardgate audit verify` names, must be \
-                                 settled first)");
+                        // Shut: what failed is tried again at the next start.
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let now = Instant::now();
+                            failed.retain_mut(|(n, at, wait)| {
+                                if *at > now || seal(&dir, *n) {
+                                    return *at > now;
+                                }
+                                *wait = (*wait * 2).min(RETRY_AT_MOST);
+                                *at = now + *wait;
+                                true
+                            });
                         }
                     }
-                    let now = left.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-                    metrics::gauge!(BACKLOG_GAUGE).set(now as f64);
                 }
             })?;
         Ok(SealQueue { tx, backlog })
@@ -81,6 +106,24 @@ impl SealQueue {
                 segment = n,
                 "the sealing thread has ended; the segment stays unsealed until restart"
             );
+        }
+    }
+}
+
+/// Seals segment `n`, saying how it went; false if it failed.
+fn seal(dir: &Path, n: u64) -> bool {
+    match index::seal(dir, n) {
+        Ok(s) => {
+            tracing::info!(segment = n, records = s.records, "audit segment sealed");
+            true
+        }
+        Err(e) => {
+            metrics::counter!("wardgate_audit_seal_failures_total").increment(1);
+            tracing::error!(segment = n, error = %e,
+                "cannot seal audit segment; lookups will scan it, and retention stops at it \
+                 until it is sealed (it is tried again, after a minute and then less often; a \
+                 damaged segment, which `wardgate audit verify` names, must be settled first)");
+            false
         }
     }
 }
@@ -127,6 +170,48 @@ mod tests {
 
     /// `SCHED_IDLE` in `<linux/sched.h>`.
     const SCHED_IDLE: u32 = 5;
+
+    /// A seal that failed (a passing fault: here the index's temporary file cannot be made)
+    /// is tried again by itself, not left until a restart with retention stopped at it.
+    #[tokio::test]
+    async fn a_seal_that_failed_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = crate::audit::AuditLog::open(crate::audit::AuditSettings {
+            dir: dir.path().to_owned(),
+            durability: crate::audit::Durability::Fsync,
+            max_batch: 64,
+            commit_window: Duration::ZERO,
+            segment_max_bytes: 1 << 20,
+            seal_client_addr: false,
+        })
+        .unwrap();
+        log.append(crate::audit::record::tests::sample(1))
+            .await
+            .unwrap();
+        log.shutdown().await;
+        let sealed = index::seal_path(dir.path(), 1);
+        assert!(
+            !sealed.exists(),
+            "the open segment is not sealed at shutdown"
+        );
+        let blocker = index::index_path(dir.path(), 1).with_extension("tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let queue = SealQueue::start_named(dir.path().to_path_buf(), "seal-retry").unwrap();
+        queue.push(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the first try never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!sealed.exists(), "the first try failed");
+        std::fs::remove_dir(&blocker).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sealed.exists() {
+            assert!(Instant::now() < deadline, "never tried again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(index::index_matches(dir.path(), 1).unwrap());
+    }
 
     #[test]
     fn seals_queued_segments_on_a_thread_that_yields_to_requests() {
