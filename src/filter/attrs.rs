@@ -306,7 +306,7 @@ fn scalar(raw: &str) -> Option<Cow<'_, str>> {
 }
 
 /// A raw value that is one JSON string, decoded (borrowed when it has no escapes).
-fn string(raw: &str) -> Option<Cow<'_, str>> {
+pub(super) fn string(raw: &str) -> Option<Cow<'_, str>> {
     // Quotes around text with no quote, backslash or control character: a string that is
     // its own text (every subject id and date, read once per record).
     if let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"'))
@@ -487,11 +487,11 @@ pub(super) fn take_consents<'a>(
     states.clear();
     let (value, read) = scan.value_read(|scan| {
         // Nearly always the last record's keys, written the same way.
-        let mut again = scan.clone();
-        if channel_states_again(&mut again, keys, states, today).is_some() {
-            *scan = again;
+        let mark = scan.mark();
+        if channel_states_again(scan, keys, states, today).is_some() {
             return Some(());
         }
+        scan.reset(mark);
         states.clear();
         channel_states_at(scan, keys, today, |channel, live| {
             put_channel(states, &channel, live)

@@ -210,12 +210,12 @@ impl<'a> RawRecord<'a> {
         self.count += 1;
         // Nearly every record of a page: its keys written as the last one's, byte for byte.
         if self.comparable {
-            let start = scan.clone();
+            let start = scan.mark();
             if self.read_again(scan).is_some() {
                 self.repeats = true;
                 return Ok(());
             }
-            *scan = start;
+            scan.reset(start);
         }
         self.read_any(scan)
     }
