@@ -128,6 +128,10 @@ pub async fn count(
             today: filter::today(),
             register: &flags,
             filtered_on: &filtered_on,
+            // Lines, not a page; and no look-up purpose exports or counts (their rules ask
+            // for a listing or a read), so no record must meet a postcode filter.
+            paging: None,
+            must_match: None,
         };
         // A disclosure of its own per batch, so the memo starts a chunk for it too.
         let mut d = Disclosure::default();

@@ -403,6 +403,8 @@ mod tests {
             today: crate::filter::today(),
             register: &RegisterFlags::EMPTY,
             filtered_on: &[],
+            paging: None,
+            must_match: None,
         };
         let body = br#"{"records":[{"elector_id":"VF-1","local_authority":"E08000035","polling_district":"CGW1","markers":[],"flags":[],"consents":null,"tps_checked_at":null,"attainer_date":null}]}"#;
         let pool = MemoPool::default();

@@ -409,6 +409,10 @@ impl Run<'_> {
                 today: filter::today(),
                 register: &register,
                 filtered_on: &plan.filtered_on,
+                // Lines, not a page; and no look-up purpose exports or counts (their rules ask
+                // for a listing or a read), so no record must meet a postcode filter.
+                paging: None,
+                must_match: None,
             };
             let mut rest: &[u8] = batch;
             // The lines left in `rest` (at most: the last may have no newline), counted once

@@ -775,7 +775,20 @@ where
             let register = register_now(gw, &principal)?;
             trail.judged_on = Some(register.clone());
             let filtered_on = route.filtered_categories(dataset);
-            let cx = FilterContext::new(dataset, &register).filtered_on(&filtered_on);
+            // (Datasette's paging values are the request's already: `Envelope::Rows`.)
+            let mut cx = FilterContext::new(dataset, &register)
+                .filtered_on(&filtered_on)
+                .paged(route.page.unwrap_or(1), dialect::per_page(dataset, &route));
+            // A postcode the listing names is each record's, as for a read by id: a look-up
+            // purpose's rule is met by naming one, and a datastore that ignored it would
+            // hand the look-up the whole area.
+            let at_postcode = |p: &str| {
+                (route.filters.get(routes::READ_FILTER))
+                    .is_some_and(|wanted| routes::postcode_matches(p, wanted))
+            };
+            if route.filters.contains_key(routes::READ_FILTER) {
+                cx = cx.must_match(routes::READ_FILTER, &at_postcode);
+            }
             let mut memo = policies.decisions.memos.take(asker, &route.dataset);
             let decide = &mut |a: &_| decider.decide(a);
             let (out, d) =
@@ -790,6 +803,7 @@ where
                 ))));
             }
             never_disclosed_sent(&route.dataset, d.never_disclosed_rows);
+            filter_ignored(&route.dataset, d.mismatched_rows);
             trail.absorb(d);
             Ok(Reply::Body(Bytes::from(out)))
         }
@@ -1166,6 +1180,27 @@ pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
             "the datastore sent anonymous electors or under-16s in a listing or export it was \
              asked to leave them out of: they were withheld, but paging can count them \
              (README: Datastores)"
+        );
+    }
+}
+
+/// Counts and logs (at most once a minute) the records of a listing that did not meet its
+/// postcode filter (`FilterContext::must_match`): withheld, but the datastore ignored the
+/// filter, and each page's length and next page can count them.
+fn filter_ignored(dataset: &str, n: u64) {
+    use std::sync::atomic::AtomicI64;
+    static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+    if n == 0 {
+        return;
+    }
+    metrics::counter!("wardgate_upstream_filter_ignored_total", "dataset" => dataset.to_owned())
+        .increment(n);
+    if once_a_minute(&LOGGED) {
+        tracing::error!(
+            dataset,
+            records = n,
+            "the datastore answered a listing with records its postcode filter does not pick: \
+             they were withheld; fix the datastore (README: Datastores)"
         );
     }
 }

@@ -1740,6 +1740,113 @@ async fn paging_cannot_count_members_outside_the_branches_in_scope() {
     app.stop().await;
 }
 
+/// A look-up purpose's listing names a postcode (`purpose.casework-looks-up`), and a datastore
+/// that ignored the filter would hand the look-up a whole area, page by page: only records at
+/// that postcode leave, the rest withheld and counted. And a listing's paging values are the
+/// request's, not passed on as the datastore wrote them: a `next_page` that is not the page
+/// after (a cursor spelling out a record's id) or a page other than the one asked for is
+/// refused whole, and `per_page` is the one asked for.
+#[tokio::test]
+async fn a_listing_answers_what_was_asked_whatever_the_datastore_sends() {
+    let real = spawn_app().await;
+    let truth = upstream_all(real.upstream).await;
+    let caseworker = real.token("mp_caseworker");
+    let seen = real
+        .get(
+            "/voter/electors?per_page=50",
+            Some(&real.token("councillor")),
+            Some("canvassing"),
+        )
+        .await;
+    assert_eq!(seen.status, 200, "{:?}", seen.body);
+    let listed: Vec<Value> = (seen.json()["records"].as_array().unwrap().iter())
+        .map(|r| r["elector_id"].clone())
+        .collect();
+    let record = |id: &Value| {
+        truth
+            .iter()
+            .find(|r| &r["elector_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let at = (listed.iter().map(record))
+        .find(|r| r["postcode"] != "")
+        .unwrap();
+    let postcode = at["postcode"].as_str().unwrap().to_owned();
+    // (Some electors have no postcode: a declaration of local connection.)
+    let elsewhere = (listed.iter().map(record))
+        .find(|r| r["postcode"] != at["postcode"] && r["postcode"] != "")
+        .unwrap();
+    let path = format!(
+        "/voter/electors?per_page=2&postcode={}",
+        postcode.replace(' ', "+")
+    );
+    // Both leave a look-up at their own postcode, through the real datastore.
+    for r in [&at, &elsewhere] {
+        let p = r["postcode"].as_str().unwrap();
+        let got = real
+            .get(
+                &format!(
+                    "/voter/electors?per_page=2&postcode={}",
+                    p.replace(' ', "+")
+                ),
+                Some(&caseworker),
+                Some("casework"),
+            )
+            .await;
+        assert_eq!(got.status, 200, "{p}: {:?}", got.body);
+        let out = got.json()["records"].clone();
+        assert!(
+            out.as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["elector_id"] == r["elector_id"]),
+            "{out}"
+        );
+    }
+
+    let ids_of = |r: &common::Resp| -> Vec<Value> {
+        (r.json()["records"].as_array().unwrap().iter())
+            .map(|x| x["elector_id"].clone())
+            .collect()
+    };
+    let serving = |paging: Value| {
+        let mut page = json!({ "records": [at.clone(), elsewhere.clone()] });
+        for (k, v) in paging.as_object().unwrap() {
+            page[k] = v.clone();
+        }
+        page
+    };
+    let app = common::app_serving(&serving(
+        json!({"page": 1, "per_page": 1000, "next_page": 2}),
+    ))
+    .await;
+    let r = app
+        .get(&path, Some(&app.token("mp_caseworker")), Some("casework"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(ids_of(&r), [at["elector_id"].clone()]);
+    assert_eq!(r.json()["per_page"], 2, "{:?}", r.body);
+    assert_eq!(r.json()["next_page"], 2, "{:?}", r.body);
+    assert_eq!(app.audit_for(&r)["rows_withheld"], 1);
+    app.stop().await;
+
+    for paging in [
+        json!({"page": 1, "per_page": 2, "next_page": 1043}),
+        json!({"page": 7, "per_page": 2, "next_page": 8}),
+    ] {
+        let app = common::app_serving(&serving(paging.clone())).await;
+        let r = app
+            .get(&path, Some(&app.token("mp_caseworker")), Some("casework"))
+            .await;
+        assert_eq!(r.status, 502, "{paging}: {:?}", r.body);
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(!body.contains(at["elector_id"].as_str().unwrap()), "{body}");
+        app.stop().await;
+    }
+    real.stop().await;
+}
+
 /// A datastore that ignores `exclude=protected` still has its anonymous electors withheld.
 /// (The operator is told, in `wardgate_upstream_never_disclosed_total`: counted exactly in
 /// `tests/never_disclosed_metric.rs`, a binary of its own, the counter being the process's.)

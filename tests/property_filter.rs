@@ -523,12 +523,7 @@ fn check_case((role, areas, purposes, purpose, picks): Case) -> Result<bool, Tes
         "voter",
         &categories,
     );
-    let cx = FilterContext {
-        dataset,
-        today: wardgate::filter::today(),
-        register: &RegisterFlags::EMPTY,
-        filtered_on: &[],
-    };
+    let cx = FilterContext::new(dataset, &RegisterFlags::EMPTY);
     // The caller's memo as the gateway keeps it: earlier cases' pages for the same caller and
     // purpose have filled it.
     let mut memo = w

@@ -87,12 +87,7 @@ impl Fixture {
 
     /// The filter's context for the dataset today, with the fixture's rights register.
     fn filter_context(&self) -> FilterContext<'_> {
-        FilterContext {
-            dataset: self.dataset(),
-            today: filter::today(),
-            register: &self.register,
-            filtered_on: &[],
-        }
+        FilterContext::new(self.dataset(), &self.register)
     }
 }
 

@@ -67,6 +67,9 @@ pub struct Disclosure {
     /// datastore asked to leave them out of listings and exports should have sent none.
     pub never_disclosed_rows: u64,
     pub malformed_rows: u64,
+    /// Of those, records that did not meet the listing's filter (`FilterContext::must_match`):
+    /// the datastore ignored it.
+    pub mismatched_rows: u64,
     pub unclassified_fields: u64,
 }
 
@@ -75,6 +78,9 @@ pub enum FilterError {
     #[error("upstream body is not the expected JSON: {0}")]
     Malformed(String),
 }
+
+/// A test a record's field must pass (`FilterContext::must_match`).
+pub type Meets<'a> = dyn Fn(&str) -> bool + Sync + 'a;
 
 /// Per-request inputs that are not in the record itself.
 pub struct FilterContext<'a> {
@@ -88,6 +94,16 @@ pub struct FilterContext<'a> {
     /// never an oracle for a field the purpose may not see (profiling narrowing by postcode
     /// prefix, an email round by membership status).
     pub filtered_on: &'a [String],
+    /// For a listing in the wardgate API: the page and page size it asked the datastore for.
+    /// The answer's paging values are then written from them (`next_page` only `null` or the
+    /// page after), not passed on as they came: bytes no filter judged, which a datastore
+    /// could fill with a record's id (a cursor) or anything else of ten digits.
+    pub paging: Option<(u32, u32)>,
+    /// A field every record of a listing must meet a filter on, and the test: a look-up
+    /// purpose's listing names a postcode, and a datastore that ignored it would hand the
+    /// look-up a whole area's list, page by page. A record that does not meet it (or has no
+    /// such field) is withheld and counted (`Disclosure::mismatched_rows`).
+    pub must_match: Option<(&'a str, &'a Meets<'a>)>,
 }
 
 impl<'a> FilterContext<'a> {
@@ -98,6 +114,24 @@ impl<'a> FilterContext<'a> {
             today: today(),
             register,
             filtered_on: &[],
+            paging: None,
+            must_match: None,
+        }
+    }
+
+    /// The same, for a listing that asked for `page` of `per_page` records.
+    pub fn paged(self, page: u32, per_page: u32) -> Self {
+        FilterContext {
+            paging: Some((page, per_page)),
+            ..self
+        }
+    }
+
+    /// The same, for a listing whose records must each have a `field` that `meets` passes.
+    pub fn must_match(self, field: &'a str, meets: &'a Meets<'a>) -> Self {
+        FilterContext {
+            must_match: Some((field, meets)),
+            ..self
         }
     }
 
@@ -556,14 +590,40 @@ pub fn filter_page(
     let records = records.ok_or_else(|| malformed(&format!("`{records_key}`")))?;
     out.push(b']');
     match envelope {
-        Envelope::Records => {
-            for (name, v) in paging_keys.iter().zip(paging) {
-                if let Some(v) = v {
-                    out.extend_from_slice(format!(",\"{name}\":").as_bytes());
-                    out.extend_from_slice(v.as_bytes());
+        Envelope::Records => match cx.paging {
+            Some((page, per_page)) => {
+                let [said, _, next] = paging;
+                if said.is_some_and(|p| p != page.to_string()) {
+                    return Err(FilterError::Malformed(format!(
+                        "the datastore answered page {} for page {page}",
+                        said.unwrap_or_default()
+                    )));
+                }
+                let next = match next {
+                    None | Some("null") => "null".to_owned(),
+                    Some(n) if page.checked_add(1).is_some_and(|p| n == p.to_string()) => {
+                        n.to_owned()
+                    }
+                    Some(n) => {
+                        return Err(FilterError::Malformed(format!(
+                            "`next_page` {n} is not the page after {page} (nor null)"
+                        )));
+                    }
+                };
+                out.extend_from_slice(
+                    format!(",\"page\":{page},\"per_page\":{per_page},\"next_page\":{next}")
+                        .as_bytes(),
+                );
+            }
+            None => {
+                for (name, v) in paging_keys.iter().zip(paging) {
+                    if let Some(v) = v {
+                        out.extend_from_slice(format!(",\"{name}\":").as_bytes());
+                        out.extend_from_slice(v.as_bytes());
+                    }
                 }
             }
-        }
+        },
         Envelope::Rows { page, per_page } => {
             // The page's length is how the caller learns it was the last: a page the
             // datastore cut short would end a walk list early without a word, and one longer
@@ -831,6 +891,14 @@ fn write_record(
     if rec.nests(cx.dataset) {
         d.rows_withheld += 1;
         d.malformed_rows += 1;
+        return false;
+    }
+    // Not what the listing asked for: as if the datastore had not sent it (not judged).
+    if let Some((field, meets)) = cx.must_match
+        && !(rec.field(field).and_then(attrs::string)).is_some_and(|v| meets(&v))
+    {
+        d.rows_withheld += 1;
+        d.mismatched_rows += 1;
         return false;
     }
     let (subject, runs, unclassified, set) = match memo.judge(rec, cx, decide, d) {

@@ -18,6 +18,8 @@ fn cx(ds: &Dataset) -> FilterContext<'_> {
         today: days_from_iso_date("2026-11-23").unwrap(),
         register: &RegisterFlags::EMPTY,
         filtered_on: &[],
+        paging: None,
+        must_match: None,
     }
 }
 
@@ -449,6 +451,8 @@ fn register_flags_are_merged_into_the_record_flags() {
         today: 0,
         register: &register,
         filtered_on: &[],
+        paging: None,
+        must_match: None,
     };
     for id in ["VF-1", "vf-1"] {
         let text = record(id, "CGW1", "");
@@ -648,6 +652,8 @@ fn a_register_flag_on_one_subject_never_reaches_its_lookalike() {
         today: days_from_iso_date("2026-11-23").unwrap(),
         register: &register,
         filtered_on: &[],
+        paging: None,
+        must_match: None,
     };
     let body = format!(
         r#"{{"records":[{},{},{}]}}"#,
@@ -784,6 +790,8 @@ mod kept_between_pages {
             today: days_from_iso_date("2026-11-23").unwrap(),
             register,
             filtered_on: &[],
+            paging: None,
+            must_match: None,
         };
         let mut by_flags =
             |a: &RecordAttrs| verdict(!a.flags.contains("restricted"), &["identifier"]);
@@ -810,6 +818,8 @@ mod kept_between_pages {
                 today: days_from_iso_date(today).unwrap(),
                 register: &RegisterFlags::EMPTY,
                 filtered_on: &[],
+                paging: None,
+                must_match: None,
             };
             filter_page(
                 body.as_bytes(),
