@@ -181,7 +181,10 @@ where
         // lifting one (a settled dispute) never lifts another of the same kind (a pending
         // objection).
         // A placement under a reference in force for that subject and kind would merge
-        // two requests into one, both ended by one lift.
+        // two requests into one, both ended by one lift. Asked of a fresh mirror only: a
+        // stale one may hold as in force a restriction another replica has lifted
+        // meanwhile, and the DPO, told it is in force, would not place it again while every
+        // other replica disclosed the record (a placement is taken on a stale mirror).
         if let Action::Change(Event {
             change:
                 Change::Place {
@@ -191,6 +194,7 @@ where
                 },
             ..
         }) = &action
+            && gw.controls.check_fresh().is_ok()
             && (gw.controls.references_in_force(subject, kind)).contains(reference)
         {
             return Err(GatewayError::AlreadyInForce(format!(

@@ -780,6 +780,15 @@ async fn past_the_bound_restrictions_and_revocations_are_still_taken() {
         "urn:wardgate:problem:controls-not-shared",
         "taken here, not refused as stale"
     );
+    // This replica's copy is stale: a reference it holds as in force may have been lifted on
+    // another meanwhile, so the DPO is not told it is in force; the placement is taken.
+    let again = restrict(&a, &id, "SAR-stale").await;
+    assert_eq!(
+        again.json()["type"],
+        "urn:wardgate:problem:controls-not-shared",
+        "{:?}",
+        again.body
+    );
     let revoke = |what: serde_json::Value| {
         let (a, security) = (&a, a.token("security"));
         async move {
