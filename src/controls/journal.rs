@@ -67,6 +67,18 @@ impl Journal {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open `{}` for appending", path.display()))?;
+        // The file's name in its folder made durable (and the folder's in its parent), as the
+        // audit log's are: an append's `sync_data` covers the file's bytes, not the entry
+        // that names it, and a placement answered 200 could go with an entry lost to a crash.
+        for dir in [path.parent(), path.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync the folder `{}`", dir.display()))?;
+        }
         let tail = &text[whole..];
         if let Ok(last) = serde_json::from_slice::<Event>(tail) {
             file.write_all(b"\n")
