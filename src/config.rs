@@ -784,6 +784,19 @@ impl RawAuth {
 /// `auth.jwks_url` and its settings: an `https://` URL naming a host, with no user name or
 /// password in it (a credential in the configuration would be logged with every fetch), and
 /// the CA file its certificate must chain to.
+/// A URL as an error may show it: a user name and password in it (`user:secret@`) as `***@`,
+/// so that refusing one does not write the secret to the journal or a CI log.
+fn shown(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn jwks_url(
     url: &str,
     ca_file: Option<PathBuf>,
@@ -792,7 +805,9 @@ fn jwks_url(
 ) -> anyhow::Result<JwksUrl> {
     let parsed: http::Uri = url
         .parse()
-        .map_err(|e| anyhow::anyhow!("`auth.jwks_url` = `{url}` is not a URL: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("`auth.jwks_url` = `{}` is not a URL: {e}", shown(url)))?;
+    // Errors name the URL without any credentials it holds (they are refused below).
+    let url = shown(url);
     if parsed.scheme_str() != Some("https") {
         bail!(
             "`auth.jwks_url` = `{url}`: only `https://` is fetched (the keys that verify every \
@@ -934,22 +949,24 @@ fn key_issuer(issuers: &[String], named: Option<String>, what: &str) -> anyhow::
 impl RawUpstream {
     fn resolve(self, name: &str, at: &dyn Fn(&Path) -> PathBuf) -> anyhow::Result<UpstreamConfig> {
         let key = format!("datasets.{name}.upstream");
+        // Errors name the URL without any credentials it holds (they are refused below).
+        let url = shown(&self.upstream);
         let base: http::Uri = self
             .upstream
             .parse()
-            .map_err(|e| anyhow::anyhow!("`{key}` = `{}`: {e}", self.upstream))?;
+            .map_err(|e| anyhow::anyhow!("`{key}` = `{url}`: {e}"))?;
         let https = match base.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => bail!(
                 "`{key}` = `{}` must be an absolute http:// or https:// URL",
-                self.upstream
+                url
             ),
         };
         if base.authority().is_none() {
             bail!(
                 "`{key}` = `{}` must be an absolute http:// or https:// URL",
-                self.upstream
+                url
             );
         }
         let client_cert = match (self.client_cert_file, self.client_key_file) {
@@ -970,14 +987,14 @@ impl RawUpstream {
                  certificates (PEM) the datastore's certificate chains to (the system's \
                  roots are never trusted implicitly; for a datastore with a public \
                  certificate, the system's bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`)",
-                self.upstream
+                url
             ),
             (false, ca) => {
                 if ca.is_some() || client_cert.is_some() {
                     bail!(
                         "`datasets.{name}`: `ca_file`, `client_cert_file` and `client_key_file` \
                          are for an https:// datastore, and `{key}` = `{}` is plain http://",
-                        self.upstream
+                        url
                     );
                 }
                 None
@@ -988,13 +1005,13 @@ impl RawUpstream {
         if base.query().is_some() || self.upstream.contains('#') {
             bail!(
                 "`{key}` = `{}`: no query or fragment; the gateway adds each route's path and query",
-                self.upstream
+                url
             );
         }
         if base.authority().is_some_and(|a| a.as_str().contains('@')) {
             bail!(
                 "`{key}` = `{}`: no credentials in the URL; use `datasets.{name}.authorization_file`",
-                self.upstream
+                url
             );
         }
         let authorization = match self.authorization_file {

@@ -471,8 +471,12 @@ fn a_jwks_url_is_https_with_its_roots_and_sane_intervals() {
             "only `https://` is fetched",
         ),
         (
-            format!("jwks_url = \"https://user:pw@sso.example/jwks\"\n{ca}"),
+            format!("jwks_url = \"https://user:S3cret@sso.example/jwks\"\n{ca}"),
             "holds a user name or password",
+        ),
+        (
+            format!("jwks_url = \"http://user:S3cret@sso.example/jwks\"\n{ca}"),
+            "only `https://` is fetched",
         ),
         (format!("jwks_url = \"/jwks\"\n{ca}"), "only `https://`"),
         (
@@ -511,6 +515,7 @@ fn a_jwks_url_is_https_with_its_roots_and_sane_intervals() {
     ] {
         let e = err(&with(&lines));
         assert!(e.contains(says), "{lines}: {e}");
+        assert!(!e.contains("S3cret"), "the password is shown: {e}");
     }
     // The URL alone is keys enough.
     let only = MINIMAL.replace(
@@ -767,11 +772,17 @@ fn an_upstream_url_is_a_plain_base() {
     for url in [
         "http://127.0.0.1:7001/?k=v",
         "http://127.0.0.1:7001/#x",
-        "http://user:pw@127.0.0.1:7001",
+        "http://user:S3cret@127.0.0.1:7001",
         "https://127.0.0.1:7001",
+        // Refused first for its missing `ca_file`, then for a query: the secret is shown in
+        // neither.
+        "https://svc:S3cret@store.internal",
+        "http://svc:S3cret@store.internal/?k=v",
+        "ftp://svc:S3cret@store.internal",
     ] {
         let e = err(&MINIMAL.replace("http://127.0.0.1:7001", url));
         assert!(e.contains("datasets.voter.upstream"), "{url}: {e}");
+        assert!(!e.contains("S3cret"), "{url}: the password is shown: {e}");
     }
     parse(&MINIMAL.replace("http://127.0.0.1:7001", "http://127.0.0.1:7001/api")).unwrap();
 }
