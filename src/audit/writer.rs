@@ -492,7 +492,8 @@ struct Writer {
     sealer: Option<super::addr::Sealer>,
     /// The day whose address key could not be made or read, since the last record sealed:
     /// a batch with no address to seal (the writer's own retry, an admin record) does not
-    /// make the log healthy again until that day's key can be had.
+    /// make the log healthy again until that day's key can be had, or, once that day is
+    /// over, the key of the batch's own day (the next records').
     seal_failed: Option<String>,
     /// Finished segments go here to be sealed off this thread.
     seal_queue: SealQueue,
@@ -1030,9 +1031,13 @@ impl Writer {
                 // After a sealing failure, a batch that sealed nothing says nothing of the
                 // sealer: the failed day's key is tried (the retry record carries no address,
                 // and made the log ready again while every request was still refused).
-                if !refused && let Some(day) = &self.seal_failed {
-                    let works =
-                        sealed || (self.sealer.as_mut()).is_some_and(|s| s.ready(day).is_ok());
+                if !refused && let Some(failed) = &self.seal_failed {
+                    let now = (waiting.last()).and_then(|(_, _, r)| r.ts.get(..10));
+                    let works = sealed
+                        || (self.sealer.as_mut()).is_some_and(|s| {
+                            s.ready(failed).is_ok()
+                                || now.is_some_and(|day| day != failed && s.ready(day).is_ok())
+                        });
                     if works {
                         self.seal_failed = None;
                     }
@@ -1969,14 +1974,16 @@ mod tests {
         s.seal_client_addr = true;
         let log = AuditLog::open(s).unwrap();
         assert_eq!(log.append(sample(1)).await.unwrap(), 1);
-        // A day whose key is not made yet, and a key folder that cannot be written.
+        // Another day's record, whose key the sealer now holds in place of today's...
+        let mut other_day = sample(2);
+        other_day.ts = "2099-01-01T00:00:00.000Z".into();
+        assert_eq!(log.append(other_day).await.unwrap(), 2);
+        // ... and a key folder that cannot be read: today's key cannot be had.
         let keys = dir.path().join("addr-keys");
         let aside = dir.path().join("addr-keys.aside");
         std::fs::rename(&keys, &aside).unwrap();
         std::fs::write(&keys, b"not a folder").unwrap();
-        let mut record = sample(2);
-        record.ts = "2099-01-01T00:00:00.000Z".into();
-        let err = log.append(record).await.err().unwrap();
+        let err = log.append(sample(3)).await.err().unwrap();
         assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
         assert!(!log.is_healthy());
         tokio::time::sleep(RETRY_EVERY * 2 + Duration::from_secs(1)).await;
@@ -1998,11 +2005,36 @@ mod tests {
             assert!(Instant::now() < deadline, "never healthy again");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mut record = sample(3);
-        record.ts = "2099-01-01T00:00:01.000Z".into();
-        assert!(log.append(record).await.is_ok());
+        assert!(log.append(sample(4)).await.is_ok());
         log.shutdown().await;
         assert!(verify_dir(dir.path()).is_ok());
+    }
+
+    /// A key that cannot be had for one day (its file damaged) holds the log unready only
+    /// while records are stamped that day: the retry, stamped with another, makes it healthy
+    /// once that day's key can be had, rather than until a restart.
+    #[tokio::test]
+    async fn a_day_whose_key_failed_does_not_hold_the_log_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), Durability::Fsync, 1 << 20);
+        s.seal_client_addr = true;
+        let log = AuditLog::open(s).unwrap();
+        assert_eq!(log.append(sample(1)).await.unwrap(), 1);
+        std::fs::create_dir(dir.path().join("addr-keys").join("2099-01-01.key")).unwrap();
+        let mut record = sample(2);
+        record.ts = "2099-01-01T00:00:00.000Z".into();
+        assert!(log.append(record).await.is_err());
+        assert!(!log.is_healthy());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log.is_healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "held unready by another day's key"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(log.append(sample(3)).await.is_ok());
+        log.shutdown().await;
     }
 
     /// A log made unhealthy by a failed write is healthy again by itself once the disk is,
