@@ -36,13 +36,19 @@ impl Journal {
     /// other line that does not read as an event stops the start: a restriction lost to a
     /// damaged line would otherwise be lifted without anyone saying so.
     pub fn open(path: &Path) -> anyhow::Result<Journal> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
+        // Folders made here are made durable in their parents, as the audit log's are.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            crate::audit::segment::create_dir_synced(dir)
                 .with_context(|| format!("cannot create `{}`", dir.display()))?;
         }
+        let mut created = false;
         let text = match std::fs::read(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                created = true;
+                Vec::new()
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot read `{}`", path.display())),
         };
         let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -67,15 +73,12 @@ impl Journal {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open `{}` for appending", path.display()))?;
-        // The file's name in its folder made durable (and the folder's in its parent), as the
-        // audit log's are: an append's `sync_data` covers the file's bytes, not the entry
-        // that names it, and a placement answered 200 could go with an entry lost to a crash.
-        for dir in [path.parent(), path.parent().and_then(Path::parent)]
-            .into_iter()
-            .flatten()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::File::open(dir)
+        // A journal made now has its name in its folder made durable: an append's
+        // `sync_data` covers the file's bytes, not the entry that names it, and a placement
+        // answered 200 could go with an entry lost to a crash.
+        if created {
+            let dir = dir.unwrap_or(Path::new("."));
+            File::open(dir)
                 .and_then(|d| d.sync_all())
                 .with_context(|| format!("cannot sync the folder `{}`", dir.display()))?;
         }
