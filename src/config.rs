@@ -784,17 +784,32 @@ impl RawAuth {
 /// `auth.jwks_url` and its settings: an `https://` URL naming a host, with no user name or
 /// password in it (a credential in the configuration would be logged with every fetch), and
 /// the CA file its certificate must chain to.
-/// A URL as an error may show it: a user name and password in it (`user:secret@`) as `***@`,
-/// so that refusing one does not write the secret to the journal or a CI log.
+/// A URL as an error may show it: anything before its last `@` after the scheme (a user name
+/// and password, `user:secret@`) as `***`, and any query or fragment (which may carry a
+/// token) as `?***`, so that refusing one does not write a secret to the journal or a CI
+/// log. Over-hiding an `@` in a path is harmless in a message.
 fn shown(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
-        None => url.to_owned(),
+    let (scheme, rest) = url.split_at(start);
+    let rest = match rest.rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_owned(),
+    };
+    match rest.find(['?', '#']) {
+        Some(q) => format!("{scheme}{}?***", &rest[..q]),
+        None => format!("{scheme}{rest}"),
     }
+}
+
+/// Whether an authority names a port that is not a number (`host:word`): `http::Uri` takes
+/// it, with no port, and a connection would go to the scheme's default port instead.
+fn bad_port(authority: &http::uri::Authority) -> bool {
+    let s = authority.as_str();
+    let host = &s[s.rfind('@').map_or(0, |i| i + 1)..];
+    // After an IPv6 address's brackets.
+    let rest = &host[host.rfind(']').map_or(0, |i| i + 1)..];
+    rest.rfind(':')
+        .is_some_and(|i| rest[i + 1..].parse::<u16>().is_err())
 }
 
 fn jwks_url(
@@ -817,6 +832,9 @@ fn jwks_url(
     match parsed.authority() {
         Some(a) if a.as_str().contains('@') => {
             bail!("`auth.jwks_url` = `{url}` holds a user name or password: a JWK set is public")
+        }
+        Some(a) if bad_port(a) => {
+            bail!("`auth.jwks_url` = `{url}`: its port is not a number from 0 to 65535")
         }
         Some(a) if !a.host().is_empty() => {}
         _ => bail!("`auth.jwks_url` = `{url}` names no host"),
@@ -968,6 +986,9 @@ impl RawUpstream {
                 "`{key}` = `{}` must be an absolute http:// or https:// URL",
                 url
             );
+        }
+        if base.authority().is_some_and(bad_port) {
+            bail!("`{key}` = `{url}`: its port is not a number from 0 to 65535");
         }
         let client_cert = match (self.client_cert_file, self.client_key_file) {
             (Some(cert), Some(key)) => Some((at(&cert), at(&key))),

@@ -779,6 +779,12 @@ fn an_upstream_url_is_a_plain_base() {
         "https://svc:S3cret@store.internal",
         "http://svc:S3cret@store.internal/?k=v",
         "ftp://svc:S3cret@store.internal",
+        // A password with `/` or `?` in it (not a valid URL: read as a port that is not a
+        // number), and a token in a query.
+        "http://svc:pa/S3cret@store.internal",
+        "http://store.internal:80x",
+        "http://svc:pa?S3cret@store.internal",
+        "http://store.internal/?api_key=S3cret",
     ] {
         let e = err(&MINIMAL.replace("http://127.0.0.1:7001", url));
         assert!(e.contains("datasets.voter.upstream"), "{url}: {e}");
