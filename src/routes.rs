@@ -389,14 +389,15 @@ fn postcode_sector(value: &str) -> bool {
 }
 
 /// Whether a record's postcode is one a postcode filter picks, as datastores match them: with
-/// the spaces taken out and in either case, the filter a prefix of the postcode (`LS15 8A`
-/// picks `LS15 8AB`). For a read by id, which the datastore answers whatever it names.
+/// the spaces (any Unicode space: a no-break space pasted from a spreadsheet) taken out and in
+/// either case, the filter a prefix of the postcode (`LS15 8A` picks `LS15 8AB`). For a read
+/// by id, which the datastore answers whatever it names, and each record of a listing.
 pub fn postcode_matches(postcode: &str, filter: &str) -> bool {
-    let squeezed = |s: &str| -> Vec<u8> {
-        (s.bytes())
-            .filter(|b| !b.is_ascii_whitespace())
-            .map(|b| b.to_ascii_uppercase())
-            .collect()
+    let squeezed = |s: &str| -> String {
+        (s.chars())
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_uppercase()
     };
     let filter = squeezed(filter);
     !filter.is_empty() && squeezed(postcode).starts_with(&filter)

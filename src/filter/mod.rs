@@ -893,12 +893,17 @@ fn write_record(
         d.malformed_rows += 1;
         return false;
     }
-    // Not what the listing asked for: as if the datastore had not sent it (not judged).
+    // Not what the listing asked for: withheld unjudged, as if the datastore had not sent
+    // it; but an entry never disclosed is still counted as one (the datastore ignored
+    // `exclude=protected` too, which its own counter says).
     if let Some((field, meets)) = cx.must_match
         && !(rec.field(field).and_then(attrs::string)).is_some_and(|v| meets(&v))
     {
         d.rows_withheld += 1;
         d.mismatched_rows += 1;
+        if record_attrs(rec, cx).is_some_and(|(_, a)| a.never_disclosed()) {
+            d.never_disclosed_rows += 1;
+        }
         return false;
     }
     let (subject, runs, unclassified, set) = match memo.judge(rec, cx, decide, d) {

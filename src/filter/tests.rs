@@ -2042,3 +2042,36 @@ fn a_value_nested_where_a_scalar_belongs_withholds_the_record() {
         serde_json::json!([{ "e": "GE2024" }])
     );
 }
+
+/// A listing's records must each meet its postcode filter (`FilterContext::must_match`): one
+/// that does not is withheld unjudged and counted as mismatched, and still as an entry never
+/// disclosed where it is one (the datastore ignored `exclude=protected` as well).
+#[test]
+fn records_a_listing_filter_does_not_pick_are_withheld_and_counted() {
+    let ds = dataset();
+    let at = |postcode: &str| format!(r#","postcode":"{postcode}""#);
+    let body = format!(
+        r#"{{"records":[{},{},{},{}]}}"#,
+        record("VF-1", "CGW1", &at("LS15 8AB")),
+        record("VF-2", "CGW1", &at("LS15 9ZZ")),
+        record("VF-3", "CGW1", "").replace(r#""markers":[]"#, r#""markers":["N"]"#),
+        record("VF-4", "CGW1", ""),
+    );
+    // VF-3 (anonymous) and VF-4 have no postcode at all.
+    let meets = |p: &str| p.starts_with("LS15 8");
+    let cx = cx(&ds).must_match("postcode", &meets);
+    let mut asked = 0;
+    let (out, d) = page(body.as_bytes(), Envelope::Records, &cx, &mut |a| {
+        asked += 1;
+        decide(a)
+    })
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("VF-1") && !out.contains("VF-2") && !out.contains("VF-4"),
+        "{out}"
+    );
+    assert_eq!((d.rows_withheld, d.mismatched_rows), (3, 3));
+    assert_eq!(d.never_disclosed_rows, 1, "VF-3 is anonymous");
+    assert_eq!(asked, 1, "only the record that meets the filter is judged");
+}
