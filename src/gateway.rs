@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -1166,42 +1167,43 @@ pub(crate) fn once_a_minute(last: &std::sync::atomic::AtomicI64) -> bool {
 /// told: always by a metric, and by an error in the log at most once a minute (a datastore
 /// that ignores the parameter would otherwise write one a request).
 pub(crate) fn never_disclosed_sent(dataset: &str, n: u64) {
-    use std::sync::atomic::AtomicI64;
     static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
-    if n == 0 {
-        return;
-    }
-    metrics::counter!("wardgate_upstream_never_disclosed_total", "dataset" => dataset.to_owned())
-        .increment(n);
-    if once_a_minute(&LOGGED) {
-        tracing::error!(
-            dataset,
-            records = n,
-            "the datastore sent anonymous electors or under-16s in a listing or export it was \
-             asked to leave them out of: they were withheld, but paging can count them \
-             (README: Datastores)"
-        );
-    }
+    datastore_fault(
+        "wardgate_upstream_never_disclosed_total",
+        &LOGGED,
+        dataset,
+        n,
+        "the datastore sent anonymous electors or under-16s in a listing or export it was \
+         asked to leave them out of: they were withheld, but paging can count them \
+         (README: Datastores)",
+    );
 }
 
 /// Counts and logs (at most once a minute) the records of a listing that did not meet its
 /// postcode filter (`FilterContext::must_match`): withheld, but the datastore ignored the
 /// filter, and each page's length and next page can count them.
 fn filter_ignored(dataset: &str, n: u64) {
-    use std::sync::atomic::AtomicI64;
     static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+    datastore_fault(
+        "wardgate_upstream_filter_ignored_total",
+        &LOGGED,
+        dataset,
+        n,
+        "the datastore answered a listing with records its postcode filter does not pick: \
+         they were withheld; fix the datastore (README: Datastores)",
+    );
+}
+
+/// `n` records a datastore should not have sent: counted in `counter` by dataset, and `what`
+/// logged as an error at most once a minute (`logged`: when it last was), since a datastore
+/// breaking its contract would otherwise write one a request.
+fn datastore_fault(counter: &'static str, logged: &AtomicI64, dataset: &str, n: u64, what: &str) {
     if n == 0 {
         return;
     }
-    metrics::counter!("wardgate_upstream_filter_ignored_total", "dataset" => dataset.to_owned())
-        .increment(n);
-    if once_a_minute(&LOGGED) {
-        tracing::error!(
-            dataset,
-            records = n,
-            "the datastore answered a listing with records its postcode filter does not pick: \
-             they were withheld; fix the datastore (README: Datastores)"
-        );
+    metrics::counter!(counter, "dataset" => dataset.to_owned()).increment(n);
+    if once_a_minute(logged) {
+        tracing::error!(dataset, records = n, "{what}");
     }
 }
 
