@@ -67,8 +67,8 @@ pub struct Disclosure {
     /// datastore asked to leave them out of listings and exports should have sent none.
     pub never_disclosed_rows: u64,
     pub malformed_rows: u64,
-    /// Of those, records that did not meet the listing's filter (`FilterContext::must_match`):
-    /// the datastore ignored it.
+    /// Of `rows_withheld`, records that did not meet the listing's filter
+    /// (`FilterContext::must_match`): the datastore ignored it.
     pub mismatched_rows: u64,
     pub unclassified_fields: u64,
 }
