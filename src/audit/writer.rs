@@ -574,6 +574,16 @@ fn sync_data(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
+/// Refuses one record the writer could not seal or encode. The log is marked unhealthy
+/// before its writer hears: whoever is refused, and then asks `/readyz`, is told not ready.
+fn refuse(healthy: &AtomicBool, reply: Reply, why: String) {
+    metrics::counter!("wardgate_audit_failures_total").increment(1);
+    if healthy.swap(false, Ordering::AcqRel) {
+        tracing::error!(%why, "an audit record could not be sealed or encoded; not ready");
+    }
+    let _ = reply.send(Err(AuditError::Unavailable(why)));
+}
+
 /// [`SEGMENT_MAX_AGE`] after the record time `ts` (`None` if it does not read as one).
 fn a_day_after(ts: &str) -> Option<std::time::SystemTime> {
     let at =
@@ -942,11 +952,10 @@ impl Writer {
                             Some(addr)
                         }
                         Err(e) => {
-                            metrics::counter!("wardgate_audit_failures_total").increment(1);
-                            refused = true;
                             self.seal_failed = Some(day);
                             let why = format!("client address cannot be sealed: {e}");
-                            let _ = reply.send(Err(AuditError::Unavailable(why)));
+                            refused = true;
+                            refuse(&self.healthy, reply, why);
                             continue;
                         }
                     }
@@ -967,15 +976,14 @@ impl Writer {
                     (seq, hash) = (seq + 1, line.hash);
                 }
                 Err(e) => {
-                    metrics::counter!("wardgate_audit_failures_total").increment(1);
                     refused = true;
-                    let why = format!("record cannot be encoded: {e}");
-                    let _ = reply.send(Err(AuditError::Unavailable(why)));
+                    refuse(
+                        &self.healthy,
+                        reply,
+                        format!("record cannot be encoded: {e}"),
+                    );
                 }
             }
-        }
-        if refused && self.healthy.swap(false, Ordering::AcqRel) {
-            tracing::error!("audit records could not be sealed or encoded; not ready");
         }
         if waiting.is_empty() {
             return;
