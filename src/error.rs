@@ -153,6 +153,10 @@ pub enum GatewayError {
     AlreadyInForce(String),
     #[error("request body too large")]
     PayloadTooLarge,
+    /// A request body that did not arrive within the deadline (its seconds): a caller
+    /// trickling one out would otherwise hold a connection and a task for as long as it liked.
+    #[error("request body not received within {0} s")]
+    BodyTimeout(u64),
     /// A request target longer than the gateway takes (`request_head::MAX_URI_BYTES`).
     #[error("request target longer than {0} bytes")]
     UriTooLong(usize),
@@ -253,6 +257,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             GatewayError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ExportNeedsHttp11 => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
@@ -298,6 +303,7 @@ impl GatewayError {
             GatewayError::NotInForce(_) => "not_in_force",
             GatewayError::AlreadyInForce(_) => "already_in_force",
             GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::UriTooLong(_) => "uri_too_long",
             GatewayError::HeadTooLarge(_) => "request_head_too_large",
             GatewayError::ExportNeedsHttp11 => "http_version_not_supported",
@@ -337,6 +343,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => "method not allowed",
             GatewayError::UnsupportedMediaType => "unsupported media type",
             GatewayError::PayloadTooLarge => "payload too large",
+            GatewayError::BodyTimeout(_) => "request timeout",
             GatewayError::UriTooLong(_) => "URI too long",
             GatewayError::HeadTooLarge(_) => "request header fields too large",
             GatewayError::ExportNeedsHttp11 => "HTTP version not supported",
@@ -392,6 +399,9 @@ impl GatewayError {
             GatewayError::NotFound => "no record you may see has that id".to_owned(),
             GatewayError::PayloadTooLarge => {
                 "the request body exceeds the configured limit".to_owned()
+            }
+            GatewayError::BodyTimeout(secs) => {
+                format!("the request body did not arrive within {secs} s")
             }
             GatewayError::UriTooLong(max) => {
                 format!("the request's path and query exceed {max} bytes")
@@ -524,6 +534,7 @@ mod tests {
             GatewayError::FilterForbidden("f".into(), vec![]),
             GatewayError::NotFound,
             GatewayError::PayloadTooLarge,
+            GatewayError::BodyTimeout(30),
             GatewayError::UriTooLong(8192),
             GatewayError::HeadTooLarge("h".into()),
             GatewayError::ExportNeedsHttp11,
@@ -564,6 +575,7 @@ mod tests {
                 | GatewayError::NotInForce(_)
                 | GatewayError::AlreadyInForce(_)
                 | GatewayError::PayloadTooLarge
+                | GatewayError::BodyTimeout(_)
                 | GatewayError::UriTooLong(_)
                 | GatewayError::HeadTooLarge(_)
                 | GatewayError::ExportNeedsHttp11

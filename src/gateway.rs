@@ -1044,6 +1044,11 @@ impl Trail {
         self.policy_ids.extend(policy_ids);
     }
 
+    /// The policies that let a write through (its target's, and each written category's).
+    pub(crate) fn decided_by(&mut self, policy_ids: impl IntoIterator<Item = String>) {
+        self.policy_ids.extend(policy_ids);
+    }
+
     fn absorb(&mut self, d: filter::Disclosure) {
         self.fields_by_subject = d.fields_by_subject();
         self.subjects = d.subjects;

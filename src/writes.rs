@@ -179,6 +179,14 @@ pub(crate) async fn check_write(
             refused.join("`, `")
         )));
     }
+    // The write's records name what let it through, as a read's name what disclosed: the
+    // target's policies and each written category's (asked again for their ids, as above).
+    let field_ids = (wanted.iter()).flat_map(|c| {
+        engine
+            .decide_field(ask, &route.dataset, &attrs, c, true)
+            .policy_ids
+    });
+    trail.decided_by(verdict.policy_ids.into_iter().chain(field_ids));
     Ok(fields
         .keys()
         .cloned()
@@ -308,15 +316,22 @@ fn only_values(field: &str, value: &serde_json::Value, allowed: &[String]) -> Re
 /// hold a connection and a task for as long as it liked.
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Whether the request says its body is JSON (`application/json`, any parameters, any case).
-/// A write is read as JSON and forwarded as JSON; a body that says otherwise is not what its
-/// sender meant to write.
+/// Whether the request says its body is JSON (`application/json`, any parameters, any case),
+/// as sent: with no content coding but `identity`. A write is read as JSON and forwarded as
+/// JSON; a body that says otherwise (gzip-compressed, say) is not read as what its sender
+/// meant to write.
 pub(crate) fn says_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    let plain = (headers.get_all(header::CONTENT_ENCODING).iter()).all(|v| {
+        v.to_str().is_ok_and(|v| {
+            (v.split(',')).all(|c| c.trim().is_empty() || c.trim().eq_ignore_ascii_case("identity"))
+        })
+    });
+    plain
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 pub(crate) async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, GatewayError>
@@ -334,10 +349,7 @@ where
     }
     let read = Limited::new(req.into_body(), limit).collect();
     let Ok(read) = tokio::time::timeout(BODY_DEADLINE, read).await else {
-        return Err(GatewayError::BadRequest(format!(
-            "the request body did not arrive within {} s",
-            BODY_DEADLINE.as_secs()
-        )));
+        return Err(GatewayError::BodyTimeout(BODY_DEADLINE.as_secs()));
     };
     match read {
         Ok(c) => Ok(c.to_bytes()),

@@ -357,17 +357,21 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
         assert_eq!(r.headers["allow"], allow, "{path}");
         assert_eq!(r.headers["content-type"], "application/problem+json");
     }
-    // A write's body is JSON, and says so: anything else is refused before it is read.
-    for content_type in [
-        None,
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
+    // A write's body is JSON, and says so, as sent (no content coding but `identity`):
+    // anything else is refused before it is read.
+    for (content_type, coding) in [
+        (None, None),
+        (Some("text/plain"), None),
+        (Some("application/x-www-form-urlencoded"), None),
+        (Some("application/json"), Some("gzip")),
+        (Some("application/json"), Some("identity, br")),
     ] {
         let mut headers = vec![
             ("authorization", format!("Bearer {t}")),
             ("x-purpose", "canvassing".to_owned()),
         ];
         headers.extend(content_type.map(|c| ("content-type", c.to_owned())));
+        headers.extend(coding.map(|c| ("content-encoding", c.to_owned())));
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = app
             .request(
@@ -377,7 +381,7 @@ async fn unknown_routes_methods_and_query_tricks_are_refused() {
                 Some(r#"{"voting_intention":"LAB"}"#),
             )
             .await;
-        assert_eq!(r.status, 415, "{content_type:?}: {:?}", r.body);
+        assert_eq!(r.status, 415, "{content_type:?} {coding:?}: {:?}", r.body);
         assert_eq!(r.headers["content-type"], "application/problem+json");
         assert_eq!(app.audit_for(&r)["reason"], "unsupported_media_type");
     }
@@ -580,6 +584,19 @@ async fn writes_are_scoped_and_field_checked() {
         json!(["canvass_issues", "voting_intention"])
     );
     assert_eq!(audit["subjects"], json!([id]));
+    // Both of its records (the intent, synced before the write is sent, and the answer's)
+    // name what let it through: the target's area and the written category's permit.
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let records: Vec<Value> = (app.audit_records().into_iter())
+        .filter(|a| a["request_id"] == rid.as_str())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in &records {
+        let ids = record["policy_ids"].as_array().unwrap();
+        for wanted in ["geo.within-grants", "writes.canvass-returns"] {
+            assert!(ids.iter().any(|p| p == wanted), "{wanted}: {record}");
+        }
+    }
 
     // Mass assignment: a field the write does not declare is refused by name.
     let r = app
