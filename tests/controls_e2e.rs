@@ -1325,17 +1325,24 @@ async fn a_principal_over_quota_gets_429_on_every_replica() {
         !keys.is_empty()
     })
     .await;
-    // Another councillor is unaffected.
-    assert_eq!(
-        b.get(
-            "/voter/electors?per_page=5",
-            Some(&b.token("canvasser")),
-            Some("canvassing")
-        )
-        .await
-        .status,
-        200
-    );
+    // Another councillor (same role, so the same quota, but another subject) is unaffected on
+    // both replicas: the counts are per principal, not per role.
+    let councillor = (wardgate::demo::PERSONAS.iter())
+        .find(|p| p.name == "councillor")
+        .unwrap();
+    let mut claims = b.claims("councillor", councillor.areas, councillor.purposes);
+    claims["sub"] = serde_json::json!("another-councillor");
+    let another = b.sign(&claims);
+    for (name, app) in [("a", &a), ("b", &b)] {
+        let r = app
+            .get(
+                "/voter/electors?per_page=5",
+                Some(&another),
+                Some("canvassing"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "replica {name}: {:?}", r.body);
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -433,6 +433,9 @@ pub(crate) mod tests {
             let head = decode_line(body).unwrap();
             prop_assert_eq!(head.seq, seq);
             prop_assert_eq!(&head.hash, &line.hash);
+            // What was written reads back as it was, free text included.
+            let back: AuditRecord = serde_json::from_slice(body).unwrap();
+            prop_assert_eq!(back, record);
             let mut tampered = body.to_vec();
             let i = flip.index(body.len() - HASH_SUFFIX_LEN);
             tampered[i] ^= mask;

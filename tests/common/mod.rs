@@ -760,6 +760,23 @@ pub async fn upstream_answering(
     upstream_with(http::StatusCode::OK, answer, content_type, delay).await
 }
 
+/// A datastore that answers every request with 200 and the JSON `body`, and the count of the
+/// writes (POSTs) it was sent: for tests that a refused write never reached it.
+pub async fn counting_upstream(
+    body: Bytes,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = posts.clone();
+    let answer = move |method: &Method| {
+        if method == Method::POST {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        body.clone()
+    };
+    let addr = upstream_answering(answer, "application/json", Duration::ZERO).await;
+    (addr, posts)
+}
+
 /// `upstream_answering` with `status` instead of 200.
 async fn upstream_with(
     status: http::StatusCode,
