@@ -1247,9 +1247,10 @@ fn witness(raw: RawWitness) -> anyhow::Result<crate::audit::witness::WitnessConf
 /// The shortest `audit.retention`: a month and a day, so that a subject access request
 /// answered within its month finds everything disclosed in the month before it arrived.
 const MIN_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
-/// The longest retention taken (a hundred years): any longer is "keep for ever", which is
-/// leaving `audit.retention` unset (and `client_addr_retention = "off"`).
-const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 86_400);
+/// The longest retention taken (a hundred years, as humantime counts one: 365.25 days, so
+/// that `"100years"` itself is taken): any longer is "keep for ever", which is leaving
+/// `audit.retention` unset (and `client_addr_retention = "off"`).
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// The shortest datastore connect or response timeout (zero would fail every request).
 const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(10);

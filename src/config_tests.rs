@@ -679,10 +679,12 @@ fn durations_and_sizes_that_would_break_the_gateway_are_refused() {
         let e = err(&redis(line));
         assert!(e.contains(key) && e.contains("at least"), "{line}: {e}");
     }
-    // The shortest each allows still loads.
+    // The shortest each allows still loads (and the longest retention, as documented).
     for (anchor, line) in [
         (audit, "retention = \"31days\""),
         (audit, "retention = \"7years\""),
+        (audit, "retention = \"100years\""),
+        (audit, "client_addr_retention = \"100years\""),
         (audit, "prune_interval = \"1m\""),
         (
             voter,
