@@ -20,6 +20,14 @@ pub struct Journal {
     state: Mutex<State>,
 }
 
+#[cfg(test)]
+impl Journal {
+    /// Holds the journal as an append does while it syncs (for tests of what waits on it).
+    pub(super) fn hold(&self) -> std::sync::MutexGuard<'_, impl Sized> {
+        self.state.lock().unwrap()
+    }
+}
+
 struct State {
     file: File,
     events: Vec<Event>,

@@ -571,17 +571,36 @@ impl Controls {
     /// for Redis on the very replica that made it. An error after the journal means the other
     /// replicas have not heard of it yet; the next resynchronisation republishes it.
     pub async fn record(&self, event: Event) -> Result<(), RecordError> {
-        self.inner
-            .journal
-            .append(&event)
-            .map_err(RecordError::NotRecorded)?;
-        // Journalled: whatever follows, the change holds here from the next start on, so it
-        // holds here now too.
-        let applied = self.absorb(std::slice::from_ref(&event));
+        // The journal's sync, off the runtime's workers (`absorb_off_workers`).
+        let me = self.clone();
+        let journalled = event.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            me.inner
+                .journal
+                .append(&journalled)
+                .map_err(RecordError::NotRecorded)?;
+            // Journalled: whatever follows, the change holds here from the next start on, so
+            // it holds here now too.
+            Ok(me.absorb(std::slice::from_ref(&journalled)))
+        })
+        .await
+        .map_err(|e| {
+            RecordError::NotRecorded(anyhow::anyhow!("the journal's task failed: {e}"))
+        })??;
         if let Some(r) = &self.inner.redis {
             r.publish(&event).await.map_err(RecordError::NotShared)?;
         }
         applied.map_err(RecordError::NotShared)
+    }
+
+    /// `absorb`, on a thread of the blocking pool, handing the events back: the journal syncs
+    /// each new one, and on the runtime's few workers (one per core) a slow or stalled disk
+    /// would hold one for as long, and with it every connection it serves, `/readyz` too.
+    async fn absorb_off_workers(&self, events: Vec<Event>) -> anyhow::Result<Vec<Event>> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.absorb(&events).map(|()| events))
+            .await
+            .map_err(|e| anyhow::anyhow!("the journal's task failed: {e}"))?
     }
 
     /// Applies events (learnt from Redis, or made here and journalled): journal the new ones,

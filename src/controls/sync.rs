@@ -502,7 +502,7 @@ async fn full_resync(
             break read_at;
         }
     };
-    let events = decode(redis, &entries);
+    let events = controls.absorb_off_workers(decode(redis, &entries)).await?;
     // Following resumes after what this read saw, not after what it republishes: entries
     // other replicas add meanwhile, and the republished ones, are then read like any other
     // (the ones already applied change nothing).
@@ -510,7 +510,6 @@ async fn full_resync(
         .last()
         .map(|s| s.id.clone())
         .unwrap_or_else(|| "0-0".to_owned());
-    controls.absorb(&events)?;
     let in_stream: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
     let missing: Vec<Event> = controls
         .journal_events()
@@ -581,7 +580,7 @@ async fn follow(
         if let Some(last) = key.ids.last() {
             *last_id = last.id.clone();
         }
-        controls.absorb(&decode(redis, &key.ids))?;
+        controls.absorb_off_workers(decode(redis, &key.ids)).await?;
     }
     Ok((!redis.check_key(c).await?, read_at))
 }

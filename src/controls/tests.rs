@@ -432,3 +432,49 @@ async fn a_change_made_behind_the_latest_is_ordered_after_it() {
     c.order_after_latest(&mut revocation);
     assert_eq!(revocation.at, 5);
 }
+
+/// A change's journal sync is made off the runtime's workers: while the journal is held (a
+/// sync on a slow or stalled disk), the worker of a one-thread runtime still runs its other
+/// tasks, where a sync made on it would hold them all (every connection, `/readyz`) for as
+/// long. Checked for liveness only: the hold ends after a minute whatever happens, and the
+/// test fails if that is what ended it.
+#[test]
+fn a_change_waiting_for_its_journal_holds_no_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controls::open(dir.path(), None, Default::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (progressed, heard) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let held_too_long = std::thread::scope(|scope| {
+        let journal = &c.inner.journal;
+        let holder = scope.spawn(move || {
+            let guard = journal.hold();
+            held_tx.send(()).unwrap();
+            let timed_out = heard.recv_timeout(Duration::from_secs(60)).is_err();
+            drop(guard);
+            timed_out
+        });
+        held_rx.recv().unwrap();
+        rt.block_on(async {
+            let change = tokio::spawn({
+                let c = c.clone();
+                async move { c.record(place("j1", 1, "restricted")).await }
+            });
+            // The change is under way, waiting for the journal...
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // ... and this task still runs meanwhile.
+            let _ = progressed.send(());
+            change.await.unwrap().unwrap();
+        });
+        holder.join().unwrap()
+    });
+    assert!(
+        !held_too_long,
+        "the change held the only worker while it waited"
+    );
+    assert!(c.register_flags().unwrap().get("VF-1").is_some());
+}

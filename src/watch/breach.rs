@@ -125,6 +125,10 @@ pub enum BreachError {
 pub struct BreachLog {
     path: PathBuf,
     state: Mutex<State>,
+    /// `State`'s `broken` (whether set) and `failed_at`, copied after each append: what
+    /// `is_healthy` reads, under a lock never held across a write or sync (the state's is, and
+    /// asked on the async workers it would stall one for as long as a slow disk's sync).
+    health: Mutex<(bool, Option<Instant>)>,
 }
 
 struct State {
@@ -201,6 +205,7 @@ impl BreachLog {
                 broken: None,
                 failed_at: None,
             }),
+            health: Mutex::new((false, None)),
         })
     }
 
@@ -212,8 +217,8 @@ impl BreachLog {
     /// [`UNHEALTHY_FOR`] without one succeeding since, and none is stuck unmended. The
     /// cross-replica leader asks before it marks alerts as raised for every replica.
     pub fn is_healthy(&self) -> bool {
-        let s = self.lock();
-        s.broken.is_none() && s.failed_at.is_none_or(|t| t.elapsed() >= UNHEALTHY_FOR)
+        let (broken, failed_at) = *self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        !broken && failed_at.is_none_or(|t| t.elapsed() >= UNHEALTHY_FOR)
     }
 
     /// Appends a new alert (blocking: call off the async workers).
@@ -331,20 +336,20 @@ impl BreachLog {
         };
         if held {
             // Applied to the one memory holds by `write`.
-            write(&mut s, entry)?;
+            self.write(&mut s, entry)?;
             let held = s.alerts.iter().find(|a| a.id == alert_id);
             return held
                 .cloned()
                 .ok_or_else(|| BreachError::NotFound(alert_id.to_owned()));
         }
-        write(&mut s, entry.clone())?;
+        self.write(&mut s, entry.clone())?;
         apply_to(&mut alert, entry);
         Ok(alert)
     }
 
     fn append(&self, entry: Entry) -> Result<(), BreachError> {
         let mut s = self.lock();
-        write(&mut s, entry)?;
+        self.write(&mut s, entry)?;
         let keep = s.keep;
         s.older += forget_beyond(&mut s.alerts, keep);
         Ok(())
@@ -352,6 +357,14 @@ impl BreachLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `write`, with its outcome noted where `is_healthy` reads it.
+    fn write(&self, s: &mut State, entry: Entry) -> Result<(), BreachError> {
+        let written = write(s, entry);
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) =
+            (s.broken.is_some(), s.failed_at);
+        written
     }
 }
 
@@ -478,6 +491,31 @@ fn apply_to(alert: &mut Alert, entry: Entry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the log is healthy is answered while an append holds the log (a sync on a
+    /// slow disk): it is asked on the async workers. Checked for liveness only: the hold ends
+    /// after a minute whatever happens, and the test fails if that is what ended it.
+    #[test]
+    fn health_is_answered_while_an_append_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BreachLog::open(&dir.path().join("breach.jsonl")).unwrap();
+        let (answered, heard) = std::sync::mpsc::channel::<bool>();
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let held_too_long = std::thread::scope(|scope| {
+            let held = &log;
+            let holder = scope.spawn(move || {
+                let guard = held.lock();
+                held_tx.send(()).unwrap();
+                let healthy = heard.recv_timeout(std::time::Duration::from_secs(60));
+                drop(guard);
+                healthy
+            });
+            held_rx.recv().unwrap();
+            answered.send(log.is_healthy()).unwrap();
+            holder.join().unwrap()
+        });
+        assert_eq!(held_too_long, Ok(true));
+    }
 
     fn alert(id: &str) -> Alert {
         Alert {
